@@ -1,0 +1,17 @@
+"""pagedserve: a PagedAttention LLM serving engine written in Python."""
+
+from pagedserve.config import EngineConfig
+from pagedserve.sampling_params import SamplingParams
+
+__version__ = "0.1.0"
+
+__all__ = ["LLM", "EngineConfig", "SamplingParams", "__version__"]
+
+
+def __getattr__(name: str):
+    # LLM pulls in torch and transformers: import it only when asked for.
+    if name == "LLM":
+        from pagedserve.entrypoints.llm import LLM
+
+        return LLM
+    raise AttributeError(name)

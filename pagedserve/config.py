@@ -1,0 +1,78 @@
+"""One engine configuration, built from CLI flags or keyword arguments, validated once, frozen."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+_LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+_DEVICES = ("auto", "cpu", "cuda")
+_BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: str | None = None  # None: the embedded default model (see pagedserve.default_model)
+    tokenizer: str | None = None  # defaults to the model's folder
+    served_model_name: str | None = None
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"
+    load_format: str = "auto"
+    seed: int = 0
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # None: 8192 on CUDA, 2048 on CPU
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_gib: float = 2.0  # KV cache size on CPU
+    num_kv_blocks: int | None = None  # overrides the memory profile (tests, experiments)
+    enforce_eager: bool = False  # no CUDA graphs
+    attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere
+    tensor_parallel_size: int = 1
+    chat_template: str | None = None  # a file path or the template text itself
+    max_queued_requests: int | None = None  # server: waiting requests beyond this get 503
+    disable_log_stats: bool = False
+
+    def __post_init__(self) -> None:
+        def fail(msg: str) -> None:
+            raise ValueError(msg)
+
+        if self.dtype not in _DTYPES:
+            fail(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.load_format not in _LOAD_FORMATS:
+            fail(f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r}")
+        if self.device not in _DEVICES:
+            fail(f"device must be one of {_DEVICES}, got {self.device!r}")
+        if self.attention_backend not in _BACKENDS:
+            fail(f"attention_backend must be one of {_BACKENDS}, got {self.attention_backend!r}")
+        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
+            fail(f"block_size must be a power of two from 1 to 128, got {self.block_size}")
+        if self.max_num_seqs < 1:
+            fail(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            fail(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            fail(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if not 0.05 <= self.gpu_memory_utilization <= 1.0:
+            fail(f"gpu_memory_utilization must be in [0.05, 1], got {self.gpu_memory_utilization}")
+        if self.cpu_kv_cache_gib <= 0:
+            fail(f"cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            fail(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.tensor_parallel_size < 1:
+            fail(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.max_queued_requests is not None and self.max_queued_requests < 0:
+            fail(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: object) -> EngineConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ValueError(f"unknown engine arguments: {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+    def replace(self, **changes: object) -> EngineConfig:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

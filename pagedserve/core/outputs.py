@@ -1,0 +1,64 @@
+"""The contract between the scheduler (what to compute) and the model runner (how).
+
+Index picture for one request in one step:
+
+    all_token_ids:  [0 ............ num_computed_tokens ........ +len(token_ids) ...... num_tokens)
+                     K/V already cached  | computed this step (token_ids) | not yet
+    positions of token_ids: num_computed_tokens + i;  seq_len after the step = num_computed_tokens + len(token_ids)
+
+`needs_sample` is true when the chunk ends at the last known token (a decode step, or the
+final chunk of a prefill): the runner samples one new token for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pagedserve.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    request_id: str
+    token_ids: list[int]  # tokens to compute this step
+    num_computed_tokens: int  # tokens already in the cache; position of token_ids[0]
+    block_ids: list[int]  # the request's whole block table (covers num_computed + len(token_ids))
+    needs_sample: bool
+    sampling_params: SamplingParams
+    # Read-only views for penalties and seeded sampling; the runner must not mutate them.
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+
+    @property
+    def seq_len(self) -> int:
+        return self.num_computed_tokens + len(self.token_ids)
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    num_batched_tokens: int = 0
+    # Requests that ended or were preempted since the last step: the runner drops any state it keeps.
+    finished_request_ids: list[str] = field(default_factory=list)
+    preempted_request_ids: list[str] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    """Log-probabilities (of the model's raw distribution) for one sampled token."""
+
+    token_id: int
+    logprob: float
+    rank: int  # 1 = the most likely token
+    top: list[tuple[int, float]]  # the N most likely (token_id, logprob), most likely first
+
+
+@dataclass(slots=True)
+class RunnerOutput:
+    # Aligned with SchedulerOutput.scheduled; None where needs_sample was false.
+    sampled_token_ids: list[int | None] = field(default_factory=list)
+    logprobs: list[TokenLogprobs | None] = field(default_factory=list)

@@ -1,0 +1,83 @@
+"""A request as the scheduler sees it: token ids, progress, and its place in the KV cache."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from pagedserve.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"  # waiting again after its blocks were taken; recomputed from scratch
+    FINISHED_STOPPED = "finished_stopped"  # eos, a stop token or a stop string
+    FINISHED_LENGTH = "finished_length"  # max_tokens or the context length
+    FINISHED_ABORTED = "finished_aborted"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return {
+            RequestStatus.FINISHED_STOPPED: "stop",
+            RequestStatus.FINISHED_LENGTH: "length",
+            RequestStatus.FINISHED_ABORTED: "abort",
+        }.get(self)
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """One sequence to generate. For n > 1 the engine makes n Requests that share `group_id`.
+
+    Invariant: all_token_ids == prompt_token_ids + output_token_ids, and
+    0 <= num_computed_tokens <= len(all_token_ids). Tokens [0, num_computed_tokens) have their
+    K/V in the cache blocks listed by the KV cache manager for this request.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    max_tokens: int  # resolved: min(params.max_tokens, max_model_len - prompt length)
+    eos_token_id: int | None = None
+    group_id: str | None = None  # parent id for n > 1 siblings
+    cache_salt: str | None = None  # prefix-cache namespace; None: shared with every request
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    all_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = -1  # prefix-cache hit on first schedule; -1 before then
+    status: RequestStatus = RequestStatus.WAITING
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    num_preemptions: int = 0
+    first_scheduled_time: float | None = None
+    # Chained hashes of this request's full blocks, filled by the KV cache manager.
+    block_hashes: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.all_token_ids:
+            self.all_token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished

@@ -1,0 +1,271 @@
+"""LLMEngine: ties tokenizer, scheduler and model runner together, one `step()` at a time.
+
+    add_request ─► Scheduler.add_request            (tokens in)
+    step():  Scheduler.schedule() ─► ModelRunner.execute() ─► Scheduler.update()
+             ─► detokenize, find stop strings ─► RequestOutputs      (text out)
+
+The engine knows no HTTP and is not thread-safe: one thread drives it (see async_engine.py).
+A request with n > 1 becomes n sibling Requests that share their prompt blocks; its caller sees
+one RequestOutput with n CompletionOutputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from pagedserve.config import EngineConfig
+from pagedserve.core.request import Request, RequestStatus
+from pagedserve.core.scheduler import Scheduler
+from pagedserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from pagedserve.sampling_params import SamplingParams
+from pagedserve.tokenizer import IncrementalDetokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Choice:
+    """One of the n completions of a request: its scheduler Request and its text state."""
+
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    output: CompletionOutput
+    emitted_text: str = ""  # what callers have been shown; the detokenizer may hold back a tail
+
+
+@dataclass(slots=True)
+class _RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    choices: list[_Choice]
+    metrics: RequestMetrics
+    num_cached_tokens: int = 0
+    num_unfinished: int = 0
+    child_ids: list[str] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        from pagedserve.executor.worker import build_worker  # torch lives behind this import
+
+        started = time.monotonic()
+        self.worker = build_worker(config)
+        self.config: EngineConfig = self.worker.config  # resolved: model path, dtype, lengths
+        self.tokenizer = self.worker.tokenizer
+        self.model_name: str = self.config.served_model_name or self.config.model or "model"
+        self.max_model_len: int = self.worker.max_model_len
+        self.vocab_size: int = self.worker.vocab_size
+        self.scheduler = Scheduler(
+            max_num_seqs=self.config.max_num_seqs,
+            max_num_batched_tokens=self.worker.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            num_blocks=self.worker.num_kv_blocks,
+            block_size=self.config.block_size,
+            enable_prefix_caching=self.config.enable_prefix_caching,
+        )
+        self._requests: dict[str, _RequestState] = {}
+        self._child_to_parent: dict[str, tuple[str, int]] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.startup_seconds = time.monotonic() - started
+        logger.info("engine ready in %.1f s: %d KV blocks of %d tokens (%d tokens), max_model_len %d",
+                    self.startup_seconds, self.worker.num_kv_blocks, self.config.block_size,
+                    self.worker.num_kv_blocks * self.config.block_size, self.max_model_len)
+
+    # ------------------------------------------------------------------ requests in
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+        prompt_text: str | None = None,
+    ) -> None:
+        """Queues a prompt (text or token ids). `prompt_text` labels a token-id prompt in outputs."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            prompt_text = prompt
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        else:
+            prompt_token_ids = list(prompt)
+        self._check_prompt(prompt_token_ids)
+        params.validate_for_model(self.vocab_size)
+        max_tokens = self._resolve_max_tokens(len(prompt_token_ids), params)
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        state = _RequestState(request_id, prompt_text, prompt_token_ids, params, [], RequestMetrics(arrival))
+        for index in range(params.n):
+            child_params = params
+            if params.n > 1:
+                seed = None if params.seed is None else params.seed + index
+                child_params = dataclasses.replace(params, n=1, seed=seed)
+            child_id = request_id if params.n == 1 else f"{request_id}#{index}"
+            request = Request(
+                request_id=child_id,
+                prompt_token_ids=prompt_token_ids,
+                sampling_params=child_params,
+                max_tokens=max_tokens,
+                eos_token_id=self.tokenizer.eos_token_id,
+                group_id=request_id if params.n > 1 else None,
+                # Siblings always share prompt blocks; other requests only when prefix caching is on.
+                cache_salt=None if self.config.enable_prefix_caching or params.n == 1 else request_id,
+                arrival_time=arrival,
+            )
+            detok = IncrementalDetokenizer(
+                self.tokenizer, prompt_token_ids,
+                skip_special_tokens=params.skip_special_tokens,
+                stop=params.stop,
+                include_stop_str_in_output=params.include_stop_str_in_output,
+            )
+            output = CompletionOutput(index=index, text="", token_ids=[],
+                                      cumulative_logprob=None if params.logprobs is None else 0.0,
+                                      logprobs=None if params.logprobs is None else [])
+            state.choices.append(_Choice(request, detok, output))
+            state.child_ids.append(child_id)
+        for choice in state.choices:  # add only once every child is built, so errors leave no trace
+            self.scheduler.add_request(choice.request)
+            self._child_to_parent[choice.request.request_id] = (request_id, choice.output.index)
+        state.num_unfinished = params.n
+        self._requests[request_id] = state
+        self.prompt_tokens_total += len(prompt_token_ids) * params.n
+
+    def _check_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        for t in token_ids:
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size:
+                raise ValueError(f"prompt token id {t!r} is outside the vocabulary [0, {self.vocab_size})")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(token_ids)} tokens, but this model's context length is "
+                f"{self.max_model_len} tokens, leaving no room to generate; shorten the prompt"
+            )
+
+    def _resolve_max_tokens(self, num_prompt_tokens: int, params: SamplingParams) -> int:
+        room = self.max_model_len - num_prompt_tokens
+        if params.max_tokens is None:
+            return room
+        if params.max_tokens > room:
+            raise ValueError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but "
+                f"{num_prompt_tokens} prompt tokens plus max_tokens {params.max_tokens} make "
+                f"{num_prompt_tokens + params.max_tokens}; reduce the prompt or max_tokens"
+            )
+        return params.max_tokens
+
+    def abort_request(self, request_id: str | Iterable[str]) -> None:
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        for rid in ids:
+            state = self._requests.pop(rid, None)
+            if state is None:
+                continue
+            self.scheduler.finish_requests(state.child_ids, RequestStatus.FINISHED_ABORTED)
+            for child_id in state.child_ids:
+                self._child_to_parent.pop(child_id, None)
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> list[RequestOutput]:
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.is_empty:
+            return []
+        now = time.monotonic()
+        for sr in scheduler_output.scheduled:
+            parent = self._child_to_parent.get(sr.request_id)
+            if parent is not None:
+                m = self._requests[parent[0]].metrics
+                if m.first_scheduled_time is None:
+                    m.first_scheduled_time = now
+        runner_output = self.worker.execute(scheduler_output)
+        updates = self.scheduler.update(scheduler_output, runner_output)
+        now = time.monotonic()
+        touched: dict[str, _RequestState] = {}
+        for update in updates:
+            parent = self._child_to_parent.get(update.request.request_id)
+            if parent is None:
+                continue
+            state = self._requests[parent[0]]
+            self._apply_update(state, state.choices[parent[1]], update, now)
+            touched[state.request_id] = state
+        return [self._make_output(state) for state in touched.values()]
+
+    def _apply_update(self, state: _RequestState, choice: _Choice, update, now: float) -> None:
+        request, out = choice.request, choice.output
+        if request.num_cached_tokens > state.num_cached_tokens:
+            state.num_cached_tokens = request.num_cached_tokens
+        new_ids = update.new_token_ids
+        if new_ids:
+            self.generation_tokens_total += len(new_ids)
+            if state.metrics.first_token_time is None:
+                state.metrics.first_token_time = now
+            state.metrics.last_token_time = now
+            out.token_ids.extend(new_ids)
+            if out.logprobs is not None:
+                for lp in update.new_logprobs:
+                    if lp is not None:
+                        out.logprobs.append(lp)
+                        out.cumulative_logprob = (out.cumulative_logprob or 0.0) + lp.logprob
+            choice.emitted_text += choice.detokenizer.add_tokens(new_ids)
+        finished = update.finished
+        if not finished and choice.detokenizer.stop_reason is not None:
+            # A stop string ended it: the scheduler learns now and frees its blocks.
+            self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
+            finished = True
+        if finished and out.finish_reason is None:
+            choice.emitted_text += choice.detokenizer.flush()
+            if choice.detokenizer.stop_reason is not None:
+                out.finish_reason, out.stop_reason = "stop", choice.detokenizer.stop_reason
+            else:
+                out.finish_reason = request.status.finish_reason or "stop"
+                out.stop_reason = request.stop_reason
+            state.num_unfinished -= 1
+            self._child_to_parent.pop(request.request_id, None)
+        out.text = choice.emitted_text
+
+    def _make_output(self, state: _RequestState) -> RequestOutput:
+        finished = state.num_unfinished == 0
+        if finished:
+            state.metrics.finished_time = time.monotonic()
+            self._requests.pop(state.request_id, None)
+        outputs = [dataclasses.replace(c.output, token_ids=list(c.output.token_ids),
+                                       logprobs=None if c.output.logprobs is None else list(c.output.logprobs))
+                   for c in state.choices]
+        return RequestOutput(
+            request_id=state.request_id,
+            prompt=state.prompt,
+            prompt_token_ids=state.prompt_token_ids,
+            outputs=outputs,
+            finished=finished,
+            num_cached_tokens=max(state.num_cached_tokens, 0),
+            metrics=dataclasses.replace(state.metrics),
+        )
+
+    # ------------------------------------------------------------------ state
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._requests)
+
+    def get_stats(self) -> dict:
+        s = self.scheduler
+        return {
+            "num_running": s.num_running,
+            "num_waiting": s.num_waiting,
+            "kv_cache_usage": s.kv_cache_usage,
+            "num_free_blocks": s.num_free_blocks,
+            "num_total_blocks": self.worker.num_kv_blocks,
+            "prefix_cache_queries": s.prefix_cache_queries,
+            "prefix_cache_hits": s.prefix_cache_hits,
+            "num_preemptions": s.num_preemptions,
+            "prompt_tokens_total": self.prompt_tokens_total,
+            "generation_tokens_total": self.generation_tokens_total,
+        }

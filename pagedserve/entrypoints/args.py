@@ -1,0 +1,58 @@
+"""Engine flags shared by every CLI command, named as vLLM names them, mapped onto EngineConfig."""
+
+from __future__ import annotations
+
+import argparse
+
+from pagedserve.config import EngineConfig
+
+
+def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = False) -> None:
+    help_model = ("model: a Hugging Face folder, a .gguf file, or a Hub id; "
+                  "default: the embedded Qwen2.5-Coder-0.5B-Instruct")
+    if model_positional:
+        parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help=help_model)
+    parser.add_argument("--model", default=None, help=help_model)
+    g = parser.add_argument_group("engine")
+    g.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub id (default: the model's)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="weight and activation dtype; auto: bfloat16 on CUDA, float32 on CPU")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs")
+    g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"],
+                   help="weights source; dummy: random weights from config.json (benchmarks of shapes)")
+    g.add_argument("--seed", type=int, default=0, help="seed for unseeded sampling and dummy weights")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="context length (prompt + output); default: the model's max_position_embeddings")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="token budget of one step (prefill chunks + decodes); default 8192 on CUDA, 2048 on CPU")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of GPU memory for weights, activations and the KV cache")
+    g.add_argument("--cpu-kv-cache-gib", type=float, default=2.0, help="KV cache size when running on CPU")
+    g.add_argument("--num-kv-blocks", type=int, default=None, help="fix the number of KV blocks (overrides sizing)")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse KV blocks of identical prompt prefixes across requests")
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="auto: triton kernels on CUDA, the torch reference elsewhere")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="GPUs to shard the model over")
+    g.add_argument("--chat-template", default=None, help="chat template: a file path or the template text")
+    g.add_argument("--served-model-name", default=None, help="the model name the API reports and accepts")
+
+
+def config_from_args(args: argparse.Namespace, **overrides: object) -> EngineConfig:
+    model = getattr(args, "model_tag", None) or args.model
+    kwargs = dict(
+        model=model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+        load_format=args.load_format, seed=args.seed, max_model_len=args.max_model_len,
+        block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_gib=args.cpu_kv_cache_gib,
+        num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=args.enable_prefix_caching,
+        enforce_eager=args.enforce_eager, attention_backend=args.attention_backend,
+        tensor_parallel_size=args.tensor_parallel_size, chat_template=args.chat_template,
+        served_model_name=args.served_model_name,
+    )
+    kwargs.update(overrides)
+    return EngineConfig(**kwargs)

@@ -1,0 +1,340 @@
+"""Turns one row of logits per request into one sampled token id (and optional logprobs).
+
+Pipeline for a batch (every step is a batched tensor op on the logits' device):
+
+    raw logits ──► log_softmax ──► logprobs (sampled token, rank, top-N)   [only rows that ask]
+        │
+        ├─ logit_bias (added) ─ min_tokens (stop ids → -inf) ─ repetition ─ frequency ─ presence
+        │                                                    (the order of vLLM's apply_penalties)
+        ├─ greedy rows: argmax
+        └─ random rows: /temperature ─ top_k ─ top_p ─ min_p ─ softmax ─ argmax(probs / q), q ~ Exp(1)
+
+The exponential race picks token i with probability p_i (argmax of p_i / q_i with q_i ~ Exp(1) is a
+categorical draw), needs no cumulative sum, and lets each seeded row draw its own noise from a
+generator seeded by (seed, output position): the same seed then gives the same tokens alone or
+batched, and again after a preemption recompute, because nothing depends on generator history.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from pagedserve.core.outputs import ScheduledRequest, TokenLogprobs
+from pagedserve.sampling_params import SamplingParams
+
+_MASK64 = (1 << 64) - 1
+
+
+def position_seed(seed: int, position: int) -> int:
+    """A 63-bit generator seed mixed from (request seed, output position) with splitmix64.
+
+    Mixing (rather than seed + position) keeps seeds s and s+1 from producing shifted copies of
+    the same noise stream.
+    """
+    z = ((seed & _MASK64) + (position + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & ((1 << 63) - 1)
+
+
+def apply_sampling_filters(
+    logits: torch.Tensor,
+    temperatures: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+) -> torch.Tensor:
+    """Probabilities [S, V] after temperature, top-k, top-p and min-p; filtered tokens get exactly 0.
+
+    temperatures [S] float (> 0), top_k [S] int (<= 0 or >= V: off), top_p [S] float (1: off),
+    min_p [S] float (0: off). A row whose filter is off is left bit-for-bit unchanged by that
+    filter, so a row's probabilities never depend on what other rows in the batch asked for.
+    Definitions (as in HF transformers' warpers):
+      top_k: keep logits >= the k-th highest (tokens tied with it survive too, as in vLLM; both
+             code paths agree, so a row samples the same alone or batched).
+      top_p: keep the smallest most-likely-first prefix whose probability mass reaches top_p.
+      min_p: keep tokens with p_i >= min_p * p_max (a ratio, so unaffected by the filters before it).
+    """
+    num_rows, vocab_size = logits.shape
+    logits = logits / temperatures.to(logits.dtype).unsqueeze(1)
+    k = top_k.to(device=logits.device, dtype=torch.long)
+    k = torch.where((k <= 0) | (k > vocab_size), torch.full_like(k, vocab_size), k)
+    use_top_k = bool((k < vocab_size).any())
+    use_top_p = bool((top_p < 1.0).any())
+    neg_inf = float("-inf")
+
+    if use_top_p:
+        # One descending sort serves both filters; masks are applied in sorted order and scattered
+        # back (a permutation, so unmasked values are untouched). A stable sort keeps the order of
+        # tied logits independent of the batch around the row.
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True, stable=True)
+        if use_top_k:
+            kth = sorted_logits.gather(1, (k - 1).unsqueeze(1))
+            sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, neg_inf)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        p = top_p.to(device=logits.device, dtype=sorted_probs.dtype).unsqueeze(1)
+        # Rows with top_p == 1 are excluded explicitly: float cumsum can pass 1.0 in the tail.
+        drop = (mass_before >= p) & (p < 1.0)
+        drop[:, 0] = False  # the most likely token always survives
+        sorted_logits = sorted_logits.masked_fill(drop, neg_inf)
+        logits = torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
+    elif use_top_k:
+        # Without top-p a partial top-k is enough: threshold at the k-th largest logit.
+        max_k = int(k.max())
+        top_vals = logits.topk(max_k, dim=-1).values
+        kth = top_vals.gather(1, (k.clamp(max=max_k) - 1).unsqueeze(1))
+        keep_all = (k >= vocab_size).unsqueeze(1)
+        logits = logits.masked_fill((logits < kth) & ~keep_all, neg_inf)
+
+    if bool((min_p > 0.0).any()):
+        # p_i < min_p * p_max  <=>  logit_i < max_logit + log(min_p); log(0) = -inf masks nothing.
+        log_min_p = torch.log(min_p.to(device=logits.device, dtype=logits.dtype)).unsqueeze(1)
+        max_logit = logits.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(logits < max_logit + log_min_p, neg_inf)
+
+    return logits.softmax(dim=-1)
+
+
+def exponential_noise(
+    shape: tuple[int, int],
+    seeds: Sequence[int | None],
+    positions: Sequence[int],
+    device: torch.device,
+) -> torch.Tensor:
+    """q ~ Exp(1) of `shape`; row i comes from its own generator when seeds[i] is set."""
+    q = torch.empty(shape, device=device, dtype=torch.float32)
+    q.exponential_()  # unseeded rows: the default generator, one draw for the batch
+    for row, (seed, pos) in enumerate(zip(seeds, positions)):
+        if seed is None:
+            continue
+        gen = torch.Generator(device=device)
+        gen.manual_seed(position_seed(seed, pos))
+        q[row].exponential_(generator=gen)
+    # exponential_ may return 0; 0/0 would be NaN, and argmax picks NaN.
+    return q.clamp_min_(torch.finfo(torch.float32).tiny)
+
+
+class Sampler:
+    """Stateless batched sampler. Row i of `logits` belongs to `requests[i]`."""
+
+    def __init__(self, vocab_size: int, eos_token_ids: set[int]) -> None:
+        self.vocab_size = vocab_size
+        self.eos_token_ids = set(eos_token_ids)
+
+    def __call__(
+        self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]
+    ) -> tuple[list[int], list[TokenLogprobs | None]]:
+        if logits.dim() != 2 or logits.shape[0] != len(requests):
+            raise ValueError(f"logits {tuple(logits.shape)} must have one row per request ({len(requests)})")
+        num_rows = len(requests)
+        if num_rows == 0:
+            return [], []
+        params = [r.sampling_params for r in requests]
+
+        if all(self._is_plain_greedy(r) for r in requests):
+            # Fast path: no logits changes, no logprobs -> one argmax and one device-to-host copy.
+            return logits.argmax(dim=-1).tolist(), [None] * num_rows
+
+        processed = self.process_logits(logits, requests)
+        sampled = self._sample(processed, requests)
+
+        logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if not logprob_rows:
+            return sampled.tolist(), [None] * num_rows
+        return self._with_logprobs(logits, sampled, params, logprob_rows)
+
+    # ---- logits processing (exposed so tests can check it exactly) ----
+
+    def process_logits(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> torch.Tensor:
+        """A new tensor: logit_bias, min_tokens masking, then repetition/frequency/presence penalties."""
+        out = logits.clone()
+        self._apply_logit_bias(out, requests)
+        self._apply_min_tokens(out, requests)
+        self._apply_penalties(out, requests)
+        return out
+
+    def _is_plain_greedy(self, req: ScheduledRequest) -> bool:
+        p = req.sampling_params
+        return (
+            p.greedy
+            and not p.needs_penalties
+            and not p.logit_bias
+            and p.logprobs is None
+            and not self._min_tokens_active(req)
+        )
+
+    def _min_tokens_active(self, req: ScheduledRequest) -> bool:
+        p = req.sampling_params
+        return len(req.output_token_ids) < p.min_tokens and bool(self._stop_ids(p))
+
+    def _stop_ids(self, params: SamplingParams) -> list[int]:
+        # With ignore_eos, EOS is no stop at all; only explicit stop_token_ids end the request.
+        ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            ids |= self.eos_token_ids
+        return sorted(ids)
+
+    def _apply_logit_bias(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> None:
+        rows: list[int] = []
+        cols: list[int] = []
+        vals: list[float] = []
+        width = logits.shape[1]
+        for i, r in enumerate(requests):
+            for tok, bias in (r.sampling_params.logit_bias or {}).items():
+                if tok < width:
+                    rows.append(i)
+                    cols.append(tok)
+                    vals.append(bias)
+        if rows:
+            idx = self._index(rows, cols, logits.device)
+            logits.index_put_(idx, torch.tensor(vals, dtype=logits.dtype, device=logits.device), accumulate=True)
+
+    def _apply_min_tokens(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> None:
+        rows: list[int] = []
+        cols: list[int] = []
+        width = logits.shape[1]
+        for i, r in enumerate(requests):
+            if self._min_tokens_active(r):
+                for tok in self._stop_ids(r.sampling_params):
+                    if tok < width:
+                        rows.append(i)
+                        cols.append(tok)
+        if rows:
+            logits[self._index(rows, cols, logits.device)] = float("-inf")
+
+    def _apply_penalties(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> None:
+        """In place, on the rows that ask:
+
+        repetition (HF/vLLM, over prompt + output): seen tokens' logits l -> l / r if l > 0 else l * r
+        frequency/presence (OpenAI, over output):  l -> l - f * count(token) - p * [count(token) > 0]
+        """
+        pen_rows = [i for i, r in enumerate(requests) if r.sampling_params.needs_penalties]
+        if not pen_rows:
+            return
+        device, width = logits.device, logits.shape[1]
+        num = len(pen_rows)
+        sub = logits[pen_rows]  # a copy [num, V]; written back at the end
+
+        # Counts of each output token: scatter-add over the flattened (row, token) pairs.
+        out_rows, out_toks = self._flatten([requests[i].output_token_ids for i in pen_rows], width)
+        counts = torch.zeros((num, width), dtype=logits.dtype, device=device)
+        if out_toks:
+            idx = self._index(out_rows, out_toks, device)
+            counts.index_put_(idx, torch.ones(len(out_toks), dtype=logits.dtype, device=device), accumulate=True)
+        seen_in_output = counts > 0
+
+        rep = [requests[i].sampling_params.repetition_penalty for i in pen_rows]
+        if any(x != 1.0 for x in rep):
+            prompt_rows, prompt_toks = self._flatten([requests[i].prompt_token_ids for i in pen_rows], width)
+            seen = seen_in_output.clone()
+            if prompt_toks:
+                seen[self._index(prompt_rows, prompt_toks, device)] = True
+            r = torch.tensor(rep, dtype=logits.dtype, device=device).unsqueeze(1)
+            penalized = torch.where(sub > 0, sub / r, sub * r)
+            sub = torch.where(seen, penalized, sub)
+
+        freq = torch.tensor(
+            [requests[i].sampling_params.frequency_penalty for i in pen_rows], dtype=logits.dtype, device=device
+        ).unsqueeze(1)
+        pres = torch.tensor(
+            [requests[i].sampling_params.presence_penalty for i in pen_rows], dtype=logits.dtype, device=device
+        ).unsqueeze(1)
+        sub = sub - freq * counts - pres * seen_in_output.to(logits.dtype)
+        logits[pen_rows] = sub
+
+    @staticmethod
+    def _flatten(token_lists: list[list[int]], width: int) -> tuple[list[int], list[int]]:
+        rows: list[int] = []
+        toks: list[int] = []
+        for i, ids in enumerate(token_lists):
+            valid = [t for t in ids if 0 <= t < width]
+            rows.extend([i] * len(valid))
+            toks.extend(valid)
+        return rows, toks
+
+    @staticmethod
+    def _index(rows: list[int], cols: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        both = torch.tensor([rows, cols], dtype=torch.long).to(device, non_blocking=True)
+        return both[0], both[1]
+
+    # ---- sampling ----
+
+    def _sample(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> torch.Tensor:
+        """Token ids [S] (on device): argmax for greedy rows, the exponential race for the rest."""
+        params = [r.sampling_params for r in requests]
+        greedy_ids = logits.argmax(dim=-1)
+        random_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if not random_rows:
+            return greedy_ids
+        device = logits.device
+        rp = [params[i] for i in random_rows]
+        sub = logits[random_rows] if len(random_rows) < len(params) else logits
+        probs = apply_sampling_filters(
+            sub,
+            torch.tensor([p.temperature for p in rp], dtype=torch.float32, device=device),
+            torch.tensor([p.top_k for p in rp], dtype=torch.long, device=device),
+            torch.tensor([p.top_p for p in rp], dtype=torch.float32, device=device),
+            torch.tensor([p.min_p for p in rp], dtype=torch.float32, device=device),
+        )
+        q = exponential_noise(
+            tuple(probs.shape),
+            [p.seed for p in rp],
+            [len(requests[i].output_token_ids) for i in random_rows],
+            device,
+        )
+        random_ids = probs.div_(q).argmax(dim=-1)
+        if len(random_rows) == len(params):
+            return random_ids
+        greedy_ids[torch.tensor(random_rows, dtype=torch.long, device=device)] = random_ids
+        return greedy_ids
+
+    # ---- logprobs ----
+
+    def _with_logprobs(
+        self,
+        raw_logits: torch.Tensor,
+        sampled: torch.Tensor,
+        params: list[SamplingParams],
+        logprob_rows: list[int],
+    ) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """Logprobs of the raw model distribution (before bias, penalties, temperature), as vLLM v1."""
+        device = raw_logits.device
+        rows = torch.tensor(logprob_rows, dtype=torch.long, device=device)
+        logprobs = raw_logits[rows].float().log_softmax(dim=-1)
+        tok = sampled[rows].unsqueeze(1)
+        tok_lp = logprobs.gather(1, tok)
+        # Rank 1 = most likely; ties with the sampled token count in its favour.
+        ranks = (logprobs > tok_lp).sum(dim=-1) + 1
+        max_n = max(params[i].logprobs or 0 for i in logprob_rows)
+        if max_n > 0:
+            top_lp, top_ids = logprobs.topk(max_n, dim=-1)
+        else:
+            top_lp = torch.empty((len(logprob_rows), 0), device=device)
+            top_ids = torch.empty((len(logprob_rows), 0), dtype=torch.long, device=device)
+
+        # Host copies, batched into as few transfers as possible.
+        sampled_list = sampled.tolist()
+        tok_lp_list = tok_lp.squeeze(1).tolist()
+        ranks_list = ranks.tolist()
+        top_lp_list = top_lp.tolist()
+        top_ids_list = top_ids.tolist()
+
+        out: list[TokenLogprobs | None] = [None] * len(params)
+        for j, i in enumerate(logprob_rows):
+            n = params[i].logprobs or 0
+            out[i] = TokenLogprobs(
+                token_id=sampled_list[i],
+                logprob=_finite_or(tok_lp_list[j]),
+                rank=int(ranks_list[j]),
+                top=[(int(t), _finite_or(lp)) for t, lp in zip(top_ids_list[j][:n], top_lp_list[j][:n])],
+            )
+        return sampled_list, out
+
+
+def _finite_or(x: float, floor: float = -9999.0) -> float:
+    # -inf is not valid JSON; OpenAI clients expect a number (vLLM's OpenAI layer clamps to -9999 too).
+    return x if math.isfinite(x) else floor

@@ -1,0 +1,105 @@
+"""The worker: resolves the config against the machine and the model, loads tokenizer and weights,
+sizes the KV cache, and runs steps. The engine talks to the executor only through this object."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from pagedserve.config import EngineConfig
+from pagedserve.core.outputs import RunnerOutput, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(config: EngineConfig) -> torch.device:
+    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
+    if config.dtype != "auto":
+        return _DTYPES[config.dtype]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def resolve_model(config: EngineConfig) -> tuple[str, str | None]:
+    """Returns (model path or hub id, gguf file path or None) for config.model."""
+    if config.model is None:
+        from pagedserve.default_model import ensure_default_model
+
+        return ensure_default_model(), None
+    model = os.path.expanduser(config.model)
+    if model.endswith(".gguf"):
+        if not os.path.isfile(model):
+            raise ValueError(f"GGUF file {model!r} does not exist")
+        return model, model
+    return model, None
+
+
+@dataclass(slots=True)
+class Worker:
+    config: EngineConfig
+    tokenizer: object
+    runner: object
+    max_model_len: int
+    vocab_size: int
+    max_num_batched_tokens: int
+    num_kv_blocks: int
+
+    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        return self.runner.execute(scheduler_output)
+
+
+def build_worker(config: EngineConfig) -> Worker:
+    from pagedserve.executor.loader import load_model
+    from pagedserve.executor.model_runner import ModelRunner, determine_num_blocks
+    from pagedserve.executor.sampler import Sampler
+    from pagedserve.tokenizer import load_tokenizer
+
+    if config.tensor_parallel_size != 1:
+        raise ValueError("tensor_parallel_size > 1 is not supported yet; use 1")
+    t0 = time.monotonic()
+    device = resolve_device(config)
+    dtype = resolve_dtype(config, device)
+    model_path, gguf_file = resolve_model(config)
+    if config.model is None:
+        from pagedserve.default_model import DEFAULT_MODEL
+
+        config = config.replace(model=model_path, served_model_name=config.served_model_name or DEFAULT_MODEL.name)
+    torch.manual_seed(config.seed)
+
+    tok_source = config.tokenizer or model_path
+    tokenizer = load_tokenizer(tok_source, gguf_file=gguf_file if config.tokenizer is None else None,
+                               chat_template=config.chat_template)
+    model, hf_config = load_model(config, model_path, device, dtype)
+    t_load = time.monotonic() - t0
+
+    model_len = int(getattr(hf_config, "max_position_embeddings", 0) or 0) or 4096
+    if config.max_model_len is not None and model_len and config.max_model_len > model_len:
+        raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's "
+                         f"max_position_embeddings {model_len}")
+    max_model_len = config.max_model_len or model_len
+    max_batched = config.max_num_batched_tokens or (8192 if device.type == "cuda" else 2048)
+    vocab_size = int(hf_config.vocab_size)
+    num_blocks = determine_num_blocks(config, model, hf_config, device, dtype, max_batched)
+    if num_blocks * config.block_size < config.block_size * 2:
+        raise ValueError(f"only {num_blocks} KV blocks fit; raise gpu_memory_utilization or cpu_kv_cache_gib")
+    eos_ids = set(getattr(tokenizer, "eos_token_ids", None) or {tokenizer.eos_token_id})
+    eos_ids.discard(None)
+    sampler = Sampler(vocab_size, eos_ids)
+    runner = ModelRunner(config, model, hf_config, device, dtype, num_blocks, config.block_size, sampler)
+    config = dataclasses.replace(config, max_model_len=max_model_len, max_num_batched_tokens=max_batched)
+    logger.info("model %s loaded on %s (%s) in %.1f s; KV cache: %d blocks x %d tokens",
+                model_path, device, str(dtype).removeprefix("torch."), t_load, num_blocks, config.block_size)
+    return Worker(config, tokenizer, runner, max_model_len, vocab_size, max_batched, num_blocks)

@@ -1,0 +1,125 @@
+"""Sampling parameters of one request, validated once at construction.
+
+Names follow vLLM's `SamplingParams`, so code written for vLLM's offline API reads the same here.
+Every invalid value raises `ValueError` with a message that says what to change; the server maps
+it to an OpenAI error with HTTP 400.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 20
+MAX_N = 128
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_LEN = 1000
+_GREEDY_EPS = 1e-5
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: no top-k
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    max_tokens: int | None = 16  # None: up to the model's context length
+    min_tokens: int = 0
+    logprobs: int | None = None  # number of top alternatives besides the sampled token
+    prompt_logprobs: int | None = None  # accepted for compatibility; not computed (must stay None)
+    logit_bias: dict[int, float] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        self._validate()
+
+    def _validate(self) -> None:
+        def fail(msg: str) -> None:
+            raise ValueError(msg)
+
+        def is_int(x: object) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        def is_num(x: object) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # not NaN
+
+        if not is_int(self.n) or not 1 <= self.n <= MAX_N:
+            fail(f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
+        if not is_num(self.temperature) or not 0.0 <= self.temperature <= 100.0:
+            fail(f"temperature must be in [0, 100], got {self.temperature!r}")
+        if not is_num(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            fail(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not is_int(self.top_k) or self.top_k < 0:
+            fail(f"top_k must be 0 or -1 (disabled) or a positive integer, got {self.top_k!r}")
+        if not is_num(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            fail(f"min_p must be in [0, 1], got {self.min_p!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not is_num(v) or not -2.0 <= v <= 2.0:
+                fail(f"{name} must be in [-2, 2], got {v!r}")
+        if not is_num(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 10.0:
+            fail(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty!r}")
+        if self.seed is not None and (not is_int(self.seed) or not -(2**63) <= self.seed < 2**64):
+            fail(f"seed must be an integer, got {self.seed!r}")
+        if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 1):
+            fail(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not is_int(self.min_tokens) or self.min_tokens < 0:
+            fail(f"min_tokens must be a non-negative integer, got {self.min_tokens!r}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            fail(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            fail(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.prompt_logprobs is not None:
+            fail("prompt_logprobs is not supported")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            fail(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}")
+        for s in self.stop:
+            if not isinstance(s, str) or not s or len(s) > MAX_STOP_STRING_LEN:
+                fail(f"each stop string must be a non-empty string of at most {MAX_STOP_STRING_LEN} chars")
+        for t in self.stop_token_ids:
+            if not is_int(t) or t < 0:
+                fail(f"stop_token_ids must be non-negative integers, got {t!r}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                fail("logit_bias must map token ids to biases")
+            bias: dict[int, float] = {}
+            for k, v in self.logit_bias.items():
+                try:
+                    tok = int(k)
+                except (TypeError, ValueError):
+                    fail(f"logit_bias keys must be token ids, got {k!r}")
+                if tok < 0 or not is_num(v) or not -100.0 <= v <= 100.0:
+                    fail(f"logit_bias values must be in [-100, 100] for non-negative token ids, got {k!r}: {v!r}")
+                bias[tok] = float(v)
+            self.logit_bias = bias
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS or self.top_k == 1
+
+    @property
+    def needs_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    def validate_for_model(self, vocab_size: int) -> None:
+        """Checks that need the model: token ids inside the vocabulary."""
+        for t in self.stop_token_ids:
+            if t >= vocab_size:
+                raise ValueError(f"stop_token_ids contains {t}, outside the vocabulary of {vocab_size} tokens")
+        for t in self.logit_bias or {}:
+            if t >= vocab_size:
+                raise ValueError(f"logit_bias names token {t}, outside the vocabulary of {vocab_size} tokens")
