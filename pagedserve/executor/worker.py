@@ -56,6 +56,13 @@ class Worker:
     vocab_size: int
     max_num_batched_tokens: int
     num_kv_blocks: int
+    hf_config: object
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def dtype_bytes(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
 
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         return self.runner.execute(scheduler_output)
@@ -102,4 +109,5 @@ def build_worker(config: EngineConfig) -> Worker:
     config = dataclasses.replace(config, max_model_len=max_model_len, max_num_batched_tokens=max_batched)
     logger.info("model %s loaded on %s (%s) in %.1f s; KV cache: %d blocks x %d tokens",
                 model_path, device, str(dtype).removeprefix("torch."), t_load, num_blocks, config.block_size)
-    return Worker(config, tokenizer, runner, max_model_len, vocab_size, max_batched, num_blocks)
+    return Worker(config, tokenizer, runner, max_model_len, vocab_size, max_batched, num_blocks, hf_config,
+                  device, dtype)

@@ -1,0 +1,73 @@
+"""Pieces every bench command shares: building the engine, the card's ceilings, JSON output."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from typing import Any
+
+from pagedserve.bench.roofline import ModelShape
+
+
+def add_ceiling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--peak-bandwidth", type=float, default=None,
+                        help="card's copy bandwidth in bytes/s (default: measured at start on CUDA)")
+    parser.add_argument("--peak-flops", type=float, default=None,
+                        help="card's bf16 matrix rate in FLOP/s (default: measured at start on CUDA)")
+    parser.add_argument("--output-json", default=None, help="write the results to this JSON file")
+
+
+def card_ceilings(args: argparse.Namespace, device_type: str) -> tuple[float | None, float | None, str]:
+    """(bandwidth, flops, card name); measured when not given and a GPU is there."""
+    bandwidth, flops = args.peak_bandwidth, args.peak_flops
+    name = "cpu"
+    if device_type == "cuda":
+        import torch
+
+        name = torch.cuda.get_device_name()
+        if bandwidth is None or flops is None:
+            from pagedserve.bench.ceilings import measure_ceilings
+
+            measured_bw, measured_flops = measure_ceilings()
+            bandwidth = bandwidth or measured_bw
+            flops = flops or measured_flops
+    return bandwidth, flops, name
+
+
+def build_llm(args: argparse.Namespace):
+    from pagedserve.entrypoints.args import config_from_args
+    from pagedserve.entrypoints.llm import LLM
+
+    config = config_from_args(args)
+    kwargs = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    t0 = time.perf_counter()
+    llm = LLM(**kwargs)
+    return llm, time.perf_counter() - t0
+
+
+def model_shape(llm) -> ModelShape:
+    worker = llm.engine.worker
+    dtype_bytes = worker.dtype_bytes
+    return ModelShape.from_hf_config(worker.hf_config, dtype_bytes)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def finish(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    result.setdefault("date", time.strftime("%Y-%m-%d"))
+    result.setdefault("commit", git_commit())
+    result.setdefault("command", " ".join(sys.argv))
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result

@@ -1,0 +1,69 @@
+"""`pagedserve bench latency`: one stream (default 128 in, 256 out): time to first token, decode
+tok/s, ms per step, achieved GB/s, and % of the weights-over-bandwidth floor."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from pagedserve.bench.common import build_llm, card_ceilings, finish, model_shape
+from pagedserve.bench.datasets import random_requests
+
+
+def _one_stream(engine, prompt: list[int], output_len: int, request_id: str) -> tuple[float, float, int]:
+    from pagedserve.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
+    t0 = time.perf_counter()
+    engine.add_request(request_id, prompt, params)
+    t_first = None
+    num_tokens = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            num_tokens = len(out.outputs[0].token_ids)
+            if t_first is None and num_tokens:
+                t_first = time.perf_counter()
+    t_end = time.perf_counter()
+    return t_first - t0, t_end - t_first, num_tokens
+
+
+def run(args: argparse.Namespace) -> dict:
+    llm, startup_s = build_llm(args)
+    engine = llm.engine
+    req = random_requests(1, (args.input_len, args.input_len), (args.output_len, args.output_len),
+                          engine.vocab_size, seed=args.dataset_seed)[0]
+    _one_stream(engine, req.prompt_token_ids, 16, "warmup")
+    runs = [_one_stream(engine, req.prompt_token_ids, args.output_len, f"run{i}") for i in range(args.num_iters)]
+    ttft = statistics.median(r[0] for r in runs)
+    decode_s = statistics.median(r[1] for r in runs)
+    steps = runs[0][2] - 1  # the first token comes from the prefill step
+    step_s = decode_s / steps
+    shape = model_shape(llm)
+    avg_context = args.input_len + args.output_len / 2
+    bytes_per_step = shape.weight_bytes + avg_context * shape.kv_bytes_per_token
+    bandwidth, flops, card = card_ceilings(args, engine.worker.device.type)
+    result = {
+        "bench": "latency", "card": card, "input_len": args.input_len, "output_len": args.output_len,
+        "ttft_ms": ttft * 1e3, "decode_tok_per_s": 1.0 / step_s, "ms_per_step": step_s * 1e3,
+        "achieved_gb_per_s": bytes_per_step / step_s / 1e9, "startup_s": startup_s,
+        "e2e_s": statistics.median(r[0] + r[1] for r in runs),
+    }
+    if bandwidth:
+        floor_step = bytes_per_step / bandwidth
+        result.update({"peak_bandwidth": bandwidth, "peak_flops": flops,
+                       "floor_tok_per_s": 1.0 / floor_step, "pct_of_floor": 100.0 * floor_step / step_s})
+    finish(result, args)
+    print(f"latency: TTFT {result['ttft_ms']:.1f} ms, decode {result['decode_tok_per_s']:.1f} tok/s "
+          f"({result['ms_per_step']:.2f} ms/step, {result['achieved_gb_per_s']:.0f} GB/s), e2e {result['e2e_s']:.2f} s")
+    if bandwidth:
+        print(f"floor on {card} ({bandwidth / 1e12:.2f} TB/s): {result['floor_tok_per_s']:.0f} tok/s; "
+              f"reached {result['pct_of_floor']:.1f}% of floor")
+    return result
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--num-iters", type=int, default=3)
+    p.add_argument("--dataset-seed", type=int, default=0)

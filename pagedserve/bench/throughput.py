@@ -1,0 +1,107 @@
+"""`pagedserve bench throughput`: offline throughput on a random dataset, against the card's floor."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from pagedserve.bench.common import build_llm, card_ceilings, finish, model_shape
+from pagedserve.bench.datasets import parse_range, random_requests
+from pagedserve.bench.roofline import workload_floor
+
+
+def run(args: argparse.Namespace) -> dict:
+    from pagedserve.sampling_params import SamplingParams
+
+    llm, startup_s = build_llm(args)
+    engine = llm.engine
+    requests = random_requests(args.num_prompts, parse_range(args.input_len), parse_range(args.output_len),
+                               engine.vocab_size, seed=args.dataset_seed)
+    params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=args.temperature,
+                             top_p=1.0, seed=None) for r in requests]
+    # Warm-up: compiles kernels and touches every code path once, outside the timed region.
+    llm.generate([r.prompt_token_ids[:64] for r in requests[:4]],
+                 SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
+    t0 = time.perf_counter()
+    outputs = llm.generate([r.prompt_token_ids for r in requests], params, use_tqdm=not args.no_tqdm)
+    elapsed = time.perf_counter() - t0
+    num_in = sum(len(r.prompt_token_ids) for r in requests)
+    num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
+    expected_out = sum(r.output_len for r in requests)
+    if num_out != expected_out:
+        raise RuntimeError(f"generated {num_out} tokens, expected {expected_out} (ignore_eos is set)")
+    bandwidth, flops, card = card_ceilings(args, engine.worker.device.type)
+    result = {
+        "bench": "throughput",
+        "card": card,
+        "num_prompts": len(requests),
+        "input_tokens": num_in,
+        "output_tokens": num_out,
+        "elapsed_s": elapsed,
+        "requests_per_s": len(requests) / elapsed,
+        "output_tok_per_s": num_out / elapsed,
+        "total_tok_per_s": (num_in + num_out) / elapsed,
+        "startup_s": startup_s,
+        "num_preemptions": engine.get_stats()["num_preemptions"],
+        "kv_blocks": engine.worker.num_kv_blocks,
+    }
+    if bandwidth and flops:
+        shape = model_shape(llm)
+        floor_s, prefill_s = workload_floor(shape, [len(r.prompt_token_ids) for r in requests],
+                                            [r.output_len for r in requests], bandwidth, flops)
+        result.update({
+            "peak_bandwidth": bandwidth, "peak_flops": flops, "floor_s": floor_s,
+            "floor_prefill_s": prefill_s, "floor_output_tok_per_s": num_out / floor_s,
+            "pct_of_floor": 100.0 * floor_s / elapsed,
+        })
+    finish(result, args)
+    line = (f"throughput: {result['requests_per_s']:.2f} req/s, {result['output_tok_per_s']:.1f} output tok/s, "
+            f"{result['total_tok_per_s']:.1f} total tok/s ({num_out} output tokens in {elapsed:.2f} s, "
+            f"{result['num_preemptions']} preemptions)")
+    print(line)
+    if args.compare_hf:
+        _compare_hf(args, llm, requests, result)
+    if "floor_s" in result:
+        print(f"floor on {card} ({bandwidth / 1e12:.2f} TB/s, {flops / 1e12:.0f} TFLOP/s): {result['floor_s']:.2f} s "
+              f"= {result['floor_output_tok_per_s']:.0f} output tok/s; reached {result['pct_of_floor']:.1f}% of floor")
+    return result
+
+
+def _compare_hf(args: argparse.Namespace, llm, requests, result: dict) -> None:
+    """Frees our engine, runs the same requests through Transformers on the same card, prints the ratio."""
+    import gc
+
+    import torch
+
+    from pagedserve.bench import hf_baseline
+
+    worker = llm.engine.worker
+    model_path, device, dtype = worker.config.model, worker.device, worker.dtype
+    del worker
+    llm.engine = None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    hf = hf_baseline.run(args, requests, model_path, device, dtype)
+    if hf:
+        best_mode = max(hf, key=hf.get)
+        result["hf"] = hf
+        result["hf_best_mode"] = best_mode
+        result["ratio_to_hf"] = result["output_tok_per_s"] / hf[best_mode]
+        print(f"pagedserve {result['output_tok_per_s']:.1f} vs transformers {best_mode} {hf[best_mode]:.1f} "
+              f"output tok/s: {result['ratio_to_hf']:.1f}x")
+    finish(result, args)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--input-len", default="100-1024", help="N or LO-HI (uniform)")
+    p.add_argument("--output-len", default="100-1024", help="N or LO-HI (uniform); ignore_eos is set")
+    p.add_argument("--dataset-seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--no-tqdm", action="store_true")
+    p.add_argument("--compare-hf", action="store_true",
+                   help="also run the workload through Hugging Face Transformers and print the ratio")
+    from pagedserve.bench.hf_baseline import add_args as add_hf_args
+
+    add_hf_args(p)

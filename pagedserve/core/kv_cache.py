@@ -1,0 +1,326 @@
+"""Paged KV cache bookkeeping: physical blocks, ref counts, an LRU free list, automatic prefix caching.
+
+Pure Python: this module only decides which physical block holds which tokens; the tensors live in
+the executor. A request's block table maps its token positions to blocks:
+
+    position p  ->  block_table[p // block_size], offset p % block_size
+
+Prefix caching (vLLM v1 style). Every FULL block of a request gets a chained hash
+
+    block_hashes[i] = hash_block_tokens(block_hashes[i - 1], tokens of block i, cache_salt)
+
+and a block whose tokens are being computed is registered in the cache map at allocation time, so a
+request scheduled later in the same step can already share it (the model writes a layer's K/V for
+the whole batch before that layer's attention reads it).
+
+Collision safety: the hash only narrows the search. A cached block also keeps its exact token ids,
+its salt and a `content_id`, an integer naming the exact token content of the whole prefix that
+ends with it. A lookup accepts a candidate only if its tokens and salt equal the request's and its
+parent content id is the content id of the block matched just before it, so by induction a hit
+covers exactly the request's prefix, whatever the hash function returns. Copies of the same content
+(the same prefix computed twice) share one content id, so either copy continues the chain.
+
+Free list: an LRU queue (OrderedDict, O(1) everywhere). Allocation takes from the head; a block
+whose ref count drops to 0 goes to the tail, keeping its hash so a later request can still hit it
+until it is handed out again (that is its eviction). A request frees its blocks in reverse order,
+so the tail blocks of a sequence (the least likely to be shared) are evicted first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from pagedserve.core.request import Request
+
+_NO_PARENT = -1  # parent content id of a request's first block
+
+
+def hash_block_tokens(parent_hash: int | None, token_ids: tuple[int, ...], cache_salt: str | None) -> int:
+    """The chained hash of one full block. Python's tuple hash: fast, and lookups verify contents,
+    so a collision only costs a wasted comparison, never wrong K/V. Tests monkeypatch this."""
+    return hash((parent_hash, token_ids, cache_salt))
+
+
+@dataclass(slots=True, eq=False)
+class Block:
+    block_id: int
+    ref_cnt: int = 0
+    # Set while the block is in the prefix-cache map (in use or on the free list), else None.
+    block_hash: int | None = None
+    token_ids: tuple[int, ...] | None = None
+    cache_salt: str | None = None
+    content_id: int = _NO_PARENT
+    parent_content_id: int = _NO_PARENT
+
+
+class BlockPool:
+    """All physical blocks, the LRU free list and the prefix-cache map (hash -> cached blocks)."""
+
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Head = next to be handed out (least recently freed). Fresh pool: 0, 1, 2, ...
+        self._free: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self.blocks)
+        # Usually one block per hash; more for copies of one prefix or for hash collisions.
+        self._cached: dict[int, list[Block]] = {}
+        self._next_content_id = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return sum(len(v) for v in self._cached.values())
+
+    def free_block_ids(self) -> list[int]:
+        """The free list from head (next to be reused) to tail; for tests and debugging."""
+        return list(self._free)
+
+    def get_new_blocks(self, num_blocks: int) -> list[Block]:
+        """Takes `num_blocks` from the head of the free list (caller checked there are enough),
+        evicting whatever prefix they cached. Each comes back with ref_cnt 1."""
+        blocks = []
+        for _ in range(num_blocks):
+            _, block = self._free.popitem(last=False)
+            if block.block_hash is not None:
+                self.evict(block)
+            block.ref_cnt = 1
+            blocks.append(block)
+        return blocks
+
+    def touch(self, blocks: list[Block]) -> None:
+        """Takes a reference on cached blocks found by a lookup, lifting free ones off the free list."""
+        for block in blocks:
+            if block.ref_cnt == 0:
+                del self._free[block.block_id]
+            block.ref_cnt += 1
+
+    def free_blocks(self, blocks: list[Block], keep_cached: bool) -> None:
+        """Drops one reference from each block, in the given order; blocks that reach 0 go to the
+        tail of the free list, still cached unless `keep_cached` is False."""
+        for block in blocks:
+            block.ref_cnt -= 1
+            if block.ref_cnt == 0:
+                if not keep_cached and block.block_hash is not None:
+                    self.evict(block)
+                self._free[block.block_id] = block
+
+    def lookup(
+        self, block_hash: int, token_ids: tuple[int, ...], cache_salt: str | None, parent_content_id: int
+    ) -> Block | None:
+        for block in self._cached.get(block_hash, ()):
+            if (
+                block.parent_content_id == parent_content_id
+                and block.cache_salt == cache_salt
+                and block.token_ids == token_ids
+            ):
+                return block
+        return None
+
+    def register(
+        self,
+        block: Block,
+        block_hash: int,
+        token_ids: tuple[int, ...],
+        cache_salt: str | None,
+        parent_content_id: int,
+    ) -> None:
+        """Puts a full block into the cache map. A copy of an already cached prefix reuses its
+        content id, so children registered under either copy are found from both."""
+        same = self.lookup(block_hash, token_ids, cache_salt, parent_content_id)
+        if same is not None:
+            block.content_id = same.content_id
+        else:
+            block.content_id = self._next_content_id
+            self._next_content_id += 1
+        block.block_hash = block_hash
+        block.token_ids = token_ids
+        block.cache_salt = cache_salt
+        block.parent_content_id = parent_content_id
+        self._cached.setdefault(block_hash, []).append(block)
+
+    def evict(self, block: Block) -> None:
+        """Removes a block from the cache map (its K/V may now be overwritten)."""
+        assert block.block_hash is not None  # internal invariant, not a user error
+        candidates = self._cached[block.block_hash]
+        candidates.remove(block)  # by identity: Block has eq=False
+        if not candidates:
+            del self._cached[block.block_hash]
+        block.block_hash = None
+        block.token_ids = None
+        block.cache_salt = None
+        block.content_id = _NO_PARENT
+        block.parent_content_id = _NO_PARENT
+
+    def reset_prefix_cache(self) -> bool:
+        """Forgets every cached prefix; refused (False) while any block is in use."""
+        if self.num_free_blocks != self.num_blocks:
+            return False
+        for block in self.blocks:
+            if block.block_hash is not None:
+                self.evict(block)
+        return True
+
+
+@dataclass(slots=True)
+class _RequestBlocks:
+    blocks: list[Block] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)  # mirrors `blocks`; handed to the runner
+    num_registered: int = 0  # blocks[:num_registered] are in the cache map (full and computed)
+
+
+class KVCacheManager:
+    """Block tables of the running requests on top of a BlockPool.
+
+    Prefix sharing applies to a request when `enable_prefix_caching` is on (any salt; requests share
+    only with requests of the same `cache_salt`), or, with it off, when the request has a salt (the
+    n > 1 siblings of one request share their prompt). With it off, freed blocks forget their hash.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks)
+        self._requests: dict[str, _RequestBlocks] = {}
+        # Token counters, counted once per admission (a successful allocate_slots after a lookup),
+        # so a request that waits for blocks over many steps is not counted many times.
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks held by requests (cached blocks on the free list count as free)."""
+        return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks
+
+    def _shares_prefix(self, request: Request) -> bool:
+        return self.enable_prefix_caching or request.cache_salt is not None
+
+    def _update_block_hashes(self, request: Request) -> None:
+        """Extends request.block_hashes to every full block of its known tokens (incremental)."""
+        hashes = request.block_hashes
+        num_full = request.num_tokens // self.block_size
+        bs = self.block_size
+        tokens = request.all_token_ids
+        parent = hashes[-1] if hashes else None
+        for i in range(len(hashes), num_full):
+            parent = hash_block_tokens(parent, tuple(tokens[i * bs : (i + 1) * bs]), request.cache_salt)
+            hashes.append(parent)
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
+        """Block ids of the longest cached prefix of the request and the number of tokens they
+        cover. Never covers the last token: the model must compute at least one to sample."""
+        if not self._shares_prefix(request):
+            return [], 0
+        self._update_block_hashes(request)
+        bs = self.block_size
+        tokens = request.all_token_ids
+        max_hit_blocks = (request.num_tokens - 1) // bs
+        hit_ids: list[int] = []
+        parent_content_id = _NO_PARENT
+        for i in range(max_hit_blocks):
+            block = self.pool.lookup(
+                request.block_hashes[i],
+                tuple(tokens[i * bs : (i + 1) * bs]),
+                request.cache_salt,
+                parent_content_id,
+            )
+            if block is None:
+                break
+            hit_ids.append(block.block_id)
+            parent_content_id = block.content_id
+        return hit_ids, len(hit_ids) * bs
+
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, new_computed_blocks: list[int] | None = None
+    ) -> list[int] | None:
+        """Grows the request's block table to cover
+
+            [0, num_computed_tokens) + new_computed_blocks (cached prefix) + num_new_tokens
+
+        and registers the full blocks among them. `new_computed_blocks` (from get_computed_blocks)
+        is only for a request with no blocks yet, i.e. on admission. Returns the whole block table
+        (a live list: read it, don't keep or mutate it) or None, changing nothing, when there are
+        not enough free blocks.
+        """
+        state = self._requests.get(request.request_id)
+        if state is None:
+            state = _RequestBlocks()
+        elif new_computed_blocks:
+            raise RuntimeError(
+                f"request {request.request_id} already has blocks; prefix hits are for admission"
+            )
+        hits = [self.pool.blocks[i] for i in new_computed_blocks or ()]
+        bs = self.block_size
+        num_tokens = request.num_computed_tokens + len(hits) * bs + num_new_tokens
+        num_new_blocks = -(-num_tokens // bs) - len(state.blocks) - len(hits)
+        # A hit block on the free list costs no new block, but it is no longer free for others.
+        num_free_hits = sum(1 for b in hits if b.ref_cnt == 0)
+        if num_new_blocks > self.pool.num_free_blocks - num_free_hits:
+            return None
+
+        self._requests[request.request_id] = state
+        if new_computed_blocks is not None and self._shares_prefix(request):
+            self.prefix_cache_queries += request.num_tokens
+            self.prefix_cache_hits += len(hits) * bs
+        # Touch hits before taking new blocks, so the head of the free list can't hand one out.
+        self.pool.touch(hits)
+        state.blocks.extend(hits)
+        if num_new_blocks > 0:
+            state.blocks.extend(self.pool.get_new_blocks(num_new_blocks))
+        state.block_ids.extend(b.block_id for b in state.blocks[len(state.block_ids) :])
+        if self._shares_prefix(request):
+            self._register_full_blocks(request, state, num_tokens // bs)
+        return state.block_ids
+
+    def _register_full_blocks(self, request: Request, state: _RequestBlocks, num_full_blocks: int) -> None:
+        """Registers blocks [num_registered, num_full_blocks): full, and computed by the end of this
+        step. Hit blocks are already registered; their content id continues the chain."""
+        self._update_block_hashes(request)
+        num_full_blocks = min(num_full_blocks, len(request.block_hashes))
+        bs = self.block_size
+        tokens = request.all_token_ids
+        for i in range(state.num_registered, num_full_blocks):
+            block = state.blocks[i]
+            if block.block_hash is None:
+                parent_content_id = state.blocks[i - 1].content_id if i > 0 else _NO_PARENT
+                self.pool.register(
+                    block,
+                    request.block_hashes[i],
+                    tuple(tokens[i * bs : (i + 1) * bs]),
+                    request.cache_salt,
+                    parent_content_id,
+                )
+        state.num_registered = max(state.num_registered, num_full_blocks)
+
+    def free(self, request: Request) -> None:
+        """Releases the request's blocks, tail first. Unknown or already freed requests: no-op."""
+        state = self._requests.pop(request.request_id, None)
+        if state is not None:
+            self.pool.free_blocks(state.blocks[::-1], keep_cached=self.enable_prefix_caching)
+
+    def get_block_ids(self, request_id: str) -> list[int]:
+        state = self._requests.get(request_id)
+        return state.block_ids if state is not None else []
+
+    def get_blocks(self, request_id: str) -> list[Block]:
+        state = self._requests.get(request_id)
+        return list(state.blocks) if state is not None else []
+
+    def reset_prefix_cache(self) -> bool:
+        """Forgets all cached prefixes (e.g. after new weights). False, doing nothing, while any
+        request holds blocks."""
+        return self.pool.reset_prefix_cache()

@@ -1,0 +1,307 @@
+"""The scheduler: one token-budget rule for prefill, chunked prefill and decode (vLLM v1 style).
+
+Each request has `num_computed_tokens`; each step hands out new tokens to compute under
+`max_num_batched_tokens` (tokens) and `max_num_seqs` (running requests):
+
+  1. RUNNING requests, oldest first: min(tokens left to compute, budget left) each (a decode is 1).
+     If one can't get blocks, the NEWEST running request is preempted (recompute: its blocks freed,
+     num_computed_tokens = 0, back to the FRONT of the waiting queue), until the allocation fits or
+     the request has preempted itself.
+  2. WAITING requests, FCFS, unless someone was preempted this step: a prefix-cache lookup, then
+     as many of the remaining tokens as the budget allows (chunked prefill). The first one that
+     can't get blocks stops admission.
+
+num_computed_tokens is advanced in schedule(), when a request is scheduled (as vLLM v1 does), so
+the ScheduledRequest carries the value from before the step and update() only appends sampled
+tokens. The engine must therefore run every SchedulerOutput it gets and pass it to update().
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from pagedserve.core.kv_cache import KVCacheManager
+from pagedserve.core.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
+from pagedserve.core.request import Request, RequestStatus
+
+
+@dataclass(slots=True)
+class RequestUpdate:
+    """What one step did to one request: the token(s) it got and whether it is now finished."""
+
+    request: Request
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs]  # empty when the request asked for no logprobs
+    finished: bool
+
+
+class Scheduler:
+    def __init__(
+        self,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool,
+        long_prefill_token_threshold: int | None = None,
+    ) -> None:
+        for name, value in (
+            ("max_num_seqs", max_num_seqs),
+            ("max_num_batched_tokens", max_num_batched_tokens),
+            ("max_model_len", max_model_len),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if long_prefill_token_threshold is not None and long_prefill_token_threshold < 1:
+            raise ValueError(
+                f"long_prefill_token_threshold must be >= 1 or None, got {long_prefill_token_threshold}"
+            )
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.block_size = block_size
+        self.long_prefill_token_threshold = long_prefill_token_threshold
+        self.kv_cache = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
+        self.requests: dict[str, Request] = {}  # unfinished requests only
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # oldest admission first; preemption takes from the end
+        self.num_preemptions = 0
+        self._finished_request_ids: list[str] = []  # since the last schedule()
+
+    # ---- requests in and out -------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queues a request. Raises ValueError for requests that could never run."""
+        num_prompt = request.num_prompt_tokens
+        if num_prompt == 0:
+            raise ValueError("the prompt is empty: it must contain at least one token")
+        if num_prompt >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {num_prompt} tokens, but the maximum context length (max_model_len) is "
+                f"{self.max_model_len} tokens, which leaves no room to generate: shorten the prompt to at "
+                f"most {self.max_model_len - 1} tokens"
+            )
+        if request.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
+        # Tokens whose K/V must be cached at once: all but the last sampled token.
+        num_kv_tokens = num_prompt + request.max_tokens - 1
+        capacity = self.kv_cache.num_blocks * self.block_size
+        if num_kv_tokens > capacity:
+            raise ValueError(
+                f"the request needs up to {num_kv_tokens} tokens of KV cache (prompt {num_prompt} + "
+                f"max_tokens {request.max_tokens} - 1), more than the whole cache holds "
+                f"({self.kv_cache.num_blocks} blocks x {self.block_size} tokens = {capacity}): lower "
+                f"max_tokens or the prompt length, or give the KV cache more memory"
+            )
+        if request.request_id in self.requests:
+            raise ValueError(f"a request with id {request.request_id!r} is already running or waiting")
+        if request.status is not RequestStatus.WAITING or request.num_computed_tokens != 0:
+            raise ValueError(
+                f"request {request.request_id!r} was already scheduled (status {request.status.value})"
+            )
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, request_ids: str | Iterable[str], status: RequestStatus) -> list[Request]:
+        """Ends requests at once (abort, or a stop string found by the detokenizer) and frees their
+        blocks. Unknown or already finished ids are ignored. Returns the requests it ended."""
+        if not status.finished:
+            raise ValueError(f"finish_requests needs a finished status, got {status}")
+        if isinstance(request_ids, str):
+            request_ids = (request_ids,)
+        ended = []
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None:
+                continue
+            if request.status is RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.status = status
+            self._release(request)
+            ended.append(request)
+        return ended
+
+    def abort_requests(self, request_ids: str | Iterable[str]) -> list[Request]:
+        return self.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def _release(self, request: Request) -> None:
+        """Bookkeeping for a request whose status is already a finished one."""
+        self.kv_cache.free(request)
+        del self.requests[request.request_id]
+        self._finished_request_ids.append(request.request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def get_request(self, request_id: str) -> Request | None:
+        return self.requests.get(request_id)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # ---- stats ---------------------------------------------------------------------------------
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.kv_cache.usage
+
+    @property
+    def prefix_cache_queries(self) -> int:
+        return self.kv_cache.prefix_cache_queries
+
+    @property
+    def prefix_cache_hits(self) -> int:
+        return self.kv_cache.prefix_cache_hits
+
+    def num_free_blocks(self) -> int:
+        return self.kv_cache.num_free_blocks
+
+    def reset_prefix_cache(self) -> bool:
+        return self.kv_cache.reset_prefix_cache()
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    def _num_new_tokens(self, request: Request, token_budget: int, num_computed: int) -> int:
+        num_new = request.num_tokens - num_computed
+        if self.long_prefill_token_threshold is not None:
+            num_new = min(num_new, self.long_prefill_token_threshold)
+        return min(num_new, token_budget)
+
+    def _schedule_one(self, request: Request, num_new: int, block_ids: list[int]) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        end = start + num_new
+        request.num_computed_tokens = end  # advanced here, at schedule time (see module docstring)
+        return ScheduledRequest(
+            request_id=request.request_id,
+            token_ids=request.all_token_ids[start:end],
+            num_computed_tokens=start,
+            block_ids=block_ids,
+            needs_sample=end == request.num_tokens,
+            sampling_params=request.sampling_params,
+            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=request.output_token_ids,
+        )
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def schedule(self) -> SchedulerOutput:
+        token_budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted_ids: list[str] = []
+
+        # 1. Running requests. Victims come from the end of `running`, past `index`, so a request
+        #    scheduled earlier in this step is never preempted by a later one.
+        index = 0
+        while index < len(self.running) and token_budget > 0:
+            request = self.running[index]
+            num_new = self._num_new_tokens(request, token_budget, request.num_computed_tokens)
+            if num_new <= 0:  # nothing to compute (its last sample has not come back)
+                index += 1
+                continue
+            while (block_ids := self.kv_cache.allocate_slots(request, num_new)) is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted_ids.append(victim.request_id)
+                if victim is request:
+                    break
+            if block_ids is None:  # it preempted itself: it was the last running request
+                break
+            scheduled.append(self._schedule_one(request, num_new, block_ids))
+            token_budget -= num_new
+            index += 1
+
+        # 2. Waiting requests, first come first served.
+        while (
+            not preempted_ids and self.waiting and token_budget > 0 and len(self.running) < self.max_num_seqs
+        ):
+            request = self.waiting[0]
+            computed_block_ids, num_cached = self.kv_cache.get_computed_blocks(request)
+            num_new = self._num_new_tokens(request, token_budget, num_cached)
+            block_ids = self.kv_cache.allocate_slots(request, num_new, computed_block_ids)
+            if block_ids is None:
+                break
+            self.waiting.popleft()
+            request.num_computed_tokens = num_cached
+            if request.num_cached_tokens < 0:  # first admission only, not after a preemption
+                request.num_cached_tokens = num_cached
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled.append(self._schedule_one(request, num_new, block_ids))
+            token_budget -= num_new
+
+        finished_ids, self._finished_request_ids = self._finished_request_ids, []
+        return SchedulerOutput(
+            scheduled=scheduled,
+            num_batched_tokens=self.max_num_batched_tokens - token_budget,
+            finished_request_ids=finished_ids,
+            preempted_request_ids=preempted_ids,
+        )
+
+    def update(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[RequestUpdate]:
+        """Appends the sampled tokens, checks stops, frees finished requests. Returns one update per
+        request that got a token this step."""
+        updates: list[RequestUpdate] = []
+        sampled = runner_output.sampled_token_ids
+        logprobs = runner_output.logprobs
+        any_finished = False
+        for i, scheduled in enumerate(scheduler_output.scheduled):
+            if not scheduled.needs_sample or sampled[i] is None:
+                continue
+            request = self.requests.get(scheduled.request_id)
+            if request is None or request.status is not RequestStatus.RUNNING:
+                continue  # ended (e.g. aborted) after it was scheduled
+            token_id = sampled[i]
+            request.append_output_token(token_id)
+            token_logprobs = logprobs[i] if i < len(logprobs) else None
+            finished = self._check_stop(request, token_id)
+            if finished:
+                self._release(request)
+                any_finished = True
+            updates.append(
+                RequestUpdate(
+                    request=request,
+                    new_token_ids=[token_id],
+                    new_logprobs=[token_logprobs] if token_logprobs is not None else [],
+                    finished=finished,
+                )
+            )
+        if any_finished:
+            self.running = [r for r in self.running if not r.is_finished]
+        return updates
+
+    def _check_stop(self, request: Request, token_id: int) -> bool:
+        """Sets a finished status if `token_id` (just appended) ends the request. Order: stop token
+        ids / eos (not within the first min_tokens outputs), max_tokens, max_model_len."""
+        params = request.sampling_params
+        # The first min_tokens outputs can't stop the request; the sampler masks stop tokens there.
+        if request.num_output_tokens > params.min_tokens:
+            if token_id in params.stop_token_ids:
+                request.status = RequestStatus.FINISHED_STOPPED
+                request.stop_reason = token_id
+                return True
+            if not params.ignore_eos and token_id == request.eos_token_id:
+                request.status = RequestStatus.FINISHED_STOPPED
+                return True
+        if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
+            request.status = RequestStatus.FINISHED_LENGTH
+            return True
+        return False

@@ -1,0 +1,225 @@
+"""Pydantic models of the OpenAI API shapes this server speaks.
+
+Requests are validated strictly by JSON type (a string is not an integer, `true` is not 1), and
+unknown fields are accepted and ignored, as OpenAI clients send fields we do not know yet. Range
+checks live in `SamplingParams` (one place, one message per rule); the serving code maps its
+`ValueError` to a 400. Response models document the API in /openapi.json; the serving code builds
+the same shapes as plain dicts on the hot path.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class OpenAIBaseModel(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+# --------------------------------------------------------------------------- errors
+class ErrorInfo(OpenAIBaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(OpenAIBaseModel):
+    error: ErrorInfo
+
+
+# --------------------------------------------------------------------------- shared request fields
+class StreamOptions(OpenAIBaseModel):
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False  # vLLM extra: usage in every chunk
+
+
+class SamplingFields(OpenAIBaseModel):
+    """Fields common to chat and completions: OpenAI's, then vLLM's extras."""
+
+    model: str | None = Field(default=None, description="the served model name; may be omitted")
+    max_tokens: int | None = Field(default=None, description="most tokens to generate")
+    n: int | None = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    logit_bias: dict[str, float] | None = Field(default=None, description="token id (as a string) -> bias")
+    user: str | None = None  # accepted and ignored
+    # vLLM extras
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = 0
+    ignore_eos: bool | None = False
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = True
+    include_stop_str_in_output: bool | None = False
+
+
+# --------------------------------------------------------------------------- chat
+class ContentPart(BaseModel):
+    """One part of a message's content; only `{"type": "text", "text": ...}` is supported."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(OpenAIBaseModel):
+    role: str = Field(description="system, developer, user, assistant or tool")
+    content: str | list[ContentPart] | None = None
+    name: str | None = None  # accepted and ignored
+    tool_call_id: str | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = Field(default=None, description="alias of max_tokens (preferred)")
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None  # only {"type": "text"}
+    tools: list[dict[str, Any]] | None = None  # refused unless tool_choice is "none"
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # ignored
+    functions: list[dict[str, Any]] | None = None  # refused
+    function_call: str | dict[str, Any] | None = None  # refused unless "none"
+    modalities: list[str] | None = None  # only ["text"]
+    audio: dict[str, Any] | None = None  # refused
+    # vLLM extras
+    add_generation_prompt: bool | None = True
+    chat_template_kwargs: dict[str, Any] | None = None  # ignored
+
+
+class ChatLogprobTop(OpenAIBaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatLogprobToken(ChatLogprobTop):
+    top_logprobs: list[ChatLogprobTop] = []
+
+
+class ChatLogprobs(OpenAIBaseModel):
+    content: list[ChatLogprobToken] | None = None
+
+
+class ChatResponseMessage(OpenAIBaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatCompletionChoice(OpenAIBaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class UsageInfo(OpenAIBaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ChatCompletionResponse(OpenAIBaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: UsageInfo
+    system_fingerprint: str | None = None
+
+
+class ChatDelta(OpenAIBaseModel):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatStreamChoice(OpenAIBaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(OpenAIBaseModel):
+    """One Server-Sent Event of a streamed chat completion (`data: {...}`, then `data: [DONE]`)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: UsageInfo | None = None
+
+
+# --------------------------------------------------------------------------- completions
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="a string, a list of strings, a list of token ids, or a list of token-id lists")
+    max_tokens: int | None = 16
+    echo: bool | None = False
+    logprobs: int | None = None
+    best_of: int | None = None  # refused unless equal to n
+    suffix: str | None = None  # refused
+
+
+class CompletionLogprobs(OpenAIBaseModel):
+    text_offset: list[int] = []
+    token_logprobs: list[float | None] = []
+    tokens: list[str] = []
+    top_logprobs: list[dict[str, float] | None] = []
+
+
+class CompletionChoice(OpenAIBaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class CompletionResponse(OpenAIBaseModel):
+    """Also the shape of each streamed chunk (with `usage` only in the final usage chunk)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
+
+
+# --------------------------------------------------------------------------- models, version
+class ModelCard(OpenAIBaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "pagedserve"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(OpenAIBaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class VersionResponse(OpenAIBaseModel):
+    version: str
+
+
+class HealthResponse(OpenAIBaseModel):
+    status: str

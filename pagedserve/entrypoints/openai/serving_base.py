@@ -1,0 +1,257 @@
+"""What chat and completions share: errors, sampling parameters, token strings, SSE, disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from pagedserve.async_engine import AsyncEngine, EngineDeadError, EngineUnavailableError
+from pagedserve.entrypoints.openai.protocol import SamplingFields
+from pagedserve.sampling_params import SamplingParams
+
+# -4 billion would also be "impossible"; JSON has no -Infinity, so clamp like vLLM does.
+_MIN_LOGPROB = -9999.0
+_SAMPLING_FIELD_NAMES = {
+    "n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "seed", "stop", "stop_token_ids", "max_tokens", "min_tokens", "logprobs",
+    "logit_bias", "each",
+}
+
+
+class APIError(Exception):
+    """An error with its HTTP status, rendered as OpenAI's {"error": {...}} shape."""
+
+    def __init__(self, status_code: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | int | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | int | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", param, code)
+
+
+def engine_error(e: BaseException) -> APIError:
+    """Maps exceptions out of AsyncEngine to API errors."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, ValueError):
+        return bad_request(str(e), _guess_param(str(e)))
+    if isinstance(e, EngineUnavailableError):
+        return APIError(503, str(e), "service_unavailable_error", None,
+                        "queue_full" if "queue" in str(e) else "shutting_down",
+                        headers={"Retry-After": str(e.retry_after)})
+    if isinstance(e, EngineDeadError):
+        return APIError(503, str(e), "server_error", None, "engine_dead", headers={"Retry-After": "30"})
+    return APIError(500, f"internal error: {e!r}", "server_error")
+
+
+def _guess_param(message: str) -> str | None:
+    word = message.split(" ", 1)[0]
+    return word if word in _SAMPLING_FIELD_NAMES and word != "each" else None
+
+
+def error_response(e: APIError) -> Response:
+    return Response(json.dumps(e.body()), status_code=e.status_code, headers=e.headers,
+                    media_type="application/json")
+
+
+# --------------------------------------------------------------------------- requests
+def check_model(engine: AsyncEngine, served_names: list[str], model: str | None) -> str:
+    if model is None or model in served_names:
+        return served_names[0]
+    raise APIError(404, f"The model `{model}` does not exist; this server serves {served_names[0]!r}.",
+                   "invalid_request_error", "model", "model_not_found")
+
+
+def build_sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    try:
+        return SamplingParams(
+            n=1 if req.n is None else req.n,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=0 if req.top_k is None else req.top_k,
+            min_p=0.0 if req.min_p is None else req.min_p,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            seed=req.seed,
+            stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
+            stop_token_ids=list(req.stop_token_ids or []),
+            ignore_eos=bool(req.ignore_eos),
+            max_tokens=max_tokens,
+            min_tokens=req.min_tokens or 0,
+            logprobs=logprobs,
+            logit_bias=req.logit_bias,
+            skip_special_tokens=True if req.skip_special_tokens is None else req.skip_special_tokens,
+            include_stop_str_in_output=bool(req.include_stop_str_in_output),
+        )
+    except ValueError as e:
+        raise bad_request(str(e), _guess_param(str(e))) from e
+    except TypeError as e:  # a type pydantic let through that SamplingParams does not take
+        raise bad_request(f"invalid sampling parameters: {e}") from e
+
+
+def check_prompt_fits(engine: AsyncEngine, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    """The engine checks again; checking here answers before any work is queued."""
+    num_prompt = len(prompt_token_ids)
+    if num_prompt == 0:
+        raise bad_request("the prompt is empty", "prompt")
+    if num_prompt >= engine.max_model_len:
+        raise bad_request(
+            f"the prompt has {num_prompt} tokens, but this model's context length is "
+            f"{engine.max_model_len} tokens, leaving no room to generate; shorten the prompt",
+            "messages", "context_length_exceeded")
+    if params.max_tokens is not None and num_prompt + params.max_tokens > engine.max_model_len:
+        raise bad_request(
+            f"this model's maximum context length is {engine.max_model_len} tokens, but "
+            f"{num_prompt} prompt tokens plus max_tokens {params.max_tokens} make "
+            f"{num_prompt + params.max_tokens}; reduce the prompt or max_tokens",
+            "max_tokens", "context_length_exceeded")
+    try:
+        params.validate_for_model(engine.vocab_size)
+    except ValueError as e:
+        raise bad_request(str(e)) from e
+
+
+def usage_dict(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
+            "total_tokens": num_prompt_tokens + num_completion_tokens}
+
+
+def clamp_logprob(x: float) -> float:
+    if math.isnan(x):
+        return _MIN_LOGPROB
+    return max(x, _MIN_LOGPROB)
+
+
+# --------------------------------------------------------------------------- token strings
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level BPE alphabet: each byte is shown as one printable character."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+_BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+class TokenStrings:
+    """token id -> (text, UTF-8 bytes), cached; exact bytes for byte-level BPE vocabularies, whose
+    single tokens may hold part of a character."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+        try:
+            probe = tokenizer.convert_ids_to_tokens(tokenizer.encode(" a", add_special_tokens=False))
+            self._byte_level = bool(probe) and probe[0] == "\u0120a"
+        except Exception:
+            self._byte_level = False
+
+    def get(self, token_id: int) -> tuple[str, list[int]]:
+        hit = self._cache.get(token_id)
+        if hit is not None:
+            return hit
+        raw: bytes | None = None
+        if self._byte_level:
+            piece = self.tokenizer.convert_ids_to_tokens([token_id])[0]
+            if piece is not None and all(c in _BYTE_DECODER for c in piece):
+                raw = bytes(_BYTE_DECODER[c] for c in piece)
+                text = raw.decode("utf-8", errors="replace")
+        if raw is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            raw = text.encode("utf-8")
+        hit = (text, list(raw))
+        self._cache[token_id] = hit
+        return hit
+
+    def text(self, token_id: int) -> str:
+        return self.get(token_id)[0]
+
+
+# --------------------------------------------------------------------------- SSE and disconnects
+def sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class SSEResponse(StreamingResponse):
+    """A StreamingResponse that always closes its generator, so a request's `finally` (which
+    aborts it in the engine) runs at once when the client goes away, wherever the generator was
+    suspended (Starlette only cancels the task, which can leave it parked at a `yield`)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str]) -> None:
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def run_until_disconnect(request: Request, work: Awaitable[Response]) -> Response:
+    """Runs a non-streaming handler, cancelling it (and so aborting its engine requests) when the
+    client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        watcher.cancel()
+        raise
+    if task.done():
+        watcher.cancel()
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except BaseException:  # noqa: BLE001 - the client is gone; nothing to report to
+        pass
+    return Response(status_code=499)
+
+
+def now_created() -> int:
+    return int(time.time())

@@ -1,0 +1,275 @@
+"""POST /v1/completions: one engine request per prompt; choice index = prompt_index * n + i.
+
+Prompts may be a string, a list of strings, a list of token ids, or a list of token-id lists.
+Logprobs use the legacy completions format: tokens, token_logprobs, top_logprobs (dicts),
+text_offset (character offsets into the choice's text, echo included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from pagedserve.async_engine import AsyncEngine, RequestStream
+from pagedserve.entrypoints.openai.protocol import CompletionRequest
+from pagedserve.entrypoints.openai.serving_base import (
+    SSE_DONE,
+    SSEResponse,
+    TokenStrings,
+    bad_request,
+    build_sampling_params,
+    check_model,
+    check_prompt_fits,
+    clamp_logprob,
+    engine_error,
+    error_body,
+    now_created,
+    run_until_disconnect,
+    sse,
+    usage_dict,
+)
+from pagedserve.outputs import RequestOutput
+from pagedserve.sampling_params import SamplingParams
+
+MAX_PROMPTS = 256  # prompts in one request
+
+
+class OpenAIServingCompletion:
+    def __init__(self, engine: AsyncEngine, served_model_names: list[str], token_strings: TokenStrings) -> None:
+        self.engine = engine
+        self.served_model_names = served_model_names
+        self.token_strings = token_strings
+
+    async def create(self, req: CompletionRequest, raw_request: Request) -> Response:
+        arrival = time.monotonic()
+        model_name = check_model(self.engine, self.served_model_names, req.model)
+        if req.suffix:
+            raise bad_request("suffix (insertion) is not supported", "suffix")
+        if req.best_of is not None and req.best_of != (req.n or 1):
+            raise bad_request("best_of is not supported unless it equals n", "best_of")
+        if req.echo and req.logprobs is not None:
+            raise bad_request("echo with logprobs needs prompt logprobs, which this server does not "
+                              "compute; drop one of them", "logprobs")
+        params = build_sampling_params(req, req.max_tokens, req.logprobs)
+        prompts = await self._tokenize_prompts(req.prompt)
+        for _, ids in prompts:
+            check_prompt_fits(self.engine, ids, params)
+
+        base_id = f"cmpl-{uuid.uuid4().hex}"
+        request_ids = [base_id] if len(prompts) == 1 else [f"{base_id}-{i}" for i in range(len(prompts))]
+        streams: list[RequestStream] = []
+        try:
+            for rid, (text, ids) in zip(request_ids, prompts):
+                streams.append(await self.engine.add_request(rid, ids, params, arrival, text))
+        except BaseException as e:
+            self.engine.abort([s.request_id for s in streams])
+            if isinstance(e, Exception):
+                raise engine_error(e) from e
+            raise
+        ctx = _Context(base_id, model_name, now_created(), prompts, params, req)
+        if req.stream:
+            return SSEResponse(self._stream(streams, ctx))
+        return await run_until_disconnect(raw_request, self._full(streams, ctx))
+
+    async def _tokenize_prompts(self, prompt: Any) -> list[tuple[str | None, list[int]]]:
+        """-> [(prompt text or None, token ids)]."""
+        if isinstance(prompt, str):
+            items: list[Any] = [prompt]
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+            items = [prompt]
+        else:
+            items = list(prompt)
+        if not items:
+            raise bad_request("prompt must not be empty", "prompt")
+        if len(items) > MAX_PROMPTS:
+            raise bad_request(f"at most {MAX_PROMPTS} prompts per request, got {len(items)}", "prompt")
+        texts = [p for p in items if isinstance(p, str)]
+        encoded: list[list[int]] = []
+        if texts:
+            encoded = await self.engine.run_in_tokenizer_thread(
+                lambda: [self.engine.tokenizer.encode(t) for t in texts])
+        out: list[tuple[str | None, list[int]]] = []
+        it = iter(encoded)
+        for p in items:
+            if isinstance(p, str):
+                if not p:
+                    raise bad_request("prompt must not be empty", "prompt")
+                out.append((p, next(it)))
+            else:
+                for t in p:
+                    if not 0 <= t < self.engine.vocab_size:
+                        raise bad_request(f"prompt token id {t} is outside the vocabulary "
+                                          f"[0, {self.engine.vocab_size})", "prompt")
+                out.append((None, list(p)))
+        return out
+
+    # ------------------------------------------------------------------ outputs
+    def _prompt_text(self, ctx: _Context, prompt_index: int) -> str:
+        text, ids = ctx.prompts[prompt_index]
+        if text is None:
+            text = self.engine.tokenizer.decode(ids)
+            ctx.prompts[prompt_index] = (text, ids)
+        return text
+
+    def _logprobs(self, entries: list, num_top: int, offset: int) -> tuple[dict, int]:
+        """Legacy logprobs for `entries`; offsets start at `offset`. Returns (dict, next offset)."""
+        text_of = self.token_strings.text
+        tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+        for lp in entries:
+            text = text_of(lp.token_id)
+            tokens.append(text)
+            token_logprobs.append(clamp_logprob(lp.logprob))
+            top: dict[str, float] = {text_of(tid): clamp_logprob(x) for tid, x in lp.top[:num_top]}
+            top.setdefault(text, clamp_logprob(lp.logprob))
+            top_logprobs.append(top)
+            offsets.append(offset)
+            offset += len(text)
+        return ({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+                 "text_offset": offsets}, offset)
+
+    async def _full(self, streams: list[RequestStream], ctx: _Context) -> Response:
+        try:
+            finals = await asyncio.gather(*(_last(s) for s in streams))
+        except Exception as e:
+            err = engine_error(e)
+            return JSONResponse(err.body(), status_code=err.status_code, headers=err.headers)
+        finally:
+            self.engine.abort([s.request_id for s in streams if not s.finished])
+        n = ctx.params.n
+        choices = []
+        num_completion = 0
+        for p, final in enumerate(finals):
+            echo = self._prompt_text(ctx, p) if ctx.req.echo else ""
+            for out in final.outputs:
+                num_completion += len(out.token_ids)
+                logprobs = None
+                if ctx.params.logprobs is not None and out.logprobs is not None:
+                    logprobs, _ = self._logprobs(out.logprobs, ctx.params.logprobs, len(echo))
+                choices.append({"index": p * n + out.index, "text": echo + out.text, "logprobs": logprobs,
+                                "finish_reason": out.finish_reason, "stop_reason": out.stop_reason})
+        body = {"id": ctx.request_id, "object": "text_completion", "created": ctx.created,
+                "model": ctx.model_name, "choices": choices,
+                "usage": usage_dict(ctx.num_prompt_tokens, num_completion), "system_fingerprint": None}
+        return JSONResponse(body)
+
+    async def _stream(self, streams: list[RequestStream], ctx: _Context) -> AsyncIterator[str]:
+        n = ctx.params.n
+        opts = ctx.req.stream_options
+        include_usage = bool(opts and opts.include_usage)
+        continuous_usage = include_usage and bool(opts and opts.continuous_usage_stats)
+        base = {"id": ctx.request_id, "object": "text_completion", "created": ctx.created,
+                "model": ctx.model_name}
+        num_choices = len(streams) * n
+        sent_text = [0] * num_choices
+        sent_logprobs = [0] * num_choices
+        text_offset = [0] * num_choices
+        echoed = [not ctx.req.echo] * num_choices
+        finished = [False] * num_choices
+        num_completion = [0] * num_choices
+
+        def chunk(choice: dict) -> str:
+            obj = {**base, "choices": [choice]}
+            if include_usage:
+                obj["usage"] = (usage_dict(ctx.num_prompt_tokens, sum(num_completion))
+                                if continuous_usage else None)
+            return sse(obj)
+
+        try:
+            async for p, output in _merge(streams):
+                for out in output.outputs:
+                    i = p * n + out.index
+                    if finished[i]:
+                        continue
+                    num_completion[i] = len(out.token_ids)
+                    delta_text = out.text[sent_text[i]:]
+                    if not echoed[i]:
+                        echoed[i] = True
+                        prefix = self._prompt_text(ctx, p)
+                        delta_text = prefix + delta_text
+                        text_offset[i] = len(prefix)
+                    new_lps = None
+                    if ctx.params.logprobs is not None and out.logprobs is not None \
+                            and len(out.logprobs) > sent_logprobs[i]:
+                        new_lps = out.logprobs[sent_logprobs[i]:]
+                    last = out.finish_reason is not None
+                    if delta_text or new_lps or last:
+                        sent_text[i] = len(out.text)
+                        logprobs = None
+                        if new_lps:
+                            sent_logprobs[i] = len(out.logprobs)
+                            logprobs, text_offset[i] = self._logprobs(new_lps, ctx.params.logprobs, text_offset[i])
+                        if last:
+                            finished[i] = True
+                        yield chunk({"index": i, "text": delta_text, "logprobs": logprobs,
+                                     "finish_reason": out.finish_reason,
+                                     "stop_reason": out.stop_reason if last else None})
+            if include_usage:
+                yield sse({**base, "choices": [], "usage": usage_dict(ctx.num_prompt_tokens, sum(num_completion))})
+        except Exception as e:
+            err = engine_error(e)
+            yield sse(error_body(err.message, err.type, err.param, err.code))
+        finally:
+            self.engine.abort([s.request_id for s in streams if not s.finished])
+        yield SSE_DONE
+
+
+class _Context:
+    __slots__ = ("request_id", "model_name", "created", "prompts", "params", "req", "num_prompt_tokens")
+
+    def __init__(self, request_id: str, model_name: str, created: int,
+                 prompts: list[tuple[str | None, list[int]]], params: SamplingParams,
+                 req: CompletionRequest) -> None:
+        self.request_id = request_id
+        self.model_name = model_name
+        self.created = created
+        self.prompts = prompts
+        self.params = params
+        self.req = req
+        self.num_prompt_tokens = sum(len(ids) for _, ids in prompts)
+
+
+async def _last(stream: RequestStream) -> RequestOutput:
+    final = None
+    async for output in stream:
+        final = output
+    assert final is not None
+    return final
+
+
+async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several streams as they come, tagged with the stream's position."""
+    if len(streams) == 1:
+        async for output in streams[0]:
+            yield 0, output
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput | None, BaseException | None]] = asyncio.Queue()
+
+    async def pump(p: int, stream: RequestStream) -> None:
+        try:
+            async for output in stream:
+                queue.put_nowait((p, output, None))
+        except Exception as e:
+            queue.put_nowait((p, None, e))
+            return
+        queue.put_nowait((p, None, None))
+
+    tasks = [asyncio.ensure_future(pump(p, s)) for p, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            p, output, error = await queue.get()
+            if error is not None:
+                raise error
+            if output is None:
+                remaining -= 1
+                continue
+            yield p, output
+    finally:
+        for t in tasks:
+            t.cancel()

@@ -1,0 +1,92 @@
+"""The reference attention backend: plain torch, one sequence at a time, obviously correct.
+
+Every fast kernel is checked against this. It runs on CPU and CUDA and favours clarity over speed:
+the K/V of each sequence are gathered from its blocks into a contiguous tensor, then attended with
+an explicit causal mask and an fp32 softmax.
+
+For sequence s with q_s new tokens and seq_len_s cached-after-write tokens:
+
+    cache positions:  0 1 2 ... seq_len_s - q_s - 1 | seq_len_s - q_s ... seq_len_s - 1
+                      (written in earlier steps)     | (new tokens, written just now)
+    new token i sits at position p_i = seq_len_s - q_s + i and sees cache positions 0 ..= p_i.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pagedserve.executor.attention.base import AttentionBackend, AttentionMetadata
+
+
+def write_kv_cache(
+    kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store each new token's K/V at its slot (block_id * block_size + offset). Negative slots
+    (padding tokens) are skipped."""
+    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid]
+    kv_cache[0].view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = key[valid]
+    kv_cache[1].view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = value[valid]
+
+
+def gather_kv(
+    kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first seq_len cached K and V of one sequence, each [seq_len, num_kv_heads, head_dim]."""
+    _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+    num_blocks = (seq_len + block_size - 1) // block_size
+    blocks = block_table[:num_blocks].long()
+    key = kv_cache[0, blocks].reshape(num_blocks * block_size, num_kv_heads, head_dim)[:seq_len]
+    value = kv_cache[1, blocks].reshape(num_blocks * block_size, num_kv_heads, head_dim)[:seq_len]
+    return key, value
+
+
+def causal_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """query [q, H, D] for the LAST q of the seq_len positions in key/value [seq_len, KVH, D].
+
+    GQA: each group of H // KVH query heads shares one kv head (repeat_interleave, as HF's
+    repeat_kv). Scores, softmax and the weighted sum are fp32; the result has query's dtype.
+    """
+    q_len, num_heads, _ = query.shape
+    seq_len, num_kv_heads, _ = key.shape
+    group = num_heads // num_kv_heads
+    k = key.float().repeat_interleave(group, dim=1)
+    v = value.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", query.float(), k) * scale
+    query_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
+    key_pos = torch.arange(seq_len, device=query.device)
+    future = key_pos[None, :] > query_pos[:, None]  # [q, seq_len]
+    scores.masked_fill_(future[None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("hqk,khd->qhd", probs, v).to(query.dtype)
+
+
+class TorchAttentionBackend(AttentionBackend):
+    name = "torch"
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        write_kv_cache(kv_cache, key, value, meta.slot_mapping)
+        query_lens = meta.query_lens_cpu
+        if query_lens is None:
+            query_lens = torch.diff(meta.query_start_loc).tolist()
+        seq_lens = meta.seq_lens_cpu if meta.seq_lens_cpu is not None else meta.seq_lens.tolist()
+        out = torch.empty_like(query)
+        start = 0
+        for s, (q_len, seq_len) in enumerate(zip(query_lens, seq_lens)):
+            k, v = gather_kv(kv_cache, meta.block_tables[s], seq_len)
+            out[start : start + q_len] = causal_attention(query[start : start + q_len], k, v, scale)
+            start += q_len
+        # Tokens past the last sequence (padding of a captured batch size) get zeros, not garbage.
+        out[start:] = 0
+        return out

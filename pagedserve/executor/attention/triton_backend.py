@@ -1,0 +1,75 @@
+"""Triton attention backend: paged KV-cache write, then decode or prefill paged attention.
+
+    forward(query [T,Hq,D], key/value [T,Hkv,D], kv_cache [2,NB,BS,Hkv,D], meta, scale) -> [T,Hq,D]
+
+1. `write_kv_cache` stores key/value rows at meta.slot_mapping (slot < 0 = padding, skipped).
+2. meta.is_decode_only -> `paged_attention_decode` (GQA-grouped, split-K over the context);
+   otherwise        -> `paged_attention_prefill` (one kernel for prefills, chunked prefills,
+                       prefix-cache hits and decodes mixed in one batch).
+
+CUDA graphs (decode-only batches): nothing here syncs with the device or reads device data on the
+host; every launch grid and scratch size comes from tensor shapes plus the host ints
+meta.max_seq_len (only to pick the number of splits; any value is correct). When capturing, pass
+max_seq_len as the largest context the graph will replay with (e.g. max_model_len) so long contexts
+get enough splits. Padded batch slots need seq_lens == 0 (output zeros) or any valid context,
+and slot_mapping == -1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pagedserve.executor.attention.base import AttentionBackend, AttentionMetadata
+from pagedserve.executor.kernels.kv_cache_write import write_kv_cache
+from pagedserve.executor.kernels.paged_attention_decode import paged_attention_decode
+from pagedserve.executor.kernels.paged_attention_prefill import paged_attention_prefill
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """Paged attention through Triton kernels (GPU; on CPU only under TRITON_INTERPRET=1)."""
+
+    name = "triton"
+
+    def __init__(self, decode_num_splits: int | None = None) -> None:
+        # None: choose per call from shapes (see choose_num_splits); an int pins it (tests, tuning).
+        self.decode_num_splits = decode_num_splits
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """See AttentionBackend.forward; `out` optionally receives the result ([T, Hq, D])."""
+        write_kv_cache(key, value, kv_cache, meta.slot_mapping)
+        if out is None:
+            out = torch.empty_like(query)
+        if meta.is_decode_only:
+            num_seqs = meta.seq_lens.shape[0]
+            # Decode: token i is sequence i. Rows past num_seqs (if any) are padding.
+            paged_attention_decode(
+                query[:num_seqs],
+                kv_cache,
+                meta.block_tables,
+                meta.seq_lens,
+                scale,
+                out=out[:num_seqs],
+                max_seq_len=meta.max_seq_len,
+                num_splits=self.decode_num_splits,
+            )
+        else:
+            paged_attention_prefill(
+                query,
+                kv_cache,
+                meta.query_start_loc,
+                meta.seq_lens,
+                meta.block_tables,
+                scale,
+                meta.max_query_len,
+                out=out,
+            )
+        return out

@@ -1,0 +1,162 @@
+"""GGUF (llama.cpp) files: a HF-style config from the metadata, HF-named weights from the tensors.
+
+Quantized tensors (Q4_K, Q5_0, Q8_0, ...) are dequantized to fp32 with gguf-py's numpy code, one
+tensor at a time; the model then stores them in its own dtype. Tensor names map as:
+
+    token_embd -> model.embed_tokens       output_norm -> model.norm      output -> lm_head
+    blk.N.attn_norm -> model.layers.N.input_layernorm      blk.N.ffn_norm -> ...post_attention_layernorm
+    blk.N.attn_q/k/v/output -> ...self_attn.q/k/v/o_proj   blk.N.ffn_gate/up/down -> ...mlp.gate/up/down_proj
+
+llama.cpp's converter permutes the rows of Q and K for the `llama` architecture (its rope pairs
+adjacent dims, HF's rotates halves); we undo that. `qwen2` is stored unpermuted (neox rope in both).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+# GGUF general.architecture -> the HF architecture name our registry knows.
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+_TOP_LEVEL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+@functools.lru_cache(maxsize=2)
+def _reader(path: str) -> Any:
+    # Parsing the metadata (a 150k-token vocabulary) takes a while; config and weights share it.
+    from gguf import GGUFReader
+
+    return GGUFReader(path)
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def gguf_hf_config(path: str) -> Any:
+    """A transformers LlamaConfig / Qwen2Config built from GGUF metadata."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    reader = _reader(path)
+    arch = _field(reader, "general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported; supported GGUF architectures: "
+                         f"{', '.join(GGUF_ARCHITECTURES)}")
+    tensor_names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in tensor_names:
+        raise ValueError("GGUF files with a rope_freqs tensor (Llama 3.1-style rope scaling) are not "
+                         "supported; use the HF safetensors folder of this model instead")
+    embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
+
+    def meta(key: str, default: Any = None) -> Any:
+        return _field(reader, f"{arch}.{key}", default)
+
+    num_heads = int(meta("attention.head_count"))
+    hidden_size = int(meta("embedding_length"))
+    head_dim = int(meta("attention.key_length", hidden_size // num_heads))
+    rope_dim = int(meta("rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+        raise ValueError(f"partial rotary embeddings (rope dim {rope_dim} < head dim {head_dim}) "
+                         "are not supported")
+    kwargs: dict[str, Any] = dict(
+        architectures=[GGUF_ARCHITECTURES[arch]],
+        vocab_size=int(embed.shape[-1]),  # ggml shapes list the fastest dim first: [hidden, vocab]
+        hidden_size=hidden_size,
+        intermediate_size=int(meta("feed_forward_length")),
+        num_hidden_layers=int(meta("block_count")),
+        num_attention_heads=num_heads,
+        num_key_value_heads=int(meta("attention.head_count_kv", num_heads)),
+        head_dim=head_dim,
+        max_position_embeddings=int(meta("context_length", 4096)),
+        rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(meta("rope.freq_base", 10000.0)),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
+    )
+    scaling_type = meta("rope.scaling.type")
+    if scaling_type not in (None, "none"):
+        factor = float(meta("rope.scaling.factor", 1.0))
+        kwargs["rope_scaling"] = {"rope_type": scaling_type, "factor": factor}
+    if arch == "llama":
+        kwargs["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
+        kwargs["mlp_bias"] = "blk.0.ffn_up.bias" in tensor_names
+        config = LlamaConfig(**kwargs)
+    else:
+        config = Qwen2Config(**kwargs)
+    config.name_or_path = path
+    return config
+
+
+def undo_llama_qk_permute(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Inverse of llama.cpp's convert `permute`: per head, rows were reordered from the HF layout
+    [first half | second half] to interleaved pairs (x0, x_{d/2}, x1, x_{d/2+1}, ...)."""
+    rows = weight.shape[0]
+    return (
+        weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:])
+        .transpose(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def _tensor_to_torch(tensor: Any) -> torch.Tensor:
+    from gguf import GGMLQuantizationType, quants
+
+    shape = tuple(int(d) for d in reversed(tensor.shape))  # ggml order -> torch order
+    if tensor.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        array = np.array(tensor.data)  # copy off the read-only memory map
+    else:
+        array = quants.dequantize(tensor.data, tensor.tensor_type)
+    return torch.from_numpy(array).reshape(shape)
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """The HF parameter name of a GGUF tensor name, or None for tensors we do not use."""
+    base, _, kind = gguf_name.rpartition(".")
+    if base in _TOP_LEVEL_NAMES:
+        return f"{_TOP_LEVEL_NAMES[base]}.{kind}"
+    match = _BLOCK_RE.match(gguf_name)
+    if match and match.group(2) in _BLOCK_NAMES:
+        layer, part, kind = match.groups()
+        return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
+    return None
+
+
+def iterate_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, fp32/fp16 CPU tensor) for every tensor of the file the model uses."""
+    reader = _reader(path)
+    is_llama = _field(reader, "general.architecture") == "llama"
+    for tensor in reader.tensors:
+        name = hf_name(tensor.name)
+        if name is None:
+            continue
+        value = _tensor_to_torch(tensor)
+        if is_llama and ".attn_q." in tensor.name:
+            value = undo_llama_qk_permute(value, hf_config.num_attention_heads)
+        elif is_llama and ".attn_k." in tensor.name:
+            value = undo_llama_qk_permute(value, hf_config.num_key_value_heads)
+        yield name, value

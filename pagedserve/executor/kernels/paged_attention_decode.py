@@ -1,0 +1,348 @@
+"""Decode paged attention (one new token per sequence), GQA-aware, with split-K (flash-decoding).
+
+    query:        [num_seqs, num_heads, head_dim]          (token i belongs to sequence i)
+    kv_cache:     [2, num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: [num_seqs, max_blocks] int32;  seq_lens: [num_seqs] int32 (includes the new token)
+
+Grid (num_seqs, num_kv_heads, num_splits). One program owns ALL query heads of one KV head group:
+the G = num_heads // num_kv_heads heads are the M rows of tl.dot (padded to >= 16), so each K/V
+tile is read from memory once per group, not once per query head.
+
+The sequence is cut into tiles of BLOCK_N tokens (a tile may span several cache blocks: every token
+finds its physical block through the block table). With num_splits > 1 the tiles are divided evenly
+among the splits *on the device* from seq_lens:
+
+    tiles:   | 0 | 1 | 2 | 3 | 4 |          num_tiles = cdiv(seq_len, BLOCK_N)
+    splits:  |  s0   |  s1   | s2 |  (s3 empty: returns at once)   tiles_per_split = cdiv(num_tiles, S)
+
+so any num_splits is correct for any seq_len. Each split writes a normalized partial output and
+its log-sum-exp (base 2) to fp32 scratch; `_decode_reduce_kernel` merges them. num_splits is
+chosen on the host from shapes and the host int max_seq_len only, so a captured CUDA graph stays
+valid (and correct) for any context length that fits the block table.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+_MIN_TILES_PER_SPLIT = 4
+_MAX_SPLITS = 64
+
+
+@triton.jit
+def _attend_tile(
+    q,  # [BLOCK_M, BLOCK_D] in the cache dtype
+    acc,  # [BLOCK_M, BLOCK_D] fp32
+    m_i,  # [BLOCK_M] fp32 running max (base-2 scaled scores)
+    l_i,  # [BLOCK_M] fp32 running sum
+    k_cache_ptr,
+    v_cache_ptr,
+    block_table_ptr,  # this sequence's row of the block table
+    tile_start,  # first token position of this tile
+    row_last_pos,  # [BLOCK_M] last key position each row may see (causal / length limit)
+    kv_len,  # keys that exist for this program (loads beyond are masked)
+    qk_scale,  # softmax scale * log2(e)
+    kv_head_offset,  # kv_head * stride_c_head
+    stride_c_block,
+    stride_c_slot,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    MASK: tl.constexpr,  # False: every key of the tile is visible to every row (no masks at all)
+):
+    """One online-softmax step over BLOCK_N keys read through the block table."""
+    offs_n = tile_start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    if MASK:
+        n_mask = offs_n < kv_len
+        block_ids = tl.load(block_table_ptr + offs_n // BLOCK_SIZE, mask=n_mask, other=0)
+    else:
+        block_ids = tl.load(block_table_ptr + offs_n // BLOCK_SIZE)
+    row_offs = (
+        block_ids.to(tl.int64) * stride_c_block + (offs_n % BLOCK_SIZE) * stride_c_slot + kv_head_offset
+    )
+    if MASK:
+        k = tl.load(
+            k_cache_ptr + row_offs[None, :] + offs_d[:, None],
+            mask=n_mask[None, :] & d_mask[:, None],
+            other=0.0,
+        )
+    else:
+        k = tl.load(k_cache_ptr + row_offs[None, :] + offs_d[:, None], mask=d_mask[:, None], other=0.0)
+    s = tl.dot(q, k) * qk_scale  # [BLOCK_M, BLOCK_N] fp32
+    if MASK:
+        s = tl.where(offs_n[None, :] <= row_last_pos[:, None], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASK:
+        v = tl.load(
+            v_cache_ptr + row_offs[:, None] + offs_d[None, :],
+            mask=n_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+    else:
+        v = tl.load(v_cache_ptr + row_offs[:, None] + offs_d[None, :], mask=d_mask[None, :], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr,
+    out_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    part_out_ptr,  # [num_seqs, num_heads, num_splits, HEAD_DIM] fp32 (SPLIT only)
+    part_lse_ptr,  # [num_seqs, num_heads, num_splits] fp32 (SPLIT only)
+    qk_scale,
+    num_splits,
+    stride_q_tok,
+    stride_q_head,
+    stride_o_tok,
+    stride_o_head,
+    stride_bt_seq,
+    stride_c_block,
+    stride_c_slot,
+    stride_c_head,
+    NUM_HEADS: tl.constexpr,
+    QUERIES_PER_KV: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(seq_lens_ptr + seq)
+    num_tiles = tl.cdiv(seq_len, BLOCK_N)
+    if SPLIT:
+        tiles_per_split = tl.cdiv(num_tiles, num_splits)
+        tile_lo = split * tiles_per_split
+        tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+        if tile_lo >= tile_hi:  # empty split: the reduce kernel skips it
+            return
+    else:
+        tile_lo = 0
+        tile_hi = num_tiles
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_mask = offs_g < QUERIES_PER_KV
+    d_mask = offs_d < HEAD_DIM
+    heads = kv_head * QUERIES_PER_KV + offs_g
+    seq64 = seq.to(tl.int64)
+    q = tl.load(
+        q_ptr + seq64 * stride_q_tok + heads[:, None] * stride_q_head + offs_d[None, :],
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    ).to(k_cache_ptr.dtype.element_ty)
+
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    row_last_pos = tl.full([BLOCK_G], 0, dtype=tl.int32) + (seq_len - 1)
+    bt_row = block_tables_ptr + seq64 * stride_bt_seq
+    kv_head_offset = kv_head.to(tl.int64) * stride_c_head
+
+    # Tiles fully inside the sequence need no masks; only the ragged last one does.
+    full_hi = tl.minimum(tile_hi, seq_len // BLOCK_N)
+    for tile in range(tile_lo, full_hi):
+        acc, m_i, l_i = _attend_tile(
+            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, tile * BLOCK_N, row_last_pos, seq_len,
+            qk_scale, kv_head_offset, stride_c_block, stride_c_slot,
+            HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, False,
+        )  # fmt: skip
+    if tile_hi > full_hi:
+        acc, m_i, l_i = _attend_tile(
+            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, full_hi * BLOCK_N, row_last_pos, seq_len,
+            qk_scale, kv_head_offset, stride_c_block, stride_c_slot,
+            HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, True,
+        )  # fmt: skip
+
+    store_mask = g_mask[:, None] & d_mask[None, :]
+    if SPLIT:
+        o = acc / l_i[:, None]
+        lse = m_i + tl.log2(l_i)
+        part_row = (seq64 * NUM_HEADS + heads) * num_splits + split  # [BLOCK_G]
+        tl.store(part_out_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=store_mask)
+        tl.store(part_lse_ptr + part_row, lse, mask=g_mask)
+    else:
+        # seq_len == 0 (a padded CUDA-graph slot) leaves l_i == 0: write zeros, not NaN.
+        o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        tl.store(
+            out_ptr + seq64 * stride_o_tok + heads[:, None] * stride_o_head + offs_d[None, :],
+            o.to(out_ptr.dtype.element_ty),
+            mask=store_mask,
+        )
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    seq_lens_ptr,
+    num_splits,
+    stride_o_tok,
+    stride_o_head,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    # Recompute which splits ran (same arithmetic as the attention kernel).
+    num_tiles = tl.cdiv(seq_len, BLOCK_N)
+    tiles_per_split = tl.maximum(tl.cdiv(num_tiles, num_splits), 1)
+    num_valid = tl.cdiv(num_tiles, tiles_per_split)
+
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < num_valid
+    part_row = (seq * NUM_HEADS + head) * num_splits + offs_s
+    lse = tl.load(part_lse_ptr + part_row, mask=s_mask, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    lse_max = tl.where(num_valid > 0, lse_max, 0.0)
+    w = tl.exp2(lse - lse_max)  # masked splits: 0
+    o = tl.load(
+        part_out_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+    w_sum = tl.sum(w, 0)
+    res = tl.sum(o * w[:, None], 0) / tl.where(w_sum > 0.0, w_sum, 1.0)
+    tl.store(
+        out_ptr + seq * stride_o_tok + head * stride_o_head + offs_d,
+        res.to(out_ptr.dtype.element_ty),
+        mask=offs_d < HEAD_DIM,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # interpreter on CPU: any value is correct; keep grids small
+
+
+def choose_num_splits(
+    num_seqs: int, num_kv_heads: int, max_seq_len: int, block_n: int, device: torch.device
+) -> int:
+    """Split the sequence only when (seq, kv_head) programs alone would leave SMs idle.
+
+    Depends on host ints only (shapes and the metadata's max_seq_len), never on device data.
+    """
+    programs = num_seqs * num_kv_heads
+    target = 2 * _num_sms(device)
+    if programs >= target:
+        return 1
+    max_by_len = max(1, triton.cdiv(max_seq_len, block_n) // _MIN_TILES_PER_SPLIT)
+    return max(1, min(triton.cdiv(target, programs), max_by_len, _MAX_SPLITS))
+
+
+def default_decode_config(head_dim: int, dtype: torch.dtype) -> dict[str, int]:
+    """Tile size and launch shape for the decode kernel (tuned on H100 in bench_kernels)."""
+    block_n = 64 if head_dim <= 128 else 32
+    return {"block_n": block_n, "num_warps": 4, "num_stages": 3}
+
+
+def paged_attention_decode(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    max_seq_len: int | None = None,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """Attention of one new token per sequence over its paged context; returns [num_seqs, Hq, D].
+
+    max_seq_len (host int) only steers num_splits; when None the block table's capacity is used.
+    With num_splits > 1 fp32 scratch of [num_seqs, Hq, num_splits, D] is allocated; its size
+    depends on shapes and host ints only, so the call can be captured in a CUDA graph.
+    """
+    num_seqs, num_heads, head_dim = query.shape
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
+    if cache_head_dim != head_dim or num_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"query heads/dim {num_heads}/{head_dim} incompatible with cache kv heads/dim "
+            f"{num_kv_heads}/{cache_head_dim}"
+        )
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    if out is None:
+        out = torch.empty_like(query)
+    if num_seqs == 0:
+        return out
+    queries_per_kv = num_heads // num_kv_heads
+    config = default_decode_config(head_dim, kv_cache.dtype)
+    block_n = block_n or config["block_n"]
+    num_warps = num_warps or config["num_warps"]
+    num_stages = num_stages or config["num_stages"]
+    if max_seq_len is None:
+        max_seq_len = block_tables.shape[1] * block_size
+    if num_splits is None:
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, block_n, query.device)
+    split = num_splits > 1
+    if split:
+        part_out = torch.empty(
+            (num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=query.device
+        )
+        part_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=query.device)
+    else:
+        part_out = part_lse = out  # unused
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        query, out, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse,
+        scale * LOG2E, num_splits,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        NUM_HEADS=num_heads,
+        QUERIES_PER_KV=queries_per_kv,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_G=max(16, triton.next_power_of_2(queries_per_kv)),
+        BLOCK_N=block_n,
+        BLOCK_SIZE=block_size,
+        SPLIT=split,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )  # fmt: skip
+    if split:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            out, part_out, part_lse, seq_lens, num_splits, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+            BLOCK_N=block_n,
+            num_warps=4 if head_dim >= 128 else 2,
+        )  # fmt: skip
+    return out
+
+
+__all__ = ["paged_attention_decode", "choose_num_splits", "default_decode_config"]

@@ -1,0 +1,179 @@
+"""Building blocks of a Llama-family decoder, for a flat token batch ([num_tokens, ...] tensors).
+
+Parameters are allocated with `torch.empty` (no random init): the loader fills every one of
+them, so building a 7B model costs no init time. Build models under `torch.device(...)` and a
+default dtype to place them directly where they run.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, overload
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b), with uninitialized parameters (the loader fills them)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedLinear(Linear):
+    """Several projections of the same input in one matmul: q|k|v or gate|up.
+
+    Checkpoints store the parts separately; `load_shard` copies part `index` into its row range.
+    """
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False) -> None:
+        super().__init__(in_features, sum(output_sizes), bias)
+        self.output_sizes = list(output_sizes)
+
+    def shard_rows(self, index: int) -> tuple[int, int]:
+        start = sum(self.output_sizes[:index])
+        return start, start + self.output_sizes[index]
+
+    def load_shard(self, param_name: str, index: int, tensor: torch.Tensor) -> None:
+        param = self.weight if param_name == "weight" else self.bias
+        if param is None:
+            raise ValueError(f"checkpoint has a {param_name} for a projection built without one")
+        start, end = self.shard_rows(index)
+        target = param.data[start:end]
+        if target.shape != tensor.shape:
+            raise ValueError(f"shard {index} of {param_name}: expected shape {tuple(target.shape)}, "
+                             f"got {tuple(tensor.shape)}")
+        target.copy_(tensor)
+
+
+class VocabEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as in Llama/Qwen2, with the residual add folded in.
+
+    `norm(x)` -> normed; `norm(x, residual)` -> (normed(x + residual), x + residual). The fused form
+    lets a decoder layer carry the residual stream without a separate add kernel (and gives a fused
+    kernel one place to plug in). Numerics follow HF: statistics in fp32, weight applied after the
+    cast back to the input dtype.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        variance = x32.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x32 * torch.rsqrt(variance + self.eps)).to(x.dtype)
+
+    @overload
+    def forward(self, x: torch.Tensor, residual: None = None) -> torch.Tensor: ...
+
+    @overload
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return self._norm(x)
+        x = x + residual
+        return self._norm(x), x
+
+
+class SiluAndMul(nn.Module):
+    """[..., 2d] (gate | up) -> silu(gate) * up, [..., d]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = x.shape[-1] // 2
+        return F.silu(x[..., :d]) * x[..., d:]
+
+
+# --- rotary position embedding ------------------------------------------------------------------
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_parameters(hf_config: Any) -> tuple[float, dict[str, Any]]:
+    """(rope_theta, scaling dict) from a HF config of transformers 4.x (rope_theta + rope_scaling)
+    or 5.x (rope_parameters, which holds rope_theta too)."""
+    params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    scaling = dict(getattr(hf_config, "rope_scaling", None) or {})
+    merged = {**scaling, **params}
+    theta = merged.pop("rope_theta", None) or getattr(hf_config, "rope_theta", None) or 10000.0
+    if "type" in merged and "rope_type" not in merged:  # older configs spell it "type"
+        merged["rope_type"] = merged.pop("type")
+    return float(theta), merged
+
+
+def compute_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any]) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2] in fp32, matching transformers' rope init functions."""
+    rope_type = scaling.get("rope_type") or "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"rope scaling type {rope_type!r} is not supported; supported: "
+                         f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    if rope_type == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif rope_type == "llama3":
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, a smooth ramp between.
+        factor = float(scaling["factor"])
+        low_freq_factor = float(scaling["low_freq_factor"])
+        high_freq_factor = float(scaling["high_freq_factor"])
+        old_context_len = float(scaling["original_max_position_embeddings"])
+        low_freq_wavelen = old_context_len / low_freq_factor
+        high_freq_wavelen = old_context_len / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        inv_freq = torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style rotary embedding (rotate halves, as in HF Llama/Qwen2) with a cos|sin cache.
+
+    cos_sin_cache: [max_position, head_dim] fp32, cos in the first half, sin in the second.
+    The model looks positions up once per forward (`lookup`) and every layer reuses the result.
+    """
+
+    def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict[str, Any]) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        inv_freq = compute_inv_freq(head_dim, theta, scaling)
+        positions = torch.arange(max_position, dtype=torch.float32)
+        freqs = positions[:, None] * inv_freq[None, :]  # same fp32 product as HF's per-call version
+        cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+        self.register_buffer("cos_sin_cache", cache, persistent=False)
+
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> (cos, sin), each [T, 1, head_dim // 2] fp32, broadcastable over heads."""
+        cos, sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
+        return cos, sin
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, head_dim]: rotate each (x1, x2) half pair; math in fp32, result in x's dtype."""
+        x1, x2 = x.float().chunk(2, dim=-1)
+        rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        return rotated.to(x.dtype)

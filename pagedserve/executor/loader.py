@@ -1,0 +1,235 @@
+"""Load a model from a HF folder, a Hub id, a GGUF file, or random ("dummy") weights.
+
+    resolve_model_path(model)  ->  ModelSource(kind="folder" | "gguf" | "hub", path)   (no network)
+    fetch_model_source(model)  ->  the same, with a Hub id downloaded to a local folder
+    load_model(config, model, device, dtype) -> (model, hf_config)
+
+Weights stream one tensor at a time into a model that was built in place on the target device
+(parameters are uninitialized until loaded), so peak memory is about one model plus one tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagedserve.config import EngineConfig
+from pagedserve.executor.gguf_loader import gguf_hf_config, iterate_gguf_weights
+from pagedserve.executor.models import get_model_class
+
+logger = logging.getLogger(__name__)
+
+# What we fetch from the Hub: configs, safetensors weights and tokenizer files (never *.bin / *.pt).
+HUB_ALLOW_PATTERNS = [
+    "*.json", "*.safetensors", "*.jinja", "*.model", "*.tiktoken", "merges.txt", "vocab.txt",
+]
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSource:
+    kind: str  # "folder" (config.json + safetensors) | "gguf" (one .gguf file) | "hub" (a Hub repo id)
+    path: str  # the folder, the .gguf file, or the repo id
+
+    @property
+    def folder(self) -> str:
+        """Where the tokenizer / generation config files live (a GGUF file's folder)."""
+        return os.path.dirname(self.path) if self.kind == "gguf" else self.path
+
+
+def resolve_device(config: EngineConfig) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but CUDA is not available; use device='cpu'")
+    return torch.device(config.device)
+
+
+def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
+    """'auto' is bfloat16 on CUDA and float32 on CPU (CPU half-precision matmuls are slow)."""
+    if config.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[config.dtype]
+
+
+def resolve_model_path(model: str, load_format: str = "auto") -> ModelSource:
+    """Tell what kind of source `model` names, without touching the network."""
+    path = os.path.expanduser(model)
+    if os.path.isfile(path):
+        if path.endswith(".gguf") or load_format == "gguf":
+            return ModelSource("gguf", path)
+        raise ValueError(f"{model!r} is a file but not a .gguf; pass a GGUF file or a model folder")
+    if os.path.isdir(path):
+        has_config = os.path.isfile(os.path.join(path, "config.json"))
+        has_safetensors = bool(glob.glob(os.path.join(path, "*.safetensors")))
+        ggufs = sorted(glob.glob(os.path.join(path, "*.gguf")))
+        wants_gguf = load_format == "gguf" or (load_format == "auto" and not has_safetensors and ggufs)
+        if wants_gguf:
+            if len(ggufs) != 1:
+                raise ValueError(f"folder {model!r} holds {len(ggufs)} .gguf files; pass the path of one")
+            return ModelSource("gguf", ggufs[0])
+        if not has_config:
+            raise ValueError(f"folder {model!r} has no config.json (and no single .gguf file); pass a HF "
+                             "model folder (config.json + *.safetensors) or a .gguf file")
+        return ModelSource("folder", path)
+    looks_like_path = model.startswith((".", "/", "~")) or model.endswith(".gguf") or model.count("/") > 1
+    if looks_like_path:
+        raise ValueError(f"model path {model!r} does not exist")
+    return ModelSource("hub", model)
+
+
+def download_from_hub(repo_id: str, load_format: str = "auto") -> str:
+    """snapshot_download the files we use; clear errors when offline or the id is unknown."""
+    from huggingface_hub import snapshot_download
+
+    patterns = HUB_ALLOW_PATTERNS
+    if load_format == "dummy":  # random weights: only configs and tokenizer files are needed
+        patterns = [p for p in patterns if "safetensors" not in p]
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=patterns)
+    except Exception as e:  # offline, unknown repo, gated repo, HTTP errors: all need the same advice
+        raise ValueError(
+            f"could not get model {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "
+            "If you are offline or it is not a Hub id, pass a local folder (config.json + *.safetensors) "
+            "or a .gguf file instead."
+        ) from e
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise ValueError(f"Hub repo {repo_id!r} has no config.json; pass a local folder or a .gguf file")
+    return folder
+
+
+def fetch_model_source(model: str, load_format: str = "auto") -> ModelSource:
+    """resolve_model_path, then download a Hub id; the result is always local (folder or gguf)."""
+    source = resolve_model_path(model, load_format)
+    if source.kind == "hub":
+        source = ModelSource("folder", download_from_hub(source.path, load_format))
+    return source
+
+
+def safetensors_files(folder: str) -> list[str]:
+    """The shards named by model.safetensors.index.json when present, else every *.safetensors."""
+    index_path = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            weight_map: dict[str, str] = json.load(f)["weight_map"]
+        return [os.path.join(folder, name) for name in sorted(set(weight_map.values()))]
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files:
+        raise ValueError(f"no *.safetensors weights in {folder!r} (PyTorch .bin checkpoints are not "
+                         "supported); convert them with save_pretrained(safe_serialization=True), "
+                         "or use load_format='dummy' for random weights")
+    return files
+
+
+def iterate_safetensors(folder: str, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    # safetensors can read straight onto the GPU, which skips a host copy of every tensor.
+    target = f"cuda:{device.index or 0}" if device.type == "cuda" else "cpu"
+    for path in safetensors_files(folder):
+        with safe_open(path, framework="pt", device=target) as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                yield name, f.get_tensor(name)
+
+
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int) -> None:
+    """Random weights: N(0, 0.02) for matrices and biases, ones for norms; generated on the
+    model's device (fast for a 7B on GPU) and deterministic for a given seed and device type."""
+    for name, param in model.named_parameters():  # named_parameters skips a tied lm_head
+        if "norm" in name:
+            param.fill_(1.0)
+            continue
+        generator = torch.Generator(device=param.device)
+        # One seed per tensor, so a tensor's values do not depend on the tensors before it.
+        generator.manual_seed(seed * 1_000_003 + _stable_hash(name))
+        param.normal_(0.0, 0.02, generator=generator)
+
+
+def _stable_hash(text: str) -> int:
+    value = 0
+    for ch in text.encode():
+        value = (value * 131 + ch) % (1 << 31)
+    return value
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def load_hf_config(source: ModelSource) -> Any:
+    if source.kind == "gguf":
+        return gguf_hf_config(source.path)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.path)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"cannot read {source.path}/config.json: {e}") from e
+
+
+def load_model(
+    config: EngineConfig, model_path: str, device: torch.device | str, dtype: torch.dtype
+) -> tuple[nn.Module, Any]:
+    """Build the model for `model_path` on `device` in `dtype` and fill its weights.
+
+    config.load_format: auto | safetensors | gguf | dummy (random weights, only config.json needed);
+    config.max_model_len sizes the rotary cache when it exceeds max_position_embeddings.
+    Returns (model in eval mode, HF config).
+    """
+    device = torch.device(device)
+    source = fetch_model_source(model_path, config.load_format)
+    hf_config = load_hf_config(source)
+    model_cls = get_model_class(getattr(hf_config, "architectures", None))
+    with torch.device(device), _default_dtype(dtype):
+        model = model_cls(hf_config, config.max_model_len)
+    model.eval()
+
+    if config.load_format == "dummy":
+        init_dummy_weights(model, config.seed)
+        return model, hf_config
+    if source.kind == "gguf":
+        weights = iterate_gguf_weights(source.path, hf_config)
+    else:
+        weights = iterate_safetensors(source.path, device)
+    with torch.no_grad():
+        loaded = model.load_weights(weights)
+    missing = sorted({name for name, _ in model.named_parameters()} - loaded)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"checkpoint {source.path!r} lacks weights for {shown}")
+    return model, hf_config
+
+
+def get_eos_token_ids(hf_config: Any, folder: str | None = None) -> set[int]:
+    """EOS ids from the model config plus generation_config.json (instruct models often list
+    several there, e.g. Qwen2.5's <|im_end|> and <|endoftext|>)."""
+    ids: set[int] = set()
+
+    def add(value: object) -> None:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+
+    add(getattr(hf_config, "eos_token_id", None))
+    gen_path = os.path.join(folder, "generation_config.json") if folder else None
+    if gen_path and os.path.isfile(gen_path):
+        with open(gen_path) as f:
+            add(json.load(f).get("eos_token_id"))
+    return ids

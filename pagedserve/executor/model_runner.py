@@ -1,0 +1,302 @@
+"""The model runner: SchedulerOutput -> flat step tensors -> model -> sampler -> RunnerOutput.
+
+It owns the KV cache (one [2, num_blocks, block_size, kv_heads, head_dim] tensor per layer) and the
+attention backend, and never touches request state: everything it needs arrives in the
+SchedulerOutput, and it hands back one sampled token per request that asked for one.
+
+Step inputs are built with numpy and cross to the device in ONE copy: all integer arrays are packed
+into one int64 host buffer (pinned on CUDA), copied, then sliced into views on the device:
+
+    | input_ids T | positions T | slot_mapping T | query_start_loc S+1 | seq_lens S |
+    | block_tables S*W | logits_indices L |
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pagedserve.config import EngineConfig
+from pagedserve.core.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
+from pagedserve.executor.attention.base import AttentionBackend, AttentionMetadata, ForwardContext
+from pagedserve.executor.attention.torch_ref import TorchAttentionBackend
+from pagedserve.executor.models.decoder import head_dim_of, num_kv_heads_of
+
+logger = logging.getLogger(__name__)
+
+SamplerFn = Callable[[torch.Tensor, list[ScheduledRequest]], tuple[list[int], list[TokenLogprobs | None]]]
+
+
+@dataclass(slots=True)
+class StepInputs:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    ctx: ForwardContext
+    logits_indices: torch.Tensor  # [L] int64: the last scheduled token of each request that samples
+    num_logits: int
+
+
+def kv_cache_bytes_per_block(hf_config: Any, block_size: int, dtype: torch.dtype) -> int:
+    """K and V of one block across all layers."""
+    element_size = torch.empty((), dtype=dtype).element_size()
+    per_token = 2 * num_kv_heads_of(hf_config) * head_dim_of(hf_config) * element_size
+    return hf_config.num_hidden_layers * block_size * per_token
+
+
+def allocate_kv_caches(
+    hf_config: Any, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype
+) -> list[torch.Tensor]:
+    shape = (2, num_blocks, block_size, num_kv_heads_of(hf_config), head_dim_of(hf_config))
+    # Zeros, not empty: a bug that reads an unwritten slot then shows up as a wrong value, not NaN.
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(hf_config.num_hidden_layers)]
+
+
+def select_attention_backend(config: EngineConfig, device: torch.device) -> AttentionBackend:
+    name = config.attention_backend
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "triton":
+        try:
+            from pagedserve.executor.attention.triton_backend import TritonAttentionBackend
+        except ImportError as e:
+            logger.warning("Triton attention backend unavailable (%s); using the torch reference backend", e)
+        else:
+            return TritonAttentionBackend()
+    return TorchAttentionBackend()
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        config: EngineConfig,
+        model: nn.Module,
+        hf_config: Any,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        num_kv_blocks: int,
+        block_size: int,
+        sampler: SamplerFn,
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.hf_config = hf_config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.num_kv_blocks = num_kv_blocks
+        self.block_size = block_size
+        self.sampler = sampler
+        self.backend = select_attention_backend(config, self.device)
+        self.kv_caches = allocate_kv_caches(hf_config, num_kv_blocks, block_size, self.device, dtype)
+        self._host_buffer = np.empty(0, dtype=np.int64)
+        self._pinned: torch.Tensor | None = None
+        self._copy_done: torch.cuda.Event | None = None  # the last host-to-device copy of the buffer
+        logger.info("model runner: %d KV blocks of %d tokens, %s attention, %s", num_kv_blocks,
+                    block_size, self.backend.name, dtype)
+
+    # --- inputs ---------------------------------------------------------------------------------
+
+    def prepare_inputs(self, scheduler_output: SchedulerOutput) -> StepInputs:
+        scheduled = scheduler_output.scheduled
+        num_seqs = len(scheduled)
+        query_lens = np.fromiter((len(r.token_ids) for r in scheduled), dtype=np.int64, count=num_seqs)
+        num_computed = np.fromiter((r.num_computed_tokens for r in scheduled), dtype=np.int64, count=num_seqs)
+        seq_lens = num_computed + query_lens
+        query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(query_lens, out=query_start_loc[1:])
+        num_tokens = int(query_start_loc[-1])
+
+        # Block table width: the blocks the longest sequence of this step needs (not the max model len).
+        width = max(1, int(((seq_lens + self.block_size - 1) // self.block_size).max()))
+        sample_rows = [i for i, r in enumerate(scheduled) if r.needs_sample]
+        num_logits = len(sample_rows)
+
+        sizes = [num_tokens, num_tokens, num_tokens, num_seqs + 1, num_seqs, num_seqs * width, num_logits]
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        buf = self._host_view(int(offsets[-1]))
+        input_ids, positions, slot_mapping, qsl, sl, block_tables, logits_indices = (
+            buf[offsets[i] : offsets[i + 1]] for i in range(len(sizes))
+        )
+
+        input_ids[:] = np.fromiter(
+            (t for r in scheduled for t in r.token_ids), dtype=np.int64, count=num_tokens
+        )
+        # Token j of request s is at position num_computed[s] + (j - query_start_loc[s]).
+        request_of_token = np.repeat(np.arange(num_seqs), query_lens)
+        positions[:] = np.arange(num_tokens) + np.repeat(num_computed - query_start_loc[:-1], query_lens)
+        qsl[:] = query_start_loc
+        sl[:] = seq_lens
+        tables = block_tables.reshape(num_seqs, width)
+        tables[:] = 0  # padding: never read, sequences stop at seq_len
+        for s, request in enumerate(scheduled):
+            needed = (int(seq_lens[s]) + self.block_size - 1) // self.block_size
+            if len(request.block_ids) < needed:
+                raise ValueError(f"request {request.request_id}: {len(request.block_ids)} blocks cannot "
+                                 f"hold {int(seq_lens[s])} tokens of block size {self.block_size}")
+            tables[s, :needed] = request.block_ids[:needed]
+        block_of_token = tables[request_of_token, positions // self.block_size]
+        slot_mapping[:] = block_of_token * self.block_size + positions % self.block_size
+        logits_indices[:] = query_start_loc[1:][sample_rows] - 1
+
+        device_buf = self._to_device(buf)
+        views = [device_buf[offsets[i] : offsets[i + 1]] for i in range(len(sizes))]
+        meta = AttentionMetadata(
+            query_start_loc=views[3].to(torch.int32),
+            seq_lens=views[4].to(torch.int32),
+            block_tables=views[5].view(num_seqs, width).to(torch.int32),
+            slot_mapping=views[2],
+            max_query_len=int(query_lens.max()) if num_seqs else 0,
+            max_seq_len=int(seq_lens.max()) if num_seqs else 0,
+            block_size=self.block_size,
+            query_lens_cpu=query_lens.tolist(),
+            seq_lens_cpu=seq_lens.tolist(),
+            is_decode_only=bool(num_seqs) and bool((query_lens == 1).all()),
+        )
+        ctx = ForwardContext(attn_metadata=meta, kv_caches=self.kv_caches, backend=self.backend)
+        return StepInputs(views[0], views[1], ctx, views[6], num_logits)
+
+    def _host_view(self, size: int) -> np.ndarray:
+        """A reusable int64 host buffer of at least `size` (pinned on CUDA, so the copy is async)."""
+        if self._copy_done is not None:
+            self._copy_done.synchronize()  # the previous step's copy must have read the buffer
+        if self._host_buffer.size < size:
+            capacity = max(size, 2 * self._host_buffer.size, 4096)
+            if self.device.type == "cuda":
+                self._pinned = torch.empty(capacity, dtype=torch.int64, pin_memory=True)
+                self._host_buffer = self._pinned.numpy()
+            else:
+                self._host_buffer = np.empty(capacity, dtype=np.int64)
+        return self._host_buffer[:size]
+
+    def _to_device(self, buf: np.ndarray) -> torch.Tensor:
+        host = torch.from_numpy(buf)
+        if self.device.type == "cpu":
+            return host.clone()  # the host buffer is reused next step
+        device_buf = host.to(self.device, non_blocking=True)
+        self._copy_done = torch.cuda.Event()
+        self._copy_done.record()
+        return device_buf
+
+    # --- execution ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        scheduled = scheduler_output.scheduled
+        num_scheduled = len(scheduled)
+        if num_scheduled == 0:
+            return RunnerOutput()
+        inputs = self.prepare_inputs(scheduler_output)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.ctx)
+        if inputs.num_logits == 0:  # only non-final prefill chunks this step
+            return RunnerOutput([None] * num_scheduled, [None] * num_scheduled)
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        to_sample = [r for r in scheduled if r.needs_sample]
+        token_ids, logprobs = self.sampler(logits, to_sample)
+        output = RunnerOutput([None] * num_scheduled, [None] * num_scheduled)
+        sampled = iter(zip(token_ids, logprobs))
+        for i, request in enumerate(scheduled):
+            if request.needs_sample:
+                output.sampled_token_ids[i], output.logprobs[i] = next(sampled)
+        return output
+
+
+# --- KV cache sizing ----------------------------------------------------------------------------
+
+
+def determine_num_blocks(
+    config: EngineConfig,
+    model: nn.Module,
+    hf_config: Any,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    max_num_batched_tokens: int | None = None,
+    *,
+    block_size: int | None = None,
+    max_model_len: int | None = None,
+) -> int:
+    """How many KV blocks to allocate.
+
+    config.num_kv_blocks wins. On CPU: config.cpu_kv_cache_gib worth of blocks. On CUDA: run a
+    dummy forward of max_num_batched_tokens to measure peak activation memory, then fill what is
+    left up to gpu_memory_utilization of the device with blocks.
+    """
+    block_size = block_size or config.block_size
+    device = torch.device(device)
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks
+    bytes_per_block = kv_cache_bytes_per_block(hf_config, block_size, dtype)
+    if device.type != "cuda":
+        return max(1, int(config.cpu_kv_cache_gib * 2**30) // bytes_per_block)
+
+    num_tokens = max_num_batched_tokens or config.max_num_batched_tokens or 8192
+    seq_len = min(num_tokens, max_model_len or config.max_model_len or hf_config.max_position_embeddings)
+    peak_activation = _profile_peak_activation_bytes(config, model, hf_config, device, dtype, block_size,
+                                                     num_tokens, seq_len)
+    free, total = torch.cuda.mem_get_info(device)
+    # total - free: weights, CUDA context, allocator cache and other processes, as of now.
+    budget = total * config.gpu_memory_utilization - (total - free) - peak_activation
+    num_blocks = int(budget // bytes_per_block)
+    logger.info("memory profile: %.2f GiB total, %.2f GiB in use, %.2f GiB activation peak -> %d KV blocks",
+                total / 2**30, (total - free) / 2**30, peak_activation / 2**30, num_blocks)
+    if num_blocks < 1:
+        raise ValueError(
+            f"no GPU memory left for the KV cache (budget {budget / 2**30:.2f} GiB at "
+            f"gpu_memory_utilization={config.gpu_memory_utilization}); raise gpu_memory_utilization, "
+            "lower max_num_batched_tokens, or use a smaller model"
+        )
+    return num_blocks
+
+
+@torch.inference_mode()
+def _profile_peak_activation_bytes(
+    config: EngineConfig, model: nn.Module, hf_config: Any, device: torch.device, dtype: torch.dtype,
+    block_size: int, num_tokens: int, seq_len: int,
+) -> int:
+    """Peak memory above the steady state during a forward of num_tokens (as prefills of seq_len)
+    plus logits for up to max_num_seqs rows."""
+    num_seqs = (num_tokens + seq_len - 1) // seq_len
+    query_lens = [seq_len] * (num_seqs - 1) + [num_tokens - seq_len * (num_seqs - 1)]
+    blocks_per_seq = (seq_len + block_size - 1) // block_size
+    # All sequences share one scratch cache region: overwriting is harmless, only sizes matter.
+    kv_caches = allocate_kv_caches(hf_config, blocks_per_seq, block_size, device, dtype)
+    positions = torch.cat([torch.arange(q, device=device) for q in query_lens])
+    query_start_loc = torch.tensor([0, *np.cumsum(query_lens).tolist()], dtype=torch.int32, device=device)
+    meta = AttentionMetadata(
+        query_start_loc=query_start_loc,
+        seq_lens=torch.tensor(query_lens, dtype=torch.int32, device=device),
+        block_tables=torch.arange(blocks_per_seq, dtype=torch.int32, device=device).repeat(num_seqs, 1),
+        slot_mapping=positions.clone(),
+        max_query_len=max(query_lens),
+        max_seq_len=max(query_lens),
+        block_size=block_size,
+        query_lens_cpu=query_lens,
+        seq_lens_cpu=query_lens,
+    )
+    ctx = ForwardContext(meta, kv_caches, select_attention_backend(config, device))
+    input_ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
+
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    baseline = torch.cuda.memory_allocated(device)
+    hidden = model(input_ids, positions, ctx)
+    num_rows = min(config.max_num_seqs, num_tokens)
+    logits = model.compute_logits(hidden[-num_rows:])
+    torch.softmax(logits, dim=-1)  # the sampler holds a few [rows, vocab] fp32 tensors like this
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - baseline
+    del hidden, logits, kv_caches, ctx
+    torch.cuda.empty_cache()
+    return int(peak)
+
+
+def greedy_sampler(
+    logits: torch.Tensor, requests: Sequence[ScheduledRequest]
+) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """A stand-in sampler (argmax, no logprobs) for tests and bring-up."""
+    return logits.argmax(dim=-1).tolist(), [None] * len(requests)

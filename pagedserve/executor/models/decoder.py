@@ -1,0 +1,227 @@
+"""One decoder for the Llama family (Llama, Qwen2) over a flat, packed token batch.
+
+forward(input_ids [T], positions [T], ctx) -> hidden [T, H]: the T new tokens of all scheduled
+sequences back to back; attention reaches earlier tokens through the paged KV cache in `ctx`.
+compute_logits(hidden [S, H]) -> [S, V] fp32, for the S rows that are sampled.
+
+Parameter names mirror Hugging Face's, except the merged projections:
+    self_attn.qkv_proj  = q_proj | k_proj | v_proj   (rows stacked in that order)
+    mlp.gate_up_proj    = gate_proj | up_proj
+`load_weights` takes HF-named tensors and routes the parts into the merged ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagedserve.executor.attention.base import ForwardContext
+from pagedserve.executor.layers import (
+    Linear,
+    MergedLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    SiluAndMul,
+    VocabEmbedding,
+    rope_parameters,
+)
+
+logger = logging.getLogger(__name__)
+
+# (merged param, checkpoint part, shard index): q/k/v -> qkv_proj, gate/up -> gate_up_proj.
+STACKED_PARAMS: list[tuple[str, str, int]] = [
+    (".qkv_proj.", ".q_proj.", 0),
+    (".qkv_proj.", ".k_proj.", 1),
+    (".qkv_proj.", ".v_proj.", 2),
+    (".gate_up_proj.", ".gate_proj.", 0),
+    (".gate_up_proj.", ".up_proj.", 1),
+]
+
+
+def head_dim_of(hf_config: Any) -> int:
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
+def num_kv_heads_of(hf_config: Any) -> int:
+    return getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+
+
+class DecoderAttention(nn.Module):
+    def __init__(self, hf_config: Any, layer_idx: int, qkv_bias: bool, o_bias: bool) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = hf_config.num_attention_heads
+        self.num_kv_heads = num_kv_heads_of(hf_config)
+        self.head_dim = head_dim_of(hf_config)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        qkv_sizes = [self.q_size, self.kv_size, self.kv_size]
+        self.qkv_proj = MergedLinear(hf_config.hidden_size, qkv_sizes, qkv_bias)
+        self.o_proj = Linear(self.q_size, hf_config.hidden_size, o_bias)
+
+    def forward(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = RotaryEmbedding.apply(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
+        k = RotaryEmbedding.apply(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        out = ctx.backend.forward(q, k, v, ctx.kv_caches[self.layer_idx], ctx.attn_metadata, self.scale)
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+
+class DecoderMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size, intermediate_size], bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, hf_config: Any, layer_idx: int, qkv_bias: bool, o_bias: bool, mlp_bias: bool) -> None:
+        super().__init__()
+        self.self_attn = DecoderAttention(hf_config, layer_idx, qkv_bias, o_bias)
+        self.mlp = DecoderMLP(hf_config.hidden_size, hf_config.intermediate_size, mlp_bias)
+        self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        ctx: ForwardContext,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # The residual stream is carried separately so each norm can fold in the preceding add.
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, cos, sin, ctx)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class DecoderModel(nn.Module):
+    def __init__(
+        self, hf_config: Any, max_position: int, qkv_bias: bool, o_bias: bool, mlp_bias: bool
+    ) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(hf_config.vocab_size, hf_config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(hf_config, i, qkv_bias, o_bias, mlp_bias) for i in range(hf_config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        theta, scaling = rope_parameters(hf_config)
+        self.rotary_emb = RotaryEmbedding(head_dim_of(hf_config), max_position, theta, scaling)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb.lookup(positions)  # once per step, shared by every layer
+        residual: torch.Tensor | None = None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual, cos, sin, ctx)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class DecoderForCausalLM(nn.Module):
+    """Llama-family causal LM. Subclasses pick the bias flags their architecture uses."""
+
+    def __init__(
+        self, hf_config: Any, max_position: int | None = None, *,
+        qkv_bias: bool, o_bias: bool = False, mlp_bias: bool = False,
+    ) -> None:
+        super().__init__()
+        if getattr(hf_config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {hf_config.hidden_act!r} is not supported; only 'silu'")
+        if getattr(hf_config, "use_sliding_window", False):
+            raise ValueError("sliding-window attention is not supported; set use_sliding_window=false")
+        self.config = hf_config
+        self.max_position = max(max_position or 0, hf_config.max_position_embeddings)
+        self.model = DecoderModel(hf_config, self.max_position, qkv_bias, o_bias, mlp_bias)
+        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        if self.tie_word_embeddings:
+            self.lm_head = self.model.embed_tokens  # one shared [V, H] parameter
+        else:
+            self.lm_head = Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return self.model(input_ids, positions, ctx)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(hidden, self.lm_head.weight).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy HF-named tensors into this model (any dtype/device); return the param names filled.
+
+        Rotary `inv_freq` buffers are skipped (recomputed from the config), as is `lm_head.weight`
+        when embeddings are tied. Unknown names are logged and skipped; the caller checks that
+        nothing is missing.
+        """
+        params = dict(self.named_parameters())
+        merged_modules = {name: m for name, m in self.named_modules() if isinstance(m, MergedLinear)}
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb." in name:
+                continue
+            if self.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            for merged, part, shard in STACKED_PARAMS:
+                if part in name:
+                    module_name, _, param_name = name.replace(part, merged).rpartition(".")
+                    module = merged_modules.get(module_name)
+                    if module is None:
+                        logger.warning("skipping checkpoint tensor %s: no such parameter", name)
+                        break
+                    module.load_shard(param_name, shard, tensor)
+                    loaded.add(f"{module_name}.{param_name}:{shard}")
+                    break
+            else:
+                param = params.get(name)
+                if param is None:
+                    logger.warning("skipping checkpoint tensor %s: no such parameter", name)
+                    continue
+                if param.shape != tensor.shape:
+                    raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} does not match the "
+                                     f"model's {tuple(param.shape)}; is config.json the right one?")
+                param.data.copy_(tensor)
+                loaded.add(name)
+        # Report a merged parameter as loaded only when all of its shards were.
+        for module_name, module in merged_modules.items():
+            for param_name in ("weight", "bias"):
+                shards = {f"{module_name}.{param_name}:{i}" for i in range(len(module.output_sizes))}
+                if shards <= loaded:
+                    loaded.add(f"{module_name}.{param_name}")
+                loaded -= shards
+        return loaded
+
+
+class Qwen2ForCausalLM(DecoderForCausalLM):
+    """Qwen2 / Qwen2.5: bias on q, k and v (not on o_proj or the MLP)."""
+
+    def __init__(self, hf_config: Any, max_position: int | None = None) -> None:
+        super().__init__(hf_config, max_position, qkv_bias=True)
+
+
+class LlamaForCausalLM(DecoderForCausalLM):
+    """Llama 2/3, SmolLM, ...: `attention_bias` puts bias on q, k, v and o; `mlp_bias` on the MLP."""
+
+    def __init__(self, hf_config: Any, max_position: int | None = None) -> None:
+        attention_bias = bool(getattr(hf_config, "attention_bias", False))
+        super().__init__(
+            hf_config, max_position, qkv_bias=attention_bias, o_bias=attention_bias,
+            mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
+        )

@@ -1,0 +1,316 @@
+"""Tokenizer loading, chat templates, and the incremental (streaming) detokenizer.
+
+The detokenizer turns one token at a time into text deltas that are safe to stream:
+  * never half a character: byte-level BPE may split one UTF-8 character across tokens; a window
+    that decodes to text ending in U+FFFD is held until the next token completes it;
+  * never part of a stop string: the longest tail of the text that could still begin a stop string
+    is held until it can't, so a client never sees text that later gets cut.
+Invariant: "".join(all deltas returned by add_tokens and flush) == detokenizer.text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+_REPLACEMENT_CHAR = "\ufffd"
+# Tokens of context decoded before the new ones: enough for tokenizers whose text for a token
+# depends on its neighbours (SentencePiece's leading-space rule), as in vLLM and TGI.
+_PREFIX_WINDOW = 5
+_CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+class Tokenizer:
+    """A thin wrapper over a Hugging Face tokenizer with the few calls the engine needs."""
+
+    def __init__(self, hf_tokenizer: Any, eos_token_ids: set[int] | None = None,
+                 chat_template: str | None = None) -> None:
+        self.hf = hf_tokenizer
+        self.eos_token_id: int | None = hf_tokenizer.eos_token_id
+        ids = set(eos_token_ids or ())
+        if self.eos_token_id is not None:
+            ids.add(self.eos_token_id)
+        self.eos_token_ids: set[int] = ids
+        self.chat_template: str | None = chat_template or getattr(hf_tokenizer, "chat_template", None)
+
+    @property
+    def vocab_size(self) -> int:
+        """Tokens the tokenizer knows, added tokens included (may be < the model's logits width)."""
+        return len(self.hf)
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return list(self.hf.all_special_ids)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def convert_ids_to_tokens(self, token_ids: Sequence[int]) -> list[str]:
+        return list(self.hf.convert_ids_to_tokens(list(token_ids)))
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tokenize: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        **template_kwargs: Any,
+    ) -> str | list[int]:
+        """Render messages with the model's chat template (or the override).
+
+        Raises ValueError when the model has no template, a message is malformed, or the template
+        itself rejects the conversation (e.g. roles that must alternate).
+        """
+        if not self.chat_template:
+            raise ValueError(
+                "this model has no chat template; pass one with chat_template= (a Jinja file path or "
+                "the template text), or use the completions API with a plain prompt"
+            )
+        normalized = normalize_messages(messages)
+        import jinja2  # transformers renders with jinja2; its errors are the user's to fix
+
+        try:
+            text = self.hf.apply_chat_template(
+                normalized,
+                chat_template=self.chat_template,
+                add_generation_prompt=add_generation_prompt,
+                tokenize=False,
+                tools=tools,
+                **template_kwargs,
+            )
+        except jinja2.TemplateError as exc:
+            raise ValueError(f"the chat template rejected the messages: {exc}") from exc
+        if not isinstance(text, str):
+            raise ValueError("the chat template did not render to text")
+        if tokenize:
+            # Templates write their own BOS/special tokens; adding them again would double them.
+            return self.encode(text, add_special_tokens=False)
+        return text
+
+
+def normalize_messages(messages: Any) -> list[dict[str, Any]]:
+    """Validate OpenAI-style messages; join list-of-text-parts content into one string."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
+    out: list[dict[str, Any]] = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise ValueError(f"messages[{i}] must be an object with 'role' and 'content'")
+        role = msg.get("role")
+        if role not in _CHAT_ROLES:
+            raise ValueError(f"messages[{i}].role must be one of {', '.join(_CHAT_ROLES)}; got {role!r}")
+        content = msg.get("content")
+        if content is None and role == "assistant":
+            content = ""  # an assistant turn that only made tool calls
+        if isinstance(content, list):
+            texts: list[str] = []
+            for j, part in enumerate(content):
+                if not (isinstance(part, dict) and part.get("type") == "text"
+                        and isinstance(part.get("text"), str)):
+                    raise ValueError(
+                        f"messages[{i}].content[{j}] must be {{'type': 'text', 'text': '...'}}; "
+                        "only text content is supported"
+                    )
+                texts.append(part["text"])
+            content = "\n".join(texts)  # as vLLM joins text parts
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{i}].content must be a string or a list of text parts")
+        out.append({**msg, "role": role, "content": content})
+    return out
+
+
+def _read_chat_template(chat_template: str) -> str:
+    """A path to a template file, or the template text itself."""
+    if "{{" in chat_template or "{%" in chat_template:
+        return chat_template
+    if os.path.isfile(chat_template):
+        with open(chat_template, encoding="utf-8") as f:
+            return f.read()
+    raise ValueError(
+        f"chat_template {chat_template!r} is neither an existing file nor Jinja template text"
+    )
+
+
+def _generation_config_eos_ids(folder: str) -> set[int]:
+    path = os.path.join(folder, "generation_config.json")
+    if not os.path.isfile(path):
+        return set()
+    with open(path, encoding="utf-8") as f:
+        eos = json.load(f).get("eos_token_id")
+    if isinstance(eos, int):
+        return {eos}
+    if isinstance(eos, list):
+        return {int(t) for t in eos if isinstance(t, int)}
+    return set()
+
+
+def load_tokenizer(path_or_dir: str, gguf_file: str | None = None,
+                   chat_template: str | None = None) -> Tokenizer:
+    """Load from a folder, a hub id, or a GGUF file (a path to `*.gguf`, or folder + gguf_file=)."""
+    from transformers import AutoTokenizer
+
+    if gguf_file is None and path_or_dir.endswith(".gguf") and os.path.isfile(path_or_dir):
+        path_or_dir, gguf_file = os.path.split(os.path.abspath(path_or_dir))
+    kwargs: dict[str, Any] = {}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        hf = AutoTokenizer.from_pretrained(path_or_dir, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"could not load a tokenizer from {path_or_dir!r}: {exc}") from exc
+    eos_ids = _generation_config_eos_ids(path_or_dir) if os.path.isdir(path_or_dir) else set()
+    template = _read_chat_template(chat_template) if chat_template else None
+    return Tokenizer(hf, eos_ids, template)
+
+
+class _Decoder(Protocol):
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+
+
+class IncrementalDetokenizer:
+    """Streams the text of one request's output tokens, cutting at stop strings.
+
+    Text pipeline per add_tokens():
+        tokens ─► window decode ─► confirmed text (_all_text) ─► stop search ─► emitted (text)
+                  (held while it ends in U+FFFD)                  (holds a possible stop prefix)
+    """
+
+    def __init__(
+        self,
+        tokenizer: _Decoder,
+        prompt_token_ids: Sequence[int],
+        skip_special_tokens: bool = True,
+        stop: Sequence[str] | None = None,
+        include_stop_str_in_output: bool = False,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.stop: list[str] = [s for s in (stop or []) if s]
+        self.include_stop_str_in_output = include_stop_str_in_output
+        self._max_stop_len = max((len(s) for s in self.stop), default=0)
+        # For each stop string: last char -> lengths k (descending) with stop[:k] ending in that char;
+        # lets the hold check test only the few prefixes that can match the text's last character.
+        self._prefix_ends: list[dict[str, list[int]]] = []
+        for s in self.stop:
+            by_char: dict[str, list[int]] = {}
+            for k in range(len(s) - 1, 0, -1):
+                by_char.setdefault(s[k - 1], []).append(k)
+            self._prefix_ends.append(by_char)
+
+        # Window offsets into _token_ids (prompt tail + outputs):
+        #   [prefix_offset, read_offset): already turned into text, decoded again as context
+        #   [read_offset, len):           not yet confirmed as text
+        tail = list(prompt_token_ids[-_PREFIX_WINDOW:])
+        self._token_ids: list[int] = tail
+        self._prefix_offset = 0
+        self._read_offset = len(tail)
+
+        self._all_text = ""  # confirmed text of all output tokens, before stop truncation
+        self._text = ""  # emitted so far
+        self.stop_reason: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The text emitted so far; after flush() or a stop, the final output text."""
+        return self._text
+
+    @property
+    def finished_by_stop(self) -> bool:
+        return self.stop_reason is not None
+
+    def add_tokens(self, new_token_ids: Sequence[int]) -> str:
+        """Append sampled tokens; return the text delta that is now safe to show."""
+        if self.finished_by_stop or not new_token_ids:
+            return ""
+        self._token_ids.extend(new_token_ids)
+        return self._advance(self._decode_pending(final=False))
+
+    def flush(self) -> str:
+        """At finish: return everything still held (an incomplete character comes out as U+FFFD)."""
+        if self.finished_by_stop:
+            return ""
+        delta = self._advance(self._decode_pending(final=True))
+        if self.finished_by_stop:
+            return delta
+        rest = self._all_text[len(self._text):]
+        self._text += rest
+        return delta + rest
+
+    def _decode_pending(self, final: bool) -> str:
+        if self._read_offset >= len(self._token_ids):
+            return ""
+        decode = self.tokenizer.decode
+        prefix_text = decode(self._token_ids[self._prefix_offset:self._read_offset],
+                             skip_special_tokens=self.skip_special_tokens)
+        new_text = decode(self._token_ids[self._prefix_offset:],
+                          skip_special_tokens=self.skip_special_tokens)
+        if not final and (len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT_CHAR)):
+            return ""  # incomplete character (or nothing visible yet): wait for more tokens
+        delta = new_text[len(prefix_text):]
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._token_ids)
+        # Tokens before prefix_offset are never decoded again; dropping them keeps memory and the
+        # list bounded for long outputs.
+        del self._token_ids[:self._prefix_offset]
+        self._read_offset -= self._prefix_offset
+        self._prefix_offset = 0
+        return delta
+
+    def _advance(self, new_text: str) -> str:
+        """Add confirmed text, look for stop strings, and emit what can no longer change."""
+        if new_text:
+            prev_len = len(self._all_text)
+            self._all_text += new_text
+            if self.stop and self._find_stop(prev_len):
+                delta = self._all_text[len(self._text):]
+                self._text = self._all_text
+                return delta
+        safe_end = len(self._all_text) - self._held_suffix_len()
+        if safe_end <= len(self._text):
+            return ""
+        delta = self._all_text[len(self._text):safe_end]
+        self._text += delta
+        return delta
+
+    def _find_stop(self, prev_len: int) -> bool:
+        """Search only where a stop string could end in the new text; truncate _all_text if found."""
+        start = max(0, prev_len - self._max_stop_len + 1)
+        # The stop that completes first wins (smallest end; on a tie the longer one), so the result
+        # depends only on the text, not on how it was split into tokens or decode chunks.
+        best: tuple[int, int, str] | None = None
+        for s in self.stop:
+            i = self._all_text.find(s, start)
+            if i != -1 and (best is None or (i + len(s), i) < best[:2]):
+                best = (i + len(s), i, s)
+        if best is None:
+            return False
+        _, i, s = best
+        end = i + len(s) if self.include_stop_str_in_output else i
+        self._all_text = self._all_text[:end]
+        self.stop_reason = s
+        return True
+
+    def _held_suffix_len(self) -> int:
+        """Length of the longest tail of the text that is a proper prefix of some stop string.
+
+        With include_stop_str_in_output nothing needs holding: text up to and including a stop
+        string is shown anyway, and a stop is always found before its end is emitted.
+        """
+        if not self.stop or self.include_stop_str_in_output or not self._all_text:
+            return 0
+        text = self._all_text
+        best = 0
+        for s, by_char in zip(self.stop, self._prefix_ends):
+            for k in by_char.get(text[-1], ()):
+                if k <= best:
+                    break
+                if k <= len(text) and text.endswith(s[:k]):
+                    best = k
+                    break
+        # Emitted text never shrinks; the hold only covers text not yet shown.
+        return min(best, len(text) - len(self._text))

@@ -1,0 +1,243 @@
+"""KV cache manager: exact block ids, prefix hits, LRU eviction, ref counts, collision safety."""
+
+from __future__ import annotations
+
+import pytest
+
+from pagedserve.core import kv_cache
+from pagedserve.core.kv_cache import KVCacheManager, hash_block_tokens
+from pagedserve.core.request import Request
+from pagedserve.sampling_params import SamplingParams
+
+BS = 4  # block size of every test here
+
+
+def make_request(request_id: str, token_ids: list[int], cache_salt: str | None = None) -> Request:
+    return Request(request_id, list(token_ids), SamplingParams(), max_tokens=16, cache_salt=cache_salt)
+
+
+def admit(manager: KVCacheManager, request: Request) -> list[int] | None:
+    """What the scheduler does on admission: lookup, allocate the rest, mark it computed."""
+    hit_ids, num_cached = manager.get_computed_blocks(request)
+    block_ids = manager.allocate_slots(request, request.num_tokens - num_cached, hit_ids)
+    if block_ids is not None:
+        request.num_computed_tokens = request.num_tokens
+    return block_ids
+
+
+def decode(manager: KVCacheManager, request: Request, token_id: int) -> list[int] | None:
+    """One decode step: the sampled token is appended, then computed next step."""
+    request.append_output_token(token_id)
+    block_ids = manager.allocate_slots(request, 1)
+    if block_ids is not None:
+        request.num_computed_tokens += 1
+    return block_ids
+
+
+def refs(manager: KVCacheManager, block_ids: list[int]) -> list[int]:
+    return [manager.pool.blocks[i].ref_cnt for i in block_ids]
+
+
+def test_allocates_from_the_head_in_order() -> None:
+    m = KVCacheManager(num_blocks=10, block_size=BS, enable_prefix_caching=True)
+    a = make_request("a", list(range(10)))  # 3 blocks, the last partial
+    assert admit(m, a) == [0, 1, 2]
+    b = make_request("b", list(range(100, 105)))
+    assert admit(m, b) == [3, 4]
+    assert m.num_free_blocks == 5
+    assert m.usage == pytest.approx(0.5)
+    assert m.get_block_ids("a") == [0, 1, 2]
+    # Decoding fills a's block 2 (tokens 8..11), then needs a new block for token 12.
+    assert decode(m, a, 10) == [0, 1, 2]
+    assert decode(m, a, 11) == [0, 1, 2]
+    assert decode(m, a, 12) == [0, 1, 2, 5]
+    m.free(a)
+    m.free(b)
+    m.free(b)  # double free is a no-op
+    assert m.num_free_blocks == 10
+    assert m.usage == 0.0
+    assert m.get_block_ids("a") == []
+
+
+def test_prefix_hit_ids_tokens_and_ref_counts() -> None:
+    m = KVCacheManager(num_blocks=10, block_size=BS, enable_prefix_caching=True)
+    prompt = list(range(12))  # exactly 3 full blocks
+    a = make_request("a", prompt)
+    assert admit(m, a) == [0, 1, 2]
+
+    # Same 12 tokens: the last token is never a hit, so only 2 blocks (8 tokens) are.
+    b = make_request("b", prompt)
+    assert m.get_computed_blocks(b) == ([0, 1], 8)
+    assert admit(m, b) == [0, 1, 3]
+
+    # One more token: all 3 blocks hit.
+    c = make_request("c", prompt + [99])
+    assert m.get_computed_blocks(c) == ([0, 1, 2], 12)
+    assert admit(m, c) == [0, 1, 2, 4]
+    assert refs(m, [0, 1, 2, 3, 4]) == [3, 3, 2, 1, 1]
+
+    # A diverging block stops the chain even though later blocks equal cached ones.
+    d = make_request("d", prompt[:4] + [7, 7, 7, 7] + prompt[8:] + [5])
+    assert m.get_computed_blocks(d) == ([0], 4)
+
+    # Stats count admissions only (a, b, c), in tokens.
+    assert m.prefix_cache_queries == 12 + 12 + 13
+    assert m.prefix_cache_hits == 0 + 8 + 12
+    for r in (a, b, c):
+        m.free(r)
+    assert m.num_free_blocks == 10
+    assert refs(m, list(range(10))) == [0] * 10
+
+
+def test_block_hashes_are_chained_and_incremental() -> None:
+    m = KVCacheManager(num_blocks=10, block_size=BS, enable_prefix_caching=True)
+    a = make_request("a", list(range(6)), cache_salt="s")
+    admit(m, a)
+    assert len(a.block_hashes) == 1
+    h0 = hash_block_tokens(None, (0, 1, 2, 3), "s")
+    assert a.block_hashes == [h0]
+    decode(m, a, 6)
+    decode(m, a, 7)  # tokens 4..7 now fill block 1
+    assert a.block_hashes == [h0, hash_block_tokens(h0, (4, 5, 6, 7), "s")]
+    # Block 1 became full and computed through decode: it is registered and can be hit.
+    b = make_request("b", list(range(8)) + [8], cache_salt="s")
+    assert m.get_computed_blocks(b) == ([0, 1], 8)
+    m.free(a)
+    assert m.num_free_blocks == 10
+
+
+def test_lru_eviction_order() -> None:
+    m = KVCacheManager(num_blocks=6, block_size=BS, enable_prefix_caching=True)
+    a = make_request("a", list(range(8)))  # blocks 0, 1
+    b = make_request("b", list(range(100, 108)))  # blocks 2, 3
+    assert admit(m, a) == [0, 1]
+    assert admit(m, b) == [2, 3]
+    m.free(a)
+    m.free(b)
+    # Never-used blocks first, then each request's blocks tail first, in the order freed.
+    assert m.pool.free_block_ids() == [4, 5, 1, 0, 3, 2]
+
+    # 3 new blocks: 4, 5, then 1 (a's tail block) is evicted; a's first block is still cached.
+    c = make_request("c", list(range(200, 212)))
+    assert admit(m, c) == [4, 5, 1]
+    a2 = make_request("a2", list(range(8)) + [9])
+    assert m.get_computed_blocks(a2) == ([0], 4)
+    b2 = make_request("b2", list(range(100, 108)) + [9])
+    assert m.get_computed_blocks(b2) == ([2, 3], 8)
+
+    # A hit lifts the block off the free list; a block used again goes to the tail when freed.
+    assert admit(m, b2) == [2, 3, 0]  # 0 was the head of the free list: a's first block evicted
+    assert m.get_computed_blocks(make_request("a3", list(range(8)) + [9])) == ([], 0)
+    m.free(c)
+    m.free(b2)
+    assert m.pool.free_block_ids() == [1, 5, 4, 0, 3, 2]
+    assert m.num_free_blocks == 6
+
+
+def test_free_hit_block_is_not_counted_twice() -> None:
+    m = KVCacheManager(num_blocks=4, block_size=BS, enable_prefix_caching=True)
+    a = make_request("a", list(range(8)))
+    assert admit(m, a) == [0, 1]
+    m.free(a)
+    assert m.pool.free_block_ids() == [2, 3, 1, 0]
+    # 17 tokens need 5 blocks: 2 cached (free) + 3 new, but only 2 others are free.
+    big = make_request("big", list(range(8)) + list(range(50, 59)))
+    assert m.get_computed_blocks(big) == ([0, 1], 8)
+    assert admit(m, big) is None
+    assert m.num_free_blocks == 4 and m.get_block_ids("big") == []  # nothing changed
+    assert m.pool.free_block_ids() == [2, 3, 1, 0]
+    assert m.prefix_cache_queries == 8  # the failed admission is not counted
+    # 16 tokens need 4 blocks: 2 cached + 2 new fits exactly, and the new ones are not the hits.
+    fits = make_request("fits", list(range(8)) + list(range(50, 58)))
+    assert admit(m, fits) == [0, 1, 2, 3]
+    assert m.num_free_blocks == 0 and m.usage == 1.0
+    m.free(fits)
+    assert m.num_free_blocks == 4
+
+
+def test_hash_collision_never_gives_a_false_hit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kv_cache, "hash_block_tokens", lambda parent, token_ids, salt: 0)
+    m = KVCacheManager(num_blocks=10, block_size=BS, enable_prefix_caching=True)
+    x, y, z, w = [1, 1, 1, 1], [2, 2, 2, 2], [3, 3, 3, 3], [4, 4, 4, 4]
+    a = make_request("a", x + y)  # cached: x, then y after x
+    d = make_request("d", z + w)  # cached: z, then w after z
+    assert admit(m, a) == [0, 1]
+    assert admit(m, d) == [2, 3]
+    assert a.block_hashes == [0, 0] and d.block_hashes == [0, 0]
+    # Every block has hash 0, yet only exact prefixes hit: "x then w" hits x only (w is cached,
+    # but after z), "y ..." hits nothing.
+    assert m.get_computed_blocks(make_request("q1", x + w + [0])) == ([0], 4)
+    assert m.get_computed_blocks(make_request("q2", y + [0])) == ([], 0)
+    assert m.get_computed_blocks(make_request("q3", z + w + [0])) == ([2, 3], 8)
+    m.free(a)
+    m.free(d)
+    assert m.num_free_blocks == 10
+
+
+def test_copies_of_one_prefix_continue_the_chain() -> None:
+    m = KVCacheManager(num_blocks=10, block_size=BS, enable_prefix_caching=True)
+    prompt = list(range(8))
+    a = make_request("a", prompt)
+    assert admit(m, a) == [0, 1]
+    b = make_request("b", prompt)  # hits block 0 only; block 1 is computed again as a copy
+    assert admit(m, b) == [0, 2]
+    for t in (8, 9, 10, 11):
+        decode(m, b, t)
+    assert m.get_block_ids("b") == [0, 2, 3]
+    # b's block 3 follows the copy (2); the chain is found through either copy.
+    c = make_request("c", prompt + [8, 9, 10, 11, 12])
+    assert m.get_computed_blocks(c) == ([0, 1, 3], 12)
+    m.free(a)
+    m.free(b)
+    assert m.num_free_blocks == 10
+
+
+def test_cache_salt_isolates() -> None:
+    m = KVCacheManager(num_blocks=10, block_size=BS, enable_prefix_caching=True)
+    prompt = list(range(9))
+    s1 = make_request("s1", prompt, cache_salt="one")
+    assert admit(m, s1) == [0, 1, 2]
+    assert m.get_computed_blocks(make_request("s2", prompt, cache_salt="two")) == ([], 0)
+    assert m.get_computed_blocks(make_request("none", prompt)) == ([], 0)
+    assert m.get_computed_blocks(make_request("s1b", prompt, cache_salt="one")) == ([0, 1], 8)
+    m.free(s1)
+    assert m.num_free_blocks == 10
+
+
+def test_disabled_prefix_caching_shares_only_salted_siblings() -> None:
+    m = KVCacheManager(num_blocks=10, block_size=BS, enable_prefix_caching=False)
+    prompt = list(range(9))
+    a = make_request("a", prompt)
+    assert admit(m, a) == [0, 1, 2]
+    b = make_request("b", prompt)
+    assert m.get_computed_blocks(b) == ([], 0)
+    assert admit(m, b) == [3, 4, 5]
+    assert a.block_hashes == []  # no hashing at all for unsalted requests
+
+    # n > 1 siblings share their prompt blocks through their common salt.
+    s1 = make_request("s1", prompt, cache_salt="group")
+    s2 = make_request("s2", prompt, cache_salt="group")
+    assert admit(m, s1) == [6, 7, 8]
+    assert m.get_computed_blocks(s2) == ([6, 7], 8)
+    assert admit(m, s2) == [6, 7, 9]
+    assert refs(m, [6, 7, 8, 9]) == [2, 2, 1, 1]
+    for r in (a, b, s1):
+        m.free(r)
+    # s2 still holds 6 and 7, so they stay cached; freed at ref 0 they forget their hash at once.
+    assert m.get_computed_blocks(make_request("s3", prompt, cache_salt="group")) == ([6, 7], 8)
+    m.free(s2)
+    assert m.get_computed_blocks(make_request("s4", prompt, cache_salt="group")) == ([], 0)
+    assert m.pool.num_cached_blocks == 0
+    assert m.num_free_blocks == 10
+
+
+def test_reset_prefix_cache() -> None:
+    m = KVCacheManager(num_blocks=4, block_size=BS, enable_prefix_caching=True)
+    a = make_request("a", list(range(8)))
+    admit(m, a)
+    assert m.reset_prefix_cache() is False  # refused while blocks are in use
+    m.free(a)
+    assert m.get_computed_blocks(make_request("b", list(range(9)))) == ([0, 1], 8)
+    assert m.reset_prefix_cache() is True
+    assert m.get_computed_blocks(make_request("c", list(range(9)))) == ([], 0)
+    assert m.num_free_blocks == 4

@@ -1,0 +1,382 @@
+"""Scheduler: token budget, chunked prefill, FCFS, preemption, prefix sharing, stops. Exact and fast."""
+
+from __future__ import annotations
+
+import pytest
+
+from pagedserve.core.outputs import RunnerOutput, SchedulerOutput, TokenLogprobs
+from pagedserve.core.request import Request, RequestStatus
+from pagedserve.core.scheduler import Scheduler
+from pagedserve.sampling_params import SamplingParams
+
+
+def make_scheduler(**overrides: object) -> Scheduler:
+    kwargs: dict = dict(
+        max_num_seqs=8,
+        max_num_batched_tokens=64,
+        max_model_len=64,
+        num_blocks=16,
+        block_size=4,
+        enable_prefix_caching=True,
+    )
+    kwargs.update(overrides)
+    return Scheduler(**kwargs)
+
+
+def make_request(
+    request_id: str,
+    prompt: list[int],
+    max_tokens: int = 8,
+    eos_token_id: int | None = None,
+    cache_salt: str | None = None,
+    **params: object,
+) -> Request:
+    return Request(
+        request_id,
+        list(prompt),
+        SamplingParams(max_tokens=max_tokens, **params),
+        max_tokens=max_tokens,
+        eos_token_id=eos_token_id,
+        cache_salt=cache_salt,
+    )
+
+
+def plan(out: SchedulerOutput) -> list[tuple[str, int, bool]]:
+    """(request id, number of tokens, needs_sample) per scheduled request."""
+    return [(s.request_id, len(s.token_ids), s.needs_sample) for s in out.scheduled]
+
+
+def run(sched: Scheduler, out: SchedulerOutput, tokens: dict[str, int] | None = None, default: int = 100):
+    """A fake model: every request that needs a sample gets tokens[id] (or `default`)."""
+    tokens = tokens or {}
+    sampled = [tokens.get(s.request_id, default) if s.needs_sample else None for s in out.scheduled]
+    return sched.update(out, RunnerOutput(sampled_token_ids=sampled, logprobs=[None] * len(sampled)))
+
+
+def test_chunked_prefill_mixes_with_decodes() -> None:
+    sched = make_scheduler(max_num_batched_tokens=8)
+    a = make_request("a", [1, 2, 3])
+    sched.add_request(a)
+    out = sched.schedule()
+    assert plan(out) == [("a", 3, True)]
+    assert a.num_computed_tokens == 3  # advanced at schedule time
+    run(sched, out, {"a": 50})
+
+    b = make_request("b", list(range(10, 20)))
+    sched.add_request(b)
+    out = sched.schedule()
+    # Decode first (1 token), then a 7-token chunk of b's 10-token prompt fills the budget of 8.
+    assert plan(out) == [("a", 1, True), ("b", 7, False)]
+    assert out.num_batched_tokens == 8
+    assert out.scheduled[0].token_ids == [50] and out.scheduled[0].num_computed_tokens == 3
+    assert out.scheduled[1].token_ids == list(range(10, 17)) and out.scheduled[1].num_computed_tokens == 0
+    updates = run(sched, out, {"a": 51})
+    assert [(u.request.request_id, u.new_token_ids) for u in updates] == [("a", [51])]
+
+    out = sched.schedule()
+    assert plan(out) == [("a", 1, True), ("b", 3, True)]
+    assert out.scheduled[1].token_ids == [17, 18, 19] and out.scheduled[1].num_computed_tokens == 7
+    # a's decode crossed into a new block (3) just before b's chunk needed its third one (4).
+    assert [s.block_ids for s in out.scheduled] == [[0, 3], [1, 2, 4]]
+    run(sched, out)
+    assert b.output_token_ids == [100]
+
+
+def test_long_prefill_token_threshold_caps_chunks() -> None:
+    sched = make_scheduler(max_num_batched_tokens=64, long_prefill_token_threshold=4)
+    sched.add_request(make_request("a", list(range(10))))
+    sched.add_request(make_request("b", list(range(20, 23))))
+    out = sched.schedule()
+    assert plan(out) == [("a", 4, False), ("b", 3, True)]
+    run(sched, out)
+    assert plan(sched.schedule()) == [("a", 4, False), ("b", 1, True)]
+
+
+def test_max_num_seqs_and_finished_ids() -> None:
+    sched = make_scheduler(max_num_seqs=2)
+    for rid in ("a", "b", "c"):
+        sched.add_request(make_request(rid, [1, 2], max_tokens=1 if rid == "a" else 4))
+    out = sched.schedule()
+    assert plan(out) == [("a", 2, True), ("b", 2, True)]
+    assert (sched.num_running, sched.num_waiting) == (2, 1)
+    updates = run(sched, out)
+    assert [(u.request.request_id, u.finished) for u in updates] == [("a", True), ("b", False)]
+    assert sched.get_request("a") is None
+    out = sched.schedule()
+    assert plan(out) == [("b", 1, True), ("c", 2, True)]
+    assert out.finished_request_ids == ["a"]
+    assert sched.schedule().finished_request_ids == []  # reported once
+
+
+def test_fcfs_head_that_does_not_fit_blocks_admission() -> None:
+    sched = make_scheduler(num_blocks=4)
+    sched.add_request(make_request("a", list(range(8)), max_tokens=4))  # 2 blocks now
+    sched.add_request(make_request("b", list(range(20, 32)), max_tokens=1))  # needs 3 blocks
+    sched.add_request(make_request("c", [40, 41], max_tokens=1))  # would fit, but comes after b
+    out = sched.schedule()
+    assert plan(out) == [("a", 8, True)]
+    assert [r.request_id for r in sched.waiting] == ["b", "c"]
+    assert sched.num_free_blocks() == 2
+
+
+def test_preemption_by_recompute() -> None:
+    # block_size 2, 4 blocks, no prefix caching: exact, deterministic block ids.
+    sched = make_scheduler(num_blocks=4, block_size=2, enable_prefix_caching=False)
+    a = make_request("a", [1, 2, 3], max_tokens=4)
+    b = make_request("b", [4, 5, 6], max_tokens=4)
+    c = make_request("c", [7, 8], max_tokens=1)
+    for r in (a, b, c):
+        sched.add_request(r)
+
+    out = sched.schedule()  # a and b take all 4 blocks; c does not fit
+    assert plan(out) == [("a", 3, True), ("b", 3, True)]
+    assert [s.block_ids for s in out.scheduled] == [[0, 1], [2, 3]]
+    run(sched, out, {"a": 10, "b": 20})
+    out = sched.schedule()  # position 3 still fits in each one's second block
+    assert plan(out) == [("a", 1, True), ("b", 1, True)]
+    run(sched, out, {"a": 11, "b": 21})
+
+    # a needs a third block: the newest running request (b) is preempted and goes to the front.
+    out = sched.schedule()
+    assert plan(out) == [("a", 1, True)]
+    assert out.scheduled[0].block_ids == [0, 1, 3]  # b freed 3 then 2; 2 is left free
+    assert out.preempted_request_ids == ["b"]
+    assert b.status is RequestStatus.PREEMPTED and b.num_computed_tokens == 0
+    assert b.num_preemptions == 1 and sched.num_preemptions == 1
+    assert [r.request_id for r in sched.waiting] == ["b", "c"]
+    assert sched.get_request("b") is b
+    run(sched, out, {"a": 12})
+
+    out = sched.schedule()  # b needs 3 blocks to recompute, 1 is free: it waits, and so does c
+    assert plan(out) == [("a", 1, True)] and out.preempted_request_ids == []
+    updates = run(sched, out, {"a": 13})
+    assert updates[0].finished and a.status is RequestStatus.FINISHED_LENGTH
+
+    # b recomputes prompt + outputs so far from position 0; c fits in the last block.
+    out = sched.schedule()
+    assert plan(out) == [("b", 5, True), ("c", 2, True)]
+    assert out.scheduled[0].token_ids == [4, 5, 6, 20, 21] and out.scheduled[0].num_computed_tokens == 0
+    assert [s.block_ids for s in out.scheduled] == [[2, 3, 1], [0]]
+    assert out.finished_request_ids == ["a"]
+    assert b.status is RequestStatus.RUNNING
+    run(sched, out, {"b": 22, "c": 30})
+    assert b.output_token_ids == [20, 21, 22]
+    sched.abort_requests(["b"])
+    assert sched.num_free_blocks() == 4 and not sched.has_unfinished_requests()
+
+
+def test_last_running_request_preempts_itself() -> None:
+    sched = make_scheduler(num_blocks=5, block_size=2, enable_prefix_caching=False)
+    a, b = make_request("a", [1, 2, 3]), make_request("b", [4, 5, 6])
+    sched.add_request(a)
+    sched.add_request(b)
+    for _ in range(2):  # prefill, then position 3; 1 block stays free
+        run(sched, sched.schedule())
+    out = sched.schedule()  # a takes the free block; b can only preempt itself
+    assert plan(out) == [("a", 1, True)]
+    assert out.preempted_request_ids == ["b"]
+    assert list(sched.waiting) == [b] and sched.running == [a]
+    run(sched, out)
+    sched.abort_requests(["a", "b"])
+    assert sched.num_free_blocks() == 5
+
+
+def test_shared_prompt_prefix_is_computed_once() -> None:
+    sched = make_scheduler()
+    prompt = list(range(16))
+    a = make_request("a", prompt)
+    sched.add_request(a)
+    out = sched.schedule()
+    assert plan(out) == [("a", 16, True)]
+    run(sched, out)
+
+    b = make_request("b", prompt[:12] + [90, 91, 92, 93])
+    sched.add_request(b)
+    out = sched.schedule()
+    assert plan(out) == [("a", 1, True), ("b", 4, True)]  # b computes only its 4 new tokens
+    assert out.scheduled[1].num_computed_tokens == 12 and out.scheduled[1].token_ids == [90, 91, 92, 93]
+    assert out.scheduled[1].block_ids[:3] == out.scheduled[0].block_ids[:3] == [0, 1, 2]
+    assert b.num_cached_tokens == 12
+    assert (sched.prefix_cache_queries, sched.prefix_cache_hits) == (16 + 16, 12)
+
+
+def test_same_prompt_in_one_step_hits_blocks_being_computed() -> None:
+    sched = make_scheduler()
+    prompt = list(range(10))
+    sched.add_request(make_request("a", prompt))
+    sched.add_request(make_request("b", prompt))
+    out = sched.schedule()
+    # b hits a's 2 full blocks, registered when a was allocated earlier in this same step.
+    assert plan(out) == [("a", 10, True), ("b", 2, True)]
+    assert [s.block_ids for s in out.scheduled] == [[0, 1, 2], [0, 1, 3]]
+    assert out.scheduled[1].num_computed_tokens == 8
+
+
+def test_n_siblings_share_prompt_blocks_without_prefix_caching() -> None:
+    sched = make_scheduler(enable_prefix_caching=False)
+    prompt = list(range(9))
+    for rid, salt in (("s1", "group"), ("s2", "group"), ("plain", None)):
+        sched.add_request(make_request(rid, prompt, cache_salt=salt))
+    out = sched.schedule()
+    assert plan(out) == [("s1", 9, True), ("s2", 1, True), ("plain", 9, True)]
+    assert [s.block_ids for s in out.scheduled] == [[0, 1, 2], [0, 1, 3], [4, 5, 6]]
+    run(sched, out)
+    sched.abort_requests(["s1", "s2", "plain"])
+    assert sched.num_free_blocks() == 16
+
+
+def test_abort_frees_blocks_and_is_reported() -> None:
+    sched = make_scheduler(max_num_seqs=1)
+    a, b = make_request("a", list(range(6))), make_request("b", list(range(6)))
+    sched.add_request(a)
+    sched.add_request(b)
+    out = sched.schedule()
+    assert plan(out) == [("a", 6, True)] and sched.num_waiting == 1
+    # Aborted after scheduling, before update: its sampled token is dropped.
+    ended = sched.abort_requests(["a", "b", "unknown"])
+    assert ended == [a, b] and a.status is b.status is RequestStatus.FINISHED_ABORTED
+    assert run(sched, out) == [] and a.output_token_ids == []
+    assert sched.abort_requests("a") == []  # already finished: ignored
+    assert sched.num_free_blocks() == 16 and sched.kv_cache_usage == 0.0
+    assert not sched.has_unfinished_requests()
+    out = sched.schedule()
+    assert out.is_empty and out.finished_request_ids == ["a", "b"]
+
+
+def drive(sched: Scheduler, request: Request, tokens: list[int]) -> Request:
+    """Runs one request alone, feeding it `tokens` one per sample until it finishes."""
+    sched.add_request(request)
+    feed = iter(tokens)
+    while sched.has_unfinished_requests():
+        run(sched, sched.schedule(), {request.request_id: next(feed)})
+    assert sched.num_free_blocks() == 16
+    return request
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "tokens", "outputs", "status", "stop_reason"),
+    [
+        (dict(eos_token_id=2), [5, 2, 7], [5, 2], RequestStatus.FINISHED_STOPPED, None),
+        (
+            dict(eos_token_id=2, ignore_eos=True, max_tokens=3),
+            [5, 2, 7],
+            [5, 2, 7],
+            RequestStatus.FINISHED_LENGTH,
+            None,
+        ),
+        (dict(eos_token_id=2, min_tokens=2), [2, 2, 2], [2, 2, 2], RequestStatus.FINISHED_STOPPED, None),
+        (dict(stop_token_ids=[9]), [5, 9, 7], [5, 9], RequestStatus.FINISHED_STOPPED, 9),
+        (dict(stop_token_ids=[9], min_tokens=1), [9, 9], [9, 9], RequestStatus.FINISHED_STOPPED, 9),
+        (dict(max_tokens=2), [5, 6, 7], [5, 6], RequestStatus.FINISHED_LENGTH, None),
+        # A stop token on the last allowed token is a stop, not a length finish.
+        (dict(eos_token_id=2, max_tokens=2), [5, 2], [5, 2], RequestStatus.FINISHED_STOPPED, None),
+    ],
+)
+def test_stop_conditions(
+    kwargs: dict, tokens: list[int], outputs: list[int], status: RequestStatus, stop_reason
+):
+    request = drive(make_scheduler(), make_request("r", [1, 2, 3], **kwargs), tokens)
+    assert request.output_token_ids == outputs
+    assert request.status is status and request.stop_reason == stop_reason
+
+
+def test_max_model_len_stops() -> None:
+    # max_tokens (normally resolved by the engine to fit) is left too large on purpose.
+    request = drive(make_scheduler(max_model_len=6), make_request("r", [1, 2, 3, 4], max_tokens=10), [5] * 10)
+    assert request.output_token_ids == [5, 5] and request.status is RequestStatus.FINISHED_LENGTH
+
+
+def test_update_carries_logprobs() -> None:
+    sched = make_scheduler()
+    sched.add_request(make_request("r", [1, 2], logprobs=1))
+    out = sched.schedule()
+    lp = TokenLogprobs(token_id=7, logprob=-0.5, rank=1, top=[(7, -0.5)])
+    (update,) = sched.update(out, RunnerOutput(sampled_token_ids=[7], logprobs=[lp]))
+    assert update.new_token_ids == [7] and update.new_logprobs == [lp] and not update.finished
+
+
+def test_add_request_rejects_impossible_requests() -> None:
+    sched = make_scheduler(max_model_len=16, num_blocks=2, block_size=4)
+    with pytest.raises(ValueError, match="prompt has 16 tokens.*max_model_len\\) is 16"):
+        sched.add_request(make_request("long", list(range(16)), max_tokens=1))
+    with pytest.raises(ValueError, match="needs up to 9 tokens of KV cache.*2 blocks x 4 tokens = 8"):
+        sched.add_request(make_request("big", list(range(6)), max_tokens=4))
+    with pytest.raises(ValueError, match="empty"):
+        sched.add_request(make_request("empty", []))
+    sched.add_request(make_request("ok", list(range(6)), max_tokens=3))  # 8 tokens of KV: fits
+    with pytest.raises(ValueError, match="already"):
+        sched.add_request(make_request("ok", [1]))
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        make_scheduler(max_num_seqs=0)
+
+
+def check_invariants(sched: Scheduler) -> None:
+    """Ref counts equal the number of block tables holding each block; free blocks are exactly the
+    blocks at ref 0."""
+    pool = sched.kv_cache.pool
+    holders = [0] * pool.num_blocks
+    for request in sched.running:
+        for block_id in sched.kv_cache.get_block_ids(request.request_id):
+            holders[block_id] += 1
+    assert [b.ref_cnt for b in pool.blocks] == holders
+    assert sorted(pool.free_block_ids()) == [i for i, n in enumerate(holders) if n == 0]
+
+
+@pytest.mark.parametrize("enable_prefix_caching", [True, False])
+@pytest.mark.parametrize("seed", range(6))
+def test_random_workload_reads_only_correct_kv(seed: int, enable_prefix_caching: bool) -> None:
+    """A fake runner writes, per step, each new token's "K/V" (its whole prefix) into its slot, then
+    checks every scheduled request sees exactly its own prefix in all its slots: no shared block,
+    preemption or reuse may ever hand a request wrong K/V."""
+    import random
+
+    rng = random.Random(seed)
+    bs = 4
+    sched = make_scheduler(
+        max_num_seqs=rng.choice([2, 4, 8]),
+        max_num_batched_tokens=rng.choice([5, 16, 64]),
+        num_blocks=12,
+        block_size=bs,
+        enable_prefix_caching=enable_prefix_caching,
+        long_prefill_token_threshold=rng.choice([None, 6]),
+    )
+    slots: dict[int, tuple[int, ...]] = {}
+    prefixes = [[rng.randrange(3) for _ in range(rng.randrange(1, 12))] for _ in range(3)]
+    next_id = 0
+    for _step in range(300):
+        if rng.random() < 0.3:
+            prompt = rng.choice(prefixes)[: rng.randrange(1, 12)] + [
+                rng.randrange(3) for _ in range(rng.randrange(3))
+            ]
+            n = rng.choice([1, 1, 2, 3])
+            for _ in range(n):  # n > 1 siblings share a salt
+                sched.add_request(
+                    make_request(
+                        f"r{next_id}",
+                        prompt,
+                        max_tokens=rng.randrange(1, 12),
+                        eos_token_id=0,
+                        cache_salt=f"g{next_id // 100}" if n > 1 else None,
+                    )
+                )
+                next_id += 1
+        if rng.random() < 0.05 and sched.requests:
+            sched.abort_requests([rng.choice(list(sched.requests))])
+        out = sched.schedule()
+        for s in out.scheduled:  # write all new K/V first, as each layer does for the batch
+            request = sched.get_request(s.request_id)
+            for i in range(len(s.token_ids)):
+                pos = s.num_computed_tokens + i
+                slots[s.block_ids[pos // bs] * bs + pos % bs] = tuple(request.all_token_ids[: pos + 1])
+        for s in out.scheduled:  # then attend: every position up to seq_len must be this prefix
+            request = sched.get_request(s.request_id)
+            for pos in range(s.seq_len):
+                assert slots.get(s.block_ids[pos // bs] * bs + pos % bs) == tuple(
+                    request.all_token_ids[: pos + 1]
+                )
+        run(sched, out, default=rng.randrange(3))
+        check_invariants(sched)
+    while sched.has_unfinished_requests():
+        run(sched, sched.schedule(), default=1)
+    assert sched.num_free_blocks() == 12
+    assert all(b.ref_cnt == 0 for b in sched.kv_cache.pool.blocks)

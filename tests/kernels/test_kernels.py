@@ -1,0 +1,364 @@
+"""Triton paged-attention kernels vs a plain-torch float64 reference.
+
+Without CUDA the kernels run under TRITON_INTERPRET=1 (see conftest.py) on CPU tensors, fp32/fp16,
+small shapes. With CUDA the same cases run compiled, plus bf16 and larger (Qwen2-7B-like) shapes.
+
+Every case draws fresh random inputs; outputs are poisoned (NaN) before the launch, and every cache
+slot that holds no token of any sequence is NaN too, including block 0 (the block-table padding): a
+kernel that reads past a sequence, or leaves an output element unwritten, produces NaN and fails.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from pagedserve.executor.attention.base import AttentionMetadata
+from pagedserve.executor.attention.triton_backend import TritonAttentionBackend
+from pagedserve.executor.kernels.kv_cache_write import write_kv_cache
+from pagedserve.executor.kernels.paged_attention_decode import paged_attention_decode
+from pagedserve.executor.kernels.paged_attention_prefill import paged_attention_prefill
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+# bf16 tl.dot is wrong in the interpreter (a bf16 load + cast is fine): bf16 only on the GPU.
+DTYPES = [torch.float16, torch.bfloat16] if CUDA else [torch.float32, torch.float16]
+TOL = {torch.float32: 2e-3 if CUDA else 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+gpu_only = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch construction and the reference
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    query: torch.Tensor  # [T, Hq, D]
+    key: torch.Tensor  # [T, Hkv, D] new tokens' K (not yet in the cache)
+    value: torch.Tensor
+    kv_cache: torch.Tensor  # cached prefixes written, everything else NaN
+    full_cache: torch.Tensor  # what the cache must hold after the step's write (reference input)
+    meta: AttentionMetadata
+
+
+def make_batch(
+    spec: list[tuple[int, int]],
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    share_prefix: tuple[int, int, int] | None = None,
+    num_pad_tokens: int = 0,
+    extra_blocks: int = 3,
+) -> Batch:
+    """spec: (ctx_len, q_len) per sequence: ctx_len cached tokens, then q_len new ones.
+
+    share_prefix=(src, dst, num_blocks): sequence dst's first num_blocks blocks are sequence src's
+    physical blocks (a prefix-cache hit; both must cache at least that many full blocks).
+    Physical blocks are a random permutation (block 0 stays unused: it is the table padding).
+    num_pad_tokens adds trailing padding tokens (slot -1) after the real ones.
+    """
+    g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
+    seq_lens = [c + q for c, q in spec]
+    blocks_per_seq = [math.ceil(s / block_size) for s in seq_lens]
+    num_blocks = 1 + sum(blocks_per_seq) + extra_blocks
+    perm = (torch.randperm(num_blocks - 1, generator=g) + 1).tolist()
+    tables: list[list[int]] = []
+    for nb in blocks_per_seq:
+        tables.append(perm[:nb])
+        perm = perm[nb:]
+    if share_prefix is not None:
+        src, dst, n = share_prefix
+        assert spec[src][0] >= n * block_size and spec[dst][0] >= n * block_size
+        tables[dst][:n] = tables[src][:n]
+    max_blocks = max(blocks_per_seq) + 1  # one column of padding (0) beyond every sequence
+    block_tables = torch.zeros(len(spec), max_blocks, dtype=torch.int32)
+    for s, t in enumerate(tables):
+        block_tables[s, : len(t)] = torch.tensor(t, dtype=torch.int32)
+
+    shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
+    kv_cache = torch.full(shape, float("nan"), dtype=dtype)
+    full_cache = kv_cache.clone()
+    # Per-sequence K/V of every position; shared blocks get the source sequence's values.
+    kv_seq = [torch.randn(2, s, num_kv_heads, head_dim, generator=g).to(dtype) for s in seq_lens]
+    if share_prefix is not None:
+        src, dst, n = share_prefix
+        kv_seq[dst][:, : n * block_size] = kv_seq[src][:, : n * block_size]
+
+    num_tokens = sum(q for _, q in spec)
+    keys, values, slots, query_start_loc = [], [], [], [0]
+    for s, ((ctx, q), kv) in enumerate(zip(spec, kv_seq)):
+        pos = torch.arange(seq_lens[s])
+        slot = block_tables[s, pos // block_size].long() * block_size + pos % block_size
+        flat = full_cache.view(2, -1, num_kv_heads, head_dim)
+        flat[:, slot] = kv
+        kv_cache.view(2, -1, num_kv_heads, head_dim)[:, slot[:ctx]] = kv[:, :ctx]
+        keys.append(kv[0, ctx:])
+        values.append(kv[1, ctx:])
+        slots.append(slot[ctx:])
+        query_start_loc.append(query_start_loc[-1] + q)
+    pad = num_pad_tokens
+    key = torch.cat(keys + [torch.randn(pad, num_kv_heads, head_dim, generator=g).to(dtype)])
+    value = torch.cat(values + [torch.randn(pad, num_kv_heads, head_dim, generator=g).to(dtype)])
+    slot_mapping = torch.cat(slots + [torch.full((pad,), -1, dtype=torch.long)])
+    query = torch.randn(num_tokens + pad, num_heads, head_dim, generator=g).to(dtype)
+    meta = AttentionMetadata(
+        query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=DEVICE),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        block_tables=block_tables.to(DEVICE),
+        slot_mapping=slot_mapping.to(DEVICE),
+        max_query_len=max(q for _, q in spec),
+        max_seq_len=max(seq_lens),
+        block_size=block_size,
+        query_lens_cpu=[q for _, q in spec],
+        seq_lens_cpu=seq_lens,
+        is_decode_only=all(q == 1 for _, q in spec),
+    )
+    to = {"device": DEVICE}
+    return Batch(query.to(**to), key.to(**to), value.to(**to), kv_cache.to(**to), full_cache.to(**to), meta)
+
+
+def reference_attention(query, cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Plain torch, float64: gather blocks, GQA by repeat, causal offset mask, softmax."""
+    num_heads = query.shape[1]
+    _, _, block_size, num_kv_heads, head_dim = cache.shape
+    qsl = meta.query_start_loc.tolist()
+    out = torch.zeros(qsl[-1], num_heads, head_dim, dtype=torch.float64)
+    for s, seq_len in enumerate(meta.seq_lens.tolist()):
+        q = query[qsl[s] : qsl[s + 1]].double().cpu()
+        q_len = q.shape[0]
+        blocks = meta.block_tables[s, : math.ceil(seq_len / block_size)].long().cpu()
+        kv = cache[:, blocks].double().cpu().reshape(2, -1, num_kv_heads, head_dim)[:, :seq_len]
+        k, v = (t.repeat_interleave(num_heads // num_kv_heads, dim=1) for t in kv)
+        scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+        pos = seq_len - q_len + torch.arange(q_len)
+        visible = torch.arange(seq_len)[None, :] <= pos[:, None]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        out[qsl[s] : qsl[s + 1]] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+    return out
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    out = out.double().cpu()
+    assert torch.isfinite(out).all(), f"{(~torch.isfinite(out)).sum().item()} unwritten/NaN elements"
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < TOL[dtype], f"relative error {rel:.2e} >= {TOL[dtype]:.0e}"
+
+
+def poisoned_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(t, float("nan"))
+
+
+# ----------------------------------------------------------------------------------------------
+# KV cache write
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block_size,num_kv_heads,head_dim", [(8, 2, 64), (16, 4, 128), (32, 1, 64)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kv_cache_write(block_size, num_kv_heads, head_dim, dtype):
+    num_blocks, num_tokens, num_heads = 6, 23, 2 * num_kv_heads
+    slots = torch.randperm(num_blocks * block_size)[:num_tokens]
+    slots[torch.randperm(num_tokens)[:4]] = -1  # padding tokens
+    # key/value as strided views of a fused qkv projection, as the model produces them.
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim).to(dtype).to(DEVICE)
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    key = qkv[:, q_size : q_size + kv_size].view(num_tokens, num_kv_heads, head_dim)
+    value = qkv[:, q_size + kv_size :].view(num_tokens, num_kv_heads, head_dim)
+    cache = torch.full((2, num_blocks, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype)
+    cache = cache.to(DEVICE)
+    expected = cache.clone()
+    real = slots >= 0
+    expected[0].view(-1, num_kv_heads, head_dim)[slots[real].to(DEVICE)] = key[real.to(DEVICE)]
+    expected[1].view(-1, num_kv_heads, head_dim)[slots[real].to(DEVICE)] = value[real.to(DEVICE)]
+
+    write_kv_cache(key, value, cache, slots.to(DEVICE))
+    torch.testing.assert_close(cache, expected, rtol=0, atol=0, equal_nan=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode
+# ----------------------------------------------------------------------------------------------
+
+# (block_size, head_dim, num_heads, num_kv_heads): GQA ratios 7, 4, 2, 1.
+DECODE_SHAPES = [(16, 64, 14, 2), (32, 128, 8, 2), (16, 128, 4, 2), (8, 64, 4, 4)]
+
+
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "bs{}-d{}-hq{}-hkv{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode(shape, dtype, num_splits):
+    block_size, head_dim, num_heads, num_kv_heads = shape
+    # Context lengths not multiples of the block size; 1 = a fresh one-token prompt. Sequences 1 and
+    # 3 share their first two physical blocks (prefix cache); the block table order is random.
+    spec = [(36, 1), (2 * block_size + 5, 1), (0, 1), (2 * block_size + 13, 1)]
+    b = make_batch(
+        spec, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        block_size=block_size, dtype=dtype, share_prefix=(1, 3, 2),
+    )  # fmt: skip
+    scale = head_dim**-0.5
+    out = poisoned_like(b.query)
+    paged_attention_decode(
+        b.query, b.full_cache, b.meta.block_tables, b.meta.seq_lens, scale,
+        out=out, num_splits=num_splits, block_n=16,
+    )  # fmt: skip
+    assert_close(out, reference_attention(b.query, b.full_cache, b.meta, scale), dtype)
+
+
+@pytest.mark.parametrize("num_splits", [2, 5])
+def test_decode_splits_with_empty_and_zero_length(num_splits):
+    """More splits than tiles (empty splits), a padded CUDA-graph slot (seq_len 0 -> zeros)."""
+    dtype = DTYPES[0]
+    b = make_batch([(4, 1), (40, 1), (70, 1)], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
+                   dtype=dtype)  # fmt: skip
+    seq_lens = torch.cat([b.meta.seq_lens, torch.zeros(1, dtype=torch.int32, device=DEVICE)])
+    block_tables = torch.cat([b.meta.block_tables, torch.zeros_like(b.meta.block_tables[:1])])
+    query = torch.cat([b.query, torch.randn_like(b.query[:1])])
+    out = poisoned_like(query)
+    paged_attention_decode(
+        query, b.full_cache, block_tables, seq_lens, 0.125, out=out, num_splits=num_splits, block_n=16
+    )
+    assert_close(out[:3], reference_attention(b.query, b.full_cache, b.meta, 0.125), dtype)
+    assert torch.equal(out[3].cpu(), torch.zeros_like(out[3]).cpu())
+
+
+# ----------------------------------------------------------------------------------------------
+# Prefill / extend (mixed batches)
+# ----------------------------------------------------------------------------------------------
+
+PREFILL_SHAPES = [(16, 64, 14, 2), (32, 128, 8, 2), (16, 64, 4, 4), (8, 128, 4, 2)]
+
+
+@pytest.mark.parametrize("shape", PREFILL_SHAPES, ids=lambda s: "bs{}-d{}-hq{}-hkv{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_mixed(shape, dtype):
+    block_size, head_dim, num_heads, num_kv_heads = shape
+    spec = [
+        (0, 37),  # fresh prompt
+        (2 * block_size, 11),  # prefix-cache hit: shares sequence 4's first two blocks
+        (21, 19),  # chunked prefill: earlier chunk ends mid-block
+        (40, 1),  # decode
+        (3 * block_size + 3, 1),  # decode
+        (0, 1),  # one-token prompt
+    ]
+    b = make_batch(
+        spec, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        block_size=block_size, dtype=dtype, share_prefix=(4, 1, 2), num_pad_tokens=2,
+    )  # fmt: skip
+    scale = head_dim**-0.5
+    out = poisoned_like(b.query)
+    paged_attention_prefill(
+        b.query, b.full_cache, b.meta.query_start_loc, b.meta.seq_lens, b.meta.block_tables, scale,
+        b.meta.max_query_len, out=out, block_m=32 if num_heads // num_kv_heads < 8 else 16, block_n=16,
+    )  # fmt: skip
+    num_real = b.meta.query_start_loc[-1].item()
+    assert_close(out[:num_real], reference_attention(b.query, b.full_cache, b.meta, scale), dtype)
+    assert torch.isnan(out[num_real:]).all(), "padding rows must be left alone"
+
+
+@pytest.mark.parametrize("block_m,block_n", [(16, 32), (64, 16)])
+def test_prefill_tile_shapes(block_m, block_n):
+    """Tiles larger/smaller than a cache block, GQA 7 (BLOCK_Q = block_m // 7 leaves padding rows)."""
+    dtype = DTYPES[-1]
+    spec = [(0, 29), (13, 6), (48, 17)]
+    b = make_batch(spec, num_heads=14, num_kv_heads=2, head_dim=64, block_size=16, dtype=dtype)
+    out = poisoned_like(b.query)
+    paged_attention_prefill(
+        b.query, b.full_cache, b.meta.query_start_loc, b.meta.seq_lens, b.meta.block_tables, 0.1,
+        b.meta.max_query_len, out=out, block_m=block_m, block_n=block_n,
+    )  # fmt: skip
+    assert_close(out, reference_attention(b.query, b.full_cache, b.meta, 0.1), dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend: write + attention, decode-only and mixed
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("decode_only", [True, False], ids=["decode", "mixed"])
+def test_backend_forward(decode_only):
+    dtype = DTYPES[0]
+    block_size, head_dim, num_heads, num_kv_heads = 16, 64, 8, 2
+    if decode_only:
+        spec = [(20, 1), (2 * block_size, 1), (2 * block_size + 9, 1), (0, 1)]
+    else:
+        spec = [(0, 21), (2 * block_size, 5), (20, 1), (17, 14)]
+    b = make_batch(
+        spec, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        block_size=block_size, dtype=dtype, share_prefix=(1, 2, 2) if decode_only else None,
+    )  # fmt: skip
+    assert b.meta.is_decode_only == decode_only
+    backend = TritonAttentionBackend(decode_num_splits=2 if decode_only else None)
+    out = backend.forward(b.query, b.key, b.value, b.kv_cache, b.meta, 0.125, out=poisoned_like(b.query))
+    torch.testing.assert_close(b.kv_cache, b.full_cache, rtol=0, atol=0, equal_nan=True)
+    assert_close(out, reference_attention(b.query, b.full_cache, b.meta, 0.125), dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU only: larger shapes, bf16, default configs (chosen by the launchers)
+# ----------------------------------------------------------------------------------------------
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(16, 128, 28, 4), (16, 64, 14, 2), (32, 128, 32, 8), (16, 128, 16, 16)])
+def test_gpu_large_decode_and_prefill(shape, dtype):
+    block_size, head_dim, num_heads, num_kv_heads = shape
+    scale = head_dim**-0.5
+    decode_spec = [(c, 1) for c in (1, 15, 517, 2049, 4000, 33, 1200, 3)]
+    b = make_batch(decode_spec, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                   block_size=block_size, dtype=dtype, share_prefix=(3, 4, 30))  # fmt: skip
+    out = TritonAttentionBackend().forward(
+        b.query, b.key, b.value, b.kv_cache, b.meta, scale, out=poisoned_like(b.query)
+    )
+    assert_close(out, reference_attention(b.query, b.full_cache, b.meta, scale), dtype)
+
+    mixed_spec = [(0, 700), (512, 300), (1000, 1), (333, 129), (64, 64), (2000, 1), (0, 1)]
+    b = make_batch(mixed_spec, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                   block_size=block_size, dtype=dtype, share_prefix=(1, 4, 4), num_pad_tokens=3)  # fmt: skip
+    out = TritonAttentionBackend().forward(
+        b.query, b.key, b.value, b.kv_cache, b.meta, scale, out=poisoned_like(b.query)
+    )
+    num_real = b.meta.query_start_loc[-1].item()
+    assert_close(out[:num_real], reference_attention(b.query, b.full_cache, b.meta, scale), dtype)
+
+
+@gpu_only
+def test_gpu_decode_cuda_graph():
+    """Capture a decode step, then replay with different seq_lens/tables/queries in the same buffers."""
+    dtype, scale = torch.bfloat16, 128**-0.5
+    kw = dict(num_heads=28, num_kv_heads=4, head_dim=128, block_size=16, dtype=dtype)
+    b = make_batch([(c, 1) for c in (100, 900, 3000, 5)], **kw)
+    backend = TritonAttentionBackend()
+    static = [b.query.clone(), b.key.clone(), b.value.clone(), b.kv_cache.clone()]
+    meta = b.meta
+    meta.max_seq_len = 4096  # capture for the largest context the graph will see
+    backend.forward(*static, meta, scale)  # warm-up compiles
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = backend.forward(*static, meta, scale)
+    for _ in range(2):
+        b2 = make_batch([(c, 1) for c in (3000, 7, 1500, 60)], **kw)
+        # same tensor shapes: block tables may be narrower; copy into the captured buffers
+        assert b2.kv_cache.shape[1] <= static[3].shape[1]
+        static[0].copy_(b2.query)
+        static[1].copy_(b2.key)
+        static[2].copy_(b2.value)
+        static[3].fill_(float("nan"))
+        static[3][:, : b2.kv_cache.shape[1]].copy_(b2.kv_cache)
+        meta.seq_lens.copy_(b2.meta.seq_lens)
+        meta.slot_mapping.copy_(b2.meta.slot_mapping)
+        meta.block_tables.zero_()
+        meta.block_tables[:, : b2.meta.block_tables.shape[1]].copy_(b2.meta.block_tables)
+        graph.replay()
+        torch.cuda.synchronize()
+        full = static[3].clone()
+        full[:, : b2.full_cache.shape[1]].copy_(b2.full_cache)
+        assert_close(out, reference_attention(static[0], full, meta, scale), dtype)

@@ -1,0 +1,277 @@
+"""Tokenizer wrapper, chat templates and the incremental detokenizer.
+
+The first half needs no model files (a fake byte-level tokenizer); the second half uses the real
+Qwen tokenizer from $PAGEDSERVE_TEST_MODEL_DIR (default /tmp/qwen05b-hf) and skips without it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Sequence
+
+import pytest
+
+from pagedserve.tokenizer import (
+    IncrementalDetokenizer,
+    Tokenizer,
+    load_tokenizer,
+    normalize_messages,
+)
+
+# ---------------------------------------------------------------- fake byte-level tokenizer
+
+
+class ByteTokenizer:
+    """Each id is a chunk of UTF-8 bytes (so tokens can split characters, as byte-level BPE does)."""
+
+    SPECIAL = "<eos>"
+
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = [self.SPECIAL.encode()]
+
+    def tokenize(self, text: str, rng: random.Random, max_len: int = 4) -> list[int]:
+        data = text.encode()
+        ids, i = [], 0
+        while i < len(data):
+            n = rng.randint(1, max_len)
+            self.pieces.append(data[i:i + n])
+            ids.append(len(self.pieces) - 1)
+            i += n
+        return ids
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        chunks = [self.pieces[t] for t in token_ids if not (skip_special_tokens and t == 0)]
+        return b"".join(chunks).decode("utf-8", errors="replace")
+
+
+def stream(det: IncrementalDetokenizer, ids: Sequence[int], step: int = 1) -> list[str]:
+    deltas = [det.add_tokens(ids[i:i + step]) for i in range(0, len(ids), step)]
+    deltas.append(det.flush())
+    return deltas
+
+
+def expected_stop_cut(text: str, stops: list[str], include: bool) -> tuple[str, str | None]:
+    """Reference: the first stop string to complete (on a tie, the longer one) ends the text."""
+    for end in range(1, len(text) + 1):
+        hits = [s for s in stops if text[:end].endswith(s)]
+        if hits:
+            s = max(hits, key=len)
+            return (text[:end] if include else text[:end - len(s)]), s
+    return text, None
+
+
+def test_utf8_split_across_tokens_is_held_until_complete() -> None:
+    tok = ByteTokenizer()
+    text = "a你好🎉b"
+    ids = tok.tokenize(text, random.Random(0), max_len=1)  # one byte per token
+    det = IncrementalDetokenizer(tok, prompt_token_ids=[])
+    deltas = stream(det, ids)
+    assert all("\ufffd" not in d for d in deltas)
+    assert [d for d in deltas if d] == ["a", "你", "好", "🎉", "b"]
+    assert "".join(deltas) == det.text == text
+
+
+def test_incomplete_character_at_finish_is_flushed_as_replacement() -> None:
+    tok = ByteTokenizer()
+    ids = tok.tokenize("x你", random.Random(0), max_len=1)[:-1]  # drop the last byte of 你
+    det = IncrementalDetokenizer(tok, [])
+    deltas = stream(det, ids)
+    assert deltas[-1].endswith("\ufffd") and "".join(deltas) == det.text == tok.decode(ids)
+
+
+def test_stop_prefix_is_held_then_released_or_cut() -> None:
+    tok = ByteTokenizer()
+    tok.pieces += [b"abc", b"xS", b"T", b"x", b"STO", b"P!"]  # ids 1..6
+    det = IncrementalDetokenizer(tok, [], stop=["STOP"])
+    assert det.add_tokens([1]) == "abc"  # nothing here can start "STOP"
+    assert det.add_tokens([2]) == "x"  # "S" held
+    assert det.add_tokens([3]) == ""  # "ST" held
+    assert det.add_tokens([4]) == "STx"  # "STx" can't start "STOP": released
+    assert det.add_tokens([5]) == ""  # "STO" held
+    assert det.add_tokens([6]) == ""  # "STOP!" -> cut before the stop
+    assert det.finished_by_stop and det.stop_reason == "STOP"
+    assert det.text == "abcxSTx" and det.flush() == "" and det.add_tokens([1]) == ""
+
+
+def test_held_stop_prefix_is_flushed_at_finish() -> None:
+    tok = ByteTokenizer()
+    tok.pieces += [b"hello ST"]
+    det = IncrementalDetokenizer(tok, [], stop=["STOP"])
+    assert det.add_tokens([1]) == "hello "
+    assert det.flush() == "ST"
+    assert det.text == "hello ST" and not det.finished_by_stop
+
+
+def test_include_stop_str_cuts_after_the_stop_and_holds_nothing() -> None:
+    tok = ByteTokenizer()
+    tok.pieces += [b"one S", b"TOP two"]
+    det = IncrementalDetokenizer(tok, [], stop=["STOP"], include_stop_str_in_output=True)
+    assert det.add_tokens([1]) == "one S"
+    assert det.add_tokens([2]) == "TOP"
+    assert det.text == "one STOP" and det.stop_reason == "STOP"
+
+
+def test_first_completed_stop_wins() -> None:
+    tok = ByteTokenizer()
+    tok.pieces += [b"xABCDy"]
+    det = IncrementalDetokenizer(tok, [], stop=["ABCD", "BC"])
+    det.add_tokens([1])
+    assert det.stop_reason == "BC" and det.text == "xA"
+
+
+def test_special_tokens_skipped_or_kept() -> None:
+    tok = ByteTokenizer()
+    tok.pieces += [b"hi"]
+    skip = IncrementalDetokenizer(tok, [], skip_special_tokens=True)
+    keep = IncrementalDetokenizer(tok, [], skip_special_tokens=False)
+    assert "".join(stream(skip, [1, 0])) == "hi"
+    assert "".join(stream(keep, [1, 0])) == "hi<eos>"
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_streams_match_reference(seed: int) -> None:
+    rng = random.Random(seed)
+    alphabet = ["a", "b", "S", "T", "O", "P", "#", "\n", "你", "🎉", "é"]
+    text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
+    stops = rng.sample(["STOP", "##", "\n\n", "S你", "🎉🎉", "T", "aSTa"], rng.randint(0, 3))
+    include = rng.random() < 0.3
+    tok = ByteTokenizer()
+    ids = tok.tokenize(text, rng)
+    det = IncrementalDetokenizer(tok, [], stop=stops, include_stop_str_in_output=include)
+    want_text, want_reason = expected_stop_cut(text, stops, include)
+    deltas = stream(det, ids, step=rng.randint(1, 3))
+    assert "".join(deltas) == det.text == want_text
+    assert det.stop_reason == want_reason
+    assert all("\ufffd" not in d for d in deltas)
+
+
+def test_normalize_messages_joins_parts_and_rejects_bad_input() -> None:
+    msgs = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": None},
+    ]
+    assert [m["content"] for m in normalize_messages(msgs)] == ["be brief", "a\nb", ""]
+    bad = [
+        [],
+        "hi",
+        [{"role": "robot", "content": "x"}],
+        [{"role": "user"}],
+        [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+        [{"role": "user", "content": 5}],
+    ]
+    for b in bad:
+        with pytest.raises(ValueError):
+            normalize_messages(b)
+
+
+class _NoTemplateHF:
+    eos_token_id = 2
+    chat_template = None
+    all_special_ids = [2]
+
+
+def test_no_chat_template_is_a_clear_value_error() -> None:
+    tok = Tokenizer(_NoTemplateHF())
+    assert tok.eos_token_ids == {2}
+    with pytest.raises(ValueError, match="no chat template"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+# ---------------------------------------------------------------- real Qwen tokenizer
+
+MODEL_DIR = os.environ.get("PAGEDSERVE_TEST_MODEL_DIR", "/tmp/qwen05b-hf")
+
+
+@pytest.fixture(scope="module")
+def qwen() -> Tokenizer:
+    if not os.path.isfile(os.path.join(MODEL_DIR, "tokenizer.json")):
+        pytest.skip(f"no tokenizer.json in {MODEL_DIR}; set PAGEDSERVE_TEST_MODEL_DIR to a Qwen2.5 folder")
+    return load_tokenizer(MODEL_DIR)
+
+
+def test_qwen_basic_properties(qwen: Tokenizer) -> None:
+    assert qwen.eos_token_id == 151645  # <|im_end|>
+    assert 151645 in qwen.eos_token_ids
+    assert qwen.vocab_size == len(qwen.hf)
+    assert qwen.decode(qwen.encode("hello world")) == "hello world"
+
+
+def test_qwen_streaming_chinese_and_emoji(qwen: Tokenizer) -> None:
+    text = "你好，世界！🎉 Family: 👨‍👩‍👧 — naïve café, 東京タワー 🗼🚀 done."
+    prompt = qwen.encode("Say something:")
+    ids = qwen.encode(text, add_special_tokens=False)
+    # The case is only meaningful if some tokens split a character.
+    assert any("\ufffd" in qwen.decode([t]) for t in ids)
+    det = IncrementalDetokenizer(qwen, prompt)
+    deltas = stream(det, ids)
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == det.text == qwen.decode(ids) == text
+
+
+def test_qwen_eos_is_skipped(qwen: Tokenizer) -> None:
+    ids = qwen.encode("Done.", add_special_tokens=False) + [qwen.eos_token_id]
+    det = IncrementalDetokenizer(qwen, [])
+    assert "".join(stream(det, ids)) == "Done."
+
+
+def test_qwen_stop_string_split_across_tokens(qwen: Tokenizer) -> None:
+    text = "The answer is forty-two, and that is final."
+    ids = qwen.encode(text, add_special_tokens=False)
+    stop = "swer is fo"  # starts and ends inside tokens
+    assert not any(stop in qwen.decode([t]) for t in ids)
+    for include, want in ((False, "The an"), (True, "The answer is fo")):
+        det = IncrementalDetokenizer(qwen, [], stop=[stop], include_stop_str_in_output=include)
+        deltas = stream(det, ids)
+        assert det.finished_by_stop and det.stop_reason == stop
+        assert "".join(deltas) == det.text == want
+        # No streamed prefix ever showed part of the stop string beyond the final text.
+        shown = ""
+        for d in deltas:
+            shown += d
+            assert want.startswith(shown)
+
+
+def test_qwen_multiple_stop_strings(qwen: Tokenizer) -> None:
+    text = "alpha beta\n\ngamma END delta"
+    ids = qwen.encode(text, add_special_tokens=False)
+    det = IncrementalDetokenizer(qwen, [], stop=["END", "\n\n", "zeta"])
+    deltas = stream(det, ids)
+    assert det.stop_reason == "\n\n" and "".join(deltas) == det.text == "alpha beta"
+
+
+def test_qwen_chat_template_is_chatml(qwen: Tokenizer) -> None:
+    msgs = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]},
+    ]
+    text = qwen.apply_chat_template(msgs)
+    assert text == (
+        "<|im_start|>system\nYou are terse.<|im_end|>\n"
+        "<|im_start|>user\nHi\nthere<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    ids = qwen.apply_chat_template(msgs, tokenize=True)
+    assert isinstance(ids, list) and qwen.decode(ids, skip_special_tokens=False) == text
+    no_gen = qwen.apply_chat_template(msgs, add_generation_prompt=False)
+    assert isinstance(no_gen, str) and not no_gen.endswith("<|im_start|>assistant\n")
+
+
+def test_qwen_chat_template_override(tmp_path: os.PathLike) -> None:
+    if not os.path.isfile(os.path.join(MODEL_DIR, "tokenizer.json")):
+        pytest.skip(f"no tokenizer.json in {MODEL_DIR}")
+    literal = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+    tok = load_tokenizer(MODEL_DIR, chat_template=literal)
+    assert tok.apply_chat_template([{"role": "user", "content": "x"}]) == "[user]x"
+    path = os.path.join(tmp_path, "t.jinja")
+    with open(path, "w") as f:
+        f.write("{{ messages[0]['content'] }}!")
+    tok = load_tokenizer(MODEL_DIR, chat_template=path)
+    assert tok.apply_chat_template([{"role": "user", "content": "x"}]) == "x!"
+    with pytest.raises(ValueError, match="neither"):
+        load_tokenizer(MODEL_DIR, chat_template="/no/such/template.jinja")
+    raising = "{{ raise_exception('roles must alternate') }}"
+    tok = load_tokenizer(MODEL_DIR, chat_template=raising)
+    with pytest.raises(ValueError, match="roles must alternate"):
+        tok.apply_chat_template([{"role": "user", "content": "x"}])
