@@ -261,7 +261,7 @@ class LLMEngine:
             "num_running": s.num_running,
             "num_waiting": s.num_waiting,
             "kv_cache_usage": s.kv_cache_usage,
-            "num_free_blocks": s.num_free_blocks,
+            "num_free_blocks": s.num_free_blocks(),
             "num_total_blocks": self.worker.num_kv_blocks,
             "prefix_cache_queries": s.prefix_cache_queries,
             "prefix_cache_hits": s.prefix_cache_hits,

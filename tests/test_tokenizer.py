@@ -275,3 +275,13 @@ def test_qwen_chat_template_override(tmp_path: os.PathLike) -> None:
     tok = load_tokenizer(MODEL_DIR, chat_template=raising)
     with pytest.raises(ValueError, match="roles must alternate"):
         tok.apply_chat_template([{"role": "user", "content": "x"}])
+
+
+def test_gguf_tokenizer_matches_folder(qwen: Tokenizer) -> None:
+    gguf = os.environ.get("PAGEDSERVE_TEST_GGUF", "")
+    if not os.path.isfile(gguf):
+        pytest.skip("set PAGEDSERVE_TEST_GGUF to a Qwen2.5 .gguf file to test GGUF tokenizer loading")
+    tok = load_tokenizer(gguf)  # a path to the file; load_tokenizer(folder, gguf_file=name) also works
+    text = "你好 hello 🎉"
+    assert tok.encode(text, add_special_tokens=False) == qwen.encode(text, add_special_tokens=False)
+    assert tok.eos_token_id == qwen.eos_token_id

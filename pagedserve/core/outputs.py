@@ -4,7 +4,8 @@ Index picture for one request in one step:
 
     all_token_ids:  [0 ............ num_computed_tokens ........ +len(token_ids) ...... num_tokens)
                      K/V already cached  | computed this step (token_ids) | not yet
-    positions of token_ids: num_computed_tokens + i;  seq_len after the step = num_computed_tokens + len(token_ids)
+    positions of token_ids: num_computed_tokens + i
+    seq_len after the step = num_computed_tokens + len(token_ids)
 
 `needs_sample` is true when the chunk ends at the last known token (a decode step, or the
 final chunk of a prefill): the runner samples one new token for it.

@@ -335,7 +335,7 @@ def test_random_workload_reads_only_correct_kv(seed: int, enable_prefix_caching:
     sched = make_scheduler(
         max_num_seqs=rng.choice([2, 4, 8]),
         max_num_batched_tokens=rng.choice([5, 16, 64]),
-        num_blocks=12,
+        num_blocks=8,
         block_size=bs,
         enable_prefix_caching=enable_prefix_caching,
         long_prefill_token_threshold=rng.choice([None, 6]),
@@ -354,7 +354,7 @@ def test_random_workload_reads_only_correct_kv(seed: int, enable_prefix_caching:
                     make_request(
                         f"r{next_id}",
                         prompt,
-                        max_tokens=rng.randrange(1, 12),
+                        max_tokens=rng.randrange(1, 20),
                         eos_token_id=0,
                         cache_salt=f"g{next_id // 100}" if n > 1 else None,
                     )
@@ -374,9 +374,9 @@ def test_random_workload_reads_only_correct_kv(seed: int, enable_prefix_caching:
                 assert slots.get(s.block_ids[pos // bs] * bs + pos % bs) == tuple(
                     request.all_token_ids[: pos + 1]
                 )
-        run(sched, out, default=rng.randrange(3))
+        run(sched, out, default=0 if rng.random() < 0.05 else rng.randrange(1, 3))
         check_invariants(sched)
     while sched.has_unfinished_requests():
         run(sched, sched.schedule(), default=1)
-    assert sched.num_free_blocks() == 12
+    assert sched.num_free_blocks() == 8
     assert all(b.ref_cnt == 0 for b in sched.kv_cache.pool.blocks)

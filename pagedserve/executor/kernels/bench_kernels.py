@@ -14,6 +14,7 @@ Block tables are random permutations of the physical blocks, as after a while of
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import math
 
@@ -101,9 +102,9 @@ def bench_decode(dtype, configs) -> None:
         out = torch.empty_like(query)
         results = []
         for cfg in configs:
-            def run(cfg=cfg):
-                paged_attention_decode(query, kv, tables, lens, scale, out=out, max_seq_len=ctx, **cfg)
-
+            run = functools.partial(
+                paged_attention_decode, query, kv, tables, lens, scale, out=out, max_seq_len=ctx, **cfg
+            )
             run()
             ms = triton.testing.do_bench(run, return_mode="median")
             results.append((ms, cfg, run))
@@ -112,11 +113,10 @@ def bench_decode(dtype, configs) -> None:
         ms_graph = triton.testing.do_bench_cudagraph(run, return_mode="median")
         splits = cfg.get("num_splits") or choose_num_splits(batch, HKV, ctx, cfg.get("block_n", 64),
                                                              query.device)  # fmt: skip
-        label = "default" if len(configs) == 1 else "n{block_n}w{num_warps}s{num_stages}".format(**cfg)
+        label = ("default" if len(configs) == 1 else "n{block_n}w{num_warps}s{num_stages}").format(**cfg)
         gbs, gbs_g = kv_bytes / ms / 1e6, kv_bytes / ms_graph / 1e6
         print(f"{batch:5d} {ctx:5d} {splits:6d} {label:>14} {ms:8.4f} {gbs:7.0f} {gbs / 30:5.1f}"
               f" {ms_graph:9.4f} {gbs_g:7.0f} {gbs_g / 30:5.1f}")  # fmt: skip
-        del kv
 
 
 def bench_prefill(dtype, configs) -> None:
@@ -129,9 +129,9 @@ def bench_prefill(dtype, configs) -> None:
         out = torch.empty_like(query)
         results = []
         for cfg in configs:
-            def run(cfg=cfg):
-                paged_attention_prefill(query, kv, qsl, lens, tables, scale, length, out=out, **cfg)
-
+            run = functools.partial(
+                paged_attention_prefill, query, kv, qsl, lens, tables, scale, length, out=out, **cfg
+            )
             try:
                 run()
             except Exception as exc:  # e.g. out of shared memory for a large config
@@ -139,9 +139,10 @@ def bench_prefill(dtype, configs) -> None:
                 continue
             results.append((triton.testing.do_bench(run, return_mode="median"), cfg))
         ms, cfg = min(results, key=lambda r: r[0])
-        label = "default" if len(configs) == 1 else "m{block_m}n{block_n}w{num_warps}s{num_stages}".format(**cfg)
+        label = "default" if len(configs) == 1 else "m{block_m}n{block_n}w{num_warps}s{num_stages}"
         tflops = flops / ms / 1e9
-        print(f"{batch:>3}x{length:<4} {label:>16} {ms:8.4f} {tflops:8.1f} {100 * tflops * 1e12 / MATMUL_CEILING:8.1f}")
+        pct = 100 * tflops * 1e12 / MATMUL_CEILING
+        print(f"{batch:>3}x{length:<4} {label.format(**cfg):>16} {ms:8.4f} {tflops:8.1f} {pct:8.1f}")
 
 
 def main() -> None:
@@ -158,8 +159,8 @@ def main() -> None:
     if args.tune:
         decode_cfgs = [dict(block_n=n, num_warps=w, num_stages=s)
                        for n, w, s in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4))]  # fmt: skip
-        prefill_cfgs = [dict(block_m=m, block_n=n, num_warps=w, num_stages=s)
-                        for m, n, w, s in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))]  # fmt: skip
+        prefill_space = itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))
+        prefill_cfgs = [dict(block_m=m, block_n=n, num_warps=w, num_stages=s) for m, n, w, s in prefill_space]
     else:
         decode_cfgs, prefill_cfgs = [{}], [{}]
     bench_decode(dtype, decode_cfgs)

@@ -1,0 +1,112 @@
+"""Prometheus metrics on a private registry per app (several apps in one process don't collide).
+
+Gauges and totals are read from the engine's newest stats snapshot at scrape time (a custom
+collector: no bookkeeping on the hot path); latency histograms are observed on the event loop as
+outputs arrive (AsyncEngine observers). Names follow vLLM's with the `pagedserve:` prefix.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from pagedserve.async_engine import AsyncEngine, RequestStream
+from pagedserve.outputs import RequestOutput
+
+PREFIX = "pagedserve:"
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                    7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
+                0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+
+# (stats key, metric suffix, help)
+_GAUGES = (
+    ("num_running", "num_requests_running", "Sequences being generated (in the running batch)."),
+    ("num_waiting", "num_requests_waiting", "Sequences waiting to be scheduled."),
+    ("kv_cache_usage", "kv_cache_usage_perc", "Fraction of KV cache blocks in use (0 to 1)."),
+    ("num_free_blocks", "num_free_kv_blocks", "KV cache blocks not held by any request."),
+    ("num_total_blocks", "num_total_kv_blocks", "KV cache blocks in all."),
+)
+_COUNTERS = (
+    ("prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
+    ("prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache."),
+    ("num_preemptions", "num_preemptions", "Requests preempted (KV blocks freed, recomputed later)."),
+    ("prompt_tokens_total", "prompt_tokens", "Prompt tokens admitted."),
+    ("generation_tokens_total", "generation_tokens", "Tokens generated."),
+)
+
+
+class _EngineStatsCollector(Collector):
+    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+        self.engine = engine
+        self.model_name = model_name
+
+    def collect(self):
+        stats = self.engine.stats
+        labels = ["model_name"]
+        for key, suffix, help_text in _GAUGES:
+            g = GaugeMetricFamily(PREFIX + suffix, help_text, labels=labels)
+            g.add_metric([self.model_name], float(stats.get(key, 0)))
+            yield g
+        for key, suffix, help_text in _COUNTERS:
+            c = CounterMetricFamily(PREFIX + suffix, help_text, labels=labels)
+            c.add_metric([self.model_name], float(stats.get(key, 0)))
+            yield c
+        g = GaugeMetricFamily(PREFIX + "engine_healthy", "1 while the engine thread runs, 0 once it died.",
+                              labels=labels)
+        g.add_metric([self.model_name], 0.0 if self.engine.is_dead else 1.0)
+        yield g
+        g = GaugeMetricFamily(PREFIX + "num_requests_in_flight", "HTTP-side requests not yet finished.",
+                              labels=labels)
+        g.add_metric([self.model_name], float(self.engine.num_in_flight))
+        yield g
+
+
+class ServerMetrics:
+    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(_EngineStatsCollector(engine, model_name))
+        labels = ["model_name"]
+        r = self.registry
+        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time from arrival to the first token.",
+                              labels, buckets=_LATENCY_BUCKETS, registry=r).labels(model_name)
+        self.itl = Histogram(PREFIX + "inter_token_latency_seconds",
+                             "Time between consecutive engine outputs of a request.",
+                             labels, buckets=_ITL_BUCKETS, registry=r).labels(model_name)
+        self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Time from arrival to the last token.",
+                             labels, buckets=_LATENCY_BUCKETS, registry=r).labels(model_name)
+        self.queue = Histogram(PREFIX + "request_queue_time_seconds",
+                               "Time from arrival to the first scheduling step.",
+                               labels, buckets=_LATENCY_BUCKETS, registry=r).labels(model_name)
+        self._success = Counter(PREFIX + "request_success", "Requests finished, by finish reason.",
+                                ["model_name", "finished_reason"], registry=r)
+        self._model_name = model_name
+        engine.observers.append(self.observe)
+
+    def observe(self, stream: RequestStream, output: RequestOutput) -> None:
+        """Called on the event loop for every engine output of every request (before coalescing)."""
+        m = output.metrics
+        if m is None:
+            return
+        num_tokens = sum(len(o.token_ids) for o in output.outputs)
+        if num_tokens > stream.num_tokens_seen:
+            now = m.last_token_time
+            if stream.last_token_time is None:
+                if m.first_token_time is not None:
+                    self.ttft.observe(max(0.0, m.first_token_time - m.arrival_time))
+            elif now is not None:
+                self.itl.observe(max(0.0, now - stream.last_token_time))
+            stream.num_tokens_seen = num_tokens
+            stream.last_token_time = now
+        if output.finished:
+            end = m.finished_time or m.last_token_time
+            if end is not None:
+                self.e2e.observe(max(0.0, end - m.arrival_time))
+            if m.first_scheduled_time is not None:
+                self.queue.observe(max(0.0, m.first_scheduled_time - m.arrival_time))
+            for o in output.outputs:
+                self._success.labels(self._model_name, o.finish_reason or "unknown").inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,375 @@
+"""The OpenAI-compatible HTTP server: FastAPI app factory, flags, uvicorn runner, signals.
+
+    run_server(config, args)        load the engine, build the app, serve until SIGTERM/SIGINT
+      └─ build_app(AsyncEngine, ServerSettings) -> FastAPI
+            /v1/chat/completions  /v1/completions  /v1/models  /health  /metrics  /version
+
+SIGTERM/SIGINT: stop accepting (listener closed, new submissions get 503), let in-flight requests
+finish for up to --shutdown-timeout seconds, cancel (= abort) the rest, stop the engine, exit 0.
+A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hmac
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pagedserve.async_engine import AsyncEngine
+from pagedserve.config import EngineConfig
+from pagedserve.entrypoints.openai.metrics import ServerMetrics
+from pagedserve.entrypoints.openai.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    HealthResponse,
+    ModelCard,
+    ModelList,
+    VersionResponse,
+)
+from pagedserve.entrypoints.openai.serving_base import APIError, TokenStrings, error_body, error_response
+from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat
+from pagedserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
+
+logger = logging.getLogger(__name__)
+
+API_KEY_ENV = "PAGEDSERVE_API_KEY"
+DEFAULT_MAX_REQUEST_BODY_BYTES = 1 << 20  # 1 MiB
+
+
+@dataclass(slots=True)
+class ServerSettings:
+    api_key: str | None = None
+    max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
+    shutdown_timeout: float = 30.0
+    served_model_names: list[str] = field(default_factory=list)  # default: [engine.model_name]
+    model_root: str | None = None
+
+
+def _version() -> str:
+    try:
+        from pagedserve import __version__
+
+        return __version__
+    except ImportError:  # pragma: no cover
+        return "unknown"
+
+
+# --------------------------------------------------------------------------- middleware
+class _GateMiddleware:
+    """Pure ASGI (streaming-safe): API key on /v1/*, and the request body size limit."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or ())
+        if self.api_key is not None and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
+            auth = headers.get(b"authorization", b"")
+            token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
+            # compare_digest: the time taken does not tell how much of the key matched.
+            if not hmac.compare_digest(token, self.api_key):
+                await _send_error(send, 401, error_body(
+                    "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                    "invalid_request_error", None, "invalid_api_key"),
+                    {"WWW-Authenticate": "Bearer"})
+                return
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                too_large = int(length) > self.max_body_bytes
+            except ValueError:
+                too_large = False
+            if too_large:
+                await _send_error(send, 413, _too_large_body(self.max_body_bytes))
+                return
+        received = 0
+        limit = self.max_body_bytes
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise StarletteHTTPException(413, _too_large_body(limit)["error"]["message"])
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _too_large_body(limit: int) -> dict:
+    return error_body(f"the request body is larger than {limit} bytes (--max-request-body-bytes)",
+                      "invalid_request_error", None, "request_too_large")
+
+
+async def _send_error(send: Send, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
+    payload = json.dumps(body).encode()
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+# --------------------------------------------------------------------------- app
+_ERROR_RESPONSES = {
+    400: {"model": ErrorResponse, "description": "invalid request"},
+    401: {"model": ErrorResponse, "description": "missing or wrong API key"},
+    404: {"model": ErrorResponse, "description": "unknown model"},
+    413: {"model": ErrorResponse, "description": "request body too large"},
+    503: {"model": ErrorResponse, "description": "queue full, shutting down, or engine dead (see Retry-After)"},
+}
+
+
+def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+    served_names = settings.served_model_names or [engine.model_name]
+    started = int(time.time())
+    token_strings = TokenStrings(engine.tokenizer)
+    chat = OpenAIServingChat(engine, served_names, token_strings)
+    completion = OpenAIServingCompletion(engine, served_names, token_strings)
+    metrics = ServerMetrics(engine, served_names[0])
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        # uvicorn has already waited up to --shutdown-timeout for in-flight requests and cancelled
+        # the rest (each cancel aborts its engine request); stop the engine thread now.
+        await engine.shutdown(timeout=min(5.0, settings.shutdown_timeout))
+
+    app = FastAPI(title="pagedserve", version=_version(), lifespan=lifespan,
+                  description="OpenAI-compatible API of the pagedserve engine; see docs/server.md.")
+    app.state.engine = engine
+    app.state.metrics = metrics
+    app.add_middleware(_GateMiddleware, api_key=settings.api_key,
+                       max_body_bytes=settings.max_request_body_bytes)
+    _add_exception_handlers(app)
+
+    @app.post("/v1/chat/completions", response_model=None,
+              responses={200: {"model": ChatCompletionResponse,
+                               "description": "a completion; with stream=true, text/event-stream of "
+                                              "chat.completion.chunk objects (ChatCompletionChunk)"},
+                         **_ERROR_RESPONSES})
+    async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response:
+        return await chat.create(request, raw_request)
+
+    @app.post("/v1/completions", response_model=None,
+              responses={200: {"model": CompletionResponse}, **_ERROR_RESPONSES})
+    async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
+        return await completion.create(request, raw_request)
+
+    def model_card(name: str) -> dict:
+        return ModelCard(id=name, created=started, root=settings.model_root,
+                         max_model_len=engine.max_model_len).model_dump()
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models() -> dict:
+        return {"object": "list", "data": [model_card(n) for n in served_names]}
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses={404: _ERROR_RESPONSES[404]})
+    async def retrieve_model(model_id: str) -> dict:
+        if model_id not in served_names:
+            raise APIError(404, f"The model `{model_id}` does not exist.", "invalid_request_error",
+                           "model", "model_not_found")
+        return model_card(model_id)
+
+    @app.get("/health", response_model=HealthResponse,
+             responses={503: {"model": ErrorResponse, "description": "the engine has died"}})
+    async def health() -> Response:
+        if engine.is_dead:
+            return JSONResponse(error_body(f"the engine has stopped: {engine.dead_error!r}", "server_error",
+                                           None, "engine_dead"), status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics", response_class=Response)
+    async def get_metrics() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/version", response_model=VersionResponse)
+    async def version() -> dict:
+        return {"version": _version()}
+
+    _ = ChatCompletionChunk  # documented in the schema via the 200 description; keep the import used
+    return app
+
+
+def _add_exception_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> Response:
+        return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, e: RequestValidationError) -> Response:
+        errors = e.errors()
+        param = None
+        parts = []
+        for err in errors[:5]:
+            loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+            if param is None and loc:
+                param = ".".join(loc)
+            if err.get("type") == "json_invalid":
+                parts.append(f"the body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}")
+            else:
+                parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg')}")
+        message = "; ".join(parts) or "invalid request"
+        return JSONResponse(error_body(message, "invalid_request_error", param, None), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(e.status_code)
+        return JSONResponse(error_body(str(e.detail), "invalid_request_error", None, code),
+                            status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, e: Exception) -> Response:
+        logger.exception("unhandled error")
+        return JSONResponse(error_body(f"internal server error: {type(e).__name__}", "server_error"),
+                            status_code=500)
+
+
+# --------------------------------------------------------------------------- flags
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of the HTTP server itself (engine flags: pagedserve.entrypoints.args)."""
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
+    g.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    g.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV} if set); "
+                        "/health, /metrics and /version stay open")
+    g.add_argument("--max-queued-requests", type=int, default=None,
+                   help="refuse new requests with 503 + Retry-After while this many are waiting to be "
+                        "scheduled (default: no limit)")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT, seconds to let in-flight requests finish before aborting them")
+    g.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES,
+                   help="larger request bodies get 413 (default 1 MiB)")
+    g.add_argument("--disable-log-stats", action="store_true",
+                   help="no periodic stats line (throughput, running/waiting, KV cache usage)")
+    g.add_argument("--log-stats-interval", type=float, default=5.0,
+                   help="seconds between stats lines while busy")
+    g.add_argument("--disable-access-log", action="store_true", help="no log line per HTTP request")
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """All `pagedserve serve` flags: [MODEL] positional, engine flags, server flags."""
+    from pagedserve.entrypoints.args import add_engine_args
+
+    add_engine_args(parser, model_positional=True)
+    add_server_args(parser)
+    return parser
+
+
+def serve_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    from pagedserve.entrypoints.args import config_from_args
+
+    return config_from_args(args, max_queued_requests=args.max_queued_requests,
+                            disable_log_stats=args.disable_log_stats)
+
+
+# --------------------------------------------------------------------------- runner
+def _make_uvicorn_server(app: FastAPI, args: argparse.Namespace, on_signal: Callable[[], None]):
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        """uvicorn re-raises the signal after a graceful stop (exit status 143); we exit 0."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            handled = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+        def handle_exit(self, sig: int, frame) -> None:
+            if self.should_exit:
+                logger.warning("second signal: exiting now")
+                self.force_exit = True
+                return
+            logger.warning("received %s: not accepting new requests; waiting up to %.0f s for %d "
+                           "in-flight request(s)", signal.Signals(sig).name, args.shutdown_timeout,
+                           app.state.engine.num_in_flight)
+            on_signal()
+            self.should_exit = True
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="on",
+                            timeout_graceful_shutdown=args.shutdown_timeout,
+                            access_log=not args.disable_access_log, log_level="info")
+    return _Server(config)
+
+
+def run_server(config: EngineConfig, args: argparse.Namespace) -> int:
+    """Loads the engine, serves until SIGTERM/SIGINT, returns 0 after a graceful stop."""
+    from pagedserve.engine import LLMEngine
+
+    if not config.disable_log_stats:
+        pkg_logger = logging.getLogger("pagedserve")
+        if pkg_logger.getEffectiveLevel() > logging.INFO:
+            pkg_logger.setLevel(logging.INFO)  # the periodic stats line is INFO
+    engine = LLMEngine(config)
+    async_engine = AsyncEngine(engine, max_queued_requests=config.max_queued_requests,
+                               log_stats=not config.disable_log_stats,
+                               log_stats_interval=getattr(args, "log_stats_interval", 5.0))
+    api_key = getattr(args, "api_key", None) or os.environ.get(API_KEY_ENV) or None
+    settings = ServerSettings(api_key=api_key,
+                              max_request_body_bytes=getattr(args, "max_request_body_bytes",
+                                                             DEFAULT_MAX_REQUEST_BODY_BYTES),
+                              shutdown_timeout=args.shutdown_timeout,
+                              model_root=engine.config.model)
+    app = build_app(async_engine, settings)
+    server = _make_uvicorn_server(app, args, async_engine.stop_accepting)
+    logger.info("serving %s on http://%s:%d (OpenAI API under /v1)", async_engine.model_name, args.host, args.port)
+    server.run()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pagedserve.entrypoints.openai",
+                                     description="OpenAI-compatible server (same flags as `pagedserve serve`).")
+    parser.add_argument("--log-level", default="WARNING", help="logging level of everything but the stats line")
+    add_serve_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = serve_config_from_args(args)
+        return run_server(config, args)
+    except ValueError as e:
+        print(f"pagedserve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

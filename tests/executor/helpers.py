@@ -1,0 +1,104 @@
+"""Shared pieces of the executor tests: tiny random HF models, a logits-capturing sampler, and
+hand-built scheduler steps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pagedserve.config import EngineConfig
+from pagedserve.core.outputs import ScheduledRequest, SchedulerOutput, TokenLogprobs
+from pagedserve.executor.loader import load_model
+from pagedserve.executor.model_runner import ModelRunner
+from pagedserve.sampling_params import SamplingParams
+
+TINY = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6,
+)
+
+
+def tiny_hf_config(arch: str, **overrides: Any) -> Any:
+    from transformers import LlamaConfig, Qwen2Config
+
+    defaults = dict(rope_theta=10000.0, tie_word_embeddings=arch != "qwen2")
+    kwargs = {**TINY, **defaults, **overrides}
+    return (Qwen2Config if arch == "qwen2" else LlamaConfig)(**kwargs)
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> None:
+    """Every parameter random (HF zero-inits biases; we want them to matter); norms near 1."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator) * std
+            param.copy_(1.0 + noise if "norm" in name else noise)
+
+
+def tiny_hf_model(arch: str, seed: int = 0, **overrides: Any) -> Any:
+    from transformers import LlamaForCausalLM, Qwen2ForCausalLM
+
+    config = tiny_hf_config(arch, **overrides)
+    model = (Qwen2ForCausalLM if arch == "qwen2" else LlamaForCausalLM)(config)
+    randomize_(model, seed)
+    return model.eval()
+
+
+def save_tiny_model(arch: str, folder: Path, seed: int = 0, **overrides: Any) -> Any:
+    model = tiny_hf_model(arch, seed, **overrides)
+    model.save_pretrained(folder)
+    return model
+
+
+def hf_logits(model: Any, token_ids: Sequence[int]) -> torch.Tensor:
+    """HF's logits for every position of one full sequence, [len, V] fp32."""
+    with torch.no_grad():
+        return model(torch.tensor([list(token_ids)])).logits[0].float()
+
+
+class CapturingSampler:
+    """Greedy stand-in sampler that keeps every logits row it is given, by request id."""
+
+    def __init__(self) -> None:
+        self.logits: list[dict[str, torch.Tensor]] = []
+
+    def __call__(
+        self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]
+    ) -> tuple[list[int], list[TokenLogprobs | None]]:
+        assert logits.shape[0] == len(requests) and logits.dtype == torch.float32
+        self.logits.append({r.request_id: logits[i].clone() for i, r in enumerate(requests)})
+        return logits.argmax(dim=-1).tolist(), [None] * len(requests)
+
+
+def make_runner(
+    model_path: str | Path, *, block_size: int = 4, num_blocks: int = 32, **config_kwargs: Any
+) -> tuple[ModelRunner, CapturingSampler]:
+    config = EngineConfig(model=str(model_path), device="cpu", dtype="float32", block_size=block_size,
+                          attention_backend="torch", **config_kwargs)
+    model, hf_config = load_model(config, str(model_path), torch.device("cpu"), torch.float32)
+    sampler = CapturingSampler()
+    runner = ModelRunner(config, model, hf_config, "cpu", torch.float32, num_blocks, block_size, sampler)
+    return runner, sampler
+
+
+def scheduled(
+    request_id: str, token_ids: list[int], num_computed: int, block_ids: list[int], needs_sample: bool,
+    all_token_ids: list[int] | None = None,
+) -> ScheduledRequest:
+    all_ids = all_token_ids or token_ids
+    return ScheduledRequest(
+        request_id=request_id, token_ids=list(token_ids), num_computed_tokens=num_computed,
+        block_ids=list(block_ids), needs_sample=needs_sample, sampling_params=SamplingParams(temperature=0.0),
+        prompt_token_ids=list(all_ids), output_token_ids=[],
+    )
+
+
+def step(*requests: ScheduledRequest) -> SchedulerOutput:
+    return SchedulerOutput(scheduled=list(requests), num_batched_tokens=sum(len(r.token_ids) for r in requests))
+
+
+def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).abs().max() / expected.abs().max())

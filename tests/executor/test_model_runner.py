@@ -1,0 +1,118 @@
+"""ModelRunner against Hugging Face: one mixed step (chunked prefill + prefix-cache hit + decodes of
+different lengths) through the paged KV cache must give HF's full-sequence logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pagedserve.config import EngineConfig
+from pagedserve.executor.model_runner import (
+    determine_num_blocks,
+    kv_cache_bytes_per_block,
+)
+from tests.executor.helpers import (
+    hf_logits,
+    make_runner,
+    max_rel_err,
+    save_tiny_model,
+    scheduled,
+    step,
+)
+
+BLOCK = 4  # prompt lengths below are deliberately not multiples of it
+
+
+def _prompt(seed: int, n: int) -> list[int]:
+    return np.random.default_rng(seed).integers(0, 256, n).tolist()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_mixed_batch_matches_hf(arch: str, tmp_path) -> None:
+    hf = save_tiny_model(arch, tmp_path)
+    runner, sampler = make_runner(tmp_path, block_size=BLOCK, num_blocks=24)
+    seqs = {  # request id -> all its tokens so far
+        "A": _prompt(1, 11),  # chunked prefill: 6 tokens in step 1, 5 in step 2
+        "C": _prompt(2, 10),  # full prefill in step 1, then decodes
+        "D": _prompt(3, 5),
+        "E": _prompt(4, 13),
+    }
+    seqs["B"] = seqs["C"][:8] + _prompt(5, 3)  # shares C's first two (full) blocks
+    blocks = {"A": [1, 2, 3], "C": [4, 5, 6], "D": [7, 8], "E": [9, 10, 11, 12, 14], "B": [4, 5, 13]}
+
+    def check(step_logits: dict[str, torch.Tensor]) -> None:
+        for rid, logits in step_logits.items():
+            expected = hf_logits(hf, seqs[rid])[-1]
+            assert max_rel_err(logits, expected) < 1e-4, (arch, rid)
+
+    # Step 1: A's first chunk (no sample), prefills of C, D, E.
+    out = runner.execute(step(
+        scheduled("A", seqs["A"][:6], 0, blocks["A"], needs_sample=False),
+        scheduled("C", seqs["C"], 0, blocks["C"], needs_sample=True),
+        scheduled("D", seqs["D"], 0, blocks["D"], needs_sample=True),
+        scheduled("E", seqs["E"], 0, blocks["E"], needs_sample=True),
+    ))
+    assert out.sampled_token_ids[0] is None and None not in out.sampled_token_ids[1:]
+    assert out.logprobs == [None] * 4
+    check(sampler.logits[-1])
+    for rid, token in zip("CDE", out.sampled_token_ids[1:]):
+        seqs[rid].append(token)
+
+    # Step 2, the mixed batch: A's last chunk, B computing only past the shared prefix, 3 decodes.
+    out = runner.execute(step(
+        scheduled("C", seqs["C"][-1:], 10, blocks["C"], needs_sample=True),
+        scheduled("A", seqs["A"][6:], 6, blocks["A"], needs_sample=True),
+        scheduled("D", seqs["D"][-1:], 5, blocks["D"], needs_sample=True),
+        scheduled("B", seqs["B"][8:], 8, blocks["B"], needs_sample=True),
+        scheduled("E", seqs["E"][-1:], 13, blocks["E"], needs_sample=True),
+    ))
+    assert set(sampler.logits[-1]) == {"A", "B", "C", "D", "E"}
+    check(sampler.logits[-1])
+    for rid, token in zip("CADBE", out.sampled_token_ids):
+        seqs[rid].append(token)
+
+    # Step 3: decode-only, E crossing into a new block (position 16 -> block 14... index 4).
+    out = runner.execute(step(
+        scheduled("E", seqs["E"][-1:], 14, blocks["E"], needs_sample=True),
+        scheduled("B", seqs["B"][-1:], 11, blocks["B"], needs_sample=True),
+    ))
+    check(sampler.logits[-1])
+
+
+def test_prepare_inputs_layout(tmp_path) -> None:
+    save_tiny_model("llama", tmp_path)
+    runner, _ = make_runner(tmp_path, block_size=BLOCK, num_blocks=16)
+    inputs = runner.prepare_inputs(step(
+        scheduled("x", [5, 6, 7], 2, [3, 9], needs_sample=True),  # positions 2, 3, 4
+        scheduled("y", [8], 0, [1], needs_sample=False),
+        scheduled("z", [9], 6, [2, 4], needs_sample=True),  # position 6
+    ))
+    meta = inputs.ctx.attn_metadata
+    assert inputs.input_ids.tolist() == [5, 6, 7, 8, 9]
+    assert inputs.positions.tolist() == [2, 3, 4, 0, 6]
+    assert meta.slot_mapping.tolist() == [3 * 4 + 2, 3 * 4 + 3, 9 * 4 + 0, 1 * 4 + 0, 4 * 4 + 2]
+    assert meta.query_start_loc.tolist() == [0, 3, 4, 5]
+    assert meta.seq_lens.tolist() == [5, 1, 7]
+    assert meta.block_tables.tolist() == [[3, 9], [1, 0], [2, 4]]
+    assert meta.block_tables.dtype == torch.int32 and meta.seq_lens.dtype == torch.int32
+    assert inputs.logits_indices.tolist() == [2, 4]
+    assert (meta.max_query_len, meta.max_seq_len, meta.is_decode_only) == (3, 7, False)
+    assert meta.query_lens_cpu == [3, 1, 1] and meta.seq_lens_cpu == [5, 1, 7]
+
+
+def test_too_few_blocks_is_an_error(tmp_path) -> None:
+    save_tiny_model("llama", tmp_path)
+    runner, _ = make_runner(tmp_path, block_size=BLOCK, num_blocks=16)
+    with pytest.raises(ValueError, match="blocks cannot hold"):
+        runner.prepare_inputs(step(scheduled("x", list(range(9)), 0, [1, 2], needs_sample=True)))
+
+
+def test_num_blocks_on_cpu(tmp_path) -> None:
+    hf = save_tiny_model("qwen2", tmp_path)
+    # 2 layers x (K and V) x 4 tokens x 2 kv heads x 16 dims x 4 bytes
+    assert kv_cache_bytes_per_block(hf.config, 4, torch.float32) == 2 * 2 * 4 * 2 * 16 * 4
+    config = EngineConfig(model=str(tmp_path), cpu_kv_cache_gib=0.001, block_size=4)
+    assert determine_num_blocks(config, None, hf.config, "cpu", torch.float32) == int(0.001 * 2**30) // 2048
+    config = config.replace(num_kv_blocks=7)
+    assert determine_num_blocks(config, None, hf.config, "cpu", torch.float32) == 7

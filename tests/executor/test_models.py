@@ -1,0 +1,126 @@
+"""Layers, the torch reference attention, and the model registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pagedserve.executor.attention.base import AttentionMetadata
+from pagedserve.executor.attention.torch_ref import TorchAttentionBackend
+from pagedserve.executor.layers import RMSNorm, SiluAndMul, compute_inv_freq, rope_parameters
+from pagedserve.executor.models import get_model_class
+from tests.executor.helpers import (
+    hf_logits,
+    make_runner,
+    max_rel_err,
+    save_tiny_model,
+    scheduled,
+    step,
+    tiny_hf_config,
+)
+
+
+def test_rmsnorm_fused_residual_equals_add_then_norm() -> None:
+    norm = RMSNorm(8, eps=1e-6)
+    norm.weight.data = torch.randn(8)
+    x, residual = torch.randn(3, 8), torch.randn(3, 8)
+    normed, new_residual = norm(x, residual)
+    torch.testing.assert_close(new_residual, x + residual)
+    torch.testing.assert_close(normed, norm(x + residual))
+    expected = (x + residual) / torch.sqrt(((x + residual) ** 2).mean(-1, keepdim=True) + 1e-6) * norm.weight
+    torch.testing.assert_close(normed, expected)
+
+
+def test_silu_and_mul() -> None:
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(SiluAndMul()(x), F.silu(x[:, :6]) * x[:, 6:])
+
+
+@pytest.mark.parametrize("scaling", [
+    None,
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+])
+def test_inv_freq_matches_transformers(scaling: dict | None) -> None:
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = tiny_hf_config("llama", rope_theta=5e5, rope_scaling=scaling, max_position_embeddings=256)
+    theta, params = rope_parameters(config)
+    ours = compute_inv_freq(16, theta, params)
+    if scaling is None:
+        expected = 1.0 / (5e5 ** (torch.arange(0, 16, 2).float() / 16))
+    else:
+        expected, _ = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](config, "cpu")
+    torch.testing.assert_close(ours, expected)
+
+
+def test_unsupported_rope_scaling_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="rope scaling type 'dynamic' is not supported"):
+        compute_inv_freq(16, 1e4, {"rope_type": "dynamic", "factor": 2.0})
+
+
+def test_unsupported_architecture_names_supported_ones() -> None:
+    with pytest.raises(ValueError, match="Qwen2ForCausalLM.*LlamaForCausalLM") as info:
+        get_model_class(["MistralForCausalLM"])
+    assert "MistralForCausalLM" in str(info.value)
+    with pytest.raises(ValueError, match="supported architectures"):
+        get_model_class(None)
+    assert get_model_class(["Qwen2ForCausalLM"]).__name__ == "Qwen2ForCausalLM"
+
+
+def _dense_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """SDPA over a contiguous sequence whose last q.shape[0] positions are the queries."""
+    q_len, seq_len = q.shape[0], k.shape[0]
+    group = q.shape[1] // k.shape[1]
+    mask = torch.ones(q_len, seq_len, dtype=torch.bool).tril(diagonal=seq_len - q_len)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.repeat_interleave(group, 1).transpose(0, 1),
+        v.repeat_interleave(group, 1).transpose(0, 1), attn_mask=mask, scale=scale,
+    )
+    return out.transpose(0, 1)
+
+
+def test_torch_backend_matches_dense_attention_with_cache_offsets() -> None:
+    torch.manual_seed(0)
+    heads, kv_heads, dim, block = 4, 2, 8, 4
+    cache = torch.zeros(2, 10, block, kv_heads, dim)
+    # seq 0: 6 cached tokens in blocks [3, 7] + 3 new (9 total, blocks [3, 7, 1]); seq 1: a 5-token prefill.
+    full_k = [torch.randn(9, kv_heads, dim), torch.randn(5, kv_heads, dim)]
+    full_v = [torch.randn(9, kv_heads, dim), torch.randn(5, kv_heads, dim)]
+    tables = [[3, 7, 1], [2, 5]]
+    for pos in range(6):
+        slot = tables[0][pos // block] * block + pos % block
+        cache[0].view(-1, kv_heads, dim)[slot] = full_k[0][pos]
+        cache[1].view(-1, kv_heads, dim)[slot] = full_v[0][pos]
+    q = [torch.randn(3, heads, dim), torch.randn(5, heads, dim)]
+    new_positions = [range(6, 9), range(5)]
+    slots = [tables[s][p // block] * block + p % block for s in range(2) for p in new_positions[s]]
+    meta = AttentionMetadata(
+        query_start_loc=torch.tensor([0, 3, 8], dtype=torch.int32), seq_lens=torch.tensor([9, 5]),
+        block_tables=torch.tensor([[3, 7, 1], [2, 5, 0]], dtype=torch.int32),
+        slot_mapping=torch.tensor(slots), max_query_len=5, max_seq_len=9, block_size=block,
+    )
+    out = TorchAttentionBackend().forward(
+        torch.cat(q), torch.cat([full_k[0][6:], full_k[1]]), torch.cat([full_v[0][6:], full_v[1]]),
+        cache, meta, 0.3,
+    )
+    torch.testing.assert_close(out[:3], _dense_reference(q[0], full_k[0], full_v[0], 0.3))
+    torch.testing.assert_close(out[3:], _dense_reference(q[1], full_k[1], full_v[1], 0.3))
+    torch.testing.assert_close(cache[0, 1, 0], full_k[0][8])  # position 8 -> block 1, offset 0
+
+
+@pytest.mark.parametrize("arch,overrides", [
+    ("llama", dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=False,
+                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    ("llama", dict(head_dim=32)),  # head_dim != hidden / heads
+    ("qwen2", dict(tie_word_embeddings=True)),
+])
+def test_model_variants_match_hf(arch: str, overrides: dict, tmp_path) -> None:
+    hf = save_tiny_model(arch, tmp_path, **overrides)
+    runner, sampler = make_runner(tmp_path)
+    tokens = list(range(7, 50, 2))  # 22 tokens: past original_max_position_embeddings of the llama3 case
+    runner.execute(step(scheduled("r", tokens, 0, list(range(1, 7)), needs_sample=True)))
+    assert max_rel_err(sampler.logits[-1]["r"], hf_logits(hf, tokens)[-1]) < 1e-4

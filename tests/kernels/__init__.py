@@ -1,0 +1,1 @@
+"""Triton kernel tests (interpreter on CPU, compiled on CUDA)."""
