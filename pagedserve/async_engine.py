@@ -20,6 +20,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import threading
 import time
@@ -138,7 +139,9 @@ class AsyncEngine:
                  log_stats: bool = True, log_stats_interval: float = 5.0,
                  retry_after_seconds: int = 1) -> None:
         self.engine = engine
-        self.tokenizer = engine.tokenizer
+        # The HTTP side (tokenizer thread, logprob token strings) uses its own copy, so it never
+        # shares mutable tokenizer state with the engine thread's detokenizer.
+        self.tokenizer = _private_copy(engine.tokenizer)
         self.model_name = engine.model_name
         self.max_model_len = engine.max_model_len
         self.vocab_size: int = getattr(engine, "vocab_size", None) or int(engine.tokenizer.vocab_size)
@@ -402,6 +405,14 @@ class _StatsLogState:
     last_stats: dict
     last_seen_stats: dict | None = None
     active_since_log: bool = False
+
+
+def _private_copy(tokenizer: Any) -> Any:
+    try:
+        return copy.deepcopy(tokenizer)
+    except Exception:  # noqa: BLE001 - an uncopyable tokenizer is shared (HF fast ones are copyable)
+        logger.debug("tokenizer cannot be copied; sharing it with the engine thread")
+        return tokenizer
 
 
 def format_stats_line(prev: dict, cur: dict, seconds: float) -> str:

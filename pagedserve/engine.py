@@ -34,7 +34,6 @@ class _Choice:
     request: Request
     detokenizer: IncrementalDetokenizer
     output: CompletionOutput
-    emitted_text: str = ""  # what callers have been shown; the detokenizer may hold back a tail
 
 
 @dataclass(slots=True)
@@ -213,14 +212,14 @@ class LLMEngine:
                     if lp is not None:
                         out.logprobs.append(lp)
                         out.cumulative_logprob = (out.cumulative_logprob or 0.0) + lp.logprob
-            choice.emitted_text += choice.detokenizer.add_tokens(new_ids)
+            choice.detokenizer.add_tokens(new_ids)
         finished = update.finished
         if not finished and choice.detokenizer.stop_reason is not None:
             # A stop string ended it: the scheduler learns now and frees its blocks.
             self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
             finished = True
         if finished and out.finish_reason is None:
-            choice.emitted_text += choice.detokenizer.flush()
+            choice.detokenizer.flush()
             if choice.detokenizer.stop_reason is not None:
                 out.finish_reason, out.stop_reason = "stop", choice.detokenizer.stop_reason
             else:
@@ -228,7 +227,8 @@ class LLMEngine:
                 out.stop_reason = request.stop_reason
             state.num_unfinished -= 1
             self._child_to_parent.pop(request.request_id, None)
-        out.text = choice.emitted_text
+        # What callers may be shown: the detokenizer holds back a tail that could start a stop string.
+        out.text = choice.detokenizer.text
 
     def _make_output(self, state: _RequestState) -> RequestOutput:
         finished = state.num_unfinished == 0

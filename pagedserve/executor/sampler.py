@@ -140,6 +140,8 @@ class Sampler:
             # Fast path: no logits changes, no logprobs -> one argmax and one device-to-host copy.
             return logits.argmax(dim=-1).tolist(), [None] * num_rows
 
+        if logits.dtype != torch.float32:
+            logits = logits.float()  # penalties, softmax and the race need fp32 resolution
         processed = self.process_logits(logits, requests)
         sampled = self._sample(processed, requests)
 

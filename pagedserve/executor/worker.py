@@ -96,12 +96,18 @@ def build_worker(config: EngineConfig) -> Worker:
     if config.max_model_len is not None and model_len and config.max_model_len > model_len:
         raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's "
                          f"max_position_embeddings {model_len}")
-    max_model_len = config.max_model_len or model_len
     max_batched = config.max_num_batched_tokens or (8192 if device.type == "cuda" else 2048)
     vocab_size = int(hf_config.vocab_size)
     num_blocks = determine_num_blocks(config, model, hf_config, device, dtype, max_batched)
-    if num_blocks * config.block_size < config.block_size * 2:
+    if num_blocks < 2:
         raise ValueError(f"only {num_blocks} KV blocks fit; raise gpu_memory_utilization or cpu_kv_cache_gib")
+    capacity = num_blocks * config.block_size
+    max_model_len = config.max_model_len or model_len
+    if config.max_model_len is None and capacity < max_model_len:
+        # One request must always fit the whole cache, or it could preempt itself forever.
+        logger.warning("the KV cache holds %d tokens, less than the model's %d: max_model_len set to %d",
+                       capacity, max_model_len, capacity)
+        max_model_len = capacity
     eos_ids = set(getattr(tokenizer, "eos_token_ids", None) or {tokenizer.eos_token_id})
     eos_ids.discard(None)
     sampler = Sampler(vocab_size, eos_ids)
