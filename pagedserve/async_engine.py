@@ -193,12 +193,10 @@ class AsyncEngine:
             await asyncio.sleep(0.05)
         if self._streams:
             logger.warning("shutdown: aborting %d unfinished request(s)", len(self._streams))
-            ids = list(self._streams)
-            self.abort(ids)
-            for rid in ids:
-                stream = self._streams.pop(rid, None)
-                if stream is not None:
-                    stream._fail(ShuttingDownError("the server is shutting down"))
+            streams = list(self._streams.values())
+            self.abort([s.request_id for s in streams])
+            for stream in streams:
+                stream._fail(ShuttingDownError("the server is shutting down; request aborted"))
         with self._cond:
             self._stop_thread = True
             self._cond.notify()

@@ -24,7 +24,8 @@ def test_greedy_batch_equals_hf_generate(llm: LLM, real_model_dir: str) -> None:
     """Acceptance: greedy 32 tokens for 4 chat prompts run as one batch equal HF generate, token for token."""
     from transformers import AutoModelForCausalLM
 
-    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    # min_tokens masks eos exactly as HF's min_new_tokens does, so both run all 32 steps.
+    params = SamplingParams(temperature=0.0, max_tokens=32, min_tokens=32)
     outputs = llm.chat(CHATS, params, use_tqdm=False)
     hf = AutoModelForCausalLM.from_pretrained(real_model_dir, dtype=torch.float32)
     hf.eval()

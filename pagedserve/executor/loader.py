@@ -32,7 +32,6 @@ logger = logging.getLogger(__name__)
 HUB_ALLOW_PATTERNS = [
     "*.json", "*.safetensors", "*.jinja", "*.model", "*.tiktoken", "merges.txt", "vocab.txt",
 ]
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,21 +43,6 @@ class ModelSource:
     def folder(self) -> str:
         """Where the tokenizer / generation config files live (a GGUF file's folder)."""
         return os.path.dirname(self.path) if self.kind == "gguf" else self.path
-
-
-def resolve_device(config: EngineConfig) -> torch.device:
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was asked for but CUDA is not available; use device='cpu'")
-    return torch.device(config.device)
-
-
-def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
-    """'auto' is bfloat16 on CUDA and float32 on CPU (CPU half-precision matmuls are slow)."""
-    if config.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[config.dtype]
 
 
 def resolve_model_path(model: str, load_format: str = "auto") -> ModelSource:

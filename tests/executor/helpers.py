@@ -69,18 +69,19 @@ class CapturingSampler:
         self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]
     ) -> tuple[list[int], list[TokenLogprobs | None]]:
         assert logits.shape[0] == len(requests) and logits.dtype == torch.float32
-        self.logits.append({r.request_id: logits[i].clone() for i, r in enumerate(requests)})
+        self.logits.append({r.request_id: logits[i].cpu() for i, r in enumerate(requests)})
         return logits.argmax(dim=-1).tolist(), [None] * len(requests)
 
 
 def make_runner(
-    model_path: str | Path, *, block_size: int = 4, num_blocks: int = 32, **config_kwargs: Any
+    model_path: str | Path, *, block_size: int = 4, num_blocks: int = 32, device: str = "cpu",
+    dtype: torch.dtype = torch.float32, attention_backend: str = "torch", **config_kwargs: Any,
 ) -> tuple[ModelRunner, CapturingSampler]:
-    config = EngineConfig(model=str(model_path), device="cpu", dtype="float32", block_size=block_size,
-                          attention_backend="torch", **config_kwargs)
-    model, hf_config = load_model(config, str(model_path), torch.device("cpu"), torch.float32)
+    config = EngineConfig(model=str(model_path), device=device, block_size=block_size,
+                          attention_backend=attention_backend, **config_kwargs)
+    model, hf_config = load_model(config, str(model_path), torch.device(device), dtype)
     sampler = CapturingSampler()
-    runner = ModelRunner(config, model, hf_config, "cpu", torch.float32, num_blocks, block_size, sampler)
+    runner = ModelRunner(config, model, hf_config, device, dtype, num_blocks, block_size, sampler)
     return runner, sampler
 
 
@@ -97,7 +98,8 @@ def scheduled(
 
 
 def step(*requests: ScheduledRequest) -> SchedulerOutput:
-    return SchedulerOutput(scheduled=list(requests), num_batched_tokens=sum(len(r.token_ids) for r in requests))
+    num_tokens = sum(len(r.token_ids) for r in requests)
+    return SchedulerOutput(scheduled=list(requests), num_batched_tokens=num_tokens)
 
 
 def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

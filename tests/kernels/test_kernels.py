@@ -237,7 +237,10 @@ PREFILL_SHAPES = [(16, 64, 14, 2), (32, 128, 8, 2), (16, 64, 4, 4), (8, 128, 4, 
 
 @pytest.mark.parametrize("shape", PREFILL_SHAPES, ids=lambda s: "bs{}-d{}-hq{}-hkv{}".format(*s))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_prefill_mixed(shape, dtype):
+@pytest.mark.parametrize("split_decodes", [False, True], ids=["unified", "split"])
+def test_prefill_mixed(shape, dtype, split_decodes):
+    """unified: the prefill kernel does every sequence; split: the decode kernel (mixed mode, 2 splits)
+    does the one-token sequences and the prefill kernel skips them."""
     block_size, head_dim, num_heads, num_kv_heads = shape
     spec = [
         (0, 37),  # fresh prompt
@@ -253,9 +256,15 @@ def test_prefill_mixed(shape, dtype):
     )  # fmt: skip
     scale = head_dim**-0.5
     out = poisoned_like(b.query)
+    m = b.meta
+    if split_decodes:
+        paged_attention_decode(
+            b.query, b.full_cache, m.block_tables, m.seq_lens, scale, out=out, num_splits=2, block_n=16,
+            query_start_loc=m.query_start_loc,
+        )  # fmt: skip
     paged_attention_prefill(
-        b.query, b.full_cache, b.meta.query_start_loc, b.meta.seq_lens, b.meta.block_tables, scale,
-        b.meta.max_query_len, out=out, block_m=32 if num_heads // num_kv_heads < 8 else 16, block_n=16,
+        b.query, b.full_cache, m.query_start_loc, m.seq_lens, m.block_tables, scale, m.max_query_len,
+        out=out, block_m=32 if num_heads // num_kv_heads < 8 else 16, block_n=16, skip_decodes=split_decodes,
     )  # fmt: skip
     num_real = b.meta.query_start_loc[-1].item()
     assert_close(out[:num_real], reference_attention(b.query, b.full_cache, b.meta, scale), dtype)
@@ -281,8 +290,12 @@ def test_prefill_tile_shapes(block_m, block_n):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("decode_only", [True, False], ids=["decode", "mixed"])
-def test_backend_forward(decode_only):
+@pytest.mark.parametrize(
+    "decode_only,split_mixed,host_lens",
+    [(True, True, True), (False, True, True), (False, True, False), (False, False, True)],
+    ids=["decode", "mixed-split", "mixed-split-no-host-lens", "mixed-unified"],
+)
+def test_backend_forward(decode_only, split_mixed, host_lens):
     dtype = DTYPES[0]
     block_size, head_dim, num_heads, num_kv_heads = 16, 64, 8, 2
     if decode_only:
@@ -294,7 +307,11 @@ def test_backend_forward(decode_only):
         block_size=block_size, dtype=dtype, share_prefix=(1, 2, 2) if decode_only else None,
     )  # fmt: skip
     assert b.meta.is_decode_only == decode_only
-    backend = TritonAttentionBackend(decode_num_splits=2 if decode_only else None)
+    if not host_lens:
+        b.meta.query_lens_cpu = b.meta.seq_lens_cpu = None
+    backend = TritonAttentionBackend(
+        decode_num_splits=2 if decode_only else None, split_mixed_decodes=split_mixed
+    )
     out = backend.forward(b.query, b.key, b.value, b.kv_cache, b.meta, 0.125, out=poisoned_like(b.query))
     torch.testing.assert_close(b.kv_cache, b.full_cache, rtol=0, atol=0, equal_nan=True)
     assert_close(out, reference_attention(b.query, b.full_cache, b.meta, 0.125), dtype)
@@ -320,13 +337,15 @@ def test_gpu_large_decode_and_prefill(shape, dtype):
     assert_close(out, reference_attention(b.query, b.full_cache, b.meta, scale), dtype)
 
     mixed_spec = [(0, 700), (512, 300), (1000, 1), (333, 129), (64, 64), (2000, 1), (0, 1)]
-    b = make_batch(mixed_spec, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                   block_size=block_size, dtype=dtype, share_prefix=(1, 4, 4), num_pad_tokens=3)  # fmt: skip
-    out = TritonAttentionBackend().forward(
-        b.query, b.key, b.value, b.kv_cache, b.meta, scale, out=poisoned_like(b.query)
-    )
-    num_real = b.meta.query_start_loc[-1].item()
-    assert_close(out[:num_real], reference_attention(b.query, b.full_cache, b.meta, scale), dtype)
+    for split_mixed in (True, False):
+        b = make_batch(mixed_spec, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                       block_size=block_size, dtype=dtype, share_prefix=(1, 4, 64 // block_size),
+                       num_pad_tokens=3)  # fmt: skip
+        out = TritonAttentionBackend(split_mixed_decodes=split_mixed).forward(
+            b.query, b.key, b.value, b.kv_cache, b.meta, scale, out=poisoned_like(b.query)
+        )
+        num_real = b.meta.query_start_loc[-1].item()
+        assert_close(out[:num_real], reference_attention(b.query, b.full_cache, b.meta, scale), dtype)
 
 
 @gpu_only

@@ -7,7 +7,7 @@ outputs arrive (AsyncEngine observers). Names follow vLLM's with the `pagedserve
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -15,6 +15,7 @@ from pagedserve.async_engine import AsyncEngine, RequestStream
 from pagedserve.outputs import RequestOutput
 
 PREFIX = "pagedserve:"
+disable_created_metrics()  # no `*_created` series (as vLLM): they double the output for nothing
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                     7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,

@@ -10,9 +10,21 @@ the same shapes as plain dicts on the hot path.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from pagedserve.sampling_params import MAX_LOGPROBS, MAX_N, MAX_STOP_STRINGS
+
+
+def _integral_float_to_int(value: Any) -> Any:
+    # JSON Schema's "integer" includes 2.0; JSON has one number type. Booleans stay rejected.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_integral_float_to_int)]
 
 
 class OpenAIBaseModel(BaseModel):
@@ -38,28 +50,29 @@ class StreamOptions(OpenAIBaseModel):
 
 
 class SamplingFields(OpenAIBaseModel):
-    """Fields common to chat and completions: OpenAI's, then vLLM's extras."""
+    """Fields common to chat and completions: OpenAI's, then vLLM's extras. The bounds in the
+    schema are SamplingParams' (pagedserve/sampling_params.py), which checks them again."""
 
     model: str | None = Field(default=None, description="the served model name; may be omitted")
-    max_tokens: int | None = Field(default=None, description="most tokens to generate")
-    n: int | None = 1
-    temperature: float | None = None
-    top_p: float | None = None
+    max_tokens: Int | None = Field(default=None, ge=1, description="most tokens to generate")
+    n: Int | None = Field(default=1, ge=1, le=MAX_N)
+    temperature: float | None = Field(default=None, ge=0, le=100, description="default 1; 0: greedy")
+    top_p: float | None = Field(default=None, gt=0, le=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = Field(default=None, description="token id (as a string) -> bias")
+    stop: str | list[str] | None = Field(default=None, description=f"at most {MAX_STOP_STRINGS} strings")
+    seed: Int | None = Field(default=None, ge=-(2**63), lt=2**64)
+    presence_penalty: float | None = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(default=None, description="token id (as a string) -> bias in [-100, 100]")
     user: str | None = None  # accepted and ignored
     # vLLM extras
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    min_tokens: int | None = 0
+    top_k: Int | None = Field(default=None, ge=-1, description="0 or -1: off")
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+    min_tokens: Int | None = Field(default=0, ge=0)
     ignore_eos: bool | None = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Annotated[Int, Field(ge=0)]] | None = None
     skip_special_tokens: bool | None = True
     include_stop_str_in_output: bool | None = False
 
@@ -74,17 +87,17 @@ class ContentPart(BaseModel):
 
 
 class ChatMessage(OpenAIBaseModel):
-    role: str = Field(description="system, developer, user, assistant or tool")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None  # accepted and ignored
     tool_call_id: str | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = Field(default=None, description="alias of max_tokens (preferred)")
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Int | None = Field(default=None, ge=1, description="alias of max_tokens (preferred)")
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: Int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, description="needs logprobs: true")
     response_format: dict[str, Any] | None = None  # only {"type": "text"}
     tools: list[dict[str, Any]] | None = None  # refused unless tool_choice is "none"
     tool_choice: str | dict[str, Any] | None = None
@@ -166,12 +179,12 @@ class ChatCompletionChunk(OpenAIBaseModel):
 
 # --------------------------------------------------------------------------- completions
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+    prompt: str | list[str] | list[Int] | list[list[Int]] = Field(
         description="a string, a list of strings, a list of token ids, or a list of token-id lists")
-    max_tokens: int | None = 16
+    max_tokens: Int | None = Field(default=16, ge=1)
     echo: bool | None = False
-    logprobs: int | None = None
-    best_of: int | None = None  # refused unless equal to n
+    logprobs: Int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    best_of: Int | None = None  # refused unless equal to n
     suffix: str | None = None  # refused
 
 

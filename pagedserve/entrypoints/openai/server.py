@@ -229,6 +229,8 @@ def _add_exception_handlers(app: FastAPI) -> None:
         parts = []
         for err in errors[:5]:
             loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+            if err.get("type") == "json_invalid":
+                loc = []  # its loc is a character position, not a field
             if param is None and loc:
                 param = ".".join(loc)
             if err.get("type") == "json_invalid":

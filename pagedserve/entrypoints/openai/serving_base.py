@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
@@ -22,7 +23,7 @@ _MIN_LOGPROB = -9999.0
 _SAMPLING_FIELD_NAMES = {
     "n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "seed", "stop", "stop_token_ids", "max_tokens", "min_tokens", "logprobs",
-    "logit_bias", "each",
+    "logit_bias", "prompt_logprobs",
 }
 
 
@@ -68,8 +69,13 @@ def engine_error(e: BaseException) -> APIError:
 
 
 def _guess_param(message: str) -> str | None:
-    word = message.split(" ", 1)[0]
-    return word if word in _SAMPLING_FIELD_NAMES and word != "each" else None
+    """The request field a SamplingParams message is about: the first field name it mentions."""
+    best: tuple[int, str] | None = None
+    for name in _SAMPLING_FIELD_NAMES:
+        m = re.search(rf"\b{name}\b", message)
+        if m is not None and (best is None or m.start() < best[0]):
+            best = (m.start(), name)
+    return None if best is None else best[1]
 
 
 def error_response(e: APIError) -> Response:
@@ -113,22 +119,23 @@ def build_sampling_params(req: SamplingFields, max_tokens: int | None, logprobs:
         raise bad_request(f"invalid sampling parameters: {e}") from e
 
 
-def check_prompt_fits(engine: AsyncEngine, prompt_token_ids: list[int], params: SamplingParams) -> None:
+def check_prompt_fits(engine: AsyncEngine, prompt_token_ids: list[int], params: SamplingParams,
+                      prompt_param: str = "prompt", max_tokens_param: str = "max_tokens") -> None:
     """The engine checks again; checking here answers before any work is queued."""
     num_prompt = len(prompt_token_ids)
     if num_prompt == 0:
-        raise bad_request("the prompt is empty", "prompt")
+        raise bad_request("the prompt is empty", prompt_param)
     if num_prompt >= engine.max_model_len:
         raise bad_request(
             f"the prompt has {num_prompt} tokens, but this model's context length is "
             f"{engine.max_model_len} tokens, leaving no room to generate; shorten the prompt",
-            "messages", "context_length_exceeded")
+            prompt_param, "context_length_exceeded")
     if params.max_tokens is not None and num_prompt + params.max_tokens > engine.max_model_len:
         raise bad_request(
             f"this model's maximum context length is {engine.max_model_len} tokens, but "
             f"{num_prompt} prompt tokens plus max_tokens {params.max_tokens} make "
             f"{num_prompt + params.max_tokens}; reduce the prompt or max_tokens",
-            "max_tokens", "context_length_exceeded")
+            max_tokens_param, "context_length_exceeded")
     try:
         params.validate_for_model(engine.vocab_size)
     except ValueError as e:

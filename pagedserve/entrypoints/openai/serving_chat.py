@@ -49,14 +49,22 @@ class OpenAIServingChat:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = build_sampling_params(req, max_tokens, logprobs)
+        try:
+            params = build_sampling_params(req, max_tokens, logprobs)
+        except APIError as e:
+            if e.param == "logprobs":
+                e.param = "top_logprobs"
+            elif e.param == "max_tokens" and req.max_completion_tokens is not None:
+                e.param = "max_completion_tokens"
+            raise
         messages = self._messages(req)
         try:
             prompt_text, prompt_ids = await self.engine.run_in_tokenizer_thread(
                 _render_and_encode, self.engine.tokenizer, messages, req.add_generation_prompt is not False)
         except ValueError as e:
             raise bad_request(str(e), "messages") from e
-        check_prompt_fits(self.engine, prompt_ids, params)
+        check_prompt_fits(self.engine, prompt_ids, params, "messages",
+                          "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
 
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         try:
@@ -98,9 +106,7 @@ class OpenAIServingChat:
             if isinstance(content, list):
                 content = [part.model_dump() for part in content]
             elif content is None:
-                if role != "assistant":
-                    raise bad_request(f"messages[{i}].content is missing", "messages")
-                content = ""
+                content = ""  # as for an assistant turn that only made tool calls
             msg: dict[str, Any] = {"role": role, "content": content}
             if m.tool_call_id is not None:
                 msg["tool_call_id"] = m.tool_call_id

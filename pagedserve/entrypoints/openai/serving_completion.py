@@ -37,7 +37,8 @@ from pagedserve.entrypoints.openai.serving_base import (
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
-MAX_PROMPTS = 256  # prompts in one request
+MAX_PROMPTS = 1024  # prompts in one request
+MAX_CHOICES = 1024  # prompts x n in one request
 
 
 class OpenAIServingCompletion:
@@ -58,6 +59,9 @@ class OpenAIServingCompletion:
                               "compute; drop one of them", "logprobs")
         params = build_sampling_params(req, req.max_tokens, req.logprobs)
         prompts = await self._tokenize_prompts(req.prompt)
+        if len(prompts) * params.n > MAX_CHOICES:
+            raise bad_request(f"{len(prompts)} prompts x n={params.n} make {len(prompts) * params.n} "
+                              f"choices; at most {MAX_CHOICES} per request", "n")
         for _, ids in prompts:
             check_prompt_fits(self.engine, ids, params)
 

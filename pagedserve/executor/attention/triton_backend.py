@@ -4,8 +4,11 @@
 
 1. `write_kv_cache` stores key/value rows at meta.slot_mapping (slot < 0 = padding, skipped).
 2. meta.is_decode_only -> `paged_attention_decode` (GQA-grouped, split-K over the context);
-   otherwise        -> `paged_attention_prefill` (one kernel for prefills, chunked prefills,
-                       prefix-cache hits and decodes mixed in one batch).
+   otherwise        -> `paged_attention_prefill` (prefills, chunked prefills, prefix-cache hits)
+                       and, for the one-token sequences of the same mixed batch, the decode kernel
+                       in its mixed mode (each kernel skips the other's sequences on the device, so
+                       no host knowledge of the mix is needed; meta.query_lens_cpu, when present,
+                       only lets us skip a launch with nothing to do).
 
 CUDA graphs (decode-only batches): nothing here syncs with the device or reads device data on the
 host; every launch grid and scratch size comes from tensor shapes plus the host ints
@@ -30,9 +33,12 @@ class TritonAttentionBackend(AttentionBackend):
 
     name = "triton"
 
-    def __init__(self, decode_num_splits: int | None = None) -> None:
+    def __init__(self, decode_num_splits: int | None = None, split_mixed_decodes: bool = True) -> None:
         # None: choose per call from shapes (see choose_num_splits); an int pins it (tests, tuning).
         self.decode_num_splits = decode_num_splits
+        # False: the prefill kernel also computes the decodes of a mixed batch (one launch, but
+        # 16+ row tiles with few used rows and no split-K for them).
+        self.split_mixed_decodes = split_mixed_decodes
 
     def forward(
         self,
@@ -61,7 +67,27 @@ class TritonAttentionBackend(AttentionBackend):
                 max_seq_len=meta.max_seq_len,
                 num_splits=self.decode_num_splits,
             )
-        else:
+            return out
+
+        num_decodes = num_prefills = None
+        if meta.query_lens_cpu is not None:
+            num_decodes = sum(1 for q_len in meta.query_lens_cpu if q_len == 1)
+            num_prefills = len(meta.query_lens_cpu) - num_decodes
+        use_decode_kernel = self.split_mixed_decodes and num_decodes != 0
+        if use_decode_kernel:
+            paged_attention_decode(
+                query,
+                kv_cache,
+                meta.block_tables,
+                meta.seq_lens,
+                scale,
+                out=out,
+                max_seq_len=meta.max_seq_len,
+                num_splits=self.decode_num_splits,
+                query_start_loc=meta.query_start_loc,
+                num_decodes=num_decodes,
+            )
+        if num_prefills != 0:
             paged_attention_prefill(
                 query,
                 kv_cache,
@@ -71,5 +97,6 @@ class TritonAttentionBackend(AttentionBackend):
                 scale,
                 meta.max_query_len,
                 out=out,
+                skip_decodes=use_decode_kernel,
             )
         return out

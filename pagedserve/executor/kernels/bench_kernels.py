@@ -1,13 +1,15 @@
 """GPU benchmark of the paged-attention kernels at Qwen2-7B shapes (Hq=28, Hkv=4, D=128, block 16, bf16).
 
-    python -m pagedserve.executor.kernels.bench_kernels [--tune] [--dtype bf16|fp16]
+    python -m pagedserve.executor.kernels.bench_kernels [--tune decode|splits|prefill] [--dtype bf16|fp16]
 
 1. Correctness vs a float32 torch reference (decode, split and unsplit; mixed prefill batch).
 2. Decode: batch 1/64/256 x context 512/2048/8192, median of triton.testing.do_bench (L2 flushed
    between runs) and of CUDA-graph replays; achieved GB/s counts the K+V bytes of the batch's context
    once, against the ~3.0 TB/s device-to-device copy ceiling measured on the H100.
-3. Prefill: 1x1024 and 8x512 fresh tokens (causal), TFLOP/s = 4 * Hq * D * visible (q, k) pairs.
---tune sweeps tile/warp/stage configs for both kernels and prints the best per case.
+3. Mixed (chunked-prefill) batches: decode kernel + prefill kernel vs the prefill kernel alone.
+4. Prefill: 1x1024, 8x512 (and 1x4096) fresh tokens, TFLOP/s = 4 * Hq * D * visible (q, k) pairs.
+--tune sweeps tile/warp/stage configs of one kernel (decode ranked by graph replay time) or the
+decode split count, and prints the best few per case.
 Block tables are random permutations of the physical blocks, as after a while of serving.
 """
 
@@ -91,10 +93,16 @@ def check_correctness(dtype) -> None:
     print(f"kv write exact: {torch.equal(got, key)}")
 
 
-def bench_decode(dtype, configs) -> None:
+def _label(cfg: dict) -> str:
+    keys = {"block_m": "m", "block_n": "n", "num_warps": "w", "num_stages": "s", "num_splits": "S"}
+    return "".join(f"{short}{cfg[k]}" for k, short in keys.items() if k in cfg) or "default"
+
+
+def bench_decode(dtype, configs, top: int) -> None:
+    """Configs are ranked by CUDA-graph replay time (decode runs in graphs when serving)."""
     scale = D**-0.5
     print("\n== decode (median ms; GB/s of K+V context bytes; % of 3.0 TB/s copy ceiling)")
-    print(f"{'batch':>5} {'ctx':>5} {'splits':>6} {'config':>14} {'ms':>8} {'GB/s':>7} {'%':>5}"
+    print(f"{'batch':>5} {'ctx':>5} {'splits':>6} {'config':>14} {'eager ms':>9} {'GB/s':>7} {'%':>5}"
           f" {'graph ms':>9} {'GB/s':>7} {'%':>5}")  # fmt: skip
     for batch, ctx in itertools.product((1, 64, 256), (512, 2048, 8192)):
         query, kv, tables, lens, _ = make_case([1] * batch, [ctx - 1] * batch, dtype, seed=batch + ctx)
@@ -106,20 +114,58 @@ def bench_decode(dtype, configs) -> None:
                 paged_attention_decode, query, kv, tables, lens, scale, out=out, max_seq_len=ctx, **cfg
             )
             run()
-            ms = triton.testing.do_bench(run, return_mode="median")
-            results.append((ms, cfg, run))
-        ms, cfg, run = min(results, key=lambda r: r[0])
-        torch.cuda.synchronize()
-        ms_graph = triton.testing.do_bench_cudagraph(run, return_mode="median")
+            torch.cuda.synchronize()
+            results.append((triton.testing.do_bench_cudagraph(run, return_mode="median"), cfg, run))
+        results.sort(key=lambda r: r[0])
+        ms_graph, cfg, run = results[0]
+        ms = triton.testing.do_bench(run, return_mode="median")
         splits = cfg.get("num_splits") or choose_num_splits(batch, HKV, ctx, cfg.get("block_n", 64),
                                                              query.device)  # fmt: skip
-        label = ("default" if len(configs) == 1 else "n{block_n}w{num_warps}s{num_stages}").format(**cfg)
         gbs, gbs_g = kv_bytes / ms / 1e6, kv_bytes / ms_graph / 1e6
-        print(f"{batch:5d} {ctx:5d} {splits:6d} {label:>14} {ms:8.4f} {gbs:7.0f} {gbs / 30:5.1f}"
+        print(f"{batch:5d} {ctx:5d} {splits:6d} {_label(cfg):>14} {ms:9.4f} {gbs:7.0f} {gbs / 30:5.1f}"
               f" {ms_graph:9.4f} {gbs_g:7.0f} {gbs_g / 30:5.1f}")  # fmt: skip
+        if top > 1:
+            print("      next: " + ", ".join(f"{_label(c)} {t * 1e3:.1f}us" for t, c, _ in results[1:top]))
 
 
-def bench_prefill(dtype, configs) -> None:
+def _mixed_case(dtype, num_dec: int, ctx: int, chunk: int, chunk_ctx: int) -> tuple[float, float, int]:
+    scale = D**-0.5
+    q_lens, ctx_lens = [1] * num_dec + [chunk], [ctx - 1] * num_dec + [chunk_ctx]
+    query, kv, tables, lens, qsl = make_case(q_lens, ctx_lens, dtype, seed=num_dec)
+    kv_bytes = 2 * (num_dec * ctx + chunk + chunk_ctx) * HKV * D * kv.element_size()
+    out = torch.empty_like(query)
+    max_q, max_s = chunk, max(ctx, chunk + chunk_ctx)
+
+    def split():
+        paged_attention_decode(query, kv, tables, lens, scale, out=out, max_seq_len=max_s,
+                               query_start_loc=qsl, num_decodes=num_dec)  # fmt: skip
+        paged_attention_prefill(query, kv, qsl, lens, tables, scale, max_q, out=out, skip_decodes=True)
+
+    def unified():
+        paged_attention_prefill(query, kv, qsl, lens, tables, scale, max_q, out=out)
+
+    ref = reference(query, kv, tables, lens, qsl, scale)
+    times = []
+    for fn in (split, unified):
+        out.fill_(float("nan"))
+        fn()
+        assert rel_err(out, ref) < 1e-2, fn.__name__
+        times.append(triton.testing.do_bench_cudagraph(fn, return_mode="median"))
+    return times[0], times[1], kv_bytes
+
+
+def bench_mixed(dtype) -> None:
+    """A chunked-prefill step: many decodes plus one prompt chunk; decode kernel + prefill kernel
+    (the backend's default) vs the prefill kernel alone doing every sequence."""
+    print("\n== mixed batch (median ms of graph replays): decodes + one prefill chunk (+ its cached ctx)")
+    print(f"{'decodes':>7} {'ctx':>5} {'chunk':>9} {'split ms':>9} {'unified ms':>10} {'KV GB/s split':>13}")
+    for num_dec, ctx, chunk, chunk_ctx in ((63, 2048, 512, 1024), (255, 1024, 256, 0), (16, 8192, 1024, 0)):
+        t_split, t_unified, kv_bytes = _mixed_case(dtype, num_dec, ctx, chunk, chunk_ctx)
+        print(f"{num_dec:7d} {ctx:5d} {chunk:4d}+{chunk_ctx:<4d} {t_split:9.4f} {t_unified:10.4f}"
+              f" {kv_bytes / t_split / 1e6:13.0f}")  # fmt: skip
+
+
+def bench_prefill(dtype, configs, top: int) -> None:
     scale = D**-0.5
     print("\n== prefill (fresh causal prompts; median ms; TFLOP/s = 4*Hq*D*visible pairs)")
     print(f"{'shape':>8} {'config':>16} {'ms':>8} {'TFLOP/s':>8} {'% of 798':>8}")
@@ -138,17 +184,22 @@ def bench_prefill(dtype, configs) -> None:
                 print(f"  skip {cfg}: {type(exc).__name__}")
                 continue
             results.append((triton.testing.do_bench(run, return_mode="median"), cfg))
-        ms, cfg = min(results, key=lambda r: r[0])
-        label = "default" if len(configs) == 1 else "m{block_m}n{block_n}w{num_warps}s{num_stages}"
+        results.sort(key=lambda r: r[0])
+        ms, cfg = results[0]
         tflops = flops / ms / 1e9
         pct = 100 * tflops * 1e12 / MATMUL_CEILING
-        print(f"{batch:>3}x{length:<4} {label.format(**cfg):>16} {ms:8.4f} {tflops:8.1f} {pct:8.1f}")
+        print(f"{batch:>3}x{length:<4} {_label(cfg):>16} {ms:8.4f} {tflops:8.1f} {pct:8.1f}")
+        if top > 1:
+            print(
+                "      next: " + ", ".join(f"{_label(c)} {flops / t / 1e9:.0f}TF" for t, c in results[1:top])
+            )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
-    parser.add_argument("--tune", action="store_true", help="sweep kernel configs, print the best")
+    parser.add_argument("--tune", choices=("decode", "splits", "prefill"),
+                        help="sweep one kernel's configs (or decode num_splits), print the best")  # fmt: skip
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels needs a CUDA GPU")
@@ -156,15 +207,25 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
           f"Hq={HQ} Hkv={HKV} D={D} block={BS} {args.dtype}")  # fmt: skip
     check_correctness(dtype)
-    if args.tune:
-        decode_cfgs = [dict(block_n=n, num_warps=w, num_stages=s)
-                       for n, w, s in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4))]  # fmt: skip
-        prefill_space = itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))
-        prefill_cfgs = [dict(block_m=m, block_n=n, num_warps=w, num_stages=s) for m, n, w, s in prefill_space]
-    else:
-        decode_cfgs, prefill_cfgs = [{}], [{}]
-    bench_decode(dtype, decode_cfgs)
-    bench_prefill(dtype, prefill_cfgs)
+    top = 1
+    decode_cfgs, prefill_cfgs = [{}], [{}]
+    if args.tune == "decode":
+        top = 6
+        space = itertools.product((32, 64, 128), (1, 2, 4, 8), (2, 3, 4))
+        decode_cfgs = [dict(block_n=n, num_warps=w, num_stages=s) for n, w, s in space]
+    elif args.tune == "splits":
+        top = 6
+        decode_cfgs = [{}] + [dict(num_splits=s) for s in (1, 2, 4, 8, 16, 32, 64)]
+    elif args.tune == "prefill":
+        top = 6
+        space = itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (2, 3, 4))
+        prefill_cfgs = [dict(block_m=m, block_n=n, num_warps=w, num_stages=s) for m, n, w, s in space]
+    if args.tune in (None, "decode", "splits"):
+        bench_decode(dtype, decode_cfgs, top)
+    if args.tune is None:
+        bench_mixed(dtype)
+    if args.tune in (None, "prefill"):
+        bench_prefill(dtype, prefill_cfgs, top)
 
 
 if __name__ == "__main__":

@@ -103,6 +103,7 @@ def _paged_decode_kernel(
     v_cache_ptr,
     block_tables_ptr,
     seq_lens_ptr,
+    query_start_loc_ptr,  # MIXED only
     part_out_ptr,  # [num_seqs, num_heads, num_splits, HEAD_DIM] fp32 (SPLIT only)
     part_lse_ptr,  # [num_seqs, num_heads, num_splits] fp32 (SPLIT only)
     qk_scale,
@@ -123,11 +124,20 @@ def _paged_decode_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     SPLIT: tl.constexpr,
+    MIXED: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
+    seq64 = seq.to(tl.int64)
+    if MIXED:  # a mixed batch: handle only the decodes (q_len == 1); the prefill kernel does the rest
+        q_row = tl.load(query_start_loc_ptr + seq)
+        if tl.load(query_start_loc_ptr + seq + 1) - q_row != 1:
+            return
+        q_row = q_row.to(tl.int64)
+    else:
+        q_row = seq64
     seq_len = tl.load(seq_lens_ptr + seq)
     num_tiles = tl.cdiv(seq_len, BLOCK_N)
     if SPLIT:
@@ -145,9 +155,8 @@ def _paged_decode_kernel(
     g_mask = offs_g < QUERIES_PER_KV
     d_mask = offs_d < HEAD_DIM
     heads = kv_head * QUERIES_PER_KV + offs_g
-    seq64 = seq.to(tl.int64)
     q = tl.load(
-        q_ptr + seq64 * stride_q_tok + heads[:, None] * stride_q_head + offs_d[None, :],
+        q_ptr + q_row * stride_q_tok + heads[:, None] * stride_q_head + offs_d[None, :],
         mask=g_mask[:, None] & d_mask[None, :],
         other=0.0,
     ).to(k_cache_ptr.dtype.element_ty)
@@ -185,7 +194,7 @@ def _paged_decode_kernel(
         # seq_len == 0 (a padded CUDA-graph slot) leaves l_i == 0: write zeros, not NaN.
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         tl.store(
-            out_ptr + seq64 * stride_o_tok + heads[:, None] * stride_o_head + offs_d[None, :],
+            out_ptr + q_row * stride_o_tok + heads[:, None] * stride_o_head + offs_d[None, :],
             o.to(out_ptr.dtype.element_ty),
             mask=store_mask,
         )
@@ -197,6 +206,7 @@ def _decode_reduce_kernel(
     part_out_ptr,
     part_lse_ptr,
     seq_lens_ptr,
+    query_start_loc_ptr,  # MIXED only
     num_splits,
     stride_o_tok,
     stride_o_head,
@@ -205,9 +215,17 @@ def _decode_reduce_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    MIXED: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
+    if MIXED:
+        q_row = tl.load(query_start_loc_ptr + seq)
+        if tl.load(query_start_loc_ptr + seq + 1) - q_row != 1:
+            return
+        q_row = q_row.to(tl.int64)
+    else:
+        q_row = seq
     seq_len = tl.load(seq_lens_ptr + seq)
     # Recompute which splits ran (same arithmetic as the attention kernel).
     num_tiles = tl.cdiv(seq_len, BLOCK_N)
@@ -230,7 +248,7 @@ def _decode_reduce_kernel(
     w_sum = tl.sum(w, 0)
     res = tl.sum(o * w[:, None], 0) / tl.where(w_sum > 0.0, w_sum, 1.0)
     tl.store(
-        out_ptr + seq * stride_o_tok + head * stride_o_head + offs_d,
+        out_ptr + q_row * stride_o_tok + head * stride_o_head + offs_d,
         res.to(out_ptr.dtype.element_ty),
         mask=offs_d < HEAD_DIM,
     )
@@ -277,14 +295,22 @@ def paged_attention_decode(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    query_start_loc: torch.Tensor | None = None,
+    num_decodes: int | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged context; returns [num_seqs, Hq, D].
 
+    Mixed batches: with query_start_loc given, query/out are the whole flat batch [T, Hq, D] and
+    only sequences with exactly one new token are computed (at row query_start_loc[s]); the other
+    rows are left for paged_attention_prefill(..., skip_decodes=True). num_decodes (host int, if
+    known) steers num_splits.
     max_seq_len (host int) only steers num_splits; when None the block table's capacity is used.
     With num_splits > 1 fp32 scratch of [num_seqs, Hq, num_splits, D] is allocated; its size
     depends on shapes and host ints only, so the call can be captured in a CUDA graph.
     """
-    num_seqs, num_heads, head_dim = query.shape
+    _, num_heads, head_dim = query.shape
+    num_seqs = seq_lens.shape[0]
+    mixed = query_start_loc is not None
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
     if cache_head_dim != head_dim or num_heads % num_kv_heads != 0:
@@ -306,7 +332,9 @@ def paged_attention_decode(
     if max_seq_len is None:
         max_seq_len = block_tables.shape[1] * block_size
     if num_splits is None:
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, block_n, query.device)
+        num_splits = choose_num_splits(
+            num_seqs if num_decodes is None else num_decodes, num_kv_heads, max_seq_len, block_n, query.device
+        )
     split = num_splits > 1
     if split:
         part_out = torch.empty(
@@ -317,7 +345,8 @@ def paged_attention_decode(
         part_out = part_lse = out  # unused
     block_d = max(16, triton.next_power_of_2(head_dim))
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        query, out, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse,
+        query, out, k_cache, v_cache, block_tables, seq_lens, query_start_loc if mixed else seq_lens,
+        part_out, part_lse,
         scale * LOG2E, num_splits,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -329,17 +358,20 @@ def paged_attention_decode(
         BLOCK_N=block_n,
         BLOCK_SIZE=block_size,
         SPLIT=split,
+        MIXED=mixed,
         num_warps=num_warps,
         num_stages=num_stages,
     )  # fmt: skip
     if split:
         _decode_reduce_kernel[(num_seqs, num_heads)](
-            out, part_out, part_lse, seq_lens, num_splits, out.stride(0), out.stride(1),
+            out, part_out, part_lse, seq_lens, query_start_loc if mixed else seq_lens, num_splits,
+            out.stride(0), out.stride(1),
             NUM_HEADS=num_heads,
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
             BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
             BLOCK_N=block_n,
+            MIXED=mixed,
             num_warps=4 if head_dim >= 128 else 2,
         )  # fmt: skip
     return out

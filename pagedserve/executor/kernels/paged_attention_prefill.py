@@ -70,6 +70,7 @@ def _paged_prefill_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    SKIP_DECODES: tl.constexpr,
 ):
     q_tile_slot = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -80,6 +81,9 @@ def _paged_prefill_kernel(
     q_tile_start = (q_tile_slot - (q_start // BLOCK_Q + seq)) * BLOCK_Q
     if q_tile_start >= q_len:
         return
+    if SKIP_DECODES:  # one-token sequences are left to the decode kernel
+        if q_len == 1:
+            return
     seq_len = tl.load(seq_lens_ptr + seq)
     ctx_len = seq_len - q_len
 
@@ -156,9 +160,11 @@ def paged_attention_prefill(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    skip_decodes: bool = False,
 ) -> torch.Tensor:
     """Causal paged attention of each sequence's new tokens over its whole context; returns [T, Hq, D].
 
+    skip_decodes=True leaves sequences with one new token to paged_attention_decode (mixed mode).
     Rows of `out` past query_start_loc[-1] (batch padding) are left untouched.
     """
     num_tokens, num_heads, head_dim = query.shape
@@ -196,6 +202,7 @@ def paged_attention_prefill(
         BLOCK_Q=block_q,
         BLOCK_N=block_n,
         BLOCK_SIZE=block_size,
+        SKIP_DECODES=skip_decodes,
         num_warps=num_warps or config["num_warps"],
         num_stages=num_stages or config["num_stages"],
     )  # fmt: skip

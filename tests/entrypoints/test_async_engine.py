@@ -1,0 +1,170 @@
+"""AsyncEngine on the fake engine: threading, aborts, queue limit, failure, shutdown, stats line."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+import pytest
+
+from pagedserve.async_engine import AsyncEngine, EngineDeadError, QueueFullError, ShuttingDownError
+from pagedserve.sampling_params import SamplingParams
+from tests.entrypoints.fake_engine import TEXT, FakeEngine
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+async def _started(engine: FakeEngine, **kwargs) -> AsyncEngine:
+    ae = AsyncEngine(engine, **kwargs)
+    engine.calling_threads.clear()  # __init__ read one stats snapshot before the thread existed
+    ae.start()
+    return ae
+
+
+def test_generate_yields_cumulative_outputs_until_finished() -> None:
+    async def main():
+        engine = FakeEngine()
+        ae = await _started(engine)
+        outs = [o async for o in ae.generate([1, 2, 3], SamplingParams(max_tokens=7), "r1")]
+        await ae.shutdown(1)
+        return outs, engine
+
+    outs, engine = run(main())
+    assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+    assert outs[-1].outputs[0].text == TEXT[:7]
+    assert outs[-1].outputs[0].finish_reason == "length"
+    texts = [o.outputs[0].text for o in outs]
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+    # Only the engine thread ever touched the engine.
+    assert len(engine.calling_threads) == 1 and threading.get_ident() not in engine.calling_threads
+
+
+def test_cancelling_the_consumer_aborts_and_frees_blocks() -> None:
+    async def main():
+        engine = FakeEngine(step_delay=0.01)
+        ae = await _started(engine)
+
+        async def consume():
+            async for _ in ae.generate(list(range(40)), SamplingParams(max_tokens=200), "r1"):
+                pass
+
+        task = asyncio.create_task(consume())
+        while ae.stats["num_running"] == 0:
+            await asyncio.sleep(0.005)
+        assert ae.stats["num_free_blocks"] < ae.stats["num_total_blocks"]
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        deadline = time.monotonic() + 2
+        while ae.stats["num_free_blocks"] != ae.stats["num_total_blocks"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        stats = ae.stats
+        await ae.shutdown(1)
+        return stats, engine
+
+    stats, engine = run(main())
+    assert stats["num_free_blocks"] == stats["num_total_blocks"]
+    assert stats["kv_cache_usage"] == 0.0
+    assert not engine.has_unfinished_requests()
+
+
+def test_bad_request_raises_value_error_and_engine_lives_on() -> None:
+    async def main():
+        ae = await _started(FakeEngine(max_model_len=64))
+        with pytest.raises(ValueError, match="maximum context length is 64"):
+            await ae.add_request("r1", [1] * 10, SamplingParams(max_tokens=100))
+        outs = [o async for o in ae.generate([1], SamplingParams(max_tokens=2), "r2")]
+        await ae.shutdown(1)
+        return outs
+
+    assert run(main())[-1].outputs[0].text == TEXT[:2]
+
+
+def test_queue_limit_refuses_with_queue_full() -> None:
+    async def main():
+        engine = FakeEngine(max_num_seqs=1, step_delay=0.01)
+        ae = await _started(engine, max_queued_requests=2)
+        streams = [await ae.add_request("run", [1], SamplingParams(max_tokens=50))]
+        while ae.stats["num_running"] == 0:
+            await asyncio.sleep(0.005)
+        streams.append(await ae.add_request("w1", [1], SamplingParams(max_tokens=5)))
+        streams.append(await ae.add_request("w2", [1], SamplingParams(max_tokens=5)))
+        with pytest.raises(QueueFullError) as info:
+            await ae.add_request("w3", [1], SamplingParams(max_tokens=5))
+        finals = [[o async for o in s][-1] for s in streams]
+        await ae.shutdown(1)
+        return info.value, finals
+
+    error, finals = run(main())
+    assert error.retry_after >= 1 and "--max-queued-requests 2" in str(error)
+    assert all(f.finished for f in finals)
+
+
+def test_engine_failure_fails_pending_requests_and_marks_dead() -> None:
+    async def main():
+        ae = await _started(FakeEngine(fail_at_step=3))
+        with pytest.raises(EngineDeadError):
+            async for _ in ae.generate([1], SamplingParams(max_tokens=50), "r1"):
+                pass
+        assert ae.is_dead
+        with pytest.raises(EngineDeadError):
+            await ae.add_request("r2", [1], SamplingParams(max_tokens=5))
+        await ae.shutdown(1)
+
+    run(main())
+
+
+def test_shutdown_lets_requests_finish_then_aborts_the_rest() -> None:
+    async def main():
+        engine = FakeEngine(step_delay=0.01, max_model_len=100_000)
+        ae = await _started(engine)
+        short = await ae.add_request("short", [1], SamplingParams(max_tokens=5))
+        long = await ae.add_request("long", [1], SamplingParams(max_tokens=10_000))
+        t0 = time.monotonic()
+        await ae.shutdown(timeout=0.5)
+        elapsed = time.monotonic() - t0
+        with pytest.raises(ShuttingDownError):
+            await ae.add_request("late", [1], SamplingParams(max_tokens=5))
+        short_final = [o async for o in short][-1]
+        with pytest.raises(ShuttingDownError):
+            async for _ in long:
+                pass
+        return elapsed, short_final, engine
+
+    elapsed, short_final, engine = run(main())
+    assert 0.4 < elapsed < 3
+    assert short_final.finished and short_final.outputs[0].finish_reason == "length"
+    assert not engine.has_unfinished_requests()
+
+
+def test_idle_engine_thread_does_not_spin() -> None:
+    async def main():
+        ae = await _started(FakeEngine(), log_stats=False)
+        await asyncio.sleep(0.05)
+        clock = time.pthread_getcpuclockid(ae._thread.ident)
+        before = time.clock_gettime(clock)
+        await asyncio.sleep(0.5)
+        used = time.clock_gettime(clock) - before
+        await ae.shutdown(1)
+        return used
+
+    assert run(main()) < 0.02
+
+
+def test_periodic_stats_line(caplog: pytest.LogCaptureFixture) -> None:
+    async def main():
+        ae = await _started(FakeEngine(step_delay=0.01), log_stats_interval=0.2)
+        async for _ in ae.generate([1, 2, 3, 4], SamplingParams(max_tokens=40), "r1"):
+            pass
+        await asyncio.sleep(0.3)
+        await ae.shutdown(1)
+
+    with caplog.at_level(logging.INFO, logger="pagedserve.async_engine"):
+        run(main())
+    lines = [r.getMessage() for r in caplog.records if "tokens/s" in r.getMessage()]
+    assert lines, caplog.text
+    assert "generation:" in lines[0] and "running:" in lines[0] and "KV cache usage:" in lines[0]

@@ -1,0 +1,350 @@
+"""The HTTP layer on the fake engine (uvicorn in a thread; no model): protocol shapes, every error
+path, auth, limits, disconnects, queue limit, engine death. Seconds in all."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.entrypoints.fake_engine import TEXT, FakeEngine
+
+MODEL = "fake-model"
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+
+
+def sse_events(response: httpx.Response) -> list:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def assert_error(r: httpx.Response, status: int, param: str | None = "any") -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    assert isinstance(err["type"], str)
+    if param != "any":
+        assert err["param"] == param, err
+    return err
+
+
+@pytest.fixture
+def server(start_fake_server):
+    return start_fake_server()
+
+
+def test_chat_completion_shape_and_usage(server) -> None:
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=7)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == MODEL
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == TEXT[:7]
+    assert r.choices[0].finish_reason == "length"
+    prompt = "<user>hi\n<assistant>"  # the fake chat template
+    assert r.usage.prompt_tokens == len(prompt.encode()) and r.usage.completion_tokens == 7
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 7
+
+
+def test_max_completion_tokens_alias_and_text_parts(server) -> None:
+    body = {"model": MODEL, "max_completion_tokens": 3, "messages": [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}
+    r = httpx.post(server.base_url + "/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 3
+    assert r.json()["usage"]["prompt_tokens"] == len("<system>be brief\n<user>a\nb\n<assistant>")
+
+
+def test_chat_stream_n3_by_index_with_usage(server) -> None:
+    body = {**CHAT, "n": 3, "stream": True, "stream_options": {"include_usage": True}, "seed": 0}
+    with httpx.stream("POST", server.base_url + "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    usage = chunks[-1]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 15
+    texts, roles_first, finish = {}, {}, {}
+    for c in chunks[:-1]:
+        assert c["object"] == "chat.completion.chunk" and c["usage"] is None
+        (choice,) = c["choices"]
+        i = choice["index"]
+        if i not in roles_first:
+            roles_first[i] = choice["delta"].get("role")
+        assert i not in finish, "nothing after finish_reason"
+        texts[i] = texts.get(i, "") + (choice["delta"].get("content") or "")
+        if choice["finish_reason"]:
+            finish[i] = choice["finish_reason"]
+    assert roles_first == {0: "assistant", 1: "assistant", 2: "assistant"}
+    assert finish == {0: "length", 1: "length", 2: "length"}
+    assert texts == {i: TEXT[i:i + 5] for i in range(3)}  # the fake rotates by seed + index
+
+
+def test_async_client_streaming(server) -> None:
+    async def main():
+        client = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="unused")
+        stream = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                                      max_tokens=9, stream=True)
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    assert asyncio.run(main()) == TEXT[:9]
+
+
+def test_stop_string(server) -> None:
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=30,
+                                       stop=["brown"])
+    assert r.choices[0].message.content == "the quick " and r.choices[0].finish_reason == "stop"
+
+
+def test_chat_logprobs_format(server) -> None:
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3,
+                                       logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert [c.token for c in content] == list(TEXT[:3])
+    assert content[0].bytes == [ord("t")] and content[0].logprob == -0.5
+    assert [t.token for t in content[0].top_logprobs] == ["t", "z"]
+
+
+@pytest.mark.parametrize("prompt,num_prompts", [
+    ("ab", 1), (["ab", "cd", "ef"], 3), ([97, 98], 1), ([[97, 98], [99]], 2)])
+def test_completion_prompt_forms(server, prompt, num_prompts) -> None:
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, n=2)
+    assert r.object == "text_completion"
+    assert [c.index for c in r.choices] == list(range(2 * num_prompts))
+    assert all(c.text == TEXT[c.index % 2:c.index % 2 + 4] for c in r.choices)
+    assert r.usage.completion_tokens == 8 * num_prompts
+
+
+def test_completion_stream_multi_prompt(server) -> None:
+    body = {"model": MODEL, "prompt": ["a", "b"], "max_tokens": 6, "n": 2, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", server.base_url + "/v1/completions", json=body) as r:
+        events = sse_events(r)
+    assert events[-1] == "[DONE]" and events[-2]["usage"]["completion_tokens"] == 24
+    texts: dict[int, str] = {}
+    for c in events[:-2]:
+        for choice in c["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+    assert texts == {i: TEXT[i % 2:i % 2 + 6] for i in range(4)}
+
+
+def test_completion_echo_and_legacy_logprobs(server) -> None:
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+    r = client.completions.create(model=MODEL, prompt="ab", max_tokens=3, echo=True)
+    assert r.choices[0].text == "ab" + TEXT[:3]
+    r = client.completions.create(model=MODEL, prompt=[120, 121], max_tokens=3, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert lp.tokens == list(TEXT[:3]) and lp.token_logprobs == [-0.5] * 3
+    assert lp.text_offset == [0, 1, 2] and lp.top_logprobs[0] == {"t": -0.5, "z": -1.5}
+
+
+# --------------------------------------------------------------------------- errors
+BAD_CHAT = [
+    ("bad json", b'{"messages": [', None),
+    ("not an object", b"[]", None),
+    ("messages wrong type", {"messages": "hi"}, "messages"),
+    ("empty messages", {"messages": []}, "messages"),
+    ("bad role", {"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+    ("image part", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages"),
+    ("max_tokens string", {**CHAT, "max_tokens": "5"}, "max_tokens"),
+    ("max_tokens negative", {**CHAT, "max_tokens": -1}, "max_tokens"),
+    ("max_tokens zero", {**CHAT, "max_tokens": 0}, "max_tokens"),
+    ("max_tokens huge", {**CHAT, "max_tokens": 10**9}, "max_tokens"),
+    ("max_completion_tokens huge", {**CHAT, "max_completion_tokens": 10**30}, "max_completion_tokens"),
+    ("n zero", {**CHAT, "n": 0}, "n"),
+    ("n too large", {**CHAT, "n": 1000}, "n"),
+    ("n bool", {**CHAT, "n": True}, "n"),
+    ("temperature -1", {**CHAT, "temperature": -1}, "temperature"),
+    ("temperature string", {**CHAT, "temperature": "hot"}, "temperature"),
+    ("top_p 2", {**CHAT, "top_p": 2}, "top_p"),
+    ("top_logprobs 50", {**CHAT, "logprobs": True, "top_logprobs": 50}, "top_logprobs"),
+    ("top_logprobs without logprobs", {**CHAT, "top_logprobs": 2}, "top_logprobs"),
+    ("too many stops", {**CHAT, "stop": [str(i) for i in range(100)]}, "stop"),
+    ("presence_penalty 5", {**CHAT, "presence_penalty": 5}, "presence_penalty"),
+    ("logit_bias bad key", {**CHAT, "logit_bias": {"abc": 1}}, "logit_bias"),
+    ("logit_bias out of vocab", {**CHAT, "logit_bias": {"999999": 1}}, None),
+    ("seed huge", {**CHAT, "seed": 10**30}, "seed"),
+    ("tools", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("json mode", {**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+    ("prompt over the context", {**CHAT, "messages": [{"role": "user", "content": "x" * 300}]}, "messages"),
+]
+
+
+@pytest.mark.parametrize("name,body,param", BAD_CHAT, ids=[b[0] for b in BAD_CHAT])
+def test_invalid_chat_requests_get_400(server, name, body, param) -> None:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(server.base_url + "/v1/chat/completions", content=content,
+                   headers={"content-type": "application/json"})
+    err = assert_error(r, 400, param)
+    assert err["type"] == "invalid_request_error"
+    if name == "max_tokens huge":
+        assert "256" in err["message"] and str(10**9) in err["message"]  # context and max_tokens
+    assert httpx.post(server.base_url + "/v1/chat/completions", json=CHAT).status_code == 200
+
+
+BAD_COMPLETION = [
+    ("missing prompt", {"max_tokens": 2}, "prompt"),
+    ("empty prompt", {"prompt": "", "max_tokens": 2}, "prompt"),
+    ("empty list", {"prompt": [], "max_tokens": 2}, "prompt"),
+    ("token id out of vocab", {"prompt": [1, 10**6], "max_tokens": 2}, "prompt"),
+    ("negative token id", {"prompt": [-1], "max_tokens": 2}, "prompt"),
+    ("mixed prompt list", {"prompt": ["a", [1]], "max_tokens": 2}, None),
+    ("logprobs 50", {"prompt": "a", "logprobs": 50}, "logprobs"),
+    ("echo with logprobs", {"prompt": "a", "echo": True, "logprobs": 1}, "logprobs"),
+    ("suffix", {"prompt": "a", "suffix": "b"}, "suffix"),
+    ("best_of", {"prompt": "a", "best_of": 3}, "best_of"),
+    ("prompt + max_tokens over context", {"prompt": "a" * 200, "max_tokens": 100}, "max_tokens"),
+]
+
+
+@pytest.mark.parametrize("name,body,param", BAD_COMPLETION, ids=[b[0] for b in BAD_COMPLETION])
+def test_invalid_completion_requests_get_400(server, name, body, param) -> None:
+    r = httpx.post(server.base_url + "/v1/completions", json=body)
+    if param is None:
+        assert_error(r, 400)
+    else:
+        assert_error(r, 400, param)
+    assert httpx.post(server.base_url + "/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 200
+
+
+def test_unknown_fields_are_ignored(server) -> None:
+    body = {**CHAT, "frobnicate": 3, "store": True, "metadata": {"a": "b"}, "user": "u", "parallel_tool_calls": False,
+            "messages": [{"role": "user", "content": "hi", "extra": 1}], "stream_options": {"zzz": 1}}
+    assert httpx.post(server.base_url + "/v1/chat/completions", json=body).status_code == 200
+
+
+def test_unknown_model_route_and_method(server) -> None:
+    err = assert_error(httpx.post(server.base_url + "/v1/chat/completions", json={**CHAT, "model": "gpt-9"}), 404,
+                       "model")
+    assert err["code"] == "model_not_found"
+    assert_error(httpx.post(server.base_url + "/v1/completions", json={"model": "x", "prompt": "a"}), 404, "model")
+    assert_error(httpx.get(server.base_url + "/v1/nothing"), 404)
+    assert_error(httpx.get(server.base_url + "/v1/chat/completions"), 405)
+    assert_error(httpx.get(server.base_url + "/v1/models/gpt-9"), 404)
+    assert httpx.get(server.base_url + "/v1/models/" + MODEL).json()["id"] == MODEL
+
+
+def test_models_version_health(server) -> None:
+    models = httpx.get(server.base_url + "/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == MODEL
+    assert models["data"][0]["max_model_len"] == 256
+    assert httpx.get(server.base_url + "/version").json()["version"]
+    assert httpx.get(server.base_url + "/health").status_code == 200
+
+
+def test_oversized_body_gets_413(start_fake_server) -> None:
+    server = start_fake_server(max_request_body_bytes=1000)
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * 2000}]}
+    assert_error(httpx.post(server.base_url + "/v1/chat/completions", json=big), 413)
+
+    def chunks():  # no Content-Length: the limit is enforced while reading
+        yield json.dumps(big).encode()
+
+    assert_error(httpx.post(server.base_url + "/v1/chat/completions", content=chunks(),
+                            headers={"content-type": "application/json"}), 413)
+    assert httpx.post(server.base_url + "/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_api_key(start_fake_server) -> None:
+    server = start_fake_server(api_key="sesame")
+    url = server.base_url + "/v1/chat/completions"
+    err = assert_error(httpx.post(url, json=CHAT), 401)
+    assert err["code"] == "invalid_api_key"
+    assert_error(httpx.post(url, json=CHAT, headers={"Authorization": "Bearer sesam"}), 401)
+    assert_error(httpx.get(server.base_url + "/v1/models", headers={"Authorization": "sesame"}), 401)
+    assert httpx.post(url, json=CHAT, headers={"Authorization": "Bearer sesame"}).status_code == 200
+    for path in ("/health", "/metrics", "/version"):
+        assert httpx.get(server.base_url + path).status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.base_url + "/v1", api_key="wrong").models.list()
+    assert openai.OpenAI(base_url=server.base_url + "/v1", api_key="sesame").models.list().data[0].id == MODEL
+
+
+def _metric(server, name: str) -> float:
+    for line in httpx.get(server.base_url + "/metrics").text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_client_disconnect_aborts_and_frees_kv(start_fake_server) -> None:
+    engine = FakeEngine(step_delay=0.01, max_model_len=100_000)
+    server = start_fake_server(engine)
+    body = {**CHAT, "max_tokens": 50_000, "stream": True}
+    with httpx.stream("POST", server.base_url + "/v1/chat/completions", json=body) as r:
+        lines = r.iter_lines()  # (leaving a for loop over it would close the connection)
+        for _ in range(10):
+            next(lines)
+        assert _metric(server, "pagedserve:kv_cache_usage_perc") > 0
+    deadline = time.monotonic() + 5
+    while _metric(server, "pagedserve:kv_cache_usage_perc") > 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _metric(server, "pagedserve:kv_cache_usage_perc") == 0
+    assert _metric(server, "pagedserve:num_free_kv_blocks") == _metric(server, "pagedserve:num_total_kv_blocks")
+    assert not engine._reqs
+
+
+def test_non_streaming_disconnect_aborts(start_fake_server) -> None:
+    engine = FakeEngine(step_delay=0.01, max_model_len=100_000)
+    server = start_fake_server(engine)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.base_url + "/v1/chat/completions", json={**CHAT, "max_tokens": 50_000}, timeout=0.5)
+    deadline = time.monotonic() + 5
+    while engine._reqs and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not engine._reqs
+
+
+def test_queue_full_gets_503_with_retry_after(start_fake_server) -> None:
+    server = start_fake_server(FakeEngine(max_num_seqs=1, step_delay=0.01), max_queued_requests=1)
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+            return await asyncio.gather(*(client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 20})
+                                          for _ in range(10)))
+
+    responses = asyncio.run(main())
+    codes = sorted(r.status_code for r in responses)
+    assert 503 in codes and 200 in codes, codes
+    for r in responses:
+        if r.status_code == 503:
+            assert int(r.headers["retry-after"]) >= 1
+            assert assert_error(r, 503)["code"] == "queue_full"
+        else:
+            assert r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_engine_death_turns_health_503(start_fake_server) -> None:
+    server = start_fake_server(FakeEngine(fail_at_step=5))
+    r = httpx.post(server.base_url + "/v1/chat/completions", json={**CHAT, "max_tokens": 50})
+    assert_error(r, 503)
+    assert_error(httpx.get(server.base_url + "/health"), 503)
+    assert_error(httpx.post(server.base_url + "/v1/chat/completions", json=CHAT), 503)
+    assert _metric(server, "pagedserve:engine_healthy") == 0
+
+
+def test_metrics_names(server) -> None:
+    httpx.post(server.base_url + "/v1/chat/completions", json=CHAT)
+    text = httpx.get(server.base_url + "/metrics").text
+    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
+                 "prefix_cache_queries_total", "prefix_cache_hits_total", "num_preemptions_total",
+                 "prompt_tokens_total", "generation_tokens_total", "time_to_first_token_seconds_bucket",
+                 "inter_token_latency_seconds_bucket", "e2e_request_latency_seconds_bucket",
+                 "request_queue_time_seconds_bucket", "request_success_total"):
+        assert f"pagedserve:{name}" in text, name
+    assert _metric(server, "pagedserve:generation_tokens_total") == 5
+    assert _metric(server, "pagedserve:time_to_first_token_seconds_count") == 1

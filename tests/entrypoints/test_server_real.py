@@ -1,0 +1,318 @@
+"""The server in a subprocess on the real embedded model, driven by the official openai client
+(sync and async) and raw httpx. Issue 3 acceptance 1, 2, 4, 6 (graceful SIGTERM) and 7.
+
+One module-scoped server serves every test; the SIGTERM test runs last and stops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.entrypoints.conftest import REPO_ROOT, RealServer
+
+pytestmark = pytest.mark.slow
+
+MESSAGES = [{"role": "user", "content": "Write a haiku about the sea."}]
+
+
+@pytest.fixture(scope="module")
+def server(real_model_dir):
+    s = RealServer(real_model_dir, "--max-model-len", "1024", "--cpu-kv-cache-gib", "0.5",
+                   "--shutdown-timeout", "60")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def model(server) -> str:
+    return httpx.get(server.base_url + "/v1/models").json()["data"][0]["id"]
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(real_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(real_model_dir)
+
+
+def sse_events(response: httpx.Response) -> list:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def metric(server, name: str) -> float:
+    for line in httpx.get(server.base_url + "/metrics").text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+# --------------------------------------------------------------------------- acceptance 1
+def test_chat_sync_usage_matches_tokenizer(client, model, hf_tokenizer) -> None:
+    r = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=6, temperature=0)
+    expected_prompt = hf_tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True)
+    if not isinstance(expected_prompt, list):  # newer transformers return a BatchEncoding
+        expected_prompt = expected_prompt["input_ids"]
+    assert r.usage.prompt_tokens == len(expected_prompt)
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    if choice.finish_reason == "length":
+        assert r.usage.completion_tokens == 6
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_completions_usage_and_prompt_forms(client, model, hf_tokenizer) -> None:
+    text = "def fibonacci(n):"
+    ids = hf_tokenizer.encode(text)
+    r = client.completions.create(model=model, prompt=text, max_tokens=4, temperature=0)
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 4
+    by_ids = client.completions.create(model=model, prompt=ids, max_tokens=4, temperature=0)
+    assert by_ids.choices[0].text == r.choices[0].text
+    multi = client.completions.create(model=model, prompt=[ids, ids[:3]], max_tokens=3, temperature=0, n=2)
+    assert [c.index for c in multi.choices] == [0, 1, 2, 3]
+    assert multi.choices[0].text == multi.choices[1].text == r.choices[0].text[:len(multi.choices[0].text)]
+    assert multi.usage.prompt_tokens == len(ids) + 3 and multi.usage.completion_tokens == 12
+    echo = client.completions.create(model=model, prompt=text, max_tokens=4, temperature=0, echo=True)
+    assert echo.choices[0].text == text + r.choices[0].text
+
+
+def test_chat_stream_equals_non_stream(client, model) -> None:
+    full = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8, temperature=0)
+    stream = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [full.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_async_client_concurrent_stream_and_non_stream(server, model) -> None:
+    async def main():
+        client = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
+
+        async def streamed(prompt):
+            s = await client.completions.create(model=model, prompt=prompt, max_tokens=5, temperature=0,
+                                                stream=True)
+            return "".join([c.choices[0].text async for c in s if c.choices])
+
+        async def whole(prompt):
+            r = await client.completions.create(model=model, prompt=prompt, max_tokens=5, temperature=0)
+            return r.choices[0].text
+
+        prompts = ["import numpy as np\n", "The capital of France is", "# sort a list\n", "SELECT * FROM"]
+        return await asyncio.gather(*(streamed(p) for p in prompts)), await asyncio.gather(*(whole(p) for p in prompts))
+
+    streamed, whole = asyncio.run(main())
+    assert streamed == whole and all(whole)
+
+
+def test_n3_stream_by_index_matches_non_stream(server, client, model) -> None:
+    kwargs = dict(model=model, messages=MESSAGES, max_tokens=6, temperature=0.8, seed=7, n=3)
+    full = client.chat.completions.create(**kwargs)
+    assert sorted(c.index for c in full.choices) == [0, 1, 2]
+    with httpx.stream("POST", server.base_url + "/v1/chat/completions", json={**kwargs, "stream": True},
+                      timeout=120) as r:
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    texts: dict[int, str] = {}
+    for e in events[:-1]:
+        for c in e["choices"]:
+            texts[c["index"]] = texts.get(c["index"], "") + (c["delta"].get("content") or "")
+    assert texts == {c.index: c.message.content for c in full.choices}
+    num_length = sum(c.finish_reason == "length" for c in full.choices)
+    assert 6 * num_length + 1 * (3 - num_length) <= full.usage.completion_tokens <= 18  # all three choices
+
+
+def test_stop_string(client, model) -> None:
+    base = client.completions.create(model=model, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0)
+    text = base.choices[0].text
+    assert "6" in text, text
+    stopped = client.completions.create(model=model, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0, stop=["6"])
+    assert stopped.choices[0].text == text[:text.index("6")]
+    assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_seed_reproducibility(client, model) -> None:
+    kwargs = dict(model=model, messages=[{"role": "user", "content": "Name a random animal."}], max_tokens=8,
+                  temperature=1.0, top_p=0.95)
+    a = client.chat.completions.create(seed=1234, **kwargs).choices[0].message.content
+    b = client.chat.completions.create(seed=1234, **kwargs).choices[0].message.content
+    assert a == b
+
+
+def test_logprobs_and_top_logprobs(client, model) -> None:
+    r = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=5, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        tops = [t.logprob for t in entry.top_logprobs]
+        assert tops == sorted(tops, reverse=True)
+        assert entry.token == entry.top_logprobs[0].token  # greedy picks the most likely
+        assert abs(entry.logprob - tops[0]) < 1e-4
+    if r.choices[0].finish_reason == "length":
+        assert bytes(b for e in content for b in e.bytes).decode() == r.choices[0].message.content
+    c = client.completions.create(model=model, prompt="def add(a, b):", max_tokens=4, temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert "".join(lp.tokens) == c.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert all(len(t) >= 2 for t in lp.top_logprobs)
+
+
+# --------------------------------------------------------------------------- acceptance 2
+INVALID = [
+    ("bad JSON", "/v1/chat/completions", b'{"messages": [{"role": "user"', None),
+    ("wrong type", "/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, None),
+    ("empty messages", "/v1/chat/completions", {"messages": []}, "messages"),
+    ("negative max_tokens", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": -5}, "max_tokens"),
+    ("huge max_tokens", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 10**6}, "max_tokens"),
+    ("n=0", "/v1/chat/completions", {"messages": MESSAGES, "n": 0}, "n"),
+    ("n too large", "/v1/chat/completions", {"messages": MESSAGES, "n": 129}, "n"),
+    ("temperature -1", "/v1/chat/completions", {"messages": MESSAGES, "temperature": -1}, "temperature"),
+    ("top_p 2", "/v1/chat/completions", {"messages": MESSAGES, "top_p": 2}, "top_p"),
+    ("logprobs 50", "/v1/completions", {"prompt": "a", "logprobs": 50}, "logprobs"),
+    ("top_logprobs 50", "/v1/chat/completions", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 50},
+     "top_logprobs"),
+    ("prompt over the context", "/v1/completions", {"prompt": "hello " * 1100, "max_tokens": 1}, "prompt"),
+    ("unknown model", "/v1/chat/completions", {"model": "gpt-17", "messages": MESSAGES}, "model"),
+]
+
+
+@pytest.mark.parametrize("name,path,body,param", INVALID, ids=[i[0] for i in INVALID])
+def test_invalid_input(server, name, path, body, param) -> None:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(server.base_url + path, content=content, headers={"content-type": "application/json"})
+    status = 404 if name == "unknown model" else 400
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    if name == "huge max_tokens":
+        assert "1024" in err["message"] and str(10**6) in err["message"]
+    if name == "prompt over the context":
+        assert "1024" in err["message"]
+    ok = httpx.post(server.base_url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 1
+
+
+# --------------------------------------------------------------------------- acceptance 4
+def test_dropped_streams_free_the_kv_cache(server, model) -> None:
+    async def one(client: httpx.AsyncClient, i: int, drop: bool):
+        body = {"model": model, "messages": [{"role": "user", "content": f"Count from {i} upwards."}],
+                "max_tokens": 16, "temperature": 0, "ignore_eos": True, "stream": True}
+        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            text, finish, done, n = "", None, False, 0
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    done = True
+                    break
+                chunk = json.loads(line[6:])
+                delta = chunk["choices"][0]["delta"].get("content")
+                if delta:
+                    text += delta
+                    n += 1
+                    if drop and n == 3:
+                        return None  # leaving the block closes the connection mid-stream
+                finish = chunk["choices"][0]["finish_reason"] or finish
+            return text, finish, done
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=300) as client:
+            return await asyncio.gather(*(one(client, i, drop=i % 2 == 0) for i in range(20)))
+
+    results = asyncio.run(main())
+    kept = [r for i, r in enumerate(results) if i % 2 == 1]
+    assert all(r is not None and r[0] and r[1] == "length" and r[2] for r in kept), kept
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (metric(server, "pagedserve:kv_cache_usage_perc") > 0
+                                           or metric(server, "pagedserve:num_requests_running") > 0):
+        time.sleep(0.2)
+    assert metric(server, "pagedserve:kv_cache_usage_perc") == 0
+    assert metric(server, "pagedserve:num_requests_running") == 0
+    assert metric(server, "pagedserve:num_requests_waiting") == 0
+    assert metric(server, "pagedserve:num_free_kv_blocks") == metric(server, "pagedserve:num_total_kv_blocks")
+
+
+# --------------------------------------------------------------------------- acceptance 7
+def test_load_test_example_runs_unchanged(server, model) -> None:
+    out = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "examples" / "load_test.py"), "--base-url", server.base_url + "/v1",
+         "--max-tokens", "4"], capture_output=True, text=True, timeout=400, cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "total time:" in out.stdout, out.stdout
+    print(out.stdout)
+    assert metric(server, "pagedserve:time_to_first_token_seconds_count") >= 100
+    assert metric(server, "pagedserve:e2e_request_latency_seconds_count") >= 100
+
+
+def test_metrics_and_stats_line(server) -> None:
+    assert metric(server, "pagedserve:generation_tokens_total") > 0
+    assert metric(server, "pagedserve:prompt_tokens_total") > 0
+    assert metric(server, "pagedserve:prefix_cache_hits_total") > 0  # the shared chat system prompt
+    assert "generation:" in server.output() and "tokens/s" in server.output()
+
+
+# --------------------------------------------------------------------------- acceptance 6 (runs last)
+def test_zz_sigterm_lets_in_flight_requests_finish(server, model) -> None:
+    """Stops the module's server: keep it the last test of this file."""
+    results: list = []
+
+    async def one(client: httpx.AsyncClient, started: asyncio.Event, i: int):
+        body = {"model": model, "prompt": f"List {i} fruits:", "max_tokens": 24, "temperature": 0,
+                "ignore_eos": True, "stream": True}
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            n, finish, done = 0, None, False
+            async for line in r.aiter_lines():
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: "):
+                    c = json.loads(line[6:])["choices"][0]
+                    n += 1
+                    finish = c["finish_reason"] or finish
+                    if n == 2:
+                        started.set()
+            results.append((finish, done))
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=300) as client:
+            events = [asyncio.Event() for _ in range(3)]
+            tasks = [asyncio.create_task(one(client, events[i], i + 3)) for i in range(3)]
+            await asyncio.gather(*(e.wait() for e in events))
+            server.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(1.0)
+            with pytest.raises(httpx.ConnectError):  # the listener is closed: no new requests
+                await client.get("/health")
+            await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+    assert results == [("length", True)] * 3
+    assert server.proc.wait(timeout=60) == 0
+    log = server.output()
+    assert "received SIGTERM" in log and "Traceback" not in log
