@@ -15,18 +15,32 @@ from concurrent.futures import ThreadPoolExecutor
 
 from openai import OpenAI
 
-TOPICS = ["a lighthouse keeper", "a robot that paints", "a lost cat", "a chess prodigy", "an old bridge",
-          "a desert caravan", "a tiny dragon", "a rainy city", "a time traveler", "a village baker"]
+TOPICS = [
+    "a lighthouse keeper",
+    "a robot that paints",
+    "a lost cat",
+    "a chess prodigy",
+    "an old bridge",
+    "a desert caravan",
+    "a tiny dragon",
+    "a rainy city",
+    "a time traveler",
+    "a village baker",
+]
 
 
 def prompt_for(i: int) -> str:
     # About 30 tokens with the chat template's user turn.
-    return (f"Request {i}: write a short, vivid story about {TOPICS[i % len(TOPICS)]} who finds "
-            f"something unexpected on an ordinary morning. Keep it simple.")
+    return (
+        f"Request {i}: write a short, vivid story about {TOPICS[i % len(TOPICS)]} who finds "
+        f"something unexpected on an ordinary morning. Keep it simple."
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--base-url", default=os.environ.get("OPENAI_BASE_URL", "http://127.0.0.1:8000/v1"))
     parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", "EMPTY"))
     parser.add_argument("--model", default=os.environ.get("MODEL"), help="default: the server's first model")
@@ -41,8 +55,11 @@ def main() -> None:
 
     def one(i: int) -> int:
         r = client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": prompt_for(i)}],
-            max_tokens=args.max_tokens, temperature=args.temperature)
+            model=model,
+            messages=[{"role": "user", "content": prompt_for(i)}],
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+        )
         return r.usage.completion_tokens
 
     start = time.perf_counter()

@@ -60,8 +60,14 @@ class EngineLike(Protocol):  # what AsyncEngine needs of LLMEngine (tests pass a
     model_name: str
     max_model_len: int
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    arrival_time: float | None = None, prompt_text: str | None = None) -> None: ...
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+        prompt_text: str | None = None,
+    ) -> None: ...
     def abort_request(self, request_id: str | list[str]) -> None: ...
     def step(self) -> list[RequestOutput]: ...
     def has_unfinished_requests(self) -> bool: ...
@@ -135,9 +141,15 @@ OutputObserver = Callable[[RequestStream, RequestOutput], None]
 
 
 class AsyncEngine:
-    def __init__(self, engine: EngineLike, *, max_queued_requests: int | None = None,
-                 log_stats: bool = True, log_stats_interval: float = 5.0,
-                 retry_after_seconds: int = 1) -> None:
+    def __init__(
+        self,
+        engine: EngineLike,
+        *,
+        max_queued_requests: int | None = None,
+        log_stats: bool = True,
+        log_stats_interval: float = 5.0,
+        retry_after_seconds: int = 1,
+    ) -> None:
         self.engine = engine
         # The HTTP side (tokenizer thread, logprob token strings) uses its own copy, so it never
         # shares mutable tokenizer state with the engine thread's detokenizer.
@@ -209,8 +221,14 @@ class AsyncEngine:
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, fn, *args)
 
     # ------------------------------------------------------------------ requests
-    async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                          arrival_time: float | None = None, prompt_text: str | None = None) -> RequestStream:
+    async def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+        prompt_text: str | None = None,
+    ) -> RequestStream:
         """Submits a request and waits until the engine thread accepted it.
 
         Raises ValueError (bad input), QueueFullError / ShuttingDownError (retry later), or
@@ -226,8 +244,15 @@ class AsyncEngine:
         assert self._loop is not None, "AsyncEngine.start() was not called"
         stream = RequestStream(request_id, self._loop)
         self._streams[request_id] = stream
-        self._submit(_Add(request_id, prompt, params,
-                          arrival_time if arrival_time is not None else time.monotonic(), prompt_text))
+        self._submit(
+            _Add(
+                request_id,
+                prompt,
+                params,
+                arrival_time if arrival_time is not None else time.monotonic(),
+                prompt_text,
+            )
+        )
         try:
             await asyncio.shield(stream.accepted)
         except asyncio.CancelledError:
@@ -238,9 +263,14 @@ class AsyncEngine:
             raise
         return stream
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
-                       arrival_time: float | None = None,
-                       prompt_text: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str,
+        arrival_time: float | None = None,
+        prompt_text: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
         """Yields cumulative outputs until the request finishes; closing or cancelling the
         consumer aborts the request (its KV blocks are freed at the engine's next drain)."""
         stream = await self.add_request(request_id, prompt, params, arrival_time, prompt_text)
@@ -310,13 +340,25 @@ class AsyncEngine:
                 if num_waiting is None:
                     num_waiting = int(engine.get_stats()["num_waiting"])
                 if num_waiting > 0 and num_waiting >= self.max_queued_requests:
-                    acks.append((item.request_id, QueueFullError(
-                        f"the waiting queue is full ({num_waiting} waiting, --max-queued-requests "
-                        f"{self.max_queued_requests}); retry later", self.retry_after_seconds)))
+                    acks.append(
+                        (
+                            item.request_id,
+                            QueueFullError(
+                                f"the waiting queue is full ({num_waiting} waiting, --max-queued-requests "
+                                f"{self.max_queued_requests}); retry later",
+                                self.retry_after_seconds,
+                            ),
+                        )
+                    )
                     continue
             try:
-                engine.add_request(item.request_id, item.prompt, item.params,
-                                   arrival_time=item.arrival_time, prompt_text=item.prompt_text)
+                engine.add_request(
+                    item.request_id,
+                    item.prompt,
+                    item.params,
+                    arrival_time=item.arrival_time,
+                    prompt_text=item.prompt_text,
+                )
             except ValueError as e:
                 acks.append((item.request_id, e))
                 continue
@@ -384,9 +426,13 @@ class AsyncEngine:
         stats = self.stats
         if stats is not state.last_seen_stats:
             state.last_seen_stats = stats
-            if (stats.get("prompt_tokens_total", 0) != state.last_stats.get("prompt_tokens_total", 0)
-                    or stats.get("generation_tokens_total", 0) != state.last_stats.get("generation_tokens_total", 0)
-                    or stats.get("num_running", 0) or stats.get("num_waiting", 0)):
+            if (
+                stats.get("prompt_tokens_total", 0) != state.last_stats.get("prompt_tokens_total", 0)
+                or stats.get("generation_tokens_total", 0)
+                != state.last_stats.get("generation_tokens_total", 0)
+                or stats.get("num_running", 0)
+                or stats.get("num_waiting", 0)
+            ):
                 state.active_since_log = True
         if not self.log_stats or now - state.last_log_time < self.log_stats_interval:
             return
@@ -420,7 +466,9 @@ def format_stats_line(prev: dict, cur: dict, seconds: float) -> str:
     queries = cur.get("prefix_cache_queries", 0) - prev.get("prefix_cache_queries", 0)
     hits = cur.get("prefix_cache_hits", 0) - prev.get("prefix_cache_hits", 0)
     hit_rate = f"{100.0 * hits / queries:.1f}%" if queries else "n/a"
-    return (f"prompt: {prompt_tps:.1f} tokens/s, generation: {gen_tps:.1f} tokens/s, "
-            f"running: {cur.get('num_running', 0)} reqs, waiting: {cur.get('num_waiting', 0)} reqs, "
-            f"KV cache usage: {100.0 * cur.get('kv_cache_usage', 0.0):.1f}%, "
-            f"prefix cache hit rate: {hit_rate}, preemptions: {cur.get('num_preemptions', 0)}")
+    return (
+        f"prompt: {prompt_tps:.1f} tokens/s, generation: {gen_tps:.1f} tokens/s, "
+        f"running: {cur.get('num_running', 0)} reqs, waiting: {cur.get('num_waiting', 0)} reqs, "
+        f"KV cache usage: {100.0 * cur.get('kv_cache_usage', 0.0):.1f}%, "
+        f"prefix cache hit rate: {hit_rate}, preemptions: {cur.get('num_preemptions', 0)}"
+    )

@@ -42,8 +42,13 @@ class FakeServer:
         self.app = build_app(self.async_engine, ServerSettings(**settings))
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                timeout_graceful_shutdown=settings.get("shutdown_timeout", 30.0))
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            timeout_graceful_shutdown=settings.get("shutdown_timeout", 30.0),
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -77,8 +82,13 @@ def start_fake_server() -> Iterator:
 class RealServer:
     """The server as users run it: a subprocess."""
 
-    def __init__(self, model_dir: str | None, *flags: str, env: dict[str, str] | None = None,
-                 startup_timeout: float = 300.0) -> None:
+    def __init__(
+        self,
+        model_dir: str | None,
+        *flags: str,
+        env: dict[str, str] | None = None,
+        startup_timeout: float = 300.0,
+    ) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "pagedserve.entrypoints.openai"]
@@ -87,8 +97,9 @@ class RealServer:
         cmd += ["--port", str(self.port), "--log-level", "INFO", "--disable-access-log", *flags]
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"pagedserve-test-server-{self.port}.log"
         self.log = open(self.log_path, "w+b")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
         deadline = time.monotonic() + startup_timeout
         while True:
             if self.proc.poll() is not None:

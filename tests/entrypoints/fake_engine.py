@@ -59,7 +59,9 @@ class _Seq:
 
 
 class _Req:
-    def __init__(self, request_id, prompt_ids, params: SamplingParams, max_tokens: int, arrival: float) -> None:
+    def __init__(
+        self, request_id, prompt_ids, params: SamplingParams, max_tokens: int, arrival: float
+    ) -> None:
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.params = params
@@ -71,8 +73,15 @@ class _Req:
 
 
 class FakeEngine:
-    def __init__(self, max_model_len: int = 256, max_num_seqs: int = 8, num_blocks: int = 256,
-                 block_size: int = 16, step_delay: float = 0.002, fail_at_step: int | None = None) -> None:
+    def __init__(
+        self,
+        max_model_len: int = 256,
+        max_num_seqs: int = 8,
+        num_blocks: int = 256,
+        block_size: int = 16,
+        step_delay: float = 0.002,
+        fail_at_step: int | None = None,
+    ) -> None:
         self.tokenizer = FakeTokenizer()
         self.model_name = "fake-model"
         self.max_model_len = max_model_len
@@ -103,9 +112,11 @@ class FakeEngine:
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else params.max_tokens
         if max_tokens > room or room <= 0:
-            raise ValueError(f"this model's maximum context length is {self.max_model_len} tokens, but "
-                             f"{len(ids)} prompt tokens plus max_tokens {max_tokens} make "
-                             f"{len(ids) + max_tokens}; reduce the prompt or max_tokens")
+            raise ValueError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but "
+                f"{len(ids)} prompt tokens plus max_tokens {max_tokens} make "
+                f"{len(ids) + max_tokens}; reduce the prompt or max_tokens"
+            )
         self._reqs[request_id] = _Req(request_id, ids, params, max_tokens, arrival_time or time.monotonic())
         self._order.append(request_id)
         self.prompt_tokens_total += len(ids) * params.n
@@ -168,14 +179,38 @@ class FakeEngine:
                 r.metrics.finished_time = now
                 del self._reqs[r.request_id]
                 self._order.remove(r.request_id)
-            outputs.append(RequestOutput(
-                request_id=r.request_id, prompt=None, prompt_token_ids=r.prompt_ids,
-                outputs=[CompletionOutput(s.index, s.text, list(s.token_ids), None,
-                                          list(s.logprobs) if r.params.logprobs is not None else None,
-                                          s.finish_reason, s.stop_reason) for s in r.seqs],
-                finished=finished, metrics=RequestMetrics(**{k: getattr(r.metrics, k) for k in (
-                    "arrival_time", "first_scheduled_time", "first_token_time", "last_token_time",
-                    "finished_time")})))
+            outputs.append(
+                RequestOutput(
+                    request_id=r.request_id,
+                    prompt=None,
+                    prompt_token_ids=r.prompt_ids,
+                    outputs=[
+                        CompletionOutput(
+                            s.index,
+                            s.text,
+                            list(s.token_ids),
+                            None,
+                            list(s.logprobs) if r.params.logprobs is not None else None,
+                            s.finish_reason,
+                            s.stop_reason,
+                        )
+                        for s in r.seqs
+                    ],
+                    finished=finished,
+                    metrics=RequestMetrics(
+                        **{
+                            k: getattr(r.metrics, k)
+                            for k in (
+                                "arrival_time",
+                                "first_scheduled_time",
+                                "first_token_time",
+                                "last_token_time",
+                                "finished_time",
+                            )
+                        }
+                    ),
+                )
+            )
         return outputs
 
     def _used_blocks(self) -> int:

@@ -95,7 +95,9 @@ def test_queue_limit_refuses_with_queue_full() -> None:
         streams.append(await ae.add_request("w2", [1], SamplingParams(max_tokens=5)))
         with pytest.raises(QueueFullError) as info:
             await ae.add_request("w3", [1], SamplingParams(max_tokens=5))
-        finals = [[o async for o in s][-1] for s in streams]
+        finals = []
+        for s in streams:
+            finals.append([o async for o in s][-1])
         await ae.shutdown(1)
         return info.value, finals
 

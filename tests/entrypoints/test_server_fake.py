@@ -21,7 +21,7 @@ def sse_events(response: httpx.Response) -> list:
     events = []
     for line in response.iter_lines():
         if line.startswith("data: "):
-            data = line[len("data: "):]
+            data = line[len("data: ") :]
             events.append(data if data == "[DONE]" else json.loads(data))
     return events
 
@@ -46,7 +46,9 @@ def server(start_fake_server):
 
 def test_chat_completion_shape_and_usage(server) -> None:
     client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused")
-    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=7)
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=7
+    )
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == MODEL
     assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == TEXT[:7]
     assert r.choices[0].finish_reason == "length"
@@ -56,9 +58,14 @@ def test_chat_completion_shape_and_usage(server) -> None:
 
 
 def test_max_completion_tokens_alias_and_text_parts(server) -> None:
-    body = {"model": MODEL, "max_completion_tokens": 3, "messages": [
-        {"role": "developer", "content": "be brief"},
-        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}
+    body = {
+        "model": MODEL,
+        "max_completion_tokens": 3,
+        "messages": [
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        ],
+    }
     r = httpx.post(server.base_url + "/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 3
@@ -87,14 +94,15 @@ def test_chat_stream_n3_by_index_with_usage(server) -> None:
             finish[i] = choice["finish_reason"]
     assert roles_first == {0: "assistant", 1: "assistant", 2: "assistant"}
     assert finish == {0: "length", 1: "length", 2: "length"}
-    assert texts == {i: TEXT[i:i + 5] for i in range(3)}  # the fake rotates by seed + index
+    assert texts == {i: TEXT[i : i + 5] for i in range(3)}  # the fake rotates by seed + index
 
 
 def test_async_client_streaming(server) -> None:
     async def main():
         client = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="unused")
-        stream = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
-                                                      max_tokens=9, stream=True)
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=9, stream=True
+        )
         return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
 
     assert asyncio.run(main()) == TEXT[:9]
@@ -102,35 +110,44 @@ def test_async_client_streaming(server) -> None:
 
 def test_stop_string(server) -> None:
     client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused")
-    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=30,
-                                       stop=["brown"])
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=30, stop=["brown"]
+    )
     assert r.choices[0].message.content == "the quick " and r.choices[0].finish_reason == "stop"
 
 
 def test_chat_logprobs_format(server) -> None:
     client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused")
-    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3,
-                                       logprobs=True, top_logprobs=2)
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3, logprobs=True, top_logprobs=2
+    )
     content = r.choices[0].logprobs.content
     assert [c.token for c in content] == list(TEXT[:3])
     assert content[0].bytes == [ord("t")] and content[0].logprob == -0.5
     assert [t.token for t in content[0].top_logprobs] == ["t", "z"]
 
 
-@pytest.mark.parametrize("prompt,num_prompts", [
-    ("ab", 1), (["ab", "cd", "ef"], 3), ([97, 98], 1), ([[97, 98], [99]], 2)])
+@pytest.mark.parametrize(
+    "prompt,num_prompts", [("ab", 1), (["ab", "cd", "ef"], 3), ([97, 98], 1), ([[97, 98], [99]], 2)]
+)
 def test_completion_prompt_forms(server, prompt, num_prompts) -> None:
     client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused")
     r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, n=2)
     assert r.object == "text_completion"
     assert [c.index for c in r.choices] == list(range(2 * num_prompts))
-    assert all(c.text == TEXT[c.index % 2:c.index % 2 + 4] for c in r.choices)
+    assert all(c.text == TEXT[c.index % 2 : c.index % 2 + 4] for c in r.choices)
     assert r.usage.completion_tokens == 8 * num_prompts
 
 
 def test_completion_stream_multi_prompt(server) -> None:
-    body = {"model": MODEL, "prompt": ["a", "b"], "max_tokens": 6, "n": 2, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": MODEL,
+        "prompt": ["a", "b"],
+        "max_tokens": 6,
+        "n": 2,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with httpx.stream("POST", server.base_url + "/v1/completions", json=body) as r:
         events = sse_events(r)
     assert events[-1] == "[DONE]" and events[-2]["usage"]["completion_tokens"] == 24
@@ -138,7 +155,7 @@ def test_completion_stream_multi_prompt(server) -> None:
     for c in events[:-2]:
         for choice in c["choices"]:
             texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
-    assert texts == {i: TEXT[i % 2:i % 2 + 6] for i in range(4)}
+    assert texts == {i: TEXT[i % 2 : i % 2 + 6] for i in range(4)}
 
 
 def test_completion_echo_and_legacy_logprobs(server) -> None:
@@ -158,8 +175,11 @@ BAD_CHAT = [
     ("messages wrong type", {"messages": "hi"}, "messages"),
     ("empty messages", {"messages": []}, "messages"),
     ("bad role", {"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
-    ("image part", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     "messages"),
+    (
+        "image part",
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        "messages",
+    ),
     ("max_tokens string", {**CHAT, "max_tokens": "5"}, "max_tokens"),
     ("max_tokens negative", {**CHAT, "max_tokens": -1}, "max_tokens"),
     ("max_tokens zero", {**CHAT, "max_tokens": 0}, "max_tokens"),
@@ -187,8 +207,11 @@ BAD_CHAT = [
 @pytest.mark.parametrize("name,body,param", BAD_CHAT, ids=[b[0] for b in BAD_CHAT])
 def test_invalid_chat_requests_get_400(server, name, body, param) -> None:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    r = httpx.post(server.base_url + "/v1/chat/completions", content=content,
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        server.base_url + "/v1/chat/completions",
+        content=content,
+        headers={"content-type": "application/json"},
+    )
     err = assert_error(r, 400, param)
     assert err["type"] == "invalid_request_error"
     if name == "max_tokens huge":
@@ -218,20 +241,34 @@ def test_invalid_completion_requests_get_400(server, name, body, param) -> None:
         assert_error(r, 400)
     else:
         assert_error(r, 400, param)
-    assert httpx.post(server.base_url + "/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 200
+    assert (
+        httpx.post(server.base_url + "/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code
+        == 200
+    )
 
 
 def test_unknown_fields_are_ignored(server) -> None:
-    body = {**CHAT, "frobnicate": 3, "store": True, "metadata": {"a": "b"}, "user": "u", "parallel_tool_calls": False,
-            "messages": [{"role": "user", "content": "hi", "extra": 1}], "stream_options": {"zzz": 1}}
+    body = {
+        **CHAT,
+        "frobnicate": 3,
+        "store": True,
+        "metadata": {"a": "b"},
+        "user": "u",
+        "parallel_tool_calls": False,
+        "messages": [{"role": "user", "content": "hi", "extra": 1}],
+        "stream_options": {"zzz": 1},
+    }
     assert httpx.post(server.base_url + "/v1/chat/completions", json=body).status_code == 200
 
 
 def test_unknown_model_route_and_method(server) -> None:
-    err = assert_error(httpx.post(server.base_url + "/v1/chat/completions", json={**CHAT, "model": "gpt-9"}), 404,
-                       "model")
+    err = assert_error(
+        httpx.post(server.base_url + "/v1/chat/completions", json={**CHAT, "model": "gpt-9"}), 404, "model"
+    )
     assert err["code"] == "model_not_found"
-    assert_error(httpx.post(server.base_url + "/v1/completions", json={"model": "x", "prompt": "a"}), 404, "model")
+    assert_error(
+        httpx.post(server.base_url + "/v1/completions", json={"model": "x", "prompt": "a"}), 404, "model"
+    )
     assert_error(httpx.get(server.base_url + "/v1/nothing"), 404)
     assert_error(httpx.get(server.base_url + "/v1/chat/completions"), 405)
     assert_error(httpx.get(server.base_url + "/v1/models/gpt-9"), 404)
@@ -254,8 +291,14 @@ def test_oversized_body_gets_413(start_fake_server) -> None:
     def chunks():  # no Content-Length: the limit is enforced while reading
         yield json.dumps(big).encode()
 
-    assert_error(httpx.post(server.base_url + "/v1/chat/completions", content=chunks(),
-                            headers={"content-type": "application/json"}), 413)
+    assert_error(
+        httpx.post(
+            server.base_url + "/v1/chat/completions",
+            content=chunks(),
+            headers={"content-type": "application/json"},
+        ),
+        413,
+    )
     assert httpx.post(server.base_url + "/v1/chat/completions", json=CHAT).status_code == 200
 
 
@@ -294,7 +337,9 @@ def test_client_disconnect_aborts_and_frees_kv(start_fake_server) -> None:
     while _metric(server, "pagedserve:kv_cache_usage_perc") > 0 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert _metric(server, "pagedserve:kv_cache_usage_perc") == 0
-    assert _metric(server, "pagedserve:num_free_kv_blocks") == _metric(server, "pagedserve:num_total_kv_blocks")
+    assert _metric(server, "pagedserve:num_free_kv_blocks") == _metric(
+        server, "pagedserve:num_total_kv_blocks"
+    )
     assert not engine._reqs
 
 
@@ -314,8 +359,9 @@ def test_queue_full_gets_503_with_retry_after(start_fake_server) -> None:
 
     async def main():
         async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
-            return await asyncio.gather(*(client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 20})
-                                          for _ in range(10)))
+            return await asyncio.gather(
+                *(client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 20}) for _ in range(10))
+            )
 
     responses = asyncio.run(main())
     codes = sorted(r.status_code for r in responses)
@@ -340,11 +386,21 @@ def test_engine_death_turns_health_503(start_fake_server) -> None:
 def test_metrics_names(server) -> None:
     httpx.post(server.base_url + "/v1/chat/completions", json=CHAT)
     text = httpx.get(server.base_url + "/metrics").text
-    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
-                 "prefix_cache_queries_total", "prefix_cache_hits_total", "num_preemptions_total",
-                 "prompt_tokens_total", "generation_tokens_total", "time_to_first_token_seconds_bucket",
-                 "inter_token_latency_seconds_bucket", "e2e_request_latency_seconds_bucket",
-                 "request_queue_time_seconds_bucket", "request_success_total"):
+    for name in (
+        "num_requests_running",
+        "num_requests_waiting",
+        "kv_cache_usage_perc",
+        "prefix_cache_queries_total",
+        "prefix_cache_hits_total",
+        "num_preemptions_total",
+        "prompt_tokens_total",
+        "generation_tokens_total",
+        "time_to_first_token_seconds_bucket",
+        "inter_token_latency_seconds_bucket",
+        "e2e_request_latency_seconds_bucket",
+        "request_queue_time_seconds_bucket",
+        "request_success_total",
+    ):
         assert f"pagedserve:{name}" in text, name
     assert _metric(server, "pagedserve:generation_tokens_total") == 5
     assert _metric(server, "pagedserve:time_to_first_token_seconds_count") == 1

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -27,8 +26,9 @@ MESSAGES = [{"role": "user", "content": "Write a haiku about the sea."}]
 
 @pytest.fixture(scope="module")
 def server(real_model_dir):
-    s = RealServer(real_model_dir, "--max-model-len", "1024", "--cpu-kv-cache-gib", "0.5",
-                   "--shutdown-timeout", "60")
+    s = RealServer(
+        real_model_dir, "--max-model-len", "1024", "--cpu-kv-cache-gib", "0.5", "--shutdown-timeout", "60"
+    )
     yield s
     s.stop()
 
@@ -54,7 +54,7 @@ def sse_events(response: httpx.Response) -> list:
     events = []
     for line in response.iter_lines():
         if line.startswith("data: "):
-            data = line[len("data: "):]
+            data = line[len("data: ") :]
             events.append(data if data == "[DONE]" else json.loads(data))
     return events
 
@@ -89,7 +89,7 @@ def test_completions_usage_and_prompt_forms(client, model, hf_tokenizer) -> None
     assert by_ids.choices[0].text == r.choices[0].text
     multi = client.completions.create(model=model, prompt=[ids, ids[:3]], max_tokens=3, temperature=0, n=2)
     assert [c.index for c in multi.choices] == [0, 1, 2, 3]
-    assert multi.choices[0].text == multi.choices[1].text == r.choices[0].text[:len(multi.choices[0].text)]
+    assert multi.choices[0].text == multi.choices[1].text == r.choices[0].text[: len(multi.choices[0].text)]
     assert multi.usage.prompt_tokens == len(ids) + 3 and multi.usage.completion_tokens == 12
     echo = client.completions.create(model=model, prompt=text, max_tokens=4, temperature=0, echo=True)
     assert echo.choices[0].text == text + r.choices[0].text
@@ -97,8 +97,14 @@ def test_completions_usage_and_prompt_forms(client, model, hf_tokenizer) -> None
 
 def test_chat_stream_equals_non_stream(client, model) -> None:
     full = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8, temperature=0)
-    stream = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8, temperature=0,
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=model,
+        messages=MESSAGES,
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -113,8 +119,9 @@ def test_async_client_concurrent_stream_and_non_stream(server, model) -> None:
         client = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
 
         async def streamed(prompt):
-            s = await client.completions.create(model=model, prompt=prompt, max_tokens=5, temperature=0,
-                                                stream=True)
+            s = await client.completions.create(
+                model=model, prompt=prompt, max_tokens=5, temperature=0, stream=True
+            )
             return "".join([c.choices[0].text async for c in s if c.choices])
 
         async def whole(prompt):
@@ -122,7 +129,9 @@ def test_async_client_concurrent_stream_and_non_stream(server, model) -> None:
             return r.choices[0].text
 
         prompts = ["import numpy as np\n", "The capital of France is", "# sort a list\n", "SELECT * FROM"]
-        return await asyncio.gather(*(streamed(p) for p in prompts)), await asyncio.gather(*(whole(p) for p in prompts))
+        return await asyncio.gather(*(streamed(p) for p in prompts)), await asyncio.gather(
+            *(whole(p) for p in prompts)
+        )
 
     streamed, whole = asyncio.run(main())
     assert streamed == whole and all(whole)
@@ -132,8 +141,9 @@ def test_n3_stream_by_index_matches_non_stream(server, client, model) -> None:
     kwargs = dict(model=model, messages=MESSAGES, max_tokens=6, temperature=0.8, seed=7, n=3)
     full = client.chat.completions.create(**kwargs)
     assert sorted(c.index for c in full.choices) == [0, 1, 2]
-    with httpx.stream("POST", server.base_url + "/v1/chat/completions", json={**kwargs, "stream": True},
-                      timeout=120) as r:
+    with httpx.stream(
+        "POST", server.base_url + "/v1/chat/completions", json={**kwargs, "stream": True}, timeout=120
+    ) as r:
         events = sse_events(r)
     assert events[-1] == "[DONE]"
     texts: dict[int, str] = {}
@@ -149,22 +159,30 @@ def test_stop_string(client, model) -> None:
     base = client.completions.create(model=model, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0)
     text = base.choices[0].text
     assert "6" in text, text
-    stopped = client.completions.create(model=model, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0, stop=["6"])
-    assert stopped.choices[0].text == text[:text.index("6")]
+    stopped = client.completions.create(
+        model=model, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0, stop=["6"]
+    )
+    assert stopped.choices[0].text == text[: text.index("6")]
     assert stopped.choices[0].finish_reason == "stop"
 
 
 def test_seed_reproducibility(client, model) -> None:
-    kwargs = dict(model=model, messages=[{"role": "user", "content": "Name a random animal."}], max_tokens=8,
-                  temperature=1.0, top_p=0.95)
+    kwargs = dict(
+        model=model,
+        messages=[{"role": "user", "content": "Name a random animal."}],
+        max_tokens=8,
+        temperature=1.0,
+        top_p=0.95,
+    )
     a = client.chat.completions.create(seed=1234, **kwargs).choices[0].message.content
     b = client.chat.completions.create(seed=1234, **kwargs).choices[0].message.content
     assert a == b
 
 
 def test_logprobs_and_top_logprobs(client, model) -> None:
-    r = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=5, temperature=0, logprobs=True,
-                                       top_logprobs=3)
+    r = client.chat.completions.create(
+        model=model, messages=MESSAGES, max_tokens=5, temperature=0, logprobs=True, top_logprobs=3
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens
     for entry in content:
@@ -175,7 +193,9 @@ def test_logprobs_and_top_logprobs(client, model) -> None:
         assert abs(entry.logprob - tops[0]) < 1e-4
     if r.choices[0].finish_reason == "length":
         assert bytes(b for e in content for b in e.bytes).decode() == r.choices[0].message.content
-    c = client.completions.create(model=model, prompt="def add(a, b):", max_tokens=4, temperature=0, logprobs=2)
+    c = client.completions.create(
+        model=model, prompt="def add(a, b):", max_tokens=4, temperature=0, logprobs=2
+    )
     lp = c.choices[0].logprobs
     assert "".join(lp.tokens) == c.choices[0].text
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
@@ -194,8 +214,12 @@ INVALID = [
     ("temperature -1", "/v1/chat/completions", {"messages": MESSAGES, "temperature": -1}, "temperature"),
     ("top_p 2", "/v1/chat/completions", {"messages": MESSAGES, "top_p": 2}, "top_p"),
     ("logprobs 50", "/v1/completions", {"prompt": "a", "logprobs": 50}, "logprobs"),
-    ("top_logprobs 50", "/v1/chat/completions", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 50},
-     "top_logprobs"),
+    (
+        "top_logprobs 50",
+        "/v1/chat/completions",
+        {"messages": MESSAGES, "logprobs": True, "top_logprobs": 50},
+        "top_logprobs",
+    ),
     ("prompt over the context", "/v1/completions", {"prompt": "hello " * 1100, "max_tokens": 1}, "prompt"),
     ("unknown model", "/v1/chat/completions", {"model": "gpt-17", "messages": MESSAGES}, "model"),
 ]
@@ -222,8 +246,14 @@ def test_invalid_input(server, name, path, body, param) -> None:
 # --------------------------------------------------------------------------- acceptance 4
 def test_dropped_streams_free_the_kv_cache(server, model) -> None:
     async def one(client: httpx.AsyncClient, i: int, drop: bool):
-        body = {"model": model, "messages": [{"role": "user", "content": f"Count from {i} upwards."}],
-                "max_tokens": 16, "temperature": 0, "ignore_eos": True, "stream": True}
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": f"Count from {i} upwards."}],
+            "max_tokens": 16,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+        }
         async with client.stream("POST", "/v1/chat/completions", json=body) as r:
             assert r.status_code == 200
             text, finish, done, n = "", None, False, 0
@@ -251,8 +281,10 @@ def test_dropped_streams_free_the_kv_cache(server, model) -> None:
     kept = [r for i, r in enumerate(results) if i % 2 == 1]
     assert all(r is not None and r[0] and r[1] == "length" and r[2] for r in kept), kept
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and (metric(server, "pagedserve:kv_cache_usage_perc") > 0
-                                           or metric(server, "pagedserve:num_requests_running") > 0):
+    while time.monotonic() < deadline and (
+        metric(server, "pagedserve:kv_cache_usage_perc") > 0
+        or metric(server, "pagedserve:num_requests_running") > 0
+    ):
         time.sleep(0.2)
     assert metric(server, "pagedserve:kv_cache_usage_perc") == 0
     assert metric(server, "pagedserve:num_requests_running") == 0
@@ -263,8 +295,19 @@ def test_dropped_streams_free_the_kv_cache(server, model) -> None:
 # --------------------------------------------------------------------------- acceptance 7
 def test_load_test_example_runs_unchanged(server, model) -> None:
     out = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "examples" / "load_test.py"), "--base-url", server.base_url + "/v1",
-         "--max-tokens", "4"], capture_output=True, text=True, timeout=400, cwd=REPO_ROOT)
+        [
+            sys.executable,
+            str(REPO_ROOT / "examples" / "load_test.py"),
+            "--base-url",
+            server.base_url + "/v1",
+            "--max-tokens",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=REPO_ROOT,
+    )
     assert out.returncode == 0, out.stderr
     assert "total time:" in out.stdout, out.stdout
     print(out.stdout)
@@ -285,8 +328,14 @@ def test_zz_sigterm_lets_in_flight_requests_finish(server, model) -> None:
     results: list = []
 
     async def one(client: httpx.AsyncClient, started: asyncio.Event, i: int):
-        body = {"model": model, "prompt": f"List {i} fruits:", "max_tokens": 24, "temperature": 0,
-                "ignore_eos": True, "stream": True}
+        body = {
+            "model": model,
+            "prompt": f"List {i} fruits:",
+            "max_tokens": 24,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+        }
         async with client.stream("POST", "/v1/completions", json=body) as r:
             n, finish, done = 0, None, False
             async for line in r.aiter_lines():

@@ -19,8 +19,15 @@ from tests.entrypoints.conftest import RealServer
 pytestmark = pytest.mark.slow
 
 KEY = "sesame"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
-                   "vocab.json", "merges.txt", "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +41,15 @@ def tiny_model_dir(real_model_dir, tmp_path_factory) -> str:
             pass
     with open(f"{real_model_dir}/config.json") as f:
         config = json.load(f)
-    config.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_window_layers=2, layer_types=["full_attention"] * 2)
+    config.update(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_window_layers=2,
+        layer_types=["full_attention"] * 2,
+    )
     (folder / "config.json").write_text(json.dumps(config))
     return str(folder)
 
@@ -54,8 +68,6 @@ def error_of(r: httpx.Response, status: int) -> dict:
 # --------------------------------------------------------------------------- acceptance 3
 def test_schemathesis_finds_no_server_error(tiny_model_dir) -> None:
     import schemathesis
-    from hypothesis import HealthCheck, Phase, assume, given, settings
-    from hypothesis import strategies as st
 
     server = tiny_server(tiny_model_dir, "--max-model-len", "64")
     try:
@@ -65,36 +77,49 @@ def test_schemathesis_finds_no_server_error(tiny_model_dir) -> None:
         statuses: dict[str, dict[int, int]] = {}
         for result in schema.get_all_operations():
             op = result.ok()
-            seen = statuses.setdefault(op.label, {})
-            generation = op.is_body_required if hasattr(op, "is_body_required") else True
-            modes = [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE]
-            strategy = st.one_of(*(op.as_strategy(generation_mode=m) for m in modes))
-            num_examples = 60 if op.method.upper() == "POST" else 10
-
-            @settings(max_examples=num_examples, deadline=None, database=None, derandomize=True,
-                      suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
-            @given(case=strategy, use_served_model=st.booleans())
-            def check(case, use_served_model) -> None:
-                if use_served_model and isinstance(case.body, dict) and "model" in case.body:
-                    case.body["model"] = model  # otherwise nearly every request is a 404
-                assume(_num_sequences(case.body) <= 32)  # valid but slow on 2 CPU cores: skip
-                response = case.call(base_url=server.base_url, timeout=120)
-                seen[response.status_code] = seen.get(response.status_code, 0) + 1
-                if response.status_code >= 500:
-                    failures.append(f"{op.label} {response.status_code}: {response.text[:300]} "
-                                    f"for {str(case.body)[:300]}")
-
-            _ = generation
             t0 = time.monotonic()
-            check()
-            print(f"{op.label}: {time.monotonic() - t0:.1f} s")
-        print(statuses)
+            statuses[op.label] = _fuzz_operation(op, server.base_url, model, failures)
+            print(f"{op.label}: {time.monotonic() - t0:.1f} s, statuses {statuses[op.label]}")
         assert not failures, "\n".join(failures[:10])
         assert statuses["POST /v1/chat/completions"].get(200, 0) > 0, statuses
         assert statuses["POST /v1/completions"].get(200, 0) > 0, statuses
         assert httpx.get(server.base_url + "/health").status_code == 200
     finally:
         server.stop()
+
+
+def _fuzz_operation(op, base_url: str, model: str, failures: list[str]) -> dict[int, int]:
+    """Schema-valid and schema-violating requests for one operation; returns status counts."""
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, assume, given, settings
+    from hypothesis import strategies as st
+
+    modes = [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE]
+    strategy = st.one_of(*(op.as_strategy(generation_mode=m) for m in modes))
+    seen: dict[int, int] = {}
+
+    @settings(
+        max_examples=100 if op.method.upper() == "POST" else 10,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.explicit, Phase.generate],
+    )
+    @given(case=strategy, use_served_model=st.booleans())
+    def check(case, use_served_model) -> None:
+        if use_served_model and isinstance(case.body, dict) and "model" in case.body:
+            case.body["model"] = model  # otherwise nearly every request is a 404
+        assume(_num_sequences(case.body) <= 32)  # valid but slow on 2 CPU cores: skip
+        response = case.call(base_url=base_url, timeout=120)
+        seen[response.status_code] = seen.get(response.status_code, 0) + 1
+        if response.status_code >= 500:
+            failures.append(
+                f"{op.label} {response.status_code}: {response.text[:300]} for {str(case.body)[:300]}"
+            )
+
+    check()
+    return seen
 
 
 def _num_sequences(body) -> int:
@@ -111,8 +136,17 @@ def _num_sequences(body) -> int:
 # --------------------------------------------------------------------------- acceptance 5 and 2 (key)
 @pytest.fixture(scope="module")
 def limited_server(tiny_model_dir):
-    s = tiny_server(tiny_model_dir, "--max-model-len", "2048", "--max-num-seqs", "2", "--max-queued-requests", "2",
-                    "--api-key", KEY)
+    s = tiny_server(
+        tiny_model_dir,
+        "--max-model-len",
+        "2048",
+        "--max-num-seqs",
+        "2",
+        "--max-queued-requests",
+        "2",
+        "--api-key",
+        KEY,
+    )
     yield s
     s.stop()
 
@@ -122,7 +156,9 @@ def test_wrong_or_missing_key_gets_401(limited_server) -> None:
     body = {"prompt": "hi", "max_tokens": 2}
     assert error_of(httpx.post(url, json=body), 401)["code"] == "invalid_api_key"
     error_of(httpx.post(url, json=body, headers={"Authorization": "Bearer nope"}), 401)
-    error_of(httpx.get(limited_server.base_url + "/v1/models", headers={"Authorization": f"Basic {KEY}"}), 401)
+    error_of(
+        httpx.get(limited_server.base_url + "/v1/models", headers={"Authorization": f"Basic {KEY}"}), 401
+    )
     for path in ("/health", "/metrics", "/version"):
         assert httpx.get(limited_server.base_url + path).status_code == 200
     r = httpx.post(url, json=body, headers={"Authorization": f"Bearer {KEY}"})
@@ -135,8 +171,9 @@ def test_burst_beyond_queue_limit_gets_503_and_accepted_requests_complete(limite
         return await client.post("/v1/completions", json=body)
 
     async def main():
-        async with httpx.AsyncClient(base_url=limited_server.base_url, timeout=300,
-                                     headers={"Authorization": f"Bearer {KEY}"}) as client:
+        async with httpx.AsyncClient(
+            base_url=limited_server.base_url, timeout=300, headers={"Authorization": f"Bearer {KEY}"}
+        ) as client:
             return await asyncio.gather(*(one(client, i) for i in range(16)))
 
     responses = asyncio.run(main())

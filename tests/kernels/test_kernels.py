@@ -353,7 +353,7 @@ def test_gpu_decode_cuda_graph():
     """Capture a decode step, then replay with different seq_lens/tables/queries in the same buffers."""
     dtype, scale = torch.bfloat16, 128**-0.5
     kw = dict(num_heads=28, num_kv_heads=4, head_dim=128, block_size=16, dtype=dtype)
-    b = make_batch([(c, 1) for c in (100, 900, 3000, 5)], **kw)
+    b = make_batch([(c, 1) for c in (100, 900, 3000, 5)], extra_blocks=200, **kw)
     backend = TritonAttentionBackend()
     static = [b.query.clone(), b.key.clone(), b.value.clone(), b.kv_cache.clone()]
     meta = b.meta

@@ -9,9 +9,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from pagedserve.entrypoints.openai.server import add_serve_args
 
     p = subparsers.add_parser(
-        "serve", help="serve a model over the OpenAI API (embedded default model when none is given)",
+        "serve",
+        help="serve a model over the OpenAI API (embedded default model when none is given)",
         description="OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, "
-                    "/health, /metrics, /version. See docs/server.md.")
+        "/health, /metrics, /version. See docs/server.md.",
+    )
     add_serve_args(p)
     p.set_defaults(func=cmd_serve)
     return p

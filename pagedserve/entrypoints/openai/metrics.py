@@ -16,10 +16,58 @@ from pagedserve.outputs import RequestOutput
 
 PREFIX = "pagedserve:"
 disable_created_metrics()  # no `*_created` series (as vLLM): they double the output for nothing
-_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-                    7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
-                0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_LATENCY_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+_ITL_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 
 # (stats key, metric suffix, help)
 _GAUGES = (
@@ -54,12 +102,14 @@ class _EngineStatsCollector(Collector):
             c = CounterMetricFamily(PREFIX + suffix, help_text, labels=labels)
             c.add_metric([self.model_name], float(stats.get(key, 0)))
             yield c
-        g = GaugeMetricFamily(PREFIX + "engine_healthy", "1 while the engine thread runs, 0 once it died.",
-                              labels=labels)
+        g = GaugeMetricFamily(
+            PREFIX + "engine_healthy", "1 while the engine thread runs, 0 once it died.", labels=labels
+        )
         g.add_metric([self.model_name], 0.0 if self.engine.is_dead else 1.0)
         yield g
-        g = GaugeMetricFamily(PREFIX + "num_requests_in_flight", "HTTP-side requests not yet finished.",
-                              labels=labels)
+        g = GaugeMetricFamily(
+            PREFIX + "num_requests_in_flight", "HTTP-side requests not yet finished.", labels=labels
+        )
         g.add_metric([self.model_name], float(self.engine.num_in_flight))
         yield g
 
@@ -70,18 +120,40 @@ class ServerMetrics:
         self.registry.register(_EngineStatsCollector(engine, model_name))
         labels = ["model_name"]
         r = self.registry
-        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time from arrival to the first token.",
-                              labels, buckets=_LATENCY_BUCKETS, registry=r).labels(model_name)
-        self.itl = Histogram(PREFIX + "inter_token_latency_seconds",
-                             "Time between consecutive engine outputs of a request.",
-                             labels, buckets=_ITL_BUCKETS, registry=r).labels(model_name)
-        self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Time from arrival to the last token.",
-                             labels, buckets=_LATENCY_BUCKETS, registry=r).labels(model_name)
-        self.queue = Histogram(PREFIX + "request_queue_time_seconds",
-                               "Time from arrival to the first scheduling step.",
-                               labels, buckets=_LATENCY_BUCKETS, registry=r).labels(model_name)
-        self._success = Counter(PREFIX + "request_success", "Requests finished, by finish reason.",
-                                ["model_name", "finished_reason"], registry=r)
+        self.ttft = Histogram(
+            PREFIX + "time_to_first_token_seconds",
+            "Time from arrival to the first token.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        ).labels(model_name)
+        self.itl = Histogram(
+            PREFIX + "inter_token_latency_seconds",
+            "Time between consecutive engine outputs of a request.",
+            labels,
+            buckets=_ITL_BUCKETS,
+            registry=r,
+        ).labels(model_name)
+        self.e2e = Histogram(
+            PREFIX + "e2e_request_latency_seconds",
+            "Time from arrival to the last token.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        ).labels(model_name)
+        self.queue = Histogram(
+            PREFIX + "request_queue_time_seconds",
+            "Time from arrival to the first scheduling step.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        ).labels(model_name)
+        self._success = Counter(
+            PREFIX + "request_success",
+            "Requests finished, by finish reason.",
+            ["model_name", "finished_reason"],
+            registry=r,
+        )
         self._model_name = model_name
         engine.observers.append(self.observe)
 

@@ -64,7 +64,9 @@ class SamplingFields(OpenAIBaseModel):
     seed: Int | None = Field(default=None, ge=-(2**63), lt=2**64)
     presence_penalty: float | None = Field(default=0.0, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=0.0, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = Field(default=None, description="token id (as a string) -> bias in [-100, 100]")
+    logit_bias: dict[str, float] | None = Field(
+        default=None, description="token id (as a string) -> bias in [-100, 100]"
+    )
     user: str | None = None  # accepted and ignored
     # vLLM extras
     top_k: Int | None = Field(default=None, ge=-1, description="0 or -1: off")
@@ -95,7 +97,9 @@ class ChatMessage(OpenAIBaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Int | None = Field(default=None, ge=1, description="alias of max_tokens (preferred)")
+    max_completion_tokens: Int | None = Field(
+        default=None, ge=1, description="alias of max_tokens (preferred)"
+    )
     logprobs: bool | None = False
     top_logprobs: Int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, description="needs logprobs: true")
     response_format: dict[str, Any] | None = None  # only {"type": "text"}
@@ -180,7 +184,8 @@ class ChatCompletionChunk(OpenAIBaseModel):
 # --------------------------------------------------------------------------- completions
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[Int] | list[list[Int]] = Field(
-        description="a string, a list of strings, a list of token ids, or a list of token-id lists")
+        description="a string, a list of strings, a list of token ids, or a list of token-id lists"
+    )
     max_tokens: Int | None = Field(default=16, ge=1)
     echo: bool | None = False
     logprobs: Int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)

@@ -92,10 +92,17 @@ class _GateMiddleware:
             token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
             # compare_digest: the time taken does not tell how much of the key matched.
             if not hmac.compare_digest(token, self.api_key):
-                await _send_error(send, 401, error_body(
-                    "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                    "invalid_request_error", None, "invalid_api_key"),
-                    {"WWW-Authenticate": "Bearer"})
+                await _send_error(
+                    send,
+                    401,
+                    error_body(
+                        "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                        "invalid_request_error",
+                        None,
+                        "invalid_api_key",
+                    ),
+                    {"WWW-Authenticate": "Bearer"},
+                )
                 return
         length = headers.get(b"content-length")
         if length is not None:
@@ -122,8 +129,12 @@ class _GateMiddleware:
 
 
 def _too_large_body(limit: int) -> dict:
-    return error_body(f"the request body is larger than {limit} bytes (--max-request-body-bytes)",
-                      "invalid_request_error", None, "request_too_large")
+    return error_body(
+        f"the request body is larger than {limit} bytes (--max-request-body-bytes)",
+        "invalid_request_error",
+        None,
+        "request_too_large",
+    )
 
 
 async def _send_error(send: Send, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
@@ -140,7 +151,10 @@ _ERROR_RESPONSES = {
     401: {"model": ErrorResponse, "description": "missing or wrong API key"},
     404: {"model": ErrorResponse, "description": "unknown model"},
     413: {"model": ErrorResponse, "description": "request body too large"},
-    503: {"model": ErrorResponse, "description": "queue full, shutting down, or engine dead (see Retry-After)"},
+    503: {
+        "model": ErrorResponse,
+        "description": "queue full, shutting down, or engine dead (see Retry-After)",
+    },
 }
 
 
@@ -161,30 +175,46 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
         # the rest (each cancel aborts its engine request); stop the engine thread now.
         await engine.shutdown(timeout=min(5.0, settings.shutdown_timeout))
 
-    app = FastAPI(title="pagedserve", version=_version(), lifespan=lifespan,
-                  description="OpenAI-compatible API of the pagedserve engine; see docs/server.md.")
+    app = FastAPI(
+        title="pagedserve",
+        version=_version(),
+        lifespan=lifespan,
+        description="OpenAI-compatible API of the pagedserve engine; see docs/server.md.",
+    )
     app.state.engine = engine
     app.state.metrics = metrics
-    app.add_middleware(_GateMiddleware, api_key=settings.api_key,
-                       max_body_bytes=settings.max_request_body_bytes)
+    app.add_middleware(
+        _GateMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_request_body_bytes
+    )
     _add_exception_handlers(app)
 
-    @app.post("/v1/chat/completions", response_model=None,
-              responses={200: {"model": ChatCompletionResponse,
-                               "description": "a completion; with stream=true, text/event-stream of "
-                                              "chat.completion.chunk objects (ChatCompletionChunk)"},
-                         **_ERROR_RESPONSES})
+    @app.post(
+        "/v1/chat/completions",
+        response_model=None,
+        responses={
+            200: {
+                "model": ChatCompletionResponse,
+                "description": "a completion; with stream=true, text/event-stream of "
+                "chat.completion.chunk objects (ChatCompletionChunk)",
+            },
+            **_ERROR_RESPONSES,
+        },
+    )
     async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response:
         return await chat.create(request, raw_request)
 
-    @app.post("/v1/completions", response_model=None,
-              responses={200: {"model": CompletionResponse}, **_ERROR_RESPONSES})
+    @app.post(
+        "/v1/completions",
+        response_model=None,
+        responses={200: {"model": CompletionResponse}, **_ERROR_RESPONSES},
+    )
     async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
         return await completion.create(request, raw_request)
 
     def model_card(name: str) -> dict:
-        return ModelCard(id=name, created=started, root=settings.model_root,
-                         max_model_len=engine.max_model_len).model_dump()
+        return ModelCard(
+            id=name, created=started, root=settings.model_root, max_model_len=engine.max_model_len
+        ).model_dump()
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models() -> dict:
@@ -193,16 +223,28 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
     @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses={404: _ERROR_RESPONSES[404]})
     async def retrieve_model(model_id: str) -> dict:
         if model_id not in served_names:
-            raise APIError(404, f"The model `{model_id}` does not exist.", "invalid_request_error",
-                           "model", "model_not_found")
+            raise APIError(
+                404,
+                f"The model `{model_id}` does not exist.",
+                "invalid_request_error",
+                "model",
+                "model_not_found",
+            )
         return model_card(model_id)
 
-    @app.get("/health", response_model=HealthResponse,
-             responses={503: {"model": ErrorResponse, "description": "the engine has died"}})
+    @app.get(
+        "/health",
+        response_model=HealthResponse,
+        responses={503: {"model": ErrorResponse, "description": "the engine has died"}},
+    )
     async def health() -> Response:
         if engine.is_dead:
-            return JSONResponse(error_body(f"the engine has stopped: {engine.dead_error!r}", "server_error",
-                                           None, "engine_dead"), status_code=503)
+            return JSONResponse(
+                error_body(
+                    f"the engine has stopped: {engine.dead_error!r}", "server_error", None, "engine_dead"
+                ),
+                status_code=503,
+            )
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics", response_class=Response)
@@ -243,14 +285,18 @@ def _add_exception_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(e.status_code)
-        return JSONResponse(error_body(str(e.detail), "invalid_request_error", None, code),
-                            status_code=e.status_code, headers=getattr(e, "headers", None))
+        return JSONResponse(
+            error_body(str(e.detail), "invalid_request_error", None, code),
+            status_code=e.status_code,
+            headers=getattr(e, "headers", None),
+        )
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, e: Exception) -> Response:
         logger.exception("unhandled error")
-        return JSONResponse(error_body(f"internal server error: {type(e).__name__}", "server_error"),
-                            status_code=500)
+        return JSONResponse(
+            error_body(f"internal server error: {type(e).__name__}", "server_error"), status_code=500
+        )
 
 
 # --------------------------------------------------------------------------- flags
@@ -259,20 +305,39 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
     g.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
-    g.add_argument("--api-key", default=None,
-                   help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV} if set); "
-                        "/health, /metrics and /version stay open")
-    g.add_argument("--max-queued-requests", type=int, default=None,
-                   help="refuse new requests with 503 + Retry-After while this many are waiting to be "
-                        "scheduled (default: no limit)")
-    g.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="on SIGTERM/SIGINT, seconds to let in-flight requests finish before aborting them")
-    g.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES,
-                   help="larger request bodies get 413 (default 1 MiB)")
-    g.add_argument("--disable-log-stats", action="store_true",
-                   help="no periodic stats line (throughput, running/waiting, KV cache usage)")
-    g.add_argument("--log-stats-interval", type=float, default=5.0,
-                   help="seconds between stats lines while busy")
+    g.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV} if set); "
+        "/health, /metrics and /version stay open",
+    )
+    g.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=None,
+        help="refuse new requests with 503 + Retry-After while this many are waiting to be "
+        "scheduled (default: no limit)",
+    )
+    g.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM/SIGINT, seconds to let in-flight requests finish before aborting them",
+    )
+    g.add_argument(
+        "--max-request-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BODY_BYTES,
+        help="larger request bodies get 413 (default 1 MiB)",
+    )
+    g.add_argument(
+        "--disable-log-stats",
+        action="store_true",
+        help="no periodic stats line (throughput, running/waiting, KV cache usage)",
+    )
+    g.add_argument(
+        "--log-stats-interval", type=float, default=5.0, help="seconds between stats lines while busy"
+    )
     g.add_argument("--disable-access-log", action="store_true", help="no log line per HTTP request")
 
 
@@ -288,8 +353,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def serve_config_from_args(args: argparse.Namespace) -> EngineConfig:
     from pagedserve.entrypoints.args import config_from_args
 
-    return config_from_args(args, max_queued_requests=args.max_queued_requests,
-                            disable_log_stats=args.disable_log_stats)
+    return config_from_args(
+        args, max_queued_requests=args.max_queued_requests, disable_log_stats=args.disable_log_stats
+    )
 
 
 # --------------------------------------------------------------------------- runner
@@ -317,15 +383,24 @@ def _make_uvicorn_server(app: FastAPI, args: argparse.Namespace, on_signal: Call
                 logger.warning("second signal: exiting now")
                 self.force_exit = True
                 return
-            logger.warning("received %s: not accepting new requests; waiting up to %.0f s for %d "
-                           "in-flight request(s)", signal.Signals(sig).name, args.shutdown_timeout,
-                           app.state.engine.num_in_flight)
+            logger.warning(
+                "received %s: not accepting new requests; waiting up to %.0f s for %d in-flight request(s)",
+                signal.Signals(sig).name,
+                args.shutdown_timeout,
+                app.state.engine.num_in_flight,
+            )
             on_signal()
             self.should_exit = True
 
-    config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="on",
-                            timeout_graceful_shutdown=args.shutdown_timeout,
-                            access_log=not args.disable_access_log, log_level="info")
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        lifespan="on",
+        timeout_graceful_shutdown=args.shutdown_timeout,
+        access_log=not args.disable_access_log,
+        log_level="info",
+    )
     return _Server(config)
 
 
@@ -338,33 +413,45 @@ def run_server(config: EngineConfig, args: argparse.Namespace) -> int:
         if pkg_logger.getEffectiveLevel() > logging.INFO:
             pkg_logger.setLevel(logging.INFO)  # the periodic stats line is INFO
     engine = LLMEngine(config)
-    async_engine = AsyncEngine(engine, max_queued_requests=config.max_queued_requests,
-                               log_stats=not config.disable_log_stats,
-                               log_stats_interval=getattr(args, "log_stats_interval", 5.0))
+    async_engine = AsyncEngine(
+        engine,
+        max_queued_requests=config.max_queued_requests,
+        log_stats=not config.disable_log_stats,
+        log_stats_interval=getattr(args, "log_stats_interval", 5.0),
+    )
     api_key = getattr(args, "api_key", None) or os.environ.get(API_KEY_ENV) or None
-    settings = ServerSettings(api_key=api_key,
-                              max_request_body_bytes=getattr(args, "max_request_body_bytes",
-                                                             DEFAULT_MAX_REQUEST_BODY_BYTES),
-                              shutdown_timeout=args.shutdown_timeout,
-                              model_root=engine.config.model)
+    settings = ServerSettings(
+        api_key=api_key,
+        max_request_body_bytes=getattr(args, "max_request_body_bytes", DEFAULT_MAX_REQUEST_BODY_BYTES),
+        shutdown_timeout=args.shutdown_timeout,
+        model_root=engine.config.model,
+    )
     app = build_app(async_engine, settings)
     server = _make_uvicorn_server(app, args, async_engine.stop_accepting)
-    logger.info("serving %s on http://%s:%d (OpenAI API under /v1)", async_engine.model_name, args.host, args.port)
+    logger.info(
+        "serving %s on http://%s:%d (OpenAI API under /v1)", async_engine.model_name, args.host, args.port
+    )
     server.run()
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pagedserve.entrypoints.openai",
-                                     description="OpenAI-compatible server (same flags as `pagedserve serve`).")
-    parser.add_argument("--log-level", default="WARNING", help="logging level of everything but the stats line")
+    parser = argparse.ArgumentParser(
+        prog="python -m pagedserve.entrypoints.openai",
+        description="OpenAI-compatible server (same flags as `pagedserve serve`).",
+    )
+    parser.add_argument(
+        "--log-level", default="WARNING", help="logging level of everything but the stats line"
+    )
     add_serve_args(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         config = serve_config_from_args(args)
         return run_server(config, args)

@@ -21,18 +21,37 @@ from pagedserve.sampling_params import SamplingParams
 # -4 billion would also be "impossible"; JSON has no -Infinity, so clamp like vLLM does.
 _MIN_LOGPROB = -9999.0
 _SAMPLING_FIELD_NAMES = {
-    "n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-    "repetition_penalty", "seed", "stop", "stop_token_ids", "max_tokens", "min_tokens", "logprobs",
-    "logit_bias", "prompt_logprobs",
+    "n",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "max_tokens",
+    "min_tokens",
+    "logprobs",
+    "logit_bias",
+    "prompt_logprobs",
 }
 
 
 class APIError(Exception):
     """An error with its HTTP status, rendered as OpenAI's {"error": {...}} shape."""
 
-    def __init__(self, status_code: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | int | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.message = message
@@ -60,9 +79,14 @@ def engine_error(e: BaseException) -> APIError:
     if isinstance(e, ValueError):
         return bad_request(str(e), _guess_param(str(e)))
     if isinstance(e, EngineUnavailableError):
-        return APIError(503, str(e), "service_unavailable_error", None,
-                        "queue_full" if "queue" in str(e) else "shutting_down",
-                        headers={"Retry-After": str(e.retry_after)})
+        return APIError(
+            503,
+            str(e),
+            "service_unavailable_error",
+            None,
+            "queue_full" if "queue" in str(e) else "shutting_down",
+            headers={"Retry-After": str(e.retry_after)},
+        )
     if isinstance(e, EngineDeadError):
         return APIError(503, str(e), "server_error", None, "engine_dead", headers={"Retry-After": "30"})
     return APIError(500, f"internal error: {e!r}", "server_error")
@@ -79,19 +103,27 @@ def _guess_param(message: str) -> str | None:
 
 
 def error_response(e: APIError) -> Response:
-    return Response(json.dumps(e.body()), status_code=e.status_code, headers=e.headers,
-                    media_type="application/json")
+    return Response(
+        json.dumps(e.body()), status_code=e.status_code, headers=e.headers, media_type="application/json"
+    )
 
 
 # --------------------------------------------------------------------------- requests
 def check_model(engine: AsyncEngine, served_names: list[str], model: str | None) -> str:
     if model is None or model in served_names:
         return served_names[0]
-    raise APIError(404, f"The model `{model}` does not exist; this server serves {served_names[0]!r}.",
-                   "invalid_request_error", "model", "model_not_found")
+    raise APIError(
+        404,
+        f"The model `{model}` does not exist; this server serves {served_names[0]!r}.",
+        "invalid_request_error",
+        "model",
+        "model_not_found",
+    )
 
 
-def build_sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def build_sampling_params(
+    req: SamplingFields, max_tokens: int | None, logprobs: int | None
+) -> SamplingParams:
     try:
         return SamplingParams(
             n=1 if req.n is None else req.n,
@@ -119,8 +151,13 @@ def build_sampling_params(req: SamplingFields, max_tokens: int | None, logprobs:
         raise bad_request(f"invalid sampling parameters: {e}") from e
 
 
-def check_prompt_fits(engine: AsyncEngine, prompt_token_ids: list[int], params: SamplingParams,
-                      prompt_param: str = "prompt", max_tokens_param: str = "max_tokens") -> None:
+def check_prompt_fits(
+    engine: AsyncEngine,
+    prompt_token_ids: list[int],
+    params: SamplingParams,
+    prompt_param: str = "prompt",
+    max_tokens_param: str = "max_tokens",
+) -> None:
     """The engine checks again; checking here answers before any work is queued."""
     num_prompt = len(prompt_token_ids)
     if num_prompt == 0:
@@ -129,13 +166,17 @@ def check_prompt_fits(engine: AsyncEngine, prompt_token_ids: list[int], params: 
         raise bad_request(
             f"the prompt has {num_prompt} tokens, but this model's context length is "
             f"{engine.max_model_len} tokens, leaving no room to generate; shorten the prompt",
-            prompt_param, "context_length_exceeded")
+            prompt_param,
+            "context_length_exceeded",
+        )
     if params.max_tokens is not None and num_prompt + params.max_tokens > engine.max_model_len:
         raise bad_request(
             f"this model's maximum context length is {engine.max_model_len} tokens, but "
             f"{num_prompt} prompt tokens plus max_tokens {params.max_tokens} make "
             f"{num_prompt + params.max_tokens}; reduce the prompt or max_tokens",
-            max_tokens_param, "context_length_exceeded")
+            max_tokens_param,
+            "context_length_exceeded",
+        )
     try:
         params.validate_for_model(engine.vocab_size)
     except ValueError as e:
@@ -143,8 +184,11 @@ def check_prompt_fits(engine: AsyncEngine, prompt_token_ids: list[int], params: 
 
 
 def usage_dict(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
-            "total_tokens": num_prompt_tokens + num_completion_tokens}
+    return {
+        "prompt_tokens": num_prompt_tokens,
+        "completion_tokens": num_completion_tokens,
+        "total_tokens": num_prompt_tokens + num_completion_tokens,
+    }
 
 
 def clamp_logprob(x: float) -> float:
@@ -156,7 +200,11 @@ def clamp_logprob(x: float) -> float:
 # --------------------------------------------------------------------------- token strings
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte-level BPE alphabet: each byte is shown as one printable character."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):

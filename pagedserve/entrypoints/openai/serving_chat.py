@@ -36,7 +36,9 @@ _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant"
 
 
 class OpenAIServingChat:
-    def __init__(self, engine: AsyncEngine, served_model_names: list[str], token_strings: TokenStrings) -> None:
+    def __init__(
+        self, engine: AsyncEngine, served_model_names: list[str], token_strings: TokenStrings
+    ) -> None:
         self.engine = engine
         self.served_model_names = served_model_names
         self.token_strings = token_strings
@@ -60,11 +62,17 @@ class OpenAIServingChat:
         messages = self._messages(req)
         try:
             prompt_text, prompt_ids = await self.engine.run_in_tokenizer_thread(
-                _render_and_encode, self.engine.tokenizer, messages, req.add_generation_prompt is not False)
+                _render_and_encode, self.engine.tokenizer, messages, req.add_generation_prompt is not False
+            )
         except ValueError as e:
             raise bad_request(str(e), "messages") from e
-        check_prompt_fits(self.engine, prompt_ids, params, "messages",
-                          "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
+        check_prompt_fits(
+            self.engine,
+            prompt_ids,
+            params,
+            "messages",
+            "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
+        )
 
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         try:
@@ -80,13 +88,18 @@ class OpenAIServingChat:
     @staticmethod
     def _refuse_unsupported(req: ChatCompletionRequest) -> None:
         if req.tools and req.tool_choice != "none":
-            raise bad_request("tool calling is not supported by this server; send no tools "
-                              "(or tool_choice: \"none\")", "tools")
+            raise bad_request(
+                'tool calling is not supported by this server; send no tools (or tool_choice: "none")',
+                "tools",
+            )
         if req.functions or (req.function_call not in (None, "none")):
             raise bad_request("function calling is not supported by this server", "functions")
         if req.response_format is not None and req.response_format.get("type", "text") != "text":
-            raise bad_request("structured output (response_format json_object / json_schema) is not "
-                              "supported; use response_format {\"type\": \"text\"}", "response_format")
+            raise bad_request(
+                "structured output (response_format json_object / json_schema) is not "
+                'supported; use response_format {"type": "text"}',
+                "response_format",
+            )
         if req.modalities is not None and any(m != "text" for m in req.modalities):
             raise bad_request("only the text modality is supported", "modalities")
         if req.audio is not None:
@@ -100,8 +113,9 @@ class OpenAIServingChat:
         for i, m in enumerate(req.messages):
             role = _ROLES.get(m.role)
             if role is None:
-                raise bad_request(f"messages[{i}].role must be one of {', '.join(_ROLES)}; got {m.role!r}",
-                                  "messages")
+                raise bad_request(
+                    f"messages[{i}].role must be one of {', '.join(_ROLES)}; got {m.role!r}", "messages"
+                )
             content: Any = m.content
             if isinstance(content, list):
                 content = [part.model_dump() for part in content]
@@ -123,8 +137,9 @@ class OpenAIServingChat:
             for tid, tlp in lp.top[:num_top]:
                 ttext, traw = strings(tid)
                 tops.append({"token": ttext, "logprob": clamp_logprob(tlp), "bytes": traw})
-            content.append({"token": text, "logprob": clamp_logprob(lp.logprob), "bytes": raw,
-                            "top_logprobs": tops})
+            content.append(
+                {"token": text, "logprob": clamp_logprob(lp.logprob), "bytes": raw, "top_logprobs": tops}
+            )
         return content
 
     async def _full(self, stream: RequestStream, ctx: _ChatContext) -> Response:
@@ -145,12 +160,24 @@ class OpenAIServingChat:
             logprobs = None
             if ctx.params.logprobs is not None and out.logprobs is not None:
                 logprobs = {"content": self._logprobs(out.logprobs, ctx.params.logprobs)}
-            choices.append({"index": out.index, "message": {"role": "assistant", "content": out.text},
-                            "logprobs": logprobs, "finish_reason": out.finish_reason,
-                            "stop_reason": out.stop_reason})
-        body = {"id": ctx.request_id, "object": "chat.completion", "created": ctx.created,
-                "model": ctx.model_name, "choices": choices,
-                "usage": usage_dict(ctx.num_prompt_tokens, num_completion), "system_fingerprint": None}
+            choices.append(
+                {
+                    "index": out.index,
+                    "message": {"role": "assistant", "content": out.text},
+                    "logprobs": logprobs,
+                    "finish_reason": out.finish_reason,
+                    "stop_reason": out.stop_reason,
+                }
+            )
+        body = {
+            "id": ctx.request_id,
+            "object": "chat.completion",
+            "created": ctx.created,
+            "model": ctx.model_name,
+            "choices": choices,
+            "usage": usage_dict(ctx.num_prompt_tokens, num_completion),
+            "system_fingerprint": None,
+        }
         return JSONResponse(body)
 
     async def _stream(self, stream: RequestStream, ctx: _ChatContext) -> AsyncIterator[str]:
@@ -158,8 +185,12 @@ class OpenAIServingChat:
         opts = ctx.req.stream_options
         include_usage = bool(opts and opts.include_usage)
         continuous_usage = include_usage and bool(opts and opts.continuous_usage_stats)
-        base = {"id": ctx.request_id, "object": "chat.completion.chunk", "created": ctx.created,
-                "model": ctx.model_name}
+        base = {
+            "id": ctx.request_id,
+            "object": "chat.completion.chunk",
+            "created": ctx.created,
+            "model": ctx.model_name,
+        }
 
         def chunk(choice: dict, usage: dict | None = None) -> str:
             obj = {**base, "choices": [choice]}
@@ -173,34 +204,63 @@ class OpenAIServingChat:
         num_completion = [0] * n
         try:
             for i in range(n):
-                yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                             "finish_reason": None}, usage_dict(ctx.num_prompt_tokens, 0) if continuous_usage else None)
+                yield chunk(
+                    {
+                        "index": i,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    },
+                    usage_dict(ctx.num_prompt_tokens, 0) if continuous_usage else None,
+                )
             async for output in stream:
                 for out in output.outputs:
                     i = out.index
                     if finished[i]:
                         continue
                     num_completion[i] = len(out.token_ids)
-                    usage = usage_dict(ctx.num_prompt_tokens, sum(num_completion)) if continuous_usage else None
-                    delta_text = out.text[sent_text[i]:]
+                    usage = (
+                        usage_dict(ctx.num_prompt_tokens, sum(num_completion)) if continuous_usage else None
+                    )
+                    delta_text = out.text[sent_text[i] :]
                     new_lps = None
-                    if ctx.params.logprobs is not None and out.logprobs is not None \
-                            and len(out.logprobs) > sent_logprobs[i]:
-                        new_lps = out.logprobs[sent_logprobs[i]:]
+                    if (
+                        ctx.params.logprobs is not None
+                        and out.logprobs is not None
+                        and len(out.logprobs) > sent_logprobs[i]
+                    ):
+                        new_lps = out.logprobs[sent_logprobs[i] :]
                     if delta_text or new_lps:
                         sent_text[i] = len(out.text)
                         logprobs = None
                         if new_lps:
                             sent_logprobs[i] = len(out.logprobs)
                             logprobs = {"content": self._logprobs(new_lps, ctx.params.logprobs)}
-                        yield chunk({"index": i, "delta": {"content": delta_text}, "logprobs": logprobs,
-                                     "finish_reason": None}, usage)
+                        yield chunk(
+                            {
+                                "index": i,
+                                "delta": {"content": delta_text},
+                                "logprobs": logprobs,
+                                "finish_reason": None,
+                            },
+                            usage,
+                        )
                     if out.finish_reason is not None:
                         finished[i] = True
-                        yield chunk({"index": i, "delta": {}, "logprobs": None,
-                                     "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}, usage)
+                        yield chunk(
+                            {
+                                "index": i,
+                                "delta": {},
+                                "logprobs": None,
+                                "finish_reason": out.finish_reason,
+                                "stop_reason": out.stop_reason,
+                            },
+                            usage,
+                        )
             if include_usage:
-                yield sse({**base, "choices": [], "usage": usage_dict(ctx.num_prompt_tokens, sum(num_completion))})
+                yield sse(
+                    {**base, "choices": [], "usage": usage_dict(ctx.num_prompt_tokens, sum(num_completion))}
+                )
         except Exception as e:  # engine died or shut down mid-stream: tell the client in-band
             err = engine_error(e)
             yield sse(error_body(err.message, err.type, err.param, err.code))
@@ -213,8 +273,15 @@ class OpenAIServingChat:
 class _ChatContext:
     __slots__ = ("request_id", "model_name", "created", "num_prompt_tokens", "params", "req")
 
-    def __init__(self, request_id: str, model_name: str, created: int, num_prompt_tokens: int,
-                 params: SamplingParams, req: ChatCompletionRequest) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        model_name: str,
+        created: int,
+        num_prompt_tokens: int,
+        params: SamplingParams,
+        req: ChatCompletionRequest,
+    ) -> None:
         self.request_id = request_id
         self.model_name = model_name
         self.created = created
@@ -223,8 +290,12 @@ class _ChatContext:
         self.req = req
 
 
-def _render_and_encode(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) -> tuple[str, list[int]]:
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+def _render_and_encode(
+    tokenizer: Any, messages: list[dict], add_generation_prompt: bool
+) -> tuple[str, list[int]]:
+    text = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, tokenize=False
+    )
     return text, tokenizer.encode(text, add_special_tokens=False)
 
 

@@ -42,7 +42,9 @@ MAX_CHOICES = 1024  # prompts x n in one request
 
 
 class OpenAIServingCompletion:
-    def __init__(self, engine: AsyncEngine, served_model_names: list[str], token_strings: TokenStrings) -> None:
+    def __init__(
+        self, engine: AsyncEngine, served_model_names: list[str], token_strings: TokenStrings
+    ) -> None:
         self.engine = engine
         self.served_model_names = served_model_names
         self.token_strings = token_strings
@@ -55,13 +57,19 @@ class OpenAIServingCompletion:
         if req.best_of is not None and req.best_of != (req.n or 1):
             raise bad_request("best_of is not supported unless it equals n", "best_of")
         if req.echo and req.logprobs is not None:
-            raise bad_request("echo with logprobs needs prompt logprobs, which this server does not "
-                              "compute; drop one of them", "logprobs")
+            raise bad_request(
+                "echo with logprobs needs prompt logprobs, which this server does not "
+                "compute; drop one of them",
+                "logprobs",
+            )
         params = build_sampling_params(req, req.max_tokens, req.logprobs)
         prompts = await self._tokenize_prompts(req.prompt)
         if len(prompts) * params.n > MAX_CHOICES:
-            raise bad_request(f"{len(prompts)} prompts x n={params.n} make {len(prompts) * params.n} "
-                              f"choices; at most {MAX_CHOICES} per request", "n")
+            raise bad_request(
+                f"{len(prompts)} prompts x n={params.n} make {len(prompts) * params.n} "
+                f"choices; at most {MAX_CHOICES} per request",
+                "n",
+            )
         for _, ids in prompts:
             check_prompt_fits(self.engine, ids, params)
 
@@ -97,7 +105,8 @@ class OpenAIServingCompletion:
         encoded: list[list[int]] = []
         if texts:
             encoded = await self.engine.run_in_tokenizer_thread(
-                lambda: [self.engine.tokenizer.encode(t) for t in texts])
+                lambda: [self.engine.tokenizer.encode(t) for t in texts]
+            )
         out: list[tuple[str | None, list[int]]] = []
         it = iter(encoded)
         for p in items:
@@ -108,8 +117,10 @@ class OpenAIServingCompletion:
             else:
                 for t in p:
                     if not 0 <= t < self.engine.vocab_size:
-                        raise bad_request(f"prompt token id {t} is outside the vocabulary "
-                                          f"[0, {self.engine.vocab_size})", "prompt")
+                        raise bad_request(
+                            f"prompt token id {t} is outside the vocabulary [0, {self.engine.vocab_size})",
+                            "prompt",
+                        )
                 out.append((None, list(p)))
         return out
 
@@ -134,8 +145,15 @@ class OpenAIServingCompletion:
             top_logprobs.append(top)
             offsets.append(offset)
             offset += len(text)
-        return ({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
-                 "text_offset": offsets}, offset)
+        return (
+            {
+                "tokens": tokens,
+                "token_logprobs": token_logprobs,
+                "top_logprobs": top_logprobs,
+                "text_offset": offsets,
+            },
+            offset,
+        )
 
     async def _full(self, streams: list[RequestStream], ctx: _Context) -> Response:
         try:
@@ -155,11 +173,24 @@ class OpenAIServingCompletion:
                 logprobs = None
                 if ctx.params.logprobs is not None and out.logprobs is not None:
                     logprobs, _ = self._logprobs(out.logprobs, ctx.params.logprobs, len(echo))
-                choices.append({"index": p * n + out.index, "text": echo + out.text, "logprobs": logprobs,
-                                "finish_reason": out.finish_reason, "stop_reason": out.stop_reason})
-        body = {"id": ctx.request_id, "object": "text_completion", "created": ctx.created,
-                "model": ctx.model_name, "choices": choices,
-                "usage": usage_dict(ctx.num_prompt_tokens, num_completion), "system_fingerprint": None}
+                choices.append(
+                    {
+                        "index": p * n + out.index,
+                        "text": echo + out.text,
+                        "logprobs": logprobs,
+                        "finish_reason": out.finish_reason,
+                        "stop_reason": out.stop_reason,
+                    }
+                )
+        body = {
+            "id": ctx.request_id,
+            "object": "text_completion",
+            "created": ctx.created,
+            "model": ctx.model_name,
+            "choices": choices,
+            "usage": usage_dict(ctx.num_prompt_tokens, num_completion),
+            "system_fingerprint": None,
+        }
         return JSONResponse(body)
 
     async def _stream(self, streams: list[RequestStream], ctx: _Context) -> AsyncIterator[str]:
@@ -167,8 +198,12 @@ class OpenAIServingCompletion:
         opts = ctx.req.stream_options
         include_usage = bool(opts and opts.include_usage)
         continuous_usage = include_usage and bool(opts and opts.continuous_usage_stats)
-        base = {"id": ctx.request_id, "object": "text_completion", "created": ctx.created,
-                "model": ctx.model_name}
+        base = {
+            "id": ctx.request_id,
+            "object": "text_completion",
+            "created": ctx.created,
+            "model": ctx.model_name,
+        }
         num_choices = len(streams) * n
         sent_text = [0] * num_choices
         sent_logprobs = [0] * num_choices
@@ -180,8 +215,9 @@ class OpenAIServingCompletion:
         def chunk(choice: dict) -> str:
             obj = {**base, "choices": [choice]}
             if include_usage:
-                obj["usage"] = (usage_dict(ctx.num_prompt_tokens, sum(num_completion))
-                                if continuous_usage else None)
+                obj["usage"] = (
+                    usage_dict(ctx.num_prompt_tokens, sum(num_completion)) if continuous_usage else None
+                )
             return sse(obj)
 
         try:
@@ -191,30 +227,43 @@ class OpenAIServingCompletion:
                     if finished[i]:
                         continue
                     num_completion[i] = len(out.token_ids)
-                    delta_text = out.text[sent_text[i]:]
+                    delta_text = out.text[sent_text[i] :]
                     if not echoed[i]:
                         echoed[i] = True
                         prefix = self._prompt_text(ctx, p)
                         delta_text = prefix + delta_text
                         text_offset[i] = len(prefix)
                     new_lps = None
-                    if ctx.params.logprobs is not None and out.logprobs is not None \
-                            and len(out.logprobs) > sent_logprobs[i]:
-                        new_lps = out.logprobs[sent_logprobs[i]:]
+                    if (
+                        ctx.params.logprobs is not None
+                        and out.logprobs is not None
+                        and len(out.logprobs) > sent_logprobs[i]
+                    ):
+                        new_lps = out.logprobs[sent_logprobs[i] :]
                     last = out.finish_reason is not None
                     if delta_text or new_lps or last:
                         sent_text[i] = len(out.text)
                         logprobs = None
                         if new_lps:
                             sent_logprobs[i] = len(out.logprobs)
-                            logprobs, text_offset[i] = self._logprobs(new_lps, ctx.params.logprobs, text_offset[i])
+                            logprobs, text_offset[i] = self._logprobs(
+                                new_lps, ctx.params.logprobs, text_offset[i]
+                            )
                         if last:
                             finished[i] = True
-                        yield chunk({"index": i, "text": delta_text, "logprobs": logprobs,
-                                     "finish_reason": out.finish_reason,
-                                     "stop_reason": out.stop_reason if last else None})
+                        yield chunk(
+                            {
+                                "index": i,
+                                "text": delta_text,
+                                "logprobs": logprobs,
+                                "finish_reason": out.finish_reason,
+                                "stop_reason": out.stop_reason if last else None,
+                            }
+                        )
             if include_usage:
-                yield sse({**base, "choices": [], "usage": usage_dict(ctx.num_prompt_tokens, sum(num_completion))})
+                yield sse(
+                    {**base, "choices": [], "usage": usage_dict(ctx.num_prompt_tokens, sum(num_completion))}
+                )
         except Exception as e:
             err = engine_error(e)
             yield sse(error_body(err.message, err.type, err.param, err.code))
@@ -226,9 +275,15 @@ class OpenAIServingCompletion:
 class _Context:
     __slots__ = ("request_id", "model_name", "created", "prompts", "params", "req", "num_prompt_tokens")
 
-    def __init__(self, request_id: str, model_name: str, created: int,
-                 prompts: list[tuple[str | None, list[int]]], params: SamplingParams,
-                 req: CompletionRequest) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        model_name: str,
+        created: int,
+        prompts: list[tuple[str | None, list[int]]],
+        params: SamplingParams,
+        req: CompletionRequest,
+    ) -> None:
         self.request_id = request_id
         self.model_name = model_name
         self.created = created

@@ -98,5 +98,6 @@ class TritonAttentionBackend(AttentionBackend):
                 meta.max_query_len,
                 out=out,
                 skip_decodes=use_decode_kernel,
+                max_seq_len=meta.max_seq_len,
             )
         return out

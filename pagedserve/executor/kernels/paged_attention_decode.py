@@ -30,7 +30,6 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-_MIN_TILES_PER_SPLIT = 4
 _MAX_SPLITS = 64
 
 
@@ -267,19 +266,23 @@ def choose_num_splits(
     """Split the sequence only when (seq, kv_head) programs alone would leave SMs idle.
 
     Depends on host ints only (shapes and the metadata's max_seq_len), never on device data.
+    Measured on H100 (Hq=28, Hkv=4, D=128, bf16, graph replays): at batch 64 (256 programs) one
+    split beat two at every context; at batch 1, 2 programs per SM and down to one tile per split
+    was fastest (8192 tokens: 10 us with 64 splits vs 59 us with 4).
     """
     programs = num_seqs * num_kv_heads
-    target = 2 * _num_sms(device)
-    if programs >= target:
+    num_sms = _num_sms(device)
+    if programs >= num_sms:
         return 1
-    max_by_len = max(1, triton.cdiv(max_seq_len, block_n) // _MIN_TILES_PER_SPLIT)
-    return max(1, min(triton.cdiv(target, programs), max_by_len, _MAX_SPLITS))
+    num_tiles = max(1, triton.cdiv(max_seq_len, block_n))
+    return max(1, min(triton.cdiv(2 * num_sms, programs), num_tiles, _MAX_SPLITS))
 
 
 def default_decode_config(head_dim: int, dtype: torch.dtype) -> dict[str, int]:
-    """Tile size and launch shape for the decode kernel (tuned on H100 in bench_kernels)."""
+    """Tile size and launch shape for the decode kernel (bench_kernels --tune decode on H100:
+    64-token tiles with 2 warps were within ~2% of the best config in every batch x context case)."""
     block_n = 64 if head_dim <= 128 else 32
-    return {"block_n": block_n, "num_warps": 4, "num_stages": 3}
+    return {"block_n": block_n, "num_warps": 2, "num_stages": 3}
 
 
 def paged_attention_decode(

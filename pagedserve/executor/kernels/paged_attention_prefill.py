@@ -17,7 +17,8 @@ of tl.dot are (token, head) pairs, so each K/V tile is read once for the whole G
 Programs map to (sequence, q tile) without a host sync: q-tile slots are numbered so that
 sequence s owns slots [qsl[s] // BLOCK_Q + s, qsl[s+1] // BLOCK_Q + s + 1), which always holds its
 cdiv(q_len, BLOCK_Q) tiles; a program finds its sequence by binary search and returns when its slot
-is past the sequence's last tile. Total slots: num_tokens // BLOCK_Q + num_seqs.
+is past the sequence's last tile. Total slots: num_tokens // BLOCK_Q + num_seqs. Within a sequence
+slots run from the last q tile (most keys) to the first.
 """
 
 from __future__ import annotations
@@ -78,9 +79,12 @@ def _paged_prefill_kernel(
     seq = _find_seq(query_start_loc_ptr, q_tile_slot, num_seqs, BLOCK_Q)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    q_tile_start = (q_tile_slot - (q_start // BLOCK_Q + seq)) * BLOCK_Q
-    if q_tile_start >= q_len:
+    q_tile_local = q_tile_slot - (q_start // BLOCK_Q + seq)
+    num_q_tiles = tl.cdiv(q_len, BLOCK_Q)
+    if q_tile_local >= num_q_tiles:
         return
+    # Last tile first: the tiles that see the most keys start earliest (better load balance).
+    q_tile_start = (num_q_tiles - 1 - q_tile_local) * BLOCK_Q
     if SKIP_DECODES:  # one-token sequences are left to the decode kernel
         if q_len == 1:
             return
@@ -136,14 +140,20 @@ def _paged_prefill_kernel(
     )
 
 
-def default_prefill_config(head_dim: int, max_query_len: int, queries_per_kv: int) -> dict[str, int]:
-    """Row tile from the longest query (decode-heavy batches use 16 rows), key tile from head_dim."""
+def default_prefill_config(
+    head_dim: int, max_query_len: int, queries_per_kv: int, max_seq_len: int | None = None
+) -> dict[str, int]:
+    """Tiles from the key range: bench_kernels --tune prefill on H100 (Hq=28, Hkv=4, D=128, bf16)
+    ranked 64x32 tiles first for 1x1024 and 8x512 prompts, 128x64 first for 1x4096 (all 4 warps,
+    2 stages). Short queries (decode-heavy batches) shrink the row tile down to 16."""
+    long_keys = max(max_query_len, max_seq_len or 0) >= 2048
+    block_m, block_n = (128, 64) if long_keys else (64, 32)
+    if head_dim > 128:
+        block_m, block_n = 64, 32
     rows = max(16, triton.next_power_of_2(max(1, max_query_len) * queries_per_kv))
-    block_m = min(128, rows)
+    block_m = min(block_m, rows)
     block_m = max(block_m, triton.next_power_of_2(queries_per_kv))  # >= one token's whole group
-    block_n = 64 if head_dim <= 128 else 32
-    num_warps = 8 if block_m >= 128 and head_dim >= 128 else 4
-    return {"block_m": block_m, "block_n": block_n, "num_warps": num_warps, "num_stages": 2}
+    return {"block_m": block_m, "block_n": block_n, "num_warps": 4, "num_stages": 2}
 
 
 def paged_attention_prefill(
@@ -161,10 +171,12 @@ def paged_attention_prefill(
     num_warps: int | None = None,
     num_stages: int | None = None,
     skip_decodes: bool = False,
+    max_seq_len: int | None = None,
 ) -> torch.Tensor:
     """Causal paged attention of each sequence's new tokens over its whole context; returns [T, Hq, D].
 
     skip_decodes=True leaves sequences with one new token to paged_attention_decode (mixed mode).
+    max_seq_len (host int, optional) only steers the tile shape.
     Rows of `out` past query_start_loc[-1] (batch padding) are left untouched.
     """
     num_tokens, num_heads, head_dim = query.shape
@@ -183,7 +195,7 @@ def paged_attention_prefill(
     if num_tokens == 0 or num_seqs == 0:
         return out
     queries_per_kv = num_heads // num_kv_heads
-    config = default_prefill_config(head_dim, max_query_len, queries_per_kv)
+    config = default_prefill_config(head_dim, max_query_len, queries_per_kv, max_seq_len)
     block_m = block_m or config["block_m"]
     block_n = block_n or config["block_n"]
     if block_m < queries_per_kv:

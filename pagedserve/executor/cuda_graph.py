@@ -1,0 +1,129 @@
+"""CUDA graphs for decode steps: one graph per batch size of a ladder, replayed with padded inputs.
+
+A decode-only step of n sequences runs the graph of the smallest captured size bs >= n. The graph
+reads fixed (static) input buffers, so a replay first copies the step's inputs into them:
+
+    static rows:   [0, n)  the step's sequences      [n, bs)  padding
+    input_ids / positions:  the step's                 0
+    slot_mapping:           the step's                 -1   (the KV write skips them)
+    seq_lens:               the step's                 0    (attention outputs zeros for them)
+    block_tables[:, :w]:    the step's (w = its width) stale rows, never read past seq_len
+
+Attention metadata inside the graph is captured with max_seq_len = max_model_len, so the decode
+kernel's split count covers the longest context a replay can bring. Logits are computed inside
+the graph for all bs rows; the sampler runs eagerly on the first n.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+
+from pagedserve.executor.attention.base import AttentionBackend, AttentionMetadata, ForwardContext
+
+logger = logging.getLogger(__name__)
+
+
+def batch_size_ladder(max_num_seqs: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, 64, 8)) + list(range(64, 256, 16)) + list(range(256, 1025, 32))
+    return [s for s in sizes if s < max_num_seqs] + [max_num_seqs]
+
+
+class CUDAGraphDecoder:
+    def __init__(
+        self,
+        model: nn.Module,
+        kv_caches: list[torch.Tensor],
+        backend: AttentionBackend,
+        max_num_seqs: int,
+        max_model_len: int,
+        block_size: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.backend = backend
+        self.max_model_len = max_model_len
+        self.block_size = block_size
+        self.device = device
+        self.sizes = batch_size_ladder(max_num_seqs)
+        max_bs = self.sizes[-1]
+        max_blocks = -(-max_model_len // block_size)
+        self.input_ids = torch.zeros(max_bs, dtype=torch.long, device=device)
+        self.positions = torch.zeros(max_bs, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((max_bs,), -1, dtype=torch.long, device=device)
+        self.seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros((max_bs, max_blocks), dtype=torch.int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.pool = None
+
+    def _metadata(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            query_start_loc=self.query_start_loc[: bs + 1],
+            seq_lens=self.seq_lens[:bs],
+            block_tables=self.block_tables[:bs],
+            slot_mapping=self.slot_mapping[:bs],
+            max_query_len=1,
+            max_seq_len=self.max_model_len,
+            block_size=self.block_size,
+            is_decode_only=True,
+        )
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        ctx = ForwardContext(self._metadata(bs), self.kv_caches, self.backend)
+        hidden = self.model(self.input_ids[:bs], self.positions[:bs], ctx)
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self) -> float:
+        """Captures every size, largest first so smaller graphs reuse its memory pool."""
+        t0 = time.perf_counter()
+        # Padding everywhere: capture writes nothing to the cache and reads only zero-length contexts.
+        self.slot_mapping.fill_(-1)
+        self.seq_lens.zero_()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for bs in reversed(self.sizes):
+                for _ in range(2):  # warm-up: Triton compiles, cuBLAS picks its kernels
+                    self._forward(bs)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                    self.logits[bs] = self._forward(bs)
+                if self.pool is None:
+                    self.pool = graph.pool()
+                self.graphs[bs] = graph
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - t0
+        logger.info("captured %d CUDA graphs (batch sizes %s) in %.1f s", len(self.sizes), self.sizes, elapsed)
+        return elapsed
+
+    def padded_size(self, num_seqs: int) -> int | None:
+        for bs in self.sizes:
+            if bs >= num_seqs:
+                return bs
+        return None
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Replays the graph for this decode-only step; returns logits [num_seqs, V] (a view)."""
+        n = int(meta.seq_lens.shape[0])
+        bs = self.padded_size(n)
+        width = int(meta.block_tables.shape[1])
+        if bs is None or width > self.block_tables.shape[1]:
+            raise ValueError(f"no CUDA graph for {n} sequences of {width} blocks")
+        self.input_ids[:n].copy_(input_ids, non_blocking=True)
+        self.positions[:n].copy_(positions, non_blocking=True)
+        self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
+        self.seq_lens[:n].copy_(meta.seq_lens, non_blocking=True)
+        self.block_tables[:n, :width].copy_(meta.block_tables, non_blocking=True)
+        if bs > n:
+            self.slot_mapping[n:bs].fill_(-1)
+            self.seq_lens[n:bs].zero_()
+        self.graphs[bs].replay()
+        return self.logits[bs][:n]
