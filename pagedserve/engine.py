@@ -68,6 +68,8 @@ class LLMEngine:
             block_size=self.config.block_size,
             enable_prefix_caching=self.config.enable_prefix_caching,
         )
+        # Models with several end tokens (e.g. Llama 3): the others stop like stop_token_ids.
+        self._extra_eos_ids = sorted(set(self.tokenizer.eos_token_ids) - {self.tokenizer.eos_token_id})
         self._requests: dict[str, _RequestState] = {}
         self._child_to_parent: dict[str, tuple[str, int]] = {}
         self.prompt_tokens_total = 0
@@ -107,6 +109,11 @@ class LLMEngine:
             if params.n > 1:
                 seed = None if params.seed is None else params.seed + index
                 child_params = dataclasses.replace(params, n=1, seed=seed)
+            if self._extra_eos_ids and not params.ignore_eos:
+                extra = [t for t in self._extra_eos_ids if t not in child_params.stop_token_ids]
+                if extra:
+                    stops = [*child_params.stop_token_ids, *extra]
+                    child_params = dataclasses.replace(child_params, stop_token_ids=stops)
             child_id = request_id if params.n == 1 else f"{request_id}#{index}"
             request = Request(
                 request_id=child_id,
@@ -235,9 +242,7 @@ class LLMEngine:
         if finished:
             state.metrics.finished_time = time.monotonic()
             self._requests.pop(state.request_id, None)
-        outputs = [dataclasses.replace(c.output, token_ids=list(c.output.token_ids),
-                                       logprobs=None if c.output.logprobs is None else list(c.output.logprobs))
-                   for c in state.choices]
+        outputs = [_snapshot(c.output) for c in state.choices]
         return RequestOutput(
             request_id=state.request_id,
             prompt=state.prompt,
@@ -269,3 +274,9 @@ class LLMEngine:
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
         }
+
+
+def _snapshot(output: CompletionOutput) -> CompletionOutput:
+    """A copy callers may keep: the engine goes on appending to its own lists."""
+    logprobs = None if output.logprobs is None else list(output.logprobs)
+    return dataclasses.replace(output, token_ids=list(output.token_ids), logprobs=logprobs)

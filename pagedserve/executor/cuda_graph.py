@@ -110,6 +110,10 @@ class CUDAGraphDecoder:
                 return bs
         return None
 
+    def can_run(self, meta: AttentionMetadata) -> bool:
+        return (self.padded_size(int(meta.seq_lens.shape[0])) is not None
+                and meta.block_tables.shape[1] <= self.block_tables.shape[1])
+
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Replays the graph for this decode-only step; returns logits [num_seqs, V] (a view)."""
         n = int(meta.seq_lens.shape[0])

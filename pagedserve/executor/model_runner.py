@@ -96,6 +96,7 @@ class ModelRunner:
         self._host_buffer = np.empty(0, dtype=np.int64)
         self._pinned: torch.Tensor | None = None
         self._copy_done: torch.cuda.Event | None = None  # the last host-to-device copy of the buffer
+        self.cuda_graphs = None  # CUDAGraphDecoder once capture_cuda_graphs() ran
         logger.info("model runner: %d KV blocks of %d tokens, %s attention, %s", num_kv_blocks,
                     block_size, self.backend.name, dtype)
 
@@ -191,10 +192,17 @@ class ModelRunner:
         if num_scheduled == 0:
             return RunnerOutput()
         inputs = self.prepare_inputs(scheduler_output)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.ctx)
-        if inputs.num_logits == 0:  # only non-final prefill chunks this step
-            return RunnerOutput([None] * num_scheduled, [None] * num_scheduled)
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        meta = inputs.ctx.attn_metadata
+        graphs = self.cuda_graphs
+        # A one-token chunk may be a prefill piece that does not sample: graphs need every row sampled.
+        if (graphs is not None and meta.is_decode_only and inputs.num_logits == num_scheduled
+                and graphs.can_run(meta)):
+            logits = graphs.run(inputs.input_ids, inputs.positions, meta)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.ctx)
+            if inputs.num_logits == 0:  # only non-final prefill chunks this step
+                return RunnerOutput([None] * num_scheduled, [None] * num_scheduled)
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])
         to_sample = [r for r in scheduled if r.needs_sample]
         token_ids, logprobs = self.sampler(logits, to_sample)
         output = RunnerOutput([None] * num_scheduled, [None] * num_scheduled)
@@ -203,6 +211,17 @@ class ModelRunner:
             if request.needs_sample:
                 output.sampled_token_ids[i], output.logprobs[i] = next(sampled)
         return output
+
+
+    def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> float:
+        """Captures decode graphs for a ladder of batch sizes; returns the seconds it took."""
+        from pagedserve.executor.cuda_graph import CUDAGraphDecoder
+
+        graphs = CUDAGraphDecoder(self.model, self.kv_caches, self.backend, max_num_seqs, max_model_len,
+                                  self.block_size, self.device)
+        elapsed = graphs.capture()
+        self.cuda_graphs = graphs
+        return elapsed
 
 
 # --- KV cache sizing ----------------------------------------------------------------------------

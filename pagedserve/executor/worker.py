@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from dataclasses import dataclass
 
@@ -33,18 +32,17 @@ def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def resolve_model(config: EngineConfig) -> tuple[str, str | None]:
-    """Returns (model path or hub id, gguf file path or None) for config.model."""
+def resolve_model(config: EngineConfig) -> tuple[str, str, str | None]:
+    """Returns (model path for the loader, tokenizer folder, gguf file or None); downloads Hub ids."""
+    from pagedserve.executor.loader import fetch_model_source
+
     if config.model is None:
         from pagedserve.default_model import ensure_default_model
 
-        return ensure_default_model(), None
-    model = os.path.expanduser(config.model)
-    if model.endswith(".gguf"):
-        if not os.path.isfile(model):
-            raise ValueError(f"GGUF file {model!r} does not exist")
-        return model, model
-    return model, None
+        path = ensure_default_model()
+        return path, path, None
+    source = fetch_model_source(config.model, config.load_format)
+    return source.path, source.folder, source.path if source.kind == "gguf" else None
 
 
 @dataclass(slots=True)
@@ -69,7 +67,7 @@ class Worker:
 
 
 def build_worker(config: EngineConfig) -> Worker:
-    from pagedserve.executor.loader import load_model
+    from pagedserve.executor.loader import get_eos_token_ids, load_model
     from pagedserve.executor.model_runner import ModelRunner, determine_num_blocks
     from pagedserve.executor.sampler import Sampler
     from pagedserve.tokenizer import load_tokenizer
@@ -79,16 +77,18 @@ def build_worker(config: EngineConfig) -> Worker:
     t0 = time.monotonic()
     device = resolve_device(config)
     dtype = resolve_dtype(config, device)
-    model_path, gguf_file = resolve_model(config)
+    model_path, tokenizer_folder, gguf_file = resolve_model(config)
     if config.model is None:
         from pagedserve.default_model import DEFAULT_MODEL
 
-        config = config.replace(model=model_path, served_model_name=config.served_model_name or DEFAULT_MODEL.name)
+        config = config.replace(model=model_path,
+                                served_model_name=config.served_model_name or DEFAULT_MODEL.name)
     torch.manual_seed(config.seed)
 
-    tok_source = config.tokenizer or model_path
-    tokenizer = load_tokenizer(tok_source, gguf_file=gguf_file if config.tokenizer is None else None,
-                               chat_template=config.chat_template)
+    if config.tokenizer is not None:
+        tokenizer = load_tokenizer(config.tokenizer, chat_template=config.chat_template)
+    else:
+        tokenizer = load_tokenizer(gguf_file or tokenizer_folder, chat_template=config.chat_template)
     model, hf_config = load_model(config, model_path, device, dtype)
     t_load = time.monotonic() - t0
 
@@ -108,11 +108,12 @@ def build_worker(config: EngineConfig) -> Worker:
         logger.warning("the KV cache holds %d tokens, less than the model's %d: max_model_len set to %d",
                        capacity, max_model_len, capacity)
         max_model_len = capacity
-    eos_ids = set(getattr(tokenizer, "eos_token_ids", None) or {tokenizer.eos_token_id})
-    eos_ids.discard(None)
+    eos_ids = set(tokenizer.eos_token_ids) | get_eos_token_ids(hf_config, tokenizer_folder)
     sampler = Sampler(vocab_size, eos_ids)
     runner = ModelRunner(config, model, hf_config, device, dtype, num_blocks, config.block_size, sampler)
     config = dataclasses.replace(config, max_model_len=max_model_len, max_num_batched_tokens=max_batched)
+    if device.type == "cuda" and not config.enforce_eager:
+        runner.capture_cuda_graphs(config.max_num_seqs, max_model_len)
     logger.info("model %s loaded on %s (%s) in %.1f s; KV cache: %d blocks x %d tokens",
                 model_path, device, str(dtype).removeprefix("torch."), t_load, num_blocks, config.block_size)
     return Worker(config, tokenizer, runner, max_model_len, vocab_size, max_batched, num_blocks, hf_config,

@@ -21,6 +21,8 @@ KERNEL_MODULES = (
     "pagedserve.executor.kernels.paged_attention_decode",
     "pagedserve.executor.kernels.paged_attention_prefill",  # after decode: imports its helper
     "pagedserve.executor.attention.triton_backend",
+    "pagedserve.executor.kernels.fused_norm",
+    "pagedserve.executor.kernels.rotary",
 )
 
 if not torch.cuda.is_available():

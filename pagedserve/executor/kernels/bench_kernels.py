@@ -11,6 +11,11 @@
 --tune sweeps tile/warp/stage configs of one kernel (decode ranked by graph replay time) or the
 decode split count, and prints the best few per case.
 Block tables are random permutations of the physical blocks, as after a while of serving.
+
+Seen on an H100 80GB HBM3 (torch 2.11, triton 3.6, bf16, defaults, CUDA-graph replay medians):
+decode batch 256 at 512/2048/8192 tokens: 95/100/101% of the 3.0 TB/s copy ceiling; batch 64: 83/93/98%;
+batch 1: 5.7/7.4/9.8 us (launch-bound). Mixed 63 decodes x 2048 + a 512-token chunk: 0.156 ms.
+Prefill 1x1024: 0.035 ms (215 TFLOP/s), 8x512: 0.080 ms (188), 1x4096: 0.313 ms (384, 48% of 798).
 """
 
 from __future__ import annotations

@@ -1,0 +1,88 @@
+"""Fused RMSNorm(+residual) and in-place rotary kernels vs plain torch with HF numerics.
+
+Interpreter on CPU (fp32/fp16), compiled on CUDA (fp16/bf16); see conftest.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagedserve.executor.kernels.fused_norm import rms_norm
+from pagedserve.executor.kernels.rotary import apply_rotary_
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPES = [torch.float16, torch.bfloat16] if CUDA else [torch.float32, torch.float16]
+
+
+def ref_rms_norm(x, weight, eps, residual=None):
+    """As HF Qwen2RMSNorm (and layers.RMSNorm): fp32 statistics, weight applied after the cast."""
+    if residual is not None:
+        x = x + residual
+    x32 = x.float()
+    normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return (weight * normed, x) if residual is not None else weight * normed
+
+
+def ulp_close(out, ref):
+    """At most one rounding step apart (fp32 sums in another order can flip the last bit)."""
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[ref.dtype]
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("hidden", [64, 896, 1000])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_rms_norm(hidden, dtype, with_residual, inplace):
+    x = (torch.randn(3, 5, hidden) * 3).to(dtype).to(DEVICE)
+    residual = torch.randn(3, 5, hidden).to(dtype).to(DEVICE) if with_residual else None
+    weight = (1 + 0.1 * torch.randn(hidden)).to(dtype).to(DEVICE)
+    expected = ref_rms_norm(x, weight, 1e-6, residual)
+    x_in = x.clone()
+    res_in = residual.clone() if with_residual else None
+    got = rms_norm(x_in, weight, 1e-6, res_in, inplace=inplace)
+    if with_residual:
+        ulp_close(got[0], expected[0])
+        torch.testing.assert_close(got[1], expected[1], rtol=0, atol=0)  # the sum is exact
+        if inplace:
+            assert got[0].data_ptr() == x_in.data_ptr() and got[1].data_ptr() == res_in.data_ptr()
+    else:
+        ulp_close(got, expected)
+        if inplace:
+            assert got.data_ptr() == x_in.data_ptr()
+    if not inplace:
+        torch.testing.assert_close(x_in, x, rtol=0, atol=0)  # inputs untouched
+
+
+def ref_rotary(x, positions, cos_sin_cache):
+    cos, sin = cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def make_cos_sin(max_pos, head_dim, theta=1e6):
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    freqs = torch.arange(max_pos, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(14, 2, 64), (8, 2, 128), (4, 1, 80)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_in_place_on_qkv_views(num_heads, num_kv_heads, head_dim, dtype):
+    num_tokens = 11
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim).to(dtype).to(DEVICE)
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    query = qkv[:, :q_size].view(num_tokens, num_heads, head_dim)
+    key = qkv[:, q_size : q_size + kv_size].view(num_tokens, num_kv_heads, head_dim)
+    value_before = qkv[:, q_size + kv_size :].clone()
+    positions = torch.randint(0, 4000, (num_tokens,)).to(DEVICE)
+    cos_sin = make_cos_sin(4096, head_dim).to(DEVICE)
+    expected_q, expected_k = ref_rotary(query, positions, cos_sin), ref_rotary(key, positions, cos_sin)
+
+    apply_rotary_(query, key, positions, cos_sin)
+    ulp_close(query, expected_q)
+    ulp_close(key, expected_k)
+    torch.testing.assert_close(qkv[:, q_size + kv_size :], value_before, rtol=0, atol=0)  # v untouched
