@@ -103,18 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_optional_commands(sub) -> None:
     """serve and bench live in their own modules; they register their subparsers here."""
-    try:
-        from pagedserve.entrypoints.openai.cli_serve import register as register_serve
-    except ImportError:
-        register_serve = None
-    if register_serve is not None:
-        register_serve(sub)
-    try:
-        from pagedserve.bench.cli_bench import register as register_bench
-    except ImportError:
-        register_bench = None
-    if register_bench is not None:
-        register_bench(sub)
+    from pagedserve.bench.cli_bench import register as register_bench
+    from pagedserve.entrypoints.openai.cli_serve import register as register_serve
+
+    register_serve(sub)
+    register_bench(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ default dtype to place them directly where they run.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, overload
 
 import torch
@@ -92,6 +93,10 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if x.is_cuda:  # one Triton pass per row instead of add, cast, mean, rsqrt, multiply kernels
+            from pagedserve.executor.kernels.fused_norm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         x = x + residual
@@ -171,9 +176,33 @@ class RotaryEmbedding(nn.Module):
         cos, sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
         return cos, sin
 
+    def prepare(self, positions: torch.Tensor) -> RopeStep:
+        """Per-step rotary state, built once per forward and shared by every layer."""
+        if positions.is_cuda:  # the fused in-place kernel reads the cache itself
+            return RopeStep(positions, self.cos_sin_cache, None, None)
+        cos, sin = self.lookup(positions)
+        return RopeStep(positions, self.cos_sin_cache, cos, sin)
+
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [T, heads, head_dim]: rotate each (x1, x2) half pair; math in fp32, result in x's dtype."""
         x1, x2 = x.float().chunk(2, dim=-1)
         rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
         return rotated.to(x.dtype)
+
+
+@dataclass(slots=True)
+class RopeStep:
+    positions: torch.Tensor
+    cos_sin_cache: torch.Tensor
+    cos: torch.Tensor | None  # [T, 1, head_dim // 2] on CPU; None where the fused kernel runs
+    sin: torch.Tensor | None
+
+    def rotate(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """query [T, Hq, D], key [T, Hkv, D] (views into qkv) -> rotated (in place on CUDA)."""
+        if self.cos is None:
+            from pagedserve.executor.kernels.rotary import apply_rotary_
+
+            apply_rotary_(query, key, self.positions, self.cos_sin_cache)
+            return query, key
+        return RotaryEmbedding.apply(query, self.cos, self.sin), RotaryEmbedding.apply(key, self.cos, self.sin)

@@ -24,6 +24,7 @@ from pagedserve.executor.layers import (
     Linear,
     MergedLinear,
     RMSNorm,
+    RopeStep,
     RotaryEmbedding,
     SiluAndMul,
     VocabEmbedding,
@@ -64,15 +65,12 @@ class DecoderAttention(nn.Module):
         self.qkv_proj = MergedLinear(hf_config.hidden_size, qkv_sizes, qkv_bias)
         self.o_proj = Linear(self.q_size, hf_config.hidden_size, o_bias)
 
-    def forward(
-        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext
-    ) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, rope: RopeStep, ctx: ForwardContext) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden)
-        # q and k sit side by side in qkv: rotate them as one [T, heads + kv_heads, head_dim] tensor.
-        qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, -1, self.head_dim)
-        q, k = RotaryEmbedding.apply(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
-        v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k, v = (t.view(num_tokens, -1, self.head_dim)
+                   for t in qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1))
+        q, k = rope.rotate(q, k)
         out = ctx.backend.forward(q, k, v, ctx.kv_caches[self.layer_idx], ctx.attn_metadata, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
@@ -100,8 +98,7 @@ class DecoderLayer(nn.Module):
         self,
         hidden: torch.Tensor,
         residual: torch.Tensor | None,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: RopeStep,
         ctx: ForwardContext,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # The residual stream is carried separately so each norm can fold in the preceding add.
@@ -110,7 +107,7 @@ class DecoderLayer(nn.Module):
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, cos, sin, ctx)
+        hidden = self.self_attn(hidden, rope, ctx)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -130,10 +127,10 @@ class DecoderModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb.lookup(positions)  # once per step, shared by every layer
+        rope = self.rotary_emb.prepare(positions)  # once per step, shared by every layer
         residual: torch.Tensor | None = None
         for layer in self.layers:
-            hidden, residual = layer(hidden, residual, cos, sin, ctx)
+            hidden, residual = layer(hidden, residual, rope, ctx)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Builds .devcache/qwen2-7b: the Qwen2-7B-Instruct config.json (shapes only, for --load-format dummy)
+# beside the Qwen ChatML tokenizer files of the embedded default model (the same tokenizer family).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+src="$(python -c 'from pagedserve.default_model import ensure_default_model as f; print(f())')"
+mkdir -p .devcache/qwen2-7b
+cp "$src"/tokenizer.json "$src"/tokenizer_config.json "$src"/chat_template.jinja .devcache/qwen2-7b/
+cp docs/qwen2-7b-config.json .devcache/qwen2-7b/config.json
