@@ -42,8 +42,9 @@ def run_offline(args: argparse.Namespace, engine_flags: list[str]) -> dict:
     config = config_from_args(parser.parse_args(([args.model] if args.model else []) + engine_flags))
     engine = LLMEngine(config)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
-    for i, p in enumerate(make_prompts(4, args.prompt_len, seed=1)):  # warm-up
-        engine.add_request(f"w{i}", p, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    # Warm-up at full batch size (allocator, kernels, CUDA graphs), with other prompts.
+    for i, p in enumerate(make_prompts(args.num_requests, args.prompt_len, seed=1)):
+        engine.add_request(f"w{i}", p, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
     while engine.has_unfinished_requests():
         engine.step()
     start_tokens = engine.generation_tokens_total
@@ -119,14 +120,13 @@ def run_server(args: argparse.Namespace, engine_flags: list[str], stream: bool, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", default=None)
     parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--client-procs", type=int, default=4)
+    parser.add_argument("--compare-thread", action="store_true", help="also run the server with --no-engine-process")
     parser.add_argument("--offline-only", action="store_true", help=argparse.SUPPRESS)
     args, engine_flags = parser.parse_known_args()
     engine_flags = [f for f in engine_flags if f != "--"]
@@ -165,6 +165,15 @@ def main() -> None:
         flush=True,
     )
 
+    modes = [["--engine-process"]] + ([["--no-engine-process"]] if args.compare_thread else [])
+    for server_flags in modes:
+        measure_server(args, engine_flags, server_flags, offline, env)
+
+
+def measure_server(
+    args: argparse.Namespace, engine_flags: list[str], server_flags: list[str], offline: dict, env: dict
+) -> None:
+    print(f"server {' '.join(server_flags)}:", flush=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -180,6 +189,7 @@ def main() -> None:
             str(port),
             "--disable-access-log",
             *engine_flags,
+            *server_flags,
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -196,10 +206,11 @@ def main() -> None:
                 log.seek(0)
                 raise SystemExit(f"server failed to start:\n{log.read()[-3000:]}")
             time.sleep(0.5)
-        asyncio.run(_client(base_url, make_prompts(4, args.prompt_len, seed=1), 8, True))  # warm-up
+        # Warm-up at full batch size, with other prompts.
+        asyncio.run(_client(base_url, make_prompts(args.num_requests, args.prompt_len, seed=1), 16, True))
         for stream in (True, False):
             r = run_server(args, engine_flags, stream, base_url)
-            kind = "server, streaming" if stream else "server, non-streaming"
+            kind = "  streaming" if stream else "  non-streaming"
             print(
                 f"{kind}: {r['tokens']} tokens in {r['seconds']:.2f} s = {r['tokens_per_s']:.0f} tokens/s "
                 f"({100 * r['tokens_per_s'] / offline['tokens_per_s']:.0f}% of offline)",
@@ -210,7 +221,7 @@ def main() -> None:
         server.wait(60)
         log.seek(0)
         stats = [line.rstrip() for line in log if "tokens/s" in line]
-        print("server stats lines (last 4):", *stats[-4:], sep="\n  ")
+        print("  server stats lines (last 3):", *stats[-3:], sep="\n    ")
 
 
 if __name__ == "__main__":

@@ -1,20 +1,22 @@
-"""AsyncEngine: one LLMEngine driven by a dedicated thread, served to asyncio code.
+"""AsyncEngine: an LLMEngine served to asyncio code, with the step loop off the event loop.
 
-    event loop (HTTP, tokenization hand-off)          engine thread (owns the LLMEngine)
-    ─────────────────────────────────────────          ───────────────────────────────────
-    add_request() ─► inbox (list + Condition) ───────► drain inbox: add / abort
-    abort()       ─►                                    step()
-    RequestStream ◄── loop.call_soon_threadsafe ◄────── acks + this step's RequestOutputs
+    event loop (HTTP, tokenization hand-off)            engine: EngineCore.run (engine_core.py)
+    ────────────────────────────────────────            ────────────────────────────────────────
+    add_request() ─► AddRequest   ───────────────────►  drain inputs (adds, aborts, in order)
+    abort()       ─► AbortRequests ──────────────────►  step()
+    RequestStream ◄── loop.call_soon_threadsafe ◄─────  acks + this step's outputs + stats
+
+Two places for the engine, one API:
+- `AsyncEngine.in_process(factory)`: a spawned process (engine_process.py); the server's default.
+  HTTP handling then never holds the GIL the step loop needs.
+- `AsyncEngine(engine)`: a thread of this process (tests with a fake engine; --no-engine-process).
 
 Invariants:
-- Only the engine thread calls the LLMEngine (it is not thread-safe). Everything else talks to it
-  through the inbox, which is drained before every step, in order (an abort after its add is seen
-  after it).
-- The thread blocks on the Condition when it has nothing to do: no busy spinning.
-- Outputs are cumulative (text, token ids, logprobs so far), so a RequestStream keeps only the
-  newest one: a slow consumer skips intermediate outputs and loses nothing.
-- An exception in the engine thread marks the engine dead: every pending request fails with
-  EngineDeadError, new ones are refused, and /health turns 503.
+- Only the engine's own thread or process calls the LLMEngine (it is not thread-safe).
+- Outputs are cumulative, so a RequestStream keeps only the newest one: a slow consumer skips
+  intermediate outputs and loses nothing.
+- An engine failure marks the AsyncEngine dead: pending requests fail with EngineDeadError, new
+  ones are refused, and /health turns 503.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Protocol
 
+from pagedserve.engine_core import AbortRequests, Ack, AddRequest, EngineCore, Refusal, Stop
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
@@ -36,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 
 class EngineDeadError(RuntimeError):
-    """The engine thread failed; the server can no longer serve."""
+    """The engine failed; the server can no longer serve."""
 
 
 class EngineUnavailableError(RuntimeError):
@@ -74,20 +76,6 @@ class EngineLike(Protocol):  # what AsyncEngine needs of LLMEngine (tests pass a
     def get_stats(self) -> dict: ...
 
 
-@dataclass(slots=True)
-class _Add:
-    request_id: str
-    prompt: str | list[int]
-    params: SamplingParams
-    arrival_time: float
-    prompt_text: str | None
-
-
-@dataclass(slots=True)
-class _Abort:
-    request_ids: list[str]
-
-
 class RequestStream:
     """The event-loop side of one request: an accept/refuse answer, then its newest output."""
 
@@ -98,7 +86,7 @@ class RequestStream:
         self._latest: RequestOutput | None = None
         self._error: BaseException | None = None
         self._event = asyncio.Event()
-        # Timing state for metrics (see AsyncEngine._deliver).
+        # Timing state for metrics observers.
         self.num_tokens_seen = 0
         self.last_token_time: float | None = None
 
@@ -143,47 +131,57 @@ OutputObserver = Callable[[RequestStream, RequestOutput], None]
 class AsyncEngine:
     def __init__(
         self,
-        engine: EngineLike,
+        engine: EngineLike | None = None,
         *,
         max_queued_requests: int | None = None,
         log_stats: bool = True,
         log_stats_interval: float = 5.0,
         retry_after_seconds: int = 1,
+        _backend: _Backend | None = None,
     ) -> None:
-        self.engine = engine
-        # The HTTP side (tokenizer thread, logprob token strings) uses its own copy, so it never
-        # shares mutable tokenizer state with the engine thread's detokenizer.
-        self.tokenizer = _private_copy(engine.tokenizer)
-        self.model_name = engine.model_name
-        self.max_model_len = engine.max_model_len
-        self.vocab_size: int = getattr(engine, "vocab_size", None) or int(engine.tokenizer.vocab_size)
-        self.max_queued_requests = max_queued_requests
-        self.log_stats = log_stats
-        self.log_stats_interval = log_stats_interval
+        core_kwargs = dict(
+            max_queued_requests=max_queued_requests,
+            log_stats=log_stats,
+            log_stats_interval=log_stats_interval,
+            retry_after_seconds=retry_after_seconds,
+        )
+        if _backend is None:
+            assert engine is not None, "pass an engine, or use AsyncEngine.in_process()"
+            _backend = _ThreadBackend(engine, core_kwargs)
+        self._backend = _backend
+        info = _backend.info
+        # The HTTP side (tokenizer thread, logprob token strings) has its own tokenizer object, so
+        # it shares no mutable tokenizer state with the engine's detokenizer.
+        self.tokenizer = info["tokenizer"]
+        self.model_name: str = info["model_name"]
+        self.max_model_len: int = info["max_model_len"]
+        self.vocab_size: int = info["vocab_size"]
+        self.engine_config = info.get("config")
         self.retry_after_seconds = retry_after_seconds
         self.observers: list[OutputObserver] = []
-        self.stats: dict = engine.get_stats()  # newest snapshot; replaced (not mutated) by the thread
-
-        self._cond = threading.Condition()
-        self._inbox: list[_Add | _Abort] = []
-        self._stop_thread = False
-        self._thread: threading.Thread | None = None
+        self.stats: dict = info["stats"]  # newest snapshot; replaced, never mutated
+        self.dead_error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, RequestStream] = {}
         self._accepting = True
-        self._live_ids: set[str] = set()  # engine thread only: added and not yet finished
-        self.dead_error: BaseException | None = None
-        # Tokenization runs here, off both the event loop and the engine thread.
         self._tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="pagedserve-tokenizer")
+
+    @classmethod
+    def in_process(cls, engine_factory: Callable[[], EngineLike], **kwargs: Any) -> AsyncEngine:
+        """Starts the engine in a spawned process (blocks until it is loaded). `engine_factory`
+        must be picklable, e.g. functools.partial(LLMEngine, config). Raises ValueError when the
+        engine refuses its configuration, RuntimeError on other startup failures."""
+        from pagedserve.engine_process import ProcessBackend
+
+        return cls(_backend=ProcessBackend(engine_factory, dict(kwargs)), **kwargs)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        """Starts the engine thread; call from the event loop that will consume outputs."""
-        if self._thread is not None:
+        """Starts delivering outputs to the running event loop (call once, from that loop)."""
+        if self._loop is not None:
             return
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="pagedserve-engine", daemon=True)
-        self._thread.start()
+        self._backend.start(self._post)
 
     @property
     def is_dead(self) -> bool:
@@ -198,7 +196,7 @@ class AsyncEngine:
 
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Stops accepting, lets in-flight requests finish up to `timeout` s, aborts the rest,
-        and stops the engine thread."""
+        and stops the engine."""
         self._accepting = False
         deadline = time.monotonic() + timeout
         while self._streams and not self.is_dead and time.monotonic() < deadline:
@@ -209,11 +207,7 @@ class AsyncEngine:
             self.abort([s.request_id for s in streams])
             for stream in streams:
                 stream._fail(ShuttingDownError("the server is shutting down; request aborted"))
-        with self._cond:
-            self._stop_thread = True
-            self._cond.notify()
-        if self._thread is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)
+        await asyncio.get_running_loop().run_in_executor(None, self._backend.stop, 10.0)
         self._tokenizer_pool.shutdown(wait=False)
 
     # ------------------------------------------------------------------ tokenization (off-loop)
@@ -229,14 +223,13 @@ class AsyncEngine:
         arrival_time: float | None = None,
         prompt_text: str | None = None,
     ) -> RequestStream:
-        """Submits a request and waits until the engine thread accepted it.
+        """Submits a request and waits until the engine accepted it.
 
         Raises ValueError (bad input), QueueFullError / ShuttingDownError (retry later), or
-        EngineDeadError. Prefer token ids as `prompt`: tokenizing text here would run in the
-        engine thread.
+        EngineDeadError. Pass token ids as `prompt`: text would be tokenized by the engine.
         """
         if self.dead_error is not None:
-            raise EngineDeadError(f"the engine has stopped: {self.dead_error!r}")
+            raise EngineDeadError(f"the engine has stopped: {self.dead_error}")
         if not self._accepting:
             raise ShuttingDownError("the server is shutting down", self.retry_after_seconds)
         if request_id in self._streams:
@@ -244,15 +237,8 @@ class AsyncEngine:
         assert self._loop is not None, "AsyncEngine.start() was not called"
         stream = RequestStream(request_id, self._loop)
         self._streams[request_id] = stream
-        self._submit(
-            _Add(
-                request_id,
-                prompt,
-                params,
-                arrival_time if arrival_time is not None else time.monotonic(),
-                prompt_text,
-            )
-        )
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        self._backend.submit(AddRequest(request_id, prompt, params, arrival, prompt_text))
         try:
             await asyncio.shield(stream.accepted)
         except asyncio.CancelledError:
@@ -272,7 +258,7 @@ class AsyncEngine:
         prompt_text: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yields cumulative outputs until the request finishes; closing or cancelling the
-        consumer aborts the request (its KV blocks are freed at the engine's next drain)."""
+        consumer aborts the request (its KV blocks are freed before the engine's next step)."""
         stream = await self.add_request(request_id, prompt, params, arrival_time, prompt_text)
         try:
             async for output in stream:
@@ -283,116 +269,47 @@ class AsyncEngine:
 
     def abort(self, request_id: str | list[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        if not ids:
+            return
         for rid in ids:
             stream = self._streams.pop(rid, None)
             if stream is not None:
                 stream.finished = True
+        self._backend.forget(ids)
         if self.dead_error is None:
-            self._submit(_Abort(ids))
+            self._backend.submit(AbortRequests(ids))
 
-    def _submit(self, item: _Add | _Abort) -> None:
-        with self._cond:
-            self._inbox.append(item)
-            self._cond.notify()
-
-    # ------------------------------------------------------------------ engine thread
-    def _run(self) -> None:
-        engine = self.engine
-        logger.debug("engine thread started")
-        self._log_state = _StatsLogState(time.monotonic(), self.stats)
-        try:
-            while True:
-                with self._cond:
-                    while not self._inbox and not self._stop_thread and not engine.has_unfinished_requests():
-                        self._cond.wait(timeout=self._idle_wait_timeout())
-                        self._maybe_log_stats()
-                    inbox, self._inbox = self._inbox, []
-                    stop = self._stop_thread
-                acks = self._drain(inbox)
-                if stop:
-                    self._abort_all()
-                    self.stats = engine.get_stats()
-                    break
-                outputs = engine.step() if engine.has_unfinished_requests() else []
-                for output in outputs:
-                    if output.finished:
-                        self._live_ids.discard(output.request_id)
-                self.stats = engine.get_stats()
-                if acks or outputs:
-                    self._post(self._deliver, acks, outputs)
-                self._maybe_log_stats()
-        except BaseException as e:  # noqa: BLE001 - any failure kills the engine, and must be told
-            logger.exception("engine thread failed; the server is now unhealthy")
-            self.dead_error = e
-            self._post(self._fail_all, e)
-        logger.debug("engine thread stopped")
-
-    def _drain(self, inbox: list[_Add | _Abort]) -> list[tuple[str, BaseException | None]]:
-        engine = self.engine
-        acks: list[tuple[str, BaseException | None]] = []
-        num_waiting: int | None = None
-        for item in inbox:
-            if isinstance(item, _Abort):
-                engine.abort_request(item.request_ids)
-                self._live_ids.difference_update(item.request_ids)
-                continue
-            if self.max_queued_requests is not None:
-                if num_waiting is None:
-                    num_waiting = int(engine.get_stats()["num_waiting"])
-                if num_waiting > 0 and num_waiting >= self.max_queued_requests:
-                    acks.append(
-                        (
-                            item.request_id,
-                            QueueFullError(
-                                f"the waiting queue is full ({num_waiting} waiting, --max-queued-requests "
-                                f"{self.max_queued_requests}); retry later",
-                                self.retry_after_seconds,
-                            ),
-                        )
-                    )
-                    continue
-            try:
-                engine.add_request(
-                    item.request_id,
-                    item.prompt,
-                    item.params,
-                    arrival_time=item.arrival_time,
-                    prompt_text=item.prompt_text,
-                )
-            except ValueError as e:
-                acks.append((item.request_id, e))
-                continue
-            self._live_ids.add(item.request_id)
-            if num_waiting is not None:
-                num_waiting += item.params.n
-            acks.append((item.request_id, None))
-        return acks
-
-    def _abort_all(self) -> None:
-        if self._live_ids:
-            self.engine.abort_request(list(self._live_ids))
-            self._live_ids.clear()
-
-    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+    # ------------------------------------------------------------------ event loop side
+    def _post(self, fn_name: str, *args: Any) -> None:
+        """Called from the backend's thread: run self.<fn_name>(*args) on the event loop."""
+        if fn_name == "dead" and self.dead_error is None:
+            self.dead_error = args[0]  # at once, so /health sees it even before the loop runs
         loop = self._loop
         if loop is None or loop.is_closed():
             return
         try:
-            loop.call_soon_threadsafe(fn, *args)
+            loop.call_soon_threadsafe(self._dispatch, fn_name, args)
         except RuntimeError:  # the loop closed between the check and the call
             pass
 
-    # ------------------------------------------------------------------ event loop side
-    def _deliver(self, acks: list[tuple[str, BaseException | None]], outputs: list[RequestOutput]) -> None:
-        for request_id, error in acks:
+    def _dispatch(self, fn_name: str, args: tuple) -> None:
+        if fn_name == "out":
+            acks, outputs, stats = args
+            self._deliver(acks, self._backend.decode(outputs), stats)
+        elif fn_name == "dead":
+            self._fail_all(args[0])
+
+    def _deliver(self, acks: list[Ack], outputs: list[RequestOutput], stats: dict) -> None:
+        self.stats = stats
+        for request_id, refusal in acks:
             stream = self._streams.get(request_id)
             if stream is None or stream.accepted.done():
                 continue
-            if error is None:
+            if refusal is None:
                 stream.accepted.set_result(None)
             else:
                 self._streams.pop(request_id, None)
-                stream.accepted.set_exception(error)
+                stream.accepted.set_exception(_refusal_error(refusal))
         for output in outputs:
             if output.finished:
                 stream = self._streams.pop(output.request_id, None)
@@ -408,47 +325,84 @@ class AsyncEngine:
             stream._put(output)
 
     def _fail_all(self, error: BaseException) -> None:
-        dead = EngineDeadError(f"the engine has stopped: {error!r}")
+        if self.dead_error is None:
+            self.dead_error = error
+        dead = EngineDeadError(f"the engine has stopped: {error}")
         streams, self._streams = self._streams, {}
         for stream in streams.values():
             stream._fail(dead)
 
-    # ------------------------------------------------------------------ periodic stats line
-    def _idle_wait_timeout(self) -> float | None:
-        state = self._log_state
-        if not self.log_stats or not state.active_since_log:
-            return None  # nothing to report: sleep until woken
-        return max(0.0, state.last_log_time + self.log_stats_interval - time.monotonic())
 
-    def _maybe_log_stats(self) -> None:
-        state = self._log_state
-        now = time.monotonic()
-        stats = self.stats
-        if stats is not state.last_seen_stats:
-            state.last_seen_stats = stats
-            if (
-                stats.get("prompt_tokens_total", 0) != state.last_stats.get("prompt_tokens_total", 0)
-                or stats.get("generation_tokens_total", 0)
-                != state.last_stats.get("generation_tokens_total", 0)
-                or stats.get("num_running", 0)
-                or stats.get("num_waiting", 0)
-            ):
-                state.active_since_log = True
-        if not self.log_stats or now - state.last_log_time < self.log_stats_interval:
-            return
-        if state.active_since_log:
-            logger.info(format_stats_line(state.last_stats, stats, now - state.last_log_time))
-        state.last_log_time = now
-        state.last_stats = stats
-        state.active_since_log = False
+def _refusal_error(refusal: Refusal) -> Exception:
+    if refusal.kind == "queue_full":
+        return QueueFullError(refusal.message, refusal.retry_after)
+    return ValueError(refusal.message)
 
 
-@dataclass(slots=True)
-class _StatsLogState:
-    last_log_time: float
-    last_stats: dict
-    last_seen_stats: dict | None = None
-    active_since_log: bool = False
+# --------------------------------------------------------------------------- backends
+Post = Callable[..., None]  # post("out", acks, outputs, stats) | post("dead", error)
+
+
+class _Backend(Protocol):
+    info: dict
+
+    def start(self, post: Post) -> None: ...
+    def submit(self, item: AddRequest | AbortRequests | Stop) -> None: ...
+    def decode(self, outputs: Any) -> list[RequestOutput]: ...
+    def forget(self, request_ids: list[str]) -> None: ...
+    def stop(self, timeout: float) -> None: ...
+
+
+class _ThreadBackend:
+    """EngineCore in a thread of this process; inputs through a list guarded by a Condition."""
+
+    def __init__(self, engine: EngineLike, core_kwargs: dict) -> None:
+        self.core = EngineCore(engine, **core_kwargs)
+        self.info = {
+            "model_name": engine.model_name,
+            "max_model_len": engine.max_model_len,
+            "vocab_size": getattr(engine, "vocab_size", None) or int(engine.tokenizer.vocab_size),
+            "tokenizer": _private_copy(engine.tokenizer),
+            "config": getattr(engine, "config", None),
+            "stats": engine.get_stats(),
+        }
+        self._cond = threading.Condition()
+        self._inbox: list = []
+        self._thread: threading.Thread | None = None
+
+    def start(self, post: Post) -> None:
+        self._thread = threading.Thread(target=self._run, args=(post,), name="pagedserve-engine", daemon=True)
+        self._thread.start()
+
+    def _receive(self, timeout: float | None) -> list:
+        with self._cond:
+            if not self._inbox and timeout != 0:
+                self._cond.wait(timeout)
+            items, self._inbox = self._inbox, []
+        return items
+
+    def _run(self, post: Post) -> None:
+        try:
+            self.core.run(self._receive, lambda acks, outputs, stats: post("out", acks, outputs, stats))
+        except BaseException as e:  # noqa: BLE001 - any failure kills the engine, and must be told
+            logger.exception("engine thread failed; the server is now unhealthy")
+            post("dead", e)
+
+    def submit(self, item: AddRequest | AbortRequests | Stop) -> None:
+        with self._cond:
+            self._inbox.append(item)
+            self._cond.notify()
+
+    def decode(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        return outputs
+
+    def forget(self, request_ids: list[str]) -> None:
+        pass
+
+    def stop(self, timeout: float) -> None:
+        self.submit(Stop())
+        if self._thread is not None:
+            self._thread.join(timeout)
 
 
 def _private_copy(tokenizer: Any) -> Any:
@@ -457,18 +411,3 @@ def _private_copy(tokenizer: Any) -> Any:
     except Exception:  # noqa: BLE001 - an uncopyable tokenizer is shared (HF fast ones are copyable)
         logger.debug("tokenizer cannot be copied; sharing it with the engine thread")
         return tokenizer
-
-
-def format_stats_line(prev: dict, cur: dict, seconds: float) -> str:
-    seconds = max(seconds, 1e-9)
-    prompt_tps = (cur.get("prompt_tokens_total", 0) - prev.get("prompt_tokens_total", 0)) / seconds
-    gen_tps = (cur.get("generation_tokens_total", 0) - prev.get("generation_tokens_total", 0)) / seconds
-    queries = cur.get("prefix_cache_queries", 0) - prev.get("prefix_cache_queries", 0)
-    hits = cur.get("prefix_cache_hits", 0) - prev.get("prefix_cache_hits", 0)
-    hit_rate = f"{100.0 * hits / queries:.1f}%" if queries else "n/a"
-    return (
-        f"prompt: {prompt_tps:.1f} tokens/s, generation: {gen_tps:.1f} tokens/s, "
-        f"running: {cur.get('num_running', 0)} reqs, waiting: {cur.get('num_waiting', 0)} reqs, "
-        f"KV cache usage: {100.0 * cur.get('kv_cache_usage', 0.0):.1f}%, "
-        f"prefix cache hit rate: {hit_rate}, preemptions: {cur.get('num_preemptions', 0)}"
-    )

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from pagedserve.config import EngineConfig
+from pagedserve.core.outputs import SchedulerOutput
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.scheduler import Scheduler
 from pagedserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -44,6 +45,7 @@ class _RequestState:
     params: SamplingParams
     choices: list[_Choice]
     metrics: RequestMetrics
+    final_only: bool = False  # the caller wants only the finished output: no per-step outputs
     num_cached_tokens: int = 0
     num_unfinished: int = 0
     child_ids: list[str] = field(default_factory=list)
@@ -72,6 +74,7 @@ class LLMEngine:
         self._extra_eos_ids = sorted(set(self.tokenizer.eos_token_ids) - {self.tokenizer.eos_token_id})
         self._requests: dict[str, _RequestState] = {}
         self._child_to_parent: dict[str, tuple[str, int]] = {}
+        self.step_timing = StepTiming()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.startup_seconds = time.monotonic() - started
@@ -87,8 +90,13 @@ class LLMEngine:
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
         prompt_text: str | None = None,
+        final_only: bool = False,
     ) -> None:
-        """Queues a prompt (text or token ids). `prompt_text` labels a token-id prompt in outputs."""
+        """Queues a prompt (text or token ids). `prompt_text` labels a token-id prompt in outputs.
+
+        final_only: step() reports the request once, when it finishes (the offline API's mode).
+        Without stop strings its text is then decoded once at the end instead of token by token.
+        """
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -103,7 +111,8 @@ class LLMEngine:
         params.validate_for_model(self.vocab_size)
         max_tokens = self._resolve_max_tokens(len(prompt_token_ids), params)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
-        state = _RequestState(request_id, prompt_text, prompt_token_ids, params, [], RequestMetrics(arrival))
+        state = _RequestState(request_id, prompt_text, prompt_token_ids, params, [], RequestMetrics(arrival),
+                              final_only=final_only)
         for index in range(params.n):
             child_params = params
             if params.n > 1:
@@ -180,6 +189,7 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ one step
     def step(self) -> list[RequestOutput]:
+        t_start = time.perf_counter()
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             return []
@@ -190,7 +200,9 @@ class LLMEngine:
                 m = self._requests[parent[0]].metrics
                 if m.first_scheduled_time is None:
                     m.first_scheduled_time = now
+        t_scheduled = time.perf_counter()
         runner_output = self.worker.execute(scheduler_output)
+        t_executed = time.perf_counter()
         updates = self.scheduler.update(scheduler_output, runner_output)
         now = time.monotonic()
         touched: dict[str, _RequestState] = {}
@@ -201,7 +213,10 @@ class LLMEngine:
             state = self._requests[parent[0]]
             self._apply_update(state, state.choices[parent[1]], update, now)
             touched[state.request_id] = state
-        return [self._make_output(state) for state in touched.values()]
+        outputs = [self._make_output(state) for state in touched.values()
+                   if not state.final_only or state.num_unfinished == 0]
+        self.step_timing.add(scheduler_output, t_start, t_scheduled, t_executed, time.perf_counter())
+        return outputs
 
     def _apply_update(self, state: _RequestState, choice: _Choice, update, now: float) -> None:
         request, out = choice.request, choice.output
@@ -219,13 +234,16 @@ class LLMEngine:
                     if lp is not None:
                         out.logprobs.append(lp)
                         out.cumulative_logprob = (out.cumulative_logprob or 0.0) + lp.logprob
-            choice.detokenizer.add_tokens(new_ids)
+            if not (state.final_only and not params_have_stops(request)):
+                choice.detokenizer.add_tokens(new_ids)
         finished = update.finished
         if not finished and choice.detokenizer.stop_reason is not None:
             # A stop string ended it: the scheduler learns now and frees its blocks.
             self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
             finished = True
         if finished and out.finish_reason is None:
+            if state.final_only and not params_have_stops(request):
+                choice.detokenizer.add_tokens(out.token_ids)  # one decode of the whole output
             choice.detokenizer.flush()
             if choice.detokenizer.stop_reason is not None:
                 out.finish_reason, out.stop_reason = "stop", choice.detokenizer.stop_reason
@@ -242,15 +260,16 @@ class LLMEngine:
         if finished:
             state.metrics.finished_time = time.monotonic()
             self._requests.pop(state.request_id, None)
-        outputs = [_snapshot(c.output) for c in state.choices]
+        m = state.metrics
         return RequestOutput(
             request_id=state.request_id,
             prompt=state.prompt,
             prompt_token_ids=state.prompt_token_ids,
-            outputs=outputs,
+            outputs=[_snapshot(c.output) for c in state.choices],
             finished=finished,
             num_cached_tokens=max(state.num_cached_tokens, 0),
-            metrics=dataclasses.replace(state.metrics),
+            metrics=RequestMetrics(m.arrival_time, m.first_scheduled_time, m.first_token_time,
+                                   m.last_token_time, m.finished_time),
         )
 
     # ------------------------------------------------------------------ state
@@ -276,7 +295,39 @@ class LLMEngine:
         }
 
 
-def _snapshot(output: CompletionOutput) -> CompletionOutput:
-    """A copy callers may keep: the engine goes on appending to its own lists."""
-    logprobs = None if output.logprobs is None else list(output.logprobs)
-    return dataclasses.replace(output, token_ids=list(output.token_ids), logprobs=logprobs)
+@dataclass(slots=True)
+class StepTiming:
+    """Where the engine's wall time goes, by kind of step: seconds in the scheduler, in the
+    runner (device time included: it ends with the sampled ids on the host), and in updating,
+    detokenizing and building outputs. Cheap enough to keep on always."""
+
+    totals: dict = field(default_factory=dict)  # kind -> [steps, tokens, schedule_s, execute_s, output_s]
+
+    def add(self, out: SchedulerOutput, t0: float, t1: float, t2: float, t3: float) -> None:
+        decode = all(len(r.token_ids) == 1 for r in out.scheduled)
+        kind = "decode" if decode else "mixed"
+        row = self.totals.setdefault(kind, [0, 0, 0.0, 0.0, 0.0])
+        row[0] += 1
+        row[1] += out.num_batched_tokens
+        row[2] += t1 - t0
+        row[3] += t2 - t1
+        row[4] += t3 - t2
+
+    def summary(self) -> str:
+        parts = []
+        for kind, (steps, tokens, sched, execute, output) in sorted(self.totals.items()):
+            per = 1e3 / max(steps, 1)
+            parts.append(f"{kind}: {steps} steps, {tokens / max(steps, 1):.0f} tokens/step, ms/step: "
+                         f"schedule {sched * per:.2f}, execute {execute * per:.2f}, output {output * per:.2f}")
+        return "; ".join(parts)
+
+
+def _snapshot(o: CompletionOutput) -> CompletionOutput:
+    """A copy callers may keep: the engine goes on appending to its own lists (built directly:
+    dataclasses.replace costs several times more, for every request of every step)."""
+    return CompletionOutput(o.index, o.text, o.token_ids[:], o.cumulative_logprob,
+                            None if o.logprobs is None else o.logprobs[:], o.finish_reason, o.stop_reason)
+
+
+def params_have_stops(request: Request) -> bool:
+    return bool(request.sampling_params.stop)

@@ -8,7 +8,7 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
-export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
+export PAGEDSERVE_COMMIT="${PAGEDSERVE_COMMIT:-$(cat .commit 2>/dev/null)}" PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 M=.devcache/qwen2-7b
 phases="${*:-tests latency throughput serve}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -17,7 +17,7 @@ for phase in $phases; do
   echo "=== $phase $(date +%T)"
   case $phase in
     tests)
-      python3 -m pytest tests/kernels tests/gpu tests/executor -q -x -m "not slow" -p no:cacheprovider -s 2>&1 \
+      python3 -m pytest tests/kernels tests/gpu tests/executor -q -m "not slow" -p no:cacheprovider -s 2>&1 \
         | grep -E "7B shapes|passed|failed|error|Error" | tail -15 ;;
     latency)
       python3 -m pagedserve.entrypoints.cli bench latency --model $M --load-format dummy \
@@ -29,6 +29,8 @@ for phase in $phases; do
       python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm \
         --input-len 100-1024 --output-len 512 --compare-hf --hf-modes generate --hf-batch-sizes 256 \
         --output-json "$OUT/compare.json" 2>&1 | tail -6 ;;
+    profile)
+      python3 scripts/profile_steps.py --model $M --batch 256 --context 600 2>&1 | grep -v "^\[transformers\]" ;;
     serve)
       t0=$(date +%s.%N)
       python3 -m pagedserve.entrypoints.cli serve $M --load-format dummy --port 8011 > "$OUT/serve.log" 2>&1 &

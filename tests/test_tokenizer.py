@@ -285,3 +285,15 @@ def test_gguf_tokenizer_matches_folder(qwen: Tokenizer) -> None:
     text = "你好 hello 🎉"
     assert tok.encode(text, add_special_tokens=False) == qwen.encode(text, add_special_tokens=False)
     assert tok.eos_token_id == qwen.eos_token_id
+
+
+def test_fast_decode_equals_transformers_decode(qwen: Tokenizer) -> None:
+    """The Rust fast path must give exactly what transformers' decode gives, special tokens too."""
+    rng = random.Random(5)
+    special = sorted(qwen.all_special_ids)
+    assert qwen._fast_decode is not None
+    for _ in range(50):
+        ids = [rng.randrange(0, 151643) for _ in range(rng.randint(1, 30))] + rng.sample(special, 2)
+        rng.shuffle(ids)
+        for skip in (True, False):
+            assert qwen.decode(ids, skip_special_tokens=skip) == qwen.hf.decode(ids, skip_special_tokens=skip)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import time
@@ -56,6 +57,8 @@ def model_shape(llm) -> ModelShape:
 
 
 def git_commit() -> str:
+    if os.environ.get("PAGEDSERVE_COMMIT"):  # set where the tree travels without .git (GPU machine)
+        return os.environ["PAGEDSERVE_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()

@@ -28,6 +28,24 @@ def _one_stream(engine, prompt: list[int], output_len: int, request_id: str) -> 
     return t_first - t0, t_end - t_first, num_tokens
 
 
+def _graph_replay_ms(engine, reps: int = 50) -> float | None:
+    """Device time of the batch-1 decode graph alone: the step minus all host work."""
+    graphs = getattr(engine.worker.runner, "cuda_graphs", None)
+    if graphs is None:
+        return None
+    import torch
+
+    graph = graphs.graphs[graphs.sizes[0]]
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
 def run(args: argparse.Namespace) -> dict:
     llm, startup_s = build_llm(args)
     engine = llm.engine
@@ -39,6 +57,7 @@ def run(args: argparse.Namespace) -> dict:
     decode_s = statistics.median(r[1] for r in runs)
     steps = runs[0][2] - 1  # the first token comes from the prefill step
     step_s = decode_s / steps
+    graph_ms = _graph_replay_ms(engine)
     shape = model_shape(llm)
     avg_context = args.input_len + args.output_len / 2
     bytes_per_step = shape.weight_bytes + avg_context * shape.kv_bytes_per_token
@@ -48,6 +67,8 @@ def run(args: argparse.Namespace) -> dict:
         "ttft_ms": ttft * 1e3, "decode_tok_per_s": 1.0 / step_s, "ms_per_step": step_s * 1e3,
         "achieved_gb_per_s": bytes_per_step / step_s / 1e9, "startup_s": startup_s,
         "e2e_s": statistics.median(r[0] + r[1] for r in runs),
+        "graph_replay_ms": graph_ms,
+        "step_timing": engine.step_timing.summary(),
     }
     if bandwidth:
         floor_step = bytes_per_step / bandwidth
@@ -56,6 +77,9 @@ def run(args: argparse.Namespace) -> dict:
     finish(result, args)
     print(f"latency: TTFT {result['ttft_ms']:.1f} ms, decode {result['decode_tok_per_s']:.1f} tok/s "
           f"({result['ms_per_step']:.2f} ms/step, {result['achieved_gb_per_s']:.0f} GB/s), e2e {result['e2e_s']:.2f} s")
+    print(f"steps: {result['step_timing']}")
+    if graph_ms is not None:
+        print(f"batch-1 decode graph replay alone (model forward + logits): {graph_ms:.3f} ms")
     if bandwidth:
         print(f"floor on {card} ({bandwidth / 1e12:.2f} TB/s): {result['floor_tok_per_s']:.0f} tok/s; "
               f"reached {result['pct_of_floor']:.1f}% of floor")

@@ -30,6 +30,7 @@ def run(args: argparse.Namespace) -> dict:
     expected_out = sum(r.output_len for r in requests)
     if num_out != expected_out:
         raise RuntimeError(f"generated {num_out} tokens, expected {expected_out} (ignore_eos is set)")
+    step_summary = engine.step_timing.summary()
     bandwidth, flops, card = card_ceilings(args, engine.worker.device.type)
     result = {
         "bench": "throughput",
@@ -44,6 +45,7 @@ def run(args: argparse.Namespace) -> dict:
         "startup_s": startup_s,
         "num_preemptions": engine.get_stats()["num_preemptions"],
         "kv_blocks": engine.worker.num_kv_blocks,
+        "step_timing": step_summary,
     }
     if bandwidth and flops:
         shape = model_shape(llm)
@@ -59,6 +61,7 @@ def run(args: argparse.Namespace) -> dict:
             f"{result['total_tok_per_s']:.1f} total tok/s ({num_out} output tokens in {elapsed:.2f} s, "
             f"{result['num_preemptions']} preemptions)")
     print(line)
+    print(f"steps: {step_summary}")
     if args.compare_hf:
         _compare_hf(args, llm, requests, result)
     if "floor_s" in result:

@@ -77,7 +77,7 @@ class LLM:
                 self._next_id += 1
                 text, token_ids = _split_prompt(prompt)
                 prompt_input = token_ids if token_ids is not None else text
-                self.engine.add_request(request_id, prompt_input, params, prompt_text=text)
+                self.engine.add_request(request_id, prompt_input, params, prompt_text=text, final_only=True)
                 ids.append(request_id)
         except Exception:
             self.engine.abort_request(ids)

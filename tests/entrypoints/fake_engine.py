@@ -59,9 +59,7 @@ class _Seq:
 
 
 class _Req:
-    def __init__(
-        self, request_id, prompt_ids, params: SamplingParams, max_tokens: int, arrival: float
-    ) -> None:
+    def __init__(self, request_id, prompt_ids, params: SamplingParams, max_tokens: int, arrival: float) -> None:
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.params = params
@@ -82,6 +80,8 @@ class FakeEngine:
         step_delay: float = 0.002,
         fail_at_step: int | None = None,
     ) -> None:
+        if not isinstance(max_num_seqs, int):
+            raise ValueError(f"max_num_seqs must be an integer, got {max_num_seqs!r}")
         self.tokenizer = FakeTokenizer()
         self.model_name = "fake-model"
         self.max_model_len = max_model_len

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -21,6 +22,16 @@ def run(coro):
 async def _started(engine: FakeEngine, **kwargs) -> AsyncEngine:
     ae = AsyncEngine(engine, **kwargs)
     engine.calling_threads.clear()  # __init__ read one stats snapshot before the thread existed
+    ae.start()
+    return ae
+
+
+async def _started_process(**engine_kwargs) -> AsyncEngine:
+    core_keys = {"max_queued_requests", "log_stats", "log_stats_interval"}
+    core = {k: engine_kwargs.pop(k) for k in list(engine_kwargs) if k in core_keys}
+    ae = await asyncio.get_running_loop().run_in_executor(
+        None, lambda: AsyncEngine.in_process(functools.partial(FakeEngine, **engine_kwargs), **core)
+    )
     ae.start()
     return ae
 
@@ -147,7 +158,7 @@ def test_idle_engine_thread_does_not_spin() -> None:
     async def main():
         ae = await _started(FakeEngine(), log_stats=False)
         await asyncio.sleep(0.05)
-        clock = time.pthread_getcpuclockid(ae._thread.ident)
+        clock = time.pthread_getcpuclockid(ae._backend._thread.ident)
         before = time.clock_gettime(clock)
         await asyncio.sleep(0.5)
         used = time.clock_gettime(clock) - before
@@ -170,3 +181,77 @@ def test_periodic_stats_line(caplog: pytest.LogCaptureFixture) -> None:
     lines = [r.getMessage() for r in caplog.records if "tokens/s" in r.getMessage()]
     assert lines, caplog.text
     assert "generation:" in lines[0] and "running:" in lines[0] and "KV cache usage:" in lines[0]
+
+
+# --------------------------------------------------------------------------- engine in a process
+def test_process_backend_generates_aborts_and_reports_stats() -> None:
+    async def main():
+        ae = await _started_process(step_delay=0.01, max_model_len=100_000)
+        assert ae.model_name == "fake-model" and ae.max_model_len == 100_000
+        assert ae.tokenizer.encode("ab") == [97, 98]
+        outs = [o async for o in ae.generate([1, 2, 3], SamplingParams(max_tokens=7, logprobs=2), "r1")]
+        final = outs[-1]
+        assert final.finished and final.outputs[0].text == TEXT[:7]
+        assert len(final.outputs[0].token_ids) == 7 and len(final.outputs[0].logprobs) == 7
+        texts = [o.outputs[0].text for o in outs]
+        assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+        n3 = [o async for o in ae.generate([1], SamplingParams(max_tokens=4, n=3, seed=0), "r2")][-1]
+        assert [c.text for c in n3.outputs] == [TEXT[i : i + 4] for i in range(3)]
+
+        async def consume():
+            async for _ in ae.generate(list(range(40)), SamplingParams(max_tokens=50_000), "r3"):
+                pass
+
+        task = asyncio.create_task(consume())
+        while ae.stats["num_running"] == 0:
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        deadline = time.monotonic() + 5
+        while ae.stats["num_free_blocks"] != ae.stats["num_total_blocks"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert ae.stats["kv_cache_usage"] == 0.0
+        with pytest.raises(ValueError, match="maximum context length"):
+            await ae.add_request("r4", [1], SamplingParams(max_tokens=200_000))
+        process = ae._backend.process
+        await ae.shutdown(2)
+        return process
+
+    process = run(main())
+    assert process.exitcode == 0
+
+
+def test_process_backend_queue_limit() -> None:
+    async def main():
+        ae = await _started_process(max_num_seqs=1, step_delay=0.01, max_queued_requests=1)
+        first = await ae.add_request("a", [1], SamplingParams(max_tokens=30))
+        while ae.stats["num_running"] == 0:
+            await asyncio.sleep(0.005)
+        second = await ae.add_request("b", [1], SamplingParams(max_tokens=3))
+        with pytest.raises(QueueFullError):
+            await ae.add_request("c", [1], SamplingParams(max_tokens=3))
+        finals = [[o async for o in first][-1], [o async for o in second][-1]]
+        await ae.shutdown(2)
+        return finals
+
+    assert all(f.finished for f in run(main()))
+
+
+def test_process_backend_engine_failure_marks_dead() -> None:
+    async def main():
+        ae = await _started_process(fail_at_step=3)
+        with pytest.raises(EngineDeadError):
+            async for _ in ae.generate([1], SamplingParams(max_tokens=50), "r1"):
+                pass
+        assert ae.is_dead
+        with pytest.raises(EngineDeadError):
+            await ae.add_request("r2", [1], SamplingParams(max_tokens=5))
+        await ae.shutdown(1)
+
+    run(main())
+
+
+def test_process_backend_startup_error_is_raised() -> None:
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        AsyncEngine.in_process(functools.partial(FakeEngine, max_num_seqs="bad"))

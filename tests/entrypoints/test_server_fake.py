@@ -46,9 +46,7 @@ def server(start_fake_server):
 
 def test_chat_completion_shape_and_usage(server) -> None:
     client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused")
-    r = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=7
-    )
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=7)
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == MODEL
     assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == TEXT[:7]
     assert r.choices[0].finish_reason == "length"
@@ -241,10 +239,7 @@ def test_invalid_completion_requests_get_400(server, name, body, param) -> None:
         assert_error(r, 400)
     else:
         assert_error(r, 400, param)
-    assert (
-        httpx.post(server.base_url + "/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code
-        == 200
-    )
+    assert httpx.post(server.base_url + "/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 200
 
 
 def test_unknown_fields_are_ignored(server) -> None:
@@ -266,9 +261,7 @@ def test_unknown_model_route_and_method(server) -> None:
         httpx.post(server.base_url + "/v1/chat/completions", json={**CHAT, "model": "gpt-9"}), 404, "model"
     )
     assert err["code"] == "model_not_found"
-    assert_error(
-        httpx.post(server.base_url + "/v1/completions", json={"model": "x", "prompt": "a"}), 404, "model"
-    )
+    assert_error(httpx.post(server.base_url + "/v1/completions", json={"model": "x", "prompt": "a"}), 404, "model")
     assert_error(httpx.get(server.base_url + "/v1/nothing"), 404)
     assert_error(httpx.get(server.base_url + "/v1/chat/completions"), 405)
     assert_error(httpx.get(server.base_url + "/v1/models/gpt-9"), 404)
@@ -337,9 +330,7 @@ def test_client_disconnect_aborts_and_frees_kv(start_fake_server) -> None:
     while _metric(server, "pagedserve:kv_cache_usage_perc") > 0 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert _metric(server, "pagedserve:kv_cache_usage_perc") == 0
-    assert _metric(server, "pagedserve:num_free_kv_blocks") == _metric(
-        server, "pagedserve:num_total_kv_blocks"
-    )
+    assert _metric(server, "pagedserve:num_free_kv_blocks") == _metric(server, "pagedserve:num_total_kv_blocks")
     assert not engine._reqs
 
 

@@ -26,9 +26,7 @@ MESSAGES = [{"role": "user", "content": "Write a haiku about the sea."}]
 
 @pytest.fixture(scope="module")
 def server(real_model_dir):
-    s = RealServer(
-        real_model_dir, "--max-model-len", "1024", "--cpu-kv-cache-gib", "0.5", "--shutdown-timeout", "60"
-    )
+    s = RealServer(real_model_dir, "--max-model-len", "1024", "--cpu-kv-cache-gib", "0.5", "--shutdown-timeout", "60")
     yield s
     s.stop()
 
@@ -119,9 +117,7 @@ def test_async_client_concurrent_stream_and_non_stream(server, model) -> None:
         client = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
 
         async def streamed(prompt):
-            s = await client.completions.create(
-                model=model, prompt=prompt, max_tokens=5, temperature=0, stream=True
-            )
+            s = await client.completions.create(model=model, prompt=prompt, max_tokens=5, temperature=0, stream=True)
             return "".join([c.choices[0].text async for c in s if c.choices])
 
         async def whole(prompt):
@@ -129,9 +125,7 @@ def test_async_client_concurrent_stream_and_non_stream(server, model) -> None:
             return r.choices[0].text
 
         prompts = ["import numpy as np\n", "The capital of France is", "# sort a list\n", "SELECT * FROM"]
-        return await asyncio.gather(*(streamed(p) for p in prompts)), await asyncio.gather(
-            *(whole(p) for p in prompts)
-        )
+        return await asyncio.gather(*(streamed(p) for p in prompts)), await asyncio.gather(*(whole(p) for p in prompts))
 
     streamed, whole = asyncio.run(main())
     assert streamed == whole and all(whole)
@@ -159,9 +153,7 @@ def test_stop_string(client, model) -> None:
     base = client.completions.create(model=model, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0)
     text = base.choices[0].text
     assert "6" in text, text
-    stopped = client.completions.create(
-        model=model, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0, stop=["6"]
-    )
+    stopped = client.completions.create(model=model, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0, stop=["6"])
     assert stopped.choices[0].text == text[: text.index("6")]
     assert stopped.choices[0].finish_reason == "stop"
 
@@ -193,9 +185,7 @@ def test_logprobs_and_top_logprobs(client, model) -> None:
         assert abs(entry.logprob - tops[0]) < 1e-4
     if r.choices[0].finish_reason == "length":
         assert bytes(b for e in content for b in e.bytes).decode() == r.choices[0].message.content
-    c = client.completions.create(
-        model=model, prompt="def add(a, b):", max_tokens=4, temperature=0, logprobs=2
-    )
+    c = client.completions.create(model=model, prompt="def add(a, b):", max_tokens=4, temperature=0, logprobs=2)
     lp = c.choices[0].logprobs
     assert "".join(lp.tokens) == c.choices[0].text
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
@@ -282,8 +272,7 @@ def test_dropped_streams_free_the_kv_cache(server, model) -> None:
     assert all(r is not None and r[0] and r[1] == "length" and r[2] for r in kept), kept
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and (
-        metric(server, "pagedserve:kv_cache_usage_perc") > 0
-        or metric(server, "pagedserve:num_requests_running") > 0
+        metric(server, "pagedserve:kv_cache_usage_perc") > 0 or metric(server, "pagedserve:num_requests_running") > 0
     ):
         time.sleep(0.2)
     assert metric(server, "pagedserve:kv_cache_usage_perc") == 0

@@ -114,9 +114,7 @@ def _fuzz_operation(op, base_url: str, model: str, failures: list[str]) -> dict[
         response = case.call(base_url=base_url, timeout=120)
         seen[response.status_code] = seen.get(response.status_code, 0) + 1
         if response.status_code >= 500:
-            failures.append(
-                f"{op.label} {response.status_code}: {response.text[:300]} for {str(case.body)[:300]}"
-            )
+            failures.append(f"{op.label} {response.status_code}: {response.text[:300]} for {str(case.body)[:300]}")
 
     check()
     return seen
@@ -156,9 +154,7 @@ def test_wrong_or_missing_key_gets_401(limited_server) -> None:
     body = {"prompt": "hi", "max_tokens": 2}
     assert error_of(httpx.post(url, json=body), 401)["code"] == "invalid_api_key"
     error_of(httpx.post(url, json=body, headers={"Authorization": "Bearer nope"}), 401)
-    error_of(
-        httpx.get(limited_server.base_url + "/v1/models", headers={"Authorization": f"Basic {KEY}"}), 401
-    )
+    error_of(httpx.get(limited_server.base_url + "/v1/models", headers={"Authorization": f"Basic {KEY}"}), 401)
     for path in ("/health", "/metrics", "/version"):
         assert httpx.get(limited_server.base_url + path).status_code == 200
     r = httpx.post(url, json=body, headers={"Authorization": f"Bearer {KEY}"})

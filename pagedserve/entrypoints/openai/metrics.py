@@ -107,9 +107,7 @@ class _EngineStatsCollector(Collector):
         )
         g.add_metric([self.model_name], 0.0 if self.engine.is_dead else 1.0)
         yield g
-        g = GaugeMetricFamily(
-            PREFIX + "num_requests_in_flight", "HTTP-side requests not yet finished.", labels=labels
-        )
+        g = GaugeMetricFamily(PREFIX + "num_requests_in_flight", "HTTP-side requests not yet finished.", labels=labels)
         g.add_metric([self.model_name], float(self.engine.num_in_flight))
         yield g
 

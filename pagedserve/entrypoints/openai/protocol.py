@@ -97,9 +97,7 @@ class ChatMessage(OpenAIBaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Int | None = Field(
-        default=None, ge=1, description="alias of max_tokens (preferred)"
-    )
+    max_completion_tokens: Int | None = Field(default=None, ge=1, description="alias of max_tokens (preferred)")
     logprobs: bool | None = False
     top_logprobs: Int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, description="needs logprobs: true")
     response_format: dict[str, Any] | None = None  # only {"type": "text"}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -183,9 +184,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
     )
     app.state.engine = engine
     app.state.metrics = metrics
-    app.add_middleware(
-        _GateMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_request_body_bytes
-    )
+    app.add_middleware(_GateMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_request_body_bytes)
     _add_exception_handlers(app)
 
     @app.post(
@@ -240,9 +239,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
     async def health() -> Response:
         if engine.is_dead:
             return JSONResponse(
-                error_body(
-                    f"the engine has stopped: {engine.dead_error!r}", "server_error", None, "engine_dead"
-                ),
+                error_body(f"the engine has stopped: {engine.dead_error!r}", "server_error", None, "engine_dead"),
                 status_code=503,
             )
         return JSONResponse({"status": "ok"})
@@ -294,9 +291,7 @@ def _add_exception_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def internal_error(_: Request, e: Exception) -> Response:
         logger.exception("unhandled error")
-        return JSONResponse(
-            error_body(f"internal server error: {type(e).__name__}", "server_error"), status_code=500
-        )
+        return JSONResponse(error_body(f"internal server error: {type(e).__name__}", "server_error"), status_code=500)
 
 
 # --------------------------------------------------------------------------- flags
@@ -335,10 +330,15 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="no periodic stats line (throughput, running/waiting, KV cache usage)",
     )
-    g.add_argument(
-        "--log-stats-interval", type=float, default=5.0, help="seconds between stats lines while busy"
-    )
+    g.add_argument("--log-stats-interval", type=float, default=5.0, help="seconds between stats lines while busy")
     g.add_argument("--disable-access-log", action="store_true", help="no log line per HTTP request")
+    g.add_argument(
+        "--engine-process",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the engine's step loop in its own process (default), or in a thread of the server "
+        "(--no-engine-process: slower under load, as HTTP work then competes for the GIL)",
+    )
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -412,25 +412,27 @@ def run_server(config: EngineConfig, args: argparse.Namespace) -> int:
         pkg_logger = logging.getLogger("pagedserve")
         if pkg_logger.getEffectiveLevel() > logging.INFO:
             pkg_logger.setLevel(logging.INFO)  # the periodic stats line is INFO
-    engine = LLMEngine(config)
-    async_engine = AsyncEngine(
-        engine,
+    kwargs = dict(
         max_queued_requests=config.max_queued_requests,
         log_stats=not config.disable_log_stats,
         log_stats_interval=getattr(args, "log_stats_interval", 5.0),
     )
+    if getattr(args, "engine_process", True):
+        # The step loop in its own process: HTTP work never takes the GIL from it (docs/server.md).
+        async_engine = AsyncEngine.in_process(functools.partial(LLMEngine, config), **kwargs)
+    else:
+        async_engine = AsyncEngine(LLMEngine(config), **kwargs)
     api_key = getattr(args, "api_key", None) or os.environ.get(API_KEY_ENV) or None
+    engine_config = async_engine.engine_config
     settings = ServerSettings(
         api_key=api_key,
         max_request_body_bytes=getattr(args, "max_request_body_bytes", DEFAULT_MAX_REQUEST_BODY_BYTES),
         shutdown_timeout=args.shutdown_timeout,
-        model_root=engine.config.model,
+        model_root=getattr(engine_config, "model", None),
     )
     app = build_app(async_engine, settings)
     server = _make_uvicorn_server(app, args, async_engine.stop_accepting)
-    logger.info(
-        "serving %s on http://%s:%d (OpenAI API under /v1)", async_engine.model_name, args.host, args.port
-    )
+    logger.info("serving %s on http://%s:%d (OpenAI API under /v1)", async_engine.model_name, args.host, args.port)
     server.run()
     return 0
 
@@ -440,18 +442,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m pagedserve.entrypoints.openai",
         description="OpenAI-compatible server (same flags as `pagedserve serve`).",
     )
-    parser.add_argument(
-        "--log-level", default="WARNING", help="logging level of everything but the stats line"
-    )
+    parser.add_argument("--log-level", default="WARNING", help="logging level of everything but the stats line")
     add_serve_args(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = serve_config_from_args(args)
         return run_server(config, args)

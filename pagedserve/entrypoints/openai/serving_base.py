@@ -103,9 +103,7 @@ def _guess_param(message: str) -> str | None:
 
 
 def error_response(e: APIError) -> Response:
-    return Response(
-        json.dumps(e.body()), status_code=e.status_code, headers=e.headers, media_type="application/json"
-    )
+    return Response(json.dumps(e.body()), status_code=e.status_code, headers=e.headers, media_type="application/json")
 
 
 # --------------------------------------------------------------------------- requests
@@ -121,9 +119,7 @@ def check_model(engine: AsyncEngine, served_names: list[str], model: str | None)
     )
 
 
-def build_sampling_params(
-    req: SamplingFields, max_tokens: int | None, logprobs: int | None
-) -> SamplingParams:
+def build_sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     try:
         return SamplingParams(
             n=1 if req.n is None else req.n,
@@ -200,11 +196,7 @@ def clamp_logprob(x: float) -> float:
 # --------------------------------------------------------------------------- token strings
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte-level BPE alphabet: each byte is shown as one printable character."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
     for b in range(256):

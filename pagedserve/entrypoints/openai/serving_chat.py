@@ -36,9 +36,7 @@ _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant"
 
 
 class OpenAIServingChat:
-    def __init__(
-        self, engine: AsyncEngine, served_model_names: list[str], token_strings: TokenStrings
-    ) -> None:
+    def __init__(self, engine: AsyncEngine, served_model_names: list[str], token_strings: TokenStrings) -> None:
         self.engine = engine
         self.served_model_names = served_model_names
         self.token_strings = token_strings
@@ -113,9 +111,7 @@ class OpenAIServingChat:
         for i, m in enumerate(req.messages):
             role = _ROLES.get(m.role)
             if role is None:
-                raise bad_request(
-                    f"messages[{i}].role must be one of {', '.join(_ROLES)}; got {m.role!r}", "messages"
-                )
+                raise bad_request(f"messages[{i}].role must be one of {', '.join(_ROLES)}; got {m.role!r}", "messages")
             content: Any = m.content
             if isinstance(content, list):
                 content = [part.model_dump() for part in content]
@@ -137,9 +133,7 @@ class OpenAIServingChat:
             for tid, tlp in lp.top[:num_top]:
                 ttext, traw = strings(tid)
                 tops.append({"token": ttext, "logprob": clamp_logprob(tlp), "bytes": traw})
-            content.append(
-                {"token": text, "logprob": clamp_logprob(lp.logprob), "bytes": raw, "top_logprobs": tops}
-            )
+            content.append({"token": text, "logprob": clamp_logprob(lp.logprob), "bytes": raw, "top_logprobs": tops})
         return content
 
     async def _full(self, stream: RequestStream, ctx: _ChatContext) -> Response:
@@ -219,9 +213,7 @@ class OpenAIServingChat:
                     if finished[i]:
                         continue
                     num_completion[i] = len(out.token_ids)
-                    usage = (
-                        usage_dict(ctx.num_prompt_tokens, sum(num_completion)) if continuous_usage else None
-                    )
+                    usage = usage_dict(ctx.num_prompt_tokens, sum(num_completion)) if continuous_usage else None
                     delta_text = out.text[sent_text[i] :]
                     new_lps = None
                     if (
@@ -258,9 +250,7 @@ class OpenAIServingChat:
                             usage,
                         )
             if include_usage:
-                yield sse(
-                    {**base, "choices": [], "usage": usage_dict(ctx.num_prompt_tokens, sum(num_completion))}
-                )
+                yield sse({**base, "choices": [], "usage": usage_dict(ctx.num_prompt_tokens, sum(num_completion))})
         except Exception as e:  # engine died or shut down mid-stream: tell the client in-band
             err = engine_error(e)
             yield sse(error_body(err.message, err.type, err.param, err.code))
@@ -290,12 +280,8 @@ class _ChatContext:
         self.req = req
 
 
-def _render_and_encode(
-    tokenizer: Any, messages: list[dict], add_generation_prompt: bool
-) -> tuple[str, list[int]]:
-    text = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=add_generation_prompt, tokenize=False
-    )
+def _render_and_encode(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) -> tuple[str, list[int]]:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
     return text, tokenizer.encode(text, add_special_tokens=False)
 
 

@@ -42,9 +42,7 @@ MAX_CHOICES = 1024  # prompts x n in one request
 
 
 class OpenAIServingCompletion:
-    def __init__(
-        self, engine: AsyncEngine, served_model_names: list[str], token_strings: TokenStrings
-    ) -> None:
+    def __init__(self, engine: AsyncEngine, served_model_names: list[str], token_strings: TokenStrings) -> None:
         self.engine = engine
         self.served_model_names = served_model_names
         self.token_strings = token_strings
@@ -58,8 +56,7 @@ class OpenAIServingCompletion:
             raise bad_request("best_of is not supported unless it equals n", "best_of")
         if req.echo and req.logprobs is not None:
             raise bad_request(
-                "echo with logprobs needs prompt logprobs, which this server does not "
-                "compute; drop one of them",
+                "echo with logprobs needs prompt logprobs, which this server does not compute; drop one of them",
                 "logprobs",
             )
         params = build_sampling_params(req, req.max_tokens, req.logprobs)
@@ -215,9 +212,7 @@ class OpenAIServingCompletion:
         def chunk(choice: dict) -> str:
             obj = {**base, "choices": [choice]}
             if include_usage:
-                obj["usage"] = (
-                    usage_dict(ctx.num_prompt_tokens, sum(num_completion)) if continuous_usage else None
-                )
+                obj["usage"] = usage_dict(ctx.num_prompt_tokens, sum(num_completion)) if continuous_usage else None
             return sse(obj)
 
         try:
@@ -246,9 +241,7 @@ class OpenAIServingCompletion:
                         logprobs = None
                         if new_lps:
                             sent_logprobs[i] = len(out.logprobs)
-                            logprobs, text_offset[i] = self._logprobs(
-                                new_lps, ctx.params.logprobs, text_offset[i]
-                            )
+                            logprobs, text_offset[i] = self._logprobs(new_lps, ctx.params.logprobs, text_offset[i])
                         if last:
                             finished[i] = True
                         yield chunk(
@@ -261,9 +254,7 @@ class OpenAIServingCompletion:
                             }
                         )
             if include_usage:
-                yield sse(
-                    {**base, "choices": [], "usage": usage_dict(ctx.num_prompt_tokens, sum(num_completion))}
-                )
+                yield sse({**base, "choices": [], "usage": usage_dict(ctx.num_prompt_tokens, sum(num_completion))})
         except Exception as e:
             err = engine_error(e)
             yield sse(error_body(err.message, err.type, err.param, err.code))

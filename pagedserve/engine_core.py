@@ -1,0 +1,194 @@
+"""EngineCore: the step loop around one LLMEngine, with no asyncio and no transport of its own.
+
+It runs in the AsyncEngine's engine process (engine_process.py, the default for the server) or in
+its thread (tests, --no-engine-process); either way it is handed two functions:
+
+    receive(timeout) -> [AddRequest | AbortRequests | Stop]    wait up to timeout s (None: forever)
+    emit(acks, outputs, stats)                                  after each step that did something
+
+Each loop: drain what arrived (adds, aborts, in order), step if anything is unfinished, emit.
+When nothing is unfinished it blocks in receive(): no busy spinning.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pagedserve.outputs import RequestOutput
+from pagedserve.sampling_params import SamplingParams
+
+logger = logging.getLogger("pagedserve.async_engine")  # the stats line's home, wherever it runs
+
+
+@dataclass(slots=True)
+class AddRequest:
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+    arrival_time: float
+    prompt_text: str | None
+
+
+@dataclass(slots=True)
+class AbortRequests:
+    request_ids: list[str]
+
+
+@dataclass(slots=True)
+class Stop:
+    pass
+
+
+@dataclass(slots=True)
+class Refusal:
+    """Why an AddRequest was not taken: "invalid" (ValueError) or "queue_full"."""
+
+    kind: str
+    message: str
+    retry_after: int = 1
+
+
+Ack = tuple[str, Refusal | None]  # (request_id, None if accepted)
+Receive = Callable[[float | None], list]
+Emit = Callable[[list[Ack], list[RequestOutput], dict], None]
+
+
+class EngineCore:
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        max_queued_requests: int | None = None,
+        log_stats: bool = True,
+        log_stats_interval: float = 5.0,
+        retry_after_seconds: int = 1,
+    ) -> None:
+        self.engine = engine
+        self.max_queued_requests = max_queued_requests
+        self.log_stats = log_stats
+        self.log_stats_interval = log_stats_interval
+        self.retry_after_seconds = retry_after_seconds
+        self._live_ids: set[str] = set()  # added and not yet finished or aborted
+        stats = engine.get_stats()
+        self._log = _StatsLogState(time.monotonic(), stats)
+
+    def run(self, receive: Receive, emit: Emit) -> None:
+        """The loop; returns after a Stop (having aborted everything). Engine errors propagate."""
+        engine = self.engine
+        last_emitted: dict | None = None
+        while True:
+            busy = engine.has_unfinished_requests()
+            items = receive(0.0 if busy else self._idle_timeout())
+            acks, stop = self._handle(items)
+            if stop:
+                if self._live_ids:
+                    engine.abort_request(list(self._live_ids))
+                    self._live_ids.clear()
+                emit(acks, [], engine.get_stats())
+                return
+            outputs = engine.step() if engine.has_unfinished_requests() else []
+            for output in outputs:
+                if output.finished:
+                    self._live_ids.discard(output.request_id)
+            stats = engine.get_stats()
+            if acks or outputs or stats != last_emitted:  # aborts change stats without outputs
+                emit(acks, outputs, stats)
+                last_emitted = stats
+            self._maybe_log_stats(stats)
+
+    def _handle(self, items: list) -> tuple[list[Ack], bool]:
+        engine = self.engine
+        acks: list[Ack] = []
+        stop = False
+        num_waiting: int | None = None
+        for item in items:
+            if isinstance(item, AbortRequests):
+                engine.abort_request(item.request_ids)
+                self._live_ids.difference_update(item.request_ids)
+            elif isinstance(item, Stop):
+                stop = True
+            elif isinstance(item, AddRequest):
+                if self.max_queued_requests is not None:
+                    if num_waiting is None:
+                        num_waiting = int(engine.get_stats()["num_waiting"])
+                    # An empty queue always takes one request, so a limit of 0 still serves.
+                    if num_waiting > 0 and num_waiting >= self.max_queued_requests:
+                        message = (
+                            f"the waiting queue is full ({num_waiting} waiting, --max-queued-requests "
+                            f"{self.max_queued_requests}); retry later"
+                        )
+                        acks.append((item.request_id, Refusal("queue_full", message, self.retry_after_seconds)))
+                        continue
+                try:
+                    engine.add_request(
+                        item.request_id,
+                        item.prompt,
+                        item.params,
+                        arrival_time=item.arrival_time,
+                        prompt_text=item.prompt_text,
+                    )
+                except ValueError as e:
+                    acks.append((item.request_id, Refusal("invalid", str(e))))
+                    continue
+                self._live_ids.add(item.request_id)
+                if num_waiting is not None:
+                    num_waiting += item.params.n
+                acks.append((item.request_id, None))
+        return acks, stop
+
+    # ------------------------------------------------------------------ periodic stats line
+    def _idle_timeout(self) -> float | None:
+        if not self.log_stats or not self._log.active_since_log:
+            return None  # nothing left to report: sleep until something arrives
+        return max(0.0, self._log.last_log_time + self.log_stats_interval - time.monotonic())
+
+    def _maybe_log_stats(self, stats: dict | None = None) -> None:
+        state = self._log
+        now = time.monotonic()
+        if stats is not None:
+            prev = state.last_stats
+            if (
+                stats.get("prompt_tokens_total", 0) != prev.get("prompt_tokens_total", 0)
+                or stats.get("generation_tokens_total", 0) != prev.get("generation_tokens_total", 0)
+                or stats.get("num_running", 0)
+                or stats.get("num_waiting", 0)
+            ):
+                state.active_since_log = True
+            state.newest_stats = stats
+        if not self.log_stats or now - state.last_log_time < self.log_stats_interval:
+            return
+        if state.active_since_log:
+            logger.info(format_stats_line(state.last_stats, state.newest_stats, now - state.last_log_time))
+        state.last_log_time = now
+        state.last_stats = state.newest_stats
+        state.active_since_log = False
+
+
+@dataclass(slots=True)
+class _StatsLogState:
+    last_log_time: float
+    last_stats: dict
+    newest_stats: dict | None = None
+    active_since_log: bool = False
+
+    def __post_init__(self) -> None:
+        self.newest_stats = self.last_stats
+
+
+def format_stats_line(prev: dict, cur: dict, seconds: float) -> str:
+    seconds = max(seconds, 1e-9)
+    prompt_tps = (cur.get("prompt_tokens_total", 0) - prev.get("prompt_tokens_total", 0)) / seconds
+    gen_tps = (cur.get("generation_tokens_total", 0) - prev.get("generation_tokens_total", 0)) / seconds
+    queries = cur.get("prefix_cache_queries", 0) - prev.get("prefix_cache_queries", 0)
+    hits = cur.get("prefix_cache_hits", 0) - prev.get("prefix_cache_hits", 0)
+    hit_rate = f"{100.0 * hits / queries:.1f}%" if queries else "n/a"
+    return (
+        f"prompt: {prompt_tps:.1f} tokens/s, generation: {gen_tps:.1f} tokens/s, "
+        f"running: {cur.get('num_running', 0)} reqs, waiting: {cur.get('num_waiting', 0)} reqs, "
+        f"KV cache usage: {100.0 * cur.get('kv_cache_usage', 0.0):.1f}%, "
+        f"prefix cache hit rate: {hit_rate}, preemptions: {cur.get('num_preemptions', 0)}"
+    )
