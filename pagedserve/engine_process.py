@@ -7,8 +7,9 @@
 
 Outputs cross as deltas (new token ids, new text, new logprobs per choice), so a step costs the same
 to send at token 10 as at token 10,000; the decoder rebuilds the cumulative RequestOutputs the rest
-of the server reads. Measured on an H100 with 256 streams (docs/server.md): in a thread the step
-loop ran at 26% of its offline speed, starved of the GIL by the event loop.
+of the server reads. Measured on an H100 with 256 streams (docs/server.md): with the engine in a
+thread of the server, streaming ran at 26-36% of offline speed (the event loop held the GIL the
+step loop needed); in this process, at 60-63%.
 
 Messages engine -> server: ("ready", info) | ("failed", exc_type, message) once at start, then
 ("out", acks, deltas, stats)*, and ("dead", message) or ("stopped",) last.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,7 +136,7 @@ class DeltaDecoder:
                     outputs=snapshot,
                     finished=finished,
                     num_cached_tokens=num_cached,
-                    metrics=None if metrics is None else RequestMetrics(*metrics),
+                    metrics=None if metrics is None else RequestMetrics(**dict(zip(_METRIC_FIELDS, metrics))),
                 )
             )
         return outputs
@@ -195,22 +197,64 @@ def run_engine_process(
             items.append(Stop())
         return items
 
+    sender = _Sender(conn_out)
+
     def emit(acks: list, outputs: list[RequestOutput], stats: dict) -> None:
-        conn_out.send(("out", acks, encoder.encode(outputs), stats))
+        sender.put(acks, encoder.encode(outputs), stats)
 
     try:
         EngineCore(engine, **core_kwargs).run(receive, emit)
     except BaseException as e:  # noqa: BLE001 - any failure kills the engine, and must be told
         logger.exception("engine process failed")
+        sender.close(("dead", f"{type(e).__name__}: {e}"))
+        os._exit(1)
+    sender.close(("stopped",))
+
+
+class _Sender:
+    """Pickles and sends from its own thread, so the step loop never waits on a slow reader.
+    What piles up meanwhile goes out as one message: deltas of consecutive steps concatenate (the
+    decoder applies them in order), acks too, and only the newest stats matter."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self._cond = threading.Condition()
+        self._pending: list[tuple[list, list, dict]] = []
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="pagedserve-engine-sender", daemon=True)
+        self._thread.start()
+
+    def put(self, acks: list, deltas: list, stats: dict) -> None:
+        with self._cond:
+            self._pending.append((acks, deltas, stats))
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                batch, self._pending = self._pending, []
+                closing = self._closing
+            if batch:
+                acks = [a for item in batch for a in item[0]]
+                deltas = [d for item in batch for d in item[1]]
+                try:
+                    self._conn.send(("out", acks, deltas, batch[-1][2]))
+                except (OSError, ValueError):
+                    return  # the server is gone
+            if closing:
+                return
+
+    def close(self, last_message: tuple) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(10)
         try:
-            conn_out.send(("dead", f"{type(e).__name__}: {e}"))
+            self._conn.send(last_message)
         except (OSError, ValueError):
             pass
-        os._exit(1)
-    try:
-        conn_out.send(("stopped",))
-    except (OSError, ValueError):
-        pass
 
 
 class ProcessBackend:
@@ -250,8 +294,6 @@ class ProcessBackend:
         self._stopping = False
 
     def start(self, post: Callable[..., None]) -> None:
-        import threading
-
         self._reader = threading.Thread(target=self._read, args=(post,), name="pagedserve-engine-reader", daemon=True)
         self._reader.start()
 

@@ -128,9 +128,3 @@ class RealServer:
                 self.proc.wait()
         self.log.close()
         return self.proc.returncode
-
-
-def real_model_or_default() -> str | None:
-    """The converted test model folder, or None: the server then uses the embedded default."""
-    path = os.environ.get("PAGEDSERVE_TEST_MODEL_DIR", "/tmp/qwen05b-hf")
-    return path if os.path.isfile(os.path.join(path, "config.json")) else None

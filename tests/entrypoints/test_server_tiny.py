@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import signal
+import tempfile
 import time
 
 import httpx
@@ -17,6 +19,9 @@ import pytest
 from tests.entrypoints.conftest import RealServer
 
 pytestmark = pytest.mark.slow
+
+# Hypothesis caches (its unicode tables) under .hypothesis/ in the working directory otherwise.
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "pagedserve-hypothesis"))
 
 KEY = "sesame"
 TOKENIZER_FILES = (
@@ -209,5 +214,59 @@ def test_sigterm_aborts_requests_still_running_at_the_timeout(tiny_model_dir) ->
         assert 1.5 < elapsed < 20, elapsed
         log = server.output()
         assert "received SIGTERM" in log and "timeout graceful shutdown exceeded" in log
+    finally:
+        server.stop()
+
+
+# --------------------------------------------------------------------------- the engine process
+def _engine_pids(server_pid: int) -> list[int]:
+    """The server's spawned children that run the engine (not multiprocessing's resource tracker)."""
+    with open(f"/proc/{server_pid}/task/{server_pid}/children") as f:
+        children = [int(p) for p in f.read().split()]
+    pids = []
+    for pid in children:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"spawn_main" in f.read():
+                pids.append(pid)
+    return pids
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":
+                    return True  # exited; its parent has not reaped it
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_engine_process_death_turns_health_503(tiny_model_dir) -> None:
+    server = tiny_server(tiny_model_dir, "--max-model-len", "512")
+    try:
+        (engine_pid,) = _engine_pids(server.proc.pid)
+        os.kill(engine_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while httpx.get(server.base_url + "/health").status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert error_of(httpx.get(server.base_url + "/health"), 503)["code"] == "engine_dead"
+        r = httpx.post(server.base_url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert error_of(r, 503)["code"] == "engine_dead"
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=30) == 0
+    finally:
+        server.stop()
+
+
+def test_engine_process_exits_when_the_server_is_killed(tiny_model_dir) -> None:
+    server = tiny_server(tiny_model_dir, "--max-model-len", "512")
+    try:
+        (engine_pid,) = _engine_pids(server.proc.pid)
+        server.proc.kill()
+        server.proc.wait(10)
+        assert _wait_gone(engine_pid, 10)
     finally:
         server.stop()

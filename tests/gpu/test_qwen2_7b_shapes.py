@@ -42,10 +42,16 @@ def models():
     torch.manual_seed(0)
     with torch.device("cuda"):
         hf = Qwen2ForCausalLM._from_config(cfg, dtype=torch.bfloat16).eval()
-    with torch.no_grad():  # HF zero-inits biases; random ones make the QKV bias path matter
+    # Weights: HF's N(0, 0.02) makes a 28-layer random net chaotic, where any bf16 rounding grows until
+    # even Transformers' own bf16 run disagrees with fp32 (seen: rel err 0.26, top-1 59%), and such a
+    # test measures the net, not the code. A well-conditioned random net instead: a quiet trunk
+    # (std 0.008, so each layer nudges the residual stream as trained layers do) and a wide LM head
+    # (std 0.1) for clear argmaxes. Biases random too, so the QKV bias path matters.
+    with torch.no_grad():
         for name, p in hf.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0.0, 0.02)
+            if "norm" in name:
+                continue
+            p.normal_(0.0, 0.1 if name.startswith("lm_head") else 0.008)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:

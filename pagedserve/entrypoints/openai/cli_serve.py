@@ -4,10 +4,74 @@ from __future__ import annotations
 
 import argparse
 
+from pagedserve.config import EngineConfig
+from pagedserve.entrypoints.args import add_engine_args, config_from_args
+
+API_KEY_ENV = "PAGEDSERVE_API_KEY"
+DEFAULT_MAX_REQUEST_BODY_BYTES = 1 << 20  # 1 MiB
+
+
+# --------------------------------------------------------------------------- flags
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of the HTTP server itself (engine flags: pagedserve.entrypoints.args)."""
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
+    g.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    g.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV} if set); "
+        "/health, /metrics and /version stay open",
+    )
+    g.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=None,
+        help="refuse new requests with 503 + Retry-After while this many are waiting to be "
+        "scheduled (default: no limit)",
+    )
+    g.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM/SIGINT, seconds to let in-flight requests finish before aborting them",
+    )
+    g.add_argument(
+        "--max-request-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BODY_BYTES,
+        help="larger request bodies get 413 (default 1 MiB)",
+    )
+    g.add_argument(
+        "--disable-log-stats",
+        action="store_true",
+        help="no periodic stats line (throughput, running/waiting, KV cache usage)",
+    )
+    g.add_argument("--log-stats-interval", type=float, default=5.0, help="seconds between stats lines while busy")
+    g.add_argument("--disable-access-log", action="store_true", help="no log line per HTTP request")
+    g.add_argument(
+        "--engine-process",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the engine's step loop in its own process (default), or in a thread of the server "
+        "(--no-engine-process: slower under load, as HTTP work then competes for the GIL)",
+    )
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """All `pagedserve serve` flags: [MODEL] positional, engine flags, server flags."""
+    add_engine_args(parser, model_positional=True)
+    add_server_args(parser)
+    return parser
+
+
+def serve_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return config_from_args(
+        args, max_queued_requests=args.max_queued_requests, disable_log_stats=args.disable_log_stats
+    )
+
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from pagedserve.entrypoints.openai.server import add_serve_args
-
     p = subparsers.add_parser(
         "serve",
         help="serve a model over the OpenAI API (embedded default model when none is given)",
@@ -20,6 +84,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pagedserve.entrypoints.openai.server import run_server, serve_config_from_args
+    from pagedserve.entrypoints.openai.server import run_server
 
     return run_server(serve_config_from_args(args), args)

@@ -33,6 +33,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pagedserve.async_engine import AsyncEngine
 from pagedserve.config import EngineConfig
+from pagedserve.entrypoints.openai.cli_serve import (
+    API_KEY_ENV,
+    DEFAULT_MAX_REQUEST_BODY_BYTES,
+    add_serve_args,
+    serve_config_from_args,
+)
 from pagedserve.entrypoints.openai.metrics import ServerMetrics
 from pagedserve.entrypoints.openai.protocol import (
     ChatCompletionChunk,
@@ -51,9 +57,6 @@ from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
 
 logger = logging.getLogger(__name__)
-
-API_KEY_ENV = "PAGEDSERVE_API_KEY"
-DEFAULT_MAX_REQUEST_BODY_BYTES = 1 << 20  # 1 MiB
 
 
 @dataclass(slots=True)
@@ -294,70 +297,6 @@ def _add_exception_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(f"internal server error: {type(e).__name__}", "server_error"), status_code=500)
 
 
-# --------------------------------------------------------------------------- flags
-def add_server_args(parser: argparse.ArgumentParser) -> None:
-    """The flags of the HTTP server itself (engine flags: pagedserve.entrypoints.args)."""
-    g = parser.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
-    g.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
-    g.add_argument(
-        "--api-key",
-        default=None,
-        help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV} if set); "
-        "/health, /metrics and /version stay open",
-    )
-    g.add_argument(
-        "--max-queued-requests",
-        type=int,
-        default=None,
-        help="refuse new requests with 503 + Retry-After while this many are waiting to be "
-        "scheduled (default: no limit)",
-    )
-    g.add_argument(
-        "--shutdown-timeout",
-        type=float,
-        default=30.0,
-        help="on SIGTERM/SIGINT, seconds to let in-flight requests finish before aborting them",
-    )
-    g.add_argument(
-        "--max-request-body-bytes",
-        type=int,
-        default=DEFAULT_MAX_REQUEST_BODY_BYTES,
-        help="larger request bodies get 413 (default 1 MiB)",
-    )
-    g.add_argument(
-        "--disable-log-stats",
-        action="store_true",
-        help="no periodic stats line (throughput, running/waiting, KV cache usage)",
-    )
-    g.add_argument("--log-stats-interval", type=float, default=5.0, help="seconds between stats lines while busy")
-    g.add_argument("--disable-access-log", action="store_true", help="no log line per HTTP request")
-    g.add_argument(
-        "--engine-process",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="run the engine's step loop in its own process (default), or in a thread of the server "
-        "(--no-engine-process: slower under load, as HTTP work then competes for the GIL)",
-    )
-
-
-def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """All `pagedserve serve` flags: [MODEL] positional, engine flags, server flags."""
-    from pagedserve.entrypoints.args import add_engine_args
-
-    add_engine_args(parser, model_positional=True)
-    add_server_args(parser)
-    return parser
-
-
-def serve_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    from pagedserve.entrypoints.args import config_from_args
-
-    return config_from_args(
-        args, max_queued_requests=args.max_queued_requests, disable_log_stats=args.disable_log_stats
-    )
-
-
 # --------------------------------------------------------------------------- runner
 def _make_uvicorn_server(app: FastAPI, args: argparse.Namespace, on_signal: Callable[[], None]):
     import uvicorn
@@ -438,6 +377,7 @@ def run_server(config: EngineConfig, args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+
     parser = argparse.ArgumentParser(
         prog="python -m pagedserve.entrypoints.openai",
         description="OpenAI-compatible server (same flags as `pagedserve serve`).",
