@@ -5,15 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from dataclasses import dataclass
 
-# Step shapes vary every step (chunked prefill); without expandable segments the caching allocator
-# fragments next to a KV cache that fills the card, and falls back to freeing and re-allocating.
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-
-import torch  # noqa: E402
+import torch
 
 from pagedserve.config import EngineConfig
 from pagedserve.core.outputs import RunnerOutput, SchedulerOutput
