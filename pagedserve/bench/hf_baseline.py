@@ -5,6 +5,9 @@ Two modes, as a Transformers user would run them:
   only the requested output tokens count as output.
 - `generate_batch`: Transformers' own continuous batching (attn_implementation="paged|sdpa"), where
   the installed version has it.
+
+`bench throughput --compare-hf` calls `run` on its own requests; `bench hf` (`run_hf_bench`) draws the
+same random workload from the same flags and seed, so the two commands' numbers compare.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import time
 
 import torch
 
-from pagedserve.bench.datasets import BenchRequest
+from pagedserve.bench.common import finish
+from pagedserve.bench.datasets import BenchRequest, parse_range, random_requests
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +87,10 @@ def run_generate_batch(model, requests: list[BenchRequest], device: torch.device
 
 
 def run(args: argparse.Namespace, requests: list[BenchRequest], model_path: str, device: torch.device,
-        dtype: torch.dtype) -> dict:
-    """Runs the requested Transformers modes; returns {mode: output tok/s}."""
+        dtype: torch.dtype, elapsed_s: dict[str, float] | None = None) -> dict:
+    """Runs the requested Transformers modes; returns {mode: output tok/s} (and fills elapsed_s, if
+    given, with {mode: seconds})."""
+    elapsed_s = {} if elapsed_s is None else elapsed_s
     num_out = sum(r.output_len for r in requests)
     results: dict[str, float] = {}
     dummy = args.load_format == "dummy"
@@ -95,6 +101,7 @@ def run(args: argparse.Namespace, requests: list[BenchRequest], model_path: str,
         for bs in args.hf_batch_sizes:
             elapsed = run_generate(model, requests, bs, device, pad_token_id=0)
             results[f"generate_bs{bs}"] = num_out / elapsed
+            elapsed_s[f"generate_bs{bs}"] = elapsed
             print(f"transformers generate, static batches of {bs}: {num_out / elapsed:.1f} output tok/s "
                   f"({elapsed:.1f} s)", flush=True)
         del model
@@ -105,6 +112,7 @@ def run(args: argparse.Namespace, requests: list[BenchRequest], model_path: str,
         elapsed = run_generate_batch(model, requests, device)
         if elapsed is not None:
             results["generate_batch"] = num_out / elapsed
+            elapsed_s["generate_batch"] = elapsed
             print(f"transformers generate_batch (paged|sdpa): {num_out / elapsed:.1f} output tok/s "
                   f"({elapsed:.1f} s)", flush=True)
         del model
@@ -118,3 +126,54 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    choices=["generate", "generate_batch"], help="Transformers modes to run")
     p.add_argument("--hf-batch-sizes", nargs="+", type=int, default=[256],
                    help="static batch sizes for Transformers' generate")
+
+
+def run_hf_bench(args: argparse.Namespace) -> dict:
+    """`pagedserve bench hf`: resolves model, device and dtype as the engine does, draws the random
+    workload as `bench throughput` draws it, runs the Transformers modes, prints and writes JSON."""
+    from transformers import AutoConfig
+
+    from pagedserve.entrypoints.args import config_from_args
+    from pagedserve.executor.worker import resolve_device, resolve_dtype, resolve_model
+
+    config = config_from_args(args)
+    device = resolve_device(config)
+    dtype = resolve_dtype(config, device)
+    model_path, _, gguf_file = resolve_model(config)
+    if gguf_file is not None:
+        raise ValueError(f"bench hf loads Hugging Face folders (config.json + safetensors), not GGUF "
+                         f"({gguf_file}); pass a folder or a Hub id with --model")
+    torch.manual_seed(args.seed)
+    vocab_size = int(AutoConfig.from_pretrained(model_path).vocab_size)
+    requests = random_requests(args.num_prompts, parse_range(args.input_len), parse_range(args.output_len),
+                               vocab_size, seed=args.dataset_seed)
+    num_in = sum(len(r.prompt_token_ids) for r in requests)
+    num_out = sum(r.output_len for r in requests)
+    elapsed: dict[str, float] = {}
+    tok_per_s = run(args, requests, model_path, device, dtype, elapsed)
+    modes = {mode: {"output_tok_per_s": tps, "total_tok_per_s": (num_in + num_out) / elapsed[mode],
+                    "requests_per_s": len(requests) / elapsed[mode], "elapsed_s": elapsed[mode]}
+             for mode, tps in tok_per_s.items()}
+    best = max(tok_per_s, key=tok_per_s.get) if tok_per_s else None
+    result = {
+        "bench": "hf", "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "model": model_path, "dtype": str(dtype).removeprefix("torch."), "load_format": args.load_format,
+        "num_prompts": len(requests), "input_tokens": num_in, "output_tokens": num_out, "modes": modes,
+        "best_mode": best, "best_output_tok_per_s": tok_per_s[best] if best else None,
+    }
+    finish(result, args)
+    if best:
+        print(f"transformers best: {best}, {tok_per_s[best]:.1f} output tok/s")
+    else:
+        print("transformers: no mode ran (generate_batch needs a transformers version that has it)")
+    return result
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    """`bench hf` flags: the workload flags of `bench throughput` (same defaults), the modes, JSON."""
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--input-len", default="100-1024", help="N or LO-HI (uniform)")
+    p.add_argument("--output-len", default="100-1024", help="N or LO-HI (uniform); every token is generated")
+    p.add_argument("--dataset-seed", type=int, default=0)
+    p.add_argument("--output-json", default=None, help="write the results to this JSON file")
+    add_args(p)

@@ -1,0 +1,62 @@
+"""`bench throughput`, `bench latency` and `bench hf` through the CLI on CPU, on the real embedded model
+with tiny workloads: each exits 0, prints, and writes a JSON file whose fields are present and sane."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pagedserve.bench.datasets import random_requests
+from pagedserve.entrypoints.cli import main
+
+pytestmark = pytest.mark.slow
+
+ENGINE_FLAGS = ["--device", "cpu", "--max-model-len", "128", "--cpu-kv-cache-gib", "0.25"]
+
+
+def _bench(tmp_path, real_model_dir, *argv: str) -> dict:
+    out = tmp_path / "result.json"
+    assert main(["bench", *argv, "--model", real_model_dir, "--output-json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["date"] and result["commit"] and result["command"]
+    return result
+
+
+def test_bench_throughput(tmp_path, real_model_dir, capsys) -> None:
+    result = _bench(tmp_path, real_model_dir, "throughput", *ENGINE_FLAGS, "--num-prompts", "4",
+                    "--input-len", "8-16", "--output-len", "4-8", "--no-tqdm")
+    requests = random_requests(4, (8, 16), (4, 8), vocab_size=151_936, seed=0)
+    assert result["bench"] == "throughput" and result["card"] == "cpu" and result["num_prompts"] == 4
+    assert result["input_tokens"] == sum(len(r.prompt_token_ids) for r in requests)
+    assert result["output_tokens"] == sum(r.output_len for r in requests)
+    assert result["elapsed_s"] > 0 and result["startup_s"] > 0 and result["warmup_s"] > 0
+    assert result["requests_per_s"] > 0 and 0 < result["output_tok_per_s"] < result["total_tok_per_s"]
+    assert result["output_tok_per_s"] == pytest.approx(result["output_tokens"] / result["elapsed_s"])
+    assert result["kv_blocks"] > 0 and result["num_preemptions"] >= 0
+    assert "floor_s" not in result  # no GPU, no --peak-*: no floor
+    assert "output tok/s" in capsys.readouterr().out
+
+
+def test_bench_latency(tmp_path, real_model_dir, capsys) -> None:
+    result = _bench(tmp_path, real_model_dir, "latency", *ENGINE_FLAGS, "--input-len", "16", "--output-len", "8",
+                    "--num-iters", "1")
+    assert result["bench"] == "latency" and (result["input_len"], result["output_len"]) == (16, 8)
+    assert result["ttft_ms"] > 0 and result["ms_per_step"] > 0 and result["achieved_gb_per_s"] > 0
+    assert result["decode_tok_per_s"] == pytest.approx(1e3 / result["ms_per_step"])
+    assert result["e2e_s"] * 1e3 > result["ttft_ms"]
+    assert result["graph_replay_ms"] is None  # no CUDA graphs on CPU
+    assert "TTFT" in capsys.readouterr().out
+
+
+def test_bench_hf(tmp_path, real_model_dir, capsys) -> None:
+    result = _bench(tmp_path, real_model_dir, "hf", "--device", "cpu", "--num-prompts", "2", "--input-len", "8-12",
+                    "--output-len", "4", "--hf-modes", "generate", "--hf-batch-sizes", "2")
+    assert result["bench"] == "hf" and result["card"] == "cpu" and result["dtype"] == "float32"
+    assert result["num_prompts"] == 2 and result["output_tokens"] == 8 and result["input_tokens"] >= 16
+    mode = result["modes"]["generate_bs2"]
+    assert set(result["modes"]) == {"generate_bs2"} and result["best_mode"] == "generate_bs2"
+    assert mode["elapsed_s"] > 0 and mode["output_tok_per_s"] == pytest.approx(8 / mode["elapsed_s"])
+    assert 0 < mode["output_tok_per_s"] < mode["total_tok_per_s"] and mode["requests_per_s"] > 0
+    assert result["best_output_tok_per_s"] == mode["output_tok_per_s"]
+    assert "static batches of 2" in capsys.readouterr().out
