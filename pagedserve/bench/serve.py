@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import os
 import random
@@ -50,8 +51,6 @@ class RequestResult:
 async def send_request(client, url: str, payload: dict[str, Any], prompt_tokens: int, bench_start: float,
                        headers: dict[str, str]) -> RequestResult:
     """POSTs one streaming request and times every content chunk; never raises."""
-    import json
-
     result = RequestResult(prompt_tokens=prompt_tokens)
     chat = "messages" in payload
     sent = time.perf_counter()
@@ -328,6 +327,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = _load_client_tokenizer(args, root)
     if args.num_prompts is None:
         args.num_prompts = 500 if args.dataset == "shared-prefix" else 1000
+    if args.num_prompts < 1:
+        raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
     if args.request_rate <= 0:
         raise ValueError(f"--request-rate must be > 0 (or inf), got {args.request_rate}")
     if args.max_concurrency is not None and args.max_concurrency < 1:

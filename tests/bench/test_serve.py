@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
 
 from pagedserve.entrypoints.cli import main
@@ -64,8 +65,18 @@ def test_serve_poisson_rate_max_concurrency_chat(server, tmp_path) -> None:
     assert result["total_input_tokens"] > 6 * 10  # decoded text through the chat template: not exact
 
 
+def _prefix_cache_hits(server) -> float:
+    for line in httpx.get(server.base_url + "/metrics").text.splitlines():
+        if line.startswith("pagedserve:prefix_cache_hits_total"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no prefix cache hits counter in /metrics")
+
+
 def test_serve_shared_prefix(server, tmp_path) -> None:
+    hits_before = _prefix_cache_hits(server)
+    # One at a time, so each request finds the prefix the one before it computed.
     result = _bench_serve(server, tmp_path, "--dataset", "shared-prefix", "--num-prompts", "4", "--prefix-len", "64",
-                          "--suffix-len", "8", "--output-len", "4")
+                          "--suffix-len", "8", "--output-len", "4", "--max-concurrency", "1")
     assert result["dataset"] == "shared-prefix" and (result["prefix_len"], result["suffix_len"]) == (64, 8)
     assert (result["total_input_tokens"], result["total_output_tokens"]) == (4 * 72, 4 * 4)
+    assert _prefix_cache_hits(server) - hits_before >= 3 * 64  # the 4 full blocks of the prefix, 3 times
