@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> dict:
     print(line)
     print(f"steps: {step_summary} (warm-up before the run: {warmup_s:.1f} s)")
     if args.compare_hf:
+        del engine, outputs  # the engine (weights, KV cache, graphs) must go before Transformers loads
         _compare_hf(args, llm, requests, result)
     if "floor_s" in result:
         print(f"floor on {card} ({bandwidth / 1e12:.2f} TB/s, {flops / 1e12:.0f} TFLOP/s): {result['floor_s']:.2f} s "
