@@ -285,6 +285,26 @@ def default_decode_config(head_dim: int, dtype: torch.dtype) -> dict[str, int]:
     return {"block_n": block_n, "num_warps": 2, "num_stages": 3}
 
 
+def attention_operands(
+    query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Checks query [T, Hq, D] against the cache [2, NB, BS, Hkv, D]; returns (query with a
+    contiguous last dim, out (allocated if None), k_cache, v_cache). Shared by both launchers."""
+    _, num_heads, head_dim = query.shape
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    num_kv_heads, cache_head_dim = k_cache.shape[2], k_cache.shape[3]
+    if cache_head_dim != head_dim or num_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"query heads/dim {num_heads}/{head_dim} incompatible with cache kv heads/dim "
+            f"{num_kv_heads}/{cache_head_dim}"
+        )
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    if out is None:
+        out = torch.empty_like(query)
+    return query, out, k_cache, v_cache
+
+
 def paged_attention_decode(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -314,17 +334,8 @@ def paged_attention_decode(
     _, num_heads, head_dim = query.shape
     num_seqs = seq_lens.shape[0]
     mixed = query_start_loc is not None
-    k_cache, v_cache = kv_cache[0], kv_cache[1]
-    _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
-    if cache_head_dim != head_dim or num_heads % num_kv_heads != 0:
-        raise ValueError(
-            f"query heads/dim {num_heads}/{head_dim} incompatible with cache kv heads/dim "
-            f"{num_kv_heads}/{cache_head_dim}"
-        )
-    if query.stride(-1) != 1:
-        query = query.contiguous()
-    if out is None:
-        out = torch.empty_like(query)
+    query, out, k_cache, v_cache = attention_operands(query, kv_cache, out)
+    _, block_size, num_kv_heads, _ = k_cache.shape
     if num_seqs == 0:
         return out
     queries_per_kv = num_heads // num_kv_heads

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.executor.kernels.paged_attention_decode import LOG2E, _attend_tile
+from pagedserve.executor.kernels.paged_attention_decode import LOG2E, _attend_tile, attention_operands
 
 
 @triton.jit
@@ -180,17 +180,8 @@ def paged_attention_prefill(
     Rows of `out` past query_start_loc[-1] (batch padding) are left untouched.
     """
     num_tokens, num_heads, head_dim = query.shape
-    k_cache, v_cache = kv_cache[0], kv_cache[1]
-    _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
-    if cache_head_dim != head_dim or num_heads % num_kv_heads != 0:
-        raise ValueError(
-            f"query heads/dim {num_heads}/{head_dim} incompatible with cache kv heads/dim "
-            f"{num_kv_heads}/{cache_head_dim}"
-        )
-    if query.stride(-1) != 1:
-        query = query.contiguous()
-    if out is None:
-        out = torch.empty_like(query)
+    query, out, k_cache, v_cache = attention_operands(query, kv_cache, out)
+    _, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs = seq_lens.shape[0]
     if num_tokens == 0 or num_seqs == 0:
         return out
