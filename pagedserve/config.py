@@ -29,6 +29,7 @@ class EngineConfig:
     cpu_kv_cache_gib: float = 2.0  # KV cache size on CPU
     num_kv_blocks: int | None = None  # overrides the memory profile (tests, experiments)
     enforce_eager: bool = False  # no CUDA graphs
+    skip_warmup: bool = False  # CUDA: no throwaway requests at start-up (the first real ones compile kernels)
     attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere
     tensor_parallel_size: int = 1
     chat_template: str | None = None  # a file path or the template text itself

@@ -77,10 +77,44 @@ class LLMEngine:
         self.step_timing = StepTiming()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        if self.worker.device is not None and self.worker.device.type == "cuda" and not config.skip_warmup:
+            self.warm_up()
         self.startup_seconds = time.monotonic() - started
         logger.info("engine ready in %.1f s: %d KV blocks of %d tokens (%d tokens), max_model_len %d",
                     self.startup_seconds, self.worker.num_kv_blocks, self.config.block_size,
                     self.worker.num_kv_blocks * self.config.block_size, self.max_model_len)
+
+    def warm_up(self) -> float:
+        """Runs a few throwaway requests through every kind of step before serving: a prefill-only
+        step, a mixed step (a prefill beside a decode), decode steps, greedy and random sampling, and
+        a prefill over 2k+ keys when the context allows. On a GPU this compiles the Triton kernel
+        variants those steps need, which would otherwise stall the first real requests for seconds.
+        Leaves the engine as it found it: no requests, every block free, counters at zero."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("warm_up() runs before any request is added")
+        t0 = time.monotonic()
+        vocab = min(self.vocab_size, 30000)
+        prompt = lambda n, k: [(k * 7919 + i * 104729) % (vocab - 100) + 100 for i in range(n)]  # noqa: E731
+        lengths = [300, 40] + ([2100] if self.max_model_len > 2200 else [])
+        lengths = [n for n in lengths if n + 8 < self.max_model_len] or [max(1, self.max_model_len // 2)]
+        warm_ids = []
+        for k, n in enumerate(lengths):
+            warm_ids.append(f"__warmup_{k}")
+            params = SamplingParams(max_tokens=4, ignore_eos=True, temperature=1.0 if k % 2 == 0 else 0.0)
+            self.add_request(warm_ids[-1], prompt(n, k), params)
+            self.step()  # the first alone: a prefill; later ones join running decodes: mixed steps
+        try:
+            while self.has_unfinished_requests():
+                self.step()
+        finally:
+            self.abort_request(warm_ids)
+        self.scheduler.reset_prefix_cache()
+        self.scheduler.kv_cache.prefix_cache_queries = self.scheduler.kv_cache.prefix_cache_hits = 0
+        self.step_timing.totals.clear()
+        self.prompt_tokens_total = self.generation_tokens_total = 0
+        elapsed = time.monotonic() - t0
+        logger.info("warm-up (kernel variants compiled) in %.1f s", elapsed)
+        return elapsed
 
     # ------------------------------------------------------------------ requests in
     def add_request(

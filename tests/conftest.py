@@ -3,7 +3,9 @@ converted once; PAGEDSERVE_TEST_MODEL_DIR points at an already converted folder 
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import pytest
 
@@ -35,3 +37,39 @@ def smollm2_gguf_path() -> str:
     from pagedserve.default_model import SMOLLM2, ensure_gguf
 
     return ensure_gguf(SMOLLM2)
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(real_model_dir, tmp_path_factory) -> str:
+    """A 2-layer, width-64 random-weight Qwen2 (use --load-format dummy) with the real Qwen tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny-qwen2")
+    for name in TOKENIZER_FILES:
+        src = f"{real_model_dir}/{name}"
+        try:
+            shutil.copy(src, folder / name)
+        except FileNotFoundError:
+            pass
+    with open(f"{real_model_dir}/config.json") as f:
+        config = json.load(f)
+    config.update(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_window_layers=2,
+        layer_types=["full_attention"] * 2,
+    )
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)

@@ -6,9 +6,7 @@ generations stay cheap. Issue 3 acceptance 2 (wrong key), 3 (schemathesis), 5 (q
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import shutil
 import signal
 import tempfile
 import time
@@ -24,41 +22,6 @@ pytestmark = pytest.mark.slow
 os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "pagedserve-hypothesis"))
 
 KEY = "sesame"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "chat_template.jinja",
-    "generation_config.json",
-    "vocab.json",
-    "merges.txt",
-    "special_tokens_map.json",
-)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(real_model_dir, tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("tiny-qwen2")
-    for name in TOKENIZER_FILES:
-        src = f"{real_model_dir}/{name}"
-        try:
-            shutil.copy(src, folder / name)
-        except FileNotFoundError:
-            pass
-    with open(f"{real_model_dir}/config.json") as f:
-        config = json.load(f)
-    config.update(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_window_layers=2,
-        layer_types=["full_attention"] * 2,
-    )
-    (folder / "config.json").write_text(json.dumps(config))
-    return str(folder)
-
-
 def tiny_server(model_dir: str, *flags: str) -> RealServer:
     return RealServer(model_dir, "--load-format", "dummy", "--cpu-kv-cache-gib", "0.25", *flags)
 

@@ -1,0 +1,41 @@
+"""LLMEngine behaviour that needs no big model: warm-up leaves no trace (tiny random-weight Qwen2)."""
+
+from __future__ import annotations
+
+from pagedserve.config import EngineConfig
+from pagedserve.engine import LLMEngine
+from pagedserve.sampling_params import SamplingParams
+
+
+def test_warm_up_runs_every_step_kind_and_leaves_the_engine_clean(tiny_model_dir: str) -> None:
+    engine = LLMEngine(EngineConfig(model=tiny_model_dir, load_format="dummy", max_model_len=4096,
+                                    num_kv_blocks=400))
+    total_blocks = engine.get_stats()["num_total_blocks"]
+    engine.warm_up()
+    stats = engine.get_stats()
+    assert not engine.has_unfinished_requests()
+    assert stats["num_free_blocks"] == total_blocks and stats["kv_cache_usage"] == 0.0
+    assert stats["prompt_tokens_total"] == stats["generation_tokens_total"] == 0
+    assert stats["prefix_cache_queries"] == stats["prefix_cache_hits"] == 0
+    assert engine.step_timing.totals == {}
+    # It runs a prefill step, a mixed step (a prefill beside a decode) and decode steps.
+    kinds: set[str] = set()
+    schedule = engine.scheduler.schedule
+
+    def recording_schedule():
+        out = schedule()
+        lens = [len(r.token_ids) for r in out.scheduled]
+        if lens:
+            kinds.add("mixed" if 1 in lens and max(lens) > 1 else "decode" if max(lens) == 1 else "prefill")
+        return out
+
+    engine.scheduler.schedule = recording_schedule
+    engine.warm_up()
+    assert kinds == {"prefill", "mixed", "decode"}
+    # And the engine serves normally afterwards.
+    engine.add_request("real", [1, 2, 3, 4, 5], SamplingParams(max_tokens=3, ignore_eos=True, temperature=0.0))
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    assert outputs[-1].finished and len(outputs[-1].outputs[0].token_ids) == 3
+    assert engine.get_stats()["num_free_blocks"] == total_blocks
