@@ -85,29 +85,42 @@ class LLMEngine:
                     self.worker.num_kv_blocks * self.config.block_size, self.max_model_len)
 
     def warm_up(self) -> float:
-        """Runs a few throwaway requests through every kind of step before serving: a prefill-only
-        step, a mixed step (a prefill beside a decode), decode steps, greedy and random sampling, and
-        a prefill over 2k+ keys when the context allows. On a GPU this compiles the Triton kernel
-        variants those steps need, which would otherwise stall the first real requests for seconds.
+        """Runs throwaway requests through every kind of step before serving, so that on a GPU the
+        Triton kernel variants those steps need compile now instead of stalling the first real
+        requests for seconds each: a prefill-only step; mixed steps (a prefill beside many decodes,
+        where the decode kernel runs unsplit, and beside few, where it splits); prefills over short
+        and 2k+ keys; decode-only steps; greedy and random sampling.
         Leaves the engine as it found it: no requests, every block free, counters at zero."""
         if self.has_unfinished_requests():
             raise RuntimeError("warm_up() runs before any request is added")
         t0 = time.monotonic()
         vocab = min(self.vocab_size, 30000)
-        prompt = lambda n, k: [(k * 7919 + i * 104729) % (vocab - 100) + 100 for i in range(n)]  # noqa: E731
-        lengths = [300, 40] + ([2100] if self.max_model_len > 2200 else [])
-        lengths = [n for n in lengths if n + 8 < self.max_model_len] or [max(1, self.max_model_len // 2)]
-        warm_ids = []
-        for k, n in enumerate(lengths):
-            warm_ids.append(f"__warmup_{k}")
-            params = SamplingParams(max_tokens=4, ignore_eos=True, temperature=1.0 if k % 2 == 0 else 0.0)
-            self.add_request(warm_ids[-1], prompt(n, k), params)
-            self.step()  # the first alone: a prefill; later ones join running decodes: mixed steps
+
+        def add(name: str, num_tokens: int, max_tokens: int, temperature: float) -> None:
+            num_tokens = max(1, min(num_tokens, self.max_model_len - max_tokens - 1))
+            ids = [(sum(map(ord, name)) + i * 104729) % (vocab - 100) + 100 for i in range(num_tokens)]
+            params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=temperature)
+            self.add_request(name, ids, params)
+
+        num_short = min(40, self.config.max_num_seqs - 4)
+        # step -> requests that join before it: (name, prompt tokens, max tokens, temperature)
+        script = {
+            0: [(f"__warmup_short{i}", 8, 6, 1.0) for i in range(num_short)],
+            1: [("__warmup_a", 300, 12, 1.0)],  # beside ~40 decodes
+            2: [("__warmup_b", 40, 12, 0.0)],
+            3: [("__warmup_c", 2100, 4, 0.0)] if self.max_model_len > 2200 else [],  # long keys
+            9: [("__warmup_d", 50, 2, 0.0)],  # beside a few decodes, once the short ones are done
+        }
+        names = [req[0] for reqs in script.values() for req in reqs]
         try:
-            while self.has_unfinished_requests():
+            step = 0
+            while step <= max(script) or self.has_unfinished_requests():
+                for req in script.get(step, []):
+                    add(*req)
                 self.step()
+                step += 1
         finally:
-            self.abort_request(warm_ids)
+            self.abort_request(names)
         self.scheduler.reset_prefix_cache()
         self.scheduler.kv_cache.prefix_cache_queries = self.scheduler.kv_cache.prefix_cache_hits = 0
         self.step_timing.totals.clear()

@@ -20,6 +20,7 @@ def test_warm_up_runs_every_step_kind_and_leaves_the_engine_clean(tiny_model_dir
     assert engine.step_timing.totals == {}
     # It runs a prefill step, a mixed step (a prefill beside a decode) and decode steps.
     kinds: set[str] = set()
+    decodes_beside_prefill: list[int] = []
     schedule = engine.scheduler.schedule
 
     def recording_schedule():
@@ -27,11 +28,15 @@ def test_warm_up_runs_every_step_kind_and_leaves_the_engine_clean(tiny_model_dir
         lens = [len(r.token_ids) for r in out.scheduled]
         if lens:
             kinds.add("mixed" if 1 in lens and max(lens) > 1 else "decode" if max(lens) == 1 else "prefill")
+            if 1 in lens and max(lens) > 1:
+                decodes_beside_prefill.append(lens.count(1))
         return out
 
     engine.scheduler.schedule = recording_schedule
     engine.warm_up()
     assert kinds == {"prefill", "mixed", "decode"}
+    # Mixed steps with many decodes (the decode kernel unsplit on a GPU) and with few (split).
+    assert max(decodes_beside_prefill) >= 33 and min(decodes_beside_prefill) <= 3, decodes_beside_prefill
     # And the engine serves normally afterwards.
     engine.add_request("real", [1, 2, 3, 4, 5], SamplingParams(max_tokens=3, ignore_eos=True, temperature=0.0))
     outputs = []

@@ -94,7 +94,7 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])  # one compiled variant for any split count
 def _paged_decode_kernel(
     q_ptr,
     out_ptr,
@@ -199,7 +199,7 @@ def _paged_decode_kernel(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
     out_ptr,
     part_out_ptr,
@@ -349,6 +349,8 @@ def paged_attention_decode(
         num_splits = choose_num_splits(
             num_seqs if num_decodes is None else num_decodes, num_kv_heads, max_seq_len, block_n, query.device
         )
+    if not 1 <= num_splits <= _MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {_MAX_SPLITS}], got {num_splits}")
     split = num_splits > 1
     if split:
         part_out = torch.empty(
@@ -383,7 +385,9 @@ def paged_attention_decode(
             NUM_HEADS=num_heads,
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
-            BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+            # Fixed at the largest split count, so one variant serves every count: each new
+            # constexpr value costs a JIT compile (seconds) the first time a step needs it.
+            BLOCK_S=triton.next_power_of_2(_MAX_SPLITS),
             BLOCK_N=block_n,
             MIXED=mixed,
             num_warps=4 if head_dim >= 128 else 2,
