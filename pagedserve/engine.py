@@ -48,7 +48,10 @@ class _RequestState:
     final_only: bool = False  # the caller wants only the finished output: no per-step outputs
     num_cached_tokens: int = 0
     num_unfinished: int = 0
-    child_ids: list[str] = field(default_factory=list)
+
+    @property
+    def child_ids(self) -> list[str]:
+        return [c.request.request_id for c in self.choices]
 
 
 class LLMEngine:
@@ -192,7 +195,6 @@ class LLMEngine:
                                       cumulative_logprob=None if params.logprobs is None else 0.0,
                                       logprobs=None if params.logprobs is None else [])
             state.choices.append(_Choice(request, detok, output))
-            state.child_ids.append(child_id)
         for choice in state.choices:  # add only once every child is built, so errors leave no trace
             self.scheduler.add_request(choice.request)
             self._child_to_parent[choice.request.request_id] = (request_id, choice.output.index)
@@ -240,13 +242,6 @@ class LLMEngine:
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             return []
-        now = time.monotonic()
-        for sr in scheduler_output.scheduled:
-            parent = self._child_to_parent.get(sr.request_id)
-            if parent is not None:
-                m = self._requests[parent[0]].metrics
-                if m.first_scheduled_time is None:
-                    m.first_scheduled_time = now
         t_scheduled = time.perf_counter()
         runner_output = self.worker.execute(scheduler_output)
         t_executed = time.perf_counter()
@@ -269,6 +264,11 @@ class LLMEngine:
         request, out = choice.request, choice.output
         if request.num_cached_tokens > state.num_cached_tokens:
             state.num_cached_tokens = request.num_cached_tokens
+        # The scheduler stamps each request when it first admits it; the group's is the earliest.
+        scheduled_at = request.first_scheduled_time
+        if scheduled_at is not None and (state.metrics.first_scheduled_time is None
+                                         or scheduled_at < state.metrics.first_scheduled_time):
+            state.metrics.first_scheduled_time = scheduled_at
         new_ids = update.new_token_ids
         if new_ids:
             self.generation_tokens_total += len(new_ids)

@@ -43,4 +43,6 @@ def test_warm_up_runs_every_step_kind_and_leaves_the_engine_clean(tiny_model_dir
     while engine.has_unfinished_requests():
         outputs += engine.step()
     assert outputs[-1].finished and len(outputs[-1].outputs[0].token_ids) == 3
+    m = outputs[-1].metrics
+    assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.last_token_time <= m.finished_time
     assert engine.get_stats()["num_free_blocks"] == total_blocks
