@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then the benchmarks on the Qwen2-7B shapes (random bf16 weights).
 # Run from the repo root on the GPU machine with .whl and .devcache carried (see docs/benchmarks.md).
-#   bash scripts/gpu_check.sh [tests] [latency] [throughput] [profile] [profile-mixed] [serve] [compare]
+#   bash scripts/gpu_check.sh [tests] [probe] [latency] [throughput] [profile] [profile-eager] [profile-b1]
+#                             [profile-mixed] [serve] [compare]
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 if [ -d .whl ]; then
@@ -31,6 +32,12 @@ for phase in $phases; do
         --output-json "$OUT/compare.json" 2>&1 | tail -6 ;;
     profile)
       python3 scripts/profile_steps.py --model $M --batch 256 --context 600 2>&1 | grep -v "^\[transformers\]" ;;
+    probe)
+      python3 scripts/gemm_probe.py ;;
+    profile-eager)
+      python3 scripts/profile_steps.py --model $M --batch 139 --context 800 --enforce-eager 2>&1 | grep -v "^\[transformers\]" ;;
+    profile-b1)
+      python3 scripts/profile_steps.py --model $M --batch 1 --context 128 --enforce-eager 2>&1 | grep -v "^\[transformers\]" ;;
     profile-mixed)
       python3 scripts/profile_steps.py --model $M --workload throughput 2>&1 | grep -v "^\[transformers\]" ;;
     serve)

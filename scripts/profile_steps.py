@@ -62,7 +62,7 @@ def main() -> None:
         for _ in range(5):
             engine.step()
         _sync()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=28, max_name_column_width=60))
 
 
 def profile_throughput_mixed_steps(engine, num_requests: int) -> None:
@@ -90,7 +90,7 @@ def profile_throughput_mixed_steps(engine, num_requests: int) -> None:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         engine.step()
         _sync()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=28, max_name_column_width=60))
 
 
 if __name__ == "__main__":
