@@ -104,9 +104,17 @@ class RMSNorm(nn.Module):
 
 
 class SiluAndMul(nn.Module):
-    """[..., 2d] (gate | up) -> silu(gate) * up, [..., d]."""
+    """[..., 2d] (gate | up) -> silu(gate) * up, [..., d].
+
+    On CUDA one Triton pass (kernels/silu_mul.py: fp32 inside, one rounding); elsewhere torch, which
+    rounds F.silu's output to x's dtype before the multiply, as HF's `act_fn(gate) * up` does.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:  # reads gate|up once, no [.., d] silu temporary
+            from pagedserve.executor.kernels.silu_mul import silu_and_mul
+
+            return silu_and_mul(x)
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]) * x[..., d:]
 

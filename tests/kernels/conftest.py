@@ -23,6 +23,7 @@ KERNEL_MODULES = (
     "pagedserve.executor.attention.triton_backend",
     "pagedserve.executor.kernels.fused_norm",
     "pagedserve.executor.kernels.rotary",
+    "pagedserve.executor.kernels.silu_mul",
 )
 
 if not torch.cuda.is_available():
