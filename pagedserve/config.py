@@ -30,6 +30,8 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # overrides the memory profile (tests, experiments)
     enforce_eager: bool = False  # no CUDA graphs
     skip_warmup: bool = False  # CUDA: no throwaway requests at start-up (the first real ones compile kernels)
+    # Schedule step N+1 while step N runs on the device. None: on for CUDA, off on CPU (no overlap there).
+    async_scheduling: bool | None = None
     attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere
     tensor_parallel_size: int = 1
     chat_template: str | None = None  # a file path or the template text itself

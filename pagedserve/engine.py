@@ -4,6 +4,14 @@
     step():  Scheduler.schedule() ─► ModelRunner.execute() ─► Scheduler.update()
              ─► detokenize, find stop strings ─► RequestOutputs      (text out)
 
+Async scheduling (config.async_scheduling; on by default on CUDA): step() schedules and queues step
+N, then waits for step N-1's tokens and turns them into outputs while the device runs step N, so the
+host's share of a step (scheduling, inputs, sampling set-up, detokenizing) hides behind the device's.
+Outputs then trail by one call, and a request that stops on eos or a stop string gets one step
+computed past its end (dropped). Requests whose sampling reads their own output history
+(repetition/frequency/presence penalties) need each token on the host before the next step: while
+any such request is live, steps run one at a time.
+
 The engine knows no HTTP and is not thread-safe: one thread drives it (see async_engine.py).
 A request with n > 1 becomes n sibling Requests that share their prompt blocks; its caller sees
 one RequestOutput with n CompletionOutputs.
@@ -78,6 +86,11 @@ class LLMEngine:
         self._requests: dict[str, _RequestState] = {}
         self._child_to_parent: dict[str, tuple[str, int]] = {}
         self.step_timing = StepTiming()
+        device_type = self.worker.device.type if self.worker.device is not None else "cpu"
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else device_type == "cuda")
+        self._pending = None  # (SchedulerOutput, StepHandle, t_start, t_scheduled, t_launched) in flight
+        self._sync_ids: set[str] = set()  # live child requests whose sampling needs the previous token
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         if self.worker.device is not None and self.worker.device.type == "cuda" and not config.skip_warmup:
@@ -124,6 +137,7 @@ class LLMEngine:
                 step += 1
         finally:
             self.abort_request(names)
+            self._drain()
         self.scheduler.reset_prefix_cache()
         self.scheduler.kv_cache.prefix_cache_queries = self.scheduler.kv_cache.prefix_cache_hits = 0
         self.step_timing.totals.clear()
@@ -198,6 +212,8 @@ class LLMEngine:
         for choice in state.choices:  # add only once every child is built, so errors leave no trace
             self.scheduler.add_request(choice.request)
             self._child_to_parent[choice.request.request_id] = (request_id, choice.output.index)
+            if params.needs_penalties:
+                self._sync_ids.add(choice.request.request_id)
         state.num_unfinished = params.n
         self._requests[request_id] = state
         self.prompt_tokens_total += len(prompt_token_ids) * params.n
@@ -235,16 +251,56 @@ class LLMEngine:
             self.scheduler.finish_requests(state.child_ids, RequestStatus.FINISHED_ABORTED)
             for child_id in state.child_ids:
                 self._child_to_parent.pop(child_id, None)
+                self._sync_ids.discard(child_id)
 
     # ------------------------------------------------------------------ one step
     def step(self) -> list[RequestOutput]:
+        """Runs one step; returns the outputs of the requests it advanced (with async scheduling:
+        of the step before, whose tokens it waited for while this one runs on the device)."""
+        if self.async_scheduling and not self._sync_ids:
+            return self._step_async()
+        outputs = self._drain()
         t_start = time.perf_counter()
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
-            return []
+            return outputs
         t_scheduled = time.perf_counter()
         runner_output = self.worker.execute(scheduler_output)
         t_executed = time.perf_counter()
+        outputs += self._process(scheduler_output, runner_output)
+        self.step_timing.add(scheduler_output, t_start, t_scheduled, t_executed, time.perf_counter())
+        return outputs
+
+    def _step_async(self) -> list[RequestOutput]:
+        t_start = time.perf_counter()
+        scheduler_output = self.scheduler.schedule()
+        t_scheduled = time.perf_counter()
+        pending = self._pending
+        self._pending = None
+        if not scheduler_output.is_empty:
+            handle = self.worker.execute_async(scheduler_output)
+            self._pending = (scheduler_output, handle, t_start, t_scheduled, time.perf_counter())
+        return self._finish(pending) if pending is not None else []
+
+    def _drain(self) -> list[RequestOutput]:
+        """Finishes the step in flight, if any (async scheduling)."""
+        pending, self._pending = self._pending, None
+        return self._finish(pending) if pending is not None else []
+
+    def _finish(self, pending: tuple) -> list[RequestOutput]:
+        scheduler_output, handle, t_start, t_scheduled, t_launched = pending
+        t_wait = time.perf_counter()
+        runner_output = handle.result()
+        t_done = time.perf_counter()
+        outputs = self._process(scheduler_output, runner_output)
+        # The step's own host work (schedule, launch) plus the wait for the device count as its time.
+        t_end = time.perf_counter()
+        execute = (t_launched - t_scheduled) + (t_done - t_wait)
+        self.step_timing.add(scheduler_output, 0.0, t_scheduled - t_start, t_scheduled - t_start + execute,
+                             t_scheduled - t_start + execute + (t_end - t_done))
+        return outputs
+
+    def _process(self, scheduler_output: SchedulerOutput, runner_output) -> list[RequestOutput]:
         updates = self.scheduler.update(scheduler_output, runner_output)
         now = time.monotonic()
         touched: dict[str, _RequestState] = {}
@@ -255,10 +311,8 @@ class LLMEngine:
             state = self._requests[parent[0]]
             self._apply_update(state, state.choices[parent[1]], update, now)
             touched[state.request_id] = state
-        outputs = [self._make_output(state) for state in touched.values()
-                   if not state.final_only or state.num_unfinished == 0]
-        self.step_timing.add(scheduler_output, t_start, t_scheduled, t_executed, time.perf_counter())
-        return outputs
+        return [self._make_output(state) for state in touched.values()
+                if not state.final_only or state.num_unfinished == 0]
 
     def _apply_update(self, state: _RequestState, choice: _Choice, update, now: float) -> None:
         request, out = choice.request, choice.output
@@ -299,6 +353,7 @@ class LLMEngine:
                 out.stop_reason = request.stop_reason
             state.num_unfinished -= 1
             self._child_to_parent.pop(request.request_id, None)
+            self._sync_ids.discard(request.request_id)
         # What callers may be shown: the detokenizer holds back a tail that could start a stop string.
         out.text = choice.detokenizer.text
 

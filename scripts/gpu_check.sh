@@ -2,7 +2,7 @@
 # One device call: GPU tests, then the benchmarks on the Qwen2-7B shapes (random bf16 weights).
 # Run from the repo root on the GPU machine with .whl and .devcache carried (see docs/benchmarks.md).
 #   bash scripts/gpu_check.sh [tests] [probe] [latency] [throughput] [profile] [profile-eager] [profile-b1]
-#                             [profile-mixed] [serve] [compare]
+#                             [profile-mixed] [serve] [compare] [silu] [skinny]
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 if [ -d .whl ]; then
@@ -14,12 +14,11 @@ M=.devcache/qwen2-7b
 phases="${*:-tests latency throughput serve}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-for phase in $phases; do
-  echo "=== $phase $(date +%T)"
+run_phase() {
+  local phase=$1
   case $phase in
     tests)
-      python3 -m pytest tests/kernels tests/gpu tests/executor -q -m "not slow" -p no:cacheprovider -s 2>&1 \
-        | grep -E "7B shapes|passed|failed|error|Error" | tail -15 ;;
+      python3 -m pytest tests/kernels tests/gpu tests/executor -q -m "not slow" -p no:cacheprovider -s -ra ;;
     latency)
       python3 -m pagedserve.entrypoints.cli bench latency --model $M --load-format dummy \
         --output-json "$OUT/latency.json" 2>&1 | tail -4 ;;
@@ -53,6 +52,21 @@ for phase in $phases; do
       python3 examples/load_test.py --base-url http://localhost:8011/v1 --max-tokens 128 2>&1 | tail -3
       kill -TERM $pid; wait $pid; echo "serve exit status $?"
       grep -E "captured|KV cache|ready" "$OUT/serve.log" | head -5 ;;
+    silu)
+      python3 -m pagedserve.executor.kernels.bench_kernels --tune silu ;;
+    skinny)
+      python3 scripts/bench_skinny_gemm.py ;;
+    *) echo "unknown phase $phase" ;;
+  esac
+}
+# Each phase's whole output goes to $OUT/<phase>.log (it comes back as a file); the tail is printed.
+for phase in $phases; do
+  echo "=== $phase $(date +%T)"
+  run_phase "$phase" > "$OUT/$phase.log" 2>&1
+  case $phase in
+    tests) grep -E "7B shapes|async vs sync|passed|failed|FAILED|rror" "$OUT/tests.log" | tail -25 ;;
+    profile*|probe|silu|skinny) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
+    *) tail -n 8 "$OUT/$phase.log" ;;
   esac
 done
 echo "=== done $(date +%T)"

@@ -7,8 +7,12 @@ Index picture for one request in one step:
     positions of token_ids: num_computed_tokens + i
     seq_len after the step = num_computed_tokens + len(token_ids)
 
-`needs_sample` is true when the chunk ends at the last known token (a decode step, or the
-final chunk of a prefill): the runner samples one new token for it.
+`needs_sample` is true when the chunk ends at the last token (a decode step, or the final chunk
+of a prefill): the runner samples one new token for it.
+
+Async scheduling: step N+1 is scheduled while step N still runs, so a decode's one token may be the
+one step N is sampling. Its id is then PLACEHOLDER_TOKEN_ID; the runner takes the real id from step
+N's sampled tokens on the device (never via the host).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pagedserve.sampling_params import SamplingParams
+
+PLACEHOLDER_TOKEN_ID = -1  # a token sampled by the step still running; the runner fills it in
 
 
 @dataclass(slots=True)
@@ -26,9 +32,11 @@ class ScheduledRequest:
     block_ids: list[int]  # the request's whole block table (covers num_computed + len(token_ids))
     needs_sample: bool
     sampling_params: SamplingParams
-    # Read-only views for penalties and seeded sampling; the runner must not mutate them.
+    # Read-only views for penalties; the runner must not mutate them. With async scheduling
+    # output_token_ids may lack the token still being sampled: use output_index for positions.
     prompt_token_ids: list[int]
     output_token_ids: list[int]
+    output_index: int = 0  # index among the request's outputs of the token sampled this step
 
     @property
     def seq_len(self) -> int:

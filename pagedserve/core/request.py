@@ -51,6 +51,10 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    # Tokens sampled on the device whose ids have not reached the host yet (async scheduling: the
+    # next step is scheduled while the previous one runs). 0 or 1; counted in num_computed_tokens
+    # once scheduled, but not in all_token_ids until Scheduler.update appends them.
+    num_output_placeholders: int = 0
     num_cached_tokens: int = -1  # prefix-cache hit on first schedule; -1 before then
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it

@@ -14,6 +14,13 @@ Each request has `num_computed_tokens`; each step hands out new tokens to comput
 num_computed_tokens is advanced in schedule(), when a request is scheduled (as vLLM v1 does), so
 the ScheduledRequest carries the value from before the step and update() only appends sampled
 tokens. The engine must therefore run every SchedulerOutput it gets and pass it to update().
+
+Async scheduling: schedule() may run again before update() got the previous step's tokens. A
+request scheduled to sample holds one output placeholder until its update arrives; the next
+schedule() treats the placeholder as a known token (its decode computes it, its id filled in by
+the runner on the device), and skips requests whose placeholder already reaches max_tokens or the
+context length: they end when the update arrives. A request that turns out to have stopped (eos,
+stop string) wastes the one step computed past its end; the result is dropped in update().
 """
 
 from __future__ import annotations
@@ -24,7 +31,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pagedserve.core.kv_cache import KVCacheManager
-from pagedserve.core.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
+from pagedserve.core.outputs import (
+    PLACEHOLDER_TOKEN_ID,
+    RunnerOutput,
+    ScheduledRequest,
+    SchedulerOutput,
+    TokenLogprobs,
+)
 from pagedserve.core.request import Request, RequestStatus
 
 
@@ -173,7 +186,7 @@ class Scheduler:
     # ---- one step ------------------------------------------------------------------------------
 
     def _num_new_tokens(self, request: Request, token_budget: int, num_computed: int) -> int:
-        num_new = request.num_tokens - num_computed
+        num_new = request.num_tokens + request.num_output_placeholders - num_computed
         if self.long_prefill_token_threshold is not None:
             num_new = min(num_new, self.long_prefill_token_threshold)
         return min(num_new, token_budget)
@@ -182,16 +195,32 @@ class Scheduler:
         start = request.num_computed_tokens
         end = start + num_new
         request.num_computed_tokens = end  # advanced here, at schedule time (see module docstring)
+        known = request.num_tokens
+        token_ids = request.all_token_ids[start:end]
+        if end > known:  # the token the running step is sampling (only ever a decode's one token)
+            token_ids.extend([PLACEHOLDER_TOKEN_ID] * (end - max(start, known)))
+        needs_sample = end == known + request.num_output_placeholders
+        output_index = request.num_output_tokens + request.num_output_placeholders
+        if needs_sample:
+            request.num_output_placeholders += 1
         return ScheduledRequest(
             request_id=request.request_id,
-            token_ids=request.all_token_ids[start:end],
+            token_ids=token_ids,
             num_computed_tokens=start,
             block_ids=block_ids,
-            needs_sample=end == request.num_tokens,
+            needs_sample=needs_sample,
             sampling_params=request.sampling_params,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
+            output_index=output_index,
         )
+
+    def _ends_with_placeholder(self, request: Request) -> bool:
+        """True when the token being sampled for `request` is its last one anyway (max_tokens or
+        the context length), so scheduling another step for it would only be thrown away."""
+        pending = request.num_output_placeholders
+        return pending > 0 and (request.num_output_tokens + pending >= request.max_tokens
+                                or request.num_tokens + pending >= self.max_model_len)
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request)
@@ -212,7 +241,7 @@ class Scheduler:
         while index < len(self.running) and token_budget > 0:
             request = self.running[index]
             num_new = self._num_new_tokens(request, token_budget, request.num_computed_tokens)
-            if num_new <= 0:  # nothing to compute (its last sample has not come back)
+            if num_new <= 0 or self._ends_with_placeholder(request):
                 index += 1
                 continue
             while (block_ids := self.kv_cache.allocate_slots(request, num_new)) is None:
@@ -264,16 +293,23 @@ class Scheduler:
         logprobs = runner_output.logprobs
         any_finished = False
         for i, scheduled in enumerate(scheduler_output.scheduled):
-            if not scheduled.needs_sample or sampled[i] is None:
+            if not scheduled.needs_sample:
                 continue
             request = self.requests.get(scheduled.request_id)
-            if request is None or request.status is not RequestStatus.RUNNING:
-                continue  # ended (e.g. aborted) after it was scheduled
+            if request is None:
+                continue  # ended (e.g. aborted, or stopped at the step before) after it was scheduled
+            request.num_output_placeholders -= 1
+            if sampled[i] is None:
+                continue
+            # A request preempted while this step ran keeps its token (it recomputes from it).
             token_id = sampled[i]
             request.append_output_token(token_id)
             token_logprobs = logprobs[i] if i < len(logprobs) else None
+            was_waiting = request.status is RequestStatus.PREEMPTED
             finished = self._check_stop(request, token_id)
             if finished:
+                if was_waiting:
+                    self.waiting.remove(request)
                 self._release(request)
                 any_finished = True
             updates.append(

@@ -37,6 +37,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
     g.add_argument("--skip-warmup", action="store_true",
                    help="GPU: skip the start-up pass that compiles every kernel variant (faster start-up; "
                         "the first requests then wait for compiles)")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule the next step while the device runs the current one, hiding host work "
+                        "(default: on for CUDA, off on CPU)")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
                    help="auto: triton kernels on CUDA, the torch reference elsewhere")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="GPUs to shard the model over")
@@ -54,6 +57,7 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> EngineCon
         gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_gib=args.cpu_kv_cache_gib,
         num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=args.enable_prefix_caching,
         enforce_eager=args.enforce_eager, skip_warmup=args.skip_warmup, attention_backend=args.attention_backend,
+        async_scheduling=args.async_scheduling,
         tensor_parallel_size=args.tensor_parallel_size, chat_template=args.chat_template,
         served_model_name=args.served_model_name,
     )

@@ -8,7 +8,14 @@ Step inputs are built with numpy and cross to the device in ONE copy: all intege
 into one int64 host buffer (pinned on CUDA), copied, then sliced into views on the device:
 
     | input_ids T | positions T | slot_mapping T | query_start_loc S+1 | seq_lens S |
-    | block_tables S*W | logits_indices L |
+    | block_tables S*W | logits_indices L | placeholder_dst P | placeholder_src P |
+
+Async steps: `execute_async` queues a step on the device and returns a handle at once; the host
+reads the sampled ids only in `StepHandle.result()`. Meanwhile the engine may schedule and queue
+the next step, whose decodes carry PLACEHOLDER_TOKEN_ID for the tokens still being sampled: the
+runner replaces them on the device, input_ids[dst] = previous_step_sampled[src], so a step never
+waits for the one before it. The host buffers alternate between two pinned copies, so building
+step N+1's inputs never overwrites what step N's copy may still be reading.
 """
 
 from __future__ import annotations
@@ -16,21 +23,57 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
 from pagedserve.config import EngineConfig
-from pagedserve.core.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
+from pagedserve.core.outputs import (
+    PLACEHOLDER_TOKEN_ID,
+    RunnerOutput,
+    ScheduledRequest,
+    SchedulerOutput,
+)
 from pagedserve.executor.attention.base import AttentionBackend, AttentionMetadata, ForwardContext
 from pagedserve.executor.attention.torch_ref import TorchAttentionBackend
 from pagedserve.executor.models.decoder import head_dim_of, num_kv_heads_of
+from pagedserve.executor.sampler import SampleResult
 
 logger = logging.getLogger(__name__)
 
-SamplerFn = Callable[[torch.Tensor, list[ScheduledRequest]], tuple[list[int], list[TokenLogprobs | None]]]
+class SamplerLike(Protocol):
+    """What the runner needs of a sampler (executor/sampler.py's Sampler; tests use stand-ins)."""
+
+    def sample(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> SampleResult: ...
+
+
+class StepHandle:
+    """A queued step. result() waits for its sampled tokens and returns the RunnerOutput."""
+
+    def __init__(self, scheduled: list[ScheduledRequest], host_payload: torch.Tensor | None,
+                 ready: torch.cuda.Event | None, decode: Callable | None) -> None:
+        self._scheduled = scheduled
+        self._host_payload = host_payload  # on the host (pinned when it came from a GPU)
+        self._ready = ready  # recorded after the device-to-host copy; None: already on the host
+        self._decode = decode
+        self._output: RunnerOutput | None = None
+
+    def result(self) -> RunnerOutput:
+        if self._output is None:
+            num = len(self._scheduled)
+            output = RunnerOutput([None] * num, [None] * num)
+            if self._host_payload is not None:
+                if self._ready is not None:
+                    self._ready.synchronize()
+                token_ids, logprobs = self._decode(self._host_payload.tolist())
+                sampled = iter(zip(token_ids, logprobs))
+                for i, request in enumerate(self._scheduled):
+                    if request.needs_sample:
+                        output.sampled_token_ids[i], output.logprobs[i] = next(sampled)
+            self._output = output
+        return self._output
 
 
 @dataclass(slots=True)
@@ -81,7 +124,7 @@ class ModelRunner:
         dtype: torch.dtype,
         num_kv_blocks: int,
         block_size: int,
-        sampler: SamplerFn,
+        sampler: SamplerLike,
     ) -> None:
         self.config = config
         self.model = model
@@ -93,9 +136,15 @@ class ModelRunner:
         self.sampler = sampler
         self.backend = select_attention_backend(config, self.device)
         self.kv_caches = allocate_kv_caches(hf_config, num_kv_blocks, block_size, self.device, dtype)
-        self._host_buffer = np.empty(0, dtype=np.int64)
-        self._pinned: torch.Tensor | None = None
-        self._copy_done: torch.cuda.Event | None = None  # the last host-to-device copy of the buffer
+        # Two host buffers used in turn (see the module docstring), each with the event of the last
+        # host-to-device copy that read it.
+        self._host_buffers = [np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)]
+        self._pinned: list[torch.Tensor | None] = [None, None]
+        self._copy_done: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
+        # The last step's sampled token ids (device) and each sampled request's row in them.
+        self._last_sampled: torch.Tensor | None = None
+        self._last_sample_rows: dict[str, int] = {}
         self.cuda_graphs = None  # CUDAGraphDecoder once capture_cuda_graphs() ran
         logger.info("model runner: %d KV blocks of %d tokens, %s attention, %s", num_kv_blocks,
                     block_size, self.backend.name, dtype)
@@ -116,17 +165,22 @@ class ModelRunner:
         width = max(1, int(((seq_lens + self.block_size - 1) // self.block_size).max()))
         sample_rows = [i for i, r in enumerate(scheduled) if r.needs_sample]
         num_logits = len(sample_rows)
+        token_ids = np.fromiter((t for r in scheduled for t in r.token_ids), dtype=np.int64, count=num_tokens)
+        placeholder_dst = np.flatnonzero(token_ids == PLACEHOLDER_TOKEN_ID)
+        placeholder_src = self._placeholder_sources(scheduled, query_start_loc, placeholder_dst)
+        num_placeholders = len(placeholder_dst)
 
-        sizes = [num_tokens, num_tokens, num_tokens, num_seqs + 1, num_seqs, num_seqs * width, num_logits]
+        sizes = [num_tokens, num_tokens, num_tokens, num_seqs + 1, num_seqs, num_seqs * width, num_logits,
+                 num_placeholders, num_placeholders]
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         buf = self._host_view(int(offsets[-1]))
-        input_ids, positions, slot_mapping, qsl, sl, block_tables, logits_indices = (
+        input_ids, positions, slot_mapping, qsl, sl, block_tables, logits_indices, dst, src = (
             buf[offsets[i] : offsets[i + 1]] for i in range(len(sizes))
         )
 
-        input_ids[:] = np.fromiter(
-            (t for r in scheduled for t in r.token_ids), dtype=np.int64, count=num_tokens
-        )
+        input_ids[:] = token_ids
+        dst[:] = placeholder_dst
+        src[:] = placeholder_src
         # Token j of request s is at position num_computed[s] + (j - query_start_loc[s]).
         request_of_token = np.repeat(np.arange(num_seqs), query_lens)
         positions[:] = np.arange(num_tokens) + np.repeat(num_computed - query_start_loc[:-1], query_lens)
@@ -146,6 +200,8 @@ class ModelRunner:
 
         device_buf = self._to_device(buf)
         views = [device_buf[offsets[i] : offsets[i + 1]] for i in range(len(sizes))]
+        if num_placeholders:
+            views[0][views[7]] = self._last_sampled[views[8]]  # on the device: no wait for the last step
         meta = AttentionMetadata(
             query_start_loc=views[3].to(torch.int32),
             seq_lens=views[4].to(torch.int32),
@@ -161,39 +217,63 @@ class ModelRunner:
         ctx = ForwardContext(attn_metadata=meta, kv_caches=self.kv_caches, backend=self.backend)
         return StepInputs(views[0], views[1], ctx, views[6], num_logits)
 
+    def _placeholder_sources(
+        self, scheduled: list[ScheduledRequest], query_start_loc: np.ndarray, dst: np.ndarray
+    ) -> np.ndarray:
+        """For each placeholder token (flat index in dst), its row in the last step's samples."""
+        if not len(dst):
+            return dst
+        request_index = np.searchsorted(query_start_loc, dst, side="right") - 1
+        try:
+            return np.fromiter((self._last_sample_rows[scheduled[i].request_id] for i in request_index),
+                               dtype=np.int64, count=len(dst))
+        except KeyError as e:
+            raise RuntimeError(f"request {e.args[0]} has a placeholder token, but the last step did not "
+                               "sample for it") from None
+
     def _host_view(self, size: int) -> np.ndarray:
-        """A reusable int64 host buffer of at least `size` (pinned on CUDA, so the copy is async)."""
-        if self._copy_done is not None:
-            self._copy_done.synchronize()  # the previous step's copy must have read the buffer
-        if self._host_buffer.size < size:
-            capacity = max(size, 2 * self._host_buffer.size, 4096)
+        """A reusable int64 host buffer of at least `size` (pinned on CUDA, so the copy is async).
+        The two buffers alternate; one is reused only after the copy that last read it is done."""
+        turn = self._turn = 1 - self._turn
+        done = self._copy_done[turn]
+        if done is not None:
+            done.synchronize()  # the copy of two steps ago: long finished in practice
+        if self._host_buffers[turn].size < size:
+            capacity = max(size, 2 * self._host_buffers[turn].size, 4096)
             if self.device.type == "cuda":
-                self._pinned = torch.empty(capacity, dtype=torch.int64, pin_memory=True)
-                self._host_buffer = self._pinned.numpy()
+                pinned = torch.empty(capacity, dtype=torch.int64, pin_memory=True)
+                self._pinned[turn] = pinned
+                self._host_buffers[turn] = pinned.numpy()
             else:
-                self._host_buffer = np.empty(capacity, dtype=np.int64)
-        return self._host_buffer[:size]
+                self._host_buffers[turn] = np.empty(capacity, dtype=np.int64)
+        return self._host_buffers[turn][:size]
 
     def _to_device(self, buf: np.ndarray) -> torch.Tensor:
         host = torch.from_numpy(buf)
         if self.device.type == "cpu":
-            return host.clone()  # the host buffer is reused next step
+            return host.clone()  # the host buffer is reused two steps later
         device_buf = host.to(self.device, non_blocking=True)
-        self._copy_done = torch.cuda.Event()
-        self._copy_done.record()
+        done = self._copy_done[self._turn] = torch.cuda.Event()
+        done.record()
         return device_buf
 
     # --- execution ------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        """Runs one step and waits for its sampled tokens."""
+        return self.execute_async(scheduler_output).result()
+
+    @torch.inference_mode()
+    def execute_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
+        """Queues one step on the device (forward, sampling, the copy of the samples to the host)
+        and returns without waiting for it. Steps must be queued in schedule order."""
         scheduled = scheduler_output.scheduled
-        num_scheduled = len(scheduled)
-        if num_scheduled == 0:
-            return RunnerOutput()
+        if not scheduled:
+            return StepHandle([], None, None, None)
         inputs = self.prepare_inputs(scheduler_output)
         meta = inputs.ctx.attn_metadata
         graphs = self.cuda_graphs
+        num_scheduled = len(scheduled)
         # A one-token chunk may be a prefill piece that does not sample: graphs need every row sampled.
         if (graphs is not None and meta.is_decode_only and inputs.num_logits == num_scheduled
                 and graphs.can_run(meta)):
@@ -201,17 +281,20 @@ class ModelRunner:
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.ctx)
             if inputs.num_logits == 0:  # only non-final prefill chunks this step
-                return RunnerOutput([None] * num_scheduled, [None] * num_scheduled)
+                return StepHandle(scheduled, None, None, None)
             logits = self.model.compute_logits(hidden[inputs.logits_indices])
         to_sample = [r for r in scheduled if r.needs_sample]
-        token_ids, logprobs = self.sampler(logits, to_sample)
-        output = RunnerOutput([None] * num_scheduled, [None] * num_scheduled)
-        sampled = iter(zip(token_ids, logprobs))
-        for i, request in enumerate(scheduled):
-            if request.needs_sample:
-                output.sampled_token_ids[i], output.logprobs[i] = next(sampled)
-        return output
-
+        result = self.sampler.sample(logits, to_sample)
+        self._last_sampled = result.token_ids
+        self._last_sample_rows = {r.request_id: i for i, r in enumerate(to_sample)}
+        payload = result.payload
+        if self.device.type == "cpu":
+            return StepHandle(scheduled, payload, None, result.decode)
+        host = torch.empty(payload.shape, dtype=payload.dtype, pin_memory=True)
+        host.copy_(payload, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return StepHandle(scheduled, host, ready, result.decode)
 
     def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> float:
         """Captures decode graphs for a ladder of batch sizes; returns the seconds it took."""
@@ -312,10 +395,3 @@ def _profile_peak_activation_bytes(
     del hidden, logits, kv_caches, ctx
     torch.cuda.empty_cache()
     return int(peak)
-
-
-def greedy_sampler(
-    logits: torch.Tensor, requests: Sequence[ScheduledRequest]
-) -> tuple[list[int], list[TokenLogprobs | None]]:
-    """A stand-in sampler (argmax, no logprobs) for tests and bring-up."""
-    return logits.argmax(dim=-1).tolist(), [None] * len(requests)

@@ -18,7 +18,8 @@ batched, and again after a preemption recompute, because nothing depends on gene
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -47,6 +48,10 @@ def apply_sampling_filters(
     top_k: torch.Tensor,
     top_p: torch.Tensor,
     min_p: torch.Tensor,
+    *,
+    max_top_k: int | None = None,
+    use_top_p: bool | None = None,
+    use_min_p: bool | None = None,
 ) -> torch.Tensor:
     """Probabilities [S, V] after temperature, top-k, top-p and min-p; filtered tokens get exactly 0.
 
@@ -58,13 +63,21 @@ def apply_sampling_filters(
              code paths agree, so a row samples the same alone or batched).
       top_p: keep the smallest most-likely-first prefix whose probability mass reaches top_p.
       min_p: keep tokens with p_i >= min_p * p_max (a ratio, so unaffected by the filters before it).
+    max_top_k / use_top_p / use_min_p: what the caller already knows on the host (the largest
+    active top_k, 0 for none; whether any row uses top-p / min-p). Given, they spare the reads of
+    device tensors that would wait for the device (the engine's async steps rely on that).
     """
     num_rows, vocab_size = logits.shape
     logits = logits / temperatures.to(logits.dtype).unsqueeze(1)
     k = top_k.to(device=logits.device, dtype=torch.long)
     k = torch.where((k <= 0) | (k > vocab_size), torch.full_like(k, vocab_size), k)
-    use_top_k = bool((k < vocab_size).any())
-    use_top_p = bool((top_p < 1.0).any())
+    if max_top_k is None:
+        max_top_k = int(torch.where(k < vocab_size, k, torch.zeros_like(k)).max())
+    use_top_k = 0 < max_top_k < vocab_size
+    if use_top_p is None:
+        use_top_p = bool((top_p < 1.0).any())
+    if use_min_p is None:
+        use_min_p = bool((min_p > 0.0).any())
     neg_inf = float("-inf")
 
     if use_top_p:
@@ -85,13 +98,13 @@ def apply_sampling_filters(
         logits = torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
     elif use_top_k:
         # Without top-p a partial top-k is enough: threshold at the k-th largest logit.
-        max_k = int(k.max())
+        max_k = max_top_k
         top_vals = logits.topk(max_k, dim=-1).values
         kth = top_vals.gather(1, (k.clamp(max=max_k) - 1).unsqueeze(1))
         keep_all = (k >= vocab_size).unsqueeze(1)
         logits = logits.masked_fill((logits < kth) & ~keep_all, neg_inf)
 
-    if bool((min_p > 0.0).any()):
+    if use_min_p:
         # p_i < min_p * p_max  <=>  logit_i < max_logit + log(min_p); log(0) = -inf masks nothing.
         log_min_p = torch.log(min_p.to(device=logits.device, dtype=logits.dtype)).unsqueeze(1)
         max_logit = logits.max(dim=-1, keepdim=True).values
@@ -119,6 +132,24 @@ def exponential_noise(
     return q.clamp_min_(torch.finfo(torch.float32).tiny)
 
 
+@dataclass(slots=True)
+class SampleResult:
+    """One step's samples, still on the logits' device: nothing here has waited for the device.
+
+    token_ids [S] int64 feed the next step's placeholder tokens on the device; `payload` (1-D) is
+    everything the host needs, to be copied back in one transfer and turned into lists by
+    decode(payload.tolist()).
+    """
+
+    token_ids: torch.Tensor
+    payload: torch.Tensor
+    decode: Callable[[list], tuple[list[int], list[TokenLogprobs | None]]]
+
+
+def _decode_ids(values: list) -> tuple[list[int], list[TokenLogprobs | None]]:
+    return values, [None] * len(values)
+
+
 class Sampler:
     """Stateless batched sampler. Row i of `logits` belongs to `requests[i]`."""
 
@@ -129,16 +160,29 @@ class Sampler:
     def __call__(
         self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]
     ) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """Samples and brings the result to the host (waits for the device)."""
+        if not requests:
+            self._check(logits, requests)
+            return [], []
+        result = self.sample(logits, requests)
+        return result.decode(result.payload.tolist())
+
+    @staticmethod
+    def _check(logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> None:
         if logits.dim() != 2 or logits.shape[0] != len(requests):
             raise ValueError(f"logits {tuple(logits.shape)} must have one row per request ({len(requests)})")
+
+    def sample(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> SampleResult:
+        """Queues the sampling on the logits' device without waiting for it (no host reads of
+        device data: per-row parameters travel host-to-device without a sync)."""
+        self._check(logits, requests)
         num_rows = len(requests)
-        if num_rows == 0:
-            return [], []
         params = [r.sampling_params for r in requests]
 
         if all(self._is_plain_greedy(r) for r in requests):
-            # Fast path: no logits changes, no logprobs -> one argmax and one device-to-host copy.
-            return logits.argmax(dim=-1).tolist(), [None] * num_rows
+            # Fast path: no logits changes, no logprobs -> one argmax.
+            ids = logits.argmax(dim=-1)
+            return SampleResult(ids, ids, _decode_ids)
 
         if logits.dtype != torch.float32:
             logits = logits.float()  # penalties, softmax and the race need fp32 resolution
@@ -147,8 +191,8 @@ class Sampler:
 
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         if not logprob_rows:
-            return sampled.tolist(), [None] * num_rows
-        return self._with_logprobs(logits, sampled, params, logprob_rows)
+            return SampleResult(sampled, sampled, _decode_ids)
+        return self._with_logprobs(logits, sampled, params, logprob_rows, num_rows)
 
     # ---- logits processing (exposed so tests can check it exactly) ----
 
@@ -172,7 +216,7 @@ class Sampler:
 
     def _min_tokens_active(self, req: ScheduledRequest) -> bool:
         p = req.sampling_params
-        return len(req.output_token_ids) < p.min_tokens and bool(self._stop_ids(p))
+        return req.output_index < p.min_tokens and bool(self._stop_ids(p))
 
     def _stop_ids(self, params: SamplingParams) -> list[int]:
         # With ignore_eos, EOS is no stop at all; only explicit stop_token_ids end the request.
@@ -194,7 +238,7 @@ class Sampler:
                     vals.append(bias)
         if rows:
             idx = self._index(rows, cols, logits.device)
-            bias = torch.tensor(vals, dtype=logits.dtype, device=logits.device)
+            bias = _to_device(vals, logits.dtype, logits.device)
             logits.index_put_(idx, bias, accumulate=True)
 
     def _apply_min_tokens(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> None:
@@ -225,28 +269,29 @@ class Sampler:
         sub = logits[pen_rows]  # a copy [num, V]; written back at the end
 
         # Counts of each output token, by a scatter-add over flat (row * V + token) indices.
-        out_idx = _flat_indices([requests[i].output_token_ids for i in pen_rows], width).to(device)
+        out_idx = _flat_indices([requests[i].output_token_ids for i in pen_rows], width).to(device, non_blocking=True)
         counts = torch.zeros(num * width, dtype=dtype, device=device)
         counts.scatter_add_(0, out_idx, torch.ones(out_idx.numel(), dtype=dtype, device=device))
         counts = counts.view(num, width)
         seen_in_output = counts > 0
 
         if any(p.repetition_penalty != 1.0 for p in pen_params):
-            prompt_idx = _flat_indices([requests[i].prompt_token_ids for i in pen_rows], width).to(device)
+            prompt_idx = _flat_indices([requests[i].prompt_token_ids for i in pen_rows], width).to(
+                device, non_blocking=True)
             seen = seen_in_output.clone()
             seen.view(-1)[prompt_idx] = True
-            r = torch.tensor([p.repetition_penalty for p in pen_params], dtype=dtype, device=device)
+            r = _to_device([p.repetition_penalty for p in pen_params], dtype, device)
             r = r.unsqueeze(1)
             sub = torch.where(seen, torch.where(sub > 0, sub / r, sub * r), sub)
 
-        freq = torch.tensor([p.frequency_penalty for p in pen_params], dtype=dtype, device=device)
-        pres = torch.tensor([p.presence_penalty for p in pen_params], dtype=dtype, device=device)
+        freq = _to_device([p.frequency_penalty for p in pen_params], dtype, device)
+        pres = _to_device([p.presence_penalty for p in pen_params], dtype, device)
         sub = sub - freq.unsqueeze(1) * counts - pres.unsqueeze(1) * seen_in_output.to(dtype)
         logits[pen_rows] = sub
 
     @staticmethod
     def _index(rows: list[int], cols: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        both = torch.tensor([rows, cols], dtype=torch.long).to(device, non_blocking=True)
+        both = _to_device([rows, cols], torch.long, device)
         return both[0], both[1]
 
     # ---- sampling ----
@@ -260,24 +305,29 @@ class Sampler:
             return greedy_ids
         device = logits.device
         rp = [params[i] for i in random_rows]
-        sub = logits[random_rows] if len(random_rows) < len(params) else logits
+        sub = logits[_to_device(random_rows, torch.long, device)] if len(random_rows) < len(params) else logits
+        vocab = logits.shape[1]
+        active_k = [p.top_k for p in rp if 0 < p.top_k < vocab]
         probs = apply_sampling_filters(
             sub,
-            torch.tensor([p.temperature for p in rp], dtype=torch.float32, device=device),
-            torch.tensor([p.top_k for p in rp], dtype=torch.long, device=device),
-            torch.tensor([p.top_p for p in rp], dtype=torch.float32, device=device),
-            torch.tensor([p.min_p for p in rp], dtype=torch.float32, device=device),
+            _to_device([p.temperature for p in rp], torch.float32, device),
+            _to_device([p.top_k for p in rp], torch.long, device),
+            _to_device([p.top_p for p in rp], torch.float32, device),
+            _to_device([p.min_p for p in rp], torch.float32, device),
+            max_top_k=max(active_k, default=0),
+            use_top_p=any(p.top_p < 1.0 for p in rp),
+            use_min_p=any(p.min_p > 0.0 for p in rp),
         )
         q = exponential_noise(
             tuple(probs.shape),
             [p.seed for p in rp],
-            [len(requests[i].output_token_ids) for i in random_rows],
+            [requests[i].output_index for i in random_rows],
             device,
         )
         random_ids = probs.div_(q).argmax(dim=-1)
         if len(random_rows) == len(params):
             return random_ids
-        greedy_ids[torch.tensor(random_rows, dtype=torch.long, device=device)] = random_ids
+        greedy_ids[_to_device(random_rows, torch.long, device)] = random_ids
         return greedy_ids
 
     # ---- logprobs ----
@@ -288,10 +338,11 @@ class Sampler:
         sampled: torch.Tensor,
         params: list[SamplingParams],
         logprob_rows: list[int],
-    ) -> tuple[list[int], list[TokenLogprobs | None]]:
+        num_rows: int,
+    ) -> SampleResult:
         """Logprobs of the raw model distribution (before bias, penalties, temperature), as vLLM v1."""
         device = raw_logits.device
-        rows = torch.tensor(logprob_rows, dtype=torch.long, device=device)
+        rows = _to_device(logprob_rows, torch.long, device)
         logprobs = raw_logits[rows].float().log_softmax(dim=-1)
         tok = sampled[rows].unsqueeze(1)
         tok_lp = logprobs.gather(1, tok)
@@ -307,27 +358,37 @@ class Sampler:
         # One device-to-host copy: everything packed as float64 (token ids < 2**53 stay exact).
         num_lp = len(logprob_rows)
         parts = [sampled, tok_lp.squeeze(1), ranks, top_lp.flatten(), top_ids.flatten()]
-        host = torch.cat([t.double() for t in parts]).tolist()
-        num_rows = len(params)
-        sampled_list = [int(t) for t in host[:num_rows]]
-        tok_lp_list = host[num_rows:num_rows + num_lp]
-        ranks_list = host[num_rows + num_lp:num_rows + 2 * num_lp]
-        base = num_rows + 2 * num_lp
-        flat_top_lp = host[base:base + num_lp * max_n]
-        flat_top_ids = host[base + num_lp * max_n:]
-        top_lp_list = [flat_top_lp[j * max_n:(j + 1) * max_n] for j in range(num_lp)]
-        top_ids_list = [flat_top_ids[j * max_n:(j + 1) * max_n] for j in range(num_lp)]
+        payload = torch.cat([t.double() for t in parts])
 
-        out: list[TokenLogprobs | None] = [None] * len(params)
-        for j, i in enumerate(logprob_rows):
-            n = params[i].logprobs or 0
-            out[i] = TokenLogprobs(
-                token_id=sampled_list[i],
-                logprob=_finite_or(tok_lp_list[j]),
-                rank=int(ranks_list[j]),
-                top=[(int(t), _finite_or(lp)) for t, lp in zip(top_ids_list[j][:n], top_lp_list[j][:n])],
-            )
-        return sampled_list, out
+        def decode(host: list) -> tuple[list[int], list[TokenLogprobs | None]]:
+            sampled_list = [int(t) for t in host[:num_rows]]
+            tok_lp_list = host[num_rows:num_rows + num_lp]
+            ranks_list = host[num_rows + num_lp:num_rows + 2 * num_lp]
+            base = num_rows + 2 * num_lp
+            flat_top_lp = host[base:base + num_lp * max_n]
+            flat_top_ids = host[base + num_lp * max_n:]
+            out: list[TokenLogprobs | None] = [None] * num_rows
+            for j, i in enumerate(logprob_rows):
+                n = params[i].logprobs or 0
+                top_lp_j = flat_top_lp[j * max_n:j * max_n + n]
+                top_ids_j = flat_top_ids[j * max_n:j * max_n + n]
+                out[i] = TokenLogprobs(
+                    token_id=sampled_list[i],
+                    logprob=_finite_or(tok_lp_list[j]),
+                    rank=int(ranks_list[j]),
+                    top=[(int(t), _finite_or(lp)) for t, lp in zip(top_ids_j, top_lp_j)],
+                )
+            return sampled_list, out
+
+        return SampleResult(sampled, payload, decode)
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a device tensor without waiting for the device: torch.tensor(...,
+    device=cuda) would synchronize the stream; a non-blocking copy of a pageable CPU tensor is
+    staged at once and queued behind the running work."""
+    host = torch.tensor(values, dtype=dtype)
+    return host if device.type == "cpu" else host.to(device, non_blocking=True)
 
 
 def _flat_indices(token_lists: Sequence[Sequence[int]], width: int) -> torch.Tensor:

@@ -65,6 +65,10 @@ class Worker:
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         return self.runner.execute(scheduler_output)
 
+    def execute_async(self, scheduler_output: SchedulerOutput):
+        """Queues the step; the returned handle's result() waits for it (see ModelRunner)."""
+        return self.runner.execute_async(scheduler_output)
+
 
 def build_worker(config: EngineConfig) -> Worker:
     from pagedserve.executor.loader import get_eos_token_ids, load_model

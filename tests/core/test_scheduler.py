@@ -380,3 +380,72 @@ def test_random_workload_reads_only_correct_kv(seed: int, enable_prefix_caching:
         run(sched, sched.schedule(), default=1)
     assert sched.num_free_blocks() == 8
     assert all(b.ref_cnt == 0 for b in sched.kv_cache.pool.blocks)
+
+
+# ---- async scheduling: schedule() again before update() of the step in flight ----------------------
+
+
+def test_async_schedule_uses_placeholders_until_the_update_arrives() -> None:
+    from pagedserve.core.outputs import PLACEHOLDER_TOKEN_ID
+
+    sched = make_scheduler()
+    a = make_request("a", [1, 2, 3], max_tokens=3)
+    sched.add_request(a)
+    step1 = sched.schedule()  # prefill, samples output 0
+    assert plan(step1) == [("a", 3, True)] and step1.scheduled[0].output_index == 0
+    step2 = sched.schedule()  # step 1 still running: a decode of the token it is sampling
+    assert plan(step2) == [("a", 1, True)]
+    assert step2.scheduled[0].token_ids == [PLACEHOLDER_TOKEN_ID]
+    assert step2.scheduled[0].num_computed_tokens == 3 and step2.scheduled[0].output_index == 1
+    assert a.num_output_placeholders == 2
+    run(sched, step1, {"a": 10})
+    assert a.output_token_ids == [10] and a.num_output_placeholders == 1
+    # Output 2 (index 2) is the last one max_tokens allows: scheduled; after it, nothing more.
+    step3 = sched.schedule()
+    assert plan(step3) == [("a", 1, True)] and step3.scheduled[0].token_ids == [PLACEHOLDER_TOKEN_ID]
+    assert step3.scheduled[0].output_index == 2
+    assert sched.schedule().is_empty  # output 3 would pass max_tokens: not computed for nothing
+    run(sched, step2, {"a": 11})
+    updates = run(sched, step3, {"a": 12})
+    assert a.output_token_ids == [10, 11, 12] and updates[0].finished
+    assert a.status is RequestStatus.FINISHED_LENGTH and sched.num_free_blocks() == 16
+
+
+def test_async_step_past_a_stop_is_dropped_and_frees_blocks() -> None:
+    sched = make_scheduler()
+    a = make_request("a", [1, 2, 3], max_tokens=8, eos_token_id=2)
+    sched.add_request(a)
+    step1 = sched.schedule()
+    step2 = sched.schedule()  # computes past the eos step 1 is about to sample
+    updates = run(sched, step1, {"a": 2})
+    assert updates[0].finished and a.status is RequestStatus.FINISHED_STOPPED
+    assert run(sched, step2, {"a": 50}) == []  # the extra token is dropped
+    assert a.output_token_ids == [2] and sched.num_free_blocks() == 16
+    assert not sched.has_unfinished_requests()
+
+
+def test_async_preempted_request_keeps_its_token_in_flight() -> None:
+    # Two requests, 3 blocks of 4: b is preempted while its sampled token is still in flight.
+    sched = make_scheduler(num_blocks=3, max_num_batched_tokens=64)
+    a = make_request("a", [1, 2, 3], max_tokens=6, ignore_eos=True)
+    b = make_request("b", [5, 6, 7], max_tokens=6, ignore_eos=True)
+    sched.add_request(a)
+    sched.add_request(b)
+    step1 = sched.schedule()
+    assert plan(step1) == [("a", 3, True), ("b", 3, True)]
+    step2 = sched.schedule()  # decodes at position 3: both still fit their first block
+    run(sched, step1, {"a": 20, "b": 30})
+    step3 = sched.schedule()  # position 4 needs a second block each: only one is free -> b preempted
+    assert step3.preempted_request_ids == ["b"] and plan(step3) == [("a", 1, True)]
+    assert b.status is RequestStatus.PREEMPTED and b.num_output_placeholders == 1
+    run(sched, step2, {"a": 21, "b": 31})  # b's token arrives after its preemption: kept
+    assert b.output_token_ids == [30, 31] and b.num_output_placeholders == 0
+    run(sched, step3, {"a": 22})
+    assert a.output_token_ids == [20, 21, 22]
+    # Later b recomputes prompt + both outputs from the cache's point of view, then goes on.
+    while sched.has_unfinished_requests():
+        out = sched.schedule()
+        run(sched, out, default=40)
+    assert a.output_token_ids[:3] == [20, 21, 22] and len(a.output_token_ids) == 6
+    assert b.output_token_ids[:2] == [30, 31] and len(b.output_token_ids) == 6
+    assert sched.num_free_blocks() == 3

@@ -10,9 +10,10 @@ from typing import Any
 import torch
 
 from pagedserve.config import EngineConfig
-from pagedserve.core.outputs import ScheduledRequest, SchedulerOutput, TokenLogprobs
+from pagedserve.core.outputs import ScheduledRequest, SchedulerOutput
 from pagedserve.executor.loader import load_model
 from pagedserve.executor.model_runner import ModelRunner
+from pagedserve.executor.sampler import SampleResult
 from pagedserve.sampling_params import SamplingParams
 
 TINY = dict(
@@ -65,12 +66,11 @@ class CapturingSampler:
     def __init__(self) -> None:
         self.logits: list[dict[str, torch.Tensor]] = []
 
-    def __call__(
-        self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]
-    ) -> tuple[list[int], list[TokenLogprobs | None]]:
+    def sample(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> SampleResult:
         assert logits.shape[0] == len(requests) and logits.dtype == torch.float32
         self.logits.append({r.request_id: logits[i].cpu() for i, r in enumerate(requests)})
-        return logits.argmax(dim=-1).tolist(), [None] * len(requests)
+        ids = logits.argmax(dim=-1)
+        return SampleResult(ids, ids, lambda values: (values, [None] * len(values)))
 
 
 def make_runner(

@@ -38,6 +38,7 @@ def req(
         sampling_params=params,
         prompt_token_ids=list(prompt or [0]),
         output_token_ids=list(output or []),
+        output_index=len(output or []),
     )
 
 
