@@ -24,6 +24,7 @@ KERNEL_MODULES = (
     "pagedserve.executor.kernels.fused_norm",
     "pagedserve.executor.kernels.rotary",
     "pagedserve.executor.kernels.silu_mul",
+    "pagedserve.executor.kernels.skinny_gemm",
 )
 
 if not torch.cuda.is_available():

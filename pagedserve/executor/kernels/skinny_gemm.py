@@ -1,0 +1,332 @@
+"""Skinny GEMM for decode at tiny batch: y[M, N] = x[M, K] @ W[N, K]^T (+ bias[N]), 1 <= M <= 8.
+
+At M <= 8 a projection is a matrix-vector product: the time is reading W (bf16, row-major [N, K])
+once, so everything here is about wide, coalesced, well-overlapped weight loads and about keeping
+every SM busy. Each program owns BLOCK_N output columns (rows of W) and ALL M rows of x, so W is
+read exactly once; x (at most 8 x K) is re-read from L1/L2 by every program.
+
+    W [N, K], row-major          program (pid_n, pid_k):
+    +-------------------+        rows  pid_n*BLOCK_N ...  +BLOCK_N
+    | n-tile 0 |s0|s1|s2|        cols  pid_k*k_per_split ...  +k_per_split, BLOCK_K per step
+    | n-tile 1 |  |  |  |        (k_per_split is a multiple of BLOCK_K)
+    +-------------------+
+
+Two inner products, chosen per call (config.use_dot):
+  * dot: tl.dot(W tile [BLOCK_N, BLOCK_K], x^T [BLOCK_K, 16]) -- x padded to 16 rows, W is the
+    big (A) operand so the tensor-core tile is BLOCK_N x 16; costs almost no instructions per byte.
+  * fma: CUDA-core multiply-adds. At M == 1 the products accumulate in a [BLOCK_N, BLOCK_K] fp32
+    tile and are summed across K once at the end (no shuffles in the loop); at M > 1 each x row is
+    reduced across K every step (shuffles grow with M, so meant for M <= 2).
+Rows of W past N re-read row N-1 instead of being masked (their results are never stored), so W
+loads are unmasked when K % BLOCK_K == 0 and 16 bytes wide along K either way.
+
+Split-K (config.split_k > 1, for N too small to fill the SMs, e.g. o_proj/down_proj N=3584): the
+programs of one n-tile each cover a K range and write fp32 partial sums to a [splits, M, N]
+workspace; `_split_k_reduce_kernel` adds them in split order (deterministic, no atomics), adds the
+bias and casts: one more launch, but the same bits on every run (a last-arriving-program fixup
+would save the launch; atomic adds would make decode outputs vary run to run). Accumulation is
+fp32 throughout; the output has x's dtype.
+
+No host syncs and the grid depends on shapes only, so a call can be captured in a CUDA graph
+(the split-K workspace is then allocated from the graph's pool). Configs: `default_config` (a
+heuristic per (M, N, K)) unless SKINNY_CONFIGS has an entry measured on the GPU
+(scripts/bench_skinny_gemm.py prints one to paste), unless the caller passes `config`. As
+committed, nothing here has run on a GPU yet: the heuristic is reasoning, not measurement.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_M = 8
+_DOT_BLOCK_M = 16  # smallest M tile tl.dot takes; x rows past M are padding
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _skinny_gemm_kernel(
+    x_ptr,  # [M, K], K contiguous
+    w_ptr,  # [N, K], contiguous
+    bias_ptr,  # [N] (HAS_BIAS only)
+    out_ptr,  # y [M, N] (x's dtype) or, when split, partials [splits, M, N] fp32
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_os,  # between splits in out (0 when unsplit)
+    stride_om,
+    k_per_split,  # a multiple of BLOCK_K
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks at all
+    USE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows_n = tl.minimum(offs_n, N - 1)  # padding rows re-read row N-1 (never stored)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    w_ptrs = w_ptr + rows_n.to(tl.int64)[:, None] * stride_wn + (k_start + offs_k)[None, :]
+
+    if USE_DOT:
+        # x's padding rows are masked (zeros, no memory traffic); the mask is constant along K, so
+        # the loads stay vectorized.
+        m_mask = (offs_m < M)[:, None]
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_k)[None, :]
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for k in range(k_start, k_end, BLOCK_K):
+            if EVEN_K:
+                w = tl.load(w_ptrs)
+                x = tl.load(x_ptrs, mask=m_mask, other=0.0)
+            else:
+                k_mask = (k + offs_k) < k_end
+                w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
+                x = tl.load(x_ptrs, mask=m_mask & k_mask[None, :], other=0.0)
+            acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+        result = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
+    elif BLOCK_M == 1:
+        x_ptrs = x_ptr + (k_start + offs_k)[None, :]
+        acc_wide = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k in range(k_start, k_end, BLOCK_K):
+            if EVEN_K:
+                w = tl.load(w_ptrs)
+                x = tl.load(x_ptrs)
+            else:
+                k_mask = (k + offs_k) < k_end
+                w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
+                x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
+            acc_wide += w.to(tl.float32) * x.to(tl.float32)
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+        result = tl.sum(acc_wide, axis=1)[None, :]  # [1, BLOCK_N]
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        x_ptrs = x_ptr + k_start + offs_k
+        for k in range(k_start, k_end, BLOCK_K):
+            if EVEN_K:
+                w = tl.load(w_ptrs).to(tl.float32)
+            else:
+                k_mask = (k + offs_k) < k_end
+                w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0).to(tl.float32)
+            for m in tl.static_range(BLOCK_M):
+                row_off = tl.minimum(m, M - 1) * stride_xm
+                if EVEN_K:
+                    x_m = tl.load(x_ptrs + row_off)
+                else:
+                    x_m = tl.load(x_ptrs + row_off, mask=k_mask, other=0.0)
+                dot_m = tl.sum(w * x_m.to(tl.float32)[None, :], axis=1)  # [BLOCK_N]
+                acc += tl.where(offs_m[None, :] == m, dot_m[:, None], 0.0)
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+        result = tl.trans(acc)
+
+    n_mask = offs_n < N
+    if HAS_BIAS:
+        result += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _split_k_reduce_kernel(
+    part_ptr,  # [num_splits, M, N] fp32, contiguous
+    bias_ptr,
+    y_ptr,
+    M,
+    N,
+    stride_ym,
+    num_splits,
+    HAS_BIAS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat index m * N + n
+    mask = offs < M * N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(num_splits):  # fixed order: the same bits on every run
+        acc += tl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0)
+    n = offs % N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + (offs // N) * stride_ym + n, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@dataclass(frozen=True, slots=True)
+class SkinnyConfig:
+    block_n: int  # rows of W per program (power of 2; >= 16 with use_dot)
+    block_k: int  # K elements per step (power of 2; >= 16 with use_dot)
+    num_warps: int = 4
+    num_stages: int = 3
+    split_k: int = 1  # upper bound: reduced so that no split is empty
+    use_dot: bool = True
+
+    def validate(self) -> None:
+        for name in ("block_n", "block_k", "num_warps"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of 2, got {value}")
+        if self.use_dot and (self.block_n < 16 or self.block_k < 16):
+            raise ValueError(f"use_dot needs block_n and block_k >= 16, got {self.block_n}, {self.block_k}")
+        if self.num_warps > 16 or self.num_stages < 1 or self.split_k < 1:
+            raise ValueError(f"bad num_warps / num_stages / split_k in {self}")
+
+
+# Measured overrides, keyed (N, K, m_bucket) or (N, K); m_bucket = next power of 2 of M (1, 2, 4, 8).
+# Values: SkinnyConfig fields. Paste the dict that scripts/bench_skinny_gemm.py prints.
+SKINNY_CONFIGS: dict[tuple[int, ...], dict[str, int | bool]] = {}
+
+
+def m_bucket(m: int) -> int:
+    return triton.next_power_of_2(m)
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # CPU (interpreter): pretend H100 so the heuristic matches what the GPU would pick
+
+
+def default_config(m: int, n: int, k: int, dtype: torch.dtype, num_sms: int = 132) -> SkinnyConfig:
+    """A heuristic, before measurement (SKINNY_CONFIGS overrides it):
+
+    * block_k: one 16-byte vector per lane, a warp spanning 512 contiguous bytes of a W row
+      (256 bf16); halved (down to 64) while it does not divide K, so common K take the unmasked path.
+    * M <= 2: fma with 16 rows per program; M >= 4: tensor cores (fma's per-step shuffles grow with M)
+      with 32 rows.
+    * block_n is halved (fma down to 4, dot to 16) until there are >= 4 programs per SM: memory
+      latency is hidden by many programs in flight, and a small grid leaves SMs idle in the tail.
+    * split_k only when the n-tiles still give < 2 programs per SM (o/down at N=3584): enough splits
+      for ~4 programs per SM, each split keeping >= 4 K steps so the pipeline fills.
+    """
+    block_k = fit_block_k(k, 512 // dtype.itemsize)
+    use_dot = m_bucket(m) >= 4
+    block_n, min_block_n = (32, 16) if use_dot else (16, 4)
+    while block_n > min_block_n and triton.cdiv(n, block_n) < 4 * num_sms:
+        block_n //= 2
+    num_warps = 4 if block_n * block_k >= 4 * 32 * 8 else 2
+    return SkinnyConfig(block_n, block_k, num_warps, 3, default_split_k(n, k, block_n, block_k, num_sms), use_dot)
+
+
+def fit_block_k(k: int, block_k: int) -> int:
+    """block_k capped at K (rounded up to a power of 2, >= 16), halved (down to 64) until it divides K."""
+    block_k = max(16, min(block_k, triton.next_power_of_2(k)))
+    while block_k > 64 and k % block_k:
+        block_k //= 2
+    return block_k
+
+
+def default_split_k(n: int, k: int, block_n: int, block_k: int, num_sms: int) -> int:
+    """1 when the n-tiles give >= 2 programs per SM; else ~4 programs per SM, >= 4 K steps per split."""
+    n_tiles = triton.cdiv(n, block_n)
+    if n_tiles >= 2 * num_sms:
+        return 1
+    return max(1, min(triton.cdiv(4 * num_sms, n_tiles), triton.cdiv(k, block_k) // 4))
+
+
+def effective_split_k(k: int, block_k: int, split_k: int) -> int:
+    """The number of splits a launch uses: at most one per K step, and no empty split."""
+    k_tiles = triton.cdiv(k, block_k)
+    return triton.cdiv(k_tiles, triton.cdiv(k_tiles, min(split_k, k_tiles)))
+
+
+def choose_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> SkinnyConfig:
+    for key in ((n, k, m_bucket(m)), (n, k)):
+        if key in SKINNY_CONFIGS:
+            return SkinnyConfig(**SKINNY_CONFIGS[key])
+    return default_config(m, n, k, dtype, _num_sms(device))
+
+
+def _check_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None) -> None:
+    if x.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"x must be [M, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    (m, k), (n, k_w) = x.shape, weight.shape
+    if not 1 <= m <= MAX_M:
+        raise ValueError(f"skinny_linear takes 1 <= M <= {MAX_M} rows, got M={m}; use F.linear for more")
+    if k != k_w or k == 0 or n == 0:
+        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not match ([M, K] @ [N, K]^T)")
+    if x.dtype not in _DTYPES or weight.dtype != x.dtype:
+        raise ValueError(f"x and weight must share a float16/bfloat16/float32 dtype, got {x.dtype}, {weight.dtype}")
+    if x.stride(1) != 1 or not weight.is_contiguous():
+        raise ValueError("x needs a contiguous last dimension and weight must be contiguous")
+    if weight.device != x.device:
+        raise ValueError(f"x is on {x.device} but weight on {weight.device}")
+    if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype or bias.stride(0) != 1):
+        raise ValueError(f"bias must be a contiguous [{n}] tensor of {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    if out is not None and (out.shape != (m, n) or out.dtype != x.dtype or out.stride(1) != 1):
+        raise ValueError(f"out must be [{m}, {n}] of {x.dtype} with a contiguous last dim")
+
+
+def skinny_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    config: SkinnyConfig | Mapping[str, int | bool] | None = None,
+) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x [M, K] with 1 <= M <= 8; returns out ([M, N], x's dtype)."""
+    _check_operands(x, weight, bias, out)
+    (m, k), n = x.shape, weight.shape[0]
+    if config is None:
+        config = choose_config(m, n, k, x.dtype, x.device)
+    elif not isinstance(config, SkinnyConfig):
+        config = SkinnyConfig(**config)
+    config.validate()
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    block_k = config.block_k
+    num_splits = effective_split_k(k, block_k, config.split_k)
+    tiles_per_split = triton.cdiv(triton.cdiv(k, block_k), num_splits)
+    if num_splits > 1:
+        target = torch.empty((num_splits, m, n), dtype=torch.float32, device=x.device)
+        stride_os, stride_om = target.stride(0), target.stride(1)
+    else:
+        target, stride_os, stride_om = out, 0, out.stride(0)
+    grid = (triton.cdiv(n, config.block_n), num_splits)
+    _skinny_gemm_kernel[grid](
+        x, weight, bias if bias is not None else x, target,
+        m, n, k, x.stride(0), weight.stride(0), stride_os, stride_om, tiles_per_split * block_k,
+        HAS_BIAS=bias is not None and num_splits == 1,
+        EVEN_K=k % block_k == 0,
+        USE_DOT=config.use_dot,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,  # fp32: no TF32 rounding
+        BLOCK_M=_DOT_BLOCK_M if config.use_dot else m_bucket(m),
+        BLOCK_N=config.block_n,
+        BLOCK_K=block_k,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )  # fmt: skip
+    if num_splits > 1:
+        block = 512
+        _split_k_reduce_kernel[(triton.cdiv(m * n, block),)](
+            target, bias if bias is not None else x, out, m, n, out.stride(0), num_splits,
+            HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+__all__ = [
+    "MAX_M",
+    "SKINNY_CONFIGS",
+    "SkinnyConfig",
+    "choose_config",
+    "default_config",
+    "default_split_k",
+    "effective_split_k",
+    "fit_block_k",
+    "skinny_linear",
+]

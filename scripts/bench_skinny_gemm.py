@@ -1,0 +1,254 @@
+"""GPU benchmark of the Triton skinny GEMM (pagedserve/executor/kernels/skinny_gemm.py) vs cuBLAS.
+
+    python scripts/bench_skinny_gemm.py [--model 7b|0.5b] [--shapes qkv,o,...] [--m 1,2,4,8] [--quick]
+
+For each projection of the model (K -> N) and M tokens: median time per call over CUDA-graph
+replays (triton.testing.do_bench_cudagraph) of F.linear (cuBLAS) and of skinny_linear over a sweep
+of configs. Every graph calls the op on several copies of the weight in turn, enough copies to
+total >= 256 MB (five times the H100's 50 MB L2), so, as in real decode where each layer's weights
+come once per step, no call finds its weight in L2. GB/s = bytes read (W + x + bias) / time.
+
+Sweep: the heuristic default, a few tile shapes of each inner product (fma only at M <= 2) with the
+heuristic split count, then split counts for the best tile. Every config's output is checked
+against x.float() @ W.float().T (+ bias) (max |err| / max |ref|; a config above 2e-2 is dropped).
+Ends with per-shape lines "best triton X us (Y GB/s) vs cuBLAS Z us", a whole-layer sequence
+(qkv, o, gate_up, down at M=1, two layers' weights rotated) both ways, and a SKINNY_CONFIGS dict to
+paste into skinny_gemm.py. The first run compiles ~100 Triton variants; the Triton cache makes
+later runs faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from pagedserve.executor.kernels.skinny_gemm import (
+    SkinnyConfig,
+    choose_config,
+    default_config,
+    default_split_k,
+    effective_split_k,
+    fit_block_k,
+    m_bucket,
+    skinny_linear,
+)
+
+MODELS = {  # name: (K, N, has_bias)
+    "7b": {  # Qwen2-7B
+        "qkv": (3584, 4608, True),
+        "o": (3584, 3584, False),
+        "gate_up": (3584, 37888, False),
+        "down": (18944, 3584, False),
+        "lm_head": (3584, 152064, False),
+    },
+    "0.5b": {  # Qwen2.5-0.5B: hidden 896, 14 heads / 2 KV heads of 64, intermediate 4864
+        "qkv": (896, 1152, True),
+        "o": (896, 896, False),
+        "gate_up": (896, 9728, False),
+        "down": (4864, 896, False),
+        "lm_head": (896, 151936, False),
+    },
+}
+DEVICE = torch.device("cuda")
+ROTATE_BYTES = 256 << 20
+MAX_ERR = 2e-2
+FMA_TILES = [(4, 256, 4, 3), (4, 512, 4, 2), (8, 256, 4, 3), (16, 256, 4, 3), (16, 512, 8, 2)]  # n, k, warps, stages
+DOT_TILES = [(16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 8, 3)]
+SPLITS = (1, 2, 3, 4, 6, 8, 12)
+
+
+def label(cfg: SkinnyConfig, k: int) -> str:
+    split = effective_split_k(k, cfg.block_k, cfg.split_k)
+    kind = "dot" if cfg.use_dot else "fma"
+    return f"{kind} n{cfg.block_n} k{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages} S{split}"
+
+
+def candidates(m: int, n: int, k: int, num_sms: int, quick: bool) -> list[SkinnyConfig]:
+    configs = [default_config(m, n, k, torch.bfloat16, num_sms)]
+    tiles = [(t, True) for t in DOT_TILES] + ([(t, False) for t in FMA_TILES] if m <= 2 else [])
+    if quick:
+        tiles = tiles[:2] + ([(FMA_TILES[2], False)] if m <= 2 else [])
+    for (block_n, block_k, warps, stages), use_dot in tiles:
+        block_k = fit_block_k(k, block_k)
+        split = default_split_k(n, k, block_n, block_k, num_sms)
+        configs.append(SkinnyConfig(block_n, block_k, warps, stages, split, use_dot))
+    return list(dict.fromkeys(configs))
+
+
+def time_us(op, num_copies: int, rep: int) -> float:
+    """Median microseconds per op(i) call, op called on copies 0..num_copies-1 in turn in one graph."""
+
+    def run():
+        for i in range(num_copies):
+            op(i)
+
+    return triton.testing.do_bench_cudagraph(run, rep=rep, return_mode="median") * 1e3 / num_copies
+
+
+def max_rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(out).all():
+        return math.inf
+    return ((out.float() - ref).abs().max() / ref.abs().max()).item()
+
+
+def bench_shape(name, k, n, has_bias, m_values, num_sms, rep, quick, results) -> None:
+    gen = torch.Generator(device=DEVICE).manual_seed(n + k)
+    w0 = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16, generator=gen) * 0.02
+    num_copies = max(1, math.ceil(ROTATE_BYTES / w0.nbytes))
+    weights = [w0] + [w0.clone() for _ in range(num_copies - 1)]  # same values, other addresses
+    bias = torch.randn(n, device=DEVICE, dtype=torch.bfloat16, generator=gen) * 0.02 if has_bias else None
+    w_f32 = w0.float()
+    for m in m_values:
+        x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+        ref = x.float() @ w_f32.T + (bias.float() if has_bias else 0.0)
+        print(f"\n{name}  K={k} N={n}{' +bias' if has_bias else ''}  M={m}  "
+              f"({w0.nbytes / 1e6:.1f} MB weight x {num_copies} copies)", flush=True)  # fmt: skip
+        result = bench_case(x, weights, bias, ref, num_sms, rep, quick)
+        if result is not None:
+            results[(name, m)] = result
+
+
+def bench_case(x, weights, bias, ref, num_sms, rep, quick) -> dict | None:
+    """cuBLAS, then the sweep, for one x [M, K]; returns the best config and its time (None if none ran)."""
+    (m, k), n, num_copies = x.shape, weights[0].shape[0], len(weights)
+    read_bytes = 2 * (weights[0].numel() + x.numel() + (n if bias is not None else 0))
+    err = max_rel_err(F.linear(x, weights[0], bias), ref)
+    cublas_us = time_us(lambda i: F.linear(x, weights[i], bias), num_copies, rep)
+    print(f"  {'cuBLAS F.linear':32} {cublas_us:8.2f} us {read_bytes / cublas_us / 1e3:6.0f} GB/s  err {err:.1e}")
+    out = torch.empty(m, n, device=DEVICE, dtype=torch.bfloat16)
+    timed: dict[SkinnyConfig, float] = {}
+
+    def try_config(cfg: SkinnyConfig) -> None:
+        if cfg in timed:
+            return
+        try:
+            out.fill_(float("nan"))
+            skinny_linear(x, weights[0], bias, out=out, config=cfg)
+            err = max_rel_err(out, ref)
+            if err > MAX_ERR:
+                print(f"  {label(cfg, k):32} WRONG: err {err:.1e}")
+                return
+            us = time_us(lambda i: skinny_linear(x, weights[i], bias, out=out, config=cfg), num_copies, rep)
+        except Exception as exc:  # e.g. out of shared memory for a large tile: skip that config
+            print(f"  {label(cfg, k):32} skipped: {type(exc).__name__}: {str(exc)[:80]}")
+            return
+        timed[cfg] = us
+        print(f"  {label(cfg, k):32} {us:8.2f} us {read_bytes / us / 1e3:6.0f} GB/s  err {err:.1e}"
+              f"  x{cublas_us / us:.2f} vs cuBLAS", flush=True)  # fmt: skip
+
+    configs = candidates(m, n, k, num_sms, quick)
+    print(f"  (heuristic default: {label(configs[0], k)})")
+    for cfg in configs:
+        try_config(cfg)
+    if not timed:
+        return None
+    if not quick:  # split counts for the best tile
+        best = min(timed, key=timed.get)
+        same_tile = [c for c in timed if replace(c, split_k=1) == replace(best, split_k=1)]
+        seen = {effective_split_k(k, c.block_k, c.split_k) for c in same_tile}
+        for split in SPLITS:
+            if effective_split_k(k, best.block_k, split) not in seen:
+                seen.add(effective_split_k(k, best.block_k, split))
+                try_config(replace(best, split_k=split))
+    best = min(timed, key=timed.get)
+    return dict(k=k, n=n, bytes=read_bytes, cublas=cublas_us, us=timed[best], cfg=best,
+                default_us=timed.get(configs[0], math.nan))  # fmt: skip
+
+
+def bench_layer(shapes, results, rep) -> None:
+    """qkv, o, gate_up, down of one layer at M=1, two layers' weights in turn (each > L2)."""
+    names = ("qkv", "o", "gate_up", "down")
+    if not all(name in shapes for name in names):
+        return
+    layers = []
+    for _ in range(2):
+        layer = []
+        for name in names:
+            k, n, has_bias = shapes[name]
+            w = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * 0.02
+            b = torch.randn(n, device=DEVICE, dtype=torch.bfloat16) * 0.02 if has_bias else None
+            x = torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
+            out = torch.empty(1, n, device=DEVICE, dtype=torch.bfloat16)
+            cfg = results[(name, 1)]["cfg"] if (name, 1) in results else choose_config(1, n, k, w.dtype, w.device)
+            layer.append((x, w, b, out, cfg))
+        layers.append(layer)
+    layer_bytes = sum(2 * (w.numel() + x.numel() + (b.numel() if b is not None else 0)) for x, w, b, _, _ in layers[0])
+    cublas = time_us(lambda i: [F.linear(x, w, b) for x, w, b, _, _ in layers[i]], len(layers), rep)
+    skinny = time_us(
+        lambda i: [skinny_linear(x, w, b, out=o, config=c) for x, w, b, o, c in layers[i]], len(layers), rep
+    )
+    print(f"\n== whole layer (qkv, o, gate_up, down), M=1, {layer_bytes / 1e6:.0f} MB per layer:")
+    print(f"   cuBLAS {cublas:.1f} us ({layer_bytes / cublas / 1e3:.0f} GB/s)  vs  "
+          f"triton {skinny:.1f} us ({layer_bytes / skinny / 1e3:.0f} GB/s)  x{cublas / skinny:.3f}")  # fmt: skip
+    configs = ", ".join(f"{name} {label(c, x.shape[1])}" for name, (x, _, _, _, c) in zip(names, layers[0]))
+    print(f"   triton configs: {configs}")
+
+
+def bench_ceilings(rep) -> None:
+    src = torch.empty(1 << 29, device=DEVICE, dtype=torch.bfloat16).normal_()  # 1 GiB
+    dst = torch.empty_like(src)
+    read_us = time_us(lambda i: torch.sum(src, dtype=torch.float32), 1, rep)
+    copy_us = time_us(lambda i: dst.copy_(src), 1, rep)
+    print(f"ceilings: torch.sum over 1 GiB bf16 (read) {src.nbytes / read_us / 1e3:.0f} GB/s; "
+          f"copy 1 GiB (read+write) {2 * src.nbytes / copy_us / 1e3:.0f} GB/s")  # fmt: skip
+
+
+def print_summary(results) -> None:
+    print("\n== summary (median us per call of CUDA-graph replays, weights rotated past L2)")
+    for (name, m), r in results.items():
+        gbs, gbs_cublas = r["bytes"] / r["us"] / 1e3, r["bytes"] / r["cublas"] / 1e3
+        print(f"{name:8} M={m}: best triton {r['us']:.2f} us ({gbs:.0f} GB/s) vs cuBLAS {r['cublas']:.2f} us "
+              f"({gbs_cublas:.0f} GB/s)  x{r['cublas'] / r['us']:.2f}  [{label(r['cfg'], r['k'])}]")  # fmt: skip
+    print("\n# Paste into skinny_gemm.py (keys (N, K, m_bucket); split_k as launched):")
+    print("SKINNY_CONFIGS: dict[tuple[int, ...], dict[str, int | bool]] = {")
+    for (name, m), r in results.items():
+        c = r["cfg"]
+        split = effective_split_k(r["k"], c.block_k, c.split_k)
+        print(
+            f"    # {name} M={m}: {r['us']:.1f} us vs cuBLAS {r['cublas']:.1f} us, heuristic {r['default_us']:.1f} us"
+        )
+        print(
+            f"    ({r['n']}, {r['k']}, {m_bucket(m)}): dict(block_n={c.block_n}, block_k={c.block_k}, "
+            f"num_warps={c.num_warps}, num_stages={c.num_stages}, split_k={split}, use_dot={c.use_dot}),"
+        )
+    print("}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=tuple(MODELS), default="7b")
+    parser.add_argument("--shapes", help="comma-separated subset of qkv,o,gate_up,down,lm_head")
+    parser.add_argument("--m", default="1,2,4,8", help="comma-separated token counts (1..8)")
+    parser.add_argument("--quick", action="store_true", help="default + 3 configs per case, no split sweep")
+    parser.add_argument("--rep", type=int, default=10, help="ms of kernels per CUDA graph (triton do_bench_cudagraph)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_skinny_gemm needs a CUDA GPU")
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be fp32
+    shapes = MODELS[args.model]
+    names = args.shapes.split(",") if args.shapes else list(shapes)
+    m_values = [int(v) for v in args.m.split(",")]
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print(f"{torch.cuda.get_device_name()} ({num_sms} SMs)  torch {torch.__version__}  triton {triton.__version__}"
+          f"  model {args.model}  bf16")  # fmt: skip
+    start = time.perf_counter()
+    bench_ceilings(args.rep)
+    results: dict = {}
+    for name in names:
+        k, n, has_bias = shapes[name]
+        bench_shape(name, k, n, has_bias, m_values, num_sms, args.rep, args.quick, results)
+        torch.cuda.empty_cache()
+    if 1 in m_values:
+        bench_layer({n: shapes[n] for n in names}, results, args.rep)
+    print_summary(results)
+    print(f"\n(total {time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

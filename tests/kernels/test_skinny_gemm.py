@@ -1,0 +1,144 @@
+"""Skinny GEMM (y = x @ W^T + bias, M <= 8) vs an fp32 torch reference.
+
+Interpreter on CPU (fp32/fp16, small shapes), compiled on CUDA (fp16/bf16, plus 7B shapes); see
+conftest.py. Fresh random inputs per case; `out` is poisoned with NaN so an unwritten element fails.
+The configs below force each code path: tensor-core (dot) and CUDA-core (fma; M == 1 has its own
+branch) inner products, unsplit and split-K (partials + reduce), K and N not multiples of the blocks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagedserve.executor.kernels.skinny_gemm import SkinnyConfig, default_config, skinny_linear
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPES = [torch.float16, torch.bfloat16] if CUDA else [torch.float32, torch.float16]
+# Relative to the largest |reference| value: fp32 sums in another order, or one output rounding.
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+gpu_only = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+
+CASES = [  # (K, N, bias, config); SkinnyConfig(block_n, block_k, num_warps, num_stages, split_k, use_dot)
+    pytest.param(72, 17, True, SkinnyConfig(16, 32, 2, 2, 1, True), id="dot-K72-N17-bias"),
+    pytest.param(200, 300, False, SkinnyConfig(32, 64, 4, 2, 3, True), id="dot-split-K200-N300"),
+    pytest.param(200, 1, True, SkinnyConfig(16, 32, 2, 2, 4, True), id="dot-split-K200-N1-bias"),
+    pytest.param(72, 300, True, SkinnyConfig(64, 32, 4, 2, 1, False), id="fma-K72-N300-bias"),
+    pytest.param(256, 17, True, SkinnyConfig(4, 64, 2, 2, 3, False), id="fma-split-K256-N17-bias"),
+    pytest.param(200, 1, False, SkinnyConfig(2, 16, 1, 1, 5, False), id="fma-split-K200-N1"),
+    pytest.param(256, 40, True, None, id="default-K256-N40-bias"),
+]
+
+
+def reference(x, weight, bias):
+    ref = x.float() @ weight.float().T
+    return ref + bias.float() if bias is not None else ref
+
+
+def assert_matches(out, ref, dtype):
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all(), "an output element was left unwritten (NaN poison survived)"
+    scale = ref.abs().max().item() or 1.0
+    torch.testing.assert_close(out.float(), ref, rtol=TOL[dtype], atol=TOL[dtype] * scale)
+
+
+def make_inputs(m, k, n, with_bias, dtype):
+    x = torch.randn(m, k).to(dtype).to(DEVICE)
+    weight = (torch.randn(n, k) / k**0.5).to(dtype).to(DEVICE)
+    bias = torch.randn(n).to(dtype).to(DEVICE) if with_bias else None
+    return x, weight, bias
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,n,with_bias,config", CASES)
+@pytest.mark.parametrize("m", [1, 2, 5, 8])
+def test_skinny_linear(m, k, n, with_bias, config, dtype):
+    x, weight, bias = make_inputs(m, k, n, with_bias, dtype)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
+    got = skinny_linear(x, weight, bias, out=out, config=config)
+    assert got is out
+    assert_matches(out, reference(x, weight, bias), dtype)
+
+
+@pytest.mark.parametrize("use_dot", [True, False])
+def test_strided_x_and_out_and_allocated_out(use_dot):
+    """x and out as row slices of wider buffers (row stride != K / N); out=None allocates."""
+    dtype, m, k, n = DTYPES[0], 3, 96, 40
+    x_wide = torch.randn(m, k + 24).to(dtype).to(DEVICE)
+    x = x_wide[:, 8 : 8 + k]
+    weight = torch.randn(n, k).to(dtype).to(DEVICE) / k**0.5
+    out_wide = torch.full((m, n + 16), float("nan"), dtype=dtype, device=DEVICE)
+    config = {"block_n": 16, "block_k": 32, "num_warps": 2, "num_stages": 2, "split_k": 2, "use_dot": use_dot}
+    skinny_linear(x, weight, out=out_wide[:, :n], config=config)
+    assert_matches(out_wide[:, :n], reference(x, weight, None), dtype)
+    assert torch.isnan(out_wide[:, n:]).all(), "wrote outside out"
+    assert_matches(skinny_linear(x, weight), reference(x, weight, None), dtype)
+
+
+@pytest.mark.parametrize("m", [1, 2, 4, 8])
+@pytest.mark.parametrize(
+    "n,k",
+    [(4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944), (152064, 3584), (1152, 896), (896, 4864)],
+)
+def test_default_configs_are_valid(m, n, k):
+    """The heuristic for Qwen2-7B / 0.5B shapes: legal configs; split-K only where N alone is too few."""
+    config = default_config(m, n, k, torch.bfloat16, num_sms=132)
+    config.validate()
+    assert k % config.block_k == 0  # these K all take the unmasked path
+    if config.split_k > 1:
+        assert triton_cdiv(n, config.block_n) < 2 * 132
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+def test_bad_inputs_raise():
+    x = torch.randn(2, 64).to(DEVICE)
+    weight = torch.randn(32, 64).to(DEVICE)
+    with pytest.raises(ValueError, match="M <= 8"):
+        skinny_linear(torch.randn(9, 64).to(DEVICE), weight)
+    with pytest.raises(ValueError, match="1 <= M"):
+        skinny_linear(torch.randn(0, 64).to(DEVICE), weight)
+    with pytest.raises(ValueError, match="do not match"):
+        skinny_linear(torch.randn(2, 65).to(DEVICE), weight)
+    with pytest.raises(ValueError, match="dtype"):
+        skinny_linear(x.half(), weight)
+    with pytest.raises(ValueError, match="contiguous"):
+        skinny_linear(x, torch.randn(64, 64).to(DEVICE).T)
+    with pytest.raises(ValueError, match="bias"):
+        skinny_linear(x, weight, bias=torch.randn(31).to(DEVICE))
+    with pytest.raises(ValueError, match="out"):
+        skinny_linear(x, weight, out=torch.empty(2, 32, dtype=torch.float16, device=DEVICE))
+    with pytest.raises(ValueError, match="power of 2"):
+        skinny_linear(x, weight, config=SkinnyConfig(24, 32))
+    with pytest.raises(ValueError, match="use_dot"):
+        skinny_linear(x, weight, config=SkinnyConfig(8, 32, use_dot=True))
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("n,k,with_bias", [(4608, 3584, True), (3584, 18944, False), (1152, 896, True)])
+def test_gpu_model_shapes_default_config(m, n, k, with_bias, dtype):
+    x, weight, bias = make_inputs(m, k, n, with_bias, dtype)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
+    skinny_linear(x, weight, bias, out=out)
+    assert_matches(out, reference(x, weight, bias), dtype)
+
+
+@gpu_only
+def test_gpu_split_k_is_deterministic_and_graph_capturable():
+    m, k, n, dtype = 4, 18944, 3584, torch.bfloat16
+    x, weight, bias = make_inputs(m, k, n, True, dtype)
+    config = SkinnyConfig(16, 256, 4, 3, 8, True)
+    first = skinny_linear(x, weight, bias, config=config)
+    assert all(torch.equal(first, skinny_linear(x, weight, bias, config=config)) for _ in range(5))
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        skinny_linear(x, weight, bias, out=out, config=config)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, first)
