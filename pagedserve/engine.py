@@ -403,27 +403,30 @@ class StepTiming:
     runner (device time included: it ends with the sampled ids on the host), and in updating,
     detokenizing and building outputs. Cheap enough to keep on always."""
 
-    # kind -> [steps, tokens, schedule_s, execute_s, output_s, slowest execute_s]
+    # kind -> [steps, tokens, schedule_s, execute_s, output_s, slowest execute_s, slowest's (step, tokens, seqs)]
     totals: dict = field(default_factory=dict)
 
     def add(self, out: SchedulerOutput, t0: float, t1: float, t2: float, t3: float) -> None:
         decode = all(len(r.token_ids) == 1 for r in out.scheduled)
         kind = "decode" if decode else "mixed"
-        row = self.totals.setdefault(kind, [0, 0, 0.0, 0.0, 0.0, 0.0])
+        row = self.totals.setdefault(kind, [0, 0, 0.0, 0.0, 0.0, 0.0, None])
         row[0] += 1
         row[1] += out.num_batched_tokens
         row[2] += t1 - t0
         row[3] += t2 - t1
         row[4] += t3 - t2
-        row[5] = max(row[5], t2 - t1)  # a one-off (a kernel compiling) shows here, not in the mean
+        if t2 - t1 > row[5]:  # a one-off (a kernel compiling) shows here, not in the mean
+            row[5] = t2 - t1
+            row[6] = (sum(r[0] for r in self.totals.values()), out.num_batched_tokens, len(out.scheduled))
 
     def summary(self) -> str:
         parts = []
-        for kind, (steps, tokens, sched, execute, output, slowest) in sorted(self.totals.items()):
+        for kind, (steps, tokens, sched, execute, output, slowest, where) in sorted(self.totals.items()):
             per = 1e3 / max(steps, 1)
+            at = f" at step {where[0]}: {where[1]} tokens, {where[2]} seqs" if where else ""
             parts.append(f"{kind}: {steps} steps, {tokens / max(steps, 1):.0f} tokens/step, ms/step: "
-                         f"schedule {sched * per:.2f}, execute {execute * per:.2f} (slowest {slowest * 1e3:.1f}), "
-                         f"output {output * per:.2f}")
+                         f"schedule {sched * per:.2f}, execute {execute * per:.2f} (slowest {slowest * 1e3:.1f}"
+                         f"{at}), output {output * per:.2f}")
         return "; ".join(parts)
 
 

@@ -173,6 +173,7 @@ def run_engine_process(
         pkg = logging.getLogger("pagedserve")
         if pkg.getEffectiveLevel() > logging.INFO:
             pkg.setLevel(logging.INFO)
+    logger.info("engine process started (imports done); building the engine")
     try:
         engine = engine_factory()
         conn_out.send(("ready", engine_info(engine)))

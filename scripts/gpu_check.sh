@@ -2,7 +2,7 @@
 # One device call: GPU tests, then the benchmarks on the Qwen2-7B shapes (random bf16 weights).
 # Run from the repo root on the GPU machine with .whl and .devcache carried (see docs/benchmarks.md).
 #   bash scripts/gpu_check.sh [tests] [probe] [latency] [throughput] [profile] [profile-eager] [profile-b1]
-#                             [profile-mixed] [serve] [compare] [silu] [skinny]
+#                             [profile-mixed] [serve] [compare] [silu] [skinny] [serve-bench]
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 if [ -d .whl ]; then
@@ -14,6 +14,25 @@ M=.devcache/qwen2-7b
 phases="${*:-tests latency throughput serve}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+start_server() {  # start_server PORT [extra serve flags...]: background server, waits for /health
+  local port=$1; shift
+  local t0; t0=$(date +%s.%N)
+  python3 -m pagedserve.entrypoints.cli serve $M --load-format dummy --port "$port" --disable-access-log "$@" \
+    > "$OUT/server-$port.log" 2>&1 &
+  SERVER_PID=$!
+  for _ in $(seq 1 480); do
+    curl -sf "localhost:$port/health" > /dev/null && break
+    sleep 0.25
+  done
+  python3 -c "import sys; print(f'serve start-up to /health OK: {float(sys.argv[2]) - float(sys.argv[1]):.1f} s')" \
+    "$t0" "$(date +%s.%N)"
+}
+stop_server() { kill -TERM "$SERVER_PID"; wait "$SERVER_PID"; echo "serve exit status $?"; }
+bench_serve() {  # bench_serve PORT NAME [bench serve flags...]
+  local port=$1 name=$2; shift 2
+  python3 -m pagedserve.entrypoints.cli bench serve --base-url "http://localhost:$port" --disable-tqdm \
+    --output-json "$OUT/$name.json" "$@" 2>&1 | grep -vE "^\[transformers\]|HTTP Request" | tail -n 14
+}
 run_phase() {
   local phase=$1
   case $phase in
@@ -22,6 +41,9 @@ run_phase() {
     latency)
       python3 -m pagedserve.entrypoints.cli bench latency --model $M --load-format dummy \
         --output-json "$OUT/latency.json" 2>&1 | tail -4 ;;
+    latency-skinny)
+      PAGEDSERVE_SKINNY_GEMM=1 python3 -m pagedserve.entrypoints.cli bench latency --model $M --load-format dummy \
+        --output-json "$OUT/latency-skinny.json" 2>&1 | tail -4 ;;
     throughput)
       python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm \
         --output-json "$OUT/throughput.json" 2>&1 | tail -4 ;;
@@ -40,22 +62,30 @@ run_phase() {
     profile-mixed)
       python3 scripts/profile_steps.py --model $M --workload throughput 2>&1 | grep -v "^\[transformers\]" ;;
     serve)
-      t0=$(date +%s.%N)
-      python3 -m pagedserve.entrypoints.cli serve $M --load-format dummy --port 8011 > "$OUT/serve.log" 2>&1 &
-      pid=$!
-      for _ in $(seq 1 240); do
-        curl -sf localhost:8011/health > /dev/null && break
-        sleep 0.25
-      done
-      python3 -c "import sys; print(f'serve start-up to /health OK: {float(sys.argv[2]) - float(sys.argv[1]):.1f} s')" \
-        "$t0" "$(date +%s.%N)"
+      start_server 8011
       python3 examples/load_test.py --base-url http://localhost:8011/v1 --max-tokens 128 2>&1 | tail -3
-      kill -TERM $pid; wait $pid; echo "serve exit status $?"
-      grep -E "captured|KV cache|ready" "$OUT/serve.log" | head -5 ;;
+      python3 examples/load_test.py --base-url http://localhost:8011/v1 --max-tokens 128 2>&1 | tail -1
+      stop_server
+      grep -E "captured|KV cache|ready|started|tokenizer|serving|imports" "$OUT/server-8011.log" | head -12 ;;
+    serve-bench)
+      # Issue 5: bench serve vs bench throughput on the comparison workload, prefix caching, concurrency.
+      python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm \
+        --input-len 100-1024 --output-len 512 --output-json "$OUT/tp-compare-workload.json" 2>&1 | tail -3
+      start_server 8012
+      bench_serve 8012 serve-compare-workload --num-prompts 256 --input-len 100-1024 --output-len 512
+      bench_serve 8012 serve-shared-prefix-cached --dataset shared-prefix --output-len 64
+      for c in 1 16 64 256; do
+        bench_serve 8012 "serve-c$c" --num-prompts $(( c == 1 ? 8 : 2 * c )) --input-len 1024 --output-len 128 \
+          --max-concurrency $c --plot "$OUT/serve-c$c.png"
+      done
+      stop_server
+      start_server 8013 --no-enable-prefix-caching
+      bench_serve 8013 serve-shared-prefix-uncached --dataset shared-prefix --output-len 64
+      stop_server ;;
     silu)
       python3 -m pagedserve.executor.kernels.bench_kernels --tune silu ;;
     skinny)
-      python3 scripts/bench_skinny_gemm.py ;;
+      python3 scripts/bench_skinny_gemm.py --m 1 --shapes qkv,o,gate_up,down ;;
     *) echo "unknown phase $phase" ;;
   esac
 }
@@ -65,7 +95,9 @@ for phase in $phases; do
   run_phase "$phase" > "$OUT/$phase.log" 2>&1
   case $phase in
     tests) grep -E "7B shapes|async vs sync|passed|failed|FAILED|rror" "$OUT/tests.log" | tail -25 ;;
+    serve-bench) grep -vE "^\[transformers\]|HTTP Request" "$OUT/$phase.log" | tail -n 120 ;;
     profile*|probe|silu|skinny) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
+    latency*) tail -n 5 "$OUT/$phase.log" ;;
     *) tail -n 8 "$OUT/$phase.log" ;;
   esac
 done

@@ -8,6 +8,7 @@ default dtype to place them directly where they run.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, overload
 
@@ -27,7 +28,16 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _SKINNY_GEMM and x.is_cuda and x.dim() == 2 and 1 <= x.shape[0] <= 8 and x.is_contiguous():
+            from pagedserve.executor.kernels.skinny_gemm import skinny_linear
+
+            return skinny_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+# Experiment switch (being measured on the H100, see docs/gpu-notes.md): the Triton skinny GEMM for
+# decode steps of at most 8 tokens instead of cuBLAS.
+_SKINNY_GEMM = os.environ.get("PAGEDSERVE_SKINNY_GEMM") == "1"
 
 
 class MergedLinear(Linear):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -89,12 +90,18 @@ def build_worker(config: EngineConfig) -> Worker:
                                 served_model_name=config.served_model_name or DEFAULT_MODEL.name)
     torch.manual_seed(config.seed)
 
-    if config.tokenizer is not None:
-        tokenizer = load_tokenizer(config.tokenizer, chat_template=config.chat_template)
-    else:
-        tokenizer = load_tokenizer(gguf_file or tokenizer_folder, chat_template=config.chat_template)
-    model, hf_config = load_model(config, model_path, device, dtype)
+    # The tokenizer loads in a thread while the weights load (both take seconds at start-up).
+    # transformers' lazy attributes are not safe to resolve from two threads at once: resolve here.
+    from transformers import AutoConfig, AutoTokenizer  # noqa: F401
+
+    with ThreadPoolExecutor(1, thread_name_prefix="pagedserve-tokenizer") as pool:
+        tokenizer_future = pool.submit(load_tokenizer, config.tokenizer or gguf_file or tokenizer_folder,
+                                       chat_template=config.chat_template)
+        model, hf_config = load_model(config, model_path, device, dtype)
+        t_weights = time.monotonic() - t0
+        tokenizer = tokenizer_future.result()
     t_load = time.monotonic() - t0
+    logger.info("start-up: weights in %.1f s, tokenizer ready at %.1f s", t_weights, t_load)
 
     model_len = int(getattr(hf_config, "max_position_embeddings", 0) or 0) or 4096
     if config.max_model_len is not None and model_len and config.max_model_len > model_len:
@@ -116,6 +123,7 @@ def build_worker(config: EngineConfig) -> Worker:
     sampler = Sampler(vocab_size, eos_ids)
     runner = ModelRunner(config, model, hf_config, device, dtype, num_blocks, config.block_size, sampler)
     config = dataclasses.replace(config, max_model_len=max_model_len, max_num_batched_tokens=max_batched)
+    logger.info("start-up: KV cache sized at %.1f s", time.monotonic() - t0)
     if device.type == "cuda" and not config.enforce_eager:
         runner.capture_cuda_graphs(config.max_num_seqs, max_model_len)
     logger.info("model %s loaded on %s (%s) in %.1f s; KV cache: %d blocks x %d tokens",

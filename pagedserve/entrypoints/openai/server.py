@@ -356,11 +356,13 @@ def run_server(config: EngineConfig, args: argparse.Namespace) -> int:
         log_stats=not config.disable_log_stats,
         log_stats_interval=getattr(args, "log_stats_interval", 5.0),
     )
+    logger.info("starting the engine%s", " process" if getattr(args, "engine_process", True) else "")
     if getattr(args, "engine_process", True):
         # The step loop in its own process: HTTP work never takes the GIL from it (docs/server.md).
         async_engine = AsyncEngine.in_process(functools.partial(LLMEngine, config), **kwargs)
     else:
         async_engine = AsyncEngine(LLMEngine(config), **kwargs)
+    logger.info("engine ready; building the API")
     api_key = getattr(args, "api_key", None) or os.environ.get(API_KEY_ENV) or None
     engine_config = async_engine.engine_config
     settings = ServerSettings(

@@ -160,7 +160,12 @@ class DecoderForCausalLM(nn.Module):
         return self.model(input_ids, positions, ctx)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(hidden, self.lm_head.weight).float()
+        weight = self.lm_head.weight
+        if hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16):
+            # fp32 out of the fp32 accumulator, same speed as a bf16 output: rounding logits of ~30 to
+            # bf16 (steps of 0.125) would tie and flip near-equal candidates.
+            return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+        return torch.nn.functional.linear(hidden, weight).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF-named tensors into this model (any dtype/device); return the param names filled.
