@@ -167,13 +167,18 @@ class AsyncEngine:
         self._tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="pagedserve-tokenizer")
 
     @classmethod
-    def in_process(cls, engine_factory: Callable[[], EngineLike], **kwargs: Any) -> AsyncEngine:
+    def in_process(cls, engine_factory: Callable[[], EngineLike] | None = None, *, backend: Any = None,
+                   **kwargs: Any) -> AsyncEngine:
         """Starts the engine in a spawned process (blocks until it is loaded). `engine_factory`
-        must be picklable, e.g. functools.partial(LLMEngine, config). Raises ValueError when the
-        engine refuses its configuration, RuntimeError on other startup failures."""
+        must be picklable, e.g. functools.partial(LLMEngine, config). `backend`: a ProcessBackend
+        already spawned with wait=False (with the same kwargs). Raises ValueError when the engine
+        refuses its configuration, RuntimeError on other startup failures."""
         from pagedserve.engine_process import ProcessBackend
 
-        return cls(_backend=ProcessBackend(engine_factory, dict(kwargs)), **kwargs)
+        if backend is None:
+            backend = ProcessBackend(engine_factory, dict(kwargs), wait=False)
+        backend.wait_ready()
+        return cls(_backend=backend, **kwargs)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:

@@ -261,7 +261,9 @@ class _Sender:
 class ProcessBackend:
     """The server side of the engine process: spawn, pipes, a reader thread, the delta decoder."""
 
-    def __init__(self, engine_factory: Callable[[], Any], core_kwargs: dict) -> None:
+    def __init__(self, engine_factory: Callable[[], Any], core_kwargs: dict, *, wait: bool = True) -> None:
+        """Spawns the engine process; with wait=False returns at once (call wait_ready() later:
+        the caller's own start-up work then overlaps the engine's)."""
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA or threads
@@ -277,6 +279,24 @@ class ProcessBackend:
         self.process.start()
         child_in.close()
         child_out.close()
+        self.info: dict | None = None
+        self._decoder = DeltaDecoder()
+        self._reader: Any = None
+        self._stopping = False
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Blocks until the engine is loaded. Raises like AsyncEngine.in_process."""
+        if self.info is not None:
+            return
+        # While the engine loads (seconds): import what unpickling its info needs (the tokenizer's
+        # transformers classes), so that is off the start-up path.
+        try:
+            import transformers  # noqa: F401
+            from transformers import PreTrainedTokenizerFast  # noqa: F401
+        except ImportError:
+            pass
         try:
             message = self._from_engine.recv()
         except (EOFError, OSError):
@@ -289,10 +309,7 @@ class ProcessBackend:
             if exc_type == "ValueError":
                 raise ValueError(text)
             raise RuntimeError(f"the engine failed to start: {exc_type}: {text}")
-        self.info: dict = message[1]
-        self._decoder = DeltaDecoder()
-        self._reader: Any = None
-        self._stopping = False
+        self.info = message[1]
 
     def start(self, post: Callable[..., None]) -> None:
         self._reader = threading.Thread(target=self._read, args=(post,), name="pagedserve-engine-reader", daemon=True)

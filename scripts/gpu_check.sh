@@ -41,9 +41,9 @@ run_phase() {
     latency)
       python3 -m pagedserve.entrypoints.cli bench latency --model $M --load-format dummy \
         --output-json "$OUT/latency.json" 2>&1 | tail -4 ;;
-    latency-skinny)
-      PAGEDSERVE_SKINNY_GEMM=1 python3 -m pagedserve.entrypoints.cli bench latency --model $M --load-format dummy \
-        --output-json "$OUT/latency-skinny.json" 2>&1 | tail -4 ;;
+    latency-cublas)  # A/B: batch-1 projections through cuBLAS instead of the Triton skinny GEMM
+      PAGEDSERVE_NO_SKINNY_GEMM=1 python3 -m pagedserve.entrypoints.cli bench latency --model $M --load-format dummy \
+        --output-json "$OUT/latency-cublas.json" 2>&1 | tail -4 ;;
     throughput)
       python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm \
         --output-json "$OUT/throughput.json" 2>&1 | tail -4 ;;

@@ -28,16 +28,16 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _SKINNY_GEMM and x.is_cuda and x.dim() == 2 and 1 <= x.shape[0] <= 8 and x.is_contiguous():
+        # One token (batch-1 decode) on CUDA: the Triton skinny GEMM streams the weight ~9% faster
+        # than cuBLAS on the H100 (docs/gpu-notes.md); larger batches stay with cuBLAS.
+        if x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype != torch.float32 and not _NO_SKINNY_GEMM:
             from pagedserve.executor.kernels.skinny_gemm import skinny_linear
 
             return skinny_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
-# Experiment switch (being measured on the H100, see docs/gpu-notes.md): the Triton skinny GEMM for
-# decode steps of at most 8 tokens instead of cuBLAS.
-_SKINNY_GEMM = os.environ.get("PAGEDSERVE_SKINNY_GEMM") == "1"
+_NO_SKINNY_GEMM = os.environ.get("PAGEDSERVE_NO_SKINNY_GEMM") == "1"  # A/B switch for benchmarks
 
 
 class MergedLinear(Linear):
@@ -89,10 +89,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+    def _norm(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         x32 = x.float()
         variance = x32.pow(2).mean(-1, keepdim=True)
-        return self.weight * (x32 * torch.rsqrt(variance + self.eps)).to(x.dtype)
+        return self.weight * (x32 * torch.rsqrt(variance + self.eps)).to(dtype or x.dtype)
 
     @overload
     def forward(self, x: torch.Tensor, residual: None = None) -> torch.Tensor: ...
@@ -109,8 +109,10 @@ class RMSNorm(nn.Module):
             return rms_norm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
-        x = x + residual
-        return self._norm(x), x
+        # The residual may be fp32 beside 16-bit activations: the sum keeps its dtype, the normed
+        # output takes x's.
+        total = x.to(residual.dtype) + residual
+        return self._norm(total, x.dtype), total
 
 
 class SiluAndMul(nn.Module):

@@ -15,6 +15,7 @@ import glob
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -177,15 +178,22 @@ def load_model(
     Returns (model in eval mode, HF config).
     """
     device = torch.device(device)
+    t0 = time.monotonic()
     source = fetch_model_source(model_path, config.load_format)
     hf_config = load_hf_config(source)
     model_cls = get_model_class(getattr(hf_config, "architectures", None))
+    t_config = time.monotonic()
     with torch.device(device), _default_dtype(dtype):
         model = model_cls(hf_config, config.max_model_len)
     model.eval()
+    t_built = time.monotonic()
+    logger.info("start-up: config in %.1f s, model built on %s in %.1f s", t_config - t0, device, t_built - t_config)
 
     if config.load_format == "dummy":
         init_dummy_weights(model, config.seed)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        logger.info("start-up: dummy weights in %.1f s", time.monotonic() - t_built)
         return model, hf_config
     if source.kind == "gguf":
         weights = iterate_gguf_weights(source.path, hf_config)

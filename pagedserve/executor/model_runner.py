@@ -172,10 +172,13 @@ class ModelRunner:
 
         sizes = [num_tokens, num_tokens, num_tokens, num_seqs + 1, num_seqs, num_seqs * width, num_logits,
                  num_placeholders, num_placeholders]
-        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        # Each part starts 16-byte aligned (an even int64 offset): Triton specializes kernels on the
+        # alignment of pointer arguments, and a parity that changed with the step would compile
+        # new kernel variants in the middle of serving.
+        offsets = np.concatenate([[0], np.cumsum([n + (n & 1) for n in sizes])])
         buf = self._host_view(int(offsets[-1]))
         input_ids, positions, slot_mapping, qsl, sl, block_tables, logits_indices, dst, src = (
-            buf[offsets[i] : offsets[i + 1]] for i in range(len(sizes))
+            buf[offsets[i] : offsets[i] + sizes[i]] for i in range(len(sizes))
         )
 
         input_ids[:] = token_ids
@@ -199,7 +202,7 @@ class ModelRunner:
         logits_indices[:] = query_start_loc[1:][sample_rows] - 1
 
         device_buf = self._to_device(buf)
-        views = [device_buf[offsets[i] : offsets[i + 1]] for i in range(len(sizes))]
+        views = [device_buf[offsets[i] : offsets[i] + sizes[i]] for i in range(len(sizes))]
         if num_placeholders:
             views[0][views[7]] = self._last_sampled[views[8]]  # on the device: no wait for the last step
         meta = AttentionMetadata(

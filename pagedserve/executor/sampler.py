@@ -7,12 +7,26 @@ Pipeline for a batch (every step is a batched tensor op on the logits' device):
         ├─ logit_bias (added) ─ min_tokens (stop ids → -inf) ─ repetition ─ frequency ─ presence
         │                                                    (the order of vLLM's apply_penalties)
         ├─ greedy rows: argmax
-        └─ random rows: /temperature ─ top_k ─ top_p ─ min_p ─ softmax ─ argmax(probs / q), q ~ Exp(1)
+        ├─ random rows with top_k/top_p/min_p (and every random row off CUDA):
+        │      /temperature ─ top_k ─ top_p ─ min_p ─ softmax ─ argmax(probs / q), q ~ Exp(1)
+        └─ other random rows, on CUDA: kernels/sample.py, one fused pass: argmax(logits / T - log q)
 
 The exponential race picks token i with probability p_i (argmax of p_i / q_i with q_i ~ Exp(1) is a
 categorical draw), needs no cumulative sum, and lets each seeded row draw its own noise from a
 generator seeded by (seed, output position): the same seed then gives the same tokens alone or
 batched, and again after a preemption recompute, because nothing depends on generator history.
+
+The fused CUDA path (the common case: temperature only) runs the same race in one Triton pass over
+the row, with no softmax, no fp32 copy of the logits and no [S, V] noise tensor; argmax(p_i / q_i) =
+argmax(logits_i / T - log q_i). Its noise is in-kernel Philox keyed by (philox seed, offset, column),
+one (seed, offset) per row: a seeded request's row uses philox seed position_seed(seed, output
+position) and offset = output position, so it too is a function of (seed, position) alone. Unseeded
+rows get a fresh 63-bit philox seed per row and step from a host numpy generator owned by the
+Sampler, seeded from `seed` (default torch.initial_seed(), i.e. what the worker's
+torch.manual_seed(config.seed) set): no device generator state is read, so nothing waits.
+The two paths draw different noise, so on CUDA a seed gives other tokens than on CPU (or than with
+a top-k/top-p/min-p filter on): seeded reproducibility holds per device type, and a row samples the
+same alone or batched on both paths (the path is chosen from the row's own parameters).
 """
 
 from __future__ import annotations
@@ -151,11 +165,25 @@ def _decode_ids(values: list) -> tuple[list[int], list[TokenLogprobs | None]]:
 
 
 class Sampler:
-    """Stateless batched sampler. Row i of `logits` belongs to `requests[i]`."""
+    """Batched sampler. Row i of `logits` belongs to `requests[i]`.
 
-    def __init__(self, vocab_size: int, eos_token_ids: set[int]) -> None:
+    Stateless but for the host generator of the fused CUDA path's unseeded rows (module docstring):
+    `seed` seeds it (default torch.initial_seed()). use_fused_kernel=False keeps CUDA logits on the
+    torch path too (for comparisons and benchmarks); off CUDA the torch path is always used.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        eos_token_ids: set[int],
+        *,
+        seed: int | None = None,
+        use_fused_kernel: bool = True,
+    ) -> None:
         self.vocab_size = vocab_size
         self.eos_token_ids = set(eos_token_ids)
+        self.use_fused_kernel = use_fused_kernel
+        self._seed_rng = np.random.default_rng(torch.initial_seed() if seed is None else seed)
 
     def __call__(
         self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]
@@ -184,9 +212,12 @@ class Sampler:
             ids = logits.argmax(dim=-1)
             return SampleResult(ids, ids, _decode_ids)
 
-        if logits.dtype != torch.float32:
-            logits = logits.float()  # penalties, softmax and the race need fp32 resolution
-        processed = self.process_logits(logits, requests)
+        if any(self._needs_processing(r) for r in requests):
+            if logits.dtype != torch.float32:
+                logits = logits.float()  # penalties need fp32 resolution
+            processed = self.process_logits(logits, requests)
+        else:
+            processed = logits  # read-only below: _sample widens what the torch path needs to fp32
         sampled = self._sample(processed, requests)
 
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
@@ -206,13 +237,11 @@ class Sampler:
 
     def _is_plain_greedy(self, req: ScheduledRequest) -> bool:
         p = req.sampling_params
-        return (
-            p.greedy
-            and not p.needs_penalties
-            and not p.logit_bias
-            and p.logprobs is None
-            and not self._min_tokens_active(req)
-        )
+        return p.greedy and p.logprobs is None and not self._needs_processing(req)
+
+    def _needs_processing(self, req: ScheduledRequest) -> bool:
+        p = req.sampling_params
+        return p.needs_penalties or bool(p.logit_bias) or self._min_tokens_active(req)
 
     def _min_tokens_active(self, req: ScheduledRequest) -> bool:
         p = req.sampling_params
@@ -297,19 +326,60 @@ class Sampler:
     # ---- sampling ----
 
     def _sample(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> torch.Tensor:
-        """Token ids [S] (on device): argmax for greedy rows, the exponential race for the rest."""
+        """Token ids [S] (on device): argmax for greedy rows, the exponential race for the rest
+        (fused kernel or torch, per row: see the module docstring). logits: fp32, or any float
+        dtype when no row needed processing; not modified."""
         params = [r.sampling_params for r in requests]
-        greedy_ids = logits.argmax(dim=-1)
+        num_rows, vocab = len(params), logits.shape[1]
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if not random_rows:
-            return greedy_ids
+            return logits.argmax(dim=-1)
+        fused = self._fused_kernel_on(logits)
+        is_fast = [fused and not _needs_filters(params[i], vocab) for i in random_rows]
+        fast_rows = [i for i, fast in zip(random_rows, is_fast) if fast]
+        filtered_rows = [i for i, fast in zip(random_rows, is_fast) if not fast]
+        if len(fast_rows) == num_rows:
+            return self._sample_fused(logits, requests)
+        if len(filtered_rows) == num_rows:
+            return self._sample_filtered(logits, requests)
         device = logits.device
-        rp = [params[i] for i in random_rows]
-        sub = logits[_to_device(random_rows, torch.long, device)] if len(random_rows) < len(params) else logits
-        vocab = logits.shape[1]
+        if len(random_rows) < num_rows:
+            ids = logits.argmax(dim=-1)  # greedy rows (the random ones are overwritten below)
+        else:
+            ids = torch.empty(num_rows, dtype=torch.long, device=device)
+        for rows, sample_rows in ((fast_rows, self._sample_fused), (filtered_rows, self._sample_filtered)):
+            if rows:
+                idx = _to_device(rows, torch.long, device)
+                ids[idx] = sample_rows(logits[idx], [requests[i] for i in rows])
+        return ids
+
+    def _fused_kernel_on(self, logits: torch.Tensor) -> bool:
+        return self.use_fused_kernel and logits.is_cuda  # (tests patch this to run the interpreter)
+
+    def _sample_fused(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> torch.Tensor:
+        """Random rows without filters, on CUDA: one Triton pass (kernels/sample.py)."""
+        from pagedserve.executor.kernels.sample import sample_gumbel
+
+        num_rows = len(requests)
+        # One host-to-device copy: philox seeds, offsets (output positions) and the temperatures'
+        # float64 bits, as int64 [3, S].
+        packed = np.empty((3, num_rows), dtype=np.int64)
+        packed[0] = self._seed_rng.integers(0, 2**63, size=num_rows, dtype=np.int64)
+        for i, r in enumerate(requests):
+            if r.sampling_params.seed is not None:
+                packed[0, i] = position_seed(r.sampling_params.seed, r.output_index)
+        packed[1] = [r.output_index for r in requests]
+        packed[2] = np.array([r.sampling_params.temperature for r in requests], dtype=np.float64).view(np.int64)
+        dev = torch.from_numpy(packed).to(logits.device, non_blocking=True)
+        return sample_gumbel(logits, dev[2].view(torch.float64), dev[0], dev[1])
+
+    def _sample_filtered(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> torch.Tensor:
+        """Random rows, torch ops: temperature and filters, softmax, then argmax(probs / q)."""
+        device, vocab = logits.device, logits.shape[1]
+        rp = [r.sampling_params for r in requests]
         active_k = [p.top_k for p in rp if 0 < p.top_k < vocab]
         probs = apply_sampling_filters(
-            sub,
+            logits.float(),
             _to_device([p.temperature for p in rp], torch.float32, device),
             _to_device([p.top_k for p in rp], torch.long, device),
             _to_device([p.top_p for p in rp], torch.float32, device),
@@ -321,14 +391,10 @@ class Sampler:
         q = exponential_noise(
             tuple(probs.shape),
             [p.seed for p in rp],
-            [requests[i].output_index for i in random_rows],
+            [r.output_index for r in requests],
             device,
         )
-        random_ids = probs.div_(q).argmax(dim=-1)
-        if len(random_rows) == len(params):
-            return random_ids
-        greedy_ids[_to_device(random_rows, torch.long, device)] = random_ids
-        return greedy_ids
+        return probs.div_(q).argmax(dim=-1)
 
     # ---- logprobs ----
 
@@ -381,6 +447,10 @@ class Sampler:
             return sampled_list, out
 
         return SampleResult(sampled, payload, decode)
+
+
+def _needs_filters(params: SamplingParams, vocab_size: int) -> bool:
+    return 0 < params.top_k < vocab_size or params.top_p < 1.0 or params.min_p > 0.0
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -25,6 +25,32 @@ def ref_rms_norm(x, weight, eps, residual=None):
     return (weight * normed, x) if residual is not None else weight * normed
 
 
+@pytest.mark.parametrize("hidden", [64, 1000])
+@pytest.mark.parametrize("dtype", DTYPES[-1:])
+def test_rms_norm_with_fp32_residual_stream(hidden, dtype):
+    """16-bit activations beside an fp32 residual: the sum stays fp32 (not rounded), the normed
+    output is in x's dtype; the torch path of layers.RMSNorm gives the same."""
+    from pagedserve.executor.layers import RMSNorm
+
+    x = (torch.randn(7, hidden) * 3).to(dtype).to(DEVICE)
+    residual = (torch.randn(7, hidden) * 5).to(DEVICE)  # fp32, not representable in 16 bits
+    weight = (1 + 0.1 * torch.randn(hidden)).to(dtype).to(DEVICE)
+    total = x.float() + residual
+    normed = (total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+    expected = weight * normed
+    out, res_out = rms_norm(x, weight, 1e-6, residual)
+    assert res_out.dtype == torch.float32 and out.dtype == dtype
+    torch.testing.assert_close(res_out, total, rtol=0, atol=0)
+    ulp_close(out, expected)
+    norm = RMSNorm(hidden, 1e-6).to(DEVICE)
+    norm.weight.data = weight.clone()
+    torch_out, torch_res = norm._norm(total, dtype), x.to(torch.float32) + residual
+    ulp_close(out, torch_out)
+    torch.testing.assert_close(res_out, torch_res, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="residual dtype"):
+        rms_norm(x.float(), weight, 1e-6, residual.to(dtype))
+
+
 def ulp_close(out, ref):
     """At most one rounding step apart (fp32 sums in another order can flip the last bit)."""
     assert out.dtype == ref.dtype and out.shape == ref.shape

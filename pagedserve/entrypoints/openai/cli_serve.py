@@ -83,7 +83,41 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+def engine_core_kwargs(config: EngineConfig, args: argparse.Namespace) -> dict:
+    """The engine loop's settings (AsyncEngine / EngineCore keyword arguments)."""
+    return dict(
+        max_queued_requests=config.max_queued_requests,
+        log_stats=not config.disable_log_stats,
+        log_stats_interval=getattr(args, "log_stats_interval", 5.0),
+    )
+
+
+def enable_stats_logging(config: EngineConfig) -> None:
+    import logging
+
+    if not config.disable_log_stats:
+        pkg_logger = logging.getLogger("pagedserve")
+        if pkg_logger.getEffectiveLevel() > logging.INFO:
+            pkg_logger.setLevel(logging.INFO)  # the periodic stats line is INFO
+
+
+def start_engine_process(config: EngineConfig, args: argparse.Namespace):
+    """Spawns the engine process and returns its ProcessBackend without waiting for it to load."""
+    import functools
+    import logging
+
+    from pagedserve.engine import LLMEngine
+    from pagedserve.engine_process import ProcessBackend
+
+    enable_stats_logging(config)
+    logging.getLogger(__name__).info("starting the engine process")
+    return ProcessBackend(functools.partial(LLMEngine, config), engine_core_kwargs(config, args), wait=False)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    config = serve_config_from_args(args)
+    # The engine process starts first: the server's own imports then overlap its loading.
+    backend = start_engine_process(config, args) if args.engine_process else None
     from pagedserve.entrypoints.openai.server import run_server
 
-    return run_server(serve_config_from_args(args), args)
+    return run_server(config, args, backend=backend)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import hmac
 import json
 import logging
@@ -24,6 +23,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,7 +37,10 @@ from pagedserve.entrypoints.openai.cli_serve import (
     API_KEY_ENV,
     DEFAULT_MAX_REQUEST_BODY_BYTES,
     add_serve_args,
+    enable_stats_logging,
+    engine_core_kwargs,
     serve_config_from_args,
+    start_engine_process,
 )
 from pagedserve.entrypoints.openai.metrics import ServerMetrics
 from pagedserve.entrypoints.openai.protocol import (
@@ -343,23 +346,19 @@ def _make_uvicorn_server(app: FastAPI, args: argparse.Namespace, on_signal: Call
     return _Server(config)
 
 
-def run_server(config: EngineConfig, args: argparse.Namespace) -> int:
-    """Loads the engine, serves until SIGTERM/SIGINT, returns 0 after a graceful stop."""
+def run_server(config: EngineConfig, args: argparse.Namespace, backend: Any = None) -> int:
+    """Loads the engine, serves until SIGTERM/SIGINT, returns 0 after a graceful stop.
+    `backend`: an engine process already spawned by start_engine_process (cli_serve does that
+    before importing this module, so these imports overlap the engine's start)."""
     from pagedserve.engine import LLMEngine
 
-    if not config.disable_log_stats:
-        pkg_logger = logging.getLogger("pagedserve")
-        if pkg_logger.getEffectiveLevel() > logging.INFO:
-            pkg_logger.setLevel(logging.INFO)  # the periodic stats line is INFO
-    kwargs = dict(
-        max_queued_requests=config.max_queued_requests,
-        log_stats=not config.disable_log_stats,
-        log_stats_interval=getattr(args, "log_stats_interval", 5.0),
-    )
-    logger.info("starting the engine%s", " process" if getattr(args, "engine_process", True) else "")
-    if getattr(args, "engine_process", True):
+    kwargs = engine_core_kwargs(config, args)
+    enable_stats_logging(config)
+    if backend is not None or getattr(args, "engine_process", True):
         # The step loop in its own process: HTTP work never takes the GIL from it (docs/server.md).
-        async_engine = AsyncEngine.in_process(functools.partial(LLMEngine, config), **kwargs)
+        if backend is None:
+            backend = start_engine_process(config, args)
+        async_engine = AsyncEngine.in_process(backend=backend, **kwargs)
     else:
         async_engine = AsyncEngine(LLMEngine(config), **kwargs)
     logger.info("engine ready; building the API")

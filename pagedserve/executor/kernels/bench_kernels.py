@@ -1,6 +1,6 @@
 """GPU benchmark of the paged-attention kernels at Qwen2-7B shapes (Hq=28, Hkv=4, D=128, block 16, bf16).
 
-    python -m pagedserve.executor.kernels.bench_kernels [--tune decode|splits|prefill|silu] [--dtype bf16|fp16]
+    python -m pagedserve.executor.kernels.bench_kernels [--tune decode|splits|prefill|silu|sample] [--dtype bf16|fp16]
 
 1. Correctness vs a float32 torch reference (decode, split and unsplit; mixed prefill batch).
 2. Decode: batch 1/64/256 x context 512/2048/8192, median of triton.testing.do_bench (L2 flushed
@@ -15,6 +15,12 @@ Block tables are random permutations of the physical blocks, as after a while of
 other block sizes vs torch's F.silu(gate) * up, in us and GB/s of 3*I elements a row (read gate and
 up, write the product; torch's two kernels move 5*I). Graph replays don't flush L2: at T=1 and 139
 (0.1 and 16 MB) the data stays in L2, as it does when the gate|up matmul has just written it.
+--tune sample runs only the random sampling of temperature-1.0 rows (V=152064, S=1/139/256, bf16 and
+fp32 logits): the torch path (Sampler with use_fused_kernel=False: /T, softmax, exponential_ noise,
+p/q, argmax) vs the fused Triton kernel (kernels/sample.py), whole Sampler.sample calls by do_bench
+(their host time too, as they take host lists) and the device work alone by CUDA-graph replay, plus
+a sweep of the kernel's tile / split count; GB/s counts reading the logits once (S*V elements).
+Graph replays don't flush L2 (bf16 logits: 0.3 / 42 / 78 MB at S = 1 / 139 / 256); do_bench does.
 
 Seen on an H100 80GB HBM3 (torch 2.11, triton 3.6, bf16, defaults, CUDA-graph replay medians):
 decode batch 256 at 512/2048/8192 tokens: 95/100/101% of the 3.0 TB/s copy ceiling; batch 64: 83/93/98%;
@@ -33,6 +39,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from pagedserve.executor.kernels import sample as sample_kernel
 from pagedserve.executor.kernels.kv_cache_write import write_kv_cache
 from pagedserve.executor.kernels.paged_attention_decode import choose_num_splits, paged_attention_decode
 from pagedserve.executor.kernels.paged_attention_prefill import paged_attention_prefill
@@ -241,10 +248,93 @@ def bench_silu_mul(dtype, inter: int = 18944) -> None:
         del x, gate, up, ref32, torch_out, variants
 
 
+def _sample_requests(num_rows: int) -> list:
+    from pagedserve.core.outputs import ScheduledRequest
+    from pagedserve.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=1.0)
+    return [ScheduledRequest(request_id=str(i), token_ids=[0], num_computed_tokens=0, block_ids=[0],
+                             needs_sample=True, sampling_params=params, prompt_token_ids=[0],
+                             output_token_ids=[], output_index=7) for i in range(num_rows)]  # fmt: skip
+
+
+def _torch_race(logits: torch.Tensor, temps: torch.Tensor) -> torch.Tensor:
+    """The torch path's device work for unfiltered rows (sampler._sample_filtered without its host
+    lists): fp32 copy, /T and softmax, q ~ Exp(1), p / q, argmax. Graph-capturable."""
+    from pagedserve.executor.sampler import apply_sampling_filters
+
+    num_rows = logits.shape[0]
+    off = torch.zeros(num_rows, dtype=torch.long, device=logits.device)
+    probs = apply_sampling_filters(logits.float(), temps, off, temps * 0 + 1, temps * 0,
+                                   max_top_k=0, use_top_p=False, use_min_p=False)  # fmt: skip
+    q = torch.empty_like(probs).exponential_().clamp_min_(torch.finfo(torch.float32).tiny)
+    return probs.div_(q).argmax(dim=-1)
+
+
+def _host_us(fn, reps: int = 50) -> float:
+    """Median wall time of enqueueing one call (no sync inside; the device may still be busy)."""
+    import time
+
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        torch.cuda.synchronize()
+    return sorted(times)[reps // 2] * 1e6
+
+
+def bench_sample(vocab: int = 152064) -> None:
+    from pagedserve.executor.sampler import Sampler
+
+    print(f"\n== random sampling, temperature 1.0, V={vocab} (median us; GB/s of reading the logits once;"
+          " graph = CUDA-graph replay, bench = do_bench incl. host time, host = enqueue wall time)")  # fmt: skip
+    print(f"{'dtype':>5} {'S':>4} {'variant':>30} {'us':>9} {'GB/s':>7} {'host us':>8}")
+    for dtype, num_rows in itertools.product((torch.bfloat16, torch.float32), (1, 139, 256)):
+        gen = torch.Generator(device="cuda").manual_seed(num_rows)
+        logits = (torch.randn(num_rows, vocab, device="cuda", generator=gen) * 3).to(dtype)
+        nbytes = logits.numel() * logits.element_size()
+        reqs = _sample_requests(num_rows)
+        temps = torch.ones(num_rows, device="cuda")
+        seeds = torch.arange(num_rows, device="cuda") * 7919
+        offsets = torch.full((num_rows,), 7, dtype=torch.long, device="cuda")
+        out = torch.full((num_rows,), -1, dtype=torch.long, device="cuda")
+        torch_sampler = Sampler(vocab, set(), use_fused_kernel=False)
+        fused_sampler = Sampler(vocab, set())
+        rows = []
+        for name, sampler in (("torch Sampler.sample", torch_sampler), ("fused Sampler.sample", fused_sampler)):
+            run = functools.partial(sampler.sample, logits, reqs)
+            ids = run().token_ids
+            assert ((ids >= 0) & (ids < vocab)).all()
+            rows.append((name + " bench", triton.testing.do_bench(run, return_mode="median") * 1e3, _host_us(run)))
+        race = functools.partial(_torch_race, logits, temps)
+        race()
+        rows.append(("torch race graph", triton.testing.do_bench_cudagraph(race, return_mode="median") * 1e3,
+                     _host_us(race)))  # fmt: skip
+        tile = sample_kernel.choose_tile(vocab)
+        splits = sample_kernel.choose_num_splits(num_rows, vocab, tile)
+        configs = [(tile, splits)] + [(t, n) for t in (512, 1024, 2048) for n in (splits // 2, splits * 2, 1)
+                                      if n >= 1 and (t, n) != (tile, splits)]  # fmt: skip
+        for t, n in configs:
+            run = functools.partial(sample_kernel.sample_gumbel, logits, temps, seeds, offsets, out=out, tile=t,
+                                    num_splits=n)  # fmt: skip
+            out.fill_(-1)
+            run()
+            assert ((out >= 0) & (out < vocab)).all(), "unwritten ids"
+            star = " *" if (t, n) == (tile, splits) else ""  # the default
+            name = f"kernel tile {t} splits {min(n, triton.cdiv(vocab, t))}{star}"
+            rows.append((name + " graph", triton.testing.do_bench_cudagraph(run, return_mode="median") * 1e3,
+                         _host_us(run)))  # fmt: skip
+        for name, us, host in rows:
+            print(f"{str(dtype).removeprefix('torch.'):>5} {num_rows:4d} {name:>30} {us:9.2f} {nbytes / us / 1e3:7.0f}"
+                  f" {host:8.1f}")  # fmt: skip
+        del logits
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
-    parser.add_argument("--tune", choices=("decode", "splits", "prefill", "silu"),
+    parser.add_argument("--tune", choices=("decode", "splits", "prefill", "silu", "sample"),
                         help="sweep one kernel's configs (or decode num_splits), print the best")  # fmt: skip
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -254,6 +344,9 @@ def main() -> None:
           f"Hq={HQ} Hkv={HKV} D={D} block={BS} {args.dtype}")  # fmt: skip
     if args.tune == "silu":
         bench_silu_mul(dtype)
+        return
+    if args.tune == "sample":
+        bench_sample()
         return
     check_correctness(dtype)
     top = 1

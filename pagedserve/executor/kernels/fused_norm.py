@@ -3,8 +3,9 @@
     rms_norm(x, weight, eps)               -> weight * normalize(x)
     rms_norm(x, weight, eps, residual)     -> (weight * normalize(x + residual), x + residual)
 
-Numerics follow HF Llama/Qwen2 (and layers.RMSNorm): the residual sum is rounded to x's dtype, the
-mean of squares and the scaling are fp32, the normalized row is rounded to x's dtype before the
+Numerics follow HF Llama/Qwen2 (and layers.RMSNorm): the residual sum is rounded to the residual's
+dtype (x's in HF; the decoder keeps an fp32 residual stream for 16-bit models, see models/decoder.py),
+the mean of squares and the scaling are fp32, the normalized row is rounded to x's dtype before the
 weight multiply (itself rounded). One program per row of `hidden` elements: the row is read once
 (twice with the residual) and written once (twice), instead of an add, a norm and a multiply each
 making their own pass. With inplace=True the results overwrite x (normed) and residual (sum), as
@@ -40,7 +41,7 @@ def _rms_norm_kernel(
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(residual_ptr + row * stride_r + offs, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)  # as torch's x + r
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(residual_out_ptr.dtype.element_ty)  # as torch's x + r
         tl.store(residual_out_ptr + row * stride_ro + offs, x, mask=mask)
     x32 = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x32 * x32, 0) / hidden + eps)
@@ -67,6 +68,8 @@ def rms_norm(
         raise ValueError(f"weight shape {tuple(weight.shape)} does not match hidden size {hidden}")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
+    if residual is not None and residual.dtype not in (x.dtype, torch.float32):
+        raise ValueError(f"residual dtype {residual.dtype} must be x's ({x.dtype}) or float32")
     x2 = x.reshape(-1, hidden)
     if x2.stride(-1) != 1:
         raise ValueError("x must have a contiguous last dimension")
@@ -80,7 +83,7 @@ def rms_norm(
         out2, res_out2 = x2, res2
     else:
         out2 = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
-        res_out2 = torch.empty_like(x2) if residual is not None else out2
+        res_out2 = torch.empty_like(res2) if residual is not None else out2
     num_rows = x2.shape[0]
     if num_rows > 0:
         block = triton.next_power_of_2(hidden)

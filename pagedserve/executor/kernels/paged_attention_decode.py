@@ -94,7 +94,9 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
-@triton.jit(do_not_specialize=["num_splits"])  # one compiled variant for any split count
+# One compiled variant for any split count and block-table width (the width follows the longest
+# sequence of the step; Triton would otherwise compile new variants for widths == 1 or % 16 == 0).
+@triton.jit(do_not_specialize=["num_splits", "stride_bt_seq"])
 def _paged_decode_kernel(
     q_ptr,
     out_ptr,

@@ -45,7 +45,7 @@ def _find_seq(query_start_loc_ptr, q_tile_slot, num_seqs, BLOCK_Q: tl.constexpr)
     return lo - 1
 
 
-@triton.jit(do_not_specialize=["num_seqs"])
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt_seq"])  # one variant for any batch and table width
 def _paged_prefill_kernel(
     q_ptr,
     out_ptr,

@@ -24,18 +24,23 @@ Numerics (fp32 throughout; bf16/fp16 logits are widened on load):
   [0, V), also for a row whose logits are all -inf (then: the first column).
   Temperatures must be > 0 (greedy rows belong to an argmax, not here); T is applied as l * (1 / T).
 
-Launch layout. Grid (S, num_splits): program (r, s) scans columns [s * chunk, (s + 1) * chunk) of row
-r in tiles of TILE columns (a multiple of 4, so the Philox counters of a tile are TILE / 4
-consecutive integers), keeping a per-lane running best (strict '>' keeps the smallest column among
-equal scores, as later tiles have larger columns), and reduces it once at the end.
+Launch layout. Grid (S, num_splits) (one row a program at the vocabularies of real models):
+program (r, s) scans columns [s * chunk, (s + 1) * chunk) of row r in tiles of TILE columns (a
+multiple of 4, so the Philox counters of a tile are TILE / 4 consecutive integers), keeping a
+per-lane running best (strict '>' keeps the smallest column among equal scores, as later tiles have
+larger columns), and reduces it once at the end.
     row r: | chunk 0: tile tile tile | chunk 1: tile tile tile | ... | chunk n-1: tile . |   V columns
              program (r, 0)            program (r, 1)                  program (r, n-1)
 With num_splits == 1 the program writes the id; otherwise it writes (best score, its column) to fp32
-/ int32 partials [S, num_splits] and a second kernel (one program per row) takes the max score and
-the smallest column among the equal ones: deterministic, no atomics. choose_num_splits spreads a row
-over more programs when rows are few (at S = 1 and V = 152064 one program per row would leave all
-but one of the H100's 132 SMs idle) and caps a chunk at MAX_CHUNK columns so large batches get
-several programs per SM. The grid depends on shapes only: no host sync, capturable in a CUDA graph.
+/ int32 partials [S, num_splits] and a second kernel takes, per row, the max score and the smallest
+column among the equal ones: deterministic, no atomics. choose_num_splits spreads a row over more
+programs when rows are few (at S = 1 and V = 152064 one program per row would leave all but one of
+the H100's 132 SMs idle: there it gives 149 programs of one 1024-column tile) and caps a chunk at
+MAX_CHUNK columns so large batches get several programs per SM (S = 139 or 256: 10 a row).
+Rows shorter than MAX_TILE share a program (ROWS rows of one tile each: grid (cdiv(S, ROWS), 1)),
+and on CPU tensors (the Triton interpreter, i.e. tests) one program takes many whole rows, since the
+interpreter pays ~10 ms a program. The grid depends on shapes only: no host sync, capturable in a
+CUDA graph.
 """
 
 from __future__ import annotations
@@ -49,7 +54,6 @@ MAX_TILE = 1024  # columns per loop step (256 Philox counters, 4 words each)
 MIN_TILE = 16
 MAX_CHUNK = 16384  # columns per program at most: 10 programs a row at V = 152064
 TARGET_PROGRAMS = 1024  # spread small batches over at least this many programs (where V allows)
-_BIG_INDEX = 2**31 - 1
 
 
 @triton.jit
@@ -108,7 +112,7 @@ def _sample_gumbel_kernel(
     col_end = tl.minimum(col_begin + chunk, vocab)
 
     # First tile outside the loop: its valid columns seed the per-lane best, so a chunk whose scores
-    # are all -inf still reports a real column (lanes past col_end keep _BIG_INDEX).
+    # are all -inf still reports a real column (lanes past col_end keep 2**31 - 1).
     best_val, cols = _tile_scores(row_ptrs, row_mask, col_begin, col_end, inv_t, seed, off_lo, off_hi, ROWS, TILE)
     best_idx = tl.where(cols < col_end, cols, 2147483647)
     for col_start in range(col_begin + TILE, col_end, TILE):
@@ -128,15 +132,18 @@ def _sample_gumbel_kernel(
 
 
 @triton.jit
-def _reduce_splits_kernel(part_val_ptr, part_idx_ptr, out_ptr, num_splits, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    mask = offs < num_splits
-    vals = tl.load(part_val_ptr + row * num_splits + offs, mask=mask, other=float("-inf"))
-    idxs = tl.load(part_idx_ptr + row * num_splits + offs, mask=mask, other=2147483647)
-    top = tl.max(vals, axis=0)
-    top_idx = tl.min(tl.where(vals == top, idxs, 2147483647), axis=0)
-    tl.store(out_ptr + row, top_idx.to(tl.int64))
+def _reduce_splits_kernel(
+    part_val_ptr, part_idx_ptr, out_ptr, num_rows, num_splits, ROWS: tl.constexpr, BLOCK: tl.constexpr
+):
+    """Per row: the max of the num_splits partial scores, and the smallest column among equal ones."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    offs = rows[:, None] * num_splits + tl.arange(0, BLOCK)[None, :]
+    mask = (rows < num_rows)[:, None] & (tl.arange(0, BLOCK) < num_splits)[None, :]
+    vals = tl.load(part_val_ptr + offs, mask=mask, other=float("-inf"))
+    idxs = tl.load(part_idx_ptr + offs, mask=mask, other=2147483647)
+    top = tl.max(vals, axis=1)
+    top_idx = tl.min(tl.where(vals == top[:, None], idxs, 2147483647), axis=1)
+    tl.store(out_ptr + rows, top_idx.to(tl.int64), mask=rows < num_rows)
 
 
 def choose_tile(vocab: int) -> int:
@@ -159,13 +166,15 @@ def sample_gumbel(
     *,
     tile: int | None = None,
     num_splits: int | None = None,
+    rows_per_program: int | None = None,
 ) -> torch.Tensor:
     """Token ids [S] int64 drawn from softmax(logits / temperatures) (see the module docstring).
 
     logits [S, V] fp32/bf16/fp16 with a contiguous last dimension (any row stride); temperatures [S]
     fp32 or fp64 (> 0, not checked: that would read the device); seeds, offsets [S] int64. All on one
-    device; `out` (int64 [S], contiguous) is written if given. tile (a power of two in [16, 8192]) and
-    num_splits are for tuning: the ids do not depend on them.
+    device; `out` (int64 [S], contiguous) is written if given. tile (a power of two in [16, 8192]),
+    num_splits and rows_per_program (a power of two) are for tuning and tests: the ids do not
+    depend on them.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [num_rows, vocab], got shape {tuple(logits.shape)}")
@@ -198,14 +207,23 @@ def sample_gumbel(
         raise ValueError(f"tile must be a power of two in [{MIN_TILE}, 8192], got {tile}")
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    if rows_per_program is not None and (rows_per_program < 1 or rows_per_program & (rows_per_program - 1)):
+        raise ValueError(f"rows_per_program must be a power of two, got {rows_per_program}")
     if num_rows == 0:
         return out
     # Contiguous 1-D parameters (a strided view would be read with the wrong stride).
     temperatures, seeds, offsets = (t.contiguous() for t in (temperatures, seeds, offsets))
 
+    if logits.device.type == "cpu":
+        # Only the Triton interpreter runs kernels on CPU tensors (tests); it pays ~10 ms a program
+        # and little per element, so by default one program takes many whole rows.
+        tile = tile or min(8192, max(MIN_TILE, triton.next_power_of_2(vocab)))
+        rows_per_program = rows_per_program or min(triton.next_power_of_2(num_rows), max(1, 2**18 // tile))
+        num_splits = num_splits or 1
     tile = tile or choose_tile(vocab)
     # Short rows (V < MAX_TILE) share a program: MAX_TILE elements per program at most.
-    rows_per_program = min(MAX_TILE // tile if tile < MAX_TILE else 1, triton.next_power_of_2(num_rows))
+    if rows_per_program is None:
+        rows_per_program = min(max(1, MAX_TILE // tile), triton.next_power_of_2(num_rows))
     splits = min(num_splits or choose_num_splits(num_rows, vocab, tile), triton.cdiv(vocab, tile))
     chunk = triton.cdiv(triton.cdiv(vocab, splits), tile) * tile  # whole tiles: chunks start at a multiple of 4
     splits = triton.cdiv(vocab, chunk)  # no empty trailing chunks
@@ -222,8 +240,10 @@ def sample_gumbel(
         ROWS=rows_per_program, TILE=tile, SPLIT=splits > 1, num_warps=num_warps,
     )  # fmt: skip
     if splits > 1:
-        _reduce_splits_kernel[(num_rows,)](
-            part_val, part_idx, out, splits, BLOCK=max(16, triton.next_power_of_2(splits)), num_warps=1
+        block = triton.next_power_of_2(splits)
+        reduce_rows = min(triton.next_power_of_2(num_rows), max(1, 2048 // block))
+        _reduce_splits_kernel[(triton.cdiv(num_rows, reduce_rows),)](
+            part_val, part_idx, out, num_rows, splits, ROWS=reduce_rows, BLOCK=block, num_warps=4
         )
     return out
 
