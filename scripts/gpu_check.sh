@@ -84,6 +84,8 @@ run_phase() {
       stop_server ;;
     silu)
       python3 -m pagedserve.executor.kernels.bench_kernels --tune silu ;;
+    sample)
+      python3 -m pagedserve.executor.kernels.bench_kernels --tune sample ;;
     skinny)
       python3 scripts/bench_skinny_gemm.py --m 1 --shapes qkv,o,gate_up,down ;;
     *) echo "unknown phase $phase" ;;
@@ -96,7 +98,7 @@ for phase in $phases; do
   case $phase in
     tests) grep -E "7B shapes|async vs sync|passed|failed|FAILED|rror" "$OUT/tests.log" | tail -25 ;;
     serve-bench) grep -vE "^\[transformers\]|HTTP Request" "$OUT/$phase.log" | tail -n 120 ;;
-    profile*|probe|silu|skinny) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
+    profile*|probe|silu|skinny|sample) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
     latency*) tail -n 5 "$OUT/$phase.log" ;;
     *) tail -n 8 "$OUT/$phase.log" ;;
   esac
