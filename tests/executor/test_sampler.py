@@ -287,3 +287,59 @@ def test_no_nan_when_filters_zero_most_tokens() -> None:
     logits[:, 17] = 10.0
     ids, _ = Sampler(1000, {EOS})(logits, [req(SamplingParams(top_p=0.1, min_p=0.5))] * 64)
     assert ids == [17] * 64
+
+
+def test_bf16_logits_sample_as_their_fp32_values() -> None:
+    """Without logits processing the sampler no longer copies the batch to fp32 up front: the torch
+    path widens only the rows it filters, so bf16 input gives what its fp32 values give."""
+    logits = (torch.randn(6, 300, generator=torch.Generator().manual_seed(5)) * 3).bfloat16()
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, seed=1), SamplingParams(top_k=7),
+              SamplingParams(temperature=1.2, top_p=0.9), SamplingParams(temperature=0.0, logprobs=2),
+              SamplingParams(min_p=0.1, seed=3)]  # fmt: skip
+    results = []
+    for x in (logits, logits.float()):
+        torch.manual_seed(77)
+        results.append(Sampler(300, {EOS})(x, [req(p, rid=str(i)) for i, p in enumerate(params)]))
+    assert results[0][0] == results[1][0]
+    assert results[0][1][4] == results[1][1][4]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_mixed_batch_greedy_fused_and_filtered_rows(dtype: torch.dtype) -> None:
+    """Greedy rows, fused-kernel rows (temperature only) and torch-path rows (top-k/top-p/min-p) in
+    one batch, at a real vocabulary size."""
+    from pagedserve.executor.kernels.sample import sample_gumbel
+
+    vocab = 152064
+    logits = (torch.randn(9, vocab, generator=torch.Generator().manual_seed(8)) * 3).to(dtype).cuda()
+    params = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.9, seed=11),  # fused
+        SamplingParams(temperature=1.0, top_k=20, seed=5),  # torch path, seeded
+        SamplingParams(temperature=0.7),  # fused, unseeded
+        SamplingParams(temperature=0.0, logprobs=2),
+        SamplingParams(temperature=1.1, top_p=0.9),  # torch path
+        SamplingParams(temperature=1.0, min_p=0.2, seed=6),  # torch path, seeded
+        SamplingParams(temperature=1.0, top_k=1),  # greedy
+        SamplingParams(temperature=1.3, seed=12),  # fused
+    ]
+    reqs = [req(p, [1] * 3, rid=str(i)) for i, p in enumerate(params)]
+    ids, lps = Sampler(vocab, {EOS})(logits, reqs)
+    argmax = logits.argmax(-1).tolist()
+    assert all(0 <= t < vocab for t in ids)
+    assert [ids[i] for i in (0, 4, 7)] == [argmax[i] for i in (0, 4, 7)]
+    assert lps[4] is not None and lps[4].token_id == ids[4]
+    assert ids[2] in logits[2].float().topk(20).indices.tolist()
+    # Fused rows are the kernel's draws for (position_seed(seed, 3), offset 3), alone or batched.
+    for row in (1, 8):
+        p = params[row]
+        want = sample_gumbel(logits[row:row + 1], torch.tensor([p.temperature], device="cuda"),
+                             torch.tensor([position_seed(p.seed, 3)], device="cuda"),
+                             torch.tensor([3], device="cuda"))  # fmt: skip
+        alone, _ = Sampler(vocab, {EOS})(logits[row:row + 1], [reqs[row]])
+        assert ids[row] == want.item() == alone[0]
+    # Seeded torch-path rows draw from their own generators: the same tokens with the kernel off.
+    torch_ids, _ = Sampler(vocab, {EOS}, use_fused_kernel=False)(logits, reqs)
+    assert [torch_ids[i] for i in (0, 2, 4, 6, 7)] == [ids[i] for i in (0, 2, 4, 6, 7)]

@@ -25,6 +25,7 @@ KERNEL_MODULES = (
     "pagedserve.executor.kernels.rotary",
     "pagedserve.executor.kernels.silu_mul",
     "pagedserve.executor.kernels.skinny_gemm",
+    "pagedserve.executor.kernels.sample",
 )
 
 if not torch.cuda.is_available():

@@ -313,16 +313,19 @@ def bench_sample(vocab: int = 152064) -> None:
                      _host_us(race)))  # fmt: skip
         tile = sample_kernel.choose_tile(vocab)
         splits = sample_kernel.choose_num_splits(num_rows, vocab, tile)
-        configs = [(tile, splits)] + [(t, n) for t in (512, 1024, 2048) for n in (splits // 2, splits * 2, 1)
-                                      if n >= 1 and (t, n) != (tile, splits)]  # fmt: skip
+        configs: list[tuple[int, int]] = []
+        for t, n in [(tile, splits)] + [(t, n) for t in (512, 1024, 2048) for n in (splits // 2, splits * 2, 1)]:
+            n = sample_kernel.split_layout(vocab, t, n)[0]  # the split count the launcher will use
+            if (t, n) not in configs:
+                configs.append((t, n))
         for t, n in configs:
             run = functools.partial(sample_kernel.sample_gumbel, logits, temps, seeds, offsets, out=out, tile=t,
                                     num_splits=n)  # fmt: skip
             out.fill_(-1)
             run()
             assert ((out >= 0) & (out < vocab)).all(), "unwritten ids"
-            star = " *" if (t, n) == (tile, splits) else ""  # the default
-            name = f"kernel tile {t} splits {min(n, triton.cdiv(vocab, t))}{star}"
+            star = " *" if (t, n) == configs[0] else ""  # the default
+            name = f"kernel tile {t} splits {n}{star}"
             rows.append((name + " graph", triton.testing.do_bench_cudagraph(run, return_mode="median") * 1e3,
                          _host_us(run)))  # fmt: skip
         for name, us, host in rows:

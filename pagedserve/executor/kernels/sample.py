@@ -150,11 +150,19 @@ def choose_tile(vocab: int) -> int:
     return min(MAX_TILE, max(MIN_TILE, triton.next_power_of_2(vocab)))
 
 
+def split_layout(vocab: int, tile: int, num_splits: int) -> tuple[int, int]:
+    """(splits, chunk) that a requested split count launches: chunks of whole tiles (so they start at
+    a multiple of 4), at most one program per tile, no empty trailing chunk."""
+    splits = min(max(num_splits, 1), triton.cdiv(vocab, tile))
+    chunk = triton.cdiv(triton.cdiv(vocab, splits), tile) * tile
+    return triton.cdiv(vocab, chunk), chunk
+
+
 def choose_num_splits(num_rows: int, vocab: int, tile: int) -> int:
     """Programs per row: enough for TARGET_PROGRAMS in all, chunks of at most MAX_CHUNK columns,
     never more than one per tile (see the module docstring)."""
     want = max(triton.cdiv(vocab, MAX_CHUNK), triton.cdiv(TARGET_PROGRAMS, max(num_rows, 1)))
-    return max(1, min(want, triton.cdiv(vocab, tile)))
+    return split_layout(vocab, tile, want)[0]
 
 
 def sample_gumbel(
@@ -224,9 +232,7 @@ def sample_gumbel(
     # Short rows (V < MAX_TILE) share a program: MAX_TILE elements per program at most.
     if rows_per_program is None:
         rows_per_program = min(max(1, MAX_TILE // tile), triton.next_power_of_2(num_rows))
-    splits = min(num_splits or choose_num_splits(num_rows, vocab, tile), triton.cdiv(vocab, tile))
-    chunk = triton.cdiv(triton.cdiv(vocab, splits), tile) * tile  # whole tiles: chunks start at a multiple of 4
-    splits = triton.cdiv(vocab, chunk)  # no empty trailing chunks
+    splits, chunk = split_layout(vocab, tile, num_splits or choose_num_splits(num_rows, vocab, tile))
     grid = (triton.cdiv(num_rows, rows_per_program), splits)
     num_warps = max(1, min(8, rows_per_program * tile // 256))
     if splits == 1:
@@ -248,4 +254,4 @@ def sample_gumbel(
     return out
 
 
-__all__ = ["sample_gumbel", "choose_num_splits", "choose_tile"]
+__all__ = ["sample_gumbel", "choose_num_splits", "choose_tile", "split_layout"]
