@@ -82,6 +82,9 @@ def build_worker(config: EngineConfig) -> Worker:
     t0 = time.monotonic()
     device = resolve_device(config)
     dtype = resolve_dtype(config, device)
+    if device.type == "cuda":
+        torch.empty(1, device=device)  # the CUDA context, here rather than inside the first real op
+    t_device = time.monotonic() - t0
     model_path, tokenizer_folder, gguf_file = resolve_model(config)
     if config.model is None:
         from pagedserve.default_model import DEFAULT_MODEL
@@ -94,6 +97,8 @@ def build_worker(config: EngineConfig) -> Worker:
     # transformers' lazy attributes are not safe to resolve from two threads at once: resolve here.
     from transformers import AutoConfig, AutoTokenizer  # noqa: F401
 
+    logger.info("start-up: device ready at %.1f s, model resolved and transformers imported at %.1f s",
+                t_device, time.monotonic() - t0)
     with ThreadPoolExecutor(1, thread_name_prefix="pagedserve-tokenizer") as pool:
         tokenizer_future = pool.submit(load_tokenizer, config.tokenizer or gguf_file or tokenizer_folder,
                                        chat_template=config.chat_template)

@@ -326,7 +326,7 @@ def test_cuda_mixed_batch_greedy_fused_and_filtered_rows(dtype: torch.dtype) -> 
         SamplingParams(temperature=1.3, seed=12),  # fused
     ]
     reqs = [req(p, [1] * 3, rid=str(i)) for i, p in enumerate(params)]
-    ids, lps = Sampler(vocab, {EOS})(logits, reqs)
+    ids, lps = Sampler(vocab, {EOS}, use_fused_kernel=True)(logits, reqs)
     argmax = logits.argmax(-1).tolist()
     assert all(0 <= t < vocab for t in ids)
     assert [ids[i] for i in (0, 4, 7)] == [argmax[i] for i in (0, 4, 7)]
@@ -338,7 +338,7 @@ def test_cuda_mixed_batch_greedy_fused_and_filtered_rows(dtype: torch.dtype) -> 
         want = sample_gumbel(logits[row:row + 1], torch.tensor([p.temperature], device="cuda"),
                              torch.tensor([position_seed(p.seed, 3)], device="cuda"),
                              torch.tensor([3], device="cuda"))  # fmt: skip
-        alone, _ = Sampler(vocab, {EOS})(logits[row:row + 1], [reqs[row]])
+        alone, _ = Sampler(vocab, {EOS}, use_fused_kernel=True)(logits[row:row + 1], [reqs[row]])
         assert ids[row] == want.item() == alone[0]
     # Seeded torch-path rows draw from their own generators: the same tokens with the kernel off.
     torch_ids, _ = Sampler(vocab, {EOS}, use_fused_kernel=False)(logits, reqs)

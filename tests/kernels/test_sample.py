@@ -262,7 +262,7 @@ def test_rejects_bad_inputs():
             sample_gumbel(*args, **kwargs)
 
 
-# ---- the Sampler's use of the kernel (forced on in the interpreter here; on by default on CUDA) ----
+# ---- the Sampler's use of the kernel (forced on here; off by default until validated on a GPU) ----
 
 
 def req(params: SamplingParams, output_index: int = 0, rid: str = "r") -> ScheduledRequest:
