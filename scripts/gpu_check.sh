@@ -87,6 +87,21 @@ run_phase() {
       stop_server ;;
     silu)
       python3 -m pagedserve.executor.kernels.bench_kernels --tune silu ;;
+    importtime)  # where the start-up's import seconds go on this machine
+      for mod in torch "transformers" "transformers:AutoConfig,AutoTokenizer" pagedserve.executor.loader \
+          fastapi pagedserve.entrypoints.cli pagedserve.entrypoints.openai.server; do
+        python3 -c "
+import sys, time
+mod, _, names = sys.argv[1].partition(':')
+t = time.perf_counter()
+m = __import__(mod, fromlist=names.split(',') if names else [])
+for n in filter(None, names.split(',')): getattr(m, n)
+print(f'{sys.argv[1]:45s} {time.perf_counter() - t:6.2f} s')" "$mod"
+      done
+      python3 -X importtime -c "from transformers import AutoConfig, AutoTokenizer" 2> "$OUT/importtime-transformers.txt" ;;
+    throughput-fused)
+      PAGEDSERVE_FUSED_SAMPLER=1 python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy \
+        --no-tqdm --output-json "$OUT/throughput-fused.json" 2>&1 | tail -4 ;;
     sample)
       python3 -m pagedserve.executor.kernels.bench_kernels --tune sample ;;
     skinny)
@@ -101,7 +116,7 @@ for phase in $phases; do
   case $phase in
     tests) grep -E "7B shapes|async vs sync|passed|failed|FAILED|rror" "$OUT/tests.log" | tail -25 ;;
     serve-bench) grep -vE "^\[transformers\]|HTTP Request" "$OUT/$phase.log" | tail -n 120 ;;
-    profile*|probe|silu|skinny|sample|sample-test) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
+    profile*|probe|silu|skinny|sample|sample-test|importtime) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
     latency*) tail -n 5 "$OUT/$phase.log" ;;
     *) tail -n 8 "$OUT/$phase.log" ;;
   esac

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -125,7 +126,8 @@ def build_worker(config: EngineConfig) -> Worker:
                        capacity, max_model_len, capacity)
         max_model_len = capacity
     eos_ids = set(tokenizer.eos_token_ids) | get_eos_token_ids(hf_config, tokenizer_folder)
-    sampler = Sampler(vocab_size, eos_ids)
+    # The fused Triton sampling kernel is opt-in while it is being validated on GPUs.
+    sampler = Sampler(vocab_size, eos_ids, use_fused_kernel=os.environ.get("PAGEDSERVE_FUSED_SAMPLER") == "1")
     runner = ModelRunner(config, model, hf_config, device, dtype, num_blocks, config.block_size, sampler)
     config = dataclasses.replace(config, max_model_len=max_model_len, max_num_batched_tokens=max_batched)
     logger.info("start-up: KV cache sized at %.1f s", time.monotonic() - t0)

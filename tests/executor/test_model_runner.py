@@ -142,8 +142,14 @@ def test_num_blocks_from_cuda_memory_profile(tmp_path) -> None:
     config = EngineConfig(model=str(tmp_path), load_format="dummy", gpu_memory_utilization=0.5,
                           max_num_batched_tokens=512)
     model, hf_config = load_model(config, str(tmp_path), "cuda", torch.bfloat16)
-    num_blocks = determine_num_blocks(config, model, hf_config, "cuda", torch.bfloat16, 512)
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info()
+    in_use = total - free  # this model, the CUDA context, and whatever earlier tests still hold
+    num_blocks = determine_num_blocks(config, model, hf_config, "cuda", torch.bfloat16, 512)
     per_block = kv_cache_bytes_per_block(hf_config, config.block_size, torch.bfloat16)
-    # Nearly half the device (minus what is in use) goes to blocks; no more than that.
-    assert 0.3 * total < num_blocks * per_block <= 0.5 * total
+    # Half the device minus what is in use goes to blocks, less a small activation peak; no more.
+    budget = 0.5 * total - in_use
+    assert budget - 2**30 < num_blocks * per_block <= budget

@@ -114,7 +114,8 @@ def _sample_gumbel_kernel(
     # First tile outside the loop: its valid columns seed the per-lane best, so a chunk whose scores
     # are all -inf still reports a real column (lanes past col_end keep 2**31 - 1).
     best_val, cols = _tile_scores(row_ptrs, row_mask, col_begin, col_end, inv_t, seed, off_lo, off_hi, ROWS, TILE)
-    best_idx = tl.where(cols < col_end, cols, 2147483647)
+    # [ROWS, TILE] from the start: a loop-carried value must keep its shape (cols is [1, TILE]).
+    best_idx = tl.where(cols < col_end, cols, 2147483647) + tl.zeros([ROWS, TILE], dtype=tl.int32)
     for col_start in range(col_begin + TILE, col_end, TILE):
         score, cols = _tile_scores(row_ptrs, row_mask, col_start, col_end, inv_t, seed, off_lo, off_hi,
                                    ROWS, TILE)
