@@ -85,6 +85,17 @@ run_phase() {
       start_server 8013 --no-enable-prefix-caching
       bench_serve 8013 serve-shared-prefix-uncached --dataset shared-prefix --output-len 64
       stop_server ;;
+    serve-bench-lite)  # issue 5 items 2 and 3 only, key lines printed
+      python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm \
+        --input-len 100-1024 --output-len 512 --output-json "$OUT/tp-compare-workload.json" 2>&1 | grep "^throughput"
+      start_server 8012
+      bench_serve 8012 serve-compare-workload --num-prompts 256 --input-len 100-1024 --output-len 512 \
+        | grep -E "Output token throughput|Median TTFT|Median TPOT"
+      bench_serve 8012 serve-shared-prefix-cached --dataset shared-prefix --output-len 64 | grep -E "Output token|TTFT"
+      stop_server
+      start_server 8013 --no-enable-prefix-caching
+      bench_serve 8013 serve-shared-prefix-uncached --dataset shared-prefix --output-len 64 | grep -E "Output token|TTFT"
+      stop_server ;;
     silu)
       python3 -m pagedserve.executor.kernels.bench_kernels --tune silu ;;
     importtime)  # where the start-up's import seconds go on this machine
@@ -115,6 +126,7 @@ for phase in $phases; do
   run_phase "$phase" > "$OUT/$phase.log" 2>&1
   case $phase in
     tests) grep -E "7B shapes|async vs sync|passed|failed|FAILED|rror" "$OUT/tests.log" | tail -25 ;;
+    serve-bench-lite) cat "$OUT/$phase.log" ;;
     serve-bench) grep -vE "^\[transformers\]|HTTP Request" "$OUT/$phase.log" | tail -n 120 ;;
     profile*|probe|silu|skinny|sample|sample-test|importtime) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
     latency*) tail -n 5 "$OUT/$phase.log" ;;
