@@ -90,6 +90,11 @@ class LLMEngine:
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else device_type == "cuda")
         self._pending = None  # (SchedulerOutput, StepHandle, t_start, t_scheduled, t_launched) in flight
+        # True: each RequestOutput holds copies the caller may keep. False: the engine's own growing
+        # CompletionOutputs, valid until the next step (for a caller that consumes them at once, as
+        # the engine process does when it turns them into deltas; copying every output's token list
+        # each step costs O(length) per request).
+        self.copy_outputs = True
         self._sync_ids: set[str] = set()  # live child requests whose sampling needs the previous token
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -367,7 +372,7 @@ class LLMEngine:
             request_id=state.request_id,
             prompt=state.prompt,
             prompt_token_ids=state.prompt_token_ids,
-            outputs=[_snapshot(c.output) for c in state.choices],
+            outputs=[_snapshot(c.output) if self.copy_outputs else c.output for c in state.choices],
             finished=finished,
             num_cached_tokens=max(state.num_cached_tokens, 0),
             metrics=RequestMetrics(m.arrival_time, m.first_scheduled_time, m.first_token_time,

@@ -176,6 +176,8 @@ def run_engine_process(
     logger.info("engine process started (imports done); building the engine")
     try:
         engine = engine_factory()
+        # Outputs become deltas in this thread right after each step: no copies needed.
+        engine.copy_outputs = False
         conn_out.send(("ready", engine_info(engine)))
     except BaseException as e:  # noqa: BLE001 - the server reports it and exits
         conn_out.send(("failed", type(e).__name__, str(e)))
