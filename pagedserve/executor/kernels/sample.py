@@ -80,7 +80,9 @@ def _tile_scores(row_ptrs, row_mask, col_start, col_end, inv_t, seed, off_lo, of
     return score, cols
 
 
-@triton.jit
+# The row count changes every step: without this, batch sizes of 1 or a multiple of 16 would each
+# compile another variant in the middle of serving. The others are fixed per model but cost nothing.
+@triton.jit(do_not_specialize=["num_rows", "stride_row", "vocab", "chunk", "num_splits"])
 def _sample_gumbel_kernel(
     logits_ptr,
     temps_ptr,
@@ -132,7 +134,7 @@ def _sample_gumbel_kernel(
         tl.store(out_ptr + rows, top_idx.to(tl.int64), mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "num_splits"])
 def _reduce_splits_kernel(
     part_val_ptr, part_idx_ptr, out_ptr, num_rows, num_splits, ROWS: tl.constexpr, BLOCK: tl.constexpr
 ):
