@@ -86,9 +86,8 @@ class LLMEngine:
         self._requests: dict[str, _RequestState] = {}
         self._child_to_parent: dict[str, tuple[str, int]] = {}
         self.step_timing = StepTiming()
-        device_type = self.worker.device.type if self.worker.device is not None else "cpu"
-        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
-                                 else device_type == "cuda")
+        on_cuda = self.worker.device is not None and self.worker.device.type == "cuda"
+        self.async_scheduling = config.async_scheduling if config.async_scheduling is not None else on_cuda
         self._pending = None  # (SchedulerOutput, StepHandle, t_start, t_scheduled, t_launched) in flight
         # True: each RequestOutput holds copies the caller may keep. False: the engine's own growing
         # CompletionOutputs, valid until the next step (for a caller that consumes them at once, as
@@ -98,7 +97,7 @@ class LLMEngine:
         self._sync_ids: set[str] = set()  # live child requests whose sampling needs the previous token
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
-        if self.worker.device is not None and self.worker.device.type == "cuda" and not config.skip_warmup:
+        if on_cuda and not config.skip_warmup:
             self.warm_up()
         self.startup_seconds = time.monotonic() - started
         logger.info("engine ready in %.1f s: %d KV blocks of %d tokens (%d tokens), max_model_len %d",
@@ -273,7 +272,8 @@ class LLMEngine:
         runner_output = self.worker.execute(scheduler_output)
         t_executed = time.perf_counter()
         outputs += self._process(scheduler_output, runner_output)
-        self.step_timing.add(scheduler_output, t_start, t_scheduled, t_executed, time.perf_counter())
+        self.step_timing.add(scheduler_output, t_scheduled - t_start, t_executed - t_scheduled,
+                             time.perf_counter() - t_executed)
         return outputs
 
     def _step_async(self) -> list[RequestOutput]:
@@ -298,11 +298,9 @@ class LLMEngine:
         runner_output = handle.result()
         t_done = time.perf_counter()
         outputs = self._process(scheduler_output, runner_output)
-        # The step's own host work (schedule, launch) plus the wait for the device count as its time.
-        t_end = time.perf_counter()
-        execute = (t_launched - t_scheduled) + (t_done - t_wait)
-        self.step_timing.add(scheduler_output, 0.0, t_scheduled - t_start, t_scheduled - t_start + execute,
-                             t_scheduled - t_start + execute + (t_end - t_done))
+        # Its execute time: the launch (host) plus the wait for the device.
+        self.step_timing.add(scheduler_output, t_scheduled - t_start, (t_launched - t_scheduled) + (t_done - t_wait),
+                             time.perf_counter() - t_done)
         return outputs
 
     def _process(self, scheduler_output: SchedulerOutput, runner_output) -> list[RequestOutput]:
@@ -411,17 +409,17 @@ class StepTiming:
     # kind -> [steps, tokens, schedule_s, execute_s, output_s, slowest execute_s, slowest's (step, tokens, seqs)]
     totals: dict = field(default_factory=dict)
 
-    def add(self, out: SchedulerOutput, t0: float, t1: float, t2: float, t3: float) -> None:
+    def add(self, out: SchedulerOutput, schedule_s: float, execute_s: float, output_s: float) -> None:
         decode = all(len(r.token_ids) == 1 for r in out.scheduled)
         kind = "decode" if decode else "mixed"
         row = self.totals.setdefault(kind, [0, 0, 0.0, 0.0, 0.0, 0.0, None])
         row[0] += 1
         row[1] += out.num_batched_tokens
-        row[2] += t1 - t0
-        row[3] += t2 - t1
-        row[4] += t3 - t2
-        if t2 - t1 > row[5]:  # a one-off (a kernel compiling) shows here, not in the mean
-            row[5] = t2 - t1
+        row[2] += schedule_s
+        row[3] += execute_s
+        row[4] += output_s
+        if execute_s > row[5]:  # a one-off (a kernel compiling) shows here, not in the mean
+            row[5] = execute_s
             row[6] = (sum(r[0] for r in self.totals.values()), out.num_batched_tokens, len(out.scheduled))
 
     def summary(self) -> str:

@@ -295,7 +295,6 @@ class ProcessBackend:
         # While the engine loads (seconds): import what unpickling its info needs (the tokenizer's
         # transformers classes), so that is off the start-up path.
         try:
-            import transformers  # noqa: F401
             from transformers import PreTrainedTokenizerFast  # noqa: F401
         except ImportError:
             pass

@@ -205,7 +205,6 @@ class Sampler:
         """Queues the sampling on the logits' device without waiting for it (no host reads of
         device data: per-row parameters travel host-to-device without a sync)."""
         self._check(logits, requests)
-        num_rows = len(requests)
         params = [r.sampling_params for r in requests]
 
         if all(self._is_plain_greedy(r) for r in requests):
@@ -224,7 +223,7 @@ class Sampler:
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         if not logprob_rows:
             return SampleResult(sampled, sampled, _decode_ids)
-        return self._with_logprobs(logits, sampled, params, logprob_rows, num_rows)
+        return self._with_logprobs(logits, sampled, params, logprob_rows)
 
     # ---- logits processing (exposed so tests can check it exactly) ----
 
@@ -405,7 +404,6 @@ class Sampler:
         sampled: torch.Tensor,
         params: list[SamplingParams],
         logprob_rows: list[int],
-        num_rows: int,
     ) -> SampleResult:
         """Logprobs of the raw model distribution (before bias, penalties, temperature), as vLLM v1."""
         device = raw_logits.device
@@ -423,7 +421,7 @@ class Sampler:
             top_ids = torch.empty((len(logprob_rows), 0), dtype=torch.long, device=device)
 
         # One device-to-host copy: everything packed as float64 (token ids < 2**53 stay exact).
-        num_lp = len(logprob_rows)
+        num_rows, num_lp = len(params), len(logprob_rows)
         parts = [sampled, tok_lp.squeeze(1), ranks, top_lp.flatten(), top_ids.flatten()]
         payload = torch.cat([t.double() for t in parts])
 
