@@ -117,9 +117,13 @@ def test_queue_limit_refuses_with_queue_full() -> None:
     assert all(f.finished for f in finals)
 
 
-def test_engine_failure_fails_pending_requests_and_marks_dead() -> None:
+@pytest.mark.parametrize("backend", ["thread", "process"])
+def test_engine_failure_fails_pending_requests_and_marks_dead(backend: str) -> None:
     async def main():
-        ae = await _started(FakeEngine(fail_at_step=3))
+        if backend == "thread":
+            ae = await _started(FakeEngine(fail_at_step=3))
+        else:
+            ae = await _started_process(fail_at_step=3)
         with pytest.raises(EngineDeadError):
             async for _ in ae.generate([1], SamplingParams(max_tokens=50), "r1"):
                 pass
@@ -236,20 +240,6 @@ def test_process_backend_queue_limit() -> None:
         return finals
 
     assert all(f.finished for f in run(main()))
-
-
-def test_process_backend_engine_failure_marks_dead() -> None:
-    async def main():
-        ae = await _started_process(fail_at_step=3)
-        with pytest.raises(EngineDeadError):
-            async for _ in ae.generate([1], SamplingParams(max_tokens=50), "r1"):
-                pass
-        assert ae.is_dead
-        with pytest.raises(EngineDeadError):
-            await ae.add_request("r2", [1], SamplingParams(max_tokens=5))
-        await ae.shutdown(1)
-
-    run(main())
 
 
 def test_process_backend_startup_error_is_raised() -> None:
