@@ -46,3 +46,20 @@ def test_warm_up_runs_every_step_kind_and_leaves_the_engine_clean(tiny_model_dir
     m = outputs[-1].metrics
     assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.last_token_time <= m.finished_time
     assert engine.get_stats()["num_free_blocks"] == total_blocks
+
+
+def test_async_scheduling_flag_reaches_the_engine(tiny_model_dir: str) -> None:
+    """--async-scheduling / --no-async-scheduling / neither (auto: on only for CUDA)."""
+    import argparse
+
+    from pagedserve.entrypoints.args import add_engine_args, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    base = ["--model", tiny_model_dir, "--load-format", "dummy", "--num-kv-blocks", "64"]
+    for flags, expected in (([], None), (["--async-scheduling"], True), (["--no-async-scheduling"], False)):
+        config = config_from_args(parser.parse_args(base + flags))
+        assert config.async_scheduling is expected
+    engine = LLMEngine(config_from_args(parser.parse_args(base + ["--async-scheduling"])))
+    assert engine.async_scheduling  # forced on, even on CPU
+    assert not LLMEngine(config_from_args(parser.parse_args(base))).async_scheduling  # auto on CPU: off
