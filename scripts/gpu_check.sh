@@ -31,7 +31,7 @@ stop_server() { kill -TERM "$SERVER_PID"; wait "$SERVER_PID"; echo "serve exit s
 bench_serve() {  # bench_serve PORT NAME [bench serve flags...]
   local port=$1 name=$2; shift 2
   python3 -m pagedserve.entrypoints.cli bench serve --base-url "http://localhost:$port" --disable-tqdm \
-    --output-json "$OUT/$name.json" "$@" 2>&1 | grep -vE "^\[transformers\]|HTTP Request" | tail -n 14
+    --output-json "$OUT/$name.json" "$@" 2>&1 | grep -vE "^\[transformers\]|HTTP Request"
 }
 run_phase() {
   local phase=$1
@@ -71,19 +71,13 @@ run_phase() {
       stop_server
       grep -E "captured|KV cache|ready|started|tokenizer|serving|imports" "$OUT/server-8011.log" | head -12 ;;
     serve-bench)
-      # Issue 5: bench serve vs bench throughput on the comparison workload, prefix caching, concurrency.
-      python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm \
-        --input-len 100-1024 --output-len 512 --output-json "$OUT/tp-compare-workload.json" 2>&1 | tail -3
+      # Issue 5: items 2 and 3 (serve-bench-lite), then serving latency at concurrency 1/16/64/256.
+      run_phase serve-bench-lite
       start_server 8012
-      bench_serve 8012 serve-compare-workload --num-prompts 256 --input-len 100-1024 --output-len 512
-      bench_serve 8012 serve-shared-prefix-cached --dataset shared-prefix --output-len 64
       for c in 1 16 64 256; do
         bench_serve 8012 "serve-c$c" --num-prompts $(( c == 1 ? 8 : 2 * c )) --input-len 1024 --output-len 128 \
-          --max-concurrency $c --plot "$OUT/serve-c$c.png"
+          --max-concurrency $c --plot "$OUT/serve-c$c.png" | grep -E "Output token throughput|TTFT|TPOT"
       done
-      stop_server
-      start_server 8013 --no-enable-prefix-caching
-      bench_serve 8013 serve-shared-prefix-uncached --dataset shared-prefix --output-len 64
       stop_server ;;
     serve-bench-lite)  # issue 5 items 2 and 3 only, key lines printed
       python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm \
@@ -126,8 +120,7 @@ for phase in $phases; do
   run_phase "$phase" > "$OUT/$phase.log" 2>&1
   case $phase in
     tests) grep -E "7B shapes|async vs sync|passed|failed|FAILED|rror" "$OUT/tests.log" | tail -25 ;;
-    serve-bench-lite) cat "$OUT/$phase.log" ;;
-    serve-bench) grep -vE "^\[transformers\]|HTTP Request" "$OUT/$phase.log" | tail -n 120 ;;
+    serve-bench*) cat "$OUT/$phase.log" ;;
     profile*|probe|silu|skinny|sample|sample-test|importtime) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
     latency*) tail -n 5 "$OUT/$phase.log" ;;
     *) tail -n 8 "$OUT/$phase.log" ;;
