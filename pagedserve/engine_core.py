@@ -75,6 +75,9 @@ class EngineCore:
         self._live_ids: set[str] = set()  # added and not yet finished or aborted
         stats = engine.get_stats()
         self._log = _StatsLogState(time.monotonic(), stats)
+        self._loop_steps = 0  # steps since the last stats line, and the loop's own seconds in them
+        self._receive_s = 0.0
+        self._emit_s = 0.0
 
     def run(self, receive: Receive, emit: Emit) -> None:
         """The loop; returns after a Stop (having aborted everything). Engine errors propagate."""
@@ -82,7 +85,10 @@ class EngineCore:
         last_emitted: dict | None = None
         while True:
             busy = engine.has_unfinished_requests()
+            t0 = time.perf_counter()
             items = receive(0.0 if busy else self._idle_timeout())
+            if busy:
+                self._receive_s += time.perf_counter() - t0
             acks, stop = self._handle(items)
             if stop:
                 if self._live_ids:
@@ -96,8 +102,11 @@ class EngineCore:
                     self._live_ids.discard(output.request_id)
             stats = engine.get_stats()
             if acks or outputs or stats != last_emitted:  # aborts change stats without outputs
+                t0 = time.perf_counter()
                 emit(acks, outputs, stats)
+                self._emit_s += time.perf_counter() - t0
                 last_emitted = stats
+            self._loop_steps += busy
             self._maybe_log_stats(stats)
 
     def _handle(self, items: list) -> tuple[list[Ack], bool]:
@@ -163,6 +172,14 @@ class EngineCore:
             return
         if state.active_since_log:
             logger.info(format_stats_line(state.last_stats, state.newest_stats, now - state.last_log_time))
+            timing = getattr(self.engine, "step_timing", None)
+            if timing is not None and timing.totals:
+                # Where the engine loop's time went since the last line (engine process or thread).
+                logger.info("step timing: %s; loop: receive %.2f ms/step, emit %.2f ms/step", timing.summary(),
+                            *(1e3 * t / max(self._loop_steps, 1) for t in (self._receive_s, self._emit_s)))
+                timing.totals.clear()
+                self._loop_steps = 0
+                self._receive_s = self._emit_s = 0.0
         state.last_log_time = now
         state.last_stats = state.newest_stats
         state.active_since_log = False

@@ -90,6 +90,27 @@ run_phase() {
       start_server 8013 --no-enable-prefix-caching
       bench_serve 8013 serve-shared-prefix-uncached --dataset shared-prefix --output-len 64 | grep -E "Output token|TTFT"
       stop_server ;;
+    serve-diag)  # where the server's time goes under the comparison workload: py-spy of both processes
+      start_server 8014
+      bench_serve 8014 serve-diag --num-prompts 256 --input-len 100-1024 --output-len 512 \
+        | grep -E "Output token throughput|Median TTFT|Median TPOT" &
+      local bench=$!
+      sleep 7
+      local engine_pid; engine_pid=$(pgrep -P "$SERVER_PID" -f spawn_main | head -1)
+      local spy=/tmp/site/bin/py-spy
+      $spy record -p "$SERVER_PID" -d 6 -r 200 --nonblocking -f raw -o /tmp/spy-api.txt > /dev/null 2>&1 &
+      $spy record -p "$engine_pid" -d 6 -r 200 --nonblocking -f raw -o /tmp/spy-engine.txt > /dev/null 2>&1
+      wait $bench
+      sleep 1
+      python3 scripts/pyspy_top.py /tmp/spy-api.txt --top 30
+      python3 scripts/pyspy_top.py /tmp/spy-engine.txt --top 30
+      stop_server
+      grep -E "step timing|generation:" "$OUT/server-8014.log" | tail -6 ;;
+    decode-mix)
+      python3 -m pagedserve.executor.kernels.bench_kernels --tune decode-mix ;;
+    check7b)  # the 7B-shapes logits check (rel err, top-1, margins of the flips) and the memory-profile test
+      python3 -m pytest tests/gpu/test_qwen2_7b_shapes.py -q -s -p no:cacheprovider 2>&1 | tail -40
+      python3 -m pytest tests/executor -q -p no:cacheprovider -k cuda_memory_profile 2>&1 | tail -5 ;;
     silu)
       python3 -m pagedserve.executor.kernels.bench_kernels --tune silu ;;
     importtime)  # where the start-up's import seconds go on this machine
@@ -120,8 +141,8 @@ for phase in $phases; do
   run_phase "$phase" > "$OUT/$phase.log" 2>&1
   case $phase in
     tests) grep -E "7B shapes|async vs sync|passed|failed|FAILED|rror" "$OUT/tests.log" | tail -25 ;;
-    serve-bench*) cat "$OUT/$phase.log" ;;
-    profile*|probe|silu|skinny|sample|sample-test|importtime) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
+    serve-bench*|serve-diag) cat "$OUT/$phase.log" ;;
+    profile*|probe|silu|skinny|sample|sample-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
     latency*) tail -n 5 "$OUT/$phase.log" ;;
     *) tail -n 8 "$OUT/$phase.log" ;;
   esac

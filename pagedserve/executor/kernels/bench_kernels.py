@@ -1,6 +1,7 @@
 """GPU benchmark of the paged-attention kernels at Qwen2-7B shapes (Hq=28, Hkv=4, D=128, block 16, bf16).
 
-    python -m pagedserve.executor.kernels.bench_kernels [--tune decode|splits|prefill|silu|sample] [--dtype bf16|fp16]
+    python -m pagedserve.executor.kernels.bench_kernels [--tune decode|splits|decode-mix|prefill|silu|sample]
+        [--dtype bf16|fp16]
 
 1. Correctness vs a float32 torch reference (decode, split and unsplit; mixed prefill batch).
 2. Decode: batch 1/64/256 x context 512/2048/8192, median of triton.testing.do_bench (L2 flushed
@@ -11,6 +12,8 @@
 --tune sweeps tile/warp/stage configs of one kernel (decode ranked by graph replay time) or the
 decode split count, and prints the best few per case.
 Block tables are random permutations of the physical blocks, as after a while of serving.
+--tune decode-mix runs only decode over mixed context lengths (batch 139 at U[100,2048], 256 at
+U[100,1536], 64 at U[100,2048]: the throughput workloads' mix), sweeping split count x tile x warps.
 --tune silu runs only the MLP's SiLU·mul (I=18944, T=1/139/8192): the fused kernel at its default and
 other block sizes vs torch's F.silu(gate) * up, in us and GB/s of 3*I elements a row (read gate and
 up, write the product; torch's two kernels move 5*I). Graph replays don't flush L2: at T=1 and 139
@@ -144,6 +147,36 @@ def bench_decode(dtype, configs, top: int) -> None:
               f" {ms_graph:9.4f} {gbs_g:7.0f} {gbs_g / 30:5.1f}")  # fmt: skip
         if top > 1:
             print("      next: " + ", ".join(f"{_label(c)} {t * 1e3:.1f}us" for t, c, _ in results[1:top]))
+
+
+def bench_decode_mix(dtype) -> None:
+    """Decode over the context-length mix of the throughput workloads (each sequence's own length drawn
+    uniformly), where a (sequence, kv head) program per long sequence can leave the step waiting on a
+    few long programs: split counts x tiles x warps, ranked by CUDA-graph replay time."""
+    scale = D**-0.5
+    print("\n== decode over mixed lengths (graph replay medians; GB/s of the batch's K+V bytes)")
+    rng = torch.Generator().manual_seed(0)
+    for batch, lo, hi in ((139, 100, 2048), (256, 100, 1536), (64, 100, 2048)):
+        ctx = torch.randint(lo, hi + 1, (batch,), generator=rng).tolist()
+        query, kv, tables, lens, qsl = make_case([1] * batch, [c - 1 for c in ctx], dtype, seed=batch)
+        kv_bytes = 2 * sum(ctx) * HKV * D * kv.element_size()
+        ref = reference(query, kv, tables, lens, qsl, scale)
+        out = torch.empty_like(query)
+        auto = choose_num_splits(batch, HKV, max(ctx), 64, query.device)
+        results = []
+        for splits, block_n, warps in itertools.product((1, 2, 3, 4, 6, 8, 12), (32, 64), (2, 4)):
+            run = functools.partial(paged_attention_decode, query, kv, tables, lens, scale, out=out,
+                                    max_seq_len=max(ctx), num_splits=splits, block_n=block_n, num_warps=warps)
+            out.fill_(float("nan"))
+            run()
+            assert rel_err(out, ref) < 1e-2, (splits, block_n, warps)
+            results.append((triton.testing.do_bench_cudagraph(run, return_mode="median"), splits, block_n, warps))
+        results.sort()
+        default = next(r for r in results if r[1:] == (auto, 64, 2))
+        print(f"batch {batch}, ctx U[{lo},{hi}] ({kv_bytes / 1e6:.0f} MB): default (S{auto} n64 w2) "
+              f"{default[0] * 1e3:.1f} us ({kv_bytes / default[0] / 1e6:.0f} GB/s)")
+        for ms, splits, block_n, warps in results[:6]:
+            print(f"    S{splits} n{block_n} w{warps}: {ms * 1e3:.1f} us ({kv_bytes / ms / 1e6:.0f} GB/s)")
 
 
 def _mixed_case(dtype, num_dec: int, ctx: int, chunk: int, chunk_ctx: int) -> tuple[float, float, int]:
@@ -337,7 +370,7 @@ def bench_sample(vocab: int = 152064) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
-    parser.add_argument("--tune", choices=("decode", "splits", "prefill", "silu", "sample"),
+    parser.add_argument("--tune", choices=("decode", "splits", "decode-mix", "prefill", "silu", "sample"),
                         help="sweep one kernel's configs (or decode num_splits), print the best")  # fmt: skip
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -350,6 +383,9 @@ def main() -> None:
         return
     if args.tune == "sample":
         bench_sample()
+        return
+    if args.tune == "decode-mix":
+        bench_decode_mix(dtype)
         return
     check_correctness(dtype)
     top = 1
