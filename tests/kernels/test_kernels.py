@@ -13,13 +13,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 
 from pagedserve.executor.attention.base import AttentionMetadata
 from pagedserve.executor.attention.triton_backend import TritonAttentionBackend
 from pagedserve.executor.kernels.kv_cache_write import write_kv_cache
-from pagedserve.executor.kernels.paged_attention_decode import paged_attention_decode
+from pagedserve.executor.kernels.paged_attention_decode import longest_first_order, paged_attention_decode
 from pagedserve.executor.kernels.paged_attention_prefill import paged_attention_prefill
 
 CUDA = torch.cuda.is_available()
@@ -228,6 +229,167 @@ def test_decode_splits_with_empty_and_zero_length(num_splits):
     assert torch.equal(out[3].cpu(), torch.zeros_like(out[3]).cpu())
 
 
+def make_order(kind: str, seq_lens: list[int]) -> torch.Tensor:
+    if kind == "longest":
+        order = torch.from_numpy(longest_first_order(seq_lens))
+    else:
+        order = torch.randperm(len(seq_lens)).to(torch.int32)
+    return order.to(DEVICE)
+
+
+def assert_same(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """The order changes only which program runs when: the interpreter gives the same bits. Compiled,
+    the ordered variant is a separate kernel binary: allow rounding-level differences."""
+    if CUDA:
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3, equal_nan=True)
+    else:
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("shape", [DECODE_SHAPES[0], DECODE_SHAPES[3]], ids=lambda s: "bs{}-d{}-hq{}-hkv{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_seq_order(shape, dtype, num_splits):
+    """seq_order (random, longest-first) permutes only the launch order: the same output as the unordered
+    call, including the padded CUDA-graph slots (seq_len 0, in the middle and at the end) that must be 0."""
+    block_size, head_dim, num_heads, num_kv_heads = shape
+    spec = [(36, 1), (3 * block_size + 5, 1), (0, 1), (2 * block_size + 13, 1), (36, 1), (9, 1)]
+    b = make_batch(
+        spec, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        block_size=block_size, dtype=dtype, share_prefix=(1, 3, 2),
+    )  # fmt: skip
+    pad = [1, len(spec) + 1]  # rows of the padded slots in the launch's batch
+    real = [i for i in range(len(spec) + 2) if i not in pad]
+    seq_lens = torch.zeros(len(spec) + 2, dtype=torch.int32, device=DEVICE)
+    seq_lens[real] = b.meta.seq_lens
+    block_tables = torch.zeros(len(spec) + 2, b.meta.block_tables.shape[1], dtype=torch.int32, device=DEVICE)
+    block_tables[real] = b.meta.block_tables
+    query = torch.randn(len(spec) + 2, num_heads, head_dim).to(dtype).to(DEVICE)
+    query[real] = b.query
+    lens = seq_lens.tolist()
+    longest = make_order("longest", lens)
+    # descending, ties in index order (Python's sort is stable), padded slots last
+    assert longest.tolist() == sorted(range(len(lens)), key=lambda i: -lens[i])
+    assert longest.tolist()[-2:] == pad
+    scale = head_dim**-0.5
+    ref = reference_attention(b.query, b.full_cache, b.meta, scale)
+    outs = []
+    for seq_order in (None, make_order("random", lens), longest):
+        out = poisoned_like(query)
+        paged_attention_decode(
+            query, b.full_cache, block_tables, seq_lens, scale, out=out, num_splits=num_splits, block_n=16,
+            seq_order=seq_order,
+        )  # fmt: skip
+        assert_close(out[real], ref, dtype)
+        assert torch.equal(out[pad].cpu(), torch.zeros_like(out[pad]).cpu())
+        outs.append(out)
+    assert_same(outs[1], outs[0])
+    assert_same(outs[2], outs[0])
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_decode_seq_order_mixed(num_splits):
+    """Mixed batch: the ordered decode kernel (query_start_loc) does the one-token sequences at their
+    own rows and leaves every other row (prefill tokens, padding) alone, as the unordered one does."""
+    dtype = DTYPES[0]
+    block_size, head_dim, num_heads, num_kv_heads = 16, 64, 14, 2
+    spec = [(0, 37), (40, 1), (2 * block_size, 11), (3 * block_size + 3, 1), (0, 1), (21, 19), (70, 1)]
+    b = make_batch(
+        spec, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        block_size=block_size, dtype=dtype, share_prefix=(3, 2, 2), num_pad_tokens=2,
+    )  # fmt: skip
+    m, scale = b.meta, head_dim**-0.5
+    outs = []
+    for seq_order in (None, make_order("random", m.seq_lens_cpu), make_order("longest", m.seq_lens_cpu)):
+        out = poisoned_like(b.query)
+        paged_attention_decode(
+            b.query, b.full_cache, m.block_tables, m.seq_lens, scale, out=out, num_splits=num_splits,
+            block_n=16, query_start_loc=m.query_start_loc, seq_order=seq_order,
+        )  # fmt: skip
+        outs.append(out)
+    for out in outs[1:]:
+        assert_same(out, outs[0])  # decode rows equal; every other row still NaN in both
+    out = outs[2]  # longest-first: the prefill kernel fills the rest, then the whole batch is checked
+    paged_attention_prefill(
+        b.query, b.full_cache, m.query_start_loc, m.seq_lens, m.block_tables, scale, m.max_query_len,
+        out=out, block_m=16, block_n=16, skip_decodes=True,
+    )  # fmt: skip
+    num_real = m.query_start_loc[-1].item()
+    assert_close(out[:num_real], reference_attention(b.query, b.full_cache, m, scale), dtype)
+    assert torch.isnan(out[num_real:]).all(), "padding rows must be left alone"
+
+
+def test_decode_seq_order_non_contiguous():
+    dtype = DTYPES[0]
+    b = make_batch([(30, 1), (5, 1), (50, 1)], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16, dtype=dtype)
+    order = torch.tensor([[2, 9], [0, 9], [1, 9]], dtype=torch.int32, device=DEVICE)[:, 0]
+    assert not order.is_contiguous()
+    out = poisoned_like(b.query)
+    paged_attention_decode(
+        b.query, b.full_cache, b.meta.block_tables, b.meta.seq_lens, 0.125, out=out, num_splits=2, block_n=16,
+        seq_order=order,
+    )  # fmt: skip
+    assert_close(out, reference_attention(b.query, b.full_cache, b.meta, 0.125), DTYPES[0])
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_decode_seq_order_is_used(num_splits):
+    """The kernel really looks the sequence up: an order that misses sequence 1 (values are not checked
+    on the host, as that would sync) leaves its row unwritten, or with splits reduced from scratch that
+    no program wrote."""
+    dtype = DTYPES[0]
+    b = make_batch([(30, 1), (5, 1), (50, 1)], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16, dtype=dtype)
+    out = poisoned_like(b.query)
+    paged_attention_decode(
+        b.query, b.full_cache, b.meta.block_tables, b.meta.seq_lens, 0.125, out=out, num_splits=num_splits,
+        block_n=16, seq_order=torch.tensor([2, 0, 2], dtype=torch.int32, device=DEVICE),
+    )  # fmt: skip
+    ref = reference_attention(b.query, b.full_cache, b.meta, 0.125)
+    assert_close(out[[0, 2]], ref[[0, 2]], dtype)
+    if num_splits == 1:
+        assert torch.isnan(out[1]).all()
+    else:
+        assert not torch.allclose(out[1].double().cpu(), ref[1], atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        torch.tensor([2, 1, 0], dtype=torch.int64),  # dtype
+        torch.tensor([1, 0], dtype=torch.int32),  # too short
+        torch.tensor([1, 0, 2, 3], dtype=torch.int32),  # too long
+        torch.tensor([[2, 1, 0]], dtype=torch.int32),  # 2-D
+        torch.tensor([2.0, 1.0, 0.0]),  # float
+    ],
+    ids=["int64", "short", "long", "2d", "float"],
+)
+def test_decode_seq_order_invalid(bad):
+    b = make_batch([(3, 1), (20, 1), (7, 1)], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
+                   dtype=DTYPES[0])  # fmt: skip
+    with pytest.raises(ValueError, match="seq_order"):
+        paged_attention_decode(b.query, b.full_cache, b.meta.block_tables, b.meta.seq_lens, 0.125,
+                               seq_order=bad.to(DEVICE))  # fmt: skip
+
+
+def test_longest_first_order():
+    lens = [5, 17, 0, 17, 3, 0, 5, 40]
+    expected = [7, 1, 3, 0, 6, 4, 2, 5]  # descending; equal lengths keep their index order
+    got = longest_first_order(lens)
+    assert got.dtype == np.int32 and got.tolist() == expected
+    assert longest_first_order(np.array(lens, dtype=np.int32)).tolist() == expected
+    assert longest_first_order(np.array(lens, dtype=np.uint32)).tolist() == expected  # no unsigned wrap
+    out = np.full(len(lens), -1, dtype=np.int32)
+    assert longest_first_order(lens, out=out) is out and out.tolist() == expected
+    pinned_view = torch.full((len(lens),), -1, dtype=torch.int32).numpy()  # as the runner's pinned buffer
+    longest_first_order(np.array(lens), out=pinned_view)
+    assert pinned_view.tolist() == expected
+    assert longest_first_order([]).shape == (0,)
+    with pytest.raises(ValueError):
+        longest_first_order(lens, out=np.zeros(len(lens), dtype=np.int64))
+    with pytest.raises(ValueError):
+        longest_first_order([[1, 2]])
+
+
 # ----------------------------------------------------------------------------------------------
 # Prefill / extend (mixed batches)
 # ----------------------------------------------------------------------------------------------
@@ -309,9 +471,7 @@ def test_backend_forward(decode_only, split_mixed, host_lens):
     assert b.meta.is_decode_only == decode_only
     if not host_lens:
         b.meta.query_lens_cpu = b.meta.seq_lens_cpu = None
-    backend = TritonAttentionBackend(
-        decode_num_splits=2 if decode_only else None, split_mixed_decodes=split_mixed
-    )
+    backend = TritonAttentionBackend(decode_num_splits=2 if decode_only else None, split_mixed_decodes=split_mixed)
     out = backend.forward(b.query, b.key, b.value, b.kv_cache, b.meta, 0.125, out=poisoned_like(b.query))
     torch.testing.assert_close(b.kv_cache, b.full_cache, rtol=0, atol=0, equal_nan=True)
     assert_close(out, reference_attention(b.query, b.full_cache, b.meta, 0.125), dtype)

@@ -13,7 +13,9 @@
 decode split count, and prints the best few per case.
 Block tables are random permutations of the physical blocks, as after a while of serving.
 --tune decode-mix runs only decode over mixed context lengths (batch 139 at U[100,2048], 256 at
-U[100,1536], 64 at U[100,2048]: the throughput workloads' mix), sweeping split count x tile x warps.
+U[100,1536], 64 at U[100,2048]: the throughput workloads' mix), sweeping split count x tile x warps,
+then the default config with a launch order (seq_order): none, index order (the ordered kernel's
+grid, kv heads fastest, without reordering) and longest-first, each with 3 and 2 pipeline stages.
 --tune silu runs only the MLP's SiLU·mul (I=18944, T=1/139/8192): the fused kernel at its default and
 other block sizes vs torch's F.silu(gate) * up, in us and GB/s of 3*I elements a row (read gate and
 up, write the product; torch's two kernels move 5*I). Graph replays don't flush L2: at T=1 and 139
@@ -44,7 +46,11 @@ import triton
 
 from pagedserve.executor.kernels import sample as sample_kernel
 from pagedserve.executor.kernels.kv_cache_write import write_kv_cache
-from pagedserve.executor.kernels.paged_attention_decode import choose_num_splits, paged_attention_decode
+from pagedserve.executor.kernels.paged_attention_decode import (
+    choose_num_splits,
+    longest_first_order,
+    paged_attention_decode,
+)
 from pagedserve.executor.kernels.paged_attention_prefill import paged_attention_prefill
 from pagedserve.executor.kernels.silu_mul import choose_block, silu_and_mul
 
@@ -165,18 +171,50 @@ def bench_decode_mix(dtype) -> None:
         auto = choose_num_splits(batch, HKV, max(ctx), 64, query.device)
         results = []
         for splits, block_n, warps in itertools.product((1, 2, 3, 4, 6, 8, 12), (32, 64), (2, 4)):
-            run = functools.partial(paged_attention_decode, query, kv, tables, lens, scale, out=out,
-                                    max_seq_len=max(ctx), num_splits=splits, block_n=block_n, num_warps=warps)
+            run = functools.partial(
+                paged_attention_decode,
+                query,
+                kv,
+                tables,
+                lens,
+                scale,
+                out=out,
+                max_seq_len=max(ctx),
+                num_splits=splits,
+                block_n=block_n,
+                num_warps=warps,
+            )
             out.fill_(float("nan"))
             run()
             assert rel_err(out, ref) < 1e-2, (splits, block_n, warps)
             results.append((triton.testing.do_bench_cudagraph(run, return_mode="median"), splits, block_n, warps))
         results.sort()
         default = next(r for r in results if r[1:] == (auto, 64, 2))
-        print(f"batch {batch}, ctx U[{lo},{hi}] ({kv_bytes / 1e6:.0f} MB): default (S{auto} n64 w2) "
-              f"{default[0] * 1e3:.1f} us ({kv_bytes / default[0] / 1e6:.0f} GB/s)")
+        print(
+            f"batch {batch}, ctx U[{lo},{hi}] ({kv_bytes / 1e6:.0f} MB): default (S{auto} n64 w2) "
+            f"{default[0] * 1e3:.1f} us ({kv_bytes / default[0] / 1e6:.0f} GB/s)"
+        )
         for ms, splits, block_n, warps in results[:6]:
             print(f"    S{splits} n{block_n} w{warps}: {ms * 1e3:.1f} us ({kv_bytes / ms / 1e6:.0f} GB/s)")
+        # Launch order, default config (S{auto} n64 w2). "index": seq_order = arange, i.e. the ordered
+        # kernel's 1-D grid (a sequence's kv heads adjacent) without reordering, to separate the grid's
+        # effect from the ordering's; fewer stages use less shared memory (more programs per SM).
+        orders = {
+            "none": None,
+            "index": torch.arange(batch, dtype=torch.int32, device="cuda"),
+            "longest": torch.from_numpy(longest_first_order(ctx)).cuda(),
+        }
+        cells = []
+        for (name, order), stages in itertools.product(orders.items(), (3, 2)):
+            run = functools.partial(paged_attention_decode, query, kv, tables, lens, scale, out=out,
+                                    max_seq_len=max(ctx), num_splits=auto, block_n=64, num_warps=2,
+                                    num_stages=stages, seq_order=order)  # fmt: skip
+            out.fill_(float("nan"))
+            run()
+            assert rel_err(out, ref) < 1e-2, (name, stages)
+            ms = triton.testing.do_bench_cudagraph(run, return_mode="median")
+            cells.append(f"{name} s{stages} {kv_bytes / ms / 1e6:.0f}")
+        print("    order (S{} n64 w2), GB/s: {}".format(auto, " | ".join(cells)))
 
 
 def _mixed_case(dtype, num_dec: int, ctx: int, chunk: int, chunk_ctx: int) -> tuple[float, float, int]:
@@ -244,10 +282,7 @@ def bench_prefill(dtype, configs, top: int) -> None:
         pct = 100 * tflops * 1e12 / MATMUL_CEILING
         print(f"{batch:>3}x{length:<4} {_label(cfg):>16} {ms:9.4f} {ms_graph:9.4f} {tflops:8.1f} {pct:8.1f}")
         if top > 1:
-            print(
-                "      next: "
-                + ", ".join(f"{_label(c)} {flops / t / 1e9:.0f}TF" for t, c, _ in results[1:top])
-            )
+            print("      next: " + ", ".join(f"{_label(c)} {flops / t / 1e9:.0f}TF" for t, c, _ in results[1:top]))
 
 
 def _torch_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

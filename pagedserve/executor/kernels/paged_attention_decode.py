@@ -19,12 +19,23 @@ so any num_splits is correct for any seq_len. Each split writes a normalized par
 its log-sum-exp (base 2) to fp32 scratch; `_decode_reduce_kernel` merges them. num_splits is
 chosen on the host from shapes and the host int max_seq_len only, so a captured CUDA graph stays
 valid (and correct) for any context length that fits the block table.
+
+Processing order (optional seq_order, int32 [num_seqs], a permutation of the sequence indices): the
+programs then run on a 1-D grid in the order (position i, split, kv_head) with the kv head fastest,
+and position i processes sequence seq_order[i] (its query row, seq_len, block-table row, output row
+and split partials all use the looked-up index, so the result is the same as without an order).
+Programs are dispatched to the SMs roughly in launch order, in waves when they don't all fit at
+once; `longest_first_order(seq_lens)` puts the long sequences' programs (all kv heads and splits)
+first, so that a long one does not start in the last wave and leave the step waiting on it.
+Without seq_order the grid is (num_seqs, num_kv_heads, num_splits) as before, with no extra load.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -64,9 +75,7 @@ def _attend_tile(
         block_ids = tl.load(block_table_ptr + offs_n // BLOCK_SIZE, mask=n_mask, other=0)
     else:
         block_ids = tl.load(block_table_ptr + offs_n // BLOCK_SIZE)
-    row_offs = (
-        block_ids.to(tl.int64) * stride_c_block + (offs_n % BLOCK_SIZE) * stride_c_slot + kv_head_offset
-    )
+    row_offs = block_ids.to(tl.int64) * stride_c_block + (offs_n % BLOCK_SIZE) * stride_c_slot + kv_head_offset
     if MASK:
         k = tl.load(
             k_cache_ptr + row_offs[None, :] + offs_d[:, None],
@@ -105,6 +114,7 @@ def _paged_decode_kernel(
     block_tables_ptr,
     seq_lens_ptr,
     query_start_loc_ptr,  # MIXED only
+    seq_order_ptr,  # [num_seqs] int32 (ORDERED only): position i processes sequence seq_order[i]
     part_out_ptr,  # [num_seqs, num_heads, num_splits, HEAD_DIM] fp32 (SPLIT only)
     part_lse_ptr,  # [num_seqs, num_heads, num_splits] fp32 (SPLIT only)
     qk_scale,
@@ -126,10 +136,20 @@ def _paged_decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     SPLIT: tl.constexpr,
     MIXED: tl.constexpr,
+    ORDERED: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
+    if ORDERED:
+        # 1-D grid, launch order (position, split, kv_head) with the kv head fastest: the programs of
+        # the order's first sequences are dispatched first, all their kv heads and splits together.
+        pid = tl.program_id(0)
+        kv_head = pid % (NUM_HEADS // QUERIES_PER_KV)
+        rest = pid // (NUM_HEADS // QUERIES_PER_KV)
+        split = rest % num_splits
+        seq = tl.load(seq_order_ptr + rest // num_splits)
+    else:
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
 
     seq64 = seq.to(tl.int64)
     if MIXED:  # a mixed batch: handle only the decodes (q_len == 1); the prefill kernel does the rest
@@ -262,9 +282,7 @@ def _num_sms(device: torch.device) -> int:
     return 8  # interpreter on CPU: any value is correct; keep grids small
 
 
-def choose_num_splits(
-    num_seqs: int, num_kv_heads: int, max_seq_len: int, block_n: int, device: torch.device
-) -> int:
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, block_n: int, device: torch.device) -> int:
     """Split the sequence only when (seq, kv_head) programs alone would leave SMs idle.
 
     Depends on host ints only (shapes and the metadata's max_seq_len), never on device data.
@@ -322,6 +340,7 @@ def paged_attention_decode(
     num_stages: int | None = None,
     query_start_loc: torch.Tensor | None = None,
     num_decodes: int | None = None,
+    seq_order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged context; returns [num_seqs, Hq, D].
 
@@ -332,10 +351,26 @@ def paged_attention_decode(
     max_seq_len (host int) only steers num_splits; when None the block table's capacity is used.
     With num_splits > 1 fp32 scratch of [num_seqs, Hq, num_splits, D] is allocated; its size
     depends on shapes and host ints only, so the call can be captured in a CUDA graph.
+    seq_order (int32 [num_seqs] on the query's device, a permutation of 0..num_seqs-1, e.g. from
+    longest_first_order): the order in which the sequences' programs are launched (see the module
+    docstring); the output is the same. Only its dtype/shape/device are checked (a host check of the
+    values would sync): a sequence missing from it gets no output (its row is left unwritten, or with
+    splits reduced from unwritten scratch). In a mixed batch the prefill sequences' programs return
+    at once wherever the order puts them.
     """
     _, num_heads, head_dim = query.shape
     num_seqs = seq_lens.shape[0]
     mixed = query_start_loc is not None
+    ordered = seq_order is not None
+    if ordered:
+        if seq_order.dtype != torch.int32 or seq_order.shape != (num_seqs,):
+            raise ValueError(
+                f"seq_order must be int32 of shape ({num_seqs},), got {seq_order.dtype} {tuple(seq_order.shape)}"
+            )
+        if seq_order.device != seq_lens.device:
+            raise ValueError(f"seq_order is on {seq_order.device}, seq_lens on {seq_lens.device}")
+        if seq_order.stride(0) != 1:
+            seq_order = seq_order.contiguous()
     query, out, k_cache, v_cache = attention_operands(query, kv_cache, out)
     _, block_size, num_kv_heads, _ = k_cache.shape
     if num_seqs == 0:
@@ -355,16 +390,18 @@ def paged_attention_decode(
         raise ValueError(f"num_splits must be in [1, {_MAX_SPLITS}], got {num_splits}")
     split = num_splits > 1
     if split:
-        part_out = torch.empty(
-            (num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=query.device
-        )
+        part_out = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=query.device)
         part_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=query.device)
     else:
         part_out = part_lse = out  # unused
     block_d = max(16, triton.next_power_of_2(head_dim))
-    _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+    if ordered:
+        grid = (num_seqs * num_splits * num_kv_heads,)
+    else:
+        grid = (num_seqs, num_kv_heads, num_splits)
+    _paged_decode_kernel[grid](
         query, out, k_cache, v_cache, block_tables, seq_lens, query_start_loc if mixed else seq_lens,
-        part_out, part_lse,
+        seq_order if ordered else seq_lens, part_out, part_lse,
         scale * LOG2E, num_splits,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -377,10 +414,11 @@ def paged_attention_decode(
         BLOCK_SIZE=block_size,
         SPLIT=split,
         MIXED=mixed,
+        ORDERED=ordered,
         num_warps=num_warps,
         num_stages=num_stages,
     )  # fmt: skip
-    if split:
+    if split:  # indexed by the real sequence: the partials are at the real sequence's rows
         _decode_reduce_kernel[(num_seqs, num_heads)](
             out, part_out, part_lse, seq_lens, query_start_loc if mixed else seq_lens, num_splits,
             out.stride(0), out.stride(1),
@@ -397,4 +435,21 @@ def paged_attention_decode(
     return out
 
 
-__all__ = ["paged_attention_decode", "choose_num_splits", "default_decode_config"]
+def longest_first_order(seq_lens: np.ndarray | Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
+    """Sequence indices by descending length, equal lengths in index order (a stable sort): the
+    seq_order of paged_attention_decode for longest-processing-time-first dispatch. Host only.
+    Padded CUDA-graph slots (length 0) come last. out: an int32 [len(seq_lens)] array to fill (e.g. the
+    numpy view of a pinned buffer), returned; otherwise a new int32 array."""
+    lens = np.asarray(seq_lens, dtype=np.int64)
+    if lens.ndim != 1:
+        raise ValueError(f"seq_lens must be 1-D, got shape {lens.shape}")
+    order = np.argsort(-lens, kind="stable")
+    if out is None:
+        return order.astype(np.int32)
+    if out.dtype != np.int32 or out.shape != lens.shape:
+        raise ValueError(f"out must be int32 of shape {lens.shape}, got {out.dtype} {out.shape}")
+    out[:] = order
+    return out
+
+
+__all__ = ["paged_attention_decode", "choose_num_splits", "default_decode_config", "longest_first_order"]
