@@ -314,6 +314,7 @@ class AsyncEngine:
                 stream.accepted.set_result(None)
             else:
                 self._streams.pop(request_id, None)
+                self._backend.forget([request_id])
                 stream.accepted.set_exception(_refusal_error(refusal))
         for output in outputs:
             if output.finished:

@@ -41,7 +41,7 @@ class _Choice:
     """One of the n completions of a request: its scheduler Request and its text state."""
 
     request: Request
-    detokenizer: IncrementalDetokenizer
+    detokenizer: IncrementalDetokenizer | None  # None: the caller detokenizes (see LLMEngine.detokenize)
     output: CompletionOutput
 
 
@@ -95,6 +95,11 @@ class LLMEngine:
         # each step costs O(length) per request).
         self.copy_outputs = True
         self._sync_ids: set[str] = set()  # live child requests whose sampling needs the previous token
+        # False: requests without stop strings get no text here (CompletionOutput.text stays ""); the
+        # caller turns token ids into text itself. The engine process runs so and the server side
+        # detokenizes (engine_process.DeltaDecoder), taking that work off the step loop. Requests with
+        # stop strings are always detokenized here: finding a stop string ends the request.
+        self.detokenize = True
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         if on_cuda and not config.skip_warmup:
@@ -203,12 +208,14 @@ class LLMEngine:
                 cache_salt=None if self.config.enable_prefix_caching or params.n == 1 else request_id,
                 arrival_time=arrival,
             )
-            detok = IncrementalDetokenizer(
-                self.tokenizer, prompt_token_ids,
-                skip_special_tokens=params.skip_special_tokens,
-                stop=params.stop,
-                include_stop_str_in_output=params.include_stop_str_in_output,
-            )
+            detok = None
+            if self.detokenize or params.stop:
+                detok = IncrementalDetokenizer(
+                    self.tokenizer, prompt_token_ids,
+                    skip_special_tokens=params.skip_special_tokens,
+                    stop=params.stop,
+                    include_stop_str_in_output=params.include_stop_str_in_output,
+                )
             output = CompletionOutput(index=index, text="", token_ids=[],
                                       cumulative_logprob=None if params.logprobs is None else 0.0,
                                       logprobs=None if params.logprobs is None else [])
@@ -318,7 +325,7 @@ class LLMEngine:
                 if not state.final_only or state.num_unfinished == 0]
 
     def _apply_update(self, state: _RequestState, choice: _Choice, update, now: float) -> None:
-        request, out = choice.request, choice.output
+        request, out, detok = choice.request, choice.output, choice.detokenizer
         if request.num_cached_tokens > state.num_cached_tokens:
             state.num_cached_tokens = request.num_cached_tokens
         # The scheduler stamps each request when it first admits it; the group's is the earliest.
@@ -338,19 +345,20 @@ class LLMEngine:
                     if lp is not None:
                         out.logprobs.append(lp)
                         out.cumulative_logprob = (out.cumulative_logprob or 0.0) + lp.logprob
-            if not (state.final_only and not params_have_stops(request)):
-                choice.detokenizer.add_tokens(new_ids)
+            if detok is not None and not (state.final_only and not params_have_stops(request)):
+                detok.add_tokens(new_ids)
         finished = update.finished
-        if not finished and choice.detokenizer.stop_reason is not None:
+        if not finished and detok is not None and detok.stop_reason is not None:
             # A stop string ended it: the scheduler learns now and frees its blocks.
             self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
             finished = True
         if finished and out.finish_reason is None:
-            if state.final_only and not params_have_stops(request):
-                choice.detokenizer.add_tokens(out.token_ids)  # one decode of the whole output
-            choice.detokenizer.flush()
-            if choice.detokenizer.stop_reason is not None:
-                out.finish_reason, out.stop_reason = "stop", choice.detokenizer.stop_reason
+            if detok is not None:
+                if state.final_only and not params_have_stops(request):
+                    detok.add_tokens(out.token_ids)  # one decode of the whole output
+                detok.flush()
+            if detok is not None and detok.stop_reason is not None:
+                out.finish_reason, out.stop_reason = "stop", detok.stop_reason
             else:
                 out.finish_reason = request.status.finish_reason or "stop"
                 out.stop_reason = request.stop_reason
@@ -358,7 +366,8 @@ class LLMEngine:
             self._child_to_parent.pop(request.request_id, None)
             self._sync_ids.discard(request.request_id)
         # What callers may be shown: the detokenizer holds back a tail that could start a stop string.
-        out.text = choice.detokenizer.text
+        if detok is not None:
+            out.text = detok.text
 
     def _make_output(self, state: _RequestState) -> RequestOutput:
         finished = state.num_unfinished == 0

@@ -2,8 +2,8 @@
 
     server process                                       engine process (spawned)
     AsyncEngine ── AddRequest / AbortRequests / Stop ──► Pipe ─► EngineCore.run(receive, emit)
-    reader thread ◄── ("out", acks, deltas, stats) ◄──── Pipe ◄─ DeltaEncoder(outputs)
-      └─ loop.call_soon_threadsafe ─► DeltaDecoder ─► cumulative RequestOutputs, as in-thread
+    reader thread ◄── pickled ("out", acks, deltas, stats) ◄── Pipe ◄─ sender thread ◄─ DeltaEncoder
+      └─ loop.call_soon_threadsafe ─► DeltaDecoder (+ detokenizing) ─► cumulative RequestOutputs
 
 Outputs cross as deltas (new token ids, new text, new logprobs per choice), so a step costs the same
 to send at token 10 as at token 10,000; the decoder rebuilds the cumulative RequestOutputs the rest
@@ -11,22 +11,35 @@ of the server reads. Measured on an H100 with 256 streams (docs/server.md): with
 thread of the server, streaming ran at 26-36% of offline speed (the event loop held the GIL the
 step loop needed); in this process, at 60-63%.
 
+The step loop does as little per request as it can, because under load its host work is what a step
+costs once it exceeds the device's time:
+- Text: the engine runs with `LLMEngine.detokenize = False`, so only requests with stop strings are
+  detokenized there (a stop string ends the request, which the scheduler must know at once); for the
+  others the server side's DeltaDecoder turns token ids into text, with the same IncrementalDetokenizer
+  and the request's own settings (it learns them from the AddRequest it forwards).
+- Pickling happens in the step loop's thread, and the sender thread only writes bytes (a write
+  releases the GIL; pickling in the sender would hold the GIL against the step loop).
+
 Messages engine -> server: ("ready", info) | ("failed", exc_type, message) once at start, then
 ("out", acks, deltas, stats)*, and ("dead", message) or ("stopped",) last.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import pickle
 import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pagedserve.engine_core import AbortRequests, EngineCore, Stop
+from pagedserve.engine_core import AbortRequests, AddRequest, EngineCore, Stop
 from pagedserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from pagedserve.sampling_params import SamplingParams
+from pagedserve.tokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -95,28 +108,55 @@ class DeltaEncoder:
 class _Accumulated:
     prompt_token_ids: list[int]
     prompt: str | None
+    params: SamplingParams | None  # set when this side detokenizes the request
     choices: dict[int, CompletionOutput] = field(default_factory=dict)
+    detokenizers: dict[int, IncrementalDetokenizer] = field(default_factory=dict)
 
 
 class DeltaDecoder:
     """Server side: deltas -> cumulative RequestOutputs (token id and logprob lists are shared
-    and only ever extended; each output gets its own CompletionOutput with a text snapshot)."""
+    and only ever extended; each output gets its own CompletionOutput with a text snapshot).
 
-    def __init__(self) -> None:
+    With a tokenizer, requests announced by expect() without stop strings are detokenized here (the
+    engine process sends no text for them); without one, text comes only from the deltas."""
+
+    def __init__(self, tokenizer: Any = None) -> None:
+        self._tokenizer = tokenizer
         self._acc: dict[str, _Accumulated] = {}
+        self._expected: dict[str, SamplingParams] = {}  # added, no delta seen yet: detokenize here
+
+    def expect(self, request_id: str, params: SamplingParams) -> None:
+        """A request was sent to the engine; its text is made here unless it has stop strings."""
+        if self._tokenizer is not None and not params.stop:
+            self._expected[request_id] = params
 
     def decode(self, deltas: list[RequestDelta]) -> list[RequestOutput]:
         outputs = []
         for rid, prompt_ids, prompt, finished, num_cached, metrics, choices in deltas:
             acc = self._acc.get(rid)
             if acc is None:
-                acc = self._acc[rid] = _Accumulated(prompt_ids or [], prompt)
+                if prompt_ids is None:
+                    continue  # a late delta of a request forgotten (aborted) since its first one
+                acc = self._acc[rid] = _Accumulated(prompt_ids, prompt, self._expected.pop(rid, None))
+            params = acc.params
             for index, new_ids, new_text, new_lps, finish, stop, cumulative in choices:
                 c = acc.choices.get(index)
                 if c is None:
                     c = acc.choices[index] = CompletionOutput(index, "", [], None, None if new_lps is None else [])
                 c.token_ids.extend(new_ids)
-                c.text += new_text
+                if params is None:
+                    c.text += new_text
+                else:
+                    detok = acc.detokenizers.get(index)
+                    if detok is None:
+                        detok = acc.detokenizers[index] = IncrementalDetokenizer(
+                            self._tokenizer, acc.prompt_token_ids, skip_special_tokens=params.skip_special_tokens
+                        )
+                    if new_ids:
+                        detok.add_tokens(new_ids)
+                    if finish is not None and c.finish_reason is None:
+                        detok.flush()
+                    c.text = detok.text
                 if new_lps:
                     c.logprobs.extend(new_lps)
                 c.finish_reason, c.stop_reason, c.cumulative_logprob = finish, stop, cumulative
@@ -144,6 +184,7 @@ class DeltaDecoder:
     def forget(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             self._acc.pop(rid, None)
+            self._expected.pop(rid, None)
 
 
 def engine_info(engine: Any) -> dict:
@@ -176,8 +217,10 @@ def run_engine_process(
     logger.info("engine process started (imports done); building the engine")
     try:
         engine = engine_factory()
-        # Outputs become deltas in this thread right after each step: no copies needed.
+        # Outputs become deltas in this thread right after each step: no copies needed. Text is
+        # made on the server side (DeltaDecoder), except for requests with stop strings.
         engine.copy_outputs = False
+        engine.detokenize = False
         conn_out.send(("ready", engine_info(engine)))
     except BaseException as e:  # noqa: BLE001 - the server reports it and exits
         conn_out.send(("failed", type(e).__name__, str(e)))
@@ -203,7 +246,7 @@ def run_engine_process(
     sender = _Sender(conn_out)
 
     def emit(acks: list, outputs: list[RequestOutput], stats: dict) -> None:
-        sender.put(acks, encoder.encode(outputs), stats)
+        sender.put(pickle.dumps(("out", acks, encoder.encode(outputs), stats), protocol=pickle.HIGHEST_PROTOCOL))
 
     try:
         EngineCore(engine, **core_kwargs).run(receive, emit)
@@ -215,21 +258,20 @@ def run_engine_process(
 
 
 class _Sender:
-    """Pickles and sends from its own thread, so the step loop never waits on a slow reader.
-    What piles up meanwhile goes out as one message: deltas of consecutive steps concatenate (the
-    decoder applies them in order), acks too, and only the newest stats matter."""
+    """Writes pickled messages from its own thread, so the step loop never waits on a slow reader.
+    A write releases the GIL; the pickling was done by the caller, in the step loop's thread."""
 
     def __init__(self, conn: Any) -> None:
         self._conn = conn
         self._cond = threading.Condition()
-        self._pending: list[tuple[list, list, dict]] = []
+        self._pending: list[bytes] = []
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="pagedserve-engine-sender", daemon=True)
         self._thread.start()
 
-    def put(self, acks: list, deltas: list, stats: dict) -> None:
+    def put(self, payload: bytes) -> None:
         with self._cond:
-            self._pending.append((acks, deltas, stats))
+            self._pending.append(payload)
             self._cond.notify()
 
     def _run(self) -> None:
@@ -239,11 +281,9 @@ class _Sender:
                     self._cond.wait()
                 batch, self._pending = self._pending, []
                 closing = self._closing
-            if batch:
-                acks = [a for item in batch for a in item[0]]
-                deltas = [d for item in batch for d in item[1]]
+            for payload in batch:
                 try:
-                    self._conn.send(("out", acks, deltas, batch[-1][2]))
+                    self._conn.send_bytes(payload)
                 except (OSError, ValueError):
                     return  # the server is gone
             if closing:
@@ -282,7 +322,7 @@ class ProcessBackend:
         child_in.close()
         child_out.close()
         self.info: dict | None = None
-        self._decoder = DeltaDecoder()
+        self._decoder = DeltaDecoder()  # replaced once the engine's tokenizer is here (wait_ready)
         self._reader: Any = None
         self._stopping = False
         if wait:
@@ -311,6 +351,8 @@ class ProcessBackend:
                 raise ValueError(text)
             raise RuntimeError(f"the engine failed to start: {exc_type}: {text}")
         self.info = message[1]
+        # Its own copy: the HTTP side's tokenizer thread uses info["tokenizer"] concurrently.
+        self._decoder = DeltaDecoder(copy.deepcopy(self.info["tokenizer"]))
 
     def start(self, post: Callable[..., None]) -> None:
         self._reader = threading.Thread(target=self._read, args=(post,), name="pagedserve-engine-reader", daemon=True)
@@ -335,6 +377,8 @@ class ProcessBackend:
                 return
 
     def submit(self, item: Any) -> None:
+        if isinstance(item, AddRequest):
+            self._decoder.expect(item.request_id, item.params)
         try:
             self._to_engine.send(item)
         except (OSError, ValueError):

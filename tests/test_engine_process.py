@@ -1,0 +1,93 @@
+"""The engine process's output path: engine without text (LLMEngine.detokenize = False) -> deltas ->
+pickle -> DeltaDecoder detokenizing on the server side gives the same outputs, step by step, as the
+engine detokenizing itself (tiny random-weight Qwen2 with the real Qwen tokenizer)."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from pagedserve.config import EngineConfig
+from pagedserve.engine import LLMEngine
+from pagedserve.engine_process import DeltaDecoder, DeltaEncoder
+from pagedserve.sampling_params import SamplingParams
+
+REQUESTS = {
+    "plain": SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),
+    "specials": SamplingParams(max_tokens=30, temperature=1.0, seed=7, n=2, skip_special_tokens=False,
+                               ignore_eos=True),
+    "stop": SamplingParams(max_tokens=60, temperature=1.0, seed=3, stop=["e"], ignore_eos=True),
+    "logprobs": SamplingParams(max_tokens=12, temperature=1.0, seed=5, logprobs=2, ignore_eos=True),
+}
+
+
+def _view(outputs) -> list:
+    return [(o.request_id, o.finished, [(c.index, c.text, list(c.token_ids), c.finish_reason, c.stop_reason,
+                                         None if c.logprobs is None else [lp.token_id for lp in c.logprobs])
+                                        for c in o.outputs]) for o in outputs]
+
+
+def _run(engine: LLMEngine, suffix: str, server_side: DeltaDecoder | None) -> list:
+    encoder = DeltaEncoder()
+    for name, params in REQUESTS.items():
+        if server_side is not None:
+            server_side.expect(name + suffix, params)
+        engine.add_request(name + suffix, [1000 + 37 * i for i in range(20 + len(name))], params)
+    steps = []
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        if server_side is not None:
+            # As the pipe carries them: pickled deltas.
+            outputs = server_side.decode(pickle.loads(pickle.dumps(encoder.encode(outputs))))
+        steps.append([(rid.removesuffix(suffix), *rest) for rid, *rest in _view(outputs)])
+    return steps
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: str) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=tiny_model_dir, load_format="dummy", max_model_len=512, num_kv_blocks=200,
+                                  enable_prefix_caching=False))
+
+
+def test_server_side_detokenizing_matches_the_engine_step_by_step(engine: LLMEngine) -> None:
+    reference = _run(engine, "-a", None)
+    engine.detokenize, engine.copy_outputs = False, False
+    try:
+        decoder = DeltaDecoder(engine.tokenizer)
+        ours = _run(engine, "-b", decoder)
+    finally:
+        engine.detokenize, engine.copy_outputs = True, True
+    assert ours == reference
+    final = {rid: choices for step in reference for rid, finished, choices in step if finished}
+    assert set(final) == set(REQUESTS)
+    assert all(text for choices in final.values() for _, text, *_ in choices)  # real text was made
+    assert final["stop"][0][3:5] == ("stop", "e")  # the engine still ends requests on stop strings
+    assert len(final["specials"]) == 2
+    assert not decoder._acc and not decoder._expected  # nothing kept once finished
+
+
+def test_the_engine_makes_no_text_for_requests_without_stop_strings(engine: LLMEngine) -> None:
+    engine.detokenize = False
+    try:
+        engine.add_request("no-text", [5, 6, 7], SamplingParams(max_tokens=5, ignore_eos=True))
+        engine.add_request("text", [5, 6, 7], SamplingParams(max_tokens=5, ignore_eos=True, stop=["\x00never"]))
+        finals = {}
+        while engine.has_unfinished_requests():
+            finals.update({o.request_id: o for o in engine.step() if o.finished})
+    finally:
+        engine.detokenize = True
+    assert finals["no-text"].outputs[0].text == "" and len(finals["no-text"].outputs[0].token_ids) == 5
+    assert finals["text"].outputs[0].text != ""
+
+
+def test_decoder_drops_late_deltas_of_forgotten_requests(engine: LLMEngine) -> None:
+    decoder = DeltaDecoder(engine.tokenizer)
+    params = SamplingParams(max_tokens=4)
+    decoder.expect("r", params)
+    first = ("r", [1, 2], None, False, 0, None, [(0, [300], "", None, None, None, None)])
+    assert decoder.decode([first])[0].outputs[0].text == engine.tokenizer.decode([300])
+    decoder.forget(["r"])
+    late = ("r", None, None, False, 0, None, [(0, [301], "", None, None, None, None)])
+    assert decoder.decode([late]) == []
+    assert not decoder._acc
