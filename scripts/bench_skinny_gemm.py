@@ -1,6 +1,7 @@
 """GPU benchmark of the Triton skinny GEMM (pagedserve/executor/kernels/skinny_gemm.py) vs cuBLAS.
 
     python scripts/bench_skinny_gemm.py [--model 7b|0.5b] [--shapes qkv,o,...] [--m 1,2,4,8] [--quick]
+    python scripts/bench_skinny_gemm.py --m 16,64,128,256 --shapes qkv,o,gate_up,down   # decode batches
 
 For each projection of the model (K -> N) and M tokens: median time per call over CUDA-graph
 replays (triton.testing.do_bench_cudagraph) of F.linear (cuBLAS) and of skinny_linear over a sweep
@@ -8,13 +9,19 @@ of configs. Every graph calls the op on several copies of the weight in turn, en
 total >= 256 MB (five times the H100's 50 MB L2), so, as in real decode where each layer's weights
 come once per step, no call finds its weight in L2. GB/s = bytes read (W + x + bias) / time.
 
-Sweep: the heuristic default, a few tile shapes of each inner product (fma only at M <= 2) with the
-heuristic split count, then split counts for the best tile. Every config's output is checked
+Sweep, M <= 8: the heuristic default, a few tile shapes of each inner product (fma only at M <= 2)
+with the heuristic split count, then split counts for the best tile. M > 8 (up to 256; tensor cores
+only): the heuristic default and LARGE_M_TILES, (block_m, block_n, block_k, warps, stages) tiles for
+Hopper's wgmma (64 rows of W per warpgroup of 4 warps; block_m clamped to M's next power of 2), each
+with the heuristic split count, then split counts for the best. Every config's output is checked
 against x.float() @ W.float().T (+ bias) (max |err| / max |ref|; a config above 2e-2 is dropped).
 Ends with per-shape lines "best triton X us (Y GB/s) vs cuBLAS Z us", a whole-layer sequence
-(qkv, o, gate_up, down at M=1, two layers' weights rotated) both ways, and a SKINNY_CONFIGS dict to
-paste into skinny_gemm.py. The first run compiles ~100 Triton variants; the Triton cache makes
-later runs faster.
+(qkv, o, gate_up, down at each M, two layers' weights rotated) both ways, and a SKINNY_CONFIGS dict
+to paste into skinny_gemm.py (keys (N, K, m_bucket); M=139 runs on the 256 entry). The first run
+compiles ~100 Triton variants (M is not specialized: one variant per config serves every M); the
+Triton cache makes later runs faster. `--m 16,64,128,256 --shapes qkv,o,gate_up,down` is meant to
+fit one 10-minute GPU call (~4 min on an H100 with a cold cache, by estimate); --quick cuts it to the
+default + 3 tiles per case and no split sweep.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ import torch.nn.functional as F
 import triton
 
 from pagedserve.executor.kernels.skinny_gemm import (
+    FMA_MAX_M,
+    MAX_M,
     SkinnyConfig,
     choose_config,
     default_config,
@@ -60,16 +69,32 @@ ROTATE_BYTES = 256 << 20
 MAX_ERR = 2e-2
 FMA_TILES = [(4, 256, 4, 3), (4, 512, 4, 2), (8, 256, 4, 3), (16, 256, 4, 3), (16, 512, 8, 2)]  # n, k, warps, stages
 DOT_TILES = [(16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 8, 3)]
+# M > 8, (block_m, block_n, block_k, warps, stages): block_n = 64 W rows per warpgroup of 4 warps (wgmma);
+# shared memory (block_n + block_m) * block_k * 2 B * stages <= 196 KB. block_m is clamped to M's bucket.
+LARGE_M_TILES = [
+    (16, 64, 128, 4, 4),
+    (32, 64, 128, 4, 4),
+    (32, 128, 128, 8, 3),
+    (64, 64, 64, 4, 4),
+    (64, 64, 128, 4, 3),
+    (64, 128, 64, 8, 4),
+    (128, 64, 64, 4, 4),
+    (128, 128, 64, 8, 3),
+    (256, 64, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+]
 SPLITS = (1, 2, 3, 4, 6, 8, 12)
 
 
 def label(cfg: SkinnyConfig, k: int) -> str:
     split = effective_split_k(k, cfg.block_k, cfg.split_k)
-    kind = "dot" if cfg.use_dot else "fma"
+    kind = f"dot m{cfg.block_m}" if cfg.use_dot else "fma"
     return f"{kind} n{cfg.block_n} k{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages} S{split}"
 
 
 def candidates(m: int, n: int, k: int, num_sms: int, quick: bool) -> list[SkinnyConfig]:
+    if m > FMA_MAX_M:
+        return large_m_candidates(m, n, k, num_sms, quick)
     configs = [default_config(m, n, k, torch.bfloat16, num_sms)]
     tiles = [(t, True) for t in DOT_TILES] + ([(t, False) for t in FMA_TILES] if m <= 2 else [])
     if quick:
@@ -78,6 +103,20 @@ def candidates(m: int, n: int, k: int, num_sms: int, quick: bool) -> list[Skinny
         block_k = fit_block_k(k, block_k)
         split = default_split_k(n, k, block_n, block_k, num_sms)
         configs.append(SkinnyConfig(block_n, block_k, warps, stages, split, use_dot))
+    return list(dict.fromkeys(configs))
+
+
+def large_m_candidates(m: int, n: int, k: int, num_sms: int, quick: bool) -> list[SkinnyConfig]:
+    """The heuristic default, then LARGE_M_TILES (block_m clamped to m_bucket(M)) with the heuristic split."""
+    bucket = max(16, m_bucket(m))
+    tiles = list(dict.fromkeys((min(bm, bucket), bn, bk, w, st) for bm, bn, bk, w, st in LARGE_M_TILES))
+    if quick:  # the tiles with the largest block_m M uses
+        tiles = [t for t in tiles if t[0] == bucket][:3] or tiles[-3:]
+    configs = [default_config(m, n, k, torch.bfloat16, num_sms)]
+    for block_m, block_n, block_k, warps, stages in tiles:
+        block_k = fit_block_k(k, block_k)
+        split = default_split_k(n, k, block_n, block_k, num_sms, m=m, block_m=block_m)
+        configs.append(SkinnyConfig(block_n, block_k, warps, stages, split, True, block_m))
     return list(dict.fromkeys(configs))
 
 
@@ -161,8 +200,8 @@ def bench_case(x, weights, bias, ref, num_sms, rep, quick) -> dict | None:
                 default_us=timed.get(configs[0], math.nan))  # fmt: skip
 
 
-def bench_layer(shapes, results, rep) -> None:
-    """qkv, o, gate_up, down of one layer at M=1, two layers' weights in turn (each > L2)."""
+def bench_layer(shapes, results, m, rep) -> None:
+    """qkv, o, gate_up, down of one layer at M tokens, two layers' weights in turn (each > L2)."""
     names = ("qkv", "o", "gate_up", "down")
     if not all(name in shapes for name in names):
         return
@@ -173,9 +212,9 @@ def bench_layer(shapes, results, rep) -> None:
             k, n, has_bias = shapes[name]
             w = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * 0.02
             b = torch.randn(n, device=DEVICE, dtype=torch.bfloat16) * 0.02 if has_bias else None
-            x = torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
-            out = torch.empty(1, n, device=DEVICE, dtype=torch.bfloat16)
-            cfg = results[(name, 1)]["cfg"] if (name, 1) in results else choose_config(1, n, k, w.dtype, w.device)
+            x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+            out = torch.empty(m, n, device=DEVICE, dtype=torch.bfloat16)
+            cfg = results[(name, m)]["cfg"] if (name, m) in results else choose_config(m, n, k, w.dtype, w.device)
             layer.append((x, w, b, out, cfg))
         layers.append(layer)
     layer_bytes = sum(2 * (w.numel() + x.numel() + (b.numel() if b is not None else 0)) for x, w, b, _, _ in layers[0])
@@ -183,7 +222,7 @@ def bench_layer(shapes, results, rep) -> None:
     skinny = time_us(
         lambda i: [skinny_linear(x, w, b, out=o, config=c) for x, w, b, o, c in layers[i]], len(layers), rep
     )
-    print(f"\n== whole layer (qkv, o, gate_up, down), M=1, {layer_bytes / 1e6:.0f} MB per layer:")
+    print(f"\n== whole layer (qkv, o, gate_up, down), M={m}, {layer_bytes / 1e6:.0f} MB per layer:")
     print(f"   cuBLAS {cublas:.1f} us ({layer_bytes / cublas / 1e3:.0f} GB/s)  vs  "
           f"triton {skinny:.1f} us ({layer_bytes / skinny / 1e3:.0f} GB/s)  x{cublas / skinny:.3f}")  # fmt: skip
     configs = ", ".join(f"{name} {label(c, x.shape[1])}" for name, (x, _, _, _, c) in zip(names, layers[0]))
@@ -205,17 +244,25 @@ def print_summary(results) -> None:
         gbs, gbs_cublas = r["bytes"] / r["us"] / 1e3, r["bytes"] / r["cublas"] / 1e3
         print(f"{name:8} M={m}: best triton {r['us']:.2f} us ({gbs:.0f} GB/s) vs cuBLAS {r['cublas']:.2f} us "
               f"({gbs_cublas:.0f} GB/s)  x{r['cublas'] / r['us']:.2f}  [{label(r['cfg'], r['k'])}]")  # fmt: skip
-    print("\n# Paste into skinny_gemm.py (keys (N, K, m_bucket); split_k as launched):")
+    print("\n# Paste into skinny_gemm.py (keys (N, K, m_bucket); split_k as launched; block_m for dot configs):")
     print("SKINNY_CONFIGS: dict[tuple[int, ...], dict[str, int | bool]] = {")
+    printed: dict[tuple[int, int, int], int] = {}  # key -> the M it was printed for
     for (name, m), r in results.items():
+        key = (r["n"], r["k"], m_bucket(m))
+        comment = "# " if key in printed else ""  # a second M of the same bucket: commented out
+        printed.setdefault(key, m)
         c = r["cfg"]
         split = effective_split_k(r["k"], c.block_k, c.split_k)
+        slower = "  SLOWER than cuBLAS" if r["us"] > r["cublas"] else ""
+        slower += f"  (bucket {key[2]} already printed for M={printed[key]})" if comment else ""
         print(
-            f"    # {name} M={m}: {r['us']:.1f} us vs cuBLAS {r['cublas']:.1f} us, heuristic {r['default_us']:.1f} us"
+            f"    # {name} M={m}: {r['us']:.1f} us vs cuBLAS {r['cublas']:.1f} us, "
+            f"heuristic {r['default_us']:.1f} us{slower}"
         )
+        block_m = f", block_m={c.block_m}" if c.use_dot else ""
         print(
-            f"    ({r['n']}, {r['k']}, {m_bucket(m)}): dict(block_n={c.block_n}, block_k={c.block_k}, "
-            f"num_warps={c.num_warps}, num_stages={c.num_stages}, split_k={split}, use_dot={c.use_dot}),"
+            f"    {comment}{key}: dict(block_n={c.block_n}, block_k={c.block_k}, "
+            f"num_warps={c.num_warps}, num_stages={c.num_stages}, split_k={split}, use_dot={c.use_dot}{block_m}),"
         )
     print("}")
 
@@ -224,7 +271,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=tuple(MODELS), default="7b")
     parser.add_argument("--shapes", help="comma-separated subset of qkv,o,gate_up,down,lm_head")
-    parser.add_argument("--m", default="1,2,4,8", help="comma-separated token counts (1..8)")
+    parser.add_argument("--m", default="1,2,4,8", help=f"comma-separated token counts (1..{MAX_M})")
     parser.add_argument("--quick", action="store_true", help="default + 3 configs per case, no split sweep")
     parser.add_argument("--rep", type=int, default=10, help="ms of kernels per CUDA graph (triton do_bench_cudagraph)")
     args = parser.parse_args()
@@ -234,6 +281,8 @@ def main() -> None:
     shapes = MODELS[args.model]
     names = args.shapes.split(",") if args.shapes else list(shapes)
     m_values = [int(v) for v in args.m.split(",")]
+    if not all(1 <= m <= MAX_M for m in m_values):
+        parser.error(f"--m values must be in 1..{MAX_M}, got {args.m}")
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"{torch.cuda.get_device_name()} ({num_sms} SMs)  torch {torch.__version__}  triton {triton.__version__}"
           f"  model {args.model}  bf16")  # fmt: skip
@@ -244,8 +293,8 @@ def main() -> None:
         k, n, has_bias = shapes[name]
         bench_shape(name, k, n, has_bias, m_values, num_sms, args.rep, args.quick, results)
         torch.cuda.empty_cache()
-    if 1 in m_values:
-        bench_layer({n: shapes[n] for n in names}, results, args.rep)
+    for m in m_values:
+        bench_layer({n: shapes[n] for n in names}, results, m, args.rep)
     print_summary(results)
     print(f"\n(total {time.perf_counter() - start:.0f} s)")
 

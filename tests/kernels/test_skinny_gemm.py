@@ -1,9 +1,10 @@
-"""Skinny GEMM (y = x @ W^T + bias, M <= 8) vs an fp32 torch reference.
+"""Skinny GEMM (y = x @ W^T + bias, 1 <= M <= 256) vs an fp32 torch reference.
 
 Interpreter on CPU (fp32/fp16, small shapes), compiled on CUDA (fp16/bf16, plus 7B shapes); see
 conftest.py. Fresh random inputs per case; `out` is poisoned with NaN so an unwritten element fails.
 The configs below force each code path: tensor-core (dot) and CUDA-core (fma; M == 1 has its own
-branch) inner products, unsplit and split-K (partials + reduce), K and N not multiples of the blocks.
+branch) inner products, unsplit and split-K (partials + reduce), K and N not multiples of the blocks;
+for M > 8 (dot only) several m-tiles (block_m 16..256, M not a multiple of block_m).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedserve.executor.kernels.skinny_gemm import SkinnyConfig, default_config, skinny_linear
+from pagedserve.executor.kernels import skinny_gemm
+from pagedserve.executor.kernels.skinny_gemm import MAX_M, SkinnyConfig, default_config, skinny_linear
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -27,6 +29,16 @@ CASES = [  # (K, N, bias, config); SkinnyConfig(block_n, block_k, num_warps, num
     pytest.param(72, 300, True, SkinnyConfig(64, 32, 4, 2, 1, False), id="fma-K72-N300-bias"),
     pytest.param(256, 17, True, SkinnyConfig(4, 64, 2, 2, 3, False), id="fma-split-K256-N17-bias"),
     pytest.param(200, 1, False, SkinnyConfig(2, 16, 1, 1, 5, False), id="fma-split-K200-N1"),
+    pytest.param(256, 40, True, None, id="default-K256-N40-bias"),
+]
+
+# M > 8: dot only, m-tiles. SkinnyConfig(block_n, block_k, num_warps, num_stages, split_k, use_dot, block_m)
+LARGE_M_CASES = [  # (K, N, bias, config)
+    pytest.param(72, 17, True, SkinnyConfig(16, 32, 2, 2, 1, True, 16), id="m16-K72-N17-bias"),
+    pytest.param(200, 70, False, SkinnyConfig(32, 64, 4, 2, 3, True, 32), id="m32-split-K200-N70"),
+    pytest.param(96, 40, True, SkinnyConfig(16, 32, 2, 2, 2, True, 64), id="m64-split-K96-N40-bias"),
+    pytest.param(130, 33, True, SkinnyConfig(32, 16, 4, 2, 1, True, 128), id="m128-K130-N33-bias"),
+    pytest.param(64, 48, False, SkinnyConfig(16, 64, 4, 2, 1, True, 256), id="m256-K64-N48"),
     pytest.param(256, 40, True, None, id="default-K256-N40-bias"),
 ]
 
@@ -61,10 +73,30 @@ def test_skinny_linear(m, k, n, with_bias, config, dtype):
     assert_matches(out, reference(x, weight, bias), dtype)
 
 
-@pytest.mark.parametrize("use_dot", [True, False])
-def test_strided_x_and_out_and_allocated_out(use_dot):
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,n,with_bias,config", LARGE_M_CASES)
+@pytest.mark.parametrize("m", [9, 16, 17, 33, 64, 130])
+def test_skinny_linear_large_m(m, k, n, with_bias, config, dtype):
+    x, weight, bias = make_inputs(m, k, n, with_bias, dtype)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
+    got = skinny_linear(x, weight, bias, out=out, config=config)
+    assert got is out
+    assert_matches(out, reference(x, weight, bias), dtype)
+
+
+def test_max_m_and_default_config():
+    """M = 256 (the largest) through the heuristic's config, and as 16 m-tiles of 16 rows."""
+    dtype, m, k, n = DTYPES[0], MAX_M, 64, 24
+    x, weight, bias = make_inputs(m, k, n, True, dtype)
+    assert_matches(skinny_linear(x, weight, bias), reference(x, weight, bias), dtype)
+    config = SkinnyConfig(16, 64, 2, 2, 1, True, 16)
+    assert_matches(skinny_linear(x, weight, bias, config=config), reference(x, weight, bias), dtype)
+
+
+@pytest.mark.parametrize("use_dot,m", [(True, 3), (False, 3), (True, 20)])
+def test_strided_x_and_out_and_allocated_out(use_dot, m):
     """x and out as row slices of wider buffers (row stride != K / N); out=None allocates."""
-    dtype, m, k, n = DTYPES[0], 3, 96, 40
+    dtype, k, n = DTYPES[0], 96, 40
     x_wide = torch.randn(m, k + 24).to(dtype).to(DEVICE)
     x = x_wide[:, 8 : 8 + k]
     weight = torch.randn(n, k).to(dtype).to(DEVICE) / k**0.5
@@ -76,29 +108,53 @@ def test_strided_x_and_out_and_allocated_out(use_dot):
     assert_matches(skinny_linear(x, weight), reference(x, weight, None), dtype)
 
 
-@pytest.mark.parametrize("m", [1, 2, 4, 8])
+@pytest.mark.parametrize("m", [1, 2, 4, 8, 9, 16, 33, 64, 100, 128, 139, 256])
 @pytest.mark.parametrize(
     "n,k",
     [(4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944), (152064, 3584), (1152, 896), (896, 4864)],
 )
 def test_default_configs_are_valid(m, n, k):
-    """The heuristic for Qwen2-7B / 0.5B shapes: legal configs; split-K only where N alone is too few."""
+    """The heuristic for Qwen2-7B / 0.5B shapes: legal configs; split-K only where the tiles are too few."""
     config = default_config(m, n, k, torch.bfloat16, num_sms=132)
     config.validate()
     assert k % config.block_k == 0  # these K all take the unmasked path
+    m_tiles = triton_cdiv(m, config.block_m) if config.use_dot else 1
     if config.split_k > 1:
-        assert triton_cdiv(n, config.block_n) < 2 * 132
+        assert triton_cdiv(n, config.block_n) * m_tiles < 2 * 132
+    if m > 8:
+        assert config.use_dot and 16 <= config.block_m <= 128 and config.block_n in (64, 128)
+        assert config.num_warps == config.block_n // 16  # one warpgroup of 4 warps per 64 rows of W
+        assert (config.block_n + config.block_m) * config.block_k * 2 * config.num_stages <= 200 * 1024
+        assert config.num_stages >= 3
+        if config.split_k > 1:  # the fp32 partials (written + read) stay <= 1/4 of W's bytes
+            assert 8 * config.split_k * m * n <= 2 * n * k / 4
 
 
 def triton_cdiv(a, b):
     return -(-a // b)
 
 
+def test_fma_entry_is_skipped_above_m8(monkeypatch):
+    """A SKINNY_CONFIGS (N, K) entry for every M that is fma serves M <= 8 only; M > 8 gets a dot config."""
+    fma = dict(block_n=4, block_k=64, num_warps=2, num_stages=2, split_k=1, use_dot=False)
+    monkeypatch.setitem(skinny_gemm.SKINNY_CONFIGS, (40, 64), fma)
+    assert skinny_gemm.choose_config(4, 40, 64, torch.float32, DEVICE) == SkinnyConfig(**fma)
+    assert skinny_gemm.choose_config(9, 40, 64, torch.float32, DEVICE).use_dot
+
+
 def test_bad_inputs_raise():
     x = torch.randn(2, 64).to(DEVICE)
     weight = torch.randn(32, 64).to(DEVICE)
-    with pytest.raises(ValueError, match="M <= 8"):
-        skinny_linear(torch.randn(9, 64).to(DEVICE), weight)
+    with pytest.raises(ValueError, match="M <= 256"):
+        skinny_linear(torch.randn(257, 64).to(DEVICE), weight)
+    with pytest.raises(ValueError, match="fma path"):
+        skinny_linear(torch.randn(9, 64).to(DEVICE), weight, config=SkinnyConfig(16, 32, use_dot=False))
+    with pytest.raises(ValueError, match="block_m"):
+        skinny_linear(x, weight, config=SkinnyConfig(16, 32, block_m=8))
+    with pytest.raises(ValueError, match="block_m"):
+        skinny_linear(x, weight, config=SkinnyConfig(16, 32, block_m=512))
+    with pytest.raises(ValueError, match="power of 2"):
+        skinny_linear(x, weight, config=SkinnyConfig(16, 32, block_m=48))
     with pytest.raises(ValueError, match="1 <= M"):
         skinny_linear(torch.randn(0, 64).to(DEVICE), weight)
     with pytest.raises(ValueError, match="do not match"):
@@ -135,6 +191,72 @@ def test_gpu_split_k_is_deterministic_and_graph_capturable():
     config = SkinnyConfig(16, 256, 4, 3, 8, True)
     first = skinny_linear(x, weight, bias, config=config)
     assert all(torch.equal(first, skinny_linear(x, weight, bias, config=config)) for _ in range(5))
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        skinny_linear(x, weight, bias, out=out, config=config)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, first)
+
+
+SHAPES_7B = [  # (N, K, bias): qkv, o, gate_up, down
+    pytest.param(4608, 3584, True, id="qkv"),
+    pytest.param(3584, 3584, False, id="o"),
+    pytest.param(37888, 3584, False, id="gate_up"),
+    pytest.param(3584, 18944, False, id="down"),
+]
+
+
+@gpu_only
+@pytest.mark.parametrize("m", [16, 64, 139, 256])
+@pytest.mark.parametrize("n,k,with_bias", SHAPES_7B)
+@pytest.mark.parametrize(
+    "config",
+    [
+        None,
+        SkinnyConfig(64, 128, 4, 4, 1, True, 64),
+        SkinnyConfig(128, 64, 8, 3, 1, True, 128),
+        SkinnyConfig(64, 64, 8, 3, 3, True, 256),
+    ],
+    ids=["default", "m64-n64-k128", "m128-n128-k64", "m256-split3"],
+)
+def test_gpu_large_m_model_shapes(m, n, k, with_bias, config):
+    dtype = torch.bfloat16
+    x, weight, bias = make_inputs(m, k, n, with_bias, dtype)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
+    skinny_linear(x, weight, bias, out=out, config=config)
+    assert_matches(out, reference(x, weight, bias), dtype)
+
+
+@gpu_only
+def test_gpu_m_is_not_specialized():
+    """Batch sizes 16, 17, 33, 48 (and 2) share one compiled variant of a config (M is do_not_specialize)."""
+    kernel = skinny_gemm._skinny_gemm_kernel
+    try:
+        cache = kernel.device_caches[torch.cuda.current_device()][0]
+    except (AttributeError, KeyError, IndexError, TypeError):
+        pytest.skip("this Triton version keeps its kernel cache elsewhere")
+    k, n, dtype = 256, 128, torch.bfloat16
+    x_all, weight, _ = make_inputs(48, k, n, False, dtype)
+    out_all = torch.empty(48, n, dtype=dtype, device=DEVICE)
+    config = SkinnyConfig(64, 64, 4, 3, 1, True, 16)
+    skinny_linear(x_all[:16], weight, out=out_all[:16], config=config)
+    variants = len(cache)
+    for m in (17, 33, 48, 2):
+        skinny_linear(x_all[:m], weight, out=out_all[:m], config=config)
+        assert_matches(out_all[:m], reference(x_all[:m], weight, None), dtype)
+    assert len(cache) == variants
+
+
+@gpu_only
+def test_gpu_large_m_split_k_is_deterministic_and_graph_capturable():
+    m, k, n, dtype = 100, 18944, 3584, torch.bfloat16
+    x, weight, bias = make_inputs(m, k, n, True, dtype)
+    config = SkinnyConfig(64, 128, 4, 3, 4, True, 64)
+    first = skinny_linear(x, weight, bias, config=config)
+    assert_matches(first, reference(x, weight, bias), dtype)
+    assert all(torch.equal(first, skinny_linear(x, weight, bias, config=config)) for _ in range(3))
     out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -1,27 +1,39 @@
-"""Skinny GEMM for decode at tiny batch: y[M, N] = x[M, K] @ W[N, K]^T (+ bias[N]), 1 <= M <= 8.
+"""Skinny GEMM for decode: y[M, N] = x[M, K] @ W[N, K]^T (+ bias[N]), 1 <= M <= 256.
 
-At M <= 8 a projection is a matrix-vector product: the time is reading W (bf16, row-major [N, K])
+At small M a projection is a matrix-vector product: the time is reading W (bf16, row-major [N, K])
 once, so everything here is about wide, coalesced, well-overlapped weight loads and about keeping
-every SM busy. Each program owns BLOCK_N output columns (rows of W) and ALL M rows of x, so W is
-read exactly once; x (at most 8 x K) is re-read from L1/L2 by every program.
+every SM busy. Each W byte feeds ~M FLOPs, far below the H100's ~300 FLOPs per HBM byte up to
+M ~ 128; toward M = 256 tensor-core throughput and L2 traffic (m-tiles re-reading W, n-tiles
+re-reading x) start to count as well.
 
-    W [N, K], row-major          program (pid_n, pid_k):
-    +-------------------+        rows  pid_n*BLOCK_N ...  +BLOCK_N
-    | n-tile 0 |s0|s1|s2|        cols  pid_k*k_per_split ...  +k_per_split, BLOCK_K per step
-    | n-tile 1 |  |  |  |        (k_per_split is a multiple of BLOCK_K)
-    +-------------------+
+Each program owns BLOCK_N output columns (rows of W) and BLOCK_M rows of x (an m-tile). The fma
+paths (M <= 8) take all M rows in one m-tile, so W is read exactly once. The dot path covers M rows
+with cdiv(M, block_m) m-tiles; the m-tiles of one n-tile are neighbours in launch order (grid axis
+0 = n_tile * num_m_tiles + m_tile), so they run at the same time and only the first read of a W tile
+comes from HBM, the others from L2. x (M x K) is re-read from L1/L2 by every n-tile.
+
+    W [N, K], row-major          program (n_tile * num_m_tiles + m_tile, split):
+    +-------------------+        W rows  n_tile*BLOCK_N ...  +BLOCK_N
+    | n-tile 0 |s0|s1|s2|        x rows  m_tile*BLOCK_M ...  +BLOCK_M
+    | n-tile 1 |  |  |  |        cols    split*k_per_split ...  +k_per_split, BLOCK_K per step
+    +-------------------+        (k_per_split is a multiple of BLOCK_K)
 
 Two inner products, chosen per call (config.use_dot):
-  * dot: tl.dot(W tile [BLOCK_N, BLOCK_K], x^T [BLOCK_K, 16]) -- x padded to 16 rows, W is the
-    big (A) operand so the tensor-core tile is BLOCK_N x 16; costs almost no instructions per byte.
-  * fma: CUDA-core multiply-adds. At M == 1 the products accumulate in a [BLOCK_N, BLOCK_K] fp32
-    tile and are summed across K once at the end (no shuffles in the loop); at M > 1 each x row is
-    reduced across K every step (shuffles grow with M, so meant for M <= 2).
+  * dot (any M): tl.dot(W tile [BLOCK_N, BLOCK_K], x tile^T [BLOCK_K, BLOCK_M]), BLOCK_M =
+    config.block_m (16..256, default 16; x rows past M are masked to zeros). W is the big (A) operand,
+    so the tensor-core tile is BLOCK_N x BLOCK_M (Hopper wgmma: 64 W rows per warpgroup of 4 warps,
+    BLOCK_M as its N); at small M this costs almost no instructions per byte.
+  * fma (M <= 8 only): CUDA-core multiply-adds, BLOCK_M = next power of 2 of M. At M == 1 the
+    products accumulate in a [BLOCK_N, BLOCK_K] fp32 tile and are summed across K once at the end (no
+    shuffles in the loop); at M > 1 each x row is reduced across K every step (shuffles grow with M,
+    so meant for M <= 2).
 Rows of W past N re-read row N-1 instead of being masked (their results are never stored), so W
-loads are unmasked when K % BLOCK_K == 0 and 16 bytes wide along K either way.
+loads are unmasked when K % BLOCK_K == 0 and 16 bytes wide along K either way. M is a runtime
+argument Triton does not specialize (do_not_specialize), so every batch size shares one compiled
+variant per config.
 
-Split-K (config.split_k > 1, for N too small to fill the SMs, e.g. o_proj/down_proj N=3584): the
-programs of one n-tile each cover a K range and write fp32 partial sums to a [splits, M, N]
+Split-K (config.split_k > 1, for too few tiles to fill the SMs, e.g. o_proj/down_proj N=3584): the
+programs of one (n, m) tile each cover a K range and write fp32 partial sums to a [splits, M, N]
 workspace; `_split_k_reduce_kernel` adds them in split order (deterministic, no atomics), adds the
 bias and casts: one more launch, but the same bits on every run (a last-arriving-program fixup
 would save the launch; atomic adds would make decode outputs vary run to run). Accumulation is
@@ -29,9 +41,11 @@ fp32 throughout; the output has x's dtype.
 
 No host syncs and the grid depends on shapes only, so a call can be captured in a CUDA graph
 (the split-K workspace is then allocated from the graph's pool). Configs: `default_config` (a
-heuristic per (M, N, K)) unless SKINNY_CONFIGS has an entry measured on the GPU
-(scripts/bench_skinny_gemm.py prints one to paste), unless the caller passes `config`. As
-committed, nothing here has run on a GPU yet: the heuristic is reasoning, not measurement.
+heuristic per (M, N, K); `default_dot_config` for M > 8) unless SKINNY_CONFIGS has an entry measured
+on the GPU (scripts/bench_skinny_gemm.py prints one to paste), keyed (N, K, m_bucket) with m_bucket
+= next power of 2 of M (1, 2, 4, 8, 16, 32, 64, 128, 256), unless the caller passes `config`. As
+committed, only the M = 1 entries are measured (H100); M > 1 runs on the heuristic, which is
+reasoning, not measurement.
 """
 
 from __future__ import annotations
@@ -44,18 +58,19 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_M = 8
-_DOT_BLOCK_M = 16  # smallest M tile tl.dot takes; x rows past M are padding
+MAX_M = 256
+FMA_MAX_M = 8  # the fma paths take all M rows in one tile
+_SMEM_BUDGET = 112 * 1024  # heuristic, M > 8: pipeline buffers per program, two programs per H100 SM
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one compiled variant for every batch size
 def _skinny_gemm_kernel(
     x_ptr,  # [M, K], K contiguous
     w_ptr,  # [N, K], contiguous
     bias_ptr,  # [N] (HAS_BIAS only)
     out_ptr,  # y [M, N] (x's dtype) or, when split, partials [splits, M, N] fp32
-    M,
+    M,  # dot: any M (m-tiles of BLOCK_M rows); fma: M <= BLOCK_M (one tile)
     N,
     K,
     stride_xm,
@@ -71,10 +86,18 @@ def _skinny_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
+    if USE_DOT:
+        # axis 0 = n_tile * num_m_tiles + m_tile: the m-tiles of one n-tile are neighbours in launch
+        # order, so they run together and all but the first read their W tile from L2.
+        num_m_tiles = tl.cdiv(M, BLOCK_M)
+        pid_n = tl.program_id(0) // num_m_tiles
+        pid_m = tl.program_id(0) % num_m_tiles
+    else:
+        pid_n = tl.program_id(0)
+        pid_m = 0
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     rows_n = tl.minimum(offs_n, N - 1)  # padding rows re-read row N-1 (never stored)
     k_start = pid_k * k_per_split
@@ -82,8 +105,8 @@ def _skinny_gemm_kernel(
     w_ptrs = w_ptr + rows_n.to(tl.int64)[:, None] * stride_wn + (k_start + offs_k)[None, :]
 
     if USE_DOT:
-        # x's padding rows are masked (zeros, no memory traffic); the mask is constant along K, so
-        # the loads stay vectorized.
+        # x rows past M (padding of the last m-tile) are masked (zeros, no memory traffic); the mask
+        # is constant along K, so the loads stay vectorized.
         m_mask = (offs_m < M)[:, None]
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_k)[None, :]
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -142,7 +165,7 @@ def _skinny_gemm_kernel(
     tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & n_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _split_k_reduce_kernel(
     part_ptr,  # [num_splits, M, N] fp32, contiguous
     bias_ptr,
@@ -173,20 +196,24 @@ class SkinnyConfig:
     num_stages: int = 3
     split_k: int = 1  # upper bound: reduced so that no split is empty
     use_dot: bool = True
+    block_m: int = 16  # rows of x per program, use_dot only (power of 2, 16..256); fma tiles are m_bucket(M)
 
     def validate(self) -> None:
-        for name in ("block_n", "block_k", "num_warps"):
+        for name in ("block_n", "block_k", "num_warps", "block_m"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of 2, got {value}")
         if self.use_dot and (self.block_n < 16 or self.block_k < 16):
             raise ValueError(f"use_dot needs block_n and block_k >= 16, got {self.block_n}, {self.block_k}")
+        if not 16 <= self.block_m <= MAX_M:
+            raise ValueError(f"block_m must be in 16..{MAX_M}, got {self.block_m}")
         if self.num_warps > 16 or self.num_stages < 1 or self.split_k < 1:
             raise ValueError(f"bad num_warps / num_stages / split_k in {self}")
 
 
-# Measured overrides, keyed (N, K, m_bucket) or (N, K); m_bucket = next power of 2 of M (1, 2, 4, 8).
-# Values: SkinnyConfig fields. Paste the dict that scripts/bench_skinny_gemm.py prints.
+# Measured overrides, keyed (N, K, m_bucket) or (N, K) (any M; an fma entry is skipped for M > 8);
+# m_bucket = next power of 2 of M: 1, 2, 4, 8, 16, 32, 64, 128, 256 (M = 139 takes the 256 entry).
+# Values: SkinnyConfig fields (block_m defaults to 16). Paste the dict scripts/bench_skinny_gemm.py prints.
 # Qwen2-7B at M=1, NVIDIA H100 80GB HBM3, 2026-11-24 (scripts/bench_skinny_gemm.py --m 1, weights
 # rotated past L2): whole layer 163.0 us vs cuBLAS 178.5 us.
 SKINNY_CONFIGS: dict[tuple[int, ...], dict[str, int | bool]] = {
@@ -213,8 +240,9 @@ def _num_sms(device: torch.device) -> int:
 
 
 def default_config(m: int, n: int, k: int, dtype: torch.dtype, num_sms: int = 132) -> SkinnyConfig:
-    """A heuristic, before measurement (SKINNY_CONFIGS overrides it):
+    """A heuristic, before measurement (SKINNY_CONFIGS overrides it). M > 8: see `default_dot_config`.
 
+    M <= 8:
     * block_k: one 16-byte vector per lane, a warp spanning 512 contiguous bytes of a W row
       (256 bf16); halved (down to 64) while it does not divide K, so common K take the unmasked path.
     * M <= 2: fma with 16 rows per program; M >= 4: tensor cores (fma's per-step shuffles grow with M)
@@ -224,6 +252,8 @@ def default_config(m: int, n: int, k: int, dtype: torch.dtype, num_sms: int = 13
     * split_k only when the n-tiles still give < 2 programs per SM (o/down at N=3584): enough splits
       for ~4 programs per SM, each split keeping >= 4 K steps so the pipeline fills.
     """
+    if m > FMA_MAX_M:
+        return default_dot_config(m, n, k, dtype, num_sms)
     block_k = fit_block_k(k, 512 // dtype.itemsize)
     use_dot = m_bucket(m) >= 4
     block_n, min_block_n = (32, 16) if use_dot else (16, 4)
@@ -231,6 +261,35 @@ def default_config(m: int, n: int, k: int, dtype: torch.dtype, num_sms: int = 13
         block_n //= 2
     num_warps = 4 if block_n * block_k >= 4 * 32 * 8 else 2
     return SkinnyConfig(block_n, block_k, num_warps, 3, default_split_k(n, k, block_n, block_k, num_sms), use_dot)
+
+
+def default_dot_config(m: int, n: int, k: int, dtype: torch.dtype, num_sms: int = 132) -> SkinnyConfig:
+    """The M > 8 heuristic (tensor cores, m-tiles), reasoned for the H100 (132 SMs, 228 KB shared memory per SM):
+
+    * block_m: next power of 2 of M, 16..128; 64 for M in 129..192 (3 x 64 rows pad less than 2 x 128).
+    * block_n: 128 rows of W with 8 warps (two wgmma warpgroups of 64 rows) when N alone gives >= 2
+      n-tiles per SM (gate_up), else 64 with 4 warps (one warpgroup).
+    * While the (n, m) tiles number fewer than the SMs, block_m is halved (down to 32, or 64 for M > 64):
+      each extra m-tile re-reads its W tile from L2, cheaper than split-K's fp32 partials.
+    * block_k 128, halved to 64 unless 3 stages of (block_n + block_m) * block_k * itemsize bytes fit
+      _SMEM_BUDGET (112 KB: two programs per SM); num_stages: as many (2..4) as fit it.
+    * split_k: `default_split_k` -- only while the tiles give < 2 programs per SM, and capped so the
+      partials (written and read, fp32) stay <= 1/4 of W's bytes.
+    """
+    block_m = min(triton.next_power_of_2(m), 128)
+    if block_m == 128 and triton.cdiv(m, 64) * 64 < triton.cdiv(m, 128) * 128:
+        block_m = 64
+    block_m = max(block_m, 16)
+    block_n, num_warps = (128, 8) if triton.cdiv(n, 128) >= 2 * num_sms else (64, 4)
+    min_block_m = min(block_m, 32 if m <= 64 else 64)
+    while block_m > min_block_m and triton.cdiv(n, block_n) * triton.cdiv(m, block_m) < num_sms:
+        block_m //= 2
+    block_k = fit_block_k(k, 128)
+    while block_k > 64 and _SMEM_BUDGET // ((block_n + block_m) * block_k * dtype.itemsize) < 3:
+        block_k //= 2
+    num_stages = max(2, min(4, _SMEM_BUDGET // ((block_n + block_m) * block_k * dtype.itemsize)))
+    split_k = default_split_k(n, k, block_n, block_k, num_sms, m=m, block_m=block_m)
+    return SkinnyConfig(block_n, block_k, num_warps, num_stages, split_k, True, block_m)
 
 
 def fit_block_k(k: int, block_k: int) -> int:
@@ -241,12 +300,22 @@ def fit_block_k(k: int, block_k: int) -> int:
     return block_k
 
 
-def default_split_k(n: int, k: int, block_n: int, block_k: int, num_sms: int) -> int:
-    """1 when the n-tiles give >= 2 programs per SM; else ~4 programs per SM, >= 4 K steps per split."""
-    n_tiles = triton.cdiv(n, block_n)
-    if n_tiles >= 2 * num_sms:
+def default_split_k(n: int, k: int, block_n: int, block_k: int, num_sms: int, m: int = 1, block_m: int = 16) -> int:
+    """M <= 8: 1 when the n-tiles give >= 2 programs per SM; else ~4 programs per SM, >= 4 K steps per split.
+
+    M > 8 (tiles of n and m, block_m rows): 1 when the tiles give >= 2 programs per SM; else ~2 programs
+    per SM (larger tiles: fewer fit on an SM), >= 4 K steps per split, and at most K / (16 M) splits, so
+    the fp32 partials (8 M N bytes per split, written then read) stay <= 1/4 of W's 2 N K bytes.
+    """
+    tiles = triton.cdiv(n, block_n)
+    if m <= FMA_MAX_M:
+        if tiles >= 2 * num_sms:
+            return 1
+        return max(1, min(triton.cdiv(4 * num_sms, tiles), triton.cdiv(k, block_k) // 4))
+    tiles *= triton.cdiv(m, block_m)
+    if tiles >= 2 * num_sms:
         return 1
-    return max(1, min(triton.cdiv(4 * num_sms, n_tiles), triton.cdiv(k, block_k) // 4))
+    return max(1, min(triton.cdiv(2 * num_sms, tiles), triton.cdiv(k, block_k) // 4, k // (16 * m)))
 
 
 def effective_split_k(k: int, block_k: int, split_k: int) -> int:
@@ -258,7 +327,9 @@ def effective_split_k(k: int, block_k: int, split_k: int) -> int:
 def choose_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> SkinnyConfig:
     for key in ((n, k, m_bucket(m)), (n, k)):
         if key in SKINNY_CONFIGS:
-            return SkinnyConfig(**SKINNY_CONFIGS[key])
+            config = SkinnyConfig(**SKINNY_CONFIGS[key])
+            if config.use_dot or m <= FMA_MAX_M:
+                return config
     return default_config(m, n, k, dtype, _num_sms(device))
 
 
@@ -289,7 +360,7 @@ def skinny_linear(
     out: torch.Tensor | None = None,
     config: SkinnyConfig | Mapping[str, int | bool] | None = None,
 ) -> torch.Tensor:
-    """F.linear(x, weight, bias) for x [M, K] with 1 <= M <= 8; returns out ([M, N], x's dtype)."""
+    """F.linear(x, weight, bias) for x [M, K] with 1 <= M <= 256; returns out ([M, N], x's dtype)."""
     _check_operands(x, weight, bias, out)
     (m, k), n = x.shape, weight.shape[0]
     if config is None:
@@ -297,6 +368,8 @@ def skinny_linear(
     elif not isinstance(config, SkinnyConfig):
         config = SkinnyConfig(**config)
     config.validate()
+    if not config.use_dot and m > FMA_MAX_M:
+        raise ValueError(f"use_dot=False (the fma path) takes M <= {FMA_MAX_M}, got M={m}; use a dot config")
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_k = config.block_k
@@ -307,7 +380,8 @@ def skinny_linear(
         stride_os, stride_om = target.stride(0), target.stride(1)
     else:
         target, stride_os, stride_om = out, 0, out.stride(0)
-    grid = (triton.cdiv(n, config.block_n), num_splits)
+    block_m = config.block_m if config.use_dot else m_bucket(m)  # fma: one m-tile
+    grid = (triton.cdiv(n, config.block_n) * triton.cdiv(m, block_m), num_splits)
     _skinny_gemm_kernel[grid](
         x, weight, bias if bias is not None else x, target,
         m, n, k, x.stride(0), weight.stride(0), stride_os, stride_om, tiles_per_split * block_k,
@@ -315,7 +389,7 @@ def skinny_linear(
         EVEN_K=k % block_k == 0,
         USE_DOT=config.use_dot,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,  # fp32: no TF32 rounding
-        BLOCK_M=_DOT_BLOCK_M if config.use_dot else m_bucket(m),
+        BLOCK_M=block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=block_k,
         num_warps=config.num_warps,
@@ -331,11 +405,13 @@ def skinny_linear(
 
 
 __all__ = [
+    "FMA_MAX_M",
     "MAX_M",
     "SKINNY_CONFIGS",
     "SkinnyConfig",
     "choose_config",
     "default_config",
+    "default_dot_config",
     "default_split_k",
     "effective_split_k",
     "fit_block_k",
