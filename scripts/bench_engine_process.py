@@ -41,8 +41,17 @@ def build_engine(model: str, device_ms: float, max_num_seqs: int):
     from pagedserve.config import EngineConfig
     from pagedserve.engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(model=model, load_format="dummy", max_model_len=4096, num_kv_blocks=40000,
-                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=8192, async_scheduling=True))
+    engine = LLMEngine(
+        EngineConfig(
+            model=model,
+            load_format="dummy",
+            max_model_len=4096,
+            num_kv_blocks=40000,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=8192,
+            async_scheduling=True,
+        )
+    )
     stub = StubWorker(engine.worker)
     execute_async = stub.execute_async
 
@@ -80,8 +89,10 @@ async def drive(args) -> None:
     elapsed = time.perf_counter() - t0
     await engine.shutdown()
     ideal = args.requests / (args.device_ms / 1e3) if args.device_ms else float("inf")
-    print(f"{args.requests} requests x {args.output_len} tokens: {tokens / elapsed:,.0f} output tok/s in {elapsed:.2f} s "
-          f"(one step per {args.device_ms} ms would give {ideal:,.0f} in the decode phase)")
+    print(
+        f"{args.requests} requests x {args.output_len} tokens: {tokens / elapsed:,.0f} output tok/s in {elapsed:.2f} s "
+        f"(one step per {args.device_ms} ms would give {ideal:,.0f} in the decode phase)"
+    )
 
 
 def main() -> None:

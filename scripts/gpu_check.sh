@@ -109,7 +109,8 @@ run_phase() {
     decode-mix)
       python3 -m pagedserve.executor.kernels.bench_kernels --tune decode-mix ;;
     check7b)  # the 7B-shapes logits check (rel err, top-1, margins of the flips) and the memory-profile test
-      python3 -m pytest tests/gpu/test_qwen2_7b_shapes.py -q -s -p no:cacheprovider 2>&1 | tail -40
+      python3 -m pytest tests/gpu/test_qwen2_7b_shapes.py -q -s -p no:cacheprovider > /tmp/check7b.txt 2>&1
+      grep -E "7B shapes|passed|failed|Error" /tmp/check7b.txt | tail -8
       python3 -m pytest tests/executor -q -p no:cacheprovider -k cuda_memory_profile 2>&1 | tail -5 ;;
     silu)
       python3 -m pagedserve.executor.kernels.bench_kernels --tune silu ;;
@@ -124,7 +125,21 @@ m = __import__(mod, fromlist=names.split(',') if names else [])
 for n in filter(None, names.split(',')): getattr(m, n)
 print(f'{sys.argv[1]:45s} {time.perf_counter() - t:6.2f} s')" "$mod"
       done
-      python3 -X importtime -c "from transformers import AutoConfig, AutoTokenizer" 2> "$OUT/importtime-transformers.txt" ;;
+      python3 -X importtime -c "from transformers import AutoConfig, AutoTokenizer" 2> "$OUT/importtime-transformers.txt"
+      # Are the packages' .pyc files cached? (A read-only site-packages recompiles on every start.)
+      local tdir; tdir=$(python3 -c "import os, transformers; print(os.path.dirname(transformers.__file__))")
+      echo "transformers at $tdir; writable: $([ -w "$tdir" ] && echo yes || echo no);" \
+        "pyc files: $(find "$tdir" -name '*.pyc' | wc -l), py files: $(find "$tdir" -name '*.py' | wc -l);" \
+        "PYTHONDONTWRITEBYTECODE=${PYTHONDONTWRITEBYTECODE:-unset}; sys.flags.dont_write_bytecode:" \
+        "$(python3 -c 'import sys; print(sys.flags.dont_write_bytecode)')"
+      for i in 1 2; do
+        python3 -c "import time; t = time.perf_counter(); from transformers import AutoConfig, AutoTokenizer; \
+print(f'import again ($i): {time.perf_counter() - t:.2f} s')"
+      done
+      for i in 1 2; do
+        PYTHONPYCACHEPREFIX=/tmp/pyc python3 -c "import time; t = time.perf_counter(); \
+from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPREFIX ($i): {time.perf_counter() - t:.2f} s')"
+      done ;;
     throughput-fused)
       PAGEDSERVE_FUSED_SAMPLER=1 python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy \
         --no-tqdm --output-json "$OUT/throughput-fused.json" 2>&1 | tail -4 ;;
@@ -132,6 +147,10 @@ print(f'{sys.argv[1]:45s} {time.perf_counter() - t:6.2f} s')" "$mod"
       python3 -m pagedserve.executor.kernels.bench_kernels --tune sample ;;
     skinny)
       python3 scripts/bench_skinny_gemm.py --m 1 --shapes qkv,o,gate_up,down ;;
+    skinny-test)  # the skinny GEMM's tests on the GPU (M up to 256), stop at the first failure
+      timeout 240 python3 -m pytest tests/kernels/test_skinny_gemm.py -x -q -p no:cacheprovider 2>&1 | tail -15 ;;
+    skinny-mid)  # the skinny GEMM at decode batches 16-256 vs cuBLAS
+      timeout 330 python3 scripts/bench_skinny_gemm.py --m 16,64,128,256 --shapes qkv,o,gate_up,down ;;
     *) echo "unknown phase $phase" ;;
   esac
 }
@@ -142,7 +161,7 @@ for phase in $phases; do
   case $phase in
     tests) grep -E "7B shapes|async vs sync|passed|failed|FAILED|rror" "$OUT/tests.log" | tail -25 ;;
     serve-bench*|serve-diag) cat "$OUT/$phase.log" ;;
-    profile*|probe|silu|skinny|sample|sample-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
+    profile*|probe|silu|skinny*|sample|sample-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
     latency*) tail -n 5 "$OUT/$phase.log" ;;
     *) tail -n 8 "$OUT/$phase.log" ;;
   esac

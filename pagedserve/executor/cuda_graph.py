@@ -8,6 +8,7 @@ reads fixed (static) input buffers, so a replay first copies the step's inputs i
     slot_mapping:           the step's                 -1   (the KV write skips them)
     seq_lens:               the step's                 0    (attention outputs zeros for them)
     block_tables[:, :w]:    the step's (w = its width) stale rows, never read past seq_len
+    seq_order (if used):    a permutation of [0, n)    n, n+1, ... (the identity)
 
 Attention metadata inside the graph is captured with max_seq_len = max_model_len, so the decode
 kernel's split count covers the longest context a replay can bring. Logits are computed inside
@@ -58,6 +59,9 @@ class CUDAGraphDecoder:
         self.seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros((max_bs, max_blocks), dtype=torch.int32, device=device)
+        self.use_seq_order = bool(getattr(backend, "wants_seq_order", False))
+        self._identity = torch.arange(max_bs, dtype=torch.int32, device=device)
+        self.seq_order = self._identity.clone()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.pool = None
@@ -72,6 +76,7 @@ class CUDAGraphDecoder:
             max_seq_len=self.max_model_len,
             block_size=self.block_size,
             is_decode_only=True,
+            seq_order=self.seq_order[:bs] if self.use_seq_order else None,
         )
 
     def _forward(self, bs: int) -> torch.Tensor:
@@ -126,8 +131,14 @@ class CUDAGraphDecoder:
         self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
         self.seq_lens[:n].copy_(meta.seq_lens, non_blocking=True)
         self.block_tables[:n, :width].copy_(meta.block_tables, non_blocking=True)
+        if self.use_seq_order:
+            if meta.seq_order is None:
+                raise ValueError("the graphs were captured with a sequence order; this step has none")
+            self.seq_order[:n].copy_(meta.seq_order, non_blocking=True)
         if bs > n:
             self.slot_mapping[n:bs].fill_(-1)
             self.seq_lens[n:bs].zero_()
+            if self.use_seq_order:  # a larger step may have left its permutation there
+                self.seq_order[n:bs].copy_(self._identity[n:bs], non_blocking=True)
         self.graphs[bs].replay()
         return self.logits[bs][:n]

@@ -8,7 +8,9 @@ Step inputs are built with numpy and cross to the device in ONE copy: all intege
 into one int64 host buffer (pinned on CUDA), copied, then sliced into views on the device:
 
     | input_ids T | positions T | slot_mapping T | query_start_loc S+1 | seq_lens S |
-    | block_tables S*W | logits_indices L | placeholder_dst P | placeholder_src P |
+    | block_tables S*W | logits_indices L | placeholder_dst P | placeholder_src P | seq_order O |
+
+(seq_order: O = S on decode-only steps when the backend wants it, else 0.)
 
 Async steps: `execute_async` queues a step on the device and returns a handle at once; the host
 reads the sampled ids only in `StepHandle.result()`. Meanwhile the engine may schedule and queue
@@ -169,17 +171,21 @@ class ModelRunner:
         placeholder_dst = np.flatnonzero(token_ids == PLACEHOLDER_TOKEN_ID)
         placeholder_src = self._placeholder_sources(scheduled, query_start_loc, placeholder_dst)
         num_placeholders = len(placeholder_dst)
+        is_decode_only = num_seqs > 0 and num_tokens == num_seqs
+        num_order = num_seqs if is_decode_only and getattr(self.backend, "wants_seq_order", False) else 0
 
         sizes = [num_tokens, num_tokens, num_tokens, num_seqs + 1, num_seqs, num_seqs * width, num_logits,
-                 num_placeholders, num_placeholders]
+                 num_placeholders, num_placeholders, num_order]
         # Each part starts 16-byte aligned (an even int64 offset): Triton specializes kernels on the
         # alignment of pointer arguments, and a parity that changed with the step would compile
         # new kernel variants in the middle of serving.
         offsets = np.concatenate([[0], np.cumsum([n + (n & 1) for n in sizes])])
         buf = self._host_view(int(offsets[-1]))
-        input_ids, positions, slot_mapping, qsl, sl, block_tables, logits_indices, dst, src = (
+        input_ids, positions, slot_mapping, qsl, sl, block_tables, logits_indices, dst, src, order = (
             buf[offsets[i] : offsets[i] + sizes[i]] for i in range(len(sizes))
         )
+        if num_order:
+            order[:] = np.argsort(-seq_lens, kind="stable")  # longest first (longest_first_order)
 
         input_ids[:] = token_ids
         dst[:] = placeholder_dst
@@ -215,7 +221,8 @@ class ModelRunner:
             block_size=self.block_size,
             query_lens_cpu=query_lens.tolist(),
             seq_lens_cpu=seq_lens.tolist(),
-            is_decode_only=bool(num_seqs) and bool((query_lens == 1).all()),
+            is_decode_only=is_decode_only,
+            seq_order=views[9].to(torch.int32) if num_order else None,
         )
         ctx = ForwardContext(attn_metadata=meta, kv_caches=self.kv_caches, backend=self.backend)
         return StepInputs(views[0], views[1], ctx, views[6], num_logits)

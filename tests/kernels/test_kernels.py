@@ -477,6 +477,23 @@ def test_backend_forward(decode_only, split_mixed, host_lens):
     assert_close(out, reference_attention(b.query, b.full_cache, b.meta, 0.125), dtype)
 
 
+def test_backend_decode_with_seq_order():
+    """A backend that wants a sequence order reads it from the metadata (as the runner builds it:
+    longest first) and gives the reference result; the padded slot (length 0) stays zero."""
+    dtype = DTYPES[0]
+    spec = [(20, 1), (70, 1), (5, 1), (0, 0), (41, 1)]
+    spec = [(c, q) for c, q in spec if q]  # decodes only
+    b = make_batch(spec, num_heads=8, num_kv_heads=2, head_dim=64, block_size=16, dtype=dtype)
+    backend = TritonAttentionBackend(decode_seq_order=True)
+    assert backend.wants_seq_order
+    order = longest_first_order(b.meta.seq_lens.tolist())
+    assert order.tolist() == [1, 3, 0, 2]
+    b.meta.seq_order = torch.from_numpy(order).to(b.meta.seq_lens.device)
+    out = backend.forward(b.query, b.key, b.value, b.kv_cache, b.meta, 0.125, out=poisoned_like(b.query))
+    assert_close(out, reference_attention(b.query, b.full_cache, b.meta, 0.125), dtype)
+    assert not TritonAttentionBackend(decode_seq_order=False).wants_seq_order
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU only: larger shapes, bf16, default configs (chosen by the launchers)
 # ----------------------------------------------------------------------------------------------

@@ -37,6 +37,9 @@ class AttentionMetadata:
     seq_lens_cpu: list[int] | None = None
     # All sequences are decodes (q == 1): lets backends take a decode-only path (and CUDA graphs).
     is_decode_only: bool = False
+    # Decode-only steps, backends with `wants_seq_order`: [num_seqs] int32 permutation, longest
+    # sequence first, the order in which the decode kernel starts sequences (a shorter tail).
+    seq_order: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -20,6 +20,8 @@ and slot_mapping == -1.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from pagedserve.executor.attention.base import AttentionBackend, AttentionMetadata
@@ -33,9 +35,14 @@ class TritonAttentionBackend(AttentionBackend):
 
     name = "triton"
 
-    def __init__(self, decode_num_splits: int | None = None, split_mixed_decodes: bool = True) -> None:
+    def __init__(self, decode_num_splits: int | None = None, split_mixed_decodes: bool = True,
+                 decode_seq_order: bool | None = None) -> None:
         # None: choose per call from shapes (see choose_num_splits); an int pins it (tests, tuning).
         self.decode_num_splits = decode_num_splits
+        # Decode-only steps start their longest sequences first (meta.seq_order, built by the runner).
+        if decode_seq_order is None:
+            decode_seq_order = os.environ.get("PAGEDSERVE_DECODE_ORDER", "0") == "1"
+        self.wants_seq_order = decode_seq_order
         # False: the prefill kernel also computes the decodes of a mixed batch (one launch, but
         # 16+ row tiles with few used rows and no split-K for them).
         self.split_mixed_decodes = split_mixed_decodes
@@ -66,6 +73,7 @@ class TritonAttentionBackend(AttentionBackend):
                 out=out[:num_seqs],
                 max_seq_len=meta.max_seq_len,
                 num_splits=self.decode_num_splits,
+                seq_order=meta.seq_order,
             )
             return out
 
