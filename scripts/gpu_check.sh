@@ -140,6 +140,14 @@ print(f'import again ($i): {time.perf_counter() - t:.2f} s')"
         PYTHONPYCACHEPREFIX=/tmp/pyc python3 -c "import time; t = time.perf_counter(); \
 from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPREFIX ($i): {time.perf_counter() - t:.2f} s')"
       done ;;
+    tp-ab)  # default workload: decode order off / on / on + fused sampler, one line each
+      for v in "PAGEDSERVE_DECODE_ORDER=0" "PAGEDSERVE_DECODE_ORDER=1" "PAGEDSERVE_DECODE_ORDER=1 PAGEDSERVE_FUSED_SAMPLER=1"; do
+        echo "-- $v"
+        env $v python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm \
+          2>&1 | grep -E "^throughput|^steps|^floor"
+      done ;;
+    gpu-quick)  # the GPU tests of the runner, graphs and async steps (not the kernel files)
+      timeout 300 python3 -m pytest tests/gpu/test_async_gpu.py tests/executor -q -p no:cacheprovider -x 2>&1 | tail -4 ;;
     throughput-fused)
       PAGEDSERVE_FUSED_SAMPLER=1 python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy \
         --no-tqdm --output-json "$OUT/throughput-fused.json" 2>&1 | tail -4 ;;
@@ -161,7 +169,7 @@ for phase in $phases; do
   case $phase in
     tests) grep -E "7B shapes|async vs sync|passed|failed|FAILED|rror" "$OUT/tests.log" | tail -25 ;;
     serve-bench*|serve-diag) cat "$OUT/$phase.log" ;;
-    profile*|probe|silu|skinny*|sample|sample-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
+    profile*|probe|silu|skinny*|tp-ab|gpu-quick|sample|sample-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
     latency*) tail -n 5 "$OUT/$phase.log" ;;
     *) tail -n 8 "$OUT/$phase.log" ;;
   esac

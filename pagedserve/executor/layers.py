@@ -28,13 +28,20 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One token (batch-1 decode) on CUDA: the Triton skinny GEMM streams the weight ~9% faster
-        # than cuBLAS on the H100 (docs/gpu-notes.md); larger batches stay with cuBLAS.
-        if x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype != torch.float32 and not _NO_SKINNY_GEMM:
-            from pagedserve.executor.kernels.skinny_gemm import skinny_linear
-
-            return skinny_linear(x, self.weight, self.bias)
+        # Decode on CUDA: the Triton skinny GEMM streams the weight faster than cuBLAS on the H100 at
+        # one token (~9%) and, for some projections, at 9-16 tokens (docs/gpu-notes.md); it is used
+        # where SKINNY_CONFIGS holds a measured win, else cuBLAS.
+        if x.is_cuda and x.dim() == 2 and x.dtype != torch.float32 and not _NO_SKINNY_GEMM:
+            m = x.shape[0]
+            if m == 1 or (m <= 16 and _skinny().has_measured_config(m, self.out_features, self.in_features)):
+                return _skinny().skinny_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+def _skinny():
+    from pagedserve.executor.kernels import skinny_gemm  # Triton: imported on the first CUDA call
+
+    return skinny_gemm
 
 
 _NO_SKINNY_GEMM = os.environ.get("PAGEDSERVE_NO_SKINNY_GEMM") == "1"  # A/B switch for benchmarks

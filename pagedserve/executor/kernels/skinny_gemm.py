@@ -225,7 +225,21 @@ SKINNY_CONFIGS: dict[tuple[int, ...], dict[str, int | bool]] = {
     (37888, 3584, 1): dict(block_n=4, block_k=512, num_warps=4, num_stages=2, split_k=1, use_dot=False),
     # down M=1: 49.0 us vs cuBLAS 53.4 us, heuristic 57.4 us
     (3584, 18944, 1): dict(block_n=4, block_k=512, num_warps=4, num_stages=2, split_k=1, use_dot=False),
+    # M=9..16, same card and script (--m 16), 2026-11-24: only the projections where Triton won are
+    # listed (qkv stays with cuBLAS: 16.0 vs 14.5 us). At M 64-256 cuBLAS won or tied every shape.
+    # o M=16: 13.1 us vs cuBLAS 14.1 us
+    (3584, 3584, 16): dict(block_n=64, block_k=64, num_warps=4, num_stages=4, split_k=4, use_dot=True, block_m=16),
+    # gate_up M=16: 93.0 us vs cuBLAS 99.7 us
+    (37888, 3584, 16): dict(block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=1, use_dot=True, block_m=16),
+    # down M=16: 50.9 us vs cuBLAS 52.9 us
+    (3584, 18944, 16): dict(block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=5, use_dot=True, block_m=16),
 }
+
+
+def has_measured_config(m: int, n: int, k: int) -> bool:
+    """Whether SKINNY_CONFIGS has an entry measured for this shape and M's bucket: the model uses
+    the kernel above M=1 only where it beat cuBLAS on the GPU."""
+    return (n, k, m_bucket(m)) in SKINNY_CONFIGS
 
 
 def m_bucket(m: int) -> int:
