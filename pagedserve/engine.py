@@ -307,7 +307,7 @@ class LLMEngine:
         outputs = self._process(scheduler_output, runner_output)
         # Its execute time: the launch (host) plus the wait for the device.
         self.step_timing.add(scheduler_output, t_scheduled - t_start, (t_launched - t_scheduled) + (t_done - t_wait),
-                             time.perf_counter() - t_done)
+                             time.perf_counter() - t_done, getattr(handle, "device_seconds", None))
         return outputs
 
     def _process(self, scheduler_output: SchedulerOutput, runner_output) -> list[RequestOutput]:
@@ -415,13 +415,16 @@ class StepTiming:
     runner (device time included: it ends with the sampled ids on the host), and in updating,
     detokenizing and building outputs. Cheap enough to keep on always."""
 
-    # kind -> [steps, tokens, schedule_s, execute_s, output_s, slowest execute_s, slowest's (step, tokens, seqs)]
+    # kind -> [steps, tokens, schedule_s, execute_s, output_s, slowest execute_s, slowest's (step, tokens, seqs),
+    #          device_s, steps with a device time]
     totals: dict = field(default_factory=dict)
 
-    def add(self, out: SchedulerOutput, schedule_s: float, execute_s: float, output_s: float) -> None:
+    def add(self, out: SchedulerOutput, schedule_s: float, execute_s: float, output_s: float,
+            device_s: float | None = None) -> None:
+        """device_s: the device's own time on the step (CUDA events, async steps), when known."""
         decode = all(len(r.token_ids) == 1 for r in out.scheduled)
         kind = "decode" if decode else "mixed"
-        row = self.totals.setdefault(kind, [0, 0, 0.0, 0.0, 0.0, 0.0, None])
+        row = self.totals.setdefault(kind, [0, 0, 0.0, 0.0, 0.0, 0.0, None, 0.0, 0])
         row[0] += 1
         row[1] += out.num_batched_tokens
         row[2] += schedule_s
@@ -430,15 +433,21 @@ class StepTiming:
         if execute_s > row[5]:  # a one-off (a kernel compiling) shows here, not in the mean
             row[5] = execute_s
             row[6] = (sum(r[0] for r in self.totals.values()), out.num_batched_tokens, len(out.scheduled))
+        if device_s is not None:
+            row[7] += device_s
+            row[8] += 1
 
     def summary(self) -> str:
         parts = []
-        for kind, (steps, tokens, sched, execute, output, slowest, where) in sorted(self.totals.items()):
+        for kind, row in sorted(self.totals.items()):
+            steps, tokens, sched, execute, output, slowest, where, device, device_steps = row
             per = 1e3 / max(steps, 1)
             at = f" at step {where[0]}: {where[1]} tokens, {where[2]} seqs" if where else ""
+            # device: the device's time per step; with async steps the host's share overlaps it.
+            dev = f", device {device * 1e3 / device_steps:.2f}" if device_steps else ""
             parts.append(f"{kind}: {steps} steps, {tokens / max(steps, 1):.0f} tokens/step, ms/step: "
                          f"schedule {sched * per:.2f}, execute {execute * per:.2f} (slowest {slowest * 1e3:.1f}"
-                         f"{at}), output {output * per:.2f}")
+                         f"{at}), output {output * per:.2f}{dev}")
         return "; ".join(parts)
 
 

@@ -2,7 +2,7 @@
 by a stub that returns tokens at once: schedule + step inputs + update + detokenize + outputs + the
 engine process's delta encoding. This is what async scheduling must hide behind each device step.
 
-    python scripts/bench_host_step.py MODEL_DIR [--no-copy] [--prof]
+    python scripts/bench_host_step.py MODEL_DIR [--no-copy] [--engine-process] [--prof]
 
 MODEL_DIR: any Qwen2/Llama config.json folder with tokenizer files (dummy weights are used).
 --no-copy: outputs without copies, as the engine process runs (LLMEngine.copy_outputs = False).
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import pickle
 import pstats
 import random
 import time
@@ -61,12 +62,15 @@ def main() -> None:
     p.add_argument("model")
     p.add_argument("--no-copy", action="store_true")
     p.add_argument("--prof", action="store_true")
+    p.add_argument("--engine-process", action="store_true",
+                   help="as the engine process runs: no copies, no text (LLMEngine.detokenize=False), pickled deltas")
     p.add_argument("--steps", type=int, default=200)
     args = p.parse_args()
     engine = LLMEngine(EngineConfig(model=args.model, load_format="dummy", max_model_len=2048, num_kv_blocks=20000,
                                     max_num_seqs=256, max_num_batched_tokens=8192, async_scheduling=True))
     engine.worker = StubWorker(engine.worker)
-    engine.copy_outputs = not args.no_copy
+    engine.copy_outputs = not (args.no_copy or args.engine_process)
+    engine.detokenize = not args.engine_process
     rng = random.Random(0)
     for i in range(256):
         prompt = [rng.randrange(100, 30000) for _ in range(rng.randrange(50, 200))]
@@ -83,7 +87,9 @@ def main() -> None:
         t0 = time.perf_counter()
         outputs = engine.step()
         t1 = time.perf_counter()
-        encoder.encode(outputs)
+        deltas = encoder.encode(outputs)
+        if args.engine_process:
+            pickle.dumps(("out", [], deltas, engine.get_stats()), protocol=pickle.HIGHEST_PROTOCOL)
         step_s += t1 - t0
         encode_s += time.perf_counter() - t1
     if args.prof:

@@ -90,7 +90,9 @@ run_phase() {
       start_server 8013 --no-enable-prefix-caching
       bench_serve 8013 serve-shared-prefix-uncached --dataset shared-prefix --output-len 64 | grep -E "Output token|TTFT"
       stop_server ;;
-    serve-diag)  # where the server's time goes under the comparison workload: py-spy of both processes
+    serve-diag)  # the comparison workload offline, then through the server (engine step timing in its log)
+      python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm \
+        --input-len 100-1024 --output-len 512 2>&1 | grep -E "^throughput|^steps"
       start_server 8014
       bench_serve 8014 serve-diag --num-prompts 256 --input-len 100-1024 --output-len 512 \
         | grep -E "Output token throughput|Median TTFT|Median TPOT" &
@@ -112,6 +114,19 @@ run_phase() {
       python3 -m pytest tests/gpu/test_qwen2_7b_shapes.py -q -s -p no:cacheprovider > /tmp/check7b.txt 2>&1
       grep -E "7B shapes|passed|failed|Error" /tmp/check7b.txt | tail -8
       python3 -m pytest tests/executor -q -p no:cacheprovider -k cuda_memory_profile 2>&1 | tail -5 ;;
+    importprobe)  # which transformers imports are cheap on this machine (torch imported first, as in the engine)
+      for stmt in "from transformers import AutoConfig, AutoTokenizer" \
+          "from transformers.models.auto.configuration_auto import AutoConfig" \
+          "from transformers.models.auto.tokenization_auto import AutoTokenizer" \
+          "from transformers import PretrainedConfig" \
+          "from transformers import Qwen2Config" \
+          "from transformers import PreTrainedTokenizerFast" \
+          "from transformers import Qwen2Tokenizer" \
+          "from transformers.models.auto.configuration_auto import CONFIG_MAPPING; CONFIG_MAPPING['qwen2']"; do
+        python3 -c "import sys, time, torch; t = time.perf_counter(); exec(sys.argv[1]); \
+n = sum(m.startswith(('sklearn', 'sympy', 'torch._dynamo', 'transformers.models.auto.auto_factory')) for m in sys.modules); \
+print(f'{time.perf_counter() - t:6.2f} s  heavy modules {n:4d}  {sys.argv[1]}')" "$stmt"
+      done ;;
     silu)
       python3 -m pagedserve.executor.kernels.bench_kernels --tune silu ;;
     importtime)  # where the start-up's import seconds go on this machine
@@ -147,7 +162,7 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
           2>&1 | grep -E "^throughput|^steps|^floor"
       done ;;
     gpu-quick)  # the GPU tests of the runner, graphs and async steps (not the kernel files)
-      timeout 300 python3 -m pytest tests/gpu/test_async_gpu.py tests/executor -q -p no:cacheprovider -x 2>&1 | tail -4 ;;
+      timeout 300 python3 -m pytest tests/gpu/test_async_gpu.py tests/executor -q -m "not slow" -p no:cacheprovider -x 2>&1 | tail -4 ;;
     throughput-fused)
       PAGEDSERVE_FUSED_SAMPLER=1 python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy \
         --no-tqdm --output-json "$OUT/throughput-fused.json" 2>&1 | tail -4 ;;
@@ -169,7 +184,7 @@ for phase in $phases; do
   case $phase in
     tests) grep -E "7B shapes|async vs sync|passed|failed|FAILED|rror" "$OUT/tests.log" | tail -25 ;;
     serve-bench*|serve-diag) cat "$OUT/$phase.log" ;;
-    profile*|probe|silu|skinny*|tp-ab|gpu-quick|sample|sample-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
+    profile*|probe|silu|skinny*|tp-ab|gpu-quick|importprobe|sample|sample-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
     latency*) tail -n 5 "$OUT/$phase.log" ;;
     *) tail -n 8 "$OUT/$phase.log" ;;
   esac

@@ -55,12 +55,22 @@ class StepHandle:
     """A queued step. result() waits for its sampled tokens and returns the RunnerOutput."""
 
     def __init__(self, scheduled: list[ScheduledRequest], host_payload: torch.Tensor | None,
-                 ready: torch.cuda.Event | None, decode: Callable | None) -> None:
+                 ready: torch.cuda.Event | None, decode: Callable | None,
+                 started: torch.cuda.Event | None = None) -> None:
         self._scheduled = scheduled
         self._host_payload = host_payload  # on the host (pinned when it came from a GPU)
         self._ready = ready  # recorded after the device-to-host copy; None: already on the host
         self._decode = decode
+        self._started = started  # timing event recorded once the step's inputs were queued
         self._output: RunnerOutput | None = None
+
+    @property
+    def device_seconds(self) -> float | None:
+        """After result(): the device's time on this step, from its first kernel (once the step
+        before it finished) to the samples on the host; None where not measured."""
+        if self._started is None or self._ready is None or self._output is None:
+            return None
+        return self._started.elapsed_time(self._ready) / 1e3
 
     def result(self) -> RunnerOutput:
         if self._output is None:
@@ -281,6 +291,10 @@ class ModelRunner:
         if not scheduled:
             return StepHandle([], None, None, None)
         inputs = self.prepare_inputs(scheduler_output)
+        started = None
+        if self.device.type == "cuda":
+            started = torch.cuda.Event(enable_timing=True)
+            started.record()
         meta = inputs.ctx.attn_metadata
         graphs = self.cuda_graphs
         num_scheduled = len(scheduled)
@@ -302,9 +316,9 @@ class ModelRunner:
             return StepHandle(scheduled, payload, None, result.decode)
         host = torch.empty(payload.shape, dtype=payload.dtype, pin_memory=True)
         host.copy_(payload, non_blocking=True)
-        ready = torch.cuda.Event()
+        ready = torch.cuda.Event(enable_timing=True)
         ready.record()
-        return StepHandle(scheduled, host, ready, result.decode)
+        return StepHandle(scheduled, host, ready, result.decode, started)
 
     def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> float:
         """Captures decode graphs for a ladder of batch sizes; returns the seconds it took."""
