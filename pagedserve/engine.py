@@ -307,7 +307,8 @@ class LLMEngine:
         outputs = self._process(scheduler_output, runner_output)
         # Its execute time: the launch (host) plus the wait for the device.
         self.step_timing.add(scheduler_output, t_scheduled - t_start, (t_launched - t_scheduled) + (t_done - t_wait),
-                             time.perf_counter() - t_done, getattr(handle, "device_seconds", None))
+                             time.perf_counter() - t_done, getattr(handle, "device_seconds", None),
+                             launch_s=t_launched - t_scheduled)
         return outputs
 
     def _process(self, scheduler_output: SchedulerOutput, runner_output) -> list[RequestOutput]:
@@ -420,11 +421,12 @@ class StepTiming:
     totals: dict = field(default_factory=dict)
 
     def add(self, out: SchedulerOutput, schedule_s: float, execute_s: float, output_s: float,
-            device_s: float | None = None) -> None:
-        """device_s: the device's own time on the step (CUDA events, async steps), when known."""
+            device_s: float | None = None, launch_s: float | None = None) -> None:
+        """device_s: the device's own time on the step (CUDA events, async steps), when known;
+        launch_s: the host's part of execute_s (inputs, launches) when the step was async."""
         decode = all(len(r.token_ids) == 1 for r in out.scheduled)
         kind = "decode" if decode else "mixed"
-        row = self.totals.setdefault(kind, [0, 0, 0.0, 0.0, 0.0, 0.0, None, 0.0, 0])
+        row = self.totals.setdefault(kind, [0, 0, 0.0, 0.0, 0.0, 0.0, None, 0.0, 0, 0.0])
         row[0] += 1
         row[1] += out.num_batched_tokens
         row[2] += schedule_s
@@ -436,18 +438,21 @@ class StepTiming:
         if device_s is not None:
             row[7] += device_s
             row[8] += 1
+        if launch_s is not None:
+            row[9] += launch_s
 
     def summary(self) -> str:
         parts = []
         for kind, row in sorted(self.totals.items()):
-            steps, tokens, sched, execute, output, slowest, where, device, device_steps = row
+            steps, tokens, sched, execute, output, slowest, where, device, device_steps, launch = row
             per = 1e3 / max(steps, 1)
             at = f" at step {where[0]}: {where[1]} tokens, {where[2]} seqs" if where else ""
             # device: the device's time per step; with async steps the host's share overlaps it.
             dev = f", device {device * 1e3 / device_steps:.2f}" if device_steps else ""
+            launched = f", launch {launch * per:.2f}" if launch else ""
             parts.append(f"{kind}: {steps} steps, {tokens / max(steps, 1):.0f} tokens/step, ms/step: "
                          f"schedule {sched * per:.2f}, execute {execute * per:.2f} (slowest {slowest * 1e3:.1f}"
-                         f"{at}), output {output * per:.2f}{dev}")
+                         f"{at}{launched}), output {output * per:.2f}{dev}")
         return "; ".join(parts)
 
 

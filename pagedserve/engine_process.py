@@ -248,12 +248,27 @@ def run_engine_process(
     def emit(acks: list, outputs: list[RequestOutput], stats: dict) -> None:
         sender.put(pickle.dumps(("out", acks, encoder.encode(outputs), stats), protocol=pickle.HIGHEST_PROTOCOL))
 
+    profile_path = os.environ.get("PAGEDSERVE_ENGINE_PROFILE")  # diagnostics: cProfile of the step loop
+    profiler = None
+    if profile_path:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     try:
         EngineCore(engine, **core_kwargs).run(receive, emit)
     except BaseException as e:  # noqa: BLE001 - any failure kills the engine, and must be told
         logger.exception("engine process failed")
         sender.close(("dead", f"{type(e).__name__}: {e}"))
         os._exit(1)
+    if profiler is not None:
+        import pstats
+
+        profiler.disable()
+        with open(profile_path, "w") as f:
+            stats = pstats.Stats(profiler, stream=f)
+            stats.sort_stats("tottime").print_stats(35)
+            stats.sort_stats("cumulative").print_stats(35)
     sender.close(("stopped",))
 
 

@@ -114,6 +114,13 @@ run_phase() {
       python3 -m pytest tests/gpu/test_qwen2_7b_shapes.py -q -s -p no:cacheprovider > /tmp/check7b.txt 2>&1
       grep -E "7B shapes|passed|failed|Error" /tmp/check7b.txt | tail -8
       python3 -m pytest tests/executor -q -p no:cacheprovider -k cuda_memory_profile 2>&1 | tail -5 ;;
+    serve-prof)  # the serve-diag workload with the engine's step loop under cProfile (slower; for the breakdown)
+      PAGEDSERVE_ENGINE_PROFILE=/tmp/engine-prof.txt start_server 8015
+      bench_serve 8015 serve-prof --num-prompts 256 --input-len 100-1024 --output-len 512 \
+        | grep -E "Output token throughput|Median TPOT"
+      stop_server
+      grep -E "step timing" "$OUT/server-8015.log" | tail -2
+      head -c 9000 /tmp/engine-prof.txt ;;
     importprobe)  # which transformers imports are cheap on this machine (torch imported first, as in the engine)
       for stmt in "from transformers import AutoConfig, AutoTokenizer" \
           "from transformers.models.auto.configuration_auto import AutoConfig" \
@@ -183,7 +190,7 @@ for phase in $phases; do
   run_phase "$phase" > "$OUT/$phase.log" 2>&1
   case $phase in
     tests) grep -E "7B shapes|async vs sync|passed|failed|FAILED|rror" "$OUT/tests.log" | tail -25 ;;
-    serve-bench*|serve-diag) cat "$OUT/$phase.log" ;;
+    serve-bench*|serve-diag|serve-prof) cat "$OUT/$phase.log" ;;
     profile*|probe|silu|skinny*|tp-ab|gpu-quick|importprobe|sample|sample-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
     latency*) tail -n 5 "$OUT/$phase.log" ;;
     *) tail -n 8 "$OUT/$phase.log" ;;
