@@ -259,6 +259,13 @@ class KVCacheManager:
         state = self._requests.get(request.request_id)
         if state is None:
             state = _RequestBlocks()
+        elif not new_computed_blocks:
+            # The common decode step: its tokens fit in the blocks it has and no block filled up
+            # since the last registration. Nothing changes (the slow path below would do nothing).
+            num_tokens = request.num_computed_tokens + num_new_tokens
+            if (-(-num_tokens // self.block_size) <= len(state.blocks)
+                    and (num_tokens // self.block_size <= state.num_registered or not self._shares_prefix(request))):
+                return state.block_ids
         elif new_computed_blocks:
             raise RuntimeError(
                 f"request {request.request_id} already has blocks; prefix hits are for admission"
