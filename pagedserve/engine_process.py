@@ -30,6 +30,7 @@ import copy
 import logging
 import os
 import pickle
+import queue
 import signal
 import threading
 from collections.abc import Callable
@@ -338,6 +339,8 @@ class ProcessBackend:
         child_out.close()
         self.info: dict | None = None
         self._decoder = DeltaDecoder()  # replaced once the engine's tokenizer is here (wait_ready)
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # to the engine, written by _submit_loop
+        self._submitter: threading.Thread | None = None
         self._reader: Any = None
         self._stopping = False
         if wait:
@@ -392,12 +395,25 @@ class ProcessBackend:
                 return
 
     def submit(self, item: Any) -> None:
+        """Never blocks: the pipe holds ~64 KB and the engine reads it only between steps, so a
+        burst of long prompts (500 x 2,000 tokens) written from the event loop would stall all HTTP
+        work for a step each few requests. A thread writes them, in order."""
         if isinstance(item, AddRequest):
             self._decoder.expect(item.request_id, item.params)
-        try:
-            self._to_engine.send(item)
-        except (OSError, ValueError):
-            pass  # the engine is gone; the reader thread reports it
+        if self._submitter is None:
+            self._submitter = threading.Thread(target=self._submit_loop, name="pagedserve-engine-submit", daemon=True)
+            self._submitter.start()
+        self._outbox.put(item)
+
+    def _submit_loop(self) -> None:
+        while True:
+            item = self._outbox.get()
+            if item is None:
+                return
+            try:
+                self._to_engine.send(item)
+            except (OSError, ValueError):
+                return  # the engine is gone; the reader thread reports it
 
     def decode(self, deltas: list[RequestDelta]) -> list[RequestOutput]:
         return self._decoder.decode(deltas)
@@ -408,6 +424,7 @@ class ProcessBackend:
     def stop(self, timeout: float) -> None:
         self._stopping = True
         self.submit(Stop())
+        self._outbox.put(None)
         self.process.join(timeout)
         if self.process.is_alive():
             logger.warning("the engine process did not stop in %.0f s; terminating it", timeout)
@@ -415,4 +432,6 @@ class ProcessBackend:
             self.process.join(5)
         if self._reader is not None:
             self._reader.join(2)
+        if self._submitter is not None:
+            self._submitter.join(2)
         self._to_engine.close()
