@@ -376,15 +376,20 @@ class LLMEngine:
             state.metrics.finished_time = time.monotonic()
             self._requests.pop(state.request_id, None)
         m = state.metrics
+        if self.copy_outputs:
+            outputs = [_snapshot(c.output) for c in state.choices]
+            m = RequestMetrics(m.arrival_time, m.first_scheduled_time, m.first_token_time, m.last_token_time,
+                               m.finished_time)
+        else:  # the caller reads them before the next step (see copy_outputs)
+            outputs = [c.output for c in state.choices]
         return RequestOutput(
             request_id=state.request_id,
             prompt=state.prompt,
             prompt_token_ids=state.prompt_token_ids,
-            outputs=[_snapshot(c.output) if self.copy_outputs else c.output for c in state.choices],
+            outputs=outputs,
             finished=finished,
             num_cached_tokens=max(state.num_cached_tokens, 0),
-            metrics=RequestMetrics(m.arrival_time, m.first_scheduled_time, m.first_token_time,
-                                   m.last_token_time, m.finished_time),
+            metrics=m,
         )
 
     # ------------------------------------------------------------------ state

@@ -86,7 +86,8 @@ class DeltaEncoder:
             else:
                 self._sent[out.request_id] = sent
             m = out.metrics
-            metrics = None if m is None else tuple(getattr(m, f) for f in _METRIC_FIELDS)
+            metrics = None if m is None else (m.arrival_time, m.first_scheduled_time, m.first_token_time,
+                                              m.last_token_time, m.finished_time)  # _METRIC_FIELDS' order
             deltas.append(
                 (
                     out.request_id,

@@ -185,6 +185,9 @@ class Sampler:
         self.eos_token_ids = set(eos_token_ids)
         self.use_fused_kernel = use_fused_kernel
         self._seed_rng = np.random.default_rng(torch.initial_seed() if seed is None else seed)
+        # The last batch's per-row filter parameters on the device, keyed by its SamplingParams
+        # objects: consecutive decode steps of the same requests reuse them (no host work, no copy).
+        self._filter_cache: tuple | None = None  # (key, device, value, the params themselves)
 
     def __call__(
         self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]
@@ -375,19 +378,10 @@ class Sampler:
 
     def _sample_filtered(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> torch.Tensor:
         """Random rows, torch ops: temperature and filters, softmax, then argmax(probs / q)."""
-        device, vocab = logits.device, logits.shape[1]
+        device = logits.device
         rp = [r.sampling_params for r in requests]
-        active_k = [p.top_k for p in rp if 0 < p.top_k < vocab]
-        probs = apply_sampling_filters(
-            logits.float(),
-            _to_device([p.temperature for p in rp], torch.float32, device),
-            _to_device([p.top_k for p in rp], torch.long, device),
-            _to_device([p.top_p for p in rp], torch.float32, device),
-            _to_device([p.min_p for p in rp], torch.float32, device),
-            max_top_k=max(active_k, default=0),
-            use_top_p=any(p.top_p < 1.0 for p in rp),
-            use_min_p=any(p.min_p > 0.0 for p in rp),
-        )
+        temperatures, top_k, top_p, min_p, flags = self._filter_params(rp, device, logits.shape[1])
+        probs = apply_sampling_filters(logits.float(), temperatures, top_k, top_p, min_p, **flags)
         q = exponential_noise(
             tuple(probs.shape),
             [p.seed for p in rp],
@@ -395,6 +389,30 @@ class Sampler:
             device,
         )
         return probs.div_(q).argmax(dim=-1)
+
+    def _filter_params(self, rp: list[SamplingParams], device: torch.device, vocab: int) -> tuple:
+        """(temperatures, top_k, top_p, min_p) as device tensors, from one host-to-device copy,
+        and what apply_sampling_filters needs to know on the host; reused while the rows' params
+        are the same objects as in the last call (a decode batch that did not change)."""
+        key = tuple(map(id, rp))
+        cached = self._filter_cache
+        if cached is not None and cached[0] == key and cached[1] == device:
+            return cached[2]
+        packed = np.empty((4, len(rp)), dtype=np.float64)  # every top_k fits a float64 exactly
+        packed[0] = [p.temperature for p in rp]
+        packed[1] = [p.top_k for p in rp]
+        packed[2] = [p.top_p for p in rp]
+        packed[3] = [p.min_p for p in rp]
+        dev = torch.from_numpy(packed)
+        if device.type != "cpu":
+            dev = dev.to(device, non_blocking=True)
+        active_k = [p.top_k for p in rp if 0 < p.top_k < vocab]
+        flags = dict(max_top_k=max(active_k, default=0), use_top_p=any(p.top_p < 1.0 for p in rp),
+                     use_min_p=any(p.min_p > 0.0 for p in rp))
+        value = (dev[0].float(), dev[1].long(), dev[2].float(), dev[3].float(), flags)
+        # Keeping the params alive with the key: an id is only unique while its object lives.
+        self._filter_cache = (key, device, value, rp)
+        return value
 
     # ---- logprobs ----
 
