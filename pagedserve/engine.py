@@ -232,9 +232,12 @@ class LLMEngine:
     def _check_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:
             raise ValueError("the prompt is empty")
-        for t in token_ids:
-            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size:
-                raise ValueError(f"prompt token id {t!r} is outside the vocabulary [0, {self.vocab_size})")
+        # C-level passes (type, min, max): long prompts arrive in bursts, and a Python loop per token
+        # id was a visible share of admitting 500 prompts of 2,000 tokens.
+        if set(map(type, token_ids)) != {int} or min(token_ids) < 0 or max(token_ids) >= self.vocab_size:
+            for t in token_ids:
+                if type(t) is not int or not 0 <= t < self.vocab_size:  # bools and other types too
+                    raise ValueError(f"prompt token id {t!r} is outside the vocabulary [0, {self.vocab_size})")
         if len(token_ids) >= self.max_model_len:
             raise ValueError(
                 f"the prompt has {len(token_ids)} tokens, but this model's context length is "
