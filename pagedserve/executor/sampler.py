@@ -365,16 +365,20 @@ class Sampler:
 
         num_rows = len(requests)
         # One host-to-device copy: philox seeds, offsets (output positions) and the temperatures'
-        # float64 bits, as int64 [3, S].
-        packed = np.empty((3, num_rows), dtype=np.int64)
-        packed[0] = self._seed_rng.integers(0, 2**63, size=num_rows, dtype=np.int64)
+        # float64 bits, as int64 [3, W]. W is even, so each row starts 16-byte aligned whatever the
+        # batch: Triton specializes pointer arguments on that alignment, and an odd row count would
+        # otherwise compile another kernel variant in the middle of serving.
+        width = num_rows + (num_rows & 1)
+        packed = np.zeros((3, width), dtype=np.int64)
+        packed[0, :num_rows] = self._seed_rng.integers(0, 2**63, size=num_rows, dtype=np.int64)
         for i, r in enumerate(requests):
             if r.sampling_params.seed is not None:
                 packed[0, i] = position_seed(r.sampling_params.seed, r.output_index)
-        packed[1] = [r.output_index for r in requests]
-        packed[2] = np.array([r.sampling_params.temperature for r in requests], dtype=np.float64).view(np.int64)
+        packed[1, :num_rows] = [r.output_index for r in requests]
+        temps = np.array([r.sampling_params.temperature for r in requests], dtype=np.float64)
+        packed[2, :num_rows] = temps.view(np.int64)
         dev = torch.from_numpy(packed).to(logits.device, non_blocking=True)
-        return sample_gumbel(logits, dev[2].view(torch.float64), dev[0], dev[1])
+        return sample_gumbel(logits, dev[2, :num_rows].view(torch.float64), dev[0, :num_rows], dev[1, :num_rows])
 
     def _sample_filtered(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> torch.Tensor:
         """Random rows, torch ops: temperature and filters, softmax, then argmax(probs / q)."""
