@@ -160,20 +160,47 @@ def _generation_config_eos_ids(folder: str) -> set[int]:
 def load_tokenizer(path_or_dir: str, gguf_file: str | None = None,
                    chat_template: str | None = None) -> Tokenizer:
     """Load from a folder, a hub id, or a GGUF file (a path to `*.gguf`, or folder + gguf_file=)."""
-    from transformers import AutoTokenizer
-
     if gguf_file is None and path_or_dir.endswith(".gguf") and os.path.isfile(path_or_dir):
         path_or_dir, gguf_file = os.path.split(os.path.abspath(path_or_dir))
     kwargs: dict[str, Any] = {}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
-    try:
-        hf = AutoTokenizer.from_pretrained(path_or_dir, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"could not load a tokenizer from {path_or_dir!r}: {exc}") from exc
+    hf = _load_named_fast_tokenizer(path_or_dir) if gguf_file is None else None
+    if hf is None:
+        from transformers import AutoTokenizer
+
+        try:
+            hf = AutoTokenizer.from_pretrained(path_or_dir, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"could not load a tokenizer from {path_or_dir!r}: {exc}") from exc
     eos_ids = _generation_config_eos_ids(path_or_dir) if os.path.isdir(path_or_dir) else set()
     template = _read_chat_template(chat_template) if chat_template else None
     return Tokenizer(hf, eos_ids, template)
+
+
+def _load_named_fast_tokenizer(folder: str) -> Any | None:
+    """The fast tokenizer class that tokenizer_config.json names, loaded without AutoTokenizer, whose
+    imports cost ~8 s more at start-up on some images (transformers 5.17: docs/gpu-notes.md, session 3);
+    None (AutoTokenizer then decides) when there is no such file or class, or it is not a fast one."""
+    try:
+        with open(os.path.join(folder, "tokenizer_config.json")) as f:
+            name = json.load(f).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(name, str) or not name or name.startswith("Auto"):
+        return None
+    import transformers
+
+    for candidate in (name + "Fast", name) if not name.endswith("Fast") else (name,):
+        cls = getattr(transformers, candidate, None)
+        if cls is None:
+            continue
+        try:
+            tokenizer = cls.from_pretrained(folder)
+        except Exception:  # noqa: BLE001 - AutoTokenizer gets its chance (and reports the error)
+            return None
+        return tokenizer if getattr(tokenizer, "is_fast", False) else None
+    return None
 
 
 class _Decoder(Protocol):

@@ -290,3 +290,21 @@ def test_fast_decode_equals_transformers_decode(qwen: Tokenizer) -> None:
         rng.shuffle(ids)
         for skip in (True, False):
             assert qwen.decode(ids, skip_special_tokens=skip) == qwen.hf.decode(ids, skip_special_tokens=skip)
+
+
+def test_named_fast_tokenizer_equals_autotokenizer(real_model_dir: str) -> None:
+    """Start-up loads the class tokenizer_config.json names instead of AutoTokenizer: same tokens,
+    text, special ids and chat template."""
+    from transformers import AutoTokenizer
+
+    from pagedserve.tokenizer import _load_named_fast_tokenizer
+
+    ours, auto = _load_named_fast_tokenizer(real_model_dir), AutoTokenizer.from_pretrained(real_model_dir)
+    assert ours is not None and type(ours) is type(auto) and ours.is_fast
+    for text in ("Hello world", "def f(x):\n    return x ** 2  # 中文 ✓", "<|im_start|>user\nhi<|im_end|>"):
+        ids = auto.encode(text)
+        assert ours.encode(text) == ids and ours.decode(ids) == auto.decode(ids)
+    assert (ours.eos_token_id, len(ours), ours.all_special_ids) == (auto.eos_token_id, len(auto), auto.all_special_ids)
+    messages = [{"role": "user", "content": "hi"}]
+    assert ours.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        auto.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -157,9 +157,50 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
+# read_plain_config: model types whose config.json, when it spells out every field the model reads, is
+# used as plain attributes (AutoConfig costs ~10 s of imports at start-up on some images: in
+# transformers 5.17 any model config class pulls sklearn, sympy and torch._dynamo through its
+# generated docstring; measured in docs/gpu-notes.md, session 3).
+_PLAIN_CONFIG_TYPES = ("qwen2", "llama")
+_PLAIN_CONFIG_FIELDS = ("architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
+                        "num_attention_heads", "vocab_size", "max_position_embeddings", "rms_norm_eps",
+                        "tie_word_embeddings")
+
+
+def read_plain_config(folder: str) -> Any | None:
+    """config.json as a namespace of its fields, or None (then AutoConfig reads it).
+
+    Only where nothing is left to a config class's defaults or conversions: a qwen2/llama model type,
+    every field in _PLAIN_CONFIG_FIELDS present, no rope scaling (plain rope_theta, or rope_parameters of
+    rope_type "default"), no sliding window. The model reads the rest with getattr and the same
+    defaults as those classes (num_key_value_heads = num_attention_heads, head_dim = hidden /
+    heads, silu, rope_theta 10000, no biases)."""
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("model_type") not in _PLAIN_CONFIG_TYPES:
+        return None
+    if any(data.get(name) is None for name in _PLAIN_CONFIG_FIELDS):
+        return None
+    rope = data.get("rope_parameters")
+    if data.get("rope_scaling") is not None or (rope is not None and (
+            not isinstance(rope, dict) or rope.get("rope_type", "default") != "default")):
+        return None
+    if data.get("use_sliding_window") or data.get("hidden_act", "silu") != "silu":
+        return None
+    import types
+
+    return types.SimpleNamespace(**data)
+
+
 def load_hf_config(source: ModelSource) -> Any:
     if source.kind == "gguf":
         return gguf_hf_config(source.path)
+    plain = read_plain_config(source.path)
+    if plain is not None:
+        return plain
     from transformers import AutoConfig
 
     try:

@@ -73,7 +73,7 @@ class Worker:
 
 
 def build_worker(config: EngineConfig) -> Worker:
-    from pagedserve.executor.loader import get_eos_token_ids, load_model
+    from pagedserve.executor.loader import get_eos_token_ids, load_model, read_plain_config
     from pagedserve.executor.model_runner import ModelRunner, determine_num_blocks
     from pagedserve.executor.sampler import Sampler
     from pagedserve.tokenizer import load_tokenizer
@@ -95,8 +95,10 @@ def build_worker(config: EngineConfig) -> Worker:
     torch.manual_seed(config.seed)
 
     # The tokenizer loads in a thread while the weights load (both take seconds at start-up).
-    # transformers' lazy attributes are not safe to resolve from two threads at once: resolve here.
-    from transformers import AutoConfig, AutoTokenizer  # noqa: F401
+    # transformers' lazy attributes are not safe to resolve from two threads at once: when this thread
+    # will also use transformers (AutoConfig), resolve them here first.
+    if gguf_file is not None or read_plain_config(model_path) is None:
+        from transformers import AutoConfig, AutoTokenizer  # noqa: F401
 
     logger.info("start-up: device ready at %.1f s, model resolved and transformers imported at %.1f s",
                 t_device, time.monotonic() - t0)

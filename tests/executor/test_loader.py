@@ -232,3 +232,40 @@ def test_eos_ids_include_generation_config(tmp_path: Path) -> None:
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 5]}))
     assert get_eos_token_ids(config, str(tmp_path)) == {5, 7}
     assert get_eos_token_ids(config) == {5}
+
+
+def test_plain_config_matches_autoconfig_where_it_is_used(real_model_dir: str, tmp_path) -> None:
+    """The start-up path reads config.json without AutoConfig when it spells out every field; the
+    fields the model reads must equal AutoConfig's, and anything left to a config class's defaults or
+    conversions (rope scaling, a missing field, another model type) goes to AutoConfig."""
+    import json
+    import shutil
+
+    from transformers import AutoConfig
+
+    from pagedserve.executor.layers import rope_parameters
+    from pagedserve.executor.loader import read_plain_config
+    from pagedserve.executor.models.decoder import head_dim_of, num_kv_heads_of
+
+    plain, auto = read_plain_config(real_model_dir), AutoConfig.from_pretrained(real_model_dir)
+    assert plain is not None
+    for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                 "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "eos_token_id", "architectures"):
+        assert getattr(plain, name) == getattr(auto, name), name
+    assert head_dim_of(plain) == head_dim_of(auto) and num_kv_heads_of(plain) == num_kv_heads_of(auto)
+    assert rope_parameters(plain)[0] == rope_parameters(auto)[0]
+
+    data = json.load(open(f"{real_model_dir}/config.json"))
+    for change in ({"rope_scaling": {"type": "linear", "factor": 2.0}},
+                   {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}},
+                   {"model_type": "mistral"}, {"use_sliding_window": True}, {"hidden_act": "gelu"}):
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({**data, **change}))
+        assert read_plain_config(str(folder)) is None, change
+    folder = tmp_path / "missing"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in data.items() if k != "tie_word_embeddings"}))
+    assert read_plain_config(str(folder)) is None
+    shutil.rmtree(folder)
+    assert read_plain_config(str(folder)) is None  # no folder at all
