@@ -209,7 +209,7 @@ class LLMEngine:
                 arrival_time=arrival,
             )
             detok = None
-            if self.detokenize or params.stop:
+            if self.detokenize or needs_engine_text(params):
                 detok = IncrementalDetokenizer(
                     self.tokenizer, prompt_token_ids,
                     skip_special_tokens=params.skip_special_tokens,
@@ -472,4 +472,11 @@ def _snapshot(o: CompletionOutput) -> CompletionOutput:
 
 
 def params_have_stops(request: Request) -> bool:
-    return bool(request.sampling_params.stop)
+    return needs_engine_text(request.sampling_params)
+
+
+def needs_engine_text(params: SamplingParams) -> bool:
+    """Whether the engine must detokenize a request even with LLMEngine.detokenize off: a stop string
+    ends the request, which the scheduler must learn at once. The engine process's DeltaDecoder makes
+    the text of every other request on the server side."""
+    return bool(params.stop)

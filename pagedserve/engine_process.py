@@ -30,13 +30,13 @@ import copy
 import logging
 import os
 import pickle
-import queue
 import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pagedserve.engine import needs_engine_text
 from pagedserve.engine_core import AbortRequests, AddRequest, EngineCore, Stop
 from pagedserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pagedserve.sampling_params import SamplingParams
@@ -129,7 +129,7 @@ class DeltaDecoder:
 
     def expect(self, request_id: str, params: SamplingParams) -> None:
         """A request was sent to the engine; its text is made here unless it has stop strings."""
-        if self._tokenizer is not None and not params.stop:
+        if self._tokenizer is not None and not needs_engine_text(params):
             self._expected[request_id] = params
 
     def decode(self, deltas: list[RequestDelta]) -> list[RequestOutput]:
@@ -275,18 +275,21 @@ def run_engine_process(
 
 
 class _Sender:
-    """Writes pickled messages from its own thread, so the step loop never waits on a slow reader.
-    A write releases the GIL; the pickling was done by the caller, in the step loop's thread."""
+    """Writes messages into a pipe from its own thread, in order, so the caller never waits on a slow
+    reader: the engine's step loop (payloads it pickled itself, as bytes: a write releases the GIL,
+    pickling here would hold it against the step loop) and the server's event loop (requests, pickled
+    here; the engine reads its pipe only between steps)."""
 
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: Any, name: str = "pagedserve-engine-sender") -> None:
         self._conn = conn
         self._cond = threading.Condition()
-        self._pending: list[bytes] = []
+        self._pending: list[Any] = []
         self._closing = False
-        self._thread = threading.Thread(target=self._run, name="pagedserve-engine-sender", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def put(self, payload: bytes) -> None:
+    def put(self, payload: Any) -> None:
+        """bytes: written as they are (already pickled); anything else: pickled by the thread."""
         with self._cond:
             self._pending.append(payload)
             self._cond.notify()
@@ -300,17 +303,23 @@ class _Sender:
                 closing = self._closing
             for payload in batch:
                 try:
-                    self._conn.send_bytes(payload)
+                    if isinstance(payload, bytes):
+                        self._conn.send_bytes(payload)
+                    else:
+                        self._conn.send(payload)
                 except (OSError, ValueError):
-                    return  # the server is gone
+                    return  # the other side is gone
             if closing:
                 return
 
-    def close(self, last_message: tuple) -> None:
+    def close(self, last_message: tuple | None = None, timeout: float = 10.0) -> None:
+        """Writes what is pending, then `last_message` (if any) from the calling thread."""
         with self._cond:
             self._closing = True
             self._cond.notify()
-        self._thread.join(10)
+        self._thread.join(timeout)
+        if last_message is None:
+            return
         try:
             self._conn.send(last_message)
         except (OSError, ValueError):
@@ -340,8 +349,7 @@ class ProcessBackend:
         child_out.close()
         self.info: dict | None = None
         self._decoder = DeltaDecoder()  # replaced once the engine's tokenizer is here (wait_ready)
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # to the engine, written by _submit_loop
-        self._submitter: threading.Thread | None = None
+        self._sender = _Sender(self._to_engine, name="pagedserve-engine-submit")
         self._reader: Any = None
         self._stopping = False
         if wait:
@@ -401,20 +409,7 @@ class ProcessBackend:
         work for a step each few requests. A thread writes them, in order."""
         if isinstance(item, AddRequest):
             self._decoder.expect(item.request_id, item.params)
-        if self._submitter is None:
-            self._submitter = threading.Thread(target=self._submit_loop, name="pagedserve-engine-submit", daemon=True)
-            self._submitter.start()
-        self._outbox.put(item)
-
-    def _submit_loop(self) -> None:
-        while True:
-            item = self._outbox.get()
-            if item is None:
-                return
-            try:
-                self._to_engine.send(item)
-            except (OSError, ValueError):
-                return  # the engine is gone; the reader thread reports it
+        self._sender.put(item)  # if the engine is gone, the reader thread reports it
 
     def decode(self, deltas: list[RequestDelta]) -> list[RequestOutput]:
         return self._decoder.decode(deltas)
@@ -425,7 +420,6 @@ class ProcessBackend:
     def stop(self, timeout: float) -> None:
         self._stopping = True
         self.submit(Stop())
-        self._outbox.put(None)
         self.process.join(timeout)
         if self.process.is_alive():
             logger.warning("the engine process did not stop in %.0f s; terminating it", timeout)
@@ -433,6 +427,5 @@ class ProcessBackend:
             self.process.join(5)
         if self._reader is not None:
             self._reader.join(2)
-        if self._submitter is not None:
-            self._submitter.join(2)
+        self._sender.close(timeout=2)
         self._to_engine.close()

@@ -32,9 +32,9 @@ class Linear(nn.Module):
         # one token (~9%) and, for some projections, at 9-16 tokens (docs/gpu-notes.md); it is used
         # where SKINNY_CONFIGS holds a measured win, else cuBLAS.
         if x.is_cuda and x.dim() == 2 and x.dtype != torch.float32 and not _NO_SKINNY_GEMM:
-            m = x.shape[0]
-            if m == 1 or (m <= 16 and _skinny().has_measured_config(m, self.out_features, self.in_features)):
-                return _skinny().skinny_linear(x, self.weight, self.bias)
+            m, skinny = x.shape[0], _skinny()
+            if m == 1 or (m <= skinny.MAX_M and skinny.has_measured_config(m, self.out_features, self.in_features)):
+                return skinny.skinny_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 

@@ -194,8 +194,10 @@ class ModelRunner:
         input_ids, positions, slot_mapping, qsl, sl, block_tables, logits_indices, dst, src, order = (
             buf[offsets[i] : offsets[i] + sizes[i]] for i in range(len(sizes))
         )
-        if num_order:
-            order[:] = np.argsort(-seq_lens, kind="stable")  # longest first (longest_first_order)
+        if num_order:  # only with the Triton backend, so its kernel module (and triton) is there
+            from pagedserve.executor.kernels.paged_attention_decode import longest_first_order
+
+            order[:] = longest_first_order(seq_lens)
 
         input_ids[:] = token_ids
         dst[:] = placeholder_dst

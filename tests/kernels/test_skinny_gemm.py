@@ -185,12 +185,17 @@ def test_gpu_model_shapes_default_config(m, n, k, with_bias, dtype):
 
 
 @gpu_only
-def test_gpu_split_k_is_deterministic_and_graph_capturable():
-    m, k, n, dtype = 4, 18944, 3584, torch.bfloat16
+@pytest.mark.parametrize(
+    "m,config,repeats",
+    [(4, SkinnyConfig(16, 256, 4, 3, 8, True), 5), (100, SkinnyConfig(64, 128, 4, 3, 4, True, 64), 3)],
+    ids=["m4-split8", "m100-m64-split4"],
+)
+def test_gpu_split_k_is_deterministic_and_graph_capturable(m, config, repeats):
+    k, n, dtype = 18944, 3584, torch.bfloat16
     x, weight, bias = make_inputs(m, k, n, True, dtype)
-    config = SkinnyConfig(16, 256, 4, 3, 8, True)
     first = skinny_linear(x, weight, bias, config=config)
-    assert all(torch.equal(first, skinny_linear(x, weight, bias, config=config)) for _ in range(5))
+    assert_matches(first, reference(x, weight, bias), dtype)
+    assert all(torch.equal(first, skinny_linear(x, weight, bias, config=config)) for _ in range(repeats))
     out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -247,20 +252,3 @@ def test_gpu_m_is_not_specialized():
         skinny_linear(x_all[:m], weight, out=out_all[:m], config=config)
         assert_matches(out_all[:m], reference(x_all[:m], weight, None), dtype)
     assert len(cache) == variants
-
-
-@gpu_only
-def test_gpu_large_m_split_k_is_deterministic_and_graph_capturable():
-    m, k, n, dtype = 100, 18944, 3584, torch.bfloat16
-    x, weight, bias = make_inputs(m, k, n, True, dtype)
-    config = SkinnyConfig(64, 128, 4, 3, 4, True, 64)
-    first = skinny_linear(x, weight, bias, config=config)
-    assert_matches(first, reference(x, weight, bias), dtype)
-    assert all(torch.equal(first, skinny_linear(x, weight, bias, config=config)) for _ in range(3))
-    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        skinny_linear(x, weight, bias, out=out, config=config)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, first)

@@ -44,8 +44,9 @@ No host syncs and the grid depends on shapes only, so a call can be captured in 
 heuristic per (M, N, K); `default_dot_config` for M > 8) unless SKINNY_CONFIGS has an entry measured
 on the GPU (scripts/bench_skinny_gemm.py prints one to paste), keyed (N, K, m_bucket) with m_bucket
 = next power of 2 of M (1, 2, 4, 8, 16, 32, 64, 128, 256), unless the caller passes `config`. As
-committed, only the M = 1 entries are measured (H100); M > 1 runs on the heuristic, which is
-reasoning, not measurement.
+committed, the entries are measured on the H100 (M = 1 for every projection; M = 16 where Triton
+beat cuBLAS); any other M runs on the heuristic, which is reasoning, not measurement (the model uses
+the kernel above M = 1 only where an entry exists: `has_measured_config`).
 """
 
 from __future__ import annotations
