@@ -53,20 +53,25 @@ def main() -> None:
     client = OpenAI(base_url=args.base_url, api_key=args.api_key, timeout=3600)
     model = args.model or client.models.list().data[0].id
 
-    def one(i: int) -> int:
+    def one(i: int) -> tuple[int, float, float]:
+        sent = time.perf_counter()
         r = client.chat.completions.create(
             model=model,
             messages=[{"role": "user", "content": prompt_for(i)}],
             max_tokens=args.max_tokens,
             temperature=args.temperature,
         )
-        return r.usage.completion_tokens
+        return r.usage.completion_tokens, sent, time.perf_counter()
 
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=args.num_threads) as pool:
-        completion_tokens = list(pool.map(one, range(args.num_requests)))
+        results = list(pool.map(one, range(args.num_requests)))
     total = time.perf_counter() - start
-    num_tokens = sum(completion_tokens)
+    num_tokens = sum(r[0] for r in results)
+    sent = sorted(r[1] - start for r in results)
+    done = sorted(r[2] - start for r in results)
+    print(f"requests started between {sent[0]:.3f} and {sent[-1]:.3f} s; "
+          f"answers between {done[0]:.3f} and {done[-1]:.3f} s")
     print(f"model: {model}")
     print(f"requests: {args.num_requests} ({args.num_threads} threads), completion tokens: {num_tokens}")
     print(f"throughput: {args.num_requests / total:.2f} requests/s, {num_tokens / total:.1f} tokens/s")

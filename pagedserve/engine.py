@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from pagedserve.config import EngineConfig
@@ -63,11 +63,14 @@ class _RequestState:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig,
+                 on_tokenizer_source: Callable[[str, str | None], None] | None = None) -> None:
+        """`on_tokenizer_source(source, chat_template)`: called early in start-up with what this engine's
+        tokenizer loads from (the engine process announces it, so the server loads its own meanwhile)."""
         from pagedserve.executor.worker import build_worker  # torch lives behind this import
 
         started = time.monotonic()
-        self.worker = build_worker(config)
+        self.worker = build_worker(config, on_tokenizer_source=on_tokenizer_source)
         self.config: EngineConfig = self.worker.config  # resolved: model path, dtype, lengths
         self.tokenizer = self.worker.tokenizer
         self.model_name: str = self.config.served_model_name or self.config.model or "model"

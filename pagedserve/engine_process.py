@@ -20,13 +20,16 @@ costs once it exceeds the device's time:
 - Pickling happens in the step loop's thread, and the sender thread only writes bytes (a write
   releases the GIL; pickling in the sender would hold the GIL against the step loop).
 
-Messages engine -> server: ("ready", info) | ("failed", exc_type, message) once at start, then
-("out", acks, deltas, stats)*, and ("dead", message) or ("stopped",) last.
+Messages engine -> server: at start ("tokenizer", source, chat_template) when the engine can name its
+tokenizer's source (the server then loads its own copy while the engine loads, instead of receiving a
+pickled one after: ~2 s off start-up on the GPU machine), then ("ready", info) | ("failed", exc_type,
+message); then ("out", acks, deltas, stats)*, and ("dead", message) or ("stopped",) last.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
 import pickle
@@ -189,13 +192,14 @@ class DeltaDecoder:
             self._expected.pop(rid, None)
 
 
-def engine_info(engine: Any) -> dict:
-    """What the server needs to know of the engine (sent once, with the tokenizer)."""
+def engine_info(engine: Any, send_tokenizer: bool = True) -> dict:
+    """What the server needs to know of the engine (sent once; the tokenizer too unless the server
+    loads its own from the announced source)."""
     return {
         "model_name": engine.model_name,
         "max_model_len": engine.max_model_len,
         "vocab_size": getattr(engine, "vocab_size", None) or int(engine.tokenizer.vocab_size),
-        "tokenizer": engine.tokenizer,
+        "tokenizer": engine.tokenizer if send_tokenizer else None,
         "config": getattr(engine, "config", None),
         "stats": engine.get_stats(),
     }
@@ -217,13 +221,20 @@ def run_engine_process(
         if pkg.getEffectiveLevel() > logging.INFO:
             pkg.setLevel(logging.INFO)
     logger.info("engine process started (imports done); building the engine")
+    announced = []
+
+    def announce_tokenizer(source: str, chat_template: str | None) -> None:
+        conn_out.send(("tokenizer", source, chat_template))
+        announced.append(source)
+
     try:
-        engine = engine_factory()
+        takes_hook = "on_tokenizer_source" in inspect.signature(engine_factory).parameters
+        engine = engine_factory(on_tokenizer_source=announce_tokenizer) if takes_hook else engine_factory()
         # Outputs become deltas in this thread right after each step: no copies needed. Text is
         # made on the server side (DeltaDecoder), except for requests with stop strings.
         engine.copy_outputs = False
         engine.detokenize = False
-        conn_out.send(("ready", engine_info(engine)))
+        conn_out.send(("ready", engine_info(engine, send_tokenizer=not announced)))
     except BaseException as e:  # noqa: BLE001 - the server reports it and exits
         conn_out.send(("failed", type(e).__name__, str(e)))
         return
@@ -326,6 +337,40 @@ class _Sender:
             pass
 
 
+class _Loading:
+    """A result computed in a daemon thread; result() re-raises its exception."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), name="pagedserve-tokenizer", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self._value = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised by result()
+            self._error = e
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise RuntimeError(f"the server could not load the tokenizer: {self._error}") from self._error
+        return self._value
+
+
+def _load_tokenizer_pair_in_thread(source: str, chat_template: str | None) -> _Loading:
+    """Two copies of the engine's tokenizer (the HTTP side's tokenizer thread and the DeltaDecoder each
+    use their own), loaded the way the engine loads it."""
+    def load() -> tuple[Any, Any]:
+        from pagedserve.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(source, chat_template=chat_template)
+        return tokenizer, copy.deepcopy(tokenizer)
+
+    return _Loading(load)
+
+
 class ProcessBackend:
     """The server side of the engine process: spawn, pipes, a reader thread, the delta decoder."""
 
@@ -348,6 +393,7 @@ class ProcessBackend:
         child_in.close()
         child_out.close()
         self.info: dict | None = None
+        self.tokenizer_source: str | None = None  # set when the engine named it (and this side loaded it)
         self._decoder = DeltaDecoder()  # replaced once the engine's tokenizer is here (wait_ready)
         self._sender = _Sender(self._to_engine, name="pagedserve-engine-submit")
         self._reader: Any = None
@@ -359,18 +405,18 @@ class ProcessBackend:
         """Blocks until the engine is loaded. Raises like AsyncEngine.in_process."""
         if self.info is not None:
             return
-        # While the engine loads (seconds): import what unpickling its info needs (the tokenizer's
-        # transformers classes), so that is off the start-up path.
-        try:
-            from transformers import PreTrainedTokenizerFast  # noqa: F401
-        except ImportError:
-            pass
-        try:
-            message = self._from_engine.recv()
-        except (EOFError, OSError):
-            self.process.join(5)
-            code = self.process.exitcode
-            raise RuntimeError(f"the engine process exited during startup (exit code {code})") from None
+        loading = None  # the server's own tokenizers (HTTP side, DeltaDecoder), loading while the engine does
+        while True:
+            try:
+                message = self._from_engine.recv()
+            except (EOFError, OSError):
+                self.process.join(5)
+                code = self.process.exitcode
+                raise RuntimeError(f"the engine process exited during startup (exit code {code})") from None
+            if message[0] != "tokenizer":
+                break
+            self.tokenizer_source = message[1]
+            loading = _load_tokenizer_pair_in_thread(message[1], message[2])
         if message[0] == "failed":
             _, exc_type, text = message
             self.process.join(5)
@@ -378,8 +424,14 @@ class ProcessBackend:
                 raise ValueError(text)
             raise RuntimeError(f"the engine failed to start: {exc_type}: {text}")
         self.info = message[1]
-        # Its own copy: the HTTP side's tokenizer thread uses info["tokenizer"] concurrently.
-        self._decoder = DeltaDecoder(copy.deepcopy(self.info["tokenizer"]))
+        if self.info["tokenizer"] is None:
+            if loading is None:
+                raise RuntimeError("the engine sent no tokenizer and named no source for one")
+            self.info["tokenizer"], decoder_tokenizer = loading.result()
+        else:
+            # Its own copy: the HTTP side's tokenizer thread uses info["tokenizer"] concurrently.
+            decoder_tokenizer = copy.deepcopy(self.info["tokenizer"])
+        self._decoder = DeltaDecoder(decoder_tokenizer)
 
     def start(self, post: Callable[..., None]) -> None:
         self._reader = threading.Thread(target=self._read, args=(post,), name="pagedserve-engine-reader", daemon=True)

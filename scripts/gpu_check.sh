@@ -66,10 +66,12 @@ run_phase() {
       python3 scripts/profile_steps.py --model $M --workload throughput 2>&1 | grep -v "^\[transformers\]" ;;
     serve)
       start_server 8011
-      python3 examples/load_test.py --base-url http://localhost:8011/v1 --max-tokens 128 2>&1 | tail -3
-      python3 examples/load_test.py --base-url http://localhost:8011/v1 --max-tokens 128 2>&1 | tail -1
+      python3 examples/load_test.py --base-url http://localhost:8011/v1 --max-tokens 128 2>&1 | tail -4
+      sleep 6  # the stats line (with the engine's step timing) of the first load test alone
+      python3 examples/load_test.py --base-url http://localhost:8011/v1 --max-tokens 128 2>&1 | tail -2
       stop_server
-      grep -E "captured|KV cache|ready|started|tokenizer|serving|imports" "$OUT/server-8011.log" | head -12 ;;
+      grep -E "captured|KV cache|ready|started|tokenizer|serving|imports|step timing" "$OUT/server-8011.log" \
+        | head -16 ;;
     serve-bench)
       # Issue 5: items 2 and 3 (serve-bench-lite), then serving latency at concurrency 1/16/64/256.
       run_phase serve-bench-lite

@@ -91,3 +91,31 @@ def test_decoder_drops_late_deltas_of_forgotten_requests(engine: LLMEngine) -> N
     late = ("r", None, None, False, 0, None, [(0, [301], "", None, None, None, None)])
     assert decoder.decode([late]) == []
     assert not decoder._acc
+
+
+def test_the_server_loads_its_own_tokenizer_from_the_source_the_engine_announces(tiny_model_dir: str) -> None:
+    """A real engine process: it names its tokenizer's source early and sends no pickled tokenizer;
+    the server side's two copies (HTTP side, DeltaDecoder) tokenize and decode as the engine's does."""
+    import functools
+
+    from pagedserve.engine_process import ProcessBackend
+
+    config = EngineConfig(model=tiny_model_dir, load_format="dummy", max_model_len=256, num_kv_blocks=64)
+    backend = ProcessBackend(functools.partial(LLMEngine, config), {"log_stats": False}, wait=False)
+    try:
+        backend.wait_ready()
+        assert backend.tokenizer_source == tiny_model_dir
+        tokenizer = backend.info["tokenizer"]
+        decoder_tokenizer = backend._decoder._tokenizer
+        assert tokenizer is not None and decoder_tokenizer is not None and tokenizer is not decoder_tokenizer
+        from pagedserve.tokenizer import load_tokenizer
+
+        reference = load_tokenizer(tiny_model_dir)  # as the engine loads it
+        text = "Hello, paged world! 123"
+        ids = reference.encode(text)
+        assert len(ids) > 3 and tokenizer.encode(text) == ids == decoder_tokenizer.encode(text)
+        assert decoder_tokenizer.decode(ids) == reference.decode(ids) == text
+        assert tokenizer.eos_token_ids == reference.eos_token_ids
+        assert backend.info["vocab_size"] > 0 and backend.info["max_model_len"] == 256
+    finally:
+        backend.stop(10)

@@ -15,17 +15,20 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-
-import torch
+from typing import TYPE_CHECKING
 
 from pagedserve.bench.common import finish
 from pagedserve.bench.datasets import BenchRequest, parse_range, random_requests
+
+if TYPE_CHECKING:  # torch loads when a Transformers run starts, not when the CLI registers `bench`
+    import torch
 
 logger = logging.getLogger(__name__)
 
 
 def load_hf_model(model_path: str, dummy: bool, device: torch.device, dtype: torch.dtype,
                   attn_implementation: str | None = None):
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
@@ -40,13 +43,24 @@ def load_hf_model(model_path: str, dummy: bool, device: torch.device, dtype: tor
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
+        import torch
+
         torch.cuda.synchronize()
 
 
-@torch.no_grad()
 def run_generate(model, requests: list[BenchRequest], batch_size: int, device: torch.device,
                  pad_token_id: int) -> float:
     """Static left-padded batches; returns elapsed seconds."""
+    import torch
+
+    with torch.no_grad():
+        return _run_generate(model, requests, batch_size, device, pad_token_id)
+
+
+def _run_generate(model, requests: list[BenchRequest], batch_size: int, device: torch.device,
+                  pad_token_id: int) -> float:
+    import torch
+
     _sync(device)
     t0 = time.perf_counter()
     for start in range(0, len(requests), batch_size):
@@ -64,10 +78,10 @@ def run_generate(model, requests: list[BenchRequest], batch_size: int, device: t
     return time.perf_counter() - t0
 
 
-@torch.no_grad()
 def run_generate_batch(model, requests: list[BenchRequest], device: torch.device,
                        max_batch_tokens: int = 8192) -> float | None:
     """Transformers' continuous batching; None where the installed version lacks it."""
+    import torch
     from transformers import GenerationConfig
 
     if not hasattr(model, "generate_batch"):
@@ -81,7 +95,8 @@ def run_generate_batch(model, requests: list[BenchRequest], device: torch.device
     inputs = [r.prompt_token_ids for r in requests]
     _sync(device)
     t0 = time.perf_counter()
-    model.generate_batch(inputs=inputs, generation_config=config)
+    with torch.no_grad():
+        model.generate_batch(inputs=inputs, generation_config=config)
     _sync(device)
     return time.perf_counter() - t0
 
@@ -90,6 +105,8 @@ def run(args: argparse.Namespace, requests: list[BenchRequest], model_path: str,
         dtype: torch.dtype, elapsed_s: dict[str, float] | None = None) -> dict:
     """Runs the requested Transformers modes; returns {mode: output tok/s} (and fills elapsed_s, if
     given, with {mode: seconds})."""
+    import torch
+
     elapsed_s = {} if elapsed_s is None else elapsed_s
     num_out = sum(r.output_len for r in requests)
     results: dict[str, float] = {}
@@ -131,6 +148,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def run_hf_bench(args: argparse.Namespace) -> dict:
     """`pagedserve bench hf`: resolves model, device and dtype as the engine does, draws the random
     workload as `bench throughput` draws it, runs the Transformers modes, prints and writes JSON."""
+    import torch
     from transformers import AutoConfig
 
     from pagedserve.entrypoints.args import config_from_args

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -72,10 +73,11 @@ class Worker:
         return self.runner.execute_async(scheduler_output)
 
 
-def build_worker(config: EngineConfig) -> Worker:
-    from pagedserve.executor.loader import get_eos_token_ids, load_model, read_plain_config
-    from pagedserve.executor.model_runner import ModelRunner, determine_num_blocks
-    from pagedserve.executor.sampler import Sampler
+def build_worker(config: EngineConfig, on_tokenizer_source: Callable[[str, str | None], None] | None = None
+                 ) -> Worker:
+    """`on_tokenizer_source(source, chat_template)` is called as soon as the tokenizer's source is
+    known (seconds before the worker is built): the server loads its own copy meanwhile."""
+    from pagedserve.executor.loader import read_plain_config
     from pagedserve.tokenizer import load_tokenizer
 
     if config.tensor_parallel_size != 1:
@@ -102,14 +104,28 @@ def build_worker(config: EngineConfig) -> Worker:
 
     logger.info("start-up: device ready at %.1f s, model resolved and transformers imported at %.1f s",
                 t_device, time.monotonic() - t0)
-    with ThreadPoolExecutor(1, thread_name_prefix="pagedserve-tokenizer") as pool:
+    pool = ThreadPoolExecutor(1, thread_name_prefix="pagedserve-tokenizer")
+    try:
         tokenizer_future = pool.submit(load_tokenizer, config.tokenizer or gguf_file or tokenizer_folder,
                                        chat_template=config.chat_template)
-        model, hf_config = load_model(config, model_path, device, dtype)
-        t_weights = time.monotonic() - t0
-        tokenizer = tokenizer_future.result()
-    t_load = time.monotonic() - t0
-    logger.info("start-up: weights in %.1f s, tokenizer ready at %.1f s", t_weights, t_load)
+        if on_tokenizer_source is not None:
+            on_tokenizer_source(config.tokenizer or gguf_file or tokenizer_folder, config.chat_template)
+        worker = _build_on_device(config, model_path, tokenizer_folder, device, dtype, t0, tokenizer_future)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return worker
+
+
+def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: str, device: torch.device,
+                     dtype: torch.dtype, t0: float, tokenizer_future) -> Worker:
+    """Weights, KV sizing and graph capture, while the tokenizer loads in its thread: nothing here
+    needs it but the sampler's EOS ids, which are set once it is ready (before any request)."""
+    from pagedserve.executor.loader import get_eos_token_ids, load_model
+    from pagedserve.executor.model_runner import ModelRunner, determine_num_blocks
+    from pagedserve.executor.sampler import Sampler
+
+    model, hf_config = load_model(config, model_path, device, dtype)
+    logger.info("start-up: weights in %.1f s", time.monotonic() - t0)
 
     model_len = int(getattr(hf_config, "max_position_embeddings", 0) or 0) or 4096
     if config.max_model_len is not None and model_len and config.max_model_len > model_len:
@@ -127,15 +143,19 @@ def build_worker(config: EngineConfig) -> Worker:
         logger.warning("the KV cache holds %d tokens, less than the model's %d: max_model_len set to %d",
                        capacity, max_model_len, capacity)
         max_model_len = capacity
-    eos_ids = set(tokenizer.eos_token_ids) | get_eos_token_ids(hf_config, tokenizer_folder)
+    config_eos_ids = get_eos_token_ids(hf_config, tokenizer_folder)
     # The fused Triton sampling kernel is opt-in while it is being validated on GPUs.
-    sampler = Sampler(vocab_size, eos_ids, use_fused_kernel=os.environ.get("PAGEDSERVE_FUSED_SAMPLER") == "1")
+    sampler = Sampler(vocab_size, config_eos_ids,
+                      use_fused_kernel=os.environ.get("PAGEDSERVE_FUSED_SAMPLER") == "1")
     runner = ModelRunner(config, model, hf_config, device, dtype, num_blocks, config.block_size, sampler)
     config = dataclasses.replace(config, max_model_len=max_model_len, max_num_batched_tokens=max_batched)
     logger.info("start-up: KV cache sized at %.1f s", time.monotonic() - t0)
     if device.type == "cuda" and not config.enforce_eager:
         runner.capture_cuda_graphs(config.max_num_seqs, max_model_len)
-    logger.info("model %s loaded on %s (%s) in %.1f s; KV cache: %d blocks x %d tokens",
-                model_path, device, str(dtype).removeprefix("torch."), t_load, num_blocks, config.block_size)
+    tokenizer = tokenizer_future.result()
+    sampler.eos_token_ids |= set(tokenizer.eos_token_ids)
+    logger.info("model %s loaded on %s (%s) in %.1f s (tokenizer ready); KV cache: %d blocks x %d tokens",
+                model_path, device, str(dtype).removeprefix("torch."), time.monotonic() - t0, num_blocks,
+                config.block_size)
     return Worker(config, tokenizer, runner, max_model_len, vocab_size, max_batched, num_blocks, hf_config,
                   device, dtype)
