@@ -170,6 +170,14 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
         env $v python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm \
           2>&1 | grep -E "^throughput|^steps|^floor"
       done ;;
+    lat-ab)  # batch-1 decode: PDL and the fused rotary+KV write off/on, then + the fused sampler
+      for v in "PAGEDSERVE_PDL=0 PAGEDSERVE_FUSED_ROPE_KV=0" "PAGEDSERVE_PDL=0 PAGEDSERVE_FUSED_ROPE_KV=1" \
+               "PAGEDSERVE_PDL=1 PAGEDSERVE_FUSED_ROPE_KV=0" "PAGEDSERVE_PDL=1 PAGEDSERVE_FUSED_ROPE_KV=1" \
+               "PAGEDSERVE_PDL=1 PAGEDSERVE_FUSED_ROPE_KV=1 PAGEDSERVE_FUSED_SAMPLER=1"; do
+        echo "-- $v"
+        env $v python3 -m pagedserve.entrypoints.cli bench latency --model $M --load-format dummy 2>&1 \
+          | grep -E "^latency|graph replay|^floor"
+      done ;;
     kernels-test)  # the attention/KV/norm kernels' test file on the GPU
       timeout 400 python3 -m pytest tests/kernels/test_kernels.py tests/kernels/test_fused_ops.py tests/kernels/test_silu_mul.py \
         -q -p no:cacheprovider -x 2>&1 | tail -4 ;;
@@ -196,7 +204,7 @@ for phase in $phases; do
   case $phase in
     tests) grep -E "7B shapes|async vs sync|passed|failed|FAILED|rror" "$OUT/tests.log" | tail -25 ;;
     serve-bench*|serve-diag|serve-prof) cat "$OUT/$phase.log" ;;
-    profile*|probe|silu|skinny*|tp-ab|gpu-quick|kernels-test|importprobe|sample|sample-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
+    profile*|probe|silu|skinny*|tp-ab|lat-ab|gpu-quick|kernels-test|importprobe|sample|sample-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
     latency*) tail -n 5 "$OUT/$phase.log" ;;
     *) tail -n 8 "$OUT/$phase.log" ;;
   esac

@@ -17,9 +17,11 @@ import sys
 import torch
 
 KERNEL_MODULES = (
+    "pagedserve.executor.kernels.pdl",  # first: the others call its pdl_enter
     "pagedserve.executor.kernels.kv_cache_write",
     "pagedserve.executor.kernels.paged_attention_decode",
     "pagedserve.executor.kernels.paged_attention_prefill",  # after decode: imports its helper
+    "pagedserve.executor.kernels.rotary_kv_write",
     "pagedserve.executor.attention.triton_backend",
     "pagedserve.executor.kernels.fused_norm",
     "pagedserve.executor.kernels.rotary",

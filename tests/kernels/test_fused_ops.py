@@ -112,3 +112,58 @@ def test_rotary_in_place_on_qkv_views(num_heads, num_kv_heads, head_dim, dtype):
     ulp_close(query, expected_q)
     ulp_close(key, expected_k)
     torch.testing.assert_close(qkv[:, q_size + kv_size :], value_before, rtol=0, atol=0)  # v untouched
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size", [(14, 2, 64, 16), (8, 2, 128, 16),
+                                                                        (4, 4, 128, 8), (28, 4, 128, 32)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_and_kv_write_matches_rotary_then_cache_write(num_heads, num_kv_heads, head_dim, block_size,
+                                                              dtype):
+    from pagedserve.executor.kernels.rotary_kv_write import rotary_and_write_kv_cache
+
+    torch.manual_seed(head_dim + num_heads)
+    num_tokens, num_blocks = 13, 9
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim).to(dtype).to(DEVICE)
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    query = qkv[:, :q_size].view(num_tokens, num_heads, head_dim)
+    key = qkv[:, q_size : q_size + kv_size].view(num_tokens, num_kv_heads, head_dim)
+    value = qkv[:, q_size + kv_size :].view(num_tokens, num_kv_heads, head_dim)
+    positions = torch.randint(0, 4000, (num_tokens,)).to(DEVICE)
+    cos_sin = make_cos_sin(4096, head_dim).to(DEVICE)
+    # Distinct slots in shuffled order, the last two tokens padding (-1); one token past the slots.
+    slots = torch.randperm(num_blocks * block_size)[: num_tokens - 1]
+    slots[-2:] = -1
+    slot_mapping = slots.to(DEVICE)
+    kv_cache = torch.full((2, num_blocks, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype,
+                          device=DEVICE)  # poisoned: only the written slots may change
+    expected_q, expected_k = ref_rotary(query, positions, cos_sin), ref_rotary(key, positions, cos_sin)
+    expected_v = value.clone()
+
+    rotary_and_write_kv_cache(query, key, value, positions, cos_sin, kv_cache, slot_mapping)
+    ulp_close(query, expected_q)
+    ulp_close(key, expected_k)
+    torch.testing.assert_close(value, expected_v, rtol=0, atol=0)
+    flat_k = kv_cache[0].reshape(-1, num_kv_heads, head_dim)
+    flat_v = kv_cache[1].reshape(-1, num_kv_heads, head_dim)
+    for tok, slot in enumerate(slot_mapping.tolist()):
+        if slot >= 0:
+            torch.testing.assert_close(flat_k[slot], key[tok], rtol=0, atol=0)  # the rotated key, bit for bit
+            torch.testing.assert_close(flat_v[slot], expected_v[tok], rtol=0, atol=0)
+    written = torch.zeros(num_blocks * block_size, dtype=torch.bool)
+    written[slots[slots >= 0]] = True
+    assert torch.isnan(flat_k[~written.to(DEVICE)]).all() and torch.isnan(flat_v[~written.to(DEVICE)]).all()
+
+
+def test_rotary_and_kv_write_checks_shapes():
+    from pagedserve.executor.kernels.rotary_kv_write import rotary_and_write_kv_cache
+
+    q = torch.zeros(4, 4, 64, device=DEVICE)
+    k = v = torch.zeros(4, 2, 64, device=DEVICE)
+    cache = torch.zeros(2, 3, 16, 2, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="disagree"):
+        rotary_and_write_kv_cache(q, k, v, torch.zeros(3, dtype=torch.long, device=DEVICE),
+                                  make_cos_sin(64, 64).to(DEVICE), cache, torch.zeros(4, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match="do not match"):
+        rotary_and_write_kv_cache(q, k, v, torch.zeros(4, dtype=torch.long, device=DEVICE),
+                                  make_cos_sin(64, 64).to(DEVICE), torch.zeros(2, 3, 16, 4, 64, device=DEVICE),
+                                  torch.zeros(4, dtype=torch.long, device=DEVICE))

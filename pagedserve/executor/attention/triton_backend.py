@@ -28,12 +28,16 @@ from pagedserve.executor.attention.base import AttentionBackend, AttentionMetada
 from pagedserve.executor.kernels.kv_cache_write import write_kv_cache
 from pagedserve.executor.kernels.paged_attention_decode import paged_attention_decode
 from pagedserve.executor.kernels.paged_attention_prefill import paged_attention_prefill
+from pagedserve.executor.kernels.rotary_kv_write import rotary_and_write_kv_cache
 
 
 class TritonAttentionBackend(AttentionBackend):
     """Paged attention through Triton kernels (GPU; on CPU only under TRITON_INTERPRET=1)."""
 
     name = "triton"
+    # forward() takes `rope` and rotates q/k inside the KV-cache write (one kernel instead of two per
+    # layer). PAGEDSERVE_FUSED_ROPE_KV=0 turns it off (A/B runs): the model then rotates first.
+    fuses_rotary = os.environ.get("PAGEDSERVE_FUSED_ROPE_KV", "1") == "1"
 
     def __init__(self, decode_num_splits: int | None = None, split_mixed_decodes: bool = True,
                  decode_seq_order: bool | None = None) -> None:
@@ -59,9 +63,15 @@ class TritonAttentionBackend(AttentionBackend):
         meta: AttentionMetadata,
         scale: float,
         out: torch.Tensor | None = None,
+        rope=None,
     ) -> torch.Tensor:
-        """See AttentionBackend.forward; `out` optionally receives the result ([T, Hq, D])."""
-        write_kv_cache(key, value, kv_cache, meta.slot_mapping)
+        """See AttentionBackend.forward; `out` optionally receives the result ([T, Hq, D]). With `rope`
+        (a layers.RopeStep for CUDA), query and key arrive unrotated and are rotated in place here."""
+        if rope is not None:
+            rotary_and_write_kv_cache(query, key, value, rope.positions, rope.cos_sin_cache, kv_cache,
+                                      meta.slot_mapping)
+        else:
+            write_kv_cache(key, value, kv_cache, meta.slot_mapping)
         if out is None:
             out = torch.empty_like(query)
         if meta.is_decode_only:

@@ -18,6 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
+from pagedserve.executor.kernels.pdl import pdl_enter
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -34,7 +37,9 @@ def _rms_norm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
+    pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden
@@ -94,6 +99,7 @@ def rms_norm(
             HAS_RESIDUAL=residual is not None,
             BLOCK=block,
             num_warps=min(16, max(1, block // 512)),
+            **pdl_launch_kwargs(x2.device),
         )  # fmt: skip
     out = out2.view(x.shape)
     if residual is None:

@@ -14,6 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
+from pagedserve.executor.kernels.pdl import pdl_enter
+
 
 @triton.jit
 def _kv_cache_write_kernel(
@@ -34,7 +37,9 @@ def _kv_cache_write_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
+    pdl_enter(USE_PDL)
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot < 0:  # padding token (e.g. CUDA-graph batch padding): nothing to store
@@ -102,4 +107,5 @@ def write_kv_cache(
         BLOCK_H=block_h,
         BLOCK_D=block_d,
         num_warps=1 if block_h * block_d <= 256 else 4,
+        **pdl_launch_kwargs(key.device),
     )

@@ -40,6 +40,9 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
+from pagedserve.executor.kernels.pdl import pdl_enter
+
 LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
 
@@ -137,7 +140,9 @@ def _paged_decode_kernel(
     SPLIT: tl.constexpr,
     MIXED: tl.constexpr,
     ORDERED: tl.constexpr,
+    USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
+    pdl_enter(USE_PDL)
     if ORDERED:
         # 1-D grid, launch order (position, split, kv_head) with the kv head fastest: the programs of
         # the order's first sequences are dispatched first, all their kv heads and splits together.
@@ -237,7 +242,9 @@ def _decode_reduce_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MIXED: tl.constexpr,
+    USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
+    pdl_enter(USE_PDL)
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     if MIXED:
@@ -417,6 +424,7 @@ def paged_attention_decode(
         ORDERED=ordered,
         num_warps=num_warps,
         num_stages=num_stages,
+        **pdl_launch_kwargs(query.device),
     )  # fmt: skip
     if split:  # indexed by the real sequence: the partials are at the real sequence's rows
         _decode_reduce_kernel[(num_seqs, num_heads)](
@@ -431,6 +439,7 @@ def paged_attention_decode(
             BLOCK_N=block_n,
             MIXED=mixed,
             num_warps=4 if head_dim >= 128 else 2,
+            **pdl_launch_kwargs(out.device),
         )  # fmt: skip
     return out
 

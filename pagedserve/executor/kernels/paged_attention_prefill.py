@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 
 from pagedserve.executor.kernels.paged_attention_decode import LOG2E, _attend_tile, attention_operands
+from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
+from pagedserve.executor.kernels.pdl import pdl_enter
 
 
 @triton.jit
@@ -72,7 +74,9 @@ def _paged_prefill_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     SKIP_DECODES: tl.constexpr,
+    USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
+    pdl_enter(USE_PDL)
     q_tile_slot = tl.program_id(0)
     kv_head = tl.program_id(1)
 
@@ -208,6 +212,7 @@ def paged_attention_prefill(
         SKIP_DECODES=skip_decodes,
         num_warps=num_warps or config["num_warps"],
         num_stages=num_stages or config["num_stages"],
+        **pdl_launch_kwargs(query.device),
     )  # fmt: skip
     return out
 

@@ -16,6 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
+from pagedserve.executor.kernels.pdl import pdl_enter
+
 
 @triton.jit
 def _rotate_heads(ptr, cos, sin, num_heads, stride_head, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -49,7 +52,9 @@ def _rotary_kernel(
     BLOCK_HQ: tl.constexpr,
     BLOCK_HK: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
+    pdl_enter(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + tok).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_HALF)
@@ -89,6 +94,7 @@ def apply_rotary_(
         BLOCK_HK=triton.next_power_of_2(key.shape[1]),
         BLOCK_HALF=triton.next_power_of_2(half),
         num_warps=4,
+        **pdl_launch_kwargs(query.device),
     )  # fmt: skip
 
 

@@ -49,6 +49,9 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
+from pagedserve.executor.kernels.pdl import pdl_enter
+
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_TILE = 1024  # columns per loop step (256 Philox counters, 4 words each)
 MIN_TILE = 16
@@ -99,7 +102,9 @@ def _sample_gumbel_kernel(
     ROWS: tl.constexpr,
     TILE: tl.constexpr,
     SPLIT: tl.constexpr,
+    USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
+    pdl_enter(USE_PDL)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     split = tl.program_id(1)
     row_ok = rows < num_rows
@@ -136,9 +141,11 @@ def _sample_gumbel_kernel(
 
 @triton.jit(do_not_specialize=["num_rows", "num_splits"])
 def _reduce_splits_kernel(
-    part_val_ptr, part_idx_ptr, out_ptr, num_rows, num_splits, ROWS: tl.constexpr, BLOCK: tl.constexpr
+    part_val_ptr, part_idx_ptr, out_ptr, num_rows, num_splits, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
     """Per row: the max of the num_splits partial scores, and the smallest column among equal ones."""
+    pdl_enter(USE_PDL)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     offs = rows[:, None] * num_splits + tl.arange(0, BLOCK)[None, :]
     mask = (rows < num_rows)[:, None] & (tl.arange(0, BLOCK) < num_splits)[None, :]
@@ -247,12 +254,14 @@ def sample_gumbel(
         logits, temperatures, seeds, offsets, out, part_val, part_idx,
         num_rows, logits.stride(0), vocab, chunk, splits,
         ROWS=rows_per_program, TILE=tile, SPLIT=splits > 1, num_warps=num_warps,
+        **pdl_launch_kwargs(logits.device),
     )  # fmt: skip
     if splits > 1:
         block = triton.next_power_of_2(splits)
         reduce_rows = min(triton.next_power_of_2(num_rows), max(1, 2048 // block))
         _reduce_splits_kernel[(triton.cdiv(num_rows, reduce_rows),)](
-            part_val, part_idx, out, num_rows, splits, ROWS=reduce_rows, BLOCK=block, num_warps=4
+            part_val, part_idx, out, num_rows, splits, ROWS=reduce_rows, BLOCK=block, num_warps=4,
+            **pdl_launch_kwargs(out.device),
         )
     return out
 

@@ -29,6 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
+from pagedserve.executor.kernels.pdl import pdl_enter
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_BLOCK = 1024
 MIN_BLOCK = 256
@@ -44,7 +47,9 @@ def _silu_and_mul_kernel(
     inter,
     num_col_blocks,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
+    pdl_enter(USE_PDL)
     pid = tl.program_id(0).to(tl.int64)
     row = pid // num_col_blocks
     cols = (pid % num_col_blocks) * BLOCK + tl.arange(0, BLOCK)
@@ -102,6 +107,7 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None, *, block: int
         x2, out2, x2.stride(0), out2.stride(0), inter, num_col_blocks,
         BLOCK=block,
         num_warps=max(1, min(16, block // 256)),  # 8 elements (16 bytes in fp16/bf16) a thread up to 4096
+        **pdl_launch_kwargs(x2.device),
     )  # fmt: skip
     return out
 

@@ -59,6 +59,9 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
+from pagedserve.executor.kernels.pdl import pdl_enter
+
 MAX_M = 256
 FMA_MAX_M = 8  # the fma paths take all M rows in one tile
 _SMEM_BUDGET = 112 * 1024  # heuristic, M > 8: pipeline buffers per program, two programs per H100 SM
@@ -86,7 +89,9 @@ def _skinny_gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
+    pdl_enter(USE_PDL)
     if USE_DOT:
         # axis 0 = n_tile * num_m_tiles + m_tile: the m-tiles of one n-tile are neighbours in launch
         # order, so they run together and all but the first read their W tile from L2.
@@ -177,7 +182,9 @@ def _split_k_reduce_kernel(
     num_splits,
     HAS_BIAS: tl.constexpr,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
+    pdl_enter(USE_PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat index m * N + n
     mask = offs < M * N
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -409,12 +416,14 @@ def skinny_linear(
         BLOCK_K=block_k,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **pdl_launch_kwargs(x.device),
     )  # fmt: skip
     if num_splits > 1:
         block = 512
         _split_k_reduce_kernel[(triton.cdiv(m * n, block),)](
             target, bias if bias is not None else x, out, m, n, out.stride(0), num_splits,
             HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
+            **pdl_launch_kwargs(out.device),
         )  # fmt: skip
     return out
 

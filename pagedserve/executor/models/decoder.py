@@ -70,8 +70,13 @@ class DecoderAttention(nn.Module):
         qkv = self.qkv_proj(hidden)
         q, k, v = (t.view(num_tokens, -1, self.head_dim)
                    for t in qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1))
-        q, k = rope.rotate(q, k)
-        out = ctx.backend.forward(q, k, v, ctx.kv_caches[self.layer_idx], ctx.attn_metadata, self.scale)
+        kv_cache = ctx.kv_caches[self.layer_idx]
+        if rope.cos is None and getattr(ctx.backend, "fuses_rotary", False):
+            # CUDA + Triton backend: rotary happens inside the KV-cache write kernel.
+            out = ctx.backend.forward(q, k, v, kv_cache, ctx.attn_metadata, self.scale, rope=rope)
+        else:
+            q, k = rope.rotate(q, k)
+            out = ctx.backend.forward(q, k, v, kv_cache, ctx.attn_metadata, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 

@@ -1,0 +1,61 @@
+"""Programmatic dependent launch (PDL) for the step's Triton kernels (Hopper and later).
+
+A step is a chain of ~300 short kernels (batch 1 on a 7B model: ~11 per layer), each waiting for the
+previous one to finish before the hardware even starts launching it. Launched with PDL, a kernel's
+programs are placed on the SMs while its predecessor still runs, and wait there (griddepcontrol.wait)
+until the predecessor has finished and its writes are visible; the predecessor lets them in as soon
+as every one of its own programs is running (griddepcontrol.launch_dependents). The launch latency
+and the ramp of one kernel then overlap the tail of the previous one. Inside CUDA graphs the launch
+attribute becomes a programmatic edge.
+
+The contract each kernel keeps: `pdl_enter(USE_PDL)` is its first statement, so nothing is read or
+written before the predecessor is done (no hazard of any kind), and `launch_kwargs(device)` is
+passed at its launch, which sets USE_PDL and launch_pdl together. Kernels not launched with PDL
+(cuBLAS, torch ops) keep the usual full serialization on both sides.
+
+PAGEDSERVE_PDL=0 turns it off (A/B runs); it is off on CPUs (TRITON_INTERPRET) and before sm_90.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # an older Triton: PDL stays off (enabled() checks this)
+    gdc_launch_dependents = gdc_wait = None
+
+
+@functools.lru_cache(maxsize=8)
+def _device_supports(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def enabled(device: torch.device) -> bool:
+    if device.type != "cuda" or gdc_wait is None or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    if os.environ.get("PAGEDSERVE_PDL", "1") != "1":
+        return False
+    return _device_supports(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def launch_kwargs(device: torch.device) -> dict:
+    """Keyword arguments for a kernel launch: PDL on (the kernel waits in pdl_enter) or nothing."""
+    return {"USE_PDL": True, "launch_pdl": True} if enabled(device) else {}
+
+
+@triton.jit
+def pdl_enter(USE_PDL: tl.constexpr):
+    """First statement of a kernel launched with launch_kwargs: wait for the predecessor's writes,
+    then let the next kernel's programs launch."""
+    if USE_PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+__all__ = ["enabled", "launch_kwargs", "pdl_enter"]
