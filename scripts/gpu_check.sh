@@ -170,10 +170,9 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
         env $v python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm \
           2>&1 | grep -E "^throughput|^steps|^floor"
       done ;;
-    lat-ab)  # batch-1 decode: PDL and the fused rotary+KV write off/on, then + the fused sampler
-      for v in "PAGEDSERVE_PDL=0 PAGEDSERVE_FUSED_ROPE_KV=0" "PAGEDSERVE_PDL=0 PAGEDSERVE_FUSED_ROPE_KV=1" \
-               "PAGEDSERVE_PDL=1 PAGEDSERVE_FUSED_ROPE_KV=0" "PAGEDSERVE_PDL=1 PAGEDSERVE_FUSED_ROPE_KV=1" \
-               "PAGEDSERVE_PDL=1 PAGEDSERVE_FUSED_ROPE_KV=1 PAGEDSERVE_FUSED_SAMPLER=1"; do
+    lat-ab)  # batch-1 decode: PDL off/on (LAT_AB overrides the list of env settings, ";"-separated)
+      local IFS=";"
+      for v in ${LAT_AB:-"PAGEDSERVE_PDL=0;PAGEDSERVE_PDL=1"}; do
         echo "-- $v"
         env $v python3 -m pagedserve.entrypoints.cli bench latency --model $M --load-format dummy 2>&1 \
           | grep -E "^latency|graph replay|^floor"

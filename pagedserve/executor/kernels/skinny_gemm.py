@@ -91,7 +91,9 @@ def _skinny_gemm_kernel(
     BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
-    pdl_enter(USE_PDL)
+    # With PDL the M == 1 path loads its first W tile before waiting for the previous kernel (W is
+    # never written during a step; x, the output and the workspace are touched only after the wait),
+    # so weight streaming starts while that kernel finishes. The other paths wait first.
     if USE_DOT:
         # axis 0 = n_tile * num_m_tiles + m_tile: the m-tiles of one n-tile are neighbours in launch
         # order, so they run together and all but the first read their W tile from L2.
@@ -111,6 +113,7 @@ def _skinny_gemm_kernel(
     w_ptrs = w_ptr + rows_n.to(tl.int64)[:, None] * stride_wn + (k_start + offs_k)[None, :]
 
     if USE_DOT:
+        pdl_enter(USE_PDL)
         # x rows past M (padding of the last m-tile) are masked (zeros, no memory traffic); the mask
         # is constant along K, so the loads stay vectorized.
         m_mask = (offs_m < M)[:, None]
@@ -130,8 +133,21 @@ def _skinny_gemm_kernel(
         result = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
     elif BLOCK_M == 1:
         x_ptrs = x_ptr + (k_start + offs_k)[None, :]
-        acc_wide = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k in range(k_start, k_end, BLOCK_K):
+        # The first K step, peeled: its W tile is loaded before the PDL wait.
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+        else:
+            first_mask = (k_start + offs_k) < k_end
+            w = tl.load(w_ptrs, mask=first_mask[None, :], other=0.0)
+        pdl_enter(USE_PDL)
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+        else:
+            x = tl.load(x_ptrs, mask=first_mask[None, :], other=0.0)
+        acc_wide = w.to(tl.float32) * x.to(tl.float32)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+        for k in range(k_start + BLOCK_K, k_end, BLOCK_K):
             if EVEN_K:
                 w = tl.load(w_ptrs)
                 x = tl.load(x_ptrs)
@@ -144,6 +160,7 @@ def _skinny_gemm_kernel(
             x_ptrs += BLOCK_K
         result = tl.sum(acc_wide, axis=1)[None, :]  # [1, BLOCK_N]
     else:
+        pdl_enter(USE_PDL)
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         x_ptrs = x_ptr + k_start + offs_k
         for k in range(k_start, k_end, BLOCK_K):
