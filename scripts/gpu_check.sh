@@ -171,12 +171,12 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
           2>&1 | grep -E "^throughput|^steps|^floor"
       done ;;
     lat-ab)  # batch-1 decode: PDL off/on (LAT_AB overrides the list of env settings, ";"-separated)
-      local IFS=";"
-      for v in ${LAT_AB:-"PAGEDSERVE_PDL=0;PAGEDSERVE_PDL=1"}; do
+      local v
+      while IFS= read -r -d ";" v || [ -n "$v" ]; do
         echo "-- $v"
         env $v python3 -m pagedserve.entrypoints.cli bench latency --model $M --load-format dummy 2>&1 \
           | grep -E "^latency|graph replay|^floor"
-      done ;;
+      done <<< "${LAT_AB:-PAGEDSERVE_PDL=0;PAGEDSERVE_PDL=1}" ;;
     kernels-test)  # the attention/KV/norm kernels' test file on the GPU
       timeout 400 python3 -m pytest tests/kernels/test_kernels.py tests/kernels/test_fused_ops.py tests/kernels/test_silu_mul.py \
         -q -p no:cacheprovider -x 2>&1 | tail -4 ;;
