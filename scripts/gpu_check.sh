@@ -189,6 +189,8 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
       python3 -m pagedserve.executor.kernels.bench_kernels --tune sample ;;
     skinny)
       python3 scripts/bench_skinny_gemm.py --m 1 --shapes qkv,o,gate_up,down ;;
+    skinny-lm)  # the batch-1 LM head shape: skinny configs vs cuBLAS
+      timeout 200 python3 scripts/bench_skinny_gemm.py --m 1 --shapes lm_head --quick ;;
     skinny-test)  # the skinny GEMM's tests on the GPU (M up to 256), stop at the first failure
       timeout 240 python3 -m pytest tests/kernels/test_skinny_gemm.py -x -q -p no:cacheprovider 2>&1 | tail -15 ;;
     skinny-mid)  # the skinny GEMM at decode batches 16-256 vs cuBLAS

@@ -252,3 +252,22 @@ def test_gpu_m_is_not_specialized():
         skinny_linear(x_all[:m], weight, out=out_all[:m], config=config)
         assert_matches(out_all[:m], reference(x_all[:m], weight, None), dtype)
     assert len(cache) == variants
+
+
+@pytest.mark.parametrize("dtype", DTYPES[-1:])
+@pytest.mark.parametrize("k,n,with_bias,config", [CASES[3], CASES[4], CASES[0], CASES[6]])
+@pytest.mark.parametrize("m", [1, 5])
+def test_fp32_output_keeps_the_accumulator(m, k, n, with_bias, config, dtype):
+    """out_dtype=float32 (the batch-1 LM head): fp32 results of the fp32 sums, no rounding to x's dtype."""
+    torch.manual_seed(m * 31 + n)
+    x, weight, bias = make_inputs(m, k, n, with_bias, dtype)
+    out = skinny_linear(x, weight, bias, config=config, out_dtype=torch.float32)
+    ref = reference(x, weight, bias)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    scale = ref.abs().max().item() or 1.0
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * scale)  # fp32 tolerance, whatever x's dtype
+    poisoned = torch.full((m, n), float("nan"), dtype=torch.float32, device=DEVICE)
+    skinny_linear(x, weight, bias, out=poisoned, config=config)
+    torch.testing.assert_close(poisoned, out, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="out_dtype"):
+        skinny_linear(x, weight, bias, out_dtype=torch.int32)

@@ -250,6 +250,9 @@ SKINNY_CONFIGS: dict[tuple[int, ...], dict[str, int | bool]] = {
     (37888, 3584, 1): dict(block_n=4, block_k=512, num_warps=4, num_stages=2, split_k=1, use_dot=False),
     # down M=1: 49.0 us vs cuBLAS 53.4 us, heuristic 57.4 us
     (3584, 18944, 1): dict(block_n=4, block_k=512, num_warps=4, num_stages=2, split_k=1, use_dot=False),
+    # lm_head M=1 (fp32 logits, batch-1 decode): gate_up's config by analogy (same K, 4x the rows),
+    # not yet measured on its own (scripts/bench_skinny_gemm.py --m 1 --shapes lm_head)
+    (152064, 3584, 1): dict(block_n=4, block_k=512, num_warps=4, num_stages=2, split_k=1, use_dot=False),
     # M=9..16, same card and script (--m 16), 2026-11-24: only the projections where Triton won are
     # listed (qkv stays with cuBLAS: 16.0 vs 14.5 us). At M 64-256 cuBLAS won or tied every shape.
     # o M=16: 13.1 us vs cuBLAS 14.1 us
@@ -388,8 +391,8 @@ def _check_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         raise ValueError(f"x is on {x.device} but weight on {weight.device}")
     if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype or bias.stride(0) != 1):
         raise ValueError(f"bias must be a contiguous [{n}] tensor of {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
-    if out is not None and (out.shape != (m, n) or out.dtype != x.dtype or out.stride(1) != 1):
-        raise ValueError(f"out must be [{m}, {n}] of {x.dtype} with a contiguous last dim")
+    if out is not None and (out.shape != (m, n) or out.dtype not in (x.dtype, torch.float32) or out.stride(1) != 1):
+        raise ValueError(f"out must be [{m}, {n}] of {x.dtype} or float32 with a contiguous last dim")
 
 
 def skinny_linear(
@@ -398,8 +401,12 @@ def skinny_linear(
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: SkinnyConfig | Mapping[str, int | bool] | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """F.linear(x, weight, bias) for x [M, K] with 1 <= M <= 256; returns out ([M, N], x's dtype)."""
+    """F.linear(x, weight, bias) for x [M, K] with 1 <= M <= 256; returns out ([M, N], x's dtype, or
+    out_dtype=torch.float32: the fp32 accumulator unrounded, e.g. for logits)."""
+    if out_dtype not in (None, x.dtype, torch.float32):
+        raise ValueError(f"out_dtype must be x's dtype or torch.float32, got {out_dtype}")
     _check_operands(x, weight, bias, out)
     (m, k), n = x.shape, weight.shape[0]
     if config is None:
@@ -410,7 +417,7 @@ def skinny_linear(
     if not config.use_dot and m > FMA_MAX_M:
         raise ValueError(f"use_dot=False (the fma path) takes M <= {FMA_MAX_M}, got M={m}; use a dot config")
     if out is None:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        out = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
     block_k = config.block_k
     num_splits = effective_split_k(k, block_k, config.split_k)
     tiles_per_split = triton.cdiv(triton.cdiv(k, block_k), num_splits)

@@ -13,6 +13,7 @@ Parameter names mirror Hugging Face's, except the merged projections:
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -49,6 +50,11 @@ def head_dim_of(hf_config: Any) -> int:
 
 def num_kv_heads_of(hf_config: Any) -> int:
     return getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+
+
+# PAGEDSERVE_SKINNY_LM_HEAD=0: batch-1 logits through cuBLAS instead (A/B runs).
+_SKINNY_LM_HEAD = (os.environ.get("PAGEDSERVE_SKINNY_LM_HEAD", "1") == "1"
+                   and os.environ.get("PAGEDSERVE_NO_SKINNY_GEMM") != "1")
 
 
 class DecoderAttention(nn.Module):
@@ -168,6 +174,13 @@ class DecoderForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.lm_head.weight
+        if hidden.is_cuda and hidden.shape[0] == 1 and hidden.dtype in (torch.bfloat16, torch.float16) \
+                and _SKINNY_LM_HEAD:
+            # One row (batch-1 decode): the skinny GEMM streams the [V, H] weight like the other
+            # projections, and with PDL starts reading it during the final norm.
+            from pagedserve.executor.kernels.skinny_gemm import skinny_linear
+
+            return skinny_linear(hidden, weight, out_dtype=torch.float32)
         if hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16):
             # fp32 out of the fp32 accumulator, same speed as a bf16 output: rounding logits of ~30 to
             # bf16 (steps of 0.125) would tie and flip near-equal candidates.
