@@ -162,7 +162,8 @@ def test_rotary_and_kv_write_checks_shapes():
     cache = torch.zeros(2, 3, 16, 2, 64, device=DEVICE)
     with pytest.raises(ValueError, match="disagree"):
         rotary_and_write_kv_cache(q, k, v, torch.zeros(3, dtype=torch.long, device=DEVICE),
-                                  make_cos_sin(64, 64).to(DEVICE), cache, torch.zeros(4, dtype=torch.long, device=DEVICE))
+                                  make_cos_sin(64, 64).to(DEVICE), cache,
+                                  torch.zeros(4, dtype=torch.long, device=DEVICE))
     with pytest.raises(ValueError, match="do not match"):
         rotary_and_write_kv_cache(q, k, v, torch.zeros(4, dtype=torch.long, device=DEVICE),
                                   make_cos_sin(64, 64).to(DEVICE), torch.zeros(2, 3, 16, 4, 64, device=DEVICE),

@@ -52,8 +52,10 @@ def num_kv_heads_of(hf_config: Any) -> int:
     return getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
 
 
-# PAGEDSERVE_SKINNY_LM_HEAD=0: batch-1 logits through cuBLAS instead (A/B runs).
-_SKINNY_LM_HEAD = (os.environ.get("PAGEDSERVE_SKINNY_LM_HEAD", "1") == "1"
+# PAGEDSERVE_SKINNY_LM_HEAD=1: batch-1 logits through the skinny GEMM (opt-in: on the H100 the graph
+# replay went 5.312 -> 5.280 ms, but the bench's decode step did not improve, 5.37 -> 5.41 ms, and the
+# extra kernel variant costs start-up compile time; docs/gpu-notes.md, session 4).
+_SKINNY_LM_HEAD = (os.environ.get("PAGEDSERVE_SKINNY_LM_HEAD", "0") == "1"
                    and os.environ.get("PAGEDSERVE_NO_SKINNY_GEMM") != "1")
 
 
