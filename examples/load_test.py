@@ -70,11 +70,11 @@ def main() -> None:
     num_tokens = sum(r[0] for r in results)
     sent = sorted(r[1] - start for r in results)
     done = sorted(r[2] - start for r in results)
-    print(f"requests started between {sent[0]:.3f} and {sent[-1]:.3f} s; "
-          f"answers between {done[0]:.3f} and {done[-1]:.3f} s")
     print(f"model: {model}")
     print(f"requests: {args.num_requests} ({args.num_threads} threads), completion tokens: {num_tokens}")
     print(f"throughput: {args.num_requests / total:.2f} requests/s, {num_tokens / total:.1f} tokens/s")
+    print(f"requests started between {sent[0]:.3f} and {sent[-1]:.3f} s; "
+          f"answers between {done[0]:.3f} and {done[-1]:.3f} s")
     print(f"total time: {total:.2f} s")
 
 

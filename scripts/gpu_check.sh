@@ -66,12 +66,21 @@ run_phase() {
       python3 scripts/profile_steps.py --model $M --workload throughput 2>&1 | grep -v "^\[transformers\]" ;;
     serve)
       start_server 8011
-      python3 examples/load_test.py --base-url http://localhost:8011/v1 --max-tokens 128 2>&1 | tail -4
+      python3 examples/load_test.py --base-url http://localhost:8011/v1 --max-tokens 128 2>&1 | tail -5
       sleep 6  # the stats line (with the engine's step timing) of the first load test alone
       python3 examples/load_test.py --base-url http://localhost:8011/v1 --max-tokens 128 2>&1 | tail -2
       stop_server
       grep -E "captured|KV cache|ready|started|tokenizer|serving|imports|step timing" "$OUT/server-8011.log" \
         | head -16 ;;
+    prof-load)  # the load test against a server whose engine step loop runs under cProfile
+      PAGEDSERVE_ENGINE_PROFILE=/tmp/engine-prof-load.txt start_server 8016
+      python3 examples/load_test.py --base-url http://localhost:8016/v1 --max-tokens 128 2>&1 | tail -2
+      python3 examples/load_test.py --base-url http://localhost:8016/v1 --max-tokens 128 2>&1 | tail -2
+      sleep 5
+      stop_server
+      grep -E "step timing" "$OUT/server-8016.log" | tail -2
+      cp /tmp/engine-prof-load.txt "$OUT/" 2>/dev/null
+      head -c 7000 /tmp/engine-prof-load.txt ;;
     serve-bench)
       # Issue 5: items 2 and 3 (serve-bench-lite), then serving latency at concurrency 1/16/64/256.
       run_phase serve-bench-lite
@@ -179,6 +188,7 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
       done <<< "${LAT_AB:-PAGEDSERVE_PDL=0;PAGEDSERVE_PDL=1}" ;;
     kernels-test)  # the attention/KV/norm kernels' test file on the GPU
       timeout 400 python3 -m pytest tests/kernels/test_kernels.py tests/kernels/test_fused_ops.py tests/kernels/test_silu_mul.py \
+        tests/kernels/test_gate_up_silu.py \
         -q -p no:cacheprovider -x 2>&1 | tail -4 ;;
     gpu-quick)  # the GPU tests of the runner, graphs and async steps (not the kernel files)
       timeout 300 python3 -m pytest tests/gpu/test_async_gpu.py tests/executor -q -m "not slow" -p no:cacheprovider -x 2>&1 | tail -4 ;;
@@ -204,7 +214,7 @@ for phase in $phases; do
   run_phase "$phase" > "$OUT/$phase.log" 2>&1
   case $phase in
     tests) grep -E "7B shapes|async vs sync|passed|failed|FAILED|rror" "$OUT/tests.log" | tail -25 ;;
-    serve-bench*|serve-diag|serve-prof) cat "$OUT/$phase.log" ;;
+    serve-bench*|serve-diag|serve-prof|prof-load) cat "$OUT/$phase.log" ;;
     profile*|probe|silu|skinny*|tp-ab|lat-ab|gpu-quick|kernels-test|importprobe|sample|sample-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
     latency*) tail -n 5 "$OUT/$phase.log" ;;
     *) tail -n 8 "$OUT/$phase.log" ;;

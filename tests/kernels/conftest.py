@@ -27,6 +27,7 @@ KERNEL_MODULES = (
     "pagedserve.executor.kernels.rotary",
     "pagedserve.executor.kernels.silu_mul",
     "pagedserve.executor.kernels.skinny_gemm",
+    "pagedserve.executor.kernels.gate_up_silu",
     "pagedserve.executor.kernels.sample",
 )
 

@@ -59,6 +59,11 @@ _SKINNY_LM_HEAD = (os.environ.get("PAGEDSERVE_SKINNY_LM_HEAD", "0") == "1"
                    and os.environ.get("PAGEDSERVE_NO_SKINNY_GEMM") != "1")
 
 
+# PAGEDSERVE_FUSED_GATE_UP=0: batch-1 MLP as gate_up GEMM then SiLU·mul, two kernels (A/B runs).
+_FUSED_GATE_UP = (os.environ.get("PAGEDSERVE_FUSED_GATE_UP", "1") == "1"
+                  and os.environ.get("PAGEDSERVE_NO_SKINNY_GEMM") != "1")
+
+
 class DecoderAttention(nn.Module):
     def __init__(self, hf_config: Any, layer_idx: int, qkv_bias: bool, o_bias: bool) -> None:
         super().__init__()
@@ -96,6 +101,12 @@ class DecoderMLP(nn.Module):
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1 and x.is_cuda and _FUSED_GATE_UP and self.gate_up_proj.bias is None \
+                and x.dtype != torch.float32:
+            # One token: gate_up GEMM and SiLU·mul in one kernel (kernels/gate_up_silu.py).
+            from pagedserve.executor.kernels.gate_up_silu import gate_up_silu
+
+            return self.down_proj(gate_up_silu(x, self.gate_up_proj.weight))
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
