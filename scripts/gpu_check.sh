@@ -72,6 +72,8 @@ run_phase() {
       stop_server
       grep -E "captured|KV cache|ready|started|tokenizer|serving|imports|step timing" "$OUT/server-8011.log" \
         | head -16 ;;
+    launch-probe)  # host cost of eager launches: cuBLAS at new vs seen token counts, Triton launches
+      python3 scripts/launch_probe.py ;;
     prof-load)  # the load test against a server whose engine step loop runs under cProfile
       PAGEDSERVE_ENGINE_PROFILE=/tmp/engine-prof-load.txt start_server 8016
       python3 examples/load_test.py --base-url http://localhost:8016/v1 --max-tokens 128 2>&1 | tail -2
@@ -215,7 +217,7 @@ for phase in $phases; do
   case $phase in
     tests) grep -E "7B shapes|async vs sync|passed|failed|FAILED|rror" "$OUT/tests.log" | tail -25 ;;
     serve-bench*|serve-diag|serve-prof|prof-load) cat "$OUT/$phase.log" ;;
-    profile*|probe|silu|skinny*|tp-ab|lat-ab|gpu-quick|kernels-test|importprobe|sample|sample-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
+    profile*|probe|launch-probe|silu|skinny*|tp-ab|lat-ab|gpu-quick|kernels-test|importprobe|sample|sample-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
     latency*) tail -n 5 "$OUT/$phase.log" ;;
     *) tail -n 8 "$OUT/$phase.log" ;;
   esac

@@ -33,7 +33,6 @@ Without seq_order the grid is (num_seqs, num_kv_heads, num_splits) as before, wi
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -121,7 +120,6 @@ def _paged_decode_kernel(
     seq_order_ptr,  # [num_seqs] int32 (ORDERED only): position i processes sequence seq_order[i]
     part_out_ptr,  # [num_seqs, num_heads, num_splits, HEAD_DIM] fp32 (SPLIT only)
     part_lse_ptr,  # [num_seqs, num_heads, num_splits] fp32 (SPLIT only)
-    counters_ptr,  # [>= num_seqs * num_kv_heads] int32, zero between launches (FUSE_REDUCE only)
     qk_scale,
     num_splits,
     stride_q_tok,
@@ -142,7 +140,6 @@ def _paged_decode_kernel(
     SPLIT: tl.constexpr,
     MIXED: tl.constexpr,
     ORDERED: tl.constexpr,
-    FUSE_REDUCE: tl.constexpr = False,  # SPLIT only: the last split of a (seq, kv head) merges the partials
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
     pdl_enter(USE_PDL)
@@ -173,15 +170,7 @@ def _paged_decode_kernel(
         tiles_per_split = tl.cdiv(num_tiles, num_splits)
         tile_lo = split * tiles_per_split
         tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
-        if FUSE_REDUCE and num_tiles == 0:  # seq_len == 0 (a padded CUDA-graph slot): zeros, once
-            if split == 0:
-                g = tl.arange(0, BLOCK_G)
-                d = tl.arange(0, BLOCK_D)
-                zero_ptrs = out_ptr + q_row * stride_o_tok + (kv_head * QUERIES_PER_KV + g)[:, None] * stride_o_head
-                tl.store(zero_ptrs + d[None, :], tl.zeros([BLOCK_G, BLOCK_D], dtype=out_ptr.dtype.element_ty),
-                         mask=(g < QUERIES_PER_KV)[:, None] & (d < HEAD_DIM)[None, :])
-            return
-        if tile_lo >= tile_hi:  # empty split: the reduce (kernel or fused) skips it
+        if tile_lo >= tile_hi:  # empty split: the reduce kernel skips it
             return
     else:
         tile_lo = 0
@@ -227,33 +216,6 @@ def _paged_decode_kernel(
         part_row = (seq64 * NUM_HEADS + heads) * num_splits + split  # [BLOCK_G]
         tl.store(part_out_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=store_mask)
         tl.store(part_lse_ptr + part_row, lse, mask=g_mask)
-        if FUSE_REDUCE:
-            # Count the splits that are done; the last one merges them all (no reduce launch). The
-            # barrier puts every thread's partial stores before the counter's release; the merge
-            # reads the partials from L2 (.cg): L1 may hold this buffer's lines from an earlier layer.
-            num_valid = tl.cdiv(num_tiles, tiles_per_split)
-            counter = counters_ptr + seq64 * (NUM_HEADS // QUERIES_PER_KV) + kv_head
-            tl.debug_barrier()
-            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-            if arrived == num_valid - 1:
-                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # zero again for the next launch
-                base = (seq64 * NUM_HEADS + heads) * num_splits  # [BLOCK_G]
-                m_run = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
-                w_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
-                merged = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-                for s in range(0, num_valid):  # online: rescale by the running max lse
-                    lse_s = tl.load(part_lse_ptr + base + s, mask=g_mask, other=-1.0e30, cache_modifier=".cg")
-                    o_s = tl.load(part_out_ptr + (base + s)[:, None] * HEAD_DIM + offs_d[None, :], mask=store_mask,
-                                  other=0.0, cache_modifier=".cg")
-                    m_new = tl.maximum(m_run, lse_s)
-                    scale_old = tl.exp2(m_run - m_new)
-                    w = tl.exp2(lse_s - m_new)
-                    merged = merged * scale_old[:, None] + o_s * w[:, None]
-                    w_sum = w_sum * scale_old + w
-                    m_run = m_new
-                merged = merged / tl.where(w_sum > 0.0, w_sum, 1.0)[:, None]
-                tl.store(out_ptr + q_row * stride_o_tok + heads[:, None] * stride_o_head + offs_d[None, :],
-                         merged.to(out_ptr.dtype.element_ty), mask=store_mask)
     else:
         # seq_len == 0 (a padded CUDA-graph slot) leaves l_i == 0: write zeros, not NaN.
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -318,26 +280,6 @@ def _decode_reduce_kernel(
         res.to(out_ptr.dtype.element_ty),
         mask=offs_d < HEAD_DIM,
     )
-
-
-_FUSE_REDUCE_DEFAULT = os.environ.get("PAGEDSERVE_FUSED_DECODE_REDUCE", "1") == "1"
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_OLD_COUNTERS: list[torch.Tensor] = []  # outgrown buffers stay alive: captured graphs may point at them
-_MIN_COUNTERS = 1 << 14  # 256 sequences x 64 kv heads
-
-
-def _split_counters(device: torch.device, needed: int) -> torch.Tensor:
-    """The device's zeroed int32 counters for the fused split reduce (each launch leaves them zero).
-    Allocated outside CUDA-graph capture (graph warm-up runs eagerly first)."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < needed:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("the decode split counters must be allocated before CUDA-graph capture; "
-                               "run the step once eagerly first")
-        if buf is not None:
-            _OLD_COUNTERS.append(buf)
-        buf = _COUNTERS[device] = torch.zeros(max(needed, _MIN_COUNTERS), dtype=torch.int32, device=device)
-    return buf
 
 
 @functools.lru_cache(maxsize=8)
@@ -406,7 +348,6 @@ def paged_attention_decode(
     query_start_loc: torch.Tensor | None = None,
     num_decodes: int | None = None,
     seq_order: torch.Tensor | None = None,
-    fuse_reduce: bool | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged context; returns [num_seqs, Hq, D].
 
@@ -423,9 +364,6 @@ def paged_attention_decode(
     values would sync): a sequence missing from it gets no output (its row is left unwritten, or with
     splits reduced from unwritten scratch). In a mixed batch the prefill sequences' programs return
     at once wherever the order puts them.
-    fuse_reduce (default: on, PAGEDSERVE_FUSED_DECODE_REDUCE=0 turns it off): with splits, the last
-    split to finish for a (sequence, kv head) merges the partials itself (an atomic counter per pair,
-    in a zeroed buffer kept per device) instead of a second kernel launch.
     """
     _, num_heads, head_dim = query.shape
     num_seqs = seq_lens.shape[0]
@@ -458,10 +396,6 @@ def paged_attention_decode(
     if not 1 <= num_splits <= _MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {_MAX_SPLITS}], got {num_splits}")
     split = num_splits > 1
-    if fuse_reduce is None:
-        fuse_reduce = _FUSE_REDUCE_DEFAULT
-    fuse_reduce = fuse_reduce and split
-    counters = _split_counters(query.device, num_seqs * num_kv_heads) if fuse_reduce else seq_lens
     if split:
         part_out = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=query.device)
         part_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=query.device)
@@ -474,7 +408,7 @@ def paged_attention_decode(
         grid = (num_seqs, num_kv_heads, num_splits)
     _paged_decode_kernel[grid](
         query, out, k_cache, v_cache, block_tables, seq_lens, query_start_loc if mixed else seq_lens,
-        seq_order if ordered else seq_lens, part_out, part_lse, counters,
+        seq_order if ordered else seq_lens, part_out, part_lse,
         scale * LOG2E, num_splits,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -488,12 +422,11 @@ def paged_attention_decode(
         SPLIT=split,
         MIXED=mixed,
         ORDERED=ordered,
-        FUSE_REDUCE=fuse_reduce,
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl_launch_kwargs(query.device),
     )  # fmt: skip
-    if split and not fuse_reduce:  # indexed by the real sequence: the partials are at its rows
+    if split:  # indexed by the real sequence: the partials are at the real sequence's rows
         _decode_reduce_kernel[(num_seqs, num_heads)](
             out, part_out, part_lse, seq_lens, query_start_loc if mixed else seq_lens, num_splits,
             out.stride(0), out.stride(1),
