@@ -191,7 +191,7 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
     kernels-test)  # the attention/KV/norm kernels' test file on the GPU
       timeout 400 python3 -m pytest tests/kernels/test_kernels.py tests/kernels/test_fused_ops.py tests/kernels/test_silu_mul.py \
         tests/kernels/test_gate_up_silu.py \
-        -q -p no:cacheprovider -x 2>&1 | tail -4 ;;
+        -q -p no:cacheprovider -x 2>&1 | tail -40 ;;
     gpu-quick)  # the GPU tests of the runner, graphs and async steps (not the kernel files)
       timeout 300 python3 -m pytest tests/gpu/test_async_gpu.py tests/executor -q -m "not slow" -p no:cacheprovider -x 2>&1 | tail -4 ;;
     throughput-fused)

@@ -90,11 +90,25 @@ class StepHandle:
 
 @dataclass(slots=True)
 class StepInputs:
-    input_ids: torch.Tensor  # [T] int64
+    input_ids: torch.Tensor  # [T] int64 (T may include padding tokens: see padded_count)
     positions: torch.Tensor  # [T] int64
     ctx: ForwardContext
-    logits_indices: torch.Tensor  # [L] int64: the last scheduled token of each request that samples
-    num_logits: int
+    logits_indices: torch.Tensor  # [L'] int64: the last token of each request that samples (+ padding)
+    num_logits: int  # L <= L': the first L logits rows are real
+
+
+def padded_count(n: int) -> int:
+    """The token (or logits-row) count an eager step runs at: a multiple of 16 up to 256, of 64 up to
+    8192, then of 256. cuBLAS picks an algorithm the first time it meets a GEMM shape, ~300 us of host
+    time per GEMM on the H100 machine against ~25 us for a shape seen before (scripts/launch_probe.py);
+    mixed steps, whose token counts rarely repeat, spent ~45 ms each launching. Padded tokens have slot
+    -1 (nothing cached) and belong to no sequence (attention leaves their rows alone); padded logits rows
+    repeat a real one and are dropped before sampling. At most 255 extra tokens, in steps whose GEMMs
+    stream weights (small counts) or are large (>= 8192 tokens: < 3%)."""
+    if n <= 0:
+        return n
+    step = 16 if n <= 256 else 64 if n <= 8192 else 256
+    return -(-n // step) * step
 
 
 def kv_cache_bytes_per_block(hf_config: Any, block_size: int, dtype: torch.dtype) -> int:
@@ -158,6 +172,9 @@ class ModelRunner:
         self._last_sampled: torch.Tensor | None = None
         self._last_sample_rows: dict[str, int] = {}
         self.cuda_graphs = None  # CUDAGraphDecoder once capture_cuda_graphs() ran
+        # Eager steps (prefills, mixed) run at padded token counts (padded_count) on CUDA; decode-only
+        # steps are left exact (CUDA graphs pad them their own way).
+        self.pad_eager_steps = torch.device(device).type == "cuda"
         logger.info("model runner: %d KV blocks of %d tokens, %s attention, %s", num_kv_blocks,
                     block_size, self.backend.name, dtype)
 
@@ -183,9 +200,12 @@ class ModelRunner:
         num_placeholders = len(placeholder_dst)
         is_decode_only = num_seqs > 0 and num_tokens == num_seqs
         num_order = num_seqs if is_decode_only and getattr(self.backend, "wants_seq_order", False) else 0
+        padded_tokens, padded_logits = num_tokens, num_logits
+        if self.pad_eager_steps and not is_decode_only:
+            padded_tokens, padded_logits = padded_count(num_tokens), padded_count(num_logits)
 
-        sizes = [num_tokens, num_tokens, num_tokens, num_seqs + 1, num_seqs, num_seqs * width, num_logits,
-                 num_placeholders, num_placeholders, num_order]
+        sizes = [padded_tokens, padded_tokens, padded_tokens, num_seqs + 1, num_seqs, num_seqs * width,
+                 padded_logits, num_placeholders, num_placeholders, num_order]
         # Each part starts 16-byte aligned (an even int64 offset): Triton specializes kernels on the
         # alignment of pointer arguments, and a parity that changed with the step would compile
         # new kernel variants in the middle of serving.
@@ -199,6 +219,14 @@ class ModelRunner:
 
             order[:] = longest_first_order(seq_lens)
 
+        if padded_tokens > num_tokens:  # padding: token 0 at position 0, nothing cached (slot -1)
+            input_ids[num_tokens:] = 0
+            positions[num_tokens:] = 0
+            slot_mapping[num_tokens:] = -1
+            input_ids, positions, slot_mapping = (a[:num_tokens] for a in (input_ids, positions, slot_mapping))
+        if padded_logits > num_logits:  # repeats of the last real row, dropped before sampling
+            logits_indices[num_logits:] = query_start_loc[1:][sample_rows[-1]] - 1 if sample_rows else 0
+            logits_indices = logits_indices[:num_logits]
         input_ids[:] = token_ids
         dst[:] = placeholder_dst
         src[:] = placeholder_src
@@ -308,7 +336,7 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.ctx)
             if inputs.num_logits == 0:  # only non-final prefill chunks this step
                 return StepHandle(scheduled, None, None, None)
-            logits = self.model.compute_logits(hidden[inputs.logits_indices])
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])[: inputs.num_logits]
         to_sample = [r for r in scheduled if r.needs_sample]
         result = self.sampler.sample(logits, to_sample)
         self._last_sampled = result.token_ids

@@ -29,8 +29,10 @@ def _prompt(seed: int, n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_mixed_batch_matches_hf(arch: str, tmp_path) -> None:
-    run_mixed_batch_against_hf(arch, tmp_path, "cpu", "torch", tolerance=1e-4)
+@pytest.mark.parametrize("pad", [False, True], ids=["exact", "padded"])
+def test_mixed_batch_matches_hf(arch: str, pad: bool, tmp_path) -> None:
+    # pad: eager steps at padded token/logits counts, as on CUDA (padded_count)
+    run_mixed_batch_against_hf(arch, tmp_path, "cpu", "torch", tolerance=1e-4, pad=pad)
 
 
 @pytest.mark.gpu
@@ -42,11 +44,14 @@ def test_mixed_batch_matches_hf_on_cuda(backend: str, tmp_path) -> None:
     run_mixed_batch_against_hf("qwen2", tmp_path, "cuda", backend, tolerance=tolerance)
 
 
-def run_mixed_batch_against_hf(arch: str, tmp_path, device: str, backend: str, tolerance: float) -> None:
+def run_mixed_batch_against_hf(arch: str, tmp_path, device: str, backend: str, tolerance: float,
+                               pad: bool | None = None) -> None:
     hf = save_tiny_model(arch, tmp_path)
     runner, sampler = make_runner(tmp_path, block_size=BLOCK, num_blocks=24, device=device,
                                   attention_backend=backend)
     assert runner.backend.name == backend
+    if pad is not None:
+        runner.pad_eager_steps = pad
     seqs = {  # request id -> all its tokens so far
         "A": _prompt(1, 11),  # chunked prefill: 6 tokens in step 1, 5 in step 2
         "C": _prompt(2, 10),  # full prefill in step 1, then decodes
@@ -114,6 +119,30 @@ def test_prepare_inputs_layout(tmp_path) -> None:
     assert inputs.logits_indices.tolist() == [2, 4]
     assert (meta.max_query_len, meta.max_seq_len, meta.is_decode_only) == (3, 7, False)
     assert meta.query_lens_cpu == [3, 1, 1] and meta.seq_lens_cpu == [5, 1, 7]
+
+
+def test_prepare_inputs_padded(tmp_path) -> None:
+    """Eager steps padded to padded_count: extra tokens are id 0 at position 0 with slot -1, extra logits
+    rows repeat the last real one; num_logits counts the real rows; decode-only steps stay exact."""
+    from pagedserve.executor.model_runner import padded_count
+
+    assert [padded_count(n) for n in (0, 1, 16, 17, 256, 257, 8192, 8193)] == [0, 16, 16, 32, 256, 320, 8192, 8448]
+    save_tiny_model("llama", tmp_path)
+    runner, _ = make_runner(tmp_path, block_size=BLOCK, num_blocks=16)
+    runner.pad_eager_steps = True
+    inputs = runner.prepare_inputs(step(
+        scheduled("x", [5, 6, 7], 2, [3, 9], needs_sample=True),
+        scheduled("y", [8], 0, [1], needs_sample=False),
+        scheduled("z", [9], 6, [2, 4], needs_sample=True),
+    ))
+    meta = inputs.ctx.attn_metadata
+    assert inputs.input_ids.tolist() == [5, 6, 7, 8, 9] + [0] * 11
+    assert inputs.positions.tolist() == [2, 3, 4, 0, 6] + [0] * 11
+    assert meta.slot_mapping.tolist() == [14, 15, 36, 4, 18] + [-1] * 11
+    assert meta.query_start_loc.tolist() == [0, 3, 4, 5] and meta.seq_lens.tolist() == [5, 1, 7]
+    assert inputs.logits_indices.tolist() == [2, 4] + [4] * 14 and inputs.num_logits == 2
+    decode = runner.prepare_inputs(step(scheduled("x", [1], 5, [3, 9], needs_sample=True)))
+    assert decode.input_ids.tolist() == [1] and decode.logits_indices.tolist() == [0]
 
 
 def test_too_few_blocks_is_an_error(tmp_path) -> None:

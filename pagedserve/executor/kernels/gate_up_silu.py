@@ -53,9 +53,9 @@ def _gate_up_silu_kernel(
         wg = tl.load(g_ptrs)
         wu = tl.load(u_ptrs)
     else:
-        k_mask = (offs_k < K)[None, :]
-        wg = tl.load(g_ptrs, mask=k_mask, other=0.0)
-        wu = tl.load(u_ptrs, mask=k_mask, other=0.0)
+        first_mask = (offs_k < K)[None, :]  # not `k_mask`: a name reassigned in the loop must keep its type
+        wg = tl.load(g_ptrs, mask=first_mask, other=0.0)
+        wu = tl.load(u_ptrs, mask=first_mask, other=0.0)
     pdl_enter(USE_PDL)
     if EVEN_K:
         x = tl.load(x_ptrs).to(tl.float32)[None, :]
