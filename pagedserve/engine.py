@@ -155,7 +155,9 @@ class LLMEngine:
         self.step_timing.totals.clear()
         self.prompt_tokens_total = self.generation_tokens_total = 0
         elapsed = time.monotonic() - t0
-        logger.info("warm-up (kernel variants compiled) in %.1f s", elapsed)
+        from pagedserve.executor.compile_log import summary_suffix
+
+        logger.info("warm-up (kernel variants compiled) in %.1f s%s", elapsed, summary_suffix())
         return elapsed
 
     # ------------------------------------------------------------------ requests in

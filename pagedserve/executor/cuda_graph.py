@@ -106,7 +106,10 @@ class CUDAGraphDecoder:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - t0
-        logger.info("captured %d CUDA graphs (batch sizes %s) in %.1f s", len(self.sizes), self.sizes, elapsed)
+        from pagedserve.executor.compile_log import summary_suffix
+
+        logger.info("captured %d CUDA graphs (batch sizes %s) in %.1f s%s", len(self.sizes), self.sizes, elapsed,
+                    summary_suffix())
         return elapsed
 
     def padded_size(self, num_seqs: int) -> int | None:

@@ -120,10 +120,12 @@ def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: st
                      dtype: torch.dtype, t0: float, tokenizer_future) -> Worker:
     """Weights, KV sizing and graph capture, while the tokenizer loads in its thread: nothing here
     needs it but the sampler's EOS ids, which are set once it is ready (before any request)."""
+    from pagedserve.executor.compile_log import install, summary_suffix
     from pagedserve.executor.loader import get_eos_token_ids, load_model
     from pagedserve.executor.model_runner import ModelRunner, determine_num_blocks
     from pagedserve.executor.sampler import Sampler
 
+    install()  # PAGEDSERVE_LOG_COMPILES=1: Triton compile time per start-up phase in the log
     model, hf_config = load_model(config, model_path, device, dtype)
     logger.info("start-up: weights in %.1f s", time.monotonic() - t0)
 
@@ -149,7 +151,7 @@ def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: st
                       use_fused_kernel=os.environ.get("PAGEDSERVE_FUSED_SAMPLER") == "1")
     runner = ModelRunner(config, model, hf_config, device, dtype, num_blocks, config.block_size, sampler)
     config = dataclasses.replace(config, max_model_len=max_model_len, max_num_batched_tokens=max_batched)
-    logger.info("start-up: KV cache sized at %.1f s", time.monotonic() - t0)
+    logger.info("start-up: KV cache sized at %.1f s%s", time.monotonic() - t0, summary_suffix())
     if device.type == "cuda" and not config.enforce_eager:
         runner.capture_cuda_graphs(config.max_num_seqs, max_model_len)
     tokenizer = tokenizer_future.result()

@@ -250,7 +250,7 @@ SKINNY_CONFIGS: dict[tuple[int, ...], dict[str, int | bool]] = {
     (37888, 3584, 1): dict(block_n=4, block_k=512, num_warps=4, num_stages=2, split_k=1, use_dot=False),
     # down M=1: 49.0 us vs cuBLAS 53.4 us, heuristic 57.4 us
     (3584, 18944, 1): dict(block_n=4, block_k=512, num_warps=4, num_stages=2, split_k=1, use_dot=False),
-    # lm_head M=1 (fp32 logits; opt-in, PAGEDSERVE_SKINNY_LM_HEAD=1): 351.3 us vs cuBLAS 380.7 us, heuristic
+    # lm_head M=1 (fp32 logits; PAGEDSERVE_SKINNY_LM_HEAD=0 for cuBLAS): 351.3 us vs cuBLAS 380.7 us, heuristic
     # 353.7 us (--m 1 --shapes lm_head --quick, ae6475e)
     (152064, 3584, 1): dict(block_n=8, block_k=256, num_warps=4, num_stages=3, split_k=1, use_dot=False),
     # M=9..16, same card and script (--m 16), 2026-11-24: only the projections where Triton won are

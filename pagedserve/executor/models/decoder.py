@@ -52,10 +52,10 @@ def num_kv_heads_of(hf_config: Any) -> int:
     return getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
 
 
-# PAGEDSERVE_SKINNY_LM_HEAD=1: batch-1 logits through the skinny GEMM (opt-in: on the H100 the graph
-# replay went 5.312 -> 5.280 ms, but the bench's decode step did not improve, 5.37 -> 5.41 ms, and the
-# extra kernel variant costs start-up compile time; docs/gpu-notes.md, session 4).
-_SKINNY_LM_HEAD = (os.environ.get("PAGEDSERVE_SKINNY_LM_HEAD", "0") == "1"
+# PAGEDSERVE_SKINNY_LM_HEAD=0: batch-1 logits through cuBLAS instead of the skinny GEMM (A/B runs). On
+# the H100 the skinny one made the bench's decode step 187.1 -> 188.1 and 187.3 -> 188.0 tok/s in two
+# calls (one earlier call showed 186.1 -> 184.9, within that call's noise; docs/gpu-notes.md, session 4).
+_SKINNY_LM_HEAD = (os.environ.get("PAGEDSERVE_SKINNY_LM_HEAD", "1") == "1"
                    and os.environ.get("PAGEDSERVE_NO_SKINNY_GEMM") != "1")
 
 
