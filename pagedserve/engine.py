@@ -140,20 +140,31 @@ class LLMEngine:
             9: [("__warmup_d", 50, 2, 0.0)],  # beside a few decodes, once the short ones are done
         }
         names = [req[0] for reqs in script.values() for req in reqs]
-        try:
-            step = 0
-            while step <= max(script) or self.has_unfinished_requests():
-                for req in script.get(step, []):
-                    add(*req)
-                self.step()
-                step += 1
-        finally:
-            self.abort_request(names)
-            self._drain()
-        self.scheduler.reset_prefix_cache()
-        self.scheduler.kv_cache.prefix_cache_queries = self.scheduler.kv_cache.prefix_cache_hits = 0
-        self.step_timing.totals.clear()
-        self.prompt_tokens_total = self.generation_tokens_total = 0
+
+        def run_script() -> None:
+            try:
+                step = 0
+                while step <= max(script) or self.has_unfinished_requests():
+                    for req in script.get(step, []):
+                        add(*req)
+                    self.step()
+                    step += 1
+            finally:
+                self.abort_request(names)
+                self._drain()
+            self.scheduler.reset_prefix_cache()
+            self.scheduler.kv_cache.prefix_cache_queries = self.scheduler.kv_cache.prefix_cache_hits = 0
+            self.step_timing.totals.clear()
+            self.prompt_tokens_total = self.generation_tokens_total = 0
+
+        from pagedserve.executor.precompile import compile_ahead
+
+        # On CUDA the script first runs dry (its Triton variants compile side by side; the sampled
+        # tokens are garbage, but in range, and the requests are thrown away), then for real.
+        with compile_ahead("warm-up") as dry:
+            if dry:
+                run_script()
+        run_script()
         elapsed = time.monotonic() - t0
         from pagedserve.executor.compile_log import summary_suffix
 

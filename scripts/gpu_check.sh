@@ -193,7 +193,7 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
         tests/kernels/test_gate_up_silu.py \
         -q -p no:cacheprovider -x 2>&1 | tail -40 ;;
     gpu-quick)  # the GPU tests of the runner, graphs and async steps (not the kernel files)
-      timeout 300 python3 -m pytest tests/gpu/test_async_gpu.py tests/executor -q -m "not slow" -p no:cacheprovider -x 2>&1 | tail -4 ;;
+      timeout 300 python3 -m pytest tests/gpu/test_async_gpu.py tests/gpu/test_precompile.py tests/executor -q -m "not slow" -p no:cacheprovider -x 2>&1 | tail -4 ;;
     throughput-fused)
       PAGEDSERVE_FUSED_SAMPLER=1 python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy \
         --no-tqdm --output-json "$OUT/throughput-fused.json" 2>&1 | tail -4 ;;

@@ -94,6 +94,11 @@ class CUDAGraphDecoder:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
+            from pagedserve.executor.precompile import compile_ahead
+
+            with compile_ahead("graph capture") as dry:  # every size's kernel variants, side by side
+                for bs in reversed(self.sizes) if dry else ():
+                    self._forward(bs)
             for bs in reversed(self.sizes):
                 for _ in range(2):  # warm-up: Triton compiles, cuBLAS picks its kernels
                     self._forward(bs)

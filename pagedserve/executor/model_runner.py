@@ -436,6 +436,11 @@ def _profile_peak_activation_bytes(
     ctx = ForwardContext(meta, kv_caches, select_attention_backend(config, device))
     input_ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
 
+    from pagedserve.executor.precompile import compile_ahead
+
+    with compile_ahead("KV sizing") as dry:  # its kernel variants compile side by side first
+        if dry:
+            model.compute_logits(model(input_ids, positions, ctx)[-1:])
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
