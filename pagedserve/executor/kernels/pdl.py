@@ -31,22 +31,27 @@ except ImportError:  # an older Triton: PDL stays off (enabled() checks this)
     gdc_launch_dependents = gdc_wait = None
 
 
-@functools.lru_cache(maxsize=8)
-def _device_supports(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
+_OFF = gdc_wait is None or os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("PAGEDSERVE_PDL", "1") != "1"
+_ON_KWARGS = {"USE_PDL": True, "launch_pdl": True}
+_OFF_KWARGS: dict = {}
+
+
+@functools.lru_cache(maxsize=16)
+def _kwargs_for(device: torch.device) -> dict:
+    if _OFF or device.type != "cuda":
+        return _OFF_KWARGS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _ON_KWARGS if torch.cuda.get_device_capability(index)[0] >= 9 else _OFF_KWARGS
 
 
 def enabled(device: torch.device) -> bool:
-    if device.type != "cuda" or gdc_wait is None or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
-    if os.environ.get("PAGEDSERVE_PDL", "1") != "1":
-        return False
-    return _device_supports(device.index if device.index is not None else torch.cuda.current_device())
+    return _kwargs_for(device) is _ON_KWARGS
 
 
 def launch_kwargs(device: torch.device) -> dict:
-    """Keyword arguments for a kernel launch: PDL on (the kernel waits in pdl_enter) or nothing."""
-    return {"USE_PDL": True, "launch_pdl": True} if enabled(device) else {}
+    """Keyword arguments for a kernel launch: PDL on (the kernel waits in pdl_enter) or nothing. Cached per
+    device (a step launches hundreds of kernels; the environment is read once, at import)."""
+    return _kwargs_for(device)
 
 
 @triton.jit
