@@ -21,10 +21,10 @@ KERNEL_MODULES = (
     "pagedserve.executor.kernels.kv_cache_write",
     "pagedserve.executor.kernels.paged_attention_decode",
     "pagedserve.executor.kernels.paged_attention_prefill",  # after decode: imports its helper
-    "pagedserve.executor.kernels.rotary",  # before rotary_kv_write: it calls rotary's helpers
     "pagedserve.executor.kernels.rotary_kv_write",
     "pagedserve.executor.attention.triton_backend",
     "pagedserve.executor.kernels.fused_norm",
+    "pagedserve.executor.kernels.rotary",
     "pagedserve.executor.kernels.silu_mul",
     "pagedserve.executor.kernels.skinny_gemm",
     "pagedserve.executor.kernels.gate_up_silu",

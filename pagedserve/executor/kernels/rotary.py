@@ -21,30 +21,18 @@ from pagedserve.executor.kernels.pdl import pdl_enter
 
 
 @triton.jit
-def _cos_sin(cos_sin_ptr, pos, stride_cs, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    """The fp32 cos and sin halves [BLOCK_HALF] of one position's row of the cache."""
-    offs_d = tl.arange(0, BLOCK_HALF)
-    d_mask = offs_d < HALF
-    cos = tl.load(cos_sin_ptr + pos * stride_cs + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-    return cos, sin
-
-
-@triton.jit
 def _rotate_heads(ptr, cos, sin, num_heads, stride_head, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
                   BLOCK_HALF: tl.constexpr):  # fmt: skip
-    """Rotates one token's heads in place; returns the rotated halves [BLOCK_H, BLOCK_HALF] as stored."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_HALF)
     mask = (offs_h[:, None] < num_heads) & (offs_d[None, :] < HALF)
     p1 = ptr + offs_h[:, None] * stride_head + offs_d[None, :]
     x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(p1 + HALF, mask=mask, other=0.0).to(tl.float32)
-    y1 = (x1 * cos[None, :] - x2 * sin[None, :]).to(ptr.dtype.element_ty)
-    y2 = (x2 * cos[None, :] + x1 * sin[None, :]).to(ptr.dtype.element_ty)
-    tl.store(p1, y1, mask=mask)
-    tl.store(p1 + HALF, y2, mask=mask)
-    return y1, y2
+    y1 = x1 * cos[None, :] - x2 * sin[None, :]
+    y2 = x2 * cos[None, :] + x1 * sin[None, :]
+    tl.store(p1, y1.to(ptr.dtype.element_ty), mask=mask)
+    tl.store(p1 + HALF, y2.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -69,7 +57,10 @@ def _rotary_kernel(
     pdl_enter(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + tok).to(tl.int64)
-    cos, sin = _cos_sin(cos_sin_ptr, pos, stride_cs, HALF, BLOCK_HALF)
+    offs_d = tl.arange(0, BLOCK_HALF)
+    d_mask = offs_d < HALF
+    cos = tl.load(cos_sin_ptr + pos * stride_cs + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + offs_d, mask=d_mask, other=0.0).to(tl.float32)
     _rotate_heads(
         q_ptr + tok * stride_q_tok, cos, sin, num_q_heads, stride_q_head, HALF, BLOCK_HQ, BLOCK_HALF
     )

@@ -19,7 +19,6 @@ import triton.language as tl
 
 from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
 from pagedserve.executor.kernels.pdl import pdl_enter
-from pagedserve.executor.kernels.rotary import _cos_sin, _rotate_heads
 
 
 @triton.jit
@@ -55,18 +54,33 @@ def _rotary_kv_write_kernel(
     pdl_enter(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + tok).to(tl.int64)
-    cos, sin = _cos_sin(cos_sin_ptr, pos, stride_cs, HALF, BLOCK_HALF)
-    # Query and key heads rotated in place (as rotary.apply_rotary_); the key's rotated halves, rounded
-    # to its dtype as stored, also go to the cache below.
-    _rotate_heads(q_ptr + tok * stride_q_tok, cos, sin, num_q_heads, stride_q_head, HALF, BLOCK_HQ, BLOCK_HALF)
-    r1, r2 = _rotate_heads(k_ptr + tok * stride_k_tok, cos, sin, NUM_KV_HEADS, stride_k_head, HALF, BLOCK_HK,
-                           BLOCK_HALF)
+    offs_d = tl.arange(0, BLOCK_HALF)
+    d_mask = offs_d < HALF
+    cos = tl.load(cos_sin_ptr + pos * stride_cs + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+
+    # Query heads: rotated in place.
+    offs_hq = tl.arange(0, BLOCK_HQ)
+    q_mask = (offs_hq[:, None] < num_q_heads) & d_mask[None, :]
+    q1_ptrs = q_ptr + tok * stride_q_tok + offs_hq[:, None] * stride_q_head + offs_d[None, :]
+    q1 = tl.load(q1_ptrs, mask=q_mask, other=0.0).to(tl.float32)
+    q2 = tl.load(q1_ptrs + HALF, mask=q_mask, other=0.0).to(tl.float32)
+    tl.store(q1_ptrs, (q1 * cos - q2 * sin).to(q_ptr.dtype.element_ty), mask=q_mask)
+    tl.store(q1_ptrs + HALF, (q2 * cos + q1 * sin).to(q_ptr.dtype.element_ty), mask=q_mask)
+
+    # Key heads: rotated (rounded to key's dtype, as the two-kernel path stores them), in place too.
+    offs_hk = tl.arange(0, BLOCK_HK)
+    k_mask = (offs_hk[:, None] < NUM_KV_HEADS) & d_mask[None, :]
+    k1_ptrs = k_ptr + tok * stride_k_tok + offs_hk[:, None] * stride_k_head + offs_d[None, :]
+    k1 = tl.load(k1_ptrs, mask=k_mask, other=0.0).to(tl.float32)
+    k2 = tl.load(k1_ptrs + HALF, mask=k_mask, other=0.0).to(tl.float32)
+    r1 = (k1 * cos - k2 * sin).to(k_ptr.dtype.element_ty)
+    r2 = (k2 * cos + k1 * sin).to(k_ptr.dtype.element_ty)
+    tl.store(k1_ptrs, r1, mask=k_mask)
+    tl.store(k1_ptrs + HALF, r2, mask=k_mask)
 
     slot = tl.load(slot_mapping_ptr + tok, mask=tok < num_slots, other=-1).to(tl.int64)
     if slot >= 0:  # < 0: padding token (e.g. CUDA-graph batch padding), nothing to store
-        offs_hk = tl.arange(0, BLOCK_HK)
-        offs_d = tl.arange(0, BLOCK_HALF)
-        k_mask = (offs_hk[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HALF)
         dst = (slot // BLOCK_SIZE) * stride_c_block + (slot % BLOCK_SIZE) * stride_c_slot
         dst_ptrs = dst + offs_hk[:, None] * stride_c_head + offs_d[None, :]
         tl.store(k_cache_ptr + dst_ptrs, r1.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
