@@ -2,10 +2,11 @@
 by a stub that returns tokens at once: schedule + step inputs + update + detokenize + outputs + the
 engine process's delta encoding. This is what async scheduling must hide behind each device step.
 
-    python scripts/bench_host_step.py MODEL_DIR [--no-copy] [--engine-process] [--prof]
+    python scripts/bench_host_step.py MODEL_DIR [--no-copy] [--engine-process] [--offline] [--prof]
 
 MODEL_DIR: any Qwen2/Llama config.json folder with tokenizer files (dummy weights are used).
 --no-copy: outputs without copies, as the engine process runs (LLMEngine.copy_outputs = False).
+--offline: as `LLM.generate` (and `bench throughput`) runs: outputs only for finished requests (final_only).
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def main() -> None:
     p.add_argument("--prof", action="store_true")
     p.add_argument("--engine-process", action="store_true",
                    help="as the engine process runs: no copies, no text (LLMEngine.detokenize=False), pickled deltas")
+    p.add_argument("--offline", action="store_true",
+                   help="as LLM.generate runs: each request reported once, when it finishes (final_only)")
     p.add_argument("--steps", type=int, default=200)
     args = p.parse_args()
     engine = LLMEngine(EngineConfig(model=args.model, load_format="dummy", max_model_len=2048, num_kv_blocks=20000,
@@ -74,7 +77,8 @@ def main() -> None:
     rng = random.Random(0)
     for i in range(256):
         prompt = [rng.randrange(100, 30000) for _ in range(rng.randrange(50, 200))]
-        engine.add_request(str(i), prompt, SamplingParams(max_tokens=1024, ignore_eos=True, temperature=1.0))
+        engine.add_request(str(i), prompt, SamplingParams(max_tokens=1024, ignore_eos=True, temperature=1.0),
+                           final_only=args.offline)
     encoder = DeltaEncoder()
     for _ in range(5):  # the prefill steps
         encoder.encode(engine.step())
@@ -87,7 +91,7 @@ def main() -> None:
         t0 = time.perf_counter()
         outputs = engine.step()
         t1 = time.perf_counter()
-        deltas = encoder.encode(outputs)
+        deltas = encoder.encode(outputs) if not args.offline else None
         if args.engine_process:
             pickle.dumps(("out", [], deltas, engine.get_stats()), protocol=pickle.HIGHEST_PROTOCOL)
         step_s += t1 - t0
