@@ -119,3 +119,19 @@ def test_the_server_loads_its_own_tokenizer_from_the_source_the_engine_announces
         assert backend.info["vocab_size"] > 0 and backend.info["max_model_len"] == 256
     finally:
         backend.stop(10)
+
+
+def _announce_then_fail(on_tokenizer_source=None):
+    """An engine factory (run in the spawned process) that names a tokenizer source, then fails."""
+    on_tokenizer_source("/nonexistent/pagedserve-tokenizer", None)
+    raise ValueError("bad engine config: max_num_seqs must be positive")
+
+
+def test_a_failure_after_the_tokenizer_announcement_is_reported_not_hung() -> None:
+    from pagedserve.engine_process import ProcessBackend
+
+    backend = ProcessBackend(_announce_then_fail, {"log_stats": False}, wait=False)
+    with pytest.raises(ValueError, match="max_num_seqs must be positive"):
+        backend.wait_ready()
+    backend.process.join(10)
+    assert backend.process.exitcode is not None
