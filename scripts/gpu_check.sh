@@ -50,9 +50,10 @@ run_phase() {
     throughput)
       python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm \
         --output-json "$OUT/throughput.json" 2>&1 | tail -4 ;;
-    compare)
+    compare)  # issue 5 item 1, both sides greedy (TEMP=1 for both sampling at temperature 1)
       python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm \
         --input-len 100-1024 --output-len 512 --compare-hf --hf-modes generate --hf-batch-sizes 256 \
+        --temperature "${TEMP:-0}" \
         --output-json "$OUT/compare.json" 2>&1 | tail -6 ;;
     profile)
       python3 scripts/profile_steps.py --model $M --batch 256 --context 600 2>&1 | grep -v "^\[transformers\]" ;;

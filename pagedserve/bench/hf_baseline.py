@@ -48,17 +48,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def decoding_kwargs(temperature: float) -> dict:
+    """Transformers' generate arguments for the decoding our engine runs: greedy at temperature 0, else
+    plain sampling at that temperature (no top-k/top-p, which Transformers would otherwise add: top_k=50)."""
+    if temperature <= 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+
+
+def describe_decoding(temperature: float) -> str:
+    return "greedy" if temperature <= 0 else f"sampling at temperature {temperature:g}"
+
+
 def run_generate(model, requests: list[BenchRequest], batch_size: int, device: torch.device,
-                 pad_token_id: int) -> float:
+                 pad_token_id: int, temperature: float = 0.0) -> float:
     """Static left-padded batches; returns elapsed seconds."""
     import torch
 
     with torch.no_grad():
-        return _run_generate(model, requests, batch_size, device, pad_token_id)
+        return _run_generate(model, requests, batch_size, device, pad_token_id, temperature)
 
 
 def _run_generate(model, requests: list[BenchRequest], batch_size: int, device: torch.device,
-                  pad_token_id: int) -> float:
+                  pad_token_id: int, temperature: float) -> float:
     import torch
 
     _sync(device)
@@ -73,13 +85,13 @@ def _run_generate(model, requests: list[BenchRequest], batch_size: int, device: 
             mask[row, width - len(r.prompt_token_ids):] = 1
         new = max(r.output_len for r in batch)
         model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new,
-                       min_new_tokens=new, do_sample=False, pad_token_id=pad_token_id)
+                       min_new_tokens=new, pad_token_id=pad_token_id, **decoding_kwargs(temperature))
     _sync(device)
     return time.perf_counter() - t0
 
 
 def run_generate_batch(model, requests: list[BenchRequest], device: torch.device,
-                       max_batch_tokens: int = 8192) -> float | None:
+                       max_batch_tokens: int = 8192, temperature: float = 0.0) -> float | None:
     """Transformers' continuous batching; None where the installed version lacks it."""
     import torch
     from transformers import GenerationConfig
@@ -87,7 +99,7 @@ def run_generate_batch(model, requests: list[BenchRequest], device: torch.device
     if not hasattr(model, "generate_batch"):
         return None
     new = max(r.output_len for r in requests)
-    config = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    config = GenerationConfig(max_new_tokens=new, eos_token_id=None, pad_token_id=0, **decoding_kwargs(temperature))
     try:
         config.max_batch_tokens = max_batch_tokens
     except AttributeError:
@@ -109,28 +121,30 @@ def run(args: argparse.Namespace, requests: list[BenchRequest], model_path: str,
 
     elapsed_s = {} if elapsed_s is None else elapsed_s
     num_out = sum(r.output_len for r in requests)
+    temperature = float(getattr(args, "temperature", 0.0))  # the engine's decoding, on both sides
     results: dict[str, float] = {}
     dummy = args.load_format == "dummy"
     if "generate" in args.hf_modes:
         model = load_hf_model(model_path, dummy, device, dtype)
         warm = requests[:2]
-        run_generate(model, [BenchRequest(r.prompt_token_ids[:32], 4) for r in warm], 2, device, 0)
+        run_generate(model, [BenchRequest(r.prompt_token_ids[:32], 4) for r in warm], 2, device, 0, temperature)
         for bs in args.hf_batch_sizes:
-            elapsed = run_generate(model, requests, bs, device, pad_token_id=0)
+            elapsed = run_generate(model, requests, bs, device, pad_token_id=0, temperature=temperature)
             results[f"generate_bs{bs}"] = num_out / elapsed
             elapsed_s[f"generate_bs{bs}"] = elapsed
-            print(f"transformers generate, static batches of {bs}: {num_out / elapsed:.1f} output tok/s "
-                  f"({elapsed:.1f} s)", flush=True)
+            print(f"transformers generate, static batches of {bs}, {describe_decoding(temperature)}: "
+                  f"{num_out / elapsed:.1f} output tok/s ({elapsed:.1f} s)", flush=True)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if "generate_batch" in args.hf_modes:
         model = load_hf_model(model_path, dummy, device, dtype, attn_implementation="paged|sdpa")
-        elapsed = run_generate_batch(model, requests, device)
+        elapsed = run_generate_batch(model, requests, device, temperature=temperature)
         if elapsed is not None:
             results["generate_batch"] = num_out / elapsed
             elapsed_s["generate_batch"] = elapsed
-            print(f"transformers generate_batch (paged|sdpa): {num_out / elapsed:.1f} output tok/s "
+            print(f"transformers generate_batch (paged|sdpa), {describe_decoding(temperature)}: "
+                  f"{num_out / elapsed:.1f} output tok/s "
                   f"({elapsed:.1f} s)", flush=True)
         del model
         if device.type == "cuda":
@@ -178,6 +192,7 @@ def run_hf_bench(args: argparse.Namespace) -> dict:
         "model": model_path, "dtype": str(dtype).removeprefix("torch."), "load_format": args.load_format,
         "num_prompts": len(requests), "input_tokens": num_in, "output_tokens": num_out, "modes": modes,
         "best_mode": best, "best_output_tok_per_s": tok_per_s[best] if best else None,
+        "decoding": describe_decoding(float(args.temperature)),
     }
     finish(result, args)
     if best:
@@ -193,5 +208,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-len", default="100-1024", help="N or LO-HI (uniform)")
     p.add_argument("--output-len", default="100-1024", help="N or LO-HI (uniform); every token is generated")
     p.add_argument("--dataset-seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0: greedy; above 0: plain sampling at that temperature (no top-k/top-p)")
     p.add_argument("--output-json", default=None, help="write the results to this JSON file")
     add_args(p)

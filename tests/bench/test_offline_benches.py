@@ -59,4 +59,29 @@ def test_bench_hf(tmp_path, real_model_dir, capsys) -> None:
     assert mode["elapsed_s"] > 0 and mode["output_tok_per_s"] == pytest.approx(8 / mode["elapsed_s"])
     assert 0 < mode["output_tok_per_s"] < mode["total_tok_per_s"] and mode["requests_per_s"] > 0
     assert result["best_output_tok_per_s"] == mode["output_tok_per_s"]
-    assert "static batches of 2" in capsys.readouterr().out
+    assert result["decoding"] == "greedy"
+    assert "static batches of 2, greedy" in capsys.readouterr().out
+
+
+def test_bench_hf_samples_like_the_engine_when_asked(tmp_path, real_model_dir, capsys) -> None:
+    """--temperature T > 0: Transformers samples at T with no top-k/top-p (its top_k=50 default off)."""
+    from pagedserve.bench.hf_baseline import decoding_kwargs
+
+    assert decoding_kwargs(0.0) == {"do_sample": False}
+    assert decoding_kwargs(0.7) == {"do_sample": True, "temperature": 0.7, "top_k": 0, "top_p": 1.0}
+    result = _bench(tmp_path, real_model_dir, "hf", "--device", "cpu", "--num-prompts", "2", "--input-len", "8-12",
+                    "--output-len", "4", "--hf-modes", "generate", "--hf-batch-sizes", "2", "--temperature", "0.7")
+    assert result["decoding"] == "sampling at temperature 0.7" and result["output_tokens"] == 8
+    assert result["modes"]["generate_bs2"]["output_tok_per_s"] > 0
+    assert "sampling at temperature 0.7" in capsys.readouterr().out
+
+
+def test_bench_throughput_compare_hf_runs_both_with_the_same_decoding(tmp_path, real_model_dir, capsys) -> None:
+    result = _bench(tmp_path, real_model_dir, "throughput", *ENGINE_FLAGS, "--num-prompts", "2",
+                    "--input-len", "8-12", "--output-len", "4", "--no-tqdm", "--temperature", "0",
+                    "--compare-hf", "--hf-modes", "generate", "--hf-batch-sizes", "2")
+    assert result["decoding"] == "greedy" and set(result["hf"]) == {"generate_bs2"}
+    assert result["hf_best_mode"] == "generate_bs2" and result["hf"]["generate_bs2"] > 0
+    assert result["ratio_to_hf"] == pytest.approx(result["output_tok_per_s"] / result["hf"]["generate_bs2"])
+    out = capsys.readouterr().out
+    assert "static batches of 2, greedy" in out and "both greedy" in out
