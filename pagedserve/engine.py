@@ -365,7 +365,7 @@ class LLMEngine:
                     if lp is not None:
                         out.logprobs.append(lp)
                         out.cumulative_logprob = (out.cumulative_logprob or 0.0) + lp.logprob
-            if detok is not None and not (state.final_only and not params_have_stops(request)):
+            if detok is not None and not (state.final_only and not needs_engine_text(request.sampling_params)):
                 detok.add_tokens(new_ids)
         finished = update.finished
         if not finished and detok is not None and detok.stop_reason is not None:
@@ -374,7 +374,7 @@ class LLMEngine:
             finished = True
         if finished and out.finish_reason is None:
             if detok is not None:
-                if state.final_only and not params_have_stops(request):
+                if state.final_only and not needs_engine_text(request.sampling_params):
                     detok.add_tokens(out.token_ids)  # one decode of the whole output
                 detok.flush()
             if detok is not None and detok.stop_reason is not None:
@@ -485,10 +485,6 @@ def _snapshot(o: CompletionOutput) -> CompletionOutput:
     dataclasses.replace costs several times more, for every request of every step)."""
     return CompletionOutput(o.index, o.text, o.token_ids[:], o.cumulative_logprob,
                             None if o.logprobs is None else o.logprobs[:], o.finish_reason, o.stop_reason)
-
-
-def params_have_stops(request: Request) -> bool:
-    return needs_engine_text(request.sampling_params)
 
 
 def needs_engine_text(params: SamplingParams) -> bool:

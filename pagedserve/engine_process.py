@@ -338,7 +338,8 @@ class _Sender:
 
 
 class _Loading:
-    """A result computed in a daemon thread; result() re-raises its exception."""
+    """A result computed in a daemon thread; result() re-raises its exception. Not a ThreadPoolExecutor:
+    its threads are joined at interpreter exit, so a server failing at start-up would wait for the load."""
 
     def __init__(self, fn: Callable[[], Any]) -> None:
         self._value: Any = None

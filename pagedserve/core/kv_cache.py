@@ -266,7 +266,7 @@ class KVCacheManager:
             if (-(-num_tokens // self.block_size) <= len(state.blocks)
                     and (num_tokens // self.block_size <= state.num_registered or not self._shares_prefix(request))):
                 return state.block_ids
-        elif new_computed_blocks:
+        else:
             raise RuntimeError(
                 f"request {request.request_id} already has blocks; prefix hits are for admission"
             )

@@ -438,15 +438,15 @@ def _profile_peak_activation_bytes(
 
     from pagedserve.executor.precompile import compile_ahead
 
+    num_rows = min(config.max_num_seqs, num_tokens)
     with compile_ahead("KV sizing") as dry:  # its kernel variants compile side by side first
         if dry:
-            model.compute_logits(model(input_ids, positions, ctx)[-1:])
+            model.compute_logits(model(input_ids, positions, ctx)[-num_rows:])
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     baseline = torch.cuda.memory_allocated(device)
     hidden = model(input_ids, positions, ctx)
-    num_rows = min(config.max_num_seqs, num_tokens)
     logits = model.compute_logits(hidden[-num_rows:])
     torch.softmax(logits, dim=-1)  # the sampler holds a few [rows, vocab] fp32 tensors like this
     torch.cuda.synchronize(device)

@@ -104,12 +104,12 @@ def build_worker(config: EngineConfig, on_tokenizer_source: Callable[[str, str |
 
     logger.info("start-up: device ready at %.1f s, model resolved and transformers imported at %.1f s",
                 t_device, time.monotonic() - t0)
+    tokenizer_source = config.tokenizer or gguf_file or tokenizer_folder
     pool = ThreadPoolExecutor(1, thread_name_prefix="pagedserve-tokenizer")
     try:
-        tokenizer_future = pool.submit(load_tokenizer, config.tokenizer or gguf_file or tokenizer_folder,
-                                       chat_template=config.chat_template)
+        tokenizer_future = pool.submit(load_tokenizer, tokenizer_source, chat_template=config.chat_template)
         if on_tokenizer_source is not None:
-            on_tokenizer_source(config.tokenizer or gguf_file or tokenizer_folder, config.chat_template)
+            on_tokenizer_source(tokenizer_source, config.chat_template)
         worker = _build_on_device(config, model_path, tokenizer_folder, device, dtype, t0, tokenizer_future)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -22,6 +22,7 @@ from torch import nn
 
 from pagedserve.executor.attention.base import ForwardContext
 from pagedserve.executor.layers import (
+    _NO_SKINNY_GEMM,
     Linear,
     MergedLinear,
     RMSNorm,
@@ -55,13 +56,11 @@ def num_kv_heads_of(hf_config: Any) -> int:
 # PAGEDSERVE_SKINNY_LM_HEAD=0: batch-1 logits through cuBLAS instead of the skinny GEMM (A/B runs). On
 # the H100 the skinny one made the bench's decode step 187.1 -> 188.1 and 187.3 -> 188.0 tok/s in two
 # calls (one earlier call showed 186.1 -> 184.9, within that call's noise; docs/gpu-notes.md, session 4).
-_SKINNY_LM_HEAD = (os.environ.get("PAGEDSERVE_SKINNY_LM_HEAD", "1") == "1"
-                   and os.environ.get("PAGEDSERVE_NO_SKINNY_GEMM") != "1")
+_SKINNY_LM_HEAD = os.environ.get("PAGEDSERVE_SKINNY_LM_HEAD", "1") == "1" and not _NO_SKINNY_GEMM
 
 
 # PAGEDSERVE_FUSED_GATE_UP=0: batch-1 MLP as gate_up GEMM then SiLU·mul, two kernels (A/B runs).
-_FUSED_GATE_UP = (os.environ.get("PAGEDSERVE_FUSED_GATE_UP", "1") == "1"
-                  and os.environ.get("PAGEDSERVE_NO_SKINNY_GEMM") != "1")
+_FUSED_GATE_UP = os.environ.get("PAGEDSERVE_FUSED_GATE_UP", "1") == "1" and not _NO_SKINNY_GEMM
 
 
 class DecoderAttention(nn.Module):
