@@ -208,6 +208,12 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
       timeout 240 python3 -m pytest tests/kernels/test_skinny_gemm.py -x -q -p no:cacheprovider 2>&1 | tail -15 ;;
     skinny-mid)  # the skinny GEMM at decode batches 16-256 vs cuBLAS
       timeout 330 python3 scripts/bench_skinny_gemm.py --m 16,64,128,256 --shapes qkv,o,gate_up,down ;;
+    timeline-cmp)  # the comparison workload: admission steps' kernels, then idle gaps between decode steps at 256
+      timeout 240 python3 scripts/step_timeline.py --model $M --output-len 512 --decode-at 256 2>&1 \
+        | grep -vE "^\[transformers\]|USDT|profiler.py|self.profiler" ;;
+    timeline-def)  # the default workload: decode steps once ~139 run
+      timeout 240 python3 scripts/step_timeline.py --model $M --output-len 100-1024 --decode-at 139 2>&1 \
+        | grep -vE "^\[transformers\]|USDT|profiler.py|self.profiler" ;;
     *) echo "unknown phase $phase" ;;
   esac
 }
@@ -218,6 +224,7 @@ for phase in $phases; do
   case $phase in
     tests) grep -E "7B shapes|async vs sync|passed|failed|FAILED|rror" "$OUT/tests.log" | tail -25 ;;
     serve-bench*|serve-diag|serve-prof|prof-load) cat "$OUT/$phase.log" ;;
+    timeline*) tail -n 70 "$OUT/$phase.log" ;;
     profile*|probe|launch-probe|silu|skinny*|tp-ab|lat-ab|gpu-quick|kernels-test|importprobe|sample|sample-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
     latency*) tail -n 5 "$OUT/$phase.log" ;;
     *) tail -n 8 "$OUT/$phase.log" ;;
