@@ -69,7 +69,9 @@ def _enclosing(annotations: list[dict], ts: float) -> str:
 def _launches_by_correlation(events: list[dict]) -> dict[int, dict]:
     out = {}
     for e in events:
-        if e.get("ph") == "X" and e.get("cat") == "cuda_runtime":
+        # Runtime calls (cudaLaunchKernel, cudaGraphLaunch) and driver calls (Triton and cuBLAS launch
+        # through cuLaunchKernel / cuLaunchKernelEx).
+        if e.get("ph") == "X" and e.get("cat") in ("cuda_runtime", "cuda_driver"):
             c = e.get("args", {}).get("correlation")
             if c is not None:
                 out[c] = e
@@ -137,6 +139,13 @@ def report_decode_window(events: list[dict], min_gap_us: float) -> None:
         return
     launches = _launches_by_correlation(events)
     annotations = _annotations(events)
+    # The window starts at step1's first kernel: before step0 the device was drained (a sync before
+    # the profiler), so step0's launch runs on an idle device.
+    first = [a for a in annotations if a["name"] == "step1"]
+    if first:
+        t1 = first[0]["ts"]
+        later = [e for e in gpu if (launches.get(e.get("args", {}).get("correlation")) or {"ts": 0})["ts"] >= t1]
+        gpu = later or gpu
     start, end = gpu[0]["ts"], max(e["ts"] + e["dur"] for e in gpu)
     busy, cursor, gaps = 0.0, start, []
     prev = None
@@ -162,7 +171,8 @@ def report_decode_window(events: list[dict], min_gap_us: float) -> None:
             how = "launch not found"
         print(f"  +{(cursor - start) / 1e3:7.3f} ms: idle {length:7.1f} us after {before['name'][:40]!r}, "
               f"before {after['name'][:40]!r}; {how}; host at gap start: {_enclosing(annotations, cursor)}")
-    slow = [e for e in events if e.get("ph") == "X" and e.get("cat") == "cuda_runtime" and e["dur"] >= 50]
+    slow = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("cuda_runtime", "cuda_driver")
+            and e["dur"] >= 50]
     print(f"host CUDA calls >= 50 us in the window: {len(slow)}")
     for e in slow[:40]:
         print(f"  +{(e['ts'] - start) / 1e3:7.3f} ms {e['name']} {e['dur']:.0f} us ({_enclosing(annotations, e['ts'])})")
