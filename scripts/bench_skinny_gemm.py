@@ -67,7 +67,9 @@ MODELS = {  # name: (K, N, has_bias)
 DEVICE = torch.device("cuda")
 ROTATE_BYTES = 256 << 20
 MAX_ERR = 2e-2
-FMA_TILES = [(4, 256, 4, 3), (4, 512, 4, 2), (8, 256, 4, 3), (16, 256, 4, 3), (16, 512, 8, 2)]  # n, k, warps, stages
+FMA_TILES = [(4, 256, 4, 3), (4, 512, 4, 2), (8, 256, 4, 3), (16, 256, 4, 3), (16, 512, 8, 2),  # n, k, warps, stages
+             # fewer rows a program (more programs: an even spread over the SMs for N = 3584), longer K steps
+             (2, 512, 4, 3), (2, 1024, 4, 2), (4, 1024, 4, 2), (1, 1024, 4, 3), (8, 512, 8, 2)]
 DOT_TILES = [(16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 8, 3)]
 # M > 8, (block_m, block_n, block_k, warps, stages): block_n = 64 W rows per warpgroup of 4 warps (wgmma);
 # shared memory (block_n + block_m) * block_k * 2 B * stages <= 196 KB. block_m is clamped to M's bucket.

@@ -197,11 +197,13 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
       timeout 300 python3 -m pytest tests/gpu/test_async_gpu.py tests/gpu/test_precompile.py tests/executor -q -m "not slow" -p no:cacheprovider -x 2>&1 | tail -4 ;;
     throughput-fused)
       PAGEDSERVE_FUSED_SAMPLER=1 python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy \
-        --no-tqdm --output-json "$OUT/throughput-fused.json" 2>&1 | tail -4 ;;
+        --no-tqdm --output-json "$OUT/throughput-fused.json" 2>&1 | grep -vE "^frame #|^\[transformers\]" | tail -12 ;;
     sample)
       python3 -m pagedserve.executor.kernels.bench_kernels --tune sample ;;
     skinny)
       python3 scripts/bench_skinny_gemm.py --m 1 --shapes qkv,o,gate_up,down ;;
+    skinny-b1)  # batch-1 qkv, o, down: every M=1 tile (and splits of the best) vs cuBLAS
+      timeout 300 python3 scripts/bench_skinny_gemm.py --m 1 --shapes qkv,o,down ;;
     skinny-lm)  # the batch-1 LM head shape: skinny configs vs cuBLAS
       timeout 200 python3 scripts/bench_skinny_gemm.py --m 1 --shapes lm_head --quick ;;
     skinny-test)  # the skinny GEMM's tests on the GPU (M up to 256), stop at the first failure
@@ -224,7 +226,7 @@ for phase in $phases; do
   case $phase in
     tests) grep -E "7B shapes|async vs sync|passed|failed|FAILED|rror" "$OUT/tests.log" | tail -25 ;;
     serve-bench*|serve-diag|serve-prof|prof-load) cat "$OUT/$phase.log" ;;
-    timeline*) tail -n 70 "$OUT/$phase.log" ;;
+    timeline*|skinny-b1) tail -n 70 "$OUT/$phase.log" ;;
     profile*|probe|launch-probe|silu|skinny*|tp-ab|lat-ab|gpu-quick|kernels-test|importprobe|sample|sample-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
     latency*) tail -n 5 "$OUT/$phase.log" ;;
     *) tail -n 8 "$OUT/$phase.log" ;;

@@ -175,7 +175,8 @@ def report_decode_window(events: list[dict], min_gap_us: float) -> None:
             and e["dur"] >= 50]
     print(f"host CUDA calls >= 50 us in the window: {len(slow)}")
     for e in slow[:40]:
-        print(f"  +{(e['ts'] - start) / 1e3:7.3f} ms {e['name']} {e['dur']:.0f} us ({_enclosing(annotations, e['ts'])})")
+        where = _enclosing(annotations, e["ts"])
+        print(f"  +{(e['ts'] - start) / 1e3:7.3f} ms {e['name']} {e['dur']:.0f} us ({where})")
     phases: dict[str, list[float]] = defaultdict(list)
     for a in annotations:
         if not a["name"].startswith("step"):

@@ -14,7 +14,9 @@ kernels in their caches; the real phase then finds them all compiled.
     run_the_phase_once()         # for real
 
 The dry run launches no Triton kernel and writes nothing through one; a phase whose host logic read
-back a Triton kernel's output would see garbage, so only phases without such reads belong here.
+back a Triton kernel's output would see garbage, so only phases without such reads belong here. A
+kernel whose output feeds indices into later torch ops (the fused sampler's token ids feed the next
+step's embedding lookup) checks `dry_run()` and writes a valid placeholder instead.
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 logger = logging.getLogger(__name__)
+_dry_run = False  # inside compile_ahead's block (the engine steps on one thread)
+
+
+def dry_run() -> bool:
+    """Whether Triton launches are being turned into compiles right now (they write nothing)."""
+    return _dry_run
 
 
 def supported() -> bool:
@@ -59,14 +67,17 @@ def compile_ahead(name: str = "phase", workers: int | None = None) -> Iterator[b
     def compile_only(self, grid):
         return lambda *args, **kwargs: self.run(*args, grid=grid, warmup=True, **kwargs)
 
+    global _dry_run
     t0 = time.perf_counter()
     with ThreadPoolExecutor(workers, thread_name_prefix="pagedserve-compile") as pool:
         mode = AsyncCompileMode(pool)
         mode.__enter__()
         KernelInterface.__getitem__ = compile_only
+        _dry_run = True
         try:
             yield True
         finally:
+            _dry_run = False
             KernelInterface.__getitem__ = original
             submitted = len(mode.raw_futures)
             mode.__exit__(None, None, None)  # waits for every compile, installs the kernels
@@ -74,4 +85,4 @@ def compile_ahead(name: str = "phase", workers: int | None = None) -> Iterator[b
                 time.perf_counter() - t0, workers)
 
 
-__all__ = ["compile_ahead", "supported"]
+__all__ = ["compile_ahead", "dry_run", "supported"]

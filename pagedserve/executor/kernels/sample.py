@@ -51,6 +51,7 @@ import triton.language as tl
 
 from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
 from pagedserve.executor.kernels.pdl import pdl_enter
+from pagedserve.executor.precompile import dry_run
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_TILE = 1024  # columns per loop step (256 Philox counters, 4 words each)
@@ -229,6 +230,8 @@ def sample_gumbel(
         raise ValueError(f"rows_per_program must be a power of two, got {rows_per_program}")
     if num_rows == 0:
         return out
+    if dry_run():  # the launch below only compiles: ids must still be in range for what reads them
+        out.zero_()
     # Contiguous 1-D parameters (a strided view would be read with the wrong stride).
     temperatures, seeds, offsets = (t.contiguous() for t in (temperatures, seeds, offsets))
 
