@@ -368,7 +368,7 @@ def bench_sample(vocab: int = 152064) -> None:
         offsets = torch.full((num_rows,), 7, dtype=torch.long, device="cuda")
         out = torch.full((num_rows,), -1, dtype=torch.long, device="cuda")
         torch_sampler = Sampler(vocab, set(), use_fused_kernel=False)
-        fused_sampler = Sampler(vocab, set())
+        fused_sampler = Sampler(vocab, set(), use_fused_kernel=True)
         rows = []
         for name, sampler in (("torch Sampler.sample", torch_sampler), ("fused Sampler.sample", fused_sampler)):
             run = functools.partial(sampler.sample, logits, reqs)

@@ -244,12 +244,13 @@ class SkinnyConfig:
 SKINNY_CONFIGS: dict[tuple[int, ...], dict[str, int | bool]] = {
     # qkv M=1: 13.4 us vs cuBLAS 14.3 us, heuristic 15.6 us
     (4608, 3584, 1): dict(block_n=4, block_k=512, num_warps=4, num_stages=2, split_k=1, use_dot=False),
-    # o M=1: 10.9 us vs cuBLAS 11.5 us, heuristic 12.8 us
-    (3584, 3584, 1): dict(block_n=4, block_k=512, num_warps=4, num_stages=2, split_k=1, use_dot=False),
+    # o M=1: 9.9 us vs cuBLAS 11.6 us, heuristic 12.1 us (4-row tiles: 10.3 us; session 5, 08d8269)
+    (3584, 3584, 1): dict(block_n=2, block_k=512, num_warps=4, num_stages=2, split_k=1, use_dot=False),
     # gate_up M=1: 89.8 us vs cuBLAS 98.5 us, heuristic 92.0 us
     (37888, 3584, 1): dict(block_n=4, block_k=512, num_warps=4, num_stages=2, split_k=1, use_dot=False),
-    # down M=1: 49.0 us vs cuBLAS 53.4 us, heuristic 57.4 us
-    (3584, 18944, 1): dict(block_n=4, block_k=512, num_warps=4, num_stages=2, split_k=1, use_dot=False),
+    # down M=1: 46.7 us vs cuBLAS 53.6 us, heuristic 57.0 us (4-row tiles: 48.6 us; one row a program spreads
+    # 3,584 programs evenly over the SMs where 896 left a ragged last wave; session 5, 08d8269)
+    (3584, 18944, 1): dict(block_n=1, block_k=512, num_warps=4, num_stages=3, split_k=1, use_dot=False),
     # lm_head M=1 (fp32 logits; PAGEDSERVE_SKINNY_LM_HEAD=0 for cuBLAS): 351.3 us vs cuBLAS 380.7 us, heuristic
     # 353.7 us (--m 1 --shapes lm_head --quick, ae6475e)
     (152064, 3584, 1): dict(block_n=8, block_k=256, num_warps=4, num_stages=3, split_k=1, use_dot=False),
