@@ -189,6 +189,16 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
         env $v python3 -m pagedserve.entrypoints.cli bench latency --model $M --load-format dummy 2>&1 \
           | grep -E "^latency|graph replay|^floor"
       done <<< "${LAT_AB:-PAGEDSERVE_PDL=0;PAGEDSERVE_PDL=1}" ;;
+    tput-ab)  # the default workload under each env setting (TPUT_AB, ";"-separated)
+      local v
+      while IFS= read -r -d ";" v || [ -n "$v" ]; do
+        echo "-- $v"
+        env $v python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm 2>&1 \
+          | grep -E "^throughput|^steps|^floor|Error|error"
+      done <<< "${TPUT_AB:-PAGEDSERVE_FUSED_SAMPLER=0;PAGEDSERVE_FUSED_SAMPLER=1}" ;;
+    sample-quick)  # the sampling kernel's greedy and Sampler tests, and its full-vocabulary ones
+      timeout 240 python3 -m pytest tests/kernels/test_sample.py -x -q -p no:cacheprovider \
+        -k "argmax or sampler or capturable or full_vocabulary or layout" 2>&1 | tail -8 ;;
     kernels-test)  # the attention/KV/norm kernels' test file on the GPU
       timeout 400 python3 -m pytest tests/kernels/test_kernels.py tests/kernels/test_fused_ops.py tests/kernels/test_silu_mul.py \
         tests/kernels/test_gate_up_silu.py \
@@ -226,7 +236,7 @@ for phase in $phases; do
   case $phase in
     tests) grep -E "7B shapes|async vs sync|passed|failed|FAILED|rror" "$OUT/tests.log" | tail -25 ;;
     serve-bench*|serve-diag|serve-prof|prof-load) cat "$OUT/$phase.log" ;;
-    timeline*|skinny-b1) tail -n 70 "$OUT/$phase.log" ;;
+    timeline*|skinny-b1|tput-ab) tail -n 70 "$OUT/$phase.log" ;;
     profile*|probe|launch-probe|silu|skinny*|tp-ab|lat-ab|gpu-quick|kernels-test|importprobe|sample|sample-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
     latency*) tail -n 5 "$OUT/$phase.log" ;;
     *) tail -n 8 "$OUT/$phase.log" ;;

@@ -123,18 +123,31 @@ class CUDAGraphDecoder:
                 return bs
         return None
 
-    def can_run(self, meta: AttentionMetadata) -> bool:
-        return (self.padded_size(int(meta.seq_lens.shape[0])) is not None
-                and meta.block_tables.shape[1] <= self.block_tables.shape[1])
+    def fits(self, num_seqs: int, width: int) -> bool:
+        """Whether a decode step of num_seqs sequences with block tables `width` wide has a graph."""
+        return self.padded_size(num_seqs) is not None and width <= self.block_tables.shape[1]
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Replays the graph for this decode-only step; returns logits [num_seqs, V] (a view)."""
+    def can_run(self, meta: AttentionMetadata) -> bool:
+        return self.fits(int(meta.seq_lens.shape[0]), int(meta.block_tables.shape[1]))
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, *,
+            placeholder_rows: torch.Tensor | None = None, last_sampled: torch.Tensor | None = None) -> torch.Tensor:
+        """Replays the graph for this decode-only step; returns logits [num_seqs, V] (a view).
+
+        meta's integer tensors may be int64 (the copies into the graph's int32 buffers convert).
+        placeholder_rows: every token is a placeholder for the token sampled in row
+        placeholder_rows[i] of last_sampled; the ids are gathered from there (input_ids is unused)."""
         n = int(meta.seq_lens.shape[0])
         bs = self.padded_size(n)
         width = int(meta.block_tables.shape[1])
         if bs is None or width > self.block_tables.shape[1]:
             raise ValueError(f"no CUDA graph for {n} sequences of {width} blocks")
-        self.input_ids[:n].copy_(input_ids, non_blocking=True)
+        if placeholder_rows is not None:
+            if last_sampled is None or placeholder_rows.shape != (n,):
+                raise ValueError("placeholder_rows needs last_sampled and one row per sequence")
+            torch.index_select(last_sampled, 0, placeholder_rows, out=self.input_ids[:n])
+        else:
+            self.input_ids[:n].copy_(input_ids, non_blocking=True)
         self.positions[:n].copy_(positions, non_blocking=True)
         self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
         self.seq_lens[:n].copy_(meta.seq_lens, non_blocking=True)

@@ -95,6 +95,11 @@ class StepInputs:
     ctx: ForwardContext
     logits_indices: torch.Tensor  # [L'] int64: the last token of each request that samples (+ padding)
     num_logits: int  # L <= L': the first L logits rows are real
+    # A decode step for the CUDA graphs: ctx's metadata holds the int64 views of the packed buffer (the
+    # graph's input copies convert them), and with every token a placeholder, placeholder_rows holds
+    # each row's index into the last step's samples (input_ids still holds the placeholder ids).
+    graph_step: bool = False
+    placeholder_rows: torch.Tensor | None = None
 
 
 def padded_count(n: int) -> int:
@@ -249,12 +254,26 @@ class ModelRunner:
 
         device_buf = self._to_device(buf)
         views = [device_buf[offsets[i] : offsets[i] + sizes[i]] for i in range(len(sizes))]
-        if num_placeholders:
+        graphs = self.cuda_graphs
+        # (A one-token chunk may be a prefill piece that does not sample: graphs need every row sampled.)
+        graph_step = (graphs is not None and is_decode_only and num_logits == num_seqs
+                      and graphs.fits(num_seqs, width))
+        # Each eager op before a graph replay costs ~2 us of device time at batch 1: a graph step skips
+        # the int32 conversions (its input copies convert) and, when every token is a placeholder (a
+        # steady decode), the scatter (the graph's ids are gathered from the last samples in one op).
+        placeholder_rows = None
+        if graph_step and num_placeholders == num_seqs:
+            placeholder_rows = views[8]
+        elif num_placeholders:
             views[0][views[7]] = self._last_sampled[views[8]]  # on the device: no wait for the last step
+
+        def int32(t: torch.Tensor) -> torch.Tensor:
+            return t if graph_step else t.to(torch.int32)
+
         meta = AttentionMetadata(
-            query_start_loc=views[3].to(torch.int32),
-            seq_lens=views[4].to(torch.int32),
-            block_tables=views[5].view(num_seqs, width).to(torch.int32),
+            query_start_loc=int32(views[3]),
+            seq_lens=int32(views[4]),
+            block_tables=int32(views[5].view(num_seqs, width)),
             slot_mapping=views[2],
             max_query_len=int(query_lens.max()) if num_seqs else 0,
             max_seq_len=int(seq_lens.max()) if num_seqs else 0,
@@ -262,10 +281,10 @@ class ModelRunner:
             query_lens_cpu=query_lens.tolist(),
             seq_lens_cpu=seq_lens.tolist(),
             is_decode_only=is_decode_only,
-            seq_order=views[9].to(torch.int32) if num_order else None,
+            seq_order=int32(views[9]) if num_order else None,
         )
         ctx = ForwardContext(attn_metadata=meta, kv_caches=self.kv_caches, backend=self.backend)
-        return StepInputs(views[0], views[1], ctx, views[6], num_logits)
+        return StepInputs(views[0], views[1], ctx, views[6], num_logits, graph_step, placeholder_rows)
 
     def _placeholder_sources(
         self, scheduled: list[ScheduledRequest], query_start_loc: np.ndarray, dst: np.ndarray
@@ -326,12 +345,9 @@ class ModelRunner:
             started = torch.cuda.Event(enable_timing=True)
             started.record()
         meta = inputs.ctx.attn_metadata
-        graphs = self.cuda_graphs
-        num_scheduled = len(scheduled)
-        # A one-token chunk may be a prefill piece that does not sample: graphs need every row sampled.
-        if (graphs is not None and meta.is_decode_only and inputs.num_logits == num_scheduled
-                and graphs.can_run(meta)):
-            logits = graphs.run(inputs.input_ids, inputs.positions, meta)
+        if inputs.graph_step:
+            logits = self.cuda_graphs.run(inputs.input_ids, inputs.positions, meta,
+                                          placeholder_rows=inputs.placeholder_rows, last_sampled=self._last_sampled)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.ctx)
             if inputs.num_logits == 0:  # only non-final prefill chunks this step
