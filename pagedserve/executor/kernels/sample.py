@@ -69,19 +69,20 @@ def _tile_scores(row_ptrs, row_mask, col_start, col_end, inv_t, seed, off_lo, of
     cols = col_start + tl.arange(0, TILE)[None, :]
     mask = row_mask & (cols < col_end)
     logit = tl.load(row_ptrs + cols, mask=mask, other=float("-inf")).to(tl.float32)
-    if not NOISE:
-        return tl.where(mask & (logit == logit), logit, float("-inf")), cols
-    QUADS: tl.constexpr = TILE // 4
-    zero = tl.zeros([ROWS, QUADS], dtype=tl.uint32)
-    quad = zero + (col_start // 4 + tl.arange(0, QUADS)).to(tl.uint32)[None, :]
-    r0, r1, r2, r3 = tl.philox(seed, quad, zero + off_lo, zero + off_hi, zero)
-    # Column 4k + j takes word j of counter k: interleave(interleave(r0, r2), interleave(r1, r3)).
-    bits = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
-    w = bits.to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10  # (r + 1/2) * 2^-32
-    w = tl.minimum(w, 0.99999994039535522)  # 1 - 2^-24: uint32 -> fp32 may round r up to 2^32
-    series = w * (1.0 + w * (0.5 + w * (0.3333333333333333 + w * 0.25)))
-    q = tl.where(w < 0.015625, series, -tl.log(1.0 - w))  # q = -log(1 - w) ~ Exp(1), q > 0
-    score = logit * inv_t - tl.log(q)
+    if NOISE:
+        QUADS: tl.constexpr = TILE // 4
+        zero = tl.zeros([ROWS, QUADS], dtype=tl.uint32)
+        quad = zero + (col_start // 4 + tl.arange(0, QUADS)).to(tl.uint32)[None, :]
+        r0, r1, r2, r3 = tl.philox(seed, quad, zero + off_lo, zero + off_hi, zero)
+        # Column 4k + j takes word j of counter k: interleave(interleave(r0, r2), interleave(r1, r3)).
+        bits = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
+        w = bits.to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10  # (r + 1/2) * 2^-32
+        w = tl.minimum(w, 0.99999994039535522)  # 1 - 2^-24: uint32 -> fp32 may round r up to 2^32
+        series = w * (1.0 + w * (0.5 + w * (0.3333333333333333 + w * 0.25)))
+        q = tl.where(w < 0.015625, series, -tl.log(1.0 - w))  # q = -log(1 - w) ~ Exp(1), q > 0
+        score = logit * inv_t - tl.log(q)
+    else:  # greedy: the logit itself
+        score = logit
     score = tl.where(mask & (score == score), score, float("-inf"))  # NaN -> -inf
     return score, cols
 
@@ -119,10 +120,11 @@ def _sample_gumbel_kernel(
         off_lo = offset.to(tl.uint32)
         off_hi = (offset >> 32).to(tl.uint32)
     else:
-        inv_t = None
-        seed = None
-        off_lo = None
-        off_hi = None
+        # Unused without noise, but compiled nested calls take tensors, not None.
+        inv_t = tl.full([ROWS, 1], 1.0, tl.float32)
+        seed = tl.zeros([ROWS, 1], dtype=tl.int64)
+        off_lo = tl.zeros([ROWS, 1], dtype=tl.uint32)
+        off_hi = tl.zeros([ROWS, 1], dtype=tl.uint32)
     row_ptrs = logits_ptr + rows[:, None] * stride_row
     row_mask = row_ok[:, None]
     col_begin = split * chunk
