@@ -11,19 +11,16 @@ from triton.compiler import ASTSource
 from pagedserve.executor.kernels import sample as m
 
 target = GPUTarget("cuda", 90, 32)
-for noise in (True, False):
-    for split in (True, False):
-        sig = {"logits_ptr": "*fp32", "temps_ptr": "*fp64" if noise else "*fp32",
-               "seeds_ptr": "*i64" if noise else "*fp32", "offsets_ptr": "*i64" if noise else "*fp32",
-               "out_ptr": "*i64", "part_val_ptr": "*fp32", "part_idx_ptr": "*i32",
-               "num_rows": "i32", "stride_row": "i32", "vocab": "i32", "chunk": "i32", "num_splits": "i32",
-               "ROWS": "constexpr", "TILE": "constexpr", "SPLIT": "constexpr", "NOISE": "constexpr",
-               "USE_PDL": "constexpr"}
-        consts = {"ROWS": 1, "TILE": 1024, "SPLIT": split, "NOISE": noise, "USE_PDL": True}
-        src = ASTSource(m._sample_gumbel_kernel, sig, constexprs=consts)
-        try:
-            k = triton.compile(src, target=target)
-            print(noise, split, "compiled", list(k.asm))
-        except Exception as e:
-            msg = str(e)
-            print(noise, split, type(e).__name__, msg[:300])
+for split in (True, False):
+    sig = {"logits_ptr": "*fp32", "temps_ptr": "*fp64", "seeds_ptr": "*i64", "offsets_ptr": "*i64",
+           "out_ptr": "*i64", "part_val_ptr": "*fp32", "part_idx_ptr": "*i32",
+           "num_rows": "i32", "stride_row": "i32", "vocab": "i32", "chunk": "i32", "num_splits": "i32",
+           "ROWS": "constexpr", "TILE": "constexpr", "SPLIT": "constexpr", "USE_PDL": "constexpr"}
+    consts = {"ROWS": 1, "TILE": 1024, "SPLIT": split, "USE_PDL": True}
+    src = ASTSource(m._sample_gumbel_kernel, sig, constexprs=consts)
+    try:
+        k = triton.compile(src, target=target)
+        print(split, "compiled", list(k.asm))
+    except Exception as e:
+        msg = str(e)
+        print(split, type(e).__name__, msg[:300])

@@ -212,7 +212,7 @@ class Sampler:
 
         if all(self._is_plain_greedy(r) for r in requests):
             # Fast path: no logits changes, no logprobs -> one argmax.
-            ids = self._argmax(logits)
+            ids = logits.argmax(dim=-1)
             return SampleResult(ids, ids, _decode_ids)
 
         if any(self._needs_processing(r) for r in requests):
@@ -336,7 +336,7 @@ class Sampler:
         num_rows, vocab = len(params), logits.shape[1]
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if not random_rows:
-            return self._argmax(logits)
+            return logits.argmax(dim=-1)
         fused = self._fused_kernel_on(logits)
         is_fast = [fused and not _needs_filters(params[i], vocab) for i in random_rows]
         fast_rows = [i for i, fast in zip(random_rows, is_fast) if fast]
@@ -347,7 +347,7 @@ class Sampler:
             return self._sample_filtered(logits, requests)
         device = logits.device
         if len(random_rows) < num_rows:
-            ids = self._argmax(logits)  # greedy rows (the random ones are overwritten below)
+            ids = logits.argmax(dim=-1)  # greedy rows (the random ones are overwritten below)
         else:
             ids = torch.empty(num_rows, dtype=torch.long, device=device)
         for rows, sample_rows in ((fast_rows, self._sample_fused), (filtered_rows, self._sample_filtered)):
@@ -355,14 +355,6 @@ class Sampler:
                 idx = _to_device(rows, torch.long, device)
                 ids[idx] = sample_rows(logits[idx], [requests[i] for i in rows])
         return ids
-
-    def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
-        """Greedy ids: the fused path's argmax kernel (kernels/sample.py) where it is on, else torch."""
-        if self._fused_kernel_on(logits):
-            from pagedserve.executor.kernels.sample import argmax_rows
-
-            return argmax_rows(logits)
-        return logits.argmax(dim=-1)
 
     def _fused_kernel_on(self, logits: torch.Tensor) -> bool:
         return self.use_fused_kernel and logits.is_cuda  # (tests patch this to run the interpreter)

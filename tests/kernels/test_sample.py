@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pagedserve.core.outputs import ScheduledRequest
-from pagedserve.executor.kernels.sample import argmax_rows, choose_num_splits, choose_tile, sample_gumbel
+from pagedserve.executor.kernels.sample import choose_num_splits, choose_tile, sample_gumbel
 from pagedserve.executor.sampler import Sampler, position_seed
 from pagedserve.sampling_params import SamplingParams
 
@@ -260,47 +260,6 @@ def test_rejects_bad_inputs():
     for args, kwargs, match in cases:
         with pytest.raises(ValueError, match=match):
             sample_gumbel(*args, **kwargs)
-
-
-# ---- greedy: the same kernel without the noise ----
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_rows,vocab", [(1, 5), (3, 300), (7, 5000), (2, 1)])
-def test_argmax_rows_matches_torch_argmax(dtype, num_rows, vocab):
-    gen = torch.Generator().manual_seed(num_rows * 1000 + vocab)
-    logits = (torch.randn(num_rows, vocab, generator=gen) * 3).to(dtype).to(DEVICE)
-    expected = logits.float().argmax(dim=-1).tolist()
-    for kwargs in ({}, {"tile": 64, "num_splits": 3}, {"tile": 16, "num_splits": 1}):
-        out = torch.full((num_rows,), -7, dtype=torch.long, device=DEVICE)  # poisoned
-        assert argmax_rows(logits, out=out, **kwargs).tolist() == expected, kwargs
-        assert out.tolist() == expected
-
-
-def test_argmax_rows_ties_and_masked_rows():
-    logits = torch.zeros(3, 300, device=DEVICE)
-    logits[0, [7, 5, 250]] = 1.0  # ties: the smallest column, as torch.argmax
-    logits[1] = NEG_INF  # all masked: column 0, as torch.argmax
-    logits[2, 299] = 2.0  # the last column
-    for kwargs in ({}, {"tile": 64, "num_splits": 4}):
-        assert argmax_rows(logits, **kwargs).tolist() == [5, 0, 299]
-    with pytest.raises(ValueError):
-        argmax_rows(logits[0])
-
-
-def test_sampler_greedy_rows_use_the_kernel(monkeypatch):
-    """With the fused path on, an all-greedy batch goes through argmax_rows and equals torch's argmax."""
-    monkeypatch.setattr(Sampler, "_fused_kernel_on", lambda self, logits: True)
-    calls = []
-    from pagedserve.executor.kernels import sample as sample_module
-
-    real = sample_module.argmax_rows
-    monkeypatch.setattr(sample_module, "argmax_rows", lambda logits: calls.append(1) or real(logits))
-    gen = torch.Generator().manual_seed(1)
-    logits = (torch.randn(5, len(FIXED), generator=gen) * 2).to(DEVICE)
-    ids, _ = Sampler(len(FIXED), {5}, seed=1)(logits, [req(SamplingParams(temperature=0.0), rid=str(i))
-                                                        for i in range(5)])
-    assert calls and list(ids) == logits.argmax(dim=-1).tolist()
 
 
 # ---- the Sampler's use of the kernel (forced on here; off by default until validated on a GPU) ----

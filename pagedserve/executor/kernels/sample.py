@@ -62,27 +62,24 @@ TARGET_PROGRAMS = 1024  # spread small batches over at least this many programs 
 
 @triton.jit
 def _tile_scores(row_ptrs, row_mask, col_start, col_end, inv_t, seed, off_lo, off_hi,
-                 ROWS: tl.constexpr, TILE: tl.constexpr, NOISE: tl.constexpr):
+                 ROWS: tl.constexpr, TILE: tl.constexpr):
     """(scores, cols), both [ROWS, TILE], of columns [col_start, col_start + TILE); col_start % 4 == 0.
-    row_ptrs, row_mask, inv_t, seed, off_lo, off_hi are [ROWS, 1]. Masked columns/rows score -inf.
-    Without NOISE the score is the logit itself (greedy: the argmax)."""
+    row_ptrs, row_mask, inv_t, seed, off_lo, off_hi are [ROWS, 1]. Masked columns/rows score -inf."""
+    QUADS: tl.constexpr = TILE // 4
+    zero = tl.zeros([ROWS, QUADS], dtype=tl.uint32)
+    quad = zero + (col_start // 4 + tl.arange(0, QUADS)).to(tl.uint32)[None, :]
+    r0, r1, r2, r3 = tl.philox(seed, quad, zero + off_lo, zero + off_hi, zero)
+    # Column 4k + j takes word j of counter k: interleave(interleave(r0, r2), interleave(r1, r3)).
+    bits = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
+    w = bits.to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10  # (r + 1/2) * 2^-32
+    w = tl.minimum(w, 0.99999994039535522)  # 1 - 2^-24: uint32 -> fp32 may round r up to 2^32
+    series = w * (1.0 + w * (0.5 + w * (0.3333333333333333 + w * 0.25)))
+    q = tl.where(w < 0.015625, series, -tl.log(1.0 - w))  # q = -log(1 - w) ~ Exp(1), q > 0
+
     cols = col_start + tl.arange(0, TILE)[None, :]
     mask = row_mask & (cols < col_end)
     logit = tl.load(row_ptrs + cols, mask=mask, other=float("-inf")).to(tl.float32)
-    if NOISE:
-        QUADS: tl.constexpr = TILE // 4
-        zero = tl.zeros([ROWS, QUADS], dtype=tl.uint32)
-        quad = zero + (col_start // 4 + tl.arange(0, QUADS)).to(tl.uint32)[None, :]
-        r0, r1, r2, r3 = tl.philox(seed, quad, zero + off_lo, zero + off_hi, zero)
-        # Column 4k + j takes word j of counter k: interleave(interleave(r0, r2), interleave(r1, r3)).
-        bits = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
-        w = bits.to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10  # (r + 1/2) * 2^-32
-        w = tl.minimum(w, 0.99999994039535522)  # 1 - 2^-24: uint32 -> fp32 may round r up to 2^32
-        series = w * (1.0 + w * (0.5 + w * (0.3333333333333333 + w * 0.25)))
-        q = tl.where(w < 0.015625, series, -tl.log(1.0 - w))  # q = -log(1 - w) ~ Exp(1), q > 0
-        score = logit * inv_t - tl.log(q)
-    else:  # greedy: the logit itself
-        score = logit
+    score = logit * inv_t - tl.log(q)
     score = tl.where(mask & (score == score), score, float("-inf"))  # NaN -> -inf
     return score, cols
 
@@ -106,25 +103,17 @@ def _sample_gumbel_kernel(
     ROWS: tl.constexpr,
     TILE: tl.constexpr,
     SPLIT: tl.constexpr,
-    NOISE: tl.constexpr = True,  # False: the argmax of the logits (temps, seeds, offsets unread)
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
     pdl_enter(USE_PDL)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     split = tl.program_id(1)
     row_ok = rows < num_rows
-    if NOISE:
-        inv_t = (1.0 / tl.load(temps_ptr + rows, mask=row_ok, other=1.0).to(tl.float32))[:, None]
-        seed = tl.load(seeds_ptr + rows, mask=row_ok, other=0)[:, None]
-        offset = tl.load(offsets_ptr + rows, mask=row_ok, other=0)[:, None]
-        off_lo = offset.to(tl.uint32)
-        off_hi = (offset >> 32).to(tl.uint32)
-    else:
-        # Unused without noise, but compiled nested calls take tensors, not None.
-        inv_t = tl.full([ROWS, 1], 1.0, tl.float32)
-        seed = tl.zeros([ROWS, 1], dtype=tl.int64)
-        off_lo = tl.zeros([ROWS, 1], dtype=tl.uint32)
-        off_hi = tl.zeros([ROWS, 1], dtype=tl.uint32)
+    inv_t = (1.0 / tl.load(temps_ptr + rows, mask=row_ok, other=1.0).to(tl.float32))[:, None]
+    seed = tl.load(seeds_ptr + rows, mask=row_ok, other=0)[:, None]
+    offset = tl.load(offsets_ptr + rows, mask=row_ok, other=0)[:, None]
+    off_lo = offset.to(tl.uint32)
+    off_hi = (offset >> 32).to(tl.uint32)
     row_ptrs = logits_ptr + rows[:, None] * stride_row
     row_mask = row_ok[:, None]
     col_begin = split * chunk
@@ -132,13 +121,12 @@ def _sample_gumbel_kernel(
 
     # First tile outside the loop: its valid columns seed the per-lane best, so a chunk whose scores
     # are all -inf still reports a real column (lanes past col_end keep 2**31 - 1).
-    best_val, cols = _tile_scores(row_ptrs, row_mask, col_begin, col_end, inv_t, seed, off_lo, off_hi, ROWS, TILE,
-                                  NOISE)
+    best_val, cols = _tile_scores(row_ptrs, row_mask, col_begin, col_end, inv_t, seed, off_lo, off_hi, ROWS, TILE)
     # [ROWS, TILE] from the start: a loop-carried value must keep its shape (cols is [1, TILE]).
     best_idx = tl.where(cols < col_end, cols, 2147483647) + tl.zeros([ROWS, TILE], dtype=tl.int32)
     for col_start in range(col_begin + TILE, col_end, TILE):
         score, cols = _tile_scores(row_ptrs, row_mask, col_start, col_end, inv_t, seed, off_lo, off_hi,
-                                   ROWS, TILE, NOISE)
+                                   ROWS, TILE)
         take = score > best_val  # strict: equal scores keep the earlier (smaller) column
         best_val = tl.where(take, score, best_val)
         best_idx = tl.where(take, cols, best_idx)
@@ -227,30 +215,6 @@ def sample_gumbel(
             raise ValueError(f"{name} dtype {t.dtype} is not one of {dtypes}")
         if t.device != logits.device:
             raise ValueError(f"{name} is on {t.device}, logits on {logits.device}")
-    # Contiguous 1-D parameters (a strided view would be read with the wrong stride).
-    temperatures, seeds, offsets = (t.contiguous() for t in (temperatures, seeds, offsets))
-    return _launch(logits, temperatures, seeds, offsets, out, tile, num_splits, rows_per_program, noise=True)
-
-
-def argmax_rows(logits: torch.Tensor, out: torch.Tensor | None = None, *, tile: int | None = None,
-                num_splits: int | None = None) -> torch.Tensor:
-    """Greedy ids [S] int64: argmax of each row of logits [S, V] (the smallest column among equal
-    maxima, as torch.argmax; NaN counts as -inf, unlike torch). The same launch layout as
-    sample_gumbel, without the noise: a 152k-column row is spread over ~149 programs, where
-    torch.argmax reduces it in one (8.7 us on the H100 against ~4)."""
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be [num_rows, vocab], got shape {tuple(logits.shape)}")
-    if logits.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"logits dtype {logits.dtype} is not supported; supported: float32, bfloat16, float16")
-    if logits.shape[1] == 0:
-        raise ValueError("logits have no columns: there is no token to pick")
-    if logits.stride(1) != 1 and logits.shape[1] > 1:
-        raise ValueError("logits must have a contiguous last dimension")
-    return _launch(logits, logits, logits, logits, out, tile, num_splits, None, noise=False)  # params unread
-
-
-def _launch(logits, temperatures, seeds, offsets, out, tile, num_splits, rows_per_program, *, noise: bool):
-    num_rows, vocab = logits.shape
     if out is None:
         out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
     elif out.shape != (num_rows,) or out.dtype != torch.int64 or out.device != logits.device:
@@ -268,6 +232,8 @@ def _launch(logits, temperatures, seeds, offsets, out, tile, num_splits, rows_pe
         return out
     if dry_run():  # the launch below only compiles: ids must still be in range for what reads them
         out.zero_()
+    # Contiguous 1-D parameters (a strided view would be read with the wrong stride).
+    temperatures, seeds, offsets = (t.contiguous() for t in (temperatures, seeds, offsets))
 
     if logits.device.type == "cpu":
         # Only the Triton interpreter runs kernels on CPU tensors (tests); it pays ~10 ms a program
@@ -290,7 +256,7 @@ def _launch(logits, temperatures, seeds, offsets, out, tile, num_splits, rows_pe
     _sample_gumbel_kernel[grid](
         logits, temperatures, seeds, offsets, out, part_val, part_idx,
         num_rows, logits.stride(0), vocab, chunk, splits,
-        ROWS=rows_per_program, TILE=tile, SPLIT=splits > 1, NOISE=noise, num_warps=num_warps,
+        ROWS=rows_per_program, TILE=tile, SPLIT=splits > 1, num_warps=num_warps,
         **pdl_launch_kwargs(logits.device),
     )  # fmt: skip
     if splits > 1:
@@ -305,4 +271,4 @@ def _launch(logits, temperatures, seeds, offsets, out, tile, num_splits, rows_pe
     return out
 
 
-__all__ = ["argmax_rows", "sample_gumbel", "choose_num_splits", "choose_tile", "split_layout"]
+__all__ = ["sample_gumbel", "choose_num_splits", "choose_tile", "split_layout"]
