@@ -473,10 +473,11 @@ class StepTiming:
             at = f" at step {where[0]}: {where[1]} tokens, {where[2]} seqs" if where else ""
             # device: the device's time per step; with async steps the host's share overlaps it.
             dev = f", device {device * 1e3 / device_steps:.2f}" if device_steps else ""
-            launched = f", launch {launch * per:.2f}" if launch else ""
+            # launch: the host's part of execute (mean); the slowest is the slowest execute, not device time.
+            launched = f", of which launch {launch * per:.2f}" if launch else ""
             parts.append(f"{kind}: {steps} steps, {tokens / max(steps, 1):.0f} tokens/step, ms/step: "
-                         f"schedule {sched * per:.2f}, execute {execute * per:.2f} (slowest {slowest * 1e3:.1f}"
-                         f"{at}{launched}), output {output * per:.2f}{dev}")
+                         f"schedule {sched * per:.2f}, execute {execute * per:.2f}{launched} (slowest execute "
+                         f"{slowest * 1e3:.1f}{at}), output {output * per:.2f}{dev}")
         return "; ".join(parts)
 
 
