@@ -113,6 +113,13 @@ def report_admission(events: list[dict], step_info: dict[str, tuple[int, int, in
         top = sorted(by_name.items(), key=lambda kv: -kv[1])[:5]
         print(f"  {name}: {tokens} tokens, {decodes} decodes, {seqs} seqs: {busy:.1f} ms ({span:.1f}); "
               + "; ".join(f"{n} {t:.1f}" for n, t in top))
+    # Host calls that block (a sync inside a step's launch stalls the host until the step before ends).
+    annotations = _annotations(events)
+    blocking = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("cuda_runtime", "cuda_driver")
+                and e["dur"] >= 1000]
+    print(f"  host CUDA calls >= 1 ms during admission: {len(blocking)}")
+    for e in blocking[:30]:
+        print(f"    {e['name']} {e['dur'] / 1e3:.1f} ms ({_enclosing(annotations, e['ts'])})")
     if len(device_ms) >= 3:
         med = statistics.median(device_ms.values())
         slow = [n for n, t in device_ms.items() if t > 1.5 * med]
