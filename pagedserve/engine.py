@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from pagedserve.sampling_params import SamplingParams
 from pagedserve.tokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
+# PAGEDSERVE_LOG_STEPS=1: one log line per mixed (prompt-carrying) async step with its host and device times.
+_LOG_STEPS = os.environ.get("PAGEDSERVE_LOG_STEPS") == "1"
 
 
 @dataclass(slots=True)
@@ -325,9 +328,14 @@ class LLMEngine:
         t_done = time.perf_counter()
         outputs = self._process(scheduler_output, runner_output)
         # Its execute time: the launch (host) plus the wait for the device.
+        device_s = getattr(handle, "device_seconds", None)
         self.step_timing.add(scheduler_output, t_scheduled - t_start, (t_launched - t_scheduled) + (t_done - t_wait),
-                             time.perf_counter() - t_done, getattr(handle, "device_seconds", None),
-                             launch_s=t_launched - t_scheduled)
+                             time.perf_counter() - t_done, device_s, launch_s=t_launched - t_scheduled)
+        if _LOG_STEPS and scheduler_output.num_batched_tokens > len(scheduler_output.scheduled):
+            logger.info("mixed step: %d tokens, %d seqs: schedule %.1f, launch %.1f, wait %.1f, device %s ms",
+                        scheduler_output.num_batched_tokens, len(scheduler_output.scheduled),
+                        1e3 * (t_scheduled - t_start), 1e3 * (t_launched - t_scheduled), 1e3 * (t_done - t_wait),
+                        f"{1e3 * device_s:.1f}" if device_s is not None else "-")
         return outputs
 
     def _process(self, scheduler_output: SchedulerOutput, runner_output) -> list[RequestOutput]:

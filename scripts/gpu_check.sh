@@ -189,6 +189,9 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
         env $v python3 -m pagedserve.entrypoints.cli bench latency --model $M --load-format dummy 2>&1 \
           | grep -E "^latency|graph replay|^floor"
       done <<< "${LAT_AB:-PAGEDSERVE_PDL=0;PAGEDSERVE_PDL=1}" ;;
+    steplog)  # the default workload with one log line per mixed step (launch vs wait vs device)
+      PAGEDSERVE_LOG_STEPS=1 python3 -m pagedserve.entrypoints.cli --log-level info bench throughput --model $M \
+        --load-format dummy --no-tqdm 2>&1 | grep -E "mixed step|^throughput|^steps" | sed 's/^.*INFO pagedserve.engine: //' ;;
     tput-ab)  # the default workload under each env setting (TPUT_AB, ";"-separated)
       local v
       while IFS= read -r -d ";" v || [ -n "$v" ]; do
@@ -236,7 +239,7 @@ for phase in $phases; do
   case $phase in
     tests) grep -E "7B shapes|async vs sync|passed|failed|FAILED|rror" "$OUT/tests.log" | tail -25 ;;
     serve-bench*|serve-diag|serve-prof|prof-load) cat "$OUT/$phase.log" ;;
-    timeline*|skinny-b1|tput-ab) tail -n 70 "$OUT/$phase.log" ;;
+    timeline*|skinny-b1|tput-ab|steplog) tail -n 70 "$OUT/$phase.log" ;;
     profile*|probe|launch-probe|silu|skinny*|tp-ab|lat-ab|gpu-quick|kernels-test|importprobe|sample|sample-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
     latency*) tail -n 5 "$OUT/$phase.log" ;;
     *) tail -n 8 "$OUT/$phase.log" ;;
