@@ -332,10 +332,12 @@ class LLMEngine:
         self.step_timing.add(scheduler_output, t_scheduled - t_start, (t_launched - t_scheduled) + (t_done - t_wait),
                              time.perf_counter() - t_done, device_s, launch_s=t_launched - t_scheduled)
         if _LOG_STEPS and scheduler_output.num_batched_tokens > len(scheduler_output.scheduled):
-            logger.info("mixed step: %d tokens, %d seqs: schedule %.1f, launch %.1f, wait %.1f, device %s ms",
+            from pagedserve.executor.compile_log import summary_suffix  # (with PAGEDSERVE_LOG_COMPILES=1)
+
+            logger.info("mixed step: %d tokens, %d seqs: schedule %.1f, launch %.1f, wait %.1f, device %s ms%s",
                         scheduler_output.num_batched_tokens, len(scheduler_output.scheduled),
                         1e3 * (t_scheduled - t_start), 1e3 * (t_launched - t_scheduled), 1e3 * (t_done - t_wait),
-                        f"{1e3 * device_s:.1f}" if device_s is not None else "-")
+                        f"{1e3 * device_s:.1f}" if device_s is not None else "-", summary_suffix())
         return outputs
 
     def _process(self, scheduler_output: SchedulerOutput, runner_output) -> list[RequestOutput]:

@@ -190,7 +190,7 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
           | grep -E "^latency|graph replay|^floor"
       done <<< "${LAT_AB:-PAGEDSERVE_PDL=0;PAGEDSERVE_PDL=1}" ;;
     steplog)  # the default workload with one log line per mixed step (launch vs wait vs device)
-      PAGEDSERVE_LOG_STEPS=1 python3 -m pagedserve.entrypoints.cli --log-level info bench throughput --model $M \
+      PAGEDSERVE_LOG_STEPS=1 PAGEDSERVE_LOG_COMPILES=1 python3 -m pagedserve.entrypoints.cli --log-level info bench throughput --model $M \
         --load-format dummy --no-tqdm 2>&1 | grep -E "mixed step|^throughput|^steps" | sed 's/^.*INFO pagedserve.engine: //' ;;
     tput-ab)  # the default workload under each env setting (TPUT_AB, ";"-separated)
       local v
