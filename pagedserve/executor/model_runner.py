@@ -23,6 +23,7 @@ step N+1's inputs never overwrites what step N's copy may still be reading.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -338,6 +339,30 @@ class ModelRunner:
         # allocate a few of each size a step can ask for now, so none is allocated mid-run.
         warm = [torch.empty(1 << k, dtype=torch.uint8, pin_memory=True) for k in range(3, 18) for _ in range(3)]
         del warm
+
+    @torch.inference_mode()
+    def warm_gemm_shapes(self, max_tokens: int, max_seqs: int) -> tuple[int, float]:
+        """Runs the first layer's projections at every token count an eager step can have (padded_count's
+        ladder) and the LM head at every padded logits count, once, at start-up (CUDA). The first GEMM of
+        a shape costs host time for cuBLAS's algorithm choice (~0.3 ms a projection) and for loading
+        kernels not used before: ~175 ms for the bench workloads' one 7,680-token step, through which the
+        device idled (docs/gpu-notes.md, session 5). Returns (token counts warmed, seconds)."""
+        from pagedserve.executor.layers import Linear
+
+        layers = getattr(getattr(self.model, "model", None), "layers", None)
+        if self.device.type != "cuda" or not self.pad_eager_steps or not layers:
+            return 0, 0.0
+        t0 = time.perf_counter()
+        linears = [m for m in layers[0].modules() if isinstance(m, Linear)]
+        counts = sorted({padded_count(n) for n in range(1, max_tokens + 1)})
+        for num in counts:
+            for linear in linears:
+                linear(torch.zeros(num, linear.in_features, dtype=self.dtype, device=self.device))
+        hidden_size = int(self.hf_config.hidden_size)
+        for num in sorted({padded_count(n) for n in range(1, max_seqs + 1)}):
+            self.model.compute_logits(torch.zeros(num, hidden_size, dtype=self.dtype, device=self.device))
+        torch.cuda.synchronize(self.device)
+        return len(counts), time.perf_counter() - t0
 
     def _to_device(self, buf: np.ndarray) -> torch.Tensor:
         host = torch.from_numpy(buf)
