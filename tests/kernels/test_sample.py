@@ -262,7 +262,7 @@ def test_rejects_bad_inputs():
             sample_gumbel(*args, **kwargs)
 
 
-# ---- the Sampler's use of the kernel (forced on here; off by default until validated on a GPU) ----
+# ---- the Sampler's use of the kernel (forced on here: the interpreter on CPU; the worker turns it on on CUDA) ----
 
 
 def req(params: SamplingParams, output_index: int = 0, rid: str = "r") -> ScheduledRequest:
