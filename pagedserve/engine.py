@@ -169,11 +169,10 @@ class LLMEngine:
                 run_script()
             # cuBLAS at every eager token count (model_runner.warm_gemm_shapes): inside the block its host
             # work overlaps the Triton compiles the dry run just queued.
-            runner = getattr(self.worker, "runner", None)
-            if runner is not None and hasattr(runner, "warm_gemm_shapes"):
-                shapes, seconds = runner.warm_gemm_shapes(self.config.max_num_batched_tokens, self.config.max_num_seqs)
-                if shapes:
-                    logger.info("start-up: cuBLAS warmed at %d token counts in %.1f s", shapes, seconds)
+            shapes, seconds = self.worker.runner.warm_gemm_shapes(self.config.max_num_batched_tokens,
+                                                                  self.config.max_num_seqs)
+            if shapes:
+                logger.info("start-up: cuBLAS warmed at %d token counts in %.1f s", shapes, seconds)
         run_script()
         elapsed = time.monotonic() - t0
         from pagedserve.executor.compile_log import summary_suffix

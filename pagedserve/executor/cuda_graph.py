@@ -127,9 +127,6 @@ class CUDAGraphDecoder:
         """Whether a decode step of num_seqs sequences with block tables `width` wide has a graph."""
         return self.padded_size(num_seqs) is not None and width <= self.block_tables.shape[1]
 
-    def can_run(self, meta: AttentionMetadata) -> bool:
-        return self.fits(int(meta.seq_lens.shape[0]), int(meta.block_tables.shape[1]))
-
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, *,
             placeholder_rows: torch.Tensor | None = None, last_sampled: torch.Tensor | None = None) -> torch.Tensor:
         """Replays the graph for this decode-only step; returns logits [num_seqs, V] (a view).
@@ -140,7 +137,7 @@ class CUDAGraphDecoder:
         n = int(meta.seq_lens.shape[0])
         bs = self.padded_size(n)
         width = int(meta.block_tables.shape[1])
-        if bs is None or width > self.block_tables.shape[1]:
+        if not self.fits(n, width):
             raise ValueError(f"no CUDA graph for {n} sequences of {width} blocks")
         if placeholder_rows is not None:
             if last_sampled is None or placeholder_rows.shape != (n,):

@@ -318,28 +318,6 @@ class ModelRunner:
                 self._host_buffers[turn] = np.empty(capacity, dtype=np.int64)
         return self._host_buffers[turn][:size]
 
-    def reserve_host_buffers(self, max_tokens: int, max_seqs: int, max_model_len: int) -> None:
-        """Pins both host buffers at the largest step's size, and warms the pinned-memory cache for the
-        samples' copies back, at start-up (CUDA). A page-locked allocation synchronizes the device
-        implicitly: a buffer grown mid-run made the host wait for the step in flight (the last
-        admission step of the bench workloads: its execute time doubled to ~340 ms, and the device
-        idled while the host then launched it)."""
-        if self.device.type != "cuda":
-            return
-        tokens, width = padded_count(max_tokens), -(-max_model_len // self.block_size)
-        sizes = [tokens, tokens, tokens, max_seqs + 1, max_seqs, max_seqs * width, padded_count(max_seqs),
-                 max_seqs, max_seqs, max_seqs]  # as prepare_inputs lays them out, at their largest
-        size = sum(n + (n & 1) for n in sizes)
-        for turn in (0, 1):
-            if self._host_buffers[turn].size < size:
-                pinned = torch.empty(size, dtype=torch.int64, pin_memory=True)
-                self._pinned[turn] = pinned
-                self._host_buffers[turn] = pinned.numpy()
-        # The copies back take pinned blocks from torch's caching host allocator (power-of-two sizes):
-        # allocate a few of each size a step can ask for now, so none is allocated mid-run.
-        warm = [torch.empty(1 << k, dtype=torch.uint8, pin_memory=True) for k in range(3, 18) for _ in range(3)]
-        del warm
-
     @torch.inference_mode()
     def warm_gemm_shapes(self, max_tokens: int, max_seqs: int) -> tuple[int, float]:
         """Runs the first layer's projections at every token count an eager step can have (padded_count's

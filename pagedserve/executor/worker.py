@@ -154,7 +154,6 @@ def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: st
                       use_fused_kernel=os.environ.get("PAGEDSERVE_FUSED_SAMPLER", "1") != "0")
     runner = ModelRunner(config, model, hf_config, device, dtype, num_blocks, config.block_size, sampler)
     config = dataclasses.replace(config, max_model_len=max_model_len, max_num_batched_tokens=max_batched)
-    runner.reserve_host_buffers(max_batched, config.max_num_seqs, max_model_len)
     logger.info("start-up: KV cache sized at %.1f s%s", time.monotonic() - t0, summary_suffix())
     if device.type == "cuda" and not config.enforce_eager:
         runner.capture_cuda_graphs(config.max_num_seqs, max_model_len)
