@@ -85,18 +85,33 @@ LARGE_M_TILES = [
     (256, 64, 64, 8, 3),
     (256, 128, 64, 8, 3),
 ]
+# --tma: the same dot path with both operands fetched by TMA (bulk tensor copies into shared memory),
+# (block_m, block_n, block_k, warps, stages); shared memory (block_n + block_m) * block_k * 2 B * stages.
+LARGE_M_TMA_TILES = [
+    (32, 64, 128, 4, 6),
+    (32, 128, 128, 4, 4),
+    (64, 64, 128, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 128, 128, 4, 4),
+    (128, 64, 128, 4, 3),
+    (128, 128, 64, 8, 4),
+    (256, 64, 64, 4, 4),
+    (256, 128, 64, 8, 3),
+]
 SPLITS = (1, 2, 3, 4, 6, 8, 12)
+CUBLAS_ONLY = False  # --cublas-only: time F.linear at each M, no Triton sweep
+CUBLAS_TIMES: dict[tuple[int, int, int], float] = {}  # (M, N, K) -> us, --cublas-only
 
 
 def label(cfg: SkinnyConfig, k: int) -> str:
     split = effective_split_k(k, cfg.block_k, cfg.split_k)
-    kind = f"dot m{cfg.block_m}" if cfg.use_dot else "fma"
+    kind = (f"tma m{cfg.block_m}" if cfg.use_tma else f"dot m{cfg.block_m}") if cfg.use_dot else "fma"
     return f"{kind} n{cfg.block_n} k{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages} S{split}"
 
 
-def candidates(m: int, n: int, k: int, num_sms: int, quick: bool) -> list[SkinnyConfig]:
+def candidates(m: int, n: int, k: int, num_sms: int, quick: bool, tma: bool = False) -> list[SkinnyConfig]:
     if m > FMA_MAX_M:
-        return large_m_candidates(m, n, k, num_sms, quick)
+        return large_m_candidates(m, n, k, num_sms, quick, tma)
     configs = [default_config(m, n, k, torch.bfloat16, num_sms)]
     tiles = [(t, True) for t in DOT_TILES] + ([(t, False) for t in FMA_TILES] if m <= 2 else [])
     if quick:
@@ -108,17 +123,19 @@ def candidates(m: int, n: int, k: int, num_sms: int, quick: bool) -> list[Skinny
     return list(dict.fromkeys(configs))
 
 
-def large_m_candidates(m: int, n: int, k: int, num_sms: int, quick: bool) -> list[SkinnyConfig]:
-    """The heuristic default, then LARGE_M_TILES (block_m clamped to m_bucket(M)) with the heuristic split."""
+def large_m_candidates(m: int, n: int, k: int, num_sms: int, quick: bool, tma: bool = False) -> list[SkinnyConfig]:
+    """The heuristic default, then LARGE_M_TILES (or LARGE_M_TMA_TILES with tma; block_m clamped to
+    m_bucket(M)) with the heuristic split."""
     bucket = max(16, m_bucket(m))
-    tiles = list(dict.fromkeys((min(bm, bucket), bn, bk, w, st) for bm, bn, bk, w, st in LARGE_M_TILES))
+    table = LARGE_M_TMA_TILES if tma else LARGE_M_TILES
+    tiles = list(dict.fromkeys((min(bm, bucket), bn, bk, w, st) for bm, bn, bk, w, st in table))
     if quick:  # the tiles with the largest block_m M uses
         tiles = [t for t in tiles if t[0] == bucket][:3] or tiles[-3:]
     configs = [default_config(m, n, k, torch.bfloat16, num_sms)]
     for block_m, block_n, block_k, warps, stages in tiles:
         block_k = fit_block_k(k, block_k)
         split = default_split_k(n, k, block_n, block_k, num_sms, m=m, block_m=block_m)
-        configs.append(SkinnyConfig(block_n, block_k, warps, stages, split, True, block_m))
+        configs.append(SkinnyConfig(block_n, block_k, warps, stages, split, True, block_m, tma))
     return list(dict.fromkeys(configs))
 
 
@@ -138,7 +155,7 @@ def max_rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref).abs().max() / ref.abs().max()).item()
 
 
-def bench_shape(name, k, n, has_bias, m_values, num_sms, rep, quick, results) -> None:
+def bench_shape(name, k, n, has_bias, m_values, num_sms, rep, quick, results, tma=False) -> None:
     gen = torch.Generator(device=DEVICE).manual_seed(n + k)
     w0 = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16, generator=gen) * 0.02
     num_copies = max(1, math.ceil(ROTATE_BYTES / w0.nbytes))
@@ -150,18 +167,21 @@ def bench_shape(name, k, n, has_bias, m_values, num_sms, rep, quick, results) ->
         ref = x.float() @ w_f32.T + (bias.float() if has_bias else 0.0)
         print(f"\n{name}  K={k} N={n}{' +bias' if has_bias else ''}  M={m}  "
               f"({w0.nbytes / 1e6:.1f} MB weight x {num_copies} copies)", flush=True)  # fmt: skip
-        result = bench_case(x, weights, bias, ref, num_sms, rep, quick)
+        result = bench_case(x, weights, bias, ref, num_sms, rep, quick, tma)
         if result is not None:
             results[(name, m)] = result
 
 
-def bench_case(x, weights, bias, ref, num_sms, rep, quick) -> dict | None:
+def bench_case(x, weights, bias, ref, num_sms, rep, quick, tma=False) -> dict | None:
     """cuBLAS, then the sweep, for one x [M, K]; returns the best config and its time (None if none ran)."""
     (m, k), n, num_copies = x.shape, weights[0].shape[0], len(weights)
     read_bytes = 2 * (weights[0].numel() + x.numel() + (n if bias is not None else 0))
     err = max_rel_err(F.linear(x, weights[0], bias), ref)
     cublas_us = time_us(lambda i: F.linear(x, weights[i], bias), num_copies, rep)
     print(f"  {'cuBLAS F.linear':32} {cublas_us:8.2f} us {read_bytes / cublas_us / 1e3:6.0f} GB/s  err {err:.1e}")
+    if CUBLAS_ONLY:
+        CUBLAS_TIMES[(m, n, k)] = cublas_us
+        return None
     out = torch.empty(m, n, device=DEVICE, dtype=torch.bfloat16)
     timed: dict[SkinnyConfig, float] = {}
 
@@ -183,7 +203,7 @@ def bench_case(x, weights, bias, ref, num_sms, rep, quick) -> dict | None:
         print(f"  {label(cfg, k):32} {us:8.2f} us {read_bytes / us / 1e3:6.0f} GB/s  err {err:.1e}"
               f"  x{cublas_us / us:.2f} vs cuBLAS", flush=True)  # fmt: skip
 
-    configs = candidates(m, n, k, num_sms, quick)
+    configs = candidates(m, n, k, num_sms, quick, tma)
     print(f"  (heuristic default: {label(configs[0], k)})")
     for cfg in configs:
         try_config(cfg)
@@ -262,6 +282,7 @@ def print_summary(results) -> None:
             f"heuristic {r['default_us']:.1f} us{slower}"
         )
         block_m = f", block_m={c.block_m}" if c.use_dot else ""
+        block_m += ", use_tma=True" if c.use_tma else ""
         print(
             f"    {comment}{key}: dict(block_n={c.block_n}, block_k={c.block_k}, "
             f"num_warps={c.num_warps}, num_stages={c.num_stages}, split_k={split}, use_dot={c.use_dot}{block_m}),"
@@ -275,6 +296,8 @@ def main() -> None:
     parser.add_argument("--shapes", help="comma-separated subset of qkv,o,gate_up,down,lm_head")
     parser.add_argument("--m", default="1,2,4,8", help=f"comma-separated token counts (1..{MAX_M})")
     parser.add_argument("--quick", action="store_true", help="default + 3 configs per case, no split sweep")
+    parser.add_argument("--cublas-only", action="store_true", help="time cuBLAS alone at each M (e.g. a ladder)")
+    parser.add_argument("--tma", action="store_true", help="M > 8: sweep the TMA tiles (LARGE_M_TMA_TILES)")
     parser.add_argument("--rep", type=int, default=10, help="ms of kernels per CUDA graph (triton do_bench_cudagraph)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -285,6 +308,8 @@ def main() -> None:
     m_values = [int(v) for v in args.m.split(",")]
     if not all(1 <= m <= MAX_M for m in m_values):
         parser.error(f"--m values must be in 1..{MAX_M}, got {args.m}")
+    global CUBLAS_ONLY
+    CUBLAS_ONLY = args.cublas_only
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"{torch.cuda.get_device_name()} ({num_sms} SMs)  torch {torch.__version__}  triton {triton.__version__}"
           f"  model {args.model}  bf16")  # fmt: skip
@@ -293,9 +318,15 @@ def main() -> None:
     results: dict = {}
     for name in names:
         k, n, has_bias = shapes[name]
-        bench_shape(name, k, n, has_bias, m_values, num_sms, args.rep, args.quick, results)
+        bench_shape(name, k, n, has_bias, m_values, num_sms, args.rep, args.quick, results, args.tma)
         torch.cuda.empty_cache()
-    for m in m_values:
+    if args.cublas_only:
+        print("\n== cuBLAS per M (us; the layer's sum and us per token row)")
+        print(f"{'M':>5} " + " ".join(f"{n:>9}" for n in names) + f" {'sum':>9} {'sum/M':>7}")
+        for m in m_values:
+            row = [CUBLAS_TIMES.get((m, shapes[n][1], shapes[n][0]), math.nan) for n in names]
+            print(f"{m:5d} " + " ".join(f"{t:9.2f}" for t in row) + f" {sum(row):9.2f} {sum(row) / m:7.3f}")
+    for m in m_values if not args.cublas_only else ():
         bench_layer({n: shapes[n] for n in names}, results, m, args.rep)
     print_summary(results)
     print(f"\n(total {time.perf_counter() - start:.0f} s)")

@@ -221,6 +221,13 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
       timeout 200 python3 scripts/bench_skinny_gemm.py --m 1 --shapes lm_head --quick ;;
     skinny-test)  # the skinny GEMM's tests on the GPU (M up to 256), stop at the first failure
       timeout 240 python3 -m pytest tests/kernels/test_skinny_gemm.py -x -q -p no:cacheprovider 2>&1 | tail -15 ;;
+    tma-test)  # the skinny GEMM's TMA path on the GPU, stop at the first failure
+      timeout 200 python3 -m pytest tests/kernels/test_skinny_gemm.py -k tma -x -q -p no:cacheprovider 2>&1 | tail -15 ;;
+    skinny-tma)  # the TMA tiles at decode batches 64-256 vs cuBLAS (and the old dot path's heuristic)
+      timeout 420 python3 scripts/bench_skinny_gemm.py --tma --m ${TMA_M:-64,128,144,192,256} --shapes qkv,o,gate_up,down ;;
+    cublas-ladder)  # cuBLAS alone at every decode graph size 64..256 (step 8): where its tiles quantize
+      timeout 200 python3 scripts/bench_skinny_gemm.py --cublas-only --shapes qkv,o,gate_up,down \
+        --m "$(seq -s, 64 8 256)" ;;
     skinny-mid)  # the skinny GEMM at decode batches 16-256 vs cuBLAS
       timeout 330 python3 scripts/bench_skinny_gemm.py --m 16,64,128,256 --shapes qkv,o,gate_up,down ;;
     timeline-cmp)  # the comparison workload: admission steps' kernels, then idle gaps between decode steps at 256
@@ -240,8 +247,9 @@ for phase in $phases; do
     tests) grep -E "7B shapes|async vs sync|passed|failed|FAILED|rror" "$OUT/tests.log" | tail -25 ;;
     serve-bench*|serve-diag|serve-prof|prof-load) cat "$OUT/$phase.log" ;;
     timeline*|skinny-b1|tput-ab|steplog) tail -n 70 "$OUT/$phase.log" ;;
-    profile*|probe|launch-probe|silu|skinny*|tp-ab|lat-ab|gpu-quick|kernels-test|importprobe|sample|sample-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
+    profile*|probe|launch-probe|silu|skinny*|tma-test|tp-ab|lat-ab|gpu-quick|kernels-test|importprobe|sample|sample-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
     latency*) tail -n 5 "$OUT/$phase.log" ;;
+    cublas-ladder) sed -n '/== cuBLAS per M/,$p' "$OUT/$phase.log" ;;
     *) tail -n 8 "$OUT/$phase.log" ;;
   esac
 done

@@ -178,6 +178,15 @@ def report_decode_window(events: list[dict], min_gap_us: float) -> None:
             how = "launch not found"
         print(f"  +{(cursor - start) / 1e3:7.3f} ms: idle {length:7.1f} us after {before['name'][:40]!r}, "
               f"before {after['name'][:40]!r}; {how}; host at gap start: {_enclosing(annotations, cursor)}")
+    # Where the device time of the window goes, by kernel name (per step: the window's steps counted
+    # by their step annotations).
+    steps = max(1, sum(1 for a in annotations if a["name"].startswith("step")) - 1)
+    by_name: dict[str, list[float]] = defaultdict(list)
+    for e in gpu:
+        by_name[e["name"][:70]].append(e["dur"])
+    print(f"device time by kernel over ~{steps} steps (us per step, calls per step, mean us per call):")
+    for name, durs in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:24]:
+        print(f"  {sum(durs) / steps:9.1f} us  x{len(durs) / steps:6.1f}  {statistics.mean(durs):8.2f}  {name}")
     slow = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("cuda_runtime", "cuda_driver")
             and e["dur"] >= 50]
     print(f"host CUDA calls >= 50 us in the window: {len(slow)}")

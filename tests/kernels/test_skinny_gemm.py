@@ -43,6 +43,17 @@ LARGE_M_CASES = [  # (K, N, bias, config)
 ]
 
 
+# The TMA path (bulk tensor copies, zero-filled past the tensor's edges): 16-bit operands only, row
+# strides a multiple of 16 bytes (K % 8 == 0). SkinnyConfig(..., block_m, use_tma=True).
+TMA_CASES = [  # (K, N, bias, config)
+    pytest.param(72, 17, True, SkinnyConfig(16, 32, 2, 2, 1, True, 16, True), id="tma-m16-K72-N17-bias"),
+    pytest.param(200, 70, False, SkinnyConfig(32, 64, 4, 3, 3, True, 32, True), id="tma-m32-split-K200-N70"),
+    pytest.param(96, 40, True, SkinnyConfig(16, 32, 4, 2, 2, True, 64, True), id="tma-m64-split-K96-N40-bias"),
+    pytest.param(136, 33, True, SkinnyConfig(64, 16, 4, 4, 1, True, 128, True), id="tma-m128-K136-N33-bias"),
+]
+TMA_DTYPES = [torch.float16, torch.bfloat16] if CUDA else [torch.float16]
+
+
 def reference(x, weight, bias):
     ref = x.float() @ weight.float().T
     return ref + bias.float() if bias is not None else ref
@@ -82,6 +93,28 @@ def test_skinny_linear_large_m(m, k, n, with_bias, config, dtype):
     got = skinny_linear(x, weight, bias, out=out, config=config)
     assert got is out
     assert_matches(out, reference(x, weight, bias), dtype)
+
+
+@pytest.mark.parametrize("dtype", TMA_DTYPES)
+@pytest.mark.parametrize("k,n,with_bias,config", TMA_CASES)
+@pytest.mark.parametrize("m", [9, 33, 130])
+def test_skinny_linear_tma(m, k, n, with_bias, config, dtype):
+    x, weight, bias = make_inputs(m, k, n, with_bias, dtype)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
+    assert skinny_linear(x, weight, bias, out=out, config=config) is out
+    assert_matches(out, reference(x, weight, bias), dtype)
+
+
+def test_tma_rejects_what_the_copy_engine_cannot_read():
+    config = SkinnyConfig(16, 32, 2, 2, 1, True, 16, True)
+    x, weight, _ = make_inputs(9, 36, 8, False, torch.float16)  # rows of 72 bytes: not a 16-byte multiple
+    with pytest.raises(ValueError, match="16-byte"):
+        skinny_linear(x, weight, config=config)
+    x, weight, _ = make_inputs(9, 64, 8, False, torch.float32)
+    with pytest.raises(ValueError, match="float16/bfloat16"):
+        skinny_linear(x, weight, config=config)
+    with pytest.raises(ValueError, match="use_dot"):
+        SkinnyConfig(16, 32, 2, 2, 1, False, 16, True).validate()
 
 
 def test_max_m_and_default_config():

@@ -189,6 +189,53 @@ def _skinny_gemm_kernel(
 
 
 @triton.jit(do_not_specialize=["M"])
+def _tma_gemm_kernel(
+    w_desc,  # TMA descriptor of W [N, K], block [BLOCK_N, BLOCK_K]
+    x_desc,  # TMA descriptor of x [M, K], block [BLOCK_M, BLOCK_K] (rows past M read as zeros)
+    bias_ptr,  # [N] (HAS_BIAS only)
+    out_ptr,  # y [M, N] or, when split, partials [splits, M, N] fp32
+    M,
+    N,
+    stride_os,
+    stride_om,
+    k_per_split,  # a multiple of BLOCK_K
+    K,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
+):
+    """The dot path with both operands fetched by the Hopper tensor-memory accelerator (TMA): W and x
+    tiles land in shared memory through bulk tensor copies, NUM_STAGES deep, and feed wgmma directly
+    (no per-thread address arithmetic or register staging). Same tiling and launch order as the dot
+    path of _skinny_gemm_kernel; rows past N or M and columns past K are zero-filled by the copy."""
+    num_m_tiles = tl.cdiv(M, BLOCK_M)
+    pid_n = tl.program_id(0) // num_m_tiles
+    pid_m = tl.program_id(0) % num_m_tiles
+    pid_k = tl.program_id(1)
+    n0 = pid_n * BLOCK_N
+    m0 = pid_m * BLOCK_M
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    pdl_enter(USE_PDL)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
+        w = w_desc.load([n0, k])
+        x = x_desc.load([m0, k])
+        acc = tl.dot(w, x.T, acc)
+    result = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N
+    if HAS_BIAS:
+        result += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & n_mask[None, :])
+
+
+@triton.jit(do_not_specialize=["M"])
 def _split_k_reduce_kernel(
     part_ptr,  # [num_splits, M, N] fp32, contiguous
     bias_ptr,
@@ -222,6 +269,7 @@ class SkinnyConfig:
     split_k: int = 1  # upper bound: reduced so that no split is empty
     use_dot: bool = True
     block_m: int = 16  # rows of x per program, use_dot only (power of 2, 16..256); fma tiles are m_bucket(M)
+    use_tma: bool = False  # dot path with TMA (bulk tensor copy) loads: Hopper or newer, bf16/fp16
 
     def validate(self) -> None:
         for name in ("block_n", "block_k", "num_warps", "block_m"):
@@ -234,6 +282,8 @@ class SkinnyConfig:
             raise ValueError(f"block_m must be in 16..{MAX_M}, got {self.block_m}")
         if self.num_warps > 16 or self.num_stages < 1 or self.split_k < 1:
             raise ValueError(f"bad num_warps / num_stages / split_k in {self}")
+        if self.use_tma and not self.use_dot:
+            raise ValueError("use_tma needs use_dot (the TMA path is a tensor-core path)")
 
 
 # Measured overrides, keyed (N, K, m_bucket) or (N, K) (any M; an fma entry is skipped for M > 8);
@@ -396,6 +446,15 @@ def _check_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         raise ValueError(f"out must be [{m}, {n}] of {x.dtype} or float32 with a contiguous last dim")
 
 
+def _check_tma(x: torch.Tensor, weight: torch.Tensor) -> None:
+    """TMA's rules for a global tensor: 16-byte aligned base and row stride, 2-byte elements here."""
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"use_tma takes float16/bfloat16 operands, got {x.dtype}")
+    for name, t in (("x", x), ("weight", weight)):
+        if t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
+            raise ValueError(f"use_tma needs {name} 16-byte aligned with a 16-byte multiple row stride")
+
+
 def skinny_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -429,20 +488,38 @@ def skinny_linear(
         target, stride_os, stride_om = out, 0, out.stride(0)
     block_m = config.block_m if config.use_dot else m_bucket(m)  # fma: one m-tile
     grid = (triton.cdiv(n, config.block_n) * triton.cdiv(m, block_m), num_splits)
-    _skinny_gemm_kernel[grid](
-        x, weight, bias if bias is not None else x, target,
-        m, n, k, x.stride(0), weight.stride(0), stride_os, stride_om, tiles_per_split * block_k,
-        HAS_BIAS=bias is not None and num_splits == 1,
-        EVEN_K=k % block_k == 0,
-        USE_DOT=config.use_dot,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,  # fp32: no TF32 rounding
-        BLOCK_M=block_m,
-        BLOCK_N=config.block_n,
-        BLOCK_K=block_k,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-        **pdl_launch_kwargs(x.device),
-    )  # fmt: skip
+    if config.use_tma:
+        _check_tma(x, weight)
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        _tma_gemm_kernel[grid](
+            TensorDescriptor.from_tensor(weight, [config.block_n, block_k]),
+            TensorDescriptor.from_tensor(x, [block_m, block_k]),
+            bias if bias is not None else x, target,
+            m, n, stride_os, stride_om, tiles_per_split * block_k, k,
+            HAS_BIAS=bias is not None and num_splits == 1,
+            BLOCK_M=block_m,
+            BLOCK_N=config.block_n,
+            BLOCK_K=block_k,
+            NUM_STAGES=config.num_stages,
+            num_warps=config.num_warps,
+            **pdl_launch_kwargs(x.device),
+        )  # fmt: skip
+    else:
+        _skinny_gemm_kernel[grid](
+            x, weight, bias if bias is not None else x, target,
+            m, n, k, x.stride(0), weight.stride(0), stride_os, stride_om, tiles_per_split * block_k,
+            HAS_BIAS=bias is not None and num_splits == 1,
+            EVEN_K=k % block_k == 0,
+            USE_DOT=config.use_dot,
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,  # fp32: no TF32 rounding
+            BLOCK_M=block_m,
+            BLOCK_N=config.block_n,
+            BLOCK_K=block_k,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+            **pdl_launch_kwargs(x.device),
+        )  # fmt: skip
     if num_splits > 1:
         block = 512
         _split_k_reduce_kernel[(triton.cdiv(m * n, block),)](

@@ -1,0 +1,68 @@
+"""Compiles Triton kernels for sm_90 on a machine without a GPU (Triton's frontend, its passes and
+ptxas all run on the CPU): catches compile errors the interpreter does not see (e.g. None passed to a
+nested jit function, a TMA block the copy engine cannot take) before a device call, and says whether
+the tensor-core path is there (wgmma in the PTX) and whether TMA copies are (cp.async.bulk.tensor).
+The local Triton may differ from the GPU's.
+
+    python scripts/compile_sm90.py [sample] [tma]
+"""
+from __future__ import annotations
+
+import sys
+
+import triton
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def build(fn, sig: dict, consts: dict, label: str, num_warps: int = 4, num_stages: int = 3) -> None:
+    src = ASTSource(fn, sig, constexprs=consts)
+    try:
+        k = triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
+    except Exception as e:  # noqa: BLE001 - report and go on with the next variant
+        print(f"{label}: {type(e).__name__}: {str(e)[:400]}")
+        return
+    ptx = k.asm.get("ptx", "")
+    print(f"{label}: compiled; wgmma {ptx.count('wgmma.mma_async')}, tma {ptx.count('cp.async.bulk.tensor')}, "
+          f"shared {k.metadata.shared} B, regs n/a on CPU")
+
+
+def sample() -> None:
+    from pagedserve.executor.kernels import sample as m
+
+    for split in (True, False):
+        sig = {"logits_ptr": "*fp32", "temps_ptr": "*fp64", "seeds_ptr": "*i64", "offsets_ptr": "*i64",
+               "out_ptr": "*i64", "part_val_ptr": "*fp32", "part_idx_ptr": "*i32",
+               "num_rows": "i32", "stride_row": "i32", "vocab": "i32", "chunk": "i32", "num_splits": "i32",
+               "ROWS": "constexpr", "TILE": "constexpr", "SPLIT": "constexpr", "USE_PDL": "constexpr"}
+        consts = {"ROWS": 1, "TILE": 1024, "SPLIT": split, "USE_PDL": True}
+        build(m._sample_gumbel_kernel, sig, consts, f"sample split={split}")
+
+
+def tma() -> None:
+    from bench_skinny_gemm import LARGE_M_TMA_TILES
+
+    from pagedserve.executor.kernels import skinny_gemm as m
+
+    for block_m, block_n, block_k, warps, stages in LARGE_M_TMA_TILES:
+        for bias, out in ((True, "*bf16"), (False, "*fp32")):
+            sig = {"w_desc": f"tensordesc<bf16[{block_n}, {block_k}]>",
+                   "x_desc": f"tensordesc<bf16[{block_m}, {block_k}]>",
+                   "bias_ptr": "*bf16", "out_ptr": out, "M": "i32", "N": "i32", "stride_os": "i32",
+                   "stride_om": "i32", "k_per_split": "i32", "K": "i32",
+                   "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+                   "NUM_STAGES": "constexpr", "USE_PDL": "constexpr"}
+            consts = {"HAS_BIAS": bias, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
+                      "NUM_STAGES": stages, "USE_PDL": True}
+            build(m._tma_gemm_kernel, sig, consts, f"tma m{block_m} n{block_n} k{block_k} w{warps} s{stages} "
+                  f"{'bias' if bias else 'split'}", num_warps=warps, num_stages=stages)
+
+
+if __name__ == "__main__":
+    print(f"triton {triton.__version__}")
+    for name in sys.argv[1:] or ["sample", "tma"]:
+        {"sample": sample, "tma": tma}[name]()
