@@ -4,7 +4,7 @@ nested jit function, a TMA block the copy engine cannot take) before a device ca
 the tensor-core path is there (wgmma in the PTX) and whether TMA copies are (cp.async.bulk.tensor).
 The local Triton may differ from the GPU's.
 
-    python scripts/compile_sm90.py [sample] [tma]
+    python scripts/compile_sm90.py [sample] [tma] [decode]
 """
 from __future__ import annotations
 
@@ -62,7 +62,25 @@ def tma() -> None:
                   f"{'bias' if bias else 'split'}", num_warps=warps, num_stages=stages)
 
 
+def decode() -> None:
+    from pagedserve.executor.kernels import paged_attention_decode as m
+
+    ptrs = ["q_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr", "block_tables_ptr", "seq_lens_ptr",
+            "query_start_loc_ptr", "seq_order_ptr", "part_out_ptr", "part_lse_ptr", "work_ptr", "counter_ptr"]
+    types = ["*bf16", "*bf16", "*bf16", "*bf16", "*i32", "*i32", "*i32", "*i32", "*fp32", "*fp32", "*i32", "*i32"]
+    ints = ["stride_w", "qk_scale", "num_splits", "stride_q_tok", "stride_q_head", "stride_o_tok", "stride_o_head",
+            "stride_bt_seq", "stride_c_block", "stride_c_slot", "stride_c_head"]
+    for work, ordered in ((True, False), (False, True)):
+        sig = dict(zip(ptrs, types)) | {n: ("fp32" if n == "qk_scale" else "i32") for n in ints}
+        consts = {"NUM_HEADS": 28, "QUERIES_PER_KV": 7, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_G": 16,
+                  "BLOCK_N": 64, "BLOCK_SIZE": 16, "SPLIT": False, "MIXED": False, "ORDERED": ordered,
+                  "WORK": work, "USE_PDL": True}
+        sig |= {k: "constexpr" for k in consts}
+        build(m._paged_decode_kernel, sig, consts, f"decode work={work} ordered={ordered}", num_warps=2,
+              num_stages=3)
+
+
 if __name__ == "__main__":
     print(f"triton {triton.__version__}")
-    for name in sys.argv[1:] or ["sample", "tma"]:
-        {"sample": sample, "tma": tma}[name]()
+    for name in sys.argv[1:] or ["sample", "tma", "decode"]:
+        {"sample": sample, "tma": tma, "decode": decode}[name]()

@@ -221,6 +221,11 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
       timeout 200 python3 scripts/bench_skinny_gemm.py --m 1 --shapes lm_head --quick ;;
     skinny-test)  # the skinny GEMM's tests on the GPU (M up to 256), stop at the first failure
       timeout 240 python3 -m pytest tests/kernels/test_skinny_gemm.py -x -q -p no:cacheprovider 2>&1 | tail -15 ;;
+    work-test)  # the decode kernel (work list, order, splits) and the runner's work path on the GPU
+      timeout 300 python3 -m pytest tests/kernels/test_kernels.py tests/kernels/test_runner_decode_work.py -k "decode" \
+        -x -q -p no:cacheprovider 2>&1 | tail -8 ;;
+    decode-work)  # the decode kernel at the default workload's batches: order vs work list
+      timeout 200 python3 -m pagedserve.executor.kernels.bench_kernels --tune decode-work ;;
     tma-test)  # the skinny GEMM's TMA path on the GPU, stop at the first failure
       timeout 200 python3 -m pytest tests/kernels/test_skinny_gemm.py -k tma -x -q -p no:cacheprovider 2>&1 | tail -15 ;;
     skinny-tma)  # the TMA tiles at decode batches 64-256 vs cuBLAS (and the old dot path's heuristic)
@@ -247,7 +252,7 @@ for phase in $phases; do
     tests) grep -E "7B shapes|async vs sync|passed|failed|FAILED|rror" "$OUT/tests.log" | tail -25 ;;
     serve-bench*|serve-diag|serve-prof|prof-load) cat "$OUT/$phase.log" ;;
     timeline*|skinny-b1|tput-ab|steplog) tail -n 70 "$OUT/$phase.log" ;;
-    profile*|probe|launch-probe|silu|skinny*|tma-test|tp-ab|lat-ab|gpu-quick|kernels-test|importprobe|sample|sample-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
+    profile*|probe|launch-probe|silu|skinny*|tma-test|work-test|decode-work|tp-ab|lat-ab|gpu-quick|kernels-test|importprobe|sample|sample-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
     latency*) tail -n 5 "$OUT/$phase.log" ;;
     cublas-ladder) sed -n '/== cuBLAS per M/,$p' "$OUT/$phase.log" ;;
     *) tail -n 8 "$OUT/$phase.log" ;;

@@ -9,6 +9,10 @@ reads fixed (static) input buffers, so a replay first copies the step's inputs i
     seq_lens:               the step's                 0    (attention outputs zeros for them)
     block_tables[:, :w]:    the step's (w = its width) stale rows, never read past seq_len
     seq_order (if used):    a permutation of [0, n)    n, n+1, ... (the identity)
+    decode work (if used):  the step's I items          items [I, capacity(bs)): seq -1 (no-ops)
+
+Graphs whose batch fills the SMs (paged_attention_decode.uses_work_list) take a decode work list
+instead of seq_order, with a grid fixed at capture for the most items a step of bs sequences makes.
 
 Attention metadata inside the graph is captured with max_seq_len = max_model_len, so the decode
 kernel's split count covers the longest context a replay can bring. Logits are computed inside
@@ -62,11 +66,30 @@ class CUDAGraphDecoder:
         self.use_seq_order = bool(getattr(backend, "wants_seq_order", False))
         self._identity = torch.arange(max_bs, dtype=torch.int32, device=device)
         self.seq_order = self._identity.clone()
+        self.use_work = bool(getattr(backend, "decode_work", False))
+        if self.use_work:
+            from pagedserve.executor.kernels import paged_attention_decode as pad
+
+            self._num_kv_heads = kv_caches[0].shape[3]
+            self._num_sms = pad.num_sms(device)
+            self.work = torch.full((6, pad.work_capacity(max_bs, self._num_kv_heads, self._num_sms)), -1,
+                                   dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.pool = None
 
+    def work_items(self, bs: int) -> int:
+        """The graph of bs sequences runs this many work items (0: it takes seq_order instead)."""
+        if not self.use_work:
+            return 0
+        from pagedserve.executor.kernels import paged_attention_decode as pad
+
+        if not pad.uses_work_list(bs, self._num_kv_heads, self._num_sms):
+            return 0
+        return pad.work_capacity(bs, self._num_kv_heads, self._num_sms)
+
     def _metadata(self, bs: int) -> AttentionMetadata:
+        items = self.work_items(bs)
         return AttentionMetadata(
             query_start_loc=self.query_start_loc[: bs + 1],
             seq_lens=self.seq_lens[:bs],
@@ -76,7 +99,8 @@ class CUDAGraphDecoder:
             max_seq_len=self.max_model_len,
             block_size=self.block_size,
             is_decode_only=True,
-            seq_order=self.seq_order[:bs] if self.use_seq_order else None,
+            seq_order=self.seq_order[:bs] if self.use_seq_order and not items else None,
+            decode_work=self.work[:, :items] if items else None,
         )
 
     def _forward(self, bs: int) -> torch.Tensor:
@@ -91,6 +115,8 @@ class CUDAGraphDecoder:
         # Padding everywhere: capture writes nothing to the cache and reads only zero-length contexts.
         self.slot_mapping.fill_(-1)
         self.seq_lens.zero_()
+        if self.use_work:
+            self.work.fill_(-1)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -149,14 +175,23 @@ class CUDAGraphDecoder:
         self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
         self.seq_lens[:n].copy_(meta.seq_lens, non_blocking=True)
         self.block_tables[:n, :width].copy_(meta.block_tables, non_blocking=True)
-        if self.use_seq_order:
+        items = self.work_items(bs)
+        if items:
+            if meta.decode_work is None:
+                raise ValueError(f"the graph of {bs} sequences runs a decode work list; this step has none")
+            used = int(meta.decode_work.shape[1])
+            if used > items:
+                raise ValueError(f"{used} work items exceed the graph's capacity {items}")
+            self.work[:, :used].copy_(meta.decode_work, non_blocking=True)
+            self.work[0, used:items].fill_(-1)
+        elif self.use_seq_order:
             if meta.seq_order is None:
                 raise ValueError("the graphs were captured with a sequence order; this step has none")
             self.seq_order[:n].copy_(meta.seq_order, non_blocking=True)
         if bs > n:
             self.slot_mapping[n:bs].fill_(-1)
             self.seq_lens[n:bs].zero_()
-            if self.use_seq_order:  # a larger step may have left its permutation there
+            if self.use_seq_order and not items:  # a larger step may have left its permutation there
                 self.seq_order[n:bs].copy_(self._identity[n:bs], non_blocking=True)
         self.graphs[bs].replay()
         return self.logits[bs][:n]

@@ -9,8 +9,10 @@ into one int64 host buffer (pinned on CUDA), copied, then sliced into views on t
 
     | input_ids T | positions T | slot_mapping T | query_start_loc S+1 | seq_lens S |
     | block_tables S*W | logits_indices L | placeholder_dst P | placeholder_src P | seq_order O |
+    | decode_work 6*I |
 
-(seq_order: O = S on decode-only steps when the backend wants it, else 0.)
+(seq_order: O = S on decode-only steps when the backend wants it, else 0. decode_work replaces it
+when the decode batch fills the SMs (paged_attention_decode.decode_work_list: I chunks, 6 rows).)
 
 Async steps: `execute_async` queues a step on the device and returns a handle at once; the host
 reads the sampled ids only in `StepHandle.result()`. Meanwhile the engine may schedule and queue
@@ -168,6 +170,11 @@ class ModelRunner:
         self.sampler = sampler
         self.backend = select_attention_backend(config, self.device)
         self.kv_caches = allocate_kv_caches(hf_config, num_kv_blocks, block_size, self.device, dtype)
+        self._num_kv_heads = num_kv_heads_of(hf_config)
+        if getattr(self.backend, "decode_work", False):  # the decode work list's chunks follow its tile
+            from pagedserve.executor.kernels.paged_attention_decode import default_decode_config
+
+            self._decode_block_n = default_decode_config(head_dim_of(hf_config), dtype)["block_n"]
         # Two host buffers used in turn (see the module docstring), each with the event of the last
         # host-to-device copy that read it.
         self._host_buffers = [np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)]
@@ -205,21 +212,38 @@ class ModelRunner:
         placeholder_src = self._placeholder_sources(scheduled, query_start_loc, placeholder_dst)
         num_placeholders = len(placeholder_dst)
         is_decode_only = num_seqs > 0 and num_tokens == num_seqs
+        graphs = self.cuda_graphs
+        # (A one-token chunk may be a prefill piece that does not sample: graphs need every row sampled.)
+        graph_step = (graphs is not None and is_decode_only and num_logits == num_seqs
+                      and graphs.fits(num_seqs, width))
         num_order = num_seqs if is_decode_only and getattr(self.backend, "wants_seq_order", False) else 0
+        work = None
+        if num_order and getattr(self.backend, "decode_work", False):
+            # Launch size: a graph step runs the graph of the padded batch, which decides its mode.
+            from pagedserve.executor.kernels import paged_attention_decode as pad
+
+            launch_size = graphs.padded_size(num_seqs) if graph_step else num_seqs
+            if pad.uses_work_list(launch_size, self._num_kv_heads, pad.num_sms(self.device)):
+                work = pad.decode_work_list(seq_lens, self._num_kv_heads, pad.num_sms(self.device),
+                                            self._decode_block_n)
+                num_order = 0
+        num_work = 0 if work is None else work.size
         padded_tokens, padded_logits = num_tokens, num_logits
         if self.pad_eager_steps and not is_decode_only:
             padded_tokens, padded_logits = padded_count(num_tokens), padded_count(num_logits)
 
         sizes = [padded_tokens, padded_tokens, padded_tokens, num_seqs + 1, num_seqs, num_seqs * width,
-                 padded_logits, num_placeholders, num_placeholders, num_order]
+                 padded_logits, num_placeholders, num_placeholders, num_order, num_work]
         # Each part starts 16-byte aligned (an even int64 offset): Triton specializes kernels on the
         # alignment of pointer arguments, and a parity that changed with the step would compile
         # new kernel variants in the middle of serving.
         offsets = np.concatenate([[0], np.cumsum([n + (n & 1) for n in sizes])])
         buf = self._host_view(int(offsets[-1]))
-        input_ids, positions, slot_mapping, qsl, sl, block_tables, logits_indices, dst, src, order = (
+        input_ids, positions, slot_mapping, qsl, sl, block_tables, logits_indices, dst, src, order, work_part = (
             buf[offsets[i] : offsets[i] + sizes[i]] for i in range(len(sizes))
         )
+        if num_work:
+            work_part[:] = work.reshape(-1)
         if num_order:  # only with the Triton backend, so its kernel module (and triton) is there
             from pagedserve.executor.kernels.paged_attention_decode import longest_first_order
 
@@ -255,10 +279,6 @@ class ModelRunner:
 
         device_buf = self._to_device(buf)
         views = [device_buf[offsets[i] : offsets[i] + sizes[i]] for i in range(len(sizes))]
-        graphs = self.cuda_graphs
-        # (A one-token chunk may be a prefill piece that does not sample: graphs need every row sampled.)
-        graph_step = (graphs is not None and is_decode_only and num_logits == num_seqs
-                      and graphs.fits(num_seqs, width))
         # Each eager op before a graph replay costs ~2 us of device time at batch 1: a graph step skips
         # the int32 conversions (its input copies convert) and, when every token is a placeholder (a
         # steady decode), the scatter (the graph's ids are gathered from the last samples in one op).
@@ -283,6 +303,7 @@ class ModelRunner:
             seq_lens_cpu=seq_lens.tolist(),
             is_decode_only=is_decode_only,
             seq_order=int32(views[9]) if num_order else None,
+            decode_work=int32(views[10].view(6, -1)) if num_work else None,
         )
         ctx = ForwardContext(attn_metadata=meta, kv_caches=self.kv_caches, backend=self.backend)
         return StepInputs(views[0], views[1], ctx, views[6], num_logits, graph_step, placeholder_rows)

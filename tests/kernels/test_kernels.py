@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pytest
@@ -20,7 +21,13 @@ import torch
 from pagedserve.executor.attention.base import AttentionMetadata
 from pagedserve.executor.attention.triton_backend import TritonAttentionBackend
 from pagedserve.executor.kernels.kv_cache_write import write_kv_cache
-from pagedserve.executor.kernels.paged_attention_decode import longest_first_order, paged_attention_decode
+from pagedserve.executor.kernels.paged_attention_decode import (
+    decode_work_list,
+    longest_first_order,
+    paged_attention_decode,
+    uses_work_list,
+    work_capacity,
+)
 from pagedserve.executor.kernels.paged_attention_prefill import paged_attention_prefill
 
 CUDA = torch.cuda.is_available()
@@ -285,6 +292,89 @@ def test_decode_seq_order(shape, dtype, num_splits):
         outs.append(out)
     assert_same(outs[1], outs[0])
     assert_same(outs[2], outs[0])
+
+
+def test_decode_work_list_covers_each_sequence():
+    """Host side: chunks tile each sequence exactly, split sequences own consecutive part rows, longest
+    chunks first, padding to a capacity with seq -1; the item count stays within work_capacity."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        lens = rng.integers(1, 3000, size=rng.integers(1, 300))
+        num_sms, kv = int(rng.choice([8, 132])), int(rng.choice([1, 2, 4, 8]))
+        cap = work_capacity(len(lens), kv, num_sms)
+        work = decode_work_list(lens, kv, num_sms, 64, capacity=cap)
+        assert work.shape == (6, cap) and work.dtype == np.int32
+        seq, lo, hi, part, base, nparts = work[:, work[0] >= 0]
+        assert (work[:, work[0] < 0] == -1).all()
+        sizes = hi - lo
+        assert (sizes > 0).all() and (np.diff(sizes) <= 0).all()  # longest first
+        full = sizes[(nparts > 1) & (hi < lens[seq])]  # chunks of split sequences but their last
+        if len(full):
+            assert (full == full[0]).all() and full[0] % 64 == 0 and full[0] >= 256
+        for s, length in enumerate(lens):
+            mine = np.flatnonzero(seq == s)
+            spans = sorted(zip(lo[mine], hi[mine]))
+            assert spans[0][0] == 0 and spans[-1][1] == length
+            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+            assert (nparts[mine] == len(mine)).all()
+            if len(mine) == 1:
+                assert part[mine][0] == -1 and base[mine][0] == -1
+            else:
+                assert sorted(part[mine].tolist()) == list(range(base[mine][0], base[mine][0] + len(mine)))
+        used = part[part >= 0]
+        assert len(set(used.tolist())) == len(used) and len(used) <= 2 * (int((work[0] >= 0).sum()) - len(lens))
+    with pytest.raises(ValueError, match="capacity"):
+        decode_work_list([5000, 5000], 4, 132, 64, capacity=2)
+    assert uses_work_list(33, 4, 132) and not uses_work_list(32, 4, 132)
+
+
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "bs{}-d{}-hq{}-hkv{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_work_list_matches_reference(shape, dtype):
+    """The work path (sequences cut into chunks, the last chunk to finish merges) against the float64
+    reference: split and unsplit sequences, ragged lengths, a shared prefix, a padded slot (seq_len 0,
+    zeros), a capacity-padded list (a CUDA graph's grid), and twice in a row (the counters reset)."""
+    block_size, head_dim, num_heads, num_kv_heads = shape
+    spec = [(150, 1), (3 * block_size + 5, 1), (0, 1), (2 * block_size + 13, 1), (97, 1), (9, 1)]
+    b = make_batch(
+        spec, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        block_size=block_size, dtype=dtype, share_prefix=(1, 3, 2),
+    )  # fmt: skip
+    pad = 2  # a padded slot in the middle of the launch's batch
+    n = len(spec) + 1
+    real = [i for i in range(n) if i != pad]
+    seq_lens = torch.zeros(n, dtype=torch.int32, device=DEVICE)
+    seq_lens[real] = b.meta.seq_lens
+    block_tables = torch.zeros(n, b.meta.block_tables.shape[1], dtype=torch.int32, device=DEVICE)
+    block_tables[real] = b.meta.block_tables
+    query = torch.randn(n, num_heads, head_dim).to(dtype).to(DEVICE)
+    query[real] = b.query
+    ref = reference_attention(b.query, b.full_cache, b.meta, head_dim**-0.5)
+    lens = seq_lens.cpu().numpy()
+    # 64 "SMs": chunks of 16 tokens here, so the 150-token sequence runs as 10 chunks.
+    exact = decode_work_list(lens, num_kv_heads, 64, 16, min_chunk=16)
+    assert (exact[5] > 1).any() and (exact[5] == 1).any()
+    padded = decode_work_list(lens, num_kv_heads, 64, 16, capacity=exact.shape[1] + 5, min_chunk=16)
+    for work in (exact, padded, exact):
+        out = poisoned_like(query)
+        paged_attention_decode(query, b.full_cache, block_tables, seq_lens, head_dim**-0.5, out=out, block_n=16,
+                               work=torch.from_numpy(work).to(DEVICE))  # fmt: skip
+        assert_close(out[real], ref, dtype)
+        assert torch.equal(out[pad].cpu(), torch.zeros_like(out[pad]).cpu())
+
+
+def test_decode_work_invalid():
+    b = make_batch([(20, 1), (30, 1)], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16, dtype=DTYPES[0])
+    work = torch.from_numpy(decode_work_list(b.meta.seq_lens.cpu().numpy(), 2, 8, 16, min_chunk=16)).to(DEVICE)
+    call = partial(paged_attention_decode, b.query, b.full_cache, b.meta.block_tables, b.meta.seq_lens, 0.1)
+    with pytest.raises(ValueError, match="work must be int32"):
+        call(work=work.long())
+    with pytest.raises(ValueError, match="work must be int32"):
+        call(work=work[:5])
+    with pytest.raises(ValueError, match="work takes"):
+        call(work=work, num_splits=2)
+    with pytest.raises(ValueError, match="work takes"):
+        call(work=work, seq_order=torch.arange(2, dtype=torch.int32, device=DEVICE))
 
 
 @pytest.mark.parametrize("num_splits", [1, 2])

@@ -40,6 +40,9 @@ class AttentionMetadata:
     # Decode-only steps, backends with `wants_seq_order`: [num_seqs] int32 permutation, longest
     # sequence first, the order in which the decode kernel starts sequences (a shorter tail).
     seq_order: torch.Tensor | None = None
+    # Decode-only steps whose batch fills the SMs (backends with `decode_work`): int32 [6, items], the
+    # chunks of the sequences in launch order (paged_attention_decode.decode_work_list); replaces seq_order.
+    decode_work: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

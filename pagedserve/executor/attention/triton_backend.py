@@ -50,6 +50,10 @@ class TritonAttentionBackend(AttentionBackend):
         if decode_seq_order is None:
             decode_seq_order = os.environ.get("PAGEDSERVE_DECODE_ORDER", "1") == "1"
         self.wants_seq_order = decode_seq_order
+        # Decode-only steps whose batch fills the SMs run a work list instead (meta.decode_work, built by
+        # the runner): long sequences cut into chunks, longest first, the last chunk of a sequence merging
+        # them (paged_attention_decode.decode_work_list). PAGEDSERVE_DECODE_WORK=0 keeps the plain order.
+        self.decode_work = decode_seq_order and os.environ.get("PAGEDSERVE_DECODE_WORK", "1") == "1"
         # False: the prefill kernel also computes the decodes of a mixed batch (one launch, but
         # 16+ row tiles with few used rows and no split-K for them).
         self.split_mixed_decodes = split_mixed_decodes
@@ -85,8 +89,9 @@ class TritonAttentionBackend(AttentionBackend):
                 scale,
                 out=out[:num_seqs],
                 max_seq_len=meta.max_seq_len,
-                num_splits=self.decode_num_splits,
+                num_splits=None if meta.decode_work is not None else self.decode_num_splits,
                 seq_order=meta.seq_order,
+                work=meta.decode_work,
             )
             return out
 

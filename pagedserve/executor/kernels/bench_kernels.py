@@ -217,6 +217,50 @@ def bench_decode_mix(dtype) -> None:
         print("    order (S{} n64 w2), GB/s: {}".format(auto, " | ".join(cells)))
 
 
+def bench_decode_work(dtype) -> None:
+    """The default workload's decode steps (inputs and outputs U[100, 1024], all requests started
+    together; at batch b the step where b are still running): the longest-first order against the
+    work list (decode_work_list) at a few slot counts per SM and minimum chunks."""
+    import numpy as np
+
+    from pagedserve.executor.kernels import paged_attention_decode as pad
+
+    scale = D**-0.5
+    sms = pad.num_sms(torch.device("cuda"))
+    rng = np.random.default_rng(0)
+    inputs, outputs = rng.integers(100, 1025, 256), rng.integers(100, 1025, 256)
+    print("\n== decode at the default workload's batches: order vs work list (graph replay GB/s of K+V)")
+    for batch in (256, 200, 139, 97, 64, 40):
+        step_ = next(s for s in range(2000) if (outputs > s).sum() <= batch)
+        ctx = (inputs[outputs > step_] + step_).tolist()
+        query, kv, tables, lens, qsl = make_case([1] * len(ctx), [c - 1 for c in ctx], dtype, seed=batch)
+        kv_bytes = 2 * sum(ctx) * HKV * D * kv.element_size()
+        ref = reference(query, kv, tables, lens, qsl, scale)
+        out = torch.empty_like(query)
+        auto = choose_num_splits(len(ctx), HKV, max(ctx), 64, query.device)
+        cells = []
+        order = torch.from_numpy(longest_first_order(ctx)).cuda()
+        variants = [("order", dict(seq_order=order, num_splits=auto))]
+        for per_sm, min_chunk in ((2, 256), (4, 256), (2, 128), (6, 128)):
+            saved = pad.PROGRAMS_PER_SM
+            pad.PROGRAMS_PER_SM = per_sm
+            work = pad.decode_work_list(ctx, HKV, sms, 64, min_chunk=min_chunk)
+            pad.PROGRAMS_PER_SM = saved
+            splits = int((work[5] > 1).sum())
+            variants.append((f"work p{per_sm} c{min_chunk} ({work.shape[1]} items, {splits} split)",
+                             dict(work=torch.from_numpy(work).cuda())))
+        for name, kwargs in variants:
+            run = functools.partial(paged_attention_decode, query, kv, tables, lens, scale, out=out,
+                                    max_seq_len=max(ctx), block_n=64, num_warps=2, **kwargs)  # fmt: skip
+            out.fill_(float("nan"))
+            run()
+            assert rel_err(out, ref) < 1e-2, name
+            ms = triton.testing.do_bench_cudagraph(run, return_mode="median")
+            cells.append(f"{name} {ms * 1e3:.1f} us {kv_bytes / ms / 1e6:.0f}")
+        head = f"batch {len(ctx)} (step {step_}, ctx {min(ctx)}-{max(ctx)}, {kv_bytes / 1e6:.0f} MB): "
+        print(head + " | ".join(cells))
+
+
 def _mixed_case(dtype, num_dec: int, ctx: int, chunk: int, chunk_ctx: int) -> tuple[float, float, int]:
     scale = D**-0.5
     q_lens, ctx_lens = [1] * num_dec + [chunk], [ctx - 1] * num_dec + [chunk_ctx]
@@ -405,7 +449,8 @@ def bench_sample(vocab: int = 152064) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
-    parser.add_argument("--tune", choices=("decode", "splits", "decode-mix", "prefill", "silu", "sample"),
+    parser.add_argument("--tune", choices=("decode", "splits", "decode-mix", "decode-work", "prefill", "silu",
+                                           "sample"),
                         help="sweep one kernel's configs (or decode num_splits), print the best")  # fmt: skip
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -418,6 +463,9 @@ def main() -> None:
         return
     if args.tune == "sample":
         bench_sample()
+        return
+    if args.tune == "decode-work":
+        bench_decode_work(dtype)
         return
     if args.tune == "decode-mix":
         bench_decode_mix(dtype)

@@ -106,6 +106,41 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
+@triton.jit
+def _merge_parts(o, lse, part_out_ptr, part_lse_ptr, counter_ptr, part_row, part_base, num_parts,
+                 heads, offs_d, g_mask, store_mask, out_ptrs,
+                 NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A chunk of a split sequence: writes its normalized output and log-sum-exp (base 2) to its part
+    row; the last of the sequence's chunks to finish (per kv head: a counter taken with an acq_rel
+    atomic after a barrier, the release/acquire pattern of split-K semaphores) merges all the parts
+    in part order and writes the output, so the result does not depend on which chunk came last,
+    and resets the counter for the next launch."""
+    rows = part_row * NUM_HEADS + heads
+    tl.store(part_out_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], o, mask=store_mask)
+    tl.store(part_lse_ptr + rows, lse, mask=g_mask)
+    tl.debug_barrier()  # every thread's partial stores come before the release below
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    tl.debug_barrier()
+    if arrived == num_parts - 1:
+        m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+        total = tl.zeros([BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+        for p in range(part_base, part_base + num_parts):
+            prow = p * NUM_HEADS + heads
+            # .cg: from L2, where the other chunks' stores are (not a stale L1 line)
+            lse_p = tl.load(part_lse_ptr + prow, mask=g_mask, other=0.0, cache_modifier=".cg")
+            o_p = tl.load(part_out_ptr + prow[:, None] * HEAD_DIM + offs_d[None, :], mask=store_mask,
+                          other=0.0, cache_modifier=".cg")
+            m_new = tl.maximum(m, lse_p)
+            keep = tl.exp2(m - m_new)
+            w = tl.exp2(lse_p - m_new)
+            acc = acc * keep[:, None] + o_p * w[:, None]
+            total = total * keep + w
+            m = m_new
+        tl.store(out_ptrs, (acc / total[:, None]).to(out_ptrs.dtype.element_ty), mask=store_mask)
+        tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
+
+
 # One compiled variant for any split count and block-table width (the width follows the longest
 # sequence of the step; Triton would otherwise compile new variants for widths == 1 or % 16 == 0).
 @triton.jit(do_not_specialize=["num_splits", "stride_bt_seq"])
@@ -118,8 +153,11 @@ def _paged_decode_kernel(
     seq_lens_ptr,
     query_start_loc_ptr,  # MIXED only
     seq_order_ptr,  # [num_seqs] int32 (ORDERED only): position i processes sequence seq_order[i]
-    part_out_ptr,  # [num_seqs, num_heads, num_splits, HEAD_DIM] fp32 (SPLIT only)
-    part_lse_ptr,  # [num_seqs, num_heads, num_splits] fp32 (SPLIT only)
+    part_out_ptr,  # [num_seqs, num_heads, num_splits, HEAD_DIM] fp32 (SPLIT); [parts, num_heads, HEAD_DIM] (WORK)
+    part_lse_ptr,  # [num_seqs, num_heads, num_splits] fp32 (SPLIT); [parts, num_heads] (WORK)
+    work_ptr,  # [6, items] int32 (WORK only): seq, tok_lo, tok_hi, part_row, part_base, num_parts
+    counter_ptr,  # [num_seqs * num_kv_heads] int32, zero between launches (WORK only)
+    stride_w,  # between the rows of work
     qk_scale,
     num_splits,
     stride_q_tok,
@@ -140,10 +178,25 @@ def _paged_decode_kernel(
     SPLIT: tl.constexpr,
     MIXED: tl.constexpr,
     ORDERED: tl.constexpr,
+    WORK: tl.constexpr = False,
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
     pdl_enter(USE_PDL)
-    if ORDERED:
+    if WORK:
+        # 1-D grid over (item, kv_head), kv head fastest; an item is one chunk of one sequence.
+        pid = tl.program_id(0)
+        kv_head = pid % (NUM_HEADS // QUERIES_PER_KV)
+        item = pid // (NUM_HEADS // QUERIES_PER_KV)
+        seq = tl.load(work_ptr + item)
+        if seq < 0:  # capacity past the step's items (a CUDA graph's padding)
+            return
+        tok_lo = tl.load(work_ptr + stride_w + item)
+        tok_hi = tl.load(work_ptr + 2 * stride_w + item)
+        part_row = tl.load(work_ptr + 3 * stride_w + item)
+        part_base = tl.load(work_ptr + 4 * stride_w + item)
+        num_parts = tl.load(work_ptr + 5 * stride_w + item)
+        split = 0
+    elif ORDERED:
         # 1-D grid, launch order (position, split, kv_head) with the kv head fastest: the programs of
         # the order's first sequences are dispatched first, all their kv heads and splits together.
         pid = tl.program_id(0)
@@ -166,7 +219,10 @@ def _paged_decode_kernel(
         q_row = seq64
     seq_len = tl.load(seq_lens_ptr + seq)
     num_tiles = tl.cdiv(seq_len, BLOCK_N)
-    if SPLIT:
+    if WORK:  # the host cut chunks at multiples of BLOCK_N
+        tile_lo = tok_lo // BLOCK_N
+        tile_hi = tl.cdiv(tl.minimum(tok_hi, seq_len), BLOCK_N)
+    elif SPLIT:
         tiles_per_split = tl.cdiv(num_tiles, num_splits)
         tile_lo = split * tiles_per_split
         tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
@@ -210,7 +266,17 @@ def _paged_decode_kernel(
         )  # fmt: skip
 
     store_mask = g_mask[:, None] & d_mask[None, :]
-    if SPLIT:
+    if WORK:
+        out_ptrs = out_ptr + q_row * stride_o_tok + heads[:, None] * stride_o_head + offs_d[None, :]
+        if num_parts == 1:
+            o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # an empty sequence: zeros, not NaN
+            tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=store_mask)
+        else:
+            _merge_parts(acc / l_i[:, None], m_i + tl.log2(l_i), part_out_ptr, part_lse_ptr,
+                         counter_ptr + seq64 * (NUM_HEADS // QUERIES_PER_KV) + kv_head,
+                         part_row, part_base, num_parts, heads, offs_d, g_mask, store_mask, out_ptrs,
+                         NUM_HEADS, HEAD_DIM, BLOCK_G, BLOCK_D)
+    elif SPLIT:
         o = acc / l_i[:, None]
         lse = m_i + tl.log2(l_i)
         part_row = (seq64 * NUM_HEADS + heads) * num_splits + split  # [BLOCK_G]
@@ -283,7 +349,7 @@ def _decode_reduce_kernel(
 
 
 @functools.lru_cache(maxsize=8)
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 8  # interpreter on CPU: any value is correct; keep grids small
@@ -298,11 +364,11 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, block_
     was fastest (8192 tokens: 10 us with 64 splits vs 59 us with 4).
     """
     programs = num_seqs * num_kv_heads
-    num_sms = _num_sms(device)
-    if programs >= num_sms:
+    sms = num_sms(device)
+    if programs >= sms:
         return 1
     num_tiles = max(1, triton.cdiv(max_seq_len, block_n))
-    return max(1, min(triton.cdiv(2 * num_sms, programs), num_tiles, _MAX_SPLITS))
+    return max(1, min(triton.cdiv(2 * sms, programs), num_tiles, _MAX_SPLITS))
 
 
 def default_decode_config(head_dim: int, dtype: torch.dtype) -> dict[str, int]:
@@ -348,6 +414,7 @@ def paged_attention_decode(
     query_start_loc: torch.Tensor | None = None,
     num_decodes: int | None = None,
     seq_order: torch.Tensor | None = None,
+    work: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged context; returns [num_seqs, Hq, D].
 
@@ -364,6 +431,9 @@ def paged_attention_decode(
     values would sync): a sequence missing from it gets no output (its row is left unwritten, or with
     splits reduced from unwritten scratch). In a mixed batch the prefill sequences' programs return
     at once wherever the order puts them.
+    work (int32 [6, items], from decode_work_list; decode-only, not with seq_order or num_splits): the
+    programs run the items in order, each one chunk of one sequence (see decode_work_list); a split
+    sequence's chunks are merged by the last of them to finish. Padding items (seq -1) return at once.
     """
     _, num_heads, head_dim = query.shape
     num_seqs = seq_lens.shape[0]
@@ -378,6 +448,14 @@ def paged_attention_decode(
             raise ValueError(f"seq_order is on {seq_order.device}, seq_lens on {seq_lens.device}")
         if seq_order.stride(0) != 1:
             seq_order = seq_order.contiguous()
+    if work is not None:
+        if mixed or ordered or num_splits not in (None, 1):
+            raise ValueError("work takes a decode-only batch without seq_order or num_splits")
+        if work.dtype != torch.int32 or work.dim() != 2 or work.shape[0] != 6 or work.stride(1) != 1:
+            raise ValueError(f"work must be int32 [6, items] with contiguous rows, got {work.dtype} "
+                             f"{tuple(work.shape)}")
+        if work.device != seq_lens.device:
+            raise ValueError(f"work is on {work.device}, seq_lens on {seq_lens.device}")
     query, out, k_cache, v_cache = attention_operands(query, kv_cache, out)
     _, block_size, num_kv_heads, _ = k_cache.shape
     if num_seqs == 0:
@@ -387,6 +465,9 @@ def paged_attention_decode(
     block_n = block_n or config["block_n"]
     num_warps = num_warps or config["num_warps"]
     num_stages = num_stages or config["num_stages"]
+    if work is not None:
+        return _launch_work(query, out, k_cache, v_cache, block_tables, seq_lens, scale, work,
+                            block_n, num_warps, num_stages)
     if max_seq_len is None:
         max_seq_len = block_tables.shape[1] * block_size
     if num_splits is None:
@@ -408,7 +489,7 @@ def paged_attention_decode(
         grid = (num_seqs, num_kv_heads, num_splits)
     _paged_decode_kernel[grid](
         query, out, k_cache, v_cache, block_tables, seq_lens, query_start_loc if mixed else seq_lens,
-        seq_order if ordered else seq_lens, part_out, part_lse,
+        seq_order if ordered else seq_lens, part_out, part_lse, seq_lens, seq_lens, 0,
         scale * LOG2E, num_splits,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -444,6 +525,117 @@ def paged_attention_decode(
     return out
 
 
+def _launch_work(query, out, k_cache, v_cache, block_tables, seq_lens, scale, work, block_n, num_warps,
+                 num_stages) -> torch.Tensor:
+    num_seqs = seq_lens.shape[0]
+    _, num_heads, head_dim = query.shape
+    num_kv_heads = k_cache.shape[2]
+    items = work.shape[1]
+    # Part rows: every chunk of a split sequence has one; a split sequence has >= 2 chunks, so they
+    # number at most 2 * (items - num_seqs), whatever the step (also in a captured graph's capacity).
+    parts = max(1, 2 * (items - num_seqs))
+    part_out = torch.empty((parts, num_heads, head_dim), dtype=torch.float32, device=query.device)
+    part_lse = torch.empty((parts, num_heads), dtype=torch.float32, device=query.device)
+    counters = merge_counters(query.device, num_seqs * num_kv_heads)
+    _paged_decode_kernel[(items * num_kv_heads,)](
+        query, out, k_cache, v_cache, block_tables, seq_lens, seq_lens, seq_lens, part_out, part_lse,
+        work, counters, work.stride(0),
+        scale * LOG2E, 1,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        NUM_HEADS=num_heads,
+        QUERIES_PER_KV=num_heads // num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_G=max(16, triton.next_power_of_2(num_heads // num_kv_heads)),
+        BLOCK_N=block_n,
+        BLOCK_SIZE=k_cache.shape[1],
+        SPLIT=False,
+        MIXED=False,
+        ORDERED=False,
+        WORK=True,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        **pdl_launch_kwargs(query.device),
+    )  # fmt: skip
+    return out
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def merge_counters(device: torch.device, size: int) -> torch.Tensor:
+    """The work path's per-(sequence, kv head) arrival counters: zeros that every launch leaves at zero.
+    One buffer per device, grown (never inside a CUDA graph capture: a graph must keep the buffer it
+    captured, so the runner's warm-up before each capture sizes it)."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < size:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"merge counters for {size} (sequence, kv head) pairs must exist before capture")
+        counters = torch.zeros(max(size, 256), dtype=torch.int32, device=device)
+        _COUNTERS[device] = counters
+    return counters
+
+
+PROGRAMS_PER_SM = 2  # decode programs resident per SM at the default config (shared memory)
+MIN_CHUNK = 256  # tokens: shorter chunks would spend more on their parts than they save
+
+
+def uses_work_list(num_seqs: int, num_kv_heads: int, num_sms: int) -> bool:
+    """Decode steps whose (sequence, kv head) programs fill the SMs take the work list; smaller ones
+    split every sequence evenly instead (choose_num_splits)."""
+    return num_seqs * num_kv_heads >= num_sms
+
+
+def work_capacity(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
+    """Items decode_work_list can produce for num_seqs sequences: one each, plus at most
+    total_tokens / chunk more, and chunk >= total_tokens * kv_heads / (2 * slots)."""
+    return num_seqs + triton.cdiv(2 * PROGRAMS_PER_SM * num_sms, num_kv_heads)
+
+
+def decode_work_list(seq_lens: np.ndarray | Sequence[int], num_kv_heads: int, num_sms: int, block_n: int,
+                     capacity: int | None = None, min_chunk: int | None = None) -> np.ndarray:
+    """The work list of a decode step (host, numpy): int32 [6, items] with rows
+    seq, tok_lo, tok_hi, part_row, part_base, num_parts, in launch order.
+
+    Each sequence is cut into chunks of `chunk` tokens, chunk = the step's tokens * kv_heads /
+    (2 * resident program slots), rounded up to a multiple of block_n and at least MIN_CHUNK: no
+    chunk carries more than half of a slot's share of the step, so the last programs to start
+    cannot hold the step up by much (a long sequence was one program, as long as a slot's whole
+    share at mid batch sizes). Chunks run longest first (stable: equal lengths in sequence order).
+    An unsplit sequence's one chunk has part_row -1 and num_parts 1 (it writes the output itself);
+    a split sequence's chunks have part rows part_base .. part_base + num_parts - 1.
+    capacity: pad to this many items with seq -1 (a CUDA graph's fixed grid). min_chunk: for tests."""
+    lens = np.asarray(seq_lens, dtype=np.int64)
+    if lens.ndim != 1:
+        raise ValueError(f"seq_lens must be 1-D, got shape {lens.shape}")
+    slots = PROGRAMS_PER_SM * num_sms
+    want = -(-int(lens.sum()) * num_kv_heads // (2 * slots))
+    min_chunk = MIN_CHUNK if min_chunk is None else min_chunk
+    chunk = max(min_chunk, -(-want // block_n) * block_n)
+    if chunk % block_n:
+        raise ValueError(f"min_chunk {min_chunk} must be a multiple of block_n {block_n}")
+    counts = np.maximum(1, -(-lens // chunk))
+    total = int(counts.sum())
+    if capacity is None:
+        capacity = total
+    if total > capacity:
+        raise ValueError(f"{total} work items exceed the capacity {capacity}")
+    seq = np.repeat(np.arange(len(lens)), counts)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    index = np.arange(total) - first  # chunk index within its sequence
+    tok_lo = index * chunk
+    tok_hi = np.minimum(tok_lo + chunk, lens[seq])
+    split = counts > 1
+    base = np.cumsum(np.where(split, counts, 0)) - np.where(split, counts, 0)
+    part_row = np.where(split[seq], base[seq] + index, -1)
+    order = np.argsort(-(tok_hi - tok_lo), kind="stable")
+    work = np.full((6, capacity), -1, dtype=np.int32)
+    work[:, :total] = np.stack([seq, tok_lo, tok_hi, part_row, np.where(split[seq], base[seq], -1),
+                                counts[seq]])[:, order]
+    return work
+
+
 def longest_first_order(seq_lens: np.ndarray | Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
     """Sequence indices by descending length, equal lengths in index order (a stable sort): the
     seq_order of paged_attention_decode for longest-processing-time-first dispatch. Host only.
@@ -461,4 +653,14 @@ def longest_first_order(seq_lens: np.ndarray | Sequence[int], out: np.ndarray | 
     return out
 
 
-__all__ = ["paged_attention_decode", "choose_num_splits", "default_decode_config", "longest_first_order"]
+__all__ = [
+    "choose_num_splits",
+    "decode_work_list",
+    "default_decode_config",
+    "longest_first_order",
+    "merge_counters",
+    "num_sms",
+    "paged_attention_decode",
+    "uses_work_list",
+    "work_capacity",
+]
