@@ -21,6 +21,7 @@ DEVICE = "cuda" if CUDA else "cpu"
 def test_decode_step_with_work_list_matches_hf(use_work: bool, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("PAGEDSERVE_DECODE_WORK", "1" if use_work else "0")
     monkeypatch.setattr(pad, "MIN_CHUNK", 64)  # chunks of 64 tokens: the tiny model's sequences split
+    monkeypatch.setattr(pad, "num_sms", lambda device: 8)  # six sequences fill 8 "SMs" (also on a GPU)
     hf = save_tiny_model("qwen2", tmp_path, num_hidden_layers=1)
     runner, sampler = make_runner(tmp_path, block_size=4, num_blocks=160, device=DEVICE,
                                   dtype=torch.float32, attention_backend="triton")
