@@ -183,7 +183,8 @@ class CUDAGraphDecoder:
             if used > items:
                 raise ValueError(f"{used} work items exceed the graph's capacity {items}")
             self.work[:, :used].copy_(meta.decode_work, non_blocking=True)
-            self.work[0, used:items].fill_(-1)
+            if used < items:  # (the runner pads its lists to the graph's capacity: no fill then)
+                self.work[0, used:items].fill_(-1)
         elif self.use_seq_order:
             if meta.seq_order is None:
                 raise ValueError("the graphs were captured with a sequence order; this step has none")

@@ -224,8 +224,10 @@ class ModelRunner:
 
             launch_size = graphs.padded_size(num_seqs) if graph_step else num_seqs
             if pad.uses_work_list(launch_size, self._num_kv_heads, pad.num_sms(self.device)):
+                # A graph step's list comes padded to the graph's grid: one copy into it, no fill.
                 work = pad.decode_work_list(seq_lens, self._num_kv_heads, pad.num_sms(self.device),
-                                            self._decode_block_n)
+                                            self._decode_block_n,
+                                            capacity=graphs.work_items(launch_size) if graph_step else None)
                 num_order = 0
         num_work = 0 if work is None else work.size
         padded_tokens, padded_logits = num_tokens, num_logits

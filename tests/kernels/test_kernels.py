@@ -20,6 +20,7 @@ import torch
 
 from pagedserve.executor.attention.base import AttentionMetadata
 from pagedserve.executor.attention.triton_backend import TritonAttentionBackend
+from pagedserve.executor.kernels import paged_attention_decode as pad_module
 from pagedserve.executor.kernels.kv_cache_write import write_kv_cache
 from pagedserve.executor.kernels.paged_attention_decode import (
     decode_work_list,
@@ -310,7 +311,8 @@ def test_decode_work_list_covers_each_sequence():
         assert (sizes > 0).all() and (np.diff(sizes) <= 0).all()  # longest first
         full = sizes[(nparts > 1) & (hi < lens[seq])]  # chunks of split sequences but their last
         if len(full):
-            assert (full == full[0]).all() and full[0] % 64 == 0 and full[0] >= 256
+            assert (full == full[0]).all() and full[0] % 64 == 0
+            assert full[0] >= (256 if len(lens) * kv >= num_sms else 64)  # small batches: one-tile chunks
         for s, length in enumerate(lens):
             mine = np.flatnonzero(seq == s)
             spans = sorted(zip(lo[mine], hi[mine]))
@@ -325,7 +327,7 @@ def test_decode_work_list_covers_each_sequence():
         assert len(set(used.tolist())) == len(used) and len(used) <= 2 * (int((work[0] >= 0).sum()) - len(lens))
     with pytest.raises(ValueError, match="capacity"):
         decode_work_list([5000, 5000], 4, 132, 64, capacity=2)
-    assert uses_work_list(33, 4, 132) and not uses_work_list(32, 4, 132)
+    assert uses_work_list(33, 4, 132) and uses_work_list(32, 4, 132) == pad_module.SMALL_BATCH_WORK
 
 
 @pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "bs{}-d{}-hq{}-hkv{}".format(*s))
@@ -361,6 +363,18 @@ def test_decode_work_list_matches_reference(shape, dtype):
                                work=torch.from_numpy(work).to(DEVICE))  # fmt: skip
         assert_close(out[real], ref, dtype)
         assert torch.equal(out[pad].cpu(), torch.zeros_like(out[pad]).cpu())
+
+
+def test_decode_work_list_small_batch_one_tile_chunks():
+    """A batch short of the SMs: chunks of one tile (block_n), a single long sequence merged from all."""
+    dtype = DTYPES[0]
+    b = make_batch([(300, 1)], num_heads=8, num_kv_heads=2, head_dim=64, block_size=16, dtype=dtype)
+    work = decode_work_list(b.meta.seq_lens.cpu().numpy(), 2, 64, 16)
+    assert work.shape[1] == 19 and (work[2] - work[1]).max() == 16  # 301 tokens: 19 chunks of <= 16
+    out = poisoned_like(b.query)
+    paged_attention_decode(b.query, b.full_cache, b.meta.block_tables, b.meta.seq_lens, 0.125, out=out, block_n=16,
+                           work=torch.from_numpy(work).to(DEVICE))  # fmt: skip
+    assert_close(out, reference_attention(b.query, b.full_cache, b.meta, 0.125), dtype)
 
 
 def test_decode_work_invalid():

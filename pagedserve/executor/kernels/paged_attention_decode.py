@@ -33,6 +33,7 @@ Without seq_order the grid is (num_seqs, num_kv_heads, num_splits) as before, wi
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -581,10 +582,15 @@ PROGRAMS_PER_SM = 2  # decode programs resident per SM at the default config (sh
 MIN_CHUNK = 256  # tokens: shorter chunks would spend more on their parts than they save
 
 
+# Small decode batches (programs < SMs) through the work list too (chunks down to one tile, merged in
+# the kernel instead of by a second reduce kernel): PAGEDSERVE_DECODE_WORK_SMALL=1 (an A/B setting).
+SMALL_BATCH_WORK = os.environ.get("PAGEDSERVE_DECODE_WORK_SMALL", "0") == "1"
+
+
 def uses_work_list(num_seqs: int, num_kv_heads: int, num_sms: int) -> bool:
     """Decode steps whose (sequence, kv head) programs fill the SMs take the work list; smaller ones
-    split every sequence evenly instead (choose_num_splits)."""
-    return num_seqs * num_kv_heads >= num_sms
+    split every sequence evenly instead (choose_num_splits), unless SMALL_BATCH_WORK."""
+    return SMALL_BATCH_WORK or num_seqs * num_kv_heads >= num_sms
 
 
 def work_capacity(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
@@ -605,13 +611,15 @@ def decode_work_list(seq_lens: np.ndarray | Sequence[int], num_kv_heads: int, nu
     share at mid batch sizes). Chunks run longest first (stable: equal lengths in sequence order).
     An unsplit sequence's one chunk has part_row -1 and num_parts 1 (it writes the output itself);
     a split sequence's chunks have part rows part_base .. part_base + num_parts - 1.
-    capacity: pad to this many items with seq -1 (a CUDA graph's fixed grid). min_chunk: for tests."""
+    capacity: pad to this many items with seq -1 (a CUDA graph's fixed grid). min_chunk: MIN_CHUNK, or
+    block_n when the batch's programs number fewer than the SMs."""
     lens = np.asarray(seq_lens, dtype=np.int64)
     if lens.ndim != 1:
         raise ValueError(f"seq_lens must be 1-D, got shape {lens.shape}")
     slots = PROGRAMS_PER_SM * num_sms
     want = -(-int(lens.sum()) * num_kv_heads // (2 * slots))
-    min_chunk = MIN_CHUNK if min_chunk is None else min_chunk
+    if min_chunk is None:  # a batch short of the SMs wants every tile in flight at once: chunks of one tile
+        min_chunk = MIN_CHUNK if len(lens) * num_kv_heads >= num_sms else block_n
     chunk = max(min_chunk, -(-want // block_n) * block_n)
     if chunk % block_n:
         raise ValueError(f"min_chunk {min_chunk} must be a multiple of block_n {block_n}")
