@@ -33,7 +33,6 @@ Without seq_order the grid is (num_seqs, num_kv_heads, num_splits) as before, wi
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -582,15 +581,11 @@ PROGRAMS_PER_SM = 2  # decode programs resident per SM at the default config (sh
 MIN_CHUNK = 256  # tokens: shorter chunks would spend more on their parts than they save
 
 
-# Small decode batches (programs < SMs) through the work list too (chunks down to one tile, merged in
-# the kernel instead of by a second reduce kernel): PAGEDSERVE_DECODE_WORK_SMALL=1 (an A/B setting).
-SMALL_BATCH_WORK = os.environ.get("PAGEDSERVE_DECODE_WORK_SMALL", "0") == "1"
-
-
 def uses_work_list(num_seqs: int, num_kv_heads: int, num_sms: int) -> bool:
     """Decode steps whose (sequence, kv head) programs fill the SMs take the work list; smaller ones
-    split every sequence evenly instead (choose_num_splits), unless SMALL_BATCH_WORK."""
-    return SMALL_BATCH_WORK or num_seqs * num_kv_heads >= num_sms
+    split every sequence evenly instead (choose_num_splits). (Small batches through the work list, in
+    one-tile chunks without the reduce kernel, measured no faster at batch 1: H100, session 6, run 5.)"""
+    return num_seqs * num_kv_heads >= num_sms
 
 
 def work_capacity(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
@@ -619,7 +614,7 @@ def decode_work_list(seq_lens: np.ndarray | Sequence[int], num_kv_heads: int, nu
     slots = PROGRAMS_PER_SM * num_sms
     want = -(-int(lens.sum()) * num_kv_heads // (2 * slots))
     if min_chunk is None:  # a batch short of the SMs wants every tile in flight at once: chunks of one tile
-        min_chunk = MIN_CHUNK if len(lens) * num_kv_heads >= num_sms else block_n
+        min_chunk = MIN_CHUNK if uses_work_list(len(lens), num_kv_heads, num_sms) else block_n
     chunk = max(min_chunk, -(-want // block_n) * block_n)
     if chunk % block_n:
         raise ValueError(f"min_chunk {min_chunk} must be a multiple of block_n {block_n}")
