@@ -238,6 +238,9 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
     timeline-cmp)  # the comparison workload: admission steps' kernels, then idle gaps between decode steps at 256
       timeout 240 python3 scripts/step_timeline.py --model $M --output-len 512 --decode-at 256 2>&1 \
         | grep -vE "^\[transformers\]|USDT|profiler.py|self.profiler" ;;
+    timeline-b1)  # batch-1 decode (128 in, 256 out): idle gaps between steps and the kernels of a step
+      timeout 200 python3 scripts/step_timeline.py --model $M --num-prompts 1 --input-len 128 --output-len 256 \
+        --decode-at 1 --decode-steps 12 2>&1 | grep -vE "^\[transformers\]|USDT|profiler.py|self.profiler" ;;
     timeline-def)  # the default workload: decode steps once ~139 run
       timeout 240 python3 scripts/step_timeline.py --model $M --output-len 100-1024 --decode-at 139 2>&1 \
         | grep -vE "^\[transformers\]|USDT|profiler.py|self.profiler" ;;
