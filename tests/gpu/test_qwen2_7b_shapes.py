@@ -70,11 +70,13 @@ def _hf_all_logits(hf, token_ids: list[int]) -> torch.Tensor:
 
 
 def _our_all_logits(runner: ModelRunner, out: SchedulerOutput) -> torch.Tensor:
-    """Logits of every scheduled token (the runner itself only computes the sampled rows)."""
+    """Logits of every scheduled token (the runner itself only computes the sampled rows). On CUDA the
+    runner pads eager steps to a ladder of token counts (padded_count): the padding rows are dropped."""
     inputs = runner.prepare_inputs(out)
+    num_tokens = sum(len(r.token_ids) for r in out.scheduled)
     with torch.inference_mode():
         hidden = runner.model(inputs.input_ids, inputs.positions, inputs.ctx)
-        return runner.model.compute_logits(hidden)
+        return runner.model.compute_logits(hidden[:num_tokens])
 
 
 def _rel_err_and_top1(ours: list[torch.Tensor], ref: list[torch.Tensor]) -> tuple[float, float, int]:
