@@ -253,6 +253,20 @@ def assert_same(got: torch.Tensor, expected: torch.Tensor) -> None:
         torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
 
 
+def with_padded_slots(b, pad: list[int], dtype):
+    """The batch's decode inputs with padded CUDA-graph slots (seq_len 0, random query) at rows `pad`:
+    returns (the real rows, query, seq_lens, block_tables)."""
+    n = b.query.shape[0] + len(pad)
+    real = [i for i in range(n) if i not in pad]
+    seq_lens = torch.zeros(n, dtype=torch.int32, device=DEVICE)
+    seq_lens[real] = b.meta.seq_lens
+    block_tables = torch.zeros(n, b.meta.block_tables.shape[1], dtype=torch.int32, device=DEVICE)
+    block_tables[real] = b.meta.block_tables
+    query = torch.randn(n, *b.query.shape[1:]).to(dtype).to(DEVICE)
+    query[real] = b.query
+    return real, query, seq_lens, block_tables
+
+
 @pytest.mark.parametrize("shape", [DECODE_SHAPES[0], DECODE_SHAPES[3]], ids=lambda s: "bs{}-d{}-hq{}-hkv{}".format(*s))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_splits", [1, 3])
@@ -266,13 +280,7 @@ def test_decode_seq_order(shape, dtype, num_splits):
         block_size=block_size, dtype=dtype, share_prefix=(1, 3, 2),
     )  # fmt: skip
     pad = [1, len(spec) + 1]  # rows of the padded slots in the launch's batch
-    real = [i for i in range(len(spec) + 2) if i not in pad]
-    seq_lens = torch.zeros(len(spec) + 2, dtype=torch.int32, device=DEVICE)
-    seq_lens[real] = b.meta.seq_lens
-    block_tables = torch.zeros(len(spec) + 2, b.meta.block_tables.shape[1], dtype=torch.int32, device=DEVICE)
-    block_tables[real] = b.meta.block_tables
-    query = torch.randn(len(spec) + 2, num_heads, head_dim).to(dtype).to(DEVICE)
-    query[real] = b.query
+    real, query, seq_lens, block_tables = with_padded_slots(b, pad, dtype)
     lens = seq_lens.tolist()
     longest = make_order("longest", lens)
     # descending, ties in index order (Python's sort is stable), padded slots last
@@ -341,15 +349,8 @@ def test_decode_work_list_matches_reference(shape, dtype):
         spec, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
         block_size=block_size, dtype=dtype, share_prefix=(1, 3, 2),
     )  # fmt: skip
-    pad = 2  # a padded slot in the middle of the launch's batch
-    n = len(spec) + 1
-    real = [i for i in range(n) if i != pad]
-    seq_lens = torch.zeros(n, dtype=torch.int32, device=DEVICE)
-    seq_lens[real] = b.meta.seq_lens
-    block_tables = torch.zeros(n, b.meta.block_tables.shape[1], dtype=torch.int32, device=DEVICE)
-    block_tables[real] = b.meta.block_tables
-    query = torch.randn(n, num_heads, head_dim).to(dtype).to(DEVICE)
-    query[real] = b.query
+    pad = [2]  # a padded slot in the middle of the launch's batch
+    real, query, seq_lens, block_tables = with_padded_slots(b, pad, dtype)
     ref = reference_attention(b.query, b.full_cache, b.meta, head_dim**-0.5)
     lens = seq_lens.cpu().numpy()
     # 64 "SMs": chunks of 16 tokens here, so the 150-token sequence runs as 10 chunks.

@@ -460,7 +460,6 @@ def paged_attention_decode(
     _, block_size, num_kv_heads, _ = k_cache.shape
     if num_seqs == 0:
         return out
-    queries_per_kv = num_heads // num_kv_heads
     config = default_decode_config(head_dim, kv_cache.dtype)
     block_n = block_n or config["block_n"]
     num_warps = num_warps or config["num_warps"]
@@ -493,13 +492,7 @@ def paged_attention_decode(
         scale * LOG2E, num_splits,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        NUM_HEADS=num_heads,
-        QUERIES_PER_KV=queries_per_kv,
-        HEAD_DIM=head_dim,
-        BLOCK_D=block_d,
-        BLOCK_G=max(16, triton.next_power_of_2(queries_per_kv)),
-        BLOCK_N=block_n,
-        BLOCK_SIZE=block_size,
+        **_shape_constexprs(num_heads, num_kv_heads, head_dim, block_n, block_size),
         SPLIT=split,
         MIXED=mixed,
         ORDERED=ordered,
@@ -525,6 +518,14 @@ def paged_attention_decode(
     return out
 
 
+def _shape_constexprs(num_heads: int, num_kv_heads: int, head_dim: int, block_n: int, block_size: int) -> dict:
+    """The decode kernel's shape constants (each launch path passes the same)."""
+    queries_per_kv = num_heads // num_kv_heads
+    return dict(NUM_HEADS=num_heads, QUERIES_PER_KV=queries_per_kv, HEAD_DIM=head_dim,
+                BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                BLOCK_G=max(16, triton.next_power_of_2(queries_per_kv)), BLOCK_N=block_n, BLOCK_SIZE=block_size)
+
+
 def _launch_work(query, out, k_cache, v_cache, block_tables, seq_lens, scale, work, block_n, num_warps,
                  num_stages) -> torch.Tensor:
     num_seqs = seq_lens.shape[0]
@@ -543,13 +544,7 @@ def _launch_work(query, out, k_cache, v_cache, block_tables, seq_lens, scale, wo
         scale * LOG2E, 1,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        NUM_HEADS=num_heads,
-        QUERIES_PER_KV=num_heads // num_kv_heads,
-        HEAD_DIM=head_dim,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_G=max(16, triton.next_power_of_2(num_heads // num_kv_heads)),
-        BLOCK_N=block_n,
-        BLOCK_SIZE=k_cache.shape[1],
+        **_shape_constexprs(num_heads, num_kv_heads, head_dim, block_n, k_cache.shape[1]),
         SPLIT=False,
         MIXED=False,
         ORDERED=False,

@@ -488,6 +488,8 @@ def skinny_linear(
         target, stride_os, stride_om = out, 0, out.stride(0)
     block_m = config.block_m if config.use_dot else m_bucket(m)  # fma: one m-tile
     grid = (triton.cdiv(n, config.block_n) * triton.cdiv(m, block_m), num_splits)
+    common = dict(HAS_BIAS=bias is not None and num_splits == 1, BLOCK_M=block_m, BLOCK_N=config.block_n,
+                  BLOCK_K=block_k, num_warps=config.num_warps, **pdl_launch_kwargs(x.device))
     if config.use_tma:
         _check_tma(x, weight)
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -497,28 +499,16 @@ def skinny_linear(
             TensorDescriptor.from_tensor(x, [block_m, block_k]),
             bias if bias is not None else x, target,
             m, n, stride_os, stride_om, tiles_per_split * block_k, k,
-            HAS_BIAS=bias is not None and num_splits == 1,
-            BLOCK_M=block_m,
-            BLOCK_N=config.block_n,
-            BLOCK_K=block_k,
-            NUM_STAGES=config.num_stages,
-            num_warps=config.num_warps,
-            **pdl_launch_kwargs(x.device),
+            NUM_STAGES=config.num_stages, **common,
         )  # fmt: skip
     else:
         _skinny_gemm_kernel[grid](
             x, weight, bias if bias is not None else x, target,
             m, n, k, x.stride(0), weight.stride(0), stride_os, stride_om, tiles_per_split * block_k,
-            HAS_BIAS=bias is not None and num_splits == 1,
             EVEN_K=k % block_k == 0,
             USE_DOT=config.use_dot,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,  # fp32: no TF32 rounding
-            BLOCK_M=block_m,
-            BLOCK_N=config.block_n,
-            BLOCK_K=block_k,
-            num_warps=config.num_warps,
-            num_stages=config.num_stages,
-            **pdl_launch_kwargs(x.device),
+            num_stages=config.num_stages, **common,
         )  # fmt: skip
     if num_splits > 1:
         block = 512
