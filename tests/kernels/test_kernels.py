@@ -377,6 +377,17 @@ def test_decode_work_list_small_batch_one_tile_chunks():
     assert_close(out, reference_attention(b.query, b.full_cache, b.meta, 0.125), dtype)
 
 
+def test_merge_counters_grow_and_keep_the_old_buffer():
+    from pagedserve.executor.kernels import paged_attention_decode as pad
+
+    device = torch.device(DEVICE)
+    first = pad.merge_counters(device, 10)
+    assert pad.merge_counters(device, 10) is first and first.numel() >= 10 and not first.any()
+    bigger = pad.merge_counters(device, first.numel() + 1)
+    assert bigger.numel() > first.numel() and not bigger.any()
+    assert any(t is first for t in pad._RETIRED)  # a graph captured with it may still replay it
+
+
 def test_decode_work_invalid():
     b = make_batch([(20, 1), (30, 1)], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16, dtype=DTYPES[0])
     work = torch.from_numpy(decode_work_list(b.meta.seq_lens.cpu().numpy(), 2, 8, 16, min_chunk=16)).to(DEVICE)

@@ -557,16 +557,19 @@ def _launch_work(query, out, k_cache, v_cache, block_tables, seq_lens, scale, wo
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []  # outgrown counter buffers, kept alive: captured graphs may still use them
 
 
 def merge_counters(device: torch.device, size: int) -> torch.Tensor:
     """The work path's per-(sequence, kv head) arrival counters: zeros that every launch leaves at zero.
-    One buffer per device, grown (never inside a CUDA graph capture: a graph must keep the buffer it
-    captured, so the runner's warm-up before each capture sizes it)."""
+    One buffer per device, grown (never inside a CUDA graph capture: the runner's warm-up before each
+    capture sizes it); an outgrown buffer stays allocated, since graphs captured with it replay it."""
     counters = _COUNTERS.get(device)
     if counters is None or counters.numel() < size:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"merge counters for {size} (sequence, kv head) pairs must exist before capture")
+        if counters is not None:
+            _RETIRED.append(counters)
         counters = torch.zeros(max(size, 256), dtype=torch.int32, device=device)
         _COUNTERS[device] = counters
     return counters
