@@ -170,7 +170,8 @@ class ModelRunner:
         self.sampler = sampler
         self.backend = select_attention_backend(config, self.device)
         self.kv_caches = allocate_kv_caches(hf_config, num_kv_blocks, block_size, self.device, dtype)
-        self._num_kv_heads = num_kv_heads_of(hf_config)
+        # The cache's own kv-head count (the decode kernel's, and the CUDA graphs' when they pick a mode).
+        self._num_kv_heads = self.kv_caches[0].shape[3] if self.kv_caches else num_kv_heads_of(hf_config)
         if getattr(self.backend, "decode_work", False):  # the decode work list's chunks follow its tile
             from pagedserve.executor.kernels.paged_attention_decode import default_decode_config
 
