@@ -171,7 +171,7 @@ class ModelRunner:
         self.backend = select_attention_backend(config, self.device)
         self.kv_caches = allocate_kv_caches(hf_config, num_kv_blocks, block_size, self.device, dtype)
         # The cache's own kv-head count (the decode kernel's, and the CUDA graphs' when they pick a mode).
-        self._num_kv_heads = self.kv_caches[0].shape[3] if self.kv_caches else num_kv_heads_of(hf_config)
+        self._num_kv_heads = self.kv_caches[0].shape[3]
         if getattr(self.backend, "decode_work", False):  # the decode work list's chunks follow its tile
             from pagedserve.executor.kernels.paged_attention_decode import default_decode_config
 
@@ -220,15 +220,19 @@ class ModelRunner:
         num_order = num_seqs if is_decode_only and getattr(self.backend, "wants_seq_order", False) else 0
         work = None
         if num_order and getattr(self.backend, "decode_work", False):
-            # Launch size: a graph step runs the graph of the padded batch, which decides its mode.
             from pagedserve.executor.kernels import paged_attention_decode as pad
 
-            launch_size = graphs.padded_size(num_seqs) if graph_step else num_seqs
-            if pad.uses_work_list(launch_size, self._num_kv_heads, pad.num_sms(self.device)):
-                # A graph step's list comes padded to the graph's grid: one copy into it, no fill.
-                work = pad.decode_work_list(seq_lens, self._num_kv_heads, pad.num_sms(self.device),
-                                            self._decode_block_n,
-                                            capacity=graphs.work_items(launch_size) if graph_step else None)
+            sms = pad.num_sms(self.device)
+            # A graph step's mode is its graph's (capacity 0: seq_order), and its list comes padded to
+            # the graph's grid (one copy into it, no fill); an eager step decides by its own size.
+            if graph_step:
+                capacity = graphs.work_items(graphs.padded_size(num_seqs))
+                use_work = capacity > 0
+            else:
+                capacity, use_work = None, pad.uses_work_list(num_seqs, self._num_kv_heads, sms)
+            if use_work:
+                work = pad.decode_work_list(seq_lens, self._num_kv_heads, sms, self._decode_block_n,
+                                            capacity=capacity)
                 num_order = 0
         num_work = 0 if work is None else work.size
         padded_tokens, padded_logits = num_tokens, num_logits

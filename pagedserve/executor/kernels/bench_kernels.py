@@ -242,10 +242,7 @@ def bench_decode_work(dtype) -> None:
         order = torch.from_numpy(longest_first_order(ctx)).cuda()
         variants = [("order", dict(seq_order=order, num_splits=auto))]
         for per_sm, min_chunk in ((2, 256), (4, 256), (2, 128), (6, 128)):
-            saved = pad.PROGRAMS_PER_SM
-            pad.PROGRAMS_PER_SM = per_sm
-            work = pad.decode_work_list(ctx, HKV, sms, 64, min_chunk=min_chunk)
-            pad.PROGRAMS_PER_SM = saved
+            work = pad.decode_work_list(ctx, HKV, sms, 64, min_chunk=min_chunk, programs_per_sm=per_sm)
             splits = int((work[5] > 1).sum())
             variants.append((f"work p{per_sm} c{min_chunk} ({work.shape[1]} items, {splits} split)",
                              dict(work=torch.from_numpy(work).cuda())))

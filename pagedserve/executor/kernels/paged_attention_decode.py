@@ -195,7 +195,6 @@ def _paged_decode_kernel(
         part_row = tl.load(work_ptr + 3 * stride_w + item)
         part_base = tl.load(work_ptr + 4 * stride_w + item)
         num_parts = tl.load(work_ptr + 5 * stride_w + item)
-        split = 0
     elif ORDERED:
         # 1-D grid, launch order (position, split, kv_head) with the kv head fastest: the programs of
         # the order's first sequences are dispatched first, all their kv heads and splits together.
@@ -465,37 +464,54 @@ def paged_attention_decode(
     num_warps = num_warps or config["num_warps"]
     num_stages = num_stages or config["num_stages"]
     if work is not None:
-        return _launch_work(query, out, k_cache, v_cache, block_tables, seq_lens, scale, work,
-                            block_n, num_warps, num_stages)
-    if max_seq_len is None:
-        max_seq_len = block_tables.shape[1] * block_size
-    if num_splits is None:
-        num_splits = choose_num_splits(
-            num_seqs if num_decodes is None else num_decodes, num_kv_heads, max_seq_len, block_n, query.device
-        )
-    if not 1 <= num_splits <= _MAX_SPLITS:
-        raise ValueError(f"num_splits must be in [1, {_MAX_SPLITS}], got {num_splits}")
-    split = num_splits > 1
-    if split:
-        part_out = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=query.device)
-        part_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=query.device)
+        # Part rows: every chunk of a split sequence has one; a split sequence has >= 2 chunks, so they
+        # number at most 2 * (items - num_seqs), whatever the step (also in a captured graph's capacity).
+        items, num_splits, split = work.shape[1], 1, False
+        parts = max(1, 2 * (items - num_seqs))
+        part_out = torch.empty((parts, num_heads, head_dim), dtype=torch.float32, device=query.device)
+        part_lse = torch.empty((parts, num_heads), dtype=torch.float32, device=query.device)
+        counters = merge_counters(query.device, num_seqs * num_kv_heads)
+        grid = (items * num_kv_heads,)
     else:
-        part_out = part_lse = out  # unused
+        if max_seq_len is None:
+            max_seq_len = block_tables.shape[1] * block_size
+        if num_splits is None:
+            num_splits = choose_num_splits(
+                num_seqs if num_decodes is None else num_decodes, num_kv_heads, max_seq_len, block_n, query.device
+            )
+        if not 1 <= num_splits <= _MAX_SPLITS:
+            raise ValueError(f"num_splits must be in [1, {_MAX_SPLITS}], got {num_splits}")
+        split = num_splits > 1
+        if split:
+            part_out = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32,
+                                   device=query.device)
+            part_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=query.device)
+        else:
+            part_out = part_lse = out  # unused
+        counters = seq_lens  # unused
+        if ordered:
+            grid = (num_seqs * num_splits * num_kv_heads,)
+        else:
+            grid = (num_seqs, num_kv_heads, num_splits)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    if ordered:
-        grid = (num_seqs * num_splits * num_kv_heads,)
-    else:
-        grid = (num_seqs, num_kv_heads, num_splits)
     _paged_decode_kernel[grid](
         query, out, k_cache, v_cache, block_tables, seq_lens, query_start_loc if mixed else seq_lens,
-        seq_order if ordered else seq_lens, part_out, part_lse, seq_lens, seq_lens, 0,
+        seq_order if ordered else seq_lens, part_out, part_lse,
+        work if work is not None else seq_lens, counters, work.stride(0) if work is not None else 0,
         scale * LOG2E, num_splits,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        **_shape_constexprs(num_heads, num_kv_heads, head_dim, block_n, block_size),
+        NUM_HEADS=num_heads,
+        QUERIES_PER_KV=num_heads // num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_G=max(16, triton.next_power_of_2(num_heads // num_kv_heads)),
+        BLOCK_N=block_n,
+        BLOCK_SIZE=block_size,
         SPLIT=split,
         MIXED=mixed,
         ORDERED=ordered,
+        WORK=work is not None,
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl_launch_kwargs(query.device),
@@ -515,44 +531,6 @@ def paged_attention_decode(
             num_warps=4 if head_dim >= 128 else 2,
             **pdl_launch_kwargs(out.device),
         )  # fmt: skip
-    return out
-
-
-def _shape_constexprs(num_heads: int, num_kv_heads: int, head_dim: int, block_n: int, block_size: int) -> dict:
-    """The decode kernel's shape constants (each launch path passes the same)."""
-    queries_per_kv = num_heads // num_kv_heads
-    return dict(NUM_HEADS=num_heads, QUERIES_PER_KV=queries_per_kv, HEAD_DIM=head_dim,
-                BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-                BLOCK_G=max(16, triton.next_power_of_2(queries_per_kv)), BLOCK_N=block_n, BLOCK_SIZE=block_size)
-
-
-def _launch_work(query, out, k_cache, v_cache, block_tables, seq_lens, scale, work, block_n, num_warps,
-                 num_stages) -> torch.Tensor:
-    num_seqs = seq_lens.shape[0]
-    _, num_heads, head_dim = query.shape
-    num_kv_heads = k_cache.shape[2]
-    items = work.shape[1]
-    # Part rows: every chunk of a split sequence has one; a split sequence has >= 2 chunks, so they
-    # number at most 2 * (items - num_seqs), whatever the step (also in a captured graph's capacity).
-    parts = max(1, 2 * (items - num_seqs))
-    part_out = torch.empty((parts, num_heads, head_dim), dtype=torch.float32, device=query.device)
-    part_lse = torch.empty((parts, num_heads), dtype=torch.float32, device=query.device)
-    counters = merge_counters(query.device, num_seqs * num_kv_heads)
-    _paged_decode_kernel[(items * num_kv_heads,)](
-        query, out, k_cache, v_cache, block_tables, seq_lens, seq_lens, seq_lens, part_out, part_lse,
-        work, counters, work.stride(0),
-        scale * LOG2E, 1,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        **_shape_constexprs(num_heads, num_kv_heads, head_dim, block_n, k_cache.shape[1]),
-        SPLIT=False,
-        MIXED=False,
-        ORDERED=False,
-        WORK=True,
-        num_warps=num_warps,
-        num_stages=num_stages,
-        **pdl_launch_kwargs(query.device),
-    )  # fmt: skip
     return out
 
 
@@ -587,13 +565,14 @@ def uses_work_list(num_seqs: int, num_kv_heads: int, num_sms: int) -> bool:
 
 
 def work_capacity(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
-    """Items decode_work_list can produce for num_seqs sequences: one each, plus at most
-    total_tokens / chunk more, and chunk >= total_tokens * kv_heads / (2 * slots)."""
+    """Items decode_work_list can produce for num_seqs sequences (at PROGRAMS_PER_SM): one each, plus at
+    most total_tokens / chunk more, and chunk >= total_tokens * kv_heads / (2 * slots)."""
     return num_seqs + triton.cdiv(2 * PROGRAMS_PER_SM * num_sms, num_kv_heads)
 
 
 def decode_work_list(seq_lens: np.ndarray | Sequence[int], num_kv_heads: int, num_sms: int, block_n: int,
-                     capacity: int | None = None, min_chunk: int | None = None) -> np.ndarray:
+                     capacity: int | None = None, min_chunk: int | None = None,
+                     programs_per_sm: int = PROGRAMS_PER_SM) -> np.ndarray:
     """The work list of a decode step (host, numpy): int32 [6, items] with rows
     seq, tok_lo, tok_hi, part_row, part_base, num_parts, in launch order.
 
@@ -605,11 +584,12 @@ def decode_work_list(seq_lens: np.ndarray | Sequence[int], num_kv_heads: int, nu
     An unsplit sequence's one chunk has part_row -1 and num_parts 1 (it writes the output itself);
     a split sequence's chunks have part rows part_base .. part_base + num_parts - 1.
     capacity: pad to this many items with seq -1 (a CUDA graph's fixed grid). min_chunk: MIN_CHUNK, or
-    block_n when the batch's programs number fewer than the SMs."""
+    block_n when the batch's programs number fewer than the SMs. programs_per_sm: the slots assumed per
+    SM (bench sweeps; work_capacity bounds only the default's lists)."""
     lens = np.asarray(seq_lens, dtype=np.int64)
     if lens.ndim != 1:
         raise ValueError(f"seq_lens must be 1-D, got shape {lens.shape}")
-    slots = PROGRAMS_PER_SM * num_sms
+    slots = programs_per_sm * num_sms
     want = -(-int(lens.sum()) * num_kv_heads // (2 * slots))
     if min_chunk is None:  # a batch short of the SMs wants every tile in flight at once: chunks of one tile
         min_chunk = MIN_CHUNK if uses_work_list(len(lens), num_kv_heads, num_sms) else block_n
