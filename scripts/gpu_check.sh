@@ -73,6 +73,15 @@ run_phase() {
       stop_server
       grep -E "captured|KV cache|ready|started|tokenizer|serving|imports|step timing" "$OUT/server-8011.log" \
         | head -16 ;;
+    serve-ab)  # the load test against a server without mixed-step CUDA graphs (A/B with the serve phase)
+      export PAGEDSERVE_MIXED_GRAPHS=0
+      start_server 8017
+      python3 examples/load_test.py --base-url http://localhost:8017/v1 --max-tokens 128 2>&1 | tail -2
+      sleep 6
+      python3 examples/load_test.py --base-url http://localhost:8017/v1 --max-tokens 128 2>&1 | tail -2
+      stop_server
+      unset PAGEDSERVE_MIXED_GRAPHS
+      grep -E "captured|ready|step timing" "$OUT/server-8017.log" | head -8 ;;
     launch-probe)  # host cost of eager launches: cuBLAS at new vs seen token counts, Triton launches
       python3 scripts/launch_probe.py ;;
     prof-load)  # the load test against a server whose engine step loop runs under cProfile
@@ -207,7 +216,8 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
         tests/kernels/test_gate_up_silu.py \
         -q -p no:cacheprovider -x 2>&1 | tail -40 ;;
     gpu-quick)  # the GPU tests of the runner, graphs and async steps (not the kernel files)
-      timeout 300 python3 -m pytest tests/gpu/test_async_gpu.py tests/gpu/test_precompile.py tests/executor -q -m "not slow" -p no:cacheprovider -x 2>&1 | tail -4 ;;
+      timeout 300 python3 -m pytest tests/gpu/test_async_gpu.py tests/gpu/test_precompile.py tests/executor \
+        tests/kernels/test_runner_mixed_graph.py -q -m "not slow" -p no:cacheprovider -x 2>&1 | tail -4 ;;
     throughput-fused)
       PAGEDSERVE_FUSED_SAMPLER=1 python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy \
         --no-tqdm --output-json "$OUT/throughput-fused.json" 2>&1 | grep -vE "^frame #|^\[transformers\]" | tail -12 ;;
@@ -255,6 +265,7 @@ for phase in $phases; do
     tests) grep -E "7B shapes|async vs sync|passed|failed|FAILED|rror" "$OUT/tests.log" | tail -25 ;;
     serve-bench*|serve-diag|serve-prof|prof-load) cat "$OUT/$phase.log" ;;
     timeline*|skinny-b1|tput-ab|steplog) tail -n 70 "$OUT/$phase.log" ;;
+    serve-ab) cat "$OUT/$phase.log" ;;
     profile*|probe|launch-probe|silu|skinny*|tma-test|work-test|decode-work|tp-ab|lat-ab|gpu-quick|kernels-test|importprobe|sample|sample-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
     latency*) tail -n 5 "$OUT/$phase.log" ;;
     cublas-ladder) sed -n '/== cuBLAS per M/,$p' "$OUT/$phase.log" ;;

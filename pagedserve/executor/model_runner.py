@@ -25,6 +25,7 @@ step N+1's inputs never overwrites what step N's copy may still be reading.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -103,6 +104,8 @@ class StepInputs:
     # each row's index into the last step's samples (input_ids still holds the placeholder ids).
     graph_step: bool = False
     placeholder_rows: torch.Tensor | None = None
+    # A mixed step for the mixed-step CUDA graphs (mixed_graph.py): unpadded, int64 metadata views.
+    mixed_graph_step: bool = False
 
 
 def padded_count(n: int) -> int:
@@ -186,6 +189,7 @@ class ModelRunner:
         self._last_sampled: torch.Tensor | None = None
         self._last_sample_rows: dict[str, int] = {}
         self.cuda_graphs = None  # CUDAGraphDecoder once capture_cuda_graphs() ran
+        self.mixed_graphs = None  # CUDAGraphMixed likewise (mixed steps of up to ~1k tokens)
         # Eager steps (prefills, mixed) run at padded token counts (padded_count) on CUDA; decode-only
         # steps are left exact (CUDA graphs pad them their own way).
         self.pad_eager_steps = torch.device(device).type == "cuda"
@@ -217,6 +221,8 @@ class ModelRunner:
         # (A one-token chunk may be a prefill piece that does not sample: graphs need every row sampled.)
         graph_step = (graphs is not None and is_decode_only and num_logits == num_seqs
                       and graphs.fits(num_seqs, width))
+        mixed = self.mixed_graphs
+        mixed_graph_step = mixed is not None and not is_decode_only and mixed.fits(num_tokens, num_seqs, width)
         num_order = num_seqs if is_decode_only and getattr(self.backend, "wants_seq_order", False) else 0
         work = None
         if num_order and getattr(self.backend, "decode_work", False):
@@ -236,7 +242,7 @@ class ModelRunner:
                 num_order = 0
         num_work = 0 if work is None else work.size
         padded_tokens, padded_logits = num_tokens, num_logits
-        if self.pad_eager_steps and not is_decode_only:
+        if self.pad_eager_steps and not is_decode_only and not mixed_graph_step:  # (the graphs pad their own way)
             padded_tokens, padded_logits = padded_count(num_tokens), padded_count(num_logits)
 
         sizes = [padded_tokens, padded_tokens, padded_tokens, num_seqs + 1, num_seqs, num_seqs * width,
@@ -296,7 +302,7 @@ class ModelRunner:
             views[0][views[7]] = self._last_sampled[views[8]]  # on the device: no wait for the last step
 
         def int32(t: torch.Tensor) -> torch.Tensor:
-            return t if graph_step else t.to(torch.int32)
+            return t if graph_step or mixed_graph_step else t.to(torch.int32)
 
         meta = AttentionMetadata(
             query_start_loc=int32(views[3]),
@@ -313,7 +319,8 @@ class ModelRunner:
             decode_work=int32(views[10].view(6, -1)) if num_work else None,
         )
         ctx = ForwardContext(attn_metadata=meta, kv_caches=self.kv_caches, backend=self.backend)
-        return StepInputs(views[0], views[1], ctx, views[6], num_logits, graph_step, placeholder_rows)
+        return StepInputs(views[0], views[1], ctx, views[6], num_logits, graph_step, placeholder_rows,
+                          mixed_graph_step)
 
     def _placeholder_sources(
         self, scheduled: list[ScheduledRequest], query_start_loc: np.ndarray, dst: np.ndarray
@@ -401,6 +408,11 @@ class ModelRunner:
         if inputs.graph_step:
             logits = self.cuda_graphs.run(inputs.input_ids, inputs.positions, meta,
                                           placeholder_rows=inputs.placeholder_rows, last_sampled=self._last_sampled)
+        elif inputs.mixed_graph_step:
+            logits = self.mixed_graphs.run(inputs.input_ids, inputs.positions, meta, inputs.logits_indices,
+                                           inputs.num_logits)
+            if inputs.num_logits == 0:  # only non-final prefill chunks this step
+                return StepHandle(scheduled, None, None, None)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.ctx)
             if inputs.num_logits == 0:  # only non-final prefill chunks this step
@@ -419,14 +431,23 @@ class ModelRunner:
         ready.record()
         return StepHandle(scheduled, host, ready, result.decode, started)
 
-    def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> float:
-        """Captures decode graphs for a ladder of batch sizes; returns the seconds it took."""
+    def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int,
+                            max_num_batched_tokens: int | None = None) -> float:
+        """Captures decode graphs for a ladder of batch sizes and, unless PAGEDSERVE_MIXED_GRAPHS=0,
+        mixed-step graphs for a ladder of token counts (in the same memory pool); returns the seconds."""
         from pagedserve.executor.cuda_graph import CUDAGraphDecoder
+        from pagedserve.executor.mixed_graph import MAX_MIXED_GRAPH_TOKENS, CUDAGraphMixed
 
         graphs = CUDAGraphDecoder(self.model, self.kv_caches, self.backend, max_num_seqs, max_model_len,
                                   self.block_size, self.device)
         elapsed = graphs.capture()
         self.cuda_graphs = graphs
+        max_tokens = min(MAX_MIXED_GRAPH_TOKENS, max_num_batched_tokens or MAX_MIXED_GRAPH_TOKENS)
+        if os.environ.get("PAGEDSERVE_MIXED_GRAPHS", "1") != "0" and max_tokens >= 16:
+            mixed = CUDAGraphMixed(self.model, self.kv_caches, self.backend, max_num_seqs, max_model_len,
+                                   self.block_size, self.device, max_tokens)
+            elapsed += mixed.capture(pool=graphs.pool)
+            self.mixed_graphs = mixed
         return elapsed
 
 

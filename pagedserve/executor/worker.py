@@ -156,7 +156,7 @@ def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: st
     config = dataclasses.replace(config, max_model_len=max_model_len, max_num_batched_tokens=max_batched)
     logger.info("start-up: KV cache sized at %.1f s%s", time.monotonic() - t0, summary_suffix())
     if device.type == "cuda" and not config.enforce_eager:
-        runner.capture_cuda_graphs(config.max_num_seqs, max_model_len)
+        runner.capture_cuda_graphs(config.max_num_seqs, max_model_len, config.max_num_batched_tokens)
     tokenizer = tokenizer_future.result()
     sampler.eos_token_ids |= set(tokenizer.eos_token_ids)
     logger.info("model %s loaded on %s (%s) in %.1f s (tokenizer ready); KV cache: %d blocks x %d tokens",
