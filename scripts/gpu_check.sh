@@ -215,11 +215,6 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
       timeout 400 python3 -m pytest tests/kernels/test_kernels.py tests/kernels/test_fused_ops.py tests/kernels/test_silu_mul.py \
         tests/kernels/test_gate_up_silu.py \
         -q -p no:cacheprovider -x 2>&1 | tail -40 ;;
-    norm-test)  # the batch-1 norm-folded projections (and the gate_up kernel) on the GPU
-      timeout 240 python3 -m pytest tests/kernels/test_norm_gemv.py tests/kernels/test_gate_up_silu.py \
-        -q -p no:cacheprovider -x 2>&1 | tail -6 ;;
-    b1-fused)  # batch-1: norm folded into qkv / gate_up vs norm kernel + GEMM; LM head tiles vs cuBLAS
-      timeout 240 python3 scripts/bench_b1_fused.py ;;
     mixed-test)  # the mixed-step CUDA graphs vs HF, and async vs sync steps (graphs of both kinds)
       timeout 240 python3 -m pytest tests/kernels/test_runner_mixed_graph.py tests/gpu/test_async_gpu.py \
         -q -p no:cacheprovider -x 2>&1 | tail -6 ;;
@@ -274,7 +269,7 @@ for phase in $phases; do
     serve-bench*|serve-diag|serve-prof|prof-load) cat "$OUT/$phase.log" ;;
     timeline*|skinny-b1|tput-ab|steplog) tail -n 70 "$OUT/$phase.log" ;;
     serve-ab) cat "$OUT/$phase.log" ;;
-    profile*|probe|launch-probe|silu|skinny*|tma-test|work-test|decode-work|tp-ab|lat-ab|gpu-quick|mixed-test|norm-test|b1-fused|kernels-test|importprobe|sample|sample-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
+    profile*|probe|launch-probe|silu|skinny*|tma-test|work-test|decode-work|tp-ab|lat-ab|gpu-quick|mixed-test|kernels-test|importprobe|sample|sample-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
     latency*) tail -n 5 "$OUT/$phase.log" ;;
     cublas-ladder) sed -n '/== cuBLAS per M/,$p' "$OUT/$phase.log" ;;
     *) tail -n 8 "$OUT/$phase.log" ;;

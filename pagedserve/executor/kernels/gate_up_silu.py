@@ -23,7 +23,6 @@ import triton.language as tl
 
 from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
 from pagedserve.executor.kernels.pdl import pdl_enter
-from pagedserve.executor.kernels.skinny_gemm import fused_norm_input
 
 DEFAULT_BLOCK_N = 2  # 2 gate + 2 up rows per program: the 4-row tiles of gate_up's measured M=1 config
 DEFAULT_BLOCK_K = 512
@@ -37,14 +36,9 @@ def _gate_up_silu_kernel(
     inter,
     K,
     stride_wn,
-    res_ptr,  # FUSE_NORM: residual stream [K] fp32; x is the sublayer output added to it
-    norm_w_ptr,  # FUSE_NORM: RMSNorm weight [K]
-    res_out_ptr,  # FUSE_NORM: x + residual [K] fp32, written by program 0
-    eps,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    FUSE_NORM: tl.constexpr = False,  # the input is rmsnorm(x + residual) (skinny_gemm.skinny_linear_rmsnorm)
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -63,12 +57,7 @@ def _gate_up_silu_kernel(
         wg = tl.load(g_ptrs, mask=first_mask, other=0.0)
         wu = tl.load(u_ptrs, mask=first_mask, other=0.0)
     pdl_enter(USE_PDL)
-    if FUSE_NORM:
-        is_first = tl.program_id(0) == 0
-        x = fused_norm_input(x_ptrs[None, :], res_ptr, norm_w_ptr, res_out_ptr, offs_k, K, is_first, EVEN_K)
-        sum_sq = x * x
-        x = x * tl.load(norm_w_ptr + offs_k[None, :], mask=(offs_k < K)[None, :], other=0.0).to(tl.float32)
-    elif EVEN_K:
+    if EVEN_K:
         x = tl.load(x_ptrs).to(tl.float32)[None, :]
     else:
         x = tl.load(x_ptrs, mask=offs_k < K, other=0.0).to(tl.float32)[None, :]
@@ -81,31 +70,17 @@ def _gate_up_silu_kernel(
         if EVEN_K:
             wg = tl.load(g_ptrs)
             wu = tl.load(u_ptrs)
+            x = tl.load(x_ptrs).to(tl.float32)[None, :]
         else:
             k_mask = (k + offs_k) < K
             wg = tl.load(g_ptrs, mask=k_mask[None, :], other=0.0)
             wu = tl.load(u_ptrs, mask=k_mask[None, :], other=0.0)
-        if FUSE_NORM:
-            x = fused_norm_input(x_ptrs[None, :], res_ptr + k, norm_w_ptr, res_out_ptr + k, offs_k, K - k, is_first,
-                            EVEN_K)
-            sum_sq += x * x
-            x = x * tl.load(norm_w_ptr + k + offs_k[None, :], mask=(k + offs_k < K)[None, :],
-                            other=0.0).to(tl.float32)
-        elif EVEN_K:
-            x = tl.load(x_ptrs).to(tl.float32)[None, :]
-        else:
             x = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)[None, :]
         acc_g += wg.to(tl.float32) * x
         acc_u += wu.to(tl.float32) * x
-    gate = tl.sum(acc_g, axis=1)
-    up = tl.sum(acc_u, axis=1)
-    if FUSE_NORM:
-        inv_rms = 1.0 / tl.sqrt(tl.sum(tl.sum(sum_sq, axis=1), axis=0) / K + eps)
-        gate = gate * inv_rms
-        up = up * inv_rms
     # The unfused path's roundings: GEMM outputs in x's dtype, then SiLU·mul in fp32, rounded once.
-    gate = gate.to(out_ptr.dtype.element_ty).to(tl.float32)
-    up = up.to(out_ptr.dtype.element_ty).to(tl.float32)
+    gate = tl.sum(acc_g, axis=1).to(out_ptr.dtype.element_ty).to(tl.float32)
+    up = tl.sum(acc_u, axis=1).to(out_ptr.dtype.element_ty).to(tl.float32)
     y = gate / (1.0 + tl.exp(-gate)) * up  # as silu_mul (and torch's CUDA silu)
     tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=offs_n < inter)
 
@@ -119,14 +94,8 @@ def gate_up_silu(
     block_k: int = DEFAULT_BLOCK_K,
     num_warps: int = 4,
     num_stages: int = 2,
-    residual: torch.Tensor | None = None,
-    norm_weight: torch.Tensor | None = None,
-    eps: float = 0.0,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """silu(x @ weight[:I].T) * (x @ weight[I:].T) for x [1, K] and weight [2I, K]; returns [1, I].
-
-    With `residual` ([1, K] fp32) and `norm_weight` ([K]): the input is RMSNorm(x + residual) folded in as
-    in skinny_gemm.skinny_linear_rmsnorm; returns ([1, I], x + residual [1, K] fp32)."""
+) -> torch.Tensor:
+    """silu(x @ weight[:I].T) * (x @ weight[I:].T) for x [1, K] and weight [2I, K]; returns [1, I]."""
     if x.dim() != 2 or x.shape[0] != 1 or weight.dim() != 2 or weight.shape[1] != x.shape[1] \
             or weight.shape[0] % 2 or weight.shape[0] == 0:
         raise ValueError(f"x must be [1, K] and weight [2I, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
@@ -142,19 +111,9 @@ def gate_up_silu(
         out = torch.empty((1, inter), dtype=x.dtype, device=x.device)
     elif out.shape != (1, inter) or out.dtype != x.dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous [1, {inter}] tensor of {x.dtype}")
-    fuse_norm = residual is not None
-    if fuse_norm != (norm_weight is not None):
-        raise ValueError("residual and norm_weight go together")
-    if fuse_norm:
-        if residual.shape != (1, k) or residual.dtype != torch.float32 or not residual.is_contiguous() \
-                or norm_weight.shape != (k,) or norm_weight.stride(0) != 1:
-            raise ValueError(f"residual must be a contiguous [1, {k}] float32 tensor and norm_weight [{k}]")
-        residual_out = torch.empty_like(residual)
     block_k = max(16, min(block_k, triton.next_power_of_2(k)))
     _gate_up_silu_kernel[(triton.cdiv(inter, block_n),)](
         x, weight, out, inter, k, weight.stride(0),
-        residual if fuse_norm else x, norm_weight if fuse_norm else x, residual_out if fuse_norm else x, eps,
-        FUSE_NORM=fuse_norm,
         EVEN_K=k % block_k == 0,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
@@ -162,7 +121,7 @@ def gate_up_silu(
         num_stages=num_stages,
         **pdl_launch_kwargs(x.device),
     )  # fmt: skip
-    return (out, residual_out) if fuse_norm else out
+    return out
 
 
 __all__ = ["gate_up_silu"]

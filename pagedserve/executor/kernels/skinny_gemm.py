@@ -68,20 +68,6 @@ _SMEM_BUDGET = 112 * 1024  # heuristic, M > 8: pipeline buffers per program, two
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@triton.jit
-def fused_norm_input(x_ptrs, res_ptr, norm_w_ptr, res_out_ptr, offs_k, k_left, is_first, EVEN_K: tl.constexpr):
-    """One K step of the fused RMSNorm's input: x + residual in fp32 ([1, BLOCK_K]), stored to res_out by
-    the first program (the residual stream of the next sublayer). k_left: K elements from this step on."""
-    if EVEN_K:
-        x = tl.load(x_ptrs).to(tl.float32) + tl.load(res_ptr + offs_k[None, :])
-    else:
-        mask = (offs_k < k_left)[None, :]
-        x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32) + tl.load(res_ptr + offs_k[None, :], mask=mask,
-                                                                           other=0.0)
-    tl.store(res_out_ptr + offs_k[None, :], x, mask=(offs_k < tl.where(is_first, k_left, 0))[None, :])
-    return x
-
-
 @triton.jit(do_not_specialize=["M"])  # one compiled variant for every batch size
 def _skinny_gemm_kernel(
     x_ptr,  # [M, K], K contiguous
@@ -96,10 +82,6 @@ def _skinny_gemm_kernel(
     stride_os,  # between splits in out (0 when unsplit)
     stride_om,
     k_per_split,  # a multiple of BLOCK_K
-    res_ptr,  # FUSE_NORM: the residual stream [K] fp32 (x is the sublayer output added to it)
-    norm_w_ptr,  # FUSE_NORM: the RMSNorm weight [K]
-    res_out_ptr,  # FUSE_NORM: x + residual [K] fp32, written by program 0
-    eps,  # FUSE_NORM: the RMSNorm epsilon
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks at all
     USE_DOT: tl.constexpr,
@@ -107,7 +89,6 @@ def _skinny_gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    FUSE_NORM: tl.constexpr = False,  # M == 1 fma path, one split: y = W @ rmsnorm(x + residual)
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
     # With PDL the M == 1 path loads its first W tile before waiting for the previous kernel (W is
@@ -159,43 +140,25 @@ def _skinny_gemm_kernel(
             first_mask = (k_start + offs_k) < k_end
             w = tl.load(w_ptrs, mask=first_mask[None, :], other=0.0)
         pdl_enter(USE_PDL)
-        if FUSE_NORM:
-            # RMSNorm folded in: each program adds x to the residual and sums the squares along its own
-            # K loop (x is read whole by every program anyway); the norm weight scales x, the row's
-            # 1/rms scales the dot products at the end. No normed row is written, no norm kernel runs.
-            is_first = tl.program_id(0) == 0
-            sum_sq = tl.zeros([1, BLOCK_K], dtype=tl.float32)
-            x = fused_norm_input(x_ptrs, res_ptr, norm_w_ptr, res_out_ptr, offs_k, K, is_first, EVEN_K)
-            sum_sq += x * x
-            x = x * tl.load(norm_w_ptr + offs_k[None, :], mask=(offs_k < K)[None, :], other=0.0).to(tl.float32)
-        elif EVEN_K:
-            x = tl.load(x_ptrs).to(tl.float32)
+        if EVEN_K:
+            x = tl.load(x_ptrs)
         else:
-            x = tl.load(x_ptrs, mask=first_mask[None, :], other=0.0).to(tl.float32)
-        acc_wide = w.to(tl.float32) * x
+            x = tl.load(x_ptrs, mask=first_mask[None, :], other=0.0)
+        acc_wide = w.to(tl.float32) * x.to(tl.float32)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
         for k in range(k_start + BLOCK_K, k_end, BLOCK_K):
             if EVEN_K:
                 w = tl.load(w_ptrs)
+                x = tl.load(x_ptrs)
             else:
                 k_mask = (k + offs_k) < k_end
                 w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
-            if FUSE_NORM:
-                x = fused_norm_input(x_ptrs, res_ptr + k, norm_w_ptr, res_out_ptr + k, offs_k, K - k, is_first, EVEN_K)
-                sum_sq += x * x
-                x = x * tl.load(norm_w_ptr + k + offs_k[None, :], mask=(k + offs_k < K)[None, :],
-                                other=0.0).to(tl.float32)
-            elif EVEN_K:
-                x = tl.load(x_ptrs).to(tl.float32)
-            else:
-                x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0).to(tl.float32)
-            acc_wide += w.to(tl.float32) * x
+                x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
+            acc_wide += w.to(tl.float32) * x.to(tl.float32)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
         result = tl.sum(acc_wide, axis=1)[None, :]  # [1, BLOCK_N]
-        if FUSE_NORM:
-            result = result * (1.0 / tl.sqrt(tl.sum(sum_sq, axis=1) / K + eps))[:, None]
     else:
         pdl_enter(USE_PDL)
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -542,7 +505,6 @@ def skinny_linear(
         _skinny_gemm_kernel[grid](
             x, weight, bias if bias is not None else x, target,
             m, n, k, x.stride(0), weight.stride(0), stride_os, stride_om, tiles_per_split * block_k,
-            x, x, x, 0.0,  # no fused norm (skinny_linear_rmsnorm passes these)
             EVEN_K=k % block_k == 0,
             USE_DOT=config.use_dot,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,  # fp32: no TF32 rounding
@@ -558,53 +520,6 @@ def skinny_linear(
     return out
 
 
-def skinny_linear_rmsnorm(
-    x: torch.Tensor,
-    residual: torch.Tensor,
-    norm_weight: torch.Tensor,
-    eps: float,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    config: SkinnyConfig | Mapping[str, int | bool] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token through an RMSNorm (with the residual add) and a projection, in one kernel:
-
-        total = x + residual (fp32);  y = F.linear(norm_weight * total / rms(total), weight, bias)
-
-    x [1, K] (a sublayer's output), residual [1, K] fp32, norm_weight [K]. Returns (y [1, N] in x's dtype,
-    total [1, K] fp32: the next residual). Every program of the M = 1 fma path adds, squares and scales
-    the x elements of its own K loop, so no norm kernel runs and no normed row is stored; the only
-    rounding before the dot products is the weights' own (the unfused path rounds the normed row to x's
-    dtype first). One split only (the 1/rms factor needs the whole row): the config's split_k is ignored."""
-    _check_operands(x, weight, bias, None)
-    (m, k), n = x.shape, weight.shape[0]
-    if m != 1:
-        raise ValueError(f"skinny_linear_rmsnorm takes one token (x [1, K]), got M={m}")
-    if residual.shape != (1, k) or residual.dtype != torch.float32 or not residual.is_contiguous():
-        raise ValueError(f"residual must be a contiguous [1, {k}] float32 tensor, got {tuple(residual.shape)} "
-                         f"{residual.dtype}")
-    if norm_weight.shape != (k,) or norm_weight.stride(0) != 1 or norm_weight.device != x.device \
-            or residual.device != x.device:
-        raise ValueError(f"norm_weight must be a contiguous [{k}] tensor on x's device")
-    if config is None:
-        config = choose_config(1, n, k, x.dtype, x.device)
-    elif not isinstance(config, SkinnyConfig):
-        config = SkinnyConfig(**config)
-    config.validate()
-    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    residual_out = torch.empty_like(residual)
-    block_k = config.block_k
-    _skinny_gemm_kernel[(triton.cdiv(n, config.block_n), 1)](
-        x, weight, bias if bias is not None else x, out,
-        1, n, k, x.stride(0), weight.stride(0), 0, out.stride(0), triton.cdiv(k, block_k) * block_k,
-        residual, norm_weight, residual_out, eps,
-        HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, USE_DOT=False, DOT_PRECISION=None,
-        BLOCK_M=1, BLOCK_N=config.block_n, BLOCK_K=block_k, FUSE_NORM=True,
-        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch_kwargs(x.device),
-    )  # fmt: skip
-    return out, residual_out
-
-
 __all__ = [
     "FMA_MAX_M",
     "MAX_M",
@@ -617,5 +532,4 @@ __all__ = [
     "effective_split_k",
     "fit_block_k",
     "skinny_linear",
-    "skinny_linear_rmsnorm",
 ]

@@ -63,21 +63,6 @@ _SKINNY_LM_HEAD = os.environ.get("PAGEDSERVE_SKINNY_LM_HEAD", "1") == "1" and no
 _FUSED_GATE_UP = os.environ.get("PAGEDSERVE_FUSED_GATE_UP", "1") == "1" and not _NO_SKINNY_GEMM
 
 
-# PAGEDSERVE_FUSED_NORM=0: batch-1 RMSNorms as their own kernels instead of folded into the next projection
-# (the qkv skinny GEMM and the fused gate_up; A/B runs).
-_FUSED_NORM = os.environ.get("PAGEDSERVE_FUSED_NORM", "1") == "1" and not _NO_SKINNY_GEMM
-
-
-def _folds_norm(hidden: torch.Tensor, residual: torch.Tensor | None) -> bool:
-    """Whether a layer's RMSNorm over (hidden + residual) is folded into the next projection: one token
-    on CUDA with 16-bit activations and the fp32 residual stream (kernels/skinny_gemm.skinny_linear_rmsnorm)."""
-    return (_FUSED_NORM and residual is not None and hidden.shape[0] == 1 and hidden.is_cuda
-            and hidden.dtype != torch.float32 and residual.dtype == torch.float32)
-
-
-NormInput = tuple[RMSNorm, torch.Tensor]  # a layer's RMSNorm and the residual stream it adds first
-
-
 class DecoderAttention(nn.Module):
     def __init__(self, hf_config: Any, layer_idx: int, qkv_bias: bool, o_bias: bool) -> None:
         super().__init__()
@@ -92,19 +77,9 @@ class DecoderAttention(nn.Module):
         self.qkv_proj = MergedLinear(hf_config.hidden_size, qkv_sizes, qkv_bias)
         self.o_proj = Linear(self.q_size, hf_config.hidden_size, o_bias)
 
-    def forward(self, hidden: torch.Tensor, rope: RopeStep, ctx: ForwardContext,
-                norm: NormInput | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """With `norm`, `hidden` is the previous sublayer's output and the input RMSNorm (with its residual
-        add) is folded into the qkv projection; returns (output, the new residual stream) then."""
+    def forward(self, hidden: torch.Tensor, rope: RopeStep, ctx: ForwardContext) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        if norm is None:
-            qkv = self.qkv_proj(hidden)
-        else:
-            from pagedserve.executor.kernels.skinny_gemm import skinny_linear_rmsnorm
-
-            layernorm, residual = norm
-            qkv, residual = skinny_linear_rmsnorm(hidden, residual, layernorm.weight, layernorm.eps,
-                                                  self.qkv_proj.weight, self.qkv_proj.bias)
+        qkv = self.qkv_proj(hidden)
         q, k, v = (t.view(num_tokens, -1, self.head_dim)
                    for t in qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1))
         kv_cache = ctx.kv_caches[self.layer_idx]
@@ -114,8 +89,7 @@ class DecoderAttention(nn.Module):
         else:
             q, k = rope.rotate(q, k)
             out = ctx.backend.forward(q, k, v, kv_cache, ctx.attn_metadata, self.scale)
-        out = self.o_proj(out.reshape(num_tokens, self.q_size))
-        return out if norm is None else (out, residual)
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
 class DecoderMLP(nn.Module):
@@ -125,22 +99,9 @@ class DecoderMLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias)
         self.act = SiluAndMul()
 
-    def fuses_gate_up(self, x: torch.Tensor) -> bool:
-        return (x.shape[0] == 1 and x.is_cuda and _FUSED_GATE_UP and self.gate_up_proj.bias is None
-                and x.dtype != torch.float32)
-
-    def forward_normed(self, x: torch.Tensor, norm: NormInput) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token, `fuses_gate_up`: the post-attention RMSNorm (and its residual add) folded into the
-        fused gate_up kernel; returns (output, the new residual stream)."""
-        from pagedserve.executor.kernels.gate_up_silu import gate_up_silu
-
-        layernorm, residual = norm
-        hidden, residual = gate_up_silu(x, self.gate_up_proj.weight, residual=residual,
-                                        norm_weight=layernorm.weight, eps=layernorm.eps)
-        return self.down_proj(hidden), residual
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fuses_gate_up(x):
+        if x.shape[0] == 1 and x.is_cuda and _FUSED_GATE_UP and self.gate_up_proj.bias is None \
+                and x.dtype != torch.float32:
             # One token: gate_up GEMM and SiLU·mul in one kernel (kernels/gate_up_silu.py).
             from pagedserve.executor.kernels.gate_up_silu import gate_up_silu
 
@@ -166,17 +127,12 @@ class DecoderLayer(nn.Module):
         # The residual stream is carried separately so each norm can fold in the preceding add.
         # With 16-bit weights it is kept in fp32: 2 x num_layers adds rounded to bf16 are the
         # largest error of a bf16 forward against fp32 (HF rounds them; we don't).
-        # One token on CUDA: both norms fold into the projection after them (no norm kernels).
         if residual is None:
             residual = hidden.float() if hidden.element_size() < 4 else hidden
-            hidden = self.self_attn(self.input_layernorm(hidden), rope, ctx)
-        elif _folds_norm(hidden, residual):
-            hidden, residual = self.self_attn(hidden, rope, ctx, norm=(self.input_layernorm, residual))
+            hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-            hidden = self.self_attn(hidden, rope, ctx)
-        if _folds_norm(hidden, residual) and self.mlp.fuses_gate_up(hidden):
-            return self.mlp.forward_normed(hidden, (self.post_attention_layernorm, residual))
+        hidden = self.self_attn(hidden, rope, ctx)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
