@@ -32,6 +32,35 @@ from pagedserve.executor.attention.base import AttentionBackend, AttentionMetada
 logger = logging.getLogger(__name__)
 
 
+def capture_ladder(sizes: list[int], forward, device: torch.device, pool=None, phase: str = "graph capture"):
+    """Captures forward(size) as one CUDA graph per size, largest first so the smaller graphs reuse its
+    memory (in `pool`, new if None). First a dry run compiles every size's Triton variants side by side
+    (precompile.compile_ahead), then each size runs twice (Triton compiles, cuBLAS picks its kernels)
+    before its capture. Returns ({size: graph}, {size: forward's output in the graph}, pool)."""
+    from pagedserve.executor.precompile import compile_ahead
+
+    graphs: dict[int, torch.cuda.CUDAGraph] = {}
+    outputs: dict[int, torch.Tensor] = {}
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        with compile_ahead(phase) as dry:
+            for size in reversed(sizes) if dry else ():
+                forward(size)
+        for size in reversed(sizes):
+            for _ in range(2):
+                forward(size)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                outputs[size] = forward(size)
+            if pool is None:
+                pool = graph.pool()
+            graphs[size] = graph
+    torch.cuda.current_stream(device).wait_stream(stream)
+    torch.cuda.synchronize(device)
+    return graphs, outputs, pool
+
+
 def batch_size_ladder(max_num_seqs: int) -> list[int]:
     sizes = [1, 2, 4, 8] + list(range(16, 64, 8)) + list(range(64, 256, 16)) + list(range(256, 1025, 32))
     return [s for s in sizes if s < max_num_seqs] + [max_num_seqs]
@@ -117,25 +146,8 @@ class CUDAGraphDecoder:
         self.seq_lens.zero_()
         if self.use_work:
             self.work.fill_(-1)
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            from pagedserve.executor.precompile import compile_ahead
-
-            with compile_ahead("graph capture") as dry:  # every size's kernel variants, side by side
-                for bs in reversed(self.sizes) if dry else ():
-                    self._forward(bs)
-            for bs in reversed(self.sizes):
-                for _ in range(2):  # warm-up: Triton compiles, cuBLAS picks its kernels
-                    self._forward(bs)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                    self.logits[bs] = self._forward(bs)
-                if self.pool is None:
-                    self.pool = graph.pool()
-                self.graphs[bs] = graph
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        torch.cuda.synchronize(self.device)
+        self.graphs, self.logits, self.pool = capture_ladder(self.sizes, self._forward, self.device, self.pool,
+                                                             "graph capture")
         elapsed = time.perf_counter() - t0
         from pagedserve.executor.compile_log import summary_suffix
 

@@ -131,25 +131,9 @@ class CUDAGraphMixed:
         self.slot_mapping.fill_(-1)
         self.seq_lens.zero_()
         self.query_start_loc.zero_()
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            from pagedserve.executor.precompile import compile_ahead
+        from pagedserve.executor.cuda_graph import capture_ladder
 
-            with compile_ahead("mixed graph capture") as dry:  # every size's kernel variants, side by side
-                for size in reversed(self.sizes) if dry else ():
-                    self._forward(size)
-            for size in reversed(self.sizes):
-                for _ in range(2):  # warm-up: Triton compiles, cuBLAS picks its kernels
-                    self._forward(size)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    self._forward(size)
-                if pool is None:
-                    pool = graph.pool()
-                self.graphs[size] = graph
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        torch.cuda.synchronize(self.device)
+        self.graphs, _, _ = capture_ladder(self.sizes, self._forward, self.device, pool, "mixed graph capture")
         elapsed = time.perf_counter() - t0
         from pagedserve.executor.compile_log import summary_suffix
 
