@@ -4,7 +4,7 @@ nested jit function, a TMA block the copy engine cannot take) before a device ca
 the tensor-core path is there (wgmma in the PTX) and whether TMA copies are (cp.async.bulk.tensor).
 The local Triton may differ from the GPU's.
 
-    python scripts/compile_sm90.py [sample] [tma] [decode]
+    python scripts/compile_sm90.py [sample] [tma] [decode] [qkv]
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def build(fn, sig: dict, consts: dict, label: str, num_warps: int = 4, num_stage
     try:
         k = triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
     except Exception as e:  # noqa: BLE001 - report and go on with the next variant
-        print(f"{label}: {type(e).__name__}: {str(e)[:400]}")
+        print(f"{label}: {type(e).__name__}: {str(e)[-1500:]}")
         return
     ptx = k.asm.get("ptx", "")
     print(f"{label}: compiled; wgmma {ptx.count('wgmma.mma_async')}, tma {ptx.count('cp.async.bulk.tensor')}, "
@@ -80,7 +80,21 @@ def decode() -> None:
               num_stages=3)
 
 
+def qkv() -> None:
+    """The batch-1 qkv GEMV with rotary and the KV write (kernels/qkv_rope_kv.py) at the 7B shapes."""
+    from pagedserve.executor.kernels import qkv_rope_kv as m
+
+    sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "q_ptr": "*bf16", "positions_ptr": "*i64",
+           "cos_sin_ptr": "*fp32", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "slot_mapping_ptr": "*i64",
+           "K": "i32", "stride_wn": "i32", "stride_cs": "i32", "stride_c_block": "i32", "stride_c_slot": "i32",
+           "stride_c_head": "i32", "num_q_heads": "i32"}
+    consts = {"NUM_KV_HEADS": 4, "HALF": 64, "BLOCK_SIZE": 16, "HAS_BIAS": True, "EVEN_K": True,
+              "BLOCK_R": m.DEFAULT_BLOCK_R, "BLOCK_K": m.DEFAULT_BLOCK_K, "USE_PDL": True}
+    sig |= {k: "constexpr" for k in consts}
+    build(m._qkv_rope_kv_kernel, sig, consts, "qkv_rope_kv 7B", num_warps=4, num_stages=2)
+
+
 if __name__ == "__main__":
     print(f"triton {triton.__version__}")
-    for name in sys.argv[1:] or ["sample", "tma", "decode"]:
-        {"sample": sample, "tma": tma, "decode": decode}[name]()
+    for name in sys.argv[1:] or ["sample", "tma", "decode", "qkv"]:
+        {"sample": sample, "tma": tma, "decode": decode, "qkv": qkv}[name]()

@@ -215,6 +215,9 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
       timeout 400 python3 -m pytest tests/kernels/test_kernels.py tests/kernels/test_fused_ops.py tests/kernels/test_silu_mul.py \
         tests/kernels/test_gate_up_silu.py \
         -q -p no:cacheprovider -x 2>&1 | tail -40 ;;
+    qkv-test)  # the batch-1 qkv GEMV with rotary + KV write (kernels/qkv_rope_kv.py) on the GPU; then A/B it with
+      # LAT_AB="PAGEDSERVE_FUSED_QKV_ROPE=0;PAGEDSERVE_FUSED_QKV_ROPE=1;PAGEDSERVE_FUSED_QKV_ROPE=0;PAGEDSERVE_FUSED_QKV_ROPE=1"
+      timeout 200 python3 -m pytest tests/kernels/test_qkv_rope_kv.py -q -p no:cacheprovider -x 2>&1 | tail -6 ;;
     mixed-test)  # the mixed-step CUDA graphs vs HF, and async vs sync steps (graphs of both kinds)
       timeout 240 python3 -m pytest tests/kernels/test_runner_mixed_graph.py tests/gpu/test_async_gpu.py \
         -q -p no:cacheprovider -x 2>&1 | tail -6 ;;
@@ -269,7 +272,7 @@ for phase in $phases; do
     serve-bench*|serve-diag|serve-prof|prof-load) cat "$OUT/$phase.log" ;;
     timeline*|skinny-b1|tput-ab|steplog) tail -n 70 "$OUT/$phase.log" ;;
     serve-ab) cat "$OUT/$phase.log" ;;
-    profile*|probe|launch-probe|silu|skinny*|tma-test|work-test|decode-work|tp-ab|lat-ab|gpu-quick|mixed-test|kernels-test|importprobe|sample|sample-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
+    profile*|probe|launch-probe|silu|skinny*|tma-test|work-test|decode-work|tp-ab|lat-ab|gpu-quick|mixed-test|qkv-test|kernels-test|importprobe|sample|sample-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
     latency*) tail -n 5 "$OUT/$phase.log" ;;
     cublas-ladder) sed -n '/== cuBLAS per M/,$p' "$OUT/$phase.log" ;;
     *) tail -n 8 "$OUT/$phase.log" ;;

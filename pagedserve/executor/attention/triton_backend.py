@@ -68,10 +68,15 @@ class TritonAttentionBackend(AttentionBackend):
         scale: float,
         out: torch.Tensor | None = None,
         rope=None,
+        kv_written: bool = False,
     ) -> torch.Tensor:
         """See AttentionBackend.forward; `out` optionally receives the result ([T, Hq, D]). With `rope`
-        (a layers.RopeStep for CUDA), query and key arrive unrotated and are rotated in place here."""
-        if rope is not None:
+        (a layers.RopeStep for CUDA), query and key arrive unrotated and are rotated in place here. With
+        kv_written, the step's K/V are already in the cache and query is rotated (kernels/qkv_rope_kv.py):
+        key and value are not used."""
+        if kv_written:
+            pass
+        elif rope is not None:
             rotary_and_write_kv_cache(query, key, value, rope.positions, rope.cos_sin_cache, kv_cache,
                                       meta.slot_mapping)
         else:

@@ -63,6 +63,16 @@ _SKINNY_LM_HEAD = os.environ.get("PAGEDSERVE_SKINNY_LM_HEAD", "1") == "1" and no
 _FUSED_GATE_UP = os.environ.get("PAGEDSERVE_FUSED_GATE_UP", "1") == "1" and not _NO_SKINNY_GEMM
 
 
+# PAGEDSERVE_FUSED_QKV_ROPE=1: one token's qkv GEMV also rotates q and k and writes K/V into the cache
+# (kernels/qkv_rope_kv.py), one kernel instead of two per layer. Off until measured on a GPU.
+_FUSED_QKV_ROPE = os.environ.get("PAGEDSERVE_FUSED_QKV_ROPE", "0") == "1" and not _NO_SKINNY_GEMM
+
+
+def _fuses_qkv_rope(hidden: torch.Tensor, rope: RopeStep, backend: Any) -> bool:
+    return (_FUSED_QKV_ROPE and hidden.shape[0] == 1 and hidden.is_cuda and hidden.dtype != torch.float32
+            and rope.cos is None and getattr(backend, "fuses_rotary", False))
+
+
 class DecoderAttention(nn.Module):
     def __init__(self, hf_config: Any, layer_idx: int, qkv_bias: bool, o_bias: bool) -> None:
         super().__init__()
@@ -79,10 +89,17 @@ class DecoderAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, rope: RopeStep, ctx: ForwardContext) -> torch.Tensor:
         num_tokens = hidden.shape[0]
+        kv_cache = ctx.kv_caches[self.layer_idx]
+        if _fuses_qkv_rope(hidden, rope, ctx.backend):
+            from pagedserve.executor.kernels.qkv_rope_kv import qkv_rope_kv_write
+
+            q = qkv_rope_kv_write(hidden, self.qkv_proj.weight, self.qkv_proj.bias, rope.positions,
+                                  rope.cos_sin_cache, kv_cache, ctx.attn_metadata.slot_mapping, self.num_heads)
+            out = ctx.backend.forward(q, None, None, kv_cache, ctx.attn_metadata, self.scale, kv_written=True)
+            return self.o_proj(out.reshape(num_tokens, self.q_size))
         qkv = self.qkv_proj(hidden)
         q, k, v = (t.view(num_tokens, -1, self.head_dim)
                    for t in qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1))
-        kv_cache = ctx.kv_caches[self.layer_idx]
         if rope.cos is None and getattr(ctx.backend, "fuses_rotary", False):
             # CUDA + Triton backend: rotary happens inside the KV-cache write kernel.
             out = ctx.backend.forward(q, k, v, kv_cache, ctx.attn_metadata, self.scale, rope=rope)
