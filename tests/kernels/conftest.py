@@ -28,6 +28,7 @@ KERNEL_MODULES = (
     "pagedserve.executor.kernels.silu_mul",
     "pagedserve.executor.kernels.skinny_gemm",
     "pagedserve.executor.kernels.gate_up_silu",
+    "pagedserve.executor.kernels.qkv_rope_kv",  # after gate_up_silu: imports its helper
     "pagedserve.executor.kernels.sample",
 )
 

@@ -29,6 +29,49 @@ DEFAULT_BLOCK_K = 512
 
 
 @triton.jit
+def paired_rows_dot(w_ptr, rows_a, rows_b, stride_wn, x_ptr, K, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
+                    USE_PDL: tl.constexpr):
+    """(W[rows_a] @ x, W[rows_b] @ x) in fp32 for one token x [K]: two row sets of the same weight, each
+    accumulated in a [rows, BLOCK_K] tile summed across K once at the end (skinny_gemm's M=1 fma path).
+    Calls pdl_enter after loading the first K step's weight tiles (weights are never written in a step)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = w_ptr + rows_a[:, None] * stride_wn + offs_k[None, :]
+    b_ptrs = w_ptr + rows_b[:, None] * stride_wn + offs_k[None, :]
+    x_ptrs = x_ptr + offs_k
+    # First K step peeled: its weight tiles load before the PDL wait.
+    if EVEN_K:
+        wa = tl.load(a_ptrs)
+        wb = tl.load(b_ptrs)
+    else:
+        first_mask = (offs_k < K)[None, :]  # not `k_mask`: a name reassigned in the loop must keep its type
+        wa = tl.load(a_ptrs, mask=first_mask, other=0.0)
+        wb = tl.load(b_ptrs, mask=first_mask, other=0.0)
+    pdl_enter(USE_PDL)
+    if EVEN_K:
+        x = tl.load(x_ptrs).to(tl.float32)[None, :]
+    else:
+        x = tl.load(x_ptrs, mask=offs_k < K, other=0.0).to(tl.float32)[None, :]
+    acc_a = wa.to(tl.float32) * x
+    acc_b = wb.to(tl.float32) * x
+    for k in range(BLOCK_K, K, BLOCK_K):
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+        if EVEN_K:
+            wa = tl.load(a_ptrs)
+            wb = tl.load(b_ptrs)
+            x = tl.load(x_ptrs).to(tl.float32)[None, :]
+        else:
+            k_mask = (k + offs_k) < K
+            wa = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+            wb = tl.load(b_ptrs, mask=k_mask[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+        acc_a += wa.to(tl.float32) * x
+        acc_b += wb.to(tl.float32) * x
+    return tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1)
+
+
+@triton.jit
 def _gate_up_silu_kernel(
     x_ptr,  # [K]
     w_ptr,  # [2I, K], contiguous
@@ -43,44 +86,10 @@ def _gate_up_silu_kernel(
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(offs_n, inter - 1).to(tl.int64)  # padding rows re-read row inter-1 (never stored)
-    offs_k = tl.arange(0, BLOCK_K)
-    g_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
-    u_ptrs = w_ptr + (rows + inter)[:, None] * stride_wn + offs_k[None, :]
-    x_ptrs = x_ptr + offs_k
-
-    # First K step peeled: its weight tiles load before the PDL wait.
-    if EVEN_K:
-        wg = tl.load(g_ptrs)
-        wu = tl.load(u_ptrs)
-    else:
-        first_mask = (offs_k < K)[None, :]  # not `k_mask`: a name reassigned in the loop must keep its type
-        wg = tl.load(g_ptrs, mask=first_mask, other=0.0)
-        wu = tl.load(u_ptrs, mask=first_mask, other=0.0)
-    pdl_enter(USE_PDL)
-    if EVEN_K:
-        x = tl.load(x_ptrs).to(tl.float32)[None, :]
-    else:
-        x = tl.load(x_ptrs, mask=offs_k < K, other=0.0).to(tl.float32)[None, :]
-    acc_g = wg.to(tl.float32) * x
-    acc_u = wu.to(tl.float32) * x
-    for k in range(BLOCK_K, K, BLOCK_K):
-        g_ptrs += BLOCK_K
-        u_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-        if EVEN_K:
-            wg = tl.load(g_ptrs)
-            wu = tl.load(u_ptrs)
-            x = tl.load(x_ptrs).to(tl.float32)[None, :]
-        else:
-            k_mask = (k + offs_k) < K
-            wg = tl.load(g_ptrs, mask=k_mask[None, :], other=0.0)
-            wu = tl.load(u_ptrs, mask=k_mask[None, :], other=0.0)
-            x = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-        acc_g += wg.to(tl.float32) * x
-        acc_u += wu.to(tl.float32) * x
+    gate, up = paired_rows_dot(w_ptr, rows, rows + inter, stride_wn, x_ptr, K, EVEN_K, BLOCK_K, USE_PDL)
     # The unfused path's roundings: GEMM outputs in x's dtype, then SiLU·mul in fp32, rounded once.
-    gate = tl.sum(acc_g, axis=1).to(out_ptr.dtype.element_ty).to(tl.float32)
-    up = tl.sum(acc_u, axis=1).to(out_ptr.dtype.element_ty).to(tl.float32)
+    gate = gate.to(out_ptr.dtype.element_ty).to(tl.float32)
+    up = up.to(out_ptr.dtype.element_ty).to(tl.float32)
     y = gate / (1.0 + tl.exp(-gate)) * up  # as silu_mul (and torch's CUDA silu)
     tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=offs_n < inter)
 
@@ -124,4 +133,4 @@ def gate_up_silu(
     return out
 
 
-__all__ = ["gate_up_silu"]
+__all__ = ["gate_up_silu", "paired_rows_dot"]

@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedserve.executor.kernels.gate_up_silu import paired_rows_dot
 from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
-from pagedserve.executor.kernels.pdl import pdl_enter
 
 DEFAULT_BLOCK_R = 2  # 2 + 2 rows a program: the 4-row tiles of qkv's measured M=1 config
 DEFAULT_BLOCK_K = 512
@@ -60,43 +60,7 @@ def _qkv_rope_kv_kernel(
     offs_d = (pid % (HALF // BLOCK_R)) * BLOCK_R + tl.arange(0, BLOCK_R)  # dims in the first half
     rows_a = (head * 2 * HALF + offs_d).to(tl.int64)
     rows_b = rows_a + HALF
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = w_ptr + rows_a[:, None] * stride_wn + offs_k[None, :]
-    b_ptrs = w_ptr + rows_b[:, None] * stride_wn + offs_k[None, :]
-    x_ptrs = x_ptr + offs_k
-
-    # First K step peeled: its weight tiles load before the PDL wait (weights are never written in a step).
-    if EVEN_K:
-        wa = tl.load(a_ptrs)
-        wb = tl.load(b_ptrs)
-    else:
-        first_mask = (offs_k < K)[None, :]
-        wa = tl.load(a_ptrs, mask=first_mask, other=0.0)
-        wb = tl.load(b_ptrs, mask=first_mask, other=0.0)
-    pdl_enter(USE_PDL)
-    if EVEN_K:
-        x = tl.load(x_ptrs).to(tl.float32)[None, :]
-    else:
-        x = tl.load(x_ptrs, mask=offs_k < K, other=0.0).to(tl.float32)[None, :]
-    acc_a = wa.to(tl.float32) * x
-    acc_b = wb.to(tl.float32) * x
-    for k in range(BLOCK_K, K, BLOCK_K):
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-        if EVEN_K:
-            wa = tl.load(a_ptrs)
-            wb = tl.load(b_ptrs)
-            x = tl.load(x_ptrs).to(tl.float32)[None, :]
-        else:
-            k_mask = (k + offs_k) < K
-            wa = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
-            wb = tl.load(b_ptrs, mask=k_mask[None, :], other=0.0)
-            x = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-        acc_a += wa.to(tl.float32) * x
-        acc_b += wb.to(tl.float32) * x
-    a = tl.sum(acc_a, axis=1)
-    b = tl.sum(acc_b, axis=1)
+    a, b = paired_rows_dot(w_ptr, rows_a, rows_b, stride_wn, x_ptr, K, EVEN_K, BLOCK_K, USE_PDL)
     if HAS_BIAS:
         a += tl.load(bias_ptr + rows_a).to(tl.float32)
         b += tl.load(bias_ptr + rows_b).to(tl.float32)
