@@ -4,7 +4,9 @@
 #   bash scripts/gpu_check.sh [tests] [probe] [latency] [throughput] [profile] [profile-eager] [profile-b1]
 #                             [profile-mixed] [serve] [compare] [silu] [skinny] [serve-bench]
 set -uo pipefail
-OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
+# Phases write their logs and JSON under a local folder, packed after each phase into ONE file in the
+# device tool's $OUT (it returns at most 8 files: a call of several phases lost its later logs that way).
+RETURN_DIR="${OUT:-/tmp/out}"; OUT=/tmp/gpu-check-out; mkdir -p "$RETURN_DIR" "$OUT"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
@@ -263,15 +265,17 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
     *) echo "unknown phase $phase" ;;
   esac
 }
-# Each phase's whole output goes to $OUT/<phase>.log (it comes back as a file); the tail is printed.
+# Each phase's whole output goes to <phase>.log, packed with the JSON files into $RETURN_DIR/gpu-logs.tgz
+# after every phase (so a call stopped at its limit still returns the phases done); the tail is printed.
 for phase in $phases; do
   echo "=== $phase $(date +%T)"
   run_phase "$phase" > "$OUT/$phase.log" 2>&1
+  tar czf "$RETURN_DIR/gpu-logs.tgz" -C "$OUT" . 2>/dev/null
   case $phase in
     tests) grep -E "7B shapes|async vs sync|passed|failed|FAILED|rror" "$OUT/tests.log" | tail -25 ;;
     serve-bench*|serve-diag|serve-prof|prof-load) cat "$OUT/$phase.log" ;;
     timeline*|skinny-b1|tput-ab|steplog) tail -n 70 "$OUT/$phase.log" ;;
-    serve-ab) cat "$OUT/$phase.log" ;;
+    serve|serve-ab) cat "$OUT/$phase.log" ;;
     profile*|probe|launch-probe|silu|skinny*|tma-test|work-test|decode-work|tp-ab|lat-ab|gpu-quick|mixed-test|qkv-test|kernels-test|importprobe|sample|sample-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
     latency*) tail -n 5 "$OUT/$phase.log" ;;
     cublas-ladder) sed -n '/== cuBLAS per M/,$p' "$OUT/$phase.log" ;;
