@@ -411,13 +411,12 @@ class ModelRunner:
         elif inputs.mixed_graph_step:
             logits = self.mixed_graphs.run(inputs.input_ids, inputs.positions, meta, inputs.logits_indices,
                                            inputs.num_logits)
-            if inputs.num_logits == 0:  # only non-final prefill chunks this step
-                return StepHandle(scheduled, None, None, None)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.ctx)
-            if inputs.num_logits == 0:  # only non-final prefill chunks this step
-                return StepHandle(scheduled, None, None, None)
-            logits = self.model.compute_logits(hidden[inputs.logits_indices])[: inputs.num_logits]
+            if inputs.num_logits:
+                logits = self.model.compute_logits(hidden[inputs.logits_indices])[: inputs.num_logits]
+        if inputs.num_logits == 0:  # only non-final prefill chunks this step (never a decode graph step)
+            return StepHandle(scheduled, None, None, None)
         to_sample = [r for r in scheduled if r.needs_sample]
         result = self.sampler.sample(logits, to_sample)
         self._last_sampled = result.token_ids

@@ -74,13 +74,12 @@ class TritonAttentionBackend(AttentionBackend):
         (a layers.RopeStep for CUDA), query and key arrive unrotated and are rotated in place here. With
         kv_written, the step's K/V are already in the cache and query is rotated (kernels/qkv_rope_kv.py):
         key and value are not used."""
-        if kv_written:
-            pass
-        elif rope is not None:
-            rotary_and_write_kv_cache(query, key, value, rope.positions, rope.cos_sin_cache, kv_cache,
-                                      meta.slot_mapping)
-        else:
-            write_kv_cache(key, value, kv_cache, meta.slot_mapping)
+        if not kv_written:
+            if rope is not None:
+                rotary_and_write_kv_cache(query, key, value, rope.positions, rope.cos_sin_cache, kv_cache,
+                                          meta.slot_mapping)
+            else:
+                write_kv_cache(key, value, kv_cache, meta.slot_mapping)
         if out is None:
             out = torch.empty_like(query)
         if meta.is_decode_only:
