@@ -217,6 +217,11 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
       timeout 400 python3 -m pytest tests/kernels/test_kernels.py tests/kernels/test_fused_ops.py tests/kernels/test_silu_mul.py \
         tests/kernels/test_gate_up_silu.py \
         -q -p no:cacheprovider -x 2>&1 | tail -40 ;;
+    b1-test)  # the batch-1 fused kernels (qkv + rotary + KV write; GEMV + norm tail) and their decoder tests
+      timeout 300 python3 -m pytest tests/kernels/test_qkv_rope_kv.py tests/kernels/test_skinny_norm_tail.py -q \
+        -p no:cacheprovider 2>&1 | grep -vE "^Writing|^\s*$" | tail -40 ;;
+    gemm-layouts)  # cuBLAS with the weight [N, K] vs [K, N] at a decode batch and prefill chunk sizes
+      timeout 200 python3 scripts/gemm_layouts.py ;;
     qkv-test)  # the batch-1 qkv GEMV with rotary + KV write (kernels/qkv_rope_kv.py) on the GPU; then A/B it with
       # LAT_AB="PAGEDSERVE_FUSED_QKV_ROPE=0;PAGEDSERVE_FUSED_QKV_ROPE=1;PAGEDSERVE_FUSED_QKV_ROPE=0;PAGEDSERVE_FUSED_QKV_ROPE=1"
       timeout 200 python3 -m pytest tests/kernels/test_qkv_rope_kv.py -q -p no:cacheprovider -x 2>&1 | tail -6 ;;

@@ -121,9 +121,11 @@ def test_decoder_uses_it_at_one_token(tmp_path, monkeypatch):
         monkeypatch.setattr(triton_backend, name, lambda *a, f=original: separate.append(a[0].shape[0]) or f(*a))
     tokens = np.random.default_rng(3).integers(1, 250, 10).tolist()
     out = runner.execute(step(scheduled("a", tokens, 0, [1, 2, 3], True)))
-    assert separate == [10, 10]  # the prefill (10 tokens) takes the two-kernel path in both layers
+    # The prefill (10 tokens; padded to a ladder size on CUDA) takes the two-kernel path in both layers.
+    assert len(separate) == 2 and min(separate) >= 10
+    prefill_writes = list(separate)
     for _ in range(2):
         tokens.append(out.sampled_token_ids[0])
         out = runner.execute(step(scheduled("a", tokens[-1:], len(tokens) - 1, [1, 2, 3], True)))
         assert max_rel_err(sampler.logits[-1]["a"], hf_logits(hf, tokens)[-1]) < (5e-3 if CUDA else 1e-4)
-    assert separate == [10, 10]  # the one-token steps wrote their K/V in the qkv kernel
+    assert separate == prefill_writes  # the one-token steps wrote their K/V in the qkv kernel

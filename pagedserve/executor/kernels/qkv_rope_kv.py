@@ -11,8 +11,8 @@ to x's dtype (the GEMM's rounding), rotates q and k heads in fp32 (rounded once,
 and stores q heads to the query and k / v heads into the paged cache. The weight loop is unchanged from
 the skinny GEMM's (4 W rows a program at BLOCK_R = 2); the epilogue runs once per program.
 
-Status: tested against the two-kernel path (interpreter on CPU); not yet measured on a GPU, so the model
-uses it only with PAGEDSERVE_FUSED_QKV_ROPE=1.
+Status: tested against the two-kernel path (interpreter on CPU, and on the H200); the model uses it for every
+one-token step (PAGEDSERVE_FUSED_QKV_ROPE=0 turns it off): the batch-1 graph replay went 3.833 -> 3.784 ms.
 """
 
 from __future__ import annotations
