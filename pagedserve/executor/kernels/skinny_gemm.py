@@ -251,16 +251,6 @@ def _tma_gemm_kernel(
         result += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & n_mask[None, :])
-    if NORM_TAIL:
-        # The program that finishes last sees every other program's columns (each releases its stores
-        # through the counter after a barrier; the last acquires them, and reads them from L2), adds
-        # the row to the residual and writes the next RMSNorm's output: no norm kernel after the GEMV.
-        tl.debug_barrier()
-        done = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
-        if done == tl.num_programs(0) - 1:
-            tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
-            add_rms_norm_row(out_ptr, residual_ptr, norm_w_ptr, norm_out_ptr, residual_ptr, N, eps,
-                             HAS_RESIDUAL=True, BLOCK=BLOCK_H, LOAD_CACHE=".cg")
 
 
 @triton.jit(do_not_specialize=["M"])
