@@ -4,7 +4,7 @@ nested jit function, a TMA block the copy engine cannot take) before a device ca
 the tensor-core path is there (wgmma in the PTX) and whether TMA copies are (cp.async.bulk.tensor).
 The local Triton may differ from the GPU's.
 
-    python scripts/compile_sm90.py [sample] [tma] [decode] [qkv] [tail]
+    python scripts/compile_sm90.py [sample] [tma] [decode] [qkv] [tail] [norm]
 """
 from __future__ import annotations
 
@@ -112,7 +112,21 @@ def tail() -> None:
               num_stages=cfg["num_stages"])
 
 
+def norm() -> None:
+    """The RMSNorm kernel (fused_norm.py), with and without the residual: it calls the row function that the
+    skinny GEMM's norm tail shares (session 8's first GPU run of the tail failed to compile it there)."""
+    from pagedserve.executor.kernels import fused_norm as m
+
+    for has_res in (True, False):
+        sig = {"x_ptr": "*bf16", "residual_ptr": "*fp32", "weight_ptr": "*bf16", "out_ptr": "*bf16",
+               "residual_out_ptr": "*fp32", "stride_x": "i32", "stride_r": "i32", "stride_o": "i32", "stride_ro": "i32",
+               "hidden": "i32", "eps": "fp32"}
+        consts = {"HAS_RESIDUAL": has_res, "BLOCK": 4096, "USE_PDL": True}
+        sig |= {k: "constexpr" for k in consts}
+        build(m._rms_norm_kernel, sig, consts, f"rms_norm residual={has_res}", num_warps=8)
+
+
 if __name__ == "__main__":
     print(f"triton {triton.__version__}")
-    for name in sys.argv[1:] or ["sample", "tma", "decode", "qkv", "tail"]:
-        {"sample": sample, "tma": tma, "decode": decode, "qkv": qkv, "tail": tail}[name]()
+    for name in sys.argv[1:] or ["sample", "tma", "decode", "qkv", "tail", "norm"]:
+        {"sample": sample, "tma": tma, "decode": decode, "qkv": qkv, "tail": tail, "norm": norm}[name]()

@@ -33,13 +33,16 @@ def add_rms_norm_row(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
-    LOAD_CACHE: tl.constexpr = "",  # ".cg": read x from L2 (written by other programs of the same grid)
+    X_FROM_L2: tl.constexpr,  # x written by other programs of the same grid: load it with .cg (L2, not L1)
 ):
     """One row: out = weight * normalize(x [+ residual]), residual_out = x + residual. The pointers are at
     the row's start. Shared by the norm kernel below and the skinny GEMV's norm tail (skinny_gemm.py)."""
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0, cache_modifier=LOAD_CACHE)
+    if X_FROM_L2:
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    else:
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(residual_ptr + offs, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(residual_out_ptr.dtype.element_ty)  # as torch's x + r
@@ -72,7 +75,7 @@ def _rms_norm_kernel(
     pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     add_rms_norm_row(x_ptr + row * stride_x, residual_ptr + row * stride_r, weight_ptr, out_ptr + row * stride_o,
-                     residual_out_ptr + row * stride_ro, hidden, eps, HAS_RESIDUAL, BLOCK)
+                     residual_out_ptr + row * stride_ro, hidden, eps, HAS_RESIDUAL, BLOCK, False)
 
 
 def rms_norm(

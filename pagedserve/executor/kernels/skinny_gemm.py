@@ -203,7 +203,7 @@ def _skinny_gemm_kernel(
         if done == tl.num_programs(0) - 1:
             tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
             add_rms_norm_row(out_ptr, residual_ptr, norm_w_ptr, norm_out_ptr, residual_ptr, N, eps,
-                             HAS_RESIDUAL=True, BLOCK=BLOCK_H, LOAD_CACHE=".cg")
+                             True, BLOCK_H, True)
 
 
 @triton.jit(do_not_specialize=["M"])
