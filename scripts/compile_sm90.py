@@ -4,7 +4,7 @@ nested jit function, a TMA block the copy engine cannot take) before a device ca
 the tensor-core path is there (wgmma in the PTX) and whether TMA copies are (cp.async.bulk.tensor).
 The local Triton may differ from the GPU's.
 
-    python scripts/compile_sm90.py [sample] [tma] [decode] [qkv] [tail] [norm]
+    python scripts/compile_sm90.py [sample] [tma] [decode] [qkv] [norm]
 """
 from __future__ import annotations
 
@@ -94,27 +94,9 @@ def qkv() -> None:
     build(m._qkv_rope_kv_kernel, sig, consts, "qkv_rope_kv 7B", num_warps=4, num_stages=2)
 
 
-def tail() -> None:
-    """The one-token GEMV with the next RMSNorm in its last program (skinny_gemm NORM_TAIL): o and down."""
-    from pagedserve.executor.kernels import skinny_gemm as m
-
-    for name, (n, k) in {"o": (3584, 3584), "down": (3584, 18944)}.items():
-        cfg = m.SKINNY_CONFIGS[(n, k, 1)]
-        sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "N": "i32",
-               "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_os": "i32", "stride_om": "i32",
-               "k_per_split": "i32", "counter_ptr": "*i32", "residual_ptr": "*fp32", "norm_w_ptr": "*bf16",
-               "norm_out_ptr": "*bf16", "eps": "fp32"}
-        consts = {"HAS_BIAS": False, "EVEN_K": True, "USE_DOT": False, "DOT_PRECISION": None, "BLOCK_M": 1,
-                  "BLOCK_N": cfg["block_n"], "BLOCK_K": cfg["block_k"], "NORM_TAIL": True, "BLOCK_H": 4096,
-                  "USE_PDL": True}
-        sig |= {k: "constexpr" for k in consts}
-        build(m._skinny_gemm_kernel, sig, consts, f"norm tail {name}", num_warps=cfg["num_warps"],
-              num_stages=cfg["num_stages"])
-
-
 def norm() -> None:
-    """The RMSNorm kernel (fused_norm.py), with and without the residual: it calls the row function that the
-    skinny GEMM's norm tail shares (session 8's first GPU run of the tail failed to compile it there)."""
+    """The RMSNorm kernel (fused_norm.py), with and without the residual (session 8: a variant that the CPU's
+    Triton accepted failed to compile on the GPU's Triton 3.6; run this with Triton 3.6 too)."""
     from pagedserve.executor.kernels import fused_norm as m
 
     for has_res in (True, False):
@@ -128,5 +110,5 @@ def norm() -> None:
 
 if __name__ == "__main__":
     print(f"triton {triton.__version__}")
-    for name in sys.argv[1:] or ["sample", "tma", "decode", "qkv", "tail", "norm"]:
-        {"sample": sample, "tma": tma, "decode": decode, "qkv": qkv, "tail": tail, "norm": norm}[name]()
+    for name in sys.argv[1:] or ["sample", "tma", "decode", "qkv", "norm"]:
+        {"sample": sample, "tma": tma, "decode": decode, "qkv": qkv, "norm": norm}[name]()

@@ -217,8 +217,8 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
       timeout 400 python3 -m pytest tests/kernels/test_kernels.py tests/kernels/test_fused_ops.py tests/kernels/test_silu_mul.py \
         tests/kernels/test_gate_up_silu.py \
         -q -p no:cacheprovider -x 2>&1 | tail -40 ;;
-    b1-test)  # the batch-1 fused kernels (qkv + rotary + KV write; GEMV + norm tail) and their decoder tests
-      timeout 300 python3 -m pytest tests/kernels/test_qkv_rope_kv.py tests/kernels/test_skinny_norm_tail.py -q \
+    b1-test)  # the batch-1 fused kernels (qkv + rotary + KV write; gate_up + SiLU·mul) and their decoder tests
+      timeout 300 python3 -m pytest tests/kernels/test_qkv_rope_kv.py tests/kernels/test_gate_up_silu.py -q \
         -p no:cacheprovider 2>&1 | grep -vE "^Writing|^\s*$" | tail -40 ;;
     gemm-layouts)  # cuBLAS with the weight [N, K] vs [K, N] at a decode batch and prefill chunk sizes
       timeout 200 python3 scripts/gemm_layouts.py ;;

@@ -23,39 +23,6 @@ from pagedserve.executor.kernels.pdl import pdl_enter
 
 
 @triton.jit
-def add_rms_norm_row(
-    x_ptr,
-    residual_ptr,
-    weight_ptr,
-    out_ptr,
-    residual_out_ptr,
-    hidden,
-    eps,
-    HAS_RESIDUAL: tl.constexpr,
-    BLOCK: tl.constexpr,
-    X_FROM_L2: tl.constexpr,  # x written by other programs of the same grid: load it with .cg (L2, not L1)
-):
-    """One row: out = weight * normalize(x [+ residual]), residual_out = x + residual. The pointers are at
-    the row's start. Shared by the norm kernel below and the skinny GEMV's norm tail (skinny_gemm.py)."""
-    offs = tl.arange(0, BLOCK)
-    mask = offs < hidden
-    if X_FROM_L2:
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
-    else:
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(residual_ptr + offs, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(residual_out_ptr.dtype.element_ty)  # as torch's x + r
-        tl.store(residual_out_ptr + offs, x, mask=mask)
-    x32 = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x32 * x32, 0) / hidden + eps)
-    normed = (x32 * rstd).to(x_ptr.dtype.element_ty)
-    w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
-    y = normed.to(tl.float32) * w.to(tl.float32)
-    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _rms_norm_kernel(
     x_ptr,
     residual_ptr,
@@ -74,8 +41,19 @@ def _rms_norm_kernel(
 ):
     pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
-    add_rms_norm_row(x_ptr + row * stride_x, residual_ptr + row * stride_r, weight_ptr, out_ptr + row * stride_o,
-                     residual_out_ptr + row * stride_ro, hidden, eps, HAS_RESIDUAL, BLOCK, False)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < hidden
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(residual_ptr + row * stride_r + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(residual_out_ptr.dtype.element_ty)  # as torch's x + r
+        tl.store(residual_out_ptr + row * stride_ro + offs, x, mask=mask)
+    x32 = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x32 * x32, 0) / hidden + eps)
+    normed = (x32 * rstd).to(x_ptr.dtype.element_ty)
+    w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
+    y = normed.to(tl.float32) * w.to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def rms_norm(
@@ -129,4 +107,4 @@ def rms_norm(
     return out, res_out2.view(x.shape)
 
 
-__all__ = ["add_rms_norm_row", "rms_norm"]
+__all__ = ["rms_norm"]

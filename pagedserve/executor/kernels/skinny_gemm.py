@@ -59,7 +59,6 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.executor.kernels.fused_norm import add_rms_norm_row
 from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
 from pagedserve.executor.kernels.pdl import pdl_enter
 
@@ -83,11 +82,6 @@ def _skinny_gemm_kernel(
     stride_os,  # between splits in out (0 when unsplit)
     stride_om,
     k_per_split,  # a multiple of BLOCK_K
-    counter_ptr,  # NORM_TAIL: int32 [1], 0 between launches (the last program resets it)
-    residual_ptr,  # NORM_TAIL: [N] residual stream, read and updated in place
-    norm_w_ptr,  # NORM_TAIL: [N] RMSNorm weight
-    norm_out_ptr,  # NORM_TAIL: [N] normalized (out + residual)
-    eps,
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks at all
     USE_DOT: tl.constexpr,
@@ -95,8 +89,6 @@ def _skinny_gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    NORM_TAIL: tl.constexpr = False,  # M == 1, unsplit: the last program adds out to the residual and norms it
-    BLOCK_H: tl.constexpr = 1,  # NORM_TAIL: next power of 2 of N
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
     # With PDL the M == 1 path loads its first W tile before waiting for the previous kernel (W is
@@ -194,16 +186,6 @@ def _skinny_gemm_kernel(
         result += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & n_mask[None, :])
-    if NORM_TAIL:
-        # The program that finishes last sees every other program's columns (each releases its stores
-        # through the counter after a barrier; the last acquires them, and reads them from L2), adds
-        # the row to the residual and writes the next RMSNorm's output: no norm kernel after the GEMV.
-        tl.debug_barrier()
-        done = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
-        if done == tl.num_programs(0) - 1:
-            tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
-            add_rms_norm_row(out_ptr, residual_ptr, norm_w_ptr, norm_out_ptr, residual_ptr, N, eps,
-                             True, BLOCK_H, True)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -523,7 +505,6 @@ def skinny_linear(
         _skinny_gemm_kernel[grid](
             x, weight, bias if bias is not None else x, target,
             m, n, k, x.stride(0), weight.stride(0), stride_os, stride_om, tiles_per_split * block_k,
-            x, x, x, x, 0.0,  # no norm tail
             EVEN_K=k % block_k == 0,
             USE_DOT=config.use_dot,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,  # fp32: no TF32 rounding
@@ -539,56 +520,6 @@ def skinny_linear(
     return out
 
 
-@functools.lru_cache(maxsize=8)
-def _tail_counter(device: torch.device) -> torch.Tensor:
-    # One counter serves every norm-tail launch: launches on a stream run one after another (with PDL a
-    # kernel reaches the counter only after its wait for the one before), and each leaves it at 0. Made
-    # by the first (eager) call, before any graph capture.
-    return torch.zeros(1, dtype=torch.int32, device=device)
-
-
-def skinny_linear_add_norm(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    residual: torch.Tensor,
-    norm_weight: torch.Tensor,
-    eps: float,
-    bias: torch.Tensor | None = None,
-    config: SkinnyConfig | Mapping[str, int | bool] | None = None,
-) -> torch.Tensor:
-    """One token's projection followed by the next RMSNorm, in one kernel: y = x W^T (+ b) (rounded to x's
-    dtype), residual += y (in place), returns weight * normalize(residual) as rms_norm(y, norm_weight, eps,
-    residual) does. x [1, K]; residual [1, N] (x's dtype or float32, contiguous); the GEMV must be unsplit
-    (an fma config with split_k 1). The last program to finish does the norm."""
-    _check_operands(x, weight, bias, None)
-    (m, k), n = x.shape, weight.shape[0]
-    if m != 1:
-        raise ValueError(f"skinny_linear_add_norm takes one row, got M={m}")
-    if residual.shape != (1, n) or residual.dtype not in (x.dtype, torch.float32) or not residual.is_contiguous():
-        raise ValueError(f"residual must be a contiguous [1, {n}] tensor of {x.dtype} or float32")
-    if norm_weight.shape != (n,) or norm_weight.device != x.device:
-        raise ValueError(f"norm_weight must be [{n}] on {x.device}")
-    if config is None:
-        config = choose_config(m, n, k, x.dtype, x.device)
-    elif not isinstance(config, SkinnyConfig):
-        config = SkinnyConfig(**config)
-    config.validate()
-    if config.use_dot or config.use_tma or effective_split_k(k, config.block_k, config.split_k) != 1:
-        raise ValueError("the norm tail needs an unsplit fma config (use_dot=False, split_k=1)")
-    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    normed = torch.empty((1, n), dtype=torch.promote_types(x.dtype, norm_weight.dtype), device=x.device)
-    _skinny_gemm_kernel[(triton.cdiv(n, config.block_n), 1)](
-        x, weight, bias if bias is not None else x, out,
-        1, n, k, x.stride(0), weight.stride(0), 0, out.stride(0), triton.cdiv(k, config.block_k) * config.block_k,
-        _tail_counter(x.device), residual, norm_weight, normed, eps,
-        HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0, USE_DOT=False, DOT_PRECISION=None,
-        BLOCK_M=1, BLOCK_N=config.block_n, BLOCK_K=config.block_k, NORM_TAIL=True,
-        BLOCK_H=triton.next_power_of_2(n), num_warps=config.num_warps, num_stages=config.num_stages,
-        **pdl_launch_kwargs(x.device),
-    )  # fmt: skip
-    return normed
-
-
 __all__ = [
     "FMA_MAX_M",
     "MAX_M",
@@ -601,5 +532,4 @@ __all__ = [
     "effective_split_k",
     "fit_block_k",
     "skinny_linear",
-    "skinny_linear_add_norm",
 ]

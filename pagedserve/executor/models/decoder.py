@@ -69,23 +69,6 @@ _FUSED_GATE_UP = os.environ.get("PAGEDSERVE_FUSED_GATE_UP", "1") == "1" and not 
 _FUSED_QKV_ROPE = os.environ.get("PAGEDSERVE_FUSED_QKV_ROPE", "1") == "1" and not _NO_SKINNY_GEMM
 
 
-# PAGEDSERVE_NORM_TAIL=1: at one token, o_proj and down_proj end with the next RMSNorm (residual add
-# included) in their last program (skinny_gemm.skinny_linear_add_norm): 56 norm kernels fewer a step
-# on a 28-layer model. Off until measured on a GPU.
-_NORM_TAIL = os.environ.get("PAGEDSERVE_NORM_TAIL", "0") == "1" and not _NO_SKINNY_GEMM
-
-
-def _norm_tail_applies(hidden: torch.Tensor) -> bool:
-    return _NORM_TAIL and hidden.shape[0] == 1 and hidden.is_cuda and hidden.dtype != torch.float32
-
-
-def _project_add_norm(proj: Linear, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
-    """norm(proj(x), residual)[0], with residual updated in place: the norm in the projection's last program."""
-    from pagedserve.executor.kernels.skinny_gemm import skinny_linear_add_norm
-
-    return skinny_linear_add_norm(x, proj.weight, residual, norm.weight, norm.eps, proj.bias)
-
-
 def _fuses_qkv_rope(hidden: torch.Tensor, rope: RopeStep, backend: Any) -> bool:
     return (_FUSED_QKV_ROPE and hidden.shape[0] == 1 and hidden.is_cuda and hidden.dtype != torch.float32
             and rope.cos is None and getattr(backend, "fuses_rotary", False))
@@ -105,12 +88,7 @@ class DecoderAttention(nn.Module):
         self.qkv_proj = MergedLinear(hf_config.hidden_size, qkv_sizes, qkv_bias)
         self.o_proj = Linear(self.q_size, hf_config.hidden_size, o_bias)
 
-    def forward(
-        self, hidden: torch.Tensor, rope: RopeStep, ctx: ForwardContext,
-        norm_tail: tuple[torch.Tensor, RMSNorm] | None = None,
-    ) -> torch.Tensor:
-        """o_proj(attention(hidden)); with norm_tail=(residual, norm): norm(that, residual)[0], the
-        residual updated in place (one token: the norm runs in o_proj's last program)."""
+    def forward(self, hidden: torch.Tensor, rope: RopeStep, ctx: ForwardContext) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         kv_cache = ctx.kv_caches[self.layer_idx]
         if _fuses_qkv_rope(hidden, rope, ctx.backend):
@@ -119,20 +97,17 @@ class DecoderAttention(nn.Module):
             q = qkv_rope_kv_write(hidden, self.qkv_proj.weight, self.qkv_proj.bias, rope.positions,
                                   rope.cos_sin_cache, kv_cache, ctx.attn_metadata.slot_mapping, self.num_heads)
             out = ctx.backend.forward(q, None, None, kv_cache, ctx.attn_metadata, self.scale, kv_written=True)
+            return self.o_proj(out.reshape(num_tokens, self.q_size))
+        qkv = self.qkv_proj(hidden)
+        q, k, v = (t.view(num_tokens, -1, self.head_dim)
+                   for t in qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1))
+        if rope.cos is None and getattr(ctx.backend, "fuses_rotary", False):
+            # CUDA + Triton backend: rotary happens inside the KV-cache write kernel.
+            out = ctx.backend.forward(q, k, v, kv_cache, ctx.attn_metadata, self.scale, rope=rope)
         else:
-            qkv = self.qkv_proj(hidden)
-            q, k, v = (t.view(num_tokens, -1, self.head_dim)
-                       for t in qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1))
-            if rope.cos is None and getattr(ctx.backend, "fuses_rotary", False):
-                # CUDA + Triton backend: rotary happens inside the KV-cache write kernel.
-                out = ctx.backend.forward(q, k, v, kv_cache, ctx.attn_metadata, self.scale, rope=rope)
-            else:
-                q, k = rope.rotate(q, k)
-                out = ctx.backend.forward(q, k, v, kv_cache, ctx.attn_metadata, self.scale)
-        out = out.reshape(num_tokens, self.q_size)
-        if norm_tail is not None:
-            return _project_add_norm(self.o_proj, out, *norm_tail)
-        return self.o_proj(out)
+            q, k = rope.rotate(q, k)
+            out = ctx.backend.forward(q, k, v, kv_cache, ctx.attn_metadata, self.scale)
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
 class DecoderMLP(nn.Module):
@@ -142,19 +117,14 @@ class DecoderMLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias)
         self.act = SiluAndMul()
 
-    def forward(self, x: torch.Tensor, norm_tail: tuple[torch.Tensor, RMSNorm] | None = None) -> torch.Tensor:
-        """down(SiLU(gate) * up); with norm_tail=(residual, norm): norm(that, residual)[0] as in attention."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 1 and x.is_cuda and _FUSED_GATE_UP and self.gate_up_proj.bias is None \
                 and x.dtype != torch.float32:
             # One token: gate_up GEMM and SiLU·mul in one kernel (kernels/gate_up_silu.py).
             from pagedserve.executor.kernels.gate_up_silu import gate_up_silu
 
-            act = gate_up_silu(x, self.gate_up_proj.weight)
-        else:
-            act = self.act(self.gate_up_proj(x))
-        if norm_tail is not None:
-            return _project_add_norm(self.down_proj, act, *norm_tail)
-        return self.down_proj(act)
+            return self.down_proj(gate_up_silu(x, self.gate_up_proj.weight))
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -171,14 +141,7 @@ class DecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         rope: RopeStep,
         ctx: ForwardContext,
-        next_norm: RMSNorm | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if next_norm is not None:
-            # One token (_norm_tail_applies): hidden is this layer's input already normed, residual the fp32
-            # stream; both norms run in the tails of o_proj and down_proj, which update residual in place.
-            # Returns next_norm's output (the next layer's normed input, or the final norm's).
-            hidden = self.self_attn(hidden, rope, ctx, norm_tail=(residual, self.post_attention_layernorm))
-            return self.mlp(hidden, norm_tail=(residual, next_norm)), residual
         # The residual stream is carried separately so each norm can fold in the preceding add.
         # With 16-bit weights it is kept in fp32: 2 x num_layers adds rounded to bf16 are the
         # largest error of a bf16 forward against fp32 (HF rounds them; we don't).
@@ -208,13 +171,6 @@ class DecoderModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         rope = self.rotary_emb.prepare(positions)  # once per step, shared by every layer
-        if _norm_tail_applies(hidden):
-            residual = hidden.float()  # a new tensor: the tails update it in place
-            hidden = self.layers[0].input_layernorm(hidden)
-            norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
-            for layer, next_norm in zip(self.layers, norms):
-                hidden, residual = layer(hidden, residual, rope, ctx, next_norm=next_norm)
-            return hidden
         residual: torch.Tensor | None = None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, rope, ctx)
