@@ -87,7 +87,12 @@ def _attend_tile(
         )
     else:
         k = tl.load(k_cache_ptr + row_offs[None, :] + offs_d[:, None], mask=d_mask[:, None], other=0.0)
-    s = tl.dot(q, k) * qk_scale  # [BLOCK_M, BLOCK_N] fp32
+    # fp32 caches: full-precision dots (Triton's default for fp32 on tensor cores is TF32, 10-bit mantissas;
+    # session 8 measured the 7B shapes in fp32 at rel err 4e-3 against HF fp32 with it). 16-bit: unchanged.
+    if q.dtype == tl.float32:
+        s = tl.dot(q, k, input_precision="ieee") * qk_scale  # [BLOCK_M, BLOCK_N] fp32
+    else:
+        s = tl.dot(q, k) * qk_scale
     if MASK:
         s = tl.where(offs_n[None, :] <= row_last_pos[:, None], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -102,7 +107,10 @@ def _attend_tile(
         )
     else:
         v = tl.load(v_cache_ptr + row_offs[:, None] + offs_d[None, :], mask=d_mask[None, :], other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    if v.dtype == tl.float32:
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, m_new, l_i
 
 
