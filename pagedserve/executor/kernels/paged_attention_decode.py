@@ -87,8 +87,8 @@ def _attend_tile(
         )
     else:
         k = tl.load(k_cache_ptr + row_offs[None, :] + offs_d[:, None], mask=d_mask[:, None], other=0.0)
-    # fp32 caches: full-precision dots (Triton's default for fp32 on tensor cores is TF32, 10-bit mantissas;
-    # session 8 measured the 7B shapes in fp32 at rel err 4e-3 against HF fp32 with it). 16-bit: unchanged.
+    # fp32 caches: full-precision dots, as an fp32 model asks for (Triton's default for fp32 operands is TF32,
+    # 10-bit mantissas, on the tensor cores). 16-bit caches: unchanged.
     if q.dtype == tl.float32:
         s = tl.dot(q, k, input_precision="ieee") * qk_scale  # [BLOCK_M, BLOCK_N] fp32
     else:
