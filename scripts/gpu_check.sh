@@ -137,7 +137,8 @@ run_phase() {
       python3 -m pagedserve.executor.kernels.bench_kernels --tune decode-mix ;;
     check7b)  # the 7B-shapes logits check (rel err, top-1, margins of the flips) and the memory-profile test
       python3 -m pytest tests/gpu/test_qwen2_7b_shapes.py -q -s -p no:cacheprovider > /tmp/check7b.txt 2>&1
-      grep -E "7B shapes|passed|failed|Error" /tmp/check7b.txt | tail -8
+      cp /tmp/check7b.txt "$OUT/check7b-pytest.txt"  # the whole pytest output travels in gpu-logs.tgz
+      grep -E "^7B shapes|^E  |passed|failed" /tmp/check7b.txt | tail -12  # figures, not the traceback's source lines
       python3 -m pytest tests/executor -q -p no:cacheprovider -k cuda_memory_profile 2>&1 | tail -5 ;;
     serve-prof)  # the serve-diag workload with the engine's step loop under cProfile (slower; for the breakdown)
       PAGEDSERVE_ENGINE_PROFILE=/tmp/engine-prof.txt start_server 8015
