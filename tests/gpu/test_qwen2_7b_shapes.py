@@ -53,8 +53,13 @@ def models():
             if "norm" in name:
                 continue
             p.normal_(0.0, 0.1 if name.startswith("lm_head") else 0.008)
+    return hf, _our_model(hf, cfg, torch.bfloat16), cfg
+
+
+def _our_model(hf, cfg, dtype: torch.dtype):
+    """Our model in `dtype` on the GPU, holding HF's (bf16-representable) weights."""
     default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(dtype)
     try:
         with torch.device("cuda"):
             ours = get_model_class(cfg.architectures)(cfg).eval()
@@ -62,7 +67,7 @@ def models():
         torch.set_default_dtype(default)
     with torch.no_grad():
         ours.load_weights(hf.named_parameters())
-    return hf, ours, cfg
+    return ours
 
 
 def _hf_all_logits(hf, token_ids: list[int]) -> torch.Tensor:
@@ -175,19 +180,11 @@ def test_mixed_batch_and_graph_decode_match_hf(models) -> None:
 
 
 def test_fp32_engine_matches_hf_fp32(models) -> None:
-    """The same steps with our engine in fp32 (same kernels, fp32 operands; attention's dots in TF32 on the
-    tensor cores): what is left of the bf16 run's top-1 misses once bf16 rounding is gone. Near-ties of
-    the random LM head flip under bf16 in Transformers too; here they must not."""
+    """The same steps with our engine in fp32 (same kernels, fp32 operands and full-precision dots): what is
+    left of the bf16 run's top-1 misses once bf16 rounding is gone. Near-ties of the random LM head flip
+    under bf16 in Transformers too; here they must not."""
     hf, _, cfg = models
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    try:
-        with torch.device("cuda"):
-            ours = get_model_class(cfg.architectures)(cfg).eval()
-    finally:
-        torch.set_default_dtype(default)
-    with torch.no_grad():  # bf16-representable values in whatever dtype HF holds them now
-        ours.load_weights(hf.named_parameters())
+    ours = _our_model(hf, cfg, torch.float32)
     rows, wanted, seqs = _engine_rows(ours, cfg, torch.float32)
     del ours
     torch.cuda.empty_cache()
