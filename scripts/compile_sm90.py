@@ -35,12 +35,15 @@ def sample() -> None:
     from pagedserve.executor.kernels import sample as m
 
     for split in (True, False):
-        sig = {"logits_ptr": "*fp32", "temps_ptr": "*fp64", "seeds_ptr": "*i64", "offsets_ptr": "*i64",
-               "out_ptr": "*i64", "part_val_ptr": "*fp32", "part_idx_ptr": "*i32",
-               "num_rows": "i32", "stride_row": "i32", "vocab": "i32", "chunk": "i32", "num_splits": "i32",
-               "ROWS": "constexpr", "TILE": "constexpr", "SPLIT": "constexpr", "USE_PDL": "constexpr"}
-        consts = {"ROWS": 1, "TILE": 1024, "SPLIT": split, "USE_PDL": True}
-        build(m._sample_gumbel_kernel, sig, consts, f"sample split={split}")
+        for greedy in (False, True):  # argmax_rows passes the logits for the unused parameter pointers
+            other = "*fp32" if greedy else None
+            sig = {"logits_ptr": "*fp32", "temps_ptr": other or "*fp64", "seeds_ptr": other or "*i64",
+                   "offsets_ptr": other or "*i64", "out_ptr": "*i64", "part_val_ptr": "*fp32", "part_idx_ptr": "*i32",
+                   "num_rows": "i32", "stride_row": "i32", "vocab": "i32", "chunk": "i32", "num_splits": "i32",
+                   "ROWS": "constexpr", "TILE": "constexpr", "SPLIT": "constexpr", "GREEDY": "constexpr",
+                   "USE_PDL": "constexpr"}
+            consts = {"ROWS": 1, "TILE": 1024, "SPLIT": split, "GREEDY": greedy, "USE_PDL": True}
+            build(m._sample_gumbel_kernel, sig, consts, f"sample split={split} greedy={greedy}")
 
 
 def tma() -> None:

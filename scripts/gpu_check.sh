@@ -201,6 +201,15 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
         env $v python3 -m pagedserve.entrypoints.cli bench latency --model $M --load-format dummy 2>&1 \
           | grep -E "^latency|graph replay|^floor"
       done <<< "${LAT_AB:-PAGEDSERVE_PDL=0;PAGEDSERVE_PDL=1}" ;;
+    greedy-ab)  # PAGEDSERVE_TRITON_ARGMAX 0/1/0/1: batch-1 latency (greedy) and the comparison workload greedy, no HF
+      local v
+      for v in 0 1 0 1; do
+        echo "-- PAGEDSERVE_TRITON_ARGMAX=$v"
+        PAGEDSERVE_TRITON_ARGMAX=$v python3 -m pagedserve.entrypoints.cli bench latency --model $M --load-format dummy \
+          2>&1 | grep -E "^latency|graph replay"
+        PAGEDSERVE_TRITON_ARGMAX=$v python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy \
+          --input-len 100-1024 --output-len 512 --temperature 0 --no-tqdm 2>&1 | grep -E "^throughput|^steps"
+      done ;;
     steplog)  # the default workload with one log line per mixed step (launch vs wait vs device)
       PAGEDSERVE_LOG_STEPS=1 PAGEDSERVE_LOG_COMPILES=1 python3 -m pagedserve.entrypoints.cli --log-level info bench throughput --model $M \
         --load-format dummy --no-tqdm 2>&1 | grep -E "mixed step|^throughput|^steps" | sed 's/^.*INFO pagedserve.engine: //' ;;
