@@ -230,6 +230,8 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
     b1-test)  # the batch-1 fused kernels (qkv + rotary + KV write; gate_up + SiLU·mul) and their decoder tests
       timeout 300 python3 -m pytest tests/kernels/test_qkv_rope_kv.py tests/kernels/test_gate_up_silu.py -q \
         -p no:cacheprovider 2>&1 | grep -vE "^Writing|^\s*$" | tail -40 ;;
+    sustained)  # the bf16 matrix rate held for seconds vs the burst ceiling; the mixed step's GEMM sequence
+      timeout 120 python3 scripts/sustained_rate.py ;;
     gemm-layouts)  # cuBLAS with the weight [N, K] vs [K, N] at a decode batch and prefill chunk sizes
       timeout 200 python3 scripts/gemm_layouts.py ;;
     qkv-test)  # the batch-1 qkv GEMV with rotary + KV write (kernels/qkv_rope_kv.py) on the GPU; then A/B it with
