@@ -73,14 +73,18 @@ def decode() -> None:
     types = ["*bf16", "*bf16", "*bf16", "*bf16", "*i32", "*i32", "*i32", "*i32", "*fp32", "*fp32", "*i32", "*i32"]
     ints = ["stride_w", "qk_scale", "num_splits", "stride_q_tok", "stride_q_head", "stride_o_tok", "stride_o_head",
             "stride_bt_seq", "stride_c_block", "stride_c_slot", "stride_c_head"]
-    for work, ordered in ((True, False), (False, True)):
-        sig = dict(zip(ptrs, types)) | {n: ("fp32" if n == "qk_scale" else "i32") for n in ints}
+    new_kv = {"new_k_ptr": "*bf16", "new_v_ptr": "*bf16", "positions_ptr": "*i64", "cos_sin_ptr": "*fp32",
+              "slot_mapping_ptr": "*i64", "stride_nk_tok": "i32", "stride_nk_head": "i32", "stride_nv_tok": "i32",
+              "stride_nv_head": "i32", "stride_cs": "i32"}
+    for work, ordered, split, fused in ((True, False, False, False), (False, True, False, False),
+                                        (False, False, True, True), (True, False, False, True)):
+        sig = dict(zip(ptrs, types)) | {n: ("fp32" if n == "qk_scale" else "i32") for n in ints} | new_kv
         consts = {"NUM_HEADS": 28, "QUERIES_PER_KV": 7, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_G": 16,
-                  "BLOCK_N": 64, "BLOCK_SIZE": 16, "SPLIT": False, "MIXED": False, "ORDERED": ordered,
-                  "WORK": work, "USE_PDL": True}
+                  "BLOCK_N": 64, "BLOCK_SIZE": 16, "SPLIT": split, "MIXED": False, "ORDERED": ordered,
+                  "WORK": work, "NEW_KV": fused, "USE_PDL": True}
         sig |= {k: "constexpr" for k in consts}
-        build(m._paged_decode_kernel, sig, consts, f"decode work={work} ordered={ordered}", num_warps=2,
-              num_stages=3)
+        build(m._paged_decode_kernel, sig, consts, f"decode work={work} ordered={ordered} split={split} "
+              f"new_kv={fused}", num_warps=2, num_stages=3)
 
 
 def qkv() -> None:

@@ -201,6 +201,15 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
         env $v python3 -m pagedserve.entrypoints.cli bench latency --model $M --load-format dummy 2>&1 \
           | grep -E "^latency|graph replay|^floor"
       done <<< "${LAT_AB:-PAGEDSERVE_PDL=0;PAGEDSERVE_PDL=1}" ;;
+    new-levers)  # session 8's two unmeasured levers: their GPU tests, then each A/B'd on the workload it targets
+      timeout 200 python3 -m pytest tests/kernels/test_decode_rope_kv.py tests/kernels/test_sample.py -k "rope or argmax" \
+        -q -p no:cacheprovider 2>&1 | tail -4
+      local v
+      for v in "PAGEDSERVE_DECODE_ROPE_KV=0" "PAGEDSERVE_DECODE_ROPE_KV=1" "PAGEDSERVE_DECODE_ROPE_KV=0" "PAGEDSERVE_DECODE_ROPE_KV=1"; do
+        echo "-- $v (default workload)"
+        env $v python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm 2>&1 \
+          | grep -E "^throughput|^steps|^floor"
+      done ;;
     greedy-ab)  # PAGEDSERVE_TRITON_ARGMAX 0/1/0/1: batch-1 latency (greedy) and the comparison workload greedy, no HF
       local v
       for v in 0 1 0 1; do
@@ -225,7 +234,7 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
         -k "argmax or sampler or capturable or full_vocabulary or layout" 2>&1 | tail -8 ;;
     kernels-test)  # the attention/KV/norm kernels' test file on the GPU
       timeout 400 python3 -m pytest tests/kernels/test_kernels.py tests/kernels/test_fused_ops.py tests/kernels/test_silu_mul.py \
-        tests/kernels/test_gate_up_silu.py \
+        tests/kernels/test_gate_up_silu.py tests/kernels/test_decode_rope_kv.py \
         -q -p no:cacheprovider -x 2>&1 | tail -40 ;;
     b1-test)  # the batch-1 fused kernels (qkv + rotary + KV write; gate_up + SiLU·mul) and their decoder tests
       timeout 300 python3 -m pytest tests/kernels/test_qkv_rope_kv.py tests/kernels/test_gate_up_silu.py -q \
