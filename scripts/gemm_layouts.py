@@ -51,8 +51,8 @@ def main() -> None:
         for m in (int(v) for v in args.m.split(",")):
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             outs = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
-            tn = time_us([lambda w=w: torch.nn.functional.linear(x, w) for w in ws])
-            nn_ = time_us([lambda w=w: torch.mm(x, w, out=outs) for w in wts])
+            tn = time_us([lambda w=w, x=x: torch.nn.functional.linear(x, w) for w in ws])
+            nn_ = time_us([lambda w=w, x=x, o=outs: torch.mm(x, w, out=o) for w in wts])
             flops, nbytes = 2 * m * n * k, 2 * (n * k + m * k + m * n)
             print(f"{name:8} {m:>6} {tn:>9.1f} {nn_:>9.1f} {flops / tn / 1e6:>8.1f} {flops / nn_ / 1e6:>8.1f} "
                   f"{nbytes / tn / 1e6:>8.2f} {nbytes / nn_ / 1e6:>8.2f}")
