@@ -66,7 +66,36 @@ def batch_size_ladder(max_num_seqs: int) -> list[int]:
     return [s for s in sizes if s < max_num_seqs] + [max_num_seqs]
 
 
-class CUDAGraphDecoder:
+class GraphedForward:
+    """What the decode graphs and the mixed-step graphs (mixed_graph.py) share: the model and its cache, and
+    the static inputs a captured forward reads, sized for the largest graph (token rows and sequence rows)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        kv_caches: list[torch.Tensor],
+        backend: AttentionBackend,
+        max_model_len: int,
+        block_size: int,
+        device: torch.device,
+        max_tokens: int,
+        max_seqs: int,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.backend = backend
+        self.max_model_len = max_model_len
+        self.block_size = block_size
+        self.device = device
+        max_blocks = -(-max_model_len // block_size)
+        self.input_ids = torch.zeros(max_tokens, dtype=torch.long, device=device)
+        self.positions = torch.zeros(max_tokens, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((max_tokens,), -1, dtype=torch.long, device=device)
+        self.seq_lens = torch.zeros(max_seqs, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros((max_seqs, max_blocks), dtype=torch.int32, device=device)
+
+
+class CUDAGraphDecoder(GraphedForward):
     def __init__(
         self,
         model: nn.Module,
@@ -77,21 +106,10 @@ class CUDAGraphDecoder:
         block_size: int,
         device: torch.device,
     ) -> None:
-        self.model = model
-        self.kv_caches = kv_caches
-        self.backend = backend
-        self.max_model_len = max_model_len
-        self.block_size = block_size
-        self.device = device
         self.sizes = batch_size_ladder(max_num_seqs)
         max_bs = self.sizes[-1]
-        max_blocks = -(-max_model_len // block_size)
-        self.input_ids = torch.zeros(max_bs, dtype=torch.long, device=device)
-        self.positions = torch.zeros(max_bs, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((max_bs,), -1, dtype=torch.long, device=device)
-        self.seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=device)
-        self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros((max_bs, max_blocks), dtype=torch.int32, device=device)
+        super().__init__(model, kv_caches, backend, max_model_len, block_size, device, max_bs, max_bs)
+        self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)  # token i: sequence i
         self.use_seq_order = bool(getattr(backend, "wants_seq_order", False))
         self._identity = torch.arange(max_bs, dtype=torch.int32, device=device)
         self.seq_order = self._identity.clone()

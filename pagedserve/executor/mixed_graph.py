@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from pagedserve.executor.attention.base import AttentionBackend, AttentionMetadata, ForwardContext
+from pagedserve.executor.cuda_graph import GraphedForward, capture_ladder
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def mixed_token_ladder(max_tokens: int) -> list[int]:
     return [s for s in sizes if s <= max_tokens]
 
 
-class CUDAGraphMixed:
+class CUDAGraphMixed(GraphedForward):
     """Captured forwards (model + logits) of mixed steps, one per size of `mixed_token_ladder`.
 
     With capture() never called (CPU tests), run() executes the same padded forward eagerly, so the
@@ -61,24 +62,13 @@ class CUDAGraphMixed:
         device: torch.device,
         max_tokens: int = MAX_MIXED_GRAPH_TOKENS,
     ) -> None:
-        self.model = model
-        self.kv_caches = kv_caches
-        self.backend = backend
         self.max_num_seqs = max_num_seqs
-        self.max_model_len = max_model_len
-        self.block_size = block_size
-        self.device = device
         self.sizes = mixed_token_ladder(max_tokens)
         if not self.sizes:
             raise ValueError(f"no mixed-step graph size fits {max_tokens} tokens")
         max_tokens, max_seqs = self.sizes[-1], self.num_seqs_of(self.sizes[-1])
-        max_blocks = -(-max_model_len // block_size)
-        self.input_ids = torch.zeros(max_tokens, dtype=torch.long, device=device)
-        self.positions = torch.zeros(max_tokens, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((max_tokens,), -1, dtype=torch.long, device=device)
+        super().__init__(model, kv_caches, backend, max_model_len, block_size, device, max_tokens, max_seqs)
         self.query_start_loc = torch.zeros(max_seqs + 1, dtype=torch.int32, device=device)
-        self.seq_lens = torch.zeros(max_seqs, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros((max_seqs, max_blocks), dtype=torch.int32, device=device)
         self.logits_indices = torch.zeros(max_seqs, dtype=torch.long, device=device)
         self.logits: torch.Tensor | None = None  # [max_seqs, V], allocated by the first forward
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -131,8 +121,6 @@ class CUDAGraphMixed:
         self.slot_mapping.fill_(-1)
         self.seq_lens.zero_()
         self.query_start_loc.zero_()
-        from pagedserve.executor.cuda_graph import capture_ladder
-
         self.graphs, _, _ = capture_ladder(self.sizes, self._forward, self.device, pool, "mixed graph capture")
         elapsed = time.perf_counter() - t0
         from pagedserve.executor.compile_log import summary_suffix

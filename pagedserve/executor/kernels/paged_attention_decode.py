@@ -151,6 +151,13 @@ def _merge_parts(o, lse, part_out_ptr, part_lse_ptr, counter_ptr, part_row, part
 
 # One compiled variant for any split count and block-table width (the width follows the longest
 # sequence of the step; Triton would otherwise compile new variants for widths == 1 or % 16 == 0).
+@triton.jit
+def _rotate_halves(x, partner, cos, sin, first):
+    """Neox rotary of a row tile x whose partner[d] = x[d +- D/2]: rotary_kv_write's expressions
+    (x1 cos - x2 sin | x2 cos + x1 sin) in fp32, `first` marking the first half's columns."""
+    return tl.where(first[None, :], x * cos - partner * sin, x * cos + partner * sin)
+
+
 @triton.jit(do_not_specialize=["num_splits", "stride_bt_seq"])
 def _paged_decode_kernel(
     q_ptr,
@@ -271,8 +278,7 @@ def _paged_decode_kernel(
         q_base = q_ptr + q_row * stride_q_tok + heads[:, None] * stride_q_head
         x = tl.load(q_base + offs_d[None, :], mask=qd_mask, other=0.0).to(tl.float32)
         xp = tl.load(q_base + partner[None, :], mask=qd_mask, other=0.0).to(tl.float32)
-        # The same expressions as rotary_kv_write (x1 cos - x2 sin | x2 cos + x1 sin), rounded to q's dtype.
-        q = tl.where(first[None, :], x * cos - xp * sin, x * cos + xp * sin).to(q_ptr.dtype.element_ty)
+        q = _rotate_halves(x, xp, cos, sin, first).to(q_ptr.dtype.element_ty)  # rounded to q's dtype, as in place
         q = q.to(k_cache_ptr.dtype.element_ty)
         if (tile_hi == num_tiles) & (num_tiles > 0):
             slot = tl.load(slot_mapping_ptr + q_row).to(tl.int64)
@@ -280,8 +286,8 @@ def _paged_decode_kernel(
                 k_base = new_k_ptr + q_row * stride_nk_tok + kv_head * stride_nk_head
                 k = tl.load(k_base + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
                 kp = tl.load(k_base + partner, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-                k_rot = tl.where(first[None, :], k * cos - kp * sin, k * cos + kp * sin)
-                k_rot = k_rot.to(new_k_ptr.dtype.element_ty)  # the two-kernel path's rounding of the key
+                # Rounded to the key's dtype first, as the two-kernel path stores it.
+                k_rot = _rotate_halves(k, kp, cos, sin, first).to(new_k_ptr.dtype.element_ty)
                 v = tl.load(new_v_ptr + q_row * stride_nv_tok + kv_head * stride_nv_head + offs_d, mask=d_mask)
                 dst = (slot // BLOCK_SIZE) * stride_c_block + (slot % BLOCK_SIZE) * stride_c_slot \
                     + kv_head.to(tl.int64) * stride_c_head
@@ -518,7 +524,7 @@ def paged_attention_decode(
     query, out, k_cache, v_cache = attention_operands(query, kv_cache, out)
     _, block_size, num_kv_heads, _ = k_cache.shape
     if new_kv is not None:
-        new_kv = _check_new_kv(new_kv, num_seqs, num_kv_heads, head_dim, mixed, query.device)
+        _check_new_kv(new_kv, num_seqs, num_kv_heads, head_dim, mixed, query.device)
     if num_seqs == 0:
         return out
     config = default_decode_config(head_dim, kv_cache.dtype)
@@ -598,7 +604,7 @@ def paged_attention_decode(
     return out
 
 
-def _check_new_kv(new_kv, num_seqs: int, num_kv_heads: int, head_dim: int, mixed: bool, device) -> tuple:
+def _check_new_kv(new_kv, num_seqs: int, num_kv_heads: int, head_dim: int, mixed: bool, device) -> None:
     if mixed:
         raise ValueError("new_kv takes a decode-only batch (a mixed batch's prefill K/V are written separately)")
     if len(new_kv) != 5:
@@ -616,7 +622,6 @@ def _check_new_kv(new_kv, num_seqs: int, num_kv_heads: int, head_dim: int, mixed
         raise ValueError(f"cos_sin_cache must be [max_position, {head_dim}] (even head_dim), contiguous rows")
     if any(t.device != device for t in new_kv):
         raise ValueError("new_kv tensors must be on the query's device")
-    return key, value, positions, cos_sin_cache, slot_mapping
 
 
 def _new_kv_args(new_kv) -> tuple:

@@ -116,13 +116,14 @@ def _sample_gumbel_kernel(
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     split = tl.program_id(1)
     row_ok = rows < num_rows
-    if GREEDY:
+    if GREEDY:  # no temperature, no noise: placeholders the score never reads
         inv_t = tl.full([ROWS, 1], 1.0, tl.float32)
         seed = tl.zeros([ROWS, 1], dtype=tl.int64)
+        offset = seed
     else:
         inv_t = (1.0 / tl.load(temps_ptr + rows, mask=row_ok, other=1.0).to(tl.float32))[:, None]
         seed = tl.load(seeds_ptr + rows, mask=row_ok, other=0)[:, None]
-    offset = seed if GREEDY else tl.load(offsets_ptr + rows, mask=row_ok, other=0)[:, None]
+        offset = tl.load(offsets_ptr + rows, mask=row_ok, other=0)[:, None]
     off_lo = offset.to(tl.uint32)
     off_hi = (offset >> 32).to(tl.uint32)
     row_ptrs = logits_ptr + rows[:, None] * stride_row
