@@ -219,6 +219,26 @@ def test_decode(shape, dtype, num_splits):
     assert_close(out, reference_attention(b.query, b.full_cache, b.meta, scale), dtype)
 
 
+@gpu_only
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_gpu_fp32_attention_is_full_precision(num_splits):
+    """fp32 caches get fp32 dots on the GPU, not TF32 (Triton's default for fp32 operands, 10-bit
+    mantissas: ~1e-4-1e-3 off here): decode and prefill within 2e-5 of the float64 reference."""
+    spec = [(36, 1), (2 * 16 + 5, 1), (0, 1), (2 * 16 + 13, 1)]
+    b = make_batch(spec, num_heads=8, num_kv_heads=2, head_dim=128, block_size=16, dtype=torch.float32)
+    out = poisoned_like(b.query)
+    paged_attention_decode(b.query, b.full_cache, b.meta.block_tables, b.meta.seq_lens, 0.09, out=out,
+                           num_splits=num_splits, block_n=16)  # fmt: skip
+    ref = reference_attention(b.query, b.full_cache, b.meta, 0.09)
+    assert ((out.double().cpu() - ref).norm() / ref.norm()).item() < 2e-5
+    p = make_batch([(0, 37), (21, 19)], num_heads=8, num_kv_heads=2, head_dim=128, block_size=16, dtype=torch.float32)
+    out = poisoned_like(p.query)
+    paged_attention_prefill(p.query, p.full_cache, p.meta.query_start_loc, p.meta.seq_lens, p.meta.block_tables, 0.09,
+                            p.meta.max_query_len, out=out)  # fmt: skip
+    ref = reference_attention(p.query, p.full_cache, p.meta, 0.09)
+    assert ((out.double().cpu() - ref).norm() / ref.norm()).item() < 2e-5
+
+
 @pytest.mark.parametrize("num_splits", [2, 5])
 def test_decode_splits_with_empty_and_zero_length(num_splits):
     """More splits than tiles (empty splits), a padded CUDA-graph slot (seq_len 0 -> zeros)."""
