@@ -236,6 +236,9 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
       timeout 400 python3 -m pytest tests/kernels/test_kernels.py tests/kernels/test_fused_ops.py tests/kernels/test_silu_mul.py \
         tests/kernels/test_gate_up_silu.py tests/kernels/test_decode_rope_kv.py \
         -q -p no:cacheprovider -x 2>&1 | tail -40 ;;
+    fp32-test)  # the GPU-only test that the fp32 attention dots are full precision (TF32 would fail it)
+      timeout 150 python3 -m pytest tests/kernels/test_kernels.py -k fp32_attention_is_full_precision \
+        -q -p no:cacheprovider 2>&1 | tail -6 ;;
     b1-test)  # the batch-1 fused kernels (qkv + rotary + KV write; gate_up + SiLU·mul) and their decoder tests
       timeout 300 python3 -m pytest tests/kernels/test_qkv_rope_kv.py tests/kernels/test_gate_up_silu.py -q \
         -p no:cacheprovider 2>&1 | grep -vE "^Writing|^\s*$" | tail -40 ;;
