@@ -239,14 +239,6 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
     fp32-test)  # the GPU-only test that the fp32 attention dots are full precision (TF32 would fail it)
       timeout 150 python3 -m pytest tests/kernels/test_kernels.py -k fp32_attention_is_full_precision \
         -q -p no:cacheprovider 2>&1 | tail -6 ;;
-    deferred)  # the deferred norms at batch 1: their tests on the GPU, then the batch-1 A/B (off/on twice)
-      timeout 200 python3 -m pytest tests/kernels/test_deferred_norm.py -q -p no:cacheprovider 2>&1 | tail -6
-      local v
-      for v in 0 1 0 1; do
-        echo "-- PAGEDSERVE_DEFERRED_NORM=$v"
-        PAGEDSERVE_DEFERRED_NORM=$v python3 -m pagedserve.entrypoints.cli bench latency --model $M --load-format dummy \
-          2>&1 | grep -E "^latency|graph replay|^floor"
-      done ;;
     b1-test)  # the batch-1 fused kernels (qkv + rotary + KV write; gate_up + SiLU·mul) and their decoder tests
       timeout 300 python3 -m pytest tests/kernels/test_qkv_rope_kv.py tests/kernels/test_gate_up_silu.py -q \
         -p no:cacheprovider 2>&1 | grep -vE "^Writing|^\s*$" | tail -40 ;;

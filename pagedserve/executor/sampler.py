@@ -45,7 +45,8 @@ from pagedserve.sampling_params import SamplingParams
 _MASK64 = (1 << 64) - 1
 # PAGEDSERVE_TRITON_ARGMAX=1: greedy rows on CUDA (with the fused kernel on) take their argmax from the sampling
 # kernel's layout (kernels/sample.py argmax_rows) instead of torch's reduction, which read 82 MB of logits at
-# ~2 TB/s on the H200 (42.5 us a step at 136 rows). Off until measured on a GPU.
+# ~2 TB/s on the H200 (42.5 us a step at 136 rows). Off: measured no gain (the comparison workload's decode step
+# at 252 greedy rows 9.76-9.77 ms on the H200 with and without; docs/gpu-notes.md, session 9 run 2).
 _TRITON_ARGMAX = os.environ.get("PAGEDSERVE_TRITON_ARGMAX", "0") == "1"
 
 

@@ -58,9 +58,10 @@ class TritonAttentionBackend(AttentionBackend):
         # 16+ row tiles with few used rows and no split-K for them).
         self.split_mixed_decodes = split_mixed_decodes
         # PAGEDSERVE_DECODE_ROPE_KV=1: decode-only steps rotate q/k and write the new K/V inside the decode
-        # kernel (paged_attention_decode(new_kv=...)): one launch fewer a layer at every batch size. Off
-        # until measured on a GPU (at 136 running on the H200 the rotary + KV-write kernel took 3.2 us a
-        # layer, plus the idle gaps around it).
+        # kernel (paged_attention_decode(new_kv=...)): one launch fewer a layer at every batch size. Off: on
+        # the H200 the default workload's decode step at 139 seqs took 7.80 / 7.81 ms with it against 7.74 /
+        # 7.77 without (every split program rotates its q heads, and the new tile's owner writes before it
+        # reads), more than the 3.2 us a layer of the kernel it removes (docs/gpu-notes.md, session 9 run 1).
         self.decode_rope_kv = os.environ.get("PAGEDSERVE_DECODE_ROPE_KV", "0") == "1"
 
     def forward(

@@ -30,15 +30,10 @@ DEFAULT_BLOCK_K = 512
 
 @triton.jit
 def paired_rows_dot(w_ptr, rows_a, rows_b, stride_wn, x_ptr, K, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
-                    USE_PDL: tl.constexpr, res_ptr, eps, NORM: tl.constexpr = False, BLOCK_H: tl.constexpr = 16):
+                    USE_PDL: tl.constexpr):
     """(W[rows_a] @ x, W[rows_b] @ x) in fp32 for one token x [K]: two row sets of the same weight, each
     accumulated in a [rows, BLOCK_K] tile summed across K once at the end (skinny_gemm's M=1 fma path).
-    Calls pdl_enter after loading the first K step's weight tiles (weights are never written in a step).
-
-    NORM (a deferred RMSNorm: x = residual * norm weight, skinny_linear_deferred_norm's output): both
-    results are multiplied by 1 / sqrt(mean(res^2) + eps) of the fp32 residual row res [K] (BLOCK_H >= K).
-    The row is loaded right after the wait and reduced after the K loop, so its latency hides behind
-    the weight stream and the loop itself is unchanged."""
+    Calls pdl_enter after loading the first K step's weight tiles (weights are never written in a step)."""
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = w_ptr + rows_a[:, None] * stride_wn + offs_k[None, :]
     b_ptrs = w_ptr + rows_b[:, None] * stride_wn + offs_k[None, :]
@@ -52,9 +47,6 @@ def paired_rows_dot(w_ptr, rows_a, rows_b, stride_wn, x_ptr, K, EVEN_K: tl.const
         wa = tl.load(a_ptrs, mask=first_mask, other=0.0)
         wb = tl.load(b_ptrs, mask=first_mask, other=0.0)
     pdl_enter(USE_PDL)
-    if NORM:
-        offs_h = tl.arange(0, BLOCK_H)
-        res = tl.load(res_ptr + offs_h, mask=offs_h < K, other=0.0).to(tl.float32)
     if EVEN_K:
         x = tl.load(x_ptrs).to(tl.float32)[None, :]
     else:
@@ -76,13 +68,7 @@ def paired_rows_dot(w_ptr, rows_a, rows_b, stride_wn, x_ptr, K, EVEN_K: tl.const
             x = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)[None, :]
         acc_a += wa.to(tl.float32) * x
         acc_b += wb.to(tl.float32) * x
-    dot_a = tl.sum(acc_a, axis=1)
-    dot_b = tl.sum(acc_b, axis=1)
-    if NORM:
-        inv_rms = 1.0 / tl.sqrt(tl.sum(res * res, 0) / K + eps)  # the norm kernel's expression
-        dot_a = dot_a * inv_rms
-        dot_b = dot_b * inv_rms
-    return dot_a, dot_b
+    return tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1)
 
 
 @triton.jit
@@ -90,22 +76,17 @@ def _gate_up_silu_kernel(
     x_ptr,  # [K]
     w_ptr,  # [2I, K], contiguous
     out_ptr,  # [I]
-    res_ptr,  # [K] fp32 residual row (NORM only)
     inter,
     K,
     stride_wn,
-    eps,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    NORM: tl.constexpr = False,  # x is a deferred norm's output (paired_rows_dot)
-    BLOCK_H: tl.constexpr = 16,
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(offs_n, inter - 1).to(tl.int64)  # padding rows re-read row inter-1 (never stored)
-    gate, up = paired_rows_dot(w_ptr, rows, rows + inter, stride_wn, x_ptr, K, EVEN_K, BLOCK_K, USE_PDL,
-                               res_ptr, eps, NORM, BLOCK_H)
+    gate, up = paired_rows_dot(w_ptr, rows, rows + inter, stride_wn, x_ptr, K, EVEN_K, BLOCK_K, USE_PDL)
     # The unfused path's roundings: GEMM outputs in x's dtype, then SiLU·mul in fp32, rounded once.
     gate = gate.to(out_ptr.dtype.element_ty).to(tl.float32)
     up = up.to(out_ptr.dtype.element_ty).to(tl.float32)
@@ -118,17 +99,12 @@ def gate_up_silu(
     weight: torch.Tensor,
     out: torch.Tensor | None = None,
     *,
-    norm_residual: torch.Tensor | None = None,
-    norm_eps: float = 0.0,
     block_n: int = DEFAULT_BLOCK_N,
     block_k: int = DEFAULT_BLOCK_K,
     num_warps: int = 4,
     num_stages: int = 2,
 ) -> torch.Tensor:
-    """silu(x @ weight[:I].T) * (x @ weight[I:].T) for x [1, K] and weight [2I, K]; returns [1, I].
-
-    norm_residual (fp32 [1, K]): x is a deferred RMSNorm's output (skinny_gemm.skinny_linear_deferred_norm),
-    and both products are first multiplied by 1 / sqrt(mean(norm_residual^2) + norm_eps)."""
+    """silu(x @ weight[:I].T) * (x @ weight[I:].T) for x [1, K] and weight [2I, K]; returns [1, I]."""
     if x.dim() != 2 or x.shape[0] != 1 or weight.dim() != 2 or weight.shape[1] != x.shape[1] \
             or weight.shape[0] % 2 or weight.shape[0] == 0:
         raise ValueError(f"x must be [1, K] and weight [2I, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
@@ -140,19 +116,16 @@ def gate_up_silu(
         if value < 1 or value & (value - 1):
             raise ValueError(f"{name} must be a power of 2, got {value}")
     inter, k = weight.shape[0] // 2, weight.shape[1]
-    check_norm_residual(norm_residual, k, x.device)
     if out is None:
         out = torch.empty((1, inter), dtype=x.dtype, device=x.device)
     elif out.shape != (1, inter) or out.dtype != x.dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous [1, {inter}] tensor of {x.dtype}")
     block_k = max(16, min(block_k, triton.next_power_of_2(k)))
     _gate_up_silu_kernel[(triton.cdiv(inter, block_n),)](
-        x, weight, out, norm_residual if norm_residual is not None else x, inter, k, weight.stride(0), norm_eps,
+        x, weight, out, inter, k, weight.stride(0),
         EVEN_K=k % block_k == 0,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        NORM=norm_residual is not None,
-        BLOCK_H=triton.next_power_of_2(k),
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl_launch_kwargs(x.device),
@@ -160,17 +133,4 @@ def gate_up_silu(
     return out
 
 
-MAX_NORM_ROW = 8192  # a deferred norm's residual row is held in registers: at most 64 fp32 a thread (4 warps)
-
-
-def check_norm_residual(norm_residual: torch.Tensor | None, k: int, device: torch.device) -> None:
-    if norm_residual is None:
-        return
-    if norm_residual.shape != (1, k) or norm_residual.dtype != torch.float32 or not norm_residual.is_contiguous() \
-            or norm_residual.device != device:
-        raise ValueError(f"norm_residual must be a contiguous float32 [1, {k}] tensor on {device}")
-    if k > MAX_NORM_ROW:
-        raise ValueError(f"a deferred norm takes rows of at most {MAX_NORM_ROW}, got {k}")
-
-
-__all__ = ["MAX_NORM_ROW", "check_norm_residual", "gate_up_silu", "paired_rows_dot"]
+__all__ = ["gate_up_silu", "paired_rows_dot"]

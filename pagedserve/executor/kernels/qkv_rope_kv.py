@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.executor.kernels.gate_up_silu import check_norm_residual, paired_rows_dot
+from pagedserve.executor.kernels.gate_up_silu import paired_rows_dot
 from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
 
 DEFAULT_BLOCK_R = 2  # 2 + 2 rows a program: the 4-row tiles of qkv's measured M=1 config
@@ -39,8 +39,6 @@ def _qkv_rope_kv_kernel(
     k_cache_ptr,
     v_cache_ptr,
     slot_mapping_ptr,  # [1] int64, < 0: nothing stored
-    res_ptr,  # [K] fp32 residual row (NORM only)
-    eps,
     K,
     stride_wn,
     stride_cs,
@@ -55,8 +53,6 @@ def _qkv_rope_kv_kernel(
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks
     BLOCK_R: tl.constexpr,  # dims of each half a program owns (divides HALF)
     BLOCK_K: tl.constexpr,
-    NORM: tl.constexpr = False,  # x is a deferred norm's output (gate_up_silu.paired_rows_dot)
-    BLOCK_H: tl.constexpr = 16,
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
     pid = tl.program_id(0)
@@ -64,8 +60,7 @@ def _qkv_rope_kv_kernel(
     offs_d = (pid % (HALF // BLOCK_R)) * BLOCK_R + tl.arange(0, BLOCK_R)  # dims in the first half
     rows_a = (head * 2 * HALF + offs_d).to(tl.int64)
     rows_b = rows_a + HALF
-    a, b = paired_rows_dot(w_ptr, rows_a, rows_b, stride_wn, x_ptr, K, EVEN_K, BLOCK_K, USE_PDL, res_ptr, eps,
-                           NORM, BLOCK_H)
+    a, b = paired_rows_dot(w_ptr, rows_a, rows_b, stride_wn, x_ptr, K, EVEN_K, BLOCK_K, USE_PDL)
     if HAS_BIAS:
         a += tl.load(bias_ptr + rows_a).to(tl.float32)
         b += tl.load(bias_ptr + rows_b).to(tl.float32)
@@ -110,8 +105,6 @@ def qkv_rope_kv_write(
     slot_mapping: torch.Tensor,
     num_q_heads: int,
     *,
-    norm_residual: torch.Tensor | None = None,
-    norm_eps: float = 0.0,
     block_r: int = DEFAULT_BLOCK_R,
     block_k: int = DEFAULT_BLOCK_K,
     num_warps: int = 4,
@@ -119,10 +112,7 @@ def qkv_rope_kv_write(
 ) -> torch.Tensor:
     """One token: q, k, v = x @ weight.T (+ bias) split by heads; q and k rotated by positions[0]; k and v
     stored at slot_mapping[0] in kv_cache [2, blocks, block_size, Hkv, D] (skipped when < 0). Returns the
-    rotated query [1, Hq, D] in x's dtype (the cache holds k and v; nothing else is returned).
-
-    norm_residual (fp32 [1, K]): x is a deferred RMSNorm's output (skinny_gemm.skinny_linear_deferred_norm),
-    and the products are first multiplied by 1 / sqrt(mean(norm_residual^2) + norm_eps)."""
+    rotated query [1, Hq, D] in x's dtype (the cache holds k and v; nothing else is returned)."""
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     k = x.shape[-1]
@@ -144,14 +134,12 @@ def qkv_rope_kv_write(
         raise ValueError(f"positions and slot_mapping must hold one token, cos_sin_cache rows {head_dim} wide")
     if k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride():
         raise ValueError("kv_cache must have a contiguous head_dim and identical K/V layouts")
-    check_norm_residual(norm_residual, k, x.device)
     query = torch.empty((1, num_q_heads, head_dim), dtype=x.dtype, device=x.device)
     block_k = max(16, min(block_k, triton.next_power_of_2(k)))
     heads = num_q_heads + 2 * num_kv_heads
     _qkv_rope_kv_kernel[(heads * (half // block_r),)](
         x, weight, bias if bias is not None else x, query, positions, cos_sin_cache, k_cache, v_cache,
-        slot_mapping, norm_residual if norm_residual is not None else x, norm_eps, k, weight.stride(0),
-        cos_sin_cache.stride(0),
+        slot_mapping, k, weight.stride(0), cos_sin_cache.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), num_q_heads,
         NUM_KV_HEADS=num_kv_heads,
         HALF=half,
@@ -160,8 +148,6 @@ def qkv_rope_kv_write(
         EVEN_K=k % block_k == 0,
         BLOCK_R=block_r,
         BLOCK_K=block_k,
-        NORM=norm_residual is not None,
-        BLOCK_H=triton.next_power_of_2(k),
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl_launch_kwargs(x.device),

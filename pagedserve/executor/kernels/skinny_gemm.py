@@ -82,9 +82,6 @@ def _skinny_gemm_kernel(
     stride_os,  # between splits in out (0 when unsplit)
     stride_om,
     k_per_split,  # a multiple of BLOCK_K
-    residual_ptr,  # [M, N] fp32, updated in place (ADD_NORM only)
-    norm_w_ptr,  # [N] the next RMSNorm's weight (ADD_NORM only)
-    stride_rm,
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks at all
     USE_DOT: tl.constexpr,
@@ -92,7 +89,6 @@ def _skinny_gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    ADD_NORM: tl.constexpr = False,  # unsplit only: see skinny_linear_deferred_norm
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
     # With PDL the M == 1 path loads its first W tile before waiting for the previous kernel (W is
@@ -188,17 +184,8 @@ def _skinny_gemm_kernel(
     n_mask = offs_n < N
     if HAS_BIAS:
         result += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    out_mask = (offs_m < M)[:, None] & n_mask[None, :]
-    if ADD_NORM:
-        # The plain path's rounding of y, the add to the fp32 residual stream (in place: each program owns
-        # its columns), then the next RMSNorm's weight; its 1/rms is left to the consumer of the output.
-        y = result.to(out_ptr.dtype.element_ty).to(tl.float32)
-        r_ptrs = residual_ptr + offs_m[:, None] * stride_rm + offs_n[None, :]
-        h = tl.load(r_ptrs, mask=out_mask, other=0.0) + y
-        tl.store(r_ptrs, h, mask=out_mask)
-        result = h * tl.load(norm_w_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & n_mask[None, :])
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -481,11 +468,7 @@ def skinny_linear(
     if out_dtype not in (None, x.dtype, torch.float32):
         raise ValueError(f"out_dtype must be x's dtype or torch.float32, got {out_dtype}")
     _check_operands(x, weight, bias, out)
-    return _launch(x, weight, bias, out, _resolve_config(x, weight.shape[0], config), out_dtype)
-
-
-def _resolve_config(x: torch.Tensor, n: int, config: SkinnyConfig | Mapping[str, int | bool] | None) -> SkinnyConfig:
-    (m, k) = x.shape
+    (m, k), n = x.shape, weight.shape[0]
     if config is None:
         config = choose_config(m, n, k, x.dtype, x.device)
     elif not isinstance(config, SkinnyConfig):
@@ -493,56 +476,6 @@ def _resolve_config(x: torch.Tensor, n: int, config: SkinnyConfig | Mapping[str,
     config.validate()
     if not config.use_dot and m > FMA_MAX_M:
         raise ValueError(f"use_dot=False (the fma path) takes M <= {FMA_MAX_M}, got M={m}; use a dot config")
-    return config
-
-
-def adds_to_residual(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether skinny_linear_deferred_norm can take this shape with its chosen config (one unsplit,
-    non-TMA launch: each program then owns the final sums of its columns)."""
-    config = choose_config(m, n, k, dtype, device)
-    return not config.use_tma and effective_split_k(k, config.block_k, config.split_k) == 1
-
-
-def skinny_linear_deferred_norm(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor,
-    norm_weight: torch.Tensor,
-    config: SkinnyConfig | Mapping[str, int | bool] | None = None,
-) -> torch.Tensor:
-    """A projection followed by the next RMSNorm, less its 1/rms (a deferred norm, one launch):
-
-        y = x @ weight.T (+ bias), rounded to x's dtype;  residual += y (fp32, in place);
-        returns (residual * norm_weight) in x's dtype: normed(residual) * rms(residual), rms being
-        sqrt(mean(residual^2) + eps). The next projection multiplies its dot products by 1/rms (it
-        reads the residual row for that: qkv_rope_kv / gate_up_silu's norm_residual), so the norm
-        kernel between the two goes.
-
-    Each program owns whole output columns (the config must be unsplit: `adds_to_residual`)."""
-    _check_operands(x, weight, bias, None)
-    (m, k), n = x.shape, weight.shape[0]
-    if residual.shape != (m, n) or residual.dtype != torch.float32 or residual.stride(1) != 1:
-        raise ValueError(f"residual must be a float32 [{m}, {n}] tensor with a contiguous last dim")
-    if norm_weight.shape != (n,) or norm_weight.stride(0) != 1 or residual.device != x.device:
-        raise ValueError(f"norm_weight must be a contiguous [{n}] tensor on {x.device}")
-    config = _resolve_config(x, n, config)
-    if config.use_tma or effective_split_k(k, config.block_k, config.split_k) != 1:
-        raise ValueError("skinny_linear_deferred_norm needs an unsplit, non-TMA config")
-    return _launch(x, weight, bias, None, config, None, residual, norm_weight)
-
-
-def _launch(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    out: torch.Tensor | None,
-    config: SkinnyConfig,
-    out_dtype: torch.dtype | None,
-    residual: torch.Tensor | None = None,
-    norm_weight: torch.Tensor | None = None,
-) -> torch.Tensor:
-    (m, k), n = x.shape, weight.shape[0]
     if out is None:
         out = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
     block_k = config.block_k
@@ -572,9 +505,6 @@ def _launch(
         _skinny_gemm_kernel[grid](
             x, weight, bias if bias is not None else x, target,
             m, n, k, x.stride(0), weight.stride(0), stride_os, stride_om, tiles_per_split * block_k,
-            residual if residual is not None else x, norm_weight if norm_weight is not None else x,
-            residual.stride(0) if residual is not None else 0,
-            ADD_NORM=residual is not None,
             EVEN_K=k % block_k == 0,
             USE_DOT=config.use_dot,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,  # fp32: no TF32 rounding
@@ -601,7 +531,5 @@ __all__ = [
     "default_split_k",
     "effective_split_k",
     "fit_block_k",
-    "adds_to_residual",
     "skinny_linear",
-    "skinny_linear_deferred_norm",
 ]

@@ -69,13 +69,6 @@ _FUSED_GATE_UP = os.environ.get("PAGEDSERVE_FUSED_GATE_UP", "1") == "1" and not 
 _FUSED_QKV_ROPE = os.environ.get("PAGEDSERVE_FUSED_QKV_ROPE", "1") == "1" and not _NO_SKINNY_GEMM
 
 
-# PAGEDSERVE_DEFERRED_NORM=1: at one token, the o_proj and down_proj GEMVs add their output to the residual
-# stream and apply the next RMSNorm's weight in their epilogue, and the next projection (qkv, gate_up) applies
-# the norm's 1/rms to its dot products (it reads the residual row once): 55 of a step's 57 norm kernels go.
-# Off until a GPU measures it (docs/gpu-notes.md, session 9).
-_DEFERRED_NORM = os.environ.get("PAGEDSERVE_DEFERRED_NORM", "0") == "1" and not _NO_SKINNY_GEMM
-
-
 def _fuses_qkv_rope(hidden: torch.Tensor, rope: RopeStep, backend: Any) -> bool:
     return (_FUSED_QKV_ROPE and hidden.shape[0] == 1 and hidden.is_cuda and hidden.dtype != torch.float32
             and rope.cos is None and getattr(backend, "fuses_rotary", False))
@@ -162,37 +155,6 @@ class DecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
-    def forward_deferred(
-        self,
-        x: torch.Tensor,
-        residual: torch.Tensor,
-        norm_eps: float | None,
-        rope: RopeStep,
-        ctx: ForwardContext,
-        next_norm: RMSNorm | None,
-    ) -> torch.Tensor:
-        """One token with deferred norms (DecoderModel._defers_norms). x: the input norm's output, or, when
-        norm_eps is set, a deferred one (residual * weight, its 1/rms for the qkv kernel to apply). residual
-        (fp32 [1, H]) is updated in place. Returns next_norm's deferred output, or without next_norm the
-        MLP's output (for the final norm's add)."""
-        from pagedserve.executor.kernels.gate_up_silu import gate_up_silu
-        from pagedserve.executor.kernels.qkv_rope_kv import qkv_rope_kv_write
-        from pagedserve.executor.kernels.skinny_gemm import skinny_linear_deferred_norm
-
-        attn, mlp, post = self.self_attn, self.mlp, self.post_attention_layernorm
-        kv_cache = ctx.kv_caches[attn.layer_idx]
-        deferred = {} if norm_eps is None else {"norm_residual": residual, "norm_eps": norm_eps}
-        q = qkv_rope_kv_write(x, attn.qkv_proj.weight, attn.qkv_proj.bias, rope.positions, rope.cos_sin_cache,
-                              kv_cache, ctx.attn_metadata.slot_mapping, attn.num_heads, **deferred)
-        out = ctx.backend.forward(q, None, None, kv_cache, ctx.attn_metadata, attn.scale, kv_written=True)
-        x = skinny_linear_deferred_norm(out.reshape(1, attn.q_size), attn.o_proj.weight, attn.o_proj.bias,
-                                        residual, post.weight)
-        act = gate_up_silu(x, mlp.gate_up_proj.weight, norm_residual=residual, norm_eps=post.eps)
-        if next_norm is None:
-            return mlp.down_proj(act)
-        return skinny_linear_deferred_norm(act, mlp.down_proj.weight, mlp.down_proj.bias, residual, next_norm.weight)
-
-
 class DecoderModel(nn.Module):
     def __init__(
         self, hf_config: Any, max_position: int, qkv_bias: bool, o_bias: bool, mlp_bias: bool
@@ -205,45 +167,14 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         theta, scaling = rope_parameters(hf_config)
         self.rotary_emb = RotaryEmbedding(head_dim_of(hf_config), max_position, theta, scaling)
-        self._deferrable: bool | None = None  # _defers_norms' shape checks, made once
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         rope = self.rotary_emb.prepare(positions)  # once per step, shared by every layer
-        if self._defers_norms(hidden, rope, ctx.backend):
-            return self._forward_deferred_norms(hidden, rope, ctx)
         residual: torch.Tensor | None = None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, rope, ctx)
         hidden, _ = self.norm(hidden, residual)
-        return hidden
-
-    def _defers_norms(self, hidden: torch.Tensor, rope: RopeStep, backend: Any) -> bool:
-        """One bf16 token on CUDA through the fused qkv and gate_up kernels, with o_proj and down_proj on
-        unsplit skinny GEMVs (their epilogue owns whole columns): see PAGEDSERVE_DEFERRED_NORM."""
-        if not (_DEFERRED_NORM and hidden.dtype == torch.bfloat16 and _fuses_qkv_rope(hidden, rope, backend)):
-            return False
-        if self._deferrable is None:
-            from pagedserve.executor.kernels.gate_up_silu import MAX_NORM_ROW
-            from pagedserve.executor.kernels.skinny_gemm import adds_to_residual
-
-            layer = self.layers[0]
-            o, down = layer.self_attn.o_proj, layer.mlp.down_proj
-            self._deferrable = (
-                _FUSED_GATE_UP and layer.mlp.gate_up_proj.bias is None and hidden.shape[1] <= MAX_NORM_ROW
-                and all(adds_to_residual(1, p.out_features, p.in_features, hidden.dtype, hidden.device)
-                        for p in (o, down)))
-        return self._deferrable
-
-    def _forward_deferred_norms(self, hidden: torch.Tensor, rope: RopeStep, ctx: ForwardContext) -> torch.Tensor:
-        residual = hidden.float()  # a fresh fp32 row, updated in place by every layer's o/down epilogues
-        x = self.layers[0].input_layernorm(hidden)  # nothing before layer 0 to defer it into
-        norm_eps = None
-        for i, layer in enumerate(self.layers):
-            next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else None
-            x = layer.forward_deferred(x, residual, norm_eps, rope, ctx, next_norm)
-            norm_eps = next_norm.eps if next_norm is not None else None
-        hidden, _ = self.norm(x, residual)
         return hidden
 
 
