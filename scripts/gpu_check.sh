@@ -239,13 +239,6 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
     fp32-test)  # the GPU-only test that the fp32 attention dots are full precision (TF32 would fail it)
       timeout 150 python3 -m pytest tests/kernels/test_kernels.py -k fp32_attention_is_full_precision \
         -q -p no:cacheprovider 2>&1 | tail -6 ;;
-    prefetch-test)  # the one-token GEMVs' wider pre-wait loads and early dependent launch: their tests on the GPU
-      PAGEDSERVE_PDL_EARLY=1 PAGEDSERVE_B1_PREFETCH=2 timeout 240 python3 -m pytest tests/kernels/test_prefetch.py \
-        tests/kernels/test_qkv_rope_kv.py tests/kernels/test_gate_up_silu.py tests/kernels/test_fused_ops.py \
-        -q -p no:cacheprovider 2>&1 | grep -vE "^Writing|^\s*$" | tail -8 ;;
-    mixed-early)  # mixed-step graphs vs HF and async vs sync with PAGEDSERVE_PDL_EARLY=1
-      PAGEDSERVE_PDL_EARLY=1 timeout 240 python3 -m pytest tests/kernels/test_runner_mixed_graph.py \
-        tests/gpu/test_async_gpu.py -q -p no:cacheprovider -x 2>&1 | tail -4 ;;
     b1-test)  # the batch-1 fused kernels (qkv + rotary + KV write; gate_up + SiLU·mul) and their decoder tests
       timeout 300 python3 -m pytest tests/kernels/test_qkv_rope_kv.py tests/kernels/test_gate_up_silu.py -q \
         -p no:cacheprovider 2>&1 | grep -vE "^Writing|^\s*$" | tail -40 ;;

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
-from pagedserve.executor.kernels.pdl import pdl_enter, prefetch_for
+from pagedserve.executor.kernels.pdl import pdl_enter
 
 DEFAULT_BLOCK_N = 2  # 2 gate + 2 up rows per program: the 4-row tiles of gate_up's measured M=1 config
 DEFAULT_BLOCK_K = 512
@@ -30,47 +30,10 @@ DEFAULT_BLOCK_K = 512
 
 @triton.jit
 def paired_rows_dot(w_ptr, rows_a, rows_b, stride_wn, x_ptr, K, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
-                    USE_PDL: tl.constexpr, PREFETCH: tl.constexpr = 1):
+                    USE_PDL: tl.constexpr):
     """(W[rows_a] @ x, W[rows_b] @ x) in fp32 for one token x [K]: two row sets of the same weight, each
     accumulated in a [rows, BLOCK_K] tile summed across K once at the end (skinny_gemm's M=1 fma path).
-    Calls pdl_enter after loading the first K step's weight tiles (weights are never written in a step);
-    PREFETCH > 1: that first step is PREFETCH K steps wide (the launcher keeps it within K)."""
-    if PREFETCH > 1:
-        offs_f = tl.arange(0, PREFETCH * BLOCK_K)
-        fa_ptrs = w_ptr + rows_a[:, None] * stride_wn + offs_f[None, :]
-        fb_ptrs = w_ptr + rows_b[:, None] * stride_wn + offs_f[None, :]
-        if EVEN_K:
-            fa = tl.load(fa_ptrs)
-            fb = tl.load(fb_ptrs)
-        else:
-            f_mask = offs_f < K
-            fa = tl.load(fa_ptrs, mask=f_mask[None, :], other=0.0)
-            fb = tl.load(fb_ptrs, mask=f_mask[None, :], other=0.0)
-        pdl_enter(USE_PDL)
-        if EVEN_K:
-            xf = tl.load(x_ptr + offs_f).to(tl.float32)[None, :]
-        else:
-            xf = tl.load(x_ptr + offs_f, mask=f_mask, other=0.0).to(tl.float32)[None, :]
-        first_a = tl.sum(fa.to(tl.float32) * xf, axis=1)
-        first_b = tl.sum(fb.to(tl.float32) * xf, axis=1)
-        offs_k = tl.arange(0, BLOCK_K)
-        acc_a = tl.zeros([rows_a.shape[0], BLOCK_K], dtype=tl.float32)
-        acc_b = tl.zeros([rows_b.shape[0], BLOCK_K], dtype=tl.float32)
-        for k in range(PREFETCH * BLOCK_K, K, BLOCK_K):
-            if EVEN_K:
-                wa = tl.load(w_ptr + rows_a[:, None] * stride_wn + (k + offs_k)[None, :])
-                wb = tl.load(w_ptr + rows_b[:, None] * stride_wn + (k + offs_k)[None, :])
-                x = tl.load(x_ptr + k + offs_k).to(tl.float32)[None, :]
-            else:
-                k_mask = (k + offs_k) < K
-                wa = tl.load(w_ptr + rows_a[:, None] * stride_wn + (k + offs_k)[None, :], mask=k_mask[None, :],
-                             other=0.0)
-                wb = tl.load(w_ptr + rows_b[:, None] * stride_wn + (k + offs_k)[None, :], mask=k_mask[None, :],
-                             other=0.0)
-                x = tl.load(x_ptr + k + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-            acc_a += wa.to(tl.float32) * x
-            acc_b += wb.to(tl.float32) * x
-        return tl.sum(acc_a, axis=1) + first_a, tl.sum(acc_b, axis=1) + first_b
+    Calls pdl_enter after loading the first K step's weight tiles (weights are never written in a step)."""
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = w_ptr + rows_a[:, None] * stride_wn + offs_k[None, :]
     b_ptrs = w_ptr + rows_b[:, None] * stride_wn + offs_k[None, :]
@@ -119,12 +82,11 @@ def _gate_up_silu_kernel(
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    PREFETCH: tl.constexpr = 1,  # K steps loaded before the PDL wait (paired_rows_dot)
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(offs_n, inter - 1).to(tl.int64)  # padding rows re-read row inter-1 (never stored)
-    gate, up = paired_rows_dot(w_ptr, rows, rows + inter, stride_wn, x_ptr, K, EVEN_K, BLOCK_K, USE_PDL, PREFETCH)
+    gate, up = paired_rows_dot(w_ptr, rows, rows + inter, stride_wn, x_ptr, K, EVEN_K, BLOCK_K, USE_PDL)
     # The unfused path's roundings: GEMM outputs in x's dtype, then SiLU·mul in fp32, rounded once.
     gate = gate.to(out_ptr.dtype.element_ty).to(tl.float32)
     up = up.to(out_ptr.dtype.element_ty).to(tl.float32)
@@ -141,10 +103,8 @@ def gate_up_silu(
     block_k: int = DEFAULT_BLOCK_K,
     num_warps: int = 4,
     num_stages: int = 2,
-    prefetch: int | None = None,
 ) -> torch.Tensor:
-    """silu(x @ weight[:I].T) * (x @ weight[I:].T) for x [1, K] and weight [2I, K]; returns [1, I].
-    prefetch: K steps loaded before the PDL wait (None: PAGEDSERVE_B1_PREFETCH; reduced to fit K)."""
+    """silu(x @ weight[:I].T) * (x @ weight[I:].T) for x [1, K] and weight [2I, K]; returns [1, I]."""
     if x.dim() != 2 or x.shape[0] != 1 or weight.dim() != 2 or weight.shape[1] != x.shape[1] \
             or weight.shape[0] % 2 or weight.shape[0] == 0:
         raise ValueError(f"x must be [1, K] and weight [2I, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
@@ -166,7 +126,6 @@ def gate_up_silu(
         EVEN_K=k % block_k == 0,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        PREFETCH=prefetch_for(k, block_k, prefetch),
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl_launch_kwargs(x.device),

@@ -32,23 +32,13 @@ except ImportError:  # an older Triton: PDL stays off (enabled() checks this)
 
 
 _OFF = gdc_wait is None or os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("PAGEDSERVE_PDL", "1") != "1"
-# PAGEDSERVE_PDL_EARLY=1: pdl_enter lets the next kernel launch *before* waiting for the previous one, so a kernel's
-# programs can be placed (and load what they may load early, e.g. weights) while the kernel two back still runs.
-# Safe by construction: a grid launches only once every program of the one before it is placed, so the running
-# ones never wait for SM slots held by waiting ones, and each wait still covers the whole chain before it.
-PDL_EARLY = tl.constexpr(os.environ.get("PAGEDSERVE_PDL_EARLY", "0") == "1")
-
-
-def _prefetch_steps() -> int:
-    value = os.environ.get("PAGEDSERVE_B1_PREFETCH", "1")
-    if value not in ("1", "2", "4", "8"):
-        raise ValueError(f"PAGEDSERVE_B1_PREFETCH must be 1, 2, 4 or 8, got {value!r}")
-    return int(value)
-
-
-# K steps of weights that the one-token GEMVs (skinny_gemm's M=1 path, gate_up_silu, qkv_rope_kv) load before
-# their PDL wait: the weight stream then runs through more of the small kernel before them.
-PREFETCH_STEPS = _prefetch_steps()
+# pdl_enter lets the next kernel launch *before* waiting for the previous one (PAGEDSERVE_PDL_EARLY=0: after), so a
+# kernel's programs are placed, and the one-token GEMVs start loading weights, while the kernel two back still
+# runs. Safe by construction: a grid launches only once every program of the one before it is placed, so running
+# programs never wait for SM slots held by waiting ones, and each wait still covers the whole chain before it.
+# On the H200 the batch-1 graph replay went 3.784 -> 3.772 ms; the default workload was unchanged (13,332.7 vs
+# 13,335.9 tok/s: cuBLAS kernels there do not take PDL) (docs/gpu-notes.md, session 9 run 3).
+PDL_EARLY = tl.constexpr(os.environ.get("PAGEDSERVE_PDL_EARLY", "1") == "1")
 _ON_KWARGS = {"USE_PDL": True, "launch_pdl": True}
 _OFF_KWARGS: dict = {}
 
@@ -71,21 +61,10 @@ def launch_kwargs(device: torch.device) -> dict:
     return _kwargs_for(device)
 
 
-def prefetch_for(k_span: int, block_k: int, prefetch: int | None) -> int:
-    """The pre-wait K steps a one-token GEMV launch uses: `prefetch` (None: PREFETCH_STEPS), reduced (by halves)
-    until its first step of prefetch * block_k columns fits in the k_span each program covers."""
-    steps = PREFETCH_STEPS if prefetch is None else prefetch
-    if steps < 1 or steps & (steps - 1):
-        raise ValueError(f"prefetch must be a power of 2, got {steps}")
-    while steps > 1 and steps * block_k > k_span:
-        steps //= 2
-    return steps
-
-
 @triton.jit
 def pdl_enter(USE_PDL: tl.constexpr):
-    """First statement of a kernel launched with launch_kwargs: wait for the predecessor's writes,
-    then let the next kernel's programs launch."""
+    """First statement of a kernel launched with launch_kwargs: let the next kernel's programs launch, and
+    wait for the predecessor's writes (PDL_EARLY: in that order; else the other way round)."""
     if USE_PDL:
         if PDL_EARLY:
             gdc_launch_dependents()
@@ -95,4 +74,4 @@ def pdl_enter(USE_PDL: tl.constexpr):
             gdc_launch_dependents()
 
 
-__all__ = ["PDL_EARLY", "PREFETCH_STEPS", "enabled", "launch_kwargs", "pdl_enter", "prefetch_for"]
+__all__ = ["PDL_EARLY", "enabled", "launch_kwargs", "pdl_enter"]

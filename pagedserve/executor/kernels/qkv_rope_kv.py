@@ -23,7 +23,6 @@ import triton.language as tl
 
 from pagedserve.executor.kernels.gate_up_silu import paired_rows_dot
 from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
-from pagedserve.executor.kernels.pdl import prefetch_for
 
 DEFAULT_BLOCK_R = 2  # 2 + 2 rows a program: the 4-row tiles of qkv's measured M=1 config
 DEFAULT_BLOCK_K = 512
@@ -54,7 +53,6 @@ def _qkv_rope_kv_kernel(
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks
     BLOCK_R: tl.constexpr,  # dims of each half a program owns (divides HALF)
     BLOCK_K: tl.constexpr,
-    PREFETCH: tl.constexpr = 1,  # K steps loaded before the PDL wait (gate_up_silu.paired_rows_dot)
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
     pid = tl.program_id(0)
@@ -62,7 +60,7 @@ def _qkv_rope_kv_kernel(
     offs_d = (pid % (HALF // BLOCK_R)) * BLOCK_R + tl.arange(0, BLOCK_R)  # dims in the first half
     rows_a = (head * 2 * HALF + offs_d).to(tl.int64)
     rows_b = rows_a + HALF
-    a, b = paired_rows_dot(w_ptr, rows_a, rows_b, stride_wn, x_ptr, K, EVEN_K, BLOCK_K, USE_PDL, PREFETCH)
+    a, b = paired_rows_dot(w_ptr, rows_a, rows_b, stride_wn, x_ptr, K, EVEN_K, BLOCK_K, USE_PDL)
     if HAS_BIAS:
         a += tl.load(bias_ptr + rows_a).to(tl.float32)
         b += tl.load(bias_ptr + rows_b).to(tl.float32)
@@ -111,12 +109,10 @@ def qkv_rope_kv_write(
     block_k: int = DEFAULT_BLOCK_K,
     num_warps: int = 4,
     num_stages: int = 2,
-    prefetch: int | None = None,
 ) -> torch.Tensor:
     """One token: q, k, v = x @ weight.T (+ bias) split by heads; q and k rotated by positions[0]; k and v
     stored at slot_mapping[0] in kv_cache [2, blocks, block_size, Hkv, D] (skipped when < 0). Returns the
-    rotated query [1, Hq, D] in x's dtype (the cache holds k and v; nothing else is returned). prefetch: K steps
-    loaded before the PDL wait (None: PAGEDSERVE_B1_PREFETCH; reduced to fit K)."""
+    rotated query [1, Hq, D] in x's dtype (the cache holds k and v; nothing else is returned)."""
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     k = x.shape[-1]
@@ -152,7 +148,6 @@ def qkv_rope_kv_write(
         EVEN_K=k % block_k == 0,
         BLOCK_R=block_r,
         BLOCK_K=block_k,
-        PREFETCH=prefetch_for(k, block_k, prefetch),
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl_launch_kwargs(x.device),

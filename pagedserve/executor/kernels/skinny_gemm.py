@@ -60,7 +60,7 @@ import triton
 import triton.language as tl
 
 from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
-from pagedserve.executor.kernels.pdl import pdl_enter, prefetch_for
+from pagedserve.executor.kernels.pdl import pdl_enter
 
 MAX_M = 256
 FMA_MAX_M = 8  # the fma paths take all M rows in one tile
@@ -89,10 +89,9 @@ def _skinny_gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    PREFETCH: tl.constexpr = 1,  # M == 1: K steps loaded before the PDL wait (the first step's width / BLOCK_K)
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
-    # With PDL the M == 1 path loads its first W tile(s) before waiting for the previous kernel (W is
+    # With PDL the M == 1 path loads its first W tile before waiting for the previous kernel (W is
     # never written during a step; x, the output and the workspace are touched only after the wait),
     # so weight streaming starts while that kernel finishes. The other paths wait first.
     if USE_DOT:
@@ -132,37 +131,6 @@ def _skinny_gemm_kernel(
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
         result = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
-    elif BLOCK_M == 1 and PREFETCH > 1:
-        # The first step is PREFETCH K steps wide (the launcher guarantees it fits in the split), all loaded
-        # before the wait, and summed on its own; the loop then goes on as below.
-        offs_f = tl.arange(0, PREFETCH * BLOCK_K)
-        f_ptrs = w_ptr + rows_n.to(tl.int64)[:, None] * stride_wn + (k_start + offs_f)[None, :]
-        if EVEN_K:
-            wf = tl.load(f_ptrs)
-        else:
-            f_mask = (k_start + offs_f) < k_end
-            wf = tl.load(f_ptrs, mask=f_mask[None, :], other=0.0)
-        pdl_enter(USE_PDL)
-        if EVEN_K:
-            xf = tl.load(x_ptr + k_start + offs_f)
-        else:
-            xf = tl.load(x_ptr + k_start + offs_f, mask=f_mask, other=0.0)
-        first = tl.sum(wf.to(tl.float32) * xf.to(tl.float32)[None, :], axis=1)  # [BLOCK_N]
-        acc_wide = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        w_ptrs += PREFETCH * BLOCK_K
-        x_ptrs = x_ptr + (k_start + PREFETCH * BLOCK_K + offs_k)[None, :]
-        for k in range(k_start + PREFETCH * BLOCK_K, k_end, BLOCK_K):
-            if EVEN_K:
-                w = tl.load(w_ptrs)
-                x = tl.load(x_ptrs)
-            else:
-                k_mask = (k + offs_k) < k_end
-                w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
-                x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
-            acc_wide += w.to(tl.float32) * x.to(tl.float32)
-            w_ptrs += BLOCK_K
-            x_ptrs += BLOCK_K
-        result = (tl.sum(acc_wide, axis=1) + first)[None, :]  # [1, BLOCK_N]
     elif BLOCK_M == 1:
         x_ptrs = x_ptr + (k_start + offs_k)[None, :]
         # The first K step, peeled: its W tile is loaded before the PDL wait.
@@ -494,11 +462,9 @@ def skinny_linear(
     out: torch.Tensor | None = None,
     config: SkinnyConfig | Mapping[str, int | bool] | None = None,
     out_dtype: torch.dtype | None = None,
-    prefetch: int | None = None,
 ) -> torch.Tensor:
     """F.linear(x, weight, bias) for x [M, K] with 1 <= M <= 256; returns out ([M, N], x's dtype, or
-    out_dtype=torch.float32: the fp32 accumulator unrounded, e.g. for logits). prefetch (M = 1, fma path):
-    the K steps loaded before the PDL wait (None: PAGEDSERVE_B1_PREFETCH; reduced to fit a split)."""
+    out_dtype=torch.float32: the fp32 accumulator unrounded, e.g. for logits)."""
     if out_dtype not in (None, x.dtype, torch.float32):
         raise ValueError(f"out_dtype must be x's dtype or torch.float32, got {out_dtype}")
     _check_operands(x, weight, bias, out)
@@ -522,11 +488,6 @@ def skinny_linear(
         target, stride_os, stride_om = out, 0, out.stride(0)
     block_m = config.block_m if config.use_dot else m_bucket(m)  # fma: one m-tile
     grid = (triton.cdiv(n, config.block_n) * triton.cdiv(m, block_m), num_splits)
-    if block_m == 1 and not config.use_dot:
-        shortest_split = k - (num_splits - 1) * tiles_per_split * block_k  # the last split's K range
-        common_prefetch = dict(PREFETCH=prefetch_for(shortest_split, block_k, prefetch))
-    else:
-        common_prefetch = {}
     common = dict(HAS_BIAS=bias is not None and num_splits == 1, BLOCK_M=block_m, BLOCK_N=config.block_n,
                   BLOCK_K=block_k, num_warps=config.num_warps, **pdl_launch_kwargs(x.device))
     if config.use_tma:
@@ -547,7 +508,7 @@ def skinny_linear(
             EVEN_K=k % block_k == 0,
             USE_DOT=config.use_dot,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,  # fp32: no TF32 rounding
-            num_stages=config.num_stages, **common, **common_prefetch,
+            num_stages=config.num_stages, **common,
         )  # fmt: skip
     if num_splits > 1:
         block = 512
