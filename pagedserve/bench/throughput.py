@@ -102,7 +102,7 @@ def _compare_hf(args: argparse.Namespace, llm, requests, result: dict) -> None:
         result["ratio_to_hf"] = result["output_tok_per_s"] / hf[best_mode]
         result["decoding"] = hf_baseline.describe_decoding(args.temperature)
         print(f"pagedserve {result['output_tok_per_s']:.1f} vs transformers {best_mode} {hf[best_mode]:.1f} "
-              f"output tok/s, both {result['decoding']}: {result['ratio_to_hf']:.1f}x")
+              f"output tok/s, both {result['decoding']}: {result['ratio_to_hf']:.2f}x")
     finish(result, args)
 
 
