@@ -1,5 +1,8 @@
 """The classic client load test: 100 threads send 100 chat requests with the official openai client.
 
+Every answer is --max-tokens long (the `ignore_eos` extension that vLLM's server also takes), so the total
+time measures the same work on every run; --stop-at-eos lets answers end early instead.
+
     pagedserve serve &                              # or any OpenAI-compatible server
     python examples/load_test.py                    # --base-url, --model, --max-tokens, ...
 
@@ -48,7 +51,11 @@ def main() -> None:
     parser.add_argument("--num-threads", type=int, default=100)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--stop-at-eos", action="store_true",
+                        help="let answers end at the end-of-sequence token (default: every answer is exactly "
+                             "--max-tokens long, sent as the server's ignore_eos extension)")
     args = parser.parse_args()
+    extra_body = None if args.stop_at_eos else {"ignore_eos": True}
 
     client = OpenAI(base_url=args.base_url, api_key=args.api_key, timeout=3600)
     model = args.model or client.models.list().data[0].id
@@ -60,6 +67,7 @@ def main() -> None:
             messages=[{"role": "user", "content": prompt_for(i)}],
             max_tokens=args.max_tokens,
             temperature=args.temperature,
+            extra_body=extra_body,
         )
         return r.usage.completion_tokens, sent, time.perf_counter()
 

@@ -299,6 +299,7 @@ def test_load_test_example_runs_unchanged(server, model) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "total time:" in out.stdout, out.stdout
+    assert "completion tokens: 400" in out.stdout, out.stdout  # 100 answers of exactly 4 tokens (ignore_eos)
     print(out.stdout)
     assert metric(server, "pagedserve:time_to_first_token_seconds_count") >= 100
     assert metric(server, "pagedserve:e2e_request_latency_seconds_count") >= 100
