@@ -36,15 +36,12 @@ def sample() -> None:
     from pagedserve.executor.kernels import sample as m
 
     for split in (True, False):
-        for greedy in (False, True):  # argmax_rows passes the logits for the unused parameter pointers
-            other = "*fp32" if greedy else None
-            sig = {"logits_ptr": "*fp32", "temps_ptr": other or "*fp64", "seeds_ptr": other or "*i64",
-                   "offsets_ptr": other or "*i64", "out_ptr": "*i64", "part_val_ptr": "*fp32", "part_idx_ptr": "*i32",
-                   "num_rows": "i32", "stride_row": "i32", "vocab": "i32", "chunk": "i32", "num_splits": "i32",
-                   "ROWS": "constexpr", "TILE": "constexpr", "SPLIT": "constexpr", "GREEDY": "constexpr",
-                   "USE_PDL": "constexpr"}
-            consts = {"ROWS": 1, "TILE": 1024, "SPLIT": split, "GREEDY": greedy, "USE_PDL": True}
-            build(m._sample_gumbel_kernel, sig, consts, f"sample split={split} greedy={greedy}")
+        sig = {"logits_ptr": "*fp32", "temps_ptr": "*fp64", "seeds_ptr": "*i64", "offsets_ptr": "*i64",
+               "out_ptr": "*i64", "part_val_ptr": "*fp32", "part_idx_ptr": "*i32",
+               "num_rows": "i32", "stride_row": "i32", "vocab": "i32", "chunk": "i32", "num_splits": "i32",
+               "ROWS": "constexpr", "TILE": "constexpr", "SPLIT": "constexpr", "USE_PDL": "constexpr"}
+        consts = {"ROWS": 1, "TILE": 1024, "SPLIT": split, "USE_PDL": True}
+        build(m._sample_gumbel_kernel, sig, consts, f"sample split={split}")
 
 
 def tma() -> None:
@@ -74,18 +71,14 @@ def decode() -> None:
     types = ["*bf16", "*bf16", "*bf16", "*bf16", "*i32", "*i32", "*i32", "*i32", "*fp32", "*fp32", "*i32", "*i32"]
     ints = ["stride_w", "qk_scale", "num_splits", "stride_q_tok", "stride_q_head", "stride_o_tok", "stride_o_head",
             "stride_bt_seq", "stride_c_block", "stride_c_slot", "stride_c_head"]
-    new_kv = {"new_k_ptr": "*bf16", "new_v_ptr": "*bf16", "positions_ptr": "*i64", "cos_sin_ptr": "*fp32",
-              "slot_mapping_ptr": "*i64", "stride_nk_tok": "i32", "stride_nk_head": "i32", "stride_nv_tok": "i32",
-              "stride_nv_head": "i32", "stride_cs": "i32"}
-    for work, ordered, split, fused in ((True, False, False, False), (False, True, False, False),
-                                        (False, False, True, True), (True, False, False, True)):
-        sig = dict(zip(ptrs, types)) | {n: ("fp32" if n == "qk_scale" else "i32") for n in ints} | new_kv
+    for work, ordered in ((True, False), (False, True)):
+        sig = dict(zip(ptrs, types)) | {n: ("fp32" if n == "qk_scale" else "i32") for n in ints}
         consts = {"NUM_HEADS": 28, "QUERIES_PER_KV": 7, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_G": 16,
-                  "BLOCK_N": 64, "BLOCK_SIZE": 16, "SPLIT": split, "MIXED": False, "ORDERED": ordered,
-                  "WORK": work, "NEW_KV": fused, "USE_PDL": True}
+                  "BLOCK_N": 64, "BLOCK_SIZE": 16, "SPLIT": False, "MIXED": False, "ORDERED": ordered,
+                  "WORK": work, "USE_PDL": True}
         sig |= {k: "constexpr" for k in consts}
-        build(m._paged_decode_kernel, sig, consts, f"decode work={work} ordered={ordered} split={split} "
-              f"new_kv={fused}", num_warps=2, num_stages=3)
+        build(m._paged_decode_kernel, sig, consts, f"decode work={work} ordered={ordered}", num_warps=2,
+              num_stages=3)
 
 
 def qkv() -> None:

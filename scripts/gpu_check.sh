@@ -201,24 +201,6 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
         env $v python3 -m pagedserve.entrypoints.cli bench latency --model $M --load-format dummy 2>&1 \
           | grep -E "^latency|graph replay|^floor"
       done <<< "${LAT_AB:-PAGEDSERVE_PDL=0;PAGEDSERVE_PDL=1}" ;;
-    new-levers)  # session 8's two unmeasured levers: their GPU tests, then each A/B'd on the workload it targets
-      timeout 200 python3 -m pytest tests/kernels/test_decode_rope_kv.py tests/kernels/test_sample.py -k "rope or argmax" \
-        -q -p no:cacheprovider 2>&1 | tail -4
-      local v
-      for v in "PAGEDSERVE_DECODE_ROPE_KV=0" "PAGEDSERVE_DECODE_ROPE_KV=1" "PAGEDSERVE_DECODE_ROPE_KV=0" "PAGEDSERVE_DECODE_ROPE_KV=1"; do
-        echo "-- $v (default workload)"
-        env $v python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm 2>&1 \
-          | grep -E "^throughput|^steps|^floor"
-      done ;;
-    greedy-ab)  # PAGEDSERVE_TRITON_ARGMAX 0/1/0/1: batch-1 latency (greedy) and the comparison workload greedy, no HF
-      local v
-      for v in 0 1 0 1; do
-        echo "-- PAGEDSERVE_TRITON_ARGMAX=$v"
-        PAGEDSERVE_TRITON_ARGMAX=$v python3 -m pagedserve.entrypoints.cli bench latency --model $M --load-format dummy \
-          2>&1 | grep -E "^latency|graph replay"
-        PAGEDSERVE_TRITON_ARGMAX=$v python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy \
-          --input-len 100-1024 --output-len 512 --temperature 0 --no-tqdm 2>&1 | grep -E "^throughput|^steps"
-      done ;;
     steplog)  # the default workload with one log line per mixed step (launch vs wait vs device)
       PAGEDSERVE_LOG_STEPS=1 PAGEDSERVE_LOG_COMPILES=1 python3 -m pagedserve.entrypoints.cli --log-level info bench throughput --model $M \
         --load-format dummy --no-tqdm 2>&1 | grep -E "mixed step|^throughput|^steps" | sed 's/^.*INFO pagedserve.engine: //' ;;
@@ -234,7 +216,7 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
         -k "argmax or sampler or capturable or full_vocabulary or layout" 2>&1 | tail -8 ;;
     kernels-test)  # the attention/KV/norm kernels' test file on the GPU
       timeout 400 python3 -m pytest tests/kernels/test_kernels.py tests/kernels/test_fused_ops.py tests/kernels/test_silu_mul.py \
-        tests/kernels/test_gate_up_silu.py tests/kernels/test_decode_rope_kv.py \
+        tests/kernels/test_gate_up_silu.py \
         -q -p no:cacheprovider -x 2>&1 | tail -40 ;;
     fp32-test)  # the GPU-only test that the fp32 attention dots are full precision (TF32 would fail it)
       timeout 150 python3 -m pytest tests/kernels/test_kernels.py -k fp32_attention_is_full_precision \

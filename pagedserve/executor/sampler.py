@@ -32,7 +32,6 @@ same alone or batched on both paths (the path is chosen from the row's own param
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -43,11 +42,6 @@ from pagedserve.core.outputs import ScheduledRequest, TokenLogprobs
 from pagedserve.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
-# PAGEDSERVE_TRITON_ARGMAX=1: greedy rows on CUDA (with the fused kernel on) take their argmax from the sampling
-# kernel's layout (kernels/sample.py argmax_rows) instead of torch's reduction, which read 82 MB of logits at
-# ~2 TB/s on the H200 (42.5 us a step at 136 rows). Off: measured no gain (the comparison workload's decode step
-# at 252 greedy rows 9.76-9.77 ms on the H200 with and without; docs/gpu-notes.md, session 9 run 2).
-_TRITON_ARGMAX = os.environ.get("PAGEDSERVE_TRITON_ARGMAX", "0") == "1"
 
 
 def position_seed(seed: int, position: int) -> int:
@@ -218,7 +212,7 @@ class Sampler:
 
         if all(self._is_plain_greedy(r) for r in requests):
             # Fast path: no logits changes, no logprobs -> one argmax.
-            ids = self._argmax(logits)
+            ids = logits.argmax(dim=-1)
             return SampleResult(ids, ids, _decode_ids)
 
         if any(self._needs_processing(r) for r in requests):
@@ -342,7 +336,7 @@ class Sampler:
         num_rows, vocab = len(params), logits.shape[1]
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if not random_rows:
-            return self._argmax(logits)
+            return logits.argmax(dim=-1)
         fused = self._fused_kernel_on(logits)
         is_fast = [fused and not _needs_filters(params[i], vocab) for i in random_rows]
         fast_rows = [i for i, fast in zip(random_rows, is_fast) if fast]
@@ -353,7 +347,7 @@ class Sampler:
             return self._sample_filtered(logits, requests)
         device = logits.device
         if len(random_rows) < num_rows:
-            ids = self._argmax(logits)  # greedy rows (the random ones are overwritten below)
+            ids = logits.argmax(dim=-1)  # greedy rows (the random ones are overwritten below)
         else:
             ids = torch.empty(num_rows, dtype=torch.long, device=device)
         for rows, sample_rows in ((fast_rows, self._sample_fused), (filtered_rows, self._sample_filtered)):
@@ -361,13 +355,6 @@ class Sampler:
                 idx = _to_device(rows, torch.long, device)
                 ids[idx] = sample_rows(logits[idx], [requests[i] for i in rows])
         return ids
-
-    def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
-        if _TRITON_ARGMAX and self._fused_kernel_on(logits):
-            from pagedserve.executor.kernels.sample import argmax_rows
-
-            return argmax_rows(logits)
-        return logits.argmax(dim=-1)
 
     def _fused_kernel_on(self, logits: torch.Tensor) -> bool:
         return self.use_fused_kernel and logits.is_cuda  # (tests patch this to run the interpreter)

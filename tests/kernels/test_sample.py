@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pagedserve.core.outputs import ScheduledRequest
-from pagedserve.executor.kernels.sample import argmax_rows, choose_num_splits, choose_tile, sample_gumbel
+from pagedserve.executor.kernels.sample import choose_num_splits, choose_tile, sample_gumbel
 from pagedserve.executor.sampler import Sampler, position_seed
 from pagedserve.sampling_params import SamplingParams
 
@@ -260,73 +260,6 @@ def test_rejects_bad_inputs():
     for args, kwargs, match in cases:
         with pytest.raises(ValueError, match=match):
             sample_gumbel(*args, **kwargs)
-
-
-# ---- the greedy mode (argmax_rows) ----
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_rows,vocab,layout", [
-    (5, 37, {}),                                                # one short tile a row, rows sharing a program
-    (3, 1000, {"tile": 64, "num_splits": 4}),                   # split rows, partials reduced
-    (7, 300, {"tile": 16, "num_splits": 19, "rows_per_program": 2}),  # one tile a split, last chunk ragged
-    (2, 4099, {"tile": 256, "num_splits": 3}),
-])
-def test_argmax_rows_matches_torch(num_rows, vocab, layout, dtype):
-    """Fresh random logits on a coarse grid (many exact ties, which must go to the smallest column), some
-    -inf, one all -inf row; `out` poisoned: every id written and equal to torch's argmax."""
-    gen = torch.Generator().manual_seed(num_rows * 1000 + vocab)
-    logits = (torch.randint(-8, 8, (num_rows, vocab), generator=gen).float() / 4).to(dtype)
-    logits[torch.rand(num_rows, vocab, generator=gen) < 0.1] = NEG_INF
-    logits[-1] = NEG_INF
-    logits = logits.to(DEVICE)
-    out = torch.full((num_rows,), -7, dtype=torch.long, device=DEVICE)
-    ids = argmax_rows(logits, out=out, **layout)
-    assert ids is out
-    assert ids.tolist() == logits.float().argmax(dim=-1).tolist()
-    assert ids[-1].item() == 0  # all -inf: the first column
-
-
-def test_argmax_rows_nan_counts_as_minus_inf_and_rejects_bad_input():
-    logits = torch.tensor([[0.5, float("nan"), 2.0, 2.0], [float("nan")] * 4], device=DEVICE)
-    assert argmax_rows(logits).tolist() == [2, 0]
-    assert argmax_rows(logits[:0]).shape == (0,)
-    with pytest.raises(ValueError, match="num_rows, vocab"):
-        argmax_rows(logits[0])
-    with pytest.raises(ValueError, match="not supported"):
-        argmax_rows(logits.double())
-    with pytest.raises(ValueError, match="contiguous last"):
-        argmax_rows(torch.zeros(4, 2, device=DEVICE).t())
-    with pytest.raises(ValueError, match="out must be int64"):
-        argmax_rows(logits, out=torch.zeros(2, dtype=torch.int32, device=DEVICE))
-
-
-@gpu_only
-def test_argmax_rows_at_full_vocabulary():
-    """The 7B vocabulary at batch 1 (many splits) and 256 (ten a row): torch's argmax, fp32 and bf16."""
-    for num_rows in (1, 139, 256):
-        for dtype in (torch.float32, torch.bfloat16):
-            logits = torch.randn(num_rows, 152064, device=DEVICE).to(dtype)
-            assert torch.equal(argmax_rows(logits), logits.argmax(dim=-1))
-
-
-def test_sampler_greedy_rows_through_argmax_rows(fused_sampler, monkeypatch):
-    """PAGEDSERVE_TRITON_ARGMAX (forced here): all-greedy batches and the greedy rows of a mixed batch take
-    argmax_rows, with torch's ids."""
-    from pagedserve.executor import sampler as sampler_module
-    from pagedserve.executor.kernels import sample as sample_module
-
-    calls = []
-    monkeypatch.setattr(sampler_module, "_TRITON_ARGMAX", True)
-    monkeypatch.setattr(sample_module, "argmax_rows",
-                        lambda logits, f=sample_module.argmax_rows: calls.append(logits.shape[0]) or f(logits))
-    gen = torch.Generator().manual_seed(1)
-    logits = (torch.randn(4, len(FIXED), generator=gen) * 2).to(DEVICE)
-    ids, _ = fused_sampler(logits, [req(SamplingParams(temperature=0.0), rid=str(i)) for i in range(4)])
-    assert ids == logits.argmax(dim=-1).tolist() and calls == [4]
-    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, seed=7), SamplingParams(temperature=0.0)]
-    ids, _ = fused_sampler(logits[:3], [req(p, rid=str(i)) for i, p in enumerate(params)])
-    assert ids[0] == logits[0].argmax().item() and ids[2] == logits[2].argmax().item() and calls == [4, 3]
 
 
 # ---- the Sampler's use of the kernel (forced on here: the interpreter on CPU; the worker turns it on on CUDA) ----

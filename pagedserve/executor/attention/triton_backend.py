@@ -57,12 +57,6 @@ class TritonAttentionBackend(AttentionBackend):
         # False: the prefill kernel also computes the decodes of a mixed batch (one launch, but
         # 16+ row tiles with few used rows and no split-K for them).
         self.split_mixed_decodes = split_mixed_decodes
-        # PAGEDSERVE_DECODE_ROPE_KV=1: decode-only steps rotate q/k and write the new K/V inside the decode
-        # kernel (paged_attention_decode(new_kv=...)): one launch fewer a layer at every batch size. Off: on
-        # the H200 the default workload's decode step at 139 seqs took 7.80 / 7.81 ms with it against 7.74 /
-        # 7.77 without (every split program rotates its q heads, and the new tile's owner writes before it
-        # reads), more than the 3.2 us a layer of the kernel it removes (docs/gpu-notes.md, session 9 run 1).
-        self.decode_rope_kv = os.environ.get("PAGEDSERVE_DECODE_ROPE_KV", "0") == "1"
 
     def forward(
         self,
@@ -80,9 +74,7 @@ class TritonAttentionBackend(AttentionBackend):
         (a layers.RopeStep for CUDA), query and key arrive unrotated and are rotated in place here. With
         kv_written, the step's K/V are already in the cache and query is rotated (kernels/qkv_rope_kv.py):
         key and value are not used."""
-        # Decode-only with rope: the decode kernel can rotate and write the new K/V itself (new_kv).
-        in_kernel = meta.is_decode_only and rope is not None and not kv_written and self.decode_rope_kv
-        if not kv_written and not in_kernel:
+        if not kv_written:
             if rope is not None:
                 rotary_and_write_kv_cache(query, key, value, rope.positions, rope.cos_sin_cache, kv_cache,
                                           meta.slot_mapping)
@@ -104,7 +96,6 @@ class TritonAttentionBackend(AttentionBackend):
                 num_splits=None if meta.decode_work is not None else self.decode_num_splits,
                 seq_order=meta.seq_order,
                 work=meta.decode_work,
-                new_kv=(key, value, rope.positions, rope.cos_sin_cache, meta.slot_mapping) if in_kernel else None,
             )
             return out
 

@@ -151,13 +151,6 @@ def _merge_parts(o, lse, part_out_ptr, part_lse_ptr, counter_ptr, part_row, part
 
 # One compiled variant for any split count and block-table width (the width follows the longest
 # sequence of the step; Triton would otherwise compile new variants for widths == 1 or % 16 == 0).
-@triton.jit
-def _rotate_halves(x, partner, cos, sin, first):
-    """Neox rotary of a row tile x whose partner[d] = x[d +- D/2]: rotary_kv_write's expressions
-    (x1 cos - x2 sin | x2 cos + x1 sin) in fp32, `first` marking the first half's columns."""
-    return tl.where(first[None, :], x * cos - partner * sin, x * cos + partner * sin)
-
-
 @triton.jit(do_not_specialize=["num_splits", "stride_bt_seq"])
 def _paged_decode_kernel(
     q_ptr,
@@ -183,16 +176,6 @@ def _paged_decode_kernel(
     stride_c_block,
     stride_c_slot,
     stride_c_head,
-    new_k_ptr,  # NEW_KV: the step's unrotated key [num_seqs, Hkv, D] (token i is sequence i)
-    new_v_ptr,  # NEW_KV: value [num_seqs, Hkv, D]
-    positions_ptr,  # NEW_KV: [num_seqs] int
-    cos_sin_ptr,  # NEW_KV: [max_position, D] fp32, cos | sin halves
-    slot_mapping_ptr,  # NEW_KV: [num_seqs] int64, < 0 = padding
-    stride_nk_tok,
-    stride_nk_head,
-    stride_nv_tok,
-    stride_nv_head,
-    stride_cs,
     NUM_HEADS: tl.constexpr,
     QUERIES_PER_KV: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -204,7 +187,6 @@ def _paged_decode_kernel(
     MIXED: tl.constexpr,
     ORDERED: tl.constexpr,
     WORK: tl.constexpr = False,
-    NEW_KV: tl.constexpr = False,  # rotate q and the new key here; the last tile's owner writes K/V first
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
     pdl_enter(USE_PDL)
@@ -262,45 +244,11 @@ def _paged_decode_kernel(
     g_mask = offs_g < QUERIES_PER_KV
     d_mask = offs_d < HEAD_DIM
     heads = kv_head * QUERIES_PER_KV + offs_g
-    if NEW_KV:
-        # Rotary and the KV write of rotary_kv_write.py, here: every program rotates its q heads; the one
-        # that owns the sequence's last tile (the new token's) stores the rotated key and the value into
-        # the cache before any tile is read, and the barrier makes its stores visible to its own loads. No
-        # other program reads that tile. A padded graph slot (seq_len 0) owns nothing.
-        pos = tl.load(positions_ptr + q_row).to(tl.int64)
-        HALF: tl.constexpr = HEAD_DIM // 2
-        first = offs_d < HALF
-        partner = tl.where(first, offs_d + HALF, offs_d - HALF)
-        cs_ptrs = cos_sin_ptr + pos * stride_cs + tl.where(first, offs_d, offs_d - HALF)
-        cos = tl.load(cs_ptrs, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-        sin = tl.load(cs_ptrs + HALF, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-        qd_mask = g_mask[:, None] & d_mask[None, :]
-        q_base = q_ptr + q_row * stride_q_tok + heads[:, None] * stride_q_head
-        x = tl.load(q_base + offs_d[None, :], mask=qd_mask, other=0.0).to(tl.float32)
-        xp = tl.load(q_base + partner[None, :], mask=qd_mask, other=0.0).to(tl.float32)
-        q = _rotate_halves(x, xp, cos, sin, first).to(q_ptr.dtype.element_ty)  # rounded to q's dtype, as in place
-        q = q.to(k_cache_ptr.dtype.element_ty)
-        if (tile_hi == num_tiles) & (num_tiles > 0):
-            slot = tl.load(slot_mapping_ptr + q_row).to(tl.int64)
-            if slot >= 0:
-                k_base = new_k_ptr + q_row * stride_nk_tok + kv_head * stride_nk_head
-                k = tl.load(k_base + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-                kp = tl.load(k_base + partner, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-                # Rounded to the key's dtype first, as the two-kernel path stores it.
-                k_rot = _rotate_halves(k, kp, cos, sin, first).to(new_k_ptr.dtype.element_ty)
-                v = tl.load(new_v_ptr + q_row * stride_nv_tok + kv_head * stride_nv_head + offs_d, mask=d_mask)
-                dst = (slot // BLOCK_SIZE) * stride_c_block + (slot % BLOCK_SIZE) * stride_c_slot \
-                    + kv_head.to(tl.int64) * stride_c_head
-                tl.store(k_cache_ptr + dst + offs_d[None, :], k_rot.to(k_cache_ptr.dtype.element_ty),
-                         mask=d_mask[None, :])
-                tl.store(v_cache_ptr + dst + offs_d, v.to(v_cache_ptr.dtype.element_ty), mask=d_mask)
-        tl.debug_barrier()
-    else:
-        q = tl.load(
-            q_ptr + q_row * stride_q_tok + heads[:, None] * stride_q_head + offs_d[None, :],
-            mask=g_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        ).to(k_cache_ptr.dtype.element_ty)
+    q = tl.load(
+        q_ptr + q_row * stride_q_tok + heads[:, None] * stride_q_head + offs_d[None, :],
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    ).to(k_cache_ptr.dtype.element_ty)
 
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
@@ -474,7 +422,6 @@ def paged_attention_decode(
     num_decodes: int | None = None,
     seq_order: torch.Tensor | None = None,
     work: torch.Tensor | None = None,
-    new_kv: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged context; returns [num_seqs, Hq, D].
 
@@ -494,11 +441,6 @@ def paged_attention_decode(
     work (int32 [6, items], from decode_work_list; decode-only, not with seq_order or num_splits): the
     programs run the items in order, each one chunk of one sequence (see decode_work_list); a split
     sequence's chunks are merged by the last of them to finish. Padding items (seq -1) return at once.
-    new_kv = (key, value, positions, cos_sin_cache, slot_mapping) (decode-only): query arrives unrotated and
-    the step's key/value ([>= num_seqs, Hkv, D], token i of sequence i) are not yet in the cache; the kernel
-    rotates q and the key by positions (rotary_kv_write's arithmetic; query itself is not modified) and
-    stores the rotated key and the value at slot_mapping (< 0: nothing), as rotary_and_write_kv_cache would
-    before the call: one launch fewer a layer. The cache holds the new K/V afterwards, as on that path.
     """
     _, num_heads, head_dim = query.shape
     num_seqs = seq_lens.shape[0]
@@ -523,8 +465,6 @@ def paged_attention_decode(
             raise ValueError(f"work is on {work.device}, seq_lens on {seq_lens.device}")
     query, out, k_cache, v_cache = attention_operands(query, kv_cache, out)
     _, block_size, num_kv_heads, _ = k_cache.shape
-    if new_kv is not None:
-        _check_new_kv(new_kv, num_seqs, num_kv_heads, head_dim, mixed, query.device)
     if num_seqs == 0:
         return out
     config = default_decode_config(head_dim, kv_cache.dtype)
@@ -569,7 +509,6 @@ def paged_attention_decode(
         scale * LOG2E, num_splits,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        *(_new_kv_args(new_kv) if new_kv is not None else (seq_lens,) * 5 + (0,) * 5),
         NUM_HEADS=num_heads,
         QUERIES_PER_KV=num_heads // num_kv_heads,
         HEAD_DIM=head_dim,
@@ -581,7 +520,6 @@ def paged_attention_decode(
         MIXED=mixed,
         ORDERED=ordered,
         WORK=work is not None,
-        NEW_KV=new_kv is not None,
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl_launch_kwargs(query.device),
@@ -602,32 +540,6 @@ def paged_attention_decode(
             **pdl_launch_kwargs(out.device),
         )  # fmt: skip
     return out
-
-
-def _check_new_kv(new_kv, num_seqs: int, num_kv_heads: int, head_dim: int, mixed: bool, device) -> None:
-    if mixed:
-        raise ValueError("new_kv takes a decode-only batch (a mixed batch's prefill K/V are written separately)")
-    if len(new_kv) != 5:
-        raise ValueError("new_kv is (key, value, positions, cos_sin_cache, slot_mapping)")
-    key, value, positions, cos_sin_cache, slot_mapping = new_kv
-    for name, t in (("key", key), ("value", value)):
-        if t.dim() != 3 or t.shape[0] < num_seqs or t.shape[1:] != (num_kv_heads, head_dim) or t.stride(-1) != 1:
-            raise ValueError(f"new_kv {name} must be [>= {num_seqs}, {num_kv_heads}, {head_dim}] with a contiguous "
-                             f"last dim, got {tuple(t.shape)}")
-    if positions.shape[0] < num_seqs or slot_mapping.shape[0] < num_seqs or positions.dim() != 1 \
-            or slot_mapping.dim() != 1:
-        raise ValueError(f"new_kv positions / slot_mapping need >= {num_seqs} entries, got "
-                         f"{tuple(positions.shape)} / {tuple(slot_mapping.shape)}")
-    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != head_dim or cos_sin_cache.stride(1) != 1 or head_dim % 2:
-        raise ValueError(f"cos_sin_cache must be [max_position, {head_dim}] (even head_dim), contiguous rows")
-    if any(t.device != device for t in new_kv):
-        raise ValueError("new_kv tensors must be on the query's device")
-
-
-def _new_kv_args(new_kv) -> tuple:
-    key, value, positions, cos_sin_cache, slot_mapping = new_kv
-    return (key, value, positions, cos_sin_cache, slot_mapping,
-            key.stride(0), key.stride(1), value.stride(0), value.stride(1), cos_sin_cache.stride(0))
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}

@@ -62,30 +62,24 @@ TARGET_PROGRAMS = 1024  # spread small batches over at least this many programs 
 
 @triton.jit
 def _tile_scores(row_ptrs, row_mask, col_start, col_end, inv_t, seed, off_lo, off_hi,
-                 ROWS: tl.constexpr, TILE: tl.constexpr, GREEDY: tl.constexpr):
+                 ROWS: tl.constexpr, TILE: tl.constexpr):
     """(scores, cols), both [ROWS, TILE], of columns [col_start, col_start + TILE); col_start % 4 == 0.
-    row_ptrs, row_mask, inv_t, seed, off_lo, off_hi are [ROWS, 1]. Masked columns/rows score -inf.
-    GREEDY: the score is the logit itself (no temperature, no noise), so the kernel is an argmax."""
-    if GREEDY:
-        cols = col_start + tl.arange(0, TILE)[None, :]
-        mask = row_mask & (cols < col_end)
-        score = tl.load(row_ptrs + cols, mask=mask, other=float("-inf")).to(tl.float32)
-    else:
-        QUADS: tl.constexpr = TILE // 4
-        zero = tl.zeros([ROWS, QUADS], dtype=tl.uint32)
-        quad = zero + (col_start // 4 + tl.arange(0, QUADS)).to(tl.uint32)[None, :]
-        r0, r1, r2, r3 = tl.philox(seed, quad, zero + off_lo, zero + off_hi, zero)
-        # Column 4k + j takes word j of counter k: interleave(interleave(r0, r2), interleave(r1, r3)).
-        bits = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
-        w = bits.to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10  # (r + 1/2) * 2^-32
-        w = tl.minimum(w, 0.99999994039535522)  # 1 - 2^-24: uint32 -> fp32 may round r up to 2^32
-        series = w * (1.0 + w * (0.5 + w * (0.3333333333333333 + w * 0.25)))
-        q = tl.where(w < 0.015625, series, -tl.log(1.0 - w))  # q = -log(1 - w) ~ Exp(1), q > 0
+    row_ptrs, row_mask, inv_t, seed, off_lo, off_hi are [ROWS, 1]. Masked columns/rows score -inf."""
+    QUADS: tl.constexpr = TILE // 4
+    zero = tl.zeros([ROWS, QUADS], dtype=tl.uint32)
+    quad = zero + (col_start // 4 + tl.arange(0, QUADS)).to(tl.uint32)[None, :]
+    r0, r1, r2, r3 = tl.philox(seed, quad, zero + off_lo, zero + off_hi, zero)
+    # Column 4k + j takes word j of counter k: interleave(interleave(r0, r2), interleave(r1, r3)).
+    bits = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
+    w = bits.to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10  # (r + 1/2) * 2^-32
+    w = tl.minimum(w, 0.99999994039535522)  # 1 - 2^-24: uint32 -> fp32 may round r up to 2^32
+    series = w * (1.0 + w * (0.5 + w * (0.3333333333333333 + w * 0.25)))
+    q = tl.where(w < 0.015625, series, -tl.log(1.0 - w))  # q = -log(1 - w) ~ Exp(1), q > 0
 
-        cols = col_start + tl.arange(0, TILE)[None, :]
-        mask = row_mask & (cols < col_end)
-        logit = tl.load(row_ptrs + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        score = logit * inv_t - tl.log(q)
+    cols = col_start + tl.arange(0, TILE)[None, :]
+    mask = row_mask & (cols < col_end)
+    logit = tl.load(row_ptrs + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    score = logit * inv_t - tl.log(q)
     score = tl.where(mask & (score == score), score, float("-inf"))  # NaN -> -inf
     return score, cols
 
@@ -109,21 +103,15 @@ def _sample_gumbel_kernel(
     ROWS: tl.constexpr,
     TILE: tl.constexpr,
     SPLIT: tl.constexpr,
-    GREEDY: tl.constexpr = False,  # argmax of the logits: temps, seeds and offsets are not read
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
     pdl_enter(USE_PDL)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     split = tl.program_id(1)
     row_ok = rows < num_rows
-    if GREEDY:  # no temperature, no noise: placeholders the score never reads
-        inv_t = tl.full([ROWS, 1], 1.0, tl.float32)
-        seed = tl.zeros([ROWS, 1], dtype=tl.int64)
-        offset = seed
-    else:
-        inv_t = (1.0 / tl.load(temps_ptr + rows, mask=row_ok, other=1.0).to(tl.float32))[:, None]
-        seed = tl.load(seeds_ptr + rows, mask=row_ok, other=0)[:, None]
-        offset = tl.load(offsets_ptr + rows, mask=row_ok, other=0)[:, None]
+    inv_t = (1.0 / tl.load(temps_ptr + rows, mask=row_ok, other=1.0).to(tl.float32))[:, None]
+    seed = tl.load(seeds_ptr + rows, mask=row_ok, other=0)[:, None]
+    offset = tl.load(offsets_ptr + rows, mask=row_ok, other=0)[:, None]
     off_lo = offset.to(tl.uint32)
     off_hi = (offset >> 32).to(tl.uint32)
     row_ptrs = logits_ptr + rows[:, None] * stride_row
@@ -133,13 +121,12 @@ def _sample_gumbel_kernel(
 
     # First tile outside the loop: its valid columns seed the per-lane best, so a chunk whose scores
     # are all -inf still reports a real column (lanes past col_end keep 2**31 - 1).
-    best_val, cols = _tile_scores(row_ptrs, row_mask, col_begin, col_end, inv_t, seed, off_lo, off_hi, ROWS, TILE,
-                                  GREEDY)
+    best_val, cols = _tile_scores(row_ptrs, row_mask, col_begin, col_end, inv_t, seed, off_lo, off_hi, ROWS, TILE)
     # [ROWS, TILE] from the start: a loop-carried value must keep its shape (cols is [1, TILE]).
     best_idx = tl.where(cols < col_end, cols, 2147483647) + tl.zeros([ROWS, TILE], dtype=tl.int32)
     for col_start in range(col_begin + TILE, col_end, TILE):
         score, cols = _tile_scores(row_ptrs, row_mask, col_start, col_end, inv_t, seed, off_lo, off_hi,
-                                   ROWS, TILE, GREEDY)
+                                   ROWS, TILE)
         take = score > best_val  # strict: equal scores keep the earlier (smaller) column
         best_val = tl.where(take, score, best_val)
         best_idx = tl.where(take, cols, best_idx)
@@ -208,8 +195,15 @@ def sample_gumbel(
     num_splits and rows_per_program (a power of two) are for tuning and tests: the ids do not
     depend on them.
     """
-    _check_logits(logits)
-    num_rows = logits.shape[0]
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [num_rows, vocab], got shape {tuple(logits.shape)}")
+    num_rows, vocab = logits.shape
+    if logits.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"logits dtype {logits.dtype} is not supported; supported: float32, bfloat16, float16")
+    if vocab == 0:
+        raise ValueError("logits have no columns: there is no token to sample")
+    if logits.stride(1) != 1 and vocab > 1:
+        raise ValueError("logits must have a contiguous last dimension")
     for name, t, dtypes in (
         ("temperatures", temperatures, (torch.float32, torch.float64)),
         ("seeds", seeds, (torch.int64,)),
@@ -221,40 +215,6 @@ def sample_gumbel(
             raise ValueError(f"{name} dtype {t.dtype} is not one of {dtypes}")
         if t.device != logits.device:
             raise ValueError(f"{name} is on {t.device}, logits on {logits.device}")
-    # Contiguous 1-D parameters (a strided view would be read with the wrong stride).
-    temperatures, seeds, offsets = (t.contiguous() for t in (temperatures, seeds, offsets))
-    return _launch(logits, temperatures, seeds, offsets, out, False, tile, num_splits, rows_per_program)
-
-
-def argmax_rows(
-    logits: torch.Tensor,
-    out: torch.Tensor | None = None,
-    *,
-    tile: int | None = None,
-    num_splits: int | None = None,
-    rows_per_program: int | None = None,
-) -> torch.Tensor:
-    """logits.argmax(dim=-1) [S] int64 through the sampling kernel's launch layout (many programs a row at
-    small batches, a deterministic second pass over the splits). Ties go to the smallest column, as in
-    torch; NaN logits count as -inf (torch would return a NaN's column); a row of only -inf (or NaN) gives
-    column 0. logits [S, V] fp32/bf16/fp16 with a contiguous last dimension."""
-    _check_logits(logits)
-    return _launch(logits, logits, logits, logits, out, True, tile, num_splits, rows_per_program)
-
-
-def _check_logits(logits: torch.Tensor) -> None:
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be [num_rows, vocab], got shape {tuple(logits.shape)}")
-    if logits.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"logits dtype {logits.dtype} is not supported; supported: float32, bfloat16, float16")
-    if logits.shape[1] == 0:
-        raise ValueError("logits have no columns: there is no token to sample")
-    if logits.stride(1) != 1 and logits.shape[1] > 1:
-        raise ValueError("logits must have a contiguous last dimension")
-
-
-def _launch(logits, temperatures, seeds, offsets, out, greedy, tile, num_splits, rows_per_program) -> torch.Tensor:
-    num_rows, vocab = logits.shape
     if out is None:
         out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
     elif out.shape != (num_rows,) or out.dtype != torch.int64 or out.device != logits.device:
@@ -272,6 +232,8 @@ def _launch(logits, temperatures, seeds, offsets, out, greedy, tile, num_splits,
         return out
     if dry_run():  # the launch below only compiles: ids must still be in range for what reads them
         out.zero_()
+    # Contiguous 1-D parameters (a strided view would be read with the wrong stride).
+    temperatures, seeds, offsets = (t.contiguous() for t in (temperatures, seeds, offsets))
 
     if logits.device.type == "cpu":
         # Only the Triton interpreter runs kernels on CPU tensors (tests); it pays ~10 ms a program
@@ -294,7 +256,7 @@ def _launch(logits, temperatures, seeds, offsets, out, greedy, tile, num_splits,
     _sample_gumbel_kernel[grid](
         logits, temperatures, seeds, offsets, out, part_val, part_idx,
         num_rows, logits.stride(0), vocab, chunk, splits,
-        ROWS=rows_per_program, TILE=tile, SPLIT=splits > 1, GREEDY=greedy, num_warps=num_warps,
+        ROWS=rows_per_program, TILE=tile, SPLIT=splits > 1, num_warps=num_warps,
         **pdl_launch_kwargs(logits.device),
     )  # fmt: skip
     if splits > 1:
@@ -309,4 +271,4 @@ def _launch(logits, temperatures, seeds, offsets, out, greedy, tile, num_splits,
     return out
 
 
-__all__ = ["argmax_rows", "sample_gumbel", "choose_num_splits", "choose_tile", "split_layout"]
+__all__ = ["sample_gumbel", "choose_num_splits", "choose_tile", "split_layout"]
