@@ -4,7 +4,7 @@ nested jit function, a TMA block the copy engine cannot take) before a device ca
 the tensor-core path is there (wgmma in the PTX) and whether TMA copies are (cp.async.bulk.tensor).
 The local Triton may differ from the GPU's.
 
-    python scripts/compile_sm90.py [sample] [tma] [decode] [qkv] [norm] [l2pf]
+    python scripts/compile_sm90.py [sample] [tma] [decode] [qkv] [norm]
 """
 from __future__ import annotations
 
@@ -28,7 +28,6 @@ def build(fn, sig: dict, consts: dict, label: str, num_warps: int = 4, num_stage
         return
     ptx = k.asm.get("ptx", "")
     print(f"{label}: compiled; wgmma {ptx.count('wgmma.mma_async')}, tma {ptx.count('cp.async.bulk.tensor')}, "
-          f"l2 prefetch {ptx.count('cp.async.bulk.prefetch.L2')}, "
           f"shared {k.metadata.shared} B, regs n/a on CPU")
 
 
@@ -90,41 +89,9 @@ def qkv() -> None:
            "K": "i32", "stride_wn": "i32", "stride_cs": "i32", "stride_c_block": "i32", "stride_c_slot": "i32",
            "stride_c_head": "i32", "num_q_heads": "i32"}
     consts = {"NUM_KV_HEADS": 4, "HALF": 64, "BLOCK_SIZE": 16, "HAS_BIAS": True, "EVEN_K": True,
-              "BLOCK_R": m.DEFAULT_BLOCK_R, "BLOCK_K": m.DEFAULT_BLOCK_K, "PF_L2": 0, "USE_PDL": True}
+              "BLOCK_R": m.DEFAULT_BLOCK_R, "BLOCK_K": m.DEFAULT_BLOCK_K, "USE_PDL": True}
     sig |= {k: "constexpr" for k in consts}
     build(m._qkv_rope_kv_kernel, sig, consts, "qkv_rope_kv 7B", num_warps=4, num_stages=2)
-
-
-def l2pf() -> None:
-    """The one-token GEMVs with their rows' next K steps prefetched into L2 before the PDL wait (l2_prefetch.py,
-    PF_L2 = 2 and 6) at the 7B shapes: the PTX must hold one cp.async.bulk.prefetch a row."""
-    from pagedserve.executor.kernels import gate_up_silu as g
-    from pagedserve.executor.kernels import qkv_rope_kv as q
-    from pagedserve.executor.kernels import skinny_gemm as s
-
-    for pf in (2, 6):
-        for block_n, block_k, stages, label in ((2, 512, 2, "o"), (1, 512, 3, "down"), (8, 256, 3, "lm_head")):
-            sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32",
-                   "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_os": "i32",
-                   "stride_om": "i32", "k_per_split": "i32"}
-            consts = {"HAS_BIAS": False, "EVEN_K": True, "USE_DOT": False, "DOT_PRECISION": None, "BLOCK_M": 1,
-                      "BLOCK_N": block_n, "BLOCK_K": block_k, "PF_L2": pf, "USE_PDL": True}
-            sig |= {k: "constexpr" for k in consts}
-            build(s._skinny_gemm_kernel, sig, consts, f"skinny M=1 {label} pf_l2={pf}", num_warps=4,
-                  num_stages=stages)
-        sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "inter": "i32", "K": "i32", "stride_wn": "i32"}
-        consts = {"EVEN_K": True, "BLOCK_N": g.DEFAULT_BLOCK_N, "BLOCK_K": g.DEFAULT_BLOCK_K, "PF_L2": pf,
-                  "USE_PDL": True}
-        sig |= {k: "constexpr" for k in consts}
-        build(g._gate_up_silu_kernel, sig, consts, f"gate_up_silu 7B pf_l2={pf}", num_warps=4, num_stages=2)
-        sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "q_ptr": "*bf16", "positions_ptr": "*i64",
-               "cos_sin_ptr": "*fp32", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "slot_mapping_ptr": "*i64",
-               "K": "i32", "stride_wn": "i32", "stride_cs": "i32", "stride_c_block": "i32", "stride_c_slot": "i32",
-               "stride_c_head": "i32", "num_q_heads": "i32"}
-        consts = {"NUM_KV_HEADS": 4, "HALF": 64, "BLOCK_SIZE": 16, "HAS_BIAS": True, "EVEN_K": True,
-                  "BLOCK_R": q.DEFAULT_BLOCK_R, "BLOCK_K": q.DEFAULT_BLOCK_K, "PF_L2": pf, "USE_PDL": True}
-        sig |= {k: "constexpr" for k in consts}
-        build(q._qkv_rope_kv_kernel, sig, consts, f"qkv_rope_kv 7B pf_l2={pf}", num_warps=4, num_stages=2)
 
 
 def norm() -> None:
@@ -143,5 +110,5 @@ def norm() -> None:
 
 if __name__ == "__main__":
     print(f"triton {triton.__version__}")
-    for name in sys.argv[1:] or ["sample", "tma", "decode", "qkv", "norm", "l2pf"]:
-        {"sample": sample, "tma": tma, "decode": decode, "qkv": qkv, "norm": norm, "l2pf": l2pf}[name]()
+    for name in sys.argv[1:] or ["sample", "tma", "decode", "qkv", "norm"]:
+        {"sample": sample, "tma": tma, "decode": decode, "qkv": qkv, "norm": norm}[name]()

@@ -221,9 +221,6 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
     fp32-test)  # the GPU-only test that the fp32 attention dots are full precision (TF32 would fail it)
       timeout 150 python3 -m pytest tests/kernels/test_kernels.py -k fp32_attention_is_full_precision \
         -q -p no:cacheprovider 2>&1 | tail -6 ;;
-    l2pf-test)  # the one-token GEMVs' L2 prefetch before the PDL wait: outputs bit-identical on and off; then A/B with
-      # LAT_AB="PAGEDSERVE_B1_L2_PREFETCH=0;PAGEDSERVE_B1_L2_PREFETCH=2;PAGEDSERVE_B1_L2_PREFETCH=6;PAGEDSERVE_B1_L2_PREFETCH=64;PAGEDSERVE_B1_L2_PREFETCH=0"
-      timeout 200 python3 -m pytest tests/kernels/test_l2_prefetch.py -q -p no:cacheprovider 2>&1 | tail -6 ;;
     b1-test)  # the batch-1 fused kernels (qkv + rotary + KV write; gate_up + SiLU·mul) and their decoder tests
       timeout 300 python3 -m pytest tests/kernels/test_qkv_rope_kv.py tests/kernels/test_gate_up_silu.py -q \
         -p no:cacheprovider 2>&1 | grep -vE "^Writing|^\s*$" | tail -40 ;;

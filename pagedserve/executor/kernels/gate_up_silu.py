@@ -21,7 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.executor.kernels.l2_prefetch import prefetch_rows, prefetch_steps
 from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
 from pagedserve.executor.kernels.pdl import pdl_enter
 
@@ -31,12 +30,10 @@ DEFAULT_BLOCK_K = 512
 
 @triton.jit
 def paired_rows_dot(w_ptr, rows_a, rows_b, stride_wn, x_ptr, K, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
-                    USE_PDL: tl.constexpr, PF_L2: tl.constexpr = 0, row0_a=0, last_a=0, row0_b=0, last_b=0):
+                    USE_PDL: tl.constexpr):
     """(W[rows_a] @ x, W[rows_b] @ x) in fp32 for one token x [K]: two row sets of the same weight, each
     accumulated in a [rows, BLOCK_K] tile summed across K once at the end (skinny_gemm's M=1 fma path).
-    Calls pdl_enter after loading the first K step's weight tiles (weights are never written in a step).
-    PF_L2 > 0: before the wait, the next PF_L2 K steps of each row are prefetched into L2 (l2_prefetch.py);
-    rows_a / rows_b are then row0_a.. / row0_b.. (consecutive, clamped to last_a / last_b)."""
+    Calls pdl_enter after loading the first K step's weight tiles (weights are never written in a step)."""
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = w_ptr + rows_a[:, None] * stride_wn + offs_k[None, :]
     b_ptrs = w_ptr + rows_b[:, None] * stride_wn + offs_k[None, :]
@@ -49,9 +46,6 @@ def paired_rows_dot(w_ptr, rows_a, rows_b, stride_wn, x_ptr, K, EVEN_K: tl.const
         first_mask = (offs_k < K)[None, :]  # not `k_mask`: a name reassigned in the loop must keep its type
         wa = tl.load(a_ptrs, mask=first_mask, other=0.0)
         wb = tl.load(b_ptrs, mask=first_mask, other=0.0)
-    if PF_L2 > 0:
-        prefetch_rows(w_ptr, row0_a, last_a, stride_wn, BLOCK_K, K, rows_a.shape[0], PF_L2, BLOCK_K)
-        prefetch_rows(w_ptr, row0_b, last_b, stride_wn, BLOCK_K, K, rows_b.shape[0], PF_L2, BLOCK_K)
     pdl_enter(USE_PDL)
     if EVEN_K:
         x = tl.load(x_ptrs).to(tl.float32)[None, :]
@@ -88,14 +82,11 @@ def _gate_up_silu_kernel(
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    PF_L2: tl.constexpr = 0,  # K steps of each row prefetched into L2 before the PDL wait (l2_prefetch.py)
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(offs_n, inter - 1).to(tl.int64)  # padding rows re-read row inter-1 (never stored)
-    row0 = tl.program_id(0) * BLOCK_N
-    gate, up = paired_rows_dot(w_ptr, rows, rows + inter, stride_wn, x_ptr, K, EVEN_K, BLOCK_K, USE_PDL, PF_L2,
-                               row0, inter - 1, row0 + inter, 2 * inter - 1)
+    gate, up = paired_rows_dot(w_ptr, rows, rows + inter, stride_wn, x_ptr, K, EVEN_K, BLOCK_K, USE_PDL)
     # The unfused path's roundings: GEMM outputs in x's dtype, then SiLU·mul in fp32, rounded once.
     gate = gate.to(out_ptr.dtype.element_ty).to(tl.float32)
     up = up.to(out_ptr.dtype.element_ty).to(tl.float32)
@@ -135,7 +126,6 @@ def gate_up_silu(
         EVEN_K=k % block_k == 0,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        **({"PF_L2": pf} if (pf := prefetch_steps(weight, k, block_k)) else {}),
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl_launch_kwargs(x.device),

@@ -22,7 +22,6 @@ import triton
 import triton.language as tl
 
 from pagedserve.executor.kernels.gate_up_silu import paired_rows_dot
-from pagedserve.executor.kernels.l2_prefetch import prefetch_steps
 from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
 
 DEFAULT_BLOCK_R = 2  # 2 + 2 rows a program: the 4-row tiles of qkv's measured M=1 config
@@ -54,18 +53,14 @@ def _qkv_rope_kv_kernel(
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks
     BLOCK_R: tl.constexpr,  # dims of each half a program owns (divides HALF)
     BLOCK_K: tl.constexpr,
-    PF_L2: tl.constexpr = 0,  # K steps of each row prefetched into L2 before the PDL wait (l2_prefetch.py)
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
     pid = tl.program_id(0)
     head = pid // (HALF // BLOCK_R)
-    d0 = (pid % (HALF // BLOCK_R)) * BLOCK_R
-    offs_d = d0 + tl.arange(0, BLOCK_R)  # dims in the first half
+    offs_d = (pid % (HALF // BLOCK_R)) * BLOCK_R + tl.arange(0, BLOCK_R)  # dims in the first half
     rows_a = (head * 2 * HALF + offs_d).to(tl.int64)
     rows_b = rows_a + HALF
-    row0 = head * 2 * HALF + d0
-    a, b = paired_rows_dot(w_ptr, rows_a, rows_b, stride_wn, x_ptr, K, EVEN_K, BLOCK_K, USE_PDL, PF_L2,
-                           row0, row0 + BLOCK_R - 1, row0 + HALF, row0 + HALF + BLOCK_R - 1)
+    a, b = paired_rows_dot(w_ptr, rows_a, rows_b, stride_wn, x_ptr, K, EVEN_K, BLOCK_K, USE_PDL)
     if HAS_BIAS:
         a += tl.load(bias_ptr + rows_a).to(tl.float32)
         b += tl.load(bias_ptr + rows_b).to(tl.float32)
@@ -153,7 +148,6 @@ def qkv_rope_kv_write(
         EVEN_K=k % block_k == 0,
         BLOCK_R=block_r,
         BLOCK_K=block_k,
-        **({"PF_L2": pf} if (pf := prefetch_steps(weight, k, block_k)) else {}),
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl_launch_kwargs(x.device),

@@ -59,7 +59,6 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.executor.kernels.l2_prefetch import prefetch_rows, prefetch_steps
 from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
 from pagedserve.executor.kernels.pdl import pdl_enter
 
@@ -90,7 +89,6 @@ def _skinny_gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    PF_L2: tl.constexpr = 0,  # M == 1: K steps of each row prefetched into L2 before the wait (l2_prefetch.py)
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
     # With PDL the M == 1 path loads its first W tile before waiting for the previous kernel (W is
@@ -141,8 +139,6 @@ def _skinny_gemm_kernel(
         else:
             first_mask = (k_start + offs_k) < k_end
             w = tl.load(w_ptrs, mask=first_mask[None, :], other=0.0)
-        if PF_L2 > 0:
-            prefetch_rows(w_ptr, pid_n * BLOCK_N, N - 1, stride_wn, k_start + BLOCK_K, k_end, BLOCK_N, PF_L2, BLOCK_K)
         pdl_enter(USE_PDL)
         if EVEN_K:
             x = tl.load(x_ptrs)
@@ -492,8 +488,6 @@ def skinny_linear(
         target, stride_os, stride_om = out, 0, out.stride(0)
     block_m = config.block_m if config.use_dot else m_bucket(m)  # fma: one m-tile
     grid = (triton.cdiv(n, config.block_n) * triton.cdiv(m, block_m), num_splits)
-    pf_l2 = prefetch_steps(weight, k, block_k) if block_m == 1 and not config.use_dot else 0
-    common_pf = {"PF_L2": pf_l2} if pf_l2 else {}
     common = dict(HAS_BIAS=bias is not None and num_splits == 1, BLOCK_M=block_m, BLOCK_N=config.block_n,
                   BLOCK_K=block_k, num_warps=config.num_warps, **pdl_launch_kwargs(x.device))
     if config.use_tma:
@@ -514,7 +508,7 @@ def skinny_linear(
             EVEN_K=k % block_k == 0,
             USE_DOT=config.use_dot,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,  # fp32: no TF32 rounding
-            num_stages=config.num_stages, **common, **common_pf,
+            num_stages=config.num_stages, **common,
         )  # fmt: skip
     if num_splits > 1:
         block = 512
