@@ -41,6 +41,7 @@ from typing import Any
 
 from pagedserve.engine import needs_engine_text
 from pagedserve.engine_core import AbortRequests, AddRequest, EngineCore, Stop
+from pagedserve.gc_control import freeze_startup_objects
 from pagedserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.tokenizer import IncrementalDetokenizer
@@ -234,6 +235,8 @@ def run_engine_process(
         # made on the server side (DeltaDecoder), except for requests with stop strings.
         engine.copy_outputs = False
         engine.detokenize = False
+        # The process's start-up objects live until it exits: out of the collector's walks from now on.
+        freeze_startup_objects("engine process")
         conn_out.send(("ready", engine_info(engine, send_tokenizer=not announced)))
     except BaseException as e:  # noqa: BLE001 - the server reports it and exits
         conn_out.send(("failed", type(e).__name__, str(e)))

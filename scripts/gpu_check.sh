@@ -73,7 +73,7 @@ run_phase() {
       sleep 6  # the stats line (with the engine's step timing) of the first load test alone
       python3 examples/load_test.py --base-url http://localhost:8011/v1 --max-tokens 128 2>&1 | tail -4
       stop_server
-      grep -E "captured|KV cache|ready|started|tokenizer|serving|imports|step timing" "$OUT/server-8011.log" \
+      grep -E "captured|KV cache|ready|started|tokenizer|serving|imports|step timing|frozen" "$OUT/server-8011.log" \
         | head -16 ;;
     serve-ab)  # the load test against a server without mixed-step CUDA graphs (A/B with the serve phase)
       export PAGEDSERVE_MIXED_GRAPHS=0

@@ -119,6 +119,8 @@ def run(args: argparse.Namespace, requests: list[BenchRequest], model_path: str,
     given, with {mode: seconds})."""
     import torch
 
+    from pagedserve.gc_control import freeze_startup_objects, unfreeze_and_collect
+
     elapsed_s = {} if elapsed_s is None else elapsed_s
     num_out = sum(r.output_len for r in requests)
     temperature = float(getattr(args, "temperature", 0.0))  # the engine's decoding, on both sides
@@ -128,6 +130,7 @@ def run(args: argparse.Namespace, requests: list[BenchRequest], model_path: str,
         model = load_hf_model(model_path, dummy, device, dtype)
         warm = requests[:2]
         run_generate(model, [BenchRequest(r.prompt_token_ids[:32], 4) for r in warm], 2, device, 0, temperature)
+        freeze_startup_objects("transformers generate")  # as our engine's run: the same GC treatment
         for bs in args.hf_batch_sizes:
             elapsed = run_generate(model, requests, bs, device, pad_token_id=0, temperature=temperature)
             results[f"generate_bs{bs}"] = num_out / elapsed
@@ -135,10 +138,12 @@ def run(args: argparse.Namespace, requests: list[BenchRequest], model_path: str,
             print(f"transformers generate, static batches of {bs}, {describe_decoding(temperature)}: "
                   f"{num_out / elapsed:.1f} output tok/s ({elapsed:.1f} s)", flush=True)
         del model
+        unfreeze_and_collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if "generate_batch" in args.hf_modes:
         model = load_hf_model(model_path, dummy, device, dtype, attn_implementation="paged|sdpa")
+        freeze_startup_objects("transformers generate_batch")
         elapsed = run_generate_batch(model, requests, device, temperature=temperature)
         if elapsed is not None:
             results["generate_batch"] = num_out / elapsed
@@ -147,6 +152,7 @@ def run(args: argparse.Namespace, requests: list[BenchRequest], model_path: str,
                   f"{num_out / elapsed:.1f} output tok/s "
                   f"({elapsed:.1f} s)", flush=True)
         del model
+        unfreeze_and_collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return results

@@ -8,6 +8,7 @@ import time
 from pagedserve.bench.common import build_llm, card_ceilings, finish, model_shape
 from pagedserve.bench.datasets import parse_range, random_requests
 from pagedserve.bench.roofline import workload_floor
+from pagedserve.gc_control import GcMonitor, freeze_startup_objects, unfreeze_and_collect
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -29,9 +30,15 @@ def run(args: argparse.Namespace) -> dict:
                  use_tqdm=False)
     warmup_s = time.perf_counter() - t_warm
     engine.step_timing.totals.clear()
-    t0 = time.perf_counter()
-    outputs = llm.generate([r.prompt_token_ids for r in requests], params, use_tqdm=not args.no_tqdm)
-    elapsed = time.perf_counter() - t0
+    freeze_startup_objects("bench throughput")  # as the server's engine process does after start-up
+    gc_monitor = GcMonitor().start()
+    try:
+        t0 = time.perf_counter()
+        outputs = llm.generate([r.prompt_token_ids for r in requests], params, use_tqdm=not args.no_tqdm)
+        elapsed = time.perf_counter() - t0
+    finally:
+        gc_monitor.stop()
+        unfreeze_and_collect()  # frozen for the timed run only: the engine's cycles are found when it goes
     num_in = sum(len(r.prompt_token_ids) for r in requests)
     num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
     expected_out = sum(r.output_len for r in requests)
@@ -54,6 +61,7 @@ def run(args: argparse.Namespace) -> dict:
         "kv_blocks": engine.worker.num_kv_blocks,
         "step_timing": step_summary,
         "warmup_s": warmup_s,
+        **gc_monitor.summary(),
     }
     if bandwidth and flops:
         shape = model_shape(llm)
@@ -70,6 +78,7 @@ def run(args: argparse.Namespace) -> dict:
             f"{result['num_preemptions']} preemptions)")
     print(line)
     print(f"steps: {step_summary} (warm-up before the run: {warmup_s:.1f} s)")
+    print(gc_monitor.line())
     if args.compare_hf:
         del engine, outputs  # the engine (weights, KV cache, graphs) must go before Transformers loads
         _compare_hf(args, llm, requests, result)

@@ -58,6 +58,7 @@ from pagedserve.entrypoints.openai.protocol import (
 from pagedserve.entrypoints.openai.serving_base import APIError, TokenStrings, error_body, error_response
 from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from pagedserve.gc_control import freeze_startup_objects
 
 logger = logging.getLogger(__name__)
 
@@ -373,6 +374,7 @@ def run_server(config: EngineConfig, args: argparse.Namespace, backend: Any = No
     app = build_app(async_engine, settings)
     server = _make_uvicorn_server(app, args, async_engine.stop_accepting)
     logger.info("serving %s on http://%s:%d (OpenAI API under /v1)", async_engine.model_name, args.host, args.port)
+    freeze_startup_objects("API server")  # the app, engine client, tokenizer and templates live until exit
     server.run()
     return 0
 
