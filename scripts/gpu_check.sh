@@ -209,7 +209,7 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
       while IFS= read -r -d ";" v || [ -n "$v" ]; do
         echo "-- $v"
         env $v python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm 2>&1 \
-          | grep -E "^throughput|^steps|^floor|Error|error"
+          | grep -E "^throughput|^steps|^gc:|^floor|Error|error"
       done <<< "${TPUT_AB:-PAGEDSERVE_FUSED_SAMPLER=0;PAGEDSERVE_FUSED_SAMPLER=1}" ;;
     sample-quick)  # the sampling kernel's greedy and Sampler tests, and its full-vocabulary ones
       timeout 240 python3 -m pytest tests/kernels/test_sample.py -x -q -p no:cacheprovider \
