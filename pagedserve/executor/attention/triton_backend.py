@@ -42,6 +42,10 @@ class TritonAttentionBackend(AttentionBackend):
     def __init__(self, decode_num_splits: int | None = None, split_mixed_decodes: bool = True,
                  decode_seq_order: bool | None = None) -> None:
         # None: choose per call from shapes (see choose_num_splits); an int pins it (tests, tuning).
+        # PAGEDSERVE_DECODE_SPLITS=N pins it for A/B runs (0 or unset: chosen per call); decode steps that
+        # run the work list (batches that fill the SMs) are not affected.
+        if decode_num_splits is None:
+            decode_num_splits = _splits_from_env()
         self.decode_num_splits = decode_num_splits
         # Decode-only steps start their longest sequences first (meta.seq_order, built by the runner):
         # over a realistic mix of context lengths the step no longer waits on a few long sequences
@@ -131,3 +135,10 @@ class TritonAttentionBackend(AttentionBackend):
                 max_seq_len=meta.max_seq_len,
             )
         return out
+
+
+def _splits_from_env() -> int | None:
+    value = os.environ.get("PAGEDSERVE_DECODE_SPLITS", "0").strip() or "0"
+    if not value.isdigit() or int(value) > 64:
+        raise ValueError(f"PAGEDSERVE_DECODE_SPLITS must be a split count in 0..64 (0: chosen per call), got {value!r}")
+    return int(value) or None
