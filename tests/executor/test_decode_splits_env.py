@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pagedserve.executor.attention.triton_backend import TritonAttentionBackend
+# Imported inside the tests: importing Triton kernels at collection, before tests/kernels/conftest.py sets
+# TRITON_INTERPRET, would decorate Triton's own library functions for the compiler and break the interpreter.
 
 
 @pytest.mark.parametrize(("value", "expected"), [(None, None), ("0", None), ("1", 1), ("8", 8), ("64", 64)])
@@ -13,6 +14,8 @@ def test_env_pins_splits(monkeypatch, value, expected) -> None:
         monkeypatch.delenv("PAGEDSERVE_DECODE_SPLITS", raising=False)
     else:
         monkeypatch.setenv("PAGEDSERVE_DECODE_SPLITS", value)
+    from pagedserve.executor.attention.triton_backend import TritonAttentionBackend
+
     assert TritonAttentionBackend().decode_num_splits == expected
     assert TritonAttentionBackend(decode_num_splits=2).decode_num_splits == 2  # an explicit value wins
 
@@ -20,5 +23,7 @@ def test_env_pins_splits(monkeypatch, value, expected) -> None:
 @pytest.mark.parametrize("value", ["-1", "65", "two"])
 def test_env_rejects_bad_values(monkeypatch, value) -> None:
     monkeypatch.setenv("PAGEDSERVE_DECODE_SPLITS", value)
+    from pagedserve.executor.attention.triton_backend import TritonAttentionBackend
+
     with pytest.raises(ValueError, match="PAGEDSERVE_DECODE_SPLITS"):
         TritonAttentionBackend()
