@@ -26,7 +26,7 @@ import torch
 
 from pagedserve.executor.attention.base import AttentionBackend, AttentionMetadata
 from pagedserve.executor.kernels.kv_cache_write import write_kv_cache
-from pagedserve.executor.kernels.paged_attention_decode import paged_attention_decode
+from pagedserve.executor.kernels.paged_attention_decode import _MAX_SPLITS, paged_attention_decode
 from pagedserve.executor.kernels.paged_attention_prefill import paged_attention_prefill
 from pagedserve.executor.kernels.rotary_kv_write import rotary_and_write_kv_cache
 
@@ -139,6 +139,7 @@ class TritonAttentionBackend(AttentionBackend):
 
 def _splits_from_env() -> int | None:
     value = os.environ.get("PAGEDSERVE_DECODE_SPLITS", "0").strip() or "0"
-    if not value.isdigit() or int(value) > 64:
-        raise ValueError(f"PAGEDSERVE_DECODE_SPLITS must be a split count in 0..64 (0: chosen per call), got {value!r}")
+    if not value.isdigit() or int(value) > _MAX_SPLITS:
+        raise ValueError(f"PAGEDSERVE_DECODE_SPLITS must be a split count in 0..{_MAX_SPLITS} (0: chosen per call), "
+                         f"got {value!r}")
     return int(value) or None
