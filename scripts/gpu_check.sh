@@ -218,6 +218,9 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
       timeout 400 python3 -m pytest tests/kernels/test_kernels.py tests/kernels/test_fused_ops.py tests/kernels/test_silu_mul.py \
         tests/kernels/test_gate_up_silu.py \
         -q -p no:cacheprovider -x 2>&1 | tail -40 ;;
+    l2pf-test)  # the batch-1 weight prefetch from the small kernels (l2_prefetch.py): outputs bit-identical on and off
+      python3 -c "import torch; p = torch.cuda.get_device_properties(0); print(f'L2 {p.L2_cache_size / 2**20:.0f} MiB, {p.multi_processor_count} SMs')"
+      timeout 200 python3 -m pytest tests/kernels/test_l2_prefetch.py -q -p no:cacheprovider 2>&1 | tail -6 ;;
     fp32-test)  # the GPU-only test that the fp32 attention dots are full precision (TF32 would fail it)
       timeout 150 python3 -m pytest tests/kernels/test_kernels.py -k fp32_attention_is_full_precision \
         -q -p no:cacheprovider 2>&1 | tail -6 ;;
@@ -287,7 +290,7 @@ for phase in $phases; do
     serve-bench*|serve-diag|serve-prof|prof-load) cat "$OUT/$phase.log" ;;
     timeline*|skinny-b1|tput-ab|steplog) tail -n 70 "$OUT/$phase.log" ;;
     serve|serve-ab) cat "$OUT/$phase.log" ;;
-    profile*|probe|launch-probe|silu|skinny*|tma-test|work-test|decode-work|tp-ab|lat-ab|gpu-quick|mixed-test|qkv-test|kernels-test|importprobe|sample|sample-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
+    profile*|probe|launch-probe|l2pf-test|silu|skinny*|tma-test|work-test|decode-work|tp-ab|lat-ab|gpu-quick|mixed-test|qkv-test|kernels-test|importprobe|sample|sample-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
     latency*) tail -n 5 "$OUT/$phase.log" ;;
     cublas-ladder) sed -n '/== cuBLAS per M/,$p' "$OUT/$phase.log" ;;
     *) tail -n 8 "$OUT/$phase.log" ;;
