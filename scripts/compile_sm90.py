@@ -28,7 +28,7 @@ def build(fn, sig: dict, consts: dict, label: str, num_warps: int = 4, num_stage
         return
     ptx = k.asm.get("ptx", "")
     print(f"{label}: compiled; wgmma {ptx.count('wgmma.mma_async')}, tma {ptx.count('cp.async.bulk.tensor')}, "
-          f"l2 prefetch {ptx.count('cp.async.bulk.prefetch.L2')}, shared {k.metadata.shared} B, regs n/a on CPU")
+          f"shared {k.metadata.shared} B, regs n/a on CPU")
 
 
 def sample() -> None:
@@ -70,17 +70,14 @@ def decode() -> None:
     types = ["*bf16", "*bf16", "*bf16", "*bf16", "*i32", "*i32", "*i32", "*i32", "*fp32", "*fp32", "*i32", "*i32"]
     ints = ["stride_w", "qk_scale", "num_splits", "stride_q_tok", "stride_q_head", "stride_o_tok", "stride_o_head",
             "stride_bt_seq", "stride_c_block", "stride_c_slot", "stride_c_head"]
-    # (work, ordered, split, pf): the big-batch paths, and batch 1's split path with / without the L2 prefetch
-    for work, ordered, split, pf in ((True, False, False, False), (False, True, False, False),
-                                     (False, True, True, False), (False, True, True, True)):
+    for work, ordered in ((True, False), (False, True)):
         sig = dict(zip(ptrs, types)) | {n: ("fp32" if n == "qk_scale" else "i32") for n in ints}
-        sig |= {"pf_ptr": "*bf16", "pf_bytes": "i32"}
         consts = {"NUM_HEADS": 28, "QUERIES_PER_KV": 7, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_G": 16,
-                  "BLOCK_N": 64, "BLOCK_SIZE": 16, "SPLIT": split, "MIXED": False, "ORDERED": ordered,
-                  "WORK": work, "PF": pf, "USE_PDL": True}
+                  "BLOCK_N": 64, "BLOCK_SIZE": 16, "SPLIT": False, "MIXED": False, "ORDERED": ordered,
+                  "WORK": work, "USE_PDL": True}
         sig |= {k: "constexpr" for k in consts}
-        build(m._paged_decode_kernel, sig, consts, f"decode work={work} ordered={ordered} split={split} pf={pf}",
-              num_warps=2, num_stages=3)
+        build(m._paged_decode_kernel, sig, consts, f"decode work={work} ordered={ordered}", num_warps=2,
+              num_stages=3)
 
 
 def qkv() -> None:
@@ -102,13 +99,13 @@ def norm() -> None:
     Triton accepted failed to compile on the GPU's Triton 3.6; run this with Triton 3.6 too)."""
     from pagedserve.executor.kernels import fused_norm as m
 
-    for has_res, pf, early in ((True, False, False), (False, False, False), (True, True, False), (True, True, True)):
+    for has_res in (True, False):
         sig = {"x_ptr": "*bf16", "residual_ptr": "*fp32", "weight_ptr": "*bf16", "out_ptr": "*bf16",
                "residual_out_ptr": "*fp32", "stride_x": "i32", "stride_r": "i32", "stride_o": "i32", "stride_ro": "i32",
-               "hidden": "i32", "eps": "fp32", "pf_ptr": "*bf16", "pf_bytes": "i32", "num_rows": "i32"}
-        consts = {"HAS_RESIDUAL": has_res, "BLOCK": 4096, "PF": pf, "PF_EARLY": early, "USE_PDL": True}
+               "hidden": "i32", "eps": "fp32"}
+        consts = {"HAS_RESIDUAL": has_res, "BLOCK": 4096, "USE_PDL": True}
         sig |= {k: "constexpr" for k in consts}
-        build(m._rms_norm_kernel, sig, consts, f"rms_norm residual={has_res} pf={pf} early={early}", num_warps=8)
+        build(m._rms_norm_kernel, sig, consts, f"rms_norm residual={has_res}", num_warps=8)
 
 
 if __name__ == "__main__":

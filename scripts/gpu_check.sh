@@ -104,6 +104,14 @@ run_phase() {
           --max-concurrency $c --plot "$OUT/serve-c$c.png" | grep -E "Output token throughput|TTFT|TPOT"
       done
       stop_server ;;
+    serve-conc)  # serving latency at concurrency 1/16/64/256 only (JSON and plots in the logs' tarball)
+      start_server 8012
+      for c in 1 16 64 256; do
+        echo "-- concurrency $c"
+        bench_serve 8012 "serve-c$c" --num-prompts $(( c == 1 ? 8 : 2 * c )) --input-len 1024 --output-len 128 \
+          --max-concurrency $c --plot "$OUT/serve-c$c.png" | grep -E "Output token throughput|TTFT|TPOT|E2E"
+      done
+      stop_server ;;
     serve-bench-lite)  # issue 5 items 2 and 3 only, key lines printed
       python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm \
         --input-len 100-1024 --output-len 512 --output-json "$OUT/tp-compare-workload.json" 2>&1 | grep "^throughput"
@@ -218,9 +226,6 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
       timeout 400 python3 -m pytest tests/kernels/test_kernels.py tests/kernels/test_fused_ops.py tests/kernels/test_silu_mul.py \
         tests/kernels/test_gate_up_silu.py \
         -q -p no:cacheprovider -x 2>&1 | tail -40 ;;
-    l2pf-test)  # the batch-1 weight prefetch from the small kernels (l2_prefetch.py): outputs bit-identical on and off
-      python3 -c "import torch; p = torch.cuda.get_device_properties(0); print(f'L2 {p.L2_cache_size / 2**20:.0f} MiB, {p.multi_processor_count} SMs')"
-      timeout 200 python3 -m pytest tests/kernels/test_l2_prefetch.py -q -p no:cacheprovider 2>&1 | tail -6 ;;
     fp32-test)  # the GPU-only test that the fp32 attention dots are full precision (TF32 would fail it)
       timeout 150 python3 -m pytest tests/kernels/test_kernels.py -k fp32_attention_is_full_precision \
         -q -p no:cacheprovider 2>&1 | tail -6 ;;
@@ -287,10 +292,10 @@ for phase in $phases; do
   tar czf "$RETURN_DIR/gpu-logs.tgz" -C "$OUT" . 2>/dev/null
   case $phase in
     tests) grep -E "7B shapes|async vs sync|passed|failed|FAILED|rror" "$OUT/tests.log" | tail -25 ;;
-    serve-bench*|serve-diag|serve-prof|prof-load) cat "$OUT/$phase.log" ;;
+    serve-bench*|serve-conc|serve-diag|serve-prof|prof-load) cat "$OUT/$phase.log" ;;
     timeline*|skinny-b1|tput-ab|steplog) tail -n 70 "$OUT/$phase.log" ;;
     serve|serve-ab) cat "$OUT/$phase.log" ;;
-    profile*|probe|launch-probe|l2pf-test|silu|skinny*|tma-test|work-test|decode-work|tp-ab|lat-ab|gpu-quick|mixed-test|qkv-test|kernels-test|importprobe|sample|sample-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
+    profile*|probe|launch-probe|silu|skinny*|tma-test|work-test|decode-work|tp-ab|lat-ab|gpu-quick|mixed-test|qkv-test|kernels-test|importprobe|sample|sample-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
     latency*) tail -n 5 "$OUT/$phase.log" ;;
     cublas-ladder) sed -n '/== cuBLAS per M/,$p' "$OUT/$phase.log" ;;
     *) tail -n 8 "$OUT/$phase.log" ;;

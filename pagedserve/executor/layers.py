@@ -102,21 +102,18 @@ class RMSNorm(nn.Module):
         return self.weight * (x32 * torch.rsqrt(variance + self.eps)).to(dtype or x.dtype)
 
     @overload
-    def forward(self, x: torch.Tensor, residual: None = None,
-                prefetch: torch.Tensor | None = None) -> torch.Tensor: ...
+    def forward(self, x: torch.Tensor, residual: None = None) -> torch.Tensor: ...
 
     @overload
-    def forward(self, x: torch.Tensor, residual: torch.Tensor,
-                prefetch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None, prefetch: torch.Tensor | None = None
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """prefetch (CUDA): the next GEMV's weight, a hint for the fused kernel (kernels/l2_prefetch.py)."""
         if x.is_cuda:  # one Triton pass per row instead of add, cast, mean, rsqrt, multiply kernels
             from pagedserve.executor.kernels.fused_norm import rms_norm
 
-            return rms_norm(x, self.weight, self.eps, residual, prefetch=prefetch)
+            return rms_norm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         # The residual may be fp32 beside 16-bit activations: the sum keeps its dtype, the normed

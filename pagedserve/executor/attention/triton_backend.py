@@ -73,13 +73,11 @@ class TritonAttentionBackend(AttentionBackend):
         out: torch.Tensor | None = None,
         rope=None,
         kv_written: bool = False,
-        prefetch: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """See AttentionBackend.forward; `out` optionally receives the result ([T, Hq, D]). With `rope`
         (a layers.RopeStep for CUDA), query and key arrive unrotated and are rotated in place here. With
         kv_written, the step's K/V are already in the cache and query is rotated (kernels/qkv_rope_kv.py):
-        key and value are not used. prefetch: the next GEMV's weight, which a decode-only step's kernel may ask
-        for in L2 (kernels/l2_prefetch.py: off unless PAGEDSERVE_B1_PF_OPROJ=1)."""
+        key and value are not used."""
         if not kv_written:
             if rope is not None:
                 rotary_and_write_kv_cache(query, key, value, rope.positions, rope.cos_sin_cache, kv_cache,
@@ -102,7 +100,6 @@ class TritonAttentionBackend(AttentionBackend):
                 num_splits=None if meta.decode_work is not None else self.decode_num_splits,
                 seq_order=meta.seq_order,
                 work=meta.decode_work,
-                prefetch=prefetch if meta.decode_work is None else None,
             )
             return out
 

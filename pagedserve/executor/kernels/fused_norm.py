@@ -18,8 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.executor.kernels import l2_prefetch
-from pagedserve.executor.kernels.l2_prefetch import prefetch_share
 from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
 from pagedserve.executor.kernels.pdl import pdl_enter
 
@@ -37,22 +35,10 @@ def _rms_norm_kernel(
     stride_ro,
     hidden,
     eps,
-    pf_ptr,  # PF only: the next GEMV's weight, whose first pf_bytes the programs past num_rows prefetch
-    pf_bytes,
-    num_rows,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
-    PF: tl.constexpr = False,  # l2_prefetch.py: extra programs ask for the next weight in L2
-    PF_EARLY: tl.constexpr = False,  # ... before their PDL wait
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
-    if PF:
-        pf_part = tl.program_id(0) - num_rows
-        if pf_part >= 0:
-            if not PF_EARLY:
-                pdl_enter(USE_PDL)
-            prefetch_share(pf_ptr, pf_bytes, pf_part, tl.num_programs(0) - num_rows, l2_prefetch.CHUNK_BYTES)
-            return
     pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -77,13 +63,10 @@ def rms_norm(
     residual: torch.Tensor | None = None,
     *,
     inplace: bool = False,
-    prefetch: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x, residual: [..., hidden] (last dim contiguous); weight: [hidden]. See the module docstring.
 
     The output dtype is the promotion of x's and weight's dtypes (as `weight * normed` in torch).
-    prefetch: the next GEMV's weight; with PAGEDSERVE_B1_PF_NORM_MB set (and CUDA with PDL), extra programs
-    ask for its first megabytes in L2 (kernels/l2_prefetch.py). Results do not change.
     """
     hidden = x.shape[-1]
     if weight.shape != (hidden,):
@@ -109,15 +92,12 @@ def rms_norm(
     num_rows = x2.shape[0]
     if num_rows > 0:
         block = triton.next_power_of_2(hidden)
-        pf_bytes = l2_prefetch.norm_bytes(prefetch)
-        pf = {"PF": True, "PF_EARLY": l2_prefetch.EARLY} if pf_bytes else {}
-        _rms_norm_kernel[(num_rows + (l2_prefetch.NORM_PROGRAMS if pf_bytes else 0),)](
+        _rms_norm_kernel[(num_rows,)](
             x2, res2, weight, out2, res_out2,
             x2.stride(0), res2.stride(0), out2.stride(0), res_out2.stride(0),
-            hidden, eps, prefetch if pf_bytes else weight, pf_bytes, num_rows,
+            hidden, eps,
             HAS_RESIDUAL=residual is not None,
             BLOCK=block,
-            **pf,
             num_warps=min(16, max(1, block // 512)),
             **pdl_launch_kwargs(x2.device),
         )  # fmt: skip

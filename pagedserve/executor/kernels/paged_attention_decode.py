@@ -40,8 +40,6 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.executor.kernels import l2_prefetch
-from pagedserve.executor.kernels.l2_prefetch import prefetch_share
 from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
 from pagedserve.executor.kernels.pdl import pdl_enter
 
@@ -178,8 +176,6 @@ def _paged_decode_kernel(
     stride_c_block,
     stride_c_slot,
     stride_c_head,
-    pf_ptr,  # PF only: the o projection's weight, whose first pf_bytes the programs ask for in L2
-    pf_bytes,
     NUM_HEADS: tl.constexpr,
     QUERIES_PER_KV: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -191,14 +187,9 @@ def _paged_decode_kernel(
     MIXED: tl.constexpr,
     ORDERED: tl.constexpr,
     WORK: tl.constexpr = False,
-    PF: tl.constexpr = False,  # l2_prefetch.py (batch 1): every program asks for its share of pf_bytes
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
     pdl_enter(USE_PDL)
-    if PF:
-        pf_part = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
-        pf_parts = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
-        prefetch_share(pf_ptr, pf_bytes, pf_part, pf_parts, l2_prefetch.CHUNK_BYTES)
     if WORK:
         # 1-D grid over (item, kv_head), kv head fastest; an item is one chunk of one sequence.
         pid = tl.program_id(0)
@@ -431,7 +422,6 @@ def paged_attention_decode(
     num_decodes: int | None = None,
     seq_order: torch.Tensor | None = None,
     work: torch.Tensor | None = None,
-    prefetch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged context; returns [num_seqs, Hq, D].
 
@@ -451,8 +441,6 @@ def paged_attention_decode(
     work (int32 [6, items], from decode_work_list; decode-only, not with seq_order or num_splits): the
     programs run the items in order, each one chunk of one sequence (see decode_work_list); a split
     sequence's chunks are merged by the last of them to finish. Padding items (seq -1) return at once.
-    prefetch: the next GEMV's weight (the o projection); with PAGEDSERVE_B1_PF_OPROJ=1 (and CUDA with PDL) the
-    programs ask for all of it in L2 after their wait (kernels/l2_prefetch.py). Results do not change.
     """
     _, num_heads, head_dim = query.shape
     num_seqs = seq_lens.shape[0]
@@ -514,14 +502,13 @@ def paged_attention_decode(
         else:
             grid = (num_seqs, num_kv_heads, num_splits)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    pf_bytes = l2_prefetch.oproj_bytes(prefetch)
     _paged_decode_kernel[grid](
         query, out, k_cache, v_cache, block_tables, seq_lens, query_start_loc if mixed else seq_lens,
         seq_order if ordered else seq_lens, part_out, part_lse,
         work if work is not None else seq_lens, counters, work.stride(0) if work is not None else 0,
         scale * LOG2E, num_splits,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), prefetch if pf_bytes else seq_lens, pf_bytes,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_HEADS=num_heads,
         QUERIES_PER_KV=num_heads // num_kv_heads,
         HEAD_DIM=head_dim,
@@ -533,7 +520,6 @@ def paged_attention_decode(
         MIXED=mixed,
         ORDERED=ordered,
         WORK=work is not None,
-        **({"PF": True} if pf_bytes else {}),
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl_launch_kwargs(query.device),

@@ -96,8 +96,7 @@ class DecoderAttention(nn.Module):
 
             q = qkv_rope_kv_write(hidden, self.qkv_proj.weight, self.qkv_proj.bias, rope.positions,
                                   rope.cos_sin_cache, kv_cache, ctx.attn_metadata.slot_mapping, self.num_heads)
-            out = ctx.backend.forward(q, None, None, kv_cache, ctx.attn_metadata, self.scale, kv_written=True,
-                                      prefetch=self.o_proj.weight)
+            out = ctx.backend.forward(q, None, None, kv_cache, ctx.attn_metadata, self.scale, kv_written=True)
             return self.o_proj(out.reshape(num_tokens, self.q_size))
         qkv = self.qkv_proj(hidden)
         q, k, v = (t.view(num_tokens, -1, self.head_dim)
@@ -146,18 +145,13 @@ class DecoderLayer(nn.Module):
         # The residual stream is carried separately so each norm can fold in the preceding add.
         # With 16-bit weights it is kept in fp32: 2 x num_layers adds rounded to bf16 are the
         # largest error of a bf16 forward against fp32 (HF rounds them; we don't).
-        # One token on CUDA: each norm may ask for the start of the next GEMV's weight in L2 (kernels/l2_prefetch.py;
-        # off unless PAGEDSERVE_B1_PF_NORM_MB is set).
-        one = hidden.shape[0] == 1 and hidden.is_cuda
         if residual is None:
             residual = hidden.float() if hidden.element_size() < 4 else hidden
-            hidden = self.input_layernorm(hidden, prefetch=self.self_attn.qkv_proj.weight if one else None)
+            hidden = self.input_layernorm(hidden)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual,
-                                                    prefetch=self.self_attn.qkv_proj.weight if one else None)
+            hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(hidden, rope, ctx)
-        hidden, residual = self.post_attention_layernorm(hidden, residual,
-                                                         prefetch=self.mlp.gate_up_proj.weight if one else None)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
 
@@ -173,7 +167,6 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         theta, scaling = rope_parameters(hf_config)
         self.rotary_emb = RotaryEmbedding(head_dim_of(hf_config), max_position, theta, scaling)
-        self.lm_head_weight: torch.Tensor | None = None  # set by the LM: what the final norm may prefetch
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
@@ -181,7 +174,7 @@ class DecoderModel(nn.Module):
         residual: torch.Tensor | None = None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, rope, ctx)
-        hidden, _ = self.norm(hidden, residual, prefetch=self.lm_head_weight if hidden.shape[0] == 1 else None)
+        hidden, _ = self.norm(hidden, residual)
         return hidden
 
 
@@ -205,9 +198,6 @@ class DecoderForCausalLM(nn.Module):
             self.lm_head = self.model.embed_tokens  # one shared [V, H] parameter
         else:
             self.lm_head = Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
-        # A plain attribute (not a registered parameter): the tensor is lm_head's own, so moving the model with
-        # .to() would leave it behind; the runner builds models in place, and a stale one only skips the hint.
-        object.__setattr__(self.model, "lm_head_weight", self.lm_head.weight)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.model(input_ids, positions, ctx)
