@@ -110,6 +110,10 @@ class LLMEngine:
         self.generation_tokens_total = 0
         if on_cuda and not config.skip_warmup:
             self.warm_up()
+        if on_cuda:  # from here a Triton compile stalls a step: each is logged as a warning
+            from pagedserve.executor.compile_log import mark_serving
+
+            mark_serving()
         self.startup_seconds = time.monotonic() - started
         logger.info("engine ready in %.1f s: %d KV blocks of %d tokens (%d tokens), max_model_len %d",
                     self.startup_seconds, self.worker.num_kv_blocks, self.config.block_size,

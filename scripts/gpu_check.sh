@@ -112,6 +112,15 @@ run_phase() {
           --max-concurrency $c --plot "$OUT/serve-c$c.png" | grep -E "Output token throughput|TTFT|TPOT|E2E"
       done
       stop_server ;;
+    serve-compiles)  # Triton compiles while serving (warnings in the engine's log) under concurrency 1 / 16 / 64
+      start_server 8017
+      for c in 1 16 64; do
+        echo "-- concurrency $c"
+        bench_serve 8017 "serve-compiles-c$c" --num-prompts $(( c == 1 ? 4 : 2 * c )) --input-len 1024 \
+          --output-len 128 --max-concurrency $c | grep -E "Median TTFT|P99 TTFT|Median TPOT"
+      done
+      stop_server
+      grep -E "while serving|step timing" "$OUT/server-8017.log" | cut -c1-1600 ;;
     serve-bench-lite)  # issue 5 items 2 and 3 only, key lines printed
       python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm \
         --input-len 100-1024 --output-len 512 --output-json "$OUT/tp-compare-workload.json" 2>&1 | grep "^throughput"
@@ -292,7 +301,7 @@ for phase in $phases; do
   tar czf "$RETURN_DIR/gpu-logs.tgz" -C "$OUT" . 2>/dev/null
   case $phase in
     tests) grep -E "7B shapes|async vs sync|passed|failed|FAILED|rror" "$OUT/tests.log" | tail -25 ;;
-    serve-bench*|serve-conc|serve-diag|serve-prof|prof-load) cat "$OUT/$phase.log" ;;
+    serve-bench*|serve-conc|serve-compiles|serve-diag|serve-prof|prof-load) cat "$OUT/$phase.log" ;;
     timeline*|skinny-b1|tput-ab|steplog) tail -n 70 "$OUT/$phase.log" ;;
     serve|serve-ab) cat "$OUT/$phase.log" ;;
     profile*|probe|launch-probe|silu|skinny*|tma-test|work-test|decode-work|tp-ab|lat-ab|gpu-quick|mixed-test|qkv-test|kernels-test|importprobe|sample|sample-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
