@@ -177,6 +177,7 @@ class LLMEngine:
                                                                   self.config.max_num_seqs)
             if shapes:
                 logger.info("start-up: cuBLAS warmed at %d token counts in %.1f s", shapes, seconds)
+            self.worker.runner.warm_prefill_variants()  # every tile config, whichever steps come later
         run_script()
         elapsed = time.monotonic() - t0
         from pagedserve.executor.compile_log import summary_suffix

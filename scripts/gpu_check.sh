@@ -113,14 +113,16 @@ run_phase() {
       done
       stop_server ;;
     serve-compiles)  # Triton compiles while serving (warnings in the engine's log) under concurrency 1 / 16 / 64
-      start_server 8017
+      PAGEDSERVE_ENGINE_PROFILE=/tmp/engine-prof-c.txt start_server 8017
       for c in 1 16 64; do
         echo "-- concurrency $c"
         bench_serve 8017 "serve-compiles-c$c" --num-prompts $(( c == 1 ? 4 : 2 * c )) --input-len 1024 \
           --output-len 128 --max-concurrency $c | grep -E "Median TTFT|P99 TTFT|Median TPOT"
       done
       stop_server
-      grep -E "while serving|step timing" "$OUT/server-8017.log" | cut -c1-1600 ;;
+      grep -E "while serving|step timing|warm-up|cuBLAS warmed" "$OUT/server-8017.log" | cut -c1-1600
+      cp /tmp/engine-prof-c.txt "$OUT/" 2>/dev/null
+      sed -n '1,45p' /tmp/engine-prof-c.txt | cut -c1-160 ;;
     serve-bench-lite)  # issue 5 items 2 and 3 only, key lines printed
       python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm \
         --input-len 100-1024 --output-len 512 --output-json "$OUT/tp-compare-workload.json" 2>&1 | grep "^throughput"

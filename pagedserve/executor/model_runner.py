@@ -377,6 +377,34 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         return len(counts), time.perf_counter() - t0
 
+    def warm_prefill_variants(self) -> int:
+        """Launches the prefill attention kernel once (on a few dummy tokens, reading the real cache) in every tile
+        configuration a step can pick (default_prefill_config: row tiles 16-128, short or long keys) and both
+        modes (with or without the decodes of a mixed batch), so none of them compiles while serving. Graph
+        capture and the warm-up script reach only some: on the H200 an eager step of several ~1k-token prompts
+        compiled two variants at 0.64 s each under the first burst of requests (docs/gpu-notes.md, session 11).
+        Returns the number of launches (0 off CUDA or without the Triton backend)."""
+        if self.device.type != "cuda" or getattr(self.backend, "name", "") != "triton" or not self.kv_caches:
+            return 0
+        from pagedserve.executor.kernels.paged_attention_prefill import paged_attention_prefill
+
+        kv_cache = self.kv_caches[0]
+        _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+        num_heads = int(self.hf_config.num_attention_heads)
+        tokens = 16
+        query = torch.zeros(tokens, num_heads, head_dim, dtype=kv_cache.dtype, device=self.device)
+        query_start_loc = torch.tensor([0, tokens], dtype=torch.int32, device=self.device)
+        seq_lens = torch.tensor([tokens], dtype=torch.int32, device=self.device)
+        block_tables = torch.zeros(1, 16, dtype=torch.int32, device=self.device)
+        launches = 0
+        for max_seq_len in (tokens, 1 << 20):  # short keys, long keys
+            for max_query_len in (1, 3, 5, 10):  # row tiles 16, 32, 64, 128
+                for skip_decodes in (False, True):
+                    paged_attention_prefill(query, kv_cache, query_start_loc, seq_lens, block_tables, 1.0,
+                                            max_query_len, skip_decodes=skip_decodes, max_seq_len=max_seq_len)
+                    launches += 1
+        return launches
+
     def _to_device(self, buf: np.ndarray) -> torch.Tensor:
         host = torch.from_numpy(buf)
         if self.device.type == "cpu":
