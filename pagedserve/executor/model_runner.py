@@ -108,6 +108,21 @@ class StepInputs:
     mixed_graph_step: bool = False
 
 
+def prefill_warm_probes(head_dim: int, queries_per_kv: int) -> list[tuple[int, int]]:
+    """(max_seq_len, max_query_len) pairs, one for each tile configuration default_prefill_config can choose for
+    this model's attention (short or long keys x the row tiles; tests/executor check the coverage)."""
+    from pagedserve.executor.kernels.paged_attention_prefill import default_prefill_config
+
+    probes, seen = [], set()
+    for keys in (16, 1 << 20):  # short keys, long keys
+        for max_query_len in range(1, 257):  # the row tile stops growing before 256 tokens
+            config = tuple(sorted(default_prefill_config(head_dim, max_query_len, queries_per_kv, keys).items()))
+            if config not in seen:
+                seen.add(config)
+                probes.append((keys, max_query_len))
+    return probes
+
+
 def padded_count(n: int) -> int:
     """The token (or logits-row) count an eager step runs at: a multiple of 16 up to 256, of 64 up to
     8192, then of 256. cuBLAS picks an algorithm the first time it meets a GEMM shape, ~300 us of host
@@ -397,12 +412,11 @@ class ModelRunner:
         seq_lens = torch.tensor([tokens], dtype=torch.int32, device=self.device)
         block_tables = torch.zeros(1, 16, dtype=torch.int32, device=self.device)
         launches = 0
-        for max_seq_len in (tokens, 1 << 20):  # short keys, long keys
-            for max_query_len in (1, 3, 5, 10):  # row tiles 16, 32, 64, 128
-                for skip_decodes in (False, True):
-                    paged_attention_prefill(query, kv_cache, query_start_loc, seq_lens, block_tables, 1.0,
-                                            max_query_len, skip_decodes=skip_decodes, max_seq_len=max_seq_len)
-                    launches += 1
+        for max_seq_len, max_query_len in prefill_warm_probes(head_dim, num_heads // num_kv_heads):
+            for skip_decodes in (False, True):
+                paged_attention_prefill(query, kv_cache, query_start_loc, seq_lens, block_tables, 1.0,
+                                        max_query_len, skip_decodes=skip_decodes, max_seq_len=max_seq_len)
+                launches += 1
         return launches
 
     def _to_device(self, buf: np.ndarray) -> torch.Tensor:
