@@ -30,6 +30,7 @@ from pagedserve.config import EngineConfig
 from pagedserve.core.outputs import SchedulerOutput
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.scheduler import Scheduler
+from pagedserve.executor.compile_log import serving_compiles
 from pagedserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.tokenizer import IncrementalDetokenizer
@@ -452,6 +453,7 @@ class LLMEngine:
             "num_preemptions": s.num_preemptions,
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
+            "kernel_compiles_while_serving": serving_compiles(),
         }
 
 

@@ -386,6 +386,7 @@ def test_metrics_names(server) -> None:
         "num_preemptions_total",
         "prompt_tokens_total",
         "generation_tokens_total",
+        "kernel_compiles_while_serving_total",
         "time_to_first_token_seconds_bucket",
         "inter_token_latency_seconds_bucket",
         "e2e_request_latency_seconds_bucket",

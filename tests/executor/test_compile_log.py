@@ -53,3 +53,20 @@ def test_describe_without_names() -> None:
 
     assert describe(SimpleNamespace()) == "(no specialization recorded)"
     assert describe(SimpleNamespace(constexprs={(2,): True}, attrs={})) == "(2,)=True"
+
+
+def test_engine_stats_count_compiles_while_serving(monkeypatch, tiny_model_dir) -> None:
+    """The engine's stats (and so /metrics' pagedserve:kernel_compiles_while_serving_total) carry the count."""
+    from pagedserve import engine as engine_module
+    from pagedserve.config import EngineConfig
+    from pagedserve.executor import compile_log
+
+    log = CompileLog()
+    monkeypatch.setattr(compile_log, "_LOG", log)
+    engine = engine_module.LLMEngine(EngineConfig(model=tiny_model_dir, load_format="dummy", max_model_len=256,
+                                                  num_kv_blocks=64))
+    assert engine.get_stats()["kernel_compiles_while_serving"] == 0
+    compile_log.mark_serving()
+    _event(log, "_prefill", 640_000)
+    _event(log, "_prefill", 1_000, hit=True)
+    assert engine.get_stats()["kernel_compiles_while_serving"] == 1

@@ -83,6 +83,8 @@ _COUNTERS = (
     ("num_preemptions", "num_preemptions", "Requests preempted (KV blocks freed, recomputed later)."),
     ("prompt_tokens_total", "prompt_tokens", "Prompt tokens admitted."),
     ("generation_tokens_total", "generation_tokens", "Tokens generated."),
+    ("kernel_compiles_while_serving", "kernel_compiles_while_serving",
+     "Triton kernel variants compiled after start-up (each one stalled a step; the warm-up should leave none)."),
 )
 
 
