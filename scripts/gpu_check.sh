@@ -112,6 +112,11 @@ run_phase() {
           --max-concurrency $c --plot "$OUT/serve-c$c.png" | grep -E "Output token throughput|TTFT|TPOT|E2E"
       done
       stop_server ;;
+    serve-paths)  # one request down each sampling path (n > 1, filters, penalties, logprobs, ...): compiles left?
+      start_server 8018
+      python3 scripts/serve_paths.py --base-url http://localhost:8018/v1 2>&1 | grep -v "HTTP Request"
+      stop_server
+      grep -E "while serving" "$OUT/server-8018.log" | cut -c1-600 ;;
     serve-compiles)  # Triton compiles while serving (warnings in the engine's log) under concurrency 1 / 16 / 64
       PAGEDSERVE_ENGINE_PROFILE=/tmp/engine-prof-c.txt start_server 8017
       for c in 1 16 64; do
@@ -303,7 +308,7 @@ for phase in $phases; do
   tar czf "$RETURN_DIR/gpu-logs.tgz" -C "$OUT" . 2>/dev/null
   case $phase in
     tests) grep -E "7B shapes|async vs sync|passed|failed|FAILED|rror" "$OUT/tests.log" | tail -25 ;;
-    serve-bench*|serve-conc|serve-compiles|serve-diag|serve-prof|prof-load) cat "$OUT/$phase.log" ;;
+    serve-bench*|serve-conc|serve-compiles|serve-paths|serve-diag|serve-prof|prof-load) cat "$OUT/$phase.log" ;;
     timeline*|skinny-b1|tput-ab|steplog) tail -n 70 "$OUT/$phase.log" ;;
     serve|serve-ab) cat "$OUT/$phase.log" ;;
     profile*|probe|launch-probe|silu|skinny*|tma-test|work-test|decode-work|tp-ab|lat-ab|gpu-quick|mixed-test|qkv-test|kernels-test|importprobe|sample|sample-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
