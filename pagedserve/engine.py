@@ -132,18 +132,24 @@ class LLMEngine:
         t0 = time.monotonic()
         vocab = min(self.vocab_size, 30000)
 
-        def add(name: str, num_tokens: int, max_tokens: int, temperature: float) -> None:
+        def add(name: str, num_tokens: int, max_tokens: int, temperature: float, extra: dict | None = None) -> None:
             num_tokens = max(1, min(num_tokens, self.max_model_len - max_tokens - 1))
             ids = [(sum(map(ord, name)) + i * 104729) % (vocab - 100) + 100 for i in range(num_tokens)]
-            params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=temperature)
+            params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=temperature, **(extra or {}))
             self.add_request(name, ids, params)
+
+        # The sampler's torch paths (filters, penalties, logprobs, logit bias, min tokens): their first use on a
+        # GPU loads kernels (~80-110 ms for a first top-p or top-k request on the H200, session 11 run 7).
+        filtered = {"top_p": 0.9, "top_k": 20, "min_p": 0.05, "presence_penalty": 0.5, "frequency_penalty": 0.3,
+                    "repetition_penalty": 1.1, "logprobs": 5, "seed": 7, "logit_bias": {150: 1.0}, "min_tokens": 2}
 
         num_short = min(40, self.config.max_num_seqs - 4)
         # step -> requests that join before it: (name, prompt tokens, max tokens, temperature)
         script = {
             0: [(f"__warmup_short{i}", 8, 6, 1.0) for i in range(num_short)],
             1: [("__warmup_a", 300, 12, 1.0)],  # beside ~40 decodes
-            2: [("__warmup_b", 40, 12, 0.0)],
+            2: [("__warmup_b", 40, 12, 0.0), ("__warmup_f", 20, 3, 0.7, filtered),
+                ("__warmup_g", 20, 3, 0.9, {"top_p": 0.95})],  # all filters at once; top-p alone
             3: [("__warmup_c", 2100, 4, 0.0)] if self.max_model_len > 2200 else [],  # long keys
             9: [("__warmup_d", 50, 2, 0.0)],  # beside a few decodes, once the short ones are done
         }

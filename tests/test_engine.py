@@ -33,8 +33,19 @@ def test_warm_up_runs_every_step_kind_and_leaves_the_engine_clean(tiny_model_dir
         return out
 
     engine.scheduler.schedule = recording_schedule
+    sampler = engine.worker.runner.sampler
+    paths: list[str] = []
+    for method in ("_sample_filtered", "_with_logprobs"):  # the torch paths whose first use loads GPU kernels
+        original = getattr(sampler, method)
+
+        def recording(*args, _original=original, _name=method, **kwargs):
+            paths.append(_name)
+            return _original(*args, **kwargs)
+
+        setattr(sampler, method, recording)
     engine.warm_up()
     assert kinds == {"prefill", "mixed", "decode"}
+    assert {"_sample_filtered", "_with_logprobs"} <= set(paths), paths
     # Mixed steps with many decodes (the decode kernel unsplit on a GPU) and with few (split).
     assert max(decodes_beside_prefill) >= 33 and min(decodes_beside_prefill) <= 3, decodes_beside_prefill
     # And the engine serves normally afterwards.
