@@ -141,7 +141,8 @@ class LLMEngine:
         # The sampler's torch paths (filters, penalties, logprobs, logit bias, min tokens): their first use on a
         # GPU loads kernels (~80-110 ms for a first top-p or top-k request on the H200, session 11 run 7).
         filtered = {"top_p": 0.9, "top_k": 20, "min_p": 0.05, "presence_penalty": 0.5, "frequency_penalty": 0.3,
-                    "repetition_penalty": 1.1, "logprobs": 5, "seed": 7, "logit_bias": {150: 1.0}, "min_tokens": 2}
+                    "repetition_penalty": 1.1, "logprobs": 5, "seed": 7, "logit_bias": {vocab // 2: 1.0},
+                    "min_tokens": 2}
 
         num_short = min(40, self.config.max_num_seqs - 4)
         # step -> requests that join before it: (name, prompt tokens, max tokens, temperature)
