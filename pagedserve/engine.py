@@ -30,7 +30,7 @@ from pagedserve.config import EngineConfig
 from pagedserve.core.outputs import SchedulerOutput
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.scheduler import Scheduler
-from pagedserve.executor.compile_log import serving_compiles
+from pagedserve.executor.compile_log import mark_serving, serving_compiles
 from pagedserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.tokenizer import IncrementalDetokenizer
@@ -112,8 +112,6 @@ class LLMEngine:
         if on_cuda and not config.skip_warmup:
             self.warm_up()
         if on_cuda:  # from here a Triton compile stalls a step: each is logged as a warning
-            from pagedserve.executor.compile_log import mark_serving
-
             mark_serving()
         self.startup_seconds = time.monotonic() - started
         logger.info("engine ready in %.1f s: %d KV blocks of %d tokens (%d tokens), max_model_len %d",
@@ -145,7 +143,7 @@ class LLMEngine:
                     "min_tokens": 2}
 
         num_short = min(40, self.config.max_num_seqs - 4)
-        # step -> requests that join before it: (name, prompt tokens, max tokens, temperature)
+        # step -> requests that join before it: (name, prompt tokens, max tokens, temperature[, other params])
         script = {
             0: [(f"__warmup_short{i}", 8, 6, 1.0) for i in range(num_short)],
             1: [("__warmup_a", 300, 12, 1.0)],  # beside ~40 decodes

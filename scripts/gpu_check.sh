@@ -98,12 +98,7 @@ run_phase() {
     serve-bench)
       # Issue 5: items 2 and 3 (serve-bench-lite), then serving latency at concurrency 1/16/64/256.
       run_phase serve-bench-lite
-      start_server 8012
-      for c in 1 16 64 256; do
-        bench_serve 8012 "serve-c$c" --num-prompts $(( c == 1 ? 8 : 2 * c )) --input-len 1024 --output-len 128 \
-          --max-concurrency $c --plot "$OUT/serve-c$c.png" | grep -E "Output token throughput|TTFT|TPOT"
-      done
-      stop_server ;;
+      run_phase serve-conc ;;
     serve-conc)  # serving latency at concurrency 1/16/64/256 only (JSON and plots in the logs' tarball)
       start_server 8012
       for c in 1 16 64 256; do

@@ -68,7 +68,7 @@ def describe(src) -> str:
         index = key[0] if isinstance(key, tuple) and len(key) == 1 else key
         return names[index] if isinstance(index, int) and 0 <= index < len(names) else str(key)
 
-    constexprs = getattr(src, "constants", None) or getattr(src, "constexprs", None) or {}
+    constexprs = getattr(src, "constants", None) or {}  # Triton's ASTSource: {(arg index,): value}
     attrs = getattr(src, "attrs", None) or {}
     parts = [f"{arg(k)}={v}" for k, v in constexprs.items()]
     divisible = [arg(k) for k, v in attrs.items() if any("divisibility" in str(a) for a in v)]

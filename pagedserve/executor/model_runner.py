@@ -404,7 +404,7 @@ class ModelRunner:
         from pagedserve.executor.kernels.paged_attention_prefill import paged_attention_prefill
 
         kv_cache = self.kv_caches[0]
-        _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+        num_kv_heads, head_dim = kv_cache.shape[3:]
         num_heads = int(self.hf_config.num_attention_heads)
         tokens = 16
         query = torch.zeros(tokens, num_heads, head_dim, dtype=kv_cache.dtype, device=self.device)

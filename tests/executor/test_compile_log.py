@@ -52,7 +52,7 @@ def test_describe_without_names() -> None:
     from pagedserve.executor.compile_log import describe
 
     assert describe(SimpleNamespace()) == "(no specialization recorded)"
-    assert describe(SimpleNamespace(constexprs={(2,): True}, attrs={})) == "(2,)=True"
+    assert describe(SimpleNamespace(constants={(2,): True}, attrs={})) == "(2,)=True"
 
 
 def test_engine_stats_count_compiles_while_serving(monkeypatch, tiny_model_dir) -> None:
