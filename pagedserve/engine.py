@@ -136,8 +136,9 @@ class LLMEngine:
             params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=temperature, **(extra or {}))
             self.add_request(name, ids, params)
 
-        # The sampler's torch paths (filters, penalties, logprobs, logit bias, min tokens): their first use on a
-        # GPU loads kernels (~80-110 ms for a first top-p or top-k request on the H200, session 11 run 7).
+        # The sampler's other paths (filters: on CUDA the threshold kernel; penalties, logprobs, logit bias,
+        # min tokens: torch ops): their first use on a GPU compiles or loads kernels (~80-110 ms for a first
+        # top-p or top-k request on the H200, session 11 run 7).
         filtered = {"top_p": 0.9, "top_k": 20, "min_p": 0.05, "presence_penalty": 0.5, "frequency_penalty": 0.3,
                     "repetition_penalty": 1.1, "logprobs": 5, "seed": 7, "logit_bias": {vocab // 2: 1.0},
                     "min_tokens": 2}

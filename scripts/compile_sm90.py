@@ -4,7 +4,7 @@ nested jit function, a TMA block the copy engine cannot take) before a device ca
 the tensor-core path is there (wgmma in the PTX) and whether TMA copies are (cp.async.bulk.tensor).
 The local Triton may differ from the GPU's.
 
-    python scripts/compile_sm90.py [sample] [tma] [decode] [qkv] [norm]
+    python scripts/compile_sm90.py [sample] [filter] [tma] [decode] [qkv] [norm]
 """
 from __future__ import annotations
 
@@ -34,13 +34,24 @@ def build(fn, sig: dict, consts: dict, label: str, num_warps: int = 4, num_stage
 def sample() -> None:
     from pagedserve.executor.kernels import sample as m
 
-    for split in (True, False):
-        sig = {"logits_ptr": "*fp32", "temps_ptr": "*fp64", "seeds_ptr": "*i64", "offsets_ptr": "*i64",
-               "out_ptr": "*i64", "part_val_ptr": "*fp32", "part_idx_ptr": "*i32",
+    for split, has_thr in ((True, False), (False, False), (True, True)):
+        sig = {"logits_ptr": "*fp32", "temps_ptr": "*fp64", "thr_ptr": "*fp32", "seeds_ptr": "*i64",
+               "offsets_ptr": "*i64", "out_ptr": "*i64", "part_val_ptr": "*fp32", "part_idx_ptr": "*i32",
                "num_rows": "i32", "stride_row": "i32", "vocab": "i32", "chunk": "i32", "num_splits": "i32",
-               "ROWS": "constexpr", "TILE": "constexpr", "SPLIT": "constexpr", "USE_PDL": "constexpr"}
-        consts = {"ROWS": 1, "TILE": 1024, "SPLIT": split, "USE_PDL": True}
-        build(m._sample_gumbel_kernel, sig, consts, f"sample split={split}")
+               "ROWS": "constexpr", "TILE": "constexpr", "SPLIT": "constexpr", "HAS_THR": "constexpr",
+               "USE_PDL": "constexpr"}
+        consts = {"ROWS": 1, "TILE": 1024, "SPLIT": split, "HAS_THR": has_thr, "USE_PDL": True}
+        build(m._sample_gumbel_kernel, sig, consts, f"sample split={split} thresholds={has_thr}")
+
+
+def sample_filter() -> None:
+    from pagedserve.executor.kernels import sample_filter as m
+
+    sig = {"logits_ptr": "*fp32", "temps_ptr": "*fp64", "top_k_ptr": "*i64", "top_p_ptr": "*fp64",
+           "min_p_ptr": "*fp64", "out_ptr": "*fp32", "scratch_ptr": "*fp32", "stride_row": "i32", "vocab": "i32",
+           "TILE": "constexpr", "P": "constexpr", "MAX_PASSES": "constexpr", "USE_PDL": "constexpr"}
+    consts = {"TILE": m.TILE, "P": m.PIVOTS, "MAX_PASSES": m.MAX_PASSES, "USE_PDL": True}
+    build(m._filter_threshold_kernel, sig, consts, "sample_filter", num_warps=8)
 
 
 def tma() -> None:
@@ -110,5 +121,5 @@ def norm() -> None:
 
 if __name__ == "__main__":
     print(f"triton {triton.__version__}")
-    for name in sys.argv[1:] or ["sample", "tma", "decode", "qkv", "norm"]:
-        {"sample": sample, "tma": tma, "decode": decode, "qkv": qkv, "norm": norm}[name]()
+    for name in sys.argv[1:] or ["sample", "filter", "tma", "decode", "qkv", "norm"]:
+        {"sample": sample, "filter": sample_filter, "tma": tma, "decode": decode, "qkv": qkv, "norm": norm}[name]()

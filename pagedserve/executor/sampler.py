@@ -7,18 +7,23 @@ Pipeline for a batch (every step is a batched tensor op on the logits' device):
         ├─ logit_bias (added) ─ min_tokens (stop ids → -inf) ─ repetition ─ frequency ─ presence
         │                                                    (the order of vLLM's apply_penalties)
         ├─ greedy rows: argmax
-        ├─ random rows with top_k/top_p/min_p (and every random row off CUDA):
+        ├─ random rows off CUDA (and filtered rows with fused_filters=False):
         │      /temperature ─ top_k ─ top_p ─ min_p ─ softmax ─ argmax(probs / q), q ~ Exp(1)
-        └─ other random rows, on CUDA: kernels/sample.py, one fused pass: argmax(logits / T - log q)
+        └─ random rows on CUDA: kernels/sample.py, one fused pass: argmax(logits / T - log q) over the
+               tokens with logits / T >= the row's threshold, which kernels/sample_filter.py finds for
+               rows with top_k/top_p/min_p (no sort; -inf for the others)
 
 The exponential race picks token i with probability p_i (argmax of p_i / q_i with q_i ~ Exp(1) is a
 categorical draw), needs no cumulative sum, and lets each seeded row draw its own noise from a
 generator seeded by (seed, output position): the same seed then gives the same tokens alone or
 batched, and again after a preemption recompute, because nothing depends on generator history.
 
-The fused CUDA path (the common case: temperature only) runs the same race in one Triton pass over
-the row, with no softmax, no fp32 copy of the logits and no [S, V] noise tensor; argmax(p_i / q_i) =
-argmax(logits_i / T - log q_i). Its noise is in-kernel Philox keyed by (philox seed, offset, column),
+The fused CUDA path runs the same race in one Triton pass over the row, with no softmax, no fp32 copy
+of the logits and no [S, V] noise tensor; argmax(p_i / q_i) = argmax(logits_i / T - log q_i). Rows
+with filters first get a threshold (one kernel, a few passes over the row, no sort); the race then
+skips the tokens below it, which is the same as racing over the filtered, renormalized softmax.
+The kept sets equal the torch filters' but for ties and rounding at the top-p boundary
+(kernels/sample_filter.py says how). Its noise is in-kernel Philox keyed by (philox seed, offset, column),
 one (seed, offset) per row: a seeded request's row uses philox seed position_seed(seed, output
 position) and offset = output position, so it too is a function of (seed, position) alone. Unseeded
 rows get a fresh 63-bit philox seed per row and step from a host numpy generator owned by the
@@ -171,6 +176,8 @@ class Sampler:
     `seed` seeds it (default torch.initial_seed()). use_fused_kernel=True sends CUDA rows through the
     kernel (the worker turns it on unless PAGEDSERVE_FUSED_SAMPLER=0: 4.5-5x faster than the torch ops
     at 139-256 rows on the H100, docs/gpu-notes.md session 5); off CUDA the torch path is always used.
+    fused_filters=False keeps rows with top-k / top-p / min-p on the torch path even then (the worker:
+    PAGEDSERVE_FUSED_FILTERS=0, for A/B runs).
     """
 
     def __init__(
@@ -180,10 +187,12 @@ class Sampler:
         *,
         seed: int | None = None,
         use_fused_kernel: bool = False,
+        fused_filters: bool = True,
     ) -> None:
         self.vocab_size = vocab_size
         self.eos_token_ids = set(eos_token_ids)
         self.use_fused_kernel = use_fused_kernel
+        self.fused_filters = fused_filters
         self._seed_rng = np.random.default_rng(torch.initial_seed() if seed is None else seed)
         # The last batch's per-row filter parameters on the device, keyed by its SamplingParams
         # objects: consecutive decode steps of the same requests reuse them (no host work, no copy).
@@ -338,7 +347,7 @@ class Sampler:
         if not random_rows:
             return logits.argmax(dim=-1)
         fused = self._fused_kernel_on(logits)
-        is_fast = [fused and not _needs_filters(params[i], vocab) for i in random_rows]
+        is_fast = [fused and (self.fused_filters or not _needs_filters(params[i], vocab)) for i in random_rows]
         fast_rows = [i for i, fast in zip(random_rows, is_fast) if fast]
         filtered_rows = [i for i, fast in zip(random_rows, is_fast) if not fast]
         if len(fast_rows) == num_rows:
@@ -360,16 +369,20 @@ class Sampler:
         return self.use_fused_kernel and logits.is_cuda  # (tests patch this to run the interpreter)
 
     def _sample_fused(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> torch.Tensor:
-        """Random rows without filters, on CUDA: one Triton pass (kernels/sample.py)."""
+        """Random rows on CUDA: one Triton pass (kernels/sample.py), after one that finds each row's
+        top-k / top-p / min-p threshold (kernels/sample_filter.py) when a row asks for a filter."""
         from pagedserve.executor.kernels.sample import sample_gumbel
 
         num_rows = len(requests)
+        vocab = logits.shape[1]
+        rp = [r.sampling_params for r in requests]
+        filtered = any(_needs_filters(p, vocab) for p in rp)
         # One host-to-device copy: philox seeds, offsets (output positions) and the temperatures'
         # float64 bits, as int64 [3, W]. W is even, so each row starts 16-byte aligned whatever the
         # batch: Triton specializes pointer arguments on that alignment, and an odd row count would
         # otherwise compile another kernel variant in the middle of serving.
         width = num_rows + (num_rows & 1)
-        packed = np.zeros((3, width), dtype=np.int64)
+        packed = np.zeros((6 if filtered else 3, width), dtype=np.int64)
         packed[0, :num_rows] = self._seed_rng.integers(0, 2**63, size=num_rows, dtype=np.int64)
         for i, r in enumerate(requests):
             if r.sampling_params.seed is not None:
@@ -377,8 +390,19 @@ class Sampler:
         packed[1, :num_rows] = [r.output_index for r in requests]
         temps = np.array([r.sampling_params.temperature for r in requests], dtype=np.float64)
         packed[2, :num_rows] = temps.view(np.int64)
+        if filtered:  # top_k (int64), top_p and min_p (float64 bits): off is 0, 1.0 and 0.0
+            packed[3, :num_rows] = [p.top_k if 0 < p.top_k < vocab else 0 for p in rp]
+            packed[4, :num_rows] = np.array([p.top_p for p in rp], dtype=np.float64).view(np.int64)
+            packed[5, :num_rows] = np.array([p.min_p for p in rp], dtype=np.float64).view(np.int64)
         dev = torch.from_numpy(packed).to(logits.device, non_blocking=True)
-        return sample_gumbel(logits, dev[2, :num_rows].view(torch.float64), dev[0, :num_rows], dev[1, :num_rows])
+        temps_dev = dev[2, :num_rows].view(torch.float64)
+        thresholds = None
+        if filtered:
+            from pagedserve.executor.kernels.sample_filter import filter_thresholds
+
+            thresholds = filter_thresholds(logits, temps_dev, dev[3, :num_rows], dev[4, :num_rows].view(torch.float64),
+                                           dev[5, :num_rows].view(torch.float64))
+        return sample_gumbel(logits, temps_dev, dev[0, :num_rows], dev[1, :num_rows], thresholds=thresholds)
 
     def _sample_filtered(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> torch.Tensor:
         """Random rows, torch ops: temperature and filters, softmax, then argmax(probs / q)."""

@@ -148,10 +148,12 @@ def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: st
                        capacity, max_model_len, capacity)
         max_model_len = capacity
     config_eos_ids = get_eos_token_ids(hf_config, tokenizer_folder)
-    # The fused Triton sampling kernel for temperature-only rows on CUDA (4.5-5x faster than the torch
-    # ops at 139-256 rows); PAGEDSERVE_FUSED_SAMPLER=0 sends every row through the torch ops instead.
+    # The fused Triton sampling kernel for random rows on CUDA (4.5-5x faster than the torch ops at 139-256
+    # rows), with top-k / top-p / min-p as a per-row threshold found without a sort; PAGEDSERVE_FUSED_SAMPLER=0
+    # sends every row through the torch ops instead, PAGEDSERVE_FUSED_FILTERS=0 only the filtered ones.
     sampler = Sampler(vocab_size, config_eos_ids,
-                      use_fused_kernel=os.environ.get("PAGEDSERVE_FUSED_SAMPLER", "1") != "0")
+                      use_fused_kernel=os.environ.get("PAGEDSERVE_FUSED_SAMPLER", "1") != "0",
+                      fused_filters=os.environ.get("PAGEDSERVE_FUSED_FILTERS", "1") != "0")
     runner = ModelRunner(config, model, hf_config, device, dtype, num_blocks, config.block_size, sampler)
     config = dataclasses.replace(config, max_model_len=max_model_len, max_num_batched_tokens=max_batched)
     logger.info("start-up: KV cache sized at %.1f s%s", time.monotonic() - t0, summary_suffix())

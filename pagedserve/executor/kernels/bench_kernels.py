@@ -26,6 +26,8 @@ p/q, argmax) vs the fused Triton kernel (kernels/sample.py), whole Sampler.sampl
 (their host time too, as they take host lists) and the device work alone by CUDA-graph replay, plus
 a sweep of the kernel's tile / split count; GB/s counts reading the logits once (S*V elements).
 Graph replays don't flush L2 (bf16 logits: 0.3 / 42 / 78 MB at S = 1 / 139 / 256); do_bench does.
+--tune sample-filter runs only filtered sampling (top-p / top-k / min-p, S = 1..256, fp32 logits, flat
+and peaked rows): the torch path vs the threshold kernel (kernels/sample_filter.py) + the fused sampler.
 
 Seen on an H100 80GB HBM3 (torch 2.11, triton 3.6, bf16, defaults, CUDA-graph replay medians):
 decode batch 256 at 512/2048/8192 tokens: 95/100/101% of the 3.0 TB/s copy ceiling; batch 64: 83/93/98%;
@@ -443,11 +445,77 @@ def bench_sample(vocab: int = 152064) -> None:
         del logits
 
 
+def _filtered_draw(logits, temps, top_k, top_p, min_p, seeds, offsets) -> torch.Tensor:
+    from pagedserve.executor.kernels.sample_filter import filter_thresholds
+
+    thresholds = filter_thresholds(logits, temps, top_k, top_p, min_p)
+    return sample_kernel.sample_gumbel(logits, temps, seeds, offsets, thresholds=thresholds)
+
+
+FILTER_CASES = (  # (label, SamplingParams kwargs): what chat clients send
+    ("top_p 0.9", {"temperature": 0.7, "top_p": 0.9}),
+    ("top_k 50", {"temperature": 0.7, "top_k": 50}),
+    ("top_k 50 + top_p 0.95", {"temperature": 0.7, "top_k": 50, "top_p": 0.95}),
+    ("min_p 0.05", {"temperature": 0.7, "min_p": 0.05}),
+)
+
+
+def bench_sample_filter(vocab: int = 152064) -> None:
+    """Filtered random sampling (top-p / top-k / min-p), fp32 logits as the LM head gives them: the torch
+    path (sort, softmax, cumsum, scatter) vs the threshold kernel + the fused sampler, whole
+    Sampler.sample calls by do_bench (host time included), plus the device work alone by graph replay.
+    Two kinds of rows: 'flat' (N(0, 1) logits: random weights, a nucleus of most of the vocabulary)
+    and 'peaked' (N(0, 3): a trained model's, a nucleus of tens of tokens at T = 0.7). Each
+    configuration's kept sets are checked against the torch filters first."""
+    from pagedserve.core.outputs import ScheduledRequest
+    from pagedserve.executor.kernels.sample_filter import filter_thresholds
+    from pagedserve.executor.sampler import Sampler, apply_sampling_filters
+    from pagedserve.sampling_params import SamplingParams
+
+    print(f"\n== filtered random sampling, V={vocab}, fp32 logits (median us; graph = CUDA-graph replay of the"
+          " threshold + sampling kernels; bench = do_bench of Sampler.sample incl. host time)")  # fmt: skip
+    print(f"{'rows':>6} {'S':>4} {'filter':>22} {'torch bench':>12} {'fused bench':>12} {'fused graph':>12} "
+          f"{'thr graph':>10} {'kept':>8} {'mismatch':>8}")  # fmt: skip
+    for kind, scale in (("flat", 1.0), ("peaked", 3.0)):
+        for num_rows in (1, 16, 64, 139, 256):
+            gen = torch.Generator(device="cuda").manual_seed(num_rows)
+            logits = torch.randn(num_rows, vocab, device="cuda", generator=gen) * scale
+            for label, kwargs in FILTER_CASES:
+                params = SamplingParams(**kwargs)
+                reqs = [ScheduledRequest(request_id=str(i), token_ids=[0], num_computed_tokens=0, block_ids=[0],
+                                         needs_sample=True, sampling_params=params, prompt_token_ids=[0],
+                                         output_token_ids=[], output_index=7) for i in range(num_rows)]  # fmt: skip
+                temps = torch.full((num_rows,), params.temperature, dtype=torch.float64, device="cuda")
+                top_k = torch.full((num_rows,), params.top_k if 0 < params.top_k < vocab else 0, device="cuda")
+                top_p = torch.full((num_rows,), params.top_p, dtype=torch.float64, device="cuda")
+                min_p = torch.full((num_rows,), params.min_p, dtype=torch.float64, device="cuda")
+                thr = filter_thresholds(logits, temps, top_k, top_p, min_p)
+                kept = logits * (1.0 / temps.float())[:, None] >= thr[:, None]
+                ref = apply_sampling_filters(logits, temps.float(), top_k, top_p.float(), min_p.float()) > 0
+                mismatch = int((kept != ref).sum())
+                seeds = torch.arange(num_rows, device="cuda") * 7919
+                offsets = torch.full((num_rows,), 7, dtype=torch.long, device="cuda")
+
+                thr_only = functools.partial(filter_thresholds, logits, temps, top_k, top_p, min_p)
+                device_work = functools.partial(_filtered_draw, logits, temps, top_k, top_p, min_p, seeds, offsets)
+                times = []
+                for fused in (False, True):
+                    sampler = Sampler(vocab, set(), use_fused_kernel=fused)
+                    run = functools.partial(sampler.sample, logits, reqs)
+                    run()
+                    times.append(triton.testing.do_bench(run, return_mode="median") * 1e3)
+                device_work()
+                graph = triton.testing.do_bench_cudagraph(device_work, return_mode="median") * 1e3
+                thr_us = triton.testing.do_bench_cudagraph(thr_only, return_mode="median") * 1e3
+                print(f"{kind:>6} {num_rows:4d} {label:>22} {times[0]:12.1f} {times[1]:12.1f} {graph:12.1f} "
+                      f"{thr_us:10.1f} {kept.sum(1).float().mean().item():8.0f} {mismatch:8d}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     parser.add_argument("--tune", choices=("decode", "splits", "decode-mix", "decode-work", "prefill", "silu",
-                                           "sample"),
+                                           "sample", "sample-filter"),
                         help="sweep one kernel's configs (or decode num_splits), print the best")  # fmt: skip
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -460,6 +528,9 @@ def main() -> None:
         return
     if args.tune == "sample":
         bench_sample()
+        return
+    if args.tune == "sample-filter":
+        bench_sample_filter()
         return
     if args.tune == "decode-work":
         bench_decode_work(dtype)

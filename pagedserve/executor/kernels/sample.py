@@ -61,10 +61,11 @@ TARGET_PROGRAMS = 1024  # spread small batches over at least this many programs 
 
 
 @triton.jit
-def _tile_scores(row_ptrs, row_mask, col_start, col_end, inv_t, seed, off_lo, off_hi,
+def _tile_scores(row_ptrs, row_mask, col_start, col_end, inv_t, thr, seed, off_lo, off_hi,
                  ROWS: tl.constexpr, TILE: tl.constexpr):
     """(scores, cols), both [ROWS, TILE], of columns [col_start, col_start + TILE); col_start % 4 == 0.
-    row_ptrs, row_mask, inv_t, seed, off_lo, off_hi are [ROWS, 1]. Masked columns/rows score -inf."""
+    row_ptrs, row_mask, inv_t, thr, seed, off_lo, off_hi are [ROWS, 1]. Masked columns/rows, and
+    columns with logit * inv_t < thr (filtered out), score -inf."""
     QUADS: tl.constexpr = TILE // 4
     zero = tl.zeros([ROWS, QUADS], dtype=tl.uint32)
     quad = zero + (col_start // 4 + tl.arange(0, QUADS)).to(tl.uint32)[None, :]
@@ -78,9 +79,9 @@ def _tile_scores(row_ptrs, row_mask, col_start, col_end, inv_t, seed, off_lo, of
 
     cols = col_start + tl.arange(0, TILE)[None, :]
     mask = row_mask & (cols < col_end)
-    logit = tl.load(row_ptrs + cols, mask=mask, other=float("-inf")).to(tl.float32)
-    score = logit * inv_t - tl.log(q)
-    score = tl.where(mask & (score == score), score, float("-inf"))  # NaN -> -inf
+    x = tl.load(row_ptrs + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+    score = x - tl.log(q)
+    score = tl.where(mask & (score == score) & (x >= thr), score, float("-inf"))  # NaN -> -inf
     return score, cols
 
 
@@ -90,6 +91,7 @@ def _tile_scores(row_ptrs, row_mask, col_start, col_end, inv_t, seed, off_lo, of
 def _sample_gumbel_kernel(
     logits_ptr,
     temps_ptr,
+    thr_ptr,
     seeds_ptr,
     offsets_ptr,
     out_ptr,
@@ -103,6 +105,7 @@ def _sample_gumbel_kernel(
     ROWS: tl.constexpr,
     TILE: tl.constexpr,
     SPLIT: tl.constexpr,
+    HAS_THR: tl.constexpr,
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
     pdl_enter(USE_PDL)
@@ -110,6 +113,10 @@ def _sample_gumbel_kernel(
     split = tl.program_id(1)
     row_ok = rows < num_rows
     inv_t = (1.0 / tl.load(temps_ptr + rows, mask=row_ok, other=1.0).to(tl.float32))[:, None]
+    if HAS_THR:
+        thr = tl.load(thr_ptr + rows, mask=row_ok, other=float("-inf"))[:, None]
+    else:
+        thr = tl.full([ROWS, 1], float("-inf"), dtype=tl.float32)
     seed = tl.load(seeds_ptr + rows, mask=row_ok, other=0)[:, None]
     offset = tl.load(offsets_ptr + rows, mask=row_ok, other=0)[:, None]
     off_lo = offset.to(tl.uint32)
@@ -121,11 +128,12 @@ def _sample_gumbel_kernel(
 
     # First tile outside the loop: its valid columns seed the per-lane best, so a chunk whose scores
     # are all -inf still reports a real column (lanes past col_end keep 2**31 - 1).
-    best_val, cols = _tile_scores(row_ptrs, row_mask, col_begin, col_end, inv_t, seed, off_lo, off_hi, ROWS, TILE)
+    best_val, cols = _tile_scores(row_ptrs, row_mask, col_begin, col_end, inv_t, thr, seed, off_lo, off_hi,
+                                  ROWS, TILE)
     # [ROWS, TILE] from the start: a loop-carried value must keep its shape (cols is [1, TILE]).
     best_idx = tl.where(cols < col_end, cols, 2147483647) + tl.zeros([ROWS, TILE], dtype=tl.int32)
     for col_start in range(col_begin + TILE, col_end, TILE):
-        score, cols = _tile_scores(row_ptrs, row_mask, col_start, col_end, inv_t, seed, off_lo, off_hi,
+        score, cols = _tile_scores(row_ptrs, row_mask, col_start, col_end, inv_t, thr, seed, off_lo, off_hi,
                                    ROWS, TILE)
         take = score > best_val  # strict: equal scores keep the earlier (smaller) column
         best_val = tl.where(take, score, best_val)
@@ -183,6 +191,7 @@ def sample_gumbel(
     offsets: torch.Tensor,
     out: torch.Tensor | None = None,
     *,
+    thresholds: torch.Tensor | None = None,
     tile: int | None = None,
     num_splits: int | None = None,
     rows_per_program: int | None = None,
@@ -191,7 +200,9 @@ def sample_gumbel(
 
     logits [S, V] fp32/bf16/fp16 with a contiguous last dimension (any row stride); temperatures [S]
     fp32 or fp64 (> 0, not checked: that would read the device); seeds, offsets [S] int64. All on one
-    device; `out` (int64 [S], contiguous) is written if given. tile (a power of two in [16, 8192]),
+    device; `out` (int64 [S], contiguous) is written if given. thresholds (fp32 [S], optional: from
+    kernels/sample_filter.py) restrict row r to the columns with logits * (1 / T) >= thresholds[r]
+    (top-k / top-p / min-p); -inf keeps every column. tile (a power of two in [16, 8192]),
     num_splits and rows_per_program (a power of two) are for tuning and tests: the ids do not
     depend on them.
     """
@@ -215,6 +226,10 @@ def sample_gumbel(
             raise ValueError(f"{name} dtype {t.dtype} is not one of {dtypes}")
         if t.device != logits.device:
             raise ValueError(f"{name} is on {t.device}, logits on {logits.device}")
+    if thresholds is not None and (thresholds.shape != (num_rows,) or thresholds.dtype != torch.float32
+                                   or thresholds.device != logits.device):
+        raise ValueError(f"thresholds must be fp32 [{num_rows}] on {logits.device}, got {thresholds.dtype} "
+                         f"{tuple(thresholds.shape)} on {thresholds.device}")  # fmt: skip
     if out is None:
         out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
     elif out.shape != (num_rows,) or out.dtype != torch.int64 or out.device != logits.device:
@@ -234,6 +249,8 @@ def sample_gumbel(
         out.zero_()
     # Contiguous 1-D parameters (a strided view would be read with the wrong stride).
     temperatures, seeds, offsets = (t.contiguous() for t in (temperatures, seeds, offsets))
+    has_thr = thresholds is not None
+    thresholds = thresholds.contiguous() if has_thr else temperatures  # (unused without HAS_THR)
 
     if logits.device.type == "cpu":
         # Only the Triton interpreter runs kernels on CPU tensors (tests); it pays ~10 ms a program
@@ -254,9 +271,9 @@ def sample_gumbel(
         part_val = torch.empty(num_rows, splits, dtype=torch.float32, device=logits.device)
         part_idx = torch.empty(num_rows, splits, dtype=torch.int32, device=logits.device)
     _sample_gumbel_kernel[grid](
-        logits, temperatures, seeds, offsets, out, part_val, part_idx,
+        logits, temperatures, thresholds, seeds, offsets, out, part_val, part_idx,
         num_rows, logits.stride(0), vocab, chunk, splits,
-        ROWS=rows_per_program, TILE=tile, SPLIT=splits > 1, num_warps=num_warps,
+        ROWS=rows_per_program, TILE=tile, SPLIT=splits > 1, HAS_THR=has_thr, num_warps=num_warps,
         **pdl_launch_kwargs(logits.device),
     )  # fmt: skip
     if splits > 1:

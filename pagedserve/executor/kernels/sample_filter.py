@@ -1,0 +1,251 @@
+"""Per-row thresholds for top-k, top-p and min-p, found without sorting the vocabulary.
+
+    filter_thresholds(logits [S, V], temperatures [S], top_k [S], top_p [S], min_p [S]) -> thr [S] fp32
+
+With x = logits[r] * (1 / T[r]) (fp32, as kernels/sample.py computes it; NaN counts as -inf), the
+tokens the three filters of sampler.apply_sampling_filters keep are exactly {i : x_i >= thr[r]}:
+    top_k  (0 < k < number of finite x): thr >= the k-th largest x (tokens tied with it stay);
+    top_p  (p < 1): of the tokens top-k kept, the smallest most-likely-first set whose probability
+           mass reaches p, i.e. thr >= the largest t with sum_{x_i >= t} e^(x_i - max) >= p * total;
+    min_p  (> 0): thr >= max(x) + log(min_p);
+and thr = -inf for a row that asks for none. kernels/sample.py's sample_gumbel(..., thresholds=thr)
+then draws from the kept tokens in its one pass: the filtered rows sample like the plain ones.
+
+Why no sort: a descending sort of [S, 152064] fp32 with its int64 permutation, then softmax, cumsum
+and a scatter back, is ~10 passes over 1.2 GB at S = 256; the threshold is one number a row.
+
+Search (one program a row). A pass over the row's candidates, the values in [lo, hi) (in the order
+of the int32 keys below: total, exact, one key per float), counts for P pivots inside the interval
+how many candidates (top-k) or how much mass (top-p) lie at or above each pivot; with what lies at
+or above hi, carried from the passes before, that gives F(pivot), the count or mass of the row at or
+above it. F falls as the pivot rises; the new interval is [last pivot with F >= target, next pivot),
+so F(lo) >= target > F(hi) always holds and the answer (the largest t with F(t) >= target) stays
+inside. It ends when one candidate is left (then {x >= lo} is exactly the kept set) or lo and hi
+are adjacent keys (every candidate equals lo: ties). Pivots are evenly spaced in value while the
+interval is wide (P = 16: a flat 152k-token row is down to one candidate in ~5 passes) and in key
+space once it is narrow, where floats are too few to split evenly; each pass leaves fewer
+candidates, so it always ends (MAX_PASSES is a guard: past it lo is kept, a superset of the answer).
+
+    pass 0: max, min and count of finite x          (the row; no search)
+    search pass 1: counts over [lo, hi)             (the row)
+    search pass 2: counts, and the candidates of its interval written to a scratch row
+    search pass 3+: read and rewrite the scratch row in place (compacted: ~V / P^(pass - 1) values)
+
+Differences from the torch path, at its boundaries only: tokens tied with the top-p boundary token
+all stay (the torch path's stable sort keeps the lower ids of such a tie: a threshold cannot split
+a tie, and keeping it whole leaves the row's draw independent of token order); masses are fp32 sums
+in tile order, not a sorted cumsum, so a boundary token whose cumulative mass is within float
+rounding of p may be kept by one and not the other; min-p compares x = l * (1 / T) where torch
+divides.
+Logits must be finite or -inf (+inf breaks the torch path's softmax as well).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
+from pagedserve.executor.kernels.pdl import pdl_enter
+from pagedserve.executor.precompile import dry_run
+
+PIVOTS = 16  # P: pivots a pass (the interval shrinks ~P-fold a pass)
+TILE = 1024  # elements a loop step ([TILE, P] comparisons)
+MAX_PASSES = 48  # guard only: a pass always removes at least one candidate
+NARROW_KEYS = tl.constexpr(4096)  # below this many keys between lo and hi, pivots are spaced in key space
+
+
+@triton.jit
+def _to_key(x):
+    """int32 with the order of the floats (-0.0 just below +0.0; NaN was mapped to -inf before)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _from_key(key):
+    bits = tl.where(key < 0, key ^ 0x7FFFFFFF, key)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _pivots(lo, hi, P: tl.constexpr):
+    """P int32 keys, non-decreasing, in [lo + 1, hi]; the last is hi (hi - lo >= 2)."""
+    j = tl.arange(0, P) + 1
+    lo_v = _from_key(lo)
+    hi_v = _from_key(hi)
+    by_value = _to_key(lo_v + (hi_v - lo_v) * (j.to(tl.float32) / P))
+    span = hi.to(tl.int64) - lo.to(tl.int64)
+    by_key = (lo.to(tl.int64) + span * j.to(tl.int64) // P).to(tl.int32)
+    pk = tl.where(span > NARROW_KEYS, by_value, by_key)
+    pk = tl.minimum(tl.maximum(pk, lo + 1), hi)
+    return tl.where(j == P, hi, pk)
+
+
+@triton.jit
+def _count_pass(logits_row, scratch_row, n, from_logits, write, inv_t, m, lo, hi, floor, pk,
+                MASS: tl.constexpr, TILE: tl.constexpr, P: tl.constexpr):
+    """Over the first n values of the row (logits, or the scratch row): candidates are the keys in
+    [lo, hi) and >= floor. Per pivot: how many candidates (and how much mass e^(x - m)) lie at or
+    above it; the candidates' total count and mass. With `write`, the candidates are also stored,
+    compacted in order, at the start of the scratch row (in place when reading it: a value is
+    written at or before the position it was read from, after the tile holding it was loaded)."""
+    acc_c = tl.zeros([P], dtype=tl.int32)
+    acc_m = tl.zeros([P], dtype=tl.float32)
+    tot_c = tl.zeros([], dtype=tl.int32)
+    tot_m = tl.zeros([], dtype=tl.float32)
+    for start in range(0, n, TILE):
+        offs = start + tl.arange(0, TILE)
+        inb = offs < n
+        if from_logits:
+            x = tl.load(logits_row + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t
+        else:
+            x = tl.load(scratch_row + offs, mask=inb, other=float("-inf"))
+        x = tl.where(x == x, x, float("-inf"))
+        key = _to_key(x)
+        cand = inb & (key >= lo) & (key < hi) & (key >= floor)
+        above = cand[:, None] & (key[:, None] >= pk[None, :])
+        acc_c += tl.sum(above.to(tl.int32), axis=0)
+        if MASS:
+            w = tl.where(cand, tl.exp(x - m), 0.0)
+            acc_m += tl.sum(tl.where(above, w[:, None], 0.0), axis=0)
+            tot_m += tl.sum(w, axis=0)
+        cand_i = cand.to(tl.int32)
+        if write:
+            pos = tot_c + tl.cumsum(cand_i, axis=0) - 1
+            tl.store(scratch_row + pos, x, mask=cand)
+        tot_c += tl.sum(cand_i, axis=0)
+    return acc_c, acc_m, tot_c, tot_m
+
+
+@triton.jit
+def _search(logits_row, scratch_row, vocab, inv_t, m, lo, hi, floor, goal,
+            MASS: tl.constexpr, TILE: tl.constexpr, P: tl.constexpr, MAX_PASSES: tl.constexpr):
+    """The largest key t with F(t) >= target (as a key at or below it with nothing in between), where
+    F(t) counts (MASS False: target = goal) or weighs (MASS True: target = goal * the mass of every
+    value >= floor) the row's values >= max(t, floor). Needs F(lo) >= target > F(hi) = 0."""
+    above_c = tl.zeros([], dtype=tl.int32)  # count and mass at or above hi, from the passes before
+    above_m = tl.zeros([], dtype=tl.float32)
+    target = goal
+    n = vocab
+    passes = 0
+    done = ((hi.to(tl.int64) - lo) <= 1).to(tl.int32)  # (int32 keys: the span needs 64 bits)
+    while (done == 0) & (passes < MAX_PASSES):
+        pk = _pivots(lo, hi, P)
+        acc_c, acc_m, tot_c, tot_m = _count_pass(
+            logits_row, scratch_row, n, passes < 2, passes >= 1, inv_t, m, lo, hi, floor, pk, MASS, TILE, P)
+        if MASS:
+            if passes == 0:
+                target = goal * tot_m
+            f = above_m + acc_m
+        else:
+            f = (above_c + acc_c).to(tl.float32)
+        ok = f >= target  # true for a prefix of the pivots (the last, hi, never: F(hi) < target)
+        new_lo = tl.max(tl.where(ok, pk, lo), axis=0)
+        new_hi = tl.min(tl.where(ok, hi, pk), axis=0)
+        cnt_lo = tl.min(tl.where(ok, acc_c, tot_c), axis=0)  # candidates at or above new_lo
+        cnt_hi = tl.max(tl.where(ok, -1, acc_c), axis=0)  # ... at or above new_hi
+        above_m += tl.max(tl.where(ok, float("-inf"), acc_m), axis=0)
+        above_c += cnt_hi
+        # Pass 1 (from the row) wrote the candidates of its own interval: the next pass reads those.
+        n = tl.where(passes >= 1, tot_c, vocab)
+        lo = new_lo
+        hi = new_hi
+        done = (((cnt_lo - cnt_hi) <= 1) | ((hi.to(tl.int64) - lo) <= 1)).to(tl.int32)
+        passes += 1
+    return lo
+
+
+# One variant for every batch and vocabulary: the row stride and the vocabulary change nothing.
+@triton.jit(do_not_specialize=["stride_row", "vocab"])
+def _filter_threshold_kernel(
+    logits_ptr, temps_ptr, top_k_ptr, top_p_ptr, min_p_ptr, out_ptr, scratch_ptr, stride_row, vocab,
+    TILE: tl.constexpr, P: tl.constexpr, MAX_PASSES: tl.constexpr,
+    USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
+):
+    pdl_enter(USE_PDL)
+    row = tl.program_id(0).to(tl.int64)
+    inv_t = 1.0 / tl.load(temps_ptr + row).to(tl.float32)
+    top_k = tl.load(top_k_ptr + row)
+    top_p = tl.load(top_p_ptr + row).to(tl.float32)
+    min_p = tl.load(min_p_ptr + row).to(tl.float32)
+    logits_row = logits_ptr + row * stride_row
+    scratch_row = scratch_ptr + row * vocab
+
+    hi_run = tl.full([TILE], float("-inf"), dtype=tl.float32)
+    lo_run = tl.full([TILE], float("inf"), dtype=tl.float32)
+    fin_run = tl.zeros([TILE], dtype=tl.int32)
+    for start in range(0, vocab, TILE):
+        offs = start + tl.arange(0, TILE)
+        x = tl.load(logits_row + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32) * inv_t
+        finite = x > float("-inf")  # (False for NaN too)
+        hi_run = tl.maximum(hi_run, tl.where(finite, x, float("-inf")))
+        lo_run = tl.minimum(lo_run, tl.where(finite, x, float("inf")))
+        fin_run += finite.to(tl.int32)
+    m = tl.max(hi_run, axis=0)
+    num_finite = tl.sum(fin_run, axis=0)
+
+    thr = tl.full([], float("-inf"), dtype=tl.float32)
+    if num_finite > 0:
+        neg_inf_key = _to_key(tl.full([], float("-inf"), dtype=tl.float32))
+        lo = _to_key(tl.min(lo_run, axis=0))
+        hi = _to_key(m) + 1  # just above the max: F(hi) = 0
+        t = neg_inf_key
+        if (top_k > 0) & (top_k < num_finite):
+            t = _search(logits_row, scratch_row, vocab, inv_t, m, lo, hi, neg_inf_key, top_k.to(tl.float32),
+                        False, TILE, P, MAX_PASSES)
+        if top_p < 1.0:
+            t = _search(logits_row, scratch_row, vocab, inv_t, m, tl.maximum(lo, t), hi, t, top_p,
+                        True, TILE, P, MAX_PASSES)
+        thr = _from_key(t)
+        if min_p > 0.0:
+            thr = tl.maximum(thr, m + tl.log(min_p))
+    tl.store(out_ptr + row, thr)
+
+
+def filter_thresholds(
+    logits: torch.Tensor,
+    temperatures: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """thr [S] fp32 (see the module docstring). logits [S, V] fp32/bf16/fp16 with a contiguous last
+    dimension; temperatures [S] fp32/fp64 (> 0); top_k [S] int64 (<= 0 or >= V: off); top_p [S] and
+    min_p [S] fp32/fp64 (1 and 0: off). All on one device; nothing here reads the device."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [num_rows, vocab], got shape {tuple(logits.shape)}")
+    num_rows, vocab = logits.shape
+    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"logits dtype {logits.dtype} is not supported; supported: float32, bfloat16, float16")
+    if vocab == 0 or (logits.stride(1) != 1 and vocab > 1):
+        raise ValueError("logits must have columns, and a contiguous last dimension")
+    for name, t, dtypes in (
+        ("temperatures", temperatures, (torch.float32, torch.float64)),
+        ("top_k", top_k, (torch.int64,)),
+        ("top_p", top_p, (torch.float32, torch.float64)),
+        ("min_p", min_p, (torch.float32, torch.float64)),
+    ):
+        if t.shape != (num_rows,) or t.dtype not in dtypes or t.device != logits.device:
+            raise ValueError(f"{name} must be [{num_rows}] of {dtypes} on {logits.device}, got "
+                             f"{t.dtype} {tuple(t.shape)} on {t.device}")  # fmt: skip
+    if out is None:
+        out = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
+    elif out.shape != (num_rows,) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous fp32 [{num_rows}]")
+    if num_rows == 0:
+        return out
+    if dry_run():
+        out.fill_(float("-inf"))
+    temperatures, top_k, top_p, min_p = (t.contiguous() for t in (temperatures, top_k, top_p, min_p))
+    scratch = torch.empty(num_rows, vocab, dtype=torch.float32, device=logits.device)
+    _filter_threshold_kernel[(num_rows,)](
+        logits, temperatures, top_k, top_p, min_p, out, scratch, logits.stride(0), vocab,
+        TILE=TILE, P=PIVOTS, MAX_PASSES=MAX_PASSES, num_warps=8, **pdl_launch_kwargs(logits.device),
+    )  # fmt: skip
+    return out
+
+
+__all__ = ["filter_thresholds", "PIVOTS", "TILE", "MAX_PASSES"]
