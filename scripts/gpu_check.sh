@@ -230,6 +230,19 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
         env $v python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm 2>&1 \
           | grep -E "^throughput|^steps|^gc:|^floor|Error|error"
       done <<< "${TPUT_AB:-PAGEDSERVE_FUSED_SAMPLER=0;PAGEDSERVE_FUSED_SAMPLER=1}" ;;
+    filter-test)  # the top-k / top-p / min-p threshold kernel and the sampling kernel with thresholds
+      timeout 300 python3 -m pytest tests/kernels/test_sample_filter.py tests/kernels/test_sample.py -x -q \
+        -p no:cacheprovider 2>&1 | tail -15 ;;
+    sample-filter)  # filtered sampling: torch path vs threshold kernel + fused sampler, S = 1 / 64 / 256
+      timeout 400 python3 -m pagedserve.executor.kernels.bench_kernels --tune sample-filter ;;
+    tput-filter)  # the default workload at T 0.7: plain; top-p 0.9 on the torch path; top-p 0.9 and top-k 50 fused
+      local v
+      for v in "PAGEDSERVE_FUSED_FILTERS=1|" "PAGEDSERVE_FUSED_FILTERS=0|--top-p 0.9" "PAGEDSERVE_FUSED_FILTERS=1|--top-p 0.9" \
+               "PAGEDSERVE_FUSED_FILTERS=1|--top-k 50 --top-p 0.95"; do
+        echo "-- ${v%%|*} --temperature 0.7 ${v#*|}"
+        env ${v%%|*} python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm \
+          --temperature 0.7 ${v#*|} 2>&1 | grep -E "^throughput|^steps|^floor|Error|error"
+      done ;;
     sample-quick)  # the sampling kernel's greedy and Sampler tests, and its full-vocabulary ones
       timeout 240 python3 -m pytest tests/kernels/test_sample.py -x -q -p no:cacheprovider \
         -k "argmax or sampler or capturable or full_vocabulary or layout" 2>&1 | tail -8 ;;
@@ -303,10 +316,10 @@ for phase in $phases; do
   tar czf "$RETURN_DIR/gpu-logs.tgz" -C "$OUT" . 2>/dev/null
   case $phase in
     tests) grep -E "7B shapes|async vs sync|passed|failed|FAILED|rror" "$OUT/tests.log" | tail -25 ;;
-    serve-bench*|serve-conc|serve-compiles|serve-paths|serve-diag|serve-prof|prof-load) cat "$OUT/$phase.log" ;;
+    serve-bench*|serve-conc|serve-compiles|serve-paths|serve-diag|serve-prof|prof-load|sample-filter|tput-filter) cat "$OUT/$phase.log" ;;
     timeline*|skinny-b1|tput-ab|steplog) tail -n 70 "$OUT/$phase.log" ;;
     serve|serve-ab) cat "$OUT/$phase.log" ;;
-    profile*|probe|launch-probe|silu|skinny*|tma-test|work-test|decode-work|tp-ab|lat-ab|gpu-quick|mixed-test|qkv-test|kernels-test|importprobe|sample|sample-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
+    profile*|probe|launch-probe|silu|skinny*|tma-test|work-test|decode-work|tp-ab|lat-ab|gpu-quick|mixed-test|qkv-test|kernels-test|importprobe|sample|sample-test|filter-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
     latency*) tail -n 5 "$OUT/$phase.log" ;;
     cublas-ladder) sed -n '/== cuBLAS per M/,$p' "$OUT/$phase.log" ;;
     *) tail -n 8 "$OUT/$phase.log" ;;
