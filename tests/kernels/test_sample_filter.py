@@ -15,7 +15,7 @@ import torch
 
 from pagedserve.core.outputs import ScheduledRequest
 from pagedserve.executor.kernels.sample import sample_gumbel
-from pagedserve.executor.kernels.sample_filter import TILE, filter_thresholds
+from pagedserve.executor.kernels.sample_filter import TILE, filter_thresholds, programs_per_row
 from pagedserve.executor.sampler import Sampler, apply_sampling_filters, position_seed
 from pagedserve.sampling_params import SamplingParams
 
@@ -256,6 +256,10 @@ def test_rejects_bad_inputs():
         sample_gumbel(logits, good[0], torch.zeros(2, dtype=torch.long, device=DEVICE),
                       torch.zeros(2, dtype=torch.long, device=DEVICE), thresholds=torch.zeros(3, device=DEVICE))
     assert filter_thresholds(logits[:0], *(t[:0] for t in good)).shape == (0,)
+    if not CUDA:  # the interpreter runs a row's programs one after another: they could never meet
+        assert programs_per_row(2, 10, logits.device) == 1
+        with pytest.raises(ValueError, match="num_programs"):
+            filter_thresholds(logits, *good, num_programs=2)
 
 
 # ---- GPU only ----
@@ -270,6 +274,27 @@ def test_full_vocabulary_kept_sets(scale):
     logits = torch.randn(len(rows), 152064, device="cuda", generator=gen) * scale
     kept, ref, _ = kept_sets(logits, rows)
     assert torch.equal(kept, ref), [(i, int(kept[i].sum()), int(ref[i].sum())) for i in range(len(rows))]
+
+
+@gpu_only
+@pytest.mark.parametrize("num_programs", [1, 2, 7, 64, 128])
+def test_programs_per_row_agree(num_programs):
+    """A row split over several cooperating programs (each pass's partial records, a barrier per row)
+    keeps the same sets as the torch filters, whatever the split; the default choice too."""
+    gen = torch.Generator(device="cuda").manual_seed(num_programs)
+    rows = ROWS[:6] + ROWS[8:11]
+    logits = torch.randn(len(rows), 152064, device="cuda", generator=gen) * 2
+    temps, top_k, top_p, min_p = params_tensors(rows)
+    thr = filter_thresholds(logits, temps, top_k, top_p, min_p, num_programs=num_programs)
+    default = filter_thresholds(logits, temps, top_k, top_p, min_p)
+    x = logits * (1.0 / temps.float())[:, None]
+    ref = apply_sampling_filters(x.clone(), torch.ones_like(temps, dtype=torch.float32), top_k, top_p.float(),
+                                 min_p.float()) > 0  # fmt: skip
+    for got in (thr, default):
+        kept = x >= got[:, None]
+        diff = (kept != ref).sum(1)
+        # Only top-p rows may differ, by a boundary token or two (fp32 mass sums in another order).
+        assert all(d == 0 or (rows[i][2] < 1.0 and d <= 2) for i, d in enumerate(diff.tolist())), diff
 
 
 @gpu_only

@@ -14,7 +14,7 @@ then draws from the kept tokens in its one pass: the filtered rows sample like t
 Why no sort: a descending sort of [S, 152064] fp32 with its int64 permutation, then softmax, cumsum
 and a scatter back, is ~10 passes over 1.2 GB at S = 256; the threshold is one number a row.
 
-Search (one program a row). A pass over the row's candidates, the values in [lo, hi) (in the order
+Search. A pass over the row's candidates, the values in [lo, hi) (in the order
 of the int32 keys below: total, exact, one key per float), counts for P pivots inside the interval
 how many candidates (top-k) or how much mass (top-p) lie at or above each pivot; with what lies at
 or above hi, carried from the passes before, that gives F(pivot), the count or mass of the row at or
@@ -31,6 +31,16 @@ candidates, so it always ends (MAX_PASSES is a guard: past it lo is kept, a supe
     search pass 2: counts, and the candidates of its interval written to a scratch row
     search pass 3+: read and rewrite the scratch row in place (compacted: ~V / P^(pass - 1) values)
 
+Programs. One program reading a 152k-token row alone is latency-bound (session 12 run 1: 34 us for
+pass 0, 0.85 ms for a top-p search), so a row is split over C one-warp programs (grid (S, C)), each
+with a chunk of columns and its own part of the scratch row. After each pass every program writes a
+record (its counts and masses) to one of two slots, waits at a barrier of the row (an atomic counter
+that only grows, polled with acquire loads), and sums all C records in the same order: every program
+of the row takes the same decisions and leaves the loop together. The barrier needs every program of
+the row resident at once: programs_per_row keeps S * C <= RESIDENT_PER_SM x the SM count (one-warp
+programs of <= 255 registers and 512 B of shared memory: eight always fit an SM), and gives C = 1 on CPUs, where the interpreter
+runs programs one after another.
+
 Differences from the torch path, at its boundaries only: tokens tied with the top-p boundary token
 all stay (the torch path's stable sort keeps the lower ids of such a tie: a threshold cannot split
 a tie, and keeping it whole leaves the row's draw independent of token order); masses are fp32 sums
@@ -42,6 +52,8 @@ Logits must be finite or -inf (+inf breaks the torch path's softmax as well).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -51,9 +63,12 @@ from pagedserve.executor.kernels.pdl import pdl_enter
 from pagedserve.executor.precompile import dry_run
 
 PIVOTS = 16  # P: pivots a pass (the interval shrinks ~P-fold a pass)
-TILE = 1024  # elements a loop step ([TILE, P] comparisons)
+TILE = 256  # elements a loop step of one program ([TILE, P] comparisons in one warp)
 MAX_PASSES = 48  # guard only: a pass always removes at least one candidate
 NARROW_KEYS = tl.constexpr(4096)  # below this many keys between lo and hi, pivots are spaced in key space
+MAX_PROGRAMS_PER_ROW = 128  # C: every program reads all C partial records of its row each pass
+RESIDENT_PER_SM = 8  # one-warp programs: at most S * C = 8 x SMs, so every program of a row is resident
+REC = 2 * PIVOTS + 2  # a partial record: P counts, P masses, total count, total mass (fp32)
 
 
 @triton.jit
@@ -84,13 +99,25 @@ def _pivots(lo, hi, P: tl.constexpr):
 
 
 @triton.jit
-def _count_pass(logits_row, scratch_row, n, from_logits, write, inv_t, m, lo, hi, floor, pk,
+def _row_barrier(count_ptr, target):
+    """Waits until the row's C programs have all arrived (the counter only grows: target = C x the
+    barriers so far). Writes before it are visible to every program of the row after it."""
+    tl.debug_barrier()
+    tl.atomic_add(count_ptr, 1, sem="acq_rel")
+    seen = tl.atomic_add(count_ptr, 0, sem="acquire")
+    while seen < target:
+        seen = tl.atomic_add(count_ptr, 0, sem="acquire")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _count_pass(logits_ptr, scratch_ptr, n, from_logits, write, inv_t, m, lo, hi, floor, pk,
                 MASS: tl.constexpr, TILE: tl.constexpr, P: tl.constexpr):
-    """Over the first n values of the row (logits, or the scratch row): candidates are the keys in
-    [lo, hi) and >= floor. Per pivot: how many candidates (and how much mass e^(x - m)) lie at or
-    above it; the candidates' total count and mass. With `write`, the candidates are also stored,
-    compacted in order, at the start of the scratch row (in place when reading it: a value is
-    written at or before the position it was read from, after the tile holding it was loaded)."""
+    """Over the first n values of this program's chunk (logits, or its scratch chunk): candidates are
+    the keys in [lo, hi) and >= floor. Per pivot: how many candidates (and how much mass e^(x - m)) lie
+    at or above it; the candidates' total count and mass. With `write`, the candidates are also stored,
+    compacted in order, at the start of the scratch chunk (in place when reading it: a value is written
+    at or before the position it was read from, after the tile holding it was loaded)."""
     acc_c = tl.zeros([P], dtype=tl.int32)
     acc_m = tl.zeros([P], dtype=tl.float32)
     tot_c = tl.zeros([], dtype=tl.int32)
@@ -99,9 +126,9 @@ def _count_pass(logits_row, scratch_row, n, from_logits, write, inv_t, m, lo, hi
         offs = start + tl.arange(0, TILE)
         inb = offs < n
         if from_logits:
-            x = tl.load(logits_row + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t
+            x = tl.load(logits_ptr + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t
         else:
-            x = tl.load(scratch_row + offs, mask=inb, other=float("-inf"))
+            x = tl.load(scratch_ptr + offs, mask=inb, other=float("-inf"))
         x = tl.where(x == x, x, float("-inf"))
         key = _to_key(x)
         cand = inb & (key >= lo) & (key < hi) & (key >= floor)
@@ -114,27 +141,58 @@ def _count_pass(logits_row, scratch_row, n, from_logits, write, inv_t, m, lo, hi
         cand_i = cand.to(tl.int32)
         if write:
             pos = tot_c + tl.cumsum(cand_i, axis=0) - 1
-            tl.store(scratch_row + pos, x, mask=cand)
+            tl.store(scratch_ptr + pos, x, mask=cand)
         tot_c += tl.sum(cand_i, axis=0)
     return acc_c, acc_m, tot_c, tot_m
 
 
 @triton.jit
-def _search(logits_row, scratch_row, vocab, inv_t, m, lo, hi, floor, goal,
-            MASS: tl.constexpr, TILE: tl.constexpr, P: tl.constexpr, MAX_PASSES: tl.constexpr):
+def _gather(part_ptr, count_ptr, slot, nbar, num_programs, prog, acc_c, acc_m, tot_c, tot_m,
+            P: tl.constexpr, C: tl.constexpr):
+    """Publishes this program's partial record in `slot`, waits for the row's other programs, and
+    returns the row's sums (every program sums the same records in the same order: same result)."""
+    rec = part_ptr + (slot * num_programs + prog) * (2 * P + 2)
+    lanes = tl.arange(0, P)
+    tl.store(rec + lanes, acc_c.to(tl.float32))  # counts <= 2^24: exact in fp32
+    tl.store(rec + P + lanes, acc_m)
+    tl.store(rec + 2 * P, tot_c.to(tl.float32))
+    tl.store(rec + 2 * P + 1, tot_m)
+    _row_barrier(count_ptr, nbar * num_programs)
+    progs = tl.arange(0, C)
+    ok = progs < num_programs
+    recs = part_ptr + (slot * num_programs + progs) * (2 * P + 2)
+    # .cg: from L2, past this SM's L1, which may hold the slot's records of two passes ago.
+    all_c = tl.load(recs[:, None] + lanes[None, :], mask=ok[:, None], other=0.0, cache_modifier=".cg")
+    all_m = tl.load(recs[:, None] + P + lanes[None, :], mask=ok[:, None], other=0.0, cache_modifier=".cg")
+    row_c = tl.sum(all_c, axis=0).to(tl.int32)
+    row_m = tl.sum(all_m, axis=0)
+    row_tot_c = tl.sum(tl.load(recs + 2 * P, mask=ok, other=0.0, cache_modifier=".cg"), axis=0).to(tl.int32)
+    row_tot_m = tl.sum(tl.load(recs + 2 * P + 1, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
+    return row_c, row_m, row_tot_c, row_tot_m
+
+
+@triton.jit
+def _search(logits_ptr, scratch_ptr, part_ptr, count_ptr, nbar, num_programs, prog, chunk_len, inv_t, m,
+            lo, hi, floor, goal,
+            MASS: tl.constexpr, TILE: tl.constexpr, P: tl.constexpr, C: tl.constexpr, MAX_PASSES: tl.constexpr):
     """The largest key t with F(t) >= target (as a key at or below it with nothing in between), where
     F(t) counts (MASS False: target = goal) or weighs (MASS True: target = goal * the mass of every
-    value >= floor) the row's values >= max(t, floor). Needs F(lo) >= target > F(hi) = 0."""
+    value >= floor) the row's values >= max(t, floor). Needs F(lo) >= target > F(hi) = 0. Returns
+    (t, the barriers passed so far)."""
     above_c = tl.zeros([], dtype=tl.int32)  # count and mass at or above hi, from the passes before
     above_m = tl.zeros([], dtype=tl.float32)
     target = goal
-    n = vocab
+    n = chunk_len
     passes = 0
     done = ((hi.to(tl.int64) - lo) <= 1).to(tl.int32)  # (int32 keys: the span needs 64 bits)
     while (done == 0) & (passes < MAX_PASSES):
         pk = _pivots(lo, hi, P)
         acc_c, acc_m, tot_c, tot_m = _count_pass(
-            logits_row, scratch_row, n, passes < 2, passes >= 1, inv_t, m, lo, hi, floor, pk, MASS, TILE, P)
+            logits_ptr, scratch_ptr, n, passes < 2, passes >= 1, inv_t, m, lo, hi, floor, pk, MASS, TILE, P)
+        own_c = tot_c  # this program's candidates (what it wrote, in a writing pass)
+        nbar += 1  # the pass's records go to slot nbar % 2: a slower program may still read the other
+        acc_c, acc_m, tot_c, tot_m = _gather(part_ptr, count_ptr, nbar % 2, nbar, num_programs, prog,
+                                             acc_c, acc_m, tot_c, tot_m, P, C)
         if MASS:
             if passes == 0:
                 target = goal * tot_m
@@ -149,59 +207,96 @@ def _search(logits_row, scratch_row, vocab, inv_t, m, lo, hi, floor, goal,
         above_m += tl.max(tl.where(ok, float("-inf"), acc_m), axis=0)
         above_c += cnt_hi
         # Pass 1 (from the row) wrote the candidates of its own interval: the next pass reads those.
-        n = tl.where(passes >= 1, tot_c, vocab)
+        n = tl.where(passes >= 1, own_c, chunk_len)
         lo = new_lo
         hi = new_hi
         done = (((cnt_lo - cnt_hi) <= 1) | ((hi.to(tl.int64) - lo) <= 1)).to(tl.int32)
         passes += 1
-    return lo
+    return lo, nbar
 
 
-# One variant for every batch and vocabulary: the row stride and the vocabulary change nothing.
-@triton.jit(do_not_specialize=["stride_row", "vocab"])
+# One variant for every batch and vocabulary: strides, sizes and the program count change nothing.
+@triton.jit(do_not_specialize=["stride_row", "vocab", "chunk", "num_programs"])
 def _filter_threshold_kernel(
-    logits_ptr, temps_ptr, top_k_ptr, top_p_ptr, min_p_ptr, out_ptr, scratch_ptr, stride_row, vocab,
-    TILE: tl.constexpr, P: tl.constexpr, MAX_PASSES: tl.constexpr,
+    logits_ptr, temps_ptr, top_k_ptr, top_p_ptr, min_p_ptr, out_ptr, scratch_ptr, part_ptr, count_ptr,
+    stride_row, vocab, chunk, num_programs,
+    TILE: tl.constexpr, P: tl.constexpr, C: tl.constexpr, MAX_PASSES: tl.constexpr,
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
+    """Grid (S, num_programs): program (r, c) takes columns [c * chunk, (c + 1) * chunk) of row r; the
+    row's programs agree on every pass through _gather (C >= num_programs: a fixed bound, one variant)."""
     pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
+    prog = tl.program_id(1)
     inv_t = 1.0 / tl.load(temps_ptr + row).to(tl.float32)
     top_k = tl.load(top_k_ptr + row)
     top_p = tl.load(top_p_ptr + row).to(tl.float32)
     min_p = tl.load(min_p_ptr + row).to(tl.float32)
-    logits_row = logits_ptr + row * stride_row
-    scratch_row = scratch_ptr + row * vocab
+    col0 = prog.to(tl.int64) * chunk
+    chunk_len = tl.minimum(vocab - col0, chunk).to(tl.int32)
+    logits_chunk = logits_ptr + row * stride_row + col0
+    scratch_chunk = scratch_ptr + row * vocab + col0
+    part_row = part_ptr + row * (2 * num_programs * (2 * P + 2))
+    count_row = count_ptr + row
 
+    # Pass 0: the row's max, min and number of finite values (a record of three, in slot 0).
     hi_run = tl.full([TILE], float("-inf"), dtype=tl.float32)
     lo_run = tl.full([TILE], float("inf"), dtype=tl.float32)
     fin_run = tl.zeros([TILE], dtype=tl.int32)
-    for start in range(0, vocab, TILE):
+    for start in range(0, chunk_len, TILE):
         offs = start + tl.arange(0, TILE)
-        x = tl.load(logits_row + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32) * inv_t
+        x = tl.load(logits_chunk + offs, mask=offs < chunk_len, other=float("-inf")).to(tl.float32) * inv_t
         finite = x > float("-inf")  # (False for NaN too)
         hi_run = tl.maximum(hi_run, tl.where(finite, x, float("-inf")))
         lo_run = tl.minimum(lo_run, tl.where(finite, x, float("inf")))
         fin_run += finite.to(tl.int32)
-    m = tl.max(hi_run, axis=0)
-    num_finite = tl.sum(fin_run, axis=0)
+    rec = part_row + prog * (2 * P + 2)
+    tl.store(rec, tl.max(hi_run, axis=0))
+    tl.store(rec + 1, tl.min(lo_run, axis=0))
+    tl.store(rec + 2, tl.sum(fin_run, axis=0).to(tl.float32))
+    nbar = 1
+    _row_barrier(count_row, num_programs)
+    progs = tl.arange(0, C)
+    recs = part_row + progs * (2 * P + 2)
+    ok = progs < num_programs
+    m = tl.max(tl.load(recs, mask=ok, other=float("-inf"), cache_modifier=".cg"), axis=0)
+    lo_fin = tl.min(tl.load(recs + 1, mask=ok, other=float("inf"), cache_modifier=".cg"), axis=0)
+    num_finite = tl.sum(tl.load(recs + 2, mask=ok, other=0.0, cache_modifier=".cg"), axis=0).to(tl.int32)
 
     thr = tl.full([], float("-inf"), dtype=tl.float32)
     if num_finite > 0:
         neg_inf_key = _to_key(tl.full([], float("-inf"), dtype=tl.float32))
-        lo = _to_key(tl.min(lo_run, axis=0))
+        lo = _to_key(lo_fin)
         hi = _to_key(m) + 1  # just above the max: F(hi) = 0
         t = neg_inf_key
         if (top_k > 0) & (top_k < num_finite):
-            t = _search(logits_row, scratch_row, vocab, inv_t, m, lo, hi, neg_inf_key, top_k.to(tl.float32),
-                        False, TILE, P, MAX_PASSES)
+            t, nbar = _search(logits_chunk, scratch_chunk, part_row, count_row, nbar, num_programs, prog, chunk_len,
+                              inv_t, m, lo, hi, neg_inf_key, top_k.to(tl.float32), False, TILE, P, C, MAX_PASSES)
         if top_p < 1.0:
-            t = _search(logits_row, scratch_row, vocab, inv_t, m, tl.maximum(lo, t), hi, t, top_p,
-                        True, TILE, P, MAX_PASSES)
+            t, nbar = _search(logits_chunk, scratch_chunk, part_row, count_row, nbar, num_programs, prog, chunk_len,
+                              inv_t, m, tl.maximum(lo, t), hi, t, top_p, True, TILE, P, C, MAX_PASSES)
         thr = _from_key(t)
         if min_p > 0.0:
             thr = tl.maximum(thr, m + tl.log(min_p))
-    tl.store(out_ptr + row, thr)
+    if prog == 0:
+        tl.store(out_ptr + row, thr)
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def programs_per_row(num_rows: int, vocab: int, device: torch.device) -> int:
+    """C: one program a row on CPUs (the interpreter runs programs one after another, so a row's
+    programs could never wait for each other); on a GPU as many as keep every program of the grid
+    resident at once (RESIDENT_PER_SM one-warp programs an SM), at most MAX_PROGRAMS_PER_ROW and one
+    tile each."""
+    if device.type != "cuda":
+        return 1
+    fit = RESIDENT_PER_SM * _sm_count(device) // max(num_rows, 1)
+    return max(1, min(MAX_PROGRAMS_PER_ROW, fit, triton.cdiv(vocab, TILE)))
 
 
 def filter_thresholds(
@@ -211,10 +306,13 @@ def filter_thresholds(
     top_p: torch.Tensor,
     min_p: torch.Tensor,
     out: torch.Tensor | None = None,
+    *,
+    num_programs: int | None = None,
 ) -> torch.Tensor:
     """thr [S] fp32 (see the module docstring). logits [S, V] fp32/bf16/fp16 with a contiguous last
     dimension; temperatures [S] fp32/fp64 (> 0); top_k [S] int64 (<= 0 or >= V: off); top_p [S] and
-    min_p [S] fp32/fp64 (1 and 0: off). All on one device; nothing here reads the device."""
+    min_p [S] fp32/fp64 (1 and 0: off). All on one device; nothing here reads the device.
+    num_programs (programs a row; default programs_per_row) is for tests and tuning."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be [num_rows, vocab], got shape {tuple(logits.shape)}")
     num_rows, vocab = logits.shape
@@ -240,12 +338,21 @@ def filter_thresholds(
     if dry_run():
         out.fill_(float("-inf"))
     temperatures, top_k, top_p, min_p = (t.contiguous() for t in (temperatures, top_k, top_p, min_p))
+    if num_programs is None:
+        num_programs = programs_per_row(num_rows, vocab, logits.device)
+    elif not 1 <= num_programs <= MAX_PROGRAMS_PER_ROW or (num_programs > 1 and logits.device.type != "cuda"):
+        raise ValueError(f"num_programs must be in [1, {MAX_PROGRAMS_PER_ROW}] (1 off CUDA), got {num_programs}")
+    chunk = triton.cdiv(triton.cdiv(vocab, num_programs), 16) * 16  # 64-byte aligned chunk starts
+    num_programs = triton.cdiv(vocab, chunk)
     scratch = torch.empty(num_rows, vocab, dtype=torch.float32, device=logits.device)
-    _filter_threshold_kernel[(num_rows,)](
-        logits, temperatures, top_k, top_p, min_p, out, scratch, logits.stride(0), vocab,
-        TILE=TILE, P=PIVOTS, MAX_PASSES=MAX_PASSES, num_warps=8, **pdl_launch_kwargs(logits.device),
+    parts = torch.empty(num_rows, 2, num_programs, REC, dtype=torch.float32, device=logits.device)
+    counts = torch.zeros(num_rows, dtype=torch.int32, device=logits.device)
+    _filter_threshold_kernel[(num_rows, num_programs)](
+        logits, temperatures, top_k, top_p, min_p, out, scratch, parts, counts, logits.stride(0), vocab, chunk,
+        num_programs, TILE=TILE, P=PIVOTS, C=MAX_PROGRAMS_PER_ROW, MAX_PASSES=MAX_PASSES,
+        num_warps=1, **pdl_launch_kwargs(logits.device),
     )  # fmt: skip
     return out
 
 
-__all__ = ["filter_thresholds", "PIVOTS", "TILE", "MAX_PASSES"]
+__all__ = ["filter_thresholds", "programs_per_row", "PIVOTS", "TILE", "MAX_PASSES"]
