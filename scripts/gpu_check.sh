@@ -231,9 +231,10 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
           | grep -E "^throughput|^steps|^gc:|^floor|Error|error"
       done <<< "${TPUT_AB:-PAGEDSERVE_FUSED_SAMPLER=0;PAGEDSERVE_FUSED_SAMPLER=1}" ;;
     filter-test)  # the top-k / top-p / min-p threshold kernel and the sampling kernel with thresholds
-      timeout 200 python3 -m pytest tests/kernels/test_sample_filter.py -x -q -p no:cacheprovider --durations=5 2>&1 | tail -15
-      timeout 150 python3 -m pytest tests/kernels/test_sample.py -x -q -p no:cacheprovider --durations=5 -k "not full_vocabulary" 2>&1 | tail -9
-      timeout 100 python3 -m pytest tests/kernels/test_sample.py -x -q -p no:cacheprovider -k full_vocabulary 2>&1 | tail -4 ;;
+      timeout -s INT 150 python3 -m pytest tests/kernels/test_sample_filter.py -x -v -p no:cacheprovider --durations=5 2>&1 \
+        | grep -E "PASS|FAIL|SKIP|Error|error|passed|failed|sample_filter.py:[0-9]+|s call" | tail -45
+      timeout -s INT 150 python3 -m pytest tests/kernels/test_sample.py -x -q -p no:cacheprovider --durations=5 -k "not full_vocabulary" 2>&1 | tail -9
+      timeout -s INT 60 python3 -m pytest tests/kernels/test_sample.py -x -v -p no:cacheprovider -k full_vocabulary 2>&1 | tail -25 ;;
     sample-filter)  # filtered sampling: torch path vs threshold kernel + fused sampler, S = 1 / 64 / 256
       timeout 400 python3 -m pagedserve.executor.kernels.bench_kernels --tune sample-filter ;;
     tput-filter)  # the default workload at T 0.7: plain; top-p 0.9 on the torch path; top-p 0.9 and top-k 50 fused

@@ -38,8 +38,9 @@ record (its counts and masses) to one of two slots, waits at a barrier of the ro
 that only grows, polled with acquire loads), and sums all C records in the same order: every program
 of the row takes the same decisions and leaves the loop together. The barrier needs every program of
 the row resident at once: programs_per_row keeps S * C <= RESIDENT_PER_SM x the SM count (one-warp
-programs of <= 255 registers and 512 B of shared memory: eight always fit an SM), and gives C = 1 on CPUs, where the interpreter
-runs programs one after another.
+programs of <= 255 registers and 512 B of shared memory: eight always fit an SM), and gives C = 1 on
+CPUs, where the interpreter runs programs one after another. A forced count beyond that is refused
+(session 12 run 2: 9 rows x 128 programs on 132 SMs waited at the barrier until the test's timeout).
 
 Differences from the torch path, at its boundaries only: tokens tied with the top-p boundary token
 all stay (the torch path's stable sort keeps the lower ids of such a tie: a threshold cannot split
@@ -342,6 +343,9 @@ def filter_thresholds(
         num_programs = programs_per_row(num_rows, vocab, logits.device)
     elif not 1 <= num_programs <= MAX_PROGRAMS_PER_ROW or (num_programs > 1 and logits.device.type != "cuda"):
         raise ValueError(f"num_programs must be in [1, {MAX_PROGRAMS_PER_ROW}] (1 off CUDA), got {num_programs}")
+    elif num_programs > 1 and num_rows * num_programs > RESIDENT_PER_SM * _sm_count(logits.device):
+        # Not every program could be resident: a row's programs would wait at the barrier forever.
+        raise ValueError(f"{num_rows} rows x {num_programs} programs exceed {RESIDENT_PER_SM} a SM on this GPU")
     chunk = triton.cdiv(triton.cdiv(vocab, num_programs), 16) * 16  # 64-byte aligned chunk starts
     num_programs = triton.cdiv(vocab, chunk)
     scratch = torch.empty(num_rows, vocab, dtype=torch.float32, device=logits.device)
