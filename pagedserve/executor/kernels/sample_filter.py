@@ -14,8 +14,8 @@ then draws from the kept tokens in its one pass: the filtered rows sample like t
 Why no sort: a descending sort of [S, 152064] fp32 with its int64 permutation, then softmax, cumsum
 and a scatter back, is ~10 passes over 1.2 GB at S = 256; the threshold is one number a row.
 
-Search. A pass over the row's candidates, the values in [lo, hi) (in the order
-of the int32 keys below: total, exact, one key per float), counts for P pivots inside the interval
+Search. A pass over the row's candidates, the values in [lo, hi) (in the order of the int32 keys
+below: total, exact, one key per float), counts for P pivots inside the interval
 how many candidates (top-k) or how much mass (top-p) lie at or above each pivot; with what lies at
 or above hi, carried from the passes before, that gives F(pivot), the count or mass of the row at or
 above it. F falls as the pivot rises; the new interval is [last pivot with F >= target, next pivot),
@@ -23,8 +23,8 @@ so F(lo) >= target > F(hi) always holds and the answer (the largest t with F(t) 
 inside. It ends when one candidate is left (then {x >= lo} is exactly the kept set) or lo and hi
 are adjacent keys (every candidate equals lo: ties). Pivots are evenly spaced in value while the
 interval is wide (P = 16: a flat 152k-token row is down to one candidate in ~5 passes) and in key
-space once it is narrow, where floats are too few to split evenly; each pass leaves fewer
-candidates, so it always ends (MAX_PASSES is a guard: past it lo is kept, a superset of the answer).
+space once it is narrow, where floats are too few to split evenly; each pass narrows [lo, hi) by at
+least one key, so it always ends (MAX_PASSES is a guard: past it lo is kept, a superset of the answer).
 
     pass 0: max, min and count of finite x          (the row; no search)
     search pass 1: counts over [lo, hi)             (the row)
@@ -65,7 +65,7 @@ from pagedserve.executor.precompile import dry_run
 
 PIVOTS = 16  # P: pivots a pass (the interval shrinks ~P-fold a pass)
 TILE = 256  # elements a loop step of one program ([TILE, P] comparisons in one warp)
-MAX_PASSES = 48  # guard only: a pass always removes at least one candidate
+MAX_PASSES = 48  # guard only: a pass always narrows the interval (~5 passes a search on 152k values)
 NARROW_KEYS = tl.constexpr(4096)  # below this many keys between lo and hi, pivots are spaced in key space
 MAX_PROGRAMS_PER_ROW = 128  # C: every program reads all C partial records of its row each pass
 RESIDENT_PER_SM = 8  # one-warp programs: at most S * C = 8 x SMs, so every program of a row is resident
