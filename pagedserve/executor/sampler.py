@@ -30,8 +30,9 @@ rows get a fresh 63-bit philox seed per row and step from a host numpy generator
 Sampler, seeded from `seed` (default torch.initial_seed(), i.e. what the worker's
 torch.manual_seed(config.seed) set): no device generator state is read, so nothing waits.
 The two paths draw different noise, so on CUDA a seed gives other tokens than on CPU (or than with
-a top-k/top-p/min-p filter on): seeded reproducibility holds per device type, and a row samples the
-same alone or batched on both paths (the path is chosen from the row's own parameters).
+fused_filters=False and a top-k/top-p/min-p filter on): seeded reproducibility holds per device type,
+and a row samples the same alone or batched on both paths (the path is chosen from the row's own
+parameters and the device).
 """
 
 from __future__ import annotations
