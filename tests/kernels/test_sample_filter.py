@@ -13,13 +13,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedserve.core.outputs import ScheduledRequest
 from pagedserve.executor.kernels.sample import sample_gumbel
 from pagedserve.executor.kernels.sample_filter import TILE, filter_thresholds, programs_per_row
 from pagedserve.executor.sampler import Sampler, apply_sampling_filters, position_seed
 from pagedserve.sampling_params import SamplingParams
 
-from .test_sample import assert_frequencies, softmax64
+from .test_sample import assert_frequencies, req, softmax64
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -190,12 +189,6 @@ def test_thresholds_of_minus_inf_change_no_draw():
     plain = sample_gumbel(logits, temps, seeds, offsets)
     same = sample_gumbel(logits, temps, seeds, offsets, thresholds=torch.full((9,), NEG_INF, device=DEVICE))
     assert torch.equal(plain, same)
-
-
-def req(params: SamplingParams, output_index: int = 0, rid: str = "r") -> ScheduledRequest:
-    return ScheduledRequest(request_id=rid, token_ids=[0], num_computed_tokens=0, block_ids=[0], needs_sample=True,
-                            sampling_params=params, prompt_token_ids=[0], output_token_ids=[0] * output_index,
-                            output_index=output_index)  # fmt: skip
 
 
 @pytest.fixture

@@ -359,11 +359,12 @@ def bench_silu_mul(dtype, inter: int = 18944) -> None:
         del x, gate, up, ref32, torch_out, variants
 
 
-def _sample_requests(num_rows: int) -> list:
+def _sample_requests(num_rows: int, params=None) -> list:
+    """num_rows requests at output position 7 with `params` (default: temperature 1.0)."""
     from pagedserve.core.outputs import ScheduledRequest
     from pagedserve.sampling_params import SamplingParams
 
-    params = SamplingParams(temperature=1.0)
+    params = params or SamplingParams(temperature=1.0)
     return [ScheduledRequest(request_id=str(i), token_ids=[0], num_computed_tokens=0, block_ids=[0],
                              needs_sample=True, sampling_params=params, prompt_token_ids=[0],
                              output_token_ids=[], output_index=7) for i in range(num_rows)]  # fmt: skip
@@ -467,7 +468,6 @@ def bench_sample_filter(vocab: int = 152064) -> None:
     Two kinds of rows: 'flat' (N(0, 1) logits: random weights, a nucleus of most of the vocabulary)
     and 'peaked' (N(0, 3): a trained model's, a nucleus of tens of tokens at T = 0.7). Each
     configuration's kept sets are checked against the torch filters first."""
-    from pagedserve.core.outputs import ScheduledRequest
     from pagedserve.executor.kernels.sample_filter import filter_thresholds
     from pagedserve.executor.sampler import Sampler, apply_sampling_filters
     from pagedserve.sampling_params import SamplingParams
@@ -482,9 +482,7 @@ def bench_sample_filter(vocab: int = 152064) -> None:
             logits = torch.randn(num_rows, vocab, device="cuda", generator=gen) * scale
             for label, kwargs in FILTER_CASES:
                 params = SamplingParams(**kwargs)
-                reqs = [ScheduledRequest(request_id=str(i), token_ids=[0], num_computed_tokens=0, block_ids=[0],
-                                         needs_sample=True, sampling_params=params, prompt_token_ids=[0],
-                                         output_token_ids=[], output_index=7) for i in range(num_rows)]  # fmt: skip
+                reqs = _sample_requests(num_rows, params)
                 temps = torch.full((num_rows,), params.temperature, dtype=torch.float64, device="cuda")
                 top_k = torch.full((num_rows,), params.top_k if 0 < params.top_k < vocab else 0, device="cuda")
                 top_p = torch.full((num_rows,), params.top_p, dtype=torch.float64, device="cuda")
