@@ -53,12 +53,11 @@ Logits must be finite or -inf (+inf breaks the torch path's softmax as well).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from pagedserve.executor.kernels.paged_attention_decode import num_sms
 from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
 from pagedserve.executor.kernels.pdl import pdl_enter
 from pagedserve.executor.precompile import dry_run
@@ -283,12 +282,6 @@ def _filter_threshold_kernel(
         tl.store(out_ptr + row, thr)
 
 
-@functools.lru_cache(maxsize=8)
-def _sm_count(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def programs_per_row(num_rows: int, vocab: int, device: torch.device) -> int:
     """C: one program a row on CPUs (the interpreter runs programs one after another, so a row's
     programs could never wait for each other); on a GPU as many as keep every program of the grid
@@ -296,7 +289,7 @@ def programs_per_row(num_rows: int, vocab: int, device: torch.device) -> int:
     tile each."""
     if device.type != "cuda":
         return 1
-    fit = RESIDENT_PER_SM * _sm_count(device) // max(num_rows, 1)
+    fit = RESIDENT_PER_SM * num_sms(device) // max(num_rows, 1)
     return max(1, min(MAX_PROGRAMS_PER_ROW, fit, triton.cdiv(vocab, TILE)))
 
 
@@ -343,7 +336,7 @@ def filter_thresholds(
         num_programs = programs_per_row(num_rows, vocab, logits.device)
     elif not 1 <= num_programs <= MAX_PROGRAMS_PER_ROW or (num_programs > 1 and logits.device.type != "cuda"):
         raise ValueError(f"num_programs must be in [1, {MAX_PROGRAMS_PER_ROW}] (1 off CUDA), got {num_programs}")
-    elif num_programs > 1 and num_rows * num_programs > RESIDENT_PER_SM * _sm_count(logits.device):
+    elif num_programs > 1 and num_rows * num_programs > RESIDENT_PER_SM * num_sms(logits.device):
         # Not every program could be resident: a row's programs would wait at the barrier forever.
         raise ValueError(f"{num_rows} rows x {num_programs} programs exceed {RESIDENT_PER_SM} a SM on this GPU")
     chunk = triton.cdiv(triton.cdiv(vocab, num_programs), 16) * 16  # 64-byte aligned chunk starts
