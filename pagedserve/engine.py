@@ -8,9 +8,11 @@ Async scheduling (config.async_scheduling; on by default on CUDA): step() schedu
 N, then waits for step N-1's tokens and turns them into outputs while the device runs step N, so the
 host's share of a step (scheduling, inputs, sampling set-up, detokenizing) hides behind the device's.
 Outputs then trail by one call, and a request that stops on eos or a stop string gets one step
-computed past its end (dropped). Requests whose sampling reads their own output history
-(repetition/frequency/presence penalties) need each token on the host before the next step: while
-any such request is live, steps run one at a time.
+computed past its end (dropped). Requests with repetition/frequency/presence penalties read their
+own output history; the sampler keeps it on the device and takes the newest token from the step
+before's samples there (executor/sampler.py, PenaltyHistory), so they too run async.
+(PAGEDSERVE_PENALTY_SYNC=1 brings back the old rule, for A/B runs: while a penalized request is live,
+steps run one at a time.)
 
 The engine knows no HTTP and is not thread-safe: one thread drives it (see async_engine.py).
 A request with n > 1 becomes n sibling Requests that share their prompt blocks; its caller sees
@@ -38,6 +40,7 @@ from pagedserve.tokenizer import IncrementalDetokenizer
 logger = logging.getLogger(__name__)
 # PAGEDSERVE_LOG_STEPS=1: one log line per mixed (prompt-carrying) async step with its host and device times.
 _LOG_STEPS = os.environ.get("PAGEDSERVE_LOG_STEPS") == "1"
+_PENALTY_SYNC = os.environ.get("PAGEDSERVE_PENALTY_SYNC") == "1"
 
 
 @dataclass(slots=True)
@@ -101,7 +104,7 @@ class LLMEngine:
         # the engine process does when it turns them into deltas; copying every output's token list
         # each step costs O(length) per request).
         self.copy_outputs = True
-        self._sync_ids: set[str] = set()  # live child requests whose sampling needs the previous token
+        self._sync_ids: set[str] = set()  # live penalized requests, with PAGEDSERVE_PENALTY_SYNC=1 only
         # False: requests without stop strings get no text here (CompletionOutput.text stays ""); the
         # caller turns token ids into text itself. The engine process runs so and the server side
         # detokenizes (engine_process.DeltaDecoder), taking that work off the step loop. Requests with
@@ -260,7 +263,7 @@ class LLMEngine:
         for choice in state.choices:  # add only once every child is built, so errors leave no trace
             self.scheduler.add_request(choice.request)
             self._child_to_parent[choice.request.request_id] = (request_id, choice.output.index)
-            if params.needs_penalties:
+            if params.needs_penalties and _PENALTY_SYNC:
                 self._sync_ids.add(choice.request.request_id)
         state.num_unfinished = params.n
         self._requests[request_id] = state
@@ -314,6 +317,7 @@ class LLMEngine:
         t_start = time.perf_counter()
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
+            self._report_finished(scheduler_output)
             return outputs
         t_scheduled = time.perf_counter()
         runner_output = self.worker.execute(scheduler_output)
@@ -332,7 +336,14 @@ class LLMEngine:
         if not scheduler_output.is_empty:
             handle = self.worker.execute_async(scheduler_output)
             self._pending = (scheduler_output, handle, t_start, t_scheduled, time.perf_counter())
+        else:
+            self._report_finished(scheduler_output)
         return self._finish(pending) if pending is not None else []
+
+    def _report_finished(self, scheduler_output: SchedulerOutput) -> None:
+        """An empty schedule still tells the runner which requests ended (it frees their sampler state)."""
+        if scheduler_output.finished_request_ids:
+            self.worker.execute_async(scheduler_output)  # queues nothing: no request is scheduled
 
     def _drain(self) -> list[RequestOutput]:
         """Finishes the step in flight, if any (async scheduling)."""

@@ -43,15 +43,51 @@ def test_async_outputs_equal_sync_outputs(engines: dict[bool, LLM]) -> None:
     assert stats["num_free_blocks"] == stats["num_total_blocks"] and stats["num_running"] == 0
 
 
-def test_async_with_penalties_runs_step_by_step_and_equals_sync(engines: dict[bool, LLM]) -> None:
-    params = [SamplingParams(temperature=0.0, max_tokens=12, repetition_penalty=1.3),
-              SamplingParams(temperature=0.0, max_tokens=12, frequency_penalty=0.5, presence_penalty=0.3)]
-    sync_out = summary(engines[False].generate(PROMPTS[:2], params, use_tqdm=False))
+PENALIZED = [SamplingParams(temperature=0.0, max_tokens=12, repetition_penalty=1.8),
+             SamplingParams(temperature=0.0, max_tokens=12, frequency_penalty=2.0, presence_penalty=2.0),
+             SamplingParams(temperature=0.9, seed=7, max_tokens=10, frequency_penalty=1.5, repetition_penalty=0.8)]
+
+
+def test_async_with_penalties_stays_async_and_equals_sync(engines: dict[bool, LLM]) -> None:
+    sync_out = summary(engines[False].generate(PROMPTS[:3], PENALIZED, use_tqdm=False))
     engine = engines[True].engine
     assert engine.async_scheduling
-    async_out = summary(engines[True].generate(PROMPTS[:2], params, use_tqdm=False))
+    for i, (prompt, params) in enumerate(zip(PROMPTS[:3], PENALIZED)):
+        engine.add_request(f"pen{i}", prompt, params)
+    async_steps, outputs = 0, {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs[out.request_id] = out
+        async_steps += engine._pending is not None  # a step left in flight: the async path ran
+    engine.step()
+    assert async_steps >= 10  # penalized requests no longer force one step at a time
+    async_out = summary([outputs[f"pen{i}"] for i in range(3)])
     assert async_out == sync_out
-    assert not engine._sync_ids  # finished requests leave the step-by-step set
+    # The penalties changed something (else the comparison would not test them).
+    plain = summary(engines[False].generate(PROMPTS[:2], [SamplingParams(temperature=0.0, max_tokens=12)] * 2,
+                                            use_tqdm=False))
+    assert plain[1][0][0] != sync_out[1][0][0]
+    sampler = engine.worker.runner.sampler
+    assert sampler._penalty_history is not None  # the device-side history served these steps
+    # Finished requests give their rows back when the sampler next hears of them (the next step's schedule).
+    engines[True].generate(PROMPTS[:2], PENALIZED[:2], use_tqdm=False)
+    assert len(sampler._penalty_history.entries) >= 2
+    engines[True].generate(["Hi"], SamplingParams(temperature=0.0, max_tokens=3), use_tqdm=False)
+    assert not sampler._penalty_history.entries
+
+
+def test_async_penalties_through_preemption(real_model_dir: str, engines: dict[bool, LLM]) -> None:
+    prompts = [f"Write the word number {i} many times:" for i in range(6)]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, frequency_penalty=0.7,
+                            repetition_penalty=1.2)
+    free_run = engines[False].generate(prompts, params, use_tqdm=False)
+    tokenizer = engines[False].get_tokenizer()
+    blocks_needed = sum(-(-(len(tokenizer.encode(p)) + 24) // 16) for p in prompts)
+    small = LLM(real_model_dir, max_model_len=512, num_kv_blocks=blocks_needed // 3, async_scheduling=True)
+    tight_run = small.generate(prompts, params, use_tqdm=False)
+    assert small.engine.get_stats()["num_preemptions"] > 0
+    for a, b in zip(free_run, tight_run):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
 
 
 def test_async_preemption_matches_unconstrained(real_model_dir: str, engines: dict[bool, LLM]) -> None:

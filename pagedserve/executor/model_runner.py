@@ -45,14 +45,15 @@ from pagedserve.core.outputs import (
 from pagedserve.executor.attention.base import AttentionBackend, AttentionMetadata, ForwardContext
 from pagedserve.executor.attention.torch_ref import TorchAttentionBackend
 from pagedserve.executor.models.decoder import head_dim_of, num_kv_heads_of
-from pagedserve.executor.sampler import SampleResult
+from pagedserve.executor.sampler import SampleResult, StepHistory
 
 logger = logging.getLogger(__name__)
 
 class SamplerLike(Protocol):
     """What the runner needs of a sampler (executor/sampler.py's Sampler; tests use stand-ins)."""
 
-    def sample(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> SampleResult: ...
+    def sample(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest],
+               history: StepHistory | None = None) -> SampleResult: ...
 
 
 class StepHandle:
@@ -203,6 +204,7 @@ class ModelRunner:
         # The last step's sampled token ids (device) and each sampled request's row in them.
         self._last_sampled: torch.Tensor | None = None
         self._last_sample_rows: dict[str, int] = {}
+        self._finished_ids: list[str] = []  # requests ended since the sampler last heard (its history can go)
         self.cuda_graphs = None  # CUDAGraphDecoder once capture_cuda_graphs() ran
         self.mixed_graphs = None  # CUDAGraphMixed likewise (mixed steps of up to ~1k tokens)
         # Eager steps (prefills, mixed) run at padded token counts (padded_count) on CUDA; decode-only
@@ -439,6 +441,7 @@ class ModelRunner:
         """Queues one step on the device (forward, sampling, the copy of the samples to the host)
         and returns without waiting for it. Steps must be queued in schedule order."""
         scheduled = scheduler_output.scheduled
+        self._finished_ids.extend(scheduler_output.finished_request_ids)
         if not scheduled:
             return StepHandle([], None, None, None)
         inputs = self.prepare_inputs(scheduler_output)
@@ -460,7 +463,9 @@ class ModelRunner:
         if inputs.num_logits == 0:  # only non-final prefill chunks this step (never a decode graph step)
             return StepHandle(scheduled, None, None, None)
         to_sample = [r for r in scheduled if r.needs_sample]
-        result = self.sampler.sample(logits, to_sample)
+        history = StepHistory(self._last_sampled, self._last_sample_rows, self._finished_ids)
+        self._finished_ids = []
+        result = self.sampler.sample(logits, to_sample, history)
         self._last_sampled = result.token_ids
         self._last_sample_rows = {r.request_id: i for i, r in enumerate(to_sample)}
         payload = result.payload

@@ -33,13 +33,21 @@ The two paths draw different noise, so on CUDA a seed gives other tokens than on
 fused_filters=False and a top-k/top-p/min-p filter on): seeded reproducibility holds per device type,
 and a row samples the same alone or batched on both paths (the path is chosen from the row's own
 parameters and the device).
+
+Penalties read each request's history: how often each token came out, and which tokens its prompt has.
+Given a StepHistory (the engine's runner always passes one), that history lives on the device in
+`PenaltyHistory`, a cache of per-request rows updated by a few tokens a step; the newest output may still
+be only on the device (async scheduling samples step N+1 before the host has step N's token), and is
+read from the step before's samples there, so penalized requests never make the engine wait. Without one
+(direct calls), the history is built from the host lists each call.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -170,6 +178,142 @@ def _decode_ids(values: list) -> tuple[list[int], list[TokenLogprobs | None]]:
     return values, [None] * len(values)
 
 
+@dataclass(slots=True)
+class StepHistory:
+    """What the runner knows of the step before, for samplers that keep per-request state: its sampled ids
+    (device, row i for the i-th request it sampled), each sampled request's row in them, and the ids of
+    requests that ended since (their state can go)."""
+
+    last_sampled: torch.Tensor | None = None
+    last_rows: Mapping[str, int] = field(default_factory=dict)
+    finished: Sequence[str] = ()
+
+
+@dataclass(slots=True)
+class _HistoryEntry:
+    slot: int
+    outputs: list[int]  # the request's own output list object: a reused request id is a new list
+    prompt_len: int
+    folded: int  # outputs counted in the slot's row so far
+
+
+class PenaltyHistory:
+    """Per-request penalty history on the device, kept across steps: counts[slot, t] is how many of the
+    request's first `folded` outputs are token t, and in_prompt[slot, t] whether its prompt has t.
+
+    Each call brings the rows of the requests being sampled up to date, in one host-to-device copy and a
+    few scatter ops: the outputs the host list has that are not counted yet, and at most one more, the
+    token the step before sampled for the request (under async scheduling not yet on the host), read from
+    that step's samples on the device. A request's row is made once, from its prompt and output lists.
+
+    It is a cache: any entry can be dropped and rebuilt from the host lists, so rows of finished requests
+    are freed when the runner reports them, and otherwise the least recently used entries not needed this
+    step make room. The tensors grow (doubling) to the most rows one step needs.
+    """
+
+    def __init__(self, vocab_size: int, device: torch.device) -> None:
+        self.vocab_size = vocab_size
+        self.device = device
+        self.counts = torch.zeros((0, vocab_size), dtype=torch.int32, device=device)
+        self.in_prompt = torch.zeros((0, vocab_size), dtype=torch.bool, device=device)
+        self.entries: OrderedDict[str, _HistoryEntry] = OrderedDict()  # least recently used first
+        self.free: list[int] = []
+
+    @property
+    def capacity(self) -> int:
+        return self.counts.shape[0]
+
+    def release(self, request_ids: Sequence[str]) -> None:
+        for rid in request_ids:
+            entry = self.entries.pop(rid, None)
+            if entry is not None:
+                self.free.append(entry.slot)
+
+    def gather(self, requests: Sequence[ScheduledRequest], history: StepHistory,
+               with_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(counts int32 [R, V], in_prompt bool [R, V] or None) for `requests` in order, up to date for the
+        token each samples now (outputs 0 .. output_index - 1). Queues device work only; no wait."""
+        width = self.vocab_size
+        wanted = {r.request_id: r for r in requests}
+        if len(wanted) != len(requests):
+            raise ValueError("PenaltyHistory.gather: a request id appears twice in one step")
+        # An entry is rebuilt when its request id now names another request (a new output list).
+        self.release([rid for rid, r in wanted.items() if (e := self.entries.get(rid)) is not None and (
+            e.outputs is not r.output_token_ids or e.prompt_len != len(r.prompt_token_ids)
+            or e.folded > r.output_index)])
+        new = [r for r in requests if r.request_id not in self.entries]
+        self._make_room(len(new), wanted)
+
+        zero_slots: list[int] = []
+        prompt_parts: list[np.ndarray] = []
+        fold_parts: list[np.ndarray] = []
+        dev_slots: list[int] = []
+        dev_rows: list[int] = []
+        for r in new:
+            slot = self.free.pop()
+            self.entries[r.request_id] = _HistoryEntry(slot, r.output_token_ids, len(r.prompt_token_ids), 0)
+            zero_slots.append(slot)
+            prompt_parts.append(_valid_ids(r.prompt_token_ids, width) + slot * width)
+        slots: list[int] = []
+        for r in requests:
+            entry = self.entries[r.request_id]
+            self.entries.move_to_end(r.request_id)
+            slots.append(entry.slot)
+            need = r.output_index  # outputs before the one sampled now
+            have = min(len(r.output_token_ids), need)
+            if have > entry.folded:
+                fold_parts.append(_valid_ids(r.output_token_ids[entry.folded:have], width) + entry.slot * width)
+            if need > have:
+                row = history.last_rows.get(r.request_id)
+                if need - have > 1 or row is None or history.last_sampled is None:
+                    raise RuntimeError(f"request {r.request_id}: output {have} of {need} is neither on the host "
+                                       "nor among the last step's samples")
+                dev_slots.append(entry.slot)
+                dev_rows.append(row)
+            entry.folded = need
+
+        sizes = [len(zero_slots), sum(a.size for a in prompt_parts), sum(a.size for a in fold_parts),
+                 len(dev_slots), len(dev_rows), len(slots)]
+        host = np.concatenate([np.asarray(zero_slots, dtype=np.int64), *prompt_parts, *fold_parts,
+                               np.asarray(dev_slots, dtype=np.int64), np.asarray(dev_rows, dtype=np.int64),
+                               np.asarray(slots, dtype=np.int64)])
+        dev = torch.from_numpy(host)
+        if self.device.type != "cpu":
+            dev = dev.to(self.device, non_blocking=True)
+        zero_idx, prompt_idx, fold_idx, dslots, drows, gather_idx = torch.split(dev, sizes)
+        if sizes[0]:
+            self.counts.index_fill_(0, zero_idx, 0)
+            self.in_prompt.index_fill_(0, zero_idx, False)
+        if sizes[1]:
+            self.in_prompt.view(-1).index_fill_(0, prompt_idx, True)
+        if sizes[2]:
+            self.counts.view(-1).index_add_(0, fold_idx, torch.ones_like(fold_idx, dtype=torch.int32))
+        if sizes[3]:
+            toks = history.last_sampled.index_select(0, drows).to(torch.int64)
+            valid = (toks >= 0) & (toks < width)  # (ids past the row never count, as on the host path)
+            flat = torch.where(valid, dslots * width + toks.clamp(0, width - 1), 0)
+            self.counts.view(-1).index_add_(0, flat, valid.to(torch.int32))
+        in_prompt = self.in_prompt.index_select(0, gather_idx) if with_prompt else None
+        return self.counts.index_select(0, gather_idx), in_prompt
+
+    def _make_room(self, num_new: int, keep: Mapping[str, ScheduledRequest]) -> None:
+        """Free slots for num_new entries: evict the least recently used entries not in `keep`, then grow."""
+        for rid in [rid for rid in self.entries if rid not in keep]:
+            if len(self.free) >= num_new:
+                break
+            self.free.append(self.entries.pop(rid).slot)
+        short = num_new - len(self.free)
+        if short > 0:
+            old = self.capacity
+            new_capacity = max(old * 2, old + short, 4)
+            counts = torch.zeros((new_capacity, self.vocab_size), dtype=torch.int32, device=self.device)
+            in_prompt = torch.zeros((new_capacity, self.vocab_size), dtype=torch.bool, device=self.device)
+            counts[:old] = self.counts
+            in_prompt[:old] = self.in_prompt
+            self.counts, self.in_prompt = counts, in_prompt
+            self.free.extend(range(new_capacity - 1, old - 1, -1))
+
+
 class Sampler:
     """Batched sampler. Row i of `logits` belongs to `requests[i]`.
 
@@ -198,6 +342,7 @@ class Sampler:
         # The last batch's per-row filter parameters on the device, keyed by its SamplingParams
         # objects: consecutive decode steps of the same requests reuse them (no host work, no copy).
         self._filter_cache: tuple | None = None  # (key, device, value, the params themselves)
+        self._penalty_history: PenaltyHistory | None = None  # made on the first penalized row with a history
 
     def __call__(
         self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]
@@ -214,11 +359,15 @@ class Sampler:
         if logits.dim() != 2 or logits.shape[0] != len(requests):
             raise ValueError(f"logits {tuple(logits.shape)} must have one row per request ({len(requests)})")
 
-    def sample(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> SampleResult:
+    def sample(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest],
+               history: StepHistory | None = None) -> SampleResult:
         """Queues the sampling on the logits' device without waiting for it (no host reads of
-        device data: per-row parameters travel host-to-device without a sync)."""
+        device data: per-row parameters travel host-to-device without a sync). `history`: the step
+        before's samples (the runner passes it), for penalties' device-side history (module docstring)."""
         self._check(logits, requests)
         params = [r.sampling_params for r in requests]
+        if history is not None and history.finished and self._penalty_history is not None:
+            self._penalty_history.release(history.finished)
 
         if all(self._is_plain_greedy(r) for r in requests):
             # Fast path: no logits changes, no logprobs -> one argmax.
@@ -228,7 +377,7 @@ class Sampler:
         if any(self._needs_processing(r) for r in requests):
             if logits.dtype != torch.float32:
                 logits = logits.float()  # penalties need fp32 resolution
-            processed = self.process_logits(logits, requests)
+            processed = self.process_logits(logits, requests, history)
         else:
             processed = logits  # read-only below: _sample widens what the torch path needs to fp32
         sampled = self._sample(processed, requests)
@@ -240,12 +389,13 @@ class Sampler:
 
     # ---- logits processing (exposed so tests can check it exactly) ----
 
-    def process_logits(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> torch.Tensor:
+    def process_logits(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest],
+                       history: StepHistory | None = None) -> torch.Tensor:
         """A new tensor: logit_bias, min_tokens masking, then repetition/frequency/presence penalties."""
         out = logits.clone()
         self._apply_logit_bias(out, requests)
         self._apply_min_tokens(out, requests)
-        self._apply_penalties(out, requests)
+        self._apply_penalties(out, requests, history)
         return out
 
     def _is_plain_greedy(self, req: ScheduledRequest) -> bool:
@@ -296,40 +446,44 @@ class Sampler:
         if rows:
             logits[self._index(rows, cols, logits.device)] = float("-inf")
 
-    def _apply_penalties(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> None:
+    def _apply_penalties(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest],
+                         history: StepHistory | None = None) -> None:
         """In place, on the rows that ask:
 
         repetition (HF/vLLM, over prompt + output): seen tokens' logits l -> l / r if l > 0 else l * r
         frequency/presence (OpenAI, over output):  l -> l - f * count(token) - p * [count(token) > 0]
+
+        Only device tensors index the rows (a Python list would copy its indices with a wait), so this
+        queues work without waiting for the device.
         """
         pen_rows = [i for i, r in enumerate(requests) if r.sampling_params.needs_penalties]
         if not pen_rows:
             return
         device, dtype, width = logits.device, logits.dtype, logits.shape[1]
-        num = len(pen_rows)
-        pen_params = [requests[i].sampling_params for i in pen_rows]
-        sub = logits[pen_rows]  # a copy [num, V]; written back at the end
-
-        # Counts of each output token, by a scatter-add over flat (row * V + token) indices.
-        out_idx = _flat_indices([requests[i].output_token_ids for i in pen_rows], width).to(device, non_blocking=True)
-        counts = torch.zeros(num * width, dtype=dtype, device=device)
-        counts.scatter_add_(0, out_idx, torch.ones(out_idx.numel(), dtype=dtype, device=device))
-        counts = counts.view(num, width)
+        pen_requests = [requests[i] for i in pen_rows]
+        pen_params = [r.sampling_params for r in pen_requests]
+        use_rep = any(p.repetition_penalty != 1.0 for p in pen_params)
+        if history is not None:
+            if self._penalty_history is None or self._penalty_history.device != device:
+                self._penalty_history = PenaltyHistory(width, device)
+            counts, in_prompt = self._penalty_history.gather(pen_requests, history, use_rep)
+        else:
+            counts, in_prompt = _host_history(pen_requests, width, device, use_rep)
+        all_rows = len(pen_rows) == len(requests)
+        rows = None if all_rows else _to_device(pen_rows, torch.long, device)
+        sub = logits if all_rows else logits.index_select(0, rows)
+        knobs = _to_device([[p.repetition_penalty for p in pen_params], [p.frequency_penalty for p in pen_params],
+                            [p.presence_penalty for p in pen_params]], dtype, device).unsqueeze(2)
         seen_in_output = counts > 0
-
-        if any(p.repetition_penalty != 1.0 for p in pen_params):
-            prompt_idx = _flat_indices([requests[i].prompt_token_ids for i in pen_rows], width).to(
-                device, non_blocking=True)
-            seen = seen_in_output.clone()
-            seen.view(-1)[prompt_idx] = True
-            r = _to_device([p.repetition_penalty for p in pen_params], dtype, device)
-            r = r.unsqueeze(1)
+        if use_rep:
+            r = knobs[0]
+            seen = seen_in_output | in_prompt
             sub = torch.where(seen, torch.where(sub > 0, sub / r, sub * r), sub)
-
-        freq = _to_device([p.frequency_penalty for p in pen_params], dtype, device)
-        pres = _to_device([p.presence_penalty for p in pen_params], dtype, device)
-        sub = sub - freq.unsqueeze(1) * counts - pres.unsqueeze(1) * seen_in_output.to(dtype)
-        logits[pen_rows] = sub
+        sub = sub - knobs[1] * counts.to(dtype) - knobs[2] * seen_in_output.to(dtype)
+        if all_rows:
+            logits.copy_(sub)
+        else:
+            logits.index_copy_(0, rows, sub)
 
     @staticmethod
     def _index(rows: list[int], cols: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -507,18 +661,31 @@ def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.
     return host if device.type == "cpu" else host.to(device, non_blocking=True)
 
 
-def _flat_indices(token_lists: Sequence[Sequence[int]], width: int) -> torch.Tensor:
-    """CPU int64 tensor of row * width + token over all lists, dropping ids outside [0, width).
+def _valid_ids(ids: Sequence[int], width: int) -> np.ndarray:
+    """int64 array of the ids in [0, width), in order (numpy converts a whole list in C)."""
+    a = np.asarray(ids, dtype=np.int64)
+    return a[(a >= 0) & (a < width)]
 
-    Built with numpy: converting whole lists in C is ~10x faster than a per-token Python loop for
-    the long prompts repetition_penalty needs.
-    """
-    arrays = [np.asarray(ids, dtype=np.int64) for ids in token_lists]
-    lengths = np.array([a.size for a in arrays], dtype=np.int64)
-    toks = np.concatenate(arrays) if arrays else np.empty(0, dtype=np.int64)
-    rows = np.repeat(np.arange(len(arrays), dtype=np.int64), lengths)
-    valid = (toks >= 0) & (toks < width)
-    return torch.from_numpy(rows[valid] * width + toks[valid])
+
+def _host_history(requests: Sequence[ScheduledRequest], width: int, device: torch.device,
+                  with_prompt: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(counts int32 [R, V], in_prompt bool [R, V] or None) from the host lists alone: the whole history
+    each call, for callers without a StepHistory (every output before output_index must be on the host)."""
+    outputs = [_valid_ids(r.output_token_ids[:r.output_index], width) + i * width for i, r in enumerate(requests)]
+    flat = torch.from_numpy(np.concatenate(outputs))
+    if device.type != "cpu":
+        flat = flat.to(device, non_blocking=True)
+    counts = torch.zeros((len(requests), width), dtype=torch.int32, device=device)
+    counts.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    if not with_prompt:
+        return counts, None
+    prompt = torch.from_numpy(np.concatenate([_valid_ids(r.prompt_token_ids, width) + i * width
+                                              for i, r in enumerate(requests)]))
+    if device.type != "cpu":
+        prompt = prompt.to(device, non_blocking=True)
+    in_prompt = torch.zeros((len(requests), width), dtype=torch.bool, device=device)
+    in_prompt.view(-1).index_fill_(0, prompt, True)
+    return counts, in_prompt
 
 
 def _finite_or(x: float, floor: float = -9999.0) -> float:

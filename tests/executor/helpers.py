@@ -66,7 +66,7 @@ class CapturingSampler:
     def __init__(self) -> None:
         self.logits: list[dict[str, torch.Tensor]] = []
 
-    def sample(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> SampleResult:
+    def sample(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest], history=None) -> SampleResult:
         assert logits.shape[0] == len(requests) and logits.dtype == torch.float32
         self.logits.append({r.request_id: logits[i].cpu() for i, r in enumerate(requests)})
         ids = logits.argmax(dim=-1)

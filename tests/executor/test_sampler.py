@@ -343,3 +343,64 @@ def test_cuda_mixed_batch_greedy_fused_and_filtered_rows(dtype: torch.dtype) -> 
     # Seeded torch-path rows draw from their own generators: the same tokens with the kernel off.
     torch_ids, _ = Sampler(vocab, {EOS}, use_fused_kernel=False)(logits, reqs)
     assert [torch_ids[i] for i in (0, 2, 4, 6, 7)] == [ids[i] for i in (0, 2, 4, 6, 7)]
+
+
+def test_penalty_history_matches_host_lists_across_steps() -> None:
+    """PenaltyHistory (device rows kept across steps, newest token read from the last step's samples) gives
+    the same counts and prompt sets as the host lists, through async-style lags, evictions, finished
+    requests, a reused request id and ids outside the vocabulary."""
+    from pagedserve.executor.sampler import PenaltyHistory, StepHistory, _host_history
+
+    width = 40
+    rng = torch.Generator().manual_seed(5)
+    hist = PenaltyHistory(width, torch.device("cpu"))
+    live: dict[str, tuple[list[int], list[int]]] = {}  # rid -> (prompt, outputs on the host)
+    last_sampled, last_rows = None, {}
+    made, reused, rebuilt = 0, None, False
+    for step_no in range(40):
+        while len(live) < 6:  # new requests, one of them reusing a finished one's id
+            rid = "r0" if made == 7 else f"r{made}"
+            made += 1
+            prompt = torch.randint(-2, width + 3, (int(torch.randint(1, 30, (1,), generator=rng)),),
+                                   generator=rng).tolist()
+            live[rid] = (prompt, [])
+        # This step samples a random subset; each request's newest output is still "on the device".
+        rids = [rid for rid in live if torch.rand(1, generator=rng).item() < 0.7]
+        pending = {rid for rid in rids if rid in last_rows}
+        reqs = []
+        for rid in rids:
+            prompt, outputs = live[rid]
+            index = len(outputs) + (1 if rid in pending else 0)
+            reqs.append(ScheduledRequest(rid, [0], 0, [0], True, SamplingParams(repetition_penalty=1.1),
+                                         prompt, outputs, index))
+        if not reqs:
+            continue
+        finished = []
+        got_counts, got_prompt = hist.gather(reqs, StepHistory(last_sampled, last_rows, finished))
+        # The reference: the host lists with the pending token appended.
+        full = [ScheduledRequest(r.request_id, [0], 0, [0], True, r.sampling_params, r.prompt_token_ids,
+                                 r.output_token_ids + ([int(last_sampled[last_rows[r.request_id]])]
+                                                       if r.request_id in pending else []), r.output_index)
+                for r in reqs]
+        want_counts, want_prompt = _host_history(full, width, torch.device("cpu"), True)
+        assert torch.equal(got_counts, want_counts), step_no
+        assert torch.equal(got_prompt, want_prompt), step_no
+        if reused in rids:
+            rebuilt = rebuilt or hist.entries[reused].outputs is live[reused][1]
+        # The engine's side: the pending tokens reach the host now, new ones are sampled.
+        for r in full:
+            live[r.request_id][1][:] = r.output_token_ids
+        sampled = torch.randint(-1, width + 2, (len(reqs),), generator=rng)
+        last_sampled, last_rows = sampled, {r.request_id: i for i, r in enumerate(reqs)}
+        if step_no % 5 == 4:  # two requests end; one is reported, the other's row must be evicted or reused
+            for rid in list(live)[:2]:
+                live.pop(rid)
+                last_rows.pop(rid, None)
+            hist.release([rid for rid in list(hist.entries)[:1] if rid not in live])
+        if step_no == 21:  # a request ends unreported and its id returns at once for another request
+            rid = next(rid for rid in live if rid in hist.entries and hist.entries[rid].folded > 0)
+            live[rid] = (torch.randint(0, width, (len(live.pop(rid)[0]),), generator=rng).tolist(), [])
+            last_rows.pop(rid, None)
+            reused = rid
+    assert rebuilt  # the reused id was sampled again, with its own new history
+    assert hist.capacity <= 16  # rows are reused: at most a step's worth (6), doubled
