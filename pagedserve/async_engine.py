@@ -157,6 +157,8 @@ class AsyncEngine:
         self.max_model_len: int = info["max_model_len"]
         self.vocab_size: int = info["vocab_size"]
         self.engine_config = info.get("config")
+        # Sampling fields a request leaves unset take these (the model's generation_config.json).
+        self.default_sampling: dict = info.get("default_sampling") or {}
         self.retry_after_seconds = retry_after_seconds
         self.observers: list[OutputObserver] = []
         self.stats: dict = info["stats"]  # newest snapshot; replaced, never mutated
@@ -370,6 +372,7 @@ class _ThreadBackend:
             "vocab_size": getattr(engine, "vocab_size", None) or int(engine.tokenizer.vocab_size),
             "tokenizer": _private_copy(engine.tokenizer),
             "config": getattr(engine, "config", None),
+            "default_sampling": dict(getattr(engine, "default_sampling", None) or {}),
             "stats": engine.get_stats(),
         }
         self._cond = threading.Condition()

@@ -35,6 +35,10 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere
     tensor_parallel_size: int = 1
     chat_template: str | None = None  # a file path or the template text itself
+    # Default sampling from the model's generation_config.json: "auto", "vllm" (none) or a folder;
+    # override: a dict on top (pagedserve/generation_defaults.py).
+    generation_config: str = "auto"
+    override_generation_config: dict | None = None
     max_queued_requests: int | None = None  # server: waiting requests beyond this get 503
     disable_log_stats: bool = False
 
@@ -66,6 +70,10 @@ class EngineConfig:
             fail(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.tensor_parallel_size < 1:
             fail(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if not self.generation_config:
+            fail("generation_config must be auto, vllm or a folder")
+        if self.override_generation_config is not None and not isinstance(self.override_generation_config, dict):
+            fail(f"override_generation_config must be a dict, got {self.override_generation_config!r}")
         if self.max_queued_requests is not None and self.max_queued_requests < 0:
             fail(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
 

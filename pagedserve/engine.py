@@ -83,6 +83,8 @@ class LLMEngine:
         self.model_name: str = self.config.served_model_name or self.config.model or "model"
         self.max_model_len: int = self.worker.max_model_len
         self.vocab_size: int = self.worker.vocab_size
+        # Sampling fields requests leave unset take these (the model's generation_config.json).
+        self.default_sampling: dict = dict(getattr(self.worker, "default_sampling", None) or {})
         self.scheduler = Scheduler(
             max_num_seqs=self.config.max_num_seqs,
             max_num_batched_tokens=self.worker.max_num_batched_tokens,
@@ -210,7 +212,7 @@ class LLMEngine:
         final_only: step() reports the request once, when it finishes (the offline API's mode).
         Without stop strings its text is then decoded once at the end instead of token by token.
         """
-        params = params or SamplingParams()
+        params = params or self.default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         if request_id in self._requests:
@@ -268,6 +270,10 @@ class LLMEngine:
         state.num_unfinished = params.n
         self._requests[request_id] = state
         self.prompt_tokens_total += len(prompt_token_ids) * params.n
+
+    def default_sampling_params(self) -> SamplingParams:
+        """SamplingParams() with the model's generation_config defaults (vLLM's get_default_sampling_params)."""
+        return SamplingParams(**self.default_sampling)
 
     def _check_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:

@@ -202,6 +202,7 @@ def engine_info(engine: Any, send_tokenizer: bool = True) -> dict:
         "vocab_size": getattr(engine, "vocab_size", None) or int(engine.tokenizer.vocab_size),
         "tokenizer": engine.tokenizer if send_tokenizer else None,
         "config": getattr(engine, "config", None),
+        "default_sampling": dict(getattr(engine, "default_sampling", None) or {}),
         "stats": engine.get_stats(),
     }
 

@@ -45,6 +45,23 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="GPUs to shard the model over")
     g.add_argument("--chat-template", default=None, help="chat template: a file path or the template text")
     g.add_argument("--served-model-name", default=None, help="the model name the API reports and accepts")
+    g.add_argument("--generation-config", default="auto",
+                   help="default sampling for fields a request leaves unset: auto (the model's "
+                        "generation_config.json), vllm (none: OpenAI's defaults), or a folder with one")
+    g.add_argument("--override-generation-config", type=_json_object, default=None, metavar="JSON",
+                   help='default sampling fields on top, e.g. \'{"temperature": 0.5}\'')
+
+
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def config_from_args(args: argparse.Namespace, **overrides: object) -> EngineConfig:
@@ -59,7 +76,8 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> EngineCon
         enforce_eager=args.enforce_eager, skip_warmup=args.skip_warmup, attention_backend=args.attention_backend,
         async_scheduling=args.async_scheduling,
         tensor_parallel_size=args.tensor_parallel_size, chat_template=args.chat_template,
-        served_model_name=args.served_model_name,
+        served_model_name=args.served_model_name, generation_config=args.generation_config,
+        override_generation_config=args.override_generation_config,
     )
     kwargs.update(overrides)
     return EngineConfig(**kwargs)

@@ -9,7 +9,7 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -60,6 +60,9 @@ class Worker:
     hf_config: object
     device: torch.device
     dtype: torch.dtype
+    # Sampling fields a request leaves unset take these (the model's generation_config.json; see
+    # pagedserve/generation_defaults.py).
+    default_sampling: dict = field(default_factory=dict)
 
     @property
     def dtype_bytes(self) -> int:
@@ -95,6 +98,11 @@ def build_worker(config: EngineConfig, on_tokenizer_source: Callable[[str, str |
         config = config.replace(model=model_path,
                                 served_model_name=config.served_model_name or DEFAULT_MODEL.name)
     torch.manual_seed(config.seed)
+    from pagedserve.generation_defaults import load_generation_defaults
+
+    # Checked before the weights load, so a bad generation config fails fast.
+    default_sampling = load_generation_defaults(tokenizer_folder, config.generation_config,
+                                                config.override_generation_config)
 
     # The tokenizer loads in a thread while the weights load (both take seconds at start-up).
     # transformers' lazy attributes are not safe to resolve from two threads at once: when this thread
@@ -111,6 +119,7 @@ def build_worker(config: EngineConfig, on_tokenizer_source: Callable[[str, str |
         if on_tokenizer_source is not None:
             on_tokenizer_source(tokenizer_source, config.chat_template)
         worker = _build_on_device(config, model_path, tokenizer_folder, device, dtype, t0, tokenizer_future)
+        worker.default_sampling = default_sampling
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return worker

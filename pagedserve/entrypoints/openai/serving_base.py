@@ -119,17 +119,25 @@ def check_model(engine: AsyncEngine, served_names: list[str], model: str | None)
     )
 
 
-def build_sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def build_sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None,
+                          defaults: dict | None = None) -> SamplingParams:
+    """`defaults`: the model's generation_config values for the fields the request leaves unset."""
+    defaults = defaults or {}
+
+    def pick(name: str, builtin: float) -> float:
+        value = getattr(req, name)
+        return defaults.get(name, builtin) if value is None else value
+
     try:
         return SamplingParams(
             n=1 if req.n is None else req.n,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=0 if req.top_k is None else req.top_k,
-            min_p=0.0 if req.min_p is None else req.min_p,
+            temperature=pick("temperature", 1.0),
+            top_p=pick("top_p", 1.0),
+            top_k=pick("top_k", 0),
+            min_p=pick("min_p", 0.0),
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
-            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            repetition_penalty=pick("repetition_penalty", 1.0),
             seed=req.seed,
             stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
             stop_token_ids=list(req.stop_token_ids or []),

@@ -50,7 +50,7 @@ class OpenAIServingChat:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         try:
-            params = build_sampling_params(req, max_tokens, logprobs)
+            params = build_sampling_params(req, max_tokens, logprobs, self.engine.default_sampling)
         except APIError as e:
             if e.param == "logprobs":
                 e.param = "top_logprobs"

@@ -59,7 +59,7 @@ class OpenAIServingCompletion:
                 "echo with logprobs needs prompt logprobs, which this server does not compute; drop one of them",
                 "logprobs",
             )
-        params = build_sampling_params(req, req.max_tokens, req.logprobs)
+        params = build_sampling_params(req, req.max_tokens, req.logprobs, self.engine.default_sampling)
         prompts = await self._tokenize_prompts(req.prompt)
         if len(prompts) * params.n > MAX_CHOICES:
             raise bad_request(
