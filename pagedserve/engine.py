@@ -156,7 +156,8 @@ class LLMEngine:
             2: [("__warmup_b", 40, 12, 0.0), ("__warmup_f", 20, 3, 0.7, filtered),
                 ("__warmup_g", 20, 3, 0.9, {"top_p": 0.95})],  # all filters at once; top-p alone
             3: [("__warmup_c", 2100, 4, 0.0)] if self.max_model_len > 2200 else [],  # long keys
-            9: [("__warmup_d", 50, 2, 0.0)],  # beside a few decodes, once the short ones are done
+            # beside a few decodes, once the short ones are done; penalties without a repetition penalty
+            9: [("__warmup_d", 50, 2, 0.0), ("__warmup_h", 20, 3, 0.8, {"frequency_penalty": 0.2})],
         }
         names = [req[0] for reqs in script.values() for req in reqs]
 

@@ -4,7 +4,7 @@ nested jit function, a TMA block the copy engine cannot take) before a device ca
 the tensor-core path is there (wgmma in the PTX) and whether TMA copies are (cp.async.bulk.tensor).
 The local Triton may differ from the GPU's.
 
-    python scripts/compile_sm90.py [sample] [filter] [tma] [decode] [qkv] [norm]
+    python scripts/compile_sm90.py [sample] [filter] [penalties] [tma] [decode] [qkv] [norm]
 """
 from __future__ import annotations
 
@@ -53,6 +53,18 @@ def sample_filter() -> None:
            "TILE": "constexpr", "P": "constexpr", "C": "constexpr", "MAX_PASSES": "constexpr", "USE_PDL": "constexpr"}
     consts = {"TILE": m.TILE, "P": m.PIVOTS, "C": m.MAX_PROGRAMS_PER_ROW, "MAX_PASSES": m.MAX_PASSES, "USE_PDL": True}
     build(m._filter_threshold_kernel, sig, consts, "sample_filter", num_warps=1)
+
+
+def penalties() -> None:
+    from pagedserve.executor.kernels import penalties as m
+
+    for has_prompt in (True, False):
+        sig = {"logits_ptr": "*fp32", "stride_l": "i32", "rows_ptr": "*i64", "slots_ptr": "*i64",
+               "counts_ptr": "*i32", "prompt_ptr": "*u8" if has_prompt else "*i32", "stride_c": "i32",
+               "knobs_ptr": "*fp32", "num_rows": "i32", "vocab": "i32", "num_col_blocks": "i32",
+               "HAS_PROMPT": "constexpr", "BLOCK": "constexpr"}
+        build(m._penalties_kernel, sig, {"HAS_PROMPT": has_prompt, "BLOCK": m.BLOCK}, f"penalties prompt={has_prompt}",
+              num_warps=8)
 
 
 def tma() -> None:
@@ -122,5 +134,6 @@ def norm() -> None:
 
 if __name__ == "__main__":
     print(f"triton {triton.__version__}")
-    for name in sys.argv[1:] or ["sample", "filter", "tma", "decode", "qkv", "norm"]:
-        {"sample": sample, "filter": sample_filter, "tma": tma, "decode": decode, "qkv": qkv, "norm": norm}[name]()
+    for name in sys.argv[1:] or ["sample", "filter", "penalties", "tma", "decode", "qkv", "norm"]:
+        {"sample": sample, "filter": sample_filter, "penalties": penalties, "tma": tma, "decode": decode, "qkv": qkv,
+         "norm": norm}[name]()

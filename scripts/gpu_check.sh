@@ -245,6 +245,19 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
         env ${v%%|*} python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm \
           --temperature 0.7 ${v#*|} 2>&1 | grep -E "^throughput|^steps|^floor|Error|error"
       done ;;
+    pen-test)  # penalties: the kernel, the sampler's history (CUDA params), async == sync with penalties
+      timeout -s INT 200 python3 -m pytest tests/kernels/test_penalties.py tests/executor/test_sampler.py -x -q \
+        -p no:cacheprovider --durations=3 2>&1 | tail -12
+      timeout -s INT 240 python3 -m pytest tests/test_async_scheduling.py -x -q -p no:cacheprovider 2>&1 | tail -8 ;;
+    tput-pen)  # default workload at T 0.7: Qwen2-7B-Instruct's recommended sampling (top-p 0.8, top-k 20, rep 1.05)
+      local v q="--top-p 0.8 --top-k 20 --repetition-penalty 1.05"
+      for v in "PAGEDSERVE_FUSED_PENALTIES=1|" "PAGEDSERVE_FUSED_PENALTIES=1|--top-p 0.8 --top-k 20" \
+               "PAGEDSERVE_PENALTY_SYNC=1 PAGEDSERVE_FUSED_PENALTIES=0|$q" "PAGEDSERVE_FUSED_PENALTIES=0|$q" \
+               "PAGEDSERVE_FUSED_PENALTIES=1|$q"; do
+        echo "-- ${v%%|*} --temperature 0.7 ${v#*|}"
+        env ${v%%|*} python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm \
+          --temperature 0.7 ${v#*|} 2>&1 | grep -E "^throughput|^steps|^floor|Error|error"
+      done ;;
     sample-quick)  # the sampling kernel's greedy and Sampler tests, and its full-vocabulary ones
       timeout 240 python3 -m pytest tests/kernels/test_sample.py -x -q -p no:cacheprovider \
         -k "argmax or sampler or capturable or full_vocabulary or layout" 2>&1 | tail -8 ;;
@@ -318,10 +331,10 @@ for phase in $phases; do
   tar czf "$RETURN_DIR/gpu-logs.tgz" -C "$OUT" . 2>/dev/null
   case $phase in
     tests) grep -E "7B shapes|async vs sync|passed|failed|FAILED|rror" "$OUT/tests.log" | tail -25 ;;
-    serve-bench*|serve-conc|serve-compiles|serve-paths|serve-diag|serve-prof|prof-load|sample-filter|tput-filter) cat "$OUT/$phase.log" ;;
+    serve-bench*|serve-conc|serve-compiles|serve-paths|serve-diag|serve-prof|prof-load|sample-filter|tput-filter|tput-pen) cat "$OUT/$phase.log" ;;
     timeline*|skinny-b1|tput-ab|steplog) tail -n 70 "$OUT/$phase.log" ;;
     serve|serve-ab) cat "$OUT/$phase.log" ;;
-    profile*|probe|launch-probe|silu|skinny*|tma-test|work-test|decode-work|tp-ab|lat-ab|gpu-quick|mixed-test|qkv-test|kernels-test|importprobe|sample|sample-test|filter-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
+    profile*|probe|launch-probe|silu|skinny*|tma-test|work-test|decode-work|tp-ab|lat-ab|gpu-quick|mixed-test|qkv-test|kernels-test|importprobe|sample|sample-test|filter-test|pen-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
     latency*) tail -n 5 "$OUT/$phase.log" ;;
     cublas-ladder) sed -n '/== cuBLAS per M/,$p' "$OUT/$phase.log" ;;
     *) tail -n 8 "$OUT/$phase.log" ;;

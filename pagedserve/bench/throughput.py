@@ -14,15 +14,22 @@ from pagedserve.gc_control import GcMonitor, freeze_startup_objects, unfreeze_an
 def run(args: argparse.Namespace) -> dict:
     from pagedserve.sampling_params import SamplingParams
 
-    top_p, top_k = float(getattr(args, "top_p", 1.0)), int(getattr(args, "top_k", 0))
-    if args.compare_hf and (top_p < 1.0 or top_k > 0):
-        raise ValueError("--top-p / --top-k are for our side only; --compare-hf runs both sides with neither")
+    sampling = {"top_p": float(getattr(args, "top_p", 1.0)), "top_k": int(getattr(args, "top_k", 0)),
+                "min_p": float(getattr(args, "min_p", 0.0)),
+                "repetition_penalty": float(getattr(args, "repetition_penalty", 1.0)),
+                "frequency_penalty": float(getattr(args, "frequency_penalty", 0.0)),
+                "presence_penalty": float(getattr(args, "presence_penalty", 0.0))}
+    plain = {"top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "frequency_penalty": 0.0,
+             "presence_penalty": 0.0}
+    if args.compare_hf and sampling != plain:
+        raise ValueError("--top-p / --top-k / --min-p and the penalties are for our side only; --compare-hf runs "
+                         "both sides with none of them")
     llm, startup_s = build_llm(args)
     engine = llm.engine
     requests = random_requests(args.num_prompts, parse_range(args.input_len), parse_range(args.output_len),
                                engine.vocab_size, seed=args.dataset_seed)
-    params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=args.temperature,
-                             top_p=top_p, top_k=top_k, seed=None) for r in requests]
+    params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=args.temperature, seed=None,
+                             **sampling) for r in requests]
     # Warm-up outside the timed region: a small workload drawn from the same length ranges, so the
     # Triton kernels compile every variant the run needs (tile sizes follow the query lengths; mixed
     # and decode-only steps; split-K counts). First compiles cost seconds each on a fresh machine.
@@ -60,7 +67,7 @@ def run(args: argparse.Namespace) -> dict:
         "output_tok_per_s": num_out / elapsed,
         "total_tok_per_s": (num_in + num_out) / elapsed,
         "startup_s": startup_s,
-        "sampling": {"temperature": args.temperature, "top_p": top_p, "top_k": top_k},
+        "sampling": {"temperature": args.temperature, **sampling},
         "num_preemptions": engine.get_stats()["num_preemptions"],
         "kv_blocks": engine.worker.num_kv_blocks,
         "step_timing": step_summary,
@@ -127,6 +134,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for every request (1: off)")
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling for every request (0: off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="min-p sampling for every request (0: off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="for every request (1: off)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="for every request (0: off)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="for every request (0: off)")
     p.add_argument("--no-tqdm", action="store_true")
     p.add_argument("--compare-hf", action="store_true",
                    help="also run the workload through Hugging Face Transformers and print the ratio")

@@ -56,6 +56,7 @@ from pagedserve.core.outputs import ScheduledRequest, TokenLogprobs
 from pagedserve.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
+_EMPTY = np.empty(0, dtype=np.int64)
 
 
 def position_seed(seed: int, position: int) -> int:
@@ -233,6 +234,13 @@ class PenaltyHistory:
                with_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(counts int32 [R, V], in_prompt bool [R, V] or None) for `requests` in order, up to date for the
         token each samples now (outputs 0 .. output_index - 1). Queues device work only; no wait."""
+        slots = self.update(requests, history)
+        in_prompt = self.in_prompt.index_select(0, slots) if with_prompt else None
+        return self.counts.index_select(0, slots), in_prompt
+
+    def update(self, requests: Sequence[ScheduledRequest], history: StepHistory) -> torch.Tensor:
+        """Brings the rows of `requests` up to date (as gather) and returns their slots, int64 [R] on the
+        device: request i's history is counts[slots[i]] and in_prompt[slots[i]]."""
         width = self.vocab_size
         wanted = {r.request_id: r for r in requests}
         if len(wanted) != len(requests):
@@ -272,15 +280,18 @@ class PenaltyHistory:
                 dev_rows.append(row)
             entry.folded = need
 
-        sizes = [len(zero_slots), sum(a.size for a in prompt_parts), sum(a.size for a in fold_parts),
-                 len(dev_slots), len(dev_rows), len(slots)]
-        host = np.concatenate([np.asarray(zero_slots, dtype=np.int64), *prompt_parts, *fold_parts,
-                               np.asarray(dev_slots, dtype=np.int64), np.asarray(dev_rows, dtype=np.int64),
-                               np.asarray(slots, dtype=np.int64)])
+        parts = [np.asarray(zero_slots, dtype=np.int64), np.concatenate(prompt_parts or [_EMPTY]),
+                 np.concatenate(fold_parts or [_EMPTY]), np.asarray(dev_slots, dtype=np.int64),
+                 np.asarray(dev_rows, dtype=np.int64), np.asarray(slots, dtype=np.int64)]
+        sizes = [a.size for a in parts]
+        # Each part padded to an even length, so each starts 16-byte aligned on the device (Triton kernels
+        # specialize on pointer alignment: a parity changing with the step would compile new variants).
+        host = np.concatenate([np.pad(a, (0, a.size & 1)) for a in parts])
         dev = torch.from_numpy(host)
         if self.device.type != "cpu":
             dev = dev.to(self.device, non_blocking=True)
-        zero_idx, prompt_idx, fold_idx, dslots, drows, gather_idx = torch.split(dev, sizes)
+        zero_idx, prompt_idx, fold_idx, dslots, drows, slots_idx = (
+            t[:n] for t, n in zip(torch.split(dev, [n + (n & 1) for n in sizes]), sizes))
         if sizes[0]:
             self.counts.index_fill_(0, zero_idx, 0)
             self.in_prompt.index_fill_(0, zero_idx, False)
@@ -293,8 +304,7 @@ class PenaltyHistory:
             valid = (toks >= 0) & (toks < width)  # (ids past the row never count, as on the host path)
             flat = torch.where(valid, dslots * width + toks.clamp(0, width - 1), 0)
             self.counts.view(-1).index_add_(0, flat, valid.to(torch.int32))
-        in_prompt = self.in_prompt.index_select(0, gather_idx) if with_prompt else None
-        return self.counts.index_select(0, gather_idx), in_prompt
+        return slots_idx
 
     def _make_room(self, num_new: int, keep: Mapping[str, ScheduledRequest]) -> None:
         """Free slots for num_new entries: evict the least recently used entries not in `keep`, then grow."""
@@ -322,7 +332,8 @@ class Sampler:
     kernel (the worker turns it on unless PAGEDSERVE_FUSED_SAMPLER=0: 4.5-5x faster than the torch ops
     at 139-256 rows on the H100, docs/gpu-notes.md session 5); off CUDA the torch path is always used.
     fused_filters=False keeps rows with top-k / top-p / min-p on the torch path even then (the worker:
-    PAGEDSERVE_FUSED_FILTERS=0, for A/B runs).
+    PAGEDSERVE_FUSED_FILTERS=0, for A/B runs). Penalties with a StepHistory on that path run as one Triton
+    pass (kernels/penalties.py) unless fused_penalties=False (PAGEDSERVE_FUSED_PENALTIES=0): torch ops.
     """
 
     def __init__(
@@ -333,11 +344,13 @@ class Sampler:
         seed: int | None = None,
         use_fused_kernel: bool = False,
         fused_filters: bool = True,
+        fused_penalties: bool = True,
     ) -> None:
         self.vocab_size = vocab_size
         self.eos_token_ids = set(eos_token_ids)
         self.use_fused_kernel = use_fused_kernel
         self.fused_filters = fused_filters
+        self.fused_penalties = fused_penalties
         self._seed_rng = np.random.default_rng(torch.initial_seed() if seed is None else seed)
         # The last batch's per-row filter parameters on the device, keyed by its SamplingParams
         # objects: consecutive decode steps of the same requests reuse them (no host work, no copy).
@@ -463,6 +476,19 @@ class Sampler:
         pen_requests = [requests[i] for i in pen_rows]
         pen_params = [r.sampling_params for r in pen_requests]
         use_rep = any(p.repetition_penalty != 1.0 for p in pen_params)
+        knob_rows = [[p.repetition_penalty for p in pen_params], [p.frequency_penalty for p in pen_params],
+                     [p.presence_penalty for p in pen_params]]
+        if history is not None and self.fused_penalties and self._fused_kernel_on(logits) and dtype == torch.float32:
+            # One Triton pass over the penalized rows, reading the history's rows in place.
+            from pagedserve.executor.kernels.penalties import apply_penalties
+
+            if self._penalty_history is None or self._penalty_history.device != device:
+                self._penalty_history = PenaltyHistory(width, device)
+            hist = self._penalty_history
+            slots = hist.update(pen_requests, history)
+            apply_penalties(logits, _to_device(pen_rows, torch.long, device), slots, hist.counts,
+                            hist.in_prompt if use_rep else None, _to_device(knob_rows, torch.float32, device))
+            return
         if history is not None:
             if self._penalty_history is None or self._penalty_history.device != device:
                 self._penalty_history = PenaltyHistory(width, device)
@@ -472,8 +498,7 @@ class Sampler:
         all_rows = len(pen_rows) == len(requests)
         rows = None if all_rows else _to_device(pen_rows, torch.long, device)
         sub = logits if all_rows else logits.index_select(0, rows)
-        knobs = _to_device([[p.repetition_penalty for p in pen_params], [p.frequency_penalty for p in pen_params],
-                            [p.presence_penalty for p in pen_params]], dtype, device).unsqueeze(2)
+        knobs = _to_device(knob_rows, dtype, device).unsqueeze(2)
         seen_in_output = counts > 0
         if use_rep:
             r = knobs[0]

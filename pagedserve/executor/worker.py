@@ -162,7 +162,8 @@ def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: st
     # sends every row through the torch ops instead, PAGEDSERVE_FUSED_FILTERS=0 only the filtered ones.
     sampler = Sampler(vocab_size, config_eos_ids,
                       use_fused_kernel=os.environ.get("PAGEDSERVE_FUSED_SAMPLER", "1") != "0",
-                      fused_filters=os.environ.get("PAGEDSERVE_FUSED_FILTERS", "1") != "0")
+                      fused_filters=os.environ.get("PAGEDSERVE_FUSED_FILTERS", "1") != "0",
+                      fused_penalties=os.environ.get("PAGEDSERVE_FUSED_PENALTIES", "1") != "0")
     runner = ModelRunner(config, model, hf_config, device, dtype, num_blocks, config.block_size, sampler)
     config = dataclasses.replace(config, max_model_len=max_model_len, max_num_batched_tokens=max_batched)
     logger.info("start-up: KV cache sized at %.1f s%s", time.monotonic() - t0, summary_suffix())

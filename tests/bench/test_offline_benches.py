@@ -27,7 +27,7 @@ def _bench(tmp_path, real_model_dir, *argv: str) -> dict:
 def test_bench_throughput(tmp_path, real_model_dir, capsys) -> None:
     result = _bench(tmp_path, real_model_dir, "throughput", *ENGINE_FLAGS, "--num-prompts", "4",
                     "--input-len", "8-16", "--output-len", "4-8", "--no-tqdm", "--temperature", "0.7",
-                    "--top-p", "0.9", "--top-k", "20")
+                    "--top-p", "0.9", "--top-k", "20", "--repetition-penalty", "1.05", "--frequency-penalty", "0.1")
     requests = random_requests(4, (8, 16), (4, 8), vocab_size=151_936, seed=0)
     assert result["bench"] == "throughput" and result["card"] == "cpu" and result["num_prompts"] == 4
     assert result["input_tokens"] == sum(len(r.prompt_token_ids) for r in requests)
@@ -36,7 +36,8 @@ def test_bench_throughput(tmp_path, real_model_dir, capsys) -> None:
     assert result["requests_per_s"] > 0 and 0 < result["output_tok_per_s"] < result["total_tok_per_s"]
     assert result["output_tok_per_s"] == pytest.approx(result["output_tokens"] / result["elapsed_s"])
     assert result["kv_blocks"] > 0 and result["num_preemptions"] >= 0
-    assert result["sampling"] == {"temperature": 0.7, "top_p": 0.9, "top_k": 20}
+    assert result["sampling"] == {"temperature": 0.7, "top_p": 0.9, "top_k": 20, "min_p": 0.0,
+                                  "repetition_penalty": 1.05, "frequency_penalty": 0.1, "presence_penalty": 0.0}
     assert "floor_s" not in result  # no GPU, no --peak-*: no floor
     # The timed run had the start-up objects frozen out of the collector; the bench gave them back after.
     assert result["gc_frozen_objects"] > 10_000 and len(result["gc_collections"]) == 3

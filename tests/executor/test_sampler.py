@@ -345,7 +345,8 @@ def test_cuda_mixed_batch_greedy_fused_and_filtered_rows(dtype: torch.dtype) -> 
     assert [torch_ids[i] for i in (0, 2, 4, 6, 7)] == [ids[i] for i in (0, 2, 4, 6, 7)]
 
 
-def test_penalty_history_matches_host_lists_across_steps() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_penalty_history_matches_host_lists_across_steps(device: str) -> None:
     """PenaltyHistory (device rows kept across steps, newest token read from the last step's samples) gives
     the same counts and prompt sets as the host lists, through async-style lags, evictions, finished
     requests, a reused request id and ids outside the vocabulary."""
@@ -353,7 +354,7 @@ def test_penalty_history_matches_host_lists_across_steps() -> None:
 
     width = 40
     rng = torch.Generator().manual_seed(5)
-    hist = PenaltyHistory(width, torch.device("cpu"))
+    hist = PenaltyHistory(width, torch.device(device))
     live: dict[str, tuple[list[int], list[int]]] = {}  # rid -> (prompt, outputs on the host)
     last_sampled, last_rows = None, {}
     made, reused, rebuilt = 0, None, False
@@ -382,7 +383,7 @@ def test_penalty_history_matches_host_lists_across_steps() -> None:
                                  r.output_token_ids + ([int(last_sampled[last_rows[r.request_id]])]
                                                        if r.request_id in pending else []), r.output_index)
                 for r in reqs]
-        want_counts, want_prompt = _host_history(full, width, torch.device("cpu"), True)
+        want_counts, want_prompt = _host_history(full, width, torch.device(device), True)
         assert torch.equal(got_counts, want_counts), step_no
         assert torch.equal(got_prompt, want_prompt), step_no
         if reused in rids:
@@ -390,7 +391,7 @@ def test_penalty_history_matches_host_lists_across_steps() -> None:
         # The engine's side: the pending tokens reach the host now, new ones are sampled.
         for r in full:
             live[r.request_id][1][:] = r.output_token_ids
-        sampled = torch.randint(-1, width + 2, (len(reqs),), generator=rng)
+        sampled = torch.randint(-1, width + 2, (len(reqs),), generator=rng).to(device)
         last_sampled, last_rows = sampled, {r.request_id: i for i, r in enumerate(reqs)}
         if step_no % 5 == 4:  # two requests end; one is reported, the other's row must be evicted or reused
             for rid in list(live)[:2]:

@@ -30,6 +30,7 @@ KERNEL_MODULES = (
     "pagedserve.executor.kernels.gate_up_silu",
     "pagedserve.executor.kernels.qkv_rope_kv",  # after gate_up_silu: imports its helper
     "pagedserve.executor.kernels.sample",
+    "pagedserve.executor.kernels.penalties",
 )
 
 if not torch.cuda.is_available():
