@@ -30,6 +30,10 @@ least one key, so it always ends (MAX_PASSES is a guard: past it lo is kept, a s
     search pass 1: counts over [lo, hi)             (the row)
     search pass 2: counts, and the candidates of its interval written to a scratch row
     search pass 3+: read and rewrite the scratch row in place (compacted: ~V / P^(pass - 1) values)
+    (a top-p search after a top-k one: its pass 1 already writes the few values at or above the top-k
+    threshold, and every later pass reads only those)
+Each program keeps STAGES tiles of loads in flight (tl.range's software pipelining: cp.async into
+shared memory), since one tile at a time left a program latency-bound (session 12).
 
 Programs. One program reading a 152k-token row alone is latency-bound (session 12 run 1: 34 us for
 pass 0, 0.85 ms for a top-p search), so a row is split over C one-warp programs (grid (S, C)), each
@@ -68,6 +72,7 @@ MAX_PASSES = 48  # guard only: a pass always narrows the interval (~5 passes a s
 NARROW_KEYS = tl.constexpr(4096)  # below this many keys between lo and hi, pivots are spaced in key space
 MAX_PROGRAMS_PER_ROW = 128  # C: every program reads all C partial records of its row each pass
 RESIDENT_PER_SM = 8  # one-warp programs: at most S * C = 8 x SMs, so every program of a row is resident
+STAGES = tl.constexpr(4)  # tiles of loads in flight per program (software pipelining of the tile loops)
 REC = 2 * PIVOTS + 2  # a partial record: P counts, P masses, total count, total mass (fp32)
 
 
@@ -122,7 +127,7 @@ def _count_pass(logits_ptr, scratch_ptr, n, from_logits, write, inv_t, m, lo, hi
     acc_m = tl.zeros([P], dtype=tl.float32)
     tot_c = tl.zeros([], dtype=tl.int32)
     tot_m = tl.zeros([], dtype=tl.float32)
-    for start in range(0, n, TILE):
+    for start in tl.range(0, n, TILE, num_stages=STAGES):
         offs = start + tl.arange(0, TILE)
         inb = offs < n
         if from_logits:
@@ -173,12 +178,13 @@ def _gather(part_ptr, count_ptr, slot, nbar, num_programs, prog, acc_c, acc_m, t
 
 @triton.jit
 def _search(logits_ptr, scratch_ptr, part_ptr, count_ptr, nbar, num_programs, prog, chunk_len, inv_t, m,
-            lo, hi, floor, goal,
+            lo, hi, floor, goal, early,
             MASS: tl.constexpr, TILE: tl.constexpr, P: tl.constexpr, C: tl.constexpr, MAX_PASSES: tl.constexpr):
     """The largest key t with F(t) >= target (as a key at or below it with nothing in between), where
     F(t) counts (MASS False: target = goal) or weighs (MASS True: target = goal * the mass of every
     value >= floor) the row's values >= max(t, floor). Needs F(lo) >= target > F(hi) = 0. Returns
-    (t, the barriers passed so far)."""
+    (t, the barriers passed so far). early (0/1): the candidates are few (a top-k floor), so the first
+    pass already writes them to the scratch row and every later pass reads only those."""
     above_c = tl.zeros([], dtype=tl.int32)  # count and mass at or above hi, from the passes before
     above_m = tl.zeros([], dtype=tl.float32)
     target = goal
@@ -188,7 +194,8 @@ def _search(logits_ptr, scratch_ptr, part_ptr, count_ptr, nbar, num_programs, pr
     while (done == 0) & (passes < MAX_PASSES):
         pk = _pivots(lo, hi, P)
         acc_c, acc_m, tot_c, tot_m = _count_pass(
-            logits_ptr, scratch_ptr, n, passes < 2, passes >= 1, inv_t, m, lo, hi, floor, pk, MASS, TILE, P)
+            logits_ptr, scratch_ptr, n, passes < 2 - early, passes >= 1 - early, inv_t, m, lo, hi, floor, pk,
+            MASS, TILE, P)
         own_c = tot_c  # this program's candidates (what it wrote, in a writing pass)
         nbar += 1  # the pass's records go to slot nbar % 2: a slower program may still read the other
         acc_c, acc_m, tot_c, tot_m = _gather(part_ptr, count_ptr, nbar % 2, nbar, num_programs, prog,
@@ -206,8 +213,8 @@ def _search(logits_ptr, scratch_ptr, part_ptr, count_ptr, nbar, num_programs, pr
         cnt_hi = tl.max(tl.where(ok, -1, acc_c), axis=0)  # ... at or above new_hi
         above_m += tl.max(tl.where(ok, float("-inf"), acc_m), axis=0)
         above_c += cnt_hi
-        # Pass 1 (from the row) wrote the candidates of its own interval: the next pass reads those.
-        n = tl.where(passes >= 1, own_c, chunk_len)
+        # Pass 1 (0 when early; from the row) wrote the candidates of its own interval: the next pass reads those.
+        n = tl.where(passes >= 1 - early, own_c, chunk_len)
         lo = new_lo
         hi = new_hi
         done = (((cnt_lo - cnt_hi) <= 1) | ((hi.to(tl.int64) - lo) <= 1)).to(tl.int32)
@@ -243,7 +250,7 @@ def _filter_threshold_kernel(
     hi_run = tl.full([TILE], float("-inf"), dtype=tl.float32)
     lo_run = tl.full([TILE], float("inf"), dtype=tl.float32)
     fin_run = tl.zeros([TILE], dtype=tl.int32)
-    for start in range(0, chunk_len, TILE):
+    for start in tl.range(0, chunk_len, TILE, num_stages=STAGES):
         offs = start + tl.arange(0, TILE)
         x = tl.load(logits_chunk + offs, mask=offs < chunk_len, other=float("-inf")).to(tl.float32) * inv_t
         finite = x > float("-inf")  # (False for NaN too)
@@ -271,10 +278,12 @@ def _filter_threshold_kernel(
         t = neg_inf_key
         if (top_k > 0) & (top_k < num_finite):
             t, nbar = _search(logits_chunk, scratch_chunk, part_row, count_row, nbar, num_programs, prog, chunk_len,
-                              inv_t, m, lo, hi, neg_inf_key, top_k.to(tl.float32), False, TILE, P, C, MAX_PASSES)
+                              inv_t, m, lo, hi, neg_inf_key, top_k.to(tl.float32), 0, False, TILE, P, C, MAX_PASSES)
         if top_p < 1.0:
+            # After a top-k search only ~k values are left above its threshold: one pass over the row collects them.
+            early = (t > neg_inf_key).to(tl.int32)
             t, nbar = _search(logits_chunk, scratch_chunk, part_row, count_row, nbar, num_programs, prog, chunk_len,
-                              inv_t, m, tl.maximum(lo, t), hi, t, top_p, True, TILE, P, C, MAX_PASSES)
+                              inv_t, m, tl.maximum(lo, t), hi, t, top_p, early, True, TILE, P, C, MAX_PASSES)
         thr = _from_key(t)
         if min_p > 0.0:
             thr = tl.maximum(thr, m + tl.log(min_p))
