@@ -249,6 +249,14 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
       timeout -s INT 200 python3 -m pytest tests/kernels/test_penalties.py tests/executor/test_sampler.py -x -q \
         -p no:cacheprovider --durations=3 2>&1 | tail -12
       timeout -s INT 240 python3 -m pytest tests/test_async_scheduling.py -x -q -p no:cacheprovider 2>&1 | tail -8 ;;
+    filter-warps)  # the threshold kernel's warps a program and tile (programs an SM from its registers)
+      local w t
+      for wt in "1 256" "2 256" "4 256" "4 512"; do
+        read -r w t <<< "$wt"
+        echo "-- PAGEDSERVE_FILTER_WARPS=$w PAGEDSERVE_FILTER_TILE=$t"
+        PAGEDSERVE_FILTER_WARPS=$w PAGEDSERVE_FILTER_TILE=$t timeout 200 python3 -m pagedserve.executor.kernels.bench_kernels \
+          --tune sample-filter 2>&1 | grep -E " (1|256) |threshold kernel|Error|error"
+      done ;;
     tput-pen)  # default workload at T 0.7: Qwen2-7B-Instruct's recommended sampling (top-p 0.8, top-k 20, rep 1.05)
       local v q="--top-p 0.8 --top-k 20 --repetition-penalty 1.05"
       for v in "PAGEDSERVE_FUSED_PENALTIES=1|" "PAGEDSERVE_FUSED_PENALTIES=1|--top-p 0.8 --top-k 20" \
@@ -331,7 +339,7 @@ for phase in $phases; do
   tar czf "$RETURN_DIR/gpu-logs.tgz" -C "$OUT" . 2>/dev/null
   case $phase in
     tests) grep -E "7B shapes|async vs sync|passed|failed|FAILED|rror" "$OUT/tests.log" | tail -25 ;;
-    serve-bench*|serve-conc|serve-compiles|serve-paths|serve-diag|serve-prof|prof-load|sample-filter|tput-filter|tput-pen) cat "$OUT/$phase.log" ;;
+    serve-bench*|serve-conc|serve-compiles|serve-paths|serve-diag|serve-prof|prof-load|sample-filter|tput-filter|tput-pen|filter-warps) cat "$OUT/$phase.log" ;;
     timeline*|skinny-b1|tput-ab|steplog) tail -n 70 "$OUT/$phase.log" ;;
     serve|serve-ab) cat "$OUT/$phase.log" ;;
     profile*|probe|launch-probe|silu|skinny*|tma-test|work-test|decode-work|tp-ab|lat-ab|gpu-quick|mixed-test|qkv-test|kernels-test|importprobe|sample|sample-test|filter-test|pen-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;

@@ -308,8 +308,8 @@ def test_bf16_logits_sample_as_their_fp32_values() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_mixed_batch_greedy_fused_and_filtered_rows(dtype: torch.dtype) -> None:
-    """Greedy rows, fused-kernel rows (temperature only) and torch-path rows (top-k/top-p/min-p) in
-    one batch, at a real vocabulary size."""
+    """Greedy rows, fused-kernel rows (temperature only) and filtered rows (top-k/top-p/min-p: the threshold
+    kernel, or the torch path with fused_filters=False) in one batch, at a real vocabulary size."""
     from pagedserve.executor.kernels.sample import sample_gumbel
 
     vocab = 152064
@@ -340,9 +340,13 @@ def test_cuda_mixed_batch_greedy_fused_and_filtered_rows(dtype: torch.dtype) -> 
                              torch.tensor([3], device="cuda"))  # fmt: skip
         alone, _ = Sampler(vocab, {EOS}, use_fused_kernel=True)(logits[row:row + 1], [reqs[row]])
         assert ids[row] == want.item() == alone[0]
-    # Seeded torch-path rows draw from their own generators: the same tokens with the kernel off.
+    x6 = logits[6].float()  # min-p 0.2 (threshold kernel): a token with p >= 0.2 p_max
+    assert x6[ids[6]] >= x6.max() + math.log(0.2) - 1e-5
+    # Seeded filtered rows on the torch path (fused_filters=False) draw from their own generators: the same
+    # tokens with the kernel off entirely.
+    torch_filtered, _ = Sampler(vocab, {EOS}, use_fused_kernel=True, fused_filters=False)(logits, reqs)
     torch_ids, _ = Sampler(vocab, {EOS}, use_fused_kernel=False)(logits, reqs)
-    assert [torch_ids[i] for i in (0, 2, 4, 6, 7)] == [ids[i] for i in (0, 2, 4, 6, 7)]
+    assert [torch_ids[i] for i in (0, 2, 4, 6, 7)] == [torch_filtered[i] for i in (0, 2, 4, 6, 7)]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -507,6 +507,10 @@ def bench_sample_filter(vocab: int = 152064) -> None:
                 thr_us = triton.testing.do_bench_cudagraph(thr_only, return_mode="median") * 1e3
                 print(f"{kind:>6} {num_rows:4d} {label:>22} {times[0]:12.1f} {times[1]:12.1f} {graph:12.1f} "
                       f"{thr_us:10.1f} {kept.sum(1).float().mean().item():8.0f} {mismatch:8d}")  # fmt: skip
+    from pagedserve.executor.kernels import sample_filter as sf
+
+    print(f"threshold kernel: {sf.WARPS} warp(s) a program, tile {sf.TILE}; registers a thread "
+          f"{dict(sf.REGISTERS)}, programs an SM {dict(sf._RESIDENT)}")
 
 
 def main() -> None:

@@ -57,6 +57,8 @@ Logits must be finite or -inf (+inf breaks the torch path's softmax as well).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -67,7 +69,8 @@ from pagedserve.executor.kernels.pdl import pdl_enter
 from pagedserve.executor.precompile import dry_run
 
 PIVOTS = 16  # P: pivots a pass (the interval shrinks ~P-fold a pass)
-TILE = 256  # elements a loop step of one program ([TILE, P] comparisons in one warp)
+TILE = int(os.environ.get("PAGEDSERVE_FILTER_TILE", "256"))  # elements a loop step ([TILE, P] comparisons)
+WARPS = int(os.environ.get("PAGEDSERVE_FILTER_WARPS", "1"))  # warps a program (tuning knob; see resident_per_sm)
 MAX_PASSES = 48  # guard only: a pass always narrows the interval (~5 passes a search on 152k values)
 NARROW_KEYS = tl.constexpr(4096)  # below this many keys between lo and hi, pivots are spaced in key space
 MAX_PROGRAMS_PER_ROW = 128  # C: every program reads all C partial records of its row each pass
@@ -291,14 +294,13 @@ def _filter_threshold_kernel(
         tl.store(out_ptr + row, thr)
 
 
-def programs_per_row(num_rows: int, vocab: int, device: torch.device) -> int:
+def programs_per_row(num_rows: int, vocab: int, device: torch.device, resident: int = RESIDENT_PER_SM) -> int:
     """C: one program a row on CPUs (the interpreter runs programs one after another, so a row's
     programs could never wait for each other); on a GPU as many as keep every program of the grid
-    resident at once (RESIDENT_PER_SM one-warp programs an SM), at most MAX_PROGRAMS_PER_ROW and one
-    tile each."""
+    resident at once (`resident` programs an SM), at most MAX_PROGRAMS_PER_ROW and one tile each."""
     if device.type != "cuda":
         return 1
-    fit = RESIDENT_PER_SM * num_sms(device) // max(num_rows, 1)
+    fit = resident * num_sms(device) // max(num_rows, 1)
     return max(1, min(MAX_PROGRAMS_PER_ROW, fit, triton.cdiv(vocab, TILE)))
 
 
@@ -341,24 +343,61 @@ def filter_thresholds(
     if dry_run():
         out.fill_(float("-inf"))
     temperatures, top_k, top_p, min_p = (t.contiguous() for t in (temperatures, top_k, top_p, min_p))
+    scratch = torch.empty(num_rows, vocab, dtype=torch.float32, device=logits.device)
+    counts = torch.zeros(num_rows, dtype=torch.int32, device=logits.device)
+
+    def launch(num_programs: int, grid: tuple[int, int] | None = None, warmup: bool = False):
+        chunk = triton.cdiv(triton.cdiv(vocab, num_programs), 16) * 16  # 64-byte aligned chunk starts
+        num_programs = triton.cdiv(vocab, chunk)
+        parts = torch.empty(num_rows, 2, num_programs, REC, dtype=torch.float32, device=logits.device)
+        fn = _filter_threshold_kernel.warmup if warmup else _filter_threshold_kernel[grid or (num_rows, num_programs)]
+        extra = {"grid": (1, 1)} if warmup else {}
+        return fn(logits, temperatures, top_k, top_p, min_p, out, scratch, parts, counts, logits.stride(0), vocab,
+                  chunk, num_programs, TILE=TILE, P=PIVOTS, C=MAX_PROGRAMS_PER_ROW, MAX_PASSES=MAX_PASSES,
+                  num_warps=WARPS, **pdl_launch_kwargs(logits.device), **extra)  # fmt: skip
+
+    resident = RESIDENT_PER_SM
+    if logits.device.type == "cuda":
+        resident = resident_per_sm(logits.device, lambda: launch(1, warmup=True))
     if num_programs is None:
-        num_programs = programs_per_row(num_rows, vocab, logits.device)
+        num_programs = programs_per_row(num_rows, vocab, logits.device, resident)
     elif not 1 <= num_programs <= MAX_PROGRAMS_PER_ROW or (num_programs > 1 and logits.device.type != "cuda"):
         raise ValueError(f"num_programs must be in [1, {MAX_PROGRAMS_PER_ROW}] (1 off CUDA), got {num_programs}")
-    elif num_programs > 1 and num_rows * num_programs > RESIDENT_PER_SM * num_sms(logits.device):
+    elif num_programs > 1 and num_rows * num_programs > resident * num_sms(logits.device):
         # Not every program could be resident: a row's programs would wait at the barrier forever.
-        raise ValueError(f"{num_rows} rows x {num_programs} programs exceed {RESIDENT_PER_SM} a SM on this GPU")
-    chunk = triton.cdiv(triton.cdiv(vocab, num_programs), 16) * 16  # 64-byte aligned chunk starts
-    num_programs = triton.cdiv(vocab, chunk)
-    scratch = torch.empty(num_rows, vocab, dtype=torch.float32, device=logits.device)
-    parts = torch.empty(num_rows, 2, num_programs, REC, dtype=torch.float32, device=logits.device)
-    counts = torch.zeros(num_rows, dtype=torch.int32, device=logits.device)
-    _filter_threshold_kernel[(num_rows, num_programs)](
-        logits, temperatures, top_k, top_p, min_p, out, scratch, parts, counts, logits.stride(0), vocab, chunk,
-        num_programs, TILE=TILE, P=PIVOTS, C=MAX_PROGRAMS_PER_ROW, MAX_PASSES=MAX_PASSES,
-        num_warps=1, **pdl_launch_kwargs(logits.device),
-    )  # fmt: skip
+        raise ValueError(f"{num_rows} rows x {num_programs} programs exceed {resident} a SM on this GPU")
+    launch(num_programs)
     return out
 
 
-__all__ = ["filter_thresholds", "programs_per_row", "PIVOTS", "TILE", "MAX_PASSES"]
+_RESIDENT: dict[tuple[int, int, int], int] = {}
+REGISTERS: dict[tuple[int, int, int], int] = {}  # registers a thread of the compiled kernel (for the bench)
+
+
+def resident_per_sm(device: torch.device, compile_kernel) -> int:
+    """How many programs of the kernel (WARPS warps each) an SM holds at once, from the compiled kernel's
+    registers and shared memory (compile_kernel() returns it, compiled but not launched): with one warp and
+    ~255 registers a thread that is 8 (session 12's hang: 9 rows x 128 programs on 132 SMs). Cached per
+    device and configuration; RESIDENT_PER_SM when the kernel cannot say."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (index, WARPS, TILE)
+    if key not in _RESIDENT:
+        kernel = compile_kernel()
+        try:
+            kernel._init_handles()
+            regs, shared = int(kernel.n_regs), int(kernel.metadata.shared)
+        except (AttributeError, RuntimeError, TypeError):  # (a Triton without these: the fixed bound)
+            _RESIDENT[key] = RESIDENT_PER_SM
+            return RESIDENT_PER_SM
+        props = torch.cuda.get_device_properties(index)
+        regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256  # allocated per warp in units of 256
+        by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (regs_per_warp * WARPS)
+        by_warps = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * WARPS)
+        # (1 KB a block is kept by the driver)
+        by_smem = getattr(props, "shared_memory_per_multiprocessor", 233472) // (shared + 1024)
+        _RESIDENT[key] = max(1, min(32, by_regs, by_warps, by_smem))
+        REGISTERS[key] = regs
+    return _RESIDENT[key]
+
+
+__all__ = ["filter_thresholds", "programs_per_row", "resident_per_sm", "PIVOTS", "TILE", "MAX_PASSES"]
