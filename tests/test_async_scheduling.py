@@ -76,23 +76,16 @@ def test_async_with_penalties_stays_async_and_equals_sync(engines: dict[bool, LL
     assert not sampler._penalty_history.entries
 
 
-def test_async_penalties_through_preemption(real_model_dir: str, engines: dict[bool, LLM]) -> None:
-    prompts = [f"Write the word number {i} many times:" for i in range(6)]
-    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, frequency_penalty=0.7,
-                            repetition_penalty=1.2)
-    free_run = engines[False].generate(prompts, params, use_tqdm=False)
-    tokenizer = engines[False].get_tokenizer()
-    blocks_needed = sum(-(-(len(tokenizer.encode(p)) + 24) // 16) for p in prompts)
-    small = LLM(real_model_dir, max_model_len=512, num_kv_blocks=blocks_needed // 3, async_scheduling=True)
-    tight_run = small.generate(prompts, params, use_tqdm=False)
-    assert small.engine.get_stats()["num_preemptions"] > 0
-    for a, b in zip(free_run, tight_run):
-        assert a.outputs[0].token_ids == b.outputs[0].token_ids
-
-
-def test_async_preemption_matches_unconstrained(real_model_dir: str, engines: dict[bool, LLM]) -> None:
-    prompts = [f"Count from {i} to {i + 30}, separated by commas:" for i in range(6)]
-    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+@pytest.mark.parametrize(("prompt", "extra"), [
+    ("Count from {i} to {j}, separated by commas:", {}),
+    ("Write the word number {i} many times:", {"frequency_penalty": 0.7, "repetition_penalty": 1.2}),
+], ids=["plain", "penalties"])
+def test_async_preemption_matches_unconstrained(real_model_dir: str, engines: dict[bool, LLM], prompt: str,
+                                                extra: dict) -> None:
+    """Preempted (and recomputed) requests give the tokens of an unconstrained run; with penalties, their device-side
+    history survives the preemption."""
+    prompts = [prompt.format(i=i, j=i + 30) for i in range(6)]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, **extra)
     free_run = engines[False].generate(prompts, params, use_tqdm=False)
     tokenizer = engines[False].get_tokenizer()
     blocks_needed = sum(-(-(len(tokenizer.encode(p)) + 24) // 16) for p in prompts)
