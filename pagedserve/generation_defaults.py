@@ -21,10 +21,12 @@ import logging
 import os
 from typing import Any
 
+from pagedserve.sampling_params import SamplingParams
+
 logger = logging.getLogger(__name__)
 
 FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-BUILTIN = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+BUILTIN = {k: getattr(SamplingParams(), k) for k in FIELDS}  # what a request gets without these defaults
 _NONE_MODES = ("vllm", "none")
 
 
@@ -55,8 +57,6 @@ def load_generation_defaults(model_folder: str | None, mode: str = "auto",
     if defaults.get("top_k") == -1:
         defaults["top_k"] = 0
     defaults = {k: v for k, v in defaults.items() if v != BUILTIN[k]}
-    from pagedserve.sampling_params import SamplingParams
-
     try:
         SamplingParams(**defaults)
     except (ValueError, TypeError) as e:

@@ -19,9 +19,8 @@ def run(args: argparse.Namespace) -> dict:
                 "repetition_penalty": float(getattr(args, "repetition_penalty", 1.0)),
                 "frequency_penalty": float(getattr(args, "frequency_penalty", 0.0)),
                 "presence_penalty": float(getattr(args, "presence_penalty", 0.0))}
-    plain = {"top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "frequency_penalty": 0.0,
-             "presence_penalty": 0.0}
-    if args.compare_hf and sampling != plain:
+    plain = SamplingParams()
+    if args.compare_hf and any(v != getattr(plain, k) for k, v in sampling.items()):
         raise ValueError("--top-p / --top-k / --min-p and the penalties are for our side only; --compare-hf runs "
                          "both sides with none of them")
     llm, startup_s = build_llm(args)

@@ -244,7 +244,7 @@ class PenaltyHistory:
         width = self.vocab_size
         wanted = {r.request_id: r for r in requests}
         if len(wanted) != len(requests):
-            raise ValueError("PenaltyHistory.gather: a request id appears twice in one step")
+            raise ValueError("PenaltyHistory.update: a request id appears twice in one step")
         # An entry is rebuilt when its request id now names another request (a new output list).
         self.release([rid for rid, r in wanted.items() if (e := self.entries.get(rid)) is not None and (
             e.outputs is not r.output_token_ids or e.prompt_len != len(r.prompt_token_ids)
@@ -478,21 +478,21 @@ class Sampler:
         use_rep = any(p.repetition_penalty != 1.0 for p in pen_params)
         knob_rows = [[p.repetition_penalty for p in pen_params], [p.frequency_penalty for p in pen_params],
                      [p.presence_penalty for p in pen_params]]
-        if history is not None and self.fused_penalties and self._fused_kernel_on(logits) and dtype == torch.float32:
-            # One Triton pass over the penalized rows, reading the history's rows in place.
-            from pagedserve.executor.kernels.penalties import apply_penalties
-
+        hist = None
+        if history is not None:
             if self._penalty_history is None or self._penalty_history.device != device:
                 self._penalty_history = PenaltyHistory(width, device)
             hist = self._penalty_history
+        if hist is not None and self.fused_penalties and self._fused_kernel_on(logits) and dtype == torch.float32:
+            # One Triton pass over the penalized rows, reading the history's rows in place.
+            from pagedserve.executor.kernels.penalties import apply_penalties
+
             slots = hist.update(pen_requests, history)
             apply_penalties(logits, _to_device(pen_rows, torch.long, device), slots, hist.counts,
                             hist.in_prompt if use_rep else None, _to_device(knob_rows, torch.float32, device))
             return
-        if history is not None:
-            if self._penalty_history is None or self._penalty_history.device != device:
-                self._penalty_history = PenaltyHistory(width, device)
-            counts, in_prompt = self._penalty_history.gather(pen_requests, history, use_rep)
+        if hist is not None:
+            counts, in_prompt = hist.gather(pen_requests, history, use_rep)
         else:
             counts, in_prompt = _host_history(pen_requests, width, device, use_rep)
         all_rows = len(pen_rows) == len(requests)

@@ -41,10 +41,12 @@ with a chunk of columns and its own part of the scratch row. After each pass eve
 record (its counts and masses) to one of two slots, waits at a barrier of the row (an atomic counter
 that only grows, polled with acquire loads), and sums all C records in the same order: every program
 of the row takes the same decisions and leaves the loop together. The barrier needs every program of
-the row resident at once: programs_per_row keeps S * C <= RESIDENT_PER_SM x the SM count (one-warp
-programs of <= 255 registers and 512 B of shared memory: eight always fit an SM), and gives C = 1 on
-CPUs, where the interpreter runs programs one after another. A forced count beyond that is refused
-(session 12 run 2: 9 rows x 128 programs on 132 SMs waited at the barrier until the test's timeout).
+the row resident at once: programs_per_row keeps S * C <= the programs an SM holds x the SM count, and
+gives C = 1 on CPUs, where the interpreter runs programs one after another. The programs an SM holds
+come from the compiled kernel's registers and shared memory (resident_per_sm: 12 on the H200 with 168
+registers a thread; RESIDENT_PER_SM = 8, the bound for <= 255 registers, when Triton cannot say). A
+forced count beyond that is refused (session 12 run 2: 9 rows x 128 programs on 132 SMs waited at the
+barrier until the test's timeout).
 
 Differences from the torch path, at its boundaries only: tokens tied with the top-p boundary token
 all stay (the torch path's stable sort keeps the lower ids of such a tie: a threshold cannot split
@@ -346,11 +348,11 @@ def filter_thresholds(
     scratch = torch.empty(num_rows, vocab, dtype=torch.float32, device=logits.device)
     counts = torch.zeros(num_rows, dtype=torch.int32, device=logits.device)
 
-    def launch(num_programs: int, grid: tuple[int, int] | None = None, warmup: bool = False):
+    def launch(num_programs: int, warmup: bool = False):
         chunk = triton.cdiv(triton.cdiv(vocab, num_programs), 16) * 16  # 64-byte aligned chunk starts
         num_programs = triton.cdiv(vocab, chunk)
         parts = torch.empty(num_rows, 2, num_programs, REC, dtype=torch.float32, device=logits.device)
-        fn = _filter_threshold_kernel.warmup if warmup else _filter_threshold_kernel[grid or (num_rows, num_programs)]
+        fn = _filter_threshold_kernel.warmup if warmup else _filter_threshold_kernel[(num_rows, num_programs)]
         extra = {"grid": (1, 1)} if warmup else {}
         return fn(logits, temperatures, top_k, top_p, min_p, out, scratch, parts, counts, logits.stride(0), vocab,
                   chunk, num_programs, TILE=TILE, P=PIVOTS, C=MAX_PROGRAMS_PER_ROW, MAX_PASSES=MAX_PASSES,
