@@ -134,6 +134,46 @@ def test_masked_and_nan_entries():
     assert kept[5].nonzero().flatten().tolist() == [17]
 
 
+def test_top_k_radix_selection_paths():
+    """Top-k selects by the keys' bits, 8 a pass (the top 8 in pass 0, then up to three passes more). Rows
+    built to stop at each depth, and to hand each kind of start to a top-p search after it:
+      0: the k-th value alone in its top-8-bit bucket (k = 1 of a row with one far outlier): no pass after
+         pass 0, so the top-p search reads the row itself;
+      1: values of both signs, the k-th negative;
+      2: values that share their top 24 bits (1 + small multiples of 2^-23): only the last pass tells them
+         apart;
+      3: the k-th value tied 40 times at the bottom of the finite range (-3.4e38, the lowest bucket), with
+         -inf and NaN below and among them;
+      4: every value equal (a tie of the whole row, k inside it)."""
+    gen = torch.Generator().manual_seed(13)
+    vocab = 1000
+    logits = torch.randn(5, vocab, generator=gen)
+    logits[0, 123] = 100.0  # exponent far above the rest: alone in its bucket
+    logits[1] = torch.randn(vocab, generator=gen) * 4 - 2
+    logits[2] = 1.0 + torch.randint(0, 64, (vocab,), generator=gen).float() * 2.0**-23
+    logits[3] = torch.randn(vocab, generator=gen)
+    low = torch.randperm(vocab, generator=gen)
+    logits[3, low[:40]] = -3.4e38
+    logits[3, low[40:60]] = NEG_INF
+    logits[3, low[60]] = float("nan")
+    logits[4] = 0.75
+    rows = [(1.0, 1, 0.9, 0.0), (1.0, 700, 1.0, 0.0), (1.0, 17, 0.95, 0.0), (1.0, 950, 1.0, 0.0),
+            (1.0, 500, 0.5, 0.0)]  # fmt: skip
+    # Row 3's kept tokens at -3.4e38 have probability 0 (exp underflows), which the reference's mask drops:
+    # its set is checked against torch.topk instead.
+    others = [0, 1, 2, 4]
+    kept, ref, thr = kept_sets(logits[others].to(DEVICE), [rows[i] for i in others])
+    assert torch.equal(kept, ref), [(i, int(kept[i].sum()), int(ref[i].sum())) for i in range(len(others))]
+    assert kept[0].nonzero().flatten().tolist() == [123]
+    assert kept[1].sum() == 700 and thr[1] < 0
+    assert kept[2].sum() >= 17 and thr[2] > 1.0
+    assert kept[3].all()
+    thr3 = filter_thresholds(logits[3:4].to(DEVICE), *params_tensors(rows[3:4])).item()
+    row3 = torch.nan_to_num(logits[3], nan=NEG_INF)
+    assert thr3 == torch.tensor(-3.4e38).item()
+    assert torch.equal(row3 >= thr3, row3 >= row3.topk(950).values[-1])  # all 979 finite: the tie kept whole
+
+
 def test_strided_rows_and_fp32_params():
     gen = torch.Generator().manual_seed(9)
     base = torch.randn(3, 2000, generator=gen).to(DEVICE) * 3

@@ -14,11 +14,20 @@ then draws from the kept tokens in its one pass: the filtered rows sample like t
 Why no sort: a descending sort of [S, 152064] fp32 with its int64 permutation, then softmax, cumsum
 and a scatter back, is ~10 passes over 1.2 GB at S = 256; the threshold is one number a row.
 
-Search. A pass over the row's candidates, the values in [lo, hi) (in the order of the int32 keys
-below: total, exact, one key per float), counts for P pivots inside the interval
-how many candidates (top-k) or how much mass (top-p) lie at or above each pivot; with what lies at
-or above hi, carried from the passes before, that gives F(pivot), the count or mass of the row at or
-above it. F falls as the pivot rises; the new interval is [last pivot with F >= target, next pivot),
+Top-k: radix selection. The int32 keys below, as unsigned (key + 2^31), order the floats; pass 0
+histograms the row's finite values by their top 8 key bits (256 buckets; tl.histogram, ~0.8k
+instructions a 256-value tile against ~3.3k for 16 pivots' comparisons), the programs of a row add
+their histograms with integer atomics (the same sums in any order), and the highest bucket whose count
+at or above it reaches k holds the k-th value. Each later pass histograms that bucket's values by the
+next 8 bits: at most three more passes, fewer when the chosen bucket holds one value (then its bottom
+is the threshold: nothing lies between). The first of them reads the row and writes every value at or
+above the chosen bucket (fewer than k above it, plus the bucket's own) to the scratch row; later ones
+read and rewrite that, and a top-p search after top-k starts from it without reading the row again.
+
+Top-p: search. A pass over the row's candidates, the values in [lo, hi) (in the order of the int32 keys
+below: total, exact, one key per float), measures for P pivots inside the interval how much mass lies
+at or above each pivot (and how many candidates); with what lies at or above hi, carried from the
+passes before, that gives F(pivot), the mass of the row at or above it. F falls as the pivot rises; the new interval is [last pivot with F >= target, next pivot),
 so F(lo) >= target > F(hi) always holds and the answer (the largest t with F(t) >= target) stays
 inside. It ends when one candidate is left (then {x >= lo} is exactly the kept set) or lo and hi
 are adjacent keys (every candidate equals lo: ties). Pivots are evenly spaced in value while the
@@ -26,12 +35,12 @@ interval is wide (P = 16: a flat 152k-token row is down to one candidate in ~5 p
 space once it is narrow, where floats are too few to split evenly; each pass narrows [lo, hi) by at
 least one key, so it always ends (MAX_PASSES is a guard: past it lo is kept, a superset of the answer).
 
-    pass 0: max, min and count of finite x          (the row; no search)
-    search pass 1: counts over [lo, hi)             (the row)
-    search pass 2: counts, and the candidates of its interval written to a scratch row
+    pass 0: max, min and count of finite x          (the row; for top-k also its 8-bit histogram)
+    search pass 1: masses over [lo, hi)             (the row)
+    search pass 2: masses, and the candidates of its interval written to a scratch row
     search pass 3+: read and rewrite the scratch row in place (compacted: ~V / P^(pass - 1) values)
-    (a top-p search after a top-k one: its pass 1 already writes the few values at or above the top-k
-    threshold, and every later pass reads only those)
+    (a top-p search after a top-k one reads only the few values at or above the top-k threshold that the
+    radix passes left in the scratch row; when top-k needed no radix pass, its pass 1 collects them)
 Each program keeps STAGES tiles of loads in flight (tl.range's software pipelining: cp.async into
 shared memory), since one tile at a time left a program latency-bound (session 12).
 
@@ -79,6 +88,8 @@ MAX_PROGRAMS_PER_ROW = 128  # C: every program reads all C partial records of it
 RESIDENT_PER_SM = 8  # one-warp programs: at most S * C = 8 x SMs, so every program of a row is resident
 STAGES = tl.constexpr(4)  # tiles of loads in flight per program (software pipelining of the tile loops)
 REC = 2 * PIVOTS + 2  # a partial record: P counts, P masses, total count, total mass (fp32)
+HIST_BINS = 256  # top-k: buckets of a histogram pass (8 bits of the key a pass)
+HIST_LEVELS = 4  # 32 key bits / 8: pass 0 buckets the top 8 bits, each later pass the next 8
 
 
 @triton.jit
@@ -122,7 +133,7 @@ def _row_barrier(count_ptr, target):
 
 @triton.jit
 def _count_pass(logits_ptr, scratch_ptr, n, from_logits, write, inv_t, m, lo, hi, floor, pk,
-                MASS: tl.constexpr, TILE: tl.constexpr, P: tl.constexpr):
+                TILE: tl.constexpr, P: tl.constexpr):
     """Over the first n values of this program's chunk (logits, or its scratch chunk): candidates are
     the keys in [lo, hi) and >= floor. Per pivot: how many candidates (and how much mass e^(x - m)) lie
     at or above it; the candidates' total count and mass. With `write`, the candidates are also stored,
@@ -144,10 +155,9 @@ def _count_pass(logits_ptr, scratch_ptr, n, from_logits, write, inv_t, m, lo, hi
         cand = inb & (key >= lo) & (key < hi) & (key >= floor)
         above = cand[:, None] & (key[:, None] >= pk[None, :])
         acc_c += tl.sum(above.to(tl.int32), axis=0)
-        if MASS:
-            w = tl.where(cand, tl.exp(x - m), 0.0)
-            acc_m += tl.sum(tl.where(above, w[:, None], 0.0), axis=0)
-            tot_m += tl.sum(w, axis=0)
+        w = tl.where(cand, tl.exp(x - m), 0.0)
+        acc_m += tl.sum(tl.where(above, w[:, None], 0.0), axis=0)
+        tot_m += tl.sum(w, axis=0)
         cand_i = cand.to(tl.int32)
         if write:
             pos = tot_c + tl.cumsum(cand_i, axis=0) - 1
@@ -183,43 +193,40 @@ def _gather(part_ptr, count_ptr, slot, nbar, num_programs, prog, acc_c, acc_m, t
 
 @triton.jit
 def _search(logits_ptr, scratch_ptr, part_ptr, count_ptr, nbar, num_programs, prog, chunk_len, inv_t, m,
-            lo, hi, floor, goal, early,
-            MASS: tl.constexpr, TILE: tl.constexpr, P: tl.constexpr, C: tl.constexpr, MAX_PASSES: tl.constexpr):
-    """The largest key t with F(t) >= target (as a key at or below it with nothing in between), where
-    F(t) counts (MASS False: target = goal) or weighs (MASS True: target = goal * the mass of every
-    value >= floor) the row's values >= max(t, floor). Needs F(lo) >= target > F(hi) = 0. Returns
-    (t, the barriers passed so far). early (0/1): the candidates are few (a top-k floor), so the first
-    pass already writes them to the scratch row and every later pass reads only those."""
-    above_c = tl.zeros([], dtype=tl.int32)  # count and mass at or above hi, from the passes before
-    above_m = tl.zeros([], dtype=tl.float32)
+            lo, hi, floor, goal, nlog, scratch_n,
+            TILE: tl.constexpr, P: tl.constexpr, C: tl.constexpr, MAX_PASSES: tl.constexpr):
+    """Top-p: the largest key t with F(t) >= target (as a key at or below it with nothing in between),
+    where F(t) is the mass e^(x - m) of the row's values >= max(t, floor) and target = goal * the mass of
+    every value >= floor. Needs F(lo) >= target > F(hi) = 0. Returns
+    (t, the barriers passed so far). nlog: the passes that read the row (2: the second writes its
+    candidates to the scratch row, later ones read those; 1: the candidates are few (a top-k floor), so
+    the first pass already writes them; 0: this program's scratch chunk already holds its scratch_n
+    values, every value >= floor among them, and every pass reads and rewrites that)."""
+    above_m = tl.zeros([], dtype=tl.float32)  # mass at or above hi, from the passes before
     target = goal
-    n = chunk_len
+    n = tl.where(nlog > 0, chunk_len, scratch_n)
     passes = 0
     done = ((hi.to(tl.int64) - lo) <= 1).to(tl.int32)  # (int32 keys: the span needs 64 bits)
     while (done == 0) & (passes < MAX_PASSES):
         pk = _pivots(lo, hi, P)
         acc_c, acc_m, tot_c, tot_m = _count_pass(
-            logits_ptr, scratch_ptr, n, passes < 2 - early, passes >= 1 - early, inv_t, m, lo, hi, floor, pk,
-            MASS, TILE, P)
+            logits_ptr, scratch_ptr, n, passes < nlog, passes >= nlog - 1, inv_t, m, lo, hi, floor, pk, TILE, P)
         own_c = tot_c  # this program's candidates (what it wrote, in a writing pass)
         nbar += 1  # the pass's records go to slot nbar % 2: a slower program may still read the other
         acc_c, acc_m, tot_c, tot_m = _gather(part_ptr, count_ptr, nbar % 2, nbar, num_programs, prog,
                                              acc_c, acc_m, tot_c, tot_m, P, C)
-        if MASS:
-            if passes == 0:
-                target = goal * tot_m
-            f = above_m + acc_m
-        else:
-            f = (above_c + acc_c).to(tl.float32)
+        if passes == 0:
+            target = goal * tot_m
+        f = above_m + acc_m
         ok = f >= target  # true for a prefix of the pivots (the last, hi, never: F(hi) < target)
         new_lo = tl.max(tl.where(ok, pk, lo), axis=0)
         new_hi = tl.min(tl.where(ok, hi, pk), axis=0)
         cnt_lo = tl.min(tl.where(ok, acc_c, tot_c), axis=0)  # candidates at or above new_lo
         cnt_hi = tl.max(tl.where(ok, -1, acc_c), axis=0)  # ... at or above new_hi
         above_m += tl.max(tl.where(ok, float("-inf"), acc_m), axis=0)
-        above_c += cnt_hi
-        # Pass 1 (0 when early; from the row) wrote the candidates of its own interval: the next pass reads those.
-        n = tl.where(passes >= 1 - early, own_c, chunk_len)
+        # Pass nlog - 1 (from the row, or the scratch chunk) wrote the candidates of its own interval: the next
+        # pass reads those.
+        n = tl.where(passes >= nlog - 1, own_c, chunk_len)
         lo = new_lo
         hi = new_hi
         done = (((cnt_lo - cnt_hi) <= 1) | ((hi.to(tl.int64) - lo) <= 1)).to(tl.int32)
@@ -227,12 +234,91 @@ def _search(logits_ptr, scratch_ptr, part_ptr, count_ptr, nbar, num_programs, pr
     return lo, nbar
 
 
+@triton.jit
+def _publish_hist(hist_ptr, hist):
+    """Adds this program's histogram to the row's (integer atomics: the sum is the same in any order).
+    The row barrier that follows (acq_rel) makes every program's adds visible to every other."""
+    bins = tl.arange(0, hist.shape[0])
+    tl.atomic_add(hist_ptr + bins, hist, mask=hist > 0, sem="relaxed")
+
+
+@triton.jit
+def _choose_bucket(hist_ptr, above, k, NB: tl.constexpr):
+    """From the row's histogram of the current interval (NB buckets, ascending) and the count at or above
+    the interval's top: the highest bucket b with count(at or above b) >= k, its count, and the count
+    above it."""
+    bins = tl.arange(0, NB)
+    h = tl.load(hist_ptr + bins, cache_modifier=".cg")  # .cg: written by atomics at L2
+    at_or_above = above + tl.cumsum(h, axis=0, reverse=True)
+    b = tl.max(tl.where(at_or_above >= k, bins, 0), axis=0)
+    in_b = tl.sum(tl.where(bins == b, h, 0), axis=0)
+    above_b = tl.sum(tl.where(bins == b, at_or_above, 0), axis=0) - in_b
+    return b, in_b, above_b
+
+
+@triton.jit
+def _ukey(x):
+    """The key as unsigned 32 bits (key + 2^31): the floats' order, -inf lowest (NaN mapped to -inf before)."""
+    return (_to_key(x) ^ -2147483648).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _topk_search(logits_ptr, scratch_ptr, hist_row, count_ptr, nbar, num_programs, chunk_len, inv_t, k, lo_fin,
+                 TILE: tl.constexpr, NB: tl.constexpr, LEVELS: tl.constexpr):
+    """The top-k threshold by radix selection on the unsigned keys (_ukey): pass 0 already put the row's finite
+    values in NB buckets by their top 8 bits (histogram slot 0); each later pass buckets the values of the
+    chosen bucket by the next 8 bits, at most LEVELS - 1 more passes, and ends early once the chosen bucket
+    holds one value. Pass 1 reads the row and writes every value at or above the chosen bucket's bottom
+    (<= k - 1 above it, plus the bucket's own) to this program's scratch chunk; later passes read and rewrite
+    that in place. Returns (threshold key, barriers passed, the scratch values this program holds, all of
+    them >= the threshold; -1 when no pass wrote any)."""
+    BITS: tl.constexpr = 8
+    b, in_b, above = _choose_bucket(hist_row, 0, k, NB)
+    shift = tl.full([], 32 - BITS, tl.uint32)
+    lo = b.to(tl.uint32) << shift  # the chosen bucket: ukeys in [lo, lo + 2^shift)
+    own = tl.full([], -1, tl.int32)
+    level = tl.full([], 1, tl.int32)
+    while (in_b > 1) & (level < LEVELS):
+        span = tl.full([], 1, tl.uint32) << shift  # (ukey - lo < span: no lo + span, which may be 2^32)
+        shift -= BITS
+        hist = tl.zeros([NB], dtype=tl.int32)
+        n = tl.where(level == 1, chunk_len, own)
+        kept = tl.zeros([], dtype=tl.int32)
+        for start in tl.range(0, n, TILE, num_stages=STAGES):
+            offs = start + tl.arange(0, TILE)
+            inb = offs < n
+            if level == 1:
+                x = tl.load(logits_ptr + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t
+            else:
+                x = tl.load(scratch_ptr + offs, mask=inb, other=float("-inf"))
+            x = tl.where(x == x, x, float("-inf"))
+            rel = _ukey(x) - lo  # (unsigned: wraps to a large value below lo)
+            keep = inb & (_ukey(x) >= lo)
+            hist += tl.histogram((rel >> shift).to(tl.int32), NB, mask=keep & (rel < span))
+            keep_i = keep.to(tl.int32)
+            # compacted in place: a value is written at or before where it was read from
+            tl.store(scratch_ptr + kept + tl.cumsum(keep_i, axis=0) - 1, x, mask=keep)
+            kept += tl.sum(keep_i, axis=0)
+        own = kept
+        _publish_hist(hist_row + level * NB, hist)
+        nbar += 1
+        _row_barrier(count_ptr, nbar * num_programs)
+        b, in_b, above = _choose_bucket(hist_row + level * NB, above, k, NB)
+        lo += b.to(tl.uint32) << shift
+        level += 1
+    # lo may be a bucket's bottom below every value (nothing lies between it and the answer); keep it at or
+    # above the row's smallest finite value so that its float is never a NaN bit pattern.
+    t = tl.maximum(lo.to(tl.int32, bitcast=True) ^ -2147483648, _to_key(lo_fin))
+    return t, nbar, own
+
+
 # One variant for every batch and vocabulary: strides, sizes and the program count change nothing.
 @triton.jit(do_not_specialize=["stride_row", "vocab", "chunk", "num_programs"])
 def _filter_threshold_kernel(
-    logits_ptr, temps_ptr, top_k_ptr, top_p_ptr, min_p_ptr, out_ptr, scratch_ptr, part_ptr, count_ptr,
+    logits_ptr, temps_ptr, top_k_ptr, top_p_ptr, min_p_ptr, out_ptr, scratch_ptr, part_ptr, count_ptr, hist_ptr,
     stride_row, vocab, chunk, num_programs,
-    TILE: tl.constexpr, P: tl.constexpr, C: tl.constexpr, MAX_PASSES: tl.constexpr,
+    TILE: tl.constexpr, P: tl.constexpr, C: tl.constexpr, MAX_PASSES: tl.constexpr, NB: tl.constexpr,
+    LEVELS: tl.constexpr,
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
     """Grid (S, num_programs): program (r, c) takes columns [c * chunk, (c + 1) * chunk) of row r; the
@@ -250,11 +336,15 @@ def _filter_threshold_kernel(
     scratch_chunk = scratch_ptr + row * vocab + col0
     part_row = part_ptr + row * (2 * num_programs * (2 * P + 2))
     count_row = count_ptr + row
+    hist_row = hist_ptr + row * (LEVELS * NB)  # top-k: the row's histogram of each radix pass (zeroed)
+    want_k = (top_k > 0) & (top_k < vocab)
 
-    # Pass 0: the row's max, min and number of finite values (a record of three, in slot 0).
+    # Pass 0: the row's max, min and number of finite values (a record of three, in slot 0); for top-k also
+    # the histogram of the finite values' keys by their top 8 bits.
     hi_run = tl.full([TILE], float("-inf"), dtype=tl.float32)
     lo_run = tl.full([TILE], float("inf"), dtype=tl.float32)
     fin_run = tl.zeros([TILE], dtype=tl.int32)
+    hist = tl.zeros([NB], dtype=tl.int32)
     for start in tl.range(0, chunk_len, TILE, num_stages=STAGES):
         offs = start + tl.arange(0, TILE)
         x = tl.load(logits_chunk + offs, mask=offs < chunk_len, other=float("-inf")).to(tl.float32) * inv_t
@@ -262,6 +352,10 @@ def _filter_threshold_kernel(
         hi_run = tl.maximum(hi_run, tl.where(finite, x, float("-inf")))
         lo_run = tl.minimum(lo_run, tl.where(finite, x, float("inf")))
         fin_run += finite.to(tl.int32)
+        if want_k:
+            hist += tl.histogram((_ukey(x) >> 24).to(tl.int32), NB, mask=finite)
+    if want_k:
+        _publish_hist(hist_row, hist)
     rec = part_row + prog * (2 * P + 2)
     tl.store(rec, tl.max(hi_run, axis=0))
     tl.store(rec + 1, tl.min(lo_run, axis=0))
@@ -281,14 +375,16 @@ def _filter_threshold_kernel(
         lo = _to_key(lo_fin)
         hi = _to_key(m) + 1  # just above the max: F(hi) = 0
         t = neg_inf_key
-        if (top_k > 0) & (top_k < num_finite):
-            t, nbar = _search(logits_chunk, scratch_chunk, part_row, count_row, nbar, num_programs, prog, chunk_len,
-                              inv_t, m, lo, hi, neg_inf_key, top_k.to(tl.float32), 0, False, TILE, P, C, MAX_PASSES)
+        own = tl.full([], -1, tl.int32)
+        if want_k & (top_k < num_finite):
+            t, nbar, own = _topk_search(logits_chunk, scratch_chunk, hist_row, count_row, nbar, num_programs,
+                                        chunk_len, inv_t, top_k, lo_fin, TILE, NB, LEVELS)
         if top_p < 1.0:
-            # After a top-k search only ~k values are left above its threshold: one pass over the row collects them.
-            early = (t > neg_inf_key).to(tl.int32)
+            # After a top-k search only ~k values are left at or above its threshold: the scratch chunk holds
+            # them (nlog 0), or, when that search needed no pass over the row, one pass collects them (nlog 1).
+            nlog = tl.where(own >= 0, 0, tl.where(t > neg_inf_key, 1, 2))
             t, nbar = _search(logits_chunk, scratch_chunk, part_row, count_row, nbar, num_programs, prog, chunk_len,
-                              inv_t, m, tl.maximum(lo, t), hi, t, top_p, early, True, TILE, P, C, MAX_PASSES)
+                              inv_t, m, tl.maximum(lo, t), hi, t, top_p, nlog, own, TILE, P, C, MAX_PASSES)
         thr = _from_key(t)
         if min_p > 0.0:
             thr = tl.maximum(thr, m + tl.log(min_p))
@@ -346,7 +442,8 @@ def filter_thresholds(
         out.fill_(float("-inf"))
     temperatures, top_k, top_p, min_p = (t.contiguous() for t in (temperatures, top_k, top_p, min_p))
     scratch = torch.empty(num_rows, vocab, dtype=torch.float32, device=logits.device)
-    counts = torch.zeros(num_rows, dtype=torch.int32, device=logits.device)
+    zeroed = torch.zeros(num_rows * (1 + HIST_LEVELS * HIST_BINS), dtype=torch.int32, device=logits.device)
+    counts, hists = zeroed[:num_rows], zeroed[num_rows:]  # barrier counters, histograms: one memset
 
     def launch(num_programs: int, warmup: bool = False):
         chunk = triton.cdiv(triton.cdiv(vocab, num_programs), 16) * 16  # 64-byte aligned chunk starts
@@ -354,9 +451,9 @@ def filter_thresholds(
         parts = torch.empty(num_rows, 2, num_programs, REC, dtype=torch.float32, device=logits.device)
         fn = _filter_threshold_kernel.warmup if warmup else _filter_threshold_kernel[(num_rows, num_programs)]
         extra = {"grid": (1, 1)} if warmup else {}
-        return fn(logits, temperatures, top_k, top_p, min_p, out, scratch, parts, counts, logits.stride(0), vocab,
-                  chunk, num_programs, TILE=TILE, P=PIVOTS, C=MAX_PROGRAMS_PER_ROW, MAX_PASSES=MAX_PASSES,
-                  num_warps=WARPS, **pdl_launch_kwargs(logits.device), **extra)  # fmt: skip
+        return fn(logits, temperatures, top_k, top_p, min_p, out, scratch, parts, counts, hists, logits.stride(0),
+                  vocab, chunk, num_programs, TILE=TILE, P=PIVOTS, C=MAX_PROGRAMS_PER_ROW, MAX_PASSES=MAX_PASSES,
+                  NB=HIST_BINS, LEVELS=HIST_LEVELS, num_warps=WARPS, **pdl_launch_kwargs(logits.device), **extra)  # fmt: skip
 
     resident = RESIDENT_PER_SM
     if logits.device.type == "cuda":
