@@ -257,6 +257,13 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
         PAGEDSERVE_FILTER_WARPS=$w PAGEDSERVE_FILTER_TILE=$t timeout 200 python3 -m pagedserve.executor.kernels.bench_kernels \
           --tune sample-filter 2>&1 | grep -E " (1|256) |threshold kernel|Error|error"
       done ;;
+    tput-chat)  # default workload at T 0.7: plain; top-p 0.8 + top-k 20; + repetition 1.05 (Qwen2-7B-Instruct's defaults)
+      local q
+      for q in "" "--top-p 0.8 --top-k 20" "--top-p 0.8 --top-k 20 --repetition-penalty 1.05"; do
+        echo "-- --temperature 0.7 $q"
+        python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm \
+          --temperature 0.7 $q 2>&1 | grep -E "^throughput|^steps|^floor|Error|error"
+      done ;;
     tput-pen)  # default workload at T 0.7: Qwen2-7B-Instruct's recommended sampling (top-p 0.8, top-k 20, rep 1.05)
       local v q="--top-p 0.8 --top-k 20 --repetition-penalty 1.05"
       for v in "PAGEDSERVE_FUSED_PENALTIES=1|" "PAGEDSERVE_FUSED_PENALTIES=1|--top-p 0.8 --top-k 20" \
@@ -339,7 +346,7 @@ for phase in $phases; do
   tar czf "$RETURN_DIR/gpu-logs.tgz" -C "$OUT" . 2>/dev/null
   case $phase in
     tests) grep -E "7B shapes|async vs sync|passed|failed|FAILED|rror" "$OUT/tests.log" | tail -25 ;;
-    serve-bench*|serve-conc|serve-compiles|serve-paths|serve-diag|serve-prof|prof-load|sample-filter|tput-filter|tput-pen|filter-warps) cat "$OUT/$phase.log" ;;
+    serve-bench*|serve-conc|serve-compiles|serve-paths|serve-diag|serve-prof|prof-load|sample-filter|tput-filter|tput-pen|tput-chat|filter-warps) cat "$OUT/$phase.log" ;;
     timeline*|skinny-b1|tput-ab|steplog) tail -n 70 "$OUT/$phase.log" ;;
     serve|serve-ab) cat "$OUT/$phase.log" ;;
     profile*|probe|launch-probe|silu|skinny*|tma-test|work-test|decode-work|tp-ab|lat-ab|gpu-quick|mixed-test|qkv-test|kernels-test|importprobe|sample|sample-test|filter-test|pen-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;

@@ -25,15 +25,16 @@ above the chosen bucket (fewer than k above it, plus the bucket's own) to the sc
 read and rewrite that, and a top-p search after top-k starts from it without reading the row again.
 
 Top-p: search. A pass over the row's candidates, the values in [lo, hi) (in the order of the int32 keys
-below: total, exact, one key per float), measures for P pivots inside the interval how much mass lies
-at or above each pivot (and how many candidates); with what lies at or above hi, carried from the
-passes before, that gives F(pivot), the mass of the row at or above it. F falls as the pivot rises; the new interval is [last pivot with F >= target, next pivot),
-so F(lo) >= target > F(hi) always holds and the answer (the largest t with F(t) >= target) stays
-inside. It ends when one candidate is left (then {x >= lo} is exactly the kept set) or lo and hi
-are adjacent keys (every candidate equals lo: ties). Pivots are evenly spaced in value while the
-interval is wide (P = 16: a flat 152k-token row is down to one candidate in ~5 passes) and in key
-space once it is narrow, where floats are too few to split evenly; each pass narrows [lo, hi) by at
-least one key, so it always ends (MAX_PASSES is a guard: past it lo is kept, a superset of the answer).
+below: total, exact, one key per float), measures for P pivots inside the interval how much mass lies at
+or above each pivot (and how many candidates); with what lies at or above hi, carried from the passes
+before, that gives F(pivot), the mass of the row at or above it. F falls as the pivot rises; the new
+interval is [last pivot with F >= target, next pivot), so F(lo) >= target > F(hi) always holds and the
+answer (the largest t with F(t) >= target) stays inside. It ends when one candidate is left (then {x >=
+lo} is exactly the kept set) or lo and hi are adjacent keys (every candidate equals lo: ties). Pivots
+are evenly spaced in value while the interval is wide (P = 16: a flat 152k-token row is down to one
+candidate in ~5 passes) and in key space once it is narrow, where floats are too few to split evenly;
+each pass narrows [lo, hi) by at least one key, so it always ends (MAX_PASSES is a guard: past it lo is
+kept, a superset of the answer).
 
     pass 0: max, min and count of finite x          (the row; for top-k also its 8-bit histogram)
     search pass 1: masses over [lo, hi)             (the row)
@@ -453,7 +454,8 @@ def filter_thresholds(
         extra = {"grid": (1, 1)} if warmup else {}
         return fn(logits, temperatures, top_k, top_p, min_p, out, scratch, parts, counts, hists, logits.stride(0),
                   vocab, chunk, num_programs, TILE=TILE, P=PIVOTS, C=MAX_PROGRAMS_PER_ROW, MAX_PASSES=MAX_PASSES,
-                  NB=HIST_BINS, LEVELS=HIST_LEVELS, num_warps=WARPS, **pdl_launch_kwargs(logits.device), **extra)  # fmt: skip
+                  NB=HIST_BINS, LEVELS=HIST_LEVELS, num_warps=WARPS,
+                  **pdl_launch_kwargs(logits.device), **extra)  # fmt: skip
 
     resident = RESIDENT_PER_SM
     if logits.device.type == "cuda":
