@@ -236,7 +236,7 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
       timeout -s INT 150 python3 -m pytest tests/kernels/test_sample.py -x -q -p no:cacheprovider --durations=5 -k "not full_vocabulary" 2>&1 | tail -9
       timeout -s INT 60 python3 -m pytest tests/kernels/test_sample.py -x -v -p no:cacheprovider -k full_vocabulary 2>&1 | tail -25 ;;
     sample-filter)  # filtered sampling: torch path vs threshold kernel + fused sampler, S = 1 / 64 / 256
-      timeout 400 python3 -m pagedserve.executor.kernels.bench_kernels --tune sample-filter ;;
+      timeout "${SF_TIMEOUT:-400}" python3 -m pagedserve.executor.kernels.bench_kernels --tune sample-filter ;;
     tput-filter)  # the default workload at T 0.7: plain; top-p 0.9 on the torch path; top-p 0.9 and top-k 50 fused
       local v
       for v in "PAGEDSERVE_FUSED_FILTERS=1|" "PAGEDSERVE_FUSED_FILTERS=0|--top-p 0.9" "PAGEDSERVE_FUSED_FILTERS=1|--top-p 0.9" \
@@ -257,6 +257,12 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
         PAGEDSERVE_FILTER_WARPS=$w PAGEDSERVE_FILTER_TILE=$t timeout 200 python3 -m pagedserve.executor.kernels.bench_kernels \
           --tune sample-filter 2>&1 | grep -E " (1|256) |threshold kernel|Error|error"
       done ;;
+    filter-diag)  # the threshold kernel case by case, each in a subprocess with a timeout (time, kept sets)
+      timeout 300 python3 scripts/filter_diag.py
+      if grep -qE "TIMEOUT|rows differing [1-9]" "$OUT/filter-diag.log" 2>/dev/null; then
+        echo "-- PAGEDSERVE_FILTER_STAGES=1"
+        FILTER_DIAG_CASES="16:topk:0 256:both:0" PAGEDSERVE_FILTER_STAGES=1 timeout 100 python3 scripts/filter_diag.py
+      fi ;;
     tput-chat)  # default workload at T 0.7: plain; top-p 0.8 + top-k 20; + repetition 1.05 (Qwen2-7B-Instruct's defaults)
       local q
       for q in "" "--top-p 0.8 --top-k 20" "--top-p 0.8 --top-k 20 --repetition-penalty 1.05"; do
@@ -346,7 +352,7 @@ for phase in $phases; do
   tar czf "$RETURN_DIR/gpu-logs.tgz" -C "$OUT" . 2>/dev/null
   case $phase in
     tests) grep -E "7B shapes|async vs sync|passed|failed|FAILED|rror" "$OUT/tests.log" | tail -25 ;;
-    serve-bench*|serve-conc|serve-compiles|serve-paths|serve-diag|serve-prof|prof-load|sample-filter|tput-filter|tput-pen|tput-chat|filter-warps) cat "$OUT/$phase.log" ;;
+    serve-bench*|serve-conc|serve-compiles|serve-paths|serve-diag|serve-prof|prof-load|sample-filter|tput-filter|tput-pen|tput-chat|filter-warps|filter-diag) cat "$OUT/$phase.log" ;;
     timeline*|skinny-b1|tput-ab|steplog) tail -n 70 "$OUT/$phase.log" ;;
     serve|serve-ab) cat "$OUT/$phase.log" ;;
     profile*|probe|launch-probe|silu|skinny*|tma-test|work-test|decode-work|tp-ab|lat-ab|gpu-quick|mixed-test|qkv-test|kernels-test|importprobe|sample|sample-test|filter-test|pen-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;

@@ -87,7 +87,7 @@ MAX_PASSES = 48  # guard only: a pass always narrows the interval (~5 passes a s
 NARROW_KEYS = tl.constexpr(4096)  # below this many keys between lo and hi, pivots are spaced in key space
 MAX_PROGRAMS_PER_ROW = 128  # C: every program reads all C partial records of its row each pass
 RESIDENT_PER_SM = 8  # one-warp programs: at most S * C = 8 x SMs, so every program of a row is resident
-STAGES = tl.constexpr(4)  # tiles of loads in flight per program (software pipelining of the tile loops)
+STAGES = tl.constexpr(int(os.environ.get("PAGEDSERVE_FILTER_STAGES", "4")))  # tiles of loads in flight a program
 REC = 2 * PIVOTS + 2  # a partial record: P counts, P masses, total count, total mass (fp32)
 HIST_BINS = 256  # top-k: buckets of a histogram pass (8 bits of the key a pass)
 HIST_LEVELS = 4  # 32 key bits / 8: pass 0 buckets the top 8 bits, each later pass the next 8
