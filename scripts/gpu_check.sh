@@ -260,8 +260,10 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
     filter-diag)  # the threshold kernel case by case, each in a subprocess with a timeout (time, kept sets)
       timeout 300 python3 scripts/filter_diag.py
       if grep -qE "TIMEOUT|rows differing [1-9]" "$OUT/filter-diag.log" 2>/dev/null; then
-        echo "-- PAGEDSERVE_FILTER_STAGES=1"
-        FILTER_DIAG_CASES="16:topk:0 256:both:0" PAGEDSERVE_FILTER_STAGES=1 timeout 100 python3 scripts/filter_diag.py
+        for v in PAGEDSERVE_FILTER_STAGES=1 PAGEDSERVE_FILTER_HIST_ONEHOT=1 PAGEDSERVE_FILTER_HIST_RECORDS=1; do
+          echo "-- $v"
+          env $v FILTER_DIAG_CASES="16:topk:0 256:both:0" timeout 80 python3 scripts/filter_diag.py
+        done
       fi ;;
     tput-chat)  # default workload at T 0.7: plain; top-p 0.8 + top-k 20; + repetition 1.05 (Qwen2-7B-Instruct's defaults)
       local q
