@@ -209,12 +209,14 @@ class PenaltyHistory:
 
     It is a cache: any entry can be dropped and rebuilt from the host lists, so rows of finished requests
     are freed when the runner reports them, and otherwise the least recently used entries not needed this
-    step make room. The tensors grow (doubling) to the most rows one step needs.
+    step make room. The tensors grow (doubling) to the most rows one step needs, and past max_rows (the
+    engine's max_num_seqs: the most requests one step samples) only when a step needs more.
     """
 
-    def __init__(self, vocab_size: int, device: torch.device) -> None:
+    def __init__(self, vocab_size: int, device: torch.device, max_rows: int | None = None) -> None:
         self.vocab_size = vocab_size
         self.device = device
+        self.max_rows = max_rows
         self.counts = torch.zeros((0, vocab_size), dtype=torch.int32, device=device)
         self.in_prompt = torch.zeros((0, vocab_size), dtype=torch.bool, device=device)
         self.entries: OrderedDict[str, _HistoryEntry] = OrderedDict()  # least recently used first
@@ -316,6 +318,8 @@ class PenaltyHistory:
         if short > 0:
             old = self.capacity
             new_capacity = max(old * 2, old + short, 4)
+            if self.max_rows is not None:
+                new_capacity = min(new_capacity, max(self.max_rows, old + short))
             counts = torch.zeros((new_capacity, self.vocab_size), dtype=torch.int32, device=self.device)
             in_prompt = torch.zeros((new_capacity, self.vocab_size), dtype=torch.bool, device=self.device)
             counts[:old] = self.counts
@@ -345,8 +349,10 @@ class Sampler:
         use_fused_kernel: bool = False,
         fused_filters: bool = True,
         fused_penalties: bool = True,
+        max_rows: int | None = None,
     ) -> None:
         self.vocab_size = vocab_size
+        self.max_rows = max_rows  # the most rows one step samples (max_num_seqs): caps the penalty history
         self.eos_token_ids = set(eos_token_ids)
         self.use_fused_kernel = use_fused_kernel
         self.fused_filters = fused_filters
@@ -481,7 +487,7 @@ class Sampler:
         hist = None
         if history is not None:
             if self._penalty_history is None or self._penalty_history.device != device:
-                self._penalty_history = PenaltyHistory(width, device)
+                self._penalty_history = PenaltyHistory(width, device, self.max_rows)
             hist = self._penalty_history
         if hist is not None and self.fused_penalties and self._fused_kernel_on(logits) and dtype == torch.float32:
             # One Triton pass over the penalized rows, reading the history's rows in place.

@@ -163,7 +163,8 @@ def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: st
     sampler = Sampler(vocab_size, config_eos_ids,
                       use_fused_kernel=os.environ.get("PAGEDSERVE_FUSED_SAMPLER", "1") != "0",
                       fused_filters=os.environ.get("PAGEDSERVE_FUSED_FILTERS", "1") != "0",
-                      fused_penalties=os.environ.get("PAGEDSERVE_FUSED_PENALTIES", "1") != "0")
+                      fused_penalties=os.environ.get("PAGEDSERVE_FUSED_PENALTIES", "1") != "0",
+                      max_rows=config.max_num_seqs)
     runner = ModelRunner(config, model, hf_config, device, dtype, num_blocks, config.block_size, sampler)
     config = dataclasses.replace(config, max_model_len=max_model_len, max_num_batched_tokens=max_batched)
     logger.info("start-up: KV cache sized at %.1f s%s", time.monotonic() - t0, summary_suffix())

@@ -409,3 +409,22 @@ def test_penalty_history_matches_host_lists_across_steps(device: str) -> None:
             reused = rid
     assert rebuilt  # the reused id was sampled again, with its own new history
     assert hist.capacity <= 16  # rows are reused: at most a step's worth (6), doubled
+
+
+def test_penalty_history_growth_stops_at_max_rows() -> None:
+    """Doubling stops at max_rows (the engine's max_num_seqs): 5 rows at most a step keep 5 rows, not 8;
+    a step that needs more than max_rows still gets them."""
+    from pagedserve.executor.sampler import PenaltyHistory, StepHistory
+
+    def step(hist: PenaltyHistory, rids: list[str]) -> None:
+        reqs = [ScheduledRequest(rid, [0], 0, [0], True, SamplingParams(repetition_penalty=1.1), [1, 2], [], 0)
+                for rid in rids]
+        hist.gather(reqs, StepHistory(None, {}, []))
+
+    capped, free = PenaltyHistory(10, torch.device("cpu"), max_rows=5), PenaltyHistory(10, torch.device("cpu"))
+    for hist in (capped, free):
+        for n in range(1, 6):
+            step(hist, [f"a{i}" for i in range(n)])
+    assert capped.capacity == 5 and free.capacity == 8
+    step(capped, [f"b{i}" for i in range(7)])
+    assert capped.capacity == 7
