@@ -257,13 +257,20 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
         PAGEDSERVE_FILTER_WARPS=$w PAGEDSERVE_FILTER_TILE=$t timeout 200 python3 -m pagedserve.executor.kernels.bench_kernels \
           --tune sample-filter 2>&1 | grep -E " (1|256) |threshold kernel|Error|error"
       done ;;
-    filter-diag)  # the threshold kernel case by case, each in a subprocess with a timeout (time, kept sets)
-      timeout 300 python3 scripts/filter_diag.py
-      if grep -qE "TIMEOUT|rows differing [1-9]" "$OUT/filter-diag.log" 2>/dev/null; then
+    filter-diag)  # the threshold kernel case by case (subprocesses with timeouts), then sample-filter timings
+      local v good="" res
+      timeout 250 python3 scripts/filter_diag.py
+      if grep -qE "TIMEOUT|rows differing [1-9]|rc [0-9]" "$OUT/filter-diag.log" 2>/dev/null; then
+        good=none
         for v in PAGEDSERVE_FILTER_STAGES=1 PAGEDSERVE_FILTER_HIST_ONEHOT=1 PAGEDSERVE_FILTER_HIST_RECORDS=1; do
-          echo "-- $v"
-          env $v FILTER_DIAG_CASES="16:topk:0 256:both:0" timeout 80 python3 scripts/filter_diag.py
+          res=$(env $v FILTER_DIAG_CASES="16:topk:0 256:both:0" timeout 80 python3 scripts/filter_diag.py 2>&1)
+          printf -- "-- %s\n%s\n" "$v" "$res"
+          if ! grep -qE "TIMEOUT|rows differing [1-9]|rc [0-9]" <<< "$res"; then good=$v; break; fi
         done
+      fi
+      if [ "$good" != none ]; then
+        echo "-- sample-filter ${good:-(defaults)}"
+        env $good timeout "${SF_TIMEOUT:-400}" python3 -m pagedserve.executor.kernels.bench_kernels --tune sample-filter
       fi ;;
     tput-chat)  # default workload at T 0.7: plain; top-p 0.8 + top-k 20; + repetition 1.05 (Qwen2-7B-Instruct's defaults)
       local q
