@@ -262,7 +262,8 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
       timeout 250 python3 scripts/filter_diag.py
       if grep -qE "TIMEOUT|rows differing [1-9]|rc [0-9]" "$OUT/filter-diag.log" 2>/dev/null; then
         good=none
-        for v in PAGEDSERVE_FILTER_STAGES=1 PAGEDSERVE_FILTER_HIST_ONEHOT=1 PAGEDSERVE_FILTER_HIST_RECORDS=1; do
+        for v in PAGEDSERVE_FILTER_STAGES=1 PAGEDSERVE_FILTER_HIST_ONEHOT=1 PAGEDSERVE_FILTER_HIST_RECORDS=1 \
+                 PAGEDSERVE_FILTER_RADIX=0; do
           res=$(env $v FILTER_DIAG_CASES="16:topk:0 256:both:0" timeout 80 python3 scripts/filter_diag.py 2>&1)
           printf -- "-- %s\n%s\n" "$v" "$res"
           if ! grep -qE "TIMEOUT|rows differing [1-9]|rc [0-9]" <<< "$res"; then good=$v; break; fi

@@ -92,6 +92,8 @@ REC = 2 * PIVOTS + 2  # a partial record: P counts, P masses, total count, total
 HIST_BINS = 256  # top-k: buckets of a histogram pass (8 bits of the key a pass)
 # Diagnosis switches (GPU runs): one-hot sums instead of tl.histogram; per-program records summed in order
 # instead of integer atomics into the row's histogram.
+# PAGEDSERVE_FILTER_RADIX=0: top-k by the pivot search (counts instead of masses), as before session 14.
+RADIX = tl.constexpr(os.environ.get("PAGEDSERVE_FILTER_RADIX", "1") == "1")
 HIST_ONEHOT = tl.constexpr(os.environ.get("PAGEDSERVE_FILTER_HIST_ONEHOT", "0") == "1")
 HIST_RECORDS = tl.constexpr(os.environ.get("PAGEDSERVE_FILTER_HIST_RECORDS", "0") == "1")
 HIST_LEVELS = 4  # 32 key bits / 8: pass 0 buckets the top 8 bits, each later pass the next 8
@@ -138,7 +140,7 @@ def _row_barrier(count_ptr, target):
 
 @triton.jit
 def _count_pass(logits_ptr, scratch_ptr, n, from_logits, write, inv_t, m, lo, hi, floor, pk,
-                TILE: tl.constexpr, P: tl.constexpr):
+                MASS: tl.constexpr, TILE: tl.constexpr, P: tl.constexpr):
     """Over the first n values of this program's chunk (logits, or its scratch chunk): candidates are
     the keys in [lo, hi) and >= floor. Per pivot: how many candidates (and how much mass e^(x - m)) lie
     at or above it; the candidates' total count and mass. With `write`, the candidates are also stored,
@@ -160,9 +162,10 @@ def _count_pass(logits_ptr, scratch_ptr, n, from_logits, write, inv_t, m, lo, hi
         cand = inb & (key >= lo) & (key < hi) & (key >= floor)
         above = cand[:, None] & (key[:, None] >= pk[None, :])
         acc_c += tl.sum(above.to(tl.int32), axis=0)
-        w = tl.where(cand, tl.exp(x - m), 0.0)
-        acc_m += tl.sum(tl.where(above, w[:, None], 0.0), axis=0)
-        tot_m += tl.sum(w, axis=0)
+        if MASS:
+            w = tl.where(cand, tl.exp(x - m), 0.0)
+            acc_m += tl.sum(tl.where(above, w[:, None], 0.0), axis=0)
+            tot_m += tl.sum(w, axis=0)
         cand_i = cand.to(tl.int32)
         if write:
             pos = tot_c + tl.cumsum(cand_i, axis=0) - 1
@@ -199,15 +202,17 @@ def _gather(part_ptr, count_ptr, slot, nbar, num_programs, prog, acc_c, acc_m, t
 @triton.jit
 def _search(logits_ptr, scratch_ptr, part_ptr, count_ptr, nbar, num_programs, prog, chunk_len, inv_t, m,
             lo, hi, floor, goal, nlog, scratch_n,
-            TILE: tl.constexpr, P: tl.constexpr, C: tl.constexpr, MAX_PASSES: tl.constexpr):
-    """Top-p: the largest key t with F(t) >= target (as a key at or below it with nothing in between),
+            MASS: tl.constexpr, TILE: tl.constexpr, P: tl.constexpr, C: tl.constexpr, MAX_PASSES: tl.constexpr):
+    """Top-p (MASS): the largest key t with F(t) >= target (as a key at or below it with nothing in between),
     where F(t) is the mass e^(x - m) of the row's values >= max(t, floor) and target = goal * the mass of
-    every value >= floor. Needs F(lo) >= target > F(hi) = 0. Returns
+    every value >= floor; without MASS (top-k when RADIX is off), F counts them and target = goal. Needs
+    F(lo) >= target > F(hi) = 0. Returns
     (t, the barriers passed so far). nlog: the passes that read the row (2: the second writes its
     candidates to the scratch row, later ones read those; 1: the candidates are few (a top-k floor), so
     the first pass already writes them; 0: this program's scratch chunk already holds its scratch_n
     values, every value >= floor among them, and every pass reads and rewrites that)."""
-    above_m = tl.zeros([], dtype=tl.float32)  # mass at or above hi, from the passes before
+    above_c = tl.zeros([], dtype=tl.int32)  # count and mass at or above hi, from the passes before
+    above_m = tl.zeros([], dtype=tl.float32)
     target = goal
     n = tl.where(nlog > 0, chunk_len, scratch_n)
     passes = 0
@@ -215,20 +220,25 @@ def _search(logits_ptr, scratch_ptr, part_ptr, count_ptr, nbar, num_programs, pr
     while (done == 0) & (passes < MAX_PASSES):
         pk = _pivots(lo, hi, P)
         acc_c, acc_m, tot_c, tot_m = _count_pass(
-            logits_ptr, scratch_ptr, n, passes < nlog, passes >= nlog - 1, inv_t, m, lo, hi, floor, pk, TILE, P)
+            logits_ptr, scratch_ptr, n, passes < nlog, passes >= nlog - 1, inv_t, m, lo, hi, floor, pk,
+            MASS, TILE, P)
         own_c = tot_c  # this program's candidates (what it wrote, in a writing pass)
         nbar += 1  # the pass's records go to slot nbar % 2: a slower program may still read the other
         acc_c, acc_m, tot_c, tot_m = _gather(part_ptr, count_ptr, nbar % 2, nbar, num_programs, prog,
                                              acc_c, acc_m, tot_c, tot_m, P, C)
-        if passes == 0:
-            target = goal * tot_m
-        f = above_m + acc_m
+        if MASS:
+            if passes == 0:
+                target = goal * tot_m
+            f = above_m + acc_m
+        else:
+            f = (above_c + acc_c).to(tl.float32)
         ok = f >= target  # true for a prefix of the pivots (the last, hi, never: F(hi) < target)
         new_lo = tl.max(tl.where(ok, pk, lo), axis=0)
         new_hi = tl.min(tl.where(ok, hi, pk), axis=0)
         cnt_lo = tl.min(tl.where(ok, acc_c, tot_c), axis=0)  # candidates at or above new_lo
         cnt_hi = tl.max(tl.where(ok, -1, acc_c), axis=0)  # ... at or above new_hi
         above_m += tl.max(tl.where(ok, float("-inf"), acc_m), axis=0)
+        above_c += cnt_hi
         # Pass nlog - 1 (from the row, or the scratch chunk) wrote the candidates of its own interval: the next
         # pass reads those.
         n = tl.where(passes >= nlog - 1, own_c, chunk_len)
@@ -378,10 +388,12 @@ def _filter_threshold_kernel(
         hi_run = tl.maximum(hi_run, tl.where(finite, x, float("-inf")))
         lo_run = tl.minimum(lo_run, tl.where(finite, x, float("inf")))
         fin_run += finite.to(tl.int32)
+        if RADIX:
+            if want_k:
+                hist += _hist((_ukey(x) >> 24).to(tl.int32), finite, NB)
+    if RADIX:
         if want_k:
-            hist += _hist((_ukey(x) >> 24).to(tl.int32), finite, NB)
-    if want_k:
-        _publish_hist(hist_row, hist, prog, NB)
+            _publish_hist(hist_row, hist, prog, NB)
     rec = part_row + prog * (2 * P + 2)
     tl.store(rec, tl.max(hi_run, axis=0))
     tl.store(rec + 1, tl.min(lo_run, axis=0))
@@ -403,14 +415,19 @@ def _filter_threshold_kernel(
         t = neg_inf_key
         own = tl.full([], -1, tl.int32)
         if want_k & (top_k < num_finite):
-            t, nbar, own = _topk_search(logits_chunk, scratch_chunk, hist_row, count_row, nbar, num_programs, prog,
-                                        chunk_len, inv_t, top_k, lo_fin, TILE, NB, LEVELS)
+            if RADIX:
+                t, nbar, own = _topk_search(logits_chunk, scratch_chunk, hist_row, count_row, nbar, num_programs,
+                                            prog, chunk_len, inv_t, top_k, lo_fin, TILE, NB, LEVELS)
+            else:
+                t, nbar = _search(logits_chunk, scratch_chunk, part_row, count_row, nbar, num_programs, prog, chunk_len,
+                                  inv_t, m, lo, hi, neg_inf_key, top_k.to(tl.float32), 2, own, False, TILE, P,
+                                  C, MAX_PASSES)  # fmt: skip
         if top_p < 1.0:
             # After a top-k search only ~k values are left at or above its threshold: the scratch chunk holds
             # them (nlog 0), or, when that search needed no pass over the row, one pass collects them (nlog 1).
             nlog = tl.where(own >= 0, 0, tl.where(t > neg_inf_key, 1, 2))
             t, nbar = _search(logits_chunk, scratch_chunk, part_row, count_row, nbar, num_programs, prog, chunk_len,
-                              inv_t, m, tl.maximum(lo, t), hi, t, top_p, nlog, own, TILE, P, C, MAX_PASSES)
+                              inv_t, m, tl.maximum(lo, t), hi, t, top_p, nlog, own, True, TILE, P, C, MAX_PASSES)
         thr = _from_key(t)
         if min_p > 0.0:
             thr = tl.maximum(thr, m + tl.log(min_p))
