@@ -258,21 +258,7 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
           --tune sample-filter 2>&1 | grep -E " (1|256) |threshold kernel|Error|error"
       done ;;
     filter-diag)  # the threshold kernel case by case (subprocesses with timeouts), then sample-filter timings
-      local v good="" res
-      timeout 250 python3 scripts/filter_diag.py
-      if grep -qE "TIMEOUT|rows differing [1-9]|rc [0-9]" "$OUT/filter-diag.log" 2>/dev/null; then
-        good=none
-        for v in PAGEDSERVE_FILTER_STAGES=1 PAGEDSERVE_FILTER_HIST_ONEHOT=1 PAGEDSERVE_FILTER_HIST_RECORDS=1 \
-                 PAGEDSERVE_FILTER_RADIX=0; do
-          res=$(env $v FILTER_DIAG_CASES="16:topk:0 256:both:0" timeout 80 python3 scripts/filter_diag.py 2>&1)
-          printf -- "-- %s\n%s\n" "$v" "$res"
-          if ! grep -qE "TIMEOUT|rows differing [1-9]|rc [0-9]" <<< "$res"; then good=$v; break; fi
-        done
-      fi
-      if [ "$good" != none ]; then
-        echo "-- sample-filter ${good:-(defaults)}"
-        env $good timeout "${SF_TIMEOUT:-400}" python3 -m pagedserve.executor.kernels.bench_kernels --tune sample-filter
-      fi ;;
+      OUT="$OUT" bash scripts/filter_diag.sh ;;
     tput-chat)  # default workload at T 0.7: plain; top-p 0.8 + top-k 20; + repetition 1.05 (Qwen2-7B-Instruct's defaults)
       local q
       for q in "" "--top-p 0.8 --top-k 20" "--top-p 0.8 --top-k 20 --repetition-penalty 1.05"; do
