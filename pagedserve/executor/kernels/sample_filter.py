@@ -86,6 +86,7 @@ WARPS = int(os.environ.get("PAGEDSERVE_FILTER_WARPS", "1"))  # warps a program (
 MAX_PASSES = 48  # guard only: a pass always narrows the interval (~5 passes a search on 152k values)
 NARROW_KEYS = tl.constexpr(4096)  # below this many keys between lo and hi, pivots are spaced in key space
 MAX_PROGRAMS_PER_ROW = 128  # C: every program reads all C partial records of its row each pass
+SCHEDULERS_PER_SM = 4  # warp schedulers an SM (Volta to Hopper), each with a quarter of the register file
 RESIDENT_PER_SM = 8  # one-warp programs: at most S * C = 8 x SMs, so every program of a row is resident
 STAGES = tl.constexpr(int(os.environ.get("PAGEDSERVE_FILTER_STAGES", "4")))  # tiles of loads in flight a program
 REC = 2 * PIVOTS + 2  # a partial record: P counts, P masses, total count, total mass (fp32)
@@ -535,7 +536,12 @@ def resident_per_sm(device: torch.device, compile_kernel) -> int:
             return RESIDENT_PER_SM
         props = torch.cuda.get_device_properties(index)
         regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256  # allocated per warp in units of 256
-        by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (regs_per_warp * WARPS)
+        # A warp's registers come from one of the SM's 4 schedulers' quarters of the file: 216 registers a
+        # thread fit 2 warps a quarter, 8 an SM, not the 9 that 65536 // 6912 says (session 14 run 2: 16 rows
+        # x 74 programs, sized for 9 an SM, hung at the row barrier; 8 an SM ran).
+        warps_by_regs = SCHEDULERS_PER_SM * (getattr(props, "regs_per_multiprocessor", 65536) // SCHEDULERS_PER_SM
+                                             // regs_per_warp)  # fmt: skip
+        by_regs = warps_by_regs // WARPS
         by_warps = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * WARPS)
         # (1 KB a block is kept by the driver)
         by_smem = getattr(props, "shared_memory_per_multiprocessor", 233472) // (shared + 1024)
