@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pagedserve.executor.kernels.sample import sample_gumbel
-from pagedserve.executor.kernels.sample_filter import TILE, filter_thresholds, programs_per_row
+from pagedserve.executor.kernels.sample_filter import TILE, filter_thresholds, programs_an_sm, programs_per_row
 from pagedserve.executor.sampler import Sampler, apply_sampling_filters, position_seed
 from pagedserve.sampling_params import SamplingParams
 
@@ -172,6 +172,18 @@ def test_top_k_radix_selection_paths():
     row3 = torch.nan_to_num(logits[3], nan=NEG_INF)
     assert thr3 == torch.tensor(-3.4e38).item()
     assert torch.equal(row3 >= thr3, row3 >= row3.topk(950).values[-1])  # all 979 finite: the tie kept whole
+
+
+def test_programs_an_sm_counts_each_schedulers_quarter_of_the_registers():
+    """The row barrier needs every program of a grid resident: the count must never be above what the SM holds.
+    Figures seen on the H200 (sessions 13-14): 168 registers, 1 warp: 12; 2 warps: 6; 105 registers, 4 warps: 4;
+    216 registers, 1 warp: 8 (not 9: a warp takes its registers from one scheduler's quarter of the file)."""
+    assert programs_an_sm(168, 3072, 1) == 12
+    assert programs_an_sm(168, 3072, 2) == 6
+    assert programs_an_sm(105, 3072, 4) == 4
+    assert programs_an_sm(216, 4096, 1) == 8
+    assert programs_an_sm(32, 3072, 1) == 32  # the blocks-an-SM cap
+    assert programs_an_sm(32, 100_000, 1) == 2  # shared memory bound
 
 
 def test_strided_rows_and_fp32_params():

@@ -519,6 +519,19 @@ _RESIDENT: dict[tuple[int, int, int], int] = {}
 REGISTERS: dict[tuple[int, int, int], int] = {}  # registers a thread of the compiled kernel (for the bench)
 
 
+def programs_an_sm(regs: int, shared: int, warps: int, regs_per_sm: int = 65536, threads_per_sm: int = 2048,
+                   shared_per_sm: int = 233472) -> int:
+    """Programs of `warps` warps, `regs` registers a thread and `shared` bytes of shared memory that an SM holds
+    at once. A warp's registers come from one of the SM's 4 schedulers' quarters of the register file, in
+    units of 256: 216 registers a thread fit 2 warps a quarter, 8 an SM, not the 9 that 65536 // 6912 says
+    (session 14 run 2: 16 rows x 74 programs, sized for 9 an SM, hung at the row barrier; 8 an SM ran)."""
+    regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = SCHEDULERS_PER_SM * (regs_per_sm // SCHEDULERS_PER_SM // regs_per_warp) // warps
+    by_warps = threads_per_sm // (32 * warps)
+    by_smem = shared_per_sm // (shared + 1024)  # (1 KB a block is kept by the driver)
+    return max(1, min(32, by_regs, by_warps, by_smem))
+
+
 def resident_per_sm(device: torch.device, compile_kernel) -> int:
     """How many programs of the kernel (WARPS warps each) an SM holds at once, from the compiled kernel's
     registers and shared memory (compile_kernel() returns it, compiled but not launched): with one warp and
@@ -535,19 +548,11 @@ def resident_per_sm(device: torch.device, compile_kernel) -> int:
             _RESIDENT[key] = RESIDENT_PER_SM
             return RESIDENT_PER_SM
         props = torch.cuda.get_device_properties(index)
-        regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256  # allocated per warp in units of 256
-        # A warp's registers come from one of the SM's 4 schedulers' quarters of the file: 216 registers a
-        # thread fit 2 warps a quarter, 8 an SM, not the 9 that 65536 // 6912 says (session 14 run 2: 16 rows
-        # x 74 programs, sized for 9 an SM, hung at the row barrier; 8 an SM ran).
-        warps_by_regs = SCHEDULERS_PER_SM * (getattr(props, "regs_per_multiprocessor", 65536) // SCHEDULERS_PER_SM
-                                             // regs_per_warp)  # fmt: skip
-        by_regs = warps_by_regs // WARPS
-        by_warps = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * WARPS)
-        # (1 KB a block is kept by the driver)
-        by_smem = getattr(props, "shared_memory_per_multiprocessor", 233472) // (shared + 1024)
-        _RESIDENT[key] = max(1, min(32, by_regs, by_warps, by_smem))
+        _RESIDENT[key] = programs_an_sm(regs, shared, WARPS, getattr(props, "regs_per_multiprocessor", 65536),
+                                        getattr(props, "max_threads_per_multi_processor", 2048),
+                                        getattr(props, "shared_memory_per_multiprocessor", 233472))
         REGISTERS[key] = regs
     return _RESIDENT[key]
 
 
-__all__ = ["filter_thresholds", "programs_per_row", "resident_per_sm", "PIVOTS", "TILE", "MAX_PASSES"]
+__all__ = ["filter_thresholds", "programs_per_row", "programs_an_sm", "resident_per_sm", "PIVOTS", "TILE", "MAX_PASSES"]
