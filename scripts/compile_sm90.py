@@ -51,10 +51,11 @@ def sample_filter() -> None:
            "min_p_ptr": "*fp64", "out_ptr": "*fp32", "scratch_ptr": "*fp32", "part_ptr": "*fp32", "count_ptr": "*i32",
            "hist_ptr": "*i32", "stride_row": "i32", "vocab": "i32", "chunk": "i32", "num_programs": "i32",
            "TILE": "constexpr", "P": "constexpr", "C": "constexpr", "MAX_PASSES": "constexpr", "NB": "constexpr",
-           "LEVELS": "constexpr", "USE_PDL": "constexpr"}
-    consts = {"TILE": m.TILE, "P": m.PIVOTS, "C": m.MAX_PROGRAMS_PER_ROW, "MAX_PASSES": m.MAX_PASSES,
-              "NB": m.HIST_BINS, "LEVELS": m.HIST_LEVELS, "USE_PDL": True}
-    build(m._filter_threshold_kernel, sig, consts, "sample_filter", num_warps=1)
+           "LEVELS": "constexpr", "RADIX": "constexpr", "USE_PDL": "constexpr"}
+    for radix in (True, False):
+        consts = {"TILE": m.TILE, "P": m.PIVOTS, "C": m.MAX_PROGRAMS_PER_ROW, "MAX_PASSES": m.MAX_PASSES,
+                  "NB": m.HIST_BINS, "LEVELS": m.HIST_LEVELS, "RADIX": radix, "USE_PDL": True}
+        build(m._filter_threshold_kernel, sig, consts, f"sample_filter radix={radix}", num_warps=1)
 
 
 def penalties() -> None:

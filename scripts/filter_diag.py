@@ -32,6 +32,7 @@ def run_case(case: str) -> None:
     top_p = torch.full((rows,), p, dtype=torch.float64, device="cuda")
     min_p = torch.zeros(rows, dtype=torch.float64, device="cuda")
     kw = {"num_programs": progs} if progs else {}
+    kw["any_top_k"] = k > 0  # as the Sampler chooses the kernel variant
     thr = sf.filter_thresholds(logits, temps, top_k, top_p, min_p, **kw)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -43,7 +44,7 @@ def run_case(case: str) -> None:
     ref = apply_sampling_filters(logits.clone(), torch.ones(rows, device="cuda"), top_k, top_p.float(),
                                  min_p.float()) > 0  # fmt: skip
     diff = (kept != ref).sum(1)
-    key = next(iter(sf._RESIDENT), None)
+    key = next(iter(sf._RESIDENT), None)  # (one variant a process)
     c = progs or sf.programs_per_row(rows, 152064, logits.device, sf._RESIDENT.get(key, 8))
     print(f"{case:12s} programs/row {c}"
           f" regs {sf.REGISTERS.get(key)} resident/SM {sf._RESIDENT.get(key)}: {us:8.1f} us a call (host included), "

@@ -94,7 +94,7 @@ HIST_BINS = 256  # top-k: buckets of a histogram pass (8 bits of the key a pass)
 # Diagnosis switches (GPU runs): one-hot sums instead of tl.histogram; per-program records summed in order
 # instead of integer atomics into the row's histogram.
 # PAGEDSERVE_FILTER_RADIX=0: top-k by the pivot search (counts instead of masses), as before session 14.
-RADIX = tl.constexpr(os.environ.get("PAGEDSERVE_FILTER_RADIX", "1") == "1")
+RADIX_TOP_K = os.environ.get("PAGEDSERVE_FILTER_RADIX", "1") == "1"
 HIST_ONEHOT = tl.constexpr(os.environ.get("PAGEDSERVE_FILTER_HIST_ONEHOT", "0") == "1")
 HIST_RECORDS = tl.constexpr(os.environ.get("PAGEDSERVE_FILTER_HIST_RECORDS", "0") == "1")
 HIST_LEVELS = 4  # 32 key bits / 8: pass 0 buckets the top 8 bits, each later pass the next 8
@@ -354,7 +354,7 @@ def _filter_threshold_kernel(
     logits_ptr, temps_ptr, top_k_ptr, top_p_ptr, min_p_ptr, out_ptr, scratch_ptr, part_ptr, count_ptr, hist_ptr,
     stride_row, vocab, chunk, num_programs,
     TILE: tl.constexpr, P: tl.constexpr, C: tl.constexpr, MAX_PASSES: tl.constexpr, NB: tl.constexpr,
-    LEVELS: tl.constexpr,
+    LEVELS: tl.constexpr, RADIX: tl.constexpr,
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
     """Grid (S, num_programs): program (r, c) takes columns [c * chunk, (c + 1) * chunk) of row r; the
@@ -455,11 +455,15 @@ def filter_thresholds(
     out: torch.Tensor | None = None,
     *,
     num_programs: int | None = None,
+    any_top_k: bool = True,
 ) -> torch.Tensor:
     """thr [S] fp32 (see the module docstring). logits [S, V] fp32/bf16/fp16 with a contiguous last
     dimension; temperatures [S] fp32/fp64 (> 0); top_k [S] int64 (<= 0 or >= V: off); top_p [S] and
     min_p [S] fp32/fp64 (1 and 0: off). All on one device; nothing here reads the device.
-    num_programs (programs a row; default programs_per_row) is for tests and tuning."""
+    num_programs (programs a row; default programs_per_row) is for tests and tuning. any_top_k=False (the
+    caller knows no row asks for top-k) launches the variant without the radix top-k, which needs fewer
+    registers (168 against 216 a thread on the H200: 12 programs an SM against 8), so a top-p search has more
+    programs; a row that asks for top-k all the same is still right (the pivot search finds it)."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be [num_rows, vocab], got shape {tuple(logits.shape)}")
     num_rows, vocab = logits.shape
@@ -486,9 +490,13 @@ def filter_thresholds(
         out.fill_(float("-inf"))
     temperatures, top_k, top_p, min_p = (t.contiguous() for t in (temperatures, top_k, top_p, min_p))
     scratch = torch.empty(num_rows, vocab, dtype=torch.float32, device=logits.device)
-    hist_len = HIST_LEVELS * HIST_BINS * (MAX_PROGRAMS_PER_ROW if HIST_RECORDS else 1)
-    zeroed = torch.zeros(num_rows * (1 + hist_len), dtype=torch.int32, device=logits.device)
-    counts, hists = zeroed[:num_rows], zeroed[num_rows:]  # barrier counters, histograms: one memset
+    radix = RADIX_TOP_K and any_top_k
+    hist_len = HIST_LEVELS * HIST_BINS * (MAX_PROGRAMS_PER_ROW if HIST_RECORDS else 1) if radix else 0
+    # Barrier counters, then histograms from a 16-byte boundary (Triton specializes pointers on it: a parity
+    # changing with the row count would compile another variant while serving); one memset.
+    at = triton.cdiv(num_rows, 4) * 4
+    zeroed = torch.zeros(at + num_rows * hist_len, dtype=torch.int32, device=logits.device)
+    counts, hists = zeroed[:num_rows], zeroed[at:]
 
     def launch(num_programs: int, warmup: bool = False):
         chunk = triton.cdiv(triton.cdiv(vocab, num_programs), 16) * 16  # 64-byte aligned chunk starts
@@ -498,12 +506,12 @@ def filter_thresholds(
         extra = {"grid": (1, 1)} if warmup else {}
         return fn(logits, temperatures, top_k, top_p, min_p, out, scratch, parts, counts, hists, logits.stride(0),
                   vocab, chunk, num_programs, TILE=TILE, P=PIVOTS, C=MAX_PROGRAMS_PER_ROW, MAX_PASSES=MAX_PASSES,
-                  NB=HIST_BINS, LEVELS=HIST_LEVELS, num_warps=WARPS,
+                  NB=HIST_BINS, LEVELS=HIST_LEVELS, RADIX=radix, num_warps=WARPS,
                   **pdl_launch_kwargs(logits.device), **extra)  # fmt: skip
 
     resident = RESIDENT_PER_SM
     if logits.device.type == "cuda":
-        resident = resident_per_sm(logits.device, lambda: launch(1, warmup=True))
+        resident = resident_per_sm(logits.device, lambda: launch(1, warmup=True), radix)
     if num_programs is None:
         num_programs = programs_per_row(num_rows, vocab, logits.device, resident)
     elif not 1 <= num_programs <= MAX_PROGRAMS_PER_ROW or (num_programs > 1 and logits.device.type != "cuda"):
@@ -515,8 +523,8 @@ def filter_thresholds(
     return out
 
 
-_RESIDENT: dict[tuple[int, int, int], int] = {}
-REGISTERS: dict[tuple[int, int, int], int] = {}  # registers a thread of the compiled kernel (for the bench)
+_RESIDENT: dict[tuple[int, int, int, bool], int] = {}
+REGISTERS: dict[tuple[int, int, int, bool], int] = {}  # registers a thread of the compiled kernel (for the bench)
 
 
 def programs_an_sm(regs: int, shared: int, warps: int, regs_per_sm: int = 65536, threads_per_sm: int = 2048,
@@ -532,13 +540,13 @@ def programs_an_sm(regs: int, shared: int, warps: int, regs_per_sm: int = 65536,
     return max(1, min(32, by_regs, by_warps, by_smem))
 
 
-def resident_per_sm(device: torch.device, compile_kernel) -> int:
+def resident_per_sm(device: torch.device, compile_kernel, radix: bool = True) -> int:
     """How many programs of the kernel (WARPS warps each) an SM holds at once, from the compiled kernel's
     registers and shared memory (compile_kernel() returns it, compiled but not launched): with one warp and
     ~255 registers a thread that is 8 (session 12's hang: 9 rows x 128 programs on 132 SMs). Cached per
     device and configuration; RESIDENT_PER_SM when the kernel cannot say."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, WARPS, TILE)
+    key = (index, WARPS, TILE, radix)
     if key not in _RESIDENT:
         kernel = compile_kernel()
         try:
