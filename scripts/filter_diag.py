@@ -44,12 +44,14 @@ def run_case(case: str) -> None:
     ref = apply_sampling_filters(logits.clone(), torch.ones(rows, device="cuda"), top_k, top_p.float(),
                                  min_p.float()) > 0  # fmt: skip
     diff = (kept != ref).sum(1)
+    # Top-p rows may differ by a boundary token or two (fp32 mass sums in another order than the sorted cumsum).
+    verdict = "ok" if int(diff.max()) <= (2 if p < 1.0 else 0) else "WRONG"
     key = next(iter(sf._RESIDENT), None)  # (one variant a process)
     c = progs or sf.programs_per_row(rows, 152064, logits.device, sf._RESIDENT.get(key, 8))
     print(f"{case:12s} programs/row {c}"
           f" regs {sf.REGISTERS.get(key)} resident/SM {sf._RESIDENT.get(key)}: {us:8.1f} us a call (host included), "
           f"kept mean {kept.sum(1).float().mean().item():.1f}, rows differing {int((diff > 0).sum())}, "
-          f"max diff {int(diff.max())}", flush=True)
+          f"max diff {int(diff.max())}: {verdict}", flush=True)
 
 
 def main() -> None:
