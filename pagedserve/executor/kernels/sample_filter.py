@@ -91,12 +91,8 @@ RESIDENT_PER_SM = 8  # one-warp programs: at most S * C = 8 x SMs, so every prog
 STAGES = tl.constexpr(int(os.environ.get("PAGEDSERVE_FILTER_STAGES", "4")))  # tiles of loads in flight a program
 REC = 2 * PIVOTS + 2  # a partial record: P counts, P masses, total count, total mass (fp32)
 HIST_BINS = 256  # top-k: buckets of a histogram pass (8 bits of the key a pass)
-# Diagnosis switches (GPU runs): one-hot sums instead of tl.histogram; per-program records summed in order
-# instead of integer atomics into the row's histogram.
 # PAGEDSERVE_FILTER_RADIX=0: top-k by the pivot search (counts instead of masses), as before session 14.
 RADIX_TOP_K = os.environ.get("PAGEDSERVE_FILTER_RADIX", "1") == "1"
-HIST_ONEHOT = tl.constexpr(os.environ.get("PAGEDSERVE_FILTER_HIST_ONEHOT", "0") == "1")
-HIST_RECORDS = tl.constexpr(os.environ.get("PAGEDSERVE_FILTER_HIST_RECORDS", "0") == "1")
 HIST_LEVELS = 4  # 32 key bits / 8: pass 0 buckets the top 8 bits, each later pass the next 8
 
 
@@ -251,39 +247,20 @@ def _search(logits_ptr, scratch_ptr, part_ptr, count_ptr, nbar, num_programs, pr
 
 
 @triton.jit
-def _hist(values, mask, NB: tl.constexpr):
-    """How many of `values` (int32 in [0, NB) where mask) fall in each of the NB bins."""
-    if HIST_ONEHOT:
-        bins = tl.arange(0, NB)
-        return tl.sum((mask[:, None] & (values[:, None] == bins[None, :])).to(tl.int32), axis=0)
-    else:
-        return tl.histogram(values, NB, mask=mask)
-
-
-@triton.jit
-def _publish_hist(hist_ptr, hist, prog, NB: tl.constexpr):
+def _publish_hist(hist_ptr, hist, NB: tl.constexpr):
     """Adds this program's histogram to the row's (integer atomics: the sum is the same in any order).
-    The row barrier that follows (acq_rel) makes every program's adds visible to every other.
-    (HIST_RECORDS: stores it in this program's record of the slot instead.)"""
+    The row barrier that follows (acq_rel) makes every program's adds visible to every other."""
     bins = tl.arange(0, NB)
-    if HIST_RECORDS:
-        tl.store(hist_ptr + prog * NB + bins, hist)
-    else:
-        tl.atomic_add(hist_ptr + bins, hist, mask=hist > 0, sem="relaxed")
+    tl.atomic_add(hist_ptr + bins, hist, mask=hist > 0, sem="relaxed")
 
 
 @triton.jit
-def _choose_bucket(hist_ptr, above, k, num_programs, NB: tl.constexpr):
+def _choose_bucket(hist_ptr, above, k, NB: tl.constexpr):
     """From the row's histogram of the current interval (NB buckets, ascending) and the count at or above
     the interval's top: the highest bucket b with count(at or above b) >= k, its count, and the count
     above it."""
     bins = tl.arange(0, NB)
-    if HIST_RECORDS:
-        h = tl.zeros([NB], dtype=tl.int32)
-        for c in range(num_programs):
-            h += tl.load(hist_ptr + c * NB + bins, cache_modifier=".cg")
-    else:
-        h = tl.load(hist_ptr + bins, cache_modifier=".cg")  # .cg: written by atomics at L2
+    h = tl.load(hist_ptr + bins, cache_modifier=".cg")  # .cg: written by atomics at L2
     at_or_above = above + tl.cumsum(h, axis=0, reverse=True)
     b = tl.max(tl.where(at_or_above >= k, bins, 0), axis=0)
     in_b = tl.sum(tl.where(bins == b, h, 0), axis=0)
@@ -298,7 +275,7 @@ def _ukey(x):
 
 
 @triton.jit
-def _topk_search(logits_ptr, scratch_ptr, hist_row, count_ptr, nbar, num_programs, prog, chunk_len, inv_t, k, lo_fin,
+def _topk_search(logits_ptr, scratch_ptr, hist_row, count_ptr, nbar, num_programs, chunk_len, inv_t, k, lo_fin,
                  TILE: tl.constexpr, NB: tl.constexpr, LEVELS: tl.constexpr):
     """The top-k threshold by radix selection on the unsigned keys (_ukey): pass 0 already put the row's finite
     values in NB buckets by their top 8 bits (histogram slot 0); each later pass buckets the values of the
@@ -308,8 +285,7 @@ def _topk_search(logits_ptr, scratch_ptr, hist_row, count_ptr, nbar, num_program
     that in place. Returns (threshold key, barriers passed, the scratch values this program holds, all of
     them >= the threshold; -1 when no pass wrote any)."""
     BITS: tl.constexpr = 8
-    slot: tl.constexpr = NB * (128 if HIST_RECORDS else 1)  # (records: MAX_PROGRAMS_PER_ROW a slot)
-    b, in_b, above = _choose_bucket(hist_row, 0, k, num_programs, NB)
+    b, in_b, above = _choose_bucket(hist_row, 0, k, NB)
     shift = tl.full([], 32 - BITS, tl.uint32)
     lo = b.to(tl.uint32) << shift  # the chosen bucket: ukeys in [lo, lo + 2^shift)
     own = tl.full([], -1, tl.int32)
@@ -330,16 +306,16 @@ def _topk_search(logits_ptr, scratch_ptr, hist_row, count_ptr, nbar, num_program
             x = tl.where(x == x, x, float("-inf"))
             rel = _ukey(x) - lo  # (unsigned: wraps to a large value below lo)
             keep = inb & (_ukey(x) >= lo)
-            hist += _hist((rel >> shift).to(tl.int32), keep & (rel < span), NB)
+            hist += tl.histogram((rel >> shift).to(tl.int32), NB, mask=keep & (rel < span))
             keep_i = keep.to(tl.int32)
             # compacted in place: a value is written at or before where it was read from
             tl.store(scratch_ptr + kept + tl.cumsum(keep_i, axis=0) - 1, x, mask=keep)
             kept += tl.sum(keep_i, axis=0)
         own = kept
-        _publish_hist(hist_row + level * slot, hist, prog, NB)
+        _publish_hist(hist_row + level * NB, hist, NB)
         nbar += 1
         _row_barrier(count_ptr, nbar * num_programs)
-        b, in_b, above = _choose_bucket(hist_row + level * slot, above, k, num_programs, NB)
+        b, in_b, above = _choose_bucket(hist_row + level * NB, above, k, NB)
         lo += b.to(tl.uint32) << shift
         level += 1
     # lo may be a bucket's bottom below every value (nothing lies between it and the answer); keep it at or
@@ -372,8 +348,7 @@ def _filter_threshold_kernel(
     scratch_chunk = scratch_ptr + row * vocab + col0
     part_row = part_ptr + row * (2 * num_programs * (2 * P + 2))
     count_row = count_ptr + row
-    # top-k: the row's histogram of each radix pass (zeroed; HIST_RECORDS: a record per program instead)
-    hist_row = hist_ptr + row * (LEVELS * NB * (128 if HIST_RECORDS else 1))
+    hist_row = hist_ptr + row * (LEVELS * NB)  # top-k: the row's histogram of each radix pass (zeroed)
     want_k = (top_k > 0) & (top_k < vocab)
 
     # Pass 0: the row's max, min and number of finite values (a record of three, in slot 0); for top-k also
@@ -391,10 +366,10 @@ def _filter_threshold_kernel(
         fin_run += finite.to(tl.int32)
         if RADIX:
             if want_k:
-                hist += _hist((_ukey(x) >> 24).to(tl.int32), finite, NB)
+                hist += tl.histogram((_ukey(x) >> 24).to(tl.int32), NB, mask=finite)
     if RADIX:
         if want_k:
-            _publish_hist(hist_row, hist, prog, NB)
+            _publish_hist(hist_row, hist, NB)
     rec = part_row + prog * (2 * P + 2)
     tl.store(rec, tl.max(hi_run, axis=0))
     tl.store(rec + 1, tl.min(lo_run, axis=0))
@@ -418,7 +393,7 @@ def _filter_threshold_kernel(
         if want_k & (top_k < num_finite):
             if RADIX:
                 t, nbar, own = _topk_search(logits_chunk, scratch_chunk, hist_row, count_row, nbar, num_programs,
-                                            prog, chunk_len, inv_t, top_k, lo_fin, TILE, NB, LEVELS)
+                                            chunk_len, inv_t, top_k, lo_fin, TILE, NB, LEVELS)
             else:
                 t, nbar = _search(logits_chunk, scratch_chunk, part_row, count_row, nbar, num_programs, prog, chunk_len,
                                   inv_t, m, lo, hi, neg_inf_key, top_k.to(tl.float32), 2, own, False, TILE, P,
@@ -491,7 +466,7 @@ def filter_thresholds(
     temperatures, top_k, top_p, min_p = (t.contiguous() for t in (temperatures, top_k, top_p, min_p))
     scratch = torch.empty(num_rows, vocab, dtype=torch.float32, device=logits.device)
     radix = RADIX_TOP_K and any_top_k
-    hist_len = HIST_LEVELS * HIST_BINS * (MAX_PROGRAMS_PER_ROW if HIST_RECORDS else 1) if radix else 0
+    hist_len = HIST_LEVELS * HIST_BINS if radix else 0
     # Barrier counters, then histograms from a 16-byte boundary (Triton specializes pointers on it: a parity
     # changing with the row count would compile another variant while serving); one memset.
     at = triton.cdiv(num_rows, 4) * 4
