@@ -153,10 +153,8 @@ class LLMEngine:
         script = {
             0: [(f"__warmup_short{i}", 8, 6, 1.0) for i in range(num_short)],
             1: [("__warmup_a", 300, 12, 1.0)],  # beside ~40 decodes
-            # all filters at once; top-p alone, which outlives it: steps without a top-k row take the threshold
-            # kernel's other variant (sample_filter's any_top_k)
             2: [("__warmup_b", 40, 12, 0.0), ("__warmup_f", 20, 3, 0.7, filtered),
-                ("__warmup_g", 20, 8, 0.9, {"top_p": 0.95})],
+                ("__warmup_g", 20, 3, 0.9, {"top_p": 0.95})],  # all filters at once; top-p alone
             3: [("__warmup_c", 2100, 4, 0.0)] if self.max_model_len > 2200 else [],  # long keys
             # beside a few decodes, once the short ones are done; penalties without a repetition penalty
             9: [("__warmup_d", 50, 2, 0.0), ("__warmup_h", 20, 3, 0.8, {"frequency_penalty": 0.2})],

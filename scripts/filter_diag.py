@@ -32,7 +32,6 @@ def run_case(case: str) -> None:
     top_p = torch.full((rows,), p, dtype=torch.float64, device="cuda")
     min_p = torch.zeros(rows, dtype=torch.float64, device="cuda")
     kw = {"num_programs": progs} if progs else {}
-    kw["any_top_k"] = k > 0  # as the Sampler chooses the kernel variant
     thr = sf.filter_thresholds(logits, temps, top_k, top_p, min_p, **kw)
     torch.cuda.synchronize()
     t0 = time.perf_counter()

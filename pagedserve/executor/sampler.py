@@ -587,8 +587,7 @@ class Sampler:
             from pagedserve.executor.kernels.sample_filter import filter_thresholds
 
             thresholds = filter_thresholds(logits, temps_dev, dev[3, :num_rows], dev[4, :num_rows].view(torch.float64),
-                                           dev[5, :num_rows].view(torch.float64),
-                                           any_top_k=bool(packed[3, :num_rows].any()))
+                                           dev[5, :num_rows].view(torch.float64))
         return sample_gumbel(logits, temps_dev, dev[0, :num_rows], dev[1, :num_rows], thresholds=thresholds)
 
     def _sample_filtered(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> torch.Tensor:

@@ -35,11 +35,11 @@ def params_tensors(rows: list[tuple[float, int, float, float]]):
     return temps, top_k, top_p, min_p
 
 
-def kept_sets(logits: torch.Tensor, rows: list[tuple[float, int, float, float]], any_top_k: bool = True):
+def kept_sets(logits: torch.Tensor, rows: list[tuple[float, int, float, float]]):
     """(kernel's kept mask, reference kept mask, thresholds), both masks [S, V] bool on the CPU."""
     temps, top_k, top_p, min_p = params_tensors(rows)
     out = torch.full((logits.shape[0],), float("nan"), device=DEVICE)  # poisoned: every row must be written
-    thr = filter_thresholds(logits, temps, top_k, top_p, min_p, out=out, any_top_k=any_top_k)
+    thr = filter_thresholds(logits, temps, top_k, top_p, min_p, out=out)
     assert thr is out and not thr.isnan().any()
     x = logits.float() * (1.0 / temps.float())[:, None]
     x = torch.where(x.isnan(), torch.full_like(x, NEG_INF), x)
@@ -99,15 +99,19 @@ def test_kept_set_matches_the_torch_filters(vocab, scale):
 
 
 @pytest.mark.parametrize("vocab", [300, 1500])
-def test_the_variant_without_radix_top_k_is_right_for_top_k_rows_too(vocab):
-    """any_top_k=False launches the kernel variant without the radix top-k (fewer registers, for batches where
-    no row asks for top-k); a top-k row given to it anyway is found by the pivot search, with the same sets."""
+def test_the_pivot_top_k_search_keeps_the_same_sets(vocab, monkeypatch):
+    """PAGEDSERVE_FILTER_RADIX=0 (the kernel variant without radix selection): top-k by the pivot search, with
+    the same kept sets as the torch filters and as the radix search."""
+    from pagedserve.executor.kernels import sample_filter
+
     gen = torch.Generator().manual_seed(vocab + 1)
     rows = [r for r in ROWS if r[1] < vocab]
     logits = (torch.randn(len(rows), vocab, generator=gen) * 2).to(DEVICE)
-    kept, ref, _ = kept_sets(logits, rows, any_top_k=False)
+    radix_kept = kept_sets(logits, rows)[0]
+    monkeypatch.setattr(sample_filter, "RADIX_TOP_K", False)
+    kept, ref, _ = kept_sets(logits, rows)
     assert torch.equal(kept, ref)
-    assert torch.equal(kept, kept_sets(logits, rows)[0])
+    assert torch.equal(kept, radix_kept)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -446,10 +446,10 @@ def bench_sample(vocab: int = 152064) -> None:
         del logits
 
 
-def _filtered_draw(logits, temps, top_k, top_p, min_p, seeds, offsets, any_top_k: bool = True) -> torch.Tensor:
+def _filtered_draw(logits, temps, top_k, top_p, min_p, seeds, offsets) -> torch.Tensor:
     from pagedserve.executor.kernels.sample_filter import filter_thresholds
 
-    thresholds = filter_thresholds(logits, temps, top_k, top_p, min_p, any_top_k=any_top_k)
+    thresholds = filter_thresholds(logits, temps, top_k, top_p, min_p)
     return sample_kernel.sample_gumbel(logits, temps, seeds, offsets, thresholds=thresholds)
 
 
@@ -487,17 +487,15 @@ def bench_sample_filter(vocab: int = 152064) -> None:
                 top_k = torch.full((num_rows,), params.top_k if 0 < params.top_k < vocab else 0, device="cuda")
                 top_p = torch.full((num_rows,), params.top_p, dtype=torch.float64, device="cuda")
                 min_p = torch.full((num_rows,), params.min_p, dtype=torch.float64, device="cuda")
-                any_k = 0 < params.top_k < vocab  # as the Sampler chooses the kernel variant
-                thr = filter_thresholds(logits, temps, top_k, top_p, min_p, any_top_k=any_k)
+                thr = filter_thresholds(logits, temps, top_k, top_p, min_p)
                 kept = logits * (1.0 / temps.float())[:, None] >= thr[:, None]
                 ref = apply_sampling_filters(logits, temps.float(), top_k, top_p.float(), min_p.float()) > 0
                 mismatch = int((kept != ref).sum())
                 seeds = torch.arange(num_rows, device="cuda") * 7919
                 offsets = torch.full((num_rows,), 7, dtype=torch.long, device="cuda")
 
-                thr_only = functools.partial(filter_thresholds, logits, temps, top_k, top_p, min_p, any_top_k=any_k)
-                device_work = functools.partial(_filtered_draw, logits, temps, top_k, top_p, min_p, seeds, offsets,
-                                                any_k)
+                thr_only = functools.partial(filter_thresholds, logits, temps, top_k, top_p, min_p)
+                device_work = functools.partial(_filtered_draw, logits, temps, top_k, top_p, min_p, seeds, offsets)
                 times = []
                 for fused in (False, True):
                     sampler = Sampler(vocab, set(), use_fused_kernel=fused)

@@ -430,15 +430,11 @@ def filter_thresholds(
     out: torch.Tensor | None = None,
     *,
     num_programs: int | None = None,
-    any_top_k: bool = True,
 ) -> torch.Tensor:
     """thr [S] fp32 (see the module docstring). logits [S, V] fp32/bf16/fp16 with a contiguous last
     dimension; temperatures [S] fp32/fp64 (> 0); top_k [S] int64 (<= 0 or >= V: off); top_p [S] and
     min_p [S] fp32/fp64 (1 and 0: off). All on one device; nothing here reads the device.
-    num_programs (programs a row; default programs_per_row) is for tests and tuning. any_top_k=False (the
-    caller knows no row asks for top-k) launches the variant without the radix top-k, which needs fewer
-    registers (168 against 216 a thread on the H200: 12 programs an SM against 8), so a top-p search has more
-    programs; a row that asks for top-k all the same is still right (the pivot search finds it)."""
+    num_programs (programs a row; default programs_per_row) is for tests and tuning."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be [num_rows, vocab], got shape {tuple(logits.shape)}")
     num_rows, vocab = logits.shape
@@ -465,7 +461,7 @@ def filter_thresholds(
         out.fill_(float("-inf"))
     temperatures, top_k, top_p, min_p = (t.contiguous() for t in (temperatures, top_k, top_p, min_p))
     scratch = torch.empty(num_rows, vocab, dtype=torch.float32, device=logits.device)
-    radix = RADIX_TOP_K and any_top_k
+    radix = RADIX_TOP_K  # (read at each call: tests switch it)
     hist_len = HIST_LEVELS * HIST_BINS if radix else 0
     # Barrier counters, then histograms from a 16-byte boundary (Triton specializes pointers on it: a parity
     # changing with the row count would compile another variant while serving); one memset.
