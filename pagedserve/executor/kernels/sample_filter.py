@@ -53,8 +53,9 @@ that only grows, polled with acquire loads), and sums all C records in the same 
 of the row takes the same decisions and leaves the loop together. The barrier needs every program of
 the row resident at once: programs_per_row keeps S * C <= the programs an SM holds x the SM count, and
 gives C = 1 on CPUs, where the interpreter runs programs one after another. The programs an SM holds
-come from the compiled kernel's registers and shared memory (resident_per_sm: 12 on the H200 with 168
-registers a thread; RESIDENT_PER_SM = 8, the bound for <= 255 registers, when Triton cannot say). A
+come from the compiled kernel's registers and shared memory (resident_per_sm, by programs_an_sm: a warp's
+registers come from one scheduler's quarter of the register file, so 8 an SM on the H200 with ~200 registers
+a thread, 12 with 168; RESIDENT_PER_SM = 8, the bound for <= 255 registers, when Triton cannot say). A
 forced count beyond that is refused (session 12 run 2: 9 rows x 128 programs on 132 SMs waited at the
 barrier until the test's timeout).
 
@@ -90,10 +91,10 @@ SCHEDULERS_PER_SM = 4  # warp schedulers an SM (Volta to Hopper), each with a qu
 RESIDENT_PER_SM = 8  # one-warp programs: at most S * C = 8 x SMs, so every program of a row is resident
 STAGES = tl.constexpr(int(os.environ.get("PAGEDSERVE_FILTER_STAGES", "4")))  # tiles of loads in flight a program
 REC = 2 * PIVOTS + 2  # a partial record: P counts, P masses, total count, total mass (fp32)
-HIST_BINS = 256  # top-k: buckets of a histogram pass (8 bits of the key a pass)
+HIST_LEVELS = 4  # top-k: radix passes over the 32 key bits (pass 0 buckets the top 8, each later pass the next 8)
+HIST_BINS = 1 << (32 // HIST_LEVELS)  # buckets of a histogram pass
 # PAGEDSERVE_FILTER_RADIX=0: top-k by the pivot search (counts instead of masses), as before session 14.
 RADIX_TOP_K = os.environ.get("PAGEDSERVE_FILTER_RADIX", "1") == "1"
-HIST_LEVELS = 4  # 32 key bits / 8: pass 0 buckets the top 8 bits, each later pass the next 8
 
 
 @triton.jit
@@ -203,11 +204,10 @@ def _search(logits_ptr, scratch_ptr, part_ptr, count_ptr, nbar, num_programs, pr
     """Top-p (MASS): the largest key t with F(t) >= target (as a key at or below it with nothing in between),
     where F(t) is the mass e^(x - m) of the row's values >= max(t, floor) and target = goal * the mass of
     every value >= floor; without MASS (top-k when RADIX is off), F counts them and target = goal. Needs
-    F(lo) >= target > F(hi) = 0. Returns
-    (t, the barriers passed so far). nlog: the passes that read the row (2: the second writes its
-    candidates to the scratch row, later ones read those; 1: the candidates are few (a top-k floor), so
-    the first pass already writes them; 0: this program's scratch chunk already holds its scratch_n
-    values, every value >= floor among them, and every pass reads and rewrites that)."""
+    F(lo) >= target > F(hi) = 0. Returns (t, the barriers passed so far). nlog: the passes that read the row
+    (2: the second writes its candidates to the scratch row, later ones read those; 1: the candidates are few
+    (a top-k floor), so the first pass already writes them; 0: this program's scratch chunk already holds its
+    scratch_n values, every value >= floor among them, and every pass reads and rewrites that)."""
     above_c = tl.zeros([], dtype=tl.int32)  # count and mass at or above hi, from the passes before
     above_m = tl.zeros([], dtype=tl.float32)
     target = goal
@@ -284,7 +284,7 @@ def _topk_search(logits_ptr, scratch_ptr, hist_row, count_ptr, nbar, num_program
     (<= k - 1 above it, plus the bucket's own) to this program's scratch chunk; later passes read and rewrite
     that in place. Returns (threshold key, barriers passed, the scratch values this program holds, all of
     them >= the threshold; -1 when no pass wrote any)."""
-    BITS: tl.constexpr = 8
+    BITS: tl.constexpr = 32 // LEVELS  # key bits a pass (NB = 2^BITS buckets)
     b, in_b, above = _choose_bucket(hist_row, 0, k, NB)
     shift = tl.full([], 32 - BITS, tl.uint32)
     lo = b.to(tl.uint32) << shift  # the chosen bucket: ukeys in [lo, lo + 2^shift)
@@ -304,8 +304,9 @@ def _topk_search(logits_ptr, scratch_ptr, hist_row, count_ptr, nbar, num_program
             else:
                 x = tl.load(scratch_ptr + offs, mask=inb, other=float("-inf"))
             x = tl.where(x == x, x, float("-inf"))
-            rel = _ukey(x) - lo  # (unsigned: wraps to a large value below lo)
-            keep = inb & (_ukey(x) >= lo)
+            ukey = _ukey(x)
+            rel = ukey - lo  # (unsigned: wraps to a large value below lo)
+            keep = inb & (ukey >= lo)
             hist += tl.histogram((rel >> shift).to(tl.int32), NB, mask=keep & (rel < span))
             keep_i = keep.to(tl.int32)
             # compacted in place: a value is written at or before where it was read from
@@ -366,7 +367,7 @@ def _filter_threshold_kernel(
         fin_run += finite.to(tl.int32)
         if RADIX:
             if want_k:
-                hist += tl.histogram((_ukey(x) >> 24).to(tl.int32), NB, mask=finite)
+                hist += tl.histogram((_ukey(x) >> (32 - 32 // LEVELS)).to(tl.int32), NB, mask=finite)
     if RADIX:
         if want_k:
             _publish_hist(hist_row, hist, NB)
