@@ -98,14 +98,28 @@ LARGE_M_TMA_TILES = [
     (256, 64, 64, 4, 4),
     (256, 128, 64, 8, 3),
 ]
-SPLITS = (1, 2, 3, 4, 6, 8, 12)
+# --tma at M in 129..255: two token tiles a program, 128 + tail rows (tail = M - 128 rounded up to a power of 2,
+# >= 16), so M = 144 costs the tensor cores 144 rows, not 256. (block_n, block_k, warps, stages); shared memory
+# (block_n + 128 + tail) * block_k * 2 B * stages.
+TAIL_TMA_TILES = [
+    (64, 64, 4, 4),
+    (64, 64, 4, 6),
+    (64, 128, 4, 3),
+    (128, 64, 8, 3),
+    (128, 64, 8, 4),
+    (128, 128, 8, 3),
+]
+SPLITS = (1, 2, 3, 4, 5, 6, 8, 12)
 CUBLAS_ONLY = False  # --cublas-only: time F.linear at each M, no Triton sweep
+TAIL_ONLY = False  # --tail-only: with --tma at 128 < M < 256, only the two-tile (128 + tail) configs
+LT_TOO = False  # --lt: also time F.linear with torch.backends.cuda.preferred_blas_library("cublaslt")
 CUBLAS_TIMES: dict[tuple[int, int, int], float] = {}  # (M, N, K) -> us, --cublas-only
 
 
 def label(cfg: SkinnyConfig, k: int) -> str:
     split = effective_split_k(k, cfg.block_k, cfg.split_k)
-    kind = (f"tma m{cfg.block_m}" if cfg.use_tma else f"dot m{cfg.block_m}") if cfg.use_dot else "fma"
+    tail = f"+{cfg.block_m_tail}" if cfg.block_m_tail else ""
+    kind = (f"tma m{cfg.block_m}{tail}" if cfg.use_tma else f"dot m{cfg.block_m}") if cfg.use_dot else "fma"
     return f"{kind} n{cfg.block_n} k{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages} S{split}"
 
 
@@ -132,10 +146,18 @@ def large_m_candidates(m: int, n: int, k: int, num_sms: int, quick: bool, tma: b
     if quick:  # the tiles with the largest block_m M uses
         tiles = [t for t in tiles if t[0] == bucket][:3] or tiles[-3:]
     configs = [default_config(m, n, k, torch.bfloat16, num_sms)]
+    if TAIL_ONLY and tma and 128 < m < 256:
+        tiles = []  # --tail-only: the two-tile configs alone (session 6 timed the others at these M)
     for block_m, block_n, block_k, warps, stages in tiles:
         block_k = fit_block_k(k, block_k)
         split = default_split_k(n, k, block_n, block_k, num_sms, m=m, block_m=block_m)
         configs.append(SkinnyConfig(block_n, block_k, warps, stages, split, True, block_m, tma))
+    if tma and 128 < m < 256:
+        tail = max(16, m_bucket(m - 128))
+        for block_n, block_k, warps, stages in TAIL_TMA_TILES[-3:] if quick else TAIL_TMA_TILES:
+            block_k = fit_block_k(k, block_k)
+            split = default_split_k(n, k, block_n, block_k, num_sms, m=m, block_m=128 + tail)
+            configs.append(SkinnyConfig(block_n, block_k, warps, stages, split, True, 128, True, tail))
     return list(dict.fromkeys(configs))
 
 
@@ -179,6 +201,16 @@ def bench_case(x, weights, bias, ref, num_sms, rep, quick, tma=False) -> dict | 
     err = max_rel_err(F.linear(x, weights[0], bias), ref)
     cublas_us = time_us(lambda i: F.linear(x, weights[i], bias), num_copies, rep)
     print(f"  {'cuBLAS F.linear':32} {cublas_us:8.2f} us {read_bytes / cublas_us / 1e3:6.0f} GB/s  err {err:.1e}")
+    if LT_TOO:  # the same call with torch's cuBLASLt preference (another heuristic, other kernels)
+        before = torch.backends.cuda.preferred_blas_library()
+        try:
+            torch.backends.cuda.preferred_blas_library("cublaslt")
+            lt_err = max_rel_err(F.linear(x, weights[0], bias), ref)
+            lt_us = time_us(lambda i: F.linear(x, weights[i], bias), num_copies, rep)
+        finally:
+            torch.backends.cuda.preferred_blas_library(before)
+        print(f"  {'cuBLASLt F.linear':32} {lt_us:8.2f} us {read_bytes / lt_us / 1e3:6.0f} GB/s  err {lt_err:.1e}"
+              f"  x{cublas_us / lt_us:.2f} vs cuBLAS")  # fmt: skip
     if CUBLAS_ONLY:
         CUBLAS_TIMES[(m, n, k)] = cublas_us
         return None
@@ -283,6 +315,7 @@ def print_summary(results) -> None:
         )
         block_m = f", block_m={c.block_m}" if c.use_dot else ""
         block_m += ", use_tma=True" if c.use_tma else ""
+        block_m += f", block_m_tail={c.block_m_tail}" if c.block_m_tail else ""
         print(
             f"    {comment}{key}: dict(block_n={c.block_n}, block_k={c.block_k}, "
             f"num_warps={c.num_warps}, num_stages={c.num_stages}, split_k={split}, use_dot={c.use_dot}{block_m}),"
@@ -298,6 +331,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="default + 3 configs per case, no split sweep")
     parser.add_argument("--cublas-only", action="store_true", help="time cuBLAS alone at each M (e.g. a ladder)")
     parser.add_argument("--tma", action="store_true", help="M > 8: sweep the TMA tiles (LARGE_M_TMA_TILES)")
+    parser.add_argument("--tail-only", action="store_true", help="--tma at 128 < M < 256: only the 128 + tail tiles")
+    parser.add_argument("--lt", action="store_true", help="also time F.linear under torch's cuBLASLt preference")
     parser.add_argument("--rep", type=int, default=10, help="ms of kernels per CUDA graph (triton do_bench_cudagraph)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -308,8 +343,8 @@ def main() -> None:
     m_values = [int(v) for v in args.m.split(",")]
     if not all(1 <= m <= MAX_M for m in m_values):
         parser.error(f"--m values must be in 1..{MAX_M}, got {args.m}")
-    global CUBLAS_ONLY
-    CUBLAS_ONLY = args.cublas_only
+    global CUBLAS_ONLY, LT_TOO, TAIL_ONLY
+    CUBLAS_ONLY, LT_TOO, TAIL_ONLY = args.cublas_only, args.lt, args.tail_only
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"{torch.cuda.get_device_name()} ({num_sms} SMs)  torch {torch.__version__}  triton {triton.__version__}"
           f"  model {args.model}  bf16")  # fmt: skip

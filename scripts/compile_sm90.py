@@ -71,21 +71,24 @@ def penalties() -> None:
 
 
 def tma() -> None:
-    from bench_skinny_gemm import LARGE_M_TMA_TILES
+    from bench_skinny_gemm import LARGE_M_TMA_TILES, TAIL_TMA_TILES
 
     from pagedserve.executor.kernels import skinny_gemm as m
 
-    for block_m, block_n, block_k, warps, stages in LARGE_M_TMA_TILES:
+    tiles = [(bm, 0, bn, bk, w, st) for bm, bn, bk, w, st in LARGE_M_TMA_TILES]
+    tiles += [(128, 16, bn, bk, w, st) for bn, bk, w, st in TAIL_TMA_TILES]
+    for block_m, tail, block_n, block_k, warps, stages in tiles:
         for bias, out in ((True, "*bf16"), (False, "*fp32")):
             sig = {"w_desc": f"tensordesc<bf16[{block_n}, {block_k}]>",
                    "x_desc": f"tensordesc<bf16[{block_m}, {block_k}]>",
+                   "xt_desc": f"tensordesc<bf16[{tail or block_m}, {block_k}]>",
                    "bias_ptr": "*bf16", "out_ptr": out, "M": "i32", "N": "i32", "stride_os": "i32",
                    "stride_om": "i32", "k_per_split": "i32", "K": "i32",
                    "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-                   "NUM_STAGES": "constexpr", "USE_PDL": "constexpr"}
+                   "NUM_STAGES": "constexpr", "BLOCK_MT": "constexpr", "USE_PDL": "constexpr"}
             consts = {"HAS_BIAS": bias, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                      "NUM_STAGES": stages, "USE_PDL": True}
-            build(m._tma_gemm_kernel, sig, consts, f"tma m{block_m} n{block_n} k{block_k} w{warps} s{stages} "
+                      "NUM_STAGES": stages, "BLOCK_MT": tail, "USE_PDL": True}
+            build(m._tma_gemm_kernel, sig, consts, f"tma m{block_m}+{tail} n{block_n} k{block_k} w{warps} s{stages} "
                   f"{'bias' if bias else 'split'}", num_warps=warps, num_stages=stages)
 
 

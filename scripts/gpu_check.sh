@@ -323,6 +323,9 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
       timeout 200 python3 -m pytest tests/kernels/test_skinny_gemm.py -k tma -x -q -p no:cacheprovider 2>&1 | tail -15 ;;
     skinny-tma)  # the TMA tiles at decode batches 64-256 vs cuBLAS (and the old dot path's heuristic)
       timeout 420 python3 scripts/bench_skinny_gemm.py --tma --m ${TMA_M:-64,128,144,192,256} --shapes qkv,o,gate_up,down ;;
+    skinny-tail)  # two token tiles a program (128 + 16 at M = 144) vs cuBLAS and cuBLASLt, the default workload's decode M
+      timeout ${TAIL_TIMEOUT:-330} python3 scripts/bench_skinny_gemm.py --tma --tail-only --lt --m ${TAIL_M:-144} \
+        --shapes ${TAIL_SHAPES:-qkv,o,gate_up,down} ;;
     cublas-ladder)  # cuBLAS alone at every decode graph size 64..256 (step 8): where its tiles quantize
       timeout 200 python3 scripts/bench_skinny_gemm.py --cublas-only --shapes qkv,o,gate_up,down \
         --m "$(seq -s, 64 8 256)" ;;

@@ -50,6 +50,11 @@ TMA_CASES = [  # (K, N, bias, config)
     pytest.param(200, 70, False, SkinnyConfig(32, 64, 4, 3, 3, True, 32, True), id="tma-m32-split-K200-N70"),
     pytest.param(96, 40, True, SkinnyConfig(16, 32, 4, 2, 2, True, 64, True), id="tma-m64-split-K96-N40-bias"),
     pytest.param(136, 33, True, SkinnyConfig(64, 16, 4, 4, 1, True, 128, True), id="tma-m128-K136-N33-bias"),
+    # Two token tiles a program (block_m + block_m_tail rows): M = 130 in one m-tile of 128 + 16, M = 33 in
+    # 16 + 16 and then 16 + 16 more (the second tile's rows past M zero-filled), split K with a bias.
+    pytest.param(136, 33, True, SkinnyConfig(64, 16, 4, 4, 1, True, 128, True, 16), id="tma-m128+16-K136-N33-bias"),
+    pytest.param(200, 70, True, SkinnyConfig(32, 64, 4, 3, 3, True, 16, True, 16), id="tma-m16+16-split-K200-N70-bias"),
+    pytest.param(96, 40, False, SkinnyConfig(16, 32, 4, 2, 1, True, 64, True, 32), id="tma-m64+32-K96-N40"),
 ]
 TMA_DTYPES = [torch.float16, torch.bfloat16] if CUDA else [torch.float16]
 
@@ -107,6 +112,15 @@ def test_skinny_linear_tma(m, k, n, with_bias, config, dtype):
     out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
     assert skinny_linear(x, weight, bias, out=out, config=config) is out
     assert_matches(out, reference(x, weight, bias), dtype, x, weight)
+
+
+def test_tail_tile_validation():
+    with pytest.raises(ValueError, match="block_m_tail"):
+        SkinnyConfig(64, 64, 4, 3, 1, True, 128, False, 16).validate()  # needs use_tma
+    for tail in (8, 24, 256):  # below 16, not a power of 2, above block_m
+        with pytest.raises(ValueError, match="block_m_tail"):
+            SkinnyConfig(64, 64, 4, 3, 1, True, 128, True, tail).validate()
+    SkinnyConfig(64, 64, 4, 3, 1, True, 128, True, 16).validate()
 
 
 def test_tma_rejects_what_the_copy_engine_cannot_read():

@@ -192,6 +192,7 @@ def _skinny_gemm_kernel(
 def _tma_gemm_kernel(
     w_desc,  # TMA descriptor of W [N, K], block [BLOCK_N, BLOCK_K]
     x_desc,  # TMA descriptor of x [M, K], block [BLOCK_M, BLOCK_K] (rows past M read as zeros)
+    xt_desc,  # TMA descriptor of x [M, K], block [BLOCK_MT, BLOCK_K] (BLOCK_MT > 0 only; else x_desc)
     bias_ptr,  # [N] (HAS_BIAS only)
     out_ptr,  # y [M, N] or, when split, partials [splits, M, N] fp32
     M,
@@ -205,32 +206,56 @@ def _tma_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    BLOCK_MT: tl.constexpr = 0,  # a second token tile under the first: an m-tile of BLOCK_M + BLOCK_MT rows
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
     """The dot path with both operands fetched by the Hopper tensor-memory accelerator (TMA): W and x
     tiles land in shared memory through bulk tensor copies, NUM_STAGES deep, and feed wgmma directly
     (no per-thread address arithmetic or register staging). Same tiling and launch order as the dot
-    path of _skinny_gemm_kernel; rows past N or M and columns past K are zero-filled by the copy."""
-    num_m_tiles = tl.cdiv(M, BLOCK_M)
+    path of _skinny_gemm_kernel; rows past N or M and columns past K are zero-filled by the copy.
+
+    BLOCK_MT > 0: each K step runs two dots on the same W tile, BLOCK_M tokens and BLOCK_MT more
+    (e.g. 128 + 16 for M = 144), so an M between powers of 2 costs the tensor cores M rounded up to
+    BLOCK_M + BLOCK_MT rather than to the next power of 2 (wgmma's token width can be any multiple of
+    8; Triton's tiles are powers of 2)."""
+    TILE_M: tl.constexpr = BLOCK_M + BLOCK_MT
+    num_m_tiles = tl.cdiv(M, TILE_M)
     pid_n = tl.program_id(0) // num_m_tiles
     pid_m = tl.program_id(0) % num_m_tiles
     pid_k = tl.program_id(1)
     n0 = pid_n * BLOCK_N
-    m0 = pid_m * BLOCK_M
+    m0 = pid_m * TILE_M
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    pdl_enter(USE_PDL)
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
-        w = w_desc.load([n0, k])
-        x = x_desc.load([m0, k])
-        acc = tl.dot(w, x.T, acc)
-    result = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
     if HAS_BIAS:
-        result += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    pdl_enter(USE_PDL)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    if BLOCK_MT > 0:
+        acc_t = tl.zeros([BLOCK_N, BLOCK_MT], dtype=tl.float32)
+        for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
+            w = w_desc.load([n0, k])
+            x = x_desc.load([m0, k])
+            xt = xt_desc.load([m0 + BLOCK_M, k])
+            acc = tl.dot(w, x.T, acc)
+            acc_t = tl.dot(w, xt.T, acc_t)
+        result_t = tl.trans(acc_t)  # [BLOCK_MT, BLOCK_N]
+        if HAS_BIAS:
+            result_t += bias
+        offs_t = m0 + BLOCK_M + tl.arange(0, BLOCK_MT)
+        out_t = out_ptr + pid_k * stride_os + offs_t[:, None] * stride_om + offs_n[None, :]
+        tl.store(out_t, result_t.to(out_ptr.dtype.element_ty), mask=(offs_t < M)[:, None] & n_mask[None, :])
+    else:
+        for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
+            w = w_desc.load([n0, k])
+            x = x_desc.load([m0, k])
+            acc = tl.dot(w, x.T, acc)
+    result = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
+    if HAS_BIAS:
+        result += bias
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & n_mask[None, :])
 
@@ -270,6 +295,7 @@ class SkinnyConfig:
     use_dot: bool = True
     block_m: int = 16  # rows of x per program, use_dot only (power of 2, 16..256); fma tiles are m_bucket(M)
     use_tma: bool = False  # dot path with TMA (bulk tensor copy) loads: Hopper or newer, bf16/fp16
+    block_m_tail: int = 0  # use_tma only: a second token tile of this many rows (power of 2, 16..block_m)
 
     def validate(self) -> None:
         for name in ("block_n", "block_k", "num_warps", "block_m"):
@@ -284,6 +310,9 @@ class SkinnyConfig:
             raise ValueError(f"bad num_warps / num_stages / split_k in {self}")
         if self.use_tma and not self.use_dot:
             raise ValueError("use_tma needs use_dot (the TMA path is a tensor-core path)")
+        tail = self.block_m_tail
+        if tail and (not self.use_tma or tail < 16 or tail > self.block_m or tail & (tail - 1)):
+            raise ValueError(f"block_m_tail must be 0 or, with use_tma, a power of 2 in 16..block_m, got {tail}")
 
 
 # Measured overrides, keyed (N, K, m_bucket) or (N, K) (any M; an fma entry is skipped for M > 8);
@@ -487,19 +516,22 @@ def skinny_linear(
     else:
         target, stride_os, stride_om = out, 0, out.stride(0)
     block_m = config.block_m if config.use_dot else m_bucket(m)  # fma: one m-tile
-    grid = (triton.cdiv(n, config.block_n) * triton.cdiv(m, block_m), num_splits)
+    tile_m = block_m + config.block_m_tail
+    grid = (triton.cdiv(n, config.block_n) * triton.cdiv(m, tile_m), num_splits)
     common = dict(HAS_BIAS=bias is not None and num_splits == 1, BLOCK_M=block_m, BLOCK_N=config.block_n,
                   BLOCK_K=block_k, num_warps=config.num_warps, **pdl_launch_kwargs(x.device))
     if config.use_tma:
         _check_tma(x, weight)
         from triton.tools.tensor_descriptor import TensorDescriptor
 
+        x_desc = TensorDescriptor.from_tensor(x, [block_m, block_k])
+        tail = config.block_m_tail
         _tma_gemm_kernel[grid](
             TensorDescriptor.from_tensor(weight, [config.block_n, block_k]),
-            TensorDescriptor.from_tensor(x, [block_m, block_k]),
+            x_desc, TensorDescriptor.from_tensor(x, [tail, block_k]) if tail else x_desc,
             bias if bias is not None else x, target,
             m, n, stride_os, stride_om, tiles_per_split * block_k, k,
-            NUM_STAGES=config.num_stages, **common,
+            NUM_STAGES=config.num_stages, BLOCK_MT=tail, **common,
         )  # fmt: skip
     else:
         _skinny_gemm_kernel[grid](
