@@ -79,8 +79,8 @@ def main() -> None:
         weights.clear()
         torch.cuda.empty_cache()
     print("\nTunableOp's choices:")
-    for key, value in tunable.get_results():
-        print(f"  {key} -> {value}")
+    for result in tunable.get_results():
+        print("  " + " | ".join(str(v) for v in result))
     for m in sorted({r[1] for r in rows}):
         sel = [r for r in rows if r[1] == m]
         print(f"M={m}: layer default {sum(r[2] for r in sel):.1f} us, tuned {sum(r[3] for r in sel):.1f} us")
