@@ -237,6 +237,10 @@ def bench_case(x, weights, bias, ref, num_sms, rep, quick, tma=False) -> dict | 
 
     configs = candidates(m, n, k, num_sms, quick, tma)
     print(f"  (heuristic default: {label(configs[0], k)})")
+    committed = choose_config(m, n, k, x.dtype, x.device)
+    if committed != configs[0]:  # the SKINNY_CONFIGS entry the model would run
+        print(f"  (SKINNY_CONFIGS entry: {label(committed, k)})")
+        try_config(committed)
     for cfg in configs:
         try_config(cfg)
     if not timed:
