@@ -223,6 +223,18 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
     steplog)  # the default workload with one log line per mixed step (launch vs wait vs device)
       PAGEDSERVE_LOG_STEPS=1 PAGEDSERVE_LOG_COMPILES=1 python3 -m pagedserve.entrypoints.cli --log-level info bench throughput --model $M \
         --load-format dummy --no-tqdm 2>&1 | grep -E "mixed step|^throughput|^steps" | sed 's/^.*INFO pagedserve.engine: //' ;;
+    skinny-test-entries)  # every SKINNY_CONFIGS entry at its 7B shape, and the model-shape tests
+      timeout 200 python3 -m pytest tests/kernels/test_skinny_gemm.py -k "every_measured or model_shapes" -x -q \
+        -p no:cacheprovider 2>&1 | tail -8 ;;
+    small-ab)  # decode at small batches (SMALL_N prompts of 512 in / 512 out): skinny entries off / on
+      local n v
+      for n in ${SMALL_N:-32 24 8}; do
+        for v in PAGEDSERVE_SKINNY_SMALL_BATCH=0 PAGEDSERVE_SKINNY_SMALL_BATCH=1; do
+          echo "-- $n prompts, $v"
+          env $v python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm \
+            --num-prompts "$n" --input-len 512 --output-len 512 2>&1 | grep -E "^throughput|^steps|Error|error"
+        done
+      done ;;
     tput-ab)  # the default workload under each env setting (TPUT_AB, ";"-separated)
       local v
       while IFS= read -r -d ";" v || [ -n "$v" ]; do
@@ -351,10 +363,10 @@ for phase in $phases; do
   tar czf "$RETURN_DIR/gpu-logs.tgz" -C "$OUT" . 2>/dev/null
   case $phase in
     tests) grep -E "7B shapes|async vs sync|passed|failed|FAILED|rror" "$OUT/tests.log" | tail -25 ;;
-    serve-bench*|serve-conc|serve-compiles|serve-paths|serve-diag|serve-prof|prof-load|sample-filter|tput-filter|tput-pen|tput-chat|filter-warps|filter-diag) cat "$OUT/$phase.log" ;;
+    serve-bench*|serve-conc|serve-compiles|small-ab|serve-paths|serve-diag|serve-prof|prof-load|sample-filter|tput-filter|tput-pen|tput-chat|filter-warps|filter-diag) cat "$OUT/$phase.log" ;;
     timeline*|skinny-b1|tput-ab|steplog) tail -n 70 "$OUT/$phase.log" ;;
     serve|serve-ab) cat "$OUT/$phase.log" ;;
-    profile*|probe|launch-probe|silu|skinny*|tma-test|work-test|decode-work|tp-ab|lat-ab|gpu-quick|mixed-test|qkv-test|kernels-test|importprobe|sample|sample-test|filter-test|pen-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
+    profile*|probe|launch-probe|silu|skinny*|tma-test|skinny-test-entries|work-test|decode-work|tp-ab|lat-ab|gpu-quick|mixed-test|qkv-test|kernels-test|importprobe|sample|sample-test|filter-test|pen-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
     latency*) tail -n 5 "$OUT/$phase.log" ;;
     cublas-ladder) sed -n '/== cuBLAS per M/,$p' "$OUT/$phase.log" ;;
     *) tail -n 8 "$OUT/$phase.log" ;;

@@ -28,12 +28,13 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Decode on CUDA: the Triton skinny GEMM streams the weight faster than cuBLAS on the H100 at
-        # one token (~9%) and, for some projections, at 9-16 tokens (docs/gpu-notes.md); it is used
-        # where SKINNY_CONFIGS holds a measured win, else cuBLAS.
+        # Decode on CUDA: the Triton skinny GEMM streams the weight faster than cuBLAS at one token (~9%)
+        # and, for some projections, at 3-32 tokens (docs/gpu-notes.md); it is used where SKINNY_CONFIGS
+        # holds a measured win, else cuBLAS.
         if x.is_cuda and x.dim() == 2 and x.dtype != torch.float32 and not _NO_SKINNY_GEMM:
             m, skinny = x.shape[0], _skinny()
-            if m == 1 or (m <= skinny.MAX_M and skinny.has_measured_config(m, self.out_features, self.in_features)):
+            if m == 1 or (_SKINNY_SMALL_BATCH and m <= skinny.MAX_M
+                          and skinny.has_measured_config(m, self.out_features, self.in_features)):
                 return skinny.skinny_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
@@ -45,6 +46,9 @@ def _skinny():
 
 
 _NO_SKINNY_GEMM = os.environ.get("PAGEDSERVE_NO_SKINNY_GEMM") == "1"  # A/B switch for benchmarks
+# PAGEDSERVE_SKINNY_SMALL_BATCH=0: batches of 2-256 tokens through cuBLAS even where SKINNY_CONFIGS holds a
+# measured win (A/B runs); one token keeps the skinny GEMM.
+_SKINNY_SMALL_BATCH = os.environ.get("PAGEDSERVE_SKINNY_SMALL_BATCH", "1") == "1"
 
 
 class MergedLinear(Linear):

@@ -285,6 +285,42 @@ def test_gpu_large_m_model_shapes(m, n, k, with_bias, config):
     assert_matches(out, reference(x, weight, bias), dtype, x, weight)
 
 
+ENTRIES = sorted((key, cfg) for key, cfg in skinny_gemm.SKINNY_CONFIGS.items() if len(key) == 3)
+
+
+def entry_ms(bucket: int) -> list[int]:
+    """The M at both ends of an entry's bucket (the model runs it for M in bucket/2+1 .. bucket)."""
+    return sorted({bucket // 2 + 1, bucket}) if bucket > 1 else [1]
+
+
+@pytest.mark.parametrize("key,entry", ENTRIES, ids=[f"N{n}-K{k}-M{b}" for (n, k, b), _ in ENTRIES])
+def test_every_measured_entry_at_small_shapes(key, entry):
+    """Each SKINNY_CONFIGS entry's exact config (tiles, stages, split) at both ends of its bucket, on a small
+    N and K that is not a multiple of its blocks (interpreter on CPU: the shapes the config meets in the model
+    are GPU-only, below)."""
+    config = SkinnyConfig(**entry)
+    dtype = torch.float16
+    for m in entry_ms(key[2]):
+        x, weight, bias = make_inputs(m, 3 * config.block_k + 40, 2 * config.block_n + 5, True, dtype)
+        out = torch.full((m, weight.shape[0]), float("nan"), dtype=dtype, device=DEVICE)
+        skinny_linear(x, weight, bias, out=out, config=config)
+        assert_matches(out, reference(x, weight, bias), dtype, x, weight)
+
+
+@gpu_only
+@pytest.mark.parametrize("key", [key for key, _ in ENTRIES], ids=[f"N{n}-K{k}-M{b}" for (n, k, b), _ in ENTRIES])
+def test_gpu_every_measured_entry_at_its_shape(key):
+    """What the model runs: each entry chosen by choose_config at its own (N, K) and both ends of its bucket."""
+    n, k, bucket = key
+    dtype = torch.bfloat16
+    for m in entry_ms(bucket):
+        x, weight, bias = make_inputs(m, k, n, n == 4608, dtype)
+        assert skinny_gemm.has_measured_config(m, n, k)
+        out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
+        skinny_linear(x, weight, bias, out=out)
+        assert_matches(out, reference(x, weight, bias), dtype, x, weight)
+
+
 @gpu_only
 def test_gpu_m_is_not_specialized():
     """Batch sizes 16, 17, 33, 48 (and 2) share one compiled variant of a config (M is do_not_specialize)."""

@@ -341,6 +341,18 @@ SKINNY_CONFIGS: dict[tuple[int, ...], dict[str, int | bool]] = {
     (37888, 3584, 16): dict(block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=1, use_dot=True, block_m=16),
     # down M=16: 50.9 us vs cuBLAS 52.9 us
     (3584, 18944, 16): dict(block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=5, use_dot=True, block_m=16),
+    # The three M=16 entries above, timed again on an NVIDIA H200 (2026-12-03, --m 16 --quick): o 10.0 us vs cuBLAS
+    # 11.8, gate_up 64.2 vs 73.1, down 36.7 vs 39.1; qkv still loses (12.1 vs 11.1).
+    # NVIDIA H200, 2026-12-03 (scripts/bench_skinny_gemm.py --m 17,32,40,64 --shapes o,gate_up; --m 4,8 --shapes
+    # gate_up; weights rotated past L2), only where Triton won at both ends of the bucket (o at M=64, gate_up at
+    # 40-64, qkv and down at 4-48 lost or tied). docs/gpu-notes.md, session 15.
+    # o M=32: 9.1 us vs cuBLAS 12.0 us (M=17: 9.8 vs 11.9 with split 4)
+    (3584, 3584, 32): dict(block_n=64, block_k=128, num_warps=4, num_stages=4, split_k=2, use_dot=True, block_m=32),
+    # gate_up M=32: 66.2 us vs cuBLAS 72.9 us (M=17: 65.1 vs 72.1, same config)
+    (37888, 3584, 32): dict(block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=1, use_dot=True, block_m=32),
+    # gate_up M=4: 65.6 us vs cuBLAS 71.6 us; M=8: 65.9 vs 72.7 (same config)
+    (37888, 3584, 4): dict(block_n=64, block_k=128, num_warps=4, num_stages=4, split_k=1, use_dot=True, block_m=16),
+    (37888, 3584, 8): dict(block_n=64, block_k=128, num_warps=4, num_stages=4, split_k=1, use_dot=True, block_m=16),
 }
 
 
