@@ -45,8 +45,9 @@ heuristic per (M, N, K); `default_dot_config` for M > 8) unless SKINNY_CONFIGS h
 on the GPU (scripts/bench_skinny_gemm.py prints one to paste), keyed (N, K, m_bucket) with m_bucket
 = next power of 2 of M (1, 2, 4, 8, 16, 32, 64, 128, 256), unless the caller passes `config`. As
 committed, the entries are measured on the H100 (M = 1 for every projection; M = 16 where Triton
-beat cuBLAS); any other M runs on the heuristic, which is reasoning, not measurement (the model uses
-the kernel above M = 1 only where an entry exists: `has_measured_config`).
+beat cuBLAS, confirmed on the H200) and on the H200 (o and gate_up at M = 17-32, gate_up at 3-8); any
+other M runs on the heuristic, which is reasoning, not measurement (the model uses the kernel above
+M = 1 only where an entry exists: `has_measured_config`).
 """
 
 from __future__ import annotations
@@ -344,8 +345,9 @@ SKINNY_CONFIGS: dict[tuple[int, ...], dict[str, int | bool]] = {
     # The three M=16 entries above, timed again on an NVIDIA H200 (2026-12-03, --m 16 --quick): o 10.0 us vs cuBLAS
     # 11.8, gate_up 64.2 vs 73.1, down 36.7 vs 39.1; qkv still loses (12.1 vs 11.1).
     # NVIDIA H200, 2026-12-03 (scripts/bench_skinny_gemm.py --m 17,32,40,64 --shapes o,gate_up; --m 4,8 --shapes
-    # gate_up; weights rotated past L2), only where Triton won at both ends of the bucket (o at M=64, gate_up at
-    # 40-64, qkv and down at 4-48 lost or tied). docs/gpu-notes.md, session 15.
+    # gate_up; weights rotated past L2), only where Triton won at both ends of the bucket (lost or tied: o at
+    # M=64, gate_up at 40-64, qkv at 4-48, down at 4-8 and 24-48; every shape at 72-128 but o at 72). Not timed
+    # on the H100. docs/gpu-notes.md, session 15.
     # o M=32: 9.1 us vs cuBLAS 12.0 us (M=17: 9.8 vs 11.9 with split 4)
     (3584, 3584, 32): dict(block_n=64, block_k=128, num_warps=4, num_stages=4, split_k=2, use_dot=True, block_m=32),
     # gate_up M=32: 66.2 us vs cuBLAS 72.9 us (M=17: 65.1 vs 72.1, same config)
