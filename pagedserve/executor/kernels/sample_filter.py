@@ -95,6 +95,9 @@ HIST_LEVELS = 4  # top-k: radix passes over the 32 key bits (pass 0 buckets the 
 HIST_BINS = 1 << (32 // HIST_LEVELS)  # buckets of a histogram pass
 # PAGEDSERVE_FILTER_RADIX=0: top-k by the pivot search (counts instead of masses), as before session 14.
 RADIX_TOP_K = os.environ.get("PAGEDSERVE_FILTER_RADIX", "1") == "1"
+# PAGEDSERVE_FILTER_MAXNREG=N: cap the kernel's registers a thread at N (ptxas spills the rest). 168 or fewer
+# gives 12 one-warp programs an SM where the uncapped kernel's ~200 (H200, session 14) gives 8 (tuning knob).
+MAXNREG = int(os.environ.get("PAGEDSERVE_FILTER_MAXNREG", "0")) or None
 
 
 @triton.jit
@@ -470,6 +473,8 @@ def filter_thresholds(
     zeroed = torch.zeros(at + num_rows * hist_len, dtype=torch.int32, device=logits.device)
     counts, hists = zeroed[:num_rows], zeroed[at:]
 
+    cap = {"maxnreg": MAXNREG} if MAXNREG and logits.device.type == "cuda" else {}
+
     def launch(num_programs: int, warmup: bool = False):
         chunk = triton.cdiv(triton.cdiv(vocab, num_programs), 16) * 16  # 64-byte aligned chunk starts
         num_programs = triton.cdiv(vocab, chunk)
@@ -479,7 +484,7 @@ def filter_thresholds(
         return fn(logits, temperatures, top_k, top_p, min_p, out, scratch, parts, counts, hists, logits.stride(0),
                   vocab, chunk, num_programs, TILE=TILE, P=PIVOTS, C=MAX_PROGRAMS_PER_ROW, MAX_PASSES=MAX_PASSES,
                   NB=HIST_BINS, LEVELS=HIST_LEVELS, RADIX=radix, num_warps=WARPS,
-                  **pdl_launch_kwargs(logits.device), **extra)  # fmt: skip
+                  **pdl_launch_kwargs(logits.device), **extra, **cap)  # fmt: skip
 
     resident = RESIDENT_PER_SM
     if logits.device.type == "cuda":
@@ -495,8 +500,9 @@ def filter_thresholds(
     return out
 
 
-_RESIDENT: dict[tuple[int, int, int, bool], int] = {}
-REGISTERS: dict[tuple[int, int, int, bool], int] = {}  # registers a thread of the compiled kernel (for the bench)
+_RESIDENT: dict[tuple[int, int, int, bool, int | None], int] = {}
+# registers a thread of the compiled kernel (for the bench)
+REGISTERS: dict[tuple[int, int, int, bool, int | None], int] = {}
 
 
 def programs_an_sm(regs: int, shared: int, warps: int, regs_per_sm: int = 65536, threads_per_sm: int = 2048,
@@ -518,7 +524,7 @@ def resident_per_sm(device: torch.device, compile_kernel, radix: bool = True) ->
     ~255 registers a thread that is 8 (session 12's hang: 9 rows x 128 programs on 132 SMs). Cached per
     device and configuration; RESIDENT_PER_SM when the kernel cannot say."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, WARPS, TILE, radix)
+    key = (index, WARPS, TILE, radix, MAXNREG)
     if key not in _RESIDENT:
         kernel = compile_kernel()
         try:
