@@ -95,9 +95,10 @@ HIST_LEVELS = 4  # top-k: radix passes over the 32 key bits (pass 0 buckets the 
 HIST_BINS = 1 << (32 // HIST_LEVELS)  # buckets of a histogram pass
 # PAGEDSERVE_FILTER_RADIX=0: top-k by the pivot search (counts instead of masses), as before session 14.
 RADIX_TOP_K = os.environ.get("PAGEDSERVE_FILTER_RADIX", "1") == "1"
-# PAGEDSERVE_FILTER_MAXNREG=N: cap the kernel's registers a thread at N (ptxas spills the rest). 168 or fewer
-# gives 12 one-warp programs an SM where the uncapped kernel's ~200 (H200, session 14) gives 8 (tuning knob).
-MAXNREG = int(os.environ.get("PAGEDSERVE_FILTER_MAXNREG", "0")) or None
+# PAGEDSERVE_FILTER_MAXNREG=N [168; 0: no cap]: the kernel's registers a thread capped at N (ptxas spills the
+# rest: ~100 bytes at 168). 168 gives 12 one-warp programs an SM where the uncapped kernel's 201 (H200) gives 8:
+# at 256 rows top-k -12%, top-k + top-p -10%, top-p -4%, min-p +6 us; at 1 row within 3% (session 15, run 12).
+MAXNREG = int(os.environ.get("PAGEDSERVE_FILTER_MAXNREG", "168")) or None
 
 
 @triton.jit
