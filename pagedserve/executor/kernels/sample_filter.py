@@ -55,7 +55,8 @@ the row resident at once: programs_per_row keeps S * C <= the programs an SM hol
 gives C = 1 on CPUs, where the interpreter runs programs one after another. The programs an SM holds
 come from the compiled kernel's registers and shared memory (resident_per_sm, by programs_an_sm: a warp's
 registers come from one scheduler's quarter of the register file, so 8 an SM on the H200 with ~200 registers
-a thread, 12 with 168; RESIDENT_PER_SM = 8, the bound for <= 255 registers, when Triton cannot say). A
+a thread, 12 with 168; RESIDENT_PER_SM = 8, the bound for <= 255 registers, when Triton cannot say). The
+kernel is compiled with its registers capped at MAXNREG = 168 (ptxas spills ~100 bytes) for the 12. A
 forced count beyond that is refused (session 12 run 2: 9 rows x 128 programs on 132 SMs waited at the
 barrier until the test's timeout).
 
