@@ -377,3 +377,21 @@ def test_capturable_in_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, want)
+
+
+@gpu_only
+def test_compiled_kernel_keeps_to_the_register_cap():
+    """The threshold kernel compiles at or under MAXNREG registers a thread (168 by default: 12 one-warp programs
+    an SM where the uncapped 201 gave 8 on the H200), and the residency the launcher plans with is the one those
+    registers give."""
+    from pagedserve.executor.kernels import sample_filter
+
+    if sample_filter.MAXNREG is None:
+        pytest.skip("PAGEDSERVE_FILTER_MAXNREG=0: no cap")
+    logits = torch.randn(2, 152064, device="cuda")
+    filter_thresholds(logits, *params_tensors([(0.7, 20, 0.8, 0.0)] * 2))
+    caps = {key: regs for key, regs in sample_filter.REGISTERS.items() if key[-1] == sample_filter.MAXNREG}
+    assert caps and all(regs <= sample_filter.MAXNREG for regs in caps.values()), sample_filter.REGISTERS
+    props = torch.cuda.get_device_properties(0)
+    if getattr(props, "regs_per_multiprocessor", 65536) == 65536 and sample_filter.WARPS == 1:
+        assert all(sample_filter._RESIDENT[key] >= 12 for key in caps), sample_filter._RESIDENT
