@@ -108,6 +108,9 @@ TAIL_TMA_TILES = [
     (128, 64, 8, 3),
     (128, 64, 8, 4),
     (128, 128, 8, 3),
+    # 256 W rows a program: x (re-read from L2 by every n-tile) read half as often; 206-210 registers, one a SM
+    (256, 64, 8, 3),
+    (256, 32, 8, 4),
 ]
 SPLITS = (1, 2, 3, 4, 5, 6, 8, 12)
 CUBLAS_ONLY = False  # --cublas-only: time F.linear at each M, no Triton sweep
