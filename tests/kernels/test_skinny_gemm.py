@@ -123,6 +123,22 @@ def test_tail_tile_validation():
     SkinnyConfig(64, 64, 4, 3, 1, True, 128, True, 16).validate()
 
 
+def test_a_two_tile_entry_sizes_its_tail_per_m(monkeypatch):
+    """A SKINNY_CONFIGS entry with block_m_tail serves its whole bucket: the tail follows M past block_m."""
+    entry = dict(block_n=16, block_k=32, num_warps=4, num_stages=2, split_k=1, use_dot=True, block_m=128,
+                 use_tma=True, block_m_tail=16)
+    monkeypatch.setitem(skinny_gemm.SKINNY_CONFIGS, (33, 72, 256), entry)
+    ms = (129, 144, 145, 160, 161, 200, 256)
+    tails = {m: skinny_gemm.choose_config(m, 33, 72, torch.float16, DEVICE).block_m_tail for m in ms}
+    assert tails == {129: 16, 144: 16, 145: 32, 160: 32, 161: 64, 200: 128, 256: 128}
+    assert skinny_gemm.fit_tail(SkinnyConfig(**entry), 100).block_m_tail == 0  # block_m holds M
+    for m in (130, 161):  # and the chosen configs compute the product
+        x, weight, bias = make_inputs(m, 72, 33, True, torch.float16)
+        out = torch.full((m, 33), float("nan"), dtype=torch.float16, device=DEVICE)
+        skinny_linear(x, weight, bias, out=out)
+        assert_matches(out, reference(x, weight, bias), torch.float16, x, weight)
+
+
 def test_tma_rejects_what_the_copy_engine_cannot_read():
     config = SkinnyConfig(16, 32, 2, 2, 1, True, 16, True)
     x, weight, _ = make_inputs(9, 36, 8, False, torch.float16)  # rows of 72 bytes: not a 16-byte multiple

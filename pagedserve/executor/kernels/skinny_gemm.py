@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -465,8 +465,19 @@ def choose_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.devi
         if key in SKINNY_CONFIGS:
             config = SkinnyConfig(**SKINNY_CONFIGS[key])
             if config.use_dot or m <= FMA_MAX_M:
-                return config
+                return fit_tail(config, m)
     return default_config(m, n, k, dtype, _num_sms(device))
+
+
+def fit_tail(config: SkinnyConfig, m: int) -> SkinnyConfig:
+    """An entry with two token tiles (block_m_tail > 0) serves every M of its bucket: the second tile is sized
+    to what M leaves past block_m (a power of 2, 16..block_m), or dropped when block_m holds M, so M = 144 runs
+    128 + 16 rows and M = 200 runs 128 + 128, not two m-tiles of 144 (one compiled variant per tail size)."""
+    if not config.block_m_tail:
+        return config
+    if m <= config.block_m:
+        return replace(config, block_m_tail=0)
+    return replace(config, block_m_tail=min(config.block_m, max(16, m_bucket(m - config.block_m))))
 
 
 def _check_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None) -> None:
@@ -577,5 +588,6 @@ __all__ = [
     "default_split_k",
     "effective_split_k",
     "fit_block_k",
+    "fit_tail",
     "skinny_linear",
 ]
