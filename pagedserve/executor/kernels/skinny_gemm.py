@@ -236,23 +236,21 @@ def _tma_gemm_kernel(
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     if BLOCK_MT > 0:
         acc_t = tl.zeros([BLOCK_N, BLOCK_MT], dtype=tl.float32)
-        for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
-            w = w_desc.load([n0, k])
-            x = x_desc.load([m0, k])
+    for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
+        w = w_desc.load([n0, k])
+        x = x_desc.load([m0, k])
+        if BLOCK_MT > 0:
             xt = xt_desc.load([m0 + BLOCK_M, k])
-            acc = tl.dot(w, x.T, acc)
+        acc = tl.dot(w, x.T, acc)
+        if BLOCK_MT > 0:
             acc_t = tl.dot(w, xt.T, acc_t)
+    if BLOCK_MT > 0:
         result_t = tl.trans(acc_t)  # [BLOCK_MT, BLOCK_N]
         if HAS_BIAS:
             result_t += bias
         offs_t = m0 + BLOCK_M + tl.arange(0, BLOCK_MT)
         out_t = out_ptr + pid_k * stride_os + offs_t[:, None] * stride_om + offs_n[None, :]
         tl.store(out_t, result_t.to(out_ptr.dtype.element_ty), mask=(offs_t < M)[:, None] & n_mask[None, :])
-    else:
-        for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
-            w = w_desc.load([n0, k])
-            x = x_desc.load([m0, k])
-            acc = tl.dot(w, x.T, acc)
     result = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
     if HAS_BIAS:
         result += bias
