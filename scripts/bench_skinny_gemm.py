@@ -112,27 +112,6 @@ TAIL_TMA_TILES = [
     (256, 64, 8, 3),
     (256, 32, 8, 4),
 ]
-# --ws: warp-specialized TMA tiles (SkinnyConfig.warp_specialize; 4 warps, 12 a program once specialized),
-# (block_m, block_n, block_k, stages); at 128 < M < 256 also 128 + tail with (block_n, block_k, stages) of
-# WS_TAIL_TILES. Shared memory (block_n + block_m + tail) * block_k * 2 B * stages, all <= 210 KB.
-WS_TMA_TILES = [
-    (16, 128, 128, 4),
-    (32, 128, 128, 4),
-    (64, 128, 64, 6),
-    (64, 128, 128, 3),
-    (128, 64, 64, 6),
-    (128, 128, 64, 4),
-    (128, 128, 64, 5),
-    (128, 256, 64, 3),
-    (256, 128, 64, 3),
-]
-WS_TAIL_TILES = [
-    (64, 64, 6),
-    (128, 64, 4),
-    (128, 128, 3),
-    (256, 64, 3),
-]
-WS_ONLY = False  # --ws: the warp-specialized tiles instead of the other tables
 SPLITS = (1, 2, 3, 4, 5, 6, 8, 12)
 CUBLAS_ONLY = False  # --cublas-only: time F.linear at each M, no Triton sweep
 TAIL_ONLY = False  # --tail-only: with --tma at 128 < M < 256, only the two-tile (128 + tail) configs
@@ -144,7 +123,6 @@ def label(cfg: SkinnyConfig, k: int) -> str:
     split = effective_split_k(k, cfg.block_k, cfg.split_k)
     tail = f"+{cfg.block_m_tail}" if cfg.block_m_tail else ""
     kind = (f"tma m{cfg.block_m}{tail}" if cfg.use_tma else f"dot m{cfg.block_m}") if cfg.use_dot else "fma"
-    kind = f"ws-{kind}" if cfg.warp_specialize else kind
     return f"{kind} n{cfg.block_n} k{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages} S{split}"
 
 
@@ -171,8 +149,6 @@ def large_m_candidates(m: int, n: int, k: int, num_sms: int, quick: bool, tma: b
     if quick:  # the tiles with the largest block_m M uses
         tiles = [t for t in tiles if t[0] == bucket][:3] or tiles[-3:]
     configs = [default_config(m, n, k, torch.bfloat16, num_sms)]
-    if WS_ONLY:
-        return configs + ws_candidates(m, n, k, num_sms)
     if TAIL_ONLY and tma and 128 < m < 256:
         tiles = []  # --tail-only: the two-tile configs alone (session 6 timed the others at these M)
     for block_m, block_n, block_k, warps, stages in tiles:
@@ -185,22 +161,6 @@ def large_m_candidates(m: int, n: int, k: int, num_sms: int, quick: bool, tma: b
             block_k = fit_block_k(k, block_k)
             split = default_split_k(n, k, block_n, block_k, num_sms, m=m, block_m=128 + tail)
             configs.append(SkinnyConfig(block_n, block_k, warps, stages, split, True, 128, True, tail))
-    return list(dict.fromkeys(configs))
-
-
-def ws_candidates(m: int, n: int, k: int, num_sms: int) -> list[SkinnyConfig]:
-    bucket = max(16, m_bucket(m))
-    configs = []
-    for block_m, block_n, block_k, stages in dict.fromkeys((min(bm, bucket), *rest) for bm, *rest in WS_TMA_TILES):
-        block_k = fit_block_k(k, block_k)
-        split = default_split_k(n, k, block_n, block_k, num_sms, m=m, block_m=block_m)
-        configs.append(SkinnyConfig(block_n, block_k, 4, stages, split, True, block_m, True, 0, True))
-    if 128 < m < 256:
-        tail = max(16, m_bucket(m - 128))
-        for block_n, block_k, stages in WS_TAIL_TILES:
-            block_k = fit_block_k(k, block_k)
-            split = default_split_k(n, k, block_n, block_k, num_sms, m=m, block_m=128 + tail)
-            configs.append(SkinnyConfig(block_n, block_k, 4, stages, split, True, 128, True, tail, True))
     return list(dict.fromkeys(configs))
 
 
@@ -363,7 +323,6 @@ def print_summary(results) -> None:
         block_m = f", block_m={c.block_m}" if c.use_dot else ""
         block_m += ", use_tma=True" if c.use_tma else ""
         block_m += f", block_m_tail={c.block_m_tail}" if c.block_m_tail else ""
-        block_m += ", warp_specialize=True" if c.warp_specialize else ""
         print(
             f"    {comment}{key}: dict(block_n={c.block_n}, block_k={c.block_k}, "
             f"num_warps={c.num_warps}, num_stages={c.num_stages}, split_k={split}, use_dot={c.use_dot}{block_m}),"
@@ -380,7 +339,6 @@ def main() -> None:
     parser.add_argument("--cublas-only", action="store_true", help="time cuBLAS alone at each M (e.g. a ladder)")
     parser.add_argument("--tma", action="store_true", help="M > 8: sweep the TMA tiles (LARGE_M_TMA_TILES)")
     parser.add_argument("--tail-only", action="store_true", help="--tma at 128 < M < 256: only the 128 + tail tiles")
-    parser.add_argument("--ws", action="store_true", help="M > 8: sweep the warp-specialized TMA tiles only")
     parser.add_argument("--lt", action="store_true", help="also time F.linear under torch's cuBLASLt preference")
     parser.add_argument("--rep", type=int, default=10, help="ms of kernels per CUDA graph (triton do_bench_cudagraph)")
     args = parser.parse_args()
@@ -392,8 +350,8 @@ def main() -> None:
     m_values = [int(v) for v in args.m.split(",")]
     if not all(1 <= m <= MAX_M for m in m_values):
         parser.error(f"--m values must be in 1..{MAX_M}, got {args.m}")
-    global CUBLAS_ONLY, LT_TOO, TAIL_ONLY, WS_ONLY
-    CUBLAS_ONLY, LT_TOO, TAIL_ONLY, WS_ONLY = args.cublas_only, args.lt, args.tail_only, args.ws
+    global CUBLAS_ONLY, LT_TOO, TAIL_ONLY
+    CUBLAS_ONLY, LT_TOO, TAIL_ONLY = args.cublas_only, args.lt, args.tail_only
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"{torch.cuda.get_device_name()} ({num_sms} SMs)  torch {torch.__version__}  triton {triton.__version__}"
           f"  model {args.model}  bf16")  # fmt: skip

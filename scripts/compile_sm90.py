@@ -27,9 +27,8 @@ def build(fn, sig: dict, consts: dict, label: str, num_warps: int = 4, num_stage
         print(f"{label}: {type(e).__name__}: {str(e)[-1500:]}")
         return
     ptx = k.asm.get("ptx", "")
-    ws = k.asm.get("ttgir", "").count("ttg.warp_specialize(")
     print(f"{label}: compiled; wgmma {ptx.count('wgmma.mma_async')}, tma {ptx.count('cp.async.bulk.tensor')}, "
-          f"shared {k.metadata.shared} B, warps {k.metadata.num_warps}{', specialized' if ws else ''}, regs n/a on CPU")
+          f"shared {k.metadata.shared} B, regs n/a on CPU")
 
 
 def sample() -> None:
@@ -72,15 +71,13 @@ def penalties() -> None:
 
 
 def tma() -> None:
-    from bench_skinny_gemm import LARGE_M_TMA_TILES, TAIL_TMA_TILES, WS_TAIL_TILES, WS_TMA_TILES
+    from bench_skinny_gemm import LARGE_M_TMA_TILES, TAIL_TMA_TILES
 
     from pagedserve.executor.kernels import skinny_gemm as m
 
-    tiles = [(bm, 0, bn, bk, w, st, False) for bm, bn, bk, w, st in LARGE_M_TMA_TILES]
-    tiles += [(128, 16, bn, bk, w, st, False) for bn, bk, w, st in TAIL_TMA_TILES]
-    tiles += [(bm, 0, bn, bk, 4, st, True) for bm, bn, bk, st in WS_TMA_TILES]
-    tiles += [(128, 16, bn, bk, 4, st, True) for bn, bk, st in WS_TAIL_TILES]
-    for block_m, tail, block_n, block_k, warps, stages, ws in tiles:
+    tiles = [(bm, 0, bn, bk, w, st) for bm, bn, bk, w, st in LARGE_M_TMA_TILES]
+    tiles += [(128, 16, bn, bk, w, st) for bn, bk, w, st in TAIL_TMA_TILES]
+    for block_m, tail, block_n, block_k, warps, stages in tiles:
         for bias, out in ((True, "*bf16"), (False, "*fp32")):
             sig = {"w_desc": f"tensordesc<bf16[{block_n}, {block_k}]>",
                    "x_desc": f"tensordesc<bf16[{block_m}, {block_k}]>",
@@ -88,11 +85,11 @@ def tma() -> None:
                    "bias_ptr": "*bf16", "out_ptr": out, "M": "i32", "N": "i32", "stride_os": "i32",
                    "stride_om": "i32", "k_per_split": "i32", "K": "i32",
                    "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-                   "NUM_STAGES": "constexpr", "BLOCK_MT": "constexpr", "WS": "constexpr", "USE_PDL": "constexpr"}
+                   "NUM_STAGES": "constexpr", "BLOCK_MT": "constexpr", "USE_PDL": "constexpr"}
             consts = {"HAS_BIAS": bias, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                      "NUM_STAGES": stages, "BLOCK_MT": tail, "WS": ws, "USE_PDL": True}
-            build(m._tma_gemm_kernel, sig, consts, f"{'ws-' if ws else ''}tma m{block_m}+{tail} n{block_n} k{block_k} "
-                  f"w{warps} s{stages} {'bias' if bias else 'split'}", num_warps=warps, num_stages=stages)
+                      "NUM_STAGES": stages, "BLOCK_MT": tail, "USE_PDL": True}
+            build(m._tma_gemm_kernel, sig, consts, f"tma m{block_m}+{tail} n{block_n} k{block_k} w{warps} s{stages} "
+                  f"{'bias' if bias else 'split'}", num_warps=warps, num_stages=stages)
 
 
 def decode() -> None:

@@ -338,9 +338,6 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
     skinny-tail)  # two token tiles a program (128 + 16 at M = 144) vs cuBLAS and cuBLASLt, the default workload's decode M
       timeout ${TAIL_TIMEOUT:-330} python3 scripts/bench_skinny_gemm.py --tma --tail-only --lt --m ${TAIL_M:-144} \
         --shapes ${TAIL_SHAPES:-qkv,o,gate_up,down} ;;
-    skinny-ws)  # warp-specialized TMA tiles vs cuBLAS at the decode M (default 144: the default workload's)
-      timeout ${WS_TIMEOUT:-400} python3 scripts/bench_skinny_gemm.py --ws --m ${WS_M:-144} \
-        --shapes ${WS_SHAPES:-qkv,o,gate_up,down} ;;
     cublas-ladder)  # cuBLAS alone at every decode graph size 64..256 (step 8): where its tiles quantize
       timeout 200 python3 scripts/bench_skinny_gemm.py --cublas-only --shapes qkv,o,gate_up,down \
         --m "$(seq -s, 64 8 256)" ;;
@@ -371,9 +368,6 @@ for phase in $phases; do
     serve|serve-ab) cat "$OUT/$phase.log" ;;
     profile*|probe|launch-probe|silu|skinny*|tma-test|skinny-test-entries|work-test|decode-work|tp-ab|lat-ab|gpu-quick|mixed-test|qkv-test|kernels-test|importprobe|sample|sample-test|filter-test|pen-test|importtime|decode-mix|check7b) grep -v "^\[transformers\]" "$OUT/$phase.log" | tail -n 45 ;;
     latency*) tail -n 5 "$OUT/$phase.log" ;;
-    skinny-ws)  # warp-specialized TMA tiles vs cuBLAS at the decode M (default 144: the default workload's)
-      timeout ${WS_TIMEOUT:-400} python3 scripts/bench_skinny_gemm.py --ws --m ${WS_M:-144} \
-        --shapes ${WS_SHAPES:-qkv,o,gate_up,down} ;;
     cublas-ladder) sed -n '/== cuBLAS per M/,$p' "$OUT/$phase.log" ;;
     *) tail -n 8 "$OUT/$phase.log" ;;
   esac

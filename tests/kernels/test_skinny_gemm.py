@@ -45,7 +45,6 @@ LARGE_M_CASES = [  # (K, N, bias, config)
 
 # The TMA path (bulk tensor copies, zero-filled past the tensor's edges): 16-bit operands only, row
 # strides a multiple of 16 bytes (K % 8 == 0). SkinnyConfig(..., block_m, use_tma=True).
-WS = True  # SkinnyConfig.warp_specialize, positionally
 TMA_CASES = [  # (K, N, bias, config)
     pytest.param(72, 17, True, SkinnyConfig(16, 32, 2, 2, 1, True, 16, True), id="tma-m16-K72-N17-bias"),
     pytest.param(200, 70, False, SkinnyConfig(32, 64, 4, 3, 3, True, 32, True), id="tma-m32-split-K200-N70"),
@@ -56,11 +55,6 @@ TMA_CASES = [  # (K, N, bias, config)
     pytest.param(136, 33, True, SkinnyConfig(64, 16, 4, 4, 1, True, 128, True, 16), id="tma-m128+16-K136-N33-bias"),
     pytest.param(200, 70, True, SkinnyConfig(32, 64, 4, 3, 3, True, 16, True, 16), id="tma-m16+16-split-K200-N70-bias"),
     pytest.param(96, 40, False, SkinnyConfig(16, 32, 4, 2, 1, True, 64, True, 32), id="tma-m64+32-K96-N40"),
-    # Warp-specialized K loops (on the GPU: TMA copies and wgmma in separate warp partitions), with a tail
-    # tile, split K, a bias, and K not a multiple of block_k.
-    pytest.param(200, 70, True, SkinnyConfig(64, 64, 4, 3, 1, True, 128, True, 0, WS), id="tma-ws-m128-K200-N70-bias"),
-    pytest.param(200, 70, False, SkinnyConfig(64, 64, 4, 4, 2, True, 16, True, 16, WS), id="tma-ws-m16+16-split-K200"),
-    pytest.param(136, 33, True, SkinnyConfig(128, 64, 4, 3, 1, True, 128, True, 16, WS), id="tma-ws-m128+16-K136-bias"),
 ]
 TMA_DTYPES = [torch.float16, torch.bfloat16] if CUDA else [torch.float16]
 
@@ -127,15 +121,6 @@ def test_tail_tile_validation():
         with pytest.raises(ValueError, match="block_m_tail"):
             SkinnyConfig(64, 64, 4, 3, 1, True, 128, True, tail).validate()
     SkinnyConfig(64, 64, 4, 3, 1, True, 128, True, 16).validate()
-
-
-def test_warp_specialize_validation():
-    no_tma = SkinnyConfig(64, 64, 4, 3, 1, True, 128, False, 0, WS)
-    eight_warps = SkinnyConfig(64, 64, 8, 3, 1, True, 128, True, 0, WS)
-    for bad in (no_tma, eight_warps):
-        with pytest.raises(ValueError, match="warp_specialize"):
-            bad.validate()  # needs use_tma; needs 4 warps
-    SkinnyConfig(64, 64, 4, 3, 1, True, 128, True, 0, True).validate()
 
 
 def test_a_two_tile_entry_sizes_its_tail_per_m(monkeypatch):

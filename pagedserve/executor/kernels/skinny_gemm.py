@@ -208,7 +208,6 @@ def _tma_gemm_kernel(
     BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     BLOCK_MT: tl.constexpr = 0,  # a second token tile under the first: an m-tile of BLOCK_M + BLOCK_MT rows
-    WS: tl.constexpr = False,  # warp-specialize the K loop (Hopper; SkinnyConfig.warp_specialize)
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
     """The dot path with both operands fetched by the Hopper tensor-memory accelerator (TMA): W and x
@@ -237,7 +236,7 @@ def _tma_gemm_kernel(
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     if BLOCK_MT > 0:
         acc_t = tl.zeros([BLOCK_N, BLOCK_MT], dtype=tl.float32)
-    for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES, warp_specialize=WS):
+    for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
         w = w_desc.load([n0, k])
         x = x_desc.load([m0, k])
         if BLOCK_MT > 0:
@@ -296,10 +295,6 @@ class SkinnyConfig:
     block_m: int = 16  # rows of x per program, use_dot only (power of 2, 16..256); fma tiles are m_bucket(M)
     use_tma: bool = False  # dot path with TMA (bulk tensor copy) loads: Hopper or newer, bf16/fp16
     block_m_tail: int = 0  # use_tma only: a second token tile of this many rows (power of 2, 16..block_m)
-    # use_tma only, num_warps 4: Triton's warp specialization of the K loop on Hopper: the TMA copies and the
-    # wgmma run in separate 4-warp partitions beside the program's own 4 warps (12 a program; Triton 3.6 leaves
-    # an 8-warp program unspecialized), so loads and tensor-core work overlap through barriers, not the pipeliner
-    warp_specialize: bool = False
 
     def validate(self) -> None:
         for name in ("block_n", "block_k", "num_warps", "block_m"):
@@ -317,8 +312,6 @@ class SkinnyConfig:
         tail = self.block_m_tail
         if tail and (not self.use_tma or tail < 16 or tail > self.block_m or tail & (tail - 1)):
             raise ValueError(f"block_m_tail must be 0 or, with use_tma, a power of 2 in 16..block_m, got {tail}")
-        if self.warp_specialize and (not self.use_tma or self.num_warps != 4):
-            raise ValueError("warp_specialize needs use_tma and num_warps=4 (Triton specializes 4-warp programs)")
 
 
 # Measured overrides, keyed (N, K, m_bucket) or (N, K) (any M; an fma entry is skipped for M > 8);
@@ -561,7 +554,7 @@ def skinny_linear(
             x_desc, TensorDescriptor.from_tensor(x, [tail, block_k]) if tail else x_desc,
             bias if bias is not None else x, target,
             m, n, stride_os, stride_om, tiles_per_split * block_k, k,
-            NUM_STAGES=config.num_stages, BLOCK_MT=tail, WS=config.warp_specialize, **common,
+            NUM_STAGES=config.num_stages, BLOCK_MT=tail, **common,
         )  # fmt: skip
     else:
         _skinny_gemm_kernel[grid](
