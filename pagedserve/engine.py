@@ -99,7 +99,8 @@ class LLMEngine:
         self._child_to_parent: dict[str, tuple[str, int]] = {}
         self.step_timing = StepTiming()
         on_cuda = self.worker.device is not None and self.worker.device.type == "cuda"
-        self.async_scheduling = config.async_scheduling if config.async_scheduling is not None else on_cuda
+        self.async_scheduling = (self.config.async_scheduling if self.config.async_scheduling is not None
+                                 else on_cuda)
         self._pending = None  # (SchedulerOutput, StepHandle, t_start, t_scheduled, t_launched) in flight
         # True: each RequestOutput holds copies the caller may keep. False: the engine's own growing
         # CompletionOutputs, valid until the next step (for a caller that consumes them at once, as

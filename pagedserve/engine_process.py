@@ -286,6 +286,9 @@ def run_engine_process(
             stats = pstats.Stats(profiler, stream=f)
             stats.sort_stats("tottime").print_stats(35)
             stats.sort_stats("cumulative").print_stats(35)
+    worker = getattr(engine, "worker", None)
+    if worker is not None:
+        worker.close()  # tensor parallelism: the other ranks' processes end too
     sender.close(("stopped",))
 
 

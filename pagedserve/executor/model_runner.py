@@ -44,7 +44,7 @@ from pagedserve.core.outputs import (
 )
 from pagedserve.executor.attention.base import AttentionBackend, AttentionMetadata, ForwardContext
 from pagedserve.executor.attention.torch_ref import TorchAttentionBackend
-from pagedserve.executor.models.decoder import head_dim_of, num_kv_heads_of
+from pagedserve.executor.models.decoder import head_dim_of, local_num_kv_heads, num_kv_heads_of
 from pagedserve.executor.sampler import SampleResult, StepHistory
 
 logger = logging.getLogger(__name__)
@@ -139,16 +139,16 @@ def padded_count(n: int) -> int:
 
 
 def kv_cache_bytes_per_block(hf_config: Any, block_size: int, dtype: torch.dtype) -> int:
-    """K and V of one block across all layers."""
+    """K and V of one block across all layers (this rank's kv heads)."""
     element_size = torch.empty((), dtype=dtype).element_size()
-    per_token = 2 * num_kv_heads_of(hf_config) * head_dim_of(hf_config) * element_size
+    per_token = 2 * local_num_kv_heads(hf_config) * head_dim_of(hf_config) * element_size
     return hf_config.num_hidden_layers * block_size * per_token
 
 
 def allocate_kv_caches(
     hf_config: Any, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype
 ) -> list[torch.Tensor]:
-    shape = (2, num_blocks, block_size, num_kv_heads_of(hf_config), head_dim_of(hf_config))
+    shape = (2, num_blocks, block_size, local_num_kv_heads(hf_config), head_dim_of(hf_config))
     # Zeros, not empty: a bug that reads an unwritten slot then shows up as a wrong value, not NaN.
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(hf_config.num_hidden_layers)]
 
@@ -407,7 +407,7 @@ class ModelRunner:
 
         kv_cache = self.kv_caches[0]
         num_kv_heads, head_dim = kv_cache.shape[3:]
-        num_heads = int(self.hf_config.num_attention_heads)
+        num_heads = int(self.hf_config.num_attention_heads) * num_kv_heads // num_kv_heads_of(self.hf_config)
         tokens = 16
         query = torch.zeros(tokens, num_heads, head_dim, dtype=kv_cache.dtype, device=self.device)
         query_start_loc = torch.tensor([0, tokens], dtype=torch.int32, device=self.device)
@@ -476,6 +476,17 @@ class ModelRunner:
         ready = torch.cuda.Event(enable_timing=True)
         ready.record()
         return StepHandle(scheduled, host, ready, result.decode, started)
+
+    @torch.inference_mode()
+    def forward_only(self, scheduler_output: SchedulerOutput) -> None:
+        """The step's forward without logits or sampling: ranks 1..N-1 of tensor parallelism, whose layers
+        take part in rank 0's all-reduces (their steps are eager and carry no placeholder ids)."""
+        if scheduler_output.is_empty:
+            return
+        inputs = self.prepare_inputs(scheduler_output)
+        if inputs.graph_step or inputs.mixed_graph_step:
+            raise RuntimeError("tensor-parallel ranks run eager steps only")
+        self.model(inputs.input_ids, inputs.positions, inputs.ctx)
 
     def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int,
                             max_num_batched_tokens: int | None = None) -> float:

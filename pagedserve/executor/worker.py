@@ -63,28 +63,46 @@ class Worker:
     # Sampling fields a request leaves unset take these (the model's generation_config.json; see
     # pagedserve/generation_defaults.py).
     default_sampling: dict = field(default_factory=dict)
+    tp_procs: list = field(default_factory=list)  # ranks 1..N-1 of tensor parallelism (executor/tp_worker.py)
 
     @property
     def dtype_bytes(self) -> int:
         return torch.empty((), dtype=self.dtype).element_size()
 
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        self._send_to_ranks(scheduler_output)
         return self.runner.execute(scheduler_output)
 
     def execute_async(self, scheduler_output: SchedulerOutput):
         """Queues the step; the returned handle's result() waits for it (see ModelRunner)."""
+        self._send_to_ranks(scheduler_output)
         return self.runner.execute_async(scheduler_output)
+
+    def _send_to_ranks(self, scheduler_output: SchedulerOutput) -> None:
+        if self.tp_procs and not scheduler_output.is_empty:  # the other ranks run the same step's forward
+            from pagedserve.distributed import broadcast_object
+
+            broadcast_object(scheduler_output)
+
+    def close(self) -> None:
+        """Ends the tensor-parallel ranks (a no-op with one rank); the worker takes no steps after it."""
+        if not self.tp_procs:
+            return
+        from pagedserve.distributed import broadcast_object, destroy_tensor_parallel
+        from pagedserve.executor.tp_worker import stop_tp_workers
+
+        procs, self.tp_procs = self.tp_procs, []
+        try:
+            broadcast_object(None)
+        finally:
+            stop_tp_workers(procs)
+            destroy_tensor_parallel()
 
 
 def build_worker(config: EngineConfig, on_tokenizer_source: Callable[[str, str | None], None] | None = None
                  ) -> Worker:
     """`on_tokenizer_source(source, chat_template)` is called as soon as the tokenizer's source is
     known (seconds before the worker is built): the server loads its own copy meanwhile."""
-    from pagedserve.executor.loader import read_plain_config
-    from pagedserve.tokenizer import load_tokenizer
-
-    if config.tensor_parallel_size != 1:
-        raise ValueError("tensor_parallel_size > 1 is not supported yet; use 1")
     t0 = time.monotonic()
     device = resolve_device(config)
     dtype = resolve_dtype(config, device)
@@ -97,6 +115,52 @@ def build_worker(config: EngineConfig, on_tokenizer_source: Callable[[str, str |
 
         config = config.replace(model=model_path,
                                 served_model_name=config.served_model_name or DEFAULT_MODEL.name)
+    tp_procs = []
+    if config.tensor_parallel_size > 1:
+        # Every rank runs each step as rank 0 sends it: steps one at a time (no async scheduling: a step's
+        # decodes carry their real token ids) and eager (no CUDA graphs with collectives inside, yet).
+        config = config.replace(async_scheduling=False, enforce_eager=True)
+        tp_procs = _start_tensor_parallel(config, model_path, device)
+    try:
+        return _build_rank0(config, device, dtype, model_path, tokenizer_folder, gguf_file, t0, t_device,
+                            on_tokenizer_source, tp_procs)
+    except BaseException:
+        if tp_procs:  # the other ranks wait in a collective that will not come: end them
+            from pagedserve.distributed import destroy_tensor_parallel
+
+            for proc in tp_procs:
+                proc.kill()
+            destroy_tensor_parallel()
+        raise
+
+
+def _start_tensor_parallel(config: EngineConfig, model_path: str, device: torch.device) -> list:
+    """Starts ranks 1..N-1 and joins the group as rank 0 (pagedserve/distributed.py)."""
+    from pagedserve.distributed import free_port, init_tensor_parallel
+    from pagedserve.executor.tp_worker import start_tp_workers, tp_device
+
+    tp_device(config, 0)  # checks the GPU count on CUDA
+    if device.type == "cpu":  # the ranks share the cores: no thread oversubscription
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
+    port = free_port()
+    procs = start_tp_workers(config, model_path, port)
+    try:
+        init_tensor_parallel(0, config.tensor_parallel_size, port, device)
+    except BaseException:
+        for proc in procs:
+            proc.kill()
+        raise
+    logger.info("tensor parallelism: %d ranks (%s)", config.tensor_parallel_size,
+                "NCCL" if device.type == "cuda" else "gloo")
+    return procs
+
+
+def _build_rank0(config: EngineConfig, device: torch.device, dtype: torch.dtype, model_path: str,
+                 tokenizer_folder: str, gguf_file: str | None, t0: float, t_device: float,
+                 on_tokenizer_source: Callable[[str, str | None], None] | None, tp_procs: list) -> Worker:
+    from pagedserve.executor.loader import read_plain_config
+    from pagedserve.tokenizer import load_tokenizer
+
     torch.manual_seed(config.seed)
     from pagedserve.generation_defaults import load_generation_defaults
 
@@ -120,9 +184,27 @@ def build_worker(config: EngineConfig, on_tokenizer_source: Callable[[str, str |
             on_tokenizer_source(tokenizer_source, config.chat_template)
         worker = _build_on_device(config, model_path, tokenizer_folder, device, dtype, t0, tokenizer_future)
         worker.default_sampling = default_sampling
+        if tp_procs:
+            import atexit
+
+            worker.tp_procs = tp_procs
+            atexit.register(worker.close)  # an LLM user need not call close(): the ranks end with this process
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return worker
+
+
+def size_kv_cache(config: EngineConfig, model, hf_config, device: torch.device, dtype: torch.dtype,
+                  max_batched: int) -> int:
+    """KV blocks for this rank's cache: what fits here, then the fewest of any rank (one block table serves
+    every rank); ValueError when fewer than 2 fit."""
+    from pagedserve.distributed import min_across_ranks
+    from pagedserve.executor.model_runner import determine_num_blocks
+
+    num_blocks = min_across_ranks(determine_num_blocks(config, model, hf_config, device, dtype, max_batched))
+    if num_blocks < 2:
+        raise ValueError(f"only {num_blocks} KV blocks fit; raise gpu_memory_utilization or cpu_kv_cache_gib")
+    return num_blocks
 
 
 def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: str, device: torch.device,
@@ -131,7 +213,7 @@ def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: st
     needs it but the sampler's EOS ids, which are set once it is ready (before any request)."""
     from pagedserve.executor.compile_log import install, summary_suffix
     from pagedserve.executor.loader import get_eos_token_ids, load_model
-    from pagedserve.executor.model_runner import ModelRunner, determine_num_blocks
+    from pagedserve.executor.model_runner import ModelRunner
     from pagedserve.executor.sampler import Sampler
 
     install()  # PAGEDSERVE_LOG_COMPILES=1: Triton compile time per start-up phase in the log
@@ -146,9 +228,7 @@ def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: st
                          f"max_position_embeddings {model_len}")
     max_batched = config.max_num_batched_tokens or (8192 if device.type == "cuda" else 2048)
     vocab_size = int(hf_config.vocab_size)
-    num_blocks = determine_num_blocks(config, model, hf_config, device, dtype, max_batched)
-    if num_blocks < 2:
-        raise ValueError(f"only {num_blocks} KV blocks fit; raise gpu_memory_utilization or cpu_kv_cache_gib")
+    num_blocks = size_kv_cache(config, model, hf_config, device, dtype, max_batched)
     capacity = num_blocks * config.block_size
     max_model_len = config.max_model_len or model_len
     if config.max_model_len is None and capacity < max_model_len:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pagedserve.distributed import all_reduce, shard, tp_rank, tp_size
 from pagedserve.executor.attention.base import ForwardContext
 from pagedserve.executor.layers import (
     _NO_SKINNY_GEMM,
@@ -53,6 +54,32 @@ def num_kv_heads_of(hf_config: Any) -> int:
     return getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
 
 
+def local_num_kv_heads(hf_config: Any) -> int:
+    """The kv heads this rank's attention and KV cache hold (all of them without tensor parallelism)."""
+    return shard(num_kv_heads_of(hf_config), "num_key_value_heads")
+
+
+# Tensor parallelism: checkpoint tensors split along dim 0 (column-parallel: each rank computes its heads /
+# MLP columns) or dim 1 (row-parallel: each rank takes the matching input slice; partial outputs are summed).
+_COLUMN_PARALLEL = (".q_proj.", ".k_proj.", ".v_proj.", ".gate_proj.", ".up_proj.")
+_ROW_PARALLEL = (".o_proj.", ".down_proj.")
+
+
+def tp_slice(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of the HF-named checkpoint tensor (the whole tensor with one rank). A row-parallel
+    bias is added once: rank 0 keeps it, the others take zeros."""
+    size, rank = tp_size(), tp_rank()
+    if size == 1:
+        return tensor
+    if any(part in name for part in _COLUMN_PARALLEL):
+        return tensor.chunk(size, dim=0)[rank]
+    if any(part in name for part in _ROW_PARALLEL):
+        if name.endswith(".bias"):
+            return tensor if rank == 0 else torch.zeros_like(tensor)
+        return tensor.chunk(size, dim=1)[rank]
+    return tensor
+
+
 # PAGEDSERVE_SKINNY_LM_HEAD=0: batch-1 logits through cuBLAS instead of the skinny GEMM (A/B runs). On
 # the H100 the skinny one made the bench's decode step 187.1 -> 188.1 and 187.3 -> 188.0 tok/s in two
 # calls (one earlier call showed 186.1 -> 184.9, within that call's noise; docs/gpu-notes.md, session 4).
@@ -78,8 +105,9 @@ class DecoderAttention(nn.Module):
     def __init__(self, hf_config: Any, layer_idx: int, qkv_bias: bool, o_bias: bool) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads = hf_config.num_attention_heads
-        self.num_kv_heads = num_kv_heads_of(hf_config)
+        # This rank's heads (all of them with one rank).
+        self.num_heads = shard(hf_config.num_attention_heads, "num_attention_heads")
+        self.num_kv_heads = local_num_kv_heads(hf_config)
         self.head_dim = head_dim_of(hf_config)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -97,7 +125,7 @@ class DecoderAttention(nn.Module):
             q = qkv_rope_kv_write(hidden, self.qkv_proj.weight, self.qkv_proj.bias, rope.positions,
                                   rope.cos_sin_cache, kv_cache, ctx.attn_metadata.slot_mapping, self.num_heads)
             out = ctx.backend.forward(q, None, None, kv_cache, ctx.attn_metadata, self.scale, kv_written=True)
-            return self.o_proj(out.reshape(num_tokens, self.q_size))
+            return all_reduce(self.o_proj(out.reshape(num_tokens, self.q_size)))
         qkv = self.qkv_proj(hidden)
         q, k, v = (t.view(num_tokens, -1, self.head_dim)
                    for t in qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1))
@@ -107,12 +135,13 @@ class DecoderAttention(nn.Module):
         else:
             q, k = rope.rotate(q, k)
             out = ctx.backend.forward(q, k, v, kv_cache, ctx.attn_metadata, self.scale)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        return all_reduce(self.o_proj(out.reshape(num_tokens, self.q_size)))
 
 
 class DecoderMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool) -> None:
         super().__init__()
+        intermediate_size = shard(intermediate_size, "intermediate_size")  # this rank's columns
         self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size, intermediate_size], bias)
         self.down_proj = Linear(intermediate_size, hidden_size, bias)
         self.act = SiluAndMul()
@@ -123,8 +152,8 @@ class DecoderMLP(nn.Module):
             # One token: gate_up GEMM and SiLU·mul in one kernel (kernels/gate_up_silu.py).
             from pagedserve.executor.kernels.gate_up_silu import gate_up_silu
 
-            return self.down_proj(gate_up_silu(x, self.gate_up_proj.weight))
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+            return all_reduce(self.down_proj(gate_up_silu(x, self.gate_up_proj.weight)))
+        return all_reduce(self.down_proj(self.act(self.gate_up_proj(x))))
 
 
 class DecoderLayer(nn.Module):
@@ -232,15 +261,16 @@ class DecoderForCausalLM(nn.Module):
                 continue
             if self.tie_word_embeddings and name == "lm_head.weight":
                 continue
-            for merged, part, shard in STACKED_PARAMS:
+            tensor = tp_slice(name, tensor)
+            for merged, part, shard_index in STACKED_PARAMS:
                 if part in name:
                     module_name, _, param_name = name.replace(part, merged).rpartition(".")
                     module = merged_modules.get(module_name)
                     if module is None:
                         logger.warning("skipping checkpoint tensor %s: no such parameter", name)
                         break
-                    module.load_shard(param_name, shard, tensor)
-                    loaded.add(f"{module_name}.{param_name}:{shard}")
+                    module.load_shard(param_name, shard_index, tensor)
+                    loaded.add(f"{module_name}.{param_name}:{shard_index}")
                     break
             else:
                 param = params.get(name)

@@ -1,0 +1,94 @@
+"""Ranks 1..N-1 of tensor parallelism: each a process holding one shard of the model and its part of the KV
+cache, running every step rank 0 broadcasts (pagedserve/distributed.py has the picture).
+
+Rank 0 (the engine's Worker) starts them with `start_tp_workers` as plain subprocesses (`python -m
+pagedserve.executor.tp_worker`, the arguments pickled on stdin), so an engine that itself runs in a daemonic
+process can have them. A rank builds exactly what rank 0 builds, in the same order, because every
+collective must be entered by all ranks: the weights (its slices), the KV-cache size (the memory profile's
+forward on CUDA has the layers' all-reduces; then the smallest block count of all ranks), then the steps.
+A step runs the model forward only; sampling happens on rank 0. `None` ends the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import subprocess
+import sys
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def start_tp_workers(config: Any, model_path: str, port: int) -> list[subprocess.Popen]:
+    procs = []
+    for rank in range(1, config.tensor_parallel_size):
+        args = dict(config=config, model_path=model_path, rank=rank, port=port,
+                    log_level=logging.getLogger().getEffectiveLevel())
+        proc = subprocess.Popen([sys.executable, "-m", "pagedserve.executor.tp_worker"], stdin=subprocess.PIPE)
+        proc.stdin.write(pickle.dumps(args))
+        proc.stdin.close()
+        procs.append(proc)
+    return procs
+
+
+def stop_tp_workers(procs: list[subprocess.Popen], timeout: float = 30.0) -> None:
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            logger.warning("tensor-parallel rank (pid %d) did not stop in %.0f s: killed", proc.pid, timeout)
+            proc.kill()
+            proc.wait()
+
+
+def tp_device(config: Any, rank: int) -> torch.device:
+    """Rank r runs on cuda:r when rank 0 runs on CUDA, else on the CPU."""
+    from pagedserve.executor.worker import resolve_device
+
+    device = resolve_device(config)
+    if device.type == "cuda":
+        if torch.cuda.device_count() < config.tensor_parallel_size:
+            raise ValueError(f"tensor_parallel_size {config.tensor_parallel_size} needs as many GPUs; "
+                             f"torch sees {torch.cuda.device_count()}")
+        torch.cuda.set_device(rank)
+        return torch.device("cuda", rank)
+    return device
+
+
+def run_rank(config: Any, model_path: str, rank: int, port: int) -> None:
+    from pagedserve.distributed import broadcast_object, destroy_tensor_parallel, init_tensor_parallel
+    from pagedserve.executor.loader import load_model
+    from pagedserve.executor.model_runner import ModelRunner
+    from pagedserve.executor.worker import resolve_dtype, size_kv_cache
+
+    device = tp_device(config, rank)
+    dtype = resolve_dtype(config, device)
+    if device.type == "cpu":  # the ranks share the cores (rank 0 sets the same)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
+    init_tensor_parallel(rank, config.tensor_parallel_size, port, device)
+    try:
+        torch.manual_seed(config.seed)
+        model, hf_config = load_model(config, model_path, device, dtype)
+        max_batched = config.max_num_batched_tokens or (8192 if device.type == "cuda" else 2048)
+        num_blocks = size_kv_cache(config, model, hf_config, device, dtype, max_batched)
+        runner = ModelRunner(config, model, hf_config, device, dtype, num_blocks, config.block_size, sampler=None)
+        logger.info("tensor-parallel rank %d ready on %s: %d KV blocks", rank, device, num_blocks)
+        while (step := broadcast_object()) is not None:
+            runner.forward_only(step)
+    finally:
+        destroy_tensor_parallel()
+
+
+def main() -> None:
+    args = pickle.loads(sys.stdin.buffer.read())
+    logging.basicConfig(level=args["log_level"], format=f"%(asctime)s %(levelname)s [tp rank {args['rank']}] "
+                        "%(name)s: %(message)s")  # fmt: skip
+    run_rank(args["config"], args["model_path"], args["rank"], args["port"])
+
+
+if __name__ == "__main__":
+    main()
