@@ -42,7 +42,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
                         "(default: on for CUDA, off on CPU)")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
                    help="auto: triton kernels on CUDA, the torch reference elsewhere")
-    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="GPUs to shard the model over")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="ranks to shard the model over (GPUs on CUDA, processes on CPU); must divide the attention "
+                        "heads, kv heads and MLP width")
     g.add_argument("--chat-template", default=None, help="chat template: a file path or the template text")
     g.add_argument("--served-model-name", default=None, help="the model name the API reports and accepts")
     g.add_argument("--generation-config", default="auto",

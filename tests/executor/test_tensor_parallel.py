@@ -1,0 +1,164 @@
+"""Tensor parallelism on CPU (gloo): two ranks, each a process with half of a tiny model's heads and MLP
+columns, against Transformers in fp32 and against one rank; bad sizes; the server with two ranks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from pagedserve import LLM, SamplingParams
+from pagedserve.distributed import _STATE
+from pagedserve.executor.models.decoder import tp_slice
+from tests.conftest import TOKENIZER_FILES
+from tests.executor.helpers import save_tiny_model
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [[5, 17, 99, 3, 250, 42, 7], [11, 12, 13], [200, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]]
+
+
+def tp_worker_pids() -> set[int]:
+    """Live processes running a tensor-parallel rank (pagedserve.executor.tp_worker)."""
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"pagedserve.executor.tp_worker" in cmdline:
+                pids.add(int(entry))
+    return pids
+
+
+def tiny_checkpoint(folder: Path, real_model_dir: str, arch: str, **overrides) -> object:
+    """A saved tiny random HF model (real weights on disk, so every rank loads the same ones) with the real
+    tokenizer's files beside it (the prompts here are token ids below the tiny vocabulary)."""
+    hf = save_tiny_model(arch, folder, **overrides)
+    for name in TOKENIZER_FILES:
+        if os.path.exists(f"{real_model_dir}/{name}"):
+            shutil.copy(f"{real_model_dir}/{name}", folder / name)
+    return hf
+
+
+def hf_greedy(hf, prompt: list[int], max_tokens: int) -> tuple[list[int], list[float]]:
+    ids, logprobs = list(prompt), []
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            logits = hf(torch.tensor([ids])).logits[0, -1].float()
+            token = int(logits.argmax())
+            logprobs.append(float(torch.log_softmax(logits, -1)[token]))
+            ids.append(token)
+    return ids[len(prompt):], logprobs
+
+
+@pytest.mark.parametrize(
+    "arch,overrides",
+    [("qwen2", {}), ("llama", dict(attention_bias=True, mlp_bias=True))],  # llama: row-parallel biases too
+    ids=["qwen2", "llama-biases"],
+)
+def test_two_ranks_match_transformers(tmp_path, real_model_dir, arch, overrides) -> None:
+    hf = tiny_checkpoint(tmp_path, real_model_dir, arch, **overrides)
+    before = tp_worker_pids()
+    llm = LLM(str(tmp_path), tensor_parallel_size=2, max_model_len=64, cpu_kv_cache_gib=0.05)
+    try:
+        ranks = set(llm.engine.worker.tp_procs and [p.pid for p in llm.engine.worker.tp_procs])
+        assert len(ranks) == 1 and ranks <= tp_worker_pids() - before  # rank 1 is its own live process
+        params = SamplingParams(temperature=0, max_tokens=6, logprobs=1)
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
+        for prompt, out in zip(PROMPTS, outs, strict=True):
+            ref_ids, ref_logprobs = hf_greedy(hf, prompt, 6)
+            assert out.outputs[0].token_ids == ref_ids
+            got = [lp.logprob for lp in out.outputs[0].logprobs]
+            assert got == pytest.approx(ref_logprobs, abs=1e-4)
+    finally:
+        llm.engine.worker.close()
+    assert not (tp_worker_pids() - before)  # close() ended rank 1
+
+
+def test_two_ranks_equal_one_rank_with_chunks_prefix_hits_and_n(tmp_path, real_model_dir) -> None:
+    """Chunked prefill (8-token budget), a shared prefix served from the cache, n=2: the same tokens and
+    logprobs as one rank, and the same prefix-cache hits (one block table serves both ranks)."""
+    tiny_checkpoint(tmp_path, real_model_dir, "qwen2")
+    prefix = list(range(20, 52))  # two 16-token blocks
+    prompts = [{"prompt_token_ids": prefix + [7, 8, 9]}, {"prompt_token_ids": prefix + [100, 101]}]
+    params = SamplingParams(n=2, temperature=0.8, seed=3, max_tokens=5, logprobs=1)
+    results = []
+    for tp in (1, 2):
+        llm = LLM(str(tmp_path), tensor_parallel_size=tp, max_model_len=64, cpu_kv_cache_gib=0.05,
+                  max_num_batched_tokens=8, block_size=16)
+        try:
+            first = llm.generate(prompts[:1], params)
+            second = llm.generate(prompts[1:], params)
+            results.append([(c.token_ids, [round(lp.logprob, 4) for lp in c.logprobs])
+                            for o in first + second for c in o.outputs])
+            assert second[0].num_cached_tokens == 32  # the prefix's two blocks, hit in the cache
+        finally:
+            llm.engine.worker.close()
+    assert results[0] == results[1]
+
+
+def test_bad_tensor_parallel_settings(tmp_path, real_model_dir) -> None:
+    tiny_checkpoint(tmp_path, real_model_dir, "qwen2")  # 4 heads, 2 kv heads, MLP 96
+    before = tp_worker_pids()
+    with pytest.raises(ValueError, match="does not divide num_key_value_heads"):
+        LLM(str(tmp_path), tensor_parallel_size=4, max_model_len=64, cpu_kv_cache_gib=0.05)
+    with pytest.raises(ValueError, match="async_scheduling"):
+        LLM(str(tmp_path), tensor_parallel_size=2, async_scheduling=True)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
+        LLM(str(tmp_path), tensor_parallel_size=0)
+    for _ in range(100):  # the refused start's ranks end too (killed by rank 0, or by their own error)
+        if not (tp_worker_pids() - before):
+            break
+        import time
+
+        time.sleep(0.1)
+    assert not (tp_worker_pids() - before)
+
+
+def test_tp_slice_splits_columns_and_rows(monkeypatch) -> None:
+    monkeypatch.setattr(_STATE, "size", 2)
+    monkeypatch.setattr(_STATE, "rank", 1)
+    w = torch.arange(24.0).reshape(4, 6)
+    b = torch.arange(4.0)
+    assert torch.equal(tp_slice("model.layers.0.self_attn.k_proj.weight", w), w[2:])
+    assert torch.equal(tp_slice("model.layers.0.self_attn.q_proj.bias", b), b[2:])
+    assert torch.equal(tp_slice("model.layers.0.mlp.up_proj.weight", w), w[2:])
+    assert torch.equal(tp_slice("model.layers.0.self_attn.o_proj.weight", w), w[:, 3:])
+    assert torch.equal(tp_slice("model.layers.0.mlp.down_proj.weight", w), w[:, 3:])
+    assert torch.equal(tp_slice("model.layers.0.mlp.down_proj.bias", b), torch.zeros(4))  # rank 0 adds it
+    for whole in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
+                  "model.layers.0.input_layernorm.weight"):
+        assert tp_slice(whole, w) is w
+    monkeypatch.setattr(_STATE, "rank", 0)
+    assert tp_slice("model.layers.0.mlp.down_proj.bias", b) is b
+
+
+def test_server_with_two_ranks(tmp_path, real_model_dir) -> None:
+    from tests.entrypoints.conftest import RealServer
+
+    tiny_checkpoint(tmp_path, real_model_dir, "qwen2")
+    before = tp_worker_pids()
+    server = RealServer(str(tmp_path), "--tensor-parallel-size", "2", "--max-model-len", "64",
+                        "--cpu-kv-cache-gib", "0.05")
+    try:
+        assert len(tp_worker_pids() - before) == 1
+        body = {"model": httpx.get(server.base_url + "/v1/models").json()["data"][0]["id"],
+                "prompt": [5, 17, 99, 3], "max_tokens": 4, "temperature": 0}
+        r = httpx.post(server.base_url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 4
+    finally:
+        server.stop()
+    for _ in range(100):
+        if not (tp_worker_pids() - before):
+            break
+        import time
+
+        time.sleep(0.1)
+    assert not (tp_worker_pids() - before), server.output()[-3000:]
