@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -84,6 +85,8 @@ def run_rank(config: Any, model_path: str, rank: int, port: int) -> None:
 
 
 def main() -> None:
+    # Ctrl-C reaches the whole process group: rank 0 decides when the ranks stop (None, or its exit).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     args = pickle.loads(sys.stdin.buffer.read())
     logging.basicConfig(level=args["log_level"], format=f"%(asctime)s %(levelname)s [tp rank {args['rank']}] "
                         "%(name)s: %(message)s")  # fmt: skip

@@ -94,6 +94,10 @@ class Worker:
         procs, self.tp_procs = self.tp_procs, []
         try:
             broadcast_object(None)
+        except Exception as e:  # noqa: BLE001 - a rank already gone: end the others all the same
+            logger.warning("tensor parallelism: could not tell the ranks to stop (%s); ending them", e)
+            for proc in procs:
+                proc.kill()
         finally:
             stop_tp_workers(procs)
             destroy_tensor_parallel()
