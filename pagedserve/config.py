@@ -70,8 +70,6 @@ class EngineConfig:
             fail(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.tensor_parallel_size < 1:
             fail(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        if self.tensor_parallel_size > 1 and self.async_scheduling:
-            fail("async_scheduling is not supported with tensor_parallel_size > 1 (steps run one at a time)")
         if not self.generation_config:
             fail("generation_config must be auto, vllm or a folder")
         if self.override_generation_config is not None and not isinstance(self.override_generation_config, dict):

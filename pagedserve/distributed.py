@@ -2,9 +2,9 @@
 collectives the model and the engine need.
 
     rank 0: engine + scheduler + its shard        ranks 1..N-1: a shard each (executor/tp_worker.py)
-      Worker.execute(step) ── broadcast(step) ──►   runner.forward(step)
+      Worker.execute(step) ── broadcast(step) ──►   runner.forward_only(step)
       runner.execute(step)  ◄─ all_reduce after o_proj and down_proj, every layer ─►
-      sample on rank 0 only
+      sample on rank 0      ── broadcast(sampled ids) ──►  kept for the next step's placeholders
 
 A layer's q/k/v heads and MLP columns are split across ranks (column-parallel), o_proj and down_proj
 take the matching input slice (row-parallel) and their partial outputs are summed with one all-reduce
@@ -102,6 +102,14 @@ def broadcast_object(obj: Any = None) -> Any:
     return pickle.loads(payload.numpy().tobytes())
 
 
+def broadcast_tensor(x: torch.Tensor) -> torch.Tensor:
+    """Rank 0's x into every rank's x (same shape and dtype, on the ranks' devices), in place; returns x. On
+    CUDA an NCCL broadcast queued on the stream: no host wait, so async scheduling keeps its overlap."""
+    if _STATE.size > 1:
+        dist.broadcast(x, src=0, group=_STATE.group)
+    return x
+
+
 def min_across_ranks(value: int) -> int:
     """The smallest of every rank's value (e.g. KV blocks that fit), known to all ranks."""
     if _STATE.size == 1:
@@ -114,6 +122,7 @@ def min_across_ranks(value: int) -> int:
 __all__ = [
     "all_reduce",
     "broadcast_object",
+    "broadcast_tensor",
     "destroy_tensor_parallel",
     "free_port",
     "init_tensor_parallel",

@@ -42,6 +42,7 @@ from pagedserve.core.outputs import (
     ScheduledRequest,
     SchedulerOutput,
 )
+from pagedserve.distributed import broadcast_tensor, tp_size
 from pagedserve.executor.attention.base import AttentionBackend, AttentionMetadata, ForwardContext
 from pagedserve.executor.attention.torch_ref import TorchAttentionBackend
 from pagedserve.executor.models.decoder import head_dim_of, local_num_kv_heads, num_kv_heads_of
@@ -466,6 +467,8 @@ class ModelRunner:
         history = StepHistory(self._last_sampled, self._last_sample_rows, self._finished_ids)
         self._finished_ids = []
         result = self.sampler.sample(logits, to_sample, history)
+        if tp_size() > 1:  # the other ranks need the ids for the next step's placeholders (async scheduling)
+            broadcast_tensor(result.token_ids.to(torch.int64).contiguous())
         self._last_sampled = result.token_ids
         self._last_sample_rows = {r.request_id: i for i, r in enumerate(to_sample)}
         payload = result.payload
@@ -480,13 +483,18 @@ class ModelRunner:
     @torch.inference_mode()
     def forward_only(self, scheduler_output: SchedulerOutput) -> None:
         """The step's forward without logits or sampling: ranks 1..N-1 of tensor parallelism, whose layers
-        take part in rank 0's all-reduces (their steps are eager and carry no placeholder ids)."""
+        take part in rank 0's all-reduces (eager steps). Rank 0's sampled ids then arrive by broadcast and
+        stand in for the next step's placeholders, as rank 0's own do."""
         if scheduler_output.is_empty:
             return
         inputs = self.prepare_inputs(scheduler_output)
         if inputs.graph_step or inputs.mixed_graph_step:
             raise RuntimeError("tensor-parallel ranks run eager steps only")
         self.model(inputs.input_ids, inputs.positions, inputs.ctx)
+        to_sample = [r.request_id for r in scheduler_output.scheduled if r.needs_sample]
+        if to_sample:  # rank 0 sampled exactly these rows (its logits rows are the same requests)
+            self._last_sampled = broadcast_tensor(torch.empty(len(to_sample), dtype=torch.int64, device=self.device))
+            self._last_sample_rows = {request_id: i for i, request_id in enumerate(to_sample)}
 
     def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int,
                             max_num_batched_tokens: int | None = None) -> float:

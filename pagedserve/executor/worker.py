@@ -82,6 +82,10 @@ class Worker:
         if self.tp_procs and not scheduler_output.is_empty:  # the other ranks run the same step's forward
             from pagedserve.distributed import broadcast_object
 
+            for rank, proc in enumerate(self.tp_procs, start=1):  # a dead rank: fail now, not in a collective
+                if proc.poll() is not None:
+                    raise RuntimeError(f"tensor-parallel rank {rank} (pid {proc.pid}) exited with code "
+                                       f"{proc.returncode}; the engine cannot go on without it")
             broadcast_object(scheduler_output)
 
     def close(self) -> None:
@@ -121,9 +125,8 @@ def build_worker(config: EngineConfig, on_tokenizer_source: Callable[[str, str |
                                 served_model_name=config.served_model_name or DEFAULT_MODEL.name)
     tp_procs = []
     if config.tensor_parallel_size > 1:
-        # Every rank runs each step as rank 0 sends it: steps one at a time (no async scheduling: a step's
-        # decodes carry their real token ids) and eager (no CUDA graphs with collectives inside, yet).
-        config = config.replace(async_scheduling=False, enforce_eager=True)
+        # Every rank runs each step eagerly as rank 0 sends it (no CUDA graphs with collectives inside, yet).
+        config = config.replace(enforce_eager=True)
         tp_procs = _start_tensor_parallel(config, model_path, device)
     try:
         return _build_rank0(config, device, dtype, model_path, tokenizer_folder, gguf_file, t0, t_device,

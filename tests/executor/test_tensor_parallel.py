@@ -81,9 +81,12 @@ def test_two_ranks_match_transformers(tmp_path, real_model_dir, arch, overrides)
     assert not (tp_worker_pids() - before)  # close() ended rank 1
 
 
-def test_two_ranks_equal_one_rank_with_chunks_prefix_hits_and_n(tmp_path, real_model_dir) -> None:
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_two_ranks_equal_one_rank_with_chunks_prefix_hits_and_n(tmp_path, real_model_dir, async_scheduling) -> None:
     """Chunked prefill (8-token budget), a shared prefix served from the cache, n=2: the same tokens and
-    logprobs as one rank, and the same prefix-cache hits (one block table serves both ranks)."""
+    logprobs as one rank, and the same prefix-cache hits (one block table serves both ranks). With async
+    scheduling a decode's token is a placeholder when its step is sent: rank 1 fills it from rank 0's
+    broadcast samples, or its K/V (and so rank 0's next logits) would go wrong."""
     tiny_checkpoint(tmp_path, real_model_dir, "qwen2")
     prefix = list(range(20, 52))  # two 16-token blocks
     prompts = [{"prompt_token_ids": prefix + [7, 8, 9]}, {"prompt_token_ids": prefix + [100, 101]}]
@@ -91,7 +94,8 @@ def test_two_ranks_equal_one_rank_with_chunks_prefix_hits_and_n(tmp_path, real_m
     results = []
     for tp in (1, 2):
         llm = LLM(str(tmp_path), tensor_parallel_size=tp, max_model_len=64, cpu_kv_cache_gib=0.05,
-                  max_num_batched_tokens=8, block_size=16)
+                  max_num_batched_tokens=8, block_size=16, async_scheduling=async_scheduling)
+        assert llm.engine.async_scheduling == async_scheduling
         try:
             first = llm.generate(prompts[:1], params)
             second = llm.generate(prompts[1:], params)
@@ -108,8 +112,6 @@ def test_bad_tensor_parallel_settings(tmp_path, real_model_dir) -> None:
     before = tp_worker_pids()
     with pytest.raises(ValueError, match="does not divide num_key_value_heads"):
         LLM(str(tmp_path), tensor_parallel_size=4, max_model_len=64, cpu_kv_cache_gib=0.05)
-    with pytest.raises(ValueError, match="async_scheduling"):
-        LLM(str(tmp_path), tensor_parallel_size=2, async_scheduling=True)
     with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
         LLM(str(tmp_path), tensor_parallel_size=0)
     for _ in range(100):  # the refused start's ranks end too (killed by rank 0, or by their own error)
@@ -119,6 +121,21 @@ def test_bad_tensor_parallel_settings(tmp_path, real_model_dir) -> None:
 
         time.sleep(0.1)
     assert not (tp_worker_pids() - before)
+
+
+def test_a_dead_rank_fails_the_next_step_clearly(tmp_path, real_model_dir) -> None:
+    tiny_checkpoint(tmp_path, real_model_dir, "qwen2")
+    llm = LLM(str(tmp_path), tensor_parallel_size=2, max_model_len=64, cpu_kv_cache_gib=0.05)
+    params = SamplingParams(temperature=0, max_tokens=3)
+    try:
+        assert len(llm.generate([{"prompt_token_ids": [5, 6, 7]}], params)[0].outputs[0].token_ids) == 3
+        proc = llm.engine.worker.tp_procs[0]
+        proc.kill()
+        proc.wait()
+        with pytest.raises(RuntimeError, match="tensor-parallel rank 1 .* exited with code -9"):
+            llm.generate([{"prompt_token_ids": [8, 9]}], params)
+    finally:
+        llm.engine.worker.close()  # no hang with the rank gone
 
 
 def test_tp_slice_splits_columns_and_rows(monkeypatch) -> None:
