@@ -46,6 +46,13 @@ run_phase() {
     latency)
       python3 -m pagedserve.entrypoints.cli bench latency --model $M --load-format dummy \
         --output-json "$OUT/latency.json" 2>&1 | tail -4 ;;
+    tp-test)  # tensor parallelism on two GPUs (NCCL): the tiny checkpoints against Transformers, then the CPU cases
+      timeout 400 python3 -m pytest tests/executor/test_tensor_parallel.py -x -q -p no:cacheprovider 2>&1 | tail -8 ;;
+    tp-bench)  # the 7B shapes over two GPUs (eager steps): batch-1 latency and the default workload
+      python3 -m pagedserve.entrypoints.cli bench latency --model $M --load-format dummy --tensor-parallel-size 2 \
+        2>&1 | tail -4
+      python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm \
+        --tensor-parallel-size 2 2>&1 | grep -E "^throughput|^steps|^floor|Error|error" ;;
     latency-cublas)  # A/B: batch-1 projections through cuBLAS instead of the Triton skinny GEMM
       PAGEDSERVE_NO_SKINNY_GEMM=1 python3 -m pagedserve.entrypoints.cli bench latency --model $M --load-format dummy \
         --output-json "$OUT/latency-cublas.json" 2>&1 | tail -4 ;;

@@ -16,14 +16,16 @@ from pagedserve.bench.roofline import ModelShape
 
 def add_ceiling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peak-bandwidth", type=float, default=None,
-                        help="card's copy bandwidth in bytes/s (default: measured at start on CUDA)")
+                        help="one card's copy bandwidth in bytes/s (default: measured at start on CUDA; the floor "
+                             "takes N cards' with -tp N)")
     parser.add_argument("--peak-flops", type=float, default=None,
                         help="card's bf16 matrix rate in FLOP/s (default: measured at start on CUDA)")
     parser.add_argument("--output-json", default=None, help="write the results to this JSON file")
 
 
 def card_ceilings(args: argparse.Namespace, device_type: str) -> tuple[float | None, float | None, str]:
-    """(bandwidth, flops, card name); measured when not given and a GPU is there."""
+    """(bandwidth, flops, card name); measured when not given and a GPU is there. With tensor parallelism over
+    N cards the floor's ceilings are N times one card's (given or measured on cuda:0), named "N x card"."""
     bandwidth, flops = args.peak_bandwidth, args.peak_flops
     name = "cpu"
     if device_type == "cuda":
@@ -36,6 +38,11 @@ def card_ceilings(args: argparse.Namespace, device_type: str) -> tuple[float | N
             measured_bw, measured_flops = measure_ceilings()
             bandwidth = bandwidth or measured_bw
             flops = flops or measured_flops
+    cards = getattr(args, "tensor_parallel_size", 1) or 1
+    if cards > 1 and device_type == "cuda":
+        bandwidth = bandwidth and bandwidth * cards
+        flops = flops and flops * cards
+        name = f"{cards} x {name}"
     return bandwidth, flops, name
 
 

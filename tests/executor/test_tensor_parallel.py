@@ -57,15 +57,21 @@ def hf_greedy(hf, prompt: list[int], max_tokens: int) -> tuple[list[int], list[f
     return ids[len(prompt):], logprobs
 
 
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+
+
 @pytest.mark.parametrize(
     "arch,overrides",
     [("qwen2", {}), ("llama", dict(attention_bias=True, mlp_bias=True))],  # llama: row-parallel biases too
     ids=["qwen2", "llama-biases"],
 )
-def test_two_ranks_match_transformers(tmp_path, real_model_dir, arch, overrides) -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=TWO_GPUS)])
+def test_two_ranks_match_transformers(tmp_path, real_model_dir, arch, overrides, device) -> None:
+    """gloo on CPU; on a machine with two GPUs also NCCL, ranks on cuda:0 / cuda:1 (fp32, the Triton kernels)."""
     hf = tiny_checkpoint(tmp_path, real_model_dir, arch, **overrides)
     before = tp_worker_pids()
-    llm = LLM(str(tmp_path), tensor_parallel_size=2, max_model_len=64, cpu_kv_cache_gib=0.05)
+    llm = LLM(str(tmp_path), tensor_parallel_size=2, max_model_len=64, cpu_kv_cache_gib=0.05, device=device,
+              dtype="float32", skip_warmup=True)
     try:
         ranks = set(llm.engine.worker.tp_procs and [p.pid for p in llm.engine.worker.tp_procs])
         assert len(ranks) == 1 and ranks <= tp_worker_pids() - before  # rank 1 is its own live process
@@ -93,7 +99,7 @@ def test_two_ranks_equal_one_rank_with_chunks_prefix_hits_and_n(tmp_path, real_m
     params = SamplingParams(n=2, temperature=0.8, seed=3, max_tokens=5, logprobs=1)
     results = []
     for tp in (1, 2):
-        llm = LLM(str(tmp_path), tensor_parallel_size=tp, max_model_len=64, cpu_kv_cache_gib=0.05,
+        llm = LLM(str(tmp_path), tensor_parallel_size=tp, max_model_len=64, cpu_kv_cache_gib=0.05, device="cpu",
                   max_num_batched_tokens=8, block_size=16, async_scheduling=async_scheduling)
         assert llm.engine.async_scheduling == async_scheduling
         try:
@@ -111,7 +117,7 @@ def test_bad_tensor_parallel_settings(tmp_path, real_model_dir) -> None:
     tiny_checkpoint(tmp_path, real_model_dir, "qwen2")  # 4 heads, 2 kv heads, MLP 96
     before = tp_worker_pids()
     with pytest.raises(ValueError, match="does not divide num_key_value_heads"):
-        LLM(str(tmp_path), tensor_parallel_size=4, max_model_len=64, cpu_kv_cache_gib=0.05)
+        LLM(str(tmp_path), tensor_parallel_size=4, max_model_len=64, cpu_kv_cache_gib=0.05, device="cpu")
     with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
         LLM(str(tmp_path), tensor_parallel_size=0)
     for _ in range(100):  # the refused start's ranks end too (killed by rank 0, or by their own error)
@@ -125,7 +131,7 @@ def test_bad_tensor_parallel_settings(tmp_path, real_model_dir) -> None:
 
 def test_a_dead_rank_fails_the_next_step_clearly(tmp_path, real_model_dir) -> None:
     tiny_checkpoint(tmp_path, real_model_dir, "qwen2")
-    llm = LLM(str(tmp_path), tensor_parallel_size=2, max_model_len=64, cpu_kv_cache_gib=0.05)
+    llm = LLM(str(tmp_path), tensor_parallel_size=2, max_model_len=64, cpu_kv_cache_gib=0.05, device="cpu")
     params = SamplingParams(temperature=0, max_tokens=3)
     try:
         assert len(llm.generate([{"prompt_token_ids": [5, 6, 7]}], params)[0].outputs[0].token_ids) == 3
@@ -136,6 +142,22 @@ def test_a_dead_rank_fails_the_next_step_clearly(tmp_path, real_model_dir) -> No
             llm.generate([{"prompt_token_ids": [8, 9]}], params)
     finally:
         llm.engine.worker.close()  # no hang with the rank gone
+
+
+def test_bench_floor_counts_every_card(monkeypatch) -> None:
+    import argparse
+
+    import pagedserve.bench.ceilings as ceilings
+    from pagedserve.bench.common import card_ceilings
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Card")
+    monkeypatch.setattr(ceilings, "measure_ceilings", lambda: (4.0e12, 8.0e14))
+    args = argparse.Namespace(peak_bandwidth=None, peak_flops=None, tensor_parallel_size=2)
+    assert card_ceilings(args, "cuda") == (8.0e12, 1.6e15, "2 x Card")
+    args = argparse.Namespace(peak_bandwidth=3.0e12, peak_flops=7.0e14, tensor_parallel_size=1)
+    assert card_ceilings(args, "cuda") == (3.0e12, 7.0e14, "Card")
+    assert card_ceilings(argparse.Namespace(peak_bandwidth=None, peak_flops=None, tensor_parallel_size=2), "cpu") \
+        == (None, None, "cpu")
 
 
 def test_tp_slice_splits_columns_and_rows(monkeypatch) -> None:
@@ -162,7 +184,7 @@ def test_server_with_two_ranks(tmp_path, real_model_dir) -> None:
     tiny_checkpoint(tmp_path, real_model_dir, "qwen2")
     before = tp_worker_pids()
     server = RealServer(str(tmp_path), "--tensor-parallel-size", "2", "--max-model-len", "64",
-                        "--cpu-kv-cache-gib", "0.05")
+                        "--cpu-kv-cache-gib", "0.05", "--device", "cpu")
     try:
         assert len(tp_worker_pids() - before) == 1
         body = {"model": httpx.get(server.base_url + "/v1/models").json()["data"][0]["id"],
