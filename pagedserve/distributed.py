@@ -8,8 +8,10 @@ collectives the model and the engine need.
 
 A layer's q/k/v heads and MLP columns are split across ranks (column-parallel), o_proj and down_proj
 take the matching input slice (row-parallel) and their partial outputs are summed with one all-reduce
-each; embeddings, norms and the LM head are whole on every rank. The KV cache of a rank holds its own
-kv heads, so a block id means the same token slots on every rank and one scheduler serves them all.
+each. The vocabulary is split too: each rank embeds the ids in its slice (an all-reduce adds the rows) and
+computes its slice of the logits (gathered on rank 0). Norms are whole on every rank. The KV cache of a rank
+holds its own kv heads, so a block id means the same token slots on every rank and one scheduler serves them
+all.
 
 Tensors move over NCCL on CUDA and over gloo on CPU; step descriptions (pickled SchedulerOutputs) always
 over a gloo group. With one rank (the default) every function here is a no-op.
@@ -102,6 +104,24 @@ def broadcast_object(obj: Any = None) -> Any:
     return pickle.loads(payload.numpy().tobytes())
 
 
+def vocab_shard(vocab_size: int) -> tuple[int, int]:
+    """(first id, rows) of this rank's slice of a vocabulary split over the ranks: ceil(V / N) rows each; the
+    last rank's rows past V are padding (zero embeddings, logits dropped after the gather)."""
+    rows = -(-vocab_size // _STATE.size)
+    return _STATE.rank * rows, rows
+
+
+def gather_last_dim(x: torch.Tensor, full: int) -> torch.Tensor | None:
+    """Rank 0: every rank's x joined along the last dim, cut to `full` columns (the vocabulary-parallel LM
+    head's logits); the other ranks send theirs and get None."""
+    if _STATE.size == 1:
+        return x
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(_STATE.size)] if _STATE.rank == 0 else None
+    dist.gather(x, parts, dst=0, group=_STATE.group)
+    return torch.cat(parts, dim=-1)[..., :full] if parts is not None else None
+
+
 def broadcast_tensor(x: torch.Tensor) -> torch.Tensor:
     """Rank 0's x into every rank's x (same shape and dtype, on the ranks' devices), in place; returns x. On
     CUDA an NCCL broadcast queued on the stream: no host wait, so async scheduling keeps its overlap."""
@@ -125,9 +145,11 @@ __all__ = [
     "broadcast_tensor",
     "destroy_tensor_parallel",
     "free_port",
+    "gather_last_dim",
     "init_tensor_parallel",
     "min_across_ranks",
     "shard",
     "tp_rank",
     "tp_size",
+    "vocab_shard",
 ]

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.distributed import all_reduce, tp_size, vocab_shard
+
 
 class Linear(nn.Module):
     """y = x W^T (+ b), with uninitialized parameters (the loader fills them)."""
@@ -78,12 +80,23 @@ class MergedLinear(Linear):
 
 
 class VocabEmbedding(nn.Module):
+    """The token embedding; with tensor parallelism each rank holds its slice of the vocabulary's rows
+    (distributed.vocab_shard), embeds the ids that fall in it (zeros for the others) and an all-reduce
+    completes every row."""
+
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+        self.vocab_size = vocab_size
+        self.vocab_start, rows = vocab_shard(vocab_size)
+        self.weight = nn.Parameter(torch.empty(rows, hidden_size), requires_grad=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.weight)
+        if tp_size() == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return all_reduce(out.masked_fill_(outside[:, None], 0.0))
 
 
 class RMSNorm(nn.Module):

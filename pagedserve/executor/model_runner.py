@@ -391,7 +391,7 @@ class ModelRunner:
                 linear(torch.zeros(num, linear.in_features, dtype=self.dtype, device=self.device))
         hidden_size = int(self.hf_config.hidden_size)
         for num in sorted({padded_count(n) for n in range(1, max_seqs + 1)}):
-            self.model.compute_logits(torch.zeros(num, hidden_size, dtype=self.dtype, device=self.device))
+            self.model.local_logits(torch.zeros(num, hidden_size, dtype=self.dtype, device=self.device))
         torch.cuda.synchronize(self.device)
         return len(counts), time.perf_counter() - t0
 
@@ -482,15 +482,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward_only(self, scheduler_output: SchedulerOutput) -> None:
-        """The step's forward without logits or sampling: ranks 1..N-1 of tensor parallelism, whose layers
-        take part in rank 0's all-reduces (eager steps). Rank 0's sampled ids then arrive by broadcast and
-        stand in for the next step's placeholders, as rank 0's own do."""
+        """The step's forward and this rank's logits slice, without sampling: ranks 1..N-1 of tensor
+        parallelism, whose layers take part in rank 0's all-reduces (eager steps) and whose logits join rank
+        0's by a gather. Rank 0's sampled ids then arrive by broadcast and stand in for the next step's
+        placeholders, as rank 0's own do."""
         if scheduler_output.is_empty:
             return
         inputs = self.prepare_inputs(scheduler_output)
         if inputs.graph_step or inputs.mixed_graph_step:
             raise RuntimeError("tensor-parallel ranks run eager steps only")
-        self.model(inputs.input_ids, inputs.positions, inputs.ctx)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.ctx)
+        if inputs.num_logits:  # this rank's slice of the vocabulary, gathered on rank 0
+            self.model.compute_logits(hidden[inputs.logits_indices])
         to_sample = [r.request_id for r in scheduler_output.scheduled if r.needs_sample]
         if to_sample:  # rank 0 sampled exactly these rows (its logits rows are the same requests)
             self._last_sampled = broadcast_tensor(torch.empty(len(to_sample), dtype=torch.int64, device=self.device))

@@ -127,6 +127,8 @@ def build_worker(config: EngineConfig, on_tokenizer_source: Callable[[str, str |
     if config.tensor_parallel_size > 1:
         # Every rank runs each step eagerly as rank 0 sends it (no CUDA graphs with collectives inside, yet).
         config = config.replace(enforce_eager=True)
+        if device.type == "cuda":  # no dry (compile-only) passes: rank 0's would meet the ranks' real ones
+            os.environ["PAGEDSERVE_PRECOMPILE"] = "0"
         tp_procs = _start_tensor_parallel(config, model_path, device)
     try:
         return _build_rank0(config, device, dtype, model_path, tokenizer_folder, gguf_file, t0, t_device,

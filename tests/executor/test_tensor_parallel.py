@@ -62,8 +62,9 @@ TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two C
 
 @pytest.mark.parametrize(
     "arch,overrides",
-    [("qwen2", {}), ("llama", dict(attention_bias=True, mlp_bias=True))],  # llama: row-parallel biases too
-    ids=["qwen2", "llama-biases"],
+    # llama: row-parallel biases, tied embeddings, and a vocabulary of 251 (the second rank's slice padded)
+    [("qwen2", {}), ("llama", dict(attention_bias=True, mlp_bias=True, vocab_size=251))],
+    ids=["qwen2", "llama-biases-odd-vocab"],
 )
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=TWO_GPUS)])
 def test_two_ranks_match_transformers(tmp_path, real_model_dir, arch, overrides, device) -> None:
@@ -171,9 +172,11 @@ def test_tp_slice_splits_columns_and_rows(monkeypatch) -> None:
     assert torch.equal(tp_slice("model.layers.0.self_attn.o_proj.weight", w), w[:, 3:])
     assert torch.equal(tp_slice("model.layers.0.mlp.down_proj.weight", w), w[:, 3:])
     assert torch.equal(tp_slice("model.layers.0.mlp.down_proj.bias", b), torch.zeros(4))  # rank 0 adds it
-    for whole in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
-                  "model.layers.0.input_layernorm.weight"):
+    for whole in ("model.norm.weight", "model.layers.0.input_layernorm.weight"):
         assert tp_slice(whole, w) is w
+    vocab = torch.arange(10.0)[:, None].expand(5 * 2, 3)[:5]  # a vocabulary of 5 rows: 3 a rank, padded
+    assert torch.equal(tp_slice("model.embed_tokens.weight", vocab), torch.tensor([[3.0] * 3, [4.0] * 3, [0.0] * 3]))
+    assert torch.equal(tp_slice("lm_head.weight", vocab), tp_slice("model.embed_tokens.weight", vocab))
     monkeypatch.setattr(_STATE, "rank", 0)
     assert tp_slice("model.layers.0.mlp.down_proj.bias", b) is b
 

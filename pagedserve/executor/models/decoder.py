@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagedserve.distributed import all_reduce, shard, tp_rank, tp_size
+from pagedserve.distributed import all_reduce, gather_last_dim, shard, tp_rank, tp_size, vocab_shard
 from pagedserve.executor.attention.base import ForwardContext
 from pagedserve.executor.layers import (
     _NO_SKINNY_GEMM,
@@ -71,6 +71,11 @@ def tp_slice(name: str, tensor: torch.Tensor) -> torch.Tensor:
     size, rank = tp_size(), tp_rank()
     if size == 1:
         return tensor
+    if name.endswith(("embed_tokens.weight", "lm_head.weight")):  # vocabulary rows, the last slice padded
+        start, rows = vocab_shard(tensor.shape[0])
+        part = tensor[start:start + rows]
+        missing = rows - part.shape[0]
+        return part if not missing else torch.cat([part, part.new_zeros(missing, *part.shape[1:])])
     if any(part in name for part in _COLUMN_PARALLEL):
         return tensor.chunk(size, dim=0)[rank]
     if any(part in name for part in _ROW_PARALLEL):
@@ -223,15 +228,22 @@ class DecoderForCausalLM(nn.Module):
         self.max_position = max(max_position or 0, hf_config.max_position_embeddings)
         self.model = DecoderModel(hf_config, self.max_position, qkv_bias, o_bias, mlp_bias)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self.vocab_size = int(hf_config.vocab_size)
         if self.tie_word_embeddings:
-            self.lm_head = self.model.embed_tokens  # one shared [V, H] parameter
+            self.lm_head = self.model.embed_tokens  # one shared [V, H] parameter (this rank's rows)
         else:
-            self.lm_head = Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
+            self.lm_head = Linear(hf_config.hidden_size, vocab_shard(self.vocab_size)[1], bias=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.model(input_ids, positions, ctx)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """[S, V] fp32 logits. With tensor parallelism each rank computes its vocabulary slice and rank 0
+        gathers them (the other ranks get None)."""
+        logits = self.local_logits(hidden)
+        return gather_last_dim(logits, self.vocab_size) if tp_size() > 1 else logits
+
+    def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.lm_head.weight
         if hidden.is_cuda and hidden.shape[0] == 1 and hidden.dtype in (torch.bfloat16, torch.float16) \
                 and _SKINNY_LM_HEAD:
