@@ -86,7 +86,7 @@ class Worker:
                 if proc.poll() is not None:
                     raise RuntimeError(f"tensor-parallel rank {rank} (pid {proc.pid}) exited with code "
                                        f"{proc.returncode}; the engine cannot go on without it")
-            broadcast_object(scheduler_output)
+            broadcast_object(_for_other_ranks(scheduler_output))
 
     def close(self) -> None:
         """Ends the tensor-parallel ranks (a no-op with one rank); the worker takes no steps after it."""
@@ -105,6 +105,18 @@ class Worker:
         finally:
             stop_tp_workers(procs)
             destroy_tensor_parallel()
+
+
+def _for_other_ranks(scheduler_output: SchedulerOutput) -> SchedulerOutput:
+    """The step as ranks 1..N-1 need it: what to compute and where, without the prompt and output histories
+    (rank 0's sampler reads those), which would make each step's message grow with every request's length."""
+    from pagedserve.core.outputs import ScheduledRequest
+
+    return SchedulerOutput(
+        [ScheduledRequest(r.request_id, r.token_ids, r.num_computed_tokens, r.block_ids, r.needs_sample,
+                          r.sampling_params, [], [], r.output_index) for r in scheduler_output.scheduled],
+        scheduler_output.num_batched_tokens, scheduler_output.finished_request_ids,
+        scheduler_output.preempted_request_ids)
 
 
 def build_worker(config: EngineConfig, on_tokenizer_source: Callable[[str, str | None], None] | None = None

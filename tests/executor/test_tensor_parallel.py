@@ -161,6 +161,27 @@ def test_bench_floor_counts_every_card(monkeypatch) -> None:
         == (None, None, "cpu")
 
 
+def test_the_step_message_leaves_out_the_histories() -> None:
+    """Ranks 1..N-1 get what to compute (not the prompt / output histories, which only rank 0's sampler
+    reads): the message stays the size of the step, not of every request's length."""
+    import pickle
+
+    from pagedserve.core.outputs import ScheduledRequest, SchedulerOutput
+    from pagedserve.executor.worker import _for_other_ranks
+
+    params = SamplingParams(temperature=0)
+    req = ScheduledRequest("r1", [7], 4000, list(range(251)), True, params, list(range(3000)), list(range(1000)), 999)
+    step = SchedulerOutput([req], 1, ["gone"], ["preempted"])
+    slim = _for_other_ranks(step)
+    (got,) = slim.scheduled
+    assert (got.request_id, got.token_ids, got.num_computed_tokens, got.block_ids, got.needs_sample,
+            got.output_index) == ("r1", [7], 4000, list(range(251)), True, 999)
+    assert got.prompt_token_ids == [] and got.output_token_ids == []
+    assert slim.num_batched_tokens == 1
+    assert (slim.finished_request_ids, slim.preempted_request_ids) == (["gone"], ["preempted"])
+    assert len(pickle.dumps(slim)) < len(pickle.dumps(step)) / 4
+
+
 def test_tp_slice_splits_columns_and_rows(monkeypatch) -> None:
     monkeypatch.setattr(_STATE, "size", 2)
     monkeypatch.setattr(_STATE, "rank", 1)
