@@ -507,8 +507,12 @@ _RESIDENT: dict[tuple[int, int, int, bool, int | None], int] = {}
 REGISTERS: dict[tuple[int, int, int, bool, int | None], int] = {}
 
 
-def programs_an_sm(regs: int, shared: int, warps: int, regs_per_sm: int = 65536, threads_per_sm: int = 2048,
-                   shared_per_sm: int = 233472) -> int:
+# An H100 / H200 SM, for when the device properties do not say (Hopper: 64K registers, 2,048 threads, 228 KB).
+_SM_REGS, _SM_THREADS, _SM_SHARED = 65536, 2048, 233472
+
+
+def programs_an_sm(regs: int, shared: int, warps: int, regs_per_sm: int = _SM_REGS, threads_per_sm: int = _SM_THREADS,
+                   shared_per_sm: int = _SM_SHARED) -> int:
     """Programs of `warps` warps, `regs` registers a thread and `shared` bytes of shared memory that an SM holds
     at once. A warp's registers come from one of the SM's 4 schedulers' quarters of the register file, in
     units of 256: 216 registers a thread fit 2 warps a quarter, 8 an SM, not the 9 that 65536 // 6912 says
@@ -536,9 +540,9 @@ def resident_per_sm(device: torch.device, compile_kernel, radix: bool = True) ->
             _RESIDENT[key] = RESIDENT_PER_SM
             return RESIDENT_PER_SM
         props = torch.cuda.get_device_properties(index)
-        _RESIDENT[key] = programs_an_sm(regs, shared, WARPS, getattr(props, "regs_per_multiprocessor", 65536),
-                                        getattr(props, "max_threads_per_multi_processor", 2048),
-                                        getattr(props, "shared_memory_per_multiprocessor", 233472))
+        _RESIDENT[key] = programs_an_sm(regs, shared, WARPS, getattr(props, "regs_per_multiprocessor", _SM_REGS),
+                                        getattr(props, "max_threads_per_multi_processor", _SM_THREADS),
+                                        getattr(props, "shared_memory_per_multiprocessor", _SM_SHARED))
         REGISTERS[key] = regs
     return _RESIDENT[key]
 
