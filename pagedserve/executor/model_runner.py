@@ -45,7 +45,7 @@ from pagedserve.core.outputs import (
 from pagedserve.distributed import broadcast_tensor, tp_size
 from pagedserve.executor.attention.base import AttentionBackend, AttentionMetadata, ForwardContext
 from pagedserve.executor.attention.torch_ref import TorchAttentionBackend
-from pagedserve.executor.models.decoder import head_dim_of, local_num_kv_heads, num_kv_heads_of
+from pagedserve.executor.models.decoder import head_dim_of, local_num_kv_heads
 from pagedserve.executor.sampler import SampleResult, StepHistory
 
 logger = logging.getLogger(__name__)
@@ -408,7 +408,7 @@ class ModelRunner:
 
         kv_cache = self.kv_caches[0]
         num_kv_heads, head_dim = kv_cache.shape[3:]
-        num_heads = int(self.hf_config.num_attention_heads) * num_kv_heads // num_kv_heads_of(self.hf_config)
+        num_heads = int(self.hf_config.num_attention_heads) // tp_size()  # this rank's
         tokens = 16
         query = torch.zeros(tokens, num_heads, head_dim, dtype=kv_cache.dtype, device=self.device)
         query_start_loc = torch.tensor([0, tokens], dtype=torch.int32, device=self.device)

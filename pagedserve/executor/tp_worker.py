@@ -47,7 +47,8 @@ def stop_tp_workers(procs: list[subprocess.Popen], timeout: float = 30.0) -> Non
 
 
 def tp_device(config: Any, rank: int) -> torch.device:
-    """Rank r runs on cuda:r when rank 0 runs on CUDA, else on the CPU."""
+    """Rank r runs on cuda:r when rank 0 runs on CUDA, else on the CPU with its share of the cores (no thread
+    oversubscription between the ranks)."""
     from pagedserve.executor.worker import resolve_device
 
     device = resolve_device(config)
@@ -57,25 +58,30 @@ def tp_device(config: Any, rank: int) -> torch.device:
                              f"torch sees {torch.cuda.device_count()}")
         torch.cuda.set_device(rank)
         return torch.device("cuda", rank)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
     return device
+
+
+def kill_tp_workers(procs: list[subprocess.Popen]) -> None:
+    """Ends the ranks at once (rank 0 failed, or a rank is gone and the others wait in a collective)."""
+    for proc in procs:
+        proc.kill()
+        proc.wait()
 
 
 def run_rank(config: Any, model_path: str, rank: int, port: int) -> None:
     from pagedserve.distributed import broadcast_object, destroy_tensor_parallel, init_tensor_parallel
     from pagedserve.executor.loader import load_model
     from pagedserve.executor.model_runner import ModelRunner
-    from pagedserve.executor.worker import resolve_dtype, size_kv_cache
+    from pagedserve.executor.worker import default_max_batched_tokens, resolve_dtype, size_kv_cache
 
     device = tp_device(config, rank)
     dtype = resolve_dtype(config, device)
-    if device.type == "cpu":  # the ranks share the cores (rank 0 sets the same)
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
     init_tensor_parallel(rank, config.tensor_parallel_size, port, device)
     try:
         torch.manual_seed(config.seed)
         model, hf_config = load_model(config, model_path, device, dtype)
-        max_batched = config.max_num_batched_tokens or (8192 if device.type == "cuda" else 2048)
-        num_blocks = size_kv_cache(config, model, hf_config, device, dtype, max_batched)
+        num_blocks = size_kv_cache(config, model, hf_config, device, dtype, default_max_batched_tokens(config, device))
         runner = ModelRunner(config, model, hf_config, device, dtype, num_blocks, config.block_size, sampler=None)
         logger.info("tensor-parallel rank %d ready on %s: %d KV blocks", rank, device, num_blocks)
         while (step := broadcast_object()) is not None:

@@ -35,6 +35,10 @@ def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def default_max_batched_tokens(config: EngineConfig, device: torch.device) -> int:
+    return config.max_num_batched_tokens or (8192 if device.type == "cuda" else 2048)
+
+
 def resolve_model(config: EngineConfig) -> tuple[str, str, str | None]:
     """Returns (model path for the loader, tokenizer folder, gguf file or None); downloads Hub ids."""
     from pagedserve.executor.loader import fetch_model_source
@@ -93,15 +97,14 @@ class Worker:
         if not self.tp_procs:
             return
         from pagedserve.distributed import broadcast_object, destroy_tensor_parallel
-        from pagedserve.executor.tp_worker import stop_tp_workers
+        from pagedserve.executor.tp_worker import kill_tp_workers, stop_tp_workers
 
         procs, self.tp_procs = self.tp_procs, []
         try:
             broadcast_object(None)
         except Exception as e:  # noqa: BLE001 - a rank already gone: end the others all the same
             logger.warning("tensor parallelism: could not tell the ranks to stop (%s); ending them", e)
-            for proc in procs:
-                proc.kill()
+            kill_tp_workers(procs)
         finally:
             stop_tp_workers(procs)
             destroy_tensor_parallel()
@@ -148,9 +151,9 @@ def build_worker(config: EngineConfig, on_tokenizer_source: Callable[[str, str |
     except BaseException:
         if tp_procs:  # the other ranks wait in a collective that will not come: end them
             from pagedserve.distributed import destroy_tensor_parallel
+            from pagedserve.executor.tp_worker import kill_tp_workers
 
-            for proc in tp_procs:
-                proc.kill()
+            kill_tp_workers(tp_procs)
             destroy_tensor_parallel()
         raise
 
@@ -158,18 +161,15 @@ def build_worker(config: EngineConfig, on_tokenizer_source: Callable[[str, str |
 def _start_tensor_parallel(config: EngineConfig, model_path: str, device: torch.device) -> list:
     """Starts ranks 1..N-1 and joins the group as rank 0 (pagedserve/distributed.py)."""
     from pagedserve.distributed import free_port, init_tensor_parallel
-    from pagedserve.executor.tp_worker import start_tp_workers, tp_device
+    from pagedserve.executor.tp_worker import kill_tp_workers, start_tp_workers, tp_device
 
-    tp_device(config, 0)  # checks the GPU count on CUDA
-    if device.type == "cpu":  # the ranks share the cores: no thread oversubscription
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
+    tp_device(config, 0)  # checks the GPU count on CUDA; on CPU takes rank 0's share of the cores
     port = free_port()
     procs = start_tp_workers(config, model_path, port)
     try:
         init_tensor_parallel(0, config.tensor_parallel_size, port, device)
     except BaseException:
-        for proc in procs:
-            proc.kill()
+        kill_tp_workers(procs)
         raise
     logger.info("tensor parallelism: %d ranks (%s)", config.tensor_parallel_size,
                 "NCCL" if device.type == "cuda" else "gloo")
@@ -247,7 +247,7 @@ def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: st
     if config.max_model_len is not None and model_len and config.max_model_len > model_len:
         raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's "
                          f"max_position_embeddings {model_len}")
-    max_batched = config.max_num_batched_tokens or (8192 if device.type == "cuda" else 2048)
+    max_batched = default_max_batched_tokens(config, device)
     vocab_size = int(hf_config.vocab_size)
     num_blocks = size_kv_cache(config, model, hf_config, device, dtype, max_batched)
     capacity = num_blocks * config.block_size

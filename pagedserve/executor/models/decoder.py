@@ -241,7 +241,7 @@ class DecoderForCausalLM(nn.Module):
         """[S, V] fp32 logits. With tensor parallelism each rank computes its vocabulary slice and rank 0
         gathers them (the other ranks get None)."""
         logits = self.local_logits(hidden)
-        return gather_last_dim(logits, self.vocab_size) if tp_size() > 1 else logits
+        return gather_last_dim(logits, self.vocab_size)
 
     def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.lm_head.weight
