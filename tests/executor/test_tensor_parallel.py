@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import httpx
@@ -34,6 +35,14 @@ def tp_worker_pids() -> set[int]:
             if b"pagedserve.executor.tp_worker" in cmdline:
                 pids.add(int(entry))
     return pids
+
+
+def new_ranks_after_waiting(before: set[int], timeout_s: float = 10.0) -> set[int]:
+    """The rank processes started since `before` that are still alive after up to timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while (left := tp_worker_pids() - before) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
 
 
 def tiny_checkpoint(folder: Path, real_model_dir: str, arch: str, **overrides) -> object:
@@ -121,13 +130,8 @@ def test_bad_tensor_parallel_settings(tmp_path, real_model_dir) -> None:
         LLM(str(tmp_path), tensor_parallel_size=4, max_model_len=64, cpu_kv_cache_gib=0.05, device="cpu")
     with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
         LLM(str(tmp_path), tensor_parallel_size=0)
-    for _ in range(100):  # the refused start's ranks end too (killed by rank 0, or by their own error)
-        if not (tp_worker_pids() - before):
-            break
-        import time
-
-        time.sleep(0.1)
-    assert not (tp_worker_pids() - before)
+    # the refused start's ranks end too (killed by rank 0, or by their own error)
+    assert not new_ranks_after_waiting(before)
 
 
 def test_a_dead_rank_fails_the_next_step_clearly(tmp_path, real_model_dir) -> None:
@@ -218,10 +222,4 @@ def test_server_with_two_ranks(tmp_path, real_model_dir) -> None:
         assert r.json()["usage"]["completion_tokens"] == 4
     finally:
         server.stop()
-    for _ in range(100):
-        if not (tp_worker_pids() - before):
-            break
-        import time
-
-        time.sleep(0.1)
-    assert not (tp_worker_pids() - before), server.output()[-3000:]
+    assert not new_ranks_after_waiting(before), server.output()[-3000:]
