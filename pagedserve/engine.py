@@ -12,7 +12,8 @@ computed past its end (dropped). Requests with repetition/frequency/presence pen
 own output history; the sampler keeps it on the device and takes the newest token from the step
 before's samples there (executor/sampler.py, PenaltyHistory), so they too run async.
 (PAGEDSERVE_PENALTY_SYNC=1 brings back the old rule, for A/B runs: while a penalized request is live,
-steps run one at a time.)
+steps run one at a time.) Requests with structured outputs do step one at a time: each step's token mask
+comes from the grammar matcher, which must first take the step before's token (structured_output.py).
 
 The engine knows no HTTP and is not thread-safe: one thread drives it (see async_engine.py).
 A request with n > 1 becomes n sibling Requests that share their prompt blocks; its caller sees
@@ -35,6 +36,7 @@ from pagedserve.core.scheduler import Scheduler
 from pagedserve.executor.compile_log import mark_serving, serving_compiles
 from pagedserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.structured_output import SequenceConstraint, StructuredOutputBackend
 from pagedserve.tokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ class _Choice:
     request: Request
     detokenizer: IncrementalDetokenizer | None  # None: the caller detokenizes (see LLMEngine.detokenize)
     output: CompletionOutput
+    constraint: SequenceConstraint | None = None  # structured outputs: its place in the grammar
 
 
 @dataclass(slots=True)
@@ -107,7 +110,13 @@ class LLMEngine:
         # the engine process does when it turns them into deltas; copying every output's token list
         # each step costs O(length) per request).
         self.copy_outputs = True
-        self._sync_ids: set[str] = set()  # live penalized requests, with PAGEDSERVE_PENALTY_SYNC=1 only
+        # Live requests that make steps run one at a time: those with structured outputs, and penalized ones
+        # with PAGEDSERVE_PENALTY_SYNC=1.
+        self._sync_ids: set[str] = set()
+        self._constraints: dict[str, SequenceConstraint] = {}  # child request id -> its grammar matcher
+        self._structured: StructuredOutputBackend | None = None
+        if on_cuda:  # a server: the vocabulary table (~1 s) is built in the background now, not on a request
+            self.structured_output_backend()
         # False: requests without stop strings get no text here (CompletionOutput.text stays ""); the
         # caller turns token ids into text itself. The engine process runs so and the server side
         # detokenizes (engine_process.DeltaDecoder), taking that work off the step loop. Requests with
@@ -227,6 +236,9 @@ class LLMEngine:
         self._check_prompt(prompt_token_ids)
         params.validate_for_model(self.vocab_size)
         max_tokens = self._resolve_max_tokens(len(prompt_token_ids), params)
+        compiled = None
+        if params.structured_outputs is not None:
+            compiled = self.structured_output_backend().compile(params.structured_outputs)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         state = _RequestState(request_id, prompt_text, prompt_token_ids, params, [], RequestMetrics(arrival),
                               final_only=final_only)
@@ -263,15 +275,26 @@ class LLMEngine:
             output = CompletionOutput(index=index, text="", token_ids=[],
                                       cumulative_logprob=None if params.logprobs is None else 0.0,
                                       logprobs=None if params.logprobs is None else [])
-            state.choices.append(_Choice(request, detok, output))
+            constraint = None if compiled is None else self._structured.matcher(compiled)
+            state.choices.append(_Choice(request, detok, output, constraint))
         for choice in state.choices:  # add only once every child is built, so errors leave no trace
             self.scheduler.add_request(choice.request)
             self._child_to_parent[choice.request.request_id] = (request_id, choice.output.index)
             if params.needs_penalties and _PENALTY_SYNC:
                 self._sync_ids.add(choice.request.request_id)
+            if choice.constraint is not None:
+                self._sync_ids.add(choice.request.request_id)
+                self._constraints[choice.request.request_id] = choice.constraint
         state.num_unfinished = params.n
         self._requests[request_id] = state
         self.prompt_tokens_total += len(prompt_token_ids) * params.n
+
+    def structured_output_backend(self) -> StructuredOutputBackend:
+        """The grammar compiler for this model's vocabulary (made on first use; on CUDA at start-up)."""
+        if self._structured is None:
+            self._structured = StructuredOutputBackend(self.tokenizer.hf, self.vocab_size,
+                                                       sorted(self.tokenizer.eos_token_ids))
+        return self._structured
 
     def default_sampling_params(self) -> SamplingParams:
         """SamplingParams() with the model's generation_config defaults (vLLM's get_default_sampling_params)."""
@@ -314,6 +337,7 @@ class LLMEngine:
             for child_id in state.child_ids:
                 self._child_to_parent.pop(child_id, None)
                 self._sync_ids.discard(child_id)
+                self._constraints.pop(child_id, None)
 
     # ------------------------------------------------------------------ one step
     def step(self) -> list[RequestOutput]:
@@ -327,6 +351,8 @@ class LLMEngine:
         if scheduler_output.is_empty:
             self._report_finished(scheduler_output)
             return outputs
+        if self._constraints:
+            self._attach_token_masks(scheduler_output)
         t_scheduled = time.perf_counter()
         runner_output = self.worker.execute(scheduler_output)
         t_executed = time.perf_counter()
@@ -334,6 +360,15 @@ class LLMEngine:
         self.step_timing.add(scheduler_output, t_scheduled - t_start, t_executed - t_scheduled,
                              time.perf_counter() - t_executed)
         return outputs
+
+    def _attach_token_masks(self, scheduler_output: SchedulerOutput) -> None:
+        """Each constrained row that samples this step gets the tokens its grammar allows next. (Its
+        matcher has taken every earlier token: such requests only run in one-at-a-time steps.)"""
+        rows = [r for r in scheduler_output.scheduled if r.needs_sample and r.request_id in self._constraints]
+        if rows:
+            masks = self._structured.fill_bitmask([self._constraints[r.request_id] for r in rows])
+            for r, mask in zip(rows, masks, strict=True):
+                r.allowed_token_bitmask = mask
 
     def _step_async(self) -> list[RequestOutput]:
         t_start = time.perf_counter()
@@ -415,6 +450,12 @@ class LLMEngine:
             if detok is not None and not (state.final_only and not needs_engine_text(request.sampling_params)):
                 detok.add_tokens(new_ids)
         finished = update.finished
+        if not finished and choice.constraint is not None and new_ids:
+            # Structured outputs: a complete grammar (its stop token taken, or ignore_eos) or a token it
+            # does not allow (only possible when min_tokens masked the stop token it asked for) ends it.
+            if not choice.constraint.accept(new_ids) or choice.constraint.is_done:
+                self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
+                finished = True
         if not finished and detok is not None and detok.stop_reason is not None:
             # A stop string ended it: the scheduler learns now and frees its blocks.
             self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
@@ -432,6 +473,7 @@ class LLMEngine:
             state.num_unfinished -= 1
             self._child_to_parent.pop(request.request_id, None)
             self._sync_ids.discard(request.request_id)
+            self._constraints.pop(request.request_id, None)
         # What callers may be shown: the detokenizer holds back a tail that could start a stop string.
         if detok is not None:
             out.text = detok.text

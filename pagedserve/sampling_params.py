@@ -7,13 +7,69 @@ it to an OpenAI error with HTTP 400.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 MAX_LOGPROBS = 20
 MAX_N = 128
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 1000
 _GREEDY_EPS = 1e-5
+MAX_CHOICES = 1024
+
+
+@dataclass(slots=True)
+class StructuredOutputsParams:
+    """A constraint on what a request may generate (vLLM's `StructuredOutputsParams`): exactly one of
+    `json` (a JSON Schema, as a dict or its JSON text), `json_object` (any JSON object), `regex`,
+    `choice` (one of these strings, verbatim) or `grammar` (EBNF in xgrammar's / GBNF's dialect).
+    The engine compiles it when the request is added (pagedserve/structured_output.py); a schema or
+    pattern that does not compile raises `ValueError` there. JSON may carry any whitespace between its
+    tokens unless `disable_any_whitespace` (then one space after ':' and ',', no newlines: a model that
+    would pad its JSON with whitespace forever cannot)."""
+
+    json: dict[str, Any] | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.choice, tuple):
+            self.choice = list(self.choice)
+        set_fields = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        if self.json_object:
+            set_fields.append("json_object")
+        if len(set_fields) != 1:
+            raise ValueError("structured outputs take exactly one of json, json_object, regex, choice or grammar; "
+                             f"got {', '.join(set_fields) if set_fields else 'none'}")
+        for name in ("json_object", "disable_any_whitespace"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.json is not None:
+            if isinstance(self.json, str):
+                try:
+                    json.loads(self.json)
+                except ValueError as e:
+                    raise ValueError(f"the JSON schema is not valid JSON: {e}") from None
+            elif not isinstance(self.json, dict):
+                raise ValueError("json must be a JSON Schema object (or its JSON text), "
+                                 f"got {type(self.json).__name__}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a non-empty string")
+        if self.choice is not None:
+            if (not isinstance(self.choice, list) or not self.choice or len(self.choice) > MAX_CHOICES
+                    or not all(isinstance(c, str) and c for c in self.choice)):
+                raise ValueError(f"choice must be a list of 1 to {MAX_CHOICES} non-empty strings")
+
+    @property
+    def kind(self) -> str:
+        return "json_object" if self.json_object else next(
+            name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None)
 
 
 @dataclass(slots=True)
@@ -37,6 +93,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None  # a dict is taken as its fields
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -45,6 +102,11 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if isinstance(self.structured_outputs, dict):
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as e:  # an unknown field
+                raise ValueError(f"structured_outputs: {e}") from None
         self._validate()
 
     def _validate(self) -> None:
@@ -106,6 +168,8 @@ class SamplingParams:
                     fail(f"logit_bias values must be in [-100, 100] for non-negative token ids, got {k!r}: {v!r}")
                 bias[tok] = float(v)
             self.logit_bias = bias
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            fail(f"structured_outputs must be a StructuredOutputsParams, got {type(self.structured_outputs).__name__}")
 
     @property
     def greedy(self) -> bool:

@@ -18,6 +18,7 @@ N's sampled tokens on the device (never via the host).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from pagedserve.sampling_params import SamplingParams
 
@@ -37,6 +38,9 @@ class ScheduledRequest:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     output_index: int = 0  # index among the request's outputs of the token sampled this step
+    # Structured outputs: the tokens this row may sample, one bit each (an int32 row on the host, from
+    # the engine's grammar matcher; structured_output.py). None: any token.
+    allowed_token_bitmask: Any = None
 
     @property
     def seq_len(self) -> int:

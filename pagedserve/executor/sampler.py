@@ -4,6 +4,7 @@ Pipeline for a batch (every step is a batched tensor op on the logits' device):
 
     raw logits ──► log_softmax ──► logprobs (sampled token, rank, top-N)   [only rows that ask]
         │
+        ├─ structured outputs (tokens outside the row's grammar → -inf)
         ├─ logit_bias (added) ─ min_tokens (stop ids → -inf) ─ repetition ─ frequency ─ presence
         │                                                    (the order of vLLM's apply_penalties)
         ├─ greedy rows: argmax
@@ -54,6 +55,7 @@ import torch
 
 from pagedserve.core.outputs import ScheduledRequest, TokenLogprobs
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.structured_output import apply_token_bitmask
 
 _MASK64 = (1 << 64) - 1
 _EMPTY = np.empty(0, dtype=np.int64)
@@ -410,8 +412,12 @@ class Sampler:
 
     def process_logits(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest],
                        history: StepHistory | None = None) -> torch.Tensor:
-        """A new tensor: logit_bias, min_tokens masking, then repetition/frequency/presence penalties."""
+        """A new tensor: the structured-output masks, logit_bias, min_tokens masking, then
+        repetition/frequency/presence penalties."""
         out = logits.clone()
+        masked = [i for i, r in enumerate(requests) if r.allowed_token_bitmask is not None]
+        if masked:
+            apply_token_bitmask(out, masked, torch.stack([requests[i].allowed_token_bitmask for i in masked]))
         self._apply_logit_bias(out, requests)
         self._apply_min_tokens(out, requests)
         self._apply_penalties(out, requests, history)
@@ -423,7 +429,8 @@ class Sampler:
 
     def _needs_processing(self, req: ScheduledRequest) -> bool:
         p = req.sampling_params
-        return p.needs_penalties or bool(p.logit_bias) or self._min_tokens_active(req)
+        return (p.needs_penalties or bool(p.logit_bias) or self._min_tokens_active(req)
+                or req.allowed_token_bitmask is not None)
 
     def _min_tokens_active(self, req: ScheduledRequest) -> bool:
         p = req.sampling_params

@@ -197,7 +197,7 @@ BAD_CHAT = [
     ("logit_bias out of vocab", {**CHAT, "logit_bias": {"999999": 1}}, None),
     ("seed huge", {**CHAT, "seed": 10**30}, "seed"),
     ("tools", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ("json mode", {**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+    ("unknown response_format", {**CHAT, "response_format": {"type": "xml"}}, "response_format"),
     ("prompt over the context", {**CHAT, "messages": [{"role": "user", "content": "x" * 300}]}, "messages"),
 ]
 

@@ -77,6 +77,15 @@ class SamplingFields(OpenAIBaseModel):
     stop_token_ids: list[Annotated[Int, Field(ge=0)]] | None = None
     skip_special_tokens: bool | None = True
     include_stop_str_in_output: bool | None = False
+    # Structured outputs (one of these): OpenAI's response_format {"type": "text" | "json_object" |
+    # "json_schema", "json_schema": {"name": ..., "schema": {...}}}; vLLM's structured_outputs {"json" |
+    # "json_object" | "regex" | "choice" | "grammar": ...} and its older guided_* fields.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 # --------------------------------------------------------------------------- chat
@@ -100,7 +109,6 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Int | None = Field(default=None, ge=1, description="alias of max_tokens (preferred)")
     logprobs: bool | None = False
     top_logprobs: Int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, description="needs logprobs: true")
-    response_format: dict[str, Any] | None = None  # only {"type": "text"}
     tools: list[dict[str, Any]] | None = None  # refused unless tool_choice is "none"
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None  # ignored

@@ -16,7 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from pagedserve.async_engine import AsyncEngine, EngineDeadError, EngineUnavailableError
 from pagedserve.entrypoints.openai.protocol import SamplingFields
-from pagedserve.sampling_params import SamplingParams
+from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 # -4 billion would also be "impossible"; JSON has no -Infinity, so clamp like vLLM does.
 _MIN_LOGPROB = -9999.0
@@ -72,12 +72,13 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, "invalid_request_error", param, code)
 
 
-def engine_error(e: BaseException) -> APIError:
-    """Maps exceptions out of AsyncEngine to API errors."""
+def engine_error(e: BaseException, param: str | None = None) -> APIError:
+    """Maps exceptions out of AsyncEngine to API errors. `param`: the field a ValueError is about when its
+    message names none (e.g. the field that carried a structured-output constraint the engine refused)."""
     if isinstance(e, APIError):
         return e
     if isinstance(e, ValueError):
-        return bad_request(str(e), _guess_param(str(e)))
+        return bad_request(str(e), _guess_param(str(e)) or param)
     if isinstance(e, EngineUnavailableError):
         return APIError(
             503,
@@ -148,11 +149,66 @@ def build_sampling_params(req: SamplingFields, max_tokens: int | None, logprobs:
             logit_bias=req.logit_bias,
             skip_special_tokens=True if req.skip_special_tokens is None else req.skip_special_tokens,
             include_stop_str_in_output=bool(req.include_stop_str_in_output),
+            structured_outputs=structured_outputs_of(req)[0],
         )
+    except APIError:
+        raise
     except ValueError as e:
         raise bad_request(str(e), _guess_param(str(e))) from e
     except TypeError as e:  # a type pydantic let through that SamplingParams does not take
         raise bad_request(f"invalid sampling parameters: {e}") from e
+
+
+_GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                  "guided_grammar": "grammar"}
+
+
+def structured_outputs_of(req: SamplingFields) -> tuple[StructuredOutputsParams | None, str | None]:
+    """The request's structured-output constraint and the field it came in, from whichever of
+    response_format, structured_outputs and guided_* it uses (more than one is a 400)."""
+    found: list[tuple[str, dict]] = []
+    if req.response_format is not None:
+        spec = _response_format_spec(req.response_format)
+        if spec is not None:
+            found.append(("response_format", spec))
+    if req.structured_outputs is not None:
+        found.append(("structured_outputs", req.structured_outputs))
+    for name, key in _GUIDED_FIELDS.items():
+        value = getattr(req, name)
+        if value is not None:
+            found.append((name, {key: value}))
+    if not found:
+        return None, None
+    if len(found) > 1:
+        raise bad_request(f"give one structured-output constraint; got {', '.join(n for n, _ in found)}", found[1][0])
+    name, spec = found[0]
+    try:
+        return StructuredOutputsParams(**spec), name
+    except TypeError as e:  # a field StructuredOutputsParams does not have
+        raise bad_request(f"{name}: {e}", name) from e
+    except ValueError as e:
+        raise bad_request(f"{name}: {e}", name) from e
+
+
+def _response_format_spec(response_format: dict) -> dict | None:
+    kind = response_format.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "json_schema":
+        body = response_format.get("json_schema")
+        if not isinstance(body, dict):
+            raise bad_request('response_format json_schema needs a "json_schema" object with a "schema"',
+                              "response_format")
+        schema = body.get("schema")
+        if schema is None:  # OpenAI's schema is optional: then any JSON object
+            return {"json_object": True}
+        if not isinstance(schema, (dict, str)):
+            raise bad_request("response_format.json_schema.schema must be a JSON Schema object", "response_format")
+        return {"json": schema}
+    raise bad_request(f'response_format type must be "text", "json_object" or "json_schema"; got {kind!r}',
+                      "response_format")
 
 
 def check_prompt_fits(

@@ -27,6 +27,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     now_created,
     run_until_disconnect,
     sse,
+    structured_outputs_of,
     usage_dict,
 )
 from pagedserve.outputs import RequestOutput
@@ -76,7 +77,7 @@ class OpenAIServingChat:
         try:
             stream = await self.engine.add_request(request_id, prompt_ids, params, arrival, prompt_text)
         except Exception as e:
-            raise engine_error(e) from e
+            raise engine_error(e, structured_outputs_of(req)[1]) from e
         ctx = _ChatContext(request_id, model_name, now_created(), len(prompt_ids), params, req)
         if req.stream:
             return SSEResponse(self._stream(stream, ctx))
@@ -92,12 +93,6 @@ class OpenAIServingChat:
             )
         if req.functions or (req.function_call not in (None, "none")):
             raise bad_request("function calling is not supported by this server", "functions")
-        if req.response_format is not None and req.response_format.get("type", "text") != "text":
-            raise bad_request(
-                "structured output (response_format json_object / json_schema) is not "
-                'supported; use response_format {"type": "text"}',
-                "response_format",
-            )
         if req.modalities is not None and any(m != "text" for m in req.modalities):
             raise bad_request("only the text modality is supported", "modalities")
         if req.audio is not None:

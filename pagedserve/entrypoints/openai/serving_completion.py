@@ -32,6 +32,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     now_created,
     run_until_disconnect,
     sse,
+    structured_outputs_of,
     usage_dict,
 )
 from pagedserve.outputs import RequestOutput
@@ -79,7 +80,7 @@ class OpenAIServingCompletion:
         except BaseException as e:
             self.engine.abort([s.request_id for s in streams])
             if isinstance(e, Exception):
-                raise engine_error(e) from e
+                raise engine_error(e, structured_outputs_of(req)[1]) from e
             raise
         ctx = _Context(base_id, model_name, now_created(), prompts, params, req)
         if req.stream:

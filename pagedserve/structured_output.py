@@ -1,0 +1,161 @@
+"""Structured outputs: a request's tokens held to a JSON Schema, a regex, a list of choices or a grammar.
+
+xgrammar (the library vLLM and SGLang use) compiles the constraint against the tokenizer's vocabulary
+and keeps one matcher per sequence. Each step, for every constrained row that samples:
+
+    matcher ──fill_next_token_bitmask──► one bit per vocabulary token (int32 words, on the host)
+        ──► ScheduledRequest.allowed_token_bitmask ──► Sampler: disallowed logits -> -inf, then sample
+    sampled token ──► matcher.accept_token ──► the request stops once the grammar is complete
+
+The mask of step N+1 needs step N's token, so while a constrained request runs the engine steps one at a
+time (LLMEngine._sync_ids); other requests are unaffected otherwise. The tokenizer's vocabulary table
+(~1 s for 150k tokens) is built on a background thread when the engine starts, and compiled grammars
+are cached by xgrammar (the same schema compiles once).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from typing import Any
+
+import torch
+
+from pagedserve.sampling_params import StructuredOutputsParams
+
+logger = logging.getLogger(__name__)
+
+
+class StructuredOutputBackend:
+    """Compiles constraints for one tokenizer and model vocabulary; hands out per-sequence matchers."""
+
+    def __init__(self, hf_tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> None:
+        self.vocab_size = vocab_size
+        self.stop_token_ids = list(stop_token_ids)
+        self._compiler = None
+        self._error: BaseException | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._build, args=(hf_tokenizer, stop_token_ids),
+                                        name="structured-output-init", daemon=True)
+        self._thread.start()
+
+    def _build(self, hf_tokenizer: Any, stop_token_ids: list[int]) -> None:
+        try:
+            import xgrammar as xgr
+
+            info = xgr.TokenizerInfo.from_huggingface(hf_tokenizer, vocab_size=self.vocab_size,
+                                                      stop_token_ids=stop_token_ids)
+            self._compiler = xgr.GrammarCompiler(info, max_threads=2)
+        except BaseException as e:  # noqa: BLE001 - reported to the first request that needs it
+            self._error = e
+        finally:
+            self._ready.set()
+
+    @property
+    def compiler(self):
+        self._ready.wait()
+        if self._compiler is None:
+            raise ValueError(f"structured outputs are not available on this server: {self._error!r}")
+        return self._compiler
+
+    def compile(self, spec: StructuredOutputsParams):
+        """The compiled grammar of `spec`; ValueError when it does not compile."""
+        compiler = self.compiler
+        try:
+            any_whitespace = not spec.disable_any_whitespace
+            if spec.json_object:  # any JSON object or array, as vLLM's json_object mode
+                if any_whitespace:
+                    return compiler.compile_builtin_json_grammar()
+                return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+            if spec.json is not None:
+                schema = spec.json if isinstance(spec.json, str) else json.dumps(spec.json)
+                return compiler.compile_json_schema(schema, any_whitespace=any_whitespace)
+            if spec.regex is not None:
+                return compiler.compile_regex(spec.regex)
+            if spec.choice is not None:
+                # One EBNF alternative per choice, each a string literal (JSON escapes are EBNF's too).
+                return compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in spec.choice))
+            return compiler.compile_grammar(spec.grammar)
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise ValueError(f"the {spec.kind} constraint does not compile: {_first_line(e)}") from None
+
+    def matcher(self, compiled) -> SequenceConstraint:
+        import xgrammar as xgr
+
+        return SequenceConstraint(xgr.GrammarMatcher(compiled))
+
+    def bitmask_words(self) -> int:
+        return (self.vocab_size + 31) // 32
+
+    def fill_bitmask(self, constraints: list[SequenceConstraint]) -> torch.Tensor:
+        """[len(constraints), words] int32 on the host: bit t of row i is set when token t may come next.
+        A grammar that allows nothing at all (e.g. `root ::= root`) gets the stop token, so its request
+        ends cleanly instead of sampling from a row of -inf."""
+        mask = torch.empty((len(constraints), self.bitmask_words()), dtype=torch.int32)
+        for i, c in enumerate(constraints):
+            c.matcher.fill_next_token_bitmask(mask, i)
+        if self.stop_token_ids:
+            for i in torch.nonzero(~mask.bool().any(dim=1)).flatten().tolist():
+                stop = self.stop_token_ids[0]
+                mask[i, stop // 32] |= _bit(stop % 32)
+                constraints[i].failed = True
+        return mask
+
+
+class SequenceConstraint:
+    """One sequence's place in its grammar."""
+
+    __slots__ = ("matcher", "failed")
+
+    def __init__(self, matcher) -> None:
+        self.matcher = matcher
+        self.failed = False
+
+    def accept(self, token_ids: list[int]) -> bool:
+        """Advances over the sampled tokens; False once one is not allowed (then the sequence must stop)."""
+        for t in token_ids:
+            if self.failed or self.matcher.is_terminated():
+                return False
+            if not self.matcher.accept_token(t):
+                self.failed = True
+                return False
+        return True
+
+    @property
+    def is_done(self) -> bool:
+        """The grammar is complete and its stop token taken: nothing more may be generated."""
+        return self.failed or self.matcher.is_terminated()
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:
+    """In place: logits[rows[i], t] = -inf where bit t of bitmask[i] is clear (bits past the row: -inf too)."""
+    if not rows:
+        return
+    device = logits.device
+    words = bitmask.to(device, non_blocking=True)
+    shifts = torch.arange(32, dtype=torch.int32, device=device)
+    allowed = ((words.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1).bool()
+    width = logits.shape[1]
+    if allowed.shape[1] < width:
+        pad = torch.zeros((len(rows), width - allowed.shape[1]), dtype=torch.bool, device=device)
+        allowed = torch.cat([allowed, pad], dim=1)
+    index = torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)
+    logits[index] = logits[index].masked_fill(~allowed[:, :width], float("-inf"))
+
+
+def _bit(k: int) -> int:
+    """Bit k of an int32 word, as the signed value torch stores (bit 31 is the sign)."""
+    return (1 << k) - (1 << 32) if k == 31 else 1 << k
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    # xgrammar's C++ errors start with "[time] file.cc:line: [Check failed: ...: ]": keep what a user can act on.
+    text = re.sub(r"^\[[\d:.]+\]\s+\S+:\d+:\s*", "", text)
+    for marker in ("Check failed: (error.empty()) is false: ", "Check failed: "):
+        if marker in text:
+            text = text.split(marker, 1)[1]
+            break
+    return text.splitlines()[0][:500] if text else type(e).__name__

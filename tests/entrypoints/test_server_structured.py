@@ -1,0 +1,119 @@
+"""Structured outputs through the server, driven by the official openai client: OpenAI's response_format
+(json_object, json_schema) on the real embedded model; vLLM's structured_outputs and guided_* fields,
+streaming, and every kind of bad constraint (a 400 naming the field, and the server goes on serving) on a
+tiny random-weight model, where only the grammar keeps the output valid."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+import openai
+import pytest
+
+from tests.entrypoints.conftest import RealServer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    s = RealServer(tiny_model_dir, "--load-format", "dummy", "--cpu-kv-cache-gib", "0.25", "--max-model-len", "256")
+    yield s
+    s.stop()
+
+
+def client_of(server: RealServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
+
+
+def model_of(server: RealServer) -> str:
+    return httpx.get(server.base_url + "/v1/models").json()["data"][0]["id"]
+
+
+MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+def test_vllm_fields_constrain_chat_and_completions(tiny) -> None:
+    client, model = client_of(tiny), model_of(tiny)
+    r = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=20, n=3, seed=1,
+                                       extra_body={"structured_outputs": {"choice": ["red", "green", "blue"]}})
+    assert [c.message.content for c in r.choices] and all(
+        c.message.content in ("red", "green", "blue") and c.finish_reason == "stop" for c in r.choices)
+    r = client.completions.create(model=model, prompt="Code:", max_tokens=30, seed=2,
+                                  extra_body={"guided_regex": r"[A-Z]{3}-\d{2}"})
+    assert re.fullmatch(r"[A-Z]{3}-\d{2}", r.choices[0].text), r.choices[0].text
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}
+    r = client.chat.completions.create(
+        model=model, messages=MESSAGES, max_tokens=30, seed=3,
+        extra_body={"structured_outputs": {"json": schema, "disable_any_whitespace": True}})
+    assert 0 <= json.loads(r.choices[0].message.content)["n"] <= 9
+    r = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=30, seed=4,
+                                       extra_body={"guided_choice": ["yes", "no"]})
+    assert r.choices[0].message.content in ("yes", "no")
+
+
+def test_streamed_constrained_chat_equals_non_streamed(tiny) -> None:
+    client, model = client_of(tiny), model_of(tiny)
+    body = {"guided_grammar": 'root ::= "(" [0-9] ("," [0-9])* ")"'}
+    full = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=40, seed=7, extra_body=body)
+    text = full.choices[0].message.content
+    assert re.fullmatch(r"\([0-9](,[0-9])*\)", text), text
+    chunks = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=40, seed=7, extra_body=body,
+                                            stream=True)
+    streamed, finish = "", None
+    for chunk in chunks:
+        for c in chunk.choices:
+            streamed += c.delta.content or ""
+            finish = c.finish_reason or finish
+    assert streamed == text and finish == "stop"
+
+
+@pytest.mark.parametrize("path, extra, param, message", [
+    ("/v1/chat/completions", {"response_format": {"type": "xml"}}, "response_format", "response_format type must be"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema"}}, "response_format", '"json_schema" object'),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": 5}}},
+     "response_format", "must be a JSON Schema object"),
+    ("/v1/chat/completions", {"guided_regex": "(("}, "guided_regex", "regex constraint does not compile"),
+    ("/v1/completions", {"guided_json": {"type": "objekt"}}, "guided_json", 'Unsupported type "objekt"'),
+    ("/v1/completions", {"structured_outputs": {"grammar": "root ::= x"}}, "structured_outputs", "EBNF parser error"),
+    ("/v1/completions", {"structured_outputs": {"jsn": {}}}, "structured_outputs", "unexpected keyword"),
+    ("/v1/completions", {"guided_choice": []}, "guided_choice", "choice must be a list"),
+    ("/v1/chat/completions", {"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice", "give one"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex",
+     "give one"),
+])
+def test_bad_constraints_are_400s_and_the_server_keeps_serving(tiny, path, extra, param, message) -> None:
+    model = model_of(tiny)
+    body = {"model": model, "max_tokens": 5, **extra}
+    body.update({"messages": MESSAGES} if "chat" in path else {"prompt": "hi"})
+    r = httpx.post(tiny.base_url + path, json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and message in err["message"], err
+    ok = httpx.post(tiny.base_url + "/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 2},
+                    timeout=60)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+def test_response_format_on_the_real_model(real_model_dir) -> None:
+    server = RealServer(real_model_dir, "--max-model-len", "1024", "--cpu-kv-cache-gib", "0.5")
+    try:
+        client, model = client_of(server), model_of(server)
+        schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                   "country": {"type": "string", "maxLength": 20}},
+                  "required": ["city", "country"], "additionalProperties": False}
+        r = client.chat.completions.create(
+            model=model, temperature=0, max_tokens=40,
+            messages=[{"role": "user", "content": "Name the capital of Italy and its country, as JSON."}],
+            response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema, "strict": True}})
+        value = json.loads(r.choices[0].message.content)
+        assert value["city"] == "Rome" and value["country"] == "Italy", value
+        r = client.chat.completions.create(
+            model=model, temperature=0, max_tokens=60, response_format={"type": "json_object"},
+            messages=[{"role": "user", "content": "Give a JSON object with the key 'answer' set to 2 + 2."}])
+        assert json.loads(r.choices[0].message.content)["answer"] == 4
+    finally:
+        server.stop()
