@@ -12,8 +12,10 @@ computed past its end (dropped). Requests with repetition/frequency/presence pen
 own output history; the sampler keeps it on the device and takes the newest token from the step
 before's samples there (executor/sampler.py, PenaltyHistory), so they too run async.
 (PAGEDSERVE_PENALTY_SYNC=1 brings back the old rule, for A/B runs: while a penalized request is live,
-steps run one at a time.) Requests with structured outputs do step one at a time: each step's token mask
-comes from the grammar matcher, which must first take the step before's token (structured_output.py).
+steps run one at a time.) Requests with structured outputs run async too: a step's token masks need the
+step before's tokens, so the engine queues the step's forward first and, while the device runs it, waits
+for the step before, feeds its tokens to the grammar matchers and fills the masks the sampling then reads
+(the runner's `before_sample` hook; structured_output.py).
 
 The engine knows no HTTP and is not thread-safe: one thread drives it (see async_engine.py).
 A request with n > 1 becomes n sibling Requests that share their prompt blocks; its caller sees
@@ -283,7 +285,6 @@ class LLMEngine:
             if params.needs_penalties and _PENALTY_SYNC:
                 self._sync_ids.add(choice.request.request_id)
             if choice.constraint is not None:
-                self._sync_ids.add(choice.request.request_id)
                 self._constraints[choice.request.request_id] = choice.constraint
         state.num_unfinished = params.n
         self._requests[request_id] = state
@@ -362,8 +363,8 @@ class LLMEngine:
         return outputs
 
     def _attach_token_masks(self, scheduler_output: SchedulerOutput) -> None:
-        """Each constrained row that samples this step gets the tokens its grammar allows next. (Its
-        matcher has taken every earlier token: such requests only run in one-at-a-time steps.)"""
+        """Each constrained row that samples this step gets the tokens its grammar allows next. Its matcher
+        must have taken every earlier token: in async steps this runs after the step before is processed."""
         rows = [r for r in scheduler_output.scheduled if r.needs_sample and r.request_id in self._constraints]
         if rows:
             masks = self._structured.fill_bitmask([self._constraints[r.request_id] for r in rows])
@@ -376,12 +377,25 @@ class LLMEngine:
         t_scheduled = time.perf_counter()
         pending = self._pending
         self._pending = None
+        outputs: list[RequestOutput] | None = None
         if not scheduler_output.is_empty:
-            handle = self.worker.execute_async(scheduler_output)
+            before_sample = None
+            if self._constraints:
+                # Structured outputs: the masks need the step before's tokens. The forward is queued by now;
+                # finish the step before while the device runs it, then fill the masks the sampler reads.
+                def before_sample() -> None:
+                    nonlocal outputs, pending
+                    if pending is not None:
+                        outputs, pending = self._finish(pending), None
+                    self._attach_token_masks(scheduler_output)
+
+            handle = self.worker.execute_async(scheduler_output, before_sample)
             self._pending = (scheduler_output, handle, t_start, t_scheduled, time.perf_counter())
         else:
             self._report_finished(scheduler_output)
-        return self._finish(pending) if pending is not None else []
+        if pending is not None:  # not finished in before_sample (no constraints, or a step that samples nothing)
+            outputs = self._finish(pending)
+        return outputs or []
 
     def _report_finished(self, scheduler_output: SchedulerOutput) -> None:
         """An empty schedule still tells the runner which requests ended (it frees their sampler state)."""

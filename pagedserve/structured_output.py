@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
 from typing import Any
@@ -26,6 +27,11 @@ import torch
 from pagedserve.sampling_params import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
+_BATCH_FILL_ROWS = 4  # from this many constrained rows in a step, masks are filled on several threads
+
+
+def _fill_threads() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 class StructuredOutputBackend:
@@ -34,6 +40,7 @@ class StructuredOutputBackend:
     def __init__(self, hf_tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> None:
         self.vocab_size = vocab_size
         self.stop_token_ids = list(stop_token_ids)
+        self._batch = None  # xgrammar's BatchGrammarMatcher, made on the first large batch
         self._compiler = None
         self._error: BaseException | None = None
         self._ready = threading.Event()
@@ -94,8 +101,15 @@ class StructuredOutputBackend:
         A grammar that allows nothing at all (e.g. `root ::= root`) gets the stop token, so its request
         ends cleanly instead of sampling from a row of -inf."""
         mask = torch.empty((len(constraints), self.bitmask_words()), dtype=torch.int32)
-        for i, c in enumerate(constraints):
-            c.matcher.fill_next_token_bitmask(mask, i)
+        if len(constraints) >= _BATCH_FILL_ROWS:  # rows side by side on xgrammar's threads (a row: ~20-700 us)
+            if self._batch is None:
+                import xgrammar as xgr
+
+                self._batch = xgr.BatchGrammarMatcher(max_threads=_fill_threads())
+            self._batch.batch_fill_next_token_bitmask([c.matcher for c in constraints], mask)
+        else:
+            for i, c in enumerate(constraints):
+                c.matcher.fill_next_token_bitmask(mask, i)
         if self.stop_token_ids:
             for i in torch.nonzero(~mask.bool().any(dim=1)).flatten().tolist():
                 stop = self.stop_token_ids[0]

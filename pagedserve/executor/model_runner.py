@@ -438,9 +438,13 @@ class ModelRunner:
         return self.execute_async(scheduler_output).result()
 
     @torch.inference_mode()
-    def execute_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
+    def execute_async(self, scheduler_output: SchedulerOutput,
+                      before_sample: Callable[[], None] | None = None) -> StepHandle:
         """Queues one step on the device (forward, sampling, the copy of the samples to the host)
-        and returns without waiting for it. Steps must be queued in schedule order."""
+        and returns without waiting for it. Steps must be queued in schedule order.
+        before_sample: called once the forward is queued and before the sampler reads the step's requests
+        (only when the step samples): the engine's host work that the sampling needs, e.g. structured
+        outputs' token masks, runs while the device computes the forward."""
         scheduled = scheduler_output.scheduled
         self._finished_ids.extend(scheduler_output.finished_request_ids)
         if not scheduled:
@@ -463,6 +467,8 @@ class ModelRunner:
                 logits = self.model.compute_logits(hidden[inputs.logits_indices])[: inputs.num_logits]
         if inputs.num_logits == 0:  # only non-final prefill chunks this step (never a decode graph step)
             return StepHandle(scheduled, None, None, None)
+        if before_sample is not None:
+            before_sample()
         to_sample = [r for r in scheduled if r.needs_sample]
         history = StepHistory(self._last_sampled, self._last_sample_rows, self._finished_ids)
         self._finished_ids = []

@@ -77,10 +77,10 @@ class Worker:
         self._send_to_ranks(scheduler_output)
         return self.runner.execute(scheduler_output)
 
-    def execute_async(self, scheduler_output: SchedulerOutput):
+    def execute_async(self, scheduler_output: SchedulerOutput, before_sample: Callable[[], None] | None = None):
         """Queues the step; the returned handle's result() waits for it (see ModelRunner)."""
         self._send_to_ranks(scheduler_output)
-        return self.runner.execute_async(scheduler_output)
+        return self.runner.execute_async(scheduler_output, before_sample)
 
     def _send_to_ranks(self, scheduler_output: SchedulerOutput) -> None:
         if self.tp_procs and not scheduler_output.is_empty:  # the other ranks run the same step's forward
