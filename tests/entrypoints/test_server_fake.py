@@ -196,7 +196,7 @@ BAD_CHAT = [
     ("logit_bias bad key", {**CHAT, "logit_bias": {"abc": 1}}, "logit_bias"),
     ("logit_bias out of vocab", {**CHAT, "logit_bias": {"999999": 1}}, None),
     ("seed huge", {**CHAT, "seed": 10**30}, "seed"),
-    ("tools", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("malformed tools", {**CHAT, "tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools"),
     ("unknown response_format", {**CHAT, "response_format": {"type": "xml"}}, "response_format"),
     ("prompt over the context", {**CHAT, "messages": [{"role": "user", "content": "x" * 300}]}, "messages"),
 ]

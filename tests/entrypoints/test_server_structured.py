@@ -1,7 +1,8 @@
-"""Structured outputs through the server, driven by the official openai client: OpenAI's response_format
-(json_object, json_schema) on the real embedded model; vLLM's structured_outputs and guided_* fields,
-streaming, and every kind of bad constraint (a 400 naming the field, and the server goes on serving) on a
-tiny random-weight model, where only the grammar keeps the output valid."""
+"""Structured outputs and tool calling through the server, driven by the official openai client: OpenAI's
+response_format (json_object, json_schema) and tools (named, required, auto; whole and streamed; a tool result
+fed back) on the real embedded model; vLLM's structured_outputs and guided_* fields, streaming, and every kind
+of bad constraint or tool request (a 400 naming the field, and the server goes on serving) on a tiny
+random-weight model, where only the grammar keeps the output valid."""
 
 from __future__ import annotations
 
@@ -98,9 +99,16 @@ def test_bad_constraints_are_400s_and_the_server_keeps_serving(tiny, path, extra
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
 
 
-def test_response_format_on_the_real_model(real_model_dir) -> None:
-    server = RealServer(real_model_dir, "--max-model-len", "1024", "--cpu-kv-cache-gib", "0.5")
-    try:
+@pytest.fixture(scope="module")
+def real(real_model_dir):
+    s = RealServer(real_model_dir, "--max-model-len", "2048", "--cpu-kv-cache-gib", "0.5", "--enable-auto-tool-choice")
+    yield s
+    s.stop()
+
+
+def test_response_format_on_the_real_model(real) -> None:
+    server = real
+    if True:
         client, model = client_of(server), model_of(server)
         schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
                                                    "country": {"type": "string", "maxLength": 20}},
@@ -115,5 +123,98 @@ def test_response_format_on_the_real_model(real_model_dir) -> None:
             model=model, temperature=0, max_tokens=60, response_format={"type": "json_object"},
             messages=[{"role": "user", "content": "Give a JSON object with the key 'answer' set to 2 + 2."}])
         assert json.loads(r.choices[0].message.content)["answer"] == 4
-    finally:
-        server.stop()
+
+
+# --------------------------------------------------------------------------- tool calling
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Get the current weather in a city",
+                                      "parameters": {"type": "object", "properties": {
+                                          "city": {"type": "string"},
+                                          "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                                          "required": ["city"]}}},
+    {"type": "function", "function": {"name": "get_time", "description": "Get the local time in a city",
+                                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                     "required": ["city"], "additionalProperties": False}}},
+]
+ASK = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+
+
+def streamed(client, **kwargs) -> tuple[str, dict, str | None]:
+    """(content, {index: {"id", "name", "arguments"}}, finish_reason) of a streamed chat answer."""
+    content, calls, finish = "", {}, None
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            for t in c.delta.tool_calls or []:
+                entry = calls.setdefault(t.index, {"id": None, "name": "", "arguments": ""})
+                entry["id"] = t.id or entry["id"]
+                entry["name"] = (t.function.name if t.function and t.function.name else entry["name"])
+                entry["arguments"] += (t.function.arguments or "") if t.function else ""
+            finish = c.finish_reason or finish
+    return content, calls, finish
+
+
+@pytest.mark.parametrize("tool_choice, finish", [
+    ({"type": "function", "function": {"name": "get_time"}}, "stop"),  # OpenAI ends a forced call with "stop"
+    ("required", "tool_calls"),
+    ("auto", "tool_calls"),
+    (None, "tool_calls"),  # with --enable-auto-tool-choice, tools without a tool_choice mean "auto"
+])
+def test_tool_calls_whole_and_streamed(real, tool_choice, finish) -> None:
+    client, model = client_of(real), model_of(real)
+    kwargs = dict(model=model, messages=ASK, tools=TOOLS, temperature=0, max_tokens=80)
+    if tool_choice is not None:
+        kwargs["tool_choice"] = tool_choice
+    r = client.chat.completions.create(**kwargs)
+    choice = r.choices[0]
+    assert choice.finish_reason == finish and choice.message.content is None, choice
+    call = choice.message.tool_calls[0]  # (required: the model may add a call to the other tool)
+    expected_name = tool_choice["function"]["name"] if isinstance(tool_choice, dict) else "get_weather"
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == expected_name
+    args = json.loads(call.function.arguments)
+    assert args["city"] == "Paris" and set(args) <= {"city", "unit"}
+    whole = [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls]
+    assert all(name in ("get_weather", "get_time") and isinstance(a, dict) for name, a in whole)
+    assert len({c.id for c in choice.message.tool_calls}) == len(whole)
+    content, calls, stream_finish = streamed(client, **kwargs)
+    assert stream_finish == finish and content == ""
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == whole
+    assert all(c["id"].startswith("call_") for c in calls.values())
+
+
+def test_tool_results_go_back_into_the_conversation(real) -> None:
+    client, model = client_of(real), model_of(real)
+    call = client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, tool_choice="required",
+                                          temperature=0, max_tokens=80).choices[0].message.tool_calls[0]
+    followup = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call.id, "type": "function",
+             "function": {"name": call.function.name, "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 21, "unit": "celsius"})},
+    ]
+    r = client.chat.completions.create(model=model, messages=followup, tools=TOOLS, tool_choice="none",
+                                       temperature=0, max_tokens=40)
+    assert r.choices[0].message.tool_calls is None and r.choices[0].message.content
+    assert "21" in r.choices[0].message.content
+    # The prompt rendered the call and its result: more tokens than the question alone.
+    assert r.usage.prompt_tokens > client.chat.completions.create(
+        model=model, messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=1).usage.prompt_tokens + 30
+
+
+@pytest.mark.parametrize("extra, param, message", [
+    ({"tools": [{"type": "function"}]}, "tools", "must be"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice",
+     "not among the tools"),
+    ({"tools": TOOLS, "tool_choice": "auto"}, "tool_choice", "--enable-auto-tool-choice"),
+    ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice",
+     "drop response_format"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": [{"id": "a"}]}]}, "messages",
+     "only assistant messages"),
+])
+def test_bad_tool_requests_are_400s(tiny, extra, param, message) -> None:
+    body = {"model": model_of(tiny), "messages": MESSAGES, "max_tokens": 5, **extra}
+    r = httpx.post(tiny.base_url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and message in err["message"], err

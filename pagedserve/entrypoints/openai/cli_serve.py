@@ -49,6 +49,12 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--log-stats-interval", type=float, default=5.0, help="seconds between stats lines while busy")
     g.add_argument("--disable-access-log", action="store_true", help="no log line per HTTP request")
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='chat requests with tools may let the model decide (tool_choice "auto", the default '
+                   "then): its answer is parsed for tool calls (--tool-call-parser)")
+    g.add_argument("--tool-call-parser", choices=["hermes"], default="hermes",
+                   help="how auto tool calls are read from the answer: hermes (<tool_call>{...}</tool_call>, "
+                   "what Qwen2/2.5 chat templates ask for)")
     g.add_argument(
         "--engine-process",
         action=argparse.BooleanOptionalAction,

@@ -102,6 +102,7 @@ class ChatMessage(OpenAIBaseModel):
     content: str | list[ContentPart] | None = None
     name: str | None = None  # accepted and ignored
     tool_call_id: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls: {"id", "type", "function"}
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -109,8 +110,8 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Int | None = Field(default=None, ge=1, description="alias of max_tokens (preferred)")
     logprobs: bool | None = False
     top_logprobs: Int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, description="needs logprobs: true")
-    tools: list[dict[str, Any]] | None = None  # refused unless tool_choice is "none"
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None  # [{"type": "function", "function": {"name", "parameters", ...}}]
+    tool_choice: str | dict[str, Any] | None = None  # "none" | "auto" | "required" | {"function": {"name"}}
     parallel_tool_calls: bool | None = None  # ignored
     functions: list[dict[str, Any]] | None = None  # refused
     function_call: str | dict[str, Any] | None = None  # refused unless "none"
@@ -135,9 +136,22 @@ class ChatLogprobs(OpenAIBaseModel):
     content: list[ChatLogprobToken] | None = None
 
 
+class ToolCallFunction(OpenAIBaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(OpenAIBaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+    index: int | None = None  # in streamed deltas
+
+
 class ChatResponseMessage(OpenAIBaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatCompletionChoice(OpenAIBaseModel):
@@ -167,6 +181,7 @@ class ChatCompletionResponse(OpenAIBaseModel):
 class ChatDelta(OpenAIBaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatStreamChoice(OpenAIBaseModel):

@@ -70,6 +70,7 @@ class ServerSettings:
     shutdown_timeout: float = 30.0
     served_model_names: list[str] = field(default_factory=list)  # default: [engine.model_name]
     model_root: str | None = None
+    enable_auto_tool_choice: bool = False  # tool_choice "auto": answers parsed for hermes tool calls
 
 
 def _version() -> str:
@@ -171,7 +172,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
     served_names = settings.served_model_names or [engine.model_name]
     started = int(time.time())
     token_strings = TokenStrings(engine.tokenizer)
-    chat = OpenAIServingChat(engine, served_names, token_strings)
+    chat = OpenAIServingChat(engine, served_names, token_strings, settings.enable_auto_tool_choice)
     completion = OpenAIServingCompletion(engine, served_names, token_strings)
     metrics = ServerMetrics(engine, served_names[0])
 
@@ -370,6 +371,7 @@ def run_server(config: EngineConfig, args: argparse.Namespace, backend: Any = No
         max_request_body_bytes=getattr(args, "max_request_body_bytes", DEFAULT_MAX_REQUEST_BODY_BYTES),
         shutdown_timeout=args.shutdown_timeout,
         model_root=getattr(engine_config, "model", None),
+        enable_auto_tool_choice=bool(getattr(args, "enable_auto_tool_choice", False)),
     )
     app = build_app(async_engine, settings)
     server = _make_uvicorn_server(app, args, async_engine.stop_accepting)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -30,17 +31,30 @@ from pagedserve.entrypoints.openai.serving_base import (
     structured_outputs_of,
     usage_dict,
 )
-from pagedserve.outputs import RequestOutput
+from pagedserve.entrypoints.openai.tool_calls import (
+    AutoToolStream,
+    ToolMode,
+    call_dict,
+    calls_from_required,
+    check_tools,
+    parse_hermes,
+    resolve_mode,
+    structured_outputs_for,
+    template_messages,
+)
+from pagedserve.outputs import CompletionOutput, RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 class OpenAIServingChat:
-    def __init__(self, engine: AsyncEngine, served_model_names: list[str], token_strings: TokenStrings) -> None:
+    def __init__(self, engine: AsyncEngine, served_model_names: list[str], token_strings: TokenStrings,
+                 enable_auto_tool_choice: bool = False) -> None:
         self.engine = engine
         self.served_model_names = served_model_names
         self.token_strings = token_strings
+        self.enable_auto_tool_choice = enable_auto_tool_choice
 
     async def create(self, req: ChatCompletionRequest, raw_request: Request) -> Response:
         arrival = time.monotonic()
@@ -58,10 +72,17 @@ class OpenAIServingChat:
             elif e.param == "max_tokens" and req.max_completion_tokens is not None:
                 e.param = "max_completion_tokens"
             raise
-        messages = self._messages(req)
+        tools, mode = self._tool_mode(req)
+        constraint = structured_outputs_for(mode, tools or [])
+        if constraint is not None:
+            if params.structured_outputs is not None:
+                raise bad_request(f'tool_choice "{mode.kind}" makes its own structured output; drop '
+                                  f"{structured_outputs_of(req)[1]}", "tool_choice")
+            params = dataclasses.replace(params, structured_outputs=constraint)
+        messages = template_messages(self._messages(req))
         try:
             prompt_text, prompt_ids = await self.engine.run_in_tokenizer_thread(
-                _render_and_encode, self.engine.tokenizer, messages, req.add_generation_prompt is not False
+                _render_and_encode, self.engine.tokenizer, messages, req.add_generation_prompt is not False, tools
             )
         except ValueError as e:
             raise bad_request(str(e), "messages") from e
@@ -78,19 +99,26 @@ class OpenAIServingChat:
             stream = await self.engine.add_request(request_id, prompt_ids, params, arrival, prompt_text)
         except Exception as e:
             raise engine_error(e, structured_outputs_of(req)[1]) from e
-        ctx = _ChatContext(request_id, model_name, now_created(), len(prompt_ids), params, req)
+        ctx = _ChatContext(request_id, model_name, now_created(), len(prompt_ids), params, req, mode)
         if req.stream:
             return SSEResponse(self._stream(stream, ctx))
         return await run_until_disconnect(raw_request, self._full(stream, ctx))
 
     # ------------------------------------------------------------------ input checks
+    def _tool_mode(self, req: ChatCompletionRequest) -> tuple[list[dict] | None, ToolMode]:
+        tools = None
+        if req.tools is not None:
+            try:
+                tools = check_tools(req.tools)
+            except ValueError as e:
+                raise bad_request(str(e), "tools") from e
+        try:
+            return tools, resolve_mode(tools, req.tool_choice, self.enable_auto_tool_choice)
+        except ValueError as e:
+            raise bad_request(str(e), "tool_choice") from e
+
     @staticmethod
     def _refuse_unsupported(req: ChatCompletionRequest) -> None:
-        if req.tools and req.tool_choice != "none":
-            raise bad_request(
-                'tool calling is not supported by this server; send no tools (or tool_choice: "none")',
-                "tools",
-            )
         if req.functions or (req.function_call not in (None, "none")):
             raise bad_request("function calling is not supported by this server", "functions")
         if req.modalities is not None and any(m != "text" for m in req.modalities):
@@ -115,6 +143,10 @@ class OpenAIServingChat:
             msg: dict[str, Any] = {"role": role, "content": content}
             if m.tool_call_id is not None:
                 msg["tool_call_id"] = m.tool_call_id
+            if m.tool_calls:
+                if role != "assistant":
+                    raise bad_request(f"messages[{i}]: only assistant messages carry tool_calls", "messages")
+                msg["tool_calls"] = m.tool_calls
             out.append(msg)
         return out
 
@@ -149,12 +181,13 @@ class OpenAIServingChat:
             logprobs = None
             if ctx.params.logprobs is not None and out.logprobs is not None:
                 logprobs = {"content": self._logprobs(out.logprobs, ctx.params.logprobs)}
+            message, finish_reason = _message_of(out, ctx.mode)
             choices.append(
                 {
                     "index": out.index,
-                    "message": {"role": "assistant", "content": out.text},
+                    "message": message,
                     "logprobs": logprobs,
-                    "finish_reason": out.finish_reason,
+                    "finish_reason": finish_reason,
                     "stop_reason": out.stop_reason,
                 }
             )
@@ -191,6 +224,7 @@ class OpenAIServingChat:
         sent_logprobs = [0] * n
         finished = [False] * n
         num_completion = [0] * n
+        tool_streams = [_ToolStream(ctx.mode) for _ in range(n)] if ctx.mode.kind != "none" else None
         try:
             for i in range(n):
                 yield chunk(
@@ -223,23 +257,34 @@ class OpenAIServingChat:
                         if new_lps:
                             sent_logprobs[i] = len(out.logprobs)
                             logprobs = {"content": self._logprobs(new_lps, ctx.params.logprobs)}
-                        yield chunk(
-                            {
-                                "index": i,
-                                "delta": {"content": delta_text},
-                                "logprobs": logprobs,
-                                "finish_reason": None,
-                            },
-                            usage,
-                        )
+                        deltas = ([{"content": delta_text}] if tool_streams is None
+                                  else tool_streams[i].feed(delta_text))
+                        if not deltas and logprobs:  # text held back (a possible tool call): logprobs alone
+                            deltas = [{"content": ""}]
+                        for k, delta in enumerate(deltas):
+                            yield chunk(
+                                {
+                                    "index": i,
+                                    "delta": delta,
+                                    "logprobs": logprobs if k == 0 else None,
+                                    "finish_reason": None,
+                                },
+                                usage,
+                            )
                     if out.finish_reason is not None:
                         finished[i] = True
+                        finish_reason = out.finish_reason
+                        if tool_streams is not None:
+                            for delta in tool_streams[i].finish(out):
+                                yield chunk({"index": i, "delta": delta, "logprobs": None, "finish_reason": None},
+                                            usage)
+                            finish_reason = tool_streams[i].finish_reason(out)
                         yield chunk(
                             {
                                 "index": i,
                                 "delta": {},
                                 "logprobs": None,
-                                "finish_reason": out.finish_reason,
+                                "finish_reason": finish_reason,
                                 "stop_reason": out.stop_reason,
                             },
                             usage,
@@ -256,7 +301,7 @@ class OpenAIServingChat:
 
 
 class _ChatContext:
-    __slots__ = ("request_id", "model_name", "created", "num_prompt_tokens", "params", "req")
+    __slots__ = ("request_id", "model_name", "created", "num_prompt_tokens", "params", "req", "mode")
 
     def __init__(
         self,
@@ -266,6 +311,7 @@ class _ChatContext:
         num_prompt_tokens: int,
         params: SamplingParams,
         req: ChatCompletionRequest,
+        mode: ToolMode,
     ) -> None:
         self.request_id = request_id
         self.model_name = model_name
@@ -273,10 +319,79 @@ class _ChatContext:
         self.num_prompt_tokens = num_prompt_tokens
         self.params = params
         self.req = req
+        self.mode = mode
 
 
-def _render_and_encode(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) -> tuple[str, list[int]]:
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+def _message_of(out: CompletionOutput, mode: ToolMode) -> tuple[dict, str | None]:
+    """The whole answer's assistant message and finish reason, tool calls parsed out by the request's mode."""
+    text, finish = out.text, out.finish_reason
+    if mode.kind == "named":  # OpenAI ends a forced function call with "stop"
+        return {"role": "assistant", "content": None, "tool_calls": [call_dict(mode.name, text)]}, finish
+    if mode.kind == "required":
+        calls = calls_from_required(text)
+        if calls:
+            return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+    elif mode.kind == "auto":
+        content, calls = parse_hermes(text, mode.names)
+        if calls:
+            return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+    return {"role": "assistant", "content": text}, finish
+
+
+class _ToolStream:
+    """One streamed choice of a request with tools: text deltas in, chat deltas (content or tool calls) out."""
+
+    def __init__(self, mode: ToolMode) -> None:
+        self.mode = mode
+        self.text = ""
+        self.named_id: str | None = None
+        self.auto = AutoToolStream(mode.names) if mode.kind == "auto" else None
+        self.num_calls = 0
+
+    def feed(self, delta: str) -> list[dict]:
+        self.text += delta
+        if self.mode.kind == "named":  # the arguments stream as they are written
+            if self.named_id is None:
+                call = call_dict(self.mode.name, delta, index=0)
+                self.named_id = call["id"]
+                self.num_calls = 1
+                return [{"tool_calls": [call]}]
+            return [{"tool_calls": [{"index": 0, "function": {"arguments": delta}}]}] if delta else []
+        if self.auto is not None:
+            return self._deltas(*self.auto.feed(delta))
+        return []  # required: the calls go out once the array is complete
+
+    def finish(self, out: CompletionOutput) -> list[dict]:
+        if self.mode.kind == "required":
+            calls = calls_from_required(self.text)
+            if calls:
+                for k, call in enumerate(calls):
+                    call["index"] = k
+                self.num_calls = len(calls)
+                return [{"tool_calls": calls}]
+            return [{"content": self.text}] if self.text else []
+        if self.auto is not None:
+            return self._deltas(*self.auto.finish())
+        return []
+
+    def finish_reason(self, out: CompletionOutput) -> str | None:
+        if self.num_calls and self.mode.kind in ("auto", "required"):
+            return "tool_calls"
+        return out.finish_reason
+
+    def _deltas(self, content: str, calls: list[dict]) -> list[dict]:
+        deltas = [{"content": content}] if content else []
+        if calls:
+            self.num_calls += len(calls)
+            deltas.append({"tool_calls": calls})
+        return deltas
+
+
+def _render_and_encode(tokenizer: Any, messages: list[dict], add_generation_prompt: bool,
+                       tools: list[dict] | None = None) -> tuple[str, list[int]]:
+    extra = {"tools": tools} if tools else {}
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
+                                         **extra)
     return text, tokenizer.encode(text, add_special_tokens=False)
 
 
