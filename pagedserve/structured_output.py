@@ -143,20 +143,26 @@ class SequenceConstraint:
         return self.failed or self.matcher.is_terminated()
 
 
-def apply_token_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:
-    """In place: logits[rows[i], t] = -inf where bit t of bitmask[i] is clear (bits past the row: -inf too)."""
+def apply_token_bitmask(logits: torch.Tensor, rows: list[int], masks: list[torch.Tensor]) -> None:
+    """In place: logits[rows[i], t] = -inf where bit t of masks[i] is clear (columns past the masks: -inf too).
+    On CUDA the masks travel from pinned memory: a pageable copy of a megabyte (64 rows of a 150k vocabulary)
+    would make the host wait for the step's forward to finish before it can go on queueing work."""
     if not rows:
         return
     device = logits.device
-    words = bitmask.to(device, non_blocking=True)
+    host = torch.empty((len(rows), masks[0].shape[-1]), dtype=torch.int32, pin_memory=device.type == "cuda")
+    torch.stack(masks, out=host)
+    words = host.to(device, non_blocking=True)
+    index = torch.tensor(rows, dtype=torch.long, pin_memory=device.type == "cuda").to(device, non_blocking=True)
     shifts = torch.arange(32, dtype=torch.int32, device=device)
     allowed = ((words.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1).bool()
     width = logits.shape[1]
     if allowed.shape[1] < width:
         pad = torch.zeros((len(rows), width - allowed.shape[1]), dtype=torch.bool, device=device)
         allowed = torch.cat([allowed, pad], dim=1)
-    index = torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)
-    logits[index] = logits[index].masked_fill(~allowed[:, :width], float("-inf"))
+    selected = logits.index_select(0, index)
+    selected.masked_fill_(~allowed[:, :width], float("-inf"))
+    logits.index_copy_(0, index, selected)
 
 
 def _bit(k: int) -> int:

@@ -159,7 +159,7 @@ def test_apply_token_bitmask_matches_a_plain_loop() -> None:
     words = torch.randint(-(2**31), 2**31 - 1, (3, 3), generator=gen, dtype=torch.int64).to(torch.int32)
     masked_rows = [0, 2, 4]
     out = logits.clone()
-    apply_token_bitmask(out, masked_rows, words)
+    apply_token_bitmask(out, masked_rows, list(words))
     expected = logits.clone()
     for i, r in enumerate(masked_rows):
         for t in range(vocab):

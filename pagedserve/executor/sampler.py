@@ -417,7 +417,7 @@ class Sampler:
         out = logits.clone()
         masked = [i for i, r in enumerate(requests) if r.allowed_token_bitmask is not None]
         if masked:
-            apply_token_bitmask(out, masked, torch.stack([requests[i].allowed_token_bitmask for i in masked]))
+            apply_token_bitmask(out, masked, [requests[i].allowed_token_bitmask for i in masked])
         self._apply_logit_bias(out, requests)
         self._apply_min_tokens(out, requests)
         self._apply_penalties(out, requests, history)
