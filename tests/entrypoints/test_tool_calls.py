@@ -141,3 +141,28 @@ def test_template_messages_turn_arguments_into_objects() -> None:
     assert out[0]["tool_calls"][0]["function"]["arguments"] == {"tz": "UTC"}
     assert out[0]["tool_calls"][1]["function"]["arguments"] == "not json"
     assert msgs[0]["tool_calls"][0]["function"]["arguments"] == '{"tz": "UTC"}'  # the input is not changed
+
+
+def test_parallel_tool_calls_false_allows_one_call() -> None:
+    tools = check_tools([WEATHER, TIME])
+    mode = resolve_mode(tools, "required", False, parallel_tool_calls=False)
+    assert not mode.parallel and structured_outputs_for(mode, tools)["json"]["maxItems"] == 1
+    assert "maxItems" not in structured_outputs_for(resolve_mode(tools, "required", False), tools)["json"]
+
+
+def test_auto_answers_with_parallel_tool_calls_false_keep_the_first_call() -> None:
+    from pagedserve.entrypoints.openai.serving_chat import _message_of, _ToolStream
+    from pagedserve.outputs import CompletionOutput
+
+    text = ('<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
+            '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>')
+    out = CompletionOutput(0, text, [1, 2], None, None, "stop", None)
+    tools = check_tools([WEATHER, TIME])
+    for parallel, expected in ((True, ["get_time", "get_weather"]), (False, ["get_time"])):
+        mode = resolve_mode(tools, "auto", True, parallel_tool_calls=parallel)
+        message, finish = _message_of(out, mode)
+        assert finish == "tool_calls" and [c["function"]["name"] for c in message["tool_calls"]] == expected
+        stream = _ToolStream(mode)
+        deltas = stream.feed(text[:30]) + stream.feed(text[30:]) + stream.finish(out)
+        streamed = [c["function"]["name"] for d in deltas for c in d.get("tool_calls", [])]
+        assert streamed == expected and stream.finish_reason(out) == "tool_calls"

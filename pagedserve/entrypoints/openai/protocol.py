@@ -112,7 +112,7 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: Int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, description="needs logprobs: true")
     tools: list[dict[str, Any]] | None = None  # [{"type": "function", "function": {"name", "parameters", ...}}]
     tool_choice: str | dict[str, Any] | None = None  # "none" | "auto" | "required" | {"function": {"name"}}
-    parallel_tool_calls: bool | None = None  # ignored
+    parallel_tool_calls: bool | None = None  # false: at most one tool call
     functions: list[dict[str, Any]] | None = None  # refused
     function_call: str | dict[str, Any] | None = None  # refused unless "none"
     modalities: list[str] | None = None  # only ["text"]

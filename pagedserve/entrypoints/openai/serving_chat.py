@@ -113,7 +113,7 @@ class OpenAIServingChat:
             except ValueError as e:
                 raise bad_request(str(e), "tools") from e
         try:
-            return tools, resolve_mode(tools, req.tool_choice, self.enable_auto_tool_choice)
+            return tools, resolve_mode(tools, req.tool_choice, self.enable_auto_tool_choice, req.parallel_tool_calls)
         except ValueError as e:
             raise bad_request(str(e), "tool_choice") from e
 
@@ -333,6 +333,7 @@ def _message_of(out: CompletionOutput, mode: ToolMode) -> tuple[dict, str | None
             return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
     elif mode.kind == "auto":
         content, calls = parse_hermes(text, mode.names)
+        calls = calls if mode.parallel else calls[:1]
         if calls:
             return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
     return {"role": "assistant", "content": text}, finish
@@ -380,6 +381,8 @@ class _ToolStream:
         return out.finish_reason
 
     def _deltas(self, content: str, calls: list[dict]) -> list[dict]:
+        if not self.mode.parallel:  # parallel_tool_calls: false -> the first call only
+            calls = [c for c in calls if c["index"] == 0]
         deltas = [{"content": content}] if content else []
         if calls:
             self.num_calls += len(calls)

@@ -33,6 +33,7 @@ class ToolMode:
     kind: str  # "none" | "auto" | "required" | "named"
     name: str | None = None  # the named function
     names: list[str] = field(default_factory=list)  # every function of the request
+    parallel: bool = True  # parallel_tool_calls: false -> at most one call
 
 
 def new_call_id() -> str:
@@ -73,8 +74,15 @@ def check_tools(tools: list[Any]) -> list[dict]:
     return out
 
 
-def resolve_mode(tools: list[dict] | None, tool_choice: Any, auto_enabled: bool) -> ToolMode:
+def resolve_mode(tools: list[dict] | None, tool_choice: Any, auto_enabled: bool,
+                 parallel_tool_calls: bool | None = None) -> ToolMode:
     """The request's tool mode; ValueError for a choice that cannot be served."""
+    mode = _resolve_kind(tools, tool_choice, auto_enabled)
+    mode.parallel = parallel_tool_calls is not False
+    return mode
+
+
+def _resolve_kind(tools: list[dict] | None, tool_choice: Any, auto_enabled: bool) -> ToolMode:
     names = [t["function"]["name"] for t in tools or []]
     if tool_choice is None:
         return ToolMode("auto" if tools and auto_enabled else "none", names=names)
@@ -114,7 +122,10 @@ def structured_outputs_for(mode: ToolMode, tools: list[dict]) -> dict | None:
         options = [{"type": "object", "properties": {"name": {"enum": [name]}, "parameters": _parameters(fn)},
                     "required": ["name", "parameters"], "additionalProperties": False}
                    for name, fn in by_name.items()]
-        return {"json": {"type": "array", "minItems": 1, "items": {"anyOf": options}}}
+        schema = {"type": "array", "minItems": 1, "items": {"anyOf": options}}
+        if not mode.parallel:
+            schema["maxItems"] = 1
+        return {"json": schema}
     return None
 
 
