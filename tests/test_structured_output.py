@@ -184,11 +184,22 @@ def test_real_model_fills_a_schema(real_model_dir: str) -> None:
     choice = llm.chat([{"role": "user", "content": "Is the sky blue on a clear day? Answer yes or no."}],
                       SamplingParams(max_tokens=5, temperature=0.0, structured_outputs={"choice": ["yes", "no"]}))[0]
     assert choice.outputs[0].text == "yes"
+    # LLM.chat(tools=...): the tools go into the template (Qwen's lists them in <tools>); constrained to a
+    # function's parameters, the answer is a call's arguments.
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    call = llm.chat([{"role": "user", "content": "What is the weather in Oslo?"}],
+                    SamplingParams(max_tokens=30, temperature=0.0,
+                                   structured_outputs={"json": weather["function"]["parameters"]}),
+                    tools=[weather])[0]
+    assert "<tools>" in call.prompt and '"get_weather"' in call.prompt
+    assert json.loads(call.outputs[0].text) == {"city": "Oslo"}
 
 
 def test_async_scheduling_gives_the_same_tokens(tiny_model_dir: str, engine: LLMEngine) -> None:
-    """With async scheduling on, a constrained request makes the steps run one at a time while it lives
-    (its mask needs the step before's token); the tokens of every request equal the synchronous engine's."""
+    """With async scheduling on, a constrained row's mask is filled while its step's forward runs, once the step
+    before's tokens reached the matchers (LLMEngine._step_async); every request's tokens equal the synchronous
+    engine's (filling the masks before finishing the step before fails this)."""
     async_engine = LLMEngine(EngineConfig(model=tiny_model_dir, load_format="dummy", max_model_len=512,
                                           num_kv_blocks=256, async_scheduling=True))
     assert async_engine.async_scheduling and not engine.async_scheduling

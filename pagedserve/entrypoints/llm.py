@@ -48,15 +48,19 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[RequestOutput]:
-        """Applies the chat template to one conversation or a list of them, then generates."""
+        """Applies the chat template to one conversation or a list of them, then generates. `tools` (OpenAI's
+        function definitions) go into the template, as vLLM's LLM.chat does; the answer's text holds any call
+        in the model's own format (the server's tool_choice modes parse or constrain it)."""
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list of messages or of conversations")
         conversations = messages if isinstance(messages[0], list) else [messages]
         tokenizer = self.engine.tokenizer
         prompts: list[PromptType] = []
         for conversation in conversations:
-            text = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
+            text = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
+                                                 tools=tools)
             # The template already holds any BOS token: do not add special tokens twice.
             prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
         return self._run(prompts, sampling_params, use_tqdm)
