@@ -39,12 +39,13 @@ class StructuredOutputBackend:
 
     def __init__(self, hf_tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> None:
         self.vocab_size = vocab_size
-        self.stop_token_ids = list(stop_token_ids)
+        # (A test checkpoint's vocabulary can be smaller than its tokenizer's: its stop ids may lie outside.)
+        self.stop_token_ids = [t for t in stop_token_ids if 0 <= t < vocab_size]
         self._batch = None  # xgrammar's BatchGrammarMatcher, made on the first large batch
         self._compiler = None
         self._error: BaseException | None = None
         self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._build, args=(hf_tokenizer, stop_token_ids),
+        self._thread = threading.Thread(target=self._build, args=(hf_tokenizer, self.stop_token_ids),
                                         name="structured-output-init", daemon=True)
         self._thread.start()
 
@@ -53,7 +54,7 @@ class StructuredOutputBackend:
             import xgrammar as xgr
 
             info = xgr.TokenizerInfo.from_huggingface(hf_tokenizer, vocab_size=self.vocab_size,
-                                                      stop_token_ids=stop_token_ids)
+                                                      stop_token_ids=stop_token_ids or None)
             self._compiler = xgr.GrammarCompiler(info, max_threads=2)
         except BaseException as e:  # noqa: BLE001 - reported to the first request that needs it
             self._error = e
@@ -91,7 +92,8 @@ class StructuredOutputBackend:
     def matcher(self, compiled) -> SequenceConstraint:
         import xgrammar as xgr
 
-        return SequenceConstraint(xgr.GrammarMatcher(compiled))
+        # No stop token in the vocabulary: a grammar ends with its last character instead of a stop token.
+        return SequenceConstraint(xgr.GrammarMatcher(compiled, terminate_without_stop_token=not self.stop_token_ids))
 
     def bitmask_words(self) -> int:
         return (self.vocab_size + 31) // 32

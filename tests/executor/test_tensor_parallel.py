@@ -4,6 +4,7 @@ columns, against Transformers in fp32 and against one rank; bad sizes; the serve
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -118,6 +119,11 @@ def test_two_ranks_equal_one_rank_with_chunks_prefix_hits_and_n(tmp_path, real_m
             results.append([(c.token_ids, [round(lp.logprob, 4) for lp in c.logprobs])
                             for o in first + second for c in o.outputs])
             assert second[0].num_cached_tokens == 32  # the prefix's two blocks, hit in the cache
+            # Structured outputs: rank 0 masks its gathered logits; the constrained tokens match one rank's too.
+            constrained = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=1.0, seed=5,
+                                                               structured_outputs={"regex": "[0-9]{3}-[a-z]{2}"}))
+            assert all(re.fullmatch("[0-9]{3}-[a-z]{2}", o.outputs[0].text) for o in constrained)
+            results[-1].append([o.outputs[0].token_ids for o in constrained])
         finally:
             llm.engine.worker.close()
     assert results[0] == results[1]
