@@ -112,9 +112,7 @@ class LLMEngine:
         # the engine process does when it turns them into deltas; copying every output's token list
         # each step costs O(length) per request).
         self.copy_outputs = True
-        # Live requests that make steps run one at a time: those with structured outputs, and penalized ones
-        # with PAGEDSERVE_PENALTY_SYNC=1.
-        self._sync_ids: set[str] = set()
+        self._sync_ids: set[str] = set()  # live penalized requests, with PAGEDSERVE_PENALTY_SYNC=1 only
         self._constraints: dict[str, SequenceConstraint] = {}  # child request id -> its grammar matcher
         self._structured: StructuredOutputBackend | None = None
         if on_cuda:  # a server: the vocabulary table (~1 s) is built in the background now, not on a request

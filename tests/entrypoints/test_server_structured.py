@@ -211,6 +211,8 @@ def test_tool_results_go_back_into_the_conversation(real) -> None:
      "drop response_format"),
     ({"messages": [{"role": "user", "content": "x", "tool_calls": [{"id": "a"}]}]}, "messages",
      "only assistant messages"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}],
+      "tool_choice": "required"}, "tools", 'Unsupported type "objekt"'),
 ])
 def test_bad_tool_requests_are_400s(tiny, extra, param, message) -> None:
     body = {"model": model_of(tiny), "messages": MESSAGES, "max_tokens": 5, **extra}

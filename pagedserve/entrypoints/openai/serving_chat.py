@@ -98,7 +98,8 @@ class OpenAIServingChat:
         try:
             stream = await self.engine.add_request(request_id, prompt_ids, params, arrival, prompt_text)
         except Exception as e:
-            raise engine_error(e, structured_outputs_of(req)[1]) from e
+            # A constraint the engine could not compile: the field it came from (a tool's parameters: "tools").
+            raise engine_error(e, structured_outputs_of(req)[1] or ("tools" if constraint is not None else None)) from e
         ctx = _ChatContext(request_id, model_name, now_created(), len(prompt_ids), params, req, mode)
         if req.stream:
             return SSEResponse(self._stream(stream, ctx))
@@ -120,7 +121,8 @@ class OpenAIServingChat:
     @staticmethod
     def _refuse_unsupported(req: ChatCompletionRequest) -> None:
         if req.functions or (req.function_call not in (None, "none")):
-            raise bad_request("function calling is not supported by this server", "functions")
+            raise bad_request("functions / function_call (OpenAI's deprecated form) are not supported; "
+                              "use tools and tool_choice", "functions")
         if req.modalities is not None and any(m != "text" for m in req.modalities):
             raise bad_request("only the text modality is supported", "modalities")
         if req.audio is not None:
