@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import httpx
 import openai
@@ -220,3 +221,58 @@ def test_bad_tool_requests_are_400s(tiny, extra, param, message) -> None:
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and message in err["message"], err
+
+
+def metric(server: RealServer, name: str) -> float:
+    for line in httpx.get(server.base_url + "/metrics").text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_constrained_and_plain_streams_under_load_with_drops(tiny) -> None:
+    """20 concurrent streams, constrained (several kinds) and plain, every other one dropped mid-stream: the
+    kept constrained ones are valid, and the KV cache and the running count come back to zero."""
+    import asyncio
+
+    model = model_of(tiny)
+    kinds = [{"guided_regex": "[a-z]{5,40}"}, {"guided_choice": ["alpha", "beta"]},
+             {"structured_outputs": {"json": {"type": "object", "required": ["k"], "properties": {
+                 "k": {"type": "integer", "minimum": 0, "maximum": 999}}}, "disable_any_whitespace": True}},
+             {}]
+
+    async def one(client: httpx.AsyncClient, i: int, drop: bool):
+        body = {"model": model, "messages": MESSAGES, "max_tokens": 40, "stream": True, "seed": i, **kinds[i % 4]}
+        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            text, finish, n = "", None, 0
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                choice = json.loads(line[6:])["choices"][0]
+                text += choice["delta"].get("content") or ""
+                n += 1
+                if drop and n == 3:
+                    return None  # leaving the block closes the connection mid-stream
+                finish = choice["finish_reason"] or finish
+            return i % 4, text, finish
+
+    async def main():
+        async with httpx.AsyncClient(base_url=tiny.base_url, timeout=300) as client:
+            return await asyncio.gather(*(one(client, i, drop=(i // 4) % 2 == 0) for i in range(20)))
+
+    results = [r for r in asyncio.run(main()) if r is not None]
+    assert len(results) == 8
+    for kind, text, finish in results:
+        if kind == 0:
+            assert re.fullmatch("[a-z]{5,40}", text) and finish == "stop", text
+        elif kind == 1:
+            assert text in ("alpha", "beta") and finish == "stop"
+        elif kind == 2:
+            assert isinstance(json.loads(text)["k"], int) and finish == "stop", text
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (metric(tiny, "pagedserve:kv_cache_usage_perc") > 0
+                                           or metric(tiny, "pagedserve:num_requests_running") > 0):
+        time.sleep(0.2)
+    assert metric(tiny, "pagedserve:num_requests_running") == 0
+    assert metric(tiny, "pagedserve:num_free_kv_blocks") == metric(tiny, "pagedserve:num_total_kv_blocks")
