@@ -7,10 +7,12 @@ and keeps one matcher per sequence. Each step, for every constrained row that sa
         ──► ScheduledRequest.allowed_token_bitmask ──► Sampler: disallowed logits -> -inf, then sample
     sampled token ──► matcher.accept_token ──► the request stops once the grammar is complete
 
-The mask of step N+1 needs step N's token, so while a constrained request runs the engine steps one at a
-time (LLMEngine._sync_ids); other requests are unaffected otherwise. The tokenizer's vocabulary table
-(~1 s for 150k tokens) is built on a background thread when the engine starts, and compiled grammars
-are cached by xgrammar (the same schema compiles once).
+The mask of step N+1 needs step N's token. With async scheduling the engine queues step N+1's forward first
+and, while the device runs it, finishes step N (its tokens into the matchers) and fills N+1's masks, which
+the runner hands to the sampler (LLMEngine._step_async, ModelRunner.execute_async's before_sample); the masks
+reach the GPU from pinned memory. The tokenizer's vocabulary table (~1 s for 150k tokens) is built on a
+background thread (at start-up on CUDA, else at the first constrained request), and compiled grammars are
+cached by xgrammar (the same schema compiles once).
 """
 
 from __future__ import annotations
