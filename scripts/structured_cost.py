@@ -32,12 +32,15 @@ def main() -> None:
         params = [SamplingParams(max_tokens=args.output_len, temperature=1.0, seed=i, ignore_eos=True,
                                  structured_outputs=STRINGS if i < num_constrained else None)
                   for i in range(args.requests)]
+        llm.engine.step_timing.totals.clear()
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         dt = time.perf_counter() - t0
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         print(f"{name}: {args.requests} requests, {num_constrained} constrained: {tokens} tokens in {dt:.2f} s, "
               f"{tokens / dt:,.1f} output tok/s", flush=True)
+        # Host vs device: the device's own ms a step against the wall's (schedule + execute + output).
+        print(f"  steps: {llm.engine.step_timing.summary()}", flush=True)
 
     run("warm-up", 1)
     for name, k in (("plain", 0), ("one constrained", 1), ("all constrained", args.requests), ("plain again", 0)):
