@@ -24,6 +24,7 @@ import re
 import threading
 from typing import Any
 
+import numpy as np
 import torch
 
 from pagedserve.sampling_params import StructuredOutputsParams
@@ -44,6 +45,7 @@ class StructuredOutputBackend:
         # (A test checkpoint's vocabulary can be smaller than its tokenizer's: its stop ids may lie outside.)
         self.stop_token_ids = [t for t in stop_token_ids if 0 <= t < vocab_size]
         self._batch = None  # xgrammar's BatchGrammarMatcher, made on the first large batch
+        self._mask_buffer: torch.Tensor | None = None  # see _mask_rows
         self._compiler = None
         self._error: BaseException | None = None
         self._ready = threading.Event()
@@ -104,7 +106,7 @@ class StructuredOutputBackend:
         """[len(constraints), words] int32 on the host: bit t of row i is set when token t may come next.
         A grammar that allows nothing at all (e.g. `root ::= root`) gets the stop token, so its request
         ends cleanly instead of sampling from a row of -inf."""
-        mask = torch.empty((len(constraints), self.bitmask_words()), dtype=torch.int32)
+        mask = self._mask_rows(len(constraints))
         if len(constraints) >= _BATCH_FILL_ROWS:  # rows side by side on xgrammar's threads (a row: ~20-700 us)
             if self._batch is None:
                 import xgrammar as xgr
@@ -115,11 +117,22 @@ class StructuredOutputBackend:
             for i, c in enumerate(constraints):
                 c.matcher.fill_next_token_bitmask(mask, i)
         if self.stop_token_ids:
-            for i in torch.nonzero(~mask.bool().any(dim=1)).flatten().tolist():
+            words = mask.numpy()
+            for i in np.flatnonzero(~words.any(axis=1)).tolist():
                 stop = self.stop_token_ids[0]
-                mask[i, stop // 32] |= _bit(stop % 32)
+                words[i, stop // 32] |= np.int32(_bit(stop % 32))
                 constraints[i].failed = True
         return mask
+
+    def _mask_rows(self, num_rows: int) -> torch.Tensor:
+        """The first num_rows rows of one host buffer, reused every step (pinned when CUDA is there, so the
+        sampler's copy to the device neither stages nor waits). Reuse is safe: a step's masks are filled only
+        after the step before has finished, its copy included."""
+        if self._mask_buffer is None or self._mask_buffer.shape[0] < num_rows:
+            rows = max(64, 1 << (num_rows - 1).bit_length())
+            self._mask_buffer = torch.empty((rows, self.bitmask_words()), dtype=torch.int32,
+                                            pin_memory=torch.cuda.is_available())
+        return self._mask_buffer[:num_rows]
 
 
 class SequenceConstraint:
@@ -150,19 +163,25 @@ class SequenceConstraint:
 def apply_token_bitmask(logits: torch.Tensor, rows: list[int], masks: list[torch.Tensor]) -> None:
     """In place: logits[rows[i], t] = -inf where bit t of masks[i] is clear (columns past the masks: -inf too).
     On CUDA the masks travel from pinned memory: a pageable copy of a megabyte (64 rows of a 150k vocabulary)
-    would make the host wait for the step's forward to finish before it can go on queueing work."""
+    would make the host wait for the step's forward to finish before it can go on queueing work. Rows that are
+    consecutive in one buffer (the engine's, StructuredOutputBackend._mask_rows) are copied as they lie."""
     if not rows:
         return
     device = logits.device
-    host = torch.empty((len(rows), masks[0].shape[-1]), dtype=torch.int32, pin_memory=device.type == "cuda")
-    torch.stack(masks, out=host)
+    num, width_words = len(rows), masks[0].shape[-1]
+    first = masks[0]
+    if all(m.data_ptr() == first.data_ptr() + 4 * width_words * i for i, m in enumerate(masks)):
+        host = first.as_strided((num, width_words), (width_words, 1))  # consecutive rows of the engine's buffer
+    else:
+        host = torch.empty((num, width_words), dtype=torch.int32, pin_memory=device.type == "cuda")
+        torch.stack(masks, out=host)
     words = host.to(device, non_blocking=True)
     index = torch.tensor(rows, dtype=torch.long, pin_memory=device.type == "cuda").to(device, non_blocking=True)
     shifts = torch.arange(32, dtype=torch.int32, device=device)
-    allowed = ((words.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1).bool()
+    allowed = ((words.unsqueeze(-1) >> shifts) & 1).view(num, -1).bool()
     width = logits.shape[1]
     if allowed.shape[1] < width:
-        pad = torch.zeros((len(rows), width - allowed.shape[1]), dtype=torch.bool, device=device)
+        pad = torch.zeros((num, width - allowed.shape[1]), dtype=torch.bool, device=device)
         allowed = torch.cat([allowed, pad], dim=1)
     selected = logits.index_select(0, index)
     selected.masked_fill_(~allowed[:, :width], float("-inf"))

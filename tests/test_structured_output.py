@@ -213,3 +213,15 @@ def test_async_scheduling_gives_the_same_tokens(tiny_model_dir: str, engine: LLM
     got = run(async_engine, ["p", "q", "r"], params())
     assert {k: v[0].token_ids for k, v in got.items()} == {k: v[0].token_ids for k, v in expected.items()}
     assert re.fullmatch(r"(ab|cd){2,5}x", got["r1"][0].text)
+
+
+def test_apply_token_bitmask_takes_rows_in_any_order() -> None:
+    """The sampler's rows are normally consecutive rows of the engine's buffer (copied as they lie); any other
+    set of rows is stacked first: both give the same logits."""
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, 64, generator=gen)
+    words = torch.randint(-(2**31), 2**31 - 1, (3, 2), generator=gen, dtype=torch.int64).to(torch.int32)
+    a, b = logits.clone(), logits.clone()
+    apply_token_bitmask(a, [3, 1], [words[2], words[0]])  # not consecutive: stacked
+    apply_token_bitmask(b, [3, 1], list(torch.stack([words[2], words[0]])))  # consecutive
+    assert torch.equal(a, b) and torch.isinf(a[3]).any() and torch.equal(a[0], logits[0])
