@@ -163,6 +163,6 @@ def test_auto_answers_with_parallel_tool_calls_false_keep_the_first_call() -> No
         message, finish = _message_of(out, mode)
         assert finish == "tool_calls" and [c["function"]["name"] for c in message["tool_calls"]] == expected
         stream = _ToolStream(mode)
-        deltas = stream.feed(text[:30]) + stream.feed(text[30:]) + stream.finish(out)
+        deltas = stream.feed(text[:30]) + stream.feed(text[30:]) + stream.finish()
         streamed = [c["function"]["name"] for d in deltas for c in d.get("tool_calls", [])]
         assert streamed == expected and stream.finish_reason(out) == "tool_calls"

@@ -277,7 +277,7 @@ class OpenAIServingChat:
                         finished[i] = True
                         finish_reason = out.finish_reason
                         if tool_streams is not None:
-                            for delta in tool_streams[i].finish(out):
+                            for delta in tool_streams[i].finish():
                                 yield chunk({"index": i, "delta": delta, "logprobs": None, "finish_reason": None},
                                             usage)
                             finish_reason = tool_streams[i].finish_reason(out)
@@ -347,24 +347,21 @@ class _ToolStream:
     def __init__(self, mode: ToolMode) -> None:
         self.mode = mode
         self.text = ""
-        self.named_id: str | None = None
         self.auto = AutoToolStream(mode.names) if mode.kind == "auto" else None
         self.num_calls = 0
 
     def feed(self, delta: str) -> list[dict]:
         self.text += delta
         if self.mode.kind == "named":  # the arguments stream as they are written
-            if self.named_id is None:
-                call = call_dict(self.mode.name, delta, index=0)
-                self.named_id = call["id"]
+            if not self.num_calls:  # the first delta opens the call: its id and name
                 self.num_calls = 1
-                return [{"tool_calls": [call]}]
+                return [{"tool_calls": [call_dict(self.mode.name, delta, index=0)]}]
             return [{"tool_calls": [{"index": 0, "function": {"arguments": delta}}]}] if delta else []
         if self.auto is not None:
             return self._deltas(*self.auto.feed(delta))
         return []  # required: the calls go out once the array is complete
 
-    def finish(self, out: CompletionOutput) -> list[dict]:
+    def finish(self) -> list[dict]:
         if self.mode.kind == "required":
             calls = calls_from_required(self.text)
             if calls:

@@ -153,6 +153,14 @@ def _as_call(obj: Any, names: list[str]) -> dict | None:
     return call_dict(obj["name"], json.dumps(args, ensure_ascii=False))
 
 
+def _block_call(block: str, names: list[str]) -> dict | None:
+    """The call a <tool_call> block's text holds; None when it is not JSON naming one of the tools."""
+    try:
+        return _as_call(json.loads(block.strip()), names)
+    except ValueError:
+        return None
+
+
 def parse_hermes(text: str, names: list[str]) -> tuple[str | None, list[dict]]:
     """(content, tool calls) of a whole answer in auto mode."""
     calls: list[dict] = []
@@ -160,10 +168,7 @@ def parse_hermes(text: str, names: list[str]) -> tuple[str | None, list[dict]]:
         content = text.split(TOOL_CALL_START, 1)[0]
         for block in re.findall(re.escape(TOOL_CALL_START) + r"(.*?)(?:" + re.escape(TOOL_CALL_END) + r"|$)", text,
                                 flags=re.DOTALL):
-            try:
-                call = _as_call(json.loads(block.strip()), names)
-            except ValueError:
-                call = None
+            call = _block_call(block, names)
             if call is None:  # a block that is not a call to one of the tools: the answer stays text
                 return text, []
             calls.append(call)
@@ -260,10 +265,7 @@ class AutoToolStream:
         return text, []
 
     def _call(self, block: str) -> dict | None:
-        try:
-            call = _as_call(json.loads(block.strip()), self.names)
-        except ValueError:
-            call = None
+        call = _block_call(block, self.names)
         if call is not None:
             call["index"] = self.num_calls
             self.num_calls += 1
