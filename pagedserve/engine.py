@@ -68,6 +68,7 @@ class _RequestState:
     final_only: bool = False  # the caller wants only the finished output: no per-step outputs
     num_cached_tokens: int = 0
     num_unfinished: int = 0
+    prompt_logprobs: list | None = None  # [None, TokenLogprobs...] when asked (filled by the first choice's steps)
 
     @property
     def child_ids(self) -> list[str]:
@@ -242,11 +243,15 @@ class LLMEngine:
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         state = _RequestState(request_id, prompt_text, prompt_token_ids, params, [], RequestMetrics(arrival),
                               final_only=final_only)
+        if params.prompt_logprobs is not None:
+            state.prompt_logprobs = [None] * len(prompt_token_ids)
         for index in range(params.n):
             child_params = params
             if params.n > 1:
                 seed = None if params.seed is None else params.seed + index
-                child_params = dataclasses.replace(params, n=1, seed=seed)
+                # The first choice computes the prompt logprobs; the others may share its prompt blocks.
+                prompt_logprobs = params.prompt_logprobs if index == 0 else None
+                child_params = dataclasses.replace(params, n=1, seed=seed, prompt_logprobs=prompt_logprobs)
             if self._extra_eos_ids and not params.ignore_eos:
                 extra = [t for t in self._extra_eos_ids if t not in child_params.stop_token_ids]
                 if extra:
@@ -425,6 +430,8 @@ class LLMEngine:
         return outputs
 
     def _process(self, scheduler_output: SchedulerOutput, runner_output) -> list[RequestOutput]:
+        if runner_output.prompt_logprobs:
+            self._store_prompt_logprobs(scheduler_output, runner_output.prompt_logprobs)
         updates = self.scheduler.update(scheduler_output, runner_output)
         now = time.monotonic()
         touched: dict[str, _RequestState] = {}
@@ -437,6 +444,14 @@ class LLMEngine:
             touched[state.request_id] = state
         return [self._make_output(state) for state in touched.values()
                 if not state.final_only or state.num_unfinished == 0]
+
+    def _store_prompt_logprobs(self, scheduler_output: SchedulerOutput, prompt_logprobs: list) -> None:
+        for scheduled, part in zip(scheduler_output.scheduled, prompt_logprobs, strict=True):
+            parent = None if part is None else self._child_to_parent.get(scheduled.request_id)
+            state = None if parent is None else self._requests.get(parent[0])
+            if state is not None and state.prompt_logprobs is not None:
+                first, entries = part
+                state.prompt_logprobs[first:first + len(entries)] = entries
 
     def _apply_update(self, state: _RequestState, choice: _Choice, update, now: float) -> None:
         request, out, detok = choice.request, choice.output, choice.detokenizer
@@ -510,6 +525,7 @@ class LLMEngine:
             finished=finished,
             num_cached_tokens=max(state.num_cached_tokens, 0),
             metrics=m,
+            prompt_logprobs=state.prompt_logprobs,
         )
 
     # ------------------------------------------------------------------ state

@@ -52,7 +52,8 @@ _METRIC_FIELDS = ("arrival_time", "first_scheduled_time", "first_token_time", "l
 
 # One choice's delta: (index, new token ids, new text, new logprobs or None, finish_reason, stop_reason,
 # cumulative_logprob). One request's: (request_id, prompt token ids on the first delta else None,
-# prompt, finished, num_cached_tokens, metrics tuple or None, [choice deltas]).
+# prompt, finished, num_cached_tokens, metrics tuple or None, [choice deltas], prompt logprobs on the first
+# delta else None).
 RequestDelta = tuple
 
 
@@ -101,6 +102,7 @@ class DeltaEncoder:
                     out.num_cached_tokens,
                     metrics,
                     choices,
+                    out.prompt_logprobs if first else None,
                 )
             )
         return deltas
@@ -115,6 +117,7 @@ class _Accumulated:
     prompt_token_ids: list[int]
     prompt: str | None
     params: SamplingParams | None  # set when this side detokenizes the request
+    prompt_logprobs: list | None = None
     choices: dict[int, CompletionOutput] = field(default_factory=dict)
     detokenizers: dict[int, IncrementalDetokenizer] = field(default_factory=dict)
 
@@ -138,12 +141,13 @@ class DeltaDecoder:
 
     def decode(self, deltas: list[RequestDelta]) -> list[RequestOutput]:
         outputs = []
-        for rid, prompt_ids, prompt, finished, num_cached, metrics, choices in deltas:
+        for rid, prompt_ids, prompt, finished, num_cached, metrics, choices, prompt_logprobs in deltas:
             acc = self._acc.get(rid)
             if acc is None:
                 if prompt_ids is None:
                     continue  # a late delta of a request forgotten (aborted) since its first one
-                acc = self._acc[rid] = _Accumulated(prompt_ids, prompt, self._expected.pop(rid, None))
+                acc = self._acc[rid] = _Accumulated(prompt_ids, prompt, self._expected.pop(rid, None),
+                                                    prompt_logprobs)
             params = acc.params
             for index, new_ids, new_text, new_lps, finish, stop, cumulative in choices:
                 c = acc.choices.get(index)
@@ -183,6 +187,7 @@ class DeltaDecoder:
                     finished=finished,
                     num_cached_tokens=num_cached,
                     metrics=None if metrics is None else RequestMetrics(**dict(zip(_METRIC_FIELDS, metrics))),
+                    prompt_logprobs=acc.prompt_logprobs,
                 )
             )
         return outputs

@@ -41,3 +41,6 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
     extra: dict = field(default_factory=dict)
+    # With SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (nothing predicts it),
+    # then each token's logprob, rank and top alternatives under the model. Complete from the first output on.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None

@@ -89,7 +89,9 @@ class SamplingParams:
     max_tokens: int | None = 16  # None: up to the model's context length
     min_tokens: int = 0
     logprobs: int | None = None  # number of top alternatives besides the sampled token
-    prompt_logprobs: int | None = None  # accepted for compatibility; not computed (must stay None)
+    # Logprobs of each prompt token (from the second on) under the model, with this many top alternatives.
+    # Such a request computes its whole prompt (no prefix-cache hit) until its first token is sampled.
+    prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -145,8 +147,9 @@ class SamplingParams:
             fail(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             fail(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
-        if self.prompt_logprobs is not None:
-            fail("prompt_logprobs is not supported")
+        if self.prompt_logprobs is not None and (not is_int(self.prompt_logprobs)
+                                                 or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            fail(f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}")
         if len(self.stop) > MAX_STOP_STRINGS:
             fail(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}")
         for s in self.stop:

@@ -19,13 +19,17 @@ REQUESTS = {
                                ignore_eos=True),
     "stop": SamplingParams(max_tokens=60, temperature=1.0, seed=3, stop=["e"], ignore_eos=True),
     "logprobs": SamplingParams(max_tokens=12, temperature=1.0, seed=5, logprobs=2, ignore_eos=True),
+    "prompt": SamplingParams(max_tokens=5, temperature=1.0, seed=6, prompt_logprobs=2, ignore_eos=True),
 }
 
 
 def _view(outputs) -> list:
     return [(o.request_id, o.finished, [(c.index, c.text, list(c.token_ids), c.finish_reason, c.stop_reason,
                                          None if c.logprobs is None else [lp.token_id for lp in c.logprobs])
-                                        for c in o.outputs]) for o in outputs]
+                                        for c in o.outputs],
+             None if o.prompt_logprobs is None
+             else [lp and (lp.token_id, lp.logprob, lp.top) for lp in o.prompt_logprobs])
+            for o in outputs]
 
 
 def _run(engine: LLMEngine, suffix: str, server_side: DeltaDecoder | None) -> list:
@@ -59,7 +63,10 @@ def test_server_side_detokenizing_matches_the_engine_step_by_step(engine: LLMEng
     finally:
         engine.detokenize, engine.copy_outputs = True, True
     assert ours == reference
-    final = {rid: choices for step in reference for rid, finished, choices in step if finished}
+    final = {rid: choices for step in reference for rid, finished, choices, _ in step if finished}
+    prompt_logprobs = [plp for step in ours for rid, _, _, plp in step if rid == "prompt"]
+    assert prompt_logprobs and all(plp == prompt_logprobs[0] and len(plp) == 26 for plp in prompt_logprobs)
+    assert all(len(lp[2]) == 2 for lp in prompt_logprobs[0][1:])
     assert set(final) == set(REQUESTS)
     assert all(text for choices in final.values() for _, text, *_ in choices)  # real text was made
     assert final["stop"][0][3:5] == ("stop", "e")  # the engine still ends requests on stop strings
@@ -85,10 +92,10 @@ def test_decoder_drops_late_deltas_of_forgotten_requests(engine: LLMEngine) -> N
     decoder = DeltaDecoder(engine.tokenizer)
     params = SamplingParams(max_tokens=4)
     decoder.expect("r", params)
-    first = ("r", [1, 2], None, False, 0, None, [(0, [300], "", None, None, None, None)])
+    first = ("r", [1, 2], None, False, 0, None, [(0, [300], "", None, None, None, None)], None)
     assert decoder.decode([first])[0].outputs[0].text == engine.tokenizer.decode([300])
     decoder.forget(["r"])
-    late = ("r", None, None, False, 0, None, [(0, [301], "", None, None, None, None)])
+    late = ("r", None, None, False, 0, None, [(0, [301], "", None, None, None, None)], None)
     assert decoder.decode([late]) == []
     assert not decoder._acc
 

@@ -222,8 +222,10 @@ class KVCacheManager:
 
     def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
         """Block ids of the longest cached prefix of the request and the number of tokens they
-        cover. Never covers the last token: the model must compute at least one to sample."""
-        if not self._shares_prefix(request):
+        cover. Never covers the last token: the model must compute at least one to sample. None for a
+        request that asks for prompt logprobs and has none yet: its every prompt position must be computed."""
+        if not self._shares_prefix(request) or (request.sampling_params.prompt_logprobs is not None
+                                                and request.num_output_tokens == 0):
             return [], 0
         self._update_block_hashes(request)
         bs = self.block_size

@@ -75,3 +75,7 @@ class RunnerOutput:
     # Aligned with SchedulerOutput.scheduled; None where needs_sample was false.
     sampled_token_ids: list[int | None] = field(default_factory=list)
     logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    # Prompt logprobs (requests with SamplingParams.prompt_logprobs), aligned with SchedulerOutput.scheduled:
+    # None, or (first, entries): entries[j] is the logprob of prompt token first + j under the distribution
+    # the model gave at the position before it (first >= 1: the first prompt token has none). None: no row asked.
+    prompt_logprobs: list[tuple[int, list[TokenLogprobs]] | None] | None = None

@@ -41,12 +41,13 @@ from pagedserve.core.outputs import (
     RunnerOutput,
     ScheduledRequest,
     SchedulerOutput,
+    TokenLogprobs,
 )
 from pagedserve.distributed import broadcast_tensor, tp_size
 from pagedserve.executor.attention.base import AttentionBackend, AttentionMetadata, ForwardContext
 from pagedserve.executor.attention.torch_ref import TorchAttentionBackend
 from pagedserve.executor.models.decoder import head_dim_of, local_num_kv_heads
-from pagedserve.executor.sampler import SampleResult, StepHistory
+from pagedserve.executor.sampler import SampleResult, StepHistory, finite_or
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +63,9 @@ class StepHandle:
 
     def __init__(self, scheduled: list[ScheduledRequest], host_payload: torch.Tensor | None,
                  ready: torch.cuda.Event | None, decode: Callable | None,
-                 started: torch.cuda.Event | None = None) -> None:
+                 started: torch.cuda.Event | None = None, prompt_part: tuple | None = None) -> None:
         self._scheduled = scheduled
+        self._prompt_part = prompt_part  # prompt logprobs: (host payload, its ready event or None, decode)
         self._host_payload = host_payload  # on the host (pinned when it came from a GPU)
         self._ready = ready  # recorded after the device-to-host copy; None: already on the host
         self._decode = decode
@@ -90,6 +92,11 @@ class StepHandle:
                 for i, request in enumerate(self._scheduled):
                     if request.needs_sample:
                         output.sampled_token_ids[i], output.logprobs[i] = next(sampled)
+            if self._prompt_part is not None:
+                host, ready, decode = self._prompt_part
+                if ready is not None:
+                    ready.synchronize()
+                output.prompt_logprobs = decode(host.tolist())
             self._output = output
         return self._output
 
@@ -108,6 +115,8 @@ class StepInputs:
     placeholder_rows: torch.Tensor | None = None
     # A mixed step for the mixed-step CUDA graphs (mixed_graph.py): unpadded, int64 metadata views.
     mixed_graph_step: bool = False
+    # Prompt logprobs to compute this step (prompt_logprob_plan): such steps run eager, for the hidden states.
+    prompt_plan: list[tuple[int, int, int, int]] | None = None
 
 
 def prefill_warm_probes(head_dim: int, queries_per_kv: int) -> list[tuple[int, int]]:
@@ -123,6 +132,22 @@ def prefill_warm_probes(head_dim: int, queries_per_kv: int) -> list[tuple[int, i
                 seen.add(config)
                 probes.append((keys, max_query_len))
     return probes
+
+
+def prompt_logprob_plan(scheduled: Sequence[ScheduledRequest], query_start_loc: np.ndarray
+                        ) -> list[tuple[int, int, int, int]]:
+    """The rows whose logits give prompt logprobs this step: (index in scheduled, first row among the step's
+    tokens, prompt index of the first token they predict, count). The token at position p predicts prompt
+    token p + 1; a request asks while it has no output yet (after a preemption its recompute asks nothing)."""
+    plan = []
+    for i, r in enumerate(scheduled):
+        if r.sampling_params.prompt_logprobs is None or r.output_index > 0:
+            continue
+        start = r.num_computed_tokens
+        count = min(len(r.token_ids), len(r.prompt_token_ids) - 1 - start)
+        if count > 0:
+            plan.append((i, int(query_start_loc[i]), start + 1, count))
+    return plan
 
 
 def padded_count(n: int) -> int:
@@ -235,12 +260,14 @@ class ModelRunner:
         placeholder_src = self._placeholder_sources(scheduled, query_start_loc, placeholder_dst)
         num_placeholders = len(placeholder_dst)
         is_decode_only = num_seqs > 0 and num_tokens == num_seqs
+        prompt_plan = prompt_logprob_plan(scheduled, query_start_loc) or None
         graphs = self.cuda_graphs
         # (A one-token chunk may be a prefill piece that does not sample: graphs need every row sampled.)
-        graph_step = (graphs is not None and is_decode_only and num_logits == num_seqs
+        graph_step = (graphs is not None and is_decode_only and num_logits == num_seqs and prompt_plan is None
                       and graphs.fits(num_seqs, width))
         mixed = self.mixed_graphs
-        mixed_graph_step = mixed is not None and not is_decode_only and mixed.fits(num_tokens, num_seqs, width)
+        mixed_graph_step = (mixed is not None and not is_decode_only and prompt_plan is None
+                            and mixed.fits(num_tokens, num_seqs, width))
         num_order = num_seqs if is_decode_only and getattr(self.backend, "wants_seq_order", False) else 0
         work = None
         if num_order and getattr(self.backend, "decode_work", False):
@@ -338,7 +365,7 @@ class ModelRunner:
         )
         ctx = ForwardContext(attn_metadata=meta, kv_caches=self.kv_caches, backend=self.backend)
         return StepInputs(views[0], views[1], ctx, views[6], num_logits, graph_step, placeholder_rows,
-                          mixed_graph_step)
+                          mixed_graph_step, prompt_plan)
 
     def _placeholder_sources(
         self, scheduled: list[ScheduledRequest], query_start_loc: np.ndarray, dst: np.ndarray
@@ -455,6 +482,7 @@ class ModelRunner:
             started = torch.cuda.Event(enable_timing=True)
             started.record()
         meta = inputs.ctx.attn_metadata
+        prompt_part = None
         if inputs.graph_step:
             logits = self.cuda_graphs.run(inputs.input_ids, inputs.positions, meta,
                                           placeholder_rows=inputs.placeholder_rows, last_sampled=self._last_sampled)
@@ -463,10 +491,13 @@ class ModelRunner:
                                            inputs.num_logits)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.ctx)
+            if inputs.prompt_plan:
+                payload, decode = self._prompt_logprobs(hidden, inputs.prompt_plan, scheduled)
+                prompt_part = None if payload is None else self._to_host(payload, decode)
             if inputs.num_logits:
                 logits = self.model.compute_logits(hidden[inputs.logits_indices])[: inputs.num_logits]
         if inputs.num_logits == 0:  # only non-final prefill chunks this step (never a decode graph step)
-            return StepHandle(scheduled, None, None, None)
+            return StepHandle(scheduled, None, None, None, prompt_part=prompt_part)
         if before_sample is not None:
             before_sample()
         to_sample = [r for r in scheduled if r.needs_sample]
@@ -477,14 +508,68 @@ class ModelRunner:
             broadcast_tensor(result.token_ids.to(torch.int64).contiguous())
         self._last_sampled = result.token_ids
         self._last_sample_rows = {r.request_id: i for i, r in enumerate(to_sample)}
-        payload = result.payload
+        host, ready = self._to_host(result.payload, None)[:2]
+        return StepHandle(scheduled, host, ready, result.decode, started, prompt_part)
+
+    def _to_host(self, payload: torch.Tensor, decode: Callable | None) -> tuple:
+        """(host tensor, event recorded after its copy or None, decode): the device-to-host copy of a payload,
+        queued without waiting (pinned memory on CUDA)."""
         if self.device.type == "cpu":
-            return StepHandle(scheduled, payload, None, result.decode)
+            return payload, None, decode
         host = torch.empty(payload.shape, dtype=payload.dtype, pin_memory=True)
         host.copy_(payload, non_blocking=True)
         ready = torch.cuda.Event(enable_timing=True)
         ready.record()
-        return StepHandle(scheduled, host, ready, result.decode, started)
+        return host, ready, decode
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, plan: list[tuple[int, int, int, int]],
+                         scheduled: Sequence[ScheduledRequest]) -> tuple[torch.Tensor, Callable] | tuple[None, None]:
+        """Prompt logprobs of the plan's rows (prompt_logprob_plan), of the raw distribution as the sampler's
+        logprobs: each row's logits, log-softmaxed in fp32; the logprob and rank of the prompt token that follows
+        and the top max-k. The LM head runs on max_num_seqs rows at a time (the KV sizing profiled logits of that
+        many). Returns (payload, decode) on the rank that holds the logits; (None, None) on the other ranks of
+        tensor parallelism, which take part in the same LM-head gathers."""
+        rows = np.concatenate([np.arange(first_row, first_row + count) for _, first_row, _, count in plan])
+        targets = np.concatenate([np.asarray(scheduled[i].prompt_token_ids[first:first + count], dtype=np.int64)
+                                  for i, _, first, count in plan])
+        max_k = max(scheduled[i].sampling_params.prompt_logprobs for i, *_ in plan)
+        rows_d, targets_d = (torch.from_numpy(a).to(hidden.device, non_blocking=True) for a in (rows, targets))
+        chunk = max(1, self.config.max_num_seqs)
+        tok_lps, ranks, top_lps, top_ids = [], [], [], []
+        for s in range(0, len(rows), chunk):
+            logits = self.model.compute_logits(hidden[rows_d[s:s + chunk]])
+            if logits is None:  # not the rank that gathers the vocabulary
+                continue
+            lp = logits.float().log_softmax(dim=-1)
+            tok_lp = lp.gather(1, targets_d[s:s + chunk, None])
+            tok_lps.append(tok_lp.squeeze(1))
+            ranks.append((lp > tok_lp).sum(dim=-1) + 1)  # ties count in the prompt token's favour
+            if max_k:
+                top_lp, top_id = lp.topk(max_k, dim=-1)
+                top_lps.append(top_lp.flatten())
+                top_ids.append(top_id.flatten())
+        if not tok_lps:
+            return None, None
+        # One payload, float64 (token ids stay exact): [logprob N | rank N | top logprobs N*k | top ids N*k].
+        payload = torch.cat([t.double() for t in tok_lps + ranks + top_lps + top_ids])
+        num = len(rows)
+
+        def decode(host: list) -> list[tuple[int, list[TokenLogprobs]] | None]:
+            out: list[tuple[int, list[TokenLogprobs]] | None] = [None] * len(scheduled)
+            row = 0
+            for i, _, first, count in plan:
+                k = scheduled[i].sampling_params.prompt_logprobs
+                entries = []
+                for r in range(row, row + count):
+                    top = 2 * num + r * max_k
+                    entries.append(TokenLogprobs(
+                        token_id=int(targets[r]), logprob=finite_or(host[r]), rank=int(host[num + r]),
+                        top=[(int(host[top + num * max_k + q]), finite_or(host[top + q])) for q in range(k)]))
+                out[i] = (first, entries)
+                row += count
+            return out
+
+        return payload, decode
 
     @torch.inference_mode()
     def forward_only(self, scheduler_output: SchedulerOutput) -> None:
@@ -498,6 +583,8 @@ class ModelRunner:
         if inputs.graph_step or inputs.mixed_graph_step:
             raise RuntimeError("tensor-parallel ranks run eager steps only")
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.ctx)
+        if inputs.prompt_plan:  # the same LM-head gathers as rank 0's prompt logprobs
+            self._prompt_logprobs(hidden, inputs.prompt_plan, scheduler_output.scheduled)
         if inputs.num_logits:  # this rank's slice of the vocabulary, gathered on rank 0
             self.model.compute_logits(hidden[inputs.logits_indices])
         to_sample = [r.request_id for r in scheduler_output.scheduled if r.needs_sample]

@@ -678,9 +678,9 @@ class Sampler:
                 top_ids_j = flat_top_ids[j * max_n:j * max_n + n]
                 out[i] = TokenLogprobs(
                     token_id=sampled_list[i],
-                    logprob=_finite_or(tok_lp_list[j]),
+                    logprob=finite_or(tok_lp_list[j]),
                     rank=int(ranks_list[j]),
-                    top=[(int(t), _finite_or(lp)) for t, lp in zip(top_ids_j, top_lp_j)],
+                    top=[(int(t), finite_or(lp)) for t, lp in zip(top_ids_j, top_lp_j)],
                 )
             return sampled_list, out
 
@@ -726,6 +726,6 @@ def _host_history(requests: Sequence[ScheduledRequest], width: int, device: torc
     return counts, in_prompt
 
 
-def _finite_or(x: float, floor: float = -9999.0) -> float:
+def finite_or(x: float, floor: float = -9999.0) -> float:
     # -inf is not valid JSON; OpenAI clients expect a number (vLLM's OpenAI layer clamps to -9999 too).
     return x if math.isfinite(x) else floor

@@ -112,12 +112,16 @@ class Worker:
 
 def _for_other_ranks(scheduler_output: SchedulerOutput) -> SchedulerOutput:
     """The step as ranks 1..N-1 need it: what to compute and where, without the prompt and output histories
-    (rank 0's sampler reads those), which would make each step's message grow with every request's length."""
+    (rank 0's sampler reads those), which would make each step's message grow with every request's length.
+    A request computing prompt logprobs keeps its prompt: the ranks take the same LM-head rows as rank 0."""
     from pagedserve.core.outputs import ScheduledRequest
+
+    def prompt_of(r: ScheduledRequest) -> list[int]:
+        return r.prompt_token_ids if r.sampling_params.prompt_logprobs is not None and r.output_index == 0 else []
 
     return SchedulerOutput(
         [ScheduledRequest(r.request_id, r.token_ids, r.num_computed_tokens, r.block_ids, r.needs_sample,
-                          r.sampling_params, [], [], r.output_index) for r in scheduler_output.scheduled],
+                          r.sampling_params, prompt_of(r), [], r.output_index) for r in scheduler_output.scheduled],
         scheduler_output.num_batched_tokens, scheduler_output.finished_request_ids,
         scheduler_output.preempted_request_ids)
 

@@ -209,6 +209,10 @@ class FakeEngine:
                             )
                         }
                     ),
+                    # Prompt token i (from the second on): logprob -0.25 * i, rank i, top "p" and "q".
+                    prompt_logprobs=None if r.params.prompt_logprobs is None else [None] + [
+                        TokenLogprobs(t, -0.25 * i, i, [(ord("p"), -0.1), (ord("q"), -0.2)][: r.params.prompt_logprobs])
+                        for i, t in enumerate(r.prompt_ids[1:], start=1)],
                 )
             )
         return outputs

@@ -166,6 +166,57 @@ def test_completion_echo_and_legacy_logprobs(server) -> None:
     assert lp.text_offset == [0, 1, 2] and lp.top_logprobs[0] == {"t": -0.5, "z": -1.5}
 
 
+def test_completion_echo_with_logprobs_leads_with_the_prompts(server) -> None:
+    """echo + logprobs (lm-eval's loglikelihood request): the prompt's tokens lead the legacy logprobs, the
+    first with none; max_tokens 0 gives the prompt alone; a stream carries the same entries."""
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+    r = client.completions.create(model=MODEL, prompt="abc", max_tokens=2, echo=True, logprobs=1)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == "abc" + TEXT[:2]
+    assert lp.tokens == ["a", "b", "c", *TEXT[:2]]
+    assert lp.token_logprobs == [None, -0.25, -0.5, -0.5, -0.5]
+    assert lp.top_logprobs[0] is None and lp.top_logprobs[1] == {"p": -0.1, "b": -0.25}
+    assert lp.top_logprobs[3] == {"t": -0.5}
+    assert lp.text_offset == [0, 1, 2, 3, 4]
+    only = client.completions.create(model=MODEL, prompt=[97, 98, 99], max_tokens=0, echo=True, logprobs=0)
+    assert only.choices[0].text == "abc" and only.choices[0].finish_reason == "length"
+    assert only.choices[0].logprobs.token_logprobs == [None, -0.25, -0.5]
+    assert only.choices[0].logprobs.top_logprobs[2] == {"c": -0.5}
+    assert only.usage.completion_tokens == 0 and only.usage.prompt_tokens == 3
+    body = {"model": MODEL, "prompt": "abc", "max_tokens": 2, "echo": True, "logprobs": 1, "stream": True}
+    with httpx.stream("POST", server.base_url + "/v1/completions", json=body) as resp:
+        events = sse_events(resp)
+    tokens, token_logprobs, offsets, text = [], [], [], ""
+    for e in events[:-1]:
+        (choice,) = e["choices"]
+        text += choice["text"]
+        if choice["logprobs"]:
+            tokens += choice["logprobs"]["tokens"]
+            token_logprobs += choice["logprobs"]["token_logprobs"]
+            offsets += choice["logprobs"]["text_offset"]
+    assert text == r.choices[0].text and tokens == lp.tokens
+    assert token_logprobs == lp.token_logprobs and offsets == lp.text_offset
+
+
+def test_prompt_logprobs_field(server) -> None:
+    """vLLM's prompt_logprobs: per prompt token None (the first) or {token id: logprob, rank, decoded_token},
+    on each completion choice and at the top of a chat completion."""
+    r = httpx.post(server.base_url + "/v1/completions",
+                   json={"model": MODEL, "prompt": "ab", "max_tokens": 1, "prompt_logprobs": 1, "n": 2})
+    assert r.status_code == 200, r.text
+    expected = [None, {"112": {"logprob": -0.1, "rank": 1, "decoded_token": "p"},
+                       "98": {"logprob": -0.25, "rank": 1, "decoded_token": "b"}}]
+    assert [c["prompt_logprobs"] for c in r.json()["choices"]] == [expected, expected]
+    assert r.json()["choices"][0]["logprobs"] is None
+    r = httpx.post(server.base_url + "/v1/chat/completions", json={**CHAT, "prompt_logprobs": 0})
+    assert r.status_code == 200, r.text
+    plp = r.json()["prompt_logprobs"]
+    prompt = "<user>hi\n<assistant>"
+    assert len(plp) == len(prompt) and plp[0] is None
+    assert plp[2] == {str(ord("s")): {"logprob": -0.5, "rank": 2, "decoded_token": "s"}}  # "<us"
+    assert "prompt_logprobs" not in httpx.post(server.base_url + "/v1/chat/completions", json=CHAT).json()
+
+
 # --------------------------------------------------------------------------- errors
 BAD_CHAT = [
     ("bad json", b'{"messages": [', None),
@@ -199,6 +250,8 @@ BAD_CHAT = [
     ("malformed tools", {**CHAT, "tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools"),
     ("unknown response_format", {**CHAT, "response_format": {"type": "xml"}}, "response_format"),
     ("prompt over the context", {**CHAT, "messages": [{"role": "user", "content": "x" * 300}]}, "messages"),
+    ("prompt_logprobs streamed", {**CHAT, "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+    ("prompt_logprobs string", {**CHAT, "prompt_logprobs": "1"}, "prompt_logprobs"),
 ]
 
 
@@ -225,7 +278,11 @@ BAD_COMPLETION = [
     ("negative token id", {"prompt": [-1], "max_tokens": 2}, "prompt"),
     ("mixed prompt list", {"prompt": ["a", [1]], "max_tokens": 2}, None),
     ("logprobs 50", {"prompt": "a", "logprobs": 50}, "logprobs"),
-    ("echo with logprobs", {"prompt": "a", "echo": True, "logprobs": 1}, "logprobs"),
+    ("max_tokens 0 without echo", {"prompt": "a", "max_tokens": 0}, "max_tokens"),
+    ("max_tokens negative", {"prompt": "a", "max_tokens": -1}, "max_tokens"),
+    ("prompt_logprobs 50", {"prompt": "a", "prompt_logprobs": 50}, "prompt_logprobs"),
+    ("prompt_logprobs negative", {"prompt": "a", "prompt_logprobs": -1}, "prompt_logprobs"),
+    ("prompt_logprobs streamed", {"prompt": "a", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
     ("suffix", {"prompt": "a", "suffix": "b"}, "suffix"),
     ("best_of", {"prompt": "a", "best_of": 3}, "best_of"),
     ("prompt + max_tokens over context", {"prompt": "a" * 200, "max_tokens": 100}, "max_tokens"),

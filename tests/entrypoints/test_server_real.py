@@ -16,6 +16,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 
 from tests.entrypoints.conftest import REPO_ROOT, RealServer
 
@@ -91,6 +92,38 @@ def test_completions_usage_and_prompt_forms(client, model, hf_tokenizer) -> None
     assert multi.usage.prompt_tokens == len(ids) + 3 and multi.usage.completion_tokens == 12
     echo = client.completions.create(model=model, prompt=text, max_tokens=4, temperature=0, echo=True)
     assert echo.choices[0].text == text + r.choices[0].text
+
+
+def test_echo_logprobs_score_continuations_as_lm_eval_does(client, model, hf_tokenizer, real_model_dir) -> None:
+    """lm-eval-harness's loglikelihood request (token-id prompts, echo, logprobs 1, max_tokens 1): the sums of
+    the continuations' token_logprobs equal Transformers' fp32 log-likelihoods, and the likelier answer wins.
+    max_tokens 0 returns the prompt alone, with the same logprobs."""
+    from transformers import AutoModelForCausalLM
+
+    context = hf_tokenizer.encode("The capital of France is")
+    answers = [hf_tokenizer.encode(" Paris"), hf_tokenizer.encode(" a banana split")]
+    prompts = [context + a for a in answers]
+    r = client.completions.create(model=model, prompt=prompts, max_tokens=1, echo=True, logprobs=1, temperature=0)
+    hf = AutoModelForCausalLM.from_pretrained(real_model_dir, dtype=torch.float32).eval()
+    scores = []
+    for choice, ids in zip(sorted(r.choices, key=lambda c: c.index), prompts, strict=True):
+        lp = choice.logprobs
+        assert len(lp.tokens) == len(ids) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        with torch.no_grad():
+            ref = hf(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        expected = sum(ref[p - 1, ids[p]].item() for p in range(len(context), len(ids)))
+        got = sum(lp.token_logprobs[len(context):-1])  # lm-eval's slice: the continuation, not the new token
+        assert got == pytest.approx(expected, abs=1e-3)
+        scores.append(got)
+        is_greedy = all(t == max(top.values()) for t, top in zip(lp.token_logprobs[len(context):-1],
+                                                                 lp.top_logprobs[len(context):-1]))
+        assert is_greedy == (ids is prompts[0])
+    assert scores[0] > scores[1]
+    only = client.completions.create(model=model, prompt=prompts[0], max_tokens=0, echo=True, logprobs=1)
+    assert len(only.choices[0].logprobs.tokens) == len(prompts[0]) and only.usage.completion_tokens == 0
+    assert only.choices[0].logprobs.token_logprobs[0] is None
+    assert only.choices[0].logprobs.token_logprobs[1:] == pytest.approx(
+        r.choices[0].logprobs.token_logprobs[1:-1], abs=1e-4)
 
 
 def test_chat_stream_equals_non_stream(client, model) -> None:

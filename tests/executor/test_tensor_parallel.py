@@ -86,13 +86,22 @@ def test_two_ranks_match_transformers(tmp_path, real_model_dir, arch, overrides,
     try:
         ranks = set(llm.engine.worker.tp_procs and [p.pid for p in llm.engine.worker.tp_procs])
         assert len(ranks) == 1 and ranks <= tp_worker_pids() - before  # rank 1 is its own live process
-        params = SamplingParams(temperature=0, max_tokens=6, logprobs=1)
+        # Prompt logprobs too: their LM-head rows are gathered from both ranks' vocabulary slices.
+        params = SamplingParams(temperature=0, max_tokens=6, logprobs=1, prompt_logprobs=2)
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
         for prompt, out in zip(PROMPTS, outs, strict=True):
             ref_ids, ref_logprobs = hf_greedy(hf, prompt, 6)
             assert out.outputs[0].token_ids == ref_ids
             got = [lp.logprob for lp in out.outputs[0].logprobs]
             assert got == pytest.approx(ref_logprobs, abs=1e-4)
+            with torch.no_grad():
+                ref = hf(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+            assert out.prompt_logprobs[0] is None
+            got = [(e.token_id, e.logprob, [t for t, _ in e.top]) for e in out.prompt_logprobs[1:]]
+            assert [g[0] for g in got] == prompt[1:]
+            assert [g[1] for g in got] == pytest.approx([ref[p - 1, prompt[p]].item() for p in range(1, len(prompt))],
+                                                        abs=1e-4)
+            assert [g[2] for g in got] == [ref[p - 1].topk(2).indices.tolist() for p in range(1, len(prompt))]
     finally:
         llm.engine.worker.close()
     assert not (tp_worker_pids() - before)  # close() ended rank 1
@@ -188,6 +197,11 @@ def test_the_step_message_leaves_out_the_histories() -> None:
             got.output_index) == ("r1", [7], 4000, list(range(251)), True, 999)
     assert got.prompt_token_ids == [] and got.output_token_ids == []
     assert slim.num_batched_tokens == 1
+    # A prompt still giving prompt logprobs travels (the ranks take the same LM-head rows); not after its first token.
+    asks = SamplingParams(prompt_logprobs=1)
+    for output_index, expected in ((0, list(range(3000))), (1, [])):
+        req = ScheduledRequest("r2", [7] * 16, 0, [0], False, asks, list(range(3000)), [], output_index)
+        assert _for_other_ranks(SchedulerOutput([req], 16)).scheduled[0].prompt_token_ids == expected
     assert (slim.finished_request_ids, slim.preempted_request_ids) == (["gone"], ["preempted"])
     assert len(pickle.dumps(slim)) < len(pickle.dumps(step)) / 4
 

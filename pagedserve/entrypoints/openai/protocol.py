@@ -77,6 +77,8 @@ class SamplingFields(OpenAIBaseModel):
     stop_token_ids: list[Annotated[Int, Field(ge=0)]] | None = None
     skip_special_tokens: bool | None = True
     include_stop_str_in_output: bool | None = False
+    prompt_logprobs: Int | None = Field(default=None, ge=0, le=MAX_LOGPROBS,
+                                        description="logprobs of the prompt's tokens, with this many top ones")
     # Structured outputs (one of these): OpenAI's response_format {"type": "text" | "json_object" |
     # "json_schema", "json_schema": {"name": ..., "schema": {...}}}; vLLM's structured_outputs {"json" |
     # "json_object" | "regex" | "choice" | "grammar": ...} and its older guided_* fields.
@@ -89,6 +91,12 @@ class SamplingFields(OpenAIBaseModel):
 
 
 # --------------------------------------------------------------------------- chat
+class PromptLogprob(OpenAIBaseModel):
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
 class ContentPart(BaseModel):
     """One part of a message's content; only `{"type": "text", "text": ...}` is supported."""
 
@@ -176,6 +184,7 @@ class ChatCompletionResponse(OpenAIBaseModel):
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
     system_fingerprint: str | None = None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None  # vLLM's, with prompt_logprobs
 
 
 class ChatDelta(OpenAIBaseModel):
@@ -207,7 +216,7 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[Int] | list[list[Int]] = Field(
         description="a string, a list of strings, a list of token ids, or a list of token-id lists"
     )
-    max_tokens: Int | None = Field(default=16, ge=1)
+    max_tokens: Int | None = Field(default=16, ge=0, description="0 only with echo: the prompt alone")
     echo: bool | None = False
     logprobs: Int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     best_of: Int | None = None  # refused unless equal to n
@@ -227,6 +236,8 @@ class CompletionChoice(OpenAIBaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # vLLM's: with prompt_logprobs, one entry per prompt token (None for the first), token id -> its logprob
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
 
 
 class CompletionResponse(OpenAIBaseModel):

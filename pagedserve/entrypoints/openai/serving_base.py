@@ -149,6 +149,7 @@ def build_sampling_params(req: SamplingFields, max_tokens: int | None, logprobs:
             logit_bias=req.logit_bias,
             skip_special_tokens=True if req.skip_special_tokens is None else req.skip_special_tokens,
             include_stop_str_in_output=bool(req.include_stop_str_in_output),
+            prompt_logprobs=req.prompt_logprobs,
             structured_outputs=structured_outputs_of(req)[0],
         )
     except APIError:
@@ -249,6 +250,25 @@ def usage_dict(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, 
         "completion_tokens": num_completion_tokens,
         "total_tokens": num_prompt_tokens + num_completion_tokens,
     }
+
+
+def prompt_logprobs_json(entries: list | None, token_strings: TokenStrings, num_top: int) -> list | None:
+    """vLLM's prompt_logprobs shape: per prompt token None (the first) or {token id: {logprob, rank,
+    decoded_token}} holding the token itself and its num_top most likely alternatives."""
+    if entries is None:
+        return None
+    text_of = token_strings.text
+    out: list[dict | None] = []
+    for lp in entries:
+        if lp is None:
+            out.append(None)
+            continue
+        top = {str(tid): {"logprob": clamp_logprob(x), "rank": rank, "decoded_token": text_of(tid)}
+               for rank, (tid, x) in enumerate(lp.top[:num_top], start=1)}
+        top[str(lp.token_id)] = {"logprob": clamp_logprob(lp.logprob), "rank": lp.rank,
+                                 "decoded_token": text_of(lp.token_id)}
+        out.append(top)
+    return out
 
 
 def clamp_logprob(x: float) -> float:

@@ -26,6 +26,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     engine_error,
     error_body,
     now_created,
+    prompt_logprobs_json,
     run_until_disconnect,
     sse,
     structured_outputs_of,
@@ -127,6 +128,8 @@ class OpenAIServingChat:
             raise bad_request("only the text modality is supported", "modalities")
         if req.audio is not None:
             raise bad_request("audio output is not supported", "audio")
+        if req.stream and req.prompt_logprobs is not None:
+            raise bad_request("prompt_logprobs is not available when streaming", "prompt_logprobs")
 
     @staticmethod
     def _messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
@@ -202,6 +205,9 @@ class OpenAIServingChat:
             "usage": usage_dict(ctx.num_prompt_tokens, num_completion),
             "system_fingerprint": None,
         }
+        if ctx.req.prompt_logprobs is not None:  # vLLM's field, for the templated prompt's tokens
+            body["prompt_logprobs"] = prompt_logprobs_json(final.prompt_logprobs, self.token_strings,
+                                                           ctx.req.prompt_logprobs)
         return JSONResponse(body)
 
     async def _stream(self, stream: RequestStream, ctx: _ChatContext) -> AsyncIterator[str]:

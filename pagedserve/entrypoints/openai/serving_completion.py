@@ -30,6 +30,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     engine_error,
     error_body,
     now_created,
+    prompt_logprobs_json,
     run_until_disconnect,
     sse,
     structured_outputs_of,
@@ -55,12 +56,16 @@ class OpenAIServingCompletion:
             raise bad_request("suffix (insertion) is not supported", "suffix")
         if req.best_of is not None and req.best_of != (req.n or 1):
             raise bad_request("best_of is not supported unless it equals n", "best_of")
-        if req.echo and req.logprobs is not None:
-            raise bad_request(
-                "echo with logprobs needs prompt logprobs, which this server does not compute; drop one of them",
-                "logprobs",
-            )
-        params = build_sampling_params(req, req.max_tokens, req.logprobs, self.engine.default_sampling)
+        if req.stream and req.prompt_logprobs is not None:
+            raise bad_request("prompt_logprobs is not available when streaming; echo with logprobs streams the "
+                              "prompt's logprobs in the legacy format", "prompt_logprobs")
+        echo_only = req.max_tokens == 0  # the prompt alone (lm-eval's loglikelihood requests, with logprobs)
+        if echo_only and not req.echo:
+            raise bad_request("max_tokens must be at least 1 (0 is allowed only with echo)", "max_tokens")
+        params = build_sampling_params(req, 1 if echo_only else req.max_tokens, req.logprobs,
+                                       self.engine.default_sampling)
+        if req.echo and req.logprobs is not None:  # the echoed prompt carries its tokens' logprobs
+            params.prompt_logprobs = max(params.prompt_logprobs or 0, req.logprobs)
         prompts = await self._tokenize_prompts(req.prompt)
         if len(prompts) * params.n > MAX_CHOICES:
             raise bad_request(
@@ -131,10 +136,19 @@ class OpenAIServingCompletion:
         return text
 
     def _logprobs(self, entries: list, num_top: int, offset: int) -> tuple[dict, int]:
-        """Legacy logprobs for `entries`; offsets start at `offset`. Returns (dict, next offset)."""
+        """Legacy logprobs for `entries` (TokenLogprobs, or a bare token id: the echoed prompt's first token,
+        which has none); offsets start at `offset`. Returns (dict, next offset)."""
         text_of = self.token_strings.text
         tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
         for lp in entries:
+            if isinstance(lp, int):
+                text = text_of(lp)
+                tokens.append(text)
+                token_logprobs.append(None)
+                top_logprobs.append(None)
+                offsets.append(offset)
+                offset += len(text)
+                continue
             text = text_of(lp.token_id)
             tokens.append(text)
             token_logprobs.append(clamp_logprob(lp.logprob))
@@ -153,6 +167,13 @@ class OpenAIServingCompletion:
             offset,
         )
 
+    def _prompt_entries(self, ctx: _Context, output: RequestOutput) -> list:
+        """The echoed prompt's legacy logprob entries (echo with logprobs): its first token's id, then the
+        TokenLogprobs of the others; [] without echo or logprobs."""
+        if not ctx.req.echo or ctx.params.logprobs is None or output.prompt_logprobs is None:
+            return []
+        return [output.prompt_token_ids[0], *output.prompt_logprobs[1:]]
+
     async def _full(self, streams: list[RequestStream], ctx: _Context) -> Response:
         try:
             finals = await asyncio.gather(*(_last(s) for s in streams))
@@ -166,20 +187,28 @@ class OpenAIServingCompletion:
         num_completion = 0
         for p, final in enumerate(finals):
             echo = self._prompt_text(ctx, p) if ctx.req.echo else ""
+            prompt_entries = self._prompt_entries(ctx, final)
+            prompt_logprobs = None
+            if ctx.req.prompt_logprobs is not None:
+                prompt_logprobs = prompt_logprobs_json(final.prompt_logprobs, self.token_strings,
+                                                       ctx.req.prompt_logprobs)
             for out in final.outputs:
-                num_completion += len(out.token_ids)
+                text, entries = (echo, []) if ctx.echo_only else (echo + out.text, out.logprobs)
+                num_completion += 0 if ctx.echo_only else len(out.token_ids)
                 logprobs = None
-                if ctx.params.logprobs is not None and out.logprobs is not None:
-                    logprobs, _ = self._logprobs(out.logprobs, ctx.params.logprobs, len(echo))
-                choices.append(
-                    {
-                        "index": p * n + out.index,
-                        "text": echo + out.text,
-                        "logprobs": logprobs,
-                        "finish_reason": out.finish_reason,
-                        "stop_reason": out.stop_reason,
-                    }
-                )
+                if ctx.params.logprobs is not None and entries is not None:
+                    logprobs, _ = self._logprobs(prompt_entries + entries, ctx.params.logprobs,
+                                                 0 if prompt_entries else len(echo))
+                choice = {
+                    "index": p * n + out.index,
+                    "text": text,
+                    "logprobs": logprobs,
+                    "finish_reason": out.finish_reason,
+                    "stop_reason": out.stop_reason,
+                }
+                if prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = prompt_logprobs
+                choices.append(choice)
         body = {
             "id": ctx.request_id,
             "object": "text_completion",
@@ -222,26 +251,30 @@ class OpenAIServingCompletion:
                     i = p * n + out.index
                     if finished[i]:
                         continue
-                    num_completion[i] = len(out.token_ids)
-                    delta_text = out.text[sent_text[i] :]
+                    out_text, out_lps = ("", []) if ctx.echo_only else (out.text, out.logprobs)
+                    num_completion[i] = 0 if ctx.echo_only else len(out.token_ids)
+                    delta_text = out_text[sent_text[i] :]
+                    new_lps = None
+                    if (
+                        ctx.params.logprobs is not None
+                        and out_lps is not None
+                        and len(out_lps) > sent_logprobs[i]
+                    ):
+                        new_lps = out_lps[sent_logprobs[i] :]
                     if not echoed[i]:
                         echoed[i] = True
                         prefix = self._prompt_text(ctx, p)
                         delta_text = prefix + delta_text
                         text_offset[i] = len(prefix)
-                    new_lps = None
-                    if (
-                        ctx.params.logprobs is not None
-                        and out.logprobs is not None
-                        and len(out.logprobs) > sent_logprobs[i]
-                    ):
-                        new_lps = out.logprobs[sent_logprobs[i] :]
+                        prompt_entries = self._prompt_entries(ctx, output)
+                        if prompt_entries:  # the prompt's logprobs lead the first chunk's, offsets from 0
+                            new_lps, text_offset[i] = prompt_entries + (new_lps or []), 0
                     last = out.finish_reason is not None
                     if delta_text or new_lps or last:
-                        sent_text[i] = len(out.text)
+                        sent_text[i] = len(out_text)
                         logprobs = None
                         if new_lps:
-                            sent_logprobs[i] = len(out.logprobs)
+                            sent_logprobs[i] = len(out_lps)
                             logprobs, text_offset[i] = self._logprobs(new_lps, ctx.params.logprobs, text_offset[i])
                         if last:
                             finished[i] = True
@@ -265,7 +298,8 @@ class OpenAIServingCompletion:
 
 
 class _Context:
-    __slots__ = ("request_id", "model_name", "created", "prompts", "params", "req", "num_prompt_tokens")
+    __slots__ = ("request_id", "model_name", "created", "prompts", "params", "req", "num_prompt_tokens",
+                 "echo_only")
 
     def __init__(
         self,
@@ -283,6 +317,7 @@ class _Context:
         self.params = params
         self.req = req
         self.num_prompt_tokens = sum(len(ids) for _, ids in prompts)
+        self.echo_only = bool(req.echo) and req.max_tokens == 0  # the one token generated is not shown
 
 
 async def _last(stream: RequestStream) -> RequestOutput:

@@ -1,0 +1,48 @@
+"""What prompt logprobs cost, on the 7B shapes with random weights (GPU): lm-eval-harness's loglikelihood
+workload (prompts scored, one token generated) without prompt logprobs, with the prompt token's own logprob
+(k = 0, what echo + logprobs=0 asks), and with the top 5. Each prompt row then also runs the LM head and a
+log-softmax over the vocabulary, in slices of max_num_seqs rows.
+
+    python scripts/prompt_logprobs_cost.py --model .devcache/qwen2-7b [--requests 256] [--input-len 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from pagedserve import LLM, SamplingParams
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--input-len", type=int, default=512)
+    args = ap.parse_args()
+    llm = LLM(args.model, load_format="dummy", max_model_len=2048)
+    prompts = [{"prompt_token_ids": [(i * 7919 + j * 104729) % 150000 + 100 for j in range(args.input_len)]}
+               for i in range(args.requests)]
+
+    def run(name: str, k: int | None) -> float:
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k)
+        llm.engine.scheduler.reset_prefix_cache()  # every run computes its prompts
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        dt = time.perf_counter() - t0
+        tokens = sum(len(o.prompt_token_ids) for o in outs)
+        if k is not None:
+            assert all(len(o.prompt_logprobs) == args.input_len and o.prompt_logprobs[-1] is not None for o in outs)
+        print(f"{name}: {args.requests} x {args.input_len} prompt tokens in {dt:.2f} s, "
+              f"{tokens / dt:,.0f} prompt tok/s", flush=True)
+        return dt
+
+    run("warm-up", 1)
+    base = run("no prompt logprobs", None)
+    for name, k in (("prompt_logprobs=0", 0), ("prompt_logprobs=5", 5)):
+        print(f"  {run(name, k) / base - 1:+.1%} time against none", flush=True)
+    run("no prompt logprobs again", None)
+
+
+if __name__ == "__main__":
+    main()
