@@ -260,7 +260,9 @@ class ModelRunner:
         placeholder_src = self._placeholder_sources(scheduled, query_start_loc, placeholder_dst)
         num_placeholders = len(placeholder_dst)
         is_decode_only = num_seqs > 0 and num_tokens == num_seqs
-        prompt_plan = prompt_logprob_plan(scheduled, query_start_loc) or None
+        # (A decode step where every row samples holds no prompt row: each token is at or past its prompt's last.)
+        prompt_plan = (None if is_decode_only and num_logits == num_seqs
+                       else prompt_logprob_plan(scheduled, query_start_loc) or None)
         graphs = self.cuda_graphs
         # (A one-token chunk may be a prefill piece that does not sample: graphs need every row sampled.)
         graph_step = (graphs is not None and is_decode_only and num_logits == num_seqs and prompt_plan is None
