@@ -463,6 +463,11 @@ class LLMEngine:
                                          or scheduled_at < state.metrics.first_scheduled_time):
             state.metrics.first_scheduled_time = scheduled_at
         new_ids = update.new_token_ids
+        # vLLM's rule: a stop token (eos or stop_token_ids) that ends the request is not part of its text.
+        text_ids = new_ids
+        if (update.finished and new_ids and request.status is RequestStatus.FINISHED_STOPPED
+                and not request.sampling_params.include_stop_str_in_output):
+            text_ids = new_ids[:-1]
         if new_ids:
             self.generation_tokens_total += len(new_ids)
             if state.metrics.first_token_time is None:
@@ -474,8 +479,9 @@ class LLMEngine:
                     if lp is not None:
                         out.logprobs.append(lp)
                         out.cumulative_logprob = (out.cumulative_logprob or 0.0) + lp.logprob
-            if detok is not None and not (state.final_only and not needs_engine_text(request.sampling_params)):
-                detok.add_tokens(new_ids)
+            if detok is not None and text_ids and not (state.final_only
+                                                       and not needs_engine_text(request.sampling_params)):
+                detok.add_tokens(text_ids)
         finished = update.finished
         if not finished and choice.constraint is not None and new_ids:
             # Structured outputs: a complete grammar (its stop token taken, or ignore_eos) or a token it
@@ -490,7 +496,8 @@ class LLMEngine:
         if finished and out.finish_reason is None:
             if detok is not None:
                 if state.final_only and not needs_engine_text(request.sampling_params):
-                    detok.add_tokens(out.token_ids)  # one decode of the whole output
+                    # One decode of the whole output (its ending stop token left out as above).
+                    detok.add_tokens(out.token_ids[:len(out.token_ids) - len(new_ids) + len(text_ids)])
                 detok.flush()
             if detok is not None and detok.stop_reason is not None:
                 out.finish_reason, out.stop_reason = "stop", detok.stop_reason
@@ -604,6 +611,17 @@ def _snapshot(o: CompletionOutput) -> CompletionOutput:
     dataclasses.replace costs several times more, for every request of every step)."""
     return CompletionOutput(o.index, o.text, o.token_ids[:], o.cumulative_logprob,
                             None if o.logprobs is None else o.logprobs[:], o.finish_reason, o.stop_reason)
+
+
+def stop_token_ends_text(params: SamplingParams, token_ids: list[int], finish_reason: str | None,
+                         eos_token_ids: set[int]) -> bool:
+    """Whether the last of `token_ids` is a stop token (eos, unless ignore_eos, or one of stop_token_ids) that
+    ended the request, so its text leaves it out (vLLM's rule; include_stop_str_in_output keeps it). For a
+    text made outside the engine (engine_process.DeltaDecoder); the engine knows from its scheduler."""
+    if finish_reason != "stop" or params.include_stop_str_in_output or len(token_ids) <= params.min_tokens:
+        return False
+    last = token_ids[-1]
+    return last in params.stop_token_ids or (not params.ignore_eos and last in eos_token_ids)
 
 
 def needs_engine_text(params: SamplingParams) -> bool:

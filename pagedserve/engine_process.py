@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pagedserve.engine import needs_engine_text
+from pagedserve.engine import needs_engine_text, stop_token_ends_text
 from pagedserve.engine_core import AbortRequests, AddRequest, EngineCore, Stop
 from pagedserve.gc_control import freeze_startup_objects
 from pagedserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -131,6 +131,7 @@ class DeltaDecoder:
 
     def __init__(self, tokenizer: Any = None) -> None:
         self._tokenizer = tokenizer
+        self._eos_token_ids: set[int] = set(getattr(tokenizer, "eos_token_ids", ()) or ())
         self._acc: dict[str, _Accumulated] = {}
         self._expected: dict[str, SamplingParams] = {}  # added, no delta seen yet: detokenize here
 
@@ -162,8 +163,11 @@ class DeltaDecoder:
                         detok = acc.detokenizers[index] = IncrementalDetokenizer(
                             self._tokenizer, acc.prompt_token_ids, skip_special_tokens=params.skip_special_tokens
                         )
-                    if new_ids:
-                        detok.add_tokens(new_ids)
+                    text_ids = new_ids
+                    if new_ids and stop_token_ends_text(params, c.token_ids, finish, self._eos_token_ids):
+                        text_ids = new_ids[:-1]
+                    if text_ids:
+                        detok.add_tokens(text_ids)
                     if finish is not None and c.finish_reason is None:
                         detok.flush()
                     c.text = detok.text

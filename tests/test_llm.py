@@ -80,6 +80,41 @@ def test_n_choices_share_prompt_and_stop_strings(llm: LLM) -> None:
     assert llm.engine.get_stats()["num_running"] == 0
 
 
+def test_a_stop_token_that_ends_a_request_is_not_in_its_text(llm: LLM) -> None:
+    """vLLM's rule: eos (kept by skip_special_tokens=False) or a stop_token_ids token that ends the request is
+    left out of the text, unless include_stop_str_in_output; token_ids keep it either way. Offline (the engine's
+    own text) here; through the server's delta decoder in test_server_real.py."""
+    chat = [{"role": "user", "content": "Say hi."}]
+    bang = llm.get_tokenizer().encode("!")
+    texts = {}
+    for include in (False, True):
+        specials = SamplingParams(max_tokens=40, temperature=0, skip_special_tokens=False,
+                                  include_stop_str_in_output=include)
+        stops = SamplingParams(max_tokens=40, temperature=0, stop_token_ids=bang, include_stop_str_in_output=include)
+        for name, params in (("eos", specials), ("stop id", stops)):
+            for final_only in (True, False):  # one decode at the end, and token by token
+                out = (llm.chat(chat, params, use_tqdm=False)[0].outputs[0] if final_only
+                       else _stream_one(llm, chat, params))
+                assert out.finish_reason == "stop"
+                texts.setdefault((name, include), set()).add(out.text)
+                assert out.token_ids[-1] == (bang[0] if name == "stop id" else llm.get_tokenizer().eos_token_id)
+    assert texts[("eos", False)] == {"Hello! How can I assist you today?"}
+    assert texts[("eos", True)] == {"Hello! How can I assist you today?<|im_end|>"}
+    assert texts[("stop id", False)] == {"Hello"} and texts[("stop id", True)] == {"Hello!"}
+
+
+def _stream_one(llm: LLM, chat: list, params: SamplingParams):
+    """The request's last output when the engine reports it every step (the server's mode of the engine)."""
+    engine = llm.engine
+    prompt = llm.get_tokenizer().apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+    engine.add_request("streamed", prompt, params)
+    last = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            last = out
+    return last.outputs[0]
+
+
 def test_bad_input_raises_value_error(llm: LLM) -> None:
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)

@@ -126,6 +126,24 @@ def test_echo_logprobs_score_continuations_as_lm_eval_does(client, model, hf_tok
         r.choices[0].logprobs.token_logprobs[1:-1], abs=1e-4)
 
 
+def test_a_stop_token_that_ends_a_request_is_not_in_its_text(client, model, hf_tokenizer) -> None:
+    """The server side makes these texts (engine_process.DeltaDecoder): vLLM's rule as offline (test_llm.py),
+    whole and streamed."""
+    chat = [{"role": "user", "content": "Say hi."}]
+    bang = hf_tokenizer.encode("!")
+    cases = [({"skip_special_tokens": False}, "Hello! How can I assist you today?"),
+             ({"skip_special_tokens": False, "include_stop_str_in_output": True},
+              "Hello! How can I assist you today?<|im_end|>"),
+             ({"stop_token_ids": bang}, "Hello"),
+             ({"stop_token_ids": bang, "include_stop_str_in_output": True}, "Hello!")]
+    for extra, expected in cases:
+        r = client.chat.completions.create(model=model, messages=chat, max_tokens=40, temperature=0, extra_body=extra)
+        assert (r.choices[0].message.content, r.choices[0].finish_reason) == (expected, "stop"), extra
+        stream = client.chat.completions.create(model=model, messages=chat, max_tokens=40, temperature=0,
+                                                extra_body=extra, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected, extra
+
+
 def test_chat_stream_equals_non_stream(client, model) -> None:
     full = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8, temperature=0)
     stream = client.chat.completions.create(
