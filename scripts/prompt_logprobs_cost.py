@@ -1,7 +1,7 @@
 """What prompt logprobs cost, on the 7B shapes with random weights (GPU): lm-eval-harness's loglikelihood
 workload (prompts scored, one token generated) without prompt logprobs, with the prompt token's own logprob
-(k = 0, what echo + logprobs=0 asks), and with the top 5. Each prompt row then also runs the LM head and a
-log-softmax over the vocabulary, in slices of max_num_seqs rows.
+(k = 0), with the likeliest token too (k = 1, lm-eval's echo + logprobs=1), and with the top 5. Each prompt
+row then also runs the LM head and a log-softmax over the vocabulary, in slices of max_num_seqs rows.
 
     python scripts/prompt_logprobs_cost.py --model .devcache/qwen2-7b [--requests 256] [--input-len 512]
 """
@@ -39,7 +39,7 @@ def main() -> None:
 
     run("warm-up", 1)
     base = run("no prompt logprobs", None)
-    for name, k in (("prompt_logprobs=0", 0), ("prompt_logprobs=5", 5)):
+    for name, k in (("prompt_logprobs=0", 0), ("prompt_logprobs=1", 1), ("prompt_logprobs=5", 5)):
         print(f"  {run(name, k) / base - 1:+.1%} time against none", flush=True)
     run("no prompt logprobs again", None)
 

@@ -47,7 +47,7 @@ from pagedserve.distributed import broadcast_tensor, tp_size
 from pagedserve.executor.attention.base import AttentionBackend, AttentionMetadata, ForwardContext
 from pagedserve.executor.attention.torch_ref import TorchAttentionBackend
 from pagedserve.executor.models.decoder import head_dim_of, local_num_kv_heads
-from pagedserve.executor.sampler import SampleResult, StepHistory, finite_or
+from pagedserve.executor.sampler import SampleResult, StepHistory, finite_or, top_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -547,7 +547,7 @@ class ModelRunner:
             tok_lps.append(tok_lp.squeeze(1))
             ranks.append((lp > tok_lp).sum(dim=-1) + 1)  # ties count in the prompt token's favour
             if max_k:
-                top_lp, top_id = lp.topk(max_k, dim=-1)
+                top_lp, top_id = top_logprobs(lp, max_k)
                 top_lps.append(top_lp.flatten())
                 top_ids.append(top_id.flatten())
         if not tok_lps:
