@@ -463,17 +463,17 @@ class LLMEngine:
                                          or scheduled_at < state.metrics.first_scheduled_time):
             state.metrics.first_scheduled_time = scheduled_at
         new_ids = update.new_token_ids
-        # vLLM's rule: a stop token (eos or stop_token_ids) that ends the request is not part of its text.
-        text_ids = new_ids
-        if (update.finished and new_ids and request.status is RequestStatus.FINISHED_STOPPED
-                and not request.sampling_params.include_stop_str_in_output):
-            text_ids = new_ids[:-1]
+        drop_stop = False  # the stop token that ended the request stays out of its text (stop_token_ends_text)
         if new_ids:
             self.generation_tokens_total += len(new_ids)
             if state.metrics.first_token_time is None:
                 state.metrics.first_token_time = now
             state.metrics.last_token_time = now
             out.token_ids.extend(new_ids)
+            drop_stop = update.finished and stop_token_ends_text(request.sampling_params, out.token_ids,
+                                                                 request.status.finish_reason,
+                                                                 self.tokenizer.eos_token_ids)
+            text_ids = new_ids[:-1] if drop_stop else new_ids
             if out.logprobs is not None:
                 for lp in update.new_logprobs:
                     if lp is not None:
@@ -496,8 +496,7 @@ class LLMEngine:
         if finished and out.finish_reason is None:
             if detok is not None:
                 if state.final_only and not needs_engine_text(request.sampling_params):
-                    # One decode of the whole output (its ending stop token left out as above).
-                    detok.add_tokens(out.token_ids[:len(out.token_ids) - len(new_ids) + len(text_ids)])
+                    detok.add_tokens(out.token_ids[:-1] if drop_stop else out.token_ids)  # one decode of it all
                 detok.flush()
             if detok is not None and detok.stop_reason is not None:
                 out.finish_reason, out.stop_reason = "stop", detok.stop_reason
@@ -616,8 +615,8 @@ def _snapshot(o: CompletionOutput) -> CompletionOutput:
 def stop_token_ends_text(params: SamplingParams, token_ids: list[int], finish_reason: str | None,
                          eos_token_ids: set[int]) -> bool:
     """Whether the last of `token_ids` is a stop token (eos, unless ignore_eos, or one of stop_token_ids) that
-    ended the request, so its text leaves it out (vLLM's rule; include_stop_str_in_output keeps it). For a
-    text made outside the engine (engine_process.DeltaDecoder); the engine knows from its scheduler."""
+    ended the request, so its text leaves it out (vLLM's rule; include_stop_str_in_output keeps it). The one rule
+    of the engine's own text and of the text the server makes (engine_process.DeltaDecoder)."""
     if finish_reason != "stop" or params.include_stop_str_in_output or len(token_ids) <= params.min_tokens:
         return False
     last = token_ids[-1]

@@ -8,21 +8,17 @@ row then also runs the LM head and a log-softmax over the vocabulary, in slices 
 
 from __future__ import annotations
 
-import argparse
 import time
 
-from pagedserve import LLM, SamplingParams
+from dummy_workload import load_workload, workload_parser
+
+from pagedserve import SamplingParams
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--requests", type=int, default=256)
-    ap.add_argument("--input-len", type=int, default=512)
+    ap = workload_parser(requests=256, input_len=512)
     args = ap.parse_args()
-    llm = LLM(args.model, load_format="dummy", max_model_len=2048)
-    prompts = [{"prompt_token_ids": [(i * 7919 + j * 104729) % 150000 + 100 for j in range(args.input_len)]}
-               for i in range(args.requests)]
+    llm, prompts = load_workload(args)
 
     def run(name: str, k: int | None) -> float:
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k)

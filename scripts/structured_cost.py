@@ -9,24 +9,20 @@ as the plain ones. The masks are filled on the host while the device runs each s
 
 from __future__ import annotations
 
-import argparse
 import time
 
-from pagedserve import LLM, SamplingParams
+from dummy_workload import load_workload, workload_parser
+
+from pagedserve import SamplingParams
 
 STRINGS = {"json": {"type": "array", "items": {"type": "string"}}, "disable_any_whitespace": True}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--requests", type=int, default=64)
-    ap.add_argument("--input-len", type=int, default=256)
+    ap = workload_parser(requests=64, input_len=256)
     ap.add_argument("--output-len", type=int, default=256)
     args = ap.parse_args()
-    llm = LLM(args.model, load_format="dummy", max_model_len=2048)
-    prompts = [{"prompt_token_ids": [(i * 7919 + j * 104729) % 150000 + 100 for j in range(args.input_len)]}
-               for i in range(args.requests)]
+    llm, prompts = load_workload(args)
 
     def run(name: str, num_constrained: int) -> None:
         params = [SamplingParams(max_tokens=args.output_len, temperature=1.0, seed=i, ignore_eos=True,

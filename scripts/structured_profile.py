@@ -7,25 +7,20 @@ of the structured-output functions.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
+from dummy_workload import load_workload, workload_parser
 from torch.profiler import ProfilerActivity, profile
 
-from pagedserve import LLM, SamplingParams
+from pagedserve import SamplingParams
 
 STRINGS = {"json": {"type": "array", "items": {"type": "string"}}, "disable_any_whitespace": True}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--requests", type=int, default=64)
+    ap = workload_parser(requests=64, input_len=256)
     ap.add_argument("--output-len", type=int, default=48)
     args = ap.parse_args()
-    llm = LLM(args.model, load_format="dummy", max_model_len=2048)
-    prompts = [{"prompt_token_ids": [(i * 7919 + j * 104729) % 150000 + 100 for j in range(256)]}
-               for i in range(args.requests)]
+    llm, prompts = load_workload(args)
 
     def params(constrained: bool) -> list[SamplingParams]:
         return [SamplingParams(max_tokens=args.output_len, temperature=1.0, seed=i, ignore_eos=True,

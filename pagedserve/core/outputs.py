@@ -46,6 +46,11 @@ class ScheduledRequest:
     def seq_len(self) -> int:
         return self.num_computed_tokens + len(self.token_ids)
 
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """It asks for prompt logprobs and has no output yet (a recompute after a preemption asks nothing)."""
+        return self.sampling_params.prompt_logprobs is not None and self.output_index == 0
+
 
 @dataclass(slots=True)
 class SchedulerOutput:

@@ -47,7 +47,7 @@ from pagedserve.distributed import broadcast_tensor, tp_size
 from pagedserve.executor.attention.base import AttentionBackend, AttentionMetadata, ForwardContext
 from pagedserve.executor.attention.torch_ref import TorchAttentionBackend
 from pagedserve.executor.models.decoder import head_dim_of, local_num_kv_heads
-from pagedserve.executor.sampler import SampleResult, StepHistory, finite_or, top_logprobs
+from pagedserve.executor.sampler import SampleResult, StepHistory, finite_or, logprob_stats
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def prompt_logprob_plan(scheduled: Sequence[ScheduledRequest], query_start_loc: 
     token p + 1; a request asks while it has no output yet (after a preemption its recompute asks nothing)."""
     plan = []
     for i, r in enumerate(scheduled):
-        if r.sampling_params.prompt_logprobs is None or r.output_index > 0:
+        if not r.wants_prompt_logprobs:
             continue
         start = r.num_computed_tokens
         count = min(len(r.token_ids), len(r.prompt_token_ids) - 1 - start)
@@ -495,7 +495,7 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.ctx)
             if inputs.prompt_plan:
                 payload, decode = self._prompt_logprobs(hidden, inputs.prompt_plan, scheduled)
-                prompt_part = None if payload is None else self._to_host(payload, decode)
+                prompt_part = None if payload is None else (*self._to_host(payload), decode)
             if inputs.num_logits:
                 logits = self.model.compute_logits(hidden[inputs.logits_indices])[: inputs.num_logits]
         if inputs.num_logits == 0:  # only non-final prefill chunks this step (never a decode graph step)
@@ -510,25 +510,25 @@ class ModelRunner:
             broadcast_tensor(result.token_ids.to(torch.int64).contiguous())
         self._last_sampled = result.token_ids
         self._last_sample_rows = {r.request_id: i for i, r in enumerate(to_sample)}
-        host, ready = self._to_host(result.payload, None)[:2]
+        host, ready = self._to_host(result.payload)
         return StepHandle(scheduled, host, ready, result.decode, started, prompt_part)
 
-    def _to_host(self, payload: torch.Tensor, decode: Callable | None) -> tuple:
-        """(host tensor, event recorded after its copy or None, decode): the device-to-host copy of a payload,
-        queued without waiting (pinned memory on CUDA)."""
+    def _to_host(self, payload: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """(host tensor, event recorded after its copy or None): the device-to-host copy of a payload, queued
+        without waiting (pinned memory on CUDA)."""
         if self.device.type == "cpu":
-            return payload, None, decode
+            return payload, None
         host = torch.empty(payload.shape, dtype=payload.dtype, pin_memory=True)
         host.copy_(payload, non_blocking=True)
         ready = torch.cuda.Event(enable_timing=True)
         ready.record()
-        return host, ready, decode
+        return host, ready
 
     def _prompt_logprobs(self, hidden: torch.Tensor, plan: list[tuple[int, int, int, int]],
                          scheduled: Sequence[ScheduledRequest]) -> tuple[torch.Tensor, Callable] | tuple[None, None]:
         """Prompt logprobs of the plan's rows (prompt_logprob_plan), of the raw distribution as the sampler's
-        logprobs: each row's logits, log-softmaxed in fp32; the logprob and rank of the prompt token that follows
-        and the top max-k. The LM head runs on max_num_seqs rows at a time (the KV sizing profiled logits of that
+        logprobs (sampler.logprob_stats): the logprob and rank of the prompt token that follows each row, and the
+        top max-k. The LM head runs on max_num_seqs rows at a time (the KV sizing profiled logits of that
         many). Returns (payload, decode) on the rank that holds the logits; (None, None) on the other ranks of
         tensor parallelism, which take part in the same LM-head gathers."""
         rows = np.concatenate([np.arange(first_row, first_row + count) for _, first_row, _, count in plan])
@@ -542,14 +542,11 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[rows_d[s:s + chunk]])
             if logits is None:  # not the rank that gathers the vocabulary
                 continue
-            lp = logits.float().log_softmax(dim=-1)
-            tok_lp = lp.gather(1, targets_d[s:s + chunk, None])
-            tok_lps.append(tok_lp.squeeze(1))
-            ranks.append((lp > tok_lp).sum(dim=-1) + 1)  # ties count in the prompt token's favour
-            if max_k:
-                top_lp, top_id = top_logprobs(lp, max_k)
-                top_lps.append(top_lp.flatten())
-                top_ids.append(top_id.flatten())
+            tok_lp, rank, top_lp, top_id = logprob_stats(logits, targets_d[s:s + chunk], max_k)
+            tok_lps.append(tok_lp)
+            ranks.append(rank)
+            top_lps.append(top_lp.flatten())
+            top_ids.append(top_id.flatten())
         if not tok_lps:
             return None, None
         # One payload, float64 (token ids stay exact): [logprob N | rank N | top logprobs N*k | top ids N*k].

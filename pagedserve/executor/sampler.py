@@ -645,23 +645,13 @@ class Sampler:
         logprob_rows: list[int],
     ) -> SampleResult:
         """Logprobs of the raw model distribution (before bias, penalties, temperature), as vLLM v1."""
-        device = raw_logits.device
-        rows = _to_device(logprob_rows, torch.long, device)
-        logprobs = raw_logits[rows].float().log_softmax(dim=-1)
-        tok = sampled[rows].unsqueeze(1)
-        tok_lp = logprobs.gather(1, tok)
-        # Rank 1 = most likely; ties with the sampled token count in its favour.
-        ranks = (logprobs > tok_lp).sum(dim=-1) + 1
+        rows = _to_device(logprob_rows, torch.long, raw_logits.device)
         max_n = max(params[i].logprobs or 0 for i in logprob_rows)
-        if max_n > 0:
-            top_lp, top_ids = top_logprobs(logprobs, max_n)
-        else:
-            top_lp = torch.empty((len(logprob_rows), 0), device=device)
-            top_ids = torch.empty((len(logprob_rows), 0), dtype=torch.long, device=device)
+        tok_lp, ranks, top_lp, top_ids = logprob_stats(raw_logits[rows], sampled[rows], max_n)
 
         # One device-to-host copy: everything packed as float64 (token ids < 2**53 stay exact).
         num_rows, num_lp = len(params), len(logprob_rows)
-        parts = [sampled, tok_lp.squeeze(1), ranks, top_lp.flatten(), top_ids.flatten()]
+        parts = [sampled, tok_lp, ranks, top_lp.flatten(), top_ids.flatten()]
         payload = torch.cat([t.double() for t in parts])
 
         def decode(host: list) -> tuple[list[int], list[TokenLogprobs | None]]:
@@ -687,14 +677,25 @@ class Sampler:
         return SampleResult(sampled, payload, decode)
 
 
-def top_logprobs(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, ids) of each row's k largest, largest first. k = 1 (lm-eval's logprobs=1, the common ask) is a max:
-    torch's top-k over a 152k-column row selects by radix passes even for one element (on the H200, the prompt
-    logprobs of 131k rows took +17% time at k = 0 and +38% at k = 5, gpu-notes session 18)."""
+def logprob_stats(logits: torch.Tensor, token_ids: torch.Tensor, k: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Of each row's log-softmax (fp32): the logprob of its token in `token_ids`, that token's rank (1 = most
+    likely; ties count in its favour), and the k largest logprobs with their ids, largest first ([rows, 0] for
+    k = 0). The sampled tokens' logprobs and the prompt tokens' (model_runner) both come from here. k = 1
+    (lm-eval's logprobs=1, the common ask) is a max: torch's top-k over a 152k-column row selects by radix passes
+    even for one element (on the H200, the prompt logprobs of 131k rows took +17% time at k = 0 and +38% at
+    k = 5, gpu-notes session 18)."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    tok_lp = logprobs.gather(1, token_ids.unsqueeze(1))
+    ranks = (logprobs > tok_lp).sum(dim=-1) + 1
     if k == 1:
-        values, ids = logprobs.max(dim=-1, keepdim=True)
-        return values, ids
-    return logprobs.topk(k, dim=-1)
+        top_lp, top_ids = logprobs.max(dim=-1, keepdim=True)
+    elif k > 1:
+        top_lp, top_ids = logprobs.topk(k, dim=-1)
+    else:
+        top_lp = logprobs.new_empty((logprobs.shape[0], 0))
+        top_ids = torch.empty((logprobs.shape[0], 0), dtype=torch.long, device=logprobs.device)
+    return tok_lp.squeeze(1), ranks, top_lp, top_ids
 
 
 def _needs_filters(params: SamplingParams, vocab_size: int) -> bool:

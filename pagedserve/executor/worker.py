@@ -116,12 +116,10 @@ def _for_other_ranks(scheduler_output: SchedulerOutput) -> SchedulerOutput:
     A request computing prompt logprobs keeps its prompt: the ranks take the same LM-head rows as rank 0."""
     from pagedserve.core.outputs import ScheduledRequest
 
-    def prompt_of(r: ScheduledRequest) -> list[int]:
-        return r.prompt_token_ids if r.sampling_params.prompt_logprobs is not None and r.output_index == 0 else []
-
     return SchedulerOutput(
         [ScheduledRequest(r.request_id, r.token_ids, r.num_computed_tokens, r.block_ids, r.needs_sample,
-                          r.sampling_params, prompt_of(r), [], r.output_index) for r in scheduler_output.scheduled],
+                          r.sampling_params, r.prompt_token_ids if r.wants_prompt_logprobs else [], [],
+                          r.output_index) for r in scheduler_output.scheduled],
         scheduler_output.num_batched_tokens, scheduler_output.finished_request_ids,
         scheduler_output.preempted_request_ids)
 
