@@ -29,7 +29,9 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 from pagedserve.config import EngineConfig
 from pagedserve.core.outputs import SchedulerOutput
@@ -37,7 +39,7 @@ from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.scheduler import Scheduler
 from pagedserve.executor.compile_log import mark_serving, serving_compiles
 from pagedserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from pagedserve.sampling_params import SamplingParams
+from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
 from pagedserve.structured_output import SequenceConstraint, StructuredOutputBackend
 from pagedserve.tokenizer import IncrementalDetokenizer
 
@@ -218,11 +220,14 @@ class LLMEngine:
         arrival_time: float | None = None,
         prompt_text: str | None = None,
         final_only: bool = False,
+        compiled_grammar: Any = None,
     ) -> None:
         """Queues a prompt (text or token ids). `prompt_text` labels a token-id prompt in outputs.
 
         final_only: step() reports the request once, when it finishes (the offline API's mode).
         Without stop strings its text is then decoded once at the end instead of token by token.
+        compiled_grammar: `params.structured_outputs` compiled already (`compile_structured_async`);
+        without it the constraint is compiled here, on the calling thread.
         """
         params = params or self.default_sampling_params()
         if not isinstance(params, SamplingParams):
@@ -239,7 +244,9 @@ class LLMEngine:
         max_tokens = self._resolve_max_tokens(len(prompt_token_ids), params)
         compiled = None
         if params.structured_outputs is not None:
-            compiled = self.structured_output_backend().compile(params.structured_outputs)
+            compiled = compiled_grammar
+            if compiled is None:
+                compiled = self.structured_output_backend().compile(params.structured_outputs)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         state = _RequestState(request_id, prompt_text, prompt_token_ids, params, [], RequestMetrics(arrival),
                               final_only=final_only)
@@ -292,6 +299,11 @@ class LLMEngine:
         state.num_unfinished = params.n
         self._requests[request_id] = state
         self.prompt_tokens_total += len(prompt_token_ids) * params.n
+
+    def compile_structured_async(self, spec: StructuredOutputsParams) -> Future:
+        """Compiles a structured-output constraint on a worker thread, for add_request's `compiled_grammar`
+        (the server's engine loop: a slow grammar then does not stall the running streams)."""
+        return self.structured_output_backend().compile_async(spec)
 
     def structured_output_backend(self) -> StructuredOutputBackend:
         """The grammar compiler for this model's vocabulary (made on first use; on CUDA at start-up)."""

@@ -8,6 +8,10 @@ its thread (tests, --no-engine-process); either way it is handed two functions:
 
 Each loop: drain what arrived (adds, aborts, in order), step if anything is unfinished, emit.
 When nothing is unfinished it blocks in receive(): no busy spinning.
+
+A request with a structured-output constraint is not added at once: its grammar compiles on a worker
+thread (LLMEngine.compile_structured_async) while the loop keeps stepping the others, and its ack (accepted,
+or refused when the constraint does not compile) goes out with the first emit after the compile ends.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +58,7 @@ class Refusal:
 
 
 Ack = tuple[str, Refusal | None]  # (request_id, None if accepted)
+_COMPILE_POLL_S = 0.002  # how often an idle loop looks for finished grammar compiles
 Receive = Callable[[float | None], list]
 Emit = Callable[[list[Ack], list[RequestOutput], dict], None]
 
@@ -73,6 +79,9 @@ class EngineCore:
         self.log_stats_interval = log_stats_interval
         self.retry_after_seconds = retry_after_seconds
         self._live_ids: set[str] = set()  # added and not yet finished or aborted
+        # Constrained requests whose grammar is compiling (not yet added, not yet acked), in arrival order.
+        self._compiling: dict[str, tuple[AddRequest, Future]] = {}
+        self._compiles = callable(getattr(engine, "compile_structured_async", None))
         stats = engine.get_stats()
         self._log = _StatsLogState(time.monotonic(), stats)
         self._loop_steps = 0  # steps since the last stats line, and the loop's own seconds in them
@@ -86,7 +95,10 @@ class EngineCore:
         while True:
             busy = engine.has_unfinished_requests()
             t0 = time.perf_counter()
-            items = receive(0.0 if busy else self._idle_timeout())
+            timeout = 0.0 if busy else self._idle_timeout()
+            if self._compiling and not busy:
+                timeout = _COMPILE_POLL_S if timeout is None else min(timeout, _COMPILE_POLL_S)
+            items = receive(timeout)
             if busy:
                 self._receive_s += time.perf_counter() - t0
             acks, stop = self._handle(items)
@@ -94,8 +106,11 @@ class EngineCore:
                 if self._live_ids:
                     engine.abort_request(list(self._live_ids))
                     self._live_ids.clear()
+                self._compiling.clear()  # never acked: their callers are failed by the shutdown
                 emit(acks, [], engine.get_stats())
                 return
+            if self._compiling:
+                acks.extend(self._add_compiled())
             outputs = engine.step() if engine.has_unfinished_requests() else []
             for output in outputs:
                 if output.finished:
@@ -116,6 +131,8 @@ class EngineCore:
         num_waiting: int | None = None
         for item in items:
             if isinstance(item, AbortRequests):
+                for request_id in item.request_ids:
+                    self._compiling.pop(request_id, None)  # its compile may finish; nobody adds it
                 engine.abort_request(item.request_ids)
                 self._live_ids.difference_update(item.request_ids)
             elif isinstance(item, Stop):
@@ -123,7 +140,7 @@ class EngineCore:
             elif isinstance(item, AddRequest):
                 if self.max_queued_requests is not None:
                     if num_waiting is None:
-                        num_waiting = int(engine.get_stats()["num_waiting"])
+                        num_waiting = int(engine.get_stats()["num_waiting"]) + len(self._compiling)
                     # An empty queue always takes one request, so a limit of 0 still serves.
                     if num_waiting > 0 and num_waiting >= self.max_queued_requests:
                         message = (
@@ -132,22 +149,47 @@ class EngineCore:
                         )
                         acks.append((item.request_id, Refusal("queue_full", message, self.retry_after_seconds)))
                         continue
-                try:
-                    engine.add_request(
-                        item.request_id,
-                        item.prompt,
-                        item.params,
-                        arrival_time=item.arrival_time,
-                        prompt_text=item.prompt_text,
-                    )
-                except ValueError as e:
-                    acks.append((item.request_id, Refusal("invalid", str(e))))
+                if self._compiles and item.params.structured_outputs is not None:
+                    try:
+                        future = engine.compile_structured_async(item.params.structured_outputs)
+                    except ValueError as e:
+                        acks.append((item.request_id, Refusal("invalid", str(e))))
+                        continue
+                    self._compiling[item.request_id] = (item, future)
+                    if num_waiting is not None:
+                        num_waiting += 1
                     continue
-                self._live_ids.add(item.request_id)
-                if num_waiting is not None:
+                ack = self._add(item)
+                acks.append(ack)
+                if ack[1] is None and num_waiting is not None:
                     num_waiting += item.params.n
-                acks.append((item.request_id, None))
         return acks, stop
+
+    def _add(self, item: AddRequest, compiled_grammar: Any = None) -> Ack:
+        kwargs = {} if compiled_grammar is None else {"compiled_grammar": compiled_grammar}
+        try:
+            self.engine.add_request(item.request_id, item.prompt, item.params, arrival_time=item.arrival_time,
+                                    prompt_text=item.prompt_text, **kwargs)
+        except ValueError as e:
+            return item.request_id, Refusal("invalid", str(e))
+        self._live_ids.add(item.request_id)
+        return item.request_id, None
+
+    def _add_compiled(self) -> list[Ack]:
+        """Adds the constrained requests whose grammars are ready (refuses those that did not compile)."""
+        acks: list[Ack] = []
+        for request_id, (item, future) in list(self._compiling.items()):
+            if not future.done():
+                continue
+            del self._compiling[request_id]
+            error = future.exception()
+            if error is None:
+                acks.append(self._add(item, future.result()))
+            elif isinstance(error, ValueError):
+                acks.append((request_id, Refusal("invalid", str(error))))
+            else:
+                raise error  # not the request's fault: the engine fails as for any step error
+        return acks
 
     # ------------------------------------------------------------------ periodic stats line
     def _idle_timeout(self) -> float | None:

@@ -13,15 +13,22 @@ the runner hands to the sampler (LLMEngine._step_async, ModelRunner.execute_asyn
 reach the GPU from pinned memory. The tokenizer's vocabulary table (~1 s for 150k tokens) is built on a
 background thread (at start-up on CUDA, else at the first constrained request), and compiled grammars are
 cached by xgrammar (the same schema compiles once).
+
+The server compiles off the engine's thread (`compile_async`; EngineCore holds the request's acceptance
+until its grammar is ready): xgrammar releases the GIL while it compiles, and a constraint can take from
+~1 ms (a small schema) to ~0.2 s (a nested one) or ~0.7 s (`[a-z ]{1,4000}`) on one core, which would
+otherwise stall every running stream for that long.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import re
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -31,6 +38,7 @@ from pagedserve.sampling_params import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 _BATCH_FILL_ROWS = 4  # from this many constrained rows in a step, masks are filled on several threads
+_COMPILE_THREADS = 2  # grammars compiled side by side off the engine's thread
 
 
 def _fill_threads() -> int:
@@ -49,6 +57,9 @@ class StructuredOutputBackend:
         self._compiler = None
         self._error: BaseException | None = None
         self._ready = threading.Event()
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._compiling: dict[str, Future] = {}  # constraint key -> its compile in flight
         self._thread = threading.Thread(target=self._build, args=(hf_tokenizer, self.stop_token_ids),
                                         name="structured-output-init", daemon=True)
         self._thread.start()
@@ -92,6 +103,26 @@ class StructuredOutputBackend:
             return compiler.compile_grammar(spec.grammar)
         except (RuntimeError, ValueError, TypeError) as e:
             raise ValueError(f"the {spec.kind} constraint does not compile: {_first_line(e)}") from None
+
+    def compile_async(self, spec: StructuredOutputsParams) -> Future:
+        """compile() on a worker thread; the future holds the grammar or the ValueError. Requests that arrive
+        with the same constraint while it compiles share its one compile (later ones hit xgrammar's cache)."""
+        key = json.dumps(dataclasses.asdict(spec), sort_keys=True, default=str)
+        with self._lock:
+            future = self._compiling.get(key)
+            if future is not None:
+                return future
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(_COMPILE_THREADS, thread_name_prefix="pagedserve-grammar")
+            future = self._pool.submit(self.compile, spec)
+            self._compiling[key] = future
+        future.add_done_callback(lambda f: self._forget(key, f))
+        return future
+
+    def _forget(self, key: str, future: Future) -> None:
+        with self._lock:
+            if self._compiling.get(key) is future:
+                del self._compiling[key]
 
     def matcher(self, compiled) -> SequenceConstraint:
         import xgrammar as xgr

@@ -91,7 +91,7 @@ class Tokenizer:
                 tools=tools,
                 **template_kwargs,
             )
-        except jinja2.TemplateError as exc:
+        except (jinja2.TemplateError, TypeError) as exc:  # TypeError: e.g. tojson of a field a message lacks
             raise ValueError(f"the chat template rejected the messages: {exc}") from exc
         if not isinstance(text, str):
             raise ValueError("the chat template did not render to text")
@@ -128,8 +128,27 @@ def normalize_messages(messages: Any) -> list[dict[str, Any]]:
             content = "\n".join(texts)  # as vLLM joins text parts
         if not isinstance(content, str):
             raise ValueError(f"messages[{i}].content must be a string or a list of text parts")
+        _check_tool_calls(msg.get("tool_calls"), i)
         out.append({**msg, "role": role, "content": content})
     return out
+
+
+def _check_tool_calls(tool_calls: Any, i: int) -> None:
+    """An assistant turn's tool calls, as OpenAI writes them: [{"type": "function", "function": {"name": ...,
+    "arguments": "..."}}] (the templates render name and arguments; anything else would fail inside them)."""
+    if tool_calls is None:
+        return
+    if not isinstance(tool_calls, list):
+        raise ValueError(f"messages[{i}].tool_calls must be a list")
+    for j, call in enumerate(tool_calls):
+        where = f"messages[{i}].tool_calls[{j}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or call.get("type", "function") != "function":
+            raise ValueError(f'{where} must be {{"type": "function", "function": {{"name": ..., "arguments": ...}}}}')
+        if not isinstance(function.get("name"), str) or not function["name"]:
+            raise ValueError(f"{where}.function.name must be a non-empty string")
+        if not isinstance(function.get("arguments"), (str, dict)):
+            raise ValueError(f"{where}.function.arguments must be a JSON string (or an object)")
 
 
 def _read_chat_template(chat_template: str) -> str:

@@ -4,12 +4,15 @@ embedded model; bad constraints are ValueErrors; no KV block is left behind."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import threading
 
 import pytest
 import torch
 
+from pagedserve.async_engine import AsyncEngine
 from pagedserve.config import EngineConfig
 from pagedserve.engine import LLMEngine
 from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
@@ -225,3 +228,40 @@ def test_apply_token_bitmask_takes_rows_in_any_order() -> None:
     apply_token_bitmask(a, [3, 1], [words[2], words[0]])  # not consecutive: stacked
     apply_token_bitmask(b, [3, 1], list(torch.stack([words[2], words[0]])))  # consecutive
     assert torch.equal(a, b) and torch.isinf(a[3]).any() and torch.equal(a[0], logits[0])
+
+
+def test_the_engine_loop_steps_on_while_a_grammar_compiles(tiny_model_dir: str) -> None:
+    """Behind the server (EngineCore), a constraint compiles on a worker thread: another request runs to
+    its end while the compile is held, then the constrained request is added with the compiled grammar."""
+    engine = LLMEngine(EngineConfig(model=tiny_model_dir, load_format="dummy", max_model_len=512, num_kv_blocks=256))
+    backend = engine.structured_output_backend()
+    gate = threading.Event()
+    compile_grammar = backend.compile
+
+    def held_compile(spec: StructuredOutputsParams):
+        if spec.regex == "[0-9]{3}":
+            assert gate.wait(60)
+        return compile_grammar(spec)
+
+    backend.compile = held_compile
+    constrained = SamplingParams(max_tokens=10, structured_outputs=StructuredOutputsParams(regex="[0-9]{3}"))
+
+    async def main():
+        ae = AsyncEngine(engine, log_stats=False)
+        ae.start()
+        held = asyncio.create_task(ae.add_request("held", "digits:", constrained))
+        await asyncio.sleep(0.05)
+        free = [o async for o in ae.generate("hello", SamplingParams(max_tokens=8, ignore_eos=True), "free")]
+        still_compiling = not held.done()
+        spec = constrained.structured_outputs
+        assert backend.compile_async(spec) is backend.compile_async(spec)  # one compile per constraint in flight
+        gate.set()
+        final = [o async for o in await held][-1]
+        await ae.shutdown(5)
+        return free[-1], still_compiling, final
+
+    free, still_compiling, final = asyncio.run(asyncio.wait_for(main(), 120))
+    assert len(free.outputs[0].token_ids) == 8 and free.finished
+    assert still_compiling
+    assert re.fullmatch("[0-9]{3}", final.outputs[0].text)
+    assert engine.scheduler.num_free_blocks() == 256 and not engine._constraints

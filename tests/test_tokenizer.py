@@ -160,10 +160,27 @@ def test_normalize_messages_joins_parts_and_rejects_bad_input() -> None:
         [{"role": "user"}],
         [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
         [{"role": "user", "content": 5}],
+        [{"role": "assistant", "content": None, "tool_calls": {"function": {"name": "f", "arguments": "{}"}}}],
+        [{"role": "assistant", "content": None, "tool_calls": [{}]}],
+        [{"role": "assistant", "content": None,
+          "tool_calls": [{"type": "x", "function": {"name": "f", "arguments": "{}"}}]}],
+        [{"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "", "arguments": "{}"}}]}],
+        [{"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f"}}]}],
     ]
     for b in bad:
         with pytest.raises(ValueError):
             normalize_messages(b)
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    assert normalize_messages([{"role": "assistant", "content": None, "tool_calls": [call]}])[0]["tool_calls"] == [call]
+
+
+def test_a_template_that_fails_on_a_message_is_a_value_error(qwen: Tokenizer) -> None:
+    """A template's own TypeError (Qwen's tojson of a field a message lacks: found by the server's fuzz test)
+    is the request's fault, not the server's."""
+    strict = Tokenizer(qwen.hf, set(), "{% for m in messages %}{{ m.name | tojson }}{% endfor %}")
+    assert strict.apply_chat_template([{"role": "user", "content": "hi", "name": "ann"}]) == '"ann"'
+    with pytest.raises(ValueError, match="chat template rejected"):
+        strict.apply_chat_template([{"role": "user", "content": "hi"}])
 
 
 class _NoTemplateHF:

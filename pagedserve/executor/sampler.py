@@ -46,6 +46,7 @@ read from the step before's samples there, so penalized requests never make the 
 from __future__ import annotations
 
 import math
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ from pagedserve.structured_output import apply_token_bitmask
 
 _MASK64 = (1 << 64) - 1
 _EMPTY = np.empty(0, dtype=np.int64)
+_FUSED_LOGPROBS = os.environ.get("PAGEDSERVE_FUSED_LOGPROBS", "1") != "0"  # logprob_stats's kernel for k <= 1
 
 
 def position_seed(seed: int, position: int) -> int:
@@ -684,7 +686,15 @@ def logprob_stats(logits: torch.Tensor, token_ids: torch.Tensor, k: int
     k = 0). The sampled tokens' logprobs and the prompt tokens' (model_runner) both come from here. k = 1
     (lm-eval's logprobs=1, the common ask) is a max: torch's top-k over a 152k-column row selects by radix passes
     even for one element (on the H200, the prompt logprobs of 131k rows took +17% time at k = 0 and +38% at
-    k = 5, gpu-notes session 18)."""
+    k = 5, gpu-notes session 18). On CUDA, k <= 1 takes one fused read of the rows (kernels/logprob_stats.py)
+    instead of torch's ~6 passes, unless PAGEDSERVE_FUSED_LOGPROBS=0."""
+    if logits.is_cuda and k <= 1 and _FUSED_LOGPROBS and logits.stride(-1) == 1:
+        from pagedserve.executor.kernels.logprob_stats import logprob_stats as fused
+
+        tok_lp, ranks, max_lp, argmax = fused(logits, token_ids, k == 1)  # one read of the rows
+        if k == 1:
+            return tok_lp, ranks, max_lp.unsqueeze(1), argmax.unsqueeze(1)
+        return tok_lp, ranks, tok_lp.new_empty((len(tok_lp), 0)), ranks.new_empty((len(ranks), 0))
     logprobs = logits.float().log_softmax(dim=-1)
     tok_lp = logprobs.gather(1, token_ids.unsqueeze(1))
     ranks = (logprobs > tok_lp).sum(dim=-1) + 1

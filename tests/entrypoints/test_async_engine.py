@@ -7,11 +7,12 @@ import functools
 import logging
 import threading
 import time
+from concurrent.futures import Future
 
 import pytest
 
 from pagedserve.async_engine import AsyncEngine, EngineDeadError, QueueFullError, ShuttingDownError
-from pagedserve.sampling_params import SamplingParams
+from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
 from tests.entrypoints.fake_engine import TEXT, FakeEngine
 
 
@@ -245,3 +246,63 @@ def test_process_backend_queue_limit() -> None:
 def test_process_backend_startup_error_is_raised() -> None:
     with pytest.raises(ValueError, match="max_num_seqs"):
         AsyncEngine.in_process(functools.partial(FakeEngine, max_num_seqs="bad"))
+
+
+class _CompilingEngine(FakeEngine):
+    """FakeEngine whose structured-output compiles are futures the test finishes by hand."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.compiles: dict[str, Future] = {}  # regex -> its compile
+        self.grammars: dict[str, object] = {}  # request id -> the compiled grammar it was added with
+
+    def compile_structured_async(self, spec):
+        self._touch()
+        return self.compiles.setdefault(spec.regex, Future())
+
+    def add_request(self, request_id, prompt, params, arrival_time=None, prompt_text=None, compiled_grammar=None):
+        super().add_request(request_id, prompt, params, arrival_time, prompt_text)
+        self.grammars[request_id] = compiled_grammar
+
+
+def test_a_compiling_grammar_does_not_hold_up_other_requests() -> None:
+    """The engine loop keeps stepping while a constraint compiles; the request is acked (accepted or refused)
+    once its compile ends, and one aborted while compiling is never added."""
+
+    def constrained(regex: str) -> SamplingParams:
+        return SamplingParams(max_tokens=5, structured_outputs=StructuredOutputsParams(regex=regex))
+
+    async def main():
+        engine = _CompilingEngine(step_delay=0.002)
+        ae = await _started(engine)
+        slow = asyncio.create_task(ae.add_request("slow", [1, 2], constrained("a+")))
+        bad = asyncio.create_task(ae.add_request("bad", [1, 2], constrained("(")))
+        gone = asyncio.create_task(ae.add_request("gone", [1, 2], constrained("b+")))
+        while len(engine.compiles) < 3:
+            await asyncio.sleep(0.002)
+        # Meanwhile another request runs from start to finish.
+        outs = [o async for o in ae.generate([3, 4], SamplingParams(max_tokens=20), "free")]
+        assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 20
+        assert not slow.done() and not bad.done() and not gone.done()
+        assert ae.stats["num_waiting"] == 0 and set(engine.grammars) == {"free"}
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        await asyncio.sleep(0.05)  # the abort reaches the engine loop before the compile ends
+        grammar = object()
+        engine.compiles["a+"].set_result(grammar)
+        engine.compiles["("].set_exception(ValueError("the regex constraint does not compile: unbalanced"))
+        engine.compiles["b+"].set_result(object())
+        stream = await slow
+        final = [o async for o in stream][-1]
+        with pytest.raises(ValueError, match="does not compile: unbalanced"):
+            await bad
+        await asyncio.sleep(0.05)
+        stats = ae.stats
+        await ae.shutdown(1)
+        return final, grammar, engine, stats
+
+    final, grammar, engine, stats = run(main())
+    assert final.finished and len(final.outputs[0].token_ids) == 5
+    assert engine.grammars == {"free": None, "slow": grammar}  # "bad" refused, "gone" never added
+    assert stats["num_free_blocks"] == stats["num_total_blocks"]

@@ -31,6 +31,7 @@ KERNEL_MODULES = (
     "pagedserve.executor.kernels.qkv_rope_kv",  # after gate_up_silu: imports its helper
     "pagedserve.executor.kernels.sample",
     "pagedserve.executor.kernels.penalties",
+    "pagedserve.executor.kernels.logprob_stats",
 )
 
 if not torch.cuda.is_available():
