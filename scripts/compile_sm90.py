@@ -138,8 +138,26 @@ def norm() -> None:
         build(m._rms_norm_kernel, sig, consts, f"rms_norm residual={has_res}", num_warps=8)
 
 
+def logprobs() -> None:
+    """The fused logprob statistics (logprob_stats.py): the partials over fp32 and bf16 rows, the merge."""
+    from pagedserve.executor.kernels import logprob_stats as m
+
+    for dtype in ("fp32", "bf16"):
+        sig = {"logits_ptr": f"*{dtype}", "token_ptr": "*i64", "part_m_ptr": "*fp32", "part_s_ptr": "*fp32",
+               "part_c_ptr": "*i32", "part_i_ptr": "*i32", "stride_row": "i32", "vocab": "i32",
+               "cols_per_split": "i32", "num_splits": "i32", "BLOCK": "constexpr"}
+        build(m._logprob_partials_kernel, sig, {"BLOCK": m.BLOCK}, f"logprob partials {dtype}")
+    for want_max in (True, False):
+        sig = {"logits_ptr": "*fp32", "token_ptr": "*i64", "part_m_ptr": "*fp32", "part_s_ptr": "*fp32",
+               "part_c_ptr": "*i32", "part_i_ptr": "*i32", "token_lp_ptr": "*fp32", "rank_ptr": "*i64",
+               "max_lp_ptr": "*fp32", "argmax_ptr": "*i64", "stride_row": "i32", "num_splits": "i32",
+               "SPLITS_P2": "constexpr", "WANT_MAX": "constexpr"}
+        build(m._logprob_merge_kernel, sig, {"SPLITS_P2": 4, "WANT_MAX": want_max}, f"logprob merge max={want_max}",
+              num_warps=1)
+
+
 if __name__ == "__main__":
     print(f"triton {triton.__version__}")
-    for name in sys.argv[1:] or ["sample", "filter", "penalties", "tma", "decode", "qkv", "norm"]:
+    for name in sys.argv[1:] or ["sample", "filter", "penalties", "tma", "decode", "qkv", "norm", "logprobs"]:
         {"sample": sample, "filter": sample_filter, "penalties": penalties, "tma": tma, "decode": decode, "qkv": qkv,
-         "norm": norm}[name]()
+         "norm": norm, "logprobs": logprobs}[name]()

@@ -45,7 +45,8 @@ run_phase() {
       timeout 300 python3 -m pytest tests/gpu/test_structured_gpu.py -x -q -p no:cacheprovider -ra 2>&1 | tail -15
       timeout 400 python3 scripts/structured_cost.py --model $M 2>&1 | grep -vE "^\[transformers\]|Warning" | tail -12 ;;
     prompt-logprobs)  # prompt logprobs with graphs and async on, then their cost on lm-eval's loglikelihood workload
-      timeout 300 python3 -m pytest tests/gpu/test_prompt_logprobs_gpu.py -x -q -p no:cacheprovider -ra -s 2>&1 | tail -8
+      timeout 300 python3 -m pytest tests/gpu/test_prompt_logprobs_gpu.py tests/kernels/test_logprob_stats.py -x -q \
+        -p no:cacheprovider -ra -s 2>&1 | tail -8
       timeout 300 python3 scripts/prompt_logprobs_cost.py --model $M 2>&1 | grep -vE "^\[transformers\]|Warning" | tail -10 ;;
     structured-profile)  # an all-constrained batch against a plain one under torch.profiler
       timeout 400 python3 scripts/structured_profile.py --model $M 2>&1 | grep -vE "^\[transformers\]|Warning" | tail -70 ;;

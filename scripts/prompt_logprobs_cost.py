@@ -13,6 +13,7 @@ import time
 from dummy_workload import load_workload, workload_parser
 
 from pagedserve import SamplingParams
+from pagedserve.executor import sampler
 
 
 def main() -> None:
@@ -33,11 +34,39 @@ def main() -> None:
               f"{tokens / dt:,.0f} prompt tok/s", flush=True)
         return dt
 
+    kernel_timing()
     run("warm-up", 1)
     base = run("no prompt logprobs", None)
     for name, k in (("prompt_logprobs=0", 0), ("prompt_logprobs=1", 1), ("prompt_logprobs=5", 5)):
         print(f"  {run(name, k) / base - 1:+.1%} time against none", flush=True)
+    sampler._FUSED_LOGPROBS = False  # k <= 1 through torch's passes, as before the fused kernel
+    for name, k in (("prompt_logprobs=0, torch", 0), ("prompt_logprobs=1, torch", 1)):
+        print(f"  {run(name, k) / base - 1:+.1%} time against none", flush=True)
+    sampler._FUSED_LOGPROBS = True
     run("no prompt logprobs again", None)
+
+
+def kernel_timing(rows: int = 256, vocab: int = 152064) -> None:
+    """One LM-head slice's statistics: the fused kernel against torch's passes (CUDA events, median of 20)."""
+    import torch
+
+    logits = torch.randn((rows, vocab), device="cuda") * 3
+    tokens = torch.randint(0, vocab, (rows,), device="cuda")
+    for k in (0, 1):
+        for fused in (True, False):
+            sampler._FUSED_LOGPROBS = fused
+            times = []
+            for _ in range(25):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                sampler.logprob_stats(logits, tokens, k)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) * 1e3)
+            us = sorted(times[5:])[len(times[5:]) // 2]
+            print(f"logprob_stats [{rows}, {vocab}] fp32, k = {k}, {'fused' if fused else 'torch'}: {us:.1f} us "
+                  f"({rows * vocab * 4 / us / 1e6:.2f} TB/s of one read)", flush=True)
+    sampler._FUSED_LOGPROBS = True
 
 
 if __name__ == "__main__":
