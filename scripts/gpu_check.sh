@@ -47,7 +47,9 @@ run_phase() {
     prompt-logprobs)  # prompt logprobs with graphs and async on, then their cost on lm-eval's loglikelihood workload
       timeout 300 python3 -m pytest tests/gpu/test_prompt_logprobs_gpu.py tests/kernels/test_logprob_stats.py -x -q \
         -p no:cacheprovider -ra -s 2>&1 | tail -8
-      timeout 300 python3 scripts/prompt_logprobs_cost.py --model $M 2>&1 | grep -vE "^\[transformers\]|Warning" | tail -10 ;;
+      timeout 300 python3 scripts/prompt_logprobs_cost.py --model $M 2>&1 | grep -vE "^\[transformers\]|Warning" | tail -24 ;;
+    logprob-kernel)  # the fused logprob statistics alone against torch's passes, one LM-head slice
+      timeout 120 python3 scripts/prompt_logprobs_cost.py --model $M --kernel-only 2>&1 | grep -E "^logprob_stats" ;;
     structured-profile)  # an all-constrained batch against a plain one under torch.profiler
       timeout 400 python3 scripts/structured_profile.py --model $M 2>&1 | grep -vE "^\[transformers\]|Warning" | tail -70 ;;
     structured-cost)  # the cost alone, with each run's step timing (host vs device)

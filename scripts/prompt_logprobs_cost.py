@@ -18,7 +18,11 @@ from pagedserve.executor import sampler
 
 def main() -> None:
     ap = workload_parser(requests=256, input_len=512)
+    ap.add_argument("--kernel-only", action="store_true", help="only the fused kernel against torch's passes")
     args = ap.parse_args()
+    if args.kernel_only:
+        kernel_timing()
+        return
     llm, prompts = load_workload(args)
 
     def run(name: str, k: int | None) -> float:
