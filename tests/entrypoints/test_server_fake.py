@@ -362,6 +362,10 @@ def test_api_key(start_fake_server) -> None:
     assert httpx.post(url, json=CHAT, headers={"Authorization": "Bearer sesame"}).status_code == 200
     for path in ("/health", "/metrics", "/version"):
         assert httpx.get(server.base_url + path).status_code == 200
+    assert_error(httpx.post(server.base_url + "/tokenize", json={"prompt": "a"}), 401)
+    assert_error(httpx.post(server.base_url + "/detokenize", json={"tokens": [97]}), 401)
+    key = {"Authorization": "Bearer sesame"}
+    assert httpx.post(server.base_url + "/detokenize", json={"tokens": [97]}, headers=key).json() == {"prompt": "a"}
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.base_url + "/v1", api_key="wrong").models.list()
     assert openai.OpenAI(base_url=server.base_url + "/v1", api_key="sesame").models.list().data[0].id == MODEL
@@ -453,3 +457,26 @@ def test_metrics_names(server) -> None:
         assert f"pagedserve:{name}" in text, name
     assert _metric(server, "pagedserve:generation_tokens_total") == 5
     assert _metric(server, "pagedserve:time_to_first_token_seconds_count") == 1
+
+
+def test_tokenize_and_detokenize(server) -> None:
+    url = server.base_url
+    body = httpx.post(url + "/tokenize", json={"model": MODEL, "prompt": "hi"}).json()
+    assert body == {"count": 2, "max_model_len": 256, "tokens": [104, 105], "token_strs": None}
+    strs = httpx.post(url + "/tokenize", json={"prompt": "hi", "return_token_strs": True}).json()["token_strs"]
+    assert strs == ["h", "i"]
+    chat = httpx.post(url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    rendered = "<user>hi\n<assistant>"  # the fake tokenizer's template
+    assert chat["tokens"] == list(rendered.encode()) and chat["count"] == len(rendered)
+    no_gen = httpx.post(url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}],
+                                                 "add_generation_prompt": False}).json()
+    assert no_gen["count"] == len("<user>hi\n")
+    assert httpx.post(url + "/detokenize", json={"tokens": [104, 105]}).json() == {"prompt": "hi"}
+    assert_error(httpx.post(url + "/detokenize", json={"tokens": [104, 9999]}), 400, "tokens")
+    assert_error(httpx.post(url + "/detokenize", json={"tokens": ["a"]}), 400)
+    assert_error(httpx.post(url + "/tokenize", json={"prompt": 5}), 400)
+    assert_error(httpx.post(url + "/tokenize", json={}), 400)
+    assert_error(httpx.post(url + "/tokenize", json={"messages": [{"role": "robot", "content": "x"}]}), 400)
+    image = {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}
+    assert_error(httpx.post(url + "/tokenize", json=image), 400, "messages")
+    assert_error(httpx.post(url + "/tokenize", json={"model": "gpt-9", "prompt": "a"}), 404, "model")

@@ -130,6 +130,39 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None  # ignored
 
 
+# --------------------------------------------------------------------------- tokenizer endpoints (vLLM's)
+class TokenizeCompletionRequest(OpenAIBaseModel):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool | None = False
+
+
+class TokenizeChatRequest(OpenAIBaseModel):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False  # the template writes its own special tokens
+    tools: list[dict[str, Any]] | None = None
+    return_token_strs: bool | None = False
+
+
+class TokenizeResponse(OpenAIBaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(OpenAIBaseModel):
+    model: str | None = None
+    tokens: list[Int]
+
+
+class DetokenizeResponse(OpenAIBaseModel):
+    prompt: str
+
+
 class ChatLogprobTop(OpenAIBaseModel):
     token: str
     logprob: float

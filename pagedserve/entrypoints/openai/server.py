@@ -49,15 +49,21 @@ from pagedserve.entrypoints.openai.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     HealthResponse,
     ModelCard,
     ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
     VersionResponse,
 )
 from pagedserve.entrypoints.openai.serving_base import APIError, TokenStrings, error_body, error_response
 from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from pagedserve.entrypoints.openai.serving_tokenize import OpenAIServingTokenization
 from pagedserve.gc_control import freeze_startup_objects
 
 logger = logging.getLogger(__name__)
@@ -83,6 +89,11 @@ def _version() -> str:
 
 
 # --------------------------------------------------------------------------- middleware
+def _needs_key(path: str) -> bool:
+    """The API's routes need --api-key's key; /health, /metrics, /version and the schema stay open."""
+    return path.startswith("/v1") or path in ("/tokenize", "/detokenize")
+
+
 class _GateMiddleware:
     """Pure ASGI (streaming-safe): API key on /v1/*, and the request body size limit."""
 
@@ -96,7 +107,7 @@ class _GateMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or ())
-        if self.api_key is not None and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
+        if self.api_key is not None and _needs_key(scope["path"]) and scope["method"] != "OPTIONS":
             auth = headers.get(b"authorization", b"")
             token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
             # compare_digest: the time taken does not tell how much of the key matched.
@@ -174,6 +185,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
     token_strings = TokenStrings(engine.tokenizer)
     chat = OpenAIServingChat(engine, served_names, token_strings, settings.enable_auto_tool_choice)
     completion = OpenAIServingCompletion(engine, served_names, token_strings)
+    tokenization = OpenAIServingTokenization(engine, served_names)
     metrics = ServerMetrics(engine, served_names[0])
 
     @contextlib.asynccontextmanager
@@ -217,6 +229,14 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
     )
     async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
         return await completion.create(request, raw_request)
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERROR_RESPONSES)
+    async def tokenize(request: TokenizeCompletionRequest | TokenizeChatRequest) -> dict:
+        return await tokenization.tokenize(request)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=_ERROR_RESPONSES)
+    async def detokenize(request: DetokenizeRequest) -> dict:
+        return await tokenization.detokenize(request)
 
     def model_card(name: str) -> dict:
         return ModelCard(
