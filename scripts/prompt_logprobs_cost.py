@@ -51,26 +51,44 @@ def main() -> None:
 
 
 def kernel_timing(rows: int = 256, vocab: int = 152064) -> None:
-    """One LM-head slice's statistics: the fused kernel against torch's passes (CUDA events, median of 20)."""
+    """One LM-head slice's statistics, device time alone (10 calls captured in a CUDA graph, median of 7
+    replays): torch's passes, then the fused kernel's launch configurations."""
     import torch
+
+    from pagedserve.executor.kernels import logprob_stats as kernel
 
     logits = torch.randn((rows, vocab), device="cuda") * 3
     tokens = torch.randint(0, vocab, (rows,), device="cuda")
+    read_mb = rows * vocab * 4 / 1e6
+
+    def device_us(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(10):
+                fn()
+        times = []
+        for _ in range(7):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 100)  # us a call
+        return sorted(times)[3]
+
     for k in (0, 1):
-        for fused in (True, False):
-            sampler._FUSED_LOGPROBS = fused
-            times = []
-            for _ in range(25):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                sampler.logprob_stats(logits, tokens, k)
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) * 1e3)
-            us = sorted(times[5:])[len(times[5:]) // 2]
-            print(f"logprob_stats [{rows}, {vocab}] fp32, k = {k}, {'fused' if fused else 'torch'}: {us:.1f} us "
-                  f"({rows * vocab * 4 / us / 1e6:.2f} TB/s of one read)", flush=True)
+        sampler._FUSED_LOGPROBS = False
+        us = device_us(lambda k=k: sampler.logprob_stats(logits, tokens, k))
+        print(f"logprob_stats [{rows}, {vocab}] fp32, k = {k}, torch: {us:.1f} us", flush=True)
     sampler._FUSED_LOGPROBS = True
+    for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16)):
+        for target in (512, 1024, 2048, 4096):
+            us = device_us(lambda b=block, w=warps, t=target: kernel.logprob_stats(
+                logits, tokens, True, block=b, num_warps=w, target_programs=t))
+            print(f"logprob_stats [{rows}, {vocab}] fp32, k = 1, fused block {block} warps {warps} programs "
+                  f"~{target}: {us:.1f} us ({read_mb / us:.2f} TB/s of one read)", flush=True)
 
 
 if __name__ == "__main__":

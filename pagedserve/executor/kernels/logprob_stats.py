@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 BLOCK = 1024
+NUM_WARPS = 4
 TARGET_PROGRAMS = 1024
 MAX_SPLITS = 64
 
@@ -114,17 +115,19 @@ def _logprob_merge_kernel(
         tl.store(argmax_ptr + row, tl.min(tl.where(m == row_m, cols, 2147483647), axis=0).to(tl.int64))
 
 
-def choose_splits(num_rows: int, vocab: int, block: int = BLOCK) -> int:
-    """Programs a row: enough for TARGET_PROGRAMS in all, no more than the row has tiles (or MAX_SPLITS)."""
+def choose_splits(num_rows: int, vocab: int, block: int = BLOCK, target_programs: int = TARGET_PROGRAMS) -> int:
+    """Programs a row: enough for target_programs in all, no more than the row has tiles (or MAX_SPLITS)."""
     tiles = triton.cdiv(vocab, block)
-    return max(1, min(tiles, MAX_SPLITS, triton.cdiv(TARGET_PROGRAMS, max(num_rows, 1))))
+    return max(1, min(tiles, MAX_SPLITS, triton.cdiv(target_programs, max(num_rows, 1))))
 
 
 def logprob_stats(logits: torch.Tensor, token_ids: torch.Tensor, want_max: bool, *, splits: int | None = None,
-                  out: tuple[torch.Tensor, ...] | None = None
+                  out: tuple[torch.Tensor, ...] | None = None, block: int = BLOCK, num_warps: int = NUM_WARPS,
+                  target_programs: int = TARGET_PROGRAMS
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """See the module docstring. `splits` pins the programs a row (tests; default choose_splits); `out`: the
-    result tensors to write (token_logprob, rank[, max_logprob, argmax]), else new ones."""
+    result tensors to write (token_logprob, rank[, max_logprob, argmax]), else new ones; block, num_warps and
+    target_programs for tuning (scripts/prompt_logprobs_cost.py --kernel-only)."""
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError(f"logits must be [rows, vocab] with unit stride along vocab, got {tuple(logits.shape)}")
     if token_ids.shape != (logits.shape[0],):
@@ -140,8 +143,8 @@ def logprob_stats(logits: torch.Tensor, token_ids: torch.Tensor, want_max: bool,
         argmax = torch.empty(rows, dtype=torch.int64, device=device) if want_max else None
     if rows == 0:
         return token_lp, rank, max_lp, argmax
-    splits = splits or choose_splits(rows, vocab)
-    cols_per_split = triton.cdiv(triton.cdiv(vocab, splits), BLOCK) * BLOCK
+    splits = splits or choose_splits(rows, vocab, block, target_programs)
+    cols_per_split = triton.cdiv(triton.cdiv(vocab, splits), block) * block
     splits = triton.cdiv(vocab, cols_per_split)  # no empty split
     part_m = torch.empty((rows, splits), dtype=torch.float32, device=device)
     part_s = torch.empty_like(part_m)
@@ -150,7 +153,7 @@ def logprob_stats(logits: torch.Tensor, token_ids: torch.Tensor, want_max: bool,
     token_ids = token_ids.to(device=device, dtype=torch.int64)
     _logprob_partials_kernel[(rows, splits)](
         logits, token_ids, part_m, part_s, part_c, part_i, logits.stride(0), vocab, cols_per_split, splits,
-        BLOCK=BLOCK, num_warps=4,
+        BLOCK=block, num_warps=num_warps,
     )
     _logprob_merge_kernel[(rows,)](
         logits, token_ids, part_m, part_s, part_c, part_i, token_lp, rank,
