@@ -325,3 +325,11 @@ def test_named_fast_tokenizer_equals_autotokenizer(real_model_dir: str) -> None:
     messages = [{"role": "user", "content": "hi"}]
     assert ours.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
         auto.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def test_template_variables_reach_the_template(qwen: Tokenizer) -> None:
+    """chat_template_kwargs (the server's) arrive as template variables, e.g. Qwen3's enable_thinking."""
+    custom = Tokenizer(qwen.hf, set(), "{% if not enable_thinking %}/no_think {% endif %}{{ messages[0].content }}")
+    msgs = [{"role": "user", "content": "hi"}]
+    assert custom.apply_chat_template(msgs, enable_thinking=True) == "hi"
+    assert custom.apply_chat_template(msgs, enable_thinking=False) == "/no_think hi"

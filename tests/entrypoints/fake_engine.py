@@ -33,8 +33,9 @@ class FakeTokenizer:
     def convert_ids_to_tokens(self, ids) -> list[str]:
         return [chr(i) if i < 256 else "<eos>" for i in ids]
 
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False):
-        parts = []
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False,
+                            tools=None, enable_thinking: bool = True):
+        parts = [] if enable_thinking else ["<no_think>"]
         for m in messages:
             content = m["content"]
             if isinstance(content, list):

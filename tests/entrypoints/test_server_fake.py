@@ -468,6 +468,9 @@ def test_tokenize_and_detokenize(server) -> None:
     chat = httpx.post(url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
     rendered = "<user>hi\n<assistant>"  # the fake tokenizer's template
     assert chat["tokens"] == list(rendered.encode()) and chat["count"] == len(rendered)
+    quiet = httpx.post(url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}],
+                                                "chat_template_kwargs": {"enable_thinking": False}}).json()
+    assert quiet["tokens"] == list(("<no_think>" + rendered).encode())
     no_gen = httpx.post(url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}],
                                                  "add_generation_prompt": False}).json()
     assert no_gen["count"] == len("<user>hi\n")
@@ -480,3 +483,16 @@ def test_tokenize_and_detokenize(server) -> None:
     image = {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}
     assert_error(httpx.post(url + "/tokenize", json=image), 400, "messages")
     assert_error(httpx.post(url + "/tokenize", json={"model": "gpt-9", "prompt": "a"}), 404, "model")
+
+
+def test_chat_template_kwargs_reach_the_template(server) -> None:
+    """vLLM's chat_template_kwargs (e.g. Qwen3's enable_thinking) are template variables; the server's own
+    template arguments cannot be replaced through them."""
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+    plain = client.chat.completions.create(**CHAT)
+    quiet = client.chat.completions.create(**CHAT, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert quiet.usage.prompt_tokens == plain.usage.prompt_tokens + len("<no_think>")
+    for reserved in ({"messages": []}, {"add_generation_prompt": False}, {"tools": []}):
+        err = assert_error(httpx.post(server.base_url + "/v1/chat/completions",
+                                      json={**CHAT, "chat_template_kwargs": reserved}), 400, "chat_template_kwargs")
+        assert next(iter(reserved)) in err["message"]

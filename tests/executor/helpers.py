@@ -22,12 +22,21 @@ TINY = dict(
 )
 
 
-def tiny_hf_config(arch: str, **overrides: Any) -> Any:
-    from transformers import LlamaConfig, Qwen2Config
+def _hf_classes(arch: str) -> tuple[Any, Any]:
+    import transformers
 
+    name = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "llama": "Llama"}[arch]
+    return getattr(transformers, name + "Config"), getattr(transformers, name + "ForCausalLM")
+
+
+def tiny_hf_config(arch: str, **overrides: Any) -> Any:
     defaults = dict(rope_theta=10000.0, tie_word_embeddings=arch != "qwen2")
+    if arch == "qwen3":
+        defaults["head_dim"] = 16  # Qwen3Config's default is 128
+    if arch == "mistral":
+        defaults["sliding_window"] = None
     kwargs = {**TINY, **defaults, **overrides}
-    return (Qwen2Config if arch == "qwen2" else LlamaConfig)(**kwargs)
+    return _hf_classes(arch)[0](**kwargs)
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> None:
@@ -40,10 +49,8 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> None:
 
 
 def tiny_hf_model(arch: str, seed: int = 0, **overrides: Any) -> Any:
-    from transformers import LlamaForCausalLM, Qwen2ForCausalLM
-
     config = tiny_hf_config(arch, **overrides)
-    model = (Qwen2ForCausalLM if arch == "qwen2" else LlamaForCausalLM)(config)
+    model = _hf_classes(arch)[1](config)
     randomize_(model, seed)
     return model.eval()
 

@@ -28,7 +28,7 @@ def _prompt(seed: int, n: int) -> list[int]:
     return np.random.default_rng(seed).integers(0, 256, n).tolist()
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3"])
 @pytest.mark.parametrize("pad", [False, True], ids=["exact", "padded"])
 def test_mixed_batch_matches_hf(arch: str, pad: bool, tmp_path) -> None:
     # pad: eager steps at padded token/logits counts, as on CUDA (padded_count)
@@ -38,10 +38,11 @@ def test_mixed_batch_matches_hf(arch: str, pad: bool, tmp_path) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_mixed_batch_matches_hf_on_cuda(backend: str, tmp_path) -> None:
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_mixed_batch_matches_hf_on_cuda(backend: str, arch: str, tmp_path) -> None:
     # The Triton kernels' fp32 tl.dot runs in TF32 (seen: ~5e-4 to 2e-3); the torch path gave 7e-7.
     tolerance = 5e-3 if backend == "triton" else 1e-4
-    run_mixed_batch_against_hf("qwen2", tmp_path, "cuda", backend, tolerance=tolerance)
+    run_mixed_batch_against_hf(arch, tmp_path, "cuda", backend, tolerance=tolerance)
 
 
 def run_mixed_batch_against_hf(arch: str, tmp_path, device: str, backend: str, tolerance: float,

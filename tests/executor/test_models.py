@@ -63,8 +63,8 @@ def test_unsupported_rope_scaling_is_a_clear_error() -> None:
 
 def test_unsupported_architecture_names_supported_ones() -> None:
     with pytest.raises(ValueError, match="Qwen2ForCausalLM.*LlamaForCausalLM") as info:
-        get_model_class(["MistralForCausalLM"])
-    assert "MistralForCausalLM" in str(info.value)
+        get_model_class(["GemmaForCausalLM"])
+    assert "GemmaForCausalLM" in str(info.value)
     with pytest.raises(ValueError, match="supported architectures"):
         get_model_class(None)
     assert get_model_class(["Qwen2ForCausalLM"]).__name__ == "Qwen2ForCausalLM"
@@ -117,6 +117,9 @@ def test_torch_backend_matches_dense_attention_with_cache_offsets() -> None:
                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
     ("llama", dict(head_dim=32)),  # head_dim != hidden / heads
     ("qwen2", dict(tie_word_embeddings=True)),
+    ("qwen3", dict()),  # q/k norms per head, head_dim 16 != hidden / heads
+    ("qwen3", dict(attention_bias=True, tie_word_embeddings=False)),
+    ("mistral", dict(sliding_window=128)),  # a window no shorter than the context: plain attention
 ])
 def test_model_variants_match_hf(arch: str, overrides: dict, tmp_path) -> None:
     hf = save_tiny_model(arch, tmp_path, **overrides)
@@ -124,3 +127,12 @@ def test_model_variants_match_hf(arch: str, overrides: dict, tmp_path) -> None:
     tokens = list(range(7, 50, 2))  # 22 tokens: past original_max_position_embeddings of the llama3 case
     runner.execute(step(scheduled("r", tokens, 0, list(range(1, 7)), needs_sample=True)))
     assert max_rel_err(sampler.logits[-1]["r"], hf_logits(hf, tokens)[-1]) < 1e-4
+
+
+def test_mistral_sliding_window_shorter_than_the_context_is_refused(tmp_path) -> None:
+    save_tiny_model("mistral", tmp_path, sliding_window=16)
+    with pytest.raises(ValueError, match="sliding window of 16 tokens.*--max-model-len 16"):
+        make_runner(tmp_path)
+    runner, sampler = make_runner(tmp_path, max_model_len=16)  # the window then covers every context
+    runner.execute(step(scheduled("r", list(range(3, 15)), 0, [1, 2, 3], needs_sample=True)))
+    assert sampler.logits[-1]["r"].shape == (256,)

@@ -127,7 +127,7 @@ class ChatCompletionRequest(SamplingFields):
     audio: dict[str, Any] | None = None  # refused
     # vLLM extras
     add_generation_prompt: bool | None = True
-    chat_template_kwargs: dict[str, Any] | None = None  # ignored
+    chat_template_kwargs: dict[str, Any] | None = None  # extra template variables, e.g. Qwen3's enable_thinking
 
 
 # --------------------------------------------------------------------------- tokenizer endpoints (vLLM's)
@@ -144,6 +144,7 @@ class TokenizeChatRequest(OpenAIBaseModel):
     add_generation_prompt: bool = True
     add_special_tokens: bool = False  # the template writes its own special tokens
     tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool | None = False
 
 

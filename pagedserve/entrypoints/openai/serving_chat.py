@@ -83,10 +83,11 @@ class OpenAIServingChat:
         messages = template_messages(self._messages(req))
         try:
             prompt_text, prompt_ids = await self.engine.run_in_tokenizer_thread(
-                _render_and_encode, self.engine.tokenizer, messages, req.add_generation_prompt is not False, tools
+                _render_and_encode, self.engine.tokenizer, messages, req.add_generation_prompt is not False, tools,
+                req.chat_template_kwargs,
             )
         except ValueError as e:
-            raise bad_request(str(e), "messages") from e
+            raise bad_request(str(e), "chat_template_kwargs" if "chat_template_kwargs" in str(e) else "messages") from e
         check_prompt_fits(
             self.engine,
             prompt_ids,
@@ -395,11 +396,31 @@ class _ToolStream:
         return deltas
 
 
+# Names a request's chat_template_kwargs may not set: the server's own arguments to the template, and the
+# parameters of transformers' apply_chat_template (the rest reach the template as variables).
+_RESERVED_TEMPLATE_KWARGS = frozenset({
+    "messages", "tools", "add_generation_prompt", "tokenize", "chat_template", "conversation", "documents",
+    "return_dict", "continue_final_message", "padding", "truncation", "max_length", "return_tensors",
+    "return_assistant_tokens_mask", "tokenizer_kwargs",
+})
+
+
+def template_kwargs_of(kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """A request's chat_template_kwargs (vLLM's field: variables the template reads, e.g. Qwen3's
+    `enable_thinking`); ValueError for one that would replace the server's own arguments."""
+    kwargs = kwargs or {}
+    clash = sorted(set(kwargs) & _RESERVED_TEMPLATE_KWARGS)
+    if clash:
+        raise ValueError(f"chat_template_kwargs may not set {', '.join(clash)}")
+    return kwargs
+
+
 def _render_and_encode(tokenizer: Any, messages: list[dict], add_generation_prompt: bool,
-                       tools: list[dict] | None = None) -> tuple[str, list[int]]:
+                       tools: list[dict] | None = None, template_kwargs: dict[str, Any] | None = None
+                       ) -> tuple[str, list[int]]:
     extra = {"tools": tools} if tools else {}
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
-                                         **extra)
+                                         **extra, **template_kwargs_of(template_kwargs))
     return text, tokenizer.encode(text, add_special_tokens=False)
 
 

@@ -25,9 +25,11 @@ class OpenAIServingTokenization:
             messages = template_messages(OpenAIServingChat._messages(req))
             try:
                 _, ids = await self.engine.run_in_tokenizer_thread(
-                    _render_and_encode, tokenizer, messages, req.add_generation_prompt, req.tools)
+                    _render_and_encode, tokenizer, messages, req.add_generation_prompt, req.tools,
+                    req.chat_template_kwargs)
             except ValueError as e:
-                raise bad_request(str(e), "messages") from e
+                raise bad_request(str(e), "chat_template_kwargs" if "chat_template_kwargs" in str(e) else "messages"
+                                  ) from e
             if req.add_special_tokens:
                 ids = _with_special_tokens(tokenizer, ids)
         else:

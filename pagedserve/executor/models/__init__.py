@@ -6,11 +6,18 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from pagedserve.executor.models.decoder import LlamaForCausalLM, Qwen2ForCausalLM
+from pagedserve.executor.models.decoder import (
+    LlamaForCausalLM,
+    MistralForCausalLM,
+    Qwen2ForCausalLM,
+    Qwen3ForCausalLM,
+)
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "MistralForCausalLM": MistralForCausalLM,
 }
 
 
@@ -25,4 +32,5 @@ def get_model_class(architectures: Sequence[str] | None) -> type[nn.Module]:
     )
 
 
-__all__ = ["MODEL_REGISTRY", "LlamaForCausalLM", "Qwen2ForCausalLM", "get_model_class"]
+__all__ = ["MODEL_REGISTRY", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+           "get_model_class"]

@@ -1,4 +1,4 @@
-"""One decoder for the Llama family (Llama, Qwen2) over a flat, packed token batch.
+"""One decoder for the Llama family (Llama, Mistral, Qwen2, Qwen3) over a flat, packed token batch.
 
 forward(input_ids [T], positions [T], ctx) -> hidden [T, H]: the T new tokens of all scheduled
 sequences back to back; attention reaches earlier tokens through the paged KV cache in `ctx`.
@@ -7,7 +7,8 @@ compute_logits(hidden [S, H]) -> [S, V] fp32, for the S rows that are sampled.
 Parameter names mirror Hugging Face's, except the merged projections:
     self_attn.qkv_proj  = q_proj | k_proj | v_proj   (rows stacked in that order)
     mlp.gate_up_proj    = gate_proj | up_proj
-`load_weights` takes HF-named tensors and routes the parts into the merged ones.
+`load_weights` takes HF-named tensors and routes the parts into the merged ones. Qwen3 adds an RMSNorm
+over each head of q and of k (self_attn.q_norm / k_norm, [head_dim]) between the projection and rotary.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def _fuses_qkv_rope(hidden: torch.Tensor, rope: RopeStep, backend: Any) -> bool:
 
 
 class DecoderAttention(nn.Module):
-    def __init__(self, hf_config: Any, layer_idx: int, qkv_bias: bool, o_bias: bool) -> None:
+    def __init__(self, hf_config: Any, layer_idx: int, qkv_bias: bool, o_bias: bool, qk_norm: bool = False) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         # This rank's heads (all of them with one rank).
@@ -120,11 +121,14 @@ class DecoderAttention(nn.Module):
         qkv_sizes = [self.q_size, self.kv_size, self.kv_size]
         self.qkv_proj = MergedLinear(hf_config.hidden_size, qkv_sizes, qkv_bias)
         self.o_proj = Linear(self.q_size, hf_config.hidden_size, o_bias)
+        # Qwen3: each head of q and k normed (one [head_dim] weight each, shared by the heads) before rotary.
+        self.q_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps) if qk_norm else None
 
     def forward(self, hidden: torch.Tensor, rope: RopeStep, ctx: ForwardContext) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         kv_cache = ctx.kv_caches[self.layer_idx]
-        if _fuses_qkv_rope(hidden, rope, ctx.backend):
+        if self.q_norm is None and _fuses_qkv_rope(hidden, rope, ctx.backend):
             from pagedserve.executor.kernels.qkv_rope_kv import qkv_rope_kv_write
 
             q = qkv_rope_kv_write(hidden, self.qkv_proj.weight, self.qkv_proj.bias, rope.positions,
@@ -134,6 +138,8 @@ class DecoderAttention(nn.Module):
         qkv = self.qkv_proj(hidden)
         q, k, v = (t.view(num_tokens, -1, self.head_dim)
                    for t in qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope.cos is None and getattr(ctx.backend, "fuses_rotary", False):
             # CUDA + Triton backend: rotary happens inside the KV-cache write kernel.
             out = ctx.backend.forward(q, k, v, kv_cache, ctx.attn_metadata, self.scale, rope=rope)
@@ -162,9 +168,10 @@ class DecoderMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, hf_config: Any, layer_idx: int, qkv_bias: bool, o_bias: bool, mlp_bias: bool) -> None:
+    def __init__(self, hf_config: Any, layer_idx: int, qkv_bias: bool, o_bias: bool, mlp_bias: bool,
+                 qk_norm: bool = False) -> None:
         super().__init__()
-        self.self_attn = DecoderAttention(hf_config, layer_idx, qkv_bias, o_bias)
+        self.self_attn = DecoderAttention(hf_config, layer_idx, qkv_bias, o_bias, qk_norm)
         self.mlp = DecoderMLP(hf_config.hidden_size, hf_config.intermediate_size, mlp_bias)
         self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
@@ -191,12 +198,12 @@ class DecoderLayer(nn.Module):
 
 class DecoderModel(nn.Module):
     def __init__(
-        self, hf_config: Any, max_position: int, qkv_bias: bool, o_bias: bool, mlp_bias: bool
+        self, hf_config: Any, max_position: int, qkv_bias: bool, o_bias: bool, mlp_bias: bool, qk_norm: bool = False
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(hf_config.vocab_size, hf_config.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(hf_config, i, qkv_bias, o_bias, mlp_bias) for i in range(hf_config.num_hidden_layers)
+            DecoderLayer(hf_config, i, qkv_bias, o_bias, mlp_bias, qk_norm) for i in range(hf_config.num_hidden_layers)
         )
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         theta, scaling = rope_parameters(hf_config)
@@ -217,7 +224,7 @@ class DecoderForCausalLM(nn.Module):
 
     def __init__(
         self, hf_config: Any, max_position: int | None = None, *,
-        qkv_bias: bool, o_bias: bool = False, mlp_bias: bool = False,
+        qkv_bias: bool, o_bias: bool = False, mlp_bias: bool = False, qk_norm: bool = False,
     ) -> None:
         super().__init__()
         if getattr(hf_config, "hidden_act", "silu") != "silu":
@@ -226,7 +233,7 @@ class DecoderForCausalLM(nn.Module):
             raise ValueError("sliding-window attention is not supported; set use_sliding_window=false")
         self.config = hf_config
         self.max_position = max(max_position or 0, hf_config.max_position_embeddings)
-        self.model = DecoderModel(hf_config, self.max_position, qkv_bias, o_bias, mlp_bias)
+        self.model = DecoderModel(hf_config, self.max_position, qkv_bias, o_bias, mlp_bias, qk_norm)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.vocab_size = int(hf_config.vocab_size)
         if self.tie_word_embeddings:
@@ -320,3 +327,25 @@ class LlamaForCausalLM(DecoderForCausalLM):
             hf_config, max_position, qkv_bias=attention_bias, o_bias=attention_bias,
             mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
         )
+
+
+class Qwen3ForCausalLM(DecoderForCausalLM):
+    """Qwen3 (dense): Qwen2's layout with q/k RMSNorm per head, no q/k/v bias unless `attention_bias`."""
+
+    def __init__(self, hf_config: Any, max_position: int | None = None) -> None:
+        attention_bias = bool(getattr(hf_config, "attention_bias", False))
+        super().__init__(hf_config, max_position, qkv_bias=attention_bias, o_bias=attention_bias, qk_norm=True)
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Mistral: Llama's layout. Its sliding window (v0.1: 4,096 tokens) is not implemented, so a context longer
+    than the window is refused (a window of null, as v0.2 / v0.3 have, or one no shorter than max_model_len,
+    changes nothing)."""
+
+    def __init__(self, hf_config: Any, max_position: int | None = None) -> None:
+        window = getattr(hf_config, "sliding_window", None)
+        context = max_position or hf_config.max_position_embeddings
+        if window is not None and context > window:
+            raise ValueError(f"this Mistral model attends within a sliding window of {window} tokens, which is not "
+                             f"supported; serve it with --max-model-len {window} or less (now {context})")
+        super().__init__(hf_config, max_position)
