@@ -50,6 +50,9 @@ run_phase() {
       timeout 300 python3 scripts/prompt_logprobs_cost.py --model $M 2>&1 | grep -vE "^\[transformers\]|Warning" | tail -24 ;;
     logprob-kernel)  # the fused logprob statistics alone against torch's passes, one LM-head slice
       timeout 120 python3 scripts/prompt_logprobs_cost.py --model $M --kernel-only 2>&1 | grep -E "^logprob_stats" ;;
+    qwen3-test)  # Qwen3 (q/k norms) through the engine with graphs and async vs Transformers; the mixed batch on CUDA
+      timeout 300 python3 -m pytest tests/gpu/test_qwen3_gpu.py tests/executor/test_model_runner.py -k "gpu or cuda" \
+        -q -s -p no:cacheprovider -ra 2>&1 | grep -E "qwen3:|passed|failed|FAILED|rror" | tail -12 ;;
     structured-profile)  # an all-constrained batch against a plain one under torch.profiler
       timeout 400 python3 scripts/structured_profile.py --model $M 2>&1 | grep -vE "^\[transformers\]|Warning" | tail -70 ;;
     structured-cost)  # the cost alone, with each run's step timing (host vs device)

@@ -1,0 +1,60 @@
+"""GPU: a small random Qwen3 (q/k RMSNorm per head, head_dim 128 != hidden / heads) through the whole engine
+with CUDA graphs and async scheduling on: the prompt logprobs (prefill path, chunked) and the greedy tokens'
+logprobs (decode graphs) against Transformers' log-softmax of the same sequences, fp32 on the GPU."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pytest
+import torch
+
+from tests.executor.helpers import randomize_
+from tests.gpu.test_async_gpu import SOURCE
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def test_qwen3_logprobs_match_transformers_on_gpu(tmp_path) -> None:
+    if not (SOURCE / "config.json").exists():
+        pytest.skip("no .devcache/qwen2-7b (run scripts/make_7b_config.sh)")
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from pagedserve import LLM, SamplingParams
+
+    for f in SOURCE.iterdir():  # the tokenizer
+        if f.name != "config.json":
+            shutil.copy(f, tmp_path / f.name)
+    vocab = json.loads((SOURCE / "config.json").read_text())["vocab_size"]
+    config = Qwen3Config(vocab_size=vocab, hidden_size=512, intermediate_size=1024, num_hidden_layers=3,
+                         num_attention_heads=8, num_key_value_heads=2, head_dim=128, max_position_embeddings=2048,
+                         rope_theta=1e6, tie_word_embeddings=False, architectures=["Qwen3ForCausalLM"])
+    hf = Qwen3ForCausalLM(config)
+    randomize_(hf, seed=3, std=0.05)
+    hf.save_pretrained(tmp_path)
+    hf = hf.cuda().eval()
+
+    llm = LLM(str(tmp_path), dtype="float32", max_model_len=1024, max_num_batched_tokens=128,
+              gpu_memory_utilization=0.3)
+    assert llm.engine.async_scheduling and llm.engine.worker.runner.cuda_graphs is not None
+    rng = random.Random(5)
+    prompts = [[rng.randrange(100, 100000) for _ in range(rng.randrange(30, 300))] for _ in range(6)]
+    params = SamplingParams(max_tokens=12, ignore_eos=True, temperature=0.0, logprobs=1, prompt_logprobs=0)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    worst = 0.0
+    for prompt, out in zip(prompts, outs):
+        generated = out.outputs[0].token_ids
+        full = prompt + generated
+        with torch.no_grad():
+            ref = hf(torch.tensor([full], device="cuda")).logits[0].float().log_softmax(-1).cpu()
+        for i in range(1, len(prompt)):
+            worst = max(worst, abs(out.prompt_logprobs[i].logprob - ref[i - 1, prompt[i]].item()))
+        for j, entry in enumerate(out.outputs[0].logprobs):
+            assert entry.token_id == generated[j]
+            worst = max(worst, abs(entry.logprob - ref[len(prompt) + j - 1, generated[j]].item()))
+    print(f"qwen3: worst |ours - Transformers| logprob {worst:.2e}")
+    assert worst < 5e-3  # the Triton attention's fp32 dots run in TF32
+    stats = llm.engine.get_stats()
+    assert stats["num_free_blocks"] == stats["num_total_blocks"]
