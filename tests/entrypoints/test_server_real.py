@@ -363,6 +363,30 @@ def test_metrics_and_stats_line(server) -> None:
     assert "generation:" in server.output() and "tokens/s" in server.output()
 
 
+def test_tokenize_and_detokenize_agree_with_the_tokenizer_and_the_chat_route(server, client, model,
+                                                                              hf_tokenizer) -> None:
+    """vLLM's /tokenize and /detokenize: a prompt's ids are the tokenizer's, chat messages count exactly the
+    prompt tokens a chat completion reports, and ids decode back to the text."""
+    url = server.base_url
+    text = "The quick brown fox: 狐狸 🦊"
+    r = httpx.post(url + "/tokenize", json={"model": model, "prompt": text, "return_token_strs": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tokens"] == hf_tokenizer.encode(text) and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == 1024
+    assert body["token_strs"] == hf_tokenizer.convert_ids_to_tokens(body["tokens"])
+    chat = httpx.post(url + "/tokenize", json={"messages": MESSAGES}).json()
+    usage = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=1).usage
+    assert chat["count"] == usage.prompt_tokens and chat["token_strs"] is None
+    expected = hf_tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    assert httpx.post(url + "/detokenize", json={"tokens": chat["tokens"]}).json() == {"prompt": expected}
+    assert httpx.post(url + "/detokenize", json={"model": model, "tokens": body["tokens"]}).json()["prompt"] == text
+    bad = httpx.post(url + "/detokenize", json={"tokens": [1, -3]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    assert httpx.post(url + "/tokenize", json={"model": "gpt-9", "prompt": "a"}).status_code == 404
+    assert httpx.get(url + "/health").status_code == 200
+
+
 # --------------------------------------------------------------------------- acceptance 6 (runs last)
 def test_zz_sigterm_lets_in_flight_requests_finish(server, model) -> None:
     """Stops the module's server: keep it the last test of this file."""
@@ -406,27 +430,3 @@ def test_zz_sigterm_lets_in_flight_requests_finish(server, model) -> None:
     assert server.proc.wait(timeout=60) == 0
     log = server.output()
     assert "received SIGTERM" in log and "Traceback" not in log
-
-
-def test_tokenize_and_detokenize_agree_with_the_tokenizer_and_the_chat_route(server, client, model,
-                                                                              hf_tokenizer) -> None:
-    """vLLM's /tokenize and /detokenize: a prompt's ids are the tokenizer's, chat messages count exactly the
-    prompt tokens a chat completion reports, and ids decode back to the text."""
-    url = server.base_url
-    text = "The quick brown fox: 狐狸 🦊"
-    r = httpx.post(url + "/tokenize", json={"model": model, "prompt": text, "return_token_strs": True})
-    assert r.status_code == 200, r.text
-    body = r.json()
-    assert body["tokens"] == hf_tokenizer.encode(text) and body["count"] == len(body["tokens"])
-    assert body["max_model_len"] == 1024
-    assert body["token_strs"] == hf_tokenizer.convert_ids_to_tokens(body["tokens"])
-    chat = httpx.post(url + "/tokenize", json={"messages": MESSAGES}).json()
-    usage = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=1).usage
-    assert chat["count"] == usage.prompt_tokens and chat["token_strs"] is None
-    expected = hf_tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
-    assert httpx.post(url + "/detokenize", json={"tokens": chat["tokens"]}).json() == {"prompt": expected}
-    assert httpx.post(url + "/detokenize", json={"model": model, "tokens": body["tokens"]}).json()["prompt"] == text
-    bad = httpx.post(url + "/detokenize", json={"tokens": [1, -3]})
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
-    assert httpx.post(url + "/tokenize", json={"model": "gpt-9", "prompt": "a"}).status_code == 404
-    assert httpx.get(url + "/health").status_code == 200
