@@ -60,14 +60,16 @@ class _Seq:
 
 
 class _Req:
-    def __init__(self, request_id, prompt_ids, params: SamplingParams, max_tokens: int, arrival: float) -> None:
+    def __init__(self, request_id, prompt_ids, params: SamplingParams, max_tokens: int, arrival: float,
+                 text: str = TEXT) -> None:
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.params = params
         self.max_tokens = max_tokens
         self.metrics = RequestMetrics(arrival)
         seed = params.seed or 0
-        self.seqs = [_Seq(i, (seed + i) % len(TEXT)) for i in range(params.n)]
+        self.text = text
+        self.seqs = [_Seq(i, (seed + i) % len(text)) for i in range(params.n)]
         self.running = False
 
 
@@ -80,6 +82,7 @@ class FakeEngine:
         block_size: int = 16,
         step_delay: float = 0.002,
         fail_at_step: int | None = None,
+        text: str = TEXT,  # what every sequence writes, from its seed's offset, round and round
     ) -> None:
         if not isinstance(max_num_seqs, int):
             raise ValueError(f"max_num_seqs must be an integer, got {max_num_seqs!r}")
@@ -92,6 +95,7 @@ class FakeEngine:
         self.block_size = block_size
         self.step_delay = step_delay
         self.fail_at_step = fail_at_step
+        self.text = text
         self.num_steps = 0
         self._reqs: dict[str, _Req] = {}
         self._order: list[str] = []
@@ -118,7 +122,8 @@ class FakeEngine:
                 f"{len(ids)} prompt tokens plus max_tokens {max_tokens} make "
                 f"{len(ids) + max_tokens}; reduce the prompt or max_tokens"
             )
-        self._reqs[request_id] = _Req(request_id, ids, params, max_tokens, arrival_time or time.monotonic())
+        self._reqs[request_id] = _Req(request_id, ids, params, max_tokens, arrival_time or time.monotonic(),
+                                      self.text)
         self._order.append(request_id)
         self.prompt_tokens_total += len(ids) * params.n
 
@@ -158,7 +163,7 @@ class FakeEngine:
             for s in r.seqs:
                 if s.finish_reason is not None:
                     continue
-                tok = ord(TEXT[(s.offset + len(s.token_ids)) % len(TEXT)])
+                tok = ord(r.text[(s.offset + len(s.token_ids)) % len(r.text)])
                 s.token_ids.append(tok)
                 self.generation_tokens_total += 1
                 if r.params.logprobs is not None:

@@ -496,3 +496,28 @@ def test_chat_template_kwargs_reach_the_template(server) -> None:
         err = assert_error(httpx.post(server.base_url + "/v1/chat/completions",
                                       json={**CHAT, "chat_template_kwargs": reserved}), 400, "chat_template_kwargs")
         assert next(iter(reserved)) in err["message"]
+
+
+def test_reasoning_parser_splits_whole_and_streamed_answers(start_fake_server) -> None:
+    """--reasoning-parser qwen3: message.reasoning_content holds the thinking and content the answer, whole and
+    streamed (the tags arrive one character a step); the openai client reads both; without the parser the
+    text is untouched."""
+    thought = "<think>\nadd them\n</think>\n\nFour. "
+    server = start_fake_server(FakeEngine(text=thought), reasoning_parser="qwen3")
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+    body = {**CHAT, "max_tokens": len(thought)}
+    whole = client.chat.completions.create(**body).choices[0].message
+    assert whole.model_extra["reasoning_content"] == "\nadd them\n" and whole.content == "Four. "
+    cut = client.chat.completions.create(**{**body, "max_tokens": 12}).choices[0]  # still thinking when cut
+    assert cut.message.model_extra["reasoning_content"] == "\nadd " and cut.message.content is None
+    assert cut.finish_reason == "length"
+    events = sse_events(httpx.post(server.base_url + "/v1/chat/completions", json={**body, "stream": True}))
+    deltas = [e["choices"][0]["delta"] for e in events[:-1] if e["choices"]]
+    reasoning = "".join(d.get("reasoning_content") or "" for d in deltas)
+    content = "".join(d.get("content") or "" for d in deltas)
+    assert (reasoning, content) == ("\nadd them\n", "Four. ")
+    assert not any("<" in (d.get("content") or "") + (d.get("reasoning_content") or "") for d in deltas)
+    plain = start_fake_server(FakeEngine(text=thought))
+    plain_client = openai.OpenAI(base_url=plain.base_url + "/v1", api_key="unused")
+    message = plain_client.chat.completions.create(**body).choices[0].message
+    assert message.content == thought and "reasoning_content" not in (message.model_extra or {})

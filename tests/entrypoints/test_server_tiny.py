@@ -37,7 +37,9 @@ def error_of(r: httpx.Response, status: int) -> dict:
 def test_schemathesis_finds_no_server_error(tiny_model_dir) -> None:
     import schemathesis
 
-    server = tiny_server(tiny_model_dir, "--max-model-len", "64")
+    # With a reasoning parser on, so the fuzz also runs its split (deepseek_r1: an answer without </think>,
+    # as the random model's are, is all reasoning).
+    server = tiny_server(tiny_model_dir, "--max-model-len", "64", "--reasoning-parser", "deepseek_r1")
     try:
         schema = schemathesis.openapi.from_url(server.base_url + "/openapi.json")
         model = httpx.get(server.base_url + "/v1/models").json()["data"][0]["id"]
@@ -54,11 +56,15 @@ def test_schemathesis_finds_no_server_error(tiny_model_dir) -> None:
         generated = sum(statuses[op].get(200, 0) for op in ("POST /v1/chat/completions", "POST /v1/completions"))
         assert generated > 0, statuses
         # And the server still serves both endpoints after it.
-        for path, body in (("/v1/chat/completions", {"model": model, "max_tokens": 2,
+        for path, body in (("/v1/chat/completions", {"model": model, "max_tokens": 2, "temperature": 0,
+                                                     "ignore_eos": True,
                                                      "messages": [{"role": "user", "content": "hi"}]}),
                            ("/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 2})):
             r = httpx.post(server.base_url + path, json=body, timeout=60)
             assert r.status_code == 200, r.text
+            if path == "/v1/chat/completions":
+                message = r.json()["choices"][0]["message"]
+                assert message["reasoning_content"] and message["content"] is None, message
         assert httpx.get(server.base_url + "/health").status_code == 200
     finally:
         server.stop()

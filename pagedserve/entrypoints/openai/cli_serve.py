@@ -52,6 +52,10 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-auto-tool-choice", action="store_true",
                    help='chat requests with tools may let the model decide (tool_choice "auto", the default '
                    "then): its answer is parsed for tool calls (--tool-call-parser)")
+    g.add_argument("--reasoning-parser", choices=["qwen3", "deepseek_r1"], default=None,
+                   help="split a thinking model's chat answers into message.reasoning_content (between <think> "
+                   "and </think>) and message.content (what follows), streamed too: qwen3 (thinking when the "
+                   "answer opens with <think>), deepseek_r1 (the answer starts inside the reasoning)")
     g.add_argument("--tool-call-parser", choices=["hermes"], default="hermes",
                    help="how auto tool calls are read from the answer: hermes (<tool_call>{...}</tool_call>, "
                    "what Qwen2/2.5 chat templates ask for)")

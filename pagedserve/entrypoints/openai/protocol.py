@@ -192,6 +192,7 @@ class ToolCall(OpenAIBaseModel):
 
 class ChatResponseMessage(OpenAIBaseModel):
     role: Literal["assistant"] = "assistant"
+    reasoning_content: str | None = None  # with --reasoning-parser: the thinking, apart from the answer
     content: str | None = None
     tool_calls: list[ToolCall] | None = None
 
@@ -223,6 +224,7 @@ class ChatCompletionResponse(OpenAIBaseModel):
 
 class ChatDelta(OpenAIBaseModel):
     role: str | None = None
+    reasoning_content: str | None = None
     content: str | None = None
     tool_calls: list[ToolCall] | None = None
 

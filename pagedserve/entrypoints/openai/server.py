@@ -77,6 +77,7 @@ class ServerSettings:
     served_model_names: list[str] = field(default_factory=list)  # default: [engine.model_name]
     model_root: str | None = None
     enable_auto_tool_choice: bool = False  # tool_choice "auto": answers parsed for hermes tool calls
+    reasoning_parser: str | None = None  # "qwen3" | "deepseek_r1": chat answers split into reasoning / content
 
 
 def _version() -> str:
@@ -183,7 +184,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
     served_names = settings.served_model_names or [engine.model_name]
     started = int(time.time())
     token_strings = TokenStrings(engine.tokenizer)
-    chat = OpenAIServingChat(engine, served_names, token_strings, settings.enable_auto_tool_choice)
+    chat = OpenAIServingChat(engine, served_names, token_strings, settings.enable_auto_tool_choice,
+                             settings.reasoning_parser)
     completion = OpenAIServingCompletion(engine, served_names, token_strings)
     tokenization = OpenAIServingTokenization(engine, served_names)
     metrics = ServerMetrics(engine, served_names[0])
@@ -392,6 +394,7 @@ def run_server(config: EngineConfig, args: argparse.Namespace, backend: Any = No
         shutdown_timeout=args.shutdown_timeout,
         model_root=getattr(engine_config, "model", None),
         enable_auto_tool_choice=bool(getattr(args, "enable_auto_tool_choice", False)),
+        reasoning_parser=getattr(args, "reasoning_parser", None),
     )
     app = build_app(async_engine, settings)
     server = _make_uvicorn_server(app, args, async_engine.stop_accepting)

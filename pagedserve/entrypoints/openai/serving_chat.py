@@ -13,6 +13,8 @@ from starlette.responses import JSONResponse, Response
 
 from pagedserve.async_engine import AsyncEngine, RequestStream
 from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest
+from pagedserve.entrypoints.openai.reasoning import ReasoningStream
+from pagedserve.entrypoints.openai.reasoning import split as split_reasoning
 from pagedserve.entrypoints.openai.serving_base import (
     SSE_DONE,
     APIError,
@@ -51,11 +53,14 @@ _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant"
 
 class OpenAIServingChat:
     def __init__(self, engine: AsyncEngine, served_model_names: list[str], token_strings: TokenStrings,
-                 enable_auto_tool_choice: bool = False) -> None:
+                 enable_auto_tool_choice: bool = False, reasoning_parser: str | None = None) -> None:
         self.engine = engine
         self.served_model_names = served_model_names
         self.token_strings = token_strings
         self.enable_auto_tool_choice = enable_auto_tool_choice
+        if reasoning_parser is not None:
+            ReasoningStream(reasoning_parser)  # ValueError now for an unknown one
+        self.reasoning_parser = reasoning_parser
 
     async def create(self, req: ChatCompletionRequest, raw_request: Request) -> Response:
         arrival = time.monotonic()
@@ -187,7 +192,7 @@ class OpenAIServingChat:
             logprobs = None
             if ctx.params.logprobs is not None and out.logprobs is not None:
                 logprobs = {"content": self._logprobs(out.logprobs, ctx.params.logprobs)}
-            message, finish_reason = _message_of(out, ctx.mode)
+            message, finish_reason = _message_of(out, ctx.mode, self.reasoning_parser)
             choices.append(
                 {
                     "index": out.index,
@@ -234,6 +239,23 @@ class OpenAIServingChat:
         finished = [False] * n
         num_completion = [0] * n
         tool_streams = [_ToolStream(ctx.mode) for _ in range(n)] if ctx.mode.kind != "none" else None
+        thinking = [ReasoningStream(self.reasoning_parser) for _ in range(n)] if self.reasoning_parser else None
+
+        def answer_deltas(i: int, pieces: list[tuple[str, str]], text: str | None = None) -> list[dict]:
+            """Chat deltas of choice i's new text: its reasoning (with a parser), then its content (through the
+            tool-call stream when the request has tools). `text`: the new text when there is no parser."""
+            deltas: list[dict] = []
+            if thinking is not None:
+                reasoning = "".join(t for kind, t in pieces if kind == "reasoning")
+                if reasoning:
+                    deltas.append({"reasoning_content": reasoning})
+                text = "".join(t for kind, t in pieces if kind == "content")
+            if tool_streams is not None:
+                deltas += tool_streams[i].feed(text)
+            elif text or thinking is None:
+                deltas.append({"content": text})
+            return deltas
+
         try:
             for i in range(n):
                 yield chunk(
@@ -266,8 +288,8 @@ class OpenAIServingChat:
                         if new_lps:
                             sent_logprobs[i] = len(out.logprobs)
                             logprobs = {"content": self._logprobs(new_lps, ctx.params.logprobs)}
-                        deltas = ([{"content": delta_text}] if tool_streams is None
-                                  else tool_streams[i].feed(delta_text))
+                        pieces = thinking[i].feed(delta_text) if thinking is not None else []
+                        deltas = answer_deltas(i, pieces, delta_text)
                         if not deltas and logprobs:  # text held back (a possible tool call): logprobs alone
                             deltas = [{"content": ""}]
                         for k, delta in enumerate(deltas):
@@ -283,6 +305,11 @@ class OpenAIServingChat:
                     if out.finish_reason is not None:
                         finished[i] = True
                         finish_reason = out.finish_reason
+                        if thinking is not None:  # a tag cut at the end: plain text
+                            pieces = thinking[i].finish()
+                            for delta in answer_deltas(i, pieces) if pieces else []:
+                                yield chunk({"index": i, "delta": delta, "logprobs": None, "finish_reason": None},
+                                            usage)
                         if tool_streams is not None:
                             for delta in tool_streams[i].finish():
                                 yield chunk({"index": i, "delta": delta, "logprobs": None, "finish_reason": None},
@@ -331,21 +358,30 @@ class _ChatContext:
         self.mode = mode
 
 
-def _message_of(out: CompletionOutput, mode: ToolMode) -> tuple[dict, str | None]:
-    """The whole answer's assistant message and finish reason, tool calls parsed out by the request's mode."""
+def _message_of(out: CompletionOutput, mode: ToolMode, reasoning_parser: str | None = None
+                ) -> tuple[dict, str | None]:
+    """The whole answer's assistant message and finish reason: its reasoning split off (with a parser), tool
+    calls parsed out of the rest by the request's mode."""
     text, finish = out.text, out.finish_reason
+    message: dict = {"role": "assistant"}
+    if reasoning_parser is not None:
+        reasoning, content = split_reasoning(reasoning_parser, text)
+        message["reasoning_content"] = reasoning
+        text = content or ""
     if mode.kind == "named":  # OpenAI ends a forced function call with "stop"
-        return {"role": "assistant", "content": None, "tool_calls": [call_dict(mode.name, text)]}, finish
+        return {**message, "content": None, "tool_calls": [call_dict(mode.name, text)]}, finish
     if mode.kind == "required":
         calls = calls_from_required(text)
         if calls:
-            return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+            return {**message, "content": None, "tool_calls": calls}, "tool_calls"
     elif mode.kind == "auto":
         content, calls = parse_hermes(text, mode.names)
         calls = calls if mode.parallel else calls[:1]
         if calls:
-            return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
-    return {"role": "assistant", "content": text}, finish
+            return {**message, "content": content, "tool_calls": calls}, "tool_calls"
+    if reasoning_parser is not None and not text:
+        return {**message, "content": None}, finish
+    return {**message, "content": text}, finish
 
 
 class _ToolStream:

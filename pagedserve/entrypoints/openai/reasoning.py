@@ -1,0 +1,93 @@
+"""Reasoning parsers (`--reasoning-parser`, as vLLM's): a thinking model's answer split into
+`reasoning_content` (its thoughts, between `<think>` and `</think>`) and `content` (what follows).
+
+    qwen3        Qwen3: the answer opens with "<think>" when the model thinks; without it (enable_thinking
+                 false: the template wrote an empty think block into the prompt) everything is content.
+    deepseek_r1  DeepSeek-R1 and models whose template opens the think block in the prompt: the answer
+                 starts inside the reasoning (a leading "<think>" is dropped) and everything up to
+                 "</think>" is reasoning, all of it when "</think>" never comes (the answer was cut).
+
+The newlines a model writes between "</think>" and its answer are dropped. `split` (whole answers) and
+`ReasoningStream` (deltas; the tags may arrive cut across deltas) give the same two texts.
+"""
+
+from __future__ import annotations
+
+START, END = "<think>", "</think>"
+PARSERS = ("qwen3", "deepseek_r1")
+
+
+def split(kind: str, text: str) -> tuple[str | None, str | None]:
+    """(reasoning, content) of a whole answer; None for an empty part."""
+    stream = ReasoningStream(kind)
+    pieces = stream.feed(text) + stream.finish()
+    reasoning = "".join(t for k, t in pieces if k == "reasoning")
+    content = "".join(t for k, t in pieces if k == "content")
+    return reasoning or None, content or None
+
+
+class ReasoningStream:
+    """Text deltas in, ("reasoning" | "content", text) pieces out, in order."""
+
+    def __init__(self, kind: str) -> None:
+        if kind not in PARSERS:
+            raise ValueError(f"unknown reasoning parser {kind!r}; choose from {', '.join(PARSERS)}")
+        self.kind = kind
+        self.state = "start"  # start -> reasoning -> after (newlines before the answer) -> content
+        self.held = ""  # text not yet given out: a tag may be cut across deltas
+
+    def feed(self, delta: str) -> list[tuple[str, str]]:
+        self.held += delta
+        out: list[tuple[str, str]] = []
+        while True:
+            if self.state == "start":
+                if self.held.startswith(START):
+                    self.held = self.held[len(START):]
+                    self.state = "reasoning"
+                elif START.startswith(self.held):
+                    return out  # "" or a cut "<thi": wait for more
+                else:
+                    self.state = "reasoning" if self.kind == "deepseek_r1" else "content"
+            elif self.state == "reasoning":
+                end = self.held.find(END)
+                if end < 0:
+                    keep = _tag_prefix_len(self.held, END)
+                    _put(out, "reasoning", self.held[:len(self.held) - keep])
+                    self.held = self.held[len(self.held) - keep:]
+                    return out
+                _put(out, "reasoning", self.held[:end])
+                self.held = self.held[end + len(END):]
+                self.state = "after"
+            elif self.state == "after":
+                stripped = self.held.lstrip("\n")
+                if not stripped:
+                    self.held = ""
+                    return out
+                self.held = stripped
+                self.state = "content"
+            else:
+                _put(out, "content", self.held)
+                self.held = ""
+                return out
+
+    def finish(self) -> list[tuple[str, str]]:
+        """What is still held once the answer ends (a cut tag is then plain text)."""
+        held, self.held = self.held, ""
+        if not held or self.state == "after":
+            return []
+        if self.state == "start":
+            return [("reasoning" if self.kind == "deepseek_r1" else "content", held)]
+        return [("reasoning" if self.state == "reasoning" else "content", held)]
+
+
+def _put(out: list[tuple[str, str]], kind: str, text: str) -> None:
+    if text:
+        out.append((kind, text))
+
+
+def _tag_prefix_len(text: str, tag: str) -> int:
+    """The length of the longest end of `text` that begins `tag` (it may be the tag, cut)."""
+    for n in range(min(len(text), len(tag) - 1), 0, -1):
+        if tag.startswith(text[-n:]):
+            return n
+    return 0
