@@ -517,6 +517,9 @@ def test_reasoning_parser_splits_whole_and_streamed_answers(start_fake_server) -
     content = "".join(d.get("content") or "" for d in deltas)
     assert (reasoning, content) == ("\nadd them\n", "Four. ")
     assert not any("<" in (d.get("content") or "") + (d.get("reasoning_content") or "") for d in deltas)
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    constrained = client.chat.completions.create(**body, response_format=schema).choices[0].message
+    assert constrained.content == thought  # a constrained answer is all answer (the fake ignores the grammar)
     plain = start_fake_server(FakeEngine(text=thought))
     plain_client = openai.OpenAI(base_url=plain.base_url + "/v1", api_key="unused")
     message = plain_client.chat.completions.create(**body).choices[0].message

@@ -108,6 +108,9 @@ class OpenAIServingChat:
             # A constraint the engine could not compile: the field it came from (a tool's parameters: "tools").
             raise engine_error(e, structured_outputs_of(req)[1] or ("tools" if constraint is not None else None)) from e
         ctx = _ChatContext(request_id, model_name, now_created(), len(prompt_ids), params, req, mode)
+        # A constrained answer (response_format, structured_outputs, a forced tool call) is held to its grammar
+        # from the first token: it is all answer, never reasoning.
+        ctx.reasoning = self.reasoning_parser if params.structured_outputs is None else None
         if req.stream:
             return SSEResponse(self._stream(stream, ctx))
         return await run_until_disconnect(raw_request, self._full(stream, ctx))
@@ -192,7 +195,7 @@ class OpenAIServingChat:
             logprobs = None
             if ctx.params.logprobs is not None and out.logprobs is not None:
                 logprobs = {"content": self._logprobs(out.logprobs, ctx.params.logprobs)}
-            message, finish_reason = _message_of(out, ctx.mode, self.reasoning_parser)
+            message, finish_reason = _message_of(out, ctx.mode, ctx.reasoning)
             choices.append(
                 {
                     "index": out.index,
@@ -239,7 +242,7 @@ class OpenAIServingChat:
         finished = [False] * n
         num_completion = [0] * n
         tool_streams = [_ToolStream(ctx.mode) for _ in range(n)] if ctx.mode.kind != "none" else None
-        thinking = [ReasoningStream(self.reasoning_parser) for _ in range(n)] if self.reasoning_parser else None
+        thinking = [ReasoningStream(ctx.reasoning) for _ in range(n)] if ctx.reasoning else None
 
         def answer_deltas(i: int, pieces: list[tuple[str, str]], text: str | None = None) -> list[dict]:
             """Chat deltas of choice i's new text: its reasoning (with a parser), then its content (through the
@@ -337,7 +340,7 @@ class OpenAIServingChat:
 
 
 class _ChatContext:
-    __slots__ = ("request_id", "model_name", "created", "num_prompt_tokens", "params", "req", "mode")
+    __slots__ = ("request_id", "model_name", "created", "num_prompt_tokens", "params", "req", "mode", "reasoning")
 
     def __init__(
         self,
@@ -356,6 +359,7 @@ class _ChatContext:
         self.params = params
         self.req = req
         self.mode = mode
+        self.reasoning: str | None = None  # the reasoning parser that splits this request's answers
 
 
 def _message_of(out: CompletionOutput, mode: ToolMode, reasoning_parser: str | None = None
