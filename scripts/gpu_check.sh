@@ -57,6 +57,9 @@ run_phase() {
       timeout 400 python3 scripts/structured_profile.py --model $M 2>&1 | grep -vE "^\[transformers\]|Warning" | tail -70 ;;
     structured-cost)  # the cost alone, with each run's step timing (host vs device)
       timeout 400 python3 scripts/structured_cost.py --model $M 2>&1 | grep -vE "^\[transformers\]|Warning" | tail -12 ;;
+    structured-cprofile)  # the host's functions by own time (cProfile), plain vs all constrained
+      timeout 400 python3 scripts/structured_cost.py --model $M --cprofile 2>&1 | grep -vE "^\[transformers\]|Warning" \
+        | tail -64 ;;
     sample-test)  # the fused sampling kernel (off by default until this passes)
       timeout ${SAMPLE_TEST_S:-280} python3 -m pytest tests/kernels/test_sample.py -x -q -p no:cacheprovider 2>&1 | tail -60 ;;
     latency)

@@ -21,6 +21,7 @@ STRINGS = {"json": {"type": "array", "items": {"type": "string"}}, "disable_any_
 def main() -> None:
     ap = workload_parser(requests=64, input_len=256)
     ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--cprofile", action="store_true", help="host functions by own time, plain vs all constrained")
     args = ap.parse_args()
     llm, prompts = load_workload(args)
 
@@ -39,6 +40,20 @@ def main() -> None:
         print(f"  steps: {llm.engine.step_timing.summary()}", flush=True)
 
     run("warm-up", 1)
+    if args.cprofile:  # where the host's time goes, plain against all constrained
+        import cProfile
+        import io
+        import pstats
+
+        for name, k in (("plain", 0), ("all constrained", args.requests)):
+            profile = cProfile.Profile()
+            profile.enable()
+            run(name, k)
+            profile.disable()
+            text = io.StringIO()
+            pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(22)
+            print("\n".join(line[:160] for line in text.getvalue().splitlines()[5:32]), flush=True)
+        return
     for name, k in (("plain", 0), ("one constrained", 1), ("all constrained", args.requests), ("plain again", 0)):
         run(name, k)
 
