@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 # PAGEDSERVE_LOG_STEPS=1: one log line per mixed (prompt-carrying) async step with its host and device times.
 _LOG_STEPS = os.environ.get("PAGEDSERVE_LOG_STEPS") == "1"
 _PENALTY_SYNC = os.environ.get("PAGEDSERVE_PENALTY_SYNC") == "1"
+_OVERLAP_FILL_ROWS = 4  # from this many constrained rows, an async step's masks fill on the mask thread
 
 
 @dataclass(slots=True)
@@ -117,6 +118,7 @@ class LLMEngine:
         self.copy_outputs = True
         self._sync_ids: set[str] = set()  # live penalized requests, with PAGEDSERVE_PENALTY_SYNC=1 only
         self._constraints: dict[str, SequenceConstraint] = {}  # child request id -> its grammar matcher
+        self._fill_pool = None  # the thread that fills async steps' token masks (made on first use)
         self._structured: StructuredOutputBackend | None = None
         if on_cuda:  # a server: the vocabulary table (~1 s) is built in the background now, not on a request
             self.structured_output_backend()
@@ -400,9 +402,10 @@ class LLMEngine:
                 # finish the step before while the device runs it, then fill the masks the sampler reads.
                 def before_sample() -> None:
                     nonlocal outputs, pending
-                    if pending is not None:
-                        outputs, pending = self._finish(pending), None
-                    self._attach_token_masks(scheduler_output)
+                    if pending is not None:  # its tokens reach the matchers first; the masks fill meanwhile
+                        outputs, pending = self._finish(pending, masks_for=scheduler_output), None
+                    else:
+                        self._attach_token_masks(scheduler_output)
 
             handle = self.worker.execute_async(scheduler_output, before_sample)
             self._pending = (scheduler_output, handle, t_start, t_scheduled, time.perf_counter())
@@ -422,12 +425,14 @@ class LLMEngine:
         pending, self._pending = self._pending, None
         return self._finish(pending) if pending is not None else []
 
-    def _finish(self, pending: tuple) -> list[RequestOutput]:
+    def _finish(self, pending: tuple, masks_for: SchedulerOutput | None = None) -> list[RequestOutput]:
+        """Waits for the step in flight and processes it. masks_for: the next step, whose token masks are
+        filled (after this step's tokens reached the matchers) while the rest of this step is processed."""
         scheduler_output, handle, t_start, t_scheduled, t_launched = pending
         t_wait = time.perf_counter()
         runner_output = handle.result()
         t_done = time.perf_counter()
-        outputs = self._process(scheduler_output, runner_output)
+        outputs = self._process(scheduler_output, runner_output, masks_for)
         # Its execute time: the launch (host) plus the wait for the device.
         device_s = getattr(handle, "device_seconds", None)
         self.step_timing.add(scheduler_output, t_scheduled - t_start, (t_launched - t_scheduled) + (t_done - t_wait),
@@ -441,10 +446,18 @@ class LLMEngine:
                         f"{1e3 * device_s:.1f}" if device_s is not None else "-", summary_suffix())
         return outputs
 
-    def _process(self, scheduler_output: SchedulerOutput, runner_output) -> list[RequestOutput]:
+    def _process(self, scheduler_output: SchedulerOutput, runner_output,
+                 masks_for: SchedulerOutput | None = None) -> list[RequestOutput]:
         if runner_output.prompt_logprobs:
             self._store_prompt_logprobs(scheduler_output, runner_output.prompt_logprobs)
         updates = self.scheduler.update(scheduler_output, runner_output)
+        grammar_ended = None
+        fill = None
+        if masks_for is not None:
+            # The new tokens go into the matchers first; then the next step's masks fill on another thread
+            # (xgrammar leaves the GIL) while the updates below are applied (detokenizing, outputs).
+            grammar_ended = self._accept_constrained(updates)
+            fill = self._start_mask_fill(masks_for)
         now = time.monotonic()
         touched: dict[str, _RequestState] = {}
         for update in updates:
@@ -452,10 +465,45 @@ class LLMEngine:
             if parent is None:
                 continue
             state = self._requests[parent[0]]
-            self._apply_update(state, state.choices[parent[1]], update, now)
+            self._apply_update(state, state.choices[parent[1]], update, now, grammar_ended)
             touched[state.request_id] = state
+        if fill is not None:
+            rows, masks = fill
+            for r, mask in zip(rows, masks.result(), strict=True):
+                r.allowed_token_bitmask = mask
         return [self._make_output(state) for state in touched.values()
                 if not state.final_only or state.num_unfinished == 0]
+
+    def _accept_constrained(self, updates: list) -> dict[str, bool]:
+        """Each constrained request's new tokens into its matcher: request id -> whether its grammar ended it
+        (complete, or a token it does not allow); _apply_update finishes those."""
+        ended: dict[str, bool] = {}
+        for update in updates:
+            constraint = self._constraints.get(update.request.request_id)
+            if constraint is not None and not update.finished and update.new_token_ids:
+                ended[update.request.request_id] = not constraint.accept(update.new_token_ids) or constraint.is_done
+        return ended
+
+    def _start_mask_fill(self, scheduler_output: SchedulerOutput) -> tuple[list, Future] | None:
+        """(rows, the future of their masks) for the step's constrained rows that sample; a grammar already
+        complete gets no mask (its request ends in this processing, its row's token is dropped)."""
+        rows, constraints = [], []
+        for r in scheduler_output.scheduled:
+            constraint = self._constraints.get(r.request_id) if r.needs_sample else None
+            if constraint is not None and not constraint.is_done:
+                rows.append(r)
+                constraints.append(constraint)
+        if not rows:
+            return None
+        if len(rows) < _OVERLAP_FILL_ROWS:  # a few rows: filling them here costs less than a thread hop
+            done: Future = Future()
+            done.set_result(self._structured.fill_bitmask(constraints))
+            return rows, done
+        if self._fill_pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._fill_pool = ThreadPoolExecutor(1, thread_name_prefix="pagedserve-masks")
+        return rows, self._fill_pool.submit(self._structured.fill_bitmask, constraints)
 
     def _store_prompt_logprobs(self, scheduler_output: SchedulerOutput, prompt_logprobs: list) -> None:
         for scheduled, part in zip(scheduler_output.scheduled, prompt_logprobs, strict=True):
@@ -465,7 +513,8 @@ class LLMEngine:
                 first, entries = part
                 state.prompt_logprobs[first:first + len(entries)] = entries
 
-    def _apply_update(self, state: _RequestState, choice: _Choice, update, now: float) -> None:
+    def _apply_update(self, state: _RequestState, choice: _Choice, update, now: float,
+                      grammar_ended: dict[str, bool] | None = None) -> None:
         request, out, detok = choice.request, choice.output, choice.detokenizer
         if request.num_cached_tokens > state.num_cached_tokens:
             state.num_cached_tokens = request.num_cached_tokens
@@ -498,7 +547,10 @@ class LLMEngine:
         if not finished and choice.constraint is not None and new_ids:
             # Structured outputs: a complete grammar (its stop token taken, or ignore_eos) or a token it
             # does not allow (only possible when min_tokens masked the stop token it asked for) ends it.
-            if not choice.constraint.accept(new_ids) or choice.constraint.is_done:
+            ended = None if grammar_ended is None else grammar_ended.get(request.request_id)
+            if ended is None:  # not accepted ahead (_accept_constrained)
+                ended = not choice.constraint.accept(new_ids) or choice.constraint.is_done
+            if ended:
                 self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
                 finished = True
         if not finished and detok is not None and detok.stop_reason is not None:

@@ -208,14 +208,23 @@ def test_async_scheduling_gives_the_same_tokens(tiny_model_dir: str, engine: LLM
     assert async_engine.async_scheduling and not engine.async_scheduling
 
     def params() -> list[SamplingParams]:
+        # Five constrained rows: from four, an async step's masks fill on the mask thread while the step
+        # before is processed (LLMEngine._start_mask_fill); one grammar ends early (r4), one never does.
+        constrained = [{"regex": r"(ab|cd){2,5}x"}, {"choice": ["yes", "no"]}, {"regex": "[0-9]{3,40}"},
+                       {"json": PERSON}, {"regex": "(xy)+z"}]
         return [SamplingParams(max_tokens=30, seed=1, ignore_eos=True),
-                SamplingParams(max_tokens=60, seed=2, structured_outputs={"regex": r"(ab|cd){2,5}x"}),
-                SamplingParams(max_tokens=25, seed=3, ignore_eos=True)]
+                *[SamplingParams(max_tokens=60, seed=2 + i, structured_outputs=c) for i, c in enumerate(constrained)],
+                SamplingParams(max_tokens=25, seed=9, ignore_eos=True)]
 
-    expected = run(engine, ["p", "q", "r"], params())
-    got = run(async_engine, ["p", "q", "r"], params())
+    prompts = ["p", "q", "r", "s", "t", "u", "v"]
+    expected = run(engine, prompts, params())
+    got = run(async_engine, prompts, params())
+    assert async_engine._fill_pool is not None  # the overlapped fill ran
     assert {k: v[0].token_ids for k, v in got.items()} == {k: v[0].token_ids for k, v in expected.items()}
     assert re.fullmatch(r"(ab|cd){2,5}x", got["r1"][0].text)
+    assert got["r2"][0].text in ("yes", "no") and re.fullmatch("[0-9]{3,40}", got["r3"][0].text)
+    if got["r4"][0].finish_reason == "stop":  # else cut by max_tokens (random weights write long JSON)
+        check_person(json.loads(got["r4"][0].text))
 
 
 def test_apply_token_bitmask_takes_rows_in_any_order() -> None:
