@@ -29,7 +29,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,7 +118,7 @@ class LLMEngine:
         self.copy_outputs = True
         self._sync_ids: set[str] = set()  # live penalized requests, with PAGEDSERVE_PENALTY_SYNC=1 only
         self._constraints: dict[str, SequenceConstraint] = {}  # child request id -> its grammar matcher
-        self._fill_pool = None  # the thread that fills async steps' token masks (made on first use)
+        self._fill_pool: ThreadPoolExecutor | None = None  # fills async steps' token masks (made on first use)
         self._structured: StructuredOutputBackend | None = None
         if on_cuda:  # a server: the vocabulary table (~1 s) is built in the background now, not on a request
             self.structured_output_backend()
@@ -370,7 +370,7 @@ class LLMEngine:
             self._report_finished(scheduler_output)
             return outputs
         if self._constraints:
-            self._attach_token_masks(scheduler_output)
+            self._attach_token_masks(scheduler_output)()
         t_scheduled = time.perf_counter()
         runner_output = self.worker.execute(scheduler_output)
         t_executed = time.perf_counter()
@@ -379,14 +379,33 @@ class LLMEngine:
                              time.perf_counter() - t_executed)
         return outputs
 
-    def _attach_token_masks(self, scheduler_output: SchedulerOutput) -> None:
-        """Each constrained row that samples this step gets the tokens its grammar allows next. Its matcher
-        must have taken every earlier token: in async steps this runs after the step before is processed."""
-        rows = [r for r in scheduler_output.scheduled if r.needs_sample and r.request_id in self._constraints]
-        if rows:
-            masks = self._structured.fill_bitmask([self._constraints[r.request_id] for r in rows])
-            for r, mask in zip(rows, masks, strict=True):
+    def _attach_token_masks(self, scheduler_output: SchedulerOutput, background: bool = False
+                            ) -> Callable[[], None]:
+        """Fills the token masks of the step's constrained rows that sample, from matchers that have taken every
+        earlier token; returns the call that attaches them to the rows. `background`: with enough rows the fill
+        runs on the mask thread (xgrammar leaves the GIL) until that call. A grammar already complete gets no
+        mask (its request ends as the step before is processed; its row's token is dropped)."""
+        rows, constraints = [], []
+        for r in scheduler_output.scheduled:
+            constraint = self._constraints.get(r.request_id) if r.needs_sample else None
+            if constraint is not None and not constraint.is_done:
+                rows.append(r)
+                constraints.append(constraint)
+        if not rows:
+            return lambda: None
+        if background and len(rows) >= _OVERLAP_FILL_ROWS:
+            if self._fill_pool is None:
+                self._fill_pool = ThreadPoolExecutor(1, thread_name_prefix="pagedserve-masks")
+            masks = self._fill_pool.submit(self._structured.fill_bitmask, constraints)
+        else:  # a few rows: filling them here costs less than a thread hop
+            masks = Future()
+            masks.set_result(self._structured.fill_bitmask(constraints))
+
+        def attach() -> None:
+            for r, mask in zip(rows, masks.result(), strict=True):
                 r.allowed_token_bitmask = mask
+
+        return attach
 
     def _step_async(self) -> list[RequestOutput]:
         t_start = time.perf_counter()
@@ -405,7 +424,7 @@ class LLMEngine:
                     if pending is not None:  # its tokens reach the matchers first; the masks fill meanwhile
                         outputs, pending = self._finish(pending, masks_for=scheduler_output), None
                     else:
-                        self._attach_token_masks(scheduler_output)
+                        self._attach_token_masks(scheduler_output)()
 
             handle = self.worker.execute_async(scheduler_output, before_sample)
             self._pending = (scheduler_output, handle, t_start, t_scheduled, time.perf_counter())
@@ -451,13 +470,10 @@ class LLMEngine:
         if runner_output.prompt_logprobs:
             self._store_prompt_logprobs(scheduler_output, runner_output.prompt_logprobs)
         updates = self.scheduler.update(scheduler_output, runner_output)
-        grammar_ended = None
-        fill = None
-        if masks_for is not None:
-            # The new tokens go into the matchers first; then the next step's masks fill on another thread
-            # (xgrammar leaves the GIL) while the updates below are applied (detokenizing, outputs).
-            grammar_ended = self._accept_constrained(updates)
-            fill = self._start_mask_fill(masks_for)
+        # The new tokens go into the matchers first; then the next step's masks can fill on the mask thread
+        # while the updates below are applied (detokenizing, outputs).
+        grammar_ended = self._accept_constrained(updates) if self._constraints else {}
+        attach_masks = None if masks_for is None else self._attach_token_masks(masks_for, background=True)
         now = time.monotonic()
         touched: dict[str, _RequestState] = {}
         for update in updates:
@@ -467,43 +483,21 @@ class LLMEngine:
             state = self._requests[parent[0]]
             self._apply_update(state, state.choices[parent[1]], update, now, grammar_ended)
             touched[state.request_id] = state
-        if fill is not None:
-            rows, masks = fill
-            for r, mask in zip(rows, masks.result(), strict=True):
-                r.allowed_token_bitmask = mask
+        if attach_masks is not None:
+            attach_masks()
         return [self._make_output(state) for state in touched.values()
                 if not state.final_only or state.num_unfinished == 0]
 
     def _accept_constrained(self, updates: list) -> dict[str, bool]:
         """Each constrained request's new tokens into its matcher: request id -> whether its grammar ended it
-        (complete, or a token it does not allow); _apply_update finishes those."""
+        (complete, or a token it does not allow: only possible when min_tokens masked the stop token it asked
+        for); _apply_update finishes those."""
         ended: dict[str, bool] = {}
         for update in updates:
             constraint = self._constraints.get(update.request.request_id)
             if constraint is not None and not update.finished and update.new_token_ids:
                 ended[update.request.request_id] = not constraint.accept(update.new_token_ids) or constraint.is_done
         return ended
-
-    def _start_mask_fill(self, scheduler_output: SchedulerOutput) -> tuple[list, Future] | None:
-        """(rows, the future of their masks) for the step's constrained rows that sample; a grammar already
-        complete gets no mask (its request ends in this processing, its row's token is dropped)."""
-        rows, constraints = [], []
-        for r in scheduler_output.scheduled:
-            constraint = self._constraints.get(r.request_id) if r.needs_sample else None
-            if constraint is not None and not constraint.is_done:
-                rows.append(r)
-                constraints.append(constraint)
-        if not rows:
-            return None
-        if len(rows) < _OVERLAP_FILL_ROWS:  # a few rows: filling them here costs less than a thread hop
-            done: Future = Future()
-            done.set_result(self._structured.fill_bitmask(constraints))
-            return rows, done
-        if self._fill_pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._fill_pool = ThreadPoolExecutor(1, thread_name_prefix="pagedserve-masks")
-        return rows, self._fill_pool.submit(self._structured.fill_bitmask, constraints)
 
     def _store_prompt_logprobs(self, scheduler_output: SchedulerOutput, prompt_logprobs: list) -> None:
         for scheduled, part in zip(scheduler_output.scheduled, prompt_logprobs, strict=True):
@@ -514,7 +508,7 @@ class LLMEngine:
                 state.prompt_logprobs[first:first + len(entries)] = entries
 
     def _apply_update(self, state: _RequestState, choice: _Choice, update, now: float,
-                      grammar_ended: dict[str, bool] | None = None) -> None:
+                      grammar_ended: dict[str, bool]) -> None:
         request, out, detok = choice.request, choice.output, choice.detokenizer
         if request.num_cached_tokens > state.num_cached_tokens:
             state.num_cached_tokens = request.num_cached_tokens
@@ -544,15 +538,9 @@ class LLMEngine:
                                                        and not needs_engine_text(request.sampling_params)):
                 detok.add_tokens(text_ids)
         finished = update.finished
-        if not finished and choice.constraint is not None and new_ids:
-            # Structured outputs: a complete grammar (its stop token taken, or ignore_eos) or a token it
-            # does not allow (only possible when min_tokens masked the stop token it asked for) ends it.
-            ended = None if grammar_ended is None else grammar_ended.get(request.request_id)
-            if ended is None:  # not accepted ahead (_accept_constrained)
-                ended = not choice.constraint.accept(new_ids) or choice.constraint.is_done
-            if ended:
-                self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
-                finished = True
+        if not finished and grammar_ended.get(request.request_id):  # structured outputs: _accept_constrained
+            self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
+            finished = True
         if not finished and detok is not None and detok.stop_reason is not None:
             # A stop string ended it: the scheduler learns now and frees its blocks.
             self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)

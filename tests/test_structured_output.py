@@ -209,7 +209,7 @@ def test_async_scheduling_gives_the_same_tokens(tiny_model_dir: str, engine: LLM
 
     def params() -> list[SamplingParams]:
         # Five constrained rows: from four, an async step's masks fill on the mask thread while the step
-        # before is processed (LLMEngine._start_mask_fill); one grammar ends early (r4), one never does.
+        # before is processed (LLMEngine._attach_token_masks); one grammar ends early (r4), one never does.
         constrained = [{"regex": r"(ab|cd){2,5}x"}, {"choice": ["yes", "no"]}, {"regex": "[0-9]{3,40}"},
                        {"json": PERSON}, {"regex": "(xy)+z"}]
         return [SamplingParams(max_tokens=30, seed=1, ignore_eos=True),

@@ -6,6 +6,7 @@ import argparse
 
 from pagedserve.config import EngineConfig
 from pagedserve.entrypoints.args import add_engine_args, config_from_args
+from pagedserve.entrypoints.openai.reasoning import PARSERS as REASONING_PARSERS
 
 API_KEY_ENV = "PAGEDSERVE_API_KEY"
 DEFAULT_MAX_REQUEST_BODY_BYTES = 1 << 20  # 1 MiB
@@ -52,7 +53,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-auto-tool-choice", action="store_true",
                    help='chat requests with tools may let the model decide (tool_choice "auto", the default '
                    "then): its answer is parsed for tool calls (--tool-call-parser)")
-    g.add_argument("--reasoning-parser", choices=["qwen3", "deepseek_r1"], default=None,
+    g.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
                    help="split a thinking model's chat answers into message.reasoning_content (between <think> "
                    "and </think>) and message.content (what follows), streamed too: qwen3 (thinking when the "
                    "answer opens with <think>), deepseek_r1 (the answer starts inside the reasoning)")

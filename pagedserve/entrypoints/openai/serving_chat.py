@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 
 from pagedserve.async_engine import AsyncEngine, RequestStream
 from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest
+from pagedserve.entrypoints.openai.reasoning import PARSERS as REASONING_PARSERS
 from pagedserve.entrypoints.openai.reasoning import ReasoningStream
 from pagedserve.entrypoints.openai.reasoning import split as split_reasoning
 from pagedserve.entrypoints.openai.serving_base import (
@@ -58,8 +59,9 @@ class OpenAIServingChat:
         self.served_model_names = served_model_names
         self.token_strings = token_strings
         self.enable_auto_tool_choice = enable_auto_tool_choice
-        if reasoning_parser is not None:
-            ReasoningStream(reasoning_parser)  # ValueError now for an unknown one
+        if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"unknown reasoning parser {reasoning_parser!r}; "
+                             f"choose from {', '.join(REASONING_PARSERS)}")
         self.reasoning_parser = reasoning_parser
 
     async def create(self, req: ChatCompletionRequest, raw_request: Request) -> Response:
@@ -86,13 +88,14 @@ class OpenAIServingChat:
                                   f"{structured_outputs_of(req)[1]}", "tool_choice")
             params = dataclasses.replace(params, structured_outputs=constraint)
         messages = template_messages(self._messages(req))
+        template_kwargs = template_kwargs_of(req.chat_template_kwargs)
         try:
             prompt_text, prompt_ids = await self.engine.run_in_tokenizer_thread(
                 _render_and_encode, self.engine.tokenizer, messages, req.add_generation_prompt is not False, tools,
-                req.chat_template_kwargs,
+                template_kwargs,
             )
         except ValueError as e:
-            raise bad_request(str(e), "chat_template_kwargs" if "chat_template_kwargs" in str(e) else "messages") from e
+            raise bad_request(str(e), "messages") from e
         check_prompt_fits(
             self.engine,
             prompt_ids,
@@ -447,11 +450,11 @@ _RESERVED_TEMPLATE_KWARGS = frozenset({
 
 def template_kwargs_of(kwargs: dict[str, Any] | None) -> dict[str, Any]:
     """A request's chat_template_kwargs (vLLM's field: variables the template reads, e.g. Qwen3's
-    `enable_thinking`); ValueError for one that would replace the server's own arguments."""
+    `enable_thinking`); a 400 for one that would replace the server's own arguments."""
     kwargs = kwargs or {}
     clash = sorted(set(kwargs) & _RESERVED_TEMPLATE_KWARGS)
     if clash:
-        raise ValueError(f"chat_template_kwargs may not set {', '.join(clash)}")
+        raise bad_request(f"chat_template_kwargs may not set {', '.join(clash)}", "chat_template_kwargs")
     return kwargs
 
 
@@ -460,7 +463,7 @@ def _render_and_encode(tokenizer: Any, messages: list[dict], add_generation_prom
                        ) -> tuple[str, list[int]]:
     extra = {"tools": tools} if tools else {}
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
-                                         **extra, **template_kwargs_of(template_kwargs))
+                                         **extra, **(template_kwargs or {}))
     return text, tokenizer.encode(text, add_special_tokens=False)
 
 
