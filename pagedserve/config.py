@@ -8,6 +8,7 @@ from dataclasses import dataclass
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _DEVICES = ("auto", "cpu", "cuda")
+_QUANTIZATION = ("fp8",)
 _BACKENDS = ("auto", "torch", "triton")
 
 
@@ -19,6 +20,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"
     load_format: str = "auto"
+    quantization: str | None = None  # "fp8": decoder projections in float8_e4m3fn at load (executor/quantization.py)
     seed: int = 0
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     block_size: int = 16
@@ -50,6 +52,8 @@ class EngineConfig:
             fail(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.load_format not in _LOAD_FORMATS:
             fail(f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r}")
+        if self.quantization is not None and self.quantization not in _QUANTIZATION:
+            fail(f"quantization must be one of {_QUANTIZATION} or None, got {self.quantization!r}")
         if self.device not in _DEVICES:
             fail(f"device must be one of {_DEVICES}, got {self.device!r}")
         if self.attention_backend not in _BACKENDS:

@@ -22,6 +22,11 @@ compiles ~100 Triton variants (M is not specialized: one variant per config serv
 Triton cache makes later runs faster. `--m 16,64,128,256 --shapes qkv,o,gate_up,down` is meant to
 fit one 10-minute GPU call (~4 min on an H100 with a cold cache, by estimate); --quick cuts it to the
 default + 3 tiles per case and no split sweep.
+
+--fp8: the weights quantized to float8_e4m3fn with a scale per row (executor/quantization.py), the skinny
+GEMM reading them (skinny_linear's weight_scale) against cuBLAS on the bf16 weights, and torch._scaled_mm
+after the per-token quantization kernel (the W8A8 path); the reference is x @ the dequantized weight, and
+the dict printed is SKINNY_FP8_CONFIGS.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from pagedserve.executor.kernels.skinny_gemm import (
     MAX_M,
     SkinnyConfig,
     choose_config,
+    choose_fp8_config,
     default_config,
     default_split_k,
     effective_split_k,
@@ -47,6 +53,7 @@ from pagedserve.executor.kernels.skinny_gemm import (
     m_bucket,
     skinny_linear,
 )
+from pagedserve.executor.quantization import dequantize_rows_fp8, quantize_rows_fp8
 
 MODELS = {  # name: (K, N, has_bias)
     "7b": {  # Qwen2-7B
@@ -113,7 +120,11 @@ TAIL_TMA_TILES = [
     (256, 64, 8, 3),
     (256, 32, 8, 4),
 ]
+# --fp8, M <= 2: W rows of one byte an element, so longer K steps for the same bytes a lane
+FP8_FMA_TILES = [(1, 1024, 4, 3), (2, 1024, 4, 3), (4, 1024, 4, 2), (2, 2048, 4, 2), (4, 2048, 8, 2), (8, 1024, 8, 2),
+                 (4, 512, 4, 3), (8, 512, 4, 3)]
 SPLITS = (1, 2, 3, 4, 5, 6, 8, 12)
+FP8 = False  # --fp8
 CUBLAS_ONLY = False  # --cublas-only: time F.linear at each M, no Triton sweep
 TAIL_ONLY = False  # --tail-only: with --tma at 128 < M < 256, only the two-tile (128 + tail) configs
 LT_TOO = False  # --lt: also time F.linear with torch.backends.cuda.preferred_blas_library("cublaslt")
@@ -130,10 +141,11 @@ def label(cfg: SkinnyConfig, k: int) -> str:
 def candidates(m: int, n: int, k: int, num_sms: int, quick: bool, tma: bool = False) -> list[SkinnyConfig]:
     if m > FMA_MAX_M:
         return large_m_candidates(m, n, k, num_sms, quick, tma)
-    configs = [default_config(m, n, k, torch.bfloat16, num_sms)]
-    tiles = [(t, True) for t in DOT_TILES] + ([(t, False) for t in FMA_TILES] if m <= 2 else [])
+    configs = [default_config(m, n, k, torch.float8_e4m3fn if FP8 else torch.bfloat16, num_sms)]
+    fma_tiles = FP8_FMA_TILES if FP8 else FMA_TILES
+    tiles = [(t, True) for t in DOT_TILES] + ([(t, False) for t in fma_tiles] if m <= 2 else [])
     if quick:
-        tiles = tiles[:2] + ([(FMA_TILES[2], False)] if m <= 2 else [])
+        tiles = tiles[:2] + ([(fma_tiles[2], False)] if m <= 2 else [])
     for (block_n, block_k, warps, stages), use_dot in tiles:
         block_k = fit_block_k(k, block_k)
         split = default_split_k(n, k, block_n, block_k, num_sms)
@@ -188,23 +200,47 @@ def bench_shape(name, k, n, has_bias, m_values, num_sms, rep, quick, results, tm
     weights = [w0] + [w0.clone() for _ in range(num_copies - 1)]  # same values, other addresses
     bias = torch.randn(n, device=DEVICE, dtype=torch.bfloat16, generator=gen) * 0.02 if has_bias else None
     w_f32 = w0.float()
+    fp8 = None
+    if FP8:  # (fp8 copies rotated past L2 as well, their row scales, the bf16 weights for cuBLAS)
+        q, scale = quantize_rows_fp8(w0)
+        fp8 = ([q] + [q.clone() for _ in range(max(1, math.ceil(ROTATE_BYTES / q.nbytes)) - 1)], scale)
+        w_f32 = dequantize_rows_fp8(q, scale, torch.float32)
     for m in m_values:
         x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16, generator=gen)
         ref = x.float() @ w_f32.T + (bias.float() if has_bias else 0.0)
         print(f"\n{name}  K={k} N={n}{' +bias' if has_bias else ''}  M={m}  "
               f"({w0.nbytes / 1e6:.1f} MB weight x {num_copies} copies)", flush=True)  # fmt: skip
-        result = bench_case(x, weights, bias, ref, num_sms, rep, quick, tma)
+        result = bench_case(x, weights, bias, ref, num_sms, rep, quick, tma, fp8)
         if result is not None:
             results[(name, m)] = result
 
 
-def bench_case(x, weights, bias, ref, num_sms, rep, quick, tma=False) -> dict | None:
-    """cuBLAS, then the sweep, for one x [M, K]; returns the best config and its time (None if none ran)."""
+def bench_case(x, weights, bias, ref, num_sms, rep, quick, tma=False, fp8=None) -> dict | None:
+    """cuBLAS, then the sweep, for one x [M, K]; returns the best config and its time (None if none ran).
+    fp8 = (fp8 weight copies, row scales): the sweep reads those (cuBLAS stays on the bf16 weights)."""
     (m, k), n, num_copies = x.shape, weights[0].shape[0], len(weights)
     read_bytes = 2 * (weights[0].numel() + x.numel() + (n if bias is not None else 0))
     err = max_rel_err(F.linear(x, weights[0], bias), ref)
     cublas_us = time_us(lambda i: F.linear(x, weights[i], bias), num_copies, rep)
-    print(f"  {'cuBLAS F.linear':32} {cublas_us:8.2f} us {read_bytes / cublas_us / 1e3:6.0f} GB/s  err {err:.1e}")
+    print(f"  {'cuBLAS F.linear (bf16 W)':32} {cublas_us:8.2f} us {read_bytes / cublas_us / 1e3:6.0f} GB/s  "
+          f"err {err:.1e}")  # fmt: skip
+    scale, mm_us = None, math.nan
+    if fp8 is not None:
+        from pagedserve.executor.kernels.fp8_quant import per_token_quant_fp8
+
+        weights, scale = fp8
+        num_copies = len(weights)
+        read_bytes -= weights[0].numel()  # one byte an element
+
+        def scaled_mm(i):
+            xq, xs = per_token_quant_fp8(x)
+            return torch._scaled_mm(xq, weights[i].t(), scale_a=xs, scale_b=scale.view(1, -1), bias=bias,
+                                    out_dtype=x.dtype)
+
+        mm_err = max_rel_err(scaled_mm(0), ref)
+        mm_us = time_us(scaled_mm, num_copies, rep)
+        print(f"  {'quant + _scaled_mm (fp8 W8A8)':32} {mm_us:8.2f} us {read_bytes / mm_us / 1e3:6.0f} GB/s  "
+              f"err {mm_err:.1e}  x{cublas_us / mm_us:.2f} vs cuBLAS")  # fmt: skip
     if LT_TOO:  # the same call with torch's cuBLASLt preference (another heuristic, other kernels)
         before = torch.backends.cuda.preferred_blas_library()
         try:
@@ -226,12 +262,13 @@ def bench_case(x, weights, bias, ref, num_sms, rep, quick, tma=False) -> dict | 
             return
         try:
             out.fill_(float("nan"))
-            skinny_linear(x, weights[0], bias, out=out, config=cfg)
+            skinny_linear(x, weights[0], bias, out=out, config=cfg, weight_scale=scale)
             err = max_rel_err(out, ref)
             if err > MAX_ERR:
                 print(f"  {label(cfg, k):32} WRONG: err {err:.1e}")
                 return
-            us = time_us(lambda i: skinny_linear(x, weights[i], bias, out=out, config=cfg), num_copies, rep)
+            us = time_us(lambda i: skinny_linear(x, weights[i], bias, out=out, config=cfg, weight_scale=scale),
+                         num_copies, rep)
         except Exception as exc:  # e.g. out of shared memory for a large tile: skip that config
             print(f"  {label(cfg, k):32} skipped: {type(exc).__name__}: {str(exc)[:80]}")
             return
@@ -241,7 +278,7 @@ def bench_case(x, weights, bias, ref, num_sms, rep, quick, tma=False) -> dict | 
 
     configs = candidates(m, n, k, num_sms, quick, tma)
     print(f"  (heuristic default: {label(configs[0], k)})")
-    committed = choose_config(m, n, k, x.dtype, x.device)
+    committed = choose_config(m, n, k, x.dtype, x.device) if scale is None else configs[0]
     if committed != configs[0]:  # the SKINNY_CONFIGS entry the model would run
         print(f"  (SKINNY_CONFIGS entry: {label(committed, k)})")
         try_config(committed)
@@ -259,7 +296,7 @@ def bench_case(x, weights, bias, ref, num_sms, rep, quick, tma=False) -> dict | 
                 try_config(replace(best, split_k=split))
     best = min(timed, key=timed.get)
     return dict(k=k, n=n, bytes=read_bytes, cublas=cublas_us, us=timed[best], cfg=best,
-                default_us=timed.get(configs[0], math.nan))  # fmt: skip
+                default_us=timed.get(configs[0], math.nan), mm=mm_us)  # fmt: skip
 
 
 def bench_layer(shapes, results, m, rep) -> None:
@@ -276,14 +313,19 @@ def bench_layer(shapes, results, m, rep) -> None:
             b = torch.randn(n, device=DEVICE, dtype=torch.bfloat16) * 0.02 if has_bias else None
             x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
             out = torch.empty(m, n, device=DEVICE, dtype=torch.bfloat16)
-            cfg = results[(name, m)]["cfg"] if (name, m) in results else choose_config(m, n, k, w.dtype, w.device)
-            layer.append((x, w, b, out, cfg))
+            cfg = (results[(name, m)]["cfg"] if (name, m) in results
+                   else choose_fp8_config(m, n, k, w.device) if FP8 else choose_config(m, n, k, w.dtype, w.device))
+            q, scale = quantize_rows_fp8(w) if FP8 else (w, None)
+            layer.append((x, w, b, out, cfg, q, scale))
         layers.append(layer)
-    layer_bytes = sum(2 * (w.numel() + x.numel() + (b.numel() if b is not None else 0)) for x, w, b, _, _ in layers[0])
-    cublas = time_us(lambda i: [F.linear(x, w, b) for x, w, b, _, _ in layers[i]], len(layers), rep)
-    skinny = time_us(
-        lambda i: [skinny_linear(x, w, b, out=o, config=c) for x, w, b, o, c in layers[i]], len(layers), rep
-    )
+    layer_bytes = sum(2 * (w.numel() + x.numel() + (b.numel() if b is not None else 0)) for x, w, b, *_ in layers[0])
+    cublas = time_us(lambda i: [F.linear(x, w, b) for x, w, b, *_ in layers[i]], len(layers), rep)
+    skinny = time_us(lambda i: [skinny_linear(x, q, b, out=o, config=c, weight_scale=s)
+                                for x, _, b, o, c, q, s in layers[i]], len(layers), rep)
+    if FP8:
+        print(f"\n== whole layer, fp8 weights through the skinny GEMM, M={m}: {skinny:.1f} us against cuBLAS bf16 "
+              f"{cublas:.1f} us (x{cublas / skinny:.2f}); bf16 bytes {layer_bytes / 1e6:.0f} MB")  # fmt: skip
+        return
     print(f"\n== whole layer (qkv, o, gate_up, down), M={m}, {layer_bytes / 1e6:.0f} MB per layer:")
     print(f"   cuBLAS {cublas:.1f} us ({layer_bytes / cublas / 1e3:.0f} GB/s)  vs  "
           f"triton {skinny:.1f} us ({layer_bytes / skinny / 1e3:.0f} GB/s)  x{cublas / skinny:.3f}")  # fmt: skip
@@ -305,9 +347,10 @@ def print_summary(results) -> None:
     for (name, m), r in results.items():
         gbs, gbs_cublas = r["bytes"] / r["us"] / 1e3, r["bytes"] / r["cublas"] / 1e3
         print(f"{name:8} M={m}: best triton {r['us']:.2f} us ({gbs:.0f} GB/s) vs cuBLAS {r['cublas']:.2f} us "
-              f"({gbs_cublas:.0f} GB/s)  x{r['cublas'] / r['us']:.2f}  [{label(r['cfg'], r['k'])}]")  # fmt: skip
+              f"({gbs_cublas:.0f} GB/s)  x{r['cublas'] / r['us']:.2f}  [{label(r['cfg'], r['k'])}]"
+              + (f"  _scaled_mm {r['mm']:.2f} us" if FP8 else ""))  # fmt: skip
     print("\n# Paste into skinny_gemm.py (keys (N, K, m_bucket); split_k as launched; block_m for dot configs):")
-    print("SKINNY_CONFIGS: dict[tuple[int, ...], dict[str, int | bool]] = {")
+    print(f"{'SKINNY_FP8_CONFIGS' if FP8 else 'SKINNY_CONFIGS'}: dict[tuple[int, ...], dict[str, int | bool]] = {{")
     printed: dict[tuple[int, int, int], int] = {}  # key -> the M it was printed for
     for (name, m), r in results.items():
         key = (r["n"], r["k"], m_bucket(m))
@@ -341,6 +384,7 @@ def main() -> None:
     parser.add_argument("--tma", action="store_true", help="M > 8: sweep the TMA tiles (LARGE_M_TMA_TILES)")
     parser.add_argument("--tail-only", action="store_true", help="--tma at 128 < M < 256: only the 128 + tail tiles")
     parser.add_argument("--lt", action="store_true", help="also time F.linear under torch's cuBLASLt preference")
+    parser.add_argument("--fp8", action="store_true", help="fp8 weights with row scales (SKINNY_FP8_CONFIGS)")
     parser.add_argument("--rep", type=int, default=10, help="ms of kernels per CUDA graph (triton do_bench_cudagraph)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -351,11 +395,11 @@ def main() -> None:
     m_values = [int(v) for v in args.m.split(",")]
     if not all(1 <= m <= MAX_M for m in m_values):
         parser.error(f"--m values must be in 1..{MAX_M}, got {args.m}")
-    global CUBLAS_ONLY, LT_TOO, TAIL_ONLY
-    CUBLAS_ONLY, LT_TOO, TAIL_ONLY = args.cublas_only, args.lt, args.tail_only
+    global CUBLAS_ONLY, LT_TOO, TAIL_ONLY, FP8
+    CUBLAS_ONLY, LT_TOO, TAIL_ONLY, FP8 = args.cublas_only, args.lt, args.tail_only, args.fp8
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"{torch.cuda.get_device_name()} ({num_sms} SMs)  torch {torch.__version__}  triton {triton.__version__}"
-          f"  model {args.model}  bf16")  # fmt: skip
+          f"  model {args.model}  {'fp8 weights' if args.fp8 else 'bf16'}")  # fmt: skip
     start = time.perf_counter()
     bench_ceilings(args.rep)
     results: dict = {}

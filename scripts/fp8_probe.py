@@ -1,3 +1,4 @@
+# ruff: noqa: E702, B023
 """Probe torch._scaled_mm (rowwise fp8) on this GPU at the Qwen2-7B projection shapes: which M it accepts,
 bias support, error against an fp32 emulation, and device time against bf16 F.linear (CUDA events)."""
 import torch

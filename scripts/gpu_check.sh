@@ -346,6 +346,21 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
       python3 -m pagedserve.executor.kernels.bench_kernels --tune sample ;;
     skinny)
       python3 scripts/bench_skinny_gemm.py --m 1 --shapes qkv,o,gate_up,down ;;
+    fp8-test)  # quantization="fp8": its kernels against torch, then the engine against Transformers on fp8 weights
+      timeout 400 python3 -m pytest tests/kernels/test_fp8.py tests/gpu/test_fp8_gpu.py -q -p no:cacheprovider -ra -s \
+        2>&1 | grep -E "fp8 engine|passed|failed|FAILED|Error" | tail -14 ;;
+    fp8-gemm)  # fp8 weights: the skinny GEMM's tiles (M=1 every tile; larger M quick) and quant + _scaled_mm vs cuBLAS bf16
+      timeout 250 python3 scripts/bench_skinny_gemm.py --fp8 --m 1 --shapes qkv,o,gate_up,down 2>&1 \
+        | grep -E "^(qkv|o|gate_up|down) +M=|==|^ +cuBLAS|^ +quant|^ +\(|^    \(|^SKINNY|^ceil"
+      timeout 300 python3 scripts/bench_skinny_gemm.py --fp8 --quick --m ${FP8_M:-8,16,32,64,139,256} \
+        --shapes qkv,o,gate_up,down 2>&1 | grep -E "^(qkv|o|gate_up|down) +M=|==|^ +cuBLAS|^ +quant|^    \(|^SKINNY" ;;
+    fp8-bench)  # batch-1 latency and the default workload, bf16 then fp8, one machine
+      for q in "" "--quantization fp8"; do
+        echo "== ${q:-bf16}"
+        python3 -m pagedserve.entrypoints.cli bench latency --model $M --load-format dummy $q 2>&1 | tail -4
+        python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm $q \
+          --output-json "$OUT/throughput${q:+-fp8}.json" 2>&1 | tail -4
+      done ;;
     skinny-b1)  # batch-1 qkv, o, down: every M=1 tile (and splits of the best) vs cuBLAS
       timeout 300 python3 scripts/bench_skinny_gemm.py --m 1 --shapes qkv,o,down ;;
     skinny-lm)  # the batch-1 LM head shape: skinny configs vs cuBLAS

@@ -41,6 +41,19 @@ def _matmul_rate(device: torch.device) -> float:
     return 2 * m**3 / (ms / 1e3)
 
 
+def measure_fp8_matmul_rate(device: torch.device | None = None) -> float:
+    """The fp8 (e4m3) matrix rate, FLOP/s: torch._scaled_mm on 8192^3 with row-wise scales and a bf16 output, as
+    quantization="fp8" runs its large GEMMs; fastest of 20 after 10 warm-ups."""
+    device = device or torch.device("cuda")
+    m = 8192
+    a = torch.randn(m, m, device=device).to(torch.float8_e4m3fn)
+    b = torch.randn(m, m, device=device).to(torch.float8_e4m3fn).t()  # column-major, as _scaled_mm wants
+    sa = torch.ones(m, 1, device=device)
+    sb = torch.ones(1, m, device=device)
+    ms = _best_ms(lambda: torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16))
+    return 2 * m**3 / (ms / 1e3)
+
+
 def measure_ceilings(device: torch.device | None = None) -> tuple[float, float]:
     """Returns (bytes/s, FLOP/s) measured on the current CUDA device."""
     device = device or torch.device("cuda")

@@ -20,6 +20,9 @@ def add_ceiling_args(parser: argparse.ArgumentParser) -> None:
                              "takes N cards' with -tp N)")
     parser.add_argument("--peak-flops", type=float, default=None,
                         help="card's bf16 matrix rate in FLOP/s (default: measured at start on CUDA)")
+    parser.add_argument("--peak-fp8-flops", type=float, default=None,
+                        help="card's fp8 matrix rate in FLOP/s, for the floor of a --quantization fp8 run (default: "
+                             "measured at start on CUDA when the run is fp8)")
     parser.add_argument("--output-json", default=None, help="write the results to this JSON file")
 
 
@@ -46,6 +49,23 @@ def card_ceilings(args: argparse.Namespace, device_type: str) -> tuple[float | N
     return bandwidth, flops, name
 
 
+def fp8_ceiling(args: argparse.Namespace, device_type: str) -> float | None:
+    """The fp8 matrix rate for a --quantization fp8 run's floor: given, or measured on CUDA (N cards' with -tp N);
+    None for other runs and on CPU."""
+    if getattr(args, "quantization", None) != "fp8":
+        return None
+    rate = getattr(args, "peak_fp8_flops", None)
+    if rate is None and device_type == "cuda":
+        import torch
+
+        from pagedserve.bench.ceilings import measure_fp8_matmul_rate
+
+        rate = measure_fp8_matmul_rate()
+        torch.cuda.empty_cache()
+    cards = getattr(args, "tensor_parallel_size", 1) or 1
+    return rate * cards if rate and device_type == "cuda" else rate
+
+
 def build_llm(args: argparse.Namespace):
     from pagedserve.entrypoints.args import config_from_args
     from pagedserve.entrypoints.llm import LLM
@@ -60,7 +80,9 @@ def build_llm(args: argparse.Namespace):
 def model_shape(llm) -> ModelShape:
     worker = llm.engine.worker
     dtype_bytes = worker.dtype_bytes
-    return ModelShape.from_hf_config(worker.hf_config, dtype_bytes)
+    # fp8 weights are kept as such on CUDA only (the CPU holds their dequantized values)
+    quantization = llm.engine.config.quantization if worker.device.type == "cuda" else None
+    return ModelShape.from_hf_config(worker.hf_config, dtype_bytes, quantization)
 
 
 def git_commit() -> str:

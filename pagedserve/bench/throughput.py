@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from pagedserve.bench.common import build_llm, card_ceilings, finish, model_shape
+from pagedserve.bench.common import build_llm, card_ceilings, finish, fp8_ceiling, model_shape
 from pagedserve.bench.datasets import parse_range, random_requests
 from pagedserve.bench.roofline import workload_floor
 from pagedserve.gc_control import GcMonitor, freeze_startup_objects, unfreeze_and_collect
@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> dict:
         raise RuntimeError(f"generated {num_out} tokens, expected {expected_out} (ignore_eos is set)")
     step_summary = engine.step_timing.summary()
     bandwidth, flops, card = card_ceilings(args, engine.worker.device.type)
+    fp8_flops = fp8_ceiling(args, engine.worker.device.type)
     result = {
         "bench": "throughput",
         "card": card,
@@ -73,12 +74,13 @@ def run(args: argparse.Namespace) -> dict:
         "warmup_s": warmup_s,
         **gc_monitor.summary(),
     }
-    if bandwidth and flops:
-        shape = model_shape(llm)
+    shape = model_shape(llm)
+    if bandwidth and flops and (fp8_flops or not shape.fp8_params):
         floor_s, prefill_s = workload_floor(shape, [len(r.prompt_token_ids) for r in requests],
-                                            [r.output_len for r in requests], bandwidth, flops)
+                                            [r.output_len for r in requests], bandwidth, flops, fp8_flops)
         result.update({
             "peak_bandwidth": bandwidth, "peak_flops": flops, "floor_s": floor_s,
+            **({"peak_fp8_flops": fp8_flops, "quantization": "fp8"} if shape.fp8_params else {}),
             "floor_prefill_s": prefill_s, "floor_output_tok_per_s": num_out / floor_s,
             "pct_of_floor": 100.0 * floor_s / elapsed,
         })
@@ -93,7 +95,8 @@ def run(args: argparse.Namespace) -> dict:
         del engine, outputs  # the engine (weights, KV cache, graphs) must go before Transformers loads
         _compare_hf(args, llm, requests, result)
     if "floor_s" in result:
-        print(f"floor on {card} ({bandwidth / 1e12:.2f} TB/s, {flops / 1e12:.0f} TFLOP/s): {result['floor_s']:.2f} s "
+        rates = f"{flops / 1e12:.0f}" + (f", fp8 {fp8_flops / 1e12:.0f}" if shape.fp8_params else "")
+        print(f"floor on {card} ({bandwidth / 1e12:.2f} TB/s, {rates} TFLOP/s): {result['floor_s']:.2f} s "
               f"= {result['floor_output_tok_per_s']:.0f} output tok/s; reached {result['pct_of_floor']:.1f}% of floor")
     return result
 

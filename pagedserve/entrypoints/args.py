@@ -20,6 +20,10 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs")
     g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"],
                    help="weights source; dummy: random weights from config.json (benchmarks of shapes)")
+    g.add_argument("--quantization", "-q", default=None, choices=["fp8"],
+                   help="fp8: the decoder's projections in float8_e4m3fn with a scale per output row, quantized at "
+                        "load (half the weight memory and decode bytes; fp8 tensor cores for prefill on compute "
+                        "capability >= 8.9; the CPU keeps the dequantized values)")
     g.add_argument("--seed", type=int, default=0, help="seed for unseeded sampling and dummy weights")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="context length (prompt + output); default: the model's max_position_embeddings")
@@ -70,7 +74,7 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> EngineCon
     model = getattr(args, "model_tag", None) or args.model
     kwargs = dict(
         model=model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
-        load_format=args.load_format, seed=args.seed, max_model_len=args.max_model_len,
+        load_format=args.load_format, quantization=args.quantization, seed=args.seed, max_model_len=args.max_model_len,
         block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_gib=args.cpu_kv_cache_gib,

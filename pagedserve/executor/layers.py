@@ -28,8 +28,28 @@ class Linear(nn.Module):
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        # fp8 (executor/quantization.py): weight is float8_e4m3fn and this its [out] fp32 row scale.
+        self.weight_scale: torch.Tensor | None = None
+
+    def quantize_fp8(self) -> None:
+        """Replaces the loaded weight by fp8 rows and their scales (on CUDA), or, elsewhere, by the dequantized
+        fp8 values in the weight's dtype (the numerics without the memory saving)."""
+        from pagedserve.executor.quantization import dequantize_rows_fp8, quantize_rows_fp8
+
+        if self.weight_scale is not None:
+            raise ValueError("this projection is already quantized")
+        q, scale = quantize_rows_fp8(self.weight.data)
+        if self.weight.is_cuda:
+            self.weight = nn.Parameter(q, requires_grad=False)
+            self.weight_scale = scale
+        else:
+            self.weight.data.copy_(dequantize_rows_fp8(q, scale, self.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_scale is not None:
+            from pagedserve.executor.quantization import fp8_linear
+
+            return fp8_linear(x, self.weight, self.weight_scale, self.bias)
         # Decode on CUDA: the Triton skinny GEMM streams the weight faster than cuBLAS at one token (~9%)
         # and, for some projections, at 3-32 tokens (docs/gpu-notes.md); it is used where SKINNY_CONFIGS
         # holds a measured win, else cuBLAS.

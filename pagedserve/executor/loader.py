@@ -235,7 +235,7 @@ def load_model(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         logger.info("start-up: dummy weights in %.1f s", time.monotonic() - t_built)
-        return model, hf_config
+        return _quantized(model, config), hf_config
     if source.kind == "gguf":
         weights = iterate_gguf_weights(source.path, hf_config)
     else:
@@ -246,7 +246,15 @@ def load_model(
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(f"checkpoint {source.path!r} lacks weights for {shown}")
-    return model, hf_config
+    return _quantized(model, config), hf_config
+
+
+def _quantized(model: nn.Module, config: EngineConfig) -> nn.Module:
+    if config.quantization is not None:
+        from pagedserve.executor.quantization import quantize_model
+
+        quantize_model(model, config.quantization)
+    return model
 
 
 def get_eos_token_ids(hf_config: Any, folder: str | None = None) -> set[int]:

@@ -46,10 +46,16 @@ def test_mixed_batch_matches_hf_on_cuda(backend: str, arch: str, tmp_path) -> No
 
 
 def run_mixed_batch_against_hf(arch: str, tmp_path, device: str, backend: str, tolerance: float,
-                               pad: bool | None = None) -> None:
+                               pad: bool | None = None, quantization: str | None = None,
+                               dtype: torch.dtype = torch.float32) -> None:
+    """quantization="fp8": the reference is HF with its projections rounded to fp8 as the engine rounds them."""
     hf = save_tiny_model(arch, tmp_path)
+    if quantization == "fp8":
+        from tests.executor.test_quantization import round_projections_to_fp8
+
+        round_projections_to_fp8(hf)
     runner, sampler = make_runner(tmp_path, block_size=BLOCK, num_blocks=24, device=device,
-                                  attention_backend=backend)
+                                  attention_backend=backend, quantization=quantization, dtype=dtype)
     assert runner.backend.name == backend
     if pad is not None:
         runner.pad_eager_steps = pad

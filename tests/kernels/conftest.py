@@ -32,6 +32,7 @@ KERNEL_MODULES = (
     "pagedserve.executor.kernels.sample",
     "pagedserve.executor.kernels.penalties",
     "pagedserve.executor.kernels.logprob_stats",
+    "pagedserve.executor.kernels.fp8_quant",
 )
 
 if not torch.cuda.is_available():

@@ -74,6 +74,7 @@ def _skinny_gemm_kernel(
     x_ptr,  # [M, K], K contiguous
     w_ptr,  # [N, K], contiguous
     bias_ptr,  # [N] (HAS_BIAS only)
+    scale_ptr,  # [N] fp32 (HAS_SCALE only): W's rows are fp8, each times its scale
     out_ptr,  # y [M, N] (x's dtype) or, when split, partials [splits, M, N] fp32
     M,  # dot: any M (m-tiles of BLOCK_M rows); fma: M <= BLOCK_M (one tile)
     N,
@@ -84,6 +85,7 @@ def _skinny_gemm_kernel(
     stride_om,
     k_per_split,  # a multiple of BLOCK_K
     HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,  # fp8 W: converted to x's dtype for the dot, the row scale applied to the sums
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks at all
     USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -128,6 +130,8 @@ def _skinny_gemm_kernel(
                 k_mask = (k + offs_k) < k_end
                 w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
                 x = tl.load(x_ptrs, mask=m_mask & k_mask[None, :], other=0.0)
+            if HAS_SCALE:  # fp8 -> x's dtype (exact: e4m3 values are bf16/fp16 values)
+                w = w.to(x.dtype)
             acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
@@ -183,6 +187,8 @@ def _skinny_gemm_kernel(
         result = tl.trans(acc)
 
     n_mask = offs_n < N
+    if HAS_SCALE:  # per split too: the scale is per column, so the split sums add up the same
+        result *= tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
     if HAS_BIAS:
         result += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
@@ -467,6 +473,22 @@ def choose_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.devi
     return default_config(m, n, k, dtype, _num_sms(device))
 
 
+# fp8 weights (skinny_linear's weight_scale), keyed (N, K, m_bucket) as SKINNY_CONFIGS; measured entries only.
+SKINNY_FP8_CONFIGS: dict[tuple[int, ...], dict[str, int | bool]] = {}
+
+
+def choose_fp8_config(m: int, n: int, k: int, device: torch.device) -> SkinnyConfig:
+    """fp8 weights: a measured SKINNY_FP8_CONFIGS entry, else the heuristic sized for W's one-byte elements
+    (the fma paths' block_k spans 512 bytes of a W row, as for 16-bit W; the dot path sizes its shared memory
+    for 16-bit tiles, since W is converted before the dot)."""
+    key = (n, k, m_bucket(m))
+    if key in SKINNY_FP8_CONFIGS:
+        return SkinnyConfig(**SKINNY_FP8_CONFIGS[key])
+    if m > FMA_MAX_M:
+        return default_dot_config(m, n, k, torch.bfloat16, _num_sms(device))
+    return default_config(m, n, k, torch.float8_e4m3fn, _num_sms(device))
+
+
 def fit_tail(config: SkinnyConfig, m: int) -> SkinnyConfig:
     """An entry with two token tiles (block_m_tail > 0) serves every M of its bucket: the second tile is sized
     to what M leaves past block_m (a power of 2, 16..block_m), or dropped when block_m holds M, so M = 144 runs
@@ -478,7 +500,8 @@ def fit_tail(config: SkinnyConfig, m: int) -> SkinnyConfig:
     return replace(config, block_m_tail=min(config.block_m, max(16, m_bucket(m - config.block_m))))
 
 
-def _check_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None) -> None:
+def _check_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None,
+                    weight_scale: torch.Tensor | None = None) -> None:
     if x.dim() != 2 or weight.dim() != 2:
         raise ValueError(f"x must be [M, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
     (m, k), (n, k_w) = x.shape, weight.shape
@@ -486,7 +509,14 @@ def _check_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         raise ValueError(f"skinny_linear takes 1 <= M <= {MAX_M} rows, got M={m}; use F.linear for more")
     if k != k_w or k == 0 or n == 0:
         raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not match ([M, K] @ [N, K]^T)")
-    if x.dtype not in _DTYPES or weight.dtype != x.dtype:
+    if weight_scale is not None:
+        if weight.dtype != torch.float8_e4m3fn or x.dtype not in _DTYPES:
+            raise ValueError(f"with weight_scale, weight must be float8_e4m3fn and x float16/bfloat16/float32, "
+                             f"got {weight.dtype}, {x.dtype}")
+        if weight_scale.shape != (n,) or weight_scale.dtype != torch.float32 or weight_scale.stride(0) != 1:
+            raise ValueError(f"weight_scale must be a contiguous [{n}] float32 tensor, got "
+                             f"{tuple(weight_scale.shape)} {weight_scale.dtype}")
+    elif x.dtype not in _DTYPES or weight.dtype != x.dtype:
         raise ValueError(f"x and weight must share a float16/bfloat16/float32 dtype, got {x.dtype}, {weight.dtype}")
     if x.stride(1) != 1 or not weight.is_contiguous():
         raise ValueError("x needs a contiguous last dimension and weight must be contiguous")
@@ -514,18 +544,25 @@ def skinny_linear(
     out: torch.Tensor | None = None,
     config: SkinnyConfig | Mapping[str, int | bool] | None = None,
     out_dtype: torch.dtype | None = None,
+    weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """F.linear(x, weight, bias) for x [M, K] with 1 <= M <= 256; returns out ([M, N], x's dtype, or
-    out_dtype=torch.float32: the fp32 accumulator unrounded, e.g. for logits)."""
+    out_dtype=torch.float32: the fp32 accumulator unrounded, e.g. for logits).
+
+    weight_scale [N] fp32: weight is float8_e4m3fn and stands for weight * weight_scale[:, None] (fp8
+    weights, 16-bit activations: W read at one byte an element, products and sums as for 16-bit W)."""
     if out_dtype not in (None, x.dtype, torch.float32):
         raise ValueError(f"out_dtype must be x's dtype or torch.float32, got {out_dtype}")
-    _check_operands(x, weight, bias, out)
+    _check_operands(x, weight, bias, out, weight_scale)
     (m, k), n = x.shape, weight.shape[0]
     if config is None:
-        config = choose_config(m, n, k, x.dtype, x.device)
+        config = (choose_config(m, n, k, x.dtype, x.device) if weight_scale is None
+                  else choose_fp8_config(m, n, k, x.device))
     elif not isinstance(config, SkinnyConfig):
         config = SkinnyConfig(**config)
     config.validate()
+    if weight_scale is not None and config.use_tma:
+        raise ValueError("fp8 weights (weight_scale) take the plain dot or fma paths, not use_tma")
     if not config.use_dot and m > FMA_MAX_M:
         raise ValueError(f"use_dot=False (the fma path) takes M <= {FMA_MAX_M}, got M={m}; use a dot config")
     if out is None:
@@ -558,8 +595,9 @@ def skinny_linear(
         )  # fmt: skip
     else:
         _skinny_gemm_kernel[grid](
-            x, weight, bias if bias is not None else x, target,
+            x, weight, bias if bias is not None else x, weight_scale if weight_scale is not None else x, target,
             m, n, k, x.stride(0), weight.stride(0), stride_os, stride_om, tiles_per_split * block_k,
+            HAS_SCALE=weight_scale is not None,
             EVEN_K=k % block_k == 0,
             USE_DOT=config.use_dot,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,  # fp32: no TF32 rounding
@@ -579,8 +617,10 @@ __all__ = [
     "FMA_MAX_M",
     "MAX_M",
     "SKINNY_CONFIGS",
+    "SKINNY_FP8_CONFIGS",
     "SkinnyConfig",
     "choose_config",
+    "choose_fp8_config",
     "default_config",
     "default_dot_config",
     "default_split_k",

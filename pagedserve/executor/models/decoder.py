@@ -128,7 +128,7 @@ class DecoderAttention(nn.Module):
     def forward(self, hidden: torch.Tensor, rope: RopeStep, ctx: ForwardContext) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         kv_cache = ctx.kv_caches[self.layer_idx]
-        if self.q_norm is None and _fuses_qkv_rope(hidden, rope, ctx.backend):
+        if self.q_norm is None and self.qkv_proj.weight_scale is None and _fuses_qkv_rope(hidden, rope, ctx.backend):
             from pagedserve.executor.kernels.qkv_rope_kv import qkv_rope_kv_write
 
             q = qkv_rope_kv_write(hidden, self.qkv_proj.weight, self.qkv_proj.bias, rope.positions,
@@ -159,7 +159,7 @@ class DecoderMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 1 and x.is_cuda and _FUSED_GATE_UP and self.gate_up_proj.bias is None \
-                and x.dtype != torch.float32:
+                and self.gate_up_proj.weight_scale is None and x.dtype != torch.float32:
             # One token: gate_up GEMM and SiLU·mul in one kernel (kernels/gate_up_silu.py).
             from pagedserve.executor.kernels.gate_up_silu import gate_up_silu
 

@@ -1,0 +1,146 @@
+"""quantization="fp8": the engine on the real embedded model against Transformers loaded with the same weights rounded
+to fp8 (per output row, as executor/quantization.py does), token for token; against the unquantized model, how
+close; the flag's plumbing and its errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagedserve import LLM, SamplingParams
+from pagedserve.config import EngineConfig
+from pagedserve.executor.quantization import dequantize_rows_fp8, quantize_rows_fp8
+
+CHATS = [
+    [{"role": "user", "content": "Write a Python function that reverses a string."}],
+    [{"role": "user", "content": "List three prime numbers."}],
+]
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def fp8_llm(real_model_dir: str) -> LLM:
+    return LLM(real_model_dir, quantization="fp8", max_model_len=512, cpu_kv_cache_gib=0.25)
+
+
+def round_projections_to_fp8(hf) -> None:
+    """Each projection's weight of a HF model replaced by its fp8 rows times their scales (in place)."""
+    count = 0
+    with torch.no_grad():
+        for name, module in hf.named_modules():
+            if name.rsplit(".", 1)[-1] in PROJECTIONS:
+                q, scale = quantize_rows_fp8(module.weight)
+                module.weight.copy_(dequantize_rows_fp8(q, scale, module.weight.dtype))
+                count += 1
+    assert count == 7 * hf.config.num_hidden_layers
+
+
+def hf_with_fp8_weights(real_model_dir: str):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(real_model_dir, dtype=torch.float32)
+    hf.eval()
+    round_projections_to_fp8(hf)
+    return hf
+
+
+def test_fp8_engine_equals_transformers_on_fp8_weights(fp8_llm: LLM, real_model_dir: str) -> None:
+    """Greedy 24 tokens of two chats equal HF generate on the fp8-rounded weights; the logprobs of those tokens
+    agree to fp32 rounding (the CPU path computes with the dequantized weights, as the reference does)."""
+    params = SamplingParams(temperature=0.0, max_tokens=24, logprobs=0)
+    outputs = fp8_llm.chat(CHATS, params, use_tqdm=False)
+    hf = hf_with_fp8_weights(real_model_dir)
+    for out in outputs:
+        ids = torch.tensor([out.prompt_token_ids])
+        with torch.no_grad():
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                              pad_token_id=151643, output_logits=True, return_dict_in_generate=True)
+        ref_new = ref.sequences[0, ids.shape[1]:].tolist()
+        got = out.outputs[0]
+        assert got.token_ids == ref_new, (got.text, fp8_llm.get_tokenizer().decode(ref_new))
+        assert len(got.logprobs) == len(ref_new) >= 8
+        for step, token in enumerate(ref_new):  # raw logits on both sides
+            ref_lp = torch.log_softmax(ref.logits[step][0].float(), dim=-1)[token].item()
+            assert got.logprobs[step].token_id == token
+            assert abs(got.logprobs[step].logprob - ref_lp) < 2e-3, (step, token, got.logprobs[step].logprob, ref_lp)
+
+
+def test_fp8_stays_close_to_the_unquantized_model(fp8_llm: LLM, real_model_dir: str) -> None:
+    """Teacher-forced over the same prompts: the fp8 model's next-token argmax agrees with the fp32 model's at
+    >= 90% of positions, and its logits differ by a few percent (e4m3 rounds each weight by <= 2^-4 of its
+    row's largest, ~2-3% in norm)."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = fp8_llm.get_tokenizer()
+    text = ("def reverse(s):\n    return s[::-1]\n\nprint(reverse('hello world'))\n# A GPU runs many threads at once; "
+            "it is fast at matrix products. Primes: 2, 3, 5, 7, 11, 13.")
+    ids = torch.tensor([tokenizer.encode(text)])
+    exact = AutoModelForCausalLM.from_pretrained(real_model_dir, dtype=torch.float32).eval()
+    rounded = hf_with_fp8_weights(real_model_dir)
+    with torch.no_grad():
+        a = exact(ids).logits[0]
+        b = rounded(ids).logits[0]
+    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    rel = ((a - b).norm() / a.norm()).item()
+    print(f"fp8 vs fp32 model, teacher-forced over {ids.shape[1]} positions: argmax agreement {agree:.3f}, "
+          f"logits rel err {rel:.2e}")
+    assert agree >= 0.9, agree
+    assert 1e-3 < rel < 0.1, rel  # changed, but not by much
+    # and the engine's prompt logprobs on the fp8 model are the rounded model's
+    out = fp8_llm.generate([{"prompt_token_ids": ids[0].tolist()}],
+                           SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+    ref_lp = torch.log_softmax(b, dim=-1)
+    for pos in range(1, ids.shape[1]):
+        token = ids[0, pos].item()
+        entry = out.prompt_logprobs[pos]
+        assert entry.token_id == token and abs(entry.logprob - ref_lp[pos - 1, token].item()) < 2e-3, pos
+
+
+def test_quantization_flag_validation_and_cli() -> None:
+    from pagedserve.entrypoints.args import add_engine_args, config_from_args
+
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        EngineConfig(quantization="int4")
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        LLM(load_format="dummy", quantization="awq")
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser, model_positional=True)
+    assert config_from_args(parser.parse_args(["m", "-q", "fp8"])).quantization == "fp8"
+    assert config_from_args(parser.parse_args(["m"])).quantization is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["m", "--quantization", "gptq"])
+
+
+def test_mixed_batch_with_fp8_matches_hf_on_fp8_weights(tmp_path) -> None:
+    """The model runner's mixed step (chunked prefill, prefix hit, decodes) on CPU with quantization="fp8" gives
+    HF's logits on the fp8-rounded weights."""
+    from tests.executor.test_model_runner import run_mixed_batch_against_hf
+
+    run_mixed_batch_against_hf("qwen2", tmp_path, "cpu", "torch", tolerance=1e-4, quantization="fp8")
+
+
+def test_load_model_quantizes_the_projections_only(tmp_path) -> None:
+    """load_model with quantization="fp8" on CPU: every decoder projection holds its fp8-rounded values (the
+    dequantized rows; no fp8 tensor is kept on CPU), the embedding, norms and LM head are the checkpoint's."""
+    from pagedserve.executor.layers import Linear
+    from pagedserve.executor.loader import load_model
+    from tests.executor.helpers import save_tiny_model, tiny_hf_config
+
+    save_tiny_model("qwen2", tmp_path)
+    plain, _ = load_model(EngineConfig(model=str(tmp_path), device="cpu"), str(tmp_path), torch.device("cpu"),
+                          torch.float32)
+    fp8, _ = load_model(EngineConfig(model=str(tmp_path), device="cpu", quantization="fp8"), str(tmp_path),
+                        torch.device("cpu"), torch.float32)
+    projections = {n for n, m in fp8.named_modules() if isinstance(m, Linear) and not n.endswith("lm_head")}
+    assert len(projections) == 4 * tiny_hf_config("qwen2").num_hidden_layers
+    quantized = {name: p for name, p in fp8.named_parameters()}
+    for name, ref in plain.named_parameters():
+        got = quantized[name].detach()
+        if name.endswith(".weight") and name[: -len(".weight")] in projections:
+            q, scale = quantize_rows_fp8(ref.detach())
+            assert torch.equal(got, dequantize_rows_fp8(q, scale, torch.float32)), name
+            assert not torch.equal(got, ref.detach()), name
+        else:
+            assert torch.equal(got, ref.detach()), name
