@@ -123,6 +123,11 @@ TAIL_TMA_TILES = [
 # --fp8, M <= 2: W rows of one byte an element, so longer K steps for the same bytes a lane
 FP8_FMA_TILES = [(1, 1024, 4, 3), (2, 1024, 4, 3), (4, 1024, 4, 2), (2, 2048, 4, 2), (4, 2048, 8, 2), (8, 1024, 8, 2),
                  (4, 512, 4, 3), (8, 512, 4, 3)]
+# --fp8, M >= 2: fp8 x (per-token quantization, timed with the GEMM) times fp8 W on the dot path (W8A8),
+# (block_m, block_n, block_k, warps, stages); one-byte tiles, so longer K steps; block_m clamped to M's bucket
+W8A8_TILES = [(16, 64, 256, 4, 4), (16, 128, 128, 8, 4), (32, 64, 256, 4, 4), (32, 128, 128, 8, 4),
+              (64, 64, 256, 4, 3), (64, 128, 128, 8, 4), (128, 64, 128, 4, 4), (128, 128, 128, 8, 3),
+              (256, 64, 128, 8, 3), (256, 128, 64, 8, 4)]
 SPLITS = (1, 2, 3, 4, 5, 6, 8, 12)
 FP8 = False  # --fp8
 CUBLAS_ONLY = False  # --cublas-only: time F.linear at each M, no Triton sweep
@@ -295,8 +300,60 @@ def bench_case(x, weights, bias, ref, num_sms, rep, quick, tma=False, fp8=None) 
                 seen.add(effective_split_k(k, best.block_k, split))
                 try_config(replace(best, split_k=split))
     best = min(timed, key=timed.get)
+    w8a8 = bench_w8a8(x, weights, scale, bias, ref, num_sms, rep, quick, cublas_us) if fp8 is not None else None
     return dict(k=k, n=n, bytes=read_bytes, cublas=cublas_us, us=timed[best], cfg=best,
-                default_us=timed.get(configs[0], math.nan), mm=mm_us)  # fmt: skip
+                default_us=timed.get(configs[0], math.nan), mm=mm_us, w8a8=w8a8)  # fmt: skip
+
+
+def bench_w8a8(x, weights, scale, bias, ref, num_sms, rep, quick, cublas_us) -> tuple[SkinnyConfig, float] | None:
+    """--fp8: x quantized per token in the timed op, then the skinny GEMM's fp8 x fp8 dot; (best config, us)."""
+    from pagedserve.executor.kernels.fp8_quant import per_token_quant_fp8
+
+    (m, k), n = x.shape, weights[0].shape[0]
+    out = torch.empty(m, n, device=DEVICE, dtype=torch.bfloat16)
+    bucket = max(16, m_bucket(m))
+    tiles = list(dict.fromkeys((min(bm, bucket), bn, bk, w, st) for bm, bn, bk, w, st in W8A8_TILES))
+    if quick:
+        tiles = [t for t in tiles if t[0] == bucket][:3] or tiles[-3:]
+    configs = [choose_fp8_config(m, n, k, x.device, w8a8=True)]
+    for block_m, block_n, block_k, warps, stages in tiles:
+        block_k = fit_block_k(k, block_k)
+        split = default_split_k(n, k, block_n, block_k, num_sms, m=m, block_m=block_m)
+        configs.append(SkinnyConfig(block_n, block_k, warps, stages, split, True, block_m))
+    timed = {}
+
+    def op(i, cfg):
+        xq, xs = per_token_quant_fp8(x)
+        skinny_linear(xq, weights[i], bias, out=out, config=cfg, out_dtype=out.dtype, weight_scale=scale, x_scale=xs)
+
+    def try_config(cfg):
+        if cfg in timed:
+            return
+        try:
+            out.fill_(float("nan"))
+            op(0, cfg)
+            err = max_rel_err(out, ref)
+            if err > 5e-2:  # the activations' own fp8 rounding on top
+                print(f"  {'w8a8 ' + label(cfg, k):32} WRONG: err {err:.1e}")
+                return
+            us = time_us(lambda i: op(i, cfg), len(weights), rep)
+        except Exception as exc:
+            print(f"  {'w8a8 ' + label(cfg, k):32} skipped: {type(exc).__name__}: {str(exc)[:80]}")
+            return
+        timed[cfg] = us
+        print(f"  {'w8a8 ' + label(cfg, k):32} {us:8.2f} us  err {err:.1e}  x{cublas_us / us:.2f} vs cuBLAS",
+              flush=True)
+
+    for cfg in dict.fromkeys(configs):
+        try_config(cfg)
+    if timed and not quick:
+        best = min(timed, key=timed.get)
+        for split in (1, 2, 4, 8):
+            try_config(replace(best, split_k=split))
+    if not timed:
+        return None
+    best = min(timed, key=timed.get)
+    return best, timed[best]
 
 
 def bench_layer(shapes, results, m, rep) -> None:
@@ -348,7 +405,8 @@ def print_summary(results) -> None:
         gbs, gbs_cublas = r["bytes"] / r["us"] / 1e3, r["bytes"] / r["cublas"] / 1e3
         print(f"{name:8} M={m}: best triton {r['us']:.2f} us ({gbs:.0f} GB/s) vs cuBLAS {r['cublas']:.2f} us "
               f"({gbs_cublas:.0f} GB/s)  x{r['cublas'] / r['us']:.2f}  [{label(r['cfg'], r['k'])}]"
-              + (f"  _scaled_mm {r['mm']:.2f} us" if FP8 else ""))  # fmt: skip
+              + (f"  _scaled_mm {r['mm']:.2f} us" if FP8 else "")
+              + (f"  w8a8 {r['w8a8'][1]:.2f} us [{label(r['w8a8'][0], r['k'])}]" if r.get("w8a8") else ""))  # fmt: skip
     print("\n# Paste into skinny_gemm.py (keys (N, K, m_bucket); split_k as launched; block_m for dot configs):")
     print(f"{'SKINNY_FP8_CONFIGS' if FP8 else 'SKINNY_CONFIGS'}: dict[tuple[int, ...], dict[str, int | bool]] = {{")
     printed: dict[tuple[int, int, int], int] = {}  # key -> the M it was printed for
@@ -371,6 +429,33 @@ def print_summary(results) -> None:
             f"    {comment}{key}: dict(block_n={c.block_n}, block_k={c.block_k}, "
             f"num_warps={c.num_warps}, num_stages={c.num_stages}, split_k={split}, use_dot={c.use_dot}{block_m}),"
         )
+    print("}")
+    if FP8:
+        print_fp8_tables(results)
+
+
+def print_fp8_tables(results) -> None:
+    """The fastest fp8 way per (shape, M bucket), FP8_LINEAR_MODES, and the W8A8 configs, to paste."""
+    modes, w8a8 = {}, {}
+    for (name, m), r in results.items():
+        key = (r["n"], r["k"], m_bucket(m))
+        times = {"w8a16": r["us"], "scaled_mm": r["mm"]}
+        if r.get("w8a8"):
+            times["w8a8"] = r["w8a8"][1]
+            c = r["w8a8"][0]
+            w8a8[key] = (f"dict(block_n={c.block_n}, block_k={c.block_k}, num_warps={c.num_warps}, "
+                         f"num_stages={c.num_stages}, split_k={effective_split_k(r['k'], c.block_k, c.split_k)}, "
+                         f"use_dot=True, block_m={c.block_m}),  # {name} M={m}: {r['w8a8'][1]:.1f} us")
+        best = min(times, key=times.get)
+        modes[key] = f'"{best}",  # {name} M={m}: ' + ", ".join(f"{k} {v:.1f}" for k, v in times.items()) + \
+            f" us; cuBLAS bf16 {r['cublas']:.1f}"
+    print("FP8_LINEAR_MODES: dict[tuple[int, int, int], str] = {")
+    for key, line in modes.items():
+        print(f"    {key}: {line}")
+    print("}")
+    print("SKINNY_W8A8_CONFIGS: dict[tuple[int, ...], dict[str, int | bool]] = {")
+    for key, line in w8a8.items():
+        print(f"    {key}: {line}")
     print("}")
 
 

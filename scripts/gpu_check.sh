@@ -349,11 +349,12 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
     fp8-test)  # quantization="fp8": its kernels against torch, then the engine against Transformers on fp8 weights
       timeout 400 python3 -m pytest tests/kernels/test_fp8.py tests/gpu/test_fp8_gpu.py -q -p no:cacheprovider -ra -s \
         2>&1 | grep -E "fp8 engine|passed|failed|FAILED|Error" | tail -14 ;;
-    fp8-gemm)  # fp8 weights: the skinny GEMM's tiles (M=1 every tile; larger M quick) and quant + _scaled_mm vs cuBLAS bf16
+    fp8-gemm)  # fp8 weights, M=2..256: the skinny GEMM W8A16 and W8A8 tiles and quant + _scaled_mm vs cuBLAS bf16
+      timeout 420 python3 scripts/bench_skinny_gemm.py --fp8 --quick --m ${FP8_M:-2,4,8,16,32,64,139,256} \
+        --shapes qkv,o,gate_up,down 2>&1 | grep -E "^(qkv|o|gate_up|down) +M=|==|^    \(|^SKINNY|^FP8|^}" ;;
+    fp8-gemm-b1)  # fp8 weights, M=1: every fma tile
       timeout 250 python3 scripts/bench_skinny_gemm.py --fp8 --m 1 --shapes qkv,o,gate_up,down 2>&1 \
-        | grep -E "^(qkv|o|gate_up|down) +M=|==|^ +cuBLAS|^ +quant|^ +\(|^    \(|^SKINNY|^ceil"
-      timeout 300 python3 scripts/bench_skinny_gemm.py --fp8 --quick --m ${FP8_M:-8,16,32,64,139,256} \
-        --shapes qkv,o,gate_up,down 2>&1 | grep -E "^(qkv|o|gate_up|down) +M=|==|^ +cuBLAS|^ +quant|^    \(|^SKINNY" ;;
+        | grep -E "^(qkv|o|gate_up|down) +M=|==|^    \(|^SKINNY|^FP8|^}" ;;
     fp8-bench)  # batch-1 latency and the default workload, bf16 then fp8, one machine
       for q in "" "--quantization fp8"; do
         echo "== ${q:-bf16}"

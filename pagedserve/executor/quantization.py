@@ -5,16 +5,18 @@ After the weights are loaded (any format, dummy included), every projection of t
 / 448); the embedding, the norms and the LM head stay in the model's dtype, as in vLLM's fp8 mode. The
 weights then take half the memory of bf16, which the KV cache sizing gives to more blocks.
 
-How a quantized projection runs (`fp8_linear`):
-* CUDA, 1-256 tokens (decode, small mixed steps): the skinny GEMM reads the fp8 weight (one byte an
-  element, the row scale applied to the fp32 sums) against the 16-bit activations, so decode streams
-  half the weight bytes; the activations are not quantized (W8A16).
-* CUDA with fp8 tensor cores (compute capability >= 8.9), more tokens, bf16: activations quantized per
-  token (kernels/fp8_quant.py), then torch._scaled_mm with row-wise scales: fp8 x fp8 at twice bf16's
-  matrix rate, for prefill (W8A8).
-* Elsewhere (CPU, older GPUs for large batches): the fp8 weight times its scale in the model's dtype.
-  On the CPU the weight is kept dequantized once at load: the fp8 model's numerics for tests and
-  laptops, not its memory saving.
+How a quantized projection runs on CUDA (`fp8_linear`), by the step's token count M:
+* "w8a16", the skinny GEMM reading the fp8 weight (one byte an element, the row scale applied to the fp32
+  sums) against the 16-bit activations, which are not quantized: decode streams half the weight bytes.
+* "w8a8", the activations quantized per token (kernels/fp8_quant.py, one pass), then the skinny GEMM's
+  fp8 x fp8 tensor-core dot, both scales applied to the sums: for decode batches where the tensor work
+  of the W8A16 conversion would cost more than the bytes saved.
+* "scaled_mm": the same quantization, then torch._scaled_mm (row-wise scales; CUTLASS): prefill, M > 256.
+M <= 256 takes the way FP8_LINEAR_MODES holds for the shape and M's bucket (measured on the GPU), else
+"w8a16" up to 32 tokens and "w8a8" above; W8A8 needs fp8 tensor cores (compute capability >= 8.9) and
+`_scaled_mm` bf16 activations, so fp32 engines and older GPUs keep W8A16 and, past 256 tokens, the
+dequantized weight. Elsewhere (CPU) the weight is kept dequantized once at load: the fp8 model's numerics
+for tests and laptops, not its memory saving.
 """
 
 from __future__ import annotations
@@ -34,8 +36,13 @@ logger = logging.getLogger(__name__)
 SUPPORTED_QUANTIZATION = ("fp8",)
 FP8_DTYPE = torch.float8_e4m3fn
 SKINNY_MAX_M = 256
-# PAGEDSERVE_FP8_SKINNY_MAX_M: the largest token count sent to the skinny W8A16 GEMM (A/B runs; 0: none).
-_SKINNY_MAX_M = int(os.environ.get("PAGEDSERVE_FP8_SKINNY_MAX_M", str(SKINNY_MAX_M)))
+FP8_MODES = ("w8a16", "w8a8", "scaled_mm")
+# Measured: (N, K, m_bucket) -> the fastest of FP8_MODES at M <= 256 (scripts/bench_skinny_gemm.py --fp8 prints it).
+FP8_LINEAR_MODES: dict[tuple[int, int, int], str] = {}
+# PAGEDSERVE_FP8_MODE=w8a16|w8a8|scaled_mm: one way for every M <= 256 where the device and dtype allow it (A/B).
+_FORCED_MODE = os.environ.get("PAGEDSERVE_FP8_MODE") or None
+if _FORCED_MODE is not None and _FORCED_MODE not in FP8_MODES:
+    raise ValueError(f"PAGEDSERVE_FP8_MODE must be one of {FP8_MODES}, got {_FORCED_MODE!r}")
 
 
 def check_quantization(quantization: str | None) -> None:
@@ -66,27 +73,46 @@ def fp8_matmul_supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+def fp8_mode(m: int, n: int, k: int, x: torch.Tensor) -> str:
+    """The way fp8_linear computes M rows of x against an [N, K] fp8 weight: one of FP8_MODES or "dequant"."""
+    fp8_dot = x.is_cuda and x.dtype != torch.float32 and fp8_matmul_supported(x.device)
+    if m > SKINNY_MAX_M or not x.is_cuda:
+        return "scaled_mm" if fp8_dot and x.dtype == torch.bfloat16 else "dequant"
+    mode = _FORCED_MODE or FP8_LINEAR_MODES.get((n, k, 1 << (m - 1).bit_length())) or ("w8a16" if m <= 32 else "w8a8")
+    if mode == "scaled_mm" and not (fp8_dot and x.dtype == torch.bfloat16):
+        mode = "w8a8"
+    return mode if mode == "w8a16" or fp8_dot else "w8a16"
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                bias: torch.Tensor | None) -> torch.Tensor:
     """y = x (weight * weight_scale)^T + bias for an fp8 weight [N, K]; x [..., K] on weight's device."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    m = x2.shape[0]
-    if m == 0:
-        y = x2.new_empty((0, weight.shape[0]))
-    elif m <= _SKINNY_MAX_M and x2.is_cuda:
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    (m, k), n = x2.shape, weight.shape[0]
+    mode = fp8_mode(m, n, k, x2) if m else "empty"
+    if mode == "empty":
+        y = x2.new_empty((0, n))
+    elif mode == "dequant":
+        y = F.linear(x2, dequantize_rows_fp8(weight, weight_scale, x2.dtype), bias)
+    elif mode == "w8a16":
         from pagedserve.executor.kernels.skinny_gemm import skinny_linear
 
-        y = skinny_linear(x2 if x2.stride(1) == 1 else x2.contiguous(), weight, bias, weight_scale=weight_scale)
-    elif x2.dtype == torch.bfloat16 and fp8_matmul_supported(x2.device):
+        y = skinny_linear(x2, weight, bias, weight_scale=weight_scale)
+    else:
         from pagedserve.executor.kernels.fp8_quant import per_token_quant_fp8
 
-        xq, xs = per_token_quant_fp8(x2 if x2.stride(1) == 1 else x2.contiguous())
-        y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale.view(1, -1), bias=bias,
-                             out_dtype=x2.dtype)
-    else:
-        y = F.linear(x2, dequantize_rows_fp8(weight, weight_scale, x2.dtype), bias)
-    return y.reshape(*shape[:-1], weight.shape[0])
+        xq, xs = per_token_quant_fp8(x2)
+        if mode == "w8a8":
+            from pagedserve.executor.kernels.skinny_gemm import skinny_linear
+
+            y = skinny_linear(xq, weight, bias, out_dtype=x2.dtype, weight_scale=weight_scale, x_scale=xs)
+        else:
+            y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale.view(1, -1), bias=bias,
+                                 out_dtype=x2.dtype)
+    return y.reshape(*shape[:-1], n)
 
 
 def quantize_model(model: nn.Module, quantization: str) -> int:
@@ -117,6 +143,7 @@ __all__ = [
     "check_quantization",
     "dequantize_rows_fp8",
     "fp8_linear",
+    "fp8_mode",
     "fp8_matmul_supported",
     "quantize_model",
     "quantize_rows_fp8",

@@ -25,28 +25,11 @@ def test_fp8_mixed_batch_matches_hf_on_cuda(backend: str, tmp_path) -> None:
     run_mixed_batch_against_hf("qwen2", tmp_path, "cuda", backend, tolerance=5e-3, quantization="fp8")
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fp8_engine_logprobs_match_transformers_on_gpu(dtype: str, tmp_path) -> None:
-    if not (SOURCE / "config.json").exists():
-        pytest.skip("no .devcache/qwen2-7b (run scripts/make_7b_config.sh)")
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
+def _logprob_errors(path, dtype: str, quantization: str | None, hf) -> list[float]:
+    """|engine - Transformers| logprob of every prompt token and of 12 greedy tokens, 6 prompts of 30-600 tokens."""
     from pagedserve import LLM, SamplingParams
 
-    for f in SOURCE.iterdir():  # the tokenizer
-        if f.name != "config.json":
-            shutil.copy(f, tmp_path / f.name)
-    vocab = json.loads((SOURCE / "config.json").read_text())["vocab_size"]
-    config = Qwen2Config(vocab_size=vocab, hidden_size=512, intermediate_size=1024, num_hidden_layers=3,
-                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
-                         rope_theta=1e6, tie_word_embeddings=False, architectures=["Qwen2ForCausalLM"])
-    hf = Qwen2ForCausalLM(config)
-    randomize_(hf, seed=4, std=0.05)
-    hf.save_pretrained(tmp_path)
-    round_projections_to_fp8(hf)
-    hf = hf.cuda().eval()
-
-    llm = LLM(str(tmp_path), dtype=dtype, quantization="fp8", max_model_len=1024, max_num_batched_tokens=512,
+    llm = LLM(str(path), dtype=dtype, quantization=quantization, max_model_len=1024, max_num_batched_tokens=512,
               gpu_memory_utilization=0.3)
     assert llm.engine.async_scheduling and llm.engine.worker.runner.cuda_graphs is not None
     rng = random.Random(6)
@@ -64,12 +47,47 @@ def test_fp8_engine_logprobs_match_transformers_on_gpu(dtype: str, tmp_path) -> 
         for j, entry in enumerate(out.outputs[0].logprobs):
             assert entry.token_id == generated[j]
             errors.append(abs(entry.logprob - ref[len(prompt) + j - 1, generated[j]].item()))
-    worst, mean = max(errors), sum(errors) / len(errors)
-    print(f"fp8 engine ({dtype}) vs Transformers on the fp8 weights: logprob error worst {worst:.2e}, "
-          f"mean {mean:.2e} over {len(errors)} tokens")
-    if dtype == "float32":
-        assert worst < 5e-3  # the same weights; the Triton attention's fp32 dots run in TF32
-    else:
-        assert mean < 3e-2 and worst < 0.3  # bf16 activations, fp8 activations in prefill
     stats = llm.engine.get_stats()
     assert stats["num_free_blocks"] == stats["num_total_blocks"]
+    del llm
+    torch.cuda.empty_cache()
+    return errors
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fp8_engine_logprobs_match_transformers_on_gpu(dtype: str, tmp_path) -> None:
+    """fp32: the fp8 engine within 5e-3 of Transformers on the fp8-rounded weights. bf16: its error against that
+    reference no more than ~1.5x the plain bf16 engine's against the unrounded model (bf16 rounding dominates
+    both; prefill adds the activations' fp8 rounding)."""
+    if not (SOURCE / "config.json").exists():
+        pytest.skip("no .devcache/qwen2-7b (run scripts/make_7b_config.sh)")
+    import copy
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    for f in SOURCE.iterdir():  # the tokenizer
+        if f.name != "config.json":
+            shutil.copy(f, tmp_path / f.name)
+    vocab = json.loads((SOURCE / "config.json").read_text())["vocab_size"]
+    config = Qwen2Config(vocab_size=vocab, hidden_size=512, intermediate_size=1024, num_hidden_layers=3,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
+                         rope_theta=1e6, tie_word_embeddings=False, architectures=["Qwen2ForCausalLM"])
+    hf = Qwen2ForCausalLM(config)
+    randomize_(hf, seed=4, std=0.03)
+    hf.save_pretrained(tmp_path)
+    exact = copy.deepcopy(hf).cuda().eval()
+    round_projections_to_fp8(hf)
+    rounded = hf.cuda().eval()
+
+    fp8 = _logprob_errors(tmp_path, dtype, "fp8", rounded)
+    worst, mean = max(fp8), sum(fp8) / len(fp8)
+    line = f"fp8 engine ({dtype}) vs Transformers on the fp8 weights: logprob error worst {worst:.2e}, mean {mean:.2e}"
+    if dtype == "float32":
+        print(f"{line} over {len(fp8)} tokens")
+        assert worst < 5e-3  # the same weights; the Triton attention's fp32 dots run in TF32
+        return
+    plain = _logprob_errors(tmp_path, dtype, None, exact)
+    p_worst, p_mean = max(plain), sum(plain) / len(plain)
+    print(f"{line}; the plain bf16 engine vs the unrounded model: worst {p_worst:.2e}, mean {p_mean:.2e} "
+          f"over {len(fp8)} tokens")
+    assert mean <= 1.5 * p_mean + 5e-3 and worst <= 2 * p_worst + 5e-2

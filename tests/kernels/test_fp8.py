@@ -155,15 +155,33 @@ def test_choose_fp8_config_is_valid():
 
 
 @gpu_only
+@pytest.mark.parametrize("mode", ["w8a16", "w8a8", "scaled_mm", None])
 @pytest.mark.parametrize("m", [1, 4, 16, 64, 139, 256, 1024])
 @pytest.mark.parametrize("n,k,with_bias", [(4608, 3584, True), (3584, 3584, False), (3584, 18944, False)])
-def test_gpu_fp8_linear_7b_shapes(m, n, k, with_bias):
+def test_gpu_fp8_linear_7b_shapes(m, n, k, with_bias, mode, monkeypatch):
+    """Each of fp8_linear's ways forced in turn (None: the measured choice) at the 7B shapes, bf16 activations."""
+    from pagedserve.executor import quantization
+
+    monkeypatch.setattr(quantization, "_FORCED_MODE", mode)
     x, q, s, bias = make_fp8(m, k, n, with_bias, torch.bfloat16, seed=m + n)
+    chosen = quantization.fp8_mode(m, n, k, x)
+    assert chosen == (mode or chosen) if m <= 256 else chosen == "scaled_mm"
     y = fp8_linear(x, q, s, bias)
     ref = fp8_reference(x, q, s, bias)
     rel = ((y.float() - ref).norm() / ref.norm()).item()
     assert torch.isfinite(y).all()
-    assert rel < (3e-2 if m > 256 else 8e-3), (m, n, k, rel)
+    assert rel < (8e-3 if chosen == "w8a16" else 3e-2), (m, n, k, chosen, rel)
+
+
+def test_fp8_mode_rules():
+    """Off CUDA every M takes the dequantized weight; fp32 activations never take an fp8-activation way."""
+    from pagedserve.executor.quantization import fp8_mode
+
+    assert fp8_mode(1, 64, 64, torch.zeros(1, 64)) == "dequant"
+    assert fp8_mode(300, 64, 64, torch.zeros(300, 64, dtype=torch.bfloat16)) == "dequant"
+    if CUDA:
+        x32 = torch.zeros(64, 64, device=DEVICE)
+        assert fp8_mode(64, 64, 64, x32) == "w8a16" and fp8_mode(300, 64, 64, x32[:1].expand(300, 64)) == "dequant"
 
 
 def test_per_token_quant_rounds_ties_to_even_on_the_e4m3_grid():
@@ -175,3 +193,38 @@ def test_per_token_quant_rounds_ties_to_even_on_the_e4m3_grid():
     q, s = per_token_quant_fp8(x)
     assert s.item() == 1.0
     assert q.float().cpu()[0].tolist() == torch.tensor(values).to(torch.float8_e4m3fn).float().tolist()
+
+
+W8A8_CASES = [  # (K, N, bias, config): fp8 x and W on the dot path; m-tiles, split-K, masked K, default
+    pytest.param(72, 17, True, SkinnyConfig(16, 32, 2, 2, 1, True, 16), id="m16-K72-N17-bias"),
+    pytest.param(200, 70, False, SkinnyConfig(32, 64, 4, 2, 3, True, 32), id="m32-split-K200-N70"),
+    pytest.param(256, 40, True, None, id="default-K256-N40-bias"),
+]
+
+
+@pytest.mark.parametrize("k,n,with_bias,config", W8A8_CASES)
+@pytest.mark.parametrize("m", [1, 5, 33])
+def test_skinny_w8a8(m, k, n, with_bias, config):
+    """fp8 x (per-token scales) times fp8 W: equal to fp32 sums of the two dequantized operands."""
+    out_dtype = DTYPES[-1]
+    x16, q, s, bias = make_fp8(m, k, n, with_bias, out_dtype, seed=m * 7 + k)
+    xq, xs = per_token_quant_fp8(x16)
+    out = torch.full((m, n), float("nan"), dtype=out_dtype, device=DEVICE)
+    got = skinny_linear(xq, q, bias, out=out, config=config, out_dtype=out_dtype, weight_scale=s, x_scale=xs)
+    assert got is out
+    x_dq = xq.float() * xs
+    check(out, fp8_reference(x_dq, q, s, bias), out_dtype, x_dq, q, s)
+
+
+def test_skinny_w8a8_rejects_bad_operands():
+    x16, q, s, _ = make_fp8(4, 64, 32, False, DTYPES[-1], seed=2)
+    xq, xs = per_token_quant_fp8(x16)
+    with pytest.raises(ValueError, match="x_scale needs x and weight in float8_e4m3fn"):
+        skinny_linear(x16, q, weight_scale=s, x_scale=xs, out_dtype=x16.dtype)
+    with pytest.raises(ValueError, match="out_dtype"):
+        skinny_linear(xq, q, weight_scale=s, x_scale=xs)
+    with pytest.raises(ValueError, match="x_scale must be"):
+        skinny_linear(xq, q, weight_scale=s, x_scale=xs[:2], out_dtype=x16.dtype)
+    with pytest.raises(ValueError, match="plain dot path"):
+        skinny_linear(xq, q, weight_scale=s, x_scale=xs, out_dtype=x16.dtype,
+                      config=SkinnyConfig(4, 64, 2, 2, 1, False))

@@ -75,6 +75,7 @@ def _skinny_gemm_kernel(
     w_ptr,  # [N, K], contiguous
     bias_ptr,  # [N] (HAS_BIAS only)
     scale_ptr,  # [N] fp32 (HAS_SCALE only): W's rows are fp8, each times its scale
+    x_scale_ptr,  # [M] fp32 (X_SCALED only): x's rows are fp8, each times its scale
     out_ptr,  # y [M, N] (x's dtype) or, when split, partials [splits, M, N] fp32
     M,  # dot: any M (m-tiles of BLOCK_M rows); fma: M <= BLOCK_M (one tile)
     N,
@@ -86,6 +87,7 @@ def _skinny_gemm_kernel(
     k_per_split,  # a multiple of BLOCK_K
     HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,  # fp8 W: converted to x's dtype for the dot, the row scale applied to the sums
+    X_SCALED: tl.constexpr,  # fp8 x too (dot path): fp8 x fp8 tensor-core products, both scales on the sums
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks at all
     USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -130,7 +132,7 @@ def _skinny_gemm_kernel(
                 k_mask = (k + offs_k) < k_end
                 w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
                 x = tl.load(x_ptrs, mask=m_mask & k_mask[None, :], other=0.0)
-            if HAS_SCALE:  # fp8 -> x's dtype (exact: e4m3 values are bf16/fp16 values)
+            if HAS_SCALE and not X_SCALED:  # fp8 -> x's dtype (exact: e4m3 values are bf16/fp16 values)
                 w = w.to(x.dtype)
             acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
             w_ptrs += BLOCK_K
@@ -189,6 +191,8 @@ def _skinny_gemm_kernel(
     n_mask = offs_n < N
     if HAS_SCALE:  # per split too: the scale is per column, so the split sums add up the same
         result *= tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+    if X_SCALED:
+        result *= tl.load(x_scale_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
     if HAS_BIAS:
         result += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
@@ -474,16 +478,22 @@ def choose_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.devi
 
 
 # fp8 weights (skinny_linear's weight_scale), keyed (N, K, m_bucket) as SKINNY_CONFIGS; measured entries only.
+# SKINNY_FP8_CONFIGS: 16-bit x (W8A16); SKINNY_W8A8_CONFIGS: fp8 x as well (x_scale).
 SKINNY_FP8_CONFIGS: dict[tuple[int, ...], dict[str, int | bool]] = {}
+SKINNY_W8A8_CONFIGS: dict[tuple[int, ...], dict[str, int | bool]] = {}
 
 
-def choose_fp8_config(m: int, n: int, k: int, device: torch.device) -> SkinnyConfig:
-    """fp8 weights: a measured SKINNY_FP8_CONFIGS entry, else the heuristic sized for W's one-byte elements
-    (the fma paths' block_k spans 512 bytes of a W row, as for 16-bit W; the dot path sizes its shared memory
-    for 16-bit tiles, since W is converted before the dot)."""
+def choose_fp8_config(m: int, n: int, k: int, device: torch.device, w8a8: bool = False) -> SkinnyConfig:
+    """fp8 weights: a measured entry, else the heuristic. W8A16: the fma paths' block_k spans 512 bytes of a W row
+    as for 16-bit W, and the dot path sizes its shared memory for 16-bit tiles (W is converted before the dot).
+    W8A8 (dot only): tiles of one-byte elements, block_k >= 32 (fp8 wgmma's K step)."""
     key = (n, k, m_bucket(m))
-    if key in SKINNY_FP8_CONFIGS:
-        return SkinnyConfig(**SKINNY_FP8_CONFIGS[key])
+    table = SKINNY_W8A8_CONFIGS if w8a8 else SKINNY_FP8_CONFIGS
+    if key in table:
+        return SkinnyConfig(**table[key])
+    if w8a8:
+        config = default_dot_config(max(m, FMA_MAX_M + 1), n, k, torch.float8_e4m3fn, _num_sms(device))
+        return replace(config, block_k=max(32, config.block_k))
     if m > FMA_MAX_M:
         return default_dot_config(m, n, k, torch.bfloat16, _num_sms(device))
     return default_config(m, n, k, torch.float8_e4m3fn, _num_sms(device))
@@ -545,12 +555,18 @@ def skinny_linear(
     config: SkinnyConfig | Mapping[str, int | bool] | None = None,
     out_dtype: torch.dtype | None = None,
     weight_scale: torch.Tensor | None = None,
+    x_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """F.linear(x, weight, bias) for x [M, K] with 1 <= M <= 256; returns out ([M, N], x's dtype, or
     out_dtype=torch.float32: the fp32 accumulator unrounded, e.g. for logits).
 
     weight_scale [N] fp32: weight is float8_e4m3fn and stands for weight * weight_scale[:, None] (fp8
-    weights, 16-bit activations: W read at one byte an element, products and sums as for 16-bit W)."""
+    weights, 16-bit activations: W read at one byte an element, products and sums as for 16-bit W).
+    x_scale [M] or [M, 1] fp32 (with weight_scale; dot configs): x is float8_e4m3fn too, standing for x * x_scale
+    (per-token activations, kernels/fp8_quant.py), and the products run on fp8 tensor cores; the output is
+    out_dtype (required: bfloat16 or float16, or float32)."""
+    if x_scale is not None:
+        return _skinny_linear_w8a8(x, weight, bias, out, config, out_dtype, weight_scale, x_scale)
     if out_dtype not in (None, x.dtype, torch.float32):
         raise ValueError(f"out_dtype must be x's dtype or torch.float32, got {out_dtype}")
     _check_operands(x, weight, bias, out, weight_scale)
@@ -563,6 +579,42 @@ def skinny_linear(
     config.validate()
     if weight_scale is not None and config.use_tma:
         raise ValueError("fp8 weights (weight_scale) take the plain dot or fma paths, not use_tma")
+    return _launch(x, weight, bias, out, config, out_dtype, weight_scale, None)
+
+
+def _skinny_linear_w8a8(x, weight, bias, out, config, out_dtype, weight_scale, x_scale) -> torch.Tensor:
+    if weight_scale is None or x.dtype != torch.float8_e4m3fn or weight.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"x_scale needs x and weight in float8_e4m3fn and a weight_scale, got {x.dtype}, "
+                         f"{weight.dtype}")
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"fp8 x needs out_dtype bfloat16, float16 or float32, got {out_dtype}")
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] or not 1 <= x.shape[0] <= MAX_M:
+        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not match ([M, K] @ [N, K]^T, "
+                         f"1 <= M <= {MAX_M})")
+    (m, k), n = x.shape, weight.shape[0]
+    if x_scale.numel() != m or x_scale.dtype != torch.float32 or not x_scale.is_contiguous():
+        raise ValueError(f"x_scale must be a contiguous float32 tensor of {m} elements, got "
+                         f"{tuple(x_scale.shape)} {x_scale.dtype}")
+    if weight_scale.shape != (n,) or weight_scale.dtype != torch.float32 or weight_scale.stride(0) != 1:
+        raise ValueError(f"weight_scale must be a contiguous [{n}] float32 tensor")
+    if x.stride(1) != 1 or not weight.is_contiguous():
+        raise ValueError("x needs a contiguous last dimension and weight must be contiguous")
+    if bias is not None and (bias.shape != (n,) or bias.stride(0) != 1):
+        raise ValueError(f"bias must be a contiguous [{n}] tensor")
+    if out is not None and (out.shape != (m, n) or out.dtype != out_dtype or out.stride(1) != 1):
+        raise ValueError(f"out must be [{m}, {n}] of {out_dtype} with a contiguous last dim")
+    if config is None:
+        config = choose_fp8_config(m, n, k, x.device, w8a8=True)
+    elif not isinstance(config, SkinnyConfig):
+        config = SkinnyConfig(**config)
+    config.validate()
+    if not config.use_dot or config.use_tma:
+        raise ValueError("fp8 x (x_scale) takes the plain dot path (use_dot=True, use_tma=False)")
+    return _launch(x, weight, bias, out, config, out_dtype, weight_scale, x_scale)
+
+
+def _launch(x, weight, bias, out, config, out_dtype, weight_scale, x_scale) -> torch.Tensor:
+    (m, k), n = x.shape, weight.shape[0]
     if not config.use_dot and m > FMA_MAX_M:
         raise ValueError(f"use_dot=False (the fma path) takes M <= {FMA_MAX_M}, got M={m}; use a dot config")
     if out is None:
@@ -595,9 +647,10 @@ def skinny_linear(
         )  # fmt: skip
     else:
         _skinny_gemm_kernel[grid](
-            x, weight, bias if bias is not None else x, weight_scale if weight_scale is not None else x, target,
+            x, weight, bias if bias is not None else x, weight_scale if weight_scale is not None else x,
+            x_scale if x_scale is not None else x, target,
             m, n, k, x.stride(0), weight.stride(0), stride_os, stride_om, tiles_per_split * block_k,
-            HAS_SCALE=weight_scale is not None,
+            HAS_SCALE=weight_scale is not None, X_SCALED=x_scale is not None,
             EVEN_K=k % block_k == 0,
             USE_DOT=config.use_dot,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,  # fp32: no TF32 rounding
@@ -618,6 +671,7 @@ __all__ = [
     "MAX_M",
     "SKINNY_CONFIGS",
     "SKINNY_FP8_CONFIGS",
+    "SKINNY_W8A8_CONFIGS",
     "SkinnyConfig",
     "choose_config",
     "choose_fp8_config",
