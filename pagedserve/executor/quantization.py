@@ -12,11 +12,13 @@ How a quantized projection runs on CUDA (`fp8_linear`), by the step's token coun
   fp8 x fp8 tensor-core dot, both scales applied to the sums: for decode batches where the tensor work
   of the W8A16 conversion would cost more than the bytes saved.
 * "scaled_mm": the same quantization, then torch._scaled_mm (row-wise scales; CUTLASS): prefill, M > 256.
-M <= 256 takes the way FP8_LINEAR_MODES holds for the shape and M's bucket (measured on the GPU), else
-"w8a16" up to 32 tokens and "w8a8" above; W8A8 needs fp8 tensor cores (compute capability >= 8.9) and
-`_scaled_mm` bf16 activations, so fp32 engines and older GPUs keep W8A16 and, past 256 tokens, the
-dequantized weight. Elsewhere (CPU) the weight is kept dequantized once at load: the fp8 model's numerics
-for tests and laptops, not its memory saving.
+M <= 256 takes the way FP8_LINEAR_MODES holds for the shape and M's bucket, else "w8a16" at one token
+and "w8a8" above: on the H200 at the 7B shapes W8A16 won at M = 1 only (a layer's four projections
+75 us against cuBLAS bf16's 134), W8A8 at M = 2-256 (81-95 us at M = 2-64 against 132-133, parity at
+M = 139), `_scaled_mm` nowhere below 256 by more than 5% (docs/gpu-notes.md, session 20). W8A8 needs fp8
+tensor cores (compute capability >= 8.9) and `_scaled_mm` bf16 activations, so fp32 engines and older
+GPUs keep W8A16 and, past 256 tokens, the dequantized weight. Elsewhere (CPU) the weight is kept
+dequantized once at load: the fp8 model's numerics for tests and laptops, not its memory saving.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ SUPPORTED_QUANTIZATION = ("fp8",)
 FP8_DTYPE = torch.float8_e4m3fn
 SKINNY_MAX_M = 256
 FP8_MODES = ("w8a16", "w8a8", "scaled_mm")
-# Measured: (N, K, m_bucket) -> the fastest of FP8_MODES at M <= 256 (scripts/bench_skinny_gemm.py --fp8 prints it).
+# Measured exceptions to the rule below: (N, K, m_bucket) -> one of FP8_MODES at M <= 256 (scripts/bench_skinny_gemm.py
+# --fp8 prints the fastest per bucket). None so far: the 7B shapes on the H200 follow the rule (session 20, run 3).
 FP8_LINEAR_MODES: dict[tuple[int, int, int], str] = {}
 # PAGEDSERVE_FP8_MODE=w8a16|w8a8|scaled_mm: one way for every M <= 256 where the device and dtype allow it (A/B).
 _FORCED_MODE = os.environ.get("PAGEDSERVE_FP8_MODE") or None
@@ -78,7 +81,7 @@ def fp8_mode(m: int, n: int, k: int, x: torch.Tensor) -> str:
     fp8_dot = x.is_cuda and x.dtype != torch.float32 and fp8_matmul_supported(x.device)
     if m > SKINNY_MAX_M or not x.is_cuda:
         return "scaled_mm" if fp8_dot and x.dtype == torch.bfloat16 else "dequant"
-    mode = _FORCED_MODE or FP8_LINEAR_MODES.get((n, k, 1 << (m - 1).bit_length())) or ("w8a16" if m <= 32 else "w8a8")
+    mode = _FORCED_MODE or FP8_LINEAR_MODES.get((n, k, 1 << (m - 1).bit_length())) or ("w8a16" if m == 1 else "w8a8")
     if mode == "scaled_mm" and not (fp8_dot and x.dtype == torch.bfloat16):
         mode = "w8a8"
     return mode if mode == "w8a16" or fp8_dot else "w8a16"

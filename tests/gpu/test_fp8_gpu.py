@@ -1,7 +1,6 @@
 """GPU: quantization="fp8" through the whole engine (CUDA graphs, async scheduling) on a small random Qwen2 against
-Transformers in fp32 with the same projections rounded to fp8. Prompts up to ~600 tokens in 512-token chunks, so
-prefill steps take the W8A8 path (per-token activations, torch._scaled_mm) and decode steps the skinny W8A16 GEMM.
-fp32 engine: every path computes with the exact fp8 weights (tight bound); bf16: activations rounded too."""
+Transformers in fp32 with the same projections rounded to fp8 (and, for W8A8, their inputs rounded per token).
+Prompts up to ~600 tokens in 512-token chunks, so prefill steps take _scaled_mm and decode steps the skinny GEMM."""
 
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ import torch
 
 from tests.executor.helpers import randomize_
 from tests.executor.test_model_runner import run_mixed_batch_against_hf
-from tests.executor.test_quantization import round_projections_to_fp8
+from tests.executor.test_quantization import PROJECTIONS, round_projections_to_fp8
 from tests.gpu.test_async_gpu import SOURCE
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -25,12 +24,12 @@ def test_fp8_mixed_batch_matches_hf_on_cuda(backend: str, tmp_path) -> None:
     run_mixed_batch_against_hf("qwen2", tmp_path, "cuda", backend, tolerance=5e-3, quantization="fp8")
 
 
-def _logprob_errors(path, dtype: str, quantization: str | None, hf) -> list[float]:
+def _logprob_errors(path, dtype: str, quantization: str | None, hf, step_tokens: int = 512) -> list[float]:
     """|engine - Transformers| logprob of every prompt token and of 12 greedy tokens, 6 prompts of 30-600 tokens."""
     from pagedserve import LLM, SamplingParams
 
-    llm = LLM(str(path), dtype=dtype, quantization=quantization, max_model_len=1024, max_num_batched_tokens=512,
-              gpu_memory_utilization=0.3)
+    llm = LLM(str(path), dtype=dtype, quantization=quantization, max_model_len=1024,
+              max_num_batched_tokens=step_tokens, gpu_memory_utilization=0.3)
     assert llm.engine.async_scheduling and llm.engine.worker.runner.cuda_graphs is not None
     rng = random.Random(6)
     prompts = [[rng.randrange(100, 100000) for _ in range(rng.randrange(30, 600))] for _ in range(6)]
@@ -54,15 +53,21 @@ def _logprob_errors(path, dtype: str, quantization: str | None, hf) -> list[floa
     return errors
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fp8_engine_logprobs_match_transformers_on_gpu(dtype: str, tmp_path) -> None:
-    """fp32: the fp8 engine within 5e-3 of Transformers on the fp8-rounded weights. bf16: its error against that
-    reference no more than ~1.5x the plain bf16 engine's against the unrounded model (bf16 rounding dominates
-    both; prefill adds the activations' fp8 rounding)."""
-    if not (SOURCE / "config.json").exists():
-        pytest.skip("no .devcache/qwen2-7b (run scripts/make_7b_config.sh)")
-    import copy
+def _quantize_activations(hf) -> None:
+    """Every projection's input rounded to fp8 per token first (forward pre-hooks): HF computing W8A8 in fp32."""
+    from pagedserve.executor.kernels.fp8_quant import per_token_quant_fp8_reference
 
+    def hook(module, args):
+        x = args[0]
+        q, scale = per_token_quant_fp8_reference(x.reshape(-1, x.shape[-1]))
+        return ((q.float() * scale).reshape(x.shape).to(x.dtype),)
+
+    for name, module in hf.named_modules():
+        if name.rsplit(".", 1)[-1] in PROJECTIONS:
+            module.register_forward_pre_hook(hook)
+
+
+def _tiny_qwen2(tmp_path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     for f in SOURCE.iterdir():  # the tokenizer
@@ -75,19 +80,49 @@ def test_fp8_engine_logprobs_match_transformers_on_gpu(dtype: str, tmp_path) -> 
     hf = Qwen2ForCausalLM(config)
     randomize_(hf, seed=4, std=0.03)
     hf.save_pretrained(tmp_path)
+    return hf
+
+
+def test_fp8_fp32_engine_matches_transformers_on_fp8_weights(tmp_path) -> None:
+    """fp32 activations take W8A16 and, past 256 tokens, the dequantized weight: Transformers on the fp8-rounded
+    weights to within the Triton attention's TF32 dots."""
+    if not (SOURCE / "config.json").exists():
+        pytest.skip("no .devcache/qwen2-7b (run scripts/make_7b_config.sh)")
+    hf = _tiny_qwen2(tmp_path)
+    round_projections_to_fp8(hf)
+    errors = _logprob_errors(tmp_path, "float32", "fp8", hf.cuda().eval())
+    print(f"fp8 engine (float32) vs Transformers on the fp8 weights: logprob error worst {max(errors):.2e}, "
+          f"mean {sum(errors) / len(errors):.2e} over {len(errors)} tokens")
+    assert max(errors) < 5e-3
+
+
+def test_fp8_bf16_engine_each_way_against_its_transformers_emulation(tmp_path, monkeypatch) -> None:
+    """bf16, each way forced in turn, against Transformers in fp32 doing the same arithmetic: W8A16 (steps of <= 256
+    tokens) against the fp8-rounded weights, W8A8 (skinny GEMM <= 256 tokens, _scaled_mm above) against those
+    weights with every projection's input rounded to fp8 per token too. Each error is set beside the plain bf16
+    engine's against the unrounded model: bf16 rounding dominates all three (and can flip an fp8 rounding)."""
+    if not (SOURCE / "config.json").exists():
+        pytest.skip("no .devcache/qwen2-7b (run scripts/make_7b_config.sh)")
+    import copy
+
+    from pagedserve.executor import quantization
+
+    hf = _tiny_qwen2(tmp_path)
     exact = copy.deepcopy(hf).cuda().eval()
     round_projections_to_fp8(hf)
-    rounded = hf.cuda().eval()
+    weights_only = copy.deepcopy(hf).cuda().eval()
+    _quantize_activations(hf)
+    w8a8_ref = hf.cuda().eval()
 
-    fp8 = _logprob_errors(tmp_path, dtype, "fp8", rounded)
-    worst, mean = max(fp8), sum(fp8) / len(fp8)
-    line = f"fp8 engine ({dtype}) vs Transformers on the fp8 weights: logprob error worst {worst:.2e}, mean {mean:.2e}"
-    if dtype == "float32":
-        print(f"{line} over {len(fp8)} tokens")
-        assert worst < 5e-3  # the same weights; the Triton attention's fp32 dots run in TF32
-        return
-    plain = _logprob_errors(tmp_path, dtype, None, exact)
-    p_worst, p_mean = max(plain), sum(plain) / len(plain)
-    print(f"{line}; the plain bf16 engine vs the unrounded model: worst {p_worst:.2e}, mean {p_mean:.2e} "
-          f"over {len(fp8)} tokens")
-    assert mean <= 1.5 * p_mean + 5e-3 and worst <= 2 * p_worst + 5e-2
+    def summary(errors):
+        return max(errors), sum(errors) / len(errors)
+
+    plain = summary(_logprob_errors(tmp_path, "bfloat16", None, exact))
+    monkeypatch.setattr(quantization, "_FORCED_MODE", "w8a16")
+    w8a16 = summary(_logprob_errors(tmp_path, "bfloat16", "fp8", weights_only, step_tokens=256))
+    monkeypatch.setattr(quantization, "_FORCED_MODE", "w8a8")
+    w8a8 = summary(_logprob_errors(tmp_path, "bfloat16", "fp8", w8a8_ref))
+    print(f"bf16 logprob error (worst, mean): plain {plain[0]:.2e}, {plain[1]:.2e}; fp8 W8A16 {w8a16[0]:.2e}, "
+          f"{w8a16[1]:.2e}; fp8 W8A8 {w8a8[0]:.2e}, {w8a8[1]:.2e}")
+    assert w8a16[1] <= 1.5 * plain[1] + 5e-3 and w8a16[0] <= 2 * plain[0] + 5e-2
+    assert w8a8[1] <= 3 * plain[1] + 1e-2 and w8a8[0] <= 4 * plain[0] + 1e-1
