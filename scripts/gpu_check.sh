@@ -348,7 +348,10 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
       python3 scripts/bench_skinny_gemm.py --m 1 --shapes qkv,o,gate_up,down ;;
     fp8-test)  # quantization="fp8": its kernels against torch, then the engine against Transformers on fp8 weights
       timeout 400 python3 -m pytest tests/kernels/test_fp8.py tests/gpu/test_fp8_gpu.py -q -p no:cacheprovider -ra -s \
-        2>&1 | grep -E "fp8 engine|passed|failed|FAILED|Error" | tail -14 ;;
+        2>&1 | grep -E "fp8 engine|bf16 logprob|passed|failed|FAILED|Error" | tail -14 ;;
+    fp8-test-bf16)  # the bf16 engine's fp8 ways against Transformers doing the same arithmetic (prints the errors)
+      timeout 300 python3 -m pytest tests/gpu/test_fp8_gpu.py -k bf16 -q -p no:cacheprovider -ra -s 2>&1 \
+        | grep -E "bf16 logprob|passed|failed|Error" | tail -8 ;;
     fp8-gemm)  # fp8 weights, M=2..256: the skinny GEMM W8A16 and W8A8 tiles and quant + _scaled_mm vs cuBLAS bf16
       timeout 420 python3 scripts/bench_skinny_gemm.py --fp8 --quick --m ${FP8_M:-2,4,8,16,32,64,139,256} \
         --shapes qkv,o,gate_up,down 2>&1 | grep -E "^(qkv|o|gate_up|down) +M=|==|^    \(|^SKINNY|^FP8|^}" ;;
