@@ -79,6 +79,9 @@ def _tiny_qwen2(tmp_path):
                          rope_theta=1e6, tie_word_embeddings=False, architectures=["Qwen2ForCausalLM"])
     hf = Qwen2ForCausalLM(config)
     randomize_(hf, seed=4, std=0.03)
+    # bf16-representable values, as real checkpoints hold: a bf16 engine quantizes what it loaded, so an fp32
+    # checkpoint would be rounded twice there (bf16, then fp8) and once in the reference
+    hf = hf.to(torch.bfloat16).to(torch.float32)
     hf.save_pretrained(tmp_path)
     return hf
 

@@ -488,42 +488,46 @@ SKINNY_FP8_CONFIGS: dict[tuple[int, ...], dict[str, int | bool]] = {
     (37888, 3584, 1): dict(block_n=8, block_k=512, num_warps=4, num_stages=3, split_k=1, use_dot=False),
     (3584, 18944, 1): dict(block_n=1, block_k=512, num_warps=4, num_stages=3, split_k=1, use_dot=False),
 }
-# W8A8 (the time includes the per-token quantization of x), same card and run (--fp8 --quick); M=2..64 at the
-# bucket's M, bucket 256 the best tile at M=139 (the default workload's typical decode batch; at M=256 within 10%).
-# Layer (qkv + o + gate_up + down) vs cuBLAS bf16: M=2 81.1 vs 131.6 us, M=8 82.5 vs 132.6, M=64 94.8 vs 133.0,
-# M=139 150.7 vs 150.5.
+# W8A8 (the time includes the per-token quantization of x), same card (--fp8 --quick; runs 3 and 5); M=2..64 at the
+# bucket's M, bucket 128 at M=100, bucket 256 the best tile at M=139 (the default workload's typical decode batch;
+# at M=256 within 10%). Layer (qkv + o + gate_up + down) vs cuBLAS bf16: M=2 81.1 vs 131.6 us, M=8 82.5 vs 132.6,
+# M=64 94.8 vs 133.0, M=100 110.2 vs 142.9, M=139 150.7 vs 150.5.
 SKINNY_W8A8_CONFIGS: dict[tuple[int, ...], dict[str, int | bool]] = {
-    # qkv: M=2-8 9.7 us (cuBLAS bf16 10.9), M=16 10.2, M=32 10.6, M=64 11.6 (11.8), M=139 13.8 (14.7)
+    # qkv: M=2-8 9.7 us (cuBLAS bf16 10.9), M=16 10.2, M=32 10.6, M=64 11.6 (11.8), M=100 13.7 (13.8), M=139 13.8 (14.7)
     (4608, 3584, 2): dict(block_n=64, block_k=256, num_warps=4, num_stages=4, split_k=3, use_dot=True, block_m=16),
     (4608, 3584, 4): dict(block_n=64, block_k=256, num_warps=4, num_stages=4, split_k=3, use_dot=True, block_m=16),
     (4608, 3584, 8): dict(block_n=64, block_k=256, num_warps=4, num_stages=4, split_k=3, use_dot=True, block_m=16),
     (4608, 3584, 16): dict(block_n=64, block_k=128, num_warps=4, num_stages=4, split_k=4, use_dot=True, block_m=16),
     (4608, 3584, 32): dict(block_n=64, block_k=256, num_warps=4, num_stages=3, split_k=3, use_dot=True, block_m=32),
     (4608, 3584, 64): dict(block_n=64, block_k=128, num_warps=4, num_stages=4, split_k=3, use_dot=True, block_m=64),
+    (4608, 3584, 128): dict(block_n=64, block_k=128, num_warps=4, num_stages=4, split_k=2, use_dot=True, block_m=128),
     (4608, 3584, 256): dict(block_n=64, block_k=128, num_warps=4, num_stages=4, split_k=1, use_dot=True, block_m=64),
-    # o: M=2-8 8.8 us (cuBLAS bf16 11.6), M=16 9.2, M=32 9.7, M=64 10.2 (9.3), M=139 14.3 (10.1)
+    # o: M=2-8 8.8 us (cuBLAS bf16 11.6), M=16 9.2, M=32 9.7, M=64 10.2 (9.3), M=100 11.3 (9.6), M=139 14.3 (10.1)
     (3584, 3584, 2): dict(block_n=64, block_k=256, num_warps=4, num_stages=4, split_k=3, use_dot=True, block_m=16),
     (3584, 3584, 4): dict(block_n=64, block_k=128, num_warps=4, num_stages=4, split_k=5, use_dot=True, block_m=16),
     (3584, 3584, 8): dict(block_n=64, block_k=128, num_warps=4, num_stages=4, split_k=5, use_dot=True, block_m=16),
     (3584, 3584, 16): dict(block_n=64, block_k=128, num_warps=4, num_stages=4, split_k=5, use_dot=True, block_m=16),
     (3584, 3584, 32): dict(block_n=64, block_k=128, num_warps=4, num_stages=4, split_k=5, use_dot=True, block_m=32),
     (3584, 3584, 64): dict(block_n=128, block_k=128, num_warps=8, num_stages=4, split_k=3, use_dot=True, block_m=64),
+    (3584, 3584, 128): dict(block_n=64, block_k=128, num_warps=4, num_stages=4, split_k=2, use_dot=True, block_m=128),
     (3584, 3584, 256): dict(block_n=64, block_k=128, num_warps=4, num_stages=4, split_k=1, use_dot=True, block_m=64),
-    # gate_up: M=2-16 36.5-37.6 us (cuBLAS bf16 69-71), M=32 39.3, M=64 42.7, M=139 74.5 (80.1)
+    # gate_up: M=2-16 36.5-37.6 us (cuBLAS bf16 69-71), M=32 39.3, M=64 42.7, M=100 51.5 (73.8), M=139 74.5 (80.1)
     (37888, 3584, 2): dict(block_n=64, block_k=256, num_warps=4, num_stages=3, split_k=1, use_dot=True, block_m=16),
     (37888, 3584, 4): dict(block_n=64, block_k=256, num_warps=4, num_stages=3, split_k=1, use_dot=True, block_m=16),
     (37888, 3584, 8): dict(block_n=64, block_k=256, num_warps=4, num_stages=3, split_k=1, use_dot=True, block_m=16),
     (37888, 3584, 16): dict(block_n=64, block_k=256, num_warps=4, num_stages=3, split_k=1, use_dot=True, block_m=16),
     (37888, 3584, 32): dict(block_n=64, block_k=256, num_warps=4, num_stages=3, split_k=1, use_dot=True, block_m=32),
     (37888, 3584, 64): dict(block_n=64, block_k=128, num_warps=4, num_stages=4, split_k=1, use_dot=True, block_m=64),
+    (37888, 3584, 128): dict(block_n=64, block_k=128, num_warps=4, num_stages=4, split_k=1, use_dot=True, block_m=128),
     (37888, 3584, 256): dict(block_n=128, block_k=128, num_warps=8, num_stages=4, split_k=1, use_dot=True, block_m=64),
-    # down: M=2-16 26.2-26.8 us (cuBLAS bf16 37-39), M=32 27.9, M=64 30.2 (42.6), M=139 48.1 (46.3)
+    # down: M=2-16 26.2-26.8 us (cuBLAS bf16 37-39), M=32 27.9, M=64 30.2 (42.6), M=100 33.7 (44.1), M=139 48.1 (46.3)
     (3584, 18944, 2): dict(block_n=64, block_k=128, num_warps=4, num_stages=4, split_k=5, use_dot=True, block_m=16),
     (3584, 18944, 4): dict(block_n=64, block_k=128, num_warps=4, num_stages=4, split_k=5, use_dot=True, block_m=16),
     (3584, 18944, 8): dict(block_n=64, block_k=128, num_warps=4, num_stages=4, split_k=5, use_dot=True, block_m=16),
     (3584, 18944, 16): dict(block_n=64, block_k=256, num_warps=4, num_stages=3, split_k=5, use_dot=True, block_m=16),
     (3584, 18944, 32): dict(block_n=64, block_k=128, num_warps=4, num_stages=4, split_k=5, use_dot=True, block_m=32),
     (3584, 18944, 64): dict(block_n=64, block_k=128, num_warps=4, num_stages=4, split_k=5, use_dot=True, block_m=64),
+    (3584, 18944, 128): dict(block_n=64, block_k=128, num_warps=4, num_stages=4, split_k=3, use_dot=True, block_m=64),
     (3584, 18944, 256): dict(block_n=64, block_k=128, num_warps=4, num_stages=4, split_k=2, use_dot=True, block_m=64),
 }
 
