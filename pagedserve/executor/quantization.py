@@ -78,12 +78,17 @@ def fp8_matmul_supported(device: torch.device) -> bool:
 
 def fp8_mode(m: int, n: int, k: int, x: torch.Tensor) -> str:
     """The way fp8_linear computes M rows of x against an [N, K] fp8 weight: one of FP8_MODES or "dequant"."""
-    fp8_dot = x.is_cuda and x.dtype != torch.float32 and fp8_matmul_supported(x.device)
+    fp8_dot = x.is_cuda and fp8_matmul_supported(x.device)
     if m > SKINNY_MAX_M or not x.is_cuda:
         return "scaled_mm" if fp8_dot and x.dtype == torch.bfloat16 else "dequant"
-    mode = _FORCED_MODE or FP8_LINEAR_MODES.get((n, k, 1 << (m - 1).bit_length())) or ("w8a16" if m == 1 else "w8a8")
-    if mode == "scaled_mm" and not (fp8_dot and x.dtype == torch.bfloat16):
-        mode = "w8a8"
+    if _FORCED_MODE is not None:
+        mode = _FORCED_MODE
+    elif x.dtype == torch.float32:
+        mode = "w8a16"  # an fp32 engine keeps its activations unrounded unless a way is forced
+    else:
+        mode = FP8_LINEAR_MODES.get((n, k, 1 << (m - 1).bit_length())) or ("w8a16" if m == 1 else "w8a8")
+    if mode == "scaled_mm" and x.dtype != torch.bfloat16:
+        mode = "w8a8"  # _scaled_mm's row-wise scales give bf16 only; the skinny GEMM writes any float
     return mode if mode == "w8a16" or fp8_dot else "w8a16"
 
 
