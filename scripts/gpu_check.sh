@@ -358,6 +358,9 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
     fp8-gemm-b1)  # fp8 weights, M=1: every fma tile
       timeout 250 python3 scripts/bench_skinny_gemm.py --fp8 --m 1 --shapes qkv,o,gate_up,down 2>&1 \
         | grep -E "^(qkv|o|gate_up|down) +M=|==|^    \(|^SKINNY|^FP8|^}" ;;
+    fp8-test-fp32)  # the fp32 engine's fp8 ways (default, W8A8 forced) against Transformers doing the same
+      timeout 200 python3 -m pytest tests/gpu/test_fp8_gpu.py -k fp32 -q -p no:cacheprovider -ra -s 2>&1 \
+        | grep -E "fp8 engine|passed|failed|Error" | tail -8 ;;
     fp8-throughput)  # the default workload with fp8 weights alone
       python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm \
         --quantization fp8 --output-json "$OUT/throughput-fp8.json" 2>&1 | tail -4 ;;

@@ -80,8 +80,11 @@ def _tiny_qwen2(tmp_path):
     hf = Qwen2ForCausalLM(config)
     randomize_(hf, seed=4, std=0.03)
     # bf16-representable values, as real checkpoints hold: a bf16 engine quantizes what it loaded, so an fp32
-    # checkpoint would be rounded twice there (bf16, then fp8) and once in the reference
-    hf = hf.to(torch.bfloat16).to(torch.float32)
+    # checkpoint would be rounded twice there (bf16, then fp8) and once in the reference. Parameters only: a
+    # module-wide .to(bfloat16) also rounds the rotary inv_freq buffer, which put the reference 3.6e-2 off (run 7)
+    with torch.no_grad():
+        for param in hf.parameters():
+            param.copy_(param.bfloat16().float())
     hf.save_pretrained(tmp_path)
     return hf
 
