@@ -243,3 +243,36 @@ def test_server_with_two_ranks(tmp_path, real_model_dir) -> None:
     finally:
         server.stop()
     assert not new_ranks_after_waiting(before), server.output()[-3000:]
+
+
+def test_two_ranks_with_fp8_weights_match_transformers_on_their_shards(tmp_path, real_model_dir) -> None:
+    """quantization="fp8" with two ranks: each rank quantizes the slice it loaded, so the row scales of o_proj and
+    down_proj (split along their inputs) belong to each half of a row; Transformers with the weights rounded the same
+    way gives the same greedy tokens and logprobs (gloo, fp32 on CPU)."""
+    from pagedserve.executor.quantization import dequantize_rows_fp8, quantize_rows_fp8
+
+    hf = tiny_checkpoint(tmp_path, real_model_dir, "qwen2")
+
+    def rounded(weight: torch.Tensor) -> torch.Tensor:
+        q, scale = quantize_rows_fp8(weight)
+        return dequantize_rows_fp8(q, scale, weight.dtype)
+
+    with torch.no_grad():
+        for name, module in hf.named_modules():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("o_proj", "down_proj"):  # row-parallel: each rank holds half of every row
+                halves = module.weight.chunk(2, dim=1)
+                module.weight.copy_(torch.cat([rounded(h) for h in halves], dim=1))
+            elif leaf in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+                module.weight.copy_(rounded(module.weight))
+    llm = LLM(str(tmp_path), tensor_parallel_size=2, max_model_len=64, cpu_kv_cache_gib=0.05, device="cpu",
+              dtype="float32", skip_warmup=True, quantization="fp8")
+    try:
+        params = SamplingParams(temperature=0, max_tokens=6, logprobs=0)
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
+        for prompt, out in zip(PROMPTS, outs, strict=True):
+            ref_ids, ref_logprobs = hf_greedy(hf, prompt, 6)
+            assert out.outputs[0].token_ids == ref_ids
+            assert [lp.logprob for lp in out.outputs[0].logprobs] == pytest.approx(ref_logprobs, abs=1e-4)
+    finally:
+        llm.engine.worker.close()
