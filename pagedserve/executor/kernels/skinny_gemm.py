@@ -39,6 +39,13 @@ bias and casts: one more launch, but the same bits on every run (a last-arriving
 would save the launch; atomic adds would make decode outputs vary run to run). Accumulation is
 fp32 throughout; the output has x's dtype.
 
+fp8 weights (quantization="fp8"; `weight_scale`, one fp32 scale per W row): W is read at one byte an
+element. With 16-bit x (W8A16) the fma paths widen it to fp32 like any W and the dot path converts each W
+tile to x's dtype before the dot (exact: e4m3 values are bf16/fp16 values); with fp8 x as well (W8A8,
+`x_scale` per x row, dot path only) the tiles go to the fp8 tensor cores unconverted. Either way the sums
+are fp32 and the scales multiply them once, before the bias (each split's partial sums too: the scales
+are per row and column, so the splits still add up). Configs: SKINNY_FP8_CONFIGS / SKINNY_W8A8_CONFIGS.
+
 No host syncs and the grid depends on shapes only, so a call can be captured in a CUDA graph
 (the split-K workspace is then allocated from the graph's pool). Configs: `default_config` (a
 heuristic per (M, N, K); `default_dot_config` for M > 8) unless SKINNY_CONFIGS has an entry measured
