@@ -5,7 +5,6 @@ Prompts up to ~600 tokens in 512-token chunks, so prefill steps take _scaled_mm 
 from __future__ import annotations
 
 import json
-import random
 import shutil
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 from tests.executor.helpers import randomize_
 from tests.executor.test_model_runner import run_mixed_batch_against_hf
 from tests.executor.test_quantization import PROJECTIONS, round_projections_to_fp8
+from tests.gpu.helpers import logprob_errors_against
 from tests.gpu.test_async_gpu import SOURCE
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -26,26 +26,12 @@ def test_fp8_mixed_batch_matches_hf_on_cuda(backend: str, tmp_path) -> None:
 
 def _logprob_errors(path, dtype: str, quantization: str | None, hf, step_tokens: int = 512) -> list[float]:
     """|engine - Transformers| logprob of every prompt token and of 12 greedy tokens, 6 prompts of 30-600 tokens."""
-    from pagedserve import LLM, SamplingParams
+    from pagedserve import LLM
 
     llm = LLM(str(path), dtype=dtype, quantization=quantization, max_model_len=1024,
               max_num_batched_tokens=step_tokens, gpu_memory_utilization=0.3)
     assert llm.engine.async_scheduling and llm.engine.worker.runner.cuda_graphs is not None
-    rng = random.Random(6)
-    prompts = [[rng.randrange(100, 100000) for _ in range(rng.randrange(30, 600))] for _ in range(6)]
-    params = SamplingParams(max_tokens=12, ignore_eos=True, temperature=0.0, logprobs=1, prompt_logprobs=0)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    errors = []
-    for prompt, out in zip(prompts, outs):
-        generated = out.outputs[0].token_ids
-        full = prompt + generated
-        with torch.no_grad():
-            ref = hf(torch.tensor([full], device="cuda")).logits[0].float().log_softmax(-1).cpu()
-        for i in range(1, len(prompt)):
-            errors.append(abs(out.prompt_logprobs[i].logprob - ref[i - 1, prompt[i]].item()))
-        for j, entry in enumerate(out.outputs[0].logprobs):
-            assert entry.token_id == generated[j]
-            errors.append(abs(entry.logprob - ref[len(prompt) + j - 1, generated[j]].item()))
+    errors = logprob_errors_against(llm, hf, seed=6, max_prompt=600)
     stats = llm.engine.get_stats()
     assert stats["num_free_blocks"] == stats["num_total_blocks"]
     del llm

@@ -5,13 +5,13 @@ logprobs (decode graphs) against Transformers' log-softmax of the same sequences
 from __future__ import annotations
 
 import json
-import random
 import shutil
 
 import pytest
 import torch
 
 from tests.executor.helpers import randomize_
+from tests.gpu.helpers import logprob_errors_against
 from tests.gpu.test_async_gpu import SOURCE
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -22,7 +22,7 @@ def test_qwen3_logprobs_match_transformers_on_gpu(tmp_path) -> None:
         pytest.skip("no .devcache/qwen2-7b (run scripts/make_7b_config.sh)")
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from pagedserve import LLM, SamplingParams
+    from pagedserve import LLM
 
     for f in SOURCE.iterdir():  # the tokenizer
         if f.name != "config.json":
@@ -39,21 +39,7 @@ def test_qwen3_logprobs_match_transformers_on_gpu(tmp_path) -> None:
     llm = LLM(str(tmp_path), dtype="float32", max_model_len=1024, max_num_batched_tokens=128,
               gpu_memory_utilization=0.3)
     assert llm.engine.async_scheduling and llm.engine.worker.runner.cuda_graphs is not None
-    rng = random.Random(5)
-    prompts = [[rng.randrange(100, 100000) for _ in range(rng.randrange(30, 300))] for _ in range(6)]
-    params = SamplingParams(max_tokens=12, ignore_eos=True, temperature=0.0, logprobs=1, prompt_logprobs=0)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    worst = 0.0
-    for prompt, out in zip(prompts, outs):
-        generated = out.outputs[0].token_ids
-        full = prompt + generated
-        with torch.no_grad():
-            ref = hf(torch.tensor([full], device="cuda")).logits[0].float().log_softmax(-1).cpu()
-        for i in range(1, len(prompt)):
-            worst = max(worst, abs(out.prompt_logprobs[i].logprob - ref[i - 1, prompt[i]].item()))
-        for j, entry in enumerate(out.outputs[0].logprobs):
-            assert entry.token_id == generated[j]
-            worst = max(worst, abs(entry.logprob - ref[len(prompt) + j - 1, generated[j]].item()))
+    worst = max(logprob_errors_against(llm, hf, seed=5, max_prompt=300))
     print(f"qwen3: worst |ours - Transformers| logprob {worst:.2e}")
     assert worst < 5e-3  # the Triton attention's fp32 dots run in TF32
     stats = llm.engine.get_stats()

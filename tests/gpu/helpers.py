@@ -1,0 +1,33 @@
+"""Shared by the GPU engine tests: one engine's logprobs against Transformers' on the same sequences."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+
+def logprob_errors_against(llm, hf, seed: int, max_prompt: int, num_prompts: int = 6,
+                           max_tokens: int = 12) -> list[float]:
+    """Greedy `max_tokens` tokens with their logprobs and every prompt token's logprob for `num_prompts` random
+    prompts of 30..max_prompt tokens; returns |engine - Transformers| for each of those logprobs, Transformers
+    (`hf`, on its own device) scoring the prompt plus the engine's tokens in one forward. Also checks that each
+    reported logprob is the sampled token's."""
+    from pagedserve import SamplingParams
+
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(100, 100000) for _ in range(rng.randrange(30, max_prompt))] for _ in range(num_prompts)]
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0, logprobs=1, prompt_logprobs=0)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    device = next(hf.parameters()).device
+    errors = []
+    for prompt, out in zip(prompts, outs, strict=True):
+        generated = out.outputs[0].token_ids
+        with torch.no_grad():
+            ref = hf(torch.tensor([prompt + generated], device=device)).logits[0].float().log_softmax(-1).cpu()
+        for i in range(1, len(prompt)):
+            errors.append(abs(out.prompt_logprobs[i].logprob - ref[i - 1, prompt[i]].item()))
+        for j, entry in enumerate(out.outputs[0].logprobs):
+            assert entry.token_id == generated[j]
+            errors.append(abs(entry.logprob - ref[len(prompt) + j - 1, generated[j]].item()))
+    return errors
