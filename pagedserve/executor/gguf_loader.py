@@ -7,8 +7,11 @@ tensor at a time; the model then stores them in its own dtype. Tensor names map 
     blk.N.attn_norm -> model.layers.N.input_layernorm      blk.N.ffn_norm -> ...post_attention_layernorm
     blk.N.attn_q/k/v/output -> ...self_attn.q/k/v/o_proj   blk.N.ffn_gate/up/down -> ...mlp.gate/up/down_proj
 
+    blk.N.attn_q_norm / attn_k_norm -> ...self_attn.q_norm / k_norm (qwen3: an RMSNorm per head of q and k)
+
 llama.cpp's converter permutes the rows of Q and K for the `llama` architecture (its rope pairs
-adjacent dims, HF's rotates halves); we undo that. `qwen2` is stored unpermuted (neox rope in both).
+adjacent dims, HF's rotates halves); we undo that. `qwen2` and `qwen3` are stored unpermuted (neox rope
+in both).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 import torch
 
 # GGUF general.architecture -> the HF architecture name our registry knows.
-GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 _TOP_LEVEL_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -39,6 +42,8 @@ _BLOCK_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
 }
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
@@ -57,8 +62,8 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
 
 
 def gguf_hf_config(path: str) -> Any:
-    """A transformers LlamaConfig / Qwen2Config built from GGUF metadata."""
-    from transformers import LlamaConfig, Qwen2Config
+    """A transformers LlamaConfig / Qwen2Config / Qwen3Config built from GGUF metadata."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     reader = _reader(path)
     arch = _field(reader, "general.architecture")
@@ -106,6 +111,9 @@ def gguf_hf_config(path: str) -> Any:
         kwargs["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
         kwargs["mlp_bias"] = "blk.0.ffn_up.bias" in tensor_names
         config = LlamaConfig(**kwargs)
+    elif arch == "qwen3":  # head_dim from attention.key_length (128 in the Qwen3 family, not hidden / heads)
+        kwargs["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
+        config = Qwen3Config(**kwargs)
     else:
         config = Qwen2Config(**kwargs)
     config.name_or_path = path

@@ -71,7 +71,7 @@ GGUF_BLOCK_NAMES = {
     "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
+    "mlp.down_proj": "ffn_down", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
 }
 
 
@@ -99,6 +99,9 @@ def write_gguf(hf_model, path: Path, arch: str) -> None:
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
+    if getattr(config, "head_dim", None):
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_bos_token_id(1)
@@ -136,6 +139,7 @@ def write_gguf(hf_model, path: Path, arch: str) -> None:
     ("llama", {}),  # tied embeddings, Q/K permuted in the file
     ("qwen2", {}),  # untied output.weight, QKV bias, no permutation
     ("llama", {"attention_bias": True, "tie_word_embeddings": False}),  # permuted biases too
+    ("qwen3", {"head_dim": 32}),  # q/k norms per head, head_dim != hidden / heads, unpermuted
 ])
 def test_gguf_matches_hf(arch: str, overrides: dict, tmp_path: Path) -> None:
     hf = tiny_hf_model(arch, **overrides)
