@@ -8,7 +8,7 @@ from dataclasses import dataclass
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _DEVICES = ("auto", "cpu", "cuda")
-_QUANTIZATION = ("fp8",)
+QUANTIZATION_METHODS = ("fp8",)  # executor/quantization.py
 _BACKENDS = ("auto", "torch", "triton")
 
 
@@ -52,8 +52,8 @@ class EngineConfig:
             fail(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.load_format not in _LOAD_FORMATS:
             fail(f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r}")
-        if self.quantization is not None and self.quantization not in _QUANTIZATION:
-            fail(f"quantization must be one of {_QUANTIZATION} or None, got {self.quantization!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            fail(f"quantization must be one of {QUANTIZATION_METHODS} or None, got {self.quantization!r}")
         if self.device not in _DEVICES:
             fail(f"device must be one of {_DEVICES}, got {self.device!r}")
         if self.attention_backend not in _BACKENDS:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pagedserve.config import EngineConfig
+from pagedserve.config import QUANTIZATION_METHODS, EngineConfig
 
 
 def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = False) -> None:
@@ -20,7 +20,7 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs")
     g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"],
                    help="weights source; dummy: random weights from config.json (benchmarks of shapes)")
-    g.add_argument("--quantization", "-q", default=None, choices=["fp8"],
+    g.add_argument("--quantization", "-q", default=None, choices=list(QUANTIZATION_METHODS),
                    help="fp8: the decoder's projections in float8_e4m3fn with a scale per output row, quantized at "
                         "load (half the weight memory and decode bytes; fp8 tensor cores for prefill on compute "
                         "capability >= 8.9; the CPU keeps the dequantized values)")

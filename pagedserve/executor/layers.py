@@ -45,6 +45,42 @@ class Linear(nn.Module):
         else:
             self.weight.data.copy_(dequantize_rows_fp8(q, scale, self.weight.dtype))
 
+    def use_fp8_storage(self) -> None:
+        """Makes the weight an (uninitialized) float8_e4m3fn [out, in] parameter with an [out] fp32 row scale,
+        for a checkpoint that stores this projection in fp8 (the loader fills both)."""
+        if self.weight_scale is None:
+            device = self.weight.device
+            self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features, dtype=torch.float8_e4m3fn,
+                                                   device=device), requires_grad=False)
+            self.weight_scale = torch.full((self.out_features,), float("nan"), device=device)  # NaN: not loaded
+
+    def load_weight_scale(self, tensor: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
+        """A checkpoint's fp8 scale for rows start..end (all by default): one value for the tensor, or one per row."""
+        start, end = rows or (0, self.out_features)
+        if self.weight_scale is None:
+            raise ValueError("a weight scale for a projection whose checkpoint weight is not fp8")
+        if tensor.numel() == 1:
+            self.weight_scale[start:end] = tensor.float().reshape(())
+        elif tensor.numel() == end - start:
+            self.weight_scale[start:end].copy_(tensor.float().reshape(-1))
+        else:
+            raise ValueError(f"weight scale of shape {tuple(tensor.shape)} for {end - start} rows: expected one "
+                             "value per tensor or per row")
+
+    def finish_fp8_load(self, dtype: torch.dtype) -> None:
+        """After loading an fp8 checkpoint: every row has its scale; off CUDA the weight becomes its dequantized
+        values in the model's dtype (as quantize_fp8 keeps them there)."""
+        if self.weight_scale is None:
+            return
+        if torch.isnan(self.weight_scale).any():
+            raise ValueError("the checkpoint holds this projection in fp8 but not its weight_scale")
+        if not self.weight.is_cuda:
+            from pagedserve.executor.quantization import dequantize_rows_fp8
+
+            self.weight = nn.Parameter(dequantize_rows_fp8(self.weight.data, self.weight_scale, dtype),
+                                       requires_grad=False)
+            self.weight_scale = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_scale is not None:
             from pagedserve.executor.quantization import fp8_linear
@@ -91,6 +127,8 @@ class MergedLinear(Linear):
         param = self.weight if param_name == "weight" else self.bias
         if param is None:
             raise ValueError(f"checkpoint has a {param_name} for a projection built without one")
+        if param.dtype == torch.float8_e4m3fn and tensor.dtype != param.dtype:
+            raise ValueError(f"shard {index} of this projection is {tensor.dtype} where another shard is fp8")
         start, end = self.shard_rows(index)
         target = param.data[start:end]
         if target.shape != tensor.shape:

@@ -222,6 +222,9 @@ def load_model(
     t0 = time.monotonic()
     source = fetch_model_source(model_path, config.load_format)
     hf_config = load_hf_config(source)
+    from pagedserve.executor.quantization import checkpoint_quantization
+
+    stored_quantization = checkpoint_quantization(hf_config)  # a ValueError for a method we cannot run
     model_cls = get_model_class(getattr(hf_config, "architectures", None))
     t_config = time.monotonic()
     with torch.device(device), _default_dtype(dtype):
@@ -246,14 +249,27 @@ def load_model(
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(f"checkpoint {source.path!r} lacks weights for {shown}")
-    return _quantized(model, config), hf_config
+    if stored_quantization is not None:
+        from pagedserve.executor.layers import Linear
+
+        for name, module in model.named_modules():
+            if isinstance(module, Linear):
+                try:
+                    module.finish_fp8_load(dtype)
+                except ValueError as e:
+                    raise ValueError(f"checkpoint {source.path!r}, {name}: {e}") from None
+        logger.info("start-up: %s weights as stored in the checkpoint", stored_quantization)
+    return _quantized(model, config, stored_quantization), hf_config
 
 
-def _quantized(model: nn.Module, config: EngineConfig) -> nn.Module:
+def _quantized(model: nn.Module, config: EngineConfig, stored: str | None = None) -> nn.Module:
+    """Online quantization if asked; `model.quantization` says how its projections are held (the engine reports
+    it, the bench's floor counts their bytes by it): config.quantization, or what the checkpoint stores."""
     if config.quantization is not None:
         from pagedserve.executor.quantization import quantize_model
 
         quantize_model(model, config.quantization)
+    model.quantization = config.quantization or stored
     return model
 
 

@@ -26,16 +26,18 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.config import QUANTIZATION_METHODS
 from pagedserve.executor.kernels.fp8_quant import FP8_MAX
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_QUANTIZATION = ("fp8",)
+SUPPORTED_QUANTIZATION = QUANTIZATION_METHODS
 FP8_DTYPE = torch.float8_e4m3fn
 SKINNY_MAX_M = 256
 FP8_MODES = ("w8a16", "w8a8", "scaled_mm")
@@ -51,6 +53,39 @@ if _FORCED_MODE is not None and _FORCED_MODE not in FP8_MODES:
 def check_quantization(quantization: str | None) -> None:
     if quantization is not None and quantization not in SUPPORTED_QUANTIZATION:
         raise ValueError(f"quantization must be one of {SUPPORTED_QUANTIZATION} or None, got {quantization!r}")
+
+
+def checkpoint_quantization(hf_config: Any) -> str | None:
+    """The quantization a checkpoint's config.json declares, as one of SUPPORTED_QUANTIZATION, or None.
+
+    Supported: fp8 (e4m3) weights with one scale per tensor or per output row, as AutoFP8 / vLLM write them
+    (quant_method "fp8") and as llm-compressor writes FP8 / FP8_DYNAMIC (quant_method "compressed-tensors",
+    float 8-bit weights, strategy "tensor" or "channel"). Activation scales in the file (static schemes) are
+    not used: activations are quantized per token at run time. Anything else is a ValueError naming it."""
+    qc = getattr(hf_config, "quantization_config", None)
+    if qc is None:
+        return None
+    if not isinstance(qc, dict):
+        qc = qc.to_dict() if hasattr(qc, "to_dict") else dict(vars(qc))
+    method = qc.get("quant_method")
+    if method == "fp8":
+        if qc.get("weight_block_size"):
+            raise ValueError(f"fp8 checkpoints with block-wise scales (weight_block_size {qc['weight_block_size']}) "
+                             "are not supported; per-tensor and per-channel fp8 checkpoints are")
+        return "fp8"
+    if method == "compressed-tensors":
+        groups = qc.get("config_groups") or {}
+        for name, group in groups.items():
+            weights = (group or {}).get("weights") or {}
+            if not (weights.get("type") == "float" and weights.get("num_bits") == 8
+                    and weights.get("strategy") in ("tensor", "channel")):
+                raise ValueError(f"compressed-tensors scheme {name!r} ({weights}) is not supported; only fp8 "
+                                 "weights with per-tensor or per-channel scales are")
+        if not groups:
+            raise ValueError("a compressed-tensors checkpoint without config_groups is not supported")
+        return "fp8"
+    raise ValueError(f"checkpoint quantization {method!r} is not supported; supported: fp8 checkpoints (per-tensor "
+                     "or per-channel scales), or --quantization fp8 on a 16-bit checkpoint")
 
 
 def quantize_rows_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,13 +167,13 @@ def quantize_model(model: nn.Module, quantization: str) -> int:
     saved = 0
     with torch.no_grad():
         for name, module in model.named_modules():
-            if not isinstance(module, Linear) or name.endswith("lm_head"):
-                continue
+            if not isinstance(module, Linear) or name.endswith("lm_head") or module.weight_scale is not None:
+                continue  # (a projection an fp8 checkpoint already holds in fp8 stays as loaded)
             before = module.weight.numel() * module.weight.element_size()
             module.quantize_fp8()
             saved += before - module.weight.numel() * module.weight.element_size()
             count += 1
-    if count == 0:
+    if count == 0 and not any(isinstance(m, Linear) and m.weight_scale is not None for m in model.modules()):
         raise ValueError("quantization='fp8' found no projections to quantize in this model")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the 16-bit weights' memory back to the device, where the KV sizing sees it
@@ -149,6 +184,7 @@ def quantize_model(model: nn.Module, quantization: str) -> int:
 __all__ = [
     "SUPPORTED_QUANTIZATION",
     "check_quantization",
+    "checkpoint_quantization",
     "dequantize_rows_fp8",
     "fp8_linear",
     "fp8_mode",

@@ -244,6 +244,8 @@ def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: st
         torch.backends.cuda.preferred_blas_library(os.environ["PAGEDSERVE_BLAS"])
     model, hf_config = load_model(config, model_path, device, dtype)
     logger.info("start-up: weights in %.1f s", time.monotonic() - t0)
+    if getattr(model, "quantization", None) != config.quantization:  # an fp8 checkpoint without the flag
+        config = dataclasses.replace(config, quantization=model.quantization)
 
     model_len = int(getattr(hf_config, "max_position_embeddings", 0) or 0) or 4096
     if config.max_model_len is not None and model_len and config.max_model_len > model_len:

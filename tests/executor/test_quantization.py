@@ -144,3 +144,119 @@ def test_load_model_quantizes_the_projections_only(tmp_path) -> None:
             assert not torch.equal(got, ref.detach()), name
         else:
             assert torch.equal(got, ref.detach()), name
+
+
+# --- fp8 checkpoints ------------------------------------------------------------------------------
+
+
+def write_fp8_checkpoint(hf, folder, fmt: str) -> None:
+    """`hf` saved as an fp8 checkpoint: "autofp8" (quant_method fp8, one scale per tensor, static input scales
+    beside them, as AutoFP8 writes) or "compressed" (compressed-tensors FP8_DYNAMIC, one scale per output row).
+    hf's projections are replaced by what the file holds, so both sides compute with the same numbers."""
+    import json
+
+    from safetensors.torch import save_file
+
+    hf.save_pretrained(folder)
+    state = {}
+    with torch.no_grad():
+        for name, tensor in hf.state_dict().items():
+            module = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else ""
+            if module in PROJECTIONS and name.endswith(".weight"):
+                w = tensor.float()
+                if fmt == "autofp8":
+                    scale = (w.abs().max() / 448.0).reshape(())
+                    q = (w / scale).to(torch.float8_e4m3fn)
+                    state[name[: -len("weight")] + "input_scale"] = torch.tensor(0.05)
+                else:
+                    scale = w.abs().amax(dim=1, keepdim=True) / 448.0
+                    q = (w / scale).to(torch.float8_e4m3fn)
+                tensor.copy_(q.float() * scale)
+                state[name] = q
+                state[name + "_scale"] = scale.float()
+            else:
+                state[name] = tensor.contiguous()
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    save_file(state, folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    if fmt == "autofp8":
+        config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "static"}
+    else:
+        config["quantization_config"] = {
+            "quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+            "config_groups": {"group_0": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "dynamic": False, "symmetric": True},
+                "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True},
+            }},
+        }
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("fmt", ["autofp8", "compressed"])
+def test_fp8_checkpoint_matches_hf_on_its_dequantized_weights(fmt, tmp_path) -> None:
+    """An fp8 checkpoint (no flag needed) through the model runner's mixed step: HF's logits on the weights the file
+    holds (fp8 values times their scales); the engine reports quantization fp8."""
+    from tests.executor.helpers import hf_logits, make_runner, scheduled, step, tiny_hf_model
+
+    hf = tiny_hf_model("qwen2")
+    write_fp8_checkpoint(hf, tmp_path, fmt)
+    runner, sampler = make_runner(tmp_path)
+    tokens = [3, 17, 101, 5, 250, 64, 9, 33, 12, 200, 7]
+    runner.execute(step(scheduled("r", tokens, 0, [1, 2, 3], needs_sample=True)))
+    got, want = sampler.logits[-1]["r"], hf_logits(hf, tokens)[-1]
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+    assert runner.model.quantization == "fp8"
+
+
+def test_fp8_checkpoint_through_llm_and_two_ranks(tmp_path, real_model_dir) -> None:
+    """The per-channel checkpoint through LLM (config reports fp8) and over two ranks (gloo): each rank takes its
+    rows' scales for q/k/v/gate/up and the whole scale vector for o/down; greedy tokens and logprobs equal HF's."""
+    from tests.executor.test_tensor_parallel import PROMPTS, hf_greedy, tiny_checkpoint
+
+    hf = tiny_checkpoint(tmp_path, real_model_dir, "qwen2")  # with the real tokenizer's files
+    write_fp8_checkpoint(hf, tmp_path, "compressed")
+    for tp in (1, 2):
+        llm = LLM(str(tmp_path), tensor_parallel_size=tp, max_model_len=64, cpu_kv_cache_gib=0.05, device="cpu",
+                  dtype="float32", skip_warmup=True)
+        try:
+            assert llm.engine.config.quantization == "fp8"
+            outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
+                                SamplingParams(temperature=0, max_tokens=5, logprobs=0), use_tqdm=False)
+            for prompt, out in zip(PROMPTS, outs, strict=True):
+                ref_ids, ref_logprobs = hf_greedy(hf, prompt, 5)
+                assert out.outputs[0].token_ids == ref_ids, tp
+                assert [lp.logprob for lp in out.outputs[0].logprobs] == pytest.approx(ref_logprobs, abs=1e-4)
+        finally:
+            llm.engine.worker.close()
+
+
+def test_unsupported_checkpoint_quantization_is_a_clear_error(tmp_path) -> None:
+    import json
+
+    from pagedserve.executor.loader import load_model
+    from tests.executor.helpers import save_tiny_model, tiny_hf_model
+
+    save_tiny_model("qwen2", tmp_path)
+    config_path = tmp_path / "config.json"
+    base = json.loads(config_path.read_text())
+    for qc, match in [
+        ({"quant_method": "awq", "bits": 4}, "checkpoint quantization 'awq' is not supported"),
+        ({"quant_method": "fp8", "weight_block_size": [128, 128]}, "block-wise scales"),
+        ({"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int"}}}},
+         "scheme 'g'"),
+    ]:
+        config_path.write_text(json.dumps({**base, "quantization_config": qc}))
+        with pytest.raises(ValueError, match=match):
+            load_model(EngineConfig(model=str(tmp_path)), str(tmp_path), "cpu", torch.float32)
+    # an fp8 weight without its scale
+    folder = tmp_path / "noscale"
+    write_fp8_checkpoint(tiny_hf_model("qwen2"), folder, "compressed")
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(folder / "model.safetensors")
+    del state["model.layers.1.self_attn.o_proj.weight_scale"]
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"o_proj: the checkpoint holds this projection in fp8 but not its weight"):
+        load_model(EngineConfig(model=str(folder)), str(folder), "cpu", torch.float32)

@@ -37,6 +37,9 @@ from pagedserve.executor.layers import (
 
 logger = logging.getLogger(__name__)
 
+# fp8 checkpoints' activation and KV-cache scales: not used (activations are quantized per token at run time).
+_UNUSED_SCALES = (".input_scale", ".k_scale", ".v_scale")
+
 # (merged param, checkpoint part, shard index): q/k/v -> qkv_proj, gate/up -> gate_up_proj.
 STACKED_PARAMS: list[tuple[str, str, int]] = [
     (".qkv_proj.", ".q_proj.", 0),
@@ -77,6 +80,9 @@ def tp_slice(name: str, tensor: torch.Tensor) -> torch.Tensor:
         part = tensor[start:start + rows]
         missing = rows - part.shape[0]
         return part if not missing else torch.cat([part, part.new_zeros(missing, *part.shape[1:])])
+    if name.endswith(".weight_scale"):  # fp8 checkpoints: per tensor (kept whole) or per output row
+        column = any(part in name for part in _COLUMN_PARALLEL)
+        return tensor.chunk(size, dim=0)[rank] if column and tensor.numel() > 1 else tensor
     if any(part in name for part in _COLUMN_PARALLEL):
         return tensor.chunk(size, dim=0)[rank]
     if any(part in name for part in _ROW_PARALLEL):
@@ -274,13 +280,16 @@ class DecoderForCausalLM(nn.Module):
         """
         params = dict(self.named_parameters())
         merged_modules = {name: m for name, m in self.named_modules() if isinstance(m, MergedLinear)}
+        linears = {name: m for name, m in self.named_modules() if isinstance(m, Linear)}
         loaded: set[str] = set()
         for name, tensor in weights:
-            if "rotary_emb." in name:
+            if "rotary_emb." in name or name.endswith(_UNUSED_SCALES):
                 continue
             if self.tie_word_embeddings and name == "lm_head.weight":
                 continue
             tensor = tp_slice(name, tensor)
+            # fp8 checkpoints: a projection whose weight (or scale) is fp8 is stored so, with a scale per row
+            fp8 = name.endswith(".weight_scale") or (name.endswith(".weight") and tensor.dtype == torch.float8_e4m3fn)
             for merged, part, shard_index in STACKED_PARAMS:
                 if part in name:
                     module_name, _, param_name = name.replace(part, merged).rpartition(".")
@@ -288,10 +297,23 @@ class DecoderForCausalLM(nn.Module):
                     if module is None:
                         logger.warning("skipping checkpoint tensor %s: no such parameter", name)
                         break
-                    module.load_shard(param_name, shard_index, tensor)
-                    loaded.add(f"{module_name}.{param_name}:{shard_index}")
+                    if fp8:
+                        module.use_fp8_storage()
+                    if param_name == "weight_scale":
+                        module.load_weight_scale(tensor, module.shard_rows(shard_index))
+                    else:
+                        module.load_shard(param_name, shard_index, tensor)
+                        loaded.add(f"{module_name}.{param_name}:{shard_index}")
                     break
             else:
+                module_name, _, param_name = name.rpartition(".")
+                module = linears.get(module_name)
+                if fp8 and module is not None and not module_name.endswith("lm_head"):
+                    module.use_fp8_storage()
+                    if param_name == "weight_scale":
+                        module.load_weight_scale(tensor)
+                        continue
+                    params[name] = module.weight
                 param = params.get(name)
                 if param is None:
                     logger.warning("skipping checkpoint tensor %s: no such parameter", name)
@@ -299,6 +321,8 @@ class DecoderForCausalLM(nn.Module):
                 if param.shape != tensor.shape:
                     raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} does not match the "
                                      f"model's {tuple(param.shape)}; is config.json the right one?")
+                if param.dtype == torch.float8_e4m3fn and tensor.dtype != param.dtype:
+                    raise ValueError(f"{name}: a {tensor.dtype} tensor for a projection the checkpoint stores in fp8")
                 param.data.copy_(tensor)
                 loaded.add(name)
         # Report a merged parameter as loaded only when all of its shards were.
