@@ -260,3 +260,9 @@ def test_unsupported_checkpoint_quantization_is_a_clear_error(tmp_path) -> None:
     save_file(state, folder / "model.safetensors")
     with pytest.raises(ValueError, match=r"o_proj: the checkpoint holds this projection in fp8 but not its weight"):
         load_model(EngineConfig(model=str(folder)), str(folder), "cpu", torch.float32)
+    # an LM head stored in fp8 (this model keeps it 16-bit): refused, not cast without its scale
+    state = load_file(folder / "model.safetensors")
+    state["lm_head.weight"] = state["lm_head.weight"].to(torch.float8_e4m3fn)
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"lm_head.weight: a torch.float8_e4m3fn tensor for a torch.float32 param"):
+        load_model(EngineConfig(model=str(folder)), str(folder), "cpu", torch.float32)

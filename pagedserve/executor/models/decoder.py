@@ -321,8 +321,9 @@ class DecoderForCausalLM(nn.Module):
                 if param.shape != tensor.shape:
                     raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} does not match the "
                                      f"model's {tuple(param.shape)}; is config.json the right one?")
-                if param.dtype == torch.float8_e4m3fn and tensor.dtype != param.dtype:
-                    raise ValueError(f"{name}: a {tensor.dtype} tensor for a projection the checkpoint stores in fp8")
+                if (param.dtype == torch.float8_e4m3fn) != (tensor.dtype == torch.float8_e4m3fn):
+                    raise ValueError(f"{name}: a {tensor.dtype} tensor for a {param.dtype} parameter (only the decoder "
+                                     "projections can be held in fp8, each with its weight_scale)")
                 param.data.copy_(tensor)
                 loaded.add(name)
         # Report a merged parameter as loaded only when all of its shards were.
