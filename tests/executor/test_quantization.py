@@ -266,3 +266,14 @@ def test_unsupported_checkpoint_quantization_is_a_clear_error(tmp_path) -> None:
     save_file(state, folder / "model.safetensors")
     with pytest.raises(ValueError, match=r"lm_head.weight: a torch.float8_e4m3fn tensor for a torch.float32 param"):
         load_model(EngineConfig(model=str(folder)), str(folder), "cpu", torch.float32)
+
+
+def test_quantization_module_does_not_import_triton() -> None:
+    """CPU runs and test collection import executor/quantization.py; Triton must come later (the kernel tests switch
+    it to its interpreter before importing it: imported earlier, its library functions stay compiled-only)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pagedserve.executor.quantization, pagedserve.executor.loader, pagedserve.executor.layers; "
+            "assert 'triton' not in sys.modules, 'triton imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+from pagedserve.executor.quantization import FP8_MAX  # 448.0, e4m3's largest finite value
+
 MIN_SCALE = 1e-12 / FP8_MAX  # an all-zero row: scale floor, q all zeros
 ONE_PASS_MAX = 8192
 _CHUNK = 4096
