@@ -24,7 +24,8 @@ def test_fp8_mixed_batch_matches_hf_on_cuda(backend: str, tmp_path) -> None:
     run_mixed_batch_against_hf("qwen2", tmp_path, "cuda", backend, tolerance=5e-3, quantization="fp8")
 
 
-def _logprob_errors(path, dtype: str, quantization: str | None, hf, step_tokens: int = 512) -> list[float]:
+def _logprob_errors(path, dtype: str, quantization: str | None, hf, step_tokens: int = 512,
+                    expected: str | None = "fp8") -> list[float]:
     """|engine - Transformers| logprob of every prompt token and of 12 greedy tokens, 6 prompts of 30-600 tokens."""
     from pagedserve import LLM
 
@@ -32,6 +33,7 @@ def _logprob_errors(path, dtype: str, quantization: str | None, hf, step_tokens:
               max_num_batched_tokens=step_tokens, gpu_memory_utilization=0.3)
     assert llm.engine.async_scheduling and llm.engine.worker.runner.cuda_graphs is not None
     errors = logprob_errors_against(llm, hf, seed=6, max_prompt=600)
+    assert llm.engine.config.quantization == expected  # asked for, or what the checkpoint stores
     stats = llm.engine.get_stats()
     assert stats["num_free_blocks"] == stats["num_total_blocks"]
     del llm
@@ -118,7 +120,7 @@ def test_fp8_bf16_engine_against_transformers(tmp_path, monkeypatch) -> None:
     def summary(errors):
         return max(errors), sum(errors) / len(errors)
 
-    plain = summary(_logprob_errors(tmp_path, "bfloat16", None, exact))
+    plain = summary(_logprob_errors(tmp_path, "bfloat16", None, exact, expected=None))
     monkeypatch.setattr(quantization, "_FORCED_MODE", "w8a16")
     w8a16 = summary(_logprob_errors(tmp_path, "bfloat16", "fp8", weights_only, step_tokens=256))
     monkeypatch.setattr(quantization, "_FORCED_MODE", "w8a8")
@@ -127,3 +129,18 @@ def test_fp8_bf16_engine_against_transformers(tmp_path, monkeypatch) -> None:
           f"{w8a16[1]:.2e}; fp8 W8A8 {w8a8[0]:.2e}, {w8a8[1]:.2e}")
     assert w8a16[1] <= 1.5 * plain[1] + 5e-3 and w8a16[0] <= 2 * plain[0] + 5e-2
     assert w8a8[1] <= 0.08 and w8a8[0] <= 0.4  # run 6 on the H200: 4.4e-2, 0.21
+
+
+def test_fp8_checkpoint_on_gpu_matches_transformers(tmp_path) -> None:
+    """A per-channel fp8 checkpoint (compressed-tensors) loads into the fp8 projections on the GPU as stored (no
+    flag), fp32 activations: Transformers on the weights the file holds, to within the TF32 attention dots."""
+    if not (SOURCE / "config.json").exists():
+        pytest.skip("no .devcache/qwen2-7b (run scripts/make_7b_config.sh)")
+    from tests.executor.test_quantization import write_fp8_checkpoint
+
+    hf = _tiny_qwen2(tmp_path)
+    write_fp8_checkpoint(hf, tmp_path, "compressed")  # hf now holds the file's dequantized weights
+    errors = _logprob_errors(tmp_path, "float32", None, hf.cuda().eval())
+    print(f"fp8 checkpoint (float32) vs Transformers on its weights: logprob error worst {max(errors):.2e} "
+          f"over {len(errors)} tokens")
+    assert max(errors) < 5e-3
