@@ -361,6 +361,12 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
     fp8-test-fp32)  # the fp32 engine's fp8 ways (default, W8A8 forced) against Transformers doing the same
       timeout 200 python3 -m pytest tests/gpu/test_fp8_gpu.py -k fp32 -q -p no:cacheprovider -ra -s 2>&1 \
         | grep -E "fp8 engine|passed|failed|Error" | tail -8 ;;
+    fp8-lat-ab)  # batch-1 with fp8 weights: gate_up + SiLU·mul fused (PAGEDSERVE_FP8_FUSED_GATE_UP=1) or not, twice
+      for v in 0 1 0 1; do
+        echo "== PAGEDSERVE_FP8_FUSED_GATE_UP=$v"
+        PAGEDSERVE_FP8_FUSED_GATE_UP=$v python3 -m pagedserve.entrypoints.cli bench latency --model $M \
+          --load-format dummy --quantization fp8 2>&1 | grep -E "^latency|replay"
+      done ;;
     fp8-throughput)  # the default workload with fp8 weights alone
       python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm \
         --quantization fp8 --output-json "$OUT/throughput-fp8.json" 2>&1 | tail -4 ;;

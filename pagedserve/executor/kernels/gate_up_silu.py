@@ -13,6 +13,10 @@ Numerics equal the two-kernel path (skinny GEMM, then silu_mul): the two product
 x's dtype first (the GEMM's output rounding), then silu(g) * u is computed in fp32 and rounded once.
 With PDL the first weight tiles are loaded before waiting for the previous kernel (weights are never
 written during a step), as in skinny_gemm.
+
+fp8 weights (quantization="fp8"; `weight_scale`, one fp32 scale per row of the merged weight): rows are read
+at one byte an element, widened to fp32 like 16-bit ones, and each sum is multiplied by its row's scale
+before the rounding above (as the skinny GEMM's W8A16 path, then silu_mul).
 """
 
 from __future__ import annotations
@@ -75,11 +79,13 @@ def paired_rows_dot(w_ptr, rows_a, rows_b, stride_wn, x_ptr, K, EVEN_K: tl.const
 def _gate_up_silu_kernel(
     x_ptr,  # [K]
     w_ptr,  # [2I, K], contiguous
+    scale_ptr,  # [2I] fp32 (HAS_SCALE only): W's rows are fp8, each times its scale
     out_ptr,  # [I]
     inter,
     K,
     stride_wn,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks
+    HAS_SCALE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
@@ -87,6 +93,9 @@ def _gate_up_silu_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(offs_n, inter - 1).to(tl.int64)  # padding rows re-read row inter-1 (never stored)
     gate, up = paired_rows_dot(w_ptr, rows, rows + inter, stride_wn, x_ptr, K, EVEN_K, BLOCK_K, USE_PDL)
+    if HAS_SCALE:
+        gate *= tl.load(scale_ptr + rows)
+        up *= tl.load(scale_ptr + rows + inter)
     # The unfused path's roundings: GEMM outputs in x's dtype, then SiLU·mul in fp32, rounded once.
     gate = gate.to(out_ptr.dtype.element_ty).to(tl.float32)
     up = up.to(out_ptr.dtype.element_ty).to(tl.float32)
@@ -103,12 +112,22 @@ def gate_up_silu(
     block_k: int = DEFAULT_BLOCK_K,
     num_warps: int = 4,
     num_stages: int = 2,
+    weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """silu(x @ weight[:I].T) * (x @ weight[I:].T) for x [1, K] and weight [2I, K]; returns [1, I]."""
+    """silu(x @ weight[:I].T) * (x @ weight[I:].T) for x [1, K] and weight [2I, K]; returns [1, I].
+    weight_scale [2I] fp32: weight is float8_e4m3fn standing for weight * weight_scale[:, None]."""
     if x.dim() != 2 or x.shape[0] != 1 or weight.dim() != 2 or weight.shape[1] != x.shape[1] \
             or weight.shape[0] % 2 or weight.shape[0] == 0:
         raise ValueError(f"x must be [1, K] and weight [2I, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
-    if x.dtype != weight.dtype or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"x must be float16/bfloat16/float32, got {x.dtype}")
+    if weight_scale is not None:
+        if weight.dtype != torch.float8_e4m3fn or weight_scale.shape != (weight.shape[0],) \
+                or weight_scale.dtype != torch.float32 or not weight_scale.is_contiguous():
+            raise ValueError(f"with weight_scale, weight must be float8_e4m3fn and weight_scale a contiguous "
+                             f"[{weight.shape[0]}] float32 tensor, got {weight.dtype}, {tuple(weight_scale.shape)} "
+                             f"{weight_scale.dtype}")
+    elif x.dtype != weight.dtype:
         raise ValueError(f"x and weight must share a float16/bfloat16/float32 dtype, got {x.dtype}, {weight.dtype}")
     if x.stride(1) != 1 or not weight.is_contiguous() or x.device != weight.device:
         raise ValueError("x needs a contiguous last dimension, weight must be contiguous, both on one device")
@@ -122,8 +141,9 @@ def gate_up_silu(
         raise ValueError(f"out must be a contiguous [1, {inter}] tensor of {x.dtype}")
     block_k = max(16, min(block_k, triton.next_power_of_2(k)))
     _gate_up_silu_kernel[(triton.cdiv(inter, block_n),)](
-        x, weight, out, inter, k, weight.stride(0),
+        x, weight, weight_scale if weight_scale is not None else x, out, inter, k, weight.stride(0),
         EVEN_K=k % block_k == 0,
+        HAS_SCALE=weight_scale is not None,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=num_warps,
