@@ -36,10 +36,10 @@ from pagedserve.config import QUANTIZATION_METHODS
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_QUANTIZATION = QUANTIZATION_METHODS
 # e4m3's largest finite value. Kept here, not imported from kernels/fp8_quant.py: this module must not import
 # Triton (CPU runs and test collection import it; the kernel tests need Triton imported after TRITON_INTERPRET).
 FP8_MAX = 448.0
+FP8_MIN_SCALE = 1e-12 / FP8_MAX  # an all-zero row's scale (its fp8 values are zeros)
 FP8_DTYPE = torch.float8_e4m3fn
 SKINNY_MAX_M = 256
 FP8_MODES = ("w8a16", "w8a8", "scaled_mm")
@@ -52,13 +52,8 @@ if _FORCED_MODE is not None and _FORCED_MODE not in FP8_MODES:
     raise ValueError(f"PAGEDSERVE_FP8_MODE must be one of {FP8_MODES}, got {_FORCED_MODE!r}")
 
 
-def check_quantization(quantization: str | None) -> None:
-    if quantization is not None and quantization not in SUPPORTED_QUANTIZATION:
-        raise ValueError(f"quantization must be one of {SUPPORTED_QUANTIZATION} or None, got {quantization!r}")
-
-
 def checkpoint_quantization(hf_config: Any) -> str | None:
-    """The quantization a checkpoint's config.json declares, as one of SUPPORTED_QUANTIZATION, or None.
+    """The quantization a checkpoint's config.json declares, as one of QUANTIZATION_METHODS, or None.
 
     Supported: fp8 (e4m3) weights with one scale per tensor or per output row, as AutoFP8 / vLLM write them
     (quant_method "fp8") and as llm-compressor writes FP8 / FP8_DYNAMIC (quant_method "compressed-tensors",
@@ -97,7 +92,7 @@ def quantize_rows_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     if weight.dim() != 2:
         raise ValueError(f"weight must be [N, K], got {tuple(weight.shape)}")
     w32 = weight.float()
-    scale = (w32.abs().amax(dim=1) / FP8_MAX).clamp_min(1e-12 / FP8_MAX)
+    scale = (w32.abs().amax(dim=1) / FP8_MAX).clamp_min(FP8_MIN_SCALE)
     q = (w32 / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 
@@ -164,7 +159,8 @@ def quantize_model(model: nn.Module, quantization: str) -> int:
     """Quantizes every decoder projection of `model` in place; returns how many. Call once, after loading."""
     from pagedserve.executor.layers import Linear
 
-    check_quantization(quantization)
+    if quantization not in QUANTIZATION_METHODS:
+        raise ValueError(f"quantization must be one of {QUANTIZATION_METHODS}, got {quantization!r}")
     count = 0
     saved = 0
     with torch.no_grad():
@@ -184,8 +180,8 @@ def quantize_model(model: nn.Module, quantization: str) -> int:
 
 
 __all__ = [
-    "SUPPORTED_QUANTIZATION",
-    "check_quantization",
+    "FP8_MAX",
+    "FP8_MIN_SCALE",
     "checkpoint_quantization",
     "dequantize_rows_fp8",
     "fp8_linear",

@@ -16,9 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.executor.quantization import FP8_MAX  # 448.0, e4m3's largest finite value
+from pagedserve.executor.quantization import FP8_MAX, FP8_MIN_SCALE, quantize_rows_fp8
 
-MIN_SCALE = 1e-12 / FP8_MAX  # an all-zero row: scale floor, q all zeros
 ONE_PASS_MAX = 8192
 _CHUNK = 4096
 
@@ -85,22 +84,20 @@ def per_token_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m == 0 or k == 0:
-        return q, scale.fill_(MIN_SCALE)
+        return q, scale.fill_(FP8_MIN_SCALE)
     one_pass = k <= ONE_PASS_MAX
     block = triton.next_power_of_2(k) if one_pass else _CHUNK
     _per_token_quant_kernel[(m,)](
         x, q, scale, k, x.stride(0), q.stride(0),
-        FMAX=FP8_MAX, MIN_S=MIN_SCALE, BLOCK=block, ONE_PASS=one_pass, num_warps=8 if block >= 4096 else 4,
+        FMAX=FP8_MAX, MIN_S=FP8_MIN_SCALE, BLOCK=block, ONE_PASS=one_pass, num_warps=8 if block >= 4096 else 4,
     )  # fmt: skip
     return q, scale
 
 
 def per_token_quant_fp8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same in torch ops (four kernels on a GPU): the kernel's test reference and the CPU path."""
-    x32 = x.float()
-    scale = (x32.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(MIN_SCALE)
-    q = (x32 / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q, scale
+    """The same in torch ops (the rows of x quantized as weight rows are): the kernel's test reference."""
+    q, scale = quantize_rows_fp8(x)
+    return q, scale[:, None]
 
 
 __all__ = ["FP8_MAX", "per_token_quant_fp8", "per_token_quant_fp8_reference"]

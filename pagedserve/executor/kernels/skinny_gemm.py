@@ -567,7 +567,16 @@ def fit_tail(config: SkinnyConfig, m: int) -> SkinnyConfig:
 
 
 def _check_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None,
-                    weight_scale: torch.Tensor | None = None) -> None:
+                    weight_scale: torch.Tensor | None = None, x_scale: torch.Tensor | None = None,
+                    out_dtype: torch.dtype | None = None) -> None:
+    if x_scale is not None:  # fp8 x as well (W8A8): the output dtype is out_dtype's
+        if weight_scale is None or x.dtype != torch.float8_e4m3fn or weight.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"x_scale needs x and weight in float8_e4m3fn and a weight_scale, got {x.dtype}, "
+                             f"{weight.dtype}")
+        if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(f"fp8 x needs out_dtype bfloat16, float16 or float32, got {out_dtype}")
+    elif out_dtype not in (None, x.dtype, torch.float32):
+        raise ValueError(f"out_dtype must be x's dtype or torch.float32, got {out_dtype}")
     if x.dim() != 2 or weight.dim() != 2:
         raise ValueError(f"x must be [M, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
     (m, k), (n, k_w) = x.shape, weight.shape
@@ -575,8 +584,12 @@ def _check_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         raise ValueError(f"skinny_linear takes 1 <= M <= {MAX_M} rows, got M={m}; use F.linear for more")
     if k != k_w or k == 0 or n == 0:
         raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not match ([M, K] @ [N, K]^T)")
+    if x_scale is not None and (x_scale.numel() != m or x_scale.dtype != torch.float32
+                                or not x_scale.is_contiguous()):
+        raise ValueError(f"x_scale must be a contiguous float32 tensor of {m} elements, got "
+                         f"{tuple(x_scale.shape)} {x_scale.dtype}")
     if weight_scale is not None:
-        if weight.dtype != torch.float8_e4m3fn or x.dtype not in _DTYPES:
+        if weight.dtype != torch.float8_e4m3fn or (x_scale is None and x.dtype not in _DTYPES):
             raise ValueError(f"with weight_scale, weight must be float8_e4m3fn and x float16/bfloat16/float32, "
                              f"got {weight.dtype}, {x.dtype}")
         if weight_scale.shape != (n,) or weight_scale.dtype != torch.float32 or weight_scale.stride(0) != 1:
@@ -588,10 +601,13 @@ def _check_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         raise ValueError("x needs a contiguous last dimension and weight must be contiguous")
     if weight.device != x.device:
         raise ValueError(f"x is on {x.device} but weight on {weight.device}")
-    if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype or bias.stride(0) != 1):
-        raise ValueError(f"bias must be a contiguous [{n}] tensor of {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
-    if out is not None and (out.shape != (m, n) or out.dtype not in (x.dtype, torch.float32) or out.stride(1) != 1):
-        raise ValueError(f"out must be [{m}, {n}] of {x.dtype} or float32 with a contiguous last dim")
+    y_dtype = out_dtype if x_scale is not None else x.dtype  # bias and default output: x's dtype, or out_dtype
+    if bias is not None and (bias.shape != (n,) or bias.dtype != y_dtype or bias.stride(0) != 1):
+        raise ValueError(f"bias must be a contiguous [{n}] tensor of {y_dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    out_dtypes = (y_dtype,) if x_scale is not None else (x.dtype, torch.float32)
+    if out is not None and (out.shape != (m, n) or out.dtype not in out_dtypes or out.stride(1) != 1):
+        raise ValueError(f"out must be [{m}, {n}] of {' or '.join(str(d) for d in out_dtypes)} with a contiguous "
+                         "last dim")
 
 
 def _check_tma(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -621,56 +637,18 @@ def skinny_linear(
     x_scale [M] or [M, 1] fp32 (with weight_scale; dot configs): x is float8_e4m3fn too, standing for x * x_scale
     (per-token activations, kernels/fp8_quant.py), and the products run on fp8 tensor cores; the output is
     out_dtype (required: bfloat16 or float16, or float32)."""
-    if x_scale is not None:
-        return _skinny_linear_w8a8(x, weight, bias, out, config, out_dtype, weight_scale, x_scale)
-    if out_dtype not in (None, x.dtype, torch.float32):
-        raise ValueError(f"out_dtype must be x's dtype or torch.float32, got {out_dtype}")
-    _check_operands(x, weight, bias, out, weight_scale)
+    _check_operands(x, weight, bias, out, weight_scale, x_scale, out_dtype)
     (m, k), n = x.shape, weight.shape[0]
     if config is None:
         config = (choose_config(m, n, k, x.dtype, x.device) if weight_scale is None
-                  else choose_fp8_config(m, n, k, x.device))
+                  else choose_fp8_config(m, n, k, x.device, w8a8=x_scale is not None))
     elif not isinstance(config, SkinnyConfig):
         config = SkinnyConfig(**config)
     config.validate()
+    if x_scale is not None and (not config.use_dot or config.use_tma):
+        raise ValueError("fp8 x (x_scale) takes the plain dot path (use_dot=True, use_tma=False)")
     if weight_scale is not None and config.use_tma:
         raise ValueError("fp8 weights (weight_scale) take the plain dot or fma paths, not use_tma")
-    return _launch(x, weight, bias, out, config, out_dtype, weight_scale, None)
-
-
-def _skinny_linear_w8a8(x, weight, bias, out, config, out_dtype, weight_scale, x_scale) -> torch.Tensor:
-    if weight_scale is None or x.dtype != torch.float8_e4m3fn or weight.dtype != torch.float8_e4m3fn:
-        raise ValueError(f"x_scale needs x and weight in float8_e4m3fn and a weight_scale, got {x.dtype}, "
-                         f"{weight.dtype}")
-    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"fp8 x needs out_dtype bfloat16, float16 or float32, got {out_dtype}")
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] or not 1 <= x.shape[0] <= MAX_M:
-        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not match ([M, K] @ [N, K]^T, "
-                         f"1 <= M <= {MAX_M})")
-    (m, k), n = x.shape, weight.shape[0]
-    if x_scale.numel() != m or x_scale.dtype != torch.float32 or not x_scale.is_contiguous():
-        raise ValueError(f"x_scale must be a contiguous float32 tensor of {m} elements, got "
-                         f"{tuple(x_scale.shape)} {x_scale.dtype}")
-    if weight_scale.shape != (n,) or weight_scale.dtype != torch.float32 or weight_scale.stride(0) != 1:
-        raise ValueError(f"weight_scale must be a contiguous [{n}] float32 tensor")
-    if x.stride(1) != 1 or not weight.is_contiguous():
-        raise ValueError("x needs a contiguous last dimension and weight must be contiguous")
-    if bias is not None and (bias.shape != (n,) or bias.stride(0) != 1):
-        raise ValueError(f"bias must be a contiguous [{n}] tensor")
-    if out is not None and (out.shape != (m, n) or out.dtype != out_dtype or out.stride(1) != 1):
-        raise ValueError(f"out must be [{m}, {n}] of {out_dtype} with a contiguous last dim")
-    if config is None:
-        config = choose_fp8_config(m, n, k, x.device, w8a8=True)
-    elif not isinstance(config, SkinnyConfig):
-        config = SkinnyConfig(**config)
-    config.validate()
-    if not config.use_dot or config.use_tma:
-        raise ValueError("fp8 x (x_scale) takes the plain dot path (use_dot=True, use_tma=False)")
-    return _launch(x, weight, bias, out, config, out_dtype, weight_scale, x_scale)
-
-
-def _launch(x, weight, bias, out, config, out_dtype, weight_scale, x_scale) -> torch.Tensor:
-    (m, k), n = x.shape, weight.shape[0]
     if not config.use_dot and m > FMA_MAX_M:
         raise ValueError(f"use_dot=False (the fma path) takes M <= {FMA_MAX_M}, got M={m}; use a dot config")
     if out is None:
