@@ -348,7 +348,7 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
       python3 scripts/bench_skinny_gemm.py --m 1 --shapes qkv,o,gate_up,down ;;
     fp8-test)  # quantization="fp8": its kernels against torch, then the engine against Transformers on fp8 weights
       timeout 400 python3 -m pytest tests/kernels/test_fp8.py tests/gpu/test_fp8_gpu.py -q -p no:cacheprovider -ra -s \
-        2>&1 | grep -E "fp8 engine|fp8 checkpoint|bf16 logprob|passed|failed|FAILED|Error" | tail -14 ;;
+        2>&1 | grep -E "fp8 engine|fp8 checkpoint|bf16 logprob|W8A8 fp32 sums|passed|failed|FAILED|Error" | tail -30 ;;
     fp8-test-bf16)  # the bf16 engine's fp8 ways against Transformers doing the same arithmetic (prints the errors)
       timeout 300 python3 -m pytest tests/gpu/test_fp8_gpu.py -k bf16 -q -p no:cacheprovider -ra -s 2>&1 \
         | grep -E "bf16 logprob|passed|failed|Error" | tail -8 ;;

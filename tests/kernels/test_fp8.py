@@ -60,6 +60,19 @@ def test_quantize_rows_round_trip():
     assert torch.equal(back[7], torch.zeros(300))
 
 
+def test_quantize_rows_is_the_same_on_every_device():
+    """bf16-valued weights (as checkpoints hold) put ~0.1% of elements on an fp8 rounding tie, where a scale one
+    ulp off (CUDA's product with 1/448 for a division by a host number) rounds them the other way: the scale must
+    be amax / 448 correctly rounded and the rows equal the CPU's, bit for bit, on whatever device runs this."""
+    g = torch.Generator().manual_seed(21)
+    w = (torch.randn(256, 512, generator=g) * 0.03).bfloat16().float()
+    q_cpu, s_cpu = quantize_rows_fp8(w)
+    q, s = quantize_rows_fp8(w.to(DEVICE))
+    exact = (w.abs().amax(dim=1).double() / FP8_MAX).float()
+    assert torch.equal(s_cpu, exact) and torch.equal(s.cpu(), exact)
+    assert torch.equal(q.cpu().float(), q_cpu.float())
+
+
 def make_fp8(m, k, n, with_bias, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=g).to(dtype).to(DEVICE)
@@ -177,6 +190,23 @@ def test_gpu_fp8_linear_7b_shapes(m, n, k, with_bias, mode, monkeypatch):
     rel = ((y.float() - ref).norm() / ref.norm()).item()
     assert torch.isfinite(y).all()
     assert rel < 8e-3, (m, n, k, chosen, rel)  # fp32 sums in another order, the bf16 output's rounding
+
+
+@gpu_only
+@pytest.mark.parametrize("m", [2, 16, 139, 256])
+@pytest.mark.parametrize("n,k", [(4608, 3584), (3584, 18944)])
+def test_gpu_skinny_w8a8_fp32_sums(m, n, k):
+    """W8A8 written in fp32 at the 7B shapes: the products of two fp8 values are exact, so the only error left is
+    fp32 summation order (~1e-6). Catches sums kept in the tensor cores' reduced fp8 accumulator (~14 bits, the
+    Hopper default of Triton's fp8 dot), which the bf16 output's rounding in the test above hides."""
+    x, q, s, _ = make_fp8(m, k, n, False, torch.bfloat16, seed=m * 3 + k)
+    xq, xs = per_token_quant_fp8(x)
+    out = torch.full((m, n), float("nan"), device=DEVICE)
+    skinny_linear(xq, q, out=out, out_dtype=torch.float32, weight_scale=s, x_scale=xs)
+    ref = fp8_reference(xq.float() * xs, q, s, None)
+    rel = ((out - ref).norm() / ref.norm()).item()
+    print(f"W8A8 fp32 sums m={m} n={n} k={k}: rel err {rel:.2e}")
+    assert torch.isfinite(out).all() and rel < 2e-5, rel
 
 
 def test_fp8_mode_rules():

@@ -2,7 +2,8 @@
 
 Each row gets its own scale, max|x_row| / 448 (e4m3's largest finite value), floored so that an all-zero
 row divides by a tiny number, not zero; q = clamp(x / scale, -448, 448) rounded to nearest even, so
-q * scale approximates x with ~2^-4 relative error per element. This feeds fp8 GEMMs (torch._scaled_mm
+q * scale approximates x with ~2^-4 relative error per element. Both divisions are IEEE (div_rn; Triton's `/`
+is an approximate fp32 division on the GPU), as torch's reference computes them, so the bits agree. This feeds fp8 GEMMs (torch._scaled_mm
 with row-wise scales): the scale pair (row of x, column of W) is applied to the fp32 sums.
 
 One program per row. Rows up to ONE_PASS_MAX elements are read once (held in registers between the
@@ -56,8 +57,8 @@ def _per_token_quant_kernel(
     if ONE_PASS:
         mask = offs < K
         x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(x), axis=0) / FMAX, MIN_S)
-        q = _round_to_e4m3(tl.clamp(x / scale, -FMAX, FMAX))
+        scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=0), FMAX), MIN_S)
+        q = _round_to_e4m3(tl.clamp(tl.math.div_rn(x, scale), -FMAX, FMAX))
         tl.store(q_row + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
     else:
         amax = tl.zeros([BLOCK], dtype=tl.float32)
@@ -65,11 +66,11 @@ def _per_token_quant_kernel(
             mask = k + offs < K
             x = tl.load(x_row + k + offs, mask=mask, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.maximum(tl.max(amax, axis=0) / FMAX, MIN_S)
+        scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), FMAX), MIN_S)
         for k in range(0, K, BLOCK):
             mask = k + offs < K
             x = tl.load(x_row + k + offs, mask=mask, other=0.0).to(tl.float32)
-            q = _round_to_e4m3(tl.clamp(x / scale, -FMAX, FMAX))
+            q = _round_to_e4m3(tl.clamp(tl.math.div_rn(x, scale), -FMAX, FMAX))
             tl.store(q_row + k + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + row, scale)
 

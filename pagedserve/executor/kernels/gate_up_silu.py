@@ -30,6 +30,10 @@ from pagedserve.executor.kernels.pdl import pdl_enter
 
 DEFAULT_BLOCK_N = 2  # 2 gate + 2 up rows per program: the 4-row tiles of gate_up's measured M=1 config
 DEFAULT_BLOCK_K = 512
+# fp8 rows (one byte each): 4 + 4 rows and 3 stages, the bytes in flight of the unfused fp8 GEMM's measured M=1
+# tile (8 rows, 3 stages); the bf16 tile above halves them and ran 4.5% slower a step (session 21)
+FP8_BLOCK_N = 4
+FP8_NUM_STAGES = 3
 
 
 @triton.jit
@@ -108,14 +112,18 @@ def gate_up_silu(
     weight: torch.Tensor,
     out: torch.Tensor | None = None,
     *,
-    block_n: int = DEFAULT_BLOCK_N,
+    block_n: int | None = None,
     block_k: int = DEFAULT_BLOCK_K,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int | None = None,
     weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """silu(x @ weight[:I].T) * (x @ weight[I:].T) for x [1, K] and weight [2I, K]; returns [1, I].
-    weight_scale [2I] fp32: weight is float8_e4m3fn standing for weight * weight_scale[:, None]."""
+    weight_scale [2I] fp32: weight is float8_e4m3fn standing for weight * weight_scale[:, None].
+    block_n / num_stages: None takes the measured tile for the weight's dtype."""
+    fp8 = weight_scale is not None
+    block_n = (FP8_BLOCK_N if fp8 else DEFAULT_BLOCK_N) if block_n is None else block_n
+    num_stages = (FP8_NUM_STAGES if fp8 else 2) if num_stages is None else num_stages
     if x.dim() != 2 or x.shape[0] != 1 or weight.dim() != 2 or weight.shape[1] != x.shape[1] \
             or weight.shape[0] % 2 or weight.shape[0] == 0:
         raise ValueError(f"x must be [1, K] and weight [2I, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
