@@ -2,9 +2,9 @@
 
 Each row gets its own scale, max|x_row| / 448 (e4m3's largest finite value), floored so that an all-zero
 row divides by a tiny number, not zero; q = clamp(x / scale, -448, 448) rounded to nearest even, so
-q * scale approximates x with ~2^-4 relative error per element. Both divisions are IEEE (div_rn; Triton's `/`
-is an approximate fp32 division on the GPU), as torch's reference computes them, so the bits agree. This feeds fp8 GEMMs (torch._scaled_mm
-with row-wise scales): the scale pair (row of x, column of W) is applied to the fp32 sums.
+q * scale approximates x with ~2^-4 relative error per element. This feeds fp8 GEMMs (torch._scaled_mm with
+row-wise scales): the scale pair (row of x, column of W) is applied to the fp32 sums. Both divisions are IEEE
+(div_rn: Triton's `/` is an approximate fp32 division on the GPU), as the torch reference's are, so the bits agree.
 
 One program per row. Rows up to ONE_PASS_MAX elements are read once (held in registers between the
 max and the store); longer rows (e.g. the MLP's down input, 18,944 wide in Qwen2-7B) are read twice,
