@@ -348,7 +348,7 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
       python3 scripts/bench_skinny_gemm.py --m 1 --shapes qkv,o,gate_up,down ;;
     fp8-test)  # quantization="fp8": its kernels against torch, then the engine against Transformers on fp8 weights
       timeout 400 python3 -m pytest tests/kernels/test_fp8.py tests/gpu/test_fp8_gpu.py -q -p no:cacheprovider -ra -s \
-        2>&1 | grep -E "fp8 engine|fp8 checkpoint|bf16 logprob|W8A8 fp32 sums|passed|failed|FAILED|Error" | tail -30 ;;
+        2>&1 | grep -E "fp8 engine|fp8 checkpoint|bf16 logprob|W8A8 fp32 sums|passed|failed|^FAILED" | grep -v "print(f" | tail -40 ;;
     fp8-test-bf16)  # the bf16 engine's fp8 ways against Transformers doing the same arithmetic (prints the errors)
       timeout 300 python3 -m pytest tests/gpu/test_fp8_gpu.py -k bf16 -q -p no:cacheprovider -ra -s 2>&1 \
         | grep -E "bf16 logprob|passed|failed|Error" | tail -8 ;;
@@ -360,7 +360,15 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
         | grep -E "^(qkv|o|gate_up|down) +M=|==|^    \(|^SKINNY|^FP8|^}" ;;
     fp8-test-fp32)  # the fp32 engine's fp8 ways (default, W8A8 forced) against Transformers doing the same
       timeout 200 python3 -m pytest tests/gpu/test_fp8_gpu.py -k fp32 -q -p no:cacheprovider -ra -s 2>&1 \
-        | grep -E "fp8 engine|passed|failed|Error" | tail -8 ;;
+        | grep -E "fp8 engine|passed|failed|^FAILED" | grep -v "print(f" | tail -8 ;;
+    fp8-acc)  # W8A8 summation error: fp8 sums left in Hopper's accumulator or moved per tile, and cuBLAS
+      timeout 200 python3 scripts/fp8_acc_probe.py 2>&1 | tail -12 ;;
+    fp8-gemm-sums)  # the W8A8 sweep with the partial sums per tile, then left in the fp8 accumulator (PAGEDSERVE_FP8_SUMS)
+      for v in tile full; do
+        echo "== PAGEDSERVE_FP8_SUMS=$v"
+        PAGEDSERVE_FP8_SUMS=$v timeout 250 python3 scripts/bench_skinny_gemm.py --fp8 --quick --m ${FP8_M:-2,16,139} \
+          --shapes qkv,o,gate_up,down 2>&1 | grep -E "^(qkv|o|gate_up|down) +M=|^== whole"
+      done ;;
     fp8-lat-ab)  # batch-1 with fp8 weights: gate_up + SiLU·mul fused (PAGEDSERVE_FP8_FUSED_GATE_UP=1) or not, twice
       for v in 0 1 0 1; do
         echo "== PAGEDSERVE_FP8_FUSED_GATE_UP=$v"

@@ -60,6 +60,7 @@ M = 1 only where an entry exists: `has_measured_config`).
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -74,6 +75,9 @@ MAX_M = 256
 FMA_MAX_M = 8  # the fma paths take all M rows in one tile
 _SMEM_BUDGET = 112 * 1024  # heuristic, M > 8: pipeline buffers per program, two programs per H100 SM
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# W8A8 (fp8 x fp8 dots): "tile" moves the partial sums out of Hopper's reduced fp8 accumulator into fp32 after
+# every K tile; "full" leaves the whole K loop there (Triton's sm_90 default). A/B runs set it (docs/gpu-notes.md).
+FP8_SUMS = os.environ.get("PAGEDSERVE_FP8_SUMS", "tile")
 
 
 @triton.jit(do_not_specialize=["M"])  # one compiled variant for every batch size
@@ -98,6 +102,7 @@ def _skinny_gemm_kernel(
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks at all
     USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FP8_SUMS_PER_TILE: tl.constexpr,  # X_SCALED: fp8 partial sums into the fp32 accumulator every K tile
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -141,9 +146,8 @@ def _skinny_gemm_kernel(
                 x = tl.load(x_ptrs, mask=m_mask & k_mask[None, :], other=0.0)
             if HAS_SCALE and not X_SCALED:  # fp8 -> x's dtype (exact: e4m3 values are bf16/fp16 values)
                 w = w.to(x.dtype)
-            if X_SCALED:  # fp8 x fp8: Hopper's tensor cores keep only ~14 bits of a running fp8 sum (Triton's
-                # default there lets it run the whole K loop: 1e-3-1e-2 relative error, session 21); moved into
-                # the fp32 accumulator after every K tile instead
+            if X_SCALED and FP8_SUMS_PER_TILE:  # fp8 x fp8: Hopper's tensor cores keep a running fp8 sum in
+                # reduced precision (Triton's sm_90 default lets it run the whole K loop); into fp32 every tile
                 acc = tl.dot(w, tl.trans(x), acc, max_num_imprecise_acc=BLOCK_K)
             else:
                 acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
@@ -693,6 +697,7 @@ def skinny_linear(
             EVEN_K=k % block_k == 0,
             USE_DOT=config.use_dot,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,  # fp32: no TF32 rounding
+            FP8_SUMS_PER_TILE=FP8_SUMS == "tile",
             num_stages=config.num_stages, **common,
         )  # fmt: skip
     if num_splits > 1:
