@@ -369,12 +369,6 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
         PAGEDSERVE_FP8_SUMS=$v timeout 250 python3 scripts/bench_skinny_gemm.py --fp8 --quick --m ${FP8_M:-2,16,139} \
           --shapes qkv,o,gate_up,down 2>&1 | grep -E "^(qkv|o|gate_up|down) +M=|^== whole"
       done ;;
-    fp8-lat-ab)  # batch-1 with fp8 weights: gate_up + SiLU·mul fused (PAGEDSERVE_FP8_FUSED_GATE_UP=1) or not, twice
-      for v in 0 1 0 1; do
-        echo "== PAGEDSERVE_FP8_FUSED_GATE_UP=$v"
-        PAGEDSERVE_FP8_FUSED_GATE_UP=$v python3 -m pagedserve.entrypoints.cli bench latency --model $M \
-          --load-format dummy --quantization fp8 2>&1 | grep -E "^latency|replay"
-      done ;;
     fp8-throughput)  # the default workload with fp8 weights alone
       python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm \
         --quantization fp8 --output-json "$OUT/throughput-fp8.json" 2>&1 | tail -4 ;;

@@ -92,12 +92,13 @@ def quantize_rows_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     if weight.dim() != 2:
         raise ValueError(f"weight must be [N, K], got {tuple(weight.shape)}")
     w32 = weight.float()
-    # Divided by a tensor on w's device, not by the Python number: CUDA turns a division by a host scalar into
-    # a product with its reciprocal, which is one ulp off for ~60% of rows and then moves values that sit on an
-    # fp8 rounding tie (common in bf16 checkpoints: ~0.1% of weights) one fp8 step, so the same checkpoint
-    # quantized on the GPU and on the CPU differed (session 21). Both divisions here are IEEE on every device.
+    # Every step is one IEEE-rounded operation, so every device gives the same bits (the per-token Triton kernel
+    # does the same steps). amax is divided by a tensor on w's device, not by the Python number: CUDA turns a
+    # division by a host scalar into a product with its reciprocal, one ulp off for ~60% of rows, which moved
+    # values on an fp8 rounding tie (~0.1% of a bf16 checkpoint's weights) one fp8 step (session 21). The rows are
+    # multiplied by the scale's reciprocal: one division a row, not one an element, in the kernel.
     scale = (w32.abs().amax(dim=1) / w32.new_tensor(FP8_MAX)).clamp_min(FP8_MIN_SCALE)
-    q = (w32 / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    q = (w32 * scale.reciprocal()[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 
 

@@ -80,9 +80,13 @@ def _tiny_qwen2(tmp_path):
 @pytest.mark.parametrize("mode", [None, "w8a8"])
 def test_fp8_fp32_engine_matches_transformers_doing_the_same(mode: str | None, tmp_path, monkeypatch) -> None:
     """fp32 activations: by default W8A16 and, past 256 tokens, the dequantized weight, against Transformers on the
-    fp8-rounded weights; W8A8 forced (steps of <= 256 tokens, all through the skinny GEMM's fp8 dot) against
-    Transformers rounding each projection's input per token too. Both to within the Triton attention's TF32 dots
-    (fp32 activations quantize as the reference's do, so no fp8 rounding flips)."""
+    fp8-rounded weights, to fp32 rounding (measured 4.8e-6). W8A8 forced (steps of <= 256 tokens, all through the
+    skinny GEMM's fp8 dot) against Transformers rounding each projection's input per token too: its fp8 sums are
+    ~1.3e-4 off exact ones (the tensor cores' fp8 accumulation; cuBLAS's is the same, test_fp8.py), and a 1e-4
+    change moves ~0.2% of the next projection's inputs across an fp8 rounding boundary, one fp8 step (~6%) each:
+    bf16-sized noise (measured worst 0.13, mean 2.9e-2; the bf16 engine's W8A8 4.4e-2). The bound on the mean
+    catches wiring errors (a missing or misplaced scale is off by nats), not the arithmetic, which the kernel tests
+    check."""
     if not (SOURCE / "config.json").exists():
         pytest.skip("no .devcache/qwen2-7b (run scripts/make_7b_config.sh)")
     from pagedserve.executor import quantization
@@ -95,7 +99,10 @@ def test_fp8_fp32_engine_matches_transformers_doing_the_same(mode: str | None, t
     errors = _logprob_errors(tmp_path, "float32", "fp8", hf.cuda().eval(), step_tokens=256 if mode else 512)
     print(f"fp8 engine (float32, {mode or 'default ways'}) vs Transformers doing the same: logprob error worst "
           f"{max(errors):.2e}, mean {sum(errors) / len(errors):.2e} over {len(errors)} tokens")
-    assert max(errors) < 5e-3
+    if mode == "w8a8":
+        assert sum(errors) / len(errors) < 6e-2 and max(errors) < 0.5
+    else:
+        assert max(errors) < 1e-4
 
 
 def test_fp8_bf16_engine_against_transformers(tmp_path, monkeypatch) -> None:

@@ -3,8 +3,10 @@
 Each row gets its own scale, max|x_row| / 448 (e4m3's largest finite value), floored so that an all-zero
 row divides by a tiny number, not zero; q = clamp(x / scale, -448, 448) rounded to nearest even, so
 q * scale approximates x with ~2^-4 relative error per element. This feeds fp8 GEMMs (torch._scaled_mm with
-row-wise scales): the scale pair (row of x, column of W) is applied to the fp32 sums. Both divisions are IEEE
-(div_rn: Triton's `/` is an approximate fp32 division on the GPU), as the torch reference's are, so the bits agree.
+row-wise scales): the scale pair (row of x, column of W) is applied to the fp32 sums. The steps are those of the
+torch reference (quantize_rows_fp8), each IEEE-rounded, so the bits agree: scale = div_rn(amax, 448) (Triton's `/`
+is an approximate fp32 division on the GPU), then x times div_rn(1, scale), one division a row. Dividing every
+element (div_rn) made the kernel ~2 us slower a call at decode sizes (session 21).
 
 One program per row. Rows up to ONE_PASS_MAX elements are read once (held in registers between the
 max and the store); longer rows (e.g. the MLP's down input, 18,944 wide in Qwen2-7B) are read twice,
@@ -58,7 +60,7 @@ def _per_token_quant_kernel(
         mask = offs < K
         x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
         scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=0), FMAX), MIN_S)
-        q = _round_to_e4m3(tl.clamp(tl.math.div_rn(x, scale), -FMAX, FMAX))
+        q = _round_to_e4m3(tl.clamp(x * tl.math.div_rn(1.0, scale), -FMAX, FMAX))
         tl.store(q_row + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
     else:
         amax = tl.zeros([BLOCK], dtype=tl.float32)
@@ -67,10 +69,11 @@ def _per_token_quant_kernel(
             x = tl.load(x_row + k + offs, mask=mask, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
         scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), FMAX), MIN_S)
+        inv = tl.math.div_rn(1.0, scale)
         for k in range(0, K, BLOCK):
             mask = k + offs < K
             x = tl.load(x_row + k + offs, mask=mask, other=0.0).to(tl.float32)
-            q = _round_to_e4m3(tl.clamp(tl.math.div_rn(x, scale), -FMAX, FMAX))
+            q = _round_to_e4m3(tl.clamp(x * inv, -FMAX, FMAX))
             tl.store(q_row + k + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + row, scale)
 

@@ -13,10 +13,6 @@ Numerics equal the two-kernel path (skinny GEMM, then silu_mul): the two product
 x's dtype first (the GEMM's output rounding), then silu(g) * u is computed in fp32 and rounded once.
 With PDL the first weight tiles are loaded before waiting for the previous kernel (weights are never
 written during a step), as in skinny_gemm.
-
-fp8 weights (quantization="fp8"; `weight_scale`, one fp32 scale per row of the merged weight): rows are read
-at one byte an element, widened to fp32 like 16-bit ones, and each sum is multiplied by its row's scale
-before the rounding above (as the skinny GEMM's W8A16 path, then silu_mul).
 """
 
 from __future__ import annotations
@@ -30,10 +26,6 @@ from pagedserve.executor.kernels.pdl import pdl_enter
 
 DEFAULT_BLOCK_N = 2  # 2 gate + 2 up rows per program: the 4-row tiles of gate_up's measured M=1 config
 DEFAULT_BLOCK_K = 512
-# fp8 rows (one byte each): 4 + 4 rows and 3 stages, the bytes in flight of the unfused fp8 GEMM's measured M=1
-# tile (8 rows, 3 stages); the bf16 tile above halves them and ran 4.5% slower a step (session 21)
-FP8_BLOCK_N = 4
-FP8_NUM_STAGES = 3
 
 
 @triton.jit
@@ -83,13 +75,11 @@ def paired_rows_dot(w_ptr, rows_a, rows_b, stride_wn, x_ptr, K, EVEN_K: tl.const
 def _gate_up_silu_kernel(
     x_ptr,  # [K]
     w_ptr,  # [2I, K], contiguous
-    scale_ptr,  # [2I] fp32 (HAS_SCALE only): W's rows are fp8, each times its scale
     out_ptr,  # [I]
     inter,
     K,
     stride_wn,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks
-    HAS_SCALE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
@@ -97,9 +87,6 @@ def _gate_up_silu_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(offs_n, inter - 1).to(tl.int64)  # padding rows re-read row inter-1 (never stored)
     gate, up = paired_rows_dot(w_ptr, rows, rows + inter, stride_wn, x_ptr, K, EVEN_K, BLOCK_K, USE_PDL)
-    if HAS_SCALE:
-        gate *= tl.load(scale_ptr + rows)
-        up *= tl.load(scale_ptr + rows + inter)
     # The unfused path's roundings: GEMM outputs in x's dtype, then SiLU·mul in fp32, rounded once.
     gate = gate.to(out_ptr.dtype.element_ty).to(tl.float32)
     up = up.to(out_ptr.dtype.element_ty).to(tl.float32)
@@ -112,30 +99,16 @@ def gate_up_silu(
     weight: torch.Tensor,
     out: torch.Tensor | None = None,
     *,
-    block_n: int | None = None,
+    block_n: int = DEFAULT_BLOCK_N,
     block_k: int = DEFAULT_BLOCK_K,
     num_warps: int = 4,
-    num_stages: int | None = None,
-    weight_scale: torch.Tensor | None = None,
+    num_stages: int = 2,
 ) -> torch.Tensor:
-    """silu(x @ weight[:I].T) * (x @ weight[I:].T) for x [1, K] and weight [2I, K]; returns [1, I].
-    weight_scale [2I] fp32: weight is float8_e4m3fn standing for weight * weight_scale[:, None].
-    block_n / num_stages: None takes the measured tile for the weight's dtype."""
-    fp8 = weight_scale is not None
-    block_n = (FP8_BLOCK_N if fp8 else DEFAULT_BLOCK_N) if block_n is None else block_n
-    num_stages = (FP8_NUM_STAGES if fp8 else 2) if num_stages is None else num_stages
+    """silu(x @ weight[:I].T) * (x @ weight[I:].T) for x [1, K] and weight [2I, K]; returns [1, I]."""
     if x.dim() != 2 or x.shape[0] != 1 or weight.dim() != 2 or weight.shape[1] != x.shape[1] \
             or weight.shape[0] % 2 or weight.shape[0] == 0:
         raise ValueError(f"x must be [1, K] and weight [2I, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"x must be float16/bfloat16/float32, got {x.dtype}")
-    if weight_scale is not None:
-        if weight.dtype != torch.float8_e4m3fn or weight_scale.shape != (weight.shape[0],) \
-                or weight_scale.dtype != torch.float32 or not weight_scale.is_contiguous():
-            raise ValueError(f"with weight_scale, weight must be float8_e4m3fn and weight_scale a contiguous "
-                             f"[{weight.shape[0]}] float32 tensor, got {weight.dtype}, {tuple(weight_scale.shape)} "
-                             f"{weight_scale.dtype}")
-    elif x.dtype != weight.dtype:
+    if x.dtype != weight.dtype or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"x and weight must share a float16/bfloat16/float32 dtype, got {x.dtype}, {weight.dtype}")
     if x.stride(1) != 1 or not weight.is_contiguous() or x.device != weight.device:
         raise ValueError("x needs a contiguous last dimension, weight must be contiguous, both on one device")
@@ -149,9 +122,8 @@ def gate_up_silu(
         raise ValueError(f"out must be a contiguous [1, {inter}] tensor of {x.dtype}")
     block_k = max(16, min(block_k, triton.next_power_of_2(k)))
     _gate_up_silu_kernel[(triton.cdiv(inter, block_n),)](
-        x, weight, weight_scale if weight_scale is not None else x, out, inter, k, weight.stride(0),
+        x, weight, out, inter, k, weight.stride(0),
         EVEN_K=k % block_k == 0,
-        HAS_SCALE=weight_scale is not None,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=num_warps,

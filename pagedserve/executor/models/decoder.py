@@ -100,9 +100,6 @@ _SKINNY_LM_HEAD = os.environ.get("PAGEDSERVE_SKINNY_LM_HEAD", "1") == "1" and no
 
 # PAGEDSERVE_FUSED_GATE_UP=0: batch-1 MLP as gate_up GEMM then SiLU·mul, two kernels (A/B runs).
 _FUSED_GATE_UP = os.environ.get("PAGEDSERVE_FUSED_GATE_UP", "1") == "1" and not _NO_SKINNY_GEMM
-# PAGEDSERVE_FP8_FUSED_GATE_UP=1: the same fusion for fp8 weights (the kernel's row scales). Off until measured on a
-# GPU against the unfused W8A16 GEMM + SiLU·mul (docs/gpu-notes.md, after session 20).
-_FP8_FUSED_GATE_UP = os.environ.get("PAGEDSERVE_FP8_FUSED_GATE_UP", "0") == "1"
 
 
 # PAGEDSERVE_FUSED_QKV_ROPE=0: one token's qkv GEMV, then rotary + the KV write, as two kernels (A/B runs).
@@ -167,13 +164,12 @@ class DecoderMLP(nn.Module):
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.gate_up_proj.weight_scale
         if x.shape[0] == 1 and x.is_cuda and _FUSED_GATE_UP and self.gate_up_proj.bias is None \
-                and (scale is None or _FP8_FUSED_GATE_UP) and x.dtype != torch.float32:
+                and self.gate_up_proj.weight_scale is None and x.dtype != torch.float32:
             # One token: gate_up GEMM and SiLU·mul in one kernel (kernels/gate_up_silu.py).
             from pagedserve.executor.kernels.gate_up_silu import gate_up_silu
 
-            return all_reduce(self.down_proj(gate_up_silu(x, self.gate_up_proj.weight, weight_scale=scale)))
+            return all_reduce(self.down_proj(gate_up_silu(x, self.gate_up_proj.weight)))
         return all_reduce(self.down_proj(self.act(self.gate_up_proj(x))))
 
 
