@@ -10,6 +10,7 @@ _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _DEVICES = ("auto", "cpu", "cuda")
 QUANTIZATION_METHODS = ("fp8",)  # executor/quantization.py
 _BACKENDS = ("auto", "torch", "triton")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # fp8 = fp8_e4m3 (vLLM's names); executor/kernels/kv_store.py
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +22,7 @@ class EngineConfig:
     device: str = "auto"
     load_format: str = "auto"
     quantization: str | None = None  # "fp8": decoder projections in float8_e4m3fn at load (executor/quantization.py)
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype; "fp8" / "fp8_e4m3": K/V stored in float8_e4m3fn
     seed: int = 0
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     block_size: int = 16
@@ -54,6 +56,8 @@ class EngineConfig:
             fail(f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r}")
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             fail(f"quantization must be one of {QUANTIZATION_METHODS} or None, got {self.quantization!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            fail(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.device not in _DEVICES:
             fail(f"device must be one of {_DEVICES}, got {self.device!r}")
         if self.attention_backend not in _BACKENDS:

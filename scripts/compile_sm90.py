@@ -4,7 +4,7 @@ nested jit function, a TMA block the copy engine cannot take) before a device ca
 the tensor-core path is there (wgmma in the PTX) and whether TMA copies are (cp.async.bulk.tensor).
 The local Triton may differ from the GPU's.
 
-    python scripts/compile_sm90.py [sample] [filter] [penalties] [tma] [decode] [qkv] [norm]
+    python scripts/compile_sm90.py [sample] [filter] [penalties] [tma] [decode] [qkv] [norm] [kvfp8]
 """
 from __future__ import annotations
 
@@ -110,6 +110,56 @@ def decode() -> None:
               num_stages=3)
 
 
+def kvfp8() -> None:
+    """fp8 KV caches (kv_cache_dtype="fp8"): the three writers and both attention kernels at the 7B shapes."""
+    from pagedserve.executor.kernels import kv_cache_write, paged_attention_decode, paged_attention_prefill
+    from pagedserve.executor.kernels import qkv_rope_kv as qkv_m
+    from pagedserve.executor.kernels import rotary_kv_write as rot
+
+    c = "*fp8e4nv"
+    ptrs = ["q_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr", "block_tables_ptr", "seq_lens_ptr",
+            "query_start_loc_ptr", "seq_order_ptr", "part_out_ptr", "part_lse_ptr", "work_ptr", "counter_ptr"]
+    types = ["*bf16", "*bf16", c, c, "*i32", "*i32", "*i32", "*i32", "*fp32", "*fp32", "*i32", "*i32"]
+    ints = ["stride_w", "qk_scale", "num_splits", "stride_q_tok", "stride_q_head", "stride_o_tok", "stride_o_head",
+            "stride_bt_seq", "stride_c_block", "stride_c_slot", "stride_c_head"]
+    sig = dict(zip(ptrs, types)) | {n: ("fp32" if n == "qk_scale" else "i32") for n in ints}
+    consts = {"NUM_HEADS": 28, "QUERIES_PER_KV": 7, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_G": 16, "BLOCK_N": 64,
+              "BLOCK_SIZE": 16, "SPLIT": True, "MIXED": False, "ORDERED": False, "WORK": True, "USE_PDL": True}
+    build(paged_attention_decode._paged_decode_kernel, sig | {k: "constexpr" for k in consts}, consts,
+          "decode fp8 cache", num_warps=2, num_stages=3)
+    names = ["q_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr", "block_tables_ptr", "seq_lens_ptr",
+             "query_start_loc_ptr", "qk_scale", "num_seqs", "stride_q_tok", "stride_q_head", "stride_o_tok",
+             "stride_o_head", "stride_bt_seq", "stride_c_block", "stride_c_slot", "stride_c_head"]
+    types = ["*bf16", "*bf16", c, c, "*i32", "*i32", "*i32", "fp32"] + ["i32"] * 9
+    consts = {"QUERIES_PER_KV": 7, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": 64, "BLOCK_Q": 8, "BLOCK_N": 64,
+              "BLOCK_SIZE": 16, "SKIP_DECODES": False, "USE_PDL": True}
+    build(paged_attention_prefill._paged_prefill_kernel, dict(zip(names, types)) | {k: "constexpr" for k in consts},
+          consts, "prefill fp8 cache", num_warps=4, num_stages=2)
+    names = ["key_ptr", "value_ptr", "k_cache_ptr", "v_cache_ptr", "slot_mapping_ptr", "stride_k_tok",
+             "stride_k_head", "stride_v_tok", "stride_v_head", "stride_c_block", "stride_c_slot", "stride_c_head"]
+    types = ["*bf16", "*bf16", c, c, "*i64"] + ["i32"] * 7
+    consts = {"NUM_KV_HEADS": 4, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "BLOCK_H": 4, "BLOCK_D": 128, "USE_PDL": True}
+    build(kv_cache_write._kv_cache_write_kernel, dict(zip(names, types)) | {k: "constexpr" for k in consts}, consts,
+          "kv_cache_write fp8 cache")
+    names = ["q_ptr", "k_ptr", "v_ptr", "positions_ptr", "cos_sin_ptr", "k_cache_ptr", "v_cache_ptr",
+             "slot_mapping_ptr", "stride_q_tok", "stride_q_head", "stride_k_tok", "stride_k_head", "stride_v_tok",
+             "stride_v_head", "stride_cs", "stride_c_block", "stride_c_slot", "stride_c_head", "num_q_heads",
+             "num_slots"]
+    types = ["*bf16", "*bf16", "*bf16", "*i64", "*fp32", c, c, "*i64"] + ["i32"] * 12
+    consts = {"NUM_KV_HEADS": 4, "HALF": 64, "BLOCK_SIZE": 16, "BLOCK_HQ": 32, "BLOCK_HK": 4, "BLOCK_HALF": 64,
+              "USE_PDL": True}
+    build(rot._rotary_kv_write_kernel, dict(zip(names, types)) | {k: "constexpr" for k in consts}, consts,
+          "rotary_kv_write fp8 cache")
+    sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "q_ptr": "*bf16", "positions_ptr": "*i64",
+           "cos_sin_ptr": "*fp32", "k_cache_ptr": c, "v_cache_ptr": c, "slot_mapping_ptr": "*i64",
+           "K": "i32", "stride_wn": "i32", "stride_cs": "i32", "stride_c_block": "i32", "stride_c_slot": "i32",
+           "stride_c_head": "i32", "num_q_heads": "i32"}
+    consts = {"NUM_KV_HEADS": 4, "HALF": 64, "BLOCK_SIZE": 16, "HAS_BIAS": True, "EVEN_K": True,
+              "BLOCK_R": qkv_m.DEFAULT_BLOCK_R, "BLOCK_K": qkv_m.DEFAULT_BLOCK_K, "USE_PDL": True}
+    build(qkv_m._qkv_rope_kv_kernel, sig | {k: "constexpr" for k in consts}, consts, "qkv_rope_kv fp8 cache",
+          num_warps=4, num_stages=2)
+
+
 def qkv() -> None:
     """The batch-1 qkv GEMV with rotary and the KV write (kernels/qkv_rope_kv.py) at the 7B shapes."""
     from pagedserve.executor.kernels import qkv_rope_kv as m
@@ -158,6 +208,7 @@ def logprobs() -> None:
 
 if __name__ == "__main__":
     print(f"triton {triton.__version__}")
-    for name in sys.argv[1:] or ["sample", "filter", "penalties", "tma", "decode", "qkv", "norm", "logprobs"]:
+    for name in sys.argv[1:] or ["sample", "filter", "penalties", "tma", "decode", "qkv", "norm", "logprobs",
+                                 "kvfp8"]:
         {"sample": sample, "filter": sample_filter, "penalties": penalties, "tma": tma, "decode": decode, "qkv": qkv,
-         "norm": norm, "logprobs": logprobs}[name]()
+         "norm": norm, "logprobs": logprobs, "kvfp8": kvfp8}[name]()

@@ -369,6 +369,14 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
         PAGEDSERVE_FP8_SUMS=$v timeout 250 python3 scripts/bench_skinny_gemm.py --fp8 --quick --m ${FP8_M:-2,16,139} \
           --shapes qkv,o,gate_up,down 2>&1 | grep -E "^(qkv|o|gate_up|down) +M=|^== whole"
       done ;;
+    kvfp8)  # kv_cache_dtype=fp8: its kernel and runner tests on the GPU, then the default workload with a 16-bit and an fp8 cache
+      timeout 300 python3 -m pytest tests/kernels/test_kv_fp8.py "tests/kernels/test_fp8.py::test_gpu_skinny_w8a8_fp32_sums" \
+        -q -p no:cacheprovider -ra 2>&1 | grep -E "passed|failed|^FAILED|Error" | tail -12
+      for kv in auto fp8; do
+        echo "== --kv-cache-dtype $kv"
+        python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm \
+          --kv-cache-dtype $kv --output-json "$OUT/throughput-kv-$kv.json" 2>&1 | grep -E "throughput:|decode:|floor|KV cache"
+      done ;;
     fp8-throughput)  # the default workload with fp8 weights alone
       python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm \
         --quantization fp8 --output-json "$OUT/throughput-fp8.json" 2>&1 | tail -4 ;;

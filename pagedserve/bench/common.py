@@ -82,7 +82,9 @@ def model_shape(llm) -> ModelShape:
     dtype_bytes = worker.dtype_bytes
     # fp8 weights are kept as such on CUDA only (the CPU holds their dequantized values)
     quantization = llm.engine.config.quantization if worker.device.type == "cuda" else None
-    return ModelShape.from_hf_config(worker.hf_config, dtype_bytes, quantization)
+    kv_caches = getattr(getattr(worker, "runner", None), "kv_caches", None)
+    kv_bytes = kv_caches[0].element_size() if kv_caches else dtype_bytes
+    return ModelShape.from_hf_config(worker.hf_config, dtype_bytes, quantization, kv_dtype_bytes=kv_bytes)
 
 
 def git_commit() -> str:

@@ -22,14 +22,16 @@ class ModelShape:
     fp8_params: int = 0
 
     @classmethod
-    def from_hf_config(cls, cfg, dtype_bytes: int = 2, quantization: str | None = None) -> ModelShape:
+    def from_hf_config(cls, cfg, dtype_bytes: int = 2, quantization: str | None = None,
+                       kv_dtype_bytes: int | None = None) -> ModelShape:
+        """kv_dtype_bytes: the KV cache's element size (1 for kv_cache_dtype fp8); default dtype_bytes."""
         h, inter, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
         heads = cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
         head_dim = getattr(cfg, "head_dim", None) or h // heads
         per_layer = h * heads * head_dim + 2 * h * kv_heads * head_dim + heads * head_dim * h + 3 * h * inter
         dense = layers * per_layer + cfg.vocab_size * h
-        kv = layers * 2 * kv_heads * head_dim * dtype_bytes
+        kv = layers * 2 * kv_heads * head_dim * (kv_dtype_bytes or dtype_bytes)
         return cls(dense, kv, layers, h, dtype_bytes, layers * per_layer if quantization == "fp8" else 0)
 
     @property

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pagedserve.config import QUANTIZATION_METHODS, EngineConfig
+from pagedserve.config import KV_CACHE_DTYPES, QUANTIZATION_METHODS, EngineConfig
 
 
 def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = False) -> None:
@@ -24,6 +24,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
                    help="fp8: the decoder's projections in float8_e4m3fn with a scale per output row, quantized at "
                         "load (half the weight memory and decode bytes; fp8 tensor cores for prefill on compute "
                         "capability >= 8.9; the CPU keeps the dequantized values)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                   help="auto: the model's dtype; fp8 (= fp8_e4m3): K and V stored in float8_e4m3fn (scale 1, "
+                        "values clamped to +-448), half the KV memory and the bytes decode attention reads")
     g.add_argument("--seed", type=int, default=0, help="seed for unseeded sampling and dummy weights")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="context length (prompt + output); default: the model's max_position_embeddings")
@@ -74,7 +77,8 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> EngineCon
     model = getattr(args, "model_tag", None) or args.model
     kwargs = dict(
         model=model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
-        load_format=args.load_format, quantization=args.quantization, seed=args.seed, max_model_len=args.max_model_len,
+        load_format=args.load_format, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+        seed=args.seed, max_model_len=args.max_model_len,
         block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_gib=args.cpu_kv_cache_gib,

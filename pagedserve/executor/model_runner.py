@@ -164,6 +164,12 @@ def padded_count(n: int) -> int:
     return -(-n // step) * step
 
 
+def kv_cache_dtype_of(config: EngineConfig, dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's element type: the model's dtype, or float8_e4m3fn for kv_cache_dtype fp8 / fp8_e4m3 (values
+    clamped to +-448 and rounded when written, widened to the model's dtype when read: kernels/kv_store.py)."""
+    return torch.float8_e4m3fn if config.kv_cache_dtype.startswith("fp8") else dtype
+
+
 def kv_cache_bytes_per_block(hf_config: Any, block_size: int, dtype: torch.dtype) -> int:
     """K and V of one block across all layers (this rank's kv heads)."""
     element_size = torch.empty((), dtype=dtype).element_size()
@@ -214,7 +220,8 @@ class ModelRunner:
         self.block_size = block_size
         self.sampler = sampler
         self.backend = select_attention_backend(config, self.device)
-        self.kv_caches = allocate_kv_caches(hf_config, num_kv_blocks, block_size, self.device, dtype)
+        self.kv_dtype = kv_cache_dtype_of(config, dtype)
+        self.kv_caches = allocate_kv_caches(hf_config, num_kv_blocks, block_size, self.device, self.kv_dtype)
         # The cache's own kv-head count (the decode kernel's, and the CUDA graphs' when they pick a mode).
         self._num_kv_heads = self.kv_caches[0].shape[3]
         if getattr(self.backend, "decode_work", False):  # the decode work list's chunks follow its tile
@@ -439,7 +446,7 @@ class ModelRunner:
         num_kv_heads, head_dim = kv_cache.shape[3:]
         num_heads = int(self.hf_config.num_attention_heads) // tp_size()  # this rank's
         tokens = 16
-        query = torch.zeros(tokens, num_heads, head_dim, dtype=kv_cache.dtype, device=self.device)
+        query = torch.zeros(tokens, num_heads, head_dim, dtype=self.dtype, device=self.device)
         query_start_loc = torch.tensor([0, tokens], dtype=torch.int32, device=self.device)
         seq_lens = torch.tensor([tokens], dtype=torch.int32, device=self.device)
         block_tables = torch.zeros(1, 16, dtype=torch.int32, device=self.device)
@@ -635,7 +642,7 @@ def determine_num_blocks(
     device = torch.device(device)
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
-    bytes_per_block = kv_cache_bytes_per_block(hf_config, block_size, dtype)
+    bytes_per_block = kv_cache_bytes_per_block(hf_config, block_size, kv_cache_dtype_of(config, dtype))
     if device.type != "cuda":
         return max(1, int(config.cpu_kv_cache_gib * 2**30) // bytes_per_block)
 
@@ -669,7 +676,7 @@ def _profile_peak_activation_bytes(
     query_lens = [seq_len] * (num_seqs - 1) + [num_tokens - seq_len * (num_seqs - 1)]
     blocks_per_seq = (seq_len + block_size - 1) // block_size
     # All sequences share one scratch cache region: overwriting is harmless, only sizes matter.
-    kv_caches = allocate_kv_caches(hf_config, blocks_per_seq, block_size, device, dtype)
+    kv_caches = allocate_kv_caches(hf_config, blocks_per_seq, block_size, device, kv_cache_dtype_of(config, dtype))
     positions = torch.cat([torch.arange(q, device=device) for q in query_lens])
     query_start_loc = torch.tensor([0, *np.cumsum(query_lens).tolist()], dtype=torch.int32, device=device)
     meta = AttentionMetadata(

@@ -277,8 +277,8 @@ def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: st
         runner.capture_cuda_graphs(config.max_num_seqs, max_model_len, config.max_num_batched_tokens)
     tokenizer = tokenizer_future.result()
     sampler.eos_token_ids |= set(tokenizer.eos_token_ids)
-    logger.info("model %s loaded on %s (%s) in %.1f s (tokenizer ready); KV cache: %d blocks x %d tokens",
+    logger.info("model %s loaded on %s (%s) in %.1f s (tokenizer ready); KV cache: %d blocks x %d tokens (%s)",
                 model_path, device, str(dtype).removeprefix("torch."), time.monotonic() - t0, num_blocks,
-                config.block_size)
+                config.block_size, str(runner.kv_dtype).removeprefix("torch."))
     return Worker(config, tokenizer, runner, max_model_len, vocab_size, max_batched, num_blocks, hf_config,
                   device, dtype)

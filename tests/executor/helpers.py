@@ -3,6 +3,8 @@ hand-built scheduler steps."""
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,34 @@ def hf_logits(model: Any, token_ids: Sequence[int]) -> torch.Tensor:
     """HF's logits for every position of one full sequence, [len, V] fp32."""
     with torch.no_grad():
         return model(torch.tensor([list(token_ids)])).logits[0].float()
+
+
+def as_fp8_kv(t: torch.Tensor) -> torch.Tensor:
+    """t as an fp8 KV cache holds it (clamped to +-448, rounded to e4m3), back in t's dtype."""
+    return t.float().clamp(-448.0, 448.0).to(torch.float8_e4m3fn).to(t.dtype)
+
+
+@contextlib.contextmanager
+def kv_rounded_to_fp8(model: Any):
+    """Transformers computing with an fp8 KV cache: each layer's keys rounded after rotary (where the engine stores
+    them) and its values after v_proj, before attention sees either (forward hooks and the model module's
+    apply_rotary_pos_emb, restored on exit)."""
+    layers = model.model.layers
+    module = sys.modules[type(layers[0].self_attn).__module__]
+    original = module.apply_rotary_pos_emb
+
+    def rotary_then_round(q, k, *args, **kwargs):
+        q, k = original(q, k, *args, **kwargs)
+        return q, as_fp8_kv(k)
+
+    hooks = [layer.self_attn.v_proj.register_forward_hook(lambda mod, args, out: as_fp8_kv(out)) for layer in layers]
+    module.apply_rotary_pos_emb = rotary_then_round
+    try:
+        yield model
+    finally:
+        module.apply_rotary_pos_emb = original
+        for hook in hooks:
+            hook.remove()
 
 
 class CapturingSampler:

@@ -3,6 +3,8 @@ different lengths) through the paged KV cache must give HF's full-sequence logit
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from pagedserve.executor.model_runner import (
 )
 from tests.executor.helpers import (
     hf_logits,
+    kv_rounded_to_fp8,
     make_runner,
     max_rel_err,
     save_tiny_model,
@@ -47,15 +50,23 @@ def test_mixed_batch_matches_hf_on_cuda(backend: str, arch: str, tmp_path) -> No
 
 def run_mixed_batch_against_hf(arch: str, tmp_path, device: str, backend: str, tolerance: float,
                                pad: bool | None = None, quantization: str | None = None,
-                               dtype: torch.dtype = torch.float32) -> None:
-    """quantization="fp8": the reference is HF with its projections rounded to fp8 as the engine rounds them."""
+                               dtype: torch.dtype = torch.float32, kv_cache_dtype: str = "auto") -> None:
+    """quantization="fp8": the reference is HF with its projections rounded to fp8 as the engine rounds them;
+    kv_cache_dtype="fp8": HF with its keys (after rotary) and values rounded as the fp8 cache holds them."""
     hf = save_tiny_model(arch, tmp_path)
     if quantization == "fp8":
         from tests.executor.test_quantization import round_projections_to_fp8
 
         round_projections_to_fp8(hf)
+    with kv_rounded_to_fp8(hf) if kv_cache_dtype != "auto" else contextlib.nullcontext():
+        _run_mixed_batch(hf, tmp_path, device, backend, tolerance, pad, quantization, dtype, kv_cache_dtype, arch)
+
+
+def _run_mixed_batch(hf, tmp_path, device, backend, tolerance, pad, quantization, dtype, kv_cache_dtype,
+                     arch) -> None:
     runner, sampler = make_runner(tmp_path, block_size=BLOCK, num_blocks=24, device=device,
-                                  attention_backend=backend, quantization=quantization, dtype=dtype)
+                                  attention_backend=backend, quantization=quantization, dtype=dtype,
+                                  kv_cache_dtype=kv_cache_dtype)
     assert runner.backend.name == backend
     if pad is not None:
         runner.pad_eager_steps = pad

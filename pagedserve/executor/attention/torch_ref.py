@@ -26,8 +26,11 @@ def write_kv_cache(
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
-    kv_cache[0].view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = key[valid]
-    kv_cache[1].view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = value[valid]
+    key, value = key[valid], value[valid]
+    if kv_cache.dtype == torch.float8_e4m3fn:  # e4m3 has no infinity: clamp, then round to nearest even
+        key, value = key.float().clamp(-448.0, 448.0), value.float().clamp(-448.0, 448.0)
+    kv_cache[0].view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = key.to(kv_cache.dtype)
+    kv_cache[1].view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = value.to(kv_cache.dtype)
 
 
 def gather_kv(

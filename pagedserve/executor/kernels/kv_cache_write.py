@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedserve.executor.kernels.kv_store import to_cache
 from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
 from pagedserve.executor.kernels.pdl import pdl_enter
 
@@ -56,8 +57,8 @@ def _kv_cache_write_kernel(
     v = tl.load(value_ptr + tok * stride_v_tok + offs_h[:, None] * stride_v_head + offs_d[None, :], mask=mask)
 
     dst = block * stride_c_block + offset * stride_c_slot + offs_h[:, None] * stride_c_head + offs_d[None, :]
-    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(k_cache_ptr + dst, to_cache(k, k_cache_ptr), mask=mask)
+    tl.store(v_cache_ptr + dst, to_cache(v, v_cache_ptr), mask=mask)
 
 
 def write_kv_cache(

@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedserve.executor.kernels.kv_store import query_for_cache
 from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
 from pagedserve.executor.kernels.pdl import pdl_enter
 
@@ -87,6 +88,7 @@ def _attend_tile(
         )
     else:
         k = tl.load(k_cache_ptr + row_offs[None, :] + offs_d[:, None], mask=d_mask[:, None], other=0.0)
+    k = k.to(q.dtype)  # an fp8 cache's tile widened to the query's dtype (otherwise the same dtype: no-op)
     # fp32 caches: full-precision dots, as an fp32 model asks for (Triton's default for fp32 operands is TF32,
     # 10-bit mantissas, on the tensor cores). 16-bit caches: unchanged.
     if q.dtype == tl.float32:
@@ -107,6 +109,7 @@ def _attend_tile(
         )
     else:
         v = tl.load(v_cache_ptr + row_offs[:, None] + offs_d[None, :], mask=d_mask[None, :], other=0.0)
+    v = v.to(q.dtype)
     if v.dtype == tl.float32:
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
     else:
@@ -244,11 +247,11 @@ def _paged_decode_kernel(
     g_mask = offs_g < QUERIES_PER_KV
     d_mask = offs_d < HEAD_DIM
     heads = kv_head * QUERIES_PER_KV + offs_g
-    q = tl.load(
+    q = query_for_cache(tl.load(
         q_ptr + q_row * stride_q_tok + heads[:, None] * stride_q_head + offs_d[None, :],
         mask=g_mask[:, None] & d_mask[None, :],
         other=0.0,
-    ).to(k_cache_ptr.dtype.element_ty)
+    ), k_cache_ptr)
 
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedserve.executor.kernels.kv_store import query_for_cache
 from pagedserve.executor.kernels.paged_attention_decode import LOG2E, _attend_tile, attention_operands
 from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
 from pagedserve.executor.kernels.pdl import pdl_enter
@@ -105,11 +106,11 @@ def _paged_prefill_kernel(
     tok = tl.minimum(tok, q_len - 1)
     heads = kv_head * QUERIES_PER_KV + offs_m % QUERIES_PER_KV
     row_tok = (q_start + tok).to(tl.int64)
-    q = tl.load(
+    q = query_for_cache(tl.load(
         q_ptr + row_tok[:, None] * stride_q_tok + heads[:, None] * stride_q_head + offs_d[None, :],
         mask=d_mask[None, :],
         other=0.0,
-    ).to(k_cache_ptr.dtype.element_ty)
+    ), k_cache_ptr)
     row_last_pos = ctx_len + tok  # causal limit of each row
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from pagedserve.executor.kernels.gate_up_silu import paired_rows_dot
+from pagedserve.executor.kernels.kv_store import to_cache
 from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
 
 DEFAULT_BLOCK_R = 2  # 2 + 2 rows a program: the 4-row tiles of qkv's measured M=1 config
@@ -88,11 +89,11 @@ def _qkv_rope_kv_kernel(
             lo = a.to(q_ptr.dtype.element_ty)
             hi = b.to(q_ptr.dtype.element_ty)
             if is_v:
-                tl.store(v_cache_ptr + dst, lo.to(v_cache_ptr.dtype.element_ty))
-                tl.store(v_cache_ptr + dst + HALF, hi.to(v_cache_ptr.dtype.element_ty))
+                tl.store(v_cache_ptr + dst, to_cache(lo, v_cache_ptr))
+                tl.store(v_cache_ptr + dst + HALF, to_cache(hi, v_cache_ptr))
             else:
-                tl.store(k_cache_ptr + dst, lo.to(k_cache_ptr.dtype.element_ty))
-                tl.store(k_cache_ptr + dst + HALF, hi.to(k_cache_ptr.dtype.element_ty))
+                tl.store(k_cache_ptr + dst, to_cache(lo, k_cache_ptr))
+                tl.store(k_cache_ptr + dst + HALF, to_cache(hi, k_cache_ptr))
 
 
 def qkv_rope_kv_write(

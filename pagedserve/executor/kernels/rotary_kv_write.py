@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedserve.executor.kernels.kv_store import to_cache
 from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
 from pagedserve.executor.kernels.pdl import pdl_enter
 
@@ -83,13 +84,13 @@ def _rotary_kv_write_kernel(
     if slot >= 0:  # < 0: padding token (e.g. CUDA-graph batch padding), nothing to store
         dst = (slot // BLOCK_SIZE) * stride_c_block + (slot % BLOCK_SIZE) * stride_c_slot
         dst_ptrs = dst + offs_hk[:, None] * stride_c_head + offs_d[None, :]
-        tl.store(k_cache_ptr + dst_ptrs, r1.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
-        tl.store(k_cache_ptr + dst_ptrs + HALF, r2.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
+        tl.store(k_cache_ptr + dst_ptrs, to_cache(r1, k_cache_ptr), mask=k_mask)
+        tl.store(k_cache_ptr + dst_ptrs + HALF, to_cache(r2, k_cache_ptr), mask=k_mask)
         v1_ptrs = v_ptr + tok * stride_v_tok + offs_hk[:, None] * stride_v_head + offs_d[None, :]
         v1 = tl.load(v1_ptrs, mask=k_mask)
         v2 = tl.load(v1_ptrs + HALF, mask=k_mask)
-        tl.store(v_cache_ptr + dst_ptrs, v1.to(v_cache_ptr.dtype.element_ty), mask=k_mask)
-        tl.store(v_cache_ptr + dst_ptrs + HALF, v2.to(v_cache_ptr.dtype.element_ty), mask=k_mask)
+        tl.store(v_cache_ptr + dst_ptrs, to_cache(v1, v_cache_ptr), mask=k_mask)
+        tl.store(v_cache_ptr + dst_ptrs + HALF, to_cache(v2, v_cache_ptr), mask=k_mask)
 
 
 def rotary_and_write_kv_cache(
