@@ -41,6 +41,14 @@ def fp8_cache_like(cache: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def assert_same_bits(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal fp8 bytes; on a miss, how many and the first few (kernel, torch) value pairs."""
+    bad = got.view(torch.uint8) != expected.view(torch.uint8)
+    if bad.any():
+        pairs = list(zip(got.float()[bad][:6].tolist(), expected.float()[bad][:6].tolist(), strict=True))
+        raise AssertionError(f"{bad.sum().item()} of {bad.numel()} bytes differ; (kernel, torch): {pairs}")
+
+
 def spread(shape, g, dtype) -> torch.Tensor:
     """Values across e4m3's range: normals, subnormals (< 2^-6), ties, and some past 448 (clamped)."""
     x = torch.randn(shape, generator=g) * torch.logspace(-3, 2.9, shape[-1])
@@ -60,7 +68,7 @@ def test_kv_cache_write_fp8(block_size, num_kv_heads, head_dim, dtype):
     expected = cache.clone()
     torch_write_kv_cache(expected, key, value, slots.to(DEVICE))
     write_kv_cache(key, value, cache, slots.to(DEVICE))
-    assert torch.equal(cache.view(torch.uint8), expected.view(torch.uint8))  # the same bits, NaN slots untouched
+    assert_same_bits(cache, expected)  # NaN slots untouched
     assert expected.float()[~torch.isnan(expected.float())].abs().max() == 448
 
 
@@ -81,7 +89,7 @@ def test_rotary_kv_write_fp8(dtype):
     rotary_and_write_kv_cache(q.clone(), k.clone(), v.clone(), positions, cos_sin, wide, slots)
     cache = torch.full(shape, float("nan"), dtype=FP8, device=DEVICE)
     rotary_and_write_kv_cache(q.clone(), k.clone(), v.clone(), positions, cos_sin, cache, slots)
-    assert torch.equal(cache.view(torch.uint8), fp8_cache_like(wide).view(torch.uint8))
+    assert_same_bits(cache, fp8_cache_like(wide))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -101,7 +109,7 @@ def test_qkv_rope_kv_write_fp8(dtype):
     cache = torch.full(shape, float("nan"), dtype=FP8, device=DEVICE)
     query8 = qkv_rope_kv_write(x, weight, None, pos, cos_sin, cache, slot, hq)
     assert torch.equal(query8, query)  # the query is not stored in the cache: unchanged
-    assert torch.equal(cache.view(torch.uint8), fp8_cache_like(wide).view(torch.uint8))
+    assert_same_bits(cache, fp8_cache_like(wide))
 
 
 @pytest.mark.parametrize("shape", DECODE_SHAPES[:3], ids=lambda s: "bs{}-d{}-hq{}-hkv{}".format(*s))
@@ -149,6 +157,7 @@ def test_fp8_cache_is_not_the_16_bit_one():
     assert ((exact - rounded).norm() / exact.norm()).item() > 5e-3
 
 
+@pytest.mark.skipif(CUDA, reason="the CPU runner (Triton's interpreter); test_runner_with_fp8_cache_on_cuda on a GPU")
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_runner_with_fp8_cache_matches_transformers_rounding_kv(arch, backend, tmp_path):
