@@ -42,8 +42,12 @@ def fp8_cache_like(cache: torch.Tensor) -> torch.Tensor:
 
 
 def assert_same_bits(got: torch.Tensor, expected: torch.Tensor) -> None:
-    """Equal fp8 bytes; on a miss, how many and the first few (kernel, torch) value pairs."""
-    bad = got.view(torch.uint8) != expected.view(torch.uint8)
+    """Equal fp8 values bit for bit, except the sign of zero: a value that rounds to zero is +0 in the kernels'
+    cache where torch's conversion keeps -0 (seen on the H200 with either rounding of the sign; no effect on any
+    product). On a miss, how many and the first few (kernel, torch) value pairs."""
+    a, b = got.view(torch.uint8), expected.view(torch.uint8)
+    zeros = (a & 0x7F == 0) & (b & 0x7F == 0)
+    bad = (a != b) & ~zeros
     if bad.any():
         pairs = list(zip(got.float()[bad][:6].tolist(), expected.float()[bad][:6].tolist(), strict=True))
         raise AssertionError(f"{bad.sum().item()} of {bad.numel()} bytes differ; (kernel, torch): {pairs}")

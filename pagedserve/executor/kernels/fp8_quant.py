@@ -35,8 +35,7 @@ def _round_to_e4m3(v):
     bits = v.to(tl.int32, bitcast=True)
     bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576
     normal = bits.to(tl.float32, bitcast=True)
-    sub = ((tl.abs(v) * 512.0 + 12582912.0) - 12582912.0) / 512.0
-    sub = tl.where(v < 0, -sub, sub)  # the sign kept, -0 included (as torch's conversion keeps it)
+    sub = ((v * 512.0 + 12582912.0) - 12582912.0) / 512.0
     return tl.where(tl.abs(v) < 0.015625, sub, normal)
 
 
