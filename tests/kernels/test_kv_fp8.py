@@ -42,9 +42,9 @@ def fp8_cache_like(cache: torch.Tensor) -> torch.Tensor:
 
 
 def assert_same_bits(got: torch.Tensor, expected: torch.Tensor) -> None:
-    """Equal fp8 values bit for bit, except the sign of zero: a value that rounds to zero is +0 in the kernels'
-    cache where torch's conversion keeps -0 (seen on the H200 with either rounding of the sign; no effect on any
-    product). On a miss, how many and the first few (kernel, torch) value pairs."""
+    """Equal fp8 values bit for bit, except the sign of zero: a small negative value that rounds to zero is +0 in
+    the kernels' cache where torch's conversion keeps -0 (a kernel that kept the sign still wrote +0 on the H200);
+    no product changes. On a miss, how many and the first few (kernel, torch) value pairs."""
     a, b = got.view(torch.uint8), expected.view(torch.uint8)
     zeros = (a & 0x7F == 0) & (b & 0x7F == 0)
     bad = (a != b) & ~zeros
