@@ -88,7 +88,7 @@ def _attend_tile(
         )
     else:
         k = tl.load(k_cache_ptr + row_offs[None, :] + offs_d[:, None], mask=d_mask[:, None], other=0.0)
-    k = k.to(q.dtype)  # an fp8 cache's tile widened to the query's dtype (otherwise the same dtype: no-op)
+    k = k.to(q.dtype)  # an fp8 cache's tile widened to the dots' dtype (kv_store.query_for_cache; else a no-op)
     # fp32 caches: full-precision dots, as an fp32 model asks for (Triton's default for fp32 operands is TF32,
     # 10-bit mantissas, on the tensor cores). 16-bit caches: unchanged.
     if q.dtype == tl.float32:
