@@ -263,8 +263,12 @@ def load_model(
 
 
 def _quantized(model: nn.Module, config: EngineConfig, stored: str | None = None) -> nn.Module:
-    """Online quantization if asked; `model.quantization` says how its projections are held (the engine reports
-    it, the bench's floor counts their bytes by it): config.quantization, or what the checkpoint stores."""
+    """A checkpoint's KV-cache scales folded into the weights for an fp8 cache (kv_scales.py), then online
+    quantization if asked; `model.quantization` says how its projections are held (the engine reports it, the
+    bench's floor counts their bytes by it): config.quantization, or what the checkpoint stores."""
+    from pagedserve.executor.kv_scales import fold_kv_scales
+
+    fold_kv_scales(model, config.kv_cache_dtype)
     if config.quantization is not None:
         from pagedserve.executor.quantization import quantize_model
 

@@ -75,19 +75,29 @@ def as_fp8_kv(t: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def kv_rounded_to_fp8(model: Any):
+def kv_rounded_to_fp8(model: Any, scales: Sequence[tuple[float, float]] | None = None):
     """Transformers computing with an fp8 KV cache: each layer's keys rounded after rotary (where the engine stores
     them) and its values after v_proj, before attention sees either (forward hooks and the model module's
-    apply_rotary_pos_emb, restored on exit)."""
+    apply_rotary_pos_emb, restored on exit). scales: per layer (k, v), each value stored as round(x / s) * s."""
     layers = model.model.layers
+    scales = list(scales) if scales is not None else [(1.0, 1.0)] * len(layers)
     module = sys.modules[type(layers[0].self_attn).__module__]
     original = module.apply_rotary_pos_emb
+    current = [0]  # the layer whose attention runs (set by a pre-hook; rotary is called inside it)
 
     def rotary_then_round(q, k, *args, **kwargs):
         q, k = original(q, k, *args, **kwargs)
-        return q, as_fp8_kv(k)
+        s = scales[current[0]][0]
+        return q, as_fp8_kv(k / s) * s
 
-    hooks = [layer.self_attn.v_proj.register_forward_hook(lambda mod, args, out: as_fp8_kv(out)) for layer in layers]
+    def enter(index):
+        return lambda mod, args, kwargs: current.__setitem__(0, index)
+
+    def round_v(index):
+        return lambda mod, args, out: as_fp8_kv(out / scales[index][1]) * scales[index][1]
+
+    hooks = [layer.self_attn.register_forward_pre_hook(enter(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    hooks += [layer.self_attn.v_proj.register_forward_hook(round_v(i)) for i, layer in enumerate(layers)]
     module.apply_rotary_pos_emb = rotary_then_round
     try:
         yield model
@@ -95,6 +105,24 @@ def kv_rounded_to_fp8(model: Any):
         module.apply_rotary_pos_emb = original
         for hook in hooks:
             hook.remove()
+
+
+def write_kv_scales(folder: Path, scales: Sequence[tuple[float, float]], style: str = "llm-compressor") -> None:
+    """Per-layer (k, v) KV-cache scales as an fp8 checkpoint names them, in an extra safetensors file of the folder:
+    llm-compressor's self_attn.k_scale / v_scale, AutoFP8's k_proj / v_proj .output_scale, or one kv_scale (k's)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for i, (k, v) in enumerate(scales):
+        prefix = f"model.layers.{i}.self_attn"
+        if style == "llm-compressor":
+            tensors |= {f"{prefix}.k_scale": torch.tensor(k), f"{prefix}.v_scale": torch.tensor(v)}
+        elif style == "autofp8":
+            tensors |= {f"{prefix}.k_proj.output_scale": torch.tensor([k]),
+                        f"{prefix}.v_proj.output_scale": torch.tensor([v])}
+        else:
+            tensors[f"{prefix}.kv_scale"] = torch.tensor(k)
+    save_file(tensors, str(Path(folder) / "kv_scales.safetensors"))
 
 
 class CapturingSampler:

@@ -72,3 +72,65 @@ def test_floor_reads_one_byte_per_fp8_kv_value(fp8_kv_llm: LLM) -> None:
     cfg = fp8_kv_llm.engine.worker.hf_config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     assert shape.kv_bytes_per_token == cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim
+
+
+# Per layer (k, v) scales: layer 0's fold (powers 4 and 1/2: keys / 4 reach e4m3's subnormals, so the rounding
+# differs from scale 1's), layer 1's round to 1 (nothing to fold).
+SCALES = [(3.0, 0.3), (0.9, 0.7)]
+
+
+@pytest.mark.parametrize("arch,style", [("qwen2", "llm-compressor"), ("qwen2", "autofp8"), ("qwen3", "llm-compressor"),
+                                        ("llama", "kv")])
+def test_checkpoint_kv_scales_fold_into_the_weights(arch, style, tmp_path) -> None:
+    """A checkpoint's KV-cache scales (three namings; Qwen3's through its k norm) with an fp8 cache: the mixed batch
+    equals Transformers rounding K / p and V / p as the cache holds them (p the power of two at or above each
+    scale), to fp32 accuracy."""
+    from tests.executor.test_model_runner import run_mixed_batch_against_hf
+
+    run_mixed_batch_against_hf(arch, tmp_path, "cpu", "torch", tolerance=1e-4, kv_cache_dtype="fp8",
+                               kv_scales=SCALES, kv_scale_style=style)
+
+
+def test_checkpoint_kv_scales_change_the_rounding(tmp_path) -> None:
+    """The same run against a reference that rounds at scale 1 misses: the scales reach the cache."""
+    from tests.executor.test_model_runner import run_mixed_batch_against_hf
+
+    with pytest.raises(AssertionError):
+        run_mixed_batch_against_hf("qwen2", tmp_path, "cpu", "torch", tolerance=1e-4, kv_cache_dtype="fp8",
+                                   kv_scales=SCALES, reference_uses_scales=False)
+
+
+def test_checkpoint_kv_scales_with_fp8_weights(tmp_path) -> None:
+    """Folded before online fp8 quantization: powers of two pass through the row quantization exactly."""
+    from tests.executor.test_model_runner import run_mixed_batch_against_hf
+
+    run_mixed_batch_against_hf("qwen2", tmp_path, "cpu", "torch", tolerance=1e-4, kv_cache_dtype="fp8",
+                               kv_scales=SCALES, quantization="fp8")
+
+
+def test_checkpoint_kv_scales_unused_without_fp8_cache(tmp_path) -> None:
+    """A 16-bit cache ignores them: plain Transformers, unchanged weights."""
+    from tests.executor.test_model_runner import run_mixed_batch_against_hf
+
+    run_mixed_batch_against_hf("qwen2", tmp_path, "cpu", "torch", tolerance=1e-4, kv_scales=SCALES)
+
+
+def test_kv_scale_fold_rules(tmp_path) -> None:
+    from pagedserve.executor.kv_scales import power_of_two_at_least
+    from tests.executor.helpers import make_runner, save_tiny_model, write_kv_scales
+
+    assert power_of_two_at_least(3.0, "k") == 4.0 and power_of_two_at_least(0.25, "k") == 0.25
+    assert power_of_two_at_least(0.3, "v") == 0.5
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="positive finite"):
+            power_of_two_at_least(bad, "model.layers.0.self_attn.k_scale")
+    hf = save_tiny_model("qwen2", tmp_path)
+    write_kv_scales(tmp_path, SCALES)
+    runner, _ = make_runner(tmp_path, kv_cache_dtype="fp8")
+    attn = runner.model.model.layers[0].self_attn
+    k0, k1 = attn.qkv_proj.shard_rows(1)
+    ref_k = hf.model.layers[0].self_attn.k_proj.weight
+    assert torch.equal(attn.qkv_proj.weight[k0:k1], ref_k / 4)  # exact: a power of two
+    assert torch.equal(attn.o_proj.weight, hf.model.layers[0].self_attn.o_proj.weight * 0.5)
+    assert attn.scale == attn.head_dim**-0.5 * 4
+    assert runner.model.model.layers[1].self_attn.scale == attn.head_dim**-0.5  # rounds to 1: untouched

@@ -50,15 +50,28 @@ def test_mixed_batch_matches_hf_on_cuda(backend: str, arch: str, tmp_path) -> No
 
 def run_mixed_batch_against_hf(arch: str, tmp_path, device: str, backend: str, tolerance: float,
                                pad: bool | None = None, quantization: str | None = None,
-                               dtype: torch.dtype = torch.float32, kv_cache_dtype: str = "auto") -> None:
+                               dtype: torch.dtype = torch.float32, kv_cache_dtype: str = "auto",
+                               kv_scales: list[tuple[float, float]] | None = None,
+                               kv_scale_style: str = "llm-compressor", reference_uses_scales: bool = True) -> None:
     """quantization="fp8": the reference is HF with its projections rounded to fp8 as the engine rounds them;
-    kv_cache_dtype="fp8": HF with its keys (after rotary) and values rounded as the fp8 cache holds them."""
+    kv_cache_dtype="fp8": HF with its keys (after rotary) and values rounded as the fp8 cache holds them;
+    kv_scales: per layer (k, v) scales written into the checkpoint (kv_scale_style names them), which the engine
+    uses as the powers of two at or above them (executor/kv_scales.py), and so does the reference."""
     hf = save_tiny_model(arch, tmp_path)
     if quantization == "fp8":
         from tests.executor.test_quantization import round_projections_to_fp8
 
         round_projections_to_fp8(hf)
-    with kv_rounded_to_fp8(hf) if kv_cache_dtype != "auto" else contextlib.nullcontext():
+    used = None
+    if kv_scales is not None:
+        from pagedserve.executor.kv_scales import power_of_two_at_least
+        from tests.executor.helpers import write_kv_scales
+
+        write_kv_scales(tmp_path, kv_scales, kv_scale_style)
+        used = [(power_of_two_at_least(k, "k"), power_of_two_at_least(v if kv_scale_style != "kv" else k, "v"))
+                for k, v in kv_scales]
+    used = used if reference_uses_scales else None
+    with kv_rounded_to_fp8(hf, used) if kv_cache_dtype != "auto" else contextlib.nullcontext():
         _run_mixed_batch(hf, tmp_path, device, backend, tolerance, pad, quantization, dtype, kv_cache_dtype, arch)
 
 

@@ -197,3 +197,14 @@ def test_runner_with_fp8_cache_on_cuda(backend, tmp_path):
 
     run_mixed_batch_against_hf("qwen2", tmp_path, "cuda", backend, tolerance=5e-3 if backend == "triton" else 1e-4,
                                kv_cache_dtype="fp8")
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_runner_fp8_cache_with_checkpoint_kv_scales(arch, tmp_path):
+    """A checkpoint's KV-cache scales folded into the weights (executor/kv_scales.py), through the Triton kernels
+    (interpreter on CPU, compiled on CUDA), against Transformers rounding K / p and V / p."""
+    from tests.executor.test_kv_cache_dtype import SCALES
+    from tests.executor.test_model_runner import run_mixed_batch_against_hf
+
+    run_mixed_batch_against_hf(arch, tmp_path, DEVICE.type, "triton", tolerance=5e-3 if CUDA else 1e-4,
+                               kv_cache_dtype="fp8", kv_scales=SCALES)

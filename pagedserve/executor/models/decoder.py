@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -37,8 +38,12 @@ from pagedserve.executor.layers import (
 
 logger = logging.getLogger(__name__)
 
-# fp8 checkpoints' activation and KV-cache scales: not used (activations are quantized per token at run time).
-_UNUSED_SCALES = (".input_scale", ".k_scale", ".v_scale")
+# fp8 checkpoints' activation scales: not used (activations are quantized per token at run time).
+_UNUSED_SCALES = (".input_scale",)
+# Their KV-cache scales, one per layer (llm-compressor: self_attn.k_scale / v_scale; AutoFP8: the k/v projections'
+# output_scale; older files: one kv_scale for both): kept on the attention module, used with kv_cache_dtype fp8
+# (executor/kv_scales.py).
+_KV_SCALE = re.compile(r"(.*\.self_attn)\.(?:(k|v)_scale|(k|v)_proj\.output_scale|(kv)_scale)$")
 
 # (merged param, checkpoint part, shard index): q/k/v -> qkv_proj, gate/up -> gate_up_proj.
 STACKED_PARAMS: list[tuple[str, str, int]] = [
@@ -130,6 +135,8 @@ class DecoderAttention(nn.Module):
         # Qwen3: each head of q and k normed (one [head_dim] weight each, shared by the heads) before rotary.
         self.q_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps) if qk_norm else None
+        # An fp8 checkpoint's KV-cache scales ("k", "v"), as loaded; kv_scales.fold_kv_scales uses them.
+        self.checkpoint_kv_scales: dict[str, float] = {}
 
     def forward(self, hidden: torch.Tensor, rope: RopeStep, ctx: ForwardContext) -> torch.Tensor:
         num_tokens = hidden.shape[0]
@@ -282,8 +289,21 @@ class DecoderForCausalLM(nn.Module):
         merged_modules = {name: m for name, m in self.named_modules() if isinstance(m, MergedLinear)}
         linears = {name: m for name, m in self.named_modules() if isinstance(m, Linear)}
         loaded: set[str] = set()
+        attention = {name: m for name, m in self.named_modules() if isinstance(m, DecoderAttention)}
         for name, tensor in weights:
             if "rotary_emb." in name or name.endswith(_UNUSED_SCALES):
+                continue
+            kv_scale = _KV_SCALE.match(name)
+            if kv_scale:
+                module = attention.get(kv_scale.group(1))
+                if module is None:
+                    logger.warning("skipping checkpoint tensor %s: no such attention layer", name)
+                    continue
+                if tensor.numel() != 1:
+                    raise ValueError(f"{name}: a KV-cache scale must be one value per layer, got shape "
+                                     f"{tuple(tensor.shape)}")
+                for kind in kv_scale.group(2) or kv_scale.group(3) or "kv":  # "k", "v", or both
+                    module.checkpoint_kv_scales[kind] = float(tensor.float().reshape(()))
                 continue
             if self.tie_word_embeddings and name == "lm_head.weight":
                 continue
