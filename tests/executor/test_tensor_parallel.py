@@ -276,3 +276,26 @@ def test_two_ranks_with_fp8_weights_match_transformers_on_their_shards(tmp_path,
             assert [lp.logprob for lp in out.outputs[0].logprobs] == pytest.approx(ref_logprobs, abs=1e-4)
     finally:
         llm.engine.worker.close()
+
+
+def test_two_ranks_with_an_fp8_kv_cache_and_checkpoint_scales(tmp_path, real_model_dir) -> None:
+    """kv_cache_dtype="fp8" with two ranks, each holding its own kv heads in e4m3, and the checkpoint's KV-cache
+    scales folded into each rank's shards (qkv rows, o_proj's columns): Transformers rounding K / p and V / p gives
+    the same greedy tokens and logprobs (gloo, fp32 on CPU)."""
+    from tests.executor.helpers import kv_rounded_to_fp8, write_kv_scales
+    from tests.executor.test_kv_cache_dtype import SCALES
+
+    hf = tiny_checkpoint(tmp_path, real_model_dir, "qwen2")
+    write_kv_scales(tmp_path, SCALES)
+    llm = LLM(str(tmp_path), tensor_parallel_size=2, max_model_len=64, cpu_kv_cache_gib=0.05, device="cpu",
+              dtype="float32", skip_warmup=True, kv_cache_dtype="fp8")
+    try:
+        params = SamplingParams(temperature=0, max_tokens=6, logprobs=0)
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
+        with kv_rounded_to_fp8(hf, [(4.0, 0.5), (1.0, 1.0)]):  # SCALES as powers of two
+            for prompt, out in zip(PROMPTS, outs, strict=True):
+                ref_ids, ref_logprobs = hf_greedy(hf, prompt, 6)
+                assert out.outputs[0].token_ids == ref_ids
+                assert [lp.logprob for lp in out.outputs[0].logprobs] == pytest.approx(ref_logprobs, abs=1e-4)
+    finally:
+        llm.engine.worker.close()
