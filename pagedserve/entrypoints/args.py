@@ -25,8 +25,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
                         "load (half the weight memory and decode bytes; fp8 tensor cores for prefill on compute "
                         "capability >= 8.9; the CPU keeps the dequantized values)")
     g.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
-                   help="auto: the model's dtype; fp8 (= fp8_e4m3): K and V stored in float8_e4m3fn (scale 1, "
-                        "values clamped to +-448), half the KV memory and the bytes decode attention reads")
+                   help="auto: the model's dtype; fp8 (= fp8_e4m3): K and V stored in float8_e4m3fn, half the KV "
+                        "memory (the checkpoint's KV-cache scales when it has them, else scale 1: values clamped to "
+                        "+-448)")
     g.add_argument("--seed", type=int, default=0, help="seed for unseeded sampling and dummy weights")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="context length (prompt + output); default: the model's max_position_embeddings")

@@ -182,7 +182,7 @@ def test_runner_with_fp8_cache_is_checked_against_the_rounding(tmp_path, monkeyp
 
     from tests.executor import test_model_runner
 
-    monkeypatch.setattr(test_model_runner, "kv_rounded_to_fp8", lambda hf: contextlib.nullcontext())
+    monkeypatch.setattr(test_model_runner, "kv_rounded_to_fp8", lambda hf, scales=None: contextlib.nullcontext())
     with pytest.raises(AssertionError):
         test_model_runner.run_mixed_batch_against_hf("qwen2", tmp_path, "cpu", "torch", tolerance=1e-4,
                                                      kv_cache_dtype="fp8")

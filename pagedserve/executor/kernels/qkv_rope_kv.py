@@ -84,16 +84,15 @@ def _qkv_rope_kv_kernel(
             kv_head = head - num_q_heads - tl.where(is_v, NUM_KV_HEADS, 0)
             dst = (slot // BLOCK_SIZE) * stride_c_block + (slot % BLOCK_SIZE) * stride_c_slot \
                 + kv_head * stride_c_head + offs_d
-            # (new names: a Triton variable keeps its type across branches) k rounded to the activations'
-            # dtype first, as the two-kernel path stores it in qkv
-            lo = a.to(q_ptr.dtype.element_ty)
-            hi = b.to(q_ptr.dtype.element_ty)
+            # The fp32 values (v: the GEMM's outputs already rounded to the activations' dtype; k: rotated from
+            # them in fp32) rounded once to the cache's dtype, as the two-kernel path (rotary_kv_write) stores
+            # them: equal to a 16-bit cache's earlier rounding, and one rounding, not two, into an fp8 cache.
             if is_v:
-                tl.store(v_cache_ptr + dst, to_cache(lo, v_cache_ptr))
-                tl.store(v_cache_ptr + dst + HALF, to_cache(hi, v_cache_ptr))
+                tl.store(v_cache_ptr + dst, to_cache(a, v_cache_ptr))
+                tl.store(v_cache_ptr + dst + HALF, to_cache(b, v_cache_ptr))
             else:
-                tl.store(k_cache_ptr + dst, to_cache(lo, k_cache_ptr))
-                tl.store(k_cache_ptr + dst + HALF, to_cache(hi, k_cache_ptr))
+                tl.store(k_cache_ptr + dst, to_cache(a, k_cache_ptr))
+                tl.store(k_cache_ptr + dst + HALF, to_cache(b, k_cache_ptr))
 
 
 def qkv_rope_kv_write(
