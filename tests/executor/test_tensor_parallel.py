@@ -265,8 +265,13 @@ def test_two_ranks_with_fp8_weights_match_transformers_on_their_shards(tmp_path,
                 module.weight.copy_(torch.cat([rounded(h) for h in halves], dim=1))
             elif leaf in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
                 module.weight.copy_(rounded(module.weight))
-    llm = LLM(str(tmp_path), tensor_parallel_size=2, max_model_len=64, cpu_kv_cache_gib=0.05, device="cpu",
-              dtype="float32", skip_warmup=True, quantization="fp8")
+    two_ranks_match_hf_greedy(tmp_path, hf, quantization="fp8")
+
+
+def two_ranks_match_hf_greedy(folder, hf, **engine_kwargs) -> None:
+    """Two CPU ranks (gloo, fp32) give `hf`'s greedy tokens and logprobs for PROMPTS."""
+    llm = LLM(str(folder), tensor_parallel_size=2, max_model_len=64, cpu_kv_cache_gib=0.05, device="cpu",
+              dtype="float32", skip_warmup=True, **engine_kwargs)
     try:
         params = SamplingParams(temperature=0, max_tokens=6, logprobs=0)
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
@@ -287,15 +292,5 @@ def test_two_ranks_with_an_fp8_kv_cache_and_checkpoint_scales(tmp_path, real_mod
 
     hf = tiny_checkpoint(tmp_path, real_model_dir, "qwen2")
     write_kv_scales(tmp_path, SCALES)
-    llm = LLM(str(tmp_path), tensor_parallel_size=2, max_model_len=64, cpu_kv_cache_gib=0.05, device="cpu",
-              dtype="float32", skip_warmup=True, kv_cache_dtype="fp8")
-    try:
-        params = SamplingParams(temperature=0, max_tokens=6, logprobs=0)
-        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
-        with kv_rounded_to_fp8(hf, [(4.0, 0.5), (1.0, 1.0)]):  # SCALES as powers of two
-            for prompt, out in zip(PROMPTS, outs, strict=True):
-                ref_ids, ref_logprobs = hf_greedy(hf, prompt, 6)
-                assert out.outputs[0].token_ids == ref_ids
-                assert [lp.logprob for lp in out.outputs[0].logprobs] == pytest.approx(ref_logprobs, abs=1e-4)
-    finally:
-        llm.engine.worker.close()
+    with kv_rounded_to_fp8(hf, [(4.0, 0.5), (1.0, 1.0)]):  # SCALES as powers of two
+        two_ranks_match_hf_greedy(tmp_path, hf, kv_cache_dtype="fp8")
