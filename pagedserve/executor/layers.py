@@ -30,6 +30,8 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         # fp8 (executor/quantization.py): weight is float8_e4m3fn and this its [out] fp32 row scale.
         self.weight_scale: torch.Tensor | None = None
+        # Off CUDA, an fp8 checkpoint's projection holds its dequantized fp8 values: quantize_model leaves it be.
+        self.holds_fp8_values = False
 
     def quantize_fp8(self) -> None:
         """Replaces the loaded weight by fp8 rows and their scales (on CUDA), or, elsewhere, by the dequantized
@@ -80,6 +82,7 @@ class Linear(nn.Module):
             self.weight = nn.Parameter(dequantize_rows_fp8(self.weight.data, self.weight_scale, dtype),
                                        requires_grad=False)
             self.weight_scale = None
+            self.holds_fp8_values = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_scale is not None:

@@ -170,13 +170,15 @@ def quantize_model(model: nn.Module, quantization: str) -> int:
     saved = 0
     with torch.no_grad():
         for name, module in model.named_modules():
-            if not isinstance(module, Linear) or name.endswith("lm_head") or module.weight_scale is not None:
-                continue  # (a projection an fp8 checkpoint already holds in fp8 stays as loaded)
+            if not isinstance(module, Linear) or name.endswith("lm_head") or module.weight_scale is not None \
+                    or module.holds_fp8_values:
+                continue  # (a projection an fp8 checkpoint already holds in fp8 stays as loaded, on every device)
             before = module.weight.numel() * module.weight.element_size()
             module.quantize_fp8()
             saved += before - module.weight.numel() * module.weight.element_size()
             count += 1
-    if count == 0 and not any(isinstance(m, Linear) and m.weight_scale is not None for m in model.modules()):
+    if count == 0 and not any(isinstance(m, Linear) and (m.weight_scale is not None or m.holds_fp8_values)
+                              for m in model.modules()):
         raise ValueError("quantization='fp8' found no projections to quantize in this model")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the 16-bit weights' memory back to the device, where the KV sizing sees it

@@ -210,6 +210,21 @@ def test_fp8_checkpoint_matches_hf_on_its_dequantized_weights(fmt, tmp_path) -> 
     assert runner.model.quantization == "fp8"
 
 
+def test_fp8_checkpoint_with_the_fp8_flag_is_not_rounded_again(tmp_path) -> None:
+    """A per-tensor checkpoint (AutoFP8) loaded with quantization="fp8" too: its projections stay as stored, on the
+    CPU as on CUDA. Re-quantizing their dequantized values per row rounded them a second time on the CPU (logits
+    0.116 off, relative to the largest, before session 21's fix)."""
+    from tests.executor.helpers import hf_logits, make_runner, scheduled, step, tiny_hf_model
+
+    hf = tiny_hf_model("qwen2")
+    write_fp8_checkpoint(hf, tmp_path, "autofp8")
+    runner, sampler = make_runner(tmp_path, quantization="fp8")
+    tokens = [3, 17, 101, 5, 250, 64, 9, 33, 12, 200, 7]
+    runner.execute(step(scheduled("r", tokens, 0, [1, 2, 3], needs_sample=True)))
+    got, want = sampler.logits[-1]["r"], hf_logits(hf, tokens)[-1]
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
 def test_fp8_checkpoint_through_llm_and_two_ranks(tmp_path, real_model_dir) -> None:
     """The per-channel checkpoint through LLM (config reports fp8) and over two ranks (gloo): each rank takes its
     rows' scales for q/k/v/gate/up and the whole scale vector for o/down; greedy tokens and logprobs equal HF's."""
