@@ -93,6 +93,7 @@ class SamplingParams:
     # Such a request computes its whole prompt (no prefix-cache hit) until its first token is sampled.
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None  # sample only among these (vLLM's extra parameter)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured_outputs: StructuredOutputsParams | None = None  # a dict is taken as its fields
@@ -171,6 +172,15 @@ class SamplingParams:
                     fail(f"logit_bias values must be in [-100, 100] for non-negative token ids, got {k!r}: {v!r}")
                 bias[tok] = float(v)
             self.logit_bias = bias
+        if self.allowed_token_ids is not None:
+            if isinstance(self.allowed_token_ids, (str, bytes)) or not hasattr(self.allowed_token_ids, "__iter__"):
+                fail(f"allowed_token_ids must be a list of token ids, got {self.allowed_token_ids!r}")
+            self.allowed_token_ids = list(self.allowed_token_ids)
+            if not self.allowed_token_ids:
+                fail("allowed_token_ids must not be empty")
+            for t in self.allowed_token_ids:
+                if not is_int(t) or t < 0:
+                    fail(f"allowed_token_ids must be non-negative integers, got {t!r}")
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             fail(f"structured_outputs must be a StructuredOutputsParams, got {type(self.structured_outputs).__name__}")
 
@@ -190,3 +200,6 @@ class SamplingParams:
         for t in self.logit_bias or {}:
             if t >= vocab_size:
                 raise ValueError(f"logit_bias names token {t}, outside the vocabulary of {vocab_size} tokens")
+        for t in self.allowed_token_ids or []:
+            if t >= vocab_size:
+                raise ValueError(f"allowed_token_ids contains {t}, outside the vocabulary of {vocab_size} tokens")

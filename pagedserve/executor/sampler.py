@@ -420,6 +420,7 @@ class Sampler:
         masked = [i for i, r in enumerate(requests) if r.allowed_token_bitmask is not None]
         if masked:
             apply_token_bitmask(out, masked, [requests[i].allowed_token_bitmask for i in masked])
+        self._apply_allowed_tokens(out, requests)
         self._apply_logit_bias(out, requests)
         self._apply_min_tokens(out, requests)
         self._apply_penalties(out, requests, history)
@@ -432,7 +433,7 @@ class Sampler:
     def _needs_processing(self, req: ScheduledRequest) -> bool:
         p = req.sampling_params
         return (p.needs_penalties or bool(p.logit_bias) or self._min_tokens_active(req)
-                or req.allowed_token_bitmask is not None)
+                or req.allowed_token_bitmask is not None or p.allowed_token_ids is not None)
 
     def _min_tokens_active(self, req: ScheduledRequest) -> bool:
         p = req.sampling_params
@@ -460,6 +461,18 @@ class Sampler:
             idx = self._index(rows, cols, logits.device)
             bias = _to_device(vals, logits.dtype, logits.device)
             logits.index_put_(idx, bias, accumulate=True)
+
+    def _apply_allowed_tokens(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> None:
+        """Rows with allowed_token_ids keep those logits; every other column becomes -inf."""
+        rows = [i for i, r in enumerate(requests) if r.sampling_params.allowed_token_ids is not None]
+        if not rows:
+            return
+        keep = torch.zeros((len(rows), logits.shape[1]), dtype=torch.bool)
+        for j, i in enumerate(rows):
+            ids = [t for t in requests[i].sampling_params.allowed_token_ids if t < logits.shape[1]]
+            keep[j, ids] = True
+        index = torch.tensor(rows, device=logits.device)
+        logits[index] = logits[index].masked_fill(~keep.to(logits.device, non_blocking=True), float("-inf"))
 
     def _apply_min_tokens(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> None:
         rows: list[int] = []

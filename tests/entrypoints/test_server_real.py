@@ -209,6 +209,16 @@ def test_stop_string(client, model) -> None:
     assert stopped.choices[0].finish_reason == "stop"
 
 
+def test_allowed_token_ids_limit_what_is_sampled(client, model, hf_tokenizer) -> None:
+    """vLLM's allowed_token_ids (extra_body in the official client): hot sampling draws only those tokens."""
+    allowed = hf_tokenizer.encode(" yes no maybe")
+    r = client.completions.create(model=model, prompt="Is the sky blue? Answer:", max_tokens=12, temperature=1.5,
+                                  seed=7, logprobs=0, extra_body={"allowed_token_ids": allowed})
+    pieces = r.choices[0].logprobs.tokens  # each sampled token's text
+    assert len(pieces) == 12 and set(pieces) <= {hf_tokenizer.decode([t]) for t in allowed}, pieces
+    assert len(set(pieces)) > 1  # hot sampling: not one forced token
+
+
 def test_seed_reproducibility(client, model) -> None:
     kwargs = dict(
         model=model,

@@ -233,6 +233,32 @@ def test_logit_bias_and_penalties_exact() -> None:
     assert logits.tolist() == [FIXED] * 3  # the input is not modified
 
 
+def test_allowed_token_ids_keep_only_those_logits() -> None:
+    """allowed_token_ids: the other columns become -inf (with logit_bias applied after, on what is left); a row
+    without it is untouched; sampling at any temperature stays inside the set."""
+    sampler = Sampler(V, {EOS})
+    logits = torch.tensor([FIXED, FIXED])
+    reqs = [req(SamplingParams(allowed_token_ids=[6, 2, 2], logit_bias={2: 1.0, 3: 5.0})), req(SamplingParams())]
+    got = sampler.process_logits(logits, reqs).tolist()
+    want = [float("-inf")] * V
+    want[6], want[2] = FIXED[6], FIXED[2] + 1.0
+    want[3] = float("-inf")  # a bias on a token outside the set leaves it out
+    assert got[0] == want and got[1] == FIXED
+    hot = [req(SamplingParams(allowed_token_ids=[1, 4], temperature=2.0, seed=s)) for s in range(40)]
+    picked = sampler.sample(torch.tensor([FIXED] * 40), hot).token_ids.tolist()
+    assert set(picked) == {1, 4}  # both drawn, nothing else
+
+
+def test_allowed_token_ids_validation() -> None:
+    for bad, match in (([], "must not be empty"), ([1, -2], "non-negative"), ([1.5], "non-negative integers"),
+                       ("12", "list of token ids"), (7, "list of token ids")):
+        with pytest.raises(ValueError, match=match):
+            SamplingParams(allowed_token_ids=bad)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        SamplingParams(allowed_token_ids=[1, V]).validate_for_model(V)
+    assert SamplingParams(allowed_token_ids=(3, 1)).allowed_token_ids == [3, 1]
+
+
 def test_min_tokens_masks_eos_and_stop_ids() -> None:
     sampler = Sampler(V, {EOS})
     logits = torch.tensor([FIXED] * 4)

@@ -75,6 +75,8 @@ class SamplingFields(OpenAIBaseModel):
     min_tokens: Int | None = Field(default=0, ge=0)
     ignore_eos: bool | None = False
     stop_token_ids: list[Annotated[Int, Field(ge=0)]] | None = None
+    allowed_token_ids: list[Annotated[Int, Field(ge=0)]] | None = Field(
+        default=None, description="sample only among these token ids")
     skip_special_tokens: bool | None = True
     include_stop_str_in_output: bool | None = False
     prompt_logprobs: Int | None = Field(default=None, ge=0, le=MAX_LOGPROBS,

@@ -36,6 +36,7 @@ _SAMPLING_FIELD_NAMES = {
     "min_tokens",
     "logprobs",
     "logit_bias",
+    "allowed_token_ids",
     "prompt_logprobs",
 }
 
@@ -147,6 +148,7 @@ def build_sampling_params(req: SamplingFields, max_tokens: int | None, logprobs:
             min_tokens=req.min_tokens or 0,
             logprobs=logprobs,
             logit_bias=req.logit_bias,
+            allowed_token_ids=req.allowed_token_ids,
             skip_special_tokens=True if req.skip_special_tokens is None else req.skip_special_tokens,
             include_stop_str_in_output=bool(req.include_stop_str_in_output),
             prompt_logprobs=req.prompt_logprobs,
