@@ -527,3 +527,13 @@ def test_reasoning_parser_splits_whole_and_streamed_answers(start_fake_server) -
     plain_client = openai.OpenAI(base_url=plain.base_url + "/v1", api_key="unused")
     message = plain_client.chat.completions.create(**body).choices[0].message
     assert message.content == thought and "reasoning_content" not in (message.model_extra or {})
+    # /v1/responses: the thinking is a reasoning item before the message, whole and streamed
+    r = client.responses.create(input="2 + 2?", max_output_tokens=len(thought))
+    assert [item.type for item in r.output] == ["reasoning", "message"]
+    assert r.output[0].content[0].text == "\nadd them\n" and r.output_text == "Four. "
+    events = list(client.responses.create(input="2 + 2?", max_output_tokens=len(thought), stream=True))
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == "\nadd them\n"
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "Four. "
+    done = [e.item.type for e in events if e.type == "response.output_item.done"]
+    assert done == ["reasoning", "message"] and events[-1].response.output_text == "Four. "
+    assert plain_client.responses.create(input="2 + 2?", max_output_tokens=len(thought)).output_text == thought

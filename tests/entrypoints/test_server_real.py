@@ -440,3 +440,80 @@ def test_zz_sigterm_lets_in_flight_requests_finish(server, model) -> None:
     assert server.proc.wait(timeout=60) == 0
     log = server.output()
     assert "received SIGTERM" in log and "Traceback" not in log
+
+
+# --------------------------------------------------------------------------- the Responses API
+def test_responses_equal_chat_for_the_same_conversation(client, model) -> None:
+    """/v1/responses through the official client: `instructions` + `input` parts are the chat route's system +
+    user messages, so greedy text, finish and usage equal a chat completion's."""
+    chat = client.chat.completions.create(
+        model=model, max_tokens=24, temperature=0,
+        messages=[{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name two planets."}])
+    r = client.responses.create(
+        model=model, instructions="Answer briefly.", max_output_tokens=24, temperature=0,
+        input=[{"role": "user", "content": [{"type": "input_text", "text": "Name two "},
+                                            {"type": "input_text", "text": "planets."}]}])
+    assert r.object == "response" and r.id.startswith("resp_") and r.model == model
+    assert r.output_text == chat.choices[0].message.content
+    assert r.output[-1].type == "message" and r.output[-1].role == "assistant"
+    assert r.usage.input_tokens == chat.usage.prompt_tokens
+    assert r.usage.output_tokens == chat.usage.completion_tokens
+    assert r.usage.total_tokens == chat.usage.total_tokens
+    assert r.status == ("incomplete" if chat.choices[0].finish_reason == "length" else "completed")
+    s = client.responses.create(model=model, input="Name two planets.", max_output_tokens=24, temperature=0)
+    plain = client.chat.completions.create(model=model, max_tokens=24, temperature=0,
+                                           messages=[{"role": "user", "content": "Name two planets."}])
+    assert s.output_text == plain.choices[0].message.content  # a string input is one user message
+
+
+def test_responses_incomplete_at_max_output_tokens(client, model) -> None:
+    r = client.responses.create(model=model, input="Count from one to a hundred.", max_output_tokens=5,
+                                temperature=0)
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.usage.output_tokens == 5 and r.output_text
+
+
+def test_responses_stream_events_add_up(client, model) -> None:
+    """stream=true: the API's typed events in order, numbered; the text deltas add up to the final response's text,
+    which equals the non-streamed one."""
+    kwargs = dict(model=model, input="Write one sentence about rivers.", max_output_tokens=20, temperature=0)
+    whole = client.responses.create(**kwargs)
+    events = list(client.responses.create(stream=True, **kwargs))
+    types = [e.type for e in events]
+    assert types[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert types[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.completed" if whole.status == "completed" else "response.incomplete"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    final = events[-1].response
+    assert text == final.output_text == whole.output_text
+    assert final.usage.output_tokens == whole.usage.output_tokens
+
+
+def test_responses_json_schema_format(client, model) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+              "additionalProperties": False}
+    r = client.responses.create(model=model, input="Name the capital of France as JSON.", temperature=0,
+                                max_output_tokens=40,
+                                text={"format": {"type": "json_schema", "name": "capital", "schema": schema}})
+    assert set(json.loads(r.output_text)) == {"city"}
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"input": "hi", "previous_response_id": "resp_x"}, "previous_response_id"),
+    ({"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, "input"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input"),
+    ({"input": []}, "input"),
+    ({"input": "hi", "text": {"format": {"type": "xml"}}}, "text"),
+    ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
+    ({"input": "hi", "temperature": "hot"}, "temperature"),
+    ({}, "input"),
+])
+def test_responses_bad_requests_get_400(server, body, param) -> None:
+    r = httpx.post(server.base_url + "/v1/responses", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()
+    ok = httpx.post(server.base_url + "/v1/responses", json={"input": "hi", "max_output_tokens": 2}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["status"] == "incomplete"  # still serving

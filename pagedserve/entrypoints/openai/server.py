@@ -63,6 +63,7 @@ from pagedserve.entrypoints.openai.protocol import (
 from pagedserve.entrypoints.openai.serving_base import APIError, TokenStrings, error_body, error_response
 from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from pagedserve.entrypoints.openai.serving_responses import OpenAIServingResponses, ResponsesRequest
 from pagedserve.entrypoints.openai.serving_tokenize import OpenAIServingTokenization
 from pagedserve.gc_control import freeze_startup_objects
 
@@ -187,6 +188,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
     chat = OpenAIServingChat(engine, served_names, token_strings, settings.enable_auto_tool_choice,
                              settings.reasoning_parser)
     completion = OpenAIServingCompletion(engine, served_names, token_strings)
+    responses = OpenAIServingResponses(chat)
     tokenization = OpenAIServingTokenization(engine, served_names)
     metrics = ServerMetrics(engine, served_names[0])
 
@@ -231,6 +233,15 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
     )
     async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
         return await completion.create(request, raw_request)
+
+    @app.post(
+        "/v1/responses",
+        response_model=None,
+        responses={200: {"description": "a response object; with stream=true, text/event-stream of the Responses "
+                                        "API's typed events"}, **_ERROR_RESPONSES},
+    )
+    async def create_response(request: ResponsesRequest, raw_request: Request) -> Response:
+        return await responses.create(request, raw_request)
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERROR_RESPONSES)
     async def tokenize(request: TokenizeCompletionRequest | TokenizeChatRequest) -> dict:

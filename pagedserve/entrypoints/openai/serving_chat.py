@@ -65,6 +65,15 @@ class OpenAIServingChat:
         self.reasoning_parser = reasoning_parser
 
     async def create(self, req: ChatCompletionRequest, raw_request: Request) -> Response:
+        stream, ctx = await self.start(req)
+        if req.stream:
+            return SSEResponse(self._stream(stream, ctx))
+        return await run_until_disconnect(raw_request, self._full(stream, ctx))
+
+    async def start(self, req: ChatCompletionRequest, id_prefix: str = "chatcmpl-"
+                    ) -> tuple[RequestStream, _ChatContext]:
+        """Checks the request, renders its messages and adds it to the engine: its output stream and context (the
+        Responses API's route formats the same stream its own way). A bad request raises APIError."""
         arrival = time.monotonic()
         model_name = check_model(self.engine, self.served_model_names, req.model)
         self._refuse_unsupported(req)
@@ -104,7 +113,7 @@ class OpenAIServingChat:
             "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
         )
 
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        request_id = f"{id_prefix}{uuid.uuid4().hex}"
         try:
             stream = await self.engine.add_request(request_id, prompt_ids, params, arrival, prompt_text)
         except Exception as e:
@@ -114,9 +123,7 @@ class OpenAIServingChat:
         # A constrained answer (response_format, structured_outputs, a forced tool call) is held to its grammar
         # from the first token: it is all answer, never reasoning.
         ctx.reasoning = self.reasoning_parser if params.structured_outputs is None else None
-        if req.stream:
-            return SSEResponse(self._stream(stream, ctx))
-        return await run_until_disconnect(raw_request, self._full(stream, ctx))
+        return stream, ctx
 
     # ------------------------------------------------------------------ input checks
     def _tool_mode(self, req: ChatCompletionRequest) -> tuple[list[dict] | None, ToolMode]:

@@ -1,0 +1,353 @@
+"""POST /v1/responses: OpenAI's Responses API over the chat route's pipeline (text in, text out).
+
+A request becomes a chat request (`instructions` as the system message, `input` as a string or a list of message
+items, `max_output_tokens`, `text.format` as response_format, vLLM's sampling extras as they are) and runs through
+OpenAIServingChat.start; the answer comes back as a `response` object, or, with stream=true, as the API's typed
+server-sent events (response.created ... response.output_text.delta ... response.completed). With a reasoning
+parser the model's thinking is a `reasoning` output item before the message.
+
+Not supported, each a 400 naming its field: tools and tool items, previous_response_id (responses are not stored),
+non-text input parts, n > 1-like fields the API does not have.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pydantic import Field
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from pagedserve.async_engine import RequestStream
+from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest, Int, OpenAIBaseModel
+from pagedserve.entrypoints.openai.reasoning import ReasoningStream
+from pagedserve.entrypoints.openai.reasoning import split as split_reasoning
+from pagedserve.entrypoints.openai.serving_base import (
+    APIError,
+    SSEResponse,
+    bad_request,
+    engine_error,
+    run_until_disconnect,
+)
+from pagedserve.outputs import RequestOutput
+
+_ROLES = ("user", "system", "developer", "assistant")
+_TEXT_PARTS = ("input_text", "output_text", "text")
+# SamplingFields a Responses request may carry as vLLM-style extras (OpenAI's own are mapped one by one below).
+_EXTRAS = ("top_k", "min_p", "repetition_penalty", "min_tokens", "seed", "stop", "stop_token_ids", "ignore_eos",
+           "presence_penalty", "frequency_penalty", "logit_bias", "allowed_token_ids", "skip_special_tokens",
+           "include_stop_str_in_output", "structured_outputs")
+
+
+class ResponsesRequest(OpenAIBaseModel):
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: Int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=100)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    stream: bool | None = False
+    store: bool | None = None  # accepted; nothing is stored
+    previous_response_id: str | None = None  # refused: nothing is stored
+    tools: list[dict[str, Any]] | None = None  # refused when non-empty
+    tool_choice: str | dict[str, Any] | None = None  # "none" / "auto" without tools only
+    parallel_tool_calls: bool | None = None
+    text: dict[str, Any] | None = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}}
+    reasoning: dict[str, Any] | None = None  # accepted (effort / summary are not used)
+    metadata: dict[str, str] | None = None
+    truncation: str | None = None  # "disabled" (the default) only
+    top_logprobs: Int | None = None  # refused when > 0
+    user: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM extra
+    # vLLM's sampling extras, as on the chat route
+    top_k: Int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: Int | None = None
+    seed: Int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[Int] | None = None
+    ignore_eos: bool | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[Int] | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    structured_outputs: dict[str, Any] | None = None
+
+
+def chat_request_of(req: ResponsesRequest) -> ChatCompletionRequest:
+    """The chat request that computes this response; a 400 (APIError) for what the Responses route does not take."""
+    if req.previous_response_id is not None:
+        raise bad_request("previous_response_id is not supported: responses are not stored; send the whole "
+                          "conversation as input", "previous_response_id")
+    if req.tools:
+        raise bad_request("tools are not supported on /v1/responses yet; use /v1/chat/completions", "tools")
+    if req.tool_choice not in (None, "none", "auto"):
+        raise bad_request("tool_choice needs tools, which /v1/responses does not take yet", "tool_choice")
+    if req.truncation not in (None, "disabled"):
+        raise bad_request('truncation must be "disabled": a prompt over the context is an error', "truncation")
+    if req.top_logprobs:
+        raise bad_request("top_logprobs is not supported on /v1/responses yet", "top_logprobs")
+    messages: list[dict[str, Any]] = []
+    if req.instructions:
+        messages.append({"role": "system", "content": req.instructions})
+    if isinstance(req.input, str):
+        messages.append({"role": "user", "content": req.input})
+    else:
+        if not req.input:
+            raise bad_request("input must be a string or a non-empty list of messages", "input")
+        for i, item in enumerate(req.input):
+            messages.append(_message_of_item(item, f"input.{i}"))
+    fields: dict[str, Any] = {
+        "model": req.model,
+        "messages": messages,
+        "max_completion_tokens": req.max_output_tokens,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "stream": bool(req.stream),
+        "chat_template_kwargs": req.chat_template_kwargs,
+    }
+    for name in _EXTRAS:
+        value = getattr(req, name)
+        if value is not None:
+            fields[name] = value
+    response_format = _response_format_of(req.text)
+    if response_format is not None:
+        fields["response_format"] = response_format
+    try:
+        return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
+    except ValueError as e:  # pydantic's ValidationError: a message shape the chat route refuses
+        raise bad_request(f"input: {e}", "input") from e
+
+
+def _message_of_item(item: dict[str, Any], where: str) -> dict[str, Any]:
+    kind = item.get("type", "message")
+    if kind != "message":
+        raise bad_request(f"{where}: input items of type {kind!r} are not supported (messages only)", "input")
+    role = item.get("role")
+    if role not in _ROLES:
+        raise bad_request(f"{where}.role must be one of {', '.join(_ROLES)}; got {role!r}", "input")
+    content = item.get("content")
+    if isinstance(content, str):
+        return {"role": role, "content": content}
+    if not isinstance(content, list):
+        raise bad_request(f"{where}.content must be a string or a list of text parts", "input")
+    texts = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") not in _TEXT_PARTS or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise bad_request(f"{where}.content.{j}: only text parts are supported, got {kind!r}", "input")
+        texts.append(part["text"])
+    return {"role": role, "content": "".join(texts)}
+
+
+def _response_format_of(text: dict[str, Any] | None) -> dict[str, Any] | None:
+    fmt = (text or {}).get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+        raise bad_request('text.format.type must be "text", "json_object" or "json_schema"', "text")
+    if fmt["type"] == "text":
+        return None
+    if fmt["type"] == "json_object":
+        return {"type": "json_object"}
+    if not isinstance(fmt.get("schema"), dict):
+        raise bad_request("text.format with type json_schema needs a schema object", "text")
+    return {"type": "json_schema", "json_schema": {"name": fmt.get("name", "response"), "schema": fmt["schema"],
+                                                   "strict": fmt.get("strict")}}
+
+
+class OpenAIServingResponses:
+    def __init__(self, chat) -> None:
+        self.chat = chat  # OpenAIServingChat: checks, templating and the engine request
+
+    async def create(self, req: ResponsesRequest, raw_request: Request) -> Response:
+        chat_req = chat_request_of(req)
+        stream, ctx = await self.chat.start(chat_req, id_prefix="resp_")
+        shell = _Shell(ctx.request_id, ctx.model_name, req, ctx.reasoning)
+        if req.stream:
+            return SSEResponse(self._stream(stream, ctx, shell))
+        return await run_until_disconnect(raw_request, self._full(stream, ctx, shell))
+
+    async def _full(self, stream: RequestStream, ctx, shell: _Shell) -> Response:
+        final: RequestOutput | None = None
+        try:
+            async for output in stream:
+                final = output
+        except Exception as e:
+            err = engine_error(e)
+            return JSONResponse(err.body(), status_code=err.status_code, headers=err.headers)
+        finally:
+            if not stream.finished:
+                self.chat.engine.abort(stream.request_id)
+        assert final is not None
+        out = final.outputs[0]
+        reasoning, text = (split_reasoning(shell.reasoning, out.text) if shell.reasoning else (None, out.text))
+        items = []
+        if reasoning:
+            items.append(shell.reasoning_item(reasoning))
+        items.append(shell.message_item(text or ""))
+        usage = _usage(ctx.num_prompt_tokens, len(out.token_ids), final.num_cached_tokens)
+        return JSONResponse(shell.response(_status(out.finish_reason), items, usage, out.finish_reason))
+
+    async def _stream(self, stream: RequestStream, ctx, shell: _Shell) -> AsyncIterator[str]:
+        events = _Events()
+        yield events.emit("response.created", response=shell.response("in_progress", [], None))
+        yield events.emit("response.in_progress", response=shell.response("in_progress", [], None))
+        thinking = ReasoningStream(shell.reasoning) if shell.reasoning else None
+        items: list[dict] = []  # the finished output items
+        open_kind: str | None = None  # the item being streamed: "reasoning" or "message"
+        texts = {"reasoning": "", "message": ""}
+        sent = 0
+        final: RequestOutput | None = None
+
+        def open_item(kind: str) -> list[str]:
+            nonlocal open_kind
+            chunks = close_item() if open_kind not in (None, kind) else []
+            if open_kind == kind:
+                return chunks
+            open_kind = kind
+            index = len(items)
+            if kind == "reasoning":
+                item = {**shell.reasoning_item(""), "status": "in_progress", "content": []}
+                part = {"type": "reasoning_text", "text": ""}
+            else:
+                item = {**shell.message_item(""), "status": "in_progress", "content": []}
+                part = {"type": "output_text", "text": "", "annotations": []}
+            chunks.append(events.emit("response.output_item.added", output_index=index, item=item))
+            chunks.append(events.emit("response.content_part.added", item_id=item["id"], output_index=index,
+                                      content_index=0, part=part))
+            return chunks
+
+        def delta(kind: str, text: str) -> list[str]:
+            chunks = open_item(kind)
+            texts[kind] += text
+            item_id = shell.reasoning_id if kind == "reasoning" else shell.message_id
+            name = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
+            extra = {} if kind == "reasoning" else {"logprobs": []}
+            chunks.append(events.emit(name, item_id=item_id, output_index=len(items), content_index=0, delta=text,
+                                      **extra))
+            return chunks
+
+        def close_item() -> list[str]:
+            nonlocal open_kind
+            if open_kind is None:
+                return []
+            kind, index, text = open_kind, len(items), texts[open_kind]
+            if kind == "reasoning":
+                item, part = shell.reasoning_item(text), {"type": "reasoning_text", "text": text}
+                done = events.emit("response.reasoning_text.done", item_id=item["id"], output_index=index,
+                                   content_index=0, text=text)
+            else:
+                item = shell.message_item(text)
+                part = item["content"][0]
+                done = events.emit("response.output_text.done", item_id=item["id"], output_index=index,
+                                   content_index=0, text=text, logprobs=[])
+            chunks = [done,
+                      events.emit("response.content_part.done", item_id=item["id"], output_index=index,
+                                  content_index=0, part=part),
+                      events.emit("response.output_item.done", output_index=index, item=item)]
+            items.append(item)
+            open_kind = None
+            return chunks
+
+        try:
+            async for output in stream:
+                final = output
+                out = output.outputs[0]
+                new = out.text[sent:]
+                sent = len(out.text)
+                pieces = thinking.feed(new) if thinking is not None else [("content", new)]
+                if out.finish_reason is not None and thinking is not None:
+                    pieces += thinking.finish()
+                for kind, text in pieces:
+                    if text:
+                        for chunk in delta("reasoning" if kind == "reasoning" else "message", text):
+                            yield chunk
+            if not any(item["type"] == "message" for item in items) and open_kind != "message":
+                for chunk in open_item("message"):  # an answer with no text still has its message item
+                    yield chunk
+            for chunk in close_item():
+                yield chunk
+            assert final is not None
+            out = final.outputs[0]
+            usage = _usage(ctx.num_prompt_tokens, len(out.token_ids), final.num_cached_tokens)
+            status = _status(out.finish_reason)
+            name = "response.completed" if status == "completed" else "response.incomplete"
+            yield events.emit(name, response=shell.response(status, items, usage, out.finish_reason))
+        except Exception as e:  # engine died or shut down mid-stream: the API's error event
+            err = e if isinstance(e, APIError) else engine_error(e)
+            yield events.emit("error", code=err.code, message=err.message, param=err.param)
+        finally:
+            if not stream.finished:
+                self.chat.engine.abort(stream.request_id)
+
+
+def _status(finish_reason: str | None) -> str:
+    return "incomplete" if finish_reason in ("length", "abort") else "completed"
+
+
+def _usage(num_prompt: int, num_output: int, num_cached: int) -> dict[str, Any]:
+    return {"input_tokens": num_prompt, "input_tokens_details": {"cached_tokens": num_cached},
+            "output_tokens": num_output, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": num_prompt + num_output}
+
+
+class _Shell:
+    """The parts of one response object that do not change while it is generated."""
+
+    def __init__(self, request_id: str, model_name: str, req: ResponsesRequest, reasoning: str | None) -> None:
+        self.id = request_id
+        self.model_name = model_name
+        self.req = req
+        self.reasoning = reasoning  # the reasoning parser, if any
+        self.created_at = int(time.time())
+        self.message_id = f"msg_{uuid.uuid4().hex}"
+        self.reasoning_id = f"rs_{uuid.uuid4().hex}"
+
+    def message_item(self, text: str) -> dict[str, Any]:
+        return {"type": "message", "id": self.message_id, "status": "completed", "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+
+    def reasoning_item(self, text: str) -> dict[str, Any]:
+        return {"type": "reasoning", "id": self.reasoning_id, "status": "completed", "summary": [],
+                "content": [{"type": "reasoning_text", "text": text}]}
+
+    def response(self, status: str, output: list[dict], usage: dict | None,
+                 finish_reason: str | None = None) -> dict[str, Any]:
+        req = self.req
+        incomplete = None
+        if status == "incomplete":
+            incomplete = {"reason": "max_output_tokens" if finish_reason == "length" else "interrupted"}
+        return {
+            "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
+            "model": self.model_name, "output": output, "usage": usage, "error": None,
+            "incomplete_details": incomplete, "instructions": req.instructions,
+            "max_output_tokens": req.max_output_tokens, "temperature": req.temperature, "top_p": req.top_p,
+            "metadata": req.metadata or {}, "parallel_tool_calls": req.parallel_tool_calls is not False,
+            "tool_choice": req.tool_choice or "auto", "tools": [], "previous_response_id": None,
+            "text": req.text or {"format": {"type": "text"}}, "reasoning": req.reasoning,
+            "store": False, "truncation": "disabled", "user": req.user,
+        }
+
+
+class _Events:
+    """Server-sent events of the Responses API: `event:` names the type, the data carries it and a sequence number."""
+
+    def __init__(self) -> None:
+        self.sequence = 0
+
+    def emit(self, type: str, **fields: Any) -> str:
+        data = json.dumps({"type": type, "sequence_number": self.sequence, **fields}, ensure_ascii=False,
+                          separators=(",", ":"))
+        self.sequence += 1
+        return f"event: {type}\ndata: {data}\n\n"
+
+
+__all__ = ["OpenAIServingResponses", "ResponsesRequest", "chat_request_of"]
