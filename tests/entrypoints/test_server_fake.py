@@ -537,3 +537,38 @@ def test_reasoning_parser_splits_whole_and_streamed_answers(start_fake_server) -
     done = [e.item.type for e in events if e.type == "response.output_item.done"]
     assert done == ["reasoning", "message"] and events[-1].response.output_text == "Four. "
     assert plain_client.responses.create(input="2 + 2?", max_output_tokens=len(thought)).output_text == thought
+
+
+def test_responses_function_calls_and_their_outputs(start_fake_server) -> None:
+    """/v1/responses with function tools (--enable-auto-tool-choice, the hermes format): a call is a function_call
+    output item, whole and streamed (each item whole at the end); function_call and function_call_output input
+    items continue the conversation as the chat route's assistant tool_calls and tool messages."""
+    answer = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    server = start_fake_server(FakeEngine(text=answer), enable_auto_tool_choice=True)
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+    tools = [{"type": "function", "name": "get_weather", "description": "current weather",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+    kwargs = dict(input="Weather in Paris?", tools=tools, max_output_tokens=len(answer))
+    r = client.responses.create(**kwargs)
+    assert [item.type for item in r.output] == ["function_call"]
+    call = r.output[0]
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
+    assert call.call_id.startswith("call_") and call.id.startswith("fc_") and r.tools[0].name == "get_weather"
+    events = list(client.responses.create(stream=True, **kwargs))
+    assert r.status == "incomplete"  # the fake engine stops at max_output_tokens only
+    assert [e.type for e in events][2:] == ["response.output_item.added", "response.function_call_arguments.delta",
+                                            "response.function_call_arguments.done", "response.output_item.done",
+                                            "response.incomplete"]
+    assert json.loads(events[-1].response.output[0].arguments) == {"city": "Paris"}
+    follow = client.responses.create(
+        tools=tools, max_output_tokens=3,
+        input=[{"role": "user", "content": "Weather in Paris?"},
+               {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+               {"type": "function_call_output", "call_id": call.call_id, "output": '{"sky": "clear"}'}])
+    assert follow.usage.input_tokens > r.usage.input_tokens  # the call and its output are in the prompt
+    for bad in ({"type": "web_search"}, {"type": "function", "name": "bad name"}):
+        err = assert_error(httpx.post(server.base_url + "/v1/responses", json={"input": "x", "tools": [bad]}), 400,
+                           "tools")
+        assert err["message"]
+    assert_error(httpx.post(server.base_url + "/v1/responses",
+                            json={"input": [{"type": "function_call", "name": "f"}]}), 400, "input")

@@ -500,10 +500,25 @@ def test_responses_json_schema_format(client, model) -> None:
     assert set(json.loads(r.output_text)) == {"city"}
 
 
+def test_responses_named_function_call(client, model) -> None:
+    """A named tool_choice forces the call through structured outputs: a function_call item whose arguments
+    parse as the tool's parameters."""
+    tools = [{"type": "function", "name": "get_weather", "description": "the weather in a city",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                             "additionalProperties": False}}]
+    r = client.responses.create(model=model, input="What is the weather in Oslo?", tools=tools, temperature=0,
+                                tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=40)
+    calls = [item for item in r.output if item.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "get_weather", r.output
+    assert set(json.loads(calls[0].arguments)) == {"city"}
+
+
 @pytest.mark.parametrize("body,param", [
     ({"input": "hi", "previous_response_id": "resp_x"}, "previous_response_id"),
-    ({"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
-    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, "input"),
+    ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools"),
+    ({"input": "hi", "tool_choice": {"type": "function"}}, "tool_choice"),
+    ({"input": [{"type": "function_call_output", "call_id": "c"}]}, "input"),
+    ({"input": [{"type": "file_search_call", "id": "x"}]}, "input"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input"),
     ({"input": []}, "input"),
     ({"input": "hi", "text": {"format": {"type": "xml"}}}, "text"),

@@ -151,7 +151,7 @@ def test_parallel_tool_calls_false_allows_one_call() -> None:
 
 
 def test_auto_answers_with_parallel_tool_calls_false_keep_the_first_call() -> None:
-    from pagedserve.entrypoints.openai.serving_chat import _message_of, _ToolStream
+    from pagedserve.entrypoints.openai.serving_chat import _ToolStream, message_of
     from pagedserve.outputs import CompletionOutput
 
     text = ('<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
@@ -160,7 +160,7 @@ def test_auto_answers_with_parallel_tool_calls_false_keep_the_first_call() -> No
     tools = check_tools([WEATHER, TIME])
     for parallel, expected in ((True, ["get_time", "get_weather"]), (False, ["get_time"])):
         mode = resolve_mode(tools, "auto", True, parallel_tool_calls=parallel)
-        message, finish = _message_of(out, mode)
+        message, finish = message_of(out, mode)
         assert finish == "tool_calls" and [c["function"]["name"] for c in message["tool_calls"]] == expected
         stream = _ToolStream(mode)
         deltas = stream.feed(text[:30]) + stream.feed(text[30:]) + stream.finish()

@@ -205,7 +205,7 @@ class OpenAIServingChat:
             logprobs = None
             if ctx.params.logprobs is not None and out.logprobs is not None:
                 logprobs = {"content": self._logprobs(out.logprobs, ctx.params.logprobs)}
-            message, finish_reason = _message_of(out, ctx.mode, ctx.reasoning)
+            message, finish_reason = message_of(out, ctx.mode, ctx.reasoning)
             choices.append(
                 {
                     "index": out.index,
@@ -372,7 +372,7 @@ class _ChatContext:
         self.reasoning: str | None = None  # the reasoning parser that splits this request's answers
 
 
-def _message_of(out: CompletionOutput, mode: ToolMode, reasoning_parser: str | None = None
+def message_of(out: CompletionOutput, mode: ToolMode, reasoning_parser: str | None = None
                 ) -> tuple[dict, str | None]:
     """The whole answer's assistant message and finish reason: its reasoning split off (with a parser), tool
     calls parsed out of the rest by the request's mode."""

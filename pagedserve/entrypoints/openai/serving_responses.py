@@ -6,8 +6,13 @@ OpenAIServingChat.start; the answer comes back as a `response` object, or, with 
 server-sent events (response.created ... response.output_text.delta ... response.completed). With a reasoning
 parser the model's thinking is a `reasoning` output item before the message.
 
-Not supported, each a 400 naming its field: tools and tool items, previous_response_id (responses are not stored),
-non-text input parts, n > 1-like fields the API does not have.
+Function tools work as on the chat route (tool_choice "auto" with --enable-auto-tool-choice and the hermes parser,
+"required", or a named function, the last two through structured outputs): a call is a `function_call` output
+item, and `function_call` / `function_call_output` input items continue the conversation. With tools, a stream
+sends each output item whole once the answer is complete (the call's arguments in one delta).
+
+Not supported, each a 400 naming its field: previous_response_id (responses are not stored), non-text input
+parts, top_logprobs, built-in tools (web search, files, ...).
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ from starlette.responses import JSONResponse, Response
 from pagedserve.async_engine import RequestStream
 from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest, Int, OpenAIBaseModel
 from pagedserve.entrypoints.openai.reasoning import ReasoningStream
-from pagedserve.entrypoints.openai.reasoning import split as split_reasoning
 from pagedserve.entrypoints.openai.serving_base import (
     APIError,
     SSEResponse,
@@ -33,6 +37,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     engine_error,
     run_until_disconnect,
 )
+from pagedserve.entrypoints.openai.serving_chat import message_of as chat_message_of
 from pagedserve.outputs import RequestOutput
 
 _ROLES = ("user", "system", "developer", "assistant")
@@ -86,10 +91,6 @@ def chat_request_of(req: ResponsesRequest) -> ChatCompletionRequest:
     if req.previous_response_id is not None:
         raise bad_request("previous_response_id is not supported: responses are not stored; send the whole "
                           "conversation as input", "previous_response_id")
-    if req.tools:
-        raise bad_request("tools are not supported on /v1/responses yet; use /v1/chat/completions", "tools")
-    if req.tool_choice not in (None, "none", "auto"):
-        raise bad_request("tool_choice needs tools, which /v1/responses does not take yet", "tool_choice")
     if req.truncation not in (None, "disabled"):
         raise bad_request('truncation must be "disabled": a prompt over the context is an error', "truncation")
     if req.top_logprobs:
@@ -103,7 +104,7 @@ def chat_request_of(req: ResponsesRequest) -> ChatCompletionRequest:
         if not req.input:
             raise bad_request("input must be a string or a non-empty list of messages", "input")
         for i, item in enumerate(req.input):
-            messages.append(_message_of_item(item, f"input.{i}"))
+            _add_item(messages, item, f"input.{i}")
     fields: dict[str, Any] = {
         "model": req.model,
         "messages": messages,
@@ -120,16 +121,67 @@ def chat_request_of(req: ResponsesRequest) -> ChatCompletionRequest:
     response_format = _response_format_of(req.text)
     if response_format is not None:
         fields["response_format"] = response_format
+    if req.tools:
+        fields["tools"] = [_chat_tool(tool, i) for i, tool in enumerate(req.tools)]
+    if req.tool_choice is not None:
+        fields["tool_choice"] = _chat_tool_choice(req.tool_choice)
+    if req.parallel_tool_calls is not None:
+        fields["parallel_tool_calls"] = req.parallel_tool_calls
     try:
         return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
     except ValueError as e:  # pydantic's ValidationError: a message shape the chat route refuses
         raise bad_request(f"input: {e}", "input") from e
 
 
+def _chat_tool(tool: Any, i: int) -> dict[str, Any]:
+    """A Responses function tool ({"type": "function", "name", "parameters", ...}) in the chat route's shape."""
+    if not isinstance(tool, dict) or tool.get("type") != "function":
+        kind = tool.get("type") if isinstance(tool, dict) else type(tool).__name__
+        raise bad_request(f"tools[{i}]: only function tools are supported, got {kind!r}", "tools")
+    fn = {k: tool[k] for k in ("name", "description", "parameters", "strict") if tool.get(k) is not None}
+    return {"type": "function", "function": fn}
+
+
+def _chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
+    if isinstance(choice, dict):
+        if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
+            raise bad_request('tool_choice must be "none", "auto", "required" or {"type": "function", "name": ...}',
+                              "tool_choice")
+        return {"type": "function", "function": {"name": choice["name"]}}
+    return choice
+
+
+def _add_item(messages: list[dict[str, Any]], item: Any, where: str) -> None:
+    """One input item as chat messages: a message, a function call (joined to the assistant turn before it when
+    that turn is calls too), or a function call's output (a tool message)."""
+    if not isinstance(item, dict):
+        raise bad_request(f"{where} must be an object", "input")
+    kind = item.get("type", "message")
+    if kind == "function_call":
+        if not all(isinstance(item.get(k), str) for k in ("call_id", "name", "arguments")):
+            raise bad_request(f"{where}: a function_call item needs call_id, name and arguments strings", "input")
+        call = {"id": item["call_id"], "type": "function",
+                "function": {"name": item["name"], "arguments": item["arguments"]}}
+        last = messages[-1] if messages else None
+        if last is not None and last["role"] == "assistant" and last.get("tool_calls") and not last["content"]:
+            last["tool_calls"].append(call)
+        else:
+            messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        return
+    if kind == "function_call_output":
+        output = item.get("output")
+        if not isinstance(item.get("call_id"), str) or not isinstance(output, str):
+            raise bad_request(f"{where}: a function_call_output item needs call_id and output strings", "input")
+        messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": output})
+        return
+    messages.append(_message_of_item(item, where))
+
+
 def _message_of_item(item: dict[str, Any], where: str) -> dict[str, Any]:
     kind = item.get("type", "message")
     if kind != "message":
-        raise bad_request(f"{where}: input items of type {kind!r} are not supported (messages only)", "input")
+        raise bad_request(f"{where}: input items of type {kind!r} are not supported (messages, function_call, "
+                          "function_call_output)", "input")
     role = item.get("role")
     if role not in _ROLES:
         raise bad_request(f"{where}.role must be one of {', '.join(_ROLES)}; got {role!r}", "input")
@@ -188,18 +240,18 @@ class OpenAIServingResponses:
                 self.chat.engine.abort(stream.request_id)
         assert final is not None
         out = final.outputs[0]
-        reasoning, text = (split_reasoning(shell.reasoning, out.text) if shell.reasoning else (None, out.text))
-        items = []
-        if reasoning:
-            items.append(shell.reasoning_item(reasoning))
-        items.append(shell.message_item(text or ""))
         usage = _usage(ctx.num_prompt_tokens, len(out.token_ids), final.num_cached_tokens)
-        return JSONResponse(shell.response(_status(out.finish_reason), items, usage, out.finish_reason))
+        return JSONResponse(shell.response(_status(out.finish_reason), shell.items_of(out, ctx.mode), usage,
+                                           out.finish_reason))
 
     async def _stream(self, stream: RequestStream, ctx, shell: _Shell) -> AsyncIterator[str]:
         events = _Events()
         yield events.emit("response.created", response=shell.response("in_progress", [], None))
         yield events.emit("response.in_progress", response=shell.response("in_progress", [], None))
+        if ctx.mode.kind != "none":  # tools: each item whole once the answer is complete
+            async for chunk in self._stream_whole(stream, ctx, shell, events):
+                yield chunk
+            return
         thinking = ReasoningStream(shell.reasoning) if shell.reasoning else None
         items: list[dict] = []  # the finished output items
         open_kind: str | None = None  # the item being streamed: "reasoning" or "message"
@@ -289,6 +341,58 @@ class OpenAIServingResponses:
                 self.chat.engine.abort(stream.request_id)
 
 
+    async def _stream_whole(self, stream: RequestStream, ctx, shell: _Shell, events: _Events) -> AsyncIterator[str]:
+        final: RequestOutput | None = None
+        try:
+            async for output in stream:
+                final = output
+            assert final is not None
+            out = final.outputs[0]
+            items = shell.items_of(out, ctx.mode)
+            for index, item in enumerate(items):
+                for chunk in _whole_item_events(events, index, item):
+                    yield chunk
+            usage = _usage(ctx.num_prompt_tokens, len(out.token_ids), final.num_cached_tokens)
+            status = _status(out.finish_reason)
+            name = "response.completed" if status == "completed" else "response.incomplete"
+            yield events.emit(name, response=shell.response(status, items, usage, out.finish_reason))
+        except Exception as e:
+            err = e if isinstance(e, APIError) else engine_error(e)
+            yield events.emit("error", code=err.code, message=err.message, param=err.param)
+        finally:
+            if not stream.finished:
+                self.chat.engine.abort(stream.request_id)
+
+
+def _whole_item_events(events: _Events, index: int, item: dict[str, Any]) -> list[str]:
+    """A finished output item as the events that stream it: added, its text or arguments in one delta, done."""
+    opened = {**item, "status": "in_progress"}
+    if item["type"] == "function_call":
+        opened["arguments"] = ""
+        return [events.emit("response.output_item.added", output_index=index, item=opened),
+                events.emit("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                            delta=item["arguments"]),
+                events.emit("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                            arguments=item["arguments"]),
+                events.emit("response.output_item.done", output_index=index, item=item)]
+    part = item["content"][0]
+    text = part["text"]
+    reasoning = item["type"] == "reasoning"
+    opened["content"] = []
+    empty = {**part, "text": ""}
+    delta_name = "response.reasoning_text.delta" if reasoning else "response.output_text.delta"
+    done_name = "response.reasoning_text.done" if reasoning else "response.output_text.done"
+    extra = {} if reasoning else {"logprobs": []}
+    return [events.emit("response.output_item.added", output_index=index, item=opened),
+            events.emit("response.content_part.added", item_id=item["id"], output_index=index, content_index=0,
+                        part=empty),
+            events.emit(delta_name, item_id=item["id"], output_index=index, content_index=0, delta=text, **extra),
+            events.emit(done_name, item_id=item["id"], output_index=index, content_index=0, text=text, **extra),
+            events.emit("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
+                        part=part),
+            events.emit("response.output_item.done", output_index=index, item=item)]
+
+
 def _status(finish_reason: str | None) -> str:
     return "incomplete" if finish_reason in ("length", "abort") else "completed"
 
@@ -311,6 +415,22 @@ class _Shell:
         self.message_id = f"msg_{uuid.uuid4().hex}"
         self.reasoning_id = f"rs_{uuid.uuid4().hex}"
 
+    def items_of(self, out, mode) -> list[dict[str, Any]]:
+        """A finished answer's output items: its reasoning (with a parser), its text, its function calls (parsed
+        by the request's tool mode, as on the chat route)."""
+        message, _ = chat_message_of(out, mode, self.reasoning)
+        items = []
+        if message.get("reasoning_content"):
+            items.append(self.reasoning_item(message["reasoning_content"]))
+        calls = message.get("tool_calls") or []
+        if message.get("content") or not calls:
+            items.append(self.message_item(message.get("content") or ""))
+        for call in calls:
+            items.append({"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call["id"],
+                          "name": call["function"]["name"], "arguments": call["function"]["arguments"],
+                          "status": "completed"})
+        return items
+
     def message_item(self, text: str) -> dict[str, Any]:
         return {"type": "message", "id": self.message_id, "status": "completed", "role": "assistant",
                 "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
@@ -331,7 +451,7 @@ class _Shell:
             "incomplete_details": incomplete, "instructions": req.instructions,
             "max_output_tokens": req.max_output_tokens, "temperature": req.temperature, "top_p": req.top_p,
             "metadata": req.metadata or {}, "parallel_tool_calls": req.parallel_tool_calls is not False,
-            "tool_choice": req.tool_choice or "auto", "tools": [], "previous_response_id": None,
+            "tool_choice": req.tool_choice or "auto", "tools": req.tools or [], "previous_response_id": None,
             "text": req.text or {"format": {"type": "text"}}, "reasoning": req.reasoning,
             "store": False, "truncation": "disabled", "user": req.user,
         }
