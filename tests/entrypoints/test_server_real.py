@@ -397,51 +397,6 @@ def test_tokenize_and_detokenize_agree_with_the_tokenizer_and_the_chat_route(ser
     assert httpx.get(url + "/health").status_code == 200
 
 
-# --------------------------------------------------------------------------- acceptance 6 (runs last)
-def test_zz_sigterm_lets_in_flight_requests_finish(server, model) -> None:
-    """Stops the module's server: keep it the last test of this file."""
-    results: list = []
-
-    async def one(client: httpx.AsyncClient, started: asyncio.Event, i: int):
-        body = {
-            "model": model,
-            "prompt": f"List {i} fruits:",
-            "max_tokens": 24,
-            "temperature": 0,
-            "ignore_eos": True,
-            "stream": True,
-        }
-        async with client.stream("POST", "/v1/completions", json=body) as r:
-            n, finish, done = 0, None, False
-            async for line in r.aiter_lines():
-                if line == "data: [DONE]":
-                    done = True
-                elif line.startswith("data: "):
-                    c = json.loads(line[6:])["choices"][0]
-                    n += 1
-                    finish = c["finish_reason"] or finish
-                    if n == 2:
-                        started.set()
-            results.append((finish, done))
-
-    async def main():
-        async with httpx.AsyncClient(base_url=server.base_url, timeout=300) as client:
-            events = [asyncio.Event() for _ in range(3)]
-            tasks = [asyncio.create_task(one(client, events[i], i + 3)) for i in range(3)]
-            await asyncio.gather(*(e.wait() for e in events))
-            server.proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(1.0)
-            with pytest.raises(httpx.ConnectError):  # the listener is closed: no new requests
-                await client.get("/health")
-            await asyncio.gather(*tasks)
-
-    asyncio.run(main())
-    assert results == [("length", True)] * 3
-    assert server.proc.wait(timeout=60) == 0
-    log = server.output()
-    assert "received SIGTERM" in log and "Traceback" not in log
-
-
 # --------------------------------------------------------------------------- the Responses API
 def test_responses_equal_chat_for_the_same_conversation(client, model) -> None:
     """/v1/responses through the official client: `instructions` + `input` parts are the chat route's system +
@@ -532,3 +487,49 @@ def test_responses_bad_requests_get_400(server, body, param) -> None:
     assert r.json()["error"]["param"] == param, r.json()
     ok = httpx.post(server.base_url + "/v1/responses", json={"input": "hi", "max_output_tokens": 2}, timeout=60)
     assert ok.status_code == 200 and ok.json()["status"] == "incomplete"  # still serving
+
+
+# --------------------------------------------------------------------------- acceptance 6 (runs last)
+def test_zz_sigterm_lets_in_flight_requests_finish(server, model) -> None:
+    """Stops the module's server: keep it the last test of this file."""
+    results: list = []
+
+    async def one(client: httpx.AsyncClient, started: asyncio.Event, i: int):
+        body = {
+            "model": model,
+            "prompt": f"List {i} fruits:",
+            "max_tokens": 24,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            n, finish, done = 0, None, False
+            async for line in r.aiter_lines():
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: "):
+                    c = json.loads(line[6:])["choices"][0]
+                    n += 1
+                    finish = c["finish_reason"] or finish
+                    if n == 2:
+                        started.set()
+            results.append((finish, done))
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=300) as client:
+            events = [asyncio.Event() for _ in range(3)]
+            tasks = [asyncio.create_task(one(client, events[i], i + 3)) for i in range(3)]
+            await asyncio.gather(*(e.wait() for e in events))
+            server.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(1.0)
+            with pytest.raises(httpx.ConnectError):  # the listener is closed: no new requests
+                await client.get("/health")
+            await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+    assert results == [("length", True)] * 3
+    assert server.proc.wait(timeout=60) == 0
+    log = server.output()
+    assert "received SIGTERM" in log and "Traceback" not in log
+
