@@ -572,3 +572,30 @@ def test_responses_function_calls_and_their_outputs(start_fake_server) -> None:
         assert err["message"]
     assert_error(httpx.post(server.base_url + "/v1/responses",
                             json={"input": [{"type": "function_call", "name": "f"}]}), 400, "input")
+
+
+def test_responses_are_stored_and_continued(start_fake_server) -> None:
+    """store (the default): previous_response_id continues a stored conversation, so its prompt is the chat route's
+    prompt of the whole conversation (the stored answer as the assistant turn; this request's instructions only);
+    GET returns the stored object, DELETE removes it; store=false keeps nothing; unknown ids are 404s."""
+    server = start_fake_server(FakeEngine(text="Hello there. "))
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+    first = client.responses.create(input="hi", instructions="be brief", max_output_tokens=6)
+    second = client.responses.create(input="and more?", previous_response_id=first.id, max_output_tokens=4,
+                                     instructions="be kind")
+    assert second.previous_response_id == first.id and first.store
+    chat = client.chat.completions.create(model=CHAT["model"], max_tokens=4, messages=[
+        {"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": first.output_text}, {"role": "user", "content": "and more?"}])
+    assert second.usage.input_tokens == chat.usage.prompt_tokens
+    third = client.responses.create(input="last", previous_response_id=second.id, max_output_tokens=2)
+    assert third.usage.input_tokens > second.usage.input_tokens  # the chain carries both turns
+    assert client.responses.retrieve(first.id).output_text == first.output_text
+    client.responses.delete(first.id)
+    assert_error(httpx.get(server.base_url + f"/v1/responses/{first.id}"), 404)
+    err = assert_error(httpx.post(server.base_url + "/v1/responses",
+                                  json={"input": "x", "previous_response_id": first.id}), 404, "previous_response_id")
+    assert "No stored response" in err["message"]
+    unstored = client.responses.create(input="hi", store=False, max_output_tokens=2)
+    assert not unstored.store
+    assert_error(httpx.get(server.base_url + f"/v1/responses/{unstored.id}"), 404)

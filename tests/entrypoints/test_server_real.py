@@ -455,6 +455,20 @@ def test_responses_json_schema_format(client, model) -> None:
     assert set(json.loads(r.output_text)) == {"city"}
 
 
+def test_responses_previous_response_id_continues_the_conversation(client, model) -> None:
+    """A second turn through previous_response_id answers as the chat route does given the whole conversation."""
+    first = client.responses.create(model=model, input="My name is Ada. Say hello.", max_output_tokens=12,
+                                    temperature=0)
+    second = client.responses.create(model=model, input="What is my name?", previous_response_id=first.id,
+                                     max_output_tokens=12, temperature=0)
+    chat = client.chat.completions.create(model=model, max_tokens=12, temperature=0, messages=[
+        {"role": "user", "content": "My name is Ada. Say hello."},
+        {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": "What is my name?"}])
+    assert second.output_text == chat.choices[0].message.content
+    assert second.usage.input_tokens == chat.usage.prompt_tokens
+
+
 def test_responses_named_function_call(client, model) -> None:
     """A named tool_choice forces the call through structured outputs: a function_call item whose arguments
     parse as the tool's parameters."""
@@ -469,7 +483,6 @@ def test_responses_named_function_call(client, model) -> None:
 
 
 @pytest.mark.parametrize("body,param", [
-    ({"input": "hi", "previous_response_id": "resp_x"}, "previous_response_id"),
     ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools"),
     ({"input": "hi", "tool_choice": {"type": "function"}}, "tool_choice"),
     ({"input": [{"type": "function_call_output", "call_id": "c"}]}, "input"),

@@ -243,6 +243,15 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
     async def create_response(request: ResponsesRequest, raw_request: Request) -> Response:
         return await responses.create(request, raw_request)
 
+    @app.get("/v1/responses/{response_id}", responses=_ERROR_RESPONSES)
+    async def retrieve_response(response_id: str) -> Response:
+        return JSONResponse(responses.store.get(response_id)[0])
+
+    @app.delete("/v1/responses/{response_id}", responses=_ERROR_RESPONSES)
+    async def delete_response(response_id: str) -> Response:
+        responses.store.delete(response_id)
+        return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+
     @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERROR_RESPONSES)
     async def tokenize(request: TokenizeCompletionRequest | TokenizeChatRequest) -> dict:
         return await tokenization.tokenize(request)

@@ -11,8 +11,13 @@ Function tools work as on the chat route (tool_choice "auto" with --enable-auto-
 item, and `function_call` / `function_call_output` input items continue the conversation. With tools, a stream
 sends each output item whole once the answer is complete (the call's arguments in one delta).
 
-Not supported, each a 400 naming its field: previous_response_id (responses are not stored), non-text input
-parts, top_logprobs, built-in tools (web search, files, ...).
+Responses are stored (`store`, true by default as in OpenAI's API) in the server process, the newest
+MAX_STORED_RESPONSES kept: `previous_response_id` continues a stored conversation (its input items and output,
+before this request's input; each request's own `instructions` apply), and GET / DELETE /v1/responses/{id} read
+and remove one. An unknown or evicted id is a 404.
+
+Not supported, each a 400 naming its field: non-text input parts, top_logprobs, built-in tools (web search,
+files, ...).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -56,8 +62,8 @@ class ResponsesRequest(OpenAIBaseModel):
     temperature: float | None = Field(default=None, ge=0, le=100)
     top_p: float | None = Field(default=None, gt=0, le=1)
     stream: bool | None = False
-    store: bool | None = None  # accepted; nothing is stored
-    previous_response_id: str | None = None  # refused: nothing is stored
+    store: bool | None = True  # keep this response for previous_response_id and GET
+    previous_response_id: str | None = None  # a stored response this one continues
     tools: list[dict[str, Any]] | None = None  # refused when non-empty
     tool_choice: str | dict[str, Any] | None = None  # "none" / "auto" without tools only
     parallel_tool_calls: bool | None = None
@@ -86,11 +92,39 @@ class ResponsesRequest(OpenAIBaseModel):
     structured_outputs: dict[str, Any] | None = None
 
 
-def chat_request_of(req: ResponsesRequest) -> ChatCompletionRequest:
-    """The chat request that computes this response; a 400 (APIError) for what the Responses route does not take."""
-    if req.previous_response_id is not None:
-        raise bad_request("previous_response_id is not supported: responses are not stored; send the whole "
-                          "conversation as input", "previous_response_id")
+MAX_STORED_RESPONSES = 1024
+
+
+class ResponseStore:
+    """Finished responses by id, the newest MAX_STORED_RESPONSES: each one's response object and its conversation
+    as chat messages (everything before it, its input, its output), without the system instructions."""
+
+    def __init__(self, capacity: int = MAX_STORED_RESPONSES) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = OrderedDict()
+
+    def put(self, body: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
+        self._items[body["id"]] = (body, conversation)
+        self._items.move_to_end(body["id"])
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def get(self, response_id: str, param: str | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        try:
+            return self._items[response_id]
+        except KeyError:
+            raise APIError(404, f"No stored response with id {response_id!r} (not stored, deleted, or evicted: "
+                                f"the server keeps the newest {self.capacity}).", "invalid_request_error",
+                           param, "response_not_found") from None
+
+    def delete(self, response_id: str) -> None:
+        self.get(response_id)
+        del self._items[response_id]
+
+
+def chat_request_of(req: ResponsesRequest, history: list[dict[str, Any]] | None = None) -> ChatCompletionRequest:
+    """The chat request that computes this response (history: a stored conversation it continues); a 400
+    (APIError) for what the Responses route does not take."""
     if req.truncation not in (None, "disabled"):
         raise bad_request('truncation must be "disabled": a prompt over the context is an error', "truncation")
     if req.top_logprobs:
@@ -98,6 +132,7 @@ def chat_request_of(req: ResponsesRequest) -> ChatCompletionRequest:
     messages: list[dict[str, Any]] = []
     if req.instructions:
         messages.append({"role": "system", "content": req.instructions})
+    messages += [dict(m) for m in history or []]
     if isinstance(req.input, str):
         messages.append({"role": "user", "content": req.input})
     else:
@@ -216,13 +251,22 @@ def _response_format_of(text: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 class OpenAIServingResponses:
-    def __init__(self, chat) -> None:
+    def __init__(self, chat, store: ResponseStore | None = None) -> None:
         self.chat = chat  # OpenAIServingChat: checks, templating and the engine request
+        self.store = store or ResponseStore()
 
     async def create(self, req: ResponsesRequest, raw_request: Request) -> Response:
-        chat_req = chat_request_of(req)
+        history = (self.store.get(req.previous_response_id, "previous_response_id")[1]
+                   if req.previous_response_id is not None else [])
+        chat_req = chat_request_of(req, history)
         stream, ctx = await self.chat.start(chat_req, id_prefix="resp_")
         shell = _Shell(ctx.request_id, ctx.model_name, req, ctx.reasoning)
+        if req.store is not False:
+            # the conversation so far, without the system instructions (each request brings its own)
+            shell.conversation = [m for m in chat_req.model_dump(exclude_none=True)["messages"]
+                                  if not (m["role"] == "system" and req.instructions
+                                          and m.get("content") == req.instructions)]
+            shell.store = self.store
         if req.stream:
             return SSEResponse(self._stream(stream, ctx, shell))
         return await run_until_disconnect(raw_request, self._full(stream, ctx, shell))
@@ -241,7 +285,7 @@ class OpenAIServingResponses:
         assert final is not None
         out = final.outputs[0]
         usage = _usage(ctx.num_prompt_tokens, len(out.token_ids), final.num_cached_tokens)
-        return JSONResponse(shell.response(_status(out.finish_reason), shell.items_of(out, ctx.mode), usage,
+        return JSONResponse(shell.finished(_status(out.finish_reason), shell.items_of(out, ctx.mode), usage,
                                            out.finish_reason))
 
     async def _stream(self, stream: RequestStream, ctx, shell: _Shell) -> AsyncIterator[str]:
@@ -332,7 +376,7 @@ class OpenAIServingResponses:
             usage = _usage(ctx.num_prompt_tokens, len(out.token_ids), final.num_cached_tokens)
             status = _status(out.finish_reason)
             name = "response.completed" if status == "completed" else "response.incomplete"
-            yield events.emit(name, response=shell.response(status, items, usage, out.finish_reason))
+            yield events.emit(name, response=shell.finished(status, items, usage, out.finish_reason))
         except Exception as e:  # engine died or shut down mid-stream: the API's error event
             err = e if isinstance(e, APIError) else engine_error(e)
             yield events.emit("error", code=err.code, message=err.message, param=err.param)
@@ -355,7 +399,7 @@ class OpenAIServingResponses:
             usage = _usage(ctx.num_prompt_tokens, len(out.token_ids), final.num_cached_tokens)
             status = _status(out.finish_reason)
             name = "response.completed" if status == "completed" else "response.incomplete"
-            yield events.emit(name, response=shell.response(status, items, usage, out.finish_reason))
+            yield events.emit(name, response=shell.finished(status, items, usage, out.finish_reason))
         except Exception as e:
             err = e if isinstance(e, APIError) else engine_error(e)
             yield events.emit("error", code=err.code, message=err.message, param=err.param)
@@ -414,6 +458,27 @@ class _Shell:
         self.created_at = int(time.time())
         self.message_id = f"msg_{uuid.uuid4().hex}"
         self.reasoning_id = f"rs_{uuid.uuid4().hex}"
+        self.conversation: list[dict[str, Any]] | None = None  # with store: the messages this response answered
+        self.store: ResponseStore | None = None
+
+    def finished(self, status: str, output: list[dict], usage: dict | None,
+                 finish_reason: str | None) -> dict[str, Any]:
+        """The final response object; stored (with its conversation and answer) when the request asked."""
+        body = self.response(status, output, usage, finish_reason)
+        if self.store is not None and self.conversation is not None:
+            answer: list[dict[str, Any]] = []
+            for item in output:
+                if item["type"] == "message" and item["content"][0]["text"]:
+                    answer.append({"role": "assistant", "content": item["content"][0]["text"]})
+                elif item["type"] == "function_call":
+                    call = {"id": item["call_id"], "type": "function",
+                            "function": {"name": item["name"], "arguments": item["arguments"]}}
+                    if answer and answer[-1].get("tool_calls") and not answer[-1].get("content"):
+                        answer[-1]["tool_calls"].append(call)
+                    else:
+                        answer.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            self.store.put(body, self.conversation + answer)
+        return body
 
     def items_of(self, out, mode) -> list[dict[str, Any]]:
         """A finished answer's output items: its reasoning (with a parser), its text, its function calls (parsed
@@ -451,9 +516,10 @@ class _Shell:
             "incomplete_details": incomplete, "instructions": req.instructions,
             "max_output_tokens": req.max_output_tokens, "temperature": req.temperature, "top_p": req.top_p,
             "metadata": req.metadata or {}, "parallel_tool_calls": req.parallel_tool_calls is not False,
-            "tool_choice": req.tool_choice or "auto", "tools": req.tools or [], "previous_response_id": None,
+            "tool_choice": req.tool_choice or "auto", "tools": req.tools or [],
+            "previous_response_id": req.previous_response_id,
             "text": req.text or {"format": {"type": "text"}}, "reasoning": req.reasoning,
-            "store": False, "truncation": "disabled", "user": req.user,
+            "store": req.store is not False, "truncation": "disabled", "user": req.user,
         }
 
 
@@ -470,4 +536,4 @@ class _Events:
         return f"event: {type}\ndata: {data}\n\n"
 
 
-__all__ = ["OpenAIServingResponses", "ResponsesRequest", "chat_request_of"]
+__all__ = ["MAX_STORED_RESPONSES", "OpenAIServingResponses", "ResponseStore", "ResponsesRequest", "chat_request_of"]
