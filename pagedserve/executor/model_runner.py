@@ -166,7 +166,7 @@ def padded_count(n: int) -> int:
 
 def kv_cache_dtype_of(config: EngineConfig, dtype: torch.dtype) -> torch.dtype:
     """The KV cache's element type: the model's dtype, or float8_e4m3fn for kv_cache_dtype fp8 / fp8_e4m3 (values
-    clamped to +-448 and rounded when written, widened to the model's dtype when read: kernels/kv_store.py)."""
+    clamped to +-448 and rounded when written, widened for the attention dots when read: kernels/kv_store.py)."""
     return torch.float8_e4m3fn if config.kv_cache_dtype.startswith("fp8") else dtype
 
 
