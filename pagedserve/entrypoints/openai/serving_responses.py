@@ -64,8 +64,8 @@ class ResponsesRequest(OpenAIBaseModel):
     stream: bool | None = False
     store: bool | None = True  # keep this response for previous_response_id and GET
     previous_response_id: str | None = None  # a stored response this one continues
-    tools: list[dict[str, Any]] | None = None  # refused when non-empty
-    tool_choice: str | dict[str, Any] | None = None  # "none" / "auto" without tools only
+    tools: list[dict[str, Any]] | None = None  # function tools, in the Responses API's flat shape
+    tool_choice: str | dict[str, Any] | None = None  # "none" | "auto" | "required" | {"type": "function", "name"}
     parallel_tool_calls: bool | None = None
     text: dict[str, Any] | None = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}}
     reasoning: dict[str, Any] | None = None  # accepted (effort / summary are not used)
@@ -262,10 +262,9 @@ class OpenAIServingResponses:
         stream, ctx = await self.chat.start(chat_req, id_prefix="resp_")
         shell = _Shell(ctx.request_id, ctx.model_name, req, ctx.reasoning)
         if req.store is not False:
-            # the conversation so far, without the system instructions (each request brings its own)
-            shell.conversation = [m for m in chat_req.model_dump(exclude_none=True)["messages"]
-                                  if not (m["role"] == "system" and req.instructions
-                                          and m.get("content") == req.instructions)]
+            # the conversation so far, without the system instructions in front (each request brings its own)
+            messages = chat_req.model_dump(exclude_none=True)["messages"]
+            shell.conversation = messages[1:] if req.instructions else messages
             shell.store = self.store
         if req.stream:
             return SSEResponse(self._stream(stream, ctx, shell))
@@ -292,91 +291,11 @@ class OpenAIServingResponses:
         events = _Events()
         yield events.emit("response.created", response=shell.response("in_progress", [], None))
         yield events.emit("response.in_progress", response=shell.response("in_progress", [], None))
-        if ctx.mode.kind != "none":  # tools: each item whole once the answer is complete
-            async for chunk in self._stream_whole(stream, ctx, shell, events):
-                yield chunk
-            return
-        thinking = ReasoningStream(shell.reasoning) if shell.reasoning else None
-        items: list[dict] = []  # the finished output items
-        open_kind: str | None = None  # the item being streamed: "reasoning" or "message"
-        texts = {"reasoning": "", "message": ""}
-        sent = 0
-        final: RequestOutput | None = None
-
-        def open_item(kind: str) -> list[str]:
-            nonlocal open_kind
-            chunks = close_item() if open_kind not in (None, kind) else []
-            if open_kind == kind:
-                return chunks
-            open_kind = kind
-            index = len(items)
-            if kind == "reasoning":
-                item = {**shell.reasoning_item(""), "status": "in_progress", "content": []}
-                part = {"type": "reasoning_text", "text": ""}
-            else:
-                item = {**shell.message_item(""), "status": "in_progress", "content": []}
-                part = {"type": "output_text", "text": "", "annotations": []}
-            chunks.append(events.emit("response.output_item.added", output_index=index, item=item))
-            chunks.append(events.emit("response.content_part.added", item_id=item["id"], output_index=index,
-                                      content_index=0, part=part))
-            return chunks
-
-        def delta(kind: str, text: str) -> list[str]:
-            chunks = open_item(kind)
-            texts[kind] += text
-            item_id = shell.reasoning_id if kind == "reasoning" else shell.message_id
-            name = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
-            extra = {} if kind == "reasoning" else {"logprobs": []}
-            chunks.append(events.emit(name, item_id=item_id, output_index=len(items), content_index=0, delta=text,
-                                      **extra))
-            return chunks
-
-        def close_item() -> list[str]:
-            nonlocal open_kind
-            if open_kind is None:
-                return []
-            kind, index, text = open_kind, len(items), texts[open_kind]
-            if kind == "reasoning":
-                item, part = shell.reasoning_item(text), {"type": "reasoning_text", "text": text}
-                done = events.emit("response.reasoning_text.done", item_id=item["id"], output_index=index,
-                                   content_index=0, text=text)
-            else:
-                item = shell.message_item(text)
-                part = item["content"][0]
-                done = events.emit("response.output_text.done", item_id=item["id"], output_index=index,
-                                   content_index=0, text=text, logprobs=[])
-            chunks = [done,
-                      events.emit("response.content_part.done", item_id=item["id"], output_index=index,
-                                  content_index=0, part=part),
-                      events.emit("response.output_item.done", output_index=index, item=item)]
-            items.append(item)
-            open_kind = None
-            return chunks
-
+        # tools: each item whole once the answer is complete; else the text as it comes
+        body = self._whole_item_events if ctx.mode.kind != "none" else self._text_events
         try:
-            async for output in stream:
-                final = output
-                out = output.outputs[0]
-                new = out.text[sent:]
-                sent = len(out.text)
-                pieces = thinking.feed(new) if thinking is not None else [("content", new)]
-                if out.finish_reason is not None and thinking is not None:
-                    pieces += thinking.finish()
-                for kind, text in pieces:
-                    if text:
-                        for chunk in delta("reasoning" if kind == "reasoning" else "message", text):
-                            yield chunk
-            if not any(item["type"] == "message" for item in items) and open_kind != "message":
-                for chunk in open_item("message"):  # an answer with no text still has its message item
-                    yield chunk
-            for chunk in close_item():
+            async for chunk in body(stream, ctx, shell, events):
                 yield chunk
-            assert final is not None
-            out = final.outputs[0]
-            usage = _usage(ctx.num_prompt_tokens, len(out.token_ids), final.num_cached_tokens)
-            status = _status(out.finish_reason)
-            name = "response.completed" if status == "completed" else "response.incomplete"
-            yield events.emit(name, response=shell.finished(status, items, usage, out.finish_reason))
         except Exception as e:  # engine died or shut down mid-stream: the API's error event
             err = e if isinstance(e, APIError) else engine_error(e)
             yield events.emit("error", code=err.code, message=err.message, param=err.param)
@@ -384,56 +303,119 @@ class OpenAIServingResponses:
             if not stream.finished:
                 self.chat.engine.abort(stream.request_id)
 
-
-    async def _stream_whole(self, stream: RequestStream, ctx, shell: _Shell, events: _Events) -> AsyncIterator[str]:
+    async def _text_events(self, stream: RequestStream, ctx, shell: _Shell, events: _Events) -> AsyncIterator[str]:
+        """The answer's reasoning (with a parser) and text items, opened as their first text arrives."""
+        thinking = ReasoningStream(shell.reasoning) if shell.reasoning else None
+        items: list[dict] = []  # the finished output items
+        current: dict | None = None  # the item being streamed, its text so far in content[0]
+        sent = 0
         final: RequestOutput | None = None
-        try:
-            async for output in stream:
-                final = output
-            assert final is not None
-            out = final.outputs[0]
-            items = shell.items_of(out, ctx.mode)
-            for index, item in enumerate(items):
-                for chunk in _whole_item_events(events, index, item):
+
+        def close() -> list[str]:
+            nonlocal current
+            if current is None:
+                return []
+            items.append(current)
+            current = None
+            return _text_item_closed(events, len(items) - 1, items[-1])
+
+        def switch_to(kind: str) -> list[str]:
+            nonlocal current
+            if current is not None and current["type"] == kind:
+                return []
+            chunks = close()
+            current = shell.reasoning_item("") if kind == "reasoning" else shell.message_item("")
+            return chunks + _text_item_opened(events, len(items), current)
+
+        async for output in stream:
+            final = output
+            out = output.outputs[0]
+            new = out.text[sent:]
+            sent = len(out.text)
+            pieces = thinking.feed(new) if thinking is not None else [("content", new)]
+            if out.finish_reason is not None and thinking is not None:
+                pieces += thinking.finish()
+            for kind, text in pieces:
+                if text:
+                    for chunk in switch_to("reasoning" if kind == "reasoning" else "message"):
+                        yield chunk
+                    current["content"][0]["text"] += text
+                    yield _text_delta(events, len(items), current, text)
+        if not any(item["type"] == "message" for item in [*items, current] if item is not None):
+            for chunk in switch_to("message"):  # an answer with no text still has its message item
+                yield chunk
+        for chunk in close():
+            yield chunk
+        assert final is not None
+        yield self._final_event(events, ctx, shell, final, items)
+
+    async def _whole_item_events(self, stream: RequestStream, ctx, shell: _Shell, events: _Events
+                                 ) -> AsyncIterator[str]:
+        final: RequestOutput | None = None
+        async for output in stream:
+            final = output
+        assert final is not None
+        items = shell.items_of(final.outputs[0], ctx.mode)
+        for index, item in enumerate(items):
+            if item["type"] == "function_call":
+                for chunk in _call_item_events(events, index, item):
                     yield chunk
-            usage = _usage(ctx.num_prompt_tokens, len(out.token_ids), final.num_cached_tokens)
-            status = _status(out.finish_reason)
-            name = "response.completed" if status == "completed" else "response.incomplete"
-            yield events.emit(name, response=shell.finished(status, items, usage, out.finish_reason))
-        except Exception as e:
-            err = e if isinstance(e, APIError) else engine_error(e)
-            yield events.emit("error", code=err.code, message=err.message, param=err.param)
-        finally:
-            if not stream.finished:
-                self.chat.engine.abort(stream.request_id)
+            else:
+                for chunk in [*_text_item_opened(events, index, item),
+                              _text_delta(events, index, item, item["content"][0]["text"]),
+                              *_text_item_closed(events, index, item)]:
+                    yield chunk
+        yield self._final_event(events, ctx, shell, final, items)
+
+    @staticmethod
+    def _final_event(events: _Events, ctx, shell: _Shell, final: RequestOutput, items: list[dict]) -> str:
+        out = final.outputs[0]
+        usage = _usage(ctx.num_prompt_tokens, len(out.token_ids), final.num_cached_tokens)
+        status = _status(out.finish_reason)
+        name = "response.completed" if status == "completed" else "response.incomplete"
+        return events.emit(name, response=shell.finished(status, items, usage, out.finish_reason))
 
 
-def _whole_item_events(events: _Events, index: int, item: dict[str, Any]) -> list[str]:
-    """A finished output item as the events that stream it: added, its text or arguments in one delta, done."""
-    opened = {**item, "status": "in_progress"}
-    if item["type"] == "function_call":
-        opened["arguments"] = ""
-        return [events.emit("response.output_item.added", output_index=index, item=opened),
-                events.emit("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
-                            delta=item["arguments"]),
-                events.emit("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                            arguments=item["arguments"]),
-                events.emit("response.output_item.done", output_index=index, item=item)]
-    part = item["content"][0]
-    text = part["text"]
-    reasoning = item["type"] == "reasoning"
-    opened["content"] = []
-    empty = {**part, "text": ""}
-    delta_name = "response.reasoning_text.delta" if reasoning else "response.output_text.delta"
-    done_name = "response.reasoning_text.done" if reasoning else "response.output_text.done"
-    extra = {} if reasoning else {"logprobs": []}
-    return [events.emit("response.output_item.added", output_index=index, item=opened),
+def _text_item_opened(events: _Events, index: int, item: dict[str, Any]) -> list[str]:
+    """A message or reasoning item opened: in progress, then its (empty) content part."""
+    part = {**item["content"][0], "text": ""}
+    return [events.emit("response.output_item.added", output_index=index,
+                        item={**item, "status": "in_progress", "content": []}),
             events.emit("response.content_part.added", item_id=item["id"], output_index=index, content_index=0,
-                        part=empty),
-            events.emit(delta_name, item_id=item["id"], output_index=index, content_index=0, delta=text, **extra),
-            events.emit(done_name, item_id=item["id"], output_index=index, content_index=0, text=text, **extra),
+                        part=part)]
+
+
+def _text_delta(events: _Events, index: int, item: dict[str, Any], text: str) -> str:
+    if item["type"] == "reasoning":
+        return events.emit("response.reasoning_text.delta", item_id=item["id"], output_index=index, content_index=0,
+                           delta=text)
+    return events.emit("response.output_text.delta", item_id=item["id"], output_index=index, content_index=0,
+                       delta=text, logprobs=[])
+
+
+def _text_item_closed(events: _Events, index: int, item: dict[str, Any]) -> list[str]:
+    """A message or reasoning item done: its whole text, its content part, the item."""
+    part = item["content"][0]
+    if item["type"] == "reasoning":
+        done = events.emit("response.reasoning_text.done", item_id=item["id"], output_index=index, content_index=0,
+                           text=part["text"])
+    else:
+        done = events.emit("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
+                           text=part["text"], logprobs=[])
+    return [done,
             events.emit("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
                         part=part),
+            events.emit("response.output_item.done", output_index=index, item=item)]
+
+
+def _call_item_events(events: _Events, index: int, item: dict[str, Any]) -> list[str]:
+    """A finished function call: added, its arguments in one delta, done."""
+    return [events.emit("response.output_item.added", output_index=index,
+                        item={**item, "status": "in_progress", "arguments": ""}),
+            events.emit("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                        delta=item["arguments"]),
+            events.emit("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                        arguments=item["arguments"]),
             events.emit("response.output_item.done", output_index=index, item=item)]
 
 
@@ -466,17 +448,10 @@ class _Shell:
         """The final response object; stored (with its conversation and answer) when the request asked."""
         body = self.response(status, output, usage, finish_reason)
         if self.store is not None and self.conversation is not None:
-            answer: list[dict[str, Any]] = []
+            answer: list[dict[str, Any]] = []  # the output as the input items of a next turn would give it
             for item in output:
-                if item["type"] == "message" and item["content"][0]["text"]:
-                    answer.append({"role": "assistant", "content": item["content"][0]["text"]})
-                elif item["type"] == "function_call":
-                    call = {"id": item["call_id"], "type": "function",
-                            "function": {"name": item["name"], "arguments": item["arguments"]}}
-                    if answer and answer[-1].get("tool_calls") and not answer[-1].get("content"):
-                        answer[-1]["tool_calls"].append(call)
-                    else:
-                        answer.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                if item["type"] == "function_call" or (item["type"] == "message" and item["content"][0]["text"]):
+                    _add_item(answer, item, "output")
             self.store.put(body, self.conversation + answer)
         return body
 
