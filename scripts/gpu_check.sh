@@ -372,6 +372,7 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
     kvfp8)  # kv_cache_dtype=fp8: its kernel and runner tests on the GPU, then the default workload with a 16-bit and an fp8 cache
       timeout 300 python3 -m pytest tests/kernels/test_kv_fp8.py "tests/kernels/test_fp8.py::test_gpu_skinny_w8a8_fp32_sums" \
         -q -p no:cacheprovider -ra 2>&1 | grep -E "passed|failed|^FAILED|Error" | tail -12
+      timeout 240 python3 -m pagedserve.executor.kernels.bench_kernels --tune decode-kv
       for kv in auto fp8; do
         echo "== --kv-cache-dtype $kv"
         python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm \

@@ -12,6 +12,7 @@
 --tune sweeps tile/warp/stage configs of one kernel (decode ranked by graph replay time) or the
 decode split count, and prints the best few per case.
 Block tables are random permutations of the physical blocks, as after a while of serving.
+--tune decode-kv runs only decode at the default workload's batches with a 16-bit and an fp8 KV cache.
 --tune decode-mix runs only decode over mixed context lengths (batch 139 at U[100,2048], 256 at
 U[100,1536], 64 at U[100,2048]: the throughput workloads' mix), sweeping split count x tile x warps,
 then the default config with a launch order (seq_order): none, index order (the ordered kernel's
@@ -513,11 +514,53 @@ def bench_sample_filter(vocab: int = 152064) -> None:
           f"{dict(sf.REGISTERS)}, programs an SM {dict(sf._RESIDENT)}")
 
 
+def bench_decode_kv(dtype) -> None:
+    """The default workload's decode steps (as bench_decode_work) on the work-list path the engine takes,
+    with a 16-bit cache and the same values in an fp8 (e4m3) cache: tiles x warps x stages, graph replay
+    time and GB/s of each cache's own K+V bytes (the fp8 cache reads half)."""
+    import numpy as np
+
+    from pagedserve.executor.kernels import paged_attention_decode as pad
+
+    scale = D**-0.5
+    sms = pad.num_sms(torch.device("cuda"))
+    rng = np.random.default_rng(0)
+    inputs, outputs = rng.integers(100, 1025, 256), rng.integers(100, 1025, 256)
+    print("\n== decode, 16-bit vs fp8 KV cache, work list (graph replay us, GB/s of the cache's K+V bytes)")
+    for batch in (256, 139, 64):
+        step_ = next(s for s in range(2000) if (outputs > s).sum() <= batch)
+        ctx = (inputs[outputs > step_] + step_).tolist()
+        query, kv16, tables, lens, qsl = make_case([1] * len(ctx), [c - 1 for c in ctx], dtype, seed=batch)
+        kv8 = kv16.clamp(-448, 448).to(torch.float8_e4m3fn)
+        out = torch.empty_like(query)
+        for name, kv in (("16-bit", kv16), ("fp8", kv8)):
+            ref = reference(query, kv.to(dtype), tables, lens, qsl, scale)
+            kv_bytes = 2 * sum(ctx) * HKV * D * kv.element_size()
+            cells = []
+            for block_n, warps, stages in itertools.product((32, 64, 128), (2, 4), (2, 3)):
+                work = torch.from_numpy(pad.decode_work_list(ctx, HKV, sms, block_n)).cuda()
+                run = functools.partial(paged_attention_decode, query, kv, tables, lens, scale, out=out,
+                                        max_seq_len=max(ctx), block_n=block_n, num_warps=warps,
+                                        num_stages=stages, work=work)  # fmt: skip
+                out.fill_(float("nan"))
+                try:
+                    run()
+                except Exception as exc:  # e.g. shared memory over the limit at a large tile
+                    cells.append((float("inf"), f"n{block_n} w{warps} s{stages} failed: {type(exc).__name__}"))
+                    continue
+                assert rel_err(out, ref) < 1e-2, (name, block_n, warps, stages)
+                ms = triton.testing.do_bench_cudagraph(run, return_mode="median")
+                cells.append((ms, f"n{block_n} w{warps} s{stages} {ms * 1e3:.1f} us {kv_bytes / ms / 1e6:.0f}"))
+            cells.sort()
+            print(f"batch {len(ctx)} (ctx {min(ctx)}-{max(ctx)}) {name} ({kv_bytes / 1e6:.0f} MB): "
+                  + " | ".join(c for _, c in cells[:5]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
-    parser.add_argument("--tune", choices=("decode", "splits", "decode-mix", "decode-work", "prefill", "silu",
-                                           "sample", "sample-filter"),
+    parser.add_argument("--tune", choices=("decode", "splits", "decode-mix", "decode-work", "decode-kv", "prefill",
+                                           "silu", "sample", "sample-filter"),
                         help="sweep one kernel's configs (or decode num_splits), print the best")  # fmt: skip
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -536,6 +579,9 @@ def main() -> None:
         return
     if args.tune == "decode-work":
         bench_decode_work(dtype)
+        return
+    if args.tune == "decode-kv":
+        bench_decode_kv(dtype)
         return
     if args.tune == "decode-mix":
         bench_decode_mix(dtype)
