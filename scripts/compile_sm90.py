@@ -27,7 +27,8 @@ def build(fn, sig: dict, consts: dict, label: str, num_warps: int = 4, num_stage
         print(f"{label}: {type(e).__name__}: {str(e)[-1500:]}")
         return
     ptx = k.asm.get("ptx", "")
-    fp8 = f", e4m3 cvt {ptx.count('e4m3x2')}, cvt.bf16.f16 {ptx.count('cvt.bf16.f16')}" if "e4m3" in ptx else ""
+    fp8 = (f", e4m3 cvt {ptx.count('e4m3x2')}, cvt.bf16.f16 {ptx.count('cvt.bf16.f16')}, byte smem loads "
+           f"{ptx.count('ld.shared.b8')}" if "e4m3" in ptx else "")
     print(f"{label}: compiled; wgmma {ptx.count('wgmma.mma_async')}, tma {ptx.count('cp.async.bulk.tensor')}, "
           f"shared {k.metadata.shared} B{fp8}, regs n/a on CPU")
 

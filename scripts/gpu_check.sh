@@ -373,10 +373,11 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
       timeout 300 python3 -m pytest tests/kernels/test_kv_fp8.py "tests/kernels/test_fp8.py::test_gpu_skinny_w8a8_fp32_sums" \
         -q -p no:cacheprovider -ra 2>&1 | grep -E "passed|failed|^FAILED|Error" | tail -12
       timeout 240 python3 -m pagedserve.executor.kernels.bench_kernels --tune decode-kv
-      for kv in auto fp8; do
+      for kv in auto fp8 fp8-w8; do  # fp8-w8: fp8 KV cache and fp8 weights
         echo "== --kv-cache-dtype $kv"
         python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm \
-          --kv-cache-dtype $kv --output-json "$OUT/throughput-kv-$kv.json" 2>&1 | grep -E "throughput:|decode:|floor|KV cache"
+          --kv-cache-dtype ${kv%-w8} $([ "$kv" = fp8-w8 ] && echo --quantization fp8) \
+          --output-json "$OUT/throughput-kv-$kv.json" 2>&1 | grep -E "throughput:|decode:|floor|KV cache"
       done ;;
     fp8-throughput)  # the default workload with fp8 weights alone
       python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm \

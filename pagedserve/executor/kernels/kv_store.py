@@ -8,6 +8,8 @@ fp16 (or fp32 for an fp32 model) before the dots (query_for_cache says why not b
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -21,6 +23,30 @@ def to_cache(x, cache_ptr):
         y = _round_to_e4m3(tl.clamp(x.to(tl.float32), -448.0, 448.0)).to(tl.float8e4nv)
     else:
         y = x.to(cache_ptr.dtype.element_ty)
+    return y
+
+
+# Triton's interpreter (CI's CPU runs) cannot execute inline PTX: there the plain conversion stands in.
+_INLINE_PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+
+
+@triton.jit
+def from_cache(x, q):
+    """A loaded K or V tile (x) in the dtype of the query q the dots run in (query_for_cache).
+
+    An fp8 tile for fp16 dots converts through inline PTX (four values a call: two cvt.rn.f16x2.e4m3x2) marked
+    impure, which Triton's passes do not move (a pure one they hoist like .to()): Triton then converts it in the layout it was loaded in and moves the fp16 tile to the dot's layout through
+    shared memory (ldmatrix, .trans for V). A plain .to() is moved by Triton into the dot operand's layout, and V's
+    operand wants pairs of consecutive tokens, which lie a cache slot apart: without a byte-wide ldmatrix.trans on
+    sm_90, that is one ld.shared.b8 per value (the PTX of the default tiles: 256 a loop body, from
+    scripts/compile_sm90.py). Same values either way."""
+    if x.dtype == tl.float8e4nv and q.dtype == tl.float16 and _INLINE_PTX:
+        y = tl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+            "=r,=r,r", [x], dtype=tl.float16, is_pure=False, pack=4,
+        )  # fmt: skip
+    else:
+        y = x.to(q.dtype)
     return y
 
 
@@ -46,4 +72,4 @@ def query_for_cache(q, cache_ptr):
     return r
 
 
-__all__ = ["query_for_cache", "to_cache"]
+__all__ = ["from_cache", "query_for_cache", "to_cache"]

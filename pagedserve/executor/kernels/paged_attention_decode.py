@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.executor.kernels.kv_store import query_for_cache
+from pagedserve.executor.kernels.kv_store import from_cache, query_for_cache
 from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
 from pagedserve.executor.kernels.pdl import pdl_enter
 
@@ -109,7 +109,7 @@ def _attend_tile(
         )
     else:
         v = tl.load(v_cache_ptr + row_offs[:, None] + offs_d[None, :], mask=d_mask[None, :], other=0.0)
-    v = v.to(q.dtype)
+    v = from_cache(v, q)  # an fp8 cache's tile widened (kv_store.from_cache says how)
     if v.dtype == tl.float32:
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
     else:
