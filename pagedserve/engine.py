@@ -72,6 +72,7 @@ class _RequestState:
     num_cached_tokens: int = 0
     num_unfinished: int = 0
     prompt_logprobs: list | None = None  # [None, TokenLogprobs...] when asked (filled by the first choice's steps)
+    embedding: list[float] | None = None  # an embedding request's vector (params.pooling), once computed
 
     @property
     def child_ids(self) -> list[str]:
@@ -241,9 +242,13 @@ class LLMEngine:
             prompt_token_ids = self.tokenizer.encode(prompt)
         else:
             prompt_token_ids = list(prompt)
-        self._check_prompt(prompt_token_ids)
+        pooling = params.pooling is not None
+        self._check_prompt(prompt_token_ids, whole_context=pooling)
         params.validate_for_model(self.vocab_size)
-        max_tokens = self._resolve_max_tokens(len(prompt_token_ids), params)
+        if pooling:
+            params.pooling.validate_for_model(int(self.worker.hf_config.hidden_size))
+        # An embedding request's one token is sampled past its prompt and dropped: its prompt may fill the context.
+        max_tokens = 1 if pooling else self._resolve_max_tokens(len(prompt_token_ids), params)
         compiled = None
         if params.structured_outputs is not None:
             compiled = compiled_grammar
@@ -279,7 +284,7 @@ class LLMEngine:
                 arrival_time=arrival,
             )
             detok = None
-            if self.detokenize or needs_engine_text(params):
+            if params.pooling is None and (self.detokenize or needs_engine_text(params)):
                 detok = IncrementalDetokenizer(
                     self.tokenizer, prompt_token_ids,
                     skip_special_tokens=params.skip_special_tokens,
@@ -318,7 +323,9 @@ class LLMEngine:
         """SamplingParams() with the model's generation_config defaults (vLLM's get_default_sampling_params)."""
         return SamplingParams(**self.default_sampling)
 
-    def _check_prompt(self, token_ids: list[int]) -> None:
+    def _check_prompt(self, token_ids: list[int], whole_context: bool = False) -> None:
+        """whole_context: the prompt may take all of max_model_len (an embedding request); else it must leave room
+        for a token."""
         if not token_ids:
             raise ValueError("the prompt is empty")
         # C-level passes (type, min, max): long prompts arrive in bursts, and a Python loop per token
@@ -327,7 +334,10 @@ class LLMEngine:
             for t in token_ids:
                 if type(t) is not int or not 0 <= t < self.vocab_size:  # bools and other types too
                     raise ValueError(f"prompt token id {t!r} is outside the vocabulary [0, {self.vocab_size})")
-        if len(token_ids) >= self.max_model_len:
+        if whole_context and len(token_ids) > self.max_model_len:
+            raise ValueError(f"the prompt has {len(token_ids)} tokens, but this model's context length is "
+                             f"{self.max_model_len} tokens; shorten the prompt")
+        if not whole_context and len(token_ids) >= self.max_model_len:
             raise ValueError(
                 f"the prompt has {len(token_ids)} tokens, but this model's context length is "
                 f"{self.max_model_len} tokens, leaving no room to generate; shorten the prompt"
@@ -517,6 +527,9 @@ class LLMEngine:
         if scheduled_at is not None and (state.metrics.first_scheduled_time is None
                                          or scheduled_at < state.metrics.first_scheduled_time):
             state.metrics.first_scheduled_time = scheduled_at
+        if request.sampling_params.pooling is not None:
+            self._apply_pooled(state, choice, update, now)
+            return
         new_ids = update.new_token_ids
         drop_stop = False  # the stop token that ended the request stays out of its text (stop_token_ends_text)
         if new_ids:
@@ -563,6 +576,17 @@ class LLMEngine:
         if detok is not None:
             out.text = detok.text
 
+    def _apply_pooled(self, state: _RequestState, choice: _Choice, update, now: float) -> None:
+        """An embedding request's one update: its vector, computed at its last prompt token. The token sampled
+        there ends it (max_tokens 1) and is dropped: the output holds no tokens."""
+        if update.embedding is not None:
+            state.embedding = update.embedding
+            state.metrics.first_token_time = state.metrics.last_token_time = now
+        if update.finished and choice.output.finish_reason is None:
+            choice.output.finish_reason = "stop"
+            state.num_unfinished -= 1
+            self._child_to_parent.pop(choice.request.request_id, None)
+
     def _make_output(self, state: _RequestState) -> RequestOutput:
         finished = state.num_unfinished == 0
         if finished:
@@ -584,6 +608,7 @@ class LLMEngine:
             num_cached_tokens=max(state.num_cached_tokens, 0),
             metrics=m,
             prompt_logprobs=state.prompt_logprobs,
+            embedding=state.embedding,
         )
 
     # ------------------------------------------------------------------ state

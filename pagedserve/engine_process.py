@@ -53,7 +53,7 @@ _METRIC_FIELDS = ("arrival_time", "first_scheduled_time", "first_token_time", "l
 # One choice's delta: (index, new token ids, new text, new logprobs or None, finish_reason, stop_reason,
 # cumulative_logprob). One request's: (request_id, prompt token ids on the first delta else None,
 # prompt, finished, num_cached_tokens, metrics tuple or None, [choice deltas], prompt logprobs on the first
-# delta else None).
+# delta else None, an embedding request's vector or None).
 RequestDelta = tuple
 
 
@@ -103,6 +103,7 @@ class DeltaEncoder:
                     metrics,
                     choices,
                     out.prompt_logprobs if first else None,
+                    out.embedding,
                 )
             )
         return deltas
@@ -142,7 +143,7 @@ class DeltaDecoder:
 
     def decode(self, deltas: list[RequestDelta]) -> list[RequestOutput]:
         outputs = []
-        for rid, prompt_ids, prompt, finished, num_cached, metrics, choices, prompt_logprobs in deltas:
+        for rid, prompt_ids, prompt, finished, num_cached, metrics, choices, prompt_logprobs, embedding in deltas:
             acc = self._acc.get(rid)
             if acc is None:
                 if prompt_ids is None:
@@ -192,6 +193,7 @@ class DeltaDecoder:
                     num_cached_tokens=num_cached,
                     metrics=None if metrics is None else RequestMetrics(**dict(zip(_METRIC_FIELDS, metrics))),
                     prompt_logprobs=acc.prompt_logprobs,
+                    embedding=embedding,
                 )
             )
         return outputs

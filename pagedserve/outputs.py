@@ -44,3 +44,20 @@ class RequestOutput:
     # With SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (nothing predicts it),
     # then each token's logprob, rank and top alternatives under the model. Complete from the first output on.
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    # An embedding request (SamplingParams.pooling): the pooled vector, once finished; outputs then hold no tokens.
+    embedding: list[float] | None = None
+
+
+@dataclass(slots=True)
+class EmbeddingOutput:
+    embedding: list[float]
+
+
+@dataclass(slots=True)
+class EmbeddingRequestOutput:
+    """What LLM.embed returns per prompt, as vLLM's: `.outputs.embedding`."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+    finished: bool = True

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from pagedserve.pooling_params import PoolingParams
+
 MAX_LOGPROBS = 20
 MAX_N = 128
 MAX_STOP_STRINGS = 16
@@ -97,6 +99,15 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured_outputs: StructuredOutputsParams | None = None  # a dict is taken as its fields
+    # An embedding request (LLM.embed, POST /v1/embeddings; made by SamplingParams.for_pooling): the prompt's last
+    # hidden state comes back as RequestOutput.embedding and nothing is generated.
+    pooling: PoolingParams | None = None
+
+    @classmethod
+    def for_pooling(cls, pooling: PoolingParams | None = None) -> SamplingParams:
+        """The parameters of an embedding request. The engine runs it as a one-token greedy request whose sampled
+        token it drops: the prompt is computed (chunked, prefix-cached, batched) as any other."""
+        return cls(max_tokens=1, temperature=0.0, pooling=pooling or PoolingParams())
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -183,6 +194,13 @@ class SamplingParams:
                     fail(f"allowed_token_ids must be non-negative integers, got {t!r}")
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             fail(f"structured_outputs must be a StructuredOutputsParams, got {type(self.structured_outputs).__name__}")
+        if self.pooling is not None:
+            if not isinstance(self.pooling, PoolingParams):
+                fail(f"pooling must be a PoolingParams, got {type(self.pooling).__name__}")
+            if (self.n != 1 or self.max_tokens != 1 or self.logprobs is not None or self.prompt_logprobs is not None
+                    or self.structured_outputs is not None):
+                fail("an embedding request (pooling) takes n=1, max_tokens=1 and no logprobs or structured outputs; "
+                     "use SamplingParams.for_pooling")
 
     @property
     def greedy(self) -> bool:

@@ -84,3 +84,6 @@ class RunnerOutput:
     # None, or (first, entries): entries[j] is the logprob of prompt token first + j under the distribution
     # the model gave at the position before it (first >= 1: the first prompt token has none). None: no row asked.
     prompt_logprobs: list[tuple[int, list[TokenLogprobs]] | None] | None = None
+    # Embedding requests (sampling_params.pooling), aligned with SchedulerOutput.scheduled: the pooled vector (its
+    # PoolingParams applied) where such a request computed its last prompt token; None: no row pooled.
+    embeddings: list[list[float] | None] | None = None

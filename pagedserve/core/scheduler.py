@@ -49,6 +49,7 @@ class RequestUpdate:
     new_token_ids: list[int]
     new_logprobs: list[TokenLogprobs]  # empty when the request asked for no logprobs
     finished: bool
+    embedding: list[float] | None = None  # an embedding request's pooled vector (at its last prompt token)
 
 
 class Scheduler:
@@ -92,7 +93,9 @@ class Scheduler:
         num_prompt = request.num_prompt_tokens
         if num_prompt == 0:
             raise ValueError("the prompt is empty: it must contain at least one token")
-        if num_prompt >= self.max_model_len:
+        # An embedding request (sampling_params.pooling) generates nothing: its prompt may fill the context.
+        limit = self.max_model_len + (request.sampling_params.pooling is not None)
+        if num_prompt >= limit:
             raise ValueError(
                 f"the prompt has {num_prompt} tokens, but the maximum context length (max_model_len) is "
                 f"{self.max_model_len} tokens, which leaves no room to generate: shorten the prompt to at "
@@ -318,6 +321,7 @@ class Scheduler:
                     new_token_ids=[token_id],
                     new_logprobs=[token_logprobs] if token_logprobs is not None else [],
                     finished=finished,
+                    embedding=runner_output.embeddings[i] if runner_output.embeddings else None,
                 )
             )
         if any_finished:

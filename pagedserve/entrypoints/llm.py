@@ -7,7 +7,8 @@ from typing import Any
 
 from pagedserve.config import EngineConfig
 from pagedserve.engine import LLMEngine
-from pagedserve.outputs import RequestOutput
+from pagedserve.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
+from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import SamplingParams
 
 PromptType = str | list[int] | dict[str, Any]
@@ -41,6 +42,26 @@ class LLM:
         """Generates for each prompt: a string, a list of token ids, or {"prompt": ...} /
         {"prompt_token_ids": [...]}. Returns one RequestOutput per prompt, in order."""
         return self._run(_normalize_prompts(prompts), sampling_params, use_tqdm)
+
+    def embed(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt (as generate's prompts): the final hidden state of its last token, L2-normalized
+        unless pooling_params says otherwise (pooling_params.py). `.outputs.embedding` is a list of floats. The
+        prompts run through the same batches, chunks and prefix cache as generated requests."""
+        prompts = _normalize_prompts(prompts)
+        if pooling_params is None or isinstance(pooling_params, PoolingParams):
+            pooling_list = [pooling_params] * len(prompts)
+        else:
+            pooling_list = list(pooling_params)
+            if len(pooling_list) != len(prompts):
+                raise ValueError(f"got {len(pooling_list)} pooling params for {len(prompts)} prompts")
+        params = [SamplingParams.for_pooling(p) for p in pooling_list]
+        return [EmbeddingRequestOutput(out.request_id, out.prompt_token_ids, EmbeddingOutput(out.embedding))
+                for out in self._run(prompts, params, use_tqdm)]
 
     def chat(
         self,

@@ -48,6 +48,7 @@ from pagedserve.executor.attention.base import AttentionBackend, AttentionMetada
 from pagedserve.executor.attention.torch_ref import TorchAttentionBackend
 from pagedserve.executor.models.decoder import head_dim_of, local_num_kv_heads
 from pagedserve.executor.sampler import SampleResult, StepHistory, finite_or, logprob_stats
+from pagedserve.pooling_params import PoolingParams
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +64,11 @@ class StepHandle:
 
     def __init__(self, scheduled: list[ScheduledRequest], host_payload: torch.Tensor | None,
                  ready: torch.cuda.Event | None, decode: Callable | None,
-                 started: torch.cuda.Event | None = None, prompt_part: tuple | None = None) -> None:
+                 started: torch.cuda.Event | None = None, prompt_part: tuple | None = None,
+                 pool_part: tuple | None = None) -> None:
         self._scheduled = scheduled
         self._prompt_part = prompt_part  # prompt logprobs: (host payload, its ready event or None, decode)
+        self._pool_part = pool_part  # embedding rows: (host [P, H] fp32, its ready event or None, scheduled indices)
         self._host_payload = host_payload  # on the host (pinned when it came from a GPU)
         self._ready = ready  # recorded after the device-to-host copy; None: already on the host
         self._decode = decode
@@ -97,6 +100,13 @@ class StepHandle:
                 if ready is not None:
                     ready.synchronize()
                 output.prompt_logprobs = decode(host.tolist())
+            if self._pool_part is not None:
+                host, ready, rows = self._pool_part
+                if ready is not None:
+                    ready.synchronize()
+                output.embeddings = [None] * num
+                for vector, i in zip(host, rows):
+                    output.embeddings[i] = pooled(vector, self._scheduled[i].sampling_params.pooling)
             self._output = output
         return self._output
 
@@ -117,6 +127,9 @@ class StepInputs:
     mixed_graph_step: bool = False
     # Prompt logprobs to compute this step (prompt_logprob_plan): such steps run eager, for the hidden states.
     prompt_plan: list[tuple[int, int, int, int]] | None = None
+    # Embedding requests at their last prompt token: (indices among the logits rows, indices among the scheduled
+    # requests). Such steps run eager too: the pooled vector is that row's final hidden state.
+    pool_rows: tuple[list[int], list[int]] | None = None
 
 
 def prefill_warm_probes(head_dim: int, queries_per_kv: int) -> list[tuple[int, int]]:
@@ -162,6 +175,16 @@ def padded_count(n: int) -> int:
         return n
     step = 16 if n <= 256 else 64 if n <= 8192 else 256
     return -(-n // step) * step
+
+
+def pooled(hidden: torch.Tensor, params: PoolingParams) -> list[float]:
+    """An embedding request's vector from its last prompt token's final hidden state (fp32, on the host): the
+    first `dimensions` values, divided by their L2 norm when `normalize` (as F.normalize: eps 1e-12)."""
+    if params.dimensions is not None:
+        hidden = hidden[: params.dimensions]
+    if params.normalize:
+        hidden = hidden / hidden.norm().clamp_min(1e-12)
+    return hidden.tolist()
 
 
 def kv_cache_dtype_of(config: EngineConfig, dtype: torch.dtype) -> torch.dtype:
@@ -270,12 +293,15 @@ class ModelRunner:
         # (A decode step where every row samples holds no prompt row: each token is at or past its prompt's last.)
         prompt_plan = (None if is_decode_only and num_logits == num_seqs
                        else prompt_logprob_plan(scheduled, query_start_loc) or None)
+        pool = [(j, i) for j, i in enumerate(sample_rows) if scheduled[i].sampling_params.pooling is not None]
+        pool_rows = ([j for j, _ in pool], [i for _, i in pool]) if pool else None
+        eager = prompt_plan is not None or pool_rows is not None  # steps that need the hidden states
         graphs = self.cuda_graphs
         # (A one-token chunk may be a prefill piece that does not sample: graphs need every row sampled.)
-        graph_step = (graphs is not None and is_decode_only and num_logits == num_seqs and prompt_plan is None
+        graph_step = (graphs is not None and is_decode_only and num_logits == num_seqs and not eager
                       and graphs.fits(num_seqs, width))
         mixed = self.mixed_graphs
-        mixed_graph_step = (mixed is not None and not is_decode_only and prompt_plan is None
+        mixed_graph_step = (mixed is not None and not is_decode_only and not eager
                             and mixed.fits(num_tokens, num_seqs, width))
         num_order = num_seqs if is_decode_only and getattr(self.backend, "wants_seq_order", False) else 0
         work = None
@@ -374,7 +400,7 @@ class ModelRunner:
         )
         ctx = ForwardContext(attn_metadata=meta, kv_caches=self.kv_caches, backend=self.backend)
         return StepInputs(views[0], views[1], ctx, views[6], num_logits, graph_step, placeholder_rows,
-                          mixed_graph_step, prompt_plan)
+                          mixed_graph_step, prompt_plan, pool_rows)
 
     def _placeholder_sources(
         self, scheduled: list[ScheduledRequest], query_start_loc: np.ndarray, dst: np.ndarray
@@ -491,7 +517,7 @@ class ModelRunner:
             started = torch.cuda.Event(enable_timing=True)
             started.record()
         meta = inputs.ctx.attn_metadata
-        prompt_part = None
+        prompt_part = pool_part = None
         if inputs.graph_step:
             logits = self.cuda_graphs.run(inputs.input_ids, inputs.positions, meta,
                                           placeholder_rows=inputs.placeholder_rows, last_sampled=self._last_sampled)
@@ -503,6 +529,10 @@ class ModelRunner:
             if inputs.prompt_plan:
                 payload, decode = self._prompt_logprobs(hidden, inputs.prompt_plan, scheduled)
                 prompt_part = None if payload is None else (*self._to_host(payload), decode)
+            if inputs.pool_rows is not None:
+                logit_rows, scheduled_rows = inputs.pool_rows
+                rows = inputs.logits_indices[torch.tensor(logit_rows, device=hidden.device)]
+                pool_part = (*self._to_host(hidden[rows].float()), scheduled_rows)
             if inputs.num_logits:
                 logits = self.model.compute_logits(hidden[inputs.logits_indices])[: inputs.num_logits]
         if inputs.num_logits == 0:  # only non-final prefill chunks this step (never a decode graph step)
@@ -518,7 +548,7 @@ class ModelRunner:
         self._last_sampled = result.token_ids
         self._last_sample_rows = {r.request_id: i for i, r in enumerate(to_sample)}
         host, ready = self._to_host(result.payload)
-        return StepHandle(scheduled, host, ready, result.decode, started, prompt_part)
+        return StepHandle(scheduled, host, ready, result.decode, started, prompt_part, pool_part)
 
     def _to_host(self, payload: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         """(host tensor, event recorded after its copy or None): the device-to-host copy of a payload, queued

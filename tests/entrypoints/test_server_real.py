@@ -502,6 +502,57 @@ def test_responses_bad_requests_get_400(server, body, param) -> None:
     assert ok.status_code == 200 and ok.json()["status"] == "incomplete"  # still serving
 
 
+# --------------------------------------------------------------------------- embeddings
+@pytest.fixture(scope="module")
+def hf_last_hidden(real_model_dir):
+    from transformers import AutoModel
+
+    hf = AutoModel.from_pretrained(real_model_dir, dtype=torch.float32).eval()
+
+    def run(ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return hf(torch.tensor([ids])).last_hidden_state[0, -1]
+
+    return run
+
+
+def test_embeddings_with_the_official_client_equal_transformers(client, model, hf_tokenizer, hf_last_hidden) -> None:
+    """The openai client asks for base64 and decodes it; float, dimensions, token-id inputs and usage too."""
+    texts = ["A sentence to embed.", "def add(a, b):\n    return a + b\n"]
+    r = client.embeddings.create(model=model, input=texts)
+    assert r.object == "list" and r.model == model and [d.index for d in r.data] == [0, 1]
+    ids = [hf_tokenizer.encode(t) for t in texts]
+    assert r.usage.prompt_tokens == r.usage.total_tokens == sum(map(len, ids))
+    for d, one in zip(r.data, ids):
+        ref = torch.nn.functional.normalize(hf_last_hidden(one), dim=0)
+        assert torch.allclose(torch.tensor(d.embedding), ref, atol=1e-4)
+    floats = client.embeddings.create(model=model, input=ids[1], encoding_format="float", dimensions=64)
+    cut = torch.nn.functional.normalize(hf_last_hidden(ids[1])[:64], dim=0)
+    assert len(floats.data) == 1 and torch.allclose(torch.tensor(floats.data[0].embedding), cut, atol=1e-4)
+    raw = httpx.post(client.base_url.join("embeddings").__str__(), timeout=60,
+                     json={"input": [ids[0]], "normalize": False, "truncate_prompt_tokens": 3}).json()
+    assert raw["usage"]["prompt_tokens"] == 3
+    assert torch.allclose(torch.tensor(raw["data"][0]["embedding"]), hf_last_hidden(ids[0][-3:]), atol=1e-3)
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"input": ""}, "input"),
+    ({"input": []}, "input"),
+    ({"input": "hi", "dimensions": 0}, "dimensions"),
+    ({"input": "hi", "dimensions": 100000}, "dimensions"),
+    ({"input": "hi", "encoding_format": "int8"}, "encoding_format"),
+    ({"input": [[1, 2], [10**9]]}, "input"),
+    ({"input": "hello " * 1100}, "input"),
+    ({}, "input"),
+])
+def test_embeddings_bad_requests_get_400(server, body, param) -> None:
+    r = httpx.post(server.base_url + "/v1/embeddings", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()
+    ok = httpx.post(server.base_url + "/v1/embeddings", json={"input": "hi"}, timeout=60)
+    assert ok.status_code == 200 and len(ok.json()["data"][0]["embedding"]) == 896  # still serving
+
+
 # --------------------------------------------------------------------------- acceptance 6 (runs last)
 def test_zz_sigterm_lets_in_flight_requests_finish(server, model) -> None:
     """Stops the module's server: keep it the last test of this file."""

@@ -290,6 +290,36 @@ class CompletionResponse(OpenAIBaseModel):
     system_fingerprint: str | None = None
 
 
+# --------------------------------------------------------------------------- embeddings
+class EmbeddingRequest(OpenAIBaseModel):
+    model: str | None = None
+    input: str | list[str] | list[Int] | list[list[Int]] = Field(
+        description="a string, a list of strings, a list of token ids, or a list of token-id lists"
+    )
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Int | None = Field(default=None, description="keep the first N values (then normalize)")
+    user: str | None = None
+    # vLLM's extras
+    normalize: bool | None = Field(default=None, description="L2-normalize the vector (default true)")
+    truncate_prompt_tokens: Int | None = Field(default=None, ge=1, description="embed only the last N tokens")
+    add_special_tokens: bool = True
+
+
+class EmbeddingData(OpenAIBaseModel):
+    index: int
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float] | str  # a base64 string of little-endian float32 with encoding_format=base64
+
+
+class EmbeddingResponse(OpenAIBaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[EmbeddingData]
+    usage: UsageInfo
+
+
 # --------------------------------------------------------------------------- models, version
 class ModelCard(OpenAIBaseModel):
     id: str

@@ -51,6 +51,8 @@ from pagedserve.entrypoints.openai.protocol import (
     CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
     ErrorResponse,
     HealthResponse,
     ModelCard,
@@ -63,6 +65,7 @@ from pagedserve.entrypoints.openai.protocol import (
 from pagedserve.entrypoints.openai.serving_base import APIError, TokenStrings, error_body, error_response
 from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from pagedserve.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from pagedserve.entrypoints.openai.serving_responses import OpenAIServingResponses, ResponsesRequest
 from pagedserve.entrypoints.openai.serving_tokenize import OpenAIServingTokenization
 from pagedserve.gc_control import freeze_startup_objects
@@ -190,6 +193,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
     completion = OpenAIServingCompletion(engine, served_names, token_strings)
     responses = OpenAIServingResponses(chat)
     tokenization = OpenAIServingTokenization(engine, served_names)
+    embedding = OpenAIServingEmbedding(engine, served_names)
     metrics = ServerMetrics(engine, served_names[0])
 
     @contextlib.asynccontextmanager
@@ -251,6 +255,11 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
     async def delete_response(response_id: str) -> Response:
         responses.store.delete(response_id)
         return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+
+    @app.post("/v1/embeddings", response_model=None,
+              responses={200: {"model": EmbeddingResponse}, **_ERROR_RESPONSES})
+    async def create_embedding(request: EmbeddingRequest, raw_request: Request) -> Response:
+        return await embedding.create(request, raw_request)
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERROR_RESPONSES)
     async def tokenize(request: TokenizeCompletionRequest | TokenizeChatRequest) -> dict:

@@ -14,9 +14,12 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from pagedserve.async_engine import AsyncEngine, EngineDeadError, EngineUnavailableError
+from pagedserve.async_engine import AsyncEngine, EngineDeadError, EngineUnavailableError, RequestStream
 from pagedserve.entrypoints.openai.protocol import SamplingFields
+from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
+
+MAX_PROMPTS = 1024  # prompts in one completions or embeddings request
 
 # -4 billion would also be "impossible"; JSON has no -Infinity, so clamp like vLLM does.
 _MIN_LOGPROB = -9999.0
@@ -388,3 +391,48 @@ async def run_until_disconnect(request: Request, work: Awaitable[Response]) -> R
 
 def now_created() -> int:
     return int(time.time())
+
+
+async def tokenize_prompts(engine: AsyncEngine, prompt: Any, param: str = "prompt", add_special_tokens: bool = True
+                           ) -> list[tuple[str | None, list[int]]]:
+    """A completions `prompt` / embeddings `input` (a string, a list of strings, a list of token ids, or a list
+    of token-id lists) -> [(prompt text or None, token ids)]; empty prompts and ids outside the vocabulary are
+    400s naming `param`. Texts are encoded on the tokenizer thread."""
+    if isinstance(prompt, str):
+        items: list[Any] = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+        items = [prompt]
+    else:
+        items = list(prompt)
+    if not items:
+        raise bad_request(f"{param} must not be empty", param)
+    if len(items) > MAX_PROMPTS:
+        raise bad_request(f"at most {MAX_PROMPTS} prompts per request, got {len(items)}", param)
+    texts = [p for p in items if isinstance(p, str)]
+    encoded: list[list[int]] = []
+    if texts:
+        encode = engine.tokenizer.encode
+        encoded = await engine.run_in_tokenizer_thread(
+            lambda: [encode(t) if add_special_tokens else encode(t, add_special_tokens=False) for t in texts])
+    out: list[tuple[str | None, list[int]]] = []
+    it = iter(encoded)
+    for p in items:
+        if isinstance(p, str):
+            if not p:
+                raise bad_request(f"{param} must not be empty", param)
+            out.append((p, next(it)))
+        else:
+            for t in p:
+                if not 0 <= t < engine.vocab_size:
+                    raise bad_request(f"prompt token id {t} is outside the vocabulary [0, {engine.vocab_size})", param)
+            out.append((None, list(p)))
+    return out
+
+
+async def last_output(stream: RequestStream) -> RequestOutput:
+    """A request's final output (non-streaming routes)."""
+    final = None
+    async for output in stream:
+        final = output
+    assert final is not None
+    return final

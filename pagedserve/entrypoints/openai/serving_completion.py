@@ -11,7 +11,6 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -29,17 +28,18 @@ from pagedserve.entrypoints.openai.serving_base import (
     clamp_logprob,
     engine_error,
     error_body,
+    last_output,
     now_created,
     prompt_logprobs_json,
     run_until_disconnect,
     sse,
     structured_outputs_of,
+    tokenize_prompts,
     usage_dict,
 )
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
-MAX_PROMPTS = 1024  # prompts in one request
 MAX_CHOICES = 1024  # prompts x n in one request
 
 
@@ -66,7 +66,7 @@ class OpenAIServingCompletion:
                                        self.engine.default_sampling)
         if req.echo and req.logprobs is not None:  # the echoed prompt carries its tokens' logprobs
             params.prompt_logprobs = max(params.prompt_logprobs or 0, req.logprobs)
-        prompts = await self._tokenize_prompts(req.prompt)
+        prompts = await tokenize_prompts(self.engine, req.prompt)
         if len(prompts) * params.n > MAX_CHOICES:
             raise bad_request(
                 f"{len(prompts)} prompts x n={params.n} make {len(prompts) * params.n} "
@@ -91,41 +91,6 @@ class OpenAIServingCompletion:
         if req.stream:
             return SSEResponse(self._stream(streams, ctx))
         return await run_until_disconnect(raw_request, self._full(streams, ctx))
-
-    async def _tokenize_prompts(self, prompt: Any) -> list[tuple[str | None, list[int]]]:
-        """-> [(prompt text or None, token ids)]."""
-        if isinstance(prompt, str):
-            items: list[Any] = [prompt]
-        elif isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
-            items = [prompt]
-        else:
-            items = list(prompt)
-        if not items:
-            raise bad_request("prompt must not be empty", "prompt")
-        if len(items) > MAX_PROMPTS:
-            raise bad_request(f"at most {MAX_PROMPTS} prompts per request, got {len(items)}", "prompt")
-        texts = [p for p in items if isinstance(p, str)]
-        encoded: list[list[int]] = []
-        if texts:
-            encoded = await self.engine.run_in_tokenizer_thread(
-                lambda: [self.engine.tokenizer.encode(t) for t in texts]
-            )
-        out: list[tuple[str | None, list[int]]] = []
-        it = iter(encoded)
-        for p in items:
-            if isinstance(p, str):
-                if not p:
-                    raise bad_request("prompt must not be empty", "prompt")
-                out.append((p, next(it)))
-            else:
-                for t in p:
-                    if not 0 <= t < self.engine.vocab_size:
-                        raise bad_request(
-                            f"prompt token id {t} is outside the vocabulary [0, {self.engine.vocab_size})",
-                            "prompt",
-                        )
-                out.append((None, list(p)))
-        return out
 
     # ------------------------------------------------------------------ outputs
     def _prompt_text(self, ctx: _Context, prompt_index: int) -> str:
@@ -176,7 +141,7 @@ class OpenAIServingCompletion:
 
     async def _full(self, streams: list[RequestStream], ctx: _Context) -> Response:
         try:
-            finals = await asyncio.gather(*(_last(s) for s in streams))
+            finals = await asyncio.gather(*(last_output(s) for s in streams))
         except Exception as e:
             err = engine_error(e)
             return JSONResponse(err.body(), status_code=err.status_code, headers=err.headers)
@@ -320,12 +285,6 @@ class _Context:
         self.echo_only = bool(req.echo) and req.max_tokens == 0  # the one token generated is not shown
 
 
-async def _last(stream: RequestStream) -> RequestOutput:
-    final = None
-    async for output in stream:
-        final = output
-    assert final is not None
-    return final
 
 
 async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
