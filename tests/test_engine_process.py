@@ -92,10 +92,10 @@ def test_decoder_drops_late_deltas_of_forgotten_requests(engine: LLMEngine) -> N
     decoder = DeltaDecoder(engine.tokenizer)
     params = SamplingParams(max_tokens=4)
     decoder.expect("r", params)
-    first = ("r", [1, 2], None, False, 0, None, [(0, [300], "", None, None, None, None)], None)
+    first = ("r", [1, 2], None, False, 0, None, [(0, [300], "", None, None, None, None)], None, None)
     assert decoder.decode([first])[0].outputs[0].text == engine.tokenizer.decode([300])
     decoder.forget(["r"])
-    late = ("r", None, None, False, 0, None, [(0, [301], "", None, None, None, None)], None)
+    late = ("r", None, None, False, 0, None, [(0, [301], "", None, None, None, None)], None, None)
     assert decoder.decode([late]) == []
     assert not decoder._acc
 

@@ -102,6 +102,11 @@ def test_two_ranks_match_transformers(tmp_path, real_model_dir, arch, overrides,
             assert [g[1] for g in got] == pytest.approx([ref[p - 1, prompt[p]].item() for p in range(1, len(prompt))],
                                                         abs=1e-4)
             assert [g[2] for g in got] == [ref[p - 1].topk(2).indices.tolist() for p in range(1, len(prompt))]
+        # Embeddings: rank 0 pools its hidden states, which the row-parallel all-reduces made whole.
+        for prompt, emb in zip(PROMPTS, llm.embed([{"prompt_token_ids": p} for p in PROMPTS]), strict=True):
+            with torch.no_grad():
+                ref = torch.nn.functional.normalize(hf.model(torch.tensor([prompt])).last_hidden_state[0, -1], dim=0)
+            assert torch.allclose(torch.tensor(emb.outputs.embedding), ref, atol=1e-5)
     finally:
         llm.engine.worker.close()
     assert not (tp_worker_pids() - before)  # close() ended rank 1
