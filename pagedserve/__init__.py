@@ -1,12 +1,14 @@
 """pagedserve: a PagedAttention LLM serving engine written in Python."""
 
 from pagedserve.config import EngineConfig
+from pagedserve.lora import LoRARequest
 from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "EngineConfig", "PoolingParams", "SamplingParams", "StructuredOutputsParams", "__version__"]
+__all__ = ["LLM", "EngineConfig", "LoRARequest", "PoolingParams", "SamplingParams", "StructuredOutputsParams",
+           "__version__"]
 
 
 def __getattr__(name: str):

@@ -45,6 +45,10 @@ class EngineConfig:
     override_generation_config: dict | None = None
     max_queued_requests: int | None = None  # server: waiting requests beyond this get 503
     disable_log_stats: bool = False
+    # LoRA adapters (pagedserve/lora.py, executor/lora.py): up to max_loras resident at once, of rank <= max_lora_rank
+    enable_lora: bool = False
+    max_loras: int = 4
+    max_lora_rank: int = 16
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:
@@ -82,6 +86,10 @@ class EngineConfig:
             fail("generation_config must be auto, vllm or a folder")
         if self.override_generation_config is not None and not isinstance(self.override_generation_config, dict):
             fail(f"override_generation_config must be a dict, got {self.override_generation_config!r}")
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            fail(f"max_loras and max_lora_rank must be >= 1, got {self.max_loras} and {self.max_lora_rank}")
+        if self.enable_lora and self.tensor_parallel_size > 1:
+            fail("LoRA adapters with tensor parallelism are not supported yet; use tensor_parallel_size=1")
         if self.max_queued_requests is not None and self.max_queued_requests < 0:
             fail(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
 

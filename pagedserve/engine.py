@@ -38,6 +38,7 @@ from pagedserve.core.outputs import SchedulerOutput
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.scheduler import Scheduler
 from pagedserve.executor.compile_log import mark_serving, serving_compiles
+from pagedserve.lora import LoRARequest
 from pagedserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
 from pagedserve.structured_output import SequenceConstraint, StructuredOutputBackend
@@ -224,6 +225,7 @@ class LLMEngine:
         prompt_text: str | None = None,
         final_only: bool = False,
         compiled_grammar: Any = None,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         """Queues a prompt (text or token ids). `prompt_text` labels a token-id prompt in outputs.
 
@@ -231,6 +233,7 @@ class LLMEngine:
         Without stop strings its text is then decoded once at the end instead of token by token.
         compiled_grammar: `params.structured_outputs` compiled already (`compile_structured_async`);
         without it the constraint is compiled here, on the calling thread.
+        lora_request: the LoRA adapter to run it with (enable_lora); loaded into a slot on first use.
         """
         params = params or self.default_sampling_params()
         if not isinstance(params, SamplingParams):
@@ -254,6 +257,7 @@ class LLMEngine:
             compiled = compiled_grammar
             if compiled is None:
                 compiled = self.structured_output_backend().compile(params.structured_outputs)
+        lora_slot, lora_salt = self._lora_slot(lora_request)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         state = _RequestState(request_id, prompt_text, prompt_token_ids, params, [], RequestMetrics(arrival),
                               final_only=final_only)
@@ -280,8 +284,10 @@ class LLMEngine:
                 eos_token_id=self.tokenizer.eos_token_id,
                 group_id=request_id if params.n > 1 else None,
                 # Siblings always share prompt blocks; other requests only when prefix caching is on.
-                cache_salt=None if self.config.enable_prefix_caching or params.n == 1 else request_id,
+                cache_salt=_salted(None if self.config.enable_prefix_caching or params.n == 1 else request_id,
+                                   lora_salt),
                 arrival_time=arrival,
+                lora_slot=lora_slot,
             )
             detok = None
             if params.pooling is None and (self.detokenize or needs_engine_text(params)):
@@ -306,6 +312,20 @@ class LLMEngine:
         state.num_unfinished = params.n
         self._requests[request_id] = state
         self.prompt_tokens_total += len(prompt_token_ids) * params.n
+
+    def _lora_slot(self, lora_request: LoRARequest | None) -> tuple[int, str | None]:
+        """(device slot, prefix-cache namespace) of a request's adapter; (0, None) without one. An adapter's
+        cached blocks are its own: the same prompt under another adapter (or none) has other K/V."""
+        if lora_request is None:
+            return 0, None
+        if not isinstance(lora_request, LoRARequest):
+            raise ValueError(f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
+        manager = getattr(self.worker.runner, "lora_manager", None)
+        if manager is None:
+            raise ValueError("this engine was started without LoRA support; start it with enable_lora=True "
+                             "(--enable-lora)")
+        in_use = {r.lora_slot for r in self.scheduler.requests.values()}
+        return manager.slot_of(lora_request, in_use), f"lora:{lora_request.lora_int_id}"
 
     def compile_structured_async(self, spec: StructuredOutputsParams) -> Future:
         """Compiles a structured-output constraint on a worker thread, for add_request's `compiled_grammar`
@@ -698,6 +718,12 @@ def stop_token_ends_text(params: SamplingParams, token_ids: list[int], finish_re
         return False
     last = token_ids[-1]
     return last in params.stop_token_ids or (not params.ignore_eos and last in eos_token_ids)
+
+
+def _salted(salt: str | None, lora_salt: str | None) -> str | None:
+    if lora_salt is None:
+        return salt
+    return lora_salt if salt is None else f"{salt}|{lora_salt}"
 
 
 def needs_engine_text(params: SamplingParams) -> bool:

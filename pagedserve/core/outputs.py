@@ -41,6 +41,7 @@ class ScheduledRequest:
     # Structured outputs: the tokens this row may sample, one bit each (an int32 row on the host, from
     # the engine's grammar matcher; structured_output.py). None: any token.
     allowed_token_bitmask: Any = None
+    lora_slot: int = 0  # its LoRA adapter's device slot (executor/lora.py); 0: none
 
     @property
     def seq_len(self) -> int:

@@ -216,6 +216,7 @@ class Scheduler:
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
             output_index=output_index,
+            lora_slot=request.lora_slot,
         )
 
     def _ends_with_placeholder(self, request: Request) -> bool:

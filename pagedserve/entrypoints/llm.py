@@ -7,6 +7,7 @@ from typing import Any
 
 from pagedserve.config import EngineConfig
 from pagedserve.engine import LLMEngine
+from pagedserve.lora import LoRARequest
 from pagedserve.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import SamplingParams
@@ -38,10 +39,12 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generates for each prompt: a string, a list of token ids, or {"prompt": ...} /
-        {"prompt_token_ids": [...]}. Returns one RequestOutput per prompt, in order."""
-        return self._run(_normalize_prompts(prompts), sampling_params, use_tqdm)
+        {"prompt_token_ids": [...]}. Returns one RequestOutput per prompt, in order. lora_request: one adapter for
+        every prompt, or one (or None) per prompt (an engine built with enable_lora=True)."""
+        return self._run(_normalize_prompts(prompts), sampling_params, use_tqdm, lora_request)
 
     def embed(
         self,
@@ -70,6 +73,7 @@ class LLM:
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Applies the chat template to one conversation or a list of them, then generates. `tools` (OpenAI's
         function definitions) go into the template, as vLLM's LLM.chat does; the answer's text holds any call
@@ -84,14 +88,21 @@ class LLM:
                                                  tools=tools)
             # The template already holds any BOS token: do not add special tokens twice.
             prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
-        return self._run(prompts, sampling_params, use_tqdm)
+        return self._run(prompts, sampling_params, use_tqdm, lora_request)
 
     def _run(
         self,
         prompts: list[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None,
         use_tqdm: bool,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            loras = [lora_request] * len(prompts)
+        else:
+            loras = list(lora_request)
+            if len(loras) != len(prompts):
+                raise ValueError(f"got {len(loras)} LoRA requests for {len(prompts)} prompts")
         if sampling_params is None:
             params_list = [self.get_default_sampling_params()] * len(prompts)
         elif isinstance(sampling_params, SamplingParams):
@@ -102,12 +113,13 @@ class LLM:
                 raise ValueError(f"got {len(params_list)} sampling params for {len(prompts)} prompts")
         ids: list[str] = []
         try:
-            for prompt, params in zip(prompts, params_list):
+            for prompt, params, lora in zip(prompts, params_list, loras):
                 request_id = str(self._next_id)
                 self._next_id += 1
                 text, token_ids = _split_prompt(prompt)
                 prompt_input = token_ids if token_ids is not None else text
-                self.engine.add_request(request_id, prompt_input, params, prompt_text=text, final_only=True)
+                self.engine.add_request(request_id, prompt_input, params, prompt_text=text, final_only=True,
+                                        lora_request=lora)
                 ids.append(request_id)
         except Exception:
             self.engine.abort_request(ids)

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.distributed import all_reduce, tp_size, vocab_shard
+from pagedserve.executor import lora
+from pagedserve.executor.lora import LoRALayer
 
 
 class Linear(nn.Module):
@@ -32,6 +34,7 @@ class Linear(nn.Module):
         self.weight_scale: torch.Tensor | None = None
         # Off CUDA, an fp8 checkpoint's projection holds its dequantized fp8 values: quantize_model leaves it be.
         self.holds_fp8_values = False
+        self.lora: LoRALayer | None = None  # enable_lora: this projection's adapter slots (executor/lora.py)
 
     def quantize_fp8(self) -> None:
         """Replaces the loaded weight by fp8 rows and their scales (on CUDA), or, elsewhere, by the dequantized
@@ -85,6 +88,12 @@ class Linear(nn.Module):
             self.holds_fp8_values = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._base(x)
+        if self.lora is not None and lora.ACTIVE is not None:  # a step with LoRA adapters (executor/lora.py)
+            y = self.lora.apply(x, y, lora.ACTIVE)
+        return y
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_scale is not None:
             from pagedserve.executor.quantization import fp8_linear
 

@@ -44,8 +44,10 @@ from pagedserve.core.outputs import (
     TokenLogprobs,
 )
 from pagedserve.distributed import broadcast_tensor, tp_size
+from pagedserve.executor import lora
 from pagedserve.executor.attention.base import AttentionBackend, AttentionMetadata, ForwardContext
 from pagedserve.executor.attention.torch_ref import TorchAttentionBackend
+from pagedserve.executor.lora import LoRAMapping
 from pagedserve.executor.models.decoder import head_dim_of, local_num_kv_heads
 from pagedserve.executor.sampler import SampleResult, StepHistory, finite_or, logprob_stats
 from pagedserve.pooling_params import PoolingParams
@@ -130,6 +132,8 @@ class StepInputs:
     # Embedding requests at their last prompt token: (indices among the logits rows, indices among the scheduled
     # requests). Such steps run eager too: the pooled vector is that row's final hidden state.
     pool_rows: tuple[list[int], list[int]] | None = None
+    # LoRA adapters in use (executor/lora.py): their tokens' rows per slot. Such steps run eager.
+    lora: LoRAMapping | None = None
 
 
 def prefill_warm_probes(head_dim: int, queries_per_kv: int) -> list[tuple[int, int]]:
@@ -257,6 +261,7 @@ class ModelRunner:
         self._pinned: list[torch.Tensor | None] = [None, None]
         self._copy_done: list[torch.cuda.Event | None] = [None, None]
         self._turn = 0
+        self.lora_manager = None  # enable_lora: the adapter slots (executor/lora.py), set by the worker
         # The last step's sampled token ids (device) and each sampled request's row in them.
         self._last_sampled: torch.Tensor | None = None
         self._last_sample_rows: dict[str, int] = {}
@@ -295,7 +300,15 @@ class ModelRunner:
                        else prompt_logprob_plan(scheduled, query_start_loc) or None)
         pool = [(j, i) for j, i in enumerate(sample_rows) if scheduled[i].sampling_params.pooling is not None]
         pool_rows = ([j for j, _ in pool], [i for _, i in pool]) if pool else None
-        eager = prompt_plan is not None or pool_rows is not None  # steps that need the hidden states
+        lora_slots = np.fromiter((r.lora_slot for r in scheduled), dtype=np.int64, count=num_seqs)
+        lora_mapping = None
+        if lora_slots.any():
+            token_slots = np.repeat(lora_slots, query_lens)
+            lora_mapping = LoRAMapping([
+                (int(slot), torch.from_numpy(np.flatnonzero(token_slots == slot)).to(self.device, non_blocking=True))
+                for slot in np.unique(lora_slots[lora_slots > 0])])
+        # Steps that need the hidden states, or whose projections add adapters: eager.
+        eager = prompt_plan is not None or pool_rows is not None or lora_mapping is not None
         graphs = self.cuda_graphs
         # (A one-token chunk may be a prefill piece that does not sample: graphs need every row sampled.)
         graph_step = (graphs is not None and is_decode_only and num_logits == num_seqs and not eager
@@ -400,7 +413,7 @@ class ModelRunner:
         )
         ctx = ForwardContext(attn_metadata=meta, kv_caches=self.kv_caches, backend=self.backend)
         return StepInputs(views[0], views[1], ctx, views[6], num_logits, graph_step, placeholder_rows,
-                          mixed_graph_step, prompt_plan, pool_rows)
+                          mixed_graph_step, prompt_plan, pool_rows, lora_mapping)
 
     def _placeholder_sources(
         self, scheduled: list[ScheduledRequest], query_start_loc: np.ndarray, dst: np.ndarray
@@ -525,7 +538,11 @@ class ModelRunner:
             logits = self.mixed_graphs.run(inputs.input_ids, inputs.positions, meta, inputs.logits_indices,
                                            inputs.num_logits)
         else:
-            hidden = self.model(inputs.input_ids, inputs.positions, inputs.ctx)
+            lora.ACTIVE = inputs.lora
+            try:
+                hidden = self.model(inputs.input_ids, inputs.positions, inputs.ctx)
+            finally:
+                lora.ACTIVE = None
             if inputs.prompt_plan:
                 payload, decode = self._prompt_logprobs(hidden, inputs.prompt_plan, scheduled)
                 prompt_part = None if payload is None else (*self._to_host(payload), decode)

@@ -253,6 +253,11 @@ def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: st
                          f"max_position_embeddings {model_len}")
     max_batched = default_max_batched_tokens(config, device)
     vocab_size = int(hf_config.vocab_size)
+    lora_manager = None
+    if config.enable_lora:  # its slots are allocated before the KV cache takes the rest of the memory
+        from pagedserve.executor.lora import LoRAManager
+
+        lora_manager = LoRAManager(model, config.max_loras, config.max_lora_rank)
     num_blocks = size_kv_cache(config, model, hf_config, device, dtype, max_batched)
     capacity = num_blocks * config.block_size
     max_model_len = config.max_model_len or model_len
@@ -271,6 +276,7 @@ def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: st
                       fused_penalties=os.environ.get("PAGEDSERVE_FUSED_PENALTIES", "1") != "0",
                       max_rows=config.max_num_seqs)
     runner = ModelRunner(config, model, hf_config, device, dtype, num_blocks, config.block_size, sampler)
+    runner.lora_manager = lora_manager
     config = dataclasses.replace(config, max_model_len=max_model_len, max_num_batched_tokens=max_batched)
     logger.info("start-up: KV cache sized at %.1f s%s", time.monotonic() - t0, summary_suffix())
     if device.type == "cuda" and not config.enforce_eager:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from pagedserve.distributed import all_reduce, gather_last_dim, shard, tp_rank, tp_size, vocab_shard
+from pagedserve.executor import lora
 from pagedserve.executor.attention.base import ForwardContext
 from pagedserve.executor.layers import (
     _NO_SKINNY_GEMM,
@@ -115,7 +116,8 @@ _FUSED_QKV_ROPE = os.environ.get("PAGEDSERVE_FUSED_QKV_ROPE", "1") == "1" and no
 
 def _fuses_qkv_rope(hidden: torch.Tensor, rope: RopeStep, backend: Any) -> bool:
     return (_FUSED_QKV_ROPE and hidden.shape[0] == 1 and hidden.is_cuda and hidden.dtype != torch.float32
-            and rope.cos is None and getattr(backend, "fuses_rotary", False))
+            and rope.cos is None and getattr(backend, "fuses_rotary", False)
+            and lora.ACTIVE is None)  # (a LoRA step: the projection's forward adds the adapter)
 
 
 class DecoderAttention(nn.Module):
@@ -172,7 +174,7 @@ class DecoderMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 1 and x.is_cuda and _FUSED_GATE_UP and self.gate_up_proj.bias is None \
-                and self.gate_up_proj.weight_scale is None and x.dtype != torch.float32:
+                and self.gate_up_proj.weight_scale is None and x.dtype != torch.float32 and lora.ACTIVE is None:
             # One token: gate_up GEMM and SiLU·mul in one kernel (kernels/gate_up_silu.py).
             from pagedserve.executor.kernels.gate_up_silu import gate_up_silu
 

@@ -1,0 +1,133 @@
+"""LoRA adapters (LLM(..., enable_lora=True), LoRARequest) on tiny random checkpoints in fp32 on CPU, against
+Transformers with each adapter merged into its weights (W + scale * B A): several adapters and the base model in one
+batch, merged projections (q|k|v, gate|up) with some parts untargeted, rsLoRA, chunked prefill, the prefix cache kept
+apart per adapter, slot reuse, and refused adapters."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pagedserve import LLM, LoRARequest, SamplingParams
+from tests.executor.test_tensor_parallel import hf_greedy, tiny_checkpoint
+
+PROMPTS = [[5, 17, 99, 3, 250, 42, 7], [11, 12, 13], list(range(30, 70))]
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def write_adapter(folder: Path, hf, targets: list[str], rank: int, alpha: float, seed: int, rslora: bool = False,
+                  extra_config: dict | None = None) -> dict:
+    """A PEFT-format adapter with random A and B for `targets` in every layer; returns {module path: (A, B)}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    tensors, pairs = {}, {}
+    for name, module in hf.named_modules():
+        short = name.rsplit(".", 1)[-1]
+        if short in targets and isinstance(module, torch.nn.Linear):
+            a = torch.randn(rank, module.in_features, generator=g) * 0.2
+            b = torch.randn(module.out_features, rank, generator=g) * 0.2
+            tensors[f"base_model.model.{name}.lora_A.weight"] = a
+            tensors[f"base_model.model.{name}.lora_B.weight"] = b
+            pairs[name] = (a, b)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": targets, "bias": "none",
+              "use_rslora": rslora, "modules_to_save": None, **(extra_config or {})}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return pairs
+
+
+def merged(hf, pairs: dict, scale: float):
+    """Transformers' model with the adapter merged into its weights: the reference."""
+    model = copy.deepcopy(hf)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, (a, b) in pairs.items():
+            modules[name].weight += scale * (b @ a)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, real_model_dir):
+    folder = tmp_path_factory.mktemp("lora-base")
+    hf = tiny_checkpoint(folder, real_model_dir, "qwen2").eval()
+    adapters = {}
+    a1 = write_adapter(folder / "a1", hf, ALL, rank=4, alpha=8, seed=1)
+    adapters["a1"] = (LoRARequest("a1", 1, str(folder / "a1")), merged(hf, a1, 8 / 4))
+    a2 = write_adapter(folder / "a2", hf, ["q_proj", "v_proj"], rank=8, alpha=4, seed=2, rslora=True)
+    adapters["a2"] = (LoRARequest("a2", 2, str(folder / "a2")), merged(hf, a2, 4 / math.sqrt(8)))
+    a3 = write_adapter(folder / "a3", hf, ["up_proj", "down_proj", "k_proj"], rank=2, alpha=2, seed=3)
+    adapters["a3"] = (LoRARequest("a3", 3, str(folder / "a3")), merged(hf, a3, 1.0))
+    return folder, hf, adapters
+
+
+def test_adapters_and_the_base_model_in_one_batch_match_merged_transformers(setup) -> None:
+    folder, hf, adapters = setup
+    llm = LLM(str(folder), enable_lora=True, max_loras=2, max_lora_rank=8, max_model_len=128,
+              cpu_kv_cache_gib=0.05, max_num_batched_tokens=16, dtype="float32")
+    params = SamplingParams(temperature=0, max_tokens=6, logprobs=1)
+    names = [None, "a1", "a2", None, "a1", "a2"]
+    prompts = [PROMPTS[i % 3] for i in range(len(names))]
+    loras = [adapters[n][0] if n else None for n in names]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False, lora_request=loras)
+    for name, prompt, out in zip(names, prompts, outs, strict=True):
+        ref_ids, ref_lps = hf_greedy(adapters[name][1] if name else hf, prompt, 6)
+        assert out.outputs[0].token_ids == ref_ids, name
+        assert [lp.logprob for lp in out.outputs[0].logprobs] == pytest.approx(ref_lps, abs=1e-4)
+    # The adapters change the answers (else the test could not fail).
+    base = [o.outputs[0].logprobs[0].logprob for o in outs[:1]]
+    assert base != [o.outputs[0].logprobs[0].logprob for o in outs[1:2]]
+
+    # Prefix cache: the long prompt again under a2 hits a2's blocks; under a3 and the base model (never run with
+    # it) it does not: each adapter's K/V are its own.
+    again = llm.generate([{"prompt_token_ids": PROMPTS[2]}] * 3, params, use_tqdm=False,
+                         lora_request=[adapters["a2"][0], adapters["a3"][0], None])
+    assert again[0].num_cached_tokens > 0 and again[1].num_cached_tokens == again[2].num_cached_tokens == 0
+    # max_loras=2: a3 took the slot of a1 (the least recently used adapter no live request holds; a2's request
+    # was live). Its answer is a3's, and a1 comes back into a slot after.
+    assert again[1].outputs[0].token_ids == hf_greedy(adapters["a3"][1], PROMPTS[2], 6)[0]
+    out = llm.generate([{"prompt_token_ids": PROMPTS[0]}], params, use_tqdm=False, lora_request=adapters["a1"][0])
+    assert out[0].outputs[0].token_ids == hf_greedy(adapters["a1"][1], PROMPTS[0], 6)[0]
+    stats = llm.engine.get_stats()
+    assert stats["num_free_blocks"] == stats["num_total_blocks"]
+
+
+def test_bad_adapters_and_settings_are_value_errors(setup, tmp_path) -> None:
+    folder, hf, adapters = setup
+    llm = LLM(str(folder), enable_lora=True, max_loras=1, max_lora_rank=4, max_model_len=64, cpu_kv_cache_gib=0.05)
+    p = SamplingParams(max_tokens=2)
+    with pytest.raises(ValueError, match="rank 8, above max_lora_rank 4"):
+        llm.generate([[1, 2]], p, lora_request=adapters["a2"][0])
+    with pytest.raises(ValueError, match="adapter_config.json is missing"):
+        llm.generate([[1, 2]], p, lora_request=LoRARequest("nope", 9, str(tmp_path / "nope")))
+    write_adapter(tmp_path / "emb", hf, ["q_proj"], rank=2, alpha=2, seed=0,
+                  extra_config={"modules_to_save": ["lm_head"]})
+    with pytest.raises(ValueError, match="modules_to_save"):
+        llm.generate([[1, 2]], p, lora_request=LoRARequest("emb", 5, str(tmp_path / "emb")))
+    write_adapter(tmp_path / "dora", hf, ["q_proj"], rank=2, alpha=2, seed=0, extra_config={"use_dora": True})
+    with pytest.raises(ValueError, match="DoRA"):
+        llm.generate([[1, 2]], p, lora_request=LoRARequest("dora", 6, str(tmp_path / "dora")))
+    # max_loras=1: while a request holds a1's slot, another adapter cannot load; a1 itself shares the slot.
+    engine = llm.engine
+    engine.add_request("live", [1, 2, 3], SamplingParams(max_tokens=3), lora_request=adapters["a1"][0])
+    with pytest.raises(ValueError, match="all 1 LoRA slots"):
+        engine.add_request("other", [1, 2], p, lora_request=adapters["a3"][0])
+    engine.add_request("same", [4, 5], p, lora_request=adapters["a1"][0])
+    while engine.has_unfinished_requests():
+        engine.step()
+    llm.generate([[1, 2]], p, lora_request=adapters["a3"][0])  # the slot is free again
+    with pytest.raises(ValueError, match="LoRA requests for"):
+        llm.generate([[1, 2], [3]], p, lora_request=[adapters["a1"][0]])
+    plain = LLM(str(folder), max_model_len=64, cpu_kv_cache_gib=0.05)
+    with pytest.raises(ValueError, match="enable_lora=True"):
+        plain.generate([[1, 2]], p, lora_request=adapters["a1"][0])
+    with pytest.raises(ValueError, match="tensor parallelism"):
+        LLM(str(folder), enable_lora=True, tensor_parallel_size=2)
+    for engine in (llm.engine, plain.engine):
+        stats = engine.get_stats()
+        assert not engine.has_unfinished_requests() and stats["num_free_blocks"] == stats["num_total_blocks"]
