@@ -167,6 +167,8 @@ class AsyncEngine:
         self._streams: dict[str, RequestStream] = {}
         self._accepting = True
         self._tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="pagedserve-tokenizer")
+        # The server's LoRA adapters by served name (--lora-modules); a request naming one runs with it.
+        self.lora_requests: dict[str, Any] = {}
 
     @classmethod
     def in_process(cls, engine_factory: Callable[[], EngineLike] | None = None, *, backend: Any = None,
@@ -229,8 +231,9 @@ class AsyncEngine:
         params: SamplingParams,
         arrival_time: float | None = None,
         prompt_text: str | None = None,
+        lora_request: Any = None,
     ) -> RequestStream:
-        """Submits a request and waits until the engine accepted it.
+        """Submits a request and waits until the engine accepted it. lora_request: its LoRA adapter, or None.
 
         Raises ValueError (bad input), QueueFullError / ShuttingDownError (retry later), or
         EngineDeadError. Pass token ids as `prompt`: text would be tokenized by the engine.
@@ -245,7 +248,7 @@ class AsyncEngine:
         stream = RequestStream(request_id, self._loop)
         self._streams[request_id] = stream
         arrival = arrival_time if arrival_time is not None else time.monotonic()
-        self._backend.submit(AddRequest(request_id, prompt, params, arrival, prompt_text))
+        self._backend.submit(AddRequest(request_id, prompt, params, arrival, prompt_text, lora_request))
         try:
             await asyncio.shield(stream.accepted)
         except asyncio.CancelledError:

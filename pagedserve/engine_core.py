@@ -36,6 +36,7 @@ class AddRequest:
     params: SamplingParams
     arrival_time: float
     prompt_text: str | None
+    lora_request: Any = None  # a LoRARequest (pagedserve/lora.py), or None
 
 
 @dataclass(slots=True)
@@ -167,6 +168,8 @@ class EngineCore:
 
     def _add(self, item: AddRequest, compiled_grammar: Any = None) -> Ack:
         kwargs = {} if compiled_grammar is None else {"compiled_grammar": compiled_grammar}
+        if item.lora_request is not None:
+            kwargs["lora_request"] = item.lora_request
         try:
             self.engine.add_request(item.request_id, item.prompt, item.params, arrival_time=item.arrival_time,
                                     prompt_text=item.prompt_text, **kwargs)

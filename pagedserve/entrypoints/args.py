@@ -60,6 +60,10 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
                         "generation_config.json), vllm (none: OpenAI's defaults), or a folder with one")
     g.add_argument("--override-generation-config", type=_json_object, default=None, metavar="JSON",
                    help='default sampling fields on top, e.g. \'{"temperature": 0.5}\'')
+    g.add_argument("--enable-lora", action="store_true",
+                   help="serve LoRA adapters (PEFT folders) beside the base model; see --lora-modules")
+    g.add_argument("--max-loras", type=int, default=4, help="LoRA adapters resident on the device at once")
+    g.add_argument("--max-lora-rank", type=int, default=16, help="the largest LoRA rank an adapter may have")
 
 
 def _json_object(text: str) -> dict:
@@ -89,6 +93,8 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> EngineCon
         tensor_parallel_size=args.tensor_parallel_size, chat_template=args.chat_template,
         served_model_name=args.served_model_name, generation_config=args.generation_config,
         override_generation_config=args.override_generation_config,
+        enable_lora=bool(getattr(args, "enable_lora", False) or getattr(args, "lora_modules", None)),
+        max_loras=getattr(args, "max_loras", 4), max_lora_rank=getattr(args, "max_lora_rank", 16),
     )
     kwargs.update(overrides)
     return EngineConfig(**kwargs)

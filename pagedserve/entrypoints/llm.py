@@ -51,6 +51,7 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[EmbeddingRequestOutput]:
         """One embedding per prompt (as generate's prompts): the final hidden state of its last token, L2-normalized
         unless pooling_params says otherwise (pooling_params.py). `.outputs.embedding` is a list of floats. The
@@ -64,7 +65,7 @@ class LLM:
                 raise ValueError(f"got {len(pooling_list)} pooling params for {len(prompts)} prompts")
         params = [SamplingParams.for_pooling(p) for p in pooling_list]
         return [EmbeddingRequestOutput(out.request_id, out.prompt_token_ids, EmbeddingOutput(out.embedding))
-                for out in self._run(prompts, params, use_tqdm)]
+                for out in self._run(prompts, params, use_tqdm, lora_request)]
 
     def chat(
         self,

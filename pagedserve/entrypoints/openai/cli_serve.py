@@ -60,6 +60,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tool-call-parser", choices=["hermes"], default="hermes",
                    help="how auto tool calls are read from the answer: hermes (<tool_call>{...}</tool_call>, "
                    "what Qwen2/2.5 chat templates ask for)")
+    g.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                   help="LoRA adapters to serve (implies --enable-lora): each NAME=PATH (a PEFT folder) or a JSON "
+                   '{"name": ..., "path": ...}; a request whose model is NAME runs with that adapter')
     g.add_argument(
         "--engine-process",
         action=argparse.BooleanOptionalAction,
@@ -127,8 +130,35 @@ def start_engine_process(config: EngineConfig, args: argparse.Namespace):
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config = serve_config_from_args(args)
+    lora_requests_from_args(args)  # each adapter folder read before the engine starts: a bad one fails fast
     # The engine process starts first: the server's own imports then overlap its loading.
     backend = start_engine_process(config, args) if args.engine_process else None
     from pagedserve.entrypoints.openai.server import run_server
 
     return run_server(config, args, backend=backend)
+
+
+def lora_requests_from_args(args: argparse.Namespace) -> dict:
+    """--lora-modules -> {name: LoRARequest} (ids 1, 2, ... in order); each folder is read now, so a bad one
+    stops the start-up instead of failing requests later."""
+    import json
+
+    from pagedserve.lora import LoRARequest, read_adapter
+
+    out: dict = {}
+    for item in getattr(args, "lora_modules", None) or []:
+        if item.lstrip().startswith("{"):
+            try:
+                spec = json.loads(item)
+                name, path = spec["name"], spec["path"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"--lora-modules {item!r}: expected NAME=PATH or JSON with name and path") from e
+        else:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"--lora-modules {item!r}: expected NAME=PATH")
+        if name in out:
+            raise ValueError(f"--lora-modules names {name!r} twice")
+        read_adapter(path)
+        out[name] = LoRARequest(name, len(out) + 1, path)
+    return out

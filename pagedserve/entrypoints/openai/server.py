@@ -39,6 +39,7 @@ from pagedserve.entrypoints.openai.cli_serve import (
     add_serve_args,
     enable_stats_logging,
     engine_core_kwargs,
+    lora_requests_from_args,
     serve_config_from_args,
     start_engine_process,
 )
@@ -82,6 +83,7 @@ class ServerSettings:
     model_root: str | None = None
     enable_auto_tool_choice: bool = False  # tool_choice "auto": answers parsed for hermes tool calls
     reasoning_parser: str | None = None  # "qwen3" | "deepseek_r1": chat answers split into reasoning / content
+    lora_modules: dict = field(default_factory=dict)  # served name -> LoRARequest (--lora-modules)
 
 
 def _version() -> str:
@@ -186,6 +188,9 @@ _ERROR_RESPONSES = {
 def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
     served_names = settings.served_model_names or [engine.model_name]
+    # A request may name the base model or one of its LoRA adapters.
+    engine.lora_requests = dict(settings.lora_modules)
+    served_names = served_names + [name for name in settings.lora_modules if name not in served_names]
     started = int(time.time())
     token_strings = TokenStrings(engine.tokenizer)
     chat = OpenAIServingChat(engine, served_names, token_strings, settings.enable_auto_tool_choice,
@@ -270,6 +275,10 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
         return await tokenization.detokenize(request)
 
     def model_card(name: str) -> dict:
+        lora = settings.lora_modules.get(name)
+        if lora is not None:  # vLLM's card of an adapter: its folder as root, the base model as parent
+            return ModelCard(id=name, created=started, root=lora.lora_path, parent=served_names[0],
+                             max_model_len=engine.max_model_len).model_dump()
         return ModelCard(
             id=name, created=started, root=settings.model_root, max_model_len=engine.max_model_len
         ).model_dump()
@@ -406,6 +415,7 @@ def run_server(config: EngineConfig, args: argparse.Namespace, backend: Any = No
     from pagedserve.engine import LLMEngine
 
     kwargs = engine_core_kwargs(config, args)
+    lora_modules = lora_requests_from_args(args)
     enable_stats_logging(config)
     if backend is not None or getattr(args, "engine_process", True):
         # The step loop in its own process: HTTP work never takes the GIL from it (docs/server.md).
@@ -424,6 +434,7 @@ def run_server(config: EngineConfig, args: argparse.Namespace, backend: Any = No
         model_root=getattr(engine_config, "model", None),
         enable_auto_tool_choice=bool(getattr(args, "enable_auto_tool_choice", False)),
         reasoning_parser=getattr(args, "reasoning_parser", None),
+        lora_modules=lora_modules,
     )
     app = build_app(async_engine, settings)
     server = _make_uvicorn_server(app, args, async_engine.stop_accepting)

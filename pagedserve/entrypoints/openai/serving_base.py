@@ -113,8 +113,10 @@ def error_response(e: APIError) -> Response:
 
 # --------------------------------------------------------------------------- requests
 def check_model(engine: AsyncEngine, served_names: list[str], model: str | None) -> str:
-    if model is None or model in served_names:
+    if model is None:
         return served_names[0]
+    if model in served_names:  # the base model, or one of its LoRA adapters (--lora-modules)
+        return model
     raise APIError(
         404,
         f"The model `{model}` does not exist; this server serves {served_names[0]!r}.",

@@ -61,7 +61,8 @@ class OpenAIServingEmbedding:
         streams: list[RequestStream] = []
         try:
             for i, (text, ids) in enumerate(prompts):
-                streams.append(await self.engine.add_request(f"{base_id}-{i}", ids, params, arrival, text))
+                streams.append(await self.engine.add_request(f"{base_id}-{i}", ids, params, arrival, text,
+                                                             self.engine.lora_requests.get(model_name)))
         except BaseException as e:
             self.engine.abort([s.request_id for s in streams])
             if isinstance(e, Exception):
