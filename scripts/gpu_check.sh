@@ -339,6 +339,9 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
     embed-test)  # embeddings with graphs and async on vs Transformers, then the async / prompt-logprob GPU tests
       timeout 400 python3 -m pytest tests/gpu/test_embeddings_gpu.py tests/gpu/test_async_gpu.py \
         tests/gpu/test_prompt_logprobs_gpu.py -q -s -p no:cacheprovider -ra 2>&1 | grep -E "passed|failed|^FAILED|Error|worst" | tail -12 ;;
+    lora-test)  # LoRA adapters with graphs and async on vs Transformers with the adapters merged
+      timeout 300 python3 -m pytest tests/gpu/test_lora_gpu.py -q -s -p no:cacheprovider -ra 2>&1 \
+        | grep -E "passed|failed|^FAILED|Error|lora " | tail -12 ;;
     gpu-quick)  # the GPU tests of the runner, graphs and async steps (not the kernel files)
       timeout 300 python3 -m pytest tests/gpu/test_async_gpu.py tests/gpu/test_precompile.py tests/executor \
         tests/kernels/test_runner_mixed_graph.py -q -m "not slow" -p no:cacheprovider -x 2>&1 | tail -4 ;;
