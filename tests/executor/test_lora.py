@@ -22,8 +22,9 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 
 
 def write_adapter(folder: Path, hf, targets: list[str], rank: int, alpha: float, seed: int, rslora: bool = False,
-                  extra_config: dict | None = None) -> dict:
-    """A PEFT-format adapter with random A and B for `targets` in every layer; returns {module path: (A, B)}."""
+                  extra_config: dict | None = None, b_std: float = 0.2) -> dict:
+    """A PEFT-format adapter with random A (std 0.2) and B (std b_std) for `targets` in every layer; returns
+    {module path: (A, B)}."""
     folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     tensors, pairs = {}, {}
@@ -31,7 +32,7 @@ def write_adapter(folder: Path, hf, targets: list[str], rank: int, alpha: float,
         short = name.rsplit(".", 1)[-1]
         if short in targets and isinstance(module, torch.nn.Linear):
             a = torch.randn(rank, module.in_features, generator=g) * 0.2
-            b = torch.randn(module.out_features, rank, generator=g) * 0.2
+            b = torch.randn(module.out_features, rank, generator=g) * b_std
             tensors[f"base_model.model.{name}.lora_A.weight"] = a
             tensors[f"base_model.model.{name}.lora_B.weight"] = b
             pairs[name] = (a, b)

@@ -38,8 +38,9 @@ def checkpoint(tmp_path_factory):
     randomize_(hf, seed=5, std=0.05)
     hf.save_pretrained(folder)
     pairs1 = write_adapter(folder / "a1", hf, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                               "down_proj"], rank=8, alpha=16, seed=1)
-    pairs2 = write_adapter(folder / "a2", hf, ["q_proj", "v_proj"], rank=4, alpha=4, seed=2, rslora=True)
+                                               "down_proj"], rank=8, alpha=16, seed=1, b_std=0.02)
+    pairs2 = write_adapter(folder / "a2", hf, ["q_proj", "v_proj"], rank=4, alpha=4, seed=2, rslora=True,
+                           b_std=0.02)
     refs = {None: hf.eval(), "a1": merged(hf, pairs1, 2.0), "a2": merged(hf, pairs2, 4 / math.sqrt(4))}
     return folder, refs
 
@@ -92,6 +93,9 @@ def test_lora_at_one_token_a_step_bf16_on_gpu(checkpoint) -> None:
     lora = LoRARequest("a1", 1, str(folder / "a1"))
     rng = random.Random(4)
     prompt = [rng.randrange(100, 100000) for _ in range(40)]
+    # One request at a time: its decode steps are batch 1. The base model's bf16 error is the noise level.
     worst = errors(llm, refs, ["a1"], [prompt], [lora], max_tokens=16)
+    worst |= errors(llm, refs, [None], [prompt], [None], max_tokens=16)
     print("lora bf16 batch 1:", {k: f"{v:.2e}" for k, v in worst.items()})
-    assert worst["a1"] < 0.1 and worst["base-of-a1"] > 4 * worst["a1"]
+    assert worst["a1"] < max(0.1, 3 * worst[None])
+    assert worst["base-of-a1"] > 5 * worst["a1"]  # the adapter was applied at every step
