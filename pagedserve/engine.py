@@ -103,6 +103,7 @@ class LLMEngine:
             num_blocks=self.worker.num_kv_blocks,
             block_size=self.config.block_size,
             enable_prefix_caching=self.config.enable_prefix_caching,
+            lora_slot_for=getattr(getattr(getattr(self.worker, "runner", None), "lora_manager", None), "slot_of", None),
         )
         # Models with several end tokens (e.g. Llama 3): the others stop like stop_token_ids.
         self._extra_eos_ids = sorted(set(self.tokenizer.eos_token_ids) - {self.tokenizer.eos_token_id})
@@ -257,7 +258,7 @@ class LLMEngine:
             compiled = compiled_grammar
             if compiled is None:
                 compiled = self.structured_output_backend().compile(params.structured_outputs)
-        lora_slot, lora_salt = self._lora_slot(lora_request)
+        lora_salt = self._lora_salt(lora_request)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         state = _RequestState(request_id, prompt_text, prompt_token_ids, params, [], RequestMetrics(arrival),
                               final_only=final_only)
@@ -287,7 +288,7 @@ class LLMEngine:
                 cache_salt=_salted(None if self.config.enable_prefix_caching or params.n == 1 else request_id,
                                    lora_salt),
                 arrival_time=arrival,
-                lora_slot=lora_slot,
+                lora_request=lora_request,
             )
             detok = None
             if params.pooling is None and (self.detokenize or needs_engine_text(params)):
@@ -313,19 +314,19 @@ class LLMEngine:
         self._requests[request_id] = state
         self.prompt_tokens_total += len(prompt_token_ids) * params.n
 
-    def _lora_slot(self, lora_request: LoRARequest | None) -> tuple[int, str | None]:
-        """(device slot, prefix-cache namespace) of a request's adapter; (0, None) without one. An adapter's
-        cached blocks are its own: the same prompt under another adapter (or none) has other K/V."""
+    def _lora_salt(self, lora_request: LoRARequest | None) -> str | None:
+        """Checks a request's adapter; returns its prefix-cache namespace (None without one): an adapter's cached
+        blocks are its own, since the same prompt under another adapter (or none) has other K/V."""
         if lora_request is None:
-            return 0, None
+            return None
         if not isinstance(lora_request, LoRARequest):
             raise ValueError(f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
-        manager = getattr(self.worker.runner, "lora_manager", None)
+        manager = getattr(getattr(self.worker, "runner", None), "lora_manager", None)
         if manager is None:
             raise ValueError("this engine was started without LoRA support; start it with enable_lora=True "
                              "(--enable-lora)")
-        in_use = {r.lora_slot for r in self.scheduler.requests.values()}
-        return manager.slot_of(lora_request, in_use), f"lora:{lora_request.lora_int_id}"
+        manager.register(lora_request)  # read and checked now; its slot is given when the scheduler admits it
+        return f"lora:{lora_request.lora_int_id}"
 
     def compile_structured_async(self, spec: StructuredOutputsParams) -> Future:
         """Compiles a structured-output constraint on a worker thread, for add_request's `compiled_grammar`

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from pagedserve.sampling_params import SamplingParams
 
@@ -47,7 +48,8 @@ class Request:
     eos_token_id: int | None = None
     group_id: str | None = None  # parent id for n > 1 siblings
     cache_salt: str | None = None  # prefix-cache namespace; None: shared with every request
-    lora_slot: int = 0  # the device slot of its LoRA adapter (executor/lora.py); 0: none
+    lora_request: Any = None  # its LoRA adapter (pagedserve/lora.py's LoRARequest), or None
+    lora_slot: int = 0  # the adapter's device slot, given at each admission (executor/lora.py); 0: none
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from pagedserve.core.kv_cache import KVCacheManager
 from pagedserve.core.outputs import (
@@ -62,7 +63,11 @@ class Scheduler:
         block_size: int,
         enable_prefix_caching: bool,
         long_prefill_token_threshold: int | None = None,
+        lora_slot_for: Callable[[Any, set[int]], int | None] | None = None,
     ) -> None:
+        """lora_slot_for(lora_request, slots in use): the device slot of a request's LoRA adapter, loaded into a slot
+        that no running request uses if need be; None when every slot is in use (the request waits)."""
+        self.lora_slot_for = lora_slot_for
         for name, value in (
             ("max_num_seqs", max_num_seqs),
             ("max_num_batched_tokens", max_num_batched_tokens),
@@ -260,11 +265,19 @@ class Scheduler:
             token_budget -= num_new
             index += 1
 
-        # 2. Waiting requests, first come first served.
+        # 2. Waiting requests, first come first served; one whose LoRA adapter finds no free slot waits on
+        #    (set aside, then back at the front in its place) while the next ones are admitted.
+        set_aside: list[Request] = []
         while (
             not preempted_ids and self.waiting and token_budget > 0 and len(self.running) < self.max_num_seqs
         ):
             request = self.waiting[0]
+            if request.lora_request is not None:
+                slot = self.lora_slot_for(request.lora_request, {r.lora_slot for r in self.running})
+                if slot is None:
+                    set_aside.append(self.waiting.popleft())
+                    continue
+                request.lora_slot = slot
             computed_block_ids, num_cached = self.kv_cache.get_computed_blocks(request)
             num_new = self._num_new_tokens(request, token_budget, num_cached)
             block_ids = self.kv_cache.allocate_slots(request, num_new, computed_block_ids)
@@ -280,6 +293,7 @@ class Scheduler:
             self.running.append(request)
             scheduled.append(self._schedule_one(request, num_new, block_ids))
             token_budget -= num_new
+        self.waiting.extendleft(reversed(set_aside))
 
         finished_ids, self._finished_request_ids = self._finished_request_ids, []
         return SchedulerOutput(

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pagedserve.lora import PROJECTIONS, LoRARequest, read_adapter
+from pagedserve.lora import PROJECTIONS, LoRARequest, LoRAWeights, read_adapter
 
 
 @dataclass(slots=True)
@@ -63,8 +63,12 @@ class LoRALayer:
 
 
 class LoRAManager:
-    """Adapter slots: up to `max_loras` adapters resident at once (loaded on first use; the least recently used one
-    that no live request holds makes room for a new one)."""
+    """Adapter slots: up to `max_loras` adapters resident at once. The engine registers a request's adapter when
+    the request arrives (read and checked; kept on the host, the newest CPU_CACHE of them); the scheduler asks for
+    its slot when it admits the request, loading it over the least recently used adapter that no running request
+    holds, or makes the request wait while every slot is held."""
+
+    CPU_CACHE = 32  # adapters kept read on the host
 
     def __init__(self, model: torch.nn.Module, max_loras: int, max_rank: int) -> None:
         self.max_loras = max_loras
@@ -81,25 +85,46 @@ class LoRAManager:
                                         max_loras, max_rank, dtype, weight.device)
                 self.layers[(i, name)] = module.lora
         self._slots: OrderedDict[int, int] = OrderedDict()  # lora_int_id -> slot, least recently used first
-        self._names: dict[int, str] = {}
+        self._names: dict[int, str] = {}  # lora_int_id -> name, for every adapter registered
+        self._read: OrderedDict[int, LoRAWeights] = OrderedDict()  # lora_int_id -> weights on the host
 
-    def slot_of(self, request: LoRARequest, in_use: set[int]) -> int:
-        """The slot holding `request`'s adapter, loading it (into a free slot, or over the least recently used one
-        not in `in_use`) when it is not resident. ValueError: a bad adapter, or every slot held by live requests."""
-        if request.lora_int_id in self._slots:
-            if self._names[request.lora_int_id] != request.lora_name:
-                raise ValueError(f"lora_int_id {request.lora_int_id} is already the adapter "
-                                 f"{self._names[request.lora_int_id]!r}")
-            self._slots.move_to_end(request.lora_int_id)
-            return self._slots[request.lora_int_id]
+    def register(self, request: LoRARequest) -> None:
+        """Reads and checks `request`'s adapter (once per id); ValueError for a bad one."""
+        known = self._names.get(request.lora_int_id)
+        if known is not None and known != request.lora_name:
+            raise ValueError(f"lora_int_id {request.lora_int_id} is already the adapter {known!r}")
+        self._weights(request)
+        self._names[request.lora_int_id] = request.lora_name
+
+    def _weights(self, request: LoRARequest) -> LoRAWeights:
+        adapter = self._read.get(request.lora_int_id)
+        if adapter is not None:
+            self._read.move_to_end(request.lora_int_id)
+            return adapter
         adapter = read_adapter(request.lora_path)
         if adapter.rank > self.max_rank:
             raise ValueError(f"the adapter {request.lora_name!r} has rank {adapter.rank}, above max_lora_rank "
                              f"{self.max_rank}")
-        for (layer, name) in adapter.weights:
-            target, _ = PROJECTIONS[name]
-            if (layer, target) not in self.layers:
+        for (layer, name), (a, b) in adapter.weights.items():
+            target, part = PROJECTIONS[name]
+            lora = self.layers.get((layer, target))
+            if lora is None:
                 raise ValueError(f"the adapter {request.lora_name!r} targets layer {layer}, which this model lacks")
+            if a.shape[1] != lora.a.shape[2] or b.shape[0] != lora.part_sizes[part]:
+                raise ValueError(f"the adapter {request.lora_name!r}: layer {layer} {name} has lora_A "
+                                 f"{tuple(a.shape)} / lora_B {tuple(b.shape)}, which do not fit this model")
+        self._read[request.lora_int_id] = adapter
+        while len(self._read) > self.CPU_CACHE:
+            self._read.popitem(last=False)
+        return adapter
+
+    def slot_of(self, request: LoRARequest, in_use: set[int]) -> int | None:
+        """The slot holding `request`'s adapter, loading it (into a free slot, or over the least recently used one
+        not in `in_use`) when it is not resident; None while every slot is in use."""
+        slot = self._slots.get(request.lora_int_id)
+        if slot is not None:
+            self._slots.move_to_end(request.lora_int_id)
+            return slot
         used = set(self._slots.values())
         free = [s for s in range(1, self.max_loras + 1) if s not in used]
         if free:
@@ -107,10 +132,9 @@ class LoRAManager:
         else:
             victim = next((lid for lid, s in self._slots.items() if s not in in_use), None)
             if victim is None:
-                raise ValueError(f"all {self.max_loras} LoRA slots (max_loras) hold adapters of running requests; "
-                                 "retry later or raise max_loras")
+                return None
             slot = self._slots.pop(victim)
-            self._names.pop(victim)
+        adapter = self._weights(request)  # (read again if it left the host cache)
         for layer in self.layers.values():
             layer.clear(slot)
         for (layer, name), (a, b) in adapter.weights.items():
@@ -118,7 +142,6 @@ class LoRAManager:
             lora = self.layers[(layer, target)]
             lora.set_part(slot, part, a.to(lora.a.dtype), b.to(lora.b.dtype))
         self._slots[request.lora_int_id] = slot
-        self._names[request.lora_int_id] = request.lora_name
         return slot
 
 

@@ -98,6 +98,40 @@ def test_adapters_and_the_base_model_in_one_batch_match_merged_transformers(setu
     assert stats["num_free_blocks"] == stats["num_total_blocks"]
 
 
+def assert_free(llm: LLM) -> None:
+    stats = llm.engine.get_stats()
+    assert not llm.engine.has_unfinished_requests() and stats["num_free_blocks"] == stats["num_total_blocks"]
+
+
+def test_more_adapters_than_slots_wait_for_one(setup) -> None:
+    """max_loras=1 and three adapters in one call: a request whose adapter finds every slot held by running
+    requests waits (the ones behind it with a resident adapter go ahead); each answer is its own adapter's."""
+    folder, hf, adapters = setup
+    llm = LLM(str(folder), enable_lora=True, max_loras=1, max_lora_rank=8, max_model_len=128, cpu_kv_cache_gib=0.05,
+              dtype="float32")
+    engine = llm.engine
+    order = []
+    step = engine.scheduler.schedule
+
+    def recording():
+        out = step()
+        order.append({r.request_id: r.lora_slot for r in out.scheduled if r.num_computed_tokens == 0})
+        return out
+
+    engine.scheduler.schedule = recording
+    names = ["a1", "a3", "a1", None, "a2", "a3"]
+    params = SamplingParams(temperature=0, max_tokens=4)
+    outs = llm.generate([{"prompt_token_ids": PROMPTS[i % 2]} for i in range(len(names))], params, use_tqdm=False,
+                        lora_request=[adapters[n][0] if n else None for n in names])
+    for i, (name, out) in enumerate(zip(names, outs)):
+        assert out.outputs[0].token_ids == hf_greedy(adapters[name][1] if name else hf, PROMPTS[i % 2], 4)[0], i
+    admitted = [rid for step_ids in order for rid in step_ids]
+    # The first step admits a1's two requests and the base one; a3 and a2 wait for the slot in turn.
+    assert set(admitted[:3]) == {outs[0].request_id, outs[2].request_id, outs[3].request_id}
+    assert all(slot in (0, 1) for step_ids in order for slot in step_ids.values())
+    assert_free(llm)
+
+
 def test_bad_adapters_and_settings_are_value_errors(setup, tmp_path) -> None:
     folder, hf, adapters = setup
     llm = LLM(str(folder), enable_lora=True, max_loras=1, max_lora_rank=4, max_model_len=64, cpu_kv_cache_gib=0.05)
@@ -113,15 +147,7 @@ def test_bad_adapters_and_settings_are_value_errors(setup, tmp_path) -> None:
     write_adapter(tmp_path / "dora", hf, ["q_proj"], rank=2, alpha=2, seed=0, extra_config={"use_dora": True})
     with pytest.raises(ValueError, match="DoRA"):
         llm.generate([[1, 2]], p, lora_request=LoRARequest("dora", 6, str(tmp_path / "dora")))
-    # max_loras=1: while a request holds a1's slot, another adapter cannot load; a1 itself shares the slot.
-    engine = llm.engine
-    engine.add_request("live", [1, 2, 3], SamplingParams(max_tokens=3), lora_request=adapters["a1"][0])
-    with pytest.raises(ValueError, match="all 1 LoRA slots"):
-        engine.add_request("other", [1, 2], p, lora_request=adapters["a3"][0])
-    engine.add_request("same", [4, 5], p, lora_request=adapters["a1"][0])
-    while engine.has_unfinished_requests():
-        engine.step()
-    llm.generate([[1, 2]], p, lora_request=adapters["a3"][0])  # the slot is free again
+    assert_free(llm)
     with pytest.raises(ValueError, match="LoRA requests for"):
         llm.generate([[1, 2], [3]], p, lora_request=[adapters["a1"][0]])
     plain = LLM(str(folder), max_model_len=64, cpu_kv_cache_gib=0.05)
@@ -129,6 +155,5 @@ def test_bad_adapters_and_settings_are_value_errors(setup, tmp_path) -> None:
         plain.generate([[1, 2]], p, lora_request=adapters["a1"][0])
     with pytest.raises(ValueError, match="tensor parallelism"):
         LLM(str(folder), enable_lora=True, tensor_parallel_size=2)
-    for engine in (llm.engine, plain.engine):
-        stats = engine.get_stats()
-        assert not engine.has_unfinished_requests() and stats["num_free_blocks"] == stats["num_total_blocks"]
+    assert_free(llm)
+    assert_free(plain)
