@@ -9,14 +9,16 @@ import time
 
 from pagedserve.bench.common import build_llm, card_ceilings, finish, model_shape
 from pagedserve.bench.datasets import random_requests
+from pagedserve.bench.lora import add_lora_args, prepare_lora_args, random_adapters
 
 
-def _one_stream(engine, prompt: list[int], output_len: int, request_id: str) -> tuple[float, float, int]:
+def _one_stream(engine, prompt: list[int], output_len: int, request_id: str,
+                lora_request=None) -> tuple[float, float, int]:
     from pagedserve.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
     t0 = time.perf_counter()
-    engine.add_request(request_id, prompt, params)
+    engine.add_request(request_id, prompt, params, lora_request=lora_request)
     t_first = None
     num_tokens = 0
     while engine.has_unfinished_requests():
@@ -47,12 +49,15 @@ def _graph_replay_ms(engine, reps: int = 50) -> float | None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    prepare_lora_args(args)
     llm, startup_s = build_llm(args)
     engine = llm.engine
+    lora = random_adapters(engine.worker.hf_config, 1, args.lora_rank)[0] if args.num_loras else None
     req = random_requests(1, (args.input_len, args.input_len), (args.output_len, args.output_len),
                           engine.vocab_size, seed=args.dataset_seed)[0]
-    _one_stream(engine, req.prompt_token_ids, 16, "warmup")
-    runs = [_one_stream(engine, req.prompt_token_ids, args.output_len, f"run{i}") for i in range(args.num_iters)]
+    _one_stream(engine, req.prompt_token_ids, 16, "warmup", lora)
+    runs = [_one_stream(engine, req.prompt_token_ids, args.output_len, f"run{i}", lora)
+            for i in range(args.num_iters)]
     ttft = statistics.median(r[0] for r in runs)
     decode_s = statistics.median(r[1] for r in runs)
     steps = runs[0][2] - 1  # the first token comes from the prefill step
@@ -67,7 +72,7 @@ def run(args: argparse.Namespace) -> dict:
         "ttft_ms": ttft * 1e3, "decode_tok_per_s": 1.0 / step_s, "ms_per_step": step_s * 1e3,
         "achieved_gb_per_s": bytes_per_step / step_s / 1e9, "startup_s": startup_s,
         "e2e_s": statistics.median(r[0] + r[1] for r in runs),
-        "graph_replay_ms": graph_ms,
+        "graph_replay_ms": graph_ms, "lora_rank": args.lora_rank if args.num_loras else None,
         "step_timing": engine.step_timing.summary(),
     }
     if bandwidth:
@@ -91,3 +96,4 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--num-iters", type=int, default=3)
     p.add_argument("--dataset-seed", type=int, default=0)
+    add_lora_args(p)  # (latency: one adapter for the stream when --num-loras > 0)

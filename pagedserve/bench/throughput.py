@@ -7,6 +7,7 @@ import time
 
 from pagedserve.bench.common import build_llm, card_ceilings, finish, fp8_ceiling, model_shape
 from pagedserve.bench.datasets import parse_range, random_requests
+from pagedserve.bench.lora import add_lora_args, prepare_lora_args, random_adapters
 from pagedserve.bench.roofline import workload_floor
 from pagedserve.gc_control import GcMonitor, freeze_startup_objects, unfreeze_and_collect
 
@@ -23,8 +24,12 @@ def run(args: argparse.Namespace) -> dict:
     if args.compare_hf and any(v != getattr(plain, k) for k, v in sampling.items()):
         raise ValueError("--top-p / --top-k / --min-p and the penalties are for our side only; --compare-hf runs "
                          "both sides with none of them")
+    prepare_lora_args(args)
     llm, startup_s = build_llm(args)
     engine = llm.engine
+    loras = random_adapters(engine.worker.hf_config, args.num_loras, args.lora_rank) if args.num_loras else [None]
+    if args.num_loras and args.compare_hf:
+        raise ValueError("--num-loras is for our side only; --compare-hf runs both sides without adapters")
     requests = random_requests(args.num_prompts, parse_range(args.input_len), parse_range(args.output_len),
                                engine.vocab_size, seed=args.dataset_seed)
     params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=args.temperature, seed=None,
@@ -36,14 +41,15 @@ def run(args: argparse.Namespace) -> dict:
                            engine.vocab_size, seed=args.dataset_seed + 1)
     t_warm = time.perf_counter()
     llm.generate([r.prompt_token_ids for r in warm], SamplingParams(max_tokens=8, ignore_eos=True),
-                 use_tqdm=False)
+                 use_tqdm=False, lora_request=[loras[i % len(loras)] for i in range(len(warm))])
     warmup_s = time.perf_counter() - t_warm
     engine.step_timing.totals.clear()
     freeze_startup_objects("bench throughput")  # as the server's engine process does after start-up
     gc_monitor = GcMonitor().start()
     try:
         t0 = time.perf_counter()
-        outputs = llm.generate([r.prompt_token_ids for r in requests], params, use_tqdm=not args.no_tqdm)
+        outputs = llm.generate([r.prompt_token_ids for r in requests], params, use_tqdm=not args.no_tqdm,
+                               lora_request=[loras[i % len(loras)] for i in range(len(requests))])
         elapsed = time.perf_counter() - t0
     finally:
         gc_monitor.stop()
@@ -68,6 +74,7 @@ def run(args: argparse.Namespace) -> dict:
         "total_tok_per_s": (num_in + num_out) / elapsed,
         "startup_s": startup_s,
         "sampling": {"temperature": args.temperature, **sampling},
+        "num_loras": args.num_loras, "lora_rank": args.lora_rank if args.num_loras else None,
         "num_preemptions": engine.get_stats()["num_preemptions"],
         "kv_blocks": engine.worker.num_kv_blocks,
         "step_timing": step_summary,
@@ -141,6 +148,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frequency-penalty", type=float, default=0.0, help="for every request (0: off)")
     p.add_argument("--presence-penalty", type=float, default=0.0, help="for every request (0: off)")
     p.add_argument("--no-tqdm", action="store_true")
+    add_lora_args(p)
     p.add_argument("--compare-hf", action="store_true",
                    help="also run the workload through Hugging Face Transformers and print the ratio")
     from pagedserve.bench.hf_baseline import add_args as add_hf_args

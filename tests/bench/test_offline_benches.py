@@ -58,6 +58,18 @@ def test_bench_latency(tmp_path, real_model_dir, capsys) -> None:
     assert "TTFT" in capsys.readouterr().out
 
 
+def test_bench_throughput_and_latency_with_random_lora_adapters(tmp_path, real_model_dir, capsys) -> None:
+    """--num-loras K: every request runs with one of K random adapters of the model's shapes."""
+    result = _bench(tmp_path, real_model_dir, "throughput", *ENGINE_FLAGS, "--num-prompts", "4",
+                    "--input-len", "8-16", "--output-len", "4-8", "--no-tqdm", "--num-loras", "2", "--lora-rank", "4")
+    assert (result["num_loras"], result["lora_rank"]) == (2, 4)
+    assert result["output_tokens"] == sum(r.output_len for r in random_requests(4, (8, 16), (4, 8), 151_936, seed=0))
+    latency = _bench(tmp_path, real_model_dir, "latency", *ENGINE_FLAGS, "--input-len", "16", "--output-len", "4",
+                     "--num-iters", "1", "--num-loras", "1", "--lora-rank", "4")
+    assert latency["lora_rank"] == 4 and latency["ms_per_step"] > 0
+    assert "output tok/s" in capsys.readouterr().out
+
+
 def test_bench_hf(tmp_path, real_model_dir, capsys) -> None:
     result = _bench(tmp_path, real_model_dir, "hf", "--device", "cpu", "--num-prompts", "2", "--input-len", "8-12",
                     "--output-len", "4", "--hf-modes", "generate", "--hf-batch-sizes", "2")
