@@ -342,6 +342,14 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
     lora-test)  # LoRA adapters with graphs and async on vs Transformers with the adapters merged
       timeout 300 python3 -m pytest tests/gpu/test_lora_gpu.py -q -s -p no:cacheprovider -ra 2>&1 \
         | grep -E "passed|failed|^FAILED|Error|lora " | tail -12 ;;
+    lora-bench)  # what LoRA adapters cost: batch-1 latency and the default workload, without / with random adapters
+      for l in 0 "${LORA_K:-4}"; do
+        echo "== --num-loras $l"
+        python3 -m pagedserve.entrypoints.cli bench latency --model $M --load-format dummy --num-loras $l 2>&1 \
+          | grep -E "latency:|steps:" | cut -c1-400
+        python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm --num-loras $l \
+          --output-json "$OUT/throughput-lora-$l.json" 2>&1 | grep -E "throughput:|steps:|floor" | cut -c1-600
+      done ;;
     gpu-quick)  # the GPU tests of the runner, graphs and async steps (not the kernel files)
       timeout 300 python3 -m pytest tests/gpu/test_async_gpu.py tests/gpu/test_precompile.py tests/executor \
         tests/kernels/test_runner_mixed_graph.py -q -m "not slow" -p no:cacheprovider -x 2>&1 | tail -4 ;;
