@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.distributed import all_reduce, tp_size, vocab_shard
-from pagedserve.executor import lora
 from pagedserve.executor.lora import LoRALayer
 
 
@@ -89,8 +88,8 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._base(x)
-        if self.lora is not None and lora.ACTIVE is not None:  # a step with LoRA adapters (executor/lora.py)
-            y = self.lora.apply(x, y, lora.ACTIVE)
+        if self.lora is not None:  # LoRA enabled: each token's adapter, if any (executor/lora.py)
+            y = self.lora.apply(x, y)
         return y
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:

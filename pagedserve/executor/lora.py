@@ -1,65 +1,62 @@
-"""LoRA on the device: adapter slots beside the model's projections, and the per-step delta.
+"""LoRA on the device: adapter slots beside the model's projections, and the per-token delta.
 
-With `enable_lora`, every decoder projection gets a `LoRALayer`: for `max_loras` slots, A stacked as
-[slots + 1, parts * R, in] and B as [slots + 1, out, parts * R] (R = max_lora_rank, slot 0 all zeros: no adapter).
-A merged projection (q|k|v, gate|up) keeps each part's A in its own R rows and each part's B block-diagonally, so one
-pair of matmuls serves all its parts; an adapter of rank r < R fills r of them (the rest stay zero), with its scale
-folded into B. A step whose tokens use adapters runs eager: for each slot in use, the rows of its tokens take
-y[rows] += (x[rows] A^T) B^T (index_select, two small matmuls, index_add_). Steps without adapters do nothing extra
-and keep their CUDA graphs.
+With `enable_lora`, every decoder projection gets a `LoRALayer` holding all `max_loras` slots densely: A as
+[S * Rt, in] and B as [out, S * Rt], slot s in columns (s - 1) * Rt ... s * Rt, Rt = parts * R (R = max_lora_rank;
+a merged projection, q|k|v or gate|up, keeps each part's A in its own R rows and its B block-diagonally). An adapter
+of rank r < R fills r of its part's rows (the rest stay zero), its scale folded into B. Each forward reads the
+manager's per-token slot buffer (0: no adapter; the model runner fills it before every step, zeros past the step's
+tokens) and adds
 
-`ACTIVE` holds the running step's mapping (set by the model runner around its forward): the layers read it, and the
-batch-1 fused kernels that bypass the projections' forward (qkv + rotary, gate_up + SiLU) stand aside while it is set.
+    y += ((x A^T) * [slot of the token == slot of the column]) B^T
+
+four kernels a projection (matmul, compare, multiply, addmm) whatever the adapters in the batch, with static shapes:
+the CUDA graphs capture them (the buffer's address is fixed; each replay reads the step's slots). A step without
+adapters pays the same (all-zero masks): LoRA costs every request once enabled, as in vLLM. The fused batch-1 kernels
+that bypass the projections' forward (qkv + rotary, gate_up + SiLU) stand aside on such models.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import torch
 
 from pagedserve.lora import PROJECTIONS, LoRARequest, LoRAWeights, read_adapter
 
 
-@dataclass(slots=True)
-class LoRAMapping:
-    """One step's adapters: (slot, row indices of its tokens on the device) for each slot in use."""
-
-    slots: list[tuple[int, torch.Tensor]]
-
-
-ACTIVE: LoRAMapping | None = None
-
-
 class LoRALayer:
-    def __init__(self, in_features: int, part_sizes: list[int], num_slots: int, max_rank: int,
+    def __init__(self, manager: LoRAManager, in_features: int, part_sizes: list[int], num_slots: int, max_rank: int,
                  dtype: torch.dtype, device: torch.device) -> None:
+        self.manager = manager
         self.part_sizes = list(part_sizes)
         self.max_rank = max_rank
-        parts = len(part_sizes)
-        self.a = torch.zeros(num_slots + 1, parts * max_rank, in_features, dtype=dtype, device=device)
-        self.b = torch.zeros(num_slots + 1, sum(part_sizes), parts * max_rank, dtype=dtype, device=device)
+        self.cols_per_slot = len(part_sizes) * max_rank
+        width = num_slots * self.cols_per_slot
+        self.a = torch.zeros(width, in_features, dtype=dtype, device=device)
+        self.b = torch.zeros(sum(part_sizes), width, dtype=dtype, device=device)
+        self.col_slot = torch.arange(width, device=device) // self.cols_per_slot + 1  # [width] int64: 1..S
+
+    def _cols(self, slot: int) -> slice:
+        return slice((slot - 1) * self.cols_per_slot, slot * self.cols_per_slot)
 
     def clear(self, slot: int) -> None:
-        self.a[slot].zero_()
-        self.b[slot].zero_()
+        self.a[self._cols(slot)].zero_()
+        self.b[:, self._cols(slot)].zero_()
 
     def set_part(self, slot: int, part: int, a: torch.Tensor, b: torch.Tensor) -> None:
-        rank, r0 = a.shape[0], part * self.max_rank
+        rank = a.shape[0]
+        c0 = (slot - 1) * self.cols_per_slot + part * self.max_rank
         o0 = sum(self.part_sizes[:part])
-        if a.shape[1] != self.a.shape[2] or b.shape[0] != self.part_sizes[part]:
-            raise ValueError(f"lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit a projection of "
-                             f"{self.a.shape[2]} inputs and {self.part_sizes[part]} outputs")
-        self.a[slot, r0:r0 + rank].copy_(a)
-        self.b[slot, o0:o0 + b.shape[0], r0:r0 + rank].copy_(b)
+        self.a[c0:c0 + rank].copy_(a)
+        self.b[o0:o0 + b.shape[0], c0:c0 + rank].copy_(b)
 
-    def apply(self, x: torch.Tensor, y: torch.Tensor, mapping: LoRAMapping) -> torch.Tensor:
-        for slot, rows in mapping.slots:
-            xs = x.index_select(0, rows)
-            delta = (xs @ self.a[slot].T) @ self.b[slot].T
-            y.index_add_(0, rows, delta.to(y.dtype))
-        return y
+    def apply(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        slots = self.manager.token_slot
+        if x.shape[0] > slots.shape[0]:
+            raise RuntimeError(f"a LoRA step of {x.shape[0]} tokens; the slot buffer holds {slots.shape[0]}")
+        h = x.to(self.a.dtype) @ self.a.T
+        h = h * (slots[: x.shape[0], None] == self.col_slot[None, :])
+        return y.addmm_(h.to(y.dtype), self.b.T.to(y.dtype))
 
 
 class LoRAManager:
@@ -70,9 +67,12 @@ class LoRAManager:
 
     CPU_CACHE = 32  # adapters kept read on the host
 
-    def __init__(self, model: torch.nn.Module, max_loras: int, max_rank: int) -> None:
+    def __init__(self, model: torch.nn.Module, max_loras: int, max_rank: int, max_tokens: int) -> None:
+        """max_tokens: the most tokens any forward runs (padded eager steps, graph sizes, the memory profile)."""
         self.max_loras = max_loras
         self.max_rank = max_rank
+        device = next(model.parameters()).device
+        self.token_slot = torch.zeros(max_tokens, dtype=torch.int64, device=device)  # filled before each step
         self.layers: dict[tuple[int, str], LoRALayer] = {}
         for i, layer in enumerate(model.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
@@ -81,8 +81,9 @@ class LoRAManager:
                 weight = module.weight
                 # fp8 weights (quantization="fp8"): the adapter in bf16 beside them
                 dtype = weight.dtype if weight.element_size() > 1 else torch.bfloat16
-                module.lora = LoRALayer(module.in_features, getattr(module, "output_sizes", [module.out_features]),
-                                        max_loras, max_rank, dtype, weight.device)
+                module.lora = LoRALayer(self, module.in_features,
+                                        getattr(module, "output_sizes", [module.out_features]), max_loras, max_rank,
+                                        dtype, weight.device)
                 self.layers[(i, name)] = module.lora
         self._slots: OrderedDict[int, int] = OrderedDict()  # lora_int_id -> slot, least recently used first
         self._names: dict[int, str] = {}  # lora_int_id -> name, for every adapter registered
@@ -110,7 +111,7 @@ class LoRAManager:
             lora = self.layers.get((layer, target))
             if lora is None:
                 raise ValueError(f"the adapter {request.lora_name!r} targets layer {layer}, which this model lacks")
-            if a.shape[1] != lora.a.shape[2] or b.shape[0] != lora.part_sizes[part]:
+            if a.shape[1] != lora.a.shape[1] or b.shape[0] != lora.part_sizes[part]:
                 raise ValueError(f"the adapter {request.lora_name!r}: layer {layer} {name} has lora_A "
                                  f"{tuple(a.shape)} / lora_B {tuple(b.shape)}, which do not fit this model")
         self._read[request.lora_int_id] = adapter
@@ -144,5 +145,12 @@ class LoRAManager:
         self._slots[request.lora_int_id] = slot
         return slot
 
+    def load_step(self, token_slots: torch.Tensor) -> None:
+        """The step's per-token slots (a device tensor, 0 for no adapter) into the buffer the layers read, zeros
+        after them (a graph's padding, a padded eager step)."""
+        n = token_slots.shape[0]
+        self.token_slot[n:].zero_()
+        self.token_slot[:n].copy_(token_slots)
 
-__all__ = ["ACTIVE", "LoRALayer", "LoRAManager", "LoRAMapping"]
+
+__all__ = ["LoRALayer", "LoRAManager"]

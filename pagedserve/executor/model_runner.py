@@ -44,10 +44,8 @@ from pagedserve.core.outputs import (
     TokenLogprobs,
 )
 from pagedserve.distributed import broadcast_tensor, tp_size
-from pagedserve.executor import lora
 from pagedserve.executor.attention.base import AttentionBackend, AttentionMetadata, ForwardContext
 from pagedserve.executor.attention.torch_ref import TorchAttentionBackend
-from pagedserve.executor.lora import LoRAMapping
 from pagedserve.executor.models.decoder import head_dim_of, local_num_kv_heads
 from pagedserve.executor.sampler import SampleResult, StepHistory, finite_or, logprob_stats
 from pagedserve.pooling_params import PoolingParams
@@ -132,8 +130,8 @@ class StepInputs:
     # Embedding requests at their last prompt token: (indices among the logits rows, indices among the scheduled
     # requests). Such steps run eager too: the pooled vector is that row's final hidden state.
     pool_rows: tuple[list[int], list[int]] | None = None
-    # LoRA adapters in use (executor/lora.py): their tokens' rows per slot. Such steps run eager.
-    lora: LoRAMapping | None = None
+    # With LoRA enabled: each token's adapter slot (0: none), int64 on the device (executor/lora.py).
+    lora_slots: torch.Tensor | None = None
 
 
 def prefill_warm_probes(head_dim: int, queries_per_kv: int) -> list[tuple[int, int]]:
@@ -300,15 +298,7 @@ class ModelRunner:
                        else prompt_logprob_plan(scheduled, query_start_loc) or None)
         pool = [(j, i) for j, i in enumerate(sample_rows) if scheduled[i].sampling_params.pooling is not None]
         pool_rows = ([j for j, _ in pool], [i for _, i in pool]) if pool else None
-        lora_slots = np.fromiter((r.lora_slot for r in scheduled), dtype=np.int64, count=num_seqs)
-        lora_mapping = None
-        if lora_slots.any():
-            token_slots = np.repeat(lora_slots, query_lens)
-            lora_mapping = LoRAMapping([
-                (int(slot), torch.from_numpy(np.flatnonzero(token_slots == slot)).to(self.device, non_blocking=True))
-                for slot in np.unique(lora_slots[lora_slots > 0])])
-        # Steps that need the hidden states, or whose projections add adapters: eager.
-        eager = prompt_plan is not None or pool_rows is not None or lora_mapping is not None
+        eager = prompt_plan is not None or pool_rows is not None  # steps that need the hidden states
         graphs = self.cuda_graphs
         # (A one-token chunk may be a prefill piece that does not sample: graphs need every row sampled.)
         graph_step = (graphs is not None and is_decode_only and num_logits == num_seqs and not eager
@@ -338,16 +328,19 @@ class ModelRunner:
         if self.pad_eager_steps and not is_decode_only and not mixed_graph_step:  # (the graphs pad their own way)
             padded_tokens, padded_logits = padded_count(num_tokens), padded_count(num_logits)
 
+        num_lora = num_tokens if self.lora_manager is not None else 0
         sizes = [padded_tokens, padded_tokens, padded_tokens, num_seqs + 1, num_seqs, num_seqs * width,
-                 padded_logits, num_placeholders, num_placeholders, num_order, num_work]
+                 padded_logits, num_placeholders, num_placeholders, num_order, num_work, num_lora]
         # Each part starts 16-byte aligned (an even int64 offset): Triton specializes kernels on the
         # alignment of pointer arguments, and a parity that changed with the step would compile
         # new kernel variants in the middle of serving.
         offsets = np.concatenate([[0], np.cumsum([n + (n & 1) for n in sizes])])
         buf = self._host_view(int(offsets[-1]))
-        input_ids, positions, slot_mapping, qsl, sl, block_tables, logits_indices, dst, src, order, work_part = (
-            buf[offsets[i] : offsets[i] + sizes[i]] for i in range(len(sizes))
-        )
+        (input_ids, positions, slot_mapping, qsl, sl, block_tables, logits_indices, dst, src, order, work_part,
+         lora_part) = (buf[offsets[i] : offsets[i] + sizes[i]] for i in range(len(sizes)))
+        if num_lora:
+            lora_part[:] = np.repeat(np.fromiter((r.lora_slot for r in scheduled), dtype=np.int64, count=num_seqs),
+                                     query_lens)
         if num_work:
             work_part[:] = work.reshape(-1)
         if num_order:  # only with the Triton backend, so its kernel module (and triton) is there
@@ -413,7 +406,7 @@ class ModelRunner:
         )
         ctx = ForwardContext(attn_metadata=meta, kv_caches=self.kv_caches, backend=self.backend)
         return StepInputs(views[0], views[1], ctx, views[6], num_logits, graph_step, placeholder_rows,
-                          mixed_graph_step, prompt_plan, pool_rows, lora_mapping)
+                          mixed_graph_step, prompt_plan, pool_rows, views[11] if num_lora else None)
 
     def _placeholder_sources(
         self, scheduled: list[ScheduledRequest], query_start_loc: np.ndarray, dst: np.ndarray
@@ -531,6 +524,8 @@ class ModelRunner:
             started.record()
         meta = inputs.ctx.attn_metadata
         prompt_part = pool_part = None
+        if inputs.lora_slots is not None:  # each token's adapter, where the projections (and graphs) read it
+            self.lora_manager.load_step(inputs.lora_slots)
         if inputs.graph_step:
             logits = self.cuda_graphs.run(inputs.input_ids, inputs.positions, meta,
                                           placeholder_rows=inputs.placeholder_rows, last_sampled=self._last_sampled)
@@ -538,11 +533,7 @@ class ModelRunner:
             logits = self.mixed_graphs.run(inputs.input_ids, inputs.positions, meta, inputs.logits_indices,
                                            inputs.num_logits)
         else:
-            lora.ACTIVE = inputs.lora
-            try:
-                hidden = self.model(inputs.input_ids, inputs.positions, inputs.ctx)
-            finally:
-                lora.ACTIVE = None
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.ctx)
             if inputs.prompt_plan:
                 payload, decode = self._prompt_logprobs(hidden, inputs.prompt_plan, scheduled)
                 prompt_part = None if payload is None else (*self._to_host(payload), decode)

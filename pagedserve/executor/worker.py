@@ -256,8 +256,11 @@ def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: st
     lora_manager = None
     if config.enable_lora:  # its slots are allocated before the KV cache takes the rest of the memory
         from pagedserve.executor.lora import LoRAManager
+        from pagedserve.executor.model_runner import padded_count
 
-        lora_manager = LoRAManager(model, config.max_loras, config.max_lora_rank)
+        # Any forward's tokens: padded eager steps, the memory profile, the graphs (decode: max_num_seqs at most).
+        max_tokens = padded_count(max(max_batched, config.max_num_seqs)) + 256
+        lora_manager = LoRAManager(model, config.max_loras, config.max_lora_rank, max_tokens)
     num_blocks = size_kv_cache(config, model, hf_config, device, dtype, max_batched)
     capacity = num_blocks * config.block_size
     max_model_len = config.max_model_len or model_len

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from pagedserve.distributed import all_reduce, gather_last_dim, shard, tp_rank, tp_size, vocab_shard
-from pagedserve.executor import lora
 from pagedserve.executor.attention.base import ForwardContext
 from pagedserve.executor.layers import (
     _NO_SKINNY_GEMM,
@@ -116,8 +115,7 @@ _FUSED_QKV_ROPE = os.environ.get("PAGEDSERVE_FUSED_QKV_ROPE", "1") == "1" and no
 
 def _fuses_qkv_rope(hidden: torch.Tensor, rope: RopeStep, backend: Any) -> bool:
     return (_FUSED_QKV_ROPE and hidden.shape[0] == 1 and hidden.is_cuda and hidden.dtype != torch.float32
-            and rope.cos is None and getattr(backend, "fuses_rotary", False)
-            and lora.ACTIVE is None)  # (a LoRA step: the projection's forward adds the adapter)
+            and rope.cos is None and getattr(backend, "fuses_rotary", False))
 
 
 class DecoderAttention(nn.Module):
@@ -143,7 +141,9 @@ class DecoderAttention(nn.Module):
     def forward(self, hidden: torch.Tensor, rope: RopeStep, ctx: ForwardContext) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         kv_cache = ctx.kv_caches[self.layer_idx]
-        if self.q_norm is None and self.qkv_proj.weight_scale is None and _fuses_qkv_rope(hidden, rope, ctx.backend):
+        # (With LoRA the projection's own forward adds the adapters: no fused kernel.)
+        if (self.q_norm is None and self.qkv_proj.weight_scale is None and self.qkv_proj.lora is None
+                and _fuses_qkv_rope(hidden, rope, ctx.backend)):
             from pagedserve.executor.kernels.qkv_rope_kv import qkv_rope_kv_write
 
             q = qkv_rope_kv_write(hidden, self.qkv_proj.weight, self.qkv_proj.bias, rope.positions,
@@ -173,8 +173,9 @@ class DecoderMLP(nn.Module):
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1 and x.is_cuda and _FUSED_GATE_UP and self.gate_up_proj.bias is None \
-                and self.gate_up_proj.weight_scale is None and x.dtype != torch.float32 and lora.ACTIVE is None:
+        gate_up = self.gate_up_proj
+        if x.shape[0] == 1 and x.is_cuda and _FUSED_GATE_UP and gate_up.bias is None \
+                and gate_up.weight_scale is None and x.dtype != torch.float32 and gate_up.lora is None:
             # One token: gate_up GEMM and SiLU·mul in one kernel (kernels/gate_up_silu.py).
             from pagedserve.executor.kernels.gate_up_silu import gate_up_silu
 
