@@ -9,7 +9,8 @@ tokens) and adds
 
     y += ((x A^T) * [slot of the token == slot of the column]) B^T
 
-four kernels a projection (matmul, compare, multiply, addmm) whatever the adapters in the batch, with static shapes:
+three kernels a projection (matmul, multiply by the step's mask, addmm) whatever the adapters in the batch (the
+masks, one per column layout, are made once a step from the slot buffer, outside the graphs), with static shapes:
 the CUDA graphs capture them (the buffer's address is fixed; each replay reads the step's slots). A step without
 adapters pays the same (all-zero masks): LoRA costs every request once enabled, as in vLLM. The fused batch-1 kernels
 that bypass the projections' forward (qkv + rotary, gate_up + SiLU) stand aside on such models.
@@ -51,11 +52,10 @@ class LoRALayer:
         self.b[o0:o0 + b.shape[0], c0:c0 + rank].copy_(b)
 
     def apply(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        slots = self.manager.token_slot
-        if x.shape[0] > slots.shape[0]:
-            raise RuntimeError(f"a LoRA step of {x.shape[0]} tokens; the slot buffer holds {slots.shape[0]}")
-        h = x.to(self.a.dtype) @ self.a.T
-        h = h * (slots[: x.shape[0], None] == self.col_slot[None, :])
+        mask = self.manager.mask_for(self)
+        if x.shape[0] > mask.shape[0]:
+            raise RuntimeError(f"a LoRA step of {x.shape[0]} tokens; the slot buffer holds {mask.shape[0]}")
+        h = (x.to(self.a.dtype) @ self.a.T).mul_(mask[: x.shape[0]])
         return y.addmm_(h.to(y.dtype), self.b.T.to(y.dtype))
 
 
@@ -73,6 +73,9 @@ class LoRAManager:
         self.max_rank = max_rank
         device = next(model.parameters()).device
         self.token_slot = torch.zeros(max_tokens, dtype=torch.int64, device=device)  # filled before each step
+        # Per column layout (columns a slot, dtype): the [max_tokens, S * Rt] 0/1 mask of each token's slot, made
+        # from token_slot by load_step (outside any graph, one kernel each) and read by the layers.
+        self._masks: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self.layers: dict[tuple[int, str], LoRALayer] = {}
         for i, layer in enumerate(model.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
@@ -145,12 +148,22 @@ class LoRAManager:
         self._slots[request.lora_int_id] = slot
         return slot
 
+    def mask_for(self, layer: LoRALayer) -> torch.Tensor:
+        key = (layer.cols_per_slot, layer.a.dtype)
+        entry = self._masks.get(key)
+        if entry is None:
+            mask = (self.token_slot[:, None] == layer.col_slot[None, :]).to(layer.a.dtype)
+            entry = self._masks[key] = (mask, layer.col_slot)
+        return entry[0]
+
     def load_step(self, token_slots: torch.Tensor) -> None:
         """The step's per-token slots (a device tensor, 0 for no adapter) into the buffer the layers read, zeros
-        after them (a graph's padding, a padded eager step)."""
+        after them (a graph's padding, a padded eager step), and the masks made from them."""
         n = token_slots.shape[0]
         self.token_slot[n:].zero_()
         self.token_slot[:n].copy_(token_slots)
+        for mask, col_slot in self._masks.values():
+            torch.eq(self.token_slot[:, None], col_slot[None, :], out=mask)
 
 
 __all__ = ["LoRALayer", "LoRAManager"]
