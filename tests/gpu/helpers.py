@@ -2,9 +2,38 @@
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
+from pathlib import Path
 
+import pytest
 import torch
+
+SOURCE = Path(".devcache/qwen2-7b")  # the 7B config and its tokenizer (scripts/make_7b_config.sh)
+
+
+def small_checkpoint(folder: Path, arch: str = "qwen2", seed: int = 4, std: float = 0.05, **overrides):
+    """A small random Qwen2 or Qwen3 (3 layers, width 512, the 7B's vocabulary) saved in `folder` beside
+    .devcache/qwen2-7b's tokenizer (the test is skipped without it); returns Transformers' model on the CPU."""
+    if not (SOURCE / "config.json").exists():
+        pytest.skip("no .devcache/qwen2-7b (run scripts/make_7b_config.sh)")
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    from tests.executor.helpers import randomize_
+
+    for f in SOURCE.iterdir():
+        if f.name != "config.json":
+            shutil.copy(f, folder / f.name)
+    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[arch]
+    fields = dict(vocab_size=json.loads((SOURCE / "config.json").read_text())["vocab_size"], hidden_size=512,
+                  intermediate_size=1024, num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2,
+                  max_position_embeddings=2048, tie_word_embeddings=False,
+                  architectures=[model_cls.__name__], **overrides)
+    hf = model_cls(config_cls(**fields))
+    randomize_(hf, seed=seed, std=std)
+    hf.save_pretrained(folder)
+    return hf.eval()
 
 
 def logprob_errors_against(llm, hf, seed: int, max_prompt: int, num_prompts: int = 6,

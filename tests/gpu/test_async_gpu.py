@@ -7,14 +7,14 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.gpu.helpers import SOURCE
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-SOURCE = Path(".devcache/qwen2-7b")
 
 
 @pytest.fixture(scope="module")

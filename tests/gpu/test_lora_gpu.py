@@ -5,43 +5,27 @@ kernels (qkv + rotary, gate_up + SiLU) must stand aside for the adapter."""
 
 from __future__ import annotations
 
-import json
 import math
 import random
-import shutil
 
 import pytest
 import torch
 
-from tests.executor.helpers import randomize_
 from tests.executor.test_lora import merged, write_adapter
-from tests.gpu.test_async_gpu import SOURCE
+from tests.gpu.helpers import small_checkpoint
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    if not (SOURCE / "config.json").exists():
-        pytest.skip("no .devcache/qwen2-7b (run scripts/make_7b_config.sh)")
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     folder = tmp_path_factory.mktemp("lora-gpu")
-    for f in SOURCE.iterdir():
-        if f.name != "config.json":
-            shutil.copy(f, folder / f.name)
-    vocab = json.loads((SOURCE / "config.json").read_text())["vocab_size"]
-    config = Qwen2Config(vocab_size=vocab, hidden_size=512, intermediate_size=1024, num_hidden_layers=3,
-                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
-                         tie_word_embeddings=False, architectures=["Qwen2ForCausalLM"])
-    hf = Qwen2ForCausalLM(config)
-    randomize_(hf, seed=5, std=0.05)
-    hf.save_pretrained(folder)
+    hf = small_checkpoint(folder, seed=5)
     pairs1 = write_adapter(folder / "a1", hf, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                "down_proj"], rank=8, alpha=16, seed=1, b_std=0.02)
     pairs2 = write_adapter(folder / "a2", hf, ["q_proj", "v_proj"], rank=4, alpha=4, seed=2, rslora=True,
                            b_std=0.02)
-    refs = {None: hf.eval(), "a1": merged(hf, pairs1, 2.0), "a2": merged(hf, pairs2, 4 / math.sqrt(4))}
+    refs = {None: hf, "a1": merged(hf, pairs1, 2.0), "a2": merged(hf, pairs2, 4 / math.sqrt(4))}
     return folder, refs
 
 

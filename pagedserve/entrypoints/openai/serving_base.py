@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from pagedserve.async_engine import AsyncEngine, EngineDeadError, EngineUnavailableError, RequestStream
@@ -429,6 +429,19 @@ async def tokenize_prompts(engine: AsyncEngine, prompt: Any, param: str = "promp
                     raise bad_request(f"prompt token id {t} is outside the vocabulary [0, {engine.vocab_size})", param)
             out.append((None, list(p)))
     return out
+
+
+async def finals_or_error(engine: AsyncEngine, streams: list[RequestStream]
+                          ) -> tuple[list[RequestOutput], None] | tuple[None, Response]:
+    """(the streams' final outputs, None), or (None, the error response) when the engine failed them; streams left
+    unfinished (an error, a cancelled handler) are aborted."""
+    try:
+        return list(await asyncio.gather(*(last_output(s) for s in streams))), None
+    except Exception as e:
+        err = engine_error(e)
+        return None, JSONResponse(err.body(), status_code=err.status_code, headers=err.headers)
+    finally:
+        engine.abort([s.request_id for s in streams if not s.finished])
 
 
 async def last_output(stream: RequestStream) -> RequestOutput:

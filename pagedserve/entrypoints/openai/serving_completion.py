@@ -28,7 +28,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     clamp_logprob,
     engine_error,
     error_body,
-    last_output,
+    finals_or_error,
     now_created,
     prompt_logprobs_json,
     run_until_disconnect,
@@ -141,13 +141,9 @@ class OpenAIServingCompletion:
         return [output.prompt_token_ids[0], *output.prompt_logprobs[1:]]
 
     async def _full(self, streams: list[RequestStream], ctx: _Context) -> Response:
-        try:
-            finals = await asyncio.gather(*(last_output(s) for s in streams))
-        except Exception as e:
-            err = engine_error(e)
-            return JSONResponse(err.body(), status_code=err.status_code, headers=err.headers)
-        finally:
-            self.engine.abort([s.request_id for s in streams if not s.finished])
+        finals, error = await finals_or_error(self.engine, streams)
+        if error is not None:
+            return error
         n = ctx.params.n
         choices = []
         num_completion = 0

@@ -8,7 +8,6 @@ little-endian float32 bytes. An input may take the whole context length (nothing
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import time
 import uuid
@@ -24,7 +23,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     bad_request,
     check_model,
     engine_error,
-    last_output,
+    finals_or_error,
     now_created,
     run_until_disconnect,
     tokenize_prompts,
@@ -72,13 +71,9 @@ class OpenAIServingEmbedding:
 
     async def _full(self, streams: list[RequestStream], base_id: str, model_name: str,
                     req: EmbeddingRequest) -> Response:
-        try:
-            finals = await asyncio.gather(*(last_output(s) for s in streams))
-        except Exception as e:
-            err = engine_error(e)
-            return JSONResponse(err.body(), status_code=err.status_code, headers=err.headers)
-        finally:
-            self.engine.abort([s.request_id for s in streams if not s.finished])
+        finals, error = await finals_or_error(self.engine, streams)
+        if error is not None:
+            return error
         data = []
         for i, final in enumerate(finals):
             if final.embedding is None:  # aborted inside the engine (e.g. the server is stopping)
