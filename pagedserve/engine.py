@@ -105,6 +105,10 @@ class LLMEngine:
             enable_prefix_caching=self.config.enable_prefix_caching,
             lora_slot_for=getattr(getattr(getattr(self.worker, "runner", None), "lora_manager", None), "slot_of", None),
         )
+        lora_manager = getattr(getattr(self.worker, "runner", None), "lora_manager", None)
+        if lora_manager is not None:
+            lora_manager.live_ids = lambda: {r.lora_request.lora_int_id for r in self.scheduler.requests.values()
+                                             if r.lora_request is not None}
         # Models with several end tokens (e.g. Llama 3): the others stop like stop_token_ids.
         self._extra_eos_ids = sorted(set(self.tokenizer.eos_token_ids) - {self.tokenizer.eos_token_id})
         self._requests: dict[str, _RequestState] = {}
@@ -234,7 +238,8 @@ class LLMEngine:
         Without stop strings its text is then decoded once at the end instead of token by token.
         compiled_grammar: `params.structured_outputs` compiled already (`compile_structured_async`);
         without it the constraint is compiled here, on the calling thread.
-        lora_request: the LoRA adapter to run it with (enable_lora); loaded into a slot on first use.
+        lora_request: the LoRA adapter to run it with (enable_lora): read and checked now, loaded into a device slot
+        when the scheduler admits the request.
         """
         params = params or self.default_sampling_params()
         if not isinstance(params, SamplingParams):

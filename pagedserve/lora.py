@@ -49,8 +49,9 @@ class LoRAWeights:
     weights: dict[tuple[int, str], tuple]  # (layer, "q_proj") -> (A, B * scale), torch tensors on the CPU
 
 
-def read_adapter(path: str) -> LoRAWeights:
-    """Reads a PEFT LoRA folder; ValueError for anything this engine cannot apply (see the module docstring)."""
+def read_adapter(path: str, dtype=None) -> LoRAWeights:
+    """Reads a PEFT LoRA folder (A and scaled B in `dtype`, default fp32); ValueError for anything this engine
+    cannot apply (see the module docstring)."""
     import torch
 
     config_path = os.path.join(path, "adapter_config.json")
@@ -96,7 +97,7 @@ def read_adapter(path: str) -> LoRAWeights:
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != rank or b.shape[1] != rank:
             raise ValueError(f"layer {layer} {name}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not "
                              f"have rank {rank}")
-        weights[(layer, name)] = (a, b * scale)
+        weights[(layer, name)] = (a.to(dtype or torch.float32), (b * scale).to(dtype or torch.float32))
     return LoRAWeights(rank, weights)
 
 

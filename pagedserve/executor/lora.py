@@ -19,6 +19,7 @@ that bypass the projections' forward (qkv + rotary, gate_up + SiLU) stand aside 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 
@@ -65,7 +66,7 @@ class LoRAManager:
     its slot when it admits the request, loading it over the least recently used adapter that no running request
     holds, or makes the request wait while every slot is held."""
 
-    CPU_CACHE = 32  # adapters kept read on the host
+    CPU_CACHE = 8  # adapters kept read on the host beyond those of unfinished requests
 
     def __init__(self, model: torch.nn.Module, max_loras: int, max_rank: int, max_tokens: int) -> None:
         """max_tokens: the most tokens any forward runs (padded eager steps, graph sizes, the memory profile)."""
@@ -77,6 +78,7 @@ class LoRAManager:
         # from token_slot by load_step (outside any graph, one kernel each) and read by the layers.
         self._masks: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self.layers: dict[tuple[int, str], LoRALayer] = {}
+        self._dtype = torch.float32
         for i, layer in enumerate(model.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
             for name, module in (("qkv_proj", attn.qkv_proj), ("o_proj", attn.o_proj),
@@ -88,9 +90,13 @@ class LoRAManager:
                                         getattr(module, "output_sizes", [module.out_features]), max_loras, max_rank,
                                         dtype, weight.device)
                 self.layers[(i, name)] = module.lora
+                self._dtype = dtype  # adapters are kept on the host in the slots' dtype
         self._slots: OrderedDict[int, int] = OrderedDict()  # lora_int_id -> slot, least recently used first
         self._names: dict[int, str] = {}  # lora_int_id -> name, for every adapter registered
         self._read: OrderedDict[int, LoRAWeights] = OrderedDict()  # lora_int_id -> weights on the host
+        # The adapter ids of unfinished requests (the engine sets it): those stay read, so a waiting request's
+        # adapter never has to be read again when its slot comes (its folder may be gone by then).
+        self.live_ids: Callable[[], set[int]] = set
 
     def register(self, request: LoRARequest) -> None:
         """Reads and checks `request`'s adapter (once per id); ValueError for a bad one."""
@@ -105,7 +111,7 @@ class LoRAManager:
         if adapter is not None:
             self._read.move_to_end(request.lora_int_id)
             return adapter
-        adapter = read_adapter(request.lora_path)
+        adapter = read_adapter(request.lora_path, dtype=self._dtype)
         if adapter.rank > self.max_rank:
             raise ValueError(f"the adapter {request.lora_name!r} has rank {adapter.rank}, above max_lora_rank "
                              f"{self.max_rank}")
@@ -118,8 +124,10 @@ class LoRAManager:
                 raise ValueError(f"the adapter {request.lora_name!r}: layer {layer} {name} has lora_A "
                                  f"{tuple(a.shape)} / lora_B {tuple(b.shape)}, which do not fit this model")
         self._read[request.lora_int_id] = adapter
-        while len(self._read) > self.CPU_CACHE:
-            self._read.popitem(last=False)
+        if len(self._read) > self.CPU_CACHE:
+            live = self.live_ids() | {request.lora_int_id}
+            for lora_id in [i for i in self._read if i not in live][: len(self._read) - self.CPU_CACHE]:
+                del self._read[lora_id]
         return adapter
 
     def slot_of(self, request: LoRARequest, in_use: set[int]) -> int | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,30 @@ def test_more_adapters_than_slots_wait_for_one(setup) -> None:
     # The first step admits a1's two requests and the base one; a3 and a2 wait for the slot in turn.
     assert set(admitted[:3]) == {outs[0].request_id, outs[2].request_id, outs[3].request_id}
     assert all(slot in (0, 1) for step_ids in order for slot in step_ids.values())
+    assert_free(llm)
+
+
+def test_a_waiting_requests_adapter_stays_read_on_the_host(setup, tmp_path) -> None:
+    """With a host cache of one adapter, a request waiting for the slot keeps its adapter read: its folder may be
+    gone by the time the slot frees."""
+    folder, hf, adapters = setup
+    llm = LLM(str(folder), enable_lora=True, max_loras=1, max_lora_rank=8, max_model_len=128, cpu_kv_cache_gib=0.05,
+              dtype="float32")
+    llm.engine.worker.runner.lora_manager.CPU_CACHE = 1
+    shutil.copytree(folder / "a3", tmp_path / "a3")
+    moved = LoRARequest("a3-moved", 7, str(tmp_path / "a3"))
+    engine, params = llm.engine, SamplingParams(temperature=0, max_tokens=4)
+    engine.add_request("first", PROMPTS[0], params, lora_request=adapters["a1"][0])
+    engine.step()  # a1 holds the only slot
+    engine.add_request("waits", PROMPTS[1], params, lora_request=moved)
+    engine.add_request("other", PROMPTS[0], params, lora_request=adapters["a2"][0])  # pushes the host cache
+    shutil.rmtree(tmp_path / "a3")
+    outs = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outs[out.request_id] = out.outputs[0].token_ids
+    assert outs["waits"] == hf_greedy(adapters["a3"][1], PROMPTS[1], 4)[0]
+    assert outs["other"] == hf_greedy(adapters["a2"][1], PROMPTS[0], 4)[0]
     assert_free(llm)
 
 
