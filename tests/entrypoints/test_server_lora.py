@@ -30,8 +30,9 @@ def setup(tmp_path_factory, real_model_dir):
     write_adapter(folder / "a1", hf, ["q_proj", "v_proj", "down_proj"], rank=4, alpha=8, seed=1)
     write_adapter(folder / "a2", hf, ["gate_proj", "up_proj", "o_proj"], rank=8, alpha=8, seed=2)
     flags = ("--max-model-len", "128", "--cpu-kv-cache-gib", "0.05", "--dtype", "float32", "--max-lora-rank", "8")
+    write_adapter(folder / "a3", hf, ["k_proj", "up_proj"], rank=2, alpha=4, seed=3)
     server = RealServer(str(folder), *flags, "--lora-modules", f"a1={folder / 'a1'}",
-                        f'{{"name": "a2", "path": "{folder / "a2"}"}}')
+                        f'{{"name": "a2", "path": "{folder / "a2"}"}}', "--allow-runtime-lora-updating")
     yield folder, server
     server.stop()
 
@@ -68,6 +69,29 @@ def test_each_adapter_answers_as_the_offline_engine_does(setup) -> None:
     want = llm.embed([PROMPT], use_tqdm=False, lora_request=loras["a2"])[0].outputs.embedding
     assert got["model"] == "a2" and got["data"][0]["embedding"] == pytest.approx(want, abs=1e-5)
     assert want != pytest.approx(llm.embed([PROMPT], use_tqdm=False)[0].outputs.embedding, abs=1e-3)
+
+
+def test_adapters_load_and_unload_at_run_time(setup) -> None:
+    folder, server = setup
+    url = server.base_url
+    r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "a3", "lora_path": str(folder / "a3")})
+    assert r.status_code == 200 and "a3" in r.text
+    assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]][-1] == "a3"
+    llm = LLM(str(folder), enable_lora=True, max_lora_rank=8, max_model_len=128, cpu_kv_cache_gib=0.05,
+              dtype="float32")
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    want = llm.generate([PROMPT], params, use_tqdm=False,
+                        lora_request=LoRARequest("a3", 9, str(folder / "a3")))[0].outputs[0].text
+    body = {"model": "a3", "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    assert httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"] == want
+    again = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "a3", "lora_path": str(folder / "a3")})
+    assert again.status_code == 400 and again.json()["error"]["param"] == "lora_name"
+    bad = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "a4", "lora_path": str(folder / "nope")})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "lora_path"
+    assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "a3"}).status_code == 200
+    assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 404
+    assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "a3"}).status_code == 404
+    assert "a3" not in [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
 
 
 def test_a_bad_adapter_folder_stops_the_start(tmp_path, real_model_dir) -> None:

@@ -553,6 +553,11 @@ def test_embeddings_bad_requests_get_400(server, body, param) -> None:
     assert ok.status_code == 200 and len(ok.json()["data"][0]["embedding"]) == 896  # still serving
 
 
+def test_runtime_lora_routes_are_off_by_default(server) -> None:
+    r = httpx.post(server.base_url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/tmp"})
+    assert r.status_code == 404
+
+
 # --------------------------------------------------------------------------- acceptance 6 (runs last)
 def test_zz_sigterm_lets_in_flight_requests_finish(server, model) -> None:
     """Stops the module's server: keep it the last test of this file."""

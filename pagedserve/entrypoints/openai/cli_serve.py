@@ -63,6 +63,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
                    help="LoRA adapters to serve (implies --enable-lora): each NAME=PATH (a PEFT folder) or a JSON "
                    '{"name": ..., "path": ...}; a request whose model is NAME runs with that adapter')
+    g.add_argument("--allow-runtime-lora-updating", action="store_true",
+                   help="POST /v1/load_lora_adapter and /v1/unload_lora_adapter add and remove adapters while serving "
+                   "(also VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)")
     g.add_argument(
         "--engine-process",
         action=argparse.BooleanOptionalAction,

@@ -320,6 +320,17 @@ class EmbeddingResponse(OpenAIBaseModel):
     usage: UsageInfo
 
 
+# --------------------------------------------------------------------------- LoRA adapters at run time
+class LoadLoRAAdapterRequest(OpenAIBaseModel):
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoRAAdapterRequest(OpenAIBaseModel):
+    lora_name: str = Field(min_length=1)
+    lora_int_id: Int | None = None
+
+
 # --------------------------------------------------------------------------- models, version
 class ModelCard(OpenAIBaseModel):
     id: str

@@ -56,11 +56,13 @@ from pagedserve.entrypoints.openai.protocol import (
     EmbeddingResponse,
     ErrorResponse,
     HealthResponse,
+    LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
     TokenizeResponse,
+    UnloadLoRAAdapterRequest,
     VersionResponse,
 )
 from pagedserve.entrypoints.openai.serving_base import APIError, TokenStrings, error_body, error_response
@@ -84,6 +86,10 @@ class ServerSettings:
     enable_auto_tool_choice: bool = False  # tool_choice "auto": answers parsed for hermes tool calls
     reasoning_parser: str | None = None  # "qwen3" | "deepseek_r1": chat answers split into reasoning / content
     lora_modules: dict = field(default_factory=dict)  # served name -> LoRARequest (--lora-modules)
+    # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (--allow-runtime-lora-updating, or vLLM's
+    # VLLM_ALLOW_RUNTIME_LORA_UPDATING=True); off by default, as in vLLM: with it, any API caller can make the server
+    # read any folder it can reach as an adapter.
+    allow_runtime_lora_updating: bool = False
 
 
 def _version() -> str:
@@ -275,13 +281,16 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
         return await tokenization.detokenize(request)
 
     def model_card(name: str) -> dict:
-        lora = settings.lora_modules.get(name)
+        lora = engine.lora_requests.get(name)
         if lora is not None:  # vLLM's card of an adapter: its folder as root, the base model as parent
             return ModelCard(id=name, created=started, root=lora.lora_path, parent=served_names[0],
                              max_model_len=engine.max_model_len).model_dump()
         return ModelCard(
             id=name, created=started, root=settings.model_root, max_model_len=engine.max_model_len
         ).model_dump()
+
+    if settings.allow_runtime_lora_updating:
+        _add_lora_routes(app, engine, served_names)
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models() -> dict:
@@ -408,6 +417,39 @@ def _make_uvicorn_server(app: FastAPI, args: argparse.Namespace, on_signal: Call
     return _Server(config)
 
 
+def _add_lora_routes(app: FastAPI, engine: AsyncEngine, served_names: list[str]) -> None:
+    """vLLM's runtime adapter routes: a loaded adapter is served under its name (added to `served_names`, which the
+    routes share) until it is unloaded; requests already running with it finish."""
+    from starlette.responses import PlainTextResponse
+
+    from pagedserve.lora import LoRARequest, read_adapter
+
+    @app.post("/v1/load_lora_adapter", responses=_ERROR_RESPONSES)
+    async def load_lora_adapter(request: LoadLoRAAdapterRequest) -> Response:
+        name = request.lora_name
+        if not getattr(engine.engine_config, "enable_lora", False):
+            raise APIError(400, "this server runs without LoRA; start it with --enable-lora", param="lora_name")
+        if name in served_names:
+            raise APIError(400, f"the adapter {name!r} has already been loaded", param="lora_name")
+        try:  # read here (checked; the engine reads it again when a request first names it)
+            await engine.run_in_tokenizer_thread(read_adapter, request.lora_path)
+        except ValueError as e:
+            raise APIError(400, str(e), param="lora_path") from e
+        lora_id = max((r.lora_int_id for r in engine.lora_requests.values()), default=0) + 1
+        engine.lora_requests[name] = LoRARequest(name, lora_id, request.lora_path)
+        served_names.append(name)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter", responses=_ERROR_RESPONSES)
+    async def unload_lora_adapter(request: UnloadLoRAAdapterRequest) -> Response:
+        name = request.lora_name
+        if name not in engine.lora_requests:
+            raise APIError(404, f"no adapter {name!r} is loaded", param="lora_name", code="model_not_found")
+        del engine.lora_requests[name]
+        served_names.remove(name)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+
 def run_server(config: EngineConfig, args: argparse.Namespace, backend: Any = None) -> int:
     """Loads the engine, serves until SIGTERM/SIGINT, returns 0 after a graceful stop.
     `backend`: an engine process already spawned by start_engine_process (cli_serve does that
@@ -435,6 +477,9 @@ def run_server(config: EngineConfig, args: argparse.Namespace, backend: Any = No
         enable_auto_tool_choice=bool(getattr(args, "enable_auto_tool_choice", False)),
         reasoning_parser=getattr(args, "reasoning_parser", None),
         lora_modules=lora_modules,
+        allow_runtime_lora_updating=bool(getattr(args, "allow_runtime_lora_updating", False)
+                                         or os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower()
+                                         in ("1", "true")),
     )
     app = build_app(async_engine, settings)
     server = _make_uvicorn_server(app, args, async_engine.stop_accepting)
