@@ -658,7 +658,20 @@ class LLMEngine:
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
             "kernel_compiles_while_serving": serving_compiles(),
+            **self._lora_stats(),
         }
+
+    def _lora_stats(self) -> dict:
+        """With LoRA: the adapters of the running and of the waiting requests (names, sorted), and max_loras."""
+        if getattr(getattr(self.worker, "runner", None), "lora_manager", None) is None:
+            return {}
+        s = self.scheduler
+
+        def names(requests) -> list[str]:
+            return sorted({r.lora_request.lora_name for r in requests if r.lora_request is not None})
+
+        return {"running_lora_adapters": names(s.running), "waiting_lora_adapters": names(s.waiting),
+                "max_loras": self.config.max_loras}
 
 
 @dataclass(slots=True)

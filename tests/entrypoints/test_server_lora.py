@@ -64,6 +64,8 @@ def test_each_adapter_answers_as_the_offline_engine_does(setup) -> None:
         assert model == name and text == expected[name], name
     r = httpx.post(server.base_url + "/v1/completions", json={"model": "a3", "prompt": PROMPT, "max_tokens": 2})
     assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    metrics = httpx.get(server.base_url + "/metrics").text  # vLLM's adapter gauge (idle now: none running)
+    assert 'pagedserve:lora_requests_info{max_lora="4",running_lora_adapters="",waiting_lora_adapters=""}' in metrics
     # Embeddings through an adapter too (the tiny vocabulary holds no chat-template tokens: token-id routes only).
     got = httpx.post(server.base_url + "/v1/embeddings", timeout=60, json={"model": "a2", "input": PROMPT}).json()
     want = llm.embed([PROMPT], use_tqdm=False, lora_request=loras["a2"])[0].outputs.embedding

@@ -148,6 +148,9 @@ def test_a_waiting_requests_adapter_stays_read_on_the_host(setup, tmp_path) -> N
     engine.add_request("waits", PROMPTS[1], params, lora_request=moved)
     engine.add_request("other", PROMPTS[0], params, lora_request=adapters["a2"][0])  # pushes the host cache
     shutil.rmtree(tmp_path / "a3")
+    stats = engine.get_stats()  # what the server's lora_requests_info gauge shows
+    assert stats["running_lora_adapters"] == ["a1"] and stats["waiting_lora_adapters"] == ["a2", "a3-moved"]
+    assert stats["max_loras"] == 1
     outs = {}
     while engine.has_unfinished_requests():
         for out in engine.step():

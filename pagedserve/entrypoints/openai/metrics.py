@@ -7,6 +7,8 @@ outputs arrive (AsyncEngine observers). Names follow vLLM's with the `pagedserve
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -112,6 +114,12 @@ class _EngineStatsCollector(Collector):
         g = GaugeMetricFamily(PREFIX + "num_requests_in_flight", "HTTP-side requests not yet finished.", labels=labels)
         g.add_metric([self.model_name], float(self.engine.num_in_flight))
         yield g
+        if "max_loras" in stats:  # vLLM's: the adapters in use as labels, the time of the snapshot as the value
+            g = GaugeMetricFamily(PREFIX + "lora_requests_info", "Running stats on LoRA requests.",
+                                  labels=["max_lora", "waiting_lora_adapters", "running_lora_adapters"])
+            g.add_metric([str(stats["max_loras"]), ",".join(stats["waiting_lora_adapters"]),
+                          ",".join(stats["running_lora_adapters"])], time.time())
+            yield g
 
 
 class ServerMetrics:
