@@ -105,6 +105,10 @@ class LLMEngine:
             enable_prefix_caching=self.config.enable_prefix_caching,
             lora_slot_for=getattr(getattr(getattr(self.worker, "runner", None), "lora_manager", None), "slot_of", None),
         )
+        # A bare decoder or one saved without its LM head (executor/loader.py): embedding requests only.
+        self.embedding_only = bool(getattr(getattr(getattr(self.worker, "runner", None), "model", None),
+                                           "embedding_only", False))
+        self._warming = False
         lora_manager = getattr(getattr(self.worker, "runner", None), "lora_manager", None)
         if lora_manager is not None:
             lora_manager.live_ids = lambda: {r.lora_request.lora_int_id for r in self.scheduler.requests.values()
@@ -184,6 +188,7 @@ class LLMEngine:
         names = [req[0] for reqs in script.values() for req in reqs]
 
         def run_script() -> None:
+            self._warming = True  # (an embedding model's kernels compile through generated requests too)
             try:
                 step = 0
                 while step <= max(script) or self.has_unfinished_requests():
@@ -192,6 +197,7 @@ class LLMEngine:
                     self.step()
                     step += 1
             finally:
+                self._warming = False
                 self.abort_request(names)
                 self._drain()
             self.scheduler.reset_prefix_cache()
@@ -252,6 +258,9 @@ class LLMEngine:
         else:
             prompt_token_ids = list(prompt)
         pooling = params.pooling is not None
+        if self.embedding_only and not pooling and not self._warming:
+            raise ValueError("this model has no LM head (an embedding model): it serves embeddings only "
+                             "(POST /v1/embeddings, LLM.embed)")
         self._check_prompt(prompt_token_ids, whole_context=pooling)
         params.validate_for_model(self.vocab_size)
         if pooling:

@@ -136,3 +136,27 @@ def test_async_scheduling_embeddings_equal(real_model_dir: str, llm: LLM) -> Non
         assert torch.allclose(torch.tensor(a.outputs.embedding), torch.tensor(b.outputs.embedding), atol=1e-6)
     asynchronous.engine.step()  # a step in flight past the end is collected
     assert_free(asynchronous)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_a_bare_decoder_checkpoint_serves_embeddings_only(tmp_path, real_model_dir, arch) -> None:
+    """An embedding model saved as Transformers' bare decoder (Qwen2Model / Qwen3Model: no LM head, tensor names
+    without "model."): embeddings equal its last hidden state; generating is a ValueError."""
+    from transformers import Qwen2Model, Qwen3Model
+
+    from tests.executor.helpers import randomize_, tiny_hf_config
+
+    config = tiny_hf_config(arch, tie_word_embeddings=False)
+    bare = (Qwen2Model if arch == "qwen2" else Qwen3Model)(config)
+    randomize_(bare, seed=2)
+    bare.save_pretrained(tmp_path)
+    llm = LLM(str(tmp_path), tokenizer=real_model_dir, max_model_len=64, cpu_kv_cache_gib=0.05, dtype="float32")
+    assert llm.engine.embedding_only
+    prompts = [[5, 17, 99, 3, 42], [11, 12]]
+    for prompt, out in zip(prompts, llm.embed([{"prompt_token_ids": p} for p in prompts], use_tqdm=False)):
+        with torch.no_grad():
+            ref = torch.nn.functional.normalize(bare.eval()(torch.tensor([prompt])).last_hidden_state[0, -1], dim=0)
+        assert torch.allclose(torch.tensor(out.outputs.embedding), ref, atol=1e-5)
+    with pytest.raises(ValueError, match="serves embeddings only"):
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert_free(llm)

@@ -25,7 +25,7 @@ from torch import nn
 
 from pagedserve.config import EngineConfig
 from pagedserve.executor.gguf_loader import gguf_hf_config, iterate_gguf_weights
-from pagedserve.executor.models import get_model_class
+from pagedserve.executor.models import get_model_class, is_bare
 
 logger = logging.getLogger(__name__)
 
@@ -234,6 +234,7 @@ def load_model(
     logger.info("start-up: config in %.1f s, model built on %s in %.1f s", t_config - t0, device, t_built - t_config)
 
     if config.load_format == "dummy":
+        model.embedding_only = is_bare(getattr(hf_config, "architectures", None))
         init_dummy_weights(model, config.seed)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -246,6 +247,12 @@ def load_model(
     with torch.no_grad():
         loaded = model.load_weights(weights)
     missing = sorted({name for name, _ in model.named_parameters()} - loaded)
+    model.embedding_only = is_bare(getattr(hf_config, "architectures", None))
+    if missing == ["lm_head.weight"]:  # a decoder saved without its LM head (embedding checkpoints often are)
+        model.lm_head.weight.data.zero_()
+        model.embedding_only, missing = True, []
+    if model.embedding_only:
+        logger.info("%s is a bare decoder (%s): it serves embeddings only", source.path, hf_config.architectures)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(f"checkpoint {source.path!r} lacks weights for {shown}")

@@ -19,18 +19,37 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
 }
+# The bare decoders (Transformers' AutoModel classes), as embedding checkpoints such as Qwen3-Embedding or
+# gte-Qwen2 are saved: no LM head, tensors named without the "model." prefix. They serve embeddings only.
+BARE_ARCHITECTURES: dict[str, str] = {
+    "Qwen2Model": "Qwen2ForCausalLM",
+    "Qwen3Model": "Qwen3ForCausalLM",
+    "LlamaModel": "LlamaForCausalLM",
+    "MistralModel": "MistralForCausalLM",
+}
 
 
 def get_model_class(architectures: Sequence[str] | None) -> type[nn.Module]:
     """The first supported class among a config's `architectures`; ValueError naming the supported ones."""
     for arch in architectures or []:
+        arch = BARE_ARCHITECTURES.get(arch, arch)
         if arch in MODEL_REGISTRY:
             return MODEL_REGISTRY[arch]
     raise ValueError(
         f"model architecture {list(architectures or [])} is not supported; "
-        f"supported architectures: {', '.join(MODEL_REGISTRY)}"
+        f"supported architectures: {', '.join([*MODEL_REGISTRY, *BARE_ARCHITECTURES])}"
     )
 
 
-__all__ = ["MODEL_REGISTRY", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-           "get_model_class"]
+def is_bare(architectures: Sequence[str] | None) -> bool:
+    """Whether the first supported architecture is a bare decoder (an embedding checkpoint)."""
+    for arch in architectures or []:
+        if arch in BARE_ARCHITECTURES:
+            return True
+        if arch in MODEL_REGISTRY:
+            return False
+    return False
+
+
+__all__ = ["BARE_ARCHITECTURES", "MODEL_REGISTRY", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+           "Qwen3ForCausalLM", "get_model_class", "is_bare"]

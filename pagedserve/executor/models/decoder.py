@@ -39,6 +39,7 @@ from pagedserve.executor.layers import (
 logger = logging.getLogger(__name__)
 
 # fp8 checkpoints' activation scales: not used (activations are quantized per token at run time).
+_BARE_PREFIXES = ("embed_tokens.", "layers.", "norm.")
 _UNUSED_SCALES = (".input_scale",)
 # Their KV-cache scales, one per layer (llm-compressor: self_attn.k_scale / v_scale; AutoFP8: the k/v projections'
 # output_scale; older files: one kv_scale for both): kept on the attention module, used with kv_cache_dtype fp8
@@ -296,6 +297,8 @@ class DecoderForCausalLM(nn.Module):
         for name, tensor in weights:
             if "rotary_emb." in name or name.endswith(_UNUSED_SCALES):
                 continue
+            if name.startswith(_BARE_PREFIXES):  # a bare decoder's checkpoint (an embedding model): no "model."
+                name = "model." + name
             kv_scale = _KV_SCALE.match(name)
             if kv_scale:
                 module = attention.get(kv_scale.group(1))
