@@ -88,8 +88,6 @@ class EngineConfig:
             fail(f"override_generation_config must be a dict, got {self.override_generation_config!r}")
         if self.max_loras < 1 or self.max_lora_rank < 1:
             fail(f"max_loras and max_lora_rank must be >= 1, got {self.max_loras} and {self.max_lora_rank}")
-        if self.enable_lora and self.tensor_parallel_size > 1:
-            fail("LoRA adapters with tensor parallelism are not supported yet; use tensor_parallel_size=1")
         if self.max_queued_requests is not None and self.max_queued_requests < 0:
             fail(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
 

@@ -60,6 +60,9 @@ class SchedulerOutput:
     # Requests that ended or were preempted since the last step: the runner drops any state it keeps.
     finished_request_ids: list[str] = field(default_factory=list)
     preempted_request_ids: list[str] = field(default_factory=list)
+    # Tensor parallelism with LoRA: (slot, LoRARequest) pairs rank 0 loaded for this step; the other ranks load
+    # their slices into the same slots before its forward (executor/lora.py).
+    lora_loads: list = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:

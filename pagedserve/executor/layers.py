@@ -10,14 +10,16 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.distributed import all_reduce, tp_size, vocab_shard
-from pagedserve.executor.lora import LoRALayer
+
+if TYPE_CHECKING:
+    from pagedserve.executor.lora import LoRALayer
 
 
 class Linear(nn.Module):

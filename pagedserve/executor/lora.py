@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 
+from pagedserve.distributed import tp_size
 from pagedserve.lora import PROJECTIONS, LoRARequest, LoRAWeights, read_adapter
 
 
@@ -94,6 +95,7 @@ class LoRAManager:
         self._slots: OrderedDict[int, int] = OrderedDict()  # lora_int_id -> slot, least recently used first
         self._names: dict[int, str] = {}  # lora_int_id -> name, for every adapter registered
         self._read: OrderedDict[int, LoRAWeights] = OrderedDict()  # lora_int_id -> weights on the host
+        self.pending_loads: list[tuple[int, LoRARequest]] = []  # tensor parallelism: see take_loads
         # The adapter ids of unfinished requests (the engine sets it): those stay read, so a waiting request's
         # adapter never has to be read again when its slot comes (its folder may be gone by then).
         self.live_ids: Callable[[], set[int]] = set
@@ -111,7 +113,7 @@ class LoRAManager:
         if adapter is not None:
             self._read.move_to_end(request.lora_int_id)
             return adapter
-        adapter = read_adapter(request.lora_path, dtype=self._dtype)
+        adapter = _this_ranks_part(read_adapter(request.lora_path, dtype=self._dtype))
         if adapter.rank > self.max_rank:
             raise ValueError(f"the adapter {request.lora_name!r} has rank {adapter.rank}, above max_lora_rank "
                              f"{self.max_rank}")
@@ -146,6 +148,16 @@ class LoRAManager:
             if victim is None:
                 return None
             slot = self._slots.pop(victim)
+        self.load_into(slot, request)
+        if tp_size() > 1:
+            self.pending_loads.append((slot, request))
+        return slot
+
+    def load_into(self, slot: int, request: LoRARequest) -> None:
+        """`request`'s adapter into `slot` (over whatever it held): the scheduler's choice on rank 0, the step
+        message's on the other ranks of tensor parallelism."""
+        for lora_id in [i for i, s in self._slots.items() if s == slot]:
+            del self._slots[lora_id]
         adapter = self._weights(request)  # (read again if it left the host cache)
         for layer in self.layers.values():
             layer.clear(slot)
@@ -154,7 +166,12 @@ class LoRAManager:
             lora = self.layers[(layer, target)]
             lora.set_part(slot, part, a.to(lora.a.dtype), b.to(lora.b.dtype))
         self._slots[request.lora_int_id] = slot
-        return slot
+        self._names[request.lora_int_id] = request.lora_name
+
+    def take_loads(self) -> list[tuple[int, LoRARequest]]:
+        """The slot loads since the last call (rank 0 sends them with the step: SchedulerOutput.lora_loads)."""
+        loads, self.pending_loads = self.pending_loads, []
+        return loads
 
     def mask_for(self, layer: LoRALayer) -> torch.Tensor:
         key = (layer.cols_per_slot, layer.a.dtype)
@@ -173,5 +190,25 @@ class LoRAManager:
         for mask, col_slot in self._masks.values():
             torch.eq(self.token_slot[:, None], col_slot[None, :], out=mask)
 
+
+def _this_ranks_part(adapter: LoRAWeights) -> LoRAWeights:
+    """Tensor parallelism: a column-parallel projection (q, k, v, gate, up) keeps A whole and this rank's rows of B;
+    a row-parallel one (o, down) this rank's columns of A and B whole, so each rank adds (x_r A_r^T) B^T to its
+    partial output and the projection's all-reduce sums the adapter's delta with the rest."""
+    if tp_size() == 1:
+        return adapter
+    from pagedserve.executor.models.decoder import tp_slice
+
+    weights = {}
+    for (layer, name), (a, b) in adapter.weights.items():
+        hf_name = f"model.layers.{layer}.{'mlp' if name in _MLP else 'self_attn'}.{name}.weight"
+        if name in ("o_proj", "down_proj"):
+            weights[(layer, name)] = (tp_slice(hf_name, a).contiguous(), b)
+        else:
+            weights[(layer, name)] = (a, tp_slice(hf_name, b).contiguous())
+    return LoRAWeights(adapter.rank, weights)
+
+
+_MLP = ("gate_proj", "up_proj", "down_proj")
 
 __all__ = ["LoRALayer", "LoRAManager"]

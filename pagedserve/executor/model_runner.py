@@ -626,6 +626,8 @@ class ModelRunner:
         inputs = self.prepare_inputs(scheduler_output)
         if inputs.graph_step or inputs.mixed_graph_step:
             raise RuntimeError("tensor-parallel ranks run eager steps only")
+        if inputs.lora_slots is not None:
+            self.lora_manager.load_step(inputs.lora_slots)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.ctx)
         if inputs.prompt_plan:  # the same LM-head gathers as rank 0's prompt logprobs
             self._prompt_logprobs(hidden, inputs.prompt_plan, scheduler_output.scheduled)

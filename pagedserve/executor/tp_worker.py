@@ -73,7 +73,7 @@ def run_rank(config: Any, model_path: str, rank: int, port: int) -> None:
     from pagedserve.distributed import broadcast_object, destroy_tensor_parallel, init_tensor_parallel
     from pagedserve.executor.loader import load_model
     from pagedserve.executor.model_runner import ModelRunner
-    from pagedserve.executor.worker import default_max_batched_tokens, resolve_dtype, size_kv_cache
+    from pagedserve.executor.worker import default_max_batched_tokens, make_lora_manager, resolve_dtype, size_kv_cache
 
     device = tp_device(config, rank)
     dtype = resolve_dtype(config, device)
@@ -81,10 +81,15 @@ def run_rank(config: Any, model_path: str, rank: int, port: int) -> None:
     try:
         torch.manual_seed(config.seed)
         model, hf_config = load_model(config, model_path, device, dtype)
-        num_blocks = size_kv_cache(config, model, hf_config, device, dtype, default_max_batched_tokens(config, device))
+        max_batched = default_max_batched_tokens(config, device)
+        lora_manager = make_lora_manager(config, model, max_batched)
+        num_blocks = size_kv_cache(config, model, hf_config, device, dtype, max_batched)
         runner = ModelRunner(config, model, hf_config, device, dtype, num_blocks, config.block_size, sampler=None)
+        runner.lora_manager = lora_manager
         logger.info("tensor-parallel rank %d ready on %s: %d KV blocks", rank, device, num_blocks)
         while (step := broadcast_object()) is not None:
+            for slot, lora_request in step.lora_loads:  # the adapters rank 0 put into slots for this step
+                lora_manager.load_into(slot, lora_request)
             runner.forward_only(step)
     finally:
         destroy_tensor_parallel()

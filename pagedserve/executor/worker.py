@@ -90,7 +90,11 @@ class Worker:
                 if proc.poll() is not None:
                     raise RuntimeError(f"tensor-parallel rank {rank} (pid {proc.pid}) exited with code "
                                        f"{proc.returncode}; the engine cannot go on without it")
-            broadcast_object(_for_other_ranks(scheduler_output))
+            message = _for_other_ranks(scheduler_output)
+            lora_manager = getattr(self.runner, "lora_manager", None)
+            if lora_manager is not None:
+                message.lora_loads = lora_manager.take_loads()
+            broadcast_object(message)
 
     def close(self) -> None:
         """Ends the tensor-parallel ranks (a no-op with one rank); the worker takes no steps after it."""
@@ -119,7 +123,7 @@ def _for_other_ranks(scheduler_output: SchedulerOutput) -> SchedulerOutput:
     return SchedulerOutput(
         [ScheduledRequest(r.request_id, r.token_ids, r.num_computed_tokens, r.block_ids, r.needs_sample,
                           r.sampling_params, r.prompt_token_ids if r.wants_prompt_logprobs else [], [],
-                          r.output_index) for r in scheduler_output.scheduled],
+                          r.output_index, lora_slot=r.lora_slot) for r in scheduler_output.scheduled],
         scheduler_output.num_batched_tokens, scheduler_output.finished_request_ids,
         scheduler_output.preempted_request_ids)
 
@@ -217,6 +221,18 @@ def _build_rank0(config: EngineConfig, device: torch.device, dtype: torch.dtype,
     return worker
 
 
+def make_lora_manager(config: EngineConfig, model, max_batched: int):
+    """enable_lora: the adapter slots (executor/lora.py), made before the KV cache takes the rest of the memory."""
+    if not config.enable_lora:
+        return None
+    from pagedserve.executor.lora import LoRAManager
+    from pagedserve.executor.model_runner import padded_count
+
+    # Any forward's tokens: padded eager steps, the memory profile, the graphs (decode: max_num_seqs at most).
+    max_tokens = padded_count(max(max_batched, config.max_num_seqs)) + 256
+    return LoRAManager(model, config.max_loras, config.max_lora_rank, max_tokens)
+
+
 def size_kv_cache(config: EngineConfig, model, hf_config, device: torch.device, dtype: torch.dtype,
                   max_batched: int) -> int:
     """KV blocks for this rank's cache: what fits here, then the fewest of any rank (one block table serves
@@ -253,14 +269,7 @@ def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: st
                          f"max_position_embeddings {model_len}")
     max_batched = default_max_batched_tokens(config, device)
     vocab_size = int(hf_config.vocab_size)
-    lora_manager = None
-    if config.enable_lora:  # its slots are allocated before the KV cache takes the rest of the memory
-        from pagedserve.executor.lora import LoRAManager
-        from pagedserve.executor.model_runner import padded_count
-
-        # Any forward's tokens: padded eager steps, the memory profile, the graphs (decode: max_num_seqs at most).
-        max_tokens = padded_count(max(max_batched, config.max_num_seqs)) + 256
-        lora_manager = LoRAManager(model, config.max_loras, config.max_lora_rank, max_tokens)
+    lora_manager = make_lora_manager(config, model, max_batched)
     num_blocks = size_kv_cache(config, model, hf_config, device, dtype, max_batched)
     capacity = num_blocks * config.block_size
     max_model_len = config.max_model_len or model_len

@@ -299,3 +299,33 @@ def test_two_ranks_with_an_fp8_kv_cache_and_checkpoint_scales(tmp_path, real_mod
     write_kv_scales(tmp_path, SCALES)
     with kv_rounded_to_fp8(hf, [(4.0, 0.5), (1.0, 1.0)]):  # SCALES as powers of two
         two_ranks_match_hf_greedy(tmp_path, hf, kv_cache_dtype="fp8")
+
+
+def test_two_ranks_with_lora_adapters_match_merged_transformers(tmp_path, real_model_dir) -> None:
+    """LoRA over two ranks: q/k/v/gate/up keep A whole and split B's rows, o/down split A's columns and keep B
+    (each rank's partial delta joins the projection's all-reduce); rank 1 loads what rank 0's scheduler put in
+    each slot. Two adapters and the base model in one batch, through a slot swap (max_loras=1)."""
+    from pagedserve import LoRARequest
+    from tests.executor.test_lora import merged, write_adapter
+
+    hf = tiny_checkpoint(tmp_path, real_model_dir, "qwen2").eval()
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    refs = {None: hf}
+    loras = {}
+    for i, name in enumerate(("x", "y"), start=1):
+        pairs = write_adapter(tmp_path / name, hf, targets, rank=4, alpha=8, seed=i, b_std=0.05)
+        refs[name] = merged(hf, pairs, 2.0)
+        loras[name] = LoRARequest(name, i, str(tmp_path / name))
+    llm = LLM(str(tmp_path), tensor_parallel_size=2, max_model_len=64, cpu_kv_cache_gib=0.05, device="cpu",
+              dtype="float32", enable_lora=True, max_loras=1, max_lora_rank=4)
+    try:
+        names = ["x", None, "y", "x"]
+        params = SamplingParams(temperature=0, max_tokens=5, logprobs=0)
+        outs = llm.generate([{"prompt_token_ids": PROMPTS[i % 3]} for i in range(4)], params,
+                            lora_request=[loras.get(n) for n in names])
+        for i, (name, out) in enumerate(zip(names, outs)):
+            ref_ids, ref_lps = hf_greedy(refs[name], PROMPTS[i % 3], 5)
+            assert out.outputs[0].token_ids == ref_ids, name
+            assert [lp.logprob for lp in out.outputs[0].logprobs] == pytest.approx(ref_lps, abs=1e-4)
+    finally:
+        llm.engine.worker.close()
