@@ -535,7 +535,20 @@ def test_embeddings_with_the_official_client_equal_transformers(client, model, h
     assert torch.allclose(torch.tensor(raw["data"][0]["embedding"]), hf_last_hidden(ids[0][-3:]), atol=1e-3)
 
 
+def test_embeddings_of_a_conversation_equal_its_rendered_prompts(server, model) -> None:
+    """vLLM's chat form: `messages` rendered with the chat template (as /tokenize renders them), then embedded."""
+    url = server.base_url
+    rendered = httpx.post(url + "/tokenize", json={"messages": MESSAGES, "add_generation_prompt": False}).json()
+    by_messages = httpx.post(url + "/v1/embeddings", json={"messages": MESSAGES}, timeout=60).json()
+    by_ids = httpx.post(url + "/v1/embeddings", json={"input": rendered["tokens"]}, timeout=60).json()
+    assert by_messages["usage"]["prompt_tokens"] == rendered["count"]
+    assert by_messages["data"][0]["embedding"] == pytest.approx(by_ids["data"][0]["embedding"], abs=1e-6)
+
+
 @pytest.mark.parametrize("body,param", [
+    ({"input": "hi", "messages": MESSAGES}, "input"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
     ({"input": ""}, "input"),
     ({"input": []}, "input"),
     ({"input": "hi", "dimensions": 0}, "dimensions"),

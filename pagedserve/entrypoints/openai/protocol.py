@@ -293,9 +293,13 @@ class CompletionResponse(OpenAIBaseModel):
 # --------------------------------------------------------------------------- embeddings
 class EmbeddingRequest(OpenAIBaseModel):
     model: str | None = None
-    input: str | list[str] | list[Int] | list[list[Int]] = Field(
-        description="a string, a list of strings, a list of token ids, or a list of token-id lists"
+    input: str | list[str] | list[Int] | list[list[Int]] | None = Field(
+        default=None, description="a string, a list of strings, a list of token ids, or a list of token-id lists"
     )
+    # vLLM's chat form: one conversation rendered with the chat template (instead of `input`)
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Int | None = Field(default=None, description="keep the first N values (then normalize)")
     user: str | None = None

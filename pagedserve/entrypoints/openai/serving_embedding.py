@@ -1,5 +1,6 @@
 """POST /v1/embeddings: one engine request per input, each returning its last token's final hidden state
 (SamplingParams.for_pooling; pooling_params.py), L2-normalized unless `normalize` is false, cut to `dimensions`.
+vLLM's chat form (`messages` instead of `input`) embeds one conversation rendered with the chat template.
 
 Inputs may be a string, a list of strings, a list of token ids, or a list of token-id lists, as for completions.
 `encoding_format` "base64" (what the official openai client asks for) sends each vector as the base64 of its
@@ -45,7 +46,12 @@ class OpenAIServingEmbedding:
                                     dimensions=req.dimensions)
         except ValueError as e:
             raise bad_request(str(e), "dimensions") from e
-        prompts = await tokenize_prompts(self.engine, req.input, "input", req.add_special_tokens)
+        if (req.input is None) == (req.messages is None):
+            raise bad_request("give exactly one of input and messages", "input")
+        if req.messages is not None:
+            prompts = [await self._render(req)]
+        else:
+            prompts = await tokenize_prompts(self.engine, req.input, "input", req.add_special_tokens)
         if req.truncate_prompt_tokens is not None:
             prompts = [(text if len(ids) <= req.truncate_prompt_tokens else None, ids[-req.truncate_prompt_tokens:])
                        for text, ids in prompts]
@@ -68,6 +74,23 @@ class OpenAIServingEmbedding:
                 raise engine_error(e, "dimensions" if "dimensions" in str(e) else "input") from e
             raise
         return await run_until_disconnect(raw_request, self._full(streams, base_id, model_name, req))
+
+    async def _render(self, req: EmbeddingRequest) -> tuple[str, list[int]]:
+        """The conversation as the chat route renders it (its template; no generation prompt by default)."""
+        from pagedserve.entrypoints.openai.serving_chat import (
+            OpenAIServingChat,
+            _render_and_encode,
+            template_kwargs_of,
+        )
+        from pagedserve.entrypoints.openai.tool_calls import template_messages
+
+        messages = template_messages(OpenAIServingChat._messages(req))
+        try:
+            return await self.engine.run_in_tokenizer_thread(
+                _render_and_encode, self.engine.tokenizer, messages, req.add_generation_prompt, None,
+                template_kwargs_of(req.chat_template_kwargs))
+        except ValueError as e:
+            raise bad_request(str(e), "messages") from e
 
     async def _full(self, streams: list[RequestStream], base_id: str, model_name: str,
                     req: EmbeddingRequest) -> Response:
