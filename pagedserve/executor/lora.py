@@ -12,7 +12,8 @@ tokens) and adds
 three kernels a projection (matmul, multiply by the step's mask, addmm) whatever the adapters in the batch (the
 masks, one per column layout, are made once a step from the slot buffer, outside the graphs), with static shapes:
 the CUDA graphs capture them (the buffer's address is fixed; each replay reads the step's slots). A step without
-adapters pays the same (all-zero masks): LoRA costs every request once enabled, as in vLLM. The fused batch-1 kernels
+adapters pays the same in the graphs (all-zero masks); an eager step without adapters (a long prefill) skips them.
+The fused batch-1 kernels
 that bypass the projections' forward (qkv + rotary, gate_up + SiLU) stand aside on such models.
 """
 
@@ -54,6 +55,8 @@ class LoRALayer:
         self.b[o0:o0 + b.shape[0], c0:c0 + rank].copy_(b)
 
     def apply(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not self.manager.active:  # an eager step without adapters
+            return y
         mask = self.manager.mask_for(self)
         if x.shape[0] > mask.shape[0]:
             raise RuntimeError(f"a LoRA step of {x.shape[0]} tokens; the slot buffer holds {mask.shape[0]}")
@@ -75,6 +78,9 @@ class LoRAManager:
         self.max_rank = max_rank
         device = next(model.parameters()).device
         self.token_slot = torch.zeros(max_tokens, dtype=torch.int64, device=device)  # filled before each step
+        # False while an eager step without adapters runs (the runner sets it): the layers add nothing. True
+        # otherwise, so the CUDA graphs, captured once, always hold the adapters' kernels.
+        self.active = True
         # Per column layout (columns a slot, dtype): the [max_tokens, S * Rt] 0/1 mask of each token's slot, made
         # from token_slot by load_step (outside any graph, one kernel each) and read by the layers.
         self._masks: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}

@@ -132,6 +132,7 @@ class StepInputs:
     pool_rows: tuple[list[int], list[int]] | None = None
     # With LoRA enabled: each token's adapter slot (0: none), int64 on the device (executor/lora.py).
     lora_slots: torch.Tensor | None = None
+    lora_any: bool = False  # some token of the step has an adapter
 
 
 def prefill_warm_probes(head_dim: int, queries_per_kv: int) -> list[tuple[int, int]]:
@@ -338,9 +339,11 @@ class ModelRunner:
         buf = self._host_view(int(offsets[-1]))
         (input_ids, positions, slot_mapping, qsl, sl, block_tables, logits_indices, dst, src, order, work_part,
          lora_part) = (buf[offsets[i] : offsets[i] + sizes[i]] for i in range(len(sizes)))
+        lora_any = False
         if num_lora:
             lora_part[:] = np.repeat(np.fromiter((r.lora_slot for r in scheduled), dtype=np.int64, count=num_seqs),
                                      query_lens)
+            lora_any = bool(lora_part.any())
         if num_work:
             work_part[:] = work.reshape(-1)
         if num_order:  # only with the Triton backend, so its kernel module (and triton) is there
@@ -406,7 +409,7 @@ class ModelRunner:
         )
         ctx = ForwardContext(attn_metadata=meta, kv_caches=self.kv_caches, backend=self.backend)
         return StepInputs(views[0], views[1], ctx, views[6], num_logits, graph_step, placeholder_rows,
-                          mixed_graph_step, prompt_plan, pool_rows, views[11] if num_lora else None)
+                          mixed_graph_step, prompt_plan, pool_rows, views[11] if num_lora else None, lora_any)
 
     def _placeholder_sources(
         self, scheduled: list[ScheduledRequest], query_start_loc: np.ndarray, dst: np.ndarray
@@ -533,7 +536,7 @@ class ModelRunner:
             logits = self.mixed_graphs.run(inputs.input_ids, inputs.positions, meta, inputs.logits_indices,
                                            inputs.num_logits)
         else:
-            hidden = self.model(inputs.input_ids, inputs.positions, inputs.ctx)
+            hidden = self._eager_forward(inputs)
             if inputs.prompt_plan:
                 payload, decode = self._prompt_logprobs(hidden, inputs.prompt_plan, scheduled)
                 prompt_part = None if payload is None else (*self._to_host(payload), decode)
@@ -557,6 +560,17 @@ class ModelRunner:
         self._last_sample_rows = {r.request_id: i for i, r in enumerate(to_sample)}
         host, ready = self._to_host(result.payload)
         return StepHandle(scheduled, host, ready, result.decode, started, prompt_part, pool_part)
+
+    def _eager_forward(self, inputs: StepInputs) -> torch.Tensor:
+        """The model on an eager step; with LoRA enabled, the adapters' kernels run only if a token has one."""
+        manager = self.lora_manager
+        if manager is None:
+            return self.model(inputs.input_ids, inputs.positions, inputs.ctx)
+        manager.active = inputs.lora_any
+        try:
+            return self.model(inputs.input_ids, inputs.positions, inputs.ctx)
+        finally:
+            manager.active = True
 
     def _to_host(self, payload: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         """(host tensor, event recorded after its copy or None): the device-to-host copy of a payload, queued
@@ -628,7 +642,7 @@ class ModelRunner:
             raise RuntimeError("tensor-parallel ranks run eager steps only")
         if inputs.lora_slots is not None:
             self.lora_manager.load_step(inputs.lora_slots)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.ctx)
+        hidden = self._eager_forward(inputs)
         if inputs.prompt_plan:  # the same LM-head gathers as rank 0's prompt logprobs
             self._prompt_logprobs(hidden, inputs.prompt_plan, scheduler_output.scheduled)
         if inputs.num_logits:  # this rank's slice of the vocabulary, gathered on rank 0
