@@ -57,13 +57,8 @@ class LLM:
         unless pooling_params says otherwise (pooling_params.py). `.outputs.embedding` is a list of floats. The
         prompts run through the same batches, chunks and prefix cache as generated requests."""
         prompts = _normalize_prompts(prompts)
-        if pooling_params is None or isinstance(pooling_params, PoolingParams):
-            pooling_list = [pooling_params] * len(prompts)
-        else:
-            pooling_list = list(pooling_params)
-            if len(pooling_list) != len(prompts):
-                raise ValueError(f"got {len(pooling_list)} pooling params for {len(prompts)} prompts")
-        params = [SamplingParams.for_pooling(p) for p in pooling_list]
+        params = [SamplingParams.for_pooling(p)
+                  for p in _per_prompt(pooling_params, PoolingParams, len(prompts), "pooling params")]
         return [EmbeddingRequestOutput(out.request_id, out.prompt_token_ids, EmbeddingOutput(out.embedding))
                 for out in self._run(prompts, params, use_tqdm, lora_request)]
 
@@ -98,20 +93,10 @@ class LLM:
         use_tqdm: bool,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        if lora_request is None or isinstance(lora_request, LoRARequest):
-            loras = [lora_request] * len(prompts)
-        else:
-            loras = list(lora_request)
-            if len(loras) != len(prompts):
-                raise ValueError(f"got {len(loras)} LoRA requests for {len(prompts)} prompts")
+        loras = _per_prompt(lora_request, LoRARequest, len(prompts), "LoRA requests")
         if sampling_params is None:
-            params_list = [self.get_default_sampling_params()] * len(prompts)
-        elif isinstance(sampling_params, SamplingParams):
-            params_list = [sampling_params] * len(prompts)
-        else:
-            params_list = list(sampling_params)
-            if len(params_list) != len(prompts):
-                raise ValueError(f"got {len(params_list)} sampling params for {len(prompts)} prompts")
+            sampling_params = self.get_default_sampling_params()
+        params_list = _per_prompt(sampling_params, SamplingParams, len(prompts), "sampling params")
         ids: list[str] = []
         try:
             for prompt, params, lora in zip(prompts, params_list, loras):
@@ -148,6 +133,16 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [finished[i] for i in ids]
+
+
+def _per_prompt(value: Any, one: type, num_prompts: int, what: str) -> list:
+    """One value (or None) for every prompt, or a sequence with one per prompt."""
+    if value is None or isinstance(value, one):
+        return [value] * num_prompts
+    values = list(value)
+    if len(values) != num_prompts:
+        raise ValueError(f"got {len(values)} {what} for {num_prompts} prompts")
+    return values
 
 
 def _normalize_prompts(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
