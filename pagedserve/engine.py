@@ -96,6 +96,9 @@ class LLMEngine:
         self.vocab_size: int = self.worker.vocab_size
         # Sampling fields requests leave unset take these (the model's generation_config.json).
         self.default_sampling: dict = dict(getattr(self.worker, "default_sampling", None) or {})
+        runner = getattr(self.worker, "runner", None)
+        # enable_lora: the adapter slots (executor/lora.py); None without LoRA.
+        self._lora_manager = getattr(runner, "lora_manager", None)
         self.scheduler = Scheduler(
             max_num_seqs=self.config.max_num_seqs,
             max_num_batched_tokens=self.worker.max_num_batched_tokens,
@@ -103,16 +106,14 @@ class LLMEngine:
             num_blocks=self.worker.num_kv_blocks,
             block_size=self.config.block_size,
             enable_prefix_caching=self.config.enable_prefix_caching,
-            lora_slot_for=getattr(getattr(getattr(self.worker, "runner", None), "lora_manager", None), "slot_of", None),
+            lora_slot_for=None if self._lora_manager is None else self._lora_manager.slot_of,
         )
         # A bare decoder or one saved without its LM head (executor/loader.py): embedding requests only.
-        self.embedding_only = bool(getattr(getattr(getattr(self.worker, "runner", None), "model", None),
-                                           "embedding_only", False))
+        self.embedding_only = bool(getattr(getattr(runner, "model", None), "embedding_only", False))
         self._warming = False
-        lora_manager = getattr(getattr(self.worker, "runner", None), "lora_manager", None)
-        if lora_manager is not None:
-            lora_manager.live_ids = lambda: {r.lora_request.lora_int_id for r in self.scheduler.requests.values()
-                                             if r.lora_request is not None}
+        if self._lora_manager is not None:
+            self._lora_manager.live_ids = lambda: {r.lora_request.lora_int_id for r in self.scheduler.requests.values()
+                                                   if r.lora_request is not None}
         # Models with several end tokens (e.g. Llama 3): the others stop like stop_token_ids.
         self._extra_eos_ids = sorted(set(self.tokenizer.eos_token_ids) - {self.tokenizer.eos_token_id})
         self._requests: dict[str, _RequestState] = {}
@@ -335,11 +336,10 @@ class LLMEngine:
             return None
         if not isinstance(lora_request, LoRARequest):
             raise ValueError(f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
-        manager = getattr(getattr(self.worker, "runner", None), "lora_manager", None)
-        if manager is None:
+        if self._lora_manager is None:
             raise ValueError("this engine was started without LoRA support; start it with enable_lora=True "
                              "(--enable-lora)")
-        manager.register(lora_request)  # read and checked now; its slot is given when the scheduler admits it
+        self._lora_manager.register(lora_request)  # read and checked now; its slot comes when the scheduler admits it
         return f"lora:{lora_request.lora_int_id}"
 
     def compile_structured_async(self, spec: StructuredOutputsParams) -> Future:
@@ -369,13 +369,10 @@ class LLMEngine:
             for t in token_ids:
                 if type(t) is not int or not 0 <= t < self.vocab_size:  # bools and other types too
                     raise ValueError(f"prompt token id {t!r} is outside the vocabulary [0, {self.vocab_size})")
-        if whole_context and len(token_ids) > self.max_model_len:
-            raise ValueError(f"the prompt has {len(token_ids)} tokens, but this model's context length is "
-                             f"{self.max_model_len} tokens; shorten the prompt")
-        if not whole_context and len(token_ids) >= self.max_model_len:
+        if len(token_ids) >= self.max_model_len + whole_context:
             raise ValueError(
-                f"the prompt has {len(token_ids)} tokens, but this model's context length is "
-                f"{self.max_model_len} tokens, leaving no room to generate; shorten the prompt"
+                f"the prompt has {len(token_ids)} tokens, but this model's context length is {self.max_model_len} "
+                f"tokens{'' if whole_context else ', leaving no room to generate'}; shorten the prompt"
             )
 
     def _resolve_max_tokens(self, num_prompt_tokens: int, params: SamplingParams) -> int:
@@ -672,7 +669,7 @@ class LLMEngine:
 
     def _lora_stats(self) -> dict:
         """With LoRA: the adapters of the running and of the waiting requests (names, sorted), and max_loras."""
-        if getattr(getattr(self.worker, "runner", None), "lora_manager", None) is None:
+        if self._lora_manager is None:
             return {}
         s = self.scheduler
 

@@ -230,11 +230,11 @@ def load_model(
     with torch.device(device), _default_dtype(dtype):
         model = model_cls(hf_config, config.max_model_len)
     model.eval()
+    model.embedding_only = is_bare(getattr(hf_config, "architectures", None))  # (also: no LM head, below)
     t_built = time.monotonic()
     logger.info("start-up: config in %.1f s, model built on %s in %.1f s", t_config - t0, device, t_built - t_config)
 
     if config.load_format == "dummy":
-        model.embedding_only = is_bare(getattr(hf_config, "architectures", None))
         init_dummy_weights(model, config.seed)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -247,7 +247,6 @@ def load_model(
     with torch.no_grad():
         loaded = model.load_weights(weights)
     missing = sorted({name for name, _ in model.named_parameters()} - loaded)
-    model.embedding_only = is_bare(getattr(hf_config, "architectures", None))
     if missing == ["lm_head.weight"]:  # a decoder saved without its LM head (embedding checkpoints often are)
         model.lm_head.weight.data.zero_()
         model.embedding_only, missing = True, []

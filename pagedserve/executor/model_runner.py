@@ -130,9 +130,7 @@ class StepInputs:
     # Embedding requests at their last prompt token: (indices among the logits rows, indices among the scheduled
     # requests). Such steps run eager too: the pooled vector is that row's final hidden state.
     pool_rows: tuple[list[int], list[int]] | None = None
-    # With LoRA enabled: each token's adapter slot (0: none), int64 on the device (executor/lora.py).
-    lora_slots: torch.Tensor | None = None
-    lora_any: bool = False  # some token of the step has an adapter
+    lora_any: bool = False  # LoRA enabled and some token of the step has an adapter (executor/lora.py)
 
 
 def prefill_warm_probes(head_dim: int, queries_per_kv: int) -> list[tuple[int, int]]:
@@ -389,6 +387,8 @@ class ModelRunner:
             placeholder_rows = views[8]
         elif num_placeholders:
             views[0][views[7]] = self._last_sampled[views[8]]  # on the device: no wait for the last step
+        if num_lora:  # each token's adapter slot, where the projections (and graphs) read it
+            self.lora_manager.load_step(views[11])
 
         def int32(t: torch.Tensor) -> torch.Tensor:
             return t if graph_step or mixed_graph_step else t.to(torch.int32)
@@ -409,7 +409,7 @@ class ModelRunner:
         )
         ctx = ForwardContext(attn_metadata=meta, kv_caches=self.kv_caches, backend=self.backend)
         return StepInputs(views[0], views[1], ctx, views[6], num_logits, graph_step, placeholder_rows,
-                          mixed_graph_step, prompt_plan, pool_rows, views[11] if num_lora else None, lora_any)
+                          mixed_graph_step, prompt_plan, pool_rows, lora_any)
 
     def _placeholder_sources(
         self, scheduled: list[ScheduledRequest], query_start_loc: np.ndarray, dst: np.ndarray
@@ -527,8 +527,6 @@ class ModelRunner:
             started.record()
         meta = inputs.ctx.attn_metadata
         prompt_part = pool_part = None
-        if inputs.lora_slots is not None:  # each token's adapter, where the projections (and graphs) read it
-            self.lora_manager.load_step(inputs.lora_slots)
         if inputs.graph_step:
             logits = self.cuda_graphs.run(inputs.input_ids, inputs.positions, meta,
                                           placeholder_rows=inputs.placeholder_rows, last_sampled=self._last_sampled)
@@ -640,8 +638,6 @@ class ModelRunner:
         inputs = self.prepare_inputs(scheduler_output)
         if inputs.graph_step or inputs.mixed_graph_step:
             raise RuntimeError("tensor-parallel ranks run eager steps only")
-        if inputs.lora_slots is not None:
-            self.lora_manager.load_step(inputs.lora_slots)
         hidden = self._eager_forward(inputs)
         if inputs.prompt_plan:  # the same LM-head gathers as rank 0's prompt logprobs
             self._prompt_logprobs(hidden, inputs.prompt_plan, scheduler_output.scheduled)

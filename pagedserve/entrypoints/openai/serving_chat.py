@@ -96,15 +96,8 @@ class OpenAIServingChat:
                 raise bad_request(f'tool_choice "{mode.kind}" makes its own structured output; drop '
                                   f"{structured_outputs_of(req)[1]}", "tool_choice")
             params = dataclasses.replace(params, structured_outputs=constraint)
-        messages = template_messages(self._messages(req))
-        template_kwargs = template_kwargs_of(req.chat_template_kwargs)
-        try:
-            prompt_text, prompt_ids = await self.engine.run_in_tokenizer_thread(
-                _render_and_encode, self.engine.tokenizer, messages, req.add_generation_prompt is not False, tools,
-                template_kwargs,
-            )
-        except ValueError as e:
-            raise bad_request(str(e), "messages") from e
+        prompt_text, prompt_ids = await render_chat_prompt(self.engine, req, req.add_generation_prompt is not False,
+                                                           tools)
         check_prompt_fits(
             self.engine,
             prompt_ids,
@@ -464,6 +457,20 @@ def template_kwargs_of(kwargs: dict[str, Any] | None) -> dict[str, Any]:
     if clash:
         raise bad_request(f"chat_template_kwargs may not set {', '.join(clash)}", "chat_template_kwargs")
     return kwargs
+
+
+async def render_chat_prompt(engine: AsyncEngine, req: Any, add_generation_prompt: bool, tools: list[dict] | None
+                             ) -> tuple[str, list[int]]:
+    """A request's `messages` (with its `chat_template_kwargs`) rendered by the chat template and encoded, on the
+    tokenizer thread: (text, token ids); a 400 naming `messages` when the template refuses them. The chat,
+    tokenize and embeddings routes render the same way."""
+    messages = template_messages(OpenAIServingChat._messages(req))
+    template_kwargs = template_kwargs_of(req.chat_template_kwargs)
+    try:
+        return await engine.run_in_tokenizer_thread(_render_and_encode, engine.tokenizer, messages,
+                                                    add_generation_prompt, tools, template_kwargs)
+    except ValueError as e:
+        raise bad_request(str(e), "messages") from e
 
 
 def _render_and_encode(tokenizer: Any, messages: list[dict], add_generation_prompt: bool,

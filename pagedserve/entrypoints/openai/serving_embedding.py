@@ -29,6 +29,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     run_until_disconnect,
     tokenize_prompts,
 )
+from pagedserve.entrypoints.openai.serving_chat import render_chat_prompt
 from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import SamplingParams
 
@@ -49,7 +50,8 @@ class OpenAIServingEmbedding:
         if (req.input is None) == (req.messages is None):
             raise bad_request("give exactly one of input and messages", "input")
         if req.messages is not None:
-            prompts = [await self._render(req)]
+            # (no generation prompt by default: the conversation as it stands)
+            prompts = [await render_chat_prompt(self.engine, req, req.add_generation_prompt, None)]
         else:
             prompts = await tokenize_prompts(self.engine, req.input, "input", req.add_special_tokens)
         if req.truncate_prompt_tokens is not None:
@@ -74,23 +76,6 @@ class OpenAIServingEmbedding:
                 raise engine_error(e, "dimensions" if "dimensions" in str(e) else "input") from e
             raise
         return await run_until_disconnect(raw_request, self._full(streams, base_id, model_name, req))
-
-    async def _render(self, req: EmbeddingRequest) -> tuple[str, list[int]]:
-        """The conversation as the chat route renders it (its template; no generation prompt by default)."""
-        from pagedserve.entrypoints.openai.serving_chat import (
-            OpenAIServingChat,
-            _render_and_encode,
-            template_kwargs_of,
-        )
-        from pagedserve.entrypoints.openai.tool_calls import template_messages
-
-        messages = template_messages(OpenAIServingChat._messages(req))
-        try:
-            return await self.engine.run_in_tokenizer_thread(
-                _render_and_encode, self.engine.tokenizer, messages, req.add_generation_prompt, None,
-                template_kwargs_of(req.chat_template_kwargs))
-        except ValueError as e:
-            raise bad_request(str(e), "messages") from e
 
     async def _full(self, streams: list[RequestStream], base_id: str, model_name: str,
                     req: EmbeddingRequest) -> Response:

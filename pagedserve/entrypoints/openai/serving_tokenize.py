@@ -9,8 +9,7 @@ from typing import Any
 from pagedserve.async_engine import AsyncEngine
 from pagedserve.entrypoints.openai.protocol import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
 from pagedserve.entrypoints.openai.serving_base import bad_request, check_model
-from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat, _render_and_encode, template_kwargs_of
-from pagedserve.entrypoints.openai.tool_calls import template_messages
+from pagedserve.entrypoints.openai.serving_chat import render_chat_prompt
 
 
 class OpenAIServingTokenization:
@@ -22,13 +21,7 @@ class OpenAIServingTokenization:
         check_model(self.engine, self.served_model_names, req.model)
         tokenizer = self.engine.tokenizer
         if isinstance(req, TokenizeChatRequest):
-            messages = template_messages(OpenAIServingChat._messages(req))
-            template_kwargs = template_kwargs_of(req.chat_template_kwargs)
-            try:
-                _, ids = await self.engine.run_in_tokenizer_thread(
-                    _render_and_encode, tokenizer, messages, req.add_generation_prompt, req.tools, template_kwargs)
-            except ValueError as e:
-                raise bad_request(str(e), "messages") from e
+            _, ids = await render_chat_prompt(self.engine, req, req.add_generation_prompt, req.tools)
             if req.add_special_tokens:
                 ids = _with_special_tokens(tokenizer, ids)
         else:
