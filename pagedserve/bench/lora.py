@@ -7,8 +7,6 @@ import json
 import os
 import tempfile
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 def add_lora_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-loras", type=int, default=0,
@@ -33,7 +31,7 @@ def random_adapters(hf_config, num: int, rank: int, seed: int = 0) -> list:
     import torch
     from safetensors.torch import save_file
 
-    from pagedserve.lora import LoRARequest
+    from pagedserve.lora import PROJECTIONS, LoRARequest
 
     h, inter = hf_config.hidden_size, hf_config.intermediate_size
     heads = hf_config.num_attention_heads
@@ -49,7 +47,7 @@ def random_adapters(hf_config, num: int, rank: int, seed: int = 0) -> list:
         os.makedirs(folder)
         tensors = {}
         for layer in range(hf_config.num_hidden_layers):
-            for name in TARGETS:
+            for name in PROJECTIONS:
                 fan_in, fan_out = shapes[name]
                 part = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
                 key = f"base_model.model.model.layers.{layer}.{part}.{name}"
@@ -57,7 +55,7 @@ def random_adapters(hf_config, num: int, rank: int, seed: int = 0) -> list:
                 tensors[f"{key}.lora_B.weight"] = (torch.randn(fan_out, rank, generator=g) * 0.1 / rank).bfloat16()
         save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
         with open(os.path.join(folder, "adapter_config.json"), "w") as f:
-            json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": list(TARGETS),
+            json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": list(PROJECTIONS),
                        "bias": "none"}, f)
         out.append(LoRARequest(f"lora{k}", k + 1, folder))
     return out
