@@ -49,6 +49,10 @@ class EngineConfig:
     enable_lora: bool = False
     max_loras: int = 4
     max_lora_rank: int = 16
+    # Speculative decoding (pagedserve/spec_decode.py): vLLM's --speculative-config, e.g.
+    # {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}; a JSON string or a dict, kept as
+    # the validated dict. None: off.
+    speculative_config: dict | str | None = None
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:
@@ -90,6 +94,11 @@ class EngineConfig:
             fail(f"max_loras and max_lora_rank must be >= 1, got {self.max_loras} and {self.max_lora_rank}")
         if self.max_queued_requests is not None and self.max_queued_requests < 0:
             fail(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
+        if self.speculative_config is not None:
+            from pagedserve.spec_decode import SpeculativeConfig
+
+            spec = SpeculativeConfig.parse(self.speculative_config)
+            object.__setattr__(self, "speculative_config", spec.as_dict())  # frozen: set once, validated
 
     @classmethod
     def from_kwargs(cls, **kwargs: object) -> EngineConfig:

@@ -41,6 +41,7 @@ from pagedserve.executor.compile_log import mark_serving, serving_compiles
 from pagedserve.lora import LoRARequest
 from pagedserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
+from pagedserve.spec_decode import NgramProposer, SpeculativeConfig
 from pagedserve.structured_output import SequenceConstraint, StructuredOutputBackend
 from pagedserve.tokenizer import IncrementalDetokenizer
 
@@ -107,6 +108,8 @@ class LLMEngine:
             block_size=self.config.block_size,
             enable_prefix_caching=self.config.enable_prefix_caching,
             lora_slot_for=None if self._lora_manager is None else self._lora_manager.slot_of,
+            proposer=None if self.config.speculative_config is None else NgramProposer(
+                SpeculativeConfig.parse(self.config.speculative_config)),
         )
         # A bare decoder or one saved without its LM head (executor/loader.py): embedding requests only.
         self.embedding_only = bool(getattr(getattr(runner, "model", None), "embedding_only", False))
@@ -122,6 +125,10 @@ class LLMEngine:
         on_cuda = self.worker.device is not None and self.worker.device.type == "cuda"
         self.async_scheduling = (self.config.async_scheduling if self.config.async_scheduling is not None
                                  else on_cuda)
+        if self.async_scheduling and self.scheduler.proposer is not None:
+            # A step's drafts come from the step before's tokens, on the host: no step may be scheduled early.
+            logger.info("speculative decoding: steps are scheduled synchronously (no async scheduling)")
+            self.async_scheduling = False
         self._pending = None  # (SchedulerOutput, StepHandle, t_start, t_scheduled, t_launched) in flight
         # True: each RequestOutput holds copies the caller may keep. False: the engine's own growing
         # CompletionOutputs, valid until the next step (for a caller that consumes them at once, as
@@ -562,7 +569,18 @@ class LLMEngine:
         if request.sampling_params.pooling is not None:
             self._apply_pooled(state, choice, update, now)
             return
-        new_ids = update.new_token_ids
+        new_ids, new_logprobs = update.new_token_ids, update.new_logprobs
+        engine_text = detok is not None and not (state.final_only and not needs_engine_text(request.sampling_params))
+        fed = 0  # of new_ids, the tokens the detokenizer has taken
+        if engine_text and detok.stop and len(new_ids) > 1:
+            # Several tokens at once (speculative decoding): the output ends at the token that completes a stop
+            # string, as it would have with one token a step; the tokens after it are dropped.
+            for token_id in new_ids[:-1]:
+                detok.add_tokens([token_id])
+                fed += 1
+                if detok.stop_reason is not None:
+                    new_ids, new_logprobs = new_ids[:fed], new_logprobs[:fed]
+                    break
         drop_stop = False  # the stop token that ended the request stays out of its text (stop_token_ends_text)
         if new_ids:
             self.generation_tokens_total += len(new_ids)
@@ -573,14 +591,13 @@ class LLMEngine:
             drop_stop = update.finished and stop_token_ends_text(request.sampling_params, out.token_ids,
                                                                  request.status.finish_reason,
                                                                  self.tokenizer.eos_token_ids)
-            text_ids = new_ids[:-1] if drop_stop else new_ids
+            text_ids = (new_ids[:-1] if drop_stop else new_ids)[fed:]
             if out.logprobs is not None:
-                for lp in update.new_logprobs:
+                for lp in new_logprobs:
                     if lp is not None:
                         out.logprobs.append(lp)
                         out.cumulative_logprob = (out.cumulative_logprob or 0.0) + lp.logprob
-            if detok is not None and text_ids and not (state.final_only
-                                                       and not needs_engine_text(request.sampling_params)):
+            if engine_text and text_ids:
                 detok.add_tokens(text_ids)
         finished = update.finished
         if not finished and grammar_ended.get(request.request_id):  # structured outputs: _accept_constrained
@@ -665,6 +682,7 @@ class LLMEngine:
             "generation_tokens_total": self.generation_tokens_total,
             "kernel_compiles_while_serving": serving_compiles(),
             **self._lora_stats(),
+            **({"spec_decode": s.spec_stats.as_dict()} if s.proposer is not None else {}),
         }
 
     def _lora_stats(self) -> dict:

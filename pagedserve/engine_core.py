@@ -248,9 +248,18 @@ def format_stats_line(prev: dict, cur: dict, seconds: float) -> str:
     queries = cur.get("prefix_cache_queries", 0) - prev.get("prefix_cache_queries", 0)
     hits = cur.get("prefix_cache_hits", 0) - prev.get("prefix_cache_hits", 0)
     hit_rate = f"{100.0 * hits / queries:.1f}%" if queries else "n/a"
-    return (
+    line = (
         f"prompt: {prompt_tps:.1f} tokens/s, generation: {gen_tps:.1f} tokens/s, "
         f"running: {cur.get('num_running', 0)} reqs, waiting: {cur.get('num_waiting', 0)} reqs, "
         f"KV cache usage: {100.0 * cur.get('kv_cache_usage', 0.0):.1f}%, "
         f"prefix cache hit rate: {hit_rate}, preemptions: {cur.get('num_preemptions', 0)}"
     )
+    spec, spec_prev = cur.get("spec_decode"), prev.get("spec_decode") or {}
+    if spec is not None:  # speculative decoding over the interval: drafts kept, tokens a drafted step
+        drafts = spec["num_drafts"] - spec_prev.get("num_drafts", 0)
+        proposed = spec["num_draft_tokens"] - spec_prev.get("num_draft_tokens", 0)
+        accepted = spec["num_accepted_tokens"] - spec_prev.get("num_accepted_tokens", 0)
+        if drafts:
+            line += (f", drafts accepted: {100.0 * accepted / max(proposed, 1):.1f}% "
+                     f"({1 + accepted / drafts:.2f} tokens a drafted step)")
+    return line

@@ -87,6 +87,26 @@ def model_shape(llm) -> ModelShape:
     return ModelShape.from_hf_config(worker.hf_config, dtype_bytes, quantization, kv_dtype_bytes=kv_bytes)
 
 
+def spec_decode_delta(engine, before: dict | None) -> dict | None:
+    """Speculative decoding over a timed run: the engine's counters now minus `before` (its stats' "spec_decode"
+    when the run began), with the acceptance rate and tokens a drafted step. None without speculative decoding."""
+    now = engine.get_stats().get("spec_decode")
+    if now is None:
+        return None
+    before = before or {}
+    d = {k: now[k] - before.get(k, 0) for k in ("num_drafts", "num_draft_tokens", "num_accepted_tokens")}
+    d["acceptance_rate"] = d["num_accepted_tokens"] / d["num_draft_tokens"] if d["num_draft_tokens"] else 0.0
+    d["mean_acceptance_length"] = 1 + d["num_accepted_tokens"] / d["num_drafts"] if d["num_drafts"] else 0.0
+    d["config"] = engine.config.speculative_config
+    return d
+
+
+def spec_decode_line(d: dict) -> str:
+    return (f"speculative decoding: {d['num_drafts']} drafted steps, {d['num_accepted_tokens']} of "
+            f"{d['num_draft_tokens']} drafts kept ({100 * d['acceptance_rate']:.1f}%), "
+            f"{d['mean_acceptance_length']:.2f} tokens a drafted step")
+
+
 def git_commit() -> str:
     if os.environ.get("PAGEDSERVE_COMMIT"):  # set where the tree travels without .git (GPU machine)
         return os.environ["PAGEDSERVE_COMMIT"]

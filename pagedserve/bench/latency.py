@@ -7,7 +7,7 @@ import argparse
 import statistics
 import time
 
-from pagedserve.bench.common import build_llm, card_ceilings, finish, model_shape
+from pagedserve.bench.common import build_llm, card_ceilings, finish, model_shape, spec_decode_delta, spec_decode_line
 from pagedserve.bench.datasets import random_requests
 from pagedserve.bench.lora import add_lora_args, prepare_lora_args, random_adapters
 
@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> dict:
     req = random_requests(1, (args.input_len, args.input_len), (args.output_len, args.output_len),
                           engine.vocab_size, seed=args.dataset_seed)[0]
     _one_stream(engine, req.prompt_token_ids, 16, "warmup", lora)
+    spec_before = engine.get_stats().get("spec_decode")
     runs = [_one_stream(engine, req.prompt_token_ids, args.output_len, f"run{i}", lora)
             for i in range(args.num_iters)]
     ttft = statistics.median(r[0] for r in runs)
@@ -74,6 +75,7 @@ def run(args: argparse.Namespace) -> dict:
         "e2e_s": statistics.median(r[0] + r[1] for r in runs),
         "graph_replay_ms": graph_ms, "lora_rank": args.lora_rank if args.num_loras else None,
         "step_timing": engine.step_timing.summary(),
+        "spec_decode": spec_decode_delta(engine, spec_before),
     }
     if bandwidth:
         floor_step = bytes_per_step / bandwidth
@@ -83,6 +85,8 @@ def run(args: argparse.Namespace) -> dict:
     print(f"latency: TTFT {result['ttft_ms']:.1f} ms, decode {result['decode_tok_per_s']:.1f} tok/s "
           f"({result['ms_per_step']:.2f} ms/step, {result['achieved_gb_per_s']:.0f} GB/s), e2e {result['e2e_s']:.2f} s")
     print(f"steps: {result['step_timing']}")
+    if result["spec_decode"] is not None:
+        print(spec_decode_line(result["spec_decode"]))
     if graph_ms is not None:
         print(f"batch-1 decode graph replay alone (model forward + logits): {graph_ms:.3f} ms")
     if bandwidth:

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 import time
 
-from pagedserve.bench.common import build_llm, card_ceilings, finish, fp8_ceiling, model_shape
+from pagedserve.bench.common import (
+    build_llm,
+    card_ceilings,
+    finish,
+    fp8_ceiling,
+    model_shape,
+    spec_decode_delta,
+    spec_decode_line,
+)
 from pagedserve.bench.datasets import parse_range, random_requests
 from pagedserve.bench.lora import add_lora_args, prepare_lora_args, random_adapters
 from pagedserve.bench.roofline import workload_floor
@@ -46,6 +54,7 @@ def run(args: argparse.Namespace) -> dict:
     engine.step_timing.totals.clear()
     freeze_startup_objects("bench throughput")  # as the server's engine process does after start-up
     gc_monitor = GcMonitor().start()
+    spec_before = engine.get_stats().get("spec_decode")
     try:
         t0 = time.perf_counter()
         outputs = llm.generate([r.prompt_token_ids for r in requests], params, use_tqdm=not args.no_tqdm,
@@ -79,6 +88,7 @@ def run(args: argparse.Namespace) -> dict:
         "kv_blocks": engine.worker.num_kv_blocks,
         "step_timing": step_summary,
         "warmup_s": warmup_s,
+        "spec_decode": spec_decode_delta(engine, spec_before),
         **gc_monitor.summary(),
     }
     shape = model_shape(llm)
@@ -98,6 +108,8 @@ def run(args: argparse.Namespace) -> dict:
     print(line)
     print(f"steps: {step_summary} (warm-up before the run: {warmup_s:.1f} s)")
     print(gc_monitor.line())
+    if result["spec_decode"] is not None:
+        print(spec_decode_line(result["spec_decode"]))
     if args.compare_hf:
         del engine, outputs  # the engine (weights, KV cache, graphs) must go before Transformers loads
         _compare_hf(args, llm, requests, result)

@@ -8,7 +8,8 @@ Index picture for one request in one step:
     seq_len after the step = num_computed_tokens + len(token_ids)
 
 `needs_sample` is true when the chunk ends at the last token (a decode step, or the final chunk
-of a prefill): the runner samples one new token for it.
+of a prefill): the runner samples one new token for it (speculative decoding: one at each of the
+last 1 + len(draft_token_ids) positions, and the scheduler keeps those its drafts confirm).
 
 Async scheduling: step N+1 is scheduled while step N still runs, so a decode's one token may be the
 one step N is sampling. Its id is then PLACEHOLDER_TOKEN_ID; the runner takes the real id from step
@@ -42,6 +43,9 @@ class ScheduledRequest:
     # the engine's grammar matcher; structured_output.py). None: any token.
     allowed_token_bitmask: Any = None
     lora_slot: int = 0  # its LoRA adapter's device slot (executor/lora.py); 0: none
+    # Speculative decoding (spec_decode.py): the draft tokens at the end of token_ids (a decode's last token,
+    # then these). The runner samples at each of the len + 1 last positions; empty: a plain step.
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def seq_len(self) -> int:
@@ -91,3 +95,7 @@ class RunnerOutput:
     # Embedding requests (sampling_params.pooling), aligned with SchedulerOutput.scheduled: the pooled vector (its
     # PoolingParams applied) where such a request computed its last prompt token; None: no row pooled.
     embeddings: list[list[float] | None] | None = None
+    # Speculative decoding, aligned with SchedulerOutput.scheduled: for a row with draft tokens, the (token id,
+    # logprobs or None) sampled at each draft's position (sampled_token_ids holds the one at the position before
+    # the first draft); None for rows without drafts. None: no row drafted.
+    draft_samples: list[list[tuple[int, TokenLogprobs | None]] | None] | None = None

@@ -40,6 +40,7 @@ from pagedserve.core.outputs import (
     TokenLogprobs,
 )
 from pagedserve.core.request import Request, RequestStatus
+from pagedserve.spec_decode import NgramProposer, SpecDecodeStats
 
 
 @dataclass(slots=True)
@@ -64,10 +65,15 @@ class Scheduler:
         enable_prefix_caching: bool,
         long_prefill_token_threshold: int | None = None,
         lora_slot_for: Callable[[Any, set[int]], int | None] | None = None,
+        proposer: NgramProposer | None = None,
     ) -> None:
         """lora_slot_for(lora_request, slots in use): the device slot of a request's LoRA adapter, loaded into a slot
-        that no running request uses if need be; None when every slot is in use (the request waits)."""
+        that no running request uses if need be; None when every slot is in use (the request waits).
+        proposer: speculative decoding's drafter (spec_decode.py), or None; it needs synchronous steps (the drafts
+        come from the tokens on the host)."""
         self.lora_slot_for = lora_slot_for
+        self.proposer = proposer
+        self.spec_stats = SpecDecodeStats()
         for name, value in (
             ("max_num_seqs", max_num_seqs),
             ("max_num_batched_tokens", max_num_batched_tokens),
@@ -155,6 +161,8 @@ class Scheduler:
         """Bookkeeping for a request whose status is already a finished one."""
         self.kv_cache.free(request)
         del self.requests[request.request_id]
+        if self.proposer is not None:
+            self.proposer.release(request.request_id)
         self._finished_request_ids.append(request.request_id)
 
     def has_unfinished_requests(self) -> bool:
@@ -199,14 +207,18 @@ class Scheduler:
             num_new = min(num_new, self.long_prefill_token_threshold)
         return min(num_new, token_budget)
 
-    def _schedule_one(self, request: Request, num_new: int, block_ids: list[int]) -> ScheduledRequest:
+    def _schedule_one(self, request: Request, num_new: int, block_ids: list[int],
+                      drafts: list[int] | None = None) -> ScheduledRequest:
         start = request.num_computed_tokens
         end = start + num_new
-        request.num_computed_tokens = end  # advanced here, at schedule time (see module docstring)
+        # advanced here, at schedule time (see module docstring); update() takes back rejected drafts
+        request.num_computed_tokens = end + len(drafts or ())
         known = request.num_tokens
         token_ids = request.all_token_ids[start:end]
         if end > known:  # the token the running step is sampling (only ever a decode's one token)
             token_ids.extend([PLACEHOLDER_TOKEN_ID] * (end - max(start, known)))
+        if drafts:
+            token_ids.extend(drafts)
         needs_sample = end == known + request.num_output_placeholders
         output_index = request.num_output_tokens + request.num_output_placeholders
         if needs_sample:
@@ -222,6 +234,7 @@ class Scheduler:
             output_token_ids=request.output_token_ids,
             output_index=output_index,
             lora_slot=request.lora_slot,
+            draft_token_ids=drafts or [],
         )
 
     def _ends_with_placeholder(self, request: Request) -> bool:
@@ -230,6 +243,21 @@ class Scheduler:
         pending = request.num_output_placeholders
         return pending > 0 and (request.num_output_tokens + pending >= request.max_tokens
                                 or request.num_tokens + pending >= self.max_model_len)
+
+    def _drafts(self, request: Request, token_budget: int) -> list[int]:
+        """Speculative decoding's draft tokens for a decode step of `request` (spec_decode.py), within the token
+        budget, its max_tokens and the context length (every draft may be kept, and the step's own sample after
+        them); [] when it does not draft."""
+        params = request.sampling_params
+        if (request.num_output_placeholders or request.num_output_tokens == 0
+                or request.num_computed_tokens != request.num_tokens - 1
+                or params.needs_penalties or params.structured_outputs is not None or params.pooling is not None):
+            return []
+        k = min(token_budget - 1, request.max_tokens - request.num_output_tokens - 1,
+                self.max_model_len - request.num_tokens - 1)
+        if k < 1:
+            return []
+        return self.proposer.propose(request.request_id, request.all_token_ids, k)
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request)
@@ -251,6 +279,13 @@ class Scheduler:
             request = self.running[index]
             num_new = self._num_new_tokens(request, token_budget, request.num_computed_tokens)
             if num_new <= 0 or self._ends_with_placeholder(request):
+                index += 1
+                continue
+            drafts = self._drafts(request, token_budget) if self.proposer is not None and num_new == 1 else []
+            # Drafts never preempt: without the blocks for them, the step is a plain decode.
+            if drafts and (block_ids := self.kv_cache.allocate_slots(request, num_new + len(drafts))) is not None:
+                scheduled.append(self._schedule_one(request, num_new, block_ids, drafts))
+                token_budget -= num_new + len(drafts)
                 index += 1
                 continue
             while (block_ids := self.kv_cache.allocate_slots(request, num_new)) is None:
@@ -320,11 +355,18 @@ class Scheduler:
             if sampled[i] is None:
                 continue
             # A request preempted while this step ran keeps its token (it recomputes from it).
-            token_id = sampled[i]
-            request.append_output_token(token_id)
-            token_logprobs = logprobs[i] if i < len(logprobs) else None
+            samples = [(sampled[i], logprobs[i] if i < len(logprobs) else None)]
+            if scheduled.draft_token_ids:
+                samples = self._accepted(request, scheduled.draft_token_ids, samples[0], runner_output.draft_samples[i])
             was_waiting = request.status is RequestStatus.PREEMPTED
-            finished = self._check_stop(request, token_id)
+            new_ids, new_logprobs, finished = [], [], False
+            for token_id, token_logprobs in samples:  # in order; tokens after one that stops it are dropped
+                request.append_output_token(token_id)
+                new_ids.append(token_id)
+                if token_logprobs is not None:
+                    new_logprobs.append(token_logprobs)
+                if finished := self._check_stop(request, token_id):
+                    break
             if finished:
                 if was_waiting:
                     self.waiting.remove(request)
@@ -333,8 +375,8 @@ class Scheduler:
             updates.append(
                 RequestUpdate(
                     request=request,
-                    new_token_ids=[token_id],
-                    new_logprobs=[token_logprobs] if token_logprobs is not None else [],
+                    new_token_ids=new_ids,
+                    new_logprobs=new_logprobs,
                     finished=finished,
                     embedding=runner_output.embeddings[i] if runner_output.embeddings else None,
                 )
@@ -342,6 +384,20 @@ class Scheduler:
         if any_finished:
             self.running = [r for r in self.running if not r.is_finished]
         return updates
+
+    def _accepted(self, request: Request, drafts: list[int], first: tuple, rest: list[tuple]) -> list[tuple]:
+        """Speculative decoding: the samples a drafted step keeps, (token id, logprobs) each. The sample at each
+        position is kept while the draft it follows was confirmed: the first sample that differs from its draft
+        is the last kept (spec_decode.py says why that is exact). The rejected drafts' cache positions are given
+        back: the next step computes from the last kept sample on, over them."""
+        samples = [first, *rest]
+        num_accepted = 0
+        while num_accepted < len(drafts) and samples[num_accepted][0] == drafts[num_accepted]:
+            num_accepted += 1
+        if request.status is RequestStatus.RUNNING:
+            request.num_computed_tokens -= len(drafts) - num_accepted
+        self.spec_stats.add(len(drafts), num_accepted)
+        return samples[: num_accepted + 1]
 
     def _check_stop(self, request: Request, token_id: int) -> bool:
         """Sets a finished status if `token_id` (just appended) ends the request. Order: stop token

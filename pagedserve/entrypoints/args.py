@@ -64,6 +64,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
                    help="serve LoRA adapters (PEFT folders) beside the base model; see --lora-modules")
     g.add_argument("--max-loras", type=int, default=4, help="LoRA adapters resident on the device at once")
     g.add_argument("--max-lora-rank", type=int, default=16, help="the largest LoRA rank an adapter may have")
+    g.add_argument("--speculative-config", type=_speculative_config, default=None, metavar="JSON",
+                   help='speculative decoding by n-gram lookup, e.g. \'{"method": "ngram", "num_speculative_tokens": '
+                        '4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' (steps then run synchronously)')
 
 
 def _json_object(text: str) -> dict:
@@ -76,6 +79,15 @@ def _json_object(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("must be a JSON object")
     return value
+
+
+def _speculative_config(text: str) -> dict:
+    from pagedserve.spec_decode import SpeculativeConfig
+
+    try:
+        return SpeculativeConfig.parse(text).as_dict()
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def config_from_args(args: argparse.Namespace, **overrides: object) -> EngineConfig:
@@ -95,6 +107,7 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> EngineCon
         override_generation_config=args.override_generation_config,
         enable_lora=bool(getattr(args, "enable_lora", False) or getattr(args, "lora_modules", None)),
         max_loras=getattr(args, "max_loras", 4), max_lora_rank=getattr(args, "max_lora_rank", 16),
+        speculative_config=getattr(args, "speculative_config", None),
     )
     kwargs.update(overrides)
     return EngineConfig(**kwargs)

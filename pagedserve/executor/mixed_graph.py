@@ -83,11 +83,13 @@ class CUDAGraphMixed(GraphedForward):
                 return size
         return None
 
-    def fits(self, num_tokens: int, num_seqs: int, width: int) -> bool:
+    def fits(self, num_tokens: int, num_seqs: int, width: int, num_logits: int | None = None) -> bool:
         """Whether a mixed step of num_tokens tokens, num_seqs sequences and block tables `width` wide
-        has a graph (every sequence has at least one token, so its logits rows fit too)."""
+        has a graph: its sequences and its num_logits logits rows (default one a sequence; speculative decoding's
+        drafted sequences have more) fit the size's room."""
         size = self.padded_size(num_tokens)
-        return (size is not None and 0 < num_seqs <= self.num_seqs_of(size)
+        rows = self.num_seqs_of(size) if size is not None else 0
+        return (size is not None and 0 < num_seqs <= rows and (num_logits or 0) <= rows
                 and width <= self.block_tables.shape[1])
 
     def _metadata(self, size: int) -> AttentionMetadata:

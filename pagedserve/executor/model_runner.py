@@ -2,7 +2,8 @@
 
 It owns the KV cache (one [2, num_blocks, block_size, kv_heads, head_dim] tensor per layer) and the
 attention backend, and never touches request state: everything it needs arrives in the
-SchedulerOutput, and it hands back one sampled token per request that asked for one.
+SchedulerOutput, and it hands back one sampled token per request that asked for one (and, for a request
+with draft tokens, one more at each draft's position: speculative decoding, spec_decode.py).
 
 Step inputs are built with numpy and cross to the device in ONE copy: all integer arrays are packed
 into one int64 host buffer (pinned on CUDA), copied, then sliced into views on the device:
@@ -24,6 +25,7 @@ step N+1's inputs never overwrites what step N's copy may still be reading.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -95,6 +97,10 @@ class StepHandle:
                 for i, request in enumerate(self._scheduled):
                     if request.needs_sample:
                         output.sampled_token_ids[i], output.logprobs[i] = next(sampled)
+                        if request.draft_token_ids:  # speculative decoding: the samples at the drafts' positions
+                            if output.draft_samples is None:
+                                output.draft_samples = [None] * num
+                            output.draft_samples[i] = [next(sampled) for _ in request.draft_token_ids]
             if self._prompt_part is not None:
                 host, ready, decode = self._prompt_part
                 if ready is not None:
@@ -162,6 +168,27 @@ def prompt_logprob_plan(scheduled: Sequence[ScheduledRequest], query_start_loc: 
         if count > 0:
             plan.append((i, int(query_start_loc[i]), start + 1, count))
     return plan
+
+
+def sampling_rows(scheduled: Sequence[ScheduledRequest]) -> list[ScheduledRequest]:
+    """The sampler's rows: one per sampling request, and with draft tokens one more per draft, each a copy at its
+    own output index (so its seed and min_tokens are those of its position; spec_decode.py)."""
+    rows: list[ScheduledRequest] = []
+    for r in scheduled:
+        if r.needs_sample:
+            rows.append(r)
+            rows.extend(dataclasses.replace(r, output_index=r.output_index + j, draft_token_ids=[])
+                        for j in range(1, len(r.draft_token_ids) + 1))
+    return rows
+
+
+def last_sample_rows(rows: Sequence[ScheduledRequest]) -> dict[str, int]:
+    """Each request's row among the step's samples: its first (a drafted request's placeholder, were there one,
+    would not be known before its drafts are checked; drafting steps are synchronous)."""
+    out: dict[str, int] = {}
+    for i, r in enumerate(rows):
+        out.setdefault(r.request_id, i)
+    return out
 
 
 def padded_count(n: int) -> int:
@@ -286,7 +313,11 @@ class ModelRunner:
         # Block table width: the blocks the longest sequence of this step needs (not the max model len).
         width = max(1, int(((seq_lens + self.block_size - 1) // self.block_size).max()))
         sample_rows = [i for i, r in enumerate(scheduled) if r.needs_sample]
-        num_logits = len(sample_rows)
+        # Logits rows: each sampling request's last token, or with draft tokens its last 1 + drafts tokens.
+        row_counts = np.fromiter((1 + len(scheduled[i].draft_token_ids) for i in sample_rows), dtype=np.int64,
+                                 count=len(sample_rows))
+        num_logits = int(row_counts.sum())
+        drafting = num_logits > len(sample_rows)
         token_ids = np.fromiter((t for r in scheduled for t in r.token_ids), dtype=np.int64, count=num_tokens)
         placeholder_dst = np.flatnonzero(token_ids == PLACEHOLDER_TOKEN_ID)
         placeholder_src = self._placeholder_sources(scheduled, query_start_loc, placeholder_dst)
@@ -295,7 +326,10 @@ class ModelRunner:
         # (A decode step where every row samples holds no prompt row: each token is at or past its prompt's last.)
         prompt_plan = (None if is_decode_only and num_logits == num_seqs
                        else prompt_logprob_plan(scheduled, query_start_loc) or None)
-        pool = [(j, i) for j, i in enumerate(sample_rows) if scheduled[i].sampling_params.pooling is not None]
+        # (An embedding request never drafts; with others drafting its logits row is not its place in sample_rows.)
+        first_row = np.cumsum(row_counts) - row_counts
+        pool = [(int(first_row[j]), i) for j, i in enumerate(sample_rows)
+                if scheduled[i].sampling_params.pooling is not None]
         pool_rows = ([j for j, _ in pool], [i for _, i in pool]) if pool else None
         eager = prompt_plan is not None or pool_rows is not None  # steps that need the hidden states
         graphs = self.cuda_graphs
@@ -304,7 +338,7 @@ class ModelRunner:
                       and graphs.fits(num_seqs, width))
         mixed = self.mixed_graphs
         mixed_graph_step = (mixed is not None and not is_decode_only and not eager
-                            and mixed.fits(num_tokens, num_seqs, width))
+                            and mixed.fits(num_tokens, num_seqs, width, num_logits))
         num_order = num_seqs if is_decode_only and getattr(self.backend, "wants_seq_order", False) else 0
         work = None
         if num_order and getattr(self.backend, "decode_work", False):
@@ -375,7 +409,11 @@ class ModelRunner:
             tables[s, :needed] = request.block_ids[:needed]
         block_of_token = tables[request_of_token, positions // self.block_size]
         slot_mapping[:] = block_of_token * self.block_size + positions % self.block_size
-        logits_indices[:] = query_start_loc[1:][sample_rows] - 1
+        if drafting:
+            ends = np.repeat(query_start_loc[1:][sample_rows] - row_counts, row_counts)
+            logits_indices[:] = ends + np.arange(num_logits) - np.repeat(first_row, row_counts)
+        else:
+            logits_indices[:] = query_start_loc[1:][sample_rows] - 1
 
         device_buf = self._to_device(buf)
         views = [device_buf[offsets[i] : offsets[i] + sizes[i]] for i in range(len(sizes))]
@@ -548,14 +586,14 @@ class ModelRunner:
             return StepHandle(scheduled, None, None, None, prompt_part=prompt_part)
         if before_sample is not None:
             before_sample()
-        to_sample = [r for r in scheduled if r.needs_sample]
+        to_sample = sampling_rows(scheduled)
         history = StepHistory(self._last_sampled, self._last_sample_rows, self._finished_ids)
         self._finished_ids = []
         result = self.sampler.sample(logits, to_sample, history)
         if tp_size() > 1:  # the other ranks need the ids for the next step's placeholders (async scheduling)
             broadcast_tensor(result.token_ids.to(torch.int64).contiguous())
         self._last_sampled = result.token_ids
-        self._last_sample_rows = {r.request_id: i for i, r in enumerate(to_sample)}
+        self._last_sample_rows = last_sample_rows(to_sample)
         host, ready = self._to_host(result.payload)
         return StepHandle(scheduled, host, ready, result.decode, started, prompt_part, pool_part)
 
@@ -643,10 +681,10 @@ class ModelRunner:
             self._prompt_logprobs(hidden, inputs.prompt_plan, scheduler_output.scheduled)
         if inputs.num_logits:  # this rank's slice of the vocabulary, gathered on rank 0
             self.model.compute_logits(hidden[inputs.logits_indices])
-        to_sample = [r.request_id for r in scheduler_output.scheduled if r.needs_sample]
+        to_sample = sampling_rows(scheduler_output.scheduled)
         if to_sample:  # rank 0 sampled exactly these rows (its logits rows are the same requests)
             self._last_sampled = broadcast_tensor(torch.empty(len(to_sample), dtype=torch.int64, device=self.device))
-            self._last_sample_rows = {request_id: i for i, request_id in enumerate(to_sample)}
+            self._last_sample_rows = last_sample_rows(to_sample)
 
     def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int,
                             max_num_batched_tokens: int | None = None) -> float:
@@ -661,7 +699,11 @@ class ModelRunner:
         self.cuda_graphs = graphs
         max_tokens = min(MAX_MIXED_GRAPH_TOKENS, max_num_batched_tokens or MAX_MIXED_GRAPH_TOKENS)
         if os.environ.get("PAGEDSERVE_MIXED_GRAPHS", "1") != "0" and max_tokens >= 16:
-            mixed = CUDAGraphMixed(self.model, self.kv_caches, self.backend, max_num_seqs, max_model_len,
+            spec = self.config.speculative_config
+            # Speculative decoding: a drafted sequence has 1 + num_speculative_tokens logits rows; the graphs' room
+            # for sequences is their room for rows too.
+            rows = max_num_seqs * (1 + (spec["num_speculative_tokens"] if spec else 0))
+            mixed = CUDAGraphMixed(self.model, self.kv_caches, self.backend, rows, max_model_len,
                                    self.block_size, self.device, max_tokens)
             elapsed += mixed.capture(pool=graphs.pool)
             self.mixed_graphs = mixed
@@ -721,7 +763,7 @@ def _profile_peak_activation_bytes(
     block_size: int, num_tokens: int, seq_len: int,
 ) -> int:
     """Peak memory above the steady state during a forward of num_tokens (as prefills of seq_len)
-    plus logits for up to max_num_seqs rows."""
+    plus logits for up to max_num_seqs rows (times 1 + num_speculative_tokens with speculative decoding)."""
     num_seqs = (num_tokens + seq_len - 1) // seq_len
     query_lens = [seq_len] * (num_seqs - 1) + [num_tokens - seq_len * (num_seqs - 1)]
     blocks_per_seq = (seq_len + block_size - 1) // block_size
@@ -745,7 +787,8 @@ def _profile_peak_activation_bytes(
 
     from pagedserve.executor.precompile import compile_ahead
 
-    num_rows = min(config.max_num_seqs, num_tokens)
+    spec = config.speculative_config  # a drafted sequence has 1 + num_speculative_tokens logits rows
+    num_rows = min(config.max_num_seqs * (1 + (spec["num_speculative_tokens"] if spec else 0)), num_tokens)
     with compile_ahead("KV sizing") as dry:  # its kernel variants compile side by side first
         if dry:
             model.compute_logits(model(input_ids, positions, ctx)[-num_rows:])

@@ -117,13 +117,15 @@ class Worker:
 def _for_other_ranks(scheduler_output: SchedulerOutput) -> SchedulerOutput:
     """The step as ranks 1..N-1 need it: what to compute and where, without the prompt and output histories
     (rank 0's sampler reads those), which would make each step's message grow with every request's length.
-    A request computing prompt logprobs keeps its prompt: the ranks take the same LM-head rows as rank 0."""
+    A request computing prompt logprobs keeps its prompt, and drafted ones their drafts: the ranks take the same
+    LM-head rows as rank 0."""
     from pagedserve.core.outputs import ScheduledRequest
 
     return SchedulerOutput(
         [ScheduledRequest(r.request_id, r.token_ids, r.num_computed_tokens, r.block_ids, r.needs_sample,
                           r.sampling_params, r.prompt_token_ids if r.wants_prompt_logprobs else [], [],
-                          r.output_index, lora_slot=r.lora_slot) for r in scheduler_output.scheduled],
+                          r.output_index, lora_slot=r.lora_slot, draft_token_ids=r.draft_token_ids)
+         for r in scheduler_output.scheduled],
         scheduler_output.num_batched_tokens, scheduler_output.finished_request_ids,
         scheduler_output.preempted_request_ids)
 

@@ -58,6 +58,25 @@ def test_bench_latency(tmp_path, real_model_dir, capsys) -> None:
     assert "TTFT" in capsys.readouterr().out
 
 
+def test_bench_throughput_and_latency_with_speculative_decoding(tmp_path, real_model_dir, capsys) -> None:
+    """--speculative-config: the timed run's drafting counters (not the warm-up's) in the JSON and the output."""
+    spec = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2, "prompt_lookup_min": 1}'
+    result = _bench(tmp_path, real_model_dir, "throughput", *ENGINE_FLAGS, "--num-prompts", "4", "--input-len",
+                    "8-16", "--output-len", "16-24", "--no-tqdm", "--speculative-config", spec)
+    latency = _bench(tmp_path, real_model_dir, "latency", *ENGINE_FLAGS, "--input-len", "16", "--output-len", "24",
+                     "--num-iters", "2", "--speculative-config", spec)
+    assert result["output_tokens"] == sum(r.output_len for r in random_requests(4, (8, 16), (16, 24), 151_936, seed=0))
+    for d in (result["spec_decode"], latency["spec_decode"]):
+        assert d["config"] == {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2,
+                               "prompt_lookup_min": 1}
+        assert d["num_drafts"] > 0 and 0 <= d["num_accepted_tokens"] <= d["num_draft_tokens"] <= 3 * d["num_drafts"]
+        assert d["acceptance_rate"] == pytest.approx(d["num_accepted_tokens"] / d["num_draft_tokens"])
+        assert 1 <= d["mean_acceptance_length"] <= 4
+    # Two streams of 24 tokens: at most 23 decode steps each draft (the first token comes from the prefill).
+    assert latency["spec_decode"]["num_drafts"] <= 2 * 23
+    assert "speculative decoding:" in capsys.readouterr().out
+
+
 def test_bench_throughput_and_latency_with_random_lora_adapters(tmp_path, real_model_dir, capsys) -> None:
     """--num-loras K: every request runs with one of K random adapters of the model's shapes."""
     result = _bench(tmp_path, real_model_dir, "throughput", *ENGINE_FLAGS, "--num-prompts", "4",

@@ -143,6 +143,31 @@ def test_two_ranks_equal_one_rank_with_chunks_prefix_hits_and_n(tmp_path, real_m
     assert results[0] == results[1]
 
 
+def test_two_ranks_with_speculative_decoding_equal_one_rank(tmp_path, real_model_dir) -> None:
+    """Drafted steps (n-gram drafts, several logits rows a request): every rank takes the same LM-head rows, so two
+    ranks give one rank's tokens and logprobs, and both give the tokens of a run without drafts."""
+    tiny_checkpoint(tmp_path, real_model_dir, "qwen2")
+    loop = [5, 6, 7, 8] * 6  # drafts come from the prompt's own repeats
+    prompts = [{"prompt_token_ids": loop}, {"prompt_token_ids": [9, 10, 11, 9, 10, 11, 9, 10]}]
+    params = [SamplingParams(temperature=0.0, max_tokens=12, logprobs=1, ignore_eos=True),
+              SamplingParams(temperature=0.9, seed=4, max_tokens=10, logprobs=1, ignore_eos=True)]
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+    results = []
+    for tp, speculative_config in ((1, None), (1, spec), (2, spec)):
+        llm = LLM(str(tmp_path), tensor_parallel_size=tp, max_model_len=64, cpu_kv_cache_gib=0.05, device="cpu",
+                  speculative_config=speculative_config)
+        try:
+            outs = llm.generate(prompts, params)
+            results.append([(c.token_ids, [round(lp.logprob, 3) for lp in c.logprobs])
+                            for o in outs for c in o.outputs])
+            if speculative_config:
+                assert llm.engine.get_stats()["spec_decode"]["num_drafts"] > 0
+        finally:
+            llm.engine.worker.close()
+    assert results[1] == results[2]
+    assert [r[0] for r in results[0]] == [r[0] for r in results[1]]
+
+
 def test_bad_tensor_parallel_settings(tmp_path, real_model_dir) -> None:
     tiny_checkpoint(tmp_path, real_model_dir, "qwen2")  # 4 heads, 2 kv heads, MLP 96
     before = tp_worker_pids()
@@ -194,12 +219,13 @@ def test_the_step_message_leaves_out_the_histories() -> None:
     from pagedserve.executor.worker import _for_other_ranks
 
     params = SamplingParams(temperature=0)
-    req = ScheduledRequest("r1", [7], 4000, list(range(251)), True, params, list(range(3000)), list(range(1000)), 999)
+    req = ScheduledRequest("r1", [7, 8, 9], 4000, list(range(251)), True, params, list(range(3000)),
+                           list(range(1000)), 999, draft_token_ids=[8, 9])
     step = SchedulerOutput([req], 1, ["gone"], ["preempted"])
     slim = _for_other_ranks(step)
     (got,) = slim.scheduled
     assert (got.request_id, got.token_ids, got.num_computed_tokens, got.block_ids, got.needs_sample,
-            got.output_index) == ("r1", [7], 4000, list(range(251)), True, 999)
+            got.output_index, got.draft_token_ids) == ("r1", [7, 8, 9], 4000, list(range(251)), True, 999, [8, 9])
     assert got.prompt_token_ids == [] and got.output_token_ids == []
     assert slim.num_batched_tokens == 1
     # A prompt still giving prompt logprobs travels (the ranks take the same LM-head rows); not after its first token.

@@ -120,6 +120,20 @@ class _EngineStatsCollector(Collector):
             g.add_metric([str(stats["max_loras"]), ",".join(stats["waiting_lora_adapters"]),
                           ",".join(stats["running_lora_adapters"])], time.time())
             yield g
+        spec = stats.get("spec_decode")
+        if spec is not None:  # vLLM's speculative-decoding counters (--speculative-config)
+            for key, help_text in (("num_drafts", "Decode steps that carried draft tokens."),
+                                   ("num_draft_tokens", "Draft tokens proposed."),
+                                   ("num_accepted_tokens", "Draft tokens accepted.")):
+                c = CounterMetricFamily(PREFIX + "spec_decode_" + key, help_text, labels=labels)
+                c.add_metric([self.model_name], float(spec[key]))
+                yield c
+            c = CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                                    "Draft tokens accepted, by their position among a step's drafts.",
+                                    labels=[*labels, "position"])
+            for position, count in enumerate(spec["accepted_per_position"]):
+                c.add_metric([self.model_name, str(position)], float(count))
+            yield c
 
 
 class ServerMetrics:
