@@ -125,10 +125,6 @@ class LLMEngine:
         on_cuda = self.worker.device is not None and self.worker.device.type == "cuda"
         self.async_scheduling = (self.config.async_scheduling if self.config.async_scheduling is not None
                                  else on_cuda)
-        if self.async_scheduling and self.scheduler.proposer is not None:
-            # A step's drafts come from the step before's tokens, on the host: no step may be scheduled early.
-            logger.info("speculative decoding: steps are scheduled synchronously (no async scheduling)")
-            self.async_scheduling = False
         self._pending = None  # (SchedulerOutput, StepHandle, t_start, t_scheduled, t_launched) in flight
         # True: each RequestOutput holds copies the caller may keep. False: the engine's own growing
         # CompletionOutputs, valid until the next step (for a caller that consumes them at once, as

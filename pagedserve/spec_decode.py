@@ -14,9 +14,17 @@ the emitted token either way. The sample at position j is drawn from the model's
 real tokens before it whenever it is kept (every earlier draft was accepted), with that position's own
 seed (sampler.position_seed), so a seeded request's tokens equal those of a run without drafts.
 
-Which requests draft (Scheduler): decode steps of requests without penalties (their history would have to
-include the drafts), structured outputs (the grammar would have to advance through them) or pooling. The
-engine schedules synchronously while drafting is on: a draft needs the step before's tokens on the host.
+Which requests draft (Scheduler._drafts): decode steps of requests without penalties (their history would have
+to include the drafts), structured outputs (the grammar would have to advance through them) or pooling.
+
+Async scheduling stays on. A step is scheduled while the one before runs, so a decode's input is often the token
+that step is still sampling (a placeholder): the lookup then guesses that token as well and drafts what would
+follow it; the check is exact whatever the drafts are, a wrong guess only wastes them. A request whose drafted step
+is in flight sits out the steps scheduled meanwhile (how many tokens it gets is known only when the step returns),
+so a drafting request advances every other step at most, while requests without drafts keep the overlap. A request
+whose drafts are not kept backs off: after n >= 3 drafted steps in a row that kept none it drafts no more for
+2**(n - 2) tokens (at most 64), so text that does not repeat soon stops paying for the lookups, the longer steps and
+the sitting out.
 """
 
 from __future__ import annotations

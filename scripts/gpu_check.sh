@@ -347,14 +347,15 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
         | grep -E "passed|failed|^FAILED|Error|spec " | tail -12 ;;
     spec-bench)  # what n-gram drafts buy: batch-1 latency with k = 0, 2, 4, 8 drafts; the default workload greedy with and
       # without drafts, and at temperature 1 with drafts (the random model's sampled answers give nothing to draft from)
-      for k in 0 2 4 8; do
+      for k in ${SPEC_LAT_KS:-0 2 4 8}; do
         echo "== batch 1, num_speculative_tokens $k"
         spec=(); [ "$k" != 0 ] && spec=(--speculative-config "{\"method\": \"ngram\", \"num_speculative_tokens\": $k, \"prompt_lookup_max\": 4, \"prompt_lookup_min\": 1}")
         python3 -m pagedserve.entrypoints.cli bench latency --model $M --load-format dummy "${spec[@]}" \
           --output-json "$OUT/latency-spec-$k.json" 2>&1 | grep -E "latency:|steps:|speculative" | cut -c1-400
       done
       s4='{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}'
-      for run in "0 none" "0 spec" "1 spec"; do
+      for run in ${SPEC_TP_RUNS:-0,none 0,spec 1,spec}; do
+        run=${run/,/ }
         set -- $run
         echo "== default workload, temperature $1, drafts: $2"
         spec=(); [ "$2" = spec ] && spec=(--speculative-config "$s4")
@@ -362,6 +363,9 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
           "${spec[@]}" --output-json "$OUT/throughput-spec-$1-$2.json" 2>&1 \
           | grep -E "throughput:|steps:|floor|speculative" | cut -c1-600
       done ;;
+    spec-cost)  # a drafted step's time at batch 1 / 16 / 64 with k = 2, 4, 8 forced drafts vs no drafts (7B shapes)
+      python3 scripts/spec_step_cost.py $M --load-format dummy --batches "${SPEC_BATCHES:-1,16,64}" \
+        --ks "${SPEC_KS:-0,2,4,8}" --output-json "$OUT/spec-cost.json" 2>&1 | grep -E "^batch|rror" ;;
     lora-bench)  # what LoRA adapters cost: batch-1 latency and the default workload, without / with random adapters
       for l in 0 "${LORA_K:-4}"; do
         echo "== --num-loras $l"

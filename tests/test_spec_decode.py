@@ -171,11 +171,46 @@ def test_requests_with_penalties_or_grammars_do_not_draft(engines: dict[bool, LL
     assert summary(got) == summary(want)
 
 
-def test_async_scheduling_is_off_with_drafts(real_model_dir: str) -> None:
-    llm = LLM(real_model_dir, max_model_len=256, cpu_kv_cache_gib=0.1, async_scheduling=True, speculative_config=SPEC)
-    assert not llm.engine.async_scheduling
-    out = llm.generate(["a b a b a b a b"], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
-    assert len(out[0].outputs[0].token_ids) >= 1
+def test_drafts_with_async_scheduling_equal_plain_outputs(real_model_dir: str, engines: dict[bool, LLM]) -> None:
+    """Async scheduling stays on: drafts guessed past the token in flight, drafting requests sitting out a step."""
+    llm = LLM(real_model_dir, max_model_len=512, cpu_kv_cache_gib=0.2, async_scheduling=True, speculative_config=SPEC)
+    assert llm.engine.async_scheduling
+    got = llm.generate(PROMPTS, mixed_params(), use_tqdm=False)
+    assert summary(got) == summary(engines[False].generate(PROMPTS, mixed_params(), use_tqdm=False))
+    stats = llm.engine.get_stats()
+    assert 0 < stats["spec_decode"]["num_accepted_tokens"] < stats["spec_decode"]["num_draft_tokens"]
+    assert stats["num_free_blocks"] == stats["num_total_blocks"]
+
+
+def test_requests_whose_drafts_fail_back_off() -> None:
+    """Drafted steps that keep nothing: from the third in a row, the request drafts again only after 2, 4, 8, ... (at
+    most 64) more tokens."""
+    from pagedserve.core.outputs import RunnerOutput
+    from pagedserve.core.request import Request
+    from pagedserve.core.scheduler import Scheduler
+
+    sched = Scheduler(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=512, num_blocks=64, block_size=4,
+                      enable_prefix_caching=True, proposer=NgramProposer(SpeculativeConfig.parse(SPEC)))
+    request = Request("r", [1, 2, 3] * 5, SamplingParams(temperature=0.0), max_tokens=200)
+    sched.add_request(request)
+    # The "model": after a 1 comes a token never seen before, after anything else a 1. Drafts happen only after a 1
+    # (the one token that recurs) and always guess a token seen before: every one is wrong.
+    drafted_at, fresh = [], 1000
+    while request.num_output_tokens < 120:
+        out = sched.schedule()
+        (step,) = out.scheduled
+        drafts = step.draft_token_ids
+        last = step.token_ids[len(step.token_ids) - 1 - len(drafts)]
+        if drafts:
+            drafted_at.append(request.num_output_tokens)
+            assert last == 1 and drafts[0] != fresh + 1
+        fresh += 1
+        sample = fresh if last == 1 else 1
+        sched.update(out, RunnerOutput([sample], [None], draft_samples=[[(7, None)] * len(drafts)] if drafts else None))
+    # Gaps 2, 2, then 4, 6, 10, 18, 34 (a back-off of 2, 4, 8, 16, 32 tokens after the one kept, then to the next 1).
+    assert drafted_at == [1, 3, 5, 9, 15, 25, 43, 77]
+    assert sched.spec_stats.num_drafts == 8 and sched.spec_stats.num_accepted_tokens == 0
+    assert request.num_computed_tokens == request.num_tokens - 1  # every rejected draft's position given back
 
 
 def test_bad_speculative_config_is_a_value_error(real_model_dir: str) -> None:

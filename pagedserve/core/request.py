@@ -58,6 +58,12 @@ class Request:
     # next step is scheduled while the previous one runs). 0 or 1; counted in num_computed_tokens
     # once scheduled, but not in all_token_ids until Scheduler.update appends them.
     num_output_placeholders: int = 0
+    # Speculative decoding (spec_decode.py): drafts of the step in flight (the request sits out the steps scheduled
+    # before it returns: its token count is unknown till then); drafted steps in a row that kept no draft, and the
+    # output count before which it drafts no more (a back-off that doubles with each such step).
+    num_drafts_in_flight: int = 0
+    num_failed_drafts: int = 0
+    draft_resume_at: int = 0
     num_cached_tokens: int = -1  # prefix-cache hit on first schedule; -1 before then
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it

@@ -42,6 +42,9 @@ from pagedserve.core.outputs import (
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.spec_decode import NgramProposer, SpecDecodeStats
 
+_MAX_DRAFT_BACKOFF = 64  # tokens a request goes without drafts after drafted steps that kept none (at most)
+DRAFT_BACKOFF_AFTER = 3  # drafted steps in a row that kept none before a request backs off (benchmarks raise it)
+
 
 @dataclass(slots=True)
 class RequestUpdate:
@@ -69,8 +72,7 @@ class Scheduler:
     ) -> None:
         """lora_slot_for(lora_request, slots in use): the device slot of a request's LoRA adapter, loaded into a slot
         that no running request uses if need be; None when every slot is in use (the request waits).
-        proposer: speculative decoding's drafter (spec_decode.py), or None; it needs synchronous steps (the drafts
-        come from the tokens on the host)."""
+        proposer: speculative decoding's drafter (spec_decode.py), or None."""
         self.lora_slot_for = lora_slot_for
         self.proposer = proposer
         self.spec_stats = SpecDecodeStats()
@@ -219,6 +221,7 @@ class Scheduler:
             token_ids.extend([PLACEHOLDER_TOKEN_ID] * (end - max(start, known)))
         if drafts:
             token_ids.extend(drafts)
+            request.num_drafts_in_flight = len(drafts)
         needs_sample = end == known + request.num_output_placeholders
         output_index = request.num_output_tokens + request.num_output_placeholders
         if needs_sample:
@@ -247,17 +250,21 @@ class Scheduler:
     def _drafts(self, request: Request, token_budget: int) -> list[int]:
         """Speculative decoding's draft tokens for a decode step of `request` (spec_decode.py), within the token
         budget, its max_tokens and the context length (every draft may be kept, and the step's own sample after
-        them); [] when it does not draft."""
+        them); [] when it does not draft. With async scheduling the step's input may be the token the step in
+        flight is sampling (a placeholder): the lookup then guesses it too, and drafts what follows the guess (a
+        wrong guess only costs the drafts; the check after the step is exact whatever they are)."""
         params = request.sampling_params
-        if (request.num_output_placeholders or request.num_output_tokens == 0
-                or request.num_computed_tokens != request.num_tokens - 1
+        pending = request.num_output_placeholders
+        if (request.num_output_tokens + pending == 0 or request.num_output_tokens < request.draft_resume_at
+                or request.num_computed_tokens != request.num_tokens + pending - 1
                 or params.needs_penalties or params.structured_outputs is not None or params.pooling is not None):
             return []
-        k = min(token_budget - 1, request.max_tokens - request.num_output_tokens - 1,
-                self.max_model_len - request.num_tokens - 1)
+        k = min(token_budget - 1, request.max_tokens - request.num_output_tokens - pending - 1,
+                self.max_model_len - request.num_tokens - pending - 1)
         if k < 1:
             return []
-        return self.proposer.propose(request.request_id, request.all_token_ids, k)
+        drafts = self.proposer.propose(request.request_id, request.all_token_ids, k + pending)
+        return drafts[pending:]
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request)
@@ -278,7 +285,7 @@ class Scheduler:
         while index < len(self.running) and token_budget > 0:
             request = self.running[index]
             num_new = self._num_new_tokens(request, token_budget, request.num_computed_tokens)
-            if num_new <= 0 or self._ends_with_placeholder(request):
+            if num_new <= 0 or self._ends_with_placeholder(request) or request.num_drafts_in_flight:
                 index += 1
                 continue
             drafts = self._drafts(request, token_budget) if self.proposer is not None and num_new == 1 else []
@@ -307,6 +314,9 @@ class Scheduler:
             not preempted_ids and self.waiting and token_budget > 0 and len(self.running) < self.max_num_seqs
         ):
             request = self.waiting[0]
+            if request.num_drafts_in_flight:  # preempted with a drafted step in flight: its length comes with it
+                set_aside.append(self.waiting.popleft())
+                continue
             if request.lora_request is not None:
                 slot = self.lora_slot_for(request.lora_request, {r.lora_slot for r in self.running})
                 if slot is None:
@@ -396,6 +406,16 @@ class Scheduler:
             num_accepted += 1
         if request.status is RequestStatus.RUNNING:
             request.num_computed_tokens -= len(drafts) - num_accepted
+        request.num_drafts_in_flight = 0
+        # Back off from drafting while drafts are not kept: after n >= 3 drafted steps in a row that kept none, none
+        # for the next 2**(n - 2) tokens (at most 64), so a request whose text does not repeat soon stops paying.
+        if num_accepted:
+            request.num_failed_drafts = 0
+        else:
+            request.num_failed_drafts += 1
+            if request.num_failed_drafts >= DRAFT_BACKOFF_AFTER:
+                backoff = min(2 ** (request.num_failed_drafts - DRAFT_BACKOFF_AFTER + 1), _MAX_DRAFT_BACKOFF)
+                request.draft_resume_at = request.num_output_tokens + 1 + backoff  # (+1: the sample kept now)
         self.spec_stats.add(len(drafts), num_accepted)
         return samples[: num_accepted + 1]
 
