@@ -85,7 +85,7 @@ def test_spec_decode_fp32_on_gpu(checkpoint) -> None:
     greedy = SamplingParams(max_tokens=40, ignore_eos=True, temperature=0.0, logprobs=1)
     seeded = SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.8, seed=9, top_k=50)
     llm = build(folder, "float32", SPEC)
-    assert not llm.engine.async_scheduling and llm.engine.worker.runner.cuda_graphs is not None
+    assert llm.engine.async_scheduling and llm.engine.worker.runner.cuda_graphs is not None
     mixed_runs = count_mixed_graph_runs(llm)
     outs = generate(llm, prompts, greedy)
     spec_seeded = [o.outputs[0].token_ids for o in generate(llm, prompts, seeded)]
