@@ -46,6 +46,9 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 5
     prompt_lookup_min: int = 5
+    # No drafts in steps while more requests than this run (vLLM's field): a drafted step of a large batch costs more
+    # than its drafts save unless most are kept (docs/benchmarks.md, session 23). None: always draft.
+    disable_by_batch_size: int | None = None
 
     @classmethod
     def parse(cls, value: object) -> SpeculativeConfig | None:
@@ -61,7 +64,8 @@ class SpeculativeConfig:
                 raise ValueError(f"speculative_config is not valid JSON: {e}") from None
         if not isinstance(value, dict):
             raise ValueError(f"speculative_config must be a JSON object, got {value!r}")
-        known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "model"}
+        known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "model",
+                 "disable_by_batch_size"}
         unknown = sorted(set(value) - known)
         if unknown:
             raise ValueError(f"speculative_config: unknown or unsupported fields {unknown}; supported: "
@@ -95,11 +99,17 @@ class SpeculativeConfig:
         if lookup_min < 1 or lookup_max < lookup_min:
             raise ValueError(f"speculative_config: need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
                              f"{lookup_min} and {lookup_max}")
-        return cls(method, k, lookup_max, lookup_min)
+        limit = value.get("disable_by_batch_size")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"speculative_config: disable_by_batch_size must be an integer >= 1, got {limit!r}")
+        return cls(method, k, lookup_max, lookup_min, limit)
 
     def as_dict(self) -> dict:
-        return {"method": self.method, "num_speculative_tokens": self.num_speculative_tokens,
-                "prompt_lookup_max": self.prompt_lookup_max, "prompt_lookup_min": self.prompt_lookup_min}
+        out = {"method": self.method, "num_speculative_tokens": self.num_speculative_tokens,
+               "prompt_lookup_max": self.prompt_lookup_max, "prompt_lookup_min": self.prompt_lookup_min}
+        if self.disable_by_batch_size is not None:
+            out["disable_by_batch_size"] = self.disable_by_batch_size
+        return out
 
 
 def ngram_propose(tokens: np.ndarray, k: int, lookup_min: int, lookup_max: int) -> list[int]:

@@ -365,7 +365,7 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
       done ;;
     spec-cost)  # a drafted step's time at batch 1 / 16 / 64 with k = 2, 4, 8 forced drafts vs no drafts (7B shapes)
       python3 scripts/spec_step_cost.py $M --load-format dummy --batches "${SPEC_BATCHES:-1,16,64}" \
-        --ks "${SPEC_KS:-0,2,4,8}" --output-json "$OUT/spec-cost.json" 2>&1 | grep -E "^batch|rror" ;;
+        --ks "${SPEC_KS:-0,2,4,8}" ${SPEC_ONE:+--one-drafting} --output-json "$OUT/spec-cost.json" 2>&1 | grep -vE "^\[transformers\]|Warning" | cut -c1-800 ;;
     lora-bench)  # what LoRA adapters cost: batch-1 latency and the default workload, without / with random adapters
       for l in 0 "${LORA_K:-4}"; do
         echo "== --num-loras $l"

@@ -55,13 +55,17 @@ def test_speculative_config_parse() -> None:
     c = SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 4})
     assert (c.prompt_lookup_min, c.prompt_lookup_max) == (4, 4)
     assert SpeculativeConfig.parse({"model": "[ngram]", "num_speculative_tokens": 2}).method == "ngram"
+    c = SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 8})
+    assert c.disable_by_batch_size == 8 and c.as_dict()["disable_by_batch_size"] == 8
     for bad, words in [("{", "JSON"), ({"method": "eagle", "num_speculative_tokens": 2}, "not yet supported"),
                        ({"method": "ngram"}, "num_speculative_tokens"),
                        ({"method": "ngram", "num_speculative_tokens": 0}, "[1, 16]"),
                        ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 3,
                          "prompt_lookup_max": 2}, "prompt_lookup_min"),
                        ({"method": "ngram", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 1}, "unknown"),
-                       ([1], "JSON object"), ({"num_speculative_tokens": 2}, "method")]:
+                       ([1], "JSON object"), ({"num_speculative_tokens": 2}, "method"),
+                       ({"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 0},
+                        "disable_by_batch_size")]:
         with pytest.raises(ValueError, match=words.replace("[", r"\[")):
             SpeculativeConfig.parse(bad)
 
@@ -211,6 +215,16 @@ def test_requests_whose_drafts_fail_back_off() -> None:
     assert drafted_at == [1, 3, 5, 9, 15, 25, 43, 77]
     assert sched.spec_stats.num_drafts == 8 and sched.spec_stats.num_accepted_tokens == 0
     assert request.num_computed_tokens == request.num_tokens - 1  # every rejected draft's position given back
+
+
+def test_no_drafts_while_more_requests_run_than_disable_by_batch_size(real_model_dir: str) -> None:
+    spec = {**SPEC, "disable_by_batch_size": 2}
+    llm = LLM(real_model_dir, max_model_len=256, cpu_kv_cache_gib=0.1, speculative_config=spec)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    llm.generate(PROMPTS[1:4], params, use_tqdm=False)  # three at once: no drafts till one ends (none does early)
+    assert llm.engine.get_stats()["spec_decode"]["num_drafts"] == 0
+    llm.generate(PROMPTS[1:3], params, use_tqdm=False)  # two: drafts
+    assert llm.engine.get_stats()["spec_decode"]["num_drafts"] > 0
 
 
 def test_bad_speculative_config_is_a_value_error(real_model_dir: str) -> None:

@@ -282,13 +282,15 @@ class Scheduler:
         # 1. Running requests. Victims come from the end of `running`, past `index`, so a request
         #    scheduled earlier in this step is never preempted by a later one.
         index = 0
+        drafting = self.proposer is not None and (self.proposer.config.disable_by_batch_size is None
+                                                  or len(self.running) <= self.proposer.config.disable_by_batch_size)
         while index < len(self.running) and token_budget > 0:
             request = self.running[index]
             num_new = self._num_new_tokens(request, token_budget, request.num_computed_tokens)
             if num_new <= 0 or self._ends_with_placeholder(request) or request.num_drafts_in_flight:
                 index += 1
                 continue
-            drafts = self._drafts(request, token_budget) if self.proposer is not None and num_new == 1 else []
+            drafts = self._drafts(request, token_budget) if drafting and num_new == 1 else []
             # Drafts never preempt: without the blocks for them, the step is a plain decode.
             if drafts and (block_ids := self.kv_cache.allocate_slots(request, num_new + len(drafts))) is not None:
                 scheduled.append(self._schedule_one(request, num_new, block_ids, drafts))
