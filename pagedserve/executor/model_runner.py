@@ -318,13 +318,28 @@ class ModelRunner:
                                  count=len(sample_rows))
         num_logits = int(row_counts.sum())
         drafting = num_logits > len(sample_rows)
+        # Attention's sequences: the requests, but a request with drafts is one sequence a token (token j of it sees
+        # the keys up to its own position: seq_len num_computed + j + 1), so its tokens run in the decode kernel
+        # (split over the context, as every decode) and a step of decodes and drafts is decode-only (the graphs).
+        if drafting:
+            drafted = np.fromiter((bool(r.draft_token_ids) for r in scheduled), dtype=bool, count=num_seqs)
+            reps = np.where(drafted, query_lens, 1)
+            attn_of = np.repeat(np.arange(num_seqs), reps)  # each attention sequence's request
+            into = np.arange(len(attn_of)) - np.repeat(np.cumsum(reps) - reps, reps)
+            attn_query_lens = np.where(drafted[attn_of], 1, query_lens[attn_of])
+            attn_seq_lens = np.where(drafted[attn_of], num_computed[attn_of] + into + 1, seq_lens[attn_of])
+            attn_qsl = np.zeros(len(attn_of) + 1, dtype=np.int64)
+            np.cumsum(attn_query_lens, out=attn_qsl[1:])
+        else:
+            attn_of, attn_query_lens, attn_seq_lens, attn_qsl = None, query_lens, seq_lens, query_start_loc
+        num_attn = len(attn_seq_lens)
         token_ids = np.fromiter((t for r in scheduled for t in r.token_ids), dtype=np.int64, count=num_tokens)
         placeholder_dst = np.flatnonzero(token_ids == PLACEHOLDER_TOKEN_ID)
         placeholder_src = self._placeholder_sources(scheduled, query_start_loc, placeholder_dst)
         num_placeholders = len(placeholder_dst)
-        is_decode_only = num_seqs > 0 and num_tokens == num_seqs
+        is_decode_only = num_seqs > 0 and num_tokens == num_attn
         # (A decode step where every row samples holds no prompt row: each token is at or past its prompt's last.)
-        prompt_plan = (None if is_decode_only and num_logits == num_seqs
+        prompt_plan = (None if is_decode_only and num_logits == num_attn
                        else prompt_logprob_plan(scheduled, query_start_loc) or None)
         # (An embedding request never drafts; with others drafting its logits row is not its place in sample_rows.)
         first_row = np.cumsum(row_counts) - row_counts
@@ -334,12 +349,14 @@ class ModelRunner:
         eager = prompt_plan is not None or pool_rows is not None  # steps that need the hidden states
         graphs = self.cuda_graphs
         # (A one-token chunk may be a prefill piece that does not sample: graphs need every row sampled.)
-        graph_step = (graphs is not None and is_decode_only and num_logits == num_seqs and not eager
-                      and graphs.fits(num_seqs, width))
+        graph_step = (graphs is not None and is_decode_only and num_logits == num_attn and not eager
+                      and graphs.fits(num_attn, width))
         mixed = self.mixed_graphs
-        mixed_graph_step = (mixed is not None and not is_decode_only and not eager
-                            and mixed.fits(num_tokens, num_seqs, width, num_logits))
-        num_order = num_seqs if is_decode_only and getattr(self.backend, "wants_seq_order", False) else 0
+        # (A decode-only step with drafts that no decode graph holds, i.e. more tokens than max_num_seqs, runs the
+        # mixed graphs, whose decode kernel takes every sequence then.)
+        mixed_graph_step = (mixed is not None and (not is_decode_only or (drafting and not graph_step)) and not eager
+                            and mixed.fits(num_tokens, num_attn, width, num_logits))
+        num_order = num_attn if is_decode_only and getattr(self.backend, "wants_seq_order", False) else 0
         work = None
         if num_order and getattr(self.backend, "decode_work", False):
             from pagedserve.executor.kernels import paged_attention_decode as pad
@@ -348,12 +365,12 @@ class ModelRunner:
             # A graph step's mode is its graph's (capacity 0: seq_order), and its list comes padded to
             # the graph's grid (one copy into it, no fill); an eager step decides by its own size.
             if graph_step:
-                capacity = graphs.work_items(graphs.padded_size(num_seqs))
+                capacity = graphs.work_items(graphs.padded_size(num_attn))
                 use_work = capacity > 0
             else:
-                capacity, use_work = None, pad.uses_work_list(num_seqs, self._num_kv_heads, sms)
+                capacity, use_work = None, pad.uses_work_list(num_attn, self._num_kv_heads, sms)
             if use_work:
-                work = pad.decode_work_list(seq_lens, self._num_kv_heads, sms, self._decode_block_n,
+                work = pad.decode_work_list(attn_seq_lens, self._num_kv_heads, sms, self._decode_block_n,
                                             capacity=capacity)
                 num_order = 0
         num_work = 0 if work is None else work.size
@@ -362,7 +379,7 @@ class ModelRunner:
             padded_tokens, padded_logits = padded_count(num_tokens), padded_count(num_logits)
 
         num_lora = num_tokens if self.lora_manager is not None else 0
-        sizes = [padded_tokens, padded_tokens, padded_tokens, num_seqs + 1, num_seqs, num_seqs * width,
+        sizes = [padded_tokens, padded_tokens, padded_tokens, num_attn + 1, num_attn, num_attn * width,
                  padded_logits, num_placeholders, num_placeholders, num_order, num_work, num_lora]
         # Each part starts 16-byte aligned (an even int64 offset): Triton specializes kernels on the
         # alignment of pointer arguments, and a parity that changed with the step would compile
@@ -381,7 +398,7 @@ class ModelRunner:
         if num_order:  # only with the Triton backend, so its kernel module (and triton) is there
             from pagedserve.executor.kernels.paged_attention_decode import longest_first_order
 
-            order[:] = longest_first_order(seq_lens)
+            order[:] = longest_first_order(attn_seq_lens)
 
         if padded_tokens > num_tokens:  # padding: token 0 at position 0, nothing cached (slot -1)
             input_ids[num_tokens:] = 0
@@ -397,9 +414,10 @@ class ModelRunner:
         # Token j of request s is at position num_computed[s] + (j - query_start_loc[s]).
         request_of_token = np.repeat(np.arange(num_seqs), query_lens)
         positions[:] = np.arange(num_tokens) + np.repeat(num_computed - query_start_loc[:-1], query_lens)
-        qsl[:] = query_start_loc
-        sl[:] = seq_lens
-        tables = block_tables.reshape(num_seqs, width)
+        qsl[:] = attn_qsl
+        sl[:] = attn_seq_lens
+        # The requests' block tables (attention's own when no request drafts: each request one sequence).
+        tables = block_tables.reshape(num_seqs, width) if attn_of is None else np.empty((num_seqs, width), np.int64)
         tables[:] = 0  # padding: never read, sequences stop at seq_len
         for s, request in enumerate(scheduled):
             needed = (int(seq_lens[s]) + self.block_size - 1) // self.block_size
@@ -407,6 +425,8 @@ class ModelRunner:
                 raise ValueError(f"request {request.request_id}: {len(request.block_ids)} blocks cannot "
                                  f"hold {int(seq_lens[s])} tokens of block size {self.block_size}")
             tables[s, :needed] = request.block_ids[:needed]
+        if attn_of is not None:
+            block_tables.reshape(num_attn, width)[:] = tables[attn_of]
         block_of_token = tables[request_of_token, positions // self.block_size]
         slot_mapping[:] = block_of_token * self.block_size + positions % self.block_size
         if drafting:
@@ -421,7 +441,7 @@ class ModelRunner:
         # the int32 conversions (its input copies convert) and, when every token is a placeholder (a
         # steady decode), the scatter (the graph's ids are gathered from the last samples in one op).
         placeholder_rows = None
-        if graph_step and num_placeholders == num_seqs:
+        if graph_step and num_placeholders == num_attn:
             placeholder_rows = views[8]
         elif num_placeholders:
             views[0][views[7]] = self._last_sampled[views[8]]  # on the device: no wait for the last step
@@ -434,13 +454,13 @@ class ModelRunner:
         meta = AttentionMetadata(
             query_start_loc=int32(views[3]),
             seq_lens=int32(views[4]),
-            block_tables=int32(views[5].view(num_seqs, width)),
+            block_tables=int32(views[5].view(num_attn, width)),
             slot_mapping=views[2],
-            max_query_len=int(query_lens.max()) if num_seqs else 0,
-            max_seq_len=int(seq_lens.max()) if num_seqs else 0,
+            max_query_len=int(attn_query_lens.max()) if num_seqs else 0,
+            max_seq_len=int(attn_seq_lens.max()) if num_seqs else 0,
             block_size=self.block_size,
-            query_lens_cpu=query_lens.tolist(),
-            seq_lens_cpu=seq_lens.tolist(),
+            query_lens_cpu=attn_query_lens.tolist(),
+            seq_lens_cpu=attn_seq_lens.tolist(),
             is_decode_only=is_decode_only,
             seq_order=int32(views[9]) if num_order else None,
             decode_work=int32(views[10].view(6, -1)) if num_work else None,
