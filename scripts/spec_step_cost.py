@@ -91,7 +91,7 @@ def main() -> None:
     ks = [int(k) for k in args.ks.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     sched_mod.DRAFT_BACKOFF_AFTER = 10**9  # every step drafts
-    llm = LLM(args.model, load_format=args.load_format, max_num_seqs=max(batches),
+    llm = LLM(args.model, load_format=args.load_format, max_num_seqs=max(256, max(batches)),
               speculative_config={"method": "ngram", "num_speculative_tokens": max(ks)})
     engine = llm.engine
     proposer = ForcedProposer()
