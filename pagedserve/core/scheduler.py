@@ -365,6 +365,8 @@ class Scheduler:
                 continue  # ended (e.g. aborted, or stopped at the step before) after it was scheduled
             request.num_output_placeholders -= 1
             if sampled[i] is None:
+                if scheduled.draft_token_ids:  # (not expected: every sampling row gets its samples) no draft kept
+                    self._accepted(request, scheduled.draft_token_ids, (None, None), [])
                 continue
             # A request preempted while this step ran keeps its token (it recomputes from it).
             samples = [(sampled[i], logprobs[i] if i < len(logprobs) else None)]

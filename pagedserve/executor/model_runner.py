@@ -183,8 +183,8 @@ def sampling_rows(scheduled: Sequence[ScheduledRequest]) -> list[ScheduledReques
 
 
 def last_sample_rows(rows: Sequence[ScheduledRequest]) -> dict[str, int]:
-    """Each request's row among the step's samples: its first (a drafted request's placeholder, were there one,
-    would not be known before its drafts are checked; drafting steps are synchronous)."""
+    """Each request's row among the step's samples: its first. (A drafted request's next token is known only once
+    its drafts are checked on the host, so it sits out the step scheduled meanwhile: no placeholder points here.)"""
     out: dict[str, int] = {}
     for i, r in enumerate(rows):
         out.setdefault(r.request_id, i)
