@@ -217,6 +217,22 @@ def test_requests_whose_drafts_fail_back_off() -> None:
     assert request.num_computed_tokens == request.num_tokens - 1  # every rejected draft's position given back
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_drafts_under_preemption_equal_plain_outputs(real_model_dir: str, async_scheduling: bool) -> None:
+    """A KV cache too small for every request at once: running requests are preempted (their blocks freed, recomputed
+    later), some with a drafted step in flight (async), and the answers still equal a plain engine's."""
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    outs, stats = [], []
+    for spec in (None, SPEC):
+        llm = LLM(real_model_dir, max_model_len=256, num_kv_blocks=12, block_size=16, max_num_seqs=4,
+                  async_scheduling=async_scheduling, speculative_config=spec)
+        outs.append([o.outputs[0].token_ids for o in llm.generate(PROMPTS[:4], params, use_tqdm=False)])
+        stats.append(llm.engine.get_stats())
+    assert outs[0] == outs[1]
+    assert stats[1]["num_preemptions"] > 0 and stats[1]["spec_decode"]["num_accepted_tokens"] > 0
+    assert stats[1]["num_free_blocks"] == stats[1]["num_total_blocks"]
+
+
 def test_no_drafts_while_more_requests_run_than_disable_by_batch_size(real_model_dir: str) -> None:
     spec = {**SPEC, "disable_by_batch_size": 2}
     llm = LLM(real_model_dir, max_model_len=256, cpu_kv_cache_gib=0.1, speculative_config=spec)
