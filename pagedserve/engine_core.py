@@ -254,12 +254,11 @@ def format_stats_line(prev: dict, cur: dict, seconds: float) -> str:
         f"KV cache usage: {100.0 * cur.get('kv_cache_usage', 0.0):.1f}%, "
         f"prefix cache hit rate: {hit_rate}, preemptions: {cur.get('num_preemptions', 0)}"
     )
-    spec, spec_prev = cur.get("spec_decode"), prev.get("spec_decode") or {}
-    if spec is not None:  # speculative decoding over the interval: drafts kept, tokens a drafted step
-        drafts = spec["num_drafts"] - spec_prev.get("num_drafts", 0)
-        proposed = spec["num_draft_tokens"] - spec_prev.get("num_draft_tokens", 0)
-        accepted = spec["num_accepted_tokens"] - spec_prev.get("num_accepted_tokens", 0)
-        if drafts:
-            line += (f", drafts accepted: {100.0 * accepted / max(proposed, 1):.1f}% "
-                     f"({1 + accepted / drafts:.2f} tokens a drafted step)")
+    if cur.get("spec_decode") is not None:  # speculative decoding over the interval: drafts kept, tokens a drafted step
+        from pagedserve.spec_decode import since
+
+        d = since(cur["spec_decode"], prev.get("spec_decode"))
+        if d["num_drafts"]:
+            line += (f", drafts accepted: {100.0 * d['acceptance_rate']:.1f}% "
+                     f"({d['mean_acceptance_length']:.2f} tokens a drafted step)")
     return line

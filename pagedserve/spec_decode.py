@@ -3,9 +3,9 @@
 Each decode step of a request may carry up to k draft tokens guessed from its own text: the longest suffix
 of its tokens (prompt_lookup_max down to prompt_lookup_min tokens long) that also occurs earlier, and the
 tokens that followed that earlier occurrence. The step computes the request's last token and the k drafts
-at once (one forward of k + 1 query tokens, as a chunk of a prefill) and samples a token at each of the
-k + 1 positions; the scheduler keeps the samples up to and including the first that differs from its
-draft (core/scheduler.py, Scheduler.update).
+at once (each of the k + 1 tokens its own one-token attention sequence: executor/model_runner.py, prepare_inputs)
+and samples a token at each of the k + 1 positions; the scheduler keeps the samples up to and including the
+first that differs from its draft (core/scheduler.py, Scheduler.update).
 
 Why that is exact, for greedy and random sampling alike: the draft is a point mass, so the rejection
 test of speculative sampling (accept d with probability min(1, p(d) / q(d)) = p(d), else sample from the
@@ -189,8 +189,16 @@ class SpecDecodeStats:
             per[j] += 1
 
     def as_dict(self) -> dict:
-        rate = self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
-        mean = 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
-        return {"num_drafts": self.num_drafts, "num_draft_tokens": self.num_draft_tokens,
-                "num_accepted_tokens": self.num_accepted_tokens, "acceptance_rate": rate,
-                "mean_acceptance_length": mean, "accepted_per_position": list(self.accepted_per_position or [])}
+        counts = {"num_drafts": self.num_drafts, "num_draft_tokens": self.num_draft_tokens,
+                  "num_accepted_tokens": self.num_accepted_tokens}
+        return {**since(counts), "accepted_per_position": list(self.accepted_per_position or [])}
+
+
+def since(now: dict, before: dict | None = None) -> dict:
+    """The drafting counters of `now` (SpecDecodeStats.as_dict's) minus those of `before` (None: zero), with the
+    acceptance rate (drafts kept / proposed) and the mean acceptance length (tokens a drafted step)."""
+    before = before or {}
+    d = {k: now[k] - before.get(k, 0) for k in ("num_drafts", "num_draft_tokens", "num_accepted_tokens")}
+    d["acceptance_rate"] = d["num_accepted_tokens"] / d["num_draft_tokens"] if d["num_draft_tokens"] else 0.0
+    d["mean_acceptance_length"] = 1 + d["num_accepted_tokens"] / d["num_drafts"] if d["num_drafts"] else 0.0
+    return d

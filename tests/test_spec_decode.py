@@ -246,3 +246,12 @@ def test_no_drafts_while_more_requests_run_than_disable_by_batch_size(real_model
 def test_bad_speculative_config_is_a_value_error(real_model_dir: str) -> None:
     with pytest.raises(ValueError, match="not yet supported"):
         LLM(real_model_dir, speculative_config={"method": "eagle", "num_speculative_tokens": 2})
+
+
+def test_the_stats_line_reports_the_intervals_drafts() -> None:
+    from pagedserve.engine_core import format_stats_line
+
+    prev = {"spec_decode": {"num_drafts": 10, "num_draft_tokens": 40, "num_accepted_tokens": 20}}
+    cur = {"spec_decode": {"num_drafts": 14, "num_draft_tokens": 56, "num_accepted_tokens": 32}}
+    assert format_stats_line(prev, cur, 5.0).endswith(", drafts accepted: 75.0% (4.00 tokens a drafted step)")
+    assert "drafts" not in format_stats_line(cur, cur, 5.0) and "drafts" not in format_stats_line({}, {}, 5.0)

@@ -90,15 +90,12 @@ def model_shape(llm) -> ModelShape:
 def spec_decode_delta(engine, before: dict | None) -> dict | None:
     """Speculative decoding over a timed run: the engine's counters now minus `before` (its stats' "spec_decode"
     when the run began), with the acceptance rate and tokens a drafted step. None without speculative decoding."""
+    from pagedserve.spec_decode import since
+
     now = engine.get_stats().get("spec_decode")
     if now is None:
         return None
-    before = before or {}
-    d = {k: now[k] - before.get(k, 0) for k in ("num_drafts", "num_draft_tokens", "num_accepted_tokens")}
-    d["acceptance_rate"] = d["num_accepted_tokens"] / d["num_draft_tokens"] if d["num_draft_tokens"] else 0.0
-    d["mean_acceptance_length"] = 1 + d["num_accepted_tokens"] / d["num_drafts"] if d["num_drafts"] else 0.0
-    d["config"] = engine.config.speculative_config
-    return d
+    return {**since(now, before), "config": engine.config.speculative_config}
 
 
 def spec_decode_line(d: dict) -> str:

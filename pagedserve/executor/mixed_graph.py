@@ -83,13 +83,12 @@ class CUDAGraphMixed(GraphedForward):
                 return size
         return None
 
-    def fits(self, num_tokens: int, num_seqs: int, width: int, num_logits: int | None = None) -> bool:
+    def fits(self, num_tokens: int, num_seqs: int, width: int) -> bool:
         """Whether a mixed step of num_tokens tokens, num_seqs sequences and block tables `width` wide
-        has a graph: its sequences and its num_logits logits rows (default one a sequence; speculative decoding's
-        drafted sequences have more) fit the size's room."""
+        has a graph (a sequence has at most one logits row, so its logits rows fit too: speculative decoding's
+        drafted tokens are each their own sequence)."""
         size = self.padded_size(num_tokens)
-        rows = self.num_seqs_of(size) if size is not None else 0
-        return (size is not None and 0 < num_seqs <= rows and (num_logits or 0) <= rows
+        return (size is not None and 0 < num_seqs <= self.num_seqs_of(size)
                 and width <= self.block_tables.shape[1])
 
     def _metadata(self, size: int) -> AttentionMetadata:

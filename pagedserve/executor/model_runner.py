@@ -191,6 +191,13 @@ def last_sample_rows(rows: Sequence[ScheduledRequest]) -> dict[str, int]:
     return out
 
 
+def rows_per_sequence(config: EngineConfig) -> int:
+    """Logits rows a running sequence may take in one step: 1, or 1 + num_speculative_tokens with speculative
+    decoding (a decode and its drafts)."""
+    spec = config.speculative_config
+    return 1 + (spec["num_speculative_tokens"] if spec else 0)
+
+
 def padded_count(n: int) -> int:
     """The token (or logits-row) count an eager step runs at: a multiple of 16 up to 256, of 64 up to
     8192, then of 256. cuBLAS picks an algorithm the first time it meets a GEMM shape, ~300 us of host
@@ -355,7 +362,7 @@ class ModelRunner:
         # (A decode-only step with drafts that no decode graph holds, i.e. more tokens than max_num_seqs, runs the
         # mixed graphs, whose decode kernel takes every sequence then.)
         mixed_graph_step = (mixed is not None and (not is_decode_only or (drafting and not graph_step)) and not eager
-                            and mixed.fits(num_tokens, num_attn, width, num_logits))
+                            and mixed.fits(num_tokens, num_attn, width))
         num_order = num_attn if is_decode_only and getattr(self.backend, "wants_seq_order", False) else 0
         work = None
         if num_order and getattr(self.backend, "decode_work", False):
@@ -719,10 +726,8 @@ class ModelRunner:
         self.cuda_graphs = graphs
         max_tokens = min(MAX_MIXED_GRAPH_TOKENS, max_num_batched_tokens or MAX_MIXED_GRAPH_TOKENS)
         if os.environ.get("PAGEDSERVE_MIXED_GRAPHS", "1") != "0" and max_tokens >= 16:
-            spec = self.config.speculative_config
-            # Speculative decoding: a drafted sequence has 1 + num_speculative_tokens logits rows; the graphs' room
-            # for sequences is their room for rows too.
-            rows = max_num_seqs * (1 + (spec["num_speculative_tokens"] if spec else 0))
+            # (Speculative decoding: each drafted token is an attention sequence with its logits row.)
+            rows = max_num_seqs * rows_per_sequence(self.config)
             mixed = CUDAGraphMixed(self.model, self.kv_caches, self.backend, rows, max_model_len,
                                    self.block_size, self.device, max_tokens)
             elapsed += mixed.capture(pool=graphs.pool)
@@ -807,8 +812,7 @@ def _profile_peak_activation_bytes(
 
     from pagedserve.executor.precompile import compile_ahead
 
-    spec = config.speculative_config  # a drafted sequence has 1 + num_speculative_tokens logits rows
-    num_rows = min(config.max_num_seqs * (1 + (spec["num_speculative_tokens"] if spec else 0)), num_tokens)
+    num_rows = min(config.max_num_seqs * rows_per_sequence(config), num_tokens)
     with compile_ahead("KV sizing") as dry:  # its kernel variants compile side by side first
         if dry:
             model.compute_logits(model(input_ids, positions, ctx)[-num_rows:])
