@@ -4,7 +4,7 @@ nested jit function, a TMA block the copy engine cannot take) before a device ca
 the tensor-core path is there (wgmma in the PTX) and whether TMA copies are (cp.async.bulk.tensor).
 The local Triton may differ from the GPU's.
 
-    python scripts/compile_sm90.py [sample] [filter] [penalties] [tma] [decode] [qkv] [norm] [kvfp8]
+    python scripts/compile_sm90.py [sample] [filter] [penalties] [tma] [decode] [qkv] [norm] [kvfp8] [lora]
 """
 from __future__ import annotations
 
@@ -190,6 +190,31 @@ def norm() -> None:
         build(m._rms_norm_kernel, sig, consts, f"rms_norm residual={has_res}", num_warps=8)
 
 
+def lora() -> None:
+    from pagedserve.executor.kernels import lora_sgmv as m
+
+    for dtype in ("bf16", "fp32"):
+        precision = "ieee" if dtype == "fp32" else "tf32"
+        for bm, br in ((16, 64), (16, 16), (64, 32)):
+            sig = {"x_ptr": f"*{dtype}", "a_ptr": f"*{dtype}", "order_ptr": "*i64", "starts_ptr": "*i64",
+                   "h_ptr": "*fp32", "K": "i32", "RT": "i32", "k_per_split": "i32", "stride_xm": "i32",
+                   "stride_am": "i32", "stride_hs": "i32", "stride_hm": "i32", "NUM_SLOTS": "constexpr",
+                   "S_POW2": "constexpr", "BM": "constexpr", "BR": "constexpr", "BK": "constexpr",
+                   "DOT_PRECISION": "constexpr", "USE_PDL": "constexpr"}
+            consts = {"NUM_SLOTS": 4, "S_POW2": 4, "BM": bm, "BR": br, "BK": m.BK, "DOT_PRECISION": precision,
+                      "USE_PDL": True}
+            build(m._lora_shrink_kernel, sig, consts, f"lora shrink {dtype} BM={bm} BR={br}")
+            sig = {"h_ptr": "*fp32", "b_ptr": f"*{dtype}", "order_ptr": "*i64", "starts_ptr": "*i64",
+                   "y_ptr": f"*{dtype}", "N": "i32", "RT": "i32", "num_splits": "i32", "n_per_program": "i32",
+                   "stride_hs": "i32",
+                   "stride_hm": "i32", "stride_bn": "i32", "stride_ym": "i32", "NUM_SLOTS": "constexpr",
+                   "S_POW2": "constexpr", "BM": "constexpr", "BN": "constexpr", "BR": "constexpr",
+                   "DOT_PRECISION": "constexpr", "USE_PDL": "constexpr"}
+            consts = {"NUM_SLOTS": 4, "S_POW2": 4, "BM": bm, "BN": 128 if bm == 16 else 64, "BR": br,
+                      "DOT_PRECISION": precision, "USE_PDL": True}
+            build(m._lora_expand_kernel, sig, consts, f"lora expand {dtype} BM={bm} BR={br}")
+
+
 def logprobs() -> None:
     """The fused logprob statistics (logprob_stats.py): the partials over fp32 and bf16 rows, the merge."""
     from pagedserve.executor.kernels import logprob_stats as m
@@ -213,4 +238,4 @@ if __name__ == "__main__":
     for name in sys.argv[1:] or ["sample", "filter", "penalties", "tma", "decode", "qkv", "norm", "logprobs",
                                  "kvfp8"]:
         {"sample": sample, "filter": sample_filter, "penalties": penalties, "tma": tma, "decode": decode, "qkv": qkv,
-         "norm": norm, "logprobs": logprobs, "kvfp8": kvfp8}[name]()
+         "norm": norm, "logprobs": logprobs, "kvfp8": kvfp8, "lora": lora}[name]()

@@ -340,7 +340,8 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
       timeout 400 python3 -m pytest tests/gpu/test_embeddings_gpu.py tests/gpu/test_async_gpu.py \
         tests/gpu/test_prompt_logprobs_gpu.py -q -s -p no:cacheprovider -ra 2>&1 | grep -E "passed|failed|^FAILED|Error|worst" | tail -12 ;;
     lora-test)  # LoRA adapters with graphs and async on vs Transformers with the adapters merged
-      timeout 300 python3 -m pytest tests/gpu/test_lora_gpu.py -q -s -p no:cacheprovider -ra 2>&1 \
+      timeout 300 python3 -m pytest tests/gpu/test_lora_gpu.py tests/kernels/test_lora_sgmv.py \
+        tests/kernels/test_runner_lora.py -q -s -p no:cacheprovider -ra 2>&1 \
         | grep -E "passed|failed|^FAILED|Error|lora " | tail -12 ;;
     spec-test)  # speculative decoding (n-gram drafts) with graphs on vs Transformers: fp32 and bf16 at batch 1
       timeout 300 python3 -m pytest tests/gpu/test_spec_decode_gpu.py -q -s -p no:cacheprovider -ra 2>&1 \
@@ -367,13 +368,20 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
       python3 scripts/spec_step_cost.py $M --load-format dummy --batches "${SPEC_BATCHES:-1,16,64}" \
         --ks "${SPEC_KS:-0,2,4,8}" ${SPEC_ONE:+--one-drafting} --output-json "$OUT/spec-cost.json" 2>&1 | grep -vE "^\[transformers\]|Warning" | cut -c1-800 ;;
     lora-bench)  # what LoRA adapters cost: batch-1 latency and the default workload, without / with random adapters
-      for l in 0 "${LORA_K:-4}"; do
-        echo "== --num-loras $l"
-        python3 -m pagedserve.entrypoints.cli bench latency --model $M --load-format dummy --num-loras $l 2>&1 \
-          | grep -E "latency:|steps:" | cut -c1-400
-        python3 -m pagedserve.entrypoints.cli bench throughput --model $M --load-format dummy --no-tqdm --num-loras $l \
-          --output-json "$OUT/throughput-lora-$l.json" 2>&1 | grep -E "throughput:|steps:|floor" | cut -c1-600
+      # (LORA_AB=1: with adapters once through the Triton kernels and once through the torch path)
+      runs="0,1 ${LORA_K:-4},1"; [ -n "$LORA_AB" ] && runs="$runs ${LORA_K:-4},0"
+      for run in $runs; do
+        l=${run%,*}; kern=${run#*,}
+        echo "== --num-loras $l, PAGEDSERVE_LORA_KERNELS=$kern"
+        PAGEDSERVE_LORA_KERNELS=$kern python3 -m pagedserve.entrypoints.cli bench latency --model $M --load-format dummy \
+          --num-loras $l 2>&1 | grep -E "latency:|steps:" | cut -c1-400
+        PAGEDSERVE_LORA_KERNELS=$kern python3 -m pagedserve.entrypoints.cli bench throughput --model $M \
+          --load-format dummy --no-tqdm --num-loras $l --output-json "$OUT/throughput-lora-$l-$kern.json" 2>&1 \
+          | grep -E "throughput:|steps:|floor" | cut -c1-600
       done ;;
+    lora-kernels)  # the LoRA shrink / expand kernels vs the torch path, per layer at the 7B shapes (CUDA graphs)
+      python3 scripts/lora_kernel_bench.py --tokens "${LORA_TOKENS:-1,16,64,139,256}" \
+        --output-json "$OUT/lora-kernels.json" 2>&1 | tail -20 ;;
     gpu-quick)  # the GPU tests of the runner, graphs and async steps (not the kernel files)
       timeout 300 python3 -m pytest tests/gpu/test_async_gpu.py tests/gpu/test_precompile.py tests/executor \
         tests/kernels/test_runner_mixed_graph.py -q -m "not slow" -p no:cacheprovider -x 2>&1 | tail -4 ;;

@@ -3,25 +3,28 @@
 With `enable_lora`, every decoder projection gets a `LoRALayer` holding all `max_loras` slots densely: A as
 [S * Rt, in] and B as [out, S * Rt], slot s in columns (s - 1) * Rt ... s * Rt, Rt = parts * R (R = max_lora_rank;
 a merged projection, q|k|v or gate|up, keeps each part's A in its own R rows and its B block-diagonally). An adapter
-of rank r < R fills r of its part's rows (the rest stay zero), its scale folded into B. Each forward reads the
-manager's per-token slot buffer (0: no adapter; the model runner fills it before every step, zeros past the step's
-tokens) and adds
+of rank r < R fills r of its part's rows (the rest stay zero), its scale folded into B. Before every step the model
+runner hands the manager the step's per-token slots (0: no adapter), the tokens sorted by slot and each slot's first
+index among them; each projection then adds, for every token t with an adapter,
 
-    y += ((x A^T) * [slot of the token == slot of the column]) B^T
+    y[t] += (x[t] A_s^T) B_s^T    (s: t's slot)
 
-three kernels a projection (matmul, multiply by the step's mask, addmm) whatever the adapters in the batch (the
-masks, one per column layout, are made once a step from the slot buffer, outside the graphs), with static shapes:
-the CUDA graphs capture them (the buffer's address is fixed; each replay reads the step's slots). A step without
-adapters pays the same in the graphs (all-zero masks); an eager step without adapters (a long prefill) skips them.
-The fused batch-1 kernels
-that bypass the projections' forward (qkv + rotary, gate_up + SiLU) stand aside on such models.
+On CUDA two Triton kernels a projection do it (kernels/lora_sgmv.py: shrink and expand, each block of tokens with
+its slot's A and B only); elsewhere (and with PAGEDSERVE_LORA_KERNELS=0) three torch ops over every slot's columns
+with a 0/1 mask of each token's slot (matmul, multiply by the mask, addmm). Shapes are static either way, so the
+CUDA graphs capture them (the step's slots, order and starts live in fixed buffers; each replay reads the step's).
+A step without adapters pays the kernels' launches in the graphs (their programs find no tokens); an eager step
+without adapters (a long prefill) skips them. The fused batch-1 kernels that bypass the projections' forward
+(qkv + rotary, gate_up + SiLU) stand aside on such models.
 """
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from pagedserve.distributed import tp_size
@@ -57,9 +60,19 @@ class LoRALayer:
     def apply(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not self.manager.active:  # an eager step without adapters
             return y
-        mask = self.manager.mask_for(self)
-        if x.shape[0] > mask.shape[0]:
-            raise RuntimeError(f"a LoRA step of {x.shape[0]} tokens; the slot buffer holds {mask.shape[0]}")
+        manager = self.manager
+        if x.shape[0] > manager.token_slot.shape[0]:
+            raise RuntimeError(f"a LoRA step of {x.shape[0]} tokens; the slot buffer holds "
+                               f"{manager.token_slot.shape[0]}")
+        if manager.use_kernels:
+            from pagedserve.executor.kernels.lora_sgmv import lora_expand, lora_shrink
+
+            if x.stride(-1) != 1:
+                x = x.contiguous()
+            h = lora_shrink(x, self.a, manager.token_order, manager.slot_starts, manager.partials_for(self),
+                            manager.max_loras, self.cols_per_slot)
+            return lora_expand(h, self.b, manager.token_order, manager.slot_starts, y, manager.max_loras)
+        mask = manager.mask_for(self)
         h = (x.to(self.a.dtype) @ self.a.T).mul_(mask[: x.shape[0]])
         return y.addmm_(h.to(y.dtype), self.b.T.to(y.dtype))
 
@@ -78,6 +91,16 @@ class LoRAManager:
         self.max_rank = max_rank
         device = next(model.parameters()).device
         self.token_slot = torch.zeros(max_tokens, dtype=torch.int64, device=device)  # filled before each step
+        # The Triton kernels (kernels/lora_sgmv.py): on CUDA unless PAGEDSERVE_LORA_KERNELS=0; =1 also elsewhere
+        # (the Triton interpreter on CPU, for tests).
+        mode = os.environ.get("PAGEDSERVE_LORA_KERNELS", "auto")
+        self.use_kernels = mode == "1" or (mode != "0" and device.type == "cuda")
+        # The step's tokens sorted by slot and each slot's first index among them (load_step): what the kernels
+        # read. starts[s] .. starts[s + 1] are slot s's; starts[max_loras + 1] is the step's token count.
+        self.token_order = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        self.slot_starts = torch.zeros(max_loras + 2, dtype=torch.int64, device=device)
+        self._partials: dict[int, torch.Tensor] = {}  # per columns a slot: the shrink's fp32 partial sums
+        self._max_tokens = max_tokens
         # False while an eager step without adapters runs (the runner sets it): the layers add nothing. True
         # otherwise, so the CUDA graphs, captured once, always hold the adapters' kernels.
         self.active = True
@@ -179,6 +202,18 @@ class LoRAManager:
         loads, self.pending_loads = self.pending_loads, []
         return loads
 
+    def partials_for(self, layer: LoRALayer) -> torch.Tensor:
+        """The shrink's fp32 partial sums for layers of `layer`'s columns a slot (one buffer each, which every
+        such layer uses in turn)."""
+        buf = self._partials.get(layer.cols_per_slot)
+        if buf is None:
+            from pagedserve.executor.kernels.lora_sgmv import partials_rows
+
+            rows = partials_rows(self._max_tokens)
+            buf = self._partials[layer.cols_per_slot] = torch.empty(rows * layer.cols_per_slot,
+                                                                    dtype=torch.float32, device=layer.a.device)
+        return buf
+
     def mask_for(self, layer: LoRALayer) -> torch.Tensor:
         key = (layer.cols_per_slot, layer.a.dtype)
         entry = self._masks.get(key)
@@ -187,12 +222,27 @@ class LoRAManager:
             entry = self._masks[key] = (mask, layer.col_slot)
         return entry[0]
 
-    def load_step(self, token_slots: torch.Tensor) -> None:
-        """The step's per-token slots (a device tensor, 0 for no adapter) into the buffer the layers read, zeros
-        after them (a graph's padding, a padded eager step), and the masks made from them."""
+    def step_layout(self, token_slots: np.ndarray, out: np.ndarray) -> None:
+        """Writes into `out` (step_size(n) int64 values, n = len(token_slots)) the step's per-token slots, the
+        token indices sorted by slot (stable) and each slot's first index among them: what load_step takes."""
         n = token_slots.shape[0]
+        out[:n] = token_slots
+        out[n : 2 * n] = np.argsort(token_slots, kind="stable")
+        out[2 * n] = 0
+        np.cumsum(np.bincount(token_slots, minlength=self.max_loras + 1), out=out[2 * n + 1 :])
+
+    def step_size(self, num_tokens: int) -> int:
+        return 2 * num_tokens + self.max_loras + 2
+
+    def load_step(self, layout: torch.Tensor) -> None:
+        """step_layout's values (a device tensor) into the buffers the layers read: the slots (zeros after them: a
+        graph's padding, a padded eager step), the order and starts, and the torch path's masks."""
+        n = (layout.shape[0] - self.max_loras - 2) // 2
         self.token_slot[n:].zero_()
-        self.token_slot[:n].copy_(token_slots)
+        self.token_slot[:n].copy_(layout[:n])
+        if self.use_kernels:
+            self.token_order[:n].copy_(layout[n : 2 * n])
+            self.slot_starts.copy_(layout[2 * n :])
         for mask, col_slot in self._masks.values():
             torch.eq(self.token_slot[:, None], col_slot[None, :], out=mask)
 

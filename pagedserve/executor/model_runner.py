@@ -385,7 +385,7 @@ class ModelRunner:
         if self.pad_eager_steps and not is_decode_only and not mixed_graph_step:  # (the graphs pad their own way)
             padded_tokens, padded_logits = padded_count(num_tokens), padded_count(num_logits)
 
-        num_lora = num_tokens if self.lora_manager is not None else 0
+        num_lora = self.lora_manager.step_size(num_tokens) if self.lora_manager is not None else 0
         sizes = [padded_tokens, padded_tokens, padded_tokens, num_attn + 1, num_attn, num_attn * width,
                  padded_logits, num_placeholders, num_placeholders, num_order, num_work, num_lora]
         # Each part starts 16-byte aligned (an even int64 offset): Triton specializes kernels on the
@@ -397,9 +397,10 @@ class ModelRunner:
          lora_part) = (buf[offsets[i] : offsets[i] + sizes[i]] for i in range(len(sizes)))
         lora_any = False
         if num_lora:
-            lora_part[:] = np.repeat(np.fromiter((r.lora_slot for r in scheduled), dtype=np.int64, count=num_seqs),
-                                     query_lens)
-            lora_any = bool(lora_part.any())
+            token_slots = np.repeat(np.fromiter((r.lora_slot for r in scheduled), dtype=np.int64, count=num_seqs),
+                                    query_lens)
+            self.lora_manager.step_layout(token_slots, lora_part)
+            lora_any = bool(token_slots.any())
         if num_work:
             work_part[:] = work.reshape(-1)
         if num_order:  # only with the Triton backend, so its kernel module (and triton) is there
@@ -452,7 +453,7 @@ class ModelRunner:
             placeholder_rows = views[8]
         elif num_placeholders:
             views[0][views[7]] = self._last_sampled[views[8]]  # on the device: no wait for the last step
-        if num_lora:  # each token's adapter slot, where the projections (and graphs) read it
+        if num_lora:  # each token's adapter slot, the tokens by slot: where the projections (and graphs) read them
             self.lora_manager.load_step(views[11])
 
         def int32(t: torch.Tensor) -> torch.Tensor:

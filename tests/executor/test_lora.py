@@ -187,14 +187,16 @@ def test_bad_adapters_and_settings_are_value_errors(setup, tmp_path) -> None:
 
 def test_eager_steps_without_adapters_skip_the_lora_kernels(setup) -> None:
     """With LoRA enabled, an eager step whose tokens have no adapter adds nothing (the CUDA graphs, captured once,
-    always carry the kernels): the base model's answers are the plain engine's, and the masks are never read."""
+    always carry the kernels): the base model's answers are the plain engine's, and neither the masks (torch path)
+    nor the partial sums (Triton kernels) are ever asked for."""
     folder, hf, adapters = setup
     kwargs = dict(max_model_len=128, cpu_kv_cache_gib=0.05, dtype="float32")
     lora_llm, plain = LLM(str(folder), enable_lora=True, max_lora_rank=8, **kwargs), LLM(str(folder), **kwargs)
     manager = lora_llm.engine.worker.runner.lora_manager
     reads = []
-    mask_for = manager.mask_for
+    mask_for, partials_for = manager.mask_for, manager.partials_for
     manager.mask_for = lambda layer: reads.append(layer) or mask_for(layer)
+    manager.partials_for = lambda layer: reads.append(layer) or partials_for(layer)
     params = SamplingParams(temperature=0, max_tokens=5, logprobs=0)
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
     got, want = lora_llm.generate(prompts, params, use_tqdm=False), plain.generate(prompts, params, use_tqdm=False)

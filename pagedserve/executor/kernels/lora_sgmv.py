@@ -1,0 +1,199 @@
+"""LoRA's two products for a batch of tokens that hold different adapters: shrink (h = x A_s^T) and expand
+(y += h B_s^T), each token with the adapter of its slot s, tokens grouped by slot (a segmented GEMM, as Punica's
+SGMV and vLLM's LoRA kernels).
+
+The adapters' weights sit in dense slot arrays (executor/lora.py): A [S * RT, K], slot s (1-based) in rows
+(s - 1) * RT ... s * RT; B [N, S * RT], slot s in those columns. RT is the rank columns a slot (parts x max rank
+for a merged projection). The step's tokens come as
+
+    order  [T]      token indices sorted by slot (stable), the tokens without adapter (slot 0) first
+    starts [S + 2]  starts[s] = the first index in `order` of slot s's tokens; starts[S + 1] = T
+
+so slot s's tokens are order[starts[s] : starts[s + 1]]. Each program takes one block of BM tokens of one slot:
+program b finds its slot from the per-slot block counts (cdiv(count, BM)) in the kernel, so the grid depends on
+the launch's token count only (cdiv(T, BM) + S blocks at most) and a CUDA graph captures it once: each replay
+reads the step's `order` and `starts`. Blocks past the step's last one, and tokens without an adapter, are not
+touched: their h is not written and their y is left as it is.
+
+    shrink: grid (blocks, splits). A split sums K columns split * k_per_split ... + k_per_split and writes its
+            fp32 partial sums to h[split, token, :RT]; with one token (decode at batch 1) the splits spread the
+            adapter's A over many programs.
+    expand: grid (blocks, cdiv(N, BN)). Sums the splits' partials of its tokens, rounds h to B's dtype (as
+            the torch path rounds x A^T to the adapter's dtype), and adds h B_s^T to y in fp32, rounded once to
+            y's dtype (as torch's addmm).
+
+Both kernels start with pdl_enter (programmatic dependent launch on Hopper).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
+from pagedserve.executor.kernels.pdl import pdl_enter
+
+MAX_SPLITS = 32
+TARGET_PROGRAMS = 128  # shrink: splits until about this many programs, for few tokens
+BK = 64
+
+
+@triton.jit
+def _segment(starts_ptr, b, NUM_SLOTS: tl.constexpr, S_POW2: tl.constexpr, BM: tl.constexpr):
+    """Block b of the step's adapter tokens: (slot index 0 .. NUM_SLOTS - 1, or NUM_SLOTS past the last block;
+    the block's first index into `order`; the end of its slot's tokens there)."""
+    j = tl.arange(0, S_POW2)
+    valid = j < NUM_SLOTS
+    lo = tl.load(starts_ptr + 1 + j, mask=valid, other=0)
+    hi = tl.load(starts_ptr + 2 + j, mask=valid, other=0)
+    blocks = (hi - lo + BM - 1) // BM
+    ends = tl.cumsum(blocks, axis=0)  # block index one past each slot's last block
+    idx = tl.sum((ends <= b).to(tl.int32), axis=0)
+    pick = j == idx
+    seg_lo = tl.sum(tl.where(pick, lo, 0), axis=0)
+    seg_hi = tl.sum(tl.where(pick, hi, 0), axis=0)
+    first = tl.sum(tl.where(pick, ends - blocks, 0), axis=0)
+    return idx, seg_lo + (b - first) * BM, seg_hi
+
+
+@triton.jit
+def _lora_shrink_kernel(x_ptr, a_ptr, order_ptr, starts_ptr, h_ptr, K, RT, k_per_split,
+                        stride_xm, stride_am, stride_hs, stride_hm,
+                        NUM_SLOTS: tl.constexpr, S_POW2: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr,
+                        BK: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_enter(USE_PDL)
+    b = tl.program_id(0)
+    split = tl.program_id(1)
+    idx, row0, seg_end = _segment(starts_ptr, b, NUM_SLOTS, S_POW2, BM)
+    if idx < NUM_SLOTS:
+        rows = row0 + tl.arange(0, BM)
+        row_ok = rows < seg_end
+        tok = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        r = tl.arange(0, BR)
+        r_ok = r < RT
+        a_rows = (idx * RT + r).to(tl.int64)
+        k_start = split * k_per_split
+        acc = tl.zeros((BM, BR), dtype=tl.float32)
+        for kk in range(0, k_per_split, BK):
+            k = k_start + kk + tl.arange(0, BK)
+            k_ok = k < K
+            xt = tl.load(x_ptr + tok[:, None] * stride_xm + k[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                         other=0.0)
+            at = tl.load(a_ptr + a_rows[:, None] * stride_am + k[None, :], mask=r_ok[:, None] & k_ok[None, :],
+                         other=0.0)
+            acc = tl.dot(xt.to(at.dtype), tl.trans(at), acc, input_precision=DOT_PRECISION)
+        tl.store(h_ptr + split * stride_hs + tok[:, None] * stride_hm + r[None, :], acc,
+                 mask=row_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _lora_expand_kernel(h_ptr, b_ptr, order_ptr, starts_ptr, y_ptr, N, RT, num_splits, n_per_program,
+                        stride_hs, stride_hm, stride_bn, stride_ym,
+                        NUM_SLOTS: tl.constexpr, S_POW2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                        BR: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_enter(USE_PDL)
+    b = tl.program_id(0)
+    nb = tl.program_id(1)
+    idx, row0, seg_end = _segment(starts_ptr, b, NUM_SLOTS, S_POW2, BM)
+    if idx < NUM_SLOTS:
+        rows = row0 + tl.arange(0, BM)
+        row_ok = rows < seg_end
+        tok = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        r = tl.arange(0, BR)
+        r_ok = r < RT
+        h_mask = row_ok[:, None] & r_ok[None, :]
+        h = tl.zeros((BM, BR), dtype=tl.float32)
+        for s in range(0, num_splits):
+            h += tl.load(h_ptr + s * stride_hs + tok[:, None] * stride_hm + r[None, :], mask=h_mask, other=0.0)
+        b_cols = b_ptr + (idx * RT + r)[None, :]
+        y_rows = y_ptr + tok[:, None] * stride_ym
+        h_low = h.to(b_ptr.dtype.element_ty)
+        for n0 in range(nb * n_per_program, tl.minimum(nb * n_per_program + n_per_program, N), BN):
+            n = n0 + tl.arange(0, BN)
+            n_ok = n < N
+            bt = tl.load(b_cols + n[:, None].to(tl.int64) * stride_bn, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+            delta = tl.dot(h_low, tl.trans(bt), input_precision=DOT_PRECISION)  # [BM, BN] fp32
+            y_mask = row_ok[:, None] & n_ok[None, :]
+            y = tl.load(y_rows + n[None, :], mask=y_mask, other=0.0).to(tl.float32)
+            tl.store(y_rows + n[None, :], (y + delta).to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+def block_m(num_tokens: int) -> int:
+    """Tokens a program: few rows for decode batches (mma tiles of 16), 64 for prefill chunks (B re-read fewer
+    times)."""
+    return 16 if num_tokens <= 64 else 32 if num_tokens <= 256 else 64
+
+
+def num_splits(num_tokens: int, k: int) -> tuple[int, int]:
+    """(splits, K columns a split) of the shrink for a launch of num_tokens tokens and K input columns: enough
+    splits for ~TARGET_PROGRAMS programs when the tokens fill few blocks; each split a multiple of BK columns."""
+    blocks = triton.cdiv(num_tokens, block_m(num_tokens))
+    splits = max(1, min(MAX_SPLITS, TARGET_PROGRAMS // blocks, triton.cdiv(k, BK)))
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), BK) * BK
+    return triton.cdiv(k, k_per_split), k_per_split
+
+
+def expand_columns(num_tokens: int, n: int) -> tuple[int, int]:
+    """(BN, output columns a program) of the expand: one tile a program for a few tokens (B streamed by many
+    programs), several for more (each block's summed h reused over them)."""
+    bn = 128 if num_tokens <= 256 else 64
+    tiles = 1 if num_tokens <= 16 else 4 if num_tokens <= 256 else 8
+    return bn, min(bn * tiles, triton.cdiv(n, bn) * bn)
+
+
+def partials_rows(max_tokens: int) -> int:
+    """Rows of fp32 partial sums (splits x tokens) a launch of up to max_tokens tokens may need: with splits > 1,
+    splits <= TARGET_PROGRAMS // blocks and tokens <= blocks * BM, so at most TARGET_PROGRAMS * BM rows."""
+    return max(TARGET_PROGRAMS * max(block_m(1), block_m(1 << 30)), max_tokens)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def lora_shrink(x: torch.Tensor, a: torch.Tensor, order: torch.Tensor, starts: torch.Tensor, partials: torch.Tensor,
+                num_slots: int, rank_cols: int) -> torch.Tensor:
+    """Writes each adapter token's x A_s^T, split over K, into partials (a flat fp32 buffer of at least
+    splits * T * rank_cols values) and returns its [splits, T, rank_cols] view. x: [T, K]; a: [num_slots *
+    rank_cols, K] (contiguous rows)."""
+    t, k = x.shape
+    if a.shape != (num_slots * rank_cols, k) or a.stride(1) != 1 or x.stride(1) != 1:
+        raise ValueError(f"lora_shrink: x {tuple(x.shape)}, a {tuple(a.shape)} for {num_slots} slots of "
+                         f"{rank_cols} columns")
+    splits, k_per_split = num_splits(t, k)
+    if partials.numel() < splits * t * rank_cols:
+        raise ValueError(f"lora_shrink: {partials.numel()} partial sums for {splits} x {t} x {rank_cols}")
+    h = partials[: splits * t * rank_cols].view(splits, t, rank_cols)
+    bm = block_m(t)
+    grid = (triton.cdiv(t, bm) + num_slots, splits)
+    _lora_shrink_kernel[grid](
+        x, a, order, starts, h, k, rank_cols, k_per_split, x.stride(0), a.stride(0), h.stride(0), h.stride(1),
+        NUM_SLOTS=num_slots, S_POW2=max(2, triton.next_power_of_2(num_slots)), BM=bm,
+        BR=max(16, triton.next_power_of_2(rank_cols)), BK=BK, DOT_PRECISION=_dot_precision(a.dtype),
+        **pdl_launch_kwargs(x.device))
+    return h
+
+
+def lora_expand(h: torch.Tensor, b: torch.Tensor, order: torch.Tensor, starts: torch.Tensor, y: torch.Tensor,
+                num_slots: int) -> torch.Tensor:
+    """y[token] += (sum over splits of h[:, token]) B_s^T for every adapter token, in place. h: lora_shrink's
+    [splits, T, rank_cols] partials; b: [N, num_slots * rank_cols]; y: [T, N]."""
+    splits, t, rank_cols = h.shape
+    n = y.shape[1]
+    if b.shape != (n, num_slots * rank_cols) or b.stride(1) != 1 or y.stride(1) != 1 or y.shape[0] != t:
+        raise ValueError(f"lora_expand: h {tuple(h.shape)}, b {tuple(b.shape)}, y {tuple(y.shape)} for "
+                         f"{num_slots} slots")
+    bm = block_m(t)
+    bn, per_program = expand_columns(t, n)
+    grid = (triton.cdiv(t, bm) + num_slots, triton.cdiv(n, per_program))
+    _lora_expand_kernel[grid](
+        h, b, order, starts, y, n, rank_cols, splits, per_program, h.stride(0), h.stride(1), b.stride(0),
+        y.stride(0),
+        NUM_SLOTS=num_slots, S_POW2=max(2, triton.next_power_of_2(num_slots)), BM=bm, BN=bn,
+        BR=max(16, triton.next_power_of_2(rank_cols)), DOT_PRECISION=_dot_precision(b.dtype),
+        **pdl_launch_kwargs(y.device))
+    return y
+
+
+__all__ = ["expand_columns", "lora_expand", "lora_shrink", "num_splits", "partials_rows"]
