@@ -209,9 +209,9 @@ def lora() -> None:
                    "stride_hs": "i32",
                    "stride_hm": "i32", "stride_bn": "i32", "stride_ym": "i32", "NUM_SLOTS": "constexpr",
                    "S_POW2": "constexpr", "BM": "constexpr", "BN": "constexpr", "BR": "constexpr",
-                   "DOT_PRECISION": "constexpr", "USE_PDL": "constexpr"}
+                   "SPLIT_UNROLL": "constexpr", "DOT_PRECISION": "constexpr", "USE_PDL": "constexpr"}
             consts = {"NUM_SLOTS": 4, "S_POW2": 4, "BM": bm, "BN": 128 if bm == 16 else 64, "BR": br,
-                      "DOT_PRECISION": precision, "USE_PDL": True}
+                      "SPLIT_UNROLL": 8 if bm == 16 else 1, "DOT_PRECISION": precision, "USE_PDL": True}
             build(m._lora_expand_kernel, sig, consts, f"lora expand {dtype} BM={bm} BR={br}")
 
 

@@ -51,13 +51,13 @@ def main() -> None:
             partials = {name: torch.empty(lora_sgmv.partials_rows(t) * v["rt"], device=dev)
                         for name, v in layers.items()}
 
-            def kernels():
+            def kernels(xs=xs, ys=ys, order=order, starts=starts, partials=partials):
                 for _ in range(LAYERS):
                     for name, v in layers.items():
                         h = lora_sgmv.lora_shrink(xs[name], v["a"], order, starts, partials[name], s_max, v["rt"])
                         lora_sgmv.lora_expand(h, v["b"], order, starts, ys[name], s_max)
 
-            def torch_path():
+            def torch_path(xs=xs, ys=ys, masks=masks):
                 for _ in range(LAYERS):
                     for name, v in layers.items():
                         h = (xs[name] @ v["a"].T).mul_(masks[name])

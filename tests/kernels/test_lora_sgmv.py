@@ -37,6 +37,7 @@ def reference(x, a, b, y, slots, rank_cols):
 @pytest.mark.parametrize(("num_tokens", "k", "n", "num_slots", "rank_cols"), [
     (1, 200, 96, 1, 16),     # one token: many splits of K
     (1, 1000, 40, 3, 48),    # merged q|k|v of rank 16; N not a multiple of the block
+    (1, 900, 64, 2, 16),     # 15 splits: the expand's last round of loads partly past them
     (7, 130, 64, 4, 32),     # K not a multiple of BK
     (37, 96, 150, 2, 16),    # several blocks of one slot, partial ones; two column tiles a program
     (100, 64, 700, 3, 16),   # 32-token blocks; a program's last column tile partial

@@ -35,7 +35,12 @@ from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
 from pagedserve.executor.kernels.pdl import pdl_enter
 
 MAX_SPLITS = 32
-TARGET_PROGRAMS = 128  # shrink: splits until about this many programs, for few tokens
+# The shrink's splits: at most SPLIT_ROWS // (token rows a block), so the expand, which sums every split's partials
+# for its rows before its first product, loads at most SPLIT_ROWS partial rows a program. One token: 32 splits
+# (K = 3,584 in 28 programs of 128 columns); 16-64 tokens 4; 65-256 tokens 2; more 1. (With splits sized for
+# ~128 programs instead, 64-256 tokens ran slower than the torch path: ~19-25 splits of partials to sum; session
+# 24's run 1.)
+SPLIT_ROWS = 64
 BK = 64
 
 
@@ -91,7 +96,8 @@ def _lora_shrink_kernel(x_ptr, a_ptr, order_ptr, starts_ptr, h_ptr, K, RT, k_per
 def _lora_expand_kernel(h_ptr, b_ptr, order_ptr, starts_ptr, y_ptr, N, RT, num_splits, n_per_program,
                         stride_hs, stride_hm, stride_bn, stride_ym,
                         NUM_SLOTS: tl.constexpr, S_POW2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                        BR: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr = False):
+                        BR: tl.constexpr, SPLIT_UNROLL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        USE_PDL: tl.constexpr = False):
     pdl_enter(USE_PDL)
     b = tl.program_id(0)
     nb = tl.program_id(1)
@@ -104,8 +110,12 @@ def _lora_expand_kernel(h_ptr, b_ptr, order_ptr, starts_ptr, y_ptr, N, RT, num_s
         r_ok = r < RT
         h_mask = row_ok[:, None] & r_ok[None, :]
         h = tl.zeros((BM, BR), dtype=tl.float32)
-        for s in range(0, num_splits):
-            h += tl.load(h_ptr + s * stride_hs + tok[:, None] * stride_hm + r[None, :], mask=h_mask, other=0.0)
+        h_rows = h_ptr + tok[:, None] * stride_hm + r[None, :]
+        split_of = tl.zeros((BM, BR), dtype=tl.int32)
+        for s0 in range(0, num_splits, SPLIT_UNROLL):  # SPLIT_UNROLL loads in flight, not one round trip a split
+            for j in tl.static_range(SPLIT_UNROLL):
+                h += tl.load(h_rows + (s0 + j) * stride_hs, mask=h_mask & (split_of + (s0 + j) < num_splits),
+                             other=0.0)
         b_cols = b_ptr + (idx * RT + r)[None, :]
         y_rows = y_ptr + tok[:, None] * stride_ym
         h_low = h.to(b_ptr.dtype.element_ty)
@@ -126,10 +136,10 @@ def block_m(num_tokens: int) -> int:
 
 
 def num_splits(num_tokens: int, k: int) -> tuple[int, int]:
-    """(splits, K columns a split) of the shrink for a launch of num_tokens tokens and K input columns: enough
-    splits for ~TARGET_PROGRAMS programs when the tokens fill few blocks; each split a multiple of BK columns."""
-    blocks = triton.cdiv(num_tokens, block_m(num_tokens))
-    splits = max(1, min(MAX_SPLITS, TARGET_PROGRAMS // blocks, triton.cdiv(k, BK)))
+    """(splits, K columns a split) of the shrink for a launch of num_tokens tokens and K input columns (see
+    SPLIT_ROWS); each split a multiple of BK columns."""
+    rows = min(num_tokens, block_m(num_tokens))
+    splits = max(1, min(MAX_SPLITS, SPLIT_ROWS // rows, triton.cdiv(k, BK)))
     k_per_split = triton.cdiv(triton.cdiv(k, splits), BK) * BK
     return triton.cdiv(k, k_per_split), k_per_split
 
@@ -143,9 +153,9 @@ def expand_columns(num_tokens: int, n: int) -> tuple[int, int]:
 
 
 def partials_rows(max_tokens: int) -> int:
-    """Rows of fp32 partial sums (splits x tokens) a launch of up to max_tokens tokens may need: with splits > 1,
-    splits <= TARGET_PROGRAMS // blocks and tokens <= blocks * BM, so at most TARGET_PROGRAMS * BM rows."""
-    return max(TARGET_PROGRAMS * max(block_m(1), block_m(1 << 30)), max_tokens)
+    """Rows of fp32 partial sums (splits x tokens) a launch of up to max_tokens tokens may need (above 256 tokens
+    one split: the tokens themselves)."""
+    return max(max_tokens, max(num_splits(t, 1 << 30)[0] * t for t in range(1, 257)))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -191,7 +201,8 @@ def lora_expand(h: torch.Tensor, b: torch.Tensor, order: torch.Tensor, starts: t
         h, b, order, starts, y, n, rank_cols, splits, per_program, h.stride(0), h.stride(1), b.stride(0),
         y.stride(0),
         NUM_SLOTS=num_slots, S_POW2=max(2, triton.next_power_of_2(num_slots)), BM=bm, BN=bn,
-        BR=max(16, triton.next_power_of_2(rank_cols)), DOT_PRECISION=_dot_precision(b.dtype),
+        BR=max(16, triton.next_power_of_2(rank_cols)), SPLIT_UNROLL=min(8, triton.next_power_of_2(splits)),
+        DOT_PRECISION=_dot_precision(b.dtype),
         **pdl_launch_kwargs(y.device))
     return y
 
