@@ -369,15 +369,19 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
         --ks "${SPEC_KS:-0,2,4,8}" ${SPEC_ONE:+--one-drafting} --output-json "$OUT/spec-cost.json" 2>&1 | grep -vE "^\[transformers\]|Warning" | cut -c1-800 ;;
     lora-bench)  # what LoRA adapters cost: batch-1 latency and the default workload, without / with random adapters
       # (LORA_AB=1: with adapters once through the Triton kernels and once through the torch path)
-      runs="0,1 ${LORA_K:-4},1"; [ -n "$LORA_AB" ] && runs="$runs ${LORA_K:-4},0"
-      for run in $runs; do
-        l=${run%,*}; kern=${run#*,}
-        echo "== --num-loras $l, PAGEDSERVE_LORA_KERNELS=$kern"
-        PAGEDSERVE_LORA_KERNELS=$kern python3 -m pagedserve.entrypoints.cli bench latency --model $M --load-format dummy \
+      # (LORA_RUNS="loras,kernels,max_tokens ...": e.g. "4,1,64" = kernels up to 64 tokens a forward, torch above)
+      runs="0,1,- ${LORA_K:-4},1,-"; [ -n "$LORA_AB" ] && runs="$runs ${LORA_K:-4},0,-"
+      for run in ${LORA_RUNS:-$runs}; do
+        IFS=, read -r l kern maxtok <<< "$run"
+        [ "$maxtok" = - ] && maxtok=1000000
+        echo "== --num-loras $l, PAGEDSERVE_LORA_KERNELS=$kern, PAGEDSERVE_LORA_KERNEL_MAX_TOKENS=$maxtok"
+        export PAGEDSERVE_LORA_KERNELS=$kern PAGEDSERVE_LORA_KERNEL_MAX_TOKENS=$maxtok
+        python3 -m pagedserve.entrypoints.cli bench latency --model $M --load-format dummy \
           --num-loras $l 2>&1 | grep -E "latency:|steps:" | cut -c1-400
-        PAGEDSERVE_LORA_KERNELS=$kern python3 -m pagedserve.entrypoints.cli bench throughput --model $M \
-          --load-format dummy --no-tqdm --num-loras $l --output-json "$OUT/throughput-lora-$l-$kern.json" 2>&1 \
+        python3 -m pagedserve.entrypoints.cli bench throughput --model $M \
+          --load-format dummy --no-tqdm --num-loras $l --output-json "$OUT/throughput-lora-$l-$kern-$maxtok.json" 2>&1 \
           | grep -E "throughput:|steps:|floor" | cut -c1-600
+        unset PAGEDSERVE_LORA_KERNELS PAGEDSERVE_LORA_KERNEL_MAX_TOKENS
       done ;;
     lora-kernels)  # the LoRA shrink / expand kernels vs the torch path, per layer at the 7B shapes (CUDA graphs)
       python3 scripts/lora_kernel_bench.py --tokens "${LORA_TOKENS:-1,16,64,139,256}" \

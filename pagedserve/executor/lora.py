@@ -64,7 +64,7 @@ class LoRALayer:
         if x.shape[0] > manager.token_slot.shape[0]:
             raise RuntimeError(f"a LoRA step of {x.shape[0]} tokens; the slot buffer holds "
                                f"{manager.token_slot.shape[0]}")
-        if manager.use_kernels:
+        if manager.use_kernels and x.shape[0] <= manager.kernel_max_tokens:
             from pagedserve.executor.kernels.lora_sgmv import lora_expand, lora_shrink
 
             if x.stride(-1) != 1:
@@ -101,6 +101,8 @@ class LoRAManager:
         self.slot_starts = torch.zeros(max_loras + 2, dtype=torch.int64, device=device)
         self._partials: dict[int, torch.Tensor] = {}  # per columns a slot: the shrink's fp32 partial sums
         self._max_tokens = max_tokens
+        # Forwards of more tokens take the torch path (A/B knob: PAGEDSERVE_LORA_KERNEL_MAX_TOKENS).
+        self.kernel_max_tokens = int(os.environ.get("PAGEDSERVE_LORA_KERNEL_MAX_TOKENS", max_tokens))
         # False while an eager step without adapters runs (the runner sets it): the layers add nothing. True
         # otherwise, so the CUDA graphs, captured once, always hold the adapters' kernels.
         self.active = True
@@ -121,6 +123,9 @@ class LoRAManager:
                                         dtype, weight.device)
                 self.layers[(i, name)] = module.lora
                 self._dtype = dtype  # adapters are kept on the host in the slots' dtype
+        if not self.use_kernels or self.kernel_max_tokens < max_tokens:
+            for layer in self.layers.values():  # the torch path's masks, made now (never inside a graph capture)
+                self.mask_for(layer)
         self._slots: OrderedDict[int, int] = OrderedDict()  # lora_int_id -> slot, least recently used first
         self._names: dict[int, str] = {}  # lora_int_id -> name, for every adapter registered
         self._read: OrderedDict[int, LoRAWeights] = OrderedDict()  # lora_int_id -> weights on the host

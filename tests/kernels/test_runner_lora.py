@@ -33,3 +33,11 @@ def test_mixed_batch_through_the_kernels(setup, kernel_calls) -> None:  # noqa: 
 def test_eager_steps_without_adapters_skip_the_kernels(setup, kernel_calls) -> None:  # noqa: F811
     torch_path.test_eager_steps_without_adapters_skip_the_lora_kernels(setup)
     assert kernel_calls
+
+
+def test_larger_forwards_take_the_torch_path(setup, kernel_calls, monkeypatch) -> None:  # noqa: F811
+    """PAGEDSERVE_LORA_KERNEL_MAX_TOKENS: forwards of more tokens (the prefill chunks here) run the torch path's
+    masked products, smaller ones the kernels, in the same engine; answers as merged Transformers'."""
+    monkeypatch.setenv("PAGEDSERVE_LORA_KERNEL_MAX_TOKENS", "4")
+    torch_path.test_adapters_and_the_base_model_in_one_batch_match_merged_transformers(setup)
+    assert kernel_calls and max(kernel_calls) <= 4

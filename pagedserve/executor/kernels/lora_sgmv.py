@@ -35,12 +35,10 @@ from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
 from pagedserve.executor.kernels.pdl import pdl_enter
 
 MAX_SPLITS = 32
-# The shrink's splits: at most SPLIT_ROWS // (token rows a block), so the expand, which sums every split's partials
-# for its rows before its first product, loads at most SPLIT_ROWS partial rows a program. One token: 32 splits
-# (K = 3,584 in 28 programs of 128 columns); 16-64 tokens 4; 65-256 tokens 2; more 1. (With splits sized for
-# ~128 programs instead, 64-256 tokens ran slower than the torch path: ~19-25 splits of partials to sum; session
-# 24's run 1.)
-SPLIT_ROWS = 64
+# The shrink's splits: enough for ~TARGET_PROGRAMS programs while the tokens fill few blocks (the shrink is a tiny
+# GEMM bound by latency: with 2 splits at 139 tokens it took 137.6 us a layer against 76.0 with 19; session 24's runs
+# 1-2). The expand sums the splits' partials before its first product, SPLIT_UNROLL loads in flight at a time.
+TARGET_PROGRAMS = 128
 BK = 64
 
 
@@ -137,9 +135,9 @@ def block_m(num_tokens: int) -> int:
 
 def num_splits(num_tokens: int, k: int) -> tuple[int, int]:
     """(splits, K columns a split) of the shrink for a launch of num_tokens tokens and K input columns (see
-    SPLIT_ROWS); each split a multiple of BK columns."""
-    rows = min(num_tokens, block_m(num_tokens))
-    splits = max(1, min(MAX_SPLITS, SPLIT_ROWS // rows, triton.cdiv(k, BK)))
+    TARGET_PROGRAMS); each split a multiple of BK columns."""
+    blocks = triton.cdiv(num_tokens, block_m(num_tokens))
+    splits = max(1, min(MAX_SPLITS, TARGET_PROGRAMS // blocks, triton.cdiv(k, BK)))
     k_per_split = triton.cdiv(triton.cdiv(k, splits), BK) * BK
     return triton.cdiv(k, k_per_split), k_per_split
 
@@ -153,9 +151,9 @@ def expand_columns(num_tokens: int, n: int) -> tuple[int, int]:
 
 
 def partials_rows(max_tokens: int) -> int:
-    """Rows of fp32 partial sums (splits x tokens) a launch of up to max_tokens tokens may need (above 256 tokens
-    one split: the tokens themselves)."""
-    return max(max_tokens, max(num_splits(t, 1 << 30)[0] * t for t in range(1, 257)))
+    """Rows of fp32 partial sums (splits x tokens) a launch of up to max_tokens tokens may need: with splits > 1,
+    splits <= TARGET_PROGRAMS // blocks and tokens <= blocks * BM, so at most TARGET_PROGRAMS * BM rows."""
+    return max(max_tokens, max(num_splits(t, 1 << 30)[0] * t for t in range(1, TARGET_PROGRAMS * block_m(1 << 30))))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -201,7 +199,8 @@ def lora_expand(h: torch.Tensor, b: torch.Tensor, order: torch.Tensor, starts: t
         h, b, order, starts, y, n, rank_cols, splits, per_program, h.stride(0), h.stride(1), b.stride(0),
         y.stride(0),
         NUM_SLOTS=num_slots, S_POW2=max(2, triton.next_power_of_2(num_slots)), BM=bm, BN=bn,
-        BR=max(16, triton.next_power_of_2(rank_cols)), SPLIT_UNROLL=min(8, triton.next_power_of_2(splits)),
+        BR=max(16, triton.next_power_of_2(rank_cols)),
+        SPLIT_UNROLL=min(8 if bm * rank_cols <= 1024 else 4, triton.next_power_of_2(splits)),
         DOT_PRECISION=_dot_precision(b.dtype),
         **pdl_launch_kwargs(y.device))
     return y
