@@ -370,7 +370,7 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
     lora-bench)  # what LoRA adapters cost: batch-1 latency and the default workload, without / with random adapters
       # (LORA_AB=1: with adapters once through the Triton kernels and once through the torch path)
       # (LORA_RUNS="loras,kernels,max_tokens ...": e.g. "4,1,64" = kernels up to 64 tokens a forward, torch above)
-      runs="0,1,- ${LORA_K:-4},1,-"; [ -n "$LORA_AB" ] && runs="$runs ${LORA_K:-4},0,-"
+      runs="0,1,- ${LORA_K:-4},1,-"; [ -n "${LORA_AB:-}" ] && runs="$runs ${LORA_K:-4},0,-"
       for run in ${LORA_RUNS:-$runs}; do
         IFS=, read -r l kern maxtok <<< "$run"
         [ "$maxtok" = - ] && maxtok=1000000
