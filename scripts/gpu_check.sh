@@ -384,8 +384,8 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
         unset PAGEDSERVE_LORA_KERNELS PAGEDSERVE_LORA_KERNEL_MAX_TOKENS
       done ;;
     lora-kernels)  # the LoRA shrink / expand kernels vs the torch path, per layer at the 7B shapes (CUDA graphs)
-      python3 scripts/lora_kernel_bench.py --tokens "${LORA_TOKENS:-1,16,64,139,256}" \
-        --output-json "$OUT/lora-kernels.json" 2>&1 | tail -20 ;;
+      python3 scripts/lora_kernel_bench.py --tokens "${LORA_TOKENS:-1,16,64,139,256}" ${LORA_SWEEP:+--sweep} \
+        --output-json "$OUT/lora-kernels.json" 2>&1 | tail -300 ;;
     gpu-quick)  # the GPU tests of the runner, graphs and async steps (not the kernel files)
       timeout 300 python3 -m pytest tests/gpu/test_async_gpu.py tests/gpu/test_precompile.py tests/executor \
         tests/kernels/test_runner_mixed_graph.py -q -m "not slow" -p no:cacheprovider -x 2>&1 | tail -4 ;;

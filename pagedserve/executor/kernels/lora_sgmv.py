@@ -133,20 +133,20 @@ def block_m(num_tokens: int) -> int:
     return 16 if num_tokens <= 64 else 32 if num_tokens <= 256 else 64
 
 
-def num_splits(num_tokens: int, k: int) -> tuple[int, int]:
+def num_splits(num_tokens: int, k: int, bm: int | None = None, target: int | None = None) -> tuple[int, int]:
     """(splits, K columns a split) of the shrink for a launch of num_tokens tokens and K input columns (see
-    TARGET_PROGRAMS); each split a multiple of BK columns."""
-    blocks = triton.cdiv(num_tokens, block_m(num_tokens))
-    splits = max(1, min(MAX_SPLITS, TARGET_PROGRAMS // blocks, triton.cdiv(k, BK)))
+    TARGET_PROGRAMS); each split a multiple of BK columns. bm, target: tuning overrides."""
+    blocks = triton.cdiv(num_tokens, bm or block_m(num_tokens))
+    splits = max(1, min(MAX_SPLITS, (target or TARGET_PROGRAMS) // blocks, triton.cdiv(k, BK)))
     k_per_split = triton.cdiv(triton.cdiv(k, splits), BK) * BK
     return triton.cdiv(k, k_per_split), k_per_split
 
 
-def expand_columns(num_tokens: int, n: int) -> tuple[int, int]:
+def expand_columns(num_tokens: int, n: int, bn: int | None = None, tiles: int | None = None) -> tuple[int, int]:
     """(BN, output columns a program) of the expand: one tile a program for a few tokens (B streamed by many
-    programs), several for more (each block's summed h reused over them)."""
-    bn = 128 if num_tokens <= 256 else 64
-    tiles = 1 if num_tokens <= 16 else 4 if num_tokens <= 256 else 8
+    programs), several for more (each block's summed h reused over them). bn, tiles: tuning overrides."""
+    bn = bn or (128 if num_tokens <= 256 else 64)
+    tiles = tiles or (1 if num_tokens <= 16 else 4 if num_tokens <= 256 else 8)
     return bn, min(bn * tiles, triton.cdiv(n, bn) * bn)
 
 
@@ -161,7 +161,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def lora_shrink(x: torch.Tensor, a: torch.Tensor, order: torch.Tensor, starts: torch.Tensor, partials: torch.Tensor,
-                num_slots: int, rank_cols: int) -> torch.Tensor:
+                num_slots: int, rank_cols: int, tune: dict | None = None) -> torch.Tensor:
     """Writes each adapter token's x A_s^T, split over K, into partials (a flat fp32 buffer of at least
     splits * T * rank_cols values) and returns its [splits, T, rank_cols] view. x: [T, K]; a: [num_slots *
     rank_cols, K] (contiguous rows)."""
@@ -169,22 +169,23 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, order: torch.Tensor, starts: t
     if a.shape != (num_slots * rank_cols, k) or a.stride(1) != 1 or x.stride(1) != 1:
         raise ValueError(f"lora_shrink: x {tuple(x.shape)}, a {tuple(a.shape)} for {num_slots} slots of "
                          f"{rank_cols} columns")
-    splits, k_per_split = num_splits(t, k)
+    tune = tune or {}
+    bm = tune.get("bm", block_m(t))
+    splits, k_per_split = num_splits(t, k, bm, tune.get("target"))
     if partials.numel() < splits * t * rank_cols:
         raise ValueError(f"lora_shrink: {partials.numel()} partial sums for {splits} x {t} x {rank_cols}")
     h = partials[: splits * t * rank_cols].view(splits, t, rank_cols)
-    bm = block_m(t)
     grid = (triton.cdiv(t, bm) + num_slots, splits)
     _lora_shrink_kernel[grid](
         x, a, order, starts, h, k, rank_cols, k_per_split, x.stride(0), a.stride(0), h.stride(0), h.stride(1),
         NUM_SLOTS=num_slots, S_POW2=max(2, triton.next_power_of_2(num_slots)), BM=bm,
         BR=max(16, triton.next_power_of_2(rank_cols)), BK=BK, DOT_PRECISION=_dot_precision(a.dtype),
-        **pdl_launch_kwargs(x.device))
+        num_warps=tune.get("warps", 4), **pdl_launch_kwargs(x.device))
     return h
 
 
 def lora_expand(h: torch.Tensor, b: torch.Tensor, order: torch.Tensor, starts: torch.Tensor, y: torch.Tensor,
-                num_slots: int) -> torch.Tensor:
+                num_slots: int, tune: dict | None = None) -> torch.Tensor:
     """y[token] += (sum over splits of h[:, token]) B_s^T for every adapter token, in place. h: lora_shrink's
     [splits, T, rank_cols] partials; b: [N, num_slots * rank_cols]; y: [T, N]."""
     splits, t, rank_cols = h.shape
@@ -192,8 +193,9 @@ def lora_expand(h: torch.Tensor, b: torch.Tensor, order: torch.Tensor, starts: t
     if b.shape != (n, num_slots * rank_cols) or b.stride(1) != 1 or y.stride(1) != 1 or y.shape[0] != t:
         raise ValueError(f"lora_expand: h {tuple(h.shape)}, b {tuple(b.shape)}, y {tuple(y.shape)} for "
                          f"{num_slots} slots")
-    bm = block_m(t)
-    bn, per_program = expand_columns(t, n)
+    tune = tune or {}
+    bm = tune.get("bm", block_m(t))
+    bn, per_program = expand_columns(t, n, tune.get("bn"), tune.get("tiles"))
     grid = (triton.cdiv(t, bm) + num_slots, triton.cdiv(n, per_program))
     _lora_expand_kernel[grid](
         h, b, order, starts, y, n, rank_cols, splits, per_program, h.stride(0), h.stride(1), b.stride(0),
@@ -202,7 +204,7 @@ def lora_expand(h: torch.Tensor, b: torch.Tensor, order: torch.Tensor, starts: t
         BR=max(16, triton.next_power_of_2(rank_cols)),
         SPLIT_UNROLL=min(8 if bm * rank_cols <= 1024 else 4, triton.next_power_of_2(splits)),
         DOT_PRECISION=_dot_precision(b.dtype),
-        **pdl_launch_kwargs(y.device))
+        num_warps=tune.get("warps", 4), **pdl_launch_kwargs(y.device))
     return y
 
 
