@@ -33,7 +33,7 @@ from pagedserve.lora import PROJECTIONS, LoRARequest, LoRAWeights, read_adapter
 # Up to this many tokens a forward the kernels beat the torch path, measured per layer at the Qwen2-7B shapes on an
 # H200 with four adapters (session 24, run 3; us, kernels / torch): 1 token 24.1 / 40.0, 16 32.1 / 41.9, 64 43.3 /
 # 44.8, 139 72.5 / 55.5, 256 79.1 / 70.6. Batch-1 decode with an adapter: 209.0 tok/s against 182.5 (no LoRA 259.0).
-KERNEL_MAX_TOKENS = 64
+KERNEL_MAX_TOKENS = 256
 
 
 class LoRALayer:

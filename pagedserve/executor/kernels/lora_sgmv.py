@@ -35,10 +35,12 @@ from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
 from pagedserve.executor.kernels.pdl import pdl_enter
 
 MAX_SPLITS = 32
-# The shrink's splits: enough for ~TARGET_PROGRAMS programs while the tokens fill few blocks (the shrink is a tiny
-# GEMM bound by latency: with 2 splits at 139 tokens it took 137.6 us a layer against 76.0 with 19; session 24's runs
-# 1-2). The expand sums the splits' partials before its first product, SPLIT_UNROLL loads in flight at a time.
-TARGET_PROGRAMS = 128
+# Launch configurations, measured per layer (four projections, Qwen2-7B shapes, four adapters) on an H200 in session
+# 24's runs 1-5 (docs/gpu-notes.md). The shrink is a tiny GEMM bound by latency: it wants ~64-128 programs (2 splits
+# at 139 tokens took 137.6 us a layer against 76.0 with 19), 16-token blocks up to 64 tokens and 64-token blocks
+# above (139 tokens: 66.2 against 73.7 with 32-token blocks). The expand wants 16-token blocks, 256 columns a tile,
+# 2 tiles a program and 8 warps from 17 to 256 tokens (139: 56.4 against 73.7 with 32 x 128 x 4 and 4 warps; 256:
+# 68.5 against 79.8). It sums the splits' partials before its first product, SPLIT_UNROLL loads in flight at a time.
 BK = 64
 
 
@@ -127,33 +129,38 @@ def _lora_expand_kernel(h_ptr, b_ptr, order_ptr, starts_ptr, y_ptr, N, RT, num_s
             tl.store(y_rows + n[None, :], (y + delta).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
-def block_m(num_tokens: int) -> int:
-    """Tokens a program: few rows for decode batches (mma tiles of 16), 64 for prefill chunks (B re-read fewer
-    times)."""
-    return 16 if num_tokens <= 64 else 32 if num_tokens <= 256 else 64
-
-
-def num_splits(num_tokens: int, k: int, bm: int | None = None, target: int | None = None) -> tuple[int, int]:
-    """(splits, K columns a split) of the shrink for a launch of num_tokens tokens and K input columns (see
-    TARGET_PROGRAMS); each split a multiple of BK columns. bm, target: tuning overrides."""
-    blocks = triton.cdiv(num_tokens, bm or block_m(num_tokens))
-    splits = max(1, min(MAX_SPLITS, (target or TARGET_PROGRAMS) // blocks, triton.cdiv(k, BK)))
+def shrink_plan(num_tokens: int, k: int, bm: int | None = None, target: int | None = None) -> tuple[int, int, int]:
+    """(tokens a block, splits, K columns a split) of the shrink for a launch of num_tokens tokens and K input
+    columns: splits for ~target programs while the tokens fill few blocks, each a multiple of BK columns. bm,
+    target: tuning overrides."""
+    bm = bm or (16 if num_tokens <= 64 else 64)
+    target = target or (128 if num_tokens <= 64 else 64)
+    blocks = triton.cdiv(num_tokens, bm)
+    splits = max(1, min(MAX_SPLITS, target // blocks, triton.cdiv(k, BK)))
     k_per_split = triton.cdiv(triton.cdiv(k, splits), BK) * BK
-    return triton.cdiv(k, k_per_split), k_per_split
+    return bm, triton.cdiv(k, k_per_split), k_per_split
 
 
-def expand_columns(num_tokens: int, n: int, bn: int | None = None, tiles: int | None = None) -> tuple[int, int]:
-    """(BN, output columns a program) of the expand: one tile a program for a few tokens (B streamed by many
-    programs), several for more (each block's summed h reused over them). bn, tiles: tuning overrides."""
-    bn = bn or (128 if num_tokens <= 256 else 64)
-    tiles = tiles or (1 if num_tokens <= 16 else 4 if num_tokens <= 256 else 8)
-    return bn, min(bn * tiles, triton.cdiv(n, bn) * bn)
+def expand_plan(num_tokens: int, n: int, bm: int | None = None, bn: int | None = None, tiles: int | None = None,
+                warps: int | None = None) -> tuple[int, int, int, int]:
+    """(tokens a block, BN, output columns a program, warps) of the expand for num_tokens tokens and N output
+    columns: one 128-column tile a program for up to 16 tokens (B streamed by many programs), two 256-column tiles
+    and 8 warps up to 256, 64-token blocks of eight 64-column tiles above (prefill chunks; not tuned). Overrides
+    for tuning."""
+    if num_tokens <= 16:
+        plan = (16, 128, 1, 4)
+    elif num_tokens <= 256:
+        plan = (16, 256, 2, 8)
+    else:
+        plan = (64, 64, 8, 4)
+    bm, bn, tiles, warps = (bm or plan[0]), (bn or plan[1]), (tiles or plan[2]), (warps or plan[3])
+    return bm, bn, min(bn * tiles, triton.cdiv(n, bn) * bn), warps
 
 
 def partials_rows(max_tokens: int) -> int:
-    """Rows of fp32 partial sums (splits x tokens) a launch of up to max_tokens tokens may need: with splits > 1,
-    splits <= TARGET_PROGRAMS // blocks and tokens <= blocks * BM, so at most TARGET_PROGRAMS * BM rows."""
-    return max(max_tokens, max(num_splits(t, 1 << 30)[0] * t for t in range(1, TARGET_PROGRAMS * block_m(1 << 30))))
+    """Rows of fp32 partial sums (splits x tokens) a launch of up to max_tokens tokens may need (with one split
+    from 64 blocks of 64 tokens on: the tokens themselves)."""
+    return max(max_tokens, max(shrink_plan(t, 1 << 30)[1] * t for t in range(1, 64 * 64 + 1)))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -170,8 +177,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, order: torch.Tensor, starts: t
         raise ValueError(f"lora_shrink: x {tuple(x.shape)}, a {tuple(a.shape)} for {num_slots} slots of "
                          f"{rank_cols} columns")
     tune = tune or {}
-    bm = tune.get("bm", block_m(t))
-    splits, k_per_split = num_splits(t, k, bm, tune.get("target"))
+    bm, splits, k_per_split = shrink_plan(t, k, tune.get("bm"), tune.get("target"))
     if partials.numel() < splits * t * rank_cols:
         raise ValueError(f"lora_shrink: {partials.numel()} partial sums for {splits} x {t} x {rank_cols}")
     h = partials[: splits * t * rank_cols].view(splits, t, rank_cols)
@@ -180,7 +186,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, order: torch.Tensor, starts: t
         x, a, order, starts, h, k, rank_cols, k_per_split, x.stride(0), a.stride(0), h.stride(0), h.stride(1),
         NUM_SLOTS=num_slots, S_POW2=max(2, triton.next_power_of_2(num_slots)), BM=bm,
         BR=max(16, triton.next_power_of_2(rank_cols)), BK=BK, DOT_PRECISION=_dot_precision(a.dtype),
-        num_warps=tune.get("warps", 4), **pdl_launch_kwargs(x.device))
+        num_warps=4, **pdl_launch_kwargs(x.device))
     return h
 
 
@@ -194,8 +200,8 @@ def lora_expand(h: torch.Tensor, b: torch.Tensor, order: torch.Tensor, starts: t
         raise ValueError(f"lora_expand: h {tuple(h.shape)}, b {tuple(b.shape)}, y {tuple(y.shape)} for "
                          f"{num_slots} slots")
     tune = tune or {}
-    bm = tune.get("bm", block_m(t))
-    bn, per_program = expand_columns(t, n, tune.get("bn"), tune.get("tiles"))
+    bm, bn, per_program, warps = expand_plan(t, n, tune.get("bm"), tune.get("bn"), tune.get("tiles"),
+                                             tune.get("warps"))
     grid = (triton.cdiv(t, bm) + num_slots, triton.cdiv(n, per_program))
     _lora_expand_kernel[grid](
         h, b, order, starts, y, n, rank_cols, splits, per_program, h.stride(0), h.stride(1), b.stride(0),
@@ -203,9 +209,8 @@ def lora_expand(h: torch.Tensor, b: torch.Tensor, order: torch.Tensor, starts: t
         NUM_SLOTS=num_slots, S_POW2=max(2, triton.next_power_of_2(num_slots)), BM=bm, BN=bn,
         BR=max(16, triton.next_power_of_2(rank_cols)),
         SPLIT_UNROLL=min(8 if bm * rank_cols <= 1024 else 4, triton.next_power_of_2(splits)),
-        DOT_PRECISION=_dot_precision(b.dtype),
-        num_warps=tune.get("warps", 4), **pdl_launch_kwargs(y.device))
+        DOT_PRECISION=_dot_precision(b.dtype), num_warps=warps, **pdl_launch_kwargs(y.device))
     return y
 
 
-__all__ = ["expand_columns", "lora_expand", "lora_shrink", "num_splits", "partials_rows"]
+__all__ = ["expand_plan", "lora_expand", "lora_shrink", "partials_rows", "shrink_plan"]
