@@ -9,9 +9,10 @@ index among them; each projection then adds, for every token t with an adapter,
 
     y[t] += (x[t] A_s^T) B_s^T    (s: t's slot)
 
-On CUDA two Triton kernels a projection do it (kernels/lora_sgmv.py: shrink and expand, each block of tokens with
-its slot's A and B only); elsewhere (and with PAGEDSERVE_LORA_KERNELS=0) three torch ops over every slot's columns
-with a 0/1 mask of each token's slot (matmul, multiply by the mask, addmm). Shapes are static either way, so the
+On CUDA, for forwards of up to KERNEL_MAX_TOKENS tokens, two Triton kernels a projection do it
+(kernels/lora_sgmv.py: shrink and expand, each block of tokens with its slot's A and B only); otherwise (larger
+forwards, off CUDA, PAGEDSERVE_LORA_KERNELS=0) three torch ops over every slot's columns with a 0/1 mask of each
+token's slot (matmul, multiply by the mask, addmm). Shapes are static either way, so the
 CUDA graphs capture them (the step's slots, order and starts live in fixed buffers; each replay reads the step's).
 A step without adapters pays the kernels' launches in the graphs (their programs find no tokens); an eager step
 without adapters (a long prefill) skips them. The fused batch-1 kernels that bypass the projections' forward
@@ -30,9 +31,10 @@ import torch
 from pagedserve.distributed import tp_size
 from pagedserve.lora import PROJECTIONS, LoRARequest, LoRAWeights, read_adapter
 
-# Up to this many tokens a forward the kernels beat the torch path, measured per layer at the Qwen2-7B shapes on an
-# H200 with four adapters (session 24, run 3; us, kernels / torch): 1 token 24.1 / 40.0, 16 32.1 / 41.9, 64 43.3 /
-# 44.8, 139 72.5 / 55.5, 256 79.1 / 70.6. Batch-1 decode with an adapter: 209.0 tok/s against 182.5 (no LoRA 259.0).
+# Up to this many tokens a forward the kernels run (the decode graphs' largest size); prefill chunks above it take
+# the torch path, which ran the 8,192-token mixed steps as fast (session 24, run 1). Per layer at the Qwen2-7B shapes
+# on an H200, four adapters (us, kernels / torch; run 6): 1 token 24.4 / 40.5, 16 32.4 / 42.1, 64 39.0 / 45.4, 139
+# 54.8 / 58.4, 256 66.1 / 70.8. Batch-1 decode with an adapter: 209.7 tok/s against 182.7.
 KERNEL_MAX_TOKENS = 256
 
 
