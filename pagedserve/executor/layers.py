@@ -227,19 +227,80 @@ class SiluAndMul(nn.Module):
 
 # --- rotary position embedding ------------------------------------------------------------------
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 def rope_parameters(hf_config: Any) -> tuple[float, dict[str, Any]]:
     """(rope_theta, scaling dict) from a HF config of transformers 4.x (rope_theta + rope_scaling)
-    or 5.x (rope_parameters, which holds rope_theta too)."""
+    or 5.x (rope_parameters, which holds rope_theta too). YaRN's defaults from the config as transformers
+    takes them: original_max_position_embeddings the config's max_position_embeddings, factor their ratio."""
     params = dict(getattr(hf_config, "rope_parameters", None) or {})
     scaling = dict(getattr(hf_config, "rope_scaling", None) or {})
     merged = {**scaling, **params}
     theta = merged.pop("rope_theta", None) or getattr(hf_config, "rope_theta", None) or 10000.0
     if "type" in merged and "rope_type" not in merged:  # older configs spell it "type"
         merged["rope_type"] = merged.pop("type")
+    if float(merged.get("partial_rotary_factor", 1.0) or 1.0) != 1.0:
+        raise ValueError(f"partial rotary embeddings (partial_rotary_factor {merged['partial_rotary_factor']}) are "
+                         "not supported")
+    if merged.get("rope_type") == "yarn":
+        max_positions = getattr(hf_config, "max_position_embeddings", None)
+        if merged.get("original_max_position_embeddings") is None:
+            merged["original_max_position_embeddings"] = getattr(hf_config, "original_max_position_embeddings",
+                                                                 None) or max_positions
+        if merged.get("factor") is None and max_positions:
+            merged["factor"] = max_positions / merged["original_max_position_embeddings"]
     return float(theta), merged
+
+
+def rope_max_positions(hf_config: Any) -> int:
+    """The longest context the model's positions serve: max_position_embeddings, or for YaRN
+    original_max_position_embeddings x factor when that is longer (as vLLM derives it: Qwen's model cards ask for
+    the rope_scaling entry and a --max-model-len up to it)."""
+    base = int(getattr(hf_config, "max_position_embeddings", 0) or 0) or 4096
+    _, scaling = rope_parameters(hf_config)
+    if scaling.get("rope_type") == "yarn":
+        return max(base, int(float(scaling["factor"]) * int(scaling["original_max_position_embeddings"])))
+    return base
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_attention_factor(scaling: dict[str, Any]) -> float:
+    """The factor on cos and sin (YaRN's attention temperature, as transformers applies it; 1 otherwise)."""
+    if (scaling.get("rope_type") or "default") != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor = float(scaling["factor"])
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return _yarn_mscale(factor, float(mscale)) / _yarn_mscale(factor, float(mscale_all_dim))
+    return _yarn_mscale(factor)
+
+
+def _yarn_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any]) -> torch.Tensor:
+    """YaRN (arXiv 2309.00071): frequencies that turn fewer than beta_slow times over the original context are
+    interpolated (divided by factor), those that turn more than beta_fast times kept, a linear ramp between."""
+    factor = float(scaling["factor"])
+    original = int(scaling["original_max_position_embeddings"])
+    beta_fast, beta_slow = float(scaling.get("beta_fast") or 32), float(scaling.get("beta_slow") or 1)
+
+    def dim_of(rotations: float) -> float:  # the dimension whose frequency turns `rotations` times
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(beta_fast), dim_of(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    pos_freqs = theta ** (torch.arange(0, head_dim, 2).to(torch.float32) / head_dim)
+    ramp = torch.clamp((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    keep = 1 - ramp  # 1: the original frequency (extrapolation), 0: divided by factor (interpolation)
+    return (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
 
 
 def compute_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any]) -> torch.Tensor:
@@ -248,6 +309,8 @@ def compute_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any]) -> to
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(f"rope scaling type {rope_type!r} is not supported; supported: "
                          f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+    if rope_type == "yarn":
+        return _yarn_inv_freq(head_dim, theta, scaling)
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
     inv_freq = 1.0 / (theta**exponents)
     if rope_type == "linear":
@@ -283,6 +346,9 @@ class RotaryEmbedding(nn.Module):
         positions = torch.arange(max_position, dtype=torch.float32)
         freqs = positions[:, None] * inv_freq[None, :]  # same fp32 product as HF's per-call version
         cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+        factor = rope_attention_factor(scaling)
+        if factor != 1.0:  # YaRN: cos and sin scaled (q and k each), as transformers does
+            cache = cache * factor
         self.register_buffer("cos_sin_cache", cache, persistent=False)
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -253,6 +253,7 @@ def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: st
     """Weights, KV sizing and graph capture, while the tokenizer loads in its thread: nothing here
     needs it but the sampler's EOS ids, which are set once it is ready (before any request)."""
     from pagedserve.executor.compile_log import install, summary_suffix
+    from pagedserve.executor.layers import rope_max_positions
     from pagedserve.executor.loader import get_eos_token_ids, load_model
     from pagedserve.executor.model_runner import ModelRunner
     from pagedserve.executor.sampler import Sampler
@@ -265,10 +266,10 @@ def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: st
     if getattr(model, "quantization", None) != config.quantization:  # an fp8 checkpoint without the flag
         config = dataclasses.replace(config, quantization=model.quantization)
 
-    model_len = int(getattr(hf_config, "max_position_embeddings", 0) or 0) or 4096
+    model_len = rope_max_positions(hf_config)
     if config.max_model_len is not None and model_len and config.max_model_len > model_len:
-        raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's "
-                         f"max_position_embeddings {model_len}")
+        raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context of {model_len} tokens "
+                         "(max_position_embeddings, or YaRN's original_max_position_embeddings x factor)")
     max_batched = default_max_batched_tokens(config, device)
     vocab_size = int(hf_config.vocab_size)
     lora_manager = make_lora_manager(config, model, max_batched)

@@ -8,7 +8,14 @@ import torch.nn.functional as F
 
 from pagedserve.executor.attention.base import AttentionMetadata
 from pagedserve.executor.attention.torch_ref import TorchAttentionBackend
-from pagedserve.executor.layers import RMSNorm, SiluAndMul, compute_inv_freq, rope_parameters
+from pagedserve.executor.layers import (
+    RMSNorm,
+    SiluAndMul,
+    compute_inv_freq,
+    rope_attention_factor,
+    rope_max_positions,
+    rope_parameters,
+)
 from pagedserve.executor.models import get_model_class
 from tests.executor.helpers import (
     hf_logits,
@@ -42,6 +49,12 @@ def test_silu_and_mul() -> None:
     {"rope_type": "linear", "factor": 4.0},
     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
      "original_max_position_embeddings": 64},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},  # Qwen's model cards' form
+    {"type": "yarn", "factor": 2.5, "original_max_position_embeddings": 32, "beta_fast": 16, "beta_slow": 2},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 0.707,
+     "mscale_all_dim": 0.5, "truncate": False},
+    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64, "attention_factor": 1.3},
+    {"rope_type": "yarn", "factor": None},  # the defaults: original = max_position_embeddings, factor their ratio
 ])
 def test_inv_freq_matches_transformers(scaling: dict | None) -> None:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -50,10 +63,21 @@ def test_inv_freq_matches_transformers(scaling: dict | None) -> None:
     theta, params = rope_parameters(config)
     ours = compute_inv_freq(16, theta, params)
     if scaling is None:
-        expected = 1.0 / (5e5 ** (torch.arange(0, 16, 2).float() / 16))
+        expected, factor = 1.0 / (5e5 ** (torch.arange(0, 16, 2).float() / 16)), 1.0
     else:
-        expected, _ = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](config, "cpu")
+        kind = scaling.get("rope_type") or scaling["type"]
+        expected, factor = ROPE_INIT_FUNCTIONS[kind](config, "cpu")
     torch.testing.assert_close(ours, expected)
+    assert rope_attention_factor(params) == pytest.approx(factor)
+
+
+def test_yarn_extends_the_context_as_vllm_derives_it() -> None:
+    config = tiny_hf_config("qwen2", max_position_embeddings=64,
+                            rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})
+    assert rope_max_positions(config) == 256
+    assert rope_max_positions(tiny_hf_config("qwen2", max_position_embeddings=64)) == 64
+    with pytest.raises(ValueError, match="partial rotary"):
+        rope_parameters(tiny_hf_config("llama", rope_scaling={"rope_type": "default", "partial_rotary_factor": 0.5}))
 
 
 def test_unsupported_rope_scaling_is_a_clear_error() -> None:
@@ -120,6 +144,8 @@ def test_torch_backend_matches_dense_attention_with_cache_offsets() -> None:
     ("qwen3", dict()),  # q/k norms per head, head_dim 16 != hidden / heads
     ("qwen3", dict(attention_bias=True, tie_word_embeddings=False)),
     ("mistral", dict(sliding_window=128)),  # a window no shorter than the context: plain attention
+    # YaRN (Qwen's long-context recipe), positions past original_max_position_embeddings: cos and sin scaled too
+    ("qwen2", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})),
 ])
 def test_model_variants_match_hf(arch: str, overrides: dict, tmp_path) -> None:
     hf = save_tiny_model(arch, tmp_path, **overrides)
@@ -136,3 +162,23 @@ def test_mistral_sliding_window_shorter_than_the_context_is_refused(tmp_path) ->
     runner, sampler = make_runner(tmp_path, max_model_len=16)  # the window then covers every context
     runner.execute(step(scheduled("r", list(range(3, 15)), 0, [1, 2, 3], needs_sample=True)))
     assert sampler.logits[-1]["r"].shape == (256,)
+
+
+def test_yarn_model_serves_past_max_position_embeddings(tmp_path) -> None:
+    """A YaRN config (max_position_embeddings 32, factor 4): the engine's default context is 128 tokens, and a
+    90-token prompt (past the original 32) answers as Transformers does; a longer --max-model-len is refused."""
+    from pagedserve import LLM, SamplingParams
+    from tests.executor.test_tensor_parallel import hf_greedy
+
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    hf = save_tiny_model("qwen2", tmp_path, max_position_embeddings=32, rope_scaling=yarn)
+    llm = LLM(str(tmp_path), dtype="float32", cpu_kv_cache_gib=0.05)
+    assert llm.engine.config.max_model_len == 128
+    prompt = [(7 * i) % 250 + 3 for i in range(90)]
+    out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0, max_tokens=6, logprobs=0),
+                       use_tqdm=False)[0].outputs[0]
+    ids, logprobs = hf_greedy(hf, prompt, 6)
+    assert out.token_ids == ids
+    assert [lp.logprob for lp in out.logprobs] == pytest.approx(logprobs, abs=1e-4)
+    with pytest.raises(ValueError, match="context of 128 tokens"):
+        LLM(str(tmp_path), dtype="float32", cpu_kv_cache_gib=0.05, max_model_len=129)

@@ -33,6 +33,7 @@ from pagedserve.executor.layers import (
     RotaryEmbedding,
     SiluAndMul,
     VocabEmbedding,
+    rope_max_positions,
     rope_parameters,
 )
 
@@ -249,7 +250,7 @@ class DecoderForCausalLM(nn.Module):
         if getattr(hf_config, "use_sliding_window", False):
             raise ValueError("sliding-window attention is not supported; set use_sliding_window=false")
         self.config = hf_config
-        self.max_position = max(max_position or 0, hf_config.max_position_embeddings)
+        self.max_position = max(max_position or 0, rope_max_positions(hf_config))
         self.model = DecoderModel(hf_config, self.max_position, qkv_bias, o_bias, mlp_bias, qk_norm)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.vocab_size = int(hf_config.vocab_size)
