@@ -1,5 +1,6 @@
 """pagedserve: a PagedAttention LLM serving engine written in Python."""
 
+from pagedserve.beam_search import BeamSearchParams
 from pagedserve.config import EngineConfig
 from pagedserve.lora import LoRARequest
 from pagedserve.pooling_params import PoolingParams
@@ -7,8 +8,8 @@ from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "EngineConfig", "LoRARequest", "PoolingParams", "SamplingParams", "StructuredOutputsParams",
-           "__version__"]
+__all__ = ["LLM", "BeamSearchParams", "EngineConfig", "LoRARequest", "PoolingParams", "SamplingParams",
+           "StructuredOutputsParams", "__version__"]
 
 
 def __getattr__(name: str):

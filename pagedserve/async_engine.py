@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
+from pagedserve.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from pagedserve.engine_core import AbortRequests, Ack, AddRequest, EngineCore, Refusal, Stop
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
@@ -277,6 +278,25 @@ class AsyncEngine:
             if not stream.finished:
                 self.abort(request_id)
 
+    async def beam_search(self, prompt_token_ids: list[int], params: BeamSearchParams, request_id: str,
+                          lora_request: Any = None) -> BeamSearchOutput:
+        """Beam search for one prompt (beam_search.py): each step's beams go in as requests of one token
+        (ids `{request_id}-{step}-{beam}`), awaited together; cancelling it aborts the step in flight. Raises as
+        add_request does."""
+        search = BeamSearch(prompt_token_ids, params, self.tokenizer.eos_token_ids)
+        step = params.step_params()
+        while pending := search.pending():
+            streams: list[RequestStream] = []
+            try:
+                for j, tokens in enumerate(pending):
+                    streams.append(await self.add_request(f"{request_id}-{search.steps}-{j}", tokens, step,
+                                                          lora_request=lora_request))
+                finals = await asyncio.gather(*(_final(s) for s in streams))
+            finally:
+                self.abort([s.request_id for s in streams if not s.finished])
+            search.advance([final.outputs[0].logprobs[0] for final in finals])
+        return search.result(self.tokenizer.decode)
+
     def abort(self, request_id: str | list[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         if not ids:
@@ -423,3 +443,11 @@ def _private_copy(tokenizer: Any) -> Any:
     except Exception:  # noqa: BLE001 - an uncopyable tokenizer is shared (HF fast ones are copyable)
         logger.debug("tokenizer cannot be copied; sharing it with the engine thread")
         return tokenizer
+
+
+async def _final(stream: RequestStream) -> RequestOutput:
+    final = None
+    async for output in stream:
+        final = output
+    assert final is not None
+    return final

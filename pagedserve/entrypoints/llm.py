@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from pagedserve.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from pagedserve.config import EngineConfig
 from pagedserve.engine import LLMEngine
 from pagedserve.lora import LoRARequest
@@ -45,6 +46,51 @@ class LLM:
         {"prompt_token_ids": [...]}. Returns one RequestOutput per prompt, in order. lora_request: one adapter for
         every prompt, or one (or None) per prompt (an engine built with enable_lora=True)."""
         return self._run(_normalize_prompts(prompts), sampling_params, use_tqdm, lora_request)
+
+    def beam_search(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        params: BeamSearchParams,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[BeamSearchOutput]:
+        """Beam search for each prompt (as generate's prompts), as vLLM's LLM.beam_search: every step extends each
+        live beam by one token through generate (max_tokens 1, 2 * beam_width logprobs; the prefix cache holds the
+        beams' shared tokens); see beam_search.py. Returns one BeamSearchOutput per prompt: its best beam_width
+        sequences, best first (`.tokens` prompt and answer, `.text` the answer, `.cum_logprob`)."""
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError("beam_search takes a BeamSearchParams")
+        prompts = _normalize_prompts(prompts)
+        loras = _per_prompt(lora_request, LoRARequest, len(prompts), "LoRA requests")
+        tokenizer = self.engine.tokenizer
+        searches = []
+        for prompt in prompts:
+            text, token_ids = _split_prompt(prompt)
+            searches.append(BeamSearch(token_ids if token_ids is not None else tokenizer.encode(text), params,
+                                       tokenizer.eos_token_ids))
+        step = params.step_params()
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=params.max_tokens, desc="Beam search steps", dynamic_ncols=True)
+        while True:
+            owners = [i for i, search in enumerate(searches) for _ in search.pending()]
+            if not owners:
+                break
+            batch = [{"prompt_token_ids": tokens} for search in searches for tokens in search.pending()]
+            outs = self._run(batch, step, False, [loras[i] for i in owners])
+            results: list[list] = [[] for _ in searches]
+            for i, out in zip(owners, outs, strict=True):
+                results[i].append(out.outputs[0].logprobs[0])
+            for search, result in zip(searches, results, strict=True):
+                if result:
+                    search.advance(result)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [search.result(tokenizer.decode) for search in searches]
 
     def embed(
         self,

@@ -273,6 +273,12 @@ INVALID = [
     ),
     ("prompt over the context", "/v1/completions", {"prompt": "hello " * 1100, "max_tokens": 1}, "prompt"),
     ("unknown model", "/v1/chat/completions", {"model": "gpt-17", "messages": MESSAGES}, "model"),
+    ("beam search stream", "/v1/completions", {"prompt": "a", "use_beam_search": True, "stream": True}, "stream"),
+    ("beam search logprobs", "/v1/completions", {"prompt": "a", "use_beam_search": True, "logprobs": 1},
+     "logprobs"),
+    ("beam search n 11", "/v1/chat/completions", {"messages": MESSAGES, "use_beam_search": True, "n": 11}, "n"),
+    ("beam search json", "/v1/chat/completions",
+     {"messages": MESSAGES, "use_beam_search": True, "response_format": {"type": "json_object"}}, "response_format"),
 ]
 
 
@@ -292,6 +298,32 @@ def test_invalid_input(server, name, path, body, param) -> None:
         assert "1024" in err["message"]
     ok = httpx.post(server.base_url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=60)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 1
+
+
+def test_beam_search_completions_and_chat(client, model) -> None:
+    """vLLM's use_beam_search (an extra body field for the official client): n beams, the n best answers."""
+    prompt = "The capital of France is"
+    beams = client.completions.create(model=model, prompt=prompt, max_tokens=6, n=3,
+                                      extra_body={"use_beam_search": True})
+    assert [c.index for c in beams.choices] == [0, 1, 2]
+    assert len({c.text for c in beams.choices}) == 3 and all(c.text for c in beams.choices)
+    assert all(c.finish_reason in ("stop", "length") for c in beams.choices)
+    assert beams.usage.completion_tokens <= 18 and beams.usage.prompt_tokens > 0
+    # One beam is greedy decoding (no EOS within these 6 tokens)
+    one = client.completions.create(model=model, prompt=prompt, max_tokens=6, n=1, extra_body={"use_beam_search": True})
+    greedy = client.completions.create(model=model, prompt=prompt, max_tokens=6, temperature=0)
+    assert one.choices[0].text == greedy.choices[0].text
+    # Two prompts: choice index = prompt index * n + beam
+    two = client.completions.create(model=model, prompt=[prompt, "1, 2, 3,"], max_tokens=3, n=2,
+                                    extra_body={"use_beam_search": True})
+    assert [c.index for c in two.choices] == [0, 1, 2, 3]
+    assert two.choices[0].text in {c.text for c in client.completions.create(
+        model=model, prompt=prompt, max_tokens=3, n=2, extra_body={"use_beam_search": True}).choices}
+    chat = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=5, n=2,
+                                          extra_body={"use_beam_search": True, "length_penalty": 0.5})
+    assert [c.index for c in chat.choices] == [0, 1]
+    assert all(c.message.role == "assistant" and c.message.content for c in chat.choices)
+    assert chat.usage.completion_tokens <= 10
 
 
 # --------------------------------------------------------------------------- acceptance 4

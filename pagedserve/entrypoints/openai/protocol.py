@@ -90,6 +90,9 @@ class SamplingFields(OpenAIBaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # vLLM's beam search: n beams, the n best answers (not streamed; no logprobs or structured outputs)
+    use_beam_search: bool | None = False
+    length_penalty: float | None = Field(default=1.0, description="beam search: score = logprob sum / length ** this")
 
 
 # --------------------------------------------------------------------------- chat

@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from pagedserve.async_engine import AsyncEngine, EngineDeadError, EngineUnavailableError, RequestStream
+from pagedserve.beam_search import MAX_BEAM_WIDTH, BeamSearchOutput, BeamSearchParams
 from pagedserve.entrypoints.openai.protocol import SamplingFields
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
@@ -451,3 +452,40 @@ async def last_output(stream: RequestStream) -> RequestOutput:
         final = output
     assert final is not None
     return final
+
+
+def beam_search_params(req: SamplingFields, max_tokens: int | None, stream: bool, logprobs: bool,
+                       max_tokens_param: str = "max_tokens") -> BeamSearchParams:
+    """use_beam_search: the request's BeamSearchParams (n beams), or a 400 for what beam search does not do here."""
+    if stream:
+        raise bad_request("use_beam_search does not stream; send stream: false", "stream")
+    if logprobs:
+        raise bad_request("use_beam_search returns no logprobs", "logprobs")
+    if structured_outputs_of(req)[0] is not None:
+        raise bad_request("use_beam_search takes no structured outputs", structured_outputs_of(req)[1])
+    if req.n is not None and req.n > MAX_BEAM_WIDTH:
+        raise bad_request(f"with use_beam_search, n (the beam width) is at most {MAX_BEAM_WIDTH}", "n")
+    try:
+        return BeamSearchParams(beam_width=req.n or 1, max_tokens=max_tokens if max_tokens is not None else 16,
+                                ignore_eos=bool(req.ignore_eos), temperature=float(req.temperature or 0.0),
+                                length_penalty=1.0 if req.length_penalty is None else float(req.length_penalty),
+                                include_stop_str_in_output=bool(req.include_stop_str_in_output))
+    except ValueError as e:
+        raise bad_request(str(e), max_tokens_param if "max_tokens" in str(e) else "length_penalty") from e
+
+
+async def run_beam_searches(engine: AsyncEngine, prompts: list[list[int]], params: BeamSearchParams,
+                            request_id: str, lora_request: Any = None) -> list[BeamSearchOutput]:
+    """One beam search a prompt, together; an engine failure becomes the APIError engine_error makes."""
+    for ids in prompts:  # room for every beam's answer
+        check_prompt_fits(engine, ids, SamplingParams(max_tokens=params.max_tokens))
+    tasks = [asyncio.ensure_future(engine.beam_search(ids, params, f"{request_id}-{p}", lora_request))
+             for p, ids in enumerate(prompts)]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException as e:
+        for task in tasks:  # the others stop too (each aborts its step in flight)
+            task.cancel()
+        if isinstance(e, Exception):
+            raise engine_error(e) from e
+        raise

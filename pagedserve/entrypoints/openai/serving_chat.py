@@ -22,6 +22,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     SSEResponse,
     TokenStrings,
     bad_request,
+    beam_search_params,
     build_sampling_params,
     check_model,
     check_prompt_fits,
@@ -30,6 +31,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     error_body,
     now_created,
     prompt_logprobs_json,
+    run_beam_searches,
     run_until_disconnect,
     sse,
     structured_outputs_of,
@@ -65,6 +67,8 @@ class OpenAIServingChat:
         self.reasoning_parser = reasoning_parser
 
     async def create(self, req: ChatCompletionRequest, raw_request: Request) -> Response:
+        if req.use_beam_search:
+            return await run_until_disconnect(raw_request, self._beam_search(req))
         stream, ctx = await self.start(req)
         if req.stream:
             return SSEResponse(self._stream(stream, ctx))
@@ -118,6 +122,37 @@ class OpenAIServingChat:
         # from the first token: it is all answer, never reasoning.
         ctx.reasoning = self.reasoning_parser if params.structured_outputs is None else None
         return stream, ctx
+
+    async def _beam_search(self, req: ChatCompletionRequest) -> Response:
+        """use_beam_search: n beams over the rendered conversation, the n best answers the choices (beam_search.py);
+        max_tokens defaults to the rest of the context, as vLLM's."""
+        model_name = check_model(self.engine, self.served_model_names, req.model)
+        self._refuse_unsupported(req)
+        tools, mode = self._tool_mode(req)
+        if mode.kind in ("named", "required"):
+            raise bad_request("use_beam_search takes no forced tool choice (it runs no structured outputs)",
+                              "tool_choice")
+        _, prompt_ids = await render_chat_prompt(self.engine, req, req.add_generation_prompt is not False, tools)
+        given = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        params = beam_search_params(req, given if given is not None else max(1, self.engine.max_model_len
+                                                                             - len(prompt_ids)),
+                                    bool(req.stream), bool(req.logprobs) or req.prompt_logprobs is not None, param)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        out = (await run_beam_searches(self.engine, [prompt_ids], params, request_id,
+                                       self.engine.lora_requests.get(model_name)))[0]
+        choices, num_completion = [], 0
+        for i, seq in enumerate(out.sequences):
+            generated = seq.tokens[len(prompt_ids):]
+            num_completion += len(generated)
+            answer = CompletionOutput(i, seq.text, generated, seq.cum_logprob, None, seq.finish_reason,
+                                      seq.stop_reason)
+            message, finish_reason = message_of(answer, mode, self.reasoning_parser)
+            choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": finish_reason,
+                            "stop_reason": seq.stop_reason})
+        return JSONResponse({"id": request_id, "object": "chat.completion", "created": now_created(),
+                             "model": model_name, "choices": choices,
+                             "usage": usage_dict(len(prompt_ids), num_completion), "system_fingerprint": None})
 
     # ------------------------------------------------------------------ input checks
     def _tool_mode(self, req: ChatCompletionRequest) -> tuple[list[dict] | None, ToolMode]:

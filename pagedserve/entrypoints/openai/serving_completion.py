@@ -22,6 +22,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     SSEResponse,
     TokenStrings,
     bad_request,
+    beam_search_params,
     build_sampling_params,
     check_model,
     check_prompt_fits,
@@ -31,6 +32,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     finals_or_error,
     now_created,
     prompt_logprobs_json,
+    run_beam_searches,
     run_until_disconnect,
     sse,
     structured_outputs_of,
@@ -59,6 +61,8 @@ class OpenAIServingCompletion:
         if req.stream and req.prompt_logprobs is not None:
             raise bad_request("prompt_logprobs is not available when streaming; echo with logprobs streams the "
                               "prompt's logprobs in the legacy format", "prompt_logprobs")
+        if req.use_beam_search:
+            return await run_until_disconnect(raw_request, self._beam_search(req, model_name))
         echo_only = req.max_tokens == 0  # the prompt alone (lm-eval's loglikelihood requests, with logprobs)
         if echo_only and not req.echo:
             raise bad_request("max_tokens must be at least 1 (0 is allowed only with echo)", "max_tokens")
@@ -92,6 +96,30 @@ class OpenAIServingCompletion:
         if req.stream:
             return SSEResponse(self._stream(streams, ctx))
         return await run_until_disconnect(raw_request, self._full(streams, ctx))
+
+    async def _beam_search(self, req: CompletionRequest, model_name: str) -> Response:
+        """use_beam_search: n beams a prompt, the n best answers its choices (beam_search.py)."""
+        if req.echo:
+            raise bad_request("use_beam_search does not echo", "echo")
+        params = beam_search_params(req, req.max_tokens, bool(req.stream),
+                                    req.logprobs is not None or req.prompt_logprobs is not None)
+        prompts = await tokenize_prompts(self.engine, req.prompt)
+        if len(prompts) * params.beam_width > MAX_CHOICES:
+            raise bad_request(f"{len(prompts)} prompts x n={params.beam_width} make more than {MAX_CHOICES} choices",
+                              "n")
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        outputs = await run_beam_searches(self.engine, [ids for _, ids in prompts], params, request_id,
+                                          self.engine.lora_requests.get(model_name))
+        choices, num_completion = [], 0
+        for p, (out, (_, ids)) in enumerate(zip(outputs, prompts, strict=True)):
+            for i, seq in enumerate(out.sequences):
+                num_completion += len(seq.tokens) - len(ids)
+                choices.append({"index": p * params.beam_width + i, "text": seq.text, "logprobs": None,
+                                "finish_reason": seq.finish_reason, "stop_reason": seq.stop_reason})
+        return JSONResponse({"id": request_id, "object": "text_completion", "created": now_created(),
+                             "model": model_name, "choices": choices,
+                             "usage": usage_dict(sum(len(ids) for _, ids in prompts), num_completion),
+                             "system_fingerprint": None})
 
     # ------------------------------------------------------------------ outputs
     def _prompt_text(self, ctx: _Context, prompt_index: int) -> str:
