@@ -217,40 +217,6 @@ def test_requests_whose_drafts_fail_back_off() -> None:
     assert request.num_computed_tokens == request.num_tokens - 1  # every rejected draft's position given back
 
 
-def test_drafts_fill_only_the_rows_left_below_max_num_seqs() -> None:
-    """A step's decodes and drafts stay within max(max_num_seqs, 1 + k) rows (the decode graphs' largest size, or one
-    request's whole drafted step): k = 4, max_num_seqs 4: with 3 running, two drafts in all; with 1 running, 4."""
-    from pagedserve.core.outputs import RunnerOutput
-    from pagedserve.core.request import Request
-    from pagedserve.core.scheduler import Scheduler
-
-    def drafts_per_step(num_requests: int) -> list[int]:
-        sched = Scheduler(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=512, num_blocks=64, block_size=4,
-                          enable_prefix_caching=False, proposer=NgramProposer(SpeculativeConfig.parse(SPEC)))
-        for i in range(num_requests):
-            sched.add_request(Request(str(i), [1, 2, 3] * 5, SamplingParams(temperature=0.0), max_tokens=50))
-        out = sched.schedule()  # the prefills
-        sched.update(out, RunnerOutput([1] * num_requests, [None] * num_requests))
-        totals = []
-        for _ in range(3):
-            out = sched.schedule()
-            drafts = [len(s.draft_token_ids or []) for s in out.scheduled]
-            totals.append(sum(drafts))
-            assert len(out.scheduled) + sum(drafts) <= 5
-            # every draft kept: the "model" continues the 1, 2, 3 loop
-            samples, draft_samples = [], []
-            for s in out.scheduled:
-                samples.append(s.draft_token_ids[0] if s.draft_token_ids else 2)
-                draft_samples.append([(t, None) for t in (s.draft_token_ids or [])][1:] + [(2, None)]
-                                     if s.draft_token_ids else None)
-            sched.update(out, RunnerOutput(samples, [None] * len(samples),
-                                           draft_samples=draft_samples if any(draft_samples) else None))
-        return totals
-
-    assert drafts_per_step(3) == [2, 2, 2]
-    assert drafts_per_step(1) == [4, 4, 4]
-
-
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 def test_drafts_under_preemption_equal_plain_outputs(real_model_dir: str, async_scheduling: bool) -> None:
     """A KV cache too small for every request at once: running requests are preempted (their blocks freed, recomputed

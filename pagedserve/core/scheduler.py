@@ -284,25 +284,17 @@ class Scheduler:
         index = 0
         drafting = self.proposer is not None and (self.proposer.config.disable_by_batch_size is None
                                                   or len(self.running) <= self.proposer.config.disable_by_batch_size)
-        # Drafts fill the rows a decode step has left below max_num_seqs (the decode CUDA graphs' largest size), so a
-        # step of decodes and drafts does not fall to the mixed-step graphs (2-4x a decode step on the 7B shapes,
-        # docs/gpu-notes.md session 23): the more requests run, the fewer drafts each. (At least one request's k
-        # drafts fit, whatever max_num_seqs: with max_num_seqs 1, a drafted step takes the mixed graphs.)
-        draft_room = 0 if self.proposer is None else (
-            max(self.max_num_seqs, 1 + self.proposer.config.num_speculative_tokens) - len(self.running))
         while index < len(self.running) and token_budget > 0:
             request = self.running[index]
             num_new = self._num_new_tokens(request, token_budget, request.num_computed_tokens)
             if num_new <= 0 or self._ends_with_placeholder(request) or request.num_drafts_in_flight:
                 index += 1
                 continue
-            drafts = (self._drafts(request, min(token_budget, 1 + draft_room))
-                      if drafting and num_new == 1 and draft_room > 0 else [])
+            drafts = self._drafts(request, token_budget) if drafting and num_new == 1 else []
             # Drafts never preempt: without the blocks for them, the step is a plain decode.
             if drafts and (block_ids := self.kv_cache.allocate_slots(request, num_new + len(drafts))) is not None:
                 scheduled.append(self._schedule_one(request, num_new, block_ids, drafts))
                 token_budget -= num_new + len(drafts)
-                draft_room -= len(drafts)
                 index += 1
                 continue
             while (block_ids := self.kv_cache.allocate_slots(request, num_new)) is None:
