@@ -88,6 +88,16 @@ ANSWERS = [
      [("get_time", {}), ("get_weather", {"city": "Bern"})]),
     ('{"answer": 42}', "same", []),
     ("x < y and <tool_ is not a tag", "same", []),
+    # Llama 3.1: "parameters", several calls separated by ';', after <|python_tag|> when special tokens are kept
+    ('{"name": "get_weather", "parameters": {"city": "Lima"}}; {"name": "get_time", "parameters": {}}', None,
+     [("get_weather", {"city": "Lima"}), ("get_time", {})]),
+    ('<|python_tag|>{"name": "get_time", "parameters": {}}', None, [("get_time", {})]),
+    # Mistral: [TOOL_CALLS] then a list
+    ('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Kyiv"}}]', None,
+     [("get_weather", {"city": "Kyiv"})]),
+    ('{"name": "get_time", "parameters": {}}; and then some words', "same", []),  # not calls alone: text
+    ("<|python_tag|>print(1)", "same", []),  # Llama's code interpreter, not a JSON call
+    ("<p>HTML, not a tag we know</p>", "same", []),
 ]
 
 

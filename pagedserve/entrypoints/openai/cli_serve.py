@@ -7,6 +7,7 @@ import argparse
 from pagedserve.config import EngineConfig
 from pagedserve.entrypoints.args import add_engine_args, config_from_args
 from pagedserve.entrypoints.openai.reasoning import PARSERS as REASONING_PARSERS
+from pagedserve.entrypoints.openai.tool_calls import TOOL_CALL_PARSERS
 
 API_KEY_ENV = "PAGEDSERVE_API_KEY"
 DEFAULT_MAX_REQUEST_BODY_BYTES = 1 << 20  # 1 MiB
@@ -57,9 +58,11 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                    help="split a thinking model's chat answers into message.reasoning_content (between <think> "
                    "and </think>) and message.content (what follows), streamed too: qwen3 (thinking when the "
                    "answer opens with <think>), deepseek_r1 (the answer starts inside the reasoning)")
-    g.add_argument("--tool-call-parser", choices=["hermes"], default="hermes",
-                   help="how auto tool calls are read from the answer: hermes (<tool_call>{...}</tool_call>, "
-                   "what Qwen2/2.5 chat templates ask for)")
+    g.add_argument("--tool-call-parser", choices=list(TOOL_CALL_PARSERS), default="hermes",
+                   help="how auto tool calls are read from the answer; hermes, llama3_json and mistral name one "
+                   "parser that reads <tool_call>{...}</tool_call> blocks (Qwen2/2.5's templates) and answers made of "
+                   "calls alone: JSON objects or lists naming a tool, ';' between (Llama 3.1), after <|python_tag|> or "
+                   "[TOOL_CALLS] (Mistral)")
     g.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
                    help="LoRA adapters to serve (implies --enable-lora): each NAME=PATH (a PEFT folder) or a JSON "
                    '{"name": ..., "path": ...}; a request whose model is NAME runs with that adapter')

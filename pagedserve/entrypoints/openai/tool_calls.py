@@ -10,8 +10,10 @@
 The named and required modes are structured outputs (pagedserve/structured_output.py), so their calls
 always parse and always match a schema. Auto needs `--enable-auto-tool-choice`; its parser reads the
 hermes format that Qwen2/2.5 chat templates ask for, `<tool_call>{"name": ..., "arguments": {...}}
-</tool_call>` blocks, plus one leniency: an answer that is nothing but such an object (or a list of them)
-naming a tool of the request is a call too, since small models often drop the tags.
+</tool_call>` blocks, and answers that are nothing but calls: one JSON object naming a tool of the request, a list of
+them, or several separated by ';' (Llama 3.1's `{"name": ..., "parameters": {...}}`, after its `<|python_tag|>` when
+special tokens are kept; Mistral's `[TOOL_CALLS] [{"name": ..., "arguments": {...}}]`), which also covers small models
+that drop the hermes tags. `--tool-call-parser` hermes, llama3_json and mistral all name this one parser.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from typing import Any
 
 TOOL_CALL_START = "<tool_call>"
 TOOL_CALL_END = "</tool_call>"
+# What may open an answer of bare calls: Llama 3.1's tag for them, Mistral's (with skip_special_tokens=false).
+CALL_PREFIXES = ("<|python_tag|>", "[TOOL_CALLS]")
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 MAX_TOOLS = 128
 
@@ -180,14 +185,24 @@ def parse_hermes(text: str, names: list[str]) -> tuple[str | None, list[dict]]:
 
 
 def _bare_calls(text: str, names: list[str]) -> list[dict] | None:
+    """The calls an answer made of nothing else holds (a call prefix, then JSON objects or lists of them, ';' or
+    whitespace between); None when any part is not a call to one of the tools."""
     stripped = text.strip()
+    for prefix in CALL_PREFIXES:
+        if stripped.startswith(prefix):
+            stripped = stripped[len(prefix):].lstrip()
+            break
     if not stripped.startswith(("{", "[")):
         return None
-    try:
-        obj = json.loads(stripped)
-    except ValueError:
-        return None
-    objs = obj if isinstance(obj, list) else [obj]
+    decoder, objs, pos = json.JSONDecoder(), [], 0
+    while pos < len(stripped):
+        try:
+            obj, pos = decoder.raw_decode(stripped, pos)
+        except ValueError:
+            return None
+        objs.extend(obj if isinstance(obj, list) else [obj])
+        while pos < len(stripped) and stripped[pos] in " \t\r\n;":
+            pos += 1
     calls = [_as_call(o, names) for o in objs]
     if not calls or any(c is None for c in calls):
         return None
@@ -214,9 +229,9 @@ class AutoToolStream:
         self.pending += delta
         if self.bare is None:
             head = self.pending.lstrip()
-            if not head:
-                return "", []
-            self.bare = head[0] in "{["
+            if not head or any(len(head) < len(p) and p.startswith(head) for p in CALL_PREFIXES):
+                return "", []  # not yet known (nothing, or what may be the start of a call prefix)
+            self.bare = head[0] in "{[" or head.startswith(CALL_PREFIXES)
         if self.bare:
             return "", []
         content, calls = "", []
