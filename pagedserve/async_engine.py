@@ -291,7 +291,7 @@ class AsyncEngine:
                 for j, tokens in enumerate(pending):
                     streams.append(await self.add_request(f"{request_id}-{search.steps}-{j}", tokens, step,
                                                           lora_request=lora_request))
-                finals = await asyncio.gather(*(_final(s) for s in streams))
+                finals = await asyncio.gather(*(last_output(s) for s in streams))
             finally:
                 self.abort([s.request_id for s in streams if not s.finished])
             search.advance([final.outputs[0].logprobs[0] for final in finals])
@@ -445,7 +445,8 @@ def _private_copy(tokenizer: Any) -> Any:
         return tokenizer
 
 
-async def _final(stream: RequestStream) -> RequestOutput:
+async def last_output(stream: RequestStream) -> RequestOutput:
+    """A request's final output (non-streaming routes, beam search)."""
     final = None
     async for output in stream:
         final = output

@@ -14,7 +14,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from pagedserve.async_engine import AsyncEngine, EngineDeadError, EngineUnavailableError, RequestStream
+from pagedserve.async_engine import (
+    AsyncEngine,
+    EngineDeadError,
+    EngineUnavailableError,
+    RequestStream,
+    last_output,
+)
 from pagedserve.beam_search import MAX_BEAM_WIDTH, BeamSearchOutput, BeamSearchParams
 from pagedserve.entrypoints.openai.protocol import SamplingFields
 from pagedserve.outputs import RequestOutput
@@ -444,14 +450,6 @@ async def finals_or_error(engine: AsyncEngine, streams: list[RequestStream]
     finally:
         engine.abort([s.request_id for s in streams if not s.finished])
 
-
-async def last_output(stream: RequestStream) -> RequestOutput:
-    """A request's final output (non-streaming routes)."""
-    final = None
-    async for output in stream:
-        final = output
-    assert final is not None
-    return final
 
 
 def beam_search_params(req: SamplingFields, max_tokens: int | None, stream: bool, logprobs: bool,

@@ -63,18 +63,24 @@ def _segment(starts_ptr, b, NUM_SLOTS: tl.constexpr, S_POW2: tl.constexpr, BM: t
 
 
 @triton.jit
+def _block_tokens(starts_ptr, order_ptr, b, NUM_SLOTS: tl.constexpr, S_POW2: tl.constexpr, BM: tl.constexpr):
+    """Block b's slot index (NUM_SLOTS past the last block), its token indices and which of its BM rows hold one."""
+    idx, row0, seg_end = _segment(starts_ptr, b, NUM_SLOTS, S_POW2, BM)
+    rows = row0 + tl.arange(0, BM)
+    row_ok = rows < seg_end
+    tok = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    return idx, tok, row_ok
+
+
+@triton.jit
 def _lora_shrink_kernel(x_ptr, a_ptr, order_ptr, starts_ptr, h_ptr, K, RT, k_per_split,
                         stride_xm, stride_am, stride_hs, stride_hm,
                         NUM_SLOTS: tl.constexpr, S_POW2: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr,
                         BK: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr = False):
     pdl_enter(USE_PDL)
-    b = tl.program_id(0)
     split = tl.program_id(1)
-    idx, row0, seg_end = _segment(starts_ptr, b, NUM_SLOTS, S_POW2, BM)
+    idx, tok, row_ok = _block_tokens(starts_ptr, order_ptr, tl.program_id(0), NUM_SLOTS, S_POW2, BM)
     if idx < NUM_SLOTS:
-        rows = row0 + tl.arange(0, BM)
-        row_ok = rows < seg_end
-        tok = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         r = tl.arange(0, BR)
         r_ok = r < RT
         a_rows = (idx * RT + r).to(tl.int64)
@@ -99,13 +105,9 @@ def _lora_expand_kernel(h_ptr, b_ptr, order_ptr, starts_ptr, y_ptr, N, RT, num_s
                         BR: tl.constexpr, SPLIT_UNROLL: tl.constexpr, DOT_PRECISION: tl.constexpr,
                         USE_PDL: tl.constexpr = False):
     pdl_enter(USE_PDL)
-    b = tl.program_id(0)
     nb = tl.program_id(1)
-    idx, row0, seg_end = _segment(starts_ptr, b, NUM_SLOTS, S_POW2, BM)
+    idx, tok, row_ok = _block_tokens(starts_ptr, order_ptr, tl.program_id(0), NUM_SLOTS, S_POW2, BM)
     if idx < NUM_SLOTS:
-        rows = row0 + tl.arange(0, BM)
-        row_ok = rows < seg_end
-        tok = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         r = tl.arange(0, BR)
         r_ok = r < RT
         h_mask = row_ok[:, None] & r_ok[None, :]
