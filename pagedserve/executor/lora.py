@@ -130,8 +130,10 @@ class LoRAManager:
                                         dtype, weight.device)
                 self.layers[(i, name)] = module.lora
                 self._dtype = dtype  # adapters are kept on the host in the slots' dtype
-        if not self.use_kernels or self.kernel_max_tokens < max_tokens:
-            for layer in self.layers.values():  # the torch path's masks, made now (never inside a graph capture)
+        for layer in self.layers.values():  # buffers made now, before the KV cache takes the memory (and never
+            if self.use_kernels:            # inside a graph capture): the kernels' partial sums, the torch path's masks
+                self.partials_for(layer)
+            if not self.use_kernels or self.kernel_max_tokens < max_tokens:
                 self.mask_for(layer)
         self._slots: OrderedDict[int, int] = OrderedDict()  # lora_int_id -> slot, least recently used first
         self._names: dict[int, str] = {}  # lora_int_id -> name, for every adapter registered
