@@ -599,3 +599,85 @@ def test_responses_are_stored_and_continued(start_fake_server) -> None:
     unstored = client.responses.create(input="hi", store=False, max_output_tokens=2)
     assert not unstored.store
     assert_error(httpx.get(server.base_url + f"/v1/responses/{unstored.id}"), 404)
+
+
+def test_cors_preflight_and_headers(start_fake_server) -> None:
+    """As vLLM's defaults, any origin may call the API from a browser: the preflight (no API key) is answered, and
+    responses carry the allow-origin header; --allowed-origins narrows it."""
+    server = start_fake_server(api_key="k")
+    pre = httpx.options(server.base_url + "/v1/chat/completions",
+                        headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                                 "Access-Control-Request-Headers": "authorization, content-type"})
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "*"
+    assert "POST" in pre.headers["access-control-allow-methods"]
+    r = httpx.post(server.base_url + "/v1/chat/completions", json=CHAT,
+                   headers={"Origin": "https://app.example", "Authorization": "Bearer k"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+    narrow = start_fake_server(allowed_origins=["https://ok.example"], allow_credentials=True)
+    ok = httpx.get(narrow.base_url + "/v1/models", headers={"Origin": "https://ok.example"})
+    assert ok.headers["access-control-allow-origin"] == "https://ok.example"
+    assert ok.headers["access-control-allow-credentials"] == "true"
+    other = httpx.get(narrow.base_url + "/v1/models", headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+    bad = httpx.options(narrow.base_url + "/v1/models",
+                        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"})
+    assert bad.status_code == 400
+
+
+def test_https_with_the_ssl_flags(tmp_path) -> None:
+    """--ssl-keyfile / --ssl-certfile: the server as run_server builds it answers over HTTPS (a self-signed
+    certificate made with openssl)."""
+    import argparse
+    import shutil
+    import ssl
+    import subprocess
+    import threading
+
+    from pagedserve.async_engine import AsyncEngine
+    from pagedserve.entrypoints.openai.cli_serve import add_server_args
+    from pagedserve.entrypoints.openai.server import ServerSettings, _make_uvicorn_server, build_app
+    from tests.entrypoints.conftest import free_port
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl to make a certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    parser = argparse.ArgumentParser()
+    add_server_args(parser)
+    port = free_port()
+    args = parser.parse_args(["--port", str(port), "--ssl-keyfile", str(key), "--ssl-certfile", str(cert),
+                              "--uvicorn-log-level", "warning", "--disable-access-log"])
+    engine = AsyncEngine(FakeEngine())
+    server = _make_uvicorn_server(build_app(engine, ServerSettings()), args, engine.stop_accepting)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "the HTTPS server did not start"
+            time.sleep(0.02)
+        r = httpx.post(f"https://127.0.0.1:{port}/v1/chat/completions", json=CHAT,
+                       verify=ssl.create_default_context(cafile=str(cert)))
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == TEXT[:5]
+        with pytest.raises(httpx.HTTPError):  # plain HTTP on the TLS port is not served
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_cors_flags_take_json_lists() -> None:
+    import argparse
+
+    from pagedserve.entrypoints.openai.cli_serve import add_server_args
+
+    parser = argparse.ArgumentParser()
+    add_server_args(parser)
+    args = parser.parse_args(["--allowed-origins", '["https://a.example", "https://b.example"]', "--allow-credentials"])
+    assert args.allowed_origins == ["https://a.example", "https://b.example"] and args.allow_credentials
+    assert parser.parse_args([]).allowed_origins == ["*"]
+    for bad in ("https://a.example", '{"a": 1}', "[1]"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--allowed-origins", bad])

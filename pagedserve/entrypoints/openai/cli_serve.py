@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from pagedserve.config import EngineConfig
 from pagedserve.entrypoints.args import add_engine_args, config_from_args
@@ -14,11 +15,33 @@ DEFAULT_MAX_REQUEST_BODY_BYTES = 1 << 20  # 1 MiB
 
 
 # --------------------------------------------------------------------------- flags
+def _json_list(value: str) -> list[str]:
+    """A flag given as a JSON list of strings (as vLLM's CORS flags)."""
+    try:
+        items = json.loads(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {value!r}") from e
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise argparse.ArgumentTypeError(f"expected a JSON list of strings, got {value!r}")
+    return items
+
+
 def add_server_args(parser: argparse.ArgumentParser) -> None:
     """The flags of the HTTP server itself (engine flags: pagedserve.entrypoints.args)."""
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
     g.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    g.add_argument("--ssl-keyfile", default=None, help="serve HTTPS with this private key (PEM) and --ssl-certfile")
+    g.add_argument("--ssl-certfile", default=None, help="the certificate (PEM) for HTTPS")
+    g.add_argument("--ssl-ca-certs", default=None, help="CA certificates (PEM) for client certificates")
+    g.add_argument("--root-path", default=None, help="the path prefix a proxy serves this app under (ASGI root_path)")
+    g.add_argument("--uvicorn-log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"], help="uvicorn's log level")
+    g.add_argument("--allowed-origins", type=_json_list, default=["*"],
+                   help='CORS: origins allowed to call the API from a browser, as a JSON list (default ["*"])')
+    g.add_argument("--allowed-methods", type=_json_list, default=["*"], help='CORS: allowed methods (default ["*"])')
+    g.add_argument("--allowed-headers", type=_json_list, default=["*"], help='CORS: allowed headers (default ["*"])')
+    g.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials (cookies, auth)")
     g.add_argument(
         "--api-key",
         default=None,

@@ -28,6 +28,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -90,6 +91,11 @@ class ServerSettings:
     # VLLM_ALLOW_RUNTIME_LORA_UPDATING=True); off by default, as in vLLM: with it, any API caller can make the server
     # read any folder it can reach as an adapter.
     allow_runtime_lora_updating: bool = False
+    # CORS, as vLLM's defaults: any origin, method and header; no credentials.
+    allowed_origins: list[str] = field(default_factory=lambda: ["*"])
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
 
 
 def _version() -> str:
@@ -224,6 +230,9 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
     app.state.engine = engine
     app.state.metrics = metrics
     app.add_middleware(_GateMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_request_body_bytes)
+    # Outside the gate: a browser's preflight (OPTIONS, no API key) is answered here.
+    app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=settings.allowed_methods,
+                       allow_headers=settings.allowed_headers, allow_credentials=settings.allow_credentials)
     _add_exception_handlers(app)
 
     @app.post(
@@ -412,7 +421,11 @@ def _make_uvicorn_server(app: FastAPI, args: argparse.Namespace, on_signal: Call
         lifespan="on",
         timeout_graceful_shutdown=args.shutdown_timeout,
         access_log=not args.disable_access_log,
-        log_level="info",
+        log_level=getattr(args, "uvicorn_log_level", "info"),
+        ssl_keyfile=getattr(args, "ssl_keyfile", None),
+        ssl_certfile=getattr(args, "ssl_certfile", None),
+        ssl_ca_certs=getattr(args, "ssl_ca_certs", None),
+        root_path=getattr(args, "root_path", None) or "",
     )
     return _Server(config)
 
@@ -480,10 +493,16 @@ def run_server(config: EngineConfig, args: argparse.Namespace, backend: Any = No
         allow_runtime_lora_updating=bool(getattr(args, "allow_runtime_lora_updating", False)
                                          or os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower()
                                          in ("1", "true")),
+        allowed_origins=getattr(args, "allowed_origins", ["*"]),
+        allowed_methods=getattr(args, "allowed_methods", ["*"]),
+        allowed_headers=getattr(args, "allowed_headers", ["*"]),
+        allow_credentials=bool(getattr(args, "allow_credentials", False)),
     )
     app = build_app(async_engine, settings)
     server = _make_uvicorn_server(app, args, async_engine.stop_accepting)
-    logger.info("serving %s on http://%s:%d (OpenAI API under /v1)", async_engine.model_name, args.host, args.port)
+    scheme = "https" if getattr(args, "ssl_certfile", None) else "http"
+    logger.info("serving %s on %s://%s:%d (OpenAI API under /v1)", async_engine.model_name, scheme, args.host,
+                args.port)
     freeze_startup_objects("API server")  # the app, engine client, tokenizer and templates live until exit
     server.run()
     return 0
