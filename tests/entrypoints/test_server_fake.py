@@ -363,8 +363,9 @@ def test_api_key(start_fake_server) -> None:
     assert_error(httpx.post(url, json=CHAT, headers={"Authorization": "Bearer sesam"}), 401)
     assert_error(httpx.get(server.base_url + "/v1/models", headers={"Authorization": "sesame"}), 401)
     assert httpx.post(url, json=CHAT, headers={"Authorization": "Bearer sesame"}).status_code == 200
-    for path in ("/health", "/metrics", "/version"):
+    for path in ("/health", "/ping", "/metrics", "/version"):
         assert httpx.get(server.base_url + path).status_code == 200
+    assert httpx.post(server.base_url + "/ping").json() == {"status": "ok"}
     assert_error(httpx.post(server.base_url + "/tokenize", json={"prompt": "a"}), 401)
     assert_error(httpx.post(server.base_url + "/detokenize", json={"tokens": [97]}), 401)
     key = {"Authorization": "Bearer sesame"}
@@ -434,6 +435,7 @@ def test_engine_death_turns_health_503(start_fake_server) -> None:
     r = httpx.post(server.base_url + "/v1/chat/completions", json={**CHAT, "max_tokens": 50})
     assert_error(r, 503)
     assert_error(httpx.get(server.base_url + "/health"), 503)
+    assert_error(httpx.post(server.base_url + "/ping"), 503)
     assert_error(httpx.post(server.base_url + "/v1/chat/completions", json=CHAT), 503)
     assert _metric(server, "pagedserve:engine_healthy") == 0
 

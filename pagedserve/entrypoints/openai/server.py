@@ -109,7 +109,7 @@ def _version() -> str:
 
 # --------------------------------------------------------------------------- middleware
 def _needs_key(path: str) -> bool:
-    """The API's routes need --api-key's key; /health, /metrics, /version and the schema stay open."""
+    """The API's routes need --api-key's key; /health, /ping, /metrics, /version and the schema stay open."""
     return path.startswith("/v1") or path in ("/tokenize", "/detokenize")
 
 
@@ -317,6 +317,12 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
             )
         return model_card(model_id)
 
+    @app.api_route(
+        "/ping",  # vLLM's (SageMaker's) health check, GET or POST: as /health
+        methods=["GET", "POST"],
+        response_model=HealthResponse,
+        responses={503: {"model": ErrorResponse, "description": "the engine has died"}},
+    )
     @app.get(
         "/health",
         response_model=HealthResponse,
