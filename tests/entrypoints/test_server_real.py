@@ -273,7 +273,6 @@ INVALID = [
     ),
     ("prompt over the context", "/v1/completions", {"prompt": "hello " * 1100, "max_tokens": 1}, "prompt"),
     ("unknown model", "/v1/chat/completions", {"model": "gpt-17", "messages": MESSAGES}, "model"),
-    ("beam search stream", "/v1/completions", {"prompt": "a", "use_beam_search": True, "stream": True}, "stream"),
     ("beam search logprobs", "/v1/completions", {"prompt": "a", "use_beam_search": True, "logprobs": 1},
      "logprobs"),
     ("beam search n 11", "/v1/chat/completions", {"messages": MESSAGES, "use_beam_search": True, "n": 11}, "n"),
@@ -324,6 +323,16 @@ def test_beam_search_completions_and_chat(client, model) -> None:
     assert [c.index for c in chat.choices] == [0, 1]
     assert all(c.message.role == "assistant" and c.message.content for c in chat.choices)
     assert chat.usage.completion_tokens <= 10
+    # Streamed as vLLM streams it: each choice whole once the search ends, then the usage chunk when asked.
+    chunks = list(client.completions.create(model=model, prompt=prompt, max_tokens=6, n=3, stream=True,
+                                            stream_options={"include_usage": True},
+                                            extra_body={"use_beam_search": True}))
+    assert [c.choices[0].text for c in chunks if c.choices] == [c.text for c in beams.choices]
+    assert chunks[-1].usage.completion_tokens == beams.usage.completion_tokens
+    chat_chunks = list(client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=5, n=2, stream=True,
+                                                      extra_body={"use_beam_search": True, "length_penalty": 0.5}))
+    assert [c.choices[0].delta.content for c in chat_chunks] == [c.message.content for c in chat.choices]
+    assert [c.choices[0].finish_reason for c in chat_chunks] == [c.finish_reason for c in chat.choices]
 
 
 # --------------------------------------------------------------------------- acceptance 4

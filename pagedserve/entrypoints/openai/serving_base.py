@@ -7,7 +7,7 @@ import json
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -452,11 +452,9 @@ async def finals_or_error(engine: AsyncEngine, streams: list[RequestStream]
 
 
 
-def beam_search_params(req: SamplingFields, max_tokens: int | None, stream: bool, logprobs: bool,
+def beam_search_params(req: SamplingFields, max_tokens: int | None, logprobs: bool,
                        max_tokens_param: str = "max_tokens") -> BeamSearchParams:
     """use_beam_search: the request's BeamSearchParams (n beams), or a 400 for what beam search does not do here."""
-    if stream:
-        raise bad_request("use_beam_search does not stream; send stream: false", "stream")
     if logprobs:
         raise bad_request("use_beam_search returns no logprobs", "logprobs")
     if structured_outputs_of(req)[0] is not None:
@@ -487,3 +485,21 @@ async def run_beam_searches(engine: AsyncEngine, prompts: list[list[int]], param
         if isinstance(e, Exception):
             raise engine_error(e) from e
         raise
+
+
+async def beam_search_stream(search: Awaitable[list[dict]], base: dict, usage: Callable[[], dict] | None
+                             ) -> AsyncIterator[str]:
+    """use_beam_search with stream: true, as vLLM streams it: nothing until the search ends, then one chunk a
+    choice (its whole answer; `search` gives the choices), the usage chunk when asked (`usage()` after the search),
+    and [DONE]; an engine error is an error event."""
+    try:
+        choices = await search
+    except APIError as e:
+        yield sse(error_body(e.message, e.type, e.param, e.code))
+        yield SSE_DONE
+        return
+    for choice in choices:
+        yield sse({**base, "choices": [choice]})
+    if usage is not None:
+        yield sse({**base, "choices": [], "usage": usage()})
+    yield SSE_DONE

@@ -23,6 +23,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     TokenStrings,
     bad_request,
     beam_search_params,
+    beam_search_stream,
     build_sampling_params,
     check_model,
     check_prompt_fits,
@@ -125,7 +126,8 @@ class OpenAIServingChat:
 
     async def _beam_search(self, req: ChatCompletionRequest) -> Response:
         """use_beam_search: n beams over the rendered conversation, the n best answers the choices (beam_search.py);
-        max_tokens defaults to the rest of the context, as vLLM's."""
+        max_tokens defaults to the rest of the context, as vLLM's; streamed as vLLM streams it (each choice whole
+        once the search ends)."""
         model_name = check_model(self.engine, self.served_model_names, req.model)
         self._refuse_unsupported(req)
         tools, mode = self._tool_mode(req)
@@ -137,21 +139,37 @@ class OpenAIServingChat:
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         params = beam_search_params(req, given if given is not None else max(1, self.engine.max_model_len
                                                                              - len(prompt_ids)),
-                                    bool(req.stream), bool(req.logprobs) or req.prompt_logprobs is not None, param)
+                                    bool(req.logprobs) or req.prompt_logprobs is not None, param)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        out = (await run_beam_searches(self.engine, [prompt_ids], params, request_id,
-                                       self.engine.lora_requests.get(model_name)))[0]
-        choices, num_completion = [], 0
-        for i, seq in enumerate(out.sequences):
-            generated = seq.tokens[len(prompt_ids):]
-            num_completion += len(generated)
-            answer = CompletionOutput(i, seq.text, generated, seq.cum_logprob, None, seq.finish_reason,
-                                      seq.stop_reason)
-            message, finish_reason = message_of(answer, mode, self.reasoning_parser)
-            choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": finish_reason,
-                            "stop_reason": seq.stop_reason})
+        num_completion = 0
+
+        async def choices(stream: bool) -> list[dict]:
+            nonlocal num_completion
+            out = (await run_beam_searches(self.engine, [prompt_ids], params, request_id,
+                                           self.engine.lora_requests.get(model_name)))[0]
+            found = []
+            for i, seq in enumerate(out.sequences):
+                generated = seq.tokens[len(prompt_ids):]
+                num_completion += len(generated)
+                answer = CompletionOutput(i, seq.text, generated, seq.cum_logprob, None, seq.finish_reason,
+                                          seq.stop_reason)
+                message, finish_reason = message_of(answer, mode, self.reasoning_parser)
+                if stream and message.get("tool_calls"):  # a delta's tool calls carry their index
+                    message = {**message, "tool_calls": [{**call, "index": k}
+                                                         for k, call in enumerate(message["tool_calls"])]}
+                found.append({"index": i, ("delta" if stream else "message"): message, "logprobs": None,
+                              "finish_reason": finish_reason, "stop_reason": seq.stop_reason})
+            return found
+
+        if req.stream:
+            base = {"id": request_id, "object": "chat.completion.chunk", "created": now_created(), "model": model_name}
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return SSEResponse(beam_search_stream(
+                choices(True), base,
+                (lambda: usage_dict(len(prompt_ids), num_completion)) if include_usage else None))
+        found = await choices(False)
         return JSONResponse({"id": request_id, "object": "chat.completion", "created": now_created(),
-                             "model": model_name, "choices": choices,
+                             "model": model_name, "choices": found,
                              "usage": usage_dict(len(prompt_ids), num_completion), "system_fingerprint": None})
 
     # ------------------------------------------------------------------ input checks

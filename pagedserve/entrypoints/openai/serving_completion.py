@@ -23,6 +23,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     TokenStrings,
     bad_request,
     beam_search_params,
+    beam_search_stream,
     build_sampling_params,
     check_model,
     check_prompt_fits,
@@ -98,27 +99,38 @@ class OpenAIServingCompletion:
         return await run_until_disconnect(raw_request, self._full(streams, ctx))
 
     async def _beam_search(self, req: CompletionRequest, model_name: str) -> Response:
-        """use_beam_search: n beams a prompt, the n best answers its choices (beam_search.py)."""
+        """use_beam_search: n beams a prompt, the n best answers its choices (beam_search.py); streamed as vLLM
+        streams it (each choice whole once the search ends)."""
         if req.echo:
             raise bad_request("use_beam_search does not echo", "echo")
-        params = beam_search_params(req, req.max_tokens, bool(req.stream),
-                                    req.logprobs is not None or req.prompt_logprobs is not None)
+        params = beam_search_params(req, req.max_tokens, req.logprobs is not None or req.prompt_logprobs is not None)
         prompts = await tokenize_prompts(self.engine, req.prompt)
         if len(prompts) * params.beam_width > MAX_CHOICES:
             raise bad_request(f"{len(prompts)} prompts x n={params.beam_width} make more than {MAX_CHOICES} choices",
                               "n")
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        outputs = await run_beam_searches(self.engine, [ids for _, ids in prompts], params, request_id,
-                                          self.engine.lora_requests.get(model_name))
-        choices, num_completion = [], 0
-        for p, (out, (_, ids)) in enumerate(zip(outputs, prompts, strict=True)):
-            for i, seq in enumerate(out.sequences):
-                num_completion += len(seq.tokens) - len(ids)
-                choices.append({"index": p * params.beam_width + i, "text": seq.text, "logprobs": None,
-                                "finish_reason": seq.finish_reason, "stop_reason": seq.stop_reason})
-        return JSONResponse({"id": request_id, "object": "text_completion", "created": now_created(),
-                             "model": model_name, "choices": choices,
-                             "usage": usage_dict(sum(len(ids) for _, ids in prompts), num_completion),
+        num_prompt = sum(len(ids) for _, ids in prompts)
+        num_completion = 0
+
+        async def choices() -> list[dict]:
+            nonlocal num_completion
+            outputs = await run_beam_searches(self.engine, [ids for _, ids in prompts], params, request_id,
+                                              self.engine.lora_requests.get(model_name))
+            found = []
+            for p, (out, (_, ids)) in enumerate(zip(outputs, prompts, strict=True)):
+                for i, seq in enumerate(out.sequences):
+                    num_completion += len(seq.tokens) - len(ids)
+                    found.append({"index": p * params.beam_width + i, "text": seq.text, "logprobs": None,
+                                  "finish_reason": seq.finish_reason, "stop_reason": seq.stop_reason})
+            return found
+
+        base = {"id": request_id, "object": "text_completion", "created": now_created(), "model": model_name}
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return SSEResponse(beam_search_stream(
+                choices(), base, (lambda: usage_dict(num_prompt, num_completion)) if include_usage else None))
+        found = await choices()
+        return JSONResponse({**base, "choices": found, "usage": usage_dict(num_prompt, num_completion),
                              "system_fingerprint": None})
 
     # ------------------------------------------------------------------ outputs
