@@ -276,6 +276,8 @@ INVALID = [
     ("beam search logprobs", "/v1/completions", {"prompt": "a", "use_beam_search": True, "logprobs": 1},
      "logprobs"),
     ("beam search n 11", "/v1/chat/completions", {"messages": MESSAGES, "use_beam_search": True, "n": 11}, "n"),
+    ("beam search too long", "/v1/completions",
+     {"prompt": "a", "use_beam_search": True, "stream": True, "max_tokens": 5000}, "max_tokens"),
     ("beam search json", "/v1/chat/completions",
      {"messages": MESSAGES, "use_beam_search": True, "response_format": {"type": "json_object"}}, "response_format"),
 ]

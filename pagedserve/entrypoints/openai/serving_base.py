@@ -470,11 +470,17 @@ def beam_search_params(req: SamplingFields, max_tokens: int | None, logprobs: bo
         raise bad_request(str(e), max_tokens_param if "max_tokens" in str(e) else "length_penalty") from e
 
 
+def check_beam_prompts(engine: AsyncEngine, prompts: list[list[int]], params: BeamSearchParams,
+                       max_tokens_param: str = "max_tokens") -> None:
+    """Room for every beam's answer after each prompt (a 400 before any work or stream starts)."""
+    for ids in prompts:
+        check_prompt_fits(engine, ids, SamplingParams(max_tokens=params.max_tokens), max_tokens_param=max_tokens_param)
+
+
 async def run_beam_searches(engine: AsyncEngine, prompts: list[list[int]], params: BeamSearchParams,
                             request_id: str, lora_request: Any = None) -> list[BeamSearchOutput]:
-    """One beam search a prompt, together; an engine failure becomes the APIError engine_error makes."""
-    for ids in prompts:  # room for every beam's answer
-        check_prompt_fits(engine, ids, SamplingParams(max_tokens=params.max_tokens))
+    """One beam search a prompt, together (check_beam_prompts first); an engine failure becomes the APIError
+    engine_error makes."""
     tasks = [asyncio.ensure_future(engine.beam_search(ids, params, f"{request_id}-{p}", lora_request))
              for p, ids in enumerate(prompts)]
     try:

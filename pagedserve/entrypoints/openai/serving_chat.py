@@ -25,6 +25,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     beam_search_params,
     beam_search_stream,
     build_sampling_params,
+    check_beam_prompts,
     check_model,
     check_prompt_fits,
     clamp_logprob,
@@ -140,6 +141,7 @@ class OpenAIServingChat:
         params = beam_search_params(req, given if given is not None else max(1, self.engine.max_model_len
                                                                              - len(prompt_ids)),
                                     bool(req.logprobs) or req.prompt_logprobs is not None, param)
+        check_beam_prompts(self.engine, [prompt_ids], params, param)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         num_completion = 0
 

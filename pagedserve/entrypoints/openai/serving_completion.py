@@ -25,6 +25,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     beam_search_params,
     beam_search_stream,
     build_sampling_params,
+    check_beam_prompts,
     check_model,
     check_prompt_fits,
     clamp_logprob,
@@ -108,6 +109,7 @@ class OpenAIServingCompletion:
         if len(prompts) * params.beam_width > MAX_CHOICES:
             raise bad_request(f"{len(prompts)} prompts x n={params.beam_width} make more than {MAX_CHOICES} choices",
                               "n")
+        check_beam_prompts(self.engine, [ids for _, ids in prompts], params)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         num_prompt = sum(len(ids) for _, ids in prompts)
         num_completion = 0
