@@ -74,14 +74,11 @@ class LLM:
             from tqdm import tqdm
 
             bar = tqdm(total=params.max_tokens, desc="Beam search steps", dynamic_ncols=True)
-        while True:
-            owners = [i for i, search in enumerate(searches) for _ in search.pending()]
-            if not owners:
-                break
-            batch = [{"prompt_token_ids": tokens} for search in searches for tokens in search.pending()]
-            outs = self._run(batch, step, False, [loras[i] for i in owners])
+        while pending := [(i, tokens) for i, search in enumerate(searches) for tokens in search.pending()]:
+            outs = self._run([{"prompt_token_ids": tokens} for _, tokens in pending], step, False,
+                             [loras[i] for i, _ in pending])
             results: list[list] = [[] for _ in searches]
-            for i, out in zip(owners, outs, strict=True):
+            for (i, _), out in zip(pending, outs, strict=True):
                 results[i].append(out.outputs[0].logprobs[0])
             for search, result in zip(searches, results, strict=True):
                 if result:

@@ -457,8 +457,9 @@ def beam_search_params(req: SamplingFields, max_tokens: int | None, logprobs: bo
     """use_beam_search: the request's BeamSearchParams (n beams), or a 400 for what beam search does not do here."""
     if logprobs:
         raise bad_request("use_beam_search returns no logprobs", "logprobs")
-    if structured_outputs_of(req)[0] is not None:
-        raise bad_request("use_beam_search takes no structured outputs", structured_outputs_of(req)[1])
+    constraint, field_name = structured_outputs_of(req)
+    if constraint is not None:
+        raise bad_request("use_beam_search takes no structured outputs", field_name)
     if req.n is not None and req.n > MAX_BEAM_WIDTH:
         raise bad_request(f"with use_beam_search, n (the beam width) is at most {MAX_BEAM_WIDTH}", "n")
     try:
