@@ -118,10 +118,14 @@ class LoRAManager:
         self._masks: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self.layers: dict[tuple[int, str], LoRALayer] = {}
         self._dtype = torch.float32
+        self.num_layers = len(model.model.layers)
         for i, layer in enumerate(model.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            for name, module in (("qkv_proj", attn.qkv_proj), ("o_proj", attn.o_proj),
-                                 ("gate_up_proj", mlp.gate_up_proj), ("down_proj", mlp.down_proj)):
+            # (An MoE layer's sparse MLP takes no adapters: its projections are the stacked experts.)
+            projections = [("qkv_proj", attn.qkv_proj), ("o_proj", attn.o_proj)]
+            if hasattr(mlp, "gate_up_proj"):
+                projections += [("gate_up_proj", mlp.gate_up_proj), ("down_proj", mlp.down_proj)]
+            for name, module in projections:
                 weight = module.weight
                 # fp8 weights (quantization="fp8"): the adapter in bf16 beside them
                 dtype = weight.dtype if weight.element_size() > 1 else torch.bfloat16
@@ -164,6 +168,9 @@ class LoRAManager:
             target, part = PROJECTIONS[name]
             lora = self.layers.get((layer, target))
             if lora is None:
+                if layer < self.num_layers:  # an MoE layer's MLP: its experts take no adapters
+                    raise ValueError(f"the adapter {request.lora_name!r} targets {name} of layer {layer}, a "
+                                     "mixture-of-experts MLP, which takes no LoRA weights here")
                 raise ValueError(f"the adapter {request.lora_name!r} targets layer {layer}, which this model lacks")
             if a.shape[1] != lora.a.shape[1] or b.shape[0] != lora.part_sizes[part]:
                 raise ValueError(f"the adapter {request.lora_name!r}: layer {layer} {name} has lora_A "

@@ -27,7 +27,8 @@ TINY = dict(
 def _hf_classes(arch: str) -> tuple[Any, Any]:
     import transformers
 
-    name = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "llama": "Llama"}[arch]
+    name = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "llama": "Llama", "qwen2_moe": "Qwen2Moe",
+            "qwen3_moe": "Qwen3Moe", "mixtral": "Mixtral"}[arch]
     return getattr(transformers, name + "Config"), getattr(transformers, name + "ForCausalLM")
 
 
@@ -35,8 +36,17 @@ def tiny_hf_config(arch: str, **overrides: Any) -> Any:
     defaults = dict(rope_theta=10000.0, tie_word_embeddings=arch != "qwen2")
     if arch == "qwen3":
         defaults["head_dim"] = 16  # Qwen3Config's default is 128
-    if arch == "mistral":
+    if arch in ("mistral", "mixtral"):
         defaults["sliding_window"] = None
+    if arch in ("qwen2_moe", "qwen3_moe"):  # 6 experts of 32 columns, the top 2 a token, every layer sparse
+        defaults |= dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
+                         mlp_only_layers=[], norm_topk_prob=arch == "qwen3_moe")
+    if arch == "qwen2_moe":
+        defaults["shared_expert_intermediate_size"] = 48
+    if arch == "qwen3_moe":
+        defaults["head_dim"] = 16
+    if arch == "mixtral":  # 4 experts of intermediate_size columns, the top 2
+        defaults |= dict(num_local_experts=4, num_experts_per_tok=2)
     kwargs = {**TINY, **defaults, **overrides}
     return _hf_classes(arch)[0](**kwargs)
 

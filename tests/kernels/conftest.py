@@ -34,6 +34,7 @@ KERNEL_MODULES = (
     "pagedserve.executor.kernels.logprob_stats",
     "pagedserve.executor.kernels.fp8_quant",
     "pagedserve.executor.kernels.lora_sgmv",
+    "pagedserve.executor.kernels.fused_moe",
 )
 
 if not torch.cuda.is_available():

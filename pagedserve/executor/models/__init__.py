@@ -9,8 +9,11 @@ from torch import nn
 from pagedserve.executor.models.decoder import (
     LlamaForCausalLM,
     MistralForCausalLM,
+    MixtralForCausalLM,
     Qwen2ForCausalLM,
+    Qwen2MoeForCausalLM,
     Qwen3ForCausalLM,
+    Qwen3MoeForCausalLM,
 )
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
@@ -18,6 +21,9 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
 }
 # The bare decoders (Transformers' AutoModel classes), as embedding checkpoints such as Qwen3-Embedding or
 # gte-Qwen2 are saved: no LM head, tensors named without the "model." prefix. They serve embeddings only.
@@ -51,5 +57,6 @@ def is_bare(architectures: Sequence[str] | None) -> bool:
     return False
 
 
-__all__ = ["BARE_ARCHITECTURES", "MODEL_REGISTRY", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-           "Qwen3ForCausalLM", "get_model_class", "is_bare"]
+__all__ = ["BARE_ARCHITECTURES", "MODEL_REGISTRY", "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM",
+           "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "get_model_class",
+           "is_bare"]

@@ -36,6 +36,13 @@ from pagedserve.executor.layers import (
     rope_max_positions,
     rope_parameters,
 )
+from pagedserve.executor.models.moe import (
+    STACKED_EXPERTS,
+    MoEExperts,
+    SparseMoeBlock,
+    expert_key,
+    is_moe_layer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -167,12 +174,15 @@ class DecoderAttention(nn.Module):
 
 
 class DecoderMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool) -> None:
+    """reduce=False: this rank's partial output is left for the caller to sum (an MoE block's shared expert)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, reduce: bool = True) -> None:
         super().__init__()
         intermediate_size = shard(intermediate_size, "intermediate_size")  # this rank's columns
         self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size, intermediate_size], bias)
         self.down_proj = Linear(intermediate_size, hidden_size, bias)
         self.act = SiluAndMul()
+        self.reduce = all_reduce if reduce else (lambda x: x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj
@@ -181,16 +191,21 @@ class DecoderMLP(nn.Module):
             # One token: gate_up GEMM and SiLU·mul in one kernel (kernels/gate_up_silu.py).
             from pagedserve.executor.kernels.gate_up_silu import gate_up_silu
 
-            return all_reduce(self.down_proj(gate_up_silu(x, self.gate_up_proj.weight)))
-        return all_reduce(self.down_proj(self.act(self.gate_up_proj(x))))
+            return self.reduce(self.down_proj(gate_up_silu(x, self.gate_up_proj.weight)))
+        return self.reduce(self.down_proj(self.act(self.gate_up_proj(x))))
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, hf_config: Any, layer_idx: int, qkv_bias: bool, o_bias: bool, mlp_bias: bool,
-                 qk_norm: bool = False) -> None:
+                 qk_norm: bool = False, moe_renormalize: bool | None = None) -> None:
         super().__init__()
         self.self_attn = DecoderAttention(hf_config, layer_idx, qkv_bias, o_bias, qk_norm)
-        self.mlp = DecoderMLP(hf_config.hidden_size, hf_config.intermediate_size, mlp_bias)
+        # MoE models (moe_renormalize set): the sparse block where the config puts one (models/moe.py).
+        self.mlp: nn.Module
+        if moe_renormalize is not None and is_moe_layer(hf_config, layer_idx):
+            self.mlp = SparseMoeBlock(hf_config, moe_renormalize)
+        else:
+            self.mlp = DecoderMLP(hf_config.hidden_size, hf_config.intermediate_size, mlp_bias)
         self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
@@ -216,12 +231,14 @@ class DecoderLayer(nn.Module):
 
 class DecoderModel(nn.Module):
     def __init__(
-        self, hf_config: Any, max_position: int, qkv_bias: bool, o_bias: bool, mlp_bias: bool, qk_norm: bool = False
+        self, hf_config: Any, max_position: int, qkv_bias: bool, o_bias: bool, mlp_bias: bool, qk_norm: bool = False,
+        moe_renormalize: bool | None = None,
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(hf_config.vocab_size, hf_config.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(hf_config, i, qkv_bias, o_bias, mlp_bias, qk_norm) for i in range(hf_config.num_hidden_layers)
+            DecoderLayer(hf_config, i, qkv_bias, o_bias, mlp_bias, qk_norm, moe_renormalize)
+            for i in range(hf_config.num_hidden_layers)
         )
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         theta, scaling = rope_parameters(hf_config)
@@ -243,6 +260,7 @@ class DecoderForCausalLM(nn.Module):
     def __init__(
         self, hf_config: Any, max_position: int | None = None, *,
         qkv_bias: bool, o_bias: bool = False, mlp_bias: bool = False, qk_norm: bool = False,
+        moe_renormalize: bool | None = None,
     ) -> None:
         super().__init__()
         if getattr(hf_config, "hidden_act", "silu") != "silu":
@@ -251,7 +269,7 @@ class DecoderForCausalLM(nn.Module):
             raise ValueError("sliding-window attention is not supported; set use_sliding_window=false")
         self.config = hf_config
         self.max_position = max(max_position or 0, rope_max_positions(hf_config))
-        self.model = DecoderModel(hf_config, self.max_position, qkv_bias, o_bias, mlp_bias, qk_norm)
+        self.model = DecoderModel(hf_config, self.max_position, qkv_bias, o_bias, mlp_bias, qk_norm, moe_renormalize)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.vocab_size = int(hf_config.vocab_size)
         if self.tie_word_embeddings:
@@ -295,6 +313,7 @@ class DecoderForCausalLM(nn.Module):
         linears = {name: m for name, m in self.named_modules() if isinstance(m, Linear)}
         loaded: set[str] = set()
         attention = {name: m for name, m in self.named_modules() if isinstance(m, DecoderAttention)}
+        experts = {name: m for name, m in self.named_modules() if isinstance(m, MoEExperts)}
         for name, tensor in weights:
             if "rotary_emb." in name or name.endswith(_UNUSED_SCALES):
                 continue
@@ -313,6 +332,9 @@ class DecoderForCausalLM(nn.Module):
                     module.checkpoint_kv_scales[kind] = float(tensor.float().reshape(()))
                 continue
             if self.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            name = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's MoE block
+            if self._load_expert(name, tensor, experts):
                 continue
             tensor = tp_slice(name, tensor)
             # fp8 checkpoints: a projection whose weight (or scale) is fp8 is stored so, with a scale per row
@@ -353,6 +375,8 @@ class DecoderForCausalLM(nn.Module):
                                      "projections can be held in fp8, each with its weight_scale)")
                 param.data.copy_(tensor)
                 loaded.add(name)
+        for module_name, module in experts.items():  # an MoE layer's experts: when every expert's parts came
+            loaded.update(f"{module_name}.{param_name}" for param_name in module.loaded())
         # Report a merged parameter as loaded only when all of its shards were.
         for module_name, module in merged_modules.items():
             for param_name in ("weight", "bias"):
@@ -361,6 +385,24 @@ class DecoderForCausalLM(nn.Module):
                     loaded.add(f"{module_name}.{param_name}")
                 loaded -= shards
         return loaded
+
+
+    @staticmethod
+    def _load_expert(name: str, tensor: torch.Tensor, experts: dict[str, MoEExperts]) -> bool:
+        """Whether `name` is an MoE expert tensor (then loaded into its layer's stacked experts)."""
+        key = expert_key(name)
+        stacked = STACKED_EXPERTS.match(name) if key is None else None
+        if key is None and stacked is None:
+            return False
+        block = key[0] if key is not None else stacked.group(1)
+        module = experts.get(block + ".experts")
+        if module is None:
+            logger.warning("skipping checkpoint tensor %s: no such MoE layer", name)
+        elif key is not None:
+            module.load_part(key[1], key[2], tensor)
+        else:
+            module.load_stacked(stacked.group(2), tensor)
+        return True
 
 
 class Qwen2ForCausalLM(DecoderForCausalLM):
@@ -395,9 +437,41 @@ class MistralForCausalLM(LlamaForCausalLM):
     changes nothing)."""
 
     def __init__(self, hf_config: Any, max_position: int | None = None) -> None:
-        window = getattr(hf_config, "sliding_window", None)
-        context = max_position or hf_config.max_position_embeddings
-        if window is not None and context > window:
-            raise ValueError(f"this Mistral model attends within a sliding window of {window} tokens, which is not "
-                             f"supported; serve it with --max-model-len {window} or less (now {context})")
+        _refuse_short_window(hf_config, max_position)
         super().__init__(hf_config, max_position)
+
+
+def _refuse_short_window(hf_config: Any, max_position: int | None) -> None:
+    window = getattr(hf_config, "sliding_window", None)
+    context = max_position or hf_config.max_position_embeddings
+    if window is not None and context > window:
+        raise ValueError(f"this {hf_config.model_type.capitalize()} model attends within a sliding window of {window} "
+                         f"tokens, which is not supported; serve it with --max-model-len {window} or less "
+                         f"(now {context})")
+
+
+class Qwen2MoeForCausalLM(DecoderForCausalLM):
+    """Qwen1.5-MoE / Qwen2-MoE: Qwen2's attention (q/k/v bias), sparse MLPs (models/moe.py) with a gated shared
+    expert, top-k weights renormalized when `norm_topk_prob`."""
+
+    def __init__(self, hf_config: Any, max_position: int | None = None) -> None:
+        super().__init__(hf_config, max_position, qkv_bias=True,
+                         moe_renormalize=bool(getattr(hf_config, "norm_topk_prob", False)))
+
+
+class Qwen3MoeForCausalLM(DecoderForCausalLM):
+    """Qwen3-MoE (Qwen3-30B-A3B, Qwen3-235B-A22B): Qwen3's attention (q/k norms), sparse MLPs without a shared
+    expert."""
+
+    def __init__(self, hf_config: Any, max_position: int | None = None) -> None:
+        attention_bias = bool(getattr(hf_config, "attention_bias", False))
+        super().__init__(hf_config, max_position, qkv_bias=attention_bias, o_bias=attention_bias, qk_norm=True,
+                         moe_renormalize=bool(getattr(hf_config, "norm_topk_prob", False)))
+
+
+class MixtralForCausalLM(DecoderForCausalLM):
+    """Mixtral: Mistral's attention, 8 experts a layer, the top 2 renormalized (the softmax over their logits)."""
+
+    def __init__(self, hf_config: Any, max_position: int | None = None) -> None:
+        _refuse_short_window(hf_config, max_position)
+        super().__init__(hf_config, max_position, qkv_bias=False, moe_renormalize=True)
