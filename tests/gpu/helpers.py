@@ -14,18 +14,19 @@ SOURCE = Path(".devcache/qwen2-7b")  # the 7B config and its tokenizer (scripts/
 
 
 def small_checkpoint(folder: Path, arch: str = "qwen2", seed: int = 4, std: float = 0.05, **overrides):
-    """A small random Qwen2 or Qwen3 (3 layers, width 512, the 7B's vocabulary) saved in `folder` beside
+    """A small random Qwen2, Qwen3 or Qwen2/3-MoE (3 layers, width 512, the 7B's vocabulary) saved in `folder` beside
     .devcache/qwen2-7b's tokenizer (the test is skipped without it); returns Transformers' model on the CPU."""
     if not (SOURCE / "config.json").exists():
         pytest.skip("no .devcache/qwen2-7b (run scripts/make_7b_config.sh)")
-    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    import transformers
 
     from tests.executor.helpers import randomize_
 
     for f in SOURCE.iterdir():
         if f.name != "config.json":
             shutil.copy(f, folder / f.name)
-    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[arch]
+    name = {"qwen2": "Qwen2", "qwen3": "Qwen3", "qwen3_moe": "Qwen3Moe", "qwen2_moe": "Qwen2Moe"}[arch]
+    config_cls, model_cls = getattr(transformers, name + "Config"), getattr(transformers, name + "ForCausalLM")
     fields = dict(vocab_size=json.loads((SOURCE / "config.json").read_text())["vocab_size"], hidden_size=512,
                   intermediate_size=1024, num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2,
                   max_position_embeddings=2048, tie_word_embeddings=False,

@@ -1,0 +1,53 @@
+"""The floor of a mixture-of-experts model (bench/roofline.py): Qwen3-30B-A3B's published sizes (30.5 B parameters,
+3.3 B activated), the experts a step reads, and a workload's floor against a hand count."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from pagedserve.bench.roofline import ModelShape, decode_step_floor, workload_floor
+
+QWEN3_30B_A3B = types.SimpleNamespace(
+    hidden_size=2048, intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+    head_dim=128, vocab_size=151936, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+    decoder_sparse_step=1, mlp_only_layers=[],
+)
+
+
+def test_qwen3_moe_sizes_are_the_model_cards() -> None:
+    shape = ModelShape.from_hf_config(QWEN3_30B_A3B, 2)
+    embedding = 151936 * 2048
+    assert round((shape.dense_params + embedding + 128 * shape.expert_params) / 1e9, 1) == 30.5
+    assert int((shape.active_params + embedding) / 1e8) == 33  # 3.35 B
+    assert shape.expert_params == 48 * 3 * 2048 * 768
+    # one token reads its 8 experts a layer; 64 tokens nearly all 128 (uniform routing)
+    assert shape.experts_read(1) == pytest.approx(8.0)
+    assert shape.experts_read(64) == pytest.approx(128 * (1 - (120 / 128) ** 64))
+    assert 124 < shape.experts_read(64) < 128
+    assert shape.step_weight_bytes(1) == pytest.approx(2 * (shape.dense_params + 8 * shape.expert_params))
+    context_bytes = 1000 * 48 * 2 * 4 * 128 * 2
+    assert decode_step_floor(shape, 1000, 4e12) == pytest.approx((shape.step_weight_bytes(1) + context_bytes) / 4e12)
+
+
+def test_moe_workload_floor_by_hand() -> None:
+    """Two requests of 10 input tokens, outputs of 1 and 2: prefill FLOPs over the active parameters, then two decode
+    steps (batch 2, then batch 1), each the slower of its bytes and its FLOPs."""
+    shape = ModelShape.from_hf_config(QWEN3_30B_A3B, 2)
+    bandwidth, flops = 4e12, 800e12
+    total, prefill = workload_floor(shape, [10, 10], [1, 2], bandwidth, flops)
+    per_token = 2 * shape.active_params / flops
+    assert prefill == pytest.approx(20 * per_token)
+    expected = prefill
+    for batch, context in ((2, 20), (1, 11)):
+        f_time = per_token * batch + 4 * 2048 * 48 * context / flops
+        expected += max(f_time, (shape.step_weight_bytes(batch) + context * shape.kv_bytes_per_token) / bandwidth)
+    assert total == pytest.approx(expected)
+
+
+def test_a_dense_model_is_unchanged() -> None:
+    dense = types.SimpleNamespace(**{k: v for k, v in vars(QWEN3_30B_A3B).items() if k != "num_experts"})
+    shape = ModelShape.from_hf_config(dense, 2)
+    assert shape.expert_params == shape.num_experts == shape.top_k == 0
+    assert shape.step_weight_bytes(64) == shape.weight_bytes == 2 * shape.active_params
