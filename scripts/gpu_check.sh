@@ -383,6 +383,17 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
           | grep -E "throughput:|steps:|floor" | cut -c1-600
         unset PAGEDSERVE_LORA_KERNELS PAGEDSERVE_LORA_KERNEL_MAX_TOKENS
       done ;;
+    moe-test)  # MoE: the grouped-GEMM kernels against torch, then small MoE models through the engine vs Transformers
+      timeout 400 python3 -m pytest tests/kernels/test_fused_moe.py tests/gpu/test_moe_gpu.py tests/executor/test_moe.py \
+        -q -s -p no:cacheprovider -ra 2>&1 | grep -E "moe:|passed|failed|FAILED|rror" | tail -20 ;;
+    moe-kernels)  # the experts of one Qwen3-30B-A3B layer: the kernels vs the torch loop (MOE_SWEEP=1: launch plans)
+      timeout 500 python3 scripts/moe_kernel_bench.py --tokens "${MOE_TOKENS:-1,8,64,256,1024,8192}" ${MOE_SWEEP:+--sweep} \
+        --output-json "$OUT/moe-kernels.json" 2>&1 | tail -200 ;;
+    moe-bench)  # Qwen3-30B-A3B shapes, random bf16 weights: batch-1 latency and the default throughput workload
+      python3 -m pagedserve.entrypoints.cli bench latency --model .devcache/qwen3-moe --load-format dummy \
+        --output-json "$OUT/moe-latency.json" 2>&1 | tail -4
+      python3 -m pagedserve.entrypoints.cli bench throughput --model .devcache/qwen3-moe --load-format dummy --no-tqdm \
+        --output-json "$OUT/moe-throughput.json" 2>&1 | grep -E "throughput:|steps:|floor|rror" | cut -c1-600 ;;
     lora-kernels)  # the LoRA shrink / expand kernels vs the torch path, per layer at the 7B shapes (CUDA graphs)
       python3 scripts/lora_kernel_bench.py --tokens "${LORA_TOKENS:-1,16,64,139,256}" ${LORA_SWEEP:+--sweep} \
         --output-json "$OUT/lora-kernels.json" 2>&1 | tail -300 ;;

@@ -7,3 +7,8 @@ src="$(python -c 'from pagedserve.default_model import ensure_default_model as f
 mkdir -p .devcache/qwen2-7b
 cp "$src"/tokenizer.json "$src"/tokenizer_config.json "$src"/chat_template.jinja .devcache/qwen2-7b/
 cp docs/qwen2-7b-config.json .devcache/qwen2-7b/config.json
+# .devcache/qwen3-moe: the Qwen3-30B-A3B config (128 experts, top 8; shapes only) beside the same tokenizer files.
+mkdir -p .devcache/qwen3-moe
+cp .devcache/qwen2-7b/tokenizer.json .devcache/qwen2-7b/tokenizer_config.json .devcache/qwen2-7b/chat_template.jinja \
+  .devcache/qwen3-moe/
+cp docs/qwen3-30b-a3b-config.json .devcache/qwen3-moe/config.json
