@@ -4,7 +4,7 @@ nested jit function, a TMA block the copy engine cannot take) before a device ca
 the tensor-core path is there (wgmma in the PTX) and whether TMA copies are (cp.async.bulk.tensor).
 The local Triton may differ from the GPU's.
 
-    python scripts/compile_sm90.py [sample] [filter] [penalties] [tma] [decode] [qkv] [norm] [kvfp8] [lora]
+    python scripts/compile_sm90.py [sample] [filter] [penalties] [tma] [decode] [qkv] [norm] [kvfp8] [lora] [moe]
 """
 from __future__ import annotations
 
@@ -215,6 +215,26 @@ def lora() -> None:
             build(m._lora_expand_kernel, sig, consts, f"lora expand {dtype} BM={bm} BR={br}")
 
 
+def moe() -> None:
+    """The MoE experts' grouped GEMMs (fused_moe.py) at both launch plans, bf16 and fp32."""
+    from pagedserve.executor.kernels import fused_moe as m
+
+    for dtype in ("bf16", "fp32"):
+        precision = "ieee" if dtype == "fp32" else "tf32"
+        for entries in (8, 4096):
+            bm, bn, bk, warps = m.moe_plan(entries)
+            consts = {"NUM_EXPERTS": 128, "E_POW2": 128, "BM": bm, "BN": bn, "BK": bk, "DOT_PRECISION": precision,
+                      "USE_PDL": True}
+            sig = {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "order_ptr": "*i64", "starts_ptr": "*i64",
+                   "h_ptr": f"*{dtype}", "K": "i32", "N": "i32", "top_k": "i32", "stride_xm": "i32",
+                   "stride_we": "i32", "stride_wn": "i32", "stride_hm": "i32", **dict.fromkeys(consts, "constexpr")}
+            build(m._moe_gate_up_kernel, sig, consts, f"moe gate_up {dtype} BM={bm} BN={bn}", num_warps=warps)
+            sig = {"h_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "order_ptr": "*i64", "starts_ptr": "*i64",
+                   "route_ptr": "*fp32", "y_ptr": f"*{dtype}", "K": "i32", "N": "i32", "stride_hm": "i32",
+                   "stride_we": "i32", "stride_wn": "i32", "stride_ym": "i32", **dict.fromkeys(consts, "constexpr")}
+            build(m._moe_down_kernel, sig, consts, f"moe down {dtype} BM={bm} BN={bn}", num_warps=warps)
+
+
 def logprobs() -> None:
     """The fused logprob statistics (logprob_stats.py): the partials over fp32 and bf16 rows, the merge."""
     from pagedserve.executor.kernels import logprob_stats as m
@@ -238,4 +258,4 @@ if __name__ == "__main__":
     for name in sys.argv[1:] or ["sample", "filter", "penalties", "tma", "decode", "qkv", "norm", "logprobs",
                                  "kvfp8"]:
         {"sample": sample, "filter": sample_filter, "penalties": penalties, "tma": tma, "decode": decode, "qkv": qkv,
-         "norm": norm, "logprobs": logprobs, "kvfp8": kvfp8, "lora": lora}[name]()
+         "norm": norm, "logprobs": logprobs, "kvfp8": kvfp8, "lora": lora, "moe": moe}[name]()
