@@ -102,11 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional_commands(sub) -> None:
-    """serve and bench live in their own modules; they register their subparsers here."""
+    """serve, run-batch and bench live in their own modules; they register their subparsers here."""
     from pagedserve.bench.cli_bench import register as register_bench
     from pagedserve.entrypoints.openai.cli_serve import register as register_serve
+    from pagedserve.entrypoints.openai.run_batch import register as register_run_batch
 
     register_serve(sub)
+    register_run_batch(sub)
     register_bench(sub)
 
 
