@@ -233,8 +233,10 @@ class AsyncEngine:
         arrival_time: float | None = None,
         prompt_text: str | None = None,
         lora_request: Any = None,
+        priority: int = 0,
     ) -> RequestStream:
-        """Submits a request and waits until the engine accepted it. lora_request: its LoRA adapter, or None.
+        """Submits a request and waits until the engine accepted it. lora_request: its LoRA adapter, or None;
+        priority: lower first, with the priority scheduling policy.
 
         Raises ValueError (bad input), QueueFullError / ShuttingDownError (retry later), or
         EngineDeadError. Pass token ids as `prompt`: text would be tokenized by the engine.
@@ -249,7 +251,7 @@ class AsyncEngine:
         stream = RequestStream(request_id, self._loop)
         self._streams[request_id] = stream
         arrival = arrival_time if arrival_time is not None else time.monotonic()
-        self._backend.submit(AddRequest(request_id, prompt, params, arrival, prompt_text, lora_request))
+        self._backend.submit(AddRequest(request_id, prompt, params, arrival, prompt_text, lora_request, priority))
         try:
             await asyncio.shield(stream.accepted)
         except asyncio.CancelledError:
@@ -267,10 +269,11 @@ class AsyncEngine:
         request_id: str,
         arrival_time: float | None = None,
         prompt_text: str | None = None,
+        priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Yields cumulative outputs until the request finishes; closing or cancelling the
         consumer aborts the request (its KV blocks are freed before the engine's next step)."""
-        stream = await self.add_request(request_id, prompt, params, arrival_time, prompt_text)
+        stream = await self.add_request(request_id, prompt, params, arrival_time, prompt_text, priority=priority)
         try:
             async for output in stream:
                 yield output

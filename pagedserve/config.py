@@ -13,6 +13,9 @@ _BACKENDS = ("auto", "torch", "triton")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # fp8 = fp8_e4m3 (vLLM's names); executor/kernels/kv_store.py
 
 
+SCHEDULING_POLICIES = ("fcfs", "priority")
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     model: str | None = None  # None: the embedded default model (see pagedserve.default_model)
@@ -53,6 +56,10 @@ class EngineConfig:
     # {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}; a JSON string or a dict, kept as
     # the validated dict. None: off.
     speculative_config: dict | str | None = None
+    # "fcfs": requests in arrival order; "priority": by each request's priority (lower first), then arrival, and a
+    # step short of KV blocks preempts the lowest-priority running request (core/scheduler.py), as vLLM's
+    # --scheduling-policy.
+    scheduling_policy: str = "fcfs"
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:
@@ -92,6 +99,8 @@ class EngineConfig:
             fail(f"override_generation_config must be a dict, got {self.override_generation_config!r}")
         if self.max_loras < 1 or self.max_lora_rank < 1:
             fail(f"max_loras and max_lora_rank must be >= 1, got {self.max_loras} and {self.max_lora_rank}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            fail(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}")
         if self.max_queued_requests is not None and self.max_queued_requests < 0:
             fail(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
         if self.speculative_config is not None:

@@ -110,6 +110,7 @@ class LLMEngine:
             lora_slot_for=None if self._lora_manager is None else self._lora_manager.slot_of,
             proposer=None if self.config.speculative_config is None else NgramProposer(
                 SpeculativeConfig.parse(self.config.speculative_config)),
+            policy=self.config.scheduling_policy,
         )
         # A bare decoder or one saved without its LM head (executor/loader.py): embedding requests only.
         self.embedding_only = bool(getattr(getattr(runner, "model", None), "embedding_only", False))
@@ -241,6 +242,7 @@ class LLMEngine:
         final_only: bool = False,
         compiled_grammar: Any = None,
         lora_request: LoRARequest | None = None,
+        priority: int = 0,
     ) -> None:
         """Queues a prompt (text or token ids). `prompt_text` labels a token-id prompt in outputs.
 
@@ -250,8 +252,10 @@ class LLMEngine:
         without it the constraint is compiled here, on the calling thread.
         lora_request: the LoRA adapter to run it with (enable_lora): read and checked now, loaded into a device slot
         when the scheduler admits the request.
+        priority: with scheduling_policy "priority", lower runs first (any other policy takes only 0).
         """
         params = params or self.default_sampling_params()
+        self._check_priority(priority)
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         if request_id in self._requests:
@@ -307,6 +311,7 @@ class LLMEngine:
                                    lora_salt),
                 arrival_time=arrival,
                 lora_request=lora_request,
+                priority=priority,
             )
             detok = None
             if params.pooling is None and (self.detokenize or needs_engine_text(params)):
@@ -331,6 +336,13 @@ class LLMEngine:
         state.num_unfinished = params.n
         self._requests[request_id] = state
         self.prompt_tokens_total += len(prompt_token_ids) * params.n
+
+    def _check_priority(self, priority: object) -> None:
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        if priority != 0 and self.config.scheduling_policy != "priority":
+            raise ValueError(f"priority {priority} needs the priority scheduling policy (--scheduling-policy "
+                             f"priority); this engine schedules {self.config.scheduling_policy}")
 
     def _lora_salt(self, lora_request: LoRARequest | None) -> str | None:
         """Checks a request's adapter; returns its prefix-cache namespace (None without one): an adapter's cached

@@ -37,6 +37,7 @@ class AddRequest:
     arrival_time: float
     prompt_text: str | None
     lora_request: Any = None  # a LoRARequest (pagedserve/lora.py), or None
+    priority: int = 0
 
 
 @dataclass(slots=True)
@@ -170,6 +171,8 @@ class EngineCore:
         kwargs = {} if compiled_grammar is None else {"compiled_grammar": compiled_grammar}
         if item.lora_request is not None:
             kwargs["lora_request"] = item.lora_request
+        if item.priority:
+            kwargs["priority"] = item.priority
         try:
             self.engine.add_request(item.request_id, item.prompt, item.params, arrival_time=item.arrival_time,
                                     prompt_text=item.prompt_text, **kwargs)

@@ -51,6 +51,7 @@ class Request:
     lora_request: Any = None  # its LoRA adapter (pagedserve/lora.py's LoRARequest), or None
     lora_slot: int = 0  # the adapter's device slot, given at each admission (executor/lora.py); 0: none
     arrival_time: float = field(default_factory=time.monotonic)
+    priority: int = 0  # scheduling_policy "priority": lower runs first (ties: earlier arrival)
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

@@ -11,6 +11,11 @@ Each request has `num_computed_tokens`; each step hands out new tokens to comput
      as many of the remaining tokens as the budget allows (chunked prefill). The first one that
      can't get blocks stops admission.
 
+With policy "priority" (vLLM's --scheduling-policy priority) both lists are ordered by (priority, arrival time),
+lower first: the waiting queue as requests join it (a preempted request back in its place), the running list at
+the start of each step, so the victims of step 1 are the lowest-priority running requests, and a higher-priority
+request is admitted before any lower one waiting.
+
 num_computed_tokens is advanced in schedule(), when a request is scheduled (as vLLM v1 does), so
 the ScheduledRequest carries the value from before the step and update() only appends sampled
 tokens. The engine must therefore run every SchedulerOutput it gets and pass it to update().
@@ -69,10 +74,15 @@ class Scheduler:
         long_prefill_token_threshold: int | None = None,
         lora_slot_for: Callable[[Any, set[int]], int | None] | None = None,
         proposer: NgramProposer | None = None,
+        policy: str = "fcfs",
     ) -> None:
         """lora_slot_for(lora_request, slots in use): the device slot of a request's LoRA adapter, loaded into a slot
         that no running request uses if need be; None when every slot is in use (the request waits).
-        proposer: speculative decoding's drafter (spec_decode.py), or None."""
+        proposer: speculative decoding's drafter (spec_decode.py), or None.
+        policy: "fcfs", or "priority" (see the module docstring)."""
+        if policy not in ("fcfs", "priority"):
+            raise ValueError(f"policy must be 'fcfs' or 'priority', got {policy!r}")
+        self.by_priority = policy == "priority"
         self.lora_slot_for = lora_slot_for
         self.proposer = proposer
         self.spec_stats = SpecDecodeStats()
@@ -133,7 +143,23 @@ class Scheduler:
                 f"request {request.request_id!r} was already scheduled (status {request.status.value})"
             )
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        self._enqueue(request)
+
+    @staticmethod
+    def _priority_key(request: Request) -> tuple[int, float]:
+        return request.priority, request.arrival_time
+
+    def _enqueue(self, request: Request, front: bool = False) -> None:
+        """Into the waiting queue: at the back (fcfs; front=True: at the front, a preempted request), or in its
+        place by (priority, arrival) with the priority policy."""
+        if self.by_priority:
+            key = self._priority_key(request)
+            index = next((i for i, r in enumerate(self.waiting) if self._priority_key(r) > key), len(self.waiting))
+            self.waiting.insert(index, request)
+        elif front:
+            self.waiting.appendleft(request)
+        else:
+            self.waiting.append(request)
 
     def finish_requests(self, request_ids: str | Iterable[str], status: RequestStatus) -> list[Request]:
         """Ends requests at once (abort, or a stop string found by the detokenizer) and frees their
@@ -272,7 +298,7 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
+        self._enqueue(request, front=True)
 
     def schedule(self) -> SchedulerOutput:
         token_budget = self.max_num_batched_tokens
@@ -280,7 +306,10 @@ class Scheduler:
         preempted_ids: list[str] = []
 
         # 1. Running requests. Victims come from the end of `running`, past `index`, so a request
-        #    scheduled earlier in this step is never preempted by a later one.
+        #    scheduled earlier in this step is never preempted by a later one. With the priority policy `running`
+        #    is kept in (priority, arrival) order: the victims are the lowest-priority requests.
+        if self.by_priority:
+            self.running.sort(key=self._priority_key)
         index = 0
         drafting = self.proposer is not None and (self.proposer.config.disable_by_batch_size is None
                                                   or len(self.running) <= self.proposer.config.disable_by_batch_size)

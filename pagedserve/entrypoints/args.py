@@ -48,6 +48,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule the next step while the device runs the current one, hiding host work "
                         "(default: on for CUDA, off on CPU)")
+    g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
+                   help="fcfs: requests in arrival order; priority: by each request's `priority` (lower first), "
+                   "then arrival; a step short of KV blocks preempts the lowest-priority running request")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
                    help="auto: triton kernels on CUDA, the torch reference elsewhere")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
@@ -108,6 +111,7 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> EngineCon
         enable_lora=bool(getattr(args, "enable_lora", False) or getattr(args, "lora_modules", None)),
         max_loras=getattr(args, "max_loras", 4), max_lora_rank=getattr(args, "max_lora_rank", 16),
         speculative_config=getattr(args, "speculative_config", None),
+        scheduling_policy=getattr(args, "scheduling_policy", "fcfs"),
     )
     kwargs.update(overrides)
     return EngineConfig(**kwargs)

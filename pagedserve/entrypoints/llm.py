@@ -41,11 +41,13 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Generates for each prompt: a string, a list of token ids, or {"prompt": ...} /
         {"prompt_token_ids": [...]}. Returns one RequestOutput per prompt, in order. lora_request: one adapter for
-        every prompt, or one (or None) per prompt (an engine built with enable_lora=True)."""
-        return self._run(_normalize_prompts(prompts), sampling_params, use_tqdm, lora_request)
+        every prompt, or one (or None) per prompt (an engine built with enable_lora=True). priority: one per prompt,
+        lower first (an engine built with scheduling_policy="priority")."""
+        return self._run(_normalize_prompts(prompts), sampling_params, use_tqdm, lora_request, priority)
 
     def beam_search(
         self,
@@ -113,6 +115,7 @@ class LLM:
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Applies the chat template to one conversation or a list of them, then generates. `tools` (OpenAI's
         function definitions) go into the template, as vLLM's LLM.chat does; the answer's text holds any call
@@ -127,7 +130,7 @@ class LLM:
                                                  tools=tools)
             # The template already holds any BOS token: do not add special tokens twice.
             prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
-        return self._run(prompts, sampling_params, use_tqdm, lora_request)
+        return self._run(prompts, sampling_params, use_tqdm, lora_request, priority)
 
     def _run(
         self,
@@ -135,20 +138,24 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None,
         use_tqdm: bool,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         loras = _per_prompt(lora_request, LoRARequest, len(prompts), "LoRA requests")
+        priorities = [0] * len(prompts) if priority is None else list(priority)
+        if len(priorities) != len(prompts):
+            raise ValueError(f"got {len(priorities)} priorities for {len(prompts)} prompts")
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         params_list = _per_prompt(sampling_params, SamplingParams, len(prompts), "sampling params")
         ids: list[str] = []
         try:
-            for prompt, params, lora in zip(prompts, params_list, loras):
+            for prompt, params, lora, rank in zip(prompts, params_list, loras, priorities, strict=True):
                 request_id = str(self._next_id)
                 self._next_id += 1
                 text, token_ids = _split_prompt(prompt)
                 prompt_input = token_ids if token_ids is not None else text
                 self.engine.add_request(request_id, prompt_input, params, prompt_text=text, final_only=True,
-                                        lora_request=lora)
+                                        lora_request=lora, priority=rank)
                 ids.append(request_id)
         except Exception:
             self.engine.abort_request(ids)

@@ -32,6 +32,7 @@ def test_run_batch_answers_each_line_in_order(tiny_model_dir, tmp_path) -> None:
         _line("emb", "/v1/embeddings", {"model": "tiny", "input": "hello world"}),
         _line("bad-max-tokens", "/v1/completions", {**greedy, "prompt": "x", "max_tokens": -1}),
         _line("wrong-model", "/v1/completions", {**greedy, "model": "gpt-4", "prompt": "x"}),
+        _line("priority", "/v1/completions", {**greedy, "prompt": "x", "priority": 3}),  # fcfs: priority 0 only
         _line("bad-url", "/v1/moderations", {"input": "x"}),
         _line("stream", "/v1/completions", {**greedy, "prompt": "x", "stream": True}),
         _line("get", "/v1/completions", {**greedy, "prompt": "x"}, method="GET"),
@@ -46,15 +47,15 @@ def test_run_batch_answers_each_line_in_order(tiny_model_dir, tmp_path) -> None:
          "--served-model-name", "tiny", "--max-concurrency", "3"],
         input="\n".join(lines), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "run-batch: 12 requests, 5 answered 200, 7 refused" in proc.stderr
+    assert "run-batch: 13 requests, 5 answered 200, 8 refused" in proc.stderr
     results = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["custom_id"] for r in results] == [
-        "cmpl-0", "cmpl-1", "cmpl-2", "chat", "emb", "bad-max-tokens", "wrong-model", "bad-url", "stream", "get",
-        None, None]  # (the blank line has no result)
+        "cmpl-0", "cmpl-1", "cmpl-2", "chat", "emb", "bad-max-tokens", "wrong-model", "priority", "bad-url", "stream",
+        "get", None, None]  # (the blank line has no result)
     assert len({r["id"] for r in results}) == len(results)
     status = {r["custom_id"]: r["response"]["status_code"] for r in results if r["custom_id"]}
     assert status == {"cmpl-0": 200, "cmpl-1": 200, "cmpl-2": 200, "chat": 200, "emb": 200, "bad-max-tokens": 400,
-                      "wrong-model": 404, "bad-url": 400, "stream": 400, "get": 400}
+                      "wrong-model": 404, "priority": 400, "bad-url": 400, "stream": 400, "get": 400}
 
     # The answers are the offline API's on the same (seeded dummy) weights.
     llm = LLM(tiny_model_dir, load_format="dummy", cpu_kv_cache_gib=0.25)
@@ -72,7 +73,8 @@ def test_run_batch_answers_each_line_in_order(tiny_model_dir, tmp_path) -> None:
     # Refusals: the endpoint's error JSON as the body; lines that are not requests: `error`, no body.
     assert results[5]["response"]["body"]["error"]["param"] == "max_tokens" and results[5]["error"] is None
     assert results[6]["response"]["body"]["error"]["code"] == "model_not_found"
-    for r, words in zip(results[7:], ["url '/v1/moderations' is not supported", "stream is not supported",
+    assert results[7]["response"]["body"]["error"]["param"] == "priority"
+    for r, words in zip(results[8:], ["url '/v1/moderations' is not supported", "stream is not supported",
                                       "method 'GET'", "not JSON", "custom_id must be"], strict=True):
         assert r["response"]["body"] is None and r["error"]["code"] == 400 and words in r["error"]["message"]
 

@@ -167,6 +167,56 @@ def test_burst_beyond_queue_limit_gets_503_and_accepted_requests_complete(limite
             assert r.json()["choices"][0]["finish_reason"] == "length"
 
 
+def test_priority_policy_serves_waiting_requests_by_priority(tiny_model_dir) -> None:
+    """--scheduling-policy priority, one sequence at a time: while a long request holds the slot, three requests
+    queue with priorities 2, 0, 1 (chat, completions, completions); once it is cancelled they finish in priority
+    order. A priority that is not an integer is a 400."""
+    import re
+
+    server = tiny_server(tiny_model_dir, "--max-model-len", "4096", "--max-num-seqs", "1",
+                         "--scheduling-policy", "priority")
+
+    def waiting() -> float:
+        text = httpx.get(server.base_url + "/metrics").text
+        match = re.search(r"num_requests_waiting\{[^}]*\} (\S+)", text)
+        return float(match.group(1)) if match else -1.0
+
+    async def main() -> list[int]:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as client:
+            blocker = {"prompt": "hold", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+            async with client.stream("POST", "/v1/completions", json=blocker) as stream:
+                lines = stream.aiter_lines()
+                await lines.__anext__()  # it runs: the slot is taken (the iterator stays open: breaking out of an
+                #                          `async for` over it would close the stream, and so abort the request)
+                finished: list[int] = []
+
+                async def one(priority: int, chat: bool) -> None:
+                    body = {"max_tokens": 4, "ignore_eos": True, "priority": priority}
+                    if chat:
+                        r = await client.post("/v1/chat/completions",
+                                              json={**body, "messages": [{"role": "user", "content": "hi"}]})
+                    else:
+                        r = await client.post("/v1/completions", json={**body, "prompt": f"p{priority}"})
+                    assert r.status_code == 200, r.text
+                    finished.append(priority)
+
+                tasks = [asyncio.ensure_future(one(p, chat)) for p, chat in ((2, True), (0, False), (1, False))]
+                deadline = time.monotonic() + 60
+                while await asyncio.to_thread(waiting) < 3:
+                    assert time.monotonic() < deadline, "the three requests never queued"
+                    await asyncio.sleep(0.05)
+            # leaving the stream closes it: the blocker is aborted and the slot frees
+            await asyncio.gather(*tasks)
+            return finished
+
+    try:
+        assert asyncio.run(main()) == [0, 1, 2]
+        r = httpx.post(server.base_url + "/v1/completions", json={"prompt": "x", "max_tokens": 2, "priority": "high"})
+        assert error_of(r, 400)["param"] == "priority"
+    finally:
+        server.stop()
+
+
 # --------------------------------------------------------------------------- acceptance 6 (timeout)
 def test_sigterm_aborts_requests_still_running_at_the_timeout(tiny_model_dir) -> None:
     server = tiny_server(tiny_model_dir, "--max-model-len", "32768", "--shutdown-timeout", "2")

@@ -74,6 +74,7 @@ class SamplingFields(OpenAIBaseModel):
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)
     min_tokens: Int | None = Field(default=0, ge=0)
     ignore_eos: bool | None = False
+    priority: Int | None = Field(default=0, description="with --scheduling-policy priority: lower runs first")
     stop_token_ids: list[Annotated[Int, Field(ge=0)]] | None = None
     allowed_token_ids: list[Annotated[Int, Field(ge=0)]] | None = Field(
         default=None, description="sample only among these token ids")

@@ -48,6 +48,7 @@ _SAMPLING_FIELD_NAMES = {
     "logit_bias",
     "allowed_token_ids",
     "prompt_logprobs",
+    "priority",
 }
 
 

@@ -115,7 +115,7 @@ class OpenAIServingChat:
         request_id = f"{id_prefix}{uuid.uuid4().hex}"
         try:
             stream = await self.engine.add_request(request_id, prompt_ids, params, arrival, prompt_text,
-                                                   self.engine.lora_requests.get(model_name))
+                                                   self.engine.lora_requests.get(model_name), req.priority or 0)
         except Exception as e:
             # A constraint the engine could not compile: the field it came from (a tool's parameters: "tools").
             raise engine_error(e, structured_outputs_of(req)[1] or ("tools" if constraint is not None else None)) from e

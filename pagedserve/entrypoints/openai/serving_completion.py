@@ -88,7 +88,8 @@ class OpenAIServingCompletion:
         try:
             for rid, (text, ids) in zip(request_ids, prompts):
                 streams.append(await self.engine.add_request(rid, ids, params, arrival, text,
-                                                             self.engine.lora_requests.get(model_name)))
+                                                             self.engine.lora_requests.get(model_name),
+                                                             req.priority or 0))
         except BaseException as e:
             self.engine.abort([s.request_id for s in streams])
             if isinstance(e, Exception):

@@ -51,7 +51,7 @@ _TEXT_PARTS = ("input_text", "output_text", "text")
 # SamplingFields a Responses request may carry as vLLM-style extras (OpenAI's own are mapped one by one below).
 _EXTRAS = ("top_k", "min_p", "repetition_penalty", "min_tokens", "seed", "stop", "stop_token_ids", "ignore_eos",
            "presence_penalty", "frequency_penalty", "logit_bias", "allowed_token_ids", "skip_special_tokens",
-           "include_stop_str_in_output", "structured_outputs")
+           "include_stop_str_in_output", "structured_outputs", "priority")
 
 
 class ResponsesRequest(OpenAIBaseModel):
@@ -90,6 +90,7 @@ class ResponsesRequest(OpenAIBaseModel):
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     structured_outputs: dict[str, Any] | None = None
+    priority: Int | None = None  # vLLM's, with --scheduling-policy priority
 
 
 MAX_STORED_RESPONSES = 1024
