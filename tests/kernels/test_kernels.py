@@ -132,8 +132,9 @@ def make_batch(
     return Batch(query.to(**to), key.to(**to), value.to(**to), kv_cache.to(**to), full_cache.to(**to), meta)
 
 
-def reference_attention(query, cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Plain torch, float64: gather blocks, GQA by repeat, causal offset mask, softmax."""
+def reference_attention(query, cache, meta: AttentionMetadata, scale: float, window: int | None = None) -> torch.Tensor:
+    """Plain torch, float64: gather blocks, GQA by repeat, causal offset mask (and a sliding window: the last
+    `window` positions, itself included), softmax."""
     num_heads = query.shape[1]
     _, _, block_size, num_kv_heads, head_dim = cache.shape
     qsl = meta.query_start_loc.tolist()
@@ -147,6 +148,8 @@ def reference_attention(query, cache, meta: AttentionMetadata, scale: float) -> 
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale
         pos = seq_len - q_len + torch.arange(q_len)
         visible = torch.arange(seq_len)[None, :] <= pos[:, None]
+        if window is not None:
+            visible &= torch.arange(seq_len)[None, :] > pos[:, None] - window
         scores = scores.masked_fill(~visible, float("-inf"))
         out[qsl[s] : qsl[s + 1]] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
     return out
@@ -580,6 +583,75 @@ def test_prefill_tile_shapes(block_m, block_n):
         b.meta.max_query_len, out=out, block_m=block_m, block_n=block_n,
     )  # fmt: skip
     assert_close(out, reference_attention(b.query, b.full_cache, b.meta, 0.1), dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sliding windows (Mistral, Gemma's local layers): each token sees its last `window` keys
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("window", [1, 5, 16, 33, 500])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_window(window, num_splits):
+    """Windows shorter than a tile, one tile exactly, across tiles, past every context; contexts not multiples of
+    the tile or the block, a one-token prompt; 3 splits (empty ones among them for short windows)."""
+    dtype = DTYPES[-1]
+    spec = [(36, 1), (2 * 16 + 5, 1), (0, 1), (80, 1), (15, 1)]
+    b = make_batch(spec, num_heads=8, num_kv_heads=2, head_dim=64, block_size=8, dtype=dtype,
+                   share_prefix=(1, 3, 2))
+    out = poisoned_like(b.query)
+    paged_attention_decode(b.query, b.full_cache, b.meta.block_tables, b.meta.seq_lens, 0.125, out=out,
+                           num_splits=num_splits, block_n=16, window=window)
+    assert_close(out, reference_attention(b.query, b.full_cache, b.meta, 0.125, window), dtype)
+
+
+@pytest.mark.parametrize("window", [3, 16, 29])
+@pytest.mark.parametrize("split_decodes", [False, True], ids=["unified", "split"])
+def test_prefill_window(window, split_decodes):
+    """A fresh prompt, a chunk after a cached prefix, a prefix-cache hit and decodes, with rows whose window
+    starts inside a tile, at a tile boundary, or before the cached prefix ends; padding rows left alone."""
+    dtype = DTYPES[-1]
+    block_size = 8
+    spec = [(0, 37), (2 * block_size, 11), (21, 19), (40, 1), (3 * block_size + 3, 1)]
+    b = make_batch(spec, num_heads=8, num_kv_heads=2, head_dim=64, block_size=block_size, dtype=dtype,
+                   share_prefix=(4, 1, 2), num_pad_tokens=2)
+    out = poisoned_like(b.query)
+    m = b.meta
+    if split_decodes:
+        paged_attention_decode(b.query, b.full_cache, m.block_tables, m.seq_lens, 0.125, out=out, num_splits=2,
+                               block_n=16, query_start_loc=m.query_start_loc, window=window)
+    paged_attention_prefill(b.query, b.full_cache, m.query_start_loc, m.seq_lens, m.block_tables, 0.125,
+                            m.max_query_len, out=out, block_m=16, block_n=16, skip_decodes=split_decodes,
+                            window=window)
+    num_real = m.query_start_loc[-1].item()
+    assert_close(out[:num_real], reference_attention(b.query, b.full_cache, m, 0.125, window), dtype)
+    assert torch.isnan(out[num_real:]).all(), "padding rows must be left alone"
+
+
+@pytest.mark.parametrize("decode_only", [True, False], ids=["decode", "mixed"])
+def test_backends_with_a_window(decode_only):
+    """Both backends' forward (cache write, then attention) with a window, against the reference; the Triton
+    decode step leaves the step's work list aside (it covers whole contexts)."""
+    from pagedserve.executor.attention.torch_ref import TorchAttentionBackend
+
+    dtype = DTYPES[0]
+    spec = [(20, 1), (40, 1), (2 * 16 + 9, 1), (0, 1)] if decode_only else [(0, 21), (32, 5), (20, 1), (17, 14)]
+    for backend in (TritonAttentionBackend(), TorchAttentionBackend()):
+        b = make_batch(spec, num_heads=8, num_kv_heads=2, head_dim=64, block_size=16, dtype=dtype)
+        if decode_only and isinstance(backend, TritonAttentionBackend):
+            work = decode_work_list(b.meta.seq_lens_cpu, 2, 4, 16, work_capacity(len(spec), 2, 4))
+            b.meta.decode_work = torch.from_numpy(work).to(DEVICE)
+        out = backend.forward(b.query, b.key, b.value, b.kv_cache, b.meta, 0.125, window=9)
+        assert_close(out, reference_attention(b.query, b.full_cache, b.meta, 0.125, 9), dtype)
+
+
+def test_bad_windows_are_refused():
+    b = make_batch([(5, 1)], num_heads=4, num_kv_heads=2, head_dim=64, block_size=8, dtype=DTYPES[0])
+    with pytest.raises(ValueError, match="window must be a positive key count"):
+        paged_attention_decode(b.query, b.full_cache, b.meta.block_tables, b.meta.seq_lens, 0.1, window=0)
+    with pytest.raises(ValueError, match="window must be a positive key count"):
+        paged_attention_prefill(b.query, b.full_cache, b.meta.query_start_loc, b.meta.seq_lens, b.meta.block_tables,
+                                0.1, 1, window=-3)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -72,5 +72,6 @@ class AttentionBackend(ABC):
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         meta: AttentionMetadata,
         scale: float,
+        window: int | None = None,  # a sliding window: each token sees its last `window` keys (itself included)
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         ...

@@ -46,9 +46,10 @@ def gather_kv(
 
 
 def causal_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, window: int | None = None
 ) -> torch.Tensor:
-    """query [q, H, D] for the LAST q of the seq_len positions in key/value [seq_len, KVH, D].
+    """query [q, H, D] for the LAST q of the seq_len positions in key/value [seq_len, KVH, D]. window: a sliding
+    window, each query sees only its last `window` positions (itself included), as Transformers' sliding masks.
 
     GQA: each group of H // KVH query heads shares one kv head (repeat_interleave, as HF's
     repeat_kv). Scores, softmax and the weighted sum are fp32; the result has query's dtype.
@@ -62,6 +63,8 @@ def causal_attention(
     query_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
     key_pos = torch.arange(seq_len, device=query.device)
     future = key_pos[None, :] > query_pos[:, None]  # [q, seq_len]
+    if window is not None:
+        future |= key_pos[None, :] <= query_pos[:, None] - window
     scores.masked_fill_(future[None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.einsum("hqk,khd->qhd", probs, v).to(query.dtype)
@@ -78,6 +81,7 @@ class TorchAttentionBackend(AttentionBackend):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        window: int | None = None,
     ) -> torch.Tensor:
         write_kv_cache(kv_cache, key, value, meta.slot_mapping)
         query_lens = meta.query_lens_cpu
@@ -88,7 +92,7 @@ class TorchAttentionBackend(AttentionBackend):
         start = 0
         for s, (q_len, seq_len) in enumerate(zip(query_lens, seq_lens)):
             k, v = gather_kv(kv_cache, meta.block_tables[s], seq_len)
-            out[start : start + q_len] = causal_attention(query[start : start + q_len], k, v, scale)
+            out[start : start + q_len] = causal_attention(query[start : start + q_len], k, v, scale, window)
             start += q_len
         # Tokens past the last sequence (padding of a captured batch size) get zeros, not garbage.
         out[start:] = 0

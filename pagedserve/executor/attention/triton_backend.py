@@ -73,11 +73,13 @@ class TritonAttentionBackend(AttentionBackend):
         out: torch.Tensor | None = None,
         rope=None,
         kv_written: bool = False,
+        window: int | None = None,
     ) -> torch.Tensor:
         """See AttentionBackend.forward; `out` optionally receives the result ([T, Hq, D]). With `rope`
         (a layers.RopeStep for CUDA), query and key arrive unrotated and are rotated in place here. With
         kv_written, the step's K/V are already in the cache and query is rotated (kernels/qkv_rope_kv.py):
-        key and value are not used."""
+        key and value are not used. window: a sliding window (each token sees its last `window` keys); decode
+        steps then split the window's keys, without the step's work list."""
         if not kv_written:
             if rope is not None:
                 rotary_and_write_kv_cache(query, key, value, rope.positions, rope.cos_sin_cache, kv_cache,
@@ -97,9 +99,10 @@ class TritonAttentionBackend(AttentionBackend):
                 scale,
                 out=out[:num_seqs],
                 max_seq_len=meta.max_seq_len,
-                num_splits=None if meta.decode_work is not None else self.decode_num_splits,
+                num_splits=None if meta.decode_work is not None and window is None else self.decode_num_splits,
                 seq_order=meta.seq_order,
-                work=meta.decode_work,
+                work=meta.decode_work if window is None else None,
+                window=window,
             )
             return out
 
@@ -120,6 +123,7 @@ class TritonAttentionBackend(AttentionBackend):
                 num_splits=self.decode_num_splits,
                 query_start_loc=meta.query_start_loc,
                 num_decodes=num_decodes,
+                window=window,
             )
         if num_prefills != 0:
             paged_attention_prefill(
@@ -133,6 +137,7 @@ class TritonAttentionBackend(AttentionBackend):
                 out=out,
                 skip_decodes=use_decode_kernel,
                 max_seq_len=meta.max_seq_len,
+                window=window,
             )
         return out
 

@@ -59,6 +59,7 @@ def _attend_tile(
     block_table_ptr,  # this sequence's row of the block table
     tile_start,  # first token position of this tile
     row_last_pos,  # [BLOCK_M] last key position each row may see (causal / length limit)
+    row_first_pos,  # [BLOCK_M] first key position each row may see (WINDOWED only: a sliding window)
     kv_len,  # keys that exist for this program (loads beyond are masked)
     qk_scale,  # softmax scale * log2(e)
     kv_head_offset,  # kv_head * stride_c_head
@@ -69,8 +70,10 @@ def _attend_tile(
     BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     MASK: tl.constexpr,  # False: every key of the tile is visible to every row (no masks at all)
+    WINDOWED: tl.constexpr = False,  # keys before row_first_pos are masked too (with MASK)
 ):
-    """One online-softmax step over BLOCK_N keys read through the block table."""
+    """One online-softmax step over BLOCK_N keys read through the block table. A row that sees none of the tile's
+    keys adds nothing, as long as its running max started finite (-1e30, not -inf)."""
     offs_n = tile_start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
@@ -97,6 +100,8 @@ def _attend_tile(
         s = tl.dot(q, k) * qk_scale
     if MASK:
         s = tl.where(offs_n[None, :] <= row_last_pos[:, None], s, float("-inf"))
+        if WINDOWED:
+            s = tl.where(offs_n[None, :] >= row_first_pos[:, None], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
@@ -154,7 +159,7 @@ def _merge_parts(o, lse, part_out_ptr, part_lse_ptr, counter_ptr, part_row, part
 
 # One compiled variant for any split count and block-table width (the width follows the longest
 # sequence of the step; Triton would otherwise compile new variants for widths == 1 or % 16 == 0).
-@triton.jit(do_not_specialize=["num_splits", "stride_bt_seq"])
+@triton.jit(do_not_specialize=["num_splits", "stride_bt_seq", "window"])
 def _paged_decode_kernel(
     q_ptr,
     out_ptr,
@@ -171,6 +176,7 @@ def _paged_decode_kernel(
     stride_w,  # between the rows of work
     qk_scale,
     num_splits,
+    window,  # WINDOWED only: keys a token sees (itself included), a sliding window
     stride_q_tok,
     stride_q_head,
     stride_o_tok,
@@ -190,6 +196,7 @@ def _paged_decode_kernel(
     MIXED: tl.constexpr,
     ORDERED: tl.constexpr,
     WORK: tl.constexpr = False,
+    WINDOWED: tl.constexpr = False,  # a sliding window: only the last `window` keys (not with WORK)
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
     pdl_enter(USE_PDL)
@@ -229,17 +236,21 @@ def _paged_decode_kernel(
         q_row = seq64
     seq_len = tl.load(seq_lens_ptr + seq)
     num_tiles = tl.cdiv(seq_len, BLOCK_N)
+    first_key = 0  # the first key the token sees
+    if WINDOWED:
+        first_key = tl.maximum(seq_len - window, 0)
+    first_tile = first_key // BLOCK_N  # every tile from it on holds a key the token sees
     if WORK:  # the host cut chunks at multiples of BLOCK_N
         tile_lo = tok_lo // BLOCK_N
         tile_hi = tl.cdiv(tl.minimum(tok_hi, seq_len), BLOCK_N)
     elif SPLIT:
-        tiles_per_split = tl.cdiv(num_tiles, num_splits)
-        tile_lo = split * tiles_per_split
+        tiles_per_split = tl.cdiv(num_tiles - first_tile, num_splits)
+        tile_lo = first_tile + split * tiles_per_split
         tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
         if tile_lo >= tile_hi:  # empty split: the reduce kernel skips it
             return
     else:
-        tile_lo = 0
+        tile_lo = first_tile
         tile_hi = num_tiles
 
     offs_g = tl.arange(0, BLOCK_G)
@@ -257,22 +268,33 @@ def _paged_decode_kernel(
     m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     row_last_pos = tl.full([BLOCK_G], 0, dtype=tl.int32) + (seq_len - 1)
+    row_first_pos = tl.full([BLOCK_G], 0, dtype=tl.int32) + first_key
     bt_row = block_tables_ptr + seq64 * stride_bt_seq
     kv_head_offset = kv_head.to(tl.int64) * stride_c_head
 
-    # Tiles fully inside the sequence need no masks; only the ragged last one does.
+    # Tiles fully inside the sequence (and, with a window, past its first key) need no masks; the ragged last
+    # one and the window's first one do.
+    full_lo = tile_lo
+    if WINDOWED:
+        if first_key % BLOCK_N != 0 and tile_lo == first_tile:
+            acc, m_i, l_i = _attend_tile(
+                q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, tile_lo * BLOCK_N, row_last_pos, row_first_pos,
+                seq_len, qk_scale, kv_head_offset, stride_c_block, stride_c_slot,
+                HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, True, True,
+            )  # fmt: skip
+            full_lo = tile_lo + 1
     full_hi = tl.minimum(tile_hi, seq_len // BLOCK_N)
-    for tile in range(tile_lo, full_hi):
+    for tile in range(full_lo, full_hi):
         acc, m_i, l_i = _attend_tile(
-            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, tile * BLOCK_N, row_last_pos, seq_len,
-            qk_scale, kv_head_offset, stride_c_block, stride_c_slot,
+            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, tile * BLOCK_N, row_last_pos, row_first_pos,
+            seq_len, qk_scale, kv_head_offset, stride_c_block, stride_c_slot,
             HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, False,
         )  # fmt: skip
-    if tile_hi > full_hi:
+    if tile_hi > tl.maximum(full_hi, full_lo):
         acc, m_i, l_i = _attend_tile(
-            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, full_hi * BLOCK_N, row_last_pos, seq_len,
-            qk_scale, kv_head_offset, stride_c_block, stride_c_slot,
-            HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, True,
+            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, tl.maximum(full_hi, full_lo) * BLOCK_N,
+            row_last_pos, row_first_pos, seq_len, qk_scale, kv_head_offset, stride_c_block, stride_c_slot,
+            HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, True, WINDOWED,
         )  # fmt: skip
 
     store_mask = g_mask[:, None] & d_mask[None, :]
@@ -302,7 +324,7 @@ def _paged_decode_kernel(
         )
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_splits", "window"])
 def _decode_reduce_kernel(
     out_ptr,
     part_out_ptr,
@@ -310,6 +332,7 @@ def _decode_reduce_kernel(
     seq_lens_ptr,
     query_start_loc_ptr,  # MIXED only
     num_splits,
+    window,  # WINDOWED only
     stride_o_tok,
     stride_o_head,
     NUM_HEADS: tl.constexpr,
@@ -318,6 +341,7 @@ def _decode_reduce_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MIXED: tl.constexpr,
+    WINDOWED: tl.constexpr = False,
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
     pdl_enter(USE_PDL)
@@ -333,6 +357,8 @@ def _decode_reduce_kernel(
     seq_len = tl.load(seq_lens_ptr + seq)
     # Recompute which splits ran (same arithmetic as the attention kernel).
     num_tiles = tl.cdiv(seq_len, BLOCK_N)
+    if WINDOWED:
+        num_tiles -= tl.maximum(seq_len - window, 0) // BLOCK_N
     tiles_per_split = tl.maximum(tl.cdiv(num_tiles, num_splits), 1)
     num_valid = tl.cdiv(num_tiles, tiles_per_split)
 
@@ -425,8 +451,12 @@ def paged_attention_decode(
     num_decodes: int | None = None,
     seq_order: torch.Tensor | None = None,
     work: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged context; returns [num_seqs, Hq, D].
+
+    window (a sliding window, e.g. Mistral's or Gemma's local layers): the token sees only the last `window` keys,
+    itself included (not with work; splits divide those keys only).
 
     Mixed batches: with query_start_loc given, query/out are the whole flat batch [T, Hq, D] and
     only sequences with exactly one new token are computed (at row query_start_loc[s]); the other
@@ -458,6 +488,9 @@ def paged_attention_decode(
             raise ValueError(f"seq_order is on {seq_order.device}, seq_lens on {seq_lens.device}")
         if seq_order.stride(0) != 1:
             seq_order = seq_order.contiguous()
+    windowed = window is not None
+    if windowed and (window < 1 or work is not None):
+        raise ValueError(f"window must be a positive key count without work, got {window}")
     if work is not None:
         if mixed or ordered or num_splits not in (None, 1):
             raise ValueError("work takes a decode-only batch without seq_order or num_splits")
@@ -486,6 +519,8 @@ def paged_attention_decode(
     else:
         if max_seq_len is None:
             max_seq_len = block_tables.shape[1] * block_size
+        if windowed:
+            max_seq_len = min(max_seq_len, window + block_n)  # the keys a window's tiles hold at most
         if num_splits is None:
             num_splits = choose_num_splits(
                 num_seqs if num_decodes is None else num_decodes, num_kv_heads, max_seq_len, block_n, query.device
@@ -509,7 +544,7 @@ def paged_attention_decode(
         query, out, k_cache, v_cache, block_tables, seq_lens, query_start_loc if mixed else seq_lens,
         seq_order if ordered else seq_lens, part_out, part_lse,
         work if work is not None else seq_lens, counters, work.stride(0) if work is not None else 0,
-        scale * LOG2E, num_splits,
+        scale * LOG2E, num_splits, window or 0,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_HEADS=num_heads,
@@ -523,13 +558,14 @@ def paged_attention_decode(
         MIXED=mixed,
         ORDERED=ordered,
         WORK=work is not None,
+        WINDOWED=windowed,
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl_launch_kwargs(query.device),
     )  # fmt: skip
     if split:  # indexed by the real sequence: the partials are at the real sequence's rows
         _decode_reduce_kernel[(num_seqs, num_heads)](
-            out, part_out, part_lse, seq_lens, query_start_loc if mixed else seq_lens, num_splits,
+            out, part_out, part_lse, seq_lens, query_start_loc if mixed else seq_lens, num_splits, window or 0,
             out.stride(0), out.stride(1),
             NUM_HEADS=num_heads,
             HEAD_DIM=head_dim,
@@ -539,6 +575,7 @@ def paged_attention_decode(
             BLOCK_S=triton.next_power_of_2(_MAX_SPLITS),
             BLOCK_N=block_n,
             MIXED=mixed,
+            WINDOWED=windowed,
             num_warps=4 if head_dim >= 128 else 2,
             **pdl_launch_kwargs(out.device),
         )  # fmt: skip

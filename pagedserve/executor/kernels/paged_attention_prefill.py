@@ -48,7 +48,7 @@ def _find_seq(query_start_loc_ptr, q_tile_slot, num_seqs, BLOCK_Q: tl.constexpr)
     return lo - 1
 
 
-@triton.jit(do_not_specialize=["num_seqs", "stride_bt_seq"])  # one variant for any batch and table width
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt_seq", "window"])  # one variant for any batch, table width
 def _paged_prefill_kernel(
     q_ptr,
     out_ptr,
@@ -59,6 +59,7 @@ def _paged_prefill_kernel(
     query_start_loc_ptr,
     qk_scale,
     num_seqs,
+    window,  # WINDOWED only: keys a token sees (itself included), a sliding window
     stride_q_tok,
     stride_q_head,
     stride_o_tok,
@@ -75,6 +76,7 @@ def _paged_prefill_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     SKIP_DECODES: tl.constexpr,
+    WINDOWED: tl.constexpr = False,
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
     pdl_enter(USE_PDL)
@@ -122,20 +124,31 @@ def _paged_prefill_kernel(
     # Keys 0 ..= first_pos are visible to every row: those whole tiles run without masks.
     first_pos = ctx_len + q_tile_start
     kv_end = ctx_len + tl.minimum(q_tile_start + BLOCK_Q, q_len)  # keys the last row sees
-    num_full = (first_pos + 1) // BLOCK_N
     num_tiles = tl.cdiv(kv_end, BLOCK_N)
-    for tile in range(0, num_full):
-        acc, m_i, l_i = _attend_tile(
-            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, tile * BLOCK_N, row_last_pos, kv_end,
-            qk_scale, kv_head_offset, stride_c_block, stride_c_slot,
-            HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, False,
-        )  # fmt: skip
-    for tile in range(num_full, num_tiles):
-        acc, m_i, l_i = _attend_tile(
-            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, tile * BLOCK_N, row_last_pos, kv_end,
-            qk_scale, kv_head_offset, stride_c_block, stride_c_slot,
-            HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, True,
-        )  # fmt: skip
+    if WINDOWED:
+        # Row r sees keys row_last_pos - window + 1 ..= row_last_pos: from the first row's first key on, every
+        # tile masked (a row may see none of a tile's keys: its running max starts finite, so that adds nothing).
+        row_first_pos = row_last_pos - window + 1
+        for tile in range(tl.maximum(first_pos - window + 1, 0) // BLOCK_N, num_tiles):
+            acc, m_i, l_i = _attend_tile(
+                q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, tile * BLOCK_N, row_last_pos, row_first_pos,
+                kv_end, qk_scale, kv_head_offset, stride_c_block, stride_c_slot,
+                HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, True, True,
+            )  # fmt: skip
+    else:
+        num_full = (first_pos + 1) // BLOCK_N
+        for tile in range(0, num_full):
+            acc, m_i, l_i = _attend_tile(
+                q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, tile * BLOCK_N, row_last_pos, row_last_pos,
+                kv_end, qk_scale, kv_head_offset, stride_c_block, stride_c_slot,
+                HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, False,
+            )  # fmt: skip
+        for tile in range(num_full, num_tiles):
+            acc, m_i, l_i = _attend_tile(
+                q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, tile * BLOCK_N, row_last_pos, row_last_pos,
+                kv_end, qk_scale, kv_head_offset, stride_c_block, stride_c_slot,
+                HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, True,
+            )  # fmt: skip
 
     o = acc / l_i[:, None]
     tl.store(
@@ -177,8 +190,11 @@ def paged_attention_prefill(
     num_stages: int | None = None,
     skip_decodes: bool = False,
     max_seq_len: int | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Causal paged attention of each sequence's new tokens over its whole context; returns [T, Hq, D].
+
+    window: a sliding window: each token sees only the last `window` keys, itself included.
 
     skip_decodes=True leaves sequences with one new token to paged_attention_decode (mixed mode).
     max_seq_len (host int, optional) only steers the tile shape.
@@ -190,6 +206,8 @@ def paged_attention_prefill(
     num_seqs = seq_lens.shape[0]
     if num_tokens == 0 or num_seqs == 0:
         return out
+    if window is not None and window < 1:
+        raise ValueError(f"window must be a positive key count, got {window}")
     queries_per_kv = num_heads // num_kv_heads
     config = default_prefill_config(head_dim, max_query_len, queries_per_kv, max_seq_len)
     block_m = block_m or config["block_m"]
@@ -200,7 +218,7 @@ def paged_attention_prefill(
     grid = (num_tokens // block_q + num_seqs, num_kv_heads)
     _paged_prefill_kernel[grid](
         query, out, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-        scale * LOG2E, num_seqs,
+        scale * LOG2E, num_seqs, window or 0,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         QUERIES_PER_KV=queries_per_kv,
@@ -211,6 +229,7 @@ def paged_attention_prefill(
         BLOCK_N=block_n,
         BLOCK_SIZE=block_size,
         SKIP_DECODES=skip_decodes,
+        WINDOWED=window is not None,
         num_warps=num_warps or config["num_warps"],
         num_stages=num_stages or config["num_stages"],
         **pdl_launch_kwargs(query.device),
