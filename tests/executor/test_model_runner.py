@@ -52,12 +52,14 @@ def run_mixed_batch_against_hf(arch: str, tmp_path, device: str, backend: str, t
                                pad: bool | None = None, quantization: str | None = None,
                                dtype: torch.dtype = torch.float32, kv_cache_dtype: str = "auto",
                                kv_scales: list[tuple[float, float]] | None = None,
-                               kv_scale_style: str = "llm-compressor", reference_uses_scales: bool = True) -> None:
+                               kv_scale_style: str = "llm-compressor", reference_uses_scales: bool = True,
+                               overrides: dict | None = None) -> None:
     """quantization="fp8": the reference is HF with its projections rounded to fp8 as the engine rounds them;
     kv_cache_dtype="fp8": HF with its keys (after rotary) and values rounded as the fp8 cache holds them;
     kv_scales: per layer (k, v) scales written into the checkpoint (kv_scale_style names them), which the engine
-    uses as the powers of two at or above them (executor/kv_scales.py), and so does the reference."""
-    hf = save_tiny_model(arch, tmp_path)
+    uses as the powers of two at or above them (executor/kv_scales.py), and so does the reference.
+    overrides: config fields of the tiny model (e.g. a sliding window)."""
+    hf = save_tiny_model(arch, tmp_path, **(overrides or {}))
     if quantization == "fp8":
         from tests.executor.test_quantization import round_projections_to_fp8
 

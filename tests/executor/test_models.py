@@ -155,15 +155,6 @@ def test_model_variants_match_hf(arch: str, overrides: dict, tmp_path) -> None:
     assert max_rel_err(sampler.logits[-1]["r"], hf_logits(hf, tokens)[-1]) < 1e-4
 
 
-def test_mistral_sliding_window_shorter_than_the_context_is_refused(tmp_path) -> None:
-    save_tiny_model("mistral", tmp_path, sliding_window=16)
-    with pytest.raises(ValueError, match="sliding window of 16 tokens.*--max-model-len 16"):
-        make_runner(tmp_path)
-    runner, sampler = make_runner(tmp_path, max_model_len=16)  # the window then covers every context
-    runner.execute(step(scheduled("r", list(range(3, 15)), 0, [1, 2, 3], needs_sample=True)))
-    assert sampler.logits[-1]["r"].shape == (256,)
-
-
 def test_yarn_model_serves_past_max_position_embeddings(tmp_path) -> None:
     """A YaRN config (max_position_embeddings 32, factor 4): the engine's default context is 128 tokens, and a
     90-token prompt (past the original 32) answers as Transformers does; a longer --max-model-len is refused."""

@@ -120,12 +120,6 @@ def test_a_bad_expert_shape_is_an_error(tmp_path) -> None:
         make_runner(tmp_path)
 
 
-def test_mixtral_sliding_window_shorter_than_the_context_is_refused(tmp_path) -> None:
-    save_tiny_model("mixtral", tmp_path, sliding_window=16)
-    with pytest.raises(ValueError, match="Mixtral model attends within a sliding window of 16"):
-        make_runner(tmp_path)
-
-
 @pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral"])
 def test_llm_generates_as_transformers(arch: str, tmp_path, real_model_dir) -> None:
     """Through the engine: chunked prefills (16-token chunks), a prefix hit (the second call's first prompt repeats

@@ -72,6 +72,26 @@ def num_kv_heads_of(hf_config: Any) -> int:
     return getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
 
 
+def sliding_window_of(hf_config: Any, layer_idx: int, context: int | None = None) -> int | None:
+    """The keys a token of layer layer_idx sees (itself included), or None for full attention: Mistral / Mixtral's
+    `sliding_window` on every layer; Qwen's only with use_sliding_window, on the layers `layer_types` marks
+    "sliding_attention" (else those from max_window_layers on), as Transformers reads them. A window no shorter
+    than the context changes nothing: None."""
+    window = getattr(hf_config, "sliding_window", None)
+    if not window or getattr(hf_config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types is not None:
+        sliding = layer_types[layer_idx] == "sliding_attention"
+    elif hasattr(hf_config, "max_window_layers"):
+        sliding = layer_idx >= hf_config.max_window_layers
+    else:
+        sliding = True
+    if not sliding or (context is not None and window >= context):
+        return None
+    return int(window)
+
+
 def local_num_kv_heads(hf_config: Any) -> int:
     """The kv heads this rank's attention and KV cache hold (all of them without tensor parallelism)."""
     return shard(num_kv_heads_of(hf_config), "num_key_value_heads")
@@ -128,9 +148,13 @@ def _fuses_qkv_rope(hidden: torch.Tensor, rope: RopeStep, backend: Any) -> bool:
 
 
 class DecoderAttention(nn.Module):
-    def __init__(self, hf_config: Any, layer_idx: int, qkv_bias: bool, o_bias: bool, qk_norm: bool = False) -> None:
+    def __init__(self, hf_config: Any, layer_idx: int, qkv_bias: bool, o_bias: bool, qk_norm: bool = False,
+                 context: int | None = None) -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        # A sliding window (keys a token sees), or None; passed to the backend only when set.
+        self.sliding_window = sliding_window_of(hf_config, layer_idx, context)
+        self._window = {} if self.sliding_window is None else {"window": self.sliding_window}
         # This rank's heads (all of them with one rank).
         self.num_heads = shard(hf_config.num_attention_heads, "num_attention_heads")
         self.num_kv_heads = local_num_kv_heads(hf_config)
@@ -157,7 +181,8 @@ class DecoderAttention(nn.Module):
 
             q = qkv_rope_kv_write(hidden, self.qkv_proj.weight, self.qkv_proj.bias, rope.positions,
                                   rope.cos_sin_cache, kv_cache, ctx.attn_metadata.slot_mapping, self.num_heads)
-            out = ctx.backend.forward(q, None, None, kv_cache, ctx.attn_metadata, self.scale, kv_written=True)
+            out = ctx.backend.forward(q, None, None, kv_cache, ctx.attn_metadata, self.scale, kv_written=True,
+                                      **self._window)
             return all_reduce(self.o_proj(out.reshape(num_tokens, self.q_size)))
         qkv = self.qkv_proj(hidden)
         q, k, v = (t.view(num_tokens, -1, self.head_dim)
@@ -166,10 +191,10 @@ class DecoderAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope.cos is None and getattr(ctx.backend, "fuses_rotary", False):
             # CUDA + Triton backend: rotary happens inside the KV-cache write kernel.
-            out = ctx.backend.forward(q, k, v, kv_cache, ctx.attn_metadata, self.scale, rope=rope)
+            out = ctx.backend.forward(q, k, v, kv_cache, ctx.attn_metadata, self.scale, rope=rope, **self._window)
         else:
             q, k = rope.rotate(q, k)
-            out = ctx.backend.forward(q, k, v, kv_cache, ctx.attn_metadata, self.scale)
+            out = ctx.backend.forward(q, k, v, kv_cache, ctx.attn_metadata, self.scale, **self._window)
         return all_reduce(self.o_proj(out.reshape(num_tokens, self.q_size)))
 
 
@@ -197,9 +222,9 @@ class DecoderMLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, hf_config: Any, layer_idx: int, qkv_bias: bool, o_bias: bool, mlp_bias: bool,
-                 qk_norm: bool = False, moe_renormalize: bool | None = None) -> None:
+                 qk_norm: bool = False, moe_renormalize: bool | None = None, context: int | None = None) -> None:
         super().__init__()
-        self.self_attn = DecoderAttention(hf_config, layer_idx, qkv_bias, o_bias, qk_norm)
+        self.self_attn = DecoderAttention(hf_config, layer_idx, qkv_bias, o_bias, qk_norm, context)
         # MoE models (moe_renormalize set): the sparse block where the config puts one (models/moe.py).
         self.mlp: nn.Module
         if moe_renormalize is not None and is_moe_layer(hf_config, layer_idx):
@@ -232,12 +257,12 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     def __init__(
         self, hf_config: Any, max_position: int, qkv_bias: bool, o_bias: bool, mlp_bias: bool, qk_norm: bool = False,
-        moe_renormalize: bool | None = None,
+        moe_renormalize: bool | None = None, context: int | None = None,
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(hf_config.vocab_size, hf_config.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(hf_config, i, qkv_bias, o_bias, mlp_bias, qk_norm, moe_renormalize)
+            DecoderLayer(hf_config, i, qkv_bias, o_bias, mlp_bias, qk_norm, moe_renormalize, context)
             for i in range(hf_config.num_hidden_layers)
         )
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
@@ -265,11 +290,12 @@ class DecoderForCausalLM(nn.Module):
         super().__init__()
         if getattr(hf_config, "hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {hf_config.hidden_act!r} is not supported; only 'silu'")
-        if getattr(hf_config, "use_sliding_window", False):
-            raise ValueError("sliding-window attention is not supported; set use_sliding_window=false")
         self.config = hf_config
         self.max_position = max(max_position or 0, rope_max_positions(hf_config))
-        self.model = DecoderModel(hf_config, self.max_position, qkv_bias, o_bias, mlp_bias, qk_norm, moe_renormalize)
+        # the context served (max_model_len, else the model's): a sliding window no shorter is no window
+        context = max_position or rope_max_positions(hf_config)
+        self.model = DecoderModel(hf_config, self.max_position, qkv_bias, o_bias, mlp_bias, qk_norm, moe_renormalize,
+                                  context)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.vocab_size = int(hf_config.vocab_size)
         if self.tie_word_embeddings:
@@ -432,22 +458,7 @@ class Qwen3ForCausalLM(DecoderForCausalLM):
 
 
 class MistralForCausalLM(LlamaForCausalLM):
-    """Mistral: Llama's layout. Its sliding window (v0.1: 4,096 tokens) is not implemented, so a context longer
-    than the window is refused (a window of null, as v0.2 / v0.3 have, or one no shorter than max_model_len,
-    changes nothing)."""
-
-    def __init__(self, hf_config: Any, max_position: int | None = None) -> None:
-        _refuse_short_window(hf_config, max_position)
-        super().__init__(hf_config, max_position)
-
-
-def _refuse_short_window(hf_config: Any, max_position: int | None) -> None:
-    window = getattr(hf_config, "sliding_window", None)
-    context = max_position or hf_config.max_position_embeddings
-    if window is not None and context > window:
-        raise ValueError(f"this {hf_config.model_type.capitalize()} model attends within a sliding window of {window} "
-                         f"tokens, which is not supported; serve it with --max-model-len {window} or less "
-                         f"(now {context})")
+    """Mistral: Llama's layout; v0.1's sliding window (4,096 tokens) on every layer (v0.2 / v0.3 have none)."""
 
 
 class Qwen2MoeForCausalLM(DecoderForCausalLM):
@@ -473,5 +484,4 @@ class MixtralForCausalLM(DecoderForCausalLM):
     """Mixtral: Mistral's attention, 8 experts a layer, the top 2 renormalized (the softmax over their logits)."""
 
     def __init__(self, hf_config: Any, max_position: int | None = None) -> None:
-        _refuse_short_window(hf_config, max_position)
         super().__init__(hf_config, max_position, qkv_bias=False, moe_renormalize=True)

@@ -1,0 +1,50 @@
+"""Sliding-window attention (Mistral v0.1, Mixtral, Qwen2 / Qwen3 with use_sliding_window) through the torch
+backend against Transformers in fp32: which layers slide, one mixed step, and the engine end to end with contexts
+well past the window (chunked prefill, a prefix hit, decodes)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pagedserve import LLM, SamplingParams
+from pagedserve.executor.models.decoder import sliding_window_of
+from tests.executor.helpers import tiny_hf_config
+from tests.executor.test_model_runner import run_mixed_batch_against_hf
+from tests.executor.test_tensor_parallel import hf_greedy, tiny_checkpoint
+
+# Qwen2: layers from max_window_layers on slide (Transformers' layer_types); the first one attends to everything.
+QWEN2_SLIDING = dict(use_sliding_window=True, sliding_window=6, max_window_layers=1)
+
+
+def test_which_layers_slide() -> None:
+    mistral = tiny_hf_config("mistral", sliding_window=16)
+    assert [sliding_window_of(mistral, i, 128) for i in range(2)] == [16, 16]
+    assert sliding_window_of(mistral, 0, 16) is None  # a window no shorter than the context: full attention
+    qwen2 = tiny_hf_config("qwen2", **QWEN2_SLIDING)
+    assert qwen2.layer_types == ["full_attention", "sliding_attention"]
+    assert [sliding_window_of(qwen2, i, 128) for i in range(2)] == [None, 6]
+    assert sliding_window_of(tiny_hf_config("qwen2", use_sliding_window=False, sliding_window=6), 1, 128) is None
+    assert sliding_window_of(tiny_hf_config("llama"), 0, 128) is None
+
+
+@pytest.mark.parametrize("arch,overrides", [("mistral", dict(sliding_window=5)), ("qwen2", QWEN2_SLIDING),
+                                            ("mixtral", dict(sliding_window=7))], ids=["mistral", "qwen2", "mixtral"])
+def test_mixed_step_with_a_window_matches_transformers(arch: str, overrides: dict, tmp_path) -> None:
+    run_mixed_batch_against_hf(arch, tmp_path, "cpu", "torch", tolerance=1e-4, overrides=overrides)
+
+
+@pytest.mark.parametrize("arch,overrides", [("mistral", dict(sliding_window=16)), ("qwen2", QWEN2_SLIDING)],
+                         ids=["mistral", "qwen2"])
+def test_llm_with_a_window_generates_as_transformers(arch: str, overrides: dict, tmp_path, real_model_dir) -> None:
+    hf = tiny_checkpoint(tmp_path, real_model_dir, arch, **overrides)
+    llm = LLM(str(tmp_path), dtype="float32", cpu_kv_cache_gib=0.05, max_num_batched_tokens=16, block_size=4,
+              skip_warmup=True)
+    base = [(13 * i) % 250 + 3 for i in range(45)]
+    params = SamplingParams(temperature=0, max_tokens=10, logprobs=0)
+    for prompts in ([base], [base[:28] + [9, 8, 7], [5, 17, 99]]):
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        for prompt, out in zip(prompts, outs, strict=True):
+            ids, logprobs = hf_greedy(hf, prompt, 10)
+            assert out.outputs[0].token_ids == ids
+            assert [lp.logprob for lp in out.outputs[0].logprobs] == pytest.approx(logprobs, abs=1e-4)
+    assert llm.engine.get_stats()["prefix_cache_hits"] >= 28
