@@ -192,13 +192,13 @@ def norm() -> None:
     Triton accepted failed to compile on the GPU's Triton 3.6; run this with Triton 3.6 too)."""
     from pagedserve.executor.kernels import fused_norm as m
 
-    for has_res in (True, False):
+    for has_res, gemma in ((True, False), (False, False), (True, True)):
         sig = {"x_ptr": "*bf16", "residual_ptr": "*fp32", "weight_ptr": "*bf16", "out_ptr": "*bf16",
                "residual_out_ptr": "*fp32", "stride_x": "i32", "stride_r": "i32", "stride_o": "i32", "stride_ro": "i32",
                "hidden": "i32", "eps": "fp32"}
-        consts = {"HAS_RESIDUAL": has_res, "BLOCK": 4096, "USE_PDL": True}
+        consts = {"HAS_RESIDUAL": has_res, "BLOCK": 4096, "GEMMA": gemma, "USE_PDL": True}
         sig |= {k: "constexpr" for k in consts}
-        build(m._rms_norm_kernel, sig, consts, f"rms_norm residual={has_res}", num_warps=8)
+        build(m._rms_norm_kernel, sig, consts, f"rms_norm residual={has_res} gemma={gemma}", num_warps=8)
 
 
 def lora() -> None:

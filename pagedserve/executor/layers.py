@@ -201,12 +201,36 @@ class RMSNorm(nn.Module):
             from pagedserve.executor.kernels.fused_norm import rms_norm
 
             return rms_norm(x, self.weight, self.eps, residual)
+        return self._torch_forward(x, residual)
+
+    def _torch_forward(self, x: torch.Tensor, residual: torch.Tensor | None):
         if residual is None:
             return self._norm(x)
         # The residual may be fp32 beside 16-bit activations: the sum keeps its dtype, the normed
         # output takes x's.
         total = x.to(residual.dtype) + residual
         return self._norm(total, x.dtype), total
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: the checkpoint's weight w scales by (1 + w), applied to the fp32 row before one rounding
+    (Transformers' Gemma3RMSNorm). Same call forms as RMSNorm (the residual add folded in)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__(hidden_size, eps)
+        self.weight.data.zero_()
+
+    def _norm(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        x32 = x.float()
+        variance = x32.pow(2).mean(-1, keepdim=True)
+        return (x32 * torch.rsqrt(variance + self.eps) * (1.0 + self.weight.float())).to(dtype or x.dtype)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if x.is_cuda:
+            from pagedserve.executor.kernels.fused_norm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, residual, gemma=True)
+        return self._torch_forward(x, residual)
 
 
 class SiluAndMul(nn.Module):
@@ -225,17 +249,33 @@ class SiluAndMul(nn.Module):
         return F.silu(x[..., :d]) * x[..., d:]
 
 
+class GeluTanhAndMul(nn.Module):
+    """[..., 2d] (gate | up) -> gelu_tanh(gate) * up, [..., d] (Gemma's GeGLU, `gelu_pytorch_tanh`), as Transformers
+    computes it: the activation rounded to x's dtype before the multiply."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = x.shape[-1] // 2
+        return F.gelu(x[..., :d], approximate="tanh") * x[..., d:]
+
+
 # --- rotary position embedding ------------------------------------------------------------------
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
-def rope_parameters(hf_config: Any) -> tuple[float, dict[str, Any]]:
+def rope_parameters(hf_config: Any, layer_type: str | None = None) -> tuple[float, dict[str, Any]]:
     """(rope_theta, scaling dict) from a HF config of transformers 4.x (rope_theta + rope_scaling)
     or 5.x (rope_parameters, which holds rope_theta too). YaRN's defaults from the config as transformers
-    takes them: original_max_position_embeddings the config's max_position_embeddings, factor their ratio."""
+    takes them: original_max_position_embeddings the config's max_position_embeddings, factor their ratio.
+    layer_type ("full_attention" / "sliding_attention"): models whose layer types rotate differently (Gemma 3:
+    rope_parameters per type in transformers 5; rope_local_base_freq for the sliding layers, without scaling, in
+    4.x configs)."""
     params = dict(getattr(hf_config, "rope_parameters", None) or {})
     scaling = dict(getattr(hf_config, "rope_scaling", None) or {})
+    if any(isinstance(value, dict) for value in params.values()):  # per layer type (rope_scaling: the same dict)
+        params, scaling = dict(params.get(layer_type or "full_attention") or {}), {}
+    if layer_type == "sliding_attention" and getattr(hf_config, "rope_local_base_freq", None) and not params:
+        params, scaling = {"rope_theta": hf_config.rope_local_base_freq}, {}
     merged = {**scaling, **params}
     theta = merged.pop("rope_theta", None) or getattr(hf_config, "rope_theta", None) or 10000.0
     if "type" in merged and "rope_type" not in merged:  # older configs spell it "type"

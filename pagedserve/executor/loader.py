@@ -204,9 +204,14 @@ def load_hf_config(source: ModelSource) -> Any:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(source.path)
+        config = AutoConfig.from_pretrained(source.path)
     except (ValueError, KeyError) as e:
         raise ValueError(f"cannot read {source.path}/config.json: {e}") from e
+    if "Gemma3ForConditionalGeneration" in (getattr(config, "architectures", None) or []):
+        from pagedserve.executor.models.gemma import text_config_of
+
+        config = text_config_of(config)  # served as text: the language model's config
+    return config
 
 
 def load_model(

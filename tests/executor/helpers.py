@@ -28,8 +28,9 @@ def _hf_classes(arch: str) -> tuple[Any, Any]:
     import transformers
 
     name = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "llama": "Llama", "qwen2_moe": "Qwen2Moe",
-            "qwen3_moe": "Qwen3Moe", "mixtral": "Mixtral"}[arch]
-    return getattr(transformers, name + "Config"), getattr(transformers, name + "ForCausalLM")
+            "qwen3_moe": "Qwen3Moe", "mixtral": "Mixtral", "gemma3": "Gemma3"}[arch]
+    config = getattr(transformers, name + ("TextConfig" if arch == "gemma3" else "Config"))
+    return config, getattr(transformers, name + "ForCausalLM")
 
 
 def tiny_hf_config(arch: str, **overrides: Any) -> Any:
@@ -45,6 +46,11 @@ def tiny_hf_config(arch: str, **overrides: Any) -> Any:
         defaults["shared_expert_intermediate_size"] = 48
     if arch == "qwen3_moe":
         defaults["head_dim"] = 16
+    if arch == "gemma3":  # two sliding layers (window 6) then a full one; its own local rope base; linear x2 scaling
+        defaults |= dict(head_dim=16, sliding_window=6, query_pre_attn_scalar=24, tie_word_embeddings=True,
+                         rope_theta=1e6, rope_local_base_freq=1e4,
+                         layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                         num_hidden_layers=3, rope_scaling={"rope_type": "linear", "factor": 2.0})
     if arch == "mixtral":  # 4 experts of intermediate_size columns, the top 2
         defaults |= dict(num_local_experts=4, num_experts_per_tok=2)
     kwargs = {**TINY, **defaults, **overrides}

@@ -73,10 +73,11 @@ TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two C
 @pytest.mark.parametrize(
     "arch,overrides",
     # llama: row-parallel biases, tied embeddings, and a vocabulary of 251 (the second rank's slice padded)
-    # qwen2_moe: each rank a half of every expert's columns and of the shared expert's, a dense layer beside
+    # qwen2_moe: each rank a half of every expert's columns and of the shared expert's, a dense layer beside;
+    # gemma3: sliding and full layers, Gemma's norms and scaled embedding over the split vocabulary
     [("qwen2", {}), ("llama", dict(attention_bias=True, mlp_bias=True, vocab_size=251)),
-     ("qwen2_moe", dict(mlp_only_layers=[1]))],
-    ids=["qwen2", "llama-biases-odd-vocab", "qwen2-moe"],
+     ("qwen2_moe", dict(mlp_only_layers=[1])), ("gemma3", {})],
+    ids=["qwen2", "llama-biases-odd-vocab", "qwen2-moe", "gemma3"],
 )
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=TWO_GPUS)])
 def test_two_ranks_match_transformers(tmp_path, real_model_dir, arch, overrides, device) -> None:

@@ -83,6 +83,32 @@ def test_rms_norm(hidden, dtype, with_residual, inplace):
         torch.testing.assert_close(x_in, x, rtol=0, atol=0)  # inputs untouched
 
 
+@pytest.mark.parametrize("hidden", [64, 1000])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("residual_dtype", [None, "same", "fp32"])
+def test_gemma_rms_norm(hidden, dtype, residual_dtype):
+    """gemma=True: (1 + w) on the fp32 row, rounded once, as Transformers' Gemma3RMSNorm (and layers.GemmaRMSNorm's
+    torch path); the residual sum as in the plain norm; the output in x's dtype."""
+    from pagedserve.executor.layers import GemmaRMSNorm
+
+    x = (torch.randn(6, hidden) * 3).to(dtype).to(DEVICE)
+    weight = (0.3 * torch.randn(hidden)).to(dtype).to(DEVICE)
+    residual = None
+    if residual_dtype is not None:
+        residual = (torch.randn(6, hidden) * 2).to(dtype if residual_dtype == "same" else torch.float32).to(DEVICE)
+    total = x if residual is None else (x.float() + residual.float()).to(residual.dtype)
+    t32 = total.float()
+    expected = (t32 * torch.rsqrt(t32.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + weight.float())).to(dtype)
+    got = rms_norm(x, weight, 1e-6, residual, gemma=True)
+    out = got if residual is None else got[0]
+    ulp_close(out, expected)
+    if residual is not None:
+        torch.testing.assert_close(got[1], total, rtol=0, atol=0)
+    norm = GemmaRMSNorm(hidden, 1e-6).to(DEVICE)
+    norm.weight.data = weight.clone()
+    ulp_close(norm._norm(total, dtype), expected)
+
+
 def ref_rotary(x, positions, cos_sin_cache):
     cos, sin = cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
     x1, x2 = x.float().chunk(2, dim=-1)

@@ -6,7 +6,8 @@
 Numerics follow HF Llama/Qwen2 (and layers.RMSNorm): the residual sum is rounded to the residual's
 dtype (x's in HF; the decoder keeps an fp32 residual stream for 16-bit models, see models/decoder.py),
 the mean of squares and the scaling are fp32, the normalized row is rounded to x's dtype before the
-weight multiply (itself rounded). One program per row of `hidden` elements: the row is read once
+weight multiply (itself rounded). gemma=True: Gemma's norm, (1 + weight) applied to the fp32 row, rounded once
+(Gemma's RMSNorm in Transformers). One program per row of `hidden` elements: the row is read once
 (twice with the residual) and written once (twice), instead of an add, a norm and a multiply each
 making their own pass. With inplace=True the results overwrite x (normed) and residual (sum), as
 vLLM's fused_add_rms_norm does.
@@ -37,6 +38,7 @@ def _rms_norm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    GEMMA: tl.constexpr = False,
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
     pdl_enter(USE_PDL)
@@ -50,9 +52,12 @@ def _rms_norm_kernel(
         tl.store(residual_out_ptr + row * stride_ro + offs, x, mask=mask)
     x32 = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x32 * x32, 0) / hidden + eps)
-    normed = (x32 * rstd).to(x_ptr.dtype.element_ty)
     w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
-    y = normed.to(tl.float32) * w.to(tl.float32)
+    if GEMMA:
+        y = x32 * rstd * (1.0 + w.to(tl.float32))
+    else:
+        normed = (x32 * rstd).to(x_ptr.dtype.element_ty)
+        y = normed.to(tl.float32) * w.to(tl.float32)
     tl.store(out_ptr + row * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -63,10 +68,11 @@ def rms_norm(
     residual: torch.Tensor | None = None,
     *,
     inplace: bool = False,
+    gemma: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x, residual: [..., hidden] (last dim contiguous); weight: [hidden]. See the module docstring.
 
-    The output dtype is the promotion of x's and weight's dtypes (as `weight * normed` in torch).
+    The output dtype is the promotion of x's and weight's dtypes (as `weight * normed` in torch); x's with gemma.
     """
     hidden = x.shape[-1]
     if weight.shape != (hidden,):
@@ -79,7 +85,7 @@ def rms_norm(
     if x2.stride(-1) != 1:
         raise ValueError("x must have a contiguous last dimension")
     res2 = residual.reshape(-1, hidden) if residual is not None else x2
-    out_dtype = torch.promote_types(x.dtype, weight.dtype)
+    out_dtype = x.dtype if gemma else torch.promote_types(x.dtype, weight.dtype)
     if inplace:
         if out_dtype != x.dtype:
             raise ValueError("inplace rms_norm needs weight's dtype to promote to x's dtype")
@@ -98,6 +104,7 @@ def rms_norm(
             hidden, eps,
             HAS_RESIDUAL=residual is not None,
             BLOCK=block,
+            GEMMA=gemma,
             num_warps=min(16, max(1, block // 512)),
             **pdl_launch_kwargs(x2.device),
         )  # fmt: skip

@@ -15,6 +15,7 @@ from pagedserve.executor.models.decoder import (
     Qwen3ForCausalLM,
     Qwen3MoeForCausalLM,
 )
+from pagedserve.executor.models.gemma import Gemma3ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
@@ -24,6 +25,9 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
+    # Gemma 3's multimodal checkpoints (4B and up), served as text: their language model alone
+    "Gemma3ForConditionalGeneration": Gemma3ForCausalLM,
 }
 # The bare decoders (Transformers' AutoModel classes), as embedding checkpoints such as Qwen3-Embedding or
 # gte-Qwen2 are saved: no LM head, tensors named without the "model." prefix. They serve embeddings only.
@@ -57,6 +61,6 @@ def is_bare(architectures: Sequence[str] | None) -> bool:
     return False
 
 
-__all__ = ["BARE_ARCHITECTURES", "MODEL_REGISTRY", "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM",
-           "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "get_model_class",
-           "is_bare"]
+__all__ = ["BARE_ARCHITECTURES", "MODEL_REGISTRY", "Gemma3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM",
+           "MixtralForCausalLM", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
+           "get_model_class", "is_bare"]

@@ -26,6 +26,7 @@ from pagedserve.distributed import all_reduce, gather_last_dim, shard, tp_rank, 
 from pagedserve.executor.attention.base import ForwardContext
 from pagedserve.executor.layers import (
     _NO_SKINNY_GEMM,
+    GeluTanhAndMul,
     Linear,
     MergedLinear,
     RMSNorm,
@@ -149,7 +150,7 @@ def _fuses_qkv_rope(hidden: torch.Tensor, rope: RopeStep, backend: Any) -> bool:
 
 class DecoderAttention(nn.Module):
     def __init__(self, hf_config: Any, layer_idx: int, qkv_bias: bool, o_bias: bool, qk_norm: bool = False,
-                 context: int | None = None) -> None:
+                 context: int | None = None, norm_cls: type[RMSNorm] = RMSNorm, scale: float | None = None) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         # A sliding window (keys a token sees), or None; passed to the backend only when set.
@@ -161,13 +162,13 @@ class DecoderAttention(nn.Module):
         self.head_dim = head_dim_of(hf_config)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.scale = self.head_dim**-0.5
+        self.scale = self.head_dim**-0.5 if scale is None else scale
         qkv_sizes = [self.q_size, self.kv_size, self.kv_size]
         self.qkv_proj = MergedLinear(hf_config.hidden_size, qkv_sizes, qkv_bias)
         self.o_proj = Linear(self.q_size, hf_config.hidden_size, o_bias)
         # Qwen3: each head of q and k normed (one [head_dim] weight each, shared by the heads) before rotary.
-        self.q_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps) if qk_norm else None
+        self.q_norm = norm_cls(self.head_dim, hf_config.rms_norm_eps) if qk_norm else None
+        self.k_norm = norm_cls(self.head_dim, hf_config.rms_norm_eps) if qk_norm else None
         # An fp8 checkpoint's KV-cache scales ("k", "v"), as loaded; kv_scales.fold_kv_scales uses them.
         self.checkpoint_kv_scales: dict[str, float] = {}
 
@@ -199,19 +200,22 @@ class DecoderAttention(nn.Module):
 
 
 class DecoderMLP(nn.Module):
-    """reduce=False: this rank's partial output is left for the caller to sum (an MoE block's shared expert)."""
+    """reduce=False: this rank's partial output is left for the caller to sum (an MoE block's shared expert).
+    act: "silu" (SwiGLU) or "gelu_tanh" (Gemma's GeGLU)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, reduce: bool = True) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, reduce: bool = True,
+                 act: str = "silu") -> None:
         super().__init__()
         intermediate_size = shard(intermediate_size, "intermediate_size")  # this rank's columns
         self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size, intermediate_size], bias)
         self.down_proj = Linear(intermediate_size, hidden_size, bias)
-        self.act = SiluAndMul()
+        self.silu = act == "silu"
+        self.act = SiluAndMul() if self.silu else GeluTanhAndMul()
         self.reduce = all_reduce if reduce else (lambda x: x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj
-        if x.shape[0] == 1 and x.is_cuda and _FUSED_GATE_UP and gate_up.bias is None \
+        if x.shape[0] == 1 and x.is_cuda and _FUSED_GATE_UP and gate_up.bias is None and self.silu \
                 and gate_up.weight_scale is None and x.dtype != torch.float32 and gate_up.lora is None:
             # One token: gate_up GEMM and SiLU·mul in one kernel (kernels/gate_up_silu.py).
             from pagedserve.executor.kernels.gate_up_silu import gate_up_silu
@@ -296,12 +300,17 @@ class DecoderForCausalLM(nn.Module):
         context = max_position or rope_max_positions(hf_config)
         self.model = DecoderModel(hf_config, self.max_position, qkv_bias, o_bias, mlp_bias, qk_norm, moe_renormalize,
                                   context)
+        self._init_lm_head(hf_config)
+
+    def _init_lm_head(self, hf_config: Any) -> None:
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.vocab_size = int(hf_config.vocab_size)
         if self.tie_word_embeddings:
             self.lm_head = self.model.embed_tokens  # one shared [V, H] parameter (this rank's rows)
         else:
             self.lm_head = Linear(hf_config.hidden_size, vocab_shard(self.vocab_size)[1], bias=False)
+        # Gemma 2's final logit soft-capping: cap * tanh(logits / cap)
+        self.final_logit_softcapping = getattr(hf_config, "final_logit_softcapping", None)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.model(input_ids, positions, ctx)
@@ -313,6 +322,13 @@ class DecoderForCausalLM(nn.Module):
         return gather_last_dim(logits, self.vocab_size)
 
     def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self._head(hidden)
+        if self.final_logit_softcapping:
+            cap = float(self.final_logit_softcapping)
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.lm_head.weight
         if hidden.is_cuda and hidden.shape[0] == 1 and hidden.dtype in (torch.bfloat16, torch.float16) \
                 and _SKINNY_LM_HEAD:

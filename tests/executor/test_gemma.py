@@ -1,0 +1,88 @@
+"""Gemma 3 (models/gemma.py) against Transformers in fp32 on CPU: the text model's variants, its multimodal
+checkpoint served as text, the engine end to end past the sliding window, and what is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagedserve import LLM, SamplingParams
+from tests.executor.helpers import (
+    hf_logits,
+    make_runner,
+    max_rel_err,
+    randomize_,
+    save_tiny_model,
+    scheduled,
+    step,
+    tiny_hf_config,
+)
+from tests.executor.test_model_runner import run_mixed_batch_against_hf
+from tests.executor.test_tensor_parallel import hf_greedy, tiny_checkpoint
+
+
+@pytest.mark.parametrize("overrides", [
+    {},  # tied embeddings, two sliding layers (window 6, base 1e4) then a full one (base 1e6, linear x2)
+    dict(final_logit_softcapping=5.0, tie_word_embeddings=False),
+    dict(attention_bias=True, rope_scaling=None),
+], ids=["default", "softcap-untied", "bias-no-scaling"])
+def test_gemma3_matches_transformers(overrides: dict, tmp_path) -> None:
+    hf = save_tiny_model("gemma3", tmp_path, **overrides)
+    runner, sampler = make_runner(tmp_path)
+    layers = runner.model.model.layers
+    assert [layer.self_attn.sliding_window for layer in layers] == [6, 6, None]
+    tokens = list(range(7, 50, 2))  # 22 tokens: well past the window
+    runner.execute(step(scheduled("r", tokens, 0, list(range(1, 7)), needs_sample=True)))
+    assert max_rel_err(sampler.logits[-1]["r"], hf_logits(hf, tokens)[-1]) < 1e-4
+
+
+def test_gemma3_mixed_step_matches_transformers(tmp_path) -> None:
+    run_mixed_batch_against_hf("gemma3", tmp_path, "cpu", "torch", tolerance=1e-4)
+
+
+def test_gemma3_multimodal_checkpoint_serves_its_language_model(tmp_path) -> None:
+    """Gemma3ForConditionalGeneration (gemma-3-4b and up): the text config and the language model's tensors are
+    used, the vision tower's skipped; logits as the multimodal model's on text."""
+    import transformers
+
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=tiny_hf_config("gemma3").to_dict(), vision_config=vision.to_dict(),
+                                       mm_tokens_per_image=4)
+    hf = transformers.Gemma3ForConditionalGeneration(config)
+    randomize_(hf)
+    hf.eval().save_pretrained(tmp_path)
+    runner, sampler = make_runner(tmp_path)
+    tokens = list(range(7, 50, 2))
+    runner.execute(step(scheduled("r", tokens, 0, list(range(1, 7)), needs_sample=True)))
+    with torch.no_grad():
+        expected = hf(input_ids=torch.tensor([tokens])).logits[0, -1].float()
+    assert max_rel_err(sampler.logits[-1]["r"], expected) < 1e-4
+
+
+def test_llm_generates_as_transformers(tmp_path, real_model_dir) -> None:
+    """Chunked prefills (16-token chunks) of 40-token prompts through sliding and full layers, a prefix hit,
+    batched decodes; greedy tokens and logprobs as Transformers'."""
+    hf = tiny_checkpoint(tmp_path, real_model_dir, "gemma3")
+    llm = LLM(str(tmp_path), dtype="float32", cpu_kv_cache_gib=0.05, max_num_batched_tokens=16, block_size=4,
+              skip_warmup=True)
+    base = [(17 * i) % 250 + 3 for i in range(40)]
+    params = SamplingParams(temperature=0, max_tokens=8, logprobs=0)
+    for prompts in ([base], [base[:24] + [9, 8, 7], [5, 17, 99]]):
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        for prompt, out in zip(prompts, outs, strict=True):
+            ids, logprobs = hf_greedy(hf, prompt, 8)
+            assert out.outputs[0].token_ids == ids
+            assert [lp.logprob for lp in out.outputs[0].logprobs] == pytest.approx(logprobs, abs=1e-4)
+    assert llm.engine.get_stats()["prefix_cache_hits"] >= 24
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(attn_logit_softcapping=50.0), "attention logit soft-capping"),
+    (dict(hidden_activation="silu"), "hidden_activation 'silu'"),
+    (dict(use_bidirectional_attention=True), "bidirectional attention"),
+])
+def test_gemma_variants_that_are_refused(overrides: dict, message: str, tmp_path) -> None:
+    save_tiny_model("gemma3", tmp_path, **overrides)
+    with pytest.raises(ValueError, match=message):
+        make_runner(tmp_path)
