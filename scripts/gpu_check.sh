@@ -386,6 +386,10 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
     moe-test)  # MoE: the grouped-GEMM kernels against torch, then small MoE models through the engine vs Transformers
       timeout 400 python3 -m pytest tests/kernels/test_fused_moe.py tests/gpu/test_moe_gpu.py tests/executor/test_moe.py \
         -q -s -p no:cacheprovider -ra 2>&1 | grep -E "moe:|passed|failed|FAILED|rror" | tail -20 ;;
+    window-test)  # sliding windows (Gemma 3, Qwen2 with use_sliding_window): the kernels, then the engine vs Transformers
+      timeout 400 python3 -m pytest tests/kernels/test_kernels.py tests/kernels/test_runner_window.py \
+        tests/kernels/test_fused_ops.py tests/gpu/test_window_gpu.py -k "window or gemma" -q -s -p no:cacheprovider \
+        -ra 2>&1 | grep -E "window:|passed|failed|FAILED|rror" | tail -20 ;;
     moe-kernels)  # the experts of one Qwen3-30B-A3B layer: the kernels vs the torch loop (MOE_SWEEP=1: launch plans)
       timeout 500 python3 scripts/moe_kernel_bench.py --tokens "${MOE_TOKENS:-1,8,64,256,1024,8192}" ${MOE_SWEEP:+--sweep} \
         --output-json "$OUT/moe-kernels.json" 2>&1 | tail -200 ;;

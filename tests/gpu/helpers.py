@@ -25,8 +25,10 @@ def small_checkpoint(folder: Path, arch: str = "qwen2", seed: int = 4, std: floa
     for f in SOURCE.iterdir():
         if f.name != "config.json":
             shutil.copy(f, folder / f.name)
-    name = {"qwen2": "Qwen2", "qwen3": "Qwen3", "qwen3_moe": "Qwen3Moe", "qwen2_moe": "Qwen2Moe"}[arch]
-    config_cls, model_cls = getattr(transformers, name + "Config"), getattr(transformers, name + "ForCausalLM")
+    name = {"qwen2": "Qwen2", "qwen3": "Qwen3", "qwen3_moe": "Qwen3Moe", "qwen2_moe": "Qwen2Moe",
+            "gemma3": "Gemma3"}[arch]
+    config_cls = getattr(transformers, name + ("TextConfig" if arch == "gemma3" else "Config"))
+    model_cls = getattr(transformers, name + "ForCausalLM")
     fields = dict(vocab_size=json.loads((SOURCE / "config.json").read_text())["vocab_size"], hidden_size=512,
                   intermediate_size=1024, num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2,
                   max_position_embeddings=2048, tie_word_embeddings=False,
