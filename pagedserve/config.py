@@ -60,6 +60,9 @@ class EngineConfig:
     # step short of KV blocks preempts the lowest-priority running request (core/scheduler.py), as vLLM's
     # --scheduling-policy.
     scheduling_policy: str = "fcfs"
+    # Chunked prefill: at most this many of one request's tokens a step (vLLM's --long-prefill-token-threshold), so
+    # one long prompt does not take a step's whole budget from the others. None: the step's budget.
+    long_prefill_token_threshold: int | None = None
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:
@@ -99,6 +102,8 @@ class EngineConfig:
             fail(f"override_generation_config must be a dict, got {self.override_generation_config!r}")
         if self.max_loras < 1 or self.max_lora_rank < 1:
             fail(f"max_loras and max_lora_rank must be >= 1, got {self.max_loras} and {self.max_lora_rank}")
+        if self.long_prefill_token_threshold is not None and self.long_prefill_token_threshold < 1:
+            fail(f"long_prefill_token_threshold must be >= 1, got {self.long_prefill_token_threshold}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             fail(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}")
         if self.max_queued_requests is not None and self.max_queued_requests < 0:

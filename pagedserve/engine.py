@@ -111,6 +111,7 @@ class LLMEngine:
             proposer=None if self.config.speculative_config is None else NgramProposer(
                 SpeculativeConfig.parse(self.config.speculative_config)),
             policy=self.config.scheduling_policy,
+            long_prefill_token_threshold=self.config.long_prefill_token_threshold,
         )
         # A bare decoder or one saved without its LM head (executor/loader.py): embedding requests only.
         self.embedding_only = bool(getattr(getattr(runner, "model", None), "embedding_only", False))

@@ -51,6 +51,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
     g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
                    help="fcfs: requests in arrival order; priority: by each request's `priority` (lower first), "
                    "then arrival; a step short of KV blocks preempts the lowest-priority running request")
+    g.add_argument("--long-prefill-token-threshold", type=int, default=None, metavar="N",
+                   help="chunked prefill: at most N tokens of one request a step (default: the step's budget), so "
+                   "that long prompts share steps with shorter ones")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
                    help="auto: triton kernels on CUDA, the torch reference elsewhere")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
@@ -112,6 +115,7 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> EngineCon
         max_loras=getattr(args, "max_loras", 4), max_lora_rank=getattr(args, "max_lora_rank", 16),
         speculative_config=getattr(args, "speculative_config", None),
         scheduling_policy=getattr(args, "scheduling_policy", "fcfs"),
+        long_prefill_token_threshold=getattr(args, "long_prefill_token_threshold", None),
     )
     kwargs.update(overrides)
     return EngineConfig(**kwargs)
