@@ -54,6 +54,22 @@ class EmbeddingOutput:
 
 
 @dataclass(slots=True)
+class ScoringOutput:
+    score: float
+
+
+@dataclass(slots=True)
+class ScoringRequestOutput:
+    """What LLM.score returns per pair, as vLLM's: `.outputs.score` (the cosine similarity of the two texts'
+    embeddings); prompt_token_ids: the two texts' token ids, back to back."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: ScoringOutput
+    finished: bool = True
+
+
+@dataclass(slots=True)
 class EmbeddingRequestOutput:
     """What LLM.embed returns per prompt, as vLLM's: `.outputs.embedding`."""
 

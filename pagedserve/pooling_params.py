@@ -29,4 +29,21 @@ class PoolingParams:
                              f"got {self.dimensions}")
 
 
-__all__ = ["PoolingParams"]
+def score_pairs(text_1: str | list[str], text_2: str | list[str]) -> list[tuple[str, str]]:
+    """The (text_1, text_2) pairs to score, as vLLM forms them: 1:1, 1:N (one text_1 with each text_2) or N:N;
+    ValueError otherwise."""
+    first = [text_1] if isinstance(text_1, str) else list(text_1)
+    second = [text_2] if isinstance(text_2, str) else list(text_2)
+    if not first or not second:
+        raise ValueError(f"{'text_1' if not first else 'text_2'} must not be an empty list")
+    if not all(isinstance(t, str) for t in first + second):
+        raise ValueError("the texts to score must be strings")
+    if len(first) == 1:
+        first = first * len(second)
+    if len(first) != len(second):
+        raise ValueError(f"text_1 has {len(first)} texts and text_2 {len(second)}: the lengths must be 1:1, 1:N or "
+                         "N:N")
+    return list(zip(first, second, strict=True))
+
+
+__all__ = ["PoolingParams", "score_pairs"]

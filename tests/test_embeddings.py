@@ -160,3 +160,23 @@ def test_a_bare_decoder_checkpoint_serves_embeddings_only(tmp_path, real_model_d
     with pytest.raises(ValueError, match="serves embeddings only"):
         llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)
     assert_free(llm)
+
+
+def test_score_is_the_cosine_of_the_embeddings(llm: LLM, hf_last_hidden) -> None:
+    """LLM.score (vLLM's, for an embedding model): pairs 1:1, 1:N, N:N, each the cosine of Transformers' last hidden
+    states; bad pairings are ValueErrors."""
+    tokenizer = llm.get_tokenizer()
+    vec = {t: torch.nn.functional.normalize(hf_last_hidden(tokenizer.encode(t)), dim=0) for t in TEXTS}
+    one_to_n = llm.score(TEXTS[1], TEXTS, use_tqdm=False)
+    assert [o.outputs.score for o in one_to_n] == pytest.approx([float(vec[TEXTS[1]] @ vec[t]) for t in TEXTS],
+                                                                abs=1e-5)
+    assert one_to_n[1].outputs.score == pytest.approx(1.0, abs=1e-5)  # a text against itself
+    assert one_to_n[0].prompt_token_ids == tokenizer.encode(TEXTS[1]) + tokenizer.encode(TEXTS[0])
+    pairwise = llm.score(TEXTS[:2], TEXTS[1:], use_tqdm=False)
+    assert [o.outputs.score for o in pairwise] == pytest.approx(
+        [float(vec[TEXTS[0]] @ vec[TEXTS[1]]), float(vec[TEXTS[1]] @ vec[TEXTS[2]])], abs=1e-5)
+    with pytest.raises(ValueError, match="lengths must be 1:1, 1:N or N:N"):
+        llm.score(TEXTS[:2], TEXTS, use_tqdm=False)
+    with pytest.raises(ValueError, match="text_2 must not be an empty list"):
+        llm.score("a", [], use_tqdm=False)
+    assert_free(llm)

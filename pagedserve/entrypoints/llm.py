@@ -9,8 +9,14 @@ from pagedserve.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParam
 from pagedserve.config import EngineConfig
 from pagedserve.engine import LLMEngine
 from pagedserve.lora import LoRARequest
-from pagedserve.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
-from pagedserve.pooling_params import PoolingParams
+from pagedserve.outputs import (
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    RequestOutput,
+    ScoringOutput,
+    ScoringRequestOutput,
+)
+from pagedserve.pooling_params import PoolingParams, score_pairs
 from pagedserve.sampling_params import SamplingParams
 
 PromptType = str | list[int] | dict[str, Any]
@@ -106,6 +112,29 @@ class LLM:
                   for p in _per_prompt(pooling_params, PoolingParams, len(prompts), "pooling params")]
         return [EmbeddingRequestOutput(out.request_id, out.prompt_token_ids, EmbeddingOutput(out.embedding))
                 for out in self._run(prompts, params, use_tqdm, lora_request)]
+
+    def score(
+        self,
+        text_1: str | Sequence[str],
+        text_2: str | Sequence[str],
+        use_tqdm: bool = True,
+        lora_request: LoRARequest | None = None,
+    ) -> list[ScoringRequestOutput]:
+        """The similarity of each (text_1, text_2) pair, as vLLM's LLM.score for an embedding model: the cosine of the
+        two texts' embeddings (embed's, normalized). Pairs 1:1, 1:N (one text_1 with every text_2) or N:N; each
+        distinct text is embedded once. Returns one ScoringRequestOutput per pair (`.outputs.score`)."""
+        pairs = score_pairs(text_1 if isinstance(text_1, str) else list(text_1),
+                            text_2 if isinstance(text_2, str) else list(text_2))
+        texts = list(dict.fromkeys(text for pair in pairs for text in pair))
+        embedded = dict(zip(texts, self.embed(texts, PoolingParams(normalize=True), use_tqdm, lora_request),
+                            strict=True))
+        outputs = []
+        for i, (a, b) in enumerate(pairs):
+            ea, eb = embedded[a], embedded[b]
+            score = float(sum(x * y for x, y in zip(ea.outputs.embedding, eb.outputs.embedding, strict=True)))
+            ids = ea.prompt_token_ids + eb.prompt_token_ids
+            outputs.append(ScoringRequestOutput(str(i), ids, ScoringOutput(score)))
+        return outputs
 
     def chat(
         self,

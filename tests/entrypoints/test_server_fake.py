@@ -368,6 +368,8 @@ def test_api_key(start_fake_server) -> None:
     assert httpx.post(server.base_url + "/ping").json() == {"status": "ok"}
     assert_error(httpx.post(server.base_url + "/tokenize", json={"prompt": "a"}), 401)
     assert_error(httpx.post(server.base_url + "/detokenize", json={"tokens": [97]}), 401)
+    for path in ("/score", "/rerank", "/v2/rerank"):  # the scoring routes outside /v1 too
+        assert_error(httpx.post(server.base_url + path, json={"text_1": "a", "text_2": "b"}), 401)
     key = {"Authorization": "Bearer sesame"}
     assert httpx.post(server.base_url + "/detokenize", json={"tokens": [97]}, headers=key).json() == {"prompt": "a"}
     with pytest.raises(openai.AuthenticationError):

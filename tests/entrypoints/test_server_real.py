@@ -609,6 +609,49 @@ def test_embeddings_bad_requests_get_400(server, body, param) -> None:
     assert ok.status_code == 200 and len(ok.json()["data"][0]["embedding"]) == 896  # still serving
 
 
+def test_score_and_rerank_are_cosines_of_transformers_embeddings(server, model, hf_tokenizer, hf_last_hidden) -> None:
+    """/score (1:N and N:N pairs) and /rerank (sorted, top_n, documents) as vLLM serves them for an embedding model:
+    cosine similarities of the texts' normalized last hidden states, each text embedded once."""
+    query, docs = "How do I add two numbers in Python?", ["def add(a, b):\n    return a + b\n",
+                                                          "Paris is the capital of France.", "a + b"]
+    ids = {t: hf_tokenizer.encode(t) for t in [query, *docs]}
+    vec = {t: torch.nn.functional.normalize(hf_last_hidden(i), dim=0) for t, i in ids.items()}
+    expected = [float(vec[query] @ vec[d]) for d in docs]
+    r = httpx.post(server.base_url + "/score", json={"model": model, "text_1": query, "text_2": docs}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "list" and [d["index"] for d in body["data"]] == [0, 1, 2]
+    assert [d["score"] for d in body["data"]] == pytest.approx(expected, abs=1e-4)
+    assert body["usage"]["prompt_tokens"] == sum(len(i) for i in ids.values())  # the query once
+    pairwise = httpx.post(server.base_url + "/v1/score", json={"text_1": docs[:2], "text_2": [query, docs[0]]},
+                          timeout=60).json()
+    assert [d["score"] for d in pairwise["data"]] == pytest.approx([expected[0], float(vec[docs[1]] @ vec[docs[0]])],
+                                                                   abs=1e-4)
+    ranked = httpx.post(server.base_url + "/v1/rerank", json={"query": query, "documents": docs, "top_n": 2},
+                        timeout=60).json()
+    order = sorted(range(3), key=lambda i: -expected[i])[:2]
+    assert [x["index"] for x in ranked["results"]] == order
+    assert [x["relevance_score"] for x in ranked["results"]] == pytest.approx([expected[i] for i in order], abs=1e-4)
+    assert ranked["results"][0]["document"]["text"] == docs[order[0]]
+    bare = httpx.post(server.base_url + "/rerank", json={"query": query, "documents": docs, "return_documents": False},
+                      timeout=60).json()
+    assert len(bare["results"]) == 3 and "document" not in bare["results"][0]
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/score", {"text_1": ["a", "b"], "text_2": ["c", "d", "e"]}, "text_2"),
+    ("/score", {"text_1": [], "text_2": "c"}, "text_1"),
+    ("/score", {"text_1": "a"}, "text_2"),
+    ("/v1/rerank", {"query": "q", "documents": []}, "documents"),
+    ("/v1/rerank", {"query": "q", "documents": ["d"], "top_n": -1}, "top_n"),
+    ("/v1/score", {"text_1": "hello " * 1100, "text_2": "x"}, "text_1"),
+])
+def test_score_and_rerank_bad_requests_get_400(server, path, body, param) -> None:
+    r = httpx.post(server.base_url + path, json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()
+
+
 def test_runtime_lora_routes_are_off_by_default(server) -> None:
     r = httpx.post(server.base_url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/tmp"})
     assert r.status_code == 404

@@ -71,6 +71,7 @@ from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagedserve.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from pagedserve.entrypoints.openai.serving_responses import OpenAIServingResponses, ResponsesRequest
+from pagedserve.entrypoints.openai.serving_score import OpenAIServingScore, RerankRequest, ScoreRequest
 from pagedserve.entrypoints.openai.serving_tokenize import OpenAIServingTokenization
 from pagedserve.gc_control import freeze_startup_objects
 
@@ -110,7 +111,7 @@ def _version() -> str:
 # --------------------------------------------------------------------------- middleware
 def _needs_key(path: str) -> bool:
     """The API's routes need --api-key's key; /health, /ping, /metrics, /version and the schema stay open."""
-    return path.startswith("/v1") or path in ("/tokenize", "/detokenize")
+    return path.startswith(("/v1", "/v2")) or path in ("/tokenize", "/detokenize", "/score", "/rerank")
 
 
 class _GateMiddleware:
@@ -211,6 +212,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
     responses = OpenAIServingResponses(chat)
     tokenization = OpenAIServingTokenization(engine, served_names)
     embedding = OpenAIServingEmbedding(engine, served_names)
+    scoring = OpenAIServingScore(engine, served_names)
     metrics = ServerMetrics(engine, served_names[0])
 
     @contextlib.asynccontextmanager
@@ -280,6 +282,17 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
               responses={200: {"model": EmbeddingResponse}, **_ERROR_RESPONSES})
     async def create_embedding(request: EmbeddingRequest, raw_request: Request) -> Response:
         return await embedding.create(request, raw_request)
+
+    @app.post("/score", response_model=None, responses=_ERROR_RESPONSES)
+    @app.post("/v1/score", response_model=None, responses=_ERROR_RESPONSES)
+    async def create_score(request: ScoreRequest, raw_request: Request) -> Response:
+        return await scoring.score(request, raw_request)
+
+    @app.post("/rerank", response_model=None, responses=_ERROR_RESPONSES)
+    @app.post("/v1/rerank", response_model=None, responses=_ERROR_RESPONSES)
+    @app.post("/v2/rerank", response_model=None, responses=_ERROR_RESPONSES)
+    async def create_rerank(request: RerankRequest, raw_request: Request) -> Response:
+        return await scoring.rerank(request, raw_request)
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERROR_RESPONSES)
     async def tokenize(request: TokenizeCompletionRequest | TokenizeChatRequest) -> dict:

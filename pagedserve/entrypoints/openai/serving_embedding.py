@@ -57,36 +57,17 @@ class OpenAIServingEmbedding:
         if req.truncate_prompt_tokens is not None:
             prompts = [(text if len(ids) <= req.truncate_prompt_tokens else None, ids[-req.truncate_prompt_tokens:])
                        for text, ids in prompts]
-        limit = self.engine.max_model_len
-        for i, (_, ids) in enumerate(prompts):
-            if len(ids) > limit:
-                raise bad_request(
-                    f"input {i} has {len(ids)} tokens, but this model's context length is {limit} tokens; shorten "
-                    "it or set truncate_prompt_tokens", "input", "context_length_exceeded")
-        params = SamplingParams.for_pooling(pooling)
         base_id = f"embd-{uuid.uuid4().hex}"
-        streams: list[RequestStream] = []
-        try:
-            for i, (text, ids) in enumerate(prompts):
-                streams.append(await self.engine.add_request(f"{base_id}-{i}", ids, params, arrival, text,
-                                                             self.engine.lora_requests.get(model_name)))
-        except BaseException as e:
-            self.engine.abort([s.request_id for s in streams])
-            if isinstance(e, Exception):
-                raise engine_error(e, "dimensions" if "dimensions" in str(e) else "input") from e
-            raise
+        streams = await submit_pooling(self.engine, prompts, pooling, base_id, model_name, arrival)
         return await run_until_disconnect(raw_request, self._full(streams, base_id, model_name, req))
 
     async def _full(self, streams: list[RequestStream], base_id: str, model_name: str,
                     req: EmbeddingRequest) -> Response:
-        finals, error = await finals_or_error(self.engine, streams)
+        finals, error = await pooled_finals(self.engine, streams)
         if error is not None:
             return error
         data = []
         for i, final in enumerate(finals):
-            if final.embedding is None:  # aborted inside the engine (e.g. the server is stopping)
-                err = APIError(503, "the request ended before its embedding was computed", "server_error")
-                return JSONResponse(err.body(), status_code=err.status_code)
             vector = final.embedding
             if req.encoding_format == "base64":
                 vector = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
@@ -96,4 +77,39 @@ class OpenAIServingEmbedding:
                              "data": data, "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens}})
 
 
-__all__ = ["OpenAIServingEmbedding"]
+async def submit_pooling(engine: AsyncEngine, prompts: list[tuple[str | None, list[int]]], pooling: PoolingParams,
+                         base_id: str, model_name: str, arrival: float, param: str = "input") -> list[RequestStream]:
+    """One pooling request per prompt (ids `{base_id}-{i}`), each checked against the context length first (a 400
+    naming `param`); on an error the ones already added are aborted."""
+    limit = engine.max_model_len
+    for i, (_, ids) in enumerate(prompts):
+        if len(ids) > limit:
+            raise bad_request(
+                f"{param} {i} has {len(ids)} tokens, but this model's context length is {limit} tokens; shorten "
+                "it or set truncate_prompt_tokens", param, "context_length_exceeded")
+    params = SamplingParams.for_pooling(pooling)
+    streams: list[RequestStream] = []
+    try:
+        for i, (text, ids) in enumerate(prompts):
+            streams.append(await engine.add_request(f"{base_id}-{i}", ids, params, arrival, text,
+                                                    engine.lora_requests.get(model_name)))
+    except BaseException as e:
+        engine.abort([s.request_id for s in streams])
+        if isinstance(e, Exception):
+            raise engine_error(e, "dimensions" if "dimensions" in str(e) else param) from e
+        raise
+    return streams
+
+
+async def pooled_finals(engine: AsyncEngine, streams: list[RequestStream]):
+    """(the final outputs, each with its embedding, None), or (None, the error response)."""
+    finals, error = await finals_or_error(engine, streams)
+    if error is not None:
+        return None, error
+    if any(final.embedding is None for final in finals):  # aborted inside the engine (e.g. the server is stopping)
+        err = APIError(503, "the request ended before its embedding was computed", "server_error")
+        return None, JSONResponse(err.body(), status_code=err.status_code)
+    return finals, None
+
+
+__all__ = ["OpenAIServingEmbedding", "pooled_finals", "submit_pooling"]
