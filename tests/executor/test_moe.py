@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedserve import LLM, SamplingParams
+from pagedserve import LLM
 from pagedserve.executor.models.moe import experts_torch, is_moe_layer, route
 from tests.executor.helpers import (
     hf_logits,
@@ -19,7 +19,7 @@ from tests.executor.helpers import (
     tiny_hf_config,
     tiny_hf_model,
 )
-from tests.executor.test_tensor_parallel import hf_greedy, tiny_checkpoint
+from tests.executor.test_tensor_parallel import assert_greedy_as_hf, tiny_checkpoint
 
 MOE_CASES = [
     ("qwen3_moe", {}),  # q/k norms, top-2 of 6 renormalized
@@ -128,13 +128,7 @@ def test_llm_generates_as_transformers(arch: str, tmp_path, real_model_dir) -> N
     llm = LLM(str(tmp_path), dtype="float32", cpu_kv_cache_gib=0.05, max_num_batched_tokens=16, block_size=4,
               skip_warmup=True)
     base = [(11 * i) % 250 + 3 for i in range(40)]
-    params = SamplingParams(temperature=0, max_tokens=8, logprobs=0)
-    for prompts in ([base], [base[:24] + [9, 8, 7, 6], [5, 17, 99], base[5:30]]):
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        for prompt, out in zip(prompts, outs, strict=True):
-            ids, logprobs = hf_greedy(hf, prompt, 8)
-            assert out.outputs[0].token_ids == ids
-            assert [lp.logprob for lp in out.outputs[0].logprobs] == pytest.approx(logprobs, abs=1e-4)
+    assert_greedy_as_hf(llm, hf, [[base], [base[:24] + [9, 8, 7, 6], [5, 17, 99], base[5:30]]], 8)
     assert llm.engine.get_stats()["prefix_cache_hits"] >= 24
 
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from pagedserve import LLM, SamplingParams
+from pagedserve import LLM
 from pagedserve.executor.models.decoder import sliding_window_of
 from tests.executor.helpers import tiny_hf_config
 from tests.executor.test_model_runner import run_mixed_batch_against_hf
-from tests.executor.test_tensor_parallel import hf_greedy, tiny_checkpoint
+from tests.executor.test_tensor_parallel import assert_greedy_as_hf, tiny_checkpoint
 
 # Qwen2: layers from max_window_layers on slide (Transformers' layer_types); the first one attends to everything.
 QWEN2_SLIDING = dict(use_sliding_window=True, sliding_window=6, max_window_layers=1)
@@ -40,11 +40,5 @@ def test_llm_with_a_window_generates_as_transformers(arch: str, overrides: dict,
     llm = LLM(str(tmp_path), dtype="float32", cpu_kv_cache_gib=0.05, max_num_batched_tokens=16, block_size=4,
               skip_warmup=True)
     base = [(13 * i) % 250 + 3 for i in range(45)]
-    params = SamplingParams(temperature=0, max_tokens=10, logprobs=0)
-    for prompts in ([base], [base[:28] + [9, 8, 7], [5, 17, 99]]):
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        for prompt, out in zip(prompts, outs, strict=True):
-            ids, logprobs = hf_greedy(hf, prompt, 10)
-            assert out.outputs[0].token_ids == ids
-            assert [lp.logprob for lp in out.outputs[0].logprobs] == pytest.approx(logprobs, abs=1e-4)
+    assert_greedy_as_hf(llm, hf, [[base], [base[:28] + [9, 8, 7], [5, 17, 99]]], 10)
     assert llm.engine.get_stats()["prefix_cache_hits"] >= 28

@@ -67,6 +67,18 @@ def hf_greedy(hf, prompt: list[int], max_tokens: int) -> tuple[list[int], list[f
     return ids[len(prompt):], logprobs
 
 
+def assert_greedy_as_hf(llm, hf, prompt_batches: list[list[list[int]]], max_tokens: int) -> None:
+    """Each batch of prompts through llm.generate (one call a batch, in order: a later batch may hit an earlier one's
+    prefix), greedy: the tokens and their logprobs as Transformers' (hf_greedy)."""
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=0)
+    for prompts in prompt_batches:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        for prompt, out in zip(prompts, outs, strict=True):
+            ids, logprobs = hf_greedy(hf, prompt, max_tokens)
+            assert out.outputs[0].token_ids == ids
+            assert [lp.logprob for lp in out.outputs[0].logprobs] == pytest.approx(logprobs, abs=1e-4)
+
+
 TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 
 

@@ -33,6 +33,7 @@ KERNEL_MODULES = (
     "pagedserve.executor.kernels.penalties",
     "pagedserve.executor.kernels.logprob_stats",
     "pagedserve.executor.kernels.fp8_quant",
+    "pagedserve.executor.kernels.segments",  # before the two that import its helper
     "pagedserve.executor.kernels.lora_sgmv",
     "pagedserve.executor.kernels.fused_moe",
 )

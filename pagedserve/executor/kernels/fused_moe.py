@@ -9,7 +9,7 @@ host sync (moe_align),
     starts [E + 1]  starts[e] = the first index in `order` of expert e's entries; starts[E] = T * k
 
 so expert e's entries are order[starts[e] : starts[e + 1]]. A program takes one block of BM entries of one expert,
-found from the per-expert block counts in the kernel (as kernels/lora_sgmv.py finds a slot), so the grid depends on
+found from the per-expert block counts in the kernel (kernels/segments.py, shared with LoRA's), so the grid depends on
 T alone (cdiv(T k, BM) + min(E, T k) blocks at most) and a CUDA graph captures it once.
 
     gate_up: grid (blocks, cdiv(I, BN)). h[f, n] = silu(x[t] w_gate[e, n]) * (x[t] w_up[e, n]) for f's token t,
@@ -29,27 +29,7 @@ import triton.language as tl
 
 from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
 from pagedserve.executor.kernels.pdl import pdl_enter
-
-
-@triton.jit
-def _expert_block(starts_ptr, order_ptr, b, NUM_EXPERTS: tl.constexpr, E_POW2: tl.constexpr, BM: tl.constexpr):
-    """Block b of the step's sorted entries: (expert, or NUM_EXPERTS past the last block; its entries' flat indexes
-    f; which of its BM rows hold one)."""
-    j = tl.arange(0, E_POW2)
-    valid = j < NUM_EXPERTS
-    lo = tl.load(starts_ptr + j, mask=valid, other=0)
-    hi = tl.load(starts_ptr + 1 + j, mask=valid, other=0)
-    blocks = (hi - lo + BM - 1) // BM
-    ends = tl.cumsum(blocks, axis=0)  # block index one past each expert's last block
-    expert = tl.sum((ends <= b).to(tl.int32), axis=0)
-    pick = j == expert
-    seg_lo = tl.sum(tl.where(pick, lo, 0), axis=0)
-    seg_hi = tl.sum(tl.where(pick, hi, 0), axis=0)
-    first = tl.sum(tl.where(pick, ends - blocks, 0), axis=0)
-    rows = seg_lo + (b - first) * BM + tl.arange(0, BM)
-    row_ok = rows < seg_hi
-    entry = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    return expert, entry, row_ok
+from pagedserve.executor.kernels.segments import segment_block
 
 
 @triton.jit
@@ -58,7 +38,7 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, order_ptr, starts_ptr, h_ptr, K, N, top_k,
                         NUM_EXPERTS: tl.constexpr, E_POW2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                         BK: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr = False):
     pdl_enter(USE_PDL)
-    expert, entry, row_ok = _expert_block(starts_ptr, order_ptr, tl.program_id(0), NUM_EXPERTS, E_POW2, BM)
+    expert, entry, row_ok = segment_block(starts_ptr, order_ptr, tl.program_id(0), NUM_EXPERTS, E_POW2, BM, 0)
     if expert < NUM_EXPERTS:
         tok = entry // top_k
         n = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -88,7 +68,7 @@ def _moe_down_kernel(h_ptr, w_ptr, order_ptr, starts_ptr, route_ptr, y_ptr, K, N
                      NUM_EXPERTS: tl.constexpr, E_POW2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                      BK: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr = False):
     pdl_enter(USE_PDL)
-    expert, entry, row_ok = _expert_block(starts_ptr, order_ptr, tl.program_id(0), NUM_EXPERTS, E_POW2, BM)
+    expert, entry, row_ok = segment_block(starts_ptr, order_ptr, tl.program_id(0), NUM_EXPERTS, E_POW2, BM, 0)
     if expert < NUM_EXPERTS:
         n = tl.program_id(1) * BN + tl.arange(0, BN)
         n_ok = n < N

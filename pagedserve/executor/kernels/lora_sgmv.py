@@ -33,6 +33,7 @@ import triton.language as tl
 
 from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
 from pagedserve.executor.kernels.pdl import pdl_enter
+from pagedserve.executor.kernels.segments import segment_block
 
 MAX_SPLITS = 32
 # Launch configurations, measured per layer (four projections, Qwen2-7B shapes, four adapters) on an H200 in session
@@ -45,41 +46,13 @@ BK = 64
 
 
 @triton.jit
-def _segment(starts_ptr, b, NUM_SLOTS: tl.constexpr, S_POW2: tl.constexpr, BM: tl.constexpr):
-    """Block b of the step's adapter tokens: (slot index 0 .. NUM_SLOTS - 1, or NUM_SLOTS past the last block;
-    the block's first index into `order`; the end of its slot's tokens there)."""
-    j = tl.arange(0, S_POW2)
-    valid = j < NUM_SLOTS
-    lo = tl.load(starts_ptr + 1 + j, mask=valid, other=0)
-    hi = tl.load(starts_ptr + 2 + j, mask=valid, other=0)
-    blocks = (hi - lo + BM - 1) // BM
-    ends = tl.cumsum(blocks, axis=0)  # block index one past each slot's last block
-    idx = tl.sum((ends <= b).to(tl.int32), axis=0)
-    pick = j == idx
-    seg_lo = tl.sum(tl.where(pick, lo, 0), axis=0)
-    seg_hi = tl.sum(tl.where(pick, hi, 0), axis=0)
-    first = tl.sum(tl.where(pick, ends - blocks, 0), axis=0)
-    return idx, seg_lo + (b - first) * BM, seg_hi
-
-
-@triton.jit
-def _block_tokens(starts_ptr, order_ptr, b, NUM_SLOTS: tl.constexpr, S_POW2: tl.constexpr, BM: tl.constexpr):
-    """Block b's slot index (NUM_SLOTS past the last block), its token indices and which of its BM rows hold one."""
-    idx, row0, seg_end = _segment(starts_ptr, b, NUM_SLOTS, S_POW2, BM)
-    rows = row0 + tl.arange(0, BM)
-    row_ok = rows < seg_end
-    tok = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    return idx, tok, row_ok
-
-
-@triton.jit
 def _lora_shrink_kernel(x_ptr, a_ptr, order_ptr, starts_ptr, h_ptr, K, RT, k_per_split,
                         stride_xm, stride_am, stride_hs, stride_hm,
                         NUM_SLOTS: tl.constexpr, S_POW2: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr,
                         BK: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr = False):
     pdl_enter(USE_PDL)
     split = tl.program_id(1)
-    idx, tok, row_ok = _block_tokens(starts_ptr, order_ptr, tl.program_id(0), NUM_SLOTS, S_POW2, BM)
+    idx, tok, row_ok = segment_block(starts_ptr, order_ptr, tl.program_id(0), NUM_SLOTS, S_POW2, BM, 1)
     if idx < NUM_SLOTS:
         r = tl.arange(0, BR)
         r_ok = r < RT
@@ -106,7 +79,7 @@ def _lora_expand_kernel(h_ptr, b_ptr, order_ptr, starts_ptr, y_ptr, N, RT, num_s
                         USE_PDL: tl.constexpr = False):
     pdl_enter(USE_PDL)
     nb = tl.program_id(1)
-    idx, tok, row_ok = _block_tokens(starts_ptr, order_ptr, tl.program_id(0), NUM_SLOTS, S_POW2, BM)
+    idx, tok, row_ok = segment_block(starts_ptr, order_ptr, tl.program_id(0), NUM_SLOTS, S_POW2, BM, 1)
     if idx < NUM_SLOTS:
         r = tl.arange(0, BR)
         r_ok = r < RT
