@@ -249,6 +249,14 @@ def load_model(
         weights = iterate_gguf_weights(source.path, hf_config)
     else:
         weights = iterate_safetensors(source.path, device)
+    if stored_quantization in ("awq", "gptq"):  # integer weights: dequantized as they stream in
+        from pagedserve.executor.int_quant import dequantize_stream, int_quant_config
+
+        qc = hf_config.quantization_config
+        qc = qc if isinstance(qc, dict) else qc.to_dict()
+        weights = dequantize_stream(int_quant_config(qc), weights)
+        logger.info("start-up: %s weights dequantized to %s at load", stored_quantization, dtype)
+        stored_quantization = None  # the model holds 16-bit projections
     with torch.no_grad():
         loaded = model.load_weights(weights)
     missing = sorted({name for name, _ in model.named_parameters()} - loaded)

@@ -58,7 +58,8 @@ def checkpoint_quantization(hf_config: Any) -> str | None:
     Supported: fp8 (e4m3) weights with one scale per tensor or per output row, as AutoFP8 / vLLM write them
     (quant_method "fp8") and as llm-compressor writes FP8 / FP8_DYNAMIC (quant_method "compressed-tensors",
     float 8-bit weights, strategy "tensor" or "channel"). Activation scales in the file (static schemes) are
-    not used: activations are quantized per token at run time. Anything else is a ValueError naming it."""
+    not used: activations are quantized per token at run time. "awq" / "gptq": integer weights (executor/int_quant.py),
+    dequantized at load. Anything else is a ValueError naming it."""
     qc = getattr(hf_config, "quantization_config", None)
     if qc is None:
         return None
@@ -81,8 +82,14 @@ def checkpoint_quantization(hf_config: Any) -> str | None:
         if not groups:
             raise ValueError("a compressed-tensors checkpoint without config_groups is not supported")
         return "fp8"
+    if method in ("awq", "gptq"):
+        from pagedserve.executor.int_quant import int_quant_config
+
+        int_quant_config(qc)  # a ValueError for a variant not supported
+        return method
     raise ValueError(f"checkpoint quantization {method!r} is not supported; supported: fp8 checkpoints (per-tensor "
-                     "or per-channel scales), or --quantization fp8 on a 16-bit checkpoint")
+                     "or per-channel scales), AWQ (4-bit gemm) and GPTQ (4 / 8-bit) checkpoints, or --quantization "
+                     "fp8 on a 16-bit checkpoint")
 
 
 def quantize_rows_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

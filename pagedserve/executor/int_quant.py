@@ -1,0 +1,135 @@
+"""AWQ and GPTQ checkpoints (integer weights with group-wise scales and zero points), dequantized at load.
+
+Qwen publishes its instruct models as AWQ and GPTQ-Int4 / Int8 checkpoints, and many community checkpoints are
+one or the other. Their projections are stored packed, eight 4-bit (or four 8-bit) values an int32:
+
+    AWQ (AutoAWQ "gemm", 4-bit)   qweight [in, out / 8]       the 8 columns of a word in the order 0 2 4 6 1 3 5 7
+                                  qzeros  [in / G, out / 8]   same packing; scales [in / G, out]
+                                  w[k, n] = (q[k, n] - z[k / G, n]) * s[k / G, n]
+    GPTQ (AutoGPTQ, 4 or 8-bit)   qweight [in / p, out]       packed along the input rows, in order
+                                  qzeros  [groups, out / p]   packed along the columns; stored as zero - 1 (the
+                                                              "gptq" format; "gptq_v2" stores the zero itself)
+                                  scales  [groups, out];  g_idx [in]: each input row's group (act-order:
+                                  desc_act), else row / G
+                                  w[k, n] = (q[k, n] - z[g_idx[k], n]) * s[g_idx[k], n]
+
+The loader streams a checkpoint's tensors through `dequantize_stream`, which holds a projection's parts until all
+have come and then yields its `weight` [out, in] in fp32: the model stores it in its own dtype, so the projections
+run as 16-bit ones (no memory saving; `--quantization fp8` re-quantizes them to fp8 rows, half the 16-bit bytes).
+Tensors of modules the checkpoint left unquantized (e.g. lm_head) pass through as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # packed nibble i holds column 8c + AWQ_ORDER[i]
+_PARTS = (".qweight", ".qzeros", ".scales", ".g_idx")
+
+
+@dataclass(frozen=True, slots=True)
+class IntQuantConfig:
+    method: str  # "awq" | "gptq"
+    bits: int
+    group_size: int  # -1: one group for the whole input
+    zero_offset: int  # GPTQ's "gptq" format stores zero - 1: added back (0 for AWQ and "gptq_v2")
+
+    @property
+    def pack(self) -> int:
+        return 32 // self.bits
+
+
+def int_quant_config(qc: dict[str, Any]) -> IntQuantConfig:
+    """The AWQ / GPTQ settings of a quantization_config; ValueError for variants not supported."""
+    method = qc.get("quant_method")
+    bits = int(qc.get("bits", qc.get("w_bit", 4)))
+    group = int(qc.get("group_size", qc.get("q_group_size", 128)))
+    if method == "awq":
+        version = str(qc.get("version", "gemm")).lower()
+        if version != "gemm" or bits != 4:
+            raise ValueError(f"AWQ checkpoints of version {version!r} with {bits} bits are not supported; 4-bit "
+                             "'gemm' ones are")
+        if not qc.get("zero_point", True):
+            raise ValueError("AWQ checkpoints without zero points are not supported")
+        return IntQuantConfig("awq", 4, group, 0)
+    if method == "gptq":
+        if bits not in (4, 8):
+            raise ValueError(f"GPTQ checkpoints of {bits} bits are not supported; 4 and 8-bit ones are")
+        fmt = str(qc.get("checkpoint_format", "gptq")).lower()
+        if fmt not in ("gptq", "gptq_v2"):
+            raise ValueError(f"GPTQ checkpoint_format {fmt!r} is not supported (gptq, gptq_v2)")
+        return IntQuantConfig("gptq", bits, group, 1 if fmt == "gptq" else 0)
+    raise ValueError(f"not an AWQ / GPTQ config: {method!r}")
+
+
+def _unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """int32 words -> their 32 / bits values (int32, unsigned), unpacked along `dim` (each word's values in shift
+    order, lowest bits first)."""
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
+    mask = (1 << bits) - 1
+    if dim == 1:
+        values = (packed.to(torch.int32)[:, :, None] >> shifts) & mask  # [rows, words, per]
+        return values.reshape(packed.shape[0], -1)
+    values = (packed.to(torch.int32)[:, None, :] >> shifts[None, :, None]) & mask  # [words, per, cols]
+    return values.reshape(-1, packed.shape[1])
+
+
+def dequantize(config: IntQuantConfig, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+               g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """A projection's weight [out, in] in fp32 from its packed parts (see the module docstring)."""
+    scales = scales.float()
+    if config.method == "awq":
+        reorder = torch.tensor([AWQ_ORDER.index(i) for i in range(8)], device=qweight.device)
+        q = _unpack(qweight, 4, 1)
+        q = q.view(q.shape[0], -1, 8)[:, :, reorder].reshape(q.shape[0], -1)  # [in, out], natural column order
+        z = _unpack(qzeros, 4, 1)
+        z = z.view(z.shape[0], -1, 8)[:, :, reorder].reshape(z.shape[0], -1)  # [groups, out]
+        in_features = q.shape[0]
+        groups = torch.arange(in_features, device=q.device) // (config.group_size if config.group_size > 0
+                                                                 else in_features)
+    else:
+        q = _unpack(qweight, config.bits, 0)  # [in, out]
+        z = _unpack(qzeros, config.bits, 1) + config.zero_offset  # [groups, out]
+        in_features = q.shape[0]
+        if g_idx is not None:
+            groups = g_idx.long()
+        else:
+            groups = torch.arange(in_features, device=q.device) // (config.group_size if config.group_size > 0
+                                                                     else in_features)
+    if q.shape[1] != scales.shape[1] or z.shape != scales.shape or int(groups.max()) >= scales.shape[0]:
+        raise ValueError(f"{config.method} parts do not fit: qweight unpacks to {tuple(q.shape)}, zeros to "
+                         f"{tuple(z.shape)}, scales {tuple(scales.shape)}")
+    return ((q - z[groups]).float() * scales[groups]).t().contiguous()
+
+
+def dequantize_stream(config: IntQuantConfig, weights: Iterable[tuple[str, torch.Tensor]]
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors with each quantized projection's parts replaced by its dequantized `weight` (yielded
+    once all its parts have come: qweight, qzeros, scales, and GPTQ's g_idx when the file has one)."""
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    needed = 4 if config.method == "gptq" else 3  # (GPTQ writers save g_idx with every projection)
+    for name, tensor in weights:
+        part = next((p for p in _PARTS if name.endswith(p)), None)
+        if part is None or (part == ".g_idx" and config.method != "gptq"):
+            yield name, tensor
+            continue
+        prefix = name[: -len(part)]
+        parts = pending.setdefault(prefix, {})
+        parts[part] = tensor
+        if len(parts) == needed:
+            del pending[prefix]
+            yield prefix + ".weight", dequantize(config, parts[".qweight"], parts[".qzeros"], parts[".scales"],
+                                                 parts.get(".g_idx"))
+    for prefix, parts in pending.items():
+        if all(p in parts for p in _PARTS[:3]):  # a GPTQ projection saved without g_idx
+            yield prefix + ".weight", dequantize(config, parts[".qweight"], parts[".qzeros"], parts[".scales"])
+        else:
+            missing = [p[1:] for p in _PARTS[:3] if p not in parts]
+            raise ValueError(f"{config.method} checkpoint: {prefix} lacks {', '.join(missing)}")
+
+
+__all__ = ["AWQ_ORDER", "IntQuantConfig", "dequantize", "dequantize_stream", "int_quant_config"]
