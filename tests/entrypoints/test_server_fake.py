@@ -125,6 +125,35 @@ def test_chat_logprobs_format(server) -> None:
     assert [t.token for t in content[0].top_logprobs] == ["t", "z"]
 
 
+def test_return_tokens_as_token_ids(server, start_fake_server) -> None:
+    """vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:N" (chat, completions, streamed, prompt
+    logprobs); --return-tokens-as-token-ids makes it the default, which a request may turn off."""
+    ids = [f"token_id:{ord(c)}" for c in TEXT[:3]]
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3,
+                                       logprobs=True, top_logprobs=2, extra_body={"return_tokens_as_token_ids": True})
+    content = r.choices[0].logprobs.content
+    assert [c.token for c in content] == ids and content[0].bytes == list(ids[0].encode())
+    assert [t.token for t in content[0].top_logprobs] == [ids[0], f"token_id:{ord('z')}"]
+    assert r.choices[0].message.content == TEXT[:3]  # the text itself is unchanged
+    c = client.completions.create(model=MODEL, prompt="ab", max_tokens=3, logprobs=1, echo=True,
+                                  extra_body={"return_tokens_as_token_ids": True, "prompt_logprobs": 1})
+    assert c.choices[0].logprobs.tokens == ["token_id:97", "token_id:98", *ids]
+    assert c.choices[0].logprobs.top_logprobs[2] == {ids[0]: -0.5}
+    assert c.choices[0].prompt_logprobs[1][str(ord("b"))]["decoded_token"] == f"token_id:{ord('b')}"
+    body = {"model": MODEL, "prompt": "ab", "max_tokens": 3, "logprobs": 0, "stream": True,
+            "return_tokens_as_token_ids": True}
+    with httpx.stream("POST", server.base_url + "/v1/completions", json=body) as stream:
+        events = sse_events(stream)
+    assert [t for e in events[:-1] for ch in e["choices"] for t in ch["logprobs"]["tokens"]] == ids
+    by_default = start_fake_server(return_tokens_as_token_ids=True)
+    client = openai.OpenAI(base_url=by_default.base_url + "/v1", api_key="unused")
+    on = client.completions.create(model=MODEL, prompt="ab", max_tokens=3, logprobs=0)
+    off = client.completions.create(model=MODEL, prompt="ab", max_tokens=3, logprobs=0,
+                                    extra_body={"return_tokens_as_token_ids": False})
+    assert on.choices[0].logprobs.tokens == ids and off.choices[0].logprobs.tokens == list(TEXT[:3])
+
+
 @pytest.mark.parametrize(
     "prompt,num_prompts", [("ab", 1), (["ab", "cd", "ef"], 3), ([97, 98], 1), ([[97, 98], [99]], 2)]
 )

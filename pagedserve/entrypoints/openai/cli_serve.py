@@ -72,6 +72,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="no periodic stats line (throughput, running/waiting, KV cache usage)",
     )
+    g.add_argument("--return-tokens-as-token-ids", action="store_true",
+                   help='logprobs name each token "token_id:N" (vLLM\'s; a request\'s return_tokens_as_token_ids '
+                   "overrides it), for clients that need exact ids")
     g.add_argument("--log-stats-interval", type=float, default=5.0, help="seconds between stats lines while busy")
     g.add_argument("--disable-access-log", action="store_true", help="no log line per HTTP request")
     g.add_argument("--enable-auto-tool-choice", action="store_true",

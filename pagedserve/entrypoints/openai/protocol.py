@@ -75,6 +75,8 @@ class SamplingFields(OpenAIBaseModel):
     min_tokens: Int | None = Field(default=0, ge=0)
     ignore_eos: bool | None = False
     priority: Int | None = Field(default=0, description="with --scheduling-policy priority: lower runs first")
+    return_tokens_as_token_ids: bool | None = Field(
+        default=None, description='logprobs tokens as "token_id:N" (default: --return-tokens-as-token-ids)')
     stop_token_ids: list[Annotated[Int, Field(ge=0)]] | None = None
     allowed_token_ids: list[Annotated[Int, Field(ge=0)]] | None = Field(
         default=None, description="sample only among these token ids")

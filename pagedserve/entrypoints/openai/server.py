@@ -97,6 +97,7 @@ class ServerSettings:
     allowed_methods: list[str] = field(default_factory=lambda: ["*"])
     allowed_headers: list[str] = field(default_factory=lambda: ["*"])
     allow_credentials: bool = False
+    return_tokens_as_token_ids: bool = False  # logprobs tokens as "token_id:N" unless a request says otherwise
 
 
 def _version() -> str:
@@ -209,6 +210,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
     chat = OpenAIServingChat(engine, served_names, token_strings, settings.enable_auto_tool_choice,
                              settings.reasoning_parser)
     completion = OpenAIServingCompletion(engine, served_names, token_strings)
+    chat.tokens_as_ids = completion.tokens_as_ids = settings.return_tokens_as_token_ids
     responses = OpenAIServingResponses(chat)
     tokenization = OpenAIServingTokenization(engine, served_names)
     embedding = OpenAIServingEmbedding(engine, served_names)
@@ -516,6 +518,7 @@ def run_server(config: EngineConfig, args: argparse.Namespace, backend: Any = No
         allowed_methods=getattr(args, "allowed_methods", ["*"]),
         allowed_headers=getattr(args, "allowed_headers", ["*"]),
         allow_credentials=bool(getattr(args, "allow_credentials", False)),
+        return_tokens_as_token_ids=bool(getattr(args, "return_tokens_as_token_ids", False)),
     )
     app = build_app(async_engine, settings)
     server = _make_uvicorn_server(app, args, async_engine.stop_accepting)

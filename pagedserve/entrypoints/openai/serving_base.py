@@ -267,7 +267,30 @@ def usage_dict(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, 
     }
 
 
-def prompt_logprobs_json(entries: list | None, token_strings: TokenStrings, num_top: int) -> list | None:
+class TokenIdStrings:
+    """vLLM's return_tokens_as_token_ids: each token in logprobs as "token_id:N" (its bytes those of that string),
+    so a client that re-tokenizes nothing gets the exact ids. Same interface as TokenStrings."""
+
+    def get(self, token_id: int) -> tuple[str, list[int]]:
+        text = f"token_id:{token_id}"
+        return text, list(text.encode("utf-8"))
+
+    def text(self, token_id: int) -> str:
+        return f"token_id:{token_id}"
+
+
+TOKEN_ID_STRINGS = TokenIdStrings()
+
+
+def token_strings_for(req: Any, token_strings: TokenStrings, ids_by_default: bool) -> TokenStrings | TokenIdStrings:
+    """The request's way of writing tokens in logprobs: its return_tokens_as_token_ids, else the server's
+    --return-tokens-as-token-ids."""
+    as_ids = getattr(req, "return_tokens_as_token_ids", None)
+    return TOKEN_ID_STRINGS if (ids_by_default if as_ids is None else as_ids) else token_strings
+
+
+def prompt_logprobs_json(entries: list | None, token_strings: TokenStrings | TokenIdStrings, num_top: int
+                         ) -> list | None:
     """vLLM's prompt_logprobs shape: per prompt token None (the first) or {token id: {logprob, rank,
     decoded_token}} holding the token itself and its num_top most likely alternatives."""
     if entries is None:

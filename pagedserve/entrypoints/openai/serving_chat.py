@@ -37,6 +37,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     run_until_disconnect,
     sse,
     structured_outputs_of,
+    token_strings_for,
     usage_dict,
 )
 from pagedserve.entrypoints.openai.tool_calls import (
@@ -62,6 +63,7 @@ class OpenAIServingChat:
         self.engine = engine
         self.served_model_names = served_model_names
         self.token_strings = token_strings
+        self.tokens_as_ids = False  # --return-tokens-as-token-ids (build_app sets it)
         self.enable_auto_tool_choice = enable_auto_tool_choice
         if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:
             raise ValueError(f"unknown reasoning parser {reasoning_parser!r}; "
@@ -224,8 +226,8 @@ class OpenAIServingChat:
         return out
 
     # ------------------------------------------------------------------ outputs
-    def _logprobs(self, entries: list, num_top: int) -> list[dict]:
-        strings = self.token_strings.get
+    def _logprobs(self, entries: list, num_top: int, req: ChatCompletionRequest) -> list[dict]:
+        strings = token_strings_for(req, self.token_strings, self.tokens_as_ids).get
         content = []
         for lp in entries:
             text, raw = strings(lp.token_id)
@@ -253,7 +255,7 @@ class OpenAIServingChat:
             num_completion += len(out.token_ids)
             logprobs = None
             if ctx.params.logprobs is not None and out.logprobs is not None:
-                logprobs = {"content": self._logprobs(out.logprobs, ctx.params.logprobs)}
+                logprobs = {"content": self._logprobs(out.logprobs, ctx.params.logprobs, ctx.req)}
             message, finish_reason = message_of(out, ctx.mode, ctx.reasoning)
             choices.append(
                 {
@@ -274,7 +276,9 @@ class OpenAIServingChat:
             "system_fingerprint": None,
         }
         if ctx.req.prompt_logprobs is not None:  # vLLM's field, for the templated prompt's tokens
-            body["prompt_logprobs"] = prompt_logprobs_json(final.prompt_logprobs, self.token_strings,
+            body["prompt_logprobs"] = prompt_logprobs_json(final.prompt_logprobs,
+                                                           token_strings_for(ctx.req, self.token_strings,
+                                                                             self.tokens_as_ids),
                                                            ctx.req.prompt_logprobs)
         return JSONResponse(body)
 
@@ -349,7 +353,7 @@ class OpenAIServingChat:
                         logprobs = None
                         if new_lps:
                             sent_logprobs[i] = len(out.logprobs)
-                            logprobs = {"content": self._logprobs(new_lps, ctx.params.logprobs)}
+                            logprobs = {"content": self._logprobs(new_lps, ctx.params.logprobs, ctx.req)}
                         pieces = thinking[i].feed(delta_text) if thinking is not None else []
                         deltas = answer_deltas(i, pieces, delta_text)
                         if not deltas and logprobs:  # text held back (a possible tool call): logprobs alone

@@ -38,6 +38,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     run_until_disconnect,
     sse,
     structured_outputs_of,
+    token_strings_for,
     tokenize_prompts,
     usage_dict,
 )
@@ -52,6 +53,7 @@ class OpenAIServingCompletion:
         self.engine = engine
         self.served_model_names = served_model_names
         self.token_strings = token_strings
+        self.tokens_as_ids = False  # --return-tokens-as-token-ids (build_app sets it)
 
     async def create(self, req: CompletionRequest, raw_request: Request) -> Response:
         arrival = time.monotonic()
@@ -144,10 +146,10 @@ class OpenAIServingCompletion:
             ctx.prompts[prompt_index] = (text, ids)
         return text
 
-    def _logprobs(self, entries: list, num_top: int, offset: int) -> tuple[dict, int]:
+    def _logprobs(self, entries: list, num_top: int, offset: int, req: CompletionRequest) -> tuple[dict, int]:
         """Legacy logprobs for `entries` (TokenLogprobs, or a bare token id: the echoed prompt's first token,
         which has none); offsets start at `offset`. Returns (dict, next offset)."""
-        text_of = self.token_strings.text
+        text_of = token_strings_for(req, self.token_strings, self.tokens_as_ids).text
         tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
         for lp in entries:
             if isinstance(lp, int):
@@ -195,7 +197,9 @@ class OpenAIServingCompletion:
             prompt_entries = self._prompt_entries(ctx, final)
             prompt_logprobs = None
             if ctx.req.prompt_logprobs is not None:
-                prompt_logprobs = prompt_logprobs_json(final.prompt_logprobs, self.token_strings,
+                prompt_logprobs = prompt_logprobs_json(final.prompt_logprobs,
+                                                       token_strings_for(ctx.req, self.token_strings,
+                                                                         self.tokens_as_ids),
                                                        ctx.req.prompt_logprobs)
             for out in final.outputs:
                 text, entries = (echo, []) if ctx.echo_only else (echo + out.text, out.logprobs)
@@ -203,7 +207,7 @@ class OpenAIServingCompletion:
                 logprobs = None
                 if ctx.params.logprobs is not None and entries is not None:
                     logprobs, _ = self._logprobs(prompt_entries + entries, ctx.params.logprobs,
-                                                 0 if prompt_entries else len(echo))
+                                                 0 if prompt_entries else len(echo), ctx.req)
                 choice = {
                     "index": p * n + out.index,
                     "text": text,
@@ -280,7 +284,8 @@ class OpenAIServingCompletion:
                         logprobs = None
                         if new_lps:
                             sent_logprobs[i] = len(out_lps)
-                            logprobs, text_offset[i] = self._logprobs(new_lps, ctx.params.logprobs, text_offset[i])
+                            logprobs, text_offset[i] = self._logprobs(new_lps, ctx.params.logprobs, text_offset[i],
+                                                                      ctx.req)
                         if last:
                             finished[i] = True
                         yield chunk(
