@@ -4,7 +4,7 @@ nested jit function, a TMA block the copy engine cannot take) before a device ca
 the tensor-core path is there (wgmma in the PTX) and whether TMA copies are (cp.async.bulk.tensor).
 The local Triton may differ from the GPU's.
 
-    python scripts/compile_sm90.py [sample] [filter] [penalties] [tma] [decode] [qkv] [norm] [kvfp8] [lora] [moe]
+    python scripts/compile_sm90.py [sample] [filter] [penalties] [tma] [decode] [qkv] [norm] [kvfp8] [lora] [moe] [w4]
 """
 from __future__ import annotations
 
@@ -246,6 +246,21 @@ def moe() -> None:
             build(m._moe_down_kernel, sig, consts, f"moe down {dtype} BM={bm} BN={bn}", num_warps=warps)
 
 
+def w4() -> None:
+    """The 4-bit weight GEMM (w4a16.py) at its decode and prefill plans, bf16 and fp16."""
+    from pagedserve.executor.kernels import w4a16 as m
+
+    for dtype in ("bf16", "fp16"):
+        for rows in (1, 256):
+            bm, bn, bk, warps = m.w4a16_plan(rows, 128)
+            sig = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "s_ptr": "*fp32", "zs_ptr": "*fp32", "b_ptr": f"*{dtype}",
+                   "y_ptr": f"*{dtype}", "M": "i32", "N": "i32", "K": "i32", "GROUP": "i32", "stride_xm": "i32",
+                   "stride_qn": "i32", "stride_sn": "i32", "stride_ym": "i32"}
+            consts = {"HAS_BIAS": True, "BM": bm, "BN": bn, "BK": bk, "DOT_PRECISION": "tf32", "USE_PDL": True}
+            build(m._w4a16_kernel, sig | dict.fromkeys(consts, "constexpr"), consts,
+                  f"w4a16 {dtype} BM={bm} BN={bn} BK={bk}", num_warps=warps)
+
+
 def logprobs() -> None:
     """The fused logprob statistics (logprob_stats.py): the partials over fp32 and bf16 rows, the merge."""
     from pagedserve.executor.kernels import logprob_stats as m
@@ -269,4 +284,4 @@ if __name__ == "__main__":
     for name in sys.argv[1:] or ["sample", "filter", "penalties", "tma", "decode", "qkv", "norm", "logprobs",
                                  "kvfp8"]:
         {"sample": sample, "filter": sample_filter, "penalties": penalties, "tma": tma, "decode": decode, "qkv": qkv,
-         "norm": norm, "logprobs": logprobs, "kvfp8": kvfp8, "lora": lora, "moe": moe}[name]()
+         "norm": norm, "logprobs": logprobs, "kvfp8": kvfp8, "lora": lora, "moe": moe, "w4": w4}[name]()

@@ -26,6 +26,9 @@ class ModelShape:
     expert_params: int = 0
     num_experts: int = 0
     top_k: int = 0
+    # A 4-bit checkpoint held packed (quantization "int4"): the projections' parameters at half a byte each (their
+    # group scales left out), multiplied at the 16-bit matrix rate (the kernel widens them).
+    int4_params: int = 0
 
     @classmethod
     def from_hf_config(cls, cfg, dtype_bytes: int = 2, quantization: str | None = None,
@@ -47,12 +50,13 @@ class ModelShape:
         kv = layers * 2 * kv_heads * head_dim * (kv_dtype_bytes or dtype_bytes)
         top_k = int(getattr(cfg, "num_experts_per_tok", 0) or 0) if moe_layers else 0
         return cls(dense, kv, layers, h, dtype_bytes, projections if quantization == "fp8" else 0,
-                   expert, experts if moe_layers else 0, top_k)
+                   expert, experts if moe_layers else 0, top_k, projections if quantization == "int4" else 0)
 
     @property
     def weight_bytes(self) -> int:
         """Bytes of the weights every step reads whole (an MoE model's routed experts apart: step_weight_bytes)."""
-        return (self.dense_params - self.fp8_params) * self.weight_bytes_per_param + self.fp8_params
+        return int((self.dense_params - self.fp8_params - self.int4_params) * self.weight_bytes_per_param
+                   + self.fp8_params + self.int4_params / 2)
 
     @property
     def active_params(self) -> int:

@@ -78,9 +78,11 @@ def _unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return values.reshape(-1, packed.shape[1])
 
 
-def dequantize(config: IntQuantConfig, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-               g_idx: torch.Tensor | None = None) -> torch.Tensor:
-    """A projection's weight [out, in] in fp32 from its packed parts (see the module docstring)."""
+def unpack_parts(config: IntQuantConfig, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                 g_idx: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A projection's (q [in, out], zeros [groups, out], scales [groups, out] fp32, each input row's group [in]), the
+    values unpacked in their natural order; W[n, k] = (q[k, n] - zeros[g[k], n]) scales[g[k], n]."""
     scales = scales.float()
     if config.method == "awq":
         reorder = torch.tensor([AWQ_ORDER.index(i) for i in range(8)], device=qweight.device)
@@ -103,13 +105,47 @@ def dequantize(config: IntQuantConfig, qweight: torch.Tensor, qzeros: torch.Tens
     if q.shape[1] != scales.shape[1] or z.shape != scales.shape or int(groups.max()) >= scales.shape[0]:
         raise ValueError(f"{config.method} parts do not fit: qweight unpacks to {tuple(q.shape)}, zeros to "
                          f"{tuple(z.shape)}, scales {tuple(scales.shape)}")
+    return q, z, scales, groups
+
+
+def dequantize(config: IntQuantConfig, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+               g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """A projection's weight [out, in] in fp32 from its packed parts (see the module docstring)."""
+    q, z, scales, groups = unpack_parts(config, qweight, qzeros, scales, g_idx)
     return ((q - z[groups]).float() * scales[groups]).t().contiguous()
 
 
-def dequantize_stream(config: IntQuantConfig, weights: Iterable[tuple[str, torch.Tensor]]
+def _as_int4(config: IntQuantConfig, prefix: str, parts: dict[str, torch.Tensor]
+             ) -> list[tuple[str, torch.Tensor]]:
+    """A projection as the 4-bit kernel holds it (kernels/w4a16.py: scales, zs, then the packed rows, the order
+    Linear.use_int4_storage takes them in), or its dequantized weight where that layout cannot hold it: act-order
+    groups (g_idx not row / G), groups not a multiple of 16 inputs, or an MoE expert (the experts are stacked)."""
+    q, z, scales, groups = unpack_parts(config, parts[".qweight"], parts[".qzeros"], parts[".scales"],
+                                        parts.get(".g_idx"))
+    in_features, num_groups = q.shape[0], scales.shape[0]
+    size = in_features // num_groups
+    regular = (in_features % num_groups == 0 and size % 16 == 0 and ".experts." not in prefix
+               and torch.equal(groups, torch.arange(in_features, device=groups.device) // size))
+    if not regular:
+        return [(prefix + ".weight", ((q - z[groups]).float() * scales[groups]).t().contiguous())]
+    from pagedserve.executor.kernels.w4a16 import pack_int4_rows
+
+    packed, row_scales, zs = pack_int4_rows(q, z, scales)
+    return [(prefix + ".w4_scales", row_scales), (prefix + ".w4_zs", zs), (prefix + ".w4_qweight", packed)]
+
+
+def dequantize_stream(config: IntQuantConfig, weights: Iterable[tuple[str, torch.Tensor]], keep_int4: bool = False
                       ) -> Iterator[tuple[str, torch.Tensor]]:
     """The checkpoint's tensors with each quantized projection's parts replaced by its dequantized `weight` (yielded
-    once all its parts have come: qweight, qzeros, scales, and GPTQ's g_idx when the file has one)."""
+    once all its parts have come: qweight, qzeros, scales, and GPTQ's g_idx when the file has one). keep_int4 (4-bit
+    checkpoints): the projections the 4-bit kernel can run come as its packed rows instead (_as_int4)."""
+
+    def converted(prefix: str, parts: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+        if keep_int4:
+            return _as_int4(config, prefix, parts)
+        return [(prefix + ".weight", dequantize(config, parts[".qweight"], parts[".qzeros"], parts[".scales"],
+                                                parts.get(".g_idx")))]
+
     pending: dict[str, dict[str, torch.Tensor]] = {}
     needed = 4 if config.method == "gptq" else 3  # (GPTQ writers save g_idx with every projection)
     for name, tensor in weights:
@@ -122,14 +158,13 @@ def dequantize_stream(config: IntQuantConfig, weights: Iterable[tuple[str, torch
         parts[part] = tensor
         if len(parts) == needed:
             del pending[prefix]
-            yield prefix + ".weight", dequantize(config, parts[".qweight"], parts[".qzeros"], parts[".scales"],
-                                                 parts.get(".g_idx"))
+            yield from converted(prefix, parts)
     for prefix, parts in pending.items():
         if all(p in parts for p in _PARTS[:3]):  # a GPTQ projection saved without g_idx
-            yield prefix + ".weight", dequantize(config, parts[".qweight"], parts[".qzeros"], parts[".scales"])
+            yield from converted(prefix, parts)
         else:
             missing = [p[1:] for p in _PARTS[:3] if p not in parts]
             raise ValueError(f"{config.method} checkpoint: {prefix} lacks {', '.join(missing)}")
 
 
-__all__ = ["AWQ_ORDER", "IntQuantConfig", "dequantize", "dequantize_stream", "int_quant_config"]
+__all__ = ["AWQ_ORDER", "IntQuantConfig", "dequantize", "dequantize_stream", "int_quant_config", "unpack_parts"]

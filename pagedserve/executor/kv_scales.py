@@ -37,13 +37,7 @@ def power_of_two_at_least(scale: float, name: str) -> float:
 
 def _scale_rows(linear: nn.Module, start: int, end: int, factor: float) -> None:
     """Rows start..end of a projection's output times factor (its weight_scale rows when stored in fp8)."""
-    with torch.no_grad():
-        if linear.weight_scale is not None:
-            linear.weight_scale[start:end] *= factor
-        else:
-            linear.weight.data[start:end] *= factor
-        if linear.bias is not None:
-            linear.bias.data[start:end] *= factor
+    linear.scale_rows(start, end, factor)
 
 
 def fold_kv_scales(model: nn.Module, kv_cache_dtype: str) -> int:
@@ -76,11 +70,8 @@ def fold_kv_scales(model: nn.Module, kv_cache_dtype: str) -> int:
             attn.scale *= p_k
         if p_v != 1.0:
             _scale_rows(attn.qkv_proj, v_start, v_end, 1.0 / p_v)
-            with torch.no_grad():  # the whole of o_proj (its bias adds after the product: unchanged)
-                if attn.o_proj.weight_scale is not None:
-                    attn.o_proj.weight_scale *= p_v
-                else:
-                    attn.o_proj.weight.data *= p_v
+            # the whole of o_proj (its bias adds after the product: unchanged)
+            attn.o_proj.scale_rows(0, attn.o_proj.out_features, p_v, bias=False)
     logger.info("KV-cache scales of %d of %d layers folded into the weights (fp8 KV cache)", len(with_scales),
                 len(layers))
     return len(with_scales)

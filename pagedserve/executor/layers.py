@@ -36,6 +36,43 @@ class Linear(nn.Module):
         # Off CUDA, an fp8 checkpoint's projection holds its dequantized fp8 values: quantize_model leaves it be.
         self.holds_fp8_values = False
         self.lora: LoRALayer | None = None  # enable_lora: this projection's adapter slots (executor/lora.py)
+        # 4-bit weights (an AWQ / GPTQ checkpoint held packed, kernels/w4a16.py): weight is None and these hold
+        # qweight [out, in / 8] int32, scales and zero x scale [out, in / group] fp32.
+        self.w4_qweight: nn.Parameter | None = None
+        self.w4_scales: nn.Parameter | None = None
+        self.w4_zs: nn.Parameter | None = None
+        self.w4_group = 0
+
+    def use_int4_storage(self, groups: int) -> None:
+        """Replaces the weight by (uninitialized) 4-bit storage of `groups` groups a row, for a checkpoint whose
+        projection streams in as 4-bit parts (int_quant.int4_stream); the loader fills them."""
+        if self.w4_qweight is not None:
+            return
+        if self.in_features % groups or (self.in_features // groups) % 16 or self.in_features % 8:
+            raise ValueError(f"4-bit storage of {self.in_features} inputs in {groups} groups")
+        device = self.weight.device
+
+        def param(shape, dtype, fill):
+            return nn.Parameter(torch.full(shape, fill, dtype=dtype, device=device), requires_grad=False)
+
+        self.w4_qweight = param((self.out_features, self.in_features // 8), torch.int32, 0)
+        self.w4_scales = param((self.out_features, groups), torch.float32, float("nan"))  # NaN: not loaded
+        self.w4_zs = param((self.out_features, groups), torch.float32, float("nan"))
+        self.w4_group = self.in_features // groups
+        self.weight = None
+
+    def scale_rows(self, start: int, end: int, factor: float, bias: bool = True) -> None:
+        """Output rows start..end times factor, however the weight is held (and the bias's, unless bias=False)."""
+        with torch.no_grad():
+            if self.w4_qweight is not None:
+                self.w4_scales[start:end] *= factor
+                self.w4_zs[start:end] *= factor
+            elif self.weight_scale is not None:
+                self.weight_scale[start:end] *= factor
+            else:
+                self.weight.data[start:end] *= factor
+            if bias and self.bias is not None:
+                self.bias.data[start:end] *= factor
 
     def quantize_fp8(self) -> None:
         """Replaces the loaded weight by fp8 rows and their scales (on CUDA), or, elsewhere, by the dequantized
@@ -95,6 +132,10 @@ class Linear(nn.Module):
         return y
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w4_qweight is not None:
+            from pagedserve.executor.kernels.w4a16 import w4a16_linear
+
+            return w4a16_linear(x, self.w4_qweight, self.w4_scales, self.w4_zs, self.w4_group, self.bias)
         if self.weight_scale is not None:
             from pagedserve.executor.quantization import fp8_linear
 
@@ -122,6 +163,10 @@ _NO_SKINNY_GEMM = os.environ.get("PAGEDSERVE_NO_SKINNY_GEMM") == "1"  # A/B swit
 _SKINNY_SMALL_BATCH = os.environ.get("PAGEDSERVE_SKINNY_SMALL_BATCH", "1") == "1"
 
 
+# The parameters a merged projection loads shard by shard (rows of the output).
+MERGED_PARAMS = ("weight", "bias", "w4_qweight", "w4_scales", "w4_zs")
+
+
 class MergedLinear(Linear):
     """Several projections of the same input in one matmul: q|k|v or gate|up.
 
@@ -137,7 +182,7 @@ class MergedLinear(Linear):
         return start, start + self.output_sizes[index]
 
     def load_shard(self, param_name: str, index: int, tensor: torch.Tensor) -> None:
-        param = self.weight if param_name == "weight" else self.bias
+        param = getattr(self, param_name) if param_name in MERGED_PARAMS else None
         if param is None:
             raise ValueError(f"checkpoint has a {param_name} for a projection built without one")
         if param.dtype == torch.float8_e4m3fn and tensor.dtype != param.dtype:

@@ -134,10 +134,24 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
         if "norm" in name:
             param.fill_(1.0)
             continue
+        if name.endswith((".w4_qweight", ".w4_scales", ".w4_zs")):  # 4-bit storage (_dummy_int4)
+            _dummy_int4_part(name, param, seed)
+            continue
         generator = torch.Generator(device=param.device)
         # One seed per tensor, so a tensor's values do not depend on the tensors before it.
         generator.manual_seed(seed * 1_000_003 + _stable_hash(name))
         param.normal_(0.0, 0.02, generator=generator)
+
+
+def _dummy_int4_part(name: str, param: torch.Tensor, seed: int) -> None:
+    """Random 4-bit words; scales of 0.02 / 4.6 (uniform 0..15 less 8, times it: a spread of ~0.02); zero 8."""
+    if name.endswith(".w4_qweight"):
+        generator = torch.Generator(device=param.device)
+        generator.manual_seed(seed * 1_000_003 + _stable_hash(name))
+        param.copy_(torch.randint(-2**31, 2**31 - 1, param.shape, generator=generator, device=param.device,
+                                  dtype=torch.int64).to(torch.int32))
+    else:
+        param.fill_(0.02 / 4.6 * (8.0 if name.endswith(".w4_zs") else 1.0))
 
 
 def _stable_hash(text: str) -> int:
@@ -240,23 +254,28 @@ def load_model(
     logger.info("start-up: config in %.1f s, model built on %s in %.1f s", t_config - t0, device, t_built - t_config)
 
     if config.load_format == "dummy":
+        stored = None
+        if stored_quantization in ("awq", "gptq"):  # a 4-bit config's shapes: random 4-bit projections
+            stored = _dummy_int4(model, config, hf_config, device, dtype)
         init_dummy_weights(model, config.seed)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         logger.info("start-up: dummy weights in %.1f s", time.monotonic() - t_built)
-        return _quantized(model, config), hf_config
+        return _quantized(model, config, stored), hf_config
     if source.kind == "gguf":
         weights = iterate_gguf_weights(source.path, hf_config)
     else:
         weights = iterate_safetensors(source.path, device)
-    if stored_quantization in ("awq", "gptq"):  # integer weights: dequantized as they stream in
+    if stored_quantization in ("awq", "gptq"):  # integer weights: dequantized as they stream in, or kept 4-bit
         from pagedserve.executor.int_quant import dequantize_stream, int_quant_config
 
         qc = hf_config.quantization_config
-        qc = qc if isinstance(qc, dict) else qc.to_dict()
-        weights = dequantize_stream(int_quant_config(qc), weights)
-        logger.info("start-up: %s weights dequantized to %s at load", stored_quantization, dtype)
-        stored_quantization = None  # the model holds 16-bit projections
+        int_config = int_quant_config(qc if isinstance(qc, dict) else qc.to_dict())
+        keep_int4 = _keeps_int4(config, int_config, device, dtype)
+        weights = dequantize_stream(int_config, weights, keep_int4)
+        logger.info("start-up: %s weights %s", stored_quantization,
+                    "kept 4-bit (the w4a16 kernel)" if keep_int4 else f"dequantized to {dtype} at load")
+        stored_quantization = "int4" if keep_int4 else None
     with torch.no_grad():
         loaded = model.load_weights(weights)
     missing = sorted({name for name, _ in model.named_parameters()} - loaded)
@@ -268,7 +287,9 @@ def load_model(
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(f"checkpoint {source.path!r} lacks weights for {shown}")
-    if stored_quantization is not None:
+    if stored_quantization == "int4" and not any(getattr(m, "w4_qweight", None) is not None for m in model.modules()):
+        stored_quantization = None  # every projection came dequantized (act-order groups, ...)
+    if stored_quantization == "fp8":
         from pagedserve.executor.layers import Linear
 
         for name, module in model.named_modules():
@@ -279,6 +300,40 @@ def load_model(
                     raise ValueError(f"checkpoint {source.path!r}, {name}: {e}") from None
         logger.info("start-up: %s weights as stored in the checkpoint", stored_quantization)
     return _quantized(model, config, stored_quantization), hf_config
+
+
+def _dummy_int4(model: nn.Module, config: EngineConfig, hf_config: Any, device: torch.device,
+                dtype: torch.dtype) -> str | None:
+    """--load-format dummy on a 4-bit (AWQ / GPTQ) config: where the checkpoint's projections would stay 4-bit, each
+    decoder projection gets 4-bit storage (init_dummy_weights then fills it: random values 0..15, scales that make
+    weights of about N(0, 0.02)), so the 4-bit shapes can be benchmarked without a checkpoint. Returns "int4", or
+    None when they would be dequantized (then the model keeps random 16-bit weights)."""
+    from pagedserve.executor.int_quant import int_quant_config
+    from pagedserve.executor.layers import Linear
+
+    qc = hf_config.quantization_config
+    int_config = int_quant_config(qc if isinstance(qc, dict) else qc.to_dict())
+    if not _keeps_int4(config, int_config, device, dtype):
+        return None
+    count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and not name.endswith("lm_head") and ".experts." not in name:
+            group = int_config.group_size if int_config.group_size > 0 else module.in_features
+            module.use_int4_storage(module.in_features // group)
+            count += 1
+    return "int4" if count else None
+
+
+def _keeps_int4(config: EngineConfig, int_config: Any, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a 4-bit checkpoint's projections stay 4-bit (kernels/w4a16.py): on CUDA with a 16-bit model (or
+    PAGEDSERVE_INT4_KERNELS=1: the Triton interpreter, tests), one rank, no LoRA and no --quantization;
+    PAGEDSERVE_INT4_KERNELS=0 dequantizes them."""
+    from pagedserve.distributed import tp_size
+
+    mode = os.environ.get("PAGEDSERVE_INT4_KERNELS", "auto")
+    if mode == "0" or int_config.bits != 4 or config.quantization is not None or config.enable_lora or tp_size() > 1:
+        return False
+    return mode == "1" or (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16))
 
 
 def _quantized(model: nn.Module, config: EngineConfig, stored: str | None = None) -> nn.Module:

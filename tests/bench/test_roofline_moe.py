@@ -51,3 +51,16 @@ def test_a_dense_model_is_unchanged() -> None:
     shape = ModelShape.from_hf_config(dense, 2)
     assert shape.expert_params == shape.num_experts == shape.top_k == 0
     assert shape.step_weight_bytes(64) == shape.weight_bytes == 2 * shape.active_params
+
+
+def test_int4_projections_count_half_a_byte() -> None:
+    """A 4-bit checkpoint held packed: the decoder projections at half a byte a parameter, the LM head 16-bit."""
+    from transformers import Qwen2Config
+
+    cfg = Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                      num_key_value_heads=4, vocab_size=152064)
+    bf16, int4 = ModelShape.from_hf_config(cfg, 2), ModelShape.from_hf_config(cfg, 2, "int4")
+    lm_head = 152064 * 3584
+    assert int4.int4_params == bf16.dense_params - lm_head
+    assert int4.weight_bytes == int4.int4_params // 2 + 2 * lm_head
+    assert round(int4.weight_bytes / 1e9, 2) == 4.35 and int4.active_params == bf16.active_params

@@ -36,6 +36,7 @@ KERNEL_MODULES = (
     "pagedserve.executor.kernels.segments",  # before the two that import its helper
     "pagedserve.executor.kernels.lora_sgmv",
     "pagedserve.executor.kernels.fused_moe",
+    "pagedserve.executor.kernels.w4a16",
 )
 
 if not torch.cuda.is_available():

@@ -26,6 +26,7 @@ from pagedserve.distributed import all_reduce, gather_last_dim, shard, tp_rank, 
 from pagedserve.executor.attention.base import ForwardContext
 from pagedserve.executor.layers import (
     _NO_SKINNY_GEMM,
+    MERGED_PARAMS,
     GeluTanhAndMul,
     Linear,
     MergedLinear,
@@ -177,6 +178,7 @@ class DecoderAttention(nn.Module):
         kv_cache = ctx.kv_caches[self.layer_idx]
         # (With LoRA the projection's own forward adds the adapters: no fused kernel.)
         if (self.q_norm is None and self.qkv_proj.weight_scale is None and self.qkv_proj.lora is None
+                and self.qkv_proj.weight is not None
                 and _fuses_qkv_rope(hidden, rope, ctx.backend)):
             from pagedserve.executor.kernels.qkv_rope_kv import qkv_rope_kv_write
 
@@ -216,7 +218,8 @@ class DecoderMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj
         if x.shape[0] == 1 and x.is_cuda and _FUSED_GATE_UP and gate_up.bias is None and self.silu \
-                and gate_up.weight_scale is None and x.dtype != torch.float32 and gate_up.lora is None:
+                and gate_up.weight_scale is None and x.dtype != torch.float32 and gate_up.lora is None \
+                and gate_up.weight is not None:
             # One token: gate_up GEMM and SiLU·mul in one kernel (kernels/gate_up_silu.py).
             from pagedserve.executor.kernels.gate_up_silu import gate_up_silu
 
@@ -390,6 +393,8 @@ class DecoderForCausalLM(nn.Module):
                         break
                     if fp8:
                         module.use_fp8_storage()
+                    if param_name == "w4_scales":  # a 4-bit projection (int_quant: its scales come first)
+                        module.use_int4_storage(tensor.shape[1])
                     if param_name == "weight_scale":
                         module.load_weight_scale(tensor, module.shard_rows(shard_index))
                     else:
@@ -399,6 +404,10 @@ class DecoderForCausalLM(nn.Module):
             else:
                 module_name, _, param_name = name.rpartition(".")
                 module = linears.get(module_name)
+                if param_name.startswith("w4_") and module is not None:  # a 4-bit projection (scales first)
+                    if param_name == "w4_scales":
+                        module.use_int4_storage(tensor.shape[1])
+                    params[name] = getattr(module, param_name)
                 if fp8 and module is not None and not module_name.endswith("lm_head"):
                     module.use_fp8_storage()
                     if param_name == "weight_scale":
@@ -421,7 +430,7 @@ class DecoderForCausalLM(nn.Module):
             loaded.update(f"{module_name}.{param_name}" for param_name in module.loaded())
         # Report a merged parameter as loaded only when all of its shards were.
         for module_name, module in merged_modules.items():
-            for param_name in ("weight", "bias"):
+            for param_name in MERGED_PARAMS:
                 shards = {f"{module_name}.{param_name}:{i}" for i in range(len(module.output_sizes))}
                 if shards <= loaded:
                     loaded.add(f"{module_name}.{param_name}")
