@@ -390,6 +390,14 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
       timeout 400 python3 -m pytest tests/kernels/test_kernels.py tests/kernels/test_runner_window.py \
         tests/kernels/test_fused_ops.py tests/gpu/test_window_gpu.py -k "window or gemma" -q -s -p no:cacheprovider \
         -ra 2>&1 | grep -E "window:|passed|failed|FAILED|rror" | tail -20 ;;
+    int4-test)  # 4-bit AWQ / GPTQ held packed: the W4A16 kernel compiled, then the engine vs Transformers
+      timeout 400 python3 -m pytest tests/kernels/test_w4a16.py tests/gpu/test_int4_gpu.py -q -s -p no:cacheprovider \
+        -ra 2>&1 | grep -E "int4:|passed|failed|FAILED|rror" | tail -20 ;;
+    int4-bench)  # the 7B shapes as a 4-bit AWQ checkpoint (random 4-bit weights): batch-1 latency, default workload
+      python3 -m pagedserve.entrypoints.cli bench latency --model .devcache/qwen2-7b-awq --load-format dummy \
+        --output-json "$OUT/int4-latency.json" 2>&1 | tail -4
+      python3 -m pagedserve.entrypoints.cli bench throughput --model .devcache/qwen2-7b-awq --load-format dummy \
+        --no-tqdm --output-json "$OUT/int4-throughput.json" 2>&1 | grep -E "throughput:|steps:|floor|rror" | cut -c1-600 ;;
     moe-kernels)  # the experts of one Qwen3-30B-A3B layer: the kernels vs the torch loop (MOE_SWEEP=1: launch plans)
       timeout 500 python3 scripts/moe_kernel_bench.py --tokens "${MOE_TOKENS:-1,8,64,256,1024,8192}" ${MOE_SWEEP:+--sweep} \
         --output-json "$OUT/moe-kernels.json" 2>&1 | tail -200 ;;

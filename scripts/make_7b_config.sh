@@ -12,3 +12,8 @@ mkdir -p .devcache/qwen3-moe
 cp .devcache/qwen2-7b/tokenizer.json .devcache/qwen2-7b/tokenizer_config.json .devcache/qwen2-7b/chat_template.jinja \
   .devcache/qwen3-moe/
 cp docs/qwen3-30b-a3b-config.json .devcache/qwen3-moe/config.json
+# .devcache/qwen2-7b-awq: the same shapes as a 4-bit AWQ checkpoint declares them (dummy weights stay 4-bit on CUDA).
+mkdir -p .devcache/qwen2-7b-awq
+cp .devcache/qwen2-7b/tokenizer.json .devcache/qwen2-7b/tokenizer_config.json .devcache/qwen2-7b/chat_template.jinja \
+  .devcache/qwen2-7b-awq/
+cp docs/qwen2-7b-awq-config.json .devcache/qwen2-7b-awq/config.json
