@@ -254,8 +254,8 @@ def w4() -> None:
         for rows in (1, 256):
             bm, bn, bk, warps = m.w4a16_plan(rows, 128)
             sig = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "s_ptr": "*fp32", "zs_ptr": "*fp32", "b_ptr": f"*{dtype}",
-                   "y_ptr": f"*{dtype}", "M": "i32", "N": "i32", "K": "i32", "GROUP": "i32", "stride_xm": "i32",
-                   "stride_qn": "i32", "stride_sn": "i32", "stride_ym": "i32"}
+                   "y_ptr": f"*{dtype}", "M": "i32", "N": "i32", "K": "i32", "GROUP": "i32", "k_per_split": "i32",
+                   "stride_xm": "i32", "stride_qn": "i32", "stride_sn": "i32", "stride_ym": "i32", "stride_ys": "i32"}
             consts = {"HAS_BIAS": True, "BM": bm, "BN": bn, "BK": bk, "DOT_PRECISION": "tf32", "USE_PDL": True}
             build(m._w4a16_kernel, sig | dict.fromkeys(consts, "constexpr"), consts,
                   f"w4a16 {dtype} BM={bm} BN={bn} BK={bk}", num_warps=warps)
