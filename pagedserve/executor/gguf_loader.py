@@ -9,6 +9,11 @@ tensor at a time; the model then stores them in its own dtype. Tensor names map 
 
     blk.N.attn_q_norm / attn_k_norm -> ...self_attn.q_norm / k_norm (qwen3: an RMSNorm per head of q and k)
 
+qwen2moe / qwen3moe add the router (ffn_gate_inp), the experts stacked per layer (ffn_gate_exps / ffn_up_exps
+[E, I, H], ffn_down_exps [E, H, I]) and qwen2moe's shared expert (ffn_*_shexp, ffn_gate_inp_shexp); gemma3 its
+sandwich norms (post_attention_norm, ffn_norm as the pre-feedforward norm, post_ffw_norm), all of its norms stored as
+1 + w (undone here), and no query_pre_attn_scalar or local rope base in the metadata (llama.cpp's own values taken).
+
 llama.cpp's converter permutes the rows of Q and K for the `llama` architecture (its rope pairs
 adjacent dims, HF's rotates halves); we undo that. `qwen2` and `qwen3` are stored unpermuted (neox rope
 in both).
@@ -25,7 +30,9 @@ import numpy as np
 import torch
 
 # GGUF general.architecture -> the HF architecture name our registry knows.
-GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                      "qwen2moe": "Qwen2MoeForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM",
+                      "gemma3": "Gemma3ForCausalLM"}
 
 _TOP_LEVEL_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -44,7 +51,20 @@ _BLOCK_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_q_norm": "self_attn.q_norm",
     "attn_k_norm": "self_attn.k_norm",
+    # mixture of experts (qwen2moe / qwen3moe): the router, the experts stacked [E, I, H] / [E, H, I], the shared one
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    # gemma3's sandwich norms (its ffn_norm is the pre-feedforward norm: _GEMMA_BLOCK_NAMES)
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
+_GEMMA_BLOCK_NAMES = {**_BLOCK_NAMES, "ffn_norm": "pre_feedforward_layernorm"}
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -62,7 +82,8 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
 
 
 def gguf_hf_config(path: str) -> Any:
-    """A transformers LlamaConfig / Qwen2Config / Qwen3Config built from GGUF metadata."""
+    """A transformers config (Llama, Qwen2, Qwen3, Qwen2-MoE, Qwen3-MoE, Gemma 3 text) built from GGUF metadata."""
+    import transformers
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     reader = _reader(path)
@@ -107,7 +128,28 @@ def gguf_hf_config(path: str) -> Any:
     if scaling_type not in (None, "none"):
         factor = float(meta("rope.scaling.factor", 1.0))
         kwargs["rope_scaling"] = {"rope_type": scaling_type, "factor": factor}
-    if arch == "llama":
+    if arch in ("qwen2moe", "qwen3moe"):  # llama.cpp renormalizes qwen3moe's top-k weights, not qwen2moe's
+        kwargs |= dict(num_experts=int(meta("expert_count")), num_experts_per_tok=int(meta("expert_used_count")),
+                       moe_intermediate_size=int(meta("expert_feed_forward_length")), decoder_sparse_step=1,
+                       mlp_only_layers=[], norm_topk_prob=arch == "qwen3moe")
+        if arch == "qwen2moe":
+            kwargs["shared_expert_intermediate_size"] = int(meta("expert_shared_feed_forward_length", 0))
+            config = transformers.Qwen2MoeConfig(**kwargs)
+        else:
+            kwargs["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
+            config = transformers.Qwen3MoeConfig(**kwargs)
+    elif arch == "gemma3":
+        # llama.cpp keeps neither query_pre_attn_scalar nor the local layers' rope base: it takes hidden / heads for
+        # the 27B (62 blocks) and head_dim otherwise, and 10,000 (newer files: rope.freq_base_swa).
+        pattern = int(meta("attention.sliding_window_pattern", 6) or 6)
+        kwargs |= dict(hidden_activation="gelu_pytorch_tanh", sliding_window=int(meta("attention.sliding_window")),
+                       query_pre_attn_scalar=hidden_size // num_heads if kwargs["num_hidden_layers"] == 62
+                       else head_dim, rope_local_base_freq=float(meta("rope.freq_base_swa", 10000.0)),
+                       final_logit_softcapping=meta("final_logit_softcapping"),
+                       layer_types=["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                    for i in range(kwargs["num_hidden_layers"])])
+        config = transformers.Gemma3TextConfig(**kwargs)
+    elif arch == "llama":
         kwargs["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
         kwargs["mlp_bias"] = "blk.0.ffn_up.bias" in tensor_names
         config = LlamaConfig(**kwargs)
@@ -142,27 +184,36 @@ def _tensor_to_torch(tensor: Any) -> torch.Tensor:
     return torch.from_numpy(array).reshape(shape)
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """The HF parameter name of a GGUF tensor name, or None for tensors we do not use."""
+def hf_name(gguf_name: str, arch: str | None = None) -> str | None:
+    """The HF parameter name of a GGUF tensor name, or None for tensors we do not use. Stacked experts come as
+    `mlp.experts.gate_proj` / `up_proj` / `down_proj` (no `.weight`: models/moe.py loads them whole)."""
     base, _, kind = gguf_name.rpartition(".")
     if base in _TOP_LEVEL_NAMES:
         return f"{_TOP_LEVEL_NAMES[base]}.{kind}"
+    names = _GEMMA_BLOCK_NAMES if arch == "gemma3" else _BLOCK_NAMES
     match = _BLOCK_RE.match(gguf_name)
-    if match and match.group(2) in _BLOCK_NAMES:
+    if match and match.group(2) in names:
         layer, part, kind = match.groups()
-        return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
+        if part.endswith("_exps"):
+            return f"model.layers.{layer}.{names[part]}"
+        return f"model.layers.{layer}.{names[part]}.{kind}"
     return None
 
 
 def iterate_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, fp32/fp16 CPU tensor) for every tensor of the file the model uses."""
     reader = _reader(path)
-    is_llama = _field(reader, "general.architecture") == "llama"
+    arch = _field(reader, "general.architecture")
+    is_llama = arch == "llama"
     for tensor in reader.tensors:
-        name = hf_name(tensor.name)
+        name = hf_name(tensor.name, arch)
         if name is None:
             continue
         value = _tensor_to_torch(tensor)
+        if arch == "gemma3" and name.endswith("norm.weight"):  # llama.cpp stores Gemma's norms as 1 + w
+            value = value - 1.0
+        if name.endswith("shared_expert_gate.weight"):  # stored as [H]
+            value = value.reshape(1, -1)
         if is_llama and ".attn_q." in tensor.name:
             value = undo_llama_qk_permute(value, hf_config.num_attention_heads)
         elif is_llama and ".attn_k." in tensor.name:

@@ -34,7 +34,8 @@ from pagedserve.distributed import all_reduce, shard, tp_rank, tp_size
 # A checkpoint's per-expert tensor: (the MoE block's name, expert, part). Mixtral's w1 / w3 / w2 are gate / up / down.
 EXPERT_TENSOR = re.compile(r"^(.*)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
 # Transformers 5's stacked experts, as its modules hold them in memory.
-STACKED_EXPERTS = re.compile(r"^(.*)\.experts\.(gate_up_proj|down_proj)$")
+# (GGUF files stack gate and up apart: experts.gate_proj / up_proj [E, I, H], gguf_loader.py)
+STACKED_EXPERTS = re.compile(r"^(.*)\.experts\.(gate_up_proj|gate_proj|up_proj|down_proj)$")
 _PART = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
 
 
@@ -119,10 +120,16 @@ class MoEExperts(nn.Module):
         self._parts.add((expert, part))
 
     def load_stacked(self, which: str, tensor: torch.Tensor) -> None:
-        """Transformers 5's stacked gate_up_proj [E, 2I, H] or down_proj [E, H, I] (whole)."""
+        """Transformers 5's stacked gate_up_proj [E, 2I, H] or down_proj [E, H, I] (whole); a GGUF file's gate_proj
+        or up_proj [E, I, H]."""
         if which == "down_proj":
             self._copy(self.w2, _columns(tensor, 2), "experts.down_proj")
             self._parts.update((e, "down") for e in range(self.num_experts))
+            return
+        if which in ("gate_proj", "up_proj"):
+            rows = slice(0, self.intermediate) if which == "gate_proj" else slice(self.intermediate, None)
+            self._copy(self.w13[:, rows], _columns(tensor, 1), f"experts.{which}")
+            self._parts.update((e, which[:-5]) for e in range(self.num_experts))
             return
         gate, up = tensor.chunk(2, dim=1)
         self._copy(self.w13, torch.cat([_columns(gate, 1), _columns(up, 1)], dim=1), "experts.gate_up_proj")
