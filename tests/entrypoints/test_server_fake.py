@@ -489,10 +489,24 @@ def test_metrics_names(server) -> None:
         "e2e_request_latency_seconds_bucket",
         "request_queue_time_seconds_bucket",
         "request_success_total",
+        "request_prefill_time_seconds_bucket",
+        "request_decode_time_seconds_bucket",
+        "request_inference_time_seconds_bucket",
+        "time_per_output_token_seconds_bucket",
+        "request_prompt_tokens_bucket",
+        "request_generation_tokens_bucket",
+        "request_params_n_bucket",
     ):
         assert f"pagedserve:{name}" in text, name
     assert _metric(server, "pagedserve:generation_tokens_total") == 5
     assert _metric(server, "pagedserve:time_to_first_token_seconds_count") == 1
+    # per finished request: its token counts and its choices (vLLM's request histograms)
+    assert _metric(server, "pagedserve:request_generation_tokens_sum") == 5
+    assert _metric(server, "pagedserve:request_prompt_tokens_sum") == len("<user>hi\n<assistant>")
+    assert _metric(server, "pagedserve:request_params_n_sum") == 1
+    assert _metric(server, "pagedserve:time_per_output_token_seconds_count") == 1
+    assert _metric(server, "pagedserve:request_inference_time_seconds_sum") >= \
+        _metric(server, "pagedserve:request_decode_time_seconds_sum")
 
 
 def test_tokenize_and_detokenize(server) -> None:

@@ -71,6 +71,10 @@ _ITL_BUCKETS = (
     80.0,
 )
 
+# Token counts a request: 1, 2, 5 ... up to past a long context (vLLM's build_1_2_5_buckets).
+_TOKEN_BUCKETS = tuple(m * 10**e for e in range(7) for m in (1, 2, 5))
+_N_BUCKETS = (1, 2, 5, 10, 20)
+
 # (stats key, metric suffix, help)
 _GAUGES = (
     ("num_running", "num_requests_running", "Sequences being generated (in the running batch)."),
@@ -170,6 +174,36 @@ class ServerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         ).labels(model_name)
+        self.prefill = Histogram(
+            PREFIX + "request_prefill_time_seconds",
+            "Time from the first scheduling step to the first token (the prompt's prefill, chunks included).",
+            labels, buckets=_LATENCY_BUCKETS, registry=r,
+        ).labels(model_name)
+        self.decode = Histogram(
+            PREFIX + "request_decode_time_seconds", "Time from the first token to the last.",
+            labels, buckets=_LATENCY_BUCKETS, registry=r,
+        ).labels(model_name)
+        self.inference = Histogram(
+            PREFIX + "request_inference_time_seconds", "Time from the first scheduling step to the last token.",
+            labels, buckets=_LATENCY_BUCKETS, registry=r,
+        ).labels(model_name)
+        self.tpot = Histogram(
+            PREFIX + "time_per_output_token_seconds",
+            "A request's mean time per output token after its first (decode time / (tokens - 1)).",
+            labels, buckets=_ITL_BUCKETS, registry=r,
+        ).labels(model_name)
+        self.prompt_tokens = Histogram(
+            PREFIX + "request_prompt_tokens", "Prompt tokens a finished request.",
+            labels, buckets=_TOKEN_BUCKETS, registry=r,
+        ).labels(model_name)
+        self.generation_tokens = Histogram(
+            PREFIX + "request_generation_tokens", "Tokens a finished request generated (all its choices).",
+            labels, buckets=_TOKEN_BUCKETS, registry=r,
+        ).labels(model_name)
+        self.params_n = Histogram(
+            PREFIX + "request_params_n", "Choices (n) a finished request asked for.",
+            labels, buckets=_N_BUCKETS, registry=r,
+        ).labels(model_name)
         self._success = Counter(
             PREFIX + "request_success",
             "Requests finished, by finish reason.",
@@ -200,6 +234,17 @@ class ServerMetrics:
                 self.e2e.observe(max(0.0, end - m.arrival_time))
             if m.first_scheduled_time is not None:
                 self.queue.observe(max(0.0, m.first_scheduled_time - m.arrival_time))
+                if end is not None:
+                    self.inference.observe(max(0.0, end - m.first_scheduled_time))
+                if m.first_token_time is not None:
+                    self.prefill.observe(max(0.0, m.first_token_time - m.first_scheduled_time))
+            if m.first_token_time is not None and end is not None:
+                self.decode.observe(max(0.0, end - m.first_token_time))
+                if num_tokens > len(output.outputs):  # a choice with more than its first token
+                    self.tpot.observe(max(0.0, end - m.first_token_time) / (num_tokens / len(output.outputs) - 1))
+            self.prompt_tokens.observe(len(output.prompt_token_ids))
+            self.generation_tokens.observe(num_tokens)
+            self.params_n.observe(len(output.outputs))
             for o in output.outputs:
                 self._success.labels(self._model_name, o.finish_reason or "unknown").inc()
 
