@@ -144,6 +144,8 @@ def test_torch_backend_matches_dense_attention_with_cache_offsets() -> None:
     ("qwen3", dict()),  # q/k norms per head, head_dim 16 != hidden / heads
     ("qwen3", dict(attention_bias=True, tie_word_embeddings=False)),
     ("mistral", dict(sliding_window=128)),  # a window no shorter than the context: plain attention
+    ("phi3", dict()),  # q|k|v and gate|up fused in the checkpoint
+    ("phi3", dict(sliding_window=6)),  # Phi-3-mini's window (here 6 tokens of the 22)
     # YaRN (Qwen's long-context recipe), positions past original_max_position_embeddings: cos and sin scaled too
     ("qwen2", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})),
 ])
@@ -173,3 +175,12 @@ def test_yarn_model_serves_past_max_position_embeddings(tmp_path) -> None:
     assert [lp.logprob for lp in out.logprobs] == pytest.approx(logprobs, abs=1e-4)
     with pytest.raises(ValueError, match="context of 128 tokens"):
         LLM(str(tmp_path), dtype="float32", cpu_kv_cache_gib=0.05, max_model_len=129)
+
+
+def test_phi3_longrope_is_refused_by_name(tmp_path) -> None:
+    """Phi-3.5 / Phi-4-mini's LongRoPE (per-dimension factors switching past the original context): not yet."""
+    factors = [1.0] * 8
+    save_tiny_model("phi3", tmp_path, max_position_embeddings=256, original_max_position_embeddings=64,
+                    rope_scaling={"rope_type": "longrope", "short_factor": factors, "long_factor": factors})
+    with pytest.raises(ValueError, match="'longrope' is not supported"):
+        make_runner(tmp_path)

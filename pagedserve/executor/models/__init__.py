@@ -10,6 +10,7 @@ from pagedserve.executor.models.decoder import (
     LlamaForCausalLM,
     MistralForCausalLM,
     MixtralForCausalLM,
+    Phi3ForCausalLM,
     Qwen2ForCausalLM,
     Qwen2MoeForCausalLM,
     Qwen3ForCausalLM,
@@ -26,6 +27,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
     # Gemma 3's multimodal checkpoints (4B and up), served as text: their language model alone
     "Gemma3ForConditionalGeneration": Gemma3ForCausalLM,
 }
@@ -62,5 +64,5 @@ def is_bare(architectures: Sequence[str] | None) -> bool:
 
 
 __all__ = ["BARE_ARCHITECTURES", "MODEL_REGISTRY", "Gemma3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM",
-           "MixtralForCausalLM", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
-           "get_model_class", "is_bare"]
+           "MixtralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM",
+           "Qwen3MoeForCausalLM", "get_model_class", "is_bare"]

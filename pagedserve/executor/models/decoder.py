@@ -510,3 +510,33 @@ class MixtralForCausalLM(DecoderForCausalLM):
 
     def __init__(self, hf_config: Any, max_position: int | None = None) -> None:
         super().__init__(hf_config, max_position, qkv_bias=False, moe_renormalize=True)
+
+
+class Phi3ForCausalLM(DecoderForCausalLM):
+    """Phi-3 / Phi-4 (Phi3ForCausalLM): Llama's layout without biases, its checkpoints holding q|k|v and gate|up
+    fused (self_attn.qkv_proj, mlp.gate_up_proj: split here into the parts the loader merges, so tensor parallelism
+    slices them as usual); Phi-3-mini's sliding window as Mistral's. LongRoPE (Phi-3.5, Phi-4-mini) and partial rotary
+    factors are refused by name (layers.rope_parameters / compute_inv_freq)."""
+
+    def __init__(self, hf_config: Any, max_position: int | None = None) -> None:
+        super().__init__(hf_config, max_position, qkv_bias=False)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return super().load_weights(self._unfused(weights))
+
+    def _unfused(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
+        config = self.config
+        head_dim = head_dim_of(config)
+        q, kv = config.num_attention_heads * head_dim, num_kv_heads_of(config) * head_dim
+        for name, tensor in weights:
+            if name.endswith(".self_attn.qkv_proj.weight"):
+                base = name[: -len("qkv_proj.weight")]
+                for part, value in zip(("q_proj", "k_proj", "v_proj"), tensor.split([q, kv, kv]), strict=True):
+                    yield f"{base}{part}.weight", value
+            elif name.endswith(".mlp.gate_up_proj.weight"):
+                base = name[: -len("gate_up_proj.weight")]
+                gate, up = tensor.chunk(2)
+                yield f"{base}gate_proj.weight", gate
+                yield f"{base}up_proj.weight", up
+            else:
+                yield name, tensor
