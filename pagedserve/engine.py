@@ -271,6 +271,8 @@ class LLMEngine:
             raise ValueError("this model has no LM head (an embedding model): it serves embeddings only "
                              "(POST /v1/embeddings, LLM.embed)")
         self._check_prompt(prompt_token_ids, whole_context=pooling)
+        if params.bad_words and params.bad_words_token_ids is None:
+            params = dataclasses.replace(params, bad_words_token_ids=self._bad_words_ids(params.bad_words))
         params.validate_for_model(self.vocab_size)
         if pooling:
             params.pooling.validate_for_model(int(self.worker.hf_config.hidden_size))
@@ -332,11 +334,25 @@ class LLMEngine:
             self._child_to_parent[choice.request.request_id] = (request_id, choice.output.index)
             if params.needs_penalties and _PENALTY_SYNC:
                 self._sync_ids.add(choice.request.request_id)
+            if any(len(seq) > 1 for seq in params.bad_words_token_ids or ()):
+                # a bad word's last token is banned after its other tokens: each step needs the one before's
+                self._sync_ids.add(choice.request.request_id)
             if choice.constraint is not None:
                 self._constraints[choice.request.request_id] = choice.constraint
         state.num_unfinished = params.n
         self._requests[request_id] = state
         self.prompt_tokens_total += len(prompt_token_ids) * params.n
+
+    def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
+        """vLLM's tokenization of bad_words: each word as it starts a text and after a space (the two spellings of
+        most BPE vocabularies), once each."""
+        ids: list[list[int]] = []
+        for word in words:
+            for text in (word.lstrip(), " " + word.lstrip()):
+                seq = self.tokenizer.encode(text, add_special_tokens=False)
+                if seq and seq not in ids:
+                    ids.append(seq)
+        return ids
 
     def _check_priority(self, priority: object) -> None:
         if not isinstance(priority, int) or isinstance(priority, bool):

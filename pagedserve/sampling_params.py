@@ -96,6 +96,10 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None  # sample only among these (vLLM's extra parameter)
+    # vLLM's bad_words: words never generated (a word's last token is banned where the output ends with the rest of
+    # it); the engine tokenizes them (with and without a leading space) into bad_words_token_ids.
+    bad_words: list[str] | None = None
+    bad_words_token_ids: list[list[int]] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured_outputs: StructuredOutputsParams | None = None  # a dict is taken as its fields
@@ -192,6 +196,14 @@ class SamplingParams:
             for t in self.allowed_token_ids:
                 if not is_int(t) or t < 0:
                     fail(f"allowed_token_ids must be non-negative integers, got {t!r}")
+        if self.bad_words is not None:
+            if isinstance(self.bad_words, str) or not all(isinstance(w, str) and w.strip() for w in self.bad_words):
+                fail(f"bad_words must be a list of non-empty strings, got {self.bad_words!r}")
+            self.bad_words = list(self.bad_words)
+        if self.bad_words_token_ids is not None:
+            self.bad_words_token_ids = [list(seq) for seq in self.bad_words_token_ids]
+            if not all(seq and all(is_int(t) and t >= 0 for t in seq) for seq in self.bad_words_token_ids):
+                fail("bad_words_token_ids must be non-empty lists of token ids")
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             fail(f"structured_outputs must be a StructuredOutputsParams, got {type(self.structured_outputs).__name__}")
         if self.pooling is not None:

@@ -283,7 +283,8 @@ class Scheduler:
         pending = request.num_output_placeholders
         if (request.num_output_tokens + pending == 0 or request.num_output_tokens < request.draft_resume_at
                 or request.num_computed_tokens != request.num_tokens + pending - 1
-                or params.needs_penalties or params.structured_outputs is not None or params.pooling is not None):
+                or params.needs_penalties or params.structured_outputs is not None or params.pooling is not None
+                or params.bad_words_token_ids):
             return []
         k = min(token_budget - 1, request.max_tokens - request.num_output_tokens - pending - 1,
                 self.max_model_len - request.num_tokens - pending - 1)

@@ -421,6 +421,7 @@ class Sampler:
         if masked:
             apply_token_bitmask(out, masked, [requests[i].allowed_token_bitmask for i in masked])
         self._apply_allowed_tokens(out, requests)
+        self._apply_bad_words(out, requests)
         self._apply_logit_bias(out, requests)
         self._apply_min_tokens(out, requests)
         self._apply_penalties(out, requests, history)
@@ -433,7 +434,8 @@ class Sampler:
     def _needs_processing(self, req: ScheduledRequest) -> bool:
         p = req.sampling_params
         return (p.needs_penalties or bool(p.logit_bias) or self._min_tokens_active(req)
-                or req.allowed_token_bitmask is not None or p.allowed_token_ids is not None)
+                or req.allowed_token_bitmask is not None or p.allowed_token_ids is not None
+                or bool(p.bad_words_token_ids))
 
     def _min_tokens_active(self, req: ScheduledRequest) -> bool:
         p = req.sampling_params
@@ -461,6 +463,26 @@ class Sampler:
             idx = self._index(rows, cols, logits.device)
             bias = _to_device(vals, logits.dtype, logits.device)
             logits.index_put_(idx, bias, accumulate=True)
+
+    def _apply_bad_words(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> None:
+        """vLLM's bad_words: a one-token word is never sampled; a longer one's last token is banned where the
+        output so far ends with the word's other tokens (the engine steps such requests one at a time, so the
+        output is known here)."""
+        rows: list[int] = []
+        cols: list[int] = []
+        width = logits.shape[1]
+        for i, r in enumerate(requests):
+            words = r.sampling_params.bad_words_token_ids
+            if not words:
+                continue
+            output = r.output_token_ids[:r.output_index]
+            for seq in words:
+                head = seq[:-1]
+                if seq[-1] < width and (not head or output[len(output) - len(head):] == head):
+                    rows.append(i)
+                    cols.append(seq[-1])
+        if rows:
+            logits[self._index(rows, cols, logits.device)] = float("-inf")
 
     def _apply_allowed_tokens(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> None:
         """Rows with allowed_token_ids keep those logits; every other column becomes -inf."""

@@ -80,6 +80,7 @@ class SamplingFields(OpenAIBaseModel):
     stop_token_ids: list[Annotated[Int, Field(ge=0)]] | None = None
     allowed_token_ids: list[Annotated[Int, Field(ge=0)]] | None = Field(
         default=None, description="sample only among these token ids")
+    bad_words: list[str] | None = Field(default=None, description="words never generated")
     skip_special_tokens: bool | None = True
     include_stop_str_in_output: bool | None = False
     prompt_logprobs: Int | None = Field(default=None, ge=0, le=MAX_LOGPROBS,

@@ -47,6 +47,7 @@ _SAMPLING_FIELD_NAMES = {
     "logprobs",
     "logit_bias",
     "allowed_token_ids",
+    "bad_words",
     "prompt_logprobs",
     "priority",
 }
@@ -162,6 +163,7 @@ def build_sampling_params(req: SamplingFields, max_tokens: int | None, logprobs:
             logprobs=logprobs,
             logit_bias=req.logit_bias,
             allowed_token_ids=req.allowed_token_ids,
+            bad_words=req.bad_words,
             skip_special_tokens=True if req.skip_special_tokens is None else req.skip_special_tokens,
             include_stop_str_in_output=bool(req.include_stop_str_in_output),
             prompt_logprobs=req.prompt_logprobs,
