@@ -39,8 +39,7 @@ def test_words_are_tokenized_as_vllm_does(llms) -> None:
     llm = llms[0]
     tok = llm.get_tokenizer()
     ids = llm.engine._bad_words_ids(["  hello world", "x"])
-    expected = [tok.encode("hello world", add_special_tokens=False), tok.encode(" hello world", add_special_tokens=False),
-                tok.encode("x", add_special_tokens=False), tok.encode(" x", add_special_tokens=False)]
+    expected = [tok.encode(text, add_special_tokens=False) for text in ("hello world", " hello world", "x", " x")]
     assert ids == [seq for i, seq in enumerate(expected) if seq not in expected[:i]]
     text_ref = _greedy(llm, [5, 6, 7])
     word = tok.decode(text_ref[:1])
