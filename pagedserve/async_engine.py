@@ -234,9 +234,10 @@ class AsyncEngine:
         prompt_text: str | None = None,
         lora_request: Any = None,
         priority: int = 0,
+        cache_salt: str | None = None,
     ) -> RequestStream:
         """Submits a request and waits until the engine accepted it. lora_request: its LoRA adapter, or None;
-        priority: lower first, with the priority scheduling policy.
+        priority: lower first, with the priority scheduling policy; cache_salt: a prefix-cache namespace.
 
         Raises ValueError (bad input), QueueFullError / ShuttingDownError (retry later), or
         EngineDeadError. Pass token ids as `prompt`: text would be tokenized by the engine.
@@ -251,7 +252,8 @@ class AsyncEngine:
         stream = RequestStream(request_id, self._loop)
         self._streams[request_id] = stream
         arrival = arrival_time if arrival_time is not None else time.monotonic()
-        self._backend.submit(AddRequest(request_id, prompt, params, arrival, prompt_text, lora_request, priority))
+        self._backend.submit(AddRequest(request_id, prompt, params, arrival, prompt_text, lora_request, priority,
+                                        cache_salt))
         try:
             await asyncio.shield(stream.accepted)
         except asyncio.CancelledError:

@@ -244,6 +244,7 @@ class LLMEngine:
         compiled_grammar: Any = None,
         lora_request: LoRARequest | None = None,
         priority: int = 0,
+        cache_salt: str | None = None,
     ) -> None:
         """Queues a prompt (text or token ids). `prompt_text` labels a token-id prompt in outputs.
 
@@ -254,9 +255,13 @@ class LLMEngine:
         lora_request: the LoRA adapter to run it with (enable_lora): read and checked now, loaded into a device slot
         when the scheduler admits the request.
         priority: with scheduling_policy "priority", lower runs first (any other policy takes only 0).
+        cache_salt: a prefix-cache namespace (vLLM's): the request shares cached blocks only with requests of the
+        same salt (tenants that must not learn of each other's prompts through cache timing).
         """
         params = params or self.default_sampling_params()
         self._check_priority(priority)
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise ValueError(f"cache_salt must be a non-empty string, got {cache_salt!r}")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         if request_id in self._requests:
@@ -311,7 +316,7 @@ class LLMEngine:
                 group_id=request_id if params.n > 1 else None,
                 # Siblings always share prompt blocks; other requests only when prefix caching is on.
                 cache_salt=_salted(None if self.config.enable_prefix_caching or params.n == 1 else request_id,
-                                   lora_salt),
+                                   None if cache_salt is None else f"salt:{cache_salt}", lora_salt),
                 arrival_time=arrival,
                 lora_request=lora_request,
                 priority=priority,
@@ -788,10 +793,10 @@ def stop_token_ends_text(params: SamplingParams, token_ids: list[int], finish_re
     return last in params.stop_token_ids or (not params.ignore_eos and last in eos_token_ids)
 
 
-def _salted(salt: str | None, lora_salt: str | None) -> str | None:
-    if lora_salt is None:
-        return salt
-    return lora_salt if salt is None else f"{salt}|{lora_salt}"
+def _salted(*salts: str | None) -> str | None:
+    """The prefix-cache namespace of a request: its salts joined (None: the shared namespace)."""
+    parts = [s for s in salts if s is not None]
+    return "|".join(parts) if parts else None
 
 
 def needs_engine_text(params: SamplingParams) -> bool:

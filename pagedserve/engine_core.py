@@ -38,6 +38,7 @@ class AddRequest:
     prompt_text: str | None
     lora_request: Any = None  # a LoRARequest (pagedserve/lora.py), or None
     priority: int = 0
+    cache_salt: str | None = None
 
 
 @dataclass(slots=True)
@@ -173,6 +174,8 @@ class EngineCore:
             kwargs["lora_request"] = item.lora_request
         if item.priority:
             kwargs["priority"] = item.priority
+        if item.cache_salt is not None:
+            kwargs["cache_salt"] = item.cache_salt
         try:
             self.engine.add_request(item.request_id, item.prompt, item.params, arrival_time=item.arrival_time,
                                     prompt_text=item.prompt_text, **kwargs)

@@ -60,3 +60,30 @@ def test_long_prefill_token_threshold_chunks_a_long_prompt(tiny_model_dir) -> No
     assert steps[8] == [[8, 5], [8], [8], [8], [8]]
     with pytest.raises(ValueError, match="long_prefill_token_threshold must be >= 1"):
         LLM(tiny_model_dir, load_format="dummy", long_prefill_token_threshold=0)
+
+
+def test_cache_salt_separates_prefix_caches(tiny_model_dir) -> None:
+    """vLLM's cache_salt: a request reuses cached prompt blocks only from requests with the same salt (none is a
+    namespace of its own); the answers are the same."""
+    llm = LLM(tiny_model_dir, load_format="dummy", cpu_kv_cache_gib=0.25, block_size=4)
+    engine = llm.engine
+    prompt = list(range(3, 40))
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+
+    def run(request_id: str, salt: str | None) -> tuple[list[int], int]:
+        hits = engine.get_stats()["prefix_cache_hits"]
+        engine.add_request(request_id, prompt, params, cache_salt=salt)
+        tokens: list[int] = []
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    tokens = out.outputs[0].token_ids
+        return tokens, engine.get_stats()["prefix_cache_hits"] - hits
+
+    first, hits = run("a", "tenant-1")
+    assert hits == 0
+    assert run("b", "tenant-2")[1] == 0 and run("c", None)[1] == 0  # other namespaces: no hit
+    again, hits = run("d", "tenant-1")
+    assert hits == 36 and again == first  # the same salt: all full blocks of the prompt
+    with pytest.raises(ValueError, match="cache_salt must be a non-empty string"):
+        engine.add_request("e", prompt, params, cache_salt="")

@@ -106,7 +106,7 @@ class FakeEngine:
     def _touch(self) -> None:
         self.calling_threads.add(threading.get_ident())
 
-    def add_request(self, request_id, prompt, params, arrival_time=None, prompt_text=None) -> None:
+    def add_request(self, request_id, prompt, params, arrival_time=None, prompt_text=None, cache_salt=None) -> None:
         self._touch()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:

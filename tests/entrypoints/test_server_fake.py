@@ -125,6 +125,18 @@ def test_chat_logprobs_format(server) -> None:
     assert [t.token for t in content[0].top_logprobs] == ["t", "z"]
 
 
+def test_truncate_prompt_tokens_and_cache_salt_fields(server) -> None:
+    """Completions keep the prompts' last N tokens (truncate_prompt_tokens); cache_salt is taken, an empty one is a
+    400 naming it."""
+    body = {"model": MODEL, "prompt": ["abcdefgh", "xy"], "max_tokens": 2, "truncate_prompt_tokens": 3,
+            "cache_salt": "tenant"}
+    r = httpx.post(server.base_url + "/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == 3 + 2
+    r = httpx.post(server.base_url + "/v1/completions", json={**body, "cache_salt": ""})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt"
+
+
 def test_return_tokens_as_token_ids(server, start_fake_server) -> None:
     """vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:N" (chat, completions, streamed, prompt
     logprobs); --return-tokens-as-token-ids makes it the default, which a request may turn off."""

@@ -652,6 +652,30 @@ def test_score_and_rerank_bad_requests_get_400(server, path, body, param) -> Non
     assert r.json()["error"]["param"] == param, r.json()
 
 
+def test_continue_final_message_and_truncation(server, client, model, hf_tokenizer) -> None:
+    """vLLM's continue_final_message: the last (assistant) message rendered open, as Transformers renders it, on
+    /tokenize and the chat route; it needs add_generation_prompt false; truncate_prompt_tokens keeps the last N."""
+    convo = MESSAGES + [{"role": "assistant", "content": "Waves fold into"}]
+    expected = hf_tokenizer.apply_chat_template(convo, continue_final_message=True, tokenize=True)
+    if not isinstance(expected, list):
+        expected = expected["input_ids"]
+    url = server.base_url
+    tokens = httpx.post(url + "/tokenize", json={"messages": convo, "add_generation_prompt": False,
+                                                 "continue_final_message": True}).json()["tokens"]
+    assert tokens == expected and hf_tokenizer.decode(tokens).endswith("Waves fold into")
+    r = client.chat.completions.create(model=model, messages=convo, max_tokens=2, temperature=0,
+                                       extra_body={"add_generation_prompt": False, "continue_final_message": True})
+    assert r.usage.prompt_tokens == len(expected)
+    short = client.chat.completions.create(model=model, messages=convo, max_tokens=2, temperature=0,
+                                           extra_body={"truncate_prompt_tokens": 5})
+    assert short.usage.prompt_tokens == 5
+    bad = httpx.post(url + "/v1/chat/completions", json={"messages": convo, "continue_final_message": True})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "continue_final_message"
+    bad = httpx.post(url + "/v1/chat/completions", json={"messages": MESSAGES, "continue_final_message": True,
+                                                         "add_generation_prompt": False})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
+
+
 def test_runtime_lora_routes_are_off_by_default(server) -> None:
     r = httpx.post(server.base_url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/tmp"})
     assert r.status_code == 404

@@ -77,6 +77,9 @@ class SamplingFields(OpenAIBaseModel):
     priority: Int | None = Field(default=0, description="with --scheduling-policy priority: lower runs first")
     return_tokens_as_token_ids: bool | None = Field(
         default=None, description='logprobs tokens as "token_id:N" (default: --return-tokens-as-token-ids)')
+    cache_salt: str | None = Field(default=None, min_length=1,
+                                   description="prefix-cache namespace: only requests with the same salt share blocks")
+    truncate_prompt_tokens: Int | None = Field(default=None, ge=1, description="keep the prompt's last N tokens")
     stop_token_ids: list[Annotated[Int, Field(ge=0)]] | None = None
     allowed_token_ids: list[Annotated[Int, Field(ge=0)]] | None = Field(
         default=None, description="sample only among these token ids")
@@ -137,6 +140,8 @@ class ChatCompletionRequest(SamplingFields):
     # vLLM extras
     add_generation_prompt: bool | None = True
     chat_template_kwargs: dict[str, Any] | None = None  # extra template variables, e.g. Qwen3's enable_thinking
+    continue_final_message: bool = False  # the last (assistant) message left open, to be continued
+    documents: list[dict[str, str]] | None = None  # for templates that render retrieved documents (RAG)
 
 
 # --------------------------------------------------------------------------- tokenizer endpoints (vLLM's)
@@ -154,6 +159,8 @@ class TokenizeChatRequest(OpenAIBaseModel):
     add_special_tokens: bool = False  # the template writes its own special tokens
     tools: list[dict[str, Any]] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    continue_final_message: bool = False
+    documents: list[dict[str, str]] | None = None
     return_token_strs: bool | None = False
 
 

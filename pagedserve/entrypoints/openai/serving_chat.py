@@ -106,6 +106,8 @@ class OpenAIServingChat:
             params = dataclasses.replace(params, structured_outputs=constraint)
         prompt_text, prompt_ids = await render_chat_prompt(self.engine, req, req.add_generation_prompt is not False,
                                                            tools)
+        if req.truncate_prompt_tokens is not None and len(prompt_ids) > req.truncate_prompt_tokens:
+            prompt_text, prompt_ids = None, prompt_ids[-req.truncate_prompt_tokens:]
         check_prompt_fits(
             self.engine,
             prompt_ids,
@@ -117,7 +119,8 @@ class OpenAIServingChat:
         request_id = f"{id_prefix}{uuid.uuid4().hex}"
         try:
             stream = await self.engine.add_request(request_id, prompt_ids, params, arrival, prompt_text,
-                                                   self.engine.lora_requests.get(model_name), req.priority or 0)
+                                                   self.engine.lora_requests.get(model_name), req.priority or 0,
+                                                   req.cache_salt)
         except Exception as e:
             # A constraint the engine could not compile: the field it came from (a tool's parameters: "tools").
             raise engine_error(e, structured_outputs_of(req)[1] or ("tools" if constraint is not None else None)) from e
@@ -524,7 +527,17 @@ async def render_chat_prompt(engine: AsyncEngine, req: Any, add_generation_promp
     tokenizer thread: (text, token ids); a 400 naming `messages` when the template refuses them. The chat,
     tokenize and embeddings routes render the same way."""
     messages = template_messages(OpenAIServingChat._messages(req))
-    template_kwargs = template_kwargs_of(req.chat_template_kwargs)
+    template_kwargs = dict(template_kwargs_of(req.chat_template_kwargs))
+    if getattr(req, "continue_final_message", False):  # vLLM's: the last message, an assistant's, left open
+        if add_generation_prompt:
+            raise bad_request("continue_final_message needs add_generation_prompt: false (the answer continues the "
+                              "last message instead of starting a new one)", "continue_final_message")
+        if messages[-1].get("role") != "assistant":
+            raise bad_request("continue_final_message continues the last message, which must be the assistant's",
+                              "messages")
+        template_kwargs["continue_final_message"] = True
+    if getattr(req, "documents", None):
+        template_kwargs["documents"] = req.documents
     try:
         return await engine.run_in_tokenizer_thread(_render_and_encode, engine.tokenizer, messages,
                                                     add_generation_prompt, tools, template_kwargs)

@@ -75,6 +75,9 @@ class OpenAIServingCompletion:
         if req.echo and req.logprobs is not None:  # the echoed prompt carries its tokens' logprobs
             params.prompt_logprobs = max(params.prompt_logprobs or 0, req.logprobs)
         prompts = await tokenize_prompts(self.engine, req.prompt)
+        if req.truncate_prompt_tokens is not None:  # vLLM's: each prompt's last N tokens
+            keep = req.truncate_prompt_tokens
+            prompts = [(text if len(ids) <= keep else None, ids[-keep:]) for text, ids in prompts]
         if len(prompts) * params.n > MAX_CHOICES:
             raise bad_request(
                 f"{len(prompts)} prompts x n={params.n} make {len(prompts) * params.n} "
@@ -91,7 +94,7 @@ class OpenAIServingCompletion:
             for rid, (text, ids) in zip(request_ids, prompts):
                 streams.append(await self.engine.add_request(rid, ids, params, arrival, text,
                                                              self.engine.lora_requests.get(model_name),
-                                                             req.priority or 0))
+                                                             req.priority or 0, req.cache_salt))
         except BaseException as e:
             self.engine.abort([s.request_id for s in streams])
             if isinstance(e, Exception):
