@@ -72,8 +72,7 @@ class EngineConfig:
             fail(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.load_format not in _LOAD_FORMATS:
             fail(f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r}")
-        # ("int4": how the loader records a 4-bit AWQ / GPTQ checkpoint held packed; not a --quantization choice)
-        if self.quantization is not None and self.quantization not in (*QUANTIZATION_METHODS, "int4"):
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             fail(f"quantization must be one of {QUANTIZATION_METHODS} or None, got {self.quantization!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             fail(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")

@@ -80,8 +80,11 @@ def build_llm(args: argparse.Namespace):
 def model_shape(llm) -> ModelShape:
     worker = llm.engine.worker
     dtype_bytes = worker.dtype_bytes
-    # fp8 weights are kept as such on CUDA only (the CPU holds their dequantized values)
-    quantization = llm.engine.config.quantization if worker.device.type == "cuda" else None
+    # fp8 / 4-bit weights are kept as such on CUDA only (the CPU holds their dequantized values); "int4" (a 4-bit
+    # checkpoint held packed) is the model's own record, not an engine setting
+    held = getattr(getattr(worker, "runner", None), "model", None)
+    quantization = (getattr(held, "quantization", None) or llm.engine.config.quantization
+                    if worker.device.type == "cuda" else None)
     kv_caches = getattr(getattr(worker, "runner", None), "kv_caches", None)
     kv_bytes = kv_caches[0].element_size() if kv_caches else dtype_bytes
     return ModelShape.from_hf_config(worker.hf_config, dtype_bytes, quantization, kv_dtype_bytes=kv_bytes)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pagedserve.config import EngineConfig
+from pagedserve.config import QUANTIZATION_METHODS, EngineConfig
 from pagedserve.core.outputs import RunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -263,8 +263,9 @@ def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: st
         torch.backends.cuda.preferred_blas_library(os.environ["PAGEDSERVE_BLAS"])
     model, hf_config = load_model(config, model_path, device, dtype)
     logger.info("start-up: weights in %.1f s", time.monotonic() - t0)
-    if getattr(model, "quantization", None) != config.quantization:  # an fp8 checkpoint without the flag
-        config = dataclasses.replace(config, quantization=model.quantization)
+    held = getattr(model, "quantization", None)  # how the projections are held: fp8 (a flag or the checkpoint), int4
+    if held != config.quantization and (held is None or held in QUANTIZATION_METHODS):  # an fp8 checkpoint, no flag
+        config = dataclasses.replace(config, quantization=held)
 
     model_len = rope_max_positions(hf_config)
     if config.max_model_len is not None and model_len and config.max_model_len > model_len:

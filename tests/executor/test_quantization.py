@@ -257,7 +257,8 @@ def test_unsupported_checkpoint_quantization_is_a_clear_error(tmp_path) -> None:
     config_path = tmp_path / "config.json"
     base = json.loads(config_path.read_text())
     for qc, match in [
-        ({"quant_method": "awq", "bits": 4}, "checkpoint quantization 'awq' is not supported"),
+        ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "AWQ checkpoints of version 'gemv'"),
+        ({"quant_method": "bitsandbytes"}, "checkpoint quantization 'bitsandbytes' is not supported"),
         ({"quant_method": "fp8", "weight_block_size": [128, 128]}, "block-wise scales"),
         ({"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int"}}}},
          "scheme 'g'"),
