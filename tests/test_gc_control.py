@@ -19,7 +19,9 @@ def test_freeze_then_unfreeze_collects_frozen_cycles(monkeypatch) -> None:
     ref = weakref.ref(cycle)
     try:
         frozen = freeze_startup_objects("test")
-        assert frozen == gc.get_freeze_count() > 1_000  # pytest alone holds far more than that
+        # pytest alone holds far more than 1,000; the count may drop by a few before it is read again (a frozen
+        # object freed meanwhile, e.g. by a thread an earlier test left to wind down: seen once, 2 of 2.8 million)
+        assert frozen > 1_000 and 0 <= frozen - gc.get_freeze_count() < 1_000
         del cycle
         gc.collect()
         assert ref() is not None  # a frozen cycle is out of the collector's reach
