@@ -23,7 +23,11 @@ from pagedserve.sampling_params import StructuredOutputsParams
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 TIME = {"type": "function", "function": {"name": "get_time"}}
-NAMES = ["get_weather", "get_time"]
+ALARM = {"type": "object", "properties": {"hour": {"type": "integer"}, "loud": {"type": "boolean"},
+                                           "label": {"type": "string"}, "days": {"type": "array"}}}
+# the request's tools as the chat route passes them: each name with its parameters schema
+NAMES = {"get_weather": WEATHER["function"]["parameters"], "get_time": {"type": "object", "properties": {}},
+         "set_alarm": ALARM}
 
 
 @pytest.mark.parametrize("tools, message", [
@@ -98,6 +102,19 @@ ANSWERS = [
     ('{"name": "get_time", "parameters": {}}; and then some words', "same", []),  # not calls alone: text
     ("<|python_tag|>print(1)", "same", []),  # Llama's code interpreter, not a JSON call
     ("<p>HTML, not a tag we know</p>", "same", []),
+    # Qwen3-Coder's XML form inside the block; values typed by the tool's schema (a string stays as written)
+    ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>", None,
+     [("get_weather", {"city": "Paris"})]),
+    ("Setting it.\n<tool_call>\n<function=set_alarm>\n<parameter=hour>\n7\n</parameter>\n<parameter=loud>\ntrue\n"
+     "</parameter>\n<parameter=label>\n007\n</parameter>\n<parameter=days>\n[\"mon\", \"tue\"]\n</parameter>\n"
+     "</function>\n</tool_call>", "Setting it.", [("set_alarm", {"hour": 7, "loud": True, "label": "007",
+                                                                "days": ["mon", "tue"]})]),
+    ("<tool_call>\n<function=get_weather>\n<parameter=city>\nNew\nYork\n</parameter>\n</function>\n</tool_call>"
+     "\n<tool_call>\n<function=get_time>\n</function>\n</tool_call>", None,
+     [("get_weather", {"city": "New\nYork"}), ("get_time", {})]),
+    ("<tool_call>\n<function=launch_rockets>\n</function>\n</tool_call>", "same", []),  # not a tool here
+    ("<tool_call>\n<function=set_alarm>\n<parameter=hour>\nseven\n</parameter>\n</function>\n</tool_call>", None,
+     [("set_alarm", {"hour": "seven"})]),  # not an integer: kept as written
 ]
 
 

@@ -13,7 +13,10 @@ hermes format that Qwen2/2.5 chat templates ask for, `<tool_call>{"name": ..., "
 </tool_call>` blocks, and answers that are nothing but calls: one JSON object naming a tool of the request, a list of
 them, or several separated by ';' (Llama 3.1's `{"name": ..., "parameters": {...}}`, after its `<|python_tag|>` when
 special tokens are kept; Mistral's `[TOOL_CALLS] [{"name": ..., "arguments": {...}}]`), which also covers small models
-that drop the hermes tags. `--tool-call-parser` hermes, llama3_json and mistral all name this one parser.
+that drop the hermes tags. Inside a `<tool_call>` block it also reads Qwen3-Coder's XML form,
+`<function=NAME><parameter=ARG>value</parameter>...</function>`, each value converted by the type its tool's
+parameters schema gives it (a string stays as written). `--tool-call-parser` hermes, llama3_json, mistral and
+qwen3_coder all name this one parser.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ TOOL_CALL_START = "<tool_call>"
 TOOL_CALL_END = "</tool_call>"
 # What may open an answer of bare calls: Llama 3.1's tag for them, Mistral's (with skip_special_tokens=false).
 CALL_PREFIXES = ("<|python_tag|>", "[TOOL_CALLS]")
-TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "qwen3_coder")
+_XML_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>|$)", re.DOTALL)
+_XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter=)|$)", re.DOTALL)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 MAX_TOOLS = 128
 
@@ -37,7 +42,8 @@ MAX_TOOLS = 128
 class ToolMode:
     kind: str  # "none" | "auto" | "required" | "named"
     name: str | None = None  # the named function
-    names: list[str] = field(default_factory=list)  # every function of the request
+    # every function of the request, with its parameters schema (the XML call form converts values by it)
+    names: dict[str, dict] = field(default_factory=dict)
     parallel: bool = True  # parallel_tool_calls: false -> at most one call
 
 
@@ -88,7 +94,7 @@ def resolve_mode(tools: list[dict] | None, tool_choice: Any, auto_enabled: bool,
 
 
 def _resolve_kind(tools: list[dict] | None, tool_choice: Any, auto_enabled: bool) -> ToolMode:
-    names = [t["function"]["name"] for t in tools or []]
+    names = {t["function"]["name"]: _parameters(t["function"]) for t in tools or []}
     if tool_choice is None:
         return ToolMode("auto" if tools and auto_enabled else "none", names=names)
     if tool_choice == "none":
@@ -146,7 +152,7 @@ def calls_from_required(text: str) -> list[dict] | None:
             if isinstance(item, dict) and isinstance(item.get("name"), str) and "parameters" in item]
 
 
-def _as_call(obj: Any, names: list[str]) -> dict | None:
+def _as_call(obj: Any, names: list[str] | dict[str, dict]) -> dict | None:
     if not isinstance(obj, dict) or obj.get("name") not in names:
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
@@ -158,15 +164,48 @@ def _as_call(obj: Any, names: list[str]) -> dict | None:
     return call_dict(obj["name"], json.dumps(args, ensure_ascii=False))
 
 
-def _block_call(block: str, names: list[str]) -> dict | None:
-    """The call a <tool_call> block's text holds; None when it is not JSON naming one of the tools."""
+def _block_call(block: str, names: list[str] | dict[str, dict]) -> dict | None:
+    """The call a <tool_call> block's text holds (JSON, or Qwen3-Coder's XML form); None when it is neither, naming
+    one of the tools."""
     try:
         return _as_call(json.loads(block.strip()), names)
     except ValueError:
+        return _xml_call(block, names)
+
+
+def _xml_call(block: str, names: list[str] | dict[str, dict]) -> dict | None:
+    """Qwen3-Coder's `<function=NAME>` with `<parameter=ARG>value</parameter>` children (one newline around a value
+    dropped), each value converted by its parameter's schema type: strings as written, numbers, booleans, null,
+    objects and arrays from JSON (a value that does not parse as its type stays a string)."""
+    match = _XML_FUNCTION.search(block)
+    if match is None or match.group(1).strip() not in names:
         return None
+    name = match.group(1).strip()
+    schema = names.get(name) if isinstance(names, dict) else None
+    properties = (schema or {}).get("properties") or {}
+    args: dict[str, Any] = {}
+    for param in _XML_PARAMETER.finditer(match.group(2)):
+        key, raw = param.group(1).strip(), param.group(2)
+        raw = raw[1:] if raw.startswith("\n") else raw
+        raw = raw[:-1] if raw.endswith("\n") else raw
+        args[key] = _typed(raw, (properties.get(key) or {}).get("type"))
+    return call_dict(name, json.dumps(args, ensure_ascii=False))
 
 
-def parse_hermes(text: str, names: list[str]) -> tuple[str | None, list[dict]]:
+def _typed(raw: str, kind: Any) -> Any:
+    kinds = kind if isinstance(kind, list) else [kind]
+    if kind is None or "string" in kinds:
+        return raw
+    try:
+        value = json.loads(raw.strip())
+    except ValueError:
+        return raw
+    if "integer" in kinds and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return value
+
+
+def parse_hermes(text: str, names: list[str] | dict[str, dict]) -> tuple[str | None, list[dict]]:
     """(content, tool calls) of a whole answer in auto mode."""
     calls: list[dict] = []
     if TOOL_CALL_START in text:
@@ -184,7 +223,7 @@ def parse_hermes(text: str, names: list[str]) -> tuple[str | None, list[dict]]:
     return text, []
 
 
-def _bare_calls(text: str, names: list[str]) -> list[dict] | None:
+def _bare_calls(text: str, names: list[str] | dict[str, dict]) -> list[dict] | None:
     """The calls an answer made of nothing else holds (a call prefix, then JSON objects or lists of them, ';' or
     whitespace between); None when any part is not a call to one of the tools."""
     stripped = text.strip()
@@ -217,7 +256,7 @@ class AutoToolStream:
     tool call (name and whole arguments in one delta, which OpenAI clients accumulate like any other). An
     answer that starts with '{' or '[' is held to the end, in case it is a bare call (see parse_hermes)."""
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: list[str] | dict[str, dict]) -> None:
         self.names = names
         self.pending = ""  # text not yet sent as content nor parsed as calls
         self.in_block = False
