@@ -123,3 +123,19 @@ def test_bad_input_raises_value_error(llm: LLM) -> None:
     with pytest.raises(ValueError, match="vocabulary"):
         llm.generate([[10**9]], SamplingParams(max_tokens=2), use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_chat_continues_the_final_message(llm: LLM, real_model_dir: str) -> None:
+    """LLM.chat(continue_final_message=True): the last (assistant) message left open, as Transformers renders it."""
+    from transformers import AutoTokenizer
+
+    convo = [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "The color is"}]
+    expected = AutoTokenizer.from_pretrained(real_model_dir).apply_chat_template(
+        convo, continue_final_message=True, tokenize=True)
+    if not isinstance(expected, list):
+        expected = expected["input_ids"]
+    out = llm.chat(convo, SamplingParams(max_tokens=2, temperature=0), use_tqdm=False, add_generation_prompt=False,
+                   continue_final_message=True)[0]
+    assert out.prompt_token_ids == expected
+    with pytest.raises(ValueError, match="continue_final_message needs add_generation_prompt=False"):
+        llm.chat(convo, continue_final_message=True, use_tqdm=False)

@@ -87,3 +87,16 @@ def test_cache_salt_separates_prefix_caches(tiny_model_dir) -> None:
     assert hits == 36 and again == first  # the same salt: all full blocks of the prompt
     with pytest.raises(ValueError, match="cache_salt must be a non-empty string"):
         engine.add_request("e", prompt, params, cache_salt="")
+
+
+def test_offline_cache_salt_in_a_prompt_dict(tiny_model_dir) -> None:
+    """LLM.generate takes vLLM's {"prompt_token_ids": ..., "cache_salt": ...}: another salt reuses nothing."""
+    llm = LLM(tiny_model_dir, load_format="dummy", cpu_kv_cache_gib=0.25, block_size=4)
+    params = SamplingParams(max_tokens=1, temperature=0)
+    ids = list(range(3, 23))
+    llm.generate([{"prompt_token_ids": ids, "cache_salt": "a"}], params, use_tqdm=False)
+    hits = llm.engine.get_stats()["prefix_cache_hits"]
+    llm.generate([{"prompt_token_ids": ids, "cache_salt": "b"}], params, use_tqdm=False)
+    assert llm.engine.get_stats()["prefix_cache_hits"] == hits
+    llm.generate([{"prompt_token_ids": ids, "cache_salt": "a"}], params, use_tqdm=False)
+    assert llm.engine.get_stats()["prefix_cache_hits"] == hits + 16

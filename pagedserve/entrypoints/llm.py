@@ -145,18 +145,27 @@ class LLM:
         tools: list[dict[str, Any]] | None = None,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
         priority: Sequence[int] | None = None,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Applies the chat template to one conversation or a list of them, then generates. `tools` (OpenAI's
         function definitions) go into the template, as vLLM's LLM.chat does; the answer's text holds any call
-        in the model's own format (the server's tool_choice modes parse or constrain it)."""
+        in the model's own format (the server's tool_choice modes parse or constrain it). continue_final_message:
+        the last message (an assistant's) is left open and the answer continues it (with add_generation_prompt
+        False); chat_template_kwargs: variables the template reads (e.g. Qwen3's enable_thinking)."""
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list of messages or of conversations")
         conversations = messages if isinstance(messages[0], list) else [messages]
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message needs add_generation_prompt=False")
+        extra = dict(chat_template_kwargs or {})
+        if continue_final_message:
+            extra["continue_final_message"] = True
         tokenizer = self.engine.tokenizer
         prompts: list[PromptType] = []
         for conversation in conversations:
             text = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
-                                                 tools=tools)
+                                                 tools=tools, **extra)
             # The template already holds any BOS token: do not add special tokens twice.
             prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
         return self._run(prompts, sampling_params, use_tqdm, lora_request, priority)
@@ -183,8 +192,9 @@ class LLM:
                 self._next_id += 1
                 text, token_ids = _split_prompt(prompt)
                 prompt_input = token_ids if token_ids is not None else text
+                salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None  # vLLM's prompt field
                 self.engine.add_request(request_id, prompt_input, params, prompt_text=text, final_only=True,
-                                        lora_request=lora, priority=rank)
+                                        lora_request=lora, priority=rank, cache_salt=salt)
                 ids.append(request_id)
         except Exception:
             self.engine.abort_request(ids)
