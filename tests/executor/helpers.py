@@ -28,7 +28,7 @@ def _hf_classes(arch: str) -> tuple[Any, Any]:
     import transformers
 
     name = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "llama": "Llama", "qwen2_moe": "Qwen2Moe",
-            "qwen3_moe": "Qwen3Moe", "mixtral": "Mixtral", "gemma3": "Gemma3", "phi3": "Phi3"}[arch]
+            "qwen3_moe": "Qwen3Moe", "mixtral": "Mixtral", "gemma3": "Gemma3", "phi3": "Phi3", "gemma2": "Gemma2"}[arch]
     config = getattr(transformers, name + ("TextConfig" if arch == "gemma3" else "Config"))
     return config, getattr(transformers, name + "ForCausalLM")
 
@@ -51,6 +51,10 @@ def tiny_hf_config(arch: str, **overrides: Any) -> Any:
                          rope_theta=1e6, rope_local_base_freq=1e4,
                          layer_types=["sliding_attention", "sliding_attention", "full_attention"],
                          num_hidden_layers=3, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    if arch == "gemma2":  # sliding (window 6), full, sliding; caps small enough to matter at these scales
+        defaults |= dict(head_dim=16, sliding_window=6, query_pre_attn_scalar=24, tie_word_embeddings=True,
+                         num_hidden_layers=3, attn_logit_softcapping=3.0, final_logit_softcapping=5.0,
+                         layer_types=["sliding_attention", "full_attention", "sliding_attention"])
     if arch == "phi3":  # (its config's default ids lie past the tiny vocabulary)
         defaults |= dict(pad_token_id=None, bos_token_id=1, eos_token_id=2, sliding_window=None)
     if arch == "mixtral":  # 4 experts of intermediate_size columns, the top 2

@@ -16,6 +16,7 @@ from tests.executor.helpers import (
     scheduled,
     step,
     tiny_hf_config,
+    tiny_hf_model,
 )
 from tests.executor.test_model_runner import run_mixed_batch_against_hf
 from tests.executor.test_tensor_parallel import assert_greedy_as_hf, tiny_checkpoint
@@ -34,6 +35,21 @@ def test_gemma3_matches_transformers(overrides: dict, tmp_path) -> None:
     tokens = list(range(7, 50, 2))  # 22 tokens: well past the window
     runner.execute(step(scheduled("r", tokens, 0, list(range(1, 7)), needs_sample=True)))
     assert max_rel_err(sampler.logits[-1]["r"], hf_logits(hf, tokens)[-1]) < 1e-4
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(final_logit_softcapping=None)], ids=["caps", "attention-cap-only"])
+def test_gemma2_matches_transformers(overrides: dict, tmp_path) -> None:
+    """Gemma 2: no q / k norms, attention logit soft-capping (3 here, so that it matters) in the attention, final
+    logit soft-capping, sliding and full layers alternating, one rope base."""
+    hf = save_tiny_model("gemma2", tmp_path, **overrides)
+    runner, sampler = make_runner(tmp_path)
+    attn = runner.model.model.layers[0].self_attn
+    assert attn.q_norm is None and attn._attn_kwargs == {"window": 6, "softcap": 3.0}
+    tokens = list(range(7, 50, 2))
+    runner.execute(step(scheduled("r", tokens, 0, list(range(1, 7)), needs_sample=True)))
+    assert max_rel_err(sampler.logits[-1]["r"], hf_logits(hf, tokens)[-1]) < 1e-4
+    uncapped = tiny_hf_model("gemma2", attn_logit_softcapping=None, **overrides)
+    assert max_rel_err(hf_logits(uncapped, tokens)[-1], hf_logits(hf, tokens)[-1]) > 1e-3  # the cap matters
 
 
 def test_gemma3_mixed_step_matches_transformers(tmp_path) -> None:

@@ -26,7 +26,7 @@ def small_checkpoint(folder: Path, arch: str = "qwen2", seed: int = 4, std: floa
         if f.name != "config.json":
             shutil.copy(f, folder / f.name)
     name = {"qwen2": "Qwen2", "qwen3": "Qwen3", "qwen3_moe": "Qwen3Moe", "qwen2_moe": "Qwen2Moe",
-            "gemma3": "Gemma3"}[arch]
+            "gemma3": "Gemma3", "gemma2": "Gemma2"}[arch]
     config_cls = getattr(transformers, name + ("TextConfig" if arch == "gemma3" else "Config"))
     model_cls = getattr(transformers, name + "ForCausalLM")
     fields = dict(vocab_size=json.loads((SOURCE / "config.json").read_text())["vocab_size"], hidden_size=512,

@@ -17,6 +17,9 @@ MODELS = {
                    layer_types=["sliding_attention", "sliding_attention", "full_attention"],
                    rope_local_base_freq=1e4, rope_scaling={"rope_type": "linear", "factor": 8.0}),
     "qwen2": dict(use_sliding_window=True, sliding_window=64, max_window_layers=1),
+    "gemma2": dict(head_dim=128, sliding_window=64, query_pre_attn_scalar=128, attn_logit_softcapping=5.0,
+                   final_logit_softcapping=30.0, layer_types=["sliding_attention", "full_attention",
+                                                              "sliding_attention"]),
 }
 
 

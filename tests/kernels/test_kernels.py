@@ -132,7 +132,8 @@ def make_batch(
     return Batch(query.to(**to), key.to(**to), value.to(**to), kv_cache.to(**to), full_cache.to(**to), meta)
 
 
-def reference_attention(query, cache, meta: AttentionMetadata, scale: float, window: int | None = None) -> torch.Tensor:
+def reference_attention(query, cache, meta: AttentionMetadata, scale: float, window: int | None = None,
+                        softcap: float | None = None) -> torch.Tensor:
     """Plain torch, float64: gather blocks, GQA by repeat, causal offset mask (and a sliding window: the last
     `window` positions, itself included), softmax."""
     num_heads = query.shape[1]
@@ -146,6 +147,8 @@ def reference_attention(query, cache, meta: AttentionMetadata, scale: float, win
         kv = cache[:, blocks].double().cpu().reshape(2, -1, num_kv_heads, head_dim)[:, :seq_len]
         k, v = (t.repeat_interleave(num_heads // num_kv_heads, dim=1) for t in kv)
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
         pos = seq_len - q_len + torch.arange(q_len)
         visible = torch.arange(seq_len)[None, :] <= pos[:, None]
         if window is not None:
@@ -643,6 +646,26 @@ def test_backends_with_a_window(decode_only):
             b.meta.decode_work = torch.from_numpy(work).to(DEVICE)
         out = backend.forward(b.query, b.key, b.value, b.kv_cache, b.meta, 0.125, window=9)
         assert_close(out, reference_attention(b.query, b.full_cache, b.meta, 0.125, 9), dtype)
+
+
+@pytest.mark.parametrize("window", [None, 16], ids=["full", "window"])
+def test_softcap_in_decode_and_prefill(window):
+    """Gemma 2's attention soft-capping (cap tanh(score / cap)) in both kernels, with and without a window, decode
+    splits and a mixed batch; a small cap (2) so that it changes the result, scores of both signs."""
+    dtype = DTYPES[-1]
+    spec = [(0, 37), (21, 19), (40, 1), (27, 1)]
+    b = make_batch(spec, num_heads=8, num_kv_heads=2, head_dim=64, block_size=8, dtype=dtype)
+    m, scale = b.meta, 0.5
+    out = poisoned_like(b.query)
+    paged_attention_decode(b.query, b.full_cache, m.block_tables, m.seq_lens, scale, out=out, num_splits=2,
+                           block_n=16, query_start_loc=m.query_start_loc, window=window, softcap=2.0)
+    paged_attention_prefill(b.query, b.full_cache, m.query_start_loc, m.seq_lens, m.block_tables, scale,
+                            m.max_query_len, out=out, block_m=16, block_n=16, skip_decodes=True, window=window,
+                            softcap=2.0)
+    ref = reference_attention(b.query, b.full_cache, m, scale, window, softcap=2.0)
+    assert_close(out, ref, dtype)
+    uncapped = reference_attention(b.query, b.full_cache, m, scale, window)
+    assert (ref - uncapped).norm() > 0.05 * ref.norm()  # the cap matters at this scale
 
 
 def test_bad_windows_are_refused():

@@ -73,5 +73,6 @@ class AttentionBackend(ABC):
         meta: AttentionMetadata,
         scale: float,
         window: int | None = None,  # a sliding window: each token sees its last `window` keys (itself included)
+        softcap: float | None = None,  # Gemma 2: scores capped as softcap * tanh(score / softcap)
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         ...

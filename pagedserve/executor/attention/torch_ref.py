@@ -46,7 +46,8 @@ def gather_kv(
 
 
 def causal_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, window: int | None = None
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """query [q, H, D] for the LAST q of the seq_len positions in key/value [seq_len, KVH, D]. window: a sliding
     window, each query sees only its last `window` positions (itself included), as Transformers' sliding masks.
@@ -60,6 +61,8 @@ def causal_attention(
     k = key.float().repeat_interleave(group, dim=1)
     v = value.float().repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", query.float(), k) * scale
+    if softcap:  # Gemma 2: the scores capped before the mask and the softmax
+        scores = torch.tanh(scores / softcap) * softcap
     query_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
     key_pos = torch.arange(seq_len, device=query.device)
     future = key_pos[None, :] > query_pos[:, None]  # [q, seq_len]
@@ -82,6 +85,7 @@ class TorchAttentionBackend(AttentionBackend):
         meta: AttentionMetadata,
         scale: float,
         window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         write_kv_cache(kv_cache, key, value, meta.slot_mapping)
         query_lens = meta.query_lens_cpu
@@ -92,7 +96,7 @@ class TorchAttentionBackend(AttentionBackend):
         start = 0
         for s, (q_len, seq_len) in enumerate(zip(query_lens, seq_lens)):
             k, v = gather_kv(kv_cache, meta.block_tables[s], seq_len)
-            out[start : start + q_len] = causal_attention(query[start : start + q_len], k, v, scale, window)
+            out[start : start + q_len] = causal_attention(query[start : start + q_len], k, v, scale, window, softcap)
             start += q_len
         # Tokens past the last sequence (padding of a captured batch size) get zeros, not garbage.
         out[start:] = 0

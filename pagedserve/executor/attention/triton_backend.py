@@ -74,12 +74,14 @@ class TritonAttentionBackend(AttentionBackend):
         rope=None,
         kv_written: bool = False,
         window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         """See AttentionBackend.forward; `out` optionally receives the result ([T, Hq, D]). With `rope`
         (a layers.RopeStep for CUDA), query and key arrive unrotated and are rotated in place here. With
         kv_written, the step's K/V are already in the cache and query is rotated (kernels/qkv_rope_kv.py):
         key and value are not used. window: a sliding window (each token sees its last `window` keys); decode
-        steps then split the window's keys, without the step's work list."""
+        steps then split the window's keys, without the step's work list. softcap: Gemma 2's attention logit
+        soft-capping (softcap * tanh(score / softcap))."""
         if not kv_written:
             if rope is not None:
                 rotary_and_write_kv_cache(query, key, value, rope.positions, rope.cos_sin_cache, kv_cache,
@@ -103,6 +105,7 @@ class TritonAttentionBackend(AttentionBackend):
                 seq_order=meta.seq_order,
                 work=meta.decode_work if window is None else None,
                 window=window,
+                softcap=softcap,
             )
             return out
 
@@ -124,6 +127,7 @@ class TritonAttentionBackend(AttentionBackend):
                 query_start_loc=meta.query_start_loc,
                 num_decodes=num_decodes,
                 window=window,
+                softcap=softcap,
             )
         if num_prefills != 0:
             paged_attention_prefill(
@@ -138,6 +142,7 @@ class TritonAttentionBackend(AttentionBackend):
                 skip_decodes=use_decode_kernel,
                 max_seq_len=meta.max_seq_len,
                 window=window,
+                softcap=softcap,
             )
         return out
 

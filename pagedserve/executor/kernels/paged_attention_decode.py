@@ -49,6 +49,15 @@ _MAX_SPLITS = 64
 
 
 @triton.jit
+def _softcap(s, cap):
+    """cap * tanh(s / cap), tanh through one exp of -|x| (no overflow for any s)."""
+    x = s / cap
+    t = tl.exp(-2.0 * tl.abs(x))
+    th = (1.0 - t) / (1.0 + t)
+    return cap * tl.where(x < 0, -th, th)
+
+
+@triton.jit
 def _attend_tile(
     q,  # [BLOCK_M, BLOCK_D] in the cache dtype
     acc,  # [BLOCK_M, BLOCK_D] fp32
@@ -71,6 +80,8 @@ def _attend_tile(
     BLOCK_SIZE: tl.constexpr,
     MASK: tl.constexpr,  # False: every key of the tile is visible to every row (no masks at all)
     WINDOWED: tl.constexpr = False,  # keys before row_first_pos are masked too (with MASK)
+    softcap_l=0.0,  # SOFTCAP: Gemma 2's attention soft-capping cap x log2(e) (the scores are base-2 scaled)
+    SOFTCAP: tl.constexpr = False,
 ):
     """One online-softmax step over BLOCK_N keys read through the block table. A row that sees none of the tile's
     keys adds nothing, as long as its running max started finite (-1e30, not -inf)."""
@@ -98,6 +109,8 @@ def _attend_tile(
         s = tl.dot(q, k, input_precision="ieee") * qk_scale  # [BLOCK_M, BLOCK_N] fp32
     else:
         s = tl.dot(q, k) * qk_scale
+    if SOFTCAP:  # cap tanh(raw / cap) in base 2: (cap L) tanh(s / (cap L)), s = raw L
+        s = _softcap(s, softcap_l)
     if MASK:
         s = tl.where(offs_n[None, :] <= row_last_pos[:, None], s, float("-inf"))
         if WINDOWED:
@@ -159,7 +172,7 @@ def _merge_parts(o, lse, part_out_ptr, part_lse_ptr, counter_ptr, part_row, part
 
 # One compiled variant for any split count and block-table width (the width follows the longest
 # sequence of the step; Triton would otherwise compile new variants for widths == 1 or % 16 == 0).
-@triton.jit(do_not_specialize=["num_splits", "stride_bt_seq", "window"])
+@triton.jit(do_not_specialize=["num_splits", "stride_bt_seq", "window", "softcap_l"])
 def _paged_decode_kernel(
     q_ptr,
     out_ptr,
@@ -177,6 +190,7 @@ def _paged_decode_kernel(
     qk_scale,
     num_splits,
     window,  # WINDOWED only: keys a token sees (itself included), a sliding window
+    softcap_l,  # SOFTCAP only: the attention soft-capping cap x log2(e)
     stride_q_tok,
     stride_q_head,
     stride_o_tok,
@@ -197,6 +211,7 @@ def _paged_decode_kernel(
     ORDERED: tl.constexpr,
     WORK: tl.constexpr = False,
     WINDOWED: tl.constexpr = False,  # a sliding window: only the last `window` keys (not with WORK)
+    SOFTCAP: tl.constexpr = False,  # Gemma 2's attention logit soft-capping
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
     pdl_enter(USE_PDL)
@@ -280,7 +295,7 @@ def _paged_decode_kernel(
             acc, m_i, l_i = _attend_tile(
                 q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, tile_lo * BLOCK_N, row_last_pos, row_first_pos,
                 seq_len, qk_scale, kv_head_offset, stride_c_block, stride_c_slot,
-                HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, True, True,
+                HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, True, True, softcap_l, SOFTCAP,
             )  # fmt: skip
             full_lo = tile_lo + 1
     full_hi = tl.minimum(tile_hi, seq_len // BLOCK_N)
@@ -288,13 +303,13 @@ def _paged_decode_kernel(
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, tile * BLOCK_N, row_last_pos, row_first_pos,
             seq_len, qk_scale, kv_head_offset, stride_c_block, stride_c_slot,
-            HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, False,
+            HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, False, False, softcap_l, SOFTCAP,
         )  # fmt: skip
     if tile_hi > tl.maximum(full_hi, full_lo):
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, tl.maximum(full_hi, full_lo) * BLOCK_N,
             row_last_pos, row_first_pos, seq_len, qk_scale, kv_head_offset, stride_c_block, stride_c_slot,
-            HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, True, WINDOWED,
+            HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, True, WINDOWED, softcap_l, SOFTCAP,
         )  # fmt: skip
 
     store_mask = g_mask[:, None] & d_mask[None, :]
@@ -452,8 +467,11 @@ def paged_attention_decode(
     seq_order: torch.Tensor | None = None,
     work: torch.Tensor | None = None,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged context; returns [num_seqs, Hq, D].
+
+    softcap (Gemma 2): the scores capped as softcap * tanh(score / softcap) before the softmax.
 
     window (a sliding window, e.g. Mistral's or Gemma's local layers): the token sees only the last `window` keys,
     itself included (not with work; splits divide those keys only).
@@ -544,7 +562,7 @@ def paged_attention_decode(
         query, out, k_cache, v_cache, block_tables, seq_lens, query_start_loc if mixed else seq_lens,
         seq_order if ordered else seq_lens, part_out, part_lse,
         work if work is not None else seq_lens, counters, work.stride(0) if work is not None else 0,
-        scale * LOG2E, num_splits, window or 0,
+        scale * LOG2E, num_splits, window or 0, (softcap or 0.0) * LOG2E,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_HEADS=num_heads,
@@ -559,6 +577,7 @@ def paged_attention_decode(
         ORDERED=ordered,
         WORK=work is not None,
         WINDOWED=windowed,
+        SOFTCAP=bool(softcap),
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl_launch_kwargs(query.device),

@@ -48,7 +48,8 @@ def _find_seq(query_start_loc_ptr, q_tile_slot, num_seqs, BLOCK_Q: tl.constexpr)
     return lo - 1
 
 
-@triton.jit(do_not_specialize=["num_seqs", "stride_bt_seq", "window"])  # one variant for any batch, table width
+# one variant for any batch, table width, window and cap
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt_seq", "window", "softcap_l"])
 def _paged_prefill_kernel(
     q_ptr,
     out_ptr,
@@ -60,6 +61,7 @@ def _paged_prefill_kernel(
     qk_scale,
     num_seqs,
     window,  # WINDOWED only: keys a token sees (itself included), a sliding window
+    softcap_l,  # SOFTCAP only: the attention soft-capping cap x log2(e)
     stride_q_tok,
     stride_q_head,
     stride_o_tok,
@@ -77,6 +79,7 @@ def _paged_prefill_kernel(
     BLOCK_SIZE: tl.constexpr,
     SKIP_DECODES: tl.constexpr,
     WINDOWED: tl.constexpr = False,
+    SOFTCAP: tl.constexpr = False,  # Gemma 2's attention logit soft-capping
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
     pdl_enter(USE_PDL)
@@ -133,7 +136,7 @@ def _paged_prefill_kernel(
             acc, m_i, l_i = _attend_tile(
                 q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, tile * BLOCK_N, row_last_pos, row_first_pos,
                 kv_end, qk_scale, kv_head_offset, stride_c_block, stride_c_slot,
-                HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, True, True,
+                HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, True, True, softcap_l, SOFTCAP,
             )  # fmt: skip
     else:
         num_full = (first_pos + 1) // BLOCK_N
@@ -141,13 +144,13 @@ def _paged_prefill_kernel(
             acc, m_i, l_i = _attend_tile(
                 q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, tile * BLOCK_N, row_last_pos, row_last_pos,
                 kv_end, qk_scale, kv_head_offset, stride_c_block, stride_c_slot,
-                HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, False,
+                HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, False, False, softcap_l, SOFTCAP,
             )  # fmt: skip
         for tile in range(num_full, num_tiles):
             acc, m_i, l_i = _attend_tile(
                 q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, tile * BLOCK_N, row_last_pos, row_last_pos,
                 kv_end, qk_scale, kv_head_offset, stride_c_block, stride_c_slot,
-                HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, True,
+                HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, True, False, softcap_l, SOFTCAP,
             )  # fmt: skip
 
     o = acc / l_i[:, None]
@@ -191,10 +194,12 @@ def paged_attention_prefill(
     skip_decodes: bool = False,
     max_seq_len: int | None = None,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal paged attention of each sequence's new tokens over its whole context; returns [T, Hq, D].
 
     window: a sliding window: each token sees only the last `window` keys, itself included.
+    softcap (Gemma 2): the scores capped as softcap * tanh(score / softcap) before the softmax.
 
     skip_decodes=True leaves sequences with one new token to paged_attention_decode (mixed mode).
     max_seq_len (host int, optional) only steers the tile shape.
@@ -218,7 +223,7 @@ def paged_attention_prefill(
     grid = (num_tokens // block_q + num_seqs, num_kv_heads)
     _paged_prefill_kernel[grid](
         query, out, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-        scale * LOG2E, num_seqs, window or 0,
+        scale * LOG2E, num_seqs, window or 0, (softcap or 0.0) * LOG2E,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         QUERIES_PER_KV=queries_per_kv,
@@ -230,6 +235,7 @@ def paged_attention_prefill(
         BLOCK_SIZE=block_size,
         SKIP_DECODES=skip_decodes,
         WINDOWED=window is not None,
+        SOFTCAP=bool(softcap),
         num_warps=num_warps or config["num_warps"],
         num_stages=num_stages or config["num_stages"],
         **pdl_launch_kwargs(query.device),

@@ -16,7 +16,7 @@ from pagedserve.executor.models.decoder import (
     Qwen3ForCausalLM,
     Qwen3MoeForCausalLM,
 )
-from pagedserve.executor.models.gemma import Gemma3ForCausalLM
+from pagedserve.executor.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
@@ -26,6 +26,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
     # Gemma 3's multimodal checkpoints (4B and up), served as text: their language model alone
@@ -63,6 +64,6 @@ def is_bare(architectures: Sequence[str] | None) -> bool:
     return False
 
 
-__all__ = ["BARE_ARCHITECTURES", "MODEL_REGISTRY", "Gemma3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM",
-           "MixtralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM",
-           "Qwen3MoeForCausalLM", "get_model_class", "is_bare"]
+__all__ = ["BARE_ARCHITECTURES", "MODEL_REGISTRY", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "LlamaForCausalLM",
+           "MistralForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM",
+           "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "get_model_class", "is_bare"]

@@ -151,12 +151,18 @@ def _fuses_qkv_rope(hidden: torch.Tensor, rope: RopeStep, backend: Any) -> bool:
 
 class DecoderAttention(nn.Module):
     def __init__(self, hf_config: Any, layer_idx: int, qkv_bias: bool, o_bias: bool, qk_norm: bool = False,
-                 context: int | None = None, norm_cls: type[RMSNorm] = RMSNorm, scale: float | None = None) -> None:
+                 context: int | None = None, norm_cls: type[RMSNorm] = RMSNorm, scale: float | None = None,
+                 softcap: float | None = None) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        # A sliding window (keys a token sees), or None; passed to the backend only when set.
+        # A sliding window (keys a token sees), or None; Gemma 2's attention soft-capping: passed to the backend
+        # only when set.
         self.sliding_window = sliding_window_of(hf_config, layer_idx, context)
-        self._window = {} if self.sliding_window is None else {"window": self.sliding_window}
+        self._attn_kwargs: dict[str, Any] = {}
+        if self.sliding_window is not None:
+            self._attn_kwargs["window"] = self.sliding_window
+        if softcap:
+            self._attn_kwargs["softcap"] = float(softcap)
         # This rank's heads (all of them with one rank).
         self.num_heads = shard(hf_config.num_attention_heads, "num_attention_heads")
         self.num_kv_heads = local_num_kv_heads(hf_config)
@@ -185,7 +191,7 @@ class DecoderAttention(nn.Module):
             q = qkv_rope_kv_write(hidden, self.qkv_proj.weight, self.qkv_proj.bias, rope.positions,
                                   rope.cos_sin_cache, kv_cache, ctx.attn_metadata.slot_mapping, self.num_heads)
             out = ctx.backend.forward(q, None, None, kv_cache, ctx.attn_metadata, self.scale, kv_written=True,
-                                      **self._window)
+                                      **self._attn_kwargs)
             return all_reduce(self.o_proj(out.reshape(num_tokens, self.q_size)))
         qkv = self.qkv_proj(hidden)
         q, k, v = (t.view(num_tokens, -1, self.head_dim)
@@ -194,10 +200,10 @@ class DecoderAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope.cos is None and getattr(ctx.backend, "fuses_rotary", False):
             # CUDA + Triton backend: rotary happens inside the KV-cache write kernel.
-            out = ctx.backend.forward(q, k, v, kv_cache, ctx.attn_metadata, self.scale, rope=rope, **self._window)
+            out = ctx.backend.forward(q, k, v, kv_cache, ctx.attn_metadata, self.scale, rope=rope, **self._attn_kwargs)
         else:
             q, k = rope.rotate(q, k)
-            out = ctx.backend.forward(q, k, v, kv_cache, ctx.attn_metadata, self.scale, **self._window)
+            out = ctx.backend.forward(q, k, v, kv_cache, ctx.attn_metadata, self.scale, **self._attn_kwargs)
         return all_reduce(self.o_proj(out.reshape(num_tokens, self.q_size)))
 
 

@@ -1,5 +1,6 @@
 """Gemma 3 (text): Gemma3ForCausalLM (gemma-3-1b) and the language model of Gemma3ForConditionalGeneration
-(gemma-3-4b / 12b / 27b, served as text: the vision tower's tensors are skipped).
+(gemma-3-4b / 12b / 27b, served as text: the vision tower's tensors are skipped); and Gemma 2 (Gemma2ForCausalLM:
+no q / k norms, attention logit soft-capping in the attention kernels, one rope base, every other layer sliding).
 
 Its differences from the Llama-family decoder (models/decoder.py), whose attention, MLP and loading it reuses:
 
@@ -14,8 +15,7 @@ Its differences from the Llama-family decoder (models/decoder.py), whose attenti
     MLP             GeGLU: gelu_pytorch_tanh(gate) * up
 
 The residual stream is carried as in the decoder (each norm folds the add in): a layer returns its MLP output
-after the post-feedforward norm and the stream before adding it. Gemma 2 (attention logit soft-capping in the
-kernels) and bidirectional variants are refused.
+after the post-feedforward norm and the stream before adding it. Bidirectional variants are refused.
 """
 
 from __future__ import annotations
@@ -45,13 +45,17 @@ _ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh")
 
 
 class GemmaDecoderLayer(nn.Module):
-    def __init__(self, hf_config: Any, layer_idx: int, context: int) -> None:
+    """Gemma 2 / 3's layer: qk_norm (Gemma 3's per-head q / k norms); Gemma 2's attention soft-capping from the
+    config."""
+
+    def __init__(self, hf_config: Any, layer_idx: int, context: int, qk_norm: bool = True) -> None:
         super().__init__()
         hidden, eps = hf_config.hidden_size, hf_config.rms_norm_eps
         bias = bool(getattr(hf_config, "attention_bias", False))
         self.sliding = hf_config.layer_types[layer_idx] == "sliding_attention"
-        self.self_attn = DecoderAttention(hf_config, layer_idx, bias, bias, qk_norm=True, context=context,
-                                          norm_cls=GemmaRMSNorm, scale=float(hf_config.query_pre_attn_scalar) ** -0.5)
+        self.self_attn = DecoderAttention(hf_config, layer_idx, bias, bias, qk_norm=qk_norm, context=context,
+                                          norm_cls=GemmaRMSNorm, scale=float(hf_config.query_pre_attn_scalar) ** -0.5,
+                                          softcap=getattr(hf_config, "attn_logit_softcapping", None))
         self.mlp = DecoderMLP(hidden, hf_config.intermediate_size, bias=False, act="gelu_tanh")
         self.input_layernorm = GemmaRMSNorm(hidden, eps)
         self.post_attention_layernorm = GemmaRMSNorm(hidden, eps)
@@ -71,11 +75,11 @@ class GemmaDecoderLayer(nn.Module):
 
 
 class GemmaModel(nn.Module):
-    def __init__(self, hf_config: Any, max_position: int, context: int) -> None:
+    def __init__(self, hf_config: Any, max_position: int, context: int, qk_norm: bool = True) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(hf_config.vocab_size, hf_config.hidden_size)
         self.embed_scale = float(hf_config.hidden_size) ** 0.5
-        self.layers = nn.ModuleList(GemmaDecoderLayer(hf_config, i, context)
+        self.layers = nn.ModuleList(GemmaDecoderLayer(hf_config, i, context, qk_norm)
                                     for i in range(hf_config.num_hidden_layers))
         self.norm = GemmaRMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         head_dim = head_dim_of(hf_config)
@@ -98,14 +102,16 @@ class GemmaModel(nn.Module):
 class Gemma3ForCausalLM(DecoderForCausalLM):
     """Gemma 3's text model (see the module docstring); logits, loading and the rest as the decoder's."""
 
+    QK_NORM = True
+
     def __init__(self, hf_config: Any, max_position: int | None = None) -> None:
         nn.Module.__init__(self)
         hf_config = text_config_of(hf_config)
         activation = getattr(hf_config, "hidden_activation", None) or getattr(hf_config, "hidden_act", None)
         if activation not in _ACTIVATIONS:
             raise ValueError(f"Gemma with hidden_activation {activation!r} is not supported; only gelu_pytorch_tanh")
-        if getattr(hf_config, "attn_logit_softcapping", None):
-            raise ValueError("attention logit soft-capping (Gemma 2) is not supported")
+        if getattr(hf_config, "attn_logit_softcapping", None) and self.QK_NORM:
+            raise ValueError("attention logit soft-capping in a Gemma 3 config is not supported (Gemma 2's is)")
         if getattr(hf_config, "use_bidirectional_attention", False):
             raise ValueError("bidirectional attention (an embedding variant of Gemma) is not supported")
         if getattr(hf_config, "layer_types", None) is None:
@@ -114,7 +120,8 @@ class Gemma3ForCausalLM(DecoderForCausalLM):
                                      for i in range(hf_config.num_hidden_layers)]
         self.config = hf_config
         self.max_position = max(max_position or 0, rope_max_positions(hf_config))
-        self.model = GemmaModel(hf_config, self.max_position, max_position or rope_max_positions(hf_config))
+        self.model = GemmaModel(hf_config, self.max_position, max_position or rope_max_positions(hf_config),
+                                self.QK_NORM)
         self._init_lm_head(hf_config)
 
     def load_weights(self, weights):
@@ -122,6 +129,14 @@ class Gemma3ForCausalLM(DecoderForCausalLM):
         (model.language_model.* in Transformers 5, language_model.model.* before): served as text, the vision
         tower and the projector are skipped."""
         return super().load_weights(_text_weights(weights))
+
+
+class Gemma2ForCausalLM(Gemma3ForCausalLM):
+    """Gemma 2: Gemma 3's layout without the q / k norms, with attention logit soft-capping (50) in the attention
+    kernels and final logit soft-capping (30), every other layer sliding (its config's layer_types), one rope base
+    for every layer (rope_parameters' plain form: both rotary tables the same)."""
+
+    QK_NORM = False
 
 
 def text_config_of(hf_config: Any) -> Any:
@@ -151,4 +166,4 @@ def _text_weights(weights):
         yield name, tensor
 
 
-__all__ = ["Gemma3ForCausalLM", "GemmaDecoderLayer", "GemmaModel", "text_config_of"]
+__all__ = ["Gemma2ForCausalLM", "Gemma3ForCausalLM", "GemmaDecoderLayer", "GemmaModel", "text_config_of"]
