@@ -12,7 +12,8 @@ tensor at a time; the model then stores them in its own dtype. Tensor names map 
 qwen2moe / qwen3moe add the router (ffn_gate_inp), the experts stacked per layer (ffn_gate_exps / ffn_up_exps
 [E, I, H], ffn_down_exps [E, H, I]) and qwen2moe's shared expert (ffn_*_shexp, ffn_gate_inp_shexp); gemma3 its
 sandwich norms (post_attention_norm, ffn_norm as the pre-feedforward norm, post_ffw_norm), all of its norms stored as
-1 + w (undone here), and no query_pre_attn_scalar or local rope base in the metadata (llama.cpp's own values taken).
+1 + w (undone here), and no query_pre_attn_scalar or local rope base in the metadata (llama.cpp's own values taken);
+gemma2 the same norms and its two soft-caps, every other layer sliding; phi3 its fused attn_qkv and ffn_up (gate|up).
 
 llama.cpp's converter permutes the rows of Q and K for the `llama` architecture (its rope pairs
 adjacent dims, HF's rotates halves); we undo that. `qwen2` and `qwen3` are stored unpermuted (neox rope
@@ -32,7 +33,7 @@ import torch
 # GGUF general.architecture -> the HF architecture name our registry knows.
 GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                       "qwen2moe": "Qwen2MoeForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM",
-                      "gemma3": "Gemma3ForCausalLM"}
+                      "gemma3": "Gemma3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "phi3": "Phi3ForCausalLM"}
 
 _TOP_LEVEL_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -65,6 +66,9 @@ _BLOCK_NAMES = {
     "post_ffw_norm": "post_feedforward_layernorm",
 }
 _GEMMA_BLOCK_NAMES = {**_BLOCK_NAMES, "ffn_norm": "pre_feedforward_layernorm"}
+# phi3 stores q|k|v and gate|up fused (models/decoder.py's Phi3ForCausalLM splits them)
+_PHI3_BLOCK_NAMES = {**_BLOCK_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
+_ARCH_BLOCK_NAMES = {"gemma2": _GEMMA_BLOCK_NAMES, "gemma3": _GEMMA_BLOCK_NAMES, "phi3": _PHI3_BLOCK_NAMES}
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -138,6 +142,18 @@ def gguf_hf_config(path: str) -> Any:
         else:
             kwargs["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
             config = transformers.Qwen3MoeConfig(**kwargs)
+    elif arch == "gemma2":  # (llama.cpp's attention scale: hidden / heads for the 27B, 46 blocks; head_dim else)
+        kwargs |= dict(hidden_activation="gelu_pytorch_tanh", sliding_window=int(meta("attention.sliding_window")),
+                       query_pre_attn_scalar=hidden_size // num_heads if kwargs["num_hidden_layers"] == 46
+                       else head_dim, attn_logit_softcapping=meta("attn_logit_softcapping"),
+                       final_logit_softcapping=meta("final_logit_softcapping"),
+                       layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
+                                    for i in range(kwargs["num_hidden_layers"])])
+        config = transformers.Gemma2Config(**kwargs)
+    elif arch == "phi3":
+        kwargs["sliding_window"] = meta("attention.sliding_window")
+        kwargs["pad_token_id"] = None
+        config = transformers.Phi3Config(**kwargs)
     elif arch == "gemma3":
         # llama.cpp keeps neither query_pre_attn_scalar nor the local layers' rope base: it takes hidden / heads for
         # the 27B (62 blocks) and head_dim otherwise, and 10,000 (newer files: rope.freq_base_swa).
@@ -190,7 +206,7 @@ def hf_name(gguf_name: str, arch: str | None = None) -> str | None:
     base, _, kind = gguf_name.rpartition(".")
     if base in _TOP_LEVEL_NAMES:
         return f"{_TOP_LEVEL_NAMES[base]}.{kind}"
-    names = _GEMMA_BLOCK_NAMES if arch == "gemma3" else _BLOCK_NAMES
+    names = _ARCH_BLOCK_NAMES.get(arch, _BLOCK_NAMES)
     match = _BLOCK_RE.match(gguf_name)
     if match and match.group(2) in names:
         layer, part, kind = match.groups()
@@ -210,7 +226,7 @@ def iterate_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch
         if name is None:
             continue
         value = _tensor_to_torch(tensor)
-        if arch == "gemma3" and name.endswith("norm.weight"):  # llama.cpp stores Gemma's norms as 1 + w
+        if arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):  # llama.cpp stores Gemma's norms as 1 + w
             value = value - 1.0
         if name.endswith("shared_expert_gate.weight"):  # stored as [H]
             value = value.reshape(1, -1)

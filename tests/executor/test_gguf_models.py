@@ -21,7 +21,8 @@ def write_gguf_mapped(hf, path: Path, arch: str) -> None:
 
     cfg = hf.config
     model_arch = {"gemma3": gguf.MODEL_ARCH.GEMMA3, "qwen3moe": gguf.MODEL_ARCH.QWEN3MOE,
-                  "qwen2moe": gguf.MODEL_ARCH.QWEN2MOE}[arch]
+                  "qwen2moe": gguf.MODEL_ARCH.QWEN2MOE, "gemma2": gguf.MODEL_ARCH.GEMMA2,
+                  "phi3": gguf.MODEL_ARCH.PHI3}[arch]
     names = gguf.get_tensor_name_map(model_arch, cfg.num_hidden_layers)
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(cfg.num_hidden_layers)
@@ -38,12 +39,16 @@ def write_gguf_mapped(hf, path: Path, arch: str) -> None:
     writer.add_eos_token_id(2)
     rope = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)
     writer.add_rope_freq_base(rope["rope_theta"])
-    if arch == "gemma3":
+    if arch in ("gemma2", "gemma3", "phi3") and cfg.sliding_window:
         writer.add_sliding_window(cfg.sliding_window)
+    if arch == "gemma2":
+        writer.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    if arch == "gemma3":
         if rope.get("rope_type") == "linear":
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(rope["factor"])
-    else:
+    elif arch in ("qwen3moe", "qwen2moe"):
         writer.add_expert_count(cfg.num_experts)
         writer.add_expert_used_count(cfg.num_experts_per_tok)
         writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
@@ -64,7 +69,7 @@ def write_gguf_mapped(hf, path: Path, arch: str) -> None:
             writer.add_tensor(names.get_name(name) + ".weight", array.contiguous().numpy())
             continue
         base, _, kind = name.rpartition(".")
-        if arch == "gemma3" and name.endswith("norm.weight"):
+        if arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):
             array = array + 1.0
         if name.endswith("shared_expert_gate.weight"):
             array = array.reshape(-1)
@@ -82,7 +87,10 @@ def write_gguf_mapped(hf, path: Path, arch: str) -> None:
     ("gemma3", "gemma3", dict(num_hidden_layers=6, layer_types=None, query_pre_attn_scalar=16, rope_scaling=None)),
     ("qwen3_moe", "qwen3moe", {}),
     ("qwen2_moe", "qwen2moe", {}),
-], ids=["gemma3", "gemma3-no-scaling", "qwen3moe", "qwen2moe"])
+    # gemma2: every other layer sliding, from the first (what llama.cpp assumes), both soft-caps in the metadata
+    ("gemma2", "gemma2", dict(query_pre_attn_scalar=16, num_hidden_layers=4, layer_types=None)),
+    ("phi3", "phi3", dict(sliding_window=6)),  # q|k|v and gate|up fused in the file too
+], ids=["gemma3", "gemma3-no-scaling", "qwen3moe", "qwen2moe", "gemma2", "phi3"])
 def test_gguf_of_new_architectures_matches_transformers(arch, gguf_arch, overrides, tmp_path) -> None:
     hf = tiny_hf_model(arch, **overrides)
     path = tmp_path / "tiny.gguf"
