@@ -8,6 +8,7 @@ outputs arrive (AsyncEngine observers). Names follow vLLM's with the `pagedserve
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -146,64 +147,31 @@ class ServerMetrics:
         self.registry.register(_EngineStatsCollector(engine, model_name))
         labels = ["model_name"]
         r = self.registry
-        self.ttft = Histogram(
-            PREFIX + "time_to_first_token_seconds",
-            "Time from arrival to the first token.",
-            labels,
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        ).labels(model_name)
-        self.itl = Histogram(
-            PREFIX + "inter_token_latency_seconds",
-            "Time between consecutive engine outputs of a request.",
-            labels,
-            buckets=_ITL_BUCKETS,
-            registry=r,
-        ).labels(model_name)
-        self.e2e = Histogram(
-            PREFIX + "e2e_request_latency_seconds",
-            "Time from arrival to the last token.",
-            labels,
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        ).labels(model_name)
-        self.queue = Histogram(
-            PREFIX + "request_queue_time_seconds",
-            "Time from arrival to the first scheduling step.",
-            labels,
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        ).labels(model_name)
-        self.prefill = Histogram(
-            PREFIX + "request_prefill_time_seconds",
+
+        def histogram(suffix: str, help_text: str, buckets: tuple) -> Any:
+            return Histogram(PREFIX + suffix, help_text, labels, buckets=buckets, registry=r).labels(model_name)
+
+        self.ttft = histogram("time_to_first_token_seconds", "Time from arrival to the first token.", _LATENCY_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "Time between consecutive engine outputs of a request.",
+                             _ITL_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Time from arrival to the last token.", _LATENCY_BUCKETS)
+        self.queue = histogram("request_queue_time_seconds", "Time from arrival to the first scheduling step.",
+                               _LATENCY_BUCKETS)
+        self.prefill = histogram(
+            "request_prefill_time_seconds",
             "Time from the first scheduling step to the first token (the prompt's prefill, chunks included).",
-            labels, buckets=_LATENCY_BUCKETS, registry=r,
-        ).labels(model_name)
-        self.decode = Histogram(
-            PREFIX + "request_decode_time_seconds", "Time from the first token to the last.",
-            labels, buckets=_LATENCY_BUCKETS, registry=r,
-        ).labels(model_name)
-        self.inference = Histogram(
-            PREFIX + "request_inference_time_seconds", "Time from the first scheduling step to the last token.",
-            labels, buckets=_LATENCY_BUCKETS, registry=r,
-        ).labels(model_name)
-        self.tpot = Histogram(
-            PREFIX + "time_per_output_token_seconds",
-            "A request's mean time per output token after its first (decode time / (tokens - 1)).",
-            labels, buckets=_ITL_BUCKETS, registry=r,
-        ).labels(model_name)
-        self.prompt_tokens = Histogram(
-            PREFIX + "request_prompt_tokens", "Prompt tokens a finished request.",
-            labels, buckets=_TOKEN_BUCKETS, registry=r,
-        ).labels(model_name)
-        self.generation_tokens = Histogram(
-            PREFIX + "request_generation_tokens", "Tokens a finished request generated (all its choices).",
-            labels, buckets=_TOKEN_BUCKETS, registry=r,
-        ).labels(model_name)
-        self.params_n = Histogram(
-            PREFIX + "request_params_n", "Choices (n) a finished request asked for.",
-            labels, buckets=_N_BUCKETS, registry=r,
-        ).labels(model_name)
+            _LATENCY_BUCKETS)
+        self.decode = histogram("request_decode_time_seconds", "Time from the first token to the last.",
+                                _LATENCY_BUCKETS)
+        self.inference = histogram("request_inference_time_seconds",
+                                   "Time from the first scheduling step to the last token.", _LATENCY_BUCKETS)
+        self.tpot = histogram("time_per_output_token_seconds",
+                              "A request's mean time per output token after its first (decode time / (tokens - 1)).",
+                              _ITL_BUCKETS)
+        self.prompt_tokens = histogram("request_prompt_tokens", "Prompt tokens a finished request.", _TOKEN_BUCKETS)
+        self.generation_tokens = histogram("request_generation_tokens",
+                                           "Tokens a finished request generated (all its choices).", _TOKEN_BUCKETS)
+        self.params_n = histogram("request_params_n", "Choices (n) a finished request asked for.", _N_BUCKETS)
         self._success = Counter(
             PREFIX + "request_success",
             "Requests finished, by finish reason.",
