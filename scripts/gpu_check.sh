@@ -388,7 +388,7 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
         -q -s -p no:cacheprovider -ra 2>&1 | grep -E "moe:|passed|failed|FAILED|rror" | tail -20 ;;
     window-test)  # sliding windows (Gemma 3, Qwen2 with use_sliding_window): the kernels, then the engine vs Transformers
       timeout 400 python3 -m pytest tests/kernels/test_kernels.py tests/kernels/test_runner_window.py \
-        tests/kernels/test_fused_ops.py tests/gpu/test_window_gpu.py -k "window or gemma" -q -s -p no:cacheprovider \
+        tests/kernels/test_fused_ops.py tests/gpu/test_window_gpu.py -k "window or gemma or softcap" -q -s -p no:cacheprovider \
         -ra 2>&1 | grep -E "window:|passed|failed|FAILED|rror" | tail -20 ;;
     int4-test)  # 4-bit AWQ / GPTQ held packed: the W4A16 kernel compiled, then the engine vs Transformers
       timeout 400 python3 -m pytest tests/kernels/test_w4a16.py tests/gpu/test_int4_gpu.py -q -s -p no:cacheprovider \
