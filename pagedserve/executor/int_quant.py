@@ -111,7 +111,11 @@ def unpack_parts(config: IntQuantConfig, qweight: torch.Tensor, qzeros: torch.Te
 def dequantize(config: IntQuantConfig, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                g_idx: torch.Tensor | None = None) -> torch.Tensor:
     """A projection's weight [out, in] in fp32 from its packed parts (see the module docstring)."""
-    q, z, scales, groups = unpack_parts(config, qweight, qzeros, scales, g_idx)
+    return _dequantized(*unpack_parts(config, qweight, qzeros, scales, g_idx))
+
+
+def _dequantized(q: torch.Tensor, z: torch.Tensor, scales: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """W [out, in] from unpack_parts' values: (q - zero) * scale, each input row with its group's."""
     return ((q - z[groups]).float() * scales[groups]).t().contiguous()
 
 
@@ -127,7 +131,7 @@ def _as_int4(config: IntQuantConfig, prefix: str, parts: dict[str, torch.Tensor]
     regular = (in_features % num_groups == 0 and size % 16 == 0 and ".experts." not in prefix
                and torch.equal(groups, torch.arange(in_features, device=groups.device) // size))
     if not regular:
-        return [(prefix + ".weight", ((q - z[groups]).float() * scales[groups]).t().contiguous())]
+        return [(prefix + ".weight", _dequantized(q, z, scales, groups))]
     from pagedserve.executor.kernels.w4a16 import pack_int4_rows
 
     packed, row_scales, zs = pack_int4_rows(q, z, scales)

@@ -35,11 +35,6 @@ def power_of_two_at_least(scale: float, name: str) -> float:
     return 2.0 ** math.ceil(math.log2(scale))
 
 
-def _scale_rows(linear: nn.Module, start: int, end: int, factor: float) -> None:
-    """Rows start..end of a projection's output times factor (its weight_scale rows when stored in fp8)."""
-    linear.scale_rows(start, end, factor)
-
-
 def fold_kv_scales(model: nn.Module, kv_cache_dtype: str) -> int:
     """Folds every attention layer's checkpoint KV scales into its weights when the cache is fp8; returns how many
     layers were changed. Call once, after loading and before online quantization."""
@@ -66,10 +61,10 @@ def fold_kv_scales(model: nn.Module, kv_cache_dtype: str) -> int:
                 with torch.no_grad():
                     attn.k_norm.weight.data /= p_k
             else:
-                _scale_rows(attn.qkv_proj, k_start, k_end, 1.0 / p_k)
+                attn.qkv_proj.scale_rows(k_start, k_end, 1.0 / p_k)
             attn.scale *= p_k
         if p_v != 1.0:
-            _scale_rows(attn.qkv_proj, v_start, v_end, 1.0 / p_v)
+            attn.qkv_proj.scale_rows(v_start, v_end, 1.0 / p_v)
             # the whole of o_proj (its bias adds after the product: unchanged)
             attn.o_proj.scale_rows(0, attn.o_proj.out_features, p_v, bias=False)
     logger.info("KV-cache scales of %d of %d layers folded into the weights (fp8 KV cache)", len(with_scales),

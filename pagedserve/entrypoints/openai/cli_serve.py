@@ -77,21 +77,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                    "overrides it), for clients that need exact ids")
     g.add_argument("--log-stats-interval", type=float, default=5.0, help="seconds between stats lines while busy")
     g.add_argument("--disable-access-log", action="store_true", help="no log line per HTTP request")
-    g.add_argument("--enable-auto-tool-choice", action="store_true",
-                   help='chat requests with tools may let the model decide (tool_choice "auto", the default '
-                   "then): its answer is parsed for tool calls (--tool-call-parser)")
-    g.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
-                   help="split a thinking model's chat answers into message.reasoning_content (between <think> "
-                   "and </think>) and message.content (what follows), streamed too: qwen3 (thinking when the "
-                   "answer opens with <think>), deepseek_r1 (the answer starts inside the reasoning)")
-    g.add_argument("--tool-call-parser", choices=list(TOOL_CALL_PARSERS), default="hermes",
-                   help="how auto tool calls are read from the answer; hermes, llama3_json and mistral name one "
-                   "parser that reads <tool_call>{...}</tool_call> blocks (Qwen2/2.5's templates) and answers made of "
-                   "calls alone: JSON objects or lists naming a tool, ';' between (Llama 3.1), after <|python_tag|> or "
-                   "[TOOL_CALLS] (Mistral)")
-    g.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
-                   help="LoRA adapters to serve (implies --enable-lora): each NAME=PATH (a PEFT folder) or a JSON "
-                   '{"name": ..., "path": ...}; a request whose model is NAME runs with that adapter')
+    add_request_handling_args(g)
     g.add_argument("--allow-runtime-lora-updating", action="store_true",
                    help="POST /v1/load_lora_adapter and /v1/unload_lora_adapter add and remove adapters while serving "
                    "(also VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)")
@@ -102,6 +88,25 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         help="run the engine's step loop in its own process (default), or in a thread of the server "
         "(--no-engine-process: slower under load, as HTTP work then competes for the GIL)",
     )
+
+
+def add_request_handling_args(g: argparse._ArgumentGroup) -> None:
+    """How chat answers are read and which adapters a request may name: `serve`'s flags, which `run-batch` takes too."""
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='chat requests with tools may let the model decide (tool_choice "auto", the default '
+                   "then): its answer is parsed for tool calls (--tool-call-parser)")
+    g.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
+                   help="split a thinking model's chat answers into message.reasoning_content (between <think> "
+                   "and </think>) and message.content (what follows), streamed too: qwen3 (thinking when the "
+                   "answer opens with <think>), deepseek_r1 (the answer starts inside the reasoning)")
+    g.add_argument("--tool-call-parser", choices=list(TOOL_CALL_PARSERS), default="hermes",
+                   help="how auto tool calls are read from the answer; hermes, llama3_json, mistral and qwen3_coder "
+                   "name one parser that reads <tool_call> blocks (JSON, as Qwen2/2.5's templates ask, or "
+                   "Qwen3-Coder's <function=...> XML) and answers made of calls alone: JSON objects or lists naming a "
+                   "tool, ';' between (Llama 3.1), after <|python_tag|> or [TOOL_CALLS] (Mistral)")
+    g.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                   help="LoRA adapters to serve (implies --enable-lora): each NAME=PATH (a PEFT folder) or a JSON "
+                   '{"name": ..., "path": ...}; a request whose model is NAME runs with that adapter')
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

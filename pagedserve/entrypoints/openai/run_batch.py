@@ -50,18 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--max-concurrency", type=int, default=None,
                    help="most requests in flight at once (default: all; the engine's scheduler batches them)")
     add_engine_args(p)
-    g = p.add_argument_group("requests")
-    from pagedserve.entrypoints.openai.reasoning import PARSERS as REASONING_PARSERS
-    from pagedserve.entrypoints.openai.tool_calls import TOOL_CALL_PARSERS
+    from pagedserve.entrypoints.openai.cli_serve import add_request_handling_args
 
-    g.add_argument("--enable-auto-tool-choice", action="store_true",
-                   help='chat requests with tools may let the model decide (tool_choice "auto")')
-    g.add_argument("--tool-call-parser", choices=list(TOOL_CALL_PARSERS), default="hermes",
-                   help="how auto tool calls are read from an answer (as `pagedserve serve`)")
-    g.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
-                   help="split a thinking model's chat answers into reasoning_content and content")
-    g.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
-                   help="LoRA adapters a request's model may name (implies --enable-lora)")
+    add_request_handling_args(p.add_argument_group("requests"))
     p.set_defaults(func=cmd_run_batch)
     return p
 
