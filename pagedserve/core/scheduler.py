@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from pagedserve.config import SCHEDULING_POLICIES
 from pagedserve.core.kv_cache import KVCacheManager
 from pagedserve.core.outputs import (
     PLACEHOLDER_TOKEN_ID,
@@ -80,7 +81,7 @@ class Scheduler:
         that no running request uses if need be; None when every slot is in use (the request waits).
         proposer: speculative decoding's drafter (spec_decode.py), or None.
         policy: "fcfs", or "priority" (see the module docstring)."""
-        if policy not in ("fcfs", "priority"):
+        if policy not in SCHEDULING_POLICIES:
             raise ValueError(f"policy must be 'fcfs' or 'priority', got {policy!r}")
         self.by_priority = policy == "priority"
         self.lora_slot_for = lora_slot_for
