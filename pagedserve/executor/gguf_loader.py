@@ -108,9 +108,9 @@ def gguf_hf_config(path: str) -> Any:
     hidden_size = int(meta("embedding_length"))
     head_dim = int(meta("attention.key_length", hidden_size // num_heads))
     rope_dim = int(meta("rope.dimension_count", head_dim))
-    if rope_dim != head_dim:
+    if rope_dim != head_dim and arch != "phi3":  # (Phi-4-mini's partial rotary factor: below)
         raise ValueError(f"partial rotary embeddings (rope dim {rope_dim} < head dim {head_dim}) "
-                         "are not supported")
+                         f"are not supported for GGUF architecture {arch!r}")
     kwargs: dict[str, Any] = dict(
         architectures=[GGUF_ARCHITECTURES[arch]],
         vocab_size=int(embed.shape[-1]),  # ggml shapes list the fastest dim first: [hidden, vocab]
@@ -153,6 +153,10 @@ def gguf_hf_config(path: str) -> Any:
     elif arch == "phi3":
         kwargs["sliding_window"] = meta("attention.sliding_window")
         kwargs["pad_token_id"] = None
+        kwargs["partial_rotary_factor"] = rope_dim / head_dim
+        if "rope_factors_long.weight" in tensor_names:  # LongRoPE, as llama.cpp's converter stores it
+            kwargs["rope_scaling"] = _gguf_longrope(reader, meta, kwargs["max_position_embeddings"])
+            kwargs["original_max_position_embeddings"] = kwargs["rope_scaling"]["original_max_position_embeddings"]
         config = transformers.Phi3Config(**kwargs)
     elif arch == "gemma3":
         # llama.cpp keeps neither query_pre_attn_scalar nor the local layers' rope base: it takes hidden / heads for
@@ -176,6 +180,22 @@ def gguf_hf_config(path: str) -> Any:
         config = Qwen2Config(**kwargs)
     config.name_or_path = path
     return config
+
+
+def _gguf_longrope(reader: Any, meta: Any, context: int) -> dict[str, Any]:
+    """Phi-3 / Phi-4-mini's LongRoPE from a GGUF: the per-dimension factors as the rope_factors_long / _short
+    tensors, the pretraining context and the attention factor in the metadata."""
+    factors = {t.name: np.array(t.data, dtype=np.float32).reshape(-1).tolist() for t in reader.tensors
+               if t.name in ("rope_factors_long.weight", "rope_factors_short.weight")}
+    if len(factors) != 2:
+        raise ValueError("a GGUF with LongRoPE needs both rope_factors_long and rope_factors_short tensors")
+    original = int(meta("rope.scaling.original_context_length", context))
+    scaling: dict[str, Any] = {"rope_type": "longrope", "long_factor": factors["rope_factors_long.weight"],
+                               "short_factor": factors["rope_factors_short.weight"],
+                               "original_max_position_embeddings": original}
+    if meta("rope.scaling.attn_factor") is not None:
+        scaling["attention_factor"] = float(meta("rope.scaling.attn_factor"))
+    return scaling
 
 
 def undo_llama_qk_permute(weight: torch.Tensor, num_heads: int) -> torch.Tensor:

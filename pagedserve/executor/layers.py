@@ -305,7 +305,7 @@ class GeluTanhAndMul(nn.Module):
 
 # --- rotary position embedding ------------------------------------------------------------------
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 
 
 def rope_parameters(hf_config: Any, layer_type: str | None = None) -> tuple[float, dict[str, Any]]:
@@ -325,11 +325,20 @@ def rope_parameters(hf_config: Any, layer_type: str | None = None) -> tuple[floa
     theta = merged.pop("rope_theta", None) or getattr(hf_config, "rope_theta", None) or 10000.0
     if "type" in merged and "rope_type" not in merged:  # older configs spell it "type"
         merged["rope_type"] = merged.pop("type")
-    if float(merged.get("partial_rotary_factor", 1.0) or 1.0) != 1.0:
-        raise ValueError(f"partial rotary embeddings (partial_rotary_factor {merged['partial_rotary_factor']}) are "
-                         "not supported")
+    # transformers 4.x keeps the partial rotary factor (Phi-4-mini, StableLM) beside the rope fields
+    merged["partial_rotary_factor"] = float(merged.get("partial_rotary_factor")
+                                            or getattr(hf_config, "partial_rotary_factor", None) or 1.0)
+    if merged.get("rope_type") == "su":  # LongRoPE's first name (early Phi-3 configs)
+        merged["rope_type"] = "longrope"
+    max_positions = getattr(hf_config, "max_position_embeddings", None)
+    if merged.get("rope_type") == "longrope":
+        if merged.get("original_max_position_embeddings") is None:
+            merged["original_max_position_embeddings"] = getattr(hf_config, "original_max_position_embeddings",
+                                                                 None) or max_positions
+        if merged.get("factor") is None:  # as transformers: the ratio of the two lengths
+            merged["factor"] = (max_positions or merged["original_max_position_embeddings"]) / merged[
+                "original_max_position_embeddings"]
     if merged.get("rope_type") == "yarn":
-        max_positions = getattr(hf_config, "max_position_embeddings", None)
         if merged.get("original_max_position_embeddings") is None:
             merged["original_max_position_embeddings"] = getattr(hf_config, "original_max_position_embeddings",
                                                                  None) or max_positions
@@ -354,12 +363,17 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 
 def rope_attention_factor(scaling: dict[str, Any]) -> float:
-    """The factor on cos and sin (YaRN's attention temperature, as transformers applies it; 1 otherwise)."""
-    if (scaling.get("rope_type") or "default") != "yarn":
+    """The factor on cos and sin (YaRN's and LongRoPE's attention temperature, as transformers applies it; 1
+    otherwise)."""
+    rope_type = scaling.get("rope_type") or "default"
+    if rope_type not in ("yarn", "longrope"):
         return 1.0
     if scaling.get("attention_factor") is not None:
         return float(scaling["attention_factor"])
     factor = float(scaling["factor"])
+    if rope_type == "longrope":
+        original = int(scaling["original_max_position_embeddings"])
+        return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
     mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
     if mscale and mscale_all_dim:
         return _yarn_mscale(factor, float(mscale)) / _yarn_mscale(factor, float(mscale_all_dim))
@@ -388,8 +402,18 @@ def _yarn_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any]) -> torc
     return (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
 
 
-def compute_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any]) -> torch.Tensor:
-    """Inverse frequencies [head_dim // 2] in fp32, matching transformers' rope init functions."""
+def uses_long_rope(scaling: dict[str, Any], context: int) -> bool:
+    """LongRoPE: whether an engine serving `context` tokens rotates by the long factors. Decided once for the
+    engine, as vLLM does (max_model_len above original_max_position_embeddings), so a prefix's cached keys never
+    depend on what else ran; transformers picks per forward by its longest position instead."""
+    return (scaling.get("rope_type") == "longrope"
+            and context > int(scaling["original_max_position_embeddings"]))
+
+
+def compute_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any], context: int | None = None
+                     ) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2] in fp32, matching transformers' rope init functions. `head_dim` is the
+    rotated width (head_dim x partial_rotary_factor); `context` (the tokens served) picks LongRoPE's factors."""
     rope_type = scaling.get("rope_type") or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(f"rope scaling type {rope_type!r} is not supported; supported: "
@@ -397,6 +421,13 @@ def compute_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any]) -> to
     if rope_type == "yarn":
         return _yarn_inv_freq(head_dim, theta, scaling)
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
+    if rope_type == "longrope":
+        which = "long_factor" if uses_long_rope(scaling, context or 0) else "short_factor"
+        ext = torch.tensor([float(f) for f in scaling[which]], dtype=torch.float32)
+        if ext.shape != exponents.shape:
+            raise ValueError(f"rope_scaling {which} has {ext.numel()} entries; the rotated width {head_dim} needs "
+                             f"{exponents.numel()}")
+        return 1.0 / (ext * theta**exponents)
     inv_freq = 1.0 / (theta**exponents)
     if rope_type == "linear":
         inv_freq = inv_freq / float(scaling["factor"])
@@ -420,14 +451,22 @@ def compute_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any]) -> to
 class RotaryEmbedding(nn.Module):
     """Neox-style rotary embedding (rotate halves, as in HF Llama/Qwen2) with a cos|sin cache.
 
-    cos_sin_cache: [max_position, head_dim] fp32, cos in the first half, sin in the second.
+    cos_sin_cache: [max_position, rotary_dim] fp32, cos in the first half, sin in the second. rotary_dim is
+    head_dim x partial_rotary_factor (Phi-4-mini: 96 of 128): the dims past it pass through unrotated.
     The model looks positions up once per forward (`lookup`) and every layer reuses the result.
+    context: the tokens the engine serves (max_model_len; LongRoPE's short or long factors), max_position if None.
     """
 
-    def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict[str, Any]) -> None:
+    def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict[str, Any],
+                 context: int | None = None) -> None:
         super().__init__()
         self.head_dim = head_dim
-        inv_freq = compute_inv_freq(head_dim, theta, scaling)
+        self.rotary_dim = int(head_dim * float(scaling.get("partial_rotary_factor", 1.0) or 1.0))
+        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= head_dim:
+            raise ValueError(f"partial_rotary_factor {scaling.get('partial_rotary_factor')} gives a rotated width of "
+                             f"{self.rotary_dim} of head_dim {head_dim}; it must be even and positive")
+        self.long_rope = uses_long_rope(scaling, context or max_position)
+        inv_freq = compute_inv_freq(self.rotary_dim, theta, scaling, context or max_position)
         positions = torch.arange(max_position, dtype=torch.float32)
         freqs = positions[:, None] * inv_freq[None, :]  # same fp32 product as HF's per-call version
         cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
@@ -437,31 +476,39 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin_cache", cache, persistent=False)
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] -> (cos, sin), each [T, 1, head_dim // 2] fp32, broadcastable over heads."""
+        """positions [T] -> (cos, sin), each [T, 1, rotary_dim // 2] fp32, broadcastable over heads."""
         cos, sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
         return cos, sin
 
     def prepare(self, positions: torch.Tensor) -> RopeStep:
         """Per-step rotary state, built once per forward and shared by every layer."""
-        if positions.is_cuda:  # the fused in-place kernel reads the cache itself
-            return RopeStep(positions, self.cos_sin_cache, None, None)
+        full = self.rotary_dim == self.head_dim
+        if positions.is_cuda:  # the in-place kernel reads the cache itself
+            return RopeStep(positions, self.cos_sin_cache, None, None, full)
         cos, sin = self.lookup(positions)
-        return RopeStep(positions, self.cos_sin_cache, cos, sin)
+        return RopeStep(positions, self.cos_sin_cache, cos, sin, full)
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [T, heads, head_dim]: rotate each (x1, x2) half pair; math in fp32, result in x's dtype."""
-        x1, x2 = x.float().chunk(2, dim=-1)
-        rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-        return rotated.to(x.dtype)
+        """x [T, heads, head_dim]: rotate each (x1, x2) half pair of the first 2 x cos's width dims (all of them
+        but with a partial rotary factor); math in fp32, result in x's dtype."""
+        rotary_dim = 2 * cos.shape[-1]
+        x1, x2 = x[..., :rotary_dim].float().chunk(2, dim=-1)
+        rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+        if rotary_dim == x.shape[-1]:
+            return rotated
+        return torch.cat([rotated, x[..., rotary_dim:]], dim=-1)
 
 
 @dataclass(slots=True)
 class RopeStep:
     positions: torch.Tensor
     cos_sin_cache: torch.Tensor
-    cos: torch.Tensor | None  # [T, 1, head_dim // 2] on CPU; None where the fused kernel runs
+    cos: torch.Tensor | None  # [T, 1, rotary_dim // 2] on CPU; None where the kernels run
     sin: torch.Tensor | None
+    # every dim of a head rotates: the fused rotary + KV-write kernels apply (they rotate whole heads); a partial
+    # rotary factor takes the plain in-place kernel, then the KV write
+    full: bool = True
 
     def rotate(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """query [T, Hq, D], key [T, Hkv, D] (views into qkv) -> rotated (in place on CUDA)."""

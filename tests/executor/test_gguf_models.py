@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pagedserve.config import EngineConfig
+from pagedserve.executor.layers import rope_attention_factor, rope_parameters
 from pagedserve.executor.loader import load_model
 from tests.executor.helpers import hf_logits, make_runner, max_rel_err, scheduled, step, tiny_hf_model
 
@@ -39,6 +40,15 @@ def write_gguf_mapped(hf, path: Path, arch: str) -> None:
     writer.add_eos_token_id(2)
     rope = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)
     writer.add_rope_freq_base(rope["rope_theta"])
+    if arch == "phi3":  # as llama.cpp's converter: the rotated width, LongRoPE's factors as two tensors
+        writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+        if rope.get("rope_type") == "longrope":
+            writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+            writer.add_rope_scaling_attn_factors(rope_attention_factor(rope_parameters(cfg)[1]))
+            for kind in ("long", "short"):
+                factors = torch.tensor(rope[f"{kind}_factor"], dtype=torch.float32).numpy()
+                writer.add_tensor(gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, f"ROPE_FACTORS_{kind.upper()}")]
+                                  + ".weight", factors)
     if arch in ("gemma2", "gemma3", "phi3") and cfg.sliding_window:
         writer.add_sliding_window(cfg.sliding_window)
     if arch == "gemma2":
@@ -90,7 +100,12 @@ def write_gguf_mapped(hf, path: Path, arch: str) -> None:
     # gemma2: every other layer sliding, from the first (what llama.cpp assumes), both soft-caps in the metadata
     ("gemma2", "gemma2", dict(query_pre_attn_scalar=16, num_hidden_layers=4, layer_types=None)),
     ("phi3", "phi3", dict(sliding_window=6)),  # q|k|v and gate|up fused in the file too
-], ids=["gemma3", "gemma3-no-scaling", "qwen3moe", "qwen2moe", "gemma2", "phi3"])
+    # Phi-4-mini's rotary: 12 of 16 dims, LongRoPE (a context of 128 past the original 16: the long factors, as
+    # Transformers picks them for these 18 tokens)
+    ("phi3", "phi3", dict(partial_rotary_factor=0.75, original_max_position_embeddings=16,
+                          rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.2, 1.5, 2.0, 2.2, 2.4],
+                                        "long_factor": [1.0, 2.5, 4.0, 7.0, 9.0, 12.0]})),
+], ids=["gemma3", "gemma3-no-scaling", "qwen3moe", "qwen2moe", "gemma2", "phi3", "phi3-longrope-partial"])
 def test_gguf_of_new_architectures_matches_transformers(arch, gguf_arch, overrides, tmp_path) -> None:
     hf = tiny_hf_model(arch, **overrides)
     path = tmp_path / "tiny.gguf"

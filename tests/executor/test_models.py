@@ -76,8 +76,57 @@ def test_yarn_extends_the_context_as_vllm_derives_it() -> None:
                             rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})
     assert rope_max_positions(config) == 256
     assert rope_max_positions(tiny_hf_config("qwen2", max_position_embeddings=64)) == 64
-    with pytest.raises(ValueError, match="partial rotary"):
-        rope_parameters(tiny_hf_config("llama", rope_scaling={"rope_type": "default", "partial_rotary_factor": 0.5}))
+
+
+LONGROPE = {"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.9, 2.6, 3.0, 3.2, 3.3],
+            "long_factor": [1.0, 1.5, 2.7, 5.1, 9.0, 14.0, 19.0, 22.0]}
+
+
+@pytest.mark.parametrize("partial", [1.0, 0.75])
+@pytest.mark.parametrize("seq_len", [None, 33, 200])  # short factors up to original_max_position_embeddings (32)
+@pytest.mark.parametrize("extra", [{}, {"attention_factor": 1.2}, {"factor": 2.0}])
+def test_longrope_inv_freq_matches_transformers(partial, seq_len, extra) -> None:
+    """Phi-3-128k / Phi-3.5 / Phi-4-mini's LongRoPE: per-dimension factors, short up to the original context and
+    long past it, and its attention factor; with Phi-4-mini's partial rotary factor (12 of 16 dims rotated)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from pagedserve.executor.layers import uses_long_rope
+
+    factors = int(16 * partial) // 2
+    scaling = {k: (v[:factors] if isinstance(v, list) else v) for k, v in LONGROPE.items()} | extra
+    config = tiny_hf_config("phi3", max_position_embeddings=256, original_max_position_embeddings=32,
+                            partial_rotary_factor=partial, rope_scaling=scaling)
+    theta, params = rope_parameters(config)
+    context = seq_len or 32
+    ours = compute_inv_freq(int(16 * partial), theta, params, context)
+    expected, factor = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu", seq_len=seq_len)
+    assert uses_long_rope(params, context) == (seq_len is not None and seq_len > 32)
+    torch.testing.assert_close(ours, expected)
+    assert rope_attention_factor(params) == pytest.approx(factor)
+    assert params["partial_rotary_factor"] == partial
+
+
+def test_rotary_embedding_leaves_the_dims_past_the_rotary_width() -> None:
+    """A partial rotary factor (StableLM, Phi-4-mini): the first head_dim x factor dims rotate as Transformers
+    rotates them, the rest pass through bit for bit."""
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding, apply_rotary_pos_emb
+
+    from pagedserve.executor.layers import RotaryEmbedding
+
+    config = tiny_hf_config("phi3", partial_rotary_factor=0.5)
+    theta, params = rope_parameters(config)
+    rope = RotaryEmbedding(16, 128, theta, params)
+    assert rope.rotary_dim == 8 and rope.cos_sin_cache.shape == (128, 8)
+    q, k = torch.randn(5, 4, 16), torch.randn(5, 2, 16)
+    positions = torch.tensor([0, 3, 17, 64, 127])
+    ours_q, ours_k = rope.prepare(positions).rotate(q, k)
+    cos, sin = Phi3RotaryEmbedding(config)(q, positions[None])
+    hf_q, hf_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    torch.testing.assert_close(ours_q, hf_q[0].transpose(0, 1))
+    torch.testing.assert_close(ours_k, hf_k[0].transpose(0, 1))
+    assert torch.equal(ours_q[..., 8:], q[..., 8:])
+    with pytest.raises(ValueError, match="rotated width"):
+        RotaryEmbedding(16, 128, theta, {"partial_rotary_factor": 0.1})
 
 
 def test_unsupported_rope_scaling_is_a_clear_error() -> None:
@@ -146,6 +195,8 @@ def test_torch_backend_matches_dense_attention_with_cache_offsets() -> None:
     ("mistral", dict(sliding_window=128)),  # a window no shorter than the context: plain attention
     ("phi3", dict()),  # q|k|v and gate|up fused in the checkpoint
     ("phi3", dict(sliding_window=6)),  # Phi-3-mini's window (here 6 tokens of the 22)
+    ("phi3", dict(partial_rotary_factor=0.75)),  # Phi-4-mini's: 12 of 16 dims rotate
+    ("llama", dict(partial_rotary_factor=0.5)),  # Transformers' Llama ignores the factor: so do we
     # YaRN (Qwen's long-context recipe), positions past original_max_position_embeddings: cos and sin scaled too
     ("qwen2", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})),
 ])
@@ -177,10 +228,25 @@ def test_yarn_model_serves_past_max_position_embeddings(tmp_path) -> None:
         LLM(str(tmp_path), dtype="float32", cpu_kv_cache_gib=0.05, max_model_len=129)
 
 
-def test_phi3_longrope_is_refused_by_name(tmp_path) -> None:
-    """Phi-3.5 / Phi-4-mini's LongRoPE (per-dimension factors switching past the original context): not yet."""
-    factors = [1.0] * 8
-    save_tiny_model("phi3", tmp_path, max_position_embeddings=256, original_max_position_embeddings=64,
-                    rope_scaling={"rope_type": "longrope", "short_factor": factors, "long_factor": factors})
-    with pytest.raises(ValueError, match="'longrope' is not supported"):
-        make_runner(tmp_path)
+@pytest.mark.parametrize("partial", [1.0, 0.75])
+@pytest.mark.parametrize("max_model_len", [None, 32])
+def test_phi3_longrope_serves_as_transformers(partial, max_model_len, tmp_path, real_model_dir) -> None:
+    """LongRoPE picks its factors once for the engine: long when the served context (max_model_len, else the
+    model's 128) passes original_max_position_embeddings (32), short otherwise. Transformers picks per forward by its
+    longest position, so 33-40-token prompts (long) and 13-20-token ones (short) agree with it: greedy tokens and
+    logprobs through chunked prefills (8 tokens a step), a prefix hit and batched decodes."""
+    from pagedserve import LLM
+    from tests.executor.test_tensor_parallel import assert_greedy_as_hf, tiny_checkpoint
+
+    factors = int(16 * partial) // 2
+    scaling = {k: (v[:factors] if isinstance(v, list) else v) for k, v in LONGROPE.items()}
+    hf = tiny_checkpoint(tmp_path, real_model_dir, "phi3", original_max_position_embeddings=32,
+                         partial_rotary_factor=partial, rope_scaling=scaling)
+    llm = LLM(str(tmp_path), dtype="float32", cpu_kv_cache_gib=0.05, max_model_len=max_model_len,
+              max_num_batched_tokens=8, block_size=4, skip_warmup=True)
+    rope = llm.engine.worker.runner.model.model.rotary_emb
+    assert rope.long_rope == (max_model_len is None) and rope.rotary_dim == int(16 * partial)
+    base = [(11 * i) % 250 + 3 for i in range(40 if max_model_len is None else 20)]
+    extra = [33, 34, 35, 36] if max_model_len is None else [9, 8]
+    assert_greedy_as_hf(llm, hf, [[base[:-7]], [base, base[:-7] + extra, base[5:]]], 5)
+    assert llm.engine.get_stats()["prefix_cache_hits"] >= 8

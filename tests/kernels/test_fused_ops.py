@@ -140,6 +140,34 @@ def test_rotary_in_place_on_qkv_views(num_heads, num_kv_heads, head_dim, dtype):
     torch.testing.assert_close(qkv[:, q_size + kv_size :], value_before, rtol=0, atol=0)  # v untouched
 
 
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,rotary_dim", [(24, 8, 128, 96), (4, 2, 64, 32),
+                                                                        (3, 1, 80, 20)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_in_place_partial_rotary_width(num_heads, num_kv_heads, head_dim, rotary_dim, dtype):
+    """A partial rotary factor (Phi-4-mini: 96 of 128): the cache holds rotary_dim columns; the first rotary_dim
+    dims of each head rotate, the rest and v stay bit for bit."""
+    torch.manual_seed(rotary_dim)
+    num_tokens = 9
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim).to(dtype).to(DEVICE)
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    query = qkv[:, :q_size].view(num_tokens, num_heads, head_dim)
+    key = qkv[:, q_size : q_size + kv_size].view(num_tokens, num_kv_heads, head_dim)
+    before = qkv.clone()
+    positions = torch.randint(0, 2000, (num_tokens,)).to(DEVICE)
+    cos_sin = make_cos_sin(2048, rotary_dim).to(DEVICE)
+    expected_q = ref_rotary(query[..., :rotary_dim], positions, cos_sin)
+    expected_k = ref_rotary(key[..., :rotary_dim], positions, cos_sin)
+
+    apply_rotary_(query, key, positions, cos_sin)
+    ulp_close(query[..., :rotary_dim], expected_q)
+    ulp_close(key[..., :rotary_dim], expected_k)
+    assert torch.equal(query[..., rotary_dim:], before[:, :q_size].view_as(query)[..., rotary_dim:])
+    assert torch.equal(key[..., rotary_dim:], before[:, q_size : q_size + kv_size].view_as(key)[..., rotary_dim:])
+    assert torch.equal(qkv[:, q_size + kv_size :], before[:, q_size + kv_size :])
+    with pytest.raises(ValueError, match="at most head_dim"):
+        apply_rotary_(query, key, positions, make_cos_sin(16, head_dim + 2).to(DEVICE))
+
+
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size", [(14, 2, 64, 16), (8, 2, 128, 16),
                                                                         (4, 4, 128, 8), (28, 4, 128, 32)])
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -27,6 +27,15 @@ def test_mixed_step_with_a_window_on_the_triton_backend(arch, overrides, tmp_pat
     run_mixed_batch_against_hf(arch, tmp_path, DEVICE, "triton", tolerance=TOL, overrides=overrides)
 
 
+def test_mixed_step_partial_rotary_longrope_on_the_triton_backend(tmp_path) -> None:
+    """Phi-4-mini's rotary: LongRoPE (short factors, the attention factor of factor 4) over 12 of 16 dims; on CUDA
+    the plain in-place rotary kernel, then the KV write (the fused kernels rotate whole heads)."""
+    factors = {"short_factor": [1.0, 1.2, 1.9, 2.5, 3.1, 3.3], "long_factor": [1.0, 2.0, 4.0, 8.0, 9.0, 9.5]}
+    run_mixed_batch_against_hf("phi3", tmp_path, DEVICE, "triton", tolerance=TOL,
+                               overrides=dict(partial_rotary_factor=0.75, original_max_position_embeddings=128,
+                                              rope_scaling={"rope_type": "longrope", "factor": 4.0, **factors}))
+
+
 def test_decode_step_work_list_beside_a_sliding_layer(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(pad, "MIN_CHUNK", 64)  # chunks of 64 tokens: the long sequences split
     monkeypatch.setattr(pad, "num_sms", lambda device: 8)  # six sequences fill 8 "SMs"

@@ -2,8 +2,9 @@
 
     query: [T, num_heads, head_dim], key: [T, num_kv_heads, head_dim]  (views of a fused qkv are fine:
            any token/head strides, contiguous head_dim)
-    positions: [T] int;  cos_sin_cache: [max_position, head_dim] fp32, cos | sin halves
-               (layers.RotaryEmbedding.cos_sin_cache)
+    positions: [T] int;  cos_sin_cache: [max_position, rotary_dim] fp32, cos | sin halves
+               (layers.RotaryEmbedding.cos_sin_cache); rotary_dim < head_dim (a partial rotary factor) rotates
+               the first rotary_dim dims of each head and leaves the rest
 
 Each head's halves (x1, x2) become (x1*cos - x2*sin, x2*cos + x1*sin), math in fp32, rounded back to
 the input dtype (HF's rotate_half convention). The cos/sin row of a token is loaded once for all of
@@ -72,19 +73,21 @@ def _rotary_kernel(
 def apply_rotary_(
     query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
 ) -> None:
-    """Rotate query [T, Hq, D] and key [T, Hkv, D] in place by the angles of `positions`."""
+    """Rotate query [T, Hq, D] and key [T, Hkv, D] in place by the angles of `positions` (their first
+    cos_sin_cache.shape[-1] dims)."""
     num_tokens, num_q_heads, head_dim = query.shape
     if key.shape[0] != num_tokens or key.shape[2] != head_dim or positions.shape != (num_tokens,):
         raise ValueError(
             f"query {tuple(query.shape)}, key {tuple(key.shape)}, positions {tuple(positions.shape)} disagree"
         )
-    if cos_sin_cache.shape[-1] != head_dim or head_dim % 2:
-        raise ValueError(f"cos_sin_cache last dim {cos_sin_cache.shape[-1]} != head_dim {head_dim} (even)")
+    rotary_dim = cos_sin_cache.shape[-1]
+    if rotary_dim > head_dim or rotary_dim % 2:
+        raise ValueError(f"cos_sin_cache last dim {rotary_dim} must be even and at most head_dim {head_dim}")
     if query.stride(-1) != 1 or key.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1:
         raise ValueError("query, key and cos_sin_cache need a contiguous last dimension (in place)")
     if num_tokens == 0:
         return
-    half = head_dim // 2
+    half = rotary_dim // 2
     _rotary_kernel[(num_tokens,)](
         query, key, positions, cos_sin_cache,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), cos_sin_cache.stride(0),

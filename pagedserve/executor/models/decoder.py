@@ -146,7 +146,7 @@ _FUSED_QKV_ROPE = os.environ.get("PAGEDSERVE_FUSED_QKV_ROPE", "1") == "1" and no
 
 def _fuses_qkv_rope(hidden: torch.Tensor, rope: RopeStep, backend: Any) -> bool:
     return (_FUSED_QKV_ROPE and hidden.shape[0] == 1 and hidden.is_cuda and hidden.dtype != torch.float32
-            and rope.cos is None and getattr(backend, "fuses_rotary", False))
+            and rope.cos is None and rope.full and getattr(backend, "fuses_rotary", False))
 
 
 class DecoderAttention(nn.Module):
@@ -198,7 +198,7 @@ class DecoderAttention(nn.Module):
                    for t in qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if rope.cos is None and getattr(ctx.backend, "fuses_rotary", False):
+        if rope.cos is None and rope.full and getattr(ctx.backend, "fuses_rotary", False):
             # CUDA + Triton backend: rotary happens inside the KV-cache write kernel.
             out = ctx.backend.forward(q, k, v, kv_cache, ctx.attn_metadata, self.scale, rope=rope, **self._attn_kwargs)
         else:
@@ -270,7 +270,7 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     def __init__(
         self, hf_config: Any, max_position: int, qkv_bias: bool, o_bias: bool, mlp_bias: bool, qk_norm: bool = False,
-        moe_renormalize: bool | None = None, context: int | None = None,
+        moe_renormalize: bool | None = None, context: int | None = None, partial_rotary: bool = False,
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(hf_config.vocab_size, hf_config.hidden_size)
@@ -280,7 +280,9 @@ class DecoderModel(nn.Module):
         )
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         theta, scaling = rope_parameters(hf_config)
-        self.rotary_emb = RotaryEmbedding(head_dim_of(hf_config), max_position, theta, scaling)
+        if not partial_rotary:  # as Transformers: only some architectures read the factor (Phi-3's do)
+            scaling["partial_rotary_factor"] = 1.0
+        self.rotary_emb = RotaryEmbedding(head_dim_of(hf_config), max_position, theta, scaling, context)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
@@ -293,7 +295,10 @@ class DecoderModel(nn.Module):
 
 
 class DecoderForCausalLM(nn.Module):
-    """Llama-family causal LM. Subclasses pick the bias flags their architecture uses."""
+    """Llama-family causal LM. Subclasses pick the bias flags their architecture uses, and whether the config's
+    partial_rotary_factor applies (Transformers' Llama, Qwen and Mistral rotate whole heads whatever it says)."""
+
+    partial_rotary = False
 
     def __init__(
         self, hf_config: Any, max_position: int | None = None, *,
@@ -308,7 +313,7 @@ class DecoderForCausalLM(nn.Module):
         # the context served (max_model_len, else the model's): a sliding window no shorter is no window
         context = max_position or rope_max_positions(hf_config)
         self.model = DecoderModel(hf_config, self.max_position, qkv_bias, o_bias, mlp_bias, qk_norm, moe_renormalize,
-                                  context)
+                                  context, self.partial_rotary)
         self._init_lm_head(hf_config)
 
     def _init_lm_head(self, hf_config: Any) -> None:
@@ -521,8 +526,10 @@ class MixtralForCausalLM(DecoderForCausalLM):
 class Phi3ForCausalLM(DecoderForCausalLM):
     """Phi-3 / Phi-4 (Phi3ForCausalLM): Llama's layout without biases, its checkpoints holding q|k|v and gate|up
     fused (self_attn.qkv_proj, mlp.gate_up_proj: split here into the parts the loader merges, so tensor parallelism
-    slices them as usual); Phi-3-mini's sliding window as Mistral's. LongRoPE (Phi-3.5, Phi-4-mini) and partial rotary
-    factors are refused by name (layers.rope_parameters / compute_inv_freq)."""
+    slices them as usual); Phi-3-mini's sliding window as Mistral's; LongRoPE (Phi-3-128k, Phi-3.5, Phi-4-mini: the
+    short or long factors by the served context, layers.uses_long_rope) and Phi-4-mini's partial rotary factor."""
+
+    partial_rotary = True
 
     def __init__(self, hf_config: Any, max_position: int | None = None) -> None:
         super().__init__(hf_config, max_position, qkv_bias=False)
