@@ -108,8 +108,10 @@ class LLMEngine:
             block_size=self.config.block_size,
             enable_prefix_caching=self.config.enable_prefix_caching,
             lora_slot_for=None if self._lora_manager is None else self._lora_manager.slot_of,
-            proposer=None if self.config.speculative_config is None else NgramProposer(
-                SpeculativeConfig.parse(self.config.speculative_config)),
+            # a draft model's proposer comes with the worker (it runs on the device); n-gram lookup here
+            proposer=getattr(self.worker, "draft_proposer", None) or (
+                None if self.config.speculative_config is None
+                else NgramProposer(SpeculativeConfig.parse(self.config.speculative_config))),
             policy=self.config.scheduling_policy,
             long_prefill_token_threshold=self.config.long_prefill_token_threshold,
         )

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft_model")
 # vLLM's other methods: named in the error, so a user sees what is not there yet.
-_NOT_SUPPORTED = ("eagle", "eagle3", "medusa", "mlp_speculator", "draft_model", "deepseek_mtp", "mtp", "suffix")
+_NOT_SUPPORTED = ("eagle", "eagle3", "medusa", "mlp_speculator", "deepseek_mtp", "mtp", "suffix")
 MAX_SPECULATIVE_TOKENS = 16
 
 
@@ -49,12 +49,16 @@ class SpeculativeConfig:
     # No drafts in steps while more requests than this run (vLLM's field): a drafted step of a large batch costs more
     # than its drafts save unless most are kept (docs/benchmarks.md, session 23). None: always draft.
     disable_by_batch_size: int | None = None
+    # "draft_model": the smaller model that drafts (a folder, a .gguf or a Hub id; it must share the target's
+    # tokenizer), run greedily by executor/draft_model.py.
+    model: str | None = None
 
     @classmethod
     def parse(cls, value: object) -> SpeculativeConfig | None:
-        """From vLLM's --speculative-config (a JSON object, or its dict): method, num_speculative_tokens,
-        prompt_lookup_max / prompt_lookup_min (one of them stands for both; neither: 5). None stays None.
-        ValueError for anything else."""
+        """From vLLM's --speculative-config (a JSON object, or its dict): method ("ngram" or "draft_model"),
+        num_speculative_tokens, prompt_lookup_max / prompt_lookup_min (ngram: one of them stands for both; neither:
+        5), model (draft_model: the drafting model; a model without a method means draft_model, as in vLLM).
+        None stays None. ValueError for anything else."""
         if value is None or isinstance(value, SpeculativeConfig):
             return value
         if isinstance(value, str):
@@ -65,11 +69,14 @@ class SpeculativeConfig:
         if not isinstance(value, dict):
             raise ValueError(f"speculative_config must be a JSON object, got {value!r}")
         known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "model",
-                 "disable_by_batch_size"}
+                 "disable_by_batch_size", "draft_tensor_parallel_size"}
         unknown = sorted(set(value) - known)
         if unknown:
             raise ValueError(f"speculative_config: unknown or unsupported fields {unknown}; supported: "
-                             f"{sorted(known - {'model'})}")
+                             f"{sorted(known)}")
+        if value.get("draft_tensor_parallel_size") not in (None, 1):
+            raise ValueError("speculative_config: draft_tensor_parallel_size must be 1 (the draft model runs on one "
+                             f"device), got {value['draft_tensor_parallel_size']!r}")
         method = value.get("method")
         if method is None and value.get("model") is not None:
             method = "ngram" if value["model"] in ("ngram", "[ngram]") else "draft_model"
@@ -79,6 +86,15 @@ class SpeculativeConfig:
         if method not in METHODS:
             known_later = " (not yet supported by pagedserve)" if method in _NOT_SUPPORTED else ""
             raise ValueError(f"speculative_config: method {method!r}{known_later}; supported: {list(METHODS)}")
+        model = value.get("model")
+        if method == "draft_model":
+            if not isinstance(model, str) or not model:
+                raise ValueError('speculative_config: method "draft_model" needs "model" (the drafting model\'s '
+                                 "folder, .gguf file or Hub id)")
+        elif model not in (None, "ngram", "[ngram]"):
+            raise ValueError(f"speculative_config: method {method!r} takes no model, got {model!r}")
+        else:
+            model = None
         k = value.get("num_speculative_tokens")
         if k is None:
             raise ValueError("speculative_config needs num_speculative_tokens (the drafts a step, e.g. 4)")
@@ -102,13 +118,15 @@ class SpeculativeConfig:
         limit = value.get("disable_by_batch_size")
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise ValueError(f"speculative_config: disable_by_batch_size must be an integer >= 1, got {limit!r}")
-        return cls(method, k, lookup_max, lookup_min, limit)
+        return cls(method, k, lookup_max, lookup_min, limit, model)
 
     def as_dict(self) -> dict:
         out = {"method": self.method, "num_speculative_tokens": self.num_speculative_tokens,
                "prompt_lookup_max": self.prompt_lookup_max, "prompt_lookup_min": self.prompt_lookup_min}
         if self.disable_by_batch_size is not None:
             out["disable_by_batch_size"] = self.disable_by_batch_size
+        if self.model is not None:
+            out["model"] = self.model
         return out
 
 
@@ -163,6 +181,10 @@ class NgramProposer:
         self._buffers[request_id] = (buf, length)
         c = self.config
         return ngram_propose(buf[:length], min(k, c.num_speculative_tokens), c.prompt_lookup_min, c.prompt_lookup_max)
+
+    def propose_many(self, items: list[tuple[str, list[int], int]]) -> list[list[int]]:
+        """propose() for each (request id, its tokens, k), in order (the scheduler's one call a step)."""
+        return [self.propose(request_id, token_ids, k) for request_id, token_ids, k in items]
 
     def release(self, request_id: str) -> None:
         self._buffers.pop(request_id, None)

@@ -364,6 +364,17 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
           "${spec[@]}" --output-json "$OUT/throughput-spec-$1-$2.json" 2>&1 \
           | grep -E "throughput:|steps:|floor|speculative" | cut -c1-600
       done ;;
+    draft-bench)  # a draft model's cost (7B target, a dummy Qwen2-0.5B-shaped draft: random, so ~nothing is kept):
+      # batch-1 latency with k = 0 and 4, then with the 7B as its own draft (every draft kept: the best case's step
+      # count, at the cost of four 7B draft steps a step)
+      for run in ${DRAFT_RUNS:-none qwen05 self}; do
+        echo "== batch 1, draft: $run"
+        spec=()
+        [ "$run" = qwen05 ] && spec=(--speculative-config '{"method": "draft_model", "model": ".devcache/qwen2-0.5b", "num_speculative_tokens": 4}')
+        [ "$run" = self ] && spec=(--speculative-config "{\"method\": \"draft_model\", \"model\": \"$M\", \"num_speculative_tokens\": 4}")
+        python3 -m pagedserve.entrypoints.cli bench latency --model $M --load-format dummy "${spec[@]}" \
+          --output-json "$OUT/latency-draft-$run.json" 2>&1 | grep -E "latency:|steps:|speculative|Error" | cut -c1-400
+      done ;;
     spec-cost)  # a drafted step's time at batch 1 / 16 / 64 with k = 2, 4, 8 forced drafts vs no drafts (7B shapes)
       python3 scripts/spec_step_cost.py $M --load-format dummy --batches "${SPEC_BATCHES:-1,16,64}" \
         --ks "${SPEC_KS:-0,2,4,8}" ${SPEC_ONE:+--one-drafting} --output-json "$OUT/spec-cost.json" 2>&1 | grep -vE "^\[transformers\]|Warning" | cut -c1-800 ;;

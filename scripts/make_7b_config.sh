@@ -17,3 +17,8 @@ mkdir -p .devcache/qwen2-7b-awq
 cp .devcache/qwen2-7b/tokenizer.json .devcache/qwen2-7b/tokenizer_config.json .devcache/qwen2-7b/chat_template.jinja \
   .devcache/qwen2-7b-awq/
 cp docs/qwen2-7b-awq-config.json .devcache/qwen2-7b-awq/config.json
+# .devcache/qwen2-0.5b: the embedded model's shapes (Qwen2.5-0.5B: 24 layers, hidden 896; config only) as a draft
+# model for the 7B target (gpu_check.sh draft-bench).
+mkdir -p .devcache/qwen2-0.5b
+cp .devcache/qwen2-7b/tokenizer.json .devcache/qwen2-7b/tokenizer_config.json .devcache/qwen2-0.5b/
+cp "$src"/config.json .devcache/qwen2-0.5b/config.json

@@ -57,12 +57,19 @@ def test_speculative_config_parse() -> None:
     assert SpeculativeConfig.parse({"model": "[ngram]", "num_speculative_tokens": 2}).method == "ngram"
     c = SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 8})
     assert c.disable_by_batch_size == 8 and c.as_dict()["disable_by_batch_size"] == 8
+    c = SpeculativeConfig.parse({"model": "path/to/draft", "num_speculative_tokens": 3})  # vLLM: a model drafts
+    assert (c.method, c.model) == ("draft_model", "path/to/draft")
+    assert SpeculativeConfig.parse(c.as_dict()) == c
     for bad, words in [("{", "JSON"), ({"method": "eagle", "num_speculative_tokens": 2}, "not yet supported"),
                        ({"method": "ngram"}, "num_speculative_tokens"),
                        ({"method": "ngram", "num_speculative_tokens": 0}, "[1, 16]"),
                        ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 3,
                          "prompt_lookup_max": 2}, "prompt_lookup_min"),
-                       ({"method": "ngram", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 1}, "unknown"),
+                       ({"method": "ngram", "num_speculative_tokens": 2, "draft_size": 1}, "unknown"),
+                       ({"method": "draft_model", "num_speculative_tokens": 2}, "needs \"model\""),
+                       ({"method": "draft_model", "model": "m", "num_speculative_tokens": 2,
+                         "draft_tensor_parallel_size": 2}, "must be 1"),
+                       ({"method": "ngram", "model": "m", "num_speculative_tokens": 2}, "takes no model"),
                        ([1], "JSON object"), ({"num_speculative_tokens": 2}, "method"),
                        ({"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 0},
                         "disable_by_batch_size")]:

@@ -34,7 +34,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pagedserve.config import SCHEDULING_POLICIES
 from pagedserve.core.kv_cache import KVCacheManager
@@ -47,6 +47,9 @@ from pagedserve.core.outputs import (
 )
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.spec_decode import NgramProposer, SpecDecodeStats
+
+if TYPE_CHECKING:  # (torch lives behind it)
+    from pagedserve.executor.draft_model import DraftModelProposer
 
 _MAX_DRAFT_BACKOFF = 64  # tokens a request goes without drafts after drafted steps that kept none (at most)
 DRAFT_BACKOFF_AFTER = 3  # drafted steps in a row that kept none before a request backs off (benchmarks raise it)
@@ -74,7 +77,7 @@ class Scheduler:
         enable_prefix_caching: bool,
         long_prefill_token_threshold: int | None = None,
         lora_slot_for: Callable[[Any, set[int]], int | None] | None = None,
-        proposer: NgramProposer | None = None,
+        proposer: NgramProposer | DraftModelProposer | None = None,
         policy: str = "fcfs",
     ) -> None:
         """lora_slot_for(lora_request, slots in use): the device slot of a request's LoRA adapter, loaded into a slot
@@ -274,25 +277,37 @@ class Scheduler:
         return pending > 0 and (request.num_output_tokens + pending >= request.max_tokens
                                 or request.num_tokens + pending >= self.max_model_len)
 
-    def _drafts(self, request: Request, token_budget: int) -> list[int]:
-        """Speculative decoding's draft tokens for a decode step of `request` (spec_decode.py), within the token
-        budget, its max_tokens and the context length (every draft may be kept, and the step's own sample after
-        them); [] when it does not draft. With async scheduling the step's input may be the token the step in
-        flight is sampling (a placeholder): the lookup then guesses it too, and drafts what follows the guess (a
-        wrong guess only costs the drafts; the check after the step is exact whatever they are)."""
+    def _draft_length(self, request: Request, token_budget: int) -> int:
+        """How many draft tokens a decode step of `request` may carry (spec_decode.py), within the token budget,
+        its max_tokens and the context length (every draft may be kept, and the step's own sample after them); 0
+        when it does not draft."""
         params = request.sampling_params
         pending = request.num_output_placeholders
         if (request.num_output_tokens + pending == 0 or request.num_output_tokens < request.draft_resume_at
                 or request.num_computed_tokens != request.num_tokens + pending - 1
                 or params.needs_penalties or params.structured_outputs is not None or params.pooling is not None
                 or params.bad_words_token_ids):
-            return []
-        k = min(token_budget - 1, request.max_tokens - request.num_output_tokens - pending - 1,
-                self.max_model_len - request.num_tokens - pending - 1)
-        if k < 1:
-            return []
-        drafts = self.proposer.propose(request.request_id, request.all_token_ids, k + pending)
-        return drafts[pending:]
+            return 0
+        return max(0, min(token_budget - 1, request.max_tokens - request.num_output_tokens - pending - 1,
+                          self.max_model_len - request.num_tokens - pending - 1))
+
+    def _plan_drafts(self, token_budget: int) -> dict[str, list[int]]:
+        """The drafts of this step's decodes, from one call to the proposer (a draft model runs them as one batch):
+        request id -> drafts. With async scheduling a decode's input may be the token the step in flight is
+        sampling (a placeholder): the proposer then guesses it too, and drafts what follows the guess (a wrong guess
+        only costs the drafts; the check after the step is exact whatever they are)."""
+        items: list[tuple[Request, int]] = []
+        for request in self.running:
+            if (request.num_drafts_in_flight or self._ends_with_placeholder(request)
+                    or self._num_new_tokens(request, token_budget, request.num_computed_tokens) != 1):
+                continue
+            if (k := self._draft_length(request, token_budget)) > 0:
+                items.append((request, k))
+        if not items:
+            return {}
+        proposals = self.proposer.propose_many(
+            [(r.request_id, r.all_token_ids, k + r.num_output_placeholders) for r, k in items])
+        return {r.request_id: drafts[r.num_output_placeholders:] for (r, _), drafts in zip(items, proposals)}
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request)
@@ -315,13 +330,14 @@ class Scheduler:
         index = 0
         drafting = self.proposer is not None and (self.proposer.config.disable_by_batch_size is None
                                                   or len(self.running) <= self.proposer.config.disable_by_batch_size)
+        planned = self._plan_drafts(token_budget) if drafting else {}
         while index < len(self.running) and token_budget > 0:
             request = self.running[index]
             num_new = self._num_new_tokens(request, token_budget, request.num_computed_tokens)
             if num_new <= 0 or self._ends_with_placeholder(request) or request.num_drafts_in_flight:
                 index += 1
                 continue
-            drafts = self._drafts(request, token_budget) if drafting and num_new == 1 else []
+            drafts = planned.get(request.request_id, [])[: token_budget - 1] if num_new == 1 else []
             # Drafts never preempt: without the blocks for them, the step is a plain decode.
             if drafts and (block_ids := self.kv_cache.allocate_slots(request, num_new + len(drafts))) is not None:
                 scheduled.append(self._schedule_one(request, num_new, block_ids, drafts))

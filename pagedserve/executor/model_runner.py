@@ -749,6 +749,7 @@ def determine_num_blocks(
     *,
     block_size: int | None = None,
     max_model_len: int | None = None,
+    extra_bytes_per_block: int = 0,
 ) -> int:
     """How many KV blocks to allocate.
 
@@ -760,7 +761,8 @@ def determine_num_blocks(
     device = torch.device(device)
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
-    bytes_per_block = kv_cache_bytes_per_block(hf_config, block_size, kv_cache_dtype_of(config, dtype))
+    bytes_per_block = (kv_cache_bytes_per_block(hf_config, block_size, kv_cache_dtype_of(config, dtype))
+                       + extra_bytes_per_block)  # (a draft model's cache of as many blocks)
     if device.type != "cuda":
         return max(1, int(config.cpu_kv_cache_gib * 2**30) // bytes_per_block)
 

@@ -15,6 +15,7 @@ import torch
 
 from pagedserve.config import QUANTIZATION_METHODS, EngineConfig
 from pagedserve.core.outputs import RunnerOutput, SchedulerOutput
+from pagedserve.spec_decode import SpeculativeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class Worker:
     # pagedserve/generation_defaults.py).
     default_sampling: dict = field(default_factory=dict)
     tp_procs: list = field(default_factory=list)  # ranks 1..N-1 of tensor parallelism (executor/tp_worker.py)
+    # speculative decoding with a draft model (executor/draft_model.py): the scheduler's proposer; None otherwise
+    draft_proposer: object = None
 
     @property
     def dtype_bytes(self) -> int:
@@ -236,13 +239,15 @@ def make_lora_manager(config: EngineConfig, model, max_batched: int):
 
 
 def size_kv_cache(config: EngineConfig, model, hf_config, device: torch.device, dtype: torch.dtype,
-                  max_batched: int) -> int:
+                  max_batched: int, extra_bytes_per_block: int = 0) -> int:
     """KV blocks for this rank's cache: what fits here, then the fewest of any rank (one block table serves
-    every rank); ValueError when fewer than 2 fit."""
+    every rank); ValueError when fewer than 2 fit. extra_bytes_per_block: another cache of as many blocks (a draft
+    model's) shares the budget."""
     from pagedserve.distributed import min_across_ranks
     from pagedserve.executor.model_runner import determine_num_blocks
 
-    num_blocks = min_across_ranks(determine_num_blocks(config, model, hf_config, device, dtype, max_batched))
+    num_blocks = min_across_ranks(determine_num_blocks(config, model, hf_config, device, dtype, max_batched,
+                                                       extra_bytes_per_block=extra_bytes_per_block))
     if num_blocks < 2:
         raise ValueError(f"only {num_blocks} KV blocks fit; raise gpu_memory_utilization or cpu_kv_cache_gib")
     return num_blocks
@@ -274,7 +279,13 @@ def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: st
     max_batched = default_max_batched_tokens(config, device)
     vocab_size = int(hf_config.vocab_size)
     lora_manager = make_lora_manager(config, model, max_batched)
-    num_blocks = size_kv_cache(config, model, hf_config, device, dtype, max_batched)
+    draft = _load_draft(config, device, dtype, hf_config, config.max_model_len or model_len)
+    extra_bytes = 0
+    if draft is not None:  # the draft's cache has as many blocks as the target's: one budget sizes both
+        from pagedserve.executor.model_runner import kv_cache_bytes_per_block, kv_cache_dtype_of
+
+        extra_bytes = kv_cache_bytes_per_block(draft[2], config.block_size, kv_cache_dtype_of(config, dtype))
+    num_blocks = size_kv_cache(config, model, hf_config, device, dtype, max_batched, extra_bytes)
     capacity = num_blocks * config.block_size
     max_model_len = config.max_model_len or model_len
     if config.max_model_len is None and capacity < max_model_len:
@@ -297,10 +308,36 @@ def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: st
     logger.info("start-up: KV cache sized at %.1f s%s", time.monotonic() - t0, summary_suffix())
     if device.type == "cuda" and not config.enforce_eager:
         runner.capture_cuda_graphs(config.max_num_seqs, max_model_len, config.max_num_batched_tokens)
+    proposer = None
+    if draft is not None:
+        from pagedserve.executor.draft_model import DraftModelProposer
+
+        draft_config, draft_model, draft_hf = draft
+        draft_config = dataclasses.replace(draft_config, max_model_len=max_model_len,
+                                           max_num_batched_tokens=max_batched)
+        draft_runner = ModelRunner(draft_config, draft_model, draft_hf, device, dtype, num_blocks, config.block_size,
+                                   Sampler(int(draft_hf.vocab_size), set(), max_rows=config.max_num_seqs))
+        if device.type == "cuda" and not config.enforce_eager:
+            draft_runner.capture_cuda_graphs(config.max_num_seqs, max_model_len, max_batched)
+        proposer = DraftModelProposer(SpeculativeConfig.parse(config.speculative_config), draft_runner, num_blocks,
+                                      config.block_size, max_batched)
     tokenizer = tokenizer_future.result()
     sampler.eos_token_ids |= set(tokenizer.eos_token_ids)
     logger.info("model %s loaded on %s (%s) in %.1f s (tokenizer ready); KV cache: %d blocks x %d tokens (%s)",
                 model_path, device, str(dtype).removeprefix("torch."), time.monotonic() - t0, num_blocks,
                 config.block_size, str(runner.kv_dtype).removeprefix("torch."))
-    return Worker(config, tokenizer, runner, max_model_len, vocab_size, max_batched, num_blocks, hf_config,
-                  device, dtype)
+    worker = Worker(config, tokenizer, runner, max_model_len, vocab_size, max_batched, num_blocks, hf_config,
+                    device, dtype)
+    worker.draft_proposer = proposer
+    return worker
+
+
+def _load_draft(config: EngineConfig, device: torch.device, dtype: torch.dtype, hf_config, max_model_len: int):
+    """(draft EngineConfig, model, HF config) for speculative decoding with a draft model, else None. Loaded before
+    the KV cache is sized, so the memory profile counts its weights."""
+    spec = SpeculativeConfig.parse(config.speculative_config)
+    if spec is None or spec.method != "draft_model":
+        return None
+    from pagedserve.executor.draft_model import load_draft
+
+    return load_draft(config, spec, device, dtype, hf_config, max_model_len)

@@ -126,3 +126,28 @@ def test_spec_decode_bf16_batch_1_on_gpu(checkpoint) -> None:
         del llm
     print(f"spec bf16 batch 1: worst logprob error {errors['spec']:.2e} (plain engine {errors['plain']:.2e})")
     assert errors["spec"] < 2 * errors["plain"] + 2e-2
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_draft_model_on_gpu(checkpoint, dtype) -> None:
+    """A draft model (executor/draft_model.py) with CUDA graphs and async scheduling on: the checkpoint as its own
+    draft keeps nearly every draft (its batched draft steps and the target's checks round alike but for near-ties),
+    every kept token's logprob as Transformers', all blocks of both caches free after."""
+    from pagedserve import SamplingParams
+
+    folder, hf = checkpoint
+    prompts = looping_prompts(3, 12)
+    params = SamplingParams(max_tokens=40, ignore_eos=True, temperature=0.0, logprobs=1)
+    llm = build(folder, dtype, {"method": "draft_model", "model": str(folder), "num_speculative_tokens": 4})
+    proposer = llm.engine.worker.draft_proposer
+    assert llm.engine.async_scheduling and proposer.runner.cuda_graphs is not None
+    outs = generate(llm, prompts, params)
+    stats = llm.engine.get_stats()
+    drafts = stats["spec_decode"]
+    worst, gap = worst_error(outs, prompts, hf)
+    print(f"spec draft-model {dtype}: drafts {drafts['num_drafts']}, kept {drafts['num_accepted_tokens']} of "
+          f"{drafts['num_draft_tokens']}; worst logprob error {worst:.2e}, worst argmax gap {gap:.2e}")
+    assert drafts["acceptance_rate"] > 0.9
+    assert stats["num_free_blocks"] == stats["num_total_blocks"] == proposer.num_free_blocks
+    limit = 1e-3 if dtype == "float32" else 1e-1
+    assert worst < limit and gap < limit
