@@ -72,7 +72,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
     g.add_argument("--max-lora-rank", type=int, default=16, help="the largest LoRA rank an adapter may have")
     g.add_argument("--speculative-config", type=_speculative_config, default=None, metavar="JSON",
                    help='speculative decoding by n-gram lookup, e.g. \'{"method": "ngram", "num_speculative_tokens": '
-                        '4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\'')
+                        '4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\', or by a draft model of the same '
+                        'tokenizer: \'{"method": "draft_model", "model": "Qwen/Qwen2.5-0.5B-Instruct", '
+                        '"num_speculative_tokens": 4}\'')
 
 
 def _json_object(text: str) -> dict:
