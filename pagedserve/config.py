@@ -63,6 +63,15 @@ class EngineConfig:
     # Chunked prefill: at most this many of one request's tokens a step (vLLM's --long-prefill-token-threshold), so
     # one long prompt does not take a step's whole budget from the others. None: the step's budget.
     long_prefill_token_threshold: int | None = None
+    # Fields of the model's config.json set on top at load, as vLLM's --hf-overrides (e.g. {"rope_scaling": {...}}
+    # for YaRN, {"max_position_embeddings": N}); executor/loader.apply_hf_overrides.
+    hf_overrides: dict | None = None
+    # Hub downloads: the branch, tag or commit of the model (and its tokenizer files), and where they are cached
+    # (default: the Hugging Face cache).
+    revision: str | None = None
+    download_dir: str | None = None
+    # The most logprobs (or prompt_logprobs) a request may ask for, as vLLM's --max-logprobs (at most 20 here).
+    max_logprobs: int = 20
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:
@@ -108,6 +117,13 @@ class EngineConfig:
             fail(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}")
         if self.max_queued_requests is not None and self.max_queued_requests < 0:
             fail(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
+        if self.hf_overrides is not None and not isinstance(self.hf_overrides, dict):
+            fail(f"hf_overrides must be a dict of config.json fields, got {self.hf_overrides!r}")
+        from pagedserve.sampling_params import MAX_LOGPROBS
+
+        if isinstance(self.max_logprobs, bool) or not isinstance(self.max_logprobs, int) \
+                or not 0 <= self.max_logprobs <= MAX_LOGPROBS:
+            fail(f"max_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.max_logprobs!r}")
         if self.speculative_config is not None:
             from pagedserve.spec_decode import SpeculativeConfig
 

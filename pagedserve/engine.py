@@ -266,6 +266,11 @@ class LLMEngine:
             raise ValueError(f"cache_salt must be a non-empty string, got {cache_salt!r}")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        limit = self.config.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            if (value := getattr(params, name)) is not None and value > limit:
+                raise ValueError(f"{name} {value} is more than this server's max_logprobs ({limit}; "
+                                 "--max-logprobs raises it, up to 20)")
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if isinstance(prompt, str):

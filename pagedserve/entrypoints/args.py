@@ -70,6 +70,35 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
                    help="serve LoRA adapters (PEFT folders) beside the base model; see --lora-modules")
     g.add_argument("--max-loras", type=int, default=4, help="LoRA adapters resident on the device at once")
     g.add_argument("--max-lora-rank", type=int, default=16, help="the largest LoRA rank an adapter may have")
+    g.add_argument("--hf-overrides", type=_json_object, default=None, metavar="JSON",
+                   help='fields of the model\'s config.json set on top at load, e.g. \'{"rope_scaling": {"rope_type": '
+                        '"yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}\' (Qwen\'s long-context '
+                        'recipe) or \'{"max_position_embeddings": 65536}\'')
+    g.add_argument("--rope-scaling", type=_json_object, default=None, metavar="JSON",
+                   help="the rotary scaling on top of the model's (as --hf-overrides '{\"rope_scaling\": JSON}')")
+    g.add_argument("--rope-theta", type=float, default=None, help="the rotary base on top of the model's")
+    g.add_argument("--revision", default=None, help="Hub models: the branch, tag or commit to download")
+    g.add_argument("--download-dir", default=None, help="Hub models: where to download them (default: the Hugging "
+                                                        "Face cache)")
+    g.add_argument("--max-logprobs", type=int, default=20,
+                   help="the most logprobs / prompt_logprobs / top_logprobs a request may ask for (at most 20)")
+    c = parser.add_argument_group("vLLM flags accepted for compatibility (they ask for what pagedserve does anyway)")
+    c.add_argument("--trust-remote-code", action="store_true",
+                   help="accepted: pagedserve runs its own model code and never a checkpoint's Python, so models "
+                        "load the same without it")
+    c.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
+                   help="long prompts are always chunked (prefills share steps with decodes); "
+                        "--no-enable-chunked-prefill is refused")
+    c.add_argument("--disable-log-requests", action="store_true",
+                   help="accepted: request contents are never logged")
+    c.add_argument("--swap-space", type=float, default=None, metavar="GIB",
+                   help="accepted: a preempted request frees its blocks and is recomputed (no CPU swap space)")
+    c.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                   help="1 only (pipeline parallelism is not supported; use --tensor-parallel-size)")
+    c.add_argument("--disable-custom-all-reduce", action="store_true",
+                   help="accepted: tensor parallelism uses torch.distributed's all-reduce (NCCL) only")
+    c.add_argument("--max-seq-len-to-capture", type=int, default=None,
+                   help="accepted: the decode CUDA graphs serve every length up to --max-model-len")
     g.add_argument("--speculative-config", type=_speculative_config, default=None, metavar="JSON",
                    help='speculative decoding by n-gram lookup, e.g. \'{"method": "ngram", "num_speculative_tokens": '
                         '4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\', or by a draft model of the same '
@@ -98,7 +127,23 @@ def _speculative_config(text: str) -> dict:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _hf_overrides(args: argparse.Namespace) -> dict | None:
+    """--hf-overrides with --rope-scaling / --rope-theta folded in (those two win)."""
+    out = dict(getattr(args, "hf_overrides", None) or {})
+    if getattr(args, "rope_scaling", None) is not None:
+        out["rope_scaling"] = args.rope_scaling
+    if getattr(args, "rope_theta", None) is not None:
+        out["rope_theta"] = args.rope_theta
+    return out or None
+
+
 def config_from_args(args: argparse.Namespace, **overrides: object) -> EngineConfig:
+    if getattr(args, "enable_chunked_prefill", True) is False:
+        raise ValueError("--no-enable-chunked-prefill is not supported: pagedserve always chunks long prompts "
+                         "(--long-prefill-token-threshold and --max-num-batched-tokens size the chunks)")
+    if getattr(args, "pipeline_parallel_size", 1) != 1:
+        raise ValueError(f"--pipeline-parallel-size {args.pipeline_parallel_size}: pipeline parallelism is not "
+                         "supported; use --tensor-parallel-size")
     model = getattr(args, "model_tag", None) or args.model
     kwargs = dict(
         model=model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
@@ -118,6 +163,8 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> EngineCon
         speculative_config=getattr(args, "speculative_config", None),
         scheduling_policy=getattr(args, "scheduling_policy", "fcfs"),
         long_prefill_token_threshold=getattr(args, "long_prefill_token_threshold", None),
+        hf_overrides=_hf_overrides(args), revision=getattr(args, "revision", None),
+        download_dir=getattr(args, "download_dir", None), max_logprobs=getattr(args, "max_logprobs", 20),
     )
     kwargs.update(overrides)
     return EngineConfig(**kwargs)

@@ -72,15 +72,17 @@ def resolve_model_path(model: str, load_format: str = "auto") -> ModelSource:
     return ModelSource("hub", model)
 
 
-def download_from_hub(repo_id: str, load_format: str = "auto") -> str:
-    """snapshot_download the files we use; clear errors when offline or the id is unknown."""
+def download_from_hub(repo_id: str, load_format: str = "auto", revision: str | None = None,
+                      download_dir: str | None = None) -> str:
+    """snapshot_download the files we use (of `revision`: a branch, tag or commit; into `download_dir`, else the
+    Hugging Face cache); clear errors when offline or the id is unknown."""
     from huggingface_hub import snapshot_download
 
     patterns = HUB_ALLOW_PATTERNS
     if load_format == "dummy":  # random weights: only configs and tokenizer files are needed
         patterns = [p for p in patterns if "safetensors" not in p]
     try:
-        folder = snapshot_download(repo_id, allow_patterns=patterns)
+        folder = snapshot_download(repo_id, allow_patterns=patterns, revision=revision, cache_dir=download_dir)
     except Exception as e:  # offline, unknown repo, gated repo, HTTP errors: all need the same advice
         raise ValueError(
             f"could not get model {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "
@@ -92,12 +94,48 @@ def download_from_hub(repo_id: str, load_format: str = "auto") -> str:
     return folder
 
 
-def fetch_model_source(model: str, load_format: str = "auto") -> ModelSource:
+def fetch_model_source(model: str, load_format: str = "auto", revision: str | None = None,
+                       download_dir: str | None = None) -> ModelSource:
     """resolve_model_path, then download a Hub id; the result is always local (folder or gguf)."""
     source = resolve_model_path(model, load_format)
     if source.kind == "hub":
-        source = ModelSource("folder", download_from_hub(source.path, load_format))
+        source = ModelSource("folder", download_from_hub(source.path, load_format, revision, download_dir))
     return source
+
+
+def apply_hf_overrides(hf_config: Any, overrides: dict | None) -> Any:
+    """Sets config.json fields on top of a loaded config (vLLM's --hf-overrides), in place. `rope_scaling` /
+    `rope_parameters` (and `rope_theta`) update the rotary parameters whichever form the config holds them in
+    (transformers 4.x's rope_scaling + rope_theta, or 5.x's rope_parameters), so e.g.
+    {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}} turns YaRN
+    on without editing the checkpoint."""
+    for key, value in (overrides or {}).items():
+        if key in ("rope_scaling", "rope_parameters", "rope_theta"):
+            if key == "rope_theta":
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                    raise ValueError(f"hf_overrides: rope_theta must be a positive number, got {value!r}")
+                update = {"rope_theta": float(value)}
+            elif isinstance(value, dict):
+                update = dict(value)
+            else:
+                raise ValueError(f"hf_overrides: {key} must be a JSON object, got {value!r}")
+            if "type" in update and "rope_type" not in update:
+                update["rope_type"] = update.pop("type")
+            params = getattr(hf_config, "rope_parameters", None)
+            if isinstance(params, dict) and any(isinstance(v, dict) for v in params.values()):
+                raise ValueError(f"hf_overrides: {key} of a model with rotary parameters per layer type is not "
+                                 "supported; override rope_parameters per type instead")
+            if isinstance(params, dict):
+                hf_config.rope_parameters = {**params, **update}
+            if key == "rope_theta":
+                hf_config.rope_theta = float(value)
+            else:
+                scaling = getattr(hf_config, "rope_scaling", None)
+                hf_config.rope_scaling = {**(scaling if isinstance(scaling, dict) else {}),
+                                          **{k: v for k, v in update.items() if k != "rope_theta"}}
+            continue
+        setattr(hf_config, key, value)
+    return hf_config
 
 
 def safetensors_files(folder: str) -> list[str]:
@@ -239,8 +277,8 @@ def load_model(
     """
     device = torch.device(device)
     t0 = time.monotonic()
-    source = fetch_model_source(model_path, config.load_format)
-    hf_config = load_hf_config(source)
+    source = fetch_model_source(model_path, config.load_format, config.revision, config.download_dir)
+    hf_config = apply_hf_overrides(load_hf_config(source), config.hf_overrides)
     from pagedserve.executor.quantization import checkpoint_quantization
 
     stored_quantization = checkpoint_quantization(hf_config)  # a ValueError for a method we cannot run

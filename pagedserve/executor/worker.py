@@ -49,7 +49,7 @@ def resolve_model(config: EngineConfig) -> tuple[str, str, str | None]:
 
         path = ensure_default_model()
         return path, path, None
-    source = fetch_model_source(config.model, config.load_format)
+    source = fetch_model_source(config.model, config.load_format, config.revision, config.download_dir)
     return source.path, source.folder, source.path if source.kind == "gguf" else None
 
 
