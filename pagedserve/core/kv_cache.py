@@ -171,6 +171,10 @@ class _RequestBlocks:
     blocks: list[Block] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)  # mirrors `blocks`; handed to the runner
     num_registered: int = 0  # blocks[:num_registered] are in the cache map (full and computed)
+    last_content_id: int = _NO_PARENT  # content id of blocks[num_registered - 1]: the next block's parent
+    # Sliding windows (free_outside_window): blocks[:num_freed] are given back (the table keeps their ids: no
+    # attention reads them again)
+    num_freed: int = 0
 
 
 class KVCacheManager:
@@ -302,10 +306,11 @@ class KVCacheManager:
         num_full_blocks = min(num_full_blocks, len(request.block_hashes))
         bs = self.block_size
         tokens = request.all_token_ids
+        # (the chain's parent from the state, not from blocks[i - 1]: a sliding window may have given that back)
+        parent_content_id = state.last_content_id
         for i in range(state.num_registered, num_full_blocks):
             block = state.blocks[i]
             if block.block_hash is None:
-                parent_content_id = state.blocks[i - 1].content_id if i > 0 else _NO_PARENT
                 self.pool.register(
                     block,
                     request.block_hashes[i],
@@ -313,21 +318,41 @@ class KVCacheManager:
                     request.cache_salt,
                     parent_content_id,
                 )
-        state.num_registered = max(state.num_registered, num_full_blocks)
+            parent_content_id = block.content_id
+        if num_full_blocks > state.num_registered:
+            state.num_registered = num_full_blocks
+            state.last_content_id = parent_content_id
+
+    def free_outside_window(self, request: Request, keep_from: int) -> int:
+        """Sliding-window attention on every layer: gives back the request's blocks whose every position is below
+        `keep_from` (the first key any of its later tokens attends to), keeping their ids in its table (nothing
+        reads them again; cached prefixes stay cached while free). Returns how many it gave back now."""
+        state = self._requests.get(request.request_id)
+        if state is None or keep_from <= 0:
+            return 0
+        limit = min(keep_from // self.block_size, len(state.blocks))
+        if self._shares_prefix(request):  # (blocks behind the window are computed, full and registered)
+            limit = min(limit, state.num_registered)
+        if limit <= state.num_freed:
+            return 0
+        self.pool.free_blocks(state.blocks[state.num_freed:limit], keep_cached=self.enable_prefix_caching)
+        freed, state.num_freed = limit - state.num_freed, limit
+        return freed
 
     def free(self, request: Request) -> None:
         """Releases the request's blocks, tail first. Unknown or already freed requests: no-op."""
         state = self._requests.pop(request.request_id, None)
         if state is not None:
-            self.pool.free_blocks(state.blocks[::-1], keep_cached=self.enable_prefix_caching)
+            self.pool.free_blocks(state.blocks[state.num_freed:][::-1], keep_cached=self.enable_prefix_caching)
 
     def get_block_ids(self, request_id: str) -> list[int]:
         state = self._requests.get(request_id)
         return state.block_ids if state is not None else []
 
     def get_blocks(self, request_id: str) -> list[Block]:
+        """The blocks the request holds (not those a sliding window gave back)."""
         state = self._requests.get(request_id)
-        return list(state.blocks) if state is not None else []
+        return list(state.blocks[state.num_freed:]) if state is not None else []
 
     def reset_prefix_cache(self) -> bool:
         """Forgets all cached prefixes (e.g. after new weights). False, doing nothing, while any

@@ -79,11 +79,15 @@ class Scheduler:
         lora_slot_for: Callable[[Any, set[int]], int | None] | None = None,
         proposer: NgramProposer | DraftModelProposer | None = None,
         policy: str = "fcfs",
+        sliding_window: int | None = None,
     ) -> None:
         """lora_slot_for(lora_request, slots in use): the device slot of a request's LoRA adapter, loaded into a slot
         that no running request uses if need be; None when every slot is in use (the request waits).
         proposer: speculative decoding's drafter (spec_decode.py), or None.
-        policy: "fcfs", or "priority" (see the module docstring)."""
+        policy: "fcfs", or "priority" (see the module docstring).
+        sliding_window: the window of a model whose every layer attends to its last `sliding_window` keys only: a
+        running request's blocks behind its window go back to the pool each step (KVCacheManager.free_outside_window).
+        """
         if policy not in SCHEDULING_POLICIES:
             raise ValueError(f"policy must be 'fcfs' or 'priority', got {policy!r}")
         self.by_priority = policy == "priority"
@@ -107,6 +111,7 @@ class Scheduler:
         self.block_size = block_size
         self.long_prefill_token_threshold = long_prefill_token_threshold
         self.kv_cache = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
+        self.sliding_window = sliding_window
         self.requests: dict[str, Request] = {}  # unfinished requests only
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # oldest admission first; preemption takes from the end
@@ -130,8 +135,12 @@ class Scheduler:
             )
         if request.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
-        # Tokens whose K/V must be cached at once: all but the last sampled token.
+        # Tokens whose K/V must be cached at once: all but the last sampled token; with a sliding window on every
+        # layer, the window behind a step's tokens (a step's budget at most, a block of slack at either end).
         num_kv_tokens = num_prompt + request.max_tokens - 1
+        if self.sliding_window is not None:
+            num_kv_tokens = min(num_kv_tokens,
+                                self.sliding_window + self.max_num_batched_tokens + 2 * self.block_size)
         capacity = self.kv_cache.num_blocks * self.block_size
         if num_kv_tokens > capacity:
             raise ValueError(
@@ -337,6 +346,9 @@ class Scheduler:
             if num_new <= 0 or self._ends_with_placeholder(request) or request.num_drafts_in_flight:
                 index += 1
                 continue
+            if self.sliding_window is not None:  # its next token attends to keys from here on (a step in flight
+                # reads older ones, but it runs before any step that reuses their blocks)
+                self.kv_cache.free_outside_window(request, request.num_computed_tokens - self.sliding_window + 1)
             drafts = planned.get(request.request_id, [])[: token_budget - 1] if num_new == 1 else []
             # Drafts never preempt: without the blocks for them, the step is a plain decode.
             if drafts and (block_ids := self.kv_cache.allocate_slots(request, num_new + len(drafts))) is not None:

@@ -241,3 +241,38 @@ def test_reset_prefix_cache() -> None:
     assert m.reset_prefix_cache() is True
     assert m.get_computed_blocks(make_request("c", list(range(9)))) == ([], 0)
     assert m.num_free_blocks == 4
+
+
+def test_sliding_window_gives_back_blocks_behind_it_and_keeps_the_chain() -> None:
+    """free_outside_window: blocks wholly before keep_from go back to the pool (still cached while free), the table
+    keeps their ids, free() does not free them twice; the next full block's parent in the prefix chain is the
+    given-back block's content, even after another request reused (and re-registered) that block."""
+    m = KVCacheManager(num_blocks=6, block_size=BS, enable_prefix_caching=True)
+    a = make_request("a", list(range(10)))
+    assert admit(m, a) == [0, 1, 2]
+    content_1 = m.pool.blocks[1].content_id
+    assert m.free_outside_window(a, 3) == 0  # position 3 still in block 0
+    assert m.free_outside_window(a, 8) == 2 and m.num_free_blocks == 5
+    assert m.get_block_ids("a") == [0, 1, 2] and refs(m, [0, 1]) == [0, 0]
+    assert m.free_outside_window(a, 8) == 0  # nothing twice
+    # another request takes every free block, 0 and 1 last (the free list's order: 3, 4, 5, 0, 1)
+    c = make_request("c", list(range(500, 520)))
+    assert admit(m, c) == [3, 4, 5, 0, 1] and m.num_free_blocks == 0
+    assert m.pool.blocks[1].content_id != content_1  # re-registered as c's
+    for t in (10, 11):  # a fills block 2 (tokens 8..11): registered under block 1's old content
+        assert decode(m, a, t) == [0, 1, 2]
+    block2 = m.pool.blocks[2]
+    assert block2.block_hash is not None and block2.parent_content_id == content_1
+    assert decode(m, a, 12) is None  # a new block for token 12: none free
+    m.free(a)
+    m.free(c)
+    assert m.num_free_blocks == 6 and refs(m, range(6)) == [0] * 6
+
+
+def test_sliding_window_without_prefix_caching_frees_computed_blocks() -> None:
+    m = KVCacheManager(num_blocks=4, block_size=BS, enable_prefix_caching=False)
+    a = make_request("a", list(range(13)))
+    assert admit(m, a) == [0, 1, 2, 3]
+    assert m.free_outside_window(a, 12) == 3 and m.num_free_blocks == 3
+    m.free(a)
+    assert m.num_free_blocks == 4

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from pagedserve import LLM
+from pagedserve import LLM, SamplingParams
 from pagedserve.executor.models.decoder import sliding_window_of
 from tests.executor.helpers import tiny_hf_config
 from tests.executor.test_model_runner import run_mixed_batch_against_hf
-from tests.executor.test_tensor_parallel import assert_greedy_as_hf, tiny_checkpoint
+from tests.executor.test_tensor_parallel import assert_greedy_as_hf, hf_greedy, tiny_checkpoint
 
 # Qwen2: layers from max_window_layers on slide (Transformers' layer_types); the first one attends to everything.
 QWEN2_SLIDING = dict(use_sliding_window=True, sliding_window=6, max_window_layers=1)
@@ -42,3 +42,34 @@ def test_llm_with_a_window_generates_as_transformers(arch: str, overrides: dict,
     base = [(13 * i) % 250 + 3 for i in range(45)]
     assert_greedy_as_hf(llm, hf, [[base], [base[:28] + [9, 8, 7], [5, 17, 99]]], 10)
     assert llm.engine.get_stats()["prefix_cache_hits"] >= 28
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_blocks_behind_the_window_go_back_so_long_answers_fit_a_small_cache(async_scheduling, tmp_path,
+                                                                              real_model_dir) -> None:
+    """Every layer windowed (Mistral, window 6): a running request keeps only the blocks its window reaches, so two
+    requests of 55 and 44 tokens run together in a cache of 8 blocks of 4 (32 tokens), each answering as Transformers;
+    then every block is free. Qwen2 with full-attention layers (window on some layers only) gives nothing back."""
+    hf = tiny_checkpoint(tmp_path, real_model_dir, "mistral", sliding_window=6)
+    llm = LLM(str(tmp_path), dtype="float32", num_kv_blocks=8, block_size=4, max_model_len=64,
+              max_num_batched_tokens=8, skip_warmup=True, async_scheduling=async_scheduling)
+    assert llm.engine.scheduler.sliding_window == 6
+    engine = llm.engine
+    low = engine.scheduler.kv_cache.num_free_blocks
+    prompts = [[(7 * i) % 250 + 3 for i in range(30)], [(11 * i) % 250 + 3 for i in range(22)]]
+    for i, (prompt, n) in enumerate(zip(prompts, (25, 22), strict=True)):
+        engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0, max_tokens=n, logprobs=0))
+    outs = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outs[out.request_id] = out.outputs[0]
+        low = min(low, engine.scheduler.kv_cache.num_free_blocks)
+    for i, (prompt, n) in enumerate(zip(prompts, (25, 22), strict=True)):
+        ids, logprobs = hf_greedy(hf, prompt, n)
+        assert outs[f"r{i}"].token_ids == ids
+        assert [lp.logprob for lp in outs[f"r{i}"].logprobs] == pytest.approx(logprobs, abs=1e-4)
+    assert low >= 0 and engine.get_stats()["num_free_blocks"] == 8
+    tiny_checkpoint(tmp_path / "q", real_model_dir, "qwen2", **QWEN2_SLIDING)
+    assert LLM(str(tmp_path / "q"), dtype="float32", cpu_kv_cache_gib=0.01, skip_warmup=True).engine.scheduler \
+        .sliding_window is None

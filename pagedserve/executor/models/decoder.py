@@ -94,6 +94,15 @@ def sliding_window_of(hf_config: Any, layer_idx: int, context: int | None = None
     return int(window)
 
 
+def uniform_sliding_window(model: Any) -> int | None:
+    """The window when every attention layer of the model is windowed (Mistral v0.1, Phi-3-mini): keys further back
+    are never read again, so their KV blocks can be given back (core/scheduler.py); None otherwise (full attention
+    anywhere, as Gemma's global layers)."""
+    layers = getattr(getattr(model, "model", None), "layers", None) or []
+    windows = [getattr(getattr(layer, "self_attn", None), "sliding_window", None) for layer in layers]
+    return min(windows) if windows and all(w is not None for w in windows) else None
+
+
 def local_num_kv_heads(hf_config: Any) -> int:
     """The kv heads this rank's attention and KV cache hold (all of them without tensor parallelism)."""
     return shard(num_kv_heads_of(hf_config), "num_key_value_heads")
