@@ -261,6 +261,7 @@ def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: st
     from pagedserve.executor.layers import rope_max_positions
     from pagedserve.executor.loader import get_eos_token_ids, load_model
     from pagedserve.executor.model_runner import ModelRunner
+    from pagedserve.executor.models.decoder import uniform_sliding_window
     from pagedserve.executor.sampler import Sampler
 
     install()  # PAGEDSERVE_LOG_COMPILES=1: Triton compile time per start-up phase in the log
@@ -288,7 +289,12 @@ def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: st
     num_blocks = size_kv_cache(config, model, hf_config, device, dtype, max_batched, extra_bytes)
     capacity = num_blocks * config.block_size
     max_model_len = config.max_model_len or model_len
-    if config.max_model_len is None and capacity < max_model_len:
+    window = uniform_sliding_window(model)
+    if window is not None:  # every layer windowed: a request holds its window's blocks only (core/scheduler.py)
+        needed = min(max_model_len, window + max_batched + 2 * config.block_size)
+    else:
+        needed = max_model_len
+    if config.max_model_len is None and capacity < needed:
         # One request must always fit the whole cache, or it could preempt itself forever.
         logger.warning("the KV cache holds %d tokens, less than the model's %d: max_model_len set to %d",
                        capacity, max_model_len, capacity)

@@ -73,3 +73,20 @@ def test_blocks_behind_the_window_go_back_so_long_answers_fit_a_small_cache(asyn
     tiny_checkpoint(tmp_path / "q", real_model_dir, "qwen2", **QWEN2_SLIDING)
     assert LLM(str(tmp_path / "q"), dtype="float32", cpu_kv_cache_gib=0.01, skip_warmup=True).engine.scheduler \
         .sliding_window is None
+
+
+def test_a_windowed_model_keeps_its_context_in_a_smaller_cache(tmp_path, real_model_dir) -> None:
+    """Without --max-model-len the context is the model's (128) even where the cache holds less (12 blocks of 4 =
+    48 tokens): a request needs the window (6) and a step's budget (8) of it. Qwen2 with a full-attention layer is
+    capped to the cache as before."""
+    tiny_checkpoint(tmp_path / "m", real_model_dir, "mistral", sliding_window=6)
+    llm = LLM(str(tmp_path / "m"), dtype="float32", num_kv_blocks=12, block_size=4, max_num_batched_tokens=8,
+              skip_warmup=True)
+    assert llm.engine.config.max_model_len == 128
+    out = llm.generate([[(5 * i) % 250 + 3 for i in range(70)]], SamplingParams(temperature=0, max_tokens=30),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 30 and llm.engine.get_stats()["num_free_blocks"] == 12
+    tiny_checkpoint(tmp_path / "q", real_model_dir, "qwen2", **QWEN2_SLIDING)
+    qwen = LLM(str(tmp_path / "q"), dtype="float32", num_kv_blocks=12, block_size=4, max_num_batched_tokens=8,
+               skip_warmup=True)
+    assert qwen.engine.config.max_model_len == 48
