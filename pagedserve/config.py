@@ -72,6 +72,9 @@ class EngineConfig:
     download_dir: str | None = None
     # The most logprobs (or prompt_logprobs) a request may ask for, as vLLM's --max-logprobs (at most 20 here).
     max_logprobs: int = 20
+    # vLLM's --disable-sliding-window: every layer attends to all keys, the context capped at the model's window
+    # (so nothing past the window is ever attended to differently from how the model was trained).
+    disable_sliding_window: bool = False
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:

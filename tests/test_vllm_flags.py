@@ -29,10 +29,11 @@ def test_flags_map_onto_the_engine_config() -> None:
                    "--rope-scaling", '{"type": "yarn", "factor": 4.0}', "--rope-theta", "5e5", "--revision", "v1.1",
                    "--download-dir", "/tmp/hub", "--max-logprobs", "5", "--trust-remote-code",
                    "--enable-chunked-prefill", "--disable-log-requests", "--swap-space", "4", "-pp", "1",
-                   "--disable-custom-all-reduce", "--max-seq-len-to-capture", "8192")
+                   "--disable-custom-all-reduce", "--max-seq-len-to-capture", "8192", "--disable-sliding-window")
     assert config.hf_overrides == {"max_position_embeddings": 64, "rope_scaling": {"type": "yarn", "factor": 4.0},
                                    "rope_theta": 5e5}
     assert (config.revision, config.download_dir, config.max_logprobs) == ("v1.1", "/tmp/hub", 5)
+    assert config.disable_sliding_window and not parse().disable_sliding_window
     assert parse().hf_overrides is None and parse().max_logprobs == 20
     for flags, words in ((["--no-enable-chunked-prefill"], "always chunks"), (["-pp", "2"], "pipeline"),
                          (["--max-logprobs", "21"], "max_logprobs")):

@@ -82,6 +82,8 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
                                                         "Face cache)")
     g.add_argument("--max-logprobs", type=int, default=20,
                    help="the most logprobs / prompt_logprobs / top_logprobs a request may ask for (at most 20)")
+    g.add_argument("--disable-sliding-window", action="store_true",
+                   help="full attention on every layer, the context capped at the model's sliding window")
     c = parser.add_argument_group("vLLM flags accepted for compatibility (they ask for what pagedserve does anyway)")
     c.add_argument("--trust-remote-code", action="store_true",
                    help="accepted: pagedserve runs its own model code and never a checkpoint's Python, so models "
@@ -165,6 +167,7 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> EngineCon
         long_prefill_token_threshold=getattr(args, "long_prefill_token_threshold", None),
         hf_overrides=_hf_overrides(args), revision=getattr(args, "revision", None),
         download_dir=getattr(args, "download_dir", None), max_logprobs=getattr(args, "max_logprobs", 20),
+        disable_sliding_window=bool(getattr(args, "disable_sliding_window", False)),
     )
     kwargs.update(overrides)
     return EngineConfig(**kwargs)

@@ -164,7 +164,8 @@ def load_draft(config: Any, spec: SpeculativeConfig, device: torch.device, dtype
     if config.tensor_parallel_size > 1:
         raise ValueError('speculative_config: method "draft_model" runs with tensor_parallel_size 1 only')
     draft_config = config.replace(model=spec.model, speculative_config=None, quantization=None, enable_lora=False,
-                                  max_model_len=max_model_len, tokenizer=None, hf_overrides=None, revision=None)
+                                  max_model_len=max_model_len, tokenizer=None, hf_overrides=None, revision=None,
+                                  disable_sliding_window=False)
     model, hf_config = load_model(draft_config, spec.model, device, dtype)
     if int(hf_config.vocab_size) > int(target_hf_config.vocab_size):
         raise ValueError(f"the draft model's vocabulary ({hf_config.vocab_size}) is larger than the target's "

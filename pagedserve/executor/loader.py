@@ -103,6 +103,22 @@ def fetch_model_source(model: str, load_format: str = "auto", revision: str | No
     return source
 
 
+def cap_to_sliding_window(hf_config: Any) -> None:
+    """--disable-sliding-window, as vLLM: a model with a sliding window serves a context no longer than the window
+    (max_position_embeddings lowered to it, YaRN's extension dropped), where its windowed and full layers agree."""
+    window = getattr(hf_config, "sliding_window", None)
+    if not window or getattr(hf_config, "use_sliding_window", True) is False:
+        return
+    from pagedserve.executor.layers import rope_max_positions
+
+    if rope_max_positions(hf_config) > window:
+        hf_config.max_position_embeddings = min(int(getattr(hf_config, "max_position_embeddings", window)),
+                                                int(window))
+        if rope_max_positions(hf_config) > window:  # YaRN's longer context: not with the window disabled
+            raise ValueError(f"--disable-sliding-window with rope scaling that extends the context past the window "
+                             f"({window}) is not supported")
+
+
 def apply_hf_overrides(hf_config: Any, overrides: dict | None) -> Any:
     """Sets config.json fields on top of a loaded config (vLLM's --hf-overrides), in place. `rope_scaling` /
     `rope_parameters` (and `rope_theta`) update the rotary parameters whichever form the config holds them in
@@ -279,6 +295,8 @@ def load_model(
     t0 = time.monotonic()
     source = fetch_model_source(model_path, config.load_format, config.revision, config.download_dir)
     hf_config = apply_hf_overrides(load_hf_config(source), config.hf_overrides)
+    if config.disable_sliding_window:
+        cap_to_sliding_window(hf_config)
     from pagedserve.executor.quantization import checkpoint_quantization
 
     stored_quantization = checkpoint_quantization(hf_config)  # a ValueError for a method we cannot run

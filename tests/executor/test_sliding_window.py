@@ -90,3 +90,14 @@ def test_a_windowed_model_keeps_its_context_in_a_smaller_cache(tmp_path, real_mo
     qwen = LLM(str(tmp_path / "q"), dtype="float32", num_kv_blocks=12, block_size=4, max_num_batched_tokens=8,
                skip_warmup=True)
     assert qwen.engine.config.max_model_len == 48
+
+
+def test_disable_sliding_window_caps_the_context_at_the_window(tmp_path, real_model_dir) -> None:
+    """vLLM's --disable-sliding-window: the context is the window (16), where full attention equals the model's;
+    answers as Transformers'. A longer --max-model-len is refused."""
+    hf = tiny_checkpoint(tmp_path, real_model_dir, "mistral", sliding_window=16)
+    llm = LLM(str(tmp_path), dtype="float32", cpu_kv_cache_gib=0.05, disable_sliding_window=True, skip_warmup=True)
+    assert llm.engine.config.max_model_len == 16 and llm.engine.scheduler.sliding_window is None
+    assert_greedy_as_hf(llm, hf, [[[(3 * i) % 250 + 3 for i in range(10)]]], 5)
+    with pytest.raises(ValueError, match="context of 16 tokens"):
+        LLM(str(tmp_path), dtype="float32", cpu_kv_cache_gib=0.05, disable_sliding_window=True, max_model_len=32)
