@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from pagedserve import LLM, SamplingParams
+from pagedserve.core.outputs import PLACEHOLDER_TOKEN_ID
 from pagedserve.spec_decode import SpeculativeConfig
 from tests.test_spec_decode import PROMPTS, logprob_rows, mixed_params, summary
 
@@ -106,18 +107,20 @@ def test_proposer_catches_up_in_chunks_and_drafts_as_transformers(tmp_path) -> N
     runner.sampler = Sampler(256, set())
     config = SpeculativeConfig.parse(spec("unused", 4))
     proposer = DraftModelProposer(config, runner, num_blocks=8, block_size=4, max_num_batched_tokens=8)
-    calls = []
-    execute = runner.execute
-    runner.execute = lambda out: calls.append([len(r.token_ids) for r in out.scheduled]) or execute(out)
+    calls = []  # per forward: each row's token count, and whether its first token is a placeholder
+    execute_async = runner.execute_async
+    runner.execute_async = lambda out, *a: calls.append(
+        [len(r.token_ids) * (-1 if r.token_ids[0] == PLACEHOLDER_TOKEN_ID else 1) for r in out.scheduled]
+    ) or execute_async(out, *a)
     text = [(7 * i) % 250 + 3 for i in range(13)]
     drafts = proposer.propose("a", text, 4)
     assert drafts == hf_greedy(hf, text, 4)[0]
-    assert calls == [[8], [5], [1], [1], [1]]
+    assert calls == [[8], [5], [1], [-1], [-1]]  # chunks of 8, then decodes fed on the device from step 2
     assert proposer.num_free_blocks == 8 - 4  # positions 0..15
     text += [drafts[0], (drafts[1] + 1) % 256]  # the first draft kept, then another token
     calls.clear()
     assert proposer.propose("a", text, 2) == hf_greedy(hf, text, 2)[0]
-    assert calls == [[1], [1]]  # the cache holds 16 tokens, 14 of them the text's: its 15th fed, then a decode
+    assert calls == [[1], [-1]]  # the cache holds 16 tokens, 14 of them the text's: its 15th fed, then a decode
     # "b" needs 4 blocks, 4 are free: fits; "c" then needs 3: takes idle "a"'s (not "b"'s, drafting with it)
     other = [(5 * i) % 250 + 3 for i in range(12)]
     out = proposer.propose_many([("b", other, 4), ("c", other[:9], 3)])

@@ -15,8 +15,10 @@ its own block tables: the draft's cache holds, per request, the keys and values 
 Draft tokens the target rejects leave stale keys in the draft's cache past the common prefix of what it computed
 and the request's text: the next catch-up starts at that prefix and overwrites them. Block tables grow with the
 text; a request's blocks are freed when it ends, or taken back from the least recently drafting requests when the
-pool runs short (they recompute later). Steps are synchronous: with async scheduling the proposal waits for the
-step in flight (the draft runs on the same device queue).
+pool runs short (they recompute later). The decode steps are queued back to back, each fed the one before's samples
+on the device (the runner's placeholders, as async scheduling feeds a step), and the host reads every draft once at
+the end of the proposal; with async scheduling that read waits for the target's step in flight too (the draft runs
+on the same device queue).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 
 import torch
 
-from pagedserve.core.outputs import ScheduledRequest, SchedulerOutput
+from pagedserve.core.outputs import PLACEHOLDER_TOKEN_ID, ScheduledRequest, SchedulerOutput
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.spec_decode import SpeculativeConfig
 
@@ -89,25 +91,42 @@ class DraftModelProposer:
             work.append((i, state, list(token_ids), k))
         if not work:
             return out
-        firsts = self._catch_up(work, [request_id for request_id, _, _ in items])
-        drafts = {i: [first] for i, first in firsts.items()}
+        ids = [request_id for request_id, _, _ in items]
+        handle, firsts = self._catch_up(work, ids)
+        # Each decode step feeds the one before's samples on the device (placeholders, as async scheduling does):
+        # the host reads the drafts once, at the end.
+        pending: list[tuple[Any, list[int]]] = [] if handle is None else [(handle, [i for i, _, _, _ in work])]
         for step in range(1, max(k for _, _, _, k in work)):
             rows = [(i, state, tokens) for i, state, tokens, k in work if k > step]
-            scheduled = [ScheduledRequest(items[i][0], [drafts[i][-1]], len(tokens) + step - 1, state.blocks, True,
-                                          _GREEDY, tokens, drafts[i]) for i, state, tokens in rows]
-            sampled = self.runner.execute(SchedulerOutput(scheduled, len(scheduled))).sampled_token_ids
-            for (i, _, _), token in zip(rows, sampled, strict=True):
+            scheduled = [ScheduledRequest(ids[i], [firsts[i] if step == 1 and firsts else PLACEHOLDER_TOKEN_ID],
+                                          len(tokens) + step - 1, state.blocks, True, _GREEDY, tokens, [])
+                         for i, state, tokens in rows]
+            pending.append((self.runner.execute_async(SchedulerOutput(scheduled, len(scheduled))),
+                            [i for i, _, _ in rows]))
+        drafts: dict[int, list[int]] = {i: [firsts[i]] if firsts else [] for i, _, _, _ in work}
+        for step_handle, rows_of in pending:
+            for i, token in zip(rows_of, step_handle.result().sampled_token_ids, strict=True):
                 drafts[i].append(int(token))
         for i, state, tokens, _ in work:
             state.tokens = tokens + drafts[i][:-1]
             out[i] = drafts[i]
         return out
 
-    def _catch_up(self, work: list[tuple[int, _DraftState, list[int], int]], ids: list[str]) -> dict[int, int]:
-        """Runs each request's uncomputed tokens (chunks of at most max_num_batched_tokens a forward, all requests
-        together); returns index -> the greedy token after its text (the first draft)."""
-        firsts: dict[int, int] = {}
+    def _catch_up(self, work: list[tuple[int, _DraftState, list[int], int]], ids: list[str]
+                  ) -> tuple[Any, dict[int, int] | None]:
+        """Runs each request's uncomputed tokens. When they fit one forward (the usual case: the one or few tokens
+        the last check kept), returns its queued step's handle (its samples, the first drafts, stay on the device
+        for the next step) and None; else runs chunks of at most max_num_batched_tokens a forward, all requests
+        together, and returns None and index -> the greedy token after its text (the first draft)."""
         done = {i: len(state.tokens) for i, state, _, _ in work}
+        if sum(len(tokens) - done[i] for i, _, tokens, _ in work) <= self.max_num_batched_tokens:
+            scheduled = [ScheduledRequest(ids[i], tokens[done[i]:], done[i], state.blocks, True, _GREEDY, tokens, [])
+                         for i, state, tokens, _ in work]
+            handle = self.runner.execute_async(SchedulerOutput(scheduled, sum(len(r.token_ids) for r in scheduled)))
+            for _, state, tokens, _ in work:
+                state.tokens = tokens
+            return handle, None
+        firsts: dict[int, int] = {}
         while len(firsts) < len(work):
             budget = self.max_num_batched_tokens
             scheduled, rows = [], []
@@ -128,7 +147,7 @@ class DraftModelProposer:
                     firsts[i] = int(token)
         for _, state, tokens, _ in work:
             state.tokens = tokens
-        return firsts
+        return None, firsts
 
     def _grow(self, state: _DraftState, num_positions: int, keep: set[str]) -> bool:
         """Blocks for num_positions in state's table, taking back the least recently drafting requests' blocks
