@@ -28,7 +28,14 @@ from typing import Any
 import numpy as np
 
 from pagedserve.bench.common import finish
-from pagedserve.bench.datasets import BenchRequest, parse_range, random_requests, shared_prefix_requests
+from pagedserve.bench.datasets import (
+    FILE_DATASETS,
+    BenchRequest,
+    file_requests,
+    parse_range,
+    random_requests,
+    shared_prefix_requests,
+)
 
 REQUEST_TIMEOUT_S = 6 * 3600.0
 METRICS = (("ttft", "Time to First Token", "TTFT"), ("tpot", "Time per Output Token (excl. 1st token)", "TPOT"),
@@ -311,8 +318,17 @@ def _load_client_tokenizer(args: argparse.Namespace, root: str | None):
         raise ValueError(f"{e}; pass --tokenizer (a folder or Hub id with the served model's tokenizer)") from e
 
 
-def _dataset(args: argparse.Namespace, vocab_size: int, seed: int, num: int) -> list[BenchRequest]:
-    out_lo, out_hi = parse_range(args.output_len)
+def _dataset(args: argparse.Namespace, vocab_size: int, seed: int, num: int, tokenizer=None) -> list[BenchRequest]:
+    if args.dataset in FILE_DATASETS:
+        if not args.dataset_path:
+            raise ValueError(f"--dataset {args.dataset} needs --dataset-path")
+        fixed = None
+        if args.output_len is not None:
+            fixed, hi = parse_range(args.output_len)
+            if fixed != hi:
+                raise ValueError("with a file dataset --output-len is one length N (every request's), not a range")
+        return file_requests(args.dataset, args.dataset_path, num, tokenizer, seed, output_len=fixed)
+    out_lo, out_hi = parse_range(args.output_len or "128")
     if args.dataset == "shared-prefix":
         if out_lo != out_hi:
             raise ValueError("--dataset shared-prefix takes one --output-len N, not a range")
@@ -333,7 +349,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--request-rate must be > 0 (or inf), got {args.request_rate}")
     if args.max_concurrency is not None and args.max_concurrency < 1:
         raise ValueError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
-    requests = _dataset(args, tokenizer.vocab_size, args.seed, args.num_prompts)
+    requests = _dataset(args, tokenizer.vocab_size, args.seed, args.num_prompts, tokenizer)
     longest = max((len(r.prompt_token_ids) + r.output_len for r in requests), default=0)
     if max_model_len and longest > max_model_len:
         raise ValueError(f"a request needs {longest} tokens (prompt + output) but the server's max_model_len is "
@@ -367,7 +383,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "input_len": args.input_len if args.dataset == "random" else None,
         "prefix_len": args.prefix_len if args.dataset == "shared-prefix" else None,
         "suffix_len": args.suffix_len if args.dataset == "shared-prefix" else None,
-        "output_len": args.output_len,
+        "output_len": args.output_len if args.output_len is not None or args.dataset in FILE_DATASETS else "128",
+        "dataset_path": args.dataset_path if args.dataset in FILE_DATASETS else None,
         "request_rate": None if math.isinf(args.request_rate) else args.request_rate,
         "max_concurrency": args.max_concurrency, "seed": args.seed, "num_warmups": args.num_warmups,
         **summary,
@@ -399,11 +416,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="bearer key for the server (default: $PAGEDSERVE_API_KEY)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer for the prompts (default: the served model's root from /v1/models)")
-    p.add_argument("--dataset", default="random", choices=["random", "shared-prefix"],
-                   help="shared-prefix: every request starts with the same --prefix-len tokens")
+    p.add_argument("--dataset", default="random", choices=["random", "shared-prefix", *FILE_DATASETS],
+                   help="shared-prefix: every request starts with the same --prefix-len tokens; sharegpt / custom: "
+                        "real text from --dataset-path (ShareGPT's JSON of conversations; JSONL of {\"prompt\": "
+                        "..., \"output_tokens\": N})")
+    p.add_argument("--dataset-path", default=None, help="the file of --dataset sharegpt / custom")
     p.add_argument("--num-prompts", type=int, default=None, help="default 1000 (random), 500 (shared-prefix)")
     p.add_argument("--input-len", default="1024", help="random dataset: N or LO-HI (uniform) prompt tokens")
-    p.add_argument("--output-len", default="128", help="N or LO-HI (uniform) output tokens; ignore_eos is sent")
+    p.add_argument("--output-len", default=None,
+                   help="N or LO-HI (uniform) output tokens, default 128; ignore_eos is sent. With a file dataset: N "
+                        "for every request (default: each reply's own length)")
     p.add_argument("--prefix-len", type=int, default=2000, help="shared-prefix dataset: shared prompt tokens")
     p.add_argument("--suffix-len", type=int, default=32, help="shared-prefix dataset: tokens after the prefix")
     p.add_argument("--request-rate", type=float, default=math.inf,

@@ -14,7 +14,7 @@ from pagedserve.bench.common import (
     spec_decode_delta,
     spec_decode_line,
 )
-from pagedserve.bench.datasets import parse_range, random_requests
+from pagedserve.bench.datasets import FILE_DATASETS, file_requests, parse_range, random_requests
 from pagedserve.bench.lora import add_lora_args, prepare_lora_args, random_adapters
 from pagedserve.bench.roofline import workload_floor
 from pagedserve.gc_control import GcMonitor, freeze_startup_objects, unfreeze_and_collect
@@ -33,20 +33,22 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError("--top-p / --top-k / --min-p and the penalties are for our side only; --compare-hf runs "
                          "both sides with none of them")
     prepare_lora_args(args)
+    args.output_len_given = args.output_len is not None
+    if args.output_len is None:
+        args.output_len = "100-1024"
     llm, startup_s = build_llm(args)
     engine = llm.engine
     loras = random_adapters(engine.worker.hf_config, args.num_loras, args.lora_rank) if args.num_loras else [None]
     if args.num_loras and args.compare_hf:
         raise ValueError("--num-loras is for our side only; --compare-hf runs both sides without adapters")
-    requests = random_requests(args.num_prompts, parse_range(args.input_len), parse_range(args.output_len),
-                               engine.vocab_size, seed=args.dataset_seed)
+    requests = _requests(args, engine)
     params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=args.temperature, seed=None,
                              **sampling) for r in requests]
     # Warm-up outside the timed region: a small workload drawn from the same length ranges, so the
     # Triton kernels compile every variant the run needs (tile sizes follow the query lengths; mixed
     # and decode-only steps; split-K counts). First compiles cost seconds each on a fresh machine.
-    warm = random_requests(min(32, args.num_prompts), parse_range(args.input_len), (8, 8),
-                           engine.vocab_size, seed=args.dataset_seed + 1)
+    warm_len = (min(len(r.prompt_token_ids) for r in requests), max(len(r.prompt_token_ids) for r in requests))
+    warm = random_requests(min(32, args.num_prompts), warm_len, (8, 8), engine.vocab_size, seed=args.dataset_seed + 1)
     t_warm = time.perf_counter()
     llm.generate([r.prompt_token_ids for r in warm], SamplingParams(max_tokens=8, ignore_eos=True),
                  use_tqdm=False, lora_request=[loras[i % len(loras)] for i in range(len(warm))])
@@ -74,6 +76,7 @@ def run(args: argparse.Namespace) -> dict:
     result = {
         "bench": "throughput",
         "card": card,
+        "dataset": getattr(args, "dataset", "random"),
         "num_prompts": len(requests),
         "input_tokens": num_in,
         "output_tokens": num_out,
@@ -120,6 +123,26 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def _requests(args: argparse.Namespace, engine) -> list:
+    """The random dataset, or --dataset sharegpt / custom read from --dataset-path (with --output-len N: every
+    request's output length)."""
+    if getattr(args, "dataset", "random") == "random":
+        return random_requests(args.num_prompts, parse_range(args.input_len), parse_range(args.output_len),
+                               engine.vocab_size, seed=args.dataset_seed)
+    if not args.dataset_path:
+        raise ValueError(f"--dataset {args.dataset} needs --dataset-path")
+    fixed = args.output_len if args.output_len_given else None
+    return file_requests(args.dataset, args.dataset_path, args.num_prompts, engine.tokenizer, args.dataset_seed,
+                         output_len=None if fixed is None else _single_length(fixed))
+
+
+def _single_length(text: str) -> int:
+    lo, hi = parse_range(text)
+    if lo != hi:
+        raise ValueError("with a file dataset --output-len is one length N (every request's), not a range")
+    return lo
+
+
 def _compare_hf(args: argparse.Namespace, llm, requests, result: dict) -> None:
     """Frees our engine, runs the same requests through Transformers on the same card, prints the ratio."""
     import gc
@@ -150,7 +173,14 @@ def _compare_hf(args: argparse.Namespace, llm, requests, result: dict) -> None:
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-prompts", type=int, default=256)
     p.add_argument("--input-len", default="100-1024", help="N or LO-HI (uniform)")
-    p.add_argument("--output-len", default="100-1024", help="N or LO-HI (uniform); ignore_eos is set")
+    p.add_argument("--output-len", default=None,
+                   help="N or LO-HI (uniform; default 100-1024); ignore_eos is set. With a file dataset: N for every "
+                        "request (default: each reply's own length)")
+    p.add_argument("--dataset", default="random", choices=["random", *FILE_DATASETS],
+                   help="random token ids (--input-len / --output-len), or real text from --dataset-path: sharegpt "
+                        "(ShareGPT's JSON of conversations) or custom (JSONL of {\"prompt\": ..., "
+                        "\"output_tokens\": N})")
+    p.add_argument("--dataset-path", default=None, help="the file of --dataset sharegpt / custom")
     p.add_argument("--dataset-seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for every request (1: off)")

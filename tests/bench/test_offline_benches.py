@@ -125,3 +125,23 @@ def test_bench_throughput_compare_hf_runs_both_with_the_same_decoding(tmp_path, 
     assert result["ratio_to_hf"] == pytest.approx(result["output_tok_per_s"] / result["hf"]["generate_bs2"])
     out = capsys.readouterr().out
     assert "static batches of 2, greedy" in out and "both greedy" in out
+
+
+def test_bench_throughput_on_a_sharegpt_file(tmp_path, real_model_dir) -> None:
+    """Real text: the prompts are the first turns tokenized, the outputs the replies' token counts."""
+    from pagedserve.tokenizer import load_tokenizer
+
+    data = [{"conversations": [{"from": "human", "value": f"Question {i}: what is {i} plus {i}? Say why."},
+                               {"from": "gpt", "value": f"{i} plus {i} is {2 * i}, because adding works so."}]}
+            for i in range(6)]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(data))
+    result = _bench(tmp_path, real_model_dir, "throughput", *ENGINE_FLAGS, "--num-prompts", "3", "--dataset",
+                    "sharegpt", "--dataset-path", str(path), "--no-tqdm", "--temperature", "0")
+    tokenizer = load_tokenizer(real_model_dir)
+    from pagedserve.bench.datasets import file_requests
+
+    want = file_requests("sharegpt", str(path), 3, tokenizer, seed=0)
+    assert result["dataset"] == "sharegpt" and result["num_prompts"] == 3
+    assert result["input_tokens"] == sum(len(r.prompt_token_ids) for r in want)
+    assert result["output_tokens"] == sum(r.output_len for r in want) > 3 * 10

@@ -80,3 +80,13 @@ def test_serve_shared_prefix(server, tmp_path) -> None:
     assert result["dataset"] == "shared-prefix" and (result["prefix_len"], result["suffix_len"]) == (64, 8)
     assert (result["total_input_tokens"], result["total_output_tokens"]) == (4 * 72, 4 * 4)
     assert _prefix_cache_hits(server) - hits_before >= 3 * 64  # the 4 full blocks of the prefix, 3 times
+
+
+def test_serve_custom_prompts_file(server, tmp_path) -> None:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"Write a haiku about the number {i}.", "output_tokens": 3 + i})
+                              for i in range(4)))
+    result = _bench_serve(server, tmp_path, "--dataset", "custom", "--dataset-path", str(path), "--num-prompts", "4",
+                          "--endpoint-type", "chat")
+    assert result["dataset"] == "custom" and result["dataset_path"] == str(path) and result["output_len"] is None
+    assert result["total_output_tokens"] == 3 + 4 + 5 + 6
