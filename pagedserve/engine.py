@@ -128,6 +128,8 @@ class LLMEngine:
         )
         # A bare decoder or one saved without its LM head (executor/loader.py): embedding requests only.
         self.embedding_only = bool(getattr(getattr(runner, "model", None), "embedding_only", False))
+        # A sequence classifier (*ForSequenceClassification): its label names; None for other models.
+        self.class_labels: list[str] | None = getattr(getattr(runner, "model", None), "id2label", None)
         self._warming = False
         if self._lora_manager is not None:
             self._lora_manager.live_ids = lambda: {r.lora_request.lora_int_id for r in self.scheduler.requests.values()
@@ -291,8 +293,19 @@ class LLMEngine:
             prompt_token_ids = list(prompt)
         pooling = params.pooling is not None
         if self.embedding_only and not pooling and not self._warming:
+            if self.class_labels is not None:
+                raise ValueError("this is a sequence classification model: it serves classification and scoring "
+                                 "only (POST /classify, /score, /rerank; LLM.classify, LLM.score)")
             raise ValueError("this model has no LM head (an embedding model): it serves embeddings only "
                              "(POST /v1/embeddings, LLM.embed)")
+        if pooling and not self._warming:
+            classify = params.pooling.task == "classify"
+            if classify and self.class_labels is None:
+                raise ValueError("classification needs a sequence classification model (*ForSequenceClassification);"
+                                 " this one embeds (POST /v1/embeddings, LLM.embed)")
+            if not classify and self.class_labels is not None:
+                raise ValueError("this is a sequence classification model: it classifies and scores (POST /classify, "
+                                 "/score, /rerank; LLM.classify, LLM.score), it does not embed")
         self._check_prompt(prompt_token_ids, whole_context=pooling)
         if params.bad_words and params.bad_words_token_ids is None:
             params = dataclasses.replace(params, bad_words_token_ids=self._bad_words_ids(params.bad_words))

@@ -9,14 +9,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+POOLING_TASKS = ("embed", "classify")
+
 
 @dataclass(slots=True)
 class PoolingParams:
     normalize: bool = True  # divide by the L2 norm (after any truncation to `dimensions`)
     # Keep the first `dimensions` values (Matryoshka-trained models: text-embedding-3's parameter); None: all.
     dimensions: int | None = None
+    # "embed": the hidden state as above; "classify": a sequence-classification model's class probabilities (its
+    # score head on that hidden state, softmax over the labels; a sigmoid for a single label, as vLLM)
+    task: str = "embed"
 
     def __post_init__(self) -> None:
+        if self.task not in POOLING_TASKS:
+            raise ValueError(f"task must be one of {POOLING_TASKS}, got {self.task!r}")
+        if self.task == "classify" and self.dimensions is not None:
+            raise ValueError("dimensions is for embeddings, not classification")
         if not isinstance(self.normalize, bool):
             raise ValueError(f"normalize must be true or false, got {self.normalize!r}")
         if self.dimensions is not None and (not isinstance(self.dimensions, int) or isinstance(self.dimensions, bool)
@@ -46,4 +55,4 @@ def score_pairs(text_1: str | list[str], text_2: str | list[str]) -> list[tuple[
     return list(zip(first, second, strict=True))
 
 
-__all__ = ["PoolingParams", "score_pairs"]
+__all__ = ["POOLING_TASKS", "PoolingParams", "score_pairs"]

@@ -53,6 +53,11 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
+    def encode_pair(self, text: str, text_pair: str, add_special_tokens: bool = True) -> list[int]:
+        """The tokenizer's encoding of a text pair (its pair template: separators where the tokenizer has them, else
+        the two texts back to back), as a cross-encoder reads a (query, document) pair."""
+        return list(self.hf(text, text_pair, add_special_tokens=add_special_tokens)["input_ids"])
+
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         if self._fast_decode is not None:
             return self._fast_decode(list(token_ids), skip_special_tokens=skip_special_tokens)
@@ -223,6 +228,11 @@ def _load_named_fast_tokenizer(folder: str) -> Any | None:
 
 
 class _Decoder(Protocol):
+    def encode_pair(self, text: str, text_pair: str, add_special_tokens: bool = True) -> list[int]:
+        """The tokenizer's encoding of a text pair (its pair template: separators where the tokenizer has them, else
+        the two texts back to back), as a cross-encoder reads a (query, document) pair."""
+        return list(self.hf(text, text_pair, add_special_tokens=add_special_tokens)["input_ids"])
+
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
 
 

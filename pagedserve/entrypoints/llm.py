@@ -10,6 +10,8 @@ from pagedserve.config import EngineConfig
 from pagedserve.engine import LLMEngine
 from pagedserve.lora import LoRARequest
 from pagedserve.outputs import (
+    ClassificationOutput,
+    ClassificationRequestOutput,
     EmbeddingOutput,
     EmbeddingRequestOutput,
     RequestOutput,
@@ -113,6 +115,20 @@ class LLM:
         return [EmbeddingRequestOutput(out.request_id, out.prompt_token_ids, EmbeddingOutput(out.embedding))
                 for out in self._run(prompts, params, use_tqdm, lora_request)]
 
+    def classify(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+    ) -> list[ClassificationRequestOutput]:
+        """A sequence classification model's class probabilities for each prompt (as generate's prompts): its score
+        head on the last token's final hidden state, softmax over the labels (a sigmoid for one label), as vLLM's
+        LLM.classify. `.outputs.probs` is a list of floats; the label names are `llm.engine.class_labels`."""
+        prompts = _normalize_prompts(prompts)
+        params = [SamplingParams.for_pooling(PoolingParams(task="classify")) for _ in prompts]
+        return [ClassificationRequestOutput(out.request_id, out.prompt_token_ids, ClassificationOutput(out.embedding))
+                for out in self._run(prompts, params, use_tqdm, lora_request)]
+
     def score(
         self,
         text_1: str | Sequence[str],
@@ -120,11 +136,21 @@ class LLM:
         use_tqdm: bool = True,
         lora_request: LoRARequest | None = None,
     ) -> list[ScoringRequestOutput]:
-        """The similarity of each (text_1, text_2) pair, as vLLM's LLM.score for an embedding model: the cosine of the
-        two texts' embeddings (embed's, normalized). Pairs 1:1, 1:N (one text_1 with every text_2) or N:N; each
-        distinct text is embedded once. Returns one ScoringRequestOutput per pair (`.outputs.score`)."""
+        """The similarity of each (text_1, text_2) pair, as vLLM's LLM.score: for an embedding model the cosine of
+        the two texts' embeddings (embed's, normalized; each distinct text embedded once); for a one-label sequence
+        classifier (a cross-encoder reranker) its probability for the pair's two texts tokenized together (the
+        tokenizer's pair encoding, as vLLM forms cross-encoder inputs). Pairs 1:1, 1:N (one text_1 with every
+        text_2) or N:N. Returns one ScoringRequestOutput per pair (`.outputs.score`)."""
         pairs = score_pairs(text_1 if isinstance(text_1, str) else list(text_1),
                             text_2 if isinstance(text_2, str) else list(text_2))
+        if self.engine.class_labels is not None:
+            if len(self.engine.class_labels) != 1:
+                raise ValueError(f"scoring needs an embedding model or a one-label classifier (a cross-encoder); "
+                                 f"this classifier has {len(self.engine.class_labels)} labels: use classify")
+            tokenizer = self.engine.tokenizer
+            prompts = [{"prompt_token_ids": tokenizer.encode_pair(a, b)} for a, b in pairs]
+            return [ScoringRequestOutput(str(i), out.prompt_token_ids, ScoringOutput(out.outputs.probs[0]))
+                    for i, out in enumerate(self.classify(prompts, use_tqdm, lora_request))]
         texts = list(dict.fromkeys(text for pair in pairs for text in pair))
         embedded = dict(zip(texts, self.embed(texts, PoolingParams(normalize=True), use_tqdm, lora_request),
                             strict=True))

@@ -25,7 +25,7 @@ from torch import nn
 
 from pagedserve.config import EngineConfig
 from pagedserve.executor.gguf_loader import gguf_hf_config, iterate_gguf_weights
-from pagedserve.executor.models import get_model_class, is_bare
+from pagedserve.executor.models import get_model_class, is_bare, is_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +117,15 @@ def cap_to_sliding_window(hf_config: Any) -> None:
         if rope_max_positions(hf_config) > window:  # YaRN's longer context: not with the window disabled
             raise ValueError(f"--disable-sliding-window with rope scaling that extends the context past the window "
                              f"({window}) is not supported")
+
+
+def class_labels(hf_config: Any) -> list[str]:
+    """A sequence classifier's label names by index: the config's id2label (its keys may be strings, as config.json
+    stores them), else LABEL_0 .. LABEL_{num_labels - 1} (num_labels: Transformers' default of 2 when unset)."""
+    id2label = getattr(hf_config, "id2label", None) or {}
+    if id2label:
+        return [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(len(id2label))]
+    return [f"LABEL_{i}" for i in range(int(getattr(hf_config, "num_labels", None) or 2))]
 
 
 def apply_hf_overrides(hf_config: Any, overrides: dict | None) -> Any:
@@ -304,8 +313,16 @@ def load_model(
     t_config = time.monotonic()
     with torch.device(device), _default_dtype(dtype):
         model = model_cls(hf_config, config.max_model_len)
+        classifier = is_classifier(getattr(hf_config, "architectures", None))
+        if classifier:  # *ForSequenceClassification: a score head on the last token, no LM head
+            from pagedserve.executor.layers import Linear
+
+            model.id2label = class_labels(hf_config)
+            model.num_labels = len(model.id2label)
+            model.score = Linear(int(hf_config.hidden_size), model.num_labels, bias=False)
     model.eval()
-    model.embedding_only = is_bare(getattr(hf_config, "architectures", None))  # (also: no LM head, below)
+    # pooling only: a bare decoder (embeddings; also a checkpoint without an LM head, below) or a classifier
+    model.embedding_only = is_bare(getattr(hf_config, "architectures", None)) or classifier
     t_built = time.monotonic()
     logger.info("start-up: config in %.1f s, model built on %s in %.1f s", t_config - t0, device, t_built - t_config)
 
@@ -338,7 +355,10 @@ def load_model(
     if missing == ["lm_head.weight"]:  # a decoder saved without its LM head (embedding checkpoints often are)
         model.lm_head.weight.data.zero_()
         model.embedding_only, missing = True, []
-    if model.embedding_only:
+    if classifier:
+        logger.info("%s is a sequence classifier (%s, %d labels): it serves classification and scoring only",
+                    source.path, hf_config.architectures, model.num_labels)
+    elif model.embedding_only:
         logger.info("%s is a bare decoder (%s): it serves embeddings only", source.path, hf_config.architectures)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")

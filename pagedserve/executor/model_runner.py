@@ -214,7 +214,10 @@ def padded_count(n: int) -> int:
 
 def pooled(hidden: torch.Tensor, params: PoolingParams) -> list[float]:
     """An embedding request's vector from its last prompt token's final hidden state (fp32, on the host): the
-    first `dimensions` values, divided by their L2 norm when `normalize` (as F.normalize: eps 1e-12)."""
+    first `dimensions` values, divided by their L2 norm when `normalize` (as F.normalize: eps 1e-12). A
+    classification request's `hidden` is its score head's logits: their softmax (a sigmoid for one label)."""
+    if params.task == "classify":
+        return (hidden.sigmoid() if hidden.numel() == 1 else hidden.softmax(-1)).tolist()
     if params.dimensions is not None:
         hidden = hidden[: params.dimensions]
     if params.normalize:
@@ -607,7 +610,10 @@ class ModelRunner:
             if inputs.pool_rows is not None:
                 logit_rows, scheduled_rows = inputs.pool_rows
                 rows = inputs.logits_indices[torch.tensor(logit_rows, device=hidden.device)]
-                pool_part = (*self._to_host(hidden[rows].float()), scheduled_rows)
+                pooled_rows = hidden[rows]
+                if getattr(self.model, "score", None) is not None:  # a sequence classifier: its labels' logits
+                    pooled_rows = self.model.score(pooled_rows)
+                pool_part = (*self._to_host(pooled_rows.float()), scheduled_rows)
             if inputs.num_logits:
                 logits = self.model.compute_logits(hidden[inputs.logits_indices])[: inputs.num_logits]
         if inputs.num_logits == 0:  # only non-final prefill chunks this step (never a decode graph step)

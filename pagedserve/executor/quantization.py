@@ -177,8 +177,8 @@ def quantize_model(model: nn.Module, quantization: str) -> int:
     saved = 0
     with torch.no_grad():
         for name, module in model.named_modules():
-            if not isinstance(module, Linear) or name.endswith("lm_head") or module.weight_scale is not None \
-                    or module.holds_fp8_values:
+            if not isinstance(module, Linear) or name.endswith(("lm_head", "score")) \
+                    or module.weight_scale is not None or module.holds_fp8_values:
                 continue  # (a projection an fp8 checkpoint already holds in fp8 stays as loaded, on every device)
             before = module.weight.numel() * module.weight.element_size()
             module.quantize_fp8()

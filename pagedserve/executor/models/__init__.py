@@ -42,15 +42,26 @@ BARE_ARCHITECTURES: dict[str, str] = {
 }
 
 
+# Sequence-classification checkpoints (Transformers' *ForSequenceClassification: a reward model, a classifier, a
+# cross-encoder reranker): the decoder and a `score` head [num_labels, hidden] on the last token's final hidden
+# state, no LM head. They serve classification and pair scoring only (loader.py adds the head).
+CLASSIFIER_ARCHITECTURES: dict[str, str] = {
+    "Qwen2ForSequenceClassification": "Qwen2ForCausalLM",
+    "Qwen3ForSequenceClassification": "Qwen3ForCausalLM",
+    "LlamaForSequenceClassification": "LlamaForCausalLM",
+    "MistralForSequenceClassification": "MistralForCausalLM",
+}
+
+
 def get_model_class(architectures: Sequence[str] | None) -> type[nn.Module]:
     """The first supported class among a config's `architectures`; ValueError naming the supported ones."""
     for arch in architectures or []:
-        arch = BARE_ARCHITECTURES.get(arch, arch)
+        arch = BARE_ARCHITECTURES.get(arch, CLASSIFIER_ARCHITECTURES.get(arch, arch))
         if arch in MODEL_REGISTRY:
             return MODEL_REGISTRY[arch]
     raise ValueError(
         f"model architecture {list(architectures or [])} is not supported; "
-        f"supported architectures: {', '.join([*MODEL_REGISTRY, *BARE_ARCHITECTURES])}"
+        f"supported architectures: {', '.join([*MODEL_REGISTRY, *BARE_ARCHITECTURES, *CLASSIFIER_ARCHITECTURES])}"
     )
 
 
@@ -59,11 +70,22 @@ def is_bare(architectures: Sequence[str] | None) -> bool:
     for arch in architectures or []:
         if arch in BARE_ARCHITECTURES:
             return True
-        if arch in MODEL_REGISTRY:
+        if arch in MODEL_REGISTRY or arch in CLASSIFIER_ARCHITECTURES:
             return False
     return False
 
 
-__all__ = ["BARE_ARCHITECTURES", "MODEL_REGISTRY", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "LlamaForCausalLM",
-           "MistralForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM",
-           "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "get_model_class", "is_bare"]
+def is_classifier(architectures: Sequence[str] | None) -> bool:
+    """Whether the first supported architecture is a sequence classifier (CLASSIFIER_ARCHITECTURES)."""
+    for arch in architectures or []:
+        if arch in CLASSIFIER_ARCHITECTURES:
+            return True
+        if arch in MODEL_REGISTRY or arch in BARE_ARCHITECTURES:
+            return False
+    return False
+
+
+__all__ = ["BARE_ARCHITECTURES", "CLASSIFIER_ARCHITECTURES", "MODEL_REGISTRY", "Gemma2ForCausalLM",
+           "Gemma3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM",
+           "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "get_model_class",
+           "is_bare", "is_classifier"]
