@@ -158,6 +158,8 @@ class AsyncEngine:
         self.max_model_len: int = info["max_model_len"]
         self.vocab_size: int = info["vocab_size"]
         self.engine_config = info.get("config")
+        # A sequence classifier's label names (it classifies and scores only: /classify, /score, /rerank); else None.
+        self.class_labels: list[str] | None = info.get("class_labels")
         # Sampling fields a request leaves unset take these (the model's generation_config.json).
         self.default_sampling: dict = info.get("default_sampling") or {}
         self.retry_after_seconds = retry_after_seconds
@@ -401,6 +403,7 @@ class _ThreadBackend:
             "tokenizer": _private_copy(engine.tokenizer),
             "config": getattr(engine, "config", None),
             "default_sampling": dict(getattr(engine, "default_sampling", None) or {}),
+            "class_labels": getattr(engine, "class_labels", None),
             "stats": engine.get_stats(),
         }
         self._cond = threading.Condition()

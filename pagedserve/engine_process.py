@@ -214,6 +214,7 @@ def engine_info(engine: Any, send_tokenizer: bool = True) -> dict:
         "tokenizer": engine.tokenizer if send_tokenizer else None,
         "config": getattr(engine, "config", None),
         "default_sampling": dict(getattr(engine, "default_sampling", None) or {}),
+        "class_labels": getattr(engine, "class_labels", None),
         "stats": engine.get_stats(),
     }
 

@@ -71,7 +71,12 @@ from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagedserve.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from pagedserve.entrypoints.openai.serving_responses import OpenAIServingResponses, ResponsesRequest
-from pagedserve.entrypoints.openai.serving_score import OpenAIServingScore, RerankRequest, ScoreRequest
+from pagedserve.entrypoints.openai.serving_score import (
+    ClassifyRequest,
+    OpenAIServingScore,
+    RerankRequest,
+    ScoreRequest,
+)
 from pagedserve.entrypoints.openai.serving_tokenize import OpenAIServingTokenization
 from pagedserve.gc_control import freeze_startup_objects
 
@@ -112,7 +117,7 @@ def _version() -> str:
 # --------------------------------------------------------------------------- middleware
 def _needs_key(path: str) -> bool:
     """The API's routes need --api-key's key; /health, /ping, /metrics, /version and the schema stay open."""
-    return path.startswith(("/v1", "/v2")) or path in ("/tokenize", "/detokenize", "/score", "/rerank")
+    return path.startswith(("/v1", "/v2")) or path in ("/tokenize", "/detokenize", "/score", "/rerank", "/classify")
 
 
 class _GateMiddleware:
@@ -289,6 +294,11 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
     @app.post("/v1/score", response_model=None, responses=_ERROR_RESPONSES)
     async def create_score(request: ScoreRequest, raw_request: Request) -> Response:
         return await scoring.score(request, raw_request)
+
+    @app.post("/classify", response_model=None, responses=_ERROR_RESPONSES)
+    @app.post("/v1/classify", response_model=None, responses=_ERROR_RESPONSES)
+    async def create_classification(request: ClassifyRequest, raw_request: Request) -> Response:
+        return await scoring.classify(request, raw_request)
 
     @app.post("/rerank", response_model=None, responses=_ERROR_RESPONSES)
     @app.post("/v1/rerank", response_model=None, responses=_ERROR_RESPONSES)
