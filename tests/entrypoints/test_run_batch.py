@@ -30,6 +30,7 @@ def test_run_batch_answers_each_line_in_order(tiny_model_dir, tmp_path) -> None:
     lines += [
         _line("chat", "/v1/chat/completions", {**greedy, "messages": CHAT}),
         _line("emb", "/v1/embeddings", {"model": "tiny", "input": "hello world"}),
+        _line("score", "/v1/score", {"model": "tiny", "text_1": "hello world", "text_2": ["hi", "bye"]}),
         _line("bad-max-tokens", "/v1/completions", {**greedy, "prompt": "x", "max_tokens": -1}),
         _line("wrong-model", "/v1/completions", {**greedy, "model": "gpt-4", "prompt": "x"}),
         _line("priority", "/v1/completions", {**greedy, "prompt": "x", "priority": 3}),  # fcfs: priority 0 only
@@ -47,14 +48,15 @@ def test_run_batch_answers_each_line_in_order(tiny_model_dir, tmp_path) -> None:
          "--served-model-name", "tiny", "--max-concurrency", "3"],
         input="\n".join(lines), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "run-batch: 13 requests, 5 answered 200, 8 refused" in proc.stderr
+    assert "run-batch: 14 requests, 6 answered 200, 8 refused" in proc.stderr
     results = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["custom_id"] for r in results] == [
-        "cmpl-0", "cmpl-1", "cmpl-2", "chat", "emb", "bad-max-tokens", "wrong-model", "priority", "bad-url", "stream",
-        "get", None, None]  # (the blank line has no result)
+        "cmpl-0", "cmpl-1", "cmpl-2", "chat", "emb", "score", "bad-max-tokens", "wrong-model", "priority", "bad-url",
+        "stream", "get", None, None]  # (the blank line has no result)
     assert len({r["id"] for r in results}) == len(results)
     status = {r["custom_id"]: r["response"]["status_code"] for r in results if r["custom_id"]}
-    assert status == {"cmpl-0": 200, "cmpl-1": 200, "cmpl-2": 200, "chat": 200, "emb": 200, "bad-max-tokens": 400,
+    assert status == {"cmpl-0": 200, "cmpl-1": 200, "cmpl-2": 200, "chat": 200, "emb": 200, "score": 200,
+                      "bad-max-tokens": 400,
                       "wrong-model": 404, "priority": 400, "bad-url": 400, "stream": 400, "get": 400}
 
     # The answers are the offline API's on the same (seeded dummy) weights.
@@ -69,6 +71,9 @@ def test_run_batch_answers_each_line_in_order(tiny_model_dir, tmp_path) -> None:
     assert chat == llm.chat(CHAT, params, use_tqdm=False)[0].outputs[0].text
     embedding = results[4]["response"]["body"]["data"][0]["embedding"]
     assert embedding == pytest.approx(llm.embed(["hello world"])[0].outputs.embedding, abs=1e-5)
+    scores = [d["score"] for d in results[5]["response"]["body"]["data"]]
+    assert scores == pytest.approx([o.outputs.score for o in llm.score("hello world", ["hi", "bye"])], abs=1e-5)
+    results = results[:5] + results[6:]  # (the refusals below by their old places)
 
     # Refusals: the endpoint's error JSON as the body; lines that are not requests: `error`, no body.
     assert results[5]["response"]["body"]["error"]["param"] == "max_tokens" and results[5]["error"] is None

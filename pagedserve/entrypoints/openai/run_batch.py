@@ -5,7 +5,8 @@ Each input line is one request as OpenAI's Batch API takes it:
 
     {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions", "body": {...}}
 
-with url /v1/chat/completions, /v1/completions or /v1/embeddings and the body that endpoint takes. Every request
+with url /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/score, /v1/rerank or /v1/classify and the body that
+endpoint takes. Every request
 goes through the server's own handlers (the FastAPI app of `pagedserve serve`, called in-process without a socket),
 all of them at once so the engine batches them (--max-concurrency caps how many are in flight). Each output line,
 in input order:
@@ -34,7 +35,7 @@ from pagedserve.entrypoints.args import add_engine_args, config_from_args
 
 logger = logging.getLogger(__name__)
 
-BATCH_URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+BATCH_URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/score", "/v1/rerank", "/v1/classify")
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
