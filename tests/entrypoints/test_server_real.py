@@ -525,7 +525,41 @@ def test_responses_named_function_call(client, model) -> None:
     assert set(json.loads(calls[0].arguments)) == {"city"}
 
 
+def test_responses_logprobs_equal_chat_logprobs(client, model) -> None:
+    """include ["message.output_text.logprobs"] + top_logprobs: the output text's tokens with their logprobs and
+    alternatives, as the chat route gives them for the same conversation; streamed, the text deltas carry the same
+    entries in order (all but a final stop token, which has no text), and the done event all of them."""
+    messages = [{"role": "user", "content": "Name three colors."}]
+    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0,
+                                          logprobs=True, top_logprobs=3)
+    want = [(c.token, c.logprob, [(t.token, t.logprob) for t in c.top_logprobs])
+            for c in chat.choices[0].logprobs.content]
+    kwargs = dict(model=model, input="Name three colors.", max_output_tokens=12, temperature=0, top_logprobs=3,
+                  include=["message.output_text.logprobs"])
+    r = client.responses.create(**kwargs)
+    part = r.output[-1].content[0]
+    got = [(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs]) for e in part.logprobs]
+    assert len(got) == len(want) >= 5
+    for (token, lp, tops), (w_token, w_lp, w_tops) in zip(got, want, strict=True):  # (other batches: 1e-3)
+        assert token == w_token and lp == pytest.approx(w_lp, abs=1e-3)
+        assert [t for t, _ in tops] == [t for t, _ in w_tops]
+        assert [x for _, x in tops] == pytest.approx([x for _, x in w_tops], abs=1e-3)
+    events = list(client.responses.create(stream=True, **kwargs))
+    streamed = [e for ev in events if ev.type == "response.output_text.delta" for e in ev.logprobs]
+    done = next(ev for ev in events if ev.type == "response.output_text.done")
+    # (a stop token has no text: no delta carries it; the done event does)
+    assert len(want) - 1 <= len(streamed) <= len(want)
+    assert [e.token for e in streamed] == [t for t, _, _ in want][: len(streamed)]
+    assert [e.logprob for e in streamed] == pytest.approx([lp for _, lp, _ in want][: len(streamed)], abs=1e-3)
+    assert len(done.logprobs) == len(want) and events[-1].response.output[-1].content[0].logprobs[0].token == want[0][0]
+    plain = client.responses.create(model=model, input="Name three colors.", max_output_tokens=4, temperature=0)
+    assert plain.output[-1].content[0].logprobs == []
+
+
 @pytest.mark.parametrize("body,param", [
+    ({"input": "hi", "include": ["message.output_text.logprobs"],
+      "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}]}, "include"),
+    ({"input": "hi", "top_logprobs": 21}, "top_logprobs"),
     ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools"),
     ({"input": "hi", "tool_choice": {"type": "function"}}, "tool_choice"),
     ({"input": [{"type": "function_call_output", "call_id": "c"}]}, "input"),

@@ -16,8 +16,11 @@ MAX_STORED_RESPONSES kept: `previous_response_id` continues a stored conversatio
 before this request's input; each request's own `instructions` apply), and GET / DELETE /v1/responses/{id} read
 and remove one. An unknown or evicted id is a 404.
 
-Not supported, each a 400 naming its field: non-text input parts, top_logprobs, built-in tools (web search,
-files, ...).
+Logprobs: `include: ["message.output_text.logprobs"]` (or `top_logprobs` > 0) returns each generated token's logprob
+and `top_logprobs` alternatives on the message's output_text (and, streaming, on each text delta the tokens that
+made it), as OpenAI's API does; not with a reasoning parser or tools (their text is not the tokens' in order: a 400).
+
+Not supported, each a 400 naming its field: non-text input parts, built-in tools (web search, files, ...).
 """
 
 from __future__ import annotations
@@ -71,7 +74,8 @@ class ResponsesRequest(OpenAIBaseModel):
     reasoning: dict[str, Any] | None = None  # accepted (effort / summary are not used)
     metadata: dict[str, str] | None = None
     truncation: str | None = None  # "disabled" (the default) only
-    top_logprobs: Int | None = None  # refused when > 0
+    top_logprobs: Int | None = Field(default=None, ge=0, le=20)
+    include: list[str] | None = None  # "message.output_text.logprobs" returns the tokens' logprobs
     user: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM extra
     # vLLM's sampling extras, as on the chat route
@@ -128,8 +132,6 @@ def chat_request_of(req: ResponsesRequest, history: list[dict[str, Any]] | None 
     (APIError) for what the Responses route does not take."""
     if req.truncation not in (None, "disabled"):
         raise bad_request('truncation must be "disabled": a prompt over the context is an error', "truncation")
-    if req.top_logprobs:
-        raise bad_request("top_logprobs is not supported on /v1/responses yet", "top_logprobs")
     messages: list[dict[str, Any]] = []
     if req.instructions:
         messages.append({"role": "system", "content": req.instructions})
@@ -163,10 +165,20 @@ def chat_request_of(req: ResponsesRequest, history: list[dict[str, Any]] | None 
         fields["tool_choice"] = _chat_tool_choice(req.tool_choice)
     if req.parallel_tool_calls is not None:
         fields["parallel_tool_calls"] = req.parallel_tool_calls
+    if wants_logprobs(req):
+        if req.tools:
+            raise bad_request("logprobs are not returned with tools (the output items are parsed from the text)",
+                              "include")
+        fields["logprobs"], fields["top_logprobs"] = True, req.top_logprobs or 0
     try:
         return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
     except ValueError as e:  # pydantic's ValidationError: a message shape the chat route refuses
         raise bad_request(f"input: {e}", "input") from e
+
+
+def wants_logprobs(req: ResponsesRequest) -> bool:
+    """`include` names the output text's logprobs, or top_logprobs asks for alternatives."""
+    return "message.output_text.logprobs" in (req.include or []) or bool(req.top_logprobs)
 
 
 def _chat_tool(tool: Any, i: int) -> dict[str, Any]:
@@ -260,8 +272,14 @@ class OpenAIServingResponses:
         history = (self.store.get(req.previous_response_id, "previous_response_id")[1]
                    if req.previous_response_id is not None else [])
         chat_req = chat_request_of(req, history)
+        if wants_logprobs(req) and self.chat.reasoning_parser is not None:
+            raise bad_request("logprobs are not returned with a reasoning parser (the text is split from the tokens)",
+                              "include")
         stream, ctx = await self.chat.start(chat_req, id_prefix="resp_")
         shell = _Shell(ctx.request_id, ctx.model_name, req, ctx.reasoning)
+        if chat_req.logprobs:
+            top = chat_req.top_logprobs or 0
+            shell.logprobs_of = lambda entries: self.chat._logprobs(entries, top, chat_req)
         if req.store is not False:
             # the conversation so far, without the system instructions in front (each request brings its own)
             messages = chat_req.model_dump(exclude_none=True)["messages"]
@@ -328,11 +346,16 @@ class OpenAIServingResponses:
             current = shell.reasoning_item("") if kind == "reasoning" else shell.message_item("")
             return chunks + _text_item_opened(events, len(items), current)
 
+        pending_lps: list[dict] = []  # logprobs of tokens whose text no delta has carried yet
+        sent_lps = 0
         async for output in stream:
             final = output
             out = output.outputs[0]
             new = out.text[sent:]
             sent = len(out.text)
+            if shell.logprobs_of is not None and out.logprobs is not None and len(out.logprobs) > sent_lps:
+                pending_lps += shell.logprobs_of(out.logprobs[sent_lps:])
+                sent_lps = len(out.logprobs)
             pieces = thinking.feed(new) if thinking is not None else [("content", new)]
             if out.finish_reason is not None and thinking is not None:
                 pieces += thinking.finish()
@@ -341,7 +364,12 @@ class OpenAIServingResponses:
                     for chunk in switch_to("reasoning" if kind == "reasoning" else "message"):
                         yield chunk
                     current["content"][0]["text"] += text
-                    yield _text_delta(events, len(items), current, text)
+                    lps, pending_lps = (pending_lps, []) if current["type"] == "message" else ([], pending_lps)
+                    if shell.logprobs_of is not None and current["type"] == "message":
+                        current["content"][0]["logprobs"] += lps
+                    yield _text_delta(events, len(items), current, text, lps)
+        if pending_lps and current is not None and current["type"] == "message":
+            current["content"][0]["logprobs"] += pending_lps  # (tokens whose text never showed, e.g. a stop)
         if not any(item["type"] == "message" for item in [*items, current] if item is not None):
             for chunk in switch_to("message"):  # an answer with no text still has its message item
                 yield chunk
@@ -386,12 +414,12 @@ def _text_item_opened(events: _Events, index: int, item: dict[str, Any]) -> list
                         part=part)]
 
 
-def _text_delta(events: _Events, index: int, item: dict[str, Any], text: str) -> str:
+def _text_delta(events: _Events, index: int, item: dict[str, Any], text: str, logprobs: list | None = None) -> str:
     if item["type"] == "reasoning":
         return events.emit("response.reasoning_text.delta", item_id=item["id"], output_index=index, content_index=0,
                            delta=text)
     return events.emit("response.output_text.delta", item_id=item["id"], output_index=index, content_index=0,
-                       delta=text, logprobs=[])
+                       delta=text, logprobs=logprobs or [])
 
 
 def _text_item_closed(events: _Events, index: int, item: dict[str, Any]) -> list[str]:
@@ -402,7 +430,7 @@ def _text_item_closed(events: _Events, index: int, item: dict[str, Any]) -> list
                            text=part["text"])
     else:
         done = events.emit("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
-                           text=part["text"], logprobs=[])
+                           text=part["text"], logprobs=part.get("logprobs") or [])
     return [done,
             events.emit("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
                         part=part),
@@ -443,6 +471,8 @@ class _Shell:
         self.reasoning_id = f"rs_{uuid.uuid4().hex}"
         self.conversation: list[dict[str, Any]] | None = None  # with store: the messages this response answered
         self.store: ResponseStore | None = None
+        # with logprobs asked: the engine's TokenLogprobs -> the API's JSON entries (the chat route's)
+        self.logprobs_of: Any = None
 
     def finished(self, status: str, output: list[dict], usage: dict | None,
                  finish_reason: str | None) -> dict[str, Any]:
@@ -466,6 +496,8 @@ class _Shell:
         calls = message.get("tool_calls") or []
         if message.get("content") or not calls:
             items.append(self.message_item(message.get("content") or ""))
+            if self.logprobs_of is not None and out.logprobs:
+                items[-1]["content"][0]["logprobs"] = self.logprobs_of(out.logprobs)
         for call in calls:
             items.append({"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call["id"],
                           "name": call["function"]["name"], "arguments": call["function"]["arguments"],
