@@ -396,6 +396,21 @@ def test_oversized_body_gets_413(start_fake_server) -> None:
     assert httpx.post(server.base_url + "/v1/chat/completions", json=CHAT).status_code == 200
 
 
+def test_invocations_dispatches_by_the_body(server) -> None:
+    """SageMaker's /invocations (as vLLM's): messages -> chat, prompt -> completions; other bodies are 400s."""
+    url = server.base_url + "/invocations"
+    chat = httpx.post(url, json=CHAT).json()
+    assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["content"] == TEXT[:5]
+    completion = httpx.post(url, json={"model": MODEL, "prompt": "hi", "max_tokens": 3}).json()
+    assert completion["object"] == "text_completion" and completion["choices"][0]["text"] == TEXT[:3]
+    streamed = httpx.post(url, json={**CHAT, "stream": True}).text
+    assert streamed.startswith("data: ") and streamed.rstrip().endswith("data: [DONE]")
+    assert_error(httpx.post(url, json={"model": MODEL}), 400)
+    assert_error(httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}), 400)
+    assert_error(httpx.post(url, json=[1, 2]), 400)
+    assert assert_error(httpx.post(url, json={**CHAT, "max_tokens": -1}), 400)["param"] == "max_tokens"
+
+
 def test_api_key(start_fake_server) -> None:
     server = start_fake_server(api_key="sesame")
     url = server.base_url + "/v1/chat/completions"
@@ -409,6 +424,7 @@ def test_api_key(start_fake_server) -> None:
     assert httpx.post(server.base_url + "/ping").json() == {"status": "ok"}
     assert_error(httpx.post(server.base_url + "/tokenize", json={"prompt": "a"}), 401)
     assert_error(httpx.post(server.base_url + "/detokenize", json={"tokens": [97]}), 401)
+    assert_error(httpx.post(server.base_url + "/invocations", json=CHAT), 401)
     for path in ("/score", "/rerank", "/v2/rerank"):  # the scoring routes outside /v1 too
         assert_error(httpx.post(server.base_url + path, json={"text_1": "a", "text_2": "b"}), 401)
     key = {"Authorization": "Bearer sesame"}

@@ -27,6 +27,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
@@ -66,7 +67,13 @@ from pagedserve.entrypoints.openai.protocol import (
     UnloadLoRAAdapterRequest,
     VersionResponse,
 )
-from pagedserve.entrypoints.openai.serving_base import APIError, TokenStrings, error_body, error_response
+from pagedserve.entrypoints.openai.serving_base import (
+    APIError,
+    TokenStrings,
+    bad_request,
+    error_body,
+    error_response,
+)
 from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagedserve.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
@@ -117,7 +124,8 @@ def _version() -> str:
 # --------------------------------------------------------------------------- middleware
 def _needs_key(path: str) -> bool:
     """The API's routes need --api-key's key; /health, /ping, /metrics, /version and the schema stay open."""
-    return path.startswith(("/v1", "/v2")) or path in ("/tokenize", "/detokenize", "/score", "/rerank", "/classify")
+    return path.startswith(("/v1", "/v2")) or path in ("/tokenize", "/detokenize", "/score", "/rerank", "/classify",
+                                                        "/invocations")
 
 
 class _GateMiddleware:
@@ -294,6 +302,30 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
     @app.post("/v1/score", response_model=None, responses=_ERROR_RESPONSES)
     async def create_score(request: ScoreRequest, raw_request: Request) -> Response:
         return await scoring.score(request, raw_request)
+
+    @app.post("/invocations", response_model=None, responses=_ERROR_RESPONSES)
+    async def invocations(raw_request: Request) -> Response:
+        """SageMaker's inference route, as vLLM serves it: the body's shape picks the API (`messages`: chat
+        completions; `prompt`: completions; `input`: embeddings, or classification on a classifier)."""
+        try:
+            body = await raw_request.json()
+        except ValueError:
+            raise bad_request("the body is not valid JSON", None) from None
+        if not isinstance(body, dict):
+            raise bad_request("the body must be a JSON object", None)
+        try:
+            if "messages" in body:
+                return await chat.create(ChatCompletionRequest.model_validate(body), raw_request)
+            if "prompt" in body:
+                return await completion.create(CompletionRequest.model_validate(body), raw_request)
+            if "input" in body and engine.class_labels is not None:
+                return await scoring.classify(ClassifyRequest.model_validate(body), raw_request)
+            if "input" in body:
+                return await embedding.create(EmbeddingRequest.model_validate(body), raw_request)
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from None
+        raise bad_request("/invocations needs messages (chat), prompt (completions) or input (embeddings, "
+                          "classification)", None)
 
     @app.post("/classify", response_model=None, responses=_ERROR_RESPONSES)
     @app.post("/v1/classify", response_model=None, responses=_ERROR_RESPONSES)
