@@ -22,6 +22,12 @@ _PREFIX_WINDOW = 5
 _CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
+# Fill-in-the-middle tokens, (prefix, suffix, middle) in the order each family's prompts put them (Tokenizer.fim_ids).
+_FIM_TOKENS = (("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),  # Qwen2.5-Coder, CodeQwen
+               ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),  # StarCoder(2), Granite Code
+               ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"))  # DeepSeek-Coder
+
+
 class Tokenizer:
     """A thin wrapper over a Hugging Face tokenizer with the few calls the engine needs."""
 
@@ -40,6 +46,7 @@ class Tokenizer:
         backend = getattr(hf_tokenizer, "_tokenizer", None)
         cleans_up = bool(getattr(hf_tokenizer, "clean_up_tokenization_spaces", False))
         self._fast_decode = None if backend is None or cleans_up else backend.decode
+        self._fim_vocab: dict[str, int] | None = None  # fim_ids' tokens, looked up once
 
     @property
     def vocab_size(self) -> int:
@@ -52,6 +59,26 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def fim_ids(self, prefix: str, suffix: str) -> list[int]:
+        """A fill-in-the-middle prompt (prefix, suffix, then the model writes the middle) in the model's own FIM tokens,
+        prefix-suffix-middle order: Qwen2.5-Coder's <|fim_prefix|> / <|fim_suffix|> / <|fim_middle|>, StarCoder's
+        <fim_prefix> / <fim_suffix> / <fim_middle>, DeepSeek-Coder's <｜fim▁begin｜> / <｜fim▁hole｜> / <｜fim▁end｜>.
+        ValueError for a tokenizer without any of them."""
+        vocab = self._special_vocab()
+        for names in _FIM_TOKENS:
+            if all(name in vocab for name in names):
+                pre, suf, mid = (vocab[name] for name in names)
+                return ([pre] + self.encode(prefix, add_special_tokens=False) + [suf]
+                        + self.encode(suffix, add_special_tokens=False) + [mid])
+        raise ValueError("this model's tokenizer has no fill-in-the-middle tokens (e.g. Qwen2.5-Coder's "
+                         "<|fim_prefix|>): suffix needs a code model trained for insertion")
+
+    def _special_vocab(self) -> dict[str, int]:
+        if self._fim_vocab is None:
+            vocab = self.hf.get_vocab()
+            self._fim_vocab = {name: vocab[name] for names in _FIM_TOKENS for name in names if name in vocab}
+        return self._fim_vocab
 
     def encode_pair(self, text: str, text_pair: str, add_special_tokens: bool = True) -> list[int]:
         """The tokenizer's encoding of a text pair (its pair template: separators where the tokenizer has them, else
@@ -228,6 +255,26 @@ def _load_named_fast_tokenizer(folder: str) -> Any | None:
 
 
 class _Decoder(Protocol):
+    def fim_ids(self, prefix: str, suffix: str) -> list[int]:
+        """A fill-in-the-middle prompt (prefix, suffix, then the model writes the middle) in the model's own FIM tokens,
+        prefix-suffix-middle order: Qwen2.5-Coder's <|fim_prefix|> / <|fim_suffix|> / <|fim_middle|>, StarCoder's
+        <fim_prefix> / <fim_suffix> / <fim_middle>, DeepSeek-Coder's <｜fim▁begin｜> / <｜fim▁hole｜> / <｜fim▁end｜>.
+        ValueError for a tokenizer without any of them."""
+        vocab = self._special_vocab()
+        for names in _FIM_TOKENS:
+            if all(name in vocab for name in names):
+                pre, suf, mid = (vocab[name] for name in names)
+                return ([pre] + self.encode(prefix, add_special_tokens=False) + [suf]
+                        + self.encode(suffix, add_special_tokens=False) + [mid])
+        raise ValueError("this model's tokenizer has no fill-in-the-middle tokens (e.g. Qwen2.5-Coder's "
+                         "<|fim_prefix|>): suffix needs a code model trained for insertion")
+
+    def _special_vocab(self) -> dict[str, int]:
+        if self._fim_vocab is None:
+            vocab = self.hf.get_vocab()
+            self._fim_vocab = {name: vocab[name] for names in _FIM_TOKENS for name in names if name in vocab}
+        return self._fim_vocab
+
     def encode_pair(self, text: str, text_pair: str, add_special_tokens: bool = True) -> list[int]:
         """The tokenizer's encoding of a text pair (its pair template: separators where the tokenizer has them, else
         the two texts back to back), as a cross-encoder reads a (query, document) pair."""

@@ -333,3 +333,20 @@ def test_template_variables_reach_the_template(qwen: Tokenizer) -> None:
     msgs = [{"role": "user", "content": "hi"}]
     assert custom.apply_chat_template(msgs, enable_thinking=True) == "hi"
     assert custom.apply_chat_template(msgs, enable_thinking=False) == "/no_think hi"
+
+
+def test_fill_in_the_middle_prompts_use_the_models_own_tokens(real_model_dir) -> None:
+    """Qwen2.5-Coder's <|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>; a tokenizer without FIM tokens
+    refuses."""
+    from pagedserve.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(real_model_dir)
+    ids = tok.fim_ids("def add(a, b):\n    ", "\n\nprint(add(1, 2))")
+    want = tok.hf("<|fim_prefix|>def add(a, b):\n    <|fim_suffix|>\n\nprint(add(1, 2))<|fim_middle|>",
+                  add_special_tokens=False)["input_ids"]
+    assert ids == list(want)
+    import types
+
+    plain = Tokenizer(types.SimpleNamespace(eos_token_id=None, get_vocab=lambda: {"a": 1, "<fim_prefix>": 2}))
+    with pytest.raises(ValueError, match="no fill-in-the-middle tokens"):
+        plain.fim_ids("a", "b")

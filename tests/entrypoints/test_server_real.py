@@ -440,6 +440,21 @@ def test_tokenize_and_detokenize_agree_with_the_tokenizer_and_the_chat_route(ser
     assert httpx.get(url + "/health").status_code == 200
 
 
+def test_completion_suffix_fills_in_the_middle(client, model, real_model_dir) -> None:
+    """suffix: the embedded Qwen2.5-Coder gets its own FIM prompt (<|fim_prefix|> ... <|fim_suffix|> ...
+    <|fim_middle|>): the answer equals a completion of those token ids, and the usage counts them."""
+    from pagedserve.tokenizer import load_tokenizer
+
+    prefix, suffix = "def fib(n):\n    ", "\n\nprint(fib(10))\n"
+    r = client.completions.create(model=model, prompt=prefix, suffix=suffix, max_tokens=24, temperature=0)
+    ids = load_tokenizer(real_model_dir).fim_ids(prefix, suffix)
+    same = client.completions.create(model=model, prompt=ids, max_tokens=24, temperature=0)
+    assert r.choices[0].text == same.choices[0].text and r.choices[0].text.strip()
+    assert r.usage.prompt_tokens == len(ids)
+    with pytest.raises(openai.BadRequestError, match="text prompts"):
+        client.completions.create(model=model, prompt=[1, 2, 3], suffix="x", max_tokens=2)
+
+
 # --------------------------------------------------------------------------- the Responses API
 def test_responses_equal_chat_for_the_same_conversation(client, model) -> None:
     """/v1/responses through the official client: `instructions` + `input` parts are the chat route's system +

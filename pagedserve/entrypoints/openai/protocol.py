@@ -272,7 +272,7 @@ class CompletionRequest(SamplingFields):
     echo: bool | None = False
     logprobs: Int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     best_of: Int | None = None  # refused unless equal to n
-    suffix: str | None = None  # refused
+    suffix: str | None = None  # fill in the middle (a code model's FIM tokens: Tokenizer.fim_ids)
 
 
 class CompletionLogprobs(OpenAIBaseModel):

@@ -58,8 +58,6 @@ class OpenAIServingCompletion:
     async def create(self, req: CompletionRequest, raw_request: Request) -> Response:
         arrival = time.monotonic()
         model_name = check_model(self.engine, self.served_model_names, req.model)
-        if req.suffix:
-            raise bad_request("suffix (insertion) is not supported", "suffix")
         if req.best_of is not None and req.best_of != (req.n or 1):
             raise bad_request("best_of is not supported unless it equals n", "best_of")
         if req.stream and req.prompt_logprobs is not None:
@@ -74,7 +72,10 @@ class OpenAIServingCompletion:
                                        self.engine.default_sampling)
         if req.echo and req.logprobs is not None:  # the echoed prompt carries its tokens' logprobs
             params.prompt_logprobs = max(params.prompt_logprobs or 0, req.logprobs)
-        prompts = await tokenize_prompts(self.engine, req.prompt)
+        if req.suffix:  # fill in the middle: the model's FIM prompt around each prompt text
+            prompts = await self._fim_prompts(req.prompt, req.suffix)
+        else:
+            prompts = await tokenize_prompts(self.engine, req.prompt)
         if req.truncate_prompt_tokens is not None:  # vLLM's: each prompt's last N tokens
             keep = req.truncate_prompt_tokens
             prompts = [(text if len(ids) <= keep else None, ids[-keep:]) for text, ids in prompts]
@@ -105,13 +106,32 @@ class OpenAIServingCompletion:
             return SSEResponse(self._stream(streams, ctx))
         return await run_until_disconnect(raw_request, self._full(streams, ctx))
 
+    async def _fim_prompts(self, prompt, suffix: str) -> list[tuple[str | None, list[int]]]:
+        """Each prompt text (the code before the hole) with `suffix` (the code after it) as the model's
+        fill-in-the-middle prompt (Tokenizer.fim_ids); a 400 for token-id prompts or a model without FIM tokens."""
+        texts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise bad_request("suffix needs text prompts (the code before the insertion), not token ids", "suffix")
+        fim = getattr(self.engine.tokenizer, "fim_ids", None)
+        if fim is None:
+            raise bad_request("this model's tokenizer has no fill-in-the-middle tokens: suffix needs a code model "
+                              "trained for insertion", "suffix")
+        try:
+            ids = await self.engine.run_in_tokenizer_thread(lambda: [fim(t, suffix) for t in texts])
+        except ValueError as e:
+            raise bad_request(str(e), "suffix") from None
+        return [(None, i) for i in ids]
+
     async def _beam_search(self, req: CompletionRequest, model_name: str) -> Response:
         """use_beam_search: n beams a prompt, the n best answers its choices (beam_search.py); streamed as vLLM
         streams it (each choice whole once the search ends)."""
         if req.echo:
             raise bad_request("use_beam_search does not echo", "echo")
         params = beam_search_params(req, req.max_tokens, req.logprobs is not None or req.prompt_logprobs is not None)
-        prompts = await tokenize_prompts(self.engine, req.prompt)
+        if req.suffix:  # fill in the middle: the model's FIM prompt around each prompt text
+            prompts = await self._fim_prompts(req.prompt, req.suffix)
+        else:
+            prompts = await tokenize_prompts(self.engine, req.prompt)
         if len(prompts) * params.beam_width > MAX_CHOICES:
             raise bad_request(f"{len(prompts)} prompts x n={params.beam_width} make more than {MAX_CHOICES} choices",
                               "n")
