@@ -115,6 +115,15 @@ ANSWERS = [
     ("<tool_call>\n<function=launch_rockets>\n</function>\n</tool_call>", "same", []),  # not a tool here
     ("<tool_call>\n<function=set_alarm>\n<parameter=hour>\nseven\n</parameter>\n</function>\n</tool_call>", None,
      [("set_alarm", {"hour": "seven"})]),  # not an integer: kept as written
+    # Llama 3.2 / 4's pythonic calls: a Python list of calls with literal keyword arguments
+    ('[get_weather(city="Oslo"), get_time()]', None, [("get_weather", {"city": "Oslo"}), ("get_time", {})]),
+    ("[set_alarm(hour=7, loud=True, label=None, days=['mon', 'tue'])]", None,
+     [("set_alarm", {"hour": 7, "loud": True, "label": None, "days": ["mon", "tue"]})]),
+    ('[launch_rockets(count=3)]', "same", []),  # not a tool here
+    ('[get_weather(city=input())]', "same", []),  # not a literal
+    ('[get_weather("Oslo")]', "same", []),  # positional: not a call we can name
+    ("[1, 2, 3]", "same", []),
+    ('[get_weather(city="Oslo")] and more', "same", []),
 ]
 
 

@@ -100,10 +100,11 @@ def add_request_handling_args(g: argparse._ArgumentGroup) -> None:
                    "and </think>) and message.content (what follows), streamed too: qwen3 (thinking when the "
                    "answer opens with <think>), deepseek_r1 (the answer starts inside the reasoning)")
     g.add_argument("--tool-call-parser", choices=list(TOOL_CALL_PARSERS), default="hermes",
-                   help="how auto tool calls are read from the answer; hermes, llama3_json, mistral and qwen3_coder "
-                   "name one parser that reads <tool_call> blocks (JSON, as Qwen2/2.5's templates ask, or "
+                   help="how auto tool calls are read from the answer; hermes, llama3_json, mistral, qwen3_coder and "
+                   "pythonic name one parser that reads <tool_call> blocks (JSON, as Qwen2/2.5's templates ask, or "
                    "Qwen3-Coder's <function=...> XML) and answers made of calls alone: JSON objects or lists naming a "
-                   "tool, ';' between (Llama 3.1), after <|python_tag|> or [TOOL_CALLS] (Mistral)")
+                   "tool, ';' between (Llama 3.1), after <|python_tag|> or [TOOL_CALLS] (Mistral), or a Python list "
+                   "of calls (Llama 3.2 / 4's pythonic form)")
     g.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
                    help="LoRA adapters to serve (implies --enable-lora): each NAME=PATH (a PEFT folder) or a JSON "
                    '{"name": ..., "path": ...}; a request whose model is NAME runs with that adapter')

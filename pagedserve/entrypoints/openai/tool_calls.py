@@ -15,8 +15,10 @@ them, or several separated by ';' (Llama 3.1's `{"name": ..., "parameters": {...
 special tokens are kept; Mistral's `[TOOL_CALLS] [{"name": ..., "arguments": {...}}]`), which also covers small models
 that drop the hermes tags. Inside a `<tool_call>` block it also reads Qwen3-Coder's XML form,
 `<function=NAME><parameter=ARG>value</parameter>...</function>`, each value converted by the type its tool's
-parameters schema gives it (a string stays as written). `--tool-call-parser` hermes, llama3_json, mistral and
-qwen3_coder all name this one parser.
+parameters schema gives it (a string stays as written). An answer that is nothing but a Python list of calls, Llama
+3.2's and Llama 4's "pythonic" form `[get_weather(city="Oslo"), get_time(zone="CET")]` (keyword arguments with literal
+values), is read too. `--tool-call-parser` hermes, llama3_json, mistral, qwen3_coder and pythonic all name this one
+parser.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ TOOL_CALL_START = "<tool_call>"
 TOOL_CALL_END = "</tool_call>"
 # What may open an answer of bare calls: Llama 3.1's tag for them, Mistral's (with skip_special_tokens=false).
 CALL_PREFIXES = ("<|python_tag|>", "[TOOL_CALLS]")
-TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "qwen3_coder")
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "qwen3_coder", "pythonic")
 _XML_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>|$)", re.DOTALL)
 _XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter=)|$)", re.DOTALL)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
@@ -233,6 +235,10 @@ def _bare_calls(text: str, names: list[str] | dict[str, dict]) -> list[dict] | N
             break
     if not stripped.startswith(("{", "[")):
         return None
+    if stripped.startswith("[") and not stripped.startswith(("[{", "[ {", "[\n")):
+        pythonic = _pythonic_calls(stripped, names)
+        if pythonic is not None:
+            return pythonic
     decoder, objs, pos = json.JSONDecoder(), [], 0
     while pos < len(stripped):
         try:
@@ -245,6 +251,31 @@ def _bare_calls(text: str, names: list[str] | dict[str, dict]) -> list[dict] | N
     calls = [_as_call(o, names) for o in objs]
     if not calls or any(c is None for c in calls):
         return None
+    return calls
+
+
+def _pythonic_calls(text: str, names: list[str] | dict[str, dict]) -> list[dict] | None:
+    """`[f(a=1, b="x"), g()]` (Llama 3.2 / 4's pythonic tool calls) as calls; None unless the text is exactly a list
+    of calls to the request's tools with keyword arguments whose values are literals (strings, numbers, booleans,
+    None, and lists / dicts of them)."""
+    import ast
+
+    try:
+        tree = ast.parse(text, mode="eval").body
+    except (SyntaxError, ValueError):
+        return None
+    if not isinstance(tree, ast.List) or not tree.elts:
+        return None
+    calls = []
+    for node in tree.elts:
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args \
+                or node.func.id not in names or any(k.arg is None for k in node.keywords):
+            return None
+        try:
+            args = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+        except ValueError:
+            return None
+        calls.append(call_dict(node.func.id, json.dumps(args, ensure_ascii=False)))
     return calls
 
 
