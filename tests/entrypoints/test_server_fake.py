@@ -537,6 +537,18 @@ def test_metrics_names(server) -> None:
         _metric(server, "pagedserve:request_decode_time_seconds_sum")
 
 
+def test_vllm_metric_names(start_fake_server) -> None:
+    """--vllm-metric-names: the same series under vLLM's own prefix (its dashboards read them unchanged)."""
+    server = start_fake_server(vllm_metric_names=True)
+    httpx.post(server.base_url + "/v1/chat/completions", json=CHAT)
+    text = httpx.get(server.base_url + "/metrics").text
+    assert "pagedserve:" not in text
+    for name in ("num_requests_running", "kv_cache_usage_perc", "generation_tokens_total",
+                 "time_to_first_token_seconds_bucket", "request_success_total", "engine_healthy"):
+        assert f"vllm:{name}" in text, name
+    assert _metric(server, "vllm:generation_tokens_total") == 5
+
+
 def test_tokenize_and_detokenize(server) -> None:
     url = server.base_url
     body = httpx.post(url + "/tokenize", json={"model": MODEL, "prompt": "hi"}).json()

@@ -42,6 +42,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--allowed-methods", type=_json_list, default=["*"], help='CORS: allowed methods (default ["*"])')
     g.add_argument("--allowed-headers", type=_json_list, default=["*"], help='CORS: allowed headers (default ["*"])')
     g.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials (cookies, auth)")
+    g.add_argument("--vllm-metric-names", action="store_true",
+                   help="name the Prometheus metrics vllm:* (the names vLLM's Grafana dashboards and alerts read) "
+                        "instead of pagedserve:*")
     g.add_argument(
         "--api-key",
         default=None,

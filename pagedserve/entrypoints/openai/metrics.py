@@ -2,7 +2,8 @@
 
 Gauges and totals are read from the engine's newest stats snapshot at scrape time (a custom
 collector: no bookkeeping on the hot path); latency histograms are observed on the event loop as
-outputs arrive (AsyncEngine observers). Names follow vLLM's with the `pagedserve:` prefix.
+outputs arrive (AsyncEngine observers). Names follow vLLM's with the `pagedserve:` prefix, or vLLM's own `vllm:` with
+`--vllm-metric-names` (dashboards and alerts built for vLLM then read them unchanged).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pagedserve.async_engine import AsyncEngine, RequestStream
 from pagedserve.outputs import RequestOutput
 
 PREFIX = "pagedserve:"
+VLLM_PREFIX = "vllm:"
 disable_created_metrics()  # no `*_created` series (as vLLM): they double the output for nothing
 _LATENCY_BUCKETS = (
     0.001,
@@ -96,31 +98,33 @@ _COUNTERS = (
 
 
 class _EngineStatsCollector(Collector):
-    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+    def __init__(self, engine: AsyncEngine, model_name: str, prefix: str = PREFIX) -> None:
         self.engine = engine
         self.model_name = model_name
+        self.prefix = prefix
 
     def collect(self):
         stats = self.engine.stats
         labels = ["model_name"]
         for key, suffix, help_text in _GAUGES:
-            g = GaugeMetricFamily(PREFIX + suffix, help_text, labels=labels)
+            g = GaugeMetricFamily(self.prefix + suffix, help_text, labels=labels)
             g.add_metric([self.model_name], float(stats.get(key, 0)))
             yield g
         for key, suffix, help_text in _COUNTERS:
-            c = CounterMetricFamily(PREFIX + suffix, help_text, labels=labels)
+            c = CounterMetricFamily(self.prefix + suffix, help_text, labels=labels)
             c.add_metric([self.model_name], float(stats.get(key, 0)))
             yield c
         g = GaugeMetricFamily(
-            PREFIX + "engine_healthy", "1 while the engine thread runs, 0 once it died.", labels=labels
+            self.prefix + "engine_healthy", "1 while the engine thread runs, 0 once it died.", labels=labels
         )
         g.add_metric([self.model_name], 0.0 if self.engine.is_dead else 1.0)
         yield g
-        g = GaugeMetricFamily(PREFIX + "num_requests_in_flight", "HTTP-side requests not yet finished.", labels=labels)
+        g = GaugeMetricFamily(self.prefix + "num_requests_in_flight", "HTTP-side requests not yet finished.",
+                              labels=labels)
         g.add_metric([self.model_name], float(self.engine.num_in_flight))
         yield g
         if "max_loras" in stats:  # vLLM's: the adapters in use as labels, the time of the snapshot as the value
-            g = GaugeMetricFamily(PREFIX + "lora_requests_info", "Running stats on LoRA requests.",
+            g = GaugeMetricFamily(self.prefix + "lora_requests_info", "Running stats on LoRA requests.",
                                   labels=["max_lora", "waiting_lora_adapters", "running_lora_adapters"])
             g.add_metric([str(stats["max_loras"]), ",".join(stats["waiting_lora_adapters"]),
                           ",".join(stats["running_lora_adapters"])], time.time())
@@ -130,10 +134,10 @@ class _EngineStatsCollector(Collector):
             for key, help_text in (("num_drafts", "Decode steps that carried draft tokens."),
                                    ("num_draft_tokens", "Draft tokens proposed."),
                                    ("num_accepted_tokens", "Draft tokens accepted.")):
-                c = CounterMetricFamily(PREFIX + "spec_decode_" + key, help_text, labels=labels)
+                c = CounterMetricFamily(self.prefix + "spec_decode_" + key, help_text, labels=labels)
                 c.add_metric([self.model_name], float(spec[key]))
                 yield c
-            c = CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+            c = CounterMetricFamily(self.prefix + "spec_decode_num_accepted_tokens_per_pos",
                                     "Draft tokens accepted, by their position among a step's drafts.",
                                     labels=[*labels, "position"])
             for position, count in enumerate(spec["accepted_per_position"]):
@@ -142,14 +146,15 @@ class _EngineStatsCollector(Collector):
 
 
 class ServerMetrics:
-    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+    def __init__(self, engine: AsyncEngine, model_name: str, prefix: str = PREFIX) -> None:
+        self.prefix = prefix
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(_EngineStatsCollector(engine, model_name))
+        self.registry.register(_EngineStatsCollector(engine, model_name, prefix))
         labels = ["model_name"]
         r = self.registry
 
         def histogram(suffix: str, help_text: str, buckets: tuple) -> Any:
-            return Histogram(PREFIX + suffix, help_text, labels, buckets=buckets, registry=r).labels(model_name)
+            return Histogram(self.prefix + suffix, help_text, labels, buckets=buckets, registry=r).labels(model_name)
 
         self.ttft = histogram("time_to_first_token_seconds", "Time from arrival to the first token.", _LATENCY_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Time between consecutive engine outputs of a request.",
@@ -173,7 +178,7 @@ class ServerMetrics:
                                            "Tokens a finished request generated (all its choices).", _TOKEN_BUCKETS)
         self.params_n = histogram("request_params_n", "Choices (n) a finished request asked for.", _N_BUCKETS)
         self._success = Counter(
-            PREFIX + "request_success",
+            self.prefix + "request_success",
             "Requests finished, by finish reason.",
             ["model_name", "finished_reason"],
             registry=r,

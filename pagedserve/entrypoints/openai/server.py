@@ -45,7 +45,7 @@ from pagedserve.entrypoints.openai.cli_serve import (
     serve_config_from_args,
     start_engine_process,
 )
-from pagedserve.entrypoints.openai.metrics import ServerMetrics
+from pagedserve.entrypoints.openai.metrics import PREFIX, VLLM_PREFIX, ServerMetrics
 from pagedserve.entrypoints.openai.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -110,6 +110,7 @@ class ServerSettings:
     allowed_headers: list[str] = field(default_factory=lambda: ["*"])
     allow_credentials: bool = False
     return_tokens_as_token_ids: bool = False  # logprobs tokens as "token_id:N" unless a request says otherwise
+    vllm_metric_names: bool = False  # /metrics as vllm:* (vLLM's dashboards) instead of pagedserve:*
 
 
 def _version() -> str:
@@ -228,7 +229,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
     tokenization = OpenAIServingTokenization(engine, served_names)
     embedding = OpenAIServingEmbedding(engine, served_names)
     scoring = OpenAIServingScore(engine, served_names)
-    metrics = ServerMetrics(engine, served_names[0])
+    metrics = ServerMetrics(engine, served_names[0], VLLM_PREFIX if settings.vllm_metric_names else PREFIX)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -561,6 +562,7 @@ def run_server(config: EngineConfig, args: argparse.Namespace, backend: Any = No
         allowed_headers=getattr(args, "allowed_headers", ["*"]),
         allow_credentials=bool(getattr(args, "allow_credentials", False)),
         return_tokens_as_token_ids=bool(getattr(args, "return_tokens_as_token_ids", False)),
+        vllm_metric_names=bool(getattr(args, "vllm_metric_names", False)),
     )
     app = build_app(async_engine, settings)
     server = _make_uvicorn_server(app, args, async_engine.stop_accepting)
