@@ -338,7 +338,8 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
         -q -p no:cacheprovider -x 2>&1 | tail -6 ;;
     embed-test)  # embeddings with graphs and async on vs Transformers, then the async / prompt-logprob GPU tests
       timeout 400 python3 -m pytest tests/gpu/test_embeddings_gpu.py tests/gpu/test_async_gpu.py \
-        tests/gpu/test_prompt_logprobs_gpu.py -q -s -p no:cacheprovider -ra 2>&1 | grep -E "passed|failed|^FAILED|Error|worst" | tail -12 ;;
+        tests/gpu/test_prompt_logprobs_gpu.py tests/gpu/test_classify_gpu.py -q -s -p no:cacheprovider -ra 2>&1 \
+        | grep -E "passed|failed|^FAILED|Error|worst" | tail -12 ;;
     lora-test)  # LoRA adapters with graphs and async on vs Transformers with the adapters merged
       timeout 300 python3 -m pytest tests/gpu/test_lora_gpu.py tests/kernels/test_lora_sgmv.py \
         tests/kernels/test_runner_lora.py -q -s -p no:cacheprovider -ra 2>&1 \
