@@ -75,6 +75,9 @@ class EngineConfig:
     # vLLM's --disable-sliding-window: every layer attends to all keys, the context capped at the model's window
     # (so nothing past the window is ever attended to differently from how the model was trained).
     disable_sliding_window: bool = False
+    # KV offloading (vLLM's --kv-offloading-size): GiB of CPU memory for prefix-cache blocks evicted from the device
+    # cache; a later prompt with that prefix copies them back instead of recomputing them (core/kv_cache.py's CpuTier).
+    kv_offloading_size: float | None = None
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:
@@ -120,6 +123,13 @@ class EngineConfig:
             fail(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}")
         if self.max_queued_requests is not None and self.max_queued_requests < 0:
             fail(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
+        if self.kv_offloading_size is not None:
+            if self.kv_offloading_size <= 0:
+                fail(f"kv_offloading_size must be > 0 GiB, got {self.kv_offloading_size}")
+            if not self.enable_prefix_caching:
+                fail("kv_offloading_size keeps evicted prefix-cache blocks: it needs enable_prefix_caching")
+            if self.tensor_parallel_size > 1:
+                fail("kv_offloading_size is not supported with tensor parallelism yet")
         if self.hf_overrides is not None and not isinstance(self.hf_overrides, dict):
             fail(f"hf_overrides must be a dict of config.json fields, got {self.hf_overrides!r}")
         from pagedserve.sampling_params import MAX_LOGPROBS

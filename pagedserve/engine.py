@@ -125,6 +125,7 @@ class LLMEngine:
             policy=self.config.scheduling_policy,
             long_prefill_token_threshold=self.config.long_prefill_token_threshold,
             sliding_window=_uniform_sliding_window(runner),
+            num_cpu_blocks=getattr(self.worker, "num_cpu_kv_blocks", 0),
         )
         # A bare decoder or one saved without its LM head (executor/loader.py): embedding requests only.
         self.embedding_only = bool(getattr(getattr(runner, "model", None), "embedding_only", False))
@@ -738,6 +739,8 @@ class LLMEngine:
             "num_total_blocks": self.worker.num_kv_blocks,
             "prefix_cache_queries": s.prefix_cache_queries,
             "prefix_cache_hits": s.prefix_cache_hits,
+            **({"cpu_prefix_cache_hits": s.kv_cache.cpu_prefix_cache_hits,
+                "num_cpu_kv_blocks": s.kv_cache.cpu.num_blocks} if s.kv_cache.cpu is not None else {}),
             "num_preemptions": s.num_preemptions,
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,

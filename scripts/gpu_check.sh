@@ -333,9 +333,10 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
     qkv-test)  # the batch-1 qkv GEMV with rotary + KV write (kernels/qkv_rope_kv.py) on the GPU; then A/B it with
       # LAT_AB="PAGEDSERVE_FUSED_QKV_ROPE=0;PAGEDSERVE_FUSED_QKV_ROPE=1;PAGEDSERVE_FUSED_QKV_ROPE=0;PAGEDSERVE_FUSED_QKV_ROPE=1"
       timeout 200 python3 -m pytest tests/kernels/test_qkv_rope_kv.py -q -p no:cacheprovider -x 2>&1 | tail -6 ;;
-    mixed-test)  # the mixed-step CUDA graphs vs HF, and async vs sync steps (graphs of both kinds)
-      timeout 240 python3 -m pytest tests/kernels/test_runner_mixed_graph.py tests/gpu/test_async_gpu.py \
-        -q -p no:cacheprovider -x 2>&1 | tail -6 ;;
+    mixed-test)  # the mixed-step CUDA graphs vs HF, and async vs sync steps (graphs of both kinds); KV offloading
+      timeout 300 python3 -m pytest tests/kernels/test_runner_mixed_graph.py tests/gpu/test_async_gpu.py \
+        tests/gpu/test_kv_offloading_gpu.py -q -s -p no:cacheprovider -x 2>&1 | grep -E "passed|failed|Error|offload" \
+        | tail -6 ;;
     embed-test)  # embeddings with graphs and async on vs Transformers, then the async / prompt-logprob GPU tests
       timeout 400 python3 -m pytest tests/gpu/test_embeddings_gpu.py tests/gpu/test_async_gpu.py \
         tests/gpu/test_prompt_logprobs_gpu.py tests/gpu/test_classify_gpu.py -q -s -p no:cacheprovider -ra 2>&1 \

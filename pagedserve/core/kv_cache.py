@@ -20,6 +20,12 @@ parent content id is the content id of the block matched just before it, so by i
 covers exactly the request's prefix, whatever the hash function returns. Copies of the same content
 (the same prefix computed twice) share one content id, so either copy continues the chain.
 
+CPU tier (kv_offloading_size, vLLM's KV offloading): when a cached block is handed out again (its eviction), its K/V
+are first copied to a CPU block (CpuTier, LRU) and the copy is listed for the step (take_copies: "out" copies run
+before the step's forward, in order), so a later lookup that misses on the device goes on in the CPU tier: those
+blocks get new device blocks, copied in before the step's forward ("in" copies), and count as cached. A CPU block
+keeps its block's hash, tokens, salt and parent hash, and a lookup checks them all.
+
 Free list: an LRU queue (OrderedDict, O(1) everywhere). Allocation takes from the head; a block
 whose ref count drops to 0 goes to the tail, keeping its hash so a later request can still hit it
 until it is handed out again (that is its eviction). A request frees its blocks in reverse order,
@@ -52,6 +58,7 @@ class Block:
     cache_salt: str | None = None
     content_id: int = _NO_PARENT
     parent_content_id: int = _NO_PARENT
+    parent_hash: int | None = None  # the previous block's hash in its chain (the CPU tier checks it)
 
 
 class BlockPool:
@@ -67,6 +74,8 @@ class BlockPool:
         # Usually one block per hash; more for copies of one prefix or for hash collisions.
         self._cached: dict[int, list[Block]] = {}
         self._next_content_id = 0
+        # Called with a cached block about to be handed out again (its K/V still intact): the CPU tier's save.
+        self.on_reuse = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -87,6 +96,8 @@ class BlockPool:
         for _ in range(num_blocks):
             _, block = self._free.popitem(last=False)
             if block.block_hash is not None:
+                if self.on_reuse is not None:
+                    self.on_reuse(block)
                 self.evict(block)
             block.ref_cnt = 1
             blocks.append(block)
@@ -128,6 +139,7 @@ class BlockPool:
         token_ids: tuple[int, ...],
         cache_salt: str | None,
         parent_content_id: int,
+        parent_hash: int | None = None,
     ) -> None:
         """Puts a full block into the cache map. A copy of an already cached prefix reuses its
         content id, so children registered under either copy are found from both."""
@@ -141,6 +153,7 @@ class BlockPool:
         block.token_ids = token_ids
         block.cache_salt = cache_salt
         block.parent_content_id = parent_content_id
+        block.parent_hash = parent_hash
         self._cached.setdefault(block_hash, []).append(block)
 
     def evict(self, block: Block) -> None:
@@ -155,6 +168,7 @@ class BlockPool:
         block.cache_salt = None
         block.content_id = _NO_PARENT
         block.parent_content_id = _NO_PARENT
+        block.parent_hash = None
 
     def reset_prefix_cache(self) -> bool:
         """Forgets every cached prefix; refused (False) while any block is in use."""
@@ -164,6 +178,61 @@ class BlockPool:
             if block.block_hash is not None:
                 self.evict(block)
         return True
+
+
+@dataclass(slots=True)
+class _CpuBlock:
+    slot: int
+    token_ids: tuple[int, ...]
+    cache_salt: str | None
+    parent_hash: int | None
+
+
+class CpuTier:
+    """Blocks of K/V kept in CPU memory by hash (the executor holds the tensors; this names which slot holds what):
+    LRU, a block used by a step pinned until the step's copies are taken."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self._entries: OrderedDict[int, _CpuBlock] = OrderedDict()  # block hash -> block, least recent first
+        self._free = list(range(num_blocks - 1, -1, -1))
+        self._pinned: set[int] = set()  # slots a copy of this step reads or writes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def find(self, block_hash: int, token_ids: tuple[int, ...], cache_salt: str | None,
+             parent_hash: int | None) -> _CpuBlock | None:
+        entry = self._entries.get(block_hash)
+        if entry is None or entry.token_ids != token_ids or entry.cache_salt != cache_salt \
+                or entry.parent_hash != parent_hash:
+            return None
+        self._entries.move_to_end(block_hash)
+        return entry
+
+    def save(self, block: Block) -> int | None:
+        """A slot for a cached device block's K/V (the least recently used unpinned one when full), or None when it
+        is already held (or nothing can make room)."""
+        assert block.block_hash is not None and block.token_ids is not None
+        if self.find(block.block_hash, block.token_ids, block.cache_salt, block.parent_hash) is not None:
+            return None
+        if self._free:
+            slot = self._free.pop()
+        else:
+            victim = next((h for h, e in self._entries.items() if e.slot not in self._pinned), None)
+            if victim is None:
+                return None
+            slot = self._entries.pop(victim).slot
+        self._entries.pop(block.block_hash, None)  # (a colliding hash: the newer block wins)
+        self._entries[block.block_hash] = _CpuBlock(slot, block.token_ids, block.cache_salt, block.parent_hash)
+        self._pinned.add(slot)
+        return slot
+
+    def pin(self, slot: int) -> None:
+        self._pinned.add(slot)
+
+    def unpin_all(self) -> None:
+        self._pinned.clear()
 
 
 @dataclass(slots=True)
@@ -185,13 +254,21 @@ class KVCacheManager:
     n > 1 siblings of one request share their prompt). With it off, freed blocks forget their hash.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, num_cpu_blocks: int = 0) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
         self._requests: dict[str, _RequestBlocks] = {}
+        # KV offloading (the CPU tier): slots by hash, and this step's copies (device block, CPU slot)
+        self.cpu = CpuTier(num_cpu_blocks) if num_cpu_blocks > 0 and enable_prefix_caching else None
+        self._copies_out: list[tuple[int, int]] = []
+        self._copies_in: list[tuple[int, int]] = []  # (CPU slot, device block)
+        self._cpu_hits: dict[str, list] = {}  # request id -> its lookup's CPU blocks, for allocate_slots
+        self.cpu_prefix_cache_hits = 0  # tokens found in the CPU tier
+        if self.cpu is not None:
+            self.pool.on_reuse = self._offload
         # Token counters, counted once per admission (a successful allocate_slots after a lookup),
         # so a request that waits for blocks over many steps is not counted many times.
         self.prefix_cache_queries = 0
@@ -248,7 +325,16 @@ class KVCacheManager:
                 break
             hit_ids.append(block.block_id)
             parent_content_id = block.content_id
-        return hit_ids, len(hit_ids) * bs
+        cpu_hits = []
+        if self.cpu is not None:  # the chain goes on in the CPU tier
+            for i in range(len(hit_ids), max_hit_blocks):
+                entry = self.cpu.find(request.block_hashes[i], tuple(tokens[i * bs: (i + 1) * bs]),
+                                      request.cache_salt, request.block_hashes[i - 1] if i else None)
+                if entry is None:
+                    break
+                cpu_hits.append(entry)
+            self._cpu_hits[request.request_id] = cpu_hits
+        return hit_ids, (len(hit_ids) + len(cpu_hits)) * bs
 
     def allocate_slots(
         self, request: Request, num_new_tokens: int, new_computed_blocks: list[int] | None = None
@@ -277,8 +363,11 @@ class KVCacheManager:
                 f"request {request.request_id} already has blocks; prefix hits are for admission"
             )
         hits = [self.pool.blocks[i] for i in new_computed_blocks or ()]
+        # the CPU blocks this admission's lookup found after the device hits (KV offloading): new device blocks,
+        # copied in before the step's forward
+        cpu_hits = self._cpu_hits.pop(request.request_id, []) if new_computed_blocks is not None else []
         bs = self.block_size
-        num_tokens = request.num_computed_tokens + len(hits) * bs + num_new_tokens
+        num_tokens = request.num_computed_tokens + (len(hits) + len(cpu_hits)) * bs + num_new_tokens
         num_new_blocks = -(-num_tokens // bs) - len(state.blocks) - len(hits)
         # A hit block on the free list costs no new block, but it is no longer free for others.
         num_free_hits = sum(1 for b in hits if b.ref_cnt == 0)
@@ -288,12 +377,17 @@ class KVCacheManager:
         self._requests[request.request_id] = state
         if new_computed_blocks is not None and self._shares_prefix(request):
             self.prefix_cache_queries += request.num_tokens
-            self.prefix_cache_hits += len(hits) * bs
+            self.prefix_cache_hits += (len(hits) + len(cpu_hits)) * bs
+            self.cpu_prefix_cache_hits += len(cpu_hits) * bs
+        for entry in cpu_hits:  # (pinned before new blocks are taken: their offloads must not reuse these slots)
+            self.cpu.pin(entry.slot)
         # Touch hits before taking new blocks, so the head of the free list can't hand one out.
         self.pool.touch(hits)
         state.blocks.extend(hits)
         if num_new_blocks > 0:
-            state.blocks.extend(self.pool.get_new_blocks(num_new_blocks))
+            new_blocks = self.pool.get_new_blocks(num_new_blocks)
+            state.blocks.extend(new_blocks)
+            self._copies_in.extend((entry.slot, block.block_id) for entry, block in zip(cpu_hits, new_blocks))
         state.block_ids.extend(b.block_id for b in state.blocks[len(state.block_ids) :])
         if self._shares_prefix(request):
             self._register_full_blocks(request, state, num_tokens // bs)
@@ -317,11 +411,28 @@ class KVCacheManager:
                     tuple(tokens[i * bs : (i + 1) * bs]),
                     request.cache_salt,
                     parent_content_id,
+                    request.block_hashes[i - 1] if i else None,
                 )
             parent_content_id = block.content_id
         if num_full_blocks > state.num_registered:
             state.num_registered = num_full_blocks
             state.last_content_id = parent_content_id
+
+    def _offload(self, block: Block) -> None:
+        """A cached block about to be reused: its K/V go to a CPU slot first (this step's "out" copies)."""
+        slot = self.cpu.save(block)
+        if slot is not None:
+            self._copies_out.append((block.block_id, slot))
+
+    def take_copies(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """This step's KV copies: (device block, CPU slot) out, then (CPU slot, device block) in, for the executor to
+        run in that order before the step's forward. Unpins the CPU tier."""
+        out, into = self._copies_out, self._copies_in
+        self._copies_out, self._copies_in = [], []
+        self._cpu_hits.clear()
+        if self.cpu is not None:
+            self.cpu.unpin_all()
+        return out, into
 
     def free_outside_window(self, request: Request, keep_from: int) -> int:
         """Sliding-window attention on every layer: gives back the request's blocks whose every position is below

@@ -67,6 +67,10 @@ class SchedulerOutput:
     # Tensor parallelism with LoRA: (slot, LoRARequest) pairs rank 0 loaded for this step; the other ranks load
     # their slices into the same slots before its forward (executor/lora.py).
     lora_loads: list = field(default_factory=list)
+    # KV offloading (core/kv_cache.py's CPU tier): copies the executor runs before the step's forward, in this order:
+    # (device block, CPU slot) out, then (CPU slot, device block) in.
+    kv_copies_out: list = field(default_factory=list)
+    kv_copies_in: list = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:

@@ -80,6 +80,7 @@ class Scheduler:
         proposer: NgramProposer | DraftModelProposer | None = None,
         policy: str = "fcfs",
         sliding_window: int | None = None,
+        num_cpu_blocks: int = 0,
     ) -> None:
         """lora_slot_for(lora_request, slots in use): the device slot of a request's LoRA adapter, loaded into a slot
         that no running request uses if need be; None when every slot is in use (the request waits).
@@ -87,6 +88,7 @@ class Scheduler:
         policy: "fcfs", or "priority" (see the module docstring).
         sliding_window: the window of a model whose every layer attends to its last `sliding_window` keys only: a
         running request's blocks behind its window go back to the pool each step (KVCacheManager.free_outside_window).
+        num_cpu_blocks: KV offloading's CPU tier (blocks of the prefix cache kept in CPU memory once evicted).
         """
         if policy not in SCHEDULING_POLICIES:
             raise ValueError(f"policy must be 'fcfs' or 'priority', got {policy!r}")
@@ -110,7 +112,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.block_size = block_size
         self.long_prefill_token_threshold = long_prefill_token_threshold
-        self.kv_cache = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
+        self.kv_cache = KVCacheManager(num_blocks, block_size, enable_prefix_caching, num_cpu_blocks)
         self.sliding_window = sliding_window
         self.requests: dict[str, Request] = {}  # unfinished requests only
         self.waiting: deque[Request] = deque()
@@ -402,11 +404,14 @@ class Scheduler:
         self.waiting.extendleft(reversed(set_aside))
 
         finished_ids, self._finished_request_ids = self._finished_request_ids, []
+        copies_out, copies_in = self.kv_cache.take_copies()
         return SchedulerOutput(
             scheduled=scheduled,
             num_batched_tokens=self.max_num_batched_tokens - token_budget,
             finished_request_ids=finished_ids,
             preempted_request_ids=preempted_ids,
+            kv_copies_out=copies_out,
+            kv_copies_in=copies_in,
         )
 
     def update(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[RequestUpdate]:

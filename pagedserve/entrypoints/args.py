@@ -82,6 +82,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
                                                         "Face cache)")
     g.add_argument("--max-logprobs", type=int, default=20,
                    help="the most logprobs / prompt_logprobs / top_logprobs a request may ask for (at most 20)")
+    g.add_argument("--kv-offloading-size", type=float, default=None, metavar="GIB",
+                   help="CPU memory (GiB) for prefix-cache blocks evicted from the device: a later prompt with that "
+                        "prefix copies them back instead of recomputing them")
     g.add_argument("--disable-sliding-window", action="store_true",
                    help="full attention on every layer, the context capped at the model's sliding window")
     c = parser.add_argument_group("vLLM flags accepted for compatibility (they ask for what pagedserve does anyway)")
@@ -168,6 +171,7 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> EngineCon
         hf_overrides=_hf_overrides(args), revision=getattr(args, "revision", None),
         download_dir=getattr(args, "download_dir", None), max_logprobs=getattr(args, "max_logprobs", 20),
         disable_sliding_window=bool(getattr(args, "disable_sliding_window", False)),
+        kv_offloading_size=getattr(args, "kv_offloading_size", None),
     )
     kwargs.update(overrides)
     return EngineConfig(**kwargs)

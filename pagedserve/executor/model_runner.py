@@ -296,6 +296,9 @@ class ModelRunner:
         self._copy_done: list[torch.cuda.Event | None] = [None, None]
         self._turn = 0
         self.lora_manager = None  # enable_lora: the adapter slots (executor/lora.py), set by the worker
+        # KV offloading: the CPU tier's K/V, one [2, cpu blocks, block_size, kv heads, head_dim] tensor a layer (pinned
+        # on CUDA); set by the worker (allocate_cpu_kv_tier), else None
+        self.cpu_kv_caches: list[torch.Tensor] | None = None
         # The last step's sampled token ids (device) and each sampled request's row in them.
         self._last_sampled: torch.Tensor | None = None
         self._last_sample_rows: dict[str, int] = {}
@@ -480,6 +483,29 @@ class ModelRunner:
         return StepInputs(views[0], views[1], ctx, views[6], num_logits, graph_step, placeholder_rows,
                           mixed_graph_step, prompt_plan, pool_rows, lora_any)
 
+    def allocate_cpu_kv_tier(self, num_blocks: int) -> None:
+        """The CPU tier of KV offloading: num_blocks blocks of every layer's K/V in host memory (pinned on CUDA)."""
+        pin = self.device.type == "cuda"
+        self.cpu_kv_caches = [torch.zeros((2, num_blocks, *cache.shape[2:]), dtype=cache.dtype, pin_memory=pin)
+                              for cache in self.kv_caches]
+
+    def _copy_kv_tiers(self, copies_out: list[tuple[int, int]], copies_in: list[tuple[int, int]]) -> None:
+        """KV offloading's copies, before the step's forward: evicted device blocks' K/V to their CPU slots (the
+        device-to-host copy waits for the steps queued before it; none of them writes a free block), then CPU slots
+        to the device blocks a prefix hit took (queued ahead of the forward that reads them)."""
+        if self.cpu_kv_caches is None:
+            raise RuntimeError("the scheduler asked for KV copies, but this runner has no CPU tier")
+        if copies_out:
+            src = torch.tensor([b for b, _ in copies_out], device=self.device)
+            dst = torch.tensor([slot for _, slot in copies_out])
+            for cache, cpu in zip(self.kv_caches, self.cpu_kv_caches, strict=True):
+                cpu[:, dst] = cache[:, src].to("cpu")
+        if copies_in:
+            src = torch.tensor([slot for slot, _ in copies_in])
+            dst = torch.tensor([b for _, b in copies_in], device=self.device)
+            for cache, cpu in zip(self.kv_caches, self.cpu_kv_caches, strict=True):
+                cache[:, dst] = cpu[:, src].to(self.device, non_blocking=True)
+
     def _placeholder_sources(
         self, scheduled: list[ScheduledRequest], query_start_loc: np.ndarray, dst: np.ndarray
     ) -> np.ndarray:
@@ -587,6 +613,8 @@ class ModelRunner:
         outputs' token masks, runs while the device computes the forward."""
         scheduled = scheduler_output.scheduled
         self._finished_ids.extend(scheduler_output.finished_request_ids)
+        if scheduler_output.kv_copies_out or scheduler_output.kv_copies_in:
+            self._copy_kv_tiers(scheduler_output.kv_copies_out, scheduler_output.kv_copies_in)
         if not scheduled:
             return StepHandle([], None, None, None)
         inputs = self.prepare_inputs(scheduler_output)

@@ -71,6 +71,7 @@ class Worker:
     tp_procs: list = field(default_factory=list)  # ranks 1..N-1 of tensor parallelism (executor/tp_worker.py)
     # speculative decoding with a draft model (executor/draft_model.py): the scheduler's proposer; None otherwise
     draft_proposer: object = None
+    num_cpu_kv_blocks: int = 0  # KV offloading's CPU tier (config.kv_offloading_size)
 
     @property
     def dtype_bytes(self) -> int:
@@ -335,6 +336,14 @@ def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: st
     worker = Worker(config, tokenizer, runner, max_model_len, vocab_size, max_batched, num_blocks, hf_config,
                     device, dtype)
     worker.draft_proposer = proposer
+    if config.kv_offloading_size:
+        from pagedserve.executor.model_runner import kv_cache_bytes_per_block
+
+        per_block = kv_cache_bytes_per_block(hf_config, config.block_size, runner.kv_dtype)
+        worker.num_cpu_kv_blocks = max(1, int(config.kv_offloading_size * 2**30) // per_block)
+        runner.allocate_cpu_kv_tier(worker.num_cpu_kv_blocks)
+        logger.info("KV offloading: %d CPU blocks (%.2f GiB) behind the %d device blocks", worker.num_cpu_kv_blocks,
+                    worker.num_cpu_kv_blocks * per_block / 2**30, num_blocks)
     return worker
 
 

@@ -276,3 +276,51 @@ def test_sliding_window_without_prefix_caching_frees_computed_blocks() -> None:
     assert m.free_outside_window(a, 12) == 3 and m.num_free_blocks == 3
     m.free(a)
     assert m.num_free_blocks == 4
+
+
+def test_cpu_tier_keeps_evicted_blocks_and_gives_them_back() -> None:
+    """KV offloading: a cached block handed out again is first listed to copy to a CPU slot; a later lookup that
+    misses on the device goes on in the CPU tier, and the admission copies those blocks into new device blocks (and
+    registers them); copies come out in order with take_copies."""
+    m = KVCacheManager(num_blocks=4, block_size=BS, enable_prefix_caching=True, num_cpu_blocks=3)
+    a = make_request("a", list(range(9)))  # blocks 0, 1 full (registered), 2 partial
+    assert admit(m, a) == [0, 1, 2]
+    m.free(a)
+    assert m.take_copies() == ([], [])
+    b = make_request("b", list(range(100, 116)))  # 4 blocks: reuses a's cached 0 and 1 (and 2, not cached)
+    assert admit(m, b) == [3, 2, 1, 0]  # the free list: 3, then a's blocks tail first
+    out, into = m.take_copies()
+    assert out == [(1, 0), (0, 1)] and into == []  # a's two full blocks saved as they are reused (slots 0, 1)
+    m.free(b)
+    a2 = make_request("a2", list(range(9)) + [50, 51, 52])
+    hit_ids, num_cached = m.get_computed_blocks(a2)
+    assert hit_ids == [] and num_cached == 8  # both found in the CPU tier
+    block_ids = m.allocate_slots(a2, a2.num_tokens - num_cached, hit_ids)
+    assert len(block_ids) == 3
+    out, into = m.take_copies()
+    assert into == [(1, block_ids[0]), (0, block_ids[1])]  # a's block 0 from slot 1, block 1 from slot 0
+    assert m.cpu_prefix_cache_hits == 8 and m.prefix_cache_hits == 8
+    # the copied-in blocks are registered again: a device hit for the next request with that prefix
+    m.free(a2)
+    assert m.get_computed_blocks(make_request("a3", list(range(9))))[1] == 8
+    # a different block 1 after the same block 0: the CPU tier checks the chain (parent hash, tokens)
+    other = make_request("o", [0, 1, 2, 3, 9, 9, 9, 9, 1])
+    assert m.get_computed_blocks(other)[1] == 4
+
+
+def test_cpu_tier_is_lru_and_keeps_a_steps_blocks() -> None:
+    from pagedserve.core.kv_cache import CpuTier
+
+    tier = CpuTier(2)
+    blocks = []
+    for i in range(3):
+        block = kv_cache.Block(10 + i)
+        block.block_hash, block.token_ids, block.parent_hash = 1000 + i, (i,), None
+        blocks.append(block)
+    assert tier.save(blocks[0]) == 0 and tier.save(blocks[1]) == 1
+    assert tier.save(blocks[0]) is None  # held already
+    assert tier.save(blocks[2]) is None  # full and both pinned this step
+    tier.unpin_all()
+    assert tier.find(1000, (0,), None, None) is not None  # 0 used: 1 is the least recent
+    assert tier.save(blocks[2]) == 1 and tier.find(1001, (1,), None, None) is None
+    assert tier.find(1000, (0,), "salt", None) is None and len(tier) == 2
