@@ -466,6 +466,10 @@ class KVCacheManager:
         return list(state.blocks[state.num_freed:]) if state is not None else []
 
     def reset_prefix_cache(self) -> bool:
-        """Forgets all cached prefixes (e.g. after new weights). False, doing nothing, while any
+        """Forgets all cached prefixes (e.g. after new weights), the CPU tier's too. False, doing nothing, while any
         request holds blocks."""
-        return self.pool.reset_prefix_cache()
+        if not self.pool.reset_prefix_cache():
+            return False
+        if self.cpu is not None:
+            self.cpu = CpuTier(self.cpu.num_blocks)
+        return True
