@@ -32,6 +32,8 @@ def test_evicted_prefix_blocks_come_back_from_the_cpu_tier(async_scheduling, tmp
         assert out.outputs[0].token_ids == ids
         assert [lp.logprob for lp in out.outputs[0].logprobs] == pytest.approx(logprobs, abs=1e-4)
     assert stats["num_free_blocks"] == stats["num_total_blocks"]
+    assert llm.llm_engine is llm.engine and llm.reset_prefix_cache()
+    assert run(llm, [first])[0].num_cached_tokens == 0  # forgotten, the CPU tier too
     plain = LLM(str(tmp_path), **kw)
     again = run(plain, [first, *others, first])
     assert again[3].num_cached_tokens == 0  # without the CPU tier the evicted prefix is recomputed

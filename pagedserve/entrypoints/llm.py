@@ -38,6 +38,15 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    @property
+    def llm_engine(self) -> LLMEngine:
+        """The engine (vLLM's name for it; `engine` here)."""
+        return self.engine
+
+    def reset_prefix_cache(self) -> bool:
+        """Forgets every cached prefix (the CPU tier's too), e.g. after new weights; False while requests run."""
+        return self.engine.scheduler.reset_prefix_cache()
+
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams() with the model's generation_config.json defaults (temperature, top_p, top_k,
         min_p, repetition_penalty); what generate() and chat() use when given no sampling parameters."""

@@ -87,6 +87,7 @@ class FakeEngine:
         if not isinstance(max_num_seqs, int):
             raise ValueError(f"max_num_seqs must be an integer, got {max_num_seqs!r}")
         self.tokenizer = FakeTokenizer()
+        self.extra_stats: dict = {}  # more stats keys, as some engine configurations report them
         self.model_name = "fake-model"
         self.max_model_len = max_model_len
         self.vocab_size = 257
@@ -245,4 +246,5 @@ class FakeEngine:
             "num_preemptions": 0,
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
+            **self.extra_stats,
         }

@@ -537,6 +537,18 @@ def test_metrics_names(server) -> None:
         _metric(server, "pagedserve:request_decode_time_seconds_sum")
 
 
+def test_cpu_prefix_cache_hits_metric_with_kv_offloading(start_fake_server) -> None:
+    from tests.entrypoints.fake_engine import FakeEngine
+
+    engine = FakeEngine()
+    engine.extra_stats = {"cpu_prefix_cache_hits": 96}  # as the engine reports them with --kv-offloading-size
+    server = start_fake_server(engine)
+    httpx.post(server.base_url + "/v1/chat/completions", json=CHAT)
+    assert _metric(server, "pagedserve:cpu_prefix_cache_hits_total") == 96
+    plain = start_fake_server()
+    assert "cpu_prefix_cache_hits" not in httpx.get(plain.base_url + "/metrics").text
+
+
 def test_vllm_metric_names(start_fake_server) -> None:
     """--vllm-metric-names: the same series under vLLM's own prefix (its dashboards read them unchanged)."""
     server = start_fake_server(vllm_metric_names=True)

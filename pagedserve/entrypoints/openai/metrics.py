@@ -114,6 +114,12 @@ class _EngineStatsCollector(Collector):
             c = CounterMetricFamily(self.prefix + suffix, help_text, labels=labels)
             c.add_metric([self.model_name], float(stats.get(key, 0)))
             yield c
+        if "cpu_prefix_cache_hits" in stats:  # KV offloading (--kv-offloading-size)
+            c = CounterMetricFamily(self.prefix + "cpu_prefix_cache_hits",
+                                    "Prompt tokens found in the CPU tier (evicted prefix blocks copied back).",
+                                    labels=labels)
+            c.add_metric([self.model_name], float(stats["cpu_prefix_cache_hits"]))
+            yield c
         g = GaugeMetricFamily(
             self.prefix + "engine_healthy", "1 while the engine thread runs, 0 once it died.", labels=labels
         )
