@@ -128,8 +128,6 @@ class EngineConfig:
                 fail(f"kv_offloading_size must be > 0 GiB, got {self.kv_offloading_size}")
             if not self.enable_prefix_caching:
                 fail("kv_offloading_size keeps evicted prefix-cache blocks: it needs enable_prefix_caching")
-            if self.tensor_parallel_size > 1:
-                fail("kv_offloading_size is not supported with tensor parallelism yet")
         if self.hf_overrides is not None and not isinstance(self.hf_overrides, dict):
             fail(f"hf_overrides must be a dict of config.json fields, got {self.hf_overrides!r}")
         from pagedserve.sampling_params import MAX_LOGPROBS

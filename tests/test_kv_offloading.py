@@ -47,3 +47,21 @@ def test_kv_offloading_needs_prefix_caching(tmp_path) -> None:
         EngineConfig(kv_offloading_size=1.0, enable_prefix_caching=False)
     with pytest.raises(ValueError, match="> 0 GiB"):
         EngineConfig(kv_offloading_size=0.0)
+
+
+def test_kv_offloading_with_two_ranks(tmp_path, real_model_dir) -> None:
+    """Tensor parallelism (two CPU ranks over gloo): each rank copies its heads' slice of the blocks, as rank 0's
+    scheduler lists them; the returning prompt from the CPU tier answers as Transformers."""
+    hf = tiny_checkpoint(tmp_path, real_model_dir, "qwen2")
+    llm = LLM(str(tmp_path), dtype="float32", num_kv_blocks=12, block_size=4, max_model_len=48, skip_warmup=True,
+              kv_offloading_size=0.001, tensor_parallel_size=2, device="cpu")
+    try:
+        first = [(7 * i) % 250 + 3 for i in range(30)]
+        others = [[(13 * i + k) % 250 + 3 for i in range(30)] for k in (1, 2)]
+        outs = run(llm, [first, *others, first])
+        assert outs[3].num_cached_tokens >= 24 and llm.engine.get_stats()["cpu_prefix_cache_hits"] >= 24
+        ids, logprobs = hf_greedy(hf, first, 6)
+        assert outs[3].outputs[0].token_ids == ids
+        assert [lp.logprob for lp in outs[3].outputs[0].logprobs] == pytest.approx(logprobs, abs=1e-4)
+    finally:
+        llm.engine.worker.close()

@@ -733,6 +733,8 @@ class ModelRunner:
         parallelism, whose layers take part in rank 0's all-reduces (eager steps) and whose logits join rank
         0's by a gather. Rank 0's sampled ids then arrive by broadcast and stand in for the next step's
         placeholders, as rank 0's own do."""
+        if scheduler_output.kv_copies_out or scheduler_output.kv_copies_in:  # this rank's slice of each block
+            self._copy_kv_tiers(scheduler_output.kv_copies_out, scheduler_output.kv_copies_in)
         if scheduler_output.is_empty:
             return
         inputs = self.prepare_inputs(scheduler_output)

@@ -73,7 +73,13 @@ def run_rank(config: Any, model_path: str, rank: int, port: int) -> None:
     from pagedserve.distributed import broadcast_object, destroy_tensor_parallel, init_tensor_parallel
     from pagedserve.executor.loader import load_model
     from pagedserve.executor.model_runner import ModelRunner
-    from pagedserve.executor.worker import default_max_batched_tokens, make_lora_manager, resolve_dtype, size_kv_cache
+    from pagedserve.executor.worker import (
+        add_cpu_kv_tier,
+        default_max_batched_tokens,
+        make_lora_manager,
+        resolve_dtype,
+        size_kv_cache,
+    )
 
     device = tp_device(config, rank)
     dtype = resolve_dtype(config, device)
@@ -86,6 +92,8 @@ def run_rank(config: Any, model_path: str, rank: int, port: int) -> None:
         num_blocks = size_kv_cache(config, model, hf_config, device, dtype, max_batched)
         runner = ModelRunner(config, model, hf_config, device, dtype, num_blocks, config.block_size, sampler=None)
         runner.lora_manager = lora_manager
+        if config.kv_offloading_size:
+            add_cpu_kv_tier(config, runner, hf_config)
         logger.info("tensor-parallel rank %d ready on %s: %d KV blocks", rank, device, num_blocks)
         while (step := broadcast_object()) is not None:
             for slot, lora_request in step.lora_loads:  # the adapters rank 0 put into slots for this step

@@ -131,7 +131,8 @@ def _for_other_ranks(scheduler_output: SchedulerOutput) -> SchedulerOutput:
                           r.output_index, lora_slot=r.lora_slot, draft_token_ids=r.draft_token_ids)
          for r in scheduler_output.scheduled],
         scheduler_output.num_batched_tokens, scheduler_output.finished_request_ids,
-        scheduler_output.preempted_request_ids)
+        scheduler_output.preempted_request_ids, kv_copies_out=scheduler_output.kv_copies_out,
+        kv_copies_in=scheduler_output.kv_copies_in)
 
 
 def build_worker(config: EngineConfig, on_tokenizer_source: Callable[[str, str | None], None] | None = None
@@ -337,14 +338,21 @@ def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: st
                     device, dtype)
     worker.draft_proposer = proposer
     if config.kv_offloading_size:
-        from pagedserve.executor.model_runner import kv_cache_bytes_per_block
-
-        per_block = kv_cache_bytes_per_block(hf_config, config.block_size, runner.kv_dtype)
-        worker.num_cpu_kv_blocks = max(1, int(config.kv_offloading_size * 2**30) // per_block)
-        runner.allocate_cpu_kv_tier(worker.num_cpu_kv_blocks)
+        worker.num_cpu_kv_blocks = add_cpu_kv_tier(config, runner, hf_config)
         logger.info("KV offloading: %d CPU blocks (%.2f GiB) behind the %d device blocks", worker.num_cpu_kv_blocks,
-                    worker.num_cpu_kv_blocks * per_block / 2**30, num_blocks)
+                    config.kv_offloading_size, num_blocks)
     return worker
+
+
+def add_cpu_kv_tier(config: EngineConfig, runner, hf_config) -> int:
+    """KV offloading: the runner's CPU tier, kv_offloading_size GiB of this rank's blocks (every rank holds its heads'
+    slice of each block, so every rank gets the same count); returns the block count."""
+    from pagedserve.executor.model_runner import kv_cache_bytes_per_block
+
+    per_block = kv_cache_bytes_per_block(hf_config, config.block_size, runner.kv_dtype)
+    num_blocks = max(1, int(config.kv_offloading_size * 2**30) // per_block)
+    runner.allocate_cpu_kv_tier(num_blocks)
+    return num_blocks
 
 
 def _load_draft(config: EngineConfig, device: torch.device, dtype: torch.dtype, hf_config, max_model_len: int):
