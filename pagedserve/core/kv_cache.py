@@ -216,6 +216,12 @@ class CpuTier:
         assert block.block_hash is not None and block.token_ids is not None
         if self.find(block.block_hash, block.token_ids, block.cache_salt, block.parent_hash) is not None:
             return None
+        colliding = self._entries.get(block.block_hash)  # the same hash for other content: the newer block wins
+        if colliding is not None:
+            if colliding.slot in self._pinned:
+                return None
+            del self._entries[block.block_hash]
+            self._free.append(colliding.slot)
         if self._free:
             slot = self._free.pop()
         else:
@@ -223,7 +229,6 @@ class CpuTier:
             if victim is None:
                 return None
             slot = self._entries.pop(victim).slot
-        self._entries.pop(block.block_hash, None)  # (a colliding hash: the newer block wins)
         self._entries[block.block_hash] = _CpuBlock(slot, block.token_ids, block.cache_salt, block.parent_hash)
         self._pinned.add(slot)
         return slot

@@ -324,3 +324,8 @@ def test_cpu_tier_is_lru_and_keeps_a_steps_blocks() -> None:
     assert tier.find(1000, (0,), None, None) is not None  # 0 used: 1 is the least recent
     assert tier.save(blocks[2]) == 1 and tier.find(1001, (1,), None, None) is None
     assert tier.find(1000, (0,), "salt", None) is None and len(tier) == 2
+    collide = kv_cache.Block(20)  # the hash of block 0 for other tokens: replaces it in its own slot, no leak
+    collide.block_hash, collide.token_ids, collide.parent_hash = 1000, (9,), None
+    tier.unpin_all()
+    assert tier.save(collide) == 0 and len(tier) == 2 and tier.find(1000, (0,), None, None) is None
+    assert tier.find(1000, (9,), None, None) is not None and tier._free == []
