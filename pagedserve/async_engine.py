@@ -26,12 +26,13 @@ import copy
 import logging
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from pagedserve.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
-from pagedserve.engine_core import AbortRequests, Ack, AddRequest, EngineCore, Refusal, Stop
+from pagedserve.engine_core import AbortRequests, Ack, AddRequest, EngineCore, Refusal, ResetPrefixCache, Stop
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
@@ -265,6 +266,21 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             raise
         return stream
+
+    async def reset_prefix_cache(self) -> None:
+        """Makes the engine forget its prefix cache (vLLM's POST /reset_prefix_cache); ValueError while requests
+        hold KV blocks."""
+        if self.dead_error is not None:
+            raise EngineDeadError(f"the engine has stopped: {self.dead_error}")
+        assert self._loop is not None, "AsyncEngine.start() was not called"
+        token = f"reset-prefix-cache-{uuid.uuid4().hex}"
+        stream = RequestStream(token, self._loop)  # (only its acceptance is awaited)
+        self._streams[token] = stream
+        try:
+            self._backend.submit(ResetPrefixCache(token))
+            await asyncio.shield(stream.accepted)
+        finally:
+            self._streams.pop(token, None)
 
     async def generate(
         self,

@@ -729,6 +729,11 @@ class LLMEngine:
     def get_num_unfinished_requests(self) -> int:
         return len(self._requests)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forgets every cached prefix (the CPU tier's too), e.g. after new weights; False while requests hold
+        blocks."""
+        return self.scheduler.reset_prefix_cache()
+
     def get_stats(self) -> dict:
         s = self.scheduler
         return {

@@ -52,6 +52,13 @@ class Stop:
 
 
 @dataclass(slots=True)
+class ResetPrefixCache:
+    """Forget the prefix cache (e.g. after new weights); acked under `token`: refused while requests hold blocks."""
+
+    token: str
+
+
+@dataclass(slots=True)
 class Refusal:
     """Why an AddRequest was not taken: "invalid" (ValueError) or "queue_full"."""
 
@@ -140,6 +147,13 @@ class EngineCore:
                 self._live_ids.difference_update(item.request_ids)
             elif isinstance(item, Stop):
                 stop = True
+            elif isinstance(item, ResetPrefixCache):
+                reset = getattr(engine, "reset_prefix_cache", None)
+                if reset is not None and reset():
+                    acks.append((item.token, None))
+                else:
+                    acks.append((item.token, Refusal("invalid", "the prefix cache can be reset only while no request "
+                                                                "holds KV blocks; retry when the engine is idle")))
             elif isinstance(item, AddRequest):
                 if self.max_queued_requests is not None:
                     if num_waiting is None:

@@ -45,7 +45,7 @@ class LLM:
 
     def reset_prefix_cache(self) -> bool:
         """Forgets every cached prefix (the CPU tier's too), e.g. after new weights; False while requests run."""
-        return self.engine.scheduler.reset_prefix_cache()
+        return self.engine.reset_prefix_cache()
 
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams() with the model's generation_config.json defaults (temperature, top_p, top_k,

@@ -217,6 +217,41 @@ def test_priority_policy_serves_waiting_requests_by_priority(tiny_model_dir) -> 
         server.stop()
 
 
+def test_reset_prefix_cache_route(tiny_model_dir) -> None:
+    """POST /reset_prefix_cache (vLLM's): after it a repeated prompt hits nothing; while a request runs it is a 400."""
+    import re
+
+    server = tiny_server(tiny_model_dir, "--max-model-len", "4096")
+
+    def hits() -> float:
+        text = httpx.get(server.base_url + "/metrics").text
+        return float(re.search(r"prefix_cache_hits_total\{[^}]*\} (\S+)", text).group(1))
+
+    body = {"prompt": "one two three four " * 16, "max_tokens": 2}
+    try:
+        for _ in range(2):
+            assert httpx.post(server.base_url + "/v1/completions", json=body, timeout=60).status_code == 200
+        before = hits()
+        assert before > 0
+        r = httpx.post(server.base_url + "/reset_prefix_cache", timeout=60)
+        assert r.status_code == 200 and r.json() == {"status": "ok"}
+        assert httpx.post(server.base_url + "/v1/completions", json=body, timeout=60).status_code == 200
+        assert hits() == before  # nothing cached any more
+
+        async def busy() -> httpx.Response:
+            async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as client:
+                long = {"prompt": "hold", "max_tokens": 3000, "ignore_eos": True, "stream": True}
+                async with client.stream("POST", "/v1/completions", json=long) as stream:
+                    lines = stream.aiter_lines()
+                    await lines.__anext__()  # running: it holds blocks
+                    return await client.post("/reset_prefix_cache")
+
+        assert "while no request" in error_of(asyncio.run(busy()), 400)["message"]
+        assert httpx.get(server.base_url + "/health").status_code == 200
+    finally:
+        server.stop()
+
+
 # --------------------------------------------------------------------------- acceptance 6 (timeout)
 def test_sigterm_aborts_requests_still_running_at_the_timeout(tiny_model_dir) -> None:
     server = tiny_server(tiny_model_dir, "--max-model-len", "32768", "--shutdown-timeout", "2")

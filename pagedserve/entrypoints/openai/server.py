@@ -126,7 +126,7 @@ def _version() -> str:
 def _needs_key(path: str) -> bool:
     """The API's routes need --api-key's key; /health, /ping, /metrics, /version and the schema stay open."""
     return path.startswith(("/v1", "/v2")) or path in ("/tokenize", "/detokenize", "/score", "/rerank", "/classify",
-                                                        "/invocations")
+                                                        "/invocations", "/reset_prefix_cache")
 
 
 class _GateMiddleware:
@@ -303,6 +303,15 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
     @app.post("/v1/score", response_model=None, responses=_ERROR_RESPONSES)
     async def create_score(request: ScoreRequest, raw_request: Request) -> Response:
         return await scoring.score(request, raw_request)
+
+    @app.post("/reset_prefix_cache", response_model=None, responses=_ERROR_RESPONSES)
+    async def reset_prefix_cache() -> Response:
+        """vLLM's: forget the prefix cache (e.g. after new weights); a 400 while requests hold KV blocks."""
+        try:
+            await engine.reset_prefix_cache()
+        except ValueError as e:
+            raise bad_request(str(e), None) from None
+        return JSONResponse({"status": "ok"})
 
     @app.post("/invocations", response_model=None, responses=_ERROR_RESPONSES)
     async def invocations(raw_request: Request) -> Response:
