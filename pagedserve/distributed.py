@@ -19,9 +19,11 @@ over a gloo group. With one rank (the default) every function here is a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import pickle
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +40,18 @@ class _TPState:
 
 
 _STATE = _TPState()
+
+
+@contextlib.contextmanager
+def single_rank() -> Iterator[None]:
+    """Within it, this process acts as the only rank (no shards, no collectives): rank 0 builds and runs a model of
+    its own beside the tensor-parallel one (speculative decoding's draft model)."""
+    saved = (_STATE.rank, _STATE.size)
+    _STATE.rank, _STATE.size = 0, 1
+    try:
+        yield
+    finally:
+        _STATE.rank, _STATE.size = saved
 
 
 def tp_rank() -> int:
@@ -149,6 +163,7 @@ __all__ = [
     "init_tensor_parallel",
     "min_across_ranks",
     "shard",
+    "single_rank",
     "tp_rank",
     "tp_size",
     "vocab_shard",

@@ -136,7 +136,7 @@ def test_proposer_catches_up_in_chunks_and_drafts_as_transformers(tmp_path) -> N
     assert proposer.num_free_blocks == 8
 
 
-def test_a_draft_with_a_larger_vocabulary_or_tensor_parallelism_is_refused(tmp_path, real_model_dir) -> None:
+def test_a_draft_with_a_larger_vocabulary_is_refused(tmp_path, real_model_dir) -> None:
     from pagedserve.config import EngineConfig
     from pagedserve.executor.draft_model import load_draft
     from tests.executor.helpers import save_tiny_model, tiny_hf_config
@@ -146,6 +146,20 @@ def test_a_draft_with_a_larger_vocabulary_or_tensor_parallelism_is_refused(tmp_p
     spec_config = SpeculativeConfig.parse(spec(str(tmp_path / "big")))
     with pytest.raises(ValueError, match="vocabulary"):
         load_draft(config, spec_config, torch.device("cpu"), torch.float32, tiny_hf_config("qwen2"), 128)
-    with pytest.raises(ValueError, match="tensor_parallel_size 1"):
-        load_draft(config.replace(tensor_parallel_size=2), spec_config, torch.device("cpu"), torch.float32,
-                   tiny_hf_config("qwen2"), 128)
+
+
+def test_draft_model_with_tensor_parallelism(tmp_path, real_model_dir) -> None:
+    """Two CPU ranks: the draft (here the tiny target itself) runs whole on rank 0 (distributed.single_rank) beside
+    the sharded target; greedy answers as Transformers', its drafts all kept."""
+    from tests.executor.test_tensor_parallel import assert_greedy_as_hf, tiny_checkpoint
+
+    hf = tiny_checkpoint(tmp_path, real_model_dir, "qwen2")
+    llm = LLM(str(tmp_path), tensor_parallel_size=2, device="cpu", dtype="float32", max_model_len=64,
+              cpu_kv_cache_gib=0.05, speculative_config=spec(str(tmp_path), 3))
+    try:
+        base = [(11 * i) % 250 + 3 for i in range(20)]
+        assert_greedy_as_hf(llm, hf, [[base, base[:9] + [7, 8]]], 8)
+        drafts = llm.engine.get_stats()["spec_decode"]
+        assert drafts["num_drafts"] > 0 and drafts["acceptance_rate"] > 0.9
+    finally:
+        llm.engine.worker.close()

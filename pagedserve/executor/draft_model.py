@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from pagedserve.core.outputs import PLACEHOLDER_TOKEN_ID, ScheduledRequest, SchedulerOutput
+from pagedserve.distributed import single_rank
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.spec_decode import SpeculativeConfig
 
@@ -72,7 +73,12 @@ class DraftModelProposer:
 
     @torch.inference_mode()
     def propose_many(self, items: list[tuple[str, list[int], int]]) -> list[list[int]]:
-        """Up to k greedy draft tokens after each (request id, its tokens, k); [] for one whose blocks do not fit."""
+        """Up to k greedy draft tokens after each (request id, its tokens, k); [] for one whose blocks do not fit.
+        With tensor parallelism the draft runs on rank 0 alone (distributed.single_rank)."""
+        with single_rank():
+            return self._propose_many(items)
+
+    def _propose_many(self, items: list[tuple[str, list[int], int]]) -> list[list[int]]:
         self._calls += 1
         out: list[list[int]] = [[] for _ in items]
         work: list[tuple[int, _DraftState, list[int], int]] = []  # (index in items, state, tokens, k)
@@ -176,16 +182,16 @@ def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
 
 def load_draft(config: Any, spec: SpeculativeConfig, device: torch.device, dtype: torch.dtype,
                target_hf_config: Any, max_model_len: int) -> tuple[Any, Any, Any]:
-    """The draft model on the target's device: (its EngineConfig, model, HF config). ValueError for a draft whose
-    vocabulary is larger than the target's (its tokens could not be fed to the target) or with tensor parallelism."""
+    """The draft model on the target's device, whole on rank 0 with tensor parallelism (distributed.single_rank):
+    (its EngineConfig, model, HF config). ValueError for a draft whose vocabulary is larger than the target's (its
+    tokens could not be fed to the target)."""
     from pagedserve.executor.loader import load_model
 
-    if config.tensor_parallel_size > 1:
-        raise ValueError('speculative_config: method "draft_model" runs with tensor_parallel_size 1 only')
     draft_config = config.replace(model=spec.model, speculative_config=None, quantization=None, enable_lora=False,
                                   max_model_len=max_model_len, tokenizer=None, hf_overrides=None, revision=None,
-                                  disable_sliding_window=False)
-    model, hf_config = load_model(draft_config, spec.model, device, dtype)
+                                  disable_sliding_window=False, tensor_parallel_size=1)
+    with single_rank():
+        model, hf_config = load_model(draft_config, spec.model, device, dtype)
     if int(hf_config.vocab_size) > int(target_hf_config.vocab_size):
         raise ValueError(f"the draft model's vocabulary ({hf_config.vocab_size}) is larger than the target's "
                          f"({target_hf_config.vocab_size}); a draft model must share the target's tokenizer")

@@ -285,9 +285,11 @@ def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: st
     draft = _load_draft(config, device, dtype, hf_config, config.max_model_len or model_len)
     extra_bytes = 0
     if draft is not None:  # the draft's cache has as many blocks as the target's: one budget sizes both
+        from pagedserve.distributed import single_rank
         from pagedserve.executor.model_runner import kv_cache_bytes_per_block, kv_cache_dtype_of
 
-        extra_bytes = kv_cache_bytes_per_block(draft[2], config.block_size, kv_cache_dtype_of(config, dtype))
+        with single_rank():  # (whole on rank 0: all its kv heads)
+            extra_bytes = kv_cache_bytes_per_block(draft[2], config.block_size, kv_cache_dtype_of(config, dtype))
     num_blocks = size_kv_cache(config, model, hf_config, device, dtype, max_batched, extra_bytes)
     capacity = num_blocks * config.block_size
     max_model_len = config.max_model_len or model_len
@@ -323,10 +325,12 @@ def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: st
         draft_config, draft_model, draft_hf = draft
         draft_config = dataclasses.replace(draft_config, max_model_len=max_model_len,
                                            max_num_batched_tokens=max_batched)
-        draft_runner = ModelRunner(draft_config, draft_model, draft_hf, device, dtype, num_blocks, config.block_size,
-                                   Sampler(int(draft_hf.vocab_size), set(), max_rows=config.max_num_seqs))
-        if device.type == "cuda" and not config.enforce_eager:
-            draft_runner.capture_cuda_graphs(config.max_num_seqs, max_model_len, max_batched)
+        with single_rank():  # the draft is rank 0's alone
+            draft_runner = ModelRunner(draft_config, draft_model, draft_hf, device, dtype, num_blocks,
+                                       config.block_size,
+                                       Sampler(int(draft_hf.vocab_size), set(), max_rows=config.max_num_seqs))
+            if device.type == "cuda" and not config.enforce_eager:
+                draft_runner.capture_cuda_graphs(config.max_num_seqs, max_model_len, max_batched)
         proposer = DraftModelProposer(SpeculativeConfig.parse(config.speculative_config), draft_runner, num_blocks,
                                       config.block_size, max_batched)
     tokenizer = tokenizer_future.result()
