@@ -60,7 +60,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
                    help="ranks to shard the model over (GPUs on CUDA, processes on CPU); must divide the attention "
                         "heads, kv heads and MLP width")
     g.add_argument("--chat-template", default=None, help="chat template: a file path or the template text")
-    g.add_argument("--served-model-name", default=None, help="the model name the API reports and accepts")
+    g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="the model name the API reports and accepts; several names: the first is reported, any is "
+                        "accepted (as vLLM)")
     g.add_argument("--generation-config", default="auto",
                    help="default sampling for fields a request leaves unset: auto (the model's "
                         "generation_config.json), vllm (none: OpenAI's defaults), or a folder with one")
@@ -132,6 +134,11 @@ def _speculative_config(text: str) -> dict:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _first_name(names: str | list[str] | None) -> str | None:
+    """--served-model-name's first name (the one the API reports)."""
+    return names[0] if isinstance(names, list) and names else names or None
+
+
 def _hf_overrides(args: argparse.Namespace) -> dict | None:
     """--hf-overrides with --rope-scaling / --rope-theta folded in (those two win)."""
     out = dict(getattr(args, "hf_overrides", None) or {})
@@ -161,7 +168,7 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> EngineCon
         enforce_eager=args.enforce_eager, skip_warmup=args.skip_warmup, attention_backend=args.attention_backend,
         async_scheduling=args.async_scheduling,
         tensor_parallel_size=args.tensor_parallel_size, chat_template=args.chat_template,
-        served_model_name=args.served_model_name, generation_config=args.generation_config,
+        served_model_name=_first_name(args.served_model_name), generation_config=args.generation_config,
         override_generation_config=args.override_generation_config,
         enable_lora=bool(getattr(args, "enable_lora", False) or getattr(args, "lora_modules", None)),
         max_loras=getattr(args, "max_loras", 4), max_lora_rank=getattr(args, "max_lora_rank", 16),

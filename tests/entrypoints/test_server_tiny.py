@@ -217,6 +217,24 @@ def test_priority_policy_serves_waiting_requests_by_priority(tiny_model_dir) -> 
         server.stop()
 
 
+def test_several_served_model_names(tiny_model_dir) -> None:
+    """--served-model-name a b (vLLM's nargs): /v1/models lists both, the first reported; a request may name either;
+    another name is a 404."""
+    server = tiny_server(tiny_model_dir, "--served-model-name", "main-name", "alias")
+    try:
+        ids = [m["id"] for m in httpx.get(server.base_url + "/v1/models", timeout=30).json()["data"]]
+        assert ids[:2] == ["main-name", "alias"]
+        for name in ("main-name", "alias"):
+            r = httpx.post(server.base_url + "/v1/completions", json={"model": name, "prompt": "x", "max_tokens": 2},
+                           timeout=60)
+            assert r.status_code == 200, r.text
+        r = httpx.post(server.base_url + "/v1/completions", json={"model": "other", "prompt": "x", "max_tokens": 2},
+                       timeout=60)
+        assert error_of(r, 404)["code"] == "model_not_found"
+    finally:
+        server.stop()
+
+
 def test_reset_prefix_cache_route(tiny_model_dir) -> None:
     """POST /reset_prefix_cache (vLLM's): after it a repeated prompt hits nothing; while a request runs it is a 400."""
     import re

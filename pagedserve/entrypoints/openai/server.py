@@ -555,8 +555,10 @@ def run_server(config: EngineConfig, args: argparse.Namespace, backend: Any = No
     logger.info("engine ready; building the API")
     api_key = getattr(args, "api_key", None) or os.environ.get(API_KEY_ENV) or None
     engine_config = async_engine.engine_config
+    names = getattr(args, "served_model_name", None)
     settings = ServerSettings(
         api_key=api_key,
+        served_model_names=list(names) if isinstance(names, list) and len(names) > 1 else [],
         max_request_body_bytes=getattr(args, "max_request_body_bytes", DEFAULT_MAX_REQUEST_BODY_BYTES),
         shutdown_timeout=args.shutdown_timeout,
         model_root=getattr(engine_config, "model", None),
