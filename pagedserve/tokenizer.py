@@ -255,31 +255,6 @@ def _load_named_fast_tokenizer(folder: str) -> Any | None:
 
 
 class _Decoder(Protocol):
-    def fim_ids(self, prefix: str, suffix: str) -> list[int]:
-        """A fill-in-the-middle prompt (prefix, suffix, then the model writes the middle) in the model's own FIM tokens,
-        prefix-suffix-middle order: Qwen2.5-Coder's <|fim_prefix|> / <|fim_suffix|> / <|fim_middle|>, StarCoder's
-        <fim_prefix> / <fim_suffix> / <fim_middle>, DeepSeek-Coder's <｜fim▁begin｜> / <｜fim▁hole｜> / <｜fim▁end｜>.
-        ValueError for a tokenizer without any of them."""
-        vocab = self._special_vocab()
-        for names in _FIM_TOKENS:
-            if all(name in vocab for name in names):
-                pre, suf, mid = (vocab[name] for name in names)
-                return ([pre] + self.encode(prefix, add_special_tokens=False) + [suf]
-                        + self.encode(suffix, add_special_tokens=False) + [mid])
-        raise ValueError("this model's tokenizer has no fill-in-the-middle tokens (e.g. Qwen2.5-Coder's "
-                         "<|fim_prefix|>): suffix needs a code model trained for insertion")
-
-    def _special_vocab(self) -> dict[str, int]:
-        if self._fim_vocab is None:
-            vocab = self.hf.get_vocab()
-            self._fim_vocab = {name: vocab[name] for names in _FIM_TOKENS for name in names if name in vocab}
-        return self._fim_vocab
-
-    def encode_pair(self, text: str, text_pair: str, add_special_tokens: bool = True) -> list[int]:
-        """The tokenizer's encoding of a text pair (its pair template: separators where the tokenizer has them, else
-        the two texts back to back), as a cross-encoder reads a (query, document) pair."""
-        return list(self.hf(text, text_pair, add_special_tokens=add_special_tokens)["input_ids"])
-
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
 
 
