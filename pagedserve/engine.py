@@ -81,16 +81,6 @@ class _RequestState:
         return [c.request.request_id for c in self.choices]
 
 
-def _uniform_sliding_window(runner: Any) -> int | None:
-    """The model's window when every layer is windowed (its blocks behind the window are given back), else None."""
-    model = getattr(runner, "model", None)
-    if model is None:
-        return None
-    from pagedserve.executor.models.decoder import uniform_sliding_window
-
-    return uniform_sliding_window(model)
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig,
                  on_tokenizer_source: Callable[[str, str | None], None] | None = None) -> None:
@@ -124,7 +114,7 @@ class LLMEngine:
                 else NgramProposer(SpeculativeConfig.parse(self.config.speculative_config))),
             policy=self.config.scheduling_policy,
             long_prefill_token_threshold=self.config.long_prefill_token_threshold,
-            sliding_window=_uniform_sliding_window(runner),
+            sliding_window=getattr(self.worker, "sliding_window", None),
             num_cpu_blocks=getattr(self.worker, "num_cpu_kv_blocks", 0),
         )
         # A bare decoder or one saved without its LM head (executor/loader.py): embedding requests only.

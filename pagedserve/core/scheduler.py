@@ -66,6 +66,12 @@ class RequestUpdate:
     embedding: list[float] | None = None  # an embedding request's pooled vector (at its last prompt token)
 
 
+def window_kv_tokens(window: int, max_num_batched_tokens: int, block_size: int) -> int:
+    """The most tokens of KV cache a request holds at once when every layer attends to its last `window` keys only
+    (blocks behind the window go back each step): the window behind a step's tokens, a block of slack at either end."""
+    return window + max_num_batched_tokens + 2 * block_size
+
+
 class Scheduler:
     def __init__(
         self,
@@ -142,7 +148,7 @@ class Scheduler:
         num_kv_tokens = num_prompt + request.max_tokens - 1
         if self.sliding_window is not None:
             num_kv_tokens = min(num_kv_tokens,
-                                self.sliding_window + self.max_num_batched_tokens + 2 * self.block_size)
+                                window_kv_tokens(self.sliding_window, self.max_num_batched_tokens, self.block_size))
         capacity = self.kv_cache.num_blocks * self.block_size
         if num_kv_tokens > capacity:
             raise ValueError(

@@ -72,6 +72,8 @@ class Worker:
     # speculative decoding with a draft model (executor/draft_model.py): the scheduler's proposer; None otherwise
     draft_proposer: object = None
     num_cpu_kv_blocks: int = 0  # KV offloading's CPU tier (config.kv_offloading_size)
+    # the model's window when every layer is windowed (its blocks behind the window are given back), else None
+    sliding_window: int | None = None
 
     @property
     def dtype_bytes(self) -> int:
@@ -259,6 +261,7 @@ def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: st
                      dtype: torch.dtype, t0: float, tokenizer_future) -> Worker:
     """Weights, KV sizing and graph capture, while the tokenizer loads in its thread: nothing here
     needs it but the sampler's EOS ids, which are set once it is ready (before any request)."""
+    from pagedserve.core.scheduler import window_kv_tokens
     from pagedserve.executor.compile_log import install, summary_suffix
     from pagedserve.executor.layers import rope_max_positions
     from pagedserve.executor.loader import get_eos_token_ids, load_model
@@ -294,10 +297,9 @@ def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: st
     capacity = num_blocks * config.block_size
     max_model_len = config.max_model_len or model_len
     window = uniform_sliding_window(model)
-    if window is not None:  # every layer windowed: a request holds its window's blocks only (core/scheduler.py)
-        needed = min(max_model_len, window + max_batched + 2 * config.block_size)
-    else:
-        needed = max_model_len
+    needed = max_model_len  # every layer windowed: a request holds its window's blocks only (core/scheduler.py)
+    if window is not None:
+        needed = min(max_model_len, window_kv_tokens(window, max_batched, config.block_size))
     if config.max_model_len is None and capacity < needed:
         # One request must always fit the whole cache, or it could preempt itself forever.
         logger.warning("the KV cache holds %d tokens, less than the model's %d: max_model_len set to %d",
@@ -341,6 +343,7 @@ def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: st
     worker = Worker(config, tokenizer, runner, max_model_len, vocab_size, max_batched, num_blocks, hf_config,
                     device, dtype)
     worker.draft_proposer = proposer
+    worker.sliding_window = window
     if config.kv_offloading_size:
         worker.num_cpu_kv_blocks = add_cpu_kv_tier(config, runner, hf_config)
         logger.info("KV offloading: %d CPU blocks (%.2f GiB) behind the %d device blocks", worker.num_cpu_kv_blocks,
