@@ -399,6 +399,8 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
     moe-test)  # MoE: the grouped-GEMM kernels against torch, then small MoE models through the engine vs Transformers
       timeout 400 python3 -m pytest tests/kernels/test_fused_moe.py tests/gpu/test_moe_gpu.py tests/executor/test_moe.py \
         -q -s -p no:cacheprovider -ra 2>&1 | grep -E "moe:|passed|failed|FAILED|rror" | tail -20 ;;
+    gemma2-diag)  # Gemma 2's mixed step vs Transformers by step and request: caps on / off, Triton vs torch attention
+      timeout 200 python3 scripts/gemma2_diag.py 2>&1 | grep -E "^(triton|torch) " ;;
     attn-test)  # the attention, rotary and norm kernels whole (plain, windowed, soft-capped, partial rotary), then the
       # runner through them vs Transformers (windows, Gemma, Phi-4-mini's rotary)
       timeout 420 python3 -m pytest tests/kernels/test_kernels.py tests/kernels/test_fused_ops.py \
