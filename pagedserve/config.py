@@ -41,6 +41,10 @@ class EngineConfig:
     async_scheduling: bool | None = None
     attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere
     tensor_parallel_size: int = 1
+    # Whole replicas of the engine behind one server (vLLM's --data-parallel-size; pagedserve/data_parallel.py), each
+    # on its own tensor_parallel_size GPUs (on the CPU: its share of the cores). The server only: an LLMEngine is
+    # one replica, and takes the value to know its share of the CPU's cores.
+    data_parallel_size: int = 1
     chat_template: str | None = None  # a file path or the template text itself
     # Default sampling from the model's generation_config.json: "auto", "vllm" (none) or a folder;
     # override: a dict on top (pagedserve/generation_defaults.py).
@@ -111,6 +115,9 @@ class EngineConfig:
             fail(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.tensor_parallel_size < 1:
             fail(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if isinstance(self.data_parallel_size, bool) or not isinstance(self.data_parallel_size, int) \
+                or self.data_parallel_size < 1:
+            fail(f"data_parallel_size must be an integer >= 1, got {self.data_parallel_size!r}")
         if not self.generation_config:
             fail("generation_config must be auto, vllm or a folder")
         if self.override_generation_config is not None and not isinstance(self.override_generation_config, dict):

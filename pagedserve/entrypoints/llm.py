@@ -32,6 +32,9 @@ class LLM:
 
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
         self.config = EngineConfig.from_kwargs(model=model, **engine_args)
+        if self.config.data_parallel_size > 1:
+            raise ValueError("data_parallel_size > 1 is served by `pagedserve serve --data-parallel-size N` (one "
+                             "engine process a replica); LLM runs one replica: start one LLM per device instead")
         self.engine = LLMEngine(self.config)
         self._next_id = 0
 

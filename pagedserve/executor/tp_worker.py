@@ -46,6 +46,12 @@ def stop_tp_workers(procs: list[subprocess.Popen], timeout: float = 30.0) -> Non
             proc.wait()
 
 
+def cpu_threads(config: Any) -> int:
+    """One CPU rank's share of the cores: every rank of every data-parallel replica gets as many."""
+    ranks = config.tensor_parallel_size * getattr(config, "data_parallel_size", 1)
+    return max(1, (os.cpu_count() or 1) // ranks)
+
+
 def tp_device(config: Any, rank: int) -> torch.device:
     """Rank r runs on cuda:r when rank 0 runs on CUDA, else on the CPU with its share of the cores (no thread
     oversubscription between the ranks)."""
@@ -58,7 +64,7 @@ def tp_device(config: Any, rank: int) -> torch.device:
                              f"torch sees {torch.cuda.device_count()}")
         torch.cuda.set_device(rank)
         return torch.device("cuda", rank)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
+    torch.set_num_threads(cpu_threads(config))
     return device
 
 

@@ -146,6 +146,10 @@ def build_worker(config: EngineConfig, on_tokenizer_source: Callable[[str, str |
     dtype = resolve_dtype(config, device)
     if device.type == "cuda":
         torch.empty(1, device=device)  # the CUDA context, here rather than inside the first real op
+    elif config.data_parallel_size > 1 and config.tensor_parallel_size == 1:
+        from pagedserve.executor.tp_worker import cpu_threads
+
+        torch.set_num_threads(cpu_threads(config))  # a data-parallel replica: its share of the cores
     t_device = time.monotonic() - t0
     model_path, tokenizer_folder, gguf_file = resolve_model(config)
     if config.model is None:

@@ -91,6 +91,10 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         help="run the engine's step loop in its own process (default), or in a thread of the server "
         "(--no-engine-process: slower under load, as HTTP work then competes for the GIL)",
     )
+    g.add_argument("--data-parallel-size", "-dp", type=int, default=1, metavar="N",
+                   help="N whole replicas of the engine, each in its own process on its own --tensor-parallel-size "
+                   "GPUs (N x tp GPUs in all; on CPU each takes its share of the cores); a request goes to the "
+                   "replica with the fewest unfinished requests")
 
 
 def add_request_handling_args(g: argparse._ArgumentGroup) -> None:
@@ -121,9 +125,14 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def serve_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    return config_from_args(
-        args, max_queued_requests=args.max_queued_requests, disable_log_stats=args.disable_log_stats
+    config = config_from_args(
+        args, max_queued_requests=args.max_queued_requests, disable_log_stats=args.disable_log_stats,
+        data_parallel_size=getattr(args, "data_parallel_size", 1),
     )
+    if config.data_parallel_size > 1 and not getattr(args, "engine_process", True):
+        raise ValueError("--data-parallel-size runs each replica in its own engine process: it cannot be used with "
+                         "--no-engine-process")
+    return config
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -157,7 +166,8 @@ def enable_stats_logging(config: EngineConfig) -> None:
 
 
 def start_engine_process(config: EngineConfig, args: argparse.Namespace):
-    """Spawns the engine process and returns its ProcessBackend without waiting for it to load."""
+    """Spawns the engine process and returns its ProcessBackend without waiting for it to load (with
+    --data-parallel-size N: a DataParallelBackend over N such processes)."""
     import functools
     import logging
 
@@ -165,8 +175,15 @@ def start_engine_process(config: EngineConfig, args: argparse.Namespace):
     from pagedserve.engine_process import ProcessBackend
 
     enable_stats_logging(config)
+    kwargs = engine_core_kwargs(config, args)
+    if config.data_parallel_size > 1:
+        from pagedserve.data_parallel import DataParallelBackend
+
+        logging.getLogger(__name__).info("starting %d engine processes (data parallelism)", config.data_parallel_size)
+        return DataParallelBackend(
+            config, lambda cfg: ProcessBackend(functools.partial(LLMEngine, cfg), kwargs, wait=False))
     logging.getLogger(__name__).info("starting the engine process")
-    return ProcessBackend(functools.partial(LLMEngine, config), engine_core_kwargs(config, args), wait=False)
+    return ProcessBackend(functools.partial(LLMEngine, config), kwargs, wait=False)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -149,6 +149,15 @@ class _EngineStatsCollector(Collector):
             for position, count in enumerate(spec["accepted_per_position"]):
                 c.add_metric([self.model_name, str(position)], float(count))
             yield c
+        replicas = stats.get("data_parallel")
+        if replicas:  # --data-parallel-size: the families above are the sums; these, each replica's own
+            for key, suffix, help_text in (*_GAUGES, *_COUNTERS):
+                kind = GaugeMetricFamily if (key, suffix, help_text) in _GAUGES else CounterMetricFamily
+                family = kind(self.prefix + "replica_" + suffix, help_text + " One data-parallel replica's.",
+                              labels=[*labels, "engine"])
+                for i, replica in enumerate(replicas):
+                    family.add_metric([self.model_name, str(i)], float(replica.get(key, 0)))
+                yield family
 
 
 class ServerMetrics:

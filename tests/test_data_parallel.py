@@ -1,0 +1,212 @@
+"""DataParallelBackend's routing, accounting and merging against fake replicas (the real thing, two engine
+processes behind a server, is tests/entrypoints/test_server_dp.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from pagedserve.config import EngineConfig
+from pagedserve.data_parallel import DataParallelBackend, merge_stats, replica_devices
+from pagedserve.engine_core import AbortRequests, AddRequest, Refusal, ResetPrefixCache, Stop
+from pagedserve.sampling_params import SamplingParams
+
+
+class FakeReplica:
+    def __init__(self, index: int, env: dict, fail: bool = False) -> None:
+        self.index, self.env, self.fail = index, env, fail
+        self.submitted: list = []
+        self.forgotten: list = []
+        self.stopped = False
+        self.info = None
+        self.post = None
+
+    def wait_ready(self) -> None:
+        if self.fail:
+            raise ValueError(f"replica {self.index} refused its config")
+        self.info = {"model_name": "m", "max_model_len": 64, "vocab_size": 10, "tokenizer": None,
+                     "stats": stats(running=0, total=10 + self.index, free=10 + self.index)}
+
+    def start(self, post) -> None:
+        self.post = post
+
+    def submit(self, item) -> None:
+        self.submitted.append(item)
+
+    def decode(self, deltas):
+        return [("decoded by", self.index, d) for d in deltas]
+
+    def forget(self, ids) -> None:
+        self.forgotten.extend(ids)
+
+    def stop(self, timeout: float) -> None:
+        self.stopped = True
+
+
+def stats(running: int = 0, total: int = 10, free: int = 10, gen: int = 0, **extra) -> dict:
+    return {"num_running": running, "num_waiting": 0, "kv_cache_usage": 1 - free / total, "num_free_blocks": free,
+            "num_total_blocks": total, "prefix_cache_queries": 0, "prefix_cache_hits": 0, "num_preemptions": 0,
+            "prompt_tokens_total": 0, "generation_tokens_total": gen, "kernel_compiles_while_serving": 0, **extra}
+
+
+def make(n: int = 2, fail: set[int] = frozenset(), monkeypatch=None, visible: str | None = None):
+    import os
+
+    replicas: list[FakeReplica] = []
+
+    def factory(config):
+        replicas.append(FakeReplica(len(replicas), dict(os.environ), fail=len(replicas) in fail))
+        return replicas[-1]
+
+    backend = DataParallelBackend(EngineConfig(data_parallel_size=n, tensor_parallel_size=2), factory,
+                                  cuda=visible is not None)
+    return backend, replicas
+
+
+def add(rid: str) -> AddRequest:
+    return AddRequest(rid, [1, 2, 3], SamplingParams(max_tokens=2), 0.0, None)
+
+
+def delta(rid: str, finished: bool) -> tuple:
+    return (rid, None, None, finished, 0, None, [], None, None)
+
+
+def started(n: int = 2):
+    backend, replicas = make(n)
+    backend.wait_ready()
+    posted: list = []
+    backend.start(lambda *args: posted.append(args))
+    return backend, replicas, posted
+
+
+def test_requests_go_to_the_least_loaded_replica_in_turn() -> None:
+    backend, replicas, posted = started(3)
+    for i in range(6):
+        backend.submit(add(f"r{i}"))
+    assert [[x.request_id for x in r.submitted] for r in replicas] == [["r0", "r3"], ["r1", "r4"], ["r2", "r5"]]
+    assert backend.loads == [2, 2, 2]
+    # r1 finishes on replica 1, r5 is refused by replica 2: those two now have room, and take the next two.
+    replicas[1].post("out", [], [delta("r1", True)], stats())
+    replicas[2].post("out", [("r5", Refusal("queue_full", "full", 1))], [], stats())
+    assert backend.loads == [2, 1, 1]
+    backend.submit(add("r6"))
+    backend.submit(add("r7"))
+    assert backend.loads == [2, 2, 2]
+    assert replicas[1].submitted[-1].request_id == "r6" and replicas[2].submitted[-1].request_id == "r7"
+    # An unfinished delta keeps the load; the delta reaches the server tagged with its replica, decoded by it.
+    replicas[0].post("out", [("r0", None)], [delta("r0", False)], stats())
+    kind, acks, outputs, _ = posted[-1]
+    assert (kind, acks, outputs) == ("out", [("r0", None)], (0, [delta("r0", False)]))
+    assert backend.decode(outputs) == [("decoded by", 0, delta("r0", False))]
+    assert backend.loads == [2, 2, 2]
+
+
+def test_aborts_go_to_each_request_s_replica_and_free_its_load() -> None:
+    backend, replicas, _ = started(2)
+    for i in range(4):
+        backend.submit(add(f"r{i}"))
+    backend.forget(["r0", "r1", "zz"])
+    backend.submit(AbortRequests(["r0", "r1", "r3", "unknown"]))
+    assert [x.request_ids for x in replicas[0].submitted if isinstance(x, AbortRequests)] == [["r0"]]
+    assert [x.request_ids for x in replicas[1].submitted if isinstance(x, AbortRequests)] == [["r1", "r3"]]
+    assert backend.loads == [1, 0]
+    assert all(r.forgotten == ["r0", "r1", "zz"] for r in replicas)
+    # A late finished delta of an aborted request does not free the load twice.
+    replicas[1].post("out", [], [delta("r3", True)], stats())
+    assert backend.loads == [1, 0]
+
+
+def test_control_messages_reach_every_replica_and_are_acked_once_all_answered() -> None:
+    backend, replicas, posted = started(3)
+    backend.submit(ResetPrefixCache("t1"))
+    assert all(isinstance(r.submitted[-1], ResetPrefixCache) for r in replicas)
+    replicas[0].post("out", [("t1", None)], [], stats())
+    replicas[2].post("out", [("t1", None)], [], stats())
+    assert all(p[1] == [] for p in posted)  # held back
+    replicas[1].post("out", [("t1", None)], [], stats())
+    assert posted[-1][1] == [("t1", None)]
+    backend.submit(ResetPrefixCache("t2"))
+    no = Refusal("invalid", "busy")
+    for i, refusal in ((0, None), (1, no), (2, None)):
+        replicas[i].post("out", [("t2", refusal)], [], stats())
+    assert posted[-1][1] == [("t2", no)]
+    assert backend.loads == [0, 0, 0]
+    backend.submit(Stop())
+    assert all(isinstance(r.submitted[-1], Stop) for r in replicas)
+
+
+def test_stats_are_merged_and_kept_per_replica() -> None:
+    backend, replicas, posted = started(2)
+    assert backend.info["stats"]["num_total_blocks"] == 21 and backend.info["data_parallel_size"] == 2
+    replicas[0].post("out", [], [], stats(running=3, total=10, free=2, gen=7))
+    replicas[1].post("out", [], [], stats(running=1, total=30, free=30, gen=5))
+    merged = posted[-1][3]
+    assert (merged["num_running"], merged["num_total_blocks"], merged["num_free_blocks"]) == (4, 40, 32)
+    assert merged["generation_tokens_total"] == 12
+    assert merged["kv_cache_usage"] == pytest.approx(8 / 40)
+    assert [s["generation_tokens_total"] for s in merged["data_parallel"]] == [7, 5]
+
+
+def test_merge_stats_sums_drafting_counters_and_unites_adapter_names() -> None:
+    a = stats(running_lora_adapters=["x"], waiting_lora_adapters=[], max_loras=4,
+              spec_decode={"num_drafts": 2, "num_draft_tokens": 8, "num_accepted_tokens": 6,
+                           "accepted_per_position": [2, 2, 1, 1]})
+    b = stats(running_lora_adapters=["y", "x"], waiting_lora_adapters=["z"], max_loras=4,
+              spec_decode={"num_drafts": 2, "num_draft_tokens": 4, "num_accepted_tokens": 0,
+                           "accepted_per_position": [0, 0]})
+    m = merge_stats([a, b])
+    assert m["running_lora_adapters"] == ["x", "y"] and m["waiting_lora_adapters"] == ["z"]
+    spec = m["spec_decode"]
+    assert (spec["num_drafts"], spec["num_draft_tokens"], spec["num_accepted_tokens"]) == (4, 12, 6)
+    assert spec["acceptance_rate"] == pytest.approx(0.5) and spec["mean_acceptance_length"] == pytest.approx(2.5)
+    assert spec["accepted_per_position"] == [2, 2, 1, 1]
+
+
+def test_one_dead_replica_is_told_once() -> None:
+    backend, replicas, posted = started(2)
+    replicas[1].post("dead", RuntimeError("the engine process exited (exit code -9)"))
+    replicas[0].post("dead", RuntimeError("gone too"))
+    dead = [p for p in posted if p[0] == "dead"]
+    assert len(dead) == 1 and "replica 1" in str(dead[0][1]) and "exit code -9" in str(dead[0][1])
+
+
+def test_a_replica_that_fails_to_start_stops_the_others() -> None:
+    backend, replicas = make(3, fail={1})
+    with pytest.raises(ValueError, match="replica 1 refused"):
+        backend.wait_ready()
+    assert all(r.stopped for r in replicas)
+
+
+def test_each_replica_sees_its_own_gpus() -> None:
+    assert replica_devices(0, 2, None) == "0,1" and replica_devices(1, 2, None) == "2,3"
+    assert replica_devices(1, 1, "4,5,6") == "5" and replica_devices(1, 2, "3, 7,1,2") == "1,2"
+    _, replicas = make(2, visible="")
+    assert [r.env["CUDA_VISIBLE_DEVICES"] for r in replicas] == ["0,1", "2,3"]
+
+
+def test_configuration_errors() -> None:
+    from pagedserve.entrypoints.openai.cli_serve import add_serve_args, serve_config_from_args
+    from pagedserve.executor.tp_worker import cpu_threads
+
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="data_parallel_size"):
+            EngineConfig(data_parallel_size=bad)
+    with pytest.raises(ValueError, match="needs data_parallel_size >= 2"):
+        DataParallelBackend(EngineConfig(), lambda c: None, cuda=False)
+    parser = add_serve_args(argparse.ArgumentParser())
+    args = parser.parse_args(["m", "-dp", "2", "--no-engine-process"])
+    with pytest.raises(ValueError, match="--no-engine-process"):
+        serve_config_from_args(args)
+    config = serve_config_from_args(parser.parse_args(["m", "--data-parallel-size", "3"]))
+    assert config.data_parallel_size == 3
+    import os
+
+    assert cpu_threads(EngineConfig(data_parallel_size=2, tensor_parallel_size=2)) == max(1, (os.cpu_count() or 1) // 4)
+
+
+def test_llm_refuses_data_parallelism() -> None:
+    from pagedserve.entrypoints.llm import LLM
+
+    with pytest.raises(ValueError, match="--data-parallel-size"):
+        LLM("unused", data_parallel_size=2)
