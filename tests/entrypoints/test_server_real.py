@@ -731,6 +731,42 @@ def test_runtime_lora_routes_are_off_by_default(server) -> None:
 
 
 # --------------------------------------------------------------------------- acceptance 6 (runs last)
+def test_return_token_ids_whole_and_streamed(server, model, hf_tokenizer) -> None:
+    """vLLM's return_token_ids: the templated prompt's ids and each choice's ids (their text decodes from them);
+    streamed, the prompt's in the first chunk only and the chunks' ids adding up to the whole answer's."""
+    url = server.base_url + "/v1"
+    chat = {"model": model, "messages": MESSAGES, "max_tokens": 12, "temperature": 0, "return_token_ids": True}
+    whole = httpx.post(url + "/chat/completions", json=chat, timeout=120).json()
+    expected_prompt = hf_tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True)
+    expected_prompt = list(getattr(expected_prompt, "input_ids", expected_prompt))
+    assert whole["prompt_token_ids"] == expected_prompt
+    ids = whole["choices"][0]["token_ids"]
+    assert len(ids) == whole["usage"]["completion_tokens"] == 12
+    assert hf_tokenizer.decode(ids, skip_special_tokens=True) == whole["choices"][0]["message"]["content"]
+    with httpx.stream("POST", url + "/chat/completions", json={**chat, "stream": True}, timeout=120) as r:
+        events = [e for e in sse_events(r) if e != "[DONE]"]
+    assert events[0]["prompt_token_ids"] == expected_prompt
+    assert all("prompt_token_ids" not in e for e in events[1:])
+    assert [t for e in events for t in e["choices"][0]["token_ids"]] == ids
+    plain = httpx.post(url + "/chat/completions", json={**chat, "return_token_ids": False}, timeout=120).json()
+    assert "prompt_token_ids" not in plain and "token_ids" not in plain["choices"][0]
+
+    prompts = ["def add(a, b):", "import os"]
+    body = {"model": model, "prompt": prompts, "max_tokens": 6, "temperature": 0, "return_token_ids": True}
+    whole = httpx.post(url + "/completions", json=body, timeout=120).json()
+    by_index = sorted(whole["choices"], key=lambda c: c["index"])
+    for prompt, choice in zip(prompts, by_index, strict=True):
+        assert choice["prompt_token_ids"] == hf_tokenizer.encode(prompt)
+        assert hf_tokenizer.decode(choice["token_ids"], skip_special_tokens=True) == choice["text"]
+    with httpx.stream("POST", url + "/completions", json={**body, "stream": True}, timeout=120) as r:
+        events = [e for e in sse_events(r) if e != "[DONE]"]
+    for i, prompt in enumerate(prompts):
+        mine = [e["choices"][0] for e in events if e["choices"][0]["index"] == i]
+        assert mine[0]["prompt_token_ids"] == hf_tokenizer.encode(prompt)
+        assert all("prompt_token_ids" not in c for c in mine[1:])
+        assert [t for c in mine for t in c["token_ids"]] == by_index[i]["token_ids"]
+
+
 def test_zz_sigterm_lets_in_flight_requests_finish(server, model) -> None:
     """Stops the module's server: keep it the last test of this file."""
     results: list = []

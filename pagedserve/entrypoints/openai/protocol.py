@@ -75,6 +75,9 @@ class SamplingFields(OpenAIBaseModel):
     min_tokens: Int | None = Field(default=0, ge=0)
     ignore_eos: bool | None = False
     priority: Int | None = Field(default=0, description="with --scheduling-policy priority: lower runs first")
+    return_token_ids: bool | None = Field(
+        default=None, description="vLLM's: the prompt's token ids (prompt_token_ids) and each choice's (token_ids) "
+        "beside the text; streamed: the prompt's in the first chunk, each chunk's new ids in its choice")
     return_tokens_as_token_ids: bool | None = Field(
         default=None, description='logprobs tokens as "token_id:N" (default: --return-tokens-as-token-ids)')
     cache_salt: str | None = Field(default=None, min_length=1,

@@ -125,6 +125,7 @@ class OpenAIServingChat:
             # A constraint the engine could not compile: the field it came from (a tool's parameters: "tools").
             raise engine_error(e, structured_outputs_of(req)[1] or ("tools" if constraint is not None else None)) from e
         ctx = _ChatContext(request_id, model_name, now_created(), len(prompt_ids), params, req, mode)
+        ctx.prompt_token_ids = prompt_ids
         # A constrained answer (response_format, structured_outputs, a forced tool call) is held to its grammar
         # from the first token: it is all answer, never reasoning.
         ctx.reasoning = self.reasoning_parser if params.structured_outputs is None else None
@@ -267,6 +268,7 @@ class OpenAIServingChat:
                     "logprobs": logprobs,
                     "finish_reason": finish_reason,
                     "stop_reason": out.stop_reason,
+                    **({"token_ids": list(out.token_ids)} if ctx.req.return_token_ids else {}),
                 }
             )
         body = {
@@ -278,6 +280,8 @@ class OpenAIServingChat:
             "usage": usage_dict(ctx.num_prompt_tokens, num_completion),
             "system_fingerprint": None,
         }
+        if ctx.req.return_token_ids:
+            body["prompt_token_ids"] = list(ctx.prompt_token_ids)
         if ctx.req.prompt_logprobs is not None:  # vLLM's field, for the templated prompt's tokens
             body["prompt_logprobs"] = prompt_logprobs_json(final.prompt_logprobs,
                                                            token_strings_for(ctx.req, self.token_strings,
@@ -297,8 +301,20 @@ class OpenAIServingChat:
             "model": ctx.model_name,
         }
 
-        def chunk(choice: dict, usage: dict | None = None) -> str:
+        return_ids = bool(ctx.req.return_token_ids)
+        sent_ids = [0] * n
+        first = [True]
+
+        def chunk(choice: dict, usage: dict | None = None, out: CompletionOutput | None = None) -> str:
             obj = {**base, "choices": [choice]}
+            if return_ids:  # the prompt's ids in the first chunk; a choice's ids not yet sent in its next chunk
+                if first[0]:
+                    obj["prompt_token_ids"], first[0] = list(ctx.prompt_token_ids), False
+                i = choice["index"]
+                new_ids = [] if out is None else list(out.token_ids[sent_ids[i]:])
+                if out is not None:
+                    sent_ids[i] = len(out.token_ids)
+                choice["token_ids"] = new_ids
             if include_usage:
                 obj["usage"] = usage
             return sse(obj)
@@ -369,7 +385,7 @@ class OpenAIServingChat:
                                     "logprobs": logprobs if k == 0 else None,
                                     "finish_reason": None,
                                 },
-                                usage,
+                                usage, out,
                             )
                     if out.finish_reason is not None:
                         finished[i] = True
@@ -378,11 +394,11 @@ class OpenAIServingChat:
                             pieces = thinking[i].finish()
                             for delta in answer_deltas(i, pieces) if pieces else []:
                                 yield chunk({"index": i, "delta": delta, "logprobs": None, "finish_reason": None},
-                                            usage)
+                                            usage, out)
                         if tool_streams is not None:
                             for delta in tool_streams[i].finish():
                                 yield chunk({"index": i, "delta": delta, "logprobs": None, "finish_reason": None},
-                                            usage)
+                                            usage, out)
                             finish_reason = tool_streams[i].finish_reason(out)
                         yield chunk(
                             {
@@ -392,7 +408,7 @@ class OpenAIServingChat:
                                 "finish_reason": finish_reason,
                                 "stop_reason": out.stop_reason,
                             },
-                            usage,
+                            usage, out,
                         )
             if include_usage:
                 yield sse({**base, "choices": [], "usage": usage_dict(ctx.num_prompt_tokens, sum(num_completion))})
@@ -406,7 +422,8 @@ class OpenAIServingChat:
 
 
 class _ChatContext:
-    __slots__ = ("request_id", "model_name", "created", "num_prompt_tokens", "params", "req", "mode", "reasoning")
+    __slots__ = ("request_id", "model_name", "created", "num_prompt_tokens", "params", "req", "mode", "reasoning",
+                 "prompt_token_ids")
 
     def __init__(
         self,
@@ -426,6 +443,7 @@ class _ChatContext:
         self.req = req
         self.mode = mode
         self.reasoning: str | None = None  # the reasoning parser that splits this request's answers
+        self.prompt_token_ids: list[int] = []  # the templated prompt's ids (return_token_ids)
 
 
 def message_of(out: CompletionOutput, mode: ToolMode, reasoning_parser: str | None = None

@@ -240,6 +240,9 @@ class OpenAIServingCompletion:
                 }
                 if prompt_logprobs is not None:
                     choice["prompt_logprobs"] = prompt_logprobs
+                if ctx.req.return_token_ids:  # vLLM's: the choice's prompt and generated ids
+                    choice["prompt_token_ids"] = list(ctx.prompts[p][1])
+                    choice["token_ids"] = [] if ctx.echo_only else list(out.token_ids)
                 choices.append(choice)
         body = {
             "id": ctx.request_id,
@@ -270,6 +273,8 @@ class OpenAIServingCompletion:
         echoed = [not ctx.req.echo] * num_choices
         finished = [False] * num_choices
         num_completion = [0] * num_choices
+        sent_ids = [0] * num_choices  # return_token_ids: generated ids sent so far
+        ids_started = [False] * num_choices
 
         def chunk(choice: dict) -> str:
             obj = {**base, "choices": [choice]}
@@ -302,6 +307,7 @@ class OpenAIServingCompletion:
                         if prompt_entries:  # the prompt's logprobs lead the first chunk's, offsets from 0
                             new_lps, text_offset[i] = prompt_entries + (new_lps or []), 0
                     last = out.finish_reason is not None
+                    new_ids = [] if ctx.echo_only else out.token_ids[sent_ids[i]:]
                     if delta_text or new_lps or last:
                         sent_text[i] = len(out_text)
                         logprobs = None
@@ -311,15 +317,19 @@ class OpenAIServingCompletion:
                                                                       ctx.req)
                         if last:
                             finished[i] = True
-                        yield chunk(
-                            {
-                                "index": i,
-                                "text": delta_text,
-                                "logprobs": logprobs,
-                                "finish_reason": out.finish_reason,
-                                "stop_reason": out.stop_reason if last else None,
-                            }
-                        )
+                        choice = {
+                            "index": i,
+                            "text": delta_text,
+                            "logprobs": logprobs,
+                            "finish_reason": out.finish_reason,
+                            "stop_reason": out.stop_reason if last else None,
+                        }
+                        if ctx.req.return_token_ids:  # the prompt's ids in a choice's first chunk, then new ids
+                            if not ids_started[i]:
+                                choice["prompt_token_ids"], ids_started[i] = list(ctx.prompts[p][1]), True
+                            choice["token_ids"] = list(new_ids)
+                            sent_ids[i] += len(new_ids)
+                        yield chunk(choice)
             if include_usage:
                 yield sse({**base, "choices": [], "usage": usage_dict(ctx.num_prompt_tokens, sum(num_completion))})
         except Exception as e:
