@@ -719,6 +719,17 @@ class LLMEngine:
     def get_num_unfinished_requests(self) -> int:
         return len(self._requests)
 
+    def load_weights(self, weights: Any) -> int:
+        """New weights between generations (Worker.load_weights: a safetensors folder, a dict or (name, tensor)
+        pairs, by checkpoint names), then the prefix cache forgotten (its blocks hold the old weights' keys and
+        values). ValueError while requests are unfinished. Returns how many tensors were applied."""
+        if self.has_unfinished_requests():
+            raise ValueError("load_weights: requests are unfinished; update weights between generations")
+        try:
+            return self.worker.load_weights(weights)
+        finally:
+            self.reset_prefix_cache()  # also after a partial update that raised
+
     def reset_prefix_cache(self) -> bool:
         """Forgets every cached prefix (the CPU tier's too), e.g. after new weights; False while requests hold
         blocks."""

@@ -46,6 +46,14 @@ class LLM:
         """The engine (vLLM's name for it; `engine` here)."""
         return self.engine
 
+    def load_weights(self, weights: Any) -> int:
+        """New values for the model's weights between generations (e.g. a policy update in RL training): a folder
+        of safetensors, a dict or (name, tensor) pairs, named as in the model's checkpoint (a Transformers model's
+        named_parameters() / state_dict()), any dtype or device; a subset is fine. The prefix cache is forgotten
+        after. Returns how many tensors were applied; ValueError for unknown names or shapes, quantized models,
+        tensor parallelism, or while requests are unfinished."""
+        return self.engine.load_weights(weights)
+
     def reset_prefix_cache(self) -> bool:
         """Forgets every cached prefix (the CPU tier's too), e.g. after new weights; False while requests run."""
         return self.engine.reset_prefix_cache()

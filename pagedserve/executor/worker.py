@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -101,6 +102,48 @@ class Worker:
             if lora_manager is not None:
                 message.lora_loads = lora_manager.take_loads()
             broadcast_object(message)
+
+    def load_weights(self, weights: Any) -> int:
+        """New values for some or all of the model's weights, named as in its checkpoint (Transformers' names),
+        copied in place (CUDA graphs keep their pointers): `weights` is a folder of safetensors, a dict, or
+        (name, tensor) pairs, in any dtype and on any device. Returns how many tensors were applied. ValueError for
+        a model whose weights were transformed at load (fp8 / 4-bit projections, KV scales folded in for an fp8
+        cache), with tensor parallelism, or for names the model lacks or shapes it does not have."""
+        model = self.runner.model
+        if self.tp_procs:
+            raise ValueError("load_weights: not with tensor parallelism yet (ranks 1..N-1 hold their own slices)")
+        if getattr(model, "quantization", None) is not None:
+            raise ValueError(f"load_weights: this model holds its projections as {model.quantization} (quantized at "
+                             "load); updates need a model served in its own dtype")
+        if self.config.kv_cache_dtype != "auto":
+            raise ValueError("load_weights: with an fp8 KV cache the checkpoint's KV scales are folded into the "
+                             "weights at load; updates need kv_cache_dtype auto")
+        if isinstance(weights, (str, os.PathLike)):
+            from pagedserve.executor.loader import iterate_safetensors
+
+            weights = iterate_safetensors(os.fspath(weights), self.device)
+        elif isinstance(weights, dict):
+            weights = weights.items()
+        count = [0]
+
+        def counted():
+            for name, tensor in weights:
+                if not isinstance(tensor, torch.Tensor):
+                    raise ValueError(f"load_weights: {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
+                count[0] += 1
+                yield name, tensor
+
+        with torch.no_grad():
+            model.load_weights(counted())
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        skipped = model.skipped_weights
+        if skipped:
+            shown = ", ".join(repr(n) for n in skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5
+                                                               else "")
+            raise ValueError(f"load_weights: the model has no weight named {shown}; the other "
+                             f"{count[0] - len(skipped)} tensors were applied")
+        return count[0]
 
     def close(self) -> None:
         """Ends the tensor-parallel ranks (a no-op with one rank); the worker takes no steps after it."""

@@ -370,9 +370,10 @@ class DecoderForCausalLM(nn.Module):
         """Copy HF-named tensors into this model (any dtype/device); return the param names filled.
 
         Rotary `inv_freq` buffers are skipped (recomputed from the config), as is `lm_head.weight`
-        when embeddings are tied. Unknown names are logged and skipped; the caller checks that
-        nothing is missing.
+        when embeddings are tied. Unknown names are logged, skipped and kept in `self.skipped_weights`; the caller
+        checks that nothing is missing.
         """
+        self.skipped_weights: list[str] = []
         params = dict(self.named_parameters())
         merged_modules = {name: m for name, m in self.named_modules() if isinstance(m, MergedLinear)}
         linears = {name: m for name, m in self.named_modules() if isinstance(m, Linear)}
@@ -389,6 +390,7 @@ class DecoderForCausalLM(nn.Module):
                 module = attention.get(kv_scale.group(1))
                 if module is None:
                     logger.warning("skipping checkpoint tensor %s: no such attention layer", name)
+                    self.skipped_weights.append(name)
                     continue
                 if tensor.numel() != 1:
                     raise ValueError(f"{name}: a KV-cache scale must be one value per layer, got shape "
@@ -399,7 +401,7 @@ class DecoderForCausalLM(nn.Module):
             if self.tie_word_embeddings and name == "lm_head.weight":
                 continue
             name = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's MoE block
-            if self._load_expert(name, tensor, experts):
+            if self._load_expert(name, tensor, experts, self.skipped_weights):
                 continue
             tensor = tp_slice(name, tensor)
             # fp8 checkpoints: a projection whose weight (or scale) is fp8 is stored so, with a scale per row
@@ -410,6 +412,7 @@ class DecoderForCausalLM(nn.Module):
                     module = merged_modules.get(module_name)
                     if module is None:
                         logger.warning("skipping checkpoint tensor %s: no such parameter", name)
+                        self.skipped_weights.append(name)
                         break
                     if fp8:
                         module.use_fp8_storage()
@@ -437,6 +440,7 @@ class DecoderForCausalLM(nn.Module):
                 param = params.get(name)
                 if param is None:
                     logger.warning("skipping checkpoint tensor %s: no such parameter", name)
+                    self.skipped_weights.append(name)
                     continue
                 if param.shape != tensor.shape:
                     raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} does not match the "
@@ -459,7 +463,7 @@ class DecoderForCausalLM(nn.Module):
 
 
     @staticmethod
-    def _load_expert(name: str, tensor: torch.Tensor, experts: dict[str, MoEExperts]) -> bool:
+    def _load_expert(name: str, tensor: torch.Tensor, experts: dict[str, MoEExperts], skipped: list[str]) -> bool:
         """Whether `name` is an MoE expert tensor (then loaded into its layer's stacked experts)."""
         key = expert_key(name)
         stacked = STACKED_EXPERTS.match(name) if key is None else None
@@ -469,6 +473,7 @@ class DecoderForCausalLM(nn.Module):
         module = experts.get(block + ".experts")
         if module is None:
             logger.warning("skipping checkpoint tensor %s: no such MoE layer", name)
+            skipped.append(name)
         elif key is not None:
             module.load_part(key[1], key[2], tensor)
         else:
