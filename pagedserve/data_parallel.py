@@ -9,8 +9,14 @@ Each replica is an engine process of its own (engine_process.py) with its own KV
 (CUDA_VISIBLE_DEVICES set while it is spawned), on the CPU it takes its share of the cores. A replica serves a
 whole request (every choice of n > 1 with it, so they share their prompt's blocks).
 
-Routing: a new request goes to the replica with the fewest unfinished requests (counted here: added, not yet
-finished, refused or aborted), ties to the next one after the replica chosen last. Control messages
+Routing (cache-aware, the default): the router remembers, per replica, the block hashes of the prompts it sent
+there (a chain over full blocks of block_size tokens, rooted in the request's cache salt and LoRA adapter, as the
+engines' prefix caches key theirs; an LRU of as many blocks as that replica's cache holds). A new request goes to the
+replica holding the longest run of its leading blocks, unless that replica has more than `slack` unfinished requests
+beyond the least loaded one (slack: a quarter of the least load, at least 2); then, as with `least-loaded` routing,
+to the replica with the fewest unfinished requests (counted here: added, not yet finished, refused or aborted), ties
+to the next one after the replica chosen last. So a conversation's next turn, the beams of a beam search and the
+requests of one long shared prompt land where their prefix is cached, and load stays balanced. Control messages
 (ResetPrefixCache) go to every replica and are acknowledged once all have answered (refused if any refused). The
 merged stats sum the replicas' counts, so /metrics and the stats line read as one engine's; "data_parallel" keeps
 each replica's own snapshot. A replica that dies takes the server down with it (as one engine would), and its
@@ -22,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -62,6 +69,41 @@ def merge_stats(snapshots: list[dict]) -> dict:
         merged["spec_decode"] = {**since(counts), "accepted_per_position": per_position}
     merged["data_parallel"] = [{k: v for k, v in s.items() if k != "data_parallel"} for s in snapshots]
     return merged
+
+
+ROUTING = ("cache-aware", "least-loaded")
+
+
+def block_hashes(prompt: list[int], block_size: int, root: object = None) -> list[int]:
+    """Chained hashes of the prompt's full blocks (each over the one before and its block's tokens)."""
+    out, h = [], hash(("pagedserve-dp", root))
+    for start in range(0, len(prompt) - block_size + 1, block_size):
+        h = hash((h, tuple(prompt[start:start + block_size])))
+        out.append(h)
+    return out
+
+
+class _ReplicaPrefixes:
+    """The block hashes a replica was last sent, least recently sent first, at most `capacity` of them."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self.hashes: OrderedDict[int, None] = OrderedDict()
+
+    def matched(self, hashes: list[int]) -> int:
+        n = 0
+        for h in hashes:
+            if h not in self.hashes:
+                break
+            n += 1
+        return n
+
+    def add(self, hashes: list[int]) -> None:
+        for h in hashes:
+            self.hashes[h] = None
+            self.hashes.move_to_end(h)
+        while len(self.hashes) > self.capacity:
+            self.hashes.popitem(last=False)
 
 
 def replica_devices(replica: int, tensor_parallel_size: int, visible: str | None) -> str:
@@ -111,10 +153,16 @@ class DataParallelBackend:
     without waiting (ProcessBackend(..., wait=False)); it is called once per replica with the environment that
     replica's process must see."""
 
-    def __init__(self, config: Any, make_backend: Callable[[Any], Any], *, cuda: bool | None = None) -> None:
+    def __init__(self, config: Any, make_backend: Callable[[Any], Any], *, cuda: bool | None = None,
+                 routing: str = "cache-aware") -> None:
         size = config.data_parallel_size
         if size < 2:
             raise ValueError(f"DataParallelBackend needs data_parallel_size >= 2, got {size}")
+        if routing not in ROUTING:
+            raise ValueError(f"data-parallel routing must be one of {ROUTING}, got {routing!r}")
+        self.routing = routing
+        self.block_size = config.block_size
+        self._prefixes: list[_ReplicaPrefixes] = []
         cuda = check_gpu_count(config) if cuda is None else cuda
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         self.replicas: list[Any] = []
@@ -151,6 +199,7 @@ class DataParallelBackend:
             raise
         infos = [replica.info for replica in self.replicas]
         self._stats = [info["stats"] for info in infos]
+        self._prefixes = [_ReplicaPrefixes(int(s.get("num_total_blocks", 0))) for s in self._stats]
         self.info = {**infos[0], "stats": merge_stats(self._stats), "data_parallel_size": len(self.replicas)}
 
     def start(self, post: Callable[..., None]) -> None:
@@ -161,10 +210,12 @@ class DataParallelBackend:
     # ------------------------------------------------------------------ requests
     def submit(self, item: Any) -> None:
         if isinstance(item, AddRequest):
+            hashes = []
+            if self.routing == "cache-aware" and isinstance(item.prompt, list):
+                lora = getattr(item.lora_request, "lora_name", None)
+                hashes = block_hashes(item.prompt, self.block_size, (item.cache_salt, lora))
             with self._lock:
-                least, n = min(self._load), len(self._load)
-                i = next(j % n for j in range(self._last + 1, self._last + 1 + n) if self._load[j % n] == least)
-                self._last = i
+                i = self._route(hashes)
                 self._owner[item.request_id] = i
                 self._load[i] += 1
             self.replicas[i].submit(item)
@@ -186,6 +237,22 @@ class DataParallelBackend:
         else:  # Stop, and any other message every replica must see
             for replica in self.replicas:
                 replica.submit(item)
+
+    def _route(self, hashes: list[int]) -> int:
+        """The replica for a request whose prompt's block hashes are `hashes` (see the module's docstring)."""
+        least, n = min(self._load), len(self._load)
+        chosen = None
+        if hashes and self._prefixes:
+            matched = [p.matched(hashes) for p in self._prefixes]
+            best = max(range(n), key=lambda j: (matched[j], -self._load[j]))
+            if matched[best] > 0 and self._load[best] <= least + max(2, least // 4):
+                chosen = best
+        if chosen is None:
+            chosen = next(j % n for j in range(self._last + 1, self._last + 1 + n) if self._load[j % n] == least)
+            self._last = chosen
+        if hashes and self._prefixes:
+            self._prefixes[chosen].add(hashes)
+        return chosen
 
     def decode(self, outputs: tuple[int, Any]) -> list:
         i, deltas = outputs

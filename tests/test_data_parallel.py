@@ -210,3 +210,52 @@ def test_llm_refuses_data_parallelism() -> None:
 
     with pytest.raises(ValueError, match="--data-parallel-size"):
         LLM("unused", data_parallel_size=2)
+
+
+def test_cache_aware_routing_follows_prompt_prefixes_within_the_load_slack() -> None:
+    backend, replicas, posted = started(2)  # block_size 16 (EngineConfig's default)
+    system = list(range(100, 148))  # three full blocks
+
+    def send(rid: str, prompt: list[int], salt: str | None = None) -> int:
+        backend.submit(AddRequest(rid, prompt, SamplingParams(max_tokens=2), 0.0, None, cache_salt=salt))
+        return next(i for i, r in enumerate(replicas) if r.submitted and r.submitted[-1].request_id == rid)
+
+    first = send("a", system + [1, 2])
+    other = 1 - first
+    assert send("b", list(range(500, 540))) == other  # no shared prefix: the least loaded
+    assert send("c", system + [3]) == first  # two turns of one conversation: where its blocks are
+    assert send("d", system[:32] + [7] * 20) == first  # its first two blocks match
+    assert send("e", system, salt="tenant-2") == other  # another salt's blocks are not shared
+    # Loads now 3 / 2: while the matching replica is at most 2 above the least loaded, it wins; beyond, the least
+    # loaded takes the request.
+    assert send("f", system) == first and backend.loads == [4, 2][::1 if first == 0 else -1]
+    assert send("g", system) == first  # 4 <= 2 + 2
+    assert send("h", system) == other  # 5 > 2 + 2
+    # Both replicas now hold the system prompt: the equal match goes to the less loaded one.
+    assert send("i", system + [9]) == other
+
+
+def test_least_loaded_routing_ignores_prefixes() -> None:
+    backend, replicas = make(2)
+    backend.routing = "least-loaded"
+    backend.wait_ready()
+    backend.start(lambda *args: None)
+    prompt = list(range(100, 148))
+    for rid in "abcd":
+        backend.submit(AddRequest(rid, prompt, SamplingParams(max_tokens=2), 0.0, None))
+    assert [len(r.submitted) for r in replicas] == [2, 2]
+    with pytest.raises(ValueError, match="routing"):
+        DataParallelBackend(EngineConfig(data_parallel_size=2), lambda c: None, cuda=False, routing="random")
+
+
+def test_a_replica_remembers_at_most_its_cache_s_blocks() -> None:
+    from pagedserve.data_parallel import _ReplicaPrefixes, block_hashes
+
+    prefixes = _ReplicaPrefixes(capacity=3)
+    a, b = block_hashes(list(range(64)), 16), block_hashes(list(range(64, 96)), 16)
+    assert len(a) == 4 and block_hashes(list(range(63)), 16) == a[:3]
+    prefixes.add(a)
+    assert prefixes.matched(a) == 0  # its first block was evicted (4 > 3): no run from the start
+    prefixes.add(a[:1])
+    assert prefixes.matched(a) == 1 and prefixes.matched(b) == 0
+    assert block_hashes(list(range(64)), 16, root=("salt", None)) != a

@@ -117,6 +117,24 @@ def test_parallel_sampling_aborts_and_reset_leave_no_blocks_held(server) -> None
     assert m["pagedserve:num_free_kv_blocks"] == m["pagedserve:num_total_kv_blocks"]
 
 
+def test_a_conversation_s_turns_go_where_its_prefix_is_cached(server) -> None:
+    """Cache-aware routing: the same long prompt sent four times, one after another (both replicas idle each time,
+    so least-loaded routing would alternate them), lands on one replica: three prefix hits of its full blocks."""
+    model = httpx.get(server.base_url + "/v1/models").json()["data"][0]["id"]
+    prompt = list(range(1000, 1100))  # 100 tokens: 6 full blocks of 16
+    before = metrics(server)
+    for _ in range(4):
+        r = httpx.post(server.base_url + "/v1/completions", timeout=60,
+                       json={"model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0})
+        assert r.status_code == 200, r.text
+    after = metrics(server)
+    hits = after["pagedserve:prefix_cache_hits_total"] - before["pagedserve:prefix_cache_hits_total"]
+    assert hits >= 3 * 96, hits
+    served = [after[f'pagedserve:replica_prompt_tokens_total{{engine="{i}"}}']
+              - before[f'pagedserve:replica_prompt_tokens_total{{engine="{i}"}}'] for i in (0, 1)]
+    assert sorted(served) == [0, 400], served
+
+
 def test_zz_a_dead_replica_takes_the_server_to_503(server) -> None:
     pids = replica_pids(server)
     os.kill(pids[-1], signal.SIGKILL)

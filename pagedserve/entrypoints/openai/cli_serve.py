@@ -95,6 +95,10 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                    help="N whole replicas of the engine, each in its own process on its own --tensor-parallel-size "
                    "GPUs (N x tp GPUs in all; on CPU each takes its share of the cores); a request goes to the "
                    "replica with the fewest unfinished requests")
+    g.add_argument("--data-parallel-routing", default="cache-aware", choices=["cache-aware", "least-loaded"],
+                   help="with --data-parallel-size: cache-aware (default) sends a request to the replica that was sent "
+                   "the longest run of its prompt's leading blocks, while that replica's load stays within a quarter "
+                   "(at least 2 requests) of the least loaded; least-loaded: the fewest unfinished requests only")
 
 
 def add_request_handling_args(g: argparse._ArgumentGroup) -> None:
@@ -181,7 +185,8 @@ def start_engine_process(config: EngineConfig, args: argparse.Namespace):
 
         logging.getLogger(__name__).info("starting %d engine processes (data parallelism)", config.data_parallel_size)
         return DataParallelBackend(
-            config, lambda cfg: ProcessBackend(functools.partial(LLMEngine, cfg), kwargs, wait=False))
+            config, lambda cfg: ProcessBackend(functools.partial(LLMEngine, cfg), kwargs, wait=False),
+            routing=getattr(args, "data_parallel_routing", "cache-aware"))
     logging.getLogger(__name__).info("starting the engine process")
     return ProcessBackend(functools.partial(LLMEngine, config), kwargs, wait=False)
 
