@@ -351,6 +351,13 @@ class AsyncEngine:
             self._deliver(acks, self._backend.decode(outputs), stats)
         elif fn_name == "dead":
             self._fail_all(args[0])
+        elif fn_name == "fail":  # some requests lost (a data-parallel replica died); the engine goes on
+            request_ids, error = args
+            for rid in request_ids:
+                stream = self._streams.pop(rid, None)
+                if stream is not None:
+                    stream._fail(error)
+            self._backend.forget(request_ids)
 
     def _deliver(self, acks: list[Ack], outputs: list[RequestOutput], stats: dict) -> None:
         self.stats = stats
@@ -394,7 +401,7 @@ def _refusal_error(refusal: Refusal) -> Exception:
 
 
 # --------------------------------------------------------------------------- backends
-Post = Callable[..., None]  # post("out", acks, outputs, stats) | post("dead", error)
+Post = Callable[..., None]  # post("out", acks, outputs, stats) | post("dead", error) | post("fail", request_ids, error)
 
 
 class _Backend(Protocol):

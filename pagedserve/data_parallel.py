@@ -18,9 +18,14 @@ to the replica with the fewest unfinished requests (counted here: added, not yet
 to the next one after the replica chosen last. So a conversation's next turn, the beams of a beam search and the
 requests of one long shared prompt land where their prefix is cached, and load stays balanced. Control messages
 (ResetPrefixCache) go to every replica and are acknowledged once all have answered (refused if any refused). The
-merged stats sum the replicas' counts, so /metrics and the stats line read as one engine's; "data_parallel" keeps
-each replica's own snapshot. A replica that dies takes the server down with it (as one engine would), and its
-requests fail with the engine-dead error.
+merged stats sum the live replicas' counts, so /metrics and the stats line read as one engine's; "data_parallel" keeps
+each replica's own snapshot.
+
+A replica that dies (its process killed, a CUDA error, an out-of-memory) does not take the server with it: its
+unfinished requests fail (a 503 naming the replica: ReplicaLostError), the others go on, new requests go to the live
+replicas, and a new process for it starts in the background (the same GPUs), joining once loaded. A replica that dies
+more than MAX_RESTARTS times within RESTART_WINDOW_S stays down; when no replica is up or starting, the engine is dead
+(every request fails, /health says 503), as one engine's death would be.
 """
 
 from __future__ import annotations
@@ -28,15 +33,26 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
+from pagedserve.async_engine import EngineUnavailableError
 from pagedserve.engine_core import AbortRequests, AddRequest, ResetPrefixCache
 
 logger = logging.getLogger(__name__)
+
+MAX_RESTARTS = 3  # a replica that dies more often than this within RESTART_WINDOW_S stays down
+RESTART_WINDOW_S = 600.0
+
+
+class ReplicaLostError(EngineUnavailableError):
+    """The replica serving the request died; the server goes on (the client may retry)."""
+
+    code = "replica_lost"
 
 # Stats fields the replicas' snapshots add up into (the rest: equal on every replica, or merged below).
 _SUMMED = ("num_running", "num_waiting", "num_free_blocks", "num_total_blocks", "prefix_cache_queries",
@@ -45,8 +61,11 @@ _SUMMED = ("num_running", "num_waiting", "num_free_blocks", "num_total_blocks", 
 
 
 def merge_stats(snapshots: list[dict]) -> dict:
-    """One engine's stats dict from the replicas' (each EngineCore's get_stats()): counts summed, the KV cache
-    usage weighted by each replica's blocks, LoRA adapter names united, drafting counters summed."""
+    """One engine's stats dict from the replicas' (each EngineCore's get_stats(); None for a replica that is down):
+    the live ones' counts summed, the KV cache usage weighted by each one's blocks, LoRA adapter names united,
+    drafting counters summed; each replica's own under "data_parallel" ({"down": True} for one that is down)."""
+    every = snapshots
+    snapshots = [s for s in every if s is not None] or [{}]
     merged = dict(snapshots[0])
     for key in _SUMMED:
         if key in merged:
@@ -67,7 +86,9 @@ def merge_stats(snapshots: list[dict]) -> dict:
         per_position = [sum(spec["accepted_per_position"][i] for spec in specs
                             if i < len(spec["accepted_per_position"])) for i in range(width)]
         merged["spec_decode"] = {**since(counts), "accepted_per_position": per_position}
-    merged["data_parallel"] = [{k: v for k, v in s.items() if k != "data_parallel"} for s in snapshots]
+    merged["data_parallel"] = [{"down": True} if s is None else {k: v for k, v in s.items() if k != "data_parallel"}
+                               for s in every]
+    merged["data_parallel_replicas_up"] = sum(s is not None for s in every)
     return merged
 
 
@@ -150,8 +171,8 @@ def check_gpu_count(config: Any) -> bool:
 
 class DataParallelBackend:
     """AsyncEngine's backend over several engine processes (replicas). `make_backend(config)` spawns one replica
-    without waiting (ProcessBackend(..., wait=False)); it is called once per replica with the environment that
-    replica's process must see."""
+    without waiting (ProcessBackend(..., wait=False)); it is called once per replica, and again for a replica that
+    died, with the environment that replica's process must see."""
 
     def __init__(self, config: Any, make_backend: Callable[[Any], Any], *, cuda: bool | None = None,
                  routing: str = "cache-aware") -> None:
@@ -161,19 +182,18 @@ class DataParallelBackend:
         if routing not in ROUTING:
             raise ValueError(f"data-parallel routing must be one of {ROUTING}, got {routing!r}")
         self.routing = routing
+        self.config = config
         self.block_size = config.block_size
+        self._make_backend = make_backend
         self._prefixes: list[_ReplicaPrefixes] = []
         cuda = check_gpu_count(config) if cuda is None else cuda
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        self._envs = [{"CUDA_VISIBLE_DEVICES": replica_devices(i, config.tensor_parallel_size, visible)} if cuda
+                      else {} for i in range(size)]
         self.replicas: list[Any] = []
         try:
             for i in range(size):
-                env = {"CUDA_VISIBLE_DEVICES": replica_devices(i, config.tensor_parallel_size, visible)} if cuda \
-                    else {}
-                with _environ(**env):
-                    self.replicas.append(make_backend(config))
-                logger.info("data parallelism: replica %d of %d started%s", i, size,
-                            f" on GPUs {env['CUDA_VISIBLE_DEVICES']}" if cuda else "")
+                self.replicas.append(self._spawn(i))
         except BaseException:
             self._stop_all(5.0)
             raise
@@ -181,10 +201,22 @@ class DataParallelBackend:
         self._lock = threading.Lock()
         self._owner: dict[str, int] = {}  # unfinished request -> its replica
         self._load = [0] * size  # unfinished requests a replica holds
+        self._up = [True] * size  # False while a replica is down (restarting, or given up on)
+        self._restarting = [False] * size
+        self._deaths: list[list[float]] = [[] for _ in range(size)]  # when each replica died (monotonic)
         self._last = -1  # the replica chosen last: ties go to the next one after it
-        self._stats: list[dict] = []
-        self._controls: dict[str, list] = {}  # control token -> [answers still due, first refusal]
+        self._stats: list[dict | None] = []
+        self._controls: dict[str, list] = {}  # control token -> [replicas yet to answer, first refusal]
         self._dead = False
+        self._stopping = False
+
+    def _spawn(self, i: int) -> Any:
+        env = self._envs[i]
+        with _environ(**env):
+            replica = self._make_backend(self.config)
+        logger.info("data parallelism: replica %d of %d started%s", i, self.config.data_parallel_size,
+                    f" on GPUs {env['CUDA_VISIBLE_DEVICES']}" if env else "")
+        return replica
 
     # ------------------------------------------------------------------ start-up
     def wait_ready(self) -> None:
@@ -205,7 +237,7 @@ class DataParallelBackend:
     def start(self, post: Callable[..., None]) -> None:
         self._post = post
         for i, replica in enumerate(self.replicas):
-            replica.start(self._poster(i))
+            replica.start(self._poster(i, replica))
 
     # ------------------------------------------------------------------ requests
     def submit(self, item: Any) -> None:
@@ -216,9 +248,16 @@ class DataParallelBackend:
                 hashes = block_hashes(item.prompt, self.block_size, (item.cache_salt, lora))
             with self._lock:
                 i = self._route(hashes)
-                self._owner[item.request_id] = i
-                self._load[i] += 1
-            self.replicas[i].submit(item)
+                if i is None:  # every replica down, one restarting: refused as a full queue is (retry later)
+                    replica = None
+                else:
+                    self._owner[item.request_id] = i
+                    self._load[i] += 1
+                    replica = self.replicas[i]
+            if replica is None:
+                self._post("out", [(item.request_id, _unavailable())], (None, []), self._merged())
+            else:
+                replica.submit(item)
         elif isinstance(item, AbortRequests):
             by_replica: dict[int, list[str]] = {}
             with self._lock:
@@ -227,95 +266,189 @@ class DataParallelBackend:
                     if i is not None:
                         self._load[i] -= 1
                         by_replica.setdefault(i, []).append(rid)
-            for i, ids in by_replica.items():
-                self.replicas[i].submit(AbortRequests(ids))
+                targets = [(self.replicas[i], AbortRequests(ids)) for i, ids in by_replica.items()]
+            for replica, abort in targets:
+                replica.submit(abort)
         elif isinstance(item, ResetPrefixCache):
             with self._lock:
-                self._controls[item.token] = [len(self.replicas), None]
-            for replica in self.replicas:
+                up = [i for i in range(len(self.replicas)) if self._up[i]]
+                self._controls[item.token] = [set(up), None]
+                targets = [self.replicas[i] for i in up]
+            for replica in targets:
                 replica.submit(item)
         else:  # Stop, and any other message every replica must see
-            for replica in self.replicas:
+            with self._lock:
+                targets = [r for i, r in enumerate(self.replicas) if self._up[i]]
+            for replica in targets:
                 replica.submit(item)
 
-    def _route(self, hashes: list[int]) -> int:
-        """The replica for a request whose prompt's block hashes are `hashes` (see the module's docstring)."""
-        least, n = min(self._load), len(self._load)
+    def _route(self, hashes: list[int]) -> int | None:
+        """The replica for a request whose prompt's block hashes are `hashes` (see the module's docstring); None
+        when no replica is up."""
+        n = len(self._load)
+        up = [j for j in range(n) if self._up[j]]
+        if not up:
+            return None
+        least = min(self._load[j] for j in up)
         chosen = None
         if hashes and self._prefixes:
-            matched = [p.matched(hashes) for p in self._prefixes]
-            best = max(range(n), key=lambda j: (matched[j], -self._load[j]))
+            matched = {j: self._prefixes[j].matched(hashes) for j in up}
+            best = max(up, key=lambda j: (matched[j], -self._load[j]))
             if matched[best] > 0 and self._load[best] <= least + max(2, least // 4):
                 chosen = best
         if chosen is None:
-            chosen = next(j % n for j in range(self._last + 1, self._last + 1 + n) if self._load[j % n] == least)
+            chosen = next(j % n for j in range(self._last + 1, self._last + 1 + n)
+                          if self._up[j % n] and self._load[j % n] == least)
             self._last = chosen
         if hashes and self._prefixes:
             self._prefixes[chosen].add(hashes)
         return chosen
 
-    def decode(self, outputs: tuple[int, Any]) -> list:
-        i, deltas = outputs
-        return self.replicas[i].decode(deltas)
+    def decode(self, outputs: tuple[Any, Any]) -> list:
+        replica, deltas = outputs
+        return replica.decode(deltas) if deltas else []
 
     def forget(self, request_ids: list[str]) -> None:
-        for replica in self.replicas:
+        for replica in list(self.replicas):
             replica.forget(request_ids)
 
     def stop(self, timeout: float) -> None:
+        self._stopping = True
         self._stop_all(timeout)
 
     def _stop_all(self, timeout: float) -> None:
         if not self.replicas:
             return
         with ThreadPoolExecutor(len(self.replicas)) as pool:  # in parallel: each waits for its process
-            list(pool.map(lambda r: r.stop(timeout), self.replicas))
-
-    # ------------------------------------------------------------------ replica -> server
-    def _poster(self, i: int) -> Callable[..., None]:
-        def post(kind: str, *args: Any) -> None:  # runs in replica i's reader thread
-            if kind == "out":
-                acks, deltas, stats = args
-                acks = self._account(i, acks, deltas)
-                with self._lock:
-                    self._stats[i] = stats
-                    merged = merge_stats(self._stats)
-                self._post("out", acks, (i, deltas), merged)
-            elif kind == "dead":
-                with self._lock:
-                    first, self._dead = not self._dead, True
-                if first:
-                    error = args[0]
-                    self._post("dead", type(error)(f"data-parallel replica {i}: {error}"))
-            else:
-                self._post(kind, *args)
-        return post
-
-    def _account(self, i: int, acks: list, deltas: list) -> list:
-        """Frees the load of finished and refused requests; holds back control acks until every replica's."""
-        out = []
-        with self._lock:
-            for ack in acks:
-                rid, refusal = ack
-                control = self._controls.get(rid)
-                if control is not None:
-                    control[0] -= 1
-                    control[1] = control[1] or refusal
-                    if control[0] == 0:
-                        del self._controls[rid]
-                        out.append((rid, control[1]))
-                    continue
-                if refusal is not None and self._owner.get(rid) == i:
-                    del self._owner[rid]
-                    self._load[i] -= 1
-                out.append(ack)
-            for delta in deltas:
-                if delta[3] and self._owner.get(delta[0]) == i:  # (request_id, ..., finished, ...)
-                    del self._owner[delta[0]]
-                    self._load[i] -= 1
-        return out
+            list(pool.map(lambda r: r.stop(timeout), list(self.replicas)))
 
     @property
     def loads(self) -> list[int]:
         with self._lock:
             return list(self._load)
+
+    def _merged(self) -> dict:
+        with self._lock:
+            return merge_stats(self._stats)
+
+    # ------------------------------------------------------------------ replica -> server
+    def _poster(self, i: int, replica: Any) -> Callable[..., None]:
+        """What replica i's reader thread posts through. Outputs carry the replica object itself, so a late output
+        of a replica that has since been replaced is still decoded by its own decoder."""
+        def post(kind: str, *args: Any) -> None:
+            if kind == "out":
+                acks, deltas, stats = args
+                with self._lock:
+                    if self.replicas[i] is not replica:  # a stale message of a replica already replaced
+                        return
+                    acks = self._account(i, acks, deltas)
+                    self._stats[i] = stats
+                    merged = merge_stats(self._stats)
+                self._post("out", acks, (replica, deltas), merged)
+            elif kind == "dead":
+                self._replica_died(i, replica, args[0])
+            else:
+                self._post(kind, *args)
+        return post
+
+    def _account(self, i: int, acks: list, deltas: list) -> list:
+        """(Under the lock.) Frees the load of finished and refused requests; holds back control acks until every
+        live replica's."""
+        out = []
+        for ack in acks:
+            rid, refusal = ack
+            control = self._controls.get(rid)
+            if control is not None:
+                control[0].discard(i)
+                control[1] = control[1] or refusal
+                if not control[0]:
+                    del self._controls[rid]
+                    out.append((rid, control[1]))
+                continue
+            if refusal is not None and self._owner.get(rid) == i:
+                del self._owner[rid]
+                self._load[i] -= 1
+            out.append(ack)
+        for delta in deltas:
+            if delta[3] and self._owner.get(delta[0]) == i:  # (request_id, ..., finished, ...)
+                del self._owner[delta[0]]
+                self._load[i] -= 1
+        return out
+
+    def _replica_died(self, i: int, replica: Any, error: BaseException) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if self.replicas[i] is not replica or not self._up[i] or self._dead:
+                return
+            self._up[i] = False
+            lost = [rid for rid, j in self._owner.items() if j == i]
+            for rid in lost:
+                del self._owner[rid]
+            self._load[i] = 0
+            self._stats[i] = None
+            if self._prefixes:
+                self._prefixes[i] = _ReplicaPrefixes(self._prefixes[i].capacity)
+            acks = []  # controls that waited only for this replica
+            for token, control in list(self._controls.items()):
+                control[0].discard(i)
+                if not control[0]:
+                    del self._controls[token]
+                    acks.append((token, control[1]))
+            deaths = self._deaths[i] = [t for t in self._deaths[i] if now - t < RESTART_WINDOW_S] + [now]
+            restart = not self._stopping and len(deaths) <= MAX_RESTARTS
+            self._restarting[i] = restart
+            if not restart and not any(self._up) and not any(self._restarting):
+                self._dead = True
+            dead = self._dead
+            merged = merge_stats(self._stats)
+        if dead:
+            self._post("dead", type(error)(f"data-parallel replica {i}: {error}"))
+            return
+        logger.error("data parallelism: replica %d died (%s); %d unfinished request(s) fail; %s", i, error, len(lost),
+                     "restarting it" if restart else f"it died {len(deaths)} times in {RESTART_WINDOW_S:.0f} s: "
+                     "it stays down")
+        if lost:
+            self._post("fail", lost, ReplicaLostError(f"data-parallel replica {i} died while serving this request "
+                                                      f"({error}); the server goes on: retry"))
+        if acks:
+            self._post("out", acks, (replica, []), merged)
+        if restart:
+            threading.Thread(target=self._restart, args=(i, replica), name=f"pagedserve-dp-restart-{i}",
+                             daemon=True).start()
+
+    def _restart(self, i: int, old: Any) -> None:
+        try:
+            old.stop(2.0)
+        except Exception:  # noqa: BLE001 - the old process is gone; its pipes may complain
+            logger.debug("data parallelism: stopping replica %d's old process failed", i, exc_info=True)
+        try:
+            replica = self._spawn(i)
+            replica.wait_ready()
+        except Exception as e:  # noqa: BLE001 - a replica that cannot come back stays down
+            logger.error("data parallelism: replica %d could not restart (%s); it stays down", i, e)
+            with self._lock:
+                self._restarting[i] = False
+                dead = not any(self._up) and not any(self._restarting) and not self._dead
+                self._dead = self._dead or dead
+            if dead:
+                self._post("dead", RuntimeError(f"every data-parallel replica is down (replica {i}: {e})"))
+            return
+        with self._lock:
+            stopping = self._stopping
+            if not stopping:
+                self.replicas[i] = replica
+                self._stats[i] = replica.info["stats"]
+                self._restarting[i] = False
+                self._up[i] = True
+        if stopping:
+            replica.stop(5.0)
+            return
+        replica.start(self._poster(i, replica))
+        self._post("out", [], (replica, []), self._merged())  # /metrics sees it back at once
+        logger.info("data parallelism: replica %d is back", i)
+
+
+def _unavailable() -> Any:
+    from pagedserve.engine_core import Refusal
+
+    return Refusal("queue_full", "every data-parallel replica is restarting; retry shortly", 5)

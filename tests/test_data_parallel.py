@@ -97,7 +97,7 @@ def test_requests_go_to_the_least_loaded_replica_in_turn() -> None:
     # An unfinished delta keeps the load; the delta reaches the server tagged with its replica, decoded by it.
     replicas[0].post("out", [("r0", None)], [delta("r0", False)], stats())
     kind, acks, outputs, _ = posted[-1]
-    assert (kind, acks, outputs) == ("out", [("r0", None)], (0, [delta("r0", False)]))
+    assert (kind, acks, outputs) == ("out", [("r0", None)], (replicas[0], [delta("r0", False)]))
     assert backend.decode(outputs) == [("decoded by", 0, delta("r0", False))]
     assert backend.loads == [2, 2, 2]
 
@@ -163,12 +163,95 @@ def test_merge_stats_sums_drafting_counters_and_unites_adapter_names() -> None:
     assert spec["accepted_per_position"] == [2, 2, 1, 1]
 
 
-def test_one_dead_replica_is_told_once() -> None:
+def wait_for(condition, timeout: float = 5.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_a_dead_replica_fails_its_requests_only_and_comes_back(monkeypatch) -> None:
+    import threading
+
+    from pagedserve.async_engine import EngineUnavailableError
+
     backend, replicas, posted = started(2)
-    replicas[1].post("dead", RuntimeError("the engine process exited (exit code -9)"))
-    replicas[0].post("dead", RuntimeError("gone too"))
+    hold = threading.Event()
+    real_spawn = backend._spawn
+    monkeypatch.setattr(backend, "_spawn", lambda i: hold.wait(5) and real_spawn(i))
+    for i in range(4):
+        backend.submit(add(f"r{i}"))  # r0, r2 on replica 0; r1, r3 on replica 1
+    backend.submit(ResetPrefixCache("t"))
+    replicas[0].post("out", [("t", None)], [], stats())
+    old = replicas[1]
+    old.post("dead", RuntimeError("the engine process exited (exit code -9)"))
+    fail = [p for p in posted if p[0] == "fail"]
+    assert len(fail) == 1 and fail[0][1] == ["r1", "r3"]
+    assert isinstance(fail[0][2], EngineUnavailableError) and "replica 1 died" in str(fail[0][2])
+    assert fail[0][2].code == "replica_lost"
+    assert not [p for p in posted if p[0] == "dead"]
+    assert posted[-1][1] == [("t", None)]  # the reset waited only for the replica that is gone
+    assert posted[-1][3]["data_parallel_replicas_up"] == 1
+    backend.submit(add("r4"))
+    backend.submit(add("r5"))
+    assert [x.request_id for x in replicas[0].submitted if isinstance(x, AddRequest)] == ["r0", "r2", "r4", "r5"]
+    backend.submit(AbortRequests(["r3"]))  # lost already: nothing to send
+    assert not any(isinstance(x, AbortRequests) for x in old.submitted)
+    # The restart: a third replica object for index 1, spawned and started in the background.
+    hold.set()
+    wait_for(lambda: len(replicas) == 3 and replicas[2].post is not None)
+    assert old.stopped and backend.replicas[1] is replicas[2]
+    backend.submit(add("r6"))
+    assert replicas[2].submitted[-1].request_id == "r6"  # the least loaded again
+    replicas[2].post("out", [], [], stats(gen=3))
+    assert posted[-1][3]["data_parallel_replicas_up"] == 2
+    old.post("out", [], [delta("r1", True)], stats(gen=99))  # a late message of the replaced replica: dropped
+    assert posted[-1][3]["generation_tokens_total"] == 3
+
+
+def test_a_replica_that_keeps_dying_stays_down_and_the_last_one_kills_the_engine(monkeypatch) -> None:
+    import pagedserve.data_parallel as dp
+
+    monkeypatch.setattr(dp, "MAX_RESTARTS", 1)
+    backend, replicas, posted = started(2)
+    replicas[1].post("dead", RuntimeError("first"))
+    wait_for(lambda: len(replicas) == 3 and replicas[2].post is not None)
+    replicas[2].post("dead", RuntimeError("second"))  # twice within the window: stays down
+    assert backend.loads == [0, 0] and backend.replicas[1] is replicas[2]
+    for rid in ("a", "b"):
+        backend.submit(add(rid))
+    assert len([x for x in replicas[0].submitted if isinstance(x, AddRequest)]) == 2
+    assert not [p for p in posted if p[0] == "dead"]
+    replicas[0].post("dead", RuntimeError("exit code -9"))
+    replicas[0].post("dead", RuntimeError("again"))
+    wait_for(lambda: len(replicas) == 4 and replicas[3].post is not None)  # replica 0 restarts (its first death)
+    replicas[3].post("dead", RuntimeError("exit code 1"))
     dead = [p for p in posted if p[0] == "dead"]
-    assert len(dead) == 1 and "replica 1" in str(dead[0][1]) and "exit code -9" in str(dead[0][1])
+    assert len(dead) == 1 and "replica 0" in str(dead[0][1]) and "exit code 1" in str(dead[0][1])
+
+
+def test_while_every_replica_restarts_requests_are_refused_for_a_retry(monkeypatch) -> None:
+    import threading
+
+    backend, replicas, posted = started(2)
+    hold = threading.Event()
+    real_spawn = backend._spawn
+
+    def slow_spawn(i):
+        hold.wait(5)
+        return real_spawn(i)
+
+    monkeypatch.setattr(backend, "_spawn", slow_spawn)
+    replicas[0].post("dead", RuntimeError("x"))
+    replicas[1].post("dead", RuntimeError("y"))
+    backend.submit(add("r"))
+    assert posted[-1][1][0][0] == "r" and posted[-1][1][0][1].kind == "queue_full"
+    assert "restarting" in posted[-1][1][0][1].message and backend.decode(posted[-1][2]) == []
+    hold.set()
+    wait_for(lambda: backend.loads == [0, 0] and all(r.post is not None for r in backend.replicas[:2])
+             and len(replicas) == 4)
 
 
 def test_a_replica_that_fails_to_start_stops_the_others() -> None:

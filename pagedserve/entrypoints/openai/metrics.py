@@ -151,6 +151,11 @@ class _EngineStatsCollector(Collector):
             yield c
         replicas = stats.get("data_parallel")
         if replicas:  # --data-parallel-size: the families above are the sums; these, each replica's own
+            g = GaugeMetricFamily(self.prefix + "data_parallel_replicas_up",
+                                  "Data-parallel replicas serving (the others down: restarting, or given up on).",
+                                  labels=labels)
+            g.add_metric([self.model_name], float(stats.get("data_parallel_replicas_up", len(replicas))))
+            yield g
             for key, suffix, help_text in (*_GAUGES, *_COUNTERS):
                 kind = GaugeMetricFamily if (key, suffix, help_text) in _GAUGES else CounterMetricFamily
                 family = kind(self.prefix + "replica_" + suffix, help_text + " One data-parallel replica's.",

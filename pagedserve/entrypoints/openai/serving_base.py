@@ -98,7 +98,7 @@ def engine_error(e: BaseException, param: str | None = None) -> APIError:
             str(e),
             "service_unavailable_error",
             None,
-            "queue_full" if "queue" in str(e) else "shutting_down",
+            getattr(e, "code", None) or ("queue_full" if "queue" in str(e) else "shutting_down"),
             headers={"Retry-After": str(e.retry_after)},
         )
     if isinstance(e, EngineDeadError):
