@@ -77,6 +77,7 @@ from pagedserve.entrypoints.openai.serving_base import (
 from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagedserve.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
+from pagedserve.entrypoints.openai.serving_messages import AnthropicServingMessages, anthropic_error
 from pagedserve.entrypoints.openai.serving_responses import OpenAIServingResponses, ResponsesRequest
 from pagedserve.entrypoints.openai.serving_score import (
     ClassifyRequest,
@@ -144,7 +145,8 @@ class _GateMiddleware:
         headers = dict(scope.get("headers") or ())
         if self.api_key is not None and _needs_key(scope["path"]) and scope["method"] != "OPTIONS":
             auth = headers.get(b"authorization", b"")
-            token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
+            # a bearer token (OpenAI's clients), or x-api-key (Anthropic's)
+            token = auth[7:].strip() if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"").strip()
             # compare_digest: the time taken does not tell how much of the key matched.
             if not hmac.compare_digest(token, self.api_key):
                 await _send_error(
@@ -226,6 +228,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
     completion = OpenAIServingCompletion(engine, served_names, token_strings)
     chat.tokens_as_ids = completion.tokens_as_ids = settings.return_tokens_as_token_ids
     responses = OpenAIServingResponses(chat)
+    messages = AnthropicServingMessages(chat)
     tokenization = OpenAIServingTokenization(engine, served_names)
     embedding = OpenAIServingEmbedding(engine, served_names)
     scoring = OpenAIServingScore(engine, served_names)
@@ -284,6 +287,30 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
     )
     async def create_response(request: ResponsesRequest, raw_request: Request) -> Response:
         return await responses.create(request, raw_request)
+
+    async def json_body(raw_request: Request) -> Any:
+        try:
+            return await raw_request.json()
+        except ValueError:
+            raise bad_request("the body is not valid JSON", None) from None
+
+    @app.post("/v1/messages", response_model=None,
+              responses={200: {"description": "an Anthropic Messages API message; with stream=true, text/event-stream "
+                                              "of its events (docs/server.md)"}})
+    async def create_message(raw_request: Request) -> Response:
+        try:
+            body = await json_body(raw_request)
+        except APIError as e:
+            return anthropic_error(e)
+        return await messages.create(body, raw_request)
+
+    @app.post("/v1/messages/count_tokens", response_model=None)
+    async def count_message_tokens(raw_request: Request) -> Response:
+        try:
+            body = await json_body(raw_request)
+        except APIError as e:
+            return anthropic_error(e)
+        return await messages.count_tokens(body)
 
     @app.get("/v1/responses/{response_id}", responses=_ERROR_RESPONSES)
     async def retrieve_response(response_id: str) -> Response:
