@@ -272,8 +272,11 @@ class DataParallelBackend:
         elif isinstance(item, ResetPrefixCache):
             with self._lock:
                 up = [i for i in range(len(self.replicas)) if self._up[i]]
-                self._controls[item.token] = [set(up), None]
+                if up:
+                    self._controls[item.token] = [set(up), None]
                 targets = [self.replicas[i] for i in up]
+            if not targets:  # (a restarting replica starts with an empty cache anyway)
+                self._post("out", [(item.token, None)], (None, []), self._merged())
             for replica in targets:
                 replica.submit(item)
         else:  # Stop, and any other message every replica must see

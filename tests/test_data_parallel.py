@@ -249,6 +249,8 @@ def test_while_every_replica_restarts_requests_are_refused_for_a_retry(monkeypat
     backend.submit(add("r"))
     assert posted[-1][1][0][0] == "r" and posted[-1][1][0][1].kind == "queue_full"
     assert "restarting" in posted[-1][1][0][1].message and backend.decode(posted[-1][2]) == []
+    backend.submit(ResetPrefixCache("t"))  # nothing cached anywhere: acknowledged at once
+    assert posted[-1][1] == [("t", None)]
     hold.set()
     wait_for(lambda: backend.loads == [0, 0] and all(r.post is not None for r in backend.replicas[:2])
              and len(replicas) == 4)

@@ -464,6 +464,19 @@ async def tokenize_prompts(engine: AsyncEngine, prompt: Any, param: str = "promp
     return out
 
 
+async def final_or_error(engine: AsyncEngine, stream: RequestStream
+                         ) -> tuple[RequestOutput, None] | tuple[None, APIError]:
+    """(a stream's final output, None), or (None, the API error of the engine's failure); an unfinished stream (an
+    error, a cancelled handler) is aborted."""
+    try:
+        return await last_output(stream), None
+    except Exception as e:
+        return None, engine_error(e)
+    finally:
+        if not stream.finished:
+            engine.abort(stream.request_id)
+
+
 async def finals_or_error(engine: AsyncEngine, streams: list[RequestStream]
                           ) -> tuple[list[RequestOutput], None] | tuple[None, Response]:
     """(the streams' final outputs, None), or (None, the error response) when the engine failed them; streams left

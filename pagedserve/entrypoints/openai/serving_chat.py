@@ -31,6 +31,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     clamp_logprob,
     engine_error,
     error_body,
+    final_or_error,
     now_created,
     prompt_logprobs_json,
     run_beam_searches,
@@ -51,7 +52,7 @@ from pagedserve.entrypoints.openai.tool_calls import (
     structured_outputs_for,
     template_messages,
 )
-from pagedserve.outputs import CompletionOutput, RequestOutput
+from pagedserve.outputs import CompletionOutput
 from pagedserve.sampling_params import SamplingParams
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
@@ -243,16 +244,9 @@ class OpenAIServingChat:
         return content
 
     async def _full(self, stream: RequestStream, ctx: _ChatContext) -> Response:
-        final: RequestOutput | None = None
-        try:
-            async for output in stream:
-                final = output
-        except Exception as e:
-            return _error_json(engine_error(e))
-        finally:
-            if not stream.finished:
-                self.engine.abort(stream.request_id)
-        assert final is not None
+        final, error = await final_or_error(self.engine, stream)
+        if error is not None:
+            return _error_json(error)
         choices = []
         num_completion = 0
         for out in final.outputs:

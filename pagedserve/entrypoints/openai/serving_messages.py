@@ -38,6 +38,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     SSEResponse,
     bad_request,
     engine_error,
+    final_or_error,
     run_until_disconnect,
 )
 from pagedserve.entrypoints.openai.serving_chat import message_of
@@ -295,16 +296,9 @@ class AnthropicServingMessages:
                 "content": content, "stop_reason": stop_reason, "stop_sequence": stop_sequence, "usage": usage}
 
     async def _full(self, stream: RequestStream, ctx: Any) -> Response:
-        final: RequestOutput | None = None
-        try:
-            async for output in stream:
-                final = output
-        except Exception as e:
-            return anthropic_error(engine_error(e))
-        finally:
-            if not stream.finished:
-                self.chat.engine.abort(stream.request_id)
-        assert final is not None
+        final, error = await final_or_error(self.chat.engine, stream)
+        if error is not None:
+            return anthropic_error(error)
         out = final.outputs[0]
         blocks, reason, sequence = _blocks(out, ctx)
         return JSONResponse(self._message(ctx, blocks, reason, sequence,

@@ -44,6 +44,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     SSEResponse,
     bad_request,
     engine_error,
+    final_or_error,
     run_until_disconnect,
 )
 from pagedserve.entrypoints.openai.serving_chat import message_of as chat_message_of
@@ -290,17 +291,9 @@ class OpenAIServingResponses:
         return await run_until_disconnect(raw_request, self._full(stream, ctx, shell))
 
     async def _full(self, stream: RequestStream, ctx, shell: _Shell) -> Response:
-        final: RequestOutput | None = None
-        try:
-            async for output in stream:
-                final = output
-        except Exception as e:
-            err = engine_error(e)
+        final, err = await final_or_error(self.chat.engine, stream)
+        if err is not None:
             return JSONResponse(err.body(), status_code=err.status_code, headers=err.headers)
-        finally:
-            if not stream.finished:
-                self.chat.engine.abort(stream.request_id)
-        assert final is not None
         out = final.outputs[0]
         usage = _usage(ctx.num_prompt_tokens, len(out.token_ids), final.num_cached_tokens)
         return JSONResponse(shell.finished(_status(out.finish_reason), shell.items_of(out, ctx.mode), usage,
