@@ -6,7 +6,8 @@ A request becomes a chat request: `system` (a string or text blocks) as the syst
 (a string or blocks: `text`, an assistant's `tool_use`, a user's `tool_result`; `thinking` blocks an assistant turn
 carries back are dropped) as chat messages and tool calls / tool messages; `max_tokens`, `stop_sequences`,
 `temperature`, `top_p`, `top_k` (the current anthropic client sends these through `extra_body`); `output_config`'s
-JSON Schema `format` as a json_schema response_format; `tools` ({name, description, input_schema}) as function tools
+JSON Schema `format` as a json_schema response_format; `thinking` ({"type": "enabled" | "disabled"}) as the chat
+template's `enable_thinking` (Qwen3's switch); `tools` ({name, description, input_schema}) as function tools
 and `tool_choice`
 (auto / any / tool / none) as the chat route's auto / required / named / none. It runs through OpenAIServingChat.start
 and comes back as a `message`: content blocks (`thinking` with a reasoning parser, `text`, `tool_use` with the
@@ -63,7 +64,9 @@ class MessagesRequest(OpenAIBaseModel):
     tools: list[dict[str, Any]] | None = None
     tool_choice: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None  # accepted (user_id is not used)
-    thinking: dict[str, Any] | None = None  # accepted: a reasoning parser (--reasoning-parser) splits the thinking
+    # {"type": "enabled" | "disabled"}: the chat template's enable_thinking (Qwen3's switch); with --reasoning-parser
+    # the thinking comes back as a thinking block
+    thinking: dict[str, Any] | None = None
     output_config: dict[str, Any] | None = None  # {"format": {"type": "json_schema", "schema"}}; effort accepted
 
 
@@ -200,6 +203,9 @@ def chat_request_of(req: MessagesRequest) -> ChatCompletionRequest:
         "stop": req.stop_sequences or None,
         "stream": bool(req.stream),
     }
+    kind = (req.thinking or {}).get("type")
+    if kind in ("enabled", "disabled"):
+        fields["chat_template_kwargs"] = {"enable_thinking": kind == "enabled"}
     fmt = (req.output_config or {}).get("format")
     if fmt is not None:
         if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
