@@ -61,3 +61,33 @@ def test_what_the_route_refuses(fields, where) -> None:
     with pytest.raises(APIError) as e:
         convert(**fields)
     assert e.value.status_code == 400 and e.value.param == where, e.value.message
+
+
+def test_reasoning_effort_and_thinking_reach_the_chat_template(real_model_dir) -> None:
+    """OpenAI's reasoning_effort is the template's `reasoning_effort`; the Messages API's thinking switch its
+    `enable_thinking` (a template that prints both)."""
+    import asyncio
+
+    from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest
+    from pagedserve.entrypoints.openai.serving_chat import render_chat_prompt
+    from pagedserve.tokenizer import load_tokenizer
+
+    template = "{{ reasoning_effort }}/{{ enable_thinking }}|{% for m in messages %}{{ m.content }}{% endfor %}"
+    tokenizer = load_tokenizer(real_model_dir, chat_template=template)
+
+    class Engine:
+        def __init__(self) -> None:
+            self.tokenizer = tokenizer
+
+        async def run_in_tokenizer_thread(self, fn, *args):
+            return fn(*args)
+
+    def rendered(req) -> str:
+        return asyncio.run(render_chat_prompt(Engine(), req, True, None))[0]
+
+    hi = [{"role": "user", "content": "hi"}]
+    assert rendered(ChatCompletionRequest.model_validate({"messages": hi, "reasoning_effort": "low"})) == "low/|hi"
+    assert rendered(ChatCompletionRequest.model_validate({"messages": hi})) == "/|hi"
+    assert rendered(convert(messages=hi, thinking={"type": "enabled", "budget_tokens": 1024})) == "/True|hi"
+    with pytest.raises(ValueError):
+        ChatCompletionRequest.model_validate({"messages": hi, "reasoning_effort": "extreme"})

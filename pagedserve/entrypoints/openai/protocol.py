@@ -145,6 +145,8 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None  # extra template variables, e.g. Qwen3's enable_thinking
     continue_final_message: bool = False  # the last (assistant) message left open, to be continued
     documents: list[dict[str, str]] | None = None  # for templates that render retrieved documents (RAG)
+    # OpenAI's field: passed to the chat template as `reasoning_effort` (templates that read it, e.g. gpt-oss's)
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
 
 
 # --------------------------------------------------------------------------- tokenizer endpoints (vLLM's)

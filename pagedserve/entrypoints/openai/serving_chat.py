@@ -550,6 +550,8 @@ async def render_chat_prompt(engine: AsyncEngine, req: Any, add_generation_promp
         template_kwargs["continue_final_message"] = True
     if getattr(req, "documents", None):
         template_kwargs["documents"] = req.documents
+    if getattr(req, "reasoning_effort", None) is not None:
+        template_kwargs.setdefault("reasoning_effort", req.reasoning_effort)
     try:
         return await engine.run_in_tokenizer_thread(_render_and_encode, engine.tokenizer, messages,
                                                     add_generation_prompt, tools, template_kwargs)
