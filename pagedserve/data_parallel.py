@@ -86,8 +86,7 @@ def merge_stats(snapshots: list[dict]) -> dict:
         per_position = [sum(spec["accepted_per_position"][i] for spec in specs
                             if i < len(spec["accepted_per_position"])) for i in range(width)]
         merged["spec_decode"] = {**since(counts), "accepted_per_position": per_position}
-    merged["data_parallel"] = [{"down": True} if s is None else {k: v for k, v in s.items() if k != "data_parallel"}
-                               for s in every]
+    merged["data_parallel"] = [{"down": True} if s is None else s for s in every]  # (engines' snapshots: shared)
     merged["data_parallel_replicas_up"] = sum(s is not None for s in every)
     return merged
 
@@ -232,7 +231,7 @@ class DataParallelBackend:
         infos = [replica.info for replica in self.replicas]
         self._stats = [info["stats"] for info in infos]
         self._prefixes = [_ReplicaPrefixes(int(s.get("num_total_blocks", 0))) for s in self._stats]
-        self.info = {**infos[0], "stats": merge_stats(self._stats), "data_parallel_size": len(self.replicas)}
+        self.info = {**infos[0], "stats": merge_stats(self._stats)}
 
     def start(self, post: Callable[..., None]) -> None:
         self._post = post
@@ -400,7 +399,7 @@ class DataParallelBackend:
             deaths = self._deaths[i] = [t for t in self._deaths[i] if now - t < RESTART_WINDOW_S] + [now]
             restart = not self._stopping and len(deaths) <= MAX_RESTARTS
             self._restarting[i] = restart
-            if not restart and not any(self._up) and not any(self._restarting):
+            if not restart and self._none_left():
                 self._dead = True
             dead = self._dead
             merged = merge_stats(self._stats)
@@ -419,6 +418,10 @@ class DataParallelBackend:
             threading.Thread(target=self._restart, args=(i, replica), name=f"pagedserve-dp-restart-{i}",
                              daemon=True).start()
 
+    def _none_left(self) -> bool:
+        """(Under the lock.) No replica is up or starting."""
+        return not any(self._up) and not any(self._restarting)
+
     def _restart(self, i: int, old: Any) -> None:
         try:
             old.stop(2.0)
@@ -431,7 +434,7 @@ class DataParallelBackend:
             logger.error("data parallelism: replica %d could not restart (%s); it stays down", i, e)
             with self._lock:
                 self._restarting[i] = False
-                dead = not any(self._up) and not any(self._restarting) and not self._dead
+                dead = self._none_left() and not self._dead
                 self._dead = self._dead or dead
             if dead:
                 self._post("dead", RuntimeError(f"every data-parallel replica is down (replica {i}: {e})"))

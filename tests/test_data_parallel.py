@@ -138,7 +138,7 @@ def test_control_messages_reach_every_replica_and_are_acked_once_all_answered() 
 
 def test_stats_are_merged_and_kept_per_replica() -> None:
     backend, replicas, posted = started(2)
-    assert backend.info["stats"]["num_total_blocks"] == 21 and backend.info["data_parallel_size"] == 2
+    assert backend.info["stats"]["num_total_blocks"] == 21 and len(backend.info["stats"]["data_parallel"]) == 2
     replicas[0].post("out", [], [], stats(running=3, total=10, free=2, gen=7))
     replicas[1].post("out", [], [], stats(running=1, total=30, free=30, gen=5))
     merged = posted[-1][3]

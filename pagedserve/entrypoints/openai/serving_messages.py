@@ -319,7 +319,7 @@ class AnthropicServingMessages:
                 async for output in stream:
                     final = output
                 assert final is not None
-                blocks, _, _ = _blocks(final.outputs[0], ctx)
+                blocks, reason, sequence = _blocks(final.outputs[0], ctx)
                 for index, block in enumerate(blocks):
                     for chunk in _whole_block(index, block):
                         yield chunk
@@ -355,9 +355,9 @@ class AnthropicServingMessages:
                         index += 1
                     yield _event("content_block_start", index=index, content_block={"type": "text", "text": ""})
                 yield _event("content_block_stop", index=index)
-            assert final is not None
+                assert final is not None
+                reason, sequence = _stop_reason(final.outputs[0], final.outputs[0].finish_reason)  # no tool calls
             out = final.outputs[0]
-            _, reason, sequence = _blocks(out, ctx)
             yield _event("message_delta", delta={"stop_reason": reason, "stop_sequence": sequence},
                          usage={"output_tokens": len(out.token_ids)})
             yield _event("message_stop")
