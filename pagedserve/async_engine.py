@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from pagedserve.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
-from pagedserve.engine_core import AbortRequests, Ack, AddRequest, EngineCore, Refusal, ResetPrefixCache, Stop
+from pagedserve.engine_core import AbortRequests, Ack, AddRequest, EngineCall, EngineCore, Refusal, Stop
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
@@ -57,6 +57,12 @@ class QueueFullError(EngineUnavailableError):
 
 class ShuttingDownError(EngineUnavailableError):
     pass
+
+
+class EngineSleepingError(EngineUnavailableError):
+    """Sleep mode: the engine gave its memory back; POST /wake_up (or retry later)."""
+
+    code = "engine_sleeping"
 
 
 class EngineLike(Protocol):  # what AsyncEngine needs of LLMEngine (tests pass a fake)
@@ -170,6 +176,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, RequestStream] = {}
         self._accepting = True
+        self._sleeping: set[str] = set()  # sleep mode: what sleeps ("weights", "kv_cache"), from the acked calls
         self._tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="pagedserve-tokenizer")
         # The server's LoRA adapters by served name (--lora-modules); a request naming one runs with it.
         self.lora_requests: dict[str, Any] = {}
@@ -267,20 +274,43 @@ class AsyncEngine:
             raise
         return stream
 
-    async def reset_prefix_cache(self) -> None:
-        """Makes the engine forget its prefix cache (vLLM's POST /reset_prefix_cache); ValueError while requests
-        hold KV blocks."""
+    async def call(self, method: str, **kwargs: Any) -> None:
+        """One of the engine's control calls between its steps (engine_core.CALLS), awaited until it ran;
+        ValueError with the engine's reason when it refused."""
         if self.dead_error is not None:
             raise EngineDeadError(f"the engine has stopped: {self.dead_error}")
         assert self._loop is not None, "AsyncEngine.start() was not called"
-        token = f"reset-prefix-cache-{uuid.uuid4().hex}"
+        token = f"{method}-{uuid.uuid4().hex}"
         stream = RequestStream(token, self._loop)  # (only its acceptance is awaited)
         self._streams[token] = stream
         try:
-            self._backend.submit(ResetPrefixCache(token))
+            self._backend.submit(EngineCall(token, method, kwargs))
             await asyncio.shield(stream.accepted)
         finally:
             self._streams.pop(token, None)
+
+    async def reset_prefix_cache(self) -> None:
+        """Makes the engine forget its prefix cache (vLLM's POST /reset_prefix_cache); ValueError while requests
+        hold KV blocks."""
+        await self.call("reset_prefix_cache")
+
+    async def sleep(self, level: int = 1) -> None:
+        """Sleep mode (LLMEngine.sleep): ValueError while requests are unfinished; requests get EngineSleepingError
+        until wake_up."""
+        await self.call("sleep", level=level)
+        self._sleeping = {"weights", "kv_cache"}
+
+    async def wake_up(self, tags: list[str] | None = None) -> None:
+        await self.call("wake_up", tags=tags)
+        self._sleeping -= {"weights", "kv_cache"} if tags is None else set(tags)
+
+    def is_sleeping(self) -> bool:
+        return bool(self._sleeping)
+
+    async def load_weights(self, path: str) -> None:
+        """New weights from a folder of safetensors on the engine's machine (LLMEngine.load_weights); ValueError
+        while requests are unfinished, for names or shapes the model lacks, or while the weights sleep."""
+        await self.call("load_weights", weights=path)
 
     async def generate(
         self,
@@ -397,6 +427,8 @@ class AsyncEngine:
 def _refusal_error(refusal: Refusal) -> Exception:
     if refusal.kind == "queue_full":
         return QueueFullError(refusal.message, refusal.retry_after)
+    if refusal.kind == "sleeping":
+        return EngineSleepingError(refusal.message, refusal.retry_after)
     return ValueError(refusal.message)
 
 

@@ -82,6 +82,9 @@ class EngineConfig:
     # KV offloading (vLLM's --kv-offloading-size): GiB of CPU memory for prefix-cache blocks evicted from the device
     # cache; a later prompt with that prefix copies them back instead of recomputing them (core/kv_cache.py's CpuTier).
     kv_offloading_size: float | None = None
+    # vLLM's --enable-sleep-mode: the server's /sleep, /wake_up and /is_sleeping routes (the offline API's
+    # LLM.sleep() / wake_up() need no flag: sleeping costs nothing until asked for; executor/sleep.py).
+    enable_sleep_mode: bool = False
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:

@@ -16,10 +16,10 @@ replica holding the longest run of its leading blocks, unless that replica has m
 beyond the least loaded one (slack: a quarter of the least load, at least 2); then, as with `least-loaded` routing,
 to the replica with the fewest unfinished requests (counted here: added, not yet finished, refused or aborted), ties
 to the next one after the replica chosen last. So a conversation's next turn, the beams of a beam search and the
-requests of one long shared prompt land where their prefix is cached, and load stays balanced. Control messages
-(ResetPrefixCache) go to every replica and are acknowledged once all have answered (refused if any refused). The
-merged stats sum the live replicas' counts, so /metrics and the stats line read as one engine's; "data_parallel" keeps
-each replica's own snapshot.
+requests of one long shared prompt land where their prefix is cached, and load stays balanced. Control calls
+(EngineCall: reset_prefix_cache, sleep, wake_up, load_weights) go to every replica and are acknowledged once all have
+answered (refused if any refused). The merged stats sum the live replicas' counts, so /metrics and the stats line
+read as one engine's; "data_parallel" keeps each replica's own snapshot.
 
 A replica that dies (its process killed, a CUDA error, an out-of-memory) does not take the server with it: its
 unfinished requests fail (a 503 naming the replica: ReplicaLostError), the others go on, new requests go to the live
@@ -41,7 +41,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from pagedserve.async_engine import EngineUnavailableError
-from pagedserve.engine_core import AbortRequests, AddRequest, ResetPrefixCache
+from pagedserve.engine_core import AbortRequests, AddRequest, EngineCall
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ class DataParallelBackend:
                 targets = [(self.replicas[i], AbortRequests(ids)) for i, ids in by_replica.items()]
             for replica, abort in targets:
                 replica.submit(abort)
-        elif isinstance(item, ResetPrefixCache):
+        elif isinstance(item, EngineCall):
             with self._lock:
                 up = [i for i in range(len(self.replicas)) if self._up[i]]
                 if up:

@@ -101,6 +101,17 @@ def destroy_tensor_parallel() -> None:
     _STATE.rank, _STATE.size, _STATE.group, _STATE.cpu_group = 0, 1, None, None
 
 
+@dataclass(slots=True)
+class RankCall:
+    """A call rank 0 makes on every other rank between steps (executor/tp_worker.py runs it): "sleep" (level),
+    "wake_up" (tags), "load_weights" (path: a safetensors folder each rank reads; or pairs: a chunk of (name, CPU
+    tensor)). (Here, not in tp_worker.py: the ranks run that module as __main__, where its classes unpickle as others.)
+    """
+
+    method: str
+    kwargs: dict
+
+
 def broadcast_object(obj: Any = None) -> Any:
     """Rank 0 sends obj to every rank; each rank returns it (rank 0 its own)."""
     if _STATE.size == 1:

@@ -265,6 +265,8 @@ class LLMEngine:
         same salt (tenants that must not learn of each other's prompts through cache timing).
         """
         params = params or self.default_sampling_params()
+        if self.worker.is_sleeping():
+            raise ValueError("the engine is asleep (sleep mode); wake_up() before adding requests")
         self._check_priority(priority)
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise ValueError(f"cache_salt must be a non-empty string, got {cache_salt!r}")
@@ -729,6 +731,25 @@ class LLMEngine:
             return self.worker.load_weights(weights)
         finally:
             self.reset_prefix_cache()  # also after a partial update that raised
+
+    def sleep(self, level: int = 1) -> int:
+        """Sleep mode (vLLM's): gives the device memory of the weights and the KV cache back between generations
+        (level 1: weights kept in host memory; level 2: discarded, load new ones after wake_up). The prefix cache is
+        forgotten. ValueError while requests are unfinished; requests are refused until wake_up(). Returns the bytes
+        freed."""
+        if self.has_unfinished_requests() or self._pending is not None:
+            raise ValueError("sleep: requests are unfinished; sleep between generations")
+        self.reset_prefix_cache()
+        return self.worker.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Takes the memory back: all of it (tags None), or ["weights"] then ["kv_cache"] (new weights loaded in
+        between, while the cache still sleeps)."""
+        self.worker.wake_up(tags)
+
+    def is_sleeping(self) -> bool:
+        """True while anything sleeps (the weights or the KV cache): requests are refused then."""
+        return self.worker.is_sleeping()
 
     def reset_prefix_cache(self) -> bool:
         """Forgets every cached prefix (the CPU tier's too), e.g. after new weights; False while requests hold

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pagedserve.outputs import RequestOutput
@@ -52,15 +52,23 @@ class Stop:
 
 
 @dataclass(slots=True)
-class ResetPrefixCache:
-    """Forget the prefix cache (e.g. after new weights); acked under `token`: refused while requests hold blocks."""
+class EngineCall:
+    """One of the engine's control calls (CALLS) between steps, acked under `token`; refused with the ValueError's
+    message (e.g. while requests hold KV blocks)."""
 
     token: str
+    method: str
+    kwargs: dict = field(default_factory=dict)
+
+
+# reset_prefix_cache: forget cached prefixes (e.g. after new weights); sleep(level) / wake_up(tags): sleep mode;
+# load_weights(weights): new weights from a safetensors folder.
+CALLS = ("reset_prefix_cache", "sleep", "wake_up", "load_weights")
 
 
 @dataclass(slots=True)
 class Refusal:
-    """Why an AddRequest was not taken: "invalid" (ValueError) or "queue_full"."""
+    """Why an AddRequest (or an EngineCall) was not taken: "invalid" (ValueError), "queue_full" or "sleeping"."""
 
     kind: str
     message: str
@@ -147,13 +155,8 @@ class EngineCore:
                 self._live_ids.difference_update(item.request_ids)
             elif isinstance(item, Stop):
                 stop = True
-            elif isinstance(item, ResetPrefixCache):
-                reset = getattr(engine, "reset_prefix_cache", None)
-                if reset is not None and reset():
-                    acks.append((item.token, None))
-                else:
-                    acks.append((item.token, Refusal("invalid", "the prefix cache can be reset only while no request "
-                                                                "holds KV blocks; retry when the engine is idle")))
+            elif isinstance(item, EngineCall):
+                acks.append((item.token, self._call(item)))
             elif isinstance(item, AddRequest):
                 if self.max_queued_requests is not None:
                     if num_waiting is None:
@@ -182,7 +185,24 @@ class EngineCore:
                     num_waiting += item.params.n
         return acks, stop
 
+    def _call(self, item: EngineCall) -> Refusal | None:
+        method = getattr(self.engine, item.method, None) if item.method in CALLS else None
+        if method is None:
+            return Refusal("invalid", f"this engine has no {item.method!r} call")
+        try:
+            result = method(**item.kwargs)
+        except ValueError as e:
+            return Refusal("invalid", str(e))
+        if item.method == "reset_prefix_cache" and not result:
+            return Refusal("invalid", "the prefix cache can be reset only while no request holds KV blocks; retry "
+                                      "when the engine is idle")
+        return None
+
     def _add(self, item: AddRequest, compiled_grammar: Any = None) -> Ack:
+        is_sleeping = getattr(self.engine, "is_sleeping", None)
+        if is_sleeping is not None and is_sleeping():
+            return item.request_id, Refusal("sleeping", "the engine is asleep (sleep mode): POST /wake_up first, or "
+                                                        "retry later", self.retry_after_seconds)
         kwargs = {} if compiled_grammar is None else {"compiled_grammar": compiled_grammar}
         if item.lora_request is not None:
             kwargs["lora_request"] = item.lora_request

@@ -345,6 +345,9 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
       timeout 300 python3 -m pytest tests/gpu/test_lora_gpu.py tests/kernels/test_lora_sgmv.py \
         tests/kernels/test_runner_lora.py -q -s -p no:cacheprovider -ra 2>&1 \
         | grep -E "passed|failed|^FAILED|Error|lora " | tail -12 ;;
+    sleep-test)  # sleep mode on the GPU: memory back to the driver, graphs recaptured, same tokens after waking
+      timeout 300 python3 -m pytest tests/gpu/test_sleep_gpu.py tests/test_sleep_mode.py -q -s -p no:cacheprovider \
+        -ra 2>&1 | grep -E "passed|failed|^FAILED|Error|sleep level|worst" | tail -12 ;;
     spec-test)  # speculative decoding (n-gram drafts) with graphs on vs Transformers: fp32 and bf16 at batch 1
       timeout 300 python3 -m pytest tests/gpu/test_spec_decode_gpu.py -q -s -p no:cacheprovider -ra 2>&1 \
         | grep -E "passed|failed|^FAILED|Error|spec " | tail -12 ;;

@@ -9,7 +9,7 @@ import pytest
 
 from pagedserve.config import EngineConfig
 from pagedserve.data_parallel import DataParallelBackend, merge_stats, replica_devices
-from pagedserve.engine_core import AbortRequests, AddRequest, Refusal, ResetPrefixCache, Stop
+from pagedserve.engine_core import AbortRequests, AddRequest, EngineCall, Refusal, Stop
 from pagedserve.sampling_params import SamplingParams
 
 
@@ -119,14 +119,14 @@ def test_aborts_go_to_each_request_s_replica_and_free_its_load() -> None:
 
 def test_control_messages_reach_every_replica_and_are_acked_once_all_answered() -> None:
     backend, replicas, posted = started(3)
-    backend.submit(ResetPrefixCache("t1"))
-    assert all(isinstance(r.submitted[-1], ResetPrefixCache) for r in replicas)
+    backend.submit(EngineCall("t1", "reset_prefix_cache"))
+    assert all(isinstance(r.submitted[-1], EngineCall) for r in replicas)
     replicas[0].post("out", [("t1", None)], [], stats())
     replicas[2].post("out", [("t1", None)], [], stats())
     assert all(p[1] == [] for p in posted)  # held back
     replicas[1].post("out", [("t1", None)], [], stats())
     assert posted[-1][1] == [("t1", None)]
-    backend.submit(ResetPrefixCache("t2"))
+    backend.submit(EngineCall("t2", "reset_prefix_cache"))
     no = Refusal("invalid", "busy")
     for i, refusal in ((0, None), (1, no), (2, None)):
         replicas[i].post("out", [("t2", refusal)], [], stats())
@@ -183,7 +183,7 @@ def test_a_dead_replica_fails_its_requests_only_and_comes_back(monkeypatch) -> N
     monkeypatch.setattr(backend, "_spawn", lambda i: hold.wait(5) and real_spawn(i))
     for i in range(4):
         backend.submit(add(f"r{i}"))  # r0, r2 on replica 0; r1, r3 on replica 1
-    backend.submit(ResetPrefixCache("t"))
+    backend.submit(EngineCall("t", "reset_prefix_cache"))
     replicas[0].post("out", [("t", None)], [], stats())
     old = replicas[1]
     old.post("dead", RuntimeError("the engine process exited (exit code -9)"))
@@ -249,7 +249,7 @@ def test_while_every_replica_restarts_requests_are_refused_for_a_retry(monkeypat
     backend.submit(add("r"))
     assert posted[-1][1][0][0] == "r" and posted[-1][1][0][1].kind == "queue_full"
     assert "restarting" in posted[-1][1][0][1].message and backend.decode(posted[-1][2]) == []
-    backend.submit(ResetPrefixCache("t"))  # nothing cached anywhere: acknowledged at once
+    backend.submit(EngineCall("t", "reset_prefix_cache"))  # nothing cached anywhere: acknowledged at once
     assert posted[-1][1] == [("t", None)]
     hold.set()
     wait_for(lambda: backend.loads == [0, 0] and all(r.post is not None for r in backend.replicas[:2])

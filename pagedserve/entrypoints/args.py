@@ -87,6 +87,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
     g.add_argument("--kv-offloading-size", type=float, default=None, metavar="GIB",
                    help="CPU memory (GiB) for prefix-cache blocks evicted from the device: a later prompt with that "
                         "prefix copies them back instead of recomputing them")
+    g.add_argument("--enable-sleep-mode", action="store_true",
+                   help="serve POST /sleep?level=1|2, POST /wake_up[?tags=weights|kv_cache] and GET /is_sleeping: give "
+                        "the GPU's memory back between generations (e.g. to a trainer) and take it again")
     g.add_argument("--disable-sliding-window", action="store_true",
                    help="full attention on every layer, the context capped at the model's sliding window")
     c = parser.add_argument_group("vLLM flags accepted for compatibility (they ask for what pagedserve does anyway)")
@@ -179,6 +182,7 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> EngineCon
         download_dir=getattr(args, "download_dir", None), max_logprobs=getattr(args, "max_logprobs", 20),
         disable_sliding_window=bool(getattr(args, "disable_sliding_window", False)),
         kv_offloading_size=getattr(args, "kv_offloading_size", None),
+        enable_sleep_mode=bool(getattr(args, "enable_sleep_mode", False)),
     )
     kwargs.update(overrides)
     return EngineConfig(**kwargs)

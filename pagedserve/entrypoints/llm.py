@@ -54,6 +54,17 @@ class LLM:
         tensor parallelism, or while requests are unfinished."""
         return self.engine.load_weights(weights)
 
+    def sleep(self, level: int = 1) -> int:
+        """Frees the device memory of the weights and the KV cache between generations (vLLM's sleep mode): level 1
+        keeps the weights in host memory, level 2 discards them (wake_up(["weights"]), load_weights(...), then
+        wake_up(["kv_cache"])). Returns the bytes freed. ValueError for a level other than 1 or 2, or level 2 on a
+        model load_weights cannot update."""
+        return self.engine.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Takes the memory back: everything (None), or a subset of ["weights", "kv_cache"]."""
+        self.engine.wake_up(tags)
+
     def reset_prefix_cache(self) -> bool:
         """Forgets every cached prefix (the CPU tier's too), e.g. after new weights; False while requests run."""
         return self.engine.reset_prefix_cache()

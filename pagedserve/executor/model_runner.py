@@ -757,6 +757,7 @@ class ModelRunner:
         from pagedserve.executor.cuda_graph import CUDAGraphDecoder
         from pagedserve.executor.mixed_graph import MAX_MIXED_GRAPH_TOKENS, CUDAGraphMixed
 
+        self.graph_capture_args = (max_num_seqs, max_model_len, max_num_batched_tokens)  # (sleep mode recaptures)
         graphs = CUDAGraphDecoder(self.model, self.kv_caches, self.backend, max_num_seqs, max_model_len,
                                   self.block_size, self.device)
         elapsed = graphs.capture()

@@ -75,10 +75,34 @@ def kill_tp_workers(procs: list[subprocess.Popen]) -> None:
         proc.wait()
 
 
+def _run_call(call: Any, runner: Any, sleep_state: Any) -> None:
+    """A rank's side of a RankCall. Errors are logged, not raised: rank 0 meets the same ones and reports them
+    (a rank that stopped here would leave the others waiting in the next collective)."""
+    try:
+        if call.method == "sleep":
+            sleep_state.sleep(call.kwargs["level"])
+        elif call.method == "wake_up":
+            sleep_state.wake_up(call.kwargs["tags"])
+        elif call.method == "load_weights":
+            from pagedserve.executor.loader import iterate_safetensors
+
+            path = call.kwargs.get("path")
+            pairs = iterate_safetensors(path, runner.device) if path is not None else call.kwargs["pairs"]
+            with torch.no_grad():
+                runner.model.load_weights(pairs)
+            if runner.device.type == "cuda":
+                torch.cuda.synchronize(runner.device)
+        else:
+            raise ValueError(f"unknown rank call {call.method!r}")
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        logger.warning("%s on this rank failed: %s", call.method, e)
+
+
 def run_rank(config: Any, model_path: str, rank: int, port: int) -> None:
-    from pagedserve.distributed import broadcast_object, destroy_tensor_parallel, init_tensor_parallel
+    from pagedserve.distributed import RankCall, broadcast_object, destroy_tensor_parallel, init_tensor_parallel
     from pagedserve.executor.loader import load_model
     from pagedserve.executor.model_runner import ModelRunner
+    from pagedserve.executor.sleep import RunnerSleep
     from pagedserve.executor.worker import (
         add_cpu_kv_tier,
         default_max_batched_tokens,
@@ -101,7 +125,11 @@ def run_rank(config: Any, model_path: str, rank: int, port: int) -> None:
         if config.kv_offloading_size:
             add_cpu_kv_tier(config, runner, hf_config)
         logger.info("tensor-parallel rank %d ready on %s: %d KV blocks", rank, device, num_blocks)
+        sleep_state = RunnerSleep(runner)
         while (step := broadcast_object()) is not None:
+            if isinstance(step, RankCall):
+                _run_call(step, runner, sleep_state)
+                continue
             for slot, lora_request in step.lora_loads:  # the adapters rank 0 put into slots for this step
                 lora_manager.load_into(slot, lora_request)
             runner.forward_only(step)

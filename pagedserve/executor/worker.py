@@ -75,6 +75,7 @@ class Worker:
     num_cpu_kv_blocks: int = 0  # KV offloading's CPU tier (config.kv_offloading_size)
     # the model's window when every layer is windowed (its blocks behind the window are given back), else None
     sliding_window: int | None = None
+    _sleep: list | None = None  # sleep mode: the runners' RunnerSleep states, made on first use
 
     @property
     def dtype_bytes(self) -> int:
@@ -93,35 +94,40 @@ class Worker:
         if self.tp_procs and not scheduler_output.is_empty:  # the other ranks run the same step's forward
             from pagedserve.distributed import broadcast_object
 
-            for rank, proc in enumerate(self.tp_procs, start=1):  # a dead rank: fail now, not in a collective
-                if proc.poll() is not None:
-                    raise RuntimeError(f"tensor-parallel rank {rank} (pid {proc.pid}) exited with code "
-                                       f"{proc.returncode}; the engine cannot go on without it")
+            self._check_ranks()
             message = _for_other_ranks(scheduler_output)
             lora_manager = getattr(self.runner, "lora_manager", None)
             if lora_manager is not None:
                 message.lora_loads = lora_manager.take_loads()
             broadcast_object(message)
 
+    def _check_ranks(self) -> None:
+        for rank, proc in enumerate(self.tp_procs, start=1):  # a dead rank: fail now, not in a collective
+            if proc.poll() is not None:
+                raise RuntimeError(f"tensor-parallel rank {rank} (pid {proc.pid}) exited with code "
+                                   f"{proc.returncode}; the engine cannot go on without it")
+
     def load_weights(self, weights: Any) -> int:
         """New values for some or all of the model's weights, named as in its checkpoint (Transformers' names),
         copied in place (CUDA graphs keep their pointers): `weights` is a folder of safetensors, a dict, or
-        (name, tensor) pairs, in any dtype and on any device. Returns how many tensors were applied. ValueError for
-        a model whose weights were transformed at load (fp8 / 4-bit projections, KV scales folded in for an fp8
-        cache), with tensor parallelism, or for names the model lacks or shapes it does not have."""
+        (name, tensor) pairs, in any dtype and on any device. With tensor parallelism every rank takes its slices
+        (a folder is read by each rank; tensors go to the ranks in chunks through the process group). Returns how
+        many tensors were applied. ValueError for a model whose weights were transformed at load (fp8 / 4-bit
+        projections, KV scales folded in for an fp8 cache), while the weights sleep, or for names the model lacks
+        or shapes it does not have."""
         model = self.runner.model
-        if self.tp_procs:
-            raise ValueError("load_weights: not with tensor parallelism yet (ranks 1..N-1 hold their own slices)")
-        if getattr(model, "quantization", None) is not None:
-            raise ValueError(f"load_weights: this model holds its projections as {model.quantization} (quantized at "
-                             "load); updates need a model served in its own dtype")
-        if self.config.kv_cache_dtype != "auto":
-            raise ValueError("load_weights: with an fp8 KV cache the checkpoint's KV scales are folded into the "
-                             "weights at load; updates need kv_cache_dtype auto")
+        self._check_updatable("load_weights")
+        if self._sleep_states()[0].weights is not None:
+            raise ValueError("load_weights: the weights are asleep; wake_up(tags=['weights']) first")
+        path = None
         if isinstance(weights, (str, os.PathLike)):
             from pagedserve.executor.loader import iterate_safetensors
 
-            weights = iterate_safetensors(os.fspath(weights), self.device)
+            path = os.fspath(weights)
+            if not os.path.isdir(path):
+                raise ValueError(f"load_weights: {path!r} is not a folder of safetensors files")
+            self._rank_call("load_weights", path=path)
+            weights = iterate_safetensors(path, self.device)
         elif isinstance(weights, dict):
             weights = weights.items()
         count = [0]
@@ -133,17 +139,91 @@ class Worker:
                 count[0] += 1
                 yield name, tensor
 
+        skipped: list[str] = []
         with torch.no_grad():
-            model.load_weights(counted())
+            if self.tp_procs and path is None:  # the ranks take each chunk as rank 0 does
+                for chunk in _chunks(counted(), _TP_CHUNK_BYTES):
+                    self._rank_call("load_weights", pairs=[(n, t.detach().cpu()) for n, t in chunk])
+                    model.load_weights(chunk)
+                    skipped += model.skipped_weights
+            else:
+                model.load_weights(counted())
+                skipped = model.skipped_weights
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        skipped = model.skipped_weights
         if skipped:
             shown = ", ".join(repr(n) for n in skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5
                                                                else "")
             raise ValueError(f"load_weights: the model has no weight named {shown}; the other "
                              f"{count[0] - len(skipped)} tensors were applied")
         return count[0]
+
+    def _check_updatable(self, what: str) -> None:
+        model = self.runner.model
+        if getattr(model, "quantization", None) is not None:
+            raise ValueError(f"{what}: this model holds its projections as {model.quantization} (quantized at "
+                             "load); weight updates need a model served in its own dtype")
+        if self.config.kv_cache_dtype != "auto":
+            raise ValueError(f"{what}: with an fp8 KV cache the checkpoint's KV scales are folded into the "
+                             "weights at load; weight updates need kv_cache_dtype auto")
+
+    # ------------------------------------------------------------------ sleep mode (executor/sleep.py)
+    def _sleep_states(self) -> list:
+        """The target runner's sleep state, then the draft model's (if any)."""
+        states = self._sleep
+        if states is None:
+            from pagedserve.executor.sleep import RunnerSleep
+
+            runners = [self.runner]
+            if self.draft_proposer is not None and getattr(self.draft_proposer, "runner", None) is not None:
+                runners.append(self.draft_proposer.runner)
+            states = self._sleep = [RunnerSleep(r) for r in runners]
+        return states
+
+    def sleep(self, level: int = 1) -> int:
+        """Gives the device memory of the weights and the KV cache back (level 1: the weights kept in host memory;
+        level 2: discarded, new ones come through load_weights after wake_up). Returns the bytes freed (rank 0's).
+        A draft model's weights are always kept (level 1): load_weights updates the target only."""
+        from pagedserve.executor.sleep import sleep_runners
+
+        if level not in (1, 2):
+            raise ValueError(f"sleep: level must be 1 (weights kept in host memory) or 2 (weights discarded), "
+                             f"got {level!r}")
+        if level == 2:
+            self._check_updatable("sleep(level=2)")
+        self._rank_call("sleep", level=level)
+        states = self._sleep_states()
+        return sleep_runners([states[0].runner], states[:1], level) + sum(s.sleep(1) for s in states[1:])
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Takes the memory back: `tags` None for all, or a subset of ["weights", "kv_cache"] (weights first, to load
+        new ones while the cache still sleeps)."""
+        from pagedserve.executor.sleep import TAGS
+
+        if tags is not None:
+            if isinstance(tags, str) or not all(isinstance(t, str) and t in TAGS for t in tags):
+                raise ValueError(f"wake_up: tags must be a list of {list(TAGS)}, got {tags!r}")
+            tags = list(tags)
+        self._rank_call("wake_up", tags=tags)
+        for state in self._sleep_states():
+            state.wake_up(tags)
+
+    def sleep_state(self) -> dict:
+        """{"weights": bool, "kv_cache": bool, "level": 0 | 1 | 2}: what sleeps."""
+        state = self._sleep_states()[0]
+        return {"weights": state.weights is not None, "kv_cache": state.kv is not None, "level": state.level}
+
+    def is_sleeping(self) -> bool:
+        return any(state.asleep for state in self._sleep_states())
+
+    def _rank_call(self, method: str, **kwargs: Any) -> None:
+        """Runs `method` on ranks 1..N-1 of tensor parallelism (executor/tp_worker.py's RankCall)."""
+        if not self.tp_procs:
+            return
+        from pagedserve.distributed import RankCall, broadcast_object
+
+        self._check_ranks()
+        broadcast_object(RankCall(method, kwargs))
 
     def close(self) -> None:
         """Ends the tensor-parallel ranks (a no-op with one rank); the worker takes no steps after it."""
@@ -161,6 +241,22 @@ class Worker:
         finally:
             stop_tp_workers(procs)
             destroy_tensor_parallel()
+
+
+_TP_CHUNK_BYTES = 256 * 2**20  # load_weights with tensor parallelism: tensors sent to the ranks in chunks of this
+
+
+def _chunks(pairs, limit: int):
+    """(name, tensor) pairs in lists of at most `limit` bytes (or one tensor)."""
+    chunk, size = [], 0
+    for name, tensor in pairs:
+        chunk.append((name, tensor))
+        size += tensor.numel() * tensor.element_size()
+        if size >= limit:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
 
 
 def _for_other_ranks(scheduler_output: SchedulerOutput) -> SchedulerOutput:

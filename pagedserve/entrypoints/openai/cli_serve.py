@@ -84,6 +84,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-runtime-lora-updating", action="store_true",
                    help="POST /v1/load_lora_adapter and /v1/unload_lora_adapter add and remove adapters while serving "
                    "(also VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)")
+    g.add_argument("--enable-weight-updates", action="store_true",
+                   help="POST /update_weights_from_disk {\"model_path\": FOLDER} loads new weights (safetensors, "
+                        "checkpoint names) into the served model between generations, e.g. in a training loop")
     g.add_argument(
         "--engine-process",
         action=argparse.BooleanOptionalAction,

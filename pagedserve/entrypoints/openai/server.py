@@ -112,6 +112,9 @@ class ServerSettings:
     allow_credentials: bool = False
     return_tokens_as_token_ids: bool = False  # logprobs tokens as "token_id:N" unless a request says otherwise
     vllm_metric_names: bool = False  # /metrics as vllm:* (vLLM's dashboards) instead of pagedserve:*
+    # POST /update_weights_from_disk (--enable-weight-updates): new weights from a folder on the server's machine
+    # (SGLang's route, for reinforcement-learning loops); off by default: any API caller could swap the model.
+    enable_weight_updates: bool = False
 
 
 def _version() -> str:
@@ -127,7 +130,8 @@ def _version() -> str:
 def _needs_key(path: str) -> bool:
     """The API's routes need --api-key's key; /health, /ping, /metrics, /version and the schema stay open."""
     return path.startswith(("/v1", "/v2")) or path in ("/tokenize", "/detokenize", "/score", "/rerank", "/classify",
-                                                        "/invocations", "/reset_prefix_cache")
+                                                        "/invocations", "/reset_prefix_cache", "/sleep", "/wake_up",
+                                                        "/is_sleeping", "/update_weights_from_disk")
 
 
 class _GateMiddleware:
@@ -394,6 +398,10 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
 
     if settings.allow_runtime_lora_updating:
         _add_lora_routes(app, engine, served_names)
+    if getattr(engine.engine_config, "enable_sleep_mode", False):
+        _add_sleep_routes(app, engine)
+    if settings.enable_weight_updates:
+        _add_weight_update_route(app, engine)
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models() -> dict:
@@ -530,6 +538,61 @@ def _make_uvicorn_server(app: FastAPI, args: argparse.Namespace, on_signal: Call
     return _Server(config)
 
 
+def _add_sleep_routes(app: FastAPI, engine: AsyncEngine) -> None:
+    """vLLM's sleep-mode routes (--enable-sleep-mode): POST /sleep?level=1|2, POST /wake_up[?tags=weights&tags=
+    kv_cache], GET /is_sleeping. Refused (400) while requests run; while asleep, requests get a 503
+    engine_sleeping."""
+    from fastapi import Query
+
+    @app.post("/sleep", response_model=None, responses=_ERROR_RESPONSES)
+    async def sleep(level: str = "1") -> Response:
+        if level not in ("1", "2"):
+            raise bad_request(f"level must be 1 (weights kept in host memory) or 2 (weights discarded), got {level!r}",
+                              "level")
+        try:
+            await engine.sleep(int(level))
+        except ValueError as e:
+            raise bad_request(str(e), "level") from None
+        return JSONResponse({"status": "ok", "is_sleeping": True, "level": int(level)})
+
+    @app.post("/wake_up", response_model=None, responses=_ERROR_RESPONSES)
+    async def wake_up(tags: list[str] | None = Query(default=None)) -> Response:  # noqa: B008 - FastAPI's idiom
+        try:
+            await engine.wake_up(tags)
+        except ValueError as e:
+            raise bad_request(str(e), "tags") from None
+        return JSONResponse({"status": "ok", "is_sleeping": engine.is_sleeping()})
+
+    @app.get("/is_sleeping", response_model=None)
+    async def is_sleeping() -> Response:
+        return JSONResponse({"is_sleeping": engine.is_sleeping()})
+
+
+def _add_weight_update_route(app: FastAPI, engine: AsyncEngine) -> None:
+    """POST /update_weights_from_disk {"model_path": FOLDER} (SGLang's route): the folder's safetensors, by checkpoint
+    names (a subset allowed), copied into the served model between generations; the prefix cache is forgotten.
+    400 while requests run, for a folder that is not there, or names / shapes the model lacks."""
+
+    @app.post("/update_weights_from_disk", response_model=None, responses=_ERROR_RESPONSES)
+    async def update_weights_from_disk(raw_request: Request) -> Response:
+        try:
+            body = await raw_request.json()
+        except ValueError:
+            raise bad_request("the body is not valid JSON", None) from None
+        path = body.get("model_path") if isinstance(body, dict) else None
+        if not isinstance(path, str) or not path:
+            raise bad_request("model_path (a folder of safetensors files on the server's machine) is required",
+                              "model_path")
+        if body.get("load_format") not in (None, "auto", "safetensors"):
+            raise bad_request(f"load_format must be 'auto' or 'safetensors', got {body['load_format']!r}",
+                              "load_format")
+        try:
+            await engine.load_weights(path)
+        except ValueError as e:
+            raise bad_request(str(e), "model_path") from None
+        return JSONResponse({"success": True, "message": f"weights updated from {path}"})
+
+
 def _add_lora_routes(app: FastAPI, engine: AsyncEngine, served_names: list[str]) -> None:
     """vLLM's runtime adapter routes: a loaded adapter is served under its name (added to `served_names`, which the
     routes share) until it is unloaded; requests already running with it finish."""
@@ -595,6 +658,7 @@ def run_server(config: EngineConfig, args: argparse.Namespace, backend: Any = No
         allow_runtime_lora_updating=bool(getattr(args, "allow_runtime_lora_updating", False)
                                          or os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower()
                                          in ("1", "true")),
+        enable_weight_updates=bool(getattr(args, "enable_weight_updates", False)),
         allowed_origins=getattr(args, "allowed_origins", ["*"]),
         allowed_methods=getattr(args, "allowed_methods", ["*"]),
         allowed_headers=getattr(args, "allowed_headers", ["*"]),
