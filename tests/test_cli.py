@@ -36,3 +36,15 @@ def test_bad_value_is_a_clear_error(real_model_dir: str) -> None:
     r = _cli("generate", "--model", real_model_dir, "--temperature", "-1", "hi")
     assert r.returncode == 2
     assert "temperature" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_config_file(real_model_dir: str, tmp_path) -> None:
+    """vLLM's --config: the model and the sampling flags from a YAML file; a bad file is a clear error."""
+    config = tmp_path / "generate.yaml"
+    config.write_text(f"model: {real_model_dir}\nmax_tokens: 40\nmax-model-len: 512\n")
+    r = _cli("generate", "--config", str(config), "Tell me a joke.")
+    assert r.returncode == 0, r.stderr
+    assert "tomato" in r.stdout.lower()
+    config.write_text("max-tokens: many\n")
+    r = _cli("generate", "--config", str(config), "hi")
+    assert r.returncode == 2 and "max-tokens" in r.stderr and "Traceback" not in r.stderr

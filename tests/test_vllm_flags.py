@@ -109,3 +109,55 @@ def test_max_logprobs_bounds_requests(real_model_dir) -> None:
             llm.generate(["Hello"], params, use_tqdm=False)
     stats = llm.engine.get_stats()
     assert stats["num_free_blocks"] == stats["num_total_blocks"]
+
+
+def test_config_file_gives_defaults_the_command_line_overrides(tmp_path) -> None:
+    """vLLM's --config FILE.yaml: keys with dashes or underscores, booleans (a --no- flag too), lists, mappings for
+    JSON flags; a flag on the command line wins over the file."""
+    from pagedserve.entrypoints.args import apply_config_file
+    from pagedserve.entrypoints.openai.cli_serve import serve_config_from_args
+    from pagedserve.entrypoints.openai.server import build_parser
+
+    path = tmp_path / "serve.yaml"
+    path.write_text("model: some/model\nmax-model-len: 4096\nenable_prefix_caching: false\nport: 9000\n"
+                    "speculative-config: {method: ngram, num_speculative_tokens: 3}\nserved-model-name: [a, b]\n"
+                    "dtype: float32\ntrust-remote-code: true\ngpu_memory_utilization: 0.5\n")
+
+    def parse(*argv: str):
+        parser = build_parser()
+        apply_config_file(parser, list(argv))
+        return parser.parse_args(list(argv))
+
+    args = parse("--config", str(path), "--max-model-len", "2048")
+    config = serve_config_from_args(args)
+    assert (config.model, config.max_model_len, config.enable_prefix_caching, config.dtype) == \
+        ("some/model", 2048, False, "float32")
+    assert config.speculative_config["num_speculative_tokens"] == 3 and config.gpu_memory_utilization == 0.5
+    assert args.port == 9000 and args.served_model_name == ["a", "b"] and args.trust_remote_code
+    args = parse(f"--config={path}", "--enable-prefix-caching", "--port", "9001")
+    assert serve_config_from_args(args).enable_prefix_caching and args.port == 9001
+    assert parse("--port", "9002").port == 9002  # no file: nothing changes
+    for text, words in (("max_modle_len: 3\n", "unknown flag 'max_modle_len'"), ("dtype: float64\n", "one of"),
+                        ("enforce-eager: 'yes'\n", "true or false"), ("- a\n- b\n", "mapping"),
+                        ("max-model-len: [\n", "not valid YAML"), ("max-model-len: lots\n", "max-model-len"),
+                        ("speculative-config: {method: bogus}\n", "speculative-config")):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=words) as info:
+            parse("--config", str(path))
+        assert str(path) in str(info.value)
+    with pytest.raises(ValueError, match="cannot read"):
+        parse("--config", str(tmp_path / "missing.yaml"))
+
+
+def test_config_file_reaches_nested_commands(tmp_path) -> None:
+    """`pagedserve bench throughput --config FILE`: the file sets throughput's own flags (its parser, two levels down)."""
+    from pagedserve.entrypoints.args import apply_config_file
+    from pagedserve.entrypoints.cli import build_parser
+
+    path = tmp_path / "bench.yaml"
+    path.write_text("max-model-len: 1024\nenforce-eager: true\n")
+    parser = build_parser()
+    argv = ["bench", "throughput", "--config", str(path)]
+    apply_config_file(parser, argv)
+    args = parser.parse_args(argv)
+    assert args.max_model_len == 1024 and args.enforce_eager

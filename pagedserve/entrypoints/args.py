@@ -13,6 +13,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
     if model_positional:
         parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help=help_model)
     parser.add_argument("--model", default=None, help=help_model)
+    parser.add_argument("--config", default=None, metavar="YAML",
+                        help="vLLM's: a YAML file of flags (`max-model-len: 4096`, `enable-prefix-caching: false`, "
+                             "lists and mappings as such); flags on the command line win")
     g = parser.add_argument_group("engine")
     g.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub id (default: the model's)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
@@ -186,3 +189,92 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> EngineCon
     )
     kwargs.update(overrides)
     return EngineConfig(**kwargs)
+
+
+def apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """vLLM's `--config FILE.yaml`: the file's keys (flag names, with dashes or underscores) become the parser's
+    defaults, so flags given on the command line win. true / false switch a flag on or off (`--no-...` ones too),
+    a list gives a flag's values, a mapping a JSON flag's object. ValueError for an unknown key or a bad value, naming
+    the file."""
+    path = _config_path(argv)
+    if path is None:
+        return
+    import yaml
+
+    parser = _command_parser(parser, argv)
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ValueError(f"--config: cannot read {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config: {path} is not valid YAML: {e}") from None
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise ValueError(f"--config: {path} must hold a mapping of flag names to values")
+    options = parser._option_string_actions
+    defaults = {}
+    for key, value in data.items():
+        flag = "--" + str(key).replace("_", "-")
+        action = options.get(flag)
+        if action is None or flag == "--config" or isinstance(action, argparse._HelpAction):
+            raise ValueError(f"--config: {path}: unknown flag {key!r}")
+        defaults[action.dest] = _config_value(action, value, f"--config: {path}: {key}")
+    parser.set_defaults(**defaults)
+
+
+def _command_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The (sub)command's own parser: `pagedserve bench throughput ...` -> throughput's."""
+    start = 0
+    while True:
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if sub is None:
+            return parser
+        i = next((i for i in range(start, len(argv)) if argv[i] in sub.choices), None)
+        if i is None:
+            return parser
+        parser, start = sub.choices[argv[i]], i + 1
+
+
+def _config_path(argv: list[str]) -> str | None:
+    path = None
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        if arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+    return path
+
+
+def _config_value(action: argparse.Action, value, where: str):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        return (not value) if isinstance(action, argparse._StoreFalseAction) else value
+    if isinstance(action, argparse._StoreConstAction):
+        raise ValueError(f"{where}: not settable from a config file")
+    if action.nargs in ("+", "*") or isinstance(action.nargs, int):
+        return [_config_one(action, v, where) for v in (value if isinstance(value, list) else [value])]
+    return _config_one(action, value, where)
+
+
+def _config_one(action: argparse.Action, value, where: str):
+    import json
+
+    if isinstance(value, (dict, list)):
+        text = json.dumps(value)
+    elif isinstance(value, bool):
+        text = json.dumps(value)
+    else:
+        text = str(value)
+    try:
+        result = action.type(text) if action.type is not None else text
+    except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+        raise ValueError(f"{where}: {e}") from None
+    if action.choices is not None and result not in action.choices:
+        raise ValueError(f"{where} must be one of {list(action.choices)}, got {value!r}")
+    return result
