@@ -35,7 +35,9 @@ def test_flags_map_onto_the_engine_config() -> None:
     assert (config.revision, config.download_dir, config.max_logprobs) == ("v1.1", "/tmp/hub", 5)
     assert config.disable_sliding_window and not parse().disable_sliding_window
     assert parse().hf_overrides is None and parse().max_logprobs == 20
+    parse("--distributed-executor-backend", "mp")
     for flags, words in ((["--no-enable-chunked-prefill"], "always chunks"), (["-pp", "2"], "pipeline"),
+                         (["--distributed-executor-backend", "ray"], "multi-node"),
                          (["--max-logprobs", "21"], "max_logprobs")):
         with pytest.raises(ValueError, match=words):
             parse(*flags)
@@ -150,7 +152,8 @@ def test_config_file_gives_defaults_the_command_line_overrides(tmp_path) -> None
 
 
 def test_config_file_reaches_nested_commands(tmp_path) -> None:
-    """`pagedserve bench throughput --config FILE`: the file sets throughput's own flags (its parser, two levels down)."""
+    """`pagedserve bench throughput --config FILE`: the file sets throughput's own flags (its parser, two levels
+    down)."""
     from pagedserve.entrypoints.args import apply_config_file
     from pagedserve.entrypoints.cli import build_parser
 

@@ -108,6 +108,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
                    help="accepted: a preempted request frees its blocks and is recomputed (no CPU swap space)")
     c.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
                    help="1 only (pipeline parallelism is not supported; use --tensor-parallel-size)")
+    c.add_argument("--distributed-executor-backend", default=None, choices=["mp", "uni", "ray", "external_launcher"],
+                   help="mp (or uni with one GPU): the tensor-parallel ranks are local processes; ray and "
+                        "external_launcher are refused")
     c.add_argument("--disable-custom-all-reduce", action="store_true",
                    help="accepted: tensor parallelism uses torch.distributed's all-reduce (NCCL) only")
     c.add_argument("--max-seq-len-to-capture", type=int, default=None,
@@ -159,6 +162,10 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> EngineCon
     if getattr(args, "enable_chunked_prefill", True) is False:
         raise ValueError("--no-enable-chunked-prefill is not supported: pagedserve always chunks long prompts "
                          "(--long-prefill-token-threshold and --max-num-batched-tokens size the chunks)")
+    backend = getattr(args, "distributed_executor_backend", None)
+    if backend in ("ray", "external_launcher"):
+        raise ValueError(f"--distributed-executor-backend {backend}: pagedserve starts its tensor-parallel ranks as "
+                         "local processes of one machine (mp); multi-node backends are not supported")
     if getattr(args, "pipeline_parallel_size", 1) != 1:
         raise ValueError(f"--pipeline-parallel-size {args.pipeline_parallel_size}: pipeline parallelism is not "
                          "supported; use --tensor-parallel-size")

@@ -79,6 +79,13 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                    help='logprobs name each token "token_id:N" (vLLM\'s; a request\'s return_tokens_as_token_ids '
                    "overrides it), for clients that need exact ids")
     g.add_argument("--log-stats-interval", type=float, default=5.0, help="seconds between stats lines while busy")
+    g.add_argument("--enable-prompt-tokens-details", action="store_true",
+                   help="chat and completions usage reports prompt_tokens_details.cached_tokens (the prompt tokens "
+                        "served from the prefix cache)")
+    g.add_argument("--disable-fastapi-docs", action="store_true", help="no /docs, /redoc or /openapi.json")
+    g.add_argument("--response-role", default="assistant", help="the role of chat answers (default assistant)")
+    g.add_argument("--uds", default=None, metavar="PATH",
+                   help="listen on this Unix domain socket instead of --host / --port")
     g.add_argument("--disable-access-log", action="store_true", help="no log line per HTTP request")
     add_request_handling_args(g)
     g.add_argument("--allow-runtime-lora-updating", action="store_true",

@@ -115,6 +115,11 @@ class ServerSettings:
     # POST /update_weights_from_disk (--enable-weight-updates): new weights from a folder on the server's machine
     # (SGLang's route, for reinforcement-learning loops); off by default: any API caller could swap the model.
     enable_weight_updates: bool = False
+    # usage.prompt_tokens_details.cached_tokens on chat and completions (vLLM's --enable-prompt-tokens-details;
+    # the Responses and Messages routes always report their cache reads)
+    enable_prompt_tokens_details: bool = False
+    docs: bool = True  # /docs, /redoc and /openapi.json (vLLM's --disable-fastapi-docs turns them off)
+    response_role: str = "assistant"  # the chat answers' role (vLLM's --response-role)
 
 
 def _version() -> str:
@@ -231,6 +236,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
                              settings.reasoning_parser)
     completion = OpenAIServingCompletion(engine, served_names, token_strings)
     chat.tokens_as_ids = completion.tokens_as_ids = settings.return_tokens_as_token_ids
+    chat.prompt_tokens_details = completion.prompt_tokens_details = settings.enable_prompt_tokens_details
+    chat.response_role = settings.response_role
     responses = OpenAIServingResponses(chat)
     messages = AnthropicServingMessages(chat)
     tokenization = OpenAIServingTokenization(engine, served_names)
@@ -251,6 +258,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
         version=_version(),
         lifespan=lifespan,
         description="OpenAI-compatible API of the pagedserve engine; see docs/server.md.",
+        **({} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}),
     )
     app.state.engine = engine
     app.state.metrics = metrics
@@ -526,6 +534,7 @@ def _make_uvicorn_server(app: FastAPI, args: argparse.Namespace, on_signal: Call
         app,
         host=args.host,
         port=args.port,
+        uds=getattr(args, "uds", None),
         lifespan="on",
         timeout_graceful_shutdown=args.shutdown_timeout,
         access_log=not args.disable_access_log,
@@ -659,6 +668,9 @@ def run_server(config: EngineConfig, args: argparse.Namespace, backend: Any = No
                                          or os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower()
                                          in ("1", "true")),
         enable_weight_updates=bool(getattr(args, "enable_weight_updates", False)),
+        enable_prompt_tokens_details=bool(getattr(args, "enable_prompt_tokens_details", False)),
+        docs=not getattr(args, "disable_fastapi_docs", False),
+        response_role=getattr(args, "response_role", "assistant"),
         allowed_origins=getattr(args, "allowed_origins", ["*"]),
         allowed_methods=getattr(args, "allowed_methods", ["*"]),
         allowed_headers=getattr(args, "allowed_headers", ["*"]),
@@ -669,8 +681,8 @@ def run_server(config: EngineConfig, args: argparse.Namespace, backend: Any = No
     app = build_app(async_engine, settings)
     server = _make_uvicorn_server(app, args, async_engine.stop_accepting)
     scheme = "https" if getattr(args, "ssl_certfile", None) else "http"
-    logger.info("serving %s on %s://%s:%d (OpenAI API under /v1)", async_engine.model_name, scheme, args.host,
-                args.port)
+    where = (f"unix socket {args.uds}" if getattr(args, "uds", None) else f"{scheme}://{args.host}:{args.port}")
+    logger.info("serving %s on %s (OpenAI API under /v1)", async_engine.model_name, where)
     freeze_startup_objects("API server")  # the app, engine client, tokenizer and templates live until exit
     server.run()
     return 0

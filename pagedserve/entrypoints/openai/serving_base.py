@@ -261,12 +261,17 @@ def check_prompt_fits(
         raise bad_request(str(e)) from e
 
 
-def usage_dict(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:
-    return {
+def usage_dict(num_prompt_tokens: int, num_completion_tokens: int, num_cached_tokens: int | None = None) -> dict:
+    """OpenAI's usage object; with `num_cached_tokens` (--enable-prompt-tokens-details) also
+    prompt_tokens_details.cached_tokens: the prompt tokens served from the prefix cache."""
+    usage: dict = {
         "prompt_tokens": num_prompt_tokens,
         "completion_tokens": num_completion_tokens,
         "total_tokens": num_prompt_tokens + num_completion_tokens,
     }
+    if num_cached_tokens is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": num_cached_tokens}
+    return usage
 
 
 class TokenIdStrings:

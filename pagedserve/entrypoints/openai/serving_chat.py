@@ -65,6 +65,8 @@ class OpenAIServingChat:
         self.served_model_names = served_model_names
         self.token_strings = token_strings
         self.tokens_as_ids = False  # --return-tokens-as-token-ids (build_app sets it)
+        self.prompt_tokens_details = False  # --enable-prompt-tokens-details (build_app sets it)
+        self.response_role = "assistant"  # --response-role (build_app sets it)
         self.enable_auto_tool_choice = enable_auto_tool_choice
         if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:
             raise ValueError(f"unknown reasoning parser {reasoning_parser!r}; "
@@ -163,6 +165,7 @@ class OpenAIServingChat:
                 answer = CompletionOutput(i, seq.text, generated, seq.cum_logprob, None, seq.finish_reason,
                                           seq.stop_reason)
                 message, finish_reason = message_of(answer, mode, self.reasoning_parser)
+                message["role"] = self.response_role
                 if stream and message.get("tool_calls"):  # a delta's tool calls carry their index
                     message = {**message, "tool_calls": [{**call, "index": k}
                                                          for k, call in enumerate(message["tool_calls"])]}
@@ -255,6 +258,7 @@ class OpenAIServingChat:
             if ctx.params.logprobs is not None and out.logprobs is not None:
                 logprobs = {"content": self._logprobs(out.logprobs, ctx.params.logprobs, ctx.req)}
             message, finish_reason = message_of(out, ctx.mode, ctx.reasoning)
+            message["role"] = self.response_role
             choices.append(
                 {
                     "index": out.index,
@@ -271,7 +275,8 @@ class OpenAIServingChat:
             "created": ctx.created,
             "model": ctx.model_name,
             "choices": choices,
-            "usage": usage_dict(ctx.num_prompt_tokens, num_completion),
+            "usage": usage_dict(ctx.num_prompt_tokens, num_completion,
+                                final.num_cached_tokens if self.prompt_tokens_details else None),
             "system_fingerprint": None,
         }
         if ctx.req.return_token_ids:
@@ -317,6 +322,11 @@ class OpenAIServingChat:
         sent_logprobs = [0] * n
         finished = [False] * n
         num_completion = [0] * n
+        num_cached = [0]  # the prompt's tokens found in the prefix cache (known once it was scheduled)
+
+        def cached() -> int | None:
+            return num_cached[0] if self.prompt_tokens_details else None
+
         tool_streams = [_ToolStream(ctx.mode) for _ in range(n)] if ctx.mode.kind != "none" else None
         thinking = [ReasoningStream(ctx.reasoning) for _ in range(n)] if ctx.reasoning else None
 
@@ -340,19 +350,21 @@ class OpenAIServingChat:
                 yield chunk(
                     {
                         "index": i,
-                        "delta": {"role": "assistant", "content": ""},
+                        "delta": {"role": self.response_role, "content": ""},
                         "logprobs": None,
                         "finish_reason": None,
                     },
-                    usage_dict(ctx.num_prompt_tokens, 0) if continuous_usage else None,
+                    usage_dict(ctx.num_prompt_tokens, 0, cached()) if continuous_usage else None,
                 )
             async for output in stream:
+                num_cached[0] = output.num_cached_tokens
                 for out in output.outputs:
                     i = out.index
                     if finished[i]:
                         continue
                     num_completion[i] = len(out.token_ids)
-                    usage = usage_dict(ctx.num_prompt_tokens, sum(num_completion)) if continuous_usage else None
+                    usage = (usage_dict(ctx.num_prompt_tokens, sum(num_completion), cached()) if continuous_usage
+                             else None)
                     delta_text = out.text[sent_text[i] :]
                     new_lps = None
                     if (
@@ -405,7 +417,8 @@ class OpenAIServingChat:
                             usage, out,
                         )
             if include_usage:
-                yield sse({**base, "choices": [], "usage": usage_dict(ctx.num_prompt_tokens, sum(num_completion))})
+                yield sse({**base, "choices": [],
+                           "usage": usage_dict(ctx.num_prompt_tokens, sum(num_completion), cached())})
         except Exception as e:  # engine died or shut down mid-stream: tell the client in-band
             err = engine_error(e)
             yield sse(error_body(err.message, err.type, err.param, err.code))

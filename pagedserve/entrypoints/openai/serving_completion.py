@@ -54,6 +54,7 @@ class OpenAIServingCompletion:
         self.served_model_names = served_model_names
         self.token_strings = token_strings
         self.tokens_as_ids = False  # --return-tokens-as-token-ids (build_app sets it)
+        self.prompt_tokens_details = False  # --enable-prompt-tokens-details (build_app sets it)
 
     async def create(self, req: CompletionRequest, raw_request: Request) -> Response:
         arrival = time.monotonic()
@@ -250,7 +251,8 @@ class OpenAIServingCompletion:
             "created": ctx.created,
             "model": ctx.model_name,
             "choices": choices,
-            "usage": usage_dict(ctx.num_prompt_tokens, num_completion),
+            "usage": usage_dict(ctx.num_prompt_tokens, num_completion,
+                                sum(f.num_cached_tokens for f in finals) if self.prompt_tokens_details else None),
             "system_fingerprint": None,
         }
         return JSONResponse(body)
@@ -276,14 +278,21 @@ class OpenAIServingCompletion:
         sent_ids = [0] * num_choices  # return_token_ids: generated ids sent so far
         ids_started = [False] * num_choices
 
+        num_cached = [0] * len(streams)  # each prompt's tokens found in the prefix cache
+
+        def cached() -> int | None:
+            return sum(num_cached) if self.prompt_tokens_details else None
+
         def chunk(choice: dict) -> str:
             obj = {**base, "choices": [choice]}
             if include_usage:
-                obj["usage"] = usage_dict(ctx.num_prompt_tokens, sum(num_completion)) if continuous_usage else None
+                obj["usage"] = usage_dict(ctx.num_prompt_tokens, sum(num_completion), cached()) if continuous_usage \
+                    else None
             return sse(obj)
 
         try:
             async for p, output in _merge(streams):
+                num_cached[p] = output.num_cached_tokens
                 for out in output.outputs:
                     i = p * n + out.index
                     if finished[i]:
@@ -331,7 +340,8 @@ class OpenAIServingCompletion:
                             sent_ids[i] += len(new_ids)
                         yield chunk(choice)
             if include_usage:
-                yield sse({**base, "choices": [], "usage": usage_dict(ctx.num_prompt_tokens, sum(num_completion))})
+                yield sse({**base, "choices": [],
+                           "usage": usage_dict(ctx.num_prompt_tokens, sum(num_completion), cached())})
         except Exception as e:
             err = engine_error(e)
             yield sse(error_body(err.message, err.type, err.param, err.code))
