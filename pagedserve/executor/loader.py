@@ -306,6 +306,7 @@ def load_model(
     hf_config = apply_hf_overrides(load_hf_config(source), config.hf_overrides)
     if config.disable_sliding_window:
         cap_to_sliding_window(hf_config)
+    from pagedserve.executor.int_quant import INT_METHODS
     from pagedserve.executor.quantization import checkpoint_quantization
 
     stored_quantization = checkpoint_quantization(hf_config)  # a ValueError for a method we cannot run
@@ -328,7 +329,7 @@ def load_model(
 
     if config.load_format == "dummy":
         stored = None
-        if stored_quantization in ("awq", "gptq"):  # a 4-bit config's shapes: random 4-bit projections
+        if stored_quantization in INT_METHODS:  # a 4-bit config's shapes: random 4-bit projections
             stored = _dummy_int4(model, config, hf_config, device, dtype)
         init_dummy_weights(model, config.seed)
         if device.type == "cuda":
@@ -339,7 +340,7 @@ def load_model(
         weights = iterate_gguf_weights(source.path, hf_config)
     else:
         weights = iterate_safetensors(source.path, device)
-    if stored_quantization in ("awq", "gptq"):  # integer weights: dequantized as they stream in, or kept 4-bit
+    if stored_quantization in INT_METHODS:  # integer weights: dequantized as they stream in, or kept 4-bit
         from pagedserve.executor.int_quant import dequantize_stream, int_quant_config
 
         qc = hf_config.quantization_config

@@ -58,8 +58,9 @@ def checkpoint_quantization(hf_config: Any) -> str | None:
     Supported: fp8 (e4m3) weights with one scale per tensor or per output row, as AutoFP8 / vLLM write them
     (quant_method "fp8") and as llm-compressor writes FP8 / FP8_DYNAMIC (quant_method "compressed-tensors",
     float 8-bit weights, strategy "tensor" or "channel"). Activation scales in the file (static schemes) are
-    not used: activations are quantized per token at run time. "awq" / "gptq": integer weights (executor/int_quant.py),
-    dequantized at load. Anything else is a ValueError naming it."""
+    not used: activations are quantized per token at run time. "awq" / "gptq" / "compressed-tensors" (llm-compressor's
+    integer schemes, W4A16 / W8A16): integer weights (executor/int_quant.py), dequantized at load or kept 4-bit.
+    Anything else is a ValueError naming it."""
     qc = getattr(hf_config, "quantization_config", None)
     if qc is None:
         return None
@@ -72,13 +73,18 @@ def checkpoint_quantization(hf_config: Any) -> str | None:
                              "are not supported; per-tensor and per-channel fp8 checkpoints are")
         return "fp8"
     if method == "compressed-tensors":
+        from pagedserve.executor.int_quant import int_quant_config, is_compressed_int
+
+        if is_compressed_int(qc):
+            int_quant_config(qc)  # a ValueError for a variant not supported
+            return "compressed-tensors"
         groups = qc.get("config_groups") or {}
         for name, group in groups.items():
             weights = (group or {}).get("weights") or {}
             if not (weights.get("type") == "float" and weights.get("num_bits") == 8
                     and weights.get("strategy") in ("tensor", "channel")):
-                raise ValueError(f"compressed-tensors scheme {name!r} ({weights}) is not supported; only fp8 "
-                                 "weights with per-tensor or per-channel scales are")
+                raise ValueError(f"compressed-tensors scheme {name!r} ({weights}) is not supported; fp8 weights "
+                                 "with per-tensor or per-channel scales and integer (4 / 8-bit) weights are")
         if not groups:
             raise ValueError("a compressed-tensors checkpoint without config_groups is not supported")
         return "fp8"

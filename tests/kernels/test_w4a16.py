@@ -71,7 +71,10 @@ def test_bad_shapes_are_refused() -> None:
     ("gptq", dict(bits=4, group=-1), True),  # one group a row
     ("gptq", dict(bits=4, group=16, act_order=True), False),  # act-order groups: dequantized instead
     ("gptq", dict(bits=8, group=32), False),  # 8-bit: dequantized
-], ids=["awq", "gptq-one-group", "gptq-act-order", "gptq8"])
+    ("compressed-tensors", dict(symmetric=True, group=16), True),  # llm-compressor's W4A16
+    ("compressed-tensors", dict(symmetric=False, group=32), True),
+    ("compressed-tensors", dict(symmetric=False, group=16, act_order=True), False),
+], ids=["awq", "gptq-one-group", "gptq-act-order", "gptq8", "ct-w4a16-sym", "ct-w4a16-asym", "ct-act-order"])
 def test_engine_on_4bit_checkpoints_matches_transformers(method, kwargs, kept, tmp_path, monkeypatch) -> None:
     """PAGEDSERVE_INT4_KERNELS=1 (the interpreter on CPU): the projections stay 4-bit where the layout holds them,
     and the logits of a prefill and a decode step equal Transformers' on the dequantized weights."""
@@ -80,7 +83,13 @@ def test_engine_on_4bit_checkpoints_matches_transformers(method, kwargs, kept, t
 
     monkeypatch.setenv("PAGEDSERVE_INT4_KERNELS", "1")
     hf = tiny_hf_model("qwen2")
-    write_quantized(hf, tmp_path, method, **kwargs)
+    if method == "compressed-tensors":
+        pytest.importorskip("compressed_tensors")
+        from tests.executor.test_compressed_int import write_compressed
+
+        write_compressed(hf, tmp_path, **kwargs)
+    else:
+        write_quantized(hf, tmp_path, method, **kwargs)
     runner, sampler = make_runner(tmp_path)
     attn = runner.model.model.layers[0].self_attn
     assert (attn.qkv_proj.w4_qweight is not None) == kept and (attn.qkv_proj.weight is None) == kept
