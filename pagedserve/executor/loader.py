@@ -350,6 +350,16 @@ def load_model(
         logger.info("start-up: %s weights %s", stored_quantization,
                     "kept 4-bit (the w4a16 kernel)" if keep_int4 else f"dequantized to {dtype} at load")
         stored_quantization = "int4" if keep_int4 else None
+    elif stored_quantization == "fp8-block":  # dequantized as they stream in, then fp8 again with a scale per row
+        from pagedserve.executor.quantization import dequantize_fp8_blocks, fp8_block_size
+
+        qc = hf_config.quantization_config
+        block = fp8_block_size(qc if isinstance(qc, dict) else qc.to_dict())
+        weights = dequantize_fp8_blocks(weights, block)
+        logger.info("start-up: block-wise fp8 weights (blocks of %d x %d) dequantized, then fp8 with a scale per row",
+                    *block)
+        stored_quantization = None
+        config = config if config.quantization is not None else config.replace(quantization="fp8")
     with torch.no_grad():
         loaded = model.load_weights(weights)
     missing = sorted({name for name, _ in model.named_parameters()} - loaded)

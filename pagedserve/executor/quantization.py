@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -69,8 +70,8 @@ def checkpoint_quantization(hf_config: Any) -> str | None:
     method = qc.get("quant_method")
     if method == "fp8":
         if qc.get("weight_block_size"):
-            raise ValueError(f"fp8 checkpoints with block-wise scales (weight_block_size {qc['weight_block_size']}) "
-                             "are not supported; per-tensor and per-channel fp8 checkpoints are")
+            fp8_block_size(qc)  # a ValueError for a malformed one
+            return "fp8-block"
         return "fp8"
     if method == "compressed-tensors":
         from pagedserve.executor.int_quant import int_quant_config, is_compressed_int
@@ -79,6 +80,9 @@ def checkpoint_quantization(hf_config: Any) -> str | None:
             int_quant_config(qc)  # a ValueError for a variant not supported
             return "compressed-tensors"
         groups = qc.get("config_groups") or {}
+        if groups and all(((g or {}).get("weights") or {}).get("strategy") == "block" for g in groups.values()):
+            fp8_block_size(qc)
+            return "fp8-block"
         for name, group in groups.items():
             weights = (group or {}).get("weights") or {}
             if not (weights.get("type") == "float" and weights.get("num_bits") == 8
@@ -93,9 +97,59 @@ def checkpoint_quantization(hf_config: Any) -> str | None:
 
         int_quant_config(qc)  # a ValueError for a variant not supported
         return method
-    raise ValueError(f"checkpoint quantization {method!r} is not supported; supported: fp8 checkpoints (per-tensor "
-                     "or per-channel scales), AWQ (4-bit gemm) and GPTQ (4 / 8-bit) checkpoints, or --quantization "
-                     "fp8 on a 16-bit checkpoint")
+    raise ValueError(f"checkpoint quantization {method!r} is not supported; supported: fp8 checkpoints (per-tensor, "
+                     "per-channel or block-wise scales), AWQ (4-bit gemm), GPTQ (4 / 8-bit) and compressed-tensors "
+                     "(fp8, int 4 / 8-bit) checkpoints, or --quantization fp8 on a 16-bit checkpoint")
+
+
+def fp8_block_size(qc: dict) -> tuple[int, int]:
+    """(rows, columns) of a block-wise fp8 checkpoint's scale blocks: `weight_block_size` (quant_method fp8: Qwen3's
+    and DeepSeek's FP8 releases) or a compressed-tensors block scheme's `block_structure`; ValueError otherwise."""
+    if qc.get("quant_method") == "fp8":
+        block = qc.get("weight_block_size")
+    else:
+        blocks = set()
+        for name, group in (qc.get("config_groups") or {}).items():
+            weights = (group or {}).get("weights") or {}
+            if weights.get("type") != "float" or weights.get("num_bits") != 8:
+                raise ValueError(f"compressed-tensors scheme {name!r} ({weights}) is not supported; block-wise "
+                                 "scales are for fp8 weights")
+            blocks.add(tuple(weights.get("block_structure") or ()))
+        block = blocks.pop() if len(blocks) == 1 else None
+    if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise ValueError(f"block-wise fp8 checkpoint: the block size must be two positive integers, got {block!r}")
+    return int(block[0]), int(block[1])
+
+
+def dequantize_fp8_blocks(weights: Iterable[tuple[str, torch.Tensor]], block: tuple[int, int]
+                          ) -> Iterator[tuple[str, torch.Tensor]]:
+    """A block-wise fp8 checkpoint's tensors with each fp8 `weight` [out, in] and its scales [ceil(out / rows),
+    ceil(in / cols)] (`weight_scale_inv`, or compressed-tensors' `weight_scale`) replaced by the fp32 weight
+    q * scale of its block; held until both parts have come. Other tensors pass through (16-bit ones as they are)."""
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    rows, cols = block
+    for name, tensor in weights:
+        if name.endswith(".weight") and tensor.dtype == FP8_DTYPE:
+            prefix, part = name[: -len(".weight")], "q"
+        elif name.endswith((".weight_scale_inv", ".weight_scale")) and tensor.dim() == 2:
+            prefix, part = name.rsplit(".", 1)[0], "s"
+        else:
+            yield name, tensor
+            continue
+        parts = pending.setdefault(prefix, {})
+        parts[part] = tensor
+        if len(parts) == 2:
+            del pending[prefix]
+            q, scale = parts["q"], parts["s"].float()
+            out_f, in_f = q.shape
+            if scale.shape != (-(-out_f // rows), -(-in_f // cols)):
+                raise ValueError(f"block-wise fp8 checkpoint: {prefix}'s scales {tuple(scale.shape)} do not fit its "
+                                 f"weight {tuple(q.shape)} in blocks of {rows} x {cols}")
+            full = scale.repeat_interleave(rows, 0)[:out_f].repeat_interleave(cols, 1)[:, :in_f]
+            yield prefix + ".weight", q.float() * full
+    for prefix, parts in pending.items():
+        raise ValueError(f"block-wise fp8 checkpoint: {prefix} lacks its "
+                         f"{'scales' if 'q' in parts else 'fp8 weight'}")
 
 
 def quantize_rows_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

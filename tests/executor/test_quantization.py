@@ -210,6 +210,92 @@ def test_fp8_checkpoint_matches_hf_on_its_dequantized_weights(fmt, tmp_path) -> 
     assert runner.model.quantization == "fp8"
 
 
+def write_block_fp8_checkpoint(hf, folder, fmt: str, block: tuple[int, int]) -> None:
+    """`hf` saved as a block-wise fp8 checkpoint: "fp8" (quant_method fp8 with weight_block_size and
+    weight_scale_inv, as Qwen3's and DeepSeek's FP8 releases) or "compressed" (compressed-tensors' block scheme,
+    weight_scale). hf's projections are replaced by what the file holds (each block's fp8 values times its scale)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    hf.save_pretrained(folder)
+    rows, cols = block
+    state = {}
+    with torch.no_grad():
+        for name, tensor in hf.state_dict().items():
+            module = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else ""
+            if module in PROJECTIONS and name.endswith(".weight"):
+                w = tensor.float()
+                out_f, in_f = w.shape
+                br, bc = -(-out_f // rows), -(-in_f // cols)
+                padded = torch.zeros(br * rows, bc * cols)
+                padded[:out_f, :in_f] = w
+                amax = padded.view(br, rows, bc, cols).abs().amax(dim=(1, 3))
+                scale = (amax / 448.0).clamp_min(1e-12)
+                full = scale.repeat_interleave(rows, 0)[:out_f].repeat_interleave(cols, 1)[:, :in_f]
+                q = (w / full).to(torch.float8_e4m3fn)
+                tensor.copy_(q.float() * full)
+                state[name] = q
+                state[name + ("_scale_inv" if fmt == "fp8" else "_scale")] = scale.float()
+            else:
+                state[name] = tensor.contiguous()
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    save_file(state, folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    if fmt == "fp8":
+        config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                                         "weight_block_size": list(block)}
+    else:
+        config["quantization_config"] = {
+            "quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+            "config_groups": {"group_0": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 8, "type": "float", "strategy": "block", "block_structure": list(block),
+                            "dynamic": False, "symmetric": True},
+                "input_activations": {"num_bits": 8, "type": "float", "strategy": "group", "group_size": 128,
+                                      "dynamic": True},
+            }},
+        }
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("fmt,block", [("fp8", (32, 32)), ("compressed", (48, 40))])  # (48, 40): ragged blocks
+def test_block_fp8_checkpoint_loads_as_fp8_rows(fmt, block, tmp_path) -> None:
+    """A block-wise fp8 checkpoint: its blocks dequantized at load, then fp8 again with a scale per row (the fp8
+    kernels' layout): HF's logits on those weights (the file's blocks, then rounded per row); reports fp8."""
+    from tests.executor.helpers import hf_logits, make_runner, scheduled, step, tiny_hf_model
+
+    hf = tiny_hf_model("qwen2")
+    write_block_fp8_checkpoint(hf, tmp_path, fmt, block)
+    round_projections_to_fp8(hf)
+    runner, sampler = make_runner(tmp_path)
+    assert runner.model.quantization == "fp8"
+    tokens = [3, 17, 101, 5, 250, 64, 9, 33, 12, 200, 7]
+    runner.execute(step(scheduled("r", tokens, 0, [1, 2, 3], needs_sample=True)))
+    got, want = sampler.logits[-1]["r"], hf_logits(hf, tokens)[-1]
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
+def test_block_fp8_checkpoint_errors_are_named(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from pagedserve.executor.loader import load_model
+    from tests.executor.helpers import tiny_hf_model
+
+    write_block_fp8_checkpoint(tiny_hf_model("qwen2"), tmp_path, "fp8", (32, 32))
+    state = load_file(tmp_path / "model.safetensors")
+    state["model.layers.0.mlp.up_proj.weight_scale_inv"] = state["model.layers.0.mlp.up_proj.weight_scale_inv"][:1]
+    del state["model.layers.1.self_attn.o_proj.weight_scale_inv"]
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"up_proj's scales \(1, 2\) do not fit its weight \(96, 64\)"):
+        load_model(EngineConfig(model=str(tmp_path)), str(tmp_path), "cpu", torch.float32)
+    state["model.layers.0.mlp.up_proj.weight_scale_inv"] = torch.ones(3, 2)
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"o_proj lacks its scales"):
+        load_model(EngineConfig(model=str(tmp_path)), str(tmp_path), "cpu", torch.float32)
+
+
 def test_fp8_checkpoint_with_the_fp8_flag_is_not_rounded_again(tmp_path) -> None:
     """A per-tensor checkpoint (AutoFP8) loaded with quantization="fp8" too: its projections stay as stored, on the
     CPU as on CUDA. Re-quantizing their dequantized values per row rounded them a second time on the CPU (logits
@@ -259,7 +345,7 @@ def test_unsupported_checkpoint_quantization_is_a_clear_error(tmp_path) -> None:
     for qc, match in [
         ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "AWQ checkpoints of version 'gemv'"),
         ({"quant_method": "bitsandbytes"}, "checkpoint quantization 'bitsandbytes' is not supported"),
-        ({"quant_method": "fp8", "weight_block_size": [128, 128]}, "block-wise scales"),
+        ({"quant_method": "fp8", "weight_block_size": [128]}, "two positive integers"),
         ({"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int"}}}},
          "scheme 'g'"),
     ]:
