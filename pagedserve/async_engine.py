@@ -429,6 +429,8 @@ def _refusal_error(refusal: Refusal) -> Exception:
         return QueueFullError(refusal.message, refusal.retry_after)
     if refusal.kind == "sleeping":
         return EngineSleepingError(refusal.message, refusal.retry_after)
+    if refusal.kind == "error":
+        return RuntimeError(refusal.message)
     return ValueError(refusal.message)
 
 

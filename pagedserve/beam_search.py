@@ -66,7 +66,13 @@ class BeamSearchSequence:
     def score(self, length_penalty: float) -> float:
         """cum_logprob / length ** length_penalty; the length counts the prompt, not a final EOS (as vLLM's)."""
         length = len(self.tokens) - (1 if self.finish_reason == "stop" else 0)
-        return self.cum_logprob / (length**length_penalty)
+        try:
+            scale = float(length) ** length_penalty
+        except OverflowError:  # an extreme penalty: the length's weight beyond floats
+            scale = math.inf
+        if scale == 0.0:  # (a huge negative penalty underflows)
+            return -math.inf if self.cum_logprob < 0 else 0.0
+        return self.cum_logprob / scale
 
 
 @dataclass

@@ -68,7 +68,8 @@ CALLS = ("reset_prefix_cache", "sleep", "wake_up", "load_weights")
 
 @dataclass(slots=True)
 class Refusal:
-    """Why an AddRequest (or an EngineCall) was not taken: "invalid" (ValueError), "queue_full" or "sleeping"."""
+    """Why an AddRequest (or an EngineCall) was not taken: "invalid" (ValueError), "queue_full", "sleeping", or
+    "error" (an unexpected exception while adding it: a 500, the engine goes on)."""
 
     kind: str
     message: str
@@ -215,6 +216,10 @@ class EngineCore:
                                     prompt_text=item.prompt_text, **kwargs)
         except ValueError as e:
             return item.request_id, Refusal("invalid", str(e))
+        except Exception as e:  # noqa: BLE001 - a bug in checking one request must not stop the engine for all
+            logger.exception("adding request %s failed", item.request_id)
+            self.engine.abort_request([item.request_id])  # (in case it got in before the error)
+            return item.request_id, Refusal("error", f"internal error while adding the request: {e!r}")
         self._live_ids.add(item.request_id)
         return item.request_id, None
 

@@ -151,8 +151,9 @@ class SamplingParams:
             v = getattr(self, name)
             if not is_num(v) or not -2.0 <= v <= 2.0:
                 fail(f"{name} must be in [-2, 2], got {v!r}")
-        if not is_num(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 10.0:
-            fail(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty!r}")
+        # (A penalty below 0.01 divides logits past fp32's range: +inf ties, then NaN probabilities.)
+        if not is_num(self.repetition_penalty) or not 0.01 <= self.repetition_penalty <= 10.0:
+            fail(f"repetition_penalty must be in [0.01, 10], got {self.repetition_penalty!r}")
         if self.seed is not None and (not is_int(self.seed) or not -(2**63) <= self.seed < 2**64):
             fail(f"seed must be an integer, got {self.seed!r}")
         if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 1):

@@ -28,6 +28,15 @@ _FIM_TOKENS = (("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),  # Qwen2.
                ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"))  # DeepSeek-Coder
 
 
+def is_valid_unicode(text: str) -> bool:
+    """False for a string with a lone surrogate (JSON's "\\ud800" alone parses to one): it has no UTF-8 form."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class Tokenizer:
     """A thin wrapper over a Hugging Face tokenizer with the few calls the engine needs."""
 
@@ -58,7 +67,13 @@ class Tokenizer:
         return list(self.hf.all_special_ids)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+        try:
+            return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+        except TypeError:
+            if isinstance(text, str) and not is_valid_unicode(text):  # (the Rust tokenizer's TypeError says nothing)
+                raise ValueError("the text holds a lone surrogate (a \\ud800-\\udfff escape not in a pair), which is "
+                                 "not valid Unicode and cannot be tokenized") from None
+            raise
 
     def fim_ids(self, prefix: str, suffix: str) -> list[int]:
         """A fill-in-the-middle prompt (prefix, suffix, then the model writes the middle) in the model's own FIM tokens,

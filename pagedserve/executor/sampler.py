@@ -425,7 +425,30 @@ class Sampler:
         self._apply_logit_bias(out, requests)
         self._apply_min_tokens(out, requests)
         self._apply_penalties(out, requests, history)
+        self._rescue_dead_rows(out, requests)
         return out
+
+    def _rescue_dead_rows(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> None:
+        """A row whose masks left no token at all (constraints that contradict each other: a complete grammar with
+        min_tokens still to go, every allowed_token_id also a bad word, a grammar's next tokens outside
+        allowed_token_ids) gets its first stop token back, so the request ends there instead of sampling a masked
+        token (the argmax of a row of -inf is token 0). On the device, no host sync."""
+        rows: list[int] = []
+        cols: list[int] = []
+        for i, r in enumerate(requests):
+            p = r.sampling_params
+            if (r.allowed_token_bitmask is None and p.allowed_token_ids is None and not p.bad_words_token_ids
+                    and not self._min_tokens_active(r)):
+                continue
+            stops = [t for t in self._stop_ids(p) if t < logits.shape[1]]
+            if stops:
+                rows.append(i)
+                cols.append(stops[0])
+        if not rows:
+            return
+        index = self._index(rows, cols, logits.device)
+        dead = logits[index[0]].amax(dim=-1) == float("-inf")
+        logits[index] = torch.where(dead, torch.zeros((), dtype=logits.dtype, device=logits.device), logits[index])
 
     def _is_plain_greedy(self, req: ScheduledRequest) -> bool:
         p = req.sampling_params

@@ -96,6 +96,28 @@ def test_bad_request_raises_value_error_and_engine_lives_on() -> None:
     assert run(main())[-1].outputs[0].text == TEXT[:2]
 
 
+def test_a_bug_while_adding_one_request_fails_only_that_one() -> None:
+    """An unexpected exception in add_request (a bug: the engine once died of a TypeError from the tokenizer) is that
+    request's RuntimeError; the engine stays alive and serves the next one."""
+
+    class Buggy(FakeEngine):
+        def add_request(self, request_id, prompt, *args, **kwargs) -> None:
+            if prompt == [13]:
+                raise TypeError("a bug")
+            super().add_request(request_id, prompt, *args, **kwargs)
+
+    async def main():
+        ae = await _started(Buggy(max_model_len=64))
+        with pytest.raises(RuntimeError, match="internal error while adding the request: TypeError"):
+            await ae.add_request("r1", [13], SamplingParams(max_tokens=2))
+        assert ae.dead_error is None
+        outs = [o async for o in ae.generate([1], SamplingParams(max_tokens=2), "r2")]
+        await ae.shutdown(1)
+        return outs
+
+    assert run(main())[-1].outputs[0].text == TEXT[:2]
+
+
 def test_queue_limit_refuses_with_queue_full() -> None:
     async def main():
         engine = FakeEngine(max_num_seqs=1, step_delay=0.01)

@@ -780,3 +780,28 @@ def test_cors_flags_take_json_lists() -> None:
     for bad in ("https://a.example", '{"a": 1}', "[1]"):
         with pytest.raises(SystemExit):
             parser.parse_args(["--allowed-origins", bad])
+
+
+def test_a_routes_bug_is_a_500_and_the_connection_lives_on(start_fake_server) -> None:
+    """An unexpected exception in a route is a 500 OpenAI error (a ValueError a 400) answered inside the app: the
+    keep-alive connection stays usable (left to Starlette's outer error middleware the exception was re-raised to
+    uvicorn, which dropped the connection: the client's next request on it failed with a reset)."""
+    server = start_fake_server()
+
+    async def boom() -> None:
+        raise KeyError("a bug")
+
+    async def bad() -> None:
+        raise ValueError("a bad value")
+
+    server.app.add_api_route("/boom", boom)
+    server.app.add_api_route("/bad", bad)
+    with httpx.Client(base_url=server.base_url, timeout=30) as client:
+        for _ in range(3):
+            r = client.get("/boom")
+            assert r.status_code == 500 and r.json()["error"] == {
+                "message": "internal server error: KeyError", "type": "server_error", "param": None, "code": None}
+            r = client.get("/bad")
+            assert r.status_code == 400 and r.json()["error"]["message"] == "a bad value"
+            assert client.get("/health").status_code == 200  # the same connection
+        assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200

@@ -280,6 +280,24 @@ INVALID = [
      {"prompt": "a", "use_beam_search": True, "stream": True, "max_tokens": 5000}, "max_tokens"),
     ("beam search json", "/v1/chat/completions",
      {"messages": MESSAGES, "use_beam_search": True, "response_format": {"type": "json_object"}}, "response_format"),
+    # Lone surrogates ("\ud800" alone in JSON) cannot be tokenized: 400s, not 500s; in bad_words (tokenized in the
+    # engine process) one used to stop the engine for good.
+    ("surrogate chat", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi\ud800"}]}, None),
+    ("surrogate completions", "/v1/completions", {"prompt": "a\ud800b", "max_tokens": 2}, None),
+    ("surrogate suffix", "/v1/completions", {"prompt": "a", "suffix": "\ud800", "max_tokens": 2}, None),
+    ("surrogate bad_words", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2, "bad_words": ["\ud800"]},
+     None),
+    ("surrogate tokenize", "/tokenize", {"prompt": "\udfff"}, None),
+    ("surrogate embeddings", "/v1/embeddings", {"input": "x\ud800"}, None),
+    ("surrogate responses", "/v1/responses", {"input": "hi\ud800", "max_output_tokens": 2}, None),
+    ("tool call function string", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "hi"},
+                   {"role": "assistant", "tool_calls": [{"id": "a", "type": "function", "function": "f"}]}]}, None),
+    ("tool call function number", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "hi"},
+                   {"role": "assistant", "tool_calls": [{"id": "a", "type": "function", "function": 5}]}]}, None),
+    ("repetition_penalty 1e-300", "/v1/completions", {"prompt": "a", "repetition_penalty": 1e-300},
+     "repetition_penalty"),
 ]
 
 
@@ -297,8 +315,32 @@ def test_invalid_input(server, name, path, body, param) -> None:
         assert "1024" in err["message"] and str(10**6) in err["message"]
     if name == "prompt over the context":
         assert "1024" in err["message"]
+    if name.startswith("surrogate"):
+        assert "surrogate" in err["message"], err
+    if name.startswith("tool call"):
+        assert "tool_calls[0]" in err["message"], err
     ok = httpx.post(server.base_url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=60)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 1
+
+
+def test_extreme_length_penalty_and_contradicting_constraints(server) -> None:
+    """A beam search's length_penalty of +-1e308 (the scores overflow / underflow) answers; constraints that leave no
+    token (a chosen answer complete with min_tokens to go; the only allowed token banned) end the answer at its stop
+    token instead of sampling a masked one (token 0, "!")."""
+    for route, body in (("/v1/completions", {"prompt": "hi"}), ("/v1/chat/completions", {"messages": MESSAGES})):
+        for penalty in (1e308, -1e308):
+            r = httpx.post(server.base_url + route, timeout=120,
+                           json={**body, "max_tokens": 3, "use_beam_search": True, "n": 2, "length_penalty": penalty})
+            assert r.status_code == 200 and len(r.json()["choices"]) == 2, r.text
+    r = httpx.post(server.base_url + "/v1/completions", timeout=120,
+                   json={"prompt": "x", "max_tokens": 8, "guided_choice": ["yes"], "min_tokens": 5, "temperature": 0})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "yes", r.text
+    assert r.json()["choices"][0]["finish_reason"] == "stop"
+    tokenize = httpx.post(server.base_url + "/tokenize", json={"prompt": "a", "add_special_tokens": False}).json()
+    r = httpx.post(server.base_url + "/v1/completions", timeout=120,
+                   json={"prompt": "x", "max_tokens": 4, "allowed_token_ids": tokenize["tokens"], "bad_words": ["a"]})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "", r.text
+    assert r.json()["choices"][0]["finish_reason"] == "stop"
 
 
 def test_beam_search_completions_and_chat(client, model) -> None:

@@ -139,6 +139,46 @@ def _needs_key(path: str) -> bool:
                                                         "/is_sleeping", "/update_weights_from_disk")
 
 
+class _InternalErrorMiddleware:
+    """A route's unexpected exception (a bug) answered as a 500 OpenAI error here, inside the app (a ValueError, this
+    project's "bad input", as a 400 where a route did not map it itself). Left to
+    Starlette's outermost error middleware it is answered too, but then re-raised to the server, which logs it again
+    and drops the keep-alive connection without saying so: the client's next request on it failed with a reset.
+    An exception after the response started (a stream) goes on up: nothing can be answered any more."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_and_note(message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        except Exception as e:
+            if started:
+                raise
+            if isinstance(e, ValueError):  # the project's "bad input" everywhere: a route that did not map it
+                logger.warning("%s %s: ValueError answered as a 400: %s", scope.get("method"), scope.get("path"), e)
+                status, body = 400, error_body(str(e), "invalid_request_error")
+            else:
+                logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+                status, body = 500, error_body(f"internal server error: {type(e).__name__}", "server_error")
+            body = json.dumps(body).encode()
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+
 class _GateMiddleware:
     """Pure ASGI (streaming-safe): API key on /v1/*, and the request body size limit."""
 
@@ -262,6 +302,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
     )
     app.state.engine = engine
     app.state.metrics = metrics
+    app.add_middleware(_InternalErrorMiddleware)  # innermost: the routes' unexpected errors as 500 JSON answers
     app.add_middleware(_GateMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_request_body_bytes)
     # Outside the gate: a browser's preflight (OPTIONS, no API key) is answered here.
     app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=settings.allowed_methods,

@@ -452,8 +452,11 @@ async def tokenize_prompts(engine: AsyncEngine, prompt: Any, param: str = "promp
     encoded: list[list[int]] = []
     if texts:
         encode = engine.tokenizer.encode
-        encoded = await engine.run_in_tokenizer_thread(
-            lambda: [encode(t) if add_special_tokens else encode(t, add_special_tokens=False) for t in texts])
+        try:
+            encoded = await engine.run_in_tokenizer_thread(
+                lambda: [encode(t) if add_special_tokens else encode(t, add_special_tokens=False) for t in texts])
+        except ValueError as e:  # (text that cannot be tokenized: a lone surrogate)
+            raise bad_request(str(e), param) from None
     out: list[tuple[str | None, list[int]]] = []
     it = iter(encoded)
     for p in items:

@@ -366,14 +366,19 @@ def _partial_suffix(text: str, tag: str) -> int:
 
 
 def template_messages(messages: list[dict]) -> list[dict]:
-    """Assistant tool calls as chat templates expect them: arguments as objects, not JSON strings."""
+    """Assistant tool calls as chat templates expect them: arguments as objects, not JSON strings. (Malformed calls
+    are left as they are: tokenizer.normalize_messages refuses them with the reason.)"""
     out = []
     for m in messages:
         calls = m.get("tool_calls")
-        if calls:
+        if calls and isinstance(calls, list):
             fixed = []
             for c in calls:
-                fn = dict(c.get("function") or {})
+                fn = c.get("function") if isinstance(c, dict) else None
+                if not isinstance(fn, dict):
+                    fixed.append(c)
+                    continue
+                fn = dict(fn)
                 if isinstance(fn.get("arguments"), str):
                     try:
                         fn["arguments"] = json.loads(fn["arguments"])
