@@ -180,10 +180,10 @@ class SamplingParams:
                 fail("logit_bias must map token ids to biases")
             bias: dict[int, float] = {}
             for k, v in self.logit_bias.items():
-                try:
-                    tok = int(k)
-                except (TypeError, ValueError):
+                # (int() would also take " 5 ", "1_0" and other scripts' digits: a key is a token id's plain digits)
+                if isinstance(k, bool) or not (is_int(k) or (isinstance(k, str) and k.isascii() and k.isdigit())):
                     fail(f"logit_bias keys must be token ids, got {k!r}")
+                tok = int(k)
                 if tok < 0 or not is_num(v) or not -100.0 <= v <= 100.0:
                     fail(f"logit_bias values must be in [-100, 100] for non-negative token ids, got {k!r}: {v!r}")
                 bias[tok] = float(v)

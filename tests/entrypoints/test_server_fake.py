@@ -286,6 +286,10 @@ BAD_CHAT = [
     ("too many stops", {**CHAT, "stop": [str(i) for i in range(100)]}, "stop"),
     ("presence_penalty 5", {**CHAT, "presence_penalty": 5}, "presence_penalty"),
     ("logit_bias bad key", {**CHAT, "logit_bias": {"abc": 1}}, "logit_bias"),
+    ("response_format without type", {**CHAT, "response_format": {}}, "response_format"),
+    ("logit_bias spaced key", {**CHAT, "logit_bias": {" 5 ": 1}}, "logit_bias"),
+    ("logit_bias other digits", {**CHAT, "logit_bias": {"\u0663": 1}}, "logit_bias"),
+    ("logit_bias negative key", {**CHAT, "logit_bias": {"-5": 1}}, "logit_bias"),
     ("logit_bias out of vocab", {**CHAT, "logit_bias": {"999999": 1}}, None),
     ("allowed_token_ids empty", {**CHAT, "allowed_token_ids": []}, "allowed_token_ids"),
     ("allowed_token_ids negative", {**CHAT, "allowed_token_ids": [3, -1]}, "allowed_token_ids.1"),
@@ -671,6 +675,12 @@ def test_responses_function_calls_and_their_outputs(start_fake_server) -> None:
         assert err["message"]
     assert_error(httpx.post(server.base_url + "/v1/responses",
                             json={"input": [{"type": "function_call", "name": "f"}]}), 400, "input")
+    # vLLM's extra sampling fields, refused by the chat request they become: the field and its reason, not pydantic's
+    # whole report
+    for field, value in (("top_k", -5), ("min_p", 2), ("repetition_penalty", 0)):
+        err = assert_error(httpx.post(server.base_url + "/v1/responses", json={"input": "x", field: value}), 400,
+                           field)
+        assert err["message"].startswith(f"{field}: ") and "pydantic" not in err["message"], err
 
 
 def test_responses_are_stored_and_continued(start_fake_server) -> None:

@@ -85,6 +85,21 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, "invalid_request_error", param, code)
 
 
+def converted_request_error(e: ValueError, messages_param: str) -> APIError:
+    """A 400 for a request another API's route built for the chat route and pydantic refused (the Responses and
+    Messages routes): the first error's field and message, not pydantic's whole report; an error inside the converted
+    messages is named as the route's own `messages_param` (input / messages)."""
+    errors = getattr(e, "errors", None)
+    if not callable(errors) or not errors():
+        return bad_request(f"{messages_param}: {e}", messages_param)
+    first = errors()[0]
+    loc = [str(x) for x in first.get("loc", ())]
+    field = loc[0] if loc else messages_param
+    param = messages_param if field == "messages" else field
+    where = ".".join(loc) if loc and field != "messages" else messages_param
+    return bad_request(f"{where}: {first.get('msg')}", param)
+
+
 def engine_error(e: BaseException, param: str | None = None) -> APIError:
     """Maps exceptions out of AsyncEngine to API errors. `param`: the field a ValueError is about when its
     message names none (e.g. the field that carried a structured-output constraint the engine refused)."""
@@ -209,7 +224,7 @@ def structured_outputs_of(req: SamplingFields) -> tuple[StructuredOutputsParams 
 
 
 def _response_format_spec(response_format: dict) -> dict | None:
-    kind = response_format.get("type", "text")
+    kind = response_format.get("type")  # (required, as OpenAI's: {} is no format at all)
     if kind == "text":
         return None
     if kind == "json_object":

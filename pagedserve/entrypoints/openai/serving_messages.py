@@ -38,6 +38,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     APIError,
     SSEResponse,
     bad_request,
+    converted_request_error,
     engine_error,
     final_or_error,
     run_until_disconnect,
@@ -219,8 +220,8 @@ def chat_request_of(req: MessagesRequest) -> ChatCompletionRequest:
         raise bad_request("tool_choice needs tools", "tool_choice")
     try:
         return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
-    except ValueError as e:  # pydantic's ValidationError: a message shape the chat route refuses
-        raise bad_request(f"messages: {e}", "messages") from e
+    except ValueError as e:  # pydantic's ValidationError: a message shape or a field the chat route refuses
+        raise converted_request_error(e, "messages") from None
 
 
 def _stop_reason(out: CompletionOutput, finish: str | None) -> tuple[str, str | None]:

@@ -43,6 +43,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     APIError,
     SSEResponse,
     bad_request,
+    converted_request_error,
     engine_error,
     final_or_error,
     run_until_disconnect,
@@ -173,8 +174,8 @@ def chat_request_of(req: ResponsesRequest, history: list[dict[str, Any]] | None 
         fields["logprobs"], fields["top_logprobs"] = True, req.top_logprobs or 0
     try:
         return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
-    except ValueError as e:  # pydantic's ValidationError: a message shape the chat route refuses
-        raise bad_request(f"input: {e}", "input") from e
+    except ValueError as e:  # pydantic's ValidationError: a message shape or a field the chat route refuses
+        raise converted_request_error(e, "input") from None
 
 
 def wants_logprobs(req: ResponsesRequest) -> bool:
