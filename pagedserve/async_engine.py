@@ -177,6 +177,7 @@ class AsyncEngine:
         self._streams: dict[str, RequestStream] = {}
         self._accepting = True
         self._sleeping: set[str] = set()  # sleep mode: what sleeps ("weights", "kv_cache"), from the acked calls
+        self.sleep_level = 0  # 0 awake, else the deepest level slept at since the last full wake-up
         self._tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="pagedserve-tokenizer")
         # The server's LoRA adapters by served name (--lora-modules); a request naming one runs with it.
         self.lora_requests: dict[str, Any] = {}
@@ -299,10 +300,13 @@ class AsyncEngine:
         until wake_up."""
         await self.call("sleep", level=level)
         self._sleeping = {"weights", "kv_cache"}
+        self.sleep_level = level if self.sleep_level != 2 else 2  # (level 1 after 2 keeps the weights discarded)
 
     async def wake_up(self, tags: list[str] | None = None) -> None:
         await self.call("wake_up", tags=tags)
         self._sleeping -= {"weights", "kv_cache"} if tags is None else set(tags)
+        if not self._sleeping:
+            self.sleep_level = 0
 
     def is_sleeping(self) -> bool:
         return bool(self._sleeping)

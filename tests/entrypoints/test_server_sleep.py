@@ -44,13 +44,27 @@ def is_sleeping(server: RealServer) -> bool:
     return httpx.get(server.base_url + "/is_sleeping").json()["is_sleeping"]
 
 
+def sleep_state(server: RealServer) -> str:
+    """The sleep_state label whose pagedserve:engine_sleep_state sample is 1."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(httpx.get(server.base_url + "/metrics").text):
+        if family.name == "pagedserve:engine_sleep_state":
+            (on,) = [s.labels["sleep_state"] for s in family.samples if s.value == 1]
+            return on
+    raise AssertionError("no pagedserve:engine_sleep_state")
+
+
 def test_sleep_wake_and_new_weights(setup) -> None:
     folder, hf, server = setup
     assert not is_sleeping(server)
     assert greedy(server) == hf_greedy(hf, PROMPT, 6)[0]
 
+    assert 'pagedserve:engine_sleep_state{model_name="' in httpx.get(server.base_url + "/metrics").text
+    assert sleep_state(server) == "awake"
     r = post(server, "/sleep", params={"level": "1"})
     assert r.status_code == 200 and r.json()["is_sleeping"] and is_sleeping(server)
+    assert sleep_state(server) == "weights_offloaded"
     r = post(server, "/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
     assert r.status_code == 503 and r.json()["error"]["code"] == "engine_sleeping" and "Retry-After" in r.headers
     assert httpx.get(server.base_url + "/health").status_code == 200
@@ -61,6 +75,7 @@ def test_sleep_wake_and_new_weights(setup) -> None:
     new = tiny_hf_model("qwen2", seed=1)
     new.save_pretrained(folder / "new")
     assert post(server, "/sleep", params={"level": "2"}).status_code == 200
+    assert sleep_state(server) == "discard_all"
     r = post(server, "/wake_up", params={"tags": "weights"})
     assert r.status_code == 200 and r.json()["is_sleeping"]  # the cache still sleeps
     r = post(server, "/update_weights_from_disk", json={"model_path": str(folder / "new")})

@@ -149,6 +149,13 @@ class _EngineStatsCollector(Collector):
             for position, count in enumerate(spec["accepted_per_position"]):
                 c.add_metric([self.model_name, str(position)], float(count))
             yield c
+        if getattr(self.engine.engine_config, "enable_sleep_mode", False):  # vLLM's gauge: 1 on the current state
+            g = GaugeMetricFamily(self.prefix + "engine_sleep_state", "Sleep mode: 1 on the engine's state.",
+                                  labels=[*labels, "sleep_state"])
+            level = self.engine.sleep_level if self.engine.is_sleeping() else 0
+            for i, state in enumerate(("awake", "weights_offloaded", "discard_all")):
+                g.add_metric([self.model_name, state], float(level == i))
+            yield g
         replicas = stats.get("data_parallel")
         if replicas:  # --data-parallel-size: the families above are the sums; these, each replica's own
             g = GaugeMetricFamily(self.prefix + "data_parallel_replicas_up",
