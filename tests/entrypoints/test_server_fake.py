@@ -815,3 +815,24 @@ def test_a_routes_bug_is_a_500_and_the_connection_lives_on(start_fake_server) ->
             assert r.status_code == 400 and r.json()["error"]["message"] == "a bad value"
             assert client.get("/health").status_code == 200  # the same connection
         assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_messages_and_responses_name_what_is_wrong(start_fake_server) -> None:
+    """Found by fuzzing: a null text block was "not supported" (it is a text block with no string), and tools without
+    a tool_choice on a server without --enable-auto-tool-choice were refused in the chat route's words."""
+    server = start_fake_server()
+    base = {"model": CHAT["model"], "max_tokens": 4}
+    r = httpx.post(server.base_url + "/v1/messages",
+                   json={**base, "messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]})
+    assert r.status_code == 400 and r.json()["error"]["message"] == "messages.0.content.0.text must be a string"
+    tool = {"name": "f", "input_schema": {"type": "object"}}
+    r = httpx.post(server.base_url + "/v1/messages",
+                   json={**base, "tools": [tool], "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400 and r.json()["type"] == "error"
+    assert '{"type": "any"}' in r.json()["error"]["message"], r.text
+    r = httpx.post(server.base_url + "/v1/messages", json={**base, "tools": [tool], "tool_choice": {"type": "any"},
+                                                           "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200, r.text
+    err = assert_error(httpx.post(server.base_url + "/v1/responses", json={
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": None}]}]}), 400, "input")
+    assert err["message"] == "input.0.content.0.text must be a string"

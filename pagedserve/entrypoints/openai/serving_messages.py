@@ -133,7 +133,9 @@ def chat_messages_of(system: Any, messages: list[dict[str, Any]]) -> list[dict[s
         for j, block in enumerate(content):
             kind = block.get("type") if isinstance(block, dict) else None
             at = f"{where}.content.{j}"
-            if kind == "text" and isinstance(block.get("text"), str):
+            if kind == "text":
+                if not isinstance(block.get("text"), str):
+                    raise bad_request(f"{at}.text must be a string", at)
                 texts.append(block["text"])
             elif kind == "tool_use" and role == "assistant":
                 if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str) \
@@ -273,6 +275,11 @@ class AnthropicServingMessages:
     async def create(self, body: Any, raw_request: Request) -> Response:
         try:
             req = validated(MessagesRequest, body)
+            if req.tools and (req.tool_choice or {}).get("type", "auto") == "auto" \
+                    and not self.chat.enable_auto_tool_choice:
+                raise bad_request('tool_choice "auto" (the default with tools) needs the server started with '
+                                  '--enable-auto-tool-choice; or use {"type": "any"} or {"type": "tool", "name": ...}',
+                                  "tool_choice")
             stream, ctx = await self.chat.start(chat_request_of(req), id_prefix="msg_")
         except APIError as e:
             return anthropic_error(e)

@@ -242,9 +242,11 @@ def _message_of_item(item: dict[str, Any], where: str) -> dict[str, Any]:
         raise bad_request(f"{where}.content must be a string or a list of text parts", "input")
     texts = []
     for j, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") not in _TEXT_PARTS or not isinstance(part.get("text"), str):
+        if not isinstance(part, dict) or part.get("type") not in _TEXT_PARTS:
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
             raise bad_request(f"{where}.content.{j}: only text parts are supported, got {kind!r}", "input")
+        if not isinstance(part.get("text"), str):
+            raise bad_request(f"{where}.content.{j}.text must be a string", "input")
         texts.append(part["text"])
     return {"role": role, "content": "".join(texts)}
 
