@@ -28,7 +28,8 @@ def _hf_classes(arch: str) -> tuple[Any, Any]:
     import transformers
 
     name = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "llama": "Llama", "qwen2_moe": "Qwen2Moe",
-            "qwen3_moe": "Qwen3Moe", "mixtral": "Mixtral", "gemma3": "Gemma3", "phi3": "Phi3", "gemma2": "Gemma2"}[arch]
+            "qwen3_moe": "Qwen3Moe", "mixtral": "Mixtral", "gemma3": "Gemma3", "phi3": "Phi3", "gemma2": "Gemma2",
+            "granite": "Granite"}[arch]
     config = getattr(transformers, name + ("TextConfig" if arch == "gemma3" else "Config"))
     return config, getattr(transformers, name + "ForCausalLM")
 
@@ -57,6 +58,9 @@ def tiny_hf_config(arch: str, **overrides: Any) -> Any:
                          layer_types=["sliding_attention", "full_attention", "sliding_attention"])
     if arch == "phi3":  # (its config's default ids lie past the tiny vocabulary)
         defaults |= dict(pad_token_id=None, bos_token_id=1, eos_token_id=2, sliding_window=None)
+    if arch == "granite":  # Granite 3's four scalars, far enough from 1 to matter (its defaults are all 1)
+        defaults |= dict(embedding_multiplier=12.0, attention_multiplier=0.0625, residual_multiplier=0.22,
+                         logits_scaling=8.0)
     if arch == "mixtral":  # 4 experts of intermediate_size columns, the top 2
         defaults |= dict(num_local_experts=4, num_experts_per_tok=2)
     kwargs = {**TINY, **defaults, **overrides}

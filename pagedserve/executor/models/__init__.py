@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from pagedserve.executor.models.decoder import (
+    GraniteForCausalLM,
     LlamaForCausalLM,
     MistralForCausalLM,
     MixtralForCausalLM,
@@ -29,6 +30,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
+    "GraniteForCausalLM": GraniteForCausalLM,
     # Gemma 3's multimodal checkpoints (4B and up), served as text: their language model alone
     "Gemma3ForConditionalGeneration": Gemma3ForCausalLM,
 }

@@ -255,6 +255,7 @@ class DecoderLayer(nn.Module):
             self.mlp = DecoderMLP(hf_config.hidden_size, hf_config.intermediate_size, mlp_bias)
         self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        self.residual_multiplier: float | None = None  # Granite's (set by its model class)
 
     def forward(
         self,
@@ -272,8 +273,13 @@ class DecoderLayer(nn.Module):
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(hidden, rope, ctx)
+        if self.residual_multiplier is not None:  # Granite: each sublayer's output scaled before its residual add
+            hidden = hidden * self.residual_multiplier
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        hidden = self.mlp(hidden)
+        if self.residual_multiplier is not None:
+            hidden = hidden * self.residual_multiplier
+        return hidden, residual
 
 
 class DecoderModel(nn.Module):
@@ -292,9 +298,12 @@ class DecoderModel(nn.Module):
         if not partial_rotary:  # as Transformers: only some architectures read the factor (Phi-3's do)
             scaling["partial_rotary_factor"] = 1.0
         self.rotary_emb = RotaryEmbedding(head_dim_of(hf_config), max_position, theta, scaling, context)
+        self.embedding_multiplier: float | None = None  # Granite's (set by its model class)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
+        if self.embedding_multiplier is not None:
+            hidden = hidden * self.embedding_multiplier
         rope = self.rotary_emb.prepare(positions)  # once per step, shared by every layer
         residual: torch.Tensor | None = None
         for layer in self.layers:
@@ -334,6 +343,7 @@ class DecoderForCausalLM(nn.Module):
             self.lm_head = Linear(hf_config.hidden_size, vocab_shard(self.vocab_size)[1], bias=False)
         # Gemma 2's final logit soft-capping: cap * tanh(logits / cap)
         self.final_logit_softcapping = getattr(hf_config, "final_logit_softcapping", None)
+        self.logits_scaling: float | None = None  # Granite's: logits / logits_scaling (set by its model class)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.model(input_ids, positions, ctx)
@@ -346,6 +356,8 @@ class DecoderForCausalLM(nn.Module):
 
     def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self._head(hidden)
+        if self.logits_scaling is not None:
+            logits = logits / self.logits_scaling
         if self.final_logit_softcapping:
             cap = float(self.final_logit_softcapping)
             logits = torch.tanh(logits / cap) * cap
@@ -505,6 +517,33 @@ class Qwen3ForCausalLM(DecoderForCausalLM):
     def __init__(self, hf_config: Any, max_position: int | None = None) -> None:
         attention_bias = bool(getattr(hf_config, "attention_bias", False))
         super().__init__(hf_config, max_position, qkv_bias=attention_bias, o_bias=attention_bias, qk_norm=True)
+
+
+class GraniteForCausalLM(LlamaForCausalLM):
+    """IBM Granite 3.x (GraniteForCausalLM): Llama's layout with four scalars from its config: the embeddings times
+    embedding_multiplier, attention_multiplier as the attention scale (instead of head_dim^-0.5), each attention and
+    MLP output times residual_multiplier before its residual add, and the logits divided by logits_scaling."""
+
+    def __init__(self, hf_config: Any, max_position: int | None = None) -> None:
+        super().__init__(hf_config, max_position)
+        self.model.embedding_multiplier = _scalar(hf_config, "embedding_multiplier")
+        residual = _scalar(hf_config, "residual_multiplier")
+        attention = _scalar(hf_config, "attention_multiplier")
+        for layer in self.model.layers:
+            layer.residual_multiplier = residual
+            if attention is not None:
+                layer.self_attn.scale = attention
+        self.logits_scaling = _scalar(hf_config, "logits_scaling")
+
+
+def _scalar(hf_config: Any, name: str) -> float | None:
+    """A config's multiplier as a float, None where it is absent or 1 (nothing to apply)."""
+    value = getattr(hf_config, name, None)
+    if value is None or float(value) == 1.0:
+        return None
+    if not float(value) > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
 
 
 class MistralForCausalLM(LlamaForCausalLM):
