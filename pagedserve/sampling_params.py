@@ -67,6 +67,8 @@ class StructuredOutputsParams:
             if (not isinstance(self.choice, list) or not self.choice or len(self.choice) > MAX_CHOICES
                     or not all(isinstance(c, str) and c for c in self.choice)):
                 raise ValueError(f"choice must be a list of 1 to {MAX_CHOICES} non-empty strings")
+            if not all(is_valid_unicode(c) for c in self.choice):
+                raise ValueError("choice holds a lone surrogate (not valid Unicode), which no tokens can spell")
 
     @property
     def kind(self) -> str:
@@ -172,6 +174,8 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s or len(s) > MAX_STOP_STRING_LEN:
                 fail(f"each stop string must be a non-empty string of at most {MAX_STOP_STRING_LEN} chars")
+            if not is_valid_unicode(s):
+                fail(f"stop string {s!r} holds a lone surrogate (not valid Unicode): it could never match")
         for t in self.stop_token_ids:
             if not is_int(t) or t < 0:
                 fail(f"stop_token_ids must be non-negative integers, got {t!r}")
@@ -201,6 +205,8 @@ class SamplingParams:
             if isinstance(self.bad_words, str) or not all(isinstance(w, str) and w.strip() for w in self.bad_words):
                 fail(f"bad_words must be a list of non-empty strings, got {self.bad_words!r}")
             self.bad_words = list(self.bad_words)
+            if not all(is_valid_unicode(w) for w in self.bad_words):
+                fail("bad_words holds a lone surrogate (not valid Unicode), which cannot be tokenized")
         if self.bad_words_token_ids is not None:
             self.bad_words_token_ids = [list(seq) for seq in self.bad_words_token_ids]
             if not all(seq and all(is_int(t) and t >= 0 for t in seq) for seq in self.bad_words_token_ids):
@@ -234,3 +240,12 @@ class SamplingParams:
         for t in self.allowed_token_ids or []:
             if t >= vocab_size:
                 raise ValueError(f"allowed_token_ids contains {t}, outside the vocabulary of {vocab_size} tokens")
+
+
+def is_valid_unicode(text: str) -> bool:
+    """False for a string with a lone surrogate (JSON's "\\ud800" alone): it has no UTF-8 form."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -15,6 +15,8 @@ import os
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from pagedserve.sampling_params import is_valid_unicode
+
 _REPLACEMENT_CHAR = "\ufffd"
 # Tokens of context decoded before the new ones: enough for tokenizers whose text for a token
 # depends on its neighbours (SentencePiece's leading-space rule), as in vLLM and TGI.
@@ -26,15 +28,6 @@ _CHAT_ROLES = ("system", "user", "assistant", "tool")
 _FIM_TOKENS = (("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),  # Qwen2.5-Coder, CodeQwen
                ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),  # StarCoder(2), Granite Code
                ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"))  # DeepSeek-Coder
-
-
-def is_valid_unicode(text: str) -> bool:
-    """False for a string with a lone surrogate (JSON's "\\ud800" alone parses to one): it has no UTF-8 form."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 class Tokenizer:

@@ -288,6 +288,8 @@ INVALID = [
     ("surrogate bad_words", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2, "bad_words": ["\ud800"]},
      None),
     ("surrogate tokenize", "/tokenize", {"prompt": "\udfff"}, None),
+    ("surrogate stop", "/v1/completions", {"prompt": "a", "max_tokens": 2, "stop": ["\ud800"]}, "stop"),
+    ("surrogate choice", "/v1/completions", {"prompt": "a", "max_tokens": 2, "guided_choice": ["\ud800"]}, None),
     ("surrogate embeddings", "/v1/embeddings", {"input": "x\ud800"}, None),
     ("surrogate responses", "/v1/responses", {"input": "hi\ud800", "max_output_tokens": 2}, None),
     ("tool call function string", "/v1/chat/completions",
