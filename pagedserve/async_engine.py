@@ -311,6 +311,14 @@ class AsyncEngine:
     def is_sleeping(self) -> bool:
         return bool(self._sleeping)
 
+    async def init_weights_update_group(self, **kwargs: Any) -> None:
+        """LLMEngine.init_weights_update_group between steps (it blocks the engine until the trainer joins)."""
+        await self.call("init_weights_update_group", **kwargs)
+
+    async def update_weights_from_distributed(self, **kwargs: Any) -> None:
+        """LLMEngine.update_weights_from_distributed between steps (the trainer broadcasts meanwhile)."""
+        await self.call("update_weights_from_distributed", **kwargs)
+
     async def load_weights(self, path: str) -> None:
         """New weights from a folder of safetensors on the engine's machine (LLMEngine.load_weights); ValueError
         while requests are unfinished, for names or shapes the model lacks, or while the weights sleep."""

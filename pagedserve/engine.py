@@ -732,6 +732,25 @@ class LLMEngine:
         finally:
             self.reset_prefix_cache()  # also after a partial update that raised
 
+    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                                  group_name: str = "weight_update_group", backend: str | None = None) -> None:
+        """Joins a trainer's process group for update_weights_from_distributed (executor/weight_sync.py)."""
+        if self.config.data_parallel_size > 1:
+            raise ValueError("init_weights_update_group: not with data parallelism yet (each replica would need a "
+                             "rank of its own)")
+        self.worker.init_weights_update_group(master_address, master_port, rank_offset, world_size, group_name,
+                                              backend)
+
+    def update_weights_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
+                                        group_name: str = "weight_update_group") -> int:
+        """New weights broadcast by the trainer, between generations; the prefix cache forgotten after."""
+        if self.has_unfinished_requests():
+            raise ValueError("update_weights_from_distributed: requests are unfinished; update between generations")
+        try:
+            return self.worker.update_weights_from_distributed(names, dtypes, shapes, group_name)
+        finally:
+            self.reset_prefix_cache()
+
     def sleep(self, level: int = 1) -> int:
         """Sleep mode (vLLM's): gives the device memory of the weights and the KV cache back between generations
         (level 1: weights kept in host memory; level 2: discarded, load new ones after wake_up). The prefix cache is

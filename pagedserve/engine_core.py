@@ -62,8 +62,10 @@ class EngineCall:
 
 
 # reset_prefix_cache: forget cached prefixes (e.g. after new weights); sleep(level) / wake_up(tags): sleep mode;
-# load_weights(weights): new weights from a safetensors folder.
-CALLS = ("reset_prefix_cache", "sleep", "wake_up", "load_weights")
+# load_weights(weights): new weights from a safetensors folder; init_weights_update_group /
+# update_weights_from_distributed: new weights broadcast by a trainer (executor/weight_sync.py).
+CALLS = ("reset_prefix_cache", "sleep", "wake_up", "load_weights", "init_weights_update_group",
+         "update_weights_from_distributed")
 
 
 @dataclass(slots=True)

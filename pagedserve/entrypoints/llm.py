@@ -54,6 +54,19 @@ class LLM:
         tensor parallelism, or while requests are unfinished."""
         return self.engine.load_weights(weights)
 
+    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                                  group_name: str = "weight_update_group", backend: str | None = None) -> None:
+        """Joins a trainer's process group (rank 0 the trainer, this engine rank `rank_offset`; nccl on CUDA, gloo
+        on CPU) for update_weights_from_distributed; blocks until every rank came. SGLang's call."""
+        self.engine.init_weights_update_group(master_address, master_port, rank_offset, world_size, group_name,
+                                              backend)
+
+    def update_weights_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
+                                        group_name: str = "weight_update_group") -> int:
+        """Receives the named tensors (checkpoint names; dtypes as "bfloat16" / "torch.float32"; shapes) as the
+        trainer broadcasts them from rank 0, in that order, into the model; returns how many. SGLang's call."""
+        return self.engine.update_weights_from_distributed(names, dtypes, shapes, group_name)
+
     def sleep(self, level: int = 1) -> int:
         """Frees the device memory of the weights and the KV cache between generations (vLLM's sleep mode): level 1
         keeps the weights in host memory, level 2 discards them (wake_up(["weights"]), load_weights(...), then

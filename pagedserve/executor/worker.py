@@ -76,6 +76,7 @@ class Worker:
     # the model's window when every layer is windowed (its blocks behind the window are given back), else None
     sliding_window: int | None = None
     _sleep: list | None = None  # sleep mode: the runners' RunnerSleep states, made on first use
+    _weight_groups: dict = field(default_factory=dict)  # trainer process groups by name (executor/weight_sync.py)
 
     @property
     def dtype_bytes(self) -> int:
@@ -158,6 +159,59 @@ class Worker:
                              f"{count[0] - len(skipped)} tensors were applied")
         return count[0]
 
+    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                                  group_name: str = "weight_update_group", backend: str | None = None) -> None:
+        """Joins a trainer's process group as rank `rank_offset` (executor/weight_sync.py): blocks until all
+        `world_size` ranks came. backend: nccl on CUDA, gloo on CPU by default."""
+        from pagedserve.executor.weight_sync import join_group
+
+        if not isinstance(master_address, str) or not master_address:
+            raise ValueError(f"master_address must be a host name or address, got {master_address!r}")
+        for name, value, low in (("master_port", master_port, 1), ("world_size", world_size, 2),
+                                 ("rank_offset", rank_offset, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if master_port > 65535 or rank_offset >= world_size:
+            raise ValueError(f"master_port must be at most 65535 and rank_offset below world_size (rank 0 is the "
+                             f"trainer's), got {master_port} and {rank_offset} of {world_size}")
+        if not isinstance(group_name, str) or not group_name:
+            raise ValueError(f"group_name must be a non-empty string, got {group_name!r}")
+        if group_name in self._weight_groups:
+            raise ValueError(f"a weight-update group named {group_name!r} is already joined")
+        backend = backend or ("nccl" if self.device.type == "cuda" else "gloo")
+        if backend not in ("nccl", "gloo") or (backend == "nccl" and self.device.type != "cuda"):
+            raise ValueError(f"backend must be nccl (CUDA) or gloo, got {backend!r} on {self.device.type}")
+        self._check_updatable("init_weights_update_group")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        try:
+            self._weight_groups[group_name] = join_group(master_address, master_port, rank_offset, world_size,
+                                                         group_name, backend)
+        except (RuntimeError, OSError) as e:  # (the rendezvous timed out, the address did not resolve, ...)
+            raise ValueError(f"init_weights_update_group: could not join {group_name!r} at "
+                             f"{master_address}:{master_port}: {e}") from None
+        logger.info("joined weight-update group %r as rank %d of %d (%s)", group_name, rank_offset, world_size,
+                    backend)
+
+    def update_weights_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
+                                        group_name: str = "weight_update_group") -> int:
+        """Receives the announced tensors as the trainer (rank 0 of the group) broadcasts them, in that order, and
+        copies each into the model (load_weights); returns how many. ValueError for bad announcements (nothing
+        received then), an unknown group, or names / shapes the model lacks (the rest is still received)."""
+        from pagedserve.executor.weight_sync import BroadcastStream, parse_update
+
+        tensors = parse_update(names, dtypes, shapes)
+        group = self._weight_groups.get(group_name)
+        if group is None:
+            raise ValueError(f"no weight-update group named {group_name!r}; call init_weights_update_group first")
+        stream = BroadcastStream(group, tensors, self.device)
+        try:
+            return self.load_weights(stream)
+        finally:
+            left = stream.drain()
+            if left:
+                logger.warning("update_weights_from_distributed failed; %d tensors received and dropped", left)
+
     def _check_updatable(self, what: str) -> None:
         model = self.runner.model
         if getattr(model, "quantization", None) is not None:
@@ -226,7 +280,11 @@ class Worker:
         broadcast_object(RankCall(method, kwargs))
 
     def close(self) -> None:
-        """Ends the tensor-parallel ranks (a no-op with one rank); the worker takes no steps after it."""
+        """Ends the tensor-parallel ranks and leaves the trainers' weight-update groups; the worker takes no steps
+        after it."""
+        groups, self._weight_groups = self._weight_groups, {}
+        for group in groups.values():
+            torch.distributed.destroy_process_group(group)
         if not self.tp_procs:
             return
         from pagedserve.distributed import broadcast_object, destroy_tensor_parallel

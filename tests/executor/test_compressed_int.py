@@ -14,20 +14,21 @@ from safetensors.torch import save_file
 from pagedserve.executor.quantization import checkpoint_quantization
 from tests.executor.helpers import hf_logits, make_runner, max_rel_err, scheduled, step, tiny_hf_model
 
-ct = pytest.importorskip("compressed_tensors")
-from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor  # noqa: E402
-from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor  # noqa: E402
-from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32  # noqa: E402
-from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme  # noqa: E402
-from compressed_tensors.quantization.utils import calculate_qparams  # noqa: E402
-
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def write_compressed(hf, folder, bits: int = 4, symmetric: bool = True, group: int | None = 16,
                      fmt: str = "pack-quantized", act_order: bool = False) -> None:
     """Save `hf` with every decoder projection compressed by compressed-tensors (lm_head left dense, in `ignore`);
-    `hf` then computes with the library's decompressed weights."""
+    `hf` then computes with the library's decompressed weights. (The library is imported here, not at collection:
+    it imports Triton, which must come after tests/kernels/conftest.py has switched it to its interpreter.)"""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+
     hf.save_pretrained(folder)
     state = {k: v.clone() for k, v in hf.state_dict().items() if "rotary" not in k}
     if hf.config.tie_word_embeddings:

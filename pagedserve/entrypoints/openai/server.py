@@ -136,7 +136,9 @@ def _needs_key(path: str) -> bool:
     """The API's routes need --api-key's key; /health, /ping, /metrics, /version and the schema stay open."""
     return path.startswith(("/v1", "/v2")) or path in ("/tokenize", "/detokenize", "/score", "/rerank", "/classify",
                                                         "/invocations", "/reset_prefix_cache", "/sleep", "/wake_up",
-                                                        "/is_sleeping", "/update_weights_from_disk")
+                                                        "/is_sleeping", "/update_weights_from_disk",
+                                                        "/init_weights_update_group",
+                                                        "/update_weights_from_distributed")
 
 
 class _InternalErrorMiddleware:
@@ -621,7 +623,8 @@ def _add_sleep_routes(app: FastAPI, engine: AsyncEngine) -> None:
 def _add_weight_update_route(app: FastAPI, engine: AsyncEngine) -> None:
     """POST /update_weights_from_disk {"model_path": FOLDER} (SGLang's route): the folder's safetensors, by checkpoint
     names (a subset allowed), copied into the served model between generations; the prefix cache is forgotten.
-    400 while requests run, for a folder that is not there, or names / shapes the model lacks."""
+    400 while requests run, for a folder that is not there, or names / shapes the model lacks. And SGLang's
+    /init_weights_update_group + /update_weights_from_distributed: weights broadcast by a trainer's process."""
 
     @app.post("/update_weights_from_disk", response_model=None, responses=_ERROR_RESPONSES)
     async def update_weights_from_disk(raw_request: Request) -> Response:
@@ -641,6 +644,46 @@ def _add_weight_update_route(app: FastAPI, engine: AsyncEngine) -> None:
         except ValueError as e:
             raise bad_request(str(e), "model_path") from None
         return JSONResponse({"success": True, "message": f"weights updated from {path}"})
+
+    async def body_of(raw_request: Request) -> dict:
+        try:
+            body = await raw_request.json()
+        except ValueError:
+            raise bad_request("the body is not valid JSON", None) from None
+        if not isinstance(body, dict):
+            raise bad_request("the body must be a JSON object", None)
+        return body
+
+    @app.post("/init_weights_update_group", response_model=None, responses=_ERROR_RESPONSES)
+    async def init_weights_update_group(raw_request: Request) -> Response:
+        """SGLang's: join the trainer's process group (executor/weight_sync.py); answers once every rank came."""
+        body = await body_of(raw_request)
+        fields = ("master_address", "master_port", "rank_offset", "world_size", "group_name", "backend")
+        unknown = sorted(set(body) - set(fields))
+        if unknown or any(body.get(f) is None for f in fields[:4]):
+            raise bad_request(f"the body takes {', '.join(fields)} (the first four required); got {sorted(body)}",
+                              None)
+        try:
+            await engine.init_weights_update_group(**{f: body[f] for f in fields if body.get(f) is not None})
+        except ValueError as e:
+            raise bad_request(str(e), None) from None
+        return JSONResponse({"success": True, "message": "joined the weight-update group"})
+
+    @app.post("/update_weights_from_distributed", response_model=None, responses=_ERROR_RESPONSES)
+    async def update_weights_from_distributed(raw_request: Request) -> Response:
+        """SGLang's: receive the named tensors as the trainer broadcasts them (send this, then broadcast)."""
+        body = await body_of(raw_request)
+        if body.get("load_format") not in (None, "auto") or body.get("flush_cache") not in (None, True):
+            raise bad_request("load_format must be auto and flush_cache true (the prefix cache is always flushed)",
+                              None)
+        fields = {f: body.get(f) for f in ("names", "dtypes", "shapes")}
+        if body.get("group_name") is not None:
+            fields["group_name"] = body["group_name"]
+        try:
+            await engine.update_weights_from_distributed(**fields)
+        except ValueError as e:
+            raise bad_request(str(e), None) from None
+        return JSONResponse({"success": True, "message": f"{len(fields['names'])} tensors updated"})
 
 
 def _add_lora_routes(app: FastAPI, engine: AsyncEngine, served_names: list[str]) -> None:
