@@ -198,6 +198,16 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> EngineCon
     return EngineConfig(**kwargs)
 
 
+def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parser.parse_args(argv) (sys.argv's by default) on top of a --config file's defaults (apply_config_file);
+    ValueError for a bad file."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    apply_config_file(parser, argv)
+    return parser.parse_args(argv)
+
+
 def apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     """vLLM's `--config FILE.yaml`: the file's keys (flag names, with dashes or underscores) become the parser's
     defaults, so flags given on the command line win. true / false switch a flag on or off (`--no-...` ones too),

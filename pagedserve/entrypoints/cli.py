@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from pagedserve.entrypoints.args import add_engine_args, apply_config_file, config_from_args
+from pagedserve.entrypoints.args import add_engine_args, config_from_args, parse_args_with_config
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -113,14 +113,11 @@ def _add_optional_commands(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        apply_config_file(parser, argv)
+        args = parse_args_with_config(build_parser(), argv)
     except ValueError as e:
         print(f"pagedserve: error: {e}", file=sys.stderr)
         return 2
-    args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)

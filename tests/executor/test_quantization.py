@@ -153,44 +153,65 @@ def write_fp8_checkpoint(hf, folder, fmt: str) -> None:
     """`hf` saved as an fp8 checkpoint: "autofp8" (quant_method fp8, one scale per tensor, static input scales
     beside them, as AutoFP8 writes) or "compressed" (compressed-tensors FP8_DYNAMIC, one scale per output row).
     hf's projections are replaced by what the file holds, so both sides compute with the same numbers."""
-    import json
-
-    from safetensors.torch import save_file
-
     hf.save_pretrained(folder)
+
+    def quantize(name: str, w: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        saved = {}
+        if fmt == "autofp8":
+            scale = (w.abs().max() / 448.0).reshape(())
+            saved[name[: -len("weight")] + "input_scale"] = torch.tensor(0.05)
+        else:
+            scale = w.abs().amax(dim=1, keepdim=True) / 448.0
+        q = (w / scale).to(torch.float8_e4m3fn)
+        return q.float() * scale, {**saved, name: q, name + "_scale": scale.float()}
+
+    state = _rewrite_projections(hf, quantize)
+    if fmt == "autofp8":
+        qc = {"quant_method": "fp8", "activation_scheme": "static"}
+    else:
+        qc = _compressed_fp8({"strategy": "channel"}, {"strategy": "token"})
+    _save_quantized(folder, state, qc)
+
+
+def _rewrite_projections(hf, quantize) -> dict:
+    """hf's state dict with each decoder projection's weight replaced by the tensors `quantize(name, w)` gives to save
+    (and hf's weight, in place, by the dequantized values it gives first)."""
     state = {}
     with torch.no_grad():
         for name, tensor in hf.state_dict().items():
             module = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else ""
             if module in PROJECTIONS and name.endswith(".weight"):
-                w = tensor.float()
-                if fmt == "autofp8":
-                    scale = (w.abs().max() / 448.0).reshape(())
-                    q = (w / scale).to(torch.float8_e4m3fn)
-                    state[name[: -len("weight")] + "input_scale"] = torch.tensor(0.05)
-                else:
-                    scale = w.abs().amax(dim=1, keepdim=True) / 448.0
-                    q = (w / scale).to(torch.float8_e4m3fn)
-                tensor.copy_(q.float() * scale)
-                state[name] = q
-                state[name + "_scale"] = scale.float()
+                dequantized, saved = quantize(name, tensor.float())
+                tensor.copy_(dequantized)
+                state.update(saved)
             else:
                 state[name] = tensor.contiguous()
+    return state
+
+
+def _compressed_fp8(weights: dict, activations: dict) -> dict:
+    """A compressed-tensors FP8 quantization_config with these weight / activation fields."""
+    return {
+        "quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+        "config_groups": {"group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "type": "float", "dynamic": False, "symmetric": True, **weights},
+            "input_activations": {"num_bits": 8, "type": "float", "dynamic": True, **activations},
+        }},
+    }
+
+
+def _save_quantized(folder, state: dict, quantization_config: dict) -> None:
+    """The folder's safetensors replaced by `state`, and its config.json given `quantization_config`."""
+    import json
+
+    from safetensors.torch import save_file
+
     for f in folder.glob("*.safetensors"):
         f.unlink()
     save_file(state, folder / "model.safetensors")
     config = json.loads((folder / "config.json").read_text())
-    if fmt == "autofp8":
-        config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "static"}
-    else:
-        config["quantization_config"] = {
-            "quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
-            "config_groups": {"group_0": {
-                "targets": ["Linear"],
-                "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "dynamic": False, "symmetric": True},
-                "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True},
-            }},
-        }
+    config["quantization_config"] = quantization_config
     (folder / "config.json").write_text(json.dumps(config))
 
 
@@ -214,50 +235,26 @@ def write_block_fp8_checkpoint(hf, folder, fmt: str, block: tuple[int, int]) -> 
     """`hf` saved as a block-wise fp8 checkpoint: "fp8" (quant_method fp8 with weight_block_size and
     weight_scale_inv, as Qwen3's and DeepSeek's FP8 releases) or "compressed" (compressed-tensors' block scheme,
     weight_scale). hf's projections are replaced by what the file holds (each block's fp8 values times its scale)."""
-    import json
-
-    from safetensors.torch import save_file
-
     hf.save_pretrained(folder)
     rows, cols = block
-    state = {}
-    with torch.no_grad():
-        for name, tensor in hf.state_dict().items():
-            module = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else ""
-            if module in PROJECTIONS and name.endswith(".weight"):
-                w = tensor.float()
-                out_f, in_f = w.shape
-                br, bc = -(-out_f // rows), -(-in_f // cols)
-                padded = torch.zeros(br * rows, bc * cols)
-                padded[:out_f, :in_f] = w
-                amax = padded.view(br, rows, bc, cols).abs().amax(dim=(1, 3))
-                scale = (amax / 448.0).clamp_min(1e-12)
-                full = scale.repeat_interleave(rows, 0)[:out_f].repeat_interleave(cols, 1)[:, :in_f]
-                q = (w / full).to(torch.float8_e4m3fn)
-                tensor.copy_(q.float() * full)
-                state[name] = q
-                state[name + ("_scale_inv" if fmt == "fp8" else "_scale")] = scale.float()
-            else:
-                state[name] = tensor.contiguous()
-    for f in folder.glob("*.safetensors"):
-        f.unlink()
-    save_file(state, folder / "model.safetensors")
-    config = json.loads((folder / "config.json").read_text())
+
+    def quantize(name: str, w: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        out_f, in_f = w.shape
+        br, bc = -(-out_f // rows), -(-in_f // cols)
+        padded = torch.zeros(br * rows, bc * cols)
+        padded[:out_f, :in_f] = w
+        scale = (padded.view(br, rows, bc, cols).abs().amax(dim=(1, 3)) / 448.0).clamp_min(1e-12)
+        full = scale.repeat_interleave(rows, 0)[:out_f].repeat_interleave(cols, 1)[:, :in_f]
+        q = (w / full).to(torch.float8_e4m3fn)
+        return q.float() * full, {name: q, name + ("_scale_inv" if fmt == "fp8" else "_scale"): scale.float()}
+
+    state = _rewrite_projections(hf, quantize)
     if fmt == "fp8":
-        config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
-                                         "weight_block_size": list(block)}
+        qc = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": list(block)}
     else:
-        config["quantization_config"] = {
-            "quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
-            "config_groups": {"group_0": {
-                "targets": ["Linear"],
-                "weights": {"num_bits": 8, "type": "float", "strategy": "block", "block_structure": list(block),
-                            "dynamic": False, "symmetric": True},
-                "input_activations": {"num_bits": 8, "type": "float", "strategy": "group", "group_size": 128,
-                                      "dynamic": True},
-            }},
-        }
-    (folder / "config.json").write_text(json.dumps(config))
+        qc = _compressed_fp8({"strategy": "block", "block_structure": list(block)},
+                             {"strategy": "group", "group_size": 128})
+    _save_quantized(folder, state, qc)
 
 
 @pytest.mark.parametrize("fmt,block", [("fp8", (32, 32)), ("compressed", (48, 40))])  # (48, 40): ragged blocks

@@ -399,12 +399,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
     async def invocations(raw_request: Request) -> Response:
         """SageMaker's inference route, as vLLM serves it: the body's shape picks the API (`messages`: chat
         completions; `prompt`: completions; `input`: embeddings, or classification on a classifier)."""
-        try:
-            body = await raw_request.json()
-        except ValueError:
-            raise bad_request("the body is not valid JSON", None) from None
-        if not isinstance(body, dict):
-            raise bad_request("the body must be a JSON object", None)
+        body = await json_object(raw_request)
         try:
             if "messages" in body:
                 return await chat.create(ChatCompletionRequest.model_validate(body), raw_request)
@@ -590,6 +585,17 @@ def _make_uvicorn_server(app: FastAPI, args: argparse.Namespace, on_signal: Call
     return _Server(config)
 
 
+async def json_object(raw_request: Request) -> dict:
+    """A route's body as a JSON object; 400s for invalid JSON or another JSON value."""
+    try:
+        body = await raw_request.json()
+    except ValueError:
+        raise bad_request("the body is not valid JSON", None) from None
+    if not isinstance(body, dict):
+        raise bad_request("the body must be a JSON object", None)
+    return body
+
+
 def _add_sleep_routes(app: FastAPI, engine: AsyncEngine) -> None:
     """vLLM's sleep-mode routes (--enable-sleep-mode): POST /sleep?level=1|2, POST /wake_up[?tags=weights&tags=
     kv_cache], GET /is_sleeping. Refused (400) while requests run; while asleep, requests get a 503
@@ -628,11 +634,8 @@ def _add_weight_update_route(app: FastAPI, engine: AsyncEngine) -> None:
 
     @app.post("/update_weights_from_disk", response_model=None, responses=_ERROR_RESPONSES)
     async def update_weights_from_disk(raw_request: Request) -> Response:
-        try:
-            body = await raw_request.json()
-        except ValueError:
-            raise bad_request("the body is not valid JSON", None) from None
-        path = body.get("model_path") if isinstance(body, dict) else None
+        body = await json_object(raw_request)
+        path = body.get("model_path")
         if not isinstance(path, str) or not path:
             raise bad_request("model_path (a folder of safetensors files on the server's machine) is required",
                               "model_path")
@@ -645,19 +648,10 @@ def _add_weight_update_route(app: FastAPI, engine: AsyncEngine) -> None:
             raise bad_request(str(e), "model_path") from None
         return JSONResponse({"success": True, "message": f"weights updated from {path}"})
 
-    async def body_of(raw_request: Request) -> dict:
-        try:
-            body = await raw_request.json()
-        except ValueError:
-            raise bad_request("the body is not valid JSON", None) from None
-        if not isinstance(body, dict):
-            raise bad_request("the body must be a JSON object", None)
-        return body
-
     @app.post("/init_weights_update_group", response_model=None, responses=_ERROR_RESPONSES)
     async def init_weights_update_group(raw_request: Request) -> Response:
         """SGLang's: join the trainer's process group (executor/weight_sync.py); answers once every rank came."""
-        body = await body_of(raw_request)
+        body = await json_object(raw_request)
         fields = ("master_address", "master_port", "rank_offset", "world_size", "group_name", "backend")
         unknown = sorted(set(body) - set(fields))
         if unknown or any(body.get(f) is None for f in fields[:4]):
@@ -672,7 +666,7 @@ def _add_weight_update_route(app: FastAPI, engine: AsyncEngine) -> None:
     @app.post("/update_weights_from_distributed", response_model=None, responses=_ERROR_RESPONSES)
     async def update_weights_from_distributed(raw_request: Request) -> Response:
         """SGLang's: receive the named tensors as the trainer broadcasts them (send this, then broadcast)."""
-        body = await body_of(raw_request)
+        body = await json_object(raw_request)
         if body.get("load_format") not in (None, "auto") or body.get("flush_cache") not in (None, True):
             raise bad_request("load_format must be auto and flush_cache true (the prefix cache is always flushed)",
                               None)
@@ -784,16 +778,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pagedserve.entrypoints.args import apply_config_file
+    from pagedserve.entrypoints.args import parse_args_with_config
 
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        apply_config_file(parser, argv)
+        args = parse_args_with_config(build_parser(), argv)
     except ValueError as e:
         print(f"pagedserve: error: {e}", file=sys.stderr)
         return 2
-    args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = serve_config_from_args(args)
