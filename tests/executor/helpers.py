@@ -29,7 +29,7 @@ def _hf_classes(arch: str) -> tuple[Any, Any]:
 
     name = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "llama": "Llama", "qwen2_moe": "Qwen2Moe",
             "qwen3_moe": "Qwen3Moe", "mixtral": "Mixtral", "gemma3": "Gemma3", "phi3": "Phi3", "gemma2": "Gemma2",
-            "granite": "Granite"}[arch]
+            "granite": "Granite", "olmo2": "Olmo2"}[arch]
     config = getattr(transformers, name + ("TextConfig" if arch == "gemma3" else "Config"))
     return config, getattr(transformers, name + "ForCausalLM")
 

@@ -198,6 +198,8 @@ def test_torch_backend_matches_dense_attention_with_cache_offsets() -> None:
     ("phi3", dict(partial_rotary_factor=0.75)),  # Phi-4-mini's: 12 of 16 dims rotate
     ("llama", dict(partial_rotary_factor=0.5)),  # Transformers' Llama ignores the factor: so do we
     ("granite", dict()),  # embedding / attention / residual multipliers, logits scaling
+    ("olmo2", dict()),  # post-norm layers, q / k norms over all heads
+    ("olmo2", dict(attention_bias=True, tie_word_embeddings=False)),
     ("granite", dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=False, embedding_multiplier=1.0)),
     # YaRN (Qwen's long-context recipe), positions past original_max_position_embeddings: cos and sin scaled too
     ("qwen2", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})),

@@ -161,7 +161,7 @@ def _fuses_qkv_rope(hidden: torch.Tensor, rope: RopeStep, backend: Any) -> bool:
 class DecoderAttention(nn.Module):
     def __init__(self, hf_config: Any, layer_idx: int, qkv_bias: bool, o_bias: bool, qk_norm: bool = False,
                  context: int | None = None, norm_cls: type[RMSNorm] = RMSNorm, scale: float | None = None,
-                 softcap: float | None = None) -> None:
+                 softcap: float | None = None, qk_norm_full: bool = False) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         # A sliding window (keys a token sees), or None; Gemma 2's attention soft-capping: passed to the backend
@@ -182,9 +182,12 @@ class DecoderAttention(nn.Module):
         qkv_sizes = [self.q_size, self.kv_size, self.kv_size]
         self.qkv_proj = MergedLinear(hf_config.hidden_size, qkv_sizes, qkv_bias)
         self.o_proj = Linear(self.q_size, hf_config.hidden_size, o_bias)
-        # Qwen3: each head of q and k normed (one [head_dim] weight each, shared by the heads) before rotary.
-        self.q_norm = norm_cls(self.head_dim, hf_config.rms_norm_eps) if qk_norm else None
-        self.k_norm = norm_cls(self.head_dim, hf_config.rms_norm_eps) if qk_norm else None
+        # Qwen3: each head of q and k normed (one [head_dim] weight each, shared by the heads) before rotary;
+        # OLMo 2 (qk_norm_full): q and k normed over all their heads at once (one weight of q_size / kv_size).
+        self.qk_norm_full = qk_norm_full
+        q_width, k_width = (self.q_size, self.kv_size) if qk_norm_full else (self.head_dim, self.head_dim)
+        self.q_norm = norm_cls(q_width, hf_config.rms_norm_eps) if qk_norm or qk_norm_full else None
+        self.k_norm = norm_cls(k_width, hf_config.rms_norm_eps) if qk_norm or qk_norm_full else None
         # An fp8 checkpoint's KV-cache scales ("k", "v"), as loaded; kv_scales.fold_kv_scales uses them.
         self.checkpoint_kv_scales: dict[str, float] = {}
 
@@ -203,9 +206,11 @@ class DecoderAttention(nn.Module):
                                       **self._attn_kwargs)
             return all_reduce(self.o_proj(out.reshape(num_tokens, self.q_size)))
         qkv = self.qkv_proj(hidden)
-        q, k, v = (t.view(num_tokens, -1, self.head_dim)
-                   for t in qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1))
-        if self.q_norm is not None:
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm_full:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.reshape(num_tokens, -1, self.head_dim) for t in (q, k, v))
+        if self.q_norm is not None and not self.qk_norm_full:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope.cos is None and rope.full and getattr(ctx.backend, "fuses_rotary", False):
             # CUDA + Triton backend: rotary happens inside the KV-cache write kernel.
@@ -286,11 +291,12 @@ class DecoderModel(nn.Module):
     def __init__(
         self, hf_config: Any, max_position: int, qkv_bias: bool, o_bias: bool, mlp_bias: bool, qk_norm: bool = False,
         moe_renormalize: bool | None = None, context: int | None = None, partial_rotary: bool = False,
+        layer_cls: type[nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(hf_config.vocab_size, hf_config.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(hf_config, i, qkv_bias, o_bias, mlp_bias, qk_norm, moe_renormalize, context)
+            (layer_cls or DecoderLayer)(hf_config, i, qkv_bias, o_bias, mlp_bias, qk_norm, moe_renormalize, context)
             for i in range(hf_config.num_hidden_layers)
         )
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
@@ -317,6 +323,7 @@ class DecoderForCausalLM(nn.Module):
     partial_rotary_factor applies (Transformers' Llama, Qwen and Mistral rotate whole heads whatever it says)."""
 
     partial_rotary = False
+    layer_cls: type[nn.Module] | None = None  # the decoder layer (DecoderLayer unless a subclass says)
 
     def __init__(
         self, hf_config: Any, max_position: int | None = None, *,
@@ -331,7 +338,7 @@ class DecoderForCausalLM(nn.Module):
         # the context served (max_model_len, else the model's): a sliding window no shorter is no window
         context = max_position or rope_max_positions(hf_config)
         self.model = DecoderModel(hf_config, self.max_position, qkv_bias, o_bias, mlp_bias, qk_norm, moe_renormalize,
-                                  context, self.partial_rotary)
+                                  context, self.partial_rotary, self.layer_cls)
         self._init_lm_head(hf_config)
 
     def _init_lm_head(self, hf_config: Any) -> None:
@@ -544,6 +551,40 @@ def _scalar(hf_config: Any, name: str) -> float | None:
     if not float(value) > 0:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
     return float(value)
+
+
+class Olmo2DecoderLayer(nn.Module):
+    """OLMo 2's layer: no norm before attention or the MLP; their outputs are normed before each residual add
+    (post_attention_layernorm, post_feedforward_layernorm), and q / k normed over all their heads. The stream is
+    carried as the layer API expects: it returns (its MLP's normed output, the stream before adding it), so the next
+    layer (or the final norm's fused add) completes the sum."""
+
+    def __init__(self, hf_config: Any, layer_idx: int, qkv_bias: bool, o_bias: bool, mlp_bias: bool, qk_norm: bool,
+                 moe_renormalize: bool | None, context: int | None) -> None:
+        super().__init__()
+        self.self_attn = DecoderAttention(hf_config, layer_idx, qkv_bias, o_bias, context=context, qk_norm_full=True)
+        self.mlp = DecoderMLP(hf_config.hidden_size, hf_config.intermediate_size, mlp_bias)
+        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        self.post_feedforward_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: RopeStep,
+                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        stream = hidden if residual is None else hidden + residual
+        stream = stream + self.post_attention_layernorm(self.self_attn(stream, rope, ctx))
+        return self.post_feedforward_layernorm(self.mlp(stream)), stream
+
+
+class Olmo2ForCausalLM(DecoderForCausalLM):
+    """AI2's OLMo 2 (Olmo2ForCausalLM): Llama's projections (biases with `attention_bias`), post-norm layers and
+    q / k norms over all heads (Olmo2DecoderLayer). One rank only: a norm over all heads would need them all."""
+
+    layer_cls = Olmo2DecoderLayer
+
+    def __init__(self, hf_config: Any, max_position: int | None = None) -> None:
+        if tp_size() > 1:
+            raise ValueError("OLMo 2 is not supported with tensor parallelism yet (its q / k norms span every head)")
+        attention_bias = bool(getattr(hf_config, "attention_bias", False))
+        super().__init__(hf_config, max_position, qkv_bias=attention_bias, o_bias=attention_bias)
 
 
 class MistralForCausalLM(LlamaForCausalLM):
