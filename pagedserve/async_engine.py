@@ -443,6 +443,10 @@ def _refusal_error(refusal: Refusal) -> Exception:
         return EngineSleepingError(refusal.message, refusal.retry_after)
     if refusal.kind == "error":
         return RuntimeError(refusal.message)
+    if refusal.kind == "replica_lost":
+        from pagedserve.data_parallel import ReplicaLostError
+
+        return ReplicaLostError(refusal.message, refusal.retry_after)
     return ValueError(refusal.message)
 
 

@@ -108,8 +108,8 @@ class EngineConfig:
             fail(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             fail(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
-        if self.max_model_len is not None and self.max_model_len < 1:
-            fail(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.max_model_len is not None and not 1 <= self.max_model_len <= 2**31 - 1:
+            fail(f"max_model_len must be in [1, 2**31 - 1], got {self.max_model_len}")
         if not 0.05 <= self.gpu_memory_utilization <= 1.0:
             fail(f"gpu_memory_utilization must be in [0.05, 1], got {self.gpu_memory_utilization}")
         if self.cpu_kv_cache_gib <= 0:

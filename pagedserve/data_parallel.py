@@ -41,7 +41,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from pagedserve.async_engine import EngineUnavailableError
-from pagedserve.engine_core import AbortRequests, AddRequest, EngineCall
+from pagedserve.engine_core import AbortRequests, AddRequest, EngineCall, Refusal
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +205,9 @@ class DataParallelBackend:
         self._deaths: list[list[float]] = [[] for _ in range(size)]  # when each replica died (monotonic)
         self._last = -1  # the replica chosen last: ties go to the next one after it
         self._stats: list[dict | None] = []
-        self._controls: dict[str, list] = {}  # control token -> [replicas yet to answer, first refusal]
+        # control token -> [replicas yet to answer, first refusal, method]
+        self._controls: dict[str, list] = {}
+        self._state_calls: list[str] = []  # weight updates and sleep calls that succeeded (a restart loses them)
         self._dead = False
         self._stopping = False
 
@@ -269,13 +271,20 @@ class DataParallelBackend:
             for replica, abort in targets:
                 replica.submit(abort)
         elif isinstance(item, EngineCall):
+            refusal = None
             with self._lock:
                 up = [i for i in range(len(self.replicas)) if self._up[i]]
-                if up:
-                    self._controls[item.token] = [set(up), None]
-                targets = [self.replicas[i] for i in up]
-            if not targets:  # (a restarting replica starts with an empty cache anyway)
-                self._post("out", [(item.token, None)], (None, []), self._merged())
+                if item.method in _IDLE_CALLS and any(self._load[i] for i in up):
+                    # (refused here, not by the busy replica alone: the idle ones would have gone ahead)
+                    refusal = Refusal("invalid", f"{item.method}: requests are unfinished; call it between "
+                                                 "generations")
+                elif up:
+                    self._controls[item.token] = [set(up), None, item.method]
+                elif item.method != "reset_prefix_cache":  # (a restarting replica starts with an empty cache anyway)
+                    refusal = _unavailable()
+                targets = [self.replicas[i] for i in up] if refusal is None else []
+            if not targets:
+                self._post("out", [(item.token, refusal)], (None, []), self._merged())
             for replica in targets:
                 replica.submit(item)
         else:  # Stop, and any other message every replica must see
@@ -366,6 +375,8 @@ class DataParallelBackend:
                 if not control[0]:
                     del self._controls[rid]
                     out.append((rid, control[1]))
+                    if control[1] is None and control[2] in _STATE_CALLS:
+                        self._state_calls.append(control[2])
                 continue
             if refusal is not None and self._owner.get(rid) == i:
                 del self._owner[rid]
@@ -390,9 +401,15 @@ class DataParallelBackend:
             self._stats[i] = None
             if self._prefixes:
                 self._prefixes[i] = _ReplicaPrefixes(self._prefixes[i].capacity)
-            acks = []  # controls that waited only for this replica
+            # Controls this replica had not answered: refused (the caller must not take them as done), but a reset
+            # of the prefix cache (a restarted replica's cache starts empty).
+            acks = []
             for token, control in list(self._controls.items()):
-                control[0].discard(i)
+                if i in control[0]:
+                    control[0].discard(i)
+                    if control[2] != "reset_prefix_cache":
+                        control[1] = control[1] or Refusal("replica_lost", f"data-parallel replica {i} died before "
+                                                                           f"it answered ({error}); call it again")
                 if not control[0]:
                     del self._controls[token]
                     acks.append((token, control[1]))
@@ -452,6 +469,16 @@ class DataParallelBackend:
         replica.start(self._poster(i, replica))
         self._post("out", [], (replica, []), self._merged())  # /metrics sees it back at once
         logger.info("data parallelism: replica %d is back", i)
+        if self._state_calls:
+            logger.warning("data parallelism: replica %d restarted with the checkpoint's weights and awake; the %d "
+                           "weight update / sleep call(s) since start (%s) are not replayed to it: call them again",
+                           i, len(self._state_calls), ", ".join(sorted(set(self._state_calls))))
+
+
+_STATE_CALLS = ("sleep", "wake_up", "load_weights", "update_weights_from_distributed")
+# Calls that need every replica idle: refused at once while any holds unfinished requests, so that none goes ahead
+# alone (a sleep that one replica refused left the others asleep).
+_IDLE_CALLS = ("sleep", "load_weights", "update_weights_from_distributed", "init_weights_update_group")
 
 
 def _unavailable() -> Any:

@@ -196,6 +196,9 @@ class EngineCore:
             result = method(**item.kwargs)
         except ValueError as e:
             return Refusal("invalid", str(e))
+        except Exception as e:  # noqa: BLE001 - one failed call (an unreadable file, a bug) must not stop the engine
+            logger.exception("%s failed", item.method)
+            return Refusal("error", f"{item.method} failed: {type(e).__name__}: {e}")
         if item.method == "reset_prefix_cache" and not result:
             return Refusal("invalid", "the prefix cache can be reset only while no request holds KV blocks; retry "
                                       "when the engine is idle")

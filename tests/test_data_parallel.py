@@ -344,3 +344,30 @@ def test_a_replica_remembers_at_most_its_cache_s_blocks() -> None:
     prefixes.add(a[:1])
     assert prefixes.matched(a) == 1 and prefixes.matched(b) == 0
     assert block_hashes(list(range(64)), 16, root=("salt", None)) != a
+
+
+def test_state_calls_need_every_replica_idle_and_a_dead_replica_refuses_its_share(monkeypatch) -> None:
+    """Found by stress-testing: a sleep one busy replica refused left the idle one asleep; a load_weights whose replica
+    died before answering, or sent while none was up, was acknowledged as done."""
+    import threading
+
+    backend, replicas, posted = started(2)
+    backend.submit(add("r0"))  # replica 0 busy
+    backend.submit(EngineCall("s", "sleep", {"level": 1}))
+    assert posted[-1][1][0][0] == "s" and "unfinished" in posted[-1][1][0][1].message
+    assert not any(isinstance(x, EngineCall) for r in replicas for x in r.submitted)  # none went ahead
+    replicas[0].post("out", [], [delta("r0", True)], stats())
+    backend.submit(EngineCall("s2", "sleep", {"level": 1}))  # idle now: sent to both
+    assert all(isinstance(r.submitted[-1], EngineCall) for r in replicas)
+    hold = threading.Event()
+    monkeypatch.setattr(backend, "_spawn", lambda i: hold.wait(5) and None)
+    replicas[0].post("out", [("s2", None)], [], stats())
+    replicas[1].post("dead", RuntimeError("killed"))  # before it answered
+    ack = posted[-1][1]
+    assert ack[0][0] == "s2" and ack[0][1].kind == "replica_lost"
+    replicas[0].post("dead", RuntimeError("killed"))  # none up now (both restarting, held)
+    backend.submit(EngineCall("w", "load_weights", {"weights": "/x"}))
+    assert posted[-1][1][0][0] == "w" and posted[-1][1][0][1].kind == "queue_full"
+    backend.submit(EngineCall("r", "reset_prefix_cache"))  # a reset is fine: restarted caches start empty
+    assert posted[-1][1] == [("r", None)]
+    hold.set()

@@ -93,6 +93,14 @@ def test_bad_sleep_calls_are_refused(tmp_path, real_model_dir) -> None:
     llm.wake_up()  # awake: nothing to do
     with pytest.raises(ValueError, match="not a folder"):
         llm.load_weights(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no .safetensors"):
+        llm.load_weights(str(tmp_path / "empty"))
+    (tmp_path / "empty" / "model.safetensors").write_bytes(b"")  # (a trainer still writing it)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        llm.load_weights(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="floating point"):
+        llm.load_weights({"model.norm.weight": torch.ones(64, dtype=torch.int8)})
     assert_as_hf(llm, hf)  # nothing was changed by the refused calls
     quantized = LLM(str(tmp_path), quantization="fp8", **KW)
     with pytest.raises(ValueError, match="fp8"):

@@ -83,9 +83,12 @@ def test_bad_calls_are_refused_before_anything_is_received(tmp_path, real_model_
     state = tiny_hf_model("qwen2").state_dict()
     with pytest.raises(ValueError, match="no weight-update group named 'nope'"):
         llm.update_weights_from_distributed(**announce(state, ["model.norm.weight"]), group_name="nope")
+    with pytest.raises(ValueError, match="group_name must be a string"):
+        llm.update_weights_from_distributed(**announce(state, ["model.norm.weight"]), group_name=["x"])
     for kwargs, words in ((dict(master_port=0), "master_port"), (dict(rank_offset=0), "rank_offset"),
                           (dict(world_size=1), "world_size"), (dict(rank_offset=2), "below world_size"),
-                          (dict(backend="nccl"), "backend"), (dict(group_name=""), "group_name")):
+                          (dict(backend="nccl"), "backend"), (dict(group_name=""), "group_name"),
+                          (dict(master_address="\ud800"), "master_address")):
         args = dict(master_address="127.0.0.1", master_port=29999, rank_offset=1, world_size=2, group_name="g")
         with pytest.raises(ValueError, match=words):
             llm.init_weights_update_group(**{**args, **kwargs})

@@ -225,6 +225,8 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:
             data = yaml.safe_load(f)
     except OSError as e:
         raise ValueError(f"--config: cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--config: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
         raise ValueError(f"--config: {path} is not valid YAML: {e}") from None
     if data is None:

@@ -31,7 +31,7 @@ _DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.fl
 
 
 def join_group(master_address: str, master_port: int, rank: int, world_size: int, group_name: str, backend: str,
-               timeout_s: float = 600.0) -> Any:
+               timeout_s: float = 120.0) -> Any:
     """This process's place in a stateless process group (see the module docstring); blocks until every rank came
     or the timeout passed (RuntimeError then)."""
     from torch.distributed.distributed_c10d import PrefixStore, _new_process_group_helper, _world, rendezvous

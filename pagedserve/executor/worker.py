@@ -127,6 +127,7 @@ class Worker:
             path = os.fspath(weights)
             if not os.path.isdir(path):
                 raise ValueError(f"load_weights: {path!r} is not a folder of safetensors files")
+            _check_safetensors_folder(path)  # (an unreadable file refused before anything is copied)
             self._rank_call("load_weights", path=path)
             weights = iterate_safetensors(path, self.device)
         elif isinstance(weights, dict):
@@ -137,6 +138,8 @@ class Worker:
             for name, tensor in weights:
                 if not isinstance(tensor, torch.Tensor):
                     raise ValueError(f"load_weights: {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
+                if not tensor.is_floating_point():  # (an int or bool tensor would be cast without a word)
+                    raise ValueError(f"load_weights: {name!r} is a {tensor.dtype} tensor; weights are floating point")
                 count[0] += 1
                 yield name, tensor
 
@@ -167,6 +170,8 @@ class Worker:
 
         if not isinstance(master_address, str) or not master_address:
             raise ValueError(f"master_address must be a host name or address, got {master_address!r}")
+        if not master_address.isascii() or not master_address.isprintable():
+            raise ValueError(f"master_address must be a host name or address, got {master_address!r}")
         for name, value, low in (("master_port", master_port, 1), ("world_size", world_size, 2),
                                  ("rank_offset", rank_offset, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -187,7 +192,7 @@ class Worker:
         try:
             self._weight_groups[group_name] = join_group(master_address, master_port, rank_offset, world_size,
                                                          group_name, backend)
-        except (RuntimeError, OSError) as e:  # (the rendezvous timed out, the address did not resolve, ...)
+        except Exception as e:  # noqa: BLE001 - the rendezvous timed out, the address did not resolve, ...
             raise ValueError(f"init_weights_update_group: could not join {group_name!r} at "
                              f"{master_address}:{master_port}: {e}") from None
         logger.info("joined weight-update group %r as rank %d of %d (%s)", group_name, rank_offset, world_size,
@@ -201,6 +206,8 @@ class Worker:
         from pagedserve.executor.weight_sync import BroadcastStream, parse_update
 
         tensors = parse_update(names, dtypes, shapes)
+        if not isinstance(group_name, str):
+            raise ValueError(f"group_name must be a string, got {group_name!r}")
         group = self._weight_groups.get(group_name)
         if group is None:
             raise ValueError(f"no weight-update group named {group_name!r}; call init_weights_update_group first")
@@ -299,6 +306,22 @@ class Worker:
         finally:
             stop_tp_workers(procs)
             destroy_tensor_parallel()
+
+
+def _check_safetensors_folder(path: str) -> None:
+    """ValueError unless every .safetensors file of the folder (at least one) has a readable header."""
+    from safetensors import safe_open
+
+    names = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    if not names:
+        raise ValueError(f"load_weights: {path!r} holds no .safetensors file")
+    for name in names:
+        try:
+            with safe_open(os.path.join(path, name), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # noqa: BLE001 - safetensors' own error type: a truncated or foreign file
+            raise ValueError(f"load_weights: {os.path.join(path, name)!r} is not a readable safetensors file "
+                             f"({e})") from None
 
 
 _TP_CHUNK_BYTES = 256 * 2**20  # load_weights with tensor parallelism: tensors sent to the ranks in chunks of this

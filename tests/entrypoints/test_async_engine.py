@@ -118,6 +118,26 @@ def test_a_bug_while_adding_one_request_fails_only_that_one() -> None:
     assert run(main())[-1].outputs[0].text == TEXT[:2]
 
 
+def test_a_failing_control_call_is_its_callers_error_and_the_engine_lives_on() -> None:
+    """A control call that raises something other than ValueError (an unreadable weights file once stopped the
+    engine): the caller's RuntimeError, and the engine serves on."""
+
+    class Failing(FakeEngine):
+        def load_weights(self, weights) -> int:
+            raise OSError("header too small")
+
+    async def main():
+        ae = await _started(Failing(max_model_len=64))
+        with pytest.raises(RuntimeError, match="load_weights failed: OSError: header too small"):
+            await ae.load_weights("/somewhere")
+        assert ae.dead_error is None
+        outs = [o async for o in ae.generate([1], SamplingParams(max_tokens=2), "r2")]
+        await ae.shutdown(1)
+        return outs
+
+    assert run(main())[-1].outputs[0].text == TEXT[:2]
+
+
 def test_queue_limit_refuses_with_queue_full() -> None:
     async def main():
         engine = FakeEngine(max_num_seqs=1, step_delay=0.01)

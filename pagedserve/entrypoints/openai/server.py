@@ -71,6 +71,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     APIError,
     TokenStrings,
     bad_request,
+    engine_error,
     error_body,
     error_response,
 )
@@ -346,7 +347,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
     async def json_body(raw_request: Request) -> Any:
         try:
             return await raw_request.json()
-        except ValueError:
+        except (ValueError, RecursionError):
             raise bad_request("the body is not valid JSON", None) from None
 
     @app.post("/v1/messages", response_model=None,
@@ -389,10 +390,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
     @app.post("/reset_prefix_cache", response_model=None, responses=_ERROR_RESPONSES)
     async def reset_prefix_cache() -> Response:
         """vLLM's: forget the prefix cache (e.g. after new weights); a 400 while requests hold KV blocks."""
-        try:
-            await engine.reset_prefix_cache()
-        except ValueError as e:
-            raise bad_request(str(e), None) from None
+        await control(engine.reset_prefix_cache(), None)
         return JSONResponse({"status": "ok"})
 
     @app.post("/invocations", response_model=None, responses=_ERROR_RESPONSES)
@@ -585,11 +583,22 @@ def _make_uvicorn_server(app: FastAPI, args: argparse.Namespace, on_signal: Call
     return _Server(config)
 
 
+async def control(call: Any, param: str | None) -> None:
+    """Awaits one of the engine's control calls for a route: its ValueError is a 400 naming `param`; a dead engine, a
+    lost replica or a sleeping one the 503 every route gives; anything else a 500 (the engine lives on)."""
+    try:
+        await call
+    except ValueError as e:
+        raise bad_request(str(e), param) from None
+    except Exception as e:  # noqa: BLE001 - mapped as the generation routes map them
+        raise engine_error(e) from None
+
+
 async def json_object(raw_request: Request) -> dict:
     """A route's body as a JSON object; 400s for invalid JSON or another JSON value."""
     try:
         body = await raw_request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # (RecursionError: arrays nested thousands deep)
         raise bad_request("the body is not valid JSON", None) from None
     if not isinstance(body, dict):
         raise bad_request("the body must be a JSON object", None)
@@ -607,18 +616,12 @@ def _add_sleep_routes(app: FastAPI, engine: AsyncEngine) -> None:
         if level not in ("1", "2"):
             raise bad_request(f"level must be 1 (weights kept in host memory) or 2 (weights discarded), got {level!r}",
                               "level")
-        try:
-            await engine.sleep(int(level))
-        except ValueError as e:
-            raise bad_request(str(e), "level") from None
+        await control(engine.sleep(int(level)), "level")
         return JSONResponse({"status": "ok", "is_sleeping": True, "level": int(level)})
 
     @app.post("/wake_up", response_model=None, responses=_ERROR_RESPONSES)
     async def wake_up(tags: list[str] | None = Query(default=None)) -> Response:  # noqa: B008 - FastAPI's idiom
-        try:
-            await engine.wake_up(tags)
-        except ValueError as e:
-            raise bad_request(str(e), "tags") from None
+        await control(engine.wake_up(tags), "tags")
         return JSONResponse({"status": "ok", "is_sleeping": engine.is_sleeping()})
 
     @app.get("/is_sleeping", response_model=None)
@@ -642,10 +645,7 @@ def _add_weight_update_route(app: FastAPI, engine: AsyncEngine) -> None:
         if body.get("load_format") not in (None, "auto", "safetensors"):
             raise bad_request(f"load_format must be 'auto' or 'safetensors', got {body['load_format']!r}",
                               "load_format")
-        try:
-            await engine.load_weights(path)
-        except ValueError as e:
-            raise bad_request(str(e), "model_path") from None
+        await control(engine.load_weights(path), "model_path")
         return JSONResponse({"success": True, "message": f"weights updated from {path}"})
 
     @app.post("/init_weights_update_group", response_model=None, responses=_ERROR_RESPONSES)
@@ -657,10 +657,8 @@ def _add_weight_update_route(app: FastAPI, engine: AsyncEngine) -> None:
         if unknown or any(body.get(f) is None for f in fields[:4]):
             raise bad_request(f"the body takes {', '.join(fields)} (the first four required); got {sorted(body)}",
                               None)
-        try:
-            await engine.init_weights_update_group(**{f: body[f] for f in fields if body.get(f) is not None})
-        except ValueError as e:
-            raise bad_request(str(e), None) from None
+        await control(engine.init_weights_update_group(**{f: body[f] for f in fields if body.get(f) is not None}),
+                      None)
         return JSONResponse({"success": True, "message": "joined the weight-update group"})
 
     @app.post("/update_weights_from_distributed", response_model=None, responses=_ERROR_RESPONSES)
@@ -673,10 +671,7 @@ def _add_weight_update_route(app: FastAPI, engine: AsyncEngine) -> None:
         fields = {f: body.get(f) for f in ("names", "dtypes", "shapes")}
         if body.get("group_name") is not None:
             fields["group_name"] = body["group_name"]
-        try:
-            await engine.update_weights_from_distributed(**fields)
-        except ValueError as e:
-            raise bad_request(str(e), None) from None
+        await control(engine.update_weights_from_distributed(**fields), None)
         return JSONResponse({"success": True, "message": f"{len(fields['names'])} tensors updated"})
 
 
