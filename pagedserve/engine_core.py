@@ -70,8 +70,9 @@ CALLS = ("reset_prefix_cache", "sleep", "wake_up", "load_weights", "init_weights
 
 @dataclass(slots=True)
 class Refusal:
-    """Why an AddRequest (or an EngineCall) was not taken: "invalid" (ValueError), "queue_full", "sleeping", or
-    "error" (an unexpected exception while adding it: a 500, the engine goes on)."""
+    """Why an AddRequest (or an EngineCall) was not taken: "invalid" (ValueError), "queue_full", "sleeping",
+    "replica_lost" (data parallelism: the replica died before answering), or "error" (an unexpected exception: a
+    500, the engine goes on)."""
 
     kind: str
     message: str
