@@ -284,12 +284,7 @@ def _config_value(action: argparse.Action, value, where: str):
 def _config_one(action: argparse.Action, value, where: str):
     import json
 
-    if isinstance(value, (dict, list)):
-        text = json.dumps(value)
-    elif isinstance(value, bool):
-        text = json.dumps(value)
-    else:
-        text = str(value)
+    text = json.dumps(value) if isinstance(value, (dict, list, bool)) else str(value)
     try:
         result = action.type(text) if action.type is not None else text
     except (argparse.ArgumentTypeError, ValueError, TypeError) as e:

@@ -94,6 +94,7 @@ class RunnerSleep:
     def sleep(self, level: int) -> int:
         """Frees the runner's device memory as `level` says (no-op for what already sleeps); returns the bytes
         freed."""
+        t0 = time.monotonic()
         runner = self.runner
         device = runner.device
         if device.type == "cuda":
@@ -120,6 +121,8 @@ class RunnerSleep:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        logger.info("sleep mode: level %d, %.2f GiB of %s memory freed in %.2f s", level, freed / 2**30, device.type,
+                    time.monotonic() - t0)
         return freed
 
     def wake_up(self, tags: Iterable[str] | None = None) -> None:
@@ -148,10 +151,3 @@ class RunnerSleep:
             runner.mixed_graphs = None
             self._graphs_dropped = True
 
-
-def sleep_runners(runners: list, states: list[RunnerSleep], level: int) -> int:
-    t0 = time.monotonic()
-    freed = sum(state.sleep(level) for state in states)
-    logger.info("sleep mode: level %d, %.2f GiB of %s memory freed in %.2f s", level, freed / 2**30,
-                runners[0].device.type, time.monotonic() - t0)
-    return freed

@@ -168,9 +168,8 @@ class Worker:
         `world_size` ranks came. backend: nccl on CUDA, gloo on CPU by default."""
         from pagedserve.executor.weight_sync import join_group
 
-        if not isinstance(master_address, str) or not master_address:
-            raise ValueError(f"master_address must be a host name or address, got {master_address!r}")
-        if not master_address.isascii() or not master_address.isprintable():
+        if (not isinstance(master_address, str) or not master_address or not master_address.isascii()
+                or not master_address.isprintable()):
             raise ValueError(f"master_address must be a host name or address, got {master_address!r}")
         for name, value, low in (("master_port", master_port, 1), ("world_size", world_size, 2),
                                  ("rank_offset", rank_offset, 1)):
@@ -245,8 +244,6 @@ class Worker:
         """Gives the device memory of the weights and the KV cache back (level 1: the weights kept in host memory;
         level 2: discarded, new ones come through load_weights after wake_up). Returns the bytes freed (rank 0's).
         A draft model's weights are always kept (level 1): load_weights updates the target only."""
-        from pagedserve.executor.sleep import sleep_runners
-
         if level not in (1, 2):
             raise ValueError(f"sleep: level must be 1 (weights kept in host memory) or 2 (weights discarded), "
                              f"got {level!r}")
@@ -254,7 +251,7 @@ class Worker:
             self._check_updatable("sleep(level=2)")
         self._rank_call("sleep", level=level)
         states = self._sleep_states()
-        return sleep_runners([states[0].runner], states[:1], level) + sum(s.sleep(1) for s in states[1:])
+        return states[0].sleep(level) + sum(s.sleep(1) for s in states[1:])
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         """Takes the memory back: `tags` None for all, or a subset of ["weights", "kv_cache"] (weights first, to load
@@ -268,11 +265,6 @@ class Worker:
         self._rank_call("wake_up", tags=tags)
         for state in self._sleep_states():
             state.wake_up(tags)
-
-    def sleep_state(self) -> dict:
-        """{"weights": bool, "kv_cache": bool, "level": 0 | 1 | 2}: what sleeps."""
-        state = self._sleep_states()[0]
-        return {"weights": state.weights is not None, "kv_cache": state.kv is not None, "level": state.level}
 
     def is_sleeping(self) -> bool:
         return any(state.asleep for state in self._sleep_states())
@@ -309,19 +301,17 @@ class Worker:
 
 
 def _check_safetensors_folder(path: str) -> None:
-    """ValueError unless every .safetensors file of the folder (at least one) has a readable header."""
+    """ValueError unless the folder's weight files (loader.safetensors_files: at least one) have readable headers."""
     from safetensors import safe_open
 
-    names = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
-    if not names:
-        raise ValueError(f"load_weights: {path!r} holds no .safetensors file")
-    for name in names:
+    from pagedserve.executor.loader import safetensors_files
+
+    for file in safetensors_files(path):
         try:
-            with safe_open(os.path.join(path, name), framework="pt") as f:
+            with safe_open(file, framework="pt") as f:
                 f.keys()
         except Exception as e:  # noqa: BLE001 - safetensors' own error type: a truncated or foreign file
-            raise ValueError(f"load_weights: {os.path.join(path, name)!r} is not a readable safetensors file "
-                             f"({e})") from None
+            raise ValueError(f"load_weights: {file!r} is not a readable safetensors file ({e})") from None
 
 
 _TP_CHUNK_BYTES = 256 * 2**20  # load_weights with tensor parallelism: tensors sent to the ranks in chunks of this

@@ -344,12 +344,6 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
     async def create_response(request: ResponsesRequest, raw_request: Request) -> Response:
         return await responses.create(request, raw_request)
 
-    async def json_body(raw_request: Request) -> Any:
-        try:
-            return await raw_request.json()
-        except (ValueError, RecursionError):
-            raise bad_request("the body is not valid JSON", None) from None
-
     @app.post("/v1/messages", response_model=None,
               responses={200: {"description": "an Anthropic Messages API message; with stream=true, text/event-stream "
                                               "of its events (docs/server.md)"}})
@@ -594,12 +588,17 @@ async def control(call: Any, param: str | None) -> None:
         raise engine_error(e) from None
 
 
-async def json_object(raw_request: Request) -> dict:
-    """A route's body as a JSON object; 400s for invalid JSON or another JSON value."""
+async def json_body(raw_request: Request) -> Any:
+    """A route's body as JSON; a 400 for invalid JSON."""
     try:
-        body = await raw_request.json()
+        return await raw_request.json()
     except (ValueError, RecursionError):  # (RecursionError: arrays nested thousands deep)
         raise bad_request("the body is not valid JSON", None) from None
+
+
+async def json_object(raw_request: Request) -> dict:
+    """A route's body as a JSON object; 400s for invalid JSON or another JSON value."""
+    body = await json_body(raw_request)
     if not isinstance(body, dict):
         raise bad_request("the body must be a JSON object", None)
     return body
