@@ -42,8 +42,9 @@ def server(real_model_dir, tmp_path_factory):
         time.sleep(0.25)
     yield client
     proc.terminate()
-    proc.wait(timeout=60)
+    assert proc.wait(timeout=60) == 0
     log.close()
+    assert not os.path.exists(uds), "the Unix socket file outlived the server"
 
 
 def test_cached_tokens_in_usage(server) -> None:

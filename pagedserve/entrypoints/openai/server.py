@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -756,8 +757,22 @@ def run_server(config: EngineConfig, args: argparse.Namespace, backend: Any = No
     where = (f"unix socket {args.uds}" if getattr(args, "uds", None) else f"{scheme}://{args.host}:{args.port}")
     logger.info("serving %s on %s (OpenAI API under /v1)", async_engine.model_name, where)
     freeze_startup_objects("API server")  # the app, engine client, tokenizer and templates live until exit
-    server.run()
+    try:
+        server.run()
+    finally:
+        _remove_unix_socket(getattr(args, "uds", None))
     return 0
+
+
+def _remove_unix_socket(path: str | None) -> None:
+    """Removes the Unix socket file the server listened on (asyncio before Python 3.13 leaves it behind)."""
+    if not path:
+        return
+    try:
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 def build_parser() -> argparse.ArgumentParser:
