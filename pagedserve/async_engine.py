@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import logging
 import threading
 import time
@@ -350,6 +351,7 @@ class AsyncEngine:
         add_request does."""
         search = BeamSearch(prompt_token_ids, params, self.tokenizer.eos_token_ids)
         step = params.step_params()
+        num_cached = 0
         while pending := search.pending():
             streams: list[RequestStream] = []
             try:
@@ -359,8 +361,10 @@ class AsyncEngine:
                 finals = await asyncio.gather(*(last_output(s) for s in streams))
             finally:
                 self.abort([s.request_id for s in streams if not s.finished])
+            if search.steps == 0:  # one beam: the prompt itself
+                num_cached = finals[0].num_cached_tokens
             search.advance([final.outputs[0].logprobs[0] for final in finals])
-        return search.result(self.tokenizer.decode)
+        return dataclasses.replace(search.result(self.tokenizer.decode), num_cached_tokens=num_cached)
 
     def abort(self, request_id: str | list[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)

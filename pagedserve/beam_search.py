@@ -80,6 +80,8 @@ class BeamSearchOutput:
     """vLLM's BeamSearchOutput: the best beam_width sequences, best first."""
 
     sequences: list[BeamSearchSequence]
+    # The prompt tokens the first step found in the prefix cache (usage's prompt_tokens_details.cached_tokens).
+    num_cached_tokens: int = 0
 
 
 class BeamSearch:

@@ -71,7 +71,9 @@ class _RequestState:
     choices: list[_Choice]
     metrics: RequestMetrics
     final_only: bool = False  # the caller wants only the finished output: no per-step outputs
-    num_cached_tokens: int = 0
+    # The prompt tokens found in the prefix cache: the least of the choices' (n > 1 siblings find the blocks the
+    # first one computes; those are not a cache hit); -1 until one is admitted.
+    num_cached_tokens: int = -1
     num_unfinished: int = 0
     prompt_logprobs: list | None = None  # [None, TokenLogprobs...] when asked (filled by the first choice's steps)
     embedding: list[float] | None = None  # an embedding request's vector (params.pooling), once computed
@@ -613,7 +615,8 @@ class LLMEngine:
     def _apply_update(self, state: _RequestState, choice: _Choice, update, now: float,
                       grammar_ended: dict[str, bool]) -> None:
         request, out, detok = choice.request, choice.output, choice.detokenizer
-        if request.num_cached_tokens > state.num_cached_tokens:
+        if request.num_cached_tokens >= 0 and (state.num_cached_tokens < 0
+                                               or request.num_cached_tokens < state.num_cached_tokens):
             state.num_cached_tokens = request.num_cached_tokens
         # The scheduler stamps each request when it first admits it; the group's is the earliest.
         scheduled_at = request.first_scheduled_time

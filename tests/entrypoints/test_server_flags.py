@@ -4,6 +4,7 @@ cache's hits), --response-role, --disable-fastapi-docs."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -58,6 +59,29 @@ def test_cached_tokens_in_usage(server) -> None:
                         ).text.splitlines()
     usage = [line for line in lines if '"usage": {' in line or '"usage":{' in line][-1]
     assert f'"cached_tokens": {cached}' in usage or f'"cached_tokens":{cached}' in usage
+
+
+def test_cached_tokens_of_siblings_and_beams(server) -> None:
+    # n > 1: the siblings find the blocks the first one computes, which is no cache hit; a new prompt reports 0.
+    prompt = "class LinkedList:\n    " * 12
+    body = {"prompt": prompt, "max_tokens": 3, "temperature": 1.0, "seed": 1}
+    first = server.post("/v1/completions", json={**body, "n": 3}).json()
+    assert len(first["choices"]) == 3 and first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    again = server.post("/v1/completions", json={**body, "n": 3}).json()["usage"]
+    assert again["prompt_tokens_details"]["cached_tokens"] >= again["prompt_tokens"] - 16
+    # Beam search: the first step's hit, in the completion and the chat routes, streamed too.
+    beam = {"prompt": "import numpy as np\n" * 10, "max_tokens": 2, "n": 2, "use_beam_search": True, "temperature": 0}
+    cold = server.post("/v1/completions", json=beam).json()["usage"]
+    warm = server.post("/v1/completions", json=beam).json()["usage"]
+    assert cold["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert warm["prompt_tokens"] - 16 <= warm["prompt_tokens_details"]["cached_tokens"] < warm["prompt_tokens"]
+    chat = {"messages": [{"role": "user", "content": "Explain. " + prompt}], "max_tokens": 2, "n": 2,
+            "use_beam_search": True, "temperature": 0}
+    server.post("/v1/chat/completions", json=chat)
+    lines = server.post("/v1/chat/completions", json={**chat, "stream": True,
+                                                      "stream_options": {"include_usage": True}}).text.splitlines()
+    usage = json.loads([line for line in lines if '"usage"' in line][-1][len("data: "):])["usage"]
+    assert usage["prompt_tokens"] - 16 <= usage["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"]
 
 
 def test_response_role_and_chat_usage(server) -> None:

@@ -153,11 +153,14 @@ class OpenAIServingChat:
         check_beam_prompts(self.engine, [prompt_ids], params, param)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         num_completion = 0
+        num_cached: int | None = 0 if self.prompt_tokens_details else None
 
         async def choices(stream: bool) -> list[dict]:
-            nonlocal num_completion
+            nonlocal num_completion, num_cached
             out = (await run_beam_searches(self.engine, [prompt_ids], params, request_id,
                                            self.engine.lora_requests.get(model_name)))[0]
+            if num_cached is not None:
+                num_cached = out.num_cached_tokens
             found = []
             for i, seq in enumerate(out.sequences):
                 generated = seq.tokens[len(prompt_ids):]
@@ -178,11 +181,12 @@ class OpenAIServingChat:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return SSEResponse(beam_search_stream(
                 choices(True), base,
-                (lambda: usage_dict(len(prompt_ids), num_completion)) if include_usage else None))
+                (lambda: usage_dict(len(prompt_ids), num_completion, num_cached)) if include_usage else None))
         found = await choices(False)
         return JSONResponse({"id": request_id, "object": "chat.completion", "created": now_created(),
                              "model": model_name, "choices": found,
-                             "usage": usage_dict(len(prompt_ids), num_completion), "system_fingerprint": None})
+                             "usage": usage_dict(len(prompt_ids), num_completion, num_cached),
+                             "system_fingerprint": None})
 
     # ------------------------------------------------------------------ input checks
     def _tool_mode(self, req: ChatCompletionRequest) -> tuple[list[dict] | None, ToolMode]:

@@ -140,11 +140,14 @@ class OpenAIServingCompletion:
         request_id = f"cmpl-{uuid.uuid4().hex}"
         num_prompt = sum(len(ids) for _, ids in prompts)
         num_completion = 0
+        num_cached: int | None = 0 if self.prompt_tokens_details else None
 
         async def choices() -> list[dict]:
-            nonlocal num_completion
+            nonlocal num_completion, num_cached
             outputs = await run_beam_searches(self.engine, [ids for _, ids in prompts], params, request_id,
                                               self.engine.lora_requests.get(model_name))
+            if num_cached is not None:
+                num_cached = sum(out.num_cached_tokens for out in outputs)
             found = []
             for p, (out, (_, ids)) in enumerate(zip(outputs, prompts, strict=True)):
                 for i, seq in enumerate(out.sequences):
@@ -156,10 +159,10 @@ class OpenAIServingCompletion:
         base = {"id": request_id, "object": "text_completion", "created": now_created(), "model": model_name}
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return SSEResponse(beam_search_stream(
-                choices(), base, (lambda: usage_dict(num_prompt, num_completion)) if include_usage else None))
+            usage = (lambda: usage_dict(num_prompt, num_completion, num_cached)) if include_usage else None
+            return SSEResponse(beam_search_stream(choices(), base, usage))
         found = await choices()
-        return JSONResponse({**base, "choices": found, "usage": usage_dict(num_prompt, num_completion),
+        return JSONResponse({**base, "choices": found, "usage": usage_dict(num_prompt, num_completion, num_cached),
                              "system_fingerprint": None})
 
     # ------------------------------------------------------------------ outputs
