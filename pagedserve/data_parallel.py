@@ -18,12 +18,15 @@ to the replica with the fewest unfinished requests (counted here: added, not yet
 to the next one after the replica chosen last. So a conversation's next turn, the beams of a beam search and the
 requests of one long shared prompt land where their prefix is cached, and load stays balanced. Control calls
 (EngineCall: reset_prefix_cache, sleep, wake_up, load_weights) go to every replica and are acknowledged once all have
-answered (refused if any refused). The merged stats sum the live replicas' counts, so /metrics and the stats line
+answered (refused if any refused); weights broadcast by a trainer are refused (each replica would join its group as
+the same rank). The merged stats sum the live replicas' counts, so /metrics and the stats line
 read as one engine's; "data_parallel" keeps each replica's own snapshot.
 
 A replica that dies (its process killed, a CUDA error, an out-of-memory) does not take the server with it: its
 unfinished requests fail (a 503 naming the replica: ReplicaLostError), the others go on, new requests go to the live
-replicas, and a new process for it starts in the background (the same GPUs), joining once loaded. A replica that dies
+replicas, and a new process for it starts in the background (the same GPUs), joining once loaded and once the sleep
+calls and weight updates the others took since start have been replayed to it in order (a replay refused, e.g. a
+weights folder since removed, keeps it down: it must not serve other weights than its peers). A replica that dies
 more than MAX_RESTARTS times within RESTART_WINDOW_S stays down; when no replica is up or starting, the engine is dead
 (every request fails, /health says 503), as one engine's death would be.
 """
@@ -205,9 +208,11 @@ class DataParallelBackend:
         self._deaths: list[list[float]] = [[] for _ in range(size)]  # when each replica died (monotonic)
         self._last = -1  # the replica chosen last: ties go to the next one after it
         self._stats: list[dict | None] = []
-        # control token -> [replicas yet to answer, first refusal, method]
+        # control token -> [replicas yet to answer, first refusal, method, the EngineCall]
         self._controls: dict[str, list] = {}
-        self._state_calls: list[str] = []  # weight updates and sleep calls that succeeded (a restart loses them)
+        # Weight updates and sleep calls that succeeded, in order: replayed to a replica that restarts (_replay_state).
+        self._state_calls: list[EngineCall] = []
+        self._replays: dict[str, tuple[int, threading.Event, list]] = {}  # replay token -> (replica, done, [refusal])
         self._dead = False
         self._stopping = False
 
@@ -274,12 +279,16 @@ class DataParallelBackend:
             refusal = None
             with self._lock:
                 up = [i for i in range(len(self.replicas)) if self._up[i]]
-                if item.method in _IDLE_CALLS and any(self._load[i] for i in up):
+                if item.method in _TRAINER_CALLS:
+                    refusal = Refusal("invalid", f"{item.method}: weights broadcast by a trainer are not taken with "
+                                                 "--data-parallel-size > 1 (every replica would join the group as the "
+                                                 "same rank); use /update_weights_from_disk, or one server a replica")
+                elif item.method in _IDLE_CALLS and any(self._load[i] for i in up):
                     # (refused here, not by the busy replica alone: the idle ones would have gone ahead)
                     refusal = Refusal("invalid", f"{item.method}: requests are unfinished; call it between "
                                                  "generations")
                 elif up:
-                    self._controls[item.token] = [set(up), None, item.method]
+                    self._controls[item.token] = [set(up), None, item.method, item]
                 elif item.method != "reset_prefix_cache":  # (a restarting replica starts with an empty cache anyway)
                     refusal = _unavailable()
                 targets = [self.replicas[i] for i in up] if refusal is None else []
@@ -353,7 +362,8 @@ class DataParallelBackend:
                     if self.replicas[i] is not replica:  # a stale message of a replica already replaced
                         return
                     acks = self._account(i, acks, deltas)
-                    self._stats[i] = stats
+                    if self._up[i]:  # (a restarted replica counts once its state is replayed)
+                        self._stats[i] = stats
                     merged = merge_stats(self._stats)
                 self._post("out", acks, (replica, deltas), merged)
             elif kind == "dead":
@@ -368,6 +378,11 @@ class DataParallelBackend:
         out = []
         for ack in acks:
             rid, refusal = ack
+            replay = self._replays.get(rid)
+            if replay is not None:  # a state call replayed to a restarted replica: the restart thread waits for it
+                replay[2].append(refusal)
+                replay[1].set()
+                continue
             control = self._controls.get(rid)
             if control is not None:
                 control[0].discard(i)
@@ -376,7 +391,7 @@ class DataParallelBackend:
                     del self._controls[rid]
                     out.append((rid, control[1]))
                     if control[1] is None and control[2] in _STATE_CALLS:
-                        self._state_calls.append(control[2])
+                        self._state_calls.append(control[3])
                 continue
             if refusal is not None and self._owner.get(rid) == i:
                 del self._owner[rid]
@@ -391,6 +406,10 @@ class DataParallelBackend:
     def _replica_died(self, i: int, replica: Any, error: BaseException) -> None:
         now = time.monotonic()
         with self._lock:
+            for j, done, box in self._replays.values():
+                if j == i and self.replicas[i] is replica:  # died while its state was replayed: the restart fails
+                    box.append(Refusal("replica_lost", f"the engine process died ({error})"))
+                    done.set()
             if self.replicas[i] is not replica or not self._up[i] or self._dead:
                 return
             self._up[i] = False
@@ -444,10 +463,25 @@ class DataParallelBackend:
             old.stop(2.0)
         except Exception:  # noqa: BLE001 - the old process is gone; its pipes may complain
             logger.debug("data parallelism: stopping replica %d's old process failed", i, exc_info=True)
+        replica = None
         try:
             replica = self._spawn(i)
             replica.wait_ready()
+            with self._lock:
+                stopping = self._stopping
+                if not stopping:
+                    self.replicas[i] = replica  # (still down: no request is routed to it until _replay_state)
+            if stopping:
+                replica.stop(5.0)
+                return
+            replica.start(self._poster(i, replica))
+            replayed = self._replay_state(i, replica)
         except Exception as e:  # noqa: BLE001 - a replica that cannot come back stays down
+            if replica is not None:
+                try:
+                    replica.stop(5.0)
+                except Exception:  # noqa: BLE001
+                    logger.debug("data parallelism: stopping replica %d failed", i, exc_info=True)
             logger.error("data parallelism: replica %d could not restart (%s); it stays down", i, e)
             with self._lock:
                 self._restarting[i] = False
@@ -456,29 +490,56 @@ class DataParallelBackend:
             if dead:
                 self._post("dead", RuntimeError(f"every data-parallel replica is down (replica {i}: {e})"))
             return
-        with self._lock:
-            stopping = self._stopping
-            if not stopping:
-                self.replicas[i] = replica
-                self._stats[i] = replica.info["stats"]
-                self._restarting[i] = False
-                self._up[i] = True
-        if stopping:
-            replica.stop(5.0)
+        if replayed is None:  # stopping
             return
-        replica.start(self._poster(i, replica))
         self._post("out", [], (replica, []), self._merged())  # /metrics sees it back at once
-        logger.info("data parallelism: replica %d is back", i)
-        if self._state_calls:
-            logger.warning("data parallelism: replica %d restarted with the checkpoint's weights and awake; the %d "
-                           "weight update / sleep call(s) since start (%s) are not replayed to it: call them again",
-                           i, len(self._state_calls), ", ".join(sorted(set(self._state_calls))))
+        logger.info("data parallelism: replica %d is back%s", i, f" ({replayed} weight update / sleep call(s) "
+                    "replayed to it)" if replayed else "")
+
+    def _replay_state(self, i: int, replica: Any) -> int | None:
+        """Brings restarted replica i to the others' state: the weight updates and sleep calls that succeeded since
+        start, sent in order, each awaited; then it is up. Calls that succeed meanwhile are replayed too, and it
+        joins only while no such call is in flight (it would miss that one). Raises RuntimeError when one is refused
+        or the replica dies; returns how many calls were replayed, or None when the backend stops meanwhile."""
+        done = 0
+        while True:
+            with self._lock:
+                if self._stopping:
+                    return None
+                calls = self._state_calls[done:]
+                in_flight = any(control[2] in _STATE_CALLS for control in self._controls.values())
+                if not calls and not in_flight:
+                    self._stats[i] = replica.info["stats"]
+                    self._restarting[i] = False
+                    self._up[i] = True
+                    return done
+            if not calls:
+                time.sleep(0.02)
+                continue
+            for call in calls:
+                token = f"dp-replay-{i}-{done}-{call.token}"
+                finished, box = threading.Event(), []
+                with self._lock:
+                    self._replays[token] = (i, finished, box)
+                try:
+                    replica.submit(EngineCall(token, call.method, call.kwargs))
+                    while not finished.wait(0.5):
+                        if self._stopping:
+                            return None
+                finally:
+                    with self._lock:
+                        self._replays.pop(token, None)
+                if box[0] is not None:
+                    raise RuntimeError(f"replaying {call.method} to it failed: {box[0].message}")
+                done += 1
 
 
-_STATE_CALLS = ("sleep", "wake_up", "load_weights", "update_weights_from_distributed")
+# Calls that change a replica's state (replayed, in order, to one that restarts: _replay_state).
+_STATE_CALLS = ("sleep", "wake_up", "load_weights")
 # Calls that need every replica idle: refused at once while any holds unfinished requests, so that none goes ahead
 # alone (a sleep that one replica refused left the others asleep).
-_IDLE_CALLS = ("sleep", "load_weights", "update_weights_from_distributed", "init_weights_update_group")
+_IDLE_CALLS = ("sleep", "load_weights")
+_TRAINER_CALLS = ("init_weights_update_group", "update_weights_from_distributed")  # refused: see submit
 
 
 def _unavailable() -> Any:

@@ -371,3 +371,89 @@ def test_state_calls_need_every_replica_idle_and_a_dead_replica_refuses_its_shar
     backend.submit(EngineCall("r", "reset_prefix_cache"))  # a reset is fine: restarted caches start empty
     assert posted[-1][1] == [("r", None)]
     hold.set()
+
+
+def _replays(replica) -> list:
+    return [x for x in replica.submitted if isinstance(x, EngineCall)]
+
+
+def test_a_restarted_replica_gets_the_state_calls_replayed_before_it_serves() -> None:
+    """A replica that died after a sleep and a weight update comes back with the checkpoint's weights and awake: it
+    must not serve until the same calls, in order, have been replayed to it (it served the old weights before)."""
+    backend, replicas, posted = started(2)
+    calls = [EngineCall("s", "sleep", {"level": 2}), EngineCall("w", "load_weights", {"weights": "/new"}),
+             EngineCall("u", "wake_up", {"tags": None}), EngineCall("r", "reset_prefix_cache")]
+    for call in calls:
+        backend.submit(call)
+        for r in replicas:
+            r.post("out", [(call.token, None)], [], stats())
+    replicas[1].post("dead", RuntimeError("killed"))
+    wait_for(lambda: len(replicas) == 3 and _replays(replicas[2]))
+    new = replicas[2]
+    for k, (method, kwargs) in enumerate([("sleep", {"level": 2}), ("load_weights", {"weights": "/new"}),
+                                          ("wake_up", {"tags": None})]):
+        wait_for(lambda k=k: len(_replays(new)) == k + 1)
+        call = _replays(new)[-1]
+        assert (call.method, call.kwargs) == (method, kwargs)
+        backend.submit(add(f"during{k}"))  # not routed to it while its state is replayed
+        assert all(x.request_id != f"during{k}" for x in new.submitted if isinstance(x, AddRequest))
+        assert backend._merged()["data_parallel_replicas_up"] == 1
+        new.post("out", [(call.token, None)], [], stats())
+        assert all(ack[0] != call.token for p in posted if p[0] == "out" for ack in p[1])  # not the server's
+    wait_for(lambda: backend._up[1])
+    assert len(_replays(new)) == 3  # the prefix-cache reset is not replayed
+    backend.submit(add("after"))
+    assert new.submitted[-1].request_id == "after"  # the least loaded now
+
+
+def test_a_restarted_replica_whose_replay_is_refused_stays_down() -> None:
+    backend, replicas, posted = started(2)
+    backend.submit(EngineCall("w", "load_weights", {"weights": "/gone"}))
+    for r in replicas:
+        r.post("out", [("w", None)], [], stats())
+    replicas[0].post("dead", RuntimeError("killed"))
+    wait_for(lambda: len(replicas) == 3 and _replays(replicas[2]))
+    replicas[2].post("out", [(_replays(replicas[2])[0].token, Refusal("invalid", "no folder /gone"))], [], stats())
+    wait_for(lambda: replicas[2].stopped)
+    assert not backend._up[0] and not backend._restarting[0]
+    assert not [p for p in posted if p[0] == "dead"]  # replica 1 serves on
+    backend.submit(add("x"))
+    assert replicas[1].submitted[-1].request_id == "x"
+
+
+def test_a_restarted_replica_that_dies_during_its_replay_stays_down() -> None:
+    backend, replicas, posted = started(2)
+    backend.submit(EngineCall("s", "sleep", {"level": 1}))
+    for r in replicas:
+        r.post("out", [("s", None)], [], stats())
+    replicas[1].post("dead", RuntimeError("killed"))
+    wait_for(lambda: len(replicas) == 3 and _replays(replicas[2]))
+    replicas[2].post("dead", RuntimeError("killed again"))  # before answering its replay
+    wait_for(lambda: replicas[2].stopped)
+    assert not backend._up[1]
+
+
+def test_a_call_that_succeeds_during_a_replay_is_replayed_too() -> None:
+    backend, replicas, posted = started(2)
+    backend.submit(EngineCall("s", "sleep", {"level": 1}))
+    for r in replicas:
+        r.post("out", [("s", None)], [], stats())
+    replicas[1].post("dead", RuntimeError("killed"))
+    wait_for(lambda: len(replicas) == 3 and _replays(replicas[2]))
+    backend.submit(EngineCall("u", "wake_up", {}))  # replica 0 alone (replica 1 is not up yet)
+    assert _replays(replicas[0])[-1].token == "u" and len(_replays(replicas[2])) == 1
+    replicas[2].post("out", [(_replays(replicas[2])[0].token, None)], [], stats())  # the sleep replayed
+    replicas[0].post("out", [("u", None)], [], stats())
+    wait_for(lambda: len(_replays(replicas[2])) == 2)
+    assert _replays(replicas[2])[1].method == "wake_up"
+    replicas[2].post("out", [(_replays(replicas[2])[1].token, None)], [], stats())
+    wait_for(lambda: backend._up[1])
+
+
+def test_weights_from_a_trainer_are_refused_with_data_parallelism() -> None:
+    backend, replicas, posted = started(2)
+    for method in ("init_weights_update_group", "update_weights_from_distributed"):
+        backend.submit(EngineCall("t", method, {}))
+        assert posted[-1][1][0][0] == "t" and posted[-1][1][0][1].kind == "invalid"
+        assert "data-parallel" in posted[-1][1][0][1].message
+    assert not any(_replays(r) for r in replicas)
