@@ -413,6 +413,18 @@ def test_invocations_dispatches_by_the_body(server) -> None:
     assert_error(httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}), 400)
     assert_error(httpx.post(url, json=[1, 2]), 400)
     assert assert_error(httpx.post(url, json={**CHAT, "max_tokens": -1}), 400)["param"] == "max_tokens"
+    # JSON sent as text/plain: refused as the routes whose body FastAPI parses refuse it; no Content-Type is JSON.
+    body = json.dumps(CHAT).encode()
+    for route in ("/invocations", "/v1/chat/completions"):
+        err = assert_error(httpx.post(server.base_url + route, content=body, headers={"content-type": "text/plain"}),
+                           400)
+        assert route == "/v1/chat/completions" or "Content-Type" in err["message"], route
+    r = httpx.post(server.base_url + "/v1/messages", content=body, headers={"content-type": "text/plain"})
+    assert r.status_code == 400 and r.json()["type"] == "error" and "Content-Type" in r.json()["error"]["message"]
+    bare = httpx.post(url, content=body, headers={"content-type": ""})
+    assert bare.status_code == 200 and bare.json()["object"] == "chat.completion"
+    ok = httpx.post(url, content=body, headers={"content-type": "application/json; charset=utf-8"})
+    assert ok.status_code == 200
 
 
 def test_api_key(start_fake_server) -> None:

@@ -590,7 +590,13 @@ async def control(call: Any, param: str | None) -> None:
 
 
 async def json_body(raw_request: Request) -> Any:
-    """A route's body as JSON; a 400 for invalid JSON."""
+    """A route's body as JSON; a 400 for invalid JSON, or for a Content-Type other than JSON (as the routes whose body
+    FastAPI parses answer; none given is taken as JSON)."""
+    content_type = raw_request.headers.get("content-type")
+    if content_type and content_type.strip():
+        media = content_type.split(";", 1)[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            raise bad_request(f"the body must be JSON (Content-Type: application/json), not {media}", None)
     try:
         return await raw_request.json()
     except (ValueError, RecursionError):  # (RecursionError: arrays nested thousands deep)
