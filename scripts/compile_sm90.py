@@ -228,23 +228,28 @@ def lora() -> None:
 
 
 def moe() -> None:
-    """The MoE experts' grouped GEMMs (fused_moe.py) at both launch plans, bf16 and fp32."""
+    """The MoE experts' grouped GEMMs (fused_moe.py) at both launch plans, bf16 and fp32; SwiGLU without biases and
+    gpt-oss's gate with its biases."""
     from pagedserve.executor.kernels import fused_moe as m
 
     for dtype in ("bf16", "fp32"):
         precision = "ieee" if dtype == "fp32" else "tf32"
-        for entries in (8, 4096):
+        for entries, gpt_oss in ((8, False), (4096, False), (8, True)):
             bm, bn, bk, warps = m.moe_plan(entries)
             consts = {"NUM_EXPERTS": 128, "E_POW2": 128, "BM": bm, "BN": bn, "BK": bk, "DOT_PRECISION": precision,
-                      "USE_PDL": True}
+                      "HAS_BIAS": gpt_oss, "USE_PDL": True}
             sig = {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "order_ptr": "*i64", "starts_ptr": "*i64",
-                   "h_ptr": f"*{dtype}", "K": "i32", "N": "i32", "top_k": "i32", "stride_xm": "i32",
-                   "stride_we": "i32", "stride_wn": "i32", "stride_hm": "i32", **dict.fromkeys(consts, "constexpr")}
-            build(m._moe_gate_up_kernel, sig, consts, f"moe gate_up {dtype} BM={bm} BN={bn}", num_warps=warps)
+                   "h_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "K": "i32", "N": "i32", "top_k": "i32",
+                   "stride_xm": "i32", "stride_we": "i32", "stride_wn": "i32", "stride_hm": "i32", "alpha": "fp32",
+                   "limit": "fp32", **dict.fromkeys(consts, "constexpr"), "ACT": "constexpr"}
+            name = f"moe gate_up {dtype} BM={bm} BN={bn}" + (" gpt-oss" if gpt_oss else "")
+            build(m._moe_gate_up_kernel, sig, {**consts, "ACT": int(gpt_oss)}, name, num_warps=warps)
             sig = {"h_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "order_ptr": "*i64", "starts_ptr": "*i64",
-                   "route_ptr": "*fp32", "y_ptr": f"*{dtype}", "K": "i32", "N": "i32", "stride_hm": "i32",
-                   "stride_we": "i32", "stride_wn": "i32", "stride_ym": "i32", **dict.fromkeys(consts, "constexpr")}
-            build(m._moe_down_kernel, sig, consts, f"moe down {dtype} BM={bm} BN={bn}", num_warps=warps)
+                   "route_ptr": "*fp32", "y_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "K": "i32", "N": "i32",
+                   "stride_hm": "i32", "stride_we": "i32", "stride_wn": "i32", "stride_ym": "i32",
+                   **dict.fromkeys(consts, "constexpr")}
+            name = f"moe down {dtype} BM={bm} BN={bn}" + (" gpt-oss" if gpt_oss else "")
+            build(m._moe_down_kernel, sig, consts, name, num_warps=warps)
 
 
 def w4() -> None:

@@ -350,6 +350,12 @@ def load_model(
         logger.info("start-up: %s weights %s", stored_quantization,
                     "kept 4-bit (the w4a16 kernel)" if keep_int4 else f"dequantized to {dtype} at load")
         stored_quantization = "int4" if keep_int4 else None
+    elif stored_quantization == "mxfp4":  # gpt-oss's experts
+        from pagedserve.executor.quantization import dequantize_mxfp4
+
+        weights = dequantize_mxfp4(weights, dtype)
+        logger.info("start-up: MXFP4 experts dequantized to %s at load", dtype)
+        stored_quantization = None
     elif stored_quantization == "fp8-block":  # dequantized as they stream in, then fp8 again with a scale per row
         from pagedserve.executor.quantization import dequantize_fp8_blocks, fp8_block_size
 

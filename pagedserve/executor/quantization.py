@@ -92,14 +92,17 @@ def checkpoint_quantization(hf_config: Any) -> str | None:
         if not groups:
             raise ValueError("a compressed-tensors checkpoint without config_groups is not supported")
         return "fp8"
+    if method == "mxfp4":  # gpt-oss's releases: the experts in MXFP4, dequantized at load (dequantize_mxfp4)
+        return "mxfp4"
     if method in ("awq", "gptq"):
         from pagedserve.executor.int_quant import int_quant_config
 
         int_quant_config(qc)  # a ValueError for a variant not supported
         return method
     raise ValueError(f"checkpoint quantization {method!r} is not supported; supported: fp8 checkpoints (per-tensor, "
-                     "per-channel or block-wise scales), AWQ (4-bit gemm), GPTQ (4 / 8-bit) and compressed-tensors "
-                     "(fp8, int 4 / 8-bit) checkpoints, or --quantization fp8 on a 16-bit checkpoint")
+                     "per-channel or block-wise scales), AWQ (4-bit gemm), GPTQ (4 / 8-bit), compressed-tensors "
+                     "(fp8, int 4 / 8-bit) and gpt-oss's MXFP4 checkpoints, or --quantization fp8 on a 16-bit "
+                     "checkpoint")
 
 
 def fp8_block_size(qc: dict) -> tuple[int, int]:
@@ -150,6 +153,35 @@ def dequantize_fp8_blocks(weights: Iterable[tuple[str, torch.Tensor]], block: tu
     for prefix, parts in pending.items():
         raise ValueError(f"block-wise fp8 checkpoint: {prefix} lacks its "
                          f"{'scales' if 'q' in parts else 'fp8 weight'}")
+
+
+def dequantize_mxfp4(weights: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+    """gpt-oss's MXFP4 experts: each `X_blocks` [E, N, K / 32, 16] (two 4-bit e2m1 values a byte, low nibble first)
+    and its `X_scales` [E, N, K / 32] (a power-of-two exponent, biased by 127, for each 32 values) become X [E, K, N]
+    in `dtype`, as Transformers holds gpt-oss's experts (its convert_moe_packed_tensors); held until both parts
+    have come. Other tensors pass through."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in weights:
+        if not name.endswith(("_blocks", "_scales")):
+            yield name, tensor
+            continue
+        prefix, part = name.rsplit("_", 1)
+        parts = pending.setdefault(prefix, {})
+        parts[part] = tensor
+        if len(parts) == 2:
+            del pending[prefix]
+            blocks, scales = parts["blocks"], parts["scales"]
+            if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.dim() != 4 \
+                    or tuple(blocks.shape[:-1]) != tuple(scales.shape):
+                raise ValueError(f"MXFP4 checkpoint: {prefix}'s blocks {tuple(blocks.shape)} {blocks.dtype} and scales "
+                                 f"{tuple(scales.shape)} {scales.dtype} do not pair (uint8 [E, N, K / 32, 16] and "
+                                 "[E, N, K / 32])")
+            yield prefix, convert_moe_packed_tensors(blocks, scales, dtype=dtype)
+    for prefix, parts in pending.items():
+        raise ValueError(f"MXFP4 checkpoint: {prefix} lacks its {'scales' if 'blocks' in parts else 'blocks'}")
 
 
 def quantize_rows_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

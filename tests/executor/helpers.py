@@ -29,7 +29,7 @@ def _hf_classes(arch: str) -> tuple[Any, Any]:
 
     name = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "llama": "Llama", "qwen2_moe": "Qwen2Moe",
             "qwen3_moe": "Qwen3Moe", "mixtral": "Mixtral", "gemma3": "Gemma3", "phi3": "Phi3", "gemma2": "Gemma2",
-            "granite": "Granite", "olmo2": "Olmo2"}[arch]
+            "granite": "Granite", "olmo2": "Olmo2", "gpt_oss": "GptOss"}[arch]
     config = getattr(transformers, name + ("TextConfig" if arch == "gemma3" else "Config"))
     return config, getattr(transformers, name + "ForCausalLM")
 
@@ -61,6 +61,12 @@ def tiny_hf_config(arch: str, **overrides: Any) -> Any:
     if arch == "granite":  # Granite 3's four scalars, far enough from 1 to matter (its defaults are all 1)
         defaults |= dict(embedding_multiplier=12.0, attention_multiplier=0.0625, residual_multiplier=0.22,
                          logits_scaling=8.0)
+    if arch == "gpt_oss":  # 4 experts, the top 2; sliding (window 6) then full layers; a clamp that bites at 0.1 std
+        defaults |= dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, intermediate_size=48,
+                         sliding_window=6, swiglu_limit=0.5, tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0,
+                                          "original_max_position_embeddings": 32, "beta_fast": 32.0,
+                                          "beta_slow": 1.0, "truncate": False})
     if arch == "mixtral":  # 4 experts of intermediate_size columns, the top 2
         defaults |= dict(num_local_experts=4, num_experts_per_tok=2)
     kwargs = {**TINY, **defaults, **overrides}

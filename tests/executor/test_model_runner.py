@@ -31,7 +31,7 @@ def _prompt(seed: int, n: int) -> list[int]:
     return np.random.default_rng(seed).integers(0, 256, n).tolist()
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3", "granite", "olmo2"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3", "granite", "olmo2", "gpt_oss"])
 @pytest.mark.parametrize("pad", [False, True], ids=["exact", "padded"])
 def test_mixed_batch_matches_hf(arch: str, pad: bool, tmp_path) -> None:
     # pad: eager steps at padded token/logits counts, as on CUDA (padded_count)
@@ -41,7 +41,7 @@ def test_mixed_batch_matches_hf(arch: str, pad: bool, tmp_path) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "olmo2"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "olmo2", "gpt_oss"])
 def test_mixed_batch_matches_hf_on_cuda(backend: str, arch: str, tmp_path) -> None:
     # The Triton kernels' fp32 tl.dot runs in TF32 (seen: ~5e-4 to 2e-3); the torch path gave 7e-7.
     tolerance = 5e-3 if backend == "triton" else 1e-4

@@ -201,6 +201,9 @@ def test_torch_backend_matches_dense_attention_with_cache_offsets() -> None:
     ("olmo2", dict()),  # post-norm layers, q / k norms over all heads
     ("olmo2", dict(attention_bias=True, tie_word_embeddings=False)),
     ("granite", dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=False, embedding_multiplier=1.0)),
+    # gpt-oss: sinks, biases everywhere, sliding + full layers, YaRN without truncation, its experts (4, top 2)
+    ("gpt_oss", dict()),
+    ("gpt_oss", dict(num_local_experts=6, num_experts_per_tok=3, swiglu_limit=7.0, swiglu_alpha=1.0)),
     # YaRN (Qwen's long-context recipe), positions past original_max_position_embeddings: cos and sin scaled too
     ("qwen2", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})),
 ])

@@ -89,8 +89,8 @@ TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two C
     # gemma3: sliding and full layers, Gemma's norms and scaled embedding over the split vocabulary; phi3: its fused
     # q|k|v and gate|up split into their parts before each rank takes its slice
     [("qwen2", {}), ("llama", dict(attention_bias=True, mlp_bias=True, vocab_size=251)),
-     ("qwen2_moe", dict(mlp_only_layers=[1])), ("gemma3", {}), ("phi3", {}), ("granite", {})],
-    ids=["qwen2", "llama-biases-odd-vocab", "qwen2-moe", "gemma3", "phi3-fused", "granite"],
+     ("qwen2_moe", dict(mlp_only_layers=[1])), ("gemma3", {}), ("phi3", {}), ("granite", {}), ("gpt_oss", {})],
+    ids=["qwen2", "llama-biases-odd-vocab", "qwen2-moe", "gemma3", "phi3-fused", "granite", "gpt-oss"],
 )
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=TWO_GPUS)])
 def test_two_ranks_match_transformers(tmp_path, real_model_dir, arch, overrides, device) -> None:

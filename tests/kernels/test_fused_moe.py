@@ -41,6 +41,40 @@ def test_fused_experts_match_the_torch_reference(poisoned, tokens, experts, hidd
     torch.testing.assert_close(out.float().cpu(), expected, atol=tol * expected.abs().max().item(), rtol=tol)
 
 
+@pytest.mark.parametrize("tokens,experts,hidden,inter,top_k,dtype", [
+    (1, 8, 64, 32, 4, torch.float32),     # batch-1 decode
+    (7, 6, 64, 48, 2, torch.float16),     # a partial column tile
+    (300, 4, 64, 32, 2, torch.float32),   # the 64-entry blocks
+])
+def test_gpt_oss_experts_match_the_torch_reference(poisoned, tokens, experts, hidden, inter, top_k, dtype) -> None:
+    """gpt-oss's experts: biases on both GEMMs, its clamped gate (limit small enough that the clamps bite)."""
+    from pagedserve.executor.models.moe import gated
+
+    g = torch.Generator().manual_seed(tokens * 7 + experts)
+    x = torch.randn(tokens, hidden, generator=g)
+    w13 = torch.randn(experts, 2 * inter, hidden, generator=g) * 0.3
+    w2 = torch.randn(experts, hidden, inter, generator=g) * 0.2
+    b13, b2 = torch.randn(experts, 2 * inter, generator=g), torch.randn(experts, hidden, generator=g)
+    weights, ids = route(torch.randn(tokens, experts, generator=g) * 2, top_k, renormalize=True)
+    limit, alpha = 1.5, 1.702
+    expected = experts_torch(x, w13, w2, ids, weights, b13, b2, "gpt_oss", alpha, limit)
+    # the reference itself, by hand for one entry: (clamp(up) + 1) * g * sigmoid(alpha g), g = min(gate, limit)
+    e, t = ids[0, 0].item(), 0
+    gate_up = x[t] @ w13[e].t() + b13[e]
+    h = gated(gate_up[:inter], gate_up[inter:], "gpt_oss", alpha, limit)
+    assert torch.allclose(h, (gate_up[inter:].clamp(-limit, limit) + 1) * gate_up[:inter].clamp(max=limit)
+                          * torch.sigmoid(alpha * gate_up[:inter].clamp(max=limit)))
+    assert (gate_up.abs() > limit).any()  # the clamps matter in this case
+    args = [t.to(DEVICE) for t in (x.to(dtype), w13.to(dtype), w2.to(dtype), ids, weights)]
+    out = fused_moe.fused_experts(*args, b13=b13.to(dtype).to(DEVICE), b2=b2.to(dtype).to(DEVICE), act="gpt_oss",
+                                  alpha=alpha, limit=limit)
+    assert out.dtype == dtype and out.shape == (tokens, hidden)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float().cpu(), expected, atol=tol * expected.abs().max().item(), rtol=tol)
+    plain = fused_moe.fused_experts(*args)  # the SwiGLU without biases differs: the flags reach the kernels
+    assert not torch.allclose(plain.float().cpu(), expected, atol=1e-2)
+
+
 def test_one_expert_takes_every_token(poisoned) -> None:
     """All 50 tokens' first choice is expert 2 (four 16-entry blocks of one expert), the second expert 0."""
     g = torch.Generator().manual_seed(5)

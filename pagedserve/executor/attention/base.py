@@ -74,5 +74,6 @@ class AttentionBackend(ABC):
         scale: float,
         window: int | None = None,  # a sliding window: each token sees its last `window` keys (itself included)
         softcap: float | None = None,  # Gemma 2: scores capped as softcap * tanh(score / softcap)
+        sinks: torch.Tensor | None = None,  # gpt-oss: [num_heads] fp32, one more logit per head in the softmax
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         ...

@@ -47,10 +47,11 @@ def gather_kv(
 
 def causal_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, window: int | None = None,
-    softcap: float | None = None,
+    softcap: float | None = None, sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """query [q, H, D] for the LAST q of the seq_len positions in key/value [seq_len, KVH, D]. window: a sliding
     window, each query sees only its last `window` positions (itself included), as Transformers' sliding masks.
+    sinks [H] (gpt-oss): each head's extra logit in the softmax, which takes probability and gives no value.
 
     GQA: each group of H // KVH query heads shares one kv head (repeat_interleave, as HF's
     repeat_kv). Scores, softmax and the weighted sum are fp32; the result has query's dtype.
@@ -69,7 +70,11 @@ def causal_attention(
     if window is not None:
         future |= key_pos[None, :] <= query_pos[:, None] - window
     scores.masked_fill_(future[None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
+    if sinks is not None:
+        column = sinks.float().reshape(num_heads, 1, 1).expand(num_heads, q_len, 1)
+        probs = torch.softmax(torch.cat([scores, column], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
     return torch.einsum("hqk,khd->qhd", probs, v).to(query.dtype)
 
 
@@ -86,6 +91,7 @@ class TorchAttentionBackend(AttentionBackend):
         scale: float,
         window: int | None = None,
         softcap: float | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         write_kv_cache(kv_cache, key, value, meta.slot_mapping)
         query_lens = meta.query_lens_cpu
@@ -96,7 +102,8 @@ class TorchAttentionBackend(AttentionBackend):
         start = 0
         for s, (q_len, seq_len) in enumerate(zip(query_lens, seq_lens)):
             k, v = gather_kv(kv_cache, meta.block_tables[s], seq_len)
-            out[start : start + q_len] = causal_attention(query[start : start + q_len], k, v, scale, window, softcap)
+            out[start : start + q_len] = causal_attention(query[start : start + q_len], k, v, scale, window, softcap,
+                                                                sinks)
             start += q_len
         # Tokens past the last sequence (padding of a captured batch size) get zeros, not garbage.
         out[start:] = 0

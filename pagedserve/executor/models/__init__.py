@@ -19,6 +19,7 @@ from pagedserve.executor.models.decoder import (
     Qwen3MoeForCausalLM,
 )
 from pagedserve.executor.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
+from pagedserve.executor.models.gpt_oss import GptOssForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
@@ -33,6 +34,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "GraniteForCausalLM": GraniteForCausalLM,
     "Olmo2ForCausalLM": Olmo2ForCausalLM,
+    "GptOssForCausalLM": GptOssForCausalLM,
     # Gemma 3's multimodal checkpoints (4B and up), served as text: their language model alone
     "Gemma3ForConditionalGeneration": Gemma3ForCausalLM,
 }
@@ -90,6 +92,7 @@ def is_classifier(architectures: Sequence[str] | None) -> bool:
 
 
 __all__ = ["BARE_ARCHITECTURES", "CLASSIFIER_ARCHITECTURES", "MODEL_REGISTRY", "Gemma2ForCausalLM",
-           "Gemma3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM",
+           "Gemma3ForCausalLM", "GptOssForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM",
+           "Phi3ForCausalLM",
            "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "get_model_class",
            "is_bare", "is_classifier"]

@@ -128,7 +128,7 @@ def tp_slice(name: str, tensor: torch.Tensor) -> torch.Tensor:
     if name.endswith(".weight_scale"):  # fp8 checkpoints: per tensor (kept whole) or per output row
         column = any(part in name for part in _COLUMN_PARALLEL)
         return tensor.chunk(size, dim=0)[rank] if column and tensor.numel() > 1 else tensor
-    if any(part in name for part in _COLUMN_PARALLEL):
+    if any(part in name for part in _COLUMN_PARALLEL) or name.endswith(".self_attn.sinks"):  # (sinks: per head)
         return tensor.chunk(size, dim=0)[rank]
     if any(part in name for part in _ROW_PARALLEL):
         if name.endswith(".bias"):
@@ -161,7 +161,7 @@ def _fuses_qkv_rope(hidden: torch.Tensor, rope: RopeStep, backend: Any) -> bool:
 class DecoderAttention(nn.Module):
     def __init__(self, hf_config: Any, layer_idx: int, qkv_bias: bool, o_bias: bool, qk_norm: bool = False,
                  context: int | None = None, norm_cls: type[RMSNorm] = RMSNorm, scale: float | None = None,
-                 softcap: float | None = None, qk_norm_full: bool = False) -> None:
+                 softcap: float | None = None, qk_norm_full: bool = False, sinks: bool = False) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         # A sliding window (keys a token sees), or None; Gemma 2's attention soft-capping: passed to the backend
@@ -190,6 +190,12 @@ class DecoderAttention(nn.Module):
         self.k_norm = norm_cls(k_width, hf_config.rms_norm_eps) if qk_norm or qk_norm_full else None
         # An fp8 checkpoint's KV-cache scales ("k", "v"), as loaded; kv_scales.fold_kv_scales uses them.
         self.checkpoint_kv_scales: dict[str, float] = {}
+        # gpt-oss: one learned logit a head (this rank's heads) beside the keys' in the softmax; held in fp32.
+        self.sinks = nn.Parameter(torch.empty(self.num_heads, dtype=torch.float32), requires_grad=False) \
+            if sinks else None
+
+    def _backend_kwargs(self) -> dict[str, Any]:
+        return self._attn_kwargs if self.sinks is None else {**self._attn_kwargs, "sinks": self.sinks}
 
     def forward(self, hidden: torch.Tensor, rope: RopeStep, ctx: ForwardContext) -> torch.Tensor:
         num_tokens = hidden.shape[0]
@@ -203,7 +209,7 @@ class DecoderAttention(nn.Module):
             q = qkv_rope_kv_write(hidden, self.qkv_proj.weight, self.qkv_proj.bias, rope.positions,
                                   rope.cos_sin_cache, kv_cache, ctx.attn_metadata.slot_mapping, self.num_heads)
             out = ctx.backend.forward(q, None, None, kv_cache, ctx.attn_metadata, self.scale, kv_written=True,
-                                      **self._attn_kwargs)
+                                      **self._backend_kwargs())
             return all_reduce(self.o_proj(out.reshape(num_tokens, self.q_size)))
         qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -214,10 +220,11 @@ class DecoderAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope.cos is None and rope.full and getattr(ctx.backend, "fuses_rotary", False):
             # CUDA + Triton backend: rotary happens inside the KV-cache write kernel.
-            out = ctx.backend.forward(q, k, v, kv_cache, ctx.attn_metadata, self.scale, rope=rope, **self._attn_kwargs)
+            out = ctx.backend.forward(q, k, v, kv_cache, ctx.attn_metadata, self.scale, rope=rope,
+                                      **self._backend_kwargs())
         else:
             q, k = rope.rotate(q, k)
-            out = ctx.backend.forward(q, k, v, kv_cache, ctx.attn_metadata, self.scale, **self._attn_kwargs)
+            out = ctx.backend.forward(q, k, v, kv_cache, ctx.attn_metadata, self.scale, **self._backend_kwargs())
         return all_reduce(self.o_proj(out.reshape(num_tokens, self.q_size)))
 
 
@@ -496,7 +503,7 @@ class DecoderForCausalLM(nn.Module):
         elif key is not None:
             module.load_part(key[1], key[2], tensor)
         else:
-            module.load_stacked(stacked.group(2), tensor)
+            module.load_stacked(stacked.group(2) + (stacked.group(3) or ""), tensor)
         return True
 
 

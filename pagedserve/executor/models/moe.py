@@ -8,6 +8,8 @@ SiLU-gated MLP; their weights are held stacked, as the fused kernels read them:
     experts.w2   [E, H, I]    each expert's down_proj
 
 Qwen2-MoE adds a shared expert (a plain MLP every token goes through) scaled by sigmoid(shared_expert_gate(x)).
+gpt-oss (models/gpt_oss.py) adds biases (b13 [E, 2I], b2 [E, H]) and its own gate: gate clamped to <= limit, up to
+[-limit, limit], (up + 1) * gate * sigmoid(alpha * gate) (act="gpt_oss").
 Checkpoints name the experts one by one (mlp.experts.{e}.gate_proj / up_proj / down_proj; Mixtral's
 block_sparse_moe.experts.{e}.w1 / w3 / w2); Transformers 5's in-memory names (experts.gate_up_proj [E, 2I, H],
 experts.down_proj [E, H, I]) load too.
@@ -35,7 +37,8 @@ from pagedserve.distributed import all_reduce, shard, tp_rank, tp_size
 EXPERT_TENSOR = re.compile(r"^(.*)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
 # Transformers 5's stacked experts, as its modules hold them in memory.
 # (GGUF files stack gate and up apart: experts.gate_proj / up_proj [E, I, H], gguf_loader.py)
-STACKED_EXPERTS = re.compile(r"^(.*)\.experts\.(gate_up_proj|gate_proj|up_proj|down_proj)$")
+# gpt-oss names its experts' biases gate_up_proj_bias / down_proj_bias.
+STACKED_EXPERTS = re.compile(r"^(.*)\.experts\.(gate_up_proj|gate_proj|up_proj|down_proj)(_bias)?$")
 _PART = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
 
 
@@ -67,9 +70,24 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[t
     return weights, ids
 
 
+ACTIVATIONS = ("silu", "gpt_oss")
+
+
+def gated(gate: torch.Tensor, up: torch.Tensor, act: str = "silu", alpha: float = 1.702, limit: float = 7.0
+          ) -> torch.Tensor:
+    """An expert's gated activation: SwiGLU (silu(gate) * up), or gpt-oss's clamped variant."""
+    if act == "silu":
+        return F.silu(gate) * up
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
 def experts_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ids: torch.Tensor,
-                  route_weights: torch.Tensor) -> torch.Tensor:
-    """The reference: a loop over the experts the step uses (a host sync for their counts). [T, H] in x's dtype."""
+                  route_weights: torch.Tensor, b13: torch.Tensor | None = None, b2: torch.Tensor | None = None,
+                  act: str = "silu", alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+    """The reference: a loop over the experts the step uses (a host sync for their counts). [T, H] in x's dtype.
+    b13 [E, 2I] / b2 [E, H]: the experts' biases (gpt-oss); act, alpha, limit: see gated()."""
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("the torch path of the MoE experts cannot run inside a CUDA graph; unset "
                            "PAGEDSERVE_MOE_KERNELS=0 or pass --enforce-eager")
@@ -85,8 +103,13 @@ def experts_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ids: tor
         if count:
             entries = order[start:start + count]
             gate_up = x[entries // top_k] @ w13[expert].t()
-            h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-            out[entries] = (h @ w2[expert].t()).float() * weights[entries, None]
+            if b13 is not None:
+                gate_up = gate_up + b13[expert]
+            h = gated(gate_up[:, :inter], gate_up[:, inter:], act, alpha, limit)
+            down = h @ w2[expert].t()
+            if b2 is not None:
+                down = down + b2[expert]
+            out[entries] = down.float() * weights[entries, None]
         start += count
     return out.view(t, top_k, -1).sum(1).to(x.dtype)
 
@@ -100,12 +123,22 @@ class _Matrix(nn.Module):
 
 
 class MoEExperts(nn.Module):
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+    """gpt_oss: gpt-oss's experts (biases, its gate, and its checkpoints' layout: gate_up_proj [E, H, 2I] with the
+    gate and up columns interleaved, down_proj [E, I, H])."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, gpt_oss: bool = False,
+                 alpha: float = 1.702, limit: float = 7.0) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.intermediate = shard(intermediate_size, "moe_intermediate_size")  # this rank's columns
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * self.intermediate, hidden_size), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, self.intermediate), requires_grad=False)
+        self.gpt_oss = gpt_oss
+        self.act, self.alpha, self.limit = ("gpt_oss" if gpt_oss else "silu"), float(alpha), float(limit)
+        # gpt-oss's biases: b2 is added once, after the ranks' partial outputs are summed (rank 0 holds it).
+        self.b13 = nn.Parameter(torch.empty(num_experts, 2 * self.intermediate), requires_grad=False) \
+            if gpt_oss else None
+        self.b2 = nn.Parameter(torch.empty(num_experts, hidden_size), requires_grad=False) if gpt_oss else None
         self._parts: set[tuple[int, str]] = set()
 
     def load_part(self, expert: int, part: str, tensor: torch.Tensor) -> None:
@@ -121,7 +154,12 @@ class MoEExperts(nn.Module):
 
     def load_stacked(self, which: str, tensor: torch.Tensor) -> None:
         """Transformers 5's stacked gate_up_proj [E, 2I, H] or down_proj [E, H, I] (whole); a GGUF file's gate_proj
-        or up_proj [E, I, H]."""
+        or up_proj [E, I, H]; gpt-oss's (see the class) and its biases (which ends in _bias)."""
+        if self.gpt_oss:
+            self._load_gpt_oss(which, tensor)
+            return
+        if which.endswith("_bias"):
+            raise ValueError(f"experts.{which}: this model's experts have no biases")
         if which == "down_proj":
             self._copy(self.w2, _columns(tensor, 2), "experts.down_proj")
             self._parts.update((e, "down") for e in range(self.num_experts))
@@ -135,9 +173,34 @@ class MoEExperts(nn.Module):
         self._copy(self.w13, torch.cat([_columns(gate, 1), _columns(up, 1)], dim=1), "experts.gate_up_proj")
         self._parts.update((e, p) for e in range(self.num_experts) for p in ("gate", "up"))
 
+    def _load_gpt_oss(self, which: str, tensor: torch.Tensor) -> None:
+        if which in ("gate_up_proj", "gate_up_proj_bias"):  # gate and up interleaved along the last dim
+            gate, up = tensor[..., 0::2], tensor[..., 1::2]
+            if which == "gate_up_proj":  # [E, H, I] each: rows of w13 are their columns
+                gate, up = gate.transpose(1, 2), up.transpose(1, 2)
+                self._copy(self.w13, torch.cat([_columns(gate, 1), _columns(up, 1)], dim=1), "experts.gate_up_proj")
+                self._parts.update((e, p) for e in range(self.num_experts) for p in ("gate", "up"))
+            else:
+                self._copy(self.b13, torch.cat([_columns(gate, 1), _columns(up, 1)], dim=1),
+                           "experts.gate_up_proj_bias")
+                self._parts.update((e, "bias13") for e in range(self.num_experts))
+        elif which == "down_proj":  # [E, I, H]
+            self._copy(self.w2, _columns(tensor.transpose(1, 2), 2), "experts.down_proj")
+            self._parts.update((e, "down") for e in range(self.num_experts))
+        elif which == "down_proj_bias":  # [E, H]: added once over the ranks
+            self._copy(self.b2, tensor if tp_rank() == 0 else torch.zeros_like(tensor), "experts.down_proj_bias")
+            self._parts.update((e, "bias2") for e in range(self.num_experts))
+        else:
+            raise ValueError(f"experts.{which}: not a gpt-oss expert tensor (gate_up_proj, down_proj and their "
+                             "_bias)")
+
     def loaded(self) -> set[str]:
-        """Which of w13 / w2 every expert's parts filled."""
+        """Which of w13 / w2 (and b13 / b2) every expert's parts filled."""
         done = set()
+        if self.gpt_oss:
+            for name, part in (("b13", "bias13"), ("b2", "bias2")):
+                if all((e, part) in self._parts for e in range(self.num_experts)):
+                    done.add(name)
         if all((e, "gate") in self._parts and (e, "up") in self._parts for e in range(self.num_experts)):
             done.add("w13")
         if all((e, "down") in self._parts for e in range(self.num_experts)):
@@ -157,8 +220,10 @@ class MoEExperts(nn.Module):
         if use_moe_kernels(x.device):
             from pagedserve.executor.kernels.fused_moe import fused_experts
 
-            return fused_experts(x, self.w13, self.w2, ids, route_weights)
-        return experts_torch(x, self.w13, self.w2, ids, route_weights)
+            return fused_experts(x, self.w13, self.w2, ids, route_weights, b13=self.b13, b2=self.b2, act=self.act,
+                                 alpha=self.alpha, limit=self.limit)
+        return experts_torch(x, self.w13, self.w2, ids, route_weights, self.b13, self.b2, self.act, self.alpha,
+                             self.limit)
 
 
 def _columns(tensor: torch.Tensor, dim: int) -> torch.Tensor:
@@ -203,5 +268,5 @@ def expert_key(name: str) -> tuple[str, int, str] | None:
     return match.group(1).replace(".block_sparse_moe", ".mlp"), int(match.group(2)), _PART[match.group(3)]
 
 
-__all__ = ["MoEExperts", "SparseMoeBlock", "expert_key", "experts_torch", "is_moe_layer", "num_experts_of", "route",
-           "use_moe_kernels"]
+__all__ = ["ACTIVATIONS", "MoEExperts", "SparseMoeBlock", "expert_key", "experts_torch", "gated", "is_moe_layer",
+           "num_experts_of", "route", "use_moe_kernels"]
