@@ -22,6 +22,18 @@ CASES = [
     ("deepseek_r1", "cut in the middle of thought", "cut in the middle of thought", None),
     ("deepseek_r1", "a </thin", "a </thin", None),
     ("deepseek_r1", "x</think>\n\n</think>y", "x", "</think>y"),  # only the first end tag closes
+    # gpt-oss's harmony messages (the special tokens kept): analysis is reasoning, final content, markup dropped
+    ("gpt_oss", "<|channel|>analysis<|message|>User asks 2+2. Answer 4.<|end|><|start|>assistant<|channel|>final"
+                "<|message|>It is 4.", "User asks 2+2. Answer 4.", "It is 4."),
+    ("gpt_oss", "<|channel|>analysis<|message|>a<b and <|x|> stays<|end|><|start|>assistant<|channel|>final "
+                "<|message|>ok<|return|>", "a<b and <|x|> stays", "ok"),
+    ("gpt_oss", "<|channel|>final<|message|>Just this.", None, "Just this."),  # no analysis (low effort)
+    ("gpt_oss", "Plain text, no markup", None, "Plain text, no markup"),  # the template opened the final channel
+    ("gpt_oss", "<|channel|>analysis<|message|>cut while thin", "cut while thin", None),
+    ("gpt_oss", "<|channel|>analysis<|message|>x<|en", "x<|en", None),  # a cut end tag at the end is text
+    ("gpt_oss", "<|channel|>analysis<|message|>x<|end|><|start|>assistant<|chan", "x", None),  # cut header: dropped
+    ("gpt_oss", "<|channel|>analysis<|message|>think<|end|><|start|>assistant<|channel|>commentary to=functions.f "
+                "<|constrain|>json<|message|>{\"a\": 1}<|call|>", "think", '{"a": 1}'),
 ]
 
 
@@ -52,6 +64,19 @@ def test_reasoning_streams_before_the_end_tag_arrives() -> None:
     assert stream.feed("\nok") == [("content", "ok")]
 
 
+def test_harmony_reasoning_streams_before_its_message_ends() -> None:
+    stream = ReasoningStream("openai_gptoss")  # vLLM's name
+    assert stream.feed("<|channel|>analysis<|mess") == []  # the header is cut
+    assert stream.feed("age|>abc<|") == [("reasoning", "abc")]  # "<|" held: maybe a tag
+    assert stream.feed("end|><|start|>assistant<|channel|>final<|message|>4") == [("content", "4")]
+
+
+def test_the_chat_route_keeps_special_tokens_for_the_harmony_parser() -> None:
+    from pagedserve.entrypoints.openai.reasoning import KEEPS_SPECIAL_TOKENS, PARSERS
+
+    assert "gpt_oss" in PARSERS and KEEPS_SPECIAL_TOKENS == ("gpt_oss",)
+
+
 def test_unknown_parser_is_a_value_error() -> None:
-    with pytest.raises(ValueError, match="qwen3, deepseek_r1"):
+    with pytest.raises(ValueError, match="qwen3, deepseek_r1, gpt_oss"):
         ReasoningStream("granite")

@@ -654,6 +654,31 @@ def test_reasoning_parser_splits_whole_and_streamed_answers(start_fake_server) -
     assert plain_client.responses.create(input="2 + 2?", max_output_tokens=len(thought)).output_text == thought
 
 
+def test_harmony_reasoning_parser_reads_the_special_tokens(start_fake_server) -> None:
+    """--reasoning-parser openai_gptoss (gpt-oss's harmony channels): the chat route asks the engine to keep the
+    special tokens (the markup the parser reads), unless the request says otherwise; reasoning and content come
+    split, whole and streamed, with the markup dropped."""
+    answer = "<|channel|>analysis<|message|>2+2=4<|end|><|start|>assistant<|channel|>final<|message|>Four."
+    seen = []
+
+    class Recording(FakeEngine):
+        def add_request(self, request_id, prompt, params, *args, **kwargs):
+            seen.append(params.skip_special_tokens)
+            return super().add_request(request_id, prompt, params, *args, **kwargs)
+
+    server = start_fake_server(Recording(text=answer), reasoning_parser="openai_gptoss")
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+    body = {**CHAT, "max_tokens": len(answer)}
+    message = client.chat.completions.create(**body).choices[0].message
+    assert (message.model_extra["reasoning_content"], message.content) == ("2+2=4", "Four.")
+    events = sse_events(httpx.post(server.base_url + "/v1/chat/completions", json={**body, "stream": True}))
+    deltas = [e["choices"][0]["delta"] for e in events[:-1] if e["choices"]]
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == "2+2=4"
+    assert "".join(d.get("content") or "" for d in deltas) == "Four."
+    client.chat.completions.create(**body, extra_body={"skip_special_tokens": True})
+    assert seen == [False, False, True]
+
+
 def test_responses_function_calls_and_their_outputs(start_fake_server) -> None:
     """/v1/responses with function tools (--enable-auto-tool-choice, the hermes format): a call is a function_call
     output item, whole and streamed (each item whole at the end); function_call and function_call_output input

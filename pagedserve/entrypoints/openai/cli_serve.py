@@ -7,6 +7,7 @@ import json
 
 from pagedserve.config import EngineConfig
 from pagedserve.entrypoints.args import add_engine_args, config_from_args
+from pagedserve.entrypoints.openai.reasoning import ALIASES as REASONING_ALIASES
 from pagedserve.entrypoints.openai.reasoning import PARSERS as REASONING_PARSERS
 from pagedserve.entrypoints.openai.tool_calls import TOOL_CALL_PARSERS
 
@@ -116,10 +117,11 @@ def add_request_handling_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--enable-auto-tool-choice", action="store_true",
                    help='chat requests with tools may let the model decide (tool_choice "auto", the default '
                    "then): its answer is parsed for tool calls (--tool-call-parser)")
-    g.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
+    g.add_argument("--reasoning-parser", choices=[*REASONING_PARSERS, *REASONING_ALIASES], default=None,
                    help="split a thinking model's chat answers into message.reasoning_content (between <think> "
                    "and </think>) and message.content (what follows), streamed too: qwen3 (thinking when the "
-                   "answer opens with <think>), deepseek_r1 (the answer starts inside the reasoning)")
+                   "answer opens with <think>), deepseek_r1 (the answer starts inside the reasoning), gpt_oss "
+                   "(alias openai_gptoss: gpt-oss's harmony channels, analysis as reasoning, final as content)")
     g.add_argument("--tool-call-parser", choices=list(TOOL_CALL_PARSERS), default="hermes",
                    help="how auto tool calls are read from the answer; hermes, llama3_json, mistral, qwen3_coder and "
                    "pythonic name one parser that reads <tool_call> blocks (JSON, as Qwen2/2.5's templates ask, or "

@@ -7,14 +7,26 @@
                  starts inside the reasoning (a leading "<think>" is dropped) and everything up to
                  "</think>" is reasoning, all of it when "</think>" never comes (the answer was cut).
 
+    gpt_oss      gpt-oss's harmony format (vLLM's "openai_gptoss"; read with the special tokens kept, which the
+                 chat route asks for): messages "<|channel|>NAME<|message|>TEXT" ended by <|end|>, <|return|> or
+                 <|call|>, the next one opened by "<|start|>assistant"; the analysis channel's text is reasoning,
+                 the final (and commentary) channels' content; the markup itself is dropped.
+
 The newlines a model writes between "</think>" and its answer are dropped. `split` (whole answers) and
 `ReasoningStream` (deltas; the tags may arrive cut across deltas) give the same two texts.
 """
 
 from __future__ import annotations
 
+import re
+
 START, END = "<think>", "</think>"
-PARSERS = ("qwen3", "deepseek_r1")
+PARSERS = ("qwen3", "deepseek_r1", "gpt_oss")
+ALIASES = {"openai_gptoss": "gpt_oss"}  # vLLM's name
+# Parsers that read the answer's special tokens (the chat route decodes with skip_special_tokens false).
+KEEPS_SPECIAL_TOKENS = ("gpt_oss",)
+_HARMONY_ENDS = ("<|end|>", "<|return|>", "<|call|>", "<|start|>")
+_HARMONY_CHANNEL = re.compile(r"<\|channel\|>\s*([A-Za-z_]+)")
 
 
 def split(kind: str, text: str) -> tuple[str | None, str | None]:
@@ -30,15 +42,21 @@ class ReasoningStream:
     """Text deltas in, ("reasoning" | "content", text) pieces out, in order."""
 
     def __init__(self, kind: str) -> None:
+        kind = ALIASES.get(kind, kind)
         if kind not in PARSERS:
             raise ValueError(f"unknown reasoning parser {kind!r}; choose from {', '.join(PARSERS)}")
         self.kind = kind
-        self.state = "start"  # start -> reasoning -> after (newlines before the answer) -> content
+        # think tags: start -> reasoning -> after (newlines before the answer) -> content;
+        # harmony: header (up to <|message|>) -> body (its channel's kind, up to a message's end) -> header ...
+        self.state = "header" if kind == "gpt_oss" else "start"
+        self.body_kind = "content"
         self.held = ""  # text not yet given out: a tag may be cut across deltas
 
     def feed(self, delta: str) -> list[tuple[str, str]]:
         self.held += delta
         out: list[tuple[str, str]] = []
+        if self.kind == "gpt_oss":
+            return self._feed_harmony(out)
         while True:
             if self.state == "start":
                 if self.held.startswith(START):
@@ -70,9 +88,38 @@ class ReasoningStream:
                 self.held = ""
                 return out
 
+    def _feed_harmony(self, out: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        while self.held:
+            if self.state == "header":
+                if not self.held.startswith("<|") and not "<|".startswith(self.held):
+                    self.state, self.body_kind = "body", "content"  # no markup: an answer as plain text
+                    continue
+                opened = self.held.find("<|message|>")
+                if opened < 0:
+                    return out  # the header is cut: wait for more
+                channel = _HARMONY_CHANNEL.search(self.held[:opened])
+                self.body_kind = "reasoning" if channel is not None and channel.group(1) == "analysis" else "content"
+                self.held = self.held[opened + len("<|message|>"):]
+                self.state = "body"
+            else:
+                ends = [(i, tag) for tag in _HARMONY_ENDS if (i := self.held.find(tag)) >= 0]
+                if not ends:
+                    keep = max(_tag_prefix_len(self.held, tag) for tag in _HARMONY_ENDS)
+                    _put(out, self.body_kind, self.held[:len(self.held) - keep])
+                    self.held = self.held[len(self.held) - keep:]
+                    return out
+                end, tag = min(ends)
+                _put(out, self.body_kind, self.held[:end])
+                # <|start|> opens the next message's header; the other tags end this one (a header follows)
+                self.held = self.held[end:] if tag == "<|start|>" else self.held[end + len(tag):]
+                self.state = "header"
+        return out
+
     def finish(self) -> list[tuple[str, str]]:
         """What is still held once the answer ends (a cut tag is then plain text)."""
         held, self.held = self.held, ""
+        if self.kind == "gpt_oss":  # a cut header is dropped; a body's cut tag is its text
+            return [(self.body_kind, held)] if held and self.state == "body" else []
         if not held or self.state == "after":
             return []
         if self.state == "start":

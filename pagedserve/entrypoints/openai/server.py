@@ -101,7 +101,8 @@ class ServerSettings:
     served_model_names: list[str] = field(default_factory=list)  # default: [engine.model_name]
     model_root: str | None = None
     enable_auto_tool_choice: bool = False  # tool_choice "auto": answers parsed for hermes tool calls
-    reasoning_parser: str | None = None  # "qwen3" | "deepseek_r1": chat answers split into reasoning / content
+    # "qwen3" | "deepseek_r1" | "gpt_oss": chat answers split into reasoning / content (entrypoints/openai/reasoning.py)
+    reasoning_parser: str | None = None
     lora_modules: dict = field(default_factory=dict)  # served name -> LoRARequest (--lora-modules)
     # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (--allow-runtime-lora-updating, or vLLM's
     # VLLM_ALLOW_RUNTIME_LORA_UPDATING=True); off by default, as in vLLM: with it, any API caller can make the server

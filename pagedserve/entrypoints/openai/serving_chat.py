@@ -13,8 +13,9 @@ from starlette.responses import JSONResponse, Response
 
 from pagedserve.async_engine import AsyncEngine, RequestStream
 from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest
+from pagedserve.entrypoints.openai.reasoning import ALIASES as REASONING_ALIASES
+from pagedserve.entrypoints.openai.reasoning import KEEPS_SPECIAL_TOKENS, ReasoningStream
 from pagedserve.entrypoints.openai.reasoning import PARSERS as REASONING_PARSERS
-from pagedserve.entrypoints.openai.reasoning import ReasoningStream
 from pagedserve.entrypoints.openai.reasoning import split as split_reasoning
 from pagedserve.entrypoints.openai.serving_base import (
     SSE_DONE,
@@ -68,6 +69,7 @@ class OpenAIServingChat:
         self.prompt_tokens_details = False  # --enable-prompt-tokens-details (build_app sets it)
         self.response_role = "assistant"  # --response-role (build_app sets it)
         self.enable_auto_tool_choice = enable_auto_tool_choice
+        reasoning_parser = REASONING_ALIASES.get(reasoning_parser, reasoning_parser)
         if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:
             raise ValueError(f"unknown reasoning parser {reasoning_parser!r}; "
                              f"choose from {', '.join(REASONING_PARSERS)}")
@@ -107,6 +109,9 @@ class OpenAIServingChat:
                 raise bad_request(f'tool_choice "{mode.kind}" makes its own structured output; drop '
                                   f"{structured_outputs_of(req)[1]}", "tool_choice")
             params = dataclasses.replace(params, structured_outputs=constraint)
+        if self.reasoning_parser in KEEPS_SPECIAL_TOKENS and params.structured_outputs is None \
+                and "skip_special_tokens" not in req.model_fields_set:  # (the parser reads the markup, drops it)
+            params = dataclasses.replace(params, skip_special_tokens=False)
         prompt_text, prompt_ids = await render_chat_prompt(self.engine, req, req.add_generation_prompt is not False,
                                                            tools)
         if req.truncate_prompt_tokens is not None and len(prompt_ids) > req.truncate_prompt_tokens:
