@@ -619,6 +619,7 @@ def test_responses_logprobs_equal_chat_logprobs(client, model) -> None:
     ({"input": "hi", "include": ["message.output_text.logprobs"],
       "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}]}, "include"),
     ({"input": "hi", "top_logprobs": 21}, "top_logprobs"),
+    ({"input": "hi", "include": ["reasoning.encrypted_content", "bogus"]}, "include"),  # (the first is OpenAI's)
     ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools"),
     ({"input": "hi", "tool_choice": {"type": "function"}}, "tool_choice"),
     ({"input": [{"type": "function_call_output", "call_id": "c"}]}, "input"),

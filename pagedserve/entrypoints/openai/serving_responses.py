@@ -167,6 +167,10 @@ def chat_request_of(req: ResponsesRequest, history: list[dict[str, Any]] | None 
         fields["tool_choice"] = _chat_tool_choice(req.tool_choice)
     if req.parallel_tool_calls is not None:
         fields["parallel_tool_calls"] = req.parallel_tool_calls
+    unknown = [value for value in req.include or [] if value not in INCLUDE_VALUES]
+    if unknown:
+        raise bad_request(f"include: unknown value(s) {', '.join(map(repr, unknown))}; OpenAI's are "
+                          f"{', '.join(INCLUDE_VALUES)}", "include")
     if wants_logprobs(req):
         if req.tools:
             raise bad_request("logprobs are not returned with tools (the output items are parsed from the text)",
@@ -176,6 +180,13 @@ def chat_request_of(req: ResponsesRequest, history: list[dict[str, Any]] | None 
         return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
     except ValueError as e:  # pydantic's ValidationError: a message shape or a field the chat route refuses
         raise converted_request_error(e, "input") from None
+
+
+# OpenAI's `include` values: the output text's logprobs are returned; the others name what this server never makes
+# (tool results, images, encrypted reasoning): accepted (clients send some by default) and nothing is added.
+INCLUDE_VALUES = ("message.output_text.logprobs", "reasoning.encrypted_content", "file_search_call.results",
+                  "web_search_call.results", "web_search_call.action.sources", "message.input_image.image_url",
+                  "computer_call_output.output.image_url", "code_interpreter_call.outputs")
 
 
 def wants_logprobs(req: ResponsesRequest) -> bool:
