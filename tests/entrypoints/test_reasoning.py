@@ -32,8 +32,16 @@ CASES = [
     ("gpt_oss", "<|channel|>analysis<|message|>cut while thin", "cut while thin", None),
     ("gpt_oss", "<|channel|>analysis<|message|>x<|en", "x<|en", None),  # a cut end tag at the end is text
     ("gpt_oss", "<|channel|>analysis<|message|>x<|end|><|start|>assistant<|chan", "x", None),  # cut header: dropped
+    ("gpt_oss", "<|channel|>commentary<|message|>Checking.<|end|>", None, "Checking."),  # a preamble: content
+    # a call: a hermes-style block for the tool parser (the recipient before or after the channel)
     ("gpt_oss", "<|channel|>analysis<|message|>think<|end|><|start|>assistant<|channel|>commentary to=functions.f "
-                "<|constrain|>json<|message|>{\"a\": 1}<|call|>", "think", '{"a": 1}'),
+                "<|constrain|>json<|message|>{\"a\": 1}<|call|>", "think",
+     '<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>'),
+    ("gpt_oss", "<|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>{}<|call|>", None,
+     '<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>'),
+    # <|call|> is a stop token, so the answer usually ends without it: the block is closed at the end
+    ("gpt_oss", '<|channel|>commentary to=functions.f<|message|>{"x": [1, 2]}', None,
+     '<tool_call>{"name": "f", "arguments": {"x": [1, 2]}}</tool_call>'),
 ]
 
 

@@ -677,6 +677,21 @@ def test_harmony_reasoning_parser_reads_the_special_tokens(start_fake_server) ->
     assert "".join(d.get("content") or "" for d in deltas) == "Four."
     client.chat.completions.create(**body, extra_body={"skip_special_tokens": True})
     assert seen == [False, False, True]
+    # A function call (the commentary channel to=functions.NAME): a tool call with --enable-auto-tool-choice.
+    call = ("<|channel|>analysis<|message|>Need weather.<|end|><|start|>assistant<|channel|>commentary "
+            'to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}')
+    server = start_fake_server(FakeEngine(text=call), reasoning_parser="gpt_oss", enable_auto_tool_choice=True)
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    choice = client.chat.completions.create(**{**CHAT, "max_tokens": len(call)}, tools=tools).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.model_extra["reasoning_content"] == "Need weather."
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [
+        ("get_weather", {"city": "Paris"})]
+    events = sse_events(httpx.post(server.base_url + "/v1/chat/completions",
+                                   json={**CHAT, "max_tokens": len(call), "tools": tools, "stream": True}))
+    calls = [c for e in events[:-1] if e["choices"] for c in e["choices"][0]["delta"].get("tool_calls") or []]
+    assert calls[0]["function"]["name"] == "get_weather"
+    assert json.loads("".join(c["function"].get("arguments") or "" for c in calls)) == {"city": "Paris"}
 
 
 def test_responses_function_calls_and_their_outputs(start_fake_server) -> None:

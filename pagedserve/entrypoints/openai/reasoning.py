@@ -10,7 +10,10 @@
     gpt_oss      gpt-oss's harmony format (vLLM's "openai_gptoss"; read with the special tokens kept, which the
                  chat route asks for): messages "<|channel|>NAME<|message|>TEXT" ended by <|end|>, <|return|> or
                  <|call|>, the next one opened by "<|start|>assistant"; the analysis channel's text is reasoning,
-                 the final (and commentary) channels' content; the markup itself is dropped.
+                 the final (and commentary) channels' content; the markup itself is dropped. A message to a
+                 function ("to=functions.NAME" in its header, its body the JSON arguments, ended by <|call|>)
+                 becomes a `<tool_call>{"name": NAME, "arguments": BODY}</tool_call>` block in the content, which
+                 the auto tool choice reads as any hermes-style call (--enable-auto-tool-choice).
 
 The newlines a model writes between "</think>" and its answer are dropped. `split` (whole answers) and
 `ReasoningStream` (deltas; the tags may arrive cut across deltas) give the same two texts.
@@ -27,6 +30,7 @@ ALIASES = {"openai_gptoss": "gpt_oss"}  # vLLM's name
 KEEPS_SPECIAL_TOKENS = ("gpt_oss",)
 _HARMONY_ENDS = ("<|end|>", "<|return|>", "<|call|>", "<|start|>")
 _HARMONY_CHANNEL = re.compile(r"<\|channel\|>\s*([A-Za-z_]+)")
+_HARMONY_RECIPIENT = re.compile(r"\bto=functions\.([A-Za-z0-9_.\-]+)")
 
 
 def split(kind: str, text: str) -> tuple[str | None, str | None]:
@@ -50,6 +54,7 @@ class ReasoningStream:
         # harmony: header (up to <|message|>) -> body (its channel's kind, up to a message's end) -> header ...
         self.state = "header" if kind == "gpt_oss" else "start"
         self.body_kind = "content"
+        self.body_close = ""  # what ends the body's piece (a function call's closing tag)
         self.held = ""  # text not yet given out: a tag may be cut across deltas
 
     def feed(self, delta: str) -> list[tuple[str, str]]:
@@ -97,8 +102,14 @@ class ReasoningStream:
                 opened = self.held.find("<|message|>")
                 if opened < 0:
                     return out  # the header is cut: wait for more
-                channel = _HARMONY_CHANNEL.search(self.held[:opened])
+                header = self.held[:opened]
+                channel = _HARMONY_CHANNEL.search(header)
+                recipient = _HARMONY_RECIPIENT.search(header)
                 self.body_kind = "reasoning" if channel is not None and channel.group(1) == "analysis" else "content"
+                self.body_close = ""
+                if recipient is not None:  # a function call: its arguments as a hermes-style block
+                    self.body_kind, self.body_close = "content", "}</tool_call>"
+                    _put(out, "content", f'<tool_call>{{"name": "{recipient.group(1)}", "arguments": ')
                 self.held = self.held[opened + len("<|message|>"):]
                 self.state = "body"
             else:
@@ -109,7 +120,7 @@ class ReasoningStream:
                     self.held = self.held[len(self.held) - keep:]
                     return out
                 end, tag = min(ends)
-                _put(out, self.body_kind, self.held[:end])
+                _put(out, self.body_kind, self.held[:end] + self.body_close)
                 # <|start|> opens the next message's header; the other tags end this one (a header follows)
                 self.held = self.held[end:] if tag == "<|start|>" else self.held[end + len(tag):]
                 self.state = "header"
@@ -118,8 +129,11 @@ class ReasoningStream:
     def finish(self) -> list[tuple[str, str]]:
         """What is still held once the answer ends (a cut tag is then plain text)."""
         held, self.held = self.held, ""
-        if self.kind == "gpt_oss":  # a cut header is dropped; a body's cut tag is its text
-            return [(self.body_kind, held)] if held and self.state == "body" else []
+        if self.kind == "gpt_oss":  # a cut header is dropped; a body's cut tag is its text. A call's body is closed:
+            # the answer stops at <|call|>, a stop token that is not in the text.
+            if self.state != "body" or not (held or self.body_close):
+                return []
+            return [(self.body_kind, held + self.body_close)]
         if not held or self.state == "after":
             return []
         if self.state == "start":
