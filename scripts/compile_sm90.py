@@ -98,30 +98,33 @@ def decode() -> None:
     from pagedserve.executor.kernels import paged_attention_decode as m
 
     ptrs = ["q_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr", "block_tables_ptr", "seq_lens_ptr",
-            "query_start_loc_ptr", "seq_order_ptr", "part_out_ptr", "part_lse_ptr", "work_ptr", "counter_ptr"]
-    types = ["*bf16", "*bf16", "*bf16", "*bf16", "*i32", "*i32", "*i32", "*i32", "*fp32", "*fp32", "*i32", "*i32"]
+            "query_start_loc_ptr", "seq_order_ptr", "part_out_ptr", "part_lse_ptr", "work_ptr", "counter_ptr",
+            "sinks_ptr"]
+    types = ["*bf16", "*bf16", "*bf16", "*bf16", "*i32", "*i32", "*i32", "*i32", "*fp32", "*fp32", "*i32", "*i32",
+             "*fp32"]
     ints = ["stride_w", "qk_scale", "num_splits", "window", "softcap_l", "stride_q_tok", "stride_q_head",
             "stride_o_tok", "stride_o_head", "stride_bt_seq", "stride_c_block", "stride_c_slot", "stride_c_head"]
     for work, ordered, windowed in ((True, False, False), (False, True, False), (False, True, True)):
         sig = dict(zip(ptrs, types)) | {n: ("fp32" if n in ("qk_scale", "softcap_l") else "i32") for n in ints}
         consts = {"NUM_HEADS": 28, "QUERIES_PER_KV": 7, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_G": 16,
                   "BLOCK_N": 64, "BLOCK_SIZE": 16, "SPLIT": windowed, "MIXED": False, "ORDERED": ordered,
-                  "WORK": work, "WINDOWED": windowed, "SOFTCAP": windowed, "USE_PDL": True}
+                  "WORK": work, "WINDOWED": windowed, "SOFTCAP": windowed, "HAS_SINKS": windowed, "USE_PDL": True}
         sig |= {k: "constexpr" for k in consts}
-        build(m._paged_decode_kernel, sig, consts, f"decode work={work} ordered={ordered} window+softcap={windowed}",
-              num_warps=2, num_stages=3)
+        label = f"decode work={work} ordered={ordered} window+softcap+sinks={windowed}"
+        build(m._paged_decode_kernel, sig, consts, label, num_warps=2, num_stages=3)
     from pagedserve.executor.kernels import paged_attention_prefill as p
 
     names = ["q_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr", "block_tables_ptr", "seq_lens_ptr",
-             "query_start_loc_ptr", "qk_scale", "num_seqs", "window", "softcap_l", "stride_q_tok", "stride_q_head",
-             "stride_o_tok", "stride_o_head", "stride_bt_seq", "stride_c_block", "stride_c_slot", "stride_c_head"]
-    types = ["*bf16"] * 4 + ["*i32"] * 3 + ["fp32", "i32", "i32", "fp32"] + ["i32"] * 8
+             "query_start_loc_ptr", "sinks_ptr", "qk_scale", "num_seqs", "window", "softcap_l", "stride_q_tok",
+             "stride_q_head", "stride_o_tok", "stride_o_head", "stride_bt_seq", "stride_c_block", "stride_c_slot",
+             "stride_c_head"]
+    types = ["*bf16"] * 4 + ["*i32"] * 3 + ["*fp32", "fp32", "i32", "i32", "fp32"] + ["i32"] * 8
     for windowed in (False, True):
         consts = {"QUERIES_PER_KV": 7, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": 64, "BLOCK_Q": 8, "BLOCK_N": 64,
                   "BLOCK_SIZE": 16, "SKIP_DECODES": True, "WINDOWED": windowed, "SOFTCAP": windowed,
-                  "USE_PDL": True}
+                  "HAS_SINKS": windowed, "USE_PDL": True}
         build(p._paged_prefill_kernel, dict(zip(names, types)) | {k: "constexpr" for k in consts}, consts,
-              f"prefill window+softcap={windowed}", num_warps=4, num_stages=2)
+              f"prefill window+softcap+sinks={windowed}", num_warps=4, num_stages=2)
 
 
 def kvfp8() -> None:
@@ -132,21 +135,25 @@ def kvfp8() -> None:
 
     c = "*fp8e4nv"
     ptrs = ["q_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr", "block_tables_ptr", "seq_lens_ptr",
-            "query_start_loc_ptr", "seq_order_ptr", "part_out_ptr", "part_lse_ptr", "work_ptr", "counter_ptr"]
-    types = ["*bf16", "*bf16", c, c, "*i32", "*i32", "*i32", "*i32", "*fp32", "*fp32", "*i32", "*i32"]
+            "query_start_loc_ptr", "seq_order_ptr", "part_out_ptr", "part_lse_ptr", "work_ptr", "counter_ptr",
+            "sinks_ptr"]
+    types = ["*bf16", "*bf16", c, c, "*i32", "*i32", "*i32", "*i32", "*fp32", "*fp32", "*i32", "*i32", "*fp32"]
     ints = ["stride_w", "qk_scale", "num_splits", "window", "softcap_l", "stride_q_tok", "stride_q_head",
             "stride_o_tok", "stride_o_head", "stride_bt_seq", "stride_c_block", "stride_c_slot", "stride_c_head"]
     sig = dict(zip(ptrs, types)) | {n: ("fp32" if n in ("qk_scale", "softcap_l") else "i32") for n in ints}
     consts = {"NUM_HEADS": 28, "QUERIES_PER_KV": 7, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_G": 16, "BLOCK_N": 64,
-              "BLOCK_SIZE": 16, "SPLIT": True, "MIXED": False, "ORDERED": False, "WORK": True, "USE_PDL": True}
+              "BLOCK_SIZE": 16, "SPLIT": True, "MIXED": False, "ORDERED": False, "WORK": True, "WINDOWED": False,
+              "SOFTCAP": False, "HAS_SINKS": False, "USE_PDL": True}
     build(paged_attention_decode._paged_decode_kernel, sig | {k: "constexpr" for k in consts}, consts,
           "decode fp8 cache", num_warps=2, num_stages=3)
     names = ["q_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr", "block_tables_ptr", "seq_lens_ptr",
-             "query_start_loc_ptr", "qk_scale", "num_seqs", "window", "softcap_l", "stride_q_tok", "stride_q_head",
-             "stride_o_tok", "stride_o_head", "stride_bt_seq", "stride_c_block", "stride_c_slot", "stride_c_head"]
-    types = ["*bf16", "*bf16", c, c, "*i32", "*i32", "*i32", "fp32", "i32", "i32", "fp32"] + ["i32"] * 8
+             "query_start_loc_ptr", "sinks_ptr", "qk_scale", "num_seqs", "window", "softcap_l", "stride_q_tok",
+             "stride_q_head", "stride_o_tok", "stride_o_head", "stride_bt_seq", "stride_c_block", "stride_c_slot",
+             "stride_c_head"]
+    types = ["*bf16", "*bf16", c, c, "*i32", "*i32", "*i32", "*fp32", "fp32", "i32", "i32", "fp32"] + ["i32"] * 8
     consts = {"QUERIES_PER_KV": 7, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": 64, "BLOCK_Q": 8, "BLOCK_N": 64,
-              "BLOCK_SIZE": 16, "SKIP_DECODES": False, "USE_PDL": True}
+              "BLOCK_SIZE": 16, "SKIP_DECODES": False, "WINDOWED": False, "SOFTCAP": False, "HAS_SINKS": False,
+              "USE_PDL": True}
     build(paged_attention_prefill._paged_prefill_kernel, dict(zip(names, types)) | {k: "constexpr" for k in consts},
           consts, "prefill fp8 cache", num_warps=4, num_stages=2)
     names = ["key_ptr", "value_ptr", "k_cache_ptr", "v_cache_ptr", "slot_mapping_ptr", "stride_k_tok",

@@ -21,8 +21,9 @@ TOL = 5e-3 if CUDA else 1e-4
 @pytest.mark.parametrize("arch,overrides", [("mistral", dict(sliding_window=5)),
                                             ("qwen2", dict(use_sliding_window=True, sliding_window=6,
                                                            max_window_layers=1)),
-                                            ("gemma3", {}), ("gemma2", {})],  # gemma2: the kernels' soft-capping
-                         ids=["mistral", "qwen2", "gemma3", "gemma2"])
+                                            ("gemma3", {}), ("gemma2", {}),  # gemma2: the kernels' soft-capping
+                                            ("gpt_oss", {})],  # the kernels' sinks (window 6, full layers)
+                         ids=["mistral", "qwen2", "gemma3", "gemma2", "gpt-oss"])
 def test_mixed_step_with_a_window_on_the_triton_backend(arch, overrides, tmp_path) -> None:
     run_mixed_batch_against_hf(arch, tmp_path, DEVICE, "triton", tolerance=TOL, overrides=overrides)
 

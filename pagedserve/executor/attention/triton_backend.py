@@ -75,13 +75,14 @@ class TritonAttentionBackend(AttentionBackend):
         kv_written: bool = False,
         window: int | None = None,
         softcap: float | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """See AttentionBackend.forward; `out` optionally receives the result ([T, Hq, D]). With `rope`
         (a layers.RopeStep for CUDA), query and key arrive unrotated and are rotated in place here. With
         kv_written, the step's K/V are already in the cache and query is rotated (kernels/qkv_rope_kv.py):
         key and value are not used. window: a sliding window (each token sees its last `window` keys); decode
         steps then split the window's keys, without the step's work list. softcap: Gemma 2's attention logit
-        soft-capping (softcap * tanh(score / softcap))."""
+        soft-capping (softcap * tanh(score / softcap)). sinks: gpt-oss's per-head softmax sinks ([num_heads] fp32)."""
         if not kv_written:
             if rope is not None:
                 rotary_and_write_kv_cache(query, key, value, rope.positions, rope.cos_sin_cache, kv_cache,
@@ -106,6 +107,7 @@ class TritonAttentionBackend(AttentionBackend):
                 work=meta.decode_work if window is None else None,
                 window=window,
                 softcap=softcap,
+                sinks=sinks,
             )
             return out
 
@@ -128,6 +130,7 @@ class TritonAttentionBackend(AttentionBackend):
                 num_decodes=num_decodes,
                 window=window,
                 softcap=softcap,
+                sinks=sinks,
             )
         if num_prefills != 0:
             paged_attention_prefill(
@@ -143,6 +146,7 @@ class TritonAttentionBackend(AttentionBackend):
                 max_seq_len=meta.max_seq_len,
                 window=window,
                 softcap=softcap,
+                sinks=sinks,
             )
         return out
 

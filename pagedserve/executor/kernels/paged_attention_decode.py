@@ -20,6 +20,10 @@ its log-sum-exp (base 2) to fp32 scratch; `_decode_reduce_kernel` merges them. n
 chosen on the host from shapes and the host int max_seq_len only, so a captured CUDA graph stays
 valid (and correct) for any context length that fits the block table.
 
+Attention sinks (gpt-oss, HAS_SINKS): one more logit per query head, with no value, enters once per (sequence,
+head) where the output is normalized: the epilogue of an unsplit program, the reduce kernel after splits (the
+partials leave it out), on the work path an unsplit sequence's one chunk or the merge of a split one's chunks.
+
 Processing order (optional seq_order, int32 [num_seqs], a permutation of the sequence indices): the
 programs then run on a 1-D grid in the order (position i, split, kv_head) with the kv head fastest,
 and position i processes sequence seq_order[i] (its query row, seq_len, block-table row, output row
@@ -45,6 +49,7 @@ from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
 from pagedserve.executor.kernels.pdl import pdl_enter
 
 LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)  # inside the kernels (a jit function reads only constexpr globals)
 _MAX_SPLITS = 64
 
 
@@ -55,6 +60,21 @@ def _softcap(s, cap):
     t = tl.exp(-2.0 * tl.abs(x))
     th = (1.0 - t) / (1.0 + t)
     return cap * tl.where(x < 0, -th, th)
+
+
+@triton.jit
+def _sink_logits(sinks_ptr, heads, mask):
+    """Each row's attention sink (gpt-oss: one learned logit per query head), in the kernels' base-2 units."""
+    return tl.load(sinks_ptr + heads, mask=mask, other=0.0).to(tl.float32) * _LOG2E
+
+
+@triton.jit
+def _fold_sink(acc, m_i, l_i, sink):
+    """An online softmax's last step with the sink: one more logit, which takes probability mass and brings no
+    value (a key whose value row is zero). Taken once per (sequence, head), where the output is normalized."""
+    m_new = tl.maximum(m_i, sink)
+    alpha = tl.exp2(m_i - m_new)
+    return acc * alpha[:, None], m_new, l_i * alpha + tl.exp2(sink - m_new)
 
 
 @triton.jit
@@ -137,13 +157,15 @@ def _attend_tile(
 
 @triton.jit
 def _merge_parts(o, lse, part_out_ptr, part_lse_ptr, counter_ptr, part_row, part_base, num_parts,
-                 heads, offs_d, g_mask, store_mask, out_ptrs,
-                 NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+                 heads, offs_d, g_mask, store_mask, out_ptrs, sinks_ptr,
+                 NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+                 HAS_SINKS: tl.constexpr = False):
     """A chunk of a split sequence: writes its normalized output and log-sum-exp (base 2) to its part
     row; the last of the sequence's chunks to finish (per kv head: a counter taken with an acq_rel
     atomic after a barrier, the release/acquire pattern of split-K semaphores) merges all the parts
     in part order and writes the output, so the result does not depend on which chunk came last,
-    and resets the counter for the next launch."""
+    and resets the counter for the next launch. HAS_SINKS: the merge starts from the sink, as one more
+    part whose log-sum-exp is the sink and whose output is zero."""
     rows = part_row * NUM_HEADS + heads
     tl.store(part_out_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], o, mask=store_mask)
     tl.store(part_lse_ptr + rows, lse, mask=g_mask)
@@ -151,8 +173,12 @@ def _merge_parts(o, lse, part_out_ptr, part_lse_ptr, counter_ptr, part_row, part
     arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
     tl.debug_barrier()
     if arrived == num_parts - 1:
-        m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-        total = tl.zeros([BLOCK_G], dtype=tl.float32)
+        if HAS_SINKS:
+            m = _sink_logits(sinks_ptr, heads, g_mask)
+            total = tl.full([BLOCK_G], 1.0, dtype=tl.float32)  # exp2(sink - m)
+        else:
+            m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+            total = tl.zeros([BLOCK_G], dtype=tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
         for p in range(part_base, part_base + num_parts):
             prow = p * NUM_HEADS + heads
@@ -186,6 +212,7 @@ def _paged_decode_kernel(
     part_lse_ptr,  # [num_seqs, num_heads, num_splits] fp32 (SPLIT); [parts, num_heads] (WORK)
     work_ptr,  # [6, items] int32 (WORK only): seq, tok_lo, tok_hi, part_row, part_base, num_parts
     counter_ptr,  # [num_seqs * num_kv_heads] int32, zero between launches (WORK only)
+    sinks_ptr,  # [num_heads] (HAS_SINKS only): each query head's attention sink logit
     stride_w,  # between the rows of work
     qk_scale,
     num_splits,
@@ -212,6 +239,7 @@ def _paged_decode_kernel(
     WORK: tl.constexpr = False,
     WINDOWED: tl.constexpr = False,  # a sliding window: only the last `window` keys (not with WORK)
     SOFTCAP: tl.constexpr = False,  # Gemma 2's attention logit soft-capping
+    HAS_SINKS: tl.constexpr = False,  # gpt-oss's attention sinks, taken where the output is normalized (not SPLIT)
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
     pdl_enter(USE_PDL)
@@ -316,21 +344,25 @@ def _paged_decode_kernel(
     if WORK:
         out_ptrs = out_ptr + q_row * stride_o_tok + heads[:, None] * stride_o_head + offs_d[None, :]
         if num_parts == 1:
+            if HAS_SINKS:
+                acc, m_i, l_i = _fold_sink(acc, m_i, l_i, _sink_logits(sinks_ptr, heads, g_mask))
             o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # an empty sequence: zeros, not NaN
             tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=store_mask)
         else:
             _merge_parts(acc / l_i[:, None], m_i + tl.log2(l_i), part_out_ptr, part_lse_ptr,
                          counter_ptr + seq64 * (NUM_HEADS // QUERIES_PER_KV) + kv_head,
-                         part_row, part_base, num_parts, heads, offs_d, g_mask, store_mask, out_ptrs,
-                         NUM_HEADS, HEAD_DIM, BLOCK_G, BLOCK_D)
-    elif SPLIT:
+                         part_row, part_base, num_parts, heads, offs_d, g_mask, store_mask, out_ptrs, sinks_ptr,
+                         NUM_HEADS, HEAD_DIM, BLOCK_G, BLOCK_D, HAS_SINKS)
+    elif SPLIT:  # the partials leave the sink out: _decode_reduce_kernel takes it
         o = acc / l_i[:, None]
         lse = m_i + tl.log2(l_i)
         part_row = (seq64 * NUM_HEADS + heads) * num_splits + split  # [BLOCK_G]
         tl.store(part_out_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=store_mask)
         tl.store(part_lse_ptr + part_row, lse, mask=g_mask)
     else:
-        # seq_len == 0 (a padded CUDA-graph slot) leaves l_i == 0: write zeros, not NaN.
+        if HAS_SINKS:
+            acc, m_i, l_i = _fold_sink(acc, m_i, l_i, _sink_logits(sinks_ptr, heads, g_mask))
+        # seq_len == 0 (a padded CUDA-graph slot) leaves l_i == 0 (or, with a sink, acc == 0): write zeros, not NaN.
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         tl.store(
             out_ptr + q_row * stride_o_tok + heads[:, None] * stride_o_head + offs_d[None, :],
@@ -346,6 +378,7 @@ def _decode_reduce_kernel(
     part_lse_ptr,
     seq_lens_ptr,
     query_start_loc_ptr,  # MIXED only
+    sinks_ptr,  # [NUM_HEADS] (HAS_SINKS only)
     num_splits,
     window,  # WINDOWED only
     stride_o_tok,
@@ -357,6 +390,7 @@ def _decode_reduce_kernel(
     BLOCK_N: tl.constexpr,
     MIXED: tl.constexpr,
     WINDOWED: tl.constexpr = False,
+    HAS_SINKS: tl.constexpr = False,  # the head's sink joins the merge as one more part: lse = sink, output 0
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
     pdl_enter(USE_PDL)
@@ -384,6 +418,9 @@ def _decode_reduce_kernel(
     lse = tl.load(part_lse_ptr + part_row, mask=s_mask, other=float("-inf"))
     lse_max = tl.max(lse, 0)
     lse_max = tl.where(num_valid > 0, lse_max, 0.0)
+    if HAS_SINKS:
+        sink = tl.load(sinks_ptr + head).to(tl.float32) * _LOG2E  # base 2, as the partials' lse
+        lse_max = tl.maximum(lse_max, sink)
     w = tl.exp2(lse - lse_max)  # masked splits: 0
     o = tl.load(
         part_out_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :],
@@ -391,6 +428,8 @@ def _decode_reduce_kernel(
         other=0.0,
     )
     w_sum = tl.sum(w, 0)
+    if HAS_SINKS:
+        w_sum += tl.exp2(sink - lse_max)
     res = tl.sum(o * w[:, None], 0) / tl.where(w_sum > 0.0, w_sum, 1.0)
     tl.store(
         out_ptr + q_row * stride_o_tok + head * stride_o_head + offs_d,
@@ -449,6 +488,21 @@ def attention_operands(
     return query, out, k_cache, v_cache
 
 
+def sink_operand(sinks: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor | None:
+    """Checks attention sinks (gpt-oss: one logit per query head, [Hq] floats on the query's device; fp32 as the
+    model keeps them, other float dtypes are widened in the kernels); returns them contiguous. Shared by both
+    launchers."""
+    if sinks is None:
+        return None
+    num_heads = query.shape[1]
+    if sinks.shape != (num_heads,) or not sinks.is_floating_point():
+        raise ValueError(f"sinks must be a float tensor of shape ({num_heads},) (one logit per query head), got "
+                         f"{sinks.dtype} {tuple(sinks.shape)}")
+    if sinks.device != query.device:
+        raise ValueError(f"sinks are on {sinks.device}, the query on {query.device}")
+    return sinks if sinks.stride(0) == 1 else sinks.contiguous()
+
+
 def paged_attention_decode(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -468,10 +522,17 @@ def paged_attention_decode(
     work: torch.Tensor | None = None,
     window: int | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged context; returns [num_seqs, Hq, D].
 
     softcap (Gemma 2): the scores capped as softcap * tanh(score / softcap) before the softmax.
+
+    sinks (gpt-oss's attention sinks, [Hq] on the query's device): one more logit per query head in each token's
+    softmax, in the units of the scaled (and capped) scores, which takes probability mass and brings no value:
+    out = sum_j exp(s_j) v_j / (sum_j exp(s_j) + exp(sinks[h])). It enters once per (sequence, head), where the
+    output is normalized: in the attention kernel without splits, in the reduce kernel with them, and, on the
+    work path, in an unsplit sequence's one chunk or the merge of a split one's chunks.
 
     window (a sliding window, e.g. Mistral's or Gemma's local layers): the token sees only the last `window` keys,
     itself included (not with work; splits divide those keys only).
@@ -518,6 +579,7 @@ def paged_attention_decode(
         if work.device != seq_lens.device:
             raise ValueError(f"work is on {work.device}, seq_lens on {seq_lens.device}")
     query, out, k_cache, v_cache = attention_operands(query, kv_cache, out)
+    sinks = sink_operand(sinks, query)
     _, block_size, num_kv_heads, _ = k_cache.shape
     if num_seqs == 0:
         return out
@@ -561,8 +623,8 @@ def paged_attention_decode(
     _paged_decode_kernel[grid](
         query, out, k_cache, v_cache, block_tables, seq_lens, query_start_loc if mixed else seq_lens,
         seq_order if ordered else seq_lens, part_out, part_lse,
-        work if work is not None else seq_lens, counters, work.stride(0) if work is not None else 0,
-        scale * LOG2E, num_splits, window or 0, (softcap or 0.0) * LOG2E,
+        work if work is not None else seq_lens, counters, sinks if sinks is not None else seq_lens,
+        work.stride(0) if work is not None else 0, scale * LOG2E, num_splits, window or 0, (softcap or 0.0) * LOG2E,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_HEADS=num_heads,
@@ -578,13 +640,15 @@ def paged_attention_decode(
         WORK=work is not None,
         WINDOWED=windowed,
         SOFTCAP=bool(softcap),
+        HAS_SINKS=sinks is not None and not split,  # with splits the reduce kernel takes the sinks
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl_launch_kwargs(query.device),
     )  # fmt: skip
     if split:  # indexed by the real sequence: the partials are at the real sequence's rows
         _decode_reduce_kernel[(num_seqs, num_heads)](
-            out, part_out, part_lse, seq_lens, query_start_loc if mixed else seq_lens, num_splits, window or 0,
+            out, part_out, part_lse, seq_lens, query_start_loc if mixed else seq_lens,
+            sinks if sinks is not None else seq_lens, num_splits, window or 0,
             out.stride(0), out.stride(1),
             NUM_HEADS=num_heads,
             HEAD_DIM=head_dim,
@@ -595,6 +659,7 @@ def paged_attention_decode(
             BLOCK_N=block_n,
             MIXED=mixed,
             WINDOWED=windowed,
+            HAS_SINKS=sinks is not None,
             num_warps=4 if head_dim >= 128 else 2,
             **pdl_launch_kwargs(out.device),
         )  # fmt: skip
@@ -709,6 +774,7 @@ __all__ = [
     "merge_counters",
     "num_sms",
     "paged_attention_decode",
+    "sink_operand",
     "uses_work_list",
     "work_capacity",
 ]

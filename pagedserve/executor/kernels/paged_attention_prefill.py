@@ -28,7 +28,14 @@ import triton
 import triton.language as tl
 
 from pagedserve.executor.kernels.kv_store import query_for_cache
-from pagedserve.executor.kernels.paged_attention_decode import LOG2E, _attend_tile, attention_operands
+from pagedserve.executor.kernels.paged_attention_decode import (
+    LOG2E,
+    _attend_tile,
+    _fold_sink,
+    _sink_logits,
+    attention_operands,
+    sink_operand,
+)
 from pagedserve.executor.kernels.pdl import launch_kwargs as pdl_launch_kwargs
 from pagedserve.executor.kernels.pdl import pdl_enter
 
@@ -58,6 +65,7 @@ def _paged_prefill_kernel(
     block_tables_ptr,
     seq_lens_ptr,
     query_start_loc_ptr,
+    sinks_ptr,  # [num_heads] (HAS_SINKS only): each query head's attention sink logit
     qk_scale,
     num_seqs,
     window,  # WINDOWED only: keys a token sees (itself included), a sliding window
@@ -80,6 +88,7 @@ def _paged_prefill_kernel(
     SKIP_DECODES: tl.constexpr,
     WINDOWED: tl.constexpr = False,
     SOFTCAP: tl.constexpr = False,  # Gemma 2's attention logit soft-capping
+    HAS_SINKS: tl.constexpr = False,  # gpt-oss's attention sinks: one more logit per head, with no value
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
     pdl_enter(USE_PDL)
@@ -153,6 +162,8 @@ def _paged_prefill_kernel(
                 HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, True, False, softcap_l, SOFTCAP,
             )  # fmt: skip
 
+    if HAS_SINKS:  # the sink joins each row's softmax once, at its normalization
+        acc, m_i, l_i = _fold_sink(acc, m_i, l_i, _sink_logits(sinks_ptr, heads, row_mask))
     o = acc / l_i[:, None]
     tl.store(
         out_ptr + row_tok[:, None] * stride_o_tok + heads[:, None] * stride_o_head + offs_d[None, :],
@@ -195,11 +206,14 @@ def paged_attention_prefill(
     max_seq_len: int | None = None,
     window: int | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal paged attention of each sequence's new tokens over its whole context; returns [T, Hq, D].
 
     window: a sliding window: each token sees only the last `window` keys, itself included.
     softcap (Gemma 2): the scores capped as softcap * tanh(score / softcap) before the softmax.
+    sinks (gpt-oss, [Hq] on the query's device): one more logit per query head in every token's softmax (in the
+    scaled scores' units), taking mass and bringing no value; see paged_attention_decode.
 
     skip_decodes=True leaves sequences with one new token to paged_attention_decode (mixed mode).
     max_seq_len (host int, optional) only steers the tile shape.
@@ -207,6 +221,7 @@ def paged_attention_prefill(
     """
     num_tokens, num_heads, head_dim = query.shape
     query, out, k_cache, v_cache = attention_operands(query, kv_cache, out)
+    sinks = sink_operand(sinks, query)
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs = seq_lens.shape[0]
     if num_tokens == 0 or num_seqs == 0:
@@ -223,7 +238,7 @@ def paged_attention_prefill(
     grid = (num_tokens // block_q + num_seqs, num_kv_heads)
     _paged_prefill_kernel[grid](
         query, out, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-        scale * LOG2E, num_seqs, window or 0, (softcap or 0.0) * LOG2E,
+        sinks if sinks is not None else seq_lens, scale * LOG2E, num_seqs, window or 0, (softcap or 0.0) * LOG2E,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         QUERIES_PER_KV=queries_per_kv,
@@ -236,6 +251,7 @@ def paged_attention_prefill(
         SKIP_DECODES=skip_decodes,
         WINDOWED=window is not None,
         SOFTCAP=bool(softcap),
+        HAS_SINKS=sinks is not None,
         num_warps=num_warps or config["num_warps"],
         num_stages=num_stages or config["num_stages"],
         **pdl_launch_kwargs(query.device),
