@@ -405,6 +405,12 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
     moe-test)  # MoE: the grouped-GEMM kernels against torch, then small MoE models through the engine vs Transformers
       timeout 400 python3 -m pytest tests/kernels/test_fused_moe.py tests/gpu/test_moe_gpu.py tests/executor/test_moe.py \
         -q -s -p no:cacheprovider -ra 2>&1 | grep -E "moe:|passed|failed|FAILED|rror" | tail -20 ;;
+    gptoss-test)  # gpt-oss: the sinks in both attention kernels and the experts' biases + gate compiled, then the runner
+      # (mixed steps, Triton and torch backends) and the engine against Transformers
+      timeout 420 python3 -m pytest tests/kernels/test_attention_sinks.py tests/kernels/test_fused_moe.py \
+        tests/kernels/test_runner_window.py "tests/executor/test_model_runner.py::test_mixed_batch_matches_hf_on_cuda" \
+        tests/executor/test_gpt_oss.py -k "gpt or sink or Sink" -q -p no:cacheprovider -ra 2>&1 \
+        | grep -E "passed|failed|FAILED|rror" | tail -20 ;;
     gemma2-diag)  # Gemma 2's mixed step vs Transformers by step and request: caps on / off, Triton vs torch attention
       timeout 200 python3 scripts/gemma2_diag.py 2>&1 | grep -E "^(triton|torch) " ;;
     attn-test)  # the attention, rotary and norm kernels whole (plain, windowed, soft-capped, partial rotary), then the
