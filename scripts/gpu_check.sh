@@ -411,6 +411,12 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
         tests/kernels/test_runner_window.py "tests/executor/test_model_runner.py::test_mixed_batch_matches_hf_on_cuda" \
         tests/executor/test_gpt_oss.py -k "gpt or sink or Sink" -q -p no:cacheprovider -ra 2>&1 \
         | grep -E "passed|failed|FAILED|rror" | tail -20 ;;
+    gptoss-bench)  # gpt-oss-20b's shapes, random bf16 weights (~41 GB): batch-1 latency and the default workload
+      python3 -m pagedserve.entrypoints.cli bench latency --model .devcache/gpt-oss-20b --load-format dummy \
+        --output-json "$OUT/gptoss-latency.json" 2>&1 | tail -4
+      python3 -m pagedserve.entrypoints.cli bench throughput --model .devcache/gpt-oss-20b --load-format dummy \
+        --no-tqdm --output-json "$OUT/gptoss-throughput.json" 2>&1 | grep -E "throughput:|steps:|floor|rror" \
+        | cut -c1-600 ;;
     gemma2-diag)  # Gemma 2's mixed step vs Transformers by step and request: caps on / off, Triton vs torch attention
       timeout 200 python3 scripts/gemma2_diag.py 2>&1 | grep -E "^(triton|torch) " ;;
     attn-test)  # the attention, rotary and norm kernels whole (plain, windowed, soft-capped, partial rotary), then the

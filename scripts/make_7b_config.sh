@@ -17,6 +17,10 @@ cp docs/qwen3-30b-a3b-config.json .devcache/qwen3-moe/config.json
 mkdir -p .devcache/qwen2-7b-awq
 cp .devcache/qwen2-7b/tokenizer_config.json .devcache/qwen2-7b/chat_template.jinja .devcache/qwen2-7b-awq/
 cp docs/qwen2-7b-awq-config.json .devcache/qwen2-7b-awq/config.json
+# .devcache/gpt-oss-20b: gpt-oss-20b's shapes (24 layers, 32 experts, top 4; eos set to the Qwen tokenizer's).
+mkdir -p .devcache/gpt-oss-20b
+cp .devcache/qwen2-7b/tokenizer_config.json .devcache/qwen2-7b/chat_template.jinja .devcache/gpt-oss-20b/
+cp docs/gpt-oss-20b-config.json .devcache/gpt-oss-20b/config.json
 # .devcache/qwen2-0.5b: the embedded model's shapes (Qwen2.5-0.5B: 24 layers, hidden 896; config only) as a draft
 # model for the 7B target (gpu_check.sh draft-bench).
 mkdir -p .devcache/qwen2-0.5b
