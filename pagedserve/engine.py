@@ -119,6 +119,16 @@ class LLMEngine:
             sliding_window=getattr(self.worker, "sliding_window", None),
             num_cpu_blocks=getattr(self.worker, "num_cpu_kv_blocks", 0),
         )
+        # Requests without max_tokens generate up to the context's end, or what the KV cache holds when it holds less
+        # (the scheduler refuses a request that could never fit: every such request was refused).
+        self._kv_capacity: int | None = None
+        if self.scheduler.sliding_window is None:
+            capacity = self.worker.num_kv_blocks * self.config.block_size
+            if capacity < self.max_model_len:
+                self._kv_capacity = capacity
+                logger.warning("the KV cache holds %d tokens, fewer than max_model_len %d: a request without "
+                               "max_tokens generates until its prompt and answer fill the cache", capacity,
+                               self.max_model_len)
         # A bare decoder or one saved without its LM head (executor/loader.py): embedding requests only.
         self.embedding_only = bool(getattr(getattr(runner, "model", None), "embedding_only", False))
         # A sequence classifier (*ForSequenceClassification): its label names; None for other models.
@@ -441,6 +451,8 @@ class LLMEngine:
     def _resolve_max_tokens(self, num_prompt_tokens: int, params: SamplingParams) -> int:
         room = self.max_model_len - num_prompt_tokens
         if params.max_tokens is None:
+            if self._kv_capacity is not None:  # (the K/V of all but the last token are cached)
+                return max(1, min(room, self._kv_capacity + 1 - num_prompt_tokens))
             return room
         if params.max_tokens > room:
             raise ValueError(

@@ -74,3 +74,22 @@ def test_async_scheduling_flag_reaches_the_engine(tiny_model_dir: str) -> None:
     engine = LLMEngine(config_from_args(parser.parse_args(base + ["--async-scheduling"])))
     assert engine.async_scheduling  # forced on, even on CPU
     assert not LLMEngine(config_from_args(parser.parse_args(base))).async_scheduling  # auto on CPU: off
+
+
+def test_without_max_tokens_a_request_fills_a_cache_smaller_than_the_context(tiny_model_dir: str) -> None:
+    """Found by stress-testing: with a KV cache holding fewer tokens than max_model_len, every request without
+    max_tokens (max_model_len - prompt by default) was refused as needing more than the whole cache; it now generates
+    until its prompt and answer fill the cache. An explicit max_tokens past the cache is still refused."""
+    import pytest
+
+    engine = LLMEngine(EngineConfig(model=tiny_model_dir, load_format="dummy", max_model_len=256, num_kv_blocks=4,
+                                    block_size=16, skip_warmup=True))  # 64 tokens of cache
+    engine.add_request("a", list(range(1, 11)), SamplingParams(temperature=0, ignore_eos=True, max_tokens=None))
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                final = out
+    assert final.outputs[0].finish_reason == "length" and len(final.outputs[0].token_ids) == 64 + 1 - 10
+    assert engine.get_stats()["num_free_blocks"] == 4
+    with pytest.raises(ValueError, match="more than the whole cache holds"):
+        engine.add_request("b", list(range(1, 11)), SamplingParams(max_tokens=60))

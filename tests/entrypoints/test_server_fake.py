@@ -869,6 +869,42 @@ def test_a_routes_bug_is_a_500_and_the_connection_lives_on(start_fake_server) ->
         assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
 
 
+def test_a_request_cancelled_at_shutdown_is_a_503(start_fake_server) -> None:
+    """Found by stress-testing: the requests still running when --shutdown-timeout ends are cancelled by uvicorn, which
+    answered each with a plain-text 500 (and a traceback in the log); they get the JSON 503 of a shutting-down server,
+    and the connection lives on."""
+    import asyncio
+
+    server = start_fake_server()
+
+    async def cancelled() -> None:  # what uvicorn's cancel looks like from inside a route
+        raise asyncio.CancelledError("Task cancelled, timeout graceful shutdown exceeded")
+
+    server.app.add_api_route("/cancelled", cancelled)
+    with httpx.Client(base_url=server.base_url, timeout=30) as client:
+        r = client.get("/cancelled")
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "shutting_down" and "shutdown timeout" in r.json()["error"]["message"]
+        assert client.get("/health").status_code == 200
+
+
+def test_a_list_of_prompts_is_submitted_at_once(start_fake_server) -> None:
+    """Found by stress-testing: /v1/completions added a list's prompts one at a time, each waiting for the engine to
+    accept it between two steps, so 80 prompts took 80 steps to go in (and trickled in after the client had gone).
+    All are accepted together now, whole and streamed."""
+    engine = FakeEngine(step_delay=0.02, max_num_seqs=64)
+    server = start_fake_server(engine)
+    prompts = [f"prompt {i}" for i in range(40)]
+    for stream in (False, True):
+        before = engine.num_steps
+        r = httpx.post(server.base_url + "/v1/completions",
+                       json={"model": MODEL, "prompt": prompts, "max_tokens": 2, "stream": stream}, timeout=60)
+        assert r.status_code == 200
+        assert engine.num_steps - before <= 6, engine.num_steps - before  # (one at a time: 40+ steps)
+        if not stream:
+            assert sorted(c["index"] for c in r.json()["choices"]) == list(range(40))
+
+
 def test_messages_and_responses_name_what_is_wrong(start_fake_server) -> None:
     """Found by fuzzing: a null text block was "not supported" (it is a text block with no string), and tools without
     a tool_choice on a server without --enable-auto-tool-choice were refused in the chat route's words."""

@@ -12,6 +12,7 @@ A second signal exits at once.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import hmac
 import json
@@ -149,7 +150,9 @@ class _InternalErrorMiddleware:
     project's "bad input", as a 400 where a route did not map it itself). Left to
     Starlette's outermost error middleware it is answered too, but then re-raised to the server, which logs it again
     and drops the keep-alive connection without saying so: the client's next request on it failed with a reset.
-    An exception after the response started (a stream) goes on up: nothing can be answered any more."""
+    An exception after the response started (a stream) goes on up: nothing can be answered any more. A cancellation
+    (the server cancels the requests still running when --shutdown-timeout ends) is answered as the 503 a request
+    arriving during shutdown gets (uvicorn answered a plain-text 500)."""
 
     def __init__(self, app) -> None:
         self.app = app
@@ -168,6 +171,20 @@ class _InternalErrorMiddleware:
 
         try:
             await self.app(scope, receive, send_and_note)
+        except asyncio.CancelledError:
+            if started:
+                raise
+            from pagedserve.async_engine import ShuttingDownError
+
+            error = engine_error(ShuttingDownError("the server is shutting down (its shutdown timeout ended before "
+                                                   "this request finished); retry"))
+            logger.warning("%s %s: cancelled at shutdown, answered 503", scope.get("method"), scope.get("path"))
+            body = json.dumps(error.body()).encode()
+            await send({"type": "http.response.start", "status": error.status_code,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode()),
+                                    *((k.lower().encode(), v.encode()) for k, v in (error.headers or {}).items())]})
+            await send({"type": "http.response.body", "body": body})
         except Exception as e:
             if started:
                 raise

@@ -91,21 +91,29 @@ class OpenAIServingCompletion:
 
         base_id = f"cmpl-{uuid.uuid4().hex}"
         request_ids = [base_id] if len(prompts) == 1 else [f"{base_id}-{i}" for i in range(len(prompts))]
-        streams: list[RequestStream] = []
-        try:
-            for rid, (text, ids) in zip(request_ids, prompts):
-                streams.append(await self.engine.add_request(rid, ids, params, arrival, text,
-                                                             self.engine.lora_requests.get(model_name),
-                                                             req.priority or 0, req.cache_salt))
-        except BaseException as e:
-            self.engine.abort([s.request_id for s in streams])
-            if isinstance(e, Exception):
-                raise engine_error(e, structured_outputs_of(req)[1]) from e
-            raise
-        ctx = _Context(base_id, model_name, now_created(), prompts, params, req)
-        if req.stream:
-            return SSEResponse(self._stream(streams, ctx))
-        return await run_until_disconnect(raw_request, self._full(streams, ctx))
+
+        async def answer() -> Response:
+            # Every prompt submitted at once (the engine takes them all between two steps: added one at a time, a
+            # list of P prompts waited P steps), the client's disconnect watched meanwhile (run_until_disconnect).
+            lora = self.engine.lora_requests.get(model_name)
+            adds = [asyncio.ensure_future(self.engine.add_request(rid, ids, params, arrival, text, lora,
+                                                                  req.priority or 0, req.cache_salt))
+                    for rid, (text, ids) in zip(request_ids, prompts)]
+            try:
+                streams: list[RequestStream] = list(await asyncio.gather(*adds))
+            except BaseException as e:
+                for add in adds:  # (each add aborts its request when cancelled)
+                    add.cancel()
+                self.engine.abort(request_ids)
+                if isinstance(e, Exception):
+                    raise engine_error(e, structured_outputs_of(req)[1]) from e
+                raise
+            ctx = _Context(base_id, model_name, now_created(), prompts, params, req)
+            if req.stream:
+                return SSEResponse(self._stream(streams, ctx))
+            return await self._full(streams, ctx)
+
+        return await run_until_disconnect(raw_request, answer())
 
     async def _fim_prompts(self, prompt, suffix: str) -> list[tuple[str | None, list[int]]]:
         """Each prompt text (the code before the hole) with `suffix` (the code after it) as the model's
