@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> dict:
     graph_ms = _graph_replay_ms(engine)
     shape = model_shape(llm)
     avg_context = args.input_len + args.output_len / 2
-    bytes_per_step = shape.step_weight_bytes(1) + avg_context * shape.kv_bytes_per_token
+    bytes_per_step = shape.step_weight_bytes(1) + shape.kv_tokens([round(avg_context)]) * shape.kv_bytes_per_token
     bandwidth, flops, card = card_ceilings(args, engine.worker.device.type)
     result = {
         "bench": "latency", "card": card, "input_len": args.input_len, "output_len": args.output_len,

@@ -1,7 +1,8 @@
 """The physical floor of a workload on one GPU (as ../shared/tools/roofline.py computes it).
 
 Every decode step reads the dense weights once and the live KV cache once (a mixture-of-experts model: the
-experts its tokens use, expected under uniform routing); prefill is bound by matrix FLOPs. A step's time is
+experts its tokens use, expected under uniform routing; a layer with a sliding window: the window's keys only);
+prefill is bound by matrix FLOPs. A step's time is
 max(FLOPs / matrix rate, bytes / bandwidth); the floor of a workload is the sum over its steps when all requests
 start together and each leaves when its output is done.
 """
@@ -29,6 +30,20 @@ class ModelShape:
     # A 4-bit checkpoint held packed (quantization "int4"): the projections' parameters at half a byte each (their
     # group scales left out), multiplied at the 16-bit matrix rate (the kernel widens them).
     int4_params: int = 0
+    # Layers with a sliding window (gpt-oss, Gemma, Mistral v0.1): how many, and the window; a step reads at most
+    # the window's keys of a sequence in them.
+    windowed_layers: int = 0
+    window: int = 0
+
+    def kv_tokens(self, contexts: list[int]) -> float:
+        """The keys a step over sequences of `contexts` tokens reads, per layer on average (kv_bytes_per_token
+        counts every layer): all of them in full-attention layers, the window's in windowed ones."""
+        total = sum(contexts)
+        if not self.windowed_layers:
+            return float(total)
+        windowed = sum(min(c, self.window) for c in contexts)
+        full = self.num_layers - self.windowed_layers
+        return (full * total + self.windowed_layers * windowed) / self.num_layers
 
     @classmethod
     def from_hf_config(cls, cfg, dtype_bytes: int = 2, quantization: str | None = None,
@@ -49,8 +64,12 @@ class ModelShape:
         expert = moe_layers * 3 * h * (getattr(cfg, "moe_intermediate_size", None) or inter) if moe_layers else 0
         kv = layers * 2 * kv_heads * head_dim * (kv_dtype_bytes or dtype_bytes)
         top_k = int(getattr(cfg, "num_experts_per_tok", 0) or 0) if moe_layers else 0
+        from pagedserve.executor.models.decoder import sliding_window_of
+
+        windows = [w for w in (sliding_window_of(cfg, i) for i in range(layers)) if w is not None]
         return cls(dense, kv, layers, h, dtype_bytes, projections if quantization == "fp8" else 0,
-                   expert, experts if moe_layers else 0, top_k, projections if quantization == "int4" else 0)
+                   expert, experts if moe_layers else 0, top_k, projections if quantization == "int4" else 0,
+                   len(windows), min(windows, default=0))
 
     @property
     def weight_bytes(self) -> int:
@@ -91,7 +110,7 @@ def workload_floor(shape: ModelShape, input_lens: list[int], output_lens: list[i
     live = sorted(zip(output_lens, input_lens))
     while live:
         batch = len(live)
-        context = sum(i + step for _, i in live)
+        context = shape.kv_tokens([i + step for _, i in live])
         f_time = per_token * batch + 4 * shape.hidden_size * shape.num_layers * context / flops
         b = shape.step_weight_bytes(batch) + context * shape.kv_bytes_per_token
         total += max(f_time, b / bandwidth)
@@ -102,4 +121,4 @@ def workload_floor(shape: ModelShape, input_lens: list[int], output_lens: list[i
 
 def decode_step_floor(shape: ModelShape, context_len: int, bandwidth: float) -> float:
     """Seconds for one single-stream decode step: weights plus the stream's KV over bandwidth."""
-    return (shape.step_weight_bytes(1) + context_len * shape.kv_bytes_per_token) / bandwidth
+    return (shape.step_weight_bytes(1) + shape.kv_tokens([context_len]) * shape.kv_bytes_per_token) / bandwidth

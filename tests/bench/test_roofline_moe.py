@@ -64,3 +64,25 @@ def test_int4_projections_count_half_a_byte() -> None:
     assert int4.int4_params == bf16.dense_params - lm_head
     assert int4.weight_bytes == int4.int4_params // 2 + 2 * lm_head
     assert round(int4.weight_bytes / 1e9, 2) == 4.35 and int4.active_params == bf16.active_params
+
+
+def test_gpt_oss_sizes_and_its_windowed_layers_kv() -> None:
+    """gpt-oss-20b (docs/gpt-oss-20b-config.json): 20.9 B parameters, 3.6 B active (OpenAI's model card: 21 B and
+    3.6 B); its 12 sliding layers read at most 128 keys a sequence, the 12 full ones the whole context."""
+    import json
+    from pathlib import Path
+
+    cfg = types.SimpleNamespace(**json.loads((Path(__file__).parents[2] / "docs" / "gpt-oss-20b-config.json")
+                                             .read_text()))
+    shape = ModelShape.from_hf_config(cfg, 2)
+    embedding = 201088 * 2880
+    assert round((shape.dense_params + embedding + 32 * shape.expert_params) / 1e9, 1) == 20.9
+    assert round((shape.active_params + embedding) / 1e9, 1) == 4.2  # (the card's 3.6 B leaves out both tables)
+    assert round(shape.active_params / 1e9, 1) == 3.6
+    assert (shape.windowed_layers, shape.window) == (12, 128)
+    per_token = 24 * 2 * 8 * 64 * 2  # every layer's K and V
+    assert shape.kv_bytes_per_token == per_token
+    assert shape.kv_tokens([100]) == 100  # within the window: every layer reads all
+    assert shape.kv_tokens([1000, 50]) == pytest.approx((12 * 1050 + 12 * (128 + 50)) / 24)
+    floor = decode_step_floor(shape, 1000, 4e12)
+    assert floor == pytest.approx((shape.step_weight_bytes(1) + (12 * 1000 + 12 * 128) / 24 * per_token) / 4e12)
