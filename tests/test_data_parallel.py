@@ -421,25 +421,26 @@ def test_a_restarted_replica_whose_replay_is_refused_stays_down() -> None:
     assert replicas[1].submitted[-1].request_id == "x"
 
 
-def test_a_restarted_replica_that_dies_during_its_replay_stays_down() -> None:
+def _replaying_a_sleep() -> tuple:
+    """Two replicas asleep, replica 1 killed: its new process (replicas[2]) has been sent the sleep's replay."""
     backend, replicas, posted = started(2)
     backend.submit(EngineCall("s", "sleep", {"level": 1}))
     for r in replicas:
         r.post("out", [("s", None)], [], stats())
     replicas[1].post("dead", RuntimeError("killed"))
     wait_for(lambda: len(replicas) == 3 and _replays(replicas[2]))
+    return backend, replicas
+
+
+def test_a_restarted_replica_that_dies_during_its_replay_stays_down() -> None:
+    backend, replicas = _replaying_a_sleep()
     replicas[2].post("dead", RuntimeError("killed again"))  # before answering its replay
     wait_for(lambda: replicas[2].stopped)
     assert not backend._up[1]
 
 
 def test_a_call_that_succeeds_during_a_replay_is_replayed_too() -> None:
-    backend, replicas, posted = started(2)
-    backend.submit(EngineCall("s", "sleep", {"level": 1}))
-    for r in replicas:
-        r.post("out", [("s", None)], [], stats())
-    replicas[1].post("dead", RuntimeError("killed"))
-    wait_for(lambda: len(replicas) == 3 and _replays(replicas[2]))
+    backend, replicas = _replaying_a_sleep()
     backend.submit(EngineCall("u", "wake_up", {}))  # replica 0 alone (replica 1 is not up yet)
     assert _replays(replicas[0])[-1].token == "u" and len(_replays(replicas[2])) == 1
     replicas[2].post("out", [(_replays(replicas[2])[0].token, None)], [], stats())  # the sleep replayed

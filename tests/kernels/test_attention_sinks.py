@@ -15,7 +15,7 @@ must be right too, not only drowned in the other heads' norm.
 
 from __future__ import annotations
 
-import math
+import types
 
 import numpy as np
 import pytest
@@ -27,7 +27,16 @@ from pagedserve.executor.kernels.paged_attention_decode import (
     paged_attention_decode,
 )
 from pagedserve.executor.kernels.paged_attention_prefill import paged_attention_prefill
-from tests.kernels.test_kernels import CUDA, DEVICE, DTYPES, TOL, make_batch, poisoned_like, with_padded_slots
+from tests.kernels.test_kernels import (
+    CUDA,
+    DEVICE,
+    DTYPES,
+    TOL,
+    make_batch,
+    poisoned_like,
+    reference_attention,
+    with_padded_slots,
+)
 
 gpu_only = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 
@@ -49,35 +58,9 @@ def draw_sinks(num_heads: int) -> torch.Tensor:
 def reference_with_sinks(query, cache, block_tables, seq_lens, query_start_loc, scale: float,
                          sinks: torch.Tensor | None, window: int | None = None,
                          softcap: float | None = None) -> torch.Tensor:
-    """float64: per sequence, gather the paged K/V, GQA by repeat, scaled (capped) scores, the causal mask (and a
-    sliding window: the last `window` positions, itself included), the sink column appended, softmax, the sink's
-    probability dropped. A sequence of length 0 (a padded slot) sees only its sink: zeros."""
-    num_heads = query.shape[1]
-    _, _, block_size, num_kv_heads, head_dim = cache.shape
-    qsl = query_start_loc.tolist()
-    out = torch.zeros(qsl[-1], num_heads, head_dim, dtype=torch.float64)
-    for s, seq_len in enumerate(seq_lens.tolist()):
-        q = query[qsl[s] : qsl[s + 1]].double().cpu()
-        q_len = q.shape[0]
-        blocks = block_tables[s, : math.ceil(seq_len / block_size)].long().cpu()
-        kv = cache[:, blocks].double().cpu().reshape(2, -1, num_kv_heads, head_dim)[:, :seq_len]
-        k, v = (t.repeat_interleave(num_heads // num_kv_heads, dim=1) for t in kv)
-        scores = torch.einsum("qhd,khd->hqk", q, k) * scale
-        if softcap:
-            scores = torch.tanh(scores / softcap) * softcap
-        pos = seq_len - q_len + torch.arange(q_len)
-        keys = torch.arange(seq_len)
-        visible = keys[None, :] <= pos[:, None]
-        if window is not None:
-            visible &= keys[None, :] > pos[:, None] - window
-        scores = scores.masked_fill(~visible, float("-inf"))
-        if sinks is not None:
-            sink_column = sinks.double().cpu()[:, None, None].expand(num_heads, q_len, 1)
-            probs = torch.cat([scores, sink_column], dim=-1).softmax(-1)[..., :-1]
-        else:
-            probs = scores.softmax(-1)
-        out[qsl[s] : qsl[s + 1]] = torch.einsum("hqk,khd->qhd", probs, v)
-    return out
+    """test_kernels.reference_attention (float64) on these tensors, with the sink column."""
+    meta = types.SimpleNamespace(block_tables=block_tables, seq_lens=seq_lens, query_start_loc=query_start_loc)
+    return reference_attention(query, cache, meta, scale, window, softcap, sinks)
 
 
 def decode_query_start_loc(num_seqs: int) -> torch.Tensor:

@@ -133,9 +133,10 @@ def make_batch(
 
 
 def reference_attention(query, cache, meta: AttentionMetadata, scale: float, window: int | None = None,
-                        softcap: float | None = None) -> torch.Tensor:
+                        softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Plain torch, float64: gather blocks, GQA by repeat, causal offset mask (and a sliding window: the last
-    `window` positions, itself included), softmax."""
+    `window` positions, itself included), softmax. sinks [num_heads] (gpt-oss): a column of each head's sink logit
+    appended before the softmax, its probability dropped after (a sequence of length 0 then gives zeros)."""
     num_heads = query.shape[1]
     _, _, block_size, num_kv_heads, head_dim = cache.shape
     qsl = meta.query_start_loc.tolist()
@@ -154,7 +155,12 @@ def reference_attention(query, cache, meta: AttentionMetadata, scale: float, win
         if window is not None:
             visible &= torch.arange(seq_len)[None, :] > pos[:, None] - window
         scores = scores.masked_fill(~visible, float("-inf"))
-        out[qsl[s] : qsl[s + 1]] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+        if sinks is not None:
+            sink_column = sinks.double().cpu()[:, None, None].expand(num_heads, q_len, 1)
+            probs = torch.cat([scores, sink_column], dim=-1).softmax(-1)[..., :-1]
+        else:
+            probs = scores.softmax(-1)
+        out[qsl[s] : qsl[s + 1]] = torch.einsum("hqk,khd->qhd", probs, v)
     return out
 
 
