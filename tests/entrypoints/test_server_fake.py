@@ -601,6 +601,13 @@ def test_tokenize_and_detokenize(server) -> None:
     image = {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}
     assert_error(httpx.post(url + "/tokenize", json=image), 400, "messages")
     assert_error(httpx.post(url + "/tokenize", json={"model": "gpt-9", "prompt": "a"}), 404, "model")
+    # tools the chat route would refuse are refused here too (a count for a request that cannot be sent)
+    messages = [{"role": "user", "content": "hi"}]
+    for tools in ([{"type": "function", "function": {"name": "bad name!"}}], [{"type": "web_search"}]):
+        assert_error(httpx.post(url + "/tokenize", json={"messages": messages, "tools": tools}), 400, "tools")
+        assert_error(httpx.post(url + "/v1/chat/completions", json={**CHAT, "tools": tools}), 400, "tools")
+    ok = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    assert httpx.post(url + "/tokenize", json={"messages": messages, "tools": ok}).status_code == 200
 
 
 def test_chat_template_kwargs_reach_the_template(server) -> None:
