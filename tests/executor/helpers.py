@@ -84,7 +84,15 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> None:
 
 def tiny_hf_model(arch: str, seed: int = 0, **overrides: Any) -> Any:
     config = tiny_hf_config(arch, **overrides)
+    if arch in ("gemma2", "gpt_oss"):
+        # Eager attention, the one that soft-caps (Gemma 2) and has sinks (gpt-oss) in every Transformers version:
+        # the GPU machine's 5.17 picked SDPA for Gemma 2, which drops the cap (seen: errors of 0.8, session 29).
+        config._attn_implementation = "eager"
     model = _hf_classes(arch)[1](config)
+    if arch == "gpt_oss":  # Transformers before 5.2x hard-codes the gate's 1.702 and 7.0, ignoring the config's
+        for layer in model.model.layers:
+            layer.mlp.experts.alpha = getattr(config, "swiglu_alpha", 1.702)
+            layer.mlp.experts.limit = getattr(config, "swiglu_limit", 7.0)
     randomize_(model, seed)
     return model.eval()
 
