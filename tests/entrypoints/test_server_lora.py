@@ -94,6 +94,20 @@ def test_adapters_load_and_unload_at_run_time(setup) -> None:
     assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 404
     assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "a3"}).status_code == 404
     assert "a3" not in [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
+    # Found by stress-testing: a freed adapter id was given again. The same name loaded from other files answered
+    # with the unloaded adapter's weights, and a new name after unloading the newest was refused on every request.
+    reload = {"lora_name": "a3", "lora_path": str(folder / "a1")}  # the name a3, a1's files
+    assert httpx.post(url + "/v1/load_lora_adapter", json=reload).status_code == 200
+    a1 = {**body, "model": "a1"}
+    want_a1 = httpx.post(url + "/v1/completions", json=a1, timeout=60).json()["choices"][0]["text"]
+    assert want_a1 != want
+    assert httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"] == want_a1
+    assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "a3"}).status_code == 200
+    fresh = {"lora_name": "a5", "lora_path": str(folder / "a3")}
+    assert httpx.post(url + "/v1/load_lora_adapter", json=fresh).status_code == 200
+    r = httpx.post(url + "/v1/completions", json={**body, "model": "a5"}, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+    assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "a5"}).status_code == 200
 
 
 def test_a_bad_adapter_folder_stops_the_start(tmp_path, real_model_dir) -> None:

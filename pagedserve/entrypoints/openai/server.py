@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import hmac
+import itertools
 import json
 import logging
 import os
@@ -706,6 +707,11 @@ def _add_lora_routes(app: FastAPI, engine: AsyncEngine, served_names: list[str])
 
     from pagedserve.lora import LoRARequest, read_adapter
 
+    # Adapter ids are never given twice: the engine keys an adapter's weights, device slot and prefix-cache blocks by
+    # its id, so a reused one served the unloaded adapter (the same name loaded again from new files answered with the
+    # old weights; another name was refused as that adapter's id).
+    next_ids = itertools.count(max((r.lora_int_id for r in engine.lora_requests.values()), default=0) + 1)
+
     @app.post("/v1/load_lora_adapter", responses=_ERROR_RESPONSES)
     async def load_lora_adapter(request: LoadLoRAAdapterRequest) -> Response:
         name = request.lora_name
@@ -717,8 +723,7 @@ def _add_lora_routes(app: FastAPI, engine: AsyncEngine, served_names: list[str])
             await engine.run_in_tokenizer_thread(read_adapter, request.lora_path)
         except ValueError as e:
             raise APIError(400, str(e), param="lora_path") from e
-        lora_id = max((r.lora_int_id for r in engine.lora_requests.values()), default=0) + 1
-        engine.lora_requests[name] = LoRARequest(name, lora_id, request.lora_path)
+        engine.lora_requests[name] = LoRARequest(name, next(next_ids), request.lora_path)
         served_names.append(name)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
