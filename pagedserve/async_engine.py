@@ -158,6 +158,7 @@ class AsyncEngine:
             assert engine is not None, "pass an engine, or use AsyncEngine.in_process()"
             _backend = _ThreadBackend(engine, core_kwargs)
         self._backend = _backend
+        self.max_queued_requests = max_queued_requests  # (the routes refuse a request that could never be queued)
         info = _backend.info
         # The HTTP side (tokenizer thread, logprob token strings) has its own tokenizer object, so
         # it shares no mutable tokenizer state with the engine's detokenizer.

@@ -505,6 +505,18 @@ def test_queue_full_gets_503_with_retry_after(start_fake_server) -> None:
             assert r.json()["choices"][0]["finish_reason"] == "length"
 
 
+def test_more_prompts_than_the_queue_ever_takes_is_a_400(start_fake_server) -> None:
+    """Found by stress-testing: each prompt of a list is a request of the waiting queue, so a list longer than
+    --max-queued-requests got 503 queue_full (retry) forever, even on an idle server; it is a 400 naming the limit.
+    A list that fits is served whole."""
+    server = start_fake_server(FakeEngine(max_num_seqs=2, step_delay=0.01), max_queued_requests=3)
+    body = {"model": MODEL, "prompt": [f"p{i}" for i in range(4)], "max_tokens": 2}
+    err = assert_error(httpx.post(server.base_url + "/v1/completions", json=body, timeout=30), 400, "prompt")
+    assert "--max-queued-requests 3" in err["message"]
+    r = httpx.post(server.base_url + "/v1/completions", json={**body, "prompt": body["prompt"][:3]}, timeout=30)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 3
+
+
 def test_engine_death_turns_health_503(start_fake_server) -> None:
     server = start_fake_server(FakeEngine(fail_at_step=5))
     r = httpx.post(server.base_url + "/v1/chat/completions", json={**CHAT, "max_tokens": 50})
