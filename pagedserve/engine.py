@@ -364,6 +364,7 @@ class LLMEngine:
                     skip_special_tokens=params.skip_special_tokens,
                     stop=params.stop,
                     include_stop_str_in_output=params.include_stop_str_in_output,
+                    min_tokens=params.min_tokens,
                 )
             output = CompletionOutput(index=index, text="", token_ids=[],
                                       cumulative_logprob=None if params.logprobs is None else 0.0,

@@ -281,8 +281,13 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
         stop: Sequence[str] | None = None,
         include_stop_str_in_output: bool = False,
+        min_tokens: int = 0,
     ) -> None:
+        """min_tokens: stop strings are looked for only once more output tokens than this have come (vLLM's rule: a
+        stop string completed within the first min_tokens tokens does not end the request)."""
         self.tokenizer = tokenizer
+        self.min_tokens = min_tokens
+        self._num_tokens = 0  # output tokens added
         self.skip_special_tokens = skip_special_tokens
         self.stop: list[str] = [s for s in (stop or []) if s]
         self.include_stop_str_in_output = include_stop_str_in_output
@@ -322,6 +327,7 @@ class IncrementalDetokenizer:
         if self.finished_by_stop or not new_token_ids:
             return ""
         self._token_ids.extend(new_token_ids)
+        self._num_tokens += len(new_token_ids)
         return self._advance(self._decode_pending(final=False))
 
     def flush(self) -> str:
@@ -360,7 +366,7 @@ class IncrementalDetokenizer:
         if new_text:
             prev_len = len(self._all_text)
             self._all_text += new_text
-            if self.stop and self._find_stop(prev_len):
+            if self.stop and self._num_tokens > self.min_tokens and self._find_stop(prev_len):
                 delta = self._all_text[len(self._text):]
                 self._text = self._all_text
                 return delta

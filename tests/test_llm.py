@@ -139,3 +139,16 @@ def test_chat_continues_the_final_message(llm: LLM, real_model_dir: str) -> None
     assert out.prompt_token_ids == expected
     with pytest.raises(ValueError, match="continue_final_message needs add_generation_prompt=False"):
         llm.chat(convo, continue_final_message=True, use_tqdm=False)
+
+
+def test_min_tokens_holds_back_stop_strings(llm: LLM) -> None:
+    """vLLM's rule: no stop string ends a request within its first min_tokens tokens (the greedy answer to a code
+    prompt breaks its line within a few tokens)."""
+    prompt = "def add(a, b):\n"
+    early = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, stop=["\n"]), use_tqdm=False)[0]
+    out = early.outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == "\n" and len(out.token_ids) < 8
+    held = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, stop=["\n"], min_tokens=8),
+                        use_tqdm=False)[0].outputs[0]
+    assert len(held.token_ids) >= 8 and held.token_ids[:len(out.token_ids)] == out.token_ids
+    assert held.text.startswith(out.text + "\n")

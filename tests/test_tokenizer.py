@@ -112,6 +112,21 @@ def test_include_stop_str_cuts_after_the_stop_and_holds_nothing() -> None:
     assert det.text == "one STOP" and det.stop_reason == "STOP"
 
 
+def test_stop_strings_wait_for_min_tokens() -> None:
+    """vLLM's rule (found by stress-testing: min_tokens held back stop tokens only): a stop string completed within
+    the first min_tokens output tokens does not end the request; one completed after them does."""
+    tok = ByteTokenizer()
+    tok.pieces += [b"a\n", b"b", b"c\n", b"d"]  # ids 1..4
+    det = IncrementalDetokenizer(tok, [], stop=["\n"], min_tokens=2)
+    assert det.add_tokens([1]) == "a\n" and det.stop_reason is None  # token 1 of at least 2
+    assert det.add_tokens([2]) == "b"
+    det.add_tokens([3])  # the third token: stop strings count now
+    assert det.stop_reason == "\n" and det.text == "a\nbc"
+    plain = IncrementalDetokenizer(tok, [], stop=["\n"])
+    plain.add_tokens([1])
+    assert plain.stop_reason == "\n" and plain.text == "a"
+
+
 def test_first_completed_stop_wins() -> None:
     tok = ByteTokenizer()
     tok.pieces += [b"xABCDy"]
