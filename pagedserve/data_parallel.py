@@ -213,6 +213,7 @@ class DataParallelBackend:
         # Weight updates and sleep calls that succeeded, in order: replayed to a replica that restarts (_replay_state).
         self._state_calls: list[EngineCall] = []
         self._replays: dict[str, tuple[int, threading.Event, list]] = {}  # replay token -> (replica, done, [refusal])
+        self._died_replaying: set[int] = set()  # id() of restarted replicas that died before their replay ended
         self._dead = False
         self._stopping = False
 
@@ -406,10 +407,12 @@ class DataParallelBackend:
     def _replica_died(self, i: int, replica: Any, error: BaseException) -> None:
         now = time.monotonic()
         with self._lock:
-            for j, done, box in self._replays.values():
-                if j == i and self.replicas[i] is replica:  # died while its state was replayed: the restart fails
-                    box.append(Refusal("replica_lost", f"the engine process died ({error})"))
-                    done.set()
+            if self.replicas[i] is replica and not self._up[i]:  # died while its state was replayed: the restart fails
+                self._died_replaying.add(id(replica))
+                for j, done, box in self._replays.values():
+                    if j == i:
+                        box.append(Refusal("replica_lost", f"the engine process died ({error})"))
+                        done.set()
             if self.replicas[i] is not replica or not self._up[i] or self._dead:
                 return
             self._up[i] = False
@@ -506,6 +509,9 @@ class DataParallelBackend:
             with self._lock:
                 if self._stopping:
                     return None
+                if id(replica) in self._died_replaying:
+                    self._died_replaying.discard(id(replica))
+                    raise RuntimeError("it died before its state was replayed")
                 calls = self._state_calls[done:]
                 in_flight = any(control[2] in _STATE_CALLS for control in self._controls.values())
                 if not calls and not in_flight:
@@ -526,6 +532,9 @@ class DataParallelBackend:
                     while not finished.wait(0.5):
                         if self._stopping:
                             return None
+                        if id(replica) in self._died_replaying:  # (it died before this replay was registered)
+                            self._died_replaying.discard(id(replica))
+                            raise RuntimeError("it died before its state was replayed")
                 finally:
                     with self._lock:
                         self._replays.pop(token, None)

@@ -439,6 +439,16 @@ def test_a_restarted_replica_that_dies_during_its_replay_stays_down() -> None:
     assert not backend._up[1]
 
 
+def test_a_restarted_replica_that_dies_while_waiting_for_a_call_in_flight_stays_down() -> None:
+    """Its replay waits while a state call is in flight (it would miss it); a death meanwhile ends the wait."""
+    backend, replicas = _replaying_a_sleep()
+    backend.submit(EngineCall("u", "wake_up", {}))  # in flight at replica 0: the replay waits for it after the sleep
+    replicas[2].post("out", [(_replays(replicas[2])[0].token, None)], [], stats())
+    replicas[2].post("dead", RuntimeError("killed while waiting"))
+    wait_for(lambda: replicas[2].stopped)
+    assert not backend._up[1] and not backend._restarting[1]
+
+
 def test_a_call_that_succeeds_during_a_replay_is_replayed_too() -> None:
     backend, replicas = _replaying_a_sleep()
     backend.submit(EngineCall("u", "wake_up", {}))  # replica 0 alone (replica 1 is not up yet)
