@@ -180,26 +180,17 @@ class _InternalErrorMiddleware:
             error = engine_error(ShuttingDownError("the server is shutting down (its shutdown timeout ended before "
                                                    "this request finished); retry"))
             logger.warning("%s %s: cancelled at shutdown, answered 503", scope.get("method"), scope.get("path"))
-            body = json.dumps(error.body()).encode()
-            await send({"type": "http.response.start", "status": error.status_code,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode()),
-                                    *((k.lower().encode(), v.encode()) for k, v in (error.headers or {}).items())]})
-            await send({"type": "http.response.body", "body": body})
+            await error_response(error)(scope, receive, send)
         except Exception as e:
             if started:
                 raise
             if isinstance(e, ValueError):  # the project's "bad input" everywhere: a route that did not map it
                 logger.warning("%s %s: ValueError answered as a 400: %s", scope.get("method"), scope.get("path"), e)
-                status, body = 400, error_body(str(e), "invalid_request_error")
+                error = APIError(400, str(e), "invalid_request_error")
             else:
                 logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
-                status, body = 500, error_body(f"internal server error: {type(e).__name__}", "server_error")
-            body = json.dumps(body).encode()
-            await send({"type": "http.response.start", "status": status,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
+                error = APIError(500, f"internal server error: {type(e).__name__}", "server_error")
+            await error_response(error)(scope, receive, send)
 
 
 class _GateMiddleware:

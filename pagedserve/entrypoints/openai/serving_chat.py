@@ -195,12 +195,7 @@ class OpenAIServingChat:
 
     # ------------------------------------------------------------------ input checks
     def _tool_mode(self, req: ChatCompletionRequest) -> tuple[list[dict] | None, ToolMode]:
-        tools = None
-        if req.tools is not None:
-            try:
-                tools = check_tools(req.tools)
-            except ValueError as e:
-                raise bad_request(str(e), "tools") from e
+        tools = checked_tools(req.tools)
         try:
             return tools, resolve_mode(tools, req.tool_choice, self.enable_auto_tool_choice, req.parallel_tool_calls)
         except ValueError as e:
@@ -553,6 +548,17 @@ def template_kwargs_of(kwargs: dict[str, Any] | None) -> dict[str, Any]:
     if clash:
         raise bad_request(f"chat_template_kwargs may not set {', '.join(clash)}", "chat_template_kwargs")
     return kwargs
+
+
+def checked_tools(tools: list[Any] | None) -> list[dict] | None:
+    """A request's tools checked (tool_calls.check_tools), a 400 naming `tools` for bad ones; None without any. The
+    chat and tokenize routes check them alike."""
+    if tools is None:
+        return None
+    try:
+        return check_tools(tools)
+    except ValueError as e:
+        raise bad_request(str(e), "tools") from e
 
 
 async def render_chat_prompt(engine: AsyncEngine, req: Any, add_generation_prompt: bool, tools: list[dict] | None

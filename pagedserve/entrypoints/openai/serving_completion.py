@@ -88,7 +88,7 @@ class OpenAIServingCompletion:
             )
         for _, ids in prompts:
             check_prompt_fits(self.engine, ids, params)
-        queue = getattr(self.engine, "max_queued_requests", None)
+        queue = self.engine.max_queued_requests
         if queue is not None and len(prompts) > max(queue, 1):  # (each prompt is a request of the queue)
             raise bad_request(f"{len(prompts)} prompts are more requests than the waiting queue ever takes at once "
                               f"(--max-queued-requests {queue}); send at most {max(queue, 1)} prompts a request",

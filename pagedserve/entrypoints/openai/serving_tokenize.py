@@ -9,8 +9,7 @@ from typing import Any
 from pagedserve.async_engine import AsyncEngine
 from pagedserve.entrypoints.openai.protocol import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
 from pagedserve.entrypoints.openai.serving_base import bad_request, check_model
-from pagedserve.entrypoints.openai.serving_chat import render_chat_prompt
-from pagedserve.entrypoints.openai.tool_calls import check_tools
+from pagedserve.entrypoints.openai.serving_chat import checked_tools, render_chat_prompt
 
 
 class OpenAIServingTokenization:
@@ -22,13 +21,8 @@ class OpenAIServingTokenization:
         check_model(self.engine, self.served_model_names, req.model)
         tokenizer = self.engine.tokenizer
         if isinstance(req, TokenizeChatRequest):
-            tools = None
-            if req.tools is not None:  # checked as the chat route checks them (it would refuse what is counted)
-                try:
-                    tools = check_tools(req.tools)
-                except ValueError as e:
-                    raise bad_request(str(e), "tools") from None
-            _, ids = await render_chat_prompt(self.engine, req, req.add_generation_prompt, tools)
+            # (the tools checked as the chat route checks them: it would refuse what is counted)
+            _, ids = await render_chat_prompt(self.engine, req, req.add_generation_prompt, checked_tools(req.tools))
             if req.add_special_tokens:
                 ids = _with_special_tokens(tokenizer, ids)
         else:
