@@ -184,6 +184,50 @@ def test_torch_backend_matches_dense_attention_with_cache_offsets() -> None:
     torch.testing.assert_close(cache[0, 1, 0], full_k[0][8])  # position 8 -> block 1, offset 0
 
 
+@pytest.mark.parametrize("heads,kv_heads,dim,block,cache_dtype", [
+    (4, 2, 8, 4, torch.float32), (8, 1, 16, 16, torch.float32), (6, 6, 64, 8, torch.float16),
+    (4, 2, 8, 4, torch.float8_e4m3fn),
+])
+@pytest.mark.parametrize("chunk_elements", [None, 300])  # 300: the decodes split over several chunks
+def test_batched_decodes_match_the_per_sequence_reference(
+    monkeypatch, heads, kv_heads, dim, block, cache_dtype, chunk_elements
+) -> None:
+    """A mixed step (decodes of different lengths, a prefill, an extend, padding rows) through the backend with its
+    decodes batched equals the same step with every sequence through causal_attention: windows, the soft-cap and
+    sinks included. The cache blocks are shuffled; padding rows must come out zero."""
+    from pagedserve.executor.attention import torch_ref
+
+    if chunk_elements is not None:
+        monkeypatch.setattr(torch_ref, "DECODE_CHUNK_ELEMENTS", chunk_elements)
+    torch.manual_seed(1)
+    num_blocks = 128
+    query_lens = [1, 1, 5, 1, 3, 1, 1]
+    seq_lens = [1, 37, 5, 9, 11, 16, 23]  # one cached token, lengths off the block size, one at it
+    tables = torch.randperm(num_blocks)[: len(seq_lens) * 12].view(len(seq_lens), 12).to(torch.int32)
+    cache = torch.randn(2, num_blocks, block, kv_heads, dim).clamp(-4, 4).to(cache_dtype)
+    slots = [int(tables[s, p // block]) * block + p % block
+             for s in range(len(seq_lens)) for p in range(seq_lens[s] - query_lens[s], seq_lens[s])]
+    tokens = sum(query_lens) + 2  # two padding rows
+    q = torch.randn(tokens, heads, dim)
+    k, v = torch.randn(tokens, kv_heads, dim), torch.randn(tokens, kv_heads, dim)
+    loc = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
+    meta = AttentionMetadata(
+        query_start_loc=loc, seq_lens=torch.tensor(seq_lens, dtype=torch.int32), block_tables=tables,
+        slot_mapping=torch.tensor(slots + [-1, -1]), max_query_len=5, max_seq_len=max(seq_lens), block_size=block,
+    )
+    sinks = torch.randn(heads)
+    for window, softcap, sink in [(None, None, None), (6, None, None), (None, 2.5, None), (8, None, sinks)]:
+        outs = []
+        for batched in (True, False):
+            backend = TorchAttentionBackend(batch_decodes=batched)
+            layer_cache = cache.clone()
+            out = backend.forward(q, k, v, layer_cache, meta, 0.35, window=window, softcap=softcap, sinks=sink)
+            outs.append(out)
+        assert torch.isfinite(outs[0]).all()
+        torch.testing.assert_close(outs[0], outs[1], atol=2e-6, rtol=2e-6)
+        assert outs[0][-2:].eq(0).all()
+
+
 @pytest.mark.parametrize("arch,overrides", [
     ("llama", dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=False,
                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,

@@ -1,8 +1,10 @@
-"""The reference attention backend: plain torch, one sequence at a time, obviously correct.
+"""The reference attention backend: plain torch, obviously correct, and the CPU path's attention.
 
-Every fast kernel is checked against this. It runs on CPU and CUDA and favours clarity over speed:
-the K/V of each sequence are gathered from its blocks into a contiguous tensor, then attended with
-an explicit causal mask and an fp32 softmax.
+Every fast kernel is checked against causal_attention, which takes one sequence at a time and favours
+clarity over speed: the K/V of each sequence are gathered from its blocks into a contiguous tensor, then
+attended with an explicit causal mask and an fp32 softmax. The backend sends the prefills and extends of a
+step through it; the step's one-token queries (decodes) go through batched_decode_attention, the same
+arithmetic over all of them at once (checked against causal_attention in tests/executor/test_models.py).
 
 For sequence s with q_s new tokens and seq_len_s cached-after-write tokens:
 
@@ -78,8 +80,65 @@ def causal_attention(
     return torch.einsum("hqk,khd->qhd", probs, v).to(query.dtype)
 
 
+# Padded K/V elements (fp32) one batched decode chunk may gather: the chunk's sequences times its longest length
+# times kv heads times head dim. 32 Mi elements = 128 MiB for each of K and V.
+DECODE_CHUNK_ELEMENTS = 32 * 1024 * 1024
+
+
+def batched_decode_attention(
+    query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: list[int], scale: float,
+    window: int | None = None, softcap: float | None = None, sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One new token per sequence, all sequences at once: query [S, H, D], seq_lens[s] cached keys each (the new
+    token's included). The same arithmetic as causal_attention for q_len 1 (fp32 scores and softmax, the soft-cap,
+    the window, the sinks), done as a few batched einsums over the sequences' keys gathered and padded to the
+    longest: the CPU path's decode steps made ~layers x seqs small calls before. Sequences are taken shortest first
+    in chunks whose padded keys stay under DECODE_CHUNK_ELEMENTS (a long tail pads only its own chunk)."""
+    num_seqs, num_heads, head_dim = query.shape
+    _, _, block_size, num_kv_heads, _ = kv_cache.shape
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(query)
+    lens = torch.tensor(seq_lens, dtype=torch.long)
+    order = torch.argsort(lens).tolist()
+    per_token = num_kv_heads * head_dim
+    start = 0
+    while start < num_seqs:
+        end = start + 1
+        while end < num_seqs and (end + 1 - start) * seq_lens[order[end]] * per_token <= DECODE_CHUNK_ELEMENTS:
+            end += 1
+        idx = torch.tensor(order[start:end], dtype=torch.long)
+        max_len = seq_lens[order[end - 1]]
+        num_blocks = (max_len + block_size - 1) // block_size
+        blocks = block_tables[idx, :num_blocks].long()  # [s, nb]
+        shape = (len(idx), num_blocks * block_size, num_kv_heads, head_dim)
+        key = kv_cache[0, blocks].reshape(shape).float()
+        value = kv_cache[1, blocks].reshape(shape).float()
+        q = query[idx].float().view(len(idx), num_kv_heads, group, head_dim)
+        scores = torch.einsum("skgd,slkd->skgl", q, key) * scale  # [s, kvh, g, l]
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        key_pos = torch.arange(shape[1])
+        last = lens[idx] - 1  # each sequence's new token's position
+        hidden = key_pos[None, :] > last[:, None]
+        if window is not None:
+            hidden |= key_pos[None, :] <= (last - window)[:, None]
+        scores.masked_fill_(hidden[:, None, None, :], float("-inf"))
+        if sinks is not None:
+            column = sinks.float().view(1, num_kv_heads, group, 1).expand(len(idx), num_kv_heads, group, 1)
+            probs = torch.softmax(torch.cat([scores, column], dim=-1), dim=-1)[..., :-1]
+        else:
+            probs = torch.softmax(scores, dim=-1)
+        result = torch.einsum("skgl,slkd->skgd", probs, value)
+        out[idx] = result.reshape(len(idx), num_heads, head_dim).to(query.dtype)
+        start = end
+    return out
+
+
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
+
+    def __init__(self, batch_decodes: bool = True) -> None:
+        self.batch_decodes = batch_decodes  # False: every sequence through causal_attention (the reference)
 
     def forward(
         self,
@@ -99,8 +158,19 @@ class TorchAttentionBackend(AttentionBackend):
             query_lens = torch.diff(meta.query_start_loc).tolist()
         seq_lens = meta.seq_lens_cpu if meta.seq_lens_cpu is not None else meta.seq_lens.tolist()
         out = torch.empty_like(query)
+        decodes = [s for s, q_len in enumerate(query_lens) if q_len == 1]
+        if self.batch_decodes and len(decodes) > 1:  # every one-token query at once
+            rows = torch.tensor(_starts(query_lens, decodes), dtype=torch.long)
+            out[rows] = batched_decode_attention(query[rows], kv_cache, meta.block_tables[decodes],
+                                                 [seq_lens[s] for s in decodes], scale, window, softcap, sinks)
+        else:
+            decodes = []
+        batched = set(decodes)
         start = 0
         for s, (q_len, seq_len) in enumerate(zip(query_lens, seq_lens)):
+            if s in batched:
+                start += q_len
+                continue
             k, v = gather_kv(kv_cache, meta.block_tables[s], seq_len)
             out[start : start + q_len] = causal_attention(query[start : start + q_len], k, v, scale, window, softcap,
                                                                 sinks)
@@ -108,3 +178,12 @@ class TorchAttentionBackend(AttentionBackend):
         # Tokens past the last sequence (padding of a captured batch size) get zeros, not garbage.
         out[start:] = 0
         return out
+
+
+def _starts(query_lens: list[int], seqs: list[int]) -> list[int]:
+    """The first query row of each sequence in seqs (query_lens packed back to back)."""
+    offsets, total = [], 0
+    for q_len in query_lens:
+        offsets.append(total)
+        total += q_len
+    return [offsets[s] for s in seqs]
