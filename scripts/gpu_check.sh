@@ -411,6 +411,8 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
         tests/kernels/test_runner_window.py "tests/executor/test_model_runner.py::test_mixed_batch_matches_hf_on_cuda" \
         tests/executor/test_gpt_oss.py -k "gpt or sink or Sink" -q -p no:cacheprovider -ra 2>&1 \
         | grep -E "passed|failed|FAILED|rror" | tail -20 ;;
+    draft-diag)  # session 30's miss: a checkpoint drafting for itself keeps 36% on the GPU; by setting
+      timeout 300 python3 scripts/draft_diag.py 2>&1 | grep -E "draft-diag|rror" | tail -12 ;;
     gptoss-bench)  # gpt-oss-20b's shapes, random bf16 weights (~41 GB): batch-1 latency and the default workload
       python3 -m pagedserve.entrypoints.cli bench latency --model .devcache/gpt-oss-20b --load-format dummy \
         --output-json "$OUT/gptoss-latency.json" 2>&1 | tail -4

@@ -37,7 +37,9 @@ def test_w4a16_matches_the_dequantized_weight(m, k, n, group, dtype, bias, monke
     y = w4a16.w4a16_linear(x.to(DEVICE), *packed, group, b.to(DEVICE) if bias else None)
     ref = x.double() @ weight.t() + (b.double() if bias else 0)
     assert y.dtype == dtype and y.shape == (m, n) and torch.isfinite(y).all()
-    tol = 1e-6 if dtype == torch.float32 else 3e-3
+    # bf16 (on the GPU): the dequantized weight is rounded to bf16 before the dot, 2^-9 relative a value: ~3e-3 of the
+    # largest output measured at k 64-128 (session 30, H100); a wrong group, zero or nibble is off by O(1).
+    tol = {torch.float32: 1e-6, torch.float16: 3e-3, torch.bfloat16: 1e-2}[dtype]
     assert (y.double().cpu() - ref).abs().max() <= tol * ref.abs().max()
 
 
@@ -75,6 +77,7 @@ def test_bad_shapes_are_refused() -> None:
     ("compressed-tensors", dict(symmetric=False, group=32), True),
     ("compressed-tensors", dict(symmetric=False, group=16, act_order=True), False),
 ], ids=["awq", "gptq-one-group", "gptq-act-order", "gptq8", "ct-w4a16-sym", "ct-w4a16-asym", "ct-act-order"])
+@pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter's path on CPU (tests/gpu/test_int4_gpu.py: CUDA)")
 def test_engine_on_4bit_checkpoints_matches_transformers(method, kwargs, kept, tmp_path, monkeypatch) -> None:
     """PAGEDSERVE_INT4_KERNELS=1 (the interpreter on CPU): the projections stay 4-bit where the layout holds them,
     and the logits of a prefill and a decode step equal Transformers' on the dequantized weights."""
@@ -103,6 +106,7 @@ def test_engine_on_4bit_checkpoints_matches_transformers(method, kwargs, kept, t
     assert max_rel_err(sampler.logits[-1]["r"], hf_logits(hf, tokens)[-1]) < 1e-4
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter's path on CPU (the runner built on the CPU)")
 def test_dummy_weights_of_a_4bit_config(tmp_path, monkeypatch) -> None:
     """--load-format dummy on an AWQ config: random 4-bit projections (the 4-bit shapes benchmarked without a
     checkpoint), the LM head and norms as usual; a step runs and its logits are finite and spread."""

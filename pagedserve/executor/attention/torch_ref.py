@@ -98,15 +98,15 @@ def batched_decode_attention(
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     group = num_heads // num_kv_heads
     out = torch.empty_like(query)
-    lens = torch.tensor(seq_lens, dtype=torch.long)
-    order = torch.argsort(lens).tolist()
+    lens = torch.tensor(seq_lens, dtype=torch.long, device=query.device)
+    order = sorted(range(num_seqs), key=seq_lens.__getitem__)
     per_token = num_kv_heads * head_dim
     start = 0
     while start < num_seqs:
         end = start + 1
         while end < num_seqs and (end + 1 - start) * seq_lens[order[end]] * per_token <= DECODE_CHUNK_ELEMENTS:
             end += 1
-        idx = torch.tensor(order[start:end], dtype=torch.long)
+        idx = torch.tensor(order[start:end], dtype=torch.long, device=query.device)
         max_len = seq_lens[order[end - 1]]
         num_blocks = (max_len + block_size - 1) // block_size
         blocks = block_tables[idx, :num_blocks].long()  # [s, nb]
@@ -117,7 +117,7 @@ def batched_decode_attention(
         scores = torch.einsum("skgd,slkd->skgl", q, key) * scale  # [s, kvh, g, l]
         if softcap:
             scores = torch.tanh(scores / softcap) * softcap
-        key_pos = torch.arange(shape[1])
+        key_pos = torch.arange(shape[1], device=query.device)
         last = lens[idx] - 1  # each sequence's new token's position
         hidden = key_pos[None, :] > last[:, None]
         if window is not None:
@@ -160,7 +160,7 @@ class TorchAttentionBackend(AttentionBackend):
         out = torch.empty_like(query)
         decodes = [s for s, q_len in enumerate(query_lens) if q_len == 1]
         if self.batch_decodes and len(decodes) > 1:  # every one-token query at once
-            rows = torch.tensor(_starts(query_lens, decodes), dtype=torch.long)
+            rows = torch.tensor(_starts(query_lens, decodes), dtype=torch.long, device=query.device)
             out[rows] = batched_decode_attention(query[rows], kv_cache, meta.block_tables[decodes],
                                                  [seq_lens[s] for s in decodes], scale, window, softcap, sinks)
         else:

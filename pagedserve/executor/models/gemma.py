@@ -90,7 +90,9 @@ class GemmaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
-        hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype, device=hidden.device)
+        # Transformers rounds the scale to the model's dtype first; a Python float of that value keeps it so with no
+        # host-to-device copy (none may run while a CUDA graph is captured).
+        hidden = hidden * float(torch.tensor(self.embed_scale, dtype=hidden.dtype))
         rope_full, rope_local = self.rotary_emb.prepare(positions), self.rotary_emb_local.prepare(positions)
         residual: torch.Tensor | None = None
         for layer in self.layers:
