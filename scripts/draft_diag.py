@@ -27,15 +27,22 @@ def main() -> None:
     prompts = [{"prompt_token_ids": p} for p in looping_prompts(3, 12)]
     params = SamplingParams(max_tokens=40, ignore_eos=True, temperature=0.0)
     spec = {"method": "draft_model", "model": str(folder), "num_speculative_tokens": 4}
-    settings = [
-        ("plain", {}, {}),
-        ("default (graphs, async)", {"speculative_config": spec}, {}),
-        ("async off", {"speculative_config": spec, "async_scheduling": False}, {}),
-        ("no mixed graphs", {"speculative_config": spec}, {"PAGEDSERVE_MIXED_GRAPHS": "0"}),
-        ("enforce_eager", {"speculative_config": spec, "enforce_eager": True}, {}),
-    ]
+    eager = {"speculative_config": spec, "enforce_eager": True}
+    settings = {
+        "plain": ({}, {}),
+        "default": ({"speculative_config": spec}, {}),  # graphs, async
+        "async-off": ({"speculative_config": spec, "async_scheduling": False}, {}),
+        "no-mixed-graphs": ({"speculative_config": spec}, {"PAGEDSERVE_MIXED_GRAPHS": "0"}),
+        "eager": (eager, {}),
+        "eager-torch-attention": (eager | {"attention_backend": "torch"}, {}),
+        "eager-plain-order": (eager, {"PAGEDSERVE_DECODE_ORDER": "0", "PAGEDSERVE_DECODE_WORK": "0"}),
+        "eager-one-split": (eager, {"PAGEDSERVE_DECODE_SPLITS": "1"}),
+    }
+    # (PAGEDSERVE_PDL and PAGEDSERVE_FUSED_ROPE_KV are read at import: set them for the whole process.)
+    names = sys.argv[1:] or ["plain", "default", "async-off", "no-mixed-graphs", "eager"]
     want = None
-    for name, kwargs, env in settings:
+    for name in names:
+        kwargs, env = settings[name]
         os.environ.update(env)
         gc.collect()
         torch.cuda.empty_cache()
@@ -45,7 +52,10 @@ def main() -> None:
         if want is None:
             want = outs
         same = sum(a == b for a, b in zip(outs, want))
-        print(f"draft-diag {name}: answers equal to plain {same}/12; drafts {stats.get('num_drafts')}, kept "
+        flags = " ".join(f"{k}={v}" for k, v in os.environ.items()
+                         if k in ("PAGEDSERVE_PDL", "PAGEDSERVE_FUSED_ROPE_KV"))
+        print(f"draft-diag {name} {flags}: answers equal to the first setting's {same}/12; "
+              f"drafts {stats.get('num_drafts')}, kept "
               f"{stats.get('num_accepted_tokens')} of {stats.get('num_draft_tokens')}, by position "
               f"{stats.get('accepted_per_position')}", flush=True)
         for key in env:

@@ -412,7 +412,12 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
         tests/executor/test_gpt_oss.py -k "gpt or sink or Sink" -q -p no:cacheprovider -ra 2>&1 \
         | grep -E "passed|failed|FAILED|rror" | tail -20 ;;
     draft-diag)  # session 30's miss: a checkpoint drafting for itself keeps 36% on the GPU; by setting
-      timeout 300 python3 scripts/draft_diag.py 2>&1 | grep -E "draft-diag|rror" | tail -12 ;;
+      timeout 300 python3 scripts/draft_diag.py ${DRAFT_DIAG:-} 2>&1 | grep -E "draft-diag|rror" | tail -12 ;;
+    draft-diag2)  # which eager part: attention backend, decode order, splits; then PDL and the fused rope + KV write off
+      timeout 200 python3 scripts/draft_diag.py eager eager-torch-attention eager-plain-order eager-one-split 2>&1 \
+        | grep -E "draft-diag|rror" | tail -12
+      PAGEDSERVE_PDL=0 PAGEDSERVE_FUSED_ROPE_KV=0 timeout 120 python3 scripts/draft_diag.py eager 2>&1 \
+        | grep -E "draft-diag|rror" | tail -4 ;;
     gptoss-bench)  # gpt-oss-20b's shapes, random bf16 weights (~41 GB): batch-1 latency and the default workload
       python3 -m pagedserve.entrypoints.cli bench latency --model .devcache/gpt-oss-20b --load-format dummy \
         --output-json "$OUT/gptoss-latency.json" 2>&1 | tail -4
