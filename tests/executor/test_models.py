@@ -194,7 +194,7 @@ def test_batched_decodes_match_the_per_sequence_reference(
 ) -> None:
     """A mixed step (decodes of different lengths, a prefill, an extend, padding rows) through the backend with its
     decodes batched equals the same step with every sequence through causal_attention: windows, the soft-cap and
-    sinks included. The cache blocks are shuffled; padding rows must come out zero."""
+    sinks included. The cache blocks are shuffled, every slot not yet written is NaN; padding rows come out zero."""
     from pagedserve.executor.attention import torch_ref
 
     if chunk_elements is not None:
@@ -204,7 +204,12 @@ def test_batched_decodes_match_the_per_sequence_reference(
     query_lens = [1, 1, 5, 1, 3, 1, 1]
     seq_lens = [1, 37, 5, 9, 11, 16, 23]  # one cached token, lengths off the block size, one at it
     tables = torch.randperm(num_blocks)[: len(seq_lens) * 12].view(len(seq_lens), 12).to(torch.int32)
-    cache = torch.randn(2, num_blocks, block, kv_heads, dim).clamp(-4, 4).to(cache_dtype)
+    # Only the cached positions hold values; every other slot (the rest of a last block, unused blocks) is NaN.
+    cache = torch.full((2, num_blocks, block, kv_heads, dim), float("nan"))
+    for s, (q_len, seq_len) in enumerate(zip(query_lens, seq_lens)):
+        for p in range(seq_len - q_len):
+            cache[:, int(tables[s, p // block]), p % block] = torch.randn(2, kv_heads, dim).clamp(-4, 4)
+    cache = cache.to(cache_dtype)
     slots = [int(tables[s, p // block]) * block + p % block
              for s in range(len(seq_lens)) for p in range(seq_lens[s] - query_lens[s], seq_lens[s])]
     tokens = sum(query_lens) + 2  # two padding rows

@@ -33,7 +33,10 @@ def small_checkpoint(folder: Path, arch: str = "qwen2", seed: int = 4, std: floa
                   intermediate_size=1024, num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2,
                   max_position_embeddings=2048, tie_word_embeddings=False,
                   architectures=[model_cls.__name__], **overrides)
-    hf = model_cls(config_cls(**fields))
+    config = config_cls(**fields)
+    if arch == "gemma2":  # eager: the GPU machine's Transformers 5.17 builds Gemma 2 with SDPA, which drops the cap
+        config._attn_implementation = "eager"
+    hf = model_cls(config)
     randomize_(hf, seed=seed, std=std)
     hf.save_pretrained(folder)
     return hf.eval()

@@ -123,6 +123,9 @@ def batched_decode_attention(
         if window is not None:
             hidden |= key_pos[None, :] <= (last - window)[:, None]
         scores.masked_fill_(hidden[:, None, None, :], float("-inf"))
+        # Keys past a sequence's end are other requests' or unwritten slots: their values may be anything, NaN
+        # included, and 0 x NaN is NaN: zeroed, as the per-sequence path never gathers them.
+        value.masked_fill_(hidden[:, :, None, None], 0.0)
         if sinks is not None:
             column = sinks.float().view(1, num_kv_heads, group, 1).expand(len(idx), num_kv_heads, group, 1)
             probs = torch.softmax(torch.cat([scores, column], dim=-1), dim=-1)[..., :-1]
