@@ -107,14 +107,16 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         tokenize: bool = False,
         tools: list[dict[str, Any]] | None = None,
+        chat_template: str | None = None,
         **template_kwargs: Any,
     ) -> str | list[int]:
-        """Render messages with the model's chat template (or the override).
+        """Render messages with the model's chat template (or the override; or `chat_template`, one call's own).
 
         Raises ValueError when the model has no template, a message is malformed, or the template
         itself rejects the conversation (e.g. roles that must alternate).
         """
-        if not self.chat_template:
+        chat_template = chat_template if chat_template is not None else self.chat_template
+        if not chat_template:
             raise ValueError(
                 "this model has no chat template; pass one with chat_template= (a Jinja file path or "
                 "the template text), or use the completions API with a plain prompt"
@@ -125,7 +127,7 @@ class Tokenizer:
         try:
             text = self.hf.apply_chat_template(
                 normalized,
-                chat_template=self.chat_template,
+                chat_template=chat_template,
                 add_generation_prompt=add_generation_prompt,
                 tokenize=False,
                 tools=tools,

@@ -28,13 +28,17 @@ class FakeTokenizer:
         return list(text.encode("utf-8"))
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        if not skip_special_tokens:
+            return "".join("<eos>" if i == EOS else bytes([i]).decode("utf-8", errors="replace") for i in ids)
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
     def convert_ids_to_tokens(self, ids) -> list[str]:
         return [chr(i) if i < 256 else "<eos>" for i in ids]
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False,
-                            tools=None, enable_thinking: bool = True):
+                            tools=None, enable_thinking: bool = True, chat_template=None):
+        if chat_template is not None:  # a request's own template: "{last}" is the last message's text
+            return chat_template.replace("{last}", str(messages[-1]["content"]))
         parts = [] if enable_thinking else ["<no_think>"]
         for m in messages:
             content = m["content"]

@@ -356,9 +356,10 @@ def test_unknown_fields_are_ignored(server) -> None:
         "user": "u",
         "parallel_tool_calls": False,
         "messages": [{"role": "user", "content": "hi", "extra": 1}],
-        "stream_options": {"zzz": 1},
     }
     assert httpx.post(server.base_url + "/v1/chat/completions", json=body).status_code == 200
+    streamed = {**body, "stream": True, "stream_options": {"zzz": 1}}  # (stream_options needs stream)
+    assert httpx.post(server.base_url + "/v1/chat/completions", json=streamed).status_code == 200
 
 
 def test_unknown_model_route_and_method(server) -> None:
@@ -943,3 +944,46 @@ def test_messages_and_responses_name_what_is_wrong(start_fake_server) -> None:
     err = assert_error(httpx.post(server.base_url + "/v1/responses", json={
         "input": [{"role": "user", "content": [{"type": "input_text", "text": None}]}]}), 400, "input")
     assert err["message"] == "input.0.content.0.text must be a string"
+
+
+def test_echoed_token_ids_keep_special_tokens_and_offsets_index_the_text(server) -> None:
+    """Found by the session 30 stress round: a token-id prompt was echoed without its special tokens while its
+    tokens and text_offset counted them, so the offsets pointed past the text. Each token now sits at its offset."""
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+    for stream in (False, True):
+        r = client.completions.create(model=MODEL, prompt=[104, 105, 256, 106], max_tokens=3, echo=True, logprobs=1,
+                                      stream=stream)
+        chunks = list(r) if stream else [r]
+        text = "".join(c.choices[0].text for c in chunks)
+        tokens = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+        offsets = [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+        assert text == "hi<eos>j" + TEXT[:3]
+        assert tokens[:4] == ["h", "i", "<eos>", "j"] and len(tokens) == len(offsets) == 7
+        assert all(text[o : o + len(t)] == t for t, o in zip(tokens, offsets)), (tokens, offsets, text)
+
+
+def test_stream_options_echo_with_suffix_and_request_templates_are_refused(start_fake_server) -> None:
+    """stream_options without stream (OpenAI's and vLLM's 400), echo with suffix (the model's prompt is the FIM
+    markup, not the prompt), and a request's own chat_template unless the server trusts them (vLLM's
+    --trust-request-chat-template); with it, the request's template renders the prompt."""
+    server = start_fake_server()
+    url = server.base_url
+    assert_error(httpx.post(url + "/v1/chat/completions", json={**CHAT, "stream_options": {"include_usage": True}}),
+                 400, "stream_options")
+    assert_error(httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 2,
+                                                           "stream_options": {"include_usage": True}}),
+                 400, "stream_options")
+    assert_error(httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "a", "suffix": "b",
+                                                           "echo": True, "max_tokens": 2}), 400, "echo")
+    template = {**CHAT, "chat_template": "custom: {last}!"}
+    assert_error(httpx.post(url + "/v1/chat/completions", json=template), 400, "chat_template")
+    assert_error(httpx.post(url + "/tokenize", json={"model": MODEL, "messages": CHAT["messages"],
+                                                     "chat_template": "x"}), 400, "chat_template")
+    assert httpx.post(url + "/v1/chat/completions", json=CHAT).status_code == 200  # still serving
+    trusted = start_fake_server(trust_request_chat_template=True)
+    r = httpx.post(trusted.base_url + "/v1/chat/completions", json=template)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == len("custom: hi!")
+    r = httpx.post(trusted.base_url + "/tokenize", json={"model": MODEL, "messages": CHAT["messages"],
+                                                         "chat_template": "custom: {last}!"})
+    assert r.status_code == 200 and r.json()["tokens"] == list(b"custom: hi!"), r.text

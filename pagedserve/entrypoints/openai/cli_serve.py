@@ -114,6 +114,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
 
 def add_request_handling_args(g: argparse._ArgumentGroup) -> None:
     """How chat answers are read and which adapters a request may name: `serve`'s flags, which `run-batch` takes too."""
+    g.add_argument("--trust-request-chat-template", action="store_true",
+                   help="render a chat request's own chat_template field (a Jinja template: code the server runs); "
+                   "without this flag such requests get a 400")
     g.add_argument("--enable-auto-tool-choice", action="store_true",
                    help='chat requests with tools may let the model decide (tool_choice "auto", the default '
                    "then): its answer is parsed for tool calls (--tool-call-parser)")

@@ -143,6 +143,7 @@ class ChatCompletionRequest(SamplingFields):
     # vLLM extras
     add_generation_prompt: bool | None = True
     chat_template_kwargs: dict[str, Any] | None = None  # extra template variables, e.g. Qwen3's enable_thinking
+    chat_template: str | None = None  # this request's own template: only with --trust-request-chat-template
     continue_final_message: bool = False  # the last (assistant) message left open, to be continued
     documents: list[dict[str, str]] | None = None  # for templates that render retrieved documents (RAG)
     # OpenAI's field: passed to the chat template as `reasoning_effort` (templates that read it, e.g. gpt-oss's)
@@ -164,6 +165,7 @@ class TokenizeChatRequest(OpenAIBaseModel):
     add_special_tokens: bool = False  # the template writes its own special tokens
     tools: list[dict[str, Any]] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None
     continue_final_message: bool = False
     documents: list[dict[str, str]] | None = None
     return_token_strs: bool | None = False
@@ -319,6 +321,7 @@ class EmbeddingRequest(OpenAIBaseModel):
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Int | None = Field(default=None, description="keep the first N values (then normalize)")
     user: str | None = None

@@ -103,6 +103,7 @@ class ServerSettings:
     served_model_names: list[str] = field(default_factory=list)  # default: [engine.model_name]
     model_root: str | None = None
     enable_auto_tool_choice: bool = False  # tool_choice "auto": answers parsed for hermes tool calls
+    trust_request_chat_template: bool = False  # a request's own chat_template is rendered (else a 400)
     # "qwen3" | "deepseek_r1" | "gpt_oss": chat answers split into reasoning / content (entrypoints/openai/reasoning.py)
     reasoning_parser: str | None = None
     lora_modules: dict = field(default_factory=dict)  # served name -> LoRARequest (--lora-modules)
@@ -283,6 +284,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
     served_names = settings.served_model_names or [engine.model_name]
     # A request may name the base model or one of its LoRA adapters.
     engine.lora_requests = dict(settings.lora_modules)
+    engine.trust_request_chat_template = settings.trust_request_chat_template
     served_names = served_names + [name for name in settings.lora_modules if name not in served_names]
     started = int(time.time())
     token_strings = TokenStrings(engine.tokenizer)
@@ -755,6 +757,7 @@ def run_server(config: EngineConfig, args: argparse.Namespace, backend: Any = No
         shutdown_timeout=args.shutdown_timeout,
         model_root=getattr(engine_config, "model", None),
         enable_auto_tool_choice=bool(getattr(args, "enable_auto_tool_choice", False)),
+        trust_request_chat_template=bool(getattr(args, "trust_request_chat_template", False)),
         reasoning_parser=getattr(args, "reasoning_parser", None),
         lora_modules=lora_modules,
         allow_runtime_lora_updating=bool(getattr(args, "allow_runtime_lora_updating", False)

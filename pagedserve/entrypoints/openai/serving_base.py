@@ -154,6 +154,8 @@ def build_sampling_params(req: SamplingFields, max_tokens: int | None, logprobs:
                           defaults: dict | None = None) -> SamplingParams:
     """`defaults`: the model's generation_config values for the fields the request leaves unset."""
     defaults = defaults or {}
+    if req.stream_options is not None and not req.stream:  # (OpenAI's and vLLM's rule)
+        raise bad_request("stream_options is only allowed with stream: true", "stream_options")
 
     def pick(name: str, builtin: float) -> float:
         value = getattr(req, name)

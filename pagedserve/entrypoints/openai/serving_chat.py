@@ -580,17 +580,24 @@ async def render_chat_prompt(engine: AsyncEngine, req: Any, add_generation_promp
         template_kwargs["documents"] = req.documents
     if getattr(req, "reasoning_effort", None) is not None:
         template_kwargs.setdefault("reasoning_effort", req.reasoning_effort)
+    template = getattr(req, "chat_template", None)
+    if template is not None and not getattr(engine, "trust_request_chat_template", False):
+        # (vLLM's rule: a template is code the server runs; only a server started to trust them takes one)
+        raise bad_request("this request passes its own chat_template, which the server takes only when started "
+                          "with --trust-request-chat-template", "chat_template")
     try:
         return await engine.run_in_tokenizer_thread(_render_and_encode, engine.tokenizer, messages,
-                                                    add_generation_prompt, tools, template_kwargs)
+                                                    add_generation_prompt, tools, template_kwargs, template)
     except ValueError as e:
         raise bad_request(str(e), "messages") from e
 
 
 def _render_and_encode(tokenizer: Any, messages: list[dict], add_generation_prompt: bool,
-                       tools: list[dict] | None = None, template_kwargs: dict[str, Any] | None = None
-                       ) -> tuple[str, list[int]]:
-    extra = {"tools": tools} if tools else {}
+                       tools: list[dict] | None = None, template_kwargs: dict[str, Any] | None = None,
+                       chat_template: str | None = None) -> tuple[str, list[int]]:
+    extra: dict[str, Any] = {"tools": tools} if tools else {}
+    if chat_template is not None:
+        extra["chat_template"] = chat_template
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
                                          **extra, **(template_kwargs or {}))
     return text, tokenizer.encode(text, add_special_tokens=False)

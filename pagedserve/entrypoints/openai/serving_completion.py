@@ -64,6 +64,9 @@ class OpenAIServingCompletion:
         if req.stream and req.prompt_logprobs is not None:
             raise bad_request("prompt_logprobs is not available when streaming; echo with logprobs streams the "
                               "prompt's logprobs in the legacy format", "prompt_logprobs")
+        if req.suffix and req.echo:
+            raise bad_request("echo is not available with suffix (the model's prompt is the fill-in-the-middle "
+                              "markup around prompt and suffix, not the prompt)", "echo")
         if req.use_beam_search:
             return await run_until_disconnect(raw_request, self._beam_search(req, model_name))
         echo_only = req.max_tokens == 0  # the prompt alone (lm-eval's loglikelihood requests, with logprobs)
@@ -181,8 +184,8 @@ class OpenAIServingCompletion:
     # ------------------------------------------------------------------ outputs
     def _prompt_text(self, ctx: _Context, prompt_index: int) -> str:
         text, ids = ctx.prompts[prompt_index]
-        if text is None:
-            text = self.engine.tokenizer.decode(ids)
+        if text is None:  # token ids: their text with special tokens, as the echoed tokens and offsets have them
+            text = self.engine.tokenizer.decode(ids, skip_special_tokens=False)
             ctx.prompts[prompt_index] = (text, ids)
         return text
 
