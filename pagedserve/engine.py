@@ -41,7 +41,7 @@ from pagedserve.executor.compile_log import mark_serving, serving_compiles
 from pagedserve.lora import LoRARequest
 from pagedserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
-from pagedserve.spec_decode import NgramProposer, SpeculativeConfig
+from pagedserve.spec_decode import NgramProposer, SpecDecodeStats, SpeculativeConfig
 from pagedserve.structured_output import SequenceConstraint, StructuredOutputBackend
 from pagedserve.tokenizer import IncrementalDetokenizer
 
@@ -228,6 +228,12 @@ class LLMEngine:
             self.scheduler.kv_cache.prefix_cache_queries = self.scheduler.kv_cache.prefix_cache_hits = 0
             self.step_timing.totals.clear()
             self.prompt_tokens_total = self.generation_tokens_total = 0
+            # Drafting and preemption counters too: the script's random-sampling requests reject most drafts (a
+            # self-draft read 37% kept on the GPU instead of 100%: session 30), and none of it was served.
+            self.scheduler.spec_stats = SpecDecodeStats()
+            self.scheduler.num_preemptions = 0
+            if self.scheduler.kv_cache.cpu is not None:
+                self.scheduler.kv_cache.cpu_prefix_cache_hits = 0
 
         from pagedserve.executor.precompile import compile_ahead
 

@@ -163,3 +163,26 @@ def test_draft_model_with_tensor_parallelism(tmp_path, real_model_dir) -> None:
         assert drafts["num_drafts"] > 0 and drafts["acceptance_rate"] > 0.9
     finally:
         llm.engine.worker.close()
+
+
+def test_warm_up_leaves_the_drafting_counters_at_zero(tmp_path) -> None:
+    """The start-up warm-up (run on CUDA; called here by hand) drafts for its throwaway requests, and its random
+    sampling rejects most drafts: its counts must not reach the served figures (session 30: a checkpoint drafting
+    for itself read 37% kept on an H100, where every served draft was kept). The warm-up's rejections are checked
+    to have happened, then every counter to be back at zero, and a served request to keep every draft."""
+    from tests.executor.helpers import save_tiny_model
+
+    save_tiny_model("qwen2", tmp_path, seed=3)
+    llm = LLM(str(tmp_path), max_model_len=128, cpu_kv_cache_gib=0.05, speculative_config=spec(str(tmp_path), 4))
+    engine = llm.engine
+    during = engine.scheduler.spec_stats  # the counters the warm-up's steps add to
+    engine.warm_up()
+    assert during.num_drafts > 0 and during.num_accepted_tokens < during.num_draft_tokens
+    stats = engine.get_stats()
+    assert stats["spec_decode"]["num_drafts"] == stats["spec_decode"]["num_draft_tokens"] == 0
+    assert stats["num_preemptions"] == 0 and stats["num_running"] == 0
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": [5, 9, 13, 17, 21, 25]}], params, use_tqdm=False)
+    drafts = engine.get_stats()["spec_decode"]
+    assert drafts["num_drafts"] > 0 and drafts["num_accepted_tokens"] == drafts["num_draft_tokens"]
+    assert_all_blocks_free(llm)
