@@ -987,3 +987,28 @@ def test_stream_options_echo_with_suffix_and_request_templates_are_refused(start
     r = httpx.post(trusted.base_url + "/tokenize", json={"model": MODEL, "messages": CHAT["messages"],
                                                          "chat_template": "custom: {last}!"})
     assert r.status_code == 200 and r.json()["tokens"] == list(b"custom: hi!"), r.text
+
+
+def test_continuous_usage_counts_each_choice_alone(server) -> None:
+    """stream_options.continuous_usage_stats with n = 2 (vLLM's field): a chunk's usage counts its own choice's
+    tokens, as vLLM's; it added up both choices (1, 2, 3, ... up to 2 x max_tokens)."""
+    for route, body in (("/v1/chat/completions", {**CHAT, "max_tokens": 4}),
+                        ("/v1/completions", {"model": MODEL, "prompt": ["ab", "abc"], "max_tokens": 4})):
+        body = {**body, "n": 2, "stream": True,
+                "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+        with httpx.stream("POST", server.base_url + route, json=body, timeout=30) as r:
+            events = [e for e in sse_events(r) if e != "[DONE]"]
+        last: dict[int, int] = {}
+        for e in events:
+            if not e["choices"]:
+                continue
+            i, usage = e["choices"][0]["index"], e["usage"]
+            assert usage["completion_tokens"] >= last.get(i, 0) and usage["completion_tokens"] <= 4, (route, e)
+            assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+            last[i] = usage["completion_tokens"]
+        assert last == {i: 4 for i in last} and len(last) == (2 if "chat" in route else 4), (route, last)
+        final = events[-1]["usage"]
+        assert final["completion_tokens"] == 4 * len(last)
+        if "chat" not in route:  # each chunk's prompt is its own choice's
+            prompts = {e["choices"][0]["index"]: e["usage"]["prompt_tokens"] for e in events if e["choices"]}
+            assert prompts == {0: 2, 1: 2, 2: 3, 3: 3} and final["prompt_tokens"] == 5

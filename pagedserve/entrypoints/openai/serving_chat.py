@@ -367,7 +367,8 @@ class OpenAIServingChat:
                     if finished[i]:
                         continue
                     num_completion[i] = len(out.token_ids)
-                    usage = (usage_dict(ctx.num_prompt_tokens, sum(num_completion), cached()) if continuous_usage
+                    # continuous usage: this chunk's choice's tokens (vLLM's), not the sum over the n choices
+                    usage = (usage_dict(ctx.num_prompt_tokens, num_completion[i], cached()) if continuous_usage
                              else None)
                     delta_text = out.text[sent_text[i] :]
                     new_lps = None

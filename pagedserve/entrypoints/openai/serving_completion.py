@@ -304,9 +304,11 @@ class OpenAIServingCompletion:
 
         def chunk(choice: dict) -> str:
             obj = {**base, "choices": [choice]}
-            if include_usage:
-                obj["usage"] = usage_dict(ctx.num_prompt_tokens, sum(num_completion), cached()) if continuous_usage \
-                    else None
+            if include_usage:  # continuous: the usage of this chunk's choice (its prompt, its tokens), as vLLM's
+                i = choice["index"]
+                obj["usage"] = usage_dict(len(ctx.prompts[i // n][1]), num_completion[i],
+                                          num_cached[i // n] if self.prompt_tokens_details else None) \
+                    if continuous_usage else None
             return sse(obj)
 
         try:
