@@ -173,6 +173,8 @@ class AsyncEngine:
         self.default_sampling: dict = info.get("default_sampling") or {}
         self.retry_after_seconds = retry_after_seconds
         self.observers: list[OutputObserver] = []
+        # Called with each request's stream that abort() ends before it finished (a client gone, a cancel): metrics
+        self.abort_observers: list[Callable[[RequestStream], None]] = []
         self.stats: dict = info["stats"]  # newest snapshot; replaced, never mutated
         self.dead_error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -375,6 +377,11 @@ class AsyncEngine:
             stream = self._streams.pop(rid, None)
             if stream is not None:
                 stream.finished = True
+                for observer in self.abort_observers:
+                    try:
+                        observer(stream)
+                    except Exception:  # metrics must never break serving
+                        logger.exception("abort observer failed")
         self._backend.forget(ids)
         if self.dead_error is None:
             self._backend.submit(AbortRequests(ids))

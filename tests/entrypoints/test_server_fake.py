@@ -473,6 +473,10 @@ def test_client_disconnect_aborts_and_frees_kv(start_fake_server) -> None:
     assert _metric(server, "pagedserve:kv_cache_usage_perc") == 0
     assert _metric(server, "pagedserve:num_free_kv_blocks") == _metric(server, "pagedserve:num_total_kv_blocks")
     assert not engine._reqs
+    # counted as vLLM counts it: request_success_total with finished_reason "abort" (it was in no counter)
+    aborted = [line for line in httpx.get(server.base_url + "/metrics").text.splitlines()
+               if line.startswith("pagedserve:request_success_total{") and 'finished_reason="abort"' in line]
+    assert len(aborted) == 1 and float(aborted[0].rsplit(" ", 1)[1]) == 1.0, aborted
 
 
 def test_non_streaming_disconnect_aborts(start_fake_server) -> None:

@@ -212,6 +212,13 @@ class ServerMetrics:
         )
         self._model_name = model_name
         engine.observers.append(self.observe)
+        if hasattr(engine, "abort_observers"):
+            engine.abort_observers.append(self.observe_abort)
+
+    def observe_abort(self, stream: RequestStream) -> None:
+        """A request aborted before it finished (its client went away, or it was cancelled): vLLM counts it in
+        request_success_total with finished_reason "abort"."""
+        self._success.labels(self._model_name, "abort").inc()
 
     def observe(self, stream: RequestStream, output: RequestOutput) -> None:
         """Called on the event loop for every engine output of every request (before coalescing)."""
