@@ -1016,3 +1016,14 @@ def test_continuous_usage_counts_each_choice_alone(server) -> None:
         if "chat" not in route:  # each chunk's prompt is its own choice's
             prompts = {e["choices"][0]["index"]: e["usage"]["prompt_tokens"] for e in events if e["choices"]}
             assert prompts == {0: 2, 1: 2, 2: 3, 3: 3} and final["prompt_tokens"] == 5
+
+
+def test_seed_bounds_are_stated_exactly(server) -> None:
+    """Seeds are 64-bit (either sign's range); 2**64 is a 400 whose message states the bound as an integer (it read
+    18446744073709552000, a float's rendering); 2**64 - 1 and -2**63 are served."""
+    url = server.base_url + "/v1/completions"
+    body = {"model": MODEL, "prompt": "a", "max_tokens": 2}
+    err = assert_error(httpx.post(url, json={**body, "seed": 2**64}), 400, "seed")
+    assert "18446744073709551615" in err["message"], err
+    for seed in (2**64 - 1, -(2**63)):
+        assert httpx.post(url, json={**body, "seed": seed}).status_code == 200

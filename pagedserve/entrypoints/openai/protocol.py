@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from pagedserve.sampling_params import MAX_LOGPROBS, MAX_N, MAX_STOP_STRINGS
 
@@ -53,6 +53,13 @@ class SamplingFields(OpenAIBaseModel):
     """Fields common to chat and completions: OpenAI's, then vLLM's extras. The bounds in the
     schema are SamplingParams' (pagedserve/sampling_params.py), which checks them again."""
 
+    @field_validator("seed")
+    @classmethod
+    def _seed_in_range(cls, value: int | None) -> int | None:
+        if value is not None and not -(2**63) <= value <= 2**64 - 1:
+            raise ValueError(f"seed must be a 64-bit integer, from {-(2**63)} to {2**64 - 1}")
+        return value
+
     model: str | None = Field(default=None, description="the served model name; may be omitted")
     max_tokens: Int | None = Field(default=None, ge=1, description="most tokens to generate")
     n: Int | None = Field(default=1, ge=1, le=MAX_N)
@@ -61,7 +68,7 @@ class SamplingFields(OpenAIBaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(default=None, description=f"at most {MAX_STOP_STRINGS} strings")
-    seed: Int | None = Field(default=None, ge=-(2**63), lt=2**64)
+    seed: Int | None = None  # 64-bit, either sign's range: checked by _seed_in_range (Field bounds print as floats)
     presence_penalty: float | None = Field(default=0.0, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = Field(
