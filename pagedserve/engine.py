@@ -340,6 +340,8 @@ class LLMEngine:
             child_params = params
             if params.n > 1:
                 seed = None if params.seed is None else params.seed + index
+                if seed is not None and seed > 2**64 - 1:  # (wrapped into the 64-bit range SamplingParams takes)
+                    seed -= 2**64
                 # The first choice computes the prompt logprobs; the others may share its prompt blocks.
                 prompt_logprobs = params.prompt_logprobs if index == 0 else None
                 child_params = dataclasses.replace(params, n=1, seed=seed, prompt_logprobs=prompt_logprobs)
@@ -377,6 +379,10 @@ class LLMEngine:
                                       logprobs=None if params.logprobs is None else [])
             constraint = None if compiled is None else self._structured.matcher(compiled)
             state.choices.append(_Choice(request, detok, output, constraint))
+        for choice in state.choices:  # every child id free first (one taken by another request: nothing added)
+            child_id = choice.request.request_id
+            if child_id in self.scheduler.requests or child_id in self._child_to_parent:
+                raise ValueError(f"a request with id {child_id!r} is already running or waiting")
         for choice in state.choices:  # add only once every child is built, so errors leave no trace
             self.scheduler.add_request(choice.request)
             self._child_to_parent[choice.request.request_id] = (request_id, choice.output.index)
@@ -625,6 +631,9 @@ class LLMEngine:
 
     def _store_prompt_logprobs(self, scheduler_output: SchedulerOutput, prompt_logprobs: list) -> None:
         for scheduled, part in zip(scheduler_output.scheduled, prompt_logprobs, strict=True):
+            request = self.scheduler.requests.get(scheduled.request_id)
+            if request is None or (scheduled.serial >= 0 and request.serial != scheduled.serial):
+                continue  # (its request was aborted since; a new one may have its id)
             parent = None if part is None else self._child_to_parent.get(scheduled.request_id)
             state = None if parent is None else self._requests.get(parent[0])
             if state is not None and state.prompt_logprobs is not None:

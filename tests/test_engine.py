@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pagedserve.config import EngineConfig
 from pagedserve.engine import LLMEngine
 from pagedserve.sampling_params import SamplingParams
@@ -93,3 +95,71 @@ def test_without_max_tokens_a_request_fills_a_cache_smaller_than_the_context(tin
     assert engine.get_stats()["num_free_blocks"] == 4
     with pytest.raises(ValueError, match="more than the whole cache holds"):
         engine.add_request("b", list(range(1, 11)), SamplingParams(max_tokens=60))
+
+
+def _tiny_llm(tmp_path, **kwargs):
+    from pagedserve import LLM
+    from tests.executor.helpers import save_tiny_model
+
+    save_tiny_model("qwen2", tmp_path, seed=3)
+    return LLM(str(tmp_path), max_model_len=128, num_kv_blocks=64, **kwargs)
+
+
+def _greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def _run(engine: LLMEngine) -> dict:
+    outs = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                outs[o.request_id] = o.outputs[0].token_ids
+    return outs
+
+
+def test_a_child_id_taken_by_another_request_adds_nothing(tmp_path) -> None:
+    """Found by session 30's stress round: request "a" with n = 2 makes children "a#0" and "a#1"; with "a#1" already
+    running, the refusal came after "a#0" was in the scheduler, and every later step failed (KeyError 'a')."""
+    llm = _tiny_llm(tmp_path)
+    engine = llm.engine
+    engine.add_request("a#1", [1, 2, 3], _greedy(4))
+    with pytest.raises(ValueError, match="'a#1' is already running or waiting"):
+        engine.add_request("a", [1, 2, 3], SamplingParams(n=2, temperature=0.0, max_tokens=4, ignore_eos=True))
+    assert sorted(engine.scheduler.requests) == ["a#1"]
+    assert set(_run(engine)) == {"a#1"}
+    assert llm.generate([[5, 6, 7]], _greedy(3), use_tqdm=False)[0].outputs[0].token_ids  # still serving
+    stats = engine.get_stats()
+    assert stats["num_free_blocks"] == stats["num_total_blocks"]
+
+
+def test_an_id_reused_after_an_abort_gets_none_of_the_old_steps_tokens(tmp_path) -> None:
+    """Async scheduling: a step is in flight when its request is aborted and a new request takes the id at once;
+    the step's token was handed to the new request (its answer began with the old one's token). The new request's
+    answer must equal the same prompt's answer alone."""
+    llm = _tiny_llm(tmp_path, async_scheduling=True)
+    engine = llm.engine
+    assert engine.async_scheduling
+    old = [(j * 7) % 250 + 1 for j in range(20)]
+    new = [(j * 11) % 250 + 3 for j in range(30)]
+    want = llm.generate([new], _greedy(8), use_tqdm=False)[0].outputs[0].token_ids
+    engine.add_request("x", old, _greedy(16))
+    for _ in range(3):
+        engine.step()
+    engine.abort_request("x")
+    engine.add_request("x", new, _greedy(8))
+    assert _run(engine)["x"] == want
+    stats = engine.get_stats()
+    assert stats["num_free_blocks"] == stats["num_total_blocks"]
+
+
+def test_n_choices_with_the_largest_seed_wrap_their_seeds(tmp_path) -> None:
+    """seed 2**64 - 1 is valid; with n = 2 the second choice's seed + 1 went past the range and the request was
+    refused naming a seed it never sent. The children's seeds wrap into the range, and stay reproducible."""
+    llm = _tiny_llm(tmp_path)
+    params = SamplingParams(n=2, seed=2**64 - 1, max_tokens=4, ignore_eos=True)
+    first = [o.token_ids for o in llm.generate([[1, 2, 3]], params, use_tqdm=False)[0].outputs]
+    again = [o.token_ids for o in llm.generate([[1, 2, 3]], params, use_tqdm=False)[0].outputs]
+    assert first == again and len(first) == 2
+    wrapped = SamplingParams(seed=2**64 - 1 + 1 - 2**64, max_tokens=4, ignore_eos=True)  # the second child's seed
+    assert llm.generate([[1, 2, 3]], wrapped, use_tqdm=False)[0].outputs[0].token_ids == first[1]

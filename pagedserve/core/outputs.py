@@ -46,6 +46,7 @@ class ScheduledRequest:
     # Speculative decoding (spec_decode.py): the draft tokens at the end of token_ids (a decode's last token,
     # then these). The runner samples at each of the len + 1 last positions; empty: a plain step.
     draft_token_ids: list[int] = field(default_factory=list)
+    serial: int = -1  # the scheduled Request's serial (core/request.py): whose result this row is; -1: unchecked
 
     @property
     def seq_len(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,9 @@ class RequestStatus(enum.Enum):
             RequestStatus.FINISHED_LENGTH: "length",
             RequestStatus.FINISHED_ABORTED: "abort",
         }.get(self)
+
+
+_SERIALS = itertools.count()
 
 
 @dataclass(slots=True, eq=False)
@@ -72,6 +76,9 @@ class Request:
     first_scheduled_time: float | None = None
     # Chained hashes of this request's full blocks, filled by the KV cache manager.
     block_hashes: list = field(default_factory=list)
+    # Unique to this object: a step scheduled for an aborted request whose id was then given to a new one (async
+    # scheduling lets a step run while its request goes) must not hand its token to the new request.
+    serial: int = field(default_factory=lambda: next(_SERIALS))
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

@@ -285,6 +285,7 @@ class Scheduler:
             output_index=output_index,
             lora_slot=request.lora_slot,
             draft_token_ids=drafts or [],
+            serial=request.serial,
         )
 
     def _ends_with_placeholder(self, request: Request) -> bool:
@@ -431,8 +432,10 @@ class Scheduler:
             if not scheduled.needs_sample:
                 continue
             request = self.requests.get(scheduled.request_id)
-            if request is None:
-                continue  # ended (e.g. aborted, or stopped at the step before) after it was scheduled
+            if request is None or (scheduled.serial >= 0 and request.serial != scheduled.serial):
+                # ended (e.g. aborted, or stopped at the step before) after it was scheduled; or aborted, and its
+                # id taken by a new request since (this row's token is the old one's)
+                continue
             request.num_output_placeholders -= 1
             if sampled[i] is None:
                 if scheduled.draft_token_ids:  # (not expected: every sampling row gets its samples) no draft kept
