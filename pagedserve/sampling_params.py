@@ -118,6 +118,11 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        # (a bare number or a dict is a caller's mistake: a ValueError saying so, not a TypeError from list())
+        for name in ("stop", "stop_token_ids", "bad_words_token_ids"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (list, tuple)):
+                raise ValueError(f"{name} must be a list, got {type(value).__name__} {value!r}")
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
@@ -208,6 +213,8 @@ class SamplingParams:
             if not all(is_valid_unicode(w) for w in self.bad_words):
                 fail("bad_words holds a lone surrogate (not valid Unicode), which cannot be tokenized")
         if self.bad_words_token_ids is not None:
+            if not all(isinstance(seq, (list, tuple)) for seq in self.bad_words_token_ids):
+                fail("bad_words_token_ids must be non-empty lists of token ids")
             self.bad_words_token_ids = [list(seq) for seq in self.bad_words_token_ids]
             if not all(seq and all(is_int(t) and t >= 0 for t in seq) for seq in self.bad_words_token_ids):
                 fail("bad_words_token_ids must be non-empty lists of token ids")

@@ -152,3 +152,23 @@ def test_min_tokens_holds_back_stop_strings(llm: LLM) -> None:
                         use_tqdm=False)[0].outputs[0]
     assert len(held.token_ids) >= 8 and held.token_ids[:len(out.token_ids)] == out.token_ids
     assert held.text.startswith(out.text + "\n")
+
+
+def test_chat_takes_a_template_of_its_own(llm: LLM) -> None:
+    """LLM.chat(chat_template=...) (vLLM's keyword): the call's template renders the prompt instead of the model's;
+    the prompt token ids are exactly the custom template's text encoded."""
+    messages = [{"role": "user", "content": "two plus two"}]
+    template = "Question: {{ messages[-1]['content'] }}\nAnswer:"
+    params = SamplingParams(temperature=0.0, max_tokens=3)
+    out = llm.chat(messages, params, use_tqdm=False, chat_template=template)[0]
+    assert out.prompt_token_ids == llm.get_tokenizer().encode("Question: two plus two\nAnswer:",
+                                                              add_special_tokens=False)
+    default = llm.chat(messages, params, use_tqdm=False)[0]
+    assert default.prompt_token_ids != out.prompt_token_ids  # the model's own template otherwise
+
+
+def test_list_fields_given_a_scalar_are_a_value_error() -> None:
+    """SamplingParams(stop=5) and the like raised TypeError from deep inside; a ValueError names the field."""
+    for field, value in (("stop", 5), ("stop_token_ids", 5), ("bad_words_token_ids", [1]), ("stop", {"a": 1})):
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**{field: value})

@@ -217,18 +217,23 @@ class LLM:
         priority: Sequence[int] | None = None,
         continue_final_message: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
+        *,
+        chat_template: str | None = None,
     ) -> list[RequestOutput]:
         """Applies the chat template to one conversation or a list of them, then generates. `tools` (OpenAI's
         function definitions) go into the template, as vLLM's LLM.chat does; the answer's text holds any call
         in the model's own format (the server's tool_choice modes parse or constrain it). continue_final_message:
         the last message (an assistant's) is left open and the answer continues it (with add_generation_prompt
-        False); chat_template_kwargs: variables the template reads (e.g. Qwen3's enable_thinking)."""
+        False); chat_template_kwargs: variables the template reads (e.g. Qwen3's enable_thinking); chat_template:
+        this call's own template (Jinja text) instead of the model's, as vLLM's LLM.chat takes."""
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list of messages or of conversations")
         conversations = messages if isinstance(messages[0], list) else [messages]
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message needs add_generation_prompt=False")
         extra = dict(chat_template_kwargs or {})
+        if chat_template is not None:
+            extra["chat_template"] = chat_template
         if continue_final_message:
             extra["continue_final_message"] = True
         tokenizer = self.engine.tokenizer
