@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pagedserve.core.outputs import TokenLogprobs
+from pagedserve.core.outputs import Logprob, TokenLogprobs
+
+__all__ = ["CompletionOutput", "Logprob", "RequestOutput", "TokenLogprobs"]
 
 
 @dataclass(slots=True)

@@ -144,6 +144,11 @@ class SamplingParams:
         def is_num(x: object) -> bool:
             return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # not NaN
 
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):  # "false" or 0 would read as true, or as false, by accident
+                fail(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+
         if not is_int(self.n) or not 1 <= self.n <= MAX_N:
             fail(f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
         if not is_num(self.temperature) or not 0.0 <= self.temperature <= 100.0:

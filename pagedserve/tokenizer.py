@@ -10,6 +10,7 @@ Invariant: "".join(all deltas returned by add_tokens and flush) == detokenizer.t
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -108,9 +109,15 @@ class Tokenizer:
         tokenize: bool = False,
         tools: list[dict[str, Any]] | None = None,
         chat_template: str | None = None,
+        content_format: str = "auto",
         **template_kwargs: Any,
     ) -> str | list[int]:
         """Render messages with the model's chat template (or the override; or `chat_template`, one call's own).
+
+        content_format (vLLM's chat_template_content_format): how a message's content reaches the template.
+        "string": one string (text parts joined by newlines); "openai": a list of {"type": "text", "text": ...}
+        parts (a string becomes one part), for templates that loop over the parts; "auto": "openai" where the
+        template loops over a message's content, else "string".
 
         Raises ValueError when the model has no template, a message is malformed, or the template
         itself rejects the conversation (e.g. roles that must alternate).
@@ -121,7 +128,9 @@ class Tokenizer:
                 "this model has no chat template; pass one with chat_template= (a Jinja file path or "
                 "the template text), or use the completions API with a plain prompt"
             )
-        normalized = normalize_messages(messages)
+        if content_format == "auto":
+            content_format = detect_content_format(chat_template)
+        normalized = normalize_messages(messages, content_format)
         import jinja2  # transformers renders with jinja2; its errors are the user's to fix
 
         try:
@@ -143,8 +152,37 @@ class Tokenizer:
         return text
 
 
-def normalize_messages(messages: Any) -> list[dict[str, Any]]:
-    """Validate OpenAI-style messages; join list-of-text-parts content into one string."""
+CONTENT_FORMATS = ("auto", "string", "openai")
+
+
+@functools.lru_cache(maxsize=16)
+def detect_content_format(chat_template: str) -> str:
+    """"openai" when the template loops over a message's content (`for part in message['content']`, as
+    Gemma 3's), else "string" (vLLM's rule for chat_template_content_format "auto")."""
+    import jinja2
+    from jinja2 import nodes
+
+    try:
+        tree = jinja2.Environment(extensions=["jinja2.ext.loopcontrols", "jinja2.ext.do"]).parse(chat_template)
+    except jinja2.TemplateError:  # a tag of transformers' own environment ({% generation %}): assume strings
+        return "string"
+    for loop in tree.find_all(nodes.For):
+        source = loop.iter
+        while isinstance(source, (nodes.Filter, nodes.Test)) and source.node is not None:
+            source = source.node
+        if (isinstance(source, nodes.Getitem) and isinstance(source.arg, nodes.Const)
+                and source.arg.value == "content") or (isinstance(source, nodes.Getattr)
+                                                       and source.attr == "content"):
+            return "openai"
+    return "string"
+
+
+def normalize_messages(messages: Any, content_format: str = "string") -> list[dict[str, Any]]:
+    """Validate OpenAI-style messages. content_format "string": list-of-text-parts content joined into one
+    string; "openai": content as a list of text parts (a string becomes one)."""
+    if content_format not in ("string", "openai"):
+        raise ValueError(f"chat_template_content_format must be one of {', '.join(CONTENT_FORMATS)}; "
+                         f"got {content_format!r}")
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
     out: list[dict[str, Any]] = []
@@ -167,9 +205,13 @@ def normalize_messages(messages: Any) -> list[dict[str, Any]]:
                         "only text content is supported"
                     )
                 texts.append(part["text"])
-            content = "\n".join(texts)  # as vLLM joins text parts
-        if not isinstance(content, str):
+            content = "\n".join(texts) if content_format == "string" else texts  # as vLLM joins text parts
+        elif isinstance(content, str) and content_format == "openai":
+            texts = [content] if content or role != "assistant" else []
+        elif not isinstance(content, str):
             raise ValueError(f"messages[{i}].content must be a string or a list of text parts")
+        if content_format == "openai":
+            content = [{"type": "text", "text": text} for text in texts]
         _check_tool_calls(msg.get("tool_calls"), i)
         out.append({**msg, "role": role, "content": content})
     return out

@@ -167,8 +167,36 @@ def test_chat_takes_a_template_of_its_own(llm: LLM) -> None:
     assert default.prompt_token_ids != out.prompt_token_ids  # the model's own template otherwise
 
 
+def test_chat_takes_vllms_positional_order_and_content_format(llm: LLM) -> None:
+    """LLM.chat's parameters in vLLM's order (messages, sampling_params, use_tqdm, lora_request, chat_template,
+    chat_template_content_format, ...), so positional calls written for vLLM mean the same here; a template that
+    loops over content parts gets parts under "auto"."""
+    messages = [{"role": "user", "content": [{"type": "text", "text": "two"}, {"type": "text", "text": "three"}]}]
+    template = "{% for p in messages[-1]['content'] %}({{ p['text'] }}){% endfor %} ="
+    params = SamplingParams(temperature=0.0, max_tokens=2)
+    encode = llm.get_tokenizer().encode
+    out = llm.chat(messages, params, False, None, template)[0]
+    assert out.prompt_token_ids == encode("(two)(three) =", add_special_tokens=False)
+    joined = llm.chat(messages, params, False, None, template, "string")[0]
+    # "two\nthree" as one string: the loop walks its 9 characters, which have no 'text'
+    assert joined.prompt_token_ids == encode("()" * 9 + " =", add_special_tokens=False)
+    with pytest.raises(ValueError, match="mm_processor_kwargs"):
+        llm.chat(messages, params, use_tqdm=False, mm_processor_kwargs={"num_crops": 4})
+    with pytest.raises(ValueError, match="add_generation_prompt"):
+        llm.chat(messages, params, False, None, None, "auto", "yes")
+
+
 def test_list_fields_given_a_scalar_are_a_value_error() -> None:
     """SamplingParams(stop=5) and the like raised TypeError from deep inside; a ValueError names the field."""
     for field, value in (("stop", 5), ("stop_token_ids", 5), ("bad_words_token_ids", [1]), ("stop", {"a": 1})):
         with pytest.raises(ValueError, match=field):
             SamplingParams(**{field: value})
+
+
+def test_flag_fields_given_a_non_bool_are_a_value_error() -> None:
+    """ignore_eos="false" was taken as true (a non-empty string): the flags take True or False only."""
+    for field in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+        for value in ("false", 0, 1, None):
+            with pytest.raises(ValueError, match=field):
+                SamplingParams(**{field: value})
+        assert getattr(SamplingParams(**{field: True}), field) is True

@@ -101,6 +101,39 @@ def test_prompt_logprobs_survive_preemption_and_async_scheduling(real_model_dir:
             assert len(out.outputs[0].token_ids) == 24
 
 
+def test_logprobs_read_as_vllm_dicts_of_logprob(llm: LLM, hf_logprobs) -> None:
+    """vLLM's offline shape: each position of `outputs[0].logprobs` and `prompt_logprobs` is a dict[int, Logprob]
+    (the token itself first, then its alternatives most likely first, the token once), each Logprob's logprob,
+    rank and decoded_token as Transformers' log-softmax and the tokenizer give them."""
+    from pagedserve.outputs import Logprob
+
+    tokenizer = llm.get_tokenizer()
+    ids = tokenizer.encode(PROMPT)[:24]
+    params = SamplingParams(max_tokens=6, temperature=0.8, seed=11, logprobs=3, prompt_logprobs=2)
+    (out,) = llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)
+    generated = out.outputs[0].token_ids
+    ref = hf_logprobs(ids + generated)
+    positions = [(ids[p], ref[p - 1], out.prompt_logprobs[p], 2) for p in range(1, len(ids))]
+    positions += [(tok, ref[len(ids) - 1 + i], out.outputs[0].logprobs[i], 3) for i, tok in enumerate(generated)]
+    assert out.prompt_logprobs[0] is None
+    seen_extra = 0
+    for token_id, row, entry, k in positions:
+        top_ids = row.topk(k).indices.tolist()
+        expected_keys = [token_id] + [t for t in top_ids if t != token_id]
+        assert list(entry) == expected_keys and len(entry) == len(expected_keys)
+        seen_extra += len(entry) == k + 1
+        for key, value in entry.items():
+            assert isinstance(value, Logprob)
+            assert value.logprob == pytest.approx(row[key].item(), abs=1e-4)
+            assert value.rank == int((row > row[key]).sum()) + 1
+            assert value.decoded_token == tokenizer.decode([key], skip_special_tokens=False)
+        assert entry[token_id].logprob == entry.logprob and token_id in entry
+        assert 10**9 not in entry and entry.get(10**9) is None
+    assert seen_extra > 0  # some sampled or prompt tokens were outside the top k: k + 1 entries there
+    assert out.outputs[0].cumulative_logprob == pytest.approx(
+        sum(out.outputs[0].logprobs[i][t].logprob for i, t in enumerate(generated)), abs=1e-4)
+
+
 @pytest.mark.parametrize("value", [-1, 21, True, 1.5, "2"])
 def test_bad_prompt_logprobs_are_value_errors(value) -> None:
     with pytest.raises(ValueError, match="prompt_logprobs"):

@@ -15,6 +15,7 @@ import pytest
 from pagedserve.tokenizer import (
     IncrementalDetokenizer,
     Tokenizer,
+    detect_content_format,
     load_tokenizer,
     normalize_messages,
 )
@@ -187,6 +188,42 @@ def test_normalize_messages_joins_parts_and_rejects_bad_input() -> None:
             normalize_messages(b)
     call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
     assert normalize_messages([{"role": "assistant", "content": None, "tool_calls": [call]}])[0]["tool_calls"] == [call]
+
+
+def test_content_format_openai_gives_the_template_text_parts() -> None:
+    msgs = [{"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+            {"role": "assistant", "content": None}, {"role": "assistant", "content": ""}]
+    assert [m["content"] for m in normalize_messages(msgs, "openai")] == [
+        [{"type": "text", "text": "be brief"}], [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}], [], []]
+    with pytest.raises(ValueError, match="chat_template_content_format"):
+        normalize_messages(msgs, "list")
+
+
+PARTS_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{% for p in m['content'] | selectattr('type', 'equalto', "
+                  "'text') %}[{{ p['text'] }}]{% endfor %}{% endfor %}")
+
+
+def test_content_format_auto_follows_whether_the_template_loops_over_content(qwen: Tokenizer) -> None:
+    """vLLM's "auto": a template that loops over a message's content gets a list of parts, any other one a
+    string; "string" / "openai" force either."""
+    assert detect_content_format(qwen.chat_template) == "string"
+    assert detect_content_format(PARTS_TEMPLATE) == "openai"
+    assert detect_content_format("{% for x in message.content %}{{ x.text }}{% endfor %}") == "openai"
+    assert detect_content_format("{% for m in messages %}{% for c in m['content'] %}{% break %}{% endfor %}"
+                                 "{% endfor %}") == "openai"
+    assert detect_content_format("{% for m in messages %}{{ m['content'] }}{% endfor %}") == "string"
+    assert detect_content_format("{% generation %}{{ x }}{% endgeneration %}") == "string"  # not parsed: string
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+            {"role": "assistant", "content": "c"}]
+    parts = Tokenizer(qwen.hf, set(), PARTS_TEMPLATE)
+    assert parts.apply_chat_template(msgs, add_generation_prompt=False) == "<user>[a][b]<assistant>[c]"
+    assert parts.apply_chat_template(msgs, add_generation_prompt=False, content_format="string") == "<user><assistant>"
+    joined = qwen.apply_chat_template(msgs, add_generation_prompt=False)
+    assert "a\nb" in joined and joined == qwen.apply_chat_template(msgs, add_generation_prompt=False,
+                                                                   content_format="string")
+    with pytest.raises(ValueError, match="content_format"):
+        qwen.apply_chat_template(msgs, content_format="parts")
 
 
 def test_a_template_that_fails_on_a_message_is_a_value_error(qwen: Tokenizer) -> None:

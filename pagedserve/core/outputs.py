@@ -18,6 +18,7 @@ N's sampled tokens on the device (never via the host).
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,13 +80,50 @@ class SchedulerOutput:
 
 
 @dataclass(slots=True)
-class TokenLogprobs:
-    """Log-probabilities (of the model's raw distribution) for one sampled token."""
+class Logprob:
+    """One token's entry in a position's logprobs, as vLLM's `Logprob`: its logprob under the model's raw
+    distribution, its rank there (1 = the most likely) and its text (None until the offline API fills it)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass(slots=True)
+class TokenLogprobs(Mapping):
+    """Log-probabilities (of the model's raw distribution) for one sampled (or prompt) token.
+
+    Read either through the fields below, or as vLLM's `dict[int, Logprob]`: keys are the token itself
+    first, then its requested alternatives most likely first (the token once, where it is one of them),
+    so code written for vLLM's `output.logprobs[i][token_id].logprob` runs unchanged. The Logprob values
+    are made on access; `decoded` holds their texts once `LLM` filled it."""
 
     token_id: int
     logprob: float
     rank: int  # 1 = the most likely token
     top: list[tuple[int, float]]  # the N most likely (token_id, logprob), most likely first
+    decoded: dict[int, str] | None = field(default=None, compare=False, repr=False)
+
+    def __getitem__(self, token_id: int) -> Logprob:
+        text = None if self.decoded is None else self.decoded.get(token_id)
+        if token_id == self.token_id:
+            return Logprob(self.logprob, self.rank, text)
+        for rank, (tid, value) in enumerate(self.top, start=1):
+            if tid == token_id:
+                return Logprob(value, rank, text)
+        raise KeyError(token_id)
+
+    def __iter__(self) -> Iterator[int]:
+        yield self.token_id
+        for tid, _ in self.top:
+            if tid != self.token_id:
+                yield tid
+
+    def __len__(self) -> int:
+        return 1 + sum(1 for tid, _ in self.top if tid != self.token_id)
+
+    def __contains__(self, token_id: object) -> bool:
+        return token_id == self.token_id or any(tid == token_id for tid, _ in self.top)
 
 
 @dataclass(slots=True)

@@ -211,27 +211,36 @@ class LLM:
         messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
-        add_generation_prompt: bool = True,
-        tools: list[dict[str, Any]] | None = None,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
-        priority: Sequence[int] | None = None,
-        continue_final_message: bool = False,
-        chat_template_kwargs: dict[str, Any] | None = None,
-        *,
         chat_template: str | None = None,
+        chat_template_content_format: str = "auto",
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        mm_processor_kwargs: dict[str, Any] | None = None,
+        *,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
-        """Applies the chat template to one conversation or a list of them, then generates. `tools` (OpenAI's
-        function definitions) go into the template, as vLLM's LLM.chat does; the answer's text holds any call
-        in the model's own format (the server's tool_choice modes parse or constrain it). continue_final_message:
-        the last message (an assistant's) is left open and the answer continues it (with add_generation_prompt
-        False); chat_template_kwargs: variables the template reads (e.g. Qwen3's enable_thinking); chat_template:
-        this call's own template (Jinja text) instead of the model's, as vLLM's LLM.chat takes."""
+        """Applies the chat template to one conversation or a list of them, then generates. The parameters are
+        vLLM's LLM.chat's, in its order. chat_template: this call's own template (Jinja text) instead of the
+        model's; chat_template_content_format: "auto" | "string" | "openai", how message content reaches the
+        template (Tokenizer.apply_chat_template). `tools` (OpenAI's function definitions) go into the template;
+        the answer's text holds any call in the model's own format (the server's tool_choice modes parse or
+        constrain it). continue_final_message: the last message (an assistant's) is left open and the answer
+        continues it (with add_generation_prompt False); chat_template_kwargs: variables the template reads
+        (e.g. Qwen3's enable_thinking). mm_processor_kwargs: refused (text-only models)."""
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list of messages or of conversations")
         conversations = messages if isinstance(messages[0], list) else [messages]
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message needs add_generation_prompt=False")
+        if mm_processor_kwargs:
+            raise ValueError("mm_processor_kwargs: this engine serves text-only models")
+        if not isinstance(add_generation_prompt, bool) or not isinstance(continue_final_message, bool):
+            raise ValueError("add_generation_prompt and continue_final_message must be True or False")
         extra = dict(chat_template_kwargs or {})
+        extra["content_format"] = chat_template_content_format
         if chat_template is not None:
             extra["chat_template"] = chat_template
         if continue_final_message:
@@ -296,7 +305,27 @@ class LLM:
         finally:
             if bar is not None:
                 bar.close()
-        return [finished[i] for i in ids]
+        outputs = [finished[i] for i in ids]
+        _fill_decoded_tokens(outputs, self.engine.tokenizer)
+        return outputs
+
+
+def _fill_decoded_tokens(outputs: list[RequestOutput], tokenizer: Any) -> None:
+    """Give each logprobs entry its tokens' texts (read as vLLM's dict[int, Logprob]: `.decoded_token`)."""
+    texts: dict[int, str] = {}
+
+    def text(token_id: int) -> str:
+        hit = texts.get(token_id)
+        if hit is None:
+            hit = texts[token_id] = tokenizer.decode([token_id], skip_special_tokens=False)
+        return hit
+
+    for out in outputs:
+        entries = [lp for lp in out.prompt_logprobs or () if lp is not None]
+        for choice in out.outputs:
+            entries.extend(choice.logprobs or ())
+        for lp in entries:
+            lp.decoded = {token_id: text(token_id) for token_id in lp}
 
 
 def _per_prompt(value: Any, one: type, num_prompts: int, what: str) -> list:

@@ -36,10 +36,12 @@ class FakeTokenizer:
         return [chr(i) if i < 256 else "<eos>" for i in ids]
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False,
-                            tools=None, enable_thinking: bool = True, chat_template=None):
+                            tools=None, enable_thinking: bool = True, chat_template=None, content_format="auto"):
         if chat_template is not None:  # a request's own template: "{last}" is the last message's text
             return chat_template.replace("{last}", str(messages[-1]["content"]))
         parts = [] if enable_thinking else ["<no_think>"]
+        if content_format != "auto":  # the server's --chat-template-content-format, shown in the prompt
+            parts.append(f"<{content_format}>")
         for m in messages:
             content = m["content"]
             if isinstance(content, list):

@@ -991,6 +991,10 @@ def test_stream_options_echo_with_suffix_and_request_templates_are_refused(start
     r = httpx.post(trusted.base_url + "/tokenize", json={"model": MODEL, "messages": CHAT["messages"],
                                                          "chat_template": "custom: {last}!"})
     assert r.status_code == 200 and r.json()["tokens"] == list(b"custom: hi!"), r.text
+    # --chat-template-content-format reaches the template's renderer (Tokenizer.apply_chat_template's content_format)
+    parts = start_fake_server(chat_template_content_format="openai")
+    r = httpx.post(parts.base_url + "/tokenize", json={"model": MODEL, "messages": CHAT["messages"]})
+    assert r.status_code == 200 and bytes(r.json()["tokens"]).startswith(b"<openai>"), r.text
 
 
 def test_continuous_usage_counts_each_choice_alone(server) -> None:

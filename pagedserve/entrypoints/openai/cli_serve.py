@@ -114,6 +114,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
 
 def add_request_handling_args(g: argparse._ArgumentGroup) -> None:
     """How chat answers are read and which adapters a request may name: `serve`'s flags, which `run-batch` takes too."""
+    g.add_argument("--chat-template-content-format", choices=["auto", "string", "openai"], default="auto",
+                   help="how a chat message's content reaches the template: string (text parts joined), openai (a "
+                   "list of {type: text, text} parts), or auto (openai where the template loops over the parts)")
     g.add_argument("--trust-request-chat-template", action="store_true",
                    help="render a chat request's own chat_template field (a Jinja template: code the server runs); "
                    "without this flag such requests get a 400")

@@ -163,6 +163,7 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
     engine = AsyncEngine(LLMEngine(config), log_stats=False)
     settings = ServerSettings(enable_auto_tool_choice=args.enable_auto_tool_choice,
                               trust_request_chat_template=args.trust_request_chat_template,
+                              chat_template_content_format=args.chat_template_content_format,
                               reasoning_parser=args.reasoning_parser, lora_modules=lora_modules,
                               model_root=getattr(engine.engine_config, "model", None))
     app = build_app(engine, settings)

@@ -104,6 +104,7 @@ class ServerSettings:
     model_root: str | None = None
     enable_auto_tool_choice: bool = False  # tool_choice "auto": answers parsed for hermes tool calls
     trust_request_chat_template: bool = False  # a request's own chat_template is rendered (else a 400)
+    chat_template_content_format: str = "auto"  # "auto" | "string" | "openai" (Tokenizer.apply_chat_template)
     # "qwen3" | "deepseek_r1" | "gpt_oss": chat answers split into reasoning / content (entrypoints/openai/reasoning.py)
     reasoning_parser: str | None = None
     lora_modules: dict = field(default_factory=dict)  # served name -> LoRARequest (--lora-modules)
@@ -285,6 +286,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
     # A request may name the base model or one of its LoRA adapters.
     engine.lora_requests = dict(settings.lora_modules)
     engine.trust_request_chat_template = settings.trust_request_chat_template
+    engine.chat_template_content_format = settings.chat_template_content_format
     served_names = served_names + [name for name in settings.lora_modules if name not in served_names]
     started = int(time.time())
     token_strings = TokenStrings(engine.tokenizer)
@@ -758,6 +760,7 @@ def run_server(config: EngineConfig, args: argparse.Namespace, backend: Any = No
         model_root=getattr(engine_config, "model", None),
         enable_auto_tool_choice=bool(getattr(args, "enable_auto_tool_choice", False)),
         trust_request_chat_template=bool(getattr(args, "trust_request_chat_template", False)),
+        chat_template_content_format=getattr(args, "chat_template_content_format", None) or "auto",
         reasoning_parser=getattr(args, "reasoning_parser", None),
         lora_modules=lora_modules,
         allow_runtime_lora_updating=bool(getattr(args, "allow_runtime_lora_updating", False)

@@ -537,7 +537,7 @@ class _ToolStream:
 _RESERVED_TEMPLATE_KWARGS = frozenset({
     "messages", "tools", "add_generation_prompt", "tokenize", "chat_template", "conversation", "documents",
     "return_dict", "continue_final_message", "padding", "truncation", "max_length", "return_tensors",
-    "return_assistant_tokens_mask", "tokenizer_kwargs",
+    "return_assistant_tokens_mask", "tokenizer_kwargs", "content_format",
 })
 
 
@@ -569,6 +569,9 @@ async def render_chat_prompt(engine: AsyncEngine, req: Any, add_generation_promp
     tokenize and embeddings routes render the same way."""
     messages = template_messages(OpenAIServingChat._messages(req))
     template_kwargs = dict(template_kwargs_of(req.chat_template_kwargs))
+    content_format = getattr(engine, "chat_template_content_format", "auto")
+    if content_format != "auto":  # (the tokenizer's default)
+        template_kwargs["content_format"] = content_format
     if getattr(req, "continue_final_message", False):  # vLLM's: the last message, an assistant's, left open
         if add_generation_prompt:
             raise bad_request("continue_final_message needs add_generation_prompt: false (the answer continues the "
