@@ -34,8 +34,8 @@ from typing import Any, Protocol
 
 from pagedserve.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from pagedserve.engine_core import AbortRequests, Ack, AddRequest, EngineCall, EngineCore, Refusal, Stop
-from pagedserve.outputs import RequestOutput
-from pagedserve.sampling_params import SamplingParams
+from pagedserve.outputs import CompletionOutput, RequestOutput
+from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -337,11 +337,19 @@ class AsyncEngine:
         prompt_text: str | None = None,
         priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
-        """Yields cumulative outputs until the request finishes; closing or cancelling the
-        consumer aborts the request (its KV blocks are freed before the engine's next step)."""
+        """Yields outputs until the request finishes, as params.output_kind says: the whole output so far
+        (CUMULATIVE), what is new since the last one (DELTA: text, token ids and logprobs; prompt logprobs in the
+        first), or only the finished output (FINAL_ONLY). Closing or cancelling the consumer aborts the request
+        (its KV blocks are freed before the engine's next step)."""
         stream = await self.add_request(request_id, prompt, params, arrival_time, prompt_text, priority=priority)
+        kind = params.output_kind
+        sent: dict[int, tuple[int, int, int]] = {}  # DELTA: per choice, (chars, tokens, logprobs) already sent
         try:
             async for output in stream:
+                if kind is RequestOutputKind.FINAL_ONLY and not output.finished:
+                    continue
+                if kind is RequestOutputKind.DELTA:
+                    output = _delta_output(output, sent)
                 yield output
         finally:
             if not stream.finished:
@@ -545,3 +553,17 @@ async def last_output(stream: RequestStream) -> RequestOutput:
         final = output
     assert final is not None
     return final
+
+
+def _delta_output(output: RequestOutput, sent: dict[int, tuple[int, int, int]]) -> RequestOutput:
+    """A copy of `output` whose choices hold only what `sent` says was not yielded yet (and record it)."""
+    first = not sent
+    choices = []
+    for c in output.outputs:
+        chars, tokens, lps = sent.get(c.index, (0, 0, 0))
+        logprobs = None if c.logprobs is None else c.logprobs[lps:]
+        choices.append(CompletionOutput(c.index, c.text[chars:], c.token_ids[tokens:], c.cumulative_logprob,
+                                        logprobs, c.finish_reason, c.stop_reason))
+        sent[c.index] = (len(c.text), len(c.token_ids), 0 if c.logprobs is None else len(c.logprobs))
+    return dataclasses.replace(output, outputs=choices,
+                               prompt_logprobs=output.prompt_logprobs if first else None)

@@ -317,6 +317,9 @@ class LLMEngine:
             if not classify and self.class_labels is not None:
                 raise ValueError("this is a sequence classification model: it classifies and scores (POST /classify, "
                                  "/score, /rerank; LLM.classify, LLM.score), it does not embed")
+        if params.truncate_prompt_tokens is not None:  # vLLM's: keep the last N (-1: max_model_len) tokens
+            keep = self.max_model_len if params.truncate_prompt_tokens == -1 else params.truncate_prompt_tokens
+            prompt_token_ids = prompt_token_ids[-keep:]
         self._check_prompt(prompt_token_ids, whole_context=pooling)
         if params.bad_words and params.bad_words_token_ids is None:
             params = dataclasses.replace(params, bad_words_token_ids=self._bad_words_ids(params.bad_words))
@@ -366,7 +369,7 @@ class LLMEngine:
                 priority=priority,
             )
             detok = None
-            if params.pooling is None and (self.detokenize or needs_engine_text(params)):
+            if params.pooling is None and ((self.detokenize and params.detokenize) or needs_engine_text(params)):
                 detok = IncrementalDetokenizer(
                     self.tokenizer, prompt_token_ids,
                     skip_special_tokens=params.skip_special_tokens,

@@ -138,7 +138,7 @@ class DeltaDecoder:
 
     def expect(self, request_id: str, params: SamplingParams) -> None:
         """A request was sent to the engine; its text is made here unless it has stop strings."""
-        if self._tokenizer is not None and not needs_engine_text(params):
+        if self._tokenizer is not None and not needs_engine_text(params) and params.detokenize:
             self._expected[request_id] = params
 
     def decode(self, deltas: list[RequestDelta]) -> list[RequestOutput]:

@@ -7,6 +7,8 @@ it to an OpenAI error with HTTP 400.
 
 from __future__ import annotations
 
+import copy
+import enum
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +21,16 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 1000
 _GREEDY_EPS = 1e-5
 MAX_CHOICES = 1024
+
+
+class RequestOutputKind(enum.Enum):
+    """What AsyncEngine.generate yields for a request (vLLM's): the whole output so far each time (CUMULATIVE),
+    only what is new since the last one (DELTA), or the finished output alone (FINAL_ONLY). LLM.generate
+    returns finished outputs whatever the kind."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass(slots=True)
@@ -104,6 +116,14 @@ class SamplingParams:
     bad_words_token_ids: list[list[int]] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # False: no text is made (outputs' text stays ""; stop strings need text, so they are refused), as vLLM's.
+    detokenize: bool = True
+    # vLLM's; only slow (Python) tokenizers put spaces between special tokens, so with fast ones it changes nothing.
+    spaces_between_special_tokens: bool = True
+    # Keep only the prompt's last N tokens (-1: the last max_model_len, as vLLM); the engine cuts the prompt.
+    truncate_prompt_tokens: int | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    extra_args: dict[str, Any] | None = None  # vLLM's free-form field for plugins: kept, never read here
     structured_outputs: StructuredOutputsParams | None = None  # a dict is taken as its fields
     # An embedding request (LLM.embed, POST /v1/embeddings; made by SamplingParams.for_pooling): the prompt's last
     # hidden state comes back as RequestOutput.embedding and nothing is generated.
@@ -144,7 +164,8 @@ class SamplingParams:
         def is_num(x: object) -> bool:
             return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # not NaN
 
-        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output", "detokenize",
+                     "spaces_between_special_tokens"):
             value = getattr(self, name)
             if not isinstance(value, bool):  # "false" or 0 would read as true, or as false, by accident
                 fail(f"{name} must be True or False, got {type(value).__name__} {value!r}")
@@ -186,9 +207,19 @@ class SamplingParams:
                 fail(f"each stop string must be a non-empty string of at most {MAX_STOP_STRING_LEN} chars")
             if not is_valid_unicode(s):
                 fail(f"stop string {s!r} holds a lone surrogate (not valid Unicode): it could never match")
+        if self.stop and not self.detokenize:
+            fail("stop strings need detokenize=True (they are matched in the text); use stop_token_ids")
         for t in self.stop_token_ids:
             if not is_int(t) or t < 0:
                 fail(f"stop_token_ids must be non-negative integers, got {t!r}")
+        if self.truncate_prompt_tokens is not None and (not is_int(self.truncate_prompt_tokens)
+                                                        or not (self.truncate_prompt_tokens >= 1
+                                                                or self.truncate_prompt_tokens == -1)):
+            fail(f"truncate_prompt_tokens must be a positive integer or -1, got {self.truncate_prompt_tokens!r}")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            fail(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
+        if self.extra_args is not None and not isinstance(self.extra_args, dict):
+            fail(f"extra_args must be a dict, got {type(self.extra_args).__name__}")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 fail("logit_bias must map token ids to biases")
@@ -232,6 +263,10 @@ class SamplingParams:
                     or self.structured_outputs is not None):
                 fail("an embedding request (pooling) takes n=1, max_tokens=1 and no logprobs or structured outputs; "
                      "use SamplingParams.for_pooling")
+
+    def clone(self) -> SamplingParams:
+        """A deep copy (vLLM's SamplingParams.clone)."""
+        return copy.deepcopy(self)
 
     @property
     def greedy(self) -> bool:

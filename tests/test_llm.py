@@ -186,6 +186,35 @@ def test_chat_takes_vllms_positional_order_and_content_format(llm: LLM) -> None:
         llm.chat(messages, params, False, None, None, "auto", "yes")
 
 
+def test_truncate_prompt_tokens_detokenize_and_clone(llm: LLM) -> None:
+    """vLLM's SamplingParams fields: truncate_prompt_tokens keeps the prompt's last N tokens (-1: up to
+    max_model_len); detokenize=False makes the same tokens with no text (and refuses stop strings); clone()."""
+    ids = llm.get_tokenizer().encode("def add(a, b):\n    return a + b\n\ndef mul(a, b):\n    return")
+    params = SamplingParams(temperature=0.0, max_tokens=5, truncate_prompt_tokens=8)
+    cut, direct, whole = llm.generate([{"prompt_token_ids": ids}, {"prompt_token_ids": ids[-8:]},
+                                       {"prompt_token_ids": ids}],
+                                      [params, SamplingParams(temperature=0.0, max_tokens=5),
+                                       SamplingParams(temperature=0.0, max_tokens=5, truncate_prompt_tokens=-1)],
+                                      use_tqdm=False)
+    assert cut.prompt_token_ids == ids[-8:] and len(ids) > 8
+    assert cut.outputs[0].token_ids == direct.outputs[0].token_ids
+    assert whole.prompt_token_ids == ids
+    quiet = llm.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0.0, max_tokens=5, detokenize=False),
+                         use_tqdm=False)[0]
+    assert quiet.outputs[0].text == "" and quiet.outputs[0].token_ids == whole.outputs[0].token_ids
+    assert whole.outputs[0].text
+    with pytest.raises(ValueError, match="detokenize"):
+        SamplingParams(stop=["\n"], detokenize=False)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+            SamplingParams(truncate_prompt_tokens=bad)
+    original = SamplingParams(stop=["x"], logit_bias={3: 1.0})
+    copy = original.clone()
+    copy.stop.append("y")
+    copy.logit_bias[4] = 2.0
+    assert original.stop == ["x"] and original.logit_bias == {3: 1.0} and copy.stop == ["x", "y"]
+
+
 def test_list_fields_given_a_scalar_are_a_value_error() -> None:
     """SamplingParams(stop=5) and the like raised TypeError from deep inside; a ValueError names the field."""
     for field, value in (("stop", 5), ("stop_token_ids", 5), ("bad_words_token_ids", [1]), ("stop", {"a": 1})):

@@ -55,6 +55,34 @@ def test_generate_yields_cumulative_outputs_until_finished() -> None:
     assert len(engine.calling_threads) == 1 and threading.get_ident() not in engine.calling_threads
 
 
+def test_output_kind_delta_and_final_only() -> None:
+    """SamplingParams.output_kind (vLLM's RequestOutputKind): DELTA yields only what is new (its pieces add up to
+    the cumulative output), FINAL_ONLY one finished output."""
+    from pagedserve.sampling_params import RequestOutputKind
+
+    async def main():
+        ae = await _started(FakeEngine(step_delay=0.002))
+        outs = {}
+        for kind in RequestOutputKind:
+            params = SamplingParams(max_tokens=7, n=2, logprobs=1, output_kind=kind)
+            outs[kind] = [o async for o in ae.generate([1, 2, 3], params, f"r-{kind.name}")]
+        await ae.shutdown(1)
+        return outs
+
+    outs = run(main())
+    cumulative, delta, final = (outs[k] for k in RequestOutputKind)
+    assert len(final) == 1 and final[0].finished and len(delta) == len(cumulative) > 2
+    for index in (0, 1):
+        whole = next(c for c in cumulative[-1].outputs if c.index == index)
+        pieces = [c for o in delta for c in o.outputs if c.index == index]
+        assert "".join(c.text for c in pieces) == whole.text and len(whole.text) == 7
+        assert [t for c in pieces for t in c.token_ids] == whole.token_ids
+        assert [lp for c in pieces for lp in c.logprobs] == whole.logprobs and len(whole.logprobs) == 7
+        assert sum(bool(c.token_ids) for c in pieces) > 2  # it came in several pieces
+        assert next(c for c in final[0].outputs if c.index == index).text == whole.text
+    assert all(o.outputs for o in cumulative) and delta[-1].finished
+
+
 def test_cancelling_the_consumer_aborts_and_frees_blocks() -> None:
     async def main():
         engine = FakeEngine(step_delay=0.01)
