@@ -21,7 +21,7 @@ class EngineConfig:
     model: str | None = None  # None: the embedded default model (see pagedserve.default_model)
     tokenizer: str | None = None  # defaults to the model's folder
     served_model_name: str | None = None
-    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    dtype: str = "auto"  # auto: bfloat16 on CUDA and on CPUs with native bf16, else float32 (worker.resolve_dtype)
     device: str = "auto"
     load_format: str = "auto"
     quantization: str | None = None  # "fp8": decoder projections in float8_e4m3fn at load (executor/quantization.py)

@@ -9,6 +9,11 @@ import shutil
 
 import pytest
 
+# dtype "auto" on a CPU is bfloat16 where the CPU has native bf16 (as CI's has): the tests compare against
+# Transformers in fp32, so they pin the CPU's auto dtype to float32 (subprocess servers inherit it). Tests of the
+# auto choice itself clear it.
+os.environ.setdefault("PAGEDSERVE_CPU_DTYPE", "float32")
+
 
 @pytest.fixture(scope="session")
 def real_model_dir() -> str:

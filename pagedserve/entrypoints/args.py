@@ -19,7 +19,8 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
     g = parser.add_argument_group("engine")
     g.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub id (default: the model's)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="weight and activation dtype; auto: bfloat16 on CUDA, float32 on CPU")
+                   help="weight and activation dtype; auto: bfloat16 on CUDA and on CPUs with native bf16 "
+                   "(AVX512-BF16, AMX), else float32")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs")
     g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"],
                    help="weights source; dummy: random weights from config.json (benchmarks of shapes)")

@@ -32,9 +32,30 @@ def resolve_device(config: EngineConfig) -> torch.device:
 
 
 def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
+    """dtype "auto": bfloat16 on CUDA; on a CPU, bfloat16 where it has native bf16 dot products (AVX512-BF16 or
+    AMX: 2.8x faster than float32 for the embedded model on this project's CI machine, docs/benchmarks.md), else
+    float32 (emulated bf16 is slower than float32 there). PAGEDSERVE_CPU_DTYPE=float32|bfloat16 sets the CPU's
+    choice (the tests pin float32: Transformers' fp32 numerics are their reference)."""
     if config.dtype != "auto":
         return _DTYPES[config.dtype]
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        return torch.bfloat16
+    forced = os.environ.get("PAGEDSERVE_CPU_DTYPE", "").strip()
+    if forced:
+        if forced not in ("float32", "bfloat16"):
+            raise ValueError(f"PAGEDSERVE_CPU_DTYPE must be float32 or bfloat16, got {forced!r}")
+        return _DTYPES[forced]
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (x86 AVX512-BF16 or AMX tiles, as torch's CPU kernels use)."""
+    import torch.cpu
+
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):  # a torch without these probes, or a CPU it cannot ask
+        return False
 
 
 def default_max_batched_tokens(config: EngineConfig, device: torch.device) -> int:
