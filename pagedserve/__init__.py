@@ -2,14 +2,17 @@
 
 from pagedserve.beam_search import BeamSearchParams
 from pagedserve.config import EngineConfig
+from pagedserve.inputs import TextPrompt, TokensPrompt
 from pagedserve.lora import LoRARequest
+from pagedserve.outputs import CompletionOutput, RequestOutput
 from pagedserve.pooling_params import PoolingParams
-from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
+from pagedserve.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "BeamSearchParams", "EngineConfig", "LoRARequest", "PoolingParams", "SamplingParams",
-           "StructuredOutputsParams", "__version__"]
+__all__ = ["LLM", "BeamSearchParams", "CompletionOutput", "EngineConfig", "LoRARequest", "PoolingParams",
+           "RequestOutput", "RequestOutputKind", "SamplingParams", "StructuredOutputsParams", "TextPrompt",
+           "TokensPrompt", "__version__"]
 
 
 def __getattr__(name: str):

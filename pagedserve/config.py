@@ -14,6 +14,60 @@ KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # fp8 = fp8_e4m3 (vLLM's names); 
 
 
 SCHEDULING_POLICIES = ("fcfs", "priority")
+_DTYPE_ALIASES = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def normalize_dtype_name(dtype: object) -> object:
+    """vLLM's dtype spellings ("half", "float", a torch.dtype) as EngineConfig's names; others unchanged."""
+    if isinstance(dtype, str):
+        return _DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
+    name = str(dtype)
+    if name.startswith("torch."):
+        return name.removeprefix("torch.")
+    return dtype
+
+
+def _is(*values: object):
+    return lambda v: any(v is x or (type(v) is type(x) and v == x) for x in values)
+
+
+def _any(v: object) -> bool:
+    return True
+
+
+# vLLM's engine arguments that LLM(...) takes as vLLM does: name -> (accepts the value, why another is refused).
+# Accepted values ask for what pagedserve does anyway (the CLI's "flags accepted for compatibility" likewise).
+VLLM_ACCEPTED = {
+    "trust_remote_code": (_any, ""),  # pagedserve never runs a checkpoint's Python: models load the same either way
+    "swap_space": (_any, ""),  # a preempted request frees its blocks and is recomputed
+    "enable_chunked_prefill": (_is(True, None), "long prompts are always chunked"),
+    "pipeline_parallel_size": (_is(1, None), "pipeline parallelism is not supported; use tensor_parallel_size"),
+    "distributed_executor_backend": (_is(None, "mp", "uni"), "the tensor-parallel ranks are local processes (mp)"),
+    "disable_custom_all_reduce": (_any, ""),  # torch.distributed's all-reduce only
+    "max_seq_len_to_capture": (_any, ""),  # the decode graphs serve every length up to max_model_len
+    "disable_log_requests": (_any, ""),  # request contents are never logged
+    "enable_log_requests": (_is(False, None), "request contents are never logged"),
+    "disable_async_output_proc": (_any, ""),
+    "compilation_config": (_any, ""),  # no torch.compile: the kernels are Triton's and the graphs pagedserve's own
+    "tokenizer_mode": (_is("auto", "hf", None), "the model's Hugging Face tokenizer is used (fast where it has one)"),
+    "tokenizer_revision": (_is(None), "the tokenizer comes from the model's revision (revision=)"),
+    "code_revision": (_any, ""),  # no checkpoint code is run
+    "task": (_is("auto", "generate", "embed", "classify", "score", None),
+             "this engine generates, embeds and classifies (LLM.generate / embed / classify / score)"),
+    "runner": (_is("auto", "generate", "pooling", None), "this engine generates and pools (LLM.embed, LLM.classify)"),
+    "model_impl": (_is("auto", None), "pagedserve runs its own model code"),
+    "cpu_offload_gb": (_is(0, 0.0, None), "weights are not offloaded to the CPU"),
+    "skip_tokenizer_init": (_is(False, None), "the tokenizer is always loaded"),
+    "enable_prompt_embeds": (_is(False, None), "prompts are text or token ids"),
+    "logprobs_mode": (_is("raw_logprobs", None), "logprobs are of the model's raw distribution (raw_logprobs)"),
+    "kv_transfer_config": (_is(None), "KV transfer between instances is not supported"),
+    "calculate_kv_scales": (_is(False, None), "fp8 KV scales come from the checkpoint or are 1.0"),
+    "max_cpu_loras": (_any, ""),  # adapters are read from disk when first named
+    "limit_mm_per_prompt": (lambda v: not v, "this engine serves text-only models"),
+    "mm_processor_kwargs": (lambda v: not v, "this engine serves text-only models"),
+    "allowed_local_media_path": (lambda v: not v, "this engine serves text-only models"),
+    "enable_expert_parallel": (_is(False, None), "MoE experts are split by tensor parallelism"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +207,17 @@ class EngineConfig:
 
     @classmethod
     def from_kwargs(cls, **kwargs: object) -> EngineConfig:
+        """From keyword arguments (LLM(...)'s): EngineConfig's fields, vLLM's dtype aliases ("half", "float",
+        torch dtypes), and vLLM's engine arguments that ask for what pagedserve does anyway (VLLM_ACCEPTED); a
+        ValueError for unknown names and for such arguments asking for something else."""
         names = {f.name for f in dataclasses.fields(cls)}
+        for name in sorted(set(kwargs) & set(VLLM_ACCEPTED)):
+            value = kwargs.pop(name)
+            accepted, why = VLLM_ACCEPTED[name]
+            if not accepted(value):
+                raise ValueError(f"{name}={value!r} is not supported: {why}")
+        if "dtype" in kwargs:
+            kwargs["dtype"] = normalize_dtype_name(kwargs["dtype"])
         unknown = sorted(set(kwargs) - names)
         if unknown:
             raise ValueError(f"unknown engine arguments: {', '.join(unknown)}; known: {', '.join(sorted(names))}")

@@ -83,6 +83,25 @@ class _RequestState:
         return [c.request.request_id for c in self.choices]
 
 
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """What code written for vLLM most often reads from `llm.llm_engine.model_config`."""
+
+    model: str
+    tokenizer: str
+    served_model_name: str
+    max_model_len: int
+    dtype: Any  # a torch.dtype
+    seed: int
+    hf_config: Any  # the model's transformers config
+
+    def get_vocab_size(self) -> int:
+        return int(self.hf_config.vocab_size)
+
+    def get_hidden_size(self) -> int:
+        return int(self.hf_config.hidden_size)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig,
                  on_tokenizer_source: Callable[[str, str | None], None] | None = None) -> None:
@@ -162,6 +181,9 @@ class LLMEngine:
         # detokenizes (engine_process.DeltaDecoder), taking that work off the step loop. Requests with
         # stop strings are always detokenized here: finding a stop string ends the request.
         self.detokenize = True
+        # True (LLM, vLLM's offline behaviour): a max_tokens past the context generates until the context is full
+        # (finish_reason "length"); False (the server, as OpenAI's API): such a request is a ValueError (a 400).
+        self.clip_max_tokens = False
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         if on_cuda and not config.skip_warmup:
@@ -443,6 +465,18 @@ class LLMEngine:
                                                        sorted(self.tokenizer.eos_token_ids))
         return self._structured
 
+    def get_tokenizer(self) -> Any:
+        """The model's Hugging Face tokenizer (vLLM's LLMEngine.get_tokenizer); the engine's wrapper: `.tokenizer`."""
+        return self.tokenizer.hf
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """vLLM's llm_engine.model_config, its common fields."""
+        return ModelConfig(model=self.config.model or "", tokenizer=self.config.tokenizer or self.config.model or "",
+                           served_model_name=self.model_name, max_model_len=self.max_model_len,
+                           dtype=getattr(self.worker, "dtype", None), seed=self.config.seed,
+                           hf_config=getattr(self.worker, "hf_config", None))
+
     def default_sampling_params(self) -> SamplingParams:
         """SamplingParams() with the model's generation_config defaults (vLLM's get_default_sampling_params)."""
         return SamplingParams(**self.default_sampling)
@@ -471,6 +505,8 @@ class LLMEngine:
                 return max(1, min(room, self._kv_capacity + 1 - num_prompt_tokens))
             return room
         if params.max_tokens > room:
+            if self.clip_max_tokens:
+                return room
             raise ValueError(
                 f"this model's maximum context length is {self.max_model_len} tokens, but "
                 f"{num_prompt_tokens} prompt tokens plus max_tokens {params.max_tokens} make "

@@ -11,7 +11,8 @@ it keeps its own. The offline API's `LLM.generate(prompts)` without sampling par
     a folder      that folder's generation_config.json (an error when it has none)
     override      a dict merged on top, e.g. {"temperature": 0.0}
 
-Only the sampling fields are read: temperature, top_p, top_k, min_p, repetition_penalty (as vLLM).
+Only the sampling fields are read: temperature, top_p, top_k, min_p, repetition_penalty, and max_new_tokens as
+the default max_tokens (as vLLM's get_diff_sampling_param; a request's own max_tokens wins here).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens")
 BUILTIN = {k: getattr(SamplingParams(), k) for k in FIELDS}  # what a request gets without these defaults
+_RENAMED = {"max_new_tokens": "max_tokens"}  # generation_config.json's names -> SamplingParams'
 _NONE_MODES = ("vllm", "none")
 
 
@@ -47,12 +49,14 @@ def load_generation_defaults(model_folder: str | None, mode: str = "auto",
             raise ValueError(f"--generation-config {mode!r}: no generation_config.json there "
                              "(use auto, vllm, or a folder that has one)")
         found, source = _read(path), path
+    found = {_RENAMED.get(k, k): v for k, v in found.items() if k != "max_tokens"}  # (not a generation_config key)
     defaults = {k: found[k] for k in FIELDS if found.get(k) is not None}
     if override:
-        unknown = sorted(set(override) - set(FIELDS))
+        unknown = sorted(set(override) - set(FIELDS) - set(_RENAMED) | set(override) & {"max_tokens"})
+        override = {_RENAMED.get(k, k): v for k, v in override.items()}
         if unknown:
             raise ValueError(f"override_generation_config: unknown field(s) {', '.join(unknown)}; "
-                             f"known: {', '.join(FIELDS)}")
+                             f"known: {', '.join(k for k in FIELDS if k != 'max_tokens')}, max_new_tokens")
         defaults.update(override)
     if defaults.get("top_k") == -1:
         defaults["top_k"] = 0

@@ -23,6 +23,14 @@ _GREEDY_EPS = 1e-5
 MAX_CHOICES = 1024
 
 
+def __getattr__(name: str) -> Any:
+    if name == "BeamSearchParams":  # (vLLM's import path; defined in pagedserve.beam_search, which imports this)
+        from pagedserve.beam_search import BeamSearchParams
+
+        return BeamSearchParams
+    raise AttributeError(name)
+
+
 class RequestOutputKind(enum.Enum):
     """What AsyncEngine.generate yields for a request (vLLM's): the whole output so far each time (CUMULATIVE),
     only what is new since the last one (DELTA), or the finished output alone (FINAL_ONLY). LLM.generate
@@ -49,6 +57,14 @@ class StructuredOutputsParams:
     choice: list[str] | None = None
     grammar: str | None = None
     disable_any_whitespace: bool = False
+    # vLLM's other fields, for its backends' options. Here xgrammar holds every constraint, and a JSON Schema's
+    # objects take no properties beyond those it names (as xgrammar in vLLM): disable_additional_properties,
+    # disable_fallback and backend are taken and change nothing; whitespace_pattern and structural_tag are refused.
+    disable_fallback: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+    structural_tag: str | None = None
+    backend: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.choice, tuple):
@@ -59,9 +75,17 @@ class StructuredOutputsParams:
         if len(set_fields) != 1:
             raise ValueError("structured outputs take exactly one of json, json_object, regex, choice or grammar; "
                              f"got {', '.join(set_fields) if set_fields else 'none'}")
-        for name in ("json_object", "disable_any_whitespace"):
+        for name in ("json_object", "disable_any_whitespace", "disable_fallback", "disable_additional_properties"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.whitespace_pattern is not None:
+            raise ValueError("whitespace_pattern is not supported (xgrammar); disable_any_whitespace=True allows "
+                             "no whitespace beyond single spaces")
+        if self.structural_tag is not None:
+            raise ValueError("structural_tag is not supported; use json, regex, choice or grammar")
+        if self.backend not in (None, "auto", "xgrammar", "guidance", "outlines", "lm-format-enforcer"):
+            raise ValueError(f"backend must be auto or xgrammar (any constraint is held by xgrammar here), got "
+                             f"{self.backend!r}")
         if self.json is not None:
             if isinstance(self.json, str):
                 try:
@@ -124,10 +148,18 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     extra_args: dict[str, Any] | None = None  # vLLM's free-form field for plugins: kept, never read here
+    best_of: int | None = None  # vLLM V0's; only None or n (vLLM V1 dropped it too)
+    logits_processors: list[Any] | None = None  # vLLM V0's per-request callables: only None or empty
     structured_outputs: StructuredOutputsParams | None = None  # a dict is taken as its fields
+    guided_decoding: StructuredOutputsParams | None = None  # vLLM 0.10's name for structured_outputs (moved there)
     # An embedding request (LLM.embed, POST /v1/embeddings; made by SamplingParams.for_pooling): the prompt's last
     # hidden state comes back as RequestOutput.embedding and nothing is generated.
     pooling: PoolingParams | None = None
+
+    @classmethod
+    def from_optional(cls, **kwargs: Any) -> SamplingParams:
+        """vLLM's SamplingParams.from_optional: None means the default (max_tokens None: up to the context)."""
+        return cls(**{k: v for k, v in kwargs.items() if v is not None or k == "max_tokens"})
 
     @classmethod
     def for_pooling(cls, pooling: PoolingParams | None = None) -> SamplingParams:
@@ -147,6 +179,10 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if self.guided_decoding is not None:
+            if self.structured_outputs is not None:
+                raise ValueError("pass structured_outputs or guided_decoding (its older name), not both")
+            self.structured_outputs, self.guided_decoding = self.guided_decoding, None
         if isinstance(self.structured_outputs, dict):
             try:
                 self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
@@ -218,6 +254,12 @@ class SamplingParams:
             fail(f"truncate_prompt_tokens must be a positive integer or -1, got {self.truncate_prompt_tokens!r}")
         if not isinstance(self.output_kind, RequestOutputKind):
             fail(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
+        if self.best_of is not None and self.best_of != self.n:
+            fail(f"best_of {self.best_of!r} is not supported (vLLM V1 dropped it too): ask for n choices, with "
+                 "logprobs to rank them")
+        if self.logits_processors:
+            fail("per-request logits_processors are not supported (vLLM V1 dropped them too): use logit_bias, "
+                 "allowed_token_ids, bad_words or structured_outputs")
         if self.extra_args is not None and not isinstance(self.extra_args, dict):
             fail(f"extra_args must be a dict, got {type(self.extra_args).__name__}")
         if self.logit_bias is not None:
@@ -296,3 +338,6 @@ def is_valid_unicode(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+GuidedDecodingParams = StructuredOutputsParams  # vLLM 0.10's name

@@ -87,6 +87,15 @@ def test_ignore_eos_and_text_prompts(model) -> None:
     text_out = llm.beam_search("!", BeamSearchParams(beam_width=2, max_tokens=2))[0]  # ids below the tiny vocab
     ids = llm.get_tokenizer().encode("!")
     assert all(s.tokens[: len(ids)] == ids for s in text_out.sequences)
+    # concurrency_limit (vLLM's): the prompts searched a few at a time give the same beams
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    params = BeamSearchParams(beam_width=2, max_tokens=3, ignore_eos=True)
+    together = llm.beam_search(prompts, params)
+    for limit in (1, 2):
+        apart = llm.beam_search(prompts, params, concurrency_limit=limit)
+        assert [[s.tokens for s in o.sequences] for o in apart] == [[s.tokens for s in o.sequences] for o in together]
+    with pytest.raises(ValueError, match="concurrency_limit"):
+        llm.beam_search(prompts, params, concurrency_limit=0)
 
 
 def test_bad_params_are_value_errors(model) -> None:

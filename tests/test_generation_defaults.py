@@ -35,6 +35,13 @@ def test_modes_and_override(tmp_path: Path) -> None:
     assert load_generation_defaults(folder, override={"temperature": 0.0, "top_k": -1}) == {
         "repetition_penalty": 1.05, "temperature": 0.0, "top_p": 0.8}  # top_k -1 = off = the built-in
     assert load_generation_defaults(folder, "vllm", {"min_p": 0.1}) == {"min_p": 0.1}
+    # max_new_tokens (the file's name, and the override's as vLLM's) is the default max_tokens
+    folder = folder_with(tmp_path, {**QWEN2_7B_INSTRUCT, "max_new_tokens": 512})
+    assert load_generation_defaults(folder) == {**qwen, "max_tokens": 512}
+    assert load_generation_defaults(folder, override={"max_new_tokens": 64})["max_tokens"] == 64
+    unset = build_sampling_params(CompletionRequest(prompt="x"), None, None, {"max_tokens": 64})
+    assert unset.max_tokens == 64  # a request without max_tokens gets the model's
+    assert build_sampling_params(CompletionRequest(prompt="x"), 5, None, {"max_tokens": 64}).max_tokens == 5
 
 
 @pytest.mark.parametrize(("config", "mode", "override", "message"), [
@@ -82,6 +89,9 @@ def test_offline_api_uses_the_models_defaults(real_model_dir: str, tmp_path: Pat
     assert got == llm.generate(prompt, explicit, use_tqdm=False)[0].outputs[0].token_ids
     assert got != llm.generate(prompt, SamplingParams(temperature=0.0), use_tqdm=False)[0].outputs[0].token_ids
     assert len(got) == 16  # the built-in max_tokens stays
+    capped = LLM(folder_with(tmp_path, {**base, "max_new_tokens": 5}), max_model_len=256, cpu_kv_cache_gib=0.1)
+    assert capped.get_default_sampling_params().max_tokens == 5
+    assert len(capped.generate("Count: 1, 2, 3,", use_tqdm=False)[0].outputs[0].token_ids) == 5
     plain = LLM(folder, max_model_len=256, cpu_kv_cache_gib=0.1, generation_config="vllm")
     assert plain.get_default_sampling_params() == SamplingParams()
     with pytest.raises(ValueError, match="unknown field"):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pagedserve import LLM, SamplingParams
+from pagedserve.config import EngineConfig
 
 CHATS = [
     [{"role": "user", "content": "Tell me a joke."}],
@@ -208,11 +209,90 @@ def test_truncate_prompt_tokens_detokenize_and_clone(llm: LLM) -> None:
     for bad in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match="truncate_prompt_tokens"):
             SamplingParams(truncate_prompt_tokens=bad)
+    assert SamplingParams.from_optional(temperature=None, top_p=0.5, max_tokens=None, n=None).max_tokens is None
+    assert SamplingParams.from_optional(temperature=None, top_p=0.5).temperature == 1.0
+    assert SamplingParams(n=2, best_of=2).n == 2
+    with pytest.raises(ValueError, match="best_of"):
+        SamplingParams(n=1, best_of=3)
+    with pytest.raises(ValueError, match="logits_processors"):
+        SamplingParams(logits_processors=[lambda ids, logits: logits])
     original = SamplingParams(stop=["x"], logit_bias={3: 1.0})
     copy = original.clone()
     copy.stop.append("y")
     copy.logit_bias[4] = 2.0
     assert original.stop == ["x"] and original.logit_bias == {3: 1.0} and copy.stop == ["x", "y"]
+
+
+def test_vllm_engine_arguments_and_dtype_spellings() -> None:
+    """vLLM's engine arguments that ask for what pagedserve does anyway are taken (trust_remote_code=True, ...);
+    ones asking for something else are a ValueError saying why; vLLM's dtype spellings map onto ours."""
+    config = EngineConfig.from_kwargs(model="m", trust_remote_code=True, swap_space=4, enable_chunked_prefill=True,
+                                      tokenizer_mode="auto", task="generate", compilation_config=3,
+                                      distributed_executor_backend="mp", pipeline_parallel_size=1, dtype="half")
+    assert config.dtype == "float16"
+    assert EngineConfig.from_kwargs(model="m", dtype=torch.bfloat16).dtype == "bfloat16"
+    assert EngineConfig.from_kwargs(model="m", dtype="float").dtype == "float32"
+    for kwargs, why in (({"pipeline_parallel_size": 2}, "pipeline parallelism"),
+                        ({"enable_chunked_prefill": False}, "always chunked"),
+                        ({"cpu_offload_gb": 4}, "not offloaded"), ({"task": "reward"}, "task='reward'"),
+                        ({"distributed_executor_backend": "ray"}, "local processes"),
+                        ({"limit_mm_per_prompt": {"image": 1}}, "text-only"),
+                        ({"no_such_argument": 1}, "unknown engine arguments: no_such_argument"),
+                        ({"dtype": "float8"}, "dtype must be one of")):
+        with pytest.raises(ValueError, match=why):
+            EngineConfig.from_kwargs(model="m", **kwargs)
+
+
+def test_offline_max_tokens_past_the_context_stops_at_its_end(real_model_dir: str) -> None:
+    """As vLLM's LLM: max_tokens past max_model_len generates until the context is full (finish_reason "length");
+    the server keeps refusing such a request (a 400, as OpenAI's). get_tokenizer() is the Hugging Face tokenizer
+    (apply_chat_template gives token ids by default); llm_engine.model_config and get_tokenizer() as vLLM's."""
+    small = LLM(real_model_dir, max_model_len=48, trust_remote_code=True, swap_space=1, cpu_kv_cache_gib=0.05)
+    tokenizer = small.get_tokenizer()
+    ids = tokenizer("def fibonacci(n):\n    if n < 2:\n        return n\n    return")["input_ids"]
+    out = small.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=100, ignore_eos=True),
+                         use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 48 - len(ids) and out.outputs[0].finish_reason == "length"
+    with pytest.raises(ValueError, match="maximum context length"):  # the server's engine: a 400
+        small.engine.clip_max_tokens = False
+        small.engine.add_request("r", ids, SamplingParams(max_tokens=100))
+    chat_ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert isinstance(chat_ids, list) or isinstance(chat_ids["input_ids"], list)
+    assert len(tokenizer) == small.engine.tokenizer.hf.__len__() and tokenizer.decode(ids[:2])
+    engine = small.llm_engine
+    assert engine.get_tokenizer() is tokenizer
+    assert engine.model_config.max_model_len == 48 and engine.model_config.get_vocab_size() == 151936
+    assert engine.model_config.dtype == torch.float32 and engine.model_config.model == real_model_dir
+
+
+def test_vllm_import_paths_and_prompt_dicts(llm: LLM) -> None:
+    """The names vLLM users import (pagedserve.inputs' TokensPrompt / TextPrompt, GuidedDecodingParams and
+    SamplingParams(guided_decoding=...), top-level RequestOutput / CompletionOutput), prompt dicts held to vLLM's
+    keys (multimodal ones refused: text-only models), and generate([]) -> []."""
+    import pagedserve
+    from pagedserve.inputs import TextPrompt, TokensPrompt
+    from pagedserve.sampling_params import BeamSearchParams, GuidedDecodingParams, StructuredOutputsParams
+
+    assert pagedserve.RequestOutput.__name__ == "RequestOutput" and pagedserve.CompletionOutput
+    assert BeamSearchParams is pagedserve.BeamSearchParams and GuidedDecodingParams is StructuredOutputsParams
+    ids = llm.get_tokenizer().encode("The capital of France is")
+    params = SamplingParams(temperature=0.0, max_tokens=3)
+    by_ids, by_text = llm.generate([TokensPrompt(prompt_token_ids=ids), TextPrompt(prompt="The capital of France is")],
+                                   params, use_tqdm=False)
+    assert by_ids.outputs[0].token_ids == by_text.outputs[0].token_ids and by_ids.prompt_token_ids == ids
+    guided = llm.generate("Is water wet? Answer:", SamplingParams(
+        temperature=0.0, max_tokens=4, guided_decoding=GuidedDecodingParams(choice=["yes", "no"])), use_tqdm=False)[0]
+    assert guided.outputs[0].text in ("yes", "no")
+    assert llm.generate([], params) == []
+    for prompt, message in (({"prompt": "x", "multi_modal_data": {"image": object()}}, "text-only"),
+                            ({"prompt": "x", "promtp_token_ids": [1]}, "promtp_token_ids")):
+        with pytest.raises(ValueError, match=message):
+            llm.generate(prompt, params, use_tqdm=False)
+    with pytest.raises(ValueError, match="not both"):
+        SamplingParams(guided_decoding={"regex": "a"}, structured_outputs={"regex": "b"})
+    with pytest.raises(ValueError, match="whitespace_pattern"):
+        StructuredOutputsParams(json={"type": "object"}, whitespace_pattern=r"[ ]?")
+    assert StructuredOutputsParams(json={"type": "object"}, disable_additional_properties=True, backend="xgrammar")
 
 
 def test_list_fields_given_a_scalar_are_a_value_error() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pagedserve.config import KV_CACHE_DTYPES, QUANTIZATION_METHODS, EngineConfig
+from pagedserve.config import KV_CACHE_DTYPES, QUANTIZATION_METHODS, EngineConfig, normalize_dtype_name
 
 
 def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = False) -> None:
@@ -18,7 +18,7 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
                              "lists and mappings as such); flags on the command line win")
     g = parser.add_argument_group("engine")
     g.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub id (default: the model's)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16", "half", "float"],
                    help="weight and activation dtype; auto: bfloat16 on CUDA and on CPUs with native bf16 "
                    "(AVX512-BF16, AMX), else float32")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs")
@@ -172,7 +172,7 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> EngineCon
                          "supported; use --tensor-parallel-size")
     model = getattr(args, "model_tag", None) or args.model
     kwargs = dict(
-        model=model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+        model=model, tokenizer=args.tokenizer, dtype=normalize_dtype_name(args.dtype), device=args.device,
         load_format=args.load_format, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
         seed=args.seed, max_model_len=args.max_model_len,
         block_size=args.block_size, max_num_seqs=args.max_num_seqs,

@@ -21,7 +21,7 @@ from pagedserve.outputs import (
 from pagedserve.pooling_params import PoolingParams, score_pairs
 from pagedserve.sampling_params import SamplingParams
 
-PromptType = str | list[int] | dict[str, Any]
+PromptType = str | list[int] | dict[str, Any]  # (pagedserve.inputs: TextPrompt / TokensPrompt, vLLM's names)
 
 
 class LLM:
@@ -36,10 +36,14 @@ class LLM:
             raise ValueError("data_parallel_size > 1 is served by `pagedserve serve --data-parallel-size N` (one "
                              "engine process a replica); LLM runs one replica: start one LLM per device instead")
         self.engine = LLMEngine(self.config)
+        self.engine.clip_max_tokens = True  # as vLLM's LLM: generation stops where the context is full
         self._next_id = 0
 
     def get_tokenizer(self):
-        return self.engine.tokenizer
+        """The model's Hugging Face tokenizer, as vLLM's LLM.get_tokenizer returns it (`tokenizer(text)`,
+        `apply_chat_template(...)` giving token ids by default, `decode` keeping special tokens by default, ...).
+        The engine's own wrapper, with the chat template in use and every EOS id: `llm.engine.tokenizer`."""
+        return self.engine.tokenizer.hf
 
     @property
     def llm_engine(self) -> LLMEngine:
@@ -99,6 +103,8 @@ class LLM:
         {"prompt_token_ids": [...]}. Returns one RequestOutput per prompt, in order. lora_request: one adapter for
         every prompt, or one (or None) per prompt (an engine built with enable_lora=True). priority: one per prompt,
         lower first (an engine built with scheduling_policy="priority")."""
+        if isinstance(prompts, (list, tuple)) and not prompts:
+            return []  # (as vLLM's: nothing to generate)
         return self._run(_normalize_prompts(prompts), sampling_params, use_tqdm, lora_request, priority)
 
     def beam_search(
@@ -107,13 +113,17 @@ class LLM:
         params: BeamSearchParams,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
         use_tqdm: bool = False,
+        concurrency_limit: int | None = None,
     ) -> list[BeamSearchOutput]:
         """Beam search for each prompt (as generate's prompts), as vLLM's LLM.beam_search: every step extends each
         live beam by one token through generate (max_tokens 1, 2 * beam_width logprobs; the prefix cache holds the
         beams' shared tokens); see beam_search.py. Returns one BeamSearchOutput per prompt: its best beam_width
-        sequences, best first (`.tokens` prompt and answer, `.text` the answer, `.cum_logprob`)."""
+        sequences, best first (`.tokens` prompt and answer, `.text` the answer, `.cum_logprob`). concurrency_limit:
+        search at most this many prompts at a time (vLLM's; None: all at once)."""
         if not isinstance(params, BeamSearchParams):
             raise ValueError("beam_search takes a BeamSearchParams")
+        if concurrency_limit is not None and (type(concurrency_limit) is not int or concurrency_limit < 1):
+            raise ValueError(f"concurrency_limit must be a positive integer or None, got {concurrency_limit!r}")
         prompts = _normalize_prompts(prompts)
         loras = _per_prompt(lora_request, LoRARequest, len(prompts), "LoRA requests")
         tokenizer = self.engine.tokenizer
@@ -124,21 +134,25 @@ class LLM:
                                        tokenizer.eos_token_ids))
         step = params.step_params()
         bar = None
+        limit = concurrency_limit or len(searches)
         if use_tqdm:
             from tqdm import tqdm
 
-            bar = tqdm(total=params.max_tokens, desc="Beam search steps", dynamic_ncols=True)
-        while pending := [(i, tokens) for i, search in enumerate(searches) for tokens in search.pending()]:
-            outs = self._run([{"prompt_token_ids": tokens} for _, tokens in pending], step, False,
-                             [loras[i] for i, _ in pending])
-            results: list[list] = [[] for _ in searches]
-            for (i, _), out in zip(pending, outs, strict=True):
-                results[i].append(out.outputs[0].logprobs[0])
-            for search, result in zip(searches, results, strict=True):
-                if result:
-                    search.advance(result)
-            if bar is not None:
-                bar.update(1)
+            bar = tqdm(total=params.max_tokens * -(-len(searches) // limit), desc="Beam search steps",
+                       dynamic_ncols=True)
+        for start in range(0, len(searches), limit):
+            group = range(start, min(start + limit, len(searches)))
+            while pending := [(i, tokens) for i in group for tokens in searches[i].pending()]:
+                outs = self._run([{"prompt_token_ids": tokens} for _, tokens in pending], step, False,
+                                 [loras[i] for i, _ in pending])
+                results: dict[int, list] = {i: [] for i in group}
+                for (i, _), out in zip(pending, outs, strict=True):
+                    results[i].append(out.outputs[0].logprobs[0])
+                for i, result in results.items():
+                    if result:
+                        searches[i].advance(result)
+                if bar is not None:
+                    bar.update(1)
         if bar is not None:
             bar.close()
         return [search.result(tokenizer.decode) for search in searches]
@@ -352,6 +366,15 @@ def _split_prompt(prompt: PromptType) -> tuple[str | None, list[int] | None]:
     if isinstance(prompt, str):
         return prompt, None
     if isinstance(prompt, dict):
+        from pagedserve.inputs import EMPTY_ONLY_KEYS, PROMPT_KEYS
+
+        unknown = sorted(set(prompt) - PROMPT_KEYS)
+        if unknown:
+            raise ValueError(f"a prompt dict holds {', '.join(map(repr, unknown))}; it takes 'prompt', "
+                             "'prompt_token_ids' and 'cache_salt'")
+        for key in EMPTY_ONLY_KEYS:
+            if prompt.get(key):
+                raise ValueError(f"prompt {key!r}: this engine serves text-only models")
         text, ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
         if text is None and ids is None:
             raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
