@@ -107,7 +107,7 @@ def test_a_stop_token_that_ends_a_request_is_not_in_its_text(llm: LLM) -> None:
 def _stream_one(llm: LLM, chat: list, params: SamplingParams):
     """The request's last output when the engine reports it every step (the server's mode of the engine)."""
     engine = llm.engine
-    prompt = llm.get_tokenizer().apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+    prompt = llm.engine.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
     engine.add_request("streamed", prompt, params)
     last = None
     while engine.has_unfinished_requests():
@@ -119,8 +119,8 @@ def _stream_one(llm: LLM, chat: list, params: SamplingParams):
 def test_bad_input_raises_value_error(llm: LLM) -> None:
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
-    with pytest.raises(ValueError, match="1024"):
-        llm.generate("hi", SamplingParams(max_tokens=5000), use_tqdm=False)
+    with pytest.raises(ValueError, match="context length is 1024"):  # (a max_tokens past it stops at its end)
+        llm.generate([[5] * 1100], SamplingParams(max_tokens=5), use_tqdm=False)
     with pytest.raises(ValueError, match="vocabulary"):
         llm.generate([[10**9]], SamplingParams(max_tokens=2), use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()
