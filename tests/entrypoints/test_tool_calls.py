@@ -45,7 +45,8 @@ def test_bad_tools_are_value_errors(tools, message) -> None:
 
 def test_tool_choice_modes() -> None:
     tools = check_tools([WEATHER, TIME])
-    assert resolve_mode(tools, None, auto_enabled=False).kind == "none"
+    with pytest.raises(ValueError, match="the default when tools are given"):  # None with tools = "auto", as vLLM
+        resolve_mode(tools, None, auto_enabled=False)
     assert resolve_mode(tools, None, auto_enabled=True).kind == "auto"
     assert resolve_mode(None, None, auto_enabled=True).kind == "none"
     named = resolve_mode(tools, {"type": "function", "function": {"name": "get_time"}}, False)

@@ -98,15 +98,17 @@ def resolve_mode(tools: list[dict] | None, tool_choice: Any, auto_enabled: bool,
 def _resolve_kind(tools: list[dict] | None, tool_choice: Any, auto_enabled: bool) -> ToolMode:
     names = {t["function"]["name"]: _parameters(t["function"]) for t in tools or []}
     if tool_choice is None:
-        return ToolMode("auto" if tools and auto_enabled else "none", names=names)
+        if not tools:
+            return ToolMode("none", names=names)
+        tool_choice = "auto"  # OpenAI's default with tools, and vLLM's (so also its 400 without the flag)
     if tool_choice == "none":
         return ToolMode("none", names=names)
     if not tools:
         raise ValueError("tool_choice needs tools")
     if tool_choice == "auto":
         if not auto_enabled:
-            raise ValueError('"auto" tool choice needs the server started with --enable-auto-tool-choice; '
-                             'or name a function, or use "required"')
+            raise ValueError('"auto" tool choice (the default when tools are given) needs the server started with '
+                             '--enable-auto-tool-choice; or pass tool_choice "none", "required" or a function')
         return ToolMode("auto", names=names)
     if tool_choice == "required":
         return ToolMode("required", names=names)
