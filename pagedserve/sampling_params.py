@@ -17,7 +17,7 @@ from pagedserve.pooling_params import PoolingParams
 
 MAX_LOGPROBS = 20
 MAX_N = 128
-MAX_STOP_STRINGS = 16
+MAX_STOP_STRINGS = 128  # vLLM has no bound; each is searched in every new piece of text
 MAX_STOP_STRING_LEN = 1000
 _GREEDY_EPS = 1e-5
 MAX_CHOICES = 1024

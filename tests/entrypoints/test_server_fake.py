@@ -283,7 +283,7 @@ BAD_CHAT = [
     ("top_p 2", {**CHAT, "top_p": 2}, "top_p"),
     ("top_logprobs 50", {**CHAT, "logprobs": True, "top_logprobs": 50}, "top_logprobs"),
     ("top_logprobs without logprobs", {**CHAT, "top_logprobs": 2}, "top_logprobs"),
-    ("too many stops", {**CHAT, "stop": [str(i) for i in range(100)]}, "stop"),
+    ("too many stops", {**CHAT, "stop": [str(i) for i in range(200)]}, "stop"),
     ("presence_penalty 5", {**CHAT, "presence_penalty": 5}, "presence_penalty"),
     ("logit_bias bad key", {**CHAT, "logit_bias": {"abc": 1}}, "logit_bias"),
     ("response_format without type", {**CHAT, "response_format": {}}, "response_format"),
@@ -1031,3 +1031,18 @@ def test_seed_bounds_are_stated_exactly(server) -> None:
     assert "18446744073709551615" in err["message"], err
     for seed in (2**64 - 1, -(2**63)):
         assert httpx.post(url, json={**body, "seed": seed}).status_code == 200
+
+
+def test_chat_echo_puts_the_continued_message_first(server) -> None:
+    """vLLM's chat `echo`: the last message's text, when it is the assistant's (continued), comes before the answer:
+    in the message, or streamed as the first content delta; a last message of another role echoes nothing."""
+    body = {"model": MODEL, "max_tokens": 4, "echo": True, "add_generation_prompt": False,
+            "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello there"}]}
+    r = httpx.post(server.base_url + "/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "Hello there" + TEXT[:4]
+    events = sse_events(httpx.post(server.base_url + "/v1/chat/completions", json={**body, "stream": True}))
+    deltas = [e["choices"][0]["delta"].get("content") or "" for e in events[:-1] if e["choices"]]
+    assert deltas[1] == "Hello there" and "".join(deltas) == "Hello there" + TEXT[:4]
+    plain = httpx.post(server.base_url + "/v1/chat/completions", json={**CHAT, "echo": True}).json()
+    assert plain["choices"][0]["message"]["content"] == TEXT[:5]  # the last message is the user's: nothing echoed

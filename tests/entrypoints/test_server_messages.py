@@ -52,12 +52,16 @@ def test_answers_equal_the_chat_route_whole_and_streamed(claude, gpt, model) -> 
     m = claude.messages.create(model=model, system=system, messages=ASK, max_tokens=24, extra_body=T0)
     assert m.type == "message" and m.role == "assistant" and m.id.startswith("msg_") and m.model == model
     assert [b.type for b in m.content] == ["text"] and m.content[0].text == chat.choices[0].message.content
-    assert m.usage.input_tokens == chat.usage.prompt_tokens and m.usage.output_tokens == chat.usage.completion_tokens
+    # (Anthropic's input_tokens leaves out the tokens read from the prefix cache)
+    assert m.usage.input_tokens + m.usage.cache_read_input_tokens == chat.usage.prompt_tokens
+    assert m.usage.output_tokens == chat.usage.completion_tokens
     assert m.stop_reason == ("max_tokens" if chat.choices[0].finish_reason == "length" else "end_turn")
     blocks = claude.messages.create(model=model, system=[{"type": "text", "text": system}], messages=ASK,
                                     max_tokens=24, extra_body=T0)
     assert blocks.content[0].text == m.content[0].text
     assert blocks.usage.cache_read_input_tokens >= 16  # the same prompt again: its blocks from the prefix cache
+    assert blocks.usage.input_tokens == m.usage.input_tokens + m.usage.cache_read_input_tokens - \
+        blocks.usage.cache_read_input_tokens
     with claude.messages.stream(model=model, system=system, messages=ASK, max_tokens=24, extra_body=T0) as stream:
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
@@ -104,9 +108,10 @@ def test_tool_use_then_tool_result(claude, model) -> None:
     r = claude.messages.create(model=model, messages=follow, tools=[WEATHER], tool_choice={"type": "none"},
                                max_tokens=40, extra_body=T0)
     assert [b.type for b in r.content] == ["text"] and "21" in r.content[0].text
-    assert r.usage.input_tokens > m.usage.input_tokens + 20  # the call and its result were rendered
+    prompt = r.usage.input_tokens + r.usage.cache_read_input_tokens  # (input_tokens: those not from the cache)
+    assert prompt > m.usage.input_tokens + m.usage.cache_read_input_tokens + 20  # the call and its result rendered
     counted = claude.messages.count_tokens(model=model, messages=follow, tools=[WEATHER])
-    assert counted.input_tokens == r.usage.input_tokens
+    assert counted.input_tokens == prompt
 
 
 def test_errors_have_anthropic_s_shape(server, claude, model) -> None:

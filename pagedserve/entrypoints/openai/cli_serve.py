@@ -12,7 +12,7 @@ from pagedserve.entrypoints.openai.reasoning import PARSERS as REASONING_PARSERS
 from pagedserve.entrypoints.openai.tool_calls import TOOL_CALL_PARSERS
 
 API_KEY_ENV = "PAGEDSERVE_API_KEY"
-DEFAULT_MAX_REQUEST_BODY_BYTES = 1 << 20  # 1 MiB
+DEFAULT_MAX_REQUEST_BODY_BYTES = 32 << 20  # 32 MiB: a 1M-token prompt as text or token ids fits (vLLM: no bound)
 
 
 # --------------------------------------------------------------------------- flags
@@ -69,7 +69,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         "--max-request-body-bytes",
         type=int,
         default=DEFAULT_MAX_REQUEST_BODY_BYTES,
-        help="larger request bodies get 413 (default 1 MiB)",
+        help="larger request bodies get 413 (default 32 MiB)",
     )
     g.add_argument(
         "--disable-log-stats",

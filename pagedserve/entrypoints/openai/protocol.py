@@ -137,6 +137,9 @@ class ChatMessage(OpenAIBaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    # vLLM's: the last message's content, when it is the response role's (an assistant message being continued),
+    # comes before the answer in the message (or, streamed, as the first content delta)
+    echo: bool | None = False
     max_completion_tokens: Int | None = Field(default=None, ge=1, description="alias of max_tokens (preferred)")
     logprobs: bool | None = False
     top_logprobs: Int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, description="needs logprobs: true")

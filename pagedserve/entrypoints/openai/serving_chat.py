@@ -134,6 +134,8 @@ class OpenAIServingChat:
             raise engine_error(e, structured_outputs_of(req)[1] or ("tools" if constraint is not None else None)) from e
         ctx = _ChatContext(request_id, model_name, now_created(), len(prompt_ids), params, req, mode)
         ctx.prompt_token_ids = prompt_ids
+        if req.echo:
+            ctx.echo = self._echoed(req)
         # A constrained answer (response_format, structured_outputs, a forced tool call) is held to its grammar
         # from the first token: it is all answer, never reasoning.
         ctx.reasoning = self.reasoning_parser if params.structured_outputs is None else None
@@ -237,6 +239,16 @@ class OpenAIServingChat:
             out.append(msg)
         return out
 
+    def _echoed(self, req: ChatCompletionRequest) -> str:
+        """What `echo` puts before the answer (vLLM's rule): the last message's text when it is the response
+        role's, else nothing."""
+        last = req.messages[-1]
+        if last.role != self.response_role or last.content is None:
+            return ""
+        if isinstance(last.content, str):
+            return last.content
+        return "\n".join(part.text or "" for part in last.content if getattr(part, "text", None) is not None)
+
     # ------------------------------------------------------------------ outputs
     def _logprobs(self, entries: list, num_top: int, req: ChatCompletionRequest) -> list[dict]:
         strings = token_strings_for(req, self.token_strings, self.tokens_as_ids).get
@@ -263,6 +275,8 @@ class OpenAIServingChat:
                 logprobs = {"content": self._logprobs(out.logprobs, ctx.params.logprobs, ctx.req)}
             message, finish_reason = message_of(out, ctx.mode, ctx.reasoning)
             message["role"] = self.response_role
+            if ctx.echo:
+                message["content"] = ctx.echo + (message.get("content") or "")
             choices.append(
                 {
                     "index": out.index,
@@ -360,6 +374,9 @@ class OpenAIServingChat:
                     },
                     usage_dict(ctx.num_prompt_tokens, 0, cached()) if continuous_usage else None,
                 )
+                if ctx.echo:
+                    yield chunk({"index": i, "delta": {"content": ctx.echo}, "logprobs": None, "finish_reason": None},
+                                usage_dict(ctx.num_prompt_tokens, 0, cached()) if continuous_usage else None)
             async for output in stream:
                 num_cached[0] = output.num_cached_tokens
                 for out in output.outputs:
@@ -435,7 +452,7 @@ class OpenAIServingChat:
 
 class _ChatContext:
     __slots__ = ("request_id", "model_name", "created", "num_prompt_tokens", "params", "req", "mode", "reasoning",
-                 "prompt_token_ids")
+                 "prompt_token_ids", "echo")
 
     def __init__(
         self,
@@ -456,6 +473,7 @@ class _ChatContext:
         self.mode = mode
         self.reasoning: str | None = None  # the reasoning parser that splits this request's answers
         self.prompt_token_ids: list[int] = []  # the templated prompt's ids (return_token_ids)
+        self.echo = ""  # `echo`: the text before the answer (serving_chat._echoed)
 
 
 def message_of(out: CompletionOutput, mode: ToolMode, reasoning_parser: str | None = None

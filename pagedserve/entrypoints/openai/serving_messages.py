@@ -259,7 +259,9 @@ def _blocks(out: CompletionOutput, ctx: Any) -> tuple[list[dict[str, Any]], str,
 
 
 def _usage(ctx: Any, num_output: int, num_cached: int) -> dict[str, int]:
-    return {"input_tokens": ctx.num_prompt_tokens, "output_tokens": num_output,
+    # Anthropic's convention: input_tokens counts the prompt's tokens not read from the cache (the whole prompt is
+    # input_tokens + cache_read_input_tokens + cache_creation_input_tokens)
+    return {"input_tokens": ctx.num_prompt_tokens - num_cached, "output_tokens": num_output,
             "cache_read_input_tokens": num_cached, "cache_creation_input_tokens": 0}
 
 
