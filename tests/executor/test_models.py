@@ -193,8 +193,9 @@ def test_batched_decodes_match_the_per_sequence_reference(
     monkeypatch, heads, kv_heads, dim, block, cache_dtype, chunk_elements
 ) -> None:
     """A mixed step (decodes of different lengths, a prefill, an extend, padding rows) through the backend with its
-    decodes batched equals the same step with every sequence through causal_attention: windows, the soft-cap and
-    sinks included. The cache blocks are shuffled, every slot not yet written is NaN; padding rows come out zero."""
+    decodes batched and its prefills / extends through torch's fused attention equals the same step with every
+    sequence through causal_attention: windows, the soft-cap and sinks included. The cache blocks are shuffled,
+    every slot not yet written is NaN; padding rows come out zero."""
     from pagedserve.executor.attention import torch_ref
 
     if chunk_elements is not None:
@@ -224,7 +225,7 @@ def test_batched_decodes_match_the_per_sequence_reference(
     for window, softcap, sink in [(None, None, None), (6, None, None), (None, 2.5, None), (8, None, sinks)]:
         outs = []
         for batched in (True, False):
-            backend = TorchAttentionBackend(batch_decodes=batched)
+            backend = TorchAttentionBackend(batch_decodes=batched, fused_prefill=batched)
             layer_cache = cache.clone()
             out = backend.forward(q, k, v, layer_cache, meta, 0.35, window=window, softcap=softcap, sinks=sink)
             outs.append(out)
