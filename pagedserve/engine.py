@@ -505,7 +505,9 @@ class LLMEngine:
                 return max(1, min(room, self._kv_capacity + 1 - num_prompt_tokens))
             return room
         if params.max_tokens > room:
-            if self.clip_max_tokens:
+            if self.clip_max_tokens:  # (and within what the KV cache holds, as for max_tokens None)
+                if self._kv_capacity is not None:
+                    return max(1, min(room, self._kv_capacity + 1 - num_prompt_tokens))
                 return room
             raise ValueError(
                 f"this model's maximum context length is {self.max_model_len} tokens, but "

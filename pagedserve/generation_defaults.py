@@ -60,7 +60,8 @@ def load_generation_defaults(model_folder: str | None, mode: str = "auto",
         defaults.update(override)
     if defaults.get("top_k") == -1:
         defaults["top_k"] = 0
-    defaults = {k: v for k, v in defaults.items() if v != BUILTIN[k]}
+    # (max_tokens stays even at 16: the server's own default is "up to the context", not SamplingParams' 16)
+    defaults = {k: v for k, v in defaults.items() if k == "max_tokens" or v != BUILTIN[k]}
     try:
         SamplingParams(**defaults)
     except (ValueError, TypeError) as e:

@@ -39,9 +39,7 @@ def test_modes_and_override(tmp_path: Path) -> None:
     folder = folder_with(tmp_path, {**QWEN2_7B_INSTRUCT, "max_new_tokens": 512})
     assert load_generation_defaults(folder) == {**qwen, "max_tokens": 512}
     assert load_generation_defaults(folder, override={"max_new_tokens": 64})["max_tokens"] == 64
-    unset = build_sampling_params(CompletionRequest(prompt="x"), None, None, {"max_tokens": 64})
-    assert unset.max_tokens == 64  # a request without max_tokens gets the model's
-    assert build_sampling_params(CompletionRequest(prompt="x"), 5, None, {"max_tokens": 64}).max_tokens == 5
+    assert load_generation_defaults(folder_with(tmp_path, {"max_new_tokens": 16})) == {"max_tokens": 16}
 
 
 @pytest.mark.parametrize(("config", "mode", "override", "message"), [

@@ -200,6 +200,9 @@ def test_truncate_prompt_tokens_detokenize_and_clone(llm: LLM) -> None:
     assert cut.prompt_token_ids == ids[-8:] and len(ids) > 8
     assert cut.outputs[0].token_ids == direct.outputs[0].token_ids
     assert whole.prompt_token_ids == ids
+    with pytest.raises(ValueError, match="has 1024 tokens"):  # -1: the last max_model_len tokens (then too many)
+        llm.generate({"prompt_token_ids": ids * 100}, SamplingParams(max_tokens=5, truncate_prompt_tokens=-1),
+                     use_tqdm=False)
     quiet = llm.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0.0, max_tokens=5, detokenize=False),
                          use_tqdm=False)[0]
     assert quiet.outputs[0].text == "" and quiet.outputs[0].token_ids == whole.outputs[0].token_ids
@@ -253,12 +256,19 @@ def test_offline_max_tokens_past_the_context_stops_at_its_end(real_model_dir: st
     out = small.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=100, ignore_eos=True),
                          use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 48 - len(ids) and out.outputs[0].finish_reason == "length"
+    tiny_cache = LLM(real_model_dir, max_model_len=512, num_kv_blocks=4)  # 64 tokens of KV cache
+    out = tiny_cache.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1000, ignore_eos=True),
+                              use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 64 + 1 - len(ids)  # as far as the cache holds (its last token uncached)
     with pytest.raises(ValueError, match="maximum context length"):  # the server's engine: a 400
         small.engine.clip_max_tokens = False
         small.engine.add_request("r", ids, SamplingParams(max_tokens=100))
-    chat_ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
-    assert isinstance(chat_ids, list) or isinstance(chat_ids["input_ids"], list)
-    assert len(tokenizer) == small.engine.tokenizer.hf.__len__() and tokenizer.decode(ids[:2])
+    chat = [{"role": "user", "content": "hi"}]
+    chat_ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True)  # token ids by default, as HF's
+    chat_ids = chat_ids if isinstance(chat_ids, list) else chat_ids["input_ids"]  # (Transformers 5: a BatchEncoding)
+    assert chat_ids == small.engine.tokenizer.apply_chat_template(chat, tokenize=True)
+    assert type(tokenizer).__module__.startswith("transformers") and len(tokenizer) == 151936
+    assert tokenizer.decode(ids) == "def fibonacci(n):\n    if n < 2:\n        return n\n    return"
     engine = small.llm_engine
     assert engine.get_tokenizer() is tokenizer
     assert engine.model_config.max_model_len == 48 and engine.model_config.get_vocab_size() == 151936

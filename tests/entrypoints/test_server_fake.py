@@ -1046,3 +1046,23 @@ def test_chat_echo_puts_the_continued_message_first(server) -> None:
     assert deltas[1] == "Hello there" and "".join(deltas) == "Hello there" + TEXT[:4]
     plain = httpx.post(server.base_url + "/v1/chat/completions", json={**CHAT, "echo": True}).json()
     assert plain["choices"][0]["message"]["content"] == TEXT[:5]  # the last message is the user's: nothing echoed
+
+
+def test_chat_route_takes_max_new_tokens_within_the_context(start_fake_server) -> None:
+    """A chat request without max_tokens gets the model's max_new_tokens, cut to what the context leaves (as vLLM:
+    never a 400 for a value the client did not send); its own max_tokens wins."""
+    for default, prompt, want in ((3, "hi", 3), (1000, "x" * 200, None)):
+        engine = FakeEngine(max_model_len=256)
+        engine.default_sampling = {"max_tokens": default}
+        server = start_fake_server(engine)
+        body = {"model": "fake-model", "messages": [{"role": "user", "content": prompt}]}
+        r = httpx.post(server.base_url + "/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        if want is not None:
+            assert usage["completion_tokens"] == want
+        else:  # up to the context's end
+            assert usage["prompt_tokens"] + usage["completion_tokens"] == 256
+        own = httpx.post(server.base_url + "/v1/chat/completions", json={**body, "max_tokens": 2}, timeout=30)
+        assert own.json()["usage"]["completion_tokens"] == 2
+

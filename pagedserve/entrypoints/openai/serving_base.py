@@ -175,7 +175,7 @@ def build_sampling_params(req: SamplingFields, max_tokens: int | None, logprobs:
             stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
             stop_token_ids=list(req.stop_token_ids or []),
             ignore_eos=bool(req.ignore_eos),
-            max_tokens=max_tokens if max_tokens is not None else defaults.get("max_tokens"),
+            max_tokens=max_tokens,
             min_tokens=req.min_tokens or 0,
             logprobs=logprobs,
             logit_bias=req.logit_bias,

@@ -116,6 +116,10 @@ class OpenAIServingChat:
                                                            tools)
         if req.truncate_prompt_tokens is not None and len(prompt_ids) > req.truncate_prompt_tokens:
             prompt_text, prompt_ids = None, prompt_ids[-req.truncate_prompt_tokens:]
+        default_max = self.engine.default_sampling.get("max_tokens")
+        if max_tokens is None and default_max is not None:  # the model's max_new_tokens, as far as the context allows
+            params = dataclasses.replace(params, max_tokens=max(1, min(default_max,
+                                                                       self.engine.max_model_len - len(prompt_ids))))
         check_prompt_fits(
             self.engine,
             prompt_ids,

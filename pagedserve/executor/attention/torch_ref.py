@@ -202,7 +202,7 @@ class TorchAttentionBackend(AttentionBackend):
                 start += q_len
                 continue
             k, v = gather_kv(kv_cache, meta.block_tables[s], seq_len)
-            if self.fused_prefill and softcap is None and sinks is None:
+            if self.fused_prefill and not softcap and sinks is None:
                 out[start : start + q_len] = sdpa_attention(query[start : start + q_len], k, v, scale, window)
             else:
                 out[start : start + q_len] = causal_attention(query[start : start + q_len], k, v, scale, window,
