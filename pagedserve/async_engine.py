@@ -343,13 +343,15 @@ class AsyncEngine:
         (its KV blocks are freed before the engine's next step)."""
         stream = await self.add_request(request_id, prompt, params, arrival_time, prompt_text, priority=priority)
         kind = params.output_kind
-        sent: dict[int, tuple[int, int, int]] = {}  # DELTA: per choice, (chars, tokens, logprobs) already sent
+        sent: dict[int, tuple[int, int, int, bool]] = {}  # DELTA, per choice: chars, tokens, logprobs, finish sent
         try:
             async for output in stream:
                 if kind is RequestOutputKind.FINAL_ONLY and not output.finished:
                     continue
                 if kind is RequestOutputKind.DELTA:
                     output = _delta_output(output, sent)
+                    if output is None:
+                        continue
                 yield output
         finally:
             if not stream.finished:
@@ -555,15 +557,23 @@ async def last_output(stream: RequestStream) -> RequestOutput:
     return final
 
 
-def _delta_output(output: RequestOutput, sent: dict[int, tuple[int, int, int]]) -> RequestOutput:
-    """A copy of `output` whose choices hold only what `sent` says was not yielded yet (and record it)."""
+def _delta_output(output: RequestOutput, sent: dict[int, tuple[int, int, int, bool]]) -> RequestOutput | None:
+    """A copy of `output` holding only the choices with something not yielded yet (text, token ids, logprobs, or
+    their finish), each cut to that, as `sent` records (and is updated); None when there is nothing new and the
+    request is not finished. Prompt logprobs come with the first."""
     first = not sent
     choices = []
     for c in output.outputs:
-        chars, tokens, lps = sent.get(c.index, (0, 0, 0))
+        chars, tokens, lps, finish_sent = sent.get(c.index, (0, 0, 0, False))
+        num_lps = 0 if c.logprobs is None else len(c.logprobs)
+        if (len(c.text), len(c.token_ids), num_lps) == (chars, tokens, lps) and (
+                finish_sent or c.finish_reason is None):
+            continue
         logprobs = None if c.logprobs is None else c.logprobs[lps:]
         choices.append(CompletionOutput(c.index, c.text[chars:], c.token_ids[tokens:], c.cumulative_logprob,
                                         logprobs, c.finish_reason, c.stop_reason))
-        sent[c.index] = (len(c.text), len(c.token_ids), 0 if c.logprobs is None else len(c.logprobs))
+        sent[c.index] = (len(c.text), len(c.token_ids), num_lps, c.finish_reason is not None)
+    if not choices and not output.finished:
+        return None
     return dataclasses.replace(output, outputs=choices,
                                prompt_logprobs=output.prompt_logprobs if first else None)

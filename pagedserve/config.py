@@ -63,7 +63,8 @@ VLLM_ACCEPTED = {
     "kv_transfer_config": (_is(None), "KV transfer between instances is not supported"),
     "calculate_kv_scales": (_is(False, None), "fp8 KV scales come from the checkpoint or are 1.0"),
     "max_cpu_loras": (_any, ""),  # adapters are read from disk when first named
-    "limit_mm_per_prompt": (lambda v: not v, "this engine serves text-only models"),
+    "limit_mm_per_prompt": (lambda v: not v or (isinstance(v, dict) and not any(v.values())),
+                            "this engine serves text-only models"),  # ({"image": 0}: vLLM's way to turn images off)
     "mm_processor_kwargs": (lambda v: not v, "this engine serves text-only models"),
     "allowed_local_media_path": (lambda v: not v, "this engine serves text-only models"),
     "enable_expert_parallel": (_is(False, None), "MoE experts are split by tensor parallelism"),

@@ -65,6 +65,7 @@ class StructuredOutputsParams:
     whitespace_pattern: str | None = None
     structural_tag: str | None = None
     backend: str | None = None
+    backend_was_auto: bool = False  # (vLLM 0.10's GuidedDecodingParams carries it; nothing here)
 
     def __post_init__(self) -> None:
         if isinstance(self.choice, tuple):
@@ -84,8 +85,8 @@ class StructuredOutputsParams:
         if self.structural_tag is not None:
             raise ValueError("structural_tag is not supported; use json, regex, choice or grammar")
         if self.backend not in (None, "auto", "xgrammar", "guidance", "outlines", "lm-format-enforcer"):
-            raise ValueError(f"backend must be auto or xgrammar (any constraint is held by xgrammar here), got "
-                             f"{self.backend!r}")
+            raise ValueError("backend must be auto, xgrammar, guidance, outlines or lm-format-enforcer (xgrammar "
+                             f"holds any constraint here), got {self.backend!r}")
         if self.json is not None:
             if isinstance(self.json, str):
                 try:

@@ -123,6 +123,9 @@ class Tokenizer:
         itself rejects the conversation (e.g. roles that must alternate).
         """
         chat_template = chat_template if chat_template is not None else self.chat_template
+        if isinstance(chat_template, dict):  # named templates (Transformers' form): "tool_use" with tools
+            chat_template = chat_template.get("tool_use") if tools and "tool_use" in chat_template \
+                else chat_template.get("default")
         if not chat_template:
             raise ValueError(
                 "this model has no chat template; pass one with chat_template= (a Jinja file path or "
@@ -157,24 +160,76 @@ CONTENT_FORMATS = ("auto", "string", "openai")
 
 @functools.lru_cache(maxsize=16)
 def detect_content_format(chat_template: str) -> str:
-    """"openai" when the template loops over a message's content (`for part in message['content']`, as
-    Gemma 3's), else "string" (vLLM's rule for chat_template_content_format "auto")."""
+    """"openai" when the template loops over a message's content (`{% for part in message['content'] %}`, as Gemma
+    3's), else "string": vLLM's rule for chat_template_content_format "auto". A message is a loop variable over
+    `messages` (or over a name set from it, e.g. `loop_messages = messages[1:]`); its content is read directly or
+    through a name set from it."""
     import jinja2
     from jinja2 import nodes
 
     try:
-        tree = jinja2.Environment(extensions=["jinja2.ext.loopcontrols", "jinja2.ext.do"]).parse(chat_template)
-    except jinja2.TemplateError:  # a tag of transformers' own environment ({% generation %}): assume strings
+        tree = _template_parser().parse(chat_template)
+    except jinja2.TemplateError:
         return "string"
+
+    def base_name(node: nodes.Node) -> str | None:
+        """The variable an expression reads from: `messages[1:]`, `messages | reverse`, `loop_messages`."""
+        while isinstance(node, (nodes.Getitem, nodes.Filter, nodes.Getattr)) and node.node is not None:
+            if isinstance(node, nodes.Getattr) or (isinstance(node, nodes.Getitem)
+                                                    and not isinstance(node.arg, nodes.Slice)):
+                return None  # an element or attribute, not the list itself
+            node = node.node
+        return node.name if isinstance(node, nodes.Name) else None
+
+    def content_of(node: nodes.Node, messages_vars: set[str]) -> bool:
+        """Whether `node` is `m.content` / `m['content']` of a message variable m (filters around it included)."""
+        while isinstance(node, nodes.Filter) and node.node is not None:
+            node = node.node
+        if isinstance(node, nodes.Getattr) and node.attr == "content":
+            target = node.node
+        elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and node.arg.value == "content":
+            target = node.node
+        else:
+            return False
+        return isinstance(target, nodes.Name) and target.name in messages_vars
+
+    lists = {"messages"}  # names holding the message list
+    for assign in tree.find_all(nodes.Assign):
+        if isinstance(assign.target, nodes.Name) and base_name(assign.node) in lists:
+            lists.add(assign.target.name)
+    items = set()  # names holding one message
+    for loop in tree.find_all(nodes.For):
+        if isinstance(loop.target, nodes.Name) and base_name(loop.iter) in lists:
+            items.add(loop.target.name)
+    contents = set()  # names set from a message's content
+    for assign in tree.find_all(nodes.Assign):
+        if isinstance(assign.target, nodes.Name) and content_of(assign.node, items):
+            contents.add(assign.target.name)
     for loop in tree.find_all(nodes.For):
         source = loop.iter
-        while isinstance(source, (nodes.Filter, nodes.Test)) and source.node is not None:
+        while isinstance(source, nodes.Filter) and source.node is not None:
             source = source.node
-        if (isinstance(source, nodes.Getitem) and isinstance(source.arg, nodes.Const)
-                and source.arg.value == "content") or (isinstance(source, nodes.Getattr)
-                                                       and source.attr == "content"):
+        if content_of(source, items) or (isinstance(source, nodes.Name) and source.name in contents):
             return "openai"
     return "string"
+
+
+@functools.lru_cache(maxsize=1)
+def _template_parser():
+    """A jinja2 environment that parses what Transformers' chat templates may hold: loop controls, `do`, and
+    Transformers' own `{% generation %}...{% endgeneration %}` block (parsed as its body)."""
+    import jinja2
+    from jinja2.ext import Extension
+
+    class GenerationTag(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body, lineno=lineno)
+
+    return jinja2.Environment(extensions=["jinja2.ext.loopcontrols", "jinja2.ext.do", GenerationTag])
 
 
 def normalize_messages(messages: Any, content_format: str = "string") -> list[dict[str, Any]]:

@@ -209,11 +209,20 @@ def test_content_format_auto_follows_whether_the_template_loops_over_content(qwe
     string; "string" / "openai" force either."""
     assert detect_content_format(qwen.chat_template) == "string"
     assert detect_content_format(PARTS_TEMPLATE) == "openai"
-    assert detect_content_format("{% for x in message.content %}{{ x.text }}{% endfor %}") == "openai"
     assert detect_content_format("{% for m in messages %}{% for c in m['content'] %}{% break %}{% endfor %}"
                                  "{% endfor %}") == "openai"
+    assert detect_content_format("{% set loop_messages = messages[1:] %}{% for message in loop_messages %}{% for x "
+                                 "in message.content | selectattr('type') %}{% endfor %}{% endfor %}") == "openai"
+    assert detect_content_format("{% for m in messages %}{% set c = m.content %}{% for p in c %}{% endfor %}"
+                                 "{% endfor %}") == "openai"  # through a name set from the content
+    # Transformers' {% generation %} block is parsed (its body counts)
+    assert detect_content_format("{% for m in messages %}{% generation %}{% for p in m['content'] %}{{ p.text }}"
+                                 "{% endfor %}{% endgeneration %}{% endfor %}") == "openai"
     assert detect_content_format("{% for m in messages %}{{ m['content'] }}{% endfor %}") == "string"
-    assert detect_content_format("{% generation %}{{ x }}{% endgeneration %}") == "string"  # not parsed: string
+    # loops over something else's content are not a message's (vLLM's rule)
+    assert detect_content_format("{% for d in documents %}{% for c in d.content %}{% endfor %}{% endfor %}"
+                                 "{% for m in messages %}{{ m.content }}{% endfor %}") == "string"
+    assert detect_content_format("{% for x in message.content %}{{ x.text }}{% endfor %}") == "string"
     msgs = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
             {"role": "assistant", "content": "c"}]
     parts = Tokenizer(qwen.hf, set(), PARTS_TEMPLATE)
@@ -224,6 +233,12 @@ def test_content_format_auto_follows_whether_the_template_loops_over_content(qwe
                                                                    content_format="string")
     with pytest.raises(ValueError, match="content_format"):
         qwen.apply_chat_template(msgs, content_format="parts")
+    # Named templates (Transformers' dict form): "tool_use" when tools are given, else "default"
+    named = Tokenizer(qwen.hf, set(), {"default": "plain:{{ messages[0]['content'] }}",
+                                       "tool_use": "tools:{{ tools | length }}"})
+    assert named.apply_chat_template(msgs[:1], add_generation_prompt=False) == "plain:a\nb"
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    assert named.apply_chat_template(msgs[:1], add_generation_prompt=False, tools=[tool]) == "tools:1"
 
 
 def test_a_template_that_fails_on_a_message_is_a_value_error(qwen: Tokenizer) -> None:

@@ -96,7 +96,7 @@ class TokenLogprobs(Mapping):
     Read either through the fields below, or as vLLM's `dict[int, Logprob]`: keys are the token itself
     first, then its requested alternatives most likely first (the token once, where it is one of them),
     so code written for vLLM's `output.logprobs[i][token_id].logprob` runs unchanged. The Logprob values
-    are made on access; `decoded` holds their texts once `LLM` filled it."""
+    are made on access; `decoded` gives their texts (LLM attaches a table that decodes each when first read)."""
 
     token_id: int
     logprob: float
@@ -105,7 +105,12 @@ class TokenLogprobs(Mapping):
     decoded: dict[int, str] | None = field(default=None, compare=False, repr=False)
 
     def __getitem__(self, token_id: int) -> Logprob:
-        text = None if self.decoded is None else self.decoded.get(token_id)
+        text = None
+        if self.decoded is not None:
+            try:
+                text = self.decoded[token_id]  # (LLM's table decodes a token when first read)
+            except KeyError:
+                pass
         if token_id == self.token_id:
             return Logprob(self.logprob, self.rank, text)
         for rank, (tid, value) in enumerate(self.top, start=1):

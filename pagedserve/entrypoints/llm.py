@@ -144,7 +144,7 @@ class LLM:
             group = range(start, min(start + limit, len(searches)))
             while pending := [(i, tokens) for i in group for tokens in searches[i].pending()]:
                 outs = self._run([{"prompt_token_ids": tokens} for _, tokens in pending], step, False,
-                                 [loras[i] for i, _ in pending])
+                                 [loras[i] for i, _ in pending], token_texts=False)
                 results: dict[int, list] = {i: [] for i in group}
                 for (i, _), out in zip(pending, outs, strict=True):
                     results[i].append(out.outputs[0].logprobs[0])
@@ -275,7 +275,9 @@ class LLM:
         use_tqdm: bool,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
         priority: Sequence[int] | None = None,
+        token_texts: bool = True,
     ) -> list[RequestOutput]:
+        """token_texts: the outputs' logprobs entries decode their tokens' texts when read (beam search's need not)."""
         loras = _per_prompt(lora_request, LoRARequest, len(prompts), "LoRA requests")
         priorities = [0] * len(prompts) if priority is None else list(priority)
         if len(priorities) != len(prompts):
@@ -297,9 +299,9 @@ class LLM:
         except Exception:
             self.engine.abort_request(ids)
             raise
-        return self._run_engine(ids, use_tqdm)
+        return self._run_engine(ids, use_tqdm, token_texts)
 
-    def _run_engine(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def _run_engine(self, ids: list[str], use_tqdm: bool, token_texts: bool = True) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
         bar = None
         if use_tqdm:
@@ -320,26 +322,41 @@ class LLM:
             if bar is not None:
                 bar.close()
         outputs = [finished[i] for i in ids]
-        _fill_decoded_tokens(outputs, self.engine.tokenizer)
+        if token_texts:
+            _attach_token_texts(outputs, self.engine.tokenizer)
         return outputs
 
 
-def _fill_decoded_tokens(outputs: list[RequestOutput], tokenizer: Any) -> None:
-    """Give each logprobs entry its tokens' texts (read as vLLM's dict[int, Logprob]: `.decoded_token`)."""
-    texts: dict[int, str] = {}
+class _TokenTexts(dict):
+    """token id -> its text, decoded when first read; shared by a call's logprobs entries. Pickles as the plain dict
+    it has filled (not the tokenizer)."""
 
-    def text(token_id: int) -> str:
-        hit = texts.get(token_id)
-        if hit is None:
-            hit = texts[token_id] = tokenizer.decode([token_id], skip_special_tokens=False)
-        return hit
+    __slots__ = ("_decode",)
 
+    def __init__(self, decode: Any) -> None:
+        super().__init__()
+        self._decode = decode
+
+    def __missing__(self, token_id: int) -> str:
+        text = self[token_id] = self._decode([token_id], skip_special_tokens=False)
+        return text
+
+    def __reduce__(self) -> tuple:
+        return dict, (dict(self),)
+
+
+def _attach_token_texts(outputs: list[RequestOutput], tokenizer: Any) -> None:
+    """Let each logprobs entry give its tokens' texts (read as vLLM's dict[int, Logprob]: `.decoded_token`): one
+    shared table, each text decoded when first read."""
+    texts = None
     for out in outputs:
         entries = [lp for lp in out.prompt_logprobs or () if lp is not None]
         for choice in out.outputs:
             entries.extend(choice.logprobs or ())
         for lp in entries:
-            lp.decoded = {token_id: text(token_id) for token_id in lp}
+            if texts is None:
+                texts = _TokenTexts(tokenizer.decode)
+            lp.decoded = texts
 
 
 def _per_prompt(value: Any, one: type, num_prompts: int, what: str) -> list:

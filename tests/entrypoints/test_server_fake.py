@@ -1046,6 +1046,10 @@ def test_chat_echo_puts_the_continued_message_first(server) -> None:
     assert deltas[1] == "Hello there" and "".join(deltas) == "Hello there" + TEXT[:4]
     plain = httpx.post(server.base_url + "/v1/chat/completions", json={**CHAT, "echo": True}).json()
     assert plain["choices"][0]["message"]["content"] == TEXT[:5]  # the last message is the user's: nothing echoed
+    # add_generation_prompt false: the request's role is the last message's own, so it is echoed whatever it is
+    raw = httpx.post(server.base_url + "/v1/chat/completions",
+                     json={**CHAT, "echo": True, "add_generation_prompt": False}).json()
+    assert raw["choices"][0]["message"]["content"] == "hi" + TEXT[:5]
 
 
 def test_chat_route_takes_max_new_tokens_within_the_context(start_fake_server) -> None:

@@ -66,6 +66,9 @@ def test_answers_equal_the_chat_route_whole_and_streamed(claude, gpt, model) -> 
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
     assert text == m.content[0].text and final.content[0].text == text
+    # the streamed usage agrees with the whole answer's (message_start goes out once the prefix-cache hit is known)
+    assert final.usage.input_tokens + final.usage.cache_read_input_tokens == chat.usage.prompt_tokens
+    assert final.usage.cache_read_input_tokens >= 16 and final.usage.output_tokens == m.usage.output_tokens
     assert final.stop_reason == m.stop_reason and final.usage.output_tokens == m.usage.output_tokens
 
 

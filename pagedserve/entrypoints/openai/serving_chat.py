@@ -244,10 +244,11 @@ class OpenAIServingChat:
         return out
 
     def _echoed(self, req: ChatCompletionRequest) -> str:
-        """What `echo` puts before the answer (vLLM's rule): the last message's text when it is the response
-        role's, else nothing."""
+        """What `echo` puts before the answer (vLLM's rule): the last message's text when its role is the
+        request's (the response role; with add_generation_prompt false, the last message's own), else nothing."""
         last = req.messages[-1]
-        if last.role != self.response_role or last.content is None:
+        role = self.response_role if req.add_generation_prompt is not False else last.role
+        if last.role != role or last.content is None:
             return ""
         if isinstance(last.content, str):
             return last.content

@@ -321,7 +321,11 @@ class AnthropicServingMessages:
                                           _usage(ctx, len(out.token_ids), final.num_cached_tokens)))
 
     async def _stream(self, stream: RequestStream, ctx: Any) -> AsyncIterator[str]:
-        yield _event("message_start", message=self._message(ctx, [], None, None, _usage(ctx, 0, 0)))
+        # message_start goes with the first output: its usage then knows the prompt's tokens read from the prefix cache
+        def start(output: RequestOutput) -> str:
+            return _event("message_start", message=self._message(ctx, [], None, None,
+                                                                  _usage(ctx, 0, output.num_cached_tokens)))
+
         final: RequestOutput | None = None
         index = 0
         try:
@@ -329,6 +333,7 @@ class AnthropicServingMessages:
                 async for output in stream:
                     final = output
                 assert final is not None
+                yield start(final)
                 blocks, reason, sequence = _blocks(final.outputs[0], ctx)
                 for index, block in enumerate(blocks):
                     for chunk in _whole_block(index, block):
@@ -338,6 +343,8 @@ class AnthropicServingMessages:
                 open_kind: str | None = None  # the block being streamed: "thinking" or "text"
                 sent = 0
                 async for output in stream:
+                    if final is None:
+                        yield start(output)
                     final = output
                     out = output.outputs[0]
                     new, sent = out.text[sent:], len(out.text)
@@ -369,7 +376,7 @@ class AnthropicServingMessages:
                 reason, sequence = _stop_reason(final.outputs[0], final.outputs[0].finish_reason)  # no tool calls
             out = final.outputs[0]
             yield _event("message_delta", delta={"stop_reason": reason, "stop_sequence": sequence},
-                         usage={"output_tokens": len(out.token_ids)})
+                         usage=_usage(ctx, len(out.token_ids), final.num_cached_tokens))
             yield _event("message_stop")
         except Exception as e:  # engine died or shut down mid-stream: Anthropic's error event
             err = e if isinstance(e, APIError) else engine_error(e)
