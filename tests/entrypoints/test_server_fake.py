@@ -378,6 +378,9 @@ def test_models_version_health(server) -> None:
     models = httpx.get(server.base_url + "/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == MODEL
     assert models["data"][0]["max_model_len"] == 256
+    (permission,) = models["data"][0]["permission"]  # vLLM's card carries one, as OpenAI's legacy API
+    assert permission["object"] == "model_permission" and permission["allow_sampling"] is True
+    assert permission["id"].startswith("modelperm-")
     assert httpx.get(server.base_url + "/version").json()["version"]
     assert httpx.get(server.base_url + "/health").status_code == 200
 
