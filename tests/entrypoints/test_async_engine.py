@@ -301,6 +301,27 @@ def test_process_backend_generates_aborts_and_reports_stats() -> None:
     assert process.exitcode == 0
 
 
+def test_queue_limit_counts_what_waits_beyond_free_slots() -> None:
+    """A burst into an idle engine: the requests its free running slots take do not count as queued, so
+    max_num_seqs + max_queued_requests are accepted (a stress round saw 4 of 20 taken with 4 slots and a queue of 4,
+    where 8 fit)."""
+    async def main():
+        ae = await _started(FakeEngine(max_num_seqs=4, step_delay=0.01), max_queued_requests=4)
+        # nine at once (one batch of adds for the engine thread, before any of them runs); 40 steps each
+        added = await asyncio.gather(*(ae.add_request(f"r{i}", [1], SamplingParams(max_tokens=40)) for i in range(9)),
+                                     return_exceptions=True)
+        streams = [a for a in added if not isinstance(a, BaseException)]
+        refused = [a for a in added if isinstance(a, QueueFullError)]
+        finals = []
+        for s in streams:
+            finals.append([o async for o in s][-1])
+        await ae.shutdown(1)
+        return finals, refused
+
+    finals, refused = run(main())
+    assert len(finals) == 8 and len(refused) == 1 and all(f.finished for f in finals)
+
+
 def test_process_backend_queue_limit() -> None:
     async def main():
         ae = await _started_process(max_num_seqs=1, step_delay=0.01, max_queued_requests=1)
