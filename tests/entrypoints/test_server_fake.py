@@ -280,6 +280,7 @@ BAD_CHAT = [
     ("n bool", {**CHAT, "n": True}, "n"),
     ("temperature -1", {**CHAT, "temperature": -1}, "temperature"),
     ("temperature string", {**CHAT, "temperature": "hot"}, "temperature"),
+    ("temperature NaN", {**CHAT, "temperature": float("nan")}, "temperature"),
     ("top_p 2", {**CHAT, "top_p": 2}, "top_p"),
     ("top_logprobs 50", {**CHAT, "logprobs": True, "top_logprobs": 50}, "top_logprobs"),
     ("top_logprobs without logprobs", {**CHAT, "top_logprobs": 2}, "top_logprobs"),
@@ -315,6 +316,8 @@ def test_invalid_chat_requests_get_400(server, name, body, param) -> None:
     assert err["type"] == "invalid_request_error"
     if name == "max_tokens huge":
         assert "256" in err["message"] and str(10**9) in err["message"]  # context and max_tokens
+    if name == "temperature NaN":
+        assert "NaN" in err["message"], err
     assert httpx.post(server.base_url + "/v1/chat/completions", json=CHAT).status_code == 200
 
 

@@ -61,6 +61,14 @@ class SamplingFields(OpenAIBaseModel):
             raise ValueError(f"seed must be a 64-bit integer, from {-(2**63)} to {2**64 - 1}")
         return value
 
+    @field_validator("temperature", "top_p", "presence_penalty", "frequency_penalty", "min_p", "repetition_penalty",
+                     "length_penalty", mode="before")
+    @classmethod
+    def _a_number(cls, value: Any) -> Any:
+        if isinstance(value, float) and value != value:  # NaN passes no bound check clearly ("should be <= 100")
+            raise ValueError("must be a number, got NaN")
+        return value
+
     model: str | None = Field(default=None, description="the served model name; may be omitted")
     max_tokens: Int | None = Field(default=None, ge=1, description="most tokens to generate")
     n: Int | None = Field(default=1, ge=1, le=MAX_N)
