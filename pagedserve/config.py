@@ -129,6 +129,9 @@ class EngineConfig:
     # (default: the Hugging Face cache).
     revision: str | None = None
     download_dir: str | None = None
+    # vLLM's --hf-token: the Hub token for gated or private models (True: the one `hf auth login` stored; None: the
+    # HF_TOKEN environment variable or that stored one, as huggingface_hub does). Never printed.
+    hf_token: str | bool | None = dataclasses.field(default=None, repr=False)
     # The most logprobs (or prompt_logprobs) a request may ask for, as vLLM's --max-logprobs (at most 20 here).
     max_logprobs: int = 20
     # vLLM's --disable-sliding-window: every layer attends to all keys, the context capped at the model's window
@@ -193,6 +196,9 @@ class EngineConfig:
                 fail(f"kv_offloading_size must be > 0 GiB, got {self.kv_offloading_size}")
             if not self.enable_prefix_caching:
                 fail("kv_offloading_size keeps evicted prefix-cache blocks: it needs enable_prefix_caching")
+        if self.hf_token is not None and not (isinstance(self.hf_token, bool)
+                                              or (isinstance(self.hf_token, str) and self.hf_token)):
+            fail("hf_token must be a non-empty string, True or None")
         if self.hf_overrides is not None and not isinstance(self.hf_overrides, dict):
             fail(f"hf_overrides must be a dict of config.json fields, got {self.hf_overrides!r}")
         from pagedserve.sampling_params import MAX_LOGPROBS

@@ -173,7 +173,7 @@ def test_chat_takes_vllms_positional_order_and_content_format(llm: LLM) -> None:
     chat_template_content_format, ...), so positional calls written for vLLM mean the same here; a template that
     loops over content parts gets parts under "auto"."""
     messages = [{"role": "user", "content": [{"type": "text", "text": "two"}, {"type": "text", "text": "three"}]}]
-    template = "{% for p in messages[-1]['content'] %}({{ p['text'] }}){% endfor %} ="
+    template = "{% for m in messages %}{% for p in m['content'] %}({{ p['text'] }}){% endfor %}{% endfor %} ="
     params = SamplingParams(temperature=0.0, max_tokens=2)
     encode = llm.get_tokenizer().encode
     out = llm.chat(messages, params, False, None, template)[0]

@@ -9,6 +9,7 @@ import argparse
 import pytest
 
 from pagedserve import LLM, SamplingParams
+from pagedserve.config import EngineConfig
 from pagedserve.entrypoints.args import add_engine_args, config_from_args
 from pagedserve.executor.layers import rope_parameters
 from pagedserve.executor.loader import apply_hf_overrides
@@ -100,6 +101,14 @@ def test_revision_and_download_dir_reach_the_hub_download(monkeypatch, tmp_path)
     assert source.path == str(tmp_path)
     assert seen["repo_id"] == "Qwen/Qwen2-7B-Instruct"
     assert (seen["revision"], seen["cache_dir"]) == ("refs/pr/1", "/data/hub")
+    # --hf-token (vLLM's): the token reaches the download; the config never prints it
+    fetch_model_source("meta-llama/Llama-3.1-8B-Instruct", "auto", None, None, "hf_secret")
+    assert seen["token"] == "hf_secret" and seen["repo_id"] == "meta-llama/Llama-3.1-8B-Instruct"
+    config = parse("--hf-token", "hf_secret")
+    assert config.hf_token == "hf_secret" and "hf_secret" not in repr(config)
+    assert parse("--hf-token").hf_token is True and parse().hf_token is None
+    with pytest.raises(ValueError, match="hf_token"):
+        EngineConfig(hf_token="")
 
 
 def test_max_logprobs_bounds_requests(real_model_dir) -> None:

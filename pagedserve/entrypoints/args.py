@@ -84,6 +84,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
                    help="the rotary scaling on top of the model's (as --hf-overrides '{\"rope_scaling\": JSON}')")
     g.add_argument("--rope-theta", type=float, default=None, help="the rotary base on top of the model's")
     g.add_argument("--revision", default=None, help="Hub models: the branch, tag or commit to download")
+    g.add_argument("--hf-token", nargs="?", const=True, default=None, metavar="TOKEN",
+                   help="Hub models: the token for gated or private ones (alone: the one `hf auth login` stored; "
+                   "default: HF_TOKEN or that stored one)")
     g.add_argument("--download-dir", default=None, help="Hub models: where to download them (default: the Hugging "
                                                         "Face cache)")
     g.add_argument("--max-logprobs", type=int, default=20,
@@ -190,7 +193,8 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> EngineCon
         scheduling_policy=getattr(args, "scheduling_policy", "fcfs"),
         long_prefill_token_threshold=getattr(args, "long_prefill_token_threshold", None),
         hf_overrides=_hf_overrides(args), revision=getattr(args, "revision", None),
-        download_dir=getattr(args, "download_dir", None), max_logprobs=getattr(args, "max_logprobs", 20),
+        download_dir=getattr(args, "download_dir", None), hf_token=getattr(args, "hf_token", None),
+        max_logprobs=getattr(args, "max_logprobs", 20),
         disable_sliding_window=bool(getattr(args, "disable_sliding_window", False)),
         kv_offloading_size=getattr(args, "kv_offloading_size", None),
         enable_sleep_mode=bool(getattr(args, "enable_sleep_mode", False)),

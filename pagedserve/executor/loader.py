@@ -73,7 +73,7 @@ def resolve_model_path(model: str, load_format: str = "auto") -> ModelSource:
 
 
 def download_from_hub(repo_id: str, load_format: str = "auto", revision: str | None = None,
-                      download_dir: str | None = None) -> str:
+                      download_dir: str | None = None, token: str | bool | None = None) -> str:
     """snapshot_download the files we use (of `revision`: a branch, tag or commit; into `download_dir`, else the
     Hugging Face cache); clear errors when offline or the id is unknown."""
     from huggingface_hub import snapshot_download
@@ -82,7 +82,8 @@ def download_from_hub(repo_id: str, load_format: str = "auto", revision: str | N
     if load_format == "dummy":  # random weights: only configs and tokenizer files are needed
         patterns = [p for p in patterns if "safetensors" not in p]
     try:
-        folder = snapshot_download(repo_id, allow_patterns=patterns, revision=revision, cache_dir=download_dir)
+        folder = snapshot_download(repo_id, allow_patterns=patterns, revision=revision, cache_dir=download_dir,
+                                   token=token)
     except Exception as e:  # offline, unknown repo, gated repo, HTTP errors: all need the same advice
         raise ValueError(
             f"could not get model {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "
@@ -95,11 +96,12 @@ def download_from_hub(repo_id: str, load_format: str = "auto", revision: str | N
 
 
 def fetch_model_source(model: str, load_format: str = "auto", revision: str | None = None,
-                       download_dir: str | None = None) -> ModelSource:
-    """resolve_model_path, then download a Hub id; the result is always local (folder or gguf)."""
+                       download_dir: str | None = None, token: str | bool | None = None) -> ModelSource:
+    """resolve_model_path, then download a Hub id (with `token`, vLLM's --hf-token); the result is always local
+    (folder or gguf)."""
     source = resolve_model_path(model, load_format)
     if source.kind == "hub":
-        source = ModelSource("folder", download_from_hub(source.path, load_format, revision, download_dir))
+        source = ModelSource("folder", download_from_hub(source.path, load_format, revision, download_dir, token))
     return source
 
 
@@ -302,7 +304,8 @@ def load_model(
     """
     device = torch.device(device)
     t0 = time.monotonic()
-    source = fetch_model_source(model_path, config.load_format, config.revision, config.download_dir)
+    source = fetch_model_source(model_path, config.load_format, config.revision, config.download_dir,
+                                config.hf_token)
     hf_config = apply_hf_overrides(load_hf_config(source), config.hf_overrides)
     if config.disable_sliding_window:
         cap_to_sliding_window(hf_config)

@@ -71,7 +71,8 @@ def resolve_model(config: EngineConfig) -> tuple[str, str, str | None]:
 
         path = ensure_default_model()
         return path, path, None
-    source = fetch_model_source(config.model, config.load_format, config.revision, config.download_dir)
+    source = fetch_model_source(config.model, config.load_format, config.revision, config.download_dir,
+                                config.hf_token)
     return source.path, source.folder, source.path if source.kind == "gguf" else None
 
 
