@@ -115,6 +115,7 @@ class LLMEngine:
         self.tokenizer = self.worker.tokenizer
         self.model_name: str = self.config.served_model_name or self.config.model or "model"
         self.max_model_len: int = self.worker.max_model_len
+        self.max_num_seqs: int = self.config.max_num_seqs
         self.vocab_size: int = self.worker.vocab_size
         # Sampling fields requests leave unset take these (the model's generation_config.json).
         self.default_sampling: dict = dict(getattr(self.worker, "default_sampling", None) or {})

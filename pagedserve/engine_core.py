@@ -167,9 +167,7 @@ class EngineCore:
                         # Requests the next step admits into free running slots do not queue: a burst into an
                         # idle engine takes max_num_seqs + max_queued_requests (negative: slots still free).
                         stats = engine.get_stats()
-                        slots = getattr(engine, "max_num_seqs", None) or getattr(getattr(engine, "config", None),
-                                                                                 "max_num_seqs", 0)
-                        free = max(0, int(slots) - int(stats.get("num_running", 0)))
+                        free = max(0, int(getattr(engine, "max_num_seqs", 0)) - int(stats.get("num_running", 0)))
                         num_waiting = int(stats["num_waiting"]) + len(self._compiling) - free
                     # An empty queue always takes one request, so a limit of 0 still serves.
                     if num_waiting > 0 and num_waiting >= self.max_queued_requests:

@@ -348,15 +348,14 @@ class _TokenTexts(dict):
 def _attach_token_texts(outputs: list[RequestOutput], tokenizer: Any) -> None:
     """Let each logprobs entry give its tokens' texts (read as vLLM's dict[int, Logprob]: `.decoded_token`): one
     shared table, each text decoded when first read."""
-    texts = None
+    texts = _TokenTexts(tokenizer.decode)
     for out in outputs:
-        entries = [lp for lp in out.prompt_logprobs or () if lp is not None]
+        for lp in out.prompt_logprobs or ():
+            if lp is not None:
+                lp.decoded = texts
         for choice in out.outputs:
-            entries.extend(choice.logprobs or ())
-        for lp in entries:
-            if texts is None:
-                texts = _TokenTexts(tokenizer.decode)
-            lp.decoded = texts
+            for lp in choice.logprobs or ():
+                lp.decoded = texts
 
 
 def _per_prompt(value: Any, one: type, num_prompts: int, what: str) -> list:
