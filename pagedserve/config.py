@@ -89,7 +89,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_gib: float = 2.0  # KV cache size on CPU
-    num_kv_blocks: int | None = None  # overrides the memory profile (tests, experiments)
+    # overrides the memory profile (tests, experiments): the memory of that many blocks of every layer (a hybrid model's
+    # groups make it more blocks of fewer layers: core/kv_cache.py)
+    num_kv_blocks: int | None = None
     enforce_eager: bool = False  # no CUDA graphs
     skip_warmup: bool = False  # CUDA: no throwaway requests at start-up (the first real ones compile kernels)
     # Schedule step N+1 while step N runs on the device. None: on for CUDA, off on CPU (no overlap there).
@@ -137,6 +139,10 @@ class EngineConfig:
     # vLLM's --disable-sliding-window: every layer attends to all keys, the context capped at the model's window
     # (so nothing past the window is ever attended to differently from how the model was trained).
     disable_sliding_window: bool = False
+    # vLLM's --disable-hybrid-kv-cache-manager: a model with windowed and full-attention layers (Gemma 2 / 3, gpt-oss,
+    # Qwen2 with max_window_layers) keeps the whole context on its windowed layers too, in one pool; by default their
+    # K/V live in a pool of their own that holds each request's window only (core/kv_cache.py). Off with KV offloading.
+    disable_hybrid_kv_cache_manager: bool = False
     # KV offloading (vLLM's --kv-offloading-size): GiB of CPU memory for prefix-cache blocks evicted from the device
     # cache; a later prompt with that prefix copies them back instead of recomputing them (core/kv_cache.py's CpuTier).
     kv_offloading_size: float | None = None

@@ -138,12 +138,14 @@ class LLMEngine:
             long_prefill_token_threshold=self.config.long_prefill_token_threshold,
             sliding_window=getattr(self.worker, "sliding_window", None),
             num_cpu_blocks=getattr(self.worker, "num_cpu_kv_blocks", 0),
+            hybrid_window=getattr(self.worker, "hybrid_window", None),
+            num_window_groups=getattr(self.worker, "num_window_groups", 0),
         )
         # Requests without max_tokens generate up to the context's end, or what the KV cache holds when it holds less
         # (the scheduler refuses a request that could never fit: every such request was refused).
         self._kv_capacity: int | None = None
         if self.scheduler.sliding_window is None:
-            capacity = self.worker.num_kv_blocks * self.config.block_size
+            capacity = self.scheduler.request_capacity
             if capacity < self.max_model_len:
                 self._kv_capacity = capacity
                 logger.warning("the KV cache holds %d tokens, fewer than max_model_len %d: a request without "
@@ -192,9 +194,12 @@ class LLMEngine:
         if on_cuda:  # from here a Triton compile stalls a step: each is logged as a warning
             mark_serving()
         self.startup_seconds = time.monotonic() - started
-        logger.info("engine ready in %.1f s: %d KV blocks of %d tokens (%d tokens), max_model_len %d",
+        logger.info("engine ready in %.1f s: %d KV blocks of %d tokens (%d tokens%s), max_model_len %d",
                     self.startup_seconds, self.worker.num_kv_blocks, self.config.block_size,
-                    self.worker.num_kv_blocks * self.config.block_size, self.max_model_len)
+                    self.worker.num_kv_blocks * self.config.block_size,
+                    f"; one request up to {self.scheduler.request_capacity}: window groups hold their share"
+                    if self.scheduler.kv_cache.num_window_groups else "",
+                    self.max_model_len)
 
     def warm_up(self) -> float:
         """Runs throwaway requests through every kind of step before serving, so that on a GPU the

@@ -431,10 +431,21 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
       timeout 420 python3 -m pytest tests/kernels/test_kernels.py tests/kernels/test_fused_ops.py \
         tests/kernels/test_runner_window.py -q -p no:cacheprovider -ra 2>&1 | grep -E "passed|failed|FAILED|rror" \
         | tail -20 ;;
-    window-test)  # sliding windows (Gemma 3, Qwen2 with use_sliding_window): the kernels, then the engine vs Transformers
+    window-test)  # sliding windows (Gemma 3, Qwen2 with use_sliding_window): the kernels, then the engine vs Transformers;
+      # the hybrid layout's window groups through captured graphs (test_runner_mixed_graph's hybrid cases)
       timeout 400 python3 -m pytest tests/kernels/test_kernels.py tests/kernels/test_runner_window.py \
-        tests/kernels/test_fused_ops.py tests/gpu/test_window_gpu.py -k "window or gemma or softcap" -q -s -p no:cacheprovider \
+        tests/kernels/test_fused_ops.py tests/kernels/test_runner_mixed_graph.py tests/gpu/test_window_gpu.py \
+        -k "window or gemma or softcap or hybrid" -q -s -p no:cacheprovider \
         -ra 2>&1 | grep -E "window:|passed|failed|FAILED|rror" | tail -20 ;;
+    hybrid-bench)  # gpt-oss-20b's shapes, long prompts: the hybrid KV layout (window groups; core/kv_cache.py) against
+      # one table for every layer (--disable-hybrid-kv-cache-manager): blocks, requests at once, throughput
+      for flag in "" --disable-hybrid-kv-cache-manager; do
+        echo "hybrid-bench ${flag:-(hybrid)}"
+        python3 -m pagedserve.entrypoints.cli bench throughput --model .devcache/gpt-oss-20b --load-format dummy \
+          --num-prompts 128 --input-len 8192 --output-len 512 --max-model-len 9000 --no-tqdm $flag \
+          --output-json "$OUT/hybrid-bench${flag:+-off}.json" 2>&1 \
+          | grep -E "throughput:|steps:|KV cache|hybrid|preempt|rror" | cut -c1-600
+      done ;;
     int4-test)  # 4-bit AWQ / GPTQ held packed: the W4A16 kernel compiled, then the engine vs Transformers
       timeout 400 python3 -m pytest tests/kernels/test_w4a16.py tests/gpu/test_int4_gpu.py -q -s -p no:cacheprovider \
         -ra 2>&1 | grep -E "int4:|passed|failed|FAILED|rror" | tail -20 ;;

@@ -26,10 +26,18 @@ before the step's forward, in order), so a later lookup that misses on the devic
 blocks get new device blocks, copied in before the step's forward ("in" copies), and count as cached. A CPU block
 keeps its block's hash, tokens, salt and parent hash, and a lookup checks them all.
 
-Free list: an LRU queue (OrderedDict, O(1) everywhere). Allocation takes from the head; a block
-whose ref count drops to 0 goes to the tail, keeping its hash so a later request can still hit it
-until it is handed out again (that is its eviction). A request frees its blocks in reverse order,
-so the tail blocks of a sequence (the least likely to be shared) are evicted first.
+Hybrid models (some layers windowed, the others full attention: Gemma 2 / 3, gpt-oss, Qwen2 with max_window_layers),
+as vLLM's hybrid allocator: the layers are cut into groups of one size, the full-attention layers one group and the
+windowed ones `num_window_groups` more; every layer of a group reads its group's block table, and a block of the one
+pool holds one group's layers (the executor keeps a KV tensor per slot of a group, each shared by the groups). A
+request holds a table for the full-attention group and one for each window group, block i of each for the same
+positions; the window groups' blocks behind the window go back each step (free_outside_window). So memory goes where
+it is needed: a long request holds only its window on the windowed layers, a short one the same blocks in every group.
+Prefix caching covers every group: a window group's block is registered under its group and the content id of the
+full block at its index (that id names the exact prefix: no chain of its own is needed), and a hit is the longest
+cached full prefix whose last `window` keys are cached in every window group too. Entries of a window table behind the
+window are never read (the kernels start at the window): they hold the ids of blocks given back, or 0 where a prefix
+hit never needed one.
 """
 
 from __future__ import annotations
@@ -40,6 +48,15 @@ from dataclasses import dataclass, field
 from pagedserve.core.request import Request
 
 _NO_PARENT = -1  # parent content id of a request's first block
+def _window_key(group: int, content_id: int) -> int:
+    """The cache map key of window group `group`'s block at the index of the full block with `content_id`."""
+    return hash(("window", group, content_id))
+
+
+def _window_parent(group: int, content_id: int, num_groups: int) -> int:
+    """What a window block stores as its "parent content id", which every lookup compares exactly: its group and the
+    content id it was registered under, below -1 (never a chain's), so a hit is exact whatever the hash returns."""
+    return -2 - (content_id * num_groups + group)
 
 
 def hash_block_tokens(parent_hash: int | None, token_ids: tuple[int, ...], cache_salt: str | None) -> int:
@@ -249,6 +266,11 @@ class _RequestBlocks:
     # Sliding windows (free_outside_window): blocks[:num_freed] are given back (the table keeps their ids: no
     # attention reads them again)
     num_freed: int = 0
+    # Hybrid models: the window groups' blocks at each index (one a group, for the positions of blocks[i]; None where
+    # a prefix hit never needed them), each group's table of ids, and how many indices lie behind the window
+    wblocks: list[list[Block] | None] = field(default_factory=list)
+    wblock_ids: list[list[int]] = field(default_factory=list)
+    w_num_freed: int = 0
 
 
 class KVCacheManager:
@@ -259,12 +281,21 @@ class KVCacheManager:
     n > 1 siblings of one request share their prompt). With it off, freed blocks forget their hash.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, num_cpu_blocks: int = 0) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, num_cpu_blocks: int = 0,
+                 window: int | None = None, num_window_groups: int = 0) -> None:
+        """window / num_window_groups: a hybrid model's window and how many window groups its windowed layers make
+        (see the module docstring); None: one block table for every layer."""
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if window is not None and (window < 1 or num_window_groups < 1 or num_cpu_blocks):
+            raise ValueError("window groups need window >= 1 and num_window_groups >= 1, and no CPU tier")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
+        self.window = window
+        self.num_window_groups = num_window_groups if window is not None else 0
+        # request id -> its lookup's window blocks by index, for its admission
+        self._window_hits: dict[str, list[list[Block] | None]] = {}
         self._requests: dict[str, _RequestBlocks] = {}
         # KV offloading (the CPU tier): slots by hash, and this step's copies (device block, CPU slot)
         self.cpu = CpuTier(num_cpu_blocks) if num_cpu_blocks > 0 and enable_prefix_caching else None
@@ -330,6 +361,8 @@ class KVCacheManager:
                 break
             hit_ids.append(block.block_id)
             parent_content_id = block.content_id
+        if self.window is not None:
+            return self._window_prefix(request, hit_ids)
         cpu_hits = []
         if self.cpu is not None:  # the chain goes on in the CPU tier
             for i in range(len(hit_ids), max_hit_blocks):
@@ -340,6 +373,34 @@ class KVCacheManager:
                 cpu_hits.append(entry)
             self._cpu_hits[request.request_id] = cpu_hits
         return hit_ids, (len(hit_ids) + len(cpu_hits)) * bs
+
+    def _window_prefix(self, request: Request, hit_ids: list[int]) -> tuple[list[int], int]:
+        """A hybrid model's hit: the longest prefix of the full group's hit whose last `window` keys (those the next
+        token attends to) are cached in every window group too; its window blocks are kept for allocate_slots. From
+        the longest candidate down: a missing index m rules out every length from m + 1 up (their windows reach it),
+        so only the window behind each candidate is looked up."""
+        bs, window, groups = self.block_size, self.window, self.num_window_groups
+        found: dict[int, list[Block] | None] = {}
+
+        def window_blocks(i: int) -> list[Block] | None:  # index i's blocks in every window group, or None
+            if i not in found:
+                full = self.pool.blocks[hit_ids[i]]
+                blocks = [self.pool.lookup(_window_key(k, full.content_id), full.token_ids, request.cache_salt,
+                                           _window_parent(k, full.content_id, groups)) for k in range(groups)]
+                found[i] = blocks if all(b is not None for b in blocks) else None
+            return found[i]
+
+        best = len(hit_ids)
+        while best > 0:
+            # the first token computed, at position best * bs, attends to keys from best * bs - window + 1 on
+            keep_from = max(0, best * bs - window + 1) // bs
+            missing = next((i for i in range(best - 1, keep_from - 1, -1) if window_blocks(i) is None), None)
+            if missing is None:
+                break
+            best = missing
+        keep_from = max(0, best * bs - window + 1) // bs
+        self._window_hits[request.request_id] = [None] * keep_from + [found[i] for i in range(keep_from, best)]
+        return hit_ids[:best], best * bs
 
     def allocate_slots(
         self, request: Request, num_new_tokens: int, new_computed_blocks: list[int] | None = None
@@ -361,7 +422,8 @@ class KVCacheManager:
             # since the last registration. Nothing changes (the slow path below would do nothing).
             num_tokens = request.num_computed_tokens + num_new_tokens
             if (-(-num_tokens // self.block_size) <= len(state.blocks)
-                    and (num_tokens // self.block_size <= state.num_registered or not self._shares_prefix(request))):
+                    and (num_tokens // self.block_size <= state.num_registered or not self._shares_prefix(request))
+                    and (self.window is None or -(-num_tokens // self.block_size) <= len(state.wblocks))):
                 return state.block_ids
         else:
             raise RuntimeError(
@@ -376,7 +438,18 @@ class KVCacheManager:
         num_new_blocks = -(-num_tokens // bs) - len(state.blocks) - len(hits)
         # A hit block on the free list costs no new block, but it is no longer free for others.
         num_free_hits = sum(1 for b in hits if b.ref_cnt == 0)
-        if num_new_blocks > self.pool.num_free_blocks - num_free_hits:
+        # Hybrid models: the window groups' blocks of the new indices (from the same pool), and their hits
+        whits: list[list[Block] | None] = []
+        num_new_indices = 0
+        if self.window is not None:
+            if new_computed_blocks is not None:
+                whits = self._window_hits.pop(request.request_id, [])
+            if new_computed_blocks and len(whits) != len(hits):
+                raise RuntimeError(f"request {request.request_id}: a prefix hit without its window lookup")
+            num_new_indices = max(0, -(-num_tokens // bs) - len(state.wblocks) - len(whits))
+            num_free_hits += sum(1 for group in whits if group for b in group if b.ref_cnt == 0)
+        num_new_wblocks = num_new_indices * self.num_window_groups
+        if max(num_new_blocks, 0) + num_new_wblocks > self.pool.num_free_blocks - num_free_hits:
             return None
 
         self._requests[request.request_id] = state
@@ -388,12 +461,26 @@ class KVCacheManager:
             self.cpu.pin(entry.slot)
         # Touch hits before taking new blocks, so the head of the free list can't hand one out.
         self.pool.touch(hits)
+        self.pool.touch([b for group in whits if group for b in group])
         state.blocks.extend(hits)
         if num_new_blocks > 0:
             new_blocks = self.pool.get_new_blocks(num_new_blocks)
             state.blocks.extend(new_blocks)
             self._copies_in.extend((entry.slot, block.block_id) for entry, block in zip(cpu_hits, new_blocks))
         state.block_ids.extend(b.block_id for b in state.blocks[len(state.block_ids) :])
+        if self.window is not None:
+            groups = self.num_window_groups
+            if not state.wblock_ids:
+                state.wblock_ids = [[] for _ in range(groups)]
+            if whits:  # (a hit's indices below its window: nothing to give back)
+                state.w_num_freed = next((i for i, group in enumerate(whits) if group is not None), len(whits))
+            state.wblocks.extend(whits)
+            if num_new_wblocks:
+                new_wblocks = self.pool.get_new_blocks(num_new_wblocks)
+                state.wblocks.extend(new_wblocks[i * groups:(i + 1) * groups] for i in range(num_new_indices))
+            start = len(state.wblock_ids[0])
+            for k, ids in enumerate(state.wblock_ids):
+                ids.extend(0 if group is None else group[k].block_id for group in state.wblocks[start:])
         if self._shares_prefix(request):
             self._register_full_blocks(request, state, num_tokens // bs)
         return state.block_ids
@@ -419,6 +506,12 @@ class KVCacheManager:
                     request.block_hashes[i - 1] if i else None,
                 )
             parent_content_id = block.content_id
+            if self.window is not None and (group := state.wblocks[i]) is not None:
+                # (under the full block's content id, which names this exact prefix: see the module docstring)
+                for k, wblock in enumerate(group):
+                    if wblock.block_hash is None:
+                        self.pool.register(wblock, _window_key(k, block.content_id), block.token_ids,
+                                           request.cache_salt, _window_parent(k, block.content_id, len(group)))
         if num_full_blocks > state.num_registered:
             state.num_registered = num_full_blocks
             state.last_content_id = parent_content_id
@@ -435,6 +528,7 @@ class KVCacheManager:
         out, into = self._copies_out, self._copies_in
         self._copies_out, self._copies_in = [], []
         self._cpu_hits.clear()
+        self._window_hits.clear()
         if self.cpu is not None:
             self.cpu.unpin_all()
         return out, into
@@ -442,10 +536,21 @@ class KVCacheManager:
     def free_outside_window(self, request: Request, keep_from: int) -> int:
         """Sliding-window attention on every layer: gives back the request's blocks whose every position is below
         `keep_from` (the first key any of its later tokens attends to), keeping their ids in its table (nothing
-        reads them again; cached prefixes stay cached while free). Returns how many it gave back now."""
+        reads them again; cached prefixes stay cached while free). Returns how many it gave back now. A hybrid model:
+        the window groups' blocks only (the full-attention group keeps its own)."""
         state = self._requests.get(request.request_id)
         if state is None or keep_from <= 0:
             return 0
+        if self.window is not None:
+            limit = min(keep_from // self.block_size, len(state.wblocks))
+            if self._shares_prefix(request):
+                limit = min(limit, state.num_registered)
+            if limit <= state.w_num_freed:
+                return 0
+            given = [b for group in state.wblocks[state.w_num_freed:limit] if group for b in group]
+            self.pool.free_blocks(given, keep_cached=self.enable_prefix_caching)
+            state.w_num_freed = limit
+            return len(given)
         limit = min(keep_from // self.block_size, len(state.blocks))
         if self._shares_prefix(request):  # (blocks behind the window are computed, full and registered)
             limit = min(limit, state.num_registered)
@@ -460,10 +565,27 @@ class KVCacheManager:
         state = self._requests.pop(request.request_id, None)
         if state is not None:
             self.pool.free_blocks(state.blocks[state.num_freed:][::-1], keep_cached=self.enable_prefix_caching)
+            if self.window is not None:
+                self.pool.free_blocks([b for group in state.wblocks[state.w_num_freed:][::-1] if group
+                                       for b in group], keep_cached=self.enable_prefix_caching)
 
     def get_block_ids(self, request_id: str) -> list[int]:
         state = self._requests.get(request_id)
         return state.block_ids if state is not None else []
+
+    def get_window_block_ids(self, request_id: str) -> list[list[int]] | None:
+        """A hybrid model's window tables, one a window group (live lists, as get_block_ids'); None for other models."""
+        if self.window is None:
+            return None
+        state = self._requests.get(request_id)
+        return state.wblock_ids if state is not None else []
+
+    def get_window_blocks(self, request_id: str) -> list[Block]:
+        """The window groups' blocks the request holds (those behind its window given back)."""
+        state = self._requests.get(request_id)
+        if state is None:
+            return []
+        return [b for group in state.wblocks[state.w_num_freed:] if group for b in group]
 
     def get_blocks(self, request_id: str) -> list[Block]:
         """The blocks the request holds (not those a sliding window gave back)."""

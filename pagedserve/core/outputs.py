@@ -48,6 +48,9 @@ class ScheduledRequest:
     # then these). The runner samples at each of the len + 1 last positions; empty: a plain step.
     draft_token_ids: list[int] = field(default_factory=list)
     serial: int = -1  # the scheduled Request's serial (core/request.py): whose result this row is; -1: unchecked
+    # A hybrid model's window groups' block tables (core/kv_cache.py), one a group: entry i of each for the same
+    # positions as block_ids[i] (entries behind the window are never read); None: one table for every layer.
+    window_block_ids: list[list[int]] | None = None
 
     @property
     def seq_len(self) -> int:

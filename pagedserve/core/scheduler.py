@@ -72,6 +72,19 @@ def window_kv_tokens(window: int, max_num_batched_tokens: int, block_size: int) 
     return window + max_num_batched_tokens + 2 * block_size
 
 
+def request_capacity_tokens(num_blocks: int, block_size: int, num_window_groups: int = 0,
+                            window_tokens: int = 0) -> int:
+    """The most tokens of KV cache one request can hold in num_blocks blocks. A hybrid model's request
+    (core/kv_cache.py) holds its tokens in the full-attention group and up to `window_tokens` of them
+    (window_kv_tokens) in each of its num_window_groups window groups, all from the same blocks."""
+    if not num_window_groups:
+        return num_blocks * block_size
+    window_blocks = -(-window_tokens // block_size)
+    if num_blocks >= (1 + num_window_groups) * window_blocks:
+        return (num_blocks - num_window_groups * window_blocks) * block_size
+    return num_blocks // (1 + num_window_groups) * block_size
+
+
 class Scheduler:
     def __init__(
         self,
@@ -87,6 +100,8 @@ class Scheduler:
         policy: str = "fcfs",
         sliding_window: int | None = None,
         num_cpu_blocks: int = 0,
+        hybrid_window: int | None = None,
+        num_window_groups: int = 0,
     ) -> None:
         """lora_slot_for(lora_request, slots in use): the device slot of a request's LoRA adapter, loaded into a slot
         that no running request uses if need be; None when every slot is in use (the request waits).
@@ -95,6 +110,8 @@ class Scheduler:
         sliding_window: the window of a model whose every layer attends to its last `sliding_window` keys only: a
         running request's blocks behind its window go back to the pool each step (KVCacheManager.free_outside_window).
         num_cpu_blocks: KV offloading's CPU tier (blocks of the prefix cache kept in CPU memory once evicted).
+        hybrid_window / num_window_groups: a model whose windowed layers (the others attend to everything) read block
+        tables of their own, in that many groups (core/kv_cache.py); None: one block table for every layer.
         """
         if policy not in SCHEDULING_POLICIES:
             raise ValueError(f"policy must be 'fcfs' or 'priority', got {policy!r}")
@@ -118,7 +135,8 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.block_size = block_size
         self.long_prefill_token_threshold = long_prefill_token_threshold
-        self.kv_cache = KVCacheManager(num_blocks, block_size, enable_prefix_caching, num_cpu_blocks)
+        self.kv_cache = KVCacheManager(num_blocks, block_size, enable_prefix_caching, num_cpu_blocks,
+                                       hybrid_window, num_window_groups)
         self.sliding_window = sliding_window
         self.requests: dict[str, Request] = {}  # unfinished requests only
         self.waiting: deque[Request] = deque()
@@ -149,13 +167,16 @@ class Scheduler:
         if self.sliding_window is not None:
             num_kv_tokens = min(num_kv_tokens,
                                 window_kv_tokens(self.sliding_window, self.max_num_batched_tokens, self.block_size))
-        capacity = self.kv_cache.num_blocks * self.block_size
+        capacity = self.request_capacity
         if num_kv_tokens > capacity:
+            held = (f"{self.kv_cache.num_blocks} blocks x {self.block_size} tokens = {capacity}"
+                    if not self.kv_cache.num_window_groups else
+                    f"{capacity} tokens: {self.kv_cache.num_blocks} blocks of {self.block_size} tokens, the windowed "
+                    f"layers' {self.kv_cache.num_window_groups} group(s) holding up to the window of each request")
             raise ValueError(
                 f"the request needs up to {num_kv_tokens} tokens of KV cache (prompt {num_prompt} + "
                 f"max_tokens {request.max_tokens} - 1), more than the whole cache holds "
-                f"({self.kv_cache.num_blocks} blocks x {self.block_size} tokens = {capacity}): lower "
-                f"max_tokens or the prompt length, or give the KV cache more memory"
+                f"({held}): lower max_tokens or the prompt length, or give the KV cache more memory"
             )
         if request.request_id in self.requests:
             raise ValueError(f"a request with id {request.request_id!r} is already running or waiting")
@@ -165,6 +186,15 @@ class Scheduler:
             )
         self.requests[request.request_id] = request
         self._enqueue(request)
+
+    @property
+    def request_capacity(self) -> int:
+        """The most tokens of KV cache one request can hold (a hybrid model's window groups take their share)."""
+        if self.kv_cache.window is None:
+            return self.kv_cache.num_blocks * self.block_size
+        return request_capacity_tokens(self.kv_cache.num_blocks, self.block_size, self.kv_cache.num_window_groups,
+                                       window_kv_tokens(self.kv_cache.window, self.max_num_batched_tokens,
+                                                        self.block_size))
 
     @staticmethod
     def _priority_key(request: Request) -> tuple[int, float]:
@@ -278,6 +308,7 @@ class Scheduler:
             token_ids=token_ids,
             num_computed_tokens=start,
             block_ids=block_ids,
+            window_block_ids=self.kv_cache.get_window_block_ids(request.request_id),
             needs_sample=needs_sample,
             sampling_params=request.sampling_params,
             prompt_token_ids=request.prompt_token_ids,
@@ -355,9 +386,10 @@ class Scheduler:
             if num_new <= 0 or self._ends_with_placeholder(request) or request.num_drafts_in_flight:
                 index += 1
                 continue
-            if self.sliding_window is not None:  # its next token attends to keys from here on (a step in flight
-                # reads older ones, but it runs before any step that reuses their blocks)
-                self.kv_cache.free_outside_window(request, request.num_computed_tokens - self.sliding_window + 1)
+            if (window := self.sliding_window or self.kv_cache.window) is not None:  # its next token attends to
+                # keys from here on (a step in flight reads older ones, but it runs before any step that reuses their
+                # blocks); a hybrid model's windowed layers only
+                self.kv_cache.free_outside_window(request, request.num_computed_tokens - window + 1)
             drafts = planned.get(request.request_id, [])[: token_budget - 1] if num_new == 1 else []
             # Drafts never preempt: without the blocks for them, the step is a plain decode.
             if drafts and (block_ids := self.kv_cache.allocate_slots(request, num_new + len(drafts))) is not None:

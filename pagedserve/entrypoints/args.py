@@ -94,6 +94,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
     g.add_argument("--kv-offloading-size", type=float, default=None, metavar="GIB",
                    help="CPU memory (GiB) for prefix-cache blocks evicted from the device: a later prompt with that "
                         "prefix copies them back instead of recomputing them")
+    g.add_argument("--disable-hybrid-kv-cache-manager", action="store_true",
+                   help="models with windowed and full-attention layers (Gemma 2 / 3, gpt-oss): keep the whole context "
+                        "on the windowed layers too (by default they hold each request's window only)")
     g.add_argument("--enable-sleep-mode", action="store_true",
                    help="serve POST /sleep?level=1|2, POST /wake_up[?tags=weights|kv_cache] and GET /is_sleeping: give "
                         "the GPU's memory back between generations (e.g. to a trainer) and take it again")
@@ -197,6 +200,7 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> EngineCon
         max_logprobs=getattr(args, "max_logprobs", 20),
         disable_sliding_window=bool(getattr(args, "disable_sliding_window", False)),
         kv_offloading_size=getattr(args, "kv_offloading_size", None),
+        disable_hybrid_kv_cache_manager=getattr(args, "disable_hybrid_kv_cache_manager", False),
         enable_sleep_mode=bool(getattr(args, "enable_sleep_mode", False)),
     )
     kwargs.update(overrides)

@@ -21,6 +21,7 @@ the graph for all bs rows; the sampler runs eagerly on the first n.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -80,7 +81,10 @@ class GraphedForward:
         device: torch.device,
         max_tokens: int,
         max_seqs: int,
+        num_window_groups: int = 0,
     ) -> None:
+        """num_window_groups: a hybrid model's window groups (core/kv_cache.py), each with a block table and slot
+        mapping of its own, copied in as the first."""
         self.model = model
         self.kv_caches = kv_caches
         self.backend = backend
@@ -93,6 +97,35 @@ class GraphedForward:
         self.slot_mapping = torch.full((max_tokens,), -1, dtype=torch.long, device=device)
         self.seq_lens = torch.zeros(max_seqs, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros((max_seqs, max_blocks), dtype=torch.int32, device=device)
+        self.num_window_groups = num_window_groups
+        self.window_slot_mapping = torch.full((num_window_groups, max_tokens), -1, dtype=torch.long, device=device)
+        self.window_block_tables = torch.zeros((num_window_groups, max_seqs, max_blocks), dtype=torch.int32,
+                                               device=device)
+
+    def _with_window(self, meta: AttentionMetadata, num_seqs: int, num_tokens: int) -> AttentionMetadata:
+        """meta, and for a hybrid model its window groups' views of the static buffers."""
+        if self.num_window_groups:
+            meta.windows = [dataclasses.replace(meta, block_tables=self.window_block_tables[k, :num_seqs],
+                                                slot_mapping=self.window_slot_mapping[k, :num_tokens])
+                            for k in range(self.num_window_groups)]
+        return meta
+
+    def _copy_window(self, meta: AttentionMetadata, num_seqs: int, width: int, num_tokens: int, size: int) -> None:
+        """A hybrid model's step: its window groups' tables into the static buffers (slots of padding rows -1)."""
+        groups = len(meta.windows) if meta.windows is not None else 0
+        if groups != self.num_window_groups:
+            raise ValueError(f"the graphs were captured for {self.num_window_groups} window group(s) of block "
+                             f"tables (a hybrid model's); this step has {groups}")
+        for k, window in enumerate(meta.windows or ()):
+            self.window_slot_mapping[k, :num_tokens].copy_(window.slot_mapping, non_blocking=True)
+            if size > num_tokens:
+                self.window_slot_mapping[k, num_tokens:size].fill_(-1)
+            self.window_block_tables[k, :num_seqs, :width].copy_(window.block_tables, non_blocking=True)
+
+    def _clear_slots(self) -> None:
+        """Capture: no slot written (every row padding)."""
+        self.slot_mapping.fill_(-1)
+        self.window_slot_mapping.fill_(-1)
 
 
 class CUDAGraphDecoder(GraphedForward):
@@ -105,10 +138,12 @@ class CUDAGraphDecoder(GraphedForward):
         max_model_len: int,
         block_size: int,
         device: torch.device,
+        num_window_groups: int = 0,
     ) -> None:
         self.sizes = batch_size_ladder(max_num_seqs)
         max_bs = self.sizes[-1]
-        super().__init__(model, kv_caches, backend, max_model_len, block_size, device, max_bs, max_bs)
+        super().__init__(model, kv_caches, backend, max_model_len, block_size, device, max_bs, max_bs,
+                         num_window_groups)
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)  # token i: sequence i
         self.use_seq_order = bool(getattr(backend, "wants_seq_order", False))
         self._identity = torch.arange(max_bs, dtype=torch.int32, device=device)
@@ -137,7 +172,7 @@ class CUDAGraphDecoder(GraphedForward):
 
     def _metadata(self, bs: int) -> AttentionMetadata:
         items = self.work_items(bs)
-        return AttentionMetadata(
+        return self._with_window(AttentionMetadata(
             query_start_loc=self.query_start_loc[: bs + 1],
             seq_lens=self.seq_lens[:bs],
             block_tables=self.block_tables[:bs],
@@ -148,7 +183,7 @@ class CUDAGraphDecoder(GraphedForward):
             is_decode_only=True,
             seq_order=self.seq_order[:bs] if self.use_seq_order and not items else None,
             decode_work=self.work[:, :items] if items else None,
-        )
+        ), bs, bs)
 
     def _forward(self, bs: int) -> torch.Tensor:
         ctx = ForwardContext(self._metadata(bs), self.kv_caches, self.backend)
@@ -160,7 +195,7 @@ class CUDAGraphDecoder(GraphedForward):
         """Captures every size, largest first so smaller graphs reuse its memory pool."""
         t0 = time.perf_counter()
         # Padding everywhere: capture writes nothing to the cache and reads only zero-length contexts.
-        self.slot_mapping.fill_(-1)
+        self._clear_slots()
         self.seq_lens.zero_()
         if self.use_work:
             self.work.fill_(-1)
@@ -205,6 +240,7 @@ class CUDAGraphDecoder(GraphedForward):
         self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
         self.seq_lens[:n].copy_(meta.seq_lens, non_blocking=True)
         self.block_tables[:n, :width].copy_(meta.block_tables, non_blocking=True)
+        self._copy_window(meta, n, width, n, bs)
         items = self.work_items(bs)
         if items:
             if meta.decode_work is None:

@@ -61,13 +61,15 @@ class CUDAGraphMixed(GraphedForward):
         block_size: int,
         device: torch.device,
         max_tokens: int = MAX_MIXED_GRAPH_TOKENS,
+        num_window_groups: int = 0,
     ) -> None:
         self.max_num_seqs = max_num_seqs
         self.sizes = mixed_token_ladder(max_tokens)
         if not self.sizes:
             raise ValueError(f"no mixed-step graph size fits {max_tokens} tokens")
         max_tokens, max_seqs = self.sizes[-1], self.num_seqs_of(self.sizes[-1])
-        super().__init__(model, kv_caches, backend, max_model_len, block_size, device, max_tokens, max_seqs)
+        super().__init__(model, kv_caches, backend, max_model_len, block_size, device, max_tokens, max_seqs,
+                         num_window_groups)
         self.query_start_loc = torch.zeros(max_seqs + 1, dtype=torch.int32, device=device)
         self.logits_indices = torch.zeros(max_seqs, dtype=torch.long, device=device)
         self.logits: torch.Tensor | None = None  # [max_seqs, V], allocated by the first forward
@@ -93,7 +95,7 @@ class CUDAGraphMixed(GraphedForward):
 
     def _metadata(self, size: int) -> AttentionMetadata:
         num_seqs = self.num_seqs_of(size)
-        return AttentionMetadata(
+        return self._with_window(AttentionMetadata(
             query_start_loc=self.query_start_loc[: num_seqs + 1],
             seq_lens=self.seq_lens[:num_seqs],
             block_tables=self.block_tables[:num_seqs],
@@ -101,7 +103,7 @@ class CUDAGraphMixed(GraphedForward):
             max_query_len=size,
             max_seq_len=self.max_model_len,
             block_size=self.block_size,
-        )
+        ), num_seqs, size)
 
     def _forward(self, size: int) -> torch.Tensor:
         ctx = ForwardContext(self._metadata(size), self.kv_caches, self.backend)
@@ -119,7 +121,7 @@ class CUDAGraphMixed(GraphedForward):
         """Captures every size, largest first, into `pool` (e.g. the decode graphs'); returns seconds."""
         t0 = time.perf_counter()
         # All padding: capture writes nothing to the cache and attends over nothing.
-        self.slot_mapping.fill_(-1)
+        self._clear_slots()
         self.seq_lens.zero_()
         self.query_start_loc.zero_()
         self.graphs, _, _ = capture_ladder(self.sizes, self._forward, self.device, pool, "mixed graph capture")
@@ -153,6 +155,7 @@ class CUDAGraphMixed(GraphedForward):
         self.seq_lens[:num_seqs].copy_(meta.seq_lens, non_blocking=True)
         self.seq_lens[num_seqs:rows].zero_()
         self.block_tables[:num_seqs, :width].copy_(meta.block_tables, non_blocking=True)
+        self._copy_window(meta, num_seqs, width, num_tokens, size)
         self.logits_indices[:num_logits].copy_(logits_indices[:num_logits], non_blocking=True)
         self.logits_indices[num_logits:rows].zero_()  # a stale row index could lie past this size's tokens
         graph = self.graphs.get(size)

@@ -238,12 +238,38 @@ def kv_cache_bytes_per_block(hf_config: Any, block_size: int, dtype: torch.dtype
     return hf_config.num_hidden_layers * block_size * per_token
 
 
+@dataclass(frozen=True)
+class KVLayout:
+    """Which KV tensor and block table each layer uses. One table and a tensor a layer, except for a hybrid model
+    (windowed and full-attention layers; core/kv_cache.py): its layers in groups of `group_size`, group 0 the
+    full-attention layers, groups 1..num_window_groups the windowed ones (reading the window tables), and
+    `group_size` tensors of `num_blocks` blocks, the layer at slot j of every group using tensor j (a block id belongs
+    to one group at a time)."""
+
+    num_blocks: int
+    window: int | None
+    num_window_groups: int
+    group_of_layer: tuple[int, ...]  # 0: the full-attention group (or every layer); k: window group k
+    slot_of_layer: tuple[int, ...]  # the KV tensor of each layer
+    group_size: int
+
+    @staticmethod
+    def uniform(num_blocks: int, num_layers: int) -> KVLayout:
+        return KVLayout(num_blocks, None, 0, (0,) * num_layers, tuple(range(num_layers)), num_layers)
+
+
 def allocate_kv_caches(
-    hf_config: Any, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype
+    hf_config: Any, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype,
+    layout: KVLayout | None = None,
 ) -> list[torch.Tensor]:
+    """One cache a layer ([2, num_blocks, block_size, kv heads, head dim]); with a hybrid model's layout, the layers
+    at one slot of their groups share one."""
     shape = (2, num_blocks, block_size, local_num_kv_heads(hf_config), head_dim_of(hf_config))
+    if layout is None:
+        layout = KVLayout.uniform(num_blocks, hf_config.num_hidden_layers)
     # Zeros, not empty: a bug that reads an unwritten slot then shows up as a wrong value, not NaN.
-    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(hf_config.num_hidden_layers)]
+    tensors = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layout.group_size)]
+    return [tensors[slot] for slot in layout.slot_of_layer]
 
 
 def select_attention_backend(config: EngineConfig, device: torch.device) -> AttentionBackend:
@@ -271,7 +297,10 @@ class ModelRunner:
         num_kv_blocks: int,
         block_size: int,
         sampler: SamplerLike,
+        layout: KVLayout | None = None,
     ) -> None:
+        """layout: which KV tensor and block table each layer uses (a hybrid model's groups; KVLayout); None: one
+        table, a tensor a layer."""
         self.config = config
         self.model = model
         self.hf_config = hf_config
@@ -282,7 +311,13 @@ class ModelRunner:
         self.sampler = sampler
         self.backend = select_attention_backend(config, self.device)
         self.kv_dtype = kv_cache_dtype_of(config, dtype)
-        self.kv_caches = allocate_kv_caches(hf_config, num_kv_blocks, block_size, self.device, self.kv_dtype)
+        self.layout = layout or KVLayout.uniform(num_kv_blocks, hf_config.num_hidden_layers)
+        self.num_window_groups = self.layout.num_window_groups
+        self.kv_caches = allocate_kv_caches(hf_config, num_kv_blocks, block_size, self.device, self.kv_dtype,
+                                            self.layout)
+        if self.num_window_groups:  # each windowed layer reads its group's tables (AttentionMetadata.windows)
+            for layer, group in zip(model.model.layers, self.layout.group_of_layer, strict=True):
+                layer.self_attn.kv_group = group
         # The cache's own kv-head count (the decode kernel's, and the CUDA graphs' when they pick a mode).
         self._num_kv_heads = self.kv_caches[0].shape[3]
         if getattr(self.backend, "decode_work", False):  # the decode work list's chunks follow its tile
@@ -392,15 +427,20 @@ class ModelRunner:
             padded_tokens, padded_logits = padded_count(num_tokens), padded_count(num_logits)
 
         num_lora = self.lora_manager.step_size(num_tokens) if self.lora_manager is not None else 0
+        # A hybrid model's window groups: their tables and slots, two parts more, a group's rows each even (aligned)
+        groups = self.num_window_groups
+        table_row, slots_row = num_attn * width + (num_attn * width & 1), padded_tokens + (padded_tokens & 1)
         sizes = [padded_tokens, padded_tokens, padded_tokens, num_attn + 1, num_attn, num_attn * width,
-                 padded_logits, num_placeholders, num_placeholders, num_order, num_work, num_lora]
+                 padded_logits, num_placeholders, num_placeholders, num_order, num_work, num_lora,
+                 groups * table_row, groups * slots_row]
         # Each part starts 16-byte aligned (an even int64 offset): Triton specializes kernels on the
         # alignment of pointer arguments, and a parity that changed with the step would compile
         # new kernel variants in the middle of serving.
         offsets = np.concatenate([[0], np.cumsum([n + (n & 1) for n in sizes])])
         buf = self._host_view(int(offsets[-1]))
         (input_ids, positions, slot_mapping, qsl, sl, block_tables, logits_indices, dst, src, order, work_part,
-         lora_part) = (buf[offsets[i] : offsets[i] + sizes[i]] for i in range(len(sizes)))
+         lora_part, window_tables_part, window_slots) = (buf[offsets[i] : offsets[i] + sizes[i]]
+                                                         for i in range(len(sizes)))
         lora_any = False
         if num_lora:
             token_slots = np.repeat(np.fromiter((r.lora_slot for r in scheduled), dtype=np.int64, count=num_seqs),
@@ -443,6 +483,28 @@ class ModelRunner:
             block_tables.reshape(num_attn, width)[:] = tables[attn_of]
         block_of_token = tables[request_of_token, positions // self.block_size]
         slot_mapping[:] = block_of_token * self.block_size + positions % self.block_size
+        if groups:  # the window groups' tables: entry i holds the same positions as the full one's
+            rows = window_tables_part.reshape(groups, table_row)[:, :num_attn * width]
+            wtables = (rows.reshape(groups, num_seqs, width) if attn_of is None
+                       else np.empty((groups, num_seqs, width), np.int64))
+            wtables[:] = 0
+            window = self.layout.window
+            for s, request in enumerate(scheduled):
+                needed = (int(seq_lens[s]) + self.block_size - 1) // self.block_size
+                # (entries behind the window of the step's first token are never read: left 0, not copied)
+                first = max(0, int(num_computed[s]) - window + 1) // self.block_size
+                tables_of = request.window_block_ids
+                if tables_of is None or len(tables_of) != groups or any(len(ids) < needed for ids in tables_of):
+                    raise ValueError(f"request {request.request_id}: the window groups' block tables cannot hold "
+                                     f"{int(seq_lens[s])} tokens in {groups} group(s)")
+                for k, ids in enumerate(tables_of):
+                    wtables[k, s, first:needed] = ids[first:needed]
+            if attn_of is not None:
+                rows.reshape(groups, num_attn, width)[:] = wtables[:, attn_of]
+            slots = window_slots.reshape(groups, slots_row)
+            slots[:, num_tokens:] = -1
+            slots[:, :num_tokens] = (wtables[:, request_of_token, positions // self.block_size] * self.block_size
+                                     + positions % self.block_size)
         if drafting:
             ends = np.repeat(query_start_loc[1:][sample_rows] - row_counts, row_counts)
             logits_indices[:] = ends + np.arange(num_logits) - np.repeat(first_row, row_counts)
@@ -479,6 +541,10 @@ class ModelRunner:
             seq_order=int32(views[9]) if num_order else None,
             decode_work=int32(views[10].view(6, -1)) if num_work else None,
         )
+        if groups:
+            tables_view, slots_view = views[12].view(groups, table_row), views[13].view(groups, slots_row)
+            meta.windows = [dataclasses.replace(meta, block_tables=int32(tables_view[k, :num_attn * width].view(
+                num_attn, width)), slot_mapping=slots_view[k, :padded_tokens]) for k in range(groups)]
         ctx = ForwardContext(attn_metadata=meta, kv_caches=self.kv_caches, backend=self.backend)
         return StepInputs(views[0], views[1], ctx, views[6], num_logits, graph_step, placeholder_rows,
                           mixed_graph_step, prompt_plan, pool_rows, lora_any)
@@ -759,7 +825,7 @@ class ModelRunner:
 
         self.graph_capture_args = (max_num_seqs, max_model_len, max_num_batched_tokens)  # (sleep mode recaptures)
         graphs = CUDAGraphDecoder(self.model, self.kv_caches, self.backend, max_num_seqs, max_model_len,
-                                  self.block_size, self.device)
+                                  self.block_size, self.device, num_window_groups=self.num_window_groups)
         elapsed = graphs.capture()
         self.cuda_graphs = graphs
         max_tokens = min(MAX_MIXED_GRAPH_TOKENS, max_num_batched_tokens or MAX_MIXED_GRAPH_TOKENS)
@@ -767,7 +833,8 @@ class ModelRunner:
             # (Speculative decoding: each drafted token is an attention sequence with its logits row.)
             rows = max_num_seqs * rows_per_sequence(self.config)
             mixed = CUDAGraphMixed(self.model, self.kv_caches, self.backend, rows, max_model_len,
-                                   self.block_size, self.device, max_tokens)
+                                   self.block_size, self.device, max_tokens,
+                                   num_window_groups=self.num_window_groups)
             elapsed += mixed.capture(pool=graphs.pool)
             self.mixed_graphs = mixed
         return elapsed

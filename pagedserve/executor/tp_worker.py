@@ -106,6 +106,7 @@ def run_rank(config: Any, model_path: str, rank: int, port: int) -> None:
     from pagedserve.executor.worker import (
         add_cpu_kv_tier,
         default_max_batched_tokens,
+        hybrid_layout,
         make_lora_manager,
         resolve_dtype,
         size_kv_cache,
@@ -120,7 +121,10 @@ def run_rank(config: Any, model_path: str, rank: int, port: int) -> None:
         max_batched = default_max_batched_tokens(config, device)
         lora_manager = make_lora_manager(config, model, max_batched)
         num_blocks = size_kv_cache(config, model, hf_config, device, dtype, max_batched)
-        runner = ModelRunner(config, model, hf_config, device, dtype, num_blocks, config.block_size, sampler=None)
+        layout = hybrid_layout(config, model, num_blocks)
+        num_blocks = layout.num_blocks if layout is not None else num_blocks
+        runner = ModelRunner(config, model, hf_config, device, dtype, num_blocks, config.block_size, sampler=None,
+                             layout=layout)
         runner.lora_manager = lora_manager
         if config.kv_offloading_size:
             add_cpu_kv_tier(config, runner, hf_config)

@@ -10,13 +10,16 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pagedserve.config import QUANTIZATION_METHODS, EngineConfig
 from pagedserve.core.outputs import RunnerOutput, SchedulerOutput
 from pagedserve.spec_decode import SpeculativeConfig
+
+if TYPE_CHECKING:
+    from pagedserve.executor.model_runner import KVLayout
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +100,10 @@ class Worker:
     num_cpu_kv_blocks: int = 0  # KV offloading's CPU tier (config.kv_offloading_size)
     # the model's window when every layer is windowed (its blocks behind the window are given back), else None
     sliding_window: int | None = None
+    # a hybrid model (windowed and full-attention layers; core/kv_cache.py): the window and the window groups, else
+    # None / 0
+    hybrid_window: int | None = None
+    num_window_groups: int = 0
     _sleep: list | None = None  # sleep mode: the runners' RunnerSleep states, made on first use
     _weight_groups: dict = field(default_factory=dict)  # trainer process groups by name (executor/weight_sync.py)
 
@@ -362,7 +369,8 @@ def _for_other_ranks(scheduler_output: SchedulerOutput) -> SchedulerOutput:
     return SchedulerOutput(
         [ScheduledRequest(r.request_id, r.token_ids, r.num_computed_tokens, r.block_ids, r.needs_sample,
                           r.sampling_params, r.prompt_token_ids if r.wants_prompt_logprobs else [], [],
-                          r.output_index, lora_slot=r.lora_slot, draft_token_ids=r.draft_token_ids)
+                          r.output_index, lora_slot=r.lora_slot, draft_token_ids=r.draft_token_ids,
+                          window_block_ids=r.window_block_ids)
          for r in scheduler_output.scheduled],
         scheduler_output.num_batched_tokens, scheduler_output.finished_request_ids,
         scheduler_output.preempted_request_ids, kv_copies_out=scheduler_output.kv_copies_out,
@@ -493,11 +501,44 @@ def size_kv_cache(config: EngineConfig, model, hf_config, device: torch.device, 
     return num_blocks
 
 
+def hybrid_layout(config: EngineConfig, model, num_blocks: int) -> KVLayout | None:
+    """The KV cache's layout: for a model with windowed and full-attention layers (core/kv_cache.py, vLLM's hybrid
+    allocator), the layers in groups of one size g (the full-attention layers one group, the windowed ones the
+    others), g KV tensors shared by the groups, and the memory of `num_blocks` blocks of every layer as
+    num_blocks * layers // g blocks of g; g is the size with the fewest layer slots in all (the last window group may
+    have unused slots), the largest on a tie (fewer tables a step). None (one table, a tensor a layer) for other
+    models, with --disable-hybrid-kv-cache-manager, with KV offloading, and where the groups would leave more than a
+    tenth of their slots unused (e.g. fewer windowed layers than full-attention ones: each window group as large as
+    the full one), which requests no longer than the window would pay for."""
+    from pagedserve.executor.model_runner import KVLayout
+    from pagedserve.executor.models.decoder import hybrid_window_layers
+
+    hybrid = hybrid_window_layers(model)
+    if hybrid is None or config.disable_hybrid_kv_cache_manager or config.kv_offloading_size:
+        return None
+    window, windowed = hybrid
+    num_layers = len(model.model.layers)
+    full = [i for i in range(num_layers) if i not in windowed]
+    win = sorted(windowed)
+    size = min(range(len(full), max(len(full), len(win)) + 1), key=lambda g: (g * (1 + -(-len(win) // g)), -g))
+    group, slot = [0] * num_layers, [0] * num_layers
+    for j, i in enumerate(full):
+        slot[i] = j
+    for j, i in enumerate(win):
+        group[i], slot[i] = 1 + j // size, j % size
+    slots = size * (1 + -(-len(win) // size))
+    if slots > 1.1 * num_layers:
+        logger.info("KV cache: one block table for every layer (window groups of %d layers would leave %d of %d "
+                    "slots unused)", size, slots - num_layers, slots)
+        return None
+    return KVLayout(num_blocks * num_layers // size, window, -(-len(win) // size), tuple(group), tuple(slot), size)
+
+
 def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: str, device: torch.device,
                      dtype: torch.dtype, t0: float, tokenizer_future) -> Worker:
     """Weights, KV sizing and graph capture, while the tokenizer loads in its thread: nothing here
     needs it but the sampler's EOS ids, which are set once it is ready (before any request)."""
-    from pagedserve.core.scheduler import window_kv_tokens
+    from pagedserve.core.scheduler import request_capacity_tokens, window_kv_tokens
     from pagedserve.executor.compile_log import install, summary_suffix
     from pagedserve.executor.layers import rope_max_positions
     from pagedserve.executor.loader import get_eos_token_ids, load_model
@@ -529,8 +570,13 @@ def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: st
 
         with single_rank():  # (whole on rank 0: all its kv heads)
             extra_bytes = kv_cache_bytes_per_block(draft[2], config.block_size, kv_cache_dtype_of(config, dtype))
-    num_blocks = size_kv_cache(config, model, hf_config, device, dtype, max_batched, extra_bytes)
+    uniform_blocks = size_kv_cache(config, model, hf_config, device, dtype, max_batched, extra_bytes)
+    layout = hybrid_layout(config, model, uniform_blocks)
+    num_blocks = layout.num_blocks if layout is not None else uniform_blocks
     capacity = num_blocks * config.block_size
+    if layout is not None:  # (what one request can hold: its window groups take their share)
+        capacity = request_capacity_tokens(num_blocks, config.block_size, layout.num_window_groups,
+                                           window_kv_tokens(layout.window, max_batched, config.block_size))
     max_model_len = config.max_model_len or model_len
     window = uniform_sliding_window(model)
     needed = max_model_len  # every layer windowed: a request holds its window's blocks only (core/scheduler.py)
@@ -550,7 +596,8 @@ def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: st
                       fused_filters=os.environ.get("PAGEDSERVE_FUSED_FILTERS", "1") != "0",
                       fused_penalties=os.environ.get("PAGEDSERVE_FUSED_PENALTIES", "1") != "0",
                       max_rows=config.max_num_seqs)
-    runner = ModelRunner(config, model, hf_config, device, dtype, num_blocks, config.block_size, sampler)
+    runner = ModelRunner(config, model, hf_config, device, dtype, num_blocks, config.block_size, sampler,
+                         layout=layout)
     runner.lora_manager = lora_manager
     config = dataclasses.replace(config, max_model_len=max_model_len, max_num_batched_tokens=max_batched)
     logger.info("start-up: KV cache sized at %.1f s%s", time.monotonic() - t0, summary_suffix())
@@ -564,22 +611,28 @@ def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: st
         draft_config = dataclasses.replace(draft_config, max_model_len=max_model_len,
                                            max_num_batched_tokens=max_batched)
         with single_rank():  # the draft is rank 0's alone
-            draft_runner = ModelRunner(draft_config, draft_model, draft_hf, device, dtype, num_blocks,
+            draft_runner = ModelRunner(draft_config, draft_model, draft_hf, device, dtype, uniform_blocks,
                                        config.block_size,
                                        Sampler(int(draft_hf.vocab_size), set(), max_rows=config.max_num_seqs))
             if device.type == "cuda" and not config.enforce_eager:
                 draft_runner.capture_cuda_graphs(config.max_num_seqs, max_model_len, max_batched)
-        proposer = DraftModelProposer(SpeculativeConfig.parse(config.speculative_config), draft_runner, num_blocks,
+        proposer = DraftModelProposer(SpeculativeConfig.parse(config.speculative_config), draft_runner, uniform_blocks,
                                       config.block_size, max_batched)
     tokenizer = tokenizer_future.result()
     sampler.eos_token_ids |= set(tokenizer.eos_token_ids)
     logger.info("model %s loaded on %s (%s) in %.1f s (tokenizer ready); KV cache: %d blocks x %d tokens (%s)",
                 model_path, device, str(dtype).removeprefix("torch."), time.monotonic() - t0, num_blocks,
                 config.block_size, str(runner.kv_dtype).removeprefix("torch."))
+    if layout is not None:
+        logger.info("hybrid KV cache: layers in groups of %d (full attention 1, window %d: %d), %d blocks of a group "
+                    "(%d blocks of every layer without groups); one request holds up to %d tokens", layout.group_size,
+                    layout.window, layout.num_window_groups, num_blocks, uniform_blocks, capacity)
     worker = Worker(config, tokenizer, runner, max_model_len, vocab_size, max_batched, num_blocks, hf_config,
                     device, dtype)
     worker.draft_proposer = proposer
     worker.sliding_window = window
+    if layout is not None:
+        worker.hybrid_window, worker.num_window_groups = layout.window, layout.num_window_groups
     if config.kv_offloading_size:
         worker.num_cpu_kv_blocks = add_cpu_kv_tier(config, runner, hf_config)
         logger.info("KV offloading: %d CPU blocks (%.2f GiB) behind the %d device blocks", worker.num_cpu_kv_blocks,

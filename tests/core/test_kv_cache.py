@@ -329,3 +329,98 @@ def test_cpu_tier_is_lru_and_keeps_a_steps_blocks() -> None:
     tier.unpin_all()
     assert tier.save(collide) == 0 and len(tier) == 2 and tier.find(1000, (0,), None, None) is None
     assert tier.find(1000, (9,), None, None) is not None and tier._free == []
+
+
+def window_ids(m: KVCacheManager, request_id: str) -> list[list[int]]:
+    return [list(ids) for ids in m.get_window_block_ids(request_id)]
+
+
+def test_window_groups_give_back_only_the_windowed_layers_blocks() -> None:
+    """A hybrid model (window 6, one window group): its table grows with the full one, block for block, from the same
+    pool; what falls behind the window goes back while the full-attention group keeps everything; free() frees the
+    rest. A request that needs more blocks than are free (both groups counted) changes nothing."""
+    m = KVCacheManager(num_blocks=10, block_size=BS, enable_prefix_caching=True, window=6, num_window_groups=1)
+    assert m.get_window_block_ids("a") == [] and KVCacheManager(4, BS, True).get_window_block_ids("a") is None
+    a = make_request("a", list(range(10)))
+    assert admit(m, a) == [0, 1, 2] and window_ids(m, "a") == [[3, 4, 5]]
+    assert m.num_free_blocks == 4 and m.usage == pytest.approx(0.6)
+    assert m.free_outside_window(a, 10 - 6 + 1) == 1  # position 10 attends to 5..10: block index 0 is behind
+    assert m.num_free_blocks == 5 and m.get_blocks("a") == m.pool.blocks[:3]
+    assert [b.block_id for b in m.get_window_blocks("a")] == [4, 5]
+    for t in (10, 11):
+        assert decode(m, a, t) == [0, 1, 2] and window_ids(m, "a") == [[3, 4, 5]]
+    assert decode(m, a, 12) == [0, 1, 2, 6] and window_ids(m, "a") == [[3, 4, 5, 7]]
+    assert m.free_outside_window(a, 13 - 6 + 1) == 1 and m.num_free_blocks == 4
+    b = make_request("b", list(range(100, 112)))  # 3 blocks in each group: 6 > 4 free
+    assert m.get_computed_blocks(b) == ([], 0)
+    assert m.allocate_slots(b, 12, []) is None
+    assert m.num_free_blocks == 4 and m.get_block_ids("b") == []
+    m.free(a)
+    assert m.num_free_blocks == 10 and refs(m, range(10)) == [0] * 10
+
+
+def test_window_prefix_hit_needs_the_keys_its_window_reaches() -> None:
+    """A prefix hit of a hybrid model (two window groups) is the longest cached full prefix whose last `window` keys
+    are cached in every window group (their blocks registered under the full blocks' content ids); the tables'
+    entries below that window are 0 and hold nothing, the others are shared (ref counts)."""
+    m = KVCacheManager(num_blocks=40, block_size=BS, enable_prefix_caching=True, window=6, num_window_groups=2)
+    prompt = list(range(17))  # 4 full blocks and one token
+    a = make_request("a", prompt)
+    assert admit(m, a) == [0, 1, 2, 3, 4] and window_ids(m, "a") == [[5, 7, 9, 11, 13], [6, 8, 10, 12, 14]]
+    assert m.free_outside_window(a, 17 - 6 + 1) == 6  # position 17 attends to 12..17: indices 0-2 of both groups
+    b = make_request("b", prompt)
+    hit, num_cached = m.get_computed_blocks(b)
+    assert (hit, num_cached) == ([0, 1, 2, 3], 16)  # position 16 attends to 11..16: indices 2, 3 (2 still cached)
+    assert m.allocate_slots(b, 1, hit) == [0, 1, 2, 3, 15]
+    assert window_ids(m, "b") == [[0, 0, 9, 11, 16], [0, 0, 10, 12, 17]]
+    assert refs(m, [9, 10, 11, 12, 13, 14, 16, 17]) == [1, 1, 2, 2, 1, 1, 1, 1]
+    m.free(a)
+    m.free(b)
+    # group 1's block at index 3 evicted: position 16 can no longer start; position 12 attends to 7..12 (indices 1, 2)
+    m.pool.evict(m.pool.blocks[12])
+    c = make_request("c", prompt)
+    hit, num_cached = m.get_computed_blocks(c)
+    assert (hit, num_cached) == ([0, 1, 2], 12)
+    assert m.allocate_slots(c, 5, hit) is not None
+    wc = window_ids(m, "c")
+    assert [ids[:3] for ids in wc] == [[0, 7, 9], [0, 8, 10]]
+    # a different first block: no hit at all (content ids chain the whole prefix)
+    assert m.get_computed_blocks(make_request("d", [99] + prompt[1:])) == ([], 0)
+    m.free(c)
+    assert m.num_free_blocks == 40 and refs(m, range(40)) == [0] * 40
+    assert m.reset_prefix_cache() and m.pool.num_cached_blocks == 0
+
+
+def test_window_hit_is_exact_whatever_the_window_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Window blocks of two prefixes that share their tokens from index 1 on, every window key colliding: a request
+    whose own window block is gone must not take the other prefix's (its keys were computed after other tokens)."""
+    monkeypatch.setattr(kv_cache, "_window_key", lambda group, content_id: 0)
+    m = KVCacheManager(num_blocks=40, block_size=BS, enable_prefix_caching=True, window=4, num_window_groups=1)
+    tail = [9, 9, 9, 9, 5]
+    a, b0 = make_request("a", [1, 2, 3, 4] + tail), make_request("b0", [7, 7, 7, 7] + tail)
+    admit(m, a)
+    admit(m, b0)
+    evicted = m.get_window_block_ids("b0")[0][1]
+    m.free(a)
+    m.free(b0)
+    m.pool.evict(m.pool.blocks[evicted])  # b0's window block at index 1 (a's, same tokens, stays cached)
+    b = make_request("b", [7, 7, 7, 7] + tail)
+    # position 8 attends to 5..8: index 1's window block is needed and gone; position 4 attends to 1..4: index 0's
+    hit, num_cached = m.get_computed_blocks(b)
+    assert num_cached == 4
+    assert m.allocate_slots(b, 9 - num_cached, hit) is not None
+    m.free(b)
+    assert m.num_free_blocks == 40
+
+
+def test_window_groups_without_prefix_caching_and_their_arguments() -> None:
+    m = KVCacheManager(num_blocks=8, block_size=BS, enable_prefix_caching=False, window=4, num_window_groups=1)
+    a = make_request("a", list(range(12)))
+    assert admit(m, a) == [0, 1, 2] and m.free_outside_window(a, 12 - 4 + 1) == 2
+    assert m.num_free_blocks == 4 and m.pool.num_cached_blocks == 0
+    m.free(a)
+    assert m.num_free_blocks == 8
+    with pytest.raises(ValueError, match="window groups"):
+        KVCacheManager(4, BS, True, window=4, num_window_groups=0)
+    with pytest.raises(ValueError, match="CPU tier"):
+        KVCacheManager(4, BS, True, num_cpu_blocks=2, window=4, num_window_groups=1)

@@ -505,3 +505,27 @@ def test_priority_policy_preempts_the_lowest_priority_request() -> None:
 def test_unknown_policy_is_refused() -> None:
     with pytest.raises(ValueError, match="policy must be 'fcfs' or 'priority'"):
         make_scheduler(policy="lifo")
+
+
+def test_hybrid_capacity_counts_the_window_groups() -> None:
+    """A hybrid model's request holds its tokens in the full-attention group and up to the window (plus a step's
+    budget and a block of slack at either end) in each window group, all from one pool: 40 blocks of 4 with two
+    window groups of window 6 and an 8-token budget (22 tokens, 6 blocks each) hold one request of 112 tokens."""
+    from pagedserve.core.scheduler import request_capacity_tokens
+
+    assert request_capacity_tokens(40, 4) == 160
+    assert request_capacity_tokens(40, 4, 2, 22) == (40 - 2 * 6) * 4
+    assert request_capacity_tokens(12, 4, 2, 22) == 4 * 4  # short of the windows: every group the same
+    s = make_scheduler(num_blocks=40, max_num_batched_tokens=8, max_model_len=128, hybrid_window=6,
+                       num_window_groups=2)
+    assert s.request_capacity == 112
+    s.add_request(make_request("fits", list(range(20)), max_tokens=93))  # 112 tokens of KV
+    with pytest.raises(ValueError, match="more than the whole cache holds .112 tokens: 40 blocks of 4 tokens"):
+        s.add_request(make_request("long", list(range(20)), max_tokens=94))
+    # it runs to the end (a decode's blocks come from the same pool), holding its window in both window groups
+    request = s.get_request("fits")
+    while s.has_unfinished_requests():
+        out = s.schedule()
+        s.update(out, RunnerOutput(sampled_token_ids=[5] * len(out.scheduled), logprobs=[]))
+        assert s.kv_cache.num_free_blocks >= 0
+    assert request.num_output_tokens == 93 and s.kv_cache.num_free_blocks == 40

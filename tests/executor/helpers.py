@@ -180,13 +180,14 @@ class CapturingSampler:
 
 def make_runner(
     model_path: str | Path, *, block_size: int = 4, num_blocks: int = 32, device: str = "cpu",
-    dtype: torch.dtype = torch.float32, attention_backend: str = "torch", **config_kwargs: Any,
+    dtype: torch.dtype = torch.float32, attention_backend: str = "torch", layout: Any = None, **config_kwargs: Any,
 ) -> tuple[ModelRunner, CapturingSampler]:
+    """layout: a hybrid model's KV layout (model_runner.KVLayout; core/kv_cache.py)."""
     config = EngineConfig(model=str(model_path), device=device, block_size=block_size,
                           attention_backend=attention_backend, **config_kwargs)
     model, hf_config = load_model(config, str(model_path), torch.device(device), dtype)
     sampler = CapturingSampler()
-    runner = ModelRunner(config, model, hf_config, device, dtype, num_blocks, block_size, sampler)
+    runner = ModelRunner(config, model, hf_config, device, dtype, num_blocks, block_size, sampler, layout=layout)
     return runner, sampler
 
 

@@ -654,6 +654,47 @@ def test_backends_with_a_window(decode_only):
         assert_close(out, reference_attention(b.query, b.full_cache, b.meta, 0.125, 9), dtype)
 
 
+@pytest.mark.parametrize("decode_only", [True, False], ids=["decode", "mixed"])
+def test_window_never_reads_the_keys_behind_it(decode_only):
+    """Keys behind the window of every query of a sequence are never read: their blocks go back to the pool (a
+    windowed model's, a hybrid model's window pool) and may hold another request's keys, or NaN, which a probability
+    of 0 would still spread. NaN there changes nothing, through both kernels (decode split, prefill with and without
+    the decodes split off) and both backends (batched decodes, SDPA and the plain path)."""
+    from pagedserve.executor.attention.torch_ref import TorchAttentionBackend
+
+    dtype, window, block_size = DTYPES[-1], 9, 8
+    spec = [(40, 1), (2 * 16 + 9, 1), (21, 1), (5, 1)] if decode_only else [(0, 37), (32, 5), (40, 1), (17, 14)]
+    b = make_batch(spec, num_heads=8, num_kv_heads=2, head_dim=64, block_size=block_size, dtype=dtype)
+    m = b.meta
+    ref = reference_attention(b.query, b.full_cache, m, 0.125, window)
+    poisoned = b.full_cache.clone()
+    for s, (ctx, _) in enumerate(spec):
+        pos = torch.arange(max(0, ctx - window + 1))  # behind the window of the sequence's first query
+        slot = m.block_tables[s].cpu()[pos // block_size].long() * block_size + pos % block_size
+        poisoned.view(2, -1, 2, 64)[:, slot.to(poisoned.device)] = float("nan")
+    assert torch.isnan(poisoned).sum() > torch.isnan(b.full_cache).sum()
+    outs = []
+    if decode_only:
+        out = poisoned_like(b.query)
+        paged_attention_decode(b.query, poisoned, m.block_tables, m.seq_lens, 0.125, out=out, num_splits=2,
+                               block_n=16, window=window)
+        outs.append(out)
+    else:
+        for split in (False, True):
+            out = poisoned_like(b.query)
+            if split:
+                paged_attention_decode(b.query, poisoned, m.block_tables, m.seq_lens, 0.125, out=out, num_splits=2,
+                                       block_n=16, query_start_loc=m.query_start_loc, window=window)
+            paged_attention_prefill(b.query, poisoned, m.query_start_loc, m.seq_lens, m.block_tables, 0.125,
+                                    m.max_query_len, out=out, block_m=16, block_n=16, skip_decodes=split,
+                                    window=window)
+            outs.append(out)
+    for backend in (TorchAttentionBackend(), TorchAttentionBackend(batch_decodes=False, fused_prefill=False)):
+        outs.append(backend.forward(b.query, b.key, b.value, poisoned.clone(), m, 0.125, window=window))
+    for out in outs:
+        assert_close(out, ref, dtype)
+
+
 @pytest.mark.parametrize("window", [None, 16], ids=["full", "window"])
 def test_softcap_in_decode_and_prefill(window):
     """Gemma 2's attention soft-capping (cap tanh(score / cap)) in both kernels, with and without a window, decode

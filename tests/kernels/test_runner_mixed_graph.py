@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from pagedserve.core.outputs import ScheduledRequest
 from pagedserve.executor.mixed_graph import CUDAGraphMixed, mixed_token_ladder
 from tests.executor.helpers import hf_logits, make_runner, max_rel_err, save_tiny_model, scheduled, step
 
@@ -34,7 +35,8 @@ def test_ladder_and_fits() -> None:
 
 def _attach_graphs(runner, max_num_seqs: int, max_tokens: int) -> CUDAGraphMixed:
     graphs = CUDAGraphMixed(runner.model, runner.kv_caches, runner.backend, max_num_seqs, max_model_len=128,
-                            block_size=runner.block_size, device=runner.device, max_tokens=max_tokens)
+                            block_size=runner.block_size, device=runner.device, max_tokens=max_tokens,
+                            num_window_groups=runner.num_window_groups)
     if CUDA:
         graphs.capture()
         assert sorted(graphs.graphs) == graphs.sizes
@@ -90,3 +92,72 @@ def test_mixed_steps_through_graphs_match_hf(tmp_path) -> None:
     seqs["f"] = rng.integers(1, 250, 4).tolist()
     check(step(scheduled("f", seqs["f"], 0, list(range(43, 45)), True),
                scheduled("b", seqs["b"][-1:], len(seqs["b"]) - 1, blocks["b"], True)), True, ["f", "b"])
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_hybrid_model_steps_read_their_groups_tables(backend: str, tmp_path) -> None:
+    """A hybrid model (Qwen2: layer 0 full attention, layers 1 and 2 window 6) in three groups of one layer sharing
+    one KV tensor (model_runner.KVLayout): each windowed layer writes and reads through its own group's table (ids
+    unlike the full table's and each other's), through mixed graphs, eager steps and decode-only steps; table entries
+    behind the window point at a block of NaN, which must never be read. Logits as Hugging Face's at every sampled
+    row."""
+    from pagedserve.executor.model_runner import KVLayout
+
+    hf = save_tiny_model("qwen2", tmp_path, num_hidden_layers=3, use_sliding_window=True, sliding_window=6,
+                         max_window_layers=1)
+    layout = KVLayout(96, 6, 2, (0, 1, 2), (0, 0, 0), 1)
+    runner, sampler = make_runner(tmp_path, block_size=4, num_blocks=96, device=DEVICE, dtype=torch.float32,
+                                  attention_backend=backend, layout=layout)
+    assert runner.kv_caches[0] is runner.kv_caches[2] and tuple(runner.kv_caches[0].shape[:2]) == (2, 96)
+    assert [layer.self_attn.kv_group for layer in runner.model.model.layers] == [0, 1, 2]
+    _attach_graphs(runner, max_num_seqs=6, max_tokens=32)
+    runner.kv_caches[0][:, 0] = float("nan")  # block 0: what the window tables point at behind the window
+    rng = np.random.default_rng(2)
+    ids = (rng.permutation(95) + 1).tolist()  # every block but 0, shuffled: each table takes its own
+    seqs = {"a": rng.integers(1, 250, 11).tolist(), "b": rng.integers(1, 250, 14).tolist(),
+            "c": rng.integers(1, 250, 37).tolist()}
+    full = {r: [ids.pop() for _ in range(10)] for r in seqs}
+    window = {r: [[ids.pop() for _ in range(10)] for _ in range(2)] for r in seqs}
+
+    def run(expect_graph: bool, *rows: ScheduledRequest) -> None:
+        out_step = step(*rows)
+        for r in out_step.scheduled:
+            # entries wholly behind the window of the step's first token: the NaN block
+            first = max(0, r.num_computed_tokens - 6 + 1) // 4
+            r.window_block_ids = [[0] * first + table[first:] for table in window[r.request_id]]
+        inputs = runner.prepare_inputs(out_step)
+        assert inputs.mixed_graph_step == expect_graph
+        # every group's slots start 16-byte aligned (Triton specializes on it: no new kernel variant mid-serving)
+        assert [w.slot_mapping.data_ptr() % 16 for w in inputs.ctx.attn_metadata.windows] == [0, 0]
+        out = runner.execute(out_step)
+        sampled = [r.request_id for r in out_step.scheduled if r.needs_sample]
+        assert sorted(sampler.logits[-1]) == sorted(sampled)
+        for rid in sampled:
+            assert max_rel_err(sampler.logits[-1][rid], hf_logits(hf, seqs[rid])[-1]) < TOL, rid
+        for rid, token in zip([r.request_id for r in out_step.scheduled], out.sampled_token_ids):
+            if token is not None:
+                seqs[rid].append(token)
+
+    # 1. a whole, b's first 8 tokens (no sample): 19 tokens, the 32-token graph
+    run(True, scheduled("a", seqs["a"], 0, full["a"], True), scheduled("b", seqs["b"][:8], 0, full["b"], False))
+    # 2. a decodes (position 11 attends to 6..11: its tables' entry 0 is the NaN block), b's other 6 tokens
+    run(True, scheduled("a", seqs["a"][-1:], 11, full["a"], True),
+        scheduled("b", seqs["b"][8:], 8, full["b"], True, seqs["b"]))
+    # 3. decode-only steps (the decode kernel), past a block boundary
+    for _ in range(3):
+        run(False, *(scheduled(r, seqs[r][-1:], len(seqs[r]) - 1, full[r], True) for r in ("a", "b")))
+    # 4. a step larger than the largest graph (eager), beside a decode
+    run(False, scheduled("c", seqs["c"], 0, full["c"], True),
+        scheduled("a", seqs["a"][-1:], len(seqs["a"]) - 1, full["a"], True))
+    # graphs captured without the window groups refuse a hybrid step (they would write the windowed layers' K/V
+    # through the full table), and the other way round
+    one_table = CUDAGraphMixed(runner.model, runner.kv_caches, runner.backend, 6, max_model_len=128, block_size=4,
+                               device=runner.device, max_tokens=32)
+    rows = step(scheduled("a", seqs["a"][-1:], len(seqs["a"]) - 1, full["a"], True))
+    rows.scheduled[0].window_block_ids = [table[:] for table in window["a"]]
+    inputs = runner.prepare_inputs(rows)
+    with pytest.raises(ValueError, match="this step has 2"):
+        one_table.run(inputs.input_ids, inputs.positions, inputs.ctx.attn_metadata, inputs.logits_indices, 1)
+    inputs.ctx.attn_metadata.windows = None
+    with pytest.raises(ValueError, match="this step has 0"):
+        runner.mixed_graphs.run(inputs.input_ids, inputs.positions, inputs.ctx.attn_metadata, inputs.logits_indices, 1)

@@ -43,6 +43,9 @@ class AttentionMetadata:
     # Decode-only steps whose batch fills the SMs (backends with `decode_work`): int32 [6, items], the
     # chunks of the sequences in launch order (paged_attention_decode.decode_work_list); replaces seq_order.
     decode_work: torch.Tensor | None = None
+    # A hybrid model (core/kv_cache.py): the same step with each window group's block tables and slot mapping, read
+    # by its windowed layers (DecoderAttention.kv_group k reads windows[k - 1]); None: every layer reads these.
+    windows: list[AttentionMetadata] | None = None
 
     @property
     def num_seqs(self) -> int:

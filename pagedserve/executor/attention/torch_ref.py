@@ -39,14 +39,18 @@ def write_kv_cache(
 
 
 def gather_kv(
-    kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+    kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, start: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first seq_len cached K and V of one sequence, each [seq_len, num_kv_heads, head_dim]."""
+    """The cached K and V of positions [start, seq_len) of one sequence, each [seq_len - start, num_kv_heads,
+    head_dim] (blocks wholly before `start` are not read: a sliding window may have given them back)."""
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     num_blocks = (seq_len + block_size - 1) // block_size
-    blocks = block_table[:num_blocks].long()
-    key = kv_cache[0, blocks].reshape(num_blocks * block_size, num_kv_heads, head_dim)[:seq_len]
-    value = kv_cache[1, blocks].reshape(num_blocks * block_size, num_kv_heads, head_dim)[:seq_len]
+    first_block = start // block_size
+    blocks = block_table[first_block:num_blocks].long()
+    size = (num_blocks - first_block) * block_size
+    skip = start - first_block * block_size
+    key = kv_cache[0, blocks].reshape(size, num_kv_heads, head_dim)[skip : seq_len - first_block * block_size]
+    value = kv_cache[1, blocks].reshape(size, num_kv_heads, head_dim)[skip : seq_len - first_block * block_size]
     return key, value
 
 
@@ -201,7 +205,10 @@ class TorchAttentionBackend(AttentionBackend):
             if s in batched:
                 start += q_len
                 continue
-            k, v = gather_kv(kv_cache, meta.block_tables[s], seq_len)
+            # (with a window, only the keys some query of the sequence sees: the queries are the last q_len of them,
+            # as the attention functions expect, and what lies behind the window, given back, is never read)
+            first = max(0, seq_len - q_len - window + 1) if window is not None else 0
+            k, v = gather_kv(kv_cache, meta.block_tables[s], seq_len, first)
             if self.fused_prefill and not softcap and sinks is None:
                 out[start : start + q_len] = sdpa_attention(query[start : start + q_len], k, v, scale, window)
             else:

@@ -110,6 +110,9 @@ def _attend_tile(
     d_mask = offs_d < HEAD_DIM
     if MASK:
         n_mask = offs_n < kv_len
+        if WINDOWED:  # keys behind every row's window are not read at all: their blocks may be given back and hold
+            # anything (another request's keys, or a NaN that a probability of 0 would still spread)
+            n_mask = n_mask & (offs_n >= tl.min(row_first_pos, 0))
         block_ids = tl.load(block_table_ptr + offs_n // BLOCK_SIZE, mask=n_mask, other=0)
     else:
         block_ids = tl.load(block_table_ptr + offs_n // BLOCK_SIZE)

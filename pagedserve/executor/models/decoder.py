@@ -103,6 +103,18 @@ def uniform_sliding_window(model: Any) -> int | None:
     return min(windows) if windows and all(w is not None for w in windows) else None
 
 
+def hybrid_window_layers(model: Any) -> tuple[int, frozenset[int]] | None:
+    """(the widest window, the windowed layers' indices) of a model whose layers are part windowed, part full
+    attention (Gemma 2 / 3, gpt-oss, Qwen2 with max_window_layers): the windowed layers' K/V can live in a pool that
+    holds each request's window only (core/kv_cache.py); None when no layer or every layer is windowed."""
+    layers = getattr(getattr(model, "model", None), "layers", None) or []
+    windows = {i: getattr(getattr(layer, "self_attn", None), "sliding_window", None) for i, layer in enumerate(layers)}
+    windowed = frozenset(i for i, w in windows.items() if w is not None)
+    if not windowed or len(windowed) == len(windows):
+        return None
+    return max(windows[i] for i in windowed), windowed
+
+
 def local_num_kv_heads(hf_config: Any) -> int:
     """The kv heads this rank's attention and KV cache hold (all of them without tensor parallelism)."""
     return shard(num_kv_heads_of(hf_config), "num_key_value_heads")
@@ -167,6 +179,9 @@ class DecoderAttention(nn.Module):
         # A sliding window (keys a token sees), or None; Gemma 2's attention soft-capping: passed to the backend
         # only when set.
         self.sliding_window = sliding_window_of(hf_config, layer_idx, context)
+        # A hybrid model's KV group (core/kv_cache.py; set by the model runner): 0 reads the step's block tables, k the
+        # tables of window group k (AttentionMetadata.windows)
+        self.kv_group = 0
         self._attn_kwargs: dict[str, Any] = {}
         if self.sliding_window is not None:
             self._attn_kwargs["window"] = self.sliding_window
@@ -200,6 +215,9 @@ class DecoderAttention(nn.Module):
     def forward(self, hidden: torch.Tensor, rope: RopeStep, ctx: ForwardContext) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         kv_cache = ctx.kv_caches[self.layer_idx]
+        meta = ctx.attn_metadata
+        if self.kv_group and meta.windows is not None:  # a hybrid model's windowed layer: its group's tables
+            meta = meta.windows[self.kv_group - 1]
         # (With LoRA the projection's own forward adds the adapters: no fused kernel.)
         if (self.q_norm is None and self.qkv_proj.weight_scale is None and self.qkv_proj.lora is None
                 and self.qkv_proj.weight is not None
@@ -207,8 +225,8 @@ class DecoderAttention(nn.Module):
             from pagedserve.executor.kernels.qkv_rope_kv import qkv_rope_kv_write
 
             q = qkv_rope_kv_write(hidden, self.qkv_proj.weight, self.qkv_proj.bias, rope.positions,
-                                  rope.cos_sin_cache, kv_cache, ctx.attn_metadata.slot_mapping, self.num_heads)
-            out = ctx.backend.forward(q, None, None, kv_cache, ctx.attn_metadata, self.scale, kv_written=True,
+                                  rope.cos_sin_cache, kv_cache, meta.slot_mapping, self.num_heads)
+            out = ctx.backend.forward(q, None, None, kv_cache, meta, self.scale, kv_written=True,
                                       **self._backend_kwargs())
             return all_reduce(self.o_proj(out.reshape(num_tokens, self.q_size)))
         qkv = self.qkv_proj(hidden)
@@ -220,11 +238,11 @@ class DecoderAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope.cos is None and rope.full and getattr(ctx.backend, "fuses_rotary", False):
             # CUDA + Triton backend: rotary happens inside the KV-cache write kernel.
-            out = ctx.backend.forward(q, k, v, kv_cache, ctx.attn_metadata, self.scale, rope=rope,
+            out = ctx.backend.forward(q, k, v, kv_cache, meta, self.scale, rope=rope,
                                       **self._backend_kwargs())
         else:
             q, k = rope.rotate(q, k)
-            out = ctx.backend.forward(q, k, v, kv_cache, ctx.attn_metadata, self.scale, **self._backend_kwargs())
+            out = ctx.backend.forward(q, k, v, kv_cache, meta, self.scale, **self._backend_kwargs())
         return all_reduce(self.o_proj(out.reshape(num_tokens, self.q_size)))
 
 
