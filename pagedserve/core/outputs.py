@@ -51,6 +51,8 @@ class ScheduledRequest:
     # A hybrid model's window groups' block tables (core/kv_cache.py), one a group: entry i of each for the same
     # positions as block_ids[i] (entries behind the window are never read); None: one table for every layer.
     window_block_ids: list[list[int]] | None = None
+    # the block index of window_block_ids' first entries (those before it, behind the window, left out)
+    window_first: int = 0
 
     @property
     def seq_len(self) -> int:

@@ -493,12 +493,13 @@ class ModelRunner:
                 needed = (int(seq_lens[s]) + self.block_size - 1) // self.block_size
                 # (entries behind the window of the step's first token are never read: left 0, not copied)
                 first = max(0, int(num_computed[s]) - window + 1) // self.block_size
-                tables_of = request.window_block_ids
-                if tables_of is None or len(tables_of) != groups or any(len(ids) < needed for ids in tables_of):
+                tables_of, offset = request.window_block_ids, request.window_first  # (ids[0] is index `offset`)
+                if (tables_of is None or len(tables_of) != groups or offset > first
+                        or any(len(ids) + offset < needed for ids in tables_of)):
                     raise ValueError(f"request {request.request_id}: the window groups' block tables cannot hold "
                                      f"{int(seq_lens[s])} tokens in {groups} group(s)")
                 for k, ids in enumerate(tables_of):
-                    wtables[k, s, first:needed] = ids[first:needed]
+                    wtables[k, s, first:needed] = ids[first - offset:needed - offset]
             if attn_of is not None:
                 rows.reshape(groups, num_attn, width)[:] = wtables[:, attn_of]
             slots = window_slots.reshape(groups, slots_row)

@@ -125,7 +125,8 @@ class Worker:
             from pagedserve.distributed import broadcast_object
 
             self._check_ranks()
-            message = _for_other_ranks(scheduler_output)
+            layout = getattr(self.runner, "layout", None)
+            message = _for_other_ranks(scheduler_output, getattr(layout, "window", None), self.config.block_size)
             lora_manager = getattr(self.runner, "lora_manager", None)
             if lora_manager is not None:
                 message.lora_loads = lora_manager.take_loads()
@@ -359,19 +360,27 @@ def _chunks(pairs, limit: int):
         yield chunk
 
 
-def _for_other_ranks(scheduler_output: SchedulerOutput) -> SchedulerOutput:
+def _for_other_ranks(scheduler_output: SchedulerOutput, window: int | None = None,
+                     block_size: int = 1) -> SchedulerOutput:
     """The step as ranks 1..N-1 need it: what to compute and where, without the prompt and output histories
     (rank 0's sampler reads those), which would make each step's message grow with every request's length.
     A request computing prompt logprobs keeps its prompt, and drafted ones their drafts: the ranks take the same
-    LM-head rows as rank 0."""
+    LM-head rows as rank 0. A hybrid model's window tables (`window`: its window) travel from the window of the step's
+    first token on (window_first), the entries before it never read."""
     from pagedserve.core.outputs import ScheduledRequest
 
+    def slim(r: ScheduledRequest) -> ScheduledRequest:
+        window_ids, first = r.window_block_ids, r.window_first
+        if window_ids is not None and window is not None:
+            first = max(first, max(0, r.num_computed_tokens - window + 1) // block_size)
+            window_ids = [ids[first - r.window_first:] for ids in window_ids]
+        return ScheduledRequest(r.request_id, r.token_ids, r.num_computed_tokens, r.block_ids, r.needs_sample,
+                                r.sampling_params, r.prompt_token_ids if r.wants_prompt_logprobs else [], [],
+                                r.output_index, lora_slot=r.lora_slot, draft_token_ids=r.draft_token_ids,
+                                window_block_ids=window_ids, window_first=first)
+
     return SchedulerOutput(
-        [ScheduledRequest(r.request_id, r.token_ids, r.num_computed_tokens, r.block_ids, r.needs_sample,
-                          r.sampling_params, r.prompt_token_ids if r.wants_prompt_logprobs else [], [],
-                          r.output_index, lora_slot=r.lora_slot, draft_token_ids=r.draft_token_ids,
-                          window_block_ids=r.window_block_ids)
-         for r in scheduler_output.scheduled],
+        [slim(r) for r in scheduler_output.scheduled],
         scheduler_output.num_batched_tokens, scheduler_output.finished_request_ids,
         scheduler_output.preempted_request_ids, kv_copies_out=scheduler_output.kv_copies_out,
         kv_copies_in=scheduler_output.kv_copies_in)

@@ -251,6 +251,13 @@ def test_the_step_message_leaves_out_the_histories() -> None:
         assert _for_other_ranks(SchedulerOutput([req], 16)).scheduled[0].prompt_token_ids == expected
     assert (slim.finished_request_ids, slim.preempted_request_ids) == (["gone"], ["preempted"])
     assert len(pickle.dumps(slim)) < len(pickle.dumps(step)) / 4
+    # A hybrid model's window tables travel from the window of the step's first token on (4000 - 128 + 1 = 3873:
+    # block 242 of 16 tokens), what lies behind it left out
+    tables = [list(range(1000, 1251)), list(range(2000, 2251))]
+    req = ScheduledRequest("r3", [7], 4000, list(range(251)), True, params, [], [], 5, window_block_ids=tables)
+    (got,) = _for_other_ranks(SchedulerOutput([req], 1), window=128, block_size=16).scheduled
+    assert got.window_first == 242 and got.window_block_ids == [list(range(1242, 1251)), list(range(2242, 2251))]
+    assert _for_other_ranks(SchedulerOutput([req], 1)).scheduled[0].window_block_ids == tables  # no window given
 
 
 def test_tp_slice_splits_columns_and_rows(monkeypatch) -> None:
