@@ -93,7 +93,8 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
                    help="the most logprobs / prompt_logprobs / top_logprobs a request may ask for (at most 20)")
     g.add_argument("--kv-offloading-size", type=float, default=None, metavar="GIB",
                    help="CPU memory (GiB) for prefix-cache blocks evicted from the device: a later prompt with that "
-                        "prefix copies them back instead of recomputing them")
+                        "prefix copies them back instead of recomputing them (models with windowed and "
+                        "full-attention layers then keep one block table for every layer)")
     g.add_argument("--disable-hybrid-kv-cache-manager", action="store_true",
                    help="models with windowed and full-attention layers (Gemma 2 / 3, gpt-oss): keep the whole context "
                         "on the windowed layers too (by default they hold each request's window only)")

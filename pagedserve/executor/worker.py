@@ -523,7 +523,11 @@ def hybrid_layout(config: EngineConfig, model, num_blocks: int) -> KVLayout | No
     from pagedserve.executor.models.decoder import hybrid_window_layers
 
     hybrid = hybrid_window_layers(model)
-    if hybrid is None or config.disable_hybrid_kv_cache_manager or config.kv_offloading_size:
+    if hybrid is None or config.disable_hybrid_kv_cache_manager:
+        return None
+    if config.kv_offloading_size:
+        logger.info("KV cache: one block table for every layer (the hybrid layout of windowed and full-attention "
+                    "layers is off with KV offloading)")
         return None
     window, windowed = hybrid
     num_layers = len(model.model.layers)
