@@ -539,12 +539,13 @@ def hybrid_layout(config: EngineConfig, model, num_blocks: int) -> KVLayout | No
         slot[i] = j
     for j, i in enumerate(win):
         group[i], slot[i] = 1 + j // size, j % size
-    slots = size * (1 + -(-len(win) // size))
+    num_window_groups = -(-len(win) // size)
+    slots = size * (1 + num_window_groups)
     if slots > 1.1 * num_layers:
         logger.info("KV cache: one block table for every layer (window groups of %d layers would leave %d of %d "
                     "slots unused)", size, slots - num_layers, slots)
         return None
-    return KVLayout(num_blocks * num_layers // size, window, -(-len(win) // size), tuple(group), tuple(slot), size)
+    return KVLayout(num_blocks * num_layers // size, window, num_window_groups, tuple(group), tuple(slot), size)
 
 
 def _build_on_device(config: EngineConfig, model_path: str, tokenizer_folder: str, device: torch.device,
