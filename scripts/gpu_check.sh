@@ -333,6 +333,8 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
       timeout 120 python3 scripts/sustained_rate.py ;;
     gemm-layouts)  # cuBLAS with the weight [N, K] vs [K, N] at a decode batch and prefill chunk sizes
       timeout 200 python3 scripts/gemm_layouts.py ;;
+    grouped-mm)  # torch's CUTLASS GEMM (torch._grouped_mm) vs cuBLAS at the decode batches, both orientations
+      timeout 150 python3 scripts/grouped_mm_probe.py ${GMM_ARGS:-} 2>&1 | grep -E "grouped-mm|rror" ;;
     qkv-test)  # the batch-1 qkv GEMV with rotary + KV write (kernels/qkv_rope_kv.py) on the GPU; then A/B it with
       # LAT_AB="PAGEDSERVE_FUSED_QKV_ROPE=0;PAGEDSERVE_FUSED_QKV_ROPE=1;PAGEDSERVE_FUSED_QKV_ROPE=0;PAGEDSERVE_FUSED_QKV_ROPE=1"
       timeout 200 python3 -m pytest tests/kernels/test_qkv_rope_kv.py -q -p no:cacheprovider -x 2>&1 | tail -6 ;;
