@@ -28,7 +28,9 @@ message); then ("out", acks, deltas, stats)*, and ("dead", message) or ("stopped
 
 from __future__ import annotations
 
+import atexit
 import copy
+import functools
 import inspect
 import logging
 import os
@@ -227,8 +229,11 @@ def run_engine_process(
     log_level: int,
 ) -> None:
     """Entry point of the spawned engine process."""
-    # Ctrl-C reaches the whole process group; the server decides when the engine stops.
+    # Ctrl-C and a stop of the whole process group (systemd's SIGTERM to every process of the unit) reach this
+    # process too; the server decides when the engine stops (Stop() after its graceful shutdown, or its pipe
+    # closing when it is killed), so the requests still running finish instead of failing.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if core_kwargs.get("log_stats", True):
         pkg = logging.getLogger("pagedserve")
@@ -391,6 +396,11 @@ def _load_tokenizer_pair_in_thread(source: str, chat_template: str | None) -> _L
     return _Loading(load)
 
 
+def _kill_if_alive(process: Any) -> None:
+    if process.is_alive():
+        process.kill()
+
+
 class ProcessBackend:
     """The server side of the engine process: spawn, pipes, a reader thread, the delta decoder."""
 
@@ -410,6 +420,11 @@ class ProcessBackend:
             daemon=True,
         )
         self.process.start()
+        # The process ignores SIGTERM (the server decides when it stops), so multiprocessing's own exit handler,
+        # which terminates daemonic children and then joins them, would wait on it forever if this side exited
+        # without stop(): killed first instead (handlers registered later run first).
+        self._kill_at_exit = functools.partial(_kill_if_alive, self.process)
+        atexit.register(self._kill_at_exit)
         child_in.close()
         child_out.close()
         self.info: dict | None = None
@@ -494,9 +509,10 @@ class ProcessBackend:
         self.submit(Stop())
         self.process.join(timeout)
         if self.process.is_alive():
-            logger.warning("the engine process did not stop in %.0f s; terminating it", timeout)
-            self.process.terminate()
+            logger.warning("the engine process did not stop in %.0f s; killing it", timeout)
+            self.process.kill()  # (it ignores SIGTERM)
             self.process.join(5)
+        atexit.unregister(self._kill_at_exit)
         if self._reader is not None:
             self._reader.join(2)
         self._sender.close(timeout=2)

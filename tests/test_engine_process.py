@@ -4,6 +4,7 @@ engine detokenizing itself (tiny random-weight Qwen2 with the real Qwen tokenize
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import pytest
@@ -142,3 +143,46 @@ def test_a_failure_after_the_tokenizer_announcement_is_reported_not_hung() -> No
         backend.wait_ready()
     backend.process.join(10)
     assert backend.process.exitcode is not None
+
+
+def test_the_engine_process_ignores_sigterm_and_stops_when_told(tiny_model_dir: str) -> None:
+    """A stop of the whole process group (systemd's SIGTERM to every process of the unit) must not end the engine
+    under the server's graceful shutdown: only the server's Stop() does."""
+    import functools
+    import os
+    import signal
+    import time
+
+    from pagedserve.engine_process import ProcessBackend
+
+    config = EngineConfig(model=tiny_model_dir, load_format="dummy", max_model_len=256, num_kv_blocks=64)
+    backend = ProcessBackend(functools.partial(LLMEngine, config), {"log_stats": False})
+    try:
+        os.kill(backend.process.pid, signal.SIGTERM)
+        time.sleep(1.0)
+        assert backend.process.is_alive()
+    finally:
+        backend.stop(20)
+    assert backend.process.exitcode == 0  # it ended at Stop(), not killed
+
+
+def test_a_server_that_exits_without_stopping_its_engine_is_not_held_up(tiny_model_dir: str) -> None:
+    """multiprocessing's exit handler terminates daemonic children and joins them; the engine ignores SIGTERM, so
+    without the backend's own exit handler (a kill) this program would never end."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import functools, os
+        from pagedserve.config import EngineConfig
+        from pagedserve.engine import LLMEngine
+        from pagedserve.engine_process import ProcessBackend
+        config = EngineConfig(model={tiny_model_dir!r}, load_format="dummy", max_model_len=256, num_kv_blocks=64)
+        backend = ProcessBackend(functools.partial(LLMEngine, config), {{"log_stats": False}})
+        print("engine pid", backend.process.pid, flush=True)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    pid = int(proc.stdout.split("engine pid")[1].split()[0])
+    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] == "Z"

@@ -142,8 +142,9 @@ def run_rank(config: Any, model_path: str, rank: int, port: int) -> None:
 
 
 def main() -> None:
-    # Ctrl-C reaches the whole process group: rank 0 decides when the ranks stop (None, or its exit).
+    # Ctrl-C and a process group's SIGTERM reach every rank: rank 0 decides when the ranks stop (None, or its exit).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     args = pickle.loads(sys.stdin.buffer.read())
     logging.basicConfig(level=args["log_level"], format=f"%(asctime)s %(levelname)s [tp rank {args['rank']}] "
                         "%(name)s: %(message)s")  # fmt: skip

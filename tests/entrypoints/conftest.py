@@ -88,7 +88,10 @@ class RealServer:
         *flags: str,
         env: dict[str, str] | None = None,
         startup_timeout: float = 300.0,
+        new_session: bool = False,
     ) -> None:
+        """new_session: the server leads its own process group (os.killpg on proc.pid reaches it and its
+        engine processes, as systemd's stop of a unit does)."""
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "pagedserve.entrypoints.openai"]
@@ -98,7 +101,8 @@ class RealServer:
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"pagedserve-test-server-{self.port}.log"
         self.log = open(self.log_path, "w+b")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            cmd, cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            cmd, cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            start_new_session=new_session,
         )
         deadline = time.monotonic() + startup_timeout
         while True:

@@ -26,7 +26,8 @@ MAX_TOKENS = 8
 
 @pytest.fixture(scope="module")
 def server(real_model_dir):
-    s = RealServer(real_model_dir, "--data-parallel-size", "2", "--max-model-len", "512", "--cpu-kv-cache-gib", "0.25")
+    s = RealServer(real_model_dir, "--data-parallel-size", "2", "--max-model-len", "512", "--cpu-kv-cache-gib", "0.25",
+                   "--shutdown-timeout", "120", new_session=True)
     yield s
     s.stop()
 
@@ -173,3 +174,22 @@ def test_zz_a_dead_replica_fails_its_requests_only_and_comes_back(server) -> Non
     for i in (0, 1):
         key = f'pagedserve:replica_generation_tokens_total{{engine="{i}"}}'
         assert after[key] > (before[key] if i != j else 0), i
+
+
+def test_zzz_a_stop_of_the_process_group_drains_without_restarting_replicas(server) -> None:
+    """systemd stops a unit by sending SIGTERM to every process in it: the replicas must not die under the server's
+    graceful shutdown (the supervisor would take them for crashed and restart them, and the running stream would
+    fail); the stream finishes, nothing restarts, the server exits 0. Runs last: it stops the module's server."""
+    model = httpx.get(server.base_url + "/v1/models").json()["data"][0]["id"]
+    body = {"model": model, "prompt": "# a long story\n", "max_tokens": 24, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server.base_url + "/v1/completions", json=body, timeout=180) as s:
+        lines = s.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        os.killpg(server.proc.pid, signal.SIGTERM)
+        rest = list(lines)
+    assert "data: [DONE]" in rest and not any('"error"' in line for line in rest)
+    assert server.proc.wait(timeout=150) == 0
+    log = server.output()
+    assert "received SIGTERM" in log
+    after = log.split("received SIGTERM", 1)[1]
+    assert "died" not in after and "of 2 started" not in after, after

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -200,8 +201,14 @@ def test_a_dead_rank_fails_the_next_step_clearly(tmp_path, real_model_dir) -> No
     llm = LLM(str(tmp_path), tensor_parallel_size=2, max_model_len=64, cpu_kv_cache_gib=0.05, device="cpu")
     params = SamplingParams(temperature=0, max_tokens=3)
     try:
-        assert len(llm.generate([{"prompt_token_ids": [5, 6, 7]}], params)[0].outputs[0].token_ids) == 3
+        first = llm.generate([{"prompt_token_ids": [5, 6, 7]}], params)[0].outputs[0].token_ids
+        assert len(first) == 3
         proc = llm.engine.worker.tp_procs[0]
+        # A stop of the process group (systemd's SIGTERM to every process of the unit) is rank 0's to act on.
+        os.kill(proc.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        assert proc.poll() is None
+        assert llm.generate([{"prompt_token_ids": [5, 6, 7]}], params)[0].outputs[0].token_ids == first
         proc.kill()
         proc.wait()
         with pytest.raises(RuntimeError, match="tensor-parallel rank 1 .* exited with code -9"):
