@@ -53,9 +53,10 @@ def main() -> None:
             xt = x.t().contiguous().t()  # the same values; for the swapped call below x.t() is [K, M] row-major
             ref = F.linear(x, w0).float()
             ways = {
-                "cublas": (lambda i: F.linear(x, weights[i]), lambda o: o),
-                "gmm": (lambda i: torch._grouped_mm(x[None], weights[i].t()[None]), lambda o: o[0]),
-                "gmm-swap": (lambda i: torch._grouped_mm(weights[i][None], xt.t()[None]), lambda o: o[0].t()),
+                "cublas": (lambda i, x=x, w=weights: F.linear(x, w[i]), lambda o: o),
+                "gmm": (lambda i, x=x, w=weights: torch._grouped_mm(x[None], w[i].t()[None]), lambda o: o[0]),
+                "gmm-swap": (lambda i, xt=xt, w=weights: torch._grouped_mm(w[i][None], xt.t()[None]),
+                             lambda o: o[0].t()),
             }
             line = [f"grouped-mm {name:8} M={m:4d} (bytes at 3.0 TB/s {byte_floor_us:6.1f} us):"]
             for way, (op, view) in ways.items():
