@@ -219,6 +219,26 @@ class AsyncEngine:
     def stop_accepting(self) -> None:
         self._accepting = False
 
+    def begin_shutdown(self, timeout: float) -> None:
+        """(Any thread, a signal handler included.) Stops accepting; the requests still running `timeout` s from now
+        are aborted then, each answered by its route as an engine error (a 503, or an in-band error event that ends
+        its stream in the API's own format), so the HTTP server's own deadline, which cancels the tasks still
+        running and cuts streams mid-body, is only a backstop."""
+        self._accepting = False
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(loop.call_later, max(0.0, timeout), self._abort_unfinished, "shutdown timeout")
+
+    def _abort_unfinished(self, why: str) -> None:
+        if not self._streams:
+            return
+        logger.warning("%s: aborting %d unfinished request(s)", why, len(self._streams))
+        streams = list(self._streams.values())
+        self.abort([s.request_id for s in streams])
+        for stream in streams:
+            stream._fail(ShuttingDownError("the server is shutting down (its shutdown timeout ended before this "
+                                           "request finished); request aborted"))
+
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Stops accepting, lets in-flight requests finish up to `timeout` s, aborts the rest,
         and stops the engine."""
@@ -226,12 +246,7 @@ class AsyncEngine:
         deadline = time.monotonic() + timeout
         while self._streams and not self.is_dead and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if self._streams:
-            logger.warning("shutdown: aborting %d unfinished request(s)", len(self._streams))
-            streams = list(self._streams.values())
-            self.abort([s.request_id for s in streams])
-            for stream in streams:
-                stream._fail(ShuttingDownError("the server is shutting down; request aborted"))
+        self._abort_unfinished("shutdown")
         await asyncio.get_running_loop().run_in_executor(None, self._backend.stop, 10.0)
         self._tokenizer_pool.shutdown(wait=False)
 

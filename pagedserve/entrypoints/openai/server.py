@@ -307,8 +307,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Fa
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
         yield
-        # uvicorn has already waited up to --shutdown-timeout for in-flight requests and cancelled
-        # the rest (each cancel aborts its engine request); stop the engine thread now.
+        # uvicorn has already waited for the in-flight requests (the engine aborted those still running at
+        # --shutdown-timeout: begin_shutdown); stop the engine thread now.
         await engine.shutdown(timeout=min(5.0, settings.shutdown_timeout))
 
     app = FastAPI(
@@ -542,6 +542,9 @@ def _add_exception_handlers(app: FastAPI) -> None:
 
 
 # --------------------------------------------------------------------------- runner
+_SHUTDOWN_BACKSTOP_S = 5.0
+
+
 def _make_uvicorn_server(app: FastAPI, args: argparse.Namespace, on_signal: Callable[[], None]):
     import uvicorn
 
@@ -581,7 +584,9 @@ def _make_uvicorn_server(app: FastAPI, args: argparse.Namespace, on_signal: Call
         port=args.port,
         uds=getattr(args, "uds", None),
         lifespan="on",
-        timeout_graceful_shutdown=args.shutdown_timeout,
+        # The engine aborts what is still running at --shutdown-timeout (begin_shutdown), and each route answers it;
+        # uvicorn's own deadline, which cancels the tasks and cuts streams mid-body, is the backstop.
+        timeout_graceful_shutdown=args.shutdown_timeout + _SHUTDOWN_BACKSTOP_S,
         access_log=not args.disable_access_log,
         log_level=getattr(args, "uvicorn_log_level", "info"),
         ssl_keyfile=getattr(args, "ssl_keyfile", None),
@@ -778,7 +783,7 @@ def run_server(config: EngineConfig, args: argparse.Namespace, backend: Any = No
         vllm_metric_names=bool(getattr(args, "vllm_metric_names", False)),
     )
     app = build_app(async_engine, settings)
-    server = _make_uvicorn_server(app, args, async_engine.stop_accepting)
+    server = _make_uvicorn_server(app, args, lambda: async_engine.begin_shutdown(args.shutdown_timeout))
     scheme = "https" if getattr(args, "ssl_certfile", None) else "http"
     where = (f"unix socket {args.uds}" if getattr(args, "uds", None) else f"{scheme}://{args.host}:{args.port}")
     logger.info("serving %s on %s (OpenAI API under /v1)", async_engine.model_name, where)
