@@ -164,6 +164,8 @@ class LLMEngine:
         self._requests: dict[str, _RequestState] = {}
         self._child_to_parent: dict[str, tuple[str, int]] = {}
         self.step_timing = StepTiming()
+        # KV memory use by step (bench throughput sets it: KVOccupancy); None: not measured
+        self.kv_occupancy: KVOccupancy | None = None
         on_cuda = self.worker.device is not None and self.worker.device.type == "cuda"
         self.async_scheduling = (self.config.async_scheduling if self.config.async_scheduling is not None
                                  else on_cuda)
@@ -543,6 +545,8 @@ class LLMEngine:
         outputs = self._drain()
         t_start = time.perf_counter()
         scheduler_output = self.scheduler.schedule()
+        if self.kv_occupancy is not None:
+            self.kv_occupancy.add(self.scheduler)
         if scheduler_output.is_empty:
             self._report_finished(scheduler_output)
             return outputs
@@ -587,6 +591,8 @@ class LLMEngine:
     def _step_async(self) -> list[RequestOutput]:
         t_start = time.perf_counter()
         scheduler_output = self.scheduler.schedule()
+        if self.kv_occupancy is not None:
+            self.kv_occupancy.add(self.scheduler)
         t_scheduled = time.perf_counter()
         pending = self._pending
         self._pending = None
@@ -884,6 +890,50 @@ class LLMEngine:
 
         return {"running_lora_adapters": names(s.running), "waiting_lora_adapters": names(s.waiting),
                 "max_loras": self.config.max_loras}
+
+
+class KVOccupancy:
+    """The KV cache's use over the steps of a run (Scheduler.kv_occupancy after each schedule): the slots held by
+    requests and, of them, the empty ones (PagedAttention's waste), averaged over the steps and at their worst, and
+    the requests running at once."""
+
+    def __init__(self, total_slots: int) -> None:
+        self.total_slots = total_slots
+        self.steps = 0
+        self.held = 0  # sums over the steps
+        self.empty = 0
+        self.running = 0
+        self.peak_held = 0
+        self.peak_running = 0
+        self.worst_empty_pct = 0.0
+
+    def add(self, scheduler: Any) -> None:
+        occupancy = scheduler.kv_occupancy()
+        if occupancy is None:
+            return
+        held, empty = occupancy
+        running = len(scheduler.running)
+        self.steps += 1
+        self.held += held
+        self.empty += empty
+        self.running += running
+        self.peak_held = max(self.peak_held, held)
+        self.peak_running = max(self.peak_running, running)
+        if held:
+            self.worst_empty_pct = max(self.worst_empty_pct, 100.0 * empty / held)
+
+    def summary(self) -> dict | None:
+        if not self.steps:
+            return None
+        return {
+            "total_slots": self.total_slots,
+            "mean_used_pct": 100.0 * self.held / (self.steps * self.total_slots),
+            "peak_used_pct": 100.0 * self.peak_held / self.total_slots,
+            "empty_pct": 100.0 * self.empty / self.held if self.held else 0.0,
+            "worst_step_empty_pct": self.worst_empty_pct,
+            "mean_running": self.running / self.steps,
+            "peak_running": self.peak_running,
+        }
 
 
 @dataclass(slots=True)

@@ -57,6 +57,9 @@ def run(args: argparse.Namespace) -> dict:
     freeze_startup_objects("bench throughput")  # as the server's engine process does after start-up
     gc_monitor = GcMonitor().start()
     spec_before = engine.get_stats().get("spec_decode")
+    from pagedserve.engine import KVOccupancy
+
+    engine.kv_occupancy = KVOccupancy(engine.worker.num_kv_blocks * engine.config.block_size)
     try:
         t0 = time.perf_counter()
         outputs = llm.generate([r.prompt_token_ids for r in requests], params, use_tqdm=not args.no_tqdm,
@@ -64,6 +67,8 @@ def run(args: argparse.Namespace) -> dict:
         elapsed = time.perf_counter() - t0
     finally:
         gc_monitor.stop()
+        kv_use = engine.kv_occupancy.summary()
+        engine.kv_occupancy = None
         unfreeze_and_collect()  # frozen for the timed run only: the engine's cycles are found when it goes
     num_in = sum(len(r.prompt_token_ids) for r in requests)
     num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
@@ -89,6 +94,14 @@ def run(args: argparse.Namespace) -> dict:
         "num_loras": args.num_loras, "lora_rank": args.lora_rank if args.num_loras else None,
         "num_preemptions": engine.get_stats()["num_preemptions"],
         "kv_blocks": engine.worker.num_kv_blocks,
+        "kv_cache": kv_use and {
+            **kv_use, "block_size": engine.config.block_size,
+            # what a contiguous cache (one region a request, sized for the workload's longest: Transformers'
+            # static batches, or pre-paging servers) would hold at once in the same memory
+            "contiguous_reserve_tokens": max(len(r.prompt_token_ids) + r.output_len for r in requests),
+            "contiguous_max_running": kv_use["total_slots"]
+                                      // max(len(r.prompt_token_ids) + r.output_len for r in requests),
+        },
         "step_timing": step_summary,
         "warmup_s": warmup_s,
         "spec_decode": spec_decode_delta(engine, spec_before),
@@ -110,6 +123,14 @@ def run(args: argparse.Namespace) -> dict:
             f"{result['num_preemptions']} preemptions)")
     print(line)
     print(f"steps: {step_summary} (warm-up before the run: {warmup_s:.1f} s)")
+    if kv_use:
+        kv = result["kv_cache"]
+        print(f"KV cache: {kv['total_slots']:,} token slots ({engine.worker.num_kv_blocks:,} blocks of "
+              f"{kv['block_size']}); in use {kv['mean_used_pct']:.1f}% of them on average over the steps, "
+              f"{kv['peak_used_pct']:.1f}% at peak; of the slots in use {kv['empty_pct']:.2f}% held no token "
+              f"(worst step {kv['worst_step_empty_pct']:.2f}%); requests at once {kv['mean_running']:.1f} on average, "
+              f"{kv['peak_running']} at peak, where a contiguous cache reserving {kv['contiguous_reserve_tokens']:,} "
+              f"tokens a request would hold {kv['contiguous_max_running']:,}")
     print(gc_monitor.line())
     if result["spec_decode"] is not None:
         print(spec_decode_line(result["spec_decode"]))

@@ -36,6 +36,13 @@ def test_bench_throughput(tmp_path, real_model_dir, capsys) -> None:
     assert result["requests_per_s"] > 0 and 0 < result["output_tok_per_s"] < result["total_tok_per_s"]
     assert result["output_tok_per_s"] == pytest.approx(result["output_tokens"] / result["elapsed_s"])
     assert result["kv_blocks"] > 0 and result["num_preemptions"] >= 0
+    kv = result["kv_cache"]  # the KV cache's use over the run's steps
+    assert kv["total_slots"] == result["kv_blocks"] * kv["block_size"] and kv["block_size"] == 16
+    assert kv["peak_running"] == 4 and 0 < kv["mean_running"] <= 4
+    assert 0 < kv["mean_used_pct"] <= kv["peak_used_pct"] <= 100
+    assert 0 <= kv["empty_pct"] <= kv["worst_step_empty_pct"] < 100
+    reserve = max(len(r.prompt_token_ids) + r.output_len for r in requests)
+    assert kv["contiguous_reserve_tokens"] == reserve and kv["contiguous_max_running"] == kv["total_slots"] // reserve
     assert result["sampling"] == {"temperature": 0.7, "top_p": 0.9, "top_k": 20, "min_p": 0.0,
                                   "repetition_penalty": 1.05, "frequency_penalty": 0.1, "presence_penalty": 0.0}
     assert "floor_s" not in result  # no GPU, no --peak-*: no floor
@@ -44,7 +51,7 @@ def test_bench_throughput(tmp_path, real_model_dir, capsys) -> None:
     assert result["gc_pause_ms"] >= result["gc_max_pause_ms"] >= 0
     assert gc.get_freeze_count() == 0
     out = capsys.readouterr().out
-    assert "output tok/s" in out and "gc: " in out
+    assert "output tok/s" in out and "gc: " in out and "KV cache: " in out and "held no token" in out
 
 
 def test_bench_latency(tmp_path, real_model_dir, capsys) -> None:

@@ -529,3 +529,28 @@ def test_hybrid_capacity_counts_the_window_groups() -> None:
         s.update(out, RunnerOutput(sampled_token_ids=[5] * len(out.scheduled), logprobs=[]))
         assert s.kv_cache.num_free_blocks >= 0
     assert request.num_output_tokens == 93 and s.kv_cache.num_free_blocks == 40
+
+
+def test_kv_occupancy_counts_the_empty_tail_of_each_last_block_and_shared_blocks_once() -> None:
+    sched = make_scheduler()  # blocks of 4 tokens
+    sched.add_request(make_request("a", [1, 2, 3, 4, 5]))  # 2 blocks, 3 slots empty after its prefill
+    sched.add_request(make_request("b", [9, 9, 9, 9, 9, 9, 9, 9]))  # 2 full blocks
+    out = sched.schedule()
+    assert sched.kv_occupancy() == (16, 3)
+    run(sched, out)
+    out = sched.schedule()  # a decode each: a's 6th token fills its last block further, b's 9th takes a new one
+    assert sched.kv_occupancy() == (20, 2 + 3)
+    run(sched, out)
+    # A request sharing a's first (full, cached) block: counted once in the slots held
+    sched.add_request(make_request("c", [1, 2, 3, 4, 7]))
+    sched.schedule()  # a's 7th token, b's 10th, c's prefill past the hit
+    held, empty = sched.kv_occupancy()
+    assert held == 20 + 4 and empty == 1 + 2 + 3  # c: its own second block only, 3 of its slots empty
+    assert sched.kv_cache.num_blocks - sched.num_free_blocks() == 6
+
+
+def test_kv_occupancy_is_none_for_a_hybrid_layout() -> None:
+    sched = make_scheduler(hybrid_window=8, num_window_groups=1)
+    sched.add_request(make_request("a", [1, 2, 3, 4, 5]))
+    sched.schedule()
+    assert sched.kv_occupancy() is None
