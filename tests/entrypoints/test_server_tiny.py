@@ -309,6 +309,8 @@ def test_sigterm_aborts_requests_still_running_at_the_timeout(tiny_model_dir) ->
         assert "received SIGTERM" in log and "shutdown timeout: aborting 2 unfinished request(s)" in log
         # not uvicorn's backstop, which cancels the task (a traceback in the log) and cuts the stream
         assert "timeout graceful shutdown exceeded" not in log and "Traceback" not in log
+        # nor the engine process's teardown reporting its frozen start-up objects as leaked by Triton's bindings
+        assert "nanobind" not in log
     finally:
         pool.shutdown(wait=False)
         server.stop()
