@@ -21,6 +21,8 @@ PROJECTIONS = {
     "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2), "o_proj": ("o_proj", 0),
     "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", 0),
 }
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # owner/name
+_ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
 _KEY = re.compile(r"(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$")
 
 
@@ -49,11 +51,28 @@ class LoRAWeights:
     weights: dict[tuple[int, str], tuple]  # (layer, "q_proj") -> (A, B * scale), torch tensors on the CPU
 
 
-def read_adapter(path: str, dtype=None) -> LoRAWeights:
-    """Reads a PEFT LoRA folder (A and scaled B in `dtype`, default fp32); ValueError for anything this engine
-    cannot apply (see the module docstring)."""
+def resolve_adapter_path(path: str, token: str | bool | None = None, download_dir: str | None = None) -> str:
+    """An adapter's folder: `path` itself when it exists (or is no Hub id), else the Hugging Face Hub repo `path`
+    (owner/name, as vLLM takes one) downloaded, its adapter files only (with `token`, --hf-token; into
+    `download_dir`, else the Hugging Face cache). ValueError when the Hub cannot give it."""
+    if os.path.exists(path) or not _HUB_ID.match(path):
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path, allow_patterns=_ADAPTER_FILES, cache_dir=download_dir, token=token)
+    except Exception as e:  # offline, unknown or gated repo, HTTP errors: the same advice
+        raise ValueError(f"no LoRA adapter at {path!r}: no such folder here, and the Hugging Face Hub could not "
+                         f"give it ({type(e).__name__}: {e})") from e
+
+
+def read_adapter(path: str, dtype=None, token: str | bool | None = None, download_dir: str | None = None
+                 ) -> LoRAWeights:
+    """Reads a PEFT LoRA folder, or Hub repo (resolve_adapter_path), with A and scaled B in `dtype` (default fp32);
+    ValueError for anything this engine cannot apply (see the module docstring)."""
     import torch
 
+    path = resolve_adapter_path(path, token, download_dir)
     config_path = os.path.join(path, "adapter_config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"no LoRA adapter at {path!r}: adapter_config.json is missing")

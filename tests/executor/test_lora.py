@@ -207,3 +207,45 @@ def test_eager_steps_without_adapters_skip_the_lora_kernels(setup) -> None:
     assert reads == []
     out = lora_llm.generate(prompts[:1], params, use_tqdm=False, lora_request=adapters["a1"][0])
     assert reads and out[0].outputs[0].token_ids == hf_greedy(adapters["a1"][1], PROMPTS[0], 5)[0]
+
+
+def test_an_adapter_named_by_hub_id_is_downloaded_with_the_token(setup, monkeypatch) -> None:
+    """vLLM takes a Hugging Face repo id for an adapter's path: its adapter files are downloaded (with --hf-token,
+    into --download-dir) and read from there. The Hub is out of reach here: snapshot_download is stood in for by a
+    copy of a local adapter, and what it was asked is checked."""
+    import argparse
+
+    import huggingface_hub
+
+    from pagedserve.entrypoints.openai.cli_serve import lora_requests_from_args
+
+    folder, hf, adapters = setup
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, cache_dir=None, token=None, **kwargs):
+        calls.append((repo_id, tuple(allow_patterns), cache_dir, token))
+        if repo_id != "someone/a1-lora":
+            raise huggingface_hub.errors.RepositoryNotFoundError(f"{repo_id} not found")
+        return str(folder / "a1")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    llm = LLM(str(folder), enable_lora=True, max_loras=1, max_lora_rank=8, max_model_len=64, cpu_kv_cache_gib=0.05,
+              dtype="float32", hf_token="hf_secret", download_dir=str(folder / "hub"))
+    params = SamplingParams(temperature=0, max_tokens=4)
+    out = llm.generate([{"prompt_token_ids": PROMPTS[0]}], params, use_tqdm=False,
+                       lora_request=LoRARequest("hub", 7, "someone/a1-lora"))
+    assert out[0].outputs[0].token_ids == hf_greedy(adapters["a1"][1], PROMPTS[0], 4)[0]
+    assert calls == [("someone/a1-lora", ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"),
+                      str(folder / "hub"), "hf_secret")]
+    with pytest.raises(ValueError, match="no LoRA adapter at 'someone/missing'.*Hub could not give it"):
+        llm.generate([{"prompt_token_ids": PROMPTS[0]}], params, use_tqdm=False,
+                     lora_request=LoRARequest("gone", 8, "someone/missing"))
+    assert_free(llm)
+    # The server's --lora-modules: downloaded at start-up; the requests then name the local folder.
+    args = argparse.Namespace(lora_modules=["hub=someone/a1-lora"], hf_token="hf_secret", download_dir=None)
+    assert lora_requests_from_args(args)["hub"].lora_path == str(folder / "a1")
+    # A local folder that does not exist is no Hub id to try: the plain error, no download.
+    calls.clear()
+    with pytest.raises(ValueError, match="adapter_config.json is missing"):
+        lora_requests_from_args(argparse.Namespace(lora_modules=[f"x={folder}/nope"]))
+    assert calls == []

@@ -220,11 +220,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def lora_requests_from_args(args: argparse.Namespace) -> dict:
-    """--lora-modules -> {name: LoRARequest} (ids 1, 2, ... in order); each folder is read now, so a bad one
-    stops the start-up instead of failing requests later."""
+    """--lora-modules -> {name: LoRARequest} (ids 1, 2, ... in order); each folder (or Hub repo, downloaded now:
+    the requests then name its local folder) is read now, so a bad one stops the start-up instead of failing
+    requests later."""
     import json
 
-    from pagedserve.lora import LoRARequest, read_adapter
+    from pagedserve.lora import LoRARequest, read_adapter, resolve_adapter_path
 
     out: dict = {}
     for item in getattr(args, "lora_modules", None) or []:
@@ -240,6 +241,7 @@ def lora_requests_from_args(args: argparse.Namespace) -> dict:
                 raise ValueError(f"--lora-modules {item!r}: expected NAME=PATH")
         if name in out:
             raise ValueError(f"--lora-modules names {name!r} twice")
+        path = resolve_adapter_path(path, getattr(args, "hf_token", None), getattr(args, "download_dir", None))
         read_adapter(path)
         out[name] = LoRARequest(name, len(out) + 1, path)
     return out

@@ -705,7 +705,7 @@ def _add_lora_routes(app: FastAPI, engine: AsyncEngine, served_names: list[str])
     routes share) until it is unloaded; requests already running with it finish."""
     from starlette.responses import PlainTextResponse
 
-    from pagedserve.lora import LoRARequest, read_adapter
+    from pagedserve.lora import LoRARequest, read_adapter, resolve_adapter_path
 
     # Adapter ids are never given twice: the engine keys an adapter's weights, device slot and prefix-cache blocks by
     # its id, so a reused one served the unloaded adapter (the same name loaded again from new files answered with the
@@ -719,11 +719,16 @@ def _add_lora_routes(app: FastAPI, engine: AsyncEngine, served_names: list[str])
             raise APIError(400, "this server runs without LoRA; start it with --enable-lora", param="lora_name")
         if name in served_names:
             raise APIError(400, f"the adapter {name!r} has already been loaded", param="lora_name")
-        try:  # read here (checked; the engine reads it again when a request first names it)
-            await engine.run_in_tokenizer_thread(read_adapter, request.lora_path)
+        config = engine.engine_config
+        try:  # read here (checked; the engine reads it again when a request first names it): a Hub repo is
+            # downloaded now, and the requests name its local folder
+            path = await engine.run_in_tokenizer_thread(resolve_adapter_path, request.lora_path,
+                                                        getattr(config, "hf_token", None),
+                                                        getattr(config, "download_dir", None))
+            await engine.run_in_tokenizer_thread(read_adapter, path)
         except ValueError as e:
             raise APIError(400, str(e), param="lora_path") from e
-        engine.lora_requests[name] = LoRARequest(name, next(next_ids), request.lora_path)
+        engine.lora_requests[name] = LoRARequest(name, next(next_ids), path)
         served_names.append(name)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
