@@ -241,6 +241,9 @@ def run_engine_process(
         if pkg.getEffectiveLevel() > logging.INFO:
             pkg.setLevel(logging.INFO)
     logger.info("engine process started (imports done); building the engine")
+    import multiprocessing
+
+    loaded = exit_if_orphaned("the engine process", multiprocessing.parent_process().pid)
     announced = []
 
     def announce_tokenizer(source: str, chat_template: str | None) -> None:
@@ -260,6 +263,8 @@ def run_engine_process(
     except BaseException as e:  # noqa: BLE001 - the server reports it and exits
         conn_out.send(("failed", type(e).__name__, str(e)))
         return
+    finally:
+        loaded.set()  # from here on a closed pipe tells it the server is gone
 
     encoder = DeltaEncoder()
 
@@ -402,6 +407,23 @@ def _load_tokenizer_pair_in_thread(source: str, chat_template: str | None) -> _L
         return tokenizer, copy.deepcopy(tokenizer)
 
     return _Loading(load)
+
+
+def exit_if_orphaned(what: str, parent: int, interval: float = 0.5) -> threading.Event:
+    """A thread that watches this process's parent and exits the process (status 1) if the parent dies (killed, or
+    stopped by a SIGTERM this process ignores): a child that loads for minutes reading no pipe, or waits in a
+    collective for a rank 0 that is gone, would go on for nobody. `parent`: its pid as the parent knew it (the
+    parent may be gone already, and this process adopted by another). Returns the Event that ends the watch."""
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(interval):
+            if os.getppid() != parent:
+                logger.warning("%s: its parent (pid %d) is gone; exiting", what, parent)
+                os._exit(1)
+
+    threading.Thread(target=watch, name="pagedserve-parent-watch", daemon=True).start()
+    return done
 
 
 def _kill_if_alive(process: Any) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 
 import pytest
 
@@ -186,3 +187,52 @@ def test_a_server_that_exits_without_stopping_its_engine_is_not_held_up(tiny_mod
     assert proc.returncode == 0, proc.stderr
     pid = int(proc.stdout.split("engine pid")[1].split()[0])
     assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] == "Z"
+
+
+def _load_slowly():
+    """An engine factory (run in the spawned process) that takes long to load, as a large model does."""
+    import time
+
+    time.sleep(120)
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_an_engine_process_still_loading_exits_when_the_server_is_killed() -> None:
+    """It reads no pipe while it loads and ignores SIGTERM: it watches its parent instead."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import time
+        from pagedserve.engine_process import ProcessBackend
+        from tests.test_engine_process import _load_slowly
+        backend = ProcessBackend(_load_slowly, {"log_stats": False}, wait=False)
+        print("engine pid", backend.process.pid, flush=True)
+        time.sleep(300)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(proc.stdout.readline().split()[-1])
+        time.sleep(2.0)  # the child is in its factory by now
+        assert not _wait_gone(pid, 0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        assert _wait_gone(pid, 10)
+    finally:
+        proc.kill()

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 def start_tp_workers(config: Any, model_path: str, port: int) -> list[subprocess.Popen]:
     procs = []
     for rank in range(1, config.tensor_parallel_size):
-        args = dict(config=config, model_path=model_path, rank=rank, port=port,
+        args = dict(config=config, model_path=model_path, rank=rank, port=port, parent_pid=os.getpid(),
                     log_level=logging.getLogger().getEffectiveLevel())
         proc = subprocess.Popen([sys.executable, "-m", "pagedserve.executor.tp_worker"], stdin=subprocess.PIPE)
         proc.stdin.write(pickle.dumps(args))
@@ -148,6 +148,10 @@ def main() -> None:
     args = pickle.loads(sys.stdin.buffer.read())
     logging.basicConfig(level=args["log_level"], format=f"%(asctime)s %(levelname)s [tp rank {args['rank']}] "
                         "%(name)s: %(message)s")  # fmt: skip
+    from pagedserve.engine_process import exit_if_orphaned
+
+    # Rank 0's process gone (even before this rank got here): this rank serves nobody
+    exit_if_orphaned(f"tensor-parallel rank {args['rank']}", args["parent_pid"])
     run_rank(args["config"], args["model_path"], args["rank"], args["port"])
 
 

@@ -217,6 +217,46 @@ def test_a_dead_rank_fails_the_next_step_clearly(tmp_path, real_model_dir) -> No
         llm.engine.worker.close()  # no hang with the rank gone
 
 
+def test_ranks_exit_when_rank_0_is_killed_while_they_start(tmp_path, real_model_dir) -> None:
+    """Rank 0's process killed (SIGKILL: no goodbye) right after it spawned the other ranks: they ignore SIGTERM and
+    would wait for it in the rendezvous; they watch their parent and exit instead."""
+    import subprocess
+    import sys
+    import textwrap
+
+    tiny_checkpoint(tmp_path, real_model_dir, "qwen2")
+    script = textwrap.dedent(f"""
+        import os, signal
+        import pagedserve.executor.tp_worker as tp
+        from pagedserve import LLM
+        start = tp.start_tp_workers
+        def start_then_die(*args, **kwargs):
+            procs = start(*args, **kwargs)
+            print("rank pid", procs[0].pid, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        tp.start_tp_workers = start_then_die
+        LLM({str(tmp_path)!r}, tensor_parallel_size=2, max_model_len=64, cpu_kv_cache_gib=0.05, device="cpu")
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    pid = None
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("rank pid"), line
+        pid = int(line.split()[-1])
+        proc.wait(10)
+        deadline = time.monotonic() + 30
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            time.sleep(0.1)
+        assert time.monotonic() < deadline, "the rank outlived rank 0"
+    finally:
+        proc.kill()
+        if pid is not None and os.path.exists(f"/proc/{pid}"):
+            os.kill(pid, signal.SIGKILL)
+
 def test_bench_floor_counts_every_card(monkeypatch) -> None:
     import argparse
 
