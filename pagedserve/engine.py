@@ -363,7 +363,7 @@ class LLMEngine:
             compiled = compiled_grammar
             if compiled is None:
                 compiled = self.structured_output_backend().compile(params.structured_outputs)
-        lora_salt = self._lora_salt(lora_request)
+        lora_request, lora_salt = self._lora_checked(lora_request)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         state = _RequestState(request_id, prompt_text, prompt_token_ids, params, [], RequestMetrics(arrival),
                               final_only=final_only)
@@ -448,18 +448,24 @@ class LLMEngine:
             raise ValueError(f"priority {priority} needs the priority scheduling policy (--scheduling-policy "
                              f"priority); this engine schedules {self.config.scheduling_policy}")
 
-    def _lora_salt(self, lora_request: LoRARequest | None) -> str | None:
-        """Checks a request's adapter; returns its prefix-cache namespace (None without one): an adapter's cached
-        blocks are its own, since the same prompt under another adapter (or none) has other K/V."""
+    def _lora_checked(self, lora_request: LoRARequest | None) -> tuple[LoRARequest | None, str | None]:
+        """Checks a request's adapter; returns it (a Hub repo id's replaced by its downloaded folder, so no rank
+        downloads again) and its prefix-cache namespace (None without one): an adapter's cached blocks are its own,
+        since the same prompt under another adapter (or none) has other K/V."""
         if lora_request is None:
-            return None
+            return None, None
         if not isinstance(lora_request, LoRARequest):
             raise ValueError(f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
         if self._lora_manager is None:
             raise ValueError("this engine was started without LoRA support; start it with enable_lora=True "
                              "(--enable-lora)")
+        from pagedserve.lora import resolve_adapter_path
+
+        path = resolve_adapter_path(lora_request.lora_path, self.config.hf_token, self.config.download_dir)
+        if path != lora_request.lora_path:
+            lora_request = dataclasses.replace(lora_request, lora_path=path)
         self._lora_manager.register(lora_request)  # read and checked now; its slot comes when the scheduler admits it
-        return f"lora:{lora_request.lora_int_id}"
+        return lora_request, f"lora:{lora_request.lora_int_id}"
 
     def compile_structured_async(self, spec: StructuredOutputsParams) -> Future:
         """Compiles a structured-output constraint on a worker thread, for add_request's `compiled_grammar`

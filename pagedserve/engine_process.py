@@ -243,7 +243,10 @@ def run_engine_process(
     logger.info("engine process started (imports done); building the engine")
     import multiprocessing
 
-    loaded = exit_if_orphaned("the engine process", multiprocessing.parent_process().pid)
+    # For its whole life: while it loads it reads no pipe, and later a step can wait long (a weight-update group, a
+    # tensor-parallel collective) before it reads its pipe again and sees the server gone.
+    parent = multiprocessing.parent_process()
+    exit_if_orphaned("the engine process", parent.pid if parent is not None else os.getppid())
     announced = []
 
     def announce_tokenizer(source: str, chat_template: str | None) -> None:
@@ -263,8 +266,6 @@ def run_engine_process(
     except BaseException as e:  # noqa: BLE001 - the server reports it and exits
         conn_out.send(("failed", type(e).__name__, str(e)))
         return
-    finally:
-        loaded.set()  # from here on a closed pipe tells it the server is gone
 
     encoder = DeltaEncoder()
 

@@ -52,10 +52,13 @@ class LoRAWeights:
 
 
 def resolve_adapter_path(path: str, token: str | bool | None = None, download_dir: str | None = None) -> str:
-    """An adapter's folder: `path` itself when it exists (or is no Hub id), else the Hugging Face Hub repo `path`
-    (owner/name, as vLLM takes one) downloaded, its adapter files only (with `token`, --hf-token; into
-    `download_dir`, else the Hugging Face cache). ValueError when the Hub cannot give it."""
-    if os.path.exists(path) or not _HUB_ID.match(path):
+    """An adapter's folder: `path` itself when it is a local path, else the Hugging Face Hub repo `path` (owner/name,
+    as vLLM takes one) downloaded, its adapter files only (with `token`, --hf-token; into `download_dir`, else the
+    Hugging Face cache). Local: it exists, or it is not of the owner/name form, or it starts with `.`, or its first
+    part is a local folder (a typo in `loras/sql` must not fetch someone's `loras/sql` repo). ValueError when the Hub
+    cannot give it."""
+    if (os.path.exists(path) or not _HUB_ID.match(path) or path.startswith(".")
+            or os.path.isdir(path.split("/", 1)[0])):
         return path
     from huggingface_hub import snapshot_download
 
@@ -66,13 +69,11 @@ def resolve_adapter_path(path: str, token: str | bool | None = None, download_di
                          f"give it ({type(e).__name__}: {e})") from e
 
 
-def read_adapter(path: str, dtype=None, token: str | bool | None = None, download_dir: str | None = None
-                 ) -> LoRAWeights:
-    """Reads a PEFT LoRA folder, or Hub repo (resolve_adapter_path), with A and scaled B in `dtype` (default fp32);
-    ValueError for anything this engine cannot apply (see the module docstring)."""
+def read_adapter(path: str, dtype=None) -> LoRAWeights:
+    """Reads a PEFT LoRA folder (A and scaled B in `dtype`, default fp32); ValueError for anything this engine
+    cannot apply (see the module docstring). A Hub repo id goes through resolve_adapter_path first."""
     import torch
 
-    path = resolve_adapter_path(path, token, download_dir)
     config_path = os.path.join(path, "adapter_config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"no LoRA adapter at {path!r}: adapter_config.json is missing")

@@ -183,7 +183,8 @@ def test_a_server_that_exits_without_stopping_its_engine_is_not_held_up(tiny_mod
         backend = ProcessBackend(functools.partial(LLMEngine, config), {{"log_stats": False}})
         print("engine pid", backend.process.pid, flush=True)
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stderr
     pid = int(proc.stdout.split("engine pid")[1].split()[0])
     assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] == "Z"
@@ -226,7 +227,8 @@ def test_an_engine_process_still_loading_exits_when_the_server_is_killed() -> No
         print("engine pid", backend.process.pid, flush=True)
         time.sleep(300)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         pid = int(proc.stdout.readline().split()[-1])
         time.sleep(2.0)  # the child is in its factory by now

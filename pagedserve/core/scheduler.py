@@ -277,9 +277,10 @@ class Scheduler:
 
     def kv_occupancy(self) -> tuple[int, int] | None:
         """Right after schedule(): (token slots of the blocks held by requests, of them the slots that hold no token
-        once the scheduled step has run). The empty ones are the unfilled tail of each running request's last block
-        (and the slots of drafts in flight): PagedAttention's whole waste. A block shared by prefix caching counts
-        once (shared blocks are full). None for a hybrid layout (its window groups hold their own blocks)."""
+        once the scheduled step has run). The empty ones are the unfilled tail of each running request's last block:
+        PagedAttention's whole waste (drafts in flight count as filled: the step writes their K/V). A block shared
+        by prefix caching counts once (shared blocks are full). None for a hybrid layout (its window groups hold
+        their own blocks)."""
         kv = self.kv_cache
         if kv.window is not None:
             return None

@@ -118,9 +118,6 @@ class LoRAManager:
         self._masks: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self.layers: dict[tuple[int, str], LoRALayer] = {}
         self._dtype = torch.float32
-        # A LoRARequest may name a Hub repo (the offline API): downloaded with these (--hf-token, --download-dir)
-        self.hub_token: str | bool | None = None
-        self.download_dir: str | None = None
         self.num_layers = len(model.model.layers)
         for i, layer in enumerate(model.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
@@ -163,8 +160,7 @@ class LoRAManager:
         if adapter is not None:
             self._read.move_to_end(request.lora_int_id)
             return adapter
-        adapter = _this_ranks_part(read_adapter(request.lora_path, dtype=self._dtype, token=self.hub_token,
-                                                download_dir=self.download_dir))
+        adapter = _this_ranks_part(read_adapter(request.lora_path, dtype=self._dtype))
         if adapter.rank > self.max_rank:
             raise ValueError(f"the adapter {request.lora_name!r} has rank {adapter.rank}, above max_lora_rank "
                              f"{self.max_rank}")

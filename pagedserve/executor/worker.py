@@ -492,9 +492,7 @@ def make_lora_manager(config: EngineConfig, model, max_batched: int):
 
     # Any forward's tokens: padded eager steps, the memory profile, the graphs (decode: max_num_seqs at most).
     max_tokens = padded_count(max(max_batched, config.max_num_seqs)) + 256
-    manager = LoRAManager(model, config.max_loras, config.max_lora_rank, max_tokens)
-    manager.hub_token, manager.download_dir = config.hf_token, config.download_dir  # adapters named by Hub id
-    return manager
+    return LoRAManager(model, config.max_loras, config.max_lora_rank, max_tokens)
 
 
 def size_kv_cache(config: EngineConfig, model, hf_config, device: torch.device, dtype: torch.dtype,

@@ -1076,3 +1076,40 @@ def test_chat_route_takes_max_new_tokens_within_the_context(start_fake_server) -
         own = httpx.post(server.base_url + "/v1/chat/completions", json={**body, "max_tokens": 2}, timeout=30)
         assert own.json()["usage"]["completion_tokens"] == 2
 
+
+
+def test_a_hub_download_of_an_adapter_does_not_hold_up_other_requests(start_fake_server, monkeypatch) -> None:
+    """/v1/load_lora_adapter with a Hub repo id downloads in a thread of its own: the tokenizer thread, which every
+    text request's tokenization goes through, stays free meanwhile (the Hub is stood in for by a 3 s sleep)."""
+    import threading
+    import types
+
+    import huggingface_hub
+
+    from tests.entrypoints.fake_engine import FakeEngine
+
+    def slow_snapshot_download(repo_id, **kwargs):
+        time.sleep(3.0)
+        raise huggingface_hub.errors.RepositoryNotFoundError(f"{repo_id} not found")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", slow_snapshot_download)
+    engine = FakeEngine()
+    engine.config = types.SimpleNamespace(enable_lora=True, hf_token=None, download_dir=None)
+    server = start_fake_server(engine, allow_runtime_lora_updating=True)
+    answers = {}
+
+    def load() -> None:
+        answers["load"] = httpx.post(server.base_url + "/v1/load_lora_adapter",
+                                     json={"lora_name": "x", "lora_path": "someone/adapter"}, timeout=30)
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    time.sleep(0.3)  # the download is under way
+    t0 = time.monotonic()
+    r = httpx.post(server.base_url + "/v1/completions", json={"prompt": "hello", "max_tokens": 2}, timeout=30)
+    waited = time.monotonic() - t0
+    loader.join(30)
+    assert r.status_code == 200 and waited < 2.0, waited
+    bad = answers["load"]
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "lora_path"
+    assert "Hub could not give it" in bad.json()["error"]["message"]

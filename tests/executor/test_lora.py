@@ -244,8 +244,16 @@ def test_an_adapter_named_by_hub_id_is_downloaded_with_the_token(setup, monkeypa
     # The server's --lora-modules: downloaded at start-up; the requests then name the local folder.
     args = argparse.Namespace(lora_modules=["hub=someone/a1-lora"], hf_token="hf_secret", download_dir=None)
     assert lora_requests_from_args(args)["hub"].lora_path == str(folder / "a1")
-    # A local folder that does not exist is no Hub id to try: the plain error, no download.
+    # Local paths that do not exist are no Hub ids to try: the plain error, no download (absolute; relative with a
+    # leading dot; relative whose first part is a local folder, where a typo must not fetch someone's repo).
     calls.clear()
-    with pytest.raises(ValueError, match="adapter_config.json is missing"):
-        lora_requests_from_args(argparse.Namespace(lora_modules=[f"x={folder}/nope"]))
+    monkeypatch.chdir(folder)
+    for path in (f"{folder}/nope", "./a1-typo", "a1/typo"):
+        with pytest.raises(ValueError, match="adapter_config.json is missing"):
+            lora_requests_from_args(argparse.Namespace(lora_modules=[f"x={path}"]))
     assert calls == []
+    # The request the engine keeps names the downloaded folder: other ranks (tensor parallelism) and later reads
+    # need no Hub.
+    engine = llm.engine
+    checked, salt = engine._lora_checked(LoRARequest("hub", 7, "someone/a1-lora"))
+    assert checked.lora_path == str(folder / "a1") and salt == "lora:7"

@@ -722,9 +722,9 @@ def _add_lora_routes(app: FastAPI, engine: AsyncEngine, served_names: list[str])
         config = engine.engine_config
         try:  # read here (checked; the engine reads it again when a request first names it): a Hub repo is
             # downloaded now, and the requests name its local folder
-            path = await engine.run_in_tokenizer_thread(resolve_adapter_path, request.lora_path,
-                                                        getattr(config, "hf_token", None),
-                                                        getattr(config, "download_dir", None))
+            # (a download in a thread of its own: the tokenizer thread serves every request's tokenization)
+            path = await asyncio.to_thread(resolve_adapter_path, request.lora_path, getattr(config, "hf_token", None),
+                                           getattr(config, "download_dir", None))
             await engine.run_in_tokenizer_thread(read_adapter, path)
         except ValueError as e:
             raise APIError(400, str(e), param="lora_path") from e
