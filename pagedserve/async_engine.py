@@ -225,6 +225,9 @@ class AsyncEngine:
         its stream in the API's own format), so the HTTP server's own deadline, which cancels the tasks still
         running and cuts streams mid-body, is only a backstop."""
         self._accepting = False
+        drain = getattr(self._backend, "begin_shutdown", None)  # data parallelism: no replica restarts from now on
+        if drain is not None:
+            drain()
         loop = self._loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(loop.call_later, max(0.0, timeout), self._abort_unfinished, "shutdown timeout")

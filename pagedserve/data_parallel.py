@@ -216,6 +216,7 @@ class DataParallelBackend:
         self._died_replaying: set[int] = set()  # id() of restarted replicas that died before their replay ended
         self._dead = False
         self._stopping = False
+        self._draining = False  # the server is shutting down (begin_shutdown): a replica that dies stays down
 
     def _spawn(self, i: int) -> Any:
         env = self._envs[i]
@@ -333,6 +334,12 @@ class DataParallelBackend:
         for replica in list(self.replicas):
             replica.forget(request_ids)
 
+    def begin_shutdown(self) -> None:
+        """The server's graceful shutdown began: the running requests drain; a replica that dies meanwhile is not
+        restarted (it would load a whole model for nothing)."""
+        with self._lock:
+            self._draining = True
+
     def stop(self, timeout: float) -> None:
         self._stopping = True
         self._stop_all(timeout)
@@ -436,7 +443,7 @@ class DataParallelBackend:
                     del self._controls[token]
                     acks.append((token, control[1]))
             deaths = self._deaths[i] = [t for t in self._deaths[i] if now - t < RESTART_WINDOW_S] + [now]
-            restart = not self._stopping and len(deaths) <= MAX_RESTARTS
+            restart = not self._stopping and not self._draining and len(deaths) <= MAX_RESTARTS
             self._restarting[i] = restart
             if not restart and self._none_left():
                 self._dead = True
@@ -446,8 +453,8 @@ class DataParallelBackend:
             self._post("dead", type(error)(f"data-parallel replica {i}: {error}"))
             return
         logger.error("data parallelism: replica %d died (%s); %d unfinished request(s) fail; %s", i, error, len(lost),
-                     "restarting it" if restart else f"it died {len(deaths)} times in {RESTART_WINDOW_S:.0f} s: "
-                     "it stays down")
+                     "restarting it" if restart else "the server is shutting down: it stays down" if self._draining
+                     else f"it died {len(deaths)} times in {RESTART_WINDOW_S:.0f} s: it stays down")
         if lost:
             self._post("fail", lost, ReplicaLostError(f"data-parallel replica {i} died while serving this request "
                                                       f"({error}); the server goes on: retry"))

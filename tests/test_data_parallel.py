@@ -468,3 +468,22 @@ def test_weights_from_a_trainer_are_refused_with_data_parallelism() -> None:
         assert posted[-1][1][0][0] == "t" and posted[-1][1][0][1].kind == "invalid"
         assert "data-parallel" in posted[-1][1][0][1].message
     assert not any(_replays(r) for r in replicas)
+
+
+def test_a_replica_that_dies_while_the_server_drains_is_not_restarted() -> None:
+    """After the server's graceful shutdown began (AsyncEngine.begin_shutdown -> the backend's), a replica that dies
+    fails its requests and stays down: restarting it would load a whole model for nothing."""
+    import time
+
+    backend, replicas, posted = started(2)
+    backend.submit(add("r0"))
+    backend.submit(add("r1"))  # on replica 1
+    backend.begin_shutdown()
+    replicas[1].post("dead", RuntimeError("the engine process exited (exit code -9)"))
+    fail = [p for p in posted if p[0] == "fail"]
+    assert len(fail) == 1 and fail[0][1] == ["r1"]
+    time.sleep(0.5)
+    assert len(replicas) == 2  # nothing spawned
+    assert not [p for p in posted if p[0] == "dead"]  # replica 0 still serves the drain
+    replicas[0].post("out", [], [delta("r0", True)], stats())
+    assert backend.loads == [0, 0]

@@ -233,6 +233,36 @@ def test_shutdown_lets_requests_finish_then_aborts_the_rest() -> None:
     assert not engine.has_unfinished_requests()
 
 
+def test_begin_shutdown_aborts_what_still_runs_at_the_timeout_and_tells_the_backend() -> None:
+    """From the server's signal handler: no new requests; `timeout` s later the requests still running fail with
+    ShuttingDownError (their routes answer it), those done by then finished normally; a backend with its own drain
+    (data parallelism: no replica restarts from now on) is told at once."""
+
+    async def main():
+        engine = FakeEngine(step_delay=0.01, max_model_len=100_000)
+        ae = await _started(engine)
+        drained = []
+        ae._backend.begin_shutdown = lambda: drained.append(time.monotonic())
+        short = await ae.add_request("short", [1], SamplingParams(max_tokens=5))
+        long = await ae.add_request("long", [1], SamplingParams(max_tokens=10_000))
+        t0 = time.monotonic()
+        ae.begin_shutdown(0.5)
+        assert drained
+        with pytest.raises(ShuttingDownError):
+            await ae.add_request("late", [1], SamplingParams(max_tokens=5))
+        short_final = [o async for o in short][-1]
+        with pytest.raises(ShuttingDownError, match="shutdown timeout ended"):
+            async for _ in long:
+                pass
+        aborted_after = time.monotonic() - t0
+        await ae.shutdown(timeout=0.1)
+        return aborted_after, short_final, engine
+
+    aborted_after, short_final, engine = run(main())
+    assert 0.4 < aborted_after < 3
+    assert short_final.finished and short_final.outputs[0].finish_reason == "length"
+    assert not engine.has_unfinished_requests()
+
 def test_idle_engine_thread_does_not_spin() -> None:
     async def main():
         ae = await _started(FakeEngine(), log_stats=False)
