@@ -19,18 +19,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-import triton
+from tunable_probe import ROTATE_BYTES, time_us  # (scripts/ is on the path when run as a script)
 
 SHAPES = {"qkv": (3584, 4608), "o": (3584, 3584), "gate_up": (3584, 37888), "down": (18944, 3584)}  # (K, N)
-ROTATE_BYTES = 256 << 20
-
-
-def time_us(op, copies: int, rep: int) -> float:
-    def run():
-        for i in range(copies):
-            op(i)
-
-    return triton.testing.do_bench_cudagraph(run, rep=rep, return_mode="median") * 1e3 / copies
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import pytest
 
@@ -85,3 +86,17 @@ def tiny_model_dir(real_model_dir, tmp_path_factory) -> str:
     )
     (folder / "config.json").write_text(json.dumps(config))
     return str(folder)
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    """Whether process `pid` exits (or is left a zombie) within `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":
+                    return True  # exited; its parent has not reaped it
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False

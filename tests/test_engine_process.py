@@ -14,6 +14,7 @@ from pagedserve.config import EngineConfig
 from pagedserve.engine import LLMEngine
 from pagedserve.engine_process import DeltaDecoder, DeltaEncoder
 from pagedserve.sampling_params import SamplingParams
+from tests.conftest import wait_gone
 
 REQUESTS = {
     "plain": SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),
@@ -197,21 +198,6 @@ def _load_slowly():
     time.sleep(120)
 
 
-def _wait_gone(pid: int, timeout: float) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().split(")")[-1].split()[0] == "Z":
-                    return True
-        except FileNotFoundError:
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def test_an_engine_process_still_loading_exits_when_the_server_is_killed() -> None:
     """It reads no pipe while it loads and ignores SIGTERM: it watches its parent instead."""
     import signal
@@ -232,9 +218,9 @@ def test_an_engine_process_still_loading_exits_when_the_server_is_killed() -> No
     try:
         pid = int(proc.stdout.readline().split()[-1])
         time.sleep(2.0)  # the child is in its factory by now
-        assert not _wait_gone(pid, 0.1)
+        assert not wait_gone(pid, 0.1)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        assert _wait_gone(pid, 10)
+        assert wait_gone(pid, 10)
     finally:
         proc.kill()

@@ -16,6 +16,7 @@ import time
 import httpx
 import pytest
 
+from tests.conftest import wait_gone
 from tests.entrypoints.conftest import RealServer
 
 pytestmark = pytest.mark.slow
@@ -336,19 +337,6 @@ def _engine_pids(server_pid: int) -> list[int]:
     return pids
 
 
-def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().split(")")[-1].split()[0] == "Z":
-                    return True  # exited; its parent has not reaped it
-        except FileNotFoundError:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_engine_process_death_turns_health_503(tiny_model_dir) -> None:
     server = tiny_server(tiny_model_dir, "--max-model-len", "512")
     try:
@@ -372,6 +360,6 @@ def test_engine_process_exits_when_the_server_is_killed(tiny_model_dir) -> None:
         (engine_pid,) = _engine_pids(server.proc.pid)
         server.proc.kill()
         server.proc.wait(10)
-        assert _wait_gone(engine_pid, 10)
+        assert wait_gone(engine_pid, 10)
     finally:
         server.stop()
