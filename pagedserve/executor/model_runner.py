@@ -824,6 +824,10 @@ class ModelRunner:
         from pagedserve.executor.cuda_graph import CUDAGraphDecoder
         from pagedserve.executor.mixed_graph import MAX_MIXED_GRAPH_TOKENS, CUDAGraphMixed
 
+        if not self.backend.capturable:  # e.g. --attention-backend torch on a GPU: its steps run eagerly
+            logger.warning("the %s attention backend cannot be captured in CUDA graphs: steps run eagerly",
+                           self.backend.name)
+            return 0.0
         self.graph_capture_args = (max_num_seqs, max_model_len, max_num_batched_tokens)  # (sleep mode recaptures)
         graphs = CUDAGraphDecoder(self.model, self.kv_caches, self.backend, max_num_seqs, max_model_len,
                                   self.block_size, self.device, num_window_groups=self.num_window_groups)

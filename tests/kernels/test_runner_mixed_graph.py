@@ -37,7 +37,7 @@ def _attach_graphs(runner, max_num_seqs: int, max_tokens: int) -> CUDAGraphMixed
     graphs = CUDAGraphMixed(runner.model, runner.kv_caches, runner.backend, max_num_seqs, max_model_len=128,
                             block_size=runner.block_size, device=runner.device, max_tokens=max_tokens,
                             num_window_groups=runner.num_window_groups)
-    if CUDA:
+    if CUDA and runner.backend.capturable:  # (the torch backend: eager on a GPU too, as on the CPU)
         graphs.capture()
         assert sorted(graphs.graphs) == graphs.sizes
     runner.mixed_graphs = graphs
@@ -161,3 +161,18 @@ def test_hybrid_model_steps_read_their_groups_tables(backend: str, tmp_path) -> 
     inputs.ctx.attn_metadata.windows = None
     with pytest.raises(ValueError, match="this step has 0"):
         runner.mixed_graphs.run(inputs.input_ids, inputs.positions, inputs.ctx.attn_metadata, inputs.logits_indices, 1)
+
+
+def test_a_backend_that_cannot_be_captured_runs_eagerly(tmp_path, caplog) -> None:
+    """The torch reference backend syncs with the host (boolean-mask indexing): on a GPU its steps cannot be
+    captured (capture failed with cudaErrorStreamCaptureUnsupported), so the runner keeps them eager."""
+    import logging
+
+    save_tiny_model("qwen2", tmp_path, num_hidden_layers=1)
+    runner, _ = make_runner(tmp_path, block_size=4, num_blocks=16, device=DEVICE, dtype=torch.float32,
+                            attention_backend="torch")
+    assert not runner.backend.capturable
+    with caplog.at_level(logging.WARNING):
+        assert runner.capture_cuda_graphs(4, 64, 32) == 0.0
+    assert runner.cuda_graphs is None and runner.mixed_graphs is None
+    assert "cannot be captured in CUDA graphs" in caplog.text

@@ -65,6 +65,8 @@ class AttentionBackend(ABC):
     """Writes the step's new K/V into the paged cache, then attends over the cache."""
 
     name: str = "base"
+    # Whether a step through it can be captured in a CUDA graph (no host syncs, no data-dependent shapes)
+    capturable: bool = True
 
     @abstractmethod
     def forward(

@@ -168,6 +168,7 @@ def batched_decode_attention(
 
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
+    capturable = False  # boolean-mask indexing (padding slots) syncs with the host: no CUDA graph capture
 
     def __init__(self, batch_decodes: bool = True, fused_prefill: bool = True) -> None:
         # Both False: every sequence through causal_attention (the reference)
