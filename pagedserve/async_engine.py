@@ -224,7 +224,7 @@ class AsyncEngine:
         are aborted then, each answered by its route as an engine error (a 503, or an in-band error event that ends
         its stream in the API's own format), so the HTTP server's own deadline, which cancels the tasks still
         running and cuts streams mid-body, is only a backstop."""
-        self._accepting = False
+        self.stop_accepting()
         drain = getattr(self._backend, "begin_shutdown", None)  # data parallelism: no replica restarts from now on
         if drain is not None:
             drain()

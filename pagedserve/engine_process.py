@@ -38,6 +38,7 @@ import pickle
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -410,21 +411,20 @@ def _load_tokenizer_pair_in_thread(source: str, chat_template: str | None) -> _L
     return _Loading(load)
 
 
-def exit_if_orphaned(what: str, parent: int, interval: float = 0.5) -> threading.Event:
-    """A thread that watches this process's parent and exits the process (status 1) if the parent dies (killed, or
-    stopped by a SIGTERM this process ignores): a child that loads for minutes reading no pipe, or waits in a
-    collective for a rank 0 that is gone, would go on for nobody. `parent`: its pid as the parent knew it (the
-    parent may be gone already, and this process adopted by another). Returns the Event that ends the watch."""
-    done = threading.Event()
+def exit_if_orphaned(what: str, parent: int, interval: float = 0.5) -> None:
+    """A thread that watches this process's parent for the rest of its life and exits the process (status 1) if the
+    parent dies (killed, or stopped by a SIGTERM this process ignores): a child that loads for minutes reading no
+    pipe, or waits in a collective for a rank 0 that is gone, would go on for nobody. `parent`: its pid as the
+    parent knew it (the parent may be gone already, and this process adopted by another)."""
 
     def watch() -> None:
-        while not done.wait(interval):
+        while True:
+            time.sleep(interval)
             if os.getppid() != parent:
                 logger.warning("%s: its parent (pid %d) is gone; exiting", what, parent)
                 os._exit(1)
 
     threading.Thread(target=watch, name="pagedserve-parent-watch", daemon=True).start()
-    return done
 
 
 def _kill_if_alive(process: Any) -> None:

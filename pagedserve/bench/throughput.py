@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> dict:
         unfreeze_and_collect()  # frozen for the timed run only: the engine's cycles are found when it goes
     num_in = sum(len(r.prompt_token_ids) for r in requests)
     num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
+    reserve = max(len(r.prompt_token_ids) + r.output_len for r in requests)
     expected_out = sum(r.output_len for r in requests)
     if num_out != expected_out:
         raise RuntimeError(f"generated {num_out} tokens, expected {expected_out} (ignore_eos is set)")
@@ -98,9 +99,7 @@ def run(args: argparse.Namespace) -> dict:
             **kv_use, "block_size": engine.config.block_size,
             # what a contiguous cache (one region a request, sized for the workload's longest: Transformers'
             # static batches, or pre-paging servers) would hold at once in the same memory
-            "contiguous_reserve_tokens": max(len(r.prompt_token_ids) + r.output_len for r in requests),
-            "contiguous_max_running": kv_use["total_slots"]
-                                      // max(len(r.prompt_token_ids) + r.output_len for r in requests),
+            "contiguous_reserve_tokens": reserve, "contiguous_max_running": kv_use["total_slots"] // reserve,
         },
         "step_timing": step_summary,
         "warmup_s": warmup_s,

@@ -211,7 +211,9 @@ def start_engine_process(config: EngineConfig, args: argparse.Namespace):
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config = serve_config_from_args(args)
-    lora_requests_from_args(args)  # each adapter folder read before the engine starts: a bad one fails fast
+    # each adapter folder read (a Hub id downloaded) before the engine starts: a bad one fails fast; run_server uses
+    # these, not a second reading
+    args.lora_requests = lora_requests_from_args(args)
     # The engine process starts first: the server's own imports then overlap its loading.
     backend = start_engine_process(config, args) if args.engine_process else None
     from pagedserve.entrypoints.openai.server import run_server

@@ -749,7 +749,9 @@ def run_server(config: EngineConfig, args: argparse.Namespace, backend: Any = No
     from pagedserve.engine import LLMEngine
 
     kwargs = engine_core_kwargs(config, args)
-    lora_modules = lora_requests_from_args(args)
+    lora_modules = getattr(args, "lora_requests", None)
+    if lora_modules is None:  # (cmd_serve read them already)
+        lora_modules = lora_requests_from_args(args)
     enable_stats_logging(config)
     if backend is not None or getattr(args, "engine_process", True):
         # The step loop in its own process: HTTP work never takes the GIL from it (docs/server.md).
