@@ -303,11 +303,11 @@ def ws() -> None:
 
     for bt, bt2 in ((128, 0), (128, 16), (64, 0), (128, 64)):
         sig = {"w_desc": desc(m.BN), "x_desc": desc(bt), "t_desc": desc(bt2 or 16), "out_ptr": "*bf16",
-               "part_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "stride_om": "i32", "T": "i32", "G": "i32",
-               "KS": "constexpr", "NBYTES": "constexpr", "HAS_TAIL": "constexpr", "BT2": "constexpr",
-               "STAGES": "constexpr", "num_warps": "constexpr"}
-        consts = {"KS": 56, "NBYTES": (m.BN + bt + bt2) * m.BK * 2, "HAS_TAIL": bool(bt2), "BT2": bt2 or 16,
-                  "STAGES": 4, "num_warps": 4}
+               "bias_ptr": "*bf16", "part_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "stride_om": "i32",
+               "T": "i32", "G": "i32", "KS": "constexpr", "NBYTES": "constexpr", "HAS_TAIL": "constexpr",
+               "HAS_BIAS": "constexpr", "BT2": "constexpr", "STAGES": "constexpr", "num_warps": "constexpr"}
+        consts = {"KS": 56, "NBYTES": (m.BN + bt + bt2) * m.BK * 2, "HAS_TAIL": bool(bt2), "HAS_BIAS": bt == 64,
+                  "BT2": bt2 or 16, "STAGES": 4, "num_warps": 4}
         src = GluonASTSource(m.ws_gemm_kernel, sig, constexprs=consts)
         label = f"ws_gemm bt={bt} tail={bt2}"
         try:

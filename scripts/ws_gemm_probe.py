@@ -31,13 +31,14 @@ def check(stages: int) -> bool:
     for (k, n) in ((256, 384), (3584, 4608), (18944, 3584), (640, 1280)):
         w = torch.randn(n, k, device=dev, dtype=torch.bfloat16, generator=g) * 0.05
         op = WsGemm(w, stages=stages)
+        bias = torch.randn(n, device=dev, dtype=torch.bfloat16, generator=g) if k == 3584 else None  # qkv has one
         for m in (1, 7, 16, 64, 96, 128, 136, 144, 160, 200, 256):
             worst = 0.0
             for _ in range(3):
                 x = torch.randn(m, k, device=dev, dtype=torch.bfloat16, generator=g)
                 out = torch.full((m, n), float("nan"), device=dev, dtype=torch.bfloat16)
-                op(x, out)
-                ref = x.float() @ w.float().t()
+                op(x, out, bias)
+                ref = x.float() @ w.float().t() + (0 if bias is None else bias.float())
                 err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
                 worst = max(worst, err if not math.isnan(err) else float("inf"))
             left = int(op.cnt.abs().sum().item())
@@ -66,20 +67,22 @@ def timing(ms: list[int], shapes: list[str], stages: int, rep: int) -> None:
             ref = F.linear(x, w0).float()
             ops[0](x, out)
             err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
-            cub = time_us(lambda i, x=x: F.linear(x, weights[i]), copies, rep)
-            ws = time_us(lambda i, x=x, out=out: ops[i](x, out), copies, rep)
+            cub = time_us(lambda i, x=x, w=weights: F.linear(x, w[i]), copies, rep)
+            ws = time_us(lambda i, x=x, out=out, o=ops: o[i](x, out), copies, rep)
             totals[(m, "cublas")] = totals.get((m, "cublas"), 0.0) + cub
             totals[(m, "ws")] = totals.get((m, "ws"), 0.0) + ws
-            print(f"ws-time {name:8} M={m:4d} stages={stages} (bytes at 3.0 TB/s {floor_us:6.1f} us): cublas {cub:7.2f} us  "
-                  f"ws {ws:7.2f} us ({w0.nbytes / ws / 1e6:.2f} TB/s, err {err:.1e})  ws/cublas {ws / cub:.3f}",
+            print(f"ws-time {name:8} M={m:4d} stages={stages} (bytes at 3.0 TB/s {floor_us:6.1f} us): "
+                  f"cublas {cub:7.2f} us  ws {ws:7.2f} us ({w0.nbytes / ws / 1e6:.2f} TB/s, err {err:.1e})  "
+                  f"ws/cublas {ws / cub:.3f}",
                   flush=True)
-        del ops
+        ops.clear()
         weights.clear()
         torch.cuda.empty_cache()
     for m in ms:
         c, w = totals.get((m, "cublas")), totals.get((m, "ws"))
         if c and w:
-            print(f"ws-time layer M={m:4d} stages={stages}: cublas {c:7.1f} us  ws {w:7.1f} us  ({w / c:.3f})", flush=True)
+            print(f"ws-time layer M={m:4d} stages={stages}: cublas {c:7.1f} us  ws {w:7.1f} us  ({w / c:.3f})",
+                  flush=True)
 
 
 def main() -> None:

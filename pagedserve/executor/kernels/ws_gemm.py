@@ -24,7 +24,6 @@ Gluon kernels need a Hopper GPU (no interpreter): tests/kernels/test_ws_gemm.py 
 from __future__ import annotations
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
@@ -32,6 +31,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 BN = 128  # weight rows a tile (the wgmma's M side, one warpgroup)
 BK = 64  # K a step (128 bytes of bf16: the 128-byte swizzle)
+_SMEM_BYTES = 232_448  # shared memory a block may have on sm_90
+_SMEM_RESERVE = 40_960  # the epilogue's layout conversion (16-bit [128, 128]) and the barriers, with room
 
 
 @gluon.jit
@@ -62,11 +63,15 @@ def _ws_load(w_desc, x_desc, t_desc, w_bufs, x_bufs, t_bufs, ready, empty, k_lo,
 
 
 @gluon.jit
-def _store_tile(out_ptr, acc, tile, t0, M, stride_om, OUT: gl.constexpr):
-    """acc [BN, BTx] fp32 (weight rows x tokens) to out[t0 + token, tile * BN + row] in bf16, rows past M left out."""
+def _store_tile(out_ptr, bias_ptr, acc, tile, t0, M, stride_om, OUT: gl.constexpr, HAS_BIAS: gl.constexpr):
+    """acc [BN, BTx] fp32 (weight rows x tokens) (+ bias) to out[t0 + token, tile * BN + row] in the output dtype,
+    tokens past M left out."""
     BN_: gl.constexpr = acc.type.shape[0]
     BTX: gl.constexpr = acc.type.shape[1]
-    val = gl.convert_layout(acc.to(out_ptr.dtype.element_ty), OUT)
+    if HAS_BIAS:  # added in fp32, as cuBLAS's epilogue does
+        acc = acc + gl.load(bias_ptr + tile * BN_ + gl.arange(0, BN_, layout=gl.SliceLayout(1, acc.type.layout))
+                            ).to(gl.float32)[:, None]
+    val = gl.convert_layout(acc.to(out_ptr.dtype.element_ty), OUT)  # through shared memory: 16-bit, half the bytes
     offs_n = tile * BN_ + gl.arange(0, BN_, layout=gl.SliceLayout(1, OUT))
     offs_t = t0 + gl.arange(0, BTX, layout=gl.SliceLayout(0, OUT))
     ptrs = out_ptr + offs_t[None, :].to(gl.int64) * stride_om + offs_n[:, None]
@@ -74,8 +79,8 @@ def _store_tile(out_ptr, acc, tile, t0, M, stride_om, OUT: gl.constexpr):
 
 
 @gluon.jit
-def _ws_mma(w_bufs, x_bufs, t_bufs, ready, empty, out_ptr, part_ptr, cnt_ptr, M, stride_om, k_lo, k_hi, T, G, pid,
-            KS: gl.constexpr, HAS_TAIL: gl.constexpr, BT2: gl.constexpr,
+def _ws_mma(w_bufs, x_bufs, t_bufs, ready, empty, out_ptr, bias_ptr, part_ptr, cnt_ptr, M, stride_om, k_lo, k_hi, T,
+            G, pid, KS: gl.constexpr, HAS_TAIL: gl.constexpr, HAS_BIAS: gl.constexpr, BT2: gl.constexpr,
             ACC: gl.constexpr, ACC2: gl.constexpr, OUT: gl.constexpr, RED: gl.constexpr):
     STAGES: gl.constexpr = w_bufs.type.shape[0]
     BN_: gl.constexpr = w_bufs.type.shape[1]
@@ -108,9 +113,9 @@ def _ws_mma(w_bufs, x_bufs, t_bufs, ready, empty, out_ptr, part_ptr, cnt_ptr, M,
         mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES))
 
         if (it == tile * KS) & (seg_end == (tile + 1) * KS):  # the whole tile is this program's
-            _store_tile(out_ptr, acc, tile, 0, M, stride_om, OUT)
+            _store_tile(out_ptr, bias_ptr, acc, tile, 0, M, stride_om, OUT, HAS_BIAS)
             if HAS_TAIL:
-                _store_tile(out_ptr, acc2, tile, BT, M, stride_om, OUT)
+                _store_tile(out_ptr, bias_ptr, acc2, tile, BT, M, stride_om, OUT, HAS_BIAS)
         else:
             # slot 0: a segment that starts this program's range; slot 1: one that ends it after starting earlier
             slot = pid * 2 + (k_lo < tile * KS).to(gl.int32)
@@ -131,6 +136,8 @@ def _ws_mma(w_bufs, x_bufs, t_bufs, ready, empty, out_ptr, part_ptr, cnt_ptr, M,
                 r_rows = gl.arange(0, BN_, layout=gl.SliceLayout(1, RED))
                 r_cols = gl.arange(0, RC, layout=gl.SliceLayout(0, RED))
                 n_offs = tile * BN_ + r_rows
+                if HAS_BIAS:
+                    bias = gl.load(bias_ptr + n_offs).to(gl.float32)
                 for c in gl.static_range(BTT // RC):
                     total = gl.zeros([BN_, RC], gl.float32, RED)
                     for q in range(p_first, p_last + 1):
@@ -138,6 +145,8 @@ def _ws_mma(w_bufs, x_bufs, t_bufs, ready, empty, out_ptr, part_ptr, cnt_ptr, M,
                         qbase = part_ptr + qslot.to(gl.int64) * (BN_ * BTT)
                         total += gl.load(qbase + r_rows[:, None] * BTT + (c * RC + r_cols)[None, :],
                                          cache_modifier=".cg")
+                    if HAS_BIAS:
+                        total = total + bias[:, None]
                     t_offs = c * RC + r_cols
                     ptrs = out_ptr + t_offs[None, :].to(gl.int64) * stride_om + n_offs[:, None]
                     gl.store(ptrs, total.to(out_ptr.dtype.element_ty), mask=t_offs[None, :] < M)
@@ -146,8 +155,9 @@ def _ws_mma(w_bufs, x_bufs, t_bufs, ready, empty, out_ptr, part_ptr, cnt_ptr, M,
 
 
 @gluon.jit
-def ws_gemm_kernel(w_desc, x_desc, t_desc, out_ptr, part_ptr, cnt_ptr, M, stride_om, T, G,
-                   KS: gl.constexpr, NBYTES: gl.constexpr, HAS_TAIL: gl.constexpr, BT2: gl.constexpr,
+def ws_gemm_kernel(w_desc, x_desc, t_desc, out_ptr, bias_ptr, part_ptr, cnt_ptr, M, stride_om, T, G,
+                   KS: gl.constexpr, NBYTES: gl.constexpr, HAS_TAIL: gl.constexpr, HAS_BIAS: gl.constexpr,
+                   BT2: gl.constexpr,
                    STAGES: gl.constexpr, num_warps: gl.constexpr):
     BN_: gl.constexpr = w_desc.block_type.shape[0]
     BK_: gl.constexpr = w_desc.block_type.shape[1]
@@ -177,8 +187,8 @@ def ws_gemm_kernel(w_desc, x_desc, t_desc, out_ptr, part_ptr, cnt_ptr, M, stride
     RED: gl.constexpr = gl.BlockedLayout([8, 2], [16, 2], [1, num_warps], [0, 1])
 
     gl.warp_specialize([
-        (_ws_mma, (w_bufs, x_bufs, t_bufs, ready, empty, out_ptr, part_ptr, cnt_ptr, M, stride_om, k_lo, k_hi, T,
-                   G, pid, KS, HAS_TAIL, BT2, ACC, ACC2, OUT, RED)),
+        (_ws_mma, (w_bufs, x_bufs, t_bufs, ready, empty, out_ptr, bias_ptr, part_ptr, cnt_ptr, M, stride_om, k_lo,
+                   k_hi, T, G, pid, KS, HAS_TAIL, HAS_BIAS, BT2, ACC, ACC2, OUT, RED)),
         (_ws_load, (w_desc, x_desc, t_desc, w_bufs, x_bufs, t_bufs, ready, empty, k_lo, k_hi, KS, NBYTES, HAS_TAIL)),
     ], [1], [40])
 
@@ -222,7 +232,8 @@ class WsGemm:
         self.part = torch.empty(self.grid * 2 * BN * 256, device=weight.device, dtype=torch.float32)
         self.cnt = torch.zeros(self.tiles, device=weight.device, dtype=torch.int32)
 
-    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None, bias: torch.Tensor | None = None
+                 ) -> torch.Tensor:
         m = x.shape[0]
         if x.shape[1] != self.k or x.stride(1) != 1:
             raise ValueError(f"x must be [M, {self.k}] with contiguous rows, got {tuple(x.shape)}")
@@ -232,8 +243,10 @@ class WsGemm:
         x_desc = TensorDescriptor.from_tensor(x, [bt, BK], _smem_layout([bt, BK]))
         t_desc = TensorDescriptor.from_tensor(x, [bt2, BK], _smem_layout([bt2, BK])) if bt2 else x_desc
         nbytes = (BN + bt + bt2) * BK * x.element_size()
+        stages = min(self.stages, (_SMEM_BYTES - _SMEM_RESERVE) // nbytes)
         ws_gemm_kernel[(self.grid,)](
-            self.w_desc, x_desc, t_desc, out, self.part, self.cnt, m, out.stride(0), self.total, self.grid,
-            KS=self.ks, NBYTES=nbytes, HAS_TAIL=bool(bt2), BT2=bt2 or 16, STAGES=self.stages, num_warps=4,
+            self.w_desc, x_desc, t_desc, out, out if bias is None else bias, self.part, self.cnt, m, out.stride(0),
+            self.total, self.grid, KS=self.ks, NBYTES=nbytes, HAS_TAIL=bool(bt2), HAS_BIAS=bias is not None,
+            BT2=bt2 or 16, STAGES=stages, num_warps=4,
         )
         return out
