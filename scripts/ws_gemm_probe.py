@@ -87,7 +87,7 @@ def timing(ms: list[int], shapes: list[str], stages: int, rep: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--m", default="64,96,128,144")
+    parser.add_argument("--m", default="32,64,96,128,144,192,256")
     parser.add_argument("--shapes", default="qkv,o,gate_up,down")
     parser.add_argument("--stages", type=int, default=4)
     parser.add_argument("--rep", type=int, default=30)
