@@ -292,37 +292,9 @@ def logprobs() -> None:
               num_warps=1)
 
 
-def ws() -> None:
-    """The Gluon warp-specialized stream-K GEMM (ws_gemm.py) at the 7B shapes, with and without the token tail."""
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    from pagedserve.executor.kernels import ws_gemm as m
-
-    def desc(rows: int) -> str:
-        return f"tensordesc<bf16[{rows}, {m.BK}],{m._smem_layout([rows, m.BK])!r}>"
-
-    for bt, bt2 in ((128, 0), (128, 16), (64, 0), (128, 64)):
-        sig = {"w_desc": desc(m.BN), "x_desc": desc(bt), "t_desc": desc(bt2 or 16), "out_ptr": "*bf16",
-               "bias_ptr": "*bf16", "part_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "stride_om": "i32",
-               "T": "i32", "G": "i32", "KS": "constexpr", "NBYTES": "constexpr", "HAS_TAIL": "constexpr",
-               "HAS_BIAS": "constexpr", "BT2": "constexpr", "STAGES": "constexpr", "num_warps": "constexpr"}
-        consts = {"KS": 56, "NBYTES": (m.BN + bt + bt2) * m.BK * 2, "HAS_TAIL": bool(bt2), "HAS_BIAS": bt == 64,
-                  "BT2": bt2 or 16, "STAGES": 4, "num_warps": 4}
-        src = GluonASTSource(m.ws_gemm_kernel, sig, constexprs=consts)
-        label = f"ws_gemm bt={bt} tail={bt2}"
-        try:
-            k = triton.compile(src, target=TARGET, options={"num_warps": 4})
-        except Exception as e:  # noqa: BLE001 - report and go on with the next variant
-            print(f"{label}: {type(e).__name__}: {str(e)[-3000:]}")
-            continue
-        ptx = k.asm.get("ptx", "")
-        print(f"{label}: compiled; wgmma {ptx.count('wgmma.mma_async')}, tma {ptx.count('cp.async.bulk.tensor')}, "
-              f"setmaxnreg {ptx.count('setmaxnreg')}, shared {k.metadata.shared} B")
-
-
 if __name__ == "__main__":
     print(f"triton {triton.__version__}")
     for name in sys.argv[1:] or ["sample", "filter", "penalties", "tma", "decode", "qkv", "norm", "logprobs",
                                  "kvfp8"]:
         {"sample": sample, "filter": sample_filter, "penalties": penalties, "tma": tma, "decode": decode, "qkv": qkv,
-         "norm": norm, "logprobs": logprobs, "kvfp8": kvfp8, "lora": lora, "moe": moe, "w4": w4, "ws": ws}[name]()
+         "norm": norm, "logprobs": logprobs, "kvfp8": kvfp8, "lora": lora, "moe": moe, "w4": w4}[name]()

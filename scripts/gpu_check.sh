@@ -333,13 +333,6 @@ from transformers import AutoConfig, AutoTokenizer; print(f'with PYTHONPYCACHEPR
       timeout 120 python3 scripts/sustained_rate.py ;;
     gemm-layouts)  # cuBLAS with the weight [N, K] vs [K, N] at a decode batch and prefill chunk sizes
       timeout 200 python3 scripts/gemm_layouts.py ;;
-    ws-probe)  # the Gluon warp-specialized stream-K GEMM (kernels/ws_gemm.py): checked vs torch, then timed vs cuBLAS at
-      # decode M (WS_ARGS: more probe flags); each run in its own timeout, so a hang costs that run only
-      for st in ${WS_STAGES:-4 6}; do
-        timeout -k 5 150 python3 scripts/ws_gemm_probe.py --stages "$st" ${WS_ARGS:-} 2>&1 | grep -E "ws-|rror" | tail -40
-      done ;;
-    ws-test)  # the Gluon decode GEMM's GPU tests (tests/kernels/test_ws_gemm.py), under a timeout of their own
-      timeout -k 5 200 python3 -m pytest tests/kernels/test_ws_gemm.py -q -x -p no:cacheprovider 2>&1 | tail -6 ;;
     grouped-mm)  # torch's CUTLASS GEMM (torch._grouped_mm) vs cuBLAS at the decode batches, both orientations
       timeout 150 python3 scripts/grouped_mm_probe.py ${GMM_ARGS:-} 2>&1 | grep -E "grouped-mm|rror" ;;
     qkv-test)  # the batch-1 qkv GEMV with rotary + KV write (kernels/qkv_rope_kv.py) on the GPU; then A/B it with

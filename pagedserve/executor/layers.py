@@ -42,7 +42,6 @@ class Linear(nn.Module):
         self.w4_scales: nn.Parameter | None = None
         self.w4_zs: nn.Parameter | None = None
         self.w4_group = 0
-        self._ws_op: Any = None  # the Gluon decode GEMM (kernels/ws_gemm.py) for this weight, made on first use
 
     def use_int4_storage(self, groups: int) -> None:
         """Replaces the weight by (uninitialized) 4-bit storage of `groups` groups a row, for a checkpoint whose
@@ -149,22 +148,7 @@ class Linear(nn.Module):
             if m == 1 or (_SKINNY_SMALL_BATCH and m <= skinny.MAX_M
                           and skinny.has_measured_config(m, self.out_features, self.in_features)):
                 return skinny.skinny_linear(x, self.weight, self.bias)
-            if _WS_GEMM_M[0] <= m <= _WS_GEMM_M[1] and self._ws_gemm_fits(x):
-                return self._ws_gemm(x)
         return F.linear(x, self.weight, self.bias)
-
-    def _ws_gemm_fits(self, x: torch.Tensor) -> bool:
-        w = self.weight
-        return (w.dtype == x.dtype and w.is_contiguous() and w.shape[0] % 128 == 0 and w.shape[1] % 64 == 0
-                and torch.cuda.get_device_capability(x.device)[0] == 9)
-
-    def _ws_gemm(self, x: torch.Tensor) -> torch.Tensor:
-        key = (self.weight.data_ptr(), tuple(self.weight.shape))
-        if self._ws_op is None or self._ws_op[0] != key:  # first use, or the weight's storage was replaced
-            from pagedserve.executor.kernels.ws_gemm import WsGemm  # Gluon: imported on the first use
-
-            self._ws_op = (key, WsGemm(self.weight))
-        return self._ws_op[1](x.contiguous(), bias=self.bias)
 
 
 def _skinny():
@@ -177,26 +161,6 @@ _NO_SKINNY_GEMM = os.environ.get("PAGEDSERVE_NO_SKINNY_GEMM") == "1"  # A/B swit
 # PAGEDSERVE_SKINNY_SMALL_BATCH=0: batches of 2-256 tokens through cuBLAS even where SKINNY_CONFIGS holds a
 # measured win (A/B runs); one token keeps the skinny GEMM.
 _SKINNY_SMALL_BATCH = os.environ.get("PAGEDSERVE_SKINNY_SMALL_BATCH", "1") == "1"
-
-
-def _ws_gemm_range(value: str) -> tuple[int, int]:
-    """PAGEDSERVE_WS_GEMM: "" or "0" off; "1" the decode batches of 65-256 tokens; "LO-HI" those of LO-HI tokens
-    (at most 256) through the Gluon GEMM (kernels/ws_gemm.py, Hopper only) instead of cuBLAS."""
-    if value in ("", "0"):
-        return (1, 0)
-    if value == "1":
-        return (65, 256)
-    lo, _, hi = value.partition("-")
-    try:
-        bounds = (int(lo), int(hi))
-    except ValueError:
-        raise ValueError(f"PAGEDSERVE_WS_GEMM={value!r}: expected 0, 1 or LO-HI (tokens)") from None
-    if not 1 <= bounds[0] <= bounds[1] <= 256:
-        raise ValueError(f"PAGEDSERVE_WS_GEMM={value!r}: the range must lie within 1-256 tokens")
-    return bounds
-
-
-_WS_GEMM_M = _ws_gemm_range(os.environ.get("PAGEDSERVE_WS_GEMM", "0"))
 
 
 # The parameters a merged projection loads shard by shard (rows of the output).
