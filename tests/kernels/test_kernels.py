@@ -397,6 +397,70 @@ def test_decode_work_list_matches_reference(shape, dtype):
         assert torch.equal(out[pad].cpu(), torch.zeros_like(out[pad]).cpu())
 
 
+def _rope_table(max_pos: int, head_dim: int) -> torch.Tensor:
+    """A neox rotary table as the model runner keeps it: [max_pos, head_dim] fp32, cos | sin halves."""
+    inv = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv[None, :]
+    return torch.cat([angles.cos(), angles.sin()], dim=1).float().to(DEVICE)
+
+
+@pytest.mark.parametrize("shape", [DECODE_SHAPES[0], DECODE_SHAPES[1]], ids=lambda s: "bs{}-d{}-hq{}-hkv{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_work_rope_kv_matches_rotary_write_then_attention(shape, dtype):
+    """rope_kv (the work path rotating q and the new key and storing the new K/V itself) against
+    rotary_and_write_kv_cache followed by the work path: the same output and the same cache afterwards (the new
+    K/V at their slots, every other slot as it was, NaN included), split and unsplit sequences, a shared prefix,
+    and a padded CUDA-graph slot (seq_len 0, slot -1) that stores nothing and outputs zeros; twice in a row."""
+    from pagedserve.executor.kernels.rotary_kv_write import rotary_and_write_kv_cache
+
+    block_size, head_dim, num_heads, num_kv_heads = shape
+    spec = [(150, 1), (3 * block_size + 5, 1), (2 * block_size + 13, 1), (97, 1), (9, 1)]
+    b = make_batch(
+        spec, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        block_size=block_size, dtype=dtype, share_prefix=(1, 2, 2),
+    )  # fmt: skip
+    pad = [3]
+    real, query, seq_lens, block_tables = with_padded_slots(b, pad, dtype)
+    n = query.shape[0]
+    key = torch.randn(n, num_kv_heads, head_dim).to(dtype).to(DEVICE)
+    value = torch.randn(n, num_kv_heads, head_dim).to(dtype).to(DEVICE)
+    key[real], value[real] = b.key, b.value
+    slots = torch.full((n,), -1, dtype=torch.long, device=DEVICE)
+    slots[real] = b.meta.slot_mapping
+    positions = (seq_lens.long() - 1).clamp(min=0)
+    table = _rope_table(int(seq_lens.max()) + 1, head_dim)
+    work = torch.from_numpy(decode_work_list(seq_lens.cpu().numpy(), num_kv_heads, 64, 16, min_chunk=16)).to(DEVICE)
+    assert (work[5] > 1).any() and (work[5] == 1).any()  # split and unsplit sequences
+    for _ in range(2):
+        cache_ref, q_ref, k_ref = b.kv_cache.clone(), query.clone(), key.clone()
+        rotary_and_write_kv_cache(q_ref, k_ref, value, positions, table, cache_ref, slots)
+        want = paged_attention_decode(q_ref, cache_ref, block_tables, seq_lens, head_dim**-0.5,
+                                      out=poisoned_like(query), block_n=16, work=work)  # fmt: skip
+        cache, out = b.kv_cache.clone(), poisoned_like(query)
+        paged_attention_decode(query.clone(), cache, block_tables, seq_lens, head_dim**-0.5, out=out, block_n=16,
+                               work=work, rope_kv=(key, value, positions, table, slots))  # fmt: skip
+        exact = {} if CUDA else {"rtol": 0, "atol": 0}  # the interpreter runs the same fp32 arithmetic
+        torch.testing.assert_close(cache, cache_ref, equal_nan=True, **exact)
+        torch.testing.assert_close(out[real], want[real], **exact)
+        assert torch.equal(out[pad].cpu(), torch.zeros_like(out[pad]).cpu())
+
+
+def test_decode_rope_kv_invalid():
+    b = make_batch([(20, 1), (30, 1)], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16, dtype=DTYPES[0])
+    work = torch.from_numpy(decode_work_list(b.meta.seq_lens.cpu().numpy(), 2, 8, 16, min_chunk=16)).to(DEVICE)
+    pos = (b.meta.seq_lens.long() - 1)
+    rope_kv = (b.key, b.value, pos, _rope_table(64, 64), b.meta.slot_mapping)
+    call = partial(paged_attention_decode, b.query, b.kv_cache, b.meta.block_tables, b.meta.seq_lens, 0.1)
+    with pytest.raises(ValueError, match="rope_kv takes the work path"):
+        call(rope_kv=rope_kv)
+    with pytest.raises(ValueError, match="one 16-bit dtype"):
+        call(work=work, rope_kv=(b.key.double(), *rope_kv[1:]))
+    with pytest.raises(ValueError, match="do not cover"):
+        call(work=work, rope_kv=(b.key[:1], *rope_kv[1:]))
+    with pytest.raises(ValueError, match="cos_sin_cache"):
+        call(work=work, rope_kv=(*rope_kv[:3], _rope_table(64, 32), rope_kv[4]))
+
+
 def test_decode_work_list_small_batch_one_tile_chunks():
     """A batch short of the SMs: chunks of one tile (block_n), a single long sequence merged from all."""
     dtype = DTYPES[0]
