@@ -914,10 +914,7 @@ class KVOccupancy:
         self.worst_empty_pct = 0.0
 
     def add(self, scheduler: Any) -> None:
-        occupancy = scheduler.kv_occupancy()
-        if occupancy is None:
-            return
-        held, empty = occupancy
+        held, empty = scheduler.kv_occupancy()
         running = len(scheduler.running)
         self.steps += 1
         self.held += held

@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> dict:
     num_in = sum(len(r.prompt_token_ids) for r in requests)
     num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
     reserve = max(len(r.prompt_token_ids) + r.output_len for r in requests)
+    kv_groups = 1 + engine.scheduler.kv_cache.num_window_groups  # a hybrid layout: the full group + window groups
     expected_out = sum(r.output_len for r in requests)
     if num_out != expected_out:
         raise RuntimeError(f"generated {num_out} tokens, expected {expected_out} (ignore_eos is set)")
@@ -96,10 +97,12 @@ def run(args: argparse.Namespace) -> dict:
         "num_preemptions": engine.get_stats()["num_preemptions"],
         "kv_blocks": engine.worker.num_kv_blocks,
         "kv_cache": kv_use and {
-            **kv_use, "block_size": engine.config.block_size,
-            # what a contiguous cache (one region a request, sized for the workload's longest: Transformers'
-            # static batches, or pre-paging servers) would hold at once in the same memory
-            "contiguous_reserve_tokens": reserve, "contiguous_max_running": kv_use["total_slots"] // reserve,
+            **kv_use, "block_size": engine.config.block_size, "kv_groups": kv_groups,
+            # what a contiguous cache (one region a request, sized for the workload's longest, in every layer:
+            # Transformers' static batches, or pre-paging servers) would hold at once in the same memory; a hybrid
+            # layout's slot holds one group's layers, so such a region takes kv_groups slots a token
+            "contiguous_reserve_tokens": reserve,
+            "contiguous_max_running": kv_use["total_slots"] // (reserve * kv_groups),
         },
         "step_timing": step_summary,
         "warmup_s": warmup_s,
@@ -124,8 +127,9 @@ def run(args: argparse.Namespace) -> dict:
     print(f"steps: {step_summary} (warm-up before the run: {warmup_s:.1f} s)")
     if kv_use:
         kv = result["kv_cache"]
+        groups = f", {kv_groups} groups of layers (hybrid layout)" if kv_groups > 1 else ""
         print(f"KV cache: {kv['total_slots']:,} token slots ({engine.worker.num_kv_blocks:,} blocks of "
-              f"{kv['block_size']}); in use {kv['mean_used_pct']:.1f}% of them on average over the steps, "
+              f"{kv['block_size']}{groups}); in use {kv['mean_used_pct']:.1f}% of them on average over the steps, "
               f"{kv['peak_used_pct']:.1f}% at peak; of the slots in use {kv['empty_pct']:.2f}% held no token "
               f"(worst step {kv['worst_step_empty_pct']:.2f}%); requests at once {kv['mean_running']:.1f} on average, "
               f"{kv['peak_running']} at peak, where a contiguous cache reserving {kv['contiguous_reserve_tokens']:,} "

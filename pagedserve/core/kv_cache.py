@@ -573,6 +573,22 @@ class KVCacheManager:
         state = self._requests.get(request_id)
         return state.block_ids if state is not None else []
 
+    def empty_slots(self, request_id: str, num_tokens: int) -> int:
+        """Of the slots of the blocks the request holds, those that hold no token once its first `num_tokens`
+        tokens are in the cache: the unfilled tail of its last block, in the full group and in each window group of
+        a hybrid model (a window block's positions behind the window hold their tokens; blocks wholly behind it are
+        given back, not held). Blocks a sliding window gave back hold no slot of the request."""
+        state = self._requests.get(request_id)
+        if state is None:
+            return 0
+        bs = self.block_size
+        empty = (len(state.blocks) - state.num_freed) * bs - max(0, num_tokens - state.num_freed * bs)
+        for i in range(state.w_num_freed, len(state.wblocks)):
+            group = state.wblocks[i]
+            if group:
+                empty += len(group) * (bs - min(bs, max(0, num_tokens - i * bs)))
+        return empty
+
     def get_window_block_ids(self, request_id: str) -> list[list[int]] | None:
         """A hybrid model's window tables, one a window group (live lists, as get_block_ids'); None for other models."""
         if self.window is None:

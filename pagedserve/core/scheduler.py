@@ -275,18 +275,15 @@ class Scheduler:
     def num_free_blocks(self) -> int:
         return self.kv_cache.num_free_blocks
 
-    def kv_occupancy(self) -> tuple[int, int] | None:
+    def kv_occupancy(self) -> tuple[int, int]:
         """Right after schedule(): (token slots of the blocks held by requests, of them the slots that hold no token
-        once the scheduled step has run). The empty ones are the unfilled tail of each running request's last block:
-        PagedAttention's whole waste (drafts in flight count as filled: the step writes their K/V). A block shared
-        by prefix caching counts once (shared blocks are full). None for a hybrid layout (its window groups hold
-        their own blocks)."""
+        once the scheduled step has run). The empty ones are the unfilled tail of each running request's last block
+        (in every group of a hybrid layout: KVCacheManager.empty_slots): PagedAttention's whole waste (drafts in
+        flight count as filled: the step writes their K/V). A block shared by prefix caching counts once (shared
+        blocks are full)."""
         kv = self.kv_cache
-        if kv.window is not None:
-            return None
-        size = self.block_size
-        held = (kv.num_blocks - kv.num_free_blocks) * size
-        empty = sum(len(kv.get_block_ids(r.request_id)) * size - r.num_computed_tokens for r in self.running)
+        held = (kv.num_blocks - kv.num_free_blocks) * self.block_size
+        empty = sum(kv.empty_slots(r.request_id, r.num_computed_tokens) for r in self.running)
         return held, empty
 
     def reset_prefix_cache(self) -> bool:

@@ -54,6 +54,25 @@ def test_bench_throughput(tmp_path, real_model_dir, capsys) -> None:
     assert "output tok/s" in out and "gc: " in out and "KV cache: " in out and "held no token" in out
 
 
+def test_bench_throughput_counts_a_hybrid_layouts_groups(tmp_path, real_model_dir, capsys) -> None:
+    """A hybrid model (tiny Gemma 3: windowed and full-attention layers, one block table a group of layers): the KV
+    line and JSON count every group's blocks and last-block tails; a contiguous cache would reserve the longest request
+    in every group."""
+    from tests.executor.test_tensor_parallel import tiny_checkpoint
+
+    tiny_checkpoint(tmp_path / "g", real_model_dir, "gemma3")
+    result = _bench(tmp_path, str(tmp_path / "g"), "throughput", *ENGINE_FLAGS, "--num-prompts", "4",
+                    "--input-len", "8-16", "--output-len", "12-16", "--no-tqdm")
+    kv = result["kv_cache"]
+    requests = random_requests(4, (8, 16), (12, 16), vocab_size=151_936, seed=0)  # (the lengths only)
+    reserve = max(len(r.prompt_token_ids) + r.output_len for r in requests)
+    assert kv["kv_groups"] > 1 and kv["contiguous_reserve_tokens"] == reserve
+    assert kv["contiguous_max_running"] == kv["total_slots"] // (reserve * kv["kv_groups"])
+    assert kv["peak_running"] == 4 and 0 < kv["mean_used_pct"] <= kv["peak_used_pct"] <= 100
+    assert 0 < kv["empty_pct"] <= kv["worst_step_empty_pct"] < 100
+    assert f"{kv['kv_groups']} groups of layers (hybrid layout)" in capsys.readouterr().out
+
+
 def test_bench_latency(tmp_path, real_model_dir, capsys) -> None:
     result = _bench(tmp_path, real_model_dir, "latency", *ENGINE_FLAGS, "--input-len", "16", "--output-len", "8",
                     "--num-iters", "1")

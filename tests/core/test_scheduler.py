@@ -549,8 +549,17 @@ def test_kv_occupancy_counts_the_empty_tail_of_each_last_block_and_shared_blocks
     assert sched.kv_cache.num_blocks - sched.num_free_blocks() == 6
 
 
-def test_kv_occupancy_is_none_for_a_hybrid_layout() -> None:
-    sched = make_scheduler(hybrid_window=8, num_window_groups=1)
-    sched.add_request(make_request("a", [1, 2, 3, 4, 5]))
-    sched.schedule()
-    assert sched.kv_occupancy() is None
+def test_kv_occupancy_of_a_hybrid_layout_counts_every_groups_tail() -> None:
+    """A hybrid model (one window group, window 6, blocks of 4): the full group's and the window group's blocks both
+    count as held, and each group's last block's unfilled tail as empty; the window group gives back the blocks behind
+    its window. After the 10-token prefill: 3 full blocks (2 slots empty) + 3 window blocks (2 empty) = (24, 4); with
+    token 11 the window's first block goes: 3 + 2 blocks, 1 + 1 empty = (20, 2); with 12: (20, 0); 13 takes a new
+    block in each group: 4 + 3 blocks, 3 + 3 empty = (28, 6); ..."""
+    sched = make_scheduler(hybrid_window=6, num_window_groups=1, num_blocks=40)
+    sched.add_request(make_request("a", list(range(1, 11)), max_tokens=20))
+    seen = []
+    for _ in range(8):
+        out = sched.schedule()
+        seen.append(sched.kv_occupancy())
+        run(sched, out)
+    assert seen == [(24, 4), (20, 2), (20, 0), (28, 6), (24, 4), (24, 2), (24, 0), (32, 6)]
