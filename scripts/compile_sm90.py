@@ -99,21 +99,18 @@ def decode() -> None:
 
     ptrs = ["q_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr", "block_tables_ptr", "seq_lens_ptr",
             "query_start_loc_ptr", "seq_order_ptr", "part_out_ptr", "part_lse_ptr", "work_ptr", "counter_ptr",
-            "sinks_ptr", "key_ptr", "value_ptr", "positions_ptr", "cos_sin_ptr", "slot_mapping_ptr"]
+            "sinks_ptr"]
     types = ["*bf16", "*bf16", "*bf16", "*bf16", "*i32", "*i32", "*i32", "*i32", "*fp32", "*fp32", "*i32", "*i32",
-             "*fp32", "*bf16", "*bf16", "*i64", "*fp32", "*i64"]
-    ints = ["stride_k_tok", "stride_k_head", "stride_v_tok", "stride_v_head", "stride_cs",
-            "stride_w", "qk_scale", "num_splits", "window", "softcap_l", "stride_q_tok", "stride_q_head",
+             "*fp32"]
+    ints = ["stride_w", "qk_scale", "num_splits", "window", "softcap_l", "stride_q_tok", "stride_q_head",
             "stride_o_tok", "stride_o_head", "stride_bt_seq", "stride_c_block", "stride_c_slot", "stride_c_head"]
-    for work, ordered, windowed, rope_kv in ((True, False, False, False), (False, True, False, False),
-                                             (False, True, True, False), (True, False, False, True)):
+    for work, ordered, windowed in ((True, False, False), (False, True, False), (False, True, True)):
         sig = dict(zip(ptrs, types)) | {n: ("fp32" if n in ("qk_scale", "softcap_l") else "i32") for n in ints}
         consts = {"NUM_HEADS": 28, "QUERIES_PER_KV": 7, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_G": 16,
                   "BLOCK_N": 64, "BLOCK_SIZE": 16, "SPLIT": windowed, "MIXED": False, "ORDERED": ordered,
-                  "WORK": work, "WINDOWED": windowed, "SOFTCAP": windowed, "HAS_SINKS": windowed, "ROPE_KV": rope_kv,
-                  "USE_PDL": True}
+                  "WORK": work, "WINDOWED": windowed, "SOFTCAP": windowed, "HAS_SINKS": windowed, "USE_PDL": True}
         sig |= {k: "constexpr" for k in consts}
-        label = f"decode work={work} ordered={ordered} window+softcap+sinks={windowed} rope_kv={rope_kv}"
+        label = f"decode work={work} ordered={ordered} window+softcap+sinks={windowed}"
         build(m._paged_decode_kernel, sig, consts, label, num_warps=2, num_stages=3)
     from pagedserve.executor.kernels import paged_attention_prefill as p
 
@@ -139,11 +136,9 @@ def kvfp8() -> None:
     c = "*fp8e4nv"
     ptrs = ["q_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr", "block_tables_ptr", "seq_lens_ptr",
             "query_start_loc_ptr", "seq_order_ptr", "part_out_ptr", "part_lse_ptr", "work_ptr", "counter_ptr",
-            "sinks_ptr", "key_ptr", "value_ptr", "positions_ptr", "cos_sin_ptr", "slot_mapping_ptr"]
-    types = ["*bf16", "*bf16", c, c, "*i32", "*i32", "*i32", "*i32", "*fp32", "*fp32", "*i32", "*i32", "*fp32",
-             "*bf16", "*bf16", "*i64", "*fp32", "*i64"]
-    ints = ["stride_k_tok", "stride_k_head", "stride_v_tok", "stride_v_head", "stride_cs",
-            "stride_w", "qk_scale", "num_splits", "window", "softcap_l", "stride_q_tok", "stride_q_head",
+            "sinks_ptr"]
+    types = ["*bf16", "*bf16", c, c, "*i32", "*i32", "*i32", "*i32", "*fp32", "*fp32", "*i32", "*i32", "*fp32"]
+    ints = ["stride_w", "qk_scale", "num_splits", "window", "softcap_l", "stride_q_tok", "stride_q_head",
             "stride_o_tok", "stride_o_head", "stride_bt_seq", "stride_c_block", "stride_c_slot", "stride_c_head"]
     sig = dict(zip(ptrs, types)) | {n: ("fp32" if n in ("qk_scale", "softcap_l") else "i32") for n in ints}
     consts = {"NUM_HEADS": 28, "QUERIES_PER_KV": 7, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_G": 16, "BLOCK_N": 64,

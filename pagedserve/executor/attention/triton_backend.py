@@ -61,10 +61,6 @@ class TritonAttentionBackend(AttentionBackend):
         # False: the prefill kernel also computes the decodes of a mixed batch (one launch, but
         # 16+ row tiles with few used rows and no split-K for them).
         self.split_mixed_decodes = split_mixed_decodes
-        # Decode steps on the work list rotate q and the new key and store the new K/V inside the attention kernel
-        # (paged_attention_decode's rope_kv) instead of a rotary + KV-write kernel before it: one launch fewer a
-        # layer. PAGEDSERVE_FOLD_ROPE_KV=1 turns it on (off until measured on a GPU).
-        self.fold_rope_kv = os.environ.get("PAGEDSERVE_FOLD_ROPE_KV", "0") == "1"
 
     def forward(
         self,
@@ -87,9 +83,7 @@ class TritonAttentionBackend(AttentionBackend):
         key and value are not used. window: a sliding window (each token sees its last `window` keys); decode
         steps then split the window's keys, without the step's work list. softcap: Gemma 2's attention logit
         soft-capping (softcap * tanh(score / softcap)). sinks: gpt-oss's per-head softmax sinks ([num_heads] fp32)."""
-        fold = (rope is not None and not kv_written and self.fold_rope_kv and meta.is_decode_only
-                and meta.decode_work is not None and window is None and kv_cache.dtype == query.dtype)
-        if not kv_written and not fold:
+        if not kv_written:
             if rope is not None:
                 rotary_and_write_kv_cache(query, key, value, rope.positions, rope.cos_sin_cache, kv_cache,
                                           meta.slot_mapping)
@@ -114,7 +108,6 @@ class TritonAttentionBackend(AttentionBackend):
                 window=window,
                 softcap=softcap,
                 sinks=sinks,
-                rope_kv=(key, value, rope.positions, rope.cos_sin_cache, meta.slot_mapping) if fold else None,
             )
             return out
 

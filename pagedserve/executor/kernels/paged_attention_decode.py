@@ -216,16 +216,6 @@ def _paged_decode_kernel(
     work_ptr,  # [6, items] int32 (WORK only): seq, tok_lo, tok_hi, part_row, part_base, num_parts
     counter_ptr,  # [num_seqs * num_kv_heads] int32, zero between launches (WORK only)
     sinks_ptr,  # [num_heads] (HAS_SINKS only): each query head's attention sink logit
-    key_ptr,  # ROPE_KV only: the step's unrotated keys [T, Hkv, D], values, positions [T], the rotary cos | sin
-    value_ptr,  # cache [max_position, D] fp32 and the slots [T] (< 0: padding) the last chunk stores K/V at
-    positions_ptr,
-    cos_sin_ptr,
-    slot_mapping_ptr,
-    stride_k_tok,
-    stride_k_head,
-    stride_v_tok,
-    stride_v_head,
-    stride_cs,
     stride_w,  # between the rows of work
     qk_scale,
     num_splits,
@@ -253,7 +243,6 @@ def _paged_decode_kernel(
     WINDOWED: tl.constexpr = False,  # a sliding window: only the last `window` keys (not with WORK)
     SOFTCAP: tl.constexpr = False,  # Gemma 2's attention logit soft-capping
     HAS_SINKS: tl.constexpr = False,  # gpt-oss's attention sinks, taken where the output is normalized (not SPLIT)
-    ROPE_KV: tl.constexpr = False,  # WORK only: rotate q and the new key here and store the new K/V (no other kernel)
     USE_PDL: tl.constexpr = False,  # pdl.launch_kwargs sets it with launch_pdl
 ):
     pdl_enter(USE_PDL)
@@ -315,36 +304,11 @@ def _paged_decode_kernel(
     g_mask = offs_g < QUERIES_PER_KV
     d_mask = offs_d < HEAD_DIM
     heads = kv_head * QUERIES_PER_KV + offs_g
-    q_ptrs = q_ptr + q_row * stride_q_tok + heads[:, None] * stride_q_head + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=g_mask[:, None] & d_mask[None, :], other=0.0)
-    if ROPE_KV:  # as kernels/rotary_kv_write.py: fp32 math, rounded to the inputs' dtype
-        half: tl.constexpr = HEAD_DIM // 2
-        first = offs_d < half
-        partner = tl.where(first, offs_d + half, offs_d - half)
-        pos = tl.load(positions_ptr + q_row).to(tl.int64)
-        cs = cos_sin_ptr + pos * stride_cs + tl.where(first, offs_d, offs_d - half)
-        cos = tl.load(cs, mask=d_mask, other=0.0).to(tl.float32)
-        sin = tl.load(cs + half, mask=d_mask, other=0.0).to(tl.float32)
-        qp = tl.load(q_ptr + q_row * stride_q_tok + heads[:, None] * stride_q_head + partner[None, :],
-                     mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-        qf = q.to(tl.float32)
-        q = tl.where(first[None, :], qf * cos[None, :] - qp * sin[None, :],
-                     qf * cos[None, :] + qp * sin[None, :]).to(q_ptr.dtype.element_ty)
-        if tok_hi >= seq_len:  # the chunk that holds the new token stores its K/V before reading them
-            slot = tl.load(slot_mapping_ptr + q_row).to(tl.int64)
-            if slot >= 0:
-                k_row = key_ptr + q_row * stride_k_tok + kv_head * stride_k_head
-                kf = tl.load(k_row + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-                kp = tl.load(k_row + partner, mask=d_mask, other=0.0).to(tl.float32)
-                k_new = tl.where(first, kf * cos - kp * sin, kf * cos + kp * sin)
-                v_new = tl.load(value_ptr + q_row * stride_v_tok + kv_head * stride_v_head + offs_d, mask=d_mask)
-                dst = (slot // BLOCK_SIZE) * stride_c_block + (slot % BLOCK_SIZE) * stride_c_slot \
-                    + kv_head.to(tl.int64) * stride_c_head + offs_d
-                tl.store(k_cache_ptr + dst, k_new.to(key_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty),
-                         mask=d_mask)
-                tl.store(v_cache_ptr + dst, v_new.to(v_cache_ptr.dtype.element_ty), mask=d_mask)
-            tl.debug_barrier()  # the program's tile loads below read the slot just stored (same block)
-    q = query_for_cache(q, k_cache_ptr)
+    q = query_for_cache(tl.load(
+        q_ptr + q_row * stride_q_tok + heads[:, None] * stride_q_head + offs_d[None, :],
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    ), k_cache_ptr)
 
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
@@ -562,16 +526,8 @@ def paged_attention_decode(
     window: int | None = None,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
-    rope_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged context; returns [num_seqs, Hq, D].
-
-    rope_kv (with work only): (key [T, Hkv, D], value [T, Hkv, D], positions [T], cos_sin_cache [max_position, D]
-    fp32 (cos | sin halves), slot_mapping [T]): query arrives unrotated, and this kernel does what
-    rotary_kv_write.rotary_and_write_kv_cache would have done first (one launch fewer a layer): every program
-    rotates its query heads, and the program of each sequence's last chunk rotates the new key and stores it and the
-    value at the token's slot (< 0: none) before it reads its tiles. query and key are not written back; a 16-bit
-    cache of the query's dtype only.
 
     softcap (Gemma 2): the scores capped as softcap * tanh(score / softcap) before the softmax.
 
@@ -628,25 +584,6 @@ def paged_attention_decode(
     query, out, k_cache, v_cache = attention_operands(query, kv_cache, out)
     sinks = sink_operand(sinks, query)
     _, block_size, num_kv_heads, _ = k_cache.shape
-    if rope_kv is not None:
-        key, value, positions, cos_sin_cache, slot_mapping = rope_kv
-        if work is None:
-            raise ValueError("rope_kv takes the work path (a decode-only batch with a work list)")
-        if key.dtype != query.dtype or k_cache.dtype != query.dtype or value.dtype != query.dtype:
-            raise ValueError(f"rope_kv needs query, key, value and cache of one 16-bit dtype, got {query.dtype}, "
-                             f"{key.dtype}, {value.dtype}, {k_cache.dtype}")
-        if key.shape[1:] != (num_kv_heads, head_dim) or value.shape[1:] != (num_kv_heads, head_dim) \
-                or key.shape[0] < num_seqs or value.shape[0] < num_seqs or positions.shape[0] < num_seqs \
-                or slot_mapping.shape[0] < num_seqs:
-            raise ValueError(f"rope_kv's key {tuple(key.shape)}, value {tuple(value.shape)}, positions "
-                             f"{tuple(positions.shape)}, slot_mapping {tuple(slot_mapping.shape)} do not cover "
-                             f"{num_seqs} sequences of {num_kv_heads} kv heads x {head_dim}")
-        if cos_sin_cache.shape[-1] != head_dim or head_dim % 2 or cos_sin_cache.stride(-1) != 1 \
-                or key.stride(-1) != 1 or value.stride(-1) != 1:
-            raise ValueError("rope_kv needs an even head_dim, a cos_sin_cache of head_dim columns and contiguous "
-                             "last dimensions")
-    else:
-        key = value = positions = cos_sin_cache = slot_mapping = seq_lens  # unused
     if num_seqs == 0:
         return out
     config = default_decode_config(head_dim, kv_cache.dtype)
@@ -690,10 +627,6 @@ def paged_attention_decode(
         query, out, k_cache, v_cache, block_tables, seq_lens, query_start_loc if mixed else seq_lens,
         seq_order if ordered else seq_lens, part_out, part_lse,
         work if work is not None else seq_lens, counters, sinks if sinks is not None else seq_lens,
-        key, value, positions, cos_sin_cache, slot_mapping,
-        key.stride(0) if rope_kv else 0, key.stride(1) if rope_kv else 0,
-        value.stride(0) if rope_kv else 0, value.stride(1) if rope_kv else 0,
-        cos_sin_cache.stride(0) if rope_kv else 0,
         work.stride(0) if work is not None else 0, scale * LOG2E, num_splits, window or 0, (softcap or 0.0) * LOG2E,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -711,7 +644,6 @@ def paged_attention_decode(
         WINDOWED=windowed,
         SOFTCAP=bool(softcap),
         HAS_SINKS=sinks is not None and not split,  # with splits the reduce kernel takes the sinks
-        ROPE_KV=rope_kv is not None,
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl_launch_kwargs(query.device),
